@@ -1,0 +1,237 @@
+//! One bit per guest page: the migration bitmap and the logs trackers fill.
+
+/// A fixed-size bitmap with one bit per page, counting its set bits.
+///
+/// Bit `i` set means page `i` of a RAM block must be (re)sent. The count of
+/// set bits is kept up to date so "remaining pages" costs nothing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirtyBitmap {
+    words: Vec<u64>,
+    bits: u64,
+    set: u64,
+}
+
+impl DirtyBitmap {
+    /// A bitmap of `bits` bits, all clear.
+    pub fn new(bits: u64) -> Self {
+        let nwords = bits.div_ceil(64) as usize;
+        DirtyBitmap {
+            words: vec![0; nwords],
+            bits,
+            set: 0,
+        }
+    }
+
+    /// A bitmap of `bits` bits, all set.
+    pub fn new_full(bits: u64) -> Self {
+        let mut b = Self::new(bits);
+        b.set_all();
+        b
+    }
+
+    /// Number of bits (pages) covered.
+    pub fn len(&self) -> u64 {
+        self.bits
+    }
+
+    /// True when the bitmap covers no page at all.
+    pub fn is_empty(&self) -> bool {
+        self.bits == 0
+    }
+
+    /// Number of bits currently set.
+    pub fn count(&self) -> u64 {
+        self.set
+    }
+
+    /// The backing words, bit `i` in word `i / 64`, bit `i % 64`.
+    pub fn words(&self) -> &[u64] {
+        &self.words
+    }
+
+    /// Sets every bit.
+    pub fn set_all(&mut self) {
+        for w in &mut self.words {
+            *w = u64::MAX;
+        }
+        self.trim_tail();
+        self.set = self.bits;
+    }
+
+    /// Clears every bit.
+    pub fn clear_all(&mut self) {
+        for w in &mut self.words {
+            *w = 0;
+        }
+        self.set = 0;
+    }
+
+    fn trim_tail(&mut self) {
+        let rem = self.bits % 64;
+        if rem != 0 {
+            if let Some(last) = self.words.last_mut() {
+                *last &= (1u64 << rem) - 1;
+            }
+        }
+    }
+
+    /// Tests bit `i`; bits past the end read as clear.
+    pub fn test(&self, i: u64) -> bool {
+        i < self.bits && self.words[(i / 64) as usize] & (1 << (i % 64)) != 0
+    }
+
+    /// Sets bit `i`; returns true if it was clear. Bits past the end are ignored.
+    pub fn set(&mut self, i: u64) -> bool {
+        if i >= self.bits {
+            return false;
+        }
+        let w = &mut self.words[(i / 64) as usize];
+        let m = 1u64 << (i % 64);
+        let was_clear = *w & m == 0;
+        *w |= m;
+        self.set += was_clear as u64;
+        was_clear
+    }
+
+    /// Clears bit `i`; returns true if it was set.
+    pub fn clear(&mut self, i: u64) -> bool {
+        if i >= self.bits {
+            return false;
+        }
+        let w = &mut self.words[(i / 64) as usize];
+        let m = 1u64 << (i % 64);
+        let was_set = *w & m != 0;
+        *w &= !m;
+        self.set -= was_set as u64;
+        was_set
+    }
+
+    /// Sets bits `[first, first + count)`; returns how many were clear before.
+    pub fn set_range(&mut self, first: u64, count: u64) -> u64 {
+        let end = first.saturating_add(count).min(self.bits);
+        let mut newly = 0;
+        let mut i = first;
+        while i < end {
+            let wi = (i / 64) as usize;
+            let lo = i % 64;
+            let hi = (end - (i - lo)).min(64);
+            let mask = if hi == 64 { u64::MAX } else { (1u64 << hi) - 1 } & (u64::MAX << lo);
+            let w = &mut self.words[wi];
+            newly += u64::from((mask & !*w).count_ones());
+            *w |= mask;
+            i = i - lo + hi;
+        }
+        self.set += newly;
+        newly
+    }
+
+    /// ORs `src` into the words starting at word index `word_offset`.
+    /// Returns how many bits became set. Bits past the end are dropped.
+    pub fn or_words(&mut self, word_offset: usize, src: &[u64]) -> u64 {
+        let last = self.words.len().saturating_sub(1);
+        let tail_mask = match self.bits % 64 {
+            0 => u64::MAX,
+            r => (1u64 << r) - 1,
+        };
+        let mut newly = 0u64;
+        for (k, &s) in src.iter().enumerate() {
+            let wi = word_offset + k;
+            let Some(w) = self.words.get_mut(wi) else {
+                break;
+            };
+            let s = if wi == last { s & tail_mask } else { s };
+            newly += u64::from((s & !*w).count_ones());
+            *w |= s;
+        }
+        self.set += newly;
+        newly
+    }
+
+    /// The first set bit at or after `from`, if any.
+    pub fn next_set(&self, from: u64) -> Option<u64> {
+        if from >= self.bits {
+            return None;
+        }
+        let mut wi = (from / 64) as usize;
+        let mut w = self.words[wi] & (u64::MAX << (from % 64));
+        loop {
+            if w != 0 {
+                let i = wi as u64 * 64 + u64::from(w.trailing_zeros());
+                return (i < self.bits).then_some(i);
+            }
+            wi += 1;
+            if wi >= self.words.len() {
+                return None;
+            }
+            w = self.words[wi];
+        }
+    }
+
+    /// True if any bit in `[first, first + count)` is set.
+    pub fn any_in(&self, first: u64, count: u64) -> bool {
+        match self.next_set(first) {
+            Some(i) => i < first.saturating_add(count),
+            None => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_clear_count() {
+        let mut b = DirtyBitmap::new(130);
+        assert!(b.set(0));
+        assert!(!b.set(0));
+        assert!(b.set(129));
+        assert!(!b.set(130), "past the end is ignored");
+        assert_eq!(b.count(), 2);
+        assert!(b.test(129));
+        assert!(b.clear(0));
+        assert!(!b.clear(0));
+        assert_eq!(b.count(), 1);
+    }
+
+    #[test]
+    fn full_trims_tail() {
+        let b = DirtyBitmap::new_full(70);
+        assert_eq!(b.count(), 70);
+        assert_eq!(b.words()[1], (1 << 6) - 1);
+        assert_eq!(b.next_set(69), Some(69));
+        assert_eq!(b.next_set(70), None);
+    }
+
+    #[test]
+    fn next_set_scans_words() {
+        let mut b = DirtyBitmap::new(1000);
+        b.set(3);
+        b.set(700);
+        assert_eq!(b.next_set(0), Some(3));
+        assert_eq!(b.next_set(4), Some(700));
+        assert_eq!(b.next_set(701), None);
+        assert!(b.any_in(600, 101));
+        assert!(!b.any_in(600, 100));
+    }
+
+    #[test]
+    fn set_range_counts_newly_set() {
+        let mut b = DirtyBitmap::new(200);
+        b.set(10);
+        b.set(100);
+        assert_eq!(b.set_range(5, 150), 148);
+        assert_eq!(b.count(), 150);
+        assert_eq!(b.set_range(190, 100), 10, "clipped at the end");
+        assert_eq!(b.count(), 160);
+    }
+
+    #[test]
+    fn or_words_counts_and_clips() {
+        let mut b = DirtyBitmap::new(100);
+        b.set(0);
+        assert_eq!(b.or_words(0, &[0b11, u64::MAX, u64::MAX]), 1 + 36);
+        assert_eq!(b.count(), 38);
+        assert!(!b.test(100));
+    }
+}

@@ -1,0 +1,1 @@
+//! XBZRLE page cache. (Placeholder.)

@@ -1,0 +1,199 @@
+//! Anonymous mappings and raw access to host memory that backs guest RAM.
+
+use std::io;
+use std::ptr::NonNull;
+use std::sync::Arc;
+
+/// An anonymous private mapping, unmapped on drop.
+#[derive(Debug)]
+pub struct AnonMapping {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain memory owned by this value; the pointer is
+// never handed out as a Rust reference, only used through `RawRegion`.
+unsafe impl Send for AnonMapping {}
+// SAFETY: as above; shared access goes through copy functions.
+unsafe impl Sync for AnonMapping {}
+
+impl AnonMapping {
+    /// Maps `len` bytes of zeroed, lazily allocated anonymous memory.
+    pub fn new(len: usize) -> io::Result<Self> {
+        if len == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "cannot map 0 bytes",
+            ));
+        }
+        // SAFETY: a fresh anonymous mapping at a kernel-chosen address; no
+        // existing memory is affected. The result is checked for MAP_FAILED.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = NonNull::new(p.cast::<u8>()).ok_or_else(io::Error::last_os_error)?;
+        Ok(AnonMapping { ptr, len })
+    }
+
+    /// Start address of the mapping.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True for a zero-length mapping (never: `new` refuses it).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Applies `madvise(advice)` to the byte range `[offset, offset + len)`.
+    pub fn advise(&self, offset: usize, len: usize, advice: libc::c_int) -> io::Result<()> {
+        if offset.checked_add(len).is_none_or(|e| e > self.len) {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "range outside mapping"));
+        }
+        // SAFETY: the range lies inside our own mapping (checked above).
+        let r = unsafe { libc::madvise(self.ptr.as_ptr().add(offset).cast(), len, advice) };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+impl Drop for AnonMapping {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly the range mmap returned; nothing refers to
+        // it once the last owner (this value) goes.
+        unsafe {
+            libc::munmap(self.ptr.as_ptr().cast(), self.len);
+        }
+    }
+}
+
+/// A range of host memory that backs guest RAM and may be written
+/// concurrently by a guest, so it is only ever copied, never borrowed as a
+/// Rust slice for longer than one copy or scan.
+///
+/// Keeps its owner (the mapping) alive through an `Arc`.
+#[derive(Clone)]
+pub struct RawRegion {
+    ptr: NonNull<u8>,
+    len: usize,
+    _owner: Arc<dyn Send + Sync>,
+}
+
+impl std::fmt::Debug for RawRegion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawRegion")
+            .field("ptr", &self.ptr)
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+// SAFETY: the region is plain memory kept alive by `_owner`, which is
+// Send + Sync; all access is by bounds-checked copies.
+unsafe impl Send for RawRegion {}
+// SAFETY: as above.
+unsafe impl Sync for RawRegion {}
+
+impl RawRegion {
+    /// A region covering a whole anonymous mapping.
+    pub fn from_mapping(m: Arc<AnonMapping>) -> Self {
+        RawRegion {
+            ptr: m.ptr,
+            len: m.len,
+            _owner: m,
+        }
+    }
+
+    /// A region over memory owned by someone else (a VMM's mapping).
+    ///
+    /// # Safety
+    /// `ptr..ptr+len` must be mapped readable and writable for as long as
+    /// `owner` lives, and not unmapped by anyone else meanwhile.
+    pub unsafe fn from_raw(ptr: NonNull<u8>, len: usize, owner: Arc<dyn Send + Sync>) -> Self {
+        RawRegion {
+            ptr,
+            len,
+            _owner: owner,
+        }
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True for an empty region.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Start address in this process (for ioctls that register memory).
+    pub fn host_addr(&self) -> u64 {
+        self.ptr.as_ptr() as u64
+    }
+
+    fn check(&self, offset: usize, len: usize) -> bool {
+        offset.checked_add(len).is_some_and(|e| e <= self.len)
+    }
+
+    /// Copies `dst.len()` bytes at `offset` into `dst`. False if out of range.
+    pub fn read(&self, offset: usize, dst: &mut [u8]) -> bool {
+        if !self.check(offset, dst.len()) {
+            return false;
+        }
+        // SAFETY: the source range is inside the live mapping (checked) and
+        // cannot overlap `dst`, a Rust buffer. A guest writing concurrently
+        // can only make the copy a mix of old and new bytes; the dirty log
+        // then has the page marked and it is sent again.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(offset), dst.as_mut_ptr(), dst.len())
+        };
+        true
+    }
+
+    /// Copies `src` to `offset`. False if out of range.
+    pub fn write(&self, offset: usize, src: &[u8]) -> bool {
+        if !self.check(offset, src.len()) {
+            return false;
+        }
+        // SAFETY: the destination range is inside the live mapping (checked),
+        // which is writable, and cannot overlap `src`, a Rust buffer.
+        unsafe {
+            std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.as_ptr().add(offset), src.len())
+        };
+        true
+    }
+
+    /// Runs `f` over the bytes at `[offset, offset+len)` viewed as a slice,
+    /// for scans (zero checks, hashing) that must not copy. None if out of
+    /// range. The bytes may change under a running guest; `f` must treat
+    /// them as a snapshot that can be stale, never as a basis for memory
+    /// safety decisions.
+    pub fn scan<R>(&self, offset: usize, len: usize, f: impl FnOnce(&[u8]) -> R) -> Option<R> {
+        if !self.check(offset, len) {
+            return None;
+        }
+        // SAFETY: the range is inside the live mapping (checked). The slice
+        // lives only for the call to `f`, which only reads it; the values
+        // are plain bytes, valid for any bit pattern.
+        let s = unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(offset), len) };
+        Some(f(s))
+    }
+}
