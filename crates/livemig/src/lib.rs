@@ -14,9 +14,14 @@
 pub mod bitmap;
 pub mod compress;
 pub mod dirty;
+pub mod engine;
 pub mod memory;
 pub mod page_cache;
+pub mod stream;
 pub mod sys;
+pub mod transport;
+pub mod vm;
+pub mod workload;
 pub mod xbzrle;
 pub mod zero;
 

@@ -6,8 +6,8 @@
 
 use std::sync::Arc;
 
-pub use crate::sys::mmap::RawRegion;
 use crate::sys::mmap::AnonMapping;
+pub use crate::sys::mmap::RawRegion;
 
 /// The target page size: the unit of dirty tracking and of the stream.
 pub const PAGE_SIZE: usize = 4096;
@@ -59,7 +59,7 @@ impl RamBlock {
             return Err(MemoryError::BadId(id));
         }
         let len = region.len() as u64;
-        if len == 0 || len % PAGE_SIZE as u64 != 0 {
+        if len == 0 || !len.is_multiple_of(PAGE_SIZE as u64) {
             return Err(MemoryError::BadLength { id, len });
         }
         Ok(RamBlock { id, region })
@@ -186,10 +186,11 @@ mod vm_memory_adapter {
             for r in mem.iter() {
                 let id = format!("ram@{:x}", r.start_addr().0);
                 let len = r.len() as usize;
-                let ptr = std::ptr::NonNull::new(r.as_ptr()).ok_or_else(|| MemoryError::BadLength {
-                    id: id.clone(),
-                    len: 0,
-                })?;
+                let ptr =
+                    std::ptr::NonNull::new(r.as_ptr()).ok_or_else(|| MemoryError::BadLength {
+                        id: id.clone(),
+                        len: 0,
+                    })?;
                 let owner: Arc<dyn Send + Sync> = mem.clone();
                 // SAFETY: the region is mapped read/write by GuestMemoryMmap
                 // for as long as `mem` lives, and `owner` keeps it alive.

@@ -12,6 +12,10 @@ use crate::bitmap::DirtyBitmap;
 
 pub mod software;
 pub use software::{SoftwareLog, SoftwareTracker};
+pub mod uffd;
+pub use uffd::{UffdMode, UffdSupport, UffdTracker};
+#[cfg(test)]
+pub(crate) mod suite;
 
 /// Errors of dirty tracking backends.
 #[derive(Debug, thiserror::Error)]

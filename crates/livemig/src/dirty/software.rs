@@ -77,9 +77,18 @@ impl SoftwareTracker {
         Self::build(mem, Some(shift), initially_set)
     }
 
-    fn build(mem: &dyn GuestMemory, manual_shift: Option<u32>, initially_set: bool) -> (Self, SoftwareLog) {
+    fn build(
+        mem: &dyn GuestMemory,
+        manual_shift: Option<u32>,
+        initially_set: bool,
+    ) -> (Self, SoftwareLog) {
         let blocks = mem.blocks().to_vec();
-        let empty = || blocks.iter().map(|b| DirtyBitmap::new(b.pages())).collect::<Vec<_>>();
+        let empty = || {
+            blocks
+                .iter()
+                .map(|b| DirtyBitmap::new(b.pages()))
+                .collect::<Vec<_>>()
+        };
         let state = Arc::new(Mutex::new(LogState {
             running: false,
             log: empty(),

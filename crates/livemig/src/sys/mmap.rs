@@ -63,7 +63,10 @@ impl AnonMapping {
     /// Applies `madvise(advice)` to the byte range `[offset, offset + len)`.
     pub fn advise(&self, offset: usize, len: usize, advice: libc::c_int) -> io::Result<()> {
         if offset.checked_add(len).is_none_or(|e| e > self.len) {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "range outside mapping"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "range outside mapping",
+            ));
         }
         // SAFETY: the range lies inside our own mapping (checked above).
         let r = unsafe { libc::madvise(self.ptr.as_ptr().add(offset).cast(), len, advice) };
@@ -163,7 +166,11 @@ impl RawRegion {
         // can only make the copy a mix of old and new bytes; the dirty log
         // then has the page marked and it is sent again.
         unsafe {
-            std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(offset), dst.as_mut_ptr(), dst.len())
+            std::ptr::copy_nonoverlapping(
+                self.ptr.as_ptr().add(offset),
+                dst.as_mut_ptr(),
+                dst.len(),
+            )
         };
         true
     }

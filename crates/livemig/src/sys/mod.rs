@@ -2,3 +2,4 @@
 //! lives below this module, each with a `// SAFETY:` note.
 
 pub mod mmap;
+pub mod uffd;

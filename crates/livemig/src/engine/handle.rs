@@ -1,0 +1,103 @@
+//! The handle through which a caller steers and watches a running migration.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde::{Deserialize, Serialize};
+
+use super::params::Params;
+use super::stats::MigrationStats;
+
+/// One sync's worth of figures: the per-round log a report plots.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct SyncPoint {
+    /// Milliseconds since the migration started.
+    pub time_ms: u64,
+    /// Sync number.
+    pub sync: u64,
+    /// Round (full passes completed).
+    pub round: u64,
+    /// Pages the tracker reported dirty at this sync.
+    pub dirty_pages: u64,
+    /// Pages still to send after the sync.
+    pub remaining_pages: u64,
+    /// Pages sent since the previous sync.
+    pub sent_pages: u64,
+    /// Bytes per second since the previous sync.
+    pub throughput: u64,
+    /// Dirty pages per second (last measurement).
+    pub dirty_pages_rate: u64,
+    /// Throttle at this sync.
+    pub throttle: u8,
+    /// Expected downtime in ms at this sync.
+    pub expected_downtime: u64,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    params: Mutex<Params>,
+    stats: Mutex<MigrationStats>,
+    history: Mutex<Vec<SyncPoint>>,
+    cancel: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Shared view of one migration: parameters, stats, cancel. Cheap to clone
+/// and safe to use from other threads (a progress bar, a control socket).
+#[derive(Clone, Debug, Default)]
+pub struct MigrationHandle {
+    shared: Arc<Shared>,
+}
+
+impl MigrationHandle {
+    /// A handle with these parameters.
+    pub fn new(params: Params) -> Self {
+        let h = MigrationHandle::default();
+        *lock(&h.shared.params) = params;
+        h
+    }
+
+    /// The current parameters.
+    pub fn params(&self) -> Params {
+        lock(&self.shared.params).clone()
+    }
+
+    /// Replaces the parameters; the engine applies them at its next step.
+    pub fn set_params(&self, p: Params) -> Result<(), String> {
+        p.validate()?;
+        *lock(&self.shared.params) = p;
+        Ok(())
+    }
+
+    /// A snapshot of the stats.
+    pub fn stats(&self) -> MigrationStats {
+        lock(&self.shared.stats).clone()
+    }
+
+    /// Per-sync history so far.
+    pub fn history(&self) -> Vec<SyncPoint> {
+        lock(&self.shared.history).clone()
+    }
+
+    /// Asks the migration to stop; the source guest keeps running.
+    pub fn cancel(&self) {
+        self.shared.cancel.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether cancel was asked.
+    pub fn is_cancelled(&self) -> bool {
+        self.shared.cancel.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn update_stats(&self, f: impl FnOnce(&mut MigrationStats)) {
+        f(&mut lock(&self.shared.stats));
+    }
+
+    pub(crate) fn push_history(&self, p: SyncPoint) {
+        lock(&self.shared.history).push(p);
+    }
+}

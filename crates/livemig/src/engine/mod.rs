@@ -1,0 +1,56 @@
+//! The migration engine: the source state machine and the destination
+//! loader, over any guest memory, tracker and byte transport.
+
+mod ack;
+mod dest;
+mod digest;
+mod handle;
+mod params;
+mod source;
+mod stats;
+
+pub use ack::{read_ack, write_ack};
+pub use dest::{LoadError, LoadOutcome, LoadStats, Loader};
+pub use digest::{hex, memory_digest};
+pub use handle::{MigrationHandle, SyncPoint};
+pub use params::{CompressParams, Params};
+pub use source::Source;
+pub use stats::{CompressionStats, MigrationStats, RamStats, Status, XbzrleStats};
+
+use crate::dirty::DirtyError;
+
+/// Why an outgoing migration stopped. In every case the source guest runs
+/// on (it is resumed if it had been paused) and tracking has stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    /// Cancelled by the user.
+    #[error("migration cancelled")]
+    Cancelled,
+    /// Invalid parameters.
+    #[error("invalid migration parameter: {0}")]
+    Params(String),
+    /// The dirty tracker failed.
+    #[error(transparent)]
+    Tracker(#[from] DirtyError),
+    /// Writing to the transport failed (connection dropped, disk full...).
+    #[error("sending the stream failed: {0}")]
+    Send(#[source] std::io::Error),
+    /// The VMM could not pause, resume or save state.
+    #[error("VMM: {0}")]
+    Vm(String),
+    /// The acknowledgement was missing or malformed.
+    #[error("{0}")]
+    Ack(String),
+    /// The destination reported a failure.
+    #[error("destination failed to load: {0}")]
+    Destination(String),
+}
+
+impl MigrationError {
+    pub(crate) fn send(e: std::io::Error) -> Self {
+        MigrationError::Send(e)
+    }
+}
+
+#[cfg(test)]
+mod tests;

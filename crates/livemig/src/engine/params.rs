@@ -1,0 +1,94 @@
+//! Migration parameters and capabilities, changeable while migrating.
+
+use serde::{Deserialize, Serialize};
+
+/// Compression of raw pages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompressParams {
+    /// Algorithm.
+    pub algorithm: crate::compress::Algorithm,
+    /// Level (zstd: 1..=19; ignored by lz4).
+    pub level: i32,
+}
+
+/// Parameters of one migration. All fields may change while it runs
+/// (through [`super::MigrationHandle::set_params`]); the engine reads them
+/// at every iteration step.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", default)]
+pub struct Params {
+    /// Bandwidth cap in bytes per second; 0 = unlimited.
+    pub max_bandwidth: u64,
+    /// Longest pause the guest may see at switch-over, in milliseconds.
+    pub downtime_limit: u64,
+    /// XBZRLE delta encoding of re-sent pages.
+    pub xbzrle: bool,
+    /// XBZRLE page cache size in bytes.
+    pub xbzrle_cache_size: u64,
+    /// Compression of raw pages (None = off).
+    pub compress: Option<CompressParams>,
+    /// Send a digest of all guest memory at stop time (lengthens downtime).
+    pub verify: bool,
+    /// Throttle the guest when it dirties memory faster than we send it.
+    pub auto_converge: bool,
+    /// First throttle percentage.
+    pub cpu_throttle_initial: u8,
+    /// Throttle increment each further time.
+    pub cpu_throttle_increment: u8,
+    /// Throttle ceiling.
+    pub max_cpu_throttle: u8,
+    /// Sync period while throttling, in milliseconds (keeps the dirty-rate
+    /// measurement fresh during long rounds).
+    pub throttle_sync_period: u64,
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        Params {
+            max_bandwidth: 0,
+            downtime_limit: 300,
+            xbzrle: false,
+            xbzrle_cache_size: 64 << 20,
+            compress: None,
+            verify: false,
+            auto_converge: false,
+            cpu_throttle_initial: 20,
+            cpu_throttle_increment: 10,
+            max_cpu_throttle: 99,
+            throttle_sync_period: 5000,
+        }
+    }
+}
+
+impl Params {
+    /// Checks ranges; returns a message naming the bad field.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.downtime_limit == 0 || self.downtime_limit > 2_000_000 {
+            return Err(format!(
+                "downtime-limit {} ms outside 1..=2000000",
+                self.downtime_limit
+            ));
+        }
+        if self.xbzrle && self.xbzrle_cache_size < crate::PAGE_SIZE as u64 {
+            return Err(format!(
+                "xbzrle-cache-size {} is smaller than a page",
+                self.xbzrle_cache_size
+            ));
+        }
+        for (name, v) in [
+            ("cpu-throttle-initial", self.cpu_throttle_initial),
+            ("cpu-throttle-increment", self.cpu_throttle_increment),
+            ("max-cpu-throttle", self.max_cpu_throttle),
+        ] {
+            if v == 0 || v > 99 {
+                return Err(format!("{name} {v} outside 1..=99"));
+            }
+        }
+        if let Some(c) = self.compress {
+            if c.algorithm == crate::compress::Algorithm::Zstd && !(1..=19).contains(&c.level) {
+                return Err(format!("zstd level {} outside 1..=19", c.level));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,729 @@
+//! The source side: setup, iterate, complete, cancel.
+//!
+//! A migration walks the migration bitmap from where it left off, sending
+//! each dirty page as zero, XBZRLE delta, compressed or raw; it syncs with
+//! the dirty tracker when what remains could be sent within the downtime
+//! limit, and stops the guest for the last pages once that holds after the
+//! sync.
+
+use std::io::{self, Read, Write};
+use std::time::{Duration, Instant};
+
+use super::ack;
+use super::digest::memory_digest;
+use super::handle::{MigrationHandle, SyncPoint};
+use super::params::Params;
+use super::stats::{CompressionStats, MigrationStats, Status, XbzrleStats};
+use super::MigrationError;
+use crate::bitmap::DirtyBitmap;
+use crate::compress::Compressor;
+use crate::dirty::DirtyTracker;
+use crate::memory::{GuestMemory, RamBlock, PAGE_SIZE};
+use crate::page_cache::PageCache;
+use crate::stream::format::FLAG_VERIFY;
+use crate::stream::{BlockDesc, Encoded, StreamWriter};
+use crate::vm::VmControl;
+use crate::{xbzrle, zero};
+
+/// How long one iteration step sends before giving control back.
+const STEP: Duration = Duration::from_millis(50);
+/// Rate-limit window.
+const RATE_WINDOW: Duration = Duration::from_millis(100);
+/// Bandwidth is re-measured over periods at least this long.
+const BANDWIDTH_PERIOD: Duration = Duration::from_millis(100);
+/// Dirty rate is measured over periods at least this long.
+const DIRTY_RATE_PERIOD: Duration = Duration::from_secs(1);
+/// Consecutive high-dirty-rate periods before auto-converge throttles.
+const THROTTLE_TRIGGER: u32 = 3;
+
+/// One outgoing migration of `mem`, tracked by `tracker`, of the guest `vm`
+/// controls.
+pub struct Source<'a> {
+    mem: &'a dyn GuestMemory,
+    tracker: &'a mut dyn DirtyTracker,
+    vm: &'a mut dyn VmControl,
+    handle: MigrationHandle,
+}
+
+impl<'a> Source<'a> {
+    /// Prepares a migration; nothing happens until [`Source::run`].
+    pub fn new(
+        mem: &'a dyn GuestMemory,
+        tracker: &'a mut dyn DirtyTracker,
+        vm: &'a mut dyn VmControl,
+        handle: MigrationHandle,
+    ) -> Self {
+        Source {
+            mem,
+            tracker,
+            vm,
+            handle,
+        }
+    }
+
+    /// Runs the migration into `out`. With `ack`, waits for the
+    /// destination's acknowledgement before declaring success.
+    ///
+    /// On any failure or cancel the tracker is stopped, the throttle is
+    /// removed and the guest resumes if it was paused; the error is also
+    /// recorded in the stats.
+    pub fn run<W: Write>(
+        self,
+        out: W,
+        ack: Option<&mut dyn Read>,
+    ) -> Result<MigrationStats, MigrationError> {
+        let Source {
+            mem,
+            tracker,
+            vm,
+            handle,
+        } = self;
+        let started = Instant::now();
+        let mut saver = RamSaver::new(mem, &handle, started);
+        let mut paused = false;
+        let result = saver.migrate(out, ack, tracker, vm, &mut paused);
+        let stop_err = tracker.stop().err();
+        match result {
+            Ok(()) => {
+                if let Some(e) = stop_err {
+                    log::warn!("stopping the dirty tracker after success: {e}");
+                }
+                saver.publish(Status::Completed, tracker.name(), None);
+                Ok(handle.stats())
+            }
+            Err(e) => {
+                vm.set_throttle(0);
+                if paused {
+                    if let Err(re) = vm.resume() {
+                        log::error!("cannot resume the source guest after '{e}': {re}");
+                    }
+                }
+                let status = if matches!(e, MigrationError::Cancelled) {
+                    Status::Cancelled
+                } else {
+                    Status::Failed
+                };
+                saver.throttle = 0;
+                saver.publish(status, tracker.name(), Some(e.to_string()));
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Counters of what was sent, by kind.
+#[derive(Default)]
+struct Counters {
+    zero: u64,
+    skipped: u64,
+    normal: u64,
+    xbzrle_pages: u64,
+    xbzrle_bytes: u64,
+    xbzrle_miss: u64,
+    xbzrle_overflow: u64,
+    xbzrle_lookups: u64,
+    compressed_pages: u64,
+    compressed_bytes: u64,
+    pages_sent: u64,
+}
+
+struct RamSaver<'a> {
+    mem: &'a dyn GuestMemory,
+    blocks: Vec<RamBlock>,
+    handle: &'a MigrationHandle,
+    params: Params,
+    started: Instant,
+    setup_time: u64,
+    bitmaps: Vec<DirtyBitmap>,
+    /// Manual-clear trackers: chunks whose log must be cleared before their
+    /// next page is sent, and log2 pages per chunk.
+    clear: Option<(u32, Vec<DirtyBitmap>)>,
+    block_base: Vec<u64>,
+    pos_block: usize,
+    pos_page: u64,
+    rounds: u64,
+    bulk: bool,
+    sync_count: u64,
+    cache: Option<PageCache>,
+    encode_buf: Vec<u8>,
+    compressor: Option<(u8, Compressor)>,
+    compress_buf: Vec<u8>,
+    zero_page: Vec<u8>,
+    c: Counters,
+    seq: u64,
+    // Bandwidth measurement.
+    bw_time: Instant,
+    bw_bytes: u64,
+    bandwidth: f64,
+    pages_per_second: u64,
+    // Dirty-rate measurement and auto-converge.
+    rate_time: Instant,
+    rate_dirty_pages: u64,
+    rate_bytes: u64,
+    dirty_pages_rate: u64,
+    high_count: u32,
+    throttle: u8,
+    last_sync: Instant,
+    last_sync_sent: u64,
+    last_sync_bytes: u64,
+    // Rate limiting.
+    window_start: Instant,
+    window_bytes: u64,
+    transferred: u64,
+    downtime_start: Option<Instant>,
+    downtime: u64,
+    downtime_bytes: u64,
+    status: Status,
+}
+
+impl<'a> RamSaver<'a> {
+    fn new(mem: &'a dyn GuestMemory, handle: &'a MigrationHandle, started: Instant) -> Self {
+        let blocks = mem.blocks().to_vec();
+        let mut base = 0;
+        let block_base = blocks
+            .iter()
+            .map(|b| {
+                let o = base;
+                base += b.len();
+                o
+            })
+            .collect();
+        RamSaver {
+            mem,
+            bitmaps: blocks
+                .iter()
+                .map(|b| DirtyBitmap::new_full(b.pages()))
+                .collect(),
+            blocks,
+            handle,
+            params: handle.params(),
+            started,
+            setup_time: 0,
+            clear: None,
+            block_base,
+            pos_block: 0,
+            pos_page: 0,
+            rounds: 0,
+            bulk: true,
+            sync_count: 0,
+            cache: None,
+            encode_buf: vec![0; PAGE_SIZE],
+            compressor: None,
+            compress_buf: Vec::with_capacity(PAGE_SIZE),
+            zero_page: vec![0; PAGE_SIZE],
+            c: Counters::default(),
+            seq: 0,
+            bw_time: started,
+            bw_bytes: 0,
+            bandwidth: 0.0,
+            pages_per_second: 0,
+            rate_time: started,
+            rate_dirty_pages: 0,
+            rate_bytes: 0,
+            dirty_pages_rate: 0,
+            high_count: 0,
+            throttle: 0,
+            last_sync: started,
+            last_sync_sent: 0,
+            last_sync_bytes: 0,
+            window_start: started,
+            window_bytes: 0,
+            transferred: 0,
+            downtime_start: None,
+            downtime: 0,
+            downtime_bytes: 0,
+            status: Status::Setup,
+        }
+    }
+
+    fn remaining_pages(&self) -> u64 {
+        self.bitmaps.iter().map(DirtyBitmap::count).sum()
+    }
+
+    fn check_cancel(&self) -> Result<(), MigrationError> {
+        if self.handle.is_cancelled() {
+            Err(MigrationError::Cancelled)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn migrate<W: Write>(
+        &mut self,
+        out: W,
+        ack: Option<&mut dyn Read>,
+        tracker: &mut dyn DirtyTracker,
+        vm: &mut dyn VmControl,
+        paused: &mut bool,
+    ) -> Result<(), MigrationError> {
+        self.params.validate().map_err(MigrationError::Params)?;
+        self.publish(Status::Setup, tracker.name(), None);
+        self.check_cancel()?;
+
+        // Setup: everything is to be sent; start tracking.
+        let start = tracker.start()?;
+        if let Some(shift) = tracker.clear_chunk_shift() {
+            let chunks: Vec<DirtyBitmap> = self
+                .blocks
+                .iter()
+                .map(|b| {
+                    let n = b.pages().div_ceil(1u64 << shift);
+                    if start.initially_set {
+                        DirtyBitmap::new_full(n)
+                    } else {
+                        DirtyBitmap::new(n)
+                    }
+                })
+                .collect();
+            self.clear = Some((shift, chunks));
+        }
+        if !start.initially_set {
+            // Resets whatever the log held before tracking began; with an
+            // initially-set log this would only report "all dirty".
+            self.sync(tracker)?;
+        }
+        self.apply_params();
+        let flags = if self.params.verify { FLAG_VERIFY } else { 0 };
+        let mut w = StreamWriter::new(out, flags);
+        let descs: Vec<BlockDesc> = self
+            .blocks
+            .iter()
+            .map(|b| BlockDesc {
+                id: b.id().to_string(),
+                len: b.len(),
+            })
+            .collect();
+        w.block_list(&descs).map_err(MigrationError::send)?;
+        self.section_end(&mut w)?;
+        self.setup_time = self.started.elapsed().as_millis() as u64;
+        self.publish(Status::Active, tracker.name(), None);
+
+        // Iterate.
+        loop {
+            self.check_cancel()?;
+            self.params = self.handle.params();
+            self.apply_params();
+            let threshold = self.threshold_bytes();
+            if self.remaining_bytes() <= threshold {
+                self.sync(tracker)?;
+                if self.remaining_bytes() <= threshold {
+                    break;
+                }
+            } else if self.throttle > 0
+                && !self.bulk
+                && self.last_sync.elapsed()
+                    >= Duration::from_millis(self.params.throttle_sync_period)
+            {
+                self.sync(tracker)?;
+            }
+            if self.params.auto_converge {
+                vm.set_throttle(self.throttle);
+            } else if self.throttle > 0 {
+                self.throttle = 0;
+                vm.set_throttle(0);
+            }
+            self.step(&mut w, tracker, false)?;
+            self.section_end(&mut w)?;
+            self.measure_bandwidth();
+            self.publish(Status::Active, tracker.name(), None);
+        }
+
+        // Complete: stop the guest, final sync, everything left unlimited.
+        self.check_cancel()?;
+        self.publish(Status::Device, tracker.name(), None);
+        let pause_at = Instant::now();
+        vm.pause().map_err(MigrationError::Vm)?;
+        *paused = true;
+        self.downtime_start = Some(pause_at);
+        let bytes_before = w.bytes();
+        self.sync(tracker)?;
+        while self.remaining_pages() > 0 {
+            self.check_cancel()?;
+            self.step(&mut w, tracker, true)?;
+            self.section_end(&mut w)?;
+        }
+        let state = vm.save_state().map_err(MigrationError::Vm)?;
+        if !state.is_empty() {
+            w.state(&state).map_err(MigrationError::send)?;
+        }
+        if self.params.verify {
+            w.digest(&memory_digest(self.mem))
+                .map_err(MigrationError::send)?;
+        }
+        self.check_cancel()?;
+        w.end().map_err(MigrationError::send)?;
+        self.transferred = w.bytes();
+        self.downtime_bytes = self.transferred - bytes_before;
+        if let Some(r) = ack {
+            ack::read_ack(r)?;
+        }
+        self.downtime = pause_at.elapsed().as_millis() as u64;
+        vm.set_throttle(0);
+        self.throttle = 0;
+        Ok(())
+    }
+
+    /// Bytes that can go within the downtime limit at the measured bandwidth.
+    fn threshold_bytes(&self) -> u64 {
+        (self.bandwidth * self.params.downtime_limit as f64 / 1000.0) as u64
+    }
+
+    fn remaining_bytes(&self) -> u64 {
+        self.remaining_pages() * PAGE_SIZE as u64
+    }
+
+    fn apply_params(&mut self) {
+        let p = &self.params;
+        match (&mut self.cache, p.xbzrle) {
+            (None, true) => match PageCache::new(p.xbzrle_cache_size) {
+                Ok(c) => self.cache = Some(c),
+                Err(e) => log::warn!(
+                    "xbzrle cache of {} bytes: {e}; xbzrle stays off",
+                    p.xbzrle_cache_size
+                ),
+            },
+            (Some(c), true) if c.size_bytes() != p.xbzrle_cache_size => {
+                if let Err(e) = c.resize(p.xbzrle_cache_size) {
+                    log::warn!("xbzrle cache resize to {}: {e}", p.xbzrle_cache_size);
+                }
+            }
+            // The cache must mirror what the destination holds: once off,
+            // drop it so a later "on" starts empty.
+            (Some(_), false) => self.cache = None,
+            _ => {}
+        }
+        match (p.compress, &self.compressor) {
+            (None, Some(_)) => self.compressor = None,
+            (Some(cp), cur) => {
+                let id = cp.algorithm.as_u8();
+                if cur.as_ref().map(|(a, _)| *a) != Some(id) {
+                    match Compressor::new(cp.algorithm, cp.level) {
+                        Ok(c) => self.compressor = Some((id, c)),
+                        Err(e) => log::warn!("compressor {:?}: {e}; sending raw", cp.algorithm),
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn section_end<W: Write>(&mut self, w: &mut StreamWriter<W>) -> Result<(), MigrationError> {
+        w.section_end(self.seq).map_err(MigrationError::send)?;
+        self.seq += 1;
+        self.transferred = w.bytes();
+        Ok(())
+    }
+
+    /// Harvests the tracker into the migration bitmap and measures the
+    /// dirty rate; may raise the throttle.
+    fn sync(&mut self, tracker: &mut dyn DirtyTracker) -> Result<(), MigrationError> {
+        let reported = tracker.sync(&mut self.bitmaps)?;
+        self.sync_count += 1;
+        if let Some((shift, chunks)) = &mut self.clear {
+            // Chunks with dirty pages must be cleared (re-protected) before
+            // their pages go out again.
+            for (b, bm) in self.bitmaps.iter().enumerate() {
+                let mut p = 0;
+                while let Some(q) = bm.next_set(p) {
+                    let chunk = q >> *shift;
+                    chunks[b].set(chunk);
+                    p = (chunk + 1) << *shift;
+                }
+            }
+        }
+        self.rate_dirty_pages += reported;
+        let now = Instant::now();
+        let period = now - self.rate_time;
+        if period >= DIRTY_RATE_PERIOD {
+            let secs = period.as_secs_f64();
+            self.dirty_pages_rate = (self.rate_dirty_pages as f64 / secs) as u64;
+            let dirty_bytes = self.rate_dirty_pages * PAGE_SIZE as u64;
+            let sent_bytes = self.transferred - self.rate_bytes;
+            if self.params.auto_converge && !self.bulk && dirty_bytes > sent_bytes / 2 {
+                self.high_count += 1;
+                if self.throttle > 0 || self.high_count >= THROTTLE_TRIGGER {
+                    self.throttle = if self.throttle == 0 {
+                        self.params.cpu_throttle_initial
+                    } else {
+                        self.throttle
+                            .saturating_add(self.params.cpu_throttle_increment)
+                            .min(self.params.max_cpu_throttle)
+                    };
+                    self.high_count = 0;
+                }
+            } else {
+                self.high_count = 0;
+            }
+            self.rate_time = now;
+            self.rate_dirty_pages = 0;
+            self.rate_bytes = self.transferred;
+        }
+        let since = (now - self.last_sync).as_secs_f64().max(1e-6);
+        self.handle.push_history(SyncPoint {
+            time_ms: self.started.elapsed().as_millis() as u64,
+            sync: self.sync_count,
+            round: self.rounds,
+            dirty_pages: reported,
+            remaining_pages: self.remaining_pages(),
+            sent_pages: self.c.pages_sent - self.last_sync_sent,
+            throughput: ((self.transferred - self.last_sync_bytes) as f64 / since) as u64,
+            dirty_pages_rate: self.dirty_pages_rate,
+            throttle: self.throttle,
+            expected_downtime: self.expected_downtime(),
+        });
+        self.last_sync = now;
+        self.last_sync_sent = self.c.pages_sent;
+        self.last_sync_bytes = self.transferred;
+        Ok(())
+    }
+
+    fn expected_downtime(&self) -> u64 {
+        if self.bandwidth <= 0.0 {
+            return 0;
+        }
+        (self.remaining_bytes() as f64 / self.bandwidth * 1000.0) as u64
+    }
+
+    fn measure_bandwidth(&mut self) {
+        let el = self.bw_time.elapsed();
+        if el >= BANDWIDTH_PERIOD {
+            let bytes = self.transferred - self.bw_bytes;
+            self.bandwidth = bytes as f64 / el.as_secs_f64();
+            self.bw_time = Instant::now();
+            self.bw_bytes = self.transferred;
+        }
+    }
+
+    /// The next dirty page at or after the current position, wrapping
+    /// around (which completes a round and ends the bulk stage).
+    fn next_dirty(&mut self) -> Option<(usize, u64)> {
+        let nblocks = self.bitmaps.len();
+        for _ in 0..=nblocks {
+            if let Some(p) = self.bitmaps[self.pos_block].next_set(self.pos_page) {
+                return Some((self.pos_block, p));
+            }
+            self.pos_page = 0;
+            self.pos_block += 1;
+            if self.pos_block == nblocks {
+                self.pos_block = 0;
+                self.rounds += 1;
+                self.bulk = false;
+                if self.remaining_pages() == 0 {
+                    return None;
+                }
+            }
+        }
+        None
+    }
+
+    /// Sends pages for one step: ~50 ms and within the bandwidth limit,
+    /// or, when completing, until nothing is left.
+    fn step<W: Write>(
+        &mut self,
+        w: &mut StreamWriter<W>,
+        tracker: &mut dyn DirtyTracker,
+        completing: bool,
+    ) -> Result<(), MigrationError> {
+        let t0 = Instant::now();
+        let mut n = 0u32;
+        while let Some((block, page)) = self.next_dirty() {
+            if let Some((shift, chunks)) = &mut self.clear {
+                let chunk = page >> *shift;
+                if chunks[block].clear(chunk) {
+                    let first = chunk << *shift;
+                    tracker.clear(block, first, 1u64 << *shift)?;
+                }
+            }
+            self.bitmaps[block].clear(page);
+            self.pos_block = block;
+            self.pos_page = page + 1;
+            self.send_page(w, block, page, completing)
+                .map_err(MigrationError::send)?;
+            n += 1;
+            if n.is_multiple_of(64) {
+                self.transferred = w.bytes();
+                if completing {
+                    continue;
+                }
+                if self.rate_limit() || t0.elapsed() >= STEP {
+                    break;
+                }
+                if n.is_multiple_of(4096) && self.handle.is_cancelled() {
+                    break;
+                }
+            }
+        }
+        self.transferred = w.bytes();
+        Ok(())
+    }
+
+    /// Sleeps out the rest of the window once its byte budget is spent.
+    /// Returns true when it slept (the step should end).
+    fn rate_limit(&mut self) -> bool {
+        let limit = self.params.max_bandwidth;
+        let now = Instant::now();
+        if now - self.window_start >= RATE_WINDOW {
+            self.window_start = now;
+            self.window_bytes = self.transferred;
+        }
+        if limit == 0 {
+            return false;
+        }
+        let budget = (limit as f64 * RATE_WINDOW.as_secs_f64()) as u64;
+        if self.transferred - self.window_bytes >= budget {
+            let end = self.window_start + RATE_WINDOW;
+            std::thread::sleep(end.saturating_duration_since(Instant::now()));
+            self.window_start = Instant::now();
+            self.window_bytes = self.transferred;
+            return true;
+        }
+        false
+    }
+
+    fn send_page<W: Write>(
+        &mut self,
+        w: &mut StreamWriter<W>,
+        block: usize,
+        page: u64,
+        completing: bool,
+    ) -> io::Result<()> {
+        let offset = page * PAGE_SIZE as u64;
+        let off = offset as usize;
+        let region = self.blocks[block].region();
+        let b = block as u16;
+        let addr = self.block_base[block] + offset;
+        let xbzrle_on = !self.bulk && self.cache.is_some();
+        self.c.pages_sent += 1;
+        if region.scan(off, PAGE_SIZE, zero::is_zero) == Some(true) {
+            self.c.zero += 1;
+            if xbzrle_on {
+                if let Some(cache) = &mut self.cache {
+                    cache.insert(addr, &self.zero_page, self.sync_count);
+                }
+            }
+            return w.zero(b, offset);
+        }
+        region.read(off, w.stage_page(b, offset));
+        if xbzrle_on {
+            let cache = self.cache.as_mut().expect("xbzrle_on implies a cache");
+            self.c.xbzrle_lookups += 1;
+            match cache.get_mut_at(addr, self.sync_count) {
+                None => {
+                    self.c.xbzrle_miss += 1;
+                    if !completing {
+                        cache.insert(addr, w.staged(), self.sync_count);
+                    }
+                }
+                Some(old) => match xbzrle::encode(old, w.staged(), &mut self.encode_buf) {
+                    Ok(0) => {
+                        self.c.skipped += 1;
+                        w.discard_staged();
+                        return Ok(());
+                    }
+                    Ok(n) => {
+                        old.copy_from_slice(w.staged());
+                        self.c.xbzrle_pages += 1;
+                        self.c.xbzrle_bytes += n as u64;
+                        return w.commit_encoded(Encoded::Xbzrle, &self.encode_buf[..n]);
+                    }
+                    Err(_) => {
+                        self.c.xbzrle_overflow += 1;
+                        old.copy_from_slice(w.staged());
+                    }
+                },
+            }
+        }
+        if let Some((algo, comp)) = &mut self.compressor {
+            self.compress_buf.clear();
+            if let Ok(Some(n)) = comp.compress(w.staged(), &mut self.compress_buf) {
+                self.c.compressed_pages += 1;
+                self.c.compressed_bytes += n as u64;
+                return w.commit_encoded(Encoded::Compressed(*algo), &self.compress_buf[..n]);
+            }
+        }
+        self.c.normal += 1;
+        w.commit_raw()
+    }
+
+    fn publish(&mut self, status: Status, tracker: &str, error: Option<String>) {
+        self.status = status;
+        let total_time = self.started.elapsed().as_millis() as u64;
+        let remaining = if status == Status::Completed {
+            0
+        } else {
+            self.remaining_bytes()
+        };
+        let expected = self.expected_downtime();
+        let lookups = self.c.xbzrle_lookups.max(1) as f64;
+        let el = self.bw_time.elapsed().as_secs_f64();
+        if el > 0.0 && self.bandwidth > 0.0 {
+            self.pages_per_second = (self.bandwidth / PAGE_SIZE as f64) as u64;
+        }
+        let c = &self.c;
+        let p = &self.params;
+        let xb = self.cache.as_ref().map(|cache| XbzrleStats {
+            cache_size: cache.size_bytes(),
+            bytes: c.xbzrle_bytes,
+            pages: c.xbzrle_pages,
+            cache_miss: c.xbzrle_miss,
+            cache_miss_rate: c.xbzrle_miss as f64 / lookups,
+            encoding_rate: if c.xbzrle_bytes > 0 {
+                (c.xbzrle_pages * PAGE_SIZE as u64) as f64 / c.xbzrle_bytes as f64
+            } else {
+                0.0
+            },
+            overflow: c.xbzrle_overflow,
+        });
+        let comp = p.compress.map(|_| CompressionStats {
+            pages: c.compressed_pages,
+            compressed_size: c.compressed_bytes,
+            compression_rate: if c.compressed_bytes > 0 {
+                (c.compressed_pages * PAGE_SIZE as u64) as f64 / c.compressed_bytes as f64
+            } else {
+                0.0
+            },
+        });
+        let total = self.mem.total_bytes();
+        let (rounds, sync_count, dirty_rate, bw, pps) = (
+            self.rounds,
+            self.sync_count,
+            self.dirty_pages_rate,
+            self.bandwidth,
+            self.pages_per_second,
+        );
+        let (transferred, downtime, downtime_bytes, setup_time, throttle) = (
+            self.transferred,
+            self.downtime,
+            self.downtime_bytes,
+            self.setup_time,
+            self.throttle,
+        );
+        let (zero, skipped, normal) = (c.zero, c.skipped, c.normal);
+        self.handle.update_stats(|s| {
+            s.status = status;
+            s.total_time = total_time;
+            s.setup_time = setup_time;
+            s.downtime = downtime;
+            s.expected_downtime = expected;
+            s.ram.transferred = transferred;
+            s.ram.remaining = remaining;
+            s.ram.total = total;
+            s.ram.duplicate = zero;
+            s.ram.skipped = skipped;
+            s.ram.normal = normal;
+            s.ram.normal_bytes = normal * PAGE_SIZE as u64;
+            s.ram.dirty_pages_rate = dirty_rate;
+            s.ram.mbps = bw * 8.0 / 1e6;
+            s.ram.dirty_sync_count = sync_count;
+            s.ram.pages_per_second = pps;
+            s.ram.precopy_bytes = transferred - downtime_bytes;
+            s.ram.downtime_bytes = downtime_bytes;
+            s.ram.rounds = rounds;
+            s.xbzrle_cache = xb;
+            s.compression = comp;
+            s.cpu_throttle_percentage = throttle;
+            s.dirty_tracker = tracker.to_string();
+            s.error_desc = error;
+        });
+    }
+}

@@ -1,0 +1,128 @@
+//! What a user reads about a migration, in the shape of QEMU's query-migrate.
+
+use serde::{Deserialize, Serialize};
+
+/// Where a migration is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Status {
+    /// Not started.
+    #[default]
+    None,
+    /// Setting up (bitmaps, tracking, block list).
+    Setup,
+    /// Iterating: guest running, pages flowing.
+    Active,
+    /// Stop-and-copy: guest paused, last pages and device state.
+    Device,
+    /// Done; the destination has everything.
+    Completed,
+    /// Failed; the source guest runs on.
+    Failed,
+    /// Cancelled; the source guest runs on.
+    Cancelled,
+}
+
+impl Status {
+    /// True once the migration can no longer change.
+    pub fn is_final(self) -> bool {
+        matches!(self, Status::Completed | Status::Failed | Status::Cancelled)
+    }
+}
+
+/// RAM figures.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct RamStats {
+    /// Bytes written to the stream so far.
+    pub transferred: u64,
+    /// Bytes still marked dirty.
+    pub remaining: u64,
+    /// Guest RAM size.
+    pub total: u64,
+    /// Pages sent as zero pages.
+    pub duplicate: u64,
+    /// Pages found dirty but unchanged (XBZRLE), not sent.
+    pub skipped: u64,
+    /// Pages sent in full (raw or compressed).
+    pub normal: u64,
+    /// Bytes of pages sent in full.
+    pub normal_bytes: u64,
+    /// Dirty pages per second, measured at the last sync.
+    pub dirty_pages_rate: u64,
+    /// Throughput in megabits per second over the last period.
+    pub mbps: f64,
+    /// Number of syncs with the dirty tracker.
+    pub dirty_sync_count: u64,
+    /// Pages sent per second over the last period.
+    pub pages_per_second: u64,
+    /// Bytes sent while the guest ran.
+    pub precopy_bytes: u64,
+    /// Bytes sent while the guest was paused.
+    pub downtime_bytes: u64,
+    /// Completed rounds over all of memory.
+    pub rounds: u64,
+}
+
+/// XBZRLE figures.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct XbzrleStats {
+    /// Cache size in bytes.
+    pub cache_size: u64,
+    /// Encoded bytes sent.
+    pub bytes: u64,
+    /// Pages sent as deltas.
+    pub pages: u64,
+    /// Lookups that found no cached copy.
+    pub cache_miss: u64,
+    /// Misses over lookups in the last period.
+    pub cache_miss_rate: f64,
+    /// Page bytes over encoded bytes in the last period.
+    pub encoding_rate: f64,
+    /// Pages whose delta did not fit and went raw.
+    pub overflow: u64,
+}
+
+/// Compression figures.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct CompressionStats {
+    /// Pages sent compressed.
+    pub pages: u64,
+    /// Compressed bytes sent.
+    pub compressed_size: u64,
+    /// Page bytes over compressed bytes.
+    pub compression_rate: f64,
+}
+
+/// The state of one migration, as `query-migrate` reports it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct MigrationStats {
+    /// Where the migration is.
+    pub status: Status,
+    /// Milliseconds since the start (final: the whole migration).
+    pub total_time: u64,
+    /// Milliseconds of setup.
+    pub setup_time: u64,
+    /// Milliseconds the guest was paused (once completed).
+    pub downtime: u64,
+    /// Predicted pause at the current bandwidth, in milliseconds.
+    pub expected_downtime: u64,
+    /// RAM figures.
+    pub ram: RamStats,
+    /// XBZRLE figures, when XBZRLE is on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub xbzrle_cache: Option<XbzrleStats>,
+    /// Compression figures, when compression is on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compression: Option<CompressionStats>,
+    /// Current guest throttle.
+    pub cpu_throttle_percentage: u8,
+    /// The dirty tracker in use.
+    pub dirty_tracker: String,
+    /// Why it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error_desc: Option<String>,
+}

@@ -1,0 +1,122 @@
+//! The wire format, version 1: constants both the writer and the reader use.
+//!
+//! ```text
+//! stream  := header record*
+//! header  := "LIVEMIG\0" version:u16 flags:u16 reserved:u32(=0)
+//! record  := tag:u8 body                      (integers big-endian)
+//!   tag bit 7 (SAME_BLOCK) on page records: the block index is omitted
+//!   and is the previous page record's block.
+//! BLOCK_LIST  count:u32 total:u64 (id_len:u8 id:[u8] len:u64){count}
+//! ZERO        addr
+//! RAW         addr page:[u8; 4096]
+//! XBZRLE      addr len:u16 payload:[u8; len]        1 <= len <= 4096
+//! COMPRESSED  addr algo:u8 len:u16 payload:[u8; len] 1 <= len < 4096
+//! SECTION_END seq:u64 crc:u32
+//! STATE       len:u32 blob:[u8; len]                 len <= MAX_STATE
+//! DIGEST      algo:u8 hash:[u8; 32]
+//! END         crc:u32
+//! addr        := [block:u16] offset:u64        offset page-aligned, inside the block
+//! ```
+//!
+//! `crc` in SECTION_END is the CRC-32 (IEEE) of every byte since the end of
+//! the previous SECTION_END (or since the start of the stream), up to and
+//! including `seq`. It catches a transport that corrupts or drops bytes.
+//! END carries the same checksum for the last stretch (up to and including
+//! its tag), so the device state and digest are covered too.
+
+/// First bytes of every stream.
+pub const MAGIC: [u8; 8] = *b"LIVEMIG\0";
+/// The version this build writes and reads.
+pub const VERSION: u16 = 1;
+/// Header length in bytes.
+pub const HEADER_LEN: usize = 16;
+
+/// Header flag: the stream ends with a digest of all guest memory.
+pub const FLAG_VERIFY: u16 = 1 << 0;
+/// Header flags this build understands.
+pub const KNOWN_FLAGS: u16 = FLAG_VERIFY;
+
+/// Tag bit: the record's block is the previous page record's block.
+pub const SAME_BLOCK: u8 = 0x80;
+
+/// Record kinds (the tag without [`SAME_BLOCK`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    /// The RAM block list.
+    BlockList = 0x01,
+    /// A page of zeros.
+    Zero = 0x02,
+    /// A page sent as is.
+    Raw = 0x03,
+    /// A page as an XBZRLE delta against the previous copy sent.
+    Xbzrle = 0x04,
+    /// A compressed page.
+    Compressed = 0x05,
+    /// End of a section, with a checksum.
+    SectionEnd = 0x06,
+    /// Device and vCPU state.
+    State = 0x07,
+    /// Digest of all guest memory at stop time.
+    Digest = 0x08,
+    /// End of the migration.
+    End = 0x09,
+}
+
+impl Kind {
+    /// The kind for a tag byte with [`SAME_BLOCK`] removed.
+    pub fn from_u8(b: u8) -> Option<Kind> {
+        Some(match b {
+            0x01 => Kind::BlockList,
+            0x02 => Kind::Zero,
+            0x03 => Kind::Raw,
+            0x04 => Kind::Xbzrle,
+            0x05 => Kind::Compressed,
+            0x06 => Kind::SectionEnd,
+            0x07 => Kind::State,
+            0x08 => Kind::Digest,
+            0x09 => Kind::End,
+            _ => return None,
+        })
+    }
+
+    /// Whether records of this kind carry a page address.
+    pub fn is_page(self) -> bool {
+        matches!(
+            self,
+            Kind::Zero | Kind::Raw | Kind::Xbzrle | Kind::Compressed
+        )
+    }
+
+    /// Name used in error messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::BlockList => "block list",
+            Kind::Zero => "zero page",
+            Kind::Raw => "raw page",
+            Kind::Xbzrle => "xbzrle page",
+            Kind::Compressed => "compressed page",
+            Kind::SectionEnd => "section end",
+            Kind::State => "device state",
+            Kind::Digest => "digest",
+            Kind::End => "end",
+        }
+    }
+}
+
+/// Most RAM blocks a stream may declare.
+pub const MAX_BLOCKS: u32 = 4096;
+/// Largest device-state blob accepted (64 MiB).
+pub const MAX_STATE: u32 = 64 << 20;
+/// Digest algorithm id: BLAKE3, 32 bytes.
+pub const DIGEST_BLAKE3: u8 = 1;
+
+/// Acknowledgement the destination sends back on a two-way transport.
+pub const ACK_MAGIC: [u8; 8] = *b"LVMGACK1";
+/// Longest message in an acknowledgement.
+pub const MAX_ACK_MESSAGE: u32 = 4096;
+
+/// Compression algorithm id: zstd.
+pub const COMPRESS_ZSTD: u8 = 1;
+/// Compression algorithm id: LZ4 (block format).
+pub const COMPRESS_LZ4: u8 = 2;

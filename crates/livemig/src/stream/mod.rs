@@ -1,0 +1,13 @@
+//! The migration stream: livemig's own versioned wire format.
+//!
+//! [`format`] defines it, [`StreamWriter`] produces it and
+//! [`StreamReader`] validates it record by record.
+
+pub mod format;
+mod reader;
+mod writer;
+
+pub use reader::{Record, StreamError, StreamErrorKind, StreamReader};
+pub use writer::{BlockDesc, Encoded, StreamWriter};
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,265 @@
+//! Writes the migration stream, buffering records and checksumming sections.
+
+use std::io::{self, Write};
+
+use super::format::*;
+use crate::memory::PAGE_SIZE;
+
+/// Flush the buffer to the transport once it holds this much.
+const FLUSH_AT: usize = 512 << 10;
+
+/// A block as the block list describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockDesc {
+    /// Block id.
+    pub id: String,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+/// How a staged page is finally sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Encoded {
+    /// XBZRLE delta.
+    Xbzrle,
+    /// Compressed with the given algorithm id.
+    Compressed(u8),
+}
+
+/// Buffered writer of stream records over any `Write`.
+///
+/// Page data is staged straight into the output buffer
+/// ([`StreamWriter::stage_page`]) so a raw page is copied once, from guest
+/// memory into the buffer, and can still be turned into a smaller record.
+pub struct StreamWriter<W: Write> {
+    out: W,
+    buf: Vec<u8>,
+    crc: crc32fast::Hasher,
+    written: u64,
+    last_block: Option<u16>,
+    staged: Option<Staged>,
+}
+
+#[derive(Clone, Copy)]
+struct Staged {
+    start: usize,
+    block: u16,
+    offset: u64,
+    data: usize,
+}
+
+impl<W: Write> StreamWriter<W> {
+    /// Starts a stream: writes the header into the buffer.
+    pub fn new(out: W, flags: u16) -> Self {
+        let mut w = StreamWriter {
+            out,
+            buf: Vec::with_capacity(FLUSH_AT + 2 * PAGE_SIZE + 64),
+            crc: crc32fast::Hasher::new(),
+            written: 0,
+            last_block: None,
+            staged: None,
+        };
+        w.buf.extend_from_slice(&MAGIC);
+        w.buf.extend_from_slice(&VERSION.to_be_bytes());
+        w.buf.extend_from_slice(&flags.to_be_bytes());
+        w.buf.extend_from_slice(&0u32.to_be_bytes());
+        w
+    }
+
+    /// Bytes handed to the transport plus bytes still buffered.
+    pub fn bytes(&self) -> u64 {
+        self.written + self.buf.len() as u64
+    }
+
+    /// The transport, e.g. to read an acknowledgement on a return path.
+    pub fn get_mut(&mut self) -> &mut W {
+        &mut self.out
+    }
+
+    fn addr(&mut self, kind: Kind, block: u16, offset: u64) {
+        if self.last_block == Some(block) {
+            self.buf.push(kind as u8 | SAME_BLOCK);
+        } else {
+            self.buf.push(kind as u8);
+            self.buf.extend_from_slice(&block.to_be_bytes());
+            self.last_block = Some(block);
+        }
+        self.buf.extend_from_slice(&offset.to_be_bytes());
+    }
+
+    fn maybe_flush(&mut self) -> io::Result<()> {
+        if self.buf.len() >= FLUSH_AT {
+            self.flush_buf()?;
+        }
+        Ok(())
+    }
+
+    fn flush_buf(&mut self) -> io::Result<()> {
+        debug_assert!(self.staged.is_none(), "flush with a staged page");
+        self.crc.update(&self.buf);
+        self.out.write_all(&self.buf)?;
+        self.written += self.buf.len() as u64;
+        self.buf.clear();
+        Ok(())
+    }
+
+    /// Writes the block list.
+    pub fn block_list(&mut self, blocks: &[BlockDesc]) -> io::Result<()> {
+        self.buf.push(Kind::BlockList as u8);
+        self.buf
+            .extend_from_slice(&(blocks.len() as u32).to_be_bytes());
+        let total: u64 = blocks.iter().map(|b| b.len).sum();
+        self.buf.extend_from_slice(&total.to_be_bytes());
+        for b in blocks {
+            let id = b.id.as_bytes();
+            assert!(!id.is_empty() && id.len() <= 255, "block id length");
+            self.buf.push(id.len() as u8);
+            self.buf.extend_from_slice(id);
+            self.buf.extend_from_slice(&b.len.to_be_bytes());
+        }
+        self.maybe_flush()
+    }
+
+    /// Writes a zero-page record.
+    pub fn zero(&mut self, block: u16, offset: u64) -> io::Result<()> {
+        self.addr(Kind::Zero, block, offset);
+        self.maybe_flush()
+    }
+
+    /// Reserves a raw-page record and returns the page's bytes to fill.
+    /// Follow with exactly one `commit_*` call.
+    pub fn stage_page(&mut self, block: u16, offset: u64) -> &mut [u8] {
+        assert!(self.staged.is_none(), "a page is already staged");
+        let start = self.buf.len();
+        let prev = self.last_block;
+        self.addr(Kind::Raw, block, offset);
+        self.last_block = prev;
+        let data = self.buf.len();
+        self.buf.resize(data + PAGE_SIZE, 0);
+        self.staged = Some(Staged {
+            start,
+            block,
+            offset,
+            data,
+        });
+        &mut self.buf[data..]
+    }
+
+    /// The staged page's bytes.
+    pub fn staged(&self) -> &[u8] {
+        let s = self.staged.expect("no staged page");
+        &self.buf[s.data..s.data + PAGE_SIZE]
+    }
+
+    /// Sends the staged page raw.
+    pub fn commit_raw(&mut self) -> io::Result<()> {
+        let s = self.staged.take().expect("no staged page");
+        self.last_block = Some(s.block);
+        self.maybe_flush()
+    }
+
+    /// Drops the staged page without sending anything.
+    pub fn discard_staged(&mut self) {
+        let s = self.staged.take().expect("no staged page");
+        self.buf.truncate(s.start);
+    }
+
+    /// Replaces the staged page with a zero-page record.
+    pub fn commit_zero(&mut self) -> io::Result<()> {
+        let s = self.staged.take().expect("no staged page");
+        self.buf.truncate(s.start);
+        self.zero(s.block, s.offset)
+    }
+
+    /// Replaces the staged page with an encoded record carrying `payload`.
+    pub fn commit_encoded(&mut self, how: Encoded, payload: &[u8]) -> io::Result<()> {
+        let s = self.staged.take().expect("no staged page");
+        self.buf.truncate(s.start);
+        self.encoded(how, s.block, s.offset, payload)
+    }
+
+    /// Writes an encoded page record. `payload` must be 1..=4096 bytes
+    /// (compressed: fewer than 4096).
+    pub fn encoded(
+        &mut self,
+        how: Encoded,
+        block: u16,
+        offset: u64,
+        payload: &[u8],
+    ) -> io::Result<()> {
+        assert!(!payload.is_empty() && payload.len() <= PAGE_SIZE);
+        match how {
+            Encoded::Xbzrle => self.addr(Kind::Xbzrle, block, offset),
+            Encoded::Compressed(algo) => {
+                assert!(payload.len() < PAGE_SIZE);
+                self.addr(Kind::Compressed, block, offset);
+                self.buf.push(algo);
+            }
+        }
+        self.buf
+            .extend_from_slice(&(payload.len() as u16).to_be_bytes());
+        self.buf.extend_from_slice(payload);
+        self.maybe_flush()
+    }
+
+    /// Writes a raw page record from `page` (4096 bytes).
+    pub fn raw(&mut self, block: u16, offset: u64, page: &[u8]) -> io::Result<()> {
+        self.stage_page(block, offset).copy_from_slice(page);
+        self.commit_raw()
+    }
+
+    /// Ends a section: checksum of everything since the previous one, then
+    /// hands all buffered bytes to the transport and flushes it.
+    pub fn section_end(&mut self, seq: u64) -> io::Result<()> {
+        self.buf.push(Kind::SectionEnd as u8);
+        self.buf.extend_from_slice(&seq.to_be_bytes());
+        self.crc.update(&self.buf);
+        let crc = std::mem::take(&mut self.crc).finalize();
+        self.buf.extend_from_slice(&crc.to_be_bytes());
+        self.out.write_all(&self.buf)?;
+        self.written += self.buf.len() as u64;
+        self.buf.clear();
+        self.out.flush()
+    }
+
+    /// Writes the device-state blob.
+    pub fn state(&mut self, blob: &[u8]) -> io::Result<()> {
+        if blob.len() > MAX_STATE as usize {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("device state of {} bytes exceeds {MAX_STATE}", blob.len()),
+            ));
+        }
+        self.buf.push(Kind::State as u8);
+        self.buf
+            .extend_from_slice(&(blob.len() as u32).to_be_bytes());
+        self.buf.extend_from_slice(blob);
+        self.maybe_flush()
+    }
+
+    /// Writes the memory digest.
+    pub fn digest(&mut self, hash: &[u8; 32]) -> io::Result<()> {
+        self.buf.push(Kind::Digest as u8);
+        self.buf.push(DIGEST_BLAKE3);
+        self.buf.extend_from_slice(hash);
+        self.maybe_flush()
+    }
+
+    /// Writes the end record and flushes everything.
+    pub fn end(&mut self) -> io::Result<()> {
+        self.buf.push(Kind::End as u8);
+        self.crc.update(&self.buf);
+        let crc = std::mem::take(&mut self.crc).finalize();
+        self.buf.extend_from_slice(&crc.to_be_bytes());
+        self.out.write_all(&self.buf)?;
+        self.written += self.buf.len() as u64;
+        self.buf.clear();
+        self.out.flush()
+    }
+
+    /// Hands buffered bytes to the transport and flushes it.
+    pub fn flush(&mut self) -> io::Result<()> {
+        self.flush_buf()?;
+        self.out.flush()
+    }
+}

@@ -1,0 +1,272 @@
+//! `minivm`: run a KVM guest (the built-in test guest, a boot sector or a
+//! flat binary), watch it, track its dirty pages, dump its memory.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use livemig::bitmap::DirtyBitmap;
+use livemig::GuestMemory;
+use minivm::{CpuMode, GuestImage, SerialOut, TestGuestConfig, TrackerKind, Vm, VmConfig};
+
+#[derive(Parser)]
+#[command(name = "minivm", version, about = "A reference KVM VMM for livemig")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Mode {
+    Real,
+    LongRing3,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Runs a VM and prints the guest's status every second.
+    Run(RunArgs),
+    /// Says which dirty trackers this host offers and what `auto` picks.
+    Trackers,
+    /// Writes the boot-sector incrementer image (512 bytes) to a file.
+    MakeBootsector {
+        /// End of the incremented range (guest address, e.g. 1G); starts at 1 MiB.
+        #[arg(long, value_parser = parse_size, default_value = "64M")]
+        end: u64,
+        /// Output file.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Guest memory (bytes, or with K/M/G suffix; a multiple of 2 MiB).
+    #[arg(long, value_parser = parse_size, default_value = "256M")]
+    mem: u64,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: usize,
+    /// Number of RAM blocks (KVM slots) the memory is split into.
+    #[arg(long, default_value_t = 1)]
+    blocks: usize,
+    /// Test guest: bytes per second all vCPUs write together (K/M/G suffix; 0 = unlimited).
+    #[arg(long, value_parser = parse_size, default_value = "0")]
+    rate: u64,
+    /// Test guest: working set per vCPU (K/M/G suffix).
+    #[arg(long, value_parser = parse_size, default_value = "4M")]
+    working_set: u64,
+    /// Boot a raw boot-sector image (real mode at 0:0x7c00) instead of the test guest.
+    #[arg(long, conflicts_with_all = ["flat", "bootinc"])]
+    boot_sector: Option<PathBuf>,
+    /// Boot the built-in boot-sector incrementer over [1 MiB, end of memory).
+    #[arg(long, conflicts_with = "flat")]
+    bootinc: bool,
+    /// Load a flat binary (see --load-addr, --entry, --mode).
+    #[arg(long)]
+    flat: Option<PathBuf>,
+    /// Flat binary: guest load address.
+    #[arg(long, value_parser = parse_size, default_value = "0x1000")]
+    load_addr: u64,
+    /// Flat binary: entry point (default: the load address).
+    #[arg(long, value_parser = parse_size)]
+    entry: Option<u64>,
+    /// Flat binary: CPU mode to start in.
+    #[arg(long, value_enum, default_value = "long-ring3")]
+    mode: Mode,
+    /// Serial port output: "stdout", "none" or a file path.
+    #[arg(long, default_value = "stdout")]
+    serial: String,
+    /// Seconds to run (0 = until killed).
+    #[arg(long, default_value_t = 0)]
+    seconds: u64,
+    /// Track dirty pages with this backend and print the dirty rate
+    /// (auto|bitmap|manual|ring).
+    #[arg(long)]
+    dirty_track: Option<TrackerKind>,
+    /// Dirty ring entries per vCPU (needed for --dirty-track ring).
+    #[arg(long)]
+    dirty_ring: Option<u32>,
+    /// Test guest: populate its working set from the host before it starts.
+    #[arg(long)]
+    prefault: bool,
+    /// At the end, pause and dump guest memory: ADDR:SIZE:FILE (K/M/G suffixes).
+    #[arg(long)]
+    dump: Option<String>,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    if let Some(h) = s.strip_prefix("0x") {
+        return u64::from_str_radix(h, 16).map_err(|e| e.to_string());
+    }
+    let (num, mul) = match s.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&s[..i], 1u64 << 10),
+        Some((i, 'M' | 'm')) => (&s[..i], 1 << 20),
+        Some((i, 'G' | 'g')) => (&s[..i], 1 << 30),
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mul))
+        .ok_or_else(|| format!("'{s}' is not a size (e.g. 4096, 512M, 2G, 0x1000)"))
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Run(a) => run(a),
+        Cmd::Trackers => {
+            let vm = Vm::new(VmConfig {
+                mem_size: 4 << 20,
+                guest: GuestImage::Incoming,
+                start_paused: true,
+                ..Default::default()
+            })?;
+            let (manual, initially) = minivm::dirty::manual_protect_support(&vm);
+            println!("bitmap: yes");
+            println!("manual: {manual} (initially-set: {initially})");
+            let ring = Vm::new(VmConfig {
+                mem_size: 4 << 20,
+                guest: GuestImage::Incoming,
+                start_paused: true,
+                dirty_ring_entries: Some(4096),
+                ..Default::default()
+            })
+            .is_ok();
+            println!("ring: {ring} (never picked by auto: see HOST-NOTES integrity warning)");
+            let (k, why) = vm.resolve_tracker(TrackerKind::Auto);
+            println!("auto: {k:?} ({why})");
+            Ok(())
+        }
+        Cmd::MakeBootsector { end, output } => {
+            let end = u32::try_from(end).context("--end must be below 4 GiB")?;
+            std::fs::write(&output, minivm::guest::boot_incrementer(end))
+                .with_context(|| format!("writing {}", output.display()))?;
+            Ok(())
+        }
+    }
+}
+
+fn run(a: RunArgs) -> Result<()> {
+    let guest = if let Some(p) = &a.boot_sector {
+        GuestImage::BootSector(
+            std::fs::read(p).with_context(|| format!("reading {}", p.display()))?,
+        )
+    } else if a.bootinc {
+        let end = u32::try_from(a.mem.min(0xffff_f000)).unwrap_or(0xffff_f000);
+        GuestImage::BootSector(minivm::guest::boot_incrementer(end))
+    } else if let Some(p) = &a.flat {
+        GuestImage::Flat {
+            image: std::fs::read(p).with_context(|| format!("reading {}", p.display()))?,
+            load_addr: a.load_addr,
+            entry: a.entry.unwrap_or(a.load_addr),
+            mode: match a.mode {
+                Mode::Real => CpuMode::Real,
+                Mode::LongRing3 => CpuMode::LongRing3,
+            },
+        }
+    } else {
+        GuestImage::TestGuest(TestGuestConfig {
+            pages_per_vcpu: (a.working_set / 4096).max(1),
+            rate_bytes_per_sec: a.rate,
+        })
+    };
+    let serial = match a.serial.as_str() {
+        "stdout" => SerialOut::Stdout,
+        "none" => SerialOut::Sink,
+        p => SerialOut::File(p.into()),
+    };
+    let vm = Vm::new(VmConfig {
+        mem_size: a.mem,
+        ram_blocks: a.blocks,
+        vcpus: a.vcpus,
+        guest,
+        dirty_ring_entries: a.dirty_ring,
+        serial,
+        start_paused: false,
+        prefault: a.prefault,
+    })?;
+    let mem = vm.memory();
+    let mut tracker = match a.dirty_track {
+        Some(k) => {
+            let (k, why) = vm.resolve_tracker(k);
+            eprintln!("dirty tracking: {k:?} ({why})");
+            let mut t = vm.tracker(k)?;
+            let st = t.start()?;
+            if st.initially_set {
+                for (i, b) in mem.blocks().iter().enumerate() {
+                    t.clear(i, 0, b.pages())?;
+                }
+            }
+            Some(t)
+        }
+        None => None,
+    };
+    let start = Instant::now();
+    let mut last = vm.guest_status();
+    let mut last_t = Instant::now();
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+        let s = vm.guest_status();
+        let dt = last_t.elapsed().as_secs_f64();
+        let mut line = format!(
+            "t={:>4.0}s heartbeats={} pages_written={} ({:.1} MiB/s) self_check={}",
+            start.elapsed().as_secs_f64(),
+            s.heartbeats(),
+            s.pages_written(),
+            (s.pages_written() - last.pages_written()) as f64 * 4096.0 / dt / (1 << 20) as f64,
+            if s.ok() {
+                "pass".to_string()
+            } else {
+                format!("FAIL({})", s.failures())
+            }
+        );
+        if let Some(t) = tracker.as_mut() {
+            let mut maps: Vec<DirtyBitmap> = mem
+                .blocks()
+                .iter()
+                .map(|b| DirtyBitmap::new(b.pages()))
+                .collect();
+            let t0 = Instant::now();
+            let n = t.sync(&mut maps)?;
+            if t.clear_chunk_shift().is_some() {
+                for (i, b) in mem.blocks().iter().enumerate() {
+                    t.clear(i, 0, b.pages())?;
+                }
+            }
+            line += &format!(" dirty={n} pages/s sync+clear={:?}", t0.elapsed());
+        }
+        eprintln!("{line}");
+        if !s.errors.is_empty() {
+            bail!("guest stopped: {:?}", s.errors);
+        }
+        last = s;
+        last_t = Instant::now();
+        if a.seconds > 0 && start.elapsed() >= Duration::from_secs(a.seconds) {
+            break;
+        }
+    }
+    if let Some(t) = tracker.as_mut() {
+        t.stop()?;
+    }
+    if let Some(d) = &a.dump {
+        let parts: Vec<&str> = d.splitn(3, ':').collect();
+        let [addr, size, file] = parts[..] else {
+            bail!("--dump wants ADDR:SIZE:FILE");
+        };
+        let (addr, size) = (
+            parse_size(addr).map_err(anyhow::Error::msg)?,
+            parse_size(size).map_err(anyhow::Error::msg)?,
+        );
+        vm.pause()?;
+        vm.dump_memory(addr, size, file.as_ref())?;
+        eprintln!("dumped {size} bytes at {addr:#x} to {file}");
+    }
+    let s = vm.guest_status();
+    if !s.ok() {
+        bail!("self-check failed: {s:?}");
+    }
+    Ok(())
+}

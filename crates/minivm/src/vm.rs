@@ -1,0 +1,914 @@
+//! The VM: guest memory in KVM slots, vCPU threads, pause/resume/throttle.
+
+use std::io;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{
+    kvm_enable_cap, kvm_run, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES,
+    KVM_MEM_LOG_DIRTY_PAGES,
+};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use livemig::memory::VmMemory;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use crate::devices::{Devices, SerialOut};
+use crate::guest::{self, GuestImage, StartState};
+use crate::sys::{self, DirtyRing};
+
+/// Log of vCPU exit reason 31: the vCPU's dirty ring is full.
+const EXIT_DIRTY_RING_FULL: u32 = 31;
+/// Largest batch of pages granted to the test guest per `in`.
+const MAX_CREDIT: u64 = 256;
+/// Throttle time slice (QEMU uses 10 ms too).
+const THROTTLE_SLICE: Duration = Duration::from_millis(10);
+/// How long `pause` waits for all vCPUs to leave KVM_RUN.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Errors of VM set-up and control.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// A KVM ioctl failed.
+    #[error("KVM {op} failed: {source}")]
+    Kvm {
+        /// The operation.
+        op: &'static str,
+        /// The error from KVM.
+        source: io::Error,
+    },
+    /// The configuration cannot work.
+    #[error("bad VM configuration: {0}")]
+    Config(String),
+    /// Guest memory could not be mapped.
+    #[error("cannot map {size} bytes of guest memory: {why}")]
+    Memory {
+        /// Requested size.
+        size: u64,
+        /// What failed.
+        why: String,
+    },
+    /// Loading the guest image failed.
+    #[error(transparent)]
+    Guest(#[from] guest::GuestError),
+    /// The vCPUs did not stop in time.
+    #[error("vCPUs did not pause within {0:?}")]
+    PauseTimeout(Duration),
+    /// The operation needs the VM paused.
+    #[error("{0} needs the VM paused")]
+    NotPaused(&'static str),
+    /// A snapshot blob was rejected.
+    #[error("bad VM state: {0}")]
+    BadState(String),
+    /// Reading or writing a file failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// OS error.
+        source: io::Error,
+    },
+}
+
+fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |e| VmError::Kvm {
+        op,
+        source: io::Error::from_raw_os_error(e.errno()),
+    }
+}
+
+/// How to build a VM.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    /// Guest memory in bytes (a multiple of 2 MiB), guest-physical from 0.
+    pub mem_size: u64,
+    /// Number of RAM blocks (KVM memory slots) the memory is split into.
+    pub ram_blocks: usize,
+    /// Number of vCPUs.
+    pub vcpus: usize,
+    /// What to run.
+    pub guest: GuestImage,
+    /// Enable the KVM dirty ring with this many entries per vCPU (a power
+    /// of two). Only then is the ring tracker available.
+    pub dirty_ring_entries: Option<u32>,
+    /// Serial port output.
+    pub serial: SerialOut,
+    /// Create the vCPUs parked; [`Vm::resume`] starts them.
+    pub start_paused: bool,
+    /// Test guest: populate its working set from the host before it runs.
+    pub prefault: bool,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        VmConfig {
+            mem_size: 256 << 20,
+            ram_blocks: 1,
+            vcpus: 1,
+            guest: GuestImage::TestGuest(guest::TestGuestConfig {
+                pages_per_vcpu: 1024,
+                rate_bytes_per_sec: 0,
+            }),
+            dirty_ring_entries: None,
+            serial: SerialOut::Sink,
+            start_paused: false,
+            prefault: false,
+        }
+    }
+}
+
+/// One KVM memory slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SlotInfo {
+    /// KVM slot number (= livemig block index).
+    pub slot: u32,
+    /// Guest-physical start.
+    pub gpa: u64,
+    /// Length in bytes.
+    pub size: u64,
+    /// Host virtual address of the mapping.
+    pub host_addr: u64,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Ctl {
+    pub(crate) pause: bool,
+    pub(crate) parked: usize,
+    pub(crate) dead: usize,
+    pub(crate) stop: bool,
+    pub(crate) ring_gen: u64,
+    pub(crate) errors: Vec<String>,
+}
+
+pub(crate) struct VcpuSlot {
+    pub(crate) fd: Mutex<VcpuFd>,
+    run_ptr: AtomicPtr<kvm_run>,
+    thread: Mutex<Option<libc::pthread_t>>,
+    /// False for vCPUs that never run (extra vCPUs of a boot sector).
+    pub(crate) active: AtomicBool,
+    heartbeats: AtomicU64,
+    failures: AtomicU64,
+    bad_pages: AtomicU64,
+    debug_last: AtomicU64,
+    debug_count: AtomicU64,
+    ring_full_exits: AtomicU64,
+}
+
+pub(crate) struct Shared {
+    pub(crate) vm_fd: VmFd,
+    pub(crate) ctl: Mutex<Ctl>,
+    pub(crate) cond: Condvar,
+    pub(crate) vcpus: Vec<VcpuSlot>,
+    pub(crate) devices: Mutex<Devices>,
+    pub(crate) serial_out: SerialOut,
+    /// Test guest: pages per second each vCPU may write (0 = unlimited).
+    rate_per_vcpu: AtomicU64,
+    throttle: AtomicU8,
+    pub(crate) memory: Arc<GuestMemoryMmap>,
+    pub(crate) slots: Vec<SlotInfo>,
+    pub(crate) rings: Option<Mutex<Vec<DirtyRing>>>,
+    pub(crate) config: VmConfig,
+    /// Set while a tracker has log-dirty enabled (one tracker at a time).
+    pub(crate) tracking: AtomicBool,
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Shared {
+    fn kick(&self, i: usize) {
+        let v = &self.vcpus[i];
+        let run = v.run_ptr.load(Ordering::Acquire);
+        // SAFETY: run_ptr is the kvm_run mapping of the VcpuFd in v.fd, which
+        // lives as long as `self`.
+        unsafe { sys::set_immediate_exit(run, 1) };
+        if let Some(t) = *lock(&v.thread) {
+            sys::kick_thread(t);
+        }
+    }
+
+    fn kick_all(&self) {
+        (0..self.vcpus.len()).for_each(|i| self.kick(i));
+    }
+
+    pub(crate) fn pause(&self) -> Result<(), VmError> {
+        let start = Instant::now();
+        let mut ctl = lock(&self.ctl);
+        ctl.pause = true;
+        loop {
+            if ctl.parked + ctl.dead >= self.vcpus.len() {
+                return Ok(());
+            }
+            if start.elapsed() > PAUSE_TIMEOUT {
+                return Err(VmError::PauseTimeout(PAUSE_TIMEOUT));
+            }
+            drop(ctl);
+            self.kick_all();
+            ctl = self
+                .cond
+                .wait_timeout(lock(&self.ctl), Duration::from_millis(2))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    pub(crate) fn resume(&self) {
+        lock(&self.ctl).pause = false;
+        self.cond.notify_all();
+    }
+
+    pub(crate) fn is_paused(&self) -> bool {
+        let ctl = lock(&self.ctl);
+        ctl.pause && ctl.parked + ctl.dead >= self.vcpus.len()
+    }
+
+    pub(crate) fn set_log_dirty(&self, on: bool) -> Result<(), VmError> {
+        for s in &self.slots {
+            let region = kvm_userspace_memory_region {
+                slot: s.slot,
+                flags: if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
+                guest_phys_addr: s.gpa,
+                memory_size: s.size,
+                userspace_addr: s.host_addr,
+            };
+            // SAFETY: the same host range as at creation, still mapped by
+            // `self.memory` for as long as the VM lives.
+            unsafe { self.vm_fd.set_user_memory_region(region) }
+                .map_err(kvm_err("SET_USER_MEMORY_REGION"))?;
+        }
+        Ok(())
+    }
+
+    /// Wakes vCPUs waiting for their dirty ring to be harvested.
+    pub(crate) fn ring_harvested(&self) {
+        lock(&self.ctl).ring_gen += 1;
+        self.cond.notify_all();
+    }
+
+    fn handle_out(&self, i: usize, port: u16, data: &[u8]) {
+        let v = &self.vcpus[i];
+        let mut val = [0u8; 4];
+        let n = data.len().min(4);
+        val[..n].copy_from_slice(&data[..n]);
+        let val = u32::from_le_bytes(val);
+        match port {
+            guest::PORT_HEARTBEAT => {
+                v.heartbeats.fetch_add(1, Ordering::Relaxed);
+                v.failures.store(u64::from(val), Ordering::Relaxed);
+            }
+            guest::PORT_BAD_PAGE => {
+                if v.bad_pages.fetch_add(1, Ordering::Relaxed) < 10 {
+                    log::error!("vCPU {i}: test guest page {val} came back wrong");
+                }
+            }
+            guest::PORT_DEBUG => {
+                v.debug_last.store(u64::from(val), Ordering::Relaxed);
+                v.debug_count.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {
+                lock(&self.devices).write(port, data);
+            }
+        }
+    }
+
+    fn handle_in(&self, port: u16, data: &mut [u8], bucket: &mut Bucket) {
+        if port == guest::PORT_CREDIT {
+            let credit = bucket.take(self, self.rate_per_vcpu.load(Ordering::Relaxed));
+            let b = (credit as u32).to_le_bytes();
+            let n = data.len().min(4);
+            data[..n].copy_from_slice(&b[..n]);
+            return;
+        }
+        if !lock(&self.devices).read(port, data) {
+            data.fill(0xff);
+        }
+    }
+
+    fn wants_park(&self) -> bool {
+        let ctl = lock(&self.ctl);
+        ctl.pause || ctl.stop
+    }
+}
+
+/// Token bucket for the test guest's page credit.
+struct Bucket {
+    tokens: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    fn take(&mut self, sh: &Shared, rate: u64) -> u64 {
+        if rate == 0 {
+            return MAX_CREDIT;
+        }
+        // Keep up to 50 ms of credit so a descheduled vCPU thread catches up.
+        let burst = (rate as f64 / 20.0).max(1.0);
+        let deadline = Instant::now() + Duration::from_millis(100);
+        loop {
+            let now = Instant::now();
+            self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * rate as f64)
+                .min(burst);
+            self.last = now;
+            if self.tokens >= 1.0 {
+                let n = self.tokens.floor().min(MAX_CREDIT as f64);
+                self.tokens -= n;
+                return n as u64;
+            }
+            if now >= deadline || sh.wants_park() {
+                return 0;
+            }
+            let wait = ((1.0 - self.tokens) / rate as f64).clamp(0.0005, 0.005);
+            std::thread::sleep(Duration::from_secs_f64(wait));
+        }
+    }
+}
+
+fn vcpu_thread(sh: Arc<Shared>, i: usize) {
+    // SAFETY: pthread_self has no preconditions.
+    *lock(&sh.vcpus[i].thread) = Some(unsafe { libc::pthread_self() });
+    let slot = &sh.vcpus[i];
+    let mut bucket = Bucket {
+        tokens: 0.0,
+        last: Instant::now(),
+    };
+    let mut pending_io = false;
+    let mut ring_full_gen: Option<u64> = None;
+    let mut last_throttle = Instant::now();
+    let mut fd = Some(lock(&slot.fd));
+    loop {
+        let f = fd.get_or_insert_with(|| lock(&slot.fd));
+        // Reset before looking at the flags: a kick after this point is seen
+        // either in the flags or by KVM_RUN.
+        f.set_kvm_immediate_exit(0);
+        {
+            let mut ctl = lock(&sh.ctl);
+            if ctl.stop {
+                return;
+            }
+            let active = slot.active.load(Ordering::Acquire);
+            if ctl.pause || !active {
+                if pending_io {
+                    // Complete the in/out so the saved state is consistent.
+                    drop(ctl);
+                    f.set_kvm_immediate_exit(1);
+                    let _ = f.run();
+                    pending_io = false;
+                    continue;
+                }
+                fd = None;
+                ctl.parked += 1;
+                sh.cond.notify_all();
+                while (ctl.pause || !slot.active.load(Ordering::Acquire)) && !ctl.stop {
+                    ctl = sh.cond.wait(ctl).unwrap_or_else(|e| e.into_inner());
+                }
+                ctl.parked -= 1;
+                ring_full_gen = None;
+                continue;
+            }
+            if let Some(gen) = ring_full_gen {
+                if ctl.ring_gen == gen {
+                    let _ = sh.cond.wait_timeout(ctl, Duration::from_millis(10));
+                    continue;
+                }
+                ring_full_gen = None;
+            }
+        }
+        let pct = sh.throttle.load(Ordering::Relaxed);
+        if pct > 0 && last_throttle.elapsed() >= THROTTLE_SLICE {
+            let sleep = THROTTLE_SLICE.mul_f64(f64::from(pct) / f64::from(100 - pct.min(99)));
+            let until = Instant::now() + sleep;
+            while Instant::now() < until && !sh.wants_park() {
+                std::thread::sleep((until - Instant::now()).min(Duration::from_millis(5)));
+            }
+            last_throttle = Instant::now();
+            continue;
+        }
+        let exit = f.run();
+        pending_io = false;
+        match exit {
+            Ok(VcpuExit::IoOut(port, data)) => {
+                sh.handle_out(i, port, data);
+                pending_io = true;
+            }
+            Ok(VcpuExit::IoIn(port, data)) => {
+                sh.handle_in(port, data, &mut bucket);
+                pending_io = true;
+            }
+            Ok(VcpuExit::Hlt) => std::thread::sleep(Duration::from_millis(1)),
+            Ok(VcpuExit::Intr) => {}
+            Ok(VcpuExit::Unsupported(EXIT_DIRTY_RING_FULL)) => {
+                slot.ring_full_exits.fetch_add(1, Ordering::Relaxed);
+                ring_full_gen = Some(lock(&sh.ctl).ring_gen);
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+            other => {
+                let what = format!("{other:?}");
+                let rip = f.get_regs().map(|r| r.rip).unwrap_or(0);
+                let msg = format!("vCPU {i} stopped: {what} at rip {rip:#x}");
+                log::error!("{msg}");
+                drop(fd);
+                let mut ctl = lock(&sh.ctl);
+                ctl.errors.push(msg);
+                ctl.dead += 1;
+                sh.cond.notify_all();
+                return;
+            }
+        }
+    }
+}
+
+fn throttle_thread(sh: Arc<Shared>) {
+    loop {
+        let ctl = lock(&sh.ctl);
+        if ctl.stop {
+            return;
+        }
+        if sh.throttle.load(Ordering::Relaxed) == 0 {
+            let _ = sh.cond.wait_timeout(ctl, Duration::from_millis(50));
+            continue;
+        }
+        drop(ctl);
+        sh.kick_all();
+        std::thread::sleep(THROTTLE_SLICE);
+    }
+}
+
+/// Status of one vCPU of the test guest.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VcpuStatus {
+    /// Heartbeats seen by this VMM instance.
+    pub heartbeats: u64,
+    /// The guest's own count of pages that came back wrong.
+    pub failures: u64,
+    /// Pages the guest has written (read from its mailbox; survives migration).
+    pub pages_written: u64,
+    /// Bad-page reports seen by this VMM instance.
+    pub bad_page_reports: u64,
+    /// Times the vCPU stopped because its dirty ring was full.
+    pub ring_full_exits: u64,
+    /// Last value written to the debug port 0xe9 and how many writes.
+    pub debug: (u64, u64),
+}
+
+/// What the guest reports.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GuestStatus {
+    /// Per-vCPU status.
+    pub vcpus: Vec<VcpuStatus>,
+    /// vCPUs that stopped on an error, with the reason.
+    pub errors: Vec<String>,
+}
+
+impl GuestStatus {
+    /// Sum of heartbeats over vCPUs.
+    pub fn heartbeats(&self) -> u64 {
+        self.vcpus.iter().map(|v| v.heartbeats).sum()
+    }
+    /// Sum of self-check failures (the guest's count and bad-page reports).
+    pub fn failures(&self) -> u64 {
+        self.vcpus
+            .iter()
+            .map(|v| v.failures.max(v.bad_page_reports))
+            .sum()
+    }
+    /// Sum of pages written.
+    pub fn pages_written(&self) -> u64 {
+        self.vcpus.iter().map(|v| v.pages_written).sum()
+    }
+    /// True when no vCPU failed and the self-check found nothing.
+    pub fn ok(&self) -> bool {
+        self.errors.is_empty() && self.failures() == 0
+    }
+}
+
+/// A running KVM virtual machine.
+pub struct Vm {
+    pub(crate) shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+    livemig_memory: Arc<VmMemory>,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm")
+            .field("slots", &self.shared.slots)
+            .finish()
+    }
+}
+
+impl Vm {
+    /// Creates the VM, loads the guest and starts the vCPU threads (parked
+    /// if `config.start_paused`).
+    pub fn new(config: VmConfig) -> Result<Vm, VmError> {
+        const TWO_MIB: u64 = 2 << 20;
+        if config.mem_size == 0 || !config.mem_size.is_multiple_of(TWO_MIB) {
+            return Err(VmError::Config(format!(
+                "memory size {} is not a non-zero multiple of 2 MiB",
+                config.mem_size
+            )));
+        }
+        if config.vcpus == 0 || config.vcpus > 64 {
+            return Err(VmError::Config("vCPUs must be 1..=64".into()));
+        }
+        let nblocks = config.ram_blocks.max(1) as u64;
+        let chunks = config.mem_size / TWO_MIB;
+        if nblocks > chunks || nblocks > 32 {
+            return Err(VmError::Config(format!(
+                "cannot split memory into {nblocks} blocks"
+            )));
+        }
+        sys::install_kick_handler().map_err(|source| VmError::Io {
+            what: "installing the vCPU kick signal handler".into(),
+            source,
+        })?;
+
+        let kvm = Kvm::new().map_err(kvm_err("open /dev/kvm"))?;
+        let vm_fd = kvm.create_vm().map_err(kvm_err("CREATE_VM"))?;
+        let _ = vm_fd.set_tss_address(0xfffb_d000);
+
+        // Memory: `nblocks` ranges of whole 2 MiB chunks, contiguous from 0.
+        let mut ranges = Vec::new();
+        let mut at = 0u64;
+        for b in 0..nblocks {
+            let n = chunks / nblocks + u64::from(b < chunks % nblocks);
+            ranges.push((GuestAddress(at), (n * TWO_MIB) as usize));
+            at += n * TWO_MIB;
+        }
+        let memory =
+            Arc::new(
+                GuestMemoryMmap::from_ranges(&ranges).map_err(|e| VmError::Memory {
+                    size: config.mem_size,
+                    why: e.to_string(),
+                })?,
+            );
+        let mut slots = Vec::new();
+        for (i, (gpa, size)) in ranges.iter().enumerate() {
+            let host = memory.get_host_address(*gpa).map_err(|e| VmError::Memory {
+                size: *size as u64,
+                why: e.to_string(),
+            })?;
+            let s = SlotInfo {
+                slot: i as u32,
+                gpa: gpa.0,
+                size: *size as u64,
+                host_addr: host as u64,
+            };
+            let region = kvm_userspace_memory_region {
+                slot: s.slot,
+                flags: 0,
+                guest_phys_addr: s.gpa,
+                memory_size: s.size,
+                userspace_addr: s.host_addr,
+            };
+            // SAFETY: the host range is mapped by `memory`, which the VM keeps
+            // alive (in `Shared`) until the VM fd is closed.
+            unsafe { vm_fd.set_user_memory_region(region) }
+                .map_err(kvm_err("SET_USER_MEMORY_REGION"))?;
+            slots.push(s);
+        }
+
+        // The dirty ring must be enabled before any vCPU exists.
+        let ring_entries = config.dirty_ring_entries.unwrap_or(0);
+        if ring_entries != 0 {
+            if !ring_entries.is_power_of_two() {
+                return Err(VmError::Config(
+                    "dirty ring entries must be a power of two".into(),
+                ));
+            }
+            let bytes = u64::from(ring_entries) * 16;
+            let max = vm_fd.check_extension_raw(u64::from(kvm_bindings::KVM_CAP_DIRTY_LOG_RING));
+            if max <= 0 || bytes > max as u64 {
+                return Err(VmError::Config(format!(
+                    "dirty ring of {ring_entries} entries not offered (max {} entries)",
+                    max.max(0) / 16
+                )));
+            }
+            let mut cap = kvm_enable_cap {
+                cap: kvm_bindings::KVM_CAP_DIRTY_LOG_RING,
+                ..Default::default()
+            };
+            cap.args[0] = bytes;
+            vm_fd
+                .enable_cap(&cap)
+                .map_err(kvm_err("ENABLE_CAP(DIRTY_LOG_RING)"))?;
+        }
+
+        let starts = guest::load(&config.guest, &memory, config.mem_size, config.vcpus)?;
+        if let GuestImage::TestGuest(t) = &config.guest {
+            if config.prefault {
+                // First touch from inside this nested guest costs ~80 us a page;
+                // populating from the host first is far cheaper.
+                let end = guest::test_guest_bytes(t, config.vcpus);
+                for s in &slots {
+                    let lo = s.gpa.max(guest::WORK_ADDR);
+                    let hi = (s.gpa + s.size).min(end);
+                    if lo < hi {
+                        sys::populate_write(s.host_addr + (lo - s.gpa), hi - lo).map_err(
+                            |source| VmError::Io {
+                                what: "pre-faulting the test guest's working set".into(),
+                                source,
+                            },
+                        )?;
+                    }
+                }
+            }
+        }
+        let cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("GET_SUPPORTED_CPUID"))?;
+        let mut vcpus = Vec::new();
+        let mut rings = Vec::new();
+        for (i, start) in starts.iter().enumerate() {
+            let mut fd = vm_fd
+                .create_vcpu(i as u64)
+                .map_err(kvm_err("CREATE_VCPU"))?;
+            let mut c = cpuid.clone();
+            for e in c.as_mut_slice() {
+                if e.function == 1 {
+                    e.ebx = (e.ebx & 0x00ff_ffff) | ((i as u32) << 24);
+                }
+            }
+            fd.set_cpuid2(&c).map_err(kvm_err("SET_CPUID2"))?;
+            if let Some(StartState { regs, mode }) = start {
+                let mut sregs = fd.get_sregs().map_err(kvm_err("GET_SREGS"))?;
+                guest::setup_sregs(*mode, &mut sregs);
+                fd.set_sregs(&sregs).map_err(kvm_err("SET_SREGS"))?;
+                fd.set_regs(regs).map_err(kvm_err("SET_REGS"))?;
+            }
+            if ring_entries != 0 {
+                rings.push(
+                    DirtyRing::map(&fd, ring_entries).map_err(|source| VmError::Kvm {
+                        op: "mmap dirty ring",
+                        source,
+                    })?,
+                );
+            }
+            let run_ptr = AtomicPtr::new(fd.get_kvm_run() as *mut kvm_run);
+            let active = start.is_some() || config.guest == GuestImage::Incoming;
+            vcpus.push(VcpuSlot {
+                fd: Mutex::new(fd),
+                run_ptr,
+                thread: Mutex::new(None),
+                active: AtomicBool::new(active),
+                heartbeats: AtomicU64::new(0),
+                failures: AtomicU64::new(0),
+                bad_pages: AtomicU64::new(0),
+                debug_last: AtomicU64::new(0),
+                debug_count: AtomicU64::new(0),
+                ring_full_exits: AtomicU64::new(0),
+            });
+        }
+        let rate = match &config.guest {
+            GuestImage::TestGuest(t) if t.rate_bytes_per_sec > 0 => {
+                (t.rate_bytes_per_sec / 4096 / config.vcpus as u64).max(1)
+            }
+            _ => 0,
+        };
+        let livemig_memory =
+            Arc::new(VmMemory::new(memory.clone()).map_err(|e| VmError::Memory {
+                size: config.mem_size,
+                why: e.to_string(),
+            })?);
+        let devices = Devices::new(&config.serial).map_err(|source| VmError::Io {
+            what: "opening the serial output".into(),
+            source,
+        })?;
+        let shared = Arc::new(Shared {
+            vm_fd,
+            ctl: Mutex::new(Ctl {
+                pause: config.start_paused,
+                ..Default::default()
+            }),
+            cond: Condvar::new(),
+            vcpus,
+            devices: Mutex::new(devices),
+            serial_out: config.serial.clone(),
+            rate_per_vcpu: AtomicU64::new(rate),
+            throttle: AtomicU8::new(0),
+            memory,
+            slots,
+            rings: (ring_entries != 0).then(|| Mutex::new(rings)),
+            config,
+            tracking: AtomicBool::new(false),
+        });
+        let mut threads = Vec::new();
+        for i in 0..shared.vcpus.len() {
+            let sh = shared.clone();
+            let t = std::thread::Builder::new()
+                .name(format!("vcpu{i}"))
+                .spawn(move || vcpu_thread(sh, i))
+                .map_err(|source| VmError::Io {
+                    what: "spawning a vCPU thread".into(),
+                    source,
+                })?;
+            threads.push(t);
+        }
+        let sh = shared.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("throttle".into())
+                .spawn(move || throttle_thread(sh))
+                .map_err(|source| VmError::Io {
+                    what: "spawning the throttle thread".into(),
+                    source,
+                })?,
+        );
+        let vm = Vm {
+            shared,
+            threads,
+            livemig_memory,
+        };
+        if vm.shared.config.start_paused {
+            vm.pause()?;
+        }
+        Ok(vm)
+    }
+
+    /// Guest memory as livemig sees it: one RAM block per KVM slot, in slot
+    /// order, named `ram@<guest address in hex>`.
+    pub fn memory(&self) -> Arc<VmMemory> {
+        self.livemig_memory.clone()
+    }
+
+    /// Guest memory as rust-vmm's `GuestMemoryMmap`.
+    pub fn guest_memory(&self) -> &GuestMemoryMmap {
+        &self.shared.memory
+    }
+
+    /// The KVM memory slots.
+    pub fn slots(&self) -> &[SlotInfo] {
+        &self.shared.slots
+    }
+
+    /// The configuration the VM was built with.
+    pub fn config(&self) -> &VmConfig {
+        &self.shared.config
+    }
+
+    /// Stops all vCPUs; returns once none is inside KVM_RUN.
+    pub fn pause(&self) -> Result<(), VmError> {
+        self.shared.pause()
+    }
+
+    /// Lets the vCPUs run again.
+    pub fn resume(&self) {
+        self.shared.resume()
+    }
+
+    /// True when paused and every vCPU is parked.
+    pub fn is_paused(&self) -> bool {
+        self.shared.is_paused()
+    }
+
+    /// Each vCPU sleeps `percent`% (0..=99) of every 10 ms time slice.
+    pub fn set_throttle(&self, percent: u8) {
+        self.shared
+            .throttle
+            .store(percent.min(99), Ordering::Relaxed);
+        self.shared.cond.notify_all();
+    }
+
+    /// Current throttle percentage.
+    pub fn throttle(&self) -> u8 {
+        self.shared.throttle.load(Ordering::Relaxed)
+    }
+
+    /// Test guest: total bytes per second all vCPUs may write (0 = unlimited).
+    pub fn set_rate(&self, bytes_per_sec: u64) {
+        let per = bytes_per_sec / 4096 / self.shared.vcpus.len() as u64;
+        // A non-zero rate below one page per second per vCPU still means "slow".
+        let per = if bytes_per_sec > 0 { per.max(1) } else { 0 };
+        self.shared.rate_per_vcpu.store(per, Ordering::Relaxed);
+    }
+
+    /// What the guest reports (heartbeats, self-check, vCPU errors).
+    pub fn guest_status(&self) -> GuestStatus {
+        let layout = matches!(
+            &self.shared.config.guest,
+            GuestImage::TestGuest(_) | GuestImage::Incoming
+        );
+        let vcpus = self
+            .shared
+            .vcpus
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let mailbox = guest::MAILBOX_ADDR + i as u64 * 4096;
+                let read = |off: u64| -> u64 {
+                    if !layout {
+                        return 0;
+                    }
+                    self.shared
+                        .memory
+                        .read_obj::<u64>(GuestAddress(mailbox + off))
+                        .unwrap_or(0)
+                };
+                VcpuStatus {
+                    heartbeats: v.heartbeats.load(Ordering::Relaxed),
+                    failures: v
+                        .failures
+                        .load(Ordering::Relaxed)
+                        .max(read(guest::MAILBOX_FAILURES)),
+                    pages_written: read(guest::MAILBOX_PAGES_WRITTEN),
+                    bad_page_reports: v.bad_pages.load(Ordering::Relaxed),
+                    ring_full_exits: v.ring_full_exits.load(Ordering::Relaxed),
+                    debug: (
+                        v.debug_last.load(Ordering::Relaxed),
+                        v.debug_count.load(Ordering::Relaxed),
+                    ),
+                }
+            })
+            .collect();
+        GuestStatus {
+            vcpus,
+            errors: lock(&self.shared.ctl).errors.clone(),
+        }
+    }
+
+    /// Writes `size` bytes of guest memory from guest address `addr` to
+    /// `path` (like QEMU's `pmemsave`). Works running or paused; while
+    /// running, the copy is a moving picture.
+    pub fn dump_memory(&self, addr: u64, size: u64, path: &Path) -> Result<(), VmError> {
+        use std::io::Write;
+        let io_err = |source| VmError::Io {
+            what: format!("dumping guest memory to {}", path.display()),
+            source,
+        };
+        let end = addr
+            .checked_add(size)
+            .filter(|e| *e <= self.shared.config.mem_size);
+        if end.is_none() {
+            return Err(VmError::Config(format!(
+                "dump range {addr:#x}+{size:#x} is outside guest memory"
+            )));
+        }
+        let mut f = std::io::BufWriter::new(std::fs::File::create(path).map_err(io_err)?);
+        let mut buf = vec![0u8; 1 << 20];
+        let mut at = addr;
+        while at < addr + size {
+            let n = (addr + size - at).min(buf.len() as u64) as usize;
+            self.shared
+                .memory
+                .read_slice(&mut buf[..n], GuestAddress(at))
+                .map_err(|e| VmError::Memory {
+                    size,
+                    why: e.to_string(),
+                })?;
+            f.write_all(&buf[..n]).map_err(io_err)?;
+            at += n as u64;
+        }
+        f.flush().map_err(io_err)
+    }
+
+    /// A handle implementing livemig's `VmControl` for the migration engine.
+    pub fn control(&self) -> VmHandle {
+        VmHandle {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        lock(&self.shared.ctl).stop = true;
+        self.shared.cond.notify_all();
+        self.shared.kick_all();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The source side's control of a [`Vm`], handed to the migration engine.
+#[derive(Clone)]
+pub struct VmHandle {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for VmHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("VmHandle")
+    }
+}
+
+impl livemig::vm::VmControl for VmHandle {
+    fn pause(&mut self) -> Result<(), String> {
+        self.shared.pause().map_err(|e| e.to_string())
+    }
+    fn resume(&mut self) -> Result<(), String> {
+        self.shared.resume();
+        Ok(())
+    }
+    fn set_throttle(&mut self, percent: u8) {
+        self.shared
+            .throttle
+            .store(percent.min(99), Ordering::Relaxed);
+        self.shared.cond.notify_all();
+    }
+    fn save_state(&mut self) -> Result<Vec<u8>, String> {
+        crate::state::save(&self.shared).map_err(|e| e.to_string())
+    }
+}

@@ -1,0 +1,46 @@
+//! Shared helpers for the KVM integration tests.
+#![allow(dead_code)]
+
+use std::time::{Duration, Instant};
+
+use minivm::{GuestImage, GuestStatus, TestGuestConfig, Vm, VmConfig};
+
+/// True if /dev/kvm can be used; prints why a test is skipped otherwise.
+pub fn kvm_available(test: &str) -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!("SKIPPED {test}: /dev/kvm is not usable here ({e})");
+            false
+        }
+    }
+}
+
+/// A test-guest VM config.
+pub fn test_guest(mem_mib: u64, vcpus: usize, pages: u64, rate: u64) -> VmConfig {
+    VmConfig {
+        mem_size: mem_mib << 20,
+        vcpus,
+        guest: GuestImage::TestGuest(TestGuestConfig {
+            pages_per_vcpu: pages,
+            rate_bytes_per_sec: rate,
+        }),
+        ..Default::default()
+    }
+}
+
+/// Waits until `f(status)` holds or `timeout` passes; returns the last status.
+pub fn wait_for(vm: &Vm, timeout: Duration, f: impl Fn(&GuestStatus) -> bool) -> GuestStatus {
+    let start = Instant::now();
+    loop {
+        let s = vm.guest_status();
+        if f(&s) || start.elapsed() > timeout || !s.errors.is_empty() {
+            return s;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}

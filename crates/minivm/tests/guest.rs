@@ -1,0 +1,115 @@
+//! The built-in ring-3 test guest: runs, heartbeats, self-check, pause/resume.
+mod common;
+
+use std::time::{Duration, Instant};
+
+use minivm::guest::{test_guest_layout, TestGuestConfig};
+use minivm::Vm;
+use vm_memory::{Bytes, GuestAddress};
+
+#[test]
+fn test_guest_runs_and_self_check_passes() {
+    if !common::kvm_available("test_guest_runs_and_self_check_passes") {
+        return;
+    }
+    let vm = Vm::new(common::test_guest(64, 2, 2048, 0)).unwrap();
+    let t = Instant::now();
+    let s = common::wait_for(&vm, Duration::from_secs(10), |s| {
+        s.vcpus.iter().all(|v| v.pages_written > 3 * 2048)
+    });
+    let secs = t.elapsed().as_secs_f64();
+    assert!(s.ok(), "{s:?}");
+    assert!(s.vcpus.iter().all(|v| v.pages_written > 3 * 2048), "{s:?}");
+    assert!(s.heartbeats() > 0);
+    eprintln!(
+        "unthrottled: {:.0} pages/s over 2 vCPUs, {} heartbeats in {secs:.2}s",
+        s.pages_written() as f64 / secs,
+        s.heartbeats()
+    );
+}
+
+#[test]
+fn rate_limit_holds() {
+    if !common::kvm_available("rate_limit_holds") {
+        return;
+    }
+    // 8 MiB/s = 2048 pages/s in total.
+    let vm = Vm::new(common::test_guest(64, 2, 1024, 8 << 20)).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let a = vm.guest_status().pages_written();
+    std::thread::sleep(Duration::from_secs(1));
+    let b = vm.guest_status().pages_written();
+    let rate = b - a;
+    eprintln!("rate-limited to 2048 pages/s: measured {rate} pages/s");
+    assert!((1500..=2600).contains(&rate), "measured {rate} pages/s");
+    vm.set_rate(0);
+    std::thread::sleep(Duration::from_millis(100));
+    let c = vm.guest_status().pages_written();
+    std::thread::sleep(Duration::from_millis(500));
+    let d = vm.guest_status().pages_written();
+    assert!(d - c > 2 * rate, "unlimited rate not faster: {}", d - c);
+    assert!(vm.guest_status().ok());
+}
+
+#[test]
+fn pause_stops_writes_and_resume_continues() {
+    if !common::kvm_available("pause_stops_writes_and_resume_continues") {
+        return;
+    }
+    let vm = Vm::new(common::test_guest(64, 2, 1024, 0)).unwrap();
+    common::wait_for(&vm, Duration::from_secs(5), |s| s.pages_written() > 10_000);
+    let t = Instant::now();
+    vm.pause().unwrap();
+    eprintln!("pause took {:?}", t.elapsed());
+    assert!(vm.is_paused());
+    let a = vm.guest_status();
+    std::thread::sleep(Duration::from_millis(200));
+    let b = vm.guest_status();
+    assert_eq!(
+        a.pages_written(),
+        b.pages_written(),
+        "guest wrote while paused"
+    );
+    vm.resume();
+    let c = common::wait_for(&vm, Duration::from_secs(5), |s| {
+        s.pages_written() > b.pages_written() + 10_000
+    });
+    assert!(c.pages_written() > b.pages_written() + 10_000);
+    assert!(c.ok(), "{c:?}");
+    // Throttle 80%: the write rate drops.
+    let rate = |vm: &Vm| {
+        let a = vm.guest_status().pages_written();
+        std::thread::sleep(Duration::from_millis(500));
+        vm.guest_status().pages_written() - a
+    };
+    let full = rate(&vm);
+    vm.set_throttle(80);
+    std::thread::sleep(Duration::from_millis(100));
+    let slow = rate(&vm);
+    vm.set_throttle(0);
+    eprintln!("throttle 80%: {full} -> {slow} pages per 0.5 s");
+    assert!(slow * 2 < full, "throttle had no effect: {full} -> {slow}");
+}
+
+#[test]
+fn guest_detects_a_corrupted_page() {
+    if !common::kvm_available("guest_detects_a_corrupted_page") {
+        return;
+    }
+    let cfg = TestGuestConfig {
+        pages_per_vcpu: 256,
+        rate_bytes_per_sec: 0,
+    };
+    let mut vc = common::test_guest(16, 1, 256, 0);
+    vc.guest = minivm::GuestImage::TestGuest(cfg.clone());
+    let vm = Vm::new(vc).unwrap();
+    common::wait_for(&vm, Duration::from_secs(5), |s| s.pages_written() > 1024);
+    vm.pause().unwrap();
+    let slot = test_guest_layout(&cfg, 1)[0];
+    let addr = GuestAddress(slot.data + 7 * 4096 + 100 * 8);
+    let v: u64 = vm.guest_memory().read_obj(addr).unwrap();
+    vm.guest_memory().write_obj(v ^ 1, addr).unwrap();
+    vm.resume();
+    let s = common::wait_for(&vm, Duration::from_secs(5), |s| s.failures() > 0);
+    assert_eq!(s.failures(), 1, "{s:?}");
+}
