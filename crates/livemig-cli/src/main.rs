@@ -1,1 +1,45 @@
-fn main() {}
+//! `livemig`: live-migrate guest memory between processes, save it to a
+//! file and load it back, and run the reference VM demo.
+
+mod process;
+mod report;
+mod units;
+
+use clap::{Parser, Subcommand};
+
+/// Live migration of virtual machine memory.
+#[derive(Parser)]
+#[command(name = "livemig", version, about, long_about = None, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a workload that writes a memory region and migrate it live to an
+    /// `incoming` process (tcp:HOST:PORT, unix:PATH) or a snapshot file
+    /// (file:PATH).
+    Migrate(process::MigrateArgs),
+    /// Receive a migration into a memory region of the same layout, check
+    /// it against the source's digest, and report.
+    Incoming(process::IncomingArgs),
+    /// Save a running workload's memory to a snapshot file (migrate to file:).
+    Save(process::SaveArgs),
+    /// Load a snapshot file into memory and check its digest.
+    Load(process::LoadArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Migrate(a) => process::migrate(a),
+        Cmd::Incoming(a) => process::incoming(a),
+        Cmd::Save(a) => process::save(a),
+        Cmd::Load(a) => process::load(a),
+    };
+    if let Err(e) = result {
+        eprintln!("livemig: error: {e:#}");
+        std::process::exit(1);
+    }
+}

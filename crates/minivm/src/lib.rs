@@ -21,6 +21,7 @@
 pub mod devices;
 pub mod dirty;
 pub mod guest;
+pub mod migrate;
 pub mod state;
 pub mod sys;
 pub mod vm;

@@ -1,0 +1,449 @@
+//! Migration of plain process memory: a workload writes a region while it
+//! is tracked with userfaultfd write-protect and migrated.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use livemig::dirty::{UffdMode, UffdTracker};
+use livemig::engine::{
+    hex, memory_digest, write_ack, CompressParams, Loader, MigrationHandle, Params, Source,
+};
+use livemig::memory::{GuestMemory, ProcessMemory};
+use livemig::transport::{connect, Listener, Uri};
+use livemig::workload::{direct_writer, fill_random, Pattern, Workload, WorkloadConfig};
+use serde_json::{json, Value};
+
+use crate::report::{succeeded, summary, Progress};
+use crate::units::{parse_mem_size, parse_size};
+
+/// Layout of the memory region (both sides must agree).
+#[derive(Args, Clone, Debug)]
+pub struct MemArgs {
+    /// Memory size (e.g. 1G, 512M); split evenly over the blocks.
+    #[arg(long, default_value = "256M", value_parser = parse_mem_size)]
+    pub size: u64,
+    /// Number of RAM blocks.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub blocks: u16,
+}
+
+impl MemArgs {
+    /// Maps the memory: blocks `ram0`, `ram1`, ...
+    pub fn map(&self) -> Result<ProcessMemory> {
+        let n = u64::from(self.blocks);
+        let per = self.size / n / 4096 * 4096;
+        if per == 0 {
+            bail!("--size {} is too small for {} blocks", self.size, n);
+        }
+        let layout: Vec<(String, u64)> = (0..n)
+            .map(|i| {
+                let len = if i == n - 1 {
+                    self.size - per * (n - 1)
+                } else {
+                    per
+                };
+                (format!("ram{i}"), len)
+            })
+            .collect();
+        Ok(ProcessMemory::new(&layout)?)
+    }
+}
+
+/// Initial memory contents.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fill {
+    /// Pseudo-random bytes everywhere (incompressible, no zero pages).
+    Random,
+    /// Untouched (all zero pages).
+    Zero,
+    /// Half random, half zero.
+    Half,
+    /// Text-like, compressible pages.
+    Text,
+}
+
+/// Dirty tracker for process memory.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TrackerArg {
+    /// Best available (async write-protect, else fault-driven).
+    Auto,
+    /// userfaultfd async write-protect with PAGEMAP_SCAN.
+    Async,
+    /// userfaultfd write-protect faults handled by a thread.
+    Sync,
+}
+
+/// Compression choice.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CompressArg {
+    /// No compression.
+    None,
+    /// LZ4 (fast).
+    Lz4,
+    /// zstd (better ratio).
+    Zstd,
+}
+
+/// Migration parameters shared by every source command.
+#[derive(Args, Clone, Debug)]
+pub struct TuneArgs {
+    /// Bandwidth cap (bytes/s, e.g. 256M); 0 = unlimited.
+    #[arg(long, default_value = "0", value_parser = parse_size)]
+    pub max_bandwidth: u64,
+    /// Longest acceptable guest pause at switch-over, in milliseconds.
+    #[arg(long, default_value_t = 300)]
+    pub downtime_limit: u64,
+    /// Send re-dirtied pages as XBZRLE deltas.
+    #[arg(long)]
+    pub xbzrle: bool,
+    /// XBZRLE page cache size.
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    pub xbzrle_cache_size: u64,
+    /// Compress raw pages.
+    #[arg(long, value_enum, default_value = "none")]
+    pub compress: CompressArg,
+    /// zstd level.
+    #[arg(long, default_value_t = 1)]
+    pub compress_level: i32,
+    /// Throttle the writer when it dirties faster than the link carries.
+    #[arg(long)]
+    pub auto_converge: bool,
+    /// Do not send the memory digest at stop time (shorter downtime, but
+    /// the destination can no longer prove it holds the source's memory).
+    #[arg(long)]
+    pub no_verify: bool,
+    /// Write the per-sync history (JSON array) to this file.
+    #[arg(long)]
+    pub history: Option<PathBuf>,
+}
+
+impl TuneArgs {
+    /// Engine parameters.
+    pub fn params(&self) -> Result<Params> {
+        let p = Params {
+            max_bandwidth: self.max_bandwidth,
+            downtime_limit: self.downtime_limit,
+            xbzrle: self.xbzrle,
+            xbzrle_cache_size: self.xbzrle_cache_size,
+            compress: match self.compress {
+                CompressArg::None => None,
+                CompressArg::Lz4 => Some(CompressParams {
+                    algorithm: livemig::compress::Algorithm::Lz4,
+                    level: 1,
+                }),
+                CompressArg::Zstd => Some(CompressParams {
+                    algorithm: livemig::compress::Algorithm::Zstd,
+                    level: self.compress_level,
+                }),
+            },
+            verify: !self.no_verify,
+            auto_converge: self.auto_converge,
+            ..Params::default()
+        };
+        p.validate().map_err(anyhow::Error::msg)?;
+        Ok(p)
+    }
+}
+
+/// The workload that writes memory while it migrates.
+#[derive(Args, Clone, Debug)]
+pub struct WorkloadArgs {
+    /// Bytes of pages dirtied per second (e.g. 200M); 0 = idle.
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    pub dirty_rate: u64,
+    /// Bytes written into each page touched (8 = XBZRLE-friendly, 4096 = whole page).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=4096))]
+    pub touch_bytes: u16,
+    /// Only this much of each block is written (0 = all).
+    #[arg(long, default_value = "0", value_parser = parse_size)]
+    pub working_set: u64,
+    /// Write pages in order instead of at random.
+    #[arg(long)]
+    pub sequential: bool,
+    /// Initial contents.
+    #[arg(long, value_enum, default_value = "half")]
+    pub fill: Fill,
+    /// Run the workload this many seconds before migrating.
+    #[arg(long, default_value_t = 0.0)]
+    pub warmup: f64,
+    /// Dirty tracker.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub tracker: TrackerArg,
+}
+
+/// `livemig migrate`.
+#[derive(Args, Debug)]
+pub struct MigrateArgs {
+    /// Where to: tcp:HOST:PORT, unix:PATH or file:PATH.
+    pub uri: String,
+    #[command(flatten)]
+    pub mem: MemArgs,
+    #[command(flatten)]
+    pub workload: WorkloadArgs,
+    #[command(flatten)]
+    pub tune: TuneArgs,
+    /// Print one JSON object of the final stats on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// `livemig save`.
+#[derive(Args, Debug)]
+pub struct SaveArgs {
+    /// Snapshot file to write.
+    pub file: PathBuf,
+    #[command(flatten)]
+    pub mem: MemArgs,
+    #[command(flatten)]
+    pub workload: WorkloadArgs,
+    #[command(flatten)]
+    pub tune: TuneArgs,
+    /// Print one JSON object of the final stats on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// `livemig incoming`.
+#[derive(Args, Debug)]
+pub struct IncomingArgs {
+    /// Where to listen: tcp:HOST:PORT, unix:PATH (or file:PATH to load).
+    pub uri: String,
+    #[command(flatten)]
+    pub mem: MemArgs,
+    /// Print one JSON object of the result on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// `livemig load`.
+#[derive(Args, Debug)]
+pub struct LoadArgs {
+    /// Snapshot file to read.
+    pub file: PathBuf,
+    #[command(flatten)]
+    pub mem: MemArgs,
+    /// Print one JSON object of the result on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+fn fill(mem: &ProcessMemory, how: Fill) {
+    let blocks = mem.blocks().to_vec();
+    let writer = direct_writer(blocks.clone());
+    match how {
+        Fill::Zero => {}
+        Fill::Random => fill_random(&blocks, &writer, 0x5eed),
+        Fill::Half => {
+            for (b, blk) in blocks.iter().enumerate() {
+                let half = blk.len() / 2 / 4096 * 4096;
+                let mut rng = livemig::workload::XorShift::new(b as u64 + 7);
+                let mut chunk = vec![0u8; 1 << 20];
+                let mut off = 0;
+                while off < half {
+                    let n = (chunk.len() as u64).min(half - off) as usize;
+                    rng.fill(&mut chunk[..n]);
+                    writer(b, off, &chunk[..n]);
+                    off += n as u64;
+                }
+            }
+        }
+        Fill::Text => {
+            let words = b"live migration moves a running guest while it keeps running; ";
+            let mut page = vec![0u8; 4096];
+            for (i, b) in page.iter_mut().enumerate() {
+                *b = words[i % words.len()];
+            }
+            for (b, blk) in blocks.iter().enumerate() {
+                let mut off = 0;
+                while off < blk.len() {
+                    page[..8].copy_from_slice(&off.to_le_bytes());
+                    writer(b, off, &page);
+                    off += 4096;
+                }
+            }
+        }
+    }
+}
+
+fn tracker(mem: &ProcessMemory, t: TrackerArg) -> Result<UffdTracker> {
+    let mode = match t {
+        TrackerArg::Auto => UffdMode::Auto,
+        TrackerArg::Async => UffdMode::Async,
+        TrackerArg::Sync => UffdMode::Sync,
+    };
+    UffdTracker::new(mem, mode).context("starting userfaultfd dirty tracking")
+}
+
+/// Runs a source: maps and fills memory, starts the workload, migrates.
+fn run_source(
+    uri: &Uri,
+    mem_args: &MemArgs,
+    wl: &WorkloadArgs,
+    tune: &TuneArgs,
+    json: bool,
+    quiet: bool,
+) -> Result<()> {
+    let params = tune.params()?;
+    let mem = mem_args.map()?;
+    fill(&mem, wl.fill);
+    let mut tracker = tracker(&mem, wl.tracker)?;
+    let workload = (wl.dirty_rate > 0).then(|| {
+        Workload::start(
+            mem.blocks().to_vec(),
+            direct_writer(mem.blocks().to_vec()),
+            WorkloadConfig {
+                rate: wl.dirty_rate,
+                bytes_per_touch: usize::from(wl.touch_bytes),
+                pattern: if wl.sequential {
+                    Pattern::Sequential
+                } else {
+                    Pattern::Random
+                },
+                working_set: wl.working_set,
+                seed: 42,
+            },
+        )
+    });
+    if wl.warmup > 0.0 {
+        std::thread::sleep(Duration::from_secs_f64(wl.warmup));
+    }
+    let out = connect(uri)?;
+    let handle = MigrationHandle::new(params.clone());
+    let progress = Progress::source(handle.clone(), mem.total_bytes(), quiet || json);
+    let mut no_vm = livemig::vm::NoVm;
+    let mut control = workload.as_ref().map(Workload::control);
+    let vm: &mut dyn livemig::vm::VmControl = match control.as_mut() {
+        Some(c) => c,
+        None => &mut no_vm,
+    };
+    let mut ack = out.ack;
+    let result = Source::new(&mem, &mut tracker, vm, handle.clone()).run(
+        out.writer,
+        ack.as_deref_mut().map(|r| r as &mut dyn std::io::Read),
+    );
+    drop(progress);
+    let stats = handle.stats();
+    // Memory is frozen now (workload paused at stop-and-copy): this is the
+    // source's memory at stop time.
+    let digest = result.is_ok().then(|| hex(&memory_digest(&mem)));
+    let written = workload.as_ref().map(Workload::pages_written).unwrap_or(0);
+    drop(workload);
+    if let Some(path) = &tune.history {
+        std::fs::write(path, serde_json::to_vec_pretty(&handle.history())?)
+            .with_context(|| format!("writing history to {}", path.display()))?;
+    }
+    if json {
+        let mut v = serde_json::to_value(&stats)?;
+        v["role"] = json!("source");
+        v["uri"] = json!(uri.to_string());
+        v["digest"] = json!(digest);
+        v["verified"] = json!(params.verify && result.is_ok() && uri_has_ack(uri));
+        v["workload-pages-written"] = json!(written);
+        println!("{}", serde_json::to_string(&v)?);
+    } else {
+        eprintln!("{}", summary(&stats));
+        if let Some(d) = &digest {
+            eprintln!("source memory digest at stop time: {d}");
+            if params.verify && uri_has_ack(uri) {
+                eprintln!("destination confirmed the same digest");
+            }
+        }
+    }
+    result?;
+    if !succeeded(&stats) {
+        bail!("migration ended with status {:?}", stats.status);
+    }
+    Ok(())
+}
+
+fn uri_has_ack(uri: &Uri) -> bool {
+    !matches!(uri, Uri::File(_))
+}
+
+/// `livemig migrate`.
+pub fn migrate(a: MigrateArgs) -> Result<()> {
+    let uri: Uri = a.uri.parse()?;
+    run_source(&uri, &a.mem, &a.workload, &a.tune, a.json, a.quiet)
+}
+
+/// `livemig save`.
+pub fn save(a: SaveArgs) -> Result<()> {
+    let uri = Uri::File(a.file.clone());
+    run_source(&uri, &a.mem, &a.workload, &a.tune, a.json, a.quiet)
+}
+
+fn run_dest(uri: &Uri, mem_args: &MemArgs, json: bool, quiet: bool) -> Result<()> {
+    let mem = mem_args.map()?;
+    let listener = Listener::bind(uri)?;
+    if !json && !matches!(uri, Uri::File(_)) {
+        eprintln!("waiting for a migration on {}", listener.local_uri());
+    }
+    let inc = listener.accept()?;
+    let mut loader = Loader::new(&mem);
+    let progress = Progress::counter(loader.progress(), mem.total_bytes(), quiet || json);
+    let started = std::time::Instant::now();
+    let result = loader.load(inc.reader);
+    drop(progress);
+    if let Some(mut ack) = inc.ack {
+        let msg = result.as_ref().map(|_| ()).map_err(|e| e.to_string());
+        // The source may be gone already; its own error says why.
+        let _ = write_ack(&mut ack, msg.as_ref().map(|_| ()).map_err(String::as_str));
+    }
+    let out = result.with_context(|| format!("loading from {uri}"))?;
+    let digest = hex(&memory_digest(&mem));
+    let verified = out.digest.is_some();
+    if json {
+        let v: Value = json!({
+            "role": "destination",
+            "status": "completed",
+            "uri": uri.to_string(),
+            "total-time": started.elapsed().as_millis() as u64,
+            "load": out.stats,
+            "digest": digest,
+            "verified": verified,
+        });
+        println!("{}", serde_json::to_string(&v)?);
+    } else {
+        eprintln!(
+            "loaded {} bytes of stream: {} raw, {} zero ({} written), {} xbzrle, {} compressed pages in {} ms",
+            out.stats.bytes,
+            out.stats.raw_pages,
+            out.stats.zero_pages,
+            out.stats.zero_pages_written,
+            out.stats.xbzrle_pages,
+            out.stats.compressed_pages,
+            started.elapsed().as_millis()
+        );
+        if verified {
+            eprintln!("memory digest verified against the source's: {digest}");
+        } else {
+            eprintln!("memory digest: {digest} (the source sent none to compare: it ran with --no-verify)");
+        }
+    }
+    Ok(())
+}
+
+/// `livemig incoming`.
+pub fn incoming(a: IncomingArgs) -> Result<()> {
+    let uri: Uri = a.uri.parse()?;
+    run_dest(&uri, &a.mem, a.json, a.quiet)
+}
+
+/// `livemig load`.
+pub fn load(a: LoadArgs) -> Result<()> {
+    run_dest(&Uri::File(a.file.clone()), &a.mem, a.json, a.quiet)
+}
