@@ -389,7 +389,8 @@ pub fn save(a: SaveArgs) -> Result<()> {
 fn run_dest(uri: &Uri, mem_args: &MemArgs, json: bool, quiet: bool) -> Result<()> {
     let mem = mem_args.map()?;
     let listener = Listener::bind(uri)?;
-    if !json && !matches!(uri, Uri::File(_)) {
+    if !matches!(uri, Uri::File(_)) {
+        // On stderr even with --json: scripts wait for this line.
         eprintln!("waiting for a migration on {}", listener.local_uri());
     }
     let inc = listener.accept()?;
