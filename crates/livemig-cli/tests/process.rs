@@ -38,7 +38,10 @@ fn start_incoming(uri: &str, extra: &[&str]) -> (Child, std::thread::JoinHandle<
     let mut err = BufReader::new(child.stderr.take().unwrap());
     let mut first = String::new();
     err.read_line(&mut first).unwrap();
-    assert!(first.starts_with("waiting for a migration on"), "incoming said: {first}");
+    assert!(
+        first.starts_with("waiting for a migration on"),
+        "incoming said: {first}"
+    );
     // Keep draining stderr so the child never blocks on it.
     let rest = std::thread::spawn(move || {
         let mut s = String::new();
@@ -59,7 +62,17 @@ fn free_port() -> u16 {
 fn migrate_pair(uri: &str, src_extra: &[&str]) -> (Value, Value) {
     let (dest, dest_err) = start_incoming(uri, &["--size", "64M", "--blocks", "2"]);
     let mut args = vec![
-        "migrate", uri, "--size", "64M", "--blocks", "2", "--dirty-rate", "32M", "--warmup", "0.2", "--json",
+        "migrate",
+        uri,
+        "--size",
+        "64M",
+        "--blocks",
+        "2",
+        "--dirty-rate",
+        "32M",
+        "--warmup",
+        "0.2",
+        "--json",
     ];
     args.extend_from_slice(src_extra);
     let src = livemig(&args).output().unwrap();
@@ -78,10 +91,19 @@ fn assert_equal_memory(s: &Value, d: &Value) {
     assert_eq!(s["status"], "completed");
     assert_eq!(d["status"], "completed");
     assert_eq!(s["verified"], true);
-    assert_eq!(d["verified"], true, "destination checked the in-stream digest");
+    assert_eq!(
+        d["verified"], true,
+        "destination checked the in-stream digest"
+    );
     assert!(s["digest"].is_string());
-    assert_eq!(s["digest"], d["digest"], "destination memory == source memory at stop time");
-    assert!(s["workload-pages-written"].as_u64().unwrap() > 0, "the workload ran");
+    assert_eq!(
+        s["digest"], d["digest"],
+        "destination memory == source memory at stop time"
+    );
+    assert!(
+        s["workload-pages-written"].as_u64().unwrap() > 0,
+        "the workload ran"
+    );
     assert!(s["ram"]["transferred"].as_u64().unwrap() > 0);
     assert_eq!(s["ram"]["remaining"], 0);
     assert!(s["ram"]["dirty-sync-count"].as_u64().unwrap() >= 2);
@@ -93,9 +115,15 @@ fn tcp_live_migration_between_processes() {
     let uri = format!("tcp:127.0.0.1:{}", free_port());
     let (s, d) = migrate_pair(&uri, &[]);
     assert_equal_memory(&s, &d);
-    assert!(s["ram"]["duplicate"].as_u64().unwrap() > 0, "half the memory is zero pages");
+    assert!(
+        s["ram"]["duplicate"].as_u64().unwrap() > 0,
+        "half the memory is zero pages"
+    );
     assert!(s["ram"]["normal"].as_u64().unwrap() > 0);
-    assert_eq!(d["load"]["zero-pages-written"], 0, "fresh destination pages are already zero");
+    assert_eq!(
+        d["load"]["zero-pages-written"], 0,
+        "fresh destination pages are already zero"
+    );
 }
 
 #[test]
@@ -104,11 +132,22 @@ fn unix_socket_with_xbzrle_and_compression() {
     let uri = format!("unix:{}", dir.path().join("mig.sock").display());
     let (s, d) = migrate_pair(
         &uri,
-        &["--xbzrle", "--compress", "lz4", "--downtime-limit", "20", "--fill", "text"],
+        &[
+            "--xbzrle",
+            "--compress",
+            "lz4",
+            "--downtime-limit",
+            "20",
+            "--fill",
+            "text",
+        ],
     );
     assert_equal_memory(&s, &d);
     assert!(s["xbzrle-cache"].is_object());
-    assert!(s["compression"]["pages"].as_u64().unwrap() > 0, "text pages compress: {s}");
+    assert!(
+        s["compression"]["pages"].as_u64().unwrap() > 0,
+        "text pages compress: {s}"
+    );
     assert_eq!(d["load"]["compressed-pages"], s["compression"]["pages"]);
     assert_eq!(d["load"]["xbzrle-pages"], s["xbzrle-cache"]["pages"]);
 }
@@ -121,11 +160,21 @@ fn snapshot_save_and_load() {
     let save = livemig(&["save", f, "--size", "32M", "--dirty-rate", "16M", "--json"])
         .output()
         .unwrap();
-    assert!(save.status.success(), "{}", String::from_utf8_lossy(&save.stderr));
+    assert!(
+        save.status.success(),
+        "{}",
+        String::from_utf8_lossy(&save.stderr)
+    );
     let s = json_of(&save);
     assert_eq!(s["status"], "completed");
-    let load = livemig(&["load", f, "--size", "32M", "--json"]).output().unwrap();
-    assert!(load.status.success(), "{}", String::from_utf8_lossy(&load.stderr));
+    let load = livemig(&["load", f, "--size", "32M", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        load.status.success(),
+        "{}",
+        String::from_utf8_lossy(&load.stderr)
+    );
     let d = json_of(&load);
     assert_eq!(d["verified"], true);
     assert_eq!(s["digest"], d["digest"]);
@@ -136,7 +185,10 @@ fn snapshot_save_and_load() {
     let bad = livemig(&["load", f, "--size", "32M"]).output().unwrap();
     assert!(!bad.status.success());
     let err = String::from_utf8_lossy(&bad.stderr);
-    assert!(err.contains("stream byte") && err.contains("stream ends inside"), "{err}");
+    assert!(
+        err.contains("stream byte") && err.contains("stream ends inside"),
+        "{err}"
+    );
 
     // So is a snapshot for a different layout, before anything is written.
     std::fs::write(&file, &bytes).unwrap();
@@ -149,12 +201,41 @@ fn snapshot_save_and_load() {
 #[test]
 fn bad_input_gets_clear_errors() {
     let cases: &[(&[&str], &str)] = &[
-        (&["migrate", "udp:1.2.3.4:5"], "bad migration URI 'udp:1.2.3.4:5'"),
+        (
+            &["migrate", "udp:1.2.3.4:5"],
+            "bad migration URI 'udp:1.2.3.4:5'",
+        ),
         (&["load", "/nonexistent/snap.lm"], "/nonexistent/snap.lm"),
-        (&["migrate", "tcp:127.0.0.1:1", "--size", "5X"], "unknown size suffix"),
-        (&["migrate", "tcp:127.0.0.1:1", "--size", "1000"], "multiple of 4 KiB"),
-        (&["migrate", "tcp:127.0.0.1:1", "--size", "4M", "--downtime-limit", "0"], "downtime-limit"),
-        (&["migrate", "tcp:127.0.0.1:1", "--size", "4M", "--dirty-rate", "0"], "connect to tcp:127.0.0.1:1"),
+        (
+            &["migrate", "tcp:127.0.0.1:1", "--size", "5X"],
+            "unknown size suffix",
+        ),
+        (
+            &["migrate", "tcp:127.0.0.1:1", "--size", "1000"],
+            "multiple of 4 KiB",
+        ),
+        (
+            &[
+                "migrate",
+                "tcp:127.0.0.1:1",
+                "--size",
+                "4M",
+                "--downtime-limit",
+                "0",
+            ],
+            "downtime-limit",
+        ),
+        (
+            &[
+                "migrate",
+                "tcp:127.0.0.1:1",
+                "--size",
+                "4M",
+                "--dirty-rate",
+                "0",
+            ],
+            "connect to tcp:127.0.0.1:1",
+        ),
         (&["migrate", "--no-such-flag"], "unexpected argument"),
     ];
     for (args, want) in cases {
@@ -175,14 +256,22 @@ fn source_survives_a_destination_that_hangs_up() {
         let mut buf = [0u8; 4096];
         let _ = std::io::Read::read(&mut s, &mut buf);
     });
-    let out = livemig(&["migrate", &uri, "--size", "64M", "--fill", "random", "--json"])
-        .output()
-        .unwrap();
+    let out = livemig(&[
+        "migrate", &uri, "--size", "64M", "--fill", "random", "--json",
+    ])
+    .output()
+    .unwrap();
     t.join().unwrap();
     assert!(!out.status.success());
     let s = json_of(&out);
     assert_eq!(s["status"], "failed");
-    assert!(s["error-desc"].as_str().unwrap().contains("sending the stream failed"), "{s}");
+    assert!(
+        s["error-desc"]
+            .as_str()
+            .unwrap()
+            .contains("sending the stream failed"),
+        "{s}"
+    );
 }
 
 #[test]

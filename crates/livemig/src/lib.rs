@@ -8,6 +8,43 @@
 //!
 //! All `unsafe` code (mmap, ioctls) lives under [`sys`]; everything above it
 //! is safe Rust and testable without KVM.
+//!
+//! # Example
+//!
+//! Migrating process memory that a workload writes, tracked with
+//! userfaultfd write-protect (a VMM passes its own memory, tracker and
+//! vCPU control instead):
+//!
+//! ```no_run
+//! use livemig::dirty::{UffdMode, UffdTracker};
+//! use livemig::engine::{Loader, MigrationHandle, Params, Source};
+//! use livemig::memory::{GuestMemory, ProcessMemory};
+//! use livemig::transport::{connect, Listener};
+//! use livemig::workload::{direct_writer, Workload, WorkloadConfig};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // Source.
+//! let memory = ProcessMemory::single(1 << 30)?;
+//! let mut tracker = UffdTracker::new(&memory, UffdMode::Auto)?;
+//! let guest = Workload::start(
+//!     memory.blocks().to_vec(),
+//!     direct_writer(memory.blocks().to_vec()),
+//!     WorkloadConfig::default(),
+//! );
+//! let mut vcpus = guest.control();
+//! let handle = MigrationHandle::new(Params { xbzrle: true, ..Params::default() });
+//! let out = connect(&"tcp:127.0.0.1:4444".parse()?)?;
+//! let stats = Source::new(&memory, &mut tracker, &mut vcpus, handle.clone()).run_over(out)?;
+//! println!("downtime {} ms", stats.downtime);
+//!
+//! // Destination (another process): memory laid out by its own configuration.
+//! let memory = ProcessMemory::single(1 << 30)?;
+//! let incoming = Listener::bind(&"tcp:127.0.0.1:4444".parse()?)?.accept()?;
+//! let loaded = Loader::new(&memory).load(incoming.reader)?;
+//! println!("{} raw pages", loaded.stats.raw_pages);
+//! # Ok(())
+//! # }
+//! ```
 #![warn(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
 

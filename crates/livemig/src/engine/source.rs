@@ -61,6 +61,19 @@ impl<'a> Source<'a> {
         }
     }
 
+    /// Runs the migration over a transport connection, waiting for the
+    /// destination's acknowledgement when the transport has a return path.
+    pub fn run_over(
+        self,
+        conn: crate::transport::Outgoing,
+    ) -> Result<MigrationStats, MigrationError> {
+        let crate::transport::Outgoing { writer, mut ack } = conn;
+        match ack.as_mut() {
+            Some(r) => self.run(writer, Some(r as &mut dyn Read)),
+            None => self.run(writer, None),
+        }
+    }
+
     /// Runs the migration into `out`. With `ack`, waits for the
     /// destination's acknowledgement before declaring success.
     ///
