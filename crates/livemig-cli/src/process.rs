@@ -173,11 +173,9 @@ pub struct WorkloadArgs {
     pub tracker: TrackerArg,
 }
 
-/// `livemig migrate`.
+/// Everything a source command takes besides where to send.
 #[derive(Args, Debug)]
-pub struct MigrateArgs {
-    /// Where to: tcp:HOST:PORT, unix:PATH or file:PATH.
-    pub uri: String,
+pub struct SourceOpts {
     #[command(flatten)]
     pub mem: MemArgs,
     #[command(flatten)]
@@ -190,6 +188,28 @@ pub struct MigrateArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+}
+
+/// Everything a destination command takes besides where from.
+#[derive(Args, Debug)]
+pub struct DestOpts {
+    #[command(flatten)]
+    pub mem: MemArgs,
+    /// Print one JSON object of the result on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// `livemig migrate`.
+#[derive(Args, Debug)]
+pub struct MigrateArgs {
+    /// Where to: tcp:HOST:PORT, unix:PATH or file:PATH.
+    pub uri: String,
+    #[command(flatten)]
+    pub opts: SourceOpts,
 }
 
 /// `livemig save`.
@@ -198,17 +218,7 @@ pub struct SaveArgs {
     /// Snapshot file to write.
     pub file: PathBuf,
     #[command(flatten)]
-    pub mem: MemArgs,
-    #[command(flatten)]
-    pub workload: WorkloadArgs,
-    #[command(flatten)]
-    pub tune: TuneArgs,
-    /// Print one JSON object of the final stats on stdout.
-    #[arg(long)]
-    pub json: bool,
-    /// No progress bar.
-    #[arg(long)]
-    pub quiet: bool,
+    pub opts: SourceOpts,
 }
 
 /// `livemig incoming`.
@@ -217,13 +227,7 @@ pub struct IncomingArgs {
     /// Where to listen: tcp:HOST:PORT, unix:PATH (or file:PATH to load).
     pub uri: String,
     #[command(flatten)]
-    pub mem: MemArgs,
-    /// Print one JSON object of the result on stdout.
-    #[arg(long)]
-    pub json: bool,
-    /// No progress bar.
-    #[arg(long)]
-    pub quiet: bool,
+    pub opts: DestOpts,
 }
 
 /// `livemig load`.
@@ -232,13 +236,7 @@ pub struct LoadArgs {
     /// Snapshot file to read.
     pub file: PathBuf,
     #[command(flatten)]
-    pub mem: MemArgs,
-    /// Print one JSON object of the result on stdout.
-    #[arg(long)]
-    pub json: bool,
-    /// No progress bar.
-    #[arg(long)]
-    pub quiet: bool,
+    pub opts: DestOpts,
 }
 
 fn fill(mem: &ProcessMemory, how: Fill) {
@@ -289,14 +287,8 @@ fn tracker(mem: &ProcessMemory, t: TrackerArg) -> Result<UffdTracker> {
 }
 
 /// Runs a source: maps and fills memory, starts the workload, migrates.
-fn run_source(
-    uri: &Uri,
-    mem_args: &MemArgs,
-    wl: &WorkloadArgs,
-    tune: &TuneArgs,
-    json: bool,
-    quiet: bool,
-) -> Result<()> {
+fn run_source(uri: &Uri, o: &SourceOpts) -> Result<()> {
+    let (mem_args, wl, tune, json, quiet) = (&o.mem, &o.workload, &o.tune, o.json, o.quiet);
     let params = tune.params()?;
     let mem = mem_args.map()?;
     fill(&mem, wl.fill);
@@ -377,16 +369,17 @@ fn uri_has_ack(uri: &Uri) -> bool {
 /// `livemig migrate`.
 pub fn migrate(a: MigrateArgs) -> Result<()> {
     let uri: Uri = a.uri.parse()?;
-    run_source(&uri, &a.mem, &a.workload, &a.tune, a.json, a.quiet)
+    run_source(&uri, &a.opts)
 }
 
 /// `livemig save`.
 pub fn save(a: SaveArgs) -> Result<()> {
     let uri = Uri::File(a.file.clone());
-    run_source(&uri, &a.mem, &a.workload, &a.tune, a.json, a.quiet)
+    run_source(&uri, &a.opts)
 }
 
-fn run_dest(uri: &Uri, mem_args: &MemArgs, json: bool, quiet: bool) -> Result<()> {
+fn run_dest(uri: &Uri, o: &DestOpts) -> Result<()> {
+    let (mem_args, json, quiet) = (&o.mem, o.json, o.quiet);
     let mem = mem_args.map()?;
     let listener = Listener::bind(uri)?;
     if !matches!(uri, Uri::File(_)) {
@@ -441,10 +434,10 @@ fn run_dest(uri: &Uri, mem_args: &MemArgs, json: bool, quiet: bool) -> Result<()
 /// `livemig incoming`.
 pub fn incoming(a: IncomingArgs) -> Result<()> {
     let uri: Uri = a.uri.parse()?;
-    run_dest(&uri, &a.mem, a.json, a.quiet)
+    run_dest(&uri, &a.opts)
 }
 
 /// `livemig load`.
 pub fn load(a: LoadArgs) -> Result<()> {
-    run_dest(&Uri::File(a.file.clone()), &a.mem, a.json, a.quiet)
+    run_dest(&Uri::File(a.file), &a.opts)
 }

@@ -108,34 +108,61 @@ fn io_err<'a>(op: &'static str, uri: &'a Uri) -> impl FnOnce(io::Error) -> Trans
 /// How long a peer may stay silent before the transport gives up.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// What TCP and Unix stream sockets share, for one set-up path.
+trait Socket: Read + Write + Send + Sized + 'static {
+    fn set_timeouts(&self, t: Duration) -> io::Result<()>;
+    fn try_clone_socket(&self) -> io::Result<Self>;
+}
+
+impl Socket for TcpStream {
+    fn set_timeouts(&self, t: Duration) -> io::Result<()> {
+        self.set_nodelay(true)?;
+        self.set_read_timeout(Some(t))?;
+        self.set_write_timeout(Some(t))
+    }
+    fn try_clone_socket(&self) -> io::Result<Self> {
+        self.try_clone()
+    }
+}
+
+impl Socket for UnixStream {
+    fn set_timeouts(&self, t: Duration) -> io::Result<()> {
+        self.set_read_timeout(Some(t))?;
+        self.set_write_timeout(Some(t))
+    }
+    fn try_clone_socket(&self) -> io::Result<Self> {
+        self.try_clone()
+    }
+}
+
+/// Configures a connected socket and splits it into (stream, return path).
+fn split<S: Socket>(s: S, uri: &Uri) -> Result<(S, S), TransportError> {
+    s.set_timeouts(IO_TIMEOUT)
+        .map_err(io_err("configure", uri))?;
+    let other = s
+        .try_clone_socket()
+        .map_err(io_err("clone socket of", uri))?;
+    Ok((s, other))
+}
+
 /// Connects to a destination (or creates the snapshot file).
 pub fn connect(uri: &Uri) -> Result<Outgoing, TransportError> {
+    fn out<S: Socket>(s: S, uri: &Uri) -> Result<Outgoing, TransportError> {
+        let (w, r) = split(s, uri)?;
+        Ok(Outgoing {
+            writer: Box::new(w),
+            ack: Some(Box::new(r)),
+        })
+    }
     match uri {
-        Uri::Tcp(addr) => {
-            let s = TcpStream::connect(addr).map_err(io_err("connect to", uri))?;
-            s.set_nodelay(true).map_err(io_err("configure", uri))?;
-            s.set_read_timeout(Some(IO_TIMEOUT))
-                .map_err(io_err("configure", uri))?;
-            s.set_write_timeout(Some(IO_TIMEOUT))
-                .map_err(io_err("configure", uri))?;
-            let r = s.try_clone().map_err(io_err("clone socket of", uri))?;
-            Ok(Outgoing {
-                writer: Box::new(s),
-                ack: Some(Box::new(r)),
-            })
-        }
-        Uri::Unix(path) => {
-            let s = UnixStream::connect(path).map_err(io_err("connect to", uri))?;
-            s.set_read_timeout(Some(IO_TIMEOUT))
-                .map_err(io_err("configure", uri))?;
-            s.set_write_timeout(Some(IO_TIMEOUT))
-                .map_err(io_err("configure", uri))?;
-            let r = s.try_clone().map_err(io_err("clone socket of", uri))?;
-            Ok(Outgoing {
-                writer: Box::new(s),
-                ack: Some(Box::new(r)),
-            })
-        }
+        Uri::Tcp(addr) => out(
+            TcpStream::connect(addr).map_err(io_err("connect to", uri))?,
+            uri,
+        ),
+        Uri::Unix(path) => out(
+            UnixStream::connect(path).map_err(io_err("connect to", uri))?,
+            uri,
+        ),
         Uri::File(path) => {
             let f = File::create(path).map_err(io_err("create", uri))?;
             Ok(Outgoing {
@@ -216,28 +243,16 @@ impl Listener {
 
     /// Waits for the source (or opens the file).
     pub fn accept(&self) -> Result<Incoming, TransportError> {
+        fn inc<S: Socket>(s: S, uri: &Uri) -> Result<Incoming, TransportError> {
+            let (r, w) = split(s, uri)?;
+            Ok(Incoming {
+                reader: Box::new(r),
+                ack: Some(Box::new(w)),
+            })
+        }
         match self {
-            Listener::Tcp(l, uri) => {
-                let (s, _) = l.accept().map_err(io_err("accept on", uri))?;
-                s.set_nodelay(true).map_err(io_err("configure", uri))?;
-                s.set_read_timeout(Some(IO_TIMEOUT))
-                    .map_err(io_err("configure", uri))?;
-                let w = s.try_clone().map_err(io_err("clone socket of", uri))?;
-                Ok(Incoming {
-                    reader: Box::new(s),
-                    ack: Some(Box::new(w)),
-                })
-            }
-            Listener::Unix(l, uri, _) => {
-                let (s, _) = l.accept().map_err(io_err("accept on", uri))?;
-                s.set_read_timeout(Some(IO_TIMEOUT))
-                    .map_err(io_err("configure", uri))?;
-                let w = s.try_clone().map_err(io_err("clone socket of", uri))?;
-                Ok(Incoming {
-                    reader: Box::new(s),
-                    ack: Some(Box::new(w)),
-                })
-            }
+            Listener::Tcp(l, uri) => inc(l.accept().map_err(io_err("accept on", uri))?.0, uri),
+            Listener::Unix(l, uri, _) => inc(l.accept().map_err(io_err("accept on", uri))?.0, uri),
             Listener::File(uri, path) => Ok(Incoming {
                 reader: Box::new(File::open(path).map_err(io_err("open", uri))?),
                 ack: None,

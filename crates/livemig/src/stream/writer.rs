@@ -213,6 +213,12 @@ impl<W: Write> StreamWriter<W> {
     pub fn section_end(&mut self, seq: u64) -> io::Result<()> {
         self.buf.push(Kind::SectionEnd as u8);
         self.buf.extend_from_slice(&seq.to_be_bytes());
+        self.close_checksummed()
+    }
+
+    /// Appends the CRC of everything since the last checksum (not the CRC
+    /// itself), starts a new one, and hands all bytes to the transport.
+    fn close_checksummed(&mut self) -> io::Result<()> {
         self.crc.update(&self.buf);
         let crc = std::mem::take(&mut self.crc).finalize();
         self.buf.extend_from_slice(&crc.to_be_bytes());
@@ -248,13 +254,7 @@ impl<W: Write> StreamWriter<W> {
     /// Writes the end record and flushes everything.
     pub fn end(&mut self) -> io::Result<()> {
         self.buf.push(Kind::End as u8);
-        self.crc.update(&self.buf);
-        let crc = std::mem::take(&mut self.crc).finalize();
-        self.buf.extend_from_slice(&crc.to_be_bytes());
-        self.out.write_all(&self.buf)?;
-        self.written += self.buf.len() as u64;
-        self.buf.clear();
-        self.out.flush()
+        self.close_checksummed()
     }
 
     /// Hands buffered bytes to the transport and flushes it.
