@@ -50,6 +50,7 @@
 
 pub mod bitmap;
 pub mod compress;
+pub mod control;
 pub mod dirty;
 pub mod engine;
 pub mod memory;

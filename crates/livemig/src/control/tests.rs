@@ -1,0 +1,269 @@
+//! The control socket steering real migrations of process memory.
+
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use super::*;
+use crate::dirty::{UffdMode, UffdTracker};
+use crate::engine::{Loader, Source, Status};
+use crate::memory::{GuestMemory, ProcessMemory};
+use crate::transport::pipe;
+use crate::workload::{direct_writer, fill_random, Workload, WorkloadConfig, WorkloadControl};
+
+/// Starts migrations of `mem` into a fresh destination over a pipe.
+struct PipeStarter {
+    mem: ProcessMemory,
+    control: WorkloadControl,
+    threads: Vec<thread::JoinHandle<()>>,
+}
+
+impl MigrationStarter for PipeStarter {
+    fn start_outgoing(&mut self, _uri: &Uri, handle: MigrationHandle) -> Result<(), String> {
+        let mut tracker = UffdTracker::new(&self.mem, UffdMode::Auto).map_err(|e| e.to_string())?;
+        let (w, r) = pipe();
+        let dst =
+            ProcessMemory::new(&[("ram", self.mem.total_bytes())]).map_err(|e| e.to_string())?;
+        self.threads.push(thread::spawn(move || {
+            let _ = Loader::new(&dst).load(r);
+        }));
+        let (mem, mut control) = (self.mem.clone(), self.control.clone());
+        self.threads.push(thread::spawn(move || {
+            let _ = Source::new(&mem, &mut tracker, &mut control, handle).run(w, None);
+        }));
+        Ok(())
+    }
+
+    fn start_incoming(&mut self, uri: &Uri) -> Result<(), String> {
+        Err(format!("this test VMM does not receive ({uri})"))
+    }
+}
+
+fn uffd_usable() -> bool {
+    match crate::dirty::UffdSupport::probe() {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!("SKIPPED control socket migration tests: {e}");
+            false
+        }
+    }
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+    server: ControlServer,
+    workload: Workload,
+}
+
+fn fixture(params: Params) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ctl.sock");
+    let mem = ProcessMemory::single(32 << 20).unwrap();
+    let writer = direct_writer(mem.blocks().to_vec());
+    fill_random(mem.blocks(), &writer, 9);
+    let workload = Workload::start(
+        mem.blocks().to_vec(),
+        writer,
+        WorkloadConfig {
+            rate: 16 << 20,
+            ..WorkloadConfig::default()
+        },
+    );
+    let starter = PipeStarter {
+        mem,
+        control: workload.control(),
+        threads: Vec::new(),
+    };
+    let server = ControlServer::start(&path, params, Box::new(starter)).unwrap();
+    Fixture {
+        _dir: dir,
+        path,
+        server,
+        workload,
+    }
+}
+
+fn wait_status(c: &mut ControlClient, want: &[&str]) -> Value {
+    let t0 = Instant::now();
+    loop {
+        let s = c.execute("query-migrate", Value::Null).unwrap();
+        if want.contains(&s["status"].as_str().unwrap_or("")) {
+            return s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "status stuck at {s}"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn parameters_and_capabilities() {
+    let f = fixture(Params::default());
+    let mut c = ControlClient::connect(&f.path).unwrap();
+    assert_eq!(
+        c.execute("query-migrate", Value::Null).unwrap(),
+        json!({"status": "none"})
+    );
+    c.execute(
+        "migrate-set-parameters",
+        json!({"downtime-limit": 42, "max-bandwidth": 1000000}),
+    )
+    .unwrap();
+    let p = c.execute("query-migrate-parameters", Value::Null).unwrap();
+    assert_eq!(p["downtime-limit"], 42);
+    assert_eq!(p["max-bandwidth"], 1000000);
+    c.execute(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "xbzrle", "state": true}]}),
+    )
+    .unwrap();
+    let caps = c
+        .execute("query-migrate-capabilities", Value::Null)
+        .unwrap();
+    assert!(caps
+        .as_array()
+        .unwrap()
+        .contains(&json!({"capability": "xbzrle", "state": true})));
+
+    let err = |r: Result<Value, ControlError>| match r {
+        Err(ControlError::Command { class, desc }) => format!("{class}: {desc}"),
+        other => panic!("expected an error answer, got {other:?}"),
+    };
+    assert!(
+        err(c.execute("migrate-set-parameters", json!({"no-such": 1})))
+            .contains("unknown parameter 'no-such'")
+    );
+    assert!(
+        err(c.execute("migrate-set-parameters", json!({"downtime-limit": "soon"})))
+            .contains("invalid parameter value")
+    );
+    assert!(
+        err(c.execute("migrate-set-parameters", json!({"max-cpu-throttle": 100})))
+            .contains("max-cpu-throttle")
+    );
+    assert!(err(c.execute(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "teleport", "state": true}]})
+    ))
+    .contains("unknown capability 'teleport'"));
+    assert!(
+        err(c.execute("migrate-set-capabilities", json!({"capabilities": 3})))
+            .contains("must be an array")
+    );
+    assert!(err(c.execute("migrate", json!({"uri": "udp:x:1"}))).contains("bad migration URI"));
+    assert!(err(c.execute("migrate", json!({}))).contains("'uri'"));
+    assert!(
+        err(c.execute("migrate-incoming", json!({"uri": "tcp:127.0.0.1:1"})))
+            .contains("does not receive")
+    );
+    assert_eq!(
+        err(c.execute("frobnicate", Value::Null)),
+        "CommandNotFound: unknown command 'frobnicate'"
+    );
+    // Parameters were not changed by the refused requests.
+    let p = c.execute("query-migrate-parameters", Value::Null).unwrap();
+    assert_eq!(p["downtime-limit"], 42);
+    drop(f.workload);
+}
+
+#[test]
+fn malformed_requests() {
+    let f = fixture(Params::default());
+    let mut c = ControlClient::connect(&f.path).unwrap();
+    let a = c.raw(b"{not json\n").unwrap();
+    assert!(
+        a["error"]["desc"]
+            .as_str()
+            .unwrap()
+            .contains("malformed JSON"),
+        "{a}"
+    );
+    let a = c.raw(b"[1,2]\n").unwrap();
+    assert!(
+        a["error"]["desc"].as_str().unwrap().contains("'execute'"),
+        "{a}"
+    );
+    let a = c
+        .raw(b"{\"execute\": \"query-migrate\", \"arguments\": 5}\n")
+        .unwrap();
+    assert!(
+        a["error"]["desc"]
+            .as_str()
+            .unwrap()
+            .contains("'arguments' must be an object"),
+        "{a}"
+    );
+    // The connection still works after errors.
+    assert_eq!(
+        c.execute("query-migrate", Value::Null).unwrap()["status"],
+        "none"
+    );
+    // An over-long line is refused and the connection closed.
+    let mut long = vec![b' '; MAX_LINE + 10];
+    long.push(b'\n');
+    let a = c.raw(&long).unwrap();
+    assert!(
+        a["error"]["desc"].as_str().unwrap().contains("longer than"),
+        "{a}"
+    );
+    assert!(
+        c.execute("query-migrate", Value::Null).is_err(),
+        "closed after an over-long line"
+    );
+    // Other clients are unaffected.
+    let mut c2 = ControlClient::connect(&f.path).unwrap();
+    assert_eq!(
+        c2.execute("query-migrate", Value::Null).unwrap()["status"],
+        "none"
+    );
+}
+
+#[test]
+fn migrate_steer_cancel_and_migrate_again() {
+    if !uffd_usable() {
+        return;
+    }
+    // 2 MiB/s: slow enough to steer and cancel mid-round.
+    let f = fixture(Params {
+        max_bandwidth: 2 << 20,
+        ..Params::default()
+    });
+    let mut c = ControlClient::connect(&f.path).unwrap();
+    c.execute("migrate", json!({"uri": "tcp:127.0.0.1:9"}))
+        .unwrap();
+    wait_status(&mut c, &["active"]);
+    let err = c
+        .execute("migrate", json!({"uri": "tcp:127.0.0.1:9"}))
+        .unwrap_err();
+    assert!(err.to_string().contains("already running"), "{err}");
+    // A parameter change reaches the running migration.
+    c.execute("migrate-set-parameters", json!({"max-bandwidth": 3 << 20}))
+        .unwrap();
+    let running = f.server.current().unwrap();
+    assert_eq!(running.params().max_bandwidth, 3 << 20);
+    // Cancel: the guest runs on.
+    c.execute("migrate-cancel", Value::Null).unwrap();
+    let s = wait_status(&mut c, &["cancelled", "failed"]);
+    assert_eq!(s["status"], "cancelled", "{s}");
+    let before = f.workload.pages_written();
+    thread::sleep(Duration::from_millis(100));
+    assert!(
+        f.workload.pages_written() > before,
+        "the workload still writes after cancel"
+    );
+    // A new migration right after, unlimited: completes.
+    c.execute("migrate-set-parameters", json!({"max-bandwidth": 0}))
+        .unwrap();
+    c.execute("migrate", json!({"uri": "tcp:127.0.0.1:9"}))
+        .unwrap();
+    let s = wait_status(&mut c, &["completed", "failed", "cancelled"]);
+    assert_eq!(s["status"], "completed", "{s}");
+    assert_eq!(
+        f.server.current().unwrap().stats().status,
+        Status::Completed
+    );
+}
