@@ -18,6 +18,7 @@
 #![warn(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod bench;
 pub mod devices;
 pub mod dirty;
 pub mod guest;

@@ -38,6 +38,70 @@ enum Cmd {
         #[arg(short, long)]
         output: PathBuf,
     },
+    /// Measures what dirty tracking costs a running guest: the pause that
+    /// starting a migration imposes (bitmap vs manual+initially-set) and
+    /// downtime/total time per tracker.
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Start-pause part: guest memory (populated from the host first).
+    #[arg(long, value_parser = parse_size, default_value = "8G")]
+    stall_mem: u64,
+    /// Start-pause part: vCPUs.
+    #[arg(long, default_value_t = 2)]
+    stall_vcpus: usize,
+    /// Start-pause part: working set per vCPU, written as fast as possible
+    /// (0 = all guest memory, shared among the vCPUs).
+    #[arg(long, value_parser = parse_size, default_value = "0")]
+    stall_working_set: u64,
+    /// Start-pause part: the smaller manual-protect chunk, log2 pages
+    /// (compared with the default 18 = 1 GiB).
+    #[arg(long, default_value_t = 12)]
+    small_chunk_shift: u32,
+    /// Migration part: guest memory.
+    #[arg(long, value_parser = parse_size, default_value = "2G")]
+    mem: u64,
+    /// Migration part: vCPUs.
+    #[arg(long, default_value_t = 2)]
+    vcpus: usize,
+    /// Migration part: bytes per second the guest writes (all vCPUs).
+    #[arg(long, value_parser = parse_size, default_value = "200M")]
+    rate: u64,
+    /// Migration part: working set per vCPU.
+    #[arg(long, value_parser = parse_size, default_value = "64M")]
+    working_set: u64,
+    /// Migration part: bandwidth cap in bytes per second (0 = unlimited).
+    #[arg(long, value_parser = parse_size, default_value = "0")]
+    max_bandwidth: u64,
+    /// Migration part: downtime limit in ms.
+    #[arg(long, default_value_t = 300)]
+    downtime_limit: u64,
+    /// Migration part: "tcp" (loopback) or "pipe" (in-memory).
+    #[arg(long, default_value = "tcp")]
+    transport: String,
+    /// Migration part: runs per tracker (medians are reported).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Start-pause part: runs per tracker configuration (medians). Each run
+    /// costs a minute or more on 8 GiB: the guest must re-fault its memory
+    /// writable after every tracker.
+    #[arg(long, default_value_t = 1)]
+    stall_runs: usize,
+    /// Start-pause part: also clear every chunk with the small chunk size
+    /// (adds another recovery pass).
+    #[arg(long)]
+    full_clears: bool,
+    /// Only the start-pause part.
+    #[arg(long, conflicts_with = "only_migrate")]
+    only_stall: bool,
+    /// Only the migration part.
+    #[arg(long)]
+    only_migrate: bool,
+    /// Print one JSON object on stdout (the table goes to stderr).
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -144,6 +208,39 @@ fn main() -> Result<()> {
             let end = u32::try_from(end).context("--end must be below 4 GiB")?;
             std::fs::write(&output, minivm::guest::boot_incrementer(end))
                 .with_context(|| format!("writing {}", output.display()))?;
+            Ok(())
+        }
+        Cmd::Bench(a) => {
+            let cfg = minivm::bench::BenchConfig {
+                stall_mem: a.stall_mem,
+                stall_vcpus: a.stall_vcpus,
+                stall_working_set: a.stall_working_set,
+                small_chunk_shift: a.small_chunk_shift,
+                mig_mem: a.mem,
+                mig_vcpus: a.vcpus,
+                mig_rate: a.rate,
+                mig_working_set: a.working_set,
+                max_bandwidth: a.max_bandwidth,
+                downtime_limit: a.downtime_limit,
+                transport: match a.transport.as_str() {
+                    "tcp" => minivm::bench::Transport::Tcp,
+                    "pipe" => minivm::bench::Transport::Pipe,
+                    t => bail!("--transport {t}: expected tcp or pipe"),
+                },
+                runs: a.runs,
+                stall_runs: a.stall_runs,
+                full_clears: a.full_clears,
+                skip_stall: a.only_migrate,
+                skip_migrate: a.only_stall,
+                ..Default::default()
+            };
+            let report = minivm::bench::run(&cfg)?;
+            if a.json {
+                eprint!("{}", report.table());
+                println!("{}", report.json());
+            } else {
+                print!("{}", report.table());
+            }
             Ok(())
         }
     }

@@ -126,6 +126,14 @@ pub(crate) fn save(sh: &Shared) -> Result<Vec<u8>, VmError> {
         conf.extend_from_slice(&s.size.to_le_bytes());
     }
     w.section(b"VMCF", &conf);
+    // The host-set guest write rate is part of the guest's behaviour: it
+    // moves with the guest.
+    w.section(
+        b"RATE",
+        &sh.rate_per_vcpu
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .to_le_bytes(),
+    );
     for (i, v) in sh.vcpus.iter().enumerate() {
         let fd = lock(&v.fd);
         let mut c = Writer(Vec::new());
@@ -284,6 +292,7 @@ pub(crate) fn restore(sh: &Shared, blob: &[u8]) -> Result<(), VmError> {
     }
     let mut vcpus: Vec<Option<VcpuState>> = (0..sh.vcpus.len()).map(|_| None).collect();
     let mut devs = None;
+    let mut rate = None;
     let mut conf_seen = false;
     while let Some((tag, body)) = r.section()? {
         match &tag {
@@ -307,6 +316,10 @@ pub(crate) fn restore(sh: &Shared, blob: &[u8]) -> Result<(), VmError> {
                     }
                 }
                 conf_seen = true;
+            }
+            b"RATE" => {
+                let mut c = Reader { b: body, pos: 0 };
+                rate = Some(c.u64("guest rate")?);
             }
             b"VCPU" => {
                 let v = parse_vcpu(body, sh.vcpus.len())?;
@@ -356,6 +369,7 @@ pub(crate) fn restore(sh: &Shared, blob: &[u8]) -> Result<(), VmError> {
         .map(|(i, v)| v.ok_or_else(|| bad(format!("missing vCPU {i}"))))
         .collect::<Result<_, _>>()?;
     let devs = devs.ok_or_else(|| bad("missing DEVS section"))?;
+    let rate = rate.ok_or_else(|| bad("missing RATE section"))?;
 
     for v in &vcpus {
         let slot = &sh.vcpus[v.id];
@@ -392,6 +406,8 @@ pub(crate) fn restore(sh: &Shared, blob: &[u8]) -> Result<(), VmError> {
     lock(&sh.devices)
         .restore(&devs, &sh.serial_out)
         .map_err(bad)?;
+    sh.rate_per_vcpu
+        .store(rate, std::sync::atomic::Ordering::Relaxed);
     Ok(())
 }
 

@@ -164,7 +164,7 @@ pub(crate) struct Shared {
     pub(crate) devices: Mutex<Devices>,
     pub(crate) serial_out: SerialOut,
     /// Test guest: pages per second each vCPU may write (0 = unlimited).
-    rate_per_vcpu: AtomicU64,
+    pub(crate) rate_per_vcpu: AtomicU64,
     throttle: AtomicU8,
     pub(crate) memory: Arc<GuestMemoryMmap>,
     pub(crate) slots: Vec<SlotInfo>,
@@ -782,6 +782,12 @@ impl Vm {
         // A non-zero rate below one page per second per vCPU still means "slow".
         let per = if bytes_per_sec > 0 { per.max(1) } else { 0 };
         self.shared.rate_per_vcpu.store(per, Ordering::Relaxed);
+    }
+
+    /// Test guest: the write rate in pages per second per vCPU (0 = unlimited).
+    /// It travels with the guest in the migrated state.
+    pub fn rate_pages_per_vcpu(&self) -> u64 {
+        self.shared.rate_per_vcpu.load(Ordering::Relaxed)
     }
 
     /// What the guest reports (heartbeats, self-check, vCPU errors).

@@ -1,0 +1,177 @@
+//! One running test guest migrated back and forth 50 times in a row, in one
+//! process, through in-memory pipes. Each hop migrates the current VM out
+//! into a freshly created VM, resumes the new one and drops the old one.
+//!
+//! After every hop: the guest's self-check passes and its page counter
+//! (kept in guest memory, so it travels with the guest) has moved forward.
+//! At the end: no leaked file descriptors, threads or memory.
+
+mod common;
+
+use std::io::Read;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use livemig::engine::{MigrationHandle, Params, Status};
+use livemig::transport::pipe;
+use minivm::migrate::{migrate_in, migrate_out};
+use minivm::{GuestImage, TestGuestConfig, TrackerKind, Vm, VmConfig};
+
+const HOPS: usize = 50;
+/// Hops done before the file-descriptor, thread and memory baseline.
+const WARMUP_HOPS: usize = 2;
+const MEM_SIZE: u64 = 128 << 20;
+/// Allowed RSS growth between the warm-up baseline and the last hop.
+const RSS_SLACK: u64 = 64 << 20;
+/// The test guest's write rate (all vCPUs together).
+const RATE: u64 = 32 << 20;
+
+fn config() -> VmConfig {
+    VmConfig {
+        mem_size: MEM_SIZE,
+        ram_blocks: 2,
+        vcpus: 2,
+        guest: GuestImage::TestGuest(TestGuestConfig {
+            pages_per_vcpu: 1024,
+            rate_bytes_per_sec: RATE,
+        }),
+        prefault: true,
+        ..VmConfig::default()
+    }
+}
+
+fn fd_count() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+fn thread_count() -> usize {
+    std::fs::read_dir("/proc/self/task").unwrap().count()
+}
+
+/// A `kB` field of /proc/self/status, in bytes.
+fn status_bytes(field: &str) -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().strip_suffix("kB")?.trim().parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/self/status"))
+        * 1024
+}
+
+/// Migrates `src` into a new VM, resumes it and returns it; `src` is dropped.
+/// Alternates the classic bitmap and the default (auto) tracker.
+fn hop(src: Vm, n: usize) -> Vm {
+    let (w, r) = pipe();
+    let (mut aw, mut ar) = pipe();
+    let cfg = config();
+    let dest = thread::spawn(move || migrate_in(&cfg, r, Some(&mut aw)));
+    let kind = if n.is_multiple_of(2) {
+        TrackerKind::Auto
+    } else {
+        TrackerKind::Bitmap
+    };
+    let handle = MigrationHandle::new(Params {
+        verify: true,
+        ..Params::default()
+    });
+    let stats = migrate_out(&src, kind, handle, w, Some(&mut ar as &mut dyn Read))
+        .unwrap_or_else(|e| panic!("hop {n}: migrate_out ({kind:?}) failed: {e}"));
+    assert_eq!(stats.status, Status::Completed, "hop {n}");
+    let (dst, loaded) = dest
+        .join()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("hop {n}: migrate_in failed: {e}"));
+    assert!(
+        loaded.digest.is_some(),
+        "hop {n}: verify mode proved the memory"
+    );
+    assert!(src.is_paused(), "hop {n}: the source stays paused");
+    let rate = src.rate_pages_per_vcpu();
+    drop(src);
+    assert_eq!(
+        dst.rate_pages_per_vcpu(),
+        rate,
+        "hop {n}: the guest's write rate moved with it"
+    );
+    assert!(rate > 0);
+    dst.resume();
+    dst
+}
+
+#[test]
+fn fifty_hops_no_failures_no_leaks() {
+    if !common::kvm_available("fifty_hops_no_failures_no_leaks") {
+        return;
+    }
+    let t0 = Instant::now();
+    let fds0 = fd_count();
+    let threads0 = thread_count();
+
+    let mut vm = Vm::new(config()).unwrap();
+    let s = common::wait_for(&vm, Duration::from_secs(10), |s| s.pages_written() > 0);
+    assert!(s.ok() && s.pages_written() > 0, "guest runs: {s:?}");
+    // One live VM: its fds and threads, on top of the baseline.
+    let vm_fds = fd_count() - fds0;
+    let vm_threads = thread_count() - threads0;
+    assert!(vm_fds > 0 && vm_threads > 0);
+
+    let mut last = s.pages_written();
+    let mut warm: Option<(usize, usize, u64)> = None;
+    for n in 1..=HOPS {
+        vm = hop(vm, n);
+        // What the destination restored is the source's counter at pause
+        // time: never behind what we saw before the hop.
+        let restored = vm.guest_status().pages_written();
+        assert!(
+            restored >= last,
+            "hop {n}: pages_written went back from {last} to {restored}"
+        );
+        let s = common::wait_for(&vm, Duration::from_secs(10), |s| {
+            s.pages_written() > restored
+        });
+        assert!(
+            s.errors.is_empty(),
+            "hop {n}: vCPU stopped on the destination: {s:?}"
+        );
+        assert_eq!(s.failures(), 0, "hop {n}: guest self-check failed: {s:?}");
+        assert!(
+            s.pages_written() > restored,
+            "hop {n}: guest makes no progress after restore: {s:?}"
+        );
+        last = s.pages_written();
+        if n == WARMUP_HOPS {
+            warm = Some((fd_count(), thread_count(), status_bytes("VmRSS")));
+        }
+    }
+    let (fds_warm, threads_warm, rss_warm) = warm.unwrap();
+    let (fds_end, threads_end, rss_end) = (fd_count(), thread_count(), status_bytes("VmRSS"));
+    eprintln!(
+        "{HOPS} hops in {:.1} s; guest wrote {last} pages; fds {fds0} -> {fds_warm} -> {fds_end} \
+         (one VM: {vm_fds}); threads {threads0} -> {threads_warm} -> {threads_end}; \
+         VmRSS after {WARMUP_HOPS} hops {} MiB, after {HOPS} {} MiB; VmHWM {} MiB",
+        t0.elapsed().as_secs_f64(),
+        rss_warm >> 20,
+        rss_end >> 20,
+        status_bytes("VmHWM") >> 20,
+    );
+    assert!(vm.guest_status().ok(), "{:?}", vm.guest_status());
+    // One live VM after the warm-up and at the end: the same fds and threads.
+    assert_eq!(fds_warm, fds0 + vm_fds, "fds after warm-up");
+    assert_eq!(fds_end, fds_warm, "fds leaked over {HOPS} hops");
+    assert_eq!(threads_warm, threads0 + vm_threads, "threads after warm-up");
+    assert_eq!(threads_end, threads_warm, "threads leaked over {HOPS} hops");
+    assert!(
+        rss_end < rss_warm + RSS_SLACK,
+        "RSS grew from {} MiB to {} MiB over {HOPS} hops (VM size {} MiB)",
+        rss_warm >> 20,
+        rss_end >> 20,
+        MEM_SIZE >> 20
+    );
+    drop(vm);
+    assert_eq!(fd_count(), fds0, "fds left after the last VM is gone");
+    assert_eq!(
+        thread_count(),
+        threads0,
+        "threads left after the last VM is gone"
+    );
+}
