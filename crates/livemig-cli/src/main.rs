@@ -1,9 +1,11 @@
 //! `livemig`: live-migrate guest memory between processes, save it to a
 //! file and load it back, and run the reference VM demo.
 
+mod bench;
 mod process;
 mod report;
 mod units;
+mod vm;
 
 use clap::{Parser, Subcommand};
 
@@ -28,6 +30,20 @@ enum Cmd {
     Save(process::SaveArgs),
     /// Load a snapshot file into memory and check its digest.
     Load(process::LoadArgs),
+    /// Measure livemig against memcpy and loopback sockets in one run:
+    /// page codecs, idle-guest migration throughput, XBZRLE off vs on.
+    Bench(bench::BenchArgs),
+    /// Start a VM running the built-in self-checking guest, start a
+    /// destination VM in a second process, migrate the running guest live
+    /// over loopback TCP and show it running on the destination.
+    Demo(vm::DemoArgs),
+    /// Start a VM with the built-in guest and migrate it live to a
+    /// `vm-incoming` process (tcp:HOST:PORT, unix:PATH) or save a snapshot
+    /// of it (file:PATH).
+    VmMigrate(vm::VmMigrateArgs),
+    /// Receive a VM (or restore a file: snapshot), resume its guest, run it
+    /// and report its heartbeats and self-check.
+    VmIncoming(vm::VmIncomingArgs),
 }
 
 fn main() {
@@ -37,6 +53,10 @@ fn main() {
         Cmd::Incoming(a) => process::incoming(a),
         Cmd::Save(a) => process::save(a),
         Cmd::Load(a) => process::load(a),
+        Cmd::Bench(a) => bench::bench(a),
+        Cmd::Demo(a) => vm::demo(a),
+        Cmd::VmMigrate(a) => vm::vm_migrate(a),
+        Cmd::VmIncoming(a) => vm::vm_incoming(a),
     };
     if let Err(e) = result {
         eprintln!("livemig: error: {e:#}");

@@ -89,8 +89,15 @@ fn boot_sector_incrementer_migrates_live_and_stays_consistent() {
     let (mut aw, mut ar) = pipe();
     let dest_cfg = cfg.clone();
     let dest = thread::spawn(move || migrate_in(&dest_cfg, r, Some(&mut aw)));
+    // The incrementer rewrites its whole range several times a second. The
+    // optimized engine converges within the default 300 ms downtime limit;
+    // the unoptimized one (plain `cargo test`, well under 100 MB/s) needs
+    // a longer limit and auto-converge to throttle the guest.
+    let slow = cfg!(debug_assertions);
     let handle = MigrationHandle::new(Params {
         verify: true,
+        downtime_limit: if slow { 3000 } else { 300 },
+        auto_converge: slow,
         ..Params::default()
     });
     let before = passes(&src);
@@ -105,8 +112,8 @@ fn boot_sector_incrementer_migrates_live_and_stays_consistent() {
     assert_eq!(stats.status, Status::Completed);
     let at_stop = passes(&src);
     assert!(
-        at_stop > before,
-        "the guest kept incrementing while it migrated: {before} -> {at_stop} passes"
+        stats.ram.normal + stats.ram.duplicate > MEM / 4096,
+        "the guest re-dirtied pages while it migrated (some were sent twice): {stats:?}"
     );
     let (dst, loaded) = dest.join().unwrap().unwrap();
     assert!(loaded.digest.is_some(), "verify mode proved the memory");
@@ -116,13 +123,14 @@ fn boot_sector_incrementer_migrates_live_and_stays_consistent() {
         "the destination starts where the source stopped"
     );
     eprintln!(
-        "boot sector over {} MiB: {} total {} ms, downtime {} ms, {} rounds, {} MiB sent; the guest made {} passes while migrating",
+        "boot sector over {} MiB: {} total {} ms, downtime {} ms, {} rounds, {} MiB sent, throttle {}%; the guest made {} passes while migrating",
         (MEM - BOOTINC_FIRST) >> 20,
         stats.dirty_tracker,
         stats.total_time,
         stats.downtime,
         stats.ram.rounds,
         stats.ram.transferred >> 20,
+        stats.cpu_throttle_percentage,
         at_stop - before
     );
 

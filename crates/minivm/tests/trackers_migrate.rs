@@ -14,7 +14,8 @@
 //! stage over 2 GiB included), for every tracker.
 //! Plain `cargo test` builds the engine unoptimized (under 100 MB/s sent):
 //! there the working set is 2 × 4 MiB so the migration converges, and the
-//! guest achieved 177-182 MiB/s on average while tracked (208-210 best).
+//! guest achieved 177-199 MiB/s on average while tracked (206-210 best);
+//! each test takes 23-34 s there (debug digest of 2 GiB: ~3 s downtime).
 //! Each test prints its figures (run with --nocapture).
 mod common;
 

@@ -1,0 +1,795 @@
+//! The reference VM end to end: `livemig demo` (source and destination VMs
+//! in two processes over loopback TCP), `livemig vm-migrate` and
+//! `livemig vm-incoming` (the same, step by step; `file:` URIs give a
+//! snapshot and its restore).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use livemig::engine::{hex, memory_digest, MigrationHandle, MigrationStats};
+use livemig::transport::{connect, Listener, Uri};
+use minivm::guest::{test_guest_bytes, MAX_VCPUS};
+use minivm::migrate::{migrate_in, migrate_out};
+use minivm::{GuestImage, GuestStatus, TestGuestConfig, TrackerKind, Vm, VmConfig};
+use serde_json::{json, Value};
+
+use crate::process::TuneArgs;
+use crate::report::{succeeded, summary, Progress};
+use crate::units::{human, parse_mem_size, parse_size};
+
+const TWO_MIB: u64 = 2 << 20;
+const MIB: f64 = (1u64 << 20) as f64;
+
+fn parse_vm_mem(s: &str) -> Result<u64, String> {
+    let v = parse_mem_size(s)?;
+    if v % TWO_MIB != 0 {
+        return Err(format!("'{s}' must be a multiple of 2 MiB (e.g. 512M, 1G)"));
+    }
+    Ok(v)
+}
+
+/// The VM's shape; source and destination must agree on it.
+#[derive(Args, Clone, Debug)]
+pub struct LayoutArgs {
+    /// Guest memory (a multiple of 2 MiB, e.g. 512M, 1G, 4G).
+    #[arg(long, default_value = "1G", value_parser = parse_vm_mem)]
+    pub mem: u64,
+    /// Number of vCPUs (each runs its own copy of the test guest).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=MAX_VCPUS as i64))]
+    pub vcpus: u16,
+    /// Number of RAM blocks (KVM memory slots) the memory is split into.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=32))]
+    pub blocks: u16,
+}
+
+/// Dirty tracker for a KVM guest.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DirtyTrack {
+    /// The best this host offers (manual protect with initially-set, else
+    /// the classic bitmap; never the ring).
+    Auto,
+    /// Classic KVM dirty bitmap (GET_DIRTY_LOG re-protects everything).
+    Bitmap,
+    /// Manual protect: write protection armed chunk by chunk as pages go.
+    Manual,
+    /// Per-vCPU dirty ring.
+    Ring,
+}
+
+/// The source guest: the built-in self-checking test guest.
+#[derive(Args, Clone, Debug)]
+pub struct GuestArgs {
+    /// Bytes per second the guest writes, all vCPUs together (0 = as fast as it can).
+    #[arg(long, default_value = "512M", value_parser = parse_size)]
+    pub rate: u64,
+    /// Working set of each vCPU (default: about 3/4 of --mem shared by the vCPUs, at most 384M each).
+    #[arg(long, value_parser = parse_mem_size)]
+    pub working_set: Option<u64>,
+    /// Dirty tracking backend.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub dirty_track: DirtyTrack,
+    /// Manual tracker: log2 of pages per write-protect chunk (18 = 1 GiB, as QEMU).
+    #[arg(long, default_value_t = TrackerKind::DEFAULT_CHUNK_SHIFT, value_parser = clap::value_parser!(u32).range(6..=30))]
+    pub chunk_shift: u32,
+    /// Ring tracker: dirty ring entries per vCPU (a power of two).
+    #[arg(long, default_value_t = 16384)]
+    pub dirty_ring: u32,
+    /// Do not populate the working set from the host before the guest starts.
+    #[arg(long)]
+    pub no_prefault: bool,
+    /// Seconds the guest runs before the migration starts.
+    #[arg(long, default_value_t = 1.0)]
+    pub warmup: f64,
+}
+
+/// `livemig demo`.
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    #[command(flatten)]
+    pub layout: LayoutArgs,
+    #[command(flatten)]
+    pub guest: GuestArgs,
+    #[command(flatten)]
+    pub tune: TuneArgs,
+    /// Seconds the guest runs on the destination before it reports.
+    #[arg(long, default_value_t = 3.0)]
+    pub seconds_after: f64,
+    /// Print exactly one JSON object (stats, guest and destination) on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// `livemig vm-migrate`.
+#[derive(Args, Debug)]
+pub struct VmMigrateArgs {
+    /// Where to: tcp:HOST:PORT, unix:PATH, or file:PATH (a snapshot).
+    pub uri: String,
+    #[command(flatten)]
+    pub layout: LayoutArgs,
+    #[command(flatten)]
+    pub guest: GuestArgs,
+    #[command(flatten)]
+    pub tune: TuneArgs,
+    /// Print one JSON object of the final stats on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// `livemig vm-incoming`.
+#[derive(Args, Debug)]
+pub struct VmIncomingArgs {
+    /// Where to listen: tcp:HOST:PORT (port 0 = any free port), unix:PATH,
+    /// or file:PATH (restore a snapshot).
+    pub uri: String,
+    #[command(flatten)]
+    pub layout: LayoutArgs,
+    /// Change the test guest's write rate once resumed, all vCPUs together
+    /// (0 = as fast as it can). By default the guest keeps the rate it had
+    /// on the source (the rate travels in the VM state).
+    #[arg(long, value_parser = parse_size)]
+    pub rate: Option<u64>,
+    /// Seconds the guest runs after it resumes (0 = until interrupted).
+    #[arg(long, default_value_t = 0.0)]
+    pub seconds: f64,
+    /// Print one JSON object of the result on stdout (needs --seconds).
+    #[arg(long)]
+    pub json: bool,
+    /// No status lines.
+    #[arg(long)]
+    pub quiet: bool,
+    /// Print the URI actually listened on as the first line of stdout.
+    #[arg(long, hide = true)]
+    pub announce: bool,
+}
+
+/// Fails with a clear message when KVM cannot be used here.
+fn check_kvm() -> Result<()> {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
+            "no /dev/kvm on this machine: the VM commands need KVM (a host with \
+             virtualization enabled and the kvm module loaded); `livemig migrate` \
+             moves plain process memory without it"
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => bail!(
+            "cannot open /dev/kvm: permission denied (run as a member of the kvm group, or as root)"
+        ),
+        Err(e) => bail!("cannot open /dev/kvm: {e}"),
+    }
+}
+
+impl LayoutArgs {
+    fn dest_config(&self) -> VmConfig {
+        VmConfig {
+            mem_size: self.mem,
+            ram_blocks: usize::from(self.blocks),
+            vcpus: usize::from(self.vcpus),
+            guest: GuestImage::Incoming,
+            start_paused: true,
+            ..VmConfig::default()
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{} vCPU{}, {} guest RAM in {} block{}",
+            self.vcpus,
+            if self.vcpus == 1 { "" } else { "s" },
+            human(self.mem),
+            self.blocks,
+            if self.blocks == 1 { "" } else { "s" }
+        )
+    }
+}
+
+impl GuestArgs {
+    fn guest_config(&self, layout: &LayoutArgs) -> Result<TestGuestConfig> {
+        let vcpus = usize::from(layout.vcpus);
+        let usable = layout.mem.saturating_sub(2 * TWO_MIB);
+        let pages = match self.working_set {
+            Some(ws) => ws / 4096,
+            None => (usable * 3 / 4 / vcpus as u64 / 4096).min(384 << 8),
+        };
+        let cfg = TestGuestConfig {
+            pages_per_vcpu: pages.max(1),
+            rate_bytes_per_sec: self.rate,
+        };
+        let need = test_guest_bytes(&cfg, vcpus);
+        if need > layout.mem {
+            bail!(
+                "a working set of {} per vCPU for {} vCPUs needs {} of guest memory, more than --mem {}",
+                human(cfg.pages_per_vcpu * 4096),
+                vcpus,
+                human(need),
+                human(layout.mem)
+            );
+        }
+        Ok(cfg)
+    }
+
+    fn tracker(&self) -> TrackerKind {
+        match self.dirty_track {
+            DirtyTrack::Auto => TrackerKind::Auto,
+            DirtyTrack::Bitmap => TrackerKind::Bitmap,
+            DirtyTrack::Manual => TrackerKind::Manual {
+                chunk_shift: self.chunk_shift,
+            },
+            DirtyTrack::Ring => TrackerKind::Ring,
+        }
+    }
+}
+
+fn tracker_label(kind: TrackerKind) -> String {
+    match kind {
+        TrackerKind::Auto => "auto".into(),
+        TrackerKind::Bitmap => "bitmap".into(),
+        TrackerKind::Manual { chunk_shift } => format!(
+            "manual (write-protect chunks of 2^{chunk_shift} pages = {})",
+            human(4096u64 << chunk_shift)
+        ),
+        TrackerKind::Ring => "ring".into(),
+    }
+}
+
+fn self_check(s: &GuestStatus) -> &'static str {
+    if s.ok() {
+        "passed"
+    } else {
+        "failed"
+    }
+}
+
+/// The running source VM and what it was asked to do.
+struct SourceVm {
+    vm: Vm,
+    tracker: TrackerKind,
+    why: &'static str,
+    total: u64,
+}
+
+fn start_source(layout: &LayoutArgs, guest: &GuestArgs, say: bool) -> Result<SourceVm> {
+    check_kvm()?;
+    let cfg = guest.guest_config(layout)?;
+    let requested = guest.tracker();
+    let config = VmConfig {
+        mem_size: layout.mem,
+        ram_blocks: usize::from(layout.blocks),
+        vcpus: usize::from(layout.vcpus),
+        guest: GuestImage::TestGuest(cfg.clone()),
+        dirty_ring_entries: (requested == TrackerKind::Ring).then_some(guest.dirty_ring),
+        prefault: !guest.no_prefault,
+        ..VmConfig::default()
+    };
+    if say {
+        eprintln!(
+            "source VM: {}; built-in test guest writing {}/s over {} per vCPU",
+            layout.describe(),
+            if cfg.rate_bytes_per_sec == 0 {
+                "as much as it can".to_string()
+            } else {
+                human(cfg.rate_bytes_per_sec)
+            },
+            human(cfg.pages_per_vcpu * 4096)
+        );
+    }
+    let vm = Vm::new(config).context("starting the source VM")?;
+    let (tracker, why) = vm.resolve_tracker(requested);
+    Ok(SourceVm {
+        vm,
+        tracker,
+        why,
+        total: layout.mem,
+    })
+}
+
+/// Lets the guest run `secs` seconds and says how it does.
+fn warm_up(src: &SourceVm, secs: f64, say: bool) -> Result<()> {
+    let s0 = src.vm.guest_status();
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs_f64(secs.max(0.1)));
+    let s1 = src.vm.guest_status();
+    let rate = (s1.pages_written() - s0.pages_written()) as f64 * 4096.0
+        / t0.elapsed().as_secs_f64()
+        / MIB;
+    if say {
+        eprintln!(
+            "guest running on the source: {} heartbeats, {} pages written ({rate:.0} MiB/s untracked), self-check {}",
+            s1.heartbeats(),
+            s1.pages_written(),
+            self_check(&s1)
+        );
+    }
+    if !s1.ok() {
+        bail!("the guest failed on the source before migrating: {s1:?}");
+    }
+    if s1.heartbeats() == 0 {
+        bail!("the guest sent no heartbeat on the source in {secs:.1} s");
+    }
+    Ok(())
+}
+
+/// What the source side saw.
+struct SourceOutcome {
+    stats: MigrationStats,
+    error: Option<String>,
+    /// Guest status as the migration started and at the switch-over.
+    before: GuestStatus,
+    at_stop: GuestStatus,
+    /// Guest writes per second while tracked (bytes).
+    tracked_rate: f64,
+    /// Source memory digest at stop time (completed migrations only).
+    digest: Option<String>,
+    /// The destination acknowledged (sockets; not files).
+    acked: bool,
+}
+
+fn migrate_source(
+    src: &SourceVm,
+    uri: &Uri,
+    tune: &TuneArgs,
+    quiet: bool,
+    say: bool,
+) -> Result<SourceOutcome> {
+    let params = tune.params()?;
+    if say {
+        eprintln!(
+            "dirty tracker: {} — {}",
+            tracker_label(src.tracker),
+            src.why
+        );
+        eprintln!(
+            "migrating to {uri} (verify {})",
+            if params.verify { "on" } else { "off" }
+        );
+    }
+    let out = connect(uri)?;
+    let acked = out.ack.is_some();
+    let handle = MigrationHandle::new(params.clone());
+    let before = src.vm.guest_status();
+    let t0 = Instant::now();
+    let progress = Progress::source(handle.clone(), src.total, quiet);
+    let mut ack = out.ack;
+    let result = migrate_out(
+        &src.vm,
+        src.tracker,
+        handle.clone(),
+        out.writer,
+        ack.as_deref_mut().map(|r| r as &mut dyn Read),
+    );
+    drop(progress);
+    let at_stop = src.vm.guest_status();
+    let secs = t0.elapsed().as_secs_f64();
+    let stats = match &result {
+        Ok(s) => s.clone(),
+        Err(_) => handle.stats(),
+    };
+    if let Some(path) = &tune.history {
+        std::fs::write(path, serde_json::to_vec_pretty(&handle.history())?)
+            .with_context(|| format!("writing history to {}", path.display()))?;
+    }
+    let ok = result.is_ok() && succeeded(&stats);
+    // The source VM stays paused after a completed migration: its memory
+    // is the guest's memory at the switch-over.
+    let digest = (ok && params.verify).then(|| hex(&memory_digest(&*src.vm.memory())));
+    Ok(SourceOutcome {
+        error: result.err().map(|e| format!("{e:#}")),
+        stats,
+        tracked_rate: (at_stop.pages_written() - before.pages_written()) as f64 * 4096.0
+            / secs.max(1e-3),
+        before,
+        at_stop,
+        digest,
+        acked: acked && ok,
+    })
+}
+
+fn print_source(o: &SourceOutcome) {
+    eprintln!("{}", summary(&o.stats));
+    eprintln!(
+        "guest during migration: {} pages written ({:.0} MiB/s while tracked), {} heartbeats at the switch-over, self-check {}",
+        o.at_stop.pages_written() - o.before.pages_written(),
+        o.tracked_rate / MIB,
+        o.at_stop.heartbeats(),
+        self_check(&o.at_stop)
+    );
+    if let Some(d) = &o.digest {
+        eprintln!("source memory digest at the switch-over: {d}");
+    }
+}
+
+fn source_json(o: &SourceOutcome, src: &SourceVm, uri: &Uri) -> Result<Value> {
+    let mut v = serde_json::to_value(&o.stats)?;
+    v["uri"] = json!(uri.to_string());
+    v["tracker"] = json!({
+        "used": o.stats.dirty_tracker,
+        "kind": tracker_label(src.tracker),
+        "why": src.why,
+    });
+    v["digest"] = json!(o.digest);
+    v["tracked-dirty-rate"] = json!(o.tracked_rate as u64);
+    Ok(v)
+}
+
+/// `livemig vm-migrate`.
+pub fn vm_migrate(a: VmMigrateArgs) -> Result<()> {
+    let uri: Uri = a.uri.parse()?;
+    let say = !a.json;
+    let src = start_source(&a.layout, &a.guest, say)?;
+    warm_up(&src, a.guest.warmup, say)?;
+    let o = migrate_source(&src, &uri, &a.tune, a.quiet || a.json, say)?;
+    if a.json {
+        let mut v = source_json(&o, &src, &uri)?;
+        v["role"] = json!("source");
+        v["verified"] = json!(o.acked && !a.tune.no_verify);
+        v["guest"] = json!({
+            "heartbeats-before": o.at_stop.heartbeats(),
+            "pages-written": o.at_stop.pages_written(),
+            "self-check": self_check(&o.at_stop),
+            "failures": o.at_stop.failures(),
+        });
+        println!("{}", serde_json::to_string(&v)?);
+    } else {
+        print_source(&o);
+        match &uri {
+            Uri::File(p) => eprintln!(
+                "snapshot written to {} (restore: livemig vm-incoming {uri} --mem {}M --vcpus {} --blocks {} --seconds 5)",
+                p.display(),
+                a.layout.mem >> 20,
+                a.layout.vcpus,
+                a.layout.blocks
+            ),
+            _ if o.acked && !a.tune.no_verify => {
+                eprintln!("the destination loaded the stream and confirmed the same digest")
+            }
+            _ => {}
+        }
+    }
+    if let Some(e) = o.error {
+        bail!("migration failed: {e}");
+    }
+    if !succeeded(&o.stats) {
+        bail!("migration ended with status {:?}", o.stats.status);
+    }
+    if !o.at_stop.ok() {
+        bail!(
+            "the guest's self-check failed on the source: {:?}",
+            o.at_stop
+        );
+    }
+    Ok(())
+}
+
+/// `livemig vm-incoming`.
+pub fn vm_incoming(a: VmIncomingArgs) -> Result<()> {
+    let uri: Uri = a.uri.parse()?;
+    check_kvm()?;
+    if a.json && a.seconds <= 0.0 {
+        bail!("--json reports once the guest has run: give --seconds");
+    }
+    let say = !a.json && !a.quiet;
+    let listener = Listener::bind(&uri)?;
+    if a.announce {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{}", listener.local_uri())?;
+        out.flush()?;
+    }
+    let snapshot = matches!(uri, Uri::File(_));
+    if say && !snapshot {
+        eprintln!(
+            "destination VM ({}): waiting for a migration on {}",
+            a.layout.describe(),
+            listener.local_uri()
+        );
+    }
+    let inc = listener.accept()?;
+    let t0 = Instant::now();
+    let mut ack = inc.ack;
+    let (vm, loaded) = migrate_in(
+        &a.layout.dest_config(),
+        inc.reader,
+        ack.as_deref_mut().map(|w| w as &mut dyn Write),
+    )
+    .with_context(|| format!("loading the VM from {uri}"))?;
+    let load_ms = t0.elapsed().as_millis() as u64;
+    let digest = loaded.digest.map(|d| hex(&d));
+    let before = vm.guest_status();
+    if say {
+        eprintln!(
+            "loaded {} of stream in {load_ms} ms: {} raw, {} zero, {} xbzrle, {} compressed pages",
+            human(loaded.stats.bytes),
+            loaded.stats.raw_pages,
+            loaded.stats.zero_pages,
+            loaded.stats.xbzrle_pages,
+            loaded.stats.compressed_pages,
+        );
+        match &digest {
+            Some(d) => eprintln!("memory digest verified against the source's: {d}"),
+            None => eprintln!("no digest in the stream (the source ran with --no-verify)"),
+        }
+        eprintln!(
+            "resuming the guest ({} pages written before the switch-over)",
+            before.pages_written()
+        );
+    }
+    if let Some(rate) = a.rate {
+        vm.set_rate(rate);
+    }
+    let resumed = Instant::now();
+    vm.resume();
+    let mut last = before.clone();
+    let mut last_t = Instant::now();
+    loop {
+        let left = if a.seconds > 0.0 {
+            a.seconds - resumed.elapsed().as_secs_f64()
+        } else {
+            1.0
+        };
+        if left <= 0.0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_secs_f64(left.min(1.0)));
+        let s = vm.guest_status();
+        if say {
+            let dt = last_t.elapsed().as_secs_f64();
+            eprintln!(
+                "t={:>5.1}s heartbeats={} pages_written={} ({:.0} MiB/s) self-check {}",
+                resumed.elapsed().as_secs_f64(),
+                s.heartbeats(),
+                s.pages_written(),
+                (s.pages_written() - last.pages_written()) as f64 * 4096.0 / dt / MIB,
+                self_check(&s)
+            );
+        }
+        if !s.ok() {
+            break;
+        }
+        last = s;
+        last_t = Instant::now();
+    }
+    vm.pause().context("pausing the destination guest")?;
+    let after = vm.guest_status();
+    let ran = resumed.elapsed().as_secs_f64();
+    let advanced =
+        after.heartbeats() > before.heartbeats() && after.pages_written() > before.pages_written();
+    if a.json {
+        let v = json!({
+            "role": "destination",
+            "status": "completed",
+            "uri": listener.local_uri().to_string(),
+            "load-time": load_ms,
+            "load": loaded.stats,
+            "verified": digest.is_some(),
+            "digest": digest,
+            "ran-seconds": ran,
+            "guest": {
+                "heartbeats": after.heartbeats(),
+                "pages-written-before": before.pages_written(),
+                "pages-written": after.pages_written(),
+                "write-rate": ((after.pages_written() - before.pages_written()) as f64 * 4096.0 / ran) as u64,
+                "self-check": self_check(&after),
+                "failures": after.failures(),
+                "errors": after.errors,
+            },
+        });
+        println!("{}", serde_json::to_string(&v)?);
+    } else if !a.quiet {
+        eprintln!(
+            "guest on the destination: {} heartbeats, pages written {} -> {}, self-check {} ({} failures)",
+            after.heartbeats(),
+            before.pages_written(),
+            after.pages_written(),
+            self_check(&after),
+            after.failures()
+        );
+    }
+    if !after.ok() {
+        bail!("the guest's self-check failed on the destination: {after:?}");
+    }
+    if !advanced {
+        bail!("the guest made no progress on the destination: {before:?} -> {after:?}");
+    }
+    Ok(())
+}
+
+/// The destination process of the demo; killed if the demo stops early.
+struct DestProcess {
+    child: Child,
+    stdout: BufReader<ChildStdout>,
+    done: bool,
+}
+
+impl DestProcess {
+    fn spawn(layout: &LayoutArgs, seconds: f64) -> Result<DestProcess> {
+        let exe = std::env::current_exe().context("finding the livemig executable")?;
+        let mut child = Command::new(&exe)
+            .arg("vm-incoming")
+            .arg("tcp:127.0.0.1:0")
+            .args(["--mem", &format!("{}M", layout.mem >> 20)])
+            .args(["--vcpus", &layout.vcpus.to_string()])
+            .args(["--blocks", &layout.blocks.to_string()])
+            .args(["--seconds", &seconds.to_string()])
+            .args(["--json", "--announce"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("starting the destination process {}", exe.display()))?;
+        let stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
+        Ok(DestProcess {
+            child,
+            stdout,
+            done: false,
+        })
+    }
+
+    fn line(&mut self, what: &str) -> Result<Option<String>> {
+        let mut s = String::new();
+        let n = self
+            .stdout
+            .read_line(&mut s)
+            .with_context(|| format!("reading the destination's {what}"))?;
+        Ok((n > 0).then(|| s.trim().to_string()))
+    }
+
+    /// The URI the destination listens on.
+    fn uri(&mut self) -> Result<Uri> {
+        match self.line("address")? {
+            Some(l) => l
+                .parse()
+                .with_context(|| format!("the destination announced '{l}'")),
+            None => {
+                let status = self.child.wait()?;
+                self.done = true;
+                bail!("the destination process exited before listening ({status})")
+            }
+        }
+    }
+
+    /// The destination's report (one JSON line) and whether it exited well.
+    fn report(&mut self) -> Result<(Option<Value>, bool)> {
+        let line = self.line("report")?;
+        let status = self.child.wait()?;
+        self.done = true;
+        let v = match line {
+            Some(l) => Some(
+                serde_json::from_str(&l)
+                    .with_context(|| format!("the destination reported '{l}'"))?,
+            ),
+            None => None,
+        };
+        Ok((v, status.success()))
+    }
+}
+
+impl Drop for DestProcess {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// `livemig demo`.
+pub fn demo(a: DemoArgs) -> Result<()> {
+    check_kvm()?;
+    // Check the arguments before starting anything.
+    a.tune.params()?;
+    a.guest.guest_config(&a.layout)?;
+    let say = !a.json;
+    let started = Instant::now();
+    let mut dest = DestProcess::spawn(&a.layout, a.seconds_after.max(0.5))?;
+    let src = start_source(&a.layout, &a.guest, say)?;
+    let uri = dest.uri()?;
+    if say {
+        eprintln!(
+            "destination VM: process {} listening on {uri}",
+            dest.child.id()
+        );
+    }
+    warm_up(&src, a.guest.warmup, say)?;
+    let o = migrate_source(&src, &uri, &a.tune, a.quiet || a.json, say)?;
+    if say {
+        print_source(&o);
+    }
+    if say && o.error.is_none() {
+        eprintln!(
+            "guest resumed on the destination; letting it run {:.1} s",
+            a.seconds_after
+        );
+    }
+    let (report, dest_ok) = dest.report()?;
+    let report = report.unwrap_or(Value::Null);
+    let g = &report["guest"];
+    let dest_heartbeats = g["heartbeats"].as_u64().unwrap_or(0);
+    let dest_failures = g["failures"].as_u64().unwrap_or(u64::MAX);
+    let dest_pages = g["pages-written"].as_u64().unwrap_or(0);
+    let dest_digest = report["digest"].as_str().map(str::to_string);
+    let passed_check = g["self-check"] == "passed" && o.at_stop.ok();
+    let heartbeats_before = o.at_stop.heartbeats();
+    // The guest's heartbeats over its life: those sent on the source, then
+    // those sent on the destination.
+    let heartbeats_after = heartbeats_before + dest_heartbeats;
+    let verify = !a.tune.no_verify;
+    let verified =
+        verify && report["verified"] == true && dest_digest.is_some() && dest_digest == o.digest;
+    let mut failures = Vec::new();
+    if let Some(e) = &o.error {
+        failures.push(format!("migration failed: {e}"));
+    } else if !succeeded(&o.stats) {
+        failures.push(format!("migration status {:?}", o.stats.status));
+    }
+    if !dest_ok || report.is_null() {
+        failures.push("the destination process failed".to_string());
+    }
+    if !passed_check {
+        failures.push("the guest's self-check failed".to_string());
+    }
+    if dest_heartbeats == 0 || dest_pages <= o.at_stop.pages_written() {
+        failures.push("the guest made no progress on the destination".to_string());
+    }
+    if verify && !verified {
+        failures.push("the destination's memory digest was not verified".to_string());
+    }
+    if a.json {
+        let mut v = source_json(&o, &src, &uri)?;
+        v["verified"] = json!(verified);
+        v["guest"] = json!({
+            "heartbeats-before": heartbeats_before,
+            "heartbeats-after": heartbeats_after,
+            "heartbeats-destination": dest_heartbeats,
+            "pages-written-before": o.at_stop.pages_written(),
+            "pages-written": dest_pages,
+            "self-check": if passed_check { "passed" } else { "failed" },
+            "failures": o.at_stop.failures().saturating_add(dest_failures),
+        });
+        v["destination"] = report;
+        v["passed"] = json!(failures.is_empty());
+        v["demo-time"] = json!(started.elapsed().as_millis() as u64);
+        println!("{}", serde_json::to_string(&v)?);
+    } else {
+        let d = &report;
+        eprintln!(
+            "destination: loaded {} of stream in {} ms; {}",
+            human(d["load"]["bytes"].as_u64().unwrap_or(0)),
+            d["load-time"].as_u64().unwrap_or(0),
+            if verified {
+                "memory digest verified: it holds exactly the source's memory at the switch-over"
+            } else if verify {
+                "memory digest NOT verified"
+            } else {
+                "no digest (--no-verify)"
+            }
+        );
+        eprintln!(
+            "guest on the destination: heartbeats {heartbeats_before} -> {heartbeats_after} (+{dest_heartbeats}), pages written {} -> {dest_pages} ({:.0} MiB/s), self-check {} ({} failures)",
+            o.at_stop.pages_written(),
+            g["write-rate"].as_u64().unwrap_or(0) as f64 / MIB,
+            if passed_check { "passed" } else { "FAILED" },
+            o.at_stop.failures().saturating_add(dest_failures),
+        );
+        if failures.is_empty() {
+            eprintln!(
+                "demo passed in {:.1} s: the guest moved live and kept running",
+                started.elapsed().as_secs_f64()
+            );
+        }
+    }
+    if !failures.is_empty() {
+        bail!("demo failed: {}", failures.join("; "));
+    }
+    Ok(())
+}

@@ -1,0 +1,190 @@
+//! The VM commands end to end, run as a user runs them: `livemig demo
+//! --json`, a `vm-migrate` → `vm-incoming` pair over a Unix socket, and a
+//! snapshot to a file restored by `vm-incoming file:`.
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_livemig");
+
+/// Small VM: quick to migrate, still dirtying while tracked. The rate is
+/// modest because `cargo test` runs the unoptimized binary, whose engine
+/// sends well under 100 MB/s: a faster guest would never converge.
+const LAYOUT: &[&str] = &["--mem", "256M", "--vcpus", "2"];
+const GUEST: &[&str] = &["--working-set", "8M", "--rate", "16M", "--warmup", "0.5"];
+
+fn kvm_available(test: &str) -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!("SKIPPED {test}: /dev/kvm is not usable here ({e})");
+            false
+        }
+    }
+}
+
+fn json_of(what: &str, out: &Output) -> Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\nstdout: {stdout}\nstderr: {stderr}",
+        out.status
+    );
+    let lines: Vec<&str> = stdout.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{what}: exactly one JSON line: {stdout}");
+    serde_json::from_str(lines[0]).unwrap_or_else(|e| panic!("{what}: {e}: {stdout}"))
+}
+
+fn run(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("running livemig")
+}
+
+fn wait_for(path: &Path) {
+    let t = Instant::now();
+    while !path.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn assert_destination_ran(d: &Value) {
+    assert_eq!(d["status"], "completed", "{d}");
+    let g = &d["guest"];
+    assert_eq!(g["self-check"], "passed", "{d}");
+    assert_eq!(g["failures"], 0, "{d}");
+    assert!(g["heartbeats"].as_u64().unwrap() > 0, "{d}");
+    assert!(
+        g["pages-written"].as_u64().unwrap() > g["pages-written-before"].as_u64().unwrap(),
+        "{d}"
+    );
+    assert!(
+        g["pages-written-before"].as_u64().unwrap() > 0,
+        "the guest had run on the source: {d}"
+    );
+}
+
+#[test]
+fn demo_json_reports_a_guest_that_moved_and_kept_running() {
+    if !kvm_available("demo_json_reports_a_guest_that_moved_and_kept_running") {
+        return;
+    }
+    let mut args = vec!["demo", "--json", "--seconds-after", "1"];
+    args.extend_from_slice(LAYOUT);
+    args.extend_from_slice(GUEST);
+    let v = json_of("demo --json", &run(&args));
+    assert_eq!(v["status"], "completed", "{v}");
+    assert!(v["total-time"].as_u64().unwrap() > 0, "{v}");
+    assert!(v["downtime"].is_u64(), "{v}");
+    assert_eq!(v["ram"]["total"], 256u64 << 20, "{v}");
+    assert!(v["ram"]["transferred"].as_u64().unwrap() > 16 << 20, "{v}");
+    assert!(
+        v["dirty-tracker"].as_str().unwrap().starts_with("kvm-"),
+        "{v}"
+    );
+    assert!(!v["tracker"]["why"].as_str().unwrap().is_empty(), "{v}");
+    assert_eq!(v["verified"], true, "{v}");
+    assert_eq!(v["passed"], true, "{v}");
+    let g = &v["guest"];
+    assert_eq!(g["self-check"], "passed", "{v}");
+    assert_eq!(g["failures"], 0, "{v}");
+    assert!(
+        g["heartbeats-after"].as_u64().unwrap() > g["heartbeats-before"].as_u64().unwrap(),
+        "{v}"
+    );
+    assert!(
+        g["pages-written"].as_u64().unwrap() > g["pages-written-before"].as_u64().unwrap(),
+        "{v}"
+    );
+    let d = &v["destination"];
+    assert_destination_ran(d);
+    assert_eq!(d["verified"], true, "{v}");
+    assert_eq!(d["digest"], v["digest"], "both sides hold the same memory");
+}
+
+#[test]
+fn vm_migrate_to_vm_incoming_over_a_unix_socket() {
+    if !kvm_available("vm_migrate_to_vm_incoming_over_a_unix_socket") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("mig.sock");
+    let uri = format!("unix:{}", sock.display());
+    let mut dest_args = vec!["vm-incoming", &uri, "--seconds", "1", "--json"];
+    dest_args.extend_from_slice(LAYOUT);
+    let dest = Command::new(BIN)
+        .args(&dest_args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(&sock);
+    let mut src_args = vec!["vm-migrate", &uri, "--json", "--dirty-track", "bitmap"];
+    src_args.extend_from_slice(LAYOUT);
+    src_args.extend_from_slice(GUEST);
+    let s = json_of("vm-migrate", &run(&src_args));
+    let d = json_of("vm-incoming", &dest.wait_with_output().unwrap());
+    assert_eq!(s["status"], "completed", "{s}");
+    assert_eq!(s["role"], "source", "{s}");
+    assert_eq!(s["dirty-tracker"], "kvm-bitmap", "{s}");
+    assert_eq!(s["verified"], true, "{s}");
+    assert_eq!(s["guest"]["self-check"], "passed", "{s}");
+    assert_destination_ran(&d);
+    assert_eq!(d["verified"], true, "{d}");
+    assert_eq!(d["digest"], s["digest"], "both sides hold the same memory");
+}
+
+#[test]
+fn vm_snapshot_to_a_file_restores_and_runs() {
+    if !kvm_available("vm_snapshot_to_a_file_restores_and_runs") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("vm.snap");
+    let uri = format!("file:{}", file.display());
+    let mut save = vec!["vm-migrate", &uri, "--json"];
+    save.extend_from_slice(LAYOUT);
+    save.extend_from_slice(GUEST);
+    let s = json_of("vm-migrate file:", &run(&save));
+    assert_eq!(s["status"], "completed", "{s}");
+    assert_eq!(s["verified"], false, "no return path on a file: {s}");
+    assert!(s["digest"].is_string(), "{s}");
+    assert!(std::fs::metadata(&file).unwrap().len() > 16 << 20);
+    let mut restore = vec!["vm-incoming", &uri, "--seconds", "1", "--json"];
+    restore.extend_from_slice(LAYOUT);
+    let d = json_of("vm-incoming file:", &run(&restore));
+    assert_destination_ran(&d);
+    assert_eq!(d["verified"], true, "the snapshot's digest checked: {d}");
+    assert_eq!(d["digest"], s["digest"], "{d}");
+
+    // A snapshot does not fit a VM of another shape: a clear error.
+    let out = run(&[
+        "vm-incoming",
+        &uri,
+        "--seconds",
+        "1",
+        "--mem",
+        "128M",
+        "--vcpus",
+        "2",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("livemig: error:"), "{err}");
+}
