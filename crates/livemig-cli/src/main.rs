@@ -59,7 +59,7 @@ fn main() {
         Cmd::VmIncoming(a) => vm::vm_incoming(a),
     };
     if let Err(e) = result {
-        eprintln!("livemig: error: {e:#}");
+        eprintln!("livemig: error: {}", livemig::error_chain(e.as_ref()));
         std::process::exit(1);
     }
 }

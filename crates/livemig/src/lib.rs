@@ -65,3 +65,41 @@ pub mod zero;
 
 pub use bitmap::DirtyBitmap;
 pub use memory::{GuestMemory, ProcessMemory, RamBlock, PAGE_SIZE};
+
+/// An error and its causes on one line, `outer: cause: cause`, leaving out
+/// any cause whose text the line already holds (many errors here name
+/// their cause in their own message).
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        cause = c.source();
+    }
+    line
+}
+
+#[cfg(test)]
+mod error_chain_tests {
+    #[derive(Debug, thiserror::Error)]
+    #[error("open snap: {source}")]
+    struct Named {
+        source: std::io::Error,
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("loading failed")]
+    struct Outer(#[source] Named);
+
+    #[test]
+    fn causes_appear_once() {
+        let e = Outer(Named {
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+        });
+        assert_eq!(super::error_chain(&e), "loading failed: open snap: no such file");
+    }
+}

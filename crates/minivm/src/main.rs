@@ -177,8 +177,14 @@ fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("'{s}' is not a size (e.g. 4096, 512M, 2G, 0x1000)"))
 }
 
-fn main() -> Result<()> {
-    let cli = Cli::parse();
+fn main() {
+    if let Err(e) = run_cli(Cli::parse()) {
+        eprintln!("minivm: error: {}", livemig::error_chain(e.as_ref()));
+        std::process::exit(1);
+    }
+}
+
+fn run_cli(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Run(a) => run(a),
         Cmd::Trackers => {
