@@ -263,6 +263,15 @@ fn run(blocks: &[RamBlock], writer: &PageWriter, cfg: &WorkloadConfig, ctl: &Ctl
                 done += 1;
             }
             drop(guard);
+            // Pace writes evenly over the slice: a guest dirties steadily,
+            // it does not burst and then idle.
+            if cfg.rate != 0 {
+                let due = slice_start + run_for.mul_f64(done as f64 / per_slice as f64);
+                let now = Instant::now();
+                if due > now {
+                    std::thread::sleep(due - now);
+                }
+            }
         }
         ctl.pages.fetch_add(done, Ordering::Relaxed);
         // Sleep out the rest of the slice (rate limit, throttle, or pause).
