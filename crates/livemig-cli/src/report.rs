@@ -95,7 +95,7 @@ impl Drop for Progress {
 pub fn summary(s: &MigrationStats) -> String {
     let mut out = format!(
         "status: {:?}\n\
-         total time: {} ms (setup {} ms), downtime: {} ms\n\
+         total time: {} ms (setup {} ms), downtime: {} ms{}\n\
          transferred: {} of {} guest RAM, {} rounds, {} dirty syncs\n\
          pages: {} zero, {} raw, {} skipped (unchanged)\n\
          throughput: {:.0} Mbit/s, dirty tracker: {}",
@@ -103,6 +103,11 @@ pub fn summary(s: &MigrationStats) -> String {
         s.total_time,
         s.setup_time,
         s.downtime,
+        if s.verify_time > 0 {
+            format!(" (verify digest {} ms of it on the source)", s.verify_time)
+        } else {
+            String::new()
+        },
         human(s.ram.transferred),
         human(s.ram.total),
         s.ram.rounds,

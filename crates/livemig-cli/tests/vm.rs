@@ -92,7 +92,9 @@ fn demo_json_reports_a_guest_that_moved_and_kept_running() {
     assert!(v["total-time"].as_u64().unwrap() > 0, "{v}");
     assert!(v["downtime"].is_u64(), "{v}");
     assert_eq!(v["ram"]["total"], 256u64 << 20, "{v}");
-    assert!(v["ram"]["transferred"].as_u64().unwrap() > 16 << 20, "{v}");
+    // The bulk stage sends every page once, as zero or in full.
+    let sent = v["ram"]["normal"].as_u64().unwrap() + v["ram"]["duplicate"].as_u64().unwrap();
+    assert!(sent >= (256u64 << 20) / 4096, "{v}");
     assert!(
         v["dirty-tracker"].as_str().unwrap().starts_with("kvm-"),
         "{v}"
@@ -165,7 +167,11 @@ fn vm_snapshot_to_a_file_restores_and_runs() {
     assert_eq!(s["status"], "completed", "{s}");
     assert_eq!(s["verified"], false, "no return path on a file: {s}");
     assert!(s["digest"].is_string(), "{s}");
-    assert!(std::fs::metadata(&file).unwrap().len() > 16 << 20);
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().len(),
+        s["ram"]["transferred"].as_u64().unwrap(),
+        "the snapshot holds exactly the stream the source sent"
+    );
     let mut restore = vec!["vm-incoming", &uri, "--seconds", "1", "--json"];
     restore.extend_from_slice(LAYOUT);
     let d = json_of("vm-incoming file:", &run(&restore));

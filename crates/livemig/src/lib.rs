@@ -100,6 +100,9 @@ mod error_chain_tests {
         let e = Outer(Named {
             source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
         });
-        assert_eq!(super::error_chain(&e), "loading failed: open snap: no such file");
+        assert_eq!(
+            super::error_chain(&e),
+            "loading failed: open snap: no such file"
+        );
     }
 }

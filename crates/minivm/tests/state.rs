@@ -75,8 +75,17 @@ fn stale_ram_is_detected_after_restore() {
     let dst = Vm::new(dcfg).unwrap();
     src.pause().unwrap();
     copy_ram(&src, &dst);
+    // Enough writes after the copy that every one of the 256 pages changes
+    // (relative to now: the guest writes thousands of pages per poll).
+    let copied_at = src.guest_status().pages_written();
     src.resume();
-    common::wait_for(&src, Duration::from_secs(5), |s| s.pages_written() > 6_000);
+    let st = common::wait_for(&src, Duration::from_secs(5), |s| {
+        s.pages_written() > copied_at + 4_000
+    });
+    assert!(
+        st.pages_written() > copied_at + 4_000,
+        "source guest stalled: {st:?}"
+    );
     src.pause().unwrap();
     // Seq table from now, data pages from before: copy only the seq table page.
     let blob = src.save_state().unwrap();

@@ -88,6 +88,8 @@ pub struct LoadStats {
     pub compressed_pages: u64,
     /// Sections.
     pub sections: u64,
+    /// Milliseconds spent hashing memory to check the source's digest.
+    pub verify_time: u64,
 }
 
 /// What a successful load produced.
@@ -213,7 +215,9 @@ impl<'a> Loader<'a> {
             let Some(expected) = out.digest else {
                 return Err(LoadError::NoDigest);
             };
+            let t = std::time::Instant::now();
             let actual = memory_digest(self.mem);
+            out.stats.verify_time = t.elapsed().as_millis() as u64;
             if actual != expected {
                 return Err(LoadError::DigestMismatch {
                     expected: hex(&expected),

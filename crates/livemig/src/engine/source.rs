@@ -186,6 +186,7 @@ struct RamSaver<'a> {
     downtime_start: Option<Instant>,
     downtime: u64,
     downtime_bytes: u64,
+    verify_time: u64,
     status: Status,
 }
 
@@ -245,6 +246,7 @@ impl<'a> RamSaver<'a> {
             downtime_start: None,
             downtime: 0,
             downtime_bytes: 0,
+            verify_time: 0,
             status: Status::Setup,
         }
     }
@@ -360,8 +362,10 @@ impl<'a> RamSaver<'a> {
             w.state(&state).map_err(MigrationError::send)?;
         }
         if self.params.verify {
-            w.digest(&memory_digest(self.mem))
-                .map_err(MigrationError::send)?;
+            let t = Instant::now();
+            let digest = memory_digest(self.mem);
+            self.verify_time = t.elapsed().as_millis() as u64;
+            w.digest(&digest).map_err(MigrationError::send)?;
         }
         self.check_cancel()?;
         w.end().map_err(MigrationError::send)?;
@@ -712,12 +716,14 @@ impl<'a> RamSaver<'a> {
             self.throttle,
         );
         let (zero, skipped, normal) = (c.zero, c.skipped, c.normal);
+        let verify_time = self.verify_time;
         self.handle.update_stats(|s| {
             s.status = status;
             s.total_time = total_time;
             s.setup_time = setup_time;
             s.downtime = downtime;
             s.expected_downtime = expected;
+            s.verify_time = verify_time;
             s.ram.transferred = transferred;
             s.ram.remaining = remaining;
             s.ram.total = total;

@@ -110,6 +110,9 @@ pub struct MigrationStats {
     pub downtime: u64,
     /// Predicted pause at the current bandwidth, in milliseconds.
     pub expected_downtime: u64,
+    /// Milliseconds the source spent hashing memory for verify mode, part
+    /// of the downtime (0 without verify).
+    pub verify_time: u64,
     /// RAM figures.
     pub ram: RamStats,
     /// XBZRLE figures, when XBZRLE is on.
