@@ -1,0 +1,409 @@
+//! Grammar-aware seed corpus: valid streams written by the real
+//! [`StreamWriter`] for the layouts the loader targets use, plus truncated
+//! and mutated variants, XBZRLE deltas and compressed pages.
+//!
+//! Regenerate with
+//! `cargo test -p livemig --test fuzz_corpus -- --ignored generate_seed_corpus`
+//! (writes `fuzz/corpus/<target>/seed-*`).
+
+use livemig::compress::{Algorithm, Compressor};
+use livemig::engine::{memory_digest, Loader};
+use livemig::memory::{GuestMemory, ProcessMemory, PAGE_SIZE};
+use livemig::stream::format::{FLAG_VERIFY, MAGIC, MAX_STATE, VERSION};
+use livemig::stream::{BlockDesc, Encoded, StreamWriter};
+use livemig::xbzrle;
+
+use crate::checks::{initial_block, GUARDED_BLOCK, TWO_BLOCKS};
+
+/// One seed file.
+pub struct Seed {
+    /// Target directory under `fuzz/corpus/`.
+    pub target: &'static str,
+    /// File name (without the `seed-` prefix).
+    pub name: String,
+    /// Contents.
+    pub data: Vec<u8>,
+}
+
+const P: u64 = PAGE_SIZE as u64;
+
+/// A page with a recognisable, compressible pattern.
+fn pattern(seed: u8) -> Vec<u8> {
+    let mut page = vec![0u8; PAGE_SIZE];
+    for (i, chunk) in page.chunks_mut(64).enumerate() {
+        chunk[..12].copy_from_slice(b"livemig-page");
+        chunk[12] = seed;
+        chunk[13] = i as u8;
+    }
+    page
+}
+
+/// The destination's initial page at `offset` of destination block `dest`.
+fn dest_page(dest: usize, len: usize, offset: u64) -> Vec<u8> {
+    let o = offset as usize;
+    initial_block(dest, len)[o..o + PAGE_SIZE].to_vec()
+}
+
+fn compressed(algo: Algorithm, page: &[u8]) -> Vec<u8> {
+    let mut c = Compressor::new(algo, 3).expect("compressor");
+    let mut out = Vec::new();
+    c.compress(page, &mut out)
+        .expect("compress")
+        .expect("pattern pages compress");
+    out
+}
+
+fn delta(old: &[u8], new: &[u8]) -> Vec<u8> {
+    let mut out = vec![0u8; xbzrle::max_encoded_len(old.len())];
+    let n = xbzrle::encode(old, new, &mut out).expect("encode");
+    out.truncate(n);
+    out
+}
+
+/// How to finish a stream.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Tail {
+    /// No digest, verify flag clear.
+    Plain,
+    /// Verify flag and the right digest.
+    Verify,
+    /// Verify flag and a wrong digest.
+    WrongDigest,
+    /// Verify flag, no digest record.
+    NoDigest,
+}
+
+/// A stream for `layout` (destination blocks, in destination order) whose
+/// block list lists them in `order`. Covers every record kind, both
+/// compression algorithms, the same-block flag and two sections.
+fn stream(layout: &[(&str, usize)], order: &[usize], tail: Tail) -> Vec<u8> {
+    let body = |flags: u16, digest: Option<[u8; 32]>| -> Vec<u8> {
+        let mut w = StreamWriter::new(Vec::new(), flags);
+        let list: Vec<BlockDesc> = order
+            .iter()
+            .map(|&d| BlockDesc {
+                id: layout[d].0.to_string(),
+                len: layout[d].1 as u64,
+            })
+            .collect();
+        w.block_list(&list).unwrap();
+        // Section 0: every page kind in every block.
+        for (s, &d) in order.iter().enumerate() {
+            let (s, len) = (s as u16, layout[d].1);
+            w.zero(s, 0).unwrap();
+            w.raw(s, P, &pattern(s as u8)).unwrap();
+            w.zero(s, 2 * P).unwrap();
+            let old = dest_page(d, len, 3 * P);
+            let mut new = old.clone();
+            new[10..20].fill(0xee);
+            new[300..600].copy_from_slice(&pattern(9)[300..600]);
+            new[4090] ^= 1;
+            w.encoded(Encoded::Xbzrle, s, 3 * P, &delta(&old, &new))
+                .unwrap();
+            let algo = if s % 2 == 0 {
+                Algorithm::Zstd
+            } else {
+                Algorithm::Lz4
+            };
+            let c = compressed(algo, &pattern(0x40 + s as u8));
+            w.encoded(Encoded::Compressed(algo.as_u8()), s, 5 * P, &c)
+                .unwrap();
+            let c = compressed(Algorithm::Lz4, &pattern(0x50 + s as u8));
+            w.encoded(Encoded::Compressed(Algorithm::Lz4.as_u8()), s, 6 * P, &c)
+                .unwrap();
+        }
+        w.section_end(0).unwrap();
+        // Section 1: pages staged and turned into other records, last page
+        // of each block, and an XBZRLE delta against the section-0 page.
+        for (s, &d) in order.iter().enumerate() {
+            let (s, len) = (s as u16, layout[d].1 as u64);
+            w.stage_page(s, len - P).copy_from_slice(&pattern(0x70));
+            w.commit_raw().unwrap();
+            w.stage_page(s, P).fill(0);
+            w.commit_zero().unwrap();
+            let old = pattern(0x40 + s as u8);
+            let mut new = old.clone();
+            for i in (0..PAGE_SIZE).step_by(97) {
+                new[i] = !new[i];
+            }
+            w.stage_page(s, 5 * P).copy_from_slice(&new);
+            w.commit_encoded(Encoded::Xbzrle, &delta(&old, &new))
+                .unwrap();
+            let page = pattern(0x60);
+            w.stage_page(s, 7 * P).copy_from_slice(&page);
+            let c = compressed(Algorithm::Zstd, &page);
+            w.commit_encoded(Encoded::Compressed(Algorithm::Zstd.as_u8()), &c)
+                .unwrap();
+        }
+        w.section_end(1).unwrap();
+        w.state(b"vcpu0: rip=0xfff0 rflags=0x2; devices: serial, rtc")
+            .unwrap();
+        if let Some(d) = digest {
+            w.digest(&d).unwrap();
+        }
+        w.end().unwrap();
+        w.get_mut().clone()
+    };
+    match tail {
+        Tail::Plain => body(0, None),
+        Tail::NoDigest => body(FLAG_VERIFY, None),
+        Tail::WrongDigest => body(FLAG_VERIFY, Some([0x11; 32])),
+        Tail::Verify => {
+            let mem = ProcessMemory::new(
+                &layout
+                    .iter()
+                    .map(|&(id, len)| (id, len as u64))
+                    .collect::<Vec<_>>(),
+            )
+            .expect("map");
+            for (i, b) in mem.blocks().iter().enumerate() {
+                assert!(b.region().write(0, &initial_block(i, layout[i].1)));
+            }
+            Loader::new(&mem).load(&body(0, None)[..]).expect("load");
+            body(FLAG_VERIFY, Some(memory_digest(&mem)))
+        }
+    }
+}
+
+/// A stream with just a block list and the end record.
+fn minimal(list: &[(&str, u64)]) -> Vec<u8> {
+    let mut w = StreamWriter::new(Vec::new(), 0);
+    let list: Vec<BlockDesc> = list
+        .iter()
+        .map(|&(id, len)| BlockDesc {
+            id: id.to_string(),
+            len,
+        })
+        .collect();
+    w.block_list(&list).unwrap();
+    w.end().unwrap();
+    w.get_mut().clone()
+}
+
+/// A stream whose single page record carries `payload` as `how`.
+fn one_page(list: &[(&str, u64)], how: Encoded, payload: &[u8]) -> Vec<u8> {
+    let mut w = StreamWriter::new(Vec::new(), 0);
+    let list: Vec<BlockDesc> = list
+        .iter()
+        .map(|&(id, len)| BlockDesc {
+            id: id.to_string(),
+            len,
+        })
+        .collect();
+    w.block_list(&list).unwrap();
+    w.encoded(how, 0, P, payload).unwrap();
+    w.section_end(0).unwrap();
+    w.end().unwrap();
+    w.get_mut().clone()
+}
+
+fn header(version: u16, flags: u16) -> Vec<u8> {
+    let mut v = MAGIC.to_vec();
+    v.extend_from_slice(&version.to_be_bytes());
+    v.extend_from_slice(&flags.to_be_bytes());
+    v.extend_from_slice(&0u32.to_be_bytes());
+    v
+}
+
+/// Streams for one destination layout: valid ones and broken variants.
+fn streams(layout: &[(&str, usize)], orders: &[&[usize]]) -> Vec<(String, Vec<u8>)> {
+    let list: Vec<(&str, u64)> = layout.iter().map(|&(id, l)| (id, l as u64)).collect();
+    let mut out = Vec::new();
+    let full = stream(layout, orders[0], Tail::Verify);
+    for (i, order) in orders.iter().enumerate() {
+        out.push((
+            format!("verify-order{i}"),
+            stream(layout, order, Tail::Verify),
+        ));
+    }
+    out.push(("plain".into(), stream(layout, orders[0], Tail::Plain)));
+    out.push((
+        "wrong-digest".into(),
+        stream(layout, orders[0], Tail::WrongDigest),
+    ));
+    out.push((
+        "no-digest".into(),
+        stream(layout, orders[0], Tail::NoDigest),
+    ));
+    out.push(("minimal".into(), minimal(&list)));
+    let mut wrong = list.clone();
+    wrong[0].1 += P;
+    out.push(("layout-length".into(), minimal(&wrong)));
+    let mut wrong = list.clone();
+    wrong[0].0 = "rom";
+    out.push(("layout-id".into(), minimal(&wrong)));
+    out.push((
+        "xbzrle-bad".into(),
+        one_page(&list, Encoded::Xbzrle, &[0x05, 0x00, 0x01]),
+    ));
+    out.push((
+        "xbzrle-past-end".into(),
+        one_page(&list, Encoded::Xbzrle, &[0xff, 0x1f, 0x02, 0xaa, 0xbb]),
+    ));
+    out.push((
+        "zstd-bad".into(),
+        one_page(&list, Encoded::Compressed(1), b"\x28\xb5\x2f\xfd garbage"),
+    ));
+    out.push((
+        "lz4-short".into(),
+        one_page(
+            &list,
+            Encoded::Compressed(2),
+            &compressed(Algorithm::Lz4, &pattern(1))[..40],
+        ),
+    ));
+    // Truncations, inside the header, the block list and later records.
+    for cut in [
+        7,
+        16,
+        17,
+        30,
+        full.len() / 3,
+        full.len() / 2,
+        full.len() - 1,
+    ] {
+        out.push((format!("cut{cut}"), full[..cut].to_vec()));
+    }
+    // Single-byte mutations spread over the stream.
+    for k in 1..8 {
+        let at = full.len() * k / 8;
+        let mut m = full.clone();
+        m[at] ^= 0x01 << k;
+        out.push((format!("flip{at}"), m));
+    }
+    out
+}
+
+/// Hand-made streams for the reader: header errors, huge claims.
+fn reader_only() -> Vec<(String, Vec<u8>)> {
+    let mut out = vec![
+        ("empty".to_string(), Vec::new()),
+        ("version2".into(), header(VERSION + 1, 0)),
+        ("flags".into(), header(VERSION, 0x8000)),
+    ];
+    // Device state claiming 64 MiB, then 64 MiB + 1, with no bytes behind.
+    for len in [MAX_STATE, MAX_STATE + 1] {
+        let mut v = header(VERSION, 0);
+        v.push(0x07);
+        v.extend_from_slice(&len.to_be_bytes());
+        v.extend_from_slice(b"short");
+        out.push((format!("state{len}"), v));
+    }
+    // Block list claiming the maximum count and a huge total.
+    let mut v = header(VERSION, 0);
+    v.push(0x01);
+    v.extend_from_slice(&4096u32.to_be_bytes());
+    v.extend_from_slice(&u64::MAX.to_be_bytes());
+    v.extend_from_slice(&[1, b'a', 0x80, 0, 0, 0, 0, 0, 0, 0]);
+    out.push(("blocks-huge".into(), v));
+    // A same-block page record right after the list.
+    let mut v = minimal(&[("ram0", 8 * P)]);
+    v.truncate(v.len() - 5);
+    v.push(0x82);
+    v.extend_from_slice(&0u64.to_be_bytes());
+    out.push(("same-block-first".into(), v));
+    out
+}
+
+fn xbzrle_seeds() -> Vec<(String, Vec<u8>)> {
+    let old = pattern(3);
+    let mut out = Vec::new();
+    let mut change = |name: &str, f: &dyn Fn(&mut [u8])| {
+        let mut new = old.clone();
+        f(&mut new);
+        out.push((name.to_string(), delta(&old, &new)));
+    };
+    change("first-byte", &|p| p[0] ^= 0xff);
+    change("last-byte", &|p| p[PAGE_SIZE - 1] ^= 0xff);
+    change("run200", &|p| p[1000..1200].fill(0xee));
+    change("alternate", &|p| {
+        for i in (0..300).step_by(2) {
+            p[i] = !p[i];
+        }
+    });
+    change("whole-page", &|p| {
+        for b in p.iter_mut() {
+            *b = !*b;
+        }
+    });
+    out.push(("unchanged".into(), Vec::new()));
+    for (name, bytes) in [
+        ("varint3", &[0x80u8, 0x80, 0x01][..]),
+        ("zero-nzrun", &[0x05, 0x00]),
+        ("zero-zrun-later", &[0x00, 0x01, 0xaa, 0x00, 0x01, 0xbb]),
+        ("one-byte", &[0x05]),
+        ("zrun-to-end", &[0x80, 0x20, 0x01, 0xaa]),
+        ("nzrun-short", &[0x00, 0x05, 0xaa, 0xbb]),
+        ("max-varint", &[0xff, 0x7f, 0x01, 0xaa]),
+    ] {
+        out.push((name.into(), bytes.to_vec()));
+    }
+    // Page-pair specifications (see `checks::page_pair`).
+    let mut spec = vec![0x02, 0, 0];
+    spec.extend_from_slice(b"an old page pattern.......");
+    spec.extend_from_slice(&[0x10, 0x00, 0x08, 0x41, 0xf0, 0x0f, 0xff, 0x00]);
+    out.push(("pair-4k".into(), spec.clone()));
+    spec[0] = 0x07;
+    spec[1] = 0x35;
+    spec[2] = 0x01;
+    out.push(("pair-odd-len".into(), spec));
+    out
+}
+
+fn decompress_seeds() -> Vec<(String, Vec<u8>)> {
+    let page = pattern(5);
+    let mut out = vec![
+        ("zstd-page".to_string(), compressed(Algorithm::Zstd, &page)),
+        ("lz4-page".into(), compressed(Algorithm::Lz4, &page)),
+        (
+            "zstd-no-size".into(),
+            zstd::stream::encode_all(&page[..], 3).expect("zstd"),
+        ),
+        (
+            "zstd-half".into(),
+            zstd::bulk::compress(&page[..2048], 3).expect("zstd"),
+        ),
+        (
+            "zstd-double-no-size".into(),
+            zstd::stream::encode_all(&[&page[..], &page[..]].concat()[..], 3).expect("zstd"),
+        ),
+        ("lz4-half".into(), lz4_flex::block::compress(&page[..2048])),
+        (
+            "lz4-double".into(),
+            lz4_flex::block::compress(&[&page[..], &page[..]].concat()),
+        ),
+        (
+            "zeros-lz4".into(),
+            lz4_flex::block::compress(&[0u8; PAGE_SIZE]),
+        ),
+    ];
+    let z = compressed(Algorithm::Zstd, &page);
+    out.push(("zstd-cut".into(), z[..z.len() / 2].to_vec()));
+    let l = compressed(Algorithm::Lz4, &page);
+    out.push(("lz4-cut".into(), l[..l.len() - 3].to_vec()));
+    out
+}
+
+/// Every seed, for every target.
+pub fn all() -> Vec<Seed> {
+    let mut seeds = Vec::new();
+    let mut add = |target: &'static str, items: Vec<(String, Vec<u8>)>| {
+        for (name, data) in items {
+            seeds.push(Seed { target, name, data });
+        }
+    };
+    let two = streams(TWO_BLOCKS, &[&[0, 1], &[1, 0]]);
+    let one = streams(&[GUARDED_BLOCK], &[&[0]]);
+    let tagged = |prefix: &str, v: &[(String, Vec<u8>)]| -> Vec<(String, Vec<u8>)> {
+        v.iter()
+            .map(|(n, d)| (format!("{prefix}-{n}"), d.clone()))
+            .collect()
+    };
+    add("stream_reader", tagged("two", &two));
+    add("stream_reader", reader_only());
+    add("loader", two.clone());
+    add("loader_guard", one);
+    add("xbzrle_decode", xbzrle_seeds());
+    add("decompress", decompress_seeds());
+    seeds
+}
