@@ -111,6 +111,13 @@ impl<'a> Source<'a> {
                         log::error!("cannot resume the source guest after '{e}': {re}");
                     }
                 }
+                // A cancel can surface as another error (an interrupted wait
+                // for the acknowledgement): it is still a cancel.
+                let e = if handle.is_cancelled() {
+                    MigrationError::Cancelled
+                } else {
+                    e
+                };
                 let status = if matches!(e, MigrationError::Cancelled) {
                     Status::Cancelled
                 } else {
