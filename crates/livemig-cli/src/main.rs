@@ -2,8 +2,11 @@
 //! file and load it back, and run the reference VM demo.
 
 mod bench;
+mod control;
+mod dirtyrate;
 mod process;
 mod report;
+mod svg;
 mod units;
 mod vm;
 
@@ -44,6 +47,13 @@ enum Cmd {
     /// Receive a VM (or restore a file: snapshot), resume its guest, run it
     /// and report its heartbeats and self-check.
     VmIncoming(vm::VmIncomingArgs),
+    /// Start a VM with the built-in guest and measure how fast it dirties
+    /// memory for N seconds without migrating (per vCPU with the dirty ring).
+    Dirtyrate(dirtyrate::DirtyRateArgs),
+    /// Send one command to a control socket (`minivm run --control PATH`)
+    /// and print the JSON answer: query-migrate, migrate, migrate-incoming,
+    /// migrate-set-parameters, migrate-cancel, ... (see the README).
+    Control(control::ControlArgs),
 }
 
 fn main() {
@@ -57,6 +67,8 @@ fn main() {
         Cmd::Demo(a) => vm::demo(a),
         Cmd::VmMigrate(a) => vm::vm_migrate(a),
         Cmd::VmIncoming(a) => vm::vm_incoming(a),
+        Cmd::Dirtyrate(a) => dirtyrate::dirtyrate(a),
+        Cmd::Control(a) => control::control(a),
     };
     if let Err(e) = result {
         eprintln!("livemig: error: {}", livemig::error_chain(e.as_ref()));

@@ -182,6 +182,10 @@ pub struct SourceOpts {
     pub workload: WorkloadArgs,
     #[command(flatten)]
     pub tune: TuneArgs,
+    /// Draw the migration into this SVG file: per sync, dirty pages, pages
+    /// sent, throughput, throttle and expected downtime over time.
+    #[arg(long, value_name = "FILE.svg")]
+    pub report: Option<PathBuf>,
     /// Print one JSON object of the final stats on stdout.
     #[arg(long)]
     pub json: bool,
@@ -337,6 +341,22 @@ fn run_source(uri: &Uri, o: &SourceOpts) -> Result<()> {
     if let Some(path) = &tune.history {
         std::fs::write(path, serde_json::to_vec_pretty(&handle.history())?)
             .with_context(|| format!("writing history to {}", path.display()))?;
+    }
+    if let Some(path) = &o.report {
+        let subtitle = format!(
+            "process memory {}; workload {}/s; tracker {}; bandwidth cap {}; auto-converge {}",
+            crate::units::human(mem.total_bytes()),
+            crate::units::human(wl.dirty_rate),
+            stats.dirty_tracker,
+            if params.max_bandwidth == 0 {
+                "none".to_string()
+            } else {
+                format!("{}/s", crate::units::human(params.max_bandwidth))
+            },
+            if params.auto_converge { "on" } else { "off" },
+        );
+        let info = crate::svg::ReportInfo::new(&stats, &params, 1, subtitle);
+        crate::svg::write(path, &handle.history(), &info)?;
     }
     if json {
         let mut v = serde_json::to_value(&stats)?;

@@ -85,6 +85,35 @@ pub struct GuestArgs {
     pub warmup: f64,
 }
 
+/// Dirty-limit and the picture of the migration.
+#[derive(Args, Clone, Debug, Default)]
+pub struct ConvergeArgs {
+    /// Dirty-limit: the most bytes per second each vCPU may dirty while
+    /// migrating (e.g. 64M); vCPUs over it wait, the others run untouched.
+    /// Needs --dirty-track ring (only the ring counts pages per vCPU).
+    #[arg(long, value_parser = parse_size)]
+    pub dirty_limit: Option<u64>,
+    /// Draw the migration into this SVG file: per sync, dirty pages, pages
+    /// sent, throughput, throttle and expected downtime over time.
+    #[arg(long, value_name = "FILE.svg")]
+    pub report: Option<std::path::PathBuf>,
+    /// Cancel the migration if it has not completed after this many
+    /// seconds (the source guest runs on; the report shows why).
+    #[arg(long, value_name = "SECS")]
+    pub cancel_after: Option<f64>,
+}
+
+impl ConvergeArgs {
+    fn check(&self, guest: &GuestArgs) -> Result<()> {
+        if self.dirty_limit.is_some_and(|l| l > 0) && guest.dirty_track != DirtyTrack::Ring {
+            bail!(
+                "--dirty-limit needs --dirty-track ring: only the KVM dirty ring counts the pages each vCPU dirties"
+            );
+        }
+        Ok(())
+    }
+}
+
 /// `livemig demo`.
 #[derive(Args, Debug)]
 pub struct DemoArgs {
@@ -94,6 +123,8 @@ pub struct DemoArgs {
     pub guest: GuestArgs,
     #[command(flatten)]
     pub tune: TuneArgs,
+    #[command(flatten)]
+    pub converge: ConvergeArgs,
     /// Seconds the guest runs on the destination before it reports.
     #[arg(long, default_value_t = 3.0)]
     pub seconds_after: f64,
@@ -116,6 +147,8 @@ pub struct VmMigrateArgs {
     pub guest: GuestArgs,
     #[command(flatten)]
     pub tune: TuneArgs,
+    #[command(flatten)]
+    pub converge: ConvergeArgs,
     /// Print one JSON object of the final stats on stdout.
     #[arg(long)]
     pub json: bool,
@@ -340,10 +373,13 @@ fn migrate_source(
     src: &SourceVm,
     uri: &Uri,
     tune: &TuneArgs,
+    converge: &ConvergeArgs,
     quiet: bool,
     say: bool,
 ) -> Result<SourceOutcome> {
-    let params = tune.params()?;
+    let mut params = tune.params()?;
+    params.dirty_limit = converge.dirty_limit.unwrap_or(0);
+    params.validate().map_err(anyhow::Error::msg)?;
     if say {
         eprintln!(
             "dirty tracker: {} — {}",
@@ -360,6 +396,26 @@ fn migrate_source(
     let handle = MigrationHandle::new(params.clone());
     let before = src.vm.guest_status();
     let t0 = Instant::now();
+    // The dirty limit acts while the migration runs (and follows changes).
+    let dirty_limit = src.vm.follow_dirty_limit(&handle)?;
+    if say && params.dirty_limit > 0 {
+        eprintln!(
+            "dirty-limit: each vCPU may dirty at most {}/s while migrating",
+            human(params.dirty_limit)
+        );
+    }
+    let (cancel_tx, cancel_rx) = std::sync::mpsc::channel::<()>();
+    let canceller = converge.cancel_after.map(|secs| {
+        let h = handle.clone();
+        std::thread::spawn(move || {
+            if cancel_rx
+                .recv_timeout(Duration::from_secs_f64(secs.max(0.0)))
+                .is_err()
+            {
+                h.cancel();
+            }
+        })
+    });
     let progress = Progress::source(handle.clone(), src.total, quiet);
     let mut ack = out.ack;
     let result = migrate_out(
@@ -370,6 +426,11 @@ fn migrate_source(
         ack.as_deref_mut().map(|r| r as &mut dyn Read),
     );
     drop(progress);
+    drop(dirty_limit);
+    drop(cancel_tx);
+    if let Some(t) = canceller {
+        let _ = t.join();
+    }
     let at_stop = src.vm.guest_status();
     let secs = t0.elapsed().as_secs_f64();
     let stats = match &result {
@@ -379,6 +440,31 @@ fn migrate_source(
     if let Some(path) = &tune.history {
         std::fs::write(path, serde_json::to_vec_pretty(&handle.history())?)
             .with_context(|| format!("writing history to {}", path.display()))?;
+    }
+    if let Some(path) = &converge.report {
+        let vcpus = at_stop.vcpus.len() as u64;
+        let subtitle = format!(
+            "{} vCPUs, {} guest RAM; tracker {}; bandwidth cap {}; auto-converge {}; dirty-limit {}",
+            vcpus,
+            human(src.total),
+            stats.dirty_tracker,
+            if params.max_bandwidth == 0 {
+                "none".to_string()
+            } else {
+                format!("{}/s", human(params.max_bandwidth))
+            },
+            if params.auto_converge { "on" } else { "off" },
+            if params.dirty_limit == 0 {
+                "off".to_string()
+            } else {
+                format!("{}/s per vCPU", human(params.dirty_limit))
+            },
+        );
+        let info = crate::svg::ReportInfo::new(&stats, &params, vcpus, subtitle);
+        crate::svg::write(path, &handle.history(), &info)?;
+        if say {
+            eprintln!("report written to {}", path.display());
+        }
     }
     let ok = result.is_ok() && succeeded(&stats);
     // The source VM stays paused after a completed migration: its memory
@@ -427,9 +513,10 @@ fn source_json(o: &SourceOutcome, src: &SourceVm, uri: &Uri) -> Result<Value> {
 pub fn vm_migrate(a: VmMigrateArgs) -> Result<()> {
     let uri: Uri = a.uri.parse()?;
     let say = !a.json;
+    a.converge.check(&a.guest)?;
     let src = start_source(&a.layout, &a.guest, say)?;
     warm_up(&src, a.guest.warmup, say)?;
-    let o = migrate_source(&src, &uri, &a.tune, a.quiet || a.json, say)?;
+    let o = migrate_source(&src, &uri, &a.tune, &a.converge, a.quiet || a.json, say)?;
     if a.json {
         let mut v = source_json(&o, &src, &uri)?;
         v["role"] = json!("source");
@@ -689,6 +776,7 @@ pub fn demo(a: DemoArgs) -> Result<()> {
     // Check the arguments before starting anything.
     a.tune.params()?;
     a.guest.guest_config(&a.layout)?;
+    a.converge.check(&a.guest)?;
     let say = !a.json;
     let started = Instant::now();
     let mut dest = DestProcess::spawn(&a.layout, a.seconds_after.max(0.5))?;
@@ -701,7 +789,7 @@ pub fn demo(a: DemoArgs) -> Result<()> {
         );
     }
     warm_up(&src, a.guest.warmup, say)?;
-    let o = migrate_source(&src, &uri, &a.tune, a.quiet || a.json, say)?;
+    let o = migrate_source(&src, &uri, &a.tune, &a.converge, a.quiet || a.json, say)?;
     if say {
         print_source(&o);
     }

@@ -433,40 +433,78 @@ pub struct RingTracker {
     running: bool,
 }
 
+/// Harvests every vCPU's ring into `bitmaps` (`None`: drops the entries),
+/// resets the rings, adds each ring's entries to its vCPU's dirtied count
+/// (dirty-limit, dirty-rate) and wakes vCPUs waiting on a full ring.
+/// Callers hold the dirty-limit pending lock, so a sync and a reap never
+/// interleave.
+fn harvest_rings(sh: &Shared, bitmaps: Option<&mut [DirtyBitmap]>) -> Result<u64, DirtyError> {
+    let Some(rings) = &sh.rings else {
+        return Ok(0);
+    };
+    let mut rings = lock(rings);
+    let mut n = 0;
+    let mut bad = 0u64;
+    let mut bitmaps = bitmaps;
+    for (i, r) in rings.iter_mut().enumerate() {
+        let k = r.harvest(|slot, page| {
+            // The low 16 bits are the slot, the high ones the address space.
+            let slot = (slot & 0xffff) as usize;
+            match bitmaps.as_deref_mut().and_then(|b| b.get_mut(slot)) {
+                Some(b) if page < b.len() => {
+                    b.set(page);
+                }
+                Some(_) => bad += 1,
+                None => {}
+            }
+        });
+        sh.dirty_limit.add_dirtied(i, k);
+        n += k;
+    }
+    sys::reset_dirty_rings(&sh.vm_fd).map_err(|source| DirtyError::Os {
+        tracker: RING,
+        op: "RESET_DIRTY_RINGS",
+        source,
+    })?;
+    drop(rings);
+    sh.ring_harvested();
+    if bad > 0 {
+        return Err(DirtyError::Mismatch {
+            tracker: RING,
+            what: format!("{bad} ring entries outside their slot"),
+        });
+    }
+    Ok(n)
+}
+
+/// Dirty-limit's reaper: harvests the rings between syncs into the pending
+/// bitmaps, which the ring tracker's next sync hands over.
+pub(crate) fn reap_to_pending(sh: &Shared) -> Result<u64, DirtyError> {
+    let mut pending = sh.dirty_limit.pending();
+    harvest_rings(sh, Some(&mut pending))
+}
+
 impl RingTracker {
     fn harvest(&self, bitmaps: Option<&mut [DirtyBitmap]>) -> Result<u64, DirtyError> {
-        let Some(rings) = &self.sh.rings else {
-            return Ok(0);
-        };
-        let mut rings = lock(rings);
+        let mut pending = self.sh.dirty_limit.pending();
         let mut n = 0;
-        let mut bad = 0u64;
-        let mut bitmaps = bitmaps;
-        for r in rings.iter_mut() {
-            n += r.harvest(|slot, page| {
-                // The low 16 bits are the slot, the high ones the address space.
-                let slot = (slot & 0xffff) as usize;
-                match bitmaps.as_deref_mut().and_then(|b| b.get_mut(slot)) {
-                    Some(b) if page < b.len() => {
-                        b.set(page);
+        match bitmaps {
+            Some(bitmaps) => {
+                // Pages reaped since the last sync (dirty-limit) first.
+                for (b, p) in bitmaps.iter_mut().zip(pending.iter_mut()) {
+                    let c = p.count();
+                    if c > 0 {
+                        n += c;
+                        b.or_words(0, p.words());
+                        p.clear_all();
                     }
-                    Some(_) => bad += 1,
-                    None => {}
                 }
-            });
-        }
-        sys::reset_dirty_rings(&self.sh.vm_fd).map_err(|source| DirtyError::Os {
-            tracker: RING,
-            op: "RESET_DIRTY_RINGS",
-            source,
-        })?;
-        drop(rings);
-        self.sh.ring_harvested();
-        if bad > 0 {
-            return Err(DirtyError::Mismatch {
-                tracker: RING,
-                what: format!("{bad} ring entries outside their slot"),
-            });
+                n += harvest_rings(&self.sh, Some(bitmaps))?;
+            }
+            None => {
+                pending.iter_mut().for_each(DirtyBitmap::clear_all);
+                harvest_rings(&self.sh, None)?;
+            }
         }
         Ok(n)
     }

@@ -19,8 +19,10 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod bench;
+pub mod control;
 pub mod devices;
 pub mod dirty;
+pub mod dirtylimit;
 pub mod guest;
 pub mod migrate;
 pub mod state;

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use livemig::bitmap::DirtyBitmap;
+use livemig::engine::Params;
 use livemig::GuestMemory;
+use minivm::control::{ControlledVm, Phase};
 use minivm::{CpuMode, GuestImage, SerialOut, TestGuestConfig, TrackerKind, Vm, VmConfig};
 
 #[derive(Parser)]
@@ -158,6 +160,22 @@ struct RunArgs {
     /// At the end, pause and dump guest memory: ADDR:SIZE:FILE (K/M/G suffixes).
     #[arg(long)]
     dump: Option<String>,
+    /// Serve a livemig control socket (JSON lines, QMP-style) at PATH:
+    /// migrate the VM out, steer or cancel the migration. The process ends
+    /// once the guest was migrated away, and outlives --seconds while a
+    /// migration is in flight.
+    #[arg(long, value_name = "PATH", conflicts_with = "dirty_track")]
+    control: Option<PathBuf>,
+    /// Start an empty, paused VM that waits for `migrate-incoming` on the
+    /// control socket, then runs the guest it receives (--seconds counts
+    /// from then). Needs --control; the layout (--mem, --vcpus, --blocks)
+    /// must match the source's.
+    #[arg(long, requires = "control", conflicts_with_all = ["boot_sector", "bootinc", "flat", "prefault"])]
+    incoming: bool,
+    /// Dirty tracker for migrations started on the control socket
+    /// (auto|bitmap|manual|ring).
+    #[arg(long, default_value = "auto", requires = "control")]
+    migrate_tracker: TrackerKind,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -253,7 +271,9 @@ fn run_cli(cli: Cli) -> Result<()> {
 }
 
 fn run(a: RunArgs) -> Result<()> {
-    let guest = if let Some(p) = &a.boot_sector {
+    let guest = if a.incoming {
+        GuestImage::Incoming
+    } else if let Some(p) = &a.boot_sector {
         GuestImage::BootSector(
             std::fs::read(p).with_context(|| format!("reading {}", p.display()))?,
         )
@@ -288,9 +308,27 @@ fn run(a: RunArgs) -> Result<()> {
         guest,
         dirty_ring_entries: a.dirty_ring,
         serial,
-        start_paused: false,
+        start_paused: a.incoming,
         prefault: a.prefault,
     })?;
+    let controlled = ControlledVm::new(vm, a.migrate_tracker);
+    let vm = controlled.vm();
+    let _server = match &a.control {
+        Some(p) => {
+            let server = controlled
+                .serve(p, Params::default())
+                .with_context(|| format!("control socket {}", p.display()))?;
+            eprintln!("control socket: {}", p.display());
+            Some(server)
+        }
+        None => None,
+    };
+    if a.incoming {
+        eprintln!("waiting for migrate-incoming on the control socket");
+    }
+    let mut phase = controlled.phase();
+    // With --incoming, --seconds counts from the resume.
+    let mut resumed: Option<(Instant, u64)> = None;
     let mem = vm.memory();
     let mut tracker = match a.dirty_track {
         Some(k) => {
@@ -347,8 +385,49 @@ fn run(a: RunArgs) -> Result<()> {
         }
         last = s;
         last_t = Instant::now();
-        if a.seconds > 0 && start.elapsed() >= Duration::from_secs(a.seconds) {
+        let now = controlled.phase();
+        if now != phase {
+            match &now {
+                Phase::Incoming(uri) => eprintln!("waiting for the incoming migration on {uri}"),
+                Phase::Outgoing => eprintln!("migrating out"),
+                Phase::Running if phase == Phase::Outgoing => {
+                    eprintln!("the outgoing migration ended without completing: the guest runs on")
+                }
+                Phase::Running => {
+                    if let Some(r) = controlled.incoming_report() {
+                        eprintln!(
+                            "incoming migration loaded {} bytes in {} ms (digest {}); guest resumed",
+                            r.stats.bytes,
+                            r.load_time,
+                            if r.verified { "verified" } else { "not sent" }
+                        );
+                    }
+                    resumed = Some((Instant::now(), last.heartbeats()));
+                }
+                Phase::MigratedAway => {
+                    eprintln!("migration completed: the guest runs on at the destination");
+                    break;
+                }
+                Phase::IncomingFailed(e) => bail!("incoming migration failed: {e}"),
+                Phase::AwaitingIncoming => {}
+            }
+            phase = now;
+        }
+        let ran = match (a.incoming, resumed) {
+            (false, _) => Some(start.elapsed()),
+            (true, Some((t, _))) => Some(t.elapsed()),
+            (true, None) => None,
+        };
+        if a.seconds > 0
+            && !phase.in_flight()
+            && ran.is_some_and(|r| r >= Duration::from_secs(a.seconds))
+        {
             break;
+        }
+    }
+    if let Some((_, heartbeats)) = resumed {
+        if vm.guest_status().heartbeats() <= heartbeats {
+            bail!("the received guest made no progress after it resumed");
         }
     }
     if let Some(t) = tracker.as_mut() {

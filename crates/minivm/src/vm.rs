@@ -172,6 +172,8 @@ pub(crate) struct Shared {
     pub(crate) config: VmConfig,
     /// Set while a tracker has log-dirty enabled (one tracker at a time).
     pub(crate) tracking: AtomicBool,
+    /// Per-vCPU dirty-limit (dirty ring only).
+    pub(crate) dirty_limit: crate::dirtylimit::DirtyLimit,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -179,7 +181,7 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
-    fn kick(&self, i: usize) {
+    pub(crate) fn kick(&self, i: usize) {
         let v = &self.vcpus[i];
         let run = v.run_ptr.load(Ordering::Acquire);
         // SAFETY: run_ptr is the kvm_run mapping of the VcpuFd in v.fd, which
@@ -337,6 +339,7 @@ fn vcpu_thread(sh: Arc<Shared>, i: usize) {
     let mut pending_io = false;
     let mut ring_full_gen: Option<u64> = None;
     let mut last_throttle = Instant::now();
+    let mut pacer = crate::dirtylimit::Pacer::new();
     let mut fd = Some(lock(&slot.fd));
     loop {
         let f = fd.get_or_insert_with(|| lock(&slot.fd));
@@ -384,6 +387,16 @@ fn vcpu_thread(sh: Arc<Shared>, i: usize) {
                 std::thread::sleep((until - Instant::now()).min(Duration::from_millis(5)));
             }
             last_throttle = Instant::now();
+            continue;
+        }
+        if let Some(wait) = pacer.delay(&sh.dirty_limit, i) {
+            // Over its dirty limit: wait the debt off, then look again.
+            let t = Instant::now();
+            let until = t + wait;
+            while Instant::now() < until && !sh.wants_park() {
+                std::thread::sleep((until - Instant::now()).min(Duration::from_millis(5)));
+            }
+            crate::dirtylimit::Pacer::waited(&sh.dirty_limit, i, t.elapsed());
             continue;
         }
         let exit = f.run();
@@ -676,6 +689,12 @@ impl Vm {
             what: "opening the serial output".into(),
             source,
         })?;
+        let vcpus_len = vcpus.len();
+        let ring_slot_pages: Vec<u64> = if ring_entries != 0 {
+            slots.iter().map(|s| s.size / 4096).collect()
+        } else {
+            Vec::new()
+        };
         let shared = Arc::new(Shared {
             vm_fd,
             ctl: Mutex::new(Ctl {
@@ -691,6 +710,7 @@ impl Vm {
             memory,
             slots,
             rings: (ring_entries != 0).then(|| Mutex::new(rings)),
+            dirty_limit: crate::dirtylimit::DirtyLimit::new(vcpus_len, &ring_slot_pages),
             config,
             tracking: AtomicBool::new(false),
         });
@@ -716,6 +736,18 @@ impl Vm {
                     source,
                 })?,
         );
+        if shared.rings.is_some() {
+            let sh = shared.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name("dirty-limit-reaper".into())
+                    .spawn(move || crate::dirtylimit::reaper_thread(sh))
+                    .map_err(|source| VmError::Io {
+                        what: "spawning the dirty-limit reaper".into(),
+                        source,
+                    })?,
+            );
+        }
         let vm = Vm {
             shared,
             threads,

@@ -40,6 +40,12 @@ pub struct Params {
     /// Sync period while throttling, in milliseconds (keeps the dirty-rate
     /// measurement fresh during long rounds).
     pub throttle_sync_period: u64,
+    /// Dirty-limit: the most bytes per second each vCPU may dirty while the
+    /// migration runs (0 = off). A VMM setting rather than an engine one:
+    /// the VMM applies it to its vCPUs (minivm: `dirtylimit::follow`, only
+    /// with the KVM dirty ring, which counts pages per vCPU). vCPUs that
+    /// dirty less run untouched, unlike auto-converge's throttle.
+    pub dirty_limit: u64,
 }
 
 impl Default for Params {
@@ -56,6 +62,7 @@ impl Default for Params {
             cpu_throttle_increment: 10,
             max_cpu_throttle: 99,
             throttle_sync_period: 5000,
+            dirty_limit: 0,
         }
     }
 }
@@ -83,6 +90,12 @@ impl Params {
             if v == 0 || v > 99 {
                 return Err(format!("{name} {v} outside 1..=99"));
             }
+        }
+        if self.dirty_limit != 0 && self.dirty_limit < crate::PAGE_SIZE as u64 {
+            return Err(format!(
+                "dirty-limit {} B/s is below one page per second (0 = off)",
+                self.dirty_limit
+            ));
         }
         if let Some(c) = self.compress {
             if c.algorithm == crate::compress::Algorithm::Zstd && !(1..=19).contains(&c.level) {

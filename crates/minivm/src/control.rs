@@ -1,0 +1,488 @@
+//! A running [`Vm`] steered from livemig's control socket.
+//!
+//! [`ControlledVm`] is the VMM side of [`livemig::control`]: it implements
+//! [`MigrationStarter`] for one VM, so the socket's `migrate`,
+//! `migrate-incoming`, `migrate-cancel`, `migrate-set-parameters` and
+//! `query-migrate` act on it.
+//!
+//! - **Outgoing** (`migrate`): a thread connects to the URI and runs
+//!   [`migrate_out`] with the server's [`MigrationHandle`], so
+//!   `query-migrate` shows that migration's stats. After a completed
+//!   migration the VM stays paused for good (the guest lives on at the
+//!   destination; `query-migrate` says `completed`) and refuses further
+//!   migrations; after a failure or a cancel the guest runs on and a new
+//!   `migrate` may start at once.
+//! - **Incoming** (`migrate-incoming`): the VM must have been created for
+//!   it — [`GuestImage::Incoming`], paused — as `minivm run --incoming
+//!   --control PATH` does. The URI is bound when the command runs (so a
+//!   bad or busy address is an error answer); a thread accepts one
+//!   migration, loads RAM and vCPU/device state into this VM, acknowledges
+//!   and resumes the guest. A VM whose load failed never runs and takes no
+//!   second stream. Such a VM, once it runs, can be migrated out again.
+//! - **Cancel**: the engine checks the cancel flag between pages; where it
+//!   would wait on the transport instead (a destination that stops reading
+//!   or never acknowledges), socket I/O is done in 100 ms slices that
+//!   notice the cancel and fail, so a cancel always ends the migration
+//!   within about 100 ms; the guest is resumed, tracking stops and the
+//!   connection is closed.
+//!
+//! The destination side of a migration is not visible in `query-migrate`
+//! (the control server reports outgoing migrations); [`ControlledVm::phase`]
+//! tells where this VM is.
+
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use livemig::control::{ControlServer, MigrationStarter};
+use livemig::engine::{write_ack, LoadStats, Loader, MigrationHandle, Params};
+use livemig::transport::{connect, Listener, Uri, IO_TIMEOUT};
+
+use crate::dirty::TrackerKind;
+use crate::guest::GuestImage;
+use crate::migrate::{migrate_out, MigrateError};
+use crate::vm::Vm;
+
+/// Where a [`ControlledVm`] is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// The guest runs here and no migration is in flight.
+    Running,
+    /// Created for an incoming migration: nothing received yet, paused.
+    AwaitingIncoming,
+    /// Waiting on (or loading from) this address, as actually bound.
+    Incoming(String),
+    /// An outgoing migration is in flight (see `query-migrate`).
+    Outgoing,
+    /// An outgoing migration completed: the VM is paused for good, the
+    /// guest runs on at the destination.
+    MigratedAway,
+    /// An incoming migration failed: the VM never ran and stays paused.
+    IncomingFailed(String),
+}
+
+impl Phase {
+    /// True while a migration thread runs.
+    pub fn in_flight(&self) -> bool {
+        matches!(self, Phase::Incoming(_) | Phase::Outgoing)
+    }
+}
+
+/// What the last incoming migration loaded.
+#[derive(Clone, Debug)]
+pub struct IncomingReport {
+    /// Where it came from (the bound address).
+    pub uri: String,
+    /// Loader figures.
+    pub stats: LoadStats,
+    /// Milliseconds from accepting the connection to a resumed guest.
+    pub load_time: u64,
+    /// Whether the source sent a memory digest and it matched.
+    pub verified: bool,
+}
+
+struct St {
+    phase: Phase,
+    worker: Option<JoinHandle<()>>,
+    /// The handle of the outgoing migration in flight or last run.
+    outgoing: Option<MigrationHandle>,
+    incoming: Option<IncomingReport>,
+}
+
+struct Inner {
+    vm: Vm,
+    tracker: TrackerKind,
+    st: Mutex<St>,
+    cond: Condvar,
+}
+
+/// A VM plus what the control socket needs to migrate it. Cheap to clone;
+/// all clones share the VM.
+#[derive(Clone)]
+pub struct ControlledVm {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for ControlledVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlledVm")
+            .field("phase", &self.phase())
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Slice in which blocked socket I/O looks at the cancel flag.
+const SLICE: Duration = Duration::from_millis(100);
+
+impl ControlledVm {
+    /// Takes `vm`; outgoing migrations track dirty pages with `tracker`.
+    /// A VM built with [`GuestImage::Incoming`] starts in
+    /// [`Phase::AwaitingIncoming`], any other in [`Phase::Running`].
+    pub fn new(vm: Vm, tracker: TrackerKind) -> ControlledVm {
+        let phase = if matches!(vm.config().guest, GuestImage::Incoming) {
+            Phase::AwaitingIncoming
+        } else {
+            Phase::Running
+        };
+        ControlledVm {
+            inner: Arc::new(Inner {
+                vm,
+                tracker,
+                st: Mutex::new(St {
+                    phase,
+                    worker: None,
+                    outgoing: None,
+                    incoming: None,
+                }),
+                cond: Condvar::new(),
+            }),
+        }
+    }
+
+    /// The VM.
+    pub fn vm(&self) -> &Vm {
+        &self.inner.vm
+    }
+
+    /// Where the VM is.
+    pub fn phase(&self) -> Phase {
+        lock(&self.inner.st).phase.clone()
+    }
+
+    /// What the last incoming migration loaded, once it succeeded.
+    pub fn incoming_report(&self) -> Option<IncomingReport> {
+        lock(&self.inner.st).incoming.clone()
+    }
+
+    /// Serves a control socket at `path` for this VM, starting with
+    /// `params`. The server stops (and removes the socket) when dropped.
+    pub fn serve(&self, path: &Path, params: Params) -> io::Result<ControlServer> {
+        ControlServer::start(path, params, Box::new(self.clone()))
+    }
+
+    /// Waits up to `timeout` until `pred` holds for the phase and no
+    /// migration thread is left to reap; returns the phase then, or `None`
+    /// on timeout.
+    pub fn wait_for(&self, pred: impl Fn(&Phase) -> bool, timeout: Duration) -> Option<Phase> {
+        let deadline = Instant::now() + timeout;
+        let mut st = lock(&self.inner.st);
+        loop {
+            if pred(&st.phase) {
+                if !st.phase.in_flight() {
+                    if let Some(t) = st.worker.take() {
+                        drop(st);
+                        let _ = t.join();
+                        st = lock(&self.inner.st);
+                        continue;
+                    }
+                }
+                return Some(st.phase.clone());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            st = self
+                .inner
+                .cond
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Waits up to `timeout` until no migration is in flight and its thread
+    /// has ended (so its connection and tracker are released).
+    pub fn wait_idle(&self, timeout: Duration) -> Option<Phase> {
+        self.wait_for(|p| !p.in_flight(), timeout)
+    }
+
+    fn set_phase(&self, phase: Phase) {
+        lock(&self.inner.st).phase = phase;
+        self.inner.cond.notify_all();
+    }
+
+    /// Waits (briefly) for a migration whose status is already final to
+    /// finish its thread, then reaps it.
+    fn settle<'a>(&'a self, mut st: MutexGuard<'a, St>) -> MutexGuard<'a, St> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while st.phase == Phase::Outgoing
+            && st
+                .outgoing
+                .as_ref()
+                .is_some_and(|h| h.stats().status.is_final())
+            && Instant::now() < deadline
+        {
+            st = self
+                .inner
+                .cond
+                .wait_timeout(st, Duration::from_millis(20))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        if !st.phase.in_flight() {
+            if let Some(t) = st.worker.take() {
+                let _ = t.join();
+            }
+        }
+        st
+    }
+
+    fn run_outgoing(&self, uri: Uri, handle: MigrationHandle) {
+        let vm = &self.inner.vm;
+        let kind = self.inner.tracker;
+        let result = match connect_out(&uri, &handle) {
+            Ok((writer, mut ack)) => migrate_out(
+                vm,
+                kind,
+                handle.clone(),
+                writer,
+                ack.as_mut().map(|r| r as &mut dyn Read),
+            ),
+            // Run the engine anyway so the handle (and query-migrate)
+            // reports the failure like any other.
+            Err(e) => migrate_out(vm, kind, handle.clone(), FailWriter(e), None),
+        };
+        let phase = match result {
+            Ok(_) => Phase::MigratedAway,
+            Err(e) => {
+                log::warn!("outgoing migration to {uri}: {e} (the guest runs on)");
+                Phase::Running
+            }
+        };
+        self.set_phase(phase);
+    }
+
+    fn run_incoming(&self, listener: Listener) {
+        let uri = listener.local_uri().to_string();
+        let result = self.load_incoming(listener, &uri);
+        let mut st = lock(&self.inner.st);
+        match result {
+            Ok(report) => {
+                st.incoming = Some(report);
+                st.phase = Phase::Running;
+            }
+            Err(e) => {
+                log::warn!("incoming migration on {uri}: {e}");
+                st.phase = Phase::IncomingFailed(e);
+            }
+        }
+        drop(st);
+        self.inner.cond.notify_all();
+    }
+
+    fn load_incoming(&self, listener: Listener, uri: &str) -> Result<IncomingReport, String> {
+        let inc = listener.accept().map_err(|e| e.to_string())?;
+        // One migration per VM: stop listening (removes a unix: socket).
+        drop(listener);
+        let t0 = Instant::now();
+        let vm = &self.inner.vm;
+        let mem = vm.memory();
+        let loaded = Loader::new(&*mem)
+            .load(inc.reader)
+            .map_err(|e| e.to_string())
+            .and_then(|out| {
+                if out.state.is_empty() {
+                    return Err(MigrateError::NoState.to_string());
+                }
+                vm.restore_state(&out.state).map_err(|e| e.to_string())?;
+                Ok(out)
+            });
+        if let Some(mut w) = inc.ack {
+            let msg = loaded.as_ref().map(|_| ()).map_err(String::as_str);
+            if let Err(e) = write_ack(&mut w, msg) {
+                // The source may have given up (cancel, timeout) and resumed
+                // its guest: running this copy too would fork the guest.
+                if loaded.is_ok() {
+                    return Err(format!(
+                        "loaded, but the source did not take the acknowledgement ({e}): \
+                         not resuming"
+                    ));
+                }
+            }
+        }
+        let out = loaded?;
+        vm.resume();
+        Ok(IncomingReport {
+            uri: uri.to_string(),
+            stats: out.stats,
+            load_time: t0.elapsed().as_millis() as u64,
+            verified: out.digest.is_some(),
+        })
+    }
+}
+
+impl MigrationStarter for ControlledVm {
+    fn start_outgoing(&mut self, uri: &Uri, handle: MigrationHandle) -> Result<(), String> {
+        let st = self.settle(lock(&self.inner.st));
+        let mut st = match &st.phase {
+            Phase::Running => st,
+            Phase::AwaitingIncoming => {
+                return Err(
+                    "this VM waits for an incoming migration: it has no guest to send".into(),
+                )
+            }
+            Phase::Incoming(u) => return Err(format!("this VM is receiving a migration on {u}")),
+            Phase::Outgoing => return Err("a migration is still finishing".into()),
+            Phase::MigratedAway => {
+                return Err(
+                    "the guest was migrated away: this VM stays paused and sends nothing more"
+                        .into(),
+                )
+            }
+            Phase::IncomingFailed(e) => {
+                return Err(format!(
+                    "the incoming migration failed ({e}): no guest here"
+                ))
+            }
+        };
+        let this = self.clone();
+        let (u, h) = (uri.clone(), handle.clone());
+        let worker = std::thread::Builder::new()
+            .name("migrate-out".into())
+            .spawn(move || this.run_outgoing(u, h))
+            .map_err(|e| format!("starting the migration thread: {e}"))?;
+        st.phase = Phase::Outgoing;
+        st.worker = Some(worker);
+        st.outgoing = Some(handle);
+        Ok(())
+    }
+
+    fn start_incoming(&mut self, uri: &Uri) -> Result<(), String> {
+        let st = self.settle(lock(&self.inner.st));
+        let mut st = match &st.phase {
+            Phase::AwaitingIncoming => st,
+            Phase::Incoming(u) => {
+                return Err(format!("already waiting for an incoming migration on {u}"))
+            }
+            Phase::IncomingFailed(e) => {
+                return Err(format!(
+                    "an incoming migration already failed here ({e}): start a new VM"
+                ))
+            }
+            _ => {
+                return Err(
+                    "this VM runs its own guest: an incoming migration needs a VM \
+                     started for it (minivm run --incoming)"
+                        .into(),
+                )
+            }
+        };
+        let listener = Listener::bind(uri).map_err(|e| e.to_string())?;
+        let local = listener.local_uri().to_string();
+        let this = self.clone();
+        let worker = std::thread::Builder::new()
+            .name("migrate-in".into())
+            .spawn(move || this.run_incoming(listener))
+            .map_err(|e| format!("starting the incoming thread: {e}"))?;
+        st.phase = Phase::Incoming(local);
+        st.worker = Some(worker);
+        Ok(())
+    }
+}
+
+/// A writer that fails with why the connection could not be made.
+struct FailWriter(String);
+
+impl Write for FailWriter {
+    fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+        Err(io::Error::other(self.0.clone()))
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+type Conn = (Box<dyn Write + Send>, Option<Box<dyn Read + Send>>);
+
+/// Connects like [`livemig::transport::connect`], but socket I/O notices a
+/// cancel even while the peer stalls.
+fn connect_out(uri: &Uri, handle: &MigrationHandle) -> Result<Conn, String> {
+    fn wrap<S: Read + Write + Send + 'static>(s: S, clone: S, handle: &MigrationHandle) -> Conn {
+        (
+            Box::new(Cancellable::new(s, handle.clone())),
+            Some(Box::new(Cancellable::new(clone, handle.clone()))),
+        )
+    }
+    let err = |e: io::Error| format!("connect to {uri}: {e}");
+    match uri {
+        Uri::Tcp(addr) => {
+            let s = TcpStream::connect(addr).map_err(err)?;
+            s.set_nodelay(true).map_err(err)?;
+            s.set_read_timeout(Some(SLICE)).map_err(err)?;
+            s.set_write_timeout(Some(SLICE)).map_err(err)?;
+            let c = s.try_clone().map_err(err)?;
+            Ok(wrap(s, c, handle))
+        }
+        Uri::Unix(path) => {
+            let s = UnixStream::connect(path).map_err(err)?;
+            s.set_read_timeout(Some(SLICE)).map_err(err)?;
+            s.set_write_timeout(Some(SLICE)).map_err(err)?;
+            let c = s.try_clone().map_err(err)?;
+            Ok(wrap(s, c, handle))
+        }
+        Uri::File(_) => {
+            let out = connect(uri).map_err(|e| e.to_string())?;
+            Ok((out.writer, out.ack))
+        }
+    }
+}
+
+/// Socket I/O in [`SLICE`]s: a slice that times out is retried until
+/// [`IO_TIMEOUT`] unless the migration was cancelled meanwhile.
+struct Cancellable<S> {
+    s: S,
+    handle: MigrationHandle,
+}
+
+impl<S> Cancellable<S> {
+    fn new(s: S, handle: MigrationHandle) -> Self {
+        Cancellable { s, handle }
+    }
+
+    fn retry<T>(&mut self, mut op: impl FnMut(&mut S) -> io::Result<T>) -> io::Result<T> {
+        let t0 = Instant::now();
+        loop {
+            match op(&mut self.s) {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    if self.handle.is_cancelled() {
+                        // Not `Interrupted`: read_exact/write_all would retry.
+                        return Err(io::Error::other("migration cancelled"));
+                    }
+                    if t0.elapsed() >= IO_TIMEOUT {
+                        return Err(e);
+                    }
+                }
+                r => return r,
+            }
+        }
+    }
+}
+
+impl<S: Read> Read for Cancellable<S> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.retry(|s| s.read(buf))
+    }
+}
+
+impl<S: Write> Write for Cancellable<S> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.retry(|s| s.write(buf))
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.retry(|s| s.flush())
+    }
+}
