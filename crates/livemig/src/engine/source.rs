@@ -564,7 +564,11 @@ impl<'a> RamSaver<'a> {
             self.send_page(w, block, page, completing)
                 .map_err(MigrationError::send)?;
             n += 1;
-            if n.is_multiple_of(64) {
+            // Under a bandwidth cap the budget is checked after every page
+            // (a 100 ms window at a few MiB/s holds only ~100 pages);
+            // otherwise every 64 pages is plenty.
+            let capped = self.params.max_bandwidth > 0 && !completing;
+            if capped || n.is_multiple_of(64) {
                 self.transferred = w.bytes();
                 if completing {
                     continue;
