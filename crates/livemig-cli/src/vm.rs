@@ -186,22 +186,9 @@ pub struct VmIncomingArgs {
 
 /// Fails with a clear message when KVM cannot be used here.
 fn check_kvm() -> Result<()> {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
-            "no /dev/kvm on this machine: the VM commands need KVM (a host with \
-             virtualization enabled and the kvm module loaded); `livemig migrate` \
-             moves plain process memory without it"
-        ),
-        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => bail!(
-            "cannot open /dev/kvm: permission denied (run as a member of the kvm group, or as root)"
-        ),
-        Err(e) => bail!("cannot open /dev/kvm: {e}"),
-    }
+    minivm::kvm_usable().map_err(|why| {
+        anyhow::anyhow!("{why}; `livemig migrate` moves plain process memory without KVM")
+    })
 }
 
 impl LayoutArgs {

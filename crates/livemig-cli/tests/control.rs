@@ -2,6 +2,9 @@
 //! served in this process — its error answers and exit codes, and a real
 //! KVM guest migrated, steered and cancelled through it.
 
+mod common;
+use common::kvm_available;
+
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::thread;
@@ -120,20 +123,6 @@ fn errors_through_the_binary() {
     let (ok, v, _) = control(&sock, &["query-migrate-parameters"]);
     assert!(ok);
     assert_eq!(v["return"]["downtime-limit"], 300);
-}
-
-fn kvm_available(test: &str) -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) => {
-            eprintln!("SKIPPED {test}: /dev/kvm is not usable here ({e})");
-            false
-        }
-    }
 }
 
 fn status(sock: &Path) -> Value {

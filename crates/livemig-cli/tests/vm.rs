@@ -2,6 +2,9 @@
 //! --json`, a `vm-migrate` → `vm-incoming` pair over a Unix socket, and a
 //! snapshot to a file restored by `vm-incoming file:`.
 
+mod common;
+use common::kvm_available;
+
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -15,20 +18,6 @@ const BIN: &str = env!("CARGO_BIN_EXE_livemig");
 /// sends well under 100 MB/s: a faster guest would never converge.
 const LAYOUT: &[&str] = &["--mem", "256M", "--vcpus", "2"];
 const GUEST: &[&str] = &["--working-set", "8M", "--rate", "16M", "--warmup", "0.5"];
-
-fn kvm_available(test: &str) -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) => {
-            eprintln!("SKIPPED {test}: /dev/kvm is not usable here ({e})");
-            false
-        }
-    }
-}
 
 fn json_of(what: &str, out: &Output) -> Value {
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -33,3 +33,23 @@ pub use devices::SerialOut;
 pub use dirty::TrackerKind;
 pub use guest::{CpuMode, GuestImage, TestGuestConfig};
 pub use vm::{GuestStatus, SlotInfo, VcpuStatus, Vm, VmConfig, VmError, VmHandle};
+
+/// Whether KVM can be used here: `Err` says why not in a sentence a user
+/// can act on (no device, no permission, ...).
+pub fn kvm_usable() -> Result<(), String> {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(
+            "no /dev/kvm on this machine: KVM needs a host with virtualization enabled and the kvm module loaded"
+                .to_string(),
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Err(
+            "cannot open /dev/kvm: permission denied (run as a member of the kvm group, or as root)".to_string(),
+        ),
+        Err(e) => Err(format!("cannot open /dev/kvm: {e}")),
+    }
+}

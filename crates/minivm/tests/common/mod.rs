@@ -7,14 +7,10 @@ use minivm::{GuestImage, GuestStatus, TestGuestConfig, Vm, VmConfig};
 
 /// True if /dev/kvm can be used; prints why a test is skipped otherwise.
 pub fn kvm_available(test: &str) -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) => {
-            eprintln!("SKIPPED {test}: /dev/kvm is not usable here ({e})");
+    match minivm::kvm_usable() {
+        Ok(()) => true,
+        Err(why) => {
+            eprintln!("SKIPPED {test}: {why}");
             false
         }
     }
