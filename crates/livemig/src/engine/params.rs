@@ -40,6 +40,12 @@ pub struct Params {
     /// Sync period while throttling, in milliseconds (keeps the dirty-rate
     /// measurement fresh during long rounds).
     pub throttle_sync_period: u64,
+    /// Page channels (like QEMU's multifd-channels). 1 = one stream, pages
+    /// sent by the migration thread. N > 1 = N more connections, each with
+    /// its own thread that detects zero pages, compresses and sends batches
+    /// of pages, beside the main connection (block list, sync barriers,
+    /// XBZRLE pages, device state). Read once, when the migration starts.
+    pub channels: u16,
 }
 
 impl Default for Params {
@@ -56,6 +62,7 @@ impl Default for Params {
             cpu_throttle_increment: 10,
             max_cpu_throttle: 99,
             throttle_sync_period: 5000,
+            channels: 1,
         }
     }
 }
@@ -83,6 +90,10 @@ impl Params {
             if v == 0 || v > 99 {
                 return Err(format!("{name} {v} outside 1..=99"));
             }
+        }
+        let max = crate::stream::format::MAX_CHANNELS;
+        if self.channels == 0 || self.channels > max {
+            return Err(format!("channels {} outside 1..={max}", self.channels));
         }
         if let Some(c) = self.compress {
             if c.algorithm == crate::compress::Algorithm::Zstd && !(1..=19).contains(&c.level) {
