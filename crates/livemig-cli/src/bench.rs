@@ -31,8 +31,8 @@ use clap::{Args, ValueEnum};
 use livemig::compress::{Algorithm, Compressor, Decompressor};
 use livemig::dirty::{DirtyTracker, SoftwareTracker, UffdMode, UffdTracker};
 use livemig::engine::{
-    memory_digest, write_ack, CompressParams, LoadStats, Loader, MigrationHandle, MigrationStats,
-    Params,
+    memory_digest, write_ack, ChannelWriter, CompressParams, LoadStats, Loader, MigrationHandle,
+    MigrationStats, Params,
 };
 use livemig::memory::{GuestMemory, ProcessMemory, PAGE_SIZE};
 use livemig::transport::{connect, Listener, Uri};
@@ -107,6 +107,10 @@ pub struct BenchArgs {
     /// Skip the cold-destination migrations.
     #[arg(long)]
     pub no_cold: bool,
+    /// Only the migration cases whose name contains one of these
+    /// (comma-separated), e.g. `--case incompressible`.
+    #[arg(long, value_delimiter = ',')]
+    pub case: Vec<String>,
     /// Also write the JSON object to this file.
     #[arg(long)]
     pub save: Option<std::path::PathBuf>,
@@ -660,8 +664,24 @@ enum Link {
 /// One migration: what the source reported, what the destination loaded.
 struct MigRun {
     secs: f64,
+    /// CPU seconds this process used (source, destination and their
+    /// kernel work), user + system.
+    cpu: f64,
     stats: MigrationStats,
     load: LoadStats,
+}
+
+/// CPU time this process has used so far, user + system, in seconds.
+fn cpu_secs() -> f64 {
+    // SAFETY: getrusage fills the struct it is given; a zeroed rusage is a
+    // valid value to pass.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut ru);
+        ru
+    };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
 /// A tracker over `mem` and the writer a workload must write through:
@@ -715,7 +735,12 @@ fn migrate_once(
         let dest = s.spawn(|| -> Result<LoadStats> {
             let inc = listener.accept()?;
             let mut loader = Loader::new(dst);
-            let r = loader.load(inc.reader);
+            let r = loader.load_channels(inc.reader, || {
+                listener
+                    .accept()
+                    .map(|i| i.reader)
+                    .map_err(std::io::Error::other)
+            });
             if let Some(mut ack) = inc.ack {
                 let msg = r.as_ref().map(|_| ()).map_err(|e| e.to_string());
                 let _ = write_ack(&mut ack, msg.as_ref().map(|_| ()).map_err(String::as_str));
@@ -727,12 +752,20 @@ fn migrate_once(
             let h = handle.clone();
             s.spawn(move || f(&h, done_rx))
         });
+        let cpu0 = cpu_secs();
         let t0 = Instant::now();
         let result = match connect(&target) {
             Ok(out) => {
                 let mut ack = out.ack;
+                let mut open = |_: u16| -> std::io::Result<ChannelWriter> {
+                    Ok(connect(&target).map_err(std::io::Error::other)?.writer)
+                };
                 livemig::engine::Source::new(src, tracker, vm, handle.clone())
-                    .run(out.writer, ack.as_deref_mut().map(|r| r as &mut dyn Read))
+                    .run_with_channels(
+                        out.writer,
+                        ack.as_deref_mut().map(|r| r as &mut dyn Read),
+                        &mut open,
+                    )
                     .map_err(anyhow::Error::from)
             }
             Err(e) => {
@@ -747,15 +780,22 @@ fn migrate_once(
             let _ = c.join();
         }
         let load = dest.join().map_err(|_| anyhow!("destination panicked"))?;
+        let cpu = cpu_secs() - cpu0;
         let stats = result.context("source")?;
         let load = load?;
-        Ok(MigRun { secs, stats, load })
+        Ok(MigRun {
+            secs,
+            cpu,
+            stats,
+            load,
+        })
     })
 }
 
 #[derive(Clone, Debug, Serialize)]
 struct RunFig {
     secs: f64,
+    cpu_secs: f64,
     stream_bytes: u64,
     guest_bytes_per_sec: f64,
     stream_bytes_per_sec: f64,
@@ -764,6 +804,12 @@ struct RunFig {
 #[derive(Clone, Debug, Serialize)]
 struct MigRow {
     name: String,
+    /// Page channels (1 = one stream).
+    channels: u16,
+    /// CPU seconds per GiB of guest moved (median), both sides.
+    cpu_secs_per_gib: f64,
+    /// CPU busy share of the 2-core budget: cpu seconds / (wall seconds x cores).
+    cpu_share: f64,
     content: Content,
     link: Link,
     /// "pre-touched" or "cold".
@@ -795,7 +841,8 @@ struct MigRow {
 }
 
 struct Scenario {
-    name: &'static str,
+    name: String,
+    channels: u16,
     content: Content,
     link: Link,
     cold: bool,
@@ -809,7 +856,13 @@ const COMPRESSED_GUEST_MAX: u64 = 256 << 20;
 /// bigger set only makes the run longer).
 const COMPRESS_SET_MAX: usize = 64 << 20;
 
-fn migration(c: &Config, refs: &References, json: bool, no_cold: bool) -> Result<Vec<MigRow>> {
+fn migration(
+    c: &Config,
+    refs: &References,
+    json: bool,
+    no_cold: bool,
+    cases: &[String],
+) -> Result<Vec<MigRow>> {
     let lz4 = Some(CompressParams {
         algorithm: Algorithm::Lz4,
         level: 1,
@@ -818,8 +871,9 @@ fn migration(c: &Config, refs: &References, json: bool, no_cold: bool) -> Result
         algorithm: Algorithm::Zstd,
         level: 1,
     });
-    let sc = |name, content, link, cold, compress| Scenario {
-        name,
+    let sc = |name: &str, content, link, cold, compress| Scenario {
+        name: name.to_string(),
+        channels: 1,
         content,
         link,
         cold,
@@ -827,7 +881,6 @@ fn migration(c: &Config, refs: &References, json: bool, no_cold: bool) -> Result
     };
     use Content::*;
     let mut list = vec![
-        sc("incompressible", Incompressible, Link::Tcp, false, None),
         sc(
             "incompressible, cold dest",
             Incompressible,
@@ -835,21 +888,36 @@ fn migration(c: &Config, refs: &References, json: bool, no_cold: bool) -> Result
             true,
             None,
         ),
-        sc(
-            "incompressible, unix",
-            Incompressible,
-            Link::Unix,
-            false,
-            None,
-        ),
         sc("compressible, raw", Compressible, Link::Tcp, false, None),
-        sc("compressible, lz4", Compressible, Link::Tcp, false, lz4),
         sc("compressible, zstd-1", Compressible, Link::Tcp, false, zstd),
-        sc("mostly-zero (95%)", MostlyZero, Link::Tcp, false, None),
         sc("mostly-zero, cold dest", MostlyZero, Link::Tcp, true, None),
     ];
+    // Parallel channels: 1, 2 and 4 for three contents over both links.
+    for (label, content, compress) in [
+        ("incompressible", Incompressible, None),
+        ("compressible lz4", Compressible, lz4),
+        ("mostly-zero", MostlyZero, None),
+    ] {
+        for link in [Link::Tcp, Link::Unix] {
+            for channels in [1u16, 2, 4] {
+                let l = if link == Link::Tcp { "tcp" } else { "unix" };
+                let mut s = sc(
+                    &format!("{label}, {l}, {channels}ch"),
+                    content,
+                    link,
+                    false,
+                    compress,
+                );
+                s.channels = channels;
+                list.push(s);
+            }
+        }
+    }
     if no_cold {
         list.retain(|s| !s.cold);
+    }
+    if !cases.is_empty() {
+        list.retain(|s| cases.iter().any(|c| s.name.contains(c.as_str())));
     }
     // Source and pre-touched destination memory of each guest size, and
     // what the source holds.
@@ -888,6 +956,7 @@ fn migration(c: &Config, refs: &References, json: bool, no_cold: bool) -> Result
         let params = Params {
             compress: s.compress,
             verify: false,
+            channels: s.channels,
             ..Params::default()
         };
         let mut runs = Vec::new();
@@ -921,6 +990,7 @@ fn migration(c: &Config, refs: &References, json: bool, no_cold: bool) -> Result
             let stream = r.stats.ram.transferred;
             runs.push(RunFig {
                 secs: r.secs,
+                cpu_secs: r.cpu,
                 stream_bytes: stream,
                 guest_bytes_per_sec: size as f64 / r.secs,
                 stream_bytes_per_sec: stream as f64 / r.secs,
@@ -949,8 +1019,14 @@ fn migration(c: &Config, refs: &References, json: bool, no_cold: bool) -> Result
             (_, Link::Tcp) => ("tcp-loopback", link_ref),
             (_, Link::Unix) => ("unix-socket", link_ref),
         };
+        let cpu = median(&runs.iter().map(|r| r.cpu_secs).collect::<Vec<_>>());
+        let wall = median(&runs.iter().map(|r| r.secs).collect::<Vec<_>>());
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
         rows.push(MigRow {
-            name: s.name.to_string(),
+            name: s.name.clone(),
+            channels: s.channels,
+            cpu_secs_per_gib: cpu / (size as f64 / (1u64 << 30) as f64),
+            cpu_share: cpu / (wall * cores),
             content: s.content,
             link: s.link,
             dest: if s.cold { "cold" } else { "pre-touched" },
@@ -1416,16 +1492,16 @@ fn print_tables(
             human(c.size)
         );
         println!(
-            "  {:<28}{:>7}{:>10}{:>9}{:>11}{:>11}{:>11}  limit",
-            "case", "time s", "stream", "guest", "stream", "guest", "guest"
+            "  {:<30}{:>7}{:>10}{:>9}{:>11}{:>11}{:>11}{:>9}{:>6}  limit",
+            "case", "time s", "stream", "guest", "stream", "guest", "guest", "CPU s", "CPU"
         );
         println!(
-            "  {:<28}{:>7}{:>10}{:>9}{:>11}{:>11}{:>11}",
-            "", "", "GB/s", "GB/s", "/link", "/link", "/limit"
+            "  {:<30}{:>7}{:>10}{:>9}{:>11}{:>11}{:>11}{:>9}{:>6}",
+            "", "", "GB/s", "GB/s", "/link", "/link", "/limit", "/GiB", "busy"
         );
         for r in rows {
             println!(
-                "  {:<28}{:>7.2}{:>10}{:>9}{:>11.2}{:>11.2}{:>11.2}  {}",
+                "  {:<30}{:>7.2}{:>10}{:>9}{:>11.2}{:>11.2}{:>11.2}{:>9.2}{:>5.0}%  {}",
                 r.name,
                 r.secs,
                 gbs(r.stream_bytes_per_sec),
@@ -1433,6 +1509,8 @@ fn print_tables(
                 r.stream_ratio_to_link,
                 r.guest_ratio_to_link,
                 r.ratio_to_limit,
+                r.cpu_secs_per_gib,
+                r.cpu_share * 100.0,
                 r.limit
             );
         }
@@ -1516,7 +1594,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         None
     };
     let mig_rows = if want(Part::Migration) {
-        Some(migration(&c, &refs, a.json, a.no_cold)?)
+        Some(migration(&c, &refs, a.json, a.no_cold, &a.case)?)
     } else {
         None
     };

@@ -8,7 +8,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use livemig::dirty::{UffdMode, UffdTracker};
 use livemig::engine::{
-    hex, memory_digest, write_ack, CompressParams, Loader, MigrationHandle, Params, Source,
+    hex, memory_digest, write_ack, ChannelWriter, CompressParams, Loader, MigrationHandle, Params,
+    Source,
 };
 use livemig::memory::{GuestMemory, ProcessMemory};
 use livemig::transport::{connect, Listener, Uri};
@@ -117,6 +118,11 @@ pub struct TuneArgs {
     /// Write the per-sync history (JSON array) to this file.
     #[arg(long)]
     pub history: Option<PathBuf>,
+    /// Page channels: above 1, that many extra connections, each with its
+    /// own sender thread (like QEMU's multifd); the destination accepts
+    /// them on the same listener. Not for snapshot files.
+    #[arg(long, default_value_t = 1)]
+    pub channels: u16,
 }
 
 impl TuneArgs {
@@ -140,6 +146,7 @@ impl TuneArgs {
             },
             verify: !self.no_verify,
             auto_converge: self.auto_converge,
+            channels: self.channels,
             ..Params::default()
         };
         p.validate().map_err(anyhow::Error::msg)?;
@@ -317,6 +324,9 @@ fn run_source(uri: &Uri, o: &SourceOpts) -> Result<()> {
     if wl.warmup > 0.0 {
         std::thread::sleep(Duration::from_secs_f64(wl.warmup));
     }
+    if params.channels > 1 && matches!(uri, Uri::File(_)) {
+        bail!("a snapshot file is one stream: --channels must be 1");
+    }
     let out = connect(uri)?;
     let handle = MigrationHandle::new(params.clone());
     let progress = Progress::source(handle.clone(), mem.total_bytes(), quiet || json);
@@ -327,9 +337,13 @@ fn run_source(uri: &Uri, o: &SourceOpts) -> Result<()> {
         None => &mut no_vm,
     };
     let mut ack = out.ack;
-    let result = Source::new(&mem, &mut tracker, vm, handle.clone()).run(
+    let mut open = |_: u16| -> std::io::Result<ChannelWriter> {
+        Ok(connect(uri).map_err(std::io::Error::other)?.writer)
+    };
+    let result = Source::new(&mem, &mut tracker, vm, handle.clone()).run_with_channels(
         out.writer,
         ack.as_deref_mut().map(|r| r as &mut dyn std::io::Read),
+        &mut open,
     );
     drop(progress);
     let stats = handle.stats();
@@ -410,7 +424,14 @@ fn run_dest(uri: &Uri, o: &DestOpts) -> Result<()> {
     let mut loader = Loader::new(&mem);
     let progress = Progress::counter(loader.progress(), mem.total_bytes(), quiet || json);
     let started = std::time::Instant::now();
-    let result = loader.load(inc.reader);
+    // Page channels of a multi-channel migration arrive on the same
+    // listener after the main connection.
+    let result = loader.load_channels(inc.reader, || {
+        listener
+            .accept()
+            .map(|i| i.reader)
+            .map_err(std::io::Error::other)
+    });
     drop(progress);
     if let Some(mut ack) = inc.ack {
         let msg = result.as_ref().map(|_| ()).map_err(|e| e.to_string());

@@ -127,6 +127,19 @@ fn tcp_live_migration_between_processes() {
 }
 
 #[test]
+fn tcp_four_channels_between_processes() {
+    let uri = format!("tcp:127.0.0.1:{}", free_port());
+    let (s, d) = migrate_pair(&uri, &["--channels", "4", "--downtime-limit", "50"]);
+    assert_equal_memory(&s, &d);
+    assert!(s["ram"]["normal"].as_u64().unwrap() > 0);
+    assert_eq!(
+        d["load"]["raw-pages"], s["ram"]["normal"],
+        "every page the channels sent was loaded"
+    );
+    assert_eq!(d["load"]["zero-pages"], s["ram"]["duplicate"]);
+}
+
+#[test]
 fn unix_socket_with_xbzrle_and_compression() {
     let dir = tempfile::tempdir().unwrap();
     let uri = format!("unix:{}", dir.path().join("mig.sock").display());

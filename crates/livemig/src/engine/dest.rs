@@ -1,16 +1,17 @@
 //! The destination side: validates every record, then applies it to guest
 //! memory whose layout comes from the destination's own configuration.
 
-use std::io::Read;
+use std::io::{self, Read};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
+use super::channels::{BarrierError, EpochBarrier};
 use super::digest::{hex, memory_digest};
 use crate::compress::{Algorithm, Decompressor};
 use crate::memory::{GuestMemory, PAGE_SIZE};
-use crate::stream::format::FLAG_VERIFY;
+use crate::stream::format::{FLAG_CHANNELS, FLAG_VERIFY};
 use crate::stream::{Record, StreamError, StreamReader};
 use crate::{xbzrle, zero};
 
@@ -60,6 +61,45 @@ pub enum LoadError {
     /// The stream promised a digest (verify mode) but ended without one.
     #[error("stream ended without the memory digest its header promised")]
     NoDigest,
+    /// A channel broke the multi-channel protocol.
+    #[error("channel {channel}, stream byte {offset}: {what}")]
+    Channel {
+        /// Channel index (0 = main).
+        channel: u16,
+        /// Byte offset in that channel's stream.
+        offset: u64,
+        /// What was wrong.
+        what: String,
+    },
+    /// Accepting a page channel's connection failed.
+    #[error("accepting connection {n} of {channels} page channels: {source}")]
+    Accept {
+        /// Which connection after the main one (1-based).
+        n: u16,
+        /// Page channels the main stream declared.
+        channels: u16,
+        /// Transport error.
+        source: io::Error,
+    },
+    /// The start of a page channel's connection was bad.
+    #[error("page channel connection {n}: {source}")]
+    OnConnection {
+        /// Which connection after the main one (1-based).
+        n: u16,
+        /// What was wrong.
+        source: Box<LoadError>,
+    },
+    /// An error on page channel `channel`.
+    #[error("page channel {channel}: {source}")]
+    OnChannel {
+        /// Channel index (1-based).
+        channel: u16,
+        /// What was wrong.
+        source: Box<LoadError>,
+    },
+    /// Stopped because another channel failed (never returned alone).
+    #[error("stopped because another channel failed")]
+    Aborted,
     /// The memory loaded differs from the source's at stop time.
     #[error("memory digest mismatch: source {expected}, destination {actual}")]
     DigestMismatch {
@@ -92,6 +132,29 @@ pub struct LoadStats {
     pub verify_time: u64,
 }
 
+impl LoadStats {
+    fn add(&mut self, o: &LoadStats) {
+        self.bytes += o.bytes;
+        self.zero_pages += o.zero_pages;
+        self.zero_pages_written += o.zero_pages_written;
+        self.raw_pages += o.raw_pages;
+        self.xbzrle_pages += o.xbzrle_pages;
+        self.compressed_pages += o.compressed_pages;
+        self.sections += o.sections;
+    }
+}
+
+/// Names the page channel an error happened on.
+fn on_channel(channel: usize, e: LoadError) -> LoadError {
+    match e {
+        LoadError::Aborted | LoadError::Channel { .. } => e,
+        e => LoadError::OnChannel {
+            channel: channel as u16,
+            source: Box::new(e),
+        },
+    }
+}
+
 /// What a successful load produced.
 #[derive(Clone, Debug, Default)]
 pub struct LoadOutcome {
@@ -109,6 +172,29 @@ pub struct Loader<'a> {
     progress: Arc<AtomicU64>,
 }
 
+/// Which stream of a migration a record loop reads.
+#[derive(Clone, Copy)]
+enum Role<'b> {
+    /// The only stream.
+    Single,
+    /// Stream `index` of a multi-channel migration (0 = main).
+    Channel(usize, &'b EpochBarrier),
+}
+
+impl Role<'_> {
+    fn is_page_channel(self) -> bool {
+        matches!(self, Role::Channel(i, _) if i > 0)
+    }
+}
+
+/// What one stream's record loop produced.
+#[derive(Default)]
+struct StreamOutcome {
+    state: Vec<u8>,
+    digest: Option<[u8; 32]>,
+    stats: LoadStats,
+}
+
 impl<'a> Loader<'a> {
     /// A loader into `mem`.
     pub fn new(mem: &'a dyn GuestMemory) -> Self {
@@ -118,24 +204,218 @@ impl<'a> Loader<'a> {
         }
     }
 
-    /// Stream bytes read so far, readable from another thread.
+    /// Stream bytes read so far (all channels), readable from another
+    /// thread.
     pub fn progress(&self) -> Arc<AtomicU64> {
         self.progress.clone()
     }
 
     /// Reads the whole stream and applies it. Returns after the end record.
+    /// A multi-channel migration needs [`Loader::load_channels`].
     pub fn load<R: Read>(&mut self, input: R) -> Result<LoadOutcome, LoadError> {
         let mut r = StreamReader::new(input)?;
+        if r.flags() & FLAG_CHANNELS != 0 {
+            return Err(LoadError::Channel {
+                channel: 0,
+                offset: r.offset(),
+                what: "the stream is one channel of a multi-channel migration; \
+                       its other connections must be accepted too"
+                    .into(),
+            });
+        }
         let verify = r.flags() & FLAG_VERIFY != 0;
+        let o = self.run_stream(&mut r, Role::Single)?;
+        self.finish(verify, o)
+    }
+
+    /// Loads a migration whose main stream is `main`; when its header
+    /// declares channels, `accept` is called once per page channel for the
+    /// next connection. Each channel is read and applied on its own thread,
+    /// straight into guest memory, under the epoch barrier (see
+    /// `channels.rs`). A stream without channels loads as with
+    /// [`Loader::load`].
+    ///
+    /// The first connection must be the main channel (the source opens it
+    /// first); the others may come in any order.
+    pub fn load_channels<R: Read + Send>(
+        &mut self,
+        main: R,
+        mut accept: impl FnMut() -> io::Result<R>,
+    ) -> Result<LoadOutcome, LoadError> {
+        let mut r = StreamReader::new(main)?;
+        let verify = r.flags() & FLAG_VERIFY != 0;
+        if r.flags() & FLAG_CHANNELS == 0 {
+            let o = self.run_stream(&mut r, Role::Single)?;
+            return self.finish(verify, o);
+        }
+        let at = r.offset();
+        let (index, n, session) = match r.next_record()? {
+            Record::Channel {
+                index,
+                channels,
+                session,
+            } => (index, channels, session),
+            _ => unreachable!("the reader requires a channel record first"),
+        };
+        if index != 0 {
+            return Err(LoadError::Channel {
+                channel: index,
+                offset: at,
+                what: "the first connection must be the main channel 0".into(),
+            });
+        }
+        let mut chans: Vec<Option<StreamReader<R>>> = (0..n).map(|_| None).collect();
+        for k in 1..=n {
+            let conn = accept().map_err(|source| LoadError::Accept {
+                n: k,
+                channels: n,
+                source,
+            })?;
+            let in_conn = |e: LoadError| LoadError::OnConnection {
+                n: k,
+                source: Box::new(e),
+            };
+            let mut cr = StreamReader::new(conn).map_err(|e| in_conn(e.into()))?;
+            let at = cr.offset();
+            let rec = cr.next_record().map_err(|e| in_conn(e.into()))?;
+            let Record::Channel {
+                index,
+                channels,
+                session: s,
+            } = rec
+            else {
+                unreachable!("the reader requires a channel record first");
+            };
+            let bad = |what: String| {
+                in_conn(LoadError::Channel {
+                    channel: index,
+                    offset: at,
+                    what,
+                })
+            };
+            if s != session {
+                return Err(bad(format!(
+                    "session {s:#x} is not this migration's ({session:#x})"
+                )));
+            }
+            if channels != n {
+                return Err(bad(format!(
+                    "declares {channels} channels, the main channel {n}"
+                )));
+            }
+            let slot = usize::from(index).checked_sub(1).map(|i| &mut chans[i]);
+            match slot {
+                Some(slot @ None) => *slot = Some(cr),
+                _ => return Err(bad("channel index used twice or 0".into())),
+            }
+        }
+        let barrier = EpochBarrier::new(usize::from(n) + 1);
+        let first_err: Mutex<Option<LoadError>> = Mutex::new(None);
+        // The first error is the cause; the others follow from the
+        // teardown it starts (aborted barrier, closed connections).
+        let fail = |e: LoadError| {
+            {
+                let mut f = first_err.lock().unwrap_or_else(|p| p.into_inner());
+                if f.is_none() && !matches!(e, LoadError::Aborted) {
+                    *f = Some(e);
+                }
+            }
+            barrier.abort();
+        };
+        let this = &*self;
+        let mut total = StreamOutcome::default();
+        std::thread::scope(|s| {
+            let threads: Vec<_> = chans
+                .into_iter()
+                .enumerate()
+                .map(|(i, cr)| {
+                    let mut cr = cr.expect("every channel accepted");
+                    let (barrier, fail) = (&barrier, &fail);
+                    s.spawn(move || {
+                        let r = this.run_stream(&mut cr, Role::Channel(i + 1, barrier));
+                        // Closing the connection at once tells the source.
+                        drop(cr);
+                        r.map_err(|e| fail(on_channel(i + 1, e))).ok()
+                    })
+                })
+                .collect();
+            let main = this.run_stream(&mut r, Role::Channel(0, &barrier));
+            drop(r);
+            match main {
+                Ok(o) => total = o,
+                Err(e) => fail(e),
+            }
+            for t in threads {
+                match t.join() {
+                    Ok(Some(o)) => total.stats.add(&o.stats),
+                    Ok(None) => {}
+                    Err(_) => fail(LoadError::Channel {
+                        channel: 0,
+                        offset: 0,
+                        what: "a channel thread panicked".into(),
+                    }),
+                }
+            }
+        });
+        if let Some(e) = first_err.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            return Err(e);
+        }
+        self.finish(verify, total)
+    }
+
+    /// Checks the digest (verify mode) once everything is loaded.
+    fn finish(&self, verify: bool, o: StreamOutcome) -> Result<LoadOutcome, LoadError> {
+        let mut out = LoadOutcome {
+            state: o.state,
+            digest: o.digest,
+            stats: o.stats,
+        };
+        if verify {
+            let Some(expected) = out.digest else {
+                return Err(LoadError::NoDigest);
+            };
+            let t = std::time::Instant::now();
+            let actual = memory_digest(self.mem);
+            out.stats.verify_time = t.elapsed().as_millis() as u64;
+            if actual != expected {
+                return Err(LoadError::DigestMismatch {
+                    expected: hex(&expected),
+                    actual: hex(&actual),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Reads one stream up to its end record, applying every record.
+    fn run_stream<R: Read>(
+        &self,
+        r: &mut StreamReader<R>,
+        role: Role<'_>,
+    ) -> Result<StreamOutcome, LoadError> {
         let blocks = self.mem.blocks();
         // Stream block index -> destination block.
         let mut map: Vec<usize> = Vec::new();
-        let mut out = LoadOutcome::default();
+        let mut out = StreamOutcome::default();
         let mut scratch = vec![0u8; PAGE_SIZE];
         let mut dec = Decompressor::new();
+        let mut reported = r.offset();
+        let mut syncs = 0u64;
+        let page_channel = role.is_page_channel();
         loop {
             let at = r.offset();
             let rec = r.next_record()?;
+            let refuse = |what: &str| {
+                let channel = match role {
+                    Role::Channel(i, _) => i as u16,
+                    Role::Single => 0,
+                };
+                Err(LoadError::Channel {
+                    channel,
+                    offset: at,
+                    what: format!("{what} on a page channel"),
+                })
+            };
             match rec {
                 Record::BlockList(list) => {
                     map = self
@@ -161,6 +441,7 @@ impl<'a> Loader<'a> {
                         .region()
                         .write(offset as usize, data);
                 }
+                Record::Xbzrle { .. } if page_channel => return refuse("xbzrle page"),
                 Record::Xbzrle {
                     block,
                     offset,
@@ -202,29 +483,43 @@ impl<'a> Loader<'a> {
                 }
                 Record::SectionEnd { .. } => {
                     out.stats.sections += 1;
-                    self.progress.store(r.offset(), Ordering::Relaxed);
+                    self.progress
+                        .fetch_add(r.offset() - reported, Ordering::Relaxed);
+                    reported = r.offset();
                 }
+                Record::State(_) if page_channel => return refuse("device state"),
                 Record::State(blob) => out.state = blob.to_vec(),
+                Record::Digest(_) if page_channel => return refuse("digest"),
                 Record::Digest(d) => out.digest = Some(d),
+                Record::Sync { .. } => {
+                    let Role::Channel(i, barrier) = role else {
+                        unreachable!("the reader refuses sync records without channels")
+                    };
+                    syncs += 1;
+                    barrier.reach(i, syncs).map_err(|e| match e {
+                        BarrierError::Aborted => LoadError::Aborted,
+                        BarrierError::Ended { channel, passed } => LoadError::Channel {
+                            channel: channel as u16,
+                            offset: at,
+                            what: format!(
+                                "ended after {passed} syncs while channel {i} reached sync {}",
+                                syncs - 1
+                            ),
+                        },
+                    })?;
+                }
+                Record::Channel { .. } => {
+                    unreachable!("the reader allows a channel record only first")
+                }
                 Record::End => break,
             }
         }
-        out.stats.bytes = r.offset();
-        self.progress.store(r.offset(), Ordering::Relaxed);
-        if verify {
-            let Some(expected) = out.digest else {
-                return Err(LoadError::NoDigest);
-            };
-            let t = std::time::Instant::now();
-            let actual = memory_digest(self.mem);
-            out.stats.verify_time = t.elapsed().as_millis() as u64;
-            if actual != expected {
-                return Err(LoadError::DigestMismatch {
-                    expected: hex(&expected),
-                    actual: hex(&actual),
-                });
-            }
+        if let Role::Channel(i, barrier) = role {
+            barrier.end(i);
         }
+        out.stats.bytes = r.offset();
+        self.progress
+            .fetch_add(r.offset() - reported, Ordering::Relaxed);
         Ok(out)
     }
 

@@ -2,6 +2,7 @@
 //! loader, over any guest memory, tracker and byte transport.
 
 mod ack;
+mod channels;
 mod dest;
 mod digest;
 mod handle;
@@ -10,6 +11,7 @@ mod source;
 mod stats;
 
 pub use ack::{read_ack, write_ack};
+pub use channels::ChannelWriter;
 pub use dest::{LoadError, LoadOutcome, LoadStats, Loader};
 pub use digest::{hex, memory_digest};
 pub use handle::{MigrationHandle, SyncPoint};

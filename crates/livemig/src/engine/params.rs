@@ -46,6 +46,12 @@ pub struct Params {
     /// with the KVM dirty ring, which counts pages per vCPU). vCPUs that
     /// dirty less run untouched, unlike auto-converge's throttle.
     pub dirty_limit: u64,
+    /// Page channels (like QEMU's multifd-channels). 1 = one stream, pages
+    /// sent by the migration thread. N > 1 = N more connections, each with
+    /// its own thread that detects zero pages, compresses and sends batches
+    /// of pages, beside the main connection (block list, sync barriers,
+    /// XBZRLE pages, device state). Read once, when the migration starts.
+    pub channels: u16,
 }
 
 impl Default for Params {
@@ -63,6 +69,7 @@ impl Default for Params {
             max_cpu_throttle: 99,
             throttle_sync_period: 5000,
             dirty_limit: 0,
+            channels: 1,
         }
     }
 }
@@ -96,6 +103,10 @@ impl Params {
                 "dirty-limit {} B/s is below one page per second (0 = off)",
                 self.dirty_limit
             ));
+        }
+        let max = crate::stream::format::MAX_CHANNELS;
+        if self.channels == 0 || self.channels > max {
+            return Err(format!("channels {} outside 1..={max}", self.channels));
         }
         if let Some(c) = self.compress {
             if c.algorithm == crate::compress::Algorithm::Zstd && !(1..=19).contains(&c.level) {

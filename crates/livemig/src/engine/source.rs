@@ -10,6 +10,7 @@ use std::io::{self, Read, Write};
 use std::time::{Duration, Instant};
 
 use super::ack;
+use super::channels::{ChannelSetup, ChannelWriter, SendChannels};
 use super::digest::memory_digest;
 use super::handle::{MigrationHandle, SyncPoint};
 use super::params::Params;
@@ -20,7 +21,7 @@ use crate::compress::Compressor;
 use crate::dirty::DirtyTracker;
 use crate::memory::{GuestMemory, RamBlock, PAGE_SIZE};
 use crate::page_cache::PageCache;
-use crate::stream::format::FLAG_VERIFY;
+use crate::stream::format::{FLAG_CHANNELS, FLAG_VERIFY};
 use crate::stream::{BlockDesc, Encoded, StreamWriter};
 use crate::vm::VmControl;
 use crate::{xbzrle, zero};
@@ -74,8 +75,28 @@ impl<'a> Source<'a> {
         }
     }
 
+    /// Connects to `uri` and runs the migration there, opening one more
+    /// connection per page channel when [`Params::channels`] is above 1.
+    pub fn run_to(self, uri: &crate::transport::Uri) -> Result<MigrationStats, MigrationError> {
+        use crate::transport::{connect, Uri};
+        let conn = connect(uri).map_err(|e| MigrationError::Send(io::Error::other(e)))?;
+        let crate::transport::Outgoing { writer, mut ack } = conn;
+        let mut open = |_: u16| -> io::Result<ChannelWriter> {
+            if matches!(uri, Uri::File(_)) {
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "a snapshot file is one stream: channels must be 1",
+                ));
+            }
+            Ok(connect(uri).map_err(io::Error::other)?.writer)
+        };
+        let ack = ack.as_mut().map(|r| r as &mut dyn Read);
+        self.run_with_channels(writer, ack, &mut open)
+    }
+
     /// Runs the migration into `out`. With `ack`, waits for the
-    /// destination's acknowledgement before declaring success.
+    /// destination's acknowledgement before declaring success. Only one
+    /// channel: [`Params::channels`] must be 1.
     ///
     /// On any failure or cancel the tracker is stopped, the throttle is
     /// removed and the guest resumes if it was paused; the error is also
@@ -84,6 +105,24 @@ impl<'a> Source<'a> {
         self,
         out: W,
         ack: Option<&mut dyn Read>,
+    ) -> Result<MigrationStats, MigrationError> {
+        self.run_with_channels(out, ack, &mut |_| {
+            Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "this transport has one stream: channels must be 1",
+            ))
+        })
+    }
+
+    /// As [`Source::run`], with `open(i)` opening the connection of page
+    /// channel `i` (1..=channels) when [`Params::channels`] is above 1. The
+    /// main stream goes to `out`; the destination must accept the channels
+    /// after it (see [`super::Loader::load_channels`]).
+    pub fn run_with_channels<W: Write>(
+        self,
+        out: W,
+        ack: Option<&mut dyn Read>,
+        open: &mut dyn FnMut(u16) -> io::Result<ChannelWriter>,
     ) -> Result<MigrationStats, MigrationError> {
         let Source {
             mem,
@@ -94,7 +133,9 @@ impl<'a> Source<'a> {
         let started = Instant::now();
         let mut saver = RamSaver::new(mem, &handle, started);
         let mut paused = false;
-        let result = saver.migrate(out, ack, tracker, vm, &mut paused);
+        let result = saver.migrate(out, ack, open, tracker, vm, &mut paused);
+        // Stops the channel threads (on failure, after their current batch).
+        saver.close_channels();
         let stop_err = tracker.stop().err();
         match result {
             Ok(()) => {
@@ -132,7 +173,7 @@ impl<'a> Source<'a> {
 }
 
 /// Counters of what was sent, by kind.
-#[derive(Default)]
+#[derive(Clone, Copy, Default)]
 struct Counters {
     zero: u64,
     skipped: u64,
@@ -195,6 +236,10 @@ struct RamSaver<'a> {
     downtime_bytes: u64,
     verify_time: u64,
     status: Status,
+    /// Page channels, when `channels > 1`.
+    channels: Option<SendChannels>,
+    /// Next sync barrier's epoch.
+    epoch: u64,
 }
 
 impl<'a> RamSaver<'a> {
@@ -255,6 +300,8 @@ impl<'a> RamSaver<'a> {
             downtime_bytes: 0,
             verify_time: 0,
             status: Status::Setup,
+            channels: None,
+            epoch: 0,
         }
     }
 
@@ -274,6 +321,7 @@ impl<'a> RamSaver<'a> {
         &mut self,
         out: W,
         ack: Option<&mut dyn Read>,
+        open: &mut dyn FnMut(u16) -> io::Result<ChannelWriter>,
         tracker: &mut dyn DirtyTracker,
         vm: &mut dyn VmControl,
         paused: &mut bool,
@@ -306,7 +354,15 @@ impl<'a> RamSaver<'a> {
         }
         self.apply_params();
         let flags = if self.params.verify { FLAG_VERIFY } else { 0 };
-        let mut w = StreamWriter::new(out, flags);
+        let n = self.params.channels;
+        let session = session_number();
+        let mut w = if n > 1 {
+            let mut w = StreamWriter::new(out, flags | FLAG_CHANNELS);
+            w.channel(0, n, session).map_err(MigrationError::send)?;
+            w
+        } else {
+            StreamWriter::new(out, flags)
+        };
         let descs: Vec<BlockDesc> = self
             .blocks
             .iter()
@@ -317,6 +373,27 @@ impl<'a> RamSaver<'a> {
             .collect();
         w.block_list(&descs).map_err(MigrationError::send)?;
         self.section_end(&mut w)?;
+        if n > 1 {
+            // After the main stream's start is on its way, so the
+            // destination accepts the main connection first.
+            let conns = (1..=n)
+                .map(|i| {
+                    open(i).map_err(|e| {
+                        MigrationError::Send(io::Error::new(
+                            e.kind(),
+                            format!("opening channel {i}: {e}"),
+                        ))
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let setup = ChannelSetup {
+                flags,
+                session,
+                blocks: self.blocks.clone(),
+                descs,
+            };
+            self.channels = Some(SendChannels::start(conns, &setup).map_err(MigrationError::send)?);
+        }
         self.setup_time = self.started.elapsed().as_millis() as u64;
         self.publish(Status::Active, tracker.name(), None);
 
@@ -328,6 +405,7 @@ impl<'a> RamSaver<'a> {
             let threshold = self.threshold_bytes();
             if self.remaining_bytes() <= threshold {
                 self.sync(tracker)?;
+                self.barrier(&mut w)?;
                 if self.remaining_bytes() <= threshold {
                     break;
                 }
@@ -337,6 +415,7 @@ impl<'a> RamSaver<'a> {
                     >= Duration::from_millis(self.params.throttle_sync_period)
             {
                 self.sync(tracker)?;
+                self.barrier(&mut w)?;
             }
             if self.params.auto_converge {
                 vm.set_throttle(self.throttle);
@@ -357,12 +436,19 @@ impl<'a> RamSaver<'a> {
         vm.pause().map_err(MigrationError::Vm)?;
         *paused = true;
         self.downtime_start = Some(pause_at);
-        let bytes_before = w.bytes();
+        let bytes_before = self.sent_bytes(&w);
         self.sync(tracker)?;
+        self.barrier(&mut w)?;
         while self.remaining_pages() > 0 {
             self.check_cancel()?;
             self.step(&mut w, tracker, true)?;
             self.section_end(&mut w)?;
+        }
+        if let Some(ch) = &mut self.channels {
+            // Every channel ends its stream; the destination applies the
+            // main stream's end only after all of them.
+            ch.finish(self.params.compress)
+                .map_err(MigrationError::send)?;
         }
         let state = vm.save_state().map_err(MigrationError::Vm)?;
         if !state.is_empty() {
@@ -376,7 +462,7 @@ impl<'a> RamSaver<'a> {
         }
         self.check_cancel()?;
         w.end().map_err(MigrationError::send)?;
-        self.transferred = w.bytes();
+        self.transferred = self.sent_bytes(&w);
         self.downtime_bytes = self.transferred - bytes_before;
         if let Some(r) = ack {
             ack::read_ack(r)?;
@@ -434,8 +520,34 @@ impl<'a> RamSaver<'a> {
     fn section_end<W: Write>(&mut self, w: &mut StreamWriter<W>) -> Result<(), MigrationError> {
         w.section_end(self.seq).map_err(MigrationError::send)?;
         self.seq += 1;
-        self.transferred = w.bytes();
+        self.transferred = self.sent_bytes(w);
         Ok(())
+    }
+
+    /// Stops the page channels, keeping what they counted.
+    fn close_channels(&mut self) {
+        if let Some(ch) = self.channels.take() {
+            add_channel_counters(&mut self.c, &ch);
+        }
+    }
+
+    /// Stream bytes produced so far, on all channels.
+    fn sent_bytes<W: Write>(&self, w: &StreamWriter<W>) -> u64 {
+        w.bytes() + self.channels.as_ref().map_or(0, SendChannels::bytes)
+    }
+
+    /// After a dirty sync: the epoch barrier on every channel, so that no
+    /// page sent before the sync is applied after one sent after it.
+    fn barrier<W: Write>(&mut self, w: &mut StreamWriter<W>) -> Result<(), MigrationError> {
+        let Some(ch) = &mut self.channels else {
+            return Ok(());
+        };
+        ch.sync(self.epoch, self.params.compress)
+            .map_err(MigrationError::send)?;
+        w.sync(self.epoch).map_err(MigrationError::send)?;
+        self.epoch += 1;
+        // Flushed at once: channels wait for the main stream's barrier.
+        self.section_end(w)
     }
 
     /// Harvests the tracker into the migration bitmap and measures the
@@ -569,7 +681,7 @@ impl<'a> RamSaver<'a> {
             // otherwise every 64 pages is plenty.
             let capped = self.params.max_bandwidth > 0 && !completing;
             if capped || n.is_multiple_of(64) {
-                self.transferred = w.bytes();
+                self.transferred = self.sent_bytes(w);
                 if completing {
                     continue;
                 }
@@ -581,7 +693,7 @@ impl<'a> RamSaver<'a> {
                 }
             }
         }
-        self.transferred = w.bytes();
+        self.transferred = self.sent_bytes(w);
         Ok(())
     }
 
@@ -622,6 +734,14 @@ impl<'a> RamSaver<'a> {
         let addr = self.block_base[block] + offset;
         let xbzrle_on = !self.bulk && self.cache.is_some();
         self.c.pages_sent += 1;
+        if let Some(ch) = &mut self.channels {
+            // XBZRLE stays on the main stream: its cache must hold exactly
+            // the bytes the destination got, so the thread that reads a page
+            // for the cache also sends it.
+            if !xbzrle_on {
+                return ch.push(b, page, self.params.compress);
+            }
+        }
         if region.scan(off, PAGE_SIZE, zero::is_zero) == Some(true) {
             self.c.zero += 1;
             if xbzrle_on {
@@ -631,7 +751,9 @@ impl<'a> RamSaver<'a> {
             }
             return w.zero(b, offset);
         }
-        region.read(off, w.stage_page(b, offset));
+        w.stage_page_with(b, offset, |buf| {
+            region.append_to(off, PAGE_SIZE, buf);
+        });
         if xbzrle_on {
             let cache = self.cache.as_mut().expect("xbzrle_on implies a cache");
             self.c.xbzrle_lookups += 1;
@@ -687,7 +809,11 @@ impl<'a> RamSaver<'a> {
         if el > 0.0 && self.bandwidth > 0.0 {
             self.pages_per_second = (self.bandwidth / PAGE_SIZE as f64) as u64;
         }
-        let c = &self.c;
+        let mut c = self.c;
+        if let Some(ch) = &self.channels {
+            add_channel_counters(&mut c, ch);
+        }
+        let c = &c;
         let p = &self.params;
         let xb = self.cache.as_ref().map(|cache| XbzrleStats {
             cache_size: cache.size_bytes(),
@@ -756,4 +882,29 @@ impl<'a> RamSaver<'a> {
             s.error_desc = error;
         });
     }
+}
+
+/// Adds what the page channels sent to `c`.
+fn add_channel_counters(c: &mut Counters, ch: &SendChannels) {
+    use std::sync::atomic::Ordering::Relaxed;
+    for k in ch.counters() {
+        c.zero += k.zero.load(Relaxed);
+        c.normal += k.normal.load(Relaxed);
+        c.compressed_pages += k.compressed_pages.load(Relaxed);
+        c.compressed_bytes += k.compressed_bytes.load(Relaxed);
+    }
+}
+
+/// A number shared by all channels of one migration, so the destination
+/// does not mix connections of two migrations.
+fn session_number() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.write_u32(std::process::id());
+    h.finish()
 }

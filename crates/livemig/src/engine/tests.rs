@@ -10,7 +10,8 @@ use std::time::Duration;
 use super::*;
 use crate::dirty::{DirtyTracker, SoftwareLog, SoftwareTracker};
 use crate::memory::{GuestMemory, ProcessMemory};
-use crate::transport::{pipe, PipeReader};
+use crate::stream::{BlockDesc, StreamWriter};
+use crate::transport::{pipe, PipeReader, PipeWriter};
 use crate::vm::{NoVm, VmControl};
 use crate::workload::{fill_random, PageWriter, Pattern, Workload, WorkloadConfig};
 
@@ -57,12 +58,13 @@ fn migrate_live_with(
     fill_random(&src.blocks()[..1], &writer, 7);
     let workload = Workload::start(src.blocks().to_vec(), writer, wl);
     let mut vm = workload.control();
+    let (mut ch_w, mut ch_r) = channel_pipes(params.channels);
     let handle = MigrationHandle::new(params);
     let (w, r) = pipe();
     let (mut ack_w, ack_r) = pipe();
     let dst2 = dst.clone();
     let loader = thread::spawn(move || {
-        let res = Loader::new(&dst2).load(r);
+        let res = Loader::new(&dst2).load_channels(r, || next_conn(&mut ch_r));
         let msg = res.as_ref().map(|_| ()).map_err(|e| e.to_string());
         write_ack(&mut ack_w, msg.as_ref().map(|_| ()).map_err(String::as_str)).unwrap();
         res
@@ -71,7 +73,9 @@ fn migrate_live_with(
     let h2 = handle.clone();
     let steerer = thread::spawn(move || steer(h2));
     let stats = Source::new(&src, &mut tracker, &mut vm, handle.clone())
-        .run(w, Some(&mut ack_r as &mut dyn Read))
+        .run_with_channels(w, Some(&mut ack_r as &mut dyn Read), &mut |_| {
+            Ok(Box::new(ch_w.remove(0)))
+        })
         .expect("migration succeeds");
     assert!(vm.is_paused(), "source stays paused after completion");
     drop(workload);
@@ -84,6 +88,19 @@ fn migrate_live_with(
         load,
         history: handle.history(),
     }
+}
+
+/// In-memory connections for `n` page channels (none for one channel).
+fn channel_pipes(n: u16) -> (Vec<PipeWriter>, Vec<PipeReader>) {
+    (0..if n > 1 { n } else { 0 }).map(|_| pipe()).unzip()
+}
+
+/// The destination's "accept" over pre-made pipes (in reverse order: the
+/// destination must not depend on the order channels arrive in).
+fn next_conn(readers: &mut Vec<PipeReader>) -> std::io::Result<PipeReader> {
+    readers
+        .pop()
+        .ok_or_else(|| std::io::Error::other("no more connections"))
 }
 
 fn verify_params() -> Params {
@@ -476,4 +493,256 @@ fn bad_params_are_refused() {
             ..Params::default()
         })
         .is_err());
+}
+
+// ------------------------------------------------------- parallel channels
+
+#[test]
+fn channels_2_and_4_live_migration_is_exact() {
+    for channels in [2, 4] {
+        let o = migrate_live(
+            |m| SoftwareTracker::new(m),
+            Params {
+                channels,
+                ..verify_params()
+            },
+            live_workload(),
+        );
+        assert_same(&o);
+        assert!(o.stats.ram.normal > 0 && o.stats.ram.duplicate > 0);
+        assert_eq!(o.load.stats.raw_pages, o.stats.ram.normal, "{channels}");
+        assert_eq!(o.load.stats.zero_pages, o.stats.ram.duplicate);
+        assert!(
+            o.stats.ram.dirty_sync_count >= 2,
+            "barriers at several syncs"
+        );
+    }
+}
+
+#[test]
+fn channels_with_manual_clear_compression_and_xbzrle() {
+    let o = migrate_live(
+        |m| SoftwareTracker::manual(m, 4, true),
+        Params {
+            channels: 3,
+            compress: Some(CompressParams {
+                algorithm: crate::compress::Algorithm::Lz4,
+                level: 1,
+            }),
+            ..verify_params()
+        },
+        live_workload(),
+    );
+    assert_same(&o);
+    let c = o.stats.compression.clone().expect("compression stats");
+    assert!(c.pages > 0);
+    assert_eq!(o.load.stats.compressed_pages, c.pages);
+
+    // XBZRLE pages travel on the main channel beside the page channels.
+    let params = Params {
+        channels: 2,
+        xbzrle: true,
+        xbzrle_cache_size: 16 * MIB,
+        downtime_limit: 1,
+        max_bandwidth: 16 * MIB,
+        ..verify_params()
+    };
+    let steer = |h: MigrationHandle| {
+        while h.history().len() < 8 && !h.stats().status.is_final() {
+            thread::sleep(Duration::from_millis(10));
+        }
+        let mut p = h.params();
+        p.downtime_limit = 2000;
+        p.max_bandwidth = 0;
+        h.set_params(p).unwrap();
+    };
+    let o = migrate_live_with(|m| SoftwareTracker::new(m), params, live_workload(), steer);
+    assert_same(&o);
+    let x = o.stats.xbzrle_cache.clone().expect("xbzrle stats");
+    assert!(x.pages > 0, "{x:?}");
+    assert_eq!(o.load.stats.xbzrle_pages, x.pages);
+}
+
+#[test]
+fn channel_dying_midway_fails_cleanly_and_resumes() {
+    let src = ProcessMemory::single(32 * MIB).unwrap();
+    let dst = ProcessMemory::single(32 * MIB).unwrap();
+    let (mut t, log) = SoftwareTracker::new(&src);
+    fill_random(src.blocks(), &log_writer(log), 4);
+    let (w, r) = pipe();
+    let (mut ch_w, ch_r) = channel_pipes(3);
+    // Channel connection 2 (in accept order) delivers 256 KiB, then breaks.
+    let mut readers: Vec<Box<dyn Read + Send>> = Vec::new();
+    for (i, cr) in ch_r.into_iter().enumerate() {
+        if i == 1 {
+            readers.push(Box::new(cr.take(256 << 10)));
+        } else {
+            readers.push(Box::new(cr));
+        }
+    }
+    readers.reverse();
+    let d2 = dst.clone();
+    let loader = thread::spawn(move || {
+        Loader::new(&d2).load_channels(Box::new(r) as Box<dyn Read + Send>, || {
+            readers
+                .pop()
+                .ok_or_else(|| std::io::Error::other("no more connections"))
+        })
+    });
+    let mut vm = RecordingVm::default();
+    let err = Source::new(
+        &src,
+        &mut t,
+        &mut vm,
+        MigrationHandle::new(Params {
+            channels: 3,
+            downtime_limit: 1,
+            ..Params::default()
+        }),
+    )
+    .run_with_channels(w, None, &mut |_| Ok(Box::new(ch_w.remove(0))))
+    .unwrap_err();
+    let load_err = loader.join().unwrap().unwrap_err();
+    assert!(matches!(err, MigrationError::Send(_)), "{err}");
+    assert!(
+        load_err.to_string().contains("page channel 2"),
+        "the destination names the channel: {load_err}"
+    );
+    assert!(
+        load_err.to_string().contains("stream ends inside"),
+        "{load_err}"
+    );
+    assert!(
+        !vm.calls.contains(&"pause".to_string())
+            || vm.calls.last().map(String::as_str) == Some("resume"),
+        "the source guest runs on: {:?}",
+        vm.calls
+    );
+}
+
+const SESSION: u64 = 0x5e55;
+
+/// One hand-made channel stream over a single 64 KiB block "ram": header,
+/// channel record, block list, first section, `body`, end.
+fn channel_stream(
+    index: u16,
+    session: u64,
+    body: impl FnOnce(&mut StreamWriter<&mut Vec<u8>>),
+) -> Vec<u8> {
+    use crate::stream::format::FLAG_CHANNELS;
+    let mut buf = Vec::new();
+    let mut w = StreamWriter::new(&mut buf, FLAG_CHANNELS);
+    w.channel(index, 2, session).unwrap();
+    w.block_list(&[BlockDesc {
+        id: "ram".into(),
+        len: 64 << 10,
+    }])
+    .unwrap();
+    w.section_end(0).unwrap();
+    body(&mut w);
+    w.end().unwrap();
+    drop(w);
+    buf
+}
+
+/// Loads a two-channel migration whose page channel 2 is `hostile`.
+fn load_with_hostile_channel(hostile: Vec<u8>) -> (Result<LoadOutcome, LoadError>, ProcessMemory) {
+    let synced = |w: &mut StreamWriter<&mut Vec<u8>>| {
+        w.sync(0).unwrap();
+        w.section_end(1).unwrap();
+    };
+    let main = channel_stream(0, SESSION, synced);
+    let ch1 = channel_stream(1, SESSION, |w| {
+        w.raw(0, 0, &[0x11; 4096]).unwrap();
+        synced(w);
+        w.raw(0, 4096, &[0x12; 4096]).unwrap();
+    });
+    let dst = ProcessMemory::single(64 << 10).unwrap();
+    let mut conns = vec![&hostile[..], &ch1[..]];
+    let res = Loader::new(&dst).load_channels(&main[..], || {
+        conns
+            .pop()
+            .ok_or_else(|| std::io::Error::other("no more connections"))
+    });
+    (res, dst)
+}
+
+#[test]
+fn hand_made_two_channel_stream_loads() {
+    let (res, dst) = load_with_hostile_channel(channel_stream(2, SESSION, |w| {
+        w.zero(0, 8192).unwrap();
+        w.sync(0).unwrap();
+        w.section_end(1).unwrap();
+        w.raw(0, 8192, &[0x22; 4096]).unwrap();
+    }));
+    let out = res.expect("a well-formed two-channel stream loads");
+    assert_eq!(out.stats.raw_pages, 3);
+    assert_eq!(out.stats.zero_pages, 1);
+    let mut b = [0u8; 1];
+    for (off, v) in [(0, 0x11), (4096, 0x12), (8192, 0x22)] {
+        dst.blocks()[0].region().read(off, &mut b);
+        assert_eq!(b[0], v, "page at {off:#x}");
+    }
+}
+
+#[test]
+fn hostile_page_channel_is_refused() {
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "is not a page inside block",
+            channel_stream(2, SESSION, |w| {
+                w.raw(0, 64 << 10, &[0x66; 4096]).unwrap();
+            }),
+        ),
+        (
+            "xbzrle page on a page channel",
+            channel_stream(2, SESSION, |w| {
+                w.encoded(crate::stream::Encoded::Xbzrle, 0, 0, &[0, 1, 0x66])
+                    .unwrap();
+            }),
+        ),
+        (
+            "device state on a page channel",
+            channel_stream(2, SESSION, |w| w.state(b"x").unwrap()),
+        ),
+        (
+            "is not this migration's",
+            channel_stream(2, SESSION + 1, |_| {}),
+        ),
+        ("used twice", channel_stream(1, SESSION, |_| {})),
+        ("ended after 0 syncs", channel_stream(2, SESSION, |_| {})),
+        (
+            "sync epoch 1 where 0 was expected",
+            channel_stream(2, SESSION, |w| {
+                w.sync(1).unwrap();
+                w.section_end(1).unwrap();
+            }),
+        ),
+        ("checksum", {
+            let mut s = channel_stream(2, SESSION, |w| {
+                w.raw(0, 0, &[0x66; 4096]).unwrap();
+                w.sync(0).unwrap();
+                w.section_end(1).unwrap();
+            });
+            let n = s.len();
+            s[n - 200] ^= 1;
+            s
+        }),
+    ];
+    for (want, stream) in cases {
+        let (res, dst) = load_with_hostile_channel(stream);
+        let err = res.err().unwrap_or_else(|| panic!("accepted: {want}"));
+        let msg = err.to_string();
+        assert!(msg.contains(want), "want '{want}', got: {msg}");
+        assert!(
+            msg.contains("channel") || msg.contains("connection"),
+            "the error names the channel: {msg}"
+        );
+        // Nothing of the hostile channel's pattern past its refusal.
+        let mut page = vec![0u8; 4096];
+        for p in 1..16 {
+            dst.blocks()[0].region().read(p * 4096, &mut page);
+            assert!(!page.contains(&0x66), "{want}: page {p} written");
+        }
+    }
 }

@@ -15,8 +15,23 @@
 //! STATE       len:u32 blob:[u8; len]                 len <= MAX_STATE
 //! DIGEST      algo:u8 hash:[u8; 32]
 //! END         crc:u32
+//! CHANNEL     index:u16 channels:u16 session:u64   first record, FLAG_CHANNELS only
+//! SYNC        epoch:u64                             FLAG_CHANNELS only
 //! addr        := [block:u16] offset:u64        offset page-aligned, inside the block
 //! ```
+//!
+//! Parallel channels (header flag [`FLAG_CHANNELS`]): one migration is
+//! `channels + 1` streams, each a complete stream of its own (header,
+//! checksummed sections, block list, END). Stream 0 is the main channel
+//! (block list, XBZRLE pages, SYNC barriers, device state, digest); streams
+//! 1..=channels are page channels (zero, raw and compressed pages, SYNC).
+//! Each starts with a CHANNEL record naming its index, the channel count
+//! and a session number shared by all streams of the migration. Every
+//! stream carries the same SYNC epochs 0, 1, 2... in order; a page sent
+//! after SYNC(e) on any stream is applied only once every stream has
+//! reached SYNC(e), so a page re-sent after a dirty sync never loses to its
+//! older copy on another channel. Version-1 streams without the flag are
+//! unchanged; a reader without channel support refuses the flag.
 //!
 //! `crc` in SECTION_END is the CRC-32 (IEEE) of every byte since the end of
 //! the previous SECTION_END (or since the start of the stream), up to and
@@ -33,8 +48,12 @@ pub const HEADER_LEN: usize = 16;
 
 /// Header flag: the stream ends with a digest of all guest memory.
 pub const FLAG_VERIFY: u16 = 1 << 0;
+/// Header flag: this stream is one channel of a multi-channel migration.
+pub const FLAG_CHANNELS: u16 = 1 << 1;
 /// Header flags this build understands.
-pub const KNOWN_FLAGS: u16 = FLAG_VERIFY;
+pub const KNOWN_FLAGS: u16 = FLAG_VERIFY | FLAG_CHANNELS;
+/// Most page channels a migration may use.
+pub const MAX_CHANNELS: u16 = 64;
 
 /// Tag bit: the record's block is the previous page record's block.
 pub const SAME_BLOCK: u8 = 0x80;
@@ -61,6 +80,10 @@ pub enum Kind {
     Digest = 0x08,
     /// End of the migration.
     End = 0x09,
+    /// Which channel of a multi-channel migration this stream is.
+    Channel = 0x0a,
+    /// A barrier between dirty-sync epochs on every channel.
+    Sync = 0x0b,
 }
 
 impl Kind {
@@ -76,6 +99,8 @@ impl Kind {
             0x07 => Kind::State,
             0x08 => Kind::Digest,
             0x09 => Kind::End,
+            0x0a => Kind::Channel,
+            0x0b => Kind::Sync,
             _ => return None,
         })
     }
@@ -100,6 +125,8 @@ impl Kind {
             Kind::State => "device state",
             Kind::Digest => "digest",
             Kind::End => "end",
+            Kind::Channel => "channel",
+            Kind::Sync => "sync",
         }
     }
 }

@@ -2,11 +2,11 @@
 //!
 //! Every field is checked before it is used: lengths against fixed bounds,
 //! blocks against the block list, offsets against the block's length,
-//! section checksums against the bytes read. Payloads land in buffers of
+//! section checksums against the bytes read. Input lands in one buffer of
 //! fixed size, so no allocation follows a length the stream claims (the
 //! device-state blob grows only as its bytes actually arrive).
 
-use std::io::{self, BufReader, Read};
+use std::io::{self, Read};
 
 use super::format::*;
 use super::writer::BlockDesc;
@@ -133,6 +133,31 @@ pub enum StreamErrorKind {
     /// A record after the end record.
     #[error("read past the end record")]
     AfterEnd,
+    /// A channel or sync record in a single-channel stream.
+    #[error("{0} record in a stream whose header does not declare channels")]
+    NotChannelStream(&'static str),
+    /// A channel stream whose first record is not its channel record.
+    #[error("a channel stream must start with its channel record")]
+    ChannelFirst,
+    /// A channel record that is not the first record.
+    #[error("channel record after the first record")]
+    ChannelTwice,
+    /// Channel index or count out of range.
+    #[error("channel {index} of {channels}: the count must be 2..={MAX_CHANNELS} and the index at most the count")]
+    ChannelRange {
+        /// Index claimed (0 = main).
+        index: u16,
+        /// Page channels claimed.
+        channels: u16,
+    },
+    /// Sync epochs out of order.
+    #[error("sync epoch {found} where {expected} was expected")]
+    SyncEpoch {
+        /// Epoch in the stream.
+        found: u64,
+        /// Epoch expected.
+        expected: u64,
+    },
 }
 
 /// A stream error with where it happened.
@@ -201,11 +226,43 @@ pub enum Record<'a> {
     Digest([u8; 32]),
     /// End of migration.
     End,
+    /// Which channel this stream is (first record of a channel stream).
+    Channel {
+        /// 0 = main channel, 1..=channels = page channels.
+        index: u16,
+        /// Number of page channels.
+        channels: u16,
+        /// Number shared by all streams of one migration.
+        session: u64,
+    },
+    /// Barrier: records after it belong to later epochs.
+    Sync {
+        /// Epoch number, 0, 1, 2... on every stream.
+        epoch: u64,
+    },
 }
 
+/// Bytes read from the transport per refill (and the input buffer's
+/// size): large enough that a page record is rarely split, small enough to
+/// stay in cache between the kernel's copy and ours.
+const INPUT_BUF: usize = 256 << 10;
+
 /// Reads records from any `Read`, validating each.
+///
+/// Input lands in one buffer of fixed size; records are parsed in place and
+/// page payloads are handed out as slices of that buffer, so a raw page is
+/// copied once on its way from the transport to guest memory. The section
+/// checksum is computed over whole stretches of the buffer, not field by
+/// field.
 pub struct StreamReader<R: Read> {
-    inner: BufReader<R>,
+    inner: R,
+    buf: Box<[u8]>,
+    /// Next unconsumed byte in `buf`.
+    pos: usize,
+    /// End of the bytes read into `buf`.
+    end: usize,
+    /// Start of the consumed bytes not yet folded into `crc`.
+    crc_from: usize,
     offset: u64,
     record: u64,
     what: Option<&'static str>,
@@ -215,8 +272,9 @@ pub struct StreamReader<R: Read> {
     have_blocks: bool,
     last_block: Option<u16>,
     next_seq: u64,
+    next_epoch: u64,
+    channel: Option<(u16, u16, u64)>,
     ended: bool,
-    page: Vec<u8>,
     blob: Vec<u8>,
 }
 
@@ -224,7 +282,11 @@ impl<R: Read> StreamReader<R> {
     /// Reads and checks the header.
     pub fn new(inner: R) -> Result<Self, StreamError> {
         let mut r = StreamReader {
-            inner: BufReader::with_capacity(1 << 20, inner),
+            inner,
+            buf: vec![0u8; INPUT_BUF].into_boxed_slice(),
+            pos: 0,
+            end: 0,
+            crc_from: 0,
             offset: 0,
             record: 0,
             what: Some("header"),
@@ -234,12 +296,12 @@ impl<R: Read> StreamReader<R> {
             have_blocks: false,
             last_block: None,
             next_seq: 0,
+            next_epoch: 0,
+            channel: None,
             ended: false,
-            page: vec![0; PAGE_SIZE],
             blob: Vec::new(),
         };
-        let mut magic = [0u8; 8];
-        r.fill(&mut magic, "the header")?;
+        let magic: [u8; 8] = r.array("the header")?;
         if magic != MAGIC {
             return Err(r.err_at(0, StreamErrorKind::BadMagic(magic)));
         }
@@ -278,6 +340,11 @@ impl<R: Read> StreamReader<R> {
         self.record
     }
 
+    /// (index, channels, session) of a channel stream, once read.
+    pub fn channel(&self) -> Option<(u16, u16, u64)> {
+        self.channel
+    }
+
     /// The block list, once read.
     pub fn blocks(&self) -> &[BlockDesc] {
         &self.blocks
@@ -293,51 +360,87 @@ impl<R: Read> StreamReader<R> {
         }
     }
 
-    fn fill_raw(&mut self, buf: &mut [u8], what: &'static str) -> Result<(), StreamError> {
-        let at = self.offset;
-        let mut done = 0;
-        while done < buf.len() {
-            match self.inner.read(&mut buf[done..]) {
+    /// Folds the consumed bytes not yet checksummed into the CRC.
+    fn fold_crc(&mut self) {
+        if self.crc_from < self.pos {
+            self.crc.update(&self.buf[self.crc_from..self.pos]);
+        }
+        self.crc_from = self.pos;
+    }
+
+    /// Makes at least `n` (at most [`INPUT_BUF`]) unconsumed bytes
+    /// available in the buffer, reading from the transport as needed.
+    fn need(&mut self, n: usize, what: &'static str) -> Result<(), StreamError> {
+        debug_assert!(n <= INPUT_BUF);
+        if self.end - self.pos >= n {
+            return Ok(());
+        }
+        if self.buf.len() - self.pos < n {
+            // Not enough room after `pos`: move the unconsumed tail to the
+            // front (checksumming what is consumed first).
+            self.fold_crc();
+            self.buf.copy_within(self.pos..self.end, 0);
+            self.end -= self.pos;
+            self.pos = 0;
+            self.crc_from = 0;
+        }
+        while self.end - self.pos < n {
+            match self.inner.read(&mut self.buf[self.end..]) {
                 Ok(0) => {
-                    return Err(self.err_at(at + done as u64, StreamErrorKind::Truncated(what)))
+                    let at = self.offset + (self.end - self.pos) as u64;
+                    return Err(self.err_at(at, StreamErrorKind::Truncated(what)));
                 }
-                Ok(n) => done += n,
+                Ok(k) => self.end += k,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(self.err_at(at + done as u64, StreamErrorKind::Io(e))),
+                Err(e) => {
+                    let at = self.offset + (self.end - self.pos) as u64;
+                    return Err(self.err_at(at, StreamErrorKind::Io(e)));
+                }
             }
         }
-        self.offset += buf.len() as u64;
         Ok(())
     }
 
-    fn fill(&mut self, buf: &mut [u8], what: &'static str) -> Result<(), StreamError> {
-        self.fill_raw(buf, what)?;
-        self.crc.update(buf);
-        Ok(())
+    /// Consumes `n` bytes (at most [`INPUT_BUF`]) and returns them; they
+    /// count towards the section checksum.
+    fn take(&mut self, n: usize, what: &'static str) -> Result<&[u8], StreamError> {
+        self.need(n, what)?;
+        let at = self.pos;
+        self.pos += n;
+        self.offset += n as u64;
+        Ok(&self.buf[at..at + n])
+    }
+
+    fn array<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N], StreamError> {
+        let b = self.take(N, what)?;
+        Ok(b.try_into().expect("take returns N bytes"))
+    }
+
+    /// Reads a stored checksum: the bytes before it are folded into the
+    /// running CRC, which is finished and restarted; the checksum itself is
+    /// not part of any checksum. Returns (computed, found).
+    fn checksum(&mut self, what: &'static str) -> Result<(u32, u32), StreamError> {
+        self.fold_crc();
+        let computed = std::mem::take(&mut self.crc).finalize();
+        let found = u32::from_be_bytes(self.array(what)?);
+        self.crc_from = self.pos;
+        Ok((computed, found))
     }
 
     fn u8(&mut self, what: &'static str) -> Result<u8, StreamError> {
-        let mut b = [0u8; 1];
-        self.fill(&mut b, what)?;
-        Ok(b[0])
+        Ok(self.array::<1>(what)?[0])
     }
 
     fn u16(&mut self, what: &'static str) -> Result<u16, StreamError> {
-        let mut b = [0u8; 2];
-        self.fill(&mut b, what)?;
-        Ok(u16::from_be_bytes(b))
+        Ok(u16::from_be_bytes(self.array(what)?))
     }
 
     fn u32(&mut self, what: &'static str) -> Result<u32, StreamError> {
-        let mut b = [0u8; 4];
-        self.fill(&mut b, what)?;
-        Ok(u32::from_be_bytes(b))
+        Ok(u32::from_be_bytes(self.array(what)?))
     }
 
     fn u64(&mut self, what: &'static str) -> Result<u64, StreamError> {
-        let mut b = [0u8; 8];
-        self.fill(&mut b, what)?;
-        Ok(u64::from_be_bytes(b))
+        Ok(u64::from_be_bytes(self.array(what)?))
     }
 
     fn len_field16(
@@ -381,11 +484,57 @@ impl<R: Read> StreamReader<R> {
         if same && !kind.is_page() {
             return Err(self.err_at(tag_at, StreamErrorKind::SameBlockOnNonPage(kind.name())));
         }
+        let channels = self.flags & FLAG_CHANNELS != 0;
+        if matches!(kind, Kind::Channel | Kind::Sync) && !channels {
+            return Err(self.err_at(tag_at, StreamErrorKind::NotChannelStream(kind.name())));
+        }
+        if channels && self.channel.is_none() && kind != Kind::Channel {
+            return Err(self.err_at(tag_at, StreamErrorKind::ChannelFirst));
+        }
         if kind.is_page() {
             let (block, offset) = self.page_addr(same)?;
             return self.page_record(kind, block, offset);
         }
         match kind {
+            Kind::Channel => {
+                if self.channel.is_some() {
+                    return Err(self.err_at(tag_at, StreamErrorKind::ChannelTwice));
+                }
+                let at = self.offset;
+                let index = self.u16("a channel record")?;
+                let count = self.u16("a channel record")?;
+                let session = self.u64("a channel record")?;
+                if !(2..=MAX_CHANNELS).contains(&count) || index > count {
+                    return Err(self.err_at(
+                        at,
+                        StreamErrorKind::ChannelRange {
+                            index,
+                            channels: count,
+                        },
+                    ));
+                }
+                self.channel = Some((index, count, session));
+                Ok(Record::Channel {
+                    index,
+                    channels: count,
+                    session,
+                })
+            }
+            Kind::Sync => {
+                let at = self.offset;
+                let epoch = self.u64("a sync record")?;
+                if epoch != self.next_epoch {
+                    return Err(self.err_at(
+                        at,
+                        StreamErrorKind::SyncEpoch {
+                            found: epoch,
+                            expected: self.next_epoch,
+                        },
+                    ));
+                }
+                self.next_epoch += 1;
+                Ok(Record::Sync { epoch })
+            }
             Kind::BlockList => {
                 self.block_list(tag_at)?;
                 Ok(Record::BlockList(&self.blocks))
@@ -393,10 +542,7 @@ impl<R: Read> StreamReader<R> {
             Kind::SectionEnd => {
                 let at = self.offset;
                 let seq = self.u64("a section end")?;
-                let computed = std::mem::take(&mut self.crc).finalize();
-                let mut b = [0u8; 4];
-                self.fill_raw(&mut b, "a section checksum")?;
-                let found = u32::from_be_bytes(b);
+                let (computed, found) = self.checksum("a section checksum")?;
                 if found != computed {
                     return Err(self.err_at(
                         at + 8,
@@ -433,15 +579,21 @@ impl<R: Read> StreamReader<R> {
                         },
                     ));
                 }
-                self.blob.clear();
-                let mut chunk = [0u8; 8192];
+                let mut blob = std::mem::take(&mut self.blob);
+                blob.clear();
                 let mut left = len as usize;
                 while left > 0 {
-                    let n = left.min(chunk.len());
-                    self.fill(&mut chunk[..n], "the device state")?;
-                    self.blob.extend_from_slice(&chunk[..n]);
+                    let n = left.min(64 << 10);
+                    match self.take(n, "the device state") {
+                        Ok(chunk) => blob.extend_from_slice(chunk),
+                        Err(e) => {
+                            self.blob = blob;
+                            return Err(e);
+                        }
+                    }
                     left -= n;
                 }
+                self.blob = blob;
                 Ok(Record::State(&self.blob))
             }
             Kind::Digest => {
@@ -450,16 +602,12 @@ impl<R: Read> StreamReader<R> {
                 if algo != DIGEST_BLAKE3 {
                     return Err(self.err_at(at, StreamErrorKind::DigestAlgo(algo)));
                 }
-                let mut h = [0u8; 32];
-                self.fill(&mut h, "a digest")?;
+                let h: [u8; 32] = self.array("a digest")?;
                 Ok(Record::Digest(h))
             }
             Kind::End => {
                 let at = self.offset;
-                let computed = std::mem::take(&mut self.crc).finalize();
-                let mut b = [0u8; 4];
-                self.fill_raw(&mut b, "the end checksum")?;
-                let found = u32::from_be_bytes(b);
+                let (computed, found) = self.checksum("the end checksum")?;
                 if found != computed {
                     let seq = self.next_seq;
                     return Err(self.err_at(
@@ -520,51 +668,31 @@ impl<R: Read> StreamReader<R> {
         Ok((block, offset))
     }
 
+    /// Reads a page record's payload; the slices borrow the input buffer.
     fn page_record(
         &mut self,
         kind: Kind,
         block: u16,
         offset: u64,
     ) -> Result<Record<'_>, StreamError> {
-        let mut page = std::mem::take(&mut self.page);
-        let r = self.page_payload(kind, &mut page);
-        self.page = page;
-        let (n, algo) = r?;
-        let data = &self.page[..n];
-        Ok(match kind {
-            Kind::Zero => Record::Zero { block, offset },
-            Kind::Raw => Record::Raw {
-                block,
-                offset,
-                data,
-            },
-            Kind::Xbzrle => Record::Xbzrle {
-                block,
-                offset,
-                data,
-            },
-            _ => Record::Compressed {
-                block,
-                offset,
-                algo,
-                data,
-            },
-        })
-    }
-
-    /// Reads a page record's payload into `page`; returns its length and,
-    /// for compressed pages, the algorithm id.
-    fn page_payload(&mut self, kind: Kind, page: &mut [u8]) -> Result<(usize, u8), StreamError> {
         match kind {
-            Kind::Zero => Ok((0, 0)),
+            Kind::Zero => Ok(Record::Zero { block, offset }),
             Kind::Raw => {
-                self.fill(page, "a raw page")?;
-                Ok((PAGE_SIZE, 0))
+                let data = self.take(PAGE_SIZE, "a raw page")?;
+                Ok(Record::Raw {
+                    block,
+                    offset,
+                    data,
+                })
             }
             Kind::Xbzrle => {
                 let n = self.len_field16("xbzrle payload", 1, PAGE_SIZE as u64)?;
-                self.fill(&mut page[..n], "an xbzrle payload")?;
-                Ok((n, 0))
+                let data = self.take(n, "an xbzrle payload")?;
+                Ok(Record::Xbzrle {
+                    block,
+                    offset,
+                    data,
+                })
             }
             _ => {
                 let at = self.offset;
@@ -573,8 +701,13 @@ impl<R: Read> StreamReader<R> {
                     return Err(self.err_at(at, StreamErrorKind::CompressionAlgo(algo)));
                 }
                 let n = self.len_field16("compressed payload", 1, PAGE_SIZE as u64 - 1)?;
-                self.fill(&mut page[..n], "a compressed payload")?;
-                Ok((n, algo))
+                let data = self.take(n, "a compressed payload")?;
+                Ok(Record::Compressed {
+                    block,
+                    offset,
+                    algo,
+                    data,
+                })
             }
         }
     }
@@ -595,9 +728,7 @@ impl<R: Read> StreamReader<R> {
         for index in 0..count {
             let iat = self.offset;
             let n = self.u8("a block id")? as usize;
-            let mut id = [0u8; 255];
-            self.fill(&mut id[..n], "a block id")?;
-            let id = match std::str::from_utf8(&id[..n]) {
+            let id = match std::str::from_utf8(self.take(n, "a block id")?) {
                 Ok(s) if !s.is_empty() => s.to_string(),
                 _ => return Err(self.err_at(iat, StreamErrorKind::BlockId { index })),
             };

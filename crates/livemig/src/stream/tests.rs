@@ -45,6 +45,14 @@ enum Rec {
     State(Vec<u8>),
     Digest([u8; 32]),
     End,
+    Channel {
+        index: u16,
+        channels: u16,
+        session: u64,
+    },
+    Sync {
+        epoch: u64,
+    },
 }
 
 impl Rec {
@@ -59,6 +67,8 @@ impl Rec {
             Rec::State(_) => Kind::State,
             Rec::Digest(_) => Kind::Digest,
             Rec::End => Kind::End,
+            Rec::Channel { .. } => Kind::Channel,
+            Rec::Sync { .. } => Kind::Sync,
         }
     }
 }
@@ -100,6 +110,16 @@ fn own(r: Record<'_>) -> Rec {
         Record::State(b) => Rec::State(b.to_vec()),
         Record::Digest(h) => Rec::Digest(h),
         Record::End => Rec::End,
+        Record::Channel {
+            index,
+            channels,
+            session,
+        } => Rec::Channel {
+            index,
+            channels,
+            session,
+        },
+        Record::Sync { epoch } => Rec::Sync { epoch },
     }
 }
 
@@ -1179,7 +1199,7 @@ fn bad_version() {
 
 #[test]
 fn unknown_header_flags() {
-    for flags in [1 << 1, 1 << 15, FLAG_VERIFY | 1 << 3, u16::MAX] {
+    for flags in [1 << 2, 1 << 15, FLAG_VERIFY | 1 << 3, u16::MAX] {
         let e = parse_err(&Builder::custom_header(MAGIC, VERSION, flags, 0).build()).err;
         assert!(
             matches!(e.kind, StreamErrorKind::HeaderFlags(x) if x == flags),
@@ -1203,7 +1223,7 @@ fn reserved_header_field() {
 
 #[test]
 fn unknown_tag() {
-    for tag in [0x00, 0x0a, 0x10, 0x7f, 0x80, 0x8a, 0xff] {
+    for tag in [0x00, 0x0c, 0x10, 0x7f, 0x80, 0x8c, 0xff] {
         let mut b = Builder::header(0);
         b.u8(tag);
         let e = parse_err(&b.build()).err;
@@ -1981,10 +2001,10 @@ fn display_names_the_byte_and_record() {
         "stream byte 16, record 0: unknown record tag 0x7f"
     );
 
-    let e = parse_err(&Builder::custom_header(MAGIC, VERSION, 2, 0).build()).err;
+    let e = parse_err(&Builder::custom_header(MAGIC, VERSION, 4, 0).build()).err;
     assert_eq!(
         e.to_string(),
-        "stream byte 10, record 0 (header): unknown header flags 0x0002"
+        "stream byte 10, record 0 (header): unknown header flags 0x0004"
     );
 
     let mut b = Builder::with_blocks();
@@ -2016,4 +2036,63 @@ fn display_names_the_byte_and_record() {
         msg.starts_with("stream byte 30, record 0 (block list): stream ends inside "),
         "{msg}"
     );
+}
+
+#[test]
+fn channel_records_need_the_channels_flag_and_come_first() {
+    // A channel record in a single-channel stream.
+    let mut buf = Vec::new();
+    let mut w = StreamWriter::new(&mut buf, 0);
+    w.channel(0, 2, 1).unwrap();
+    w.end().unwrap();
+    drop(w);
+    let mut r = StreamReader::new(&buf[..]).unwrap();
+    let e = r.next_record().unwrap_err();
+    assert!(
+        matches!(e.kind, StreamErrorKind::NotChannelStream("channel")),
+        "{e}"
+    );
+
+    // A channel stream must start with its channel record, once.
+    let mut buf = Vec::new();
+    let mut w = StreamWriter::new(&mut buf, FLAG_CHANNELS);
+    w.sync(0).unwrap();
+    w.end().unwrap();
+    drop(w);
+    let mut r = StreamReader::new(&buf[..]).unwrap();
+    let e = r.next_record().unwrap_err();
+    assert!(matches!(e.kind, StreamErrorKind::ChannelFirst), "{e}");
+
+    let mut buf = Vec::new();
+    let mut w = StreamWriter::new(&mut buf, FLAG_CHANNELS);
+    w.channel(1, 2, 7).unwrap();
+    w.channel(1, 2, 7).unwrap();
+    w.flush().unwrap();
+    drop(w);
+    let mut r = StreamReader::new(&buf[..]).unwrap();
+    assert_eq!(
+        own(r.next_record().unwrap()),
+        Rec::Channel {
+            index: 1,
+            channels: 2,
+            session: 7
+        }
+    );
+    let e = r.next_record().unwrap_err();
+    assert!(matches!(e.kind, StreamErrorKind::ChannelTwice), "{e}");
+
+    // Counts and indices in range.
+    for (index, channels) in [(0, 1), (3, 2), (0, MAX_CHANNELS + 1)] {
+        let mut buf = Vec::new();
+        let mut w = StreamWriter::new(&mut buf, FLAG_CHANNELS);
+        w.channel(index, channels, 7).unwrap();
+        w.flush().unwrap();
+        drop(w);
+        let mut r = StreamReader::new(&buf[..]).unwrap();
+        let e = r.next_record().unwrap_err();
+        assert!(
+            matches!(e.kind, StreamErrorKind::ChannelRange { .. }),
+            "{index}/{channels}: {e}"
+        );
+    }
 }

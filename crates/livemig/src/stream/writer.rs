@@ -129,20 +129,33 @@ impl<W: Write> StreamWriter<W> {
     /// Reserves a raw-page record and returns the page's bytes to fill.
     /// Follow with exactly one `commit_*` call.
     pub fn stage_page(&mut self, block: u16, offset: u64) -> &mut [u8] {
+        self.stage_page_with(block, offset, |buf| buf.resize(buf.len() + PAGE_SIZE, 0));
+        let data = self.staged.expect("just staged").data;
+        &mut self.buf[data..]
+    }
+
+    /// Reserves a raw-page record whose bytes `fill` appends to the output
+    /// buffer (exactly one page), e.g. straight from guest memory without
+    /// zeroing the space first. Follow with exactly one `commit_*` call.
+    pub fn stage_page_with(&mut self, block: u16, offset: u64, fill: impl FnOnce(&mut Vec<u8>)) {
         assert!(self.staged.is_none(), "a page is already staged");
         let start = self.buf.len();
         let prev = self.last_block;
         self.addr(Kind::Raw, block, offset);
         self.last_block = prev;
         let data = self.buf.len();
-        self.buf.resize(data + PAGE_SIZE, 0);
+        fill(&mut self.buf);
+        assert_eq!(
+            self.buf.len(),
+            data + PAGE_SIZE,
+            "staged page must be one page"
+        );
         self.staged = Some(Staged {
             start,
             block,
             offset,
             data,
         });
-        &mut self.buf[data..]
     }
 
     /// The staged page's bytes.
@@ -248,6 +261,24 @@ impl<W: Write> StreamWriter<W> {
         self.buf.push(Kind::Digest as u8);
         self.buf.push(DIGEST_BLAKE3);
         self.buf.extend_from_slice(hash);
+        self.maybe_flush()
+    }
+
+    /// Writes the channel record (first record of a channel stream, whose
+    /// header carries [`FLAG_CHANNELS`]).
+    pub fn channel(&mut self, index: u16, channels: u16, session: u64) -> io::Result<()> {
+        self.buf.push(Kind::Channel as u8);
+        self.buf.extend_from_slice(&index.to_be_bytes());
+        self.buf.extend_from_slice(&channels.to_be_bytes());
+        self.buf.extend_from_slice(&session.to_be_bytes());
+        self.maybe_flush()
+    }
+
+    /// Writes a sync barrier: every page record after it belongs to epoch
+    /// `epoch + 1` or later.
+    pub fn sync(&mut self, epoch: u64) -> io::Result<()> {
+        self.buf.push(Kind::Sync as u8);
+        self.buf.extend_from_slice(&epoch.to_be_bytes());
         self.maybe_flush()
     }
 

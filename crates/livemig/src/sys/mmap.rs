@@ -175,6 +175,29 @@ impl RawRegion {
         true
     }
 
+    /// Appends the `len` bytes at `offset` to `dst` without initialising
+    /// the new space first. False (and `dst` unchanged) if out of range.
+    pub fn append_to(&self, offset: usize, len: usize, dst: &mut Vec<u8>) -> bool {
+        if !self.check(offset, len) {
+            return false;
+        }
+        dst.reserve(len);
+        let at = dst.len();
+        // SAFETY: the source range is inside the live mapping (checked); the
+        // destination is `len` bytes of spare capacity just reserved in a
+        // Rust vector, which cannot overlap the mapping. After the copy those
+        // bytes are initialised, so the length may cover them.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.ptr.as_ptr().add(offset),
+                dst.as_mut_ptr().add(at),
+                len,
+            );
+            dst.set_len(at + len);
+        }
+        true
+    }
+
     /// Copies `src` to `offset`. False if out of range.
     pub fn write(&self, offset: usize, src: &[u8]) -> bool {
         if !self.check(offset, src.len()) {

@@ -1,0 +1,449 @@
+//! Parallel page channels (like QEMU's multifd): the source's sender
+//! threads, and the epoch barrier both sides' ordering rule rests on.
+//!
+//! Ordering rule. Between two dirty syncs a page is sent at most once: its
+//! bit is cleared when it is queued and only a sync sets it again. So the
+//! pages sent between sync `e` and sync `e + 1` (epoch `e + 1`) are distinct,
+//! and can be applied in any order, on any channel. What must not happen is
+//! an older copy (epoch `e`) landing after a newer one (epoch `e + 1`). At
+//! every sync the source writes `SYNC(e)` on the main channel and queues it
+//! on every page channel behind the pages already queued; the destination
+//! applies nothing after `SYNC(e)` on a channel until every channel has
+//! reached `SYNC(e)` ([`EpochBarrier`]). The final sync is such a barrier
+//! too, and the destination acknowledges only once every channel has ended.
+
+use std::io::{self, Write};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+use super::params::CompressParams;
+use crate::compress::Compressor;
+use crate::memory::{RamBlock, PAGE_SIZE};
+use crate::stream::format::FLAG_CHANNELS;
+use crate::stream::{BlockDesc, Encoded, StreamWriter};
+use crate::zero;
+
+/// Pages per batch handed to a channel.
+pub(super) const BATCH_PAGES: usize = 128;
+/// Batches queued per channel before the main thread waits.
+const QUEUE_DEPTH: usize = 4;
+/// A channel ends a checksummed section after this many batches.
+const BATCHES_PER_SECTION: u32 = 64;
+
+/// A connection for one page channel.
+pub type ChannelWriter = Box<dyn Write + Send>;
+
+/// What a channel thread is asked to do, in order.
+enum Job {
+    /// Send these pages (block index, page index).
+    Pages(Vec<(u16, u64)>, Option<CompressParams>),
+    /// Write the barrier of this epoch and flush.
+    Sync(u64),
+    /// Write the end record and stop.
+    Finish,
+}
+
+/// What one channel has sent, readable while it runs.
+#[derive(Default)]
+pub(super) struct ChannelCounters {
+    pub bytes: AtomicU64,
+    pub zero: AtomicU64,
+    pub normal: AtomicU64,
+    pub compressed_pages: AtomicU64,
+    pub compressed_bytes: AtomicU64,
+}
+
+struct Sender {
+    tx: Option<SyncSender<Job>>,
+    thread: Option<JoinHandle<io::Result<()>>>,
+    counters: Arc<ChannelCounters>,
+}
+
+/// The source's page channels: one thread and one connection each.
+pub(super) struct SendChannels {
+    senders: Vec<Sender>,
+    batch: Vec<(u16, u64)>,
+    next: usize,
+    stop: Arc<AtomicBool>,
+}
+
+/// Everything a channel thread needs to start its stream.
+pub(super) struct ChannelSetup {
+    pub flags: u16,
+    pub session: u64,
+    pub blocks: Vec<RamBlock>,
+    pub descs: Vec<BlockDesc>,
+}
+
+impl SendChannels {
+    /// Starts one thread per connection; channel `i + 1` writes to
+    /// `conns[i]` (0 is the main channel).
+    pub fn start(conns: Vec<ChannelWriter>, setup: &ChannelSetup) -> io::Result<SendChannels> {
+        let count = u16::try_from(conns.len()).expect("channel count checked by params");
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut senders = Vec::with_capacity(conns.len());
+        for (i, conn) in conns.into_iter().enumerate() {
+            let (tx, rx) = sync_channel(QUEUE_DEPTH);
+            let counters = Arc::new(ChannelCounters::default());
+            let worker = Worker {
+                index: i as u16 + 1,
+                count,
+                session: setup.session,
+                flags: setup.flags | FLAG_CHANNELS,
+                blocks: setup.blocks.clone(),
+                descs: setup.descs.clone(),
+                counters: counters.clone(),
+                stop: stop.clone(),
+            };
+            let thread = std::thread::Builder::new()
+                .name(format!("livemig-ch{}", i + 1))
+                .spawn(move || worker.run(conn, rx))?;
+            senders.push(Sender {
+                tx: Some(tx),
+                thread: Some(thread),
+                counters,
+            });
+        }
+        Ok(SendChannels {
+            senders,
+            batch: Vec::with_capacity(BATCH_PAGES),
+            next: 0,
+            stop,
+        })
+    }
+
+    /// Per-channel counters.
+    pub fn counters(&self) -> impl Iterator<Item = &ChannelCounters> {
+        self.senders.iter().map(|s| &*s.counters)
+    }
+
+    /// Stream bytes all channels have produced.
+    pub fn bytes(&self) -> u64 {
+        self.counters()
+            .map(|c| c.bytes.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Queues a page; a full batch goes to the least busy channel.
+    pub fn push(
+        &mut self,
+        block: u16,
+        page: u64,
+        compress: Option<CompressParams>,
+    ) -> io::Result<()> {
+        self.batch.push((block, page));
+        if self.batch.len() >= BATCH_PAGES {
+            self.flush_batch(compress)?;
+        }
+        Ok(())
+    }
+
+    /// Hands the partial batch (if any) to a channel.
+    pub fn flush_batch(&mut self, compress: Option<CompressParams>) -> io::Result<()> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let pages = std::mem::replace(&mut self.batch, Vec::with_capacity(BATCH_PAGES));
+        let n = self.senders.len();
+        let mut job = Job::Pages(pages, compress);
+        // Round robin, skipping channels whose queue is full; wait on the
+        // next one only when all are full.
+        for k in 0..n {
+            let i = (self.next + k) % n;
+            match self.tx(i)?.try_send(job) {
+                Ok(()) => {
+                    self.next = (i + 1) % n;
+                    return Ok(());
+                }
+                Err(TrySendError::Full(j)) => job = j,
+                Err(TrySendError::Disconnected(_)) => return Err(self.failure(i)),
+            }
+        }
+        let i = self.next;
+        self.next = (i + 1) % n;
+        self.send(i, job)
+    }
+
+    /// Queues the barrier of `epoch` on every channel, behind their pages.
+    pub fn sync(&mut self, epoch: u64, compress: Option<CompressParams>) -> io::Result<()> {
+        self.flush_batch(compress)?;
+        for i in 0..self.senders.len() {
+            self.send(i, Job::Sync(epoch))?;
+        }
+        Ok(())
+    }
+
+    /// Ends every channel's stream and waits for the threads.
+    pub fn finish(&mut self, compress: Option<CompressParams>) -> io::Result<()> {
+        self.flush_batch(compress)?;
+        for i in 0..self.senders.len() {
+            self.send(i, Job::Finish)?;
+        }
+        for i in 0..self.senders.len() {
+            self.senders[i].tx = None;
+            self.join(i)?;
+        }
+        Ok(())
+    }
+
+    fn tx(&mut self, i: usize) -> io::Result<&SyncSender<Job>> {
+        match self.senders[i].tx {
+            Some(ref tx) => Ok(tx),
+            None => Err(io::Error::other(format!("channel {} is closed", i + 1))),
+        }
+    }
+
+    fn send(&mut self, i: usize, job: Job) -> io::Result<()> {
+        if self.tx(i)?.send(job).is_err() {
+            return Err(self.failure(i));
+        }
+        Ok(())
+    }
+
+    /// The error of a channel whose thread has stopped.
+    fn failure(&mut self, i: usize) -> io::Error {
+        self.senders[i].tx = None;
+        match self.join(i) {
+            Err(e) => e,
+            Ok(()) => io::Error::other(format!("channel {} stopped early", i + 1)),
+        }
+    }
+
+    fn join(&mut self, i: usize) -> io::Result<()> {
+        let Some(t) = self.senders[i].thread.take() else {
+            return Ok(());
+        };
+        match t.join() {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(io::Error::new(e.kind(), format!("channel {}: {e}", i + 1))),
+            Err(_) => Err(io::Error::other(format!("channel {} panicked", i + 1))),
+        }
+    }
+}
+
+impl Drop for SendChannels {
+    /// On failure or cancel: threads stop after their current batch and
+    /// close their connections, which tells the destination.
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for s in &mut self.senders {
+            s.tx = None;
+        }
+        for i in 0..self.senders.len() {
+            let _ = self.join(i);
+        }
+    }
+}
+
+/// One channel thread's state.
+struct Worker {
+    index: u16,
+    count: u16,
+    session: u64,
+    flags: u16,
+    blocks: Vec<RamBlock>,
+    descs: Vec<BlockDesc>,
+    counters: Arc<ChannelCounters>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Worker {
+    fn run(self, conn: ChannelWriter, rx: Receiver<Job>) -> io::Result<()> {
+        let mut w = StreamWriter::new(conn, self.flags);
+        w.channel(self.index, self.count, self.session)?;
+        w.block_list(&self.descs)?;
+        let mut seq = 0u64;
+        w.section_end(seq)?;
+        seq += 1;
+        let mut comp: Option<(CompressParams, Compressor)> = None;
+        let mut comp_buf = Vec::with_capacity(PAGE_SIZE);
+        let mut batches = 0u32;
+        let c = &*self.counters;
+        // Ends when the main thread drops its sender (failure or cancel).
+        while let Ok(job) = rx.recv() {
+            if self.stop.load(Ordering::Relaxed) {
+                break;
+            }
+            match job {
+                Job::Pages(pages, cp) => {
+                    if comp.as_ref().map(|(p, _)| *p) != cp {
+                        comp = match cp {
+                            Some(p) => Compressor::new(p.algorithm, p.level).ok().map(|c| (p, c)),
+                            None => None,
+                        };
+                    }
+                    for (block, page) in pages {
+                        let region = self.blocks[usize::from(block)].region();
+                        let offset = page * PAGE_SIZE as u64;
+                        let off = offset as usize;
+                        if region.scan(off, PAGE_SIZE, zero::is_zero) == Some(true) {
+                            c.zero.fetch_add(1, Ordering::Relaxed);
+                            w.zero(block, offset)?;
+                            continue;
+                        }
+                        w.stage_page_with(block, offset, |buf| {
+                            region.append_to(off, PAGE_SIZE, buf);
+                        });
+                        if let Some((p, cz)) = &mut comp {
+                            comp_buf.clear();
+                            if let Ok(Some(n)) = cz.compress(w.staged(), &mut comp_buf) {
+                                c.compressed_pages.fetch_add(1, Ordering::Relaxed);
+                                c.compressed_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                                let algo = p.algorithm.as_u8();
+                                w.commit_encoded(Encoded::Compressed(algo), &comp_buf[..n])?;
+                                continue;
+                            }
+                        }
+                        c.normal.fetch_add(1, Ordering::Relaxed);
+                        w.commit_raw()?;
+                    }
+                    batches += 1;
+                    if batches.is_multiple_of(BATCHES_PER_SECTION) {
+                        w.section_end(seq)?;
+                        seq += 1;
+                    }
+                }
+                Job::Sync(epoch) => {
+                    w.sync(epoch)?;
+                    w.section_end(seq)?;
+                    seq += 1;
+                }
+                Job::Finish => {
+                    w.end()?;
+                    c.bytes.store(w.bytes(), Ordering::Relaxed);
+                    return Ok(());
+                }
+            }
+            c.bytes.store(w.bytes(), Ordering::Relaxed);
+        }
+        Err(io::Error::other("stopped before the end of the migration"))
+    }
+}
+
+/// Why waiting at the barrier failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum BarrierError {
+    /// Another channel failed; its error is the one to report.
+    Aborted,
+    /// A channel ended before reaching the epoch.
+    Ended {
+        /// The channel that ended.
+        channel: usize,
+        /// Syncs it had passed.
+        passed: u64,
+    },
+}
+
+#[derive(Default)]
+struct BarrierState {
+    /// Syncs each channel has passed.
+    passed: Vec<u64>,
+    /// Channels that have read their end record.
+    ended: Vec<bool>,
+    aborted: bool,
+}
+
+/// The destination's barrier: a channel that passed sync `n` waits until
+/// every channel has.
+pub(super) struct EpochBarrier {
+    state: Mutex<BarrierState>,
+    cv: Condvar,
+}
+
+impl EpochBarrier {
+    /// A barrier for `n` streams (main channel included).
+    pub fn new(n: usize) -> Self {
+        EpochBarrier {
+            state: Mutex::new(BarrierState {
+                passed: vec![0; n],
+                ended: vec![false; n],
+                aborted: false,
+            }),
+            cv: Condvar::new(),
+        }
+    }
+
+    /// Channel `ch` has read the barrier record of its `n`th sync; returns
+    /// once every channel has.
+    pub fn reach(&self, ch: usize, n: u64) -> Result<(), BarrierError> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.passed[ch] = n;
+        self.cv.notify_all();
+        loop {
+            if st.aborted {
+                return Err(BarrierError::Aborted);
+            }
+            let mut behind = false;
+            for c in 0..st.passed.len() {
+                if st.passed[c] < n {
+                    if st.ended[c] {
+                        return Err(BarrierError::Ended {
+                            channel: c,
+                            passed: st.passed[c],
+                        });
+                    }
+                    behind = true;
+                }
+            }
+            if !behind {
+                return Ok(());
+            }
+            st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Channel `ch` has read its end record.
+    pub fn end(&self, ch: usize) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.ended[ch] = true;
+        self.cv.notify_all();
+    }
+
+    /// A channel failed: every waiter returns.
+    pub fn abort(&self) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.aborted = true;
+        self.cv.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn barrier_waits_for_every_channel() {
+        let b = Arc::new(EpochBarrier::new(3));
+        let b1 = b.clone();
+        let b2 = b.clone();
+        let t1 = std::thread::spawn(move || b1.reach(1, 1));
+        let t2 = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            b2.reach(2, 1)
+        });
+        assert_eq!(b.reach(0, 1), Ok(()));
+        assert_eq!(t1.join().unwrap(), Ok(()));
+        assert_eq!(t2.join().unwrap(), Ok(()));
+    }
+
+    #[test]
+    fn barrier_fails_when_a_channel_ended_early_or_aborts() {
+        let b = EpochBarrier::new(2);
+        b.end(1);
+        assert_eq!(
+            b.reach(0, 1),
+            Err(BarrierError::Ended {
+                channel: 1,
+                passed: 0
+            })
+        );
+        let b = Arc::new(EpochBarrier::new(2));
+        let b1 = b.clone();
+        let t = std::thread::spawn(move || b1.reach(0, 1));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        b.abort();
+        assert_eq!(t.join().unwrap(), Err(BarrierError::Aborted));
+    }
+}
