@@ -9,30 +9,19 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use livemig::compress::{Algorithm, Compressor, Decompressor};
+use livemig::workload::XorShift;
 use livemig::{xbzrle, zero};
 
 const PAGE: usize = 4096;
 const WORKING_SET: usize = 64 << 20;
 const PAGES: usize = WORKING_SET / PAGE;
 
-/// xorshift64: reproducible page contents.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
 /// A working set of incompressible bytes, every page touched.
 fn random_set(seed: u64) -> Vec<u8> {
-    let mut rng = Rng(seed);
+    let mut rng = XorShift::new(seed);
     let mut v = Vec::with_capacity(WORKING_SET);
     while v.len() < WORKING_SET {
-        v.extend_from_slice(&rng.next().to_le_bytes());
+        v.extend_from_slice(&rng.next_u64().to_le_bytes());
     }
     v
 }
@@ -40,11 +29,11 @@ fn random_set(seed: u64) -> Vec<u8> {
 /// A working set of compressible pages: text-like records with a few
 /// varying fields.
 fn compressible_set() -> Vec<u8> {
-    let mut rng = Rng(7);
+    let mut rng = XorShift::new(7);
     let mut v = vec![0u8; WORKING_SET];
     for rec in v.chunks_mut(64) {
         rec[..24].copy_from_slice(b"guest-record id=0000 v: ");
-        rec[24..32].copy_from_slice(&(rng.next() & 0x0f0f_0f0f).to_le_bytes());
+        rec[24..32].copy_from_slice(&(rng.next_u64() & 0x0f0f_0f0f).to_le_bytes());
     }
     v
 }

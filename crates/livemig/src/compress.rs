@@ -344,6 +344,7 @@ fn lz4_into(src: &[u8], dst: &mut [u8]) -> Result<usize, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::workload::XorShift;
 
     const PAGE: usize = 4096;
 
@@ -358,14 +359,9 @@ mod tests {
     }
 
     /// A page that does not compress: xorshift noise.
-    fn noise(mut x: u64) -> Vec<u8> {
-        let mut page = Vec::with_capacity(PAGE);
-        while page.len() < PAGE {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            page.extend_from_slice(&x.to_le_bytes());
-        }
+    fn noise(seed: u64) -> Vec<u8> {
+        let mut page = vec![0u8; PAGE];
+        XorShift::new(seed).fill(&mut page);
         page
     }
 
@@ -540,11 +536,9 @@ mod tests {
         // Random garbage and bit flips never panic and never succeed with a
         // wrong page (zstd has no checksum here, so a flip in a literal may
         // decode to other bytes of the right size: that is allowed).
-        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let mut rng = XorShift::new(0x9E37_79B9_7F4A_7C15);
         for round in 0..2000 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
+            let x = rng.next_u64();
             let len = (x % 300) as usize;
             let garbage = noise(x);
             for algo in both() {

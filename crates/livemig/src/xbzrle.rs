@@ -319,26 +319,9 @@ fn changed_run(old: &[u8], new: &[u8]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::workload::XorShift;
 
     const PAGE: usize = 4096;
-
-    /// Tiny xorshift64 generator for reproducible random tests.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n as u64) as usize
-        }
-        fn byte(&mut self) -> u8 {
-            self.next() as u8
-        }
-    }
 
     /// Bytewise transcription of the format and of QEMU's overflow checks,
     /// without word skipping: the oracle for [`encode`].
@@ -536,7 +519,7 @@ mod tests {
     }
 
     /// Random page pairs with changes of varied density and run lengths.
-    fn random_pair(rng: &mut Rng, len: usize) -> (Vec<u8>, Vec<u8>) {
+    fn random_pair(rng: &mut XorShift, len: usize) -> (Vec<u8>, Vec<u8>) {
         let old: Vec<u8> = (0..len).map(|_| rng.byte()).collect();
         let mut new = old.clone();
         let style = rng.below(5);
@@ -567,7 +550,7 @@ mod tests {
 
     #[test]
     fn matches_bytewise_reference_including_overflow() {
-        let mut rng = Rng(0x2545_F491_4F6C_DD1D);
+        let mut rng = XorShift::new(0x2545_F491_4F6C_DD1D);
         for round in 0..3000 {
             let len = if round % 3 == 0 {
                 1 + rng.below(200)
@@ -590,7 +573,7 @@ mod tests {
 
     #[test]
     fn round_trip_random_pages() {
-        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+        let mut rng = XorShift::new(0x9E37_79B9_7F4A_7C15);
         for round in 0..3000 {
             let len = if round % 4 == 0 {
                 1 + rng.below(300)
@@ -710,7 +693,7 @@ mod tests {
 
     #[test]
     fn decode_random_garbage_never_panics() {
-        let mut rng = Rng(0xD1B5_4A32_D192_ED03);
+        let mut rng = XorShift::new(0xD1B5_4A32_D192_ED03);
         let mut page = vec![0u8; PAGE];
         for round in 0..20_000 {
             let len = rng.below(64) + if round % 10 == 0 { 4000 } else { 0 };

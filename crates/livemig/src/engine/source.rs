@@ -216,7 +216,6 @@ struct RamSaver<'a> {
     bw_time: Instant,
     bw_bytes: u64,
     bandwidth: f64,
-    pages_per_second: u64,
     // Dirty-rate measurement and auto-converge.
     rate_time: Instant,
     rate_dirty_pages: u64,
@@ -282,7 +281,6 @@ impl<'a> RamSaver<'a> {
             bw_time: started,
             bw_bytes: 0,
             bandwidth: 0.0,
-            pages_per_second: 0,
             rate_time: started,
             rate_dirty_pages: 0,
             rate_bytes: 0,
@@ -805,10 +803,6 @@ impl<'a> RamSaver<'a> {
         };
         let expected = self.expected_downtime();
         let lookups = self.c.xbzrle_lookups.max(1) as f64;
-        let el = self.bw_time.elapsed().as_secs_f64();
-        if el > 0.0 && self.bandwidth > 0.0 {
-            self.pages_per_second = (self.bandwidth / PAGE_SIZE as f64) as u64;
-        }
         let mut c = self.c;
         if let Some(ch) = &self.channels {
             add_channel_counters(&mut c, ch);
@@ -843,7 +837,7 @@ impl<'a> RamSaver<'a> {
             self.sync_count,
             self.dirty_pages_rate,
             self.bandwidth,
-            self.pages_per_second,
+            (self.bandwidth / PAGE_SIZE as f64) as u64,
         );
         let (transferred, downtime, downtime_bytes, setup_time, throttle) = (
             self.transferred,

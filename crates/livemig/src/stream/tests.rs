@@ -7,6 +7,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use super::format::*;
 use super::*;
 use crate::memory::PAGE_SIZE;
+use crate::workload::XorShift;
 
 /// `PAGE_SIZE` as a stream offset.
 const P: u64 = PAGE_SIZE as u64;
@@ -1884,28 +1885,6 @@ fn every_single_byte_corruption() {
 // 4. Random input
 // ---------------------------------------------------------------------------
 
-/// xorshift64: a tiny deterministic PRNG.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    fn byte(&mut self) -> u8 {
-        (self.next() >> 32) as u8
-    }
-}
-
 /// Parses `input`, checking invariants that hold for any input.
 fn check_any(input: &[u8], what: &str) {
     let res = catch_unwind(AssertUnwindSafe(|| parse(input)))
@@ -1926,7 +1905,7 @@ fn check_any(input: &[u8], what: &str) {
 
 #[test]
 fn random_garbage_never_panics() {
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut rng = XorShift::new(0x9e37_79b9_7f4a_7c15);
     for i in 0..2000 {
         let len = rng.below(2000);
         let mut input = Vec::with_capacity(len + 64);
@@ -1947,7 +1926,7 @@ fn random_garbage_never_panics() {
 #[test]
 fn random_mutations_of_a_valid_stream_never_panic() {
     let s = small_sample();
-    let mut rng = Rng(0x0123_4567_89ab_cdef);
+    let mut rng = XorShift::new(0x0123_4567_89ab_cdef);
     for i in 0..600 {
         let mut input = s.bytes.clone();
         for _ in 0..1 + rng.below(6) {
