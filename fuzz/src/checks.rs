@@ -21,6 +21,12 @@
 //! * `decompress`: both algorithms, output only inside the 4096-byte
 //!   destination (canaries around it), agreement with the libraries' own
 //!   allocating decoders, and compress → decompress round trips.
+//! * `control`: the input is one control-socket session; every answer is
+//!   one JSON object with exactly one of `return` / `error`, there is one
+//!   answer per non-blank request line, a request that is not an object
+//!   with an `execute` string is refused, only an accepted `migrate`
+//!   starts a migration, and whatever the session did the parameters stay
+//!   valid.
 
 use std::cell::RefCell;
 use std::io::{self, Read};
@@ -44,6 +50,7 @@ pub const TARGETS: &[&str] = &[
     "loader_guard",
     "xbzrle_decode",
     "decompress",
+    "control",
 ];
 
 /// Runs `data` through the check of `target`; false for an unknown target.
@@ -54,6 +61,7 @@ pub fn run(target: &str, data: &[u8]) -> bool {
         "loader_guard" => loader_guard(data),
         "xbzrle_decode" => xbzrle_decode(data),
         "decompress" => decompress(data),
+        "control" => control(data),
         _ => return false,
     }
     true
@@ -888,4 +896,104 @@ pub fn decompress(data: &[u8]) {
             }
         });
     });
+}
+
+// ---------------------------------------------------------------------------
+// control
+// ---------------------------------------------------------------------------
+
+/// Counts what the control protocol asked it to start; starts nothing.
+struct CountingStarter(Arc<std::sync::Mutex<(usize, usize)>>);
+
+impl livemig::control::MigrationStarter for CountingStarter {
+    fn start_outgoing(
+        &mut self,
+        _uri: &livemig::transport::Uri,
+        _handle: livemig::engine::MigrationHandle,
+    ) -> Result<(), String> {
+        self.0.lock().unwrap().0 += 1;
+        Ok(())
+    }
+    fn start_incoming(&mut self, _uri: &livemig::transport::Uri) -> Result<(), String> {
+        self.0.lock().unwrap().1 += 1;
+        Err("this fuzz VMM does not receive".into())
+    }
+}
+
+/// The `control` target: `data` is one control-socket session.
+pub fn control(data: &[u8]) {
+    use livemig::control::{Dispatcher, MAX_LINE};
+    use serde_json::Value;
+
+    let calls = Arc::new(std::sync::Mutex::new((0usize, 0usize)));
+    let d = Dispatcher::new(
+        livemig::engine::Params::default(),
+        Box::new(CountingStarter(calls.clone())),
+    );
+    let mut out = Vec::new();
+    d.serve(data, &mut out, &std::sync::atomic::AtomicBool::new(false))
+        .expect("a session into memory cannot fail");
+
+    // The model: the request lines the server must answer, in order.
+    let mut requests = Vec::new();
+    let mut too_long = false;
+    let mut rest = data;
+    while !rest.is_empty() {
+        let (line, next) = match rest.iter().position(|&b| b == b'\n') {
+            Some(i) => (&rest[..i], &rest[i + 1..]),
+            None => (rest, &rest[rest.len()..]),
+        };
+        if line.len() > MAX_LINE {
+            too_long = true;
+            break;
+        }
+        let text = String::from_utf8_lossy(line).trim().to_string();
+        if !text.is_empty() {
+            requests.push(text);
+        }
+        rest = next;
+    }
+
+    let text = String::from_utf8(out).expect("answers are UTF-8");
+    let answers: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("every answer line is JSON"))
+        .collect();
+    assert!(answers[0].get("livemig").is_some(), "greeting first");
+    let answers = &answers[1..];
+    assert_eq!(
+        answers.len(),
+        requests.len() + usize::from(too_long),
+        "one answer per request line (plus one for an over-long line)"
+    );
+    let mut migrates_accepted = 0;
+    for (i, a) in answers.iter().enumerate() {
+        let obj = a.as_object().expect("an answer is an object");
+        assert_eq!(obj.len(), 1, "exactly one of return/error: {a}");
+        if let Some(e) = obj.get("error") {
+            let class = e["class"].as_str().expect("error class is a string");
+            assert!(
+                class == "GenericError" || class == "CommandNotFound",
+                "unknown error class {class}"
+            );
+            assert!(e["desc"].as_str().is_some_and(|d| !d.is_empty()));
+            continue;
+        }
+        assert!(obj.contains_key("return"), "neither return nor error: {a}");
+        let req: Value = serde_json::from_str(&requests[i]).expect("accepted requests are JSON");
+        let cmd = req["execute"]
+            .as_str()
+            .expect("accepted requests name a command");
+        if cmd == "migrate" {
+            migrates_accepted += 1;
+        }
+        assert!(
+            cmd != "migrate-incoming",
+            "this VMM's incoming always fails, yet it was accepted"
+        );
+    }
+    assert_eq!(calls.lock().unwrap().0, migrates_accepted);
+    d.params()
+        .validate()
+        .expect("no session can leave the parameters invalid");
 }

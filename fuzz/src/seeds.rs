@@ -405,5 +405,59 @@ pub fn all() -> Vec<Seed> {
     add("loader_guard", one);
     add("xbzrle_decode", xbzrle_seeds());
     add("decompress", decompress_seeds());
+    add("control", control_seeds());
     seeds
+}
+
+/// Control-socket sessions: every command, good and bad arguments.
+fn control_seeds() -> Vec<(String, Vec<u8>)> {
+    let lines = |v: &[&str]| -> Vec<u8> { v.join("\n").into_bytes() };
+    vec![
+        (
+            "queries".into(),
+            lines(&[
+                r#"{"execute":"query-migrate"}"#,
+                r#"{"execute":"query-migrate-parameters"}"#,
+                r#"{"execute":"query-migrate-capabilities"}"#,
+            ]),
+        ),
+        (
+            "set-parameters".into(),
+            lines(&[
+                r#"{"execute":"migrate-set-parameters","arguments":{"max-bandwidth":1048576,"downtime-limit":30,"xbzrle-cache-size":0}}"#,
+                r#"{"execute":"migrate-set-parameters","arguments":{"channels":4,"dirty-limit":4096,"cpu-throttle-initial":99}}"#,
+                r#"{"execute":"migrate-set-parameters","arguments":{"no-such":1}}"#,
+            ]),
+        ),
+        (
+            "capabilities".into(),
+            lines(&[
+                r#"{"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"xbzrle","state":true},{"capability":"auto-converge","state":true},{"capability":"verify","state":false}]}}"#,
+                r#"{"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"bogus","state":true}]}}"#,
+                r#"{"execute":"migrate-set-capabilities","arguments":{"capabilities":{}}}"#,
+            ]),
+        ),
+        (
+            "migrate".into(),
+            lines(&[
+                r#"{"execute":"migrate","arguments":{"uri":"tcp:127.0.0.1:4444"}}"#,
+                r#"{"execute":"migrate","arguments":{"uri":"unix:/tmp/x"}}"#,
+                r#"{"execute":"migrate-set-parameters","arguments":{"downtime-limit":5}}"#,
+                r#"{"execute":"migrate-cancel"}"#,
+                r#"{"execute":"migrate-incoming","arguments":{"uri":"file:/tmp/snap"}}"#,
+                r#"{"execute":"migrate","arguments":{"uri":"bogus"}}"#,
+            ]),
+        ),
+        (
+            "malformed".into(),
+            lines(&[
+                "{",
+                "[]",
+                r#"{"execute":7}"#,
+                r#"{"execute":"query-migrate","arguments":[]}"#,
+                "\u{0}\u{ff}",
+                r#"{"execute":"nope"}"#,
+            ]),
+        ),
+    ]
 }

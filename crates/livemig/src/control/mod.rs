@@ -141,9 +141,19 @@ impl State {
                     }
                     changes.push((name.to_string(), state));
                 }
+                let mut next = Params::clone(&self.params);
                 for (name, state) in changes {
-                    *self.capability(&name).expect("checked") = state;
+                    let slot = match name.as_str() {
+                        "xbzrle" => &mut next.xbzrle,
+                        "auto-converge" => &mut next.auto_converge,
+                        _ => &mut next.verify,
+                    };
+                    *slot = state;
                 }
+                // A capability can make the parameters inconsistent (xbzrle
+                // on with a cache smaller than a page): refuse, change nothing.
+                next.validate().map_err(generic)?;
+                self.params = next;
                 Ok(json!({}))
             }
             "migrate" | "migrate-incoming" => {
@@ -185,7 +195,7 @@ fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Parses one request line and runs it; returns the answer line.
+/// Parses one request line and runs it; returns the answer.
 fn answer(state: &Mutex<State>, line: &str) -> Value {
     let req: Value = match serde_json::from_str(line) {
         Ok(v) => v,
@@ -231,11 +241,7 @@ impl ControlServer {
         }
         let listener = UnixListener::bind(path)?;
         listener.set_nonblocking(true)?;
-        let state = Arc::new(Mutex::new(State {
-            params,
-            current: None,
-            starter,
-        }));
+        let state = Dispatcher::new(params, starter).state;
         let stop = Arc::new(AtomicBool::new(false));
         let (s, st) = (stop.clone(), state.clone());
         let thread = std::thread::Builder::new()
@@ -290,13 +296,24 @@ fn serve(listener: UnixListener, state: Arc<Mutex<State>>, stop: Arc<AtomicBool>
 fn serve_conn(conn: UnixStream, state: &Mutex<State>, stop: &AtomicBool) -> io::Result<()> {
     conn.set_nonblocking(false)?;
     conn.set_read_timeout(Some(Duration::from_millis(200)))?;
-    let mut out = conn.try_clone()?;
+    let out = conn.try_clone()?;
+    serve_session(state, conn, out, stop)
+}
+
+/// One client session: the greeting, then an answer per request line.
+/// Reads time out now and then so that `stop` is noticed.
+fn serve_session<R: Read, W: Write>(
+    state: &Mutex<State>,
+    input: R,
+    mut out: W,
+    stop: &AtomicBool,
+) -> io::Result<()> {
     writeln!(
         out,
         "{}",
         json!({"livemig": {"version": env!("CARGO_PKG_VERSION")}})
     )?;
-    let mut reader = BufReader::new(conn);
+    let mut reader = BufReader::new(input);
     let mut line = Vec::new();
     loop {
         if stop.load(Ordering::SeqCst) {
@@ -304,36 +321,83 @@ fn serve_conn(conn: UnixStream, state: &Mutex<State>, stop: &AtomicBool) -> io::
         }
         // Read at most MAX_LINE + 1 bytes of one line.
         let mut limited = (&mut reader).take((MAX_LINE + 1 - line.len()) as u64);
-        match limited.read_until(b'\n', &mut line) {
-            Ok(0) if line.is_empty() => return Ok(()),
-            Ok(_) => {}
+        let got = match limited.read_until(b'\n', &mut line) {
+            Ok(n) => n,
             Err(e)
                 if matches!(
                     e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
                 ) =>
             {
                 continue
             }
             Err(e) => return Err(e),
-        }
+        };
         if line.last() != Some(&b'\n') {
             if line.len() > MAX_LINE {
                 let err = json!({"error": {"class": "GenericError", "desc": format!("request longer than {MAX_LINE} bytes")}});
                 writeln!(out, "{err}")?;
                 return Ok(());
             }
-            // End of input without a newline: answer what there is.
-            if line.is_empty() {
+            if got == 0 && line.is_empty() {
                 return Ok(());
             }
+            // End of input without a newline: answer what there is.
         }
         let text = String::from_utf8_lossy(&line).trim().to_string();
+        let at_end = got == 0 || line.last() != Some(&b'\n');
         line.clear();
-        if text.is_empty() {
-            continue;
+        if !text.is_empty() {
+            writeln!(out, "{}", answer(state, &text))?;
         }
-        writeln!(out, "{}", answer(state, &text))?;
+        if at_end {
+            return Ok(());
+        }
+    }
+}
+
+/// The control protocol without a socket: the same state, commands and
+/// answers as [`ControlServer`], for a VMM that carries the lines over its
+/// own channel (and for fuzzing the parser).
+pub struct Dispatcher {
+    state: Arc<Mutex<State>>,
+}
+
+impl Dispatcher {
+    /// A dispatcher with `params` that starts migrations through `starter`.
+    pub fn new(params: Params, starter: Box<dyn MigrationStarter>) -> Dispatcher {
+        Dispatcher {
+            state: Arc::new(Mutex::new(State {
+                params,
+                current: None,
+                starter,
+            })),
+        }
+    }
+
+    /// Runs one request line and returns the answer object.
+    pub fn answer(&self, line: &str) -> Value {
+        answer(&self.state, line)
+    }
+
+    /// Serves one session: writes the greeting, then reads request lines
+    /// from `input` until it ends (or `stop` is set) and writes an answer
+    /// line for each. A line longer than [`MAX_LINE`] ends the session
+    /// with an error answer.
+    pub fn serve<R: Read, W: Write>(&self, input: R, out: W, stop: &AtomicBool) -> io::Result<()> {
+        serve_session(&self.state, input, out, stop)
+    }
+
+    /// The parameters the next migration would use.
+    pub fn params(&self) -> Params {
+        lock(&self.state).params.clone()
+    }
+
+    /// The current or last migration, if any.
+    pub fn current(&self) -> Option<MigrationHandle> {
+        lock(&self.state).current.clone()
     }
 }
 

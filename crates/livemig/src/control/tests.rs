@@ -267,3 +267,78 @@ fn migrate_steer_cancel_and_migrate_again() {
         Status::Completed
     );
 }
+
+/// Starts nothing; records what it was asked.
+struct RecordingStarter(std::sync::Arc<Mutex<Vec<String>>>);
+
+impl MigrationStarter for RecordingStarter {
+    fn start_outgoing(&mut self, uri: &Uri, _handle: MigrationHandle) -> Result<(), String> {
+        self.0.lock().unwrap().push(format!("out {uri}"));
+        Ok(())
+    }
+    fn start_incoming(&mut self, uri: &Uri) -> Result<(), String> {
+        self.0.lock().unwrap().push(format!("in {uri}"));
+        Err("no incoming here".into())
+    }
+}
+
+fn dispatcher() -> (Dispatcher, std::sync::Arc<Mutex<Vec<String>>>) {
+    let calls = std::sync::Arc::new(Mutex::new(Vec::new()));
+    let d = Dispatcher::new(Params::default(), Box::new(RecordingStarter(calls.clone())));
+    (d, calls)
+}
+
+fn session(d: &Dispatcher, input: &[u8]) -> Vec<Value> {
+    let mut out = Vec::new();
+    d.serve(input, &mut out, &AtomicBool::new(false)).unwrap();
+    String::from_utf8(out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn session_answers_each_line_and_the_last_one_without_newline() {
+    let (d, calls) = dispatcher();
+    let input = b"{\"execute\":\"query-migrate\"}\n\n   \n{\"execute\":\"nope\"}\r\n{\"execute\":\"migrate\",\"arguments\":{\"uri\":\"tcp:127.0.0.1:9\"}}";
+    let answers = session(&d, input);
+    assert_eq!(answers.len(), 4, "greeting + 3 answers: {answers:?}");
+    assert!(answers[0].get("livemig").is_some());
+    assert_eq!(answers[1]["return"]["status"], "none");
+    assert_eq!(answers[2]["error"]["class"], "CommandNotFound");
+    assert_eq!(answers[3]["return"], json!({}));
+    assert_eq!(
+        *calls.lock().unwrap(),
+        vec!["out tcp:127.0.0.1:9".to_string()]
+    );
+    assert!(d.current().is_some());
+}
+
+#[test]
+fn session_ends_on_an_over_long_line_with_an_error() {
+    let (d, _) = dispatcher();
+    let mut input = vec![b' '; MAX_LINE + 10];
+    input.extend_from_slice(b"\n{\"execute\":\"query-migrate\"}\n");
+    let answers = session(&d, &input);
+    assert_eq!(answers.len(), 2, "{answers:?}");
+    let desc = answers[1]["error"]["desc"].as_str().unwrap();
+    assert!(desc.contains("longer than"), "{desc}");
+}
+
+#[test]
+fn a_capability_cannot_make_the_parameters_invalid() {
+    let (d, _) = dispatcher();
+    let a = d.answer(r#"{"execute":"migrate-set-parameters","arguments":{"xbzrle-cache-size":0}}"#);
+    assert_eq!(a["return"], json!({}), "{a}");
+    let a = d.answer(
+        r#"{"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"verify","state":true},{"capability":"xbzrle","state":true}]}}"#,
+    );
+    let desc = a["error"]["desc"].as_str().expect("refused");
+    assert!(desc.contains("xbzrle-cache-size"), "{desc}");
+    // Nothing changed, not even the capability listed before the bad one.
+    let p = d.params();
+    assert!(!p.xbzrle);
+    assert!(!p.verify);
+    p.validate().unwrap();
+}
