@@ -847,7 +847,18 @@ struct Scenario {
     link: Link,
     cold: bool,
     compress: Option<CompressParams>,
+    /// Adaptive encoding (the default); false compresses every page.
+    adaptive: bool,
+    /// Bandwidth cap, bytes/s (0 = none).
+    cap: u64,
 }
+
+/// Bandwidth caps of the capped-link cases: a link about as fast as the
+/// compressors here, and one much slower, where compressing pays.
+const CAPPED_LINKS: [u64; 2] = [200 << 20, 25 << 20];
+
+/// Guest size of the capped-link cases (they run at the cap's pace).
+const CAPPED_GUEST_MAX: u64 = 64 << 20;
 
 /// Largest guest of the compressed migrations.
 const COMPRESSED_GUEST_MAX: u64 = 256 << 20;
@@ -878,6 +889,18 @@ fn migration(
         link,
         cold,
         compress,
+        adaptive: true,
+        cap: 0,
+    };
+    let every_page = |mut s: Scenario| {
+        s.adaptive = false;
+        s.name.push_str(", every page");
+        s
+    };
+    let capped = |cap: u64, mut s: Scenario| {
+        s.cap = cap;
+        s.name.push_str(&format!(", {}/s cap", human(cap)));
+        s
     };
     use Content::*;
     let mut list = vec![
@@ -890,8 +913,47 @@ fn migration(
         ),
         sc("compressible, raw", Compressible, Link::Tcp, false, None),
         sc("compressible, zstd-1", Compressible, Link::Tcp, false, zstd),
+        every_page(sc(
+            "compressible, zstd-1",
+            Compressible,
+            Link::Tcp,
+            false,
+            zstd,
+        )),
+        sc("incompressible, lz4", Incompressible, Link::Tcp, false, lz4),
+        every_page(sc(
+            "incompressible, lz4",
+            Incompressible,
+            Link::Tcp,
+            false,
+            lz4,
+        )),
         sc("mostly-zero, cold dest", MostlyZero, Link::Tcp, true, None),
     ];
+    for cap in CAPPED_LINKS {
+        let c = |s| capped(cap, s);
+        list.push(c(sc(
+            "compressible, raw",
+            Compressible,
+            Link::Tcp,
+            false,
+            None,
+        )));
+        list.push(c(sc(
+            "compressible, lz4",
+            Compressible,
+            Link::Tcp,
+            false,
+            lz4,
+        )));
+        list.push(c(every_page(sc(
+            "compressible, lz4",
+            Compressible,
+            Link::Tcp,
+            false,
+            lz4,
+        ))));
+    }
     // Parallel channels: 1, 2 and 4 for three contents over both links.
     for (label, content, compress) in [
         ("incompressible", Incompressible, None),
@@ -926,7 +988,9 @@ fn migration(
     for s in &list {
         // Compression runs at a fraction of link speed here: a smaller
         // guest keeps the run short; throughput does not depend on size.
-        let size = if s.compress.is_some() {
+        let size = if s.cap > 0 {
+            c.size.min(CAPPED_GUEST_MAX)
+        } else if s.compress.is_some() {
             c.size.min(COMPRESSED_GUEST_MAX)
         } else {
             c.size
@@ -957,6 +1021,15 @@ fn migration(
             compress: s.compress,
             verify: false,
             channels: s.channels,
+            adaptive_encoding: s.adaptive,
+            max_bandwidth: s.cap,
+            // Under a cap, a short downtime limit keeps the uncapped
+            // final pass short, so the cap paces nearly the whole run.
+            downtime_limit: if s.cap > 0 {
+                30
+            } else {
+                Params::default().downtime_limit
+            },
             ..Params::default()
         };
         let mut runs = Vec::new();
@@ -1015,6 +1088,7 @@ fn migration(
                 .collect::<Vec<_>>(),
         );
         let (limit, lim_bps) = match (s.content, s.link) {
+            _ if s.cap > 0 => ("bandwidth cap", s.cap as f64),
             (MostlyZero, _) => ("memcpy", refs.memcpy.bytes_per_sec),
             (_, Link::Tcp) => ("tcp-loopback", link_ref),
             (_, Link::Unix) => ("unix-socket", link_ref),
@@ -1030,7 +1104,10 @@ fn migration(
             content: s.content,
             link: s.link,
             dest: if s.cold { "cold" } else { "pre-touched" },
-            compress: s.compress.map(|p| format!("{}-{}", p.algorithm, p.level)),
+            compress: s.compress.map(|p| {
+                let how = if s.adaptive { "adaptive" } else { "every page" };
+                format!("{}-{} {how}", p.algorithm, p.level)
+            }),
             guest_bytes: size,
             secs: median(&runs.iter().map(|r| r.secs).collect::<Vec<_>>()),
             stream_bytes: median_u64(&runs.iter().map(|r| r.stream_bytes).collect::<Vec<_>>()),
@@ -1045,6 +1122,7 @@ fn migration(
                 "zero": last.load.zero_pages,
                 "raw": last.load.raw_pages,
                 "compressed": last.load.compressed_pages,
+                "compress-skipped": last.stats.compression.as_ref().map_or(0, |c| c.skipped_pages),
                 "xbzrle": last.load.xbzrle_pages,
             }),
             tracker: last.stats.dirty_tracker.clone(),
@@ -1492,16 +1570,27 @@ fn print_tables(
             human(c.size)
         );
         println!(
-            "  {:<30}{:>7}{:>10}{:>9}{:>11}{:>11}{:>11}{:>9}{:>6}  limit",
+            "  {:<48}{:>7}{:>10}{:>9}{:>11}{:>11}{:>11}{:>9}{:>6}  limit",
             "case", "time s", "stream", "guest", "stream", "guest", "guest", "CPU s", "CPU"
         );
         println!(
-            "  {:<30}{:>7}{:>10}{:>9}{:>11}{:>11}{:>11}{:>9}{:>6}",
+            "  {:<48}{:>7}{:>10}{:>9}{:>11}{:>11}{:>11}{:>9}{:>6}",
             "", "", "GB/s", "GB/s", "/link", "/link", "/limit", "/GiB", "busy"
         );
         for r in rows {
+            let page_count = |k: &str| r.pages[k].as_u64().unwrap_or(0);
+            let compressed = match page_count("compressed") + page_count("raw") {
+                0 => String::new(),
+                n if r.compress.is_some() => {
+                    format!(
+                        " ({:.0}% of pages compressed)",
+                        100.0 * page_count("compressed") as f64 / n as f64
+                    )
+                }
+                _ => String::new(),
+            };
             println!(
-                "  {:<30}{:>7.2}{:>10}{:>9}{:>11.2}{:>11.2}{:>11.2}{:>9.2}{:>5.0}%  {}",
+                "  {:<48}{:>7.2}{:>10}{:>9}{:>11.2}{:>11.2}{:>11.2}{:>9.2}{:>5.0}%  {}{compressed}",
                 r.name,
                 r.secs,
                 gbs(r.stream_bytes_per_sec),

@@ -123,6 +123,13 @@ pub struct TuneArgs {
     /// them on the same listener. Not for snapshot files.
     #[arg(long, default_value_t = 1)]
     pub channels: u16,
+    /// Compress every page and try XBZRLE on every re-sent page even when
+    /// the measured costs say it does not pay. By default a page is
+    /// compressed only while the compressor's time per page is less than
+    /// the link time its saved bytes would take, and XBZRLE sits out while
+    /// its deltas save less link time than they cost.
+    #[arg(long)]
+    pub no_adaptive: bool,
 }
 
 impl TuneArgs {
@@ -147,6 +154,7 @@ impl TuneArgs {
             verify: !self.no_verify,
             auto_converge: self.auto_converge,
             channels: self.channels,
+            adaptive_encoding: !self.no_adaptive,
             ..Params::default()
         };
         p.validate().map_err(anyhow::Error::msg)?;

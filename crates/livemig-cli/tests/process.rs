@@ -149,6 +149,7 @@ fn unix_socket_with_xbzrle_and_compression() {
             "--xbzrle",
             "--compress",
             "lz4",
+            "--no-adaptive",
             "--downtime-limit",
             "20",
             "--fill",
@@ -161,6 +162,8 @@ fn unix_socket_with_xbzrle_and_compression() {
         s["compression"]["pages"].as_u64().unwrap() > 0,
         "text pages compress: {s}"
     );
+    assert_eq!(s["compression"]["skipped-pages"], 0, "{s}");
+    assert_eq!(s["xbzrle-cache"]["skipped-pages"], 0, "{s}");
     assert_eq!(d["load"]["compressed-pages"], s["compression"]["pages"]);
     assert_eq!(d["load"]["xbzrle-pages"], s["xbzrle-cache"]["pages"]);
 }

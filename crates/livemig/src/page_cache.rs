@@ -166,6 +166,17 @@ impl PageCache {
         }
     }
 
+    /// Drops the cached copy of the page at `addr`, if there is one: the
+    /// page went out in a way that left the copy out of date.
+    pub fn forget(&mut self, addr: u64) {
+        let i = self.slot_of(addr);
+        let slot = &mut self.slots[i];
+        if slot.data.is_some() && slot.addr == addr {
+            slot.data = None;
+            self.used -= 1;
+        }
+    }
+
     /// True if the page at `addr` is cached (no stamping).
     pub fn contains(&self, addr: u64) -> bool {
         let slot = &self.slots[self.slot_of(addr)];
@@ -271,6 +282,27 @@ mod tests {
             assert_eq!(c.len(), 0);
             assert!(c.is_empty());
         }
+    }
+
+    #[test]
+    fn forget_drops_only_that_page() {
+        let mut c = PageCache::new(4 * P).unwrap();
+        assert!(c.insert(0, &page(1), 0));
+        assert!(c.insert(P, &page(2), 0));
+        // Another address in the same slot as page 0: not cached, no-op.
+        c.forget(4 * P);
+        assert_eq!(c.len(), 2);
+        c.forget(0);
+        assert_eq!(c.len(), 1);
+        assert!(!c.contains(0));
+        assert!(c.get_mut(0).is_none());
+        assert_eq!(c.get_mut(P).unwrap()[0], 2);
+        c.forget(0);
+        assert_eq!(c.len(), 1);
+        // The slot can be filled again.
+        assert!(c.insert(0, &page(3), 1));
+        assert_eq!(c.get_mut(0).unwrap()[0], 3);
+        assert_eq!(c.len(), 2);
     }
 
     #[test]

@@ -17,7 +17,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
+use super::adapt::{CompressChooser, LinkCost, TimedWrite, WireClock};
 use super::params::CompressParams;
 use crate::compress::Compressor;
 use crate::memory::{RamBlock, PAGE_SIZE};
@@ -38,11 +40,22 @@ pub type ChannelWriter = Box<dyn Write + Send>;
 /// What a channel thread is asked to do, in order.
 enum Job {
     /// Send these pages (block index, page index).
-    Pages(Vec<(u16, u64)>, Option<CompressParams>),
+    Pages(Vec<(u16, u64)>, PageEncoding),
     /// Write the barrier of this epoch and flush.
     Sync(u64),
     /// Write the end record and stop.
     Finish,
+}
+
+/// How a channel encodes the pages of a batch.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) struct PageEncoding {
+    /// Compression, if on.
+    pub compress: Option<CompressParams>,
+    /// Compress only while it pays on this channel's link.
+    pub adaptive: bool,
+    /// This channel's share of the bandwidth cap (bytes/s, 0 = none).
+    pub max_bandwidth: u64,
 }
 
 /// What one channel has sent, readable while it runs.
@@ -53,6 +66,8 @@ pub(super) struct ChannelCounters {
     pub normal: AtomicU64,
     pub compressed_pages: AtomicU64,
     pub compressed_bytes: AtomicU64,
+    /// Pages sent uncompressed because compressing did not pay.
+    pub compress_skipped: AtomicU64,
 }
 
 struct Sender {
@@ -127,27 +142,22 @@ impl SendChannels {
     }
 
     /// Queues a page; a full batch goes to the least busy channel.
-    pub fn push(
-        &mut self,
-        block: u16,
-        page: u64,
-        compress: Option<CompressParams>,
-    ) -> io::Result<()> {
+    pub fn push(&mut self, block: u16, page: u64, enc: PageEncoding) -> io::Result<()> {
         self.batch.push((block, page));
         if self.batch.len() >= BATCH_PAGES {
-            self.flush_batch(compress)?;
+            self.flush_batch(enc)?;
         }
         Ok(())
     }
 
     /// Hands the partial batch (if any) to a channel.
-    pub fn flush_batch(&mut self, compress: Option<CompressParams>) -> io::Result<()> {
+    pub fn flush_batch(&mut self, enc: PageEncoding) -> io::Result<()> {
         if self.batch.is_empty() {
             return Ok(());
         }
         let pages = std::mem::replace(&mut self.batch, Vec::with_capacity(BATCH_PAGES));
         let n = self.senders.len();
-        let mut job = Job::Pages(pages, compress);
+        let mut job = Job::Pages(pages, enc);
         // Round robin, skipping channels whose queue is full; wait on the
         // next one only when all are full.
         for k in 0..n {
@@ -167,8 +177,8 @@ impl SendChannels {
     }
 
     /// Queues the barrier of `epoch` on every channel, behind their pages.
-    pub fn sync(&mut self, epoch: u64, compress: Option<CompressParams>) -> io::Result<()> {
-        self.flush_batch(compress)?;
+    pub fn sync(&mut self, epoch: u64, enc: PageEncoding) -> io::Result<()> {
+        self.flush_batch(enc)?;
         for i in 0..self.senders.len() {
             self.send(i, Job::Sync(epoch))?;
         }
@@ -176,8 +186,8 @@ impl SendChannels {
     }
 
     /// Ends every channel's stream and waits for the threads.
-    pub fn finish(&mut self, compress: Option<CompressParams>) -> io::Result<()> {
-        self.flush_batch(compress)?;
+    pub fn finish(&mut self, enc: PageEncoding) -> io::Result<()> {
+        self.flush_batch(enc)?;
         for i in 0..self.senders.len() {
             self.send(i, Job::Finish)?;
         }
@@ -251,13 +261,15 @@ struct Worker {
 
 impl Worker {
     fn run(self, conn: ChannelWriter, rx: Receiver<Job>) -> io::Result<()> {
-        let mut w = StreamWriter::new(conn, self.flags);
+        let wire = Arc::new(WireClock::default());
+        let mut link = LinkCost::new(wire.clone());
+        let mut w = StreamWriter::new(TimedWrite::new(conn, wire), self.flags);
         w.channel(self.index, self.count, self.session)?;
         w.block_list(&self.descs)?;
         let mut seq = 0u64;
         w.section_end(seq)?;
         seq += 1;
-        let mut comp: Option<(CompressParams, Compressor)> = None;
+        let mut comp: Option<(CompressParams, Compressor, CompressChooser)> = None;
         let mut comp_buf = Vec::with_capacity(PAGE_SIZE);
         let mut batches = 0u32;
         let c = &*self.counters;
@@ -267,12 +279,18 @@ impl Worker {
                 break;
             }
             match job {
-                Job::Pages(pages, cp) => {
-                    if comp.as_ref().map(|(p, _)| *p) != cp {
-                        comp = match cp {
-                            Some(p) => Compressor::new(p.algorithm, p.level).ok().map(|c| (p, c)),
+                Job::Pages(pages, enc) => {
+                    if comp.as_ref().map(|(p, _, _)| *p) != enc.compress {
+                        comp = match enc.compress {
+                            Some(p) => Compressor::new(p.algorithm, p.level)
+                                .ok()
+                                .map(|c| (p, c, CompressChooser::new(enc.adaptive))),
                             None => None,
                         };
+                    }
+                    link.update();
+                    if let Some((_, _, chooser)) = &mut comp {
+                        chooser.decide(link.ns_per_byte(enc.max_bandwidth));
                     }
                     for (block, page) in pages {
                         let region = self.blocks[usize::from(block)].region();
@@ -286,14 +304,23 @@ impl Worker {
                         w.stage_page_with(block, offset, |buf| {
                             region.append_to(off, PAGE_SIZE, buf);
                         });
-                        if let Some((p, cz)) = &mut comp {
-                            comp_buf.clear();
-                            if let Ok(Some(n)) = cz.compress(w.staged(), &mut comp_buf) {
-                                c.compressed_pages.fetch_add(1, Ordering::Relaxed);
-                                c.compressed_bytes.fetch_add(n as u64, Ordering::Relaxed);
-                                let algo = p.algorithm.as_u8();
-                                w.commit_encoded(Encoded::Compressed(algo), &comp_buf[..n])?;
-                                continue;
+                        if let Some((p, cz, chooser)) = &mut comp {
+                            if chooser.should_compress() {
+                                comp_buf.clear();
+                                let t0 = Instant::now();
+                                let r = cz.compress(w.staged(), &mut comp_buf);
+                                let ns = t0.elapsed().as_nanos() as u64;
+                                if let Ok(Some(n)) = r {
+                                    chooser.record(ns, n);
+                                    c.compressed_pages.fetch_add(1, Ordering::Relaxed);
+                                    c.compressed_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                                    let algo = p.algorithm.as_u8();
+                                    w.commit_encoded(Encoded::Compressed(algo), &comp_buf[..n])?;
+                                    continue;
+                                }
+                                chooser.record(ns, PAGE_SIZE);
+                            } else {
+                                c.compress_skipped.fetch_add(1, Ordering::Relaxed);
                             }
                         }
                         c.normal.fetch_add(1, Ordering::Relaxed);

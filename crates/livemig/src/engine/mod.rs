@@ -2,6 +2,7 @@
 //! loader, over any guest memory, tracker and byte transport.
 
 mod ack;
+mod adapt;
 mod channels;
 mod dest;
 mod digest;

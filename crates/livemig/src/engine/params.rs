@@ -52,6 +52,12 @@ pub struct Params {
     /// of pages, beside the main connection (block list, sync barriers,
     /// XBZRLE pages, device state). Read once, when the migration starts.
     pub channels: u16,
+    /// Adaptive encoding: compress a page only while compressing pays on
+    /// the link (the compressor's time per page against the link time
+    /// the smaller page saves), and try XBZRLE only while its deltas save
+    /// more link time than they cost. Off: every page is compressed when
+    /// compression is on, and every re-sent page tries XBZRLE.
+    pub adaptive_encoding: bool,
 }
 
 impl Default for Params {
@@ -70,6 +76,7 @@ impl Default for Params {
             throttle_sync_period: 5000,
             dirty_limit: 0,
             channels: 1,
+            adaptive_encoding: true,
         }
     }
 }

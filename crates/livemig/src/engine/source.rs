@@ -7,10 +7,12 @@
 //! sync.
 
 use std::io::{self, Read, Write};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::ack;
-use super::channels::{ChannelSetup, ChannelWriter, SendChannels};
+use super::adapt::{CompressChooser, LinkCost, TimedWrite, WireClock, XbzrleGate};
+use super::channels::{ChannelSetup, ChannelWriter, PageEncoding, SendChannels};
 use super::digest::memory_digest;
 use super::handle::{MigrationHandle, SyncPoint};
 use super::params::Params;
@@ -185,6 +187,10 @@ struct Counters {
     xbzrle_lookups: u64,
     compressed_pages: u64,
     compressed_bytes: u64,
+    /// Pages not compressed because compressing did not pay on this link.
+    compress_skipped: u64,
+    /// Re-sent pages that did not try XBZRLE because it did not pay.
+    xbzrle_skipped: u64,
     pages_sent: u64,
 }
 
@@ -209,6 +215,12 @@ struct RamSaver<'a> {
     encode_buf: Vec<u8>,
     compressor: Option<(u8, Compressor)>,
     compress_buf: Vec<u8>,
+    /// Adaptive encoding: the main stream's link cost, and whether
+    /// compression and XBZRLE pay on it.
+    link: LinkCost,
+    wire: Arc<WireClock>,
+    chooser: CompressChooser,
+    gate: XbzrleGate,
     zero_page: Vec<u8>,
     c: Counters,
     seq: u64,
@@ -243,6 +255,9 @@ struct RamSaver<'a> {
 
 impl<'a> RamSaver<'a> {
     fn new(mem: &'a dyn GuestMemory, handle: &'a MigrationHandle, started: Instant) -> Self {
+        let params = handle.params();
+        let adaptive = params.adaptive_encoding;
+        let wire = Arc::new(WireClock::default());
         let blocks = mem.blocks().to_vec();
         let mut base = 0;
         let block_base = blocks
@@ -261,7 +276,7 @@ impl<'a> RamSaver<'a> {
                 .collect(),
             blocks,
             handle,
-            params: handle.params(),
+            params,
             started,
             setup_time: 0,
             clear: None,
@@ -275,6 +290,10 @@ impl<'a> RamSaver<'a> {
             encode_buf: vec![0; PAGE_SIZE],
             compressor: None,
             compress_buf: Vec::with_capacity(PAGE_SIZE),
+            link: LinkCost::new(wire.clone()),
+            wire,
+            chooser: CompressChooser::new(adaptive),
+            gate: XbzrleGate::new(),
             zero_page: vec![0; PAGE_SIZE],
             c: Counters::default(),
             seq: 0,
@@ -300,6 +319,17 @@ impl<'a> RamSaver<'a> {
             status: Status::Setup,
             channels: None,
             epoch: 0,
+        }
+    }
+
+    /// How page channels encode: compression as configured, adaptive or
+    /// not, each channel with its share of the bandwidth cap.
+    fn encoding(&self) -> PageEncoding {
+        let n = u64::from(self.params.channels.max(1));
+        PageEncoding {
+            compress: self.params.compress,
+            adaptive: self.params.adaptive_encoding,
+            max_bandwidth: self.params.max_bandwidth / n,
         }
     }
 
@@ -355,11 +385,14 @@ impl<'a> RamSaver<'a> {
         let n = self.params.channels;
         let session = session_number();
         let mut w = if n > 1 {
-            let mut w = StreamWriter::new(out, flags | FLAG_CHANNELS);
+            let mut w = StreamWriter::new(
+                TimedWrite::new(out, self.wire.clone()),
+                flags | FLAG_CHANNELS,
+            );
             w.channel(0, n, session).map_err(MigrationError::send)?;
             w
         } else {
-            StreamWriter::new(out, flags)
+            StreamWriter::new(TimedWrite::new(out, self.wire.clone()), flags)
         };
         let descs: Vec<BlockDesc> = self
             .blocks
@@ -442,11 +475,11 @@ impl<'a> RamSaver<'a> {
             self.step(&mut w, tracker, true)?;
             self.section_end(&mut w)?;
         }
+        let enc = self.encoding();
         if let Some(ch) = &mut self.channels {
             // Every channel ends its stream; the destination applies the
             // main stream's end only after all of them.
-            ch.finish(self.params.compress)
-                .map_err(MigrationError::send)?;
+            ch.finish(enc).map_err(MigrationError::send)?;
         }
         let state = vm.save_state().map_err(MigrationError::Vm)?;
         if !state.is_empty() {
@@ -537,11 +570,11 @@ impl<'a> RamSaver<'a> {
     /// After a dirty sync: the epoch barrier on every channel, so that no
     /// page sent before the sync is applied after one sent after it.
     fn barrier<W: Write>(&mut self, w: &mut StreamWriter<W>) -> Result<(), MigrationError> {
+        let enc = self.encoding();
         let Some(ch) = &mut self.channels else {
             return Ok(());
         };
-        ch.sync(self.epoch, self.params.compress)
-            .map_err(MigrationError::send)?;
+        ch.sync(self.epoch, enc).map_err(MigrationError::send)?;
         w.sync(self.epoch).map_err(MigrationError::send)?;
         self.epoch += 1;
         // Flushed at once: channels wait for the main stream's barrier.
@@ -731,20 +764,32 @@ impl<'a> RamSaver<'a> {
         let b = block as u16;
         let addr = self.block_base[block] + offset;
         let xbzrle_on = !self.bulk && self.cache.is_some();
+        if self.c.pages_sent.is_multiple_of(64) {
+            self.link.update();
+            let link = self.link.ns_per_byte(self.params.max_bandwidth);
+            self.chooser.decide(link);
+        }
         self.c.pages_sent += 1;
+        let enc = self.encoding();
         if let Some(ch) = &mut self.channels {
             // XBZRLE stays on the main stream: its cache must hold exactly
             // the bytes the destination got, so the thread that reads a page
             // for the cache also sends it.
             if !xbzrle_on {
-                return ch.push(b, page, self.params.compress);
+                return ch.push(b, page, enc);
             }
         }
+        // XBZRLE sits out while it does not pay; the cache then forgets
+        // the pages sent otherwise, so that it never holds a copy the
+        // destination does not have.
+        let xbzrle_try = xbzrle_on && self.gate.should_try();
         if region.scan(off, PAGE_SIZE, zero::is_zero) == Some(true) {
             self.c.zero += 1;
-            if xbzrle_on {
-                if let Some(cache) = &mut self.cache {
+            if let Some(cache) = self.cache.as_mut().filter(|_| xbzrle_on) {
+                if xbzrle_try {
                     cache.insert(addr, &self.zero_page, self.sync_count);
+                } else {
+                    cache.forget(addr);
                 }
             }
             return w.zero(b, offset);
@@ -752,12 +797,26 @@ impl<'a> RamSaver<'a> {
         w.stage_page_with(b, offset, |buf| {
             region.append_to(off, PAGE_SIZE, buf);
         });
-        if xbzrle_on {
+        if xbzrle_on && !xbzrle_try {
+            if let Some(cache) = &mut self.cache {
+                cache.forget(addr);
+            }
+        }
+        if xbzrle_try {
+            let t0 = Instant::now();
             let cache = self.cache.as_mut().expect("xbzrle_on implies a cache");
             self.c.xbzrle_lookups += 1;
+            // What the page would cost without XBZRLE.
+            let baseline = if self.compressor.is_some() && self.chooser.is_on() {
+                self.chooser.expected_bytes()
+            } else {
+                PAGE_SIZE as f64
+            };
+            let link = self.link.ns_per_byte(self.params.max_bandwidth);
             match cache.get_mut_at(addr, self.sync_count) {
                 None => {
                     self.c.xbzrle_miss += 1;
+                    // A miss is what a later hit costs: not judged.
                     if !completing {
                         cache.insert(addr, w.staged(), self.sync_count);
                     }
@@ -766,27 +825,40 @@ impl<'a> RamSaver<'a> {
                     Ok(0) => {
                         self.c.skipped += 1;
                         w.discard_staged();
+                        let ns = t0.elapsed().as_nanos() as u64;
+                        self.gate.record(ns, 0.0, baseline, link);
                         return Ok(());
                     }
                     Ok(n) => {
                         old.copy_from_slice(w.staged());
                         self.c.xbzrle_pages += 1;
                         self.c.xbzrle_bytes += n as u64;
+                        let ns = t0.elapsed().as_nanos() as u64;
+                        self.gate.record(ns, n as f64, baseline, link);
                         return w.commit_encoded(Encoded::Xbzrle, &self.encode_buf[..n]);
                     }
                     Err(_) => {
                         self.c.xbzrle_overflow += 1;
                         old.copy_from_slice(w.staged());
+                        let ns = t0.elapsed().as_nanos() as u64;
+                        self.gate.record(ns, baseline, baseline, link);
                     }
                 },
             }
         }
         if let Some((algo, comp)) = &mut self.compressor {
-            self.compress_buf.clear();
-            if let Ok(Some(n)) = comp.compress(w.staged(), &mut self.compress_buf) {
-                self.c.compressed_pages += 1;
-                self.c.compressed_bytes += n as u64;
-                return w.commit_encoded(Encoded::Compressed(*algo), &self.compress_buf[..n]);
+            if self.chooser.should_compress() {
+                self.compress_buf.clear();
+                let t0 = Instant::now();
+                let r = comp.compress(w.staged(), &mut self.compress_buf);
+                let ns = t0.elapsed().as_nanos() as u64;
+                if let Ok(Some(n)) = r {
+                    self.chooser.record(ns, n);
+                    self.c.compressed_pages += 1;
+                    self.c.compressed_bytes += n as u64;
+                    return w.commit_encoded(Encoded::Compressed(*algo), &self.compress_buf[..n]);
+                }
+                self.chooser.record(ns, PAGE_SIZE);
             }
         }
         self.c.normal += 1;
@@ -804,6 +876,8 @@ impl<'a> RamSaver<'a> {
         let expected = self.expected_downtime();
         let lookups = self.c.xbzrle_lookups.max(1) as f64;
         let mut c = self.c;
+        c.compress_skipped = self.chooser.skipped();
+        c.xbzrle_skipped = self.gate.skipped();
         if let Some(ch) = &self.channels {
             add_channel_counters(&mut c, ch);
         }
@@ -821,10 +895,12 @@ impl<'a> RamSaver<'a> {
                 0.0
             },
             overflow: c.xbzrle_overflow,
+            skipped_pages: c.xbzrle_skipped,
         });
         let comp = p.compress.map(|_| CompressionStats {
             pages: c.compressed_pages,
             compressed_size: c.compressed_bytes,
+            skipped_pages: c.compress_skipped,
             compression_rate: if c.compressed_bytes > 0 {
                 (c.compressed_pages * PAGE_SIZE as u64) as f64 / c.compressed_bytes as f64
             } else {
@@ -886,6 +962,7 @@ fn add_channel_counters(c: &mut Counters, ch: &SendChannels) {
         c.normal += k.normal.load(Relaxed);
         c.compressed_pages += k.compressed_pages.load(Relaxed);
         c.compressed_bytes += k.compressed_bytes.load(Relaxed);
+        c.compress_skipped += k.compress_skipped.load(Relaxed);
     }
 }
 

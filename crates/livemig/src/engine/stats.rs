@@ -82,6 +82,11 @@ pub struct XbzrleStats {
     pub encoding_rate: f64,
     /// Pages whose delta did not fit and went raw.
     pub overflow: u64,
+    /// Re-sent pages that did not try a delta because, over the last
+    /// window, deltas cost more link time than they saved (adaptive
+    /// encoding).
+    #[serde(default)]
+    pub skipped_pages: u64,
 }
 
 /// Compression figures.
@@ -94,6 +99,10 @@ pub struct CompressionStats {
     pub compressed_size: u64,
     /// Page bytes over compressed bytes.
     pub compression_rate: f64,
+    /// Pages sent uncompressed because compressing them cost more time
+    /// than the bytes it saved take on the link (adaptive encoding).
+    #[serde(default)]
+    pub skipped_pages: u64,
 }
 
 /// The state of one migration, as `query-migrate` reports it.

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use super::*;
 use crate::dirty::{DirtyTracker, SoftwareLog, SoftwareTracker};
-use crate::memory::{GuestMemory, ProcessMemory};
+use crate::memory::{GuestMemory, ProcessMemory, PAGE_SIZE};
 use crate::stream::{BlockDesc, StreamWriter};
 use crate::transport::{pipe, PipeReader, PipeWriter};
 use crate::vm::{NoVm, VmControl};
@@ -224,6 +224,7 @@ fn compression_round_trips() {
                 algorithm,
                 level: 3,
             }),
+            adaptive_encoding: false,
             ..verify_params()
         };
         // A workload that writes compressible pages (16 bytes per touch
@@ -529,6 +530,7 @@ fn channels_with_manual_clear_compression_and_xbzrle() {
                 algorithm: crate::compress::Algorithm::Lz4,
                 level: 1,
             }),
+            adaptive_encoding: false,
             ..verify_params()
         },
         live_workload(),
@@ -745,4 +747,86 @@ fn hostile_page_channel_is_refused() {
             assert!(!page.contains(&0x66), "{want}: page {p} written");
         }
     }
+}
+
+/// Migrates a still guest (4 MiB of compressible text-like pages) with
+/// `params` into memory (a link that only costs a memcpy, whatever else
+/// the machine does), loads it and checks the copy; returns the stats.
+fn migrate_compressible(params: Params) -> MigrationStats {
+    let layout = [("ram", 4 * MIB)];
+    let src = ProcessMemory::new(&layout).unwrap();
+    let dst = ProcessMemory::new(&layout).unwrap();
+    let words: [&[u8]; 6] = [
+        b"migrate ",
+        b"page ",
+        b"dirty ",
+        b"guest ",
+        b"the ",
+        b"bitmap ",
+    ];
+    let mut rng = crate::workload::XorShift::new(11);
+    let mut page = Vec::with_capacity(PAGE_SIZE);
+    let region = src.blocks()[0].region();
+    for p in 0..(4 * MIB as usize / PAGE_SIZE) {
+        page.clear();
+        while page.len() < PAGE_SIZE {
+            page.extend_from_slice(words[rng.below(words.len())]);
+        }
+        page.truncate(PAGE_SIZE);
+        assert!(region.write(p * PAGE_SIZE, &page));
+    }
+    let (mut tracker, _log) = SoftwareTracker::new(&src);
+    let mut stream = Vec::with_capacity(16 << 20);
+    let stats = Source::new(&src, &mut tracker, &mut NoVm, MigrationHandle::new(params))
+        .run(&mut stream, None)
+        .expect("migration succeeds");
+    Loader::new(&dst).load(&stream[..]).expect("load succeeds");
+    assert_eq!(hex(&memory_digest(&src)), hex(&memory_digest(&dst)));
+    stats
+}
+
+#[test]
+fn adaptive_compression_compresses_for_a_capped_link() {
+    // 32 MiB/s: a page takes ~120 us on the link; lz4 saves most of it
+    // in a few microseconds.
+    let stats = migrate_compressible(Params {
+        compress: Some(CompressParams {
+            algorithm: crate::compress::Algorithm::Lz4,
+            level: 1,
+        }),
+        max_bandwidth: 32 * MIB,
+        ..Params::default()
+    });
+    let c = stats.compression.expect("compression stats");
+    assert_eq!(c.skipped_pages, 0, "{c:?}");
+    assert_eq!(c.pages, 1024, "{c:?}");
+    assert!(c.compression_rate > 2.0, "{c:?}");
+}
+
+#[test]
+fn adaptive_compression_skips_a_compressor_slower_than_the_link() {
+    // zstd level 19 takes tens of microseconds a page; memory takes a
+    // page in well under one.
+    let params = Params {
+        compress: Some(CompressParams {
+            algorithm: crate::compress::Algorithm::Zstd,
+            level: 19,
+        }),
+        ..Params::default()
+    };
+    let stats = migrate_compressible(params.clone());
+    let c = stats.compression.expect("compression stats");
+    assert_eq!(c.pages + c.skipped_pages, 1024, "{c:?}");
+    assert!(
+        c.skipped_pages > 512,
+        "most pages skip the compressor: {c:?}"
+    );
+    assert_eq!(stats.ram.normal, c.skipped_pages, "skipped pages went raw");
+    // Without adaptation every page is compressed.
+    let stats = migrate_compressible(Params {
+        adaptive_encoding: false,
+        ..params
+    });
+    let c = stats.compression.expect("compression stats");
+    assert_eq!((c.pages, c.skipped_pages), (1024, 0), "{c:?}");
 }
