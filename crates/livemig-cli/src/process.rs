@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use livemig::dirty::{UffdMode, UffdTracker};
 use livemig::engine::{
-    hex, memory_digest, write_ack, ChannelWriter, CompressParams, Loader, MigrationHandle, Params,
+    hex, memory_digest, ChannelWriter, Commit, CompressParams, Loader, MigrationHandle, Params,
     Source,
 };
 use livemig::memory::{GuestMemory, ProcessMemory};
@@ -412,6 +412,9 @@ pub fn save(a: SaveArgs) -> Result<()> {
     run_source(&uri, &a.opts)
 }
 
+/// A borrowed or owned reader, for the loader's connections.
+type BoxReadRef<'a> = Box<dyn std::io::Read + Send + 'a>;
+
 fn run_dest(uri: &Uri, o: &DestOpts) -> Result<()> {
     let (mem_args, json, quiet) = (&o.mem, o.json, o.quiet);
     let mem = mem_args.map()?;
@@ -424,21 +427,37 @@ fn run_dest(uri: &Uri, o: &DestOpts) -> Result<()> {
     let mut loader = Loader::new(&mem);
     let progress = Progress::counter(loader.progress(), mem.total_bytes(), quiet || json);
     let started = std::time::Instant::now();
+    let mut input = inc.reader;
     // Page channels of a multi-channel migration arrive on the same
     // listener after the main connection.
-    let result = loader.load_channels(inc.reader, || {
+    let result = loader.load_channels(Box::new(&mut input) as BoxReadRef<'_>, || {
         listener
             .accept()
-            .map(|i| i.reader)
+            .map(|i| Box::new(i.reader) as BoxReadRef<'_>)
             .map_err(std::io::Error::other)
     });
     drop(progress);
-    if let Some(mut ack) = inc.ack {
-        let msg = result.as_ref().map(|_| ()).map_err(|e| e.to_string());
-        // The source may be gone already; its own error says why.
-        let _ = write_ack(&mut ack, msg.as_ref().map(|_| ()).map_err(String::as_str));
-    }
-    let out = result.with_context(|| format!("loading from {uri}"))?;
+    let commit = match inc.ack {
+        Some(w) => Commit::new(input, w),
+        None => Commit::none(),
+    };
+    let result = match result {
+        Err(e) => {
+            commit.fail(&livemig::error_chain(&e));
+            Err(e).with_context(|| format!("loading from {uri}"))
+        }
+        // Memory "starts" (is declared the migrated copy) only on GO.
+        Ok(out) => match commit.wait_go() {
+            Ok(go) => {
+                if let Err(e) = go.started() {
+                    eprintln!("warning: GO received but STARTED did not reach the source ({e}); the source stays paused");
+                }
+                Ok(out)
+            }
+            Err(e) => Err(anyhow::Error::new(e)).with_context(|| format!("migration from {uri}")),
+        },
+    };
+    let out = result?;
     let digest = hex(&memory_digest(&mem));
     let verified = out.digest.is_some();
     if json {

@@ -409,6 +409,7 @@ fn run(a: RunArgs) -> Result<()> {
                     break;
                 }
                 Phase::IncomingFailed(e) => bail!("incoming migration failed: {e}"),
+                Phase::Unconfirmed(e) => eprintln!("{e}"),
                 Phase::AwaitingIncoming => {}
             }
             phase = now;
