@@ -12,7 +12,7 @@ use livemig::engine::{
     Source,
 };
 use livemig::memory::{GuestMemory, ProcessMemory};
-use livemig::transport::{connect, Listener, Uri};
+use livemig::transport::{connect_with_timeout, Listener, Uri};
 use livemig::workload::{direct_writer, fill_random, Pattern, Workload, WorkloadConfig};
 use serde_json::{json, Value};
 
@@ -180,6 +180,23 @@ pub struct WorkloadArgs {
     pub tracker: TrackerArg,
 }
 
+/// How long a connected peer may stay silent.
+#[derive(Args, Clone, Debug)]
+pub struct IoArgs {
+    /// Seconds a connected peer may send (or take) nothing before the
+    /// migration fails with an error naming it (e.g. 60, 2.5).
+    #[arg(long, value_name = "SECS", default_value = "60", value_parser = parse_secs)]
+    pub io_timeout: Duration,
+}
+
+/// Parses a positive number of seconds.
+pub fn parse_secs(s: &str) -> Result<Duration, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() && v <= 86_400.0 => Ok(Duration::from_secs_f64(v)),
+        _ => Err(format!("'{s}' is not a number of seconds in (0, 86400]")),
+    }
+}
+
 /// Everything a source command takes besides where to send.
 #[derive(Args, Debug)]
 pub struct SourceOpts {
@@ -189,6 +206,8 @@ pub struct SourceOpts {
     pub workload: WorkloadArgs,
     #[command(flatten)]
     pub tune: TuneArgs,
+    #[command(flatten)]
+    pub io: IoArgs,
     /// Draw the migration into this SVG file: per sync, dirty pages, pages
     /// sent, throughput, throttle and expected downtime over time.
     #[arg(long, value_name = "FILE.svg")]
@@ -206,6 +225,8 @@ pub struct SourceOpts {
 pub struct DestOpts {
     #[command(flatten)]
     pub mem: MemArgs,
+    #[command(flatten)]
+    pub io: IoArgs,
     /// Print one JSON object of the result on stdout.
     #[arg(long)]
     pub json: bool,
@@ -327,7 +348,7 @@ fn run_source(uri: &Uri, o: &SourceOpts) -> Result<()> {
     if params.channels > 1 && matches!(uri, Uri::File(_)) {
         bail!("a snapshot file is one stream: --channels must be 1");
     }
-    let out = connect(uri)?;
+    let out = connect_with_timeout(uri, o.io.io_timeout)?;
     let handle = MigrationHandle::new(params.clone());
     let progress = Progress::source(handle.clone(), mem.total_bytes(), quiet || json);
     let mut no_vm = livemig::vm::NoVm;
@@ -338,7 +359,9 @@ fn run_source(uri: &Uri, o: &SourceOpts) -> Result<()> {
     };
     let mut ack = out.ack;
     let mut open = |_: u16| -> std::io::Result<ChannelWriter> {
-        Ok(connect(uri).map_err(std::io::Error::other)?.writer)
+        Ok(connect_with_timeout(uri, o.io.io_timeout)
+            .map_err(std::io::Error::other)?
+            .writer)
     };
     let result = Source::new(&mem, &mut tracker, vm, handle.clone()).run_with_channels(
         out.writer,
@@ -423,7 +446,7 @@ fn run_dest(uri: &Uri, o: &DestOpts) -> Result<()> {
         // On stderr even with --json: scripts wait for this line.
         eprintln!("waiting for a migration on {}", listener.local_uri());
     }
-    let inc = listener.accept()?;
+    let inc = listener.accept_with_timeout(o.io.io_timeout)?;
     let mut loader = Loader::new(&mem);
     let progress = Progress::counter(loader.progress(), mem.total_bytes(), quiet || json);
     let started = std::time::Instant::now();
@@ -432,7 +455,7 @@ fn run_dest(uri: &Uri, o: &DestOpts) -> Result<()> {
     // listener after the main connection.
     let result = loader.load_channels(Box::new(&mut input) as BoxReadRef<'_>, || {
         listener
-            .accept()
+            .accept_with_timeout(o.io.io_timeout)
             .map(|i| Box::new(i.reader) as BoxReadRef<'_>)
             .map_err(std::io::Error::other)
     });

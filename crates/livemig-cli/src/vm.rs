@@ -10,13 +10,13 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use livemig::engine::{hex, memory_digest, MigrationHandle, MigrationStats};
-use livemig::transport::{connect, Listener, Uri};
+use livemig::transport::{connect_with_timeout, Listener, Uri};
 use minivm::guest::{test_guest_bytes, MAX_VCPUS};
 use minivm::migrate::{migrate_in, migrate_out};
 use minivm::{GuestImage, GuestStatus, TestGuestConfig, TrackerKind, Vm, VmConfig};
 use serde_json::{json, Value};
 
-use crate::process::TuneArgs;
+use crate::process::{IoArgs, TuneArgs};
 use crate::report::{succeeded, summary, Progress};
 use crate::units::{human, parse_mem_size, parse_size};
 
@@ -149,6 +149,8 @@ pub struct VmMigrateArgs {
     pub tune: TuneArgs,
     #[command(flatten)]
     pub converge: ConvergeArgs,
+    #[command(flatten)]
+    pub io: IoArgs,
     /// Print one JSON object of the final stats on stdout.
     #[arg(long)]
     pub json: bool,
@@ -170,6 +172,8 @@ pub struct VmIncomingArgs {
     /// on the source (the rate travels in the VM state).
     #[arg(long, value_parser = parse_size)]
     pub rate: Option<u64>,
+    #[command(flatten)]
+    pub io: IoArgs,
     /// Seconds the guest runs after it resumes (0 = until interrupted).
     #[arg(long, default_value_t = 0.0)]
     pub seconds: f64,
@@ -363,6 +367,7 @@ fn migrate_source(
     converge: &ConvergeArgs,
     quiet: bool,
     say: bool,
+    io_timeout: Duration,
 ) -> Result<SourceOutcome> {
     let mut params = tune.params()?;
     params.dirty_limit = converge.dirty_limit.unwrap_or(0);
@@ -378,7 +383,7 @@ fn migrate_source(
             if params.verify { "on" } else { "off" }
         );
     }
-    let out = connect(uri)?;
+    let out = connect_with_timeout(uri, io_timeout)?;
     let acked = out.ack.is_some();
     let handle = MigrationHandle::new(params.clone());
     let before = src.vm.guest_status();
@@ -503,7 +508,15 @@ pub fn vm_migrate(a: VmMigrateArgs) -> Result<()> {
     a.converge.check(&a.guest)?;
     let src = start_source(&a.layout, &a.guest, say)?;
     warm_up(&src, a.guest.warmup, say)?;
-    let o = migrate_source(&src, &uri, &a.tune, &a.converge, a.quiet || a.json, say)?;
+    let o = migrate_source(
+        &src,
+        &uri,
+        &a.tune,
+        &a.converge,
+        a.quiet || a.json,
+        say,
+        a.io.io_timeout,
+    )?;
     if a.json {
         let mut v = source_json(&o, &src, &uri)?;
         v["role"] = json!("source");
@@ -568,7 +581,7 @@ pub fn vm_incoming(a: VmIncomingArgs) -> Result<()> {
             listener.local_uri()
         );
     }
-    let inc = listener.accept()?;
+    let inc = listener.accept_with_timeout(a.io.io_timeout)?;
     let t0 = Instant::now();
     let mut ack = inc.ack;
     let (vm, loaded) = migrate_in(
@@ -776,7 +789,15 @@ pub fn demo(a: DemoArgs) -> Result<()> {
         );
     }
     warm_up(&src, a.guest.warmup, say)?;
-    let o = migrate_source(&src, &uri, &a.tune, &a.converge, a.quiet || a.json, say)?;
+    let o = migrate_source(
+        &src,
+        &uri,
+        &a.tune,
+        &a.converge,
+        a.quiet || a.json,
+        say,
+        livemig::transport::IO_TIMEOUT,
+    )?;
     if say {
         print_source(&o);
     }

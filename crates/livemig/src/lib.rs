@@ -53,6 +53,7 @@ pub mod compress;
 pub mod control;
 pub mod dirty;
 pub mod engine;
+pub mod fault_proxy;
 pub mod memory;
 pub mod page_cache;
 pub mod stream;

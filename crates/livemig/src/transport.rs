@@ -135,20 +135,95 @@ impl Socket for UnixStream {
     }
 }
 
-/// Configures a connected socket and splits it into (stream, return path).
-fn split<S: Socket>(s: S, uri: &Uri) -> Result<(S, S), TransportError> {
-    s.set_timeouts(IO_TIMEOUT)
-        .map_err(io_err("configure", uri))?;
+/// Configures a connected socket and splits it into (stream, return path),
+/// each failing with an error that names `peer` and the timeout when the
+/// peer stays silent (or stops reading) for `timeout`.
+fn split<S: Socket>(
+    s: S,
+    uri: &Uri,
+    peer: String,
+    timeout: Duration,
+) -> Result<(Timed<S>, Timed<S>), TransportError> {
+    s.set_timeouts(timeout).map_err(io_err("configure", uri))?;
     let other = s
         .try_clone_socket()
         .map_err(io_err("clone socket of", uri))?;
-    Ok((s, other))
+    let timed = |s| Timed {
+        s,
+        peer: peer.clone(),
+        timeout,
+    };
+    Ok((timed(s), timed(other)))
 }
 
-/// Connects to a destination (or creates the snapshot file).
+/// A socket whose timeouts say who was silent and for how long.
+struct Timed<S> {
+    s: S,
+    peer: String,
+    timeout: Duration,
+}
+
+impl<S> Timed<S> {
+    fn explain(&self, e: io::Error, what: &str) -> io::Error {
+        if matches!(
+            e.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+        ) {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "{} {what} for {} s (I/O timeout)",
+                    self.peer,
+                    fmt_secs(self.timeout)
+                ),
+            )
+        } else {
+            e
+        }
+    }
+}
+
+fn fmt_secs(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if s.fract() == 0.0 {
+        format!("{s:.0}")
+    } else {
+        format!("{s:.1}")
+    }
+}
+
+impl<S: Read> Read for Timed<S> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.s
+            .read(buf)
+            .map_err(|e| self.explain(e, "sent nothing"))
+    }
+}
+
+impl<S: Write> Write for Timed<S> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.s
+            .write(buf)
+            .map_err(|e| self.explain(e, "took no data"))
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.s.flush().map_err(|e| self.explain(e, "took no data"))
+    }
+}
+
+/// Connects to a destination (or creates the snapshot file), with the
+/// default [`IO_TIMEOUT`].
 pub fn connect(uri: &Uri) -> Result<Outgoing, TransportError> {
-    fn out<S: Socket>(s: S, uri: &Uri) -> Result<Outgoing, TransportError> {
-        let (w, r) = split(s, uri)?;
+    connect_with_timeout(uri, IO_TIMEOUT)
+}
+
+/// Connects to a destination (or creates the snapshot file); on a socket,
+/// any read or write that makes no progress for `io_timeout` fails with
+/// an error naming the peer and the timeout.
+pub fn connect_with_timeout(uri: &Uri, io_timeout: Duration) -> Result<Outgoing, TransportError> {
+    fn out<S: Socket>(s: S, uri: &Uri, timeout: Duration) -> Result<Outgoing, TransportError> {
+        let peer = format!("the destination at {uri}");
+        let (w, r) = split(s, uri, peer, timeout)?;
         Ok(Outgoing {
             writer: Box::new(w),
             ack: Some(Box::new(r)),
@@ -158,30 +233,39 @@ pub fn connect(uri: &Uri) -> Result<Outgoing, TransportError> {
         Uri::Tcp(addr) => out(
             TcpStream::connect(addr).map_err(io_err("connect to", uri))?,
             uri,
+            io_timeout,
         ),
         Uri::Unix(path) => out(
             UnixStream::connect(path).map_err(io_err("connect to", uri))?,
             uri,
+            io_timeout,
         ),
         Uri::File(path) => {
             let f = File::create(path).map_err(io_err("create", uri))?;
             Ok(Outgoing {
-                writer: Box::new(SyncOnFlush(f)),
+                writer: Box::new(SyncOnFlush(f, path.clone())),
                 ack: None,
             })
         }
     }
 }
 
-/// A file whose flush also syncs to disk, so "saved" means on disk.
-struct SyncOnFlush(File);
+/// A file whose flush also syncs to disk, so "saved" means on disk; its
+/// errors name the file (e.g. a full disk).
+struct SyncOnFlush(File, PathBuf);
+
+impl SyncOnFlush {
+    fn named(&self, e: io::Error) -> io::Error {
+        io::Error::new(e.kind(), format!("writing {}: {e}", self.1.display()))
+    }
+}
 
 impl Write for SyncOnFlush {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.write(buf)
+        self.0.write(buf).map_err(|e| self.named(e))
     }
     fn flush(&mut self) -> io::Result<()> {
-        self.0.flush()
+        self.0.flush().map_err(|e| self.named(e))
     }
 }
 
@@ -241,18 +325,38 @@ impl Listener {
         }
     }
 
-    /// Waits for the source (or opens the file).
+    /// Waits for the source (or opens the file), with the default
+    /// [`IO_TIMEOUT`].
     pub fn accept(&self) -> Result<Incoming, TransportError> {
-        fn inc<S: Socket>(s: S, uri: &Uri) -> Result<Incoming, TransportError> {
-            let (r, w) = split(s, uri)?;
+        self.accept_with_timeout(IO_TIMEOUT)
+    }
+
+    /// Waits for the source (or opens the file). Once connected, a source
+    /// that sends nothing (or reads nothing) for `io_timeout` fails the
+    /// read or write with an error naming it and the timeout. The wait for
+    /// the connection itself is not bounded.
+    pub fn accept_with_timeout(&self, io_timeout: Duration) -> Result<Incoming, TransportError> {
+        fn inc<S: Socket>(
+            s: S,
+            uri: &Uri,
+            peer: String,
+            timeout: Duration,
+        ) -> Result<Incoming, TransportError> {
+            let (r, w) = split(s, uri, peer, timeout)?;
             Ok(Incoming {
                 reader: Box::new(r),
                 ack: Some(Box::new(w)),
             })
         }
         match self {
-            Listener::Tcp(l, uri) => inc(l.accept().map_err(io_err("accept on", uri))?.0, uri),
-            Listener::Unix(l, uri, _) => inc(l.accept().map_err(io_err("accept on", uri))?.0, uri),
+            Listener::Tcp(l, uri) => {
+                let (s, addr) = l.accept().map_err(io_err("accept on", uri))?;
+                inc(s, uri, format!("the source at tcp:{addr}"), io_timeout)
+            }
+            Listener::Unix(l, uri, _) => {
+                let s = l.accept().map_err(io_err("accept on", uri))?.0;
+                inc(s, uri, format!("the source on {uri}"), io_timeout)
+            }
             Listener::File(uri, path) => Ok(Incoming {
                 reader: Box::new(File::open(path).map_err(io_err("open", uri))?),
                 ack: None,
@@ -400,6 +504,34 @@ mod tests {
         let uri: Uri = "file:/nonexistent/dir/snap".parse().unwrap();
         let e = Listener::bind(&uri).err().expect("must fail");
         assert!(e.to_string().contains("file:/nonexistent/dir/snap"), "{e}");
+    }
+
+    #[test]
+    fn silent_peer_times_out_naming_it() {
+        let l = Listener::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
+        let uri = l.local_uri();
+        // A source that connects and sends nothing.
+        let out = connect(&uri).unwrap();
+        let mut inc = l.accept_with_timeout(Duration::from_millis(300)).unwrap();
+        let mut b = [0u8; 1];
+        let e = inc.reader.read(&mut b).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        let text = e.to_string();
+        assert!(text.starts_with("the source at tcp:127.0.0.1:"), "{text}");
+        assert!(
+            text.contains("sent nothing for 0.3 s (I/O timeout)"),
+            "{text}"
+        );
+        drop(out);
+        // A destination that never answers.
+        let out = connect_with_timeout(&uri, Duration::from_secs(1)).unwrap();
+        let _inc = l.accept().unwrap();
+        let mut ack = out.ack.unwrap();
+        let e = ack.read(&mut b).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("the destination at {uri} sent nothing for 1 s (I/O timeout)")
+        );
     }
 
     #[test]

@@ -10,7 +10,10 @@ mod params;
 mod source;
 mod stats;
 
-pub use ack::{read_go, read_reply, write_go, write_reply, Commit, CommitError, Go, Reply};
+pub use ack::{
+    read_go, read_reply, write_go, write_reply, Commit, CommitError, Go, Reply, GO_LEN,
+    REPLY_HEAD_LEN,
+};
 pub use channels::ChannelWriter;
 pub use dest::{LoadError, LoadOutcome, LoadStats, Loader};
 pub use digest::{hex, memory_digest};
