@@ -163,10 +163,17 @@ impl Link {
         Ok(())
     }
 
+    /// Ends the connection both ways. `has_cut` reports only the fault's
+    /// own cuts, not a peer that died.
     fn cut(&self) {
-        self.counters.cut.store(true, Ordering::SeqCst);
         let _ = self.client.shutdown(Shutdown::Both);
         let _ = self.up.shutdown(Shutdown::Both);
+    }
+
+    /// The fault cuts the connection.
+    fn fire(&self) {
+        self.counters.cut.store(true, Ordering::SeqCst);
+        self.cut();
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HandshakeState> {
@@ -179,8 +186,10 @@ impl Link {
         let (mut from, mut to) = (&self.client, &self.up);
         loop {
             let n = match from.read(&mut buf) {
-                Ok(0) | Err(_) => break,
+                Ok(0) => break,
                 Ok(n) => n,
+                // A reset (a dead peer) is passed on as one.
+                Err(_) => return self.cut(),
             };
             let mut chunk = &buf[..n];
             let mut cut_after = false;
@@ -199,7 +208,7 @@ impl Link {
                     // whole stream: what the source sends now is GO.
                     Fault::CutAfterLoaded if st.loaded_passed => {
                         drop(st);
-                        self.cut();
+                        self.fire();
                         break;
                     }
                     Fault::CutAfterGo if st.loaded_passed => {
@@ -216,13 +225,13 @@ impl Link {
                 }
             }
             if to.write_all(chunk).is_err() {
-                break;
+                return self.cut();
             }
             self.counters
                 .forward
                 .fetch_add(chunk.len() as u64, Ordering::SeqCst);
             if cut_after {
-                self.cut();
+                self.fire();
                 break;
             }
         }
@@ -235,8 +244,9 @@ impl Link {
         let (mut from, mut to) = (&self.up, &self.client);
         loop {
             let n = match from.read(&mut buf) {
-                Ok(0) | Err(_) => break,
+                Ok(0) => break,
                 Ok(n) => n,
+                Err(_) => return self.cut(),
             };
             let chunk = &buf[..n];
             {
@@ -245,12 +255,12 @@ impl Link {
                 match self.fault {
                     Fault::CutBeforeReply => {
                         drop(st);
-                        self.cut();
+                        self.fire();
                         break;
                     }
                     Fault::CutAfterGo if st.swallow_back => {
                         drop(st);
-                        self.cut();
+                        self.fire();
                         break;
                     }
                     Fault::CutAfterLoaded | Fault::CutAfterGo
@@ -264,7 +274,7 @@ impl Link {
                 }
             }
             if to.write_all(chunk).is_err() {
-                break;
+                return self.cut();
             }
             self.counters.back.fetch_add(n as u64, Ordering::SeqCst);
         }

@@ -166,13 +166,13 @@ pub(crate) fn source_handshake(
         Ok(Reply::Failed(m)) => return Err(MigrationError::Destination(m)),
         Ok(other) => {
             return Err(MigrationError::Ack(format!(
-                "the destination replied {} before LOADED; it was not told to start",
+                "the destination replied {} before LOADED; it was not told to start, the guest runs on here",
                 other.name()
             )))
         }
         Err(e) => {
             return Err(MigrationError::Ack(format!(
-                "no LOADED reply from the destination ({e}); it was not told to start"
+                "no LOADED reply from the destination ({e}); it was not told to start, the guest runs on here"
             )))
         }
     }
@@ -183,7 +183,7 @@ pub(crate) fn source_handshake(
     // destination can never see a whole GO: resuming here is safe.
     write_go(go).map_err(|e| {
         MigrationError::Ack(format!(
-            "sending GO failed ({e}); the destination never got it and will not start"
+            "sending GO failed ({e}); the destination never got it and will not start, the guest runs on here"
         ))
     })?;
     *sent_go = true;
