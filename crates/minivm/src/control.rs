@@ -11,13 +11,17 @@
 //!   migration the VM stays paused for good (the guest lives on at the
 //!   destination; `query-migrate` says `completed`) and refuses further
 //!   migrations; after a failure or a cancel the guest runs on and a new
-//!   `migrate` may start at once.
+//!   `migrate` may start at once — except when GO went out and STARTED
+//!   never came back ([`Phase::Unconfirmed`]): the VM stays paused until
+//!   an operator who knows the destination is not running the guest sends
+//!   `cont`.
 //! - **Incoming** (`migrate-incoming`): the VM must have been created for
 //!   it — [`GuestImage::Incoming`], paused — as `minivm run --incoming
 //!   --control PATH` does. The URI is bound when the command runs (so a
 //!   bad or busy address is an error answer); a thread accepts one
-//!   migration, loads RAM and vCPU/device state into this VM, acknowledges
-//!   and resumes the guest. A VM whose load failed never runs and takes no
+//!   migration, loads RAM and vCPU/device state into this VM, replies
+//!   LOADED and resumes the guest only on the source's GO (see
+//!   `livemig::engine::Commit`). A VM whose load failed never runs and takes no
 //!   second stream. Such a VM, once it runs, can be migrated out again.
 //! - **Cancel**: the engine checks the cancel flag between pages; where it
 //!   would wait on the transport instead (a destination that stops reading
@@ -222,7 +226,11 @@ impl ControlledVm {
     pub fn resume_unconfirmed(&self) -> Result<(), String> {
         let mut st = lock(&self.inner.st);
         if !matches!(st.phase, Phase::Unconfirmed(_)) {
-            return Err(format!("resume_unconfirmed in phase {:?}", st.phase));
+            return Err(
+                "cont resumes only a guest left paused by an unconfirmed migration \
+                 (GO sent, STARTED never came)"
+                    .into(),
+            );
         }
         self.inner.vm.resume();
         st.phase = Phase::Running;
@@ -373,7 +381,11 @@ impl MigrationStarter for ControlledVm {
                     "the incoming migration failed ({e}): no guest here"
                 ))
             }
-            Phase::Unconfirmed(e) => return Err(format!("{e}; this VM stays paused")),
+            Phase::Unconfirmed(e) => {
+                return Err(format!(
+                    "{e}; send 'cont' first if the destination is not running the guest"
+                ))
+            }
         };
         let this = self.clone();
         let (u, h) = (uri.clone(), handle.clone());
@@ -385,6 +397,12 @@ impl MigrationStarter for ControlledVm {
         st.worker = Some(worker);
         st.outgoing = Some(handle);
         Ok(())
+    }
+
+    fn resume_unconfirmed(&mut self) -> Result<(), String> {
+        let st = self.settle(lock(&self.inner.st));
+        drop(st);
+        ControlledVm::resume_unconfirmed(self)
     }
 
     fn start_incoming(&mut self, uri: &Uri) -> Result<(), String> {

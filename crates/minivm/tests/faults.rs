@@ -282,3 +282,66 @@ fn snapshot_to_a_full_disk_keeps_the_guest_running() {
     std::fs::remove_file(&path).unwrap();
     retry_succeeds(&src);
 }
+
+/// Sends one request line; the answer's "return" as text, or its error.
+fn exec(c: &mut livemig::control::ControlClient, line: &str) -> Result<String, String> {
+    let v = c.raw(format!("{line}\n").as_bytes()).unwrap();
+    match v.get("error") {
+        Some(e) => Err(e["desc"].as_str().unwrap_or("?").to_string()),
+        None => Ok(v["return"].to_string()),
+    }
+}
+
+#[test]
+fn unconfirmed_source_stays_paused_until_cont() {
+    use livemig::control::ControlClient;
+    use minivm::control::{ControlledVm, Phase};
+    if !common::kvm_available("unconfirmed_source_stays_paused_until_cont") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let vm = ControlledVm::new(source(), TrackerKind::Auto);
+    let sock = dir.path().join("src.sock");
+    let _server = vm.serve(&sock, Params::default()).unwrap();
+    let mut c = ControlClient::connect(&sock).unwrap();
+    // Nothing to resume while the guest runs.
+    let e = exec(&mut c, r#"{"execute":"cont"}"#).unwrap_err();
+    assert!(e.contains("unconfirmed migration"), "{e}");
+
+    let (uri, dest) = destination();
+    let up = match &uri {
+        Uri::Tcp(a) => a.parse().unwrap(),
+        _ => unreachable!(),
+    };
+    let proxy = FaultProxy::start(up, Fault::CutAfterLoaded).unwrap();
+    let line = format!(
+        r#"{{"execute":"migrate","arguments":{{"uri":"{}"}}}}"#,
+        proxy.uri()
+    );
+    exec(&mut c, &line).unwrap();
+    let phase = vm
+        .wait_for(
+            |p| matches!(p, Phase::Unconfirmed(_)),
+            Duration::from_secs(60),
+        )
+        .expect("the migration ends unconfirmed");
+    let Phase::Unconfirmed(why) = phase else {
+        unreachable!()
+    };
+    assert!(why.contains("stays paused"), "{why}");
+    assert!(
+        dest.join().unwrap().is_err(),
+        "no GO: the destination discards"
+    );
+    assert_frozen(vm.vm(), "unconfirmed source");
+    let status = exec(&mut c, r#"{"execute":"query-migrate"}"#).unwrap();
+    assert!(status.contains(r#""status":"failed""#), "{status}");
+    // A new migration is refused until the operator decides.
+    let e = exec(&mut c, &line).unwrap_err();
+    assert!(e.contains("send 'cont' first"), "{e}");
+    exec(&mut c, r#"{"execute":"cont"}"#).unwrap();
+    assert_eq!(vm.phase(), Phase::Running);
+    assert_runs(vm.vm(), "source after cont");
+    drop(proxy);
+    retry_succeeds(vm.vm());
+}
