@@ -133,7 +133,7 @@ fn cut_before_go(fault: Fault, dest_says: &[&str]) {
         !matches!(e, MigrateError::Migration(MigrationError::Unconfirmed(_))),
         "{fault:?}: no GO went out, so the source must not wait: {text}"
     );
-    let derr = dest.join().unwrap().err().expect("the destination fails");
+    let derr = dest.join().unwrap().expect_err("the destination fails");
     assert!(
         dest_says.iter().any(|s| derr.contains(s)),
         "{fault:?}: destination error: {derr}"
@@ -200,11 +200,7 @@ fn cut_right_after_loaded() {
     assert!(text.contains("source guest stays paused"), "{text}");
     assert!(text.contains("resume it here only if"), "{text}");
     // GO never arrived: the destination discarded the VM.
-    let derr = dest
-        .join()
-        .unwrap()
-        .err()
-        .expect("no GO at the destination");
+    let derr = dest.join().unwrap().expect_err("no GO at the destination");
     assert!(derr.contains("no GO from the source"), "{derr}");
     assert!(derr.contains("never runs"), "{derr}");
     // Nobody runs the guest; the operator, knowing the destination is
