@@ -455,7 +455,7 @@ fn run_dest(uri: &Uri, o: &DestOpts) -> Result<()> {
     // listener after the main connection.
     let result = loader.load_channels(Box::new(&mut input) as BoxReadRef<'_>, || {
         listener
-            .accept_with_timeout(o.io.io_timeout)
+            .accept_announced(o.io.io_timeout)
             .map(|i| Box::new(i.reader) as BoxReadRef<'_>)
             .map_err(std::io::Error::other)
     });

@@ -272,6 +272,39 @@ fn silent_source_times_out_naming_it() {
 }
 
 #[test]
+fn announced_channels_that_never_come_time_out() {
+    use livemig::stream::format::FLAG_CHANNELS;
+    use livemig::stream::{BlockDesc, StreamWriter};
+    use std::io::Write;
+    let addr = free_addr();
+    let dest = incoming(addr, &["--io-timeout", "1"]);
+    // A main channel announcing two page channels that never connect.
+    let mut bytes = Vec::new();
+    let mut w = StreamWriter::new(&mut bytes, FLAG_CHANNELS);
+    w.channel(0, 2, 7).unwrap();
+    w.block_list(&[BlockDesc {
+        id: "ram0".into(),
+        len: 16 << 20,
+    }])
+    .unwrap();
+    w.section_end(0).unwrap();
+    drop(w);
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(&bytes).unwrap();
+    let (dst, derr) = dest.finish();
+    drop(s);
+    assert!(!dst.status.success());
+    assert!(
+        derr.contains("accepting connection 1 of 2 page channels"),
+        "{derr}"
+    );
+    assert!(
+        derr.contains("no connection for 1 s (I/O timeout)"),
+        "{derr}"
+    );
+}
+
+#[test]
 fn silent_destination_times_out_naming_it() {
     // Accepts, reads the stream, never replies.
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -314,6 +314,37 @@ impl Listener {
         }
     }
 
+    /// As [`Listener::accept_with_timeout`], but a source that has not
+    /// connected within `io_timeout` is an error too: for the extra
+    /// connections a migration announced (page channels), which a broken
+    /// or hostile source might never open.
+    pub fn accept_announced(&self, io_timeout: Duration) -> Result<Incoming, TransportError> {
+        let deadline = std::time::Instant::now() + io_timeout;
+        match self {
+            Listener::Tcp(l, uri) => {
+                let (s, addr) = poll_accept(
+                    || l.accept(),
+                    |on| l.set_nonblocking(on),
+                    uri,
+                    deadline,
+                    io_timeout,
+                )?;
+                incoming_from(s, uri, format!("the source at tcp:{addr}"), io_timeout)
+            }
+            Listener::Unix(l, uri, _) => {
+                let (s, _) = poll_accept(
+                    || l.accept(),
+                    |on| l.set_nonblocking(on),
+                    uri,
+                    deadline,
+                    io_timeout,
+                )?;
+                incoming_from(s, uri, format!("the source on {uri}"), io_timeout)
+            }
+            Listener::File(..) => self.accept_with_timeout(io_timeout),
+        }
+    }
+
     /// The actual address (useful with `tcp:127.0.0.1:0`).
     pub fn local_uri(&self) -> Uri {
         match self {
@@ -336,26 +367,14 @@ impl Listener {
     /// read or write with an error naming it and the timeout. The wait for
     /// the connection itself is not bounded.
     pub fn accept_with_timeout(&self, io_timeout: Duration) -> Result<Incoming, TransportError> {
-        fn inc<S: Socket>(
-            s: S,
-            uri: &Uri,
-            peer: String,
-            timeout: Duration,
-        ) -> Result<Incoming, TransportError> {
-            let (r, w) = split(s, uri, peer, timeout)?;
-            Ok(Incoming {
-                reader: Box::new(r),
-                ack: Some(Box::new(w)),
-            })
-        }
         match self {
             Listener::Tcp(l, uri) => {
                 let (s, addr) = l.accept().map_err(io_err("accept on", uri))?;
-                inc(s, uri, format!("the source at tcp:{addr}"), io_timeout)
+                incoming_from(s, uri, format!("the source at tcp:{addr}"), io_timeout)
             }
             Listener::Unix(l, uri, _) => {
                 let s = l.accept().map_err(io_err("accept on", uri))?.0;
-                inc(s, uri, format!("the source on {uri}"), io_timeout)
+                incoming_from(s, uri, format!("the source on {uri}"), io_timeout)
             }
             Listener::File(uri, path) => Ok(Incoming {
                 reader: Box::new(File::open(path).map_err(io_err("open", uri))?),
@@ -363,6 +382,53 @@ impl Listener {
             }),
         }
     }
+}
+
+/// The destination's end of an accepted socket.
+fn incoming_from<S: Socket>(
+    s: S,
+    uri: &Uri,
+    peer: String,
+    timeout: Duration,
+) -> Result<Incoming, TransportError> {
+    let (r, w) = split(s, uri, peer, timeout)?;
+    Ok(Incoming {
+        reader: Box::new(r),
+        ack: Some(Box::new(w)),
+    })
+}
+
+/// Accepts on a listener switched to non-blocking, polling until
+/// `deadline`; the listener is blocking again afterwards (accepted sockets
+/// are blocking either way).
+fn poll_accept<T>(
+    accept: impl Fn() -> io::Result<T>,
+    nonblocking: impl Fn(bool) -> io::Result<()>,
+    uri: &Uri,
+    deadline: std::time::Instant,
+    timeout: Duration,
+) -> Result<T, TransportError> {
+    nonblocking(true).map_err(io_err("configure", uri))?;
+    let r = loop {
+        match accept() {
+            Ok(t) => break Ok(t),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => break Err(io_err("accept on", uri)(e)),
+        }
+        if std::time::Instant::now() >= deadline {
+            break Err(TransportError::Io {
+                op: "accept on",
+                uri: uri.to_string(),
+                source: io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no connection for {} s (I/O timeout)", fmt_secs(timeout)),
+                ),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let _ = nonblocking(false);
+    r
 }
 
 impl Drop for Listener {
@@ -532,6 +598,30 @@ mod tests {
             e.to_string(),
             format!("the destination at {uri} sent nothing for 1 s (I/O timeout)")
         );
+    }
+
+    #[test]
+    fn announced_connection_that_never_comes_times_out() {
+        let l = Listener::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
+        let e = l
+            .accept_announced(Duration::from_millis(200))
+            .err()
+            .expect("nobody connects");
+        let text = e.to_string();
+        assert!(text.starts_with("accept on tcp:127.0.0.1:"), "{text}");
+        assert!(
+            text.ends_with("no connection for 0.2 s (I/O timeout)"),
+            "{text}"
+        );
+        // One that does come is served, and the listener still blocks.
+        let uri = l.local_uri();
+        let t = std::thread::spawn(move || connect(&uri).unwrap());
+        let mut inc = l.accept_announced(Duration::from_secs(20)).unwrap();
+        let mut out = t.join().unwrap();
+        out.writer.write_all(b"x").unwrap();
+        let mut b = [0u8; 1];
+        inc.reader.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"x");
     }
 
     #[test]
