@@ -412,6 +412,9 @@ fn run_source(uri: &Uri, o: &SourceOpts) -> Result<()> {
             }
         }
     }
+    if let Err(e @ livemig::engine::MigrationError::Unconfirmed(_)) = result {
+        bail!("{e}{}", crate::vm::UNCONFIRMED_HINT);
+    }
     result?;
     if !succeeded(&stats) {
         bail!("migration ended with status {:?}", stats.status);

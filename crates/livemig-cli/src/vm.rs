@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use livemig::engine::{hex, memory_digest, MigrationHandle, MigrationStats};
+use livemig::engine::{hex, memory_digest, MigrationError, MigrationHandle, MigrationStats};
 use livemig::transport::{connect_with_timeout, Listener, Uri};
 use minivm::guest::{test_guest_bytes, MAX_VCPUS};
 use minivm::migrate::{migrate_in, migrate_out};
@@ -21,6 +21,11 @@ use crate::report::{succeeded, summary, Progress};
 use crate::units::{human, parse_mem_size, parse_size};
 
 const TWO_MIB: u64 = 2 << 20;
+
+/// What a one-shot command adds to an unconfirmed completion.
+pub(crate) const UNCONFIRMED_HINT: &str = ". This command exits now and its paused copy \
+     ends with it: if the destination is not running the guest, the guest is lost. A VM kept \
+     under `minivm run --control` stays paused instead, for `livemig control SOCKET cont`";
 const MIB: f64 = (1u64 << 20) as f64;
 
 fn parse_vm_mem(s: &str) -> Result<u64, String> {
@@ -463,7 +468,17 @@ fn migrate_source(
     // is the guest's memory at the switch-over.
     let digest = (ok && params.verify).then(|| hex(&memory_digest(&*src.vm.memory())));
     Ok(SourceOutcome {
-        error: result.err().map(|e| format!("{e:#}")),
+        error: result.err().map(|e| {
+            let unconfirmed = matches!(
+                e,
+                minivm::migrate::MigrateError::Migration(MigrationError::Unconfirmed(_))
+            );
+            let mut text = format!("{e:#}");
+            if unconfirmed {
+                text.push_str(UNCONFIRMED_HINT);
+            }
+            text
+        }),
         stats,
         tracked_rate: (at_stop.pages_written() - before.pages_written()) as f64 * 4096.0
             / secs.max(1e-3),
