@@ -175,6 +175,7 @@ fn cut_after_loaded_leaves_neither_running() {
     assert!(!src.status.success());
     assert!(serr.contains("GO sent"), "{serr}");
     assert!(serr.contains("source guest stays paused"), "{serr}");
+    assert!(serr.contains("This command exits now"), "{serr}");
     assert!(
         !dst.status.success(),
         "no GO: the destination must not take over"
