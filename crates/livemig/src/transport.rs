@@ -449,6 +449,15 @@ pub struct PipeReader {
     rx: Receiver<Vec<u8>>,
     cur: Vec<u8>,
     pos: usize,
+    timeout: Option<Duration>,
+}
+
+impl PipeReader {
+    /// Like a socket's read timeout: a read that gets nothing for `t`
+    /// fails with `TimedOut` (`None`: wait forever, the default).
+    pub fn set_read_timeout(&mut self, t: Option<Duration>) {
+        self.timeout = t;
+    }
 }
 
 /// An in-memory, bounded, one-way byte pipe between two threads. Dropping
@@ -462,6 +471,7 @@ pub fn pipe() -> (PipeWriter, PipeReader) {
             rx,
             cur: Vec::new(),
             pos: 0,
+            timeout: None,
         },
     )
 }
@@ -490,13 +500,27 @@ impl PipeWriter {
 
 impl Read for PipeReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use std::sync::mpsc::RecvTimeoutError;
         while self.pos == self.cur.len() {
-            match self.rx.recv() {
+            let got = match self.timeout {
+                None => self.rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+                Some(t) => self.rx.recv_timeout(t),
+            };
+            match got {
                 Ok(v) => {
                     self.cur = v;
                     self.pos = 0;
                 }
-                Err(_) => return Ok(0),
+                Err(RecvTimeoutError::Disconnected) => return Ok(0),
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!(
+                            "pipe: nothing for {} s",
+                            fmt_secs(self.timeout.unwrap_or_default())
+                        ),
+                    ))
+                }
             }
         }
         let n = buf.len().min(self.cur.len() - self.pos);

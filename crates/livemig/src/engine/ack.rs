@@ -451,6 +451,20 @@ mod tests {
     }
 
     #[test]
+    fn destination_waits_for_go_only_as_long_as_the_transport_allows() {
+        // The source neither sends GO nor closes: the read timeout ends it.
+        let (_go_w, mut go_r) = pipe();
+        go_r.set_read_timeout(Some(std::time::Duration::from_millis(100)));
+        let (back_w, _back_r) = pipe();
+        let e = Commit::new(go_r, back_w)
+            .wait_go()
+            .err()
+            .expect("times out");
+        assert!(matches!(e, CommitError::NoGo(_)), "{e}");
+        assert!(e.to_string().contains("nothing for 0.1 s"), "{e}");
+    }
+
+    #[test]
     fn destination_reports_failure() {
         let (_go_w, go_r) = pipe();
         let (back_w, mut back_r) = pipe();
