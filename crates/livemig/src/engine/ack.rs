@@ -325,6 +325,32 @@ mod tests {
         assert_eq!(long.len(), REPLY_HEAD_LEN + 4096, "text is cut");
     }
 
+    #[test]
+    fn random_replies_never_panic_and_only_valid_ones_pass() {
+        let mut rng = crate::workload::XorShift::new(0xac4);
+        let valid = [
+            reply_bytes(&Reply::Loaded),
+            reply_bytes(&Reply::Started),
+            reply_bytes(&Reply::Failed("x".into())),
+        ];
+        for i in 0..20_000 {
+            // Mutations of valid replies, and plain noise.
+            let mut b = valid[i % 3].clone();
+            if i % 2 == 0 {
+                let at = rng.below(b.len());
+                b[at] ^= rng.byte() | 1;
+            } else {
+                b.resize(rng.below(24), 0);
+                rng.fill(&mut b);
+            }
+            if let Ok(r) = read_reply(&mut &b[..]) {
+                assert_eq!(&b[..8], b"LVMGRP02", "accepted {b:02x?} as {r:?}");
+                assert!(valid.iter().any(|v| v[8] == b[8]));
+            }
+            let _ = read_go(&mut &b[..]);
+        }
+    }
+
     /// Runs the source's handshake against a scripted destination.
     fn source_with(
         replies: &[Reply],

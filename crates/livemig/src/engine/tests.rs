@@ -767,6 +767,8 @@ enum DestScript {
     /// LOADED, then closes before GO arrives (so GO is written into a
     /// closed pipe).
     CloseAfterLoaded,
+    /// LOADED, reads GO, then the user cancels; no STARTED.
+    CancelAfterGo,
 }
 
 /// The source engine against a scripted destination: the last VM call and
@@ -779,6 +781,8 @@ fn handshake_run(
     let (mut t, _log) = SoftwareTracker::new(&src);
     let (w, r) = pipe();
     let (mut aw, mut ar) = pipe();
+    let handle = MigrationHandle::new(Params::default());
+    let h = handle.clone();
     let dest = thread::spawn(move || {
         let dst = ProcessMemory::single(MIB).unwrap();
         let mut r = r;
@@ -798,16 +802,16 @@ fn handshake_run(
                 write_reply(&mut aw, &Reply::Loaded).unwrap();
                 false
             }
+            DestScript::CancelAfterGo => {
+                write_reply(&mut aw, &Reply::Loaded).unwrap();
+                let got = read_go(&mut r).is_ok();
+                h.cancel();
+                got
+            }
         }
     });
     let mut vm = RecordingVm::default();
-    let res = Source::new(
-        &src,
-        &mut t,
-        &mut vm,
-        MigrationHandle::new(Params::default()),
-    )
-    .run(w, Some(&mut ar as &mut dyn Read));
+    let res = Source::new(&src, &mut t, &mut vm, handle).run(w, Some(&mut ar as &mut dyn Read));
     let got_go = dest.join().unwrap();
     (res, vm.calls, got_go)
 }
@@ -857,4 +861,13 @@ fn go_into_a_closed_connection_is_never_a_resume_race() {
         MigrationError::Unconfirmed(_) => assert!(!resumed, "{calls:?}"),
         other => panic!("unexpected {other}"),
     }
+}
+
+#[test]
+fn a_cancel_after_go_does_not_resume_the_source() {
+    let (res, calls, got_go) = handshake_run(DestScript::CancelAfterGo);
+    assert!(got_go);
+    let e = res.unwrap_err();
+    assert!(matches!(e, MigrationError::Unconfirmed(_)), "{e}");
+    assert!(!calls.contains(&"resume".to_string()), "{calls:?}");
 }
