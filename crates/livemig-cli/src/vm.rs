@@ -9,10 +9,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use livemig::engine::{hex, memory_digest, MigrationError, MigrationHandle, MigrationStats};
+use livemig::engine::{
+    hex, memory_digest, Commit, MigrationError, MigrationHandle, MigrationStats,
+};
 use livemig::transport::{connect_with_timeout, Listener, Uri};
 use minivm::guest::{test_guest_bytes, MAX_VCPUS};
-use minivm::migrate::{migrate_in, migrate_out};
+use minivm::migrate::{load_in, migrate_out};
 use minivm::{GuestImage, GuestStatus, TestGuestConfig, TrackerKind, Vm, VmConfig};
 use serde_json::{json, Value};
 
@@ -598,13 +600,24 @@ pub fn vm_incoming(a: VmIncomingArgs) -> Result<()> {
     }
     let inc = listener.accept_with_timeout(a.io.io_timeout)?;
     let t0 = Instant::now();
-    let mut ack = inc.ack;
-    let (vm, loaded) = migrate_in(
-        &a.layout.dest_config(),
-        inc.reader,
-        ack.as_deref_mut().map(|w| w as &mut dyn Write),
-    )
-    .with_context(|| format!("loading the VM from {uri}"))?;
+    // The completion handshake: FAILED, or LOADED and the guest resumes
+    // only on the source's GO, then STARTED.
+    let mut input = inc.reader;
+    let loaded = load_in(&a.layout.dest_config(), &mut input);
+    let commit = match inc.ack {
+        Some(w) => Commit::new(input, w),
+        None => Commit::none(),
+    };
+    let (vm, loaded) = match loaded {
+        Ok(v) => v,
+        Err(e) => {
+            commit.fail(&livemig::error_chain(&e));
+            return Err(e).with_context(|| format!("loading the VM from {uri}"));
+        }
+    };
+    let go = commit
+        .wait_go()
+        .with_context(|| format!("migration from {uri}"))?;
     let load_ms = t0.elapsed().as_millis() as u64;
     let digest = loaded.digest.map(|d| hex(&d));
     let before = vm.guest_status();
@@ -631,6 +644,11 @@ pub fn vm_incoming(a: VmIncomingArgs) -> Result<()> {
     }
     let resumed = Instant::now();
     vm.resume();
+    if let Err(e) = go.started() {
+        eprintln!(
+            "warning: the guest runs here, but STARTED did not reach the source ({e}); it stays paused"
+        );
+    }
     let mut last = before.clone();
     let mut last_t = Instant::now();
     loop {

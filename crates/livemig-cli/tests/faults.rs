@@ -458,3 +458,47 @@ fn vm_destination_killed_source_guest_runs_on() {
     assert_eq!(v["guest"]["self-check"], "passed", "{v}");
     assert_eq!(v["guest"]["failures"], 0, "{v}");
 }
+
+/// `vm-migrate` through a proxy with `fault` into `vm-incoming`.
+fn vm_through(fault: Fault) -> (Output, Output) {
+    let (dest, uri) = vm_incoming();
+    let addr: SocketAddr = uri.strip_prefix("tcp:").unwrap().parse().unwrap();
+    let proxy = FaultProxy::start(addr, fault).unwrap();
+    let src = Command::new(BIN)
+        .args(["vm-migrate", &proxy.uri()])
+        .args(["--mem", "64M", "--vcpus", "1", "--working-set", "16M"])
+        .args(["--rate", "16M", "--warmup", "0.3", "--quiet"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let dst = dest.wait_with_output().unwrap();
+    assert!(proxy.has_cut(), "{fault:?} fired");
+    (src, dst)
+}
+
+#[test]
+fn vm_handshake_cuts_start_the_guest_at_most_once() {
+    if !common::kvm_available("vm_handshake_cuts_start_the_guest_at_most_once") {
+        return;
+    }
+    // LOADED delivered, GO lost: nobody runs the guest, both say why.
+    let (src, dst) = vm_through(Fault::CutAfterLoaded);
+    let (serr, derr) = (stderr(&src), stderr(&dst));
+    assert!(!src.status.success());
+    assert!(serr.contains("source guest stays paused"), "{serr}");
+    assert!(!dst.status.success(), "{derr}");
+    assert!(derr.contains("no GO from the source"), "{derr}");
+    assert!(
+        !derr.contains("resuming the guest"),
+        "it must never run: {derr}"
+    );
+    // GO delivered, STARTED lost: the destination runs the guest, the
+    // source does not.
+    let (src, dst) = vm_through(Fault::CutAfterGo);
+    let (serr, derr) = (stderr(&src), stderr(&dst));
+    assert!(!src.status.success());
+    assert!(serr.contains("may be running it"), "{serr}");
+    assert!(dst.status.success(), "{derr}");
+    assert!(derr.contains("resuming the guest"), "{derr}");
+    assert!(derr.contains("self-check passed (0 failures)"), "{derr}");
+}
