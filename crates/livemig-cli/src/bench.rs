@@ -31,7 +31,7 @@ use clap::{Args, ValueEnum};
 use livemig::compress::{Algorithm, Compressor, Decompressor};
 use livemig::dirty::{DirtyTracker, SoftwareTracker, UffdMode, UffdTracker};
 use livemig::engine::{
-    memory_digest, write_ack, ChannelWriter, CompressParams, LoadStats, Loader, MigrationHandle,
+    memory_digest, ChannelWriter, CompressParams, LoadStats, Loader, MigrationHandle,
     MigrationStats, Params,
 };
 use livemig::memory::{GuestMemory, ProcessMemory, PAGE_SIZE};
@@ -735,15 +735,23 @@ fn migrate_once(
         let dest = s.spawn(|| -> Result<LoadStats> {
             let inc = listener.accept()?;
             let mut loader = Loader::new(dst);
-            let r = loader.load_channels(inc.reader, || {
+            let mut input = inc.reader;
+            let r = loader.load_channels(Box::new(&mut input) as Box<dyn Read + Send + '_>, || {
                 listener
                     .accept()
-                    .map(|i| i.reader)
+                    .map(|i| Box::new(i.reader) as Box<dyn Read + Send + '_>)
                     .map_err(std::io::Error::other)
             });
-            if let Some(mut ack) = inc.ack {
-                let msg = r.as_ref().map(|_| ()).map_err(|e| e.to_string());
-                let _ = write_ack(&mut ack, msg.as_ref().map(|_| ()).map_err(String::as_str));
+            let commit = match inc.ack {
+                Some(w) => livemig::engine::Commit::new(input, w),
+                None => livemig::engine::Commit::none(),
+            };
+            match &r {
+                Ok(_) => {
+                    let go = commit.wait_go().context("destination")?;
+                    let _ = go.started();
+                }
+                Err(e) => commit.fail(&e.to_string()),
             }
             Ok(r.context("destination")?.stats)
         });

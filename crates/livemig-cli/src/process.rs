@@ -8,11 +8,11 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use livemig::dirty::{UffdMode, UffdTracker};
 use livemig::engine::{
-    hex, memory_digest, write_ack, ChannelWriter, CompressParams, Loader, MigrationHandle, Params,
+    hex, memory_digest, ChannelWriter, Commit, CompressParams, Loader, MigrationHandle, Params,
     Source,
 };
 use livemig::memory::{GuestMemory, ProcessMemory};
-use livemig::transport::{connect, Listener, Uri};
+use livemig::transport::{connect_with_timeout, Listener, Uri};
 use livemig::workload::{direct_writer, fill_random, Pattern, Workload, WorkloadConfig};
 use serde_json::{json, Value};
 
@@ -188,6 +188,23 @@ pub struct WorkloadArgs {
     pub tracker: TrackerArg,
 }
 
+/// How long a connected peer may stay silent.
+#[derive(Args, Clone, Debug)]
+pub struct IoArgs {
+    /// Seconds a connected peer may send (or take) nothing before the
+    /// migration fails with an error naming it (e.g. 60, 2.5).
+    #[arg(long, value_name = "SECS", default_value = "60", value_parser = parse_secs)]
+    pub io_timeout: Duration,
+}
+
+/// Parses a positive number of seconds.
+pub fn parse_secs(s: &str) -> Result<Duration, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() && v <= 86_400.0 => Ok(Duration::from_secs_f64(v)),
+        _ => Err(format!("'{s}' is not a number of seconds in (0, 86400]")),
+    }
+}
+
 /// Everything a source command takes besides where to send.
 #[derive(Args, Debug)]
 pub struct SourceOpts {
@@ -197,6 +214,8 @@ pub struct SourceOpts {
     pub workload: WorkloadArgs,
     #[command(flatten)]
     pub tune: TuneArgs,
+    #[command(flatten)]
+    pub io: IoArgs,
     /// Draw the migration into this SVG file: per sync, dirty pages, pages
     /// sent, throughput, throttle and expected downtime over time.
     #[arg(long, value_name = "FILE.svg")]
@@ -214,6 +233,8 @@ pub struct SourceOpts {
 pub struct DestOpts {
     #[command(flatten)]
     pub mem: MemArgs,
+    #[command(flatten)]
+    pub io: IoArgs,
     /// Print one JSON object of the result on stdout.
     #[arg(long)]
     pub json: bool,
@@ -335,7 +356,7 @@ fn run_source(uri: &Uri, o: &SourceOpts) -> Result<()> {
     if params.channels > 1 && matches!(uri, Uri::File(_)) {
         bail!("a snapshot file is one stream: --channels must be 1");
     }
-    let out = connect(uri)?;
+    let out = connect_with_timeout(uri, o.io.io_timeout)?;
     let handle = MigrationHandle::new(params.clone());
     let progress = Progress::source(handle.clone(), mem.total_bytes(), quiet || json);
     let mut no_vm = livemig::vm::NoVm;
@@ -346,7 +367,9 @@ fn run_source(uri: &Uri, o: &SourceOpts) -> Result<()> {
     };
     let mut ack = out.ack;
     let mut open = |_: u16| -> std::io::Result<ChannelWriter> {
-        Ok(connect(uri).map_err(std::io::Error::other)?.writer)
+        Ok(connect_with_timeout(uri, o.io.io_timeout)
+            .map_err(std::io::Error::other)?
+            .writer)
     };
     let result = Source::new(&mem, &mut tracker, vm, handle.clone()).run_with_channels(
         out.writer,
@@ -397,6 +420,9 @@ fn run_source(uri: &Uri, o: &SourceOpts) -> Result<()> {
             }
         }
     }
+    if let Err(e @ livemig::engine::MigrationError::Unconfirmed(_)) = result {
+        bail!("{e}{}", crate::vm::UNCONFIRMED_HINT);
+    }
     result?;
     if !succeeded(&stats) {
         bail!("migration ended with status {:?}", stats.status);
@@ -420,6 +446,9 @@ pub fn save(a: SaveArgs) -> Result<()> {
     run_source(&uri, &a.opts)
 }
 
+/// A borrowed or owned reader, for the loader's connections.
+type BoxReadRef<'a> = Box<dyn std::io::Read + Send + 'a>;
+
 fn run_dest(uri: &Uri, o: &DestOpts) -> Result<()> {
     let (mem_args, json, quiet) = (&o.mem, o.json, o.quiet);
     let mem = mem_args.map()?;
@@ -428,25 +457,41 @@ fn run_dest(uri: &Uri, o: &DestOpts) -> Result<()> {
         // On stderr even with --json: scripts wait for this line.
         eprintln!("waiting for a migration on {}", listener.local_uri());
     }
-    let inc = listener.accept()?;
+    let inc = listener.accept_with_timeout(o.io.io_timeout)?;
     let mut loader = Loader::new(&mem);
     let progress = Progress::counter(loader.progress(), mem.total_bytes(), quiet || json);
     let started = std::time::Instant::now();
+    let mut input = inc.reader;
     // Page channels of a multi-channel migration arrive on the same
     // listener after the main connection.
-    let result = loader.load_channels(inc.reader, || {
+    let result = loader.load_channels(Box::new(&mut input) as BoxReadRef<'_>, || {
         listener
-            .accept()
-            .map(|i| i.reader)
+            .accept_announced(o.io.io_timeout)
+            .map(|i| Box::new(i.reader) as BoxReadRef<'_>)
             .map_err(std::io::Error::other)
     });
     drop(progress);
-    if let Some(mut ack) = inc.ack {
-        let msg = result.as_ref().map(|_| ()).map_err(|e| e.to_string());
-        // The source may be gone already; its own error says why.
-        let _ = write_ack(&mut ack, msg.as_ref().map(|_| ()).map_err(String::as_str));
-    }
-    let out = result.with_context(|| format!("loading from {uri}"))?;
+    let commit = match inc.ack {
+        Some(w) => Commit::new(input, w),
+        None => Commit::none(),
+    };
+    let result = match result {
+        Err(e) => {
+            commit.fail(&livemig::error_chain(&e));
+            Err(e).with_context(|| format!("loading from {uri}"))
+        }
+        // Memory "starts" (is declared the migrated copy) only on GO.
+        Ok(out) => match commit.wait_go() {
+            Ok(go) => {
+                if let Err(e) = go.started() {
+                    eprintln!("warning: GO received but STARTED did not reach the source ({e}); the source stays paused");
+                }
+                Ok(out)
+            }
+            Err(e) => Err(anyhow::Error::new(e)).with_context(|| format!("migration from {uri}")),
+        },
+    };
+    let out = result?;
     let digest = hex(&memory_digest(&mem));
     let verified = out.digest.is_some();
     if json {

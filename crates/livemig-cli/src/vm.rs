@@ -9,18 +9,25 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use livemig::engine::{hex, memory_digest, MigrationHandle, MigrationStats};
-use livemig::transport::{connect, Listener, Uri};
+use livemig::engine::{
+    hex, memory_digest, Commit, MigrationError, MigrationHandle, MigrationStats,
+};
+use livemig::transport::{connect_with_timeout, Listener, Uri};
 use minivm::guest::{test_guest_bytes, MAX_VCPUS};
-use minivm::migrate::{migrate_in, migrate_out};
+use minivm::migrate::{load_in, migrate_out};
 use minivm::{GuestImage, GuestStatus, TestGuestConfig, TrackerKind, Vm, VmConfig};
 use serde_json::{json, Value};
 
-use crate::process::TuneArgs;
+use crate::process::{IoArgs, TuneArgs};
 use crate::report::{succeeded, summary, Progress};
 use crate::units::{human, parse_mem_size, parse_size};
 
 const TWO_MIB: u64 = 2 << 20;
+
+/// What a one-shot command adds to an unconfirmed completion.
+pub(crate) const UNCONFIRMED_HINT: &str = ". This command exits now and its paused copy \
+     ends with it: if the destination is not running the guest, the guest is lost. A VM kept \
+     under `minivm run --control` stays paused instead, for `livemig control SOCKET cont`";
 const MIB: f64 = (1u64 << 20) as f64;
 
 fn parse_vm_mem(s: &str) -> Result<u64, String> {
@@ -149,6 +156,8 @@ pub struct VmMigrateArgs {
     pub tune: TuneArgs,
     #[command(flatten)]
     pub converge: ConvergeArgs,
+    #[command(flatten)]
+    pub io: IoArgs,
     /// Print one JSON object of the final stats on stdout.
     #[arg(long)]
     pub json: bool,
@@ -170,6 +179,8 @@ pub struct VmIncomingArgs {
     /// on the source (the rate travels in the VM state).
     #[arg(long, value_parser = parse_size)]
     pub rate: Option<u64>,
+    #[command(flatten)]
+    pub io: IoArgs,
     /// Seconds the guest runs after it resumes (0 = until interrupted).
     #[arg(long, default_value_t = 0.0)]
     pub seconds: f64,
@@ -363,6 +374,7 @@ fn migrate_source(
     converge: &ConvergeArgs,
     quiet: bool,
     say: bool,
+    io_timeout: Duration,
 ) -> Result<SourceOutcome> {
     let mut params = tune.params()?;
     params.dirty_limit = converge.dirty_limit.unwrap_or(0);
@@ -378,7 +390,7 @@ fn migrate_source(
             if params.verify { "on" } else { "off" }
         );
     }
-    let out = connect(uri)?;
+    let out = connect_with_timeout(uri, io_timeout)?;
     let acked = out.ack.is_some();
     let handle = MigrationHandle::new(params.clone());
     let before = src.vm.guest_status();
@@ -458,7 +470,17 @@ fn migrate_source(
     // is the guest's memory at the switch-over.
     let digest = (ok && params.verify).then(|| hex(&memory_digest(&*src.vm.memory())));
     Ok(SourceOutcome {
-        error: result.err().map(|e| format!("{e:#}")),
+        error: result.err().map(|e| {
+            let unconfirmed = matches!(
+                e,
+                minivm::migrate::MigrateError::Migration(MigrationError::Unconfirmed(_))
+            );
+            let mut text = format!("{e:#}");
+            if unconfirmed {
+                text.push_str(UNCONFIRMED_HINT);
+            }
+            text
+        }),
         stats,
         tracked_rate: (at_stop.pages_written() - before.pages_written()) as f64 * 4096.0
             / secs.max(1e-3),
@@ -503,7 +525,15 @@ pub fn vm_migrate(a: VmMigrateArgs) -> Result<()> {
     a.converge.check(&a.guest)?;
     let src = start_source(&a.layout, &a.guest, say)?;
     warm_up(&src, a.guest.warmup, say)?;
-    let o = migrate_source(&src, &uri, &a.tune, &a.converge, a.quiet || a.json, say)?;
+    let o = migrate_source(
+        &src,
+        &uri,
+        &a.tune,
+        &a.converge,
+        a.quiet || a.json,
+        say,
+        a.io.io_timeout,
+    )?;
     if a.json {
         let mut v = source_json(&o, &src, &uri)?;
         v["role"] = json!("source");
@@ -568,15 +598,26 @@ pub fn vm_incoming(a: VmIncomingArgs) -> Result<()> {
             listener.local_uri()
         );
     }
-    let inc = listener.accept()?;
+    let inc = listener.accept_with_timeout(a.io.io_timeout)?;
     let t0 = Instant::now();
-    let mut ack = inc.ack;
-    let (vm, loaded) = migrate_in(
-        &a.layout.dest_config(),
-        inc.reader,
-        ack.as_deref_mut().map(|w| w as &mut dyn Write),
-    )
-    .with_context(|| format!("loading the VM from {uri}"))?;
+    // The completion handshake: FAILED, or LOADED and the guest resumes
+    // only on the source's GO, then STARTED.
+    let mut input = inc.reader;
+    let loaded = load_in(&a.layout.dest_config(), &mut input);
+    let commit = match inc.ack {
+        Some(w) => Commit::new(input, w),
+        None => Commit::none(),
+    };
+    let (vm, loaded) = match loaded {
+        Ok(v) => v,
+        Err(e) => {
+            commit.fail(&livemig::error_chain(&e));
+            return Err(e).with_context(|| format!("loading the VM from {uri}"));
+        }
+    };
+    let go = commit
+        .wait_go()
+        .with_context(|| format!("migration from {uri}"))?;
     let load_ms = t0.elapsed().as_millis() as u64;
     let digest = loaded.digest.map(|d| hex(&d));
     let before = vm.guest_status();
@@ -603,6 +644,11 @@ pub fn vm_incoming(a: VmIncomingArgs) -> Result<()> {
     }
     let resumed = Instant::now();
     vm.resume();
+    if let Err(e) = go.started() {
+        eprintln!(
+            "warning: the guest runs here, but STARTED did not reach the source ({e}); it stays paused"
+        );
+    }
     let mut last = before.clone();
     let mut last_t = Instant::now();
     loop {
@@ -776,7 +822,15 @@ pub fn demo(a: DemoArgs) -> Result<()> {
         );
     }
     warm_up(&src, a.guest.warmup, say)?;
-    let o = migrate_source(&src, &uri, &a.tune, &a.converge, a.quiet || a.json, say)?;
+    let o = migrate_source(
+        &src,
+        &uri,
+        &a.tune,
+        &a.converge,
+        a.quiet || a.json,
+        say,
+        livemig::transport::IO_TIMEOUT,
+    )?;
     if say {
         print_source(&o);
     }

@@ -17,7 +17,7 @@
 //!
 //! ```no_run
 //! use livemig::dirty::{UffdMode, UffdTracker};
-//! use livemig::engine::{Loader, MigrationHandle, Params, Source};
+//! use livemig::engine::{Commit, Loader, MigrationHandle, Params, Source};
 //! use livemig::memory::{GuestMemory, ProcessMemory};
 //! use livemig::transport::{connect, Listener};
 //! use livemig::workload::{direct_writer, Workload, WorkloadConfig};
@@ -39,9 +39,15 @@
 //!
 //! // Destination (another process): memory laid out by its own configuration.
 //! let memory = ProcessMemory::single(1 << 30)?;
-//! let incoming = Listener::bind(&"tcp:127.0.0.1:4444".parse()?)?.accept()?;
-//! let loaded = Loader::new(&memory).load(incoming.reader)?;
+//! let mut incoming = Listener::bind(&"tcp:127.0.0.1:4444".parse()?)?.accept()?;
+//! let loaded = Loader::new(&memory).load(&mut incoming.reader)?;
 //! println!("{} raw pages", loaded.stats.raw_pages);
+//! // The completion handshake: reply LOADED, and only on the source's GO
+//! // start the guest (a VMM resumes its vCPUs here), then say STARTED.
+//! if let Some(reply) = incoming.ack {
+//!     let go = Commit::new(incoming.reader, reply).wait_go()?;
+//!     go.started()?;
+//! }
 //! # Ok(())
 //! # }
 //! ```
@@ -53,6 +59,7 @@ pub mod compress;
 pub mod control;
 pub mod dirty;
 pub mod engine;
+pub mod fault_proxy;
 pub mod memory;
 pub mod page_cache;
 pub mod stream;

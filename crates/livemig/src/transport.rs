@@ -135,20 +135,95 @@ impl Socket for UnixStream {
     }
 }
 
-/// Configures a connected socket and splits it into (stream, return path).
-fn split<S: Socket>(s: S, uri: &Uri) -> Result<(S, S), TransportError> {
-    s.set_timeouts(IO_TIMEOUT)
-        .map_err(io_err("configure", uri))?;
+/// Configures a connected socket and splits it into (stream, return path),
+/// each failing with an error that names `peer` and the timeout when the
+/// peer stays silent (or stops reading) for `timeout`.
+fn split<S: Socket>(
+    s: S,
+    uri: &Uri,
+    peer: String,
+    timeout: Duration,
+) -> Result<(Timed<S>, Timed<S>), TransportError> {
+    s.set_timeouts(timeout).map_err(io_err("configure", uri))?;
     let other = s
         .try_clone_socket()
         .map_err(io_err("clone socket of", uri))?;
-    Ok((s, other))
+    let timed = |s| Timed {
+        s,
+        peer: peer.clone(),
+        timeout,
+    };
+    Ok((timed(s), timed(other)))
 }
 
-/// Connects to a destination (or creates the snapshot file).
+/// A socket whose timeouts say who was silent and for how long.
+struct Timed<S> {
+    s: S,
+    peer: String,
+    timeout: Duration,
+}
+
+impl<S> Timed<S> {
+    fn explain(&self, e: io::Error, what: &str) -> io::Error {
+        if matches!(
+            e.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+        ) {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "{} {what} for {} s (I/O timeout)",
+                    self.peer,
+                    fmt_secs(self.timeout)
+                ),
+            )
+        } else {
+            e
+        }
+    }
+}
+
+fn fmt_secs(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if s.fract() == 0.0 {
+        format!("{s:.0}")
+    } else {
+        format!("{s:.1}")
+    }
+}
+
+impl<S: Read> Read for Timed<S> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.s
+            .read(buf)
+            .map_err(|e| self.explain(e, "sent nothing"))
+    }
+}
+
+impl<S: Write> Write for Timed<S> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.s
+            .write(buf)
+            .map_err(|e| self.explain(e, "took no data"))
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.s.flush().map_err(|e| self.explain(e, "took no data"))
+    }
+}
+
+/// Connects to a destination (or creates the snapshot file), with the
+/// default [`IO_TIMEOUT`].
 pub fn connect(uri: &Uri) -> Result<Outgoing, TransportError> {
-    fn out<S: Socket>(s: S, uri: &Uri) -> Result<Outgoing, TransportError> {
-        let (w, r) = split(s, uri)?;
+    connect_with_timeout(uri, IO_TIMEOUT)
+}
+
+/// Connects to a destination (or creates the snapshot file); on a socket,
+/// any read or write that makes no progress for `io_timeout` fails with
+/// an error naming the peer and the timeout.
+pub fn connect_with_timeout(uri: &Uri, io_timeout: Duration) -> Result<Outgoing, TransportError> {
+    fn out<S: Socket>(s: S, uri: &Uri, timeout: Duration) -> Result<Outgoing, TransportError> {
+        let peer = format!("the destination at {uri}");
+        let (w, r) = split(s, uri, peer, timeout)?;
         Ok(Outgoing {
             writer: Box::new(w),
             ack: Some(Box::new(r)),
@@ -158,30 +233,39 @@ pub fn connect(uri: &Uri) -> Result<Outgoing, TransportError> {
         Uri::Tcp(addr) => out(
             TcpStream::connect(addr).map_err(io_err("connect to", uri))?,
             uri,
+            io_timeout,
         ),
         Uri::Unix(path) => out(
             UnixStream::connect(path).map_err(io_err("connect to", uri))?,
             uri,
+            io_timeout,
         ),
         Uri::File(path) => {
             let f = File::create(path).map_err(io_err("create", uri))?;
             Ok(Outgoing {
-                writer: Box::new(SyncOnFlush(f)),
+                writer: Box::new(SyncOnFlush(f, path.clone())),
                 ack: None,
             })
         }
     }
 }
 
-/// A file whose flush also syncs to disk, so "saved" means on disk.
-struct SyncOnFlush(File);
+/// A file whose flush also syncs to disk, so "saved" means on disk; its
+/// errors name the file (e.g. a full disk).
+struct SyncOnFlush(File, PathBuf);
+
+impl SyncOnFlush {
+    fn named(&self, e: io::Error) -> io::Error {
+        io::Error::new(e.kind(), format!("writing {}: {e}", self.1.display()))
+    }
+}
 
 impl Write for SyncOnFlush {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.write(buf)
+        self.0.write(buf).map_err(|e| self.named(e))
     }
     fn flush(&mut self) -> io::Result<()> {
-        self.0.flush()
+        self.0.flush().map_err(|e| self.named(e))
     }
 }
 
@@ -230,6 +314,37 @@ impl Listener {
         }
     }
 
+    /// As [`Listener::accept_with_timeout`], but a source that has not
+    /// connected within `io_timeout` is an error too: for the extra
+    /// connections a migration announced (page channels), which a broken
+    /// or hostile source might never open.
+    pub fn accept_announced(&self, io_timeout: Duration) -> Result<Incoming, TransportError> {
+        let deadline = std::time::Instant::now() + io_timeout;
+        match self {
+            Listener::Tcp(l, uri) => {
+                let (s, addr) = poll_accept(
+                    || l.accept(),
+                    |on| l.set_nonblocking(on),
+                    uri,
+                    deadline,
+                    io_timeout,
+                )?;
+                incoming_from(s, uri, format!("the source at tcp:{addr}"), io_timeout)
+            }
+            Listener::Unix(l, uri, _) => {
+                let (s, _) = poll_accept(
+                    || l.accept(),
+                    |on| l.set_nonblocking(on),
+                    uri,
+                    deadline,
+                    io_timeout,
+                )?;
+                incoming_from(s, uri, format!("the source on {uri}"), io_timeout)
+            }
+            Listener::File(..) => self.accept_with_timeout(io_timeout),
+        }
+    }
+
     /// The actual address (useful with `tcp:127.0.0.1:0`).
     pub fn local_uri(&self) -> Uri {
         match self {
@@ -241,24 +356,79 @@ impl Listener {
         }
     }
 
-    /// Waits for the source (or opens the file).
+    /// Waits for the source (or opens the file), with the default
+    /// [`IO_TIMEOUT`].
     pub fn accept(&self) -> Result<Incoming, TransportError> {
-        fn inc<S: Socket>(s: S, uri: &Uri) -> Result<Incoming, TransportError> {
-            let (r, w) = split(s, uri)?;
-            Ok(Incoming {
-                reader: Box::new(r),
-                ack: Some(Box::new(w)),
-            })
-        }
+        self.accept_with_timeout(IO_TIMEOUT)
+    }
+
+    /// Waits for the source (or opens the file). Once connected, a source
+    /// that sends nothing (or reads nothing) for `io_timeout` fails the
+    /// read or write with an error naming it and the timeout. The wait for
+    /// the connection itself is not bounded.
+    pub fn accept_with_timeout(&self, io_timeout: Duration) -> Result<Incoming, TransportError> {
         match self {
-            Listener::Tcp(l, uri) => inc(l.accept().map_err(io_err("accept on", uri))?.0, uri),
-            Listener::Unix(l, uri, _) => inc(l.accept().map_err(io_err("accept on", uri))?.0, uri),
+            Listener::Tcp(l, uri) => {
+                let (s, addr) = l.accept().map_err(io_err("accept on", uri))?;
+                incoming_from(s, uri, format!("the source at tcp:{addr}"), io_timeout)
+            }
+            Listener::Unix(l, uri, _) => {
+                let s = l.accept().map_err(io_err("accept on", uri))?.0;
+                incoming_from(s, uri, format!("the source on {uri}"), io_timeout)
+            }
             Listener::File(uri, path) => Ok(Incoming {
                 reader: Box::new(File::open(path).map_err(io_err("open", uri))?),
                 ack: None,
             }),
         }
     }
+}
+
+/// The destination's end of an accepted socket.
+fn incoming_from<S: Socket>(
+    s: S,
+    uri: &Uri,
+    peer: String,
+    timeout: Duration,
+) -> Result<Incoming, TransportError> {
+    let (r, w) = split(s, uri, peer, timeout)?;
+    Ok(Incoming {
+        reader: Box::new(r),
+        ack: Some(Box::new(w)),
+    })
+}
+
+/// Accepts on a listener switched to non-blocking, polling until
+/// `deadline`; the listener is blocking again afterwards (accepted sockets
+/// are blocking either way).
+fn poll_accept<T>(
+    accept: impl Fn() -> io::Result<T>,
+    nonblocking: impl Fn(bool) -> io::Result<()>,
+    uri: &Uri,
+    deadline: std::time::Instant,
+    timeout: Duration,
+) -> Result<T, TransportError> {
+    nonblocking(true).map_err(io_err("configure", uri))?;
+    let r = loop {
+        match accept() {
+            Ok(t) => break Ok(t),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => break Err(io_err("accept on", uri)(e)),
+        }
+        if std::time::Instant::now() >= deadline {
+            break Err(TransportError::Io {
+                op: "accept on",
+                uri: uri.to_string(),
+                source: io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no connection for {} s (I/O timeout)", fmt_secs(timeout)),
+                ),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let _ = nonblocking(false);
+    r
 }
 
 impl Drop for Listener {
@@ -279,6 +449,15 @@ pub struct PipeReader {
     rx: Receiver<Vec<u8>>,
     cur: Vec<u8>,
     pos: usize,
+    timeout: Option<Duration>,
+}
+
+impl PipeReader {
+    /// Like a socket's read timeout: a read that gets nothing for `t`
+    /// fails with `TimedOut` (`None`: wait forever, the default).
+    pub fn set_read_timeout(&mut self, t: Option<Duration>) {
+        self.timeout = t;
+    }
 }
 
 /// An in-memory, bounded, one-way byte pipe between two threads. Dropping
@@ -292,6 +471,7 @@ pub fn pipe() -> (PipeWriter, PipeReader) {
             rx,
             cur: Vec::new(),
             pos: 0,
+            timeout: None,
         },
     )
 }
@@ -320,13 +500,27 @@ impl PipeWriter {
 
 impl Read for PipeReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use std::sync::mpsc::RecvTimeoutError;
         while self.pos == self.cur.len() {
-            match self.rx.recv() {
+            let got = match self.timeout {
+                None => self.rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+                Some(t) => self.rx.recv_timeout(t),
+            };
+            match got {
                 Ok(v) => {
                     self.cur = v;
                     self.pos = 0;
                 }
-                Err(_) => return Ok(0),
+                Err(RecvTimeoutError::Disconnected) => return Ok(0),
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!(
+                            "pipe: nothing for {} s",
+                            fmt_secs(self.timeout.unwrap_or_default())
+                        ),
+                    ))
+                }
             }
         }
         let n = buf.len().min(self.cur.len() - self.pos);
@@ -400,6 +594,58 @@ mod tests {
         let uri: Uri = "file:/nonexistent/dir/snap".parse().unwrap();
         let e = Listener::bind(&uri).err().expect("must fail");
         assert!(e.to_string().contains("file:/nonexistent/dir/snap"), "{e}");
+    }
+
+    #[test]
+    fn silent_peer_times_out_naming_it() {
+        let l = Listener::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
+        let uri = l.local_uri();
+        // A source that connects and sends nothing.
+        let out = connect(&uri).unwrap();
+        let mut inc = l.accept_with_timeout(Duration::from_millis(300)).unwrap();
+        let mut b = [0u8; 1];
+        let e = inc.reader.read(&mut b).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        let text = e.to_string();
+        assert!(text.starts_with("the source at tcp:127.0.0.1:"), "{text}");
+        assert!(
+            text.contains("sent nothing for 0.3 s (I/O timeout)"),
+            "{text}"
+        );
+        drop(out);
+        // A destination that never answers.
+        let out = connect_with_timeout(&uri, Duration::from_secs(1)).unwrap();
+        let _inc = l.accept().unwrap();
+        let mut ack = out.ack.unwrap();
+        let e = ack.read(&mut b).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("the destination at {uri} sent nothing for 1 s (I/O timeout)")
+        );
+    }
+
+    #[test]
+    fn announced_connection_that_never_comes_times_out() {
+        let l = Listener::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
+        let e = l
+            .accept_announced(Duration::from_millis(200))
+            .err()
+            .expect("nobody connects");
+        let text = e.to_string();
+        assert!(text.starts_with("accept on tcp:127.0.0.1:"), "{text}");
+        assert!(
+            text.ends_with("no connection for 0.2 s (I/O timeout)"),
+            "{text}"
+        );
+        // One that does come is served, and the listener still blocks.
+        let uri = l.local_uri();
+        let t = std::thread::spawn(move || connect(&uri).unwrap());
+        let mut inc = l.accept_announced(Duration::from_secs(20)).unwrap();
+        let mut out = t.join().unwrap();
+        out.writer.write_all(b"x").unwrap();
+        let mut b = [0u8; 1];
+        inc.reader.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"x");
     }
 
     #[test]

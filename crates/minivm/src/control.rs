@@ -11,13 +11,17 @@
 //!   migration the VM stays paused for good (the guest lives on at the
 //!   destination; `query-migrate` says `completed`) and refuses further
 //!   migrations; after a failure or a cancel the guest runs on and a new
-//!   `migrate` may start at once.
+//!   `migrate` may start at once — except when GO went out and STARTED
+//!   never came back ([`Phase::Unconfirmed`]): the VM stays paused until
+//!   an operator who knows the destination is not running the guest sends
+//!   `cont`.
 //! - **Incoming** (`migrate-incoming`): the VM must have been created for
 //!   it — [`GuestImage::Incoming`], paused — as `minivm run --incoming
 //!   --control PATH` does. The URI is bound when the command runs (so a
 //!   bad or busy address is an error answer); a thread accepts one
-//!   migration, loads RAM and vCPU/device state into this VM, acknowledges
-//!   and resumes the guest. A VM whose load failed never runs and takes no
+//!   migration, loads RAM and vCPU/device state into this VM, replies
+//!   LOADED and resumes the guest only on the source's GO (see
+//!   `livemig::engine::Commit`). A VM whose load failed never runs and takes no
 //!   second stream. Such a VM, once it runs, can be migrated out again.
 //! - **Cancel**: the engine checks the cancel flag between pages; where it
 //!   would wait on the transport instead (a destination that stops reading
@@ -39,7 +43,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use livemig::control::{ControlServer, MigrationStarter};
-use livemig::engine::{write_ack, LoadStats, Loader, MigrationHandle, Params};
+use livemig::engine::{Commit, LoadStats, Loader, MigrationError, MigrationHandle, Params};
 use livemig::transport::{connect, Listener, Uri, IO_TIMEOUT};
 
 use crate::dirty::TrackerKind;
@@ -63,6 +67,12 @@ pub enum Phase {
     MigratedAway,
     /// An incoming migration failed: the VM never ran and stays paused.
     IncomingFailed(String),
+    /// An outgoing migration sent GO but the destination never confirmed
+    /// it started: the destination may be running the guest, so this VM
+    /// stays paused and refuses migrations. Only an operator who knows the
+    /// destination is not running it may resume this one
+    /// ([`ControlledVm::resume_unconfirmed`]).
+    Unconfirmed(String),
 }
 
 impl Phase {
@@ -210,6 +220,25 @@ impl ControlledVm {
         self.inner.cond.notify_all();
     }
 
+    /// After [`Phase::Unconfirmed`]: the operator knows the destination is
+    /// not running the guest, so this copy resumes and may migrate again.
+    /// Refused in any other phase.
+    pub fn resume_unconfirmed(&self) -> Result<(), String> {
+        let mut st = lock(&self.inner.st);
+        if !matches!(st.phase, Phase::Unconfirmed(_)) {
+            return Err(
+                "cont resumes only a guest left paused by an unconfirmed migration \
+                 (GO sent, STARTED never came)"
+                    .into(),
+            );
+        }
+        self.inner.vm.resume();
+        st.phase = Phase::Running;
+        drop(st);
+        self.inner.cond.notify_all();
+        Ok(())
+    }
+
     /// Waits (briefly) for a migration whose status is already final to
     /// finish its thread, then reaps it.
     fn settle<'a>(&'a self, mut st: MutexGuard<'a, St>) -> MutexGuard<'a, St> {
@@ -253,6 +282,10 @@ impl ControlledVm {
         };
         let phase = match result {
             Ok(_) => Phase::MigratedAway,
+            Err(MigrateError::Migration(e @ MigrationError::Unconfirmed(_))) => {
+                log::error!("outgoing migration to {uri}: {e}");
+                Phase::Unconfirmed(e.to_string())
+            }
             Err(e) => {
                 log::warn!("outgoing migration to {uri}: {e} (the guest runs on)");
                 Phase::Running
@@ -286,8 +319,9 @@ impl ControlledVm {
         let t0 = Instant::now();
         let vm = &self.inner.vm;
         let mem = vm.memory();
+        let mut input = inc.reader;
         let loaded = Loader::new(&*mem)
-            .load(inc.reader)
+            .load(&mut input)
             .map_err(|e| e.to_string())
             .and_then(|out| {
                 if out.state.is_empty() {
@@ -296,21 +330,25 @@ impl ControlledVm {
                 vm.restore_state(&out.state).map_err(|e| e.to_string())?;
                 Ok(out)
             });
-        if let Some(mut w) = inc.ack {
-            let msg = loaded.as_ref().map(|_| ()).map_err(String::as_str);
-            if let Err(e) = write_ack(&mut w, msg) {
-                // The source may have given up (cancel, timeout) and resumed
-                // its guest: running this copy too would fork the guest.
-                if loaded.is_ok() {
-                    return Err(format!(
-                        "loaded, but the source did not take the acknowledgement ({e}): \
-                         not resuming"
-                    ));
-                }
+        let commit = match inc.ack {
+            Some(w) => Commit::new(input, w),
+            None => Commit::none(),
+        };
+        let go = match &loaded {
+            Err(e) => {
+                commit.fail(e);
+                None
             }
-        }
+            // No GO: the source keeps the guest; this VM never runs.
+            Ok(_) => Some(commit.wait_go().map_err(|e| e.to_string())?),
+        };
         let out = loaded?;
         vm.resume();
+        if let Some(Err(e)) = go.map(|g| g.started()) {
+            log::warn!(
+                "the guest runs here, but STARTED did not reach the source ({e}): it stays paused"
+            );
+        }
         Ok(IncomingReport {
             uri: uri.to_string(),
             stats: out.stats,
@@ -343,6 +381,11 @@ impl MigrationStarter for ControlledVm {
                     "the incoming migration failed ({e}): no guest here"
                 ))
             }
+            Phase::Unconfirmed(e) => {
+                return Err(format!(
+                    "{e}; send 'cont' first if the destination is not running the guest"
+                ))
+            }
         };
         let this = self.clone();
         let (u, h) = (uri.clone(), handle.clone());
@@ -354,6 +397,12 @@ impl MigrationStarter for ControlledVm {
         st.worker = Some(worker);
         st.outgoing = Some(handle);
         Ok(())
+    }
+
+    fn resume_unconfirmed(&mut self) -> Result<(), String> {
+        let st = self.settle(lock(&self.inner.st));
+        drop(st);
+        ControlledVm::resume_unconfirmed(self)
     }
 
     fn start_incoming(&mut self, uri: &Uri) -> Result<(), String> {

@@ -409,6 +409,9 @@ fn run(a: RunArgs) -> Result<()> {
                     break;
                 }
                 Phase::IncomingFailed(e) => bail!("incoming migration failed: {e}"),
+                Phase::Unconfirmed(e) => eprintln!(
+                    "{e}; if the destination is not running it: livemig control SOCKET cont"
+                ),
                 Phase::AwaitingIncoming => {}
             }
             phase = now;

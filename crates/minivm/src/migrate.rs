@@ -6,8 +6,8 @@ use std::io::{Read, Write};
 
 use livemig::dirty::DirtyError;
 use livemig::engine::{
-    write_ack, LoadError, LoadOutcome, Loader, MigrationError, MigrationHandle, MigrationStats,
-    Source,
+    Commit, CommitError, LoadError, LoadOutcome, Loader, MigrationError, MigrationHandle,
+    MigrationStats, Source,
 };
 
 use crate::dirty::TrackerKind;
@@ -29,6 +29,9 @@ pub enum MigrateError {
     /// The incoming stream failed to load (the destination guest never ran).
     #[error(transparent)]
     Load(#[from] LoadError),
+    /// Loaded, but the source never said GO: the VM is discarded unrun.
+    #[error(transparent)]
+    Commit(#[from] CommitError),
     /// The stream ended without vCPU state: not a VM migration.
     #[error("the stream carries no vCPU state: it was not sent by a VM source")]
     NoState,
@@ -37,7 +40,10 @@ pub enum MigrateError {
 /// Migrates `vm` out through `out`, tracking dirty pages with `kind`.
 ///
 /// On success the source VM stays paused (the destination owns the guest
-/// now); on failure or cancel it runs on.
+/// now); on failure or cancel it runs on, except after
+/// [`MigrationError::Unconfirmed`] (GO sent, STARTED never came): then it
+/// stays paused, because the destination may be running the guest; resume
+/// it with [`Vm::resume`] only if you know the destination is not.
 pub fn migrate_out<W: Write>(
     vm: &Vm,
     kind: TrackerKind,
@@ -53,15 +59,48 @@ pub fn migrate_out<W: Write>(
 
 /// Creates a paused VM from `config` (its guest image is ignored: memory
 /// and state come from the stream), loads `input` into it and restores the
-/// vCPU and device state. With `ack`, tells the source the outcome.
+/// vCPU and device state, then, with a return path (`reply`), runs the
+/// destination's half of the completion handshake (`livemig::engine::Commit`):
+/// FAILED on a failed load; otherwise LOADED, wait for the source's GO,
+/// STARTED.
 ///
-/// The VM is returned paused: [`Vm::resume`] starts the guest. A failed
-/// load never runs the guest.
-pub fn migrate_in<R: Read>(
+/// `Ok` means the guest is this side's: the VM is returned paused and the
+/// caller resumes it ([`Vm::resume`]) at once. A failed load, or a load
+/// the source never said GO to, returns an error and the guest never runs
+/// here. For a VMM that wants to resume before STARTED goes out, or to
+/// check more before LOADED, [`load_in`] stops after the load.
+pub fn migrate_in<R: Read, W: Write>(
     config: &VmConfig,
     input: R,
-    ack: Option<&mut dyn Write>,
+    reply: Option<W>,
 ) -> Result<(Vm, LoadOutcome), MigrateError> {
+    let mut input = input;
+    let loaded = load_in(config, &mut input);
+    let commit = match reply {
+        Some(w) => Commit::new(input, w),
+        None => Commit::none(),
+    };
+    match loaded {
+        Err(e) => {
+            commit.fail(&livemig::error_chain(&e));
+            Err(e)
+        }
+        Ok((vm, out)) => {
+            let go = commit.wait_go()?;
+            if let Err(e) = go.started() {
+                // The source stays paused and says so; the guest is ours.
+                log::warn!("GO received but STARTED could not be sent ({e}): the guest runs here, the source stays paused");
+            }
+            Ok((vm, out))
+        }
+    }
+}
+
+/// Creates a paused VM from `config` and loads `input` into it (RAM, vCPU
+/// and device state); no handshake. On a two-way transport, answer with
+/// `livemig::engine::Commit` (`wait_go` before resuming, `fail` if the VM
+/// is refused).
+pub fn load_in<R: Read>(config: &VmConfig, input: R) -> Result<(Vm, LoadOutcome), MigrateError> {
     let config = VmConfig {
         guest: GuestImage::Incoming,
         start_paused: true,
@@ -69,13 +108,7 @@ pub fn migrate_in<R: Read>(
         ..config.clone()
     };
     let vm = Vm::new(config)?;
-    let loaded = load_into(&vm, input);
-    if let Some(w) = ack {
-        let msg = loaded.as_ref().map(|_| ()).map_err(|e| e.to_string());
-        // If the source is gone its own error says why; nothing to add.
-        let _ = write_ack(w, msg.as_ref().map(|_| ()).map_err(String::as_str));
-    }
-    let out = loaded?;
+    let out = load_into(&vm, input)?;
     Ok((vm, out))
 }
 

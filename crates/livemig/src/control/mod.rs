@@ -42,6 +42,14 @@ pub trait MigrationStarter: Send {
     /// Starts listening for an incoming migration on `uri` in the
     /// background.
     fn start_incoming(&mut self, uri: &Uri) -> Result<(), String>;
+
+    /// `cont`: resumes a source guest that an outgoing migration left
+    /// paused because the destination never confirmed it started
+    /// (`MigrationError::Unconfirmed`). The operator sends it only when
+    /// the destination is known not to run the guest.
+    fn resume_unconfirmed(&mut self) -> Result<(), String> {
+        Err("this VMM cannot resume a guest from the control socket".into())
+    }
 }
 
 struct State {
@@ -175,6 +183,13 @@ impl State {
                 } else {
                     self.starter.start_incoming(&uri).map_err(generic)?;
                 }
+                Ok(json!({}))
+            }
+            "cont" => {
+                if self.running().is_some() {
+                    return Err(generic("a migration is running: cancel it instead"));
+                }
+                self.starter.resume_unconfirmed().map_err(generic)?;
                 Ok(json!({}))
             }
             "migrate-cancel" => {

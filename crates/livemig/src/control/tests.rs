@@ -197,6 +197,15 @@ fn malformed_requests() {
             .contains("'arguments' must be an object"),
         "{a}"
     );
+    // `cont` on a VMM that does not implement it is a clear error.
+    let a = c.raw(b"{\"execute\": \"cont\"}\n").unwrap();
+    assert!(
+        a["error"]["desc"]
+            .as_str()
+            .unwrap()
+            .contains("cannot resume a guest from the control socket"),
+        "{a}"
+    );
     // The connection still works after errors.
     assert_eq!(
         c.execute("query-migrate", Value::Null).unwrap()["status"],

@@ -1,59 +1,510 @@
-//! The destination's acknowledgement on a two-way transport: the source
-//! only declares success once the destination has loaded and checked all.
+//! The completion handshake on a two-way transport: exactly one side runs
+//! the guest, whatever message is lost.
+//!
+//! The guest must never run on both sides. A single acknowledgement cannot
+//! promise that: if it is lost after the destination resumed, the source
+//! would resume too. So the destination resumes only on the source's
+//! explicit GO, and the source treats everything after GO as "the
+//! destination may be running":
 //!
 //! ```text
-//! ack := "LVMGACK1" status:u8 (0 = loaded, 1 = failed) len:u32 message:[u8; len]
+//! source (guest paused)                         destination (guest paused)
+//!   ... stream ... END  ───────────────────────▶  loads, validates all
+//!                       ◀───────────────────────  LOADED  (or FAILED + why)
+//!   GO                  ───────────────────────▶  resumes the guest
+//!                       ◀───────────────────────  STARTED
+//!   completed: stays paused for good
+//! ```
+//!
+//! | what the source sees                  | source              | destination |
+//! |---------------------------------------|---------------------|-------------|
+//! | FAILED, no reply, bad reply, timeout  | resumes its guest   | never got GO: discards the VM, never runs it |
+//! | LOADED, then sending GO fails         | resumes its guest   | never got a whole GO: discards |
+//! | LOADED, GO sent, no STARTED           | **stays paused**, reports [`MigrationError::Unconfirmed`] | may be running (it got GO) or not |
+//! | LOADED, GO sent, STARTED              | completed, paused   | runs |
+//!
+//! The third row is the one case a program cannot settle: the source
+//! cannot tell "GO was lost" from "STARTED was lost", so it keeps the guest
+//! paused rather than risk two copies; an operator who knows the
+//! destination is not running the guest resumes the source. A destination
+//! that got GO but cannot deliver STARTED runs on (the source stays
+//! paused, so there is still one copy).
+//!
+//! Every wait is bounded by the transport's I/O timeout (sockets: see
+//! [`crate::transport::IO_TIMEOUT`]); a snapshot file has no return path
+//! and no handshake.
+//!
+//! Wire format, version 2 (version 1 was a single `"LVMGACK1"` reply; a
+//! peer of either version refuses the other's magic):
+//!
+//! ```text
+//! reply := "LVMGRP02" kind:u8 len:u32 text:[u8; len]   destination → source, return path
+//!          kind 1 = LOADED, 2 = FAILED (text = why), 3 = STARTED; len <= 4096
+//! go    := "LVMGGO02"                                  source → destination, after END
 //! ```
 
 use std::io::{self, Read, Write};
 
 use super::MigrationError;
-use crate::stream::format::{ACK_MAGIC, MAX_ACK_MESSAGE};
+use crate::stream::format::{GO_MAGIC, MAX_REPLY_TEXT, REPLY_MAGIC};
 
-/// Sends an acknowledgement: `Ok(())` or the destination's error message.
-pub fn write_ack(w: &mut dyn Write, result: Result<(), &str>) -> io::Result<()> {
-    let (status, msg) = match result {
-        Ok(()) => (0u8, ""),
-        Err(m) => (1u8, m),
+/// Length of a reply's fixed part (magic, kind, length).
+pub const REPLY_HEAD_LEN: usize = 13;
+/// Length of the GO message.
+pub const GO_LEN: usize = GO_MAGIC.len();
+
+/// What the destination tells the source on the return path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reply {
+    /// Everything is loaded and checked; the guest is paused, waiting for GO.
+    Loaded,
+    /// Loading failed: the guest will never run here.
+    Failed(String),
+    /// GO received, the guest runs here.
+    Started,
+}
+
+impl Reply {
+    fn kind(&self) -> u8 {
+        match self {
+            Reply::Loaded => 1,
+            Reply::Failed(_) => 2,
+            Reply::Started => 3,
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Reply::Loaded => "LOADED",
+            Reply::Failed(_) => "FAILED",
+            Reply::Started => "STARTED",
+        }
+    }
+}
+
+/// Writes one reply (text cut to [`MAX_REPLY_TEXT`] bytes) and flushes.
+pub fn write_reply(w: &mut dyn Write, reply: &Reply) -> io::Result<()> {
+    let text = match reply {
+        Reply::Failed(m) => m.as_bytes(),
+        _ => &[],
     };
-    let msg = &msg.as_bytes()[..msg.len().min(MAX_ACK_MESSAGE as usize)];
-    let mut buf = Vec::with_capacity(13 + msg.len());
-    buf.extend_from_slice(&ACK_MAGIC);
-    buf.push(status);
-    buf.extend_from_slice(&(msg.len() as u32).to_be_bytes());
-    buf.extend_from_slice(msg);
+    let text = &text[..text.len().min(MAX_REPLY_TEXT as usize)];
+    let mut buf = Vec::with_capacity(REPLY_HEAD_LEN + text.len());
+    buf.extend_from_slice(&REPLY_MAGIC);
+    buf.push(reply.kind());
+    buf.extend_from_slice(&(text.len() as u32).to_be_bytes());
+    buf.extend_from_slice(text);
     w.write_all(&buf)?;
     w.flush()
 }
 
-/// Waits for the destination's acknowledgement.
-pub fn read_ack(r: &mut dyn Read) -> Result<(), MigrationError> {
-    let mut head = [0u8; 13];
-    r.read_exact(&mut head).map_err(|e| {
-        MigrationError::Ack(format!("no acknowledgement from the destination: {e}"))
-    })?;
-    if head[..8] != ACK_MAGIC {
-        return Err(MigrationError::Ack(format!(
-            "bad acknowledgement magic {:02x?}",
-            &head[..8]
-        )));
+/// Reads one reply. Errors say what was wrong; they never allocate more
+/// than [`MAX_REPLY_TEXT`] bytes whatever the peer claims.
+pub fn read_reply(r: &mut dyn Read) -> Result<Reply, String> {
+    let mut head = [0u8; REPLY_HEAD_LEN];
+    r.read_exact(&mut head).map_err(|e| eof_text(&e))?;
+    if head[..8] != REPLY_MAGIC {
+        return Err(format!(
+            "bad reply magic {:02x?} (expected {:?}: a destination of another livemig version?)",
+            &head[..8],
+            String::from_utf8_lossy(&REPLY_MAGIC)
+        ));
     }
     let len = u32::from_be_bytes([head[9], head[10], head[11], head[12]]);
-    if len > MAX_ACK_MESSAGE {
-        return Err(MigrationError::Ack(format!(
-            "acknowledgement message of {len} bytes exceeds {MAX_ACK_MESSAGE}"
-        )));
+    if len > MAX_REPLY_TEXT {
+        return Err(format!(
+            "reply text of {len} bytes exceeds {MAX_REPLY_TEXT}"
+        ));
     }
-    let mut msg = vec![0u8; len as usize];
-    r.read_exact(&mut msg)
-        .map_err(|e| MigrationError::Ack(format!("truncated acknowledgement: {e}")))?;
+    let mut text = vec![0u8; len as usize];
+    r.read_exact(&mut text)
+        .map_err(|e| format!("truncated reply: {}", eof_text(&e)))?;
+    let text = String::from_utf8_lossy(&text).into_owned();
     match head[8] {
-        0 => Ok(()),
-        1 => Err(MigrationError::Destination(
-            String::from_utf8_lossy(&msg).into_owned(),
-        )),
-        s => Err(MigrationError::Ack(format!(
-            "unknown acknowledgement status {s}"
+        1 if text.is_empty() => Ok(Reply::Loaded),
+        2 => Ok(Reply::Failed(text)),
+        3 if text.is_empty() => Ok(Reply::Started),
+        k => Err(format!("unknown reply kind {k} (text length {len})")),
+    }
+}
+
+/// Sends GO: the destination may start the guest.
+pub fn write_go(w: &mut dyn Write) -> io::Result<()> {
+    w.write_all(&GO_MAGIC)?;
+    w.flush()
+}
+
+/// Waits for GO after the stream's end.
+pub fn read_go(r: &mut dyn Read) -> Result<(), String> {
+    let mut b = [0u8; GO_LEN];
+    r.read_exact(&mut b).map_err(|e| eof_text(&e))?;
+    if b != GO_MAGIC {
+        return Err(format!("expected GO, got bytes {b:02x?}"));
+    }
+    Ok(())
+}
+
+fn eof_text(e: &io::Error) -> String {
+    if e.kind() == io::ErrorKind::UnexpectedEof {
+        "the connection closed".to_string()
+    } else {
+        e.to_string()
+    }
+}
+
+/// The source's half: after END, waits for LOADED, sends GO on `go`, waits
+/// for STARTED. `sent_go` becomes true once GO is handed to the transport:
+/// from then on the source guest must stay paused whatever happens.
+pub(crate) fn source_handshake(
+    reply: &mut dyn Read,
+    go: &mut dyn Write,
+    sent_go: &mut bool,
+    cancelled: &dyn Fn() -> bool,
+) -> Result<(), MigrationError> {
+    match read_reply(reply) {
+        Ok(Reply::Loaded) => {}
+        Ok(Reply::Failed(m)) => return Err(MigrationError::Destination(m)),
+        Ok(other) => {
+            return Err(MigrationError::Ack(format!(
+                "the destination replied {} before LOADED; it was not told to start, the guest runs on here",
+                other.name()
+            )))
+        }
+        Err(e) => {
+            return Err(MigrationError::Ack(format!(
+                "no LOADED reply from the destination ({e}); it was not told to start, the guest runs on here"
+            )))
+        }
+    }
+    if cancelled() {
+        return Err(MigrationError::Cancelled);
+    }
+    // A write that fails hands no byte of GO to the transport, so the
+    // destination can never see a whole GO: resuming here is safe.
+    write_go(go).map_err(|e| {
+        MigrationError::Ack(format!(
+            "sending GO failed ({e}); the destination never got it and will not start, the guest runs on here"
+        ))
+    })?;
+    *sent_go = true;
+    match read_reply(reply) {
+        Ok(Reply::Started) => Ok(()),
+        Ok(other) => Err(MigrationError::Unconfirmed(format!(
+            "the destination replied {} instead of STARTED",
+            other.name()
         ))),
+        Err(e) => Err(MigrationError::Unconfirmed(e)),
+    }
+}
+
+/// Why the destination must not start the guest, or could not confirm it.
+#[derive(Debug, thiserror::Error)]
+pub enum CommitError {
+    /// LOADED could not be sent: the source will resume its own guest.
+    #[error("loaded, but sending LOADED to the source failed ({0}); the source keeps the guest, this copy is discarded and never runs")]
+    SendLoaded(#[source] io::Error),
+    /// No GO came: the source keeps (or resumes) the guest.
+    #[error("loaded, but no GO from the source ({0}); the source keeps the guest, this copy is discarded and never runs")]
+    NoGo(String),
+}
+
+/// The destination's half of the handshake, for a VMM: after the load,
+/// [`Commit::wait_go`] (or [`Commit::fail`]); resume the guest only once
+/// it returns `Ok`, and call [`Go::started`]. STARTED means "GO taken: the
+/// guest is this side's now"; it may go out just before or just after the
+/// resume, the source only needs to know it must not resume its copy.
+///
+/// Dropping a `Commit` unanswered closes nothing by itself but never
+/// starts the guest; the source, getting no LOADED, resumes its own.
+pub struct Commit<'a> {
+    link: Option<(Box<dyn Read + 'a>, Box<dyn Write + 'a>)>,
+}
+
+impl<'a> Commit<'a> {
+    /// The handshake over `go` (the stream's connection, read after END)
+    /// and `reply` (the return path).
+    pub fn new(go: impl Read + 'a, reply: impl Write + 'a) -> Self {
+        Commit {
+            link: Some((Box::new(go), Box::new(reply))),
+        }
+    }
+
+    /// No return path (a snapshot file): nothing to wait for.
+    pub fn none() -> Self {
+        Commit { link: None }
+    }
+
+    /// True when there is a source to answer.
+    pub fn has_return_path(&self) -> bool {
+        self.link.is_some()
+    }
+
+    /// Tells the source the load failed (FAILED + `why`). Best effort: if
+    /// the source is gone, its own error says why.
+    pub fn fail(self, why: &str) {
+        if let Some((_, mut w)) = self.link {
+            let _ = write_reply(&mut *w, &Reply::Failed(why.to_string()));
+        }
+    }
+
+    /// Sends LOADED and waits (bounded by the transport's I/O timeout) for
+    /// GO. `Ok` means the guest may be resumed now; an error means it must
+    /// never run here.
+    pub fn wait_go(self) -> Result<Go<'a>, CommitError> {
+        let Some((mut r, mut w)) = self.link else {
+            return Ok(Go { reply: None });
+        };
+        write_reply(&mut *w, &Reply::Loaded).map_err(CommitError::SendLoaded)?;
+        read_go(&mut *r).map_err(CommitError::NoGo)?;
+        Ok(Go { reply: Some(w) })
+    }
+}
+
+/// GO received: resume the guest, then call [`Go::started`].
+pub struct Go<'a> {
+    reply: Option<Box<dyn Write + 'a>>,
+}
+
+impl Go<'_> {
+    /// Sends STARTED. An error only means the source did not hear it: it
+    /// stays paused and says so; the guest rightly runs on here.
+    pub fn started(self) -> io::Result<()> {
+        match self.reply {
+            Some(mut w) => write_reply(&mut *w, &Reply::Started),
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::pipe;
+
+    fn reply_bytes(r: &Reply) -> Vec<u8> {
+        let mut v = Vec::new();
+        write_reply(&mut v, r).unwrap();
+        v
+    }
+
+    #[test]
+    fn replies_round_trip() {
+        for r in [
+            Reply::Loaded,
+            Reply::Started,
+            Reply::Failed("disk full".into()),
+        ] {
+            let b = reply_bytes(&r);
+            assert_eq!(&b[..8], b"LVMGRP02");
+            assert_eq!(read_reply(&mut &b[..]).unwrap(), r);
+        }
+        let mut go = Vec::new();
+        write_go(&mut go).unwrap();
+        assert_eq!(go, b"LVMGGO02");
+        read_go(&mut &go[..]).unwrap();
+    }
+
+    #[test]
+    fn bad_replies_are_refused() {
+        let old = b"LVMGACK1\0\0\0\0\0";
+        let e = read_reply(&mut &old[..]).unwrap_err();
+        assert!(e.contains("bad reply magic"), "{e}");
+        let mut huge = reply_bytes(&Reply::Loaded);
+        huge[9..13].copy_from_slice(&u32::MAX.to_be_bytes());
+        let e = read_reply(&mut &huge[..]).unwrap_err();
+        assert!(e.contains("exceeds 4096"), "{e}");
+        let mut kind = reply_bytes(&Reply::Loaded);
+        kind[8] = 9;
+        let e = read_reply(&mut &kind[..]).unwrap_err();
+        assert!(e.contains("unknown reply kind 9"), "{e}");
+        let e = read_reply(&mut &b"LVMG"[..]).unwrap_err();
+        assert!(e.contains("closed"), "{e}");
+        let e = read_go(&mut &b"LVMGGO01"[..]).unwrap_err();
+        assert!(e.contains("expected GO"), "{e}");
+        let long = reply_bytes(&Reply::Failed("x".repeat(10_000)));
+        assert_eq!(long.len(), REPLY_HEAD_LEN + 4096, "text is cut");
+    }
+
+    #[test]
+    fn random_replies_never_panic_and_only_valid_ones_pass() {
+        let mut rng = crate::workload::XorShift::new(0xac4);
+        let valid = [
+            reply_bytes(&Reply::Loaded),
+            reply_bytes(&Reply::Started),
+            reply_bytes(&Reply::Failed("x".into())),
+        ];
+        for i in 0..20_000 {
+            // Mutations of valid replies, and plain noise.
+            let mut b = valid[i % 3].clone();
+            if i % 2 == 0 {
+                let at = rng.below(b.len());
+                b[at] ^= rng.byte() | 1;
+            } else {
+                b.resize(rng.below(24), 0);
+                rng.fill(&mut b);
+            }
+            if let Ok(r) = read_reply(&mut &b[..]) {
+                assert_eq!(&b[..8], b"LVMGRP02", "accepted {b:02x?} as {r:?}");
+                assert!(valid.iter().any(|v| v[8] == b[8]));
+            }
+            let _ = read_go(&mut &b[..]);
+        }
+    }
+
+    /// Runs the source's handshake against a scripted destination.
+    fn source_with(
+        replies: &[Reply],
+        go_fails: bool,
+    ) -> (Result<(), MigrationError>, bool, Vec<u8>) {
+        let mut back = Vec::new();
+        for r in replies {
+            write_reply(&mut back, r).unwrap();
+        }
+        struct FailWrite;
+        impl Write for FailWrite {
+            fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+                Err(io::Error::new(io::ErrorKind::BrokenPipe, "peer gone"))
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut fwd = Vec::new();
+        let mut sent = false;
+        let r = if go_fails {
+            source_handshake(&mut &back[..], &mut FailWrite, &mut sent, &|| false)
+        } else {
+            source_handshake(&mut &back[..], &mut fwd, &mut sent, &|| false)
+        };
+        (r, sent, fwd)
+    }
+
+    #[test]
+    fn source_completes_on_loaded_then_started() {
+        let (r, sent, fwd) = source_with(&[Reply::Loaded, Reply::Started], false);
+        r.unwrap();
+        assert!(sent);
+        assert_eq!(fwd, GO_MAGIC);
+    }
+
+    #[test]
+    fn source_resumes_on_failed_or_missing_loaded() {
+        let (r, sent, fwd) = source_with(&[Reply::Failed("bad block".into())], false);
+        assert!(matches!(r, Err(MigrationError::Destination(ref m)) if m == "bad block"));
+        assert!(!sent && fwd.is_empty(), "no GO after FAILED");
+        let (r, sent, fwd) = source_with(&[], false);
+        let e = r.unwrap_err();
+        assert!(matches!(e, MigrationError::Ack(_)), "{e}");
+        assert!(e.to_string().contains("no LOADED reply"), "{e}");
+        assert!(!sent && fwd.is_empty());
+        let (r, sent, _) = source_with(&[Reply::Started], false);
+        assert!(matches!(r, Err(MigrationError::Ack(_))));
+        assert!(!sent);
+    }
+
+    #[test]
+    fn source_resumes_when_go_cannot_be_sent() {
+        let (r, sent, _) = source_with(&[Reply::Loaded, Reply::Started], true);
+        let e = r.unwrap_err();
+        assert!(matches!(e, MigrationError::Ack(_)), "{e}");
+        assert!(e.to_string().contains("sending GO failed"), "{e}");
+        assert!(!sent);
+    }
+
+    #[test]
+    fn source_stays_paused_without_started() {
+        for replies in [vec![Reply::Loaded], vec![Reply::Loaded, Reply::Loaded]] {
+            let (r, sent, fwd) = source_with(&replies, false);
+            let e = r.unwrap_err();
+            assert!(matches!(e, MigrationError::Unconfirmed(_)), "{e}");
+            assert!(sent && fwd == GO_MAGIC);
+            let text = e.to_string();
+            assert!(text.contains("stays paused"), "{text}");
+            assert!(text.contains("may be running"), "{text}");
+        }
+    }
+
+    #[test]
+    fn cancel_before_go_sends_no_go() {
+        let mut back = Vec::new();
+        write_reply(&mut back, &Reply::Loaded).unwrap();
+        let mut fwd = Vec::new();
+        let mut sent = false;
+        let r = source_handshake(&mut &back[..], &mut fwd, &mut sent, &|| true);
+        assert!(matches!(r, Err(MigrationError::Cancelled)));
+        assert!(!sent && fwd.is_empty());
+    }
+
+    #[test]
+    fn destination_starts_only_after_go() {
+        let (mut go_w, go_r) = pipe();
+        let (back_w, mut back_r) = pipe();
+        let t = std::thread::spawn(move || {
+            let go = Commit::new(go_r, back_w).wait_go().expect("GO arrives");
+            go.started().unwrap();
+        });
+        assert_eq!(read_reply(&mut back_r).unwrap(), Reply::Loaded);
+        write_go(&mut go_w).unwrap();
+        assert_eq!(read_reply(&mut back_r).unwrap(), Reply::Started);
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn destination_without_go_never_starts() {
+        // The source closes after LOADED.
+        let (go_w, go_r) = pipe();
+        let (back_w, mut back_r) = pipe();
+        drop(go_w);
+        let e = Commit::new(go_r, back_w).wait_go().err().expect("no GO");
+        assert!(matches!(e, CommitError::NoGo(_)), "{e}");
+        assert!(e.to_string().contains("never runs"), "{e}");
+        assert_eq!(read_reply(&mut back_r).unwrap(), Reply::Loaded);
+        // Garbage instead of GO.
+        let (mut go_w, go_r) = pipe();
+        let (back_w, _back_r) = pipe();
+        go_w.write_all(b"LVMGACK1").unwrap();
+        let e = Commit::new(go_r, back_w).wait_go().err().expect("bad GO");
+        assert!(e.to_string().contains("expected GO"), "{e}");
+        // LOADED cannot be sent.
+        let (_go_w, go_r) = pipe();
+        let (back_w, back_r) = pipe();
+        drop(back_r);
+        let e = Commit::new(go_r, back_w)
+            .wait_go()
+            .err()
+            .expect("no return path");
+        assert!(matches!(e, CommitError::SendLoaded(_)), "{e}");
+    }
+
+    #[test]
+    fn destination_waits_for_go_only_as_long_as_the_transport_allows() {
+        // The source neither sends GO nor closes: the read timeout ends it.
+        let (_go_w, mut go_r) = pipe();
+        go_r.set_read_timeout(Some(std::time::Duration::from_millis(100)));
+        let (back_w, _back_r) = pipe();
+        let e = Commit::new(go_r, back_w)
+            .wait_go()
+            .err()
+            .expect("times out");
+        assert!(matches!(e, CommitError::NoGo(_)), "{e}");
+        assert!(e.to_string().contains("nothing for 0.1 s"), "{e}");
+    }
+
+    #[test]
+    fn destination_reports_failure() {
+        let (_go_w, go_r) = pipe();
+        let (back_w, mut back_r) = pipe();
+        Commit::new(go_r, back_w).fail("block list does not match");
+        assert_eq!(
+            read_reply(&mut back_r).unwrap(),
+            Reply::Failed("block list does not match".into())
+        );
+    }
+
+    #[test]
+    fn snapshot_has_nothing_to_wait_for() {
+        let c = Commit::none();
+        assert!(!c.has_return_path());
+        c.wait_go().unwrap().started().unwrap();
     }
 }

@@ -11,7 +11,10 @@ mod params;
 mod source;
 mod stats;
 
-pub use ack::{read_ack, write_ack};
+pub use ack::{
+    read_go, read_reply, write_go, write_reply, Commit, CommitError, Go, Reply, GO_LEN,
+    REPLY_HEAD_LEN,
+};
 pub use channels::ChannelWriter;
 pub use dest::{LoadError, LoadOutcome, LoadStats, Loader};
 pub use digest::{hex, memory_digest};
@@ -22,8 +25,9 @@ pub use stats::{CompressionStats, MigrationStats, RamStats, Status, XbzrleStats}
 
 use crate::dirty::DirtyError;
 
-/// Why an outgoing migration stopped. In every case the source guest runs
-/// on (it is resumed if it had been paused) and tracking has stopped.
+/// Why an outgoing migration stopped. Tracking has stopped in every case;
+/// the source guest runs on (it is resumed if it had been paused), except
+/// after [`MigrationError::Unconfirmed`], when it stays paused.
 #[derive(Debug, thiserror::Error)]
 pub enum MigrationError {
     /// Cancelled by the user.
@@ -41,9 +45,14 @@ pub enum MigrationError {
     /// The VMM could not pause, resume or save state.
     #[error("VMM: {0}")]
     Vm(String),
-    /// The acknowledgement was missing or malformed.
+    /// The destination's reply was missing or malformed, or GO could not be
+    /// sent: the destination was not told to start, the source resumed.
     #[error("{0}")]
     Ack(String),
+    /// GO was sent but STARTED did not come back: the destination may be
+    /// running the guest, so the source keeps it paused.
+    #[error("the destination was told to start the guest (GO sent) but did not confirm ({0}): it may be running it, so the source guest stays paused; resume it here only if you know the destination is not running it")]
+    Unconfirmed(String),
     /// The destination reported a failure.
     #[error("destination failed to load: {0}")]
     Destination(String),

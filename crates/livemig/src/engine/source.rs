@@ -64,8 +64,8 @@ impl<'a> Source<'a> {
         }
     }
 
-    /// Runs the migration over a transport connection, waiting for the
-    /// destination's acknowledgement when the transport has a return path.
+    /// Runs the migration over a transport connection, with the completion
+    /// handshake (see `engine/ack.rs`) when the transport has a return path.
     pub fn run_over(
         self,
         conn: crate::transport::Outgoing,
@@ -96,13 +96,15 @@ impl<'a> Source<'a> {
         self.run_with_channels(writer, ack, &mut open)
     }
 
-    /// Runs the migration into `out`. With `ack`, waits for the
-    /// destination's acknowledgement before declaring success. Only one
-    /// channel: [`Params::channels`] must be 1.
+    /// Runs the migration into `out`. With `ack` (the return path), runs
+    /// the completion handshake: waits for LOADED, sends GO on `out`, waits
+    /// for STARTED (see `engine/ack.rs`). Only one channel:
+    /// [`Params::channels`] must be 1.
     ///
     /// On any failure or cancel the tracker is stopped, the throttle is
-    /// removed and the guest resumes if it was paused; the error is also
-    /// recorded in the stats.
+    /// removed and the guest resumes if it was paused — except after GO
+    /// was sent ([`MigrationError::Unconfirmed`]): then it stays paused.
+    /// The error is also recorded in the stats.
     pub fn run<W: Write>(
         self,
         out: W,
@@ -134,8 +136,9 @@ impl<'a> Source<'a> {
         } = self;
         let started = Instant::now();
         let mut saver = RamSaver::new(mem, &handle, started);
-        let mut paused = false;
-        let result = saver.migrate(out, ack, open, tracker, vm, &mut paused);
+        let mut guest = GuestSide::default();
+        let result = saver.migrate(out, ack, open, tracker, vm, &mut guest);
+        let GuestSide { paused, sent_go } = guest;
         // Stops the channel threads (on failure, after their current batch).
         saver.close_channels();
         let stop_err = tracker.stop().err();
@@ -149,14 +152,14 @@ impl<'a> Source<'a> {
             }
             Err(e) => {
                 vm.set_throttle(0);
-                if paused {
+                if paused && !sent_go {
                     if let Err(re) = vm.resume() {
                         log::error!("cannot resume the source guest after '{e}': {re}");
                     }
                 }
                 // A cancel can surface as another error (an interrupted wait
-                // for the acknowledgement): it is still a cancel.
-                let e = if handle.is_cancelled() {
+                // for a reply): it is still a cancel, unless GO went out.
+                let e = if handle.is_cancelled() && !sent_go {
                     MigrationError::Cancelled
                 } else {
                     e
@@ -172,6 +175,15 @@ impl<'a> Source<'a> {
             }
         }
     }
+}
+
+/// Where the source guest stands, for the clean-up after a failure.
+#[derive(Default)]
+struct GuestSide {
+    /// Paused for stop-and-copy.
+    paused: bool,
+    /// GO went out: the destination may run the guest, never resume here.
+    sent_go: bool,
 }
 
 /// Counters of what was sent, by kind.
@@ -352,7 +364,7 @@ impl<'a> RamSaver<'a> {
         open: &mut dyn FnMut(u16) -> io::Result<ChannelWriter>,
         tracker: &mut dyn DirtyTracker,
         vm: &mut dyn VmControl,
-        paused: &mut bool,
+        guest: &mut GuestSide,
     ) -> Result<(), MigrationError> {
         self.params.validate().map_err(MigrationError::Params)?;
         self.publish(Status::Setup, tracker.name(), None);
@@ -465,7 +477,7 @@ impl<'a> RamSaver<'a> {
         self.publish(Status::Device, tracker.name(), None);
         let pause_at = Instant::now();
         vm.pause().map_err(MigrationError::Vm)?;
-        *paused = true;
+        guest.paused = true;
         self.downtime_start = Some(pause_at);
         let bytes_before = self.sent_bytes(&w);
         self.sync(tracker)?;
@@ -496,7 +508,10 @@ impl<'a> RamSaver<'a> {
         self.transferred = self.sent_bytes(&w);
         self.downtime_bytes = self.transferred - bytes_before;
         if let Some(r) = ack {
-            ack::read_ack(r)?;
+            let handle = self.handle;
+            ack::source_handshake(r, w.get_mut(), &mut guest.sent_go, &|| {
+                handle.is_cancelled()
+            })?;
         }
         self.downtime = pause_at.elapsed().as_millis() as u64;
         vm.set_throttle(0);

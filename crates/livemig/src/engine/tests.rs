@@ -17,6 +17,8 @@ use crate::workload::{fill_random, PageWriter, Pattern, Workload, WorkloadConfig
 
 const MIB: u64 = 1 << 20;
 
+type BoxRead<'a> = Box<dyn Read + Send + 'a>;
+
 fn layout() -> Vec<(&'static str, u64)> {
     vec![("ram0", 8 * MIB), ("ram1", 4 * MIB)]
 }
@@ -61,12 +63,18 @@ fn migrate_live_with(
     let (mut ch_w, mut ch_r) = channel_pipes(params.channels);
     let handle = MigrationHandle::new(params);
     let (w, r) = pipe();
-    let (mut ack_w, ack_r) = pipe();
+    let (ack_w, ack_r) = pipe();
     let dst2 = dst.clone();
     let loader = thread::spawn(move || {
-        let res = Loader::new(&dst2).load_channels(r, || next_conn(&mut ch_r));
-        let msg = res.as_ref().map(|_| ()).map_err(|e| e.to_string());
-        write_ack(&mut ack_w, msg.as_ref().map(|_| ()).map_err(String::as_str)).unwrap();
+        let mut r = r;
+        let res = Loader::new(&dst2).load_channels(Box::new(&mut r) as BoxRead<'_>, || {
+            next_conn(&mut ch_r).map(|c| Box::new(c) as BoxRead<'_>)
+        });
+        let commit = Commit::new(r, ack_w);
+        match &res {
+            Ok(_) => commit.wait_go().expect("GO").started().unwrap(),
+            Err(e) => commit.fail(&e.to_string()),
+        }
         res
     });
     let mut ack_r: PipeReader = ack_r;
@@ -391,7 +399,7 @@ fn failure_during_completion_resumes_the_guest() {
     let loader = thread::spawn(move || Loader::new(&loader_mem).load(r));
     // Destination acknowledges failure.
     let (mut aw, mut ar) = pipe();
-    write_ack(&mut aw, Err("disk full")).unwrap();
+    write_reply(&mut aw, &Reply::Failed("disk full".into())).unwrap();
     let mut vm = RecordingVm::default();
     let err = Source::new(
         &src,
@@ -829,4 +837,121 @@ fn adaptive_compression_skips_a_compressor_slower_than_the_link() {
     });
     let c = stats.compression.expect("compression stats");
     assert_eq!((c.pages, c.skipped_pages), (1024, 0), "{c:?}");
+}
+
+/// How a scripted destination answers at the end of the stream.
+#[derive(Clone, Copy, Debug)]
+enum DestScript {
+    /// LOADED, GO, STARTED.
+    Normal,
+    /// Loads, then closes without a reply.
+    NoReply,
+    /// LOADED, reads GO, closes without STARTED.
+    NoStarted,
+    /// LOADED, then closes before GO arrives (so GO is written into a
+    /// closed pipe).
+    CloseAfterLoaded,
+    /// LOADED, reads GO, then the user cancels; no STARTED.
+    CancelAfterGo,
+}
+
+/// The source engine against a scripted destination: the last VM call and
+/// the source's result, plus whether the destination got GO.
+fn handshake_run(
+    script: DestScript,
+) -> (Result<MigrationStats, MigrationError>, Vec<String>, bool) {
+    let src = ProcessMemory::single(MIB).unwrap();
+    src.blocks()[0].region().write(0, b"guest");
+    let (mut t, _log) = SoftwareTracker::new(&src);
+    let (w, r) = pipe();
+    let (mut aw, mut ar) = pipe();
+    let handle = MigrationHandle::new(Params::default());
+    let h = handle.clone();
+    let dest = thread::spawn(move || {
+        let dst = ProcessMemory::single(MIB).unwrap();
+        let mut r = r;
+        Loader::new(&dst).load(&mut r).expect("stream loads");
+        match script {
+            DestScript::Normal => {
+                let go = Commit::new(r, aw).wait_go().expect("GO");
+                go.started().unwrap();
+                true
+            }
+            DestScript::NoReply => false,
+            DestScript::NoStarted => {
+                write_reply(&mut aw, &Reply::Loaded).unwrap();
+                read_go(&mut r).is_ok()
+            }
+            DestScript::CloseAfterLoaded => {
+                write_reply(&mut aw, &Reply::Loaded).unwrap();
+                false
+            }
+            DestScript::CancelAfterGo => {
+                write_reply(&mut aw, &Reply::Loaded).unwrap();
+                let got = read_go(&mut r).is_ok();
+                h.cancel();
+                got
+            }
+        }
+    });
+    let mut vm = RecordingVm::default();
+    let res = Source::new(&src, &mut t, &mut vm, handle).run(w, Some(&mut ar as &mut dyn Read));
+    let got_go = dest.join().unwrap();
+    (res, vm.calls, got_go)
+}
+
+#[test]
+fn handshake_completes_and_source_stays_paused() {
+    let (res, calls, got_go) = handshake_run(DestScript::Normal);
+    assert_eq!(res.unwrap().status, Status::Completed);
+    assert!(got_go);
+    assert!(calls.contains(&"pause".to_string()));
+    assert!(!calls.contains(&"resume".to_string()), "{calls:?}");
+}
+
+#[test]
+fn no_loaded_reply_resumes_the_source() {
+    let (res, calls, _) = handshake_run(DestScript::NoReply);
+    let e = res.unwrap_err();
+    assert!(matches!(e, MigrationError::Ack(_)), "{e}");
+    assert!(e.to_string().contains("no LOADED reply"), "{e}");
+    assert_eq!(calls.last().map(String::as_str), Some("resume"));
+}
+
+#[test]
+fn missing_started_keeps_the_source_paused() {
+    let (res, calls, got_go) = handshake_run(DestScript::NoStarted);
+    assert!(got_go, "the destination got GO");
+    let e = res.unwrap_err();
+    assert!(matches!(e, MigrationError::Unconfirmed(_)), "{e}");
+    assert!(e.to_string().contains("stays paused"), "{e}");
+    assert!(!calls.contains(&"resume".to_string()), "{calls:?}");
+}
+
+#[test]
+fn go_into_a_closed_connection_is_never_a_resume_race() {
+    // GO may or may not reach the pipe before the destination drops it;
+    // either way the source's choice must match what the destination saw:
+    // GO refused → resumed; GO accepted (buffered) → paused.
+    let (res, calls, got_go) = handshake_run(DestScript::CloseAfterLoaded);
+    assert!(!got_go);
+    let e = res.unwrap_err();
+    let resumed = calls.contains(&"resume".to_string());
+    match e {
+        MigrationError::Ack(ref m) => {
+            assert!(m.contains("sending GO failed"), "{m}");
+            assert!(resumed, "{calls:?}");
+        }
+        MigrationError::Unconfirmed(_) => assert!(!resumed, "{calls:?}"),
+        other => panic!("unexpected {other}"),
+    }
+}
+
+#[test]
+fn a_cancel_after_go_does_not_resume_the_source() {
+    let (res, calls, got_go) = handshake_run(DestScript::CancelAfterGo);
+    assert!(got_go);
+    let e = res.unwrap_err();
+    assert!(matches!(e, MigrationError::Unconfirmed(_)), "{e}");
+    assert!(!calls.contains(&"resume".to_string()), "{calls:?}");
 }

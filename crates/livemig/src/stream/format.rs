@@ -138,10 +138,13 @@ pub const MAX_STATE: u32 = 64 << 20;
 /// Digest algorithm id: BLAKE3, 32 bytes.
 pub const DIGEST_BLAKE3: u8 = 1;
 
-/// Acknowledgement the destination sends back on a two-way transport.
-pub const ACK_MAGIC: [u8; 8] = *b"LVMGACK1";
-/// Longest message in an acknowledgement.
-pub const MAX_ACK_MESSAGE: u32 = 4096;
+/// Replies the destination sends on the return path (LOADED, FAILED,
+/// STARTED), handshake version 2 (see `engine/ack.rs`).
+pub const REPLY_MAGIC: [u8; 8] = *b"LVMGRP02";
+/// The source's GO, sent on the stream's connection after END.
+pub const GO_MAGIC: [u8; 8] = *b"LVMGGO02";
+/// Longest text in a reply.
+pub const MAX_REPLY_TEXT: u32 = 4096;
 
 /// Compression algorithm id: zstd.
 pub const COMPRESS_ZSTD: u8 = 1;

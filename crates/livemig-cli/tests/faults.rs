@@ -1,0 +1,504 @@
+//! Fault injection between `livemig` processes: connections cut by a proxy
+//! at setup, mid-iteration and at each handshake step, a destination or a
+//! source killed mid-migration, a silent peer, a full snapshot disk. The
+//! surviving side must say what happened, a destination that never got GO
+//! must never start, and the same migration retried must succeed.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Output, Stdio};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use livemig::fault_proxy::{Fault, FaultProxy};
+use livemig::workload::XorShift;
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_livemig");
+/// Process memory: 16 MiB of random bytes (every page goes out raw).
+const MEM: &[&str] = &["--size", "16M"];
+const SOURCE: &[&str] = &[
+    "--fill",
+    "random",
+    "--dirty-rate",
+    "8M",
+    "--warmup",
+    "0.1",
+    "--json",
+];
+
+fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+struct Dest {
+    child: Child,
+    stderr: JoinHandle<String>,
+}
+
+/// `livemig incoming` on `addr`, once it says it listens.
+fn incoming(addr: SocketAddr, extra: &[&str]) -> Dest {
+    let uri = format!("tcp:{addr}");
+    let mut child = Command::new(BIN)
+        .args(["incoming", &uri, "--quiet", "--json"])
+        .args(MEM)
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut first = String::new();
+    err.read_line(&mut first).unwrap();
+    assert!(first.starts_with("waiting for a migration"), "{first}");
+    let stderr = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    Dest { child, stderr }
+}
+
+impl Dest {
+    fn finish(self) -> (Output, String) {
+        let out = self.child.wait_with_output().unwrap();
+        (out, self.stderr.join().unwrap())
+    }
+}
+
+fn migrate_cmd(uri: &str, extra: &[&str]) -> Command {
+    let mut c = Command::new(BIN);
+    c.args(["migrate", uri])
+        .args(MEM)
+        .args(SOURCE)
+        .args(extra)
+        .stdin(Stdio::null());
+    c
+}
+
+fn json(out: &Output) -> Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .last()
+        .unwrap_or_else(|| panic!("no JSON; stderr: {}", String::from_utf8_lossy(&out.stderr)));
+    serde_json::from_str(line).unwrap()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A fault-free migration between fresh processes: it completes and the
+/// destination proves it holds the source's memory at stop time.
+fn retry_succeeds() {
+    let addr = free_addr();
+    let dest = incoming(addr, &[]);
+    let src = migrate_cmd(&format!("tcp:{addr}"), &[]).output().unwrap();
+    let (dst, derr) = dest.finish();
+    assert!(src.status.success(), "retry source: {}", stderr(&src));
+    assert!(dst.status.success(), "retry destination: {derr}");
+    let (s, d) = (json(&src), json(&dst));
+    assert_eq!(s["status"], "completed");
+    assert_eq!(d["verified"], true);
+    assert_eq!(s["digest"], d["digest"], "same memory after the retry");
+}
+
+fn seeded(seed: u64, lo: u64, hi: u64) -> u64 {
+    lo + XorShift::new(seed).next_u64() % (hi - lo)
+}
+
+/// One migration through a proxy with `fault`; returns the source's and
+/// the destination's output.
+fn through(fault: Fault) -> (Output, Output, String) {
+    let addr = free_addr();
+    let dest = incoming(addr, &[]);
+    let proxy = FaultProxy::start(addr, fault).unwrap();
+    let src = migrate_cmd(&proxy.uri(), &[]).output().unwrap();
+    let (dst, derr) = dest.finish();
+    assert!(proxy.has_cut(), "{fault:?} fired");
+    (src, dst, derr)
+}
+
+#[test]
+fn cuts_before_go_fail_both_sides_and_retry_succeeds() {
+    let cases = [
+        (Fault::CutForwardAt(seeded(11, 0, 4096)), "setup"),
+        (
+            Fault::CutForwardAt(seeded(12, 2 << 20, 12 << 20)),
+            "iteration",
+        ),
+        (
+            Fault::CutForwardAt(seeded(13, 2 << 20, 12 << 20)),
+            "iteration",
+        ),
+        (Fault::CutBeforeReply, "reply"),
+    ];
+    for (fault, phase) in cases {
+        let (src, dst, derr) = through(fault);
+        let serr = stderr(&src);
+        assert!(!src.status.success(), "{fault:?}: source must fail");
+        assert_eq!(json(&src)["status"], "failed", "{fault:?}");
+        assert!(
+            serr.contains("sending the stream failed") || serr.contains("no LOADED reply"),
+            "{fault:?}: source says: {serr}"
+        );
+        assert!(
+            !serr.contains("stays paused"),
+            "{fault:?}: no GO was sent: {serr}"
+        );
+        assert!(!dst.status.success(), "{fault:?}: destination must fail");
+        assert!(
+            dst.stdout.is_empty(),
+            "{fault:?}: no result from the destination"
+        );
+        let expect = if phase == "reply" {
+            "no GO from the source"
+        } else {
+            "stream byte"
+        };
+        assert!(derr.contains(expect), "{fault:?}: destination says: {derr}");
+    }
+    retry_succeeds();
+}
+
+#[test]
+fn cut_after_loaded_leaves_neither_running() {
+    let (src, dst, derr) = through(Fault::CutAfterLoaded);
+    let serr = stderr(&src);
+    assert!(!src.status.success());
+    assert!(serr.contains("GO sent"), "{serr}");
+    assert!(serr.contains("source guest stays paused"), "{serr}");
+    assert!(serr.contains("This command exits now"), "{serr}");
+    assert!(
+        !dst.status.success(),
+        "no GO: the destination must not take over"
+    );
+    assert!(derr.contains("no GO from the source"), "{derr}");
+    assert!(derr.contains("never runs"), "{derr}");
+    retry_succeeds();
+}
+
+#[test]
+fn cut_after_go_leaves_the_destination_running() {
+    let (src, dst, derr) = through(Fault::CutAfterGo);
+    let serr = stderr(&src);
+    assert!(!src.status.success());
+    assert!(serr.contains("did not confirm"), "{serr}");
+    assert!(serr.contains("may be running it"), "{serr}");
+    assert!(dst.status.success(), "the destination got GO: {derr}");
+    let d = json(&dst);
+    assert_eq!(d["status"], "completed");
+    assert_eq!(d["verified"], true, "its memory is the source's: {d}");
+}
+
+/// Waits until the proxy has passed `bytes` forward.
+fn wait_forwarded(p: &FaultProxy, bytes: u64) {
+    let t = Instant::now();
+    while p.forwarded() < bytes {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the migration never got going ({} bytes)",
+            p.forwarded()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn killed_destination_fails_the_source_cleanly() {
+    let addr = free_addr();
+    let mut dest = incoming(addr, &[]);
+    let proxy = FaultProxy::start(addr, Fault::None).unwrap();
+    // 4 MiB/s: the migration is mid-stream for seconds.
+    let src = migrate_cmd(&proxy.uri(), &["--max-bandwidth", "4M"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_forwarded(&proxy, 2 << 20);
+    dest.child.kill().unwrap();
+    let src = src.wait_with_output().unwrap();
+    let _ = dest.finish();
+    let serr = stderr(&src);
+    assert!(!src.status.success());
+    assert_eq!(json(&src)["status"], "failed");
+    assert!(
+        serr.contains("sending the stream failed") || serr.contains("no LOADED reply"),
+        "{serr}"
+    );
+    retry_succeeds();
+}
+
+#[test]
+fn killed_source_never_completes_the_destination() {
+    let addr = free_addr();
+    let dest = incoming(addr, &[]);
+    let proxy = FaultProxy::start(addr, Fault::None).unwrap();
+    let mut src = migrate_cmd(&proxy.uri(), &["--max-bandwidth", "4M"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_forwarded(&proxy, 2 << 20);
+    src.kill().unwrap();
+    let _ = src.wait();
+    let (dst, derr) = dest.finish();
+    assert!(!dst.status.success(), "{derr}");
+    assert!(dst.stdout.is_empty(), "no result: {derr}");
+    assert!(derr.contains("loading from tcp:"), "{derr}");
+    assert!(derr.contains("stream byte"), "{derr}");
+    retry_succeeds();
+}
+
+#[test]
+fn silent_source_times_out_naming_it() {
+    let addr = free_addr();
+    let dest = incoming(addr, &["--io-timeout", "1"]);
+    // Connects and sends nothing.
+    let _silent = std::net::TcpStream::connect(addr).unwrap();
+    let (dst, derr) = dest.finish();
+    assert!(!dst.status.success());
+    assert!(derr.contains("the source at tcp:127.0.0.1:"), "{derr}");
+    assert!(
+        derr.contains("sent nothing for 1 s (I/O timeout)"),
+        "{derr}"
+    );
+}
+
+#[test]
+fn announced_channels_that_never_come_time_out() {
+    use livemig::stream::format::FLAG_CHANNELS;
+    use livemig::stream::{BlockDesc, StreamWriter};
+    use std::io::Write;
+    let addr = free_addr();
+    let dest = incoming(addr, &["--io-timeout", "1"]);
+    // A main channel announcing two page channels that never connect.
+    let mut bytes = Vec::new();
+    let mut w = StreamWriter::new(&mut bytes, FLAG_CHANNELS);
+    w.channel(0, 2, 7).unwrap();
+    w.block_list(&[BlockDesc {
+        id: "ram0".into(),
+        len: 16 << 20,
+    }])
+    .unwrap();
+    w.section_end(0).unwrap();
+    drop(w);
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(&bytes).unwrap();
+    let (dst, derr) = dest.finish();
+    drop(s);
+    assert!(!dst.status.success());
+    assert!(
+        derr.contains("accepting connection 1 of 2 page channels"),
+        "{derr}"
+    );
+    assert!(
+        derr.contains("no connection for 1 s (I/O timeout)"),
+        "{derr}"
+    );
+}
+
+#[test]
+fn silent_destination_times_out_naming_it() {
+    // Accepts, reads the stream, never replies.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let sink = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        let mut buf = vec![0u8; 1 << 16];
+        // Reads until the source gives up and closes.
+        while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
+    });
+    let src = migrate_cmd(&format!("tcp:{addr}"), &["--io-timeout", "1"])
+        .output()
+        .unwrap();
+    sink.join().unwrap();
+    let serr = stderr(&src);
+    assert!(!src.status.success());
+    assert!(
+        serr.contains(&format!(
+            "the destination at tcp:{addr} sent nothing for 1 s (I/O timeout)"
+        )),
+        "{serr}"
+    );
+    assert!(serr.contains("no LOADED reply"), "{serr}");
+}
+
+#[test]
+fn snapshot_to_a_full_disk_names_the_file() {
+    let name = "snapshot_to_a_full_disk_names_the_file";
+    let dir = tempfile::tempdir().unwrap();
+    match Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=16M", "tmpfs"])
+        .arg(dir.path())
+        .output()
+    {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => {
+            eprintln!(
+                "SKIPPED {name}: mount -t tmpfs failed: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            );
+            return;
+        }
+        Err(e) => {
+            eprintln!("SKIPPED {name}: cannot run mount: {e}");
+            return;
+        }
+    }
+    let path = dir.path().join("snap.lm");
+    let out = Command::new(BIN)
+        .arg("save")
+        .arg(&path)
+        .args([
+            "--size",
+            "64M",
+            "--fill",
+            "random",
+            "--dirty-rate",
+            "0",
+            "--quiet",
+        ])
+        .output()
+        .unwrap();
+    let _ = Command::new("umount").arg(dir.path()).status();
+    let err = stderr(&out);
+    assert!(!out.status.success());
+    assert!(err.contains("No space left on device"), "{err}");
+    assert!(err.contains(&path.display().to_string()), "{err}");
+}
+
+/// `livemig vm-incoming` on a free port; returns the child and its URI.
+fn vm_incoming() -> (Child, String) {
+    let mut child = Command::new(BIN)
+        .args(["vm-incoming", "tcp:127.0.0.1:0", "--announce"])
+        .args(["--mem", "64M", "--vcpus", "1", "--seconds", "1"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    (child, line.trim().to_string())
+}
+
+#[test]
+fn vm_source_killed_destination_never_starts_the_guest() {
+    if !common::kvm_available("vm_source_killed_destination_never_starts_the_guest") {
+        return;
+    }
+    let (dest, uri) = vm_incoming();
+    let addr: SocketAddr = uri.strip_prefix("tcp:").unwrap().parse().unwrap();
+    let proxy = FaultProxy::start(addr, Fault::None).unwrap();
+    let mut src = Command::new(BIN)
+        .args(["vm-migrate", &proxy.uri()])
+        .args(["--mem", "64M", "--vcpus", "1", "--working-set", "16M"])
+        .args(["--rate", "16M", "--warmup", "0.3", "--max-bandwidth", "4M"])
+        .args(["--quiet"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_forwarded(&proxy, 2 << 20);
+    src.kill().unwrap();
+    let _ = src.wait();
+    let out = dest.wait_with_output().unwrap();
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("loading the VM from tcp:"), "{err}");
+    assert!(err.contains("stream byte"), "{err}");
+    assert!(
+        !err.contains("resuming the guest"),
+        "it must never run: {err}"
+    );
+}
+
+#[test]
+fn vm_destination_killed_source_guest_runs_on() {
+    if !common::kvm_available("vm_destination_killed_source_guest_runs_on") {
+        return;
+    }
+    let (mut dest, uri) = vm_incoming();
+    let addr: SocketAddr = uri.strip_prefix("tcp:").unwrap().parse().unwrap();
+    let proxy = FaultProxy::start(addr, Fault::None).unwrap();
+    let src = Command::new(BIN)
+        .args(["vm-migrate", &proxy.uri()])
+        .args(["--mem", "64M", "--vcpus", "1", "--working-set", "16M"])
+        .args(["--rate", "16M", "--warmup", "0.3", "--max-bandwidth", "4M"])
+        .args(["--json"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_forwarded(&proxy, 2 << 20);
+    dest.kill().unwrap();
+    let _ = dest.wait();
+    let out = src.wait_with_output().unwrap();
+    let err = stderr(&out);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("migration failed: sending the stream failed"),
+        "{err}"
+    );
+    let v = json(&out);
+    assert_eq!(v["status"], "failed");
+    // The guest state the source saw after the failure: resumed, intact.
+    assert_eq!(v["guest"]["self-check"], "passed", "{v}");
+    assert_eq!(v["guest"]["failures"], 0, "{v}");
+}
+
+/// `vm-migrate` through a proxy with `fault` into `vm-incoming`.
+fn vm_through(fault: Fault) -> (Output, Output) {
+    let (dest, uri) = vm_incoming();
+    let addr: SocketAddr = uri.strip_prefix("tcp:").unwrap().parse().unwrap();
+    let proxy = FaultProxy::start(addr, fault).unwrap();
+    let src = Command::new(BIN)
+        .args(["vm-migrate", &proxy.uri()])
+        .args(["--mem", "64M", "--vcpus", "1", "--working-set", "16M"])
+        .args(["--rate", "16M", "--warmup", "0.3", "--quiet"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let dst = dest.wait_with_output().unwrap();
+    assert!(proxy.has_cut(), "{fault:?} fired");
+    (src, dst)
+}
+
+#[test]
+fn vm_handshake_cuts_start_the_guest_at_most_once() {
+    if !common::kvm_available("vm_handshake_cuts_start_the_guest_at_most_once") {
+        return;
+    }
+    // LOADED delivered, GO lost: nobody runs the guest, both say why.
+    let (src, dst) = vm_through(Fault::CutAfterLoaded);
+    let (serr, derr) = (stderr(&src), stderr(&dst));
+    assert!(!src.status.success());
+    assert!(serr.contains("source guest stays paused"), "{serr}");
+    assert!(!dst.status.success(), "{derr}");
+    assert!(derr.contains("no GO from the source"), "{derr}");
+    assert!(
+        !derr.contains("resuming the guest"),
+        "it must never run: {derr}"
+    );
+    // GO delivered, STARTED lost: the destination runs the guest, the
+    // source does not.
+    let (src, dst) = vm_through(Fault::CutAfterGo);
+    let (serr, derr) = (stderr(&src), stderr(&dst));
+    assert!(!src.status.success());
+    assert!(serr.contains("may be running it"), "{serr}");
+    assert!(dst.status.success(), "{derr}");
+    assert!(derr.contains("resuming the guest"), "{derr}");
+    assert!(derr.contains("self-check passed (0 failures)"), "{derr}");
+}
