@@ -1,10 +1,18 @@
 //! One running test guest migrated back and forth 50 times in a row, in one
-//! process, through in-memory pipes. Each hop migrates the current VM out
-//! into a freshly created VM, resumes the new one and drops the old one.
+//! process, through in-memory pipes and (every third hop) loopback TCP
+//! with the full completion handshake. Each hop migrates the current VM
+//! out into a freshly created VM, resumes the new one and drops the old
+//! one.
 //!
 //! After every hop: the guest's self-check passes and its page counter
 //! (kept in guest memory, so it travels with the guest) has moved forward.
 //! At the end: no leaked file descriptors, threads or memory.
+//!
+//! The soak run is the same test with more hops (`LIVEMIG_SOAK_HOPS`):
+//!
+//! ```sh
+//! LIVEMIG_SOAK_HOPS=500 cargo test --release -p minivm --test pingpong -- --nocapture
+//! ```
 
 mod common;
 
@@ -13,10 +21,11 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use livemig::engine::{MigrationHandle, Params, Status};
-use livemig::transport::pipe;
+use livemig::transport::{connect, pipe, Listener, Uri};
 use minivm::migrate::{migrate_in, migrate_out};
 use minivm::{GuestImage, TestGuestConfig, TrackerKind, Vm, VmConfig};
 
+/// Hops of the default run; `LIVEMIG_SOAK_HOPS` overrides it.
 const HOPS: usize = 50;
 /// Hops done before the file-descriptor, thread and memory baseline.
 const WARMUP_HOPS: usize = 2;
@@ -58,13 +67,19 @@ fn status_bytes(field: &str) -> u64 {
         * 1024
 }
 
+fn hops() -> usize {
+    match std::env::var("LIVEMIG_SOAK_HOPS") {
+        Ok(v) => v
+            .parse()
+            .unwrap_or_else(|_| panic!("LIVEMIG_SOAK_HOPS={v}: not a number")),
+        Err(_) => HOPS,
+    }
+}
+
 /// Migrates `src` into a new VM, resumes it and returns it; `src` is dropped.
-/// Alternates the classic bitmap and the default (auto) tracker.
+/// Alternates the classic bitmap and the default (auto) tracker; every
+/// third hop goes over loopback TCP, the others through in-memory pipes.
 fn hop(src: Vm, n: usize) -> Vm {
-    let (w, r) = pipe();
-    let (mut aw, mut ar) = pipe();
-    let cfg = config();
-    let dest = thread::spawn(move || migrate_in(&cfg, r, Some(&mut aw)));
     let kind = if n.is_multiple_of(2) {
         TrackerKind::Auto
     } else {
@@ -74,8 +89,32 @@ fn hop(src: Vm, n: usize) -> Vm {
         verify: true,
         ..Params::default()
     });
-    let stats = migrate_out(&src, kind, handle, w, Some(&mut ar as &mut dyn Read))
-        .unwrap_or_else(|e| panic!("hop {n}: migrate_out ({kind:?}) failed: {e}"));
+    let cfg = config();
+    let (stats, dest) = if n.is_multiple_of(3) {
+        let listener = Listener::bind(&"tcp:127.0.0.1:0".parse::<Uri>().unwrap()).unwrap();
+        let uri = listener.local_uri();
+        let dest = thread::spawn(move || {
+            let inc = listener.accept().expect("accept");
+            migrate_in(&cfg, inc.reader, inc.ack)
+        });
+        let out = connect(&uri).unwrap_or_else(|e| panic!("hop {n}: connect: {e}"));
+        let mut ack = out.ack.expect("TCP has a return path");
+        let stats = migrate_out(
+            &src,
+            kind,
+            handle,
+            out.writer,
+            Some(&mut ack as &mut dyn Read),
+        );
+        (stats, dest)
+    } else {
+        let (w, r) = pipe();
+        let (mut aw, mut ar) = pipe();
+        let dest = thread::spawn(move || migrate_in(&cfg, r, Some(&mut aw)));
+        let stats = migrate_out(&src, kind, handle, w, Some(&mut ar as &mut dyn Read));
+        (stats, dest)
+    };
+    let stats = stats.unwrap_or_else(|e| panic!("hop {n}: migrate_out ({kind:?}) failed: {e}"));
     assert_eq!(stats.status, Status::Completed, "hop {n}");
     let (dst, loaded) = dest
         .join()
@@ -117,7 +156,12 @@ fn fifty_hops_no_failures_no_leaks() {
 
     let mut last = s.pages_written();
     let mut warm: Option<(usize, usize, u64)> = None;
-    for n in 1..=HOPS {
+    let hops = hops();
+    assert!(
+        hops > WARMUP_HOPS,
+        "LIVEMIG_SOAK_HOPS must be above {WARMUP_HOPS}"
+    );
+    for n in 1..=hops {
         vm = hop(vm, n);
         // What the destination restored is the source's counter at pause
         // time: never behind what we saw before the hop.
@@ -146,9 +190,9 @@ fn fifty_hops_no_failures_no_leaks() {
     let (fds_warm, threads_warm, rss_warm) = warm.unwrap();
     let (fds_end, threads_end, rss_end) = (fd_count(), thread_count(), status_bytes("VmRSS"));
     eprintln!(
-        "{HOPS} hops in {:.1} s; guest wrote {last} pages; fds {fds0} -> {fds_warm} -> {fds_end} \
+        "{hops} hops in {:.1} s; guest wrote {last} pages; fds {fds0} -> {fds_warm} -> {fds_end} \
          (one VM: {vm_fds}); threads {threads0} -> {threads_warm} -> {threads_end}; \
-         VmRSS after {WARMUP_HOPS} hops {} MiB, after {HOPS} {} MiB; VmHWM {} MiB",
+         VmRSS after {WARMUP_HOPS} hops {} MiB, after {hops} {} MiB; VmHWM {} MiB",
         t0.elapsed().as_secs_f64(),
         rss_warm >> 20,
         rss_end >> 20,
@@ -157,12 +201,12 @@ fn fifty_hops_no_failures_no_leaks() {
     assert!(vm.guest_status().ok(), "{:?}", vm.guest_status());
     // One live VM after the warm-up and at the end: the same fds and threads.
     assert_eq!(fds_warm, fds0 + vm_fds, "fds after warm-up");
-    assert_eq!(fds_end, fds_warm, "fds leaked over {HOPS} hops");
+    assert_eq!(fds_end, fds_warm, "fds leaked over {hops} hops");
     assert_eq!(threads_warm, threads0 + vm_threads, "threads after warm-up");
-    assert_eq!(threads_end, threads_warm, "threads leaked over {HOPS} hops");
+    assert_eq!(threads_end, threads_warm, "threads leaked over {hops} hops");
     assert!(
         rss_end < rss_warm + RSS_SLACK,
-        "RSS grew from {} MiB to {} MiB over {HOPS} hops (VM size {} MiB)",
+        "RSS grew from {} MiB to {} MiB over {hops} hops (VM size {} MiB)",
         rss_warm >> 20,
         rss_end >> 20,
         MEM_SIZE >> 20
