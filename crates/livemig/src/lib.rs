@@ -55,6 +55,7 @@ pub mod dirty;
 pub mod engine;
 pub mod memory;
 pub mod page_cache;
+pub mod shm;
 pub mod stream;
 pub mod sys;
 pub mod transport;

@@ -1,6 +1,7 @@
 //! Byte transports for the stream: TCP, Unix socket, file, and an
 //! in-memory pipe for tests. Named by URI: `tcp:HOST:PORT`,
-//! `unix:PATH`, `file:PATH`.
+//! `unix:PATH`, `file:PATH`, and `shm:PATH` (same host: shared memory set
+//! up over a Unix socket at PATH, see [`crate::shm`]).
 
 use std::fmt;
 use std::fs::File;
@@ -16,7 +17,7 @@ use std::time::Duration;
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
     /// The URI is not one of the supported forms.
-    #[error("bad migration URI '{0}': expected tcp:HOST:PORT, unix:PATH or file:PATH")]
+    #[error("bad migration URI '{0}': expected tcp:HOST:PORT, unix:PATH, shm:PATH or file:PATH")]
     BadUri(String),
     /// Connecting, listening, accepting or opening failed.
     #[error("{op} {uri}: {source}")]
@@ -27,6 +28,16 @@ pub enum TransportError {
         uri: String,
         /// OS error.
         source: io::Error,
+    },
+    /// Setting up the shared-memory transport failed.
+    #[error("{op} {uri}: {source}")]
+    Shm {
+        /// What was being done.
+        op: &'static str,
+        /// The URI.
+        uri: String,
+        /// What went wrong.
+        source: crate::shm::ShmError,
     },
 }
 
@@ -39,6 +50,9 @@ pub enum Uri {
     Unix(PathBuf),
     /// A file: a snapshot.
     File(PathBuf),
+    /// Shared memory with a process on this host, set up over a Unix
+    /// socket at this path.
+    Shm(PathBuf),
 }
 
 impl FromStr for Uri {
@@ -59,6 +73,7 @@ impl FromStr for Uri {
             }
             "unix" => Ok(Uri::Unix(rest.into())),
             "file" => Ok(Uri::File(rest.into())),
+            "shm" => Ok(Uri::Shm(rest.into())),
             _ => Err(bad()),
         }
     }
@@ -70,6 +85,7 @@ impl fmt::Display for Uri {
             Uri::Tcp(a) => write!(f, "tcp:{a}"),
             Uri::Unix(p) => write!(f, "unix:{}", p.display()),
             Uri::File(p) => write!(f, "file:{}", p.display()),
+            Uri::Shm(p) => write!(f, "shm:{}", p.display()),
         }
     }
 }
@@ -170,6 +186,24 @@ pub fn connect(uri: &Uri) -> Result<Outgoing, TransportError> {
                 ack: None,
             })
         }
+        Uri::Shm(path) => {
+            let (writer, ack) = crate::shm::connect(path).map_err(shm_err("connect to", uri))?;
+            Ok(Outgoing {
+                writer: Box::new(writer),
+                ack: Some(Box::new(ack)),
+            })
+        }
+    }
+}
+
+fn shm_err<'a>(
+    op: &'static str,
+    uri: &'a Uri,
+) -> impl FnOnce(crate::shm::ShmError) -> TransportError + 'a {
+    move |source| TransportError::Shm {
+        op,
+        uri: uri.to_string(),
+        source,
     }
 }
 
@@ -199,6 +233,9 @@ pub enum Listener {
     Unix(UnixListener, Uri, PathBuf),
     /// A snapshot file to read.
     File(Uri, PathBuf),
+    /// Shared memory: the Unix socket its sessions are set up over (the
+    /// path is removed on drop).
+    Shm(UnixListener, Uri, PathBuf),
 }
 
 impl Listener {
@@ -227,6 +264,11 @@ impl Listener {
                 File::open(path).map_err(io_err("open", uri))?;
                 Ok(Listener::File(uri.clone(), path.clone()))
             }
+            Uri::Shm(path) => Ok(Listener::Shm(
+                crate::shm::bind(path).map_err(io_err("listen on", uri))?,
+                uri.clone(),
+                path.clone(),
+            )),
         }
     }
 
@@ -237,7 +279,7 @@ impl Listener {
                 .local_addr()
                 .map(|a| Uri::Tcp(a.to_string()))
                 .unwrap_or_else(|_| u.clone()),
-            Listener::Unix(_, u, _) | Listener::File(u, _) => u.clone(),
+            Listener::Unix(_, u, _) | Listener::File(u, _) | Listener::Shm(_, u, _) => u.clone(),
         }
     }
 
@@ -257,13 +299,20 @@ impl Listener {
                 reader: Box::new(File::open(path).map_err(io_err("open", uri))?),
                 ack: None,
             }),
+            Listener::Shm(l, uri, _) => {
+                let (reader, ack) = crate::shm::accept(l).map_err(shm_err("accept on", uri))?;
+                Ok(Incoming {
+                    reader: Box::new(reader),
+                    ack: Some(Box::new(ack)),
+                })
+            }
         }
     }
 }
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        if let Listener::Unix(_, _, path) = self {
+        if let Listener::Unix(_, _, path) | Listener::Shm(_, _, path) = self {
             let _ = std::fs::remove_file(path);
         }
     }
@@ -358,6 +407,11 @@ mod tests {
             "file:snap.lm".parse::<Uri>().unwrap(),
             Uri::File("snap.lm".into())
         );
+        assert_eq!(
+            "shm:/tmp/x.sock".parse::<Uri>().unwrap(),
+            Uri::Shm("/tmp/x.sock".into())
+        );
+        assert_eq!(Uri::Shm("/tmp/x.sock".into()).to_string(), "shm:/tmp/x.sock");
         for bad in [
             "",
             "tcp:",
@@ -366,6 +420,7 @@ mod tests {
             "tcp::80",
             "udp:x:1",
             "file:",
+            "shm:",
             "nocolon",
         ] {
             assert!(

@@ -429,7 +429,9 @@ fn connect_out(uri: &Uri, handle: &MigrationHandle) -> Result<Conn, String> {
             let c = s.try_clone().map_err(err)?;
             Ok(wrap(s, c, handle))
         }
-        Uri::File(_) => {
+        // Shared memory waits in bounded slices of its own and notices a
+        // dead peer; a cancel takes effect at the next slot.
+        Uri::File(_) | Uri::Shm(_) => {
             let out = connect(uri).map_err(|e| e.to_string())?;
             Ok((out.writer, out.ack))
         }
