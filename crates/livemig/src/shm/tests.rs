@@ -60,7 +60,14 @@ fn two_threads_never_hold_one_slot_together() {
             // The producer filled i's slot with its low byte and length.
             assert_eq!(g.len(), 100 + (i as usize % 3000));
             assert!(b.iter().all(|&x| x == i as u8), "round {i}: torn slot");
-            std::thread::yield_now();
+            // Hold the slot a while: a producer that did not wait for it
+            // would write it now.
+            for _ in 0..4 {
+                std::thread::yield_now();
+            }
+            let mut again = vec![0u8; g.len()];
+            g.read_at(0, &mut again).unwrap();
+            assert_eq!(b, again, "round {i}: slot changed while we held it");
             assert_eq!(m2[idx as usize].swap(0, Ordering::SeqCst), 2);
             seen += 1;
         }
@@ -70,7 +77,7 @@ fn two_threads_never_hold_one_slot_together() {
         let idx = i % 4;
         let mut g = src.acquire(RingId::Tx, idx).unwrap();
         assert_eq!(marks[idx as usize].swap(1, Ordering::SeqCst), 0, "both own slot {idx}");
-        stamp_and_check(&mut g, i as u8, 2);
+        stamp_and_check(&mut g, i as u8, 1);
         g.set_len(100 + (i as usize % 3000)).unwrap();
         assert_eq!(marks[idx as usize].swap(0, Ordering::SeqCst), 1);
     }
@@ -350,7 +357,7 @@ fn two_process_child() {
     let slots = src.slots(RingId::Tx);
     for i in 0..PROC_ROUNDS {
         let mut g = src.acquire(RingId::Tx, i % slots).unwrap();
-        stamp_and_check(&mut g, i as u8, 2);
+        stamp_and_check(&mut g, i as u8, 1);
         g.set_len(4096).unwrap();
     }
     // Wait for the parent's verdict on RX.
@@ -383,7 +390,11 @@ fn two_processes_share_slots_one_owner_at_a_time() {
         let g = dst.acquire(RingId::Tx, i % slots).unwrap();
         assert_eq!(g.len(), 4096);
         g.read_at(0, &mut b).unwrap();
-        std::thread::yield_now();
+        // Hold the slot a while: a child that did not wait for it would
+        // write it now.
+        for _ in 0..4 {
+            std::thread::yield_now();
+        }
         let mut again = vec![0u8; 4096];
         g.read_at(0, &mut again).unwrap();
         // Whole and stable while we hold it: the child never wrote it
