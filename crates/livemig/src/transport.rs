@@ -411,7 +411,10 @@ mod tests {
             "shm:/tmp/x.sock".parse::<Uri>().unwrap(),
             Uri::Shm("/tmp/x.sock".into())
         );
-        assert_eq!(Uri::Shm("/tmp/x.sock".into()).to_string(), "shm:/tmp/x.sock");
+        assert_eq!(
+            Uri::Shm("/tmp/x.sock".into()).to_string(),
+            "shm:/tmp/x.sock"
+        );
         for bad in [
             "",
             "tcp:",

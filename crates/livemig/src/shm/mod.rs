@@ -194,7 +194,9 @@ pub enum ShmError {
         ring: RingId,
     },
     /// The peer closed its socket or died while this side waited.
-    #[error("the peer closed its socket or died while waiting for slot {index} of the {ring} buffer")]
+    #[error(
+        "the peer closed its socket or died while waiting for slot {index} of the {ring} buffer"
+    )]
     PeerGone {
         /// Ring.
         ring: RingId,
@@ -396,6 +398,11 @@ struct Shared {
     rx_held: AtomicUsize,
     timeout: Duration,
     spin: u32,
+    /// Source: the destination's answer to the handshake is not read yet.
+    /// It is read when the socket first becomes readable, so connecting
+    /// never waits for the destination to accept (page channels connect
+    /// before the destination accepts them).
+    reply_pending: std::sync::Mutex<bool>,
 }
 
 /// The four words of one slot's descriptor.
@@ -488,7 +495,7 @@ impl Shared {
             let now = Instant::now();
             if now.duration_since(checked) >= WAIT_SLICE {
                 checked = now;
-                if peer_hung_up(&self.sock).map_err(ShmError::io("poll the session socket"))? {
+                if self.peer_gone()? {
                     // It may have handed the slot over, or closed, just
                     // before it went.
                     return match d.owner.load(Ordering::Acquire) {
@@ -505,6 +512,43 @@ impl Shared {
                     secs: self.timeout.as_secs(),
                 });
             }
+        }
+    }
+
+    /// True when the peer closed the socket or died. On the source, the
+    /// destination's handshake answer arrives on the socket first: an
+    /// acceptance is consumed, a refusal is an error with its reason.
+    fn peer_gone(&self) -> Result<bool, ShmError> {
+        let poll = || peer_hung_up(&self.sock).map_err(ShmError::io("poll the session socket"));
+        if !poll()? {
+            return Ok(false);
+        }
+        let mut pending = self.reply_pending.lock().unwrap_or_else(|e| e.into_inner());
+        if !*pending {
+            return Ok(true);
+        }
+        let mut b = [0u8; 1];
+        match (&self.sock).read(&mut b) {
+            Ok(1) if b[0] == REPLY_OK => {
+                *pending = false;
+                drop(pending);
+                poll()
+            }
+            Ok(1) if b[0] == REPLY_ERR => {
+                // The reason came in the same write: one read, never a
+                // wait on a peer that keeps the socket open.
+                let mut msg = [0u8; 1024];
+                let n = (&self.sock).read(&mut msg).unwrap_or(0);
+                Err(ShmError::Handshake(format!(
+                    "the destination refused: {}",
+                    String::from_utf8_lossy(&msg[..n])
+                )))
+            }
+            Ok(1) => Err(ShmError::Handshake(format!(
+                "unknown answer byte {:#04x}",
+                b[0]
+            ))),
+            _ => Ok(true),
         }
     }
 
@@ -538,6 +582,7 @@ impl fmt::Debug for Session {
 
 impl Session {
     fn new(map: SharedMapping, layout: Layout, side: Side, sock: UnixStream) -> Session {
+        let reply_pending = std::sync::Mutex::new(side == Side::Source);
         let flags = |n: u32| (0..n).map(|_| AtomicBool::new(false)).collect();
         Session(Arc::new(Shared {
             map,
@@ -551,11 +596,14 @@ impl Session {
             rx_held: AtomicUsize::new(0),
             timeout: crate::transport::IO_TIMEOUT,
             spin: DEFAULT_SPIN,
+            reply_pending,
         }))
     }
 
     /// Source side of the handshake over a connected socket: creates the
-    /// shared buffer, sends it, waits for the destination's answer.
+    /// shared buffer and sends it. Does not wait for the destination's
+    /// answer: a refusal ends the first wait for a slot
+    /// ([`ShmError::Handshake`]), see [`Session::confirm`].
     pub fn offer(sock: UnixStream, geometry: Geometry) -> Result<Session, ShmError> {
         let layout = Layout::new(geometry)?;
         let file = create_memfd(MEMFD_NAME, layout.total as u64)
@@ -585,18 +633,33 @@ impl Session {
         drop(file);
         sock.set_read_timeout(Some(crate::transport::IO_TIMEOUT))
             .map_err(ShmError::io("configure the session socket"))?;
-        let mut reply = [0u8; 1];
-        (&sock)
-            .read_exact(&mut reply)
+        Ok(Session::new(map, layout, Side::Source, sock))
+    }
+
+    /// Source: waits for the destination's answer to the handshake (at
+    /// most the session timeout). Optional: the first wait for a slot
+    /// reads it too.
+    pub fn confirm(&self) -> Result<(), ShmError> {
+        let s = &*self.0;
+        let mut pending = s.reply_pending.lock().unwrap_or_else(|e| e.into_inner());
+        if !*pending {
+            return Ok(());
+        }
+        let mut b = [0u8; 1];
+        (&s.sock)
+            .read_exact(&mut b)
             .map_err(|e| ShmError::Handshake(format!("no answer from the destination: {e}")))?;
-        match reply[0] {
-            REPLY_OK => Ok(Session::new(map, layout, Side::Source, sock)),
+        match b[0] {
+            REPLY_OK => {
+                *pending = false;
+                Ok(())
+            }
             REPLY_ERR => {
-                let mut msg = Vec::new();
-                let _ = (&sock).take(1024).read_to_end(&mut msg);
+                let mut msg = [0u8; 1024];
+                let n = (&s.sock).read(&mut msg).unwrap_or(0);
                 Err(ShmError::Handshake(format!(
                     "the destination refused: {}",
-                    String::from_utf8_lossy(&msg)
+                    String::from_utf8_lossy(&msg[..n])
                 )))
             }
             b => Err(ShmError::Handshake(format!("unknown answer byte {b:#04x}"))),
@@ -629,10 +692,7 @@ impl Session {
         }
     }
 
-    fn check_hello(
-        hello: &[u8],
-        file: Option<File>,
-    ) -> Result<(SharedMapping, Layout), ShmError> {
+    fn check_hello(hello: &[u8], file: Option<File>) -> Result<(SharedMapping, Layout), ShmError> {
         let bad = |m: String| ShmError::Handshake(m);
         if hello.len() != HELLO_LEN {
             return Err(bad(format!(
@@ -876,7 +936,10 @@ impl SlotGuard {
         if !self.producer {
             return Err(self.misuse("the consumer may not write".into()));
         }
-        if offset.checked_add(src.len()).is_none_or(|e| e > self.capacity()) {
+        if offset
+            .checked_add(src.len())
+            .is_none_or(|e| e > self.capacity())
+        {
             return Err(self.misuse(format!(
                 "{} bytes at {offset} do not fit {} bytes",
                 src.len(),
@@ -935,9 +998,9 @@ impl Drop for SlotGuard {
         if self.producer {
             d.len.store(self.len as u32, Ordering::Relaxed);
         }
-        if let Err(v) = d
-            .holder
-            .compare_exchange(me, HOLDER_NONE, Ordering::AcqRel, Ordering::Acquire)
+        if let Err(v) =
+            d.holder
+                .compare_exchange(me, HOLDER_NONE, Ordering::AcqRel, Ordering::Acquire)
         {
             log::warn!(
                 "slot {} of the {} buffer: holder mark {v:#x} changed while we held it",

@@ -10,7 +10,9 @@ fn pair(g: Geometry) -> (Session, Session) {
     let (a, b) = UnixStream::pair().unwrap();
     let dest = std::thread::spawn(move || Session::take(b));
     let src = Session::offer(a, g).unwrap();
-    (src, dest.join().unwrap().unwrap())
+    let dest = dest.join().unwrap().unwrap();
+    src.confirm().unwrap();
+    (src, dest)
 }
 
 fn small() -> Geometry {
@@ -54,7 +56,11 @@ fn two_threads_never_hold_one_slot_together() {
         for i in 0..ROUNDS {
             let idx = i % 4;
             let g = dst.acquire(RingId::Tx, idx).unwrap();
-            assert_eq!(m2[idx as usize].swap(2, Ordering::SeqCst), 0, "both own slot {idx}");
+            assert_eq!(
+                m2[idx as usize].swap(2, Ordering::SeqCst),
+                0,
+                "both own slot {idx}"
+            );
             let mut b = vec![0u8; g.len()];
             g.read_at(0, &mut b).unwrap();
             // The producer filled i's slot with its low byte and length.
@@ -76,7 +82,11 @@ fn two_threads_never_hold_one_slot_together() {
     for i in 0..ROUNDS {
         let idx = i % 4;
         let mut g = src.acquire(RingId::Tx, idx).unwrap();
-        assert_eq!(marks[idx as usize].swap(1, Ordering::SeqCst), 0, "both own slot {idx}");
+        assert_eq!(
+            marks[idx as usize].swap(1, Ordering::SeqCst),
+            0,
+            "both own slot {idx}"
+        );
         stamp_and_check(&mut g, i as u8, 1);
         g.set_len(100 + (i as usize % 3000)).unwrap();
         assert_eq!(marks[idx as usize].swap(0, Ordering::SeqCst), 1);
@@ -249,7 +259,10 @@ fn hostile_length_is_rejected_and_slot_released() {
     g.set_len(10).unwrap();
     drop(g);
     // A buggy or hostile producer raises the length after the handover.
-    src.0.desc(RingId::Tx, 0).len.store(1 << 30, Ordering::SeqCst);
+    src.0
+        .desc(RingId::Tx, 0)
+        .len
+        .store(1 << 30, Ordering::SeqCst);
     let e = dst.acquire(RingId::Tx, 0).unwrap_err();
     assert!(
         matches!(e, ShmError::BadLength { len, max: 4096, .. } if len == 1 << 30),
@@ -274,16 +287,14 @@ fn hostile_owner_and_holder_words_are_rejected() {
     let (src, dst) = pair(small());
     src.0.desc(RingId::Tx, 1).owner.store(7, Ordering::SeqCst);
     let e = dst.acquire(RingId::Tx, 1).unwrap_err();
-    assert!(
-        matches!(e, ShmError::Corrupt { value: 7, .. }),
-        "{e}"
-    );
+    assert!(matches!(e, ShmError::Corrupt { value: 7, .. }), "{e}");
     // A slot handed over with the peer's holder mark still set: both
     // would hold it.
     let mut g = src.acquire(RingId::Tx, 2).unwrap();
     g.set_len(1).unwrap();
     drop(g);
-    src.0.desc(RingId::Tx, 2)
+    src.0
+        .desc(RingId::Tx, 2)
         .holder
         .store(HOLDER_PRODUCER, Ordering::SeqCst);
     let e = dst.acquire(RingId::Tx, 2).unwrap_err();
@@ -339,6 +350,31 @@ fn hostile_handshakes_are_refused() {
     assert!(e.contains("memfd"), "{e}");
 }
 
+#[test]
+fn refusal_reaches_the_source_at_its_first_wait() {
+    let (a, b) = UnixStream::pair().unwrap();
+    // The source checks its own layout against the same bounds.
+    let g = Geometry {
+        rx_slots: MAX_SLOTS + 1,
+        ..small()
+    };
+    assert!(Session::offer(a.try_clone().unwrap(), g).is_err());
+    let src = Session::offer(a, small()).unwrap();
+    // A destination refusing the offer, by hand (it keeps its socket open).
+    (&b).write_all(b"Eno room").unwrap();
+    let mut w = src.writer();
+    let mut err = None;
+    for _ in 0..8 {
+        if let Err(e) = w.write(&[0u8; 4096]) {
+            err = Some(e);
+            break;
+        }
+    }
+    let e = err.expect("the ring fills, then the refusal is read");
+    assert!(e.to_string().contains("refused: no room"), "{e}");
+    drop(b);
+}
+
 /// Environment variable naming the socket the child process of
 /// [`two_processes_share_slots_one_owner_at_a_time`] connects to.
 const PEER_ENV: &str = "LIVEMIG_SHM_TEST_PEER";
@@ -360,6 +396,7 @@ fn two_process_child() {
         stamp_and_check(&mut g, i as u8, 1);
         g.set_len(4096).unwrap();
     }
+    src.confirm().unwrap();
     // Wait for the parent's verdict on RX.
     let g = src.acquire(RingId::Rx, 0).unwrap();
     let mut b = [0u8; 2];
@@ -369,7 +406,13 @@ fn two_process_child() {
 
 fn spawn_child(test: &str, path: &Path) -> std::process::Child {
     std::process::Command::new(std::env::current_exe().unwrap())
-        .args([test, "--exact", "--ignored", "--nocapture", "--test-threads=1"])
+        .args([
+            test,
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(PEER_ENV, path)
         .stdout(std::process::Stdio::null())
         .spawn()
@@ -417,7 +460,8 @@ fn two_processes_share_slots_one_owner_at_a_time() {
 fn sleeping_child() {
     let path = std::env::var(PEER_ENV).expect("run by the kill test");
     let sock = UnixStream::connect(path).unwrap();
-    let _src = Session::offer(sock, small()).unwrap();
+    let src = Session::offer(sock, small()).unwrap();
+    src.confirm().unwrap();
     std::thread::sleep(Duration::from_secs(120));
 }
 
