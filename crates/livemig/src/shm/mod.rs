@@ -679,8 +679,13 @@ impl Session {
         let mut s = &sock;
         match result {
             Ok((map, layout)) => {
-                s.write_all(&[REPLY_OK])
-                    .map_err(ShmError::io("answer the source"))?;
+                // A source that has already written all it had (a short
+                // page channel) may have closed its socket before this
+                // answer: what it wrote is in the shared buffer, and its
+                // closed flag tells a finished stream from a dead peer.
+                if let Err(e) = s.write_all(&[REPLY_OK]) {
+                    log::debug!("shm: handshake answer not delivered: {e}");
+                }
                 Ok(Session::new(map, layout, Side::Destination, sock))
             }
             Err(e) => {
@@ -869,10 +874,12 @@ impl Session {
     }
 }
 
-/// Spins before each futex sleep: a handover usually comes within
-/// microseconds while both sides run, and a spin is cheaper than a sleep
-/// and a wake-up system call. Measured in BENCHMARKS.md (section shm).
-pub const DEFAULT_SPIN: u32 = 2000;
+/// Spins before each futex sleep. None by default: on these 2-core hosts
+/// a spinning side takes the core its peer needs to finish the slot, and
+/// `livemig bench` measured the transport slower with spinning (2000
+/// spins) than with an immediate futex sleep (BENCHMARKS.md, section shm).
+/// With 1 MiB slots a handover costs at most one wake-up per MiB.
+pub const DEFAULT_SPIN: u32 = 0;
 
 /// Exclusive use of one slot. Dropping it hands the slot to the peer (a
 /// producer's slot with the length set so far, zero if none) and wakes
