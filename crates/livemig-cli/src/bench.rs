@@ -403,7 +403,7 @@ fn references(c: &Config, json: bool) -> Result<References> {
             bytes_per_sec: median(&shm),
             samples: shm,
             what: format!(
-                "{} in 1 MiB writes through the shm: transport (8 x 1 MiB slots, {spin} spins before a futex sleep), two threads",
+                "{} in 1 MiB writes through the shm: transport (default 4 x 256 KiB slots, {spin} spins before a futex sleep), two threads",
                 human(c.link_bytes)
             ),
         },
@@ -892,6 +892,10 @@ struct MigRow {
     /// Guest bytes moved per second over raw loopback TCP (whatever the
     /// link): how a transport compares with TCP on the same guest.
     guest_ratio_to_tcp: f64,
+    /// Guest throughput over that of the same case (content, channels,
+    /// destination, compression) migrated over TCP in this run, when that
+    /// case ran: above 1 = faster than the TCP migration.
+    guest_ratio_to_tcp_migration: Option<f64>,
     /// The reference that bounds this case.
     limit: &'static str,
     /// Guest throughput over that limit.
@@ -1110,6 +1114,7 @@ fn migration(
             guest_ratio_to_link: ratio(g, link_ref),
             guest_ratio_to_memcpy: ratio(g, refs.memcpy.bytes_per_sec),
             guest_ratio_to_tcp: ratio(g, refs.tcp_loopback.bytes_per_sec),
+            guest_ratio_to_tcp_migration: None,
             limit,
             ratio_to_limit: ratio(g, lim_bps),
             pages: json!({
@@ -1122,6 +1127,25 @@ fn migration(
             verified,
             runs,
         });
+    }
+    let tcp: Vec<(Content, u16, &'static str, Option<String>, f64)> = rows
+        .iter()
+        .filter(|r| r.link == Link::Tcp)
+        .map(|r| {
+            (
+                r.content,
+                r.channels,
+                r.dest,
+                r.compress.clone(),
+                r.guest_bytes_per_sec,
+            )
+        })
+        .collect();
+    for r in rows.iter_mut().filter(|r| r.link != Link::Tcp) {
+        r.guest_ratio_to_tcp_migration = tcp
+            .iter()
+            .find(|t| t.0 == r.content && t.1 == r.channels && t.2 == r.dest && t.3 == r.compress)
+            .map(|t| ratio(r.guest_bytes_per_sec, t.4));
     }
     Ok(rows)
 }
@@ -1580,17 +1604,7 @@ fn print_tables(
         );
         println!(
             "  {:<30}{:>7}{:>10}{:>9}{:>11}{:>11}{:>11}{:>9}{:>9}{:>9}{:>6}",
-            "",
-            "",
-            "GB/s",
-            "GB/s",
-            "/link",
-            "/link",
-            "/limit",
-            "/TCP",
-            "/memcpy",
-            "/GiB",
-            "busy"
+            "", "", "GB/s", "GB/s", "/link", "/link", "/limit", "/TCP", "/memcpy", "/GiB", "busy"
         );
         for r in rows {
             println!(
@@ -1608,6 +1622,19 @@ fn print_tables(
                 r.cpu_share * 100.0,
                 r.limit
             );
+        }
+        let vs: Vec<String> = rows
+            .iter()
+            .filter_map(|r| {
+                r.guest_ratio_to_tcp_migration
+                    .map(|x| format!("{}: {x:.2}x", r.name))
+            })
+            .collect();
+        if !vs.is_empty() {
+            println!("  Guest throughput over the same migration over TCP in this run:");
+            for line in vs {
+                println!("    {line}");
+            }
         }
         if let Some(r) = rows.first() {
             println!(

@@ -4,8 +4,11 @@
 //! digest, sent in the stream, is checked by the destination and compared
 //! here with the source's).
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -131,4 +134,53 @@ fn shm_source_without_destination_fails_clearly() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("connect to shm:"), "{err}");
+}
+
+#[test]
+fn vm_migrate_to_vm_incoming_over_shm() {
+    if !common::kvm_available("vm_migrate_to_vm_incoming_over_shm") {
+        return;
+    }
+    const LAYOUT: &[&str] = &["--mem", "256M", "--vcpus", "2"];
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("vm.sock");
+    let uri = format!("shm:{}", sock.display());
+    let mut dest_args = vec!["vm-incoming", &uri, "--seconds", "1", "--json"];
+    dest_args.extend_from_slice(LAYOUT);
+    let dest = livemig(&dest_args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while !sock.exists() {
+        assert!(t.elapsed() < Duration::from_secs(20), "no socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut src_args = vec!["vm-migrate", &uri, "--json", "--dirty-track", "bitmap"];
+    src_args.extend_from_slice(LAYOUT);
+    src_args.extend_from_slice(&["--working-set", "8M", "--rate", "16M", "--warmup", "0.5"]);
+    let src = livemig(&src_args).stdin(Stdio::null()).output().unwrap();
+    let dst = dest.wait_with_output().unwrap();
+    assert!(
+        src.status.success(),
+        "vm-migrate failed: {}",
+        String::from_utf8_lossy(&src.stderr)
+    );
+    assert!(
+        dst.status.success(),
+        "vm-incoming failed: {}",
+        String::from_utf8_lossy(&dst.stderr)
+    );
+    let s = json_of(&src.stdout, &src.stderr);
+    let d = json_of(&dst.stdout, &dst.stderr);
+    assert_eq!(s["status"], "completed", "{s}");
+    assert_eq!(s["verified"], true, "{s}");
+    assert_eq!(s["guest"]["self-check"], "passed", "{s}");
+    assert_eq!(d["status"], "completed", "{d}");
+    assert_eq!(d["verified"], true, "{d}");
+    assert_eq!(d["guest"]["self-check"], "passed", "{d}");
+    assert_eq!(d["guest"]["failures"], 0, "{d}");
+    assert_eq!(d["digest"], s["digest"], "both sides hold the same memory");
 }

@@ -301,13 +301,14 @@ pub struct Geometry {
 }
 
 impl Default for Geometry {
-    /// TX: 8 slots of 1 MiB (the stream writer hands over 512 KiB and a
-    /// little more at a time, so each write fills one slot); RX: 2 slots of
-    /// 8 KiB (an acknowledgement is at most 4 KiB and 13 bytes).
+    /// TX: 4 slots of 256 KiB: 1 MiB in flight, a size caches hold, so
+    /// the consumer mostly reads bytes still in cache (8 x 1 MiB measured
+    /// the same within this host's noise, BENCHMARKS.md section shm). RX:
+    /// 2 slots of 8 KiB (an acknowledgement is at most 4 KiB and 13 bytes).
     fn default() -> Self {
         Geometry {
-            tx_slots: 8,
-            tx_slot_size: 1 << 20,
+            tx_slots: 4,
+            tx_slot_size: 256 << 10,
             rx_slots: 2,
             rx_slot_size: 8 << 10,
         }
@@ -878,7 +879,7 @@ impl Session {
 /// a spinning side takes the core its peer needs to finish the slot, and
 /// `livemig bench` measured the transport slower with spinning (2000
 /// spins) than with an immediate futex sleep (BENCHMARKS.md, section shm).
-/// With 1 MiB slots a handover costs at most one wake-up per MiB.
+/// With 256 KiB slots a handover costs at most one wake-up per 256 KiB.
 pub const DEFAULT_SPIN: u32 = 0;
 
 /// Exclusive use of one slot. Dropping it hands the slot to the peer (a
