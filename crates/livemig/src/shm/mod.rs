@@ -341,7 +341,7 @@ impl Layout {
             if slots == 0 || slots > MAX_SLOTS {
                 return bad(format!("{name} has {slots} slots (1..={MAX_SLOTS})"));
             }
-            if size == 0 || size > MAX_SLOT_SIZE || size as usize % PAGE != 0 {
+            if size == 0 || size > MAX_SLOT_SIZE || !(size as usize).is_multiple_of(PAGE) {
                 return bad(format!(
                     "{name} slot size {size} is not a multiple of {PAGE} in {PAGE}..={MAX_SLOT_SIZE}"
                 ));

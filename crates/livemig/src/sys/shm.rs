@@ -136,7 +136,7 @@ impl SharedMapping {
     /// The 32-bit word at `offset` as an atomic; None unless aligned and
     /// inside the mapping.
     pub fn word(&self, offset: usize) -> Option<&AtomicU32> {
-        if offset % 4 != 0 || !self.check(offset, 4) {
+        if !offset.is_multiple_of(4) || !self.check(offset, 4) {
             return None;
         }
         // SAFETY: the word lies inside the live mapping (checked) and is
