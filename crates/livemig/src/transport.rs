@@ -477,4 +477,33 @@ mod tests {
         assert_eq!(&b, b"ping");
         t.join().unwrap();
     }
+
+    #[test]
+    fn shm_round_trip_with_return_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let uri = Uri::Shm(dir.path().join("t.sock"));
+        let l = Listener::bind(&uri).unwrap();
+        assert_eq!(l.local_uri(), uri);
+        let t = std::thread::spawn(move || {
+            let mut inc = l.accept().unwrap();
+            let mut all = Vec::new();
+            inc.reader.read_to_end(&mut all).unwrap();
+            inc.ack.as_mut().unwrap().write_all(&all[..4]).unwrap();
+            all
+        });
+        let mut out = connect(&uri).unwrap();
+        // More than the whole ring, so slots are reused.
+        let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        out.writer.write_all(b"ping").unwrap();
+        out.writer.write_all(&big).unwrap();
+        drop(out.writer); // end of stream
+        let mut b = [0u8; 4];
+        out.ack.as_mut().unwrap().read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"ping");
+        let all = t.join().unwrap();
+        assert_eq!(&all[..4], b"ping");
+        assert!(all[4..] == big[..], "the stream arrives intact");
+        // The listener removed its socket file.
+        assert!(!dir.path().join("t.sock").exists());
+    }
 }

@@ -209,10 +209,9 @@ fn peer_death_ends_a_wait() {
     std::thread::sleep(Duration::from_millis(100));
     // The source goes away without closing anything: its socket closes.
     drop(src);
-    let t0 = Instant::now();
+    // PeerGone, not TimedOut: the hang-up ended the wait, not the clock.
     let e = t.join().unwrap().unwrap_err();
     assert!(matches!(e, ShmError::PeerGone { index: 0, .. }), "{e}");
-    assert!(t0.elapsed() < Duration::from_secs(10));
 }
 
 #[test]
