@@ -4,9 +4,12 @@
 //! The destination listens on a Unix socket at PATH. The source connects,
 //! creates the memfd, and passes it with SCM_RIGHTS together with the
 //! layout ([`Geometry`]); the destination checks the layout against its
-//! own bounds and the file's seals and size, maps it and answers. From then
-//! on the socket carries nothing: it only tells each side when the other
-//! is gone (hang-up).
+//! own bounds and the file's seals and size, maps it and answers with one
+//! byte (or a refusal with its reason). The source reads that answer
+//! lazily, at its first wait, so connecting never waits for an accept
+//! (page channels connect before the destination accepts them). Beyond
+//! that the socket carries nothing: it only tells each side when the
+//! other is gone (hang-up).
 //!
 //! # Rings and slots
 //!
@@ -33,6 +36,15 @@
 //! [`WAIT_SLICE`] the waiter also checks the socket, so a peer that closed
 //! it or died ends the wait with [`ShmError::PeerGone`], and after the
 //! session timeout with [`ShmError::TimedOut`].
+//!
+//! # End of stream
+//!
+//! The first page holds a closed flag per ring end. A producer sets its
+//! flag after handing over its last slot (dropping [`ShmWriter`]): the
+//! consumer reads end-of-file once every filled slot is read. A consumer
+//! sets its flag when it stops reading: the producer's next wait fails
+//! ([`ShmError::PeerClosed`], a broken pipe). A producer that dies
+//! without setting its flag is [`ShmError::PeerGone`], never end-of-file.
 //!
 //! # Lock order: TX, then RX
 //!
