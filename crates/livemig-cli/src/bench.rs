@@ -291,6 +291,33 @@ fn tcp_rate(data: &[u8], total: u64) -> Result<f64> {
     })
 }
 
+/// Spins before a futex sleep in the shm reference that measures spinning
+/// against the default.
+const SHM_SPIN: u32 = 2000;
+
+/// Throughput of the shared-memory transport between two threads, with
+/// `spin` spins before each futex sleep (0: sleep at once).
+fn shm_rate(data: &[u8], total: u64, spin: u32) -> Result<f64> {
+    use livemig::shm::{Geometry, Session};
+    let path = std::env::temp_dir().join(format!(
+        "livemig-bench-shm-{}-{spin}.sock",
+        std::process::id()
+    ));
+    let l = livemig::shm::bind(&path)?;
+    let dest = std::thread::spawn(move || -> Result<Session> {
+        let (sock, _) = l.accept()?;
+        Ok(Session::take(sock)?)
+    });
+    let src = Session::offer(UnixStream::connect(&path)?, Geometry::default())?
+        .with_wait(livemig::transport::IO_TIMEOUT, spin);
+    let dst = dest
+        .join()
+        .map_err(|_| anyhow!("shm accept panicked"))??
+        .with_wait(livemig::transport::IO_TIMEOUT, spin);
+    let _ = std::fs::remove_file(&path);
+    stream_rate(src.writer(), dst.reader(), data, total, |_| {})
+}
+
 fn unix_rate(data: &[u8], total: u64) -> Result<f64> {
     let (tx, rx) = UnixStream::pair()?;
     stream_rate(tx, rx, data, total, |s| {
@@ -312,6 +339,10 @@ struct References {
     memcpy: Reference,
     tcp_loopback: Reference,
     unix_socket: Reference,
+    /// The shm transport as configured by default (futex sleep at once).
+    shm: Reference,
+    /// The shm transport spinning [`SHM_SPIN`] times before each sleep.
+    shm_spin: Reference,
 }
 
 fn references(c: &Config, json: bool) -> Result<References> {
@@ -335,6 +366,14 @@ fn references(c: &Config, json: bool) -> Result<References> {
     let unix: Vec<f64> = (0..runs)
         .map(|_| unix_rate(&data, c.link_bytes))
         .collect::<Result<_>>()?;
+    note(json, "shared-memory transport reference");
+    let spin = livemig::shm::DEFAULT_SPIN;
+    let shm: Vec<f64> = (0..runs)
+        .map(|_| shm_rate(&data, c.link_bytes, spin))
+        .collect::<Result<_>>()?;
+    let shm_spin: Vec<f64> = (0..runs)
+        .map(|_| shm_rate(&data, c.link_bytes, SHM_SPIN))
+        .collect::<Result<_>>()?;
     Ok(References {
         memcpy: Reference {
             bytes_per_sec: m,
@@ -357,6 +396,22 @@ fn references(c: &Config, json: bool) -> Result<References> {
             samples: unix,
             what: format!(
                 "{} in 1 MiB writes over a Unix stream socket pair, two threads",
+                human(c.link_bytes)
+            ),
+        },
+        shm: Reference {
+            bytes_per_sec: median(&shm),
+            samples: shm,
+            what: format!(
+                "{} in 1 MiB writes through the shm: transport (default 4 x 256 KiB slots, {spin} spins before a futex sleep), two threads",
+                human(c.link_bytes)
+            ),
+        },
+        shm_spin: Reference {
+            bytes_per_sec: median(&shm_spin),
+            samples: shm_spin,
+            what: format!(
+                "{} in 1 MiB writes through the shm: transport, {SHM_SPIN} spins before each futex sleep, two threads",
                 human(c.link_bytes)
             ),
         },
@@ -659,6 +714,7 @@ fn codecs(c: &Config, refs: &References, json: bool) -> Result<Vec<CodecRow>> {
 enum Link {
     Tcp,
     Unix,
+    Shm,
 }
 
 /// One migration: what the source reported, what the destination loaded.
@@ -705,6 +761,11 @@ fn bind(link: Link) -> Result<Listener> {
         Link::Tcp => Uri::Tcp("127.0.0.1:0".into()),
         Link::Unix => Uri::Unix(std::env::temp_dir().join(format!(
             "livemig-bench-{}-{:?}.sock",
+            std::process::id(),
+            std::thread::current().id()
+        ))),
+        Link::Shm => Uri::Shm(std::env::temp_dir().join(format!(
+            "livemig-bench-shm-{}-{:?}.sock",
             std::process::id(),
             std::thread::current().id()
         ))),
@@ -836,6 +897,13 @@ struct MigRow {
     guest_ratio_to_link: f64,
     /// Guest bytes moved per second over memcpy bandwidth.
     guest_ratio_to_memcpy: f64,
+    /// Guest bytes moved per second over raw loopback TCP (whatever the
+    /// link): how a transport compares with TCP on the same guest.
+    guest_ratio_to_tcp: f64,
+    /// Guest throughput over that of the same case (content, channels,
+    /// destination, compression) migrated over TCP in this run, when that
+    /// case ran: above 1 = faster than the TCP migration.
+    guest_ratio_to_tcp_migration: Option<f64>,
     /// The reference that bounds this case.
     limit: &'static str,
     /// Guest throughput over that limit.
@@ -968,9 +1036,13 @@ fn migration(
         ("compressible lz4", Compressible, lz4),
         ("mostly-zero", MostlyZero, None),
     ] {
-        for link in [Link::Tcp, Link::Unix] {
+        for link in [Link::Tcp, Link::Unix, Link::Shm] {
             for channels in [1u16, 2, 4] {
-                let l = if link == Link::Tcp { "tcp" } else { "unix" };
+                let l = match link {
+                    Link::Tcp => "tcp",
+                    Link::Unix => "unix",
+                    Link::Shm => "shm",
+                };
                 let mut s = sc(
                     &format!("{label}, {l}, {channels}ch"),
                     content,
@@ -1082,6 +1154,7 @@ fn migration(
         let link_ref = match s.link {
             Link::Tcp => refs.tcp_loopback.bytes_per_sec,
             Link::Unix => refs.unix_socket.bytes_per_sec,
+            Link::Shm => refs.shm.bytes_per_sec,
         };
         let g = median(
             &runs
@@ -1100,6 +1173,7 @@ fn migration(
             (MostlyZero, _) => ("memcpy", refs.memcpy.bytes_per_sec),
             (_, Link::Tcp) => ("tcp-loopback", link_ref),
             (_, Link::Unix) => ("unix-socket", link_ref),
+            (_, Link::Shm) => ("memcpy", refs.memcpy.bytes_per_sec),
         };
         let cpu = median(&runs.iter().map(|r| r.cpu_secs).collect::<Vec<_>>());
         let wall = median(&runs.iter().map(|r| r.secs).collect::<Vec<_>>());
@@ -1124,6 +1198,8 @@ fn migration(
             stream_ratio_to_link: ratio(st, link_ref),
             guest_ratio_to_link: ratio(g, link_ref),
             guest_ratio_to_memcpy: ratio(g, refs.memcpy.bytes_per_sec),
+            guest_ratio_to_tcp: ratio(g, refs.tcp_loopback.bytes_per_sec),
+            guest_ratio_to_tcp_migration: None,
             limit,
             ratio_to_limit: ratio(g, lim_bps),
             pages: json!({
@@ -1137,6 +1213,25 @@ fn migration(
             verified,
             runs,
         });
+    }
+    let tcp: Vec<(Content, u16, &'static str, Option<String>, f64)> = rows
+        .iter()
+        .filter(|r| r.link == Link::Tcp)
+        .map(|r| {
+            (
+                r.content,
+                r.channels,
+                r.dest,
+                r.compress.clone(),
+                r.guest_bytes_per_sec,
+            )
+        })
+        .collect();
+    for r in rows.iter_mut().filter(|r| r.link != Link::Tcp) {
+        r.guest_ratio_to_tcp_migration = tcp
+            .iter()
+            .find(|t| t.0 == r.content && t.1 == r.channels && t.2 == r.dest && t.3 == r.compress)
+            .map(|t| ratio(r.guest_bytes_per_sec, t.4));
     }
     Ok(rows)
 }
@@ -1544,6 +1639,8 @@ fn print_tables(
         ("memcpy", &refs.memcpy),
         ("loopback TCP", &refs.tcp_loopback),
         ("Unix socket", &refs.unix_socket),
+        ("shm: transport (futex sleep at once)", &refs.shm),
+        ("shm: transport (2000 spins, then futex)", &refs.shm_spin),
     ] {
         let samples: Vec<String> = r.samples.iter().map(|s| gbs(*s)).collect();
         println!(
@@ -1578,12 +1675,22 @@ fn print_tables(
             human(c.size)
         );
         println!(
-            "  {:<48}{:>7}{:>10}{:>9}{:>11}{:>11}{:>11}{:>9}{:>6}  limit",
-            "case", "time s", "stream", "guest", "stream", "guest", "guest", "CPU s", "CPU"
+            "  {:<48}{:>7}{:>10}{:>9}{:>11}{:>11}{:>11}{:>9}{:>9}{:>9}{:>6}  limit",
+            "case",
+            "time s",
+            "stream",
+            "guest",
+            "stream",
+            "guest",
+            "guest",
+            "guest",
+            "guest",
+            "CPU s",
+            "CPU"
         );
         println!(
-            "  {:<48}{:>7}{:>10}{:>9}{:>11}{:>11}{:>11}{:>9}{:>6}",
-            "", "", "GB/s", "GB/s", "/link", "/link", "/limit", "/GiB", "busy"
+            "  {:<48}{:>7}{:>10}{:>9}{:>11}{:>11}{:>11}{:>9}{:>9}{:>9}{:>6}",
+            "", "", "GB/s", "GB/s", "/link", "/link", "/limit", "/TCP", "/memcpy", "/GiB", "busy"
         );
         for r in rows {
             let page_count = |k: &str| r.pages[k].as_u64().unwrap_or(0);
@@ -1598,7 +1705,7 @@ fn print_tables(
                 _ => String::new(),
             };
             println!(
-                "  {:<48}{:>7.2}{:>10}{:>9}{:>11.2}{:>11.2}{:>11.2}{:>9.2}{:>5.0}%  {}{compressed}",
+                "  {:<48}{:>7.2}{:>10}{:>9}{:>11.2}{:>11.2}{:>11.2}{:>9.2}{:>9.2}{:>9.2}{:>5.0}%  {}{compressed}",
                 r.name,
                 r.secs,
                 gbs(r.stream_bytes_per_sec),
@@ -1606,14 +1713,29 @@ fn print_tables(
                 r.stream_ratio_to_link,
                 r.guest_ratio_to_link,
                 r.ratio_to_limit,
+                r.guest_ratio_to_tcp,
+                r.guest_ratio_to_memcpy,
                 r.cpu_secs_per_gib,
                 r.cpu_share * 100.0,
                 r.limit
             );
         }
+        let vs: Vec<String> = rows
+            .iter()
+            .filter_map(|r| {
+                r.guest_ratio_to_tcp_migration
+                    .map(|x| format!("{}: {x:.2}x", r.name))
+            })
+            .collect();
+        if !vs.is_empty() {
+            println!("  Guest throughput over the same migration over TCP in this run:");
+            for line in vs {
+                println!("    {line}");
+            }
+        }
         if let Some(r) = rows.first() {
             println!(
-                "  (tracker: {}; link = the matching socket reference)",
+                "  (tracker: {}; link = the matching reference: TCP, Unix socket or the shm: transport)",
                 r.tracker
             );
         }

@@ -62,6 +62,7 @@ pub mod engine;
 pub mod fault_proxy;
 pub mod memory;
 pub mod page_cache;
+pub mod shm;
 pub mod stream;
 pub mod sys;
 pub mod transport;

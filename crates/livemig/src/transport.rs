@@ -1,6 +1,7 @@
 //! Byte transports for the stream: TCP, Unix socket, file, and an
 //! in-memory pipe for tests. Named by URI: `tcp:HOST:PORT`,
-//! `unix:PATH`, `file:PATH`.
+//! `unix:PATH`, `file:PATH`, and `shm:PATH` (same host: shared memory set
+//! up over a Unix socket at PATH, see [`crate::shm`]).
 
 use std::fmt;
 use std::fs::File;
@@ -16,7 +17,7 @@ use std::time::Duration;
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
     /// The URI is not one of the supported forms.
-    #[error("bad migration URI '{0}': expected tcp:HOST:PORT, unix:PATH or file:PATH")]
+    #[error("bad migration URI '{0}': expected tcp:HOST:PORT, unix:PATH, shm:PATH or file:PATH")]
     BadUri(String),
     /// Connecting, listening, accepting or opening failed.
     #[error("{op} {uri}: {source}")]
@@ -27,6 +28,16 @@ pub enum TransportError {
         uri: String,
         /// OS error.
         source: io::Error,
+    },
+    /// Setting up the shared-memory transport failed.
+    #[error("{op} {uri}: {source}")]
+    Shm {
+        /// What was being done.
+        op: &'static str,
+        /// The URI.
+        uri: String,
+        /// What went wrong.
+        source: crate::shm::ShmError,
     },
 }
 
@@ -39,6 +50,9 @@ pub enum Uri {
     Unix(PathBuf),
     /// A file: a snapshot.
     File(PathBuf),
+    /// Shared memory with a process on this host, set up over a Unix
+    /// socket at this path.
+    Shm(PathBuf),
 }
 
 impl FromStr for Uri {
@@ -59,6 +73,7 @@ impl FromStr for Uri {
             }
             "unix" => Ok(Uri::Unix(rest.into())),
             "file" => Ok(Uri::File(rest.into())),
+            "shm" => Ok(Uri::Shm(rest.into())),
             _ => Err(bad()),
         }
     }
@@ -70,6 +85,7 @@ impl fmt::Display for Uri {
             Uri::Tcp(a) => write!(f, "tcp:{a}"),
             Uri::Unix(p) => write!(f, "unix:{}", p.display()),
             Uri::File(p) => write!(f, "file:{}", p.display()),
+            Uri::Shm(p) => write!(f, "shm:{}", p.display()),
         }
     }
 }
@@ -247,6 +263,24 @@ pub fn connect_with_timeout(uri: &Uri, io_timeout: Duration) -> Result<Outgoing,
                 ack: None,
             })
         }
+        Uri::Shm(path) => {
+            let (writer, ack) = crate::shm::connect(path).map_err(shm_err("connect to", uri))?;
+            Ok(Outgoing {
+                writer: Box::new(writer),
+                ack: Some(Box::new(ack)),
+            })
+        }
+    }
+}
+
+fn shm_err<'a>(
+    op: &'static str,
+    uri: &'a Uri,
+) -> impl FnOnce(crate::shm::ShmError) -> TransportError + 'a {
+    move |source| TransportError::Shm {
+        op,
+        uri: uri.to_string(),
+        source,
     }
 }
 
@@ -283,6 +317,9 @@ pub enum Listener {
     Unix(UnixListener, Uri, PathBuf),
     /// A snapshot file to read.
     File(Uri, PathBuf),
+    /// Shared memory: the Unix socket its sessions are set up over (the
+    /// path is removed on drop).
+    Shm(UnixListener, Uri, PathBuf),
 }
 
 impl Listener {
@@ -311,6 +348,11 @@ impl Listener {
                 File::open(path).map_err(io_err("open", uri))?;
                 Ok(Listener::File(uri.clone(), path.clone()))
             }
+            Uri::Shm(path) => Ok(Listener::Shm(
+                crate::shm::bind(path).map_err(io_err("listen on", uri))?,
+                uri.clone(),
+                path.clone(),
+            )),
         }
     }
 
@@ -341,6 +383,20 @@ impl Listener {
                 )?;
                 incoming_from(s, uri, format!("the source on {uri}"), io_timeout)
             }
+            Listener::Shm(l, uri, _) => {
+                let (s, _) = poll_accept(
+                    || l.accept(),
+                    |on| l.set_nonblocking(on),
+                    uri,
+                    deadline,
+                    io_timeout,
+                )?;
+                let (reader, ack) = crate::shm::take(s).map_err(shm_err("accept on", uri))?;
+                Ok(Incoming {
+                    reader: Box::new(reader),
+                    ack: Some(Box::new(ack)),
+                })
+            }
             Listener::File(..) => self.accept_with_timeout(io_timeout),
         }
     }
@@ -352,7 +408,7 @@ impl Listener {
                 .local_addr()
                 .map(|a| Uri::Tcp(a.to_string()))
                 .unwrap_or_else(|_| u.clone()),
-            Listener::Unix(_, u, _) | Listener::File(u, _) => u.clone(),
+            Listener::Unix(_, u, _) | Listener::File(u, _) | Listener::Shm(_, u, _) => u.clone(),
         }
     }
 
@@ -380,6 +436,13 @@ impl Listener {
                 reader: Box::new(File::open(path).map_err(io_err("open", uri))?),
                 ack: None,
             }),
+            Listener::Shm(l, uri, _) => {
+                let (reader, ack) = crate::shm::accept(l).map_err(shm_err("accept on", uri))?;
+                Ok(Incoming {
+                    reader: Box::new(reader),
+                    ack: Some(Box::new(ack)),
+                })
+            }
         }
     }
 }
@@ -433,7 +496,7 @@ fn poll_accept<T>(
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        if let Listener::Unix(_, _, path) = self {
+        if let Listener::Unix(_, _, path) | Listener::Shm(_, _, path) = self {
             let _ = std::fs::remove_file(path);
         }
     }
@@ -552,6 +615,14 @@ mod tests {
             "file:snap.lm".parse::<Uri>().unwrap(),
             Uri::File("snap.lm".into())
         );
+        assert_eq!(
+            "shm:/tmp/x.sock".parse::<Uri>().unwrap(),
+            Uri::Shm("/tmp/x.sock".into())
+        );
+        assert_eq!(
+            Uri::Shm("/tmp/x.sock".into()).to_string(),
+            "shm:/tmp/x.sock"
+        );
         for bad in [
             "",
             "tcp:",
@@ -560,6 +631,7 @@ mod tests {
             "tcp::80",
             "udp:x:1",
             "file:",
+            "shm:",
             "nocolon",
         ] {
             assert!(
@@ -664,5 +736,34 @@ mod tests {
         out.ack.as_mut().unwrap().read_exact(&mut b).unwrap();
         assert_eq!(&b, b"ping");
         t.join().unwrap();
+    }
+
+    #[test]
+    fn shm_round_trip_with_return_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let uri = Uri::Shm(dir.path().join("t.sock"));
+        let l = Listener::bind(&uri).unwrap();
+        assert_eq!(l.local_uri(), uri);
+        let t = std::thread::spawn(move || {
+            let mut inc = l.accept().unwrap();
+            let mut all = Vec::new();
+            inc.reader.read_to_end(&mut all).unwrap();
+            inc.ack.as_mut().unwrap().write_all(&all[..4]).unwrap();
+            all
+        });
+        let mut out = connect(&uri).unwrap();
+        // More than the whole ring, so slots are reused.
+        let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        out.writer.write_all(b"ping").unwrap();
+        out.writer.write_all(&big).unwrap();
+        drop(out.writer); // end of stream
+        let mut b = [0u8; 4];
+        out.ack.as_mut().unwrap().read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"ping");
+        let all = t.join().unwrap();
+        assert_eq!(&all[..4], b"ping");
+        assert!(all[4..] == big[..], "the stream arrives intact");
+        // The listener removed its socket file.
+        assert!(!dir.path().join("t.sock").exists());
     }
 }

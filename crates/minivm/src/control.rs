@@ -478,7 +478,11 @@ fn connect_out(uri: &Uri, handle: &MigrationHandle) -> Result<Conn, String> {
             let c = s.try_clone().map_err(err)?;
             Ok(wrap(s, c, handle))
         }
-        Uri::File(_) => {
+        // Shared memory waits for a slot in 20 ms slices of its own and
+        // notices a dead peer at once, but does not poll the cancel flag:
+        // against a destination that stalls with the peer alive, a cancel
+        // takes effect when the wait for a slot ends (IO_TIMEOUT at most).
+        Uri::File(_) | Uri::Shm(_) => {
             let out = connect(uri).map_err(|e| e.to_string())?;
             Ok((out.writer, out.ack))
         }

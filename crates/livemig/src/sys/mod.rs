@@ -2,4 +2,5 @@
 //! lives below this module, each with a `// SAFETY:` note.
 
 pub mod mmap;
+pub mod shm;
 pub mod uffd;
