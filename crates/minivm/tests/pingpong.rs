@@ -138,8 +138,8 @@ fn hop(src: Vm, n: usize) -> Vm {
 }
 
 #[test]
-fn fifty_hops_no_failures_no_leaks() {
-    if !common::kvm_available("fifty_hops_no_failures_no_leaks") {
+fn ping_pong_no_failures_no_leaks() {
+    if !common::kvm_available("ping_pong_no_failures_no_leaks") {
         return;
     }
     let t0 = Instant::now();
