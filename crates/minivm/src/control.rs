@@ -239,8 +239,12 @@ impl ControlledVm {
     fn run_outgoing(&self, uri: Uri, handle: MigrationHandle) {
         let vm = &self.inner.vm;
         let kind = self.inner.tracker;
-        let result = match connect_out(&uri, &handle) {
-            Ok((writer, mut ack)) => migrate_out(
+        // The `dirty-limit` parameter, applied while the migration runs
+        // (it needs the dirty ring: without one the migration fails).
+        let limit = vm.follow_dirty_limit(&handle);
+        let result = match (limit.as_ref().map_err(|e| e.to_string()), connect_out(&uri, &handle)) {
+            (Err(e), _) => migrate_out(vm, kind, handle.clone(), FailWriter(e), None),
+            (Ok(_), Ok((writer, mut ack))) => migrate_out(
                 vm,
                 kind,
                 handle.clone(),
@@ -249,8 +253,9 @@ impl ControlledVm {
             ),
             // Run the engine anyway so the handle (and query-migrate)
             // reports the failure like any other.
-            Err(e) => migrate_out(vm, kind, handle.clone(), FailWriter(e), None),
+            (Ok(_), Err(e)) => migrate_out(vm, kind, handle.clone(), FailWriter(e), None),
         };
+        drop(limit);
         let phase = match result {
             Ok(_) => Phase::MigratedAway,
             Err(e) => {
