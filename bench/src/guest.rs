@@ -316,54 +316,63 @@ impl MemCheck for FillerCheck {
     }
 }
 
-/// A BLAKE3 digest of the memory fed, to compare two VMs' memory.
+/// BLAKE3 digests of the memory fed, one per 4 KiB page of guest address space,
+/// to compare two VMs' memory and say where they differ.
+#[derive(Default)]
 pub struct DigestCheck {
-    hasher: blake3::Hasher,
+    /// Finished pages: (address, digest of its bytes).
+    done: Vec<(u64, [u8; 32])>,
+    /// The page being hashed.
+    current: Option<(u64, blake3::Hasher)>,
+    /// Where the next byte fed is expected.
+    next: u64,
     bytes: u64,
-    next: Option<u64>,
-    gaps: Vec<(u64, u64)>,
-}
-
-impl Default for DigestCheck {
-    fn default() -> Self {
-        DigestCheck {
-            hasher: blake3::Hasher::new(),
-            bytes: 0,
-            next: None,
-            gaps: Vec::new(),
-        }
-    }
 }
 
 /// What a [`DigestCheck`] saw.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Digest {
-    /// BLAKE3 of the bytes, in order.
-    pub hash: [u8; 32],
+    /// (page address, BLAKE3 of the bytes fed in that page), in order.
+    pub pages: Vec<(u64, [u8; 32])>,
     /// How many bytes.
     pub bytes: u64,
 }
 
 impl DigestCheck {
     /// Feeds a chunk (see [`MemCheck::feed`]).
-    pub fn feed(&mut self, addr: u64, chunk: &[u8]) {
-        if let Some(n) = self.next.filter(|&n| n != addr) {
-            self.gaps.push((n, addr));
-        }
-        // The address is part of the digest: the same bytes at other
-        // addresses are other memory.
-        if self.next != Some(addr) {
-            self.hasher.update(&addr.to_le_bytes());
-        }
-        self.hasher.update(chunk);
+    pub fn feed(&mut self, mut addr: u64, mut chunk: &[u8]) {
         self.bytes += chunk.len() as u64;
-        self.next = Some(addr + chunk.len() as u64);
+        while !chunk.is_empty() {
+            let page = addr & !(PAGE - 1);
+            if self.current.as_ref().is_none_or(|(m, _)| *m != page) {
+                if let Some((m, h)) = self.current.take() {
+                    self.done.push((m, *h.finalize().as_bytes()));
+                }
+                self.current = Some((page, blake3::Hasher::new()));
+            }
+            let n = ((page + PAGE - addr) as usize).min(chunk.len());
+            let h = &mut self.current.as_mut().expect("set above").1;
+            // Where a run of bytes starts is hashed too (the same bytes
+            // elsewhere are other memory), but not where a read happened
+            // to split it.
+            if addr != self.next || addr == page {
+                h.update(&addr.to_le_bytes());
+            }
+            h.update(&chunk[..n]);
+            addr += n as u64;
+            self.next = addr;
+            chunk = &chunk[n..];
+        }
     }
 
-    /// The digest.
+    /// The digests.
     pub fn finish(&self) -> Digest {
+        let mut pages = self.done.clone();
+        if let Some((m, h)) = &self.current {
+            pages.push((*m, *h.finalize().as_bytes()));
+        }
         Digest {
-            hash: *self.hasher.finalize().as_bytes(),
+            pages,
             bytes: self.bytes,
         }
     }
@@ -377,27 +386,35 @@ pub fn compare_digests(src: &Digest, dst: &Digest) -> CheckResult {
             detail: "the source's memory dump was empty".into(),
         };
     }
-    if src == dst {
-        CheckResult {
-            ok: true,
-            detail: format!("{} MiB identical to the source", src.bytes >> 20),
-        }
-    } else if src.bytes != dst.bytes {
-        CheckResult {
+    if src.bytes != dst.bytes || src.pages.len() != dst.pages.len() {
+        return CheckResult {
             ok: false,
             detail: format!(
                 "dumps differ in size: source {} bytes, destination {}",
                 src.bytes, dst.bytes
             ),
-        }
-    } else {
-        CheckResult {
+        };
+    }
+    let differ: Vec<u64> = src
+        .pages
+        .iter()
+        .zip(&dst.pages)
+        .filter(|(s, d)| s != d)
+        .map(|(s, _)| s.0)
+        .collect();
+    match differ.first() {
+        None => CheckResult {
+            ok: true,
+            detail: format!("{} MiB identical to the source", src.bytes >> 20),
+        },
+        Some(first) => CheckResult {
             ok: false,
             detail: format!(
-                "destination memory differs from the source's ({} MiB compared)",
-                src.bytes >> 20
+                "destination memory differs from the source's in {} of {} pages, first at {first:#x}",
+                differ.len(),
+                src.pages.len()
             ),
-        }
+        },
     }
 }
 
@@ -545,18 +562,27 @@ mod tests {
     fn digests_compare_contents_and_addresses() {
         let a = vec![7u8; 1 << 16];
         let mut b = a.clone();
-        let digest = |m: &[u8], base: u64| {
+        let split = |m: &[u8], base: u64, piece: usize| {
             let mut d = DigestCheck::default();
-            for (i, c) in m.chunks(5000).enumerate() {
-                d.feed(base + (i * 5000) as u64, c);
+            for (i, c) in m.chunks(piece).enumerate() {
+                d.feed(base + (i * piece) as u64, c);
             }
             d.finish()
         };
+        let digest = |m: &[u8], base: u64| split(m, base, 5000);
         assert!(compare_digests(&digest(&a, 0), &digest(&b, 0)).ok);
+        // How reads split the stream does not matter.
+        assert_eq!(split(&a, 0, 5000), split(&a, 0, 4096));
         b[40000] = 8;
         assert!(!compare_digests(&digest(&a, 0), &digest(&b, 0)).ok);
         assert!(!compare_digests(&digest(&a, 0), &digest(&a, 4096)).ok);
         assert!(!compare_digests(&digest(&a, 0), &digest(&a[..4096], 0)).ok);
         assert!(!compare_digests(&digest(&[], 0), &digest(&[], 0)).ok);
+        // Where: the MiB of the changed byte.
+        let big = vec![1u8; 3 << 20];
+        let mut other = big.clone();
+        other[(2 << 20) + 5] = 0;
+        let r = compare_digests(&digest(&big, 0), &digest(&other, 0));
+        assert!(r.detail.contains("in 1 of 768 pages, first at 0x200000"), "{}", r.detail);
     }
 }

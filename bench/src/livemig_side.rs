@@ -123,7 +123,7 @@ fn run_inner(case: &Case, dir: &Path, minivm: &Path, out: &mut Outcome) -> Resul
     }
     let mut src = Proc::spawn("minivm source", cmd, &dir.join("src.log"))?;
     let src_reader = idle.then(|| {
-        DumpReader::start(&src_fifo, vec![(0, dump_size)], DigestCheck::default())
+        DumpReader::start(vec![(src_fifo.clone(), 0, dump_size)], DigestCheck::default())
     });
 
     let mut dc = connect(&dst_sock, &mut dst)?;
@@ -158,8 +158,7 @@ fn run_inner(case: &Case, dir: &Path, minivm: &Path, out: &mut Outcome) -> Resul
     let uri = format!("tcp:127.0.0.1:{}", free_port()?);
     exec(&mut dc, &dst_sock, "migrate-incoming", json!({"uri": uri.clone()}))?;
     let dst_reader = DumpReader::start(
-        &dst_fifo,
-        vec![(0, dump_size)],
+        vec![(dst_fifo.clone(), 0, dump_size)],
         check_for(case).map_or(Err(DigestCheck::default()), Ok),
     );
     exec(&mut sc, &src_sock, "migrate", json!({"uri": uri}))?;

@@ -80,7 +80,9 @@ pub fn qemu_args(
         ),
     ];
     if incoming {
-        a.extend(["-incoming".into(), "defer".into()]);
+        // -S: stays paused after the migration, so its memory can be read
+        // exactly as it arrived before the guest runs on.
+        a.extend(["-incoming".into(), "defer".into(), "-S".into()]);
     }
     a
 }
@@ -140,14 +142,19 @@ fn start_vm(
     })
 }
 
-/// Dumps `regions` of a (paused) QEMU through `pmemsave` into a FIFO.
+/// Dumps `regions` of a (paused) QEMU through `pmemsave`, one FIFO each.
 fn dump<T: crate::run::Feed>(vm: &mut Vm, dir: &Path, regions: &[(u64, u64)], sink: T) -> Result<T> {
-    let fifo = dir.join(format!("dump-{}.fifo", vm.qmp_path.file_stem().unwrap().to_string_lossy()));
-    if !fifo.exists() {
-        mkfifo(&fifo)?;
+    let name = vm.qmp_path.file_stem().unwrap_or_default().to_string_lossy().to_string();
+    let mut list = Vec::new();
+    for (i, &(addr, size)) in regions.iter().enumerate() {
+        let fifo = dir.join(format!("dump-{name}-{i}.fifo"));
+        if !fifo.exists() {
+            mkfifo(&fifo)?;
+        }
+        list.push((fifo, addr, size));
     }
-    let reader = DumpReader::start(&fifo, regions.to_vec(), sink);
-    for &(addr, size) in regions {
+    let reader = DumpReader::start(list.clone(), sink);
+    for (fifo, addr, size) in &list {
         vm.qmp.execute(
             "pmemsave",
             json!({"val": addr, "size": size, "filename": fifo.display().to_string()}),
@@ -260,15 +267,23 @@ fn run_inner(case: &Case, dir: &Path, out: &mut Outcome) -> Result<()> {
         }
         return Ok(());
     }
-    // The destination runs the guest now: let it run, then pause it.
-    std::thread::sleep(Duration::from_secs(1));
-    let st = dst.qmp.execute("query-status", Value::Null)?;
-    if st["status"] != "running" {
-        bail!("destination QEMU is {} after the migration, not running", st["status"]);
-    }
-    dst.qmp.execute("stop", Value::Null)?;
+    // The destination is paused (-S). Idle: compare its memory as it
+    // arrived with the source's (SeaBIOS code that runs once the guest is
+    // resumed changes a few bytes of its own data). Others: resume the
+    // guest, let it run a second, pause it, check its invariant.
+    let resume = |dst: &mut Vm| -> Result<()> {
+        dst.qmp.execute("cont", Value::Null)?;
+        std::thread::sleep(Duration::from_secs(1));
+        let st = dst.qmp.execute("query-status", Value::Null)?;
+        if st["status"] != "running" {
+            bail!("destination QEMU is {} after the migration, not running", st["status"]);
+        }
+        Ok(())
+    };
     let check = match check_for(case) {
         Some(c) => {
+            resume(&mut dst)?;
+            dst.qmp.execute("stop", Value::Null)?;
             let regions = [(0, case.end)];
             let c = dump(&mut dst, dir, &regions, c)?;
             c.finish()
@@ -284,6 +299,7 @@ fn run_inner(case: &Case, dir: &Path, out: &mut Outcome) -> Result<()> {
             }
             let d = dump(&mut dst, dir, &regions, DigestCheck::default())?.finish();
             let s = dump(&mut src, dir, &regions, DigestCheck::default())?.finish();
+            resume(&mut dst)?;
             compare_digests(&s, &d)
         }
     };
@@ -339,7 +355,7 @@ FlatView #1
         .join(" ");
         assert!(a.contains("-accel kvm,dirty-ring-size=4096"), "{a}");
         assert!(a.contains("-cpu host,-arch-capabilities"), "{a}");
-        assert!(a.contains("-m 1024M") && a.contains("-incoming defer"), "{a}");
+        assert!(a.contains("-m 1024M") && a.contains("-incoming defer -S"), "{a}");
         assert!(a.contains("-qmp unix:/q,server=on,wait=off"), "{a}");
         let b = qemu_args(Path::new("/d"), 1 << 30, Path::new("/q"), Path::new("/s"), false, None)
             .join(" ");

@@ -251,20 +251,24 @@ impl Feed for DigestCheck {
     }
 }
 
-/// Reads memory dumps of `regions` (address, size), one writer each in
-/// turn, from the FIFO at `fifo` in a thread, feeding `sink`.
+/// One memory dump to read: the FIFO it arrives on, its guest address
+/// and size. A FIFO per dump: a writer that reopens one FIFO before the
+/// reader saw the previous writer's end would merge two dumps.
+pub type Region = (PathBuf, u64, u64);
+
+/// Reads memory dumps, one after the other, in a thread, feeding `sink`.
 pub struct DumpReader<T: Feed> {
-    fifo: PathBuf,
+    fifos: Vec<PathBuf>,
     thread: Option<JoinHandle<(T, Result<()>)>>,
 }
 
 impl<T: Feed> DumpReader<T> {
-    /// Starts reading.
-    pub fn start(fifo: &Path, regions: Vec<(u64, u64)>, mut sink: T) -> DumpReader<T> {
-        let path = fifo.to_path_buf();
+    /// Starts reading `regions` in order.
+    pub fn start(regions: Vec<Region>, mut sink: T) -> DumpReader<T> {
+        let fifos = regions.iter().map(|r| r.0.clone()).collect();
         let thread = std::thread::spawn(move || {
             let mut buf = vec![0u8; 1 << 20];
-            for (addr, size) in regions {
+            for (path, addr, size) in regions {
                 let r = (|| -> Result<()> {
                     let mut f = File::open(&path)
                         .with_context(|| format!("opening FIFO {}", path.display()))?;
@@ -280,7 +284,8 @@ impl<T: Feed> DumpReader<T> {
                     }
                     if at != addr + size {
                         bail!(
-                            "memory dump of {addr:#x}+{size:#x} ended after {} bytes",
+                            "memory dump of {addr:#x}+{size:#x} on {} ended after {} bytes",
+                            path.display(),
                             at - addr
                         );
                     }
@@ -293,7 +298,7 @@ impl<T: Feed> DumpReader<T> {
             (sink, Ok(()))
         });
         DumpReader {
-            fifo: fifo.to_path_buf(),
+            fifos,
             thread: Some(thread),
         }
     }
@@ -311,7 +316,11 @@ impl<T: Feed> DumpReader<T> {
                     sink,
                     Err(anyhow::anyhow!(
                         "no complete memory dump arrived on {} within {timeout:?}",
-                        self.fifo.display()
+                        self.fifos
+                            .iter()
+                            .map(|f| f.display().to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     )),
                 );
             }
@@ -320,15 +329,17 @@ impl<T: Feed> DumpReader<T> {
         t.join().expect("dump reader panicked")
     }
 
-    /// Opens the FIFO for writing (non-blocking) and closes it until the
-    /// reader ends: each open ends one region's read with a short dump.
+    /// Opens the FIFOs for writing (non-blocking) and closes them until
+    /// the reader ends: a reader waiting on one then sees a short dump.
     fn unblock_until(&self, t: &JoinHandle<(T, Result<()>)>) {
         use std::os::unix::fs::OpenOptionsExt;
         while !t.is_finished() {
-            let _ = std::fs::OpenOptions::new()
-                .write(true)
-                .custom_flags(libc::O_NONBLOCK)
-                .open(&self.fifo);
+            for f in &self.fifos {
+                let _ = std::fs::OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_NONBLOCK)
+                    .open(f);
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -445,16 +456,20 @@ mod tests {
     fn dump_reader_reads_regions_and_reports_short_dumps() {
         let dir = std::env::temp_dir().join(format!("dump-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let fifo = dir.join("d.fifo");
-        mkfifo(&fifo).unwrap();
-        let r = DumpReader::start(&fifo, vec![(0, 10), (100, 5)], DigestCheck::default());
-        std::fs::write(&fifo, [1u8; 10]).unwrap();
-        std::fs::write(&fifo, [2u8; 3]).unwrap();
+        let (a, b) = (dir.join("a.fifo"), dir.join("b.fifo"));
+        mkfifo(&a).unwrap();
+        mkfifo(&b).unwrap();
+        let r = DumpReader::start(
+            vec![(a.clone(), 0, 10), (b.clone(), 100, 5)],
+            DigestCheck::default(),
+        );
+        std::fs::write(&a, [1u8; 10]).unwrap();
+        std::fs::write(&b, [2u8; 3]).unwrap();
         let (d, res) = r.finish(Duration::from_secs(5));
         assert!(res.unwrap_err().to_string().contains("ended after 3 bytes"));
         assert_eq!(d.finish().bytes, 13);
         // A writer that never comes: finish unblocks and says so.
-        let r = DumpReader::start(&fifo, vec![(0, 10)], DigestCheck::default());
+        let r = DumpReader::start(vec![(a.clone(), 0, 10)], DigestCheck::default());
         let (_, res) = r.finish(Duration::from_millis(200));
         assert!(res.is_err());
         std::fs::remove_dir_all(&dir).unwrap();
