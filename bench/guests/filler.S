@@ -4,8 +4,14 @@
 # xorshift32 (x ^= x << 13; x ^= x >> 17; x ^= x << 5) started from SEED.
 # Ring-0 code is emulated on nested-PVM hosts (thousands of times slower
 # than ring 3), so each page is written with one `rep stosd` rather than a
-# word-by-word loop. A ring-3 fill was tried: enabling paging from 32-bit
-# guest code (which ring 3 needs there) shuts the VM down on these hosts.
+# word-by-word loop: about 95 s per GiB there (first touch included), which
+# is why the harness fills 256 MiB by default (--filler-size).
+# Ring 3 was tried and is out of reach from a boot sector on these hosts:
+# iret to ring 3 without paging is an emulation failure; enabling 32-bit
+# paging (4 MiB pages or PAE) shuts the VM down; long mode works and fills
+# 1 GiB from ring 3 in seconds, but neither `int` through the guest's IDT
+# (with or without an IST stack) nor a call gate gets back to ring 0 to
+# print the marker (the VM shuts down), and `out` from ring 3 faults.
 .intel_syntax noprefix
 .include "common.inc"
 .code16

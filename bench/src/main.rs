@@ -3,6 +3,8 @@
 //! table. See README.md ("Side by side with QEMU").
 
 mod guest;
+#[cfg(test)]
+mod guest_tests;
 mod livemig_side;
 mod qemu;
 mod qmp;
@@ -45,6 +47,10 @@ struct Cli {
     /// Only scenarios whose name contains one of these (comma-separated).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Filler guest size (its ring-0 fill takes ~95 s per GiB on
+    /// nested-PVM hosts) [default: 256M, quick 64M].
+    #[arg(long, value_parser = parse_mib)]
+    filler_size: Option<u64>,
     /// Do not build minivm and livemig first (`cargo build --release`).
     #[arg(long)]
     no_build: bool,
@@ -65,7 +71,19 @@ fn main() {
 const GIB: u64 = 1 << 30;
 const MIB: u64 = 1 << 20;
 
-fn cases(quick: bool, budget: Duration) -> Vec<Case> {
+fn parse_mib(s: &str) -> Result<u64, String> {
+    let (n, mul) = match s.strip_suffix(['G', 'g']) {
+        Some(n) => (n, GIB),
+        None => (s.strip_suffix(['M', 'm']).unwrap_or(s), MIB),
+    };
+    n.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mul))
+        .filter(|&b| b >= 4 * MIB && b < 4 * GIB)
+        .ok_or_else(|| format!("'{s}': a size like 256M or 1G, from 4M to below 4G"))
+}
+
+fn cases(quick: bool, budget: Duration, filler_size: Option<u64>) -> Vec<Case> {
     let base = |scenario: &str, guest, mem, end, downtime_ms, variant| Case {
         scenario: scenario.into(),
         guest,
@@ -90,6 +108,7 @@ fn cases(quick: bool, budget: Duration) -> Vec<Case> {
     } else {
         (4 * GIB, 256 * MIB, GIB)
     };
+    let fill = filler_size.unwrap_or(fill);
     let mut v = Vec::new();
     let name = |g: &str, size: u64, dt: u64| {
         if size >= GIB {
@@ -212,7 +231,7 @@ fn run_cli(cli: Cli) -> Result<bool> {
         }
     }
     let budget = Duration::from_secs(cli.budget.unwrap_or(if cli.quick { 15 } else { 30 }));
-    let all = cases(cli.quick, budget);
+    let all = cases(cli.quick, budget, cli.filler_size);
     let cases: Vec<Case> = all
         .into_iter()
         .filter(|c| cli.only.is_empty() || cli.only.iter().any(|o| c.scenario.contains(o.as_str())))
@@ -278,6 +297,9 @@ fn run_cli(cli: Cli) -> Result<bool> {
         let mut command = "cargo run --release -p livemig-harness --".to_string();
         if cli.quick {
             command += " --quick";
+        }
+        if let Some(f) = cli.filler_size {
+            command += &format!(" --filler-size {}M", f >> 20);
         }
         command += &format!(" --write-benchmarks {}", path.display());
         let new = report::replace_section(&doc, &report::section(&rows, &m, &command))

@@ -253,7 +253,7 @@ mod tests {
         let lines: Vec<&str> = t.lines().collect();
         assert!(lines[0].starts_with("scenario") && lines[0].ends_with("check"));
         assert!(lines[1].contains("qemu") && lines[1].ends_with("FAIL"), "{}", lines[1]);
-        assert!(lines[1].contains(" 2000 ") && lines[1].contains(" 768.0 "));
+        assert!(lines[1].contains(" 2000 ") && lines[1].contains(" 1536.0 "));
         assert!(lines[1].contains(" 1000 "), "mbps/8: {}", lines[1]);
         assert!(lines[1].contains(" 805 "), "avg MB/s: {}", lines[1]);
         assert!(lines[2].ends_with("pass"));
