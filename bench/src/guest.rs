@@ -75,7 +75,11 @@ pub struct GuestParams {
 /// The 512-byte boot sector of `kind` with `p` patched in.
 pub fn sector(kind: GuestKind, p: GuestParams) -> [u8; 512] {
     let mut s = *kind.image();
-    assert_eq!(&s[510..], &[0x55, 0xaa], "{kind} sector has no boot signature");
+    assert_eq!(
+        &s[510..],
+        &[0x55, 0xaa],
+        "{kind} sector has no boot signature"
+    );
     let o = PARAMS_OFFSET;
     s[o..o + 4].copy_from_slice(&p.end.to_le_bytes());
     s[o + 4..o + 8].copy_from_slice(&p.seed.max(1).to_le_bytes());
@@ -511,7 +515,11 @@ mod tests {
             1 << 16,
         );
         assert!(!r.ok && r.detail.contains("covered"), "{}", r.detail);
-        let r = run(Box::new(IncrementerCheck::new(end)), &m[FIRST as usize..], 1 << 16);
+        let r = run(
+            Box::new(IncrementerCheck::new(end)),
+            &m[FIRST as usize..],
+            1 << 16,
+        );
         assert!(!r.ok, "a dump without the counter must fail");
     }
 
@@ -554,7 +562,11 @@ mod tests {
             "{}",
             r.detail
         );
-        let r = run(Box::new(FillerCheck::new(end, 99)), &m[..FIRST as usize + 100], 64);
+        let r = run(
+            Box::new(FillerCheck::new(end, 99)),
+            &m[..FIRST as usize + 100],
+            64,
+        );
         assert!(!r.ok && r.detail.contains("covered"), "{}", r.detail);
     }
 
@@ -583,6 +595,10 @@ mod tests {
         let mut other = big.clone();
         other[(2 << 20) + 5] = 0;
         let r = compare_digests(&digest(&big, 0), &digest(&other, 0));
-        assert!(r.detail.contains("in 1 of 768 pages, first at 0x200000"), "{}", r.detail);
+        assert!(
+            r.detail.contains("in 1 of 768 pages, first at 0x200000"),
+            "{}",
+            r.detail
+        );
     }
 }

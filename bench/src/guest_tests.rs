@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use minivm::{GuestImage, SerialOut, Vm, VmConfig};
 
 use crate::guest::{
-    compare_digests, sector, DigestCheck, FillerCheck, GuestKind, GuestParams,
-    IncrementerCheck, MemCheck,
+    compare_digests, sector, DigestCheck, FillerCheck, GuestKind, GuestParams, IncrementerCheck,
+    MemCheck,
 };
 
 const MEM: u64 = 16 << 20;
@@ -139,7 +139,14 @@ fn idle_prints_its_marker_and_leaves_memory_alone() {
     if !kvm("idle_prints_its_marker_and_leaves_memory_alone") {
         return;
     }
-    let (vm, serial) = boot(GuestKind::Idle, GuestParams { end: 1 << 20, seed: 1, n: 1 });
+    let (vm, serial) = boot(
+        GuestKind::Idle,
+        GuestParams {
+            end: 1 << 20,
+            seed: 1,
+            n: 1,
+        },
+    );
     wait_serial(&vm, &serial, "IDLE\n", 1, 30);
     let digest = |vm: &Vm| {
         let mut d = DigestCheck::default();

@@ -34,7 +34,11 @@ fn connect(path: &Path, proc: &mut Proc) -> Result<ControlClient> {
             Ok(c) => return Ok(c),
             Err(e) => {
                 if let Some(st) = proc.exited() {
-                    bail!("minivm exited ({st}) before serving {}: {}", path.display(), proc.log_tail());
+                    bail!(
+                        "minivm exited ({st}) before serving {}: {}",
+                        path.display(),
+                        proc.log_tail()
+                    );
                 }
                 if t0.elapsed() > Duration::from_secs(20) {
                     bail!("control socket {}: {e}", path.display());
@@ -123,12 +127,20 @@ fn run_inner(case: &Case, dir: &Path, minivm: &Path, out: &mut Outcome) -> Resul
     }
     let mut src = Proc::spawn("minivm source", cmd, &dir.join("src.log"))?;
     let src_reader = idle.then(|| {
-        DumpReader::start(vec![(src_fifo.clone(), 0, dump_size)], DigestCheck::default())
+        DumpReader::start(
+            vec![(src_fifo.clone(), 0, dump_size)],
+            DigestCheck::default(),
+        )
     });
 
     let mut dc = connect(&dst_sock, &mut dst)?;
     let mut sc = connect(&src_sock, &mut src)?;
-    wait_marker(&src_serial, case.guest.ready_marker(), &mut src, case.boot_budget)?;
+    wait_marker(
+        &src_serial,
+        case.guest.ready_marker(),
+        &mut src,
+        case.boot_budget,
+    )?;
 
     exec(
         &mut sc,
@@ -156,10 +168,15 @@ fn run_inner(case: &Case, dir: &Path, minivm: &Path, out: &mut Outcome) -> Resul
         }),
     )?;
     let uri = format!("tcp:127.0.0.1:{}", free_port()?);
-    exec(&mut dc, &dst_sock, "migrate-incoming", json!({"uri": uri.clone()}))?;
+    exec(
+        &mut dc,
+        &dst_sock,
+        "migrate-incoming",
+        json!({"uri": uri.clone()}),
+    )?;
     let dst_reader = DumpReader::start(
         vec![(dst_fifo.clone(), 0, dump_size)],
-        check_for(case).map_or(Err(DigestCheck::default()), Ok),
+        check_for(case).ok_or_else(DigestCheck::default),
     );
     exec(&mut sc, &src_sock, "migrate", json!({"uri": uri}))?;
     let (q, converged) = {
@@ -167,7 +184,15 @@ fn run_inner(case: &Case, dir: &Path, minivm: &Path, out: &mut Outcome) -> Resul
         poll_migration(
             case.budget,
             || exec(&mut c.borrow_mut(), &src_sock, "query-migrate", Value::Null),
-            || exec(&mut c.borrow_mut(), &src_sock, "migrate-cancel", Value::Null).map(|_| ()),
+            || {
+                exec(
+                    &mut c.borrow_mut(),
+                    &src_sock,
+                    "migrate-cancel",
+                    Value::Null,
+                )
+                .map(|_| ())
+            },
         )?
     };
     out.take_stats(&q);

@@ -79,7 +79,7 @@ fn parse_mib(s: &str) -> Result<u64, String> {
     n.parse::<u64>()
         .ok()
         .and_then(|n| n.checked_mul(mul))
-        .filter(|&b| b >= 4 * MIB && b < 4 * GIB)
+        .filter(|b| (4 * MIB..4 * GIB).contains(b))
         .ok_or_else(|| format!("'{s}': a size like 256M or 1G, from 4M to below 4G"))
 }
 
@@ -118,14 +118,35 @@ fn cases(quick: bool, budget: Duration, filler_size: Option<u64>) -> Vec<Case> {
         }
     };
     for variant in std_variants {
-        v.push(base(&name("idle", idle_mem, 300), GuestKind::Idle, idle_mem, idle_mem, 300, variant));
+        v.push(base(
+            &name("idle", idle_mem, 300),
+            GuestKind::Idle,
+            idle_mem,
+            idle_mem,
+            300,
+            variant,
+        ));
     }
     for variant in std_variants {
-        v.push(base(&name("filler", fill, 300), GuestKind::Filler, fill, fill, 300, variant));
+        v.push(base(
+            &name("filler", fill, 300),
+            GuestKind::Filler,
+            fill,
+            fill,
+            300,
+            variant,
+        ));
     }
     for dt in [300, 30] {
         for variant in std_variants {
-            v.push(base(&name("incrementer", inc, dt), GuestKind::Incrementer, inc, inc, dt, variant));
+            v.push(base(
+                &name("incrementer", inc, dt),
+                GuestKind::Incrementer,
+                inc,
+                inc,
+                dt,
+                variant,
+            ));
         }
     }
     v.push(base(
@@ -170,7 +191,9 @@ fn machine(qemu: String, refs: &Value) -> Machine {
         qemu,
         date,
         memcpy: refs["memcpy"]["bytes_per_sec"].as_f64().unwrap_or(0.0),
-        tcp: refs["tcp_loopback"]["bytes_per_sec"].as_f64().unwrap_or(0.0),
+        tcp: refs["tcp_loopback"]["bytes_per_sec"]
+            .as_f64()
+            .unwrap_or(0.0),
     }
 }
 
@@ -183,7 +206,10 @@ fn workspace() -> PathBuf {
 
 fn bin_dir() -> Result<PathBuf> {
     let exe = std::env::current_exe().context("locating the harness binary")?;
-    Ok(exe.parent().context("harness binary has no directory")?.to_path_buf())
+    Ok(exe
+        .parent()
+        .context("harness binary has no directory")?
+        .to_path_buf())
 }
 
 /// memcpy and loopback TCP, measured by `livemig bench` in this run.
@@ -227,7 +253,10 @@ fn run_cli(cli: Cli) -> Result<bool> {
     let (minivm, livemig) = (bins.join("minivm"), bins.join("livemig"));
     for b in [&minivm, &livemig] {
         if !b.exists() {
-            bail!("{} is missing: build it with cargo build --release", b.display());
+            bail!(
+                "{} is missing: build it with cargo build --release",
+                b.display()
+            );
         }
     }
     let budget = Duration::from_secs(cli.budget.unwrap_or(if cli.quick { 15 } else { 30 }));
@@ -292,8 +321,8 @@ fn run_cli(cli: Cli) -> Result<bool> {
         print!("{table}");
     }
     if let Some(path) = &cli.write_benchmarks {
-        let doc = std::fs::read_to_string(path)
-            .with_context(|| format!("reading {}", path.display()))?;
+        let doc =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let mut command = "cargo run --release -p livemig-harness --".to_string();
         if cli.quick {
             command += " --quick";
@@ -307,7 +336,10 @@ fn run_cli(cli: Cli) -> Result<bool> {
         std::fs::write(path, new).with_context(|| format!("writing {}", path.display()))?;
         eprintln!("wrote the comparison section of {}", path.display());
     }
-    eprintln!("harness finished in {:.0} s", started.elapsed().as_secs_f64());
+    eprintln!(
+        "harness finished in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
     // livemig's destination must pass its memory check in every case it ran.
     let bad: Vec<String> = rows
         .iter()
@@ -322,10 +354,8 @@ fn run_cli(cli: Cli) -> Result<bool> {
                 r.case.variant,
                 match &r.outcome.check {
                     Some(c) if !c.ok => format!("DESTINATION MEMORY CHECK FAILED: {}", c.detail),
-                    _ if !r.outcome.converged => format!(
-                        "did not complete ({}) {}",
-                        r.outcome.status, r.outcome.note
-                    ),
+                    _ if !r.outcome.converged =>
+                        format!("did not complete ({}) {}", r.outcome.status, r.outcome.note),
                     _ => format!("no memory check ({})", r.outcome.note),
                 }
             )

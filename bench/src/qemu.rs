@@ -36,7 +36,10 @@ pub fn ensure_installed() -> Result<String> {
             .status()
             .context("running apt-get (needed to install QEMU)")?;
         if !st.success() {
-            bail!("apt-get {} failed ({st}): install qemu-system-x86 by hand", args.join(" "));
+            bail!(
+                "apt-get {} failed ({st}): install qemu-system-x86 by hand",
+                args.join(" ")
+            );
         }
     }
     version().context("qemu-system-x86 installed, but qemu-system-x86_64 --version fails")
@@ -74,10 +77,7 @@ pub fn qemu_args(
         "-qmp".into(),
         format!("unix:{},server=on,wait=off", qmp.display()),
         "-drive".into(),
-        format!(
-            "file={},format=raw,if=ide,file.locking=off",
-            disk.display()
-        ),
+        format!("file={},format=raw,if=ide,file.locking=off", disk.display()),
     ];
     if incoming {
         // -S: stays paused after the migration, so its memory can be read
@@ -124,7 +124,9 @@ fn start_vm(
     let qmp_path = dir.join(format!("{name}.qmp"));
     let serial = dir.join(format!("{name}.serial"));
     let mut cmd = Command::new(QEMU);
-    cmd.args(qemu_args(disk, case.mem, &qmp_path, &serial, incoming, dirty_ring));
+    cmd.args(qemu_args(
+        disk, case.mem, &qmp_path, &serial, incoming, dirty_ring,
+    ));
     let mut proc = Proc::spawn(
         &format!("QEMU {name}"),
         cmd,
@@ -143,8 +145,18 @@ fn start_vm(
 }
 
 /// Dumps `regions` of a (paused) QEMU through `pmemsave`, one FIFO each.
-fn dump<T: crate::run::Feed>(vm: &mut Vm, dir: &Path, regions: &[(u64, u64)], sink: T) -> Result<T> {
-    let name = vm.qmp_path.file_stem().unwrap_or_default().to_string_lossy().to_string();
+fn dump<T: crate::run::Feed>(
+    vm: &mut Vm,
+    dir: &Path,
+    regions: &[(u64, u64)],
+    sink: T,
+) -> Result<T> {
+    let name = vm
+        .qmp_path
+        .file_stem()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .to_string();
     let mut list = Vec::new();
     for (i, &(addr, size)) in regions.iter().enumerate() {
         let fifo = dir.join(format!("dump-{name}-{i}.fifo"));
@@ -256,7 +268,11 @@ fn run_inner(case: &Case, dir: &Path, out: &mut Outcome) -> Result<()> {
         poll_migration(
             case.budget,
             || q.borrow_mut().execute("query-migrate", Value::Null),
-            || q.borrow_mut().execute("migrate_cancel", Value::Null).map(|_| ()),
+            || {
+                q.borrow_mut()
+                    .execute("migrate_cancel", Value::Null)
+                    .map(|_| ())
+            },
         )?
     };
     out.take_stats(&q);
@@ -276,7 +292,10 @@ fn run_inner(case: &Case, dir: &Path, out: &mut Outcome) -> Result<()> {
         std::thread::sleep(Duration::from_secs(1));
         let st = dst.qmp.execute("query-status", Value::Null)?;
         if st["status"] != "running" {
-            bail!("destination QEMU is {} after the migration, not running", st["status"]);
+            bail!(
+                "destination QEMU is {} after the migration, not running",
+                st["status"]
+            );
         }
         Ok(())
     };
@@ -355,10 +374,20 @@ FlatView #1
         .join(" ");
         assert!(a.contains("-accel kvm,dirty-ring-size=4096"), "{a}");
         assert!(a.contains("-cpu host,-arch-capabilities"), "{a}");
-        assert!(a.contains("-m 1024M") && a.contains("-incoming defer -S"), "{a}");
+        assert!(
+            a.contains("-m 1024M") && a.contains("-incoming defer -S"),
+            "{a}"
+        );
         assert!(a.contains("-qmp unix:/q,server=on,wait=off"), "{a}");
-        let b = qemu_args(Path::new("/d"), 1 << 30, Path::new("/q"), Path::new("/s"), false, None)
-            .join(" ");
+        let b = qemu_args(
+            Path::new("/d"),
+            1 << 30,
+            Path::new("/q"),
+            Path::new("/s"),
+            false,
+            None,
+        )
+        .join(" ");
         assert!(!b.contains("incoming") && b.contains("-accel kvm "), "{b}");
     }
 }

@@ -99,7 +99,10 @@ impl Qmp {
             .read_line(&mut line)
             .with_context(|| format!("reading QMP socket {}", self.path.display()))?;
         if n == 0 {
-            bail!("QMP socket {}: QEMU closed the connection", self.path.display());
+            bail!(
+                "QMP socket {}: QEMU closed the connection",
+                self.path.display()
+            );
         }
         parse(&line).with_context(|| format!("QMP socket {}", self.path.display()))
     }
@@ -136,8 +139,8 @@ mod tests {
 
     #[test]
     fn parses_each_kind_of_line() {
-        let g = parse(r#"{"QMP": {"version": {"qemu": {"major": 7}}, "capabilities": []}}"#)
-            .unwrap();
+        let g =
+            parse(r#"{"QMP": {"version": {"qemu": {"major": 7}}, "capabilities": []}}"#).unwrap();
         assert!(matches!(g, Message::Greeting(v) if v["version"]["qemu"]["major"] == 7));
         assert_eq!(
             parse(r#"{"return": {"status": "active"}}"#).unwrap(),
@@ -193,7 +196,10 @@ mod tests {
             .execute("migrate", json!({"uri": "tcp:x"}))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("QMP command migrate on") && e.contains("bad"), "{e}");
+        assert!(
+            e.contains("QMP command migrate on") && e.contains("bad"),
+            "{e}"
+        );
         let seen = server.join().unwrap();
         assert_eq!(seen[0], r#"{"execute":"qmp_capabilities"}"#);
         assert_eq!(seen[1], r#"{"execute":"query-status"}"#);

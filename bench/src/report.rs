@@ -183,12 +183,9 @@ pub fn section(rows: &[Row], m: &Machine, command: &str) -> String {
 /// (which carries the markers); appends it when the markers are absent.
 pub fn replace_section(doc: &str, section: &str) -> Result<String, String> {
     match (doc.find(BEGIN), doc.find(END)) {
-        (Some(b), Some(e)) if b < e => Ok(format!(
-            "{}{}{}",
-            &doc[..b],
-            section,
-            &doc[e + END.len()..]
-        )),
+        (Some(b), Some(e)) if b < e => {
+            Ok(format!("{}{}{}", &doc[..b], section, &doc[e + END.len()..]))
+        }
         (None, None) => {
             let sep = if doc.ends_with('\n') { "\n" } else { "\n\n" };
             Ok(format!("{doc}{sep}{section}\n"))
@@ -234,7 +231,11 @@ mod tests {
                 dirty_syncs: 4,
                 check: ok.map(|ok| CheckResult {
                     ok,
-                    detail: if ok { "fine".into() } else { "page 0x1000 stale".into() },
+                    detail: if ok {
+                        "fine".into()
+                    } else {
+                        "page 0x1000 stale".into()
+                    },
                 }),
                 note: String::new(),
             },
@@ -252,7 +253,11 @@ mod tests {
         let t = text_table(&rows);
         let lines: Vec<&str> = t.lines().collect();
         assert!(lines[0].starts_with("scenario") && lines[0].ends_with("check"));
-        assert!(lines[1].contains("qemu") && lines[1].ends_with("FAIL"), "{}", lines[1]);
+        assert!(
+            lines[1].contains("qemu") && lines[1].ends_with("FAIL"),
+            "{}",
+            lines[1]
+        );
         assert!(lines[1].contains(" 2000 ") && lines[1].contains(" 1536.0 "));
         assert!(lines[1].contains(" 1000 "), "mbps/8: {}", lines[1]);
         assert!(lines[1].contains(" 805 "), "avg MB/s: {}", lines[1]);
@@ -293,9 +298,22 @@ mod tests {
             memcpy: 10e9,
             tcp: 3e9,
         };
-        let s = section(&[row("qemu", true, true, Some(true))], &m, "livemig-harness");
+        let s = section(
+            &[row("qemu", true, true, Some(true))],
+            &m,
+            "livemig-harness",
+        );
         assert!(s.starts_with(BEGIN) && s.ends_with(END));
-        for want in ["Xeon", "2 cores", "24 GiB", "6.18", "7.2.22", "2026-11-22", "10.00 GB/s", "3.00 GB/s"] {
+        for want in [
+            "Xeon",
+            "2 cores",
+            "24 GiB",
+            "6.18",
+            "7.2.22",
+            "2026-11-22",
+            "10.00 GB/s",
+            "3.00 GB/s",
+        ] {
             assert!(s.contains(want), "{want} missing: {s}");
         }
     }

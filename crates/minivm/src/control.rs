@@ -242,7 +242,10 @@ impl ControlledVm {
         // The `dirty-limit` parameter, applied while the migration runs
         // (it needs the dirty ring: without one the migration fails).
         let limit = vm.follow_dirty_limit(&handle);
-        let result = match (limit.as_ref().map_err(|e| e.to_string()), connect_out(&uri, &handle)) {
+        let result = match (
+            limit.as_ref().map_err(|e| e.to_string()),
+            connect_out(&uri, &handle),
+        ) {
             (Err(e), _) => migrate_out(vm, kind, handle.clone(), FailWriter(e), None),
             (Ok(_), Ok((writer, mut ack))) => migrate_out(
                 vm,
