@@ -16,17 +16,6 @@ use crate::run::{
     Variant,
 };
 
-/// Why a variant is not run on livemig, or None when it is.
-pub fn unsupported(v: Variant) -> Option<&'static str> {
-    match v {
-        Variant::Channels(_) => Some(
-            "not offered: minivm's VM migration (control socket) is single-channel; \
-             channels exist for process memory only",
-        ),
-        _ => None,
-    }
-}
-
 fn connect(path: &Path, proc: &mut Proc) -> Result<ControlClient> {
     let t0 = std::time::Instant::now();
     loop {
@@ -56,9 +45,6 @@ fn exec(c: &mut ControlClient, path: &Path, cmd: &str, args: Value) -> Result<Va
 
 /// Runs `case` with livemig + minivm (binary `minivm`) in `dir`.
 pub fn run(case: &Case, dir: &Path, minivm: &Path) -> Outcome {
-    if let Some(why) = unsupported(case.variant) {
-        return Outcome::not_offered("livemig", why);
-    }
     let mut out = Outcome {
         system: "livemig".into(),
         ran: true,
@@ -156,6 +142,10 @@ fn run_inner(case: &Case, dir: &Path, minivm: &Path, out: &mut Outcome) -> Resul
         Variant::DirtyLimit(b) => b,
         _ => 0,
     };
+    let channels = match case.variant {
+        Variant::Channels(n) => n,
+        _ => 1,
+    };
     exec(
         &mut sc,
         &src_sock,
@@ -165,6 +155,7 @@ fn run_inner(case: &Case, dir: &Path, minivm: &Path, out: &mut Outcome) -> Resul
             "downtime-limit": case.downtime_ms,
             "xbzrle-cache-size": case.xbzrle_cache,
             "dirty-limit": dirty_limit,
+            "channels": channels,
         }),
     )?;
     let uri = format!("tcp:127.0.0.1:{}", free_port()?);

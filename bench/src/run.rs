@@ -100,16 +100,6 @@ pub struct Outcome {
 }
 
 impl Outcome {
-    /// A system that does not offer this variant.
-    pub fn not_offered(system: &str, why: &str) -> Outcome {
-        Outcome {
-            system: system.into(),
-            status: "n/a".into(),
-            note: why.into(),
-            ..Default::default()
-        }
-    }
-
     /// Takes the figures from a final `query-migrate` answer (QEMU's and
     /// livemig's use the same names).
     pub fn take_stats(&mut self, q: &Value) {

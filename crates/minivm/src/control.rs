@@ -44,7 +44,7 @@ use livemig::transport::{connect, Listener, Uri, IO_TIMEOUT};
 
 use crate::dirty::TrackerKind;
 use crate::guest::GuestImage;
-use crate::migrate::{migrate_out, MigrateError};
+use crate::migrate::{migrate_out, migrate_out_channels, MigrateError};
 use crate::vm::Vm;
 
 /// Where a [`ControlledVm`] is.
@@ -247,13 +247,24 @@ impl ControlledVm {
             connect_out(&uri, &handle),
         ) {
             (Err(e), _) => migrate_out(vm, kind, handle.clone(), FailWriter(e), None),
-            (Ok(_), Ok((writer, mut ack))) => migrate_out(
-                vm,
-                kind,
-                handle.clone(),
-                writer,
-                ack.as_mut().map(|r| r as &mut dyn Read),
-            ),
+            (Ok(_), Ok((writer, mut ack))) => {
+                // Page channels (parameter `channels` above 1): one more
+                // connection to the same address each, like QEMU multifd.
+                let mut open = |_: u16| -> io::Result<livemig::engine::ChannelWriter> {
+                    match connect_out(&uri, &handle) {
+                        Ok((w, _)) => Ok(w),
+                        Err(e) => Err(io::Error::other(e)),
+                    }
+                };
+                migrate_out_channels(
+                    vm,
+                    kind,
+                    handle.clone(),
+                    writer,
+                    ack.as_mut().map(|r| r as &mut dyn Read),
+                    &mut open,
+                )
+            }
             // Run the engine anyway so the handle (and query-migrate)
             // reports the failure like any other.
             (Ok(_), Err(e)) => migrate_out(vm, kind, handle.clone(), FailWriter(e), None),
@@ -289,13 +300,18 @@ impl ControlledVm {
 
     fn load_incoming(&self, listener: Listener, uri: &str) -> Result<IncomingReport, String> {
         let inc = listener.accept().map_err(|e| e.to_string())?;
-        // One migration per VM: stop listening (removes a unix: socket).
-        drop(listener);
         let t0 = Instant::now();
         let vm = &self.inner.vm;
         let mem = vm.memory();
+        // Page channels of a multi-channel migration arrive on the same
+        // listener after the main connection.
         let loaded = Loader::new(&*mem)
-            .load(inc.reader)
+            .load_channels(inc.reader, || {
+                listener
+                    .accept()
+                    .map(|i| i.reader)
+                    .map_err(io::Error::other)
+            })
             .map_err(|e| e.to_string())
             .and_then(|out| {
                 if out.state.is_empty() {
@@ -317,6 +333,8 @@ impl ControlledVm {
                 }
             }
         }
+        // One migration per VM: stop listening (removes a unix: socket).
+        drop(listener);
         let out = loaded?;
         vm.resume();
         Ok(IncomingReport {
