@@ -57,12 +57,16 @@ fn wait_serial(vm: &Vm, s: &Arc<Mutex<Vec<u8>>>, want: &str, count: usize, secs:
 /// Feeds [0, size) of the paused VM's memory to `feed` (through a dump
 /// file, as the harness reads minivm's dumps).
 fn read_memory(vm: &Vm, size: u64, mut feed: impl FnMut(u64, &[u8])) {
-    let dir = std::env::temp_dir().join(format!("harness-e2e-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!(
+        "harness-e2e-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
     std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(format!("{:?}.bin", std::thread::current().id()));
+    let path = dir.join("memory.bin");
     vm.dump_memory(0, size, &path).expect("dump");
     let bytes = std::fs::read(&path).unwrap();
-    std::fs::remove_file(&path).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
     for (i, c) in bytes.chunks(1 << 16).enumerate() {
         feed((i << 16) as u64, c);
     }
