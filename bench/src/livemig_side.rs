@@ -190,7 +190,10 @@ fn run_inner(case: &Case, dir: &Path, minivm: &Path, out: &mut Outcome) -> Resul
     out.converged = converged;
     if !converged {
         if out.status == "cancelled" {
-            out.note = format!("did not converge within {:?}", case.budget);
+            out.note = format!(
+                "did not converge within {:?} (figures as of the cancel)",
+                case.budget
+            );
         }
         return Ok(());
     }

@@ -279,7 +279,10 @@ fn run_inner(case: &Case, dir: &Path, out: &mut Outcome) -> Result<()> {
     out.converged = converged;
     if !converged {
         if out.status == "cancelled" {
-            out.note = format!("did not converge within {:?}", case.budget);
+            out.note = format!(
+                "did not converge within {:?} (figures as of the cancel)",
+                case.budget
+            );
         }
         return Ok(());
     }

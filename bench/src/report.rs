@@ -64,7 +64,12 @@ fn cells(r: &Row) -> Vec<String> {
         o.system.clone(),
         conv,
         num(o.total_ms.to_string()),
-        num(o.downtime_ms.to_string()),
+        // A migration that did not complete had no downtime.
+        if na || !o.converged {
+            "-".into()
+        } else {
+            o.downtime_ms.to_string()
+        },
         num(o.setup_ms.to_string()),
         num(format!("{:.1}", o.bytes as f64 / (1u64 << 20) as f64)),
         num(format!("{:.0}", o.mbps / 8.0)),
@@ -263,6 +268,13 @@ mod tests {
         assert!(lines[1].contains(" 805 "), "avg MB/s: {}", lines[1]);
         assert!(lines[2].ends_with("pass"));
         assert!(lines[3].contains(" NO "), "{}", lines[3]);
+        let cols: Vec<&str> = lines[3].split_whitespace().collect();
+        assert_eq!(
+            (cols[4], cols[5]),
+            ("2000", "-"),
+            "no downtime: {}",
+            lines[3]
+        );
         assert!(lines[4].contains(" n/a "), "{}", lines[4]);
         assert!(t.contains("check: page 0x1000 stale"));
         let md = markdown_table(&rows);

@@ -354,12 +354,27 @@ pub fn poll_migration(
 ) -> Result<(Value, bool)> {
     let t0 = Instant::now();
     let mut cancelled_at: Option<Instant> = None;
+    let mut last_active: Option<Value> = None;
     loop {
         let q = query()?;
         match q["status"].as_str().unwrap_or("") {
             "completed" => return Ok((q, cancelled_at.is_none())),
-            "failed" | "cancelled" => return Ok((q, false)),
+            "failed" | "cancelled" => {
+                // QEMU drops the figures once cancelled: keep those of the
+                // last poll before, with the final status.
+                let q = match last_active {
+                    Some(mut a) if q.get("ram").is_none() => {
+                        a["status"] = q["status"].clone();
+                        a
+                    }
+                    _ => q,
+                };
+                return Ok((q, false));
+            }
             _ => {}
+        }
+        if q.get("ram").is_some() {
+            last_active = Some(q.clone());
         }
         match cancelled_at {
             None if t0.elapsed() > budget => {
@@ -421,7 +436,11 @@ mod tests {
             Duration::from_millis(250),
             || {
                 n += 1;
-                Ok(json!({"status": if c.get() { "cancelled" } else { "active" }}))
+                Ok(if c.get() {
+                    json!({"status": "cancelled"})
+                } else {
+                    json!({"status": "active", "total-time": n, "ram": {"transferred": 7}})
+                })
             },
             || {
                 cancelled = true;
@@ -432,6 +451,9 @@ mod tests {
         .unwrap();
         assert!(!ok && cancelled);
         assert_eq!(q["status"], "cancelled");
+        // The figures of the last poll before the cancel are kept.
+        assert_eq!(q["ram"]["transferred"], 7);
+        assert!(q["total-time"].as_u64().unwrap() >= 2);
         assert!(n >= 3);
         let (_, ok) = poll_migration(
             Duration::from_secs(5),
