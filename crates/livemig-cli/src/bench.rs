@@ -53,6 +53,9 @@ pub enum Part {
     Migration,
     /// XBZRLE off against on under a live workload.
     Xbzrle,
+    /// Only the references (memcpy, loopback TCP, Unix socket), which
+    /// every run measures: `--only references` skips all the rest.
+    References,
 }
 
 /// `livemig bench`.

@@ -48,7 +48,7 @@ use livemig::transport::{connect, Listener, Uri, IO_TIMEOUT};
 
 use crate::dirty::TrackerKind;
 use crate::guest::GuestImage;
-use crate::migrate::{migrate_out, MigrateError};
+use crate::migrate::{migrate_out, migrate_out_channels, MigrateError};
 use crate::vm::Vm;
 
 /// Where a [`ControlledVm`] is.
@@ -268,18 +268,37 @@ impl ControlledVm {
     fn run_outgoing(&self, uri: Uri, handle: MigrationHandle) {
         let vm = &self.inner.vm;
         let kind = self.inner.tracker;
-        let result = match connect_out(&uri, &handle) {
-            Ok((writer, mut ack)) => migrate_out(
-                vm,
-                kind,
-                handle.clone(),
-                writer,
-                ack.as_mut().map(|r| r as &mut dyn Read),
-            ),
+        // The `dirty-limit` parameter, applied while the migration runs
+        // (it needs the dirty ring: without one the migration fails).
+        let limit = vm.follow_dirty_limit(&handle);
+        let result = match (
+            limit.as_ref().map_err(|e| e.to_string()),
+            connect_out(&uri, &handle),
+        ) {
+            (Err(e), _) => migrate_out(vm, kind, handle.clone(), FailWriter(e), None),
+            (Ok(_), Ok((writer, mut ack))) => {
+                // Page channels (parameter `channels` above 1): one more
+                // connection to the same address each, like QEMU multifd.
+                let mut open = |_: u16| -> io::Result<livemig::engine::ChannelWriter> {
+                    match connect_out(&uri, &handle) {
+                        Ok((w, _)) => Ok(w),
+                        Err(e) => Err(io::Error::other(e)),
+                    }
+                };
+                migrate_out_channels(
+                    vm,
+                    kind,
+                    handle.clone(),
+                    writer,
+                    ack.as_mut().map(|r| r as &mut dyn Read),
+                    &mut open,
+                )
+            }
             // Run the engine anyway so the handle (and query-migrate)
             // reports the failure like any other.
-            Err(e) => migrate_out(vm, kind, handle.clone(), FailWriter(e), None),
+            (Ok(_), Err(e)) => migrate_out(vm, kind, handle.clone(), FailWriter(e), None),
         };
+        drop(limit);
         let phase = match result {
             Ok(_) => Phase::MigratedAway,
             Err(MigrateError::Migration(e @ MigrationError::Unconfirmed(_))) => {
@@ -314,14 +333,22 @@ impl ControlledVm {
 
     fn load_incoming(&self, listener: Listener, uri: &str) -> Result<IncomingReport, String> {
         let inc = listener.accept().map_err(|e| e.to_string())?;
-        // One migration per VM: stop listening (removes a unix: socket).
-        drop(listener);
         let t0 = Instant::now();
         let vm = &self.inner.vm;
         let mem = vm.memory();
         let mut input = inc.reader;
+        // Page channels of a multi-channel migration arrive on the same
+        // listener after the main connection.
         let loaded = Loader::new(&*mem)
-            .load(&mut input)
+            .load_channels(
+                Box::new(&mut input) as Box<dyn std::io::Read + Send + '_>,
+                || {
+                    listener
+                        .accept_announced(livemig::transport::IO_TIMEOUT)
+                        .map(|i| Box::new(i.reader) as Box<dyn std::io::Read + Send + '_>)
+                        .map_err(io::Error::other)
+                },
+            )
             .map_err(|e| e.to_string())
             .and_then(|out| {
                 if out.state.is_empty() {
@@ -342,6 +369,8 @@ impl ControlledVm {
             // No GO: the source keeps the guest; this VM never runs.
             Ok(_) => Some(commit.wait_go().map_err(|e| e.to_string())?),
         };
+        // One migration per VM: stop listening (removes a unix: socket).
+        drop(listener);
         let out = loaded?;
         vm.resume();
         if let Some(Err(e)) = go.map(|g| g.started()) {

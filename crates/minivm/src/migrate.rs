@@ -6,8 +6,8 @@ use std::io::{Read, Write};
 
 use livemig::dirty::DirtyError;
 use livemig::engine::{
-    Commit, CommitError, LoadError, LoadOutcome, Loader, MigrationError, MigrationHandle,
-    MigrationStats, Source,
+    ChannelWriter, Commit, CommitError, LoadError, LoadOutcome, Loader, MigrationError,
+    MigrationHandle, MigrationStats, Source,
 };
 
 use crate::dirty::TrackerKind;
@@ -55,6 +55,26 @@ pub fn migrate_out<W: Write>(
     let mut tracker = vm.tracker(kind)?;
     let mut control = vm.control();
     Ok(Source::new(&*mem, &mut *tracker, &mut control, handle).run(out, ack)?)
+}
+
+/// As [`migrate_out`], with `open(i)` opening the connection of page
+/// channel `i` when the `channels` parameter is above 1 (see
+/// [`Source::run_with_channels`]).
+pub fn migrate_out_channels<W: Write>(
+    vm: &Vm,
+    kind: TrackerKind,
+    handle: MigrationHandle,
+    out: W,
+    ack: Option<&mut dyn Read>,
+    open: &mut dyn FnMut(u16) -> std::io::Result<ChannelWriter>,
+) -> Result<MigrationStats, MigrateError> {
+    let mem = vm.memory();
+    let mut tracker = vm.tracker(kind)?;
+    let mut control = vm.control();
+    Ok(
+        Source::new(&*mem, &mut *tracker, &mut control, handle)
+            .run_with_channels(out, ack, open)?,
+    )
 }
 
 /// Creates a paused VM from `config` (its guest image is ignored: memory

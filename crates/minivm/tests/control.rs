@@ -563,3 +563,45 @@ fn two_minivm_processes() {
     assert!(dst_log.contains("guest resumed"), "{dst_log}");
     assert!(dst_log.contains("self_check=pass"), "{dst_log}");
 }
+
+#[test]
+fn migrate_with_page_channels_between_controlled_vms() {
+    let _g = serial();
+    let Some(mut src) = source("migrate_with_page_channels_between_controlled_vms") else {
+        return;
+    };
+    let dst = ControlledVm::new(Vm::new(dest_config()).unwrap(), TrackerKind::Auto);
+    let dsock = src.dir.join("dst.sock");
+    let _dserver = dst.serve(&dsock, Params::default()).unwrap();
+    let mut dc = ControlClient::connect(&dsock).unwrap();
+    ok(&mut dc, "migrate-incoming", &uri_arg("tcp:127.0.0.1:0"));
+    let Phase::Incoming(uri) = dst.phase() else {
+        panic!("destination not waiting: {:?}", dst.phase());
+    };
+    // Before channels were wired into the control socket's VM migrations,
+    // this failed with "this transport has one stream".
+    ok(
+        &mut src.client,
+        "migrate-set-parameters",
+        "{\"channels\":2}",
+    );
+    ok(
+        &mut src.client,
+        "migrate-set-capabilities",
+        "{\"capabilities\":[{\"capability\":\"verify\",\"state\":true}]}",
+    );
+    ok(&mut src.client, "migrate", &uri_arg(&uri));
+    let q = wait_status(
+        &mut src.client,
+        &["completed", "failed", "cancelled"],
+        Duration::from_secs(60),
+    );
+    assert_eq!(q.status, "completed", "{q:?}");
+    assert_eq!(
+        dst.wait_for(|p| *p == Phase::Running, Duration::from_secs(10)),
+        Some(Phase::Running)
+    );
+    let report = dst.incoming_report().expect("incoming report");
+    assert!(report.verified, "the destination checked the memory digest");
+    assert_guest_runs(dst.vm(), "destination after a 2-channel migration");
+}

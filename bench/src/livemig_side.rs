@@ -1,0 +1,229 @@
+//! The livemig side: two minivm processes (a source running the boot
+//! sector, an incoming destination) on loopback TCP, driven over livemig's
+//! control socket.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use livemig::control::ControlClient;
+use serde_json::{json, Value};
+
+use crate::guest::{self, compare_digests, DigestCheck, GuestParams};
+use crate::run::{
+    check_for, free_port, mkfifo, poll_migration, wait_marker, Case, DumpReader, Outcome, Proc,
+    Variant,
+};
+
+fn connect(path: &Path, proc: &mut Proc) -> Result<ControlClient> {
+    let t0 = std::time::Instant::now();
+    loop {
+        match ControlClient::connect(path) {
+            Ok(c) => return Ok(c),
+            Err(e) => {
+                if let Some(st) = proc.exited() {
+                    bail!(
+                        "minivm exited ({st}) before serving {}: {}",
+                        path.display(),
+                        proc.log_tail()
+                    );
+                }
+                if t0.elapsed() > Duration::from_secs(20) {
+                    bail!("control socket {}: {e}", path.display());
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+fn exec(c: &mut ControlClient, path: &Path, cmd: &str, args: Value) -> Result<Value> {
+    c.execute(cmd, args)
+        .with_context(|| format!("control command {cmd} on {}", path.display()))
+}
+
+/// Runs `case` with livemig + minivm (binary `minivm`) in `dir`.
+pub fn run(case: &Case, dir: &Path, minivm: &Path) -> Outcome {
+    let mut out = Outcome {
+        system: "livemig".into(),
+        ran: true,
+        ..Default::default()
+    };
+    if let Err(e) = run_inner(case, dir, minivm, &mut out) {
+        let note = format!("{e:#}");
+        out.note = if out.note.is_empty() {
+            note
+        } else {
+            format!("{}; {note}", out.note)
+        };
+        if out.status.is_empty() {
+            out.status = "error".into();
+        }
+    }
+    out
+}
+
+fn run_inner(case: &Case, dir: &Path, minivm: &Path, out: &mut Outcome) -> Result<()> {
+    let sector_path = dir.join("sector.bin");
+    let sector = guest::sector(
+        case.guest,
+        GuestParams {
+            end: case.end as u32,
+            seed: case.seed,
+            n: 1,
+        },
+    );
+    std::fs::write(&sector_path, sector)?;
+    let mem = format!("{}M", case.mem >> 20);
+    let (src_sock, dst_sock) = (dir.join("src.sock"), dir.join("dst.sock"));
+    let (src_serial, dst_serial) = (dir.join("src.serial"), dir.join("dst.serial"));
+    let (src_fifo, dst_fifo) = (dir.join("src.fifo"), dir.join("dst.fifo"));
+    mkfifo(&dst_fifo)?;
+    let idle = check_for(case).is_none();
+    // Idle: both memories are compared whole; others: [0, end).
+    let dump_size = if idle { case.mem } else { case.end };
+
+    let mut cmd = Command::new(minivm);
+    cmd.args(["run", "--incoming", "--no-progress-check", "--mem", &mem])
+        .args(["--vcpus", "1", "--seconds", "1"])
+        .arg("--control")
+        .arg(&dst_sock)
+        .arg("--serial")
+        .arg(&dst_serial)
+        .arg("--dump")
+        .arg(format!("0:{dump_size}:{}", dst_fifo.display()));
+    let mut dst = Proc::spawn("minivm destination", cmd, &dir.join("dst.log"))?;
+
+    let mut cmd = Command::new(minivm);
+    cmd.args(["run", "--mem", &mem, "--vcpus", "1"])
+        .arg("--boot-sector")
+        .arg(&sector_path)
+        .arg("--control")
+        .arg(&src_sock)
+        .arg("--serial")
+        .arg(&src_serial);
+    if let Variant::DirtyLimit(_) = case.variant {
+        cmd.args(["--dirty-ring", "4096", "--migrate-tracker", "ring"]);
+    }
+    if idle {
+        mkfifo(&src_fifo)?;
+        cmd.arg("--dump")
+            .arg(format!("0:{dump_size}:{}", src_fifo.display()));
+    }
+    let mut src = Proc::spawn("minivm source", cmd, &dir.join("src.log"))?;
+    let src_reader = idle.then(|| {
+        DumpReader::start(
+            vec![(src_fifo.clone(), 0, dump_size)],
+            DigestCheck::default(),
+        )
+    });
+
+    let mut dc = connect(&dst_sock, &mut dst)?;
+    let mut sc = connect(&src_sock, &mut src)?;
+    wait_marker(
+        &src_serial,
+        case.guest.ready_marker(),
+        &mut src,
+        case.boot_budget,
+    )?;
+
+    exec(
+        &mut sc,
+        &src_sock,
+        "migrate-set-capabilities",
+        json!({"capabilities": [
+            {"capability": "xbzrle", "state": case.variant == Variant::Xbzrle},
+            {"capability": "auto-converge", "state": case.variant == Variant::AutoConverge},
+            {"capability": "verify", "state": false},
+        ]}),
+    )?;
+    let dirty_limit = match case.variant {
+        Variant::DirtyLimit(b) => b,
+        _ => 0,
+    };
+    let channels = match case.variant {
+        Variant::Channels(n) => n,
+        _ => 1,
+    };
+    exec(
+        &mut sc,
+        &src_sock,
+        "migrate-set-parameters",
+        json!({
+            "max-bandwidth": case.max_bandwidth,
+            "downtime-limit": case.downtime_ms,
+            "xbzrle-cache-size": case.xbzrle_cache,
+            "dirty-limit": dirty_limit,
+            "channels": channels,
+        }),
+    )?;
+    let uri = format!("tcp:127.0.0.1:{}", free_port()?);
+    exec(
+        &mut dc,
+        &dst_sock,
+        "migrate-incoming",
+        json!({"uri": uri.clone()}),
+    )?;
+    let dst_reader = DumpReader::start(
+        vec![(dst_fifo.clone(), 0, dump_size)],
+        check_for(case).ok_or_else(DigestCheck::default),
+    );
+    exec(&mut sc, &src_sock, "migrate", json!({"uri": uri}))?;
+    let (q, converged) = {
+        let c = std::cell::RefCell::new(&mut sc);
+        poll_migration(
+            case.budget,
+            || exec(&mut c.borrow_mut(), &src_sock, "query-migrate", Value::Null),
+            || {
+                exec(
+                    &mut c.borrow_mut(),
+                    &src_sock,
+                    "migrate-cancel",
+                    Value::Null,
+                )
+                .map(|_| ())
+            },
+        )?
+    };
+    out.take_stats(&q);
+    out.converged = converged;
+    if !converged {
+        if out.status == "cancelled" {
+            out.note = format!(
+                "did not converge within {:?} (figures as of the cancel)",
+                case.budget
+            );
+        }
+        return Ok(());
+    }
+    // The destination resumes the guest, runs it for a second, pauses it
+    // and dumps its memory, then exits.
+    let (sink, r) = dst_reader.finish(Duration::from_secs(120));
+    r.with_context(|| format!("destination dump; minivm log: {}", dst.log_tail()))?;
+    let st = dst.wait_exit(Duration::from_secs(60))?;
+    if !st.success() {
+        bail!("minivm destination failed ({st}): {}", dst.log_tail());
+    }
+    let check = match sink {
+        Ok(c) => c.finish(),
+        Err(d) => {
+            let (s, r) = src_reader
+                .expect("idle dumps the source")
+                .finish(Duration::from_secs(120));
+            r.with_context(|| format!("source dump; minivm log: {}", src.log_tail()))?;
+            compare_digests(&s.finish(), &d.finish())
+        }
+    };
+    out.check = Some(check);
+    Ok(())
+}
+
+impl crate::run::Feed for std::result::Result<Box<dyn guest::MemCheck>, DigestCheck> {
+    fn feed(&mut self, addr: u64, chunk: &[u8]) {
+        match self {
+            Ok(c) => c.feed(addr, chunk),
+            Err(d) => d.feed(addr, chunk),
+        }
+    }
+}

@@ -1,0 +1,381 @@
+//! `livemig-harness`: QEMU and livemig + minivm side by side — the same
+//! boot-sector guests, the same scenarios, the same machine, one run, one
+//! table. See README.md ("Side by side with QEMU").
+
+mod guest;
+#[cfg(test)]
+mod guest_tests;
+mod livemig_side;
+mod qemu;
+mod qmp;
+mod report;
+mod run;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use serde_json::{json, Value};
+
+use guest::GuestKind;
+use report::{Machine, Row};
+use run::{Case, Variant};
+
+#[derive(Parser)]
+#[command(
+    name = "livemig-harness",
+    about = "Migrates the same boot-sector guests with QEMU and with livemig + minivm, checks \
+             each destination's memory, prints one table"
+)]
+struct Cli {
+    /// Small sizes and short budgets (a smoke run, a few minutes).
+    #[arg(long)]
+    quick: bool,
+    /// Print one JSON object on stdout (the table goes to stderr).
+    #[arg(long)]
+    json: bool,
+    /// Rewrite the comparison section of this Markdown file (between
+    /// `<!-- qemu-comparison:begin -->` and `<!-- qemu-comparison:end -->`).
+    #[arg(long)]
+    write_benchmarks: Option<PathBuf>,
+    /// Seconds one migration may take before it is cancelled ("did not
+    /// converge") [default: 30, quick 15].
+    #[arg(long)]
+    budget: Option<u64>,
+    /// Only scenarios whose name contains one of these (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Filler guest size (its ring-0 fill takes ~95 s per GiB on
+    /// nested-PVM hosts) [default: 256M, quick 64M].
+    #[arg(long, value_parser = parse_mib)]
+    filler_size: Option<u64>,
+    /// Do not build minivm and livemig first (`cargo build --release`).
+    #[arg(long)]
+    no_build: bool,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    match run_cli(cli) {
+        Ok(true) => {}
+        Ok(false) => std::process::exit(2),
+        Err(e) => {
+            eprintln!("livemig-harness: error: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+const GIB: u64 = 1 << 30;
+const MIB: u64 = 1 << 20;
+
+fn parse_mib(s: &str) -> Result<u64, String> {
+    let (n, mul) = match s.strip_suffix(['G', 'g']) {
+        Some(n) => (n, GIB),
+        None => (s.strip_suffix(['M', 'm']).unwrap_or(s), MIB),
+    };
+    n.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mul))
+        .filter(|b| (4 * MIB..4 * GIB).contains(b))
+        .ok_or_else(|| format!("'{s}': a size like 256M or 1G, from 4M to below 4G"))
+}
+
+fn cases(quick: bool, budget: Duration, filler_size: Option<u64>) -> Vec<Case> {
+    let base = |scenario: &str, guest, mem, end, downtime_ms, variant| Case {
+        scenario: scenario.into(),
+        guest,
+        mem,
+        end,
+        downtime_ms,
+        variant,
+        seed: 0x2545_f491,
+        xbzrle_cache: 64 * MIB,
+        max_bandwidth: 100_000 * MIB,
+        budget,
+        boot_budget: Duration::from_secs(if quick { 120 } else { 300 }),
+    };
+    let std_variants = [
+        Variant::Defaults,
+        Variant::Xbzrle,
+        Variant::AutoConverge,
+        Variant::Channels(2),
+    ];
+    let (idle_mem, fill, inc) = if quick {
+        (256 * MIB, 64 * MIB, 128 * MIB)
+    } else {
+        (4 * GIB, 256 * MIB, GIB)
+    };
+    let fill = filler_size.unwrap_or(fill);
+    let mut v = Vec::new();
+    let name = |g: &str, size: u64, dt: u64| {
+        if size >= GIB {
+            format!("{g}-{}G-{dt}ms", size / GIB)
+        } else {
+            format!("{g}-{}M-{dt}ms", size / MIB)
+        }
+    };
+    for variant in std_variants {
+        v.push(base(
+            &name("idle", idle_mem, 300),
+            GuestKind::Idle,
+            idle_mem,
+            idle_mem,
+            300,
+            variant,
+        ));
+    }
+    for variant in std_variants {
+        v.push(base(
+            &name("filler", fill, 300),
+            GuestKind::Filler,
+            fill,
+            fill,
+            300,
+            variant,
+        ));
+    }
+    for dt in [300, 30] {
+        for variant in std_variants {
+            v.push(base(
+                &name("incrementer", inc, dt),
+                GuestKind::Incrementer,
+                inc,
+                inc,
+                dt,
+                variant,
+            ));
+        }
+    }
+    v.push(base(
+        &name("incrementer", inc, 30),
+        GuestKind::Incrementer,
+        inc,
+        inc,
+        30,
+        Variant::DirtyLimit(16 * MIB),
+    ));
+    v
+}
+
+fn machine(qemu: String, refs: &Value) -> Machine {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let cpuinfo = read("/proc/cpuinfo");
+    let cpu = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
+    let memory = read("/proc/meminfo")
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0)
+        * 1024;
+    let date = Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    Machine {
+        cpu,
+        cores: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        memory,
+        kernel: read("/proc/sys/kernel/osrelease").trim().to_string(),
+        qemu,
+        date,
+        memcpy: refs["memcpy"]["bytes_per_sec"].as_f64().unwrap_or(0.0),
+        tcp: refs["tcp_loopback"]["bytes_per_sec"]
+            .as_f64()
+            .unwrap_or(0.0),
+    }
+}
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("bench/ has a parent")
+        .to_path_buf()
+}
+
+fn bin_dir() -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the harness binary")?;
+    Ok(exe
+        .parent()
+        .context("harness binary has no directory")?
+        .to_path_buf())
+}
+
+/// memcpy and loopback TCP, measured by `livemig bench` in this run.
+fn references(livemig: &Path, quick: bool) -> Result<Value> {
+    let mut cmd = Command::new(livemig);
+    cmd.args(["bench", "--only", "references", "--json"]);
+    if quick {
+        cmd.arg("--quick");
+    }
+    let out = cmd
+        .output()
+        .with_context(|| format!("running {}", livemig.display()))?;
+    if !out.status.success() {
+        bail!(
+            "{} bench failed: {}",
+            livemig.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let v: Value = serde_json::from_slice(&out.stdout).context("parsing livemig bench --json")?;
+    Ok(v["references"].clone())
+}
+
+fn run_cli(cli: Cli) -> Result<bool> {
+    let started = Instant::now();
+    if !Path::new("/dev/kvm").exists() {
+        bail!("/dev/kvm is missing: both systems need KVM");
+    }
+    let qemu_version = qemu::ensure_installed()?;
+    if !cli.no_build {
+        let st = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(["build", "--release", "-p", "minivm", "-p", "livemig-cli"])
+            .current_dir(workspace())
+            .status()
+            .context("running cargo build for minivm and livemig")?;
+        if !st.success() {
+            bail!("cargo build --release -p minivm -p livemig-cli failed ({st})");
+        }
+    }
+    let bins = bin_dir()?;
+    let (minivm, livemig) = (bins.join("minivm"), bins.join("livemig"));
+    for b in [&minivm, &livemig] {
+        if !b.exists() {
+            bail!(
+                "{} is missing: build it with cargo build --release",
+                b.display()
+            );
+        }
+    }
+    let budget = Duration::from_secs(cli.budget.unwrap_or(if cli.quick { 15 } else { 30 }));
+    let all = cases(cli.quick, budget, cli.filler_size);
+    let cases: Vec<Case> = all
+        .into_iter()
+        .filter(|c| cli.only.is_empty() || cli.only.iter().any(|o| c.scenario.contains(o.as_str())))
+        .collect();
+    eprintln!("measuring references (livemig bench --only references)");
+    let refs = references(&livemig, cli.quick)?;
+    let tmp = std::env::temp_dir().join(format!("livemig-harness-{}", std::process::id()));
+    let _cleanup = TempDir(tmp.clone());
+    let mut rows = Vec::new();
+    for (i, case) in cases.iter().enumerate() {
+        for system in ["qemu", "livemig"] {
+            let dir = tmp.join(format!("{i:02}-{system}"));
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            eprintln!(
+                "[{:>4.0}s] {} / {} / {system} ...",
+                started.elapsed().as_secs_f64(),
+                case.scenario,
+                case.variant
+            );
+            let outcome = match system {
+                "qemu" => qemu::run(case, &dir),
+                _ => livemig_side::run(case, &dir, &minivm),
+            };
+            eprintln!(
+                "        {} converged={} total={} ms downtime={} ms check={}{}",
+                outcome.status,
+                outcome.converged,
+                outcome.total_ms,
+                outcome.downtime_ms,
+                outcome
+                    .check
+                    .as_ref()
+                    .map(|c| format!("{} ({})", if c.ok { "pass" } else { "FAIL" }, c.detail))
+                    .unwrap_or_else(|| "-".into()),
+                if outcome.note.is_empty() {
+                    String::new()
+                } else {
+                    format!(" [{}]", outcome.note)
+                }
+            );
+            let _ = std::fs::remove_dir_all(&dir);
+            rows.push(Row {
+                case: case.clone(),
+                outcome,
+            });
+        }
+    }
+    let m = machine(qemu_version, &refs);
+    let table = report::text_table(&rows);
+    if cli.json {
+        eprint!("{table}");
+        println!(
+            "{}",
+            json!({"machine": m, "references": refs, "rows": rows,
+                   "elapsed_secs": started.elapsed().as_secs_f64()})
+        );
+    } else {
+        print!("{table}");
+    }
+    if let Some(path) = &cli.write_benchmarks {
+        let doc =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let mut command = "cargo run --release -p livemig-harness --".to_string();
+        if cli.quick {
+            command += " --quick";
+        }
+        if let Some(f) = cli.filler_size {
+            command += &format!(" --filler-size {}M", f >> 20);
+        }
+        command += &format!(" --write-benchmarks {}", path.display());
+        let new = report::replace_section(&doc, &report::section(&rows, &m, &command))
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        std::fs::write(path, new).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("wrote the comparison section of {}", path.display());
+    }
+    eprintln!(
+        "harness finished in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    // livemig's destination must pass its memory check in every case it ran.
+    let bad: Vec<String> = rows
+        .iter()
+        .filter(|r| r.outcome.system == "livemig" && r.outcome.ran)
+        // Not converging within the budget is a result (in the table); a
+        // run that broke or a destination that fails its check is not.
+        .filter(|r| r.outcome.status != "cancelled" && !r.outcome.check_ok())
+        .map(|r| {
+            format!(
+                "{} / {}: {}",
+                r.case.scenario,
+                r.case.variant,
+                match &r.outcome.check {
+                    Some(c) if !c.ok => format!("DESTINATION MEMORY CHECK FAILED: {}", c.detail),
+                    _ if !r.outcome.converged =>
+                        format!("did not complete ({}) {}", r.outcome.status, r.outcome.note),
+                    _ => format!("no memory check ({})", r.outcome.note),
+                }
+            )
+        })
+        .collect();
+    if !bad.is_empty() {
+        eprintln!("livemig-harness: FAILED: livemig's destination is not proven correct in:");
+        for b in &bad {
+            eprintln!("  {b}");
+        }
+        return Ok(false);
+    }
+    Ok(true)
+}
+
+/// Removes the run's temporary directory (FIFOs, serial logs) on exit.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -1,0 +1,489 @@
+//! What both systems share: the case to run, the outcome, child processes
+//! that die with the harness, memory dumps read through FIFOs, and polling
+//! a migration to its end.
+
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::guest::{CheckResult, DigestCheck, GuestKind, MemCheck};
+
+/// A migration setting compared between the two systems.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum Variant {
+    /// Nothing but the bandwidth cap raised and the downtime limit.
+    Defaults,
+    /// XBZRLE delta pages (same cache size on both).
+    Xbzrle,
+    /// Auto-converge (CPU throttling).
+    AutoConverge,
+    /// Parallel page channels: QEMU multifd, livemig `channels`.
+    Channels(u16),
+    /// A per-vCPU dirty limit in bytes/s (QEMU set-vcpu-dirty-limit with
+    /// the KVM dirty ring; minivm's dirty-limit with its dirty ring).
+    DirtyLimit(u64),
+}
+
+impl std::fmt::Display for Variant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Variant::Defaults => write!(f, "defaults"),
+            Variant::Xbzrle => write!(f, "xbzrle"),
+            Variant::AutoConverge => write!(f, "auto-converge"),
+            Variant::Channels(n) => write!(f, "channels={n}"),
+            Variant::DirtyLimit(b) => write!(f, "dirty-limit={}MiB/s", b >> 20),
+        }
+    }
+}
+
+/// One migration to run on each system.
+#[derive(Clone, Debug, Serialize)]
+pub struct Case {
+    /// Scenario name (guest, size, downtime limit).
+    pub scenario: String,
+    /// The guest.
+    pub guest: GuestKind,
+    /// Guest RAM in bytes.
+    pub mem: u64,
+    /// End of the guest's range [1 MiB, end).
+    pub end: u64,
+    /// Downtime limit in ms.
+    pub downtime_ms: u64,
+    /// The setting compared.
+    pub variant: Variant,
+    /// Filler seed.
+    pub seed: u32,
+    /// XBZRLE cache size in bytes.
+    pub xbzrle_cache: u64,
+    /// Bandwidth cap in bytes/s (set high on both).
+    pub max_bandwidth: u64,
+    /// Seconds the migration may take before it is cancelled.
+    pub budget: Duration,
+    /// Seconds to wait for the guest's ready marker.
+    pub boot_budget: Duration,
+}
+
+/// What one system did with one case.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Outcome {
+    /// "qemu" or "livemig".
+    pub system: String,
+    /// False when this system does not offer the variant (see `note`).
+    pub ran: bool,
+    /// Final status: completed, cancelled (did not converge), failed.
+    pub status: String,
+    /// Completed within the time budget.
+    pub converged: bool,
+    /// query-migrate total-time, ms.
+    pub total_ms: u64,
+    /// query-migrate downtime, ms.
+    pub downtime_ms: u64,
+    /// query-migrate setup-time, ms.
+    pub setup_ms: u64,
+    /// ram.transferred, bytes.
+    pub bytes: u64,
+    /// ram.mbps as reported (megabits/s, last period).
+    pub mbps: f64,
+    /// ram.dirty-sync-count.
+    pub dirty_syncs: u64,
+    /// The destination's memory check (None when not reached).
+    pub check: Option<CheckResult>,
+    /// Why something is missing or odd.
+    pub note: String,
+}
+
+impl Outcome {
+    /// Takes the figures from a final `query-migrate` answer (QEMU's and
+    /// livemig's use the same names).
+    pub fn take_stats(&mut self, q: &Value) {
+        let u = |v: &Value| v.as_u64().unwrap_or(0);
+        self.status = q["status"].as_str().unwrap_or("?").to_string();
+        self.total_ms = u(&q["total-time"]);
+        self.downtime_ms = u(&q["downtime"]);
+        self.setup_ms = u(&q["setup-time"]);
+        self.bytes = u(&q["ram"]["transferred"]);
+        self.mbps = q["ram"]["mbps"].as_f64().unwrap_or(0.0);
+        self.dirty_syncs = u(&q["ram"]["dirty-sync-count"]);
+        if let Some(d) = q["error-desc"].as_str() {
+            self.note = d.to_string();
+        }
+    }
+
+    /// True when the destination's memory check ran and passed.
+    pub fn check_ok(&self) -> bool {
+        self.check.as_ref().is_some_and(|c| c.ok)
+    }
+}
+
+/// A child process killed (and reaped) when dropped, with its output in a
+/// log file.
+pub struct Proc {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    /// Starts `cmd` with stdout and stderr to `log`.
+    pub fn spawn(name: &str, mut cmd: Command, log: &Path) -> Result<Proc> {
+        let out = File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("starting {name}: {cmd:?}"))?;
+        Ok(Proc {
+            name: name.into(),
+            child,
+            log: log.to_path_buf(),
+        })
+    }
+
+    /// The exit status if it ended.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// Waits up to `timeout` for the process to end by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let t0 = Instant::now();
+        loop {
+            if let Some(s) = self.exited() {
+                return Ok(s);
+            }
+            if t0.elapsed() > timeout {
+                bail!(
+                    "{} did not exit within {timeout:?}; its log ends: {}",
+                    self.name,
+                    self.log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The last lines of the process's output.
+    pub fn log_tail(&self) -> String {
+        let s = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = s.lines().collect();
+        lines[lines.len().saturating_sub(4)..].join(" | ")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits until the file at `serial` contains `marker`, failing early when
+/// `proc` exits.
+pub fn wait_marker(serial: &Path, marker: &str, proc: &mut Proc, timeout: Duration) -> Result<()> {
+    let t0 = Instant::now();
+    loop {
+        let s = std::fs::read(serial).unwrap_or_default();
+        if String::from_utf8_lossy(&s).contains(marker) {
+            return Ok(());
+        }
+        if let Some(st) = proc.exited() {
+            bail!(
+                "{} exited ({st}) before the guest printed {marker:?}; log: {}",
+                proc.name,
+                proc.log_tail()
+            );
+        }
+        if t0.elapsed() > timeout {
+            bail!(
+                "the guest did not print {marker:?} on {} within {timeout:?}",
+                serial.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Creates a FIFO at `path`.
+pub fn mkfifo(path: &Path) -> Result<()> {
+    let st = Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .context("running mkfifo")?;
+    if !st.success() {
+        bail!("mkfifo {} failed: {st}", path.display());
+    }
+    Ok(())
+}
+
+/// Something a memory dump is fed to.
+pub trait Feed: Send + 'static {
+    /// Memory at `addr`.
+    fn feed(&mut self, addr: u64, chunk: &[u8]);
+}
+
+impl Feed for Box<dyn MemCheck> {
+    fn feed(&mut self, addr: u64, chunk: &[u8]) {
+        MemCheck::feed(self.as_mut(), addr, chunk)
+    }
+}
+
+impl Feed for DigestCheck {
+    fn feed(&mut self, addr: u64, chunk: &[u8]) {
+        DigestCheck::feed(self, addr, chunk)
+    }
+}
+
+/// One memory dump to read: the FIFO it arrives on, its guest address
+/// and size. A FIFO per dump: a writer that reopens one FIFO before the
+/// reader saw the previous writer's end would merge two dumps.
+pub type Region = (PathBuf, u64, u64);
+
+/// Reads memory dumps, one after the other, in a thread, feeding `sink`.
+pub struct DumpReader<T: Feed> {
+    fifos: Vec<PathBuf>,
+    thread: Option<JoinHandle<(T, Result<()>)>>,
+}
+
+impl<T: Feed> DumpReader<T> {
+    /// Starts reading `regions` in order.
+    pub fn start(regions: Vec<Region>, mut sink: T) -> DumpReader<T> {
+        let fifos = regions.iter().map(|r| r.0.clone()).collect();
+        let thread = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 1 << 20];
+            for (path, addr, size) in regions {
+                let r = (|| -> Result<()> {
+                    let mut f = File::open(&path)
+                        .with_context(|| format!("opening FIFO {}", path.display()))?;
+                    let mut at = addr;
+                    loop {
+                        let n = f.read(&mut buf)?;
+                        if n == 0 {
+                            break;
+                        }
+                        let n = n.min((addr + size).saturating_sub(at) as usize);
+                        sink.feed(at, &buf[..n]);
+                        at += n as u64;
+                    }
+                    if at != addr + size {
+                        bail!(
+                            "memory dump of {addr:#x}+{size:#x} on {} ended after {} bytes",
+                            path.display(),
+                            at - addr
+                        );
+                    }
+                    Ok(())
+                })();
+                if let Err(e) = r {
+                    return (sink, Err(e));
+                }
+            }
+            (sink, Ok(()))
+        });
+        DumpReader {
+            fifos,
+            thread: Some(thread),
+        }
+    }
+
+    /// Waits up to `timeout` for the dumps; on timeout (a writer that never
+    /// came), unblocks the reader and returns what was fed with an error.
+    pub fn finish(mut self, timeout: Duration) -> (T, Result<()>) {
+        let t = self.thread.take().expect("finished once");
+        let t0 = Instant::now();
+        while !t.is_finished() {
+            if t0.elapsed() > timeout {
+                self.unblock_until(&t);
+                let (sink, _) = t.join().expect("dump reader panicked");
+                return (
+                    sink,
+                    Err(anyhow::anyhow!(
+                        "no complete memory dump arrived on {} within {timeout:?}",
+                        self.fifos
+                            .iter()
+                            .map(|f| f.display().to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )),
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        t.join().expect("dump reader panicked")
+    }
+
+    /// Opens the FIFOs for writing (non-blocking) and closes them until
+    /// the reader ends: a reader waiting on one then sees a short dump.
+    fn unblock_until(&self, t: &JoinHandle<(T, Result<()>)>) {
+        use std::os::unix::fs::OpenOptionsExt;
+        while !t.is_finished() {
+            for f in &self.fifos {
+                let _ = std::fs::OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_NONBLOCK)
+                    .open(f);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl<T: Feed> Drop for DumpReader<T> {
+    fn drop(&mut self) {
+        if let Some(t) = self.thread.take() {
+            self.unblock_until(&t);
+            let _ = t.join();
+        }
+    }
+}
+
+/// Polls `query` (a `query-migrate`) every 100 ms until a final status; at
+/// `budget` calls `cancel` and waits for the cancel to land. Returns the
+/// final answer and whether it completed in time.
+pub fn poll_migration(
+    budget: Duration,
+    mut query: impl FnMut() -> Result<Value>,
+    mut cancel: impl FnMut() -> Result<()>,
+) -> Result<(Value, bool)> {
+    let t0 = Instant::now();
+    let mut cancelled_at: Option<Instant> = None;
+    let mut last_active: Option<Value> = None;
+    loop {
+        let q = query()?;
+        match q["status"].as_str().unwrap_or("") {
+            "completed" => return Ok((q, cancelled_at.is_none())),
+            "failed" | "cancelled" => {
+                // QEMU drops the figures once cancelled: keep those of the
+                // last poll before, with the final status.
+                let q = match last_active {
+                    Some(mut a) if q.get("ram").is_none() => {
+                        a["status"] = q["status"].clone();
+                        a
+                    }
+                    _ => q,
+                };
+                return Ok((q, false));
+            }
+            _ => {}
+        }
+        if q.get("ram").is_some() {
+            last_active = Some(q.clone());
+        }
+        match cancelled_at {
+            None if t0.elapsed() > budget => {
+                cancel()?;
+                cancelled_at = Some(Instant::now());
+            }
+            Some(c) if c.elapsed() > Duration::from_secs(30) => {
+                bail!("the migration did not end within 30 s of migrate-cancel: {q}")
+            }
+            _ => {}
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (bound then released).
+pub fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// The check a case's destination memory gets, as a boxed stream check.
+pub fn check_for(case: &Case) -> Option<Box<dyn MemCheck>> {
+    use crate::guest::{FillerCheck, IncrementerCheck};
+    match case.guest {
+        GuestKind::Incrementer => Some(Box::new(IncrementerCheck::new(case.end))),
+        GuestKind::Filler => Some(Box::new(FillerCheck::new(case.end, case.seed))),
+        GuestKind::Idle => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn stats_come_from_query_migrate_names() {
+        let mut o = Outcome::default();
+        o.take_stats(&json!({
+            "status": "completed", "total-time": 1200, "downtime": 31, "setup-time": 4,
+            "ram": {"transferred": 1073741824u64, "mbps": 8123.5, "dirty-sync-count": 5}
+        }));
+        assert_eq!(o.status, "completed");
+        assert_eq!(
+            (o.total_ms, o.downtime_ms, o.setup_ms, o.dirty_syncs),
+            (1200, 31, 4, 5)
+        );
+        assert_eq!(o.bytes, 1 << 30);
+        assert_eq!(o.mbps, 8123.5);
+    }
+
+    #[test]
+    fn poll_cancels_at_the_budget() {
+        let mut n = 0;
+        let mut cancelled = false;
+        let c = std::cell::Cell::new(false);
+        let (q, ok) = poll_migration(
+            Duration::from_millis(250),
+            || {
+                n += 1;
+                Ok(if c.get() {
+                    json!({"status": "cancelled"})
+                } else {
+                    json!({"status": "active", "total-time": n, "ram": {"transferred": 7}})
+                })
+            },
+            || {
+                cancelled = true;
+                c.set(true);
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert!(!ok && cancelled);
+        assert_eq!(q["status"], "cancelled");
+        // The figures of the last poll before the cancel are kept.
+        assert_eq!(q["ram"]["transferred"], 7);
+        assert!(q["total-time"].as_u64().unwrap() >= 2);
+        assert!(n >= 3);
+        let (_, ok) = poll_migration(
+            Duration::from_secs(5),
+            || Ok(json!({"status": "completed"})),
+            || panic!("no cancel"),
+        )
+        .unwrap();
+        assert!(ok);
+    }
+
+    #[test]
+    fn dump_reader_reads_regions_and_reports_short_dumps() {
+        let dir = std::env::temp_dir().join(format!("dump-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (a, b) = (dir.join("a.fifo"), dir.join("b.fifo"));
+        mkfifo(&a).unwrap();
+        mkfifo(&b).unwrap();
+        let r = DumpReader::start(
+            vec![(a.clone(), 0, 10), (b.clone(), 100, 5)],
+            DigestCheck::default(),
+        );
+        std::fs::write(&a, [1u8; 10]).unwrap();
+        std::fs::write(&b, [2u8; 3]).unwrap();
+        let (d, res) = r.finish(Duration::from_secs(5));
+        assert!(res.unwrap_err().to_string().contains("ended after 3 bytes"));
+        assert_eq!(d.finish().bytes, 13);
+        // A writer that never comes: finish unblocks and says so.
+        let r = DumpReader::start(vec![(a.clone(), 0, 10)], DigestCheck::default());
+        let (_, res) = r.finish(Duration::from_millis(200));
+        assert!(res.is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
