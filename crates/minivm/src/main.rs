@@ -157,6 +157,9 @@ struct RunArgs {
     /// Test guest: populate its working set from the host before it starts.
     #[arg(long)]
     prefault: bool,
+    /// Back guest memory with 4 KiB pages only (no MADV_HUGEPAGE).
+    #[arg(long)]
+    no_huge_pages: bool,
     /// At the end, pause and dump guest memory: ADDR:SIZE:FILE (K/M/G suffixes).
     #[arg(long)]
     dump: Option<String>,
@@ -315,6 +318,7 @@ fn run(a: RunArgs) -> Result<()> {
         serial,
         start_paused: a.incoming,
         prefault: a.prefault,
+        huge_pages: !a.no_huge_pages,
     })?;
     let controlled = ControlledVm::new(vm, a.migrate_tracker);
     let vm = controlled.vm();

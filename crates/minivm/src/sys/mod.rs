@@ -222,6 +222,18 @@ pub unsafe fn set_immediate_exit(run: *mut kvm_bindings::kvm_run, v: u8) {
     unsafe { std::ptr::write_volatile(std::ptr::addr_of_mut!((*run).immediate_exit), v) }
 }
 
+/// Asks for transparent huge pages on `len` bytes of this process's memory
+/// at `addr` (MADV_HUGEPAGE).
+pub fn advise_huge_pages(addr: u64, len: u64) -> io::Result<()> {
+    // SAFETY: the caller passes a range inside a private anonymous mapping
+    // it owns; the advice changes how it is backed, never its contents.
+    let r = unsafe { libc::madvise(addr as *mut libc::c_void, len as usize, libc::MADV_HUGEPAGE) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Populates (write-faults) `len` bytes of this process's memory at `addr`
 /// with MADV_POPULATE_WRITE.
 pub fn populate_write(addr: u64, len: u64) -> io::Result<()> {
