@@ -2,6 +2,9 @@
 //! in-memory pipe for tests. Named by URI: `tcp:HOST:PORT`,
 //! `unix:PATH`, `file:PATH`.
 
+/// TLS 1.3 with mutual certificate authentication over TCP and Unix sockets.
+pub mod tls;
+
 use std::fmt;
 use std::fs::File;
 use std::io::{self, Read, Write};
