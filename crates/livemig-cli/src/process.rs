@@ -12,7 +12,8 @@ use livemig::engine::{
     Source,
 };
 use livemig::memory::{GuestMemory, ProcessMemory};
-use livemig::transport::{connect, Listener, Uri};
+use livemig::transport::tls::TlsConfig;
+use livemig::transport::Uri;
 use livemig::workload::{direct_writer, fill_random, Pattern, Workload, WorkloadConfig};
 use serde_json::{json, Value};
 
@@ -221,6 +222,8 @@ pub struct MigrateArgs {
     pub uri: String,
     #[command(flatten)]
     pub opts: SourceOpts,
+    #[command(flatten)]
+    pub tls: crate::tls::TlsSourceArgs,
 }
 
 /// `livemig save`.
@@ -239,6 +242,8 @@ pub struct IncomingArgs {
     pub uri: String,
     #[command(flatten)]
     pub opts: DestOpts,
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
 }
 
 /// `livemig load`.
@@ -298,7 +303,7 @@ fn tracker(mem: &ProcessMemory, t: TrackerArg) -> Result<UffdTracker> {
 }
 
 /// Runs a source: maps and fills memory, starts the workload, migrates.
-fn run_source(uri: &Uri, o: &SourceOpts) -> Result<()> {
+fn run_source(uri: &Uri, o: &SourceOpts, tls: Option<&TlsConfig>) -> Result<()> {
     let (mem_args, wl, tune, json, quiet) = (&o.mem, &o.workload, &o.tune, o.json, o.quiet);
     let params = tune.params()?;
     let mem = mem_args.map()?;
@@ -327,7 +332,7 @@ fn run_source(uri: &Uri, o: &SourceOpts) -> Result<()> {
     if params.channels > 1 && matches!(uri, Uri::File(_)) {
         bail!("a snapshot file is one stream: --channels must be 1");
     }
-    let out = connect(uri)?;
+    let (out, session) = crate::tls::connect(uri, tls)?;
     let handle = MigrationHandle::new(params.clone());
     let progress = Progress::source(handle.clone(), mem.total_bytes(), quiet || json);
     let mut no_vm = livemig::vm::NoVm;
@@ -338,7 +343,8 @@ fn run_source(uri: &Uri, o: &SourceOpts) -> Result<()> {
     };
     let mut ack = out.ack;
     let mut open = |_: u16| -> std::io::Result<ChannelWriter> {
-        Ok(connect(uri).map_err(std::io::Error::other)?.writer)
+        let out = crate::tls::connect_channel(uri, tls).map_err(std::io::Error::other)?;
+        Ok(out.writer)
     };
     let result = Source::new(&mem, &mut tracker, vm, handle.clone()).run_with_channels(
         out.writer,
@@ -379,8 +385,12 @@ fn run_source(uri: &Uri, o: &SourceOpts) -> Result<()> {
         v["digest"] = json!(digest);
         v["verified"] = json!(params.verify && result.is_ok() && uri_has_ack(uri));
         v["workload-pages-written"] = json!(written);
+        v["tls"] = crate::tls::session_json(&session);
         println!("{}", serde_json::to_string(&v)?);
     } else {
+        if let Some(s) = &session {
+            eprintln!("encrypted: {s}");
+        }
         eprintln!("{}", summary(&stats));
         if let Some(d) = &digest {
             eprintln!("source memory digest at stop time: {d}");
@@ -389,7 +399,7 @@ fn run_source(uri: &Uri, o: &SourceOpts) -> Result<()> {
             }
         }
     }
-    result?;
+    crate::tls::explain_plain_source_failure(result.map(|_| ()), tls.is_some(), ack.as_mut())?;
     if !succeeded(&stats) {
         bail!("migration ended with status {:?}", stats.status);
     }
@@ -403,42 +413,37 @@ fn uri_has_ack(uri: &Uri) -> bool {
 /// `livemig migrate`.
 pub fn migrate(a: MigrateArgs) -> Result<()> {
     let uri: Uri = a.uri.parse()?;
-    run_source(&uri, &a.opts)
+    run_source(&uri, &a.opts, a.tls.config()?.as_ref())
 }
 
 /// `livemig save`.
 pub fn save(a: SaveArgs) -> Result<()> {
     let uri = Uri::File(a.file.clone());
-    run_source(&uri, &a.opts)
+    run_source(&uri, &a.opts, None)
 }
 
-fn run_dest(uri: &Uri, o: &DestOpts) -> Result<()> {
+fn run_dest(uri: &Uri, o: &DestOpts, tls: Option<&TlsConfig>) -> Result<()> {
     let (mem_args, json, quiet) = (&o.mem, o.json, o.quiet);
     let mem = mem_args.map()?;
-    let listener = Listener::bind(uri)?;
+    let listener = crate::tls::Endpoint::bind(uri, tls)?;
     if !matches!(uri, Uri::File(_)) {
         // On stderr even with --json: scripts wait for this line.
         eprintln!("waiting for a migration on {}", listener.local_uri());
     }
-    let inc = listener.accept()?;
+    let (inc, session) = listener.accept_source()?;
     let mut loader = Loader::new(&mem);
     let progress = Progress::counter(loader.progress(), mem.total_bytes(), quiet || json);
     let started = std::time::Instant::now();
     // Page channels of a multi-channel migration arrive on the same
     // listener after the main connection.
-    let result = loader.load_channels(inc.reader, || {
-        listener
-            .accept()
-            .map(|i| i.reader)
-            .map_err(std::io::Error::other)
-    });
+    let result = loader.load_channels(inc.reader, || listener.accept().map(|i| i.reader));
     drop(progress);
     if let Some(mut ack) = inc.ack {
         let msg = result.as_ref().map(|_| ()).map_err(|e| e.to_string());
         // The source may be gone already; its own error says why.
         let _ = write_ack(&mut ack, msg.as_ref().map(|_| ()).map_err(String::as_str));
     }
-    let out = result.with_context(|| format!("loading from {uri}"))?;
+    let out = result.map_err(|e| crate::tls::explain_plain_dest_failure(e, uri, tls.is_some()))?;
     let digest = hex(&memory_digest(&mem));
     let verified = out.digest.is_some();
     if json {
@@ -450,9 +455,13 @@ fn run_dest(uri: &Uri, o: &DestOpts) -> Result<()> {
             "load": out.stats,
             "digest": digest,
             "verified": verified,
+            "tls": crate::tls::session_json(&session),
         });
         println!("{}", serde_json::to_string(&v)?);
     } else {
+        if let Some(s) = &session {
+            eprintln!("encrypted: {s}");
+        }
         eprintln!(
             "loaded {} bytes of stream: {} raw, {} zero ({} written), {} xbzrle, {} compressed pages in {} ms",
             out.stats.bytes,
@@ -475,10 +484,10 @@ fn run_dest(uri: &Uri, o: &DestOpts) -> Result<()> {
 /// `livemig incoming`.
 pub fn incoming(a: IncomingArgs) -> Result<()> {
     let uri: Uri = a.uri.parse()?;
-    run_dest(&uri, &a.opts)
+    run_dest(&uri, &a.opts, a.tls.config()?.as_ref())
 }
 
 /// `livemig load`.
 pub fn load(a: LoadArgs) -> Result<()> {
-    run_dest(&Uri::File(a.file), &a.opts)
+    run_dest(&Uri::File(a.file), &a.opts, None)
 }

@@ -689,6 +689,130 @@ pub fn connect_with_session(
     ))
 }
 
+/// As [`connect`], but the handshake waits for the first read or write.
+///
+/// For the page channels of a multi-channel migration: the destination
+/// accepts them one after another, each once the previous one has sent its
+/// start, while the source opens them all before writing to any. An eager
+/// handshake on the second channel would wait for an `accept` that waits
+/// for the first channel's data.
+pub fn connect_deferred(uri: &Uri, tls: &TlsConfig) -> Result<super::Outgoing, TlsError> {
+    let name = tls.server_name_for(uri)?;
+    let conn = ClientConnection::new(tls.client.clone(), name)
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let io = |source| TransportError::Io {
+        op: "connect to",
+        uri: uri.to_string(),
+        source,
+    };
+    let handshake: Handshake = match uri {
+        Uri::Tcp(addr) => {
+            let sock = TcpStream::connect(addr).map_err(io)?;
+            let peer = sock
+                .peer_addr()
+                .map_or_else(|_| addr.clone(), |a| a.to_string());
+            Box::new(move || establish(conn.into(), sock, &peer))
+        }
+        Uri::Unix(path) => {
+            let sock = UnixStream::connect(path).map_err(io)?;
+            let peer = uri.to_string();
+            Box::new(move || establish(conn.into(), sock, &peer))
+        }
+        Uri::File(_) => return Err(TlsError::Unsupported(uri.to_string())),
+    };
+    let lazy = Arc::new(Mutex::new(Deferred::Pending(handshake)));
+    Ok(super::Outgoing {
+        writer: Box::new(DeferredWriter {
+            lazy: lazy.clone(),
+            inner: None,
+        }),
+        ack: Some(Box::new(DeferredReader { lazy, inner: None })),
+    })
+}
+
+type Handshake = Box<dyn FnOnce() -> Result<(TlsReader, TlsWriter, TlsSession), TlsError> + Send>;
+
+/// A connection whose handshake runs when either half is first used.
+enum Deferred {
+    Pending(Handshake),
+    Ready {
+        reader: Option<TlsReader>,
+        writer: Option<TlsWriter>,
+    },
+    Failed(String),
+}
+
+/// Runs the handshake if no half has yet, and hands out this half.
+fn take_half<T>(
+    lazy: &Mutex<Deferred>,
+    take: impl FnOnce(&mut Option<TlsReader>, &mut Option<TlsWriter>) -> Option<T>,
+) -> io::Result<T> {
+    let mut st = lock(lazy);
+    if matches!(*st, Deferred::Pending(_)) {
+        let Deferred::Pending(handshake) =
+            std::mem::replace(&mut *st, Deferred::Failed(String::new()))
+        else {
+            unreachable!()
+        };
+        *st = match handshake() {
+            Ok((r, w, _)) => Deferred::Ready {
+                reader: Some(r),
+                writer: Some(w),
+            },
+            Err(e) => Deferred::Failed(e.to_string()),
+        };
+    }
+    match &mut *st {
+        Deferred::Ready { reader, writer } => take(reader, writer)
+            .ok_or_else(|| io::Error::other("this half of the TLS connection was taken")),
+        Deferred::Failed(e) => Err(io::Error::other(e.clone())),
+        Deferred::Pending(_) => unreachable!("the handshake ran above"),
+    }
+}
+
+/// The sending half of a [`connect_deferred`] connection.
+struct DeferredWriter {
+    lazy: Arc<Mutex<Deferred>>,
+    inner: Option<TlsWriter>,
+}
+
+impl DeferredWriter {
+    fn get(&mut self) -> io::Result<&mut TlsWriter> {
+        if self.inner.is_none() {
+            self.inner = Some(take_half(&self.lazy, |_, w| w.take())?);
+        }
+        Ok(self.inner.as_mut().expect("set above"))
+    }
+}
+
+impl Write for DeferredWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.get()?.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match &mut self.inner {
+            Some(w) => w.flush(),
+            // Nothing written yet: nothing to flush, no handshake needed.
+            None => Ok(()),
+        }
+    }
+}
+
+/// The receiving half of a [`connect_deferred`] connection.
+struct DeferredReader {
+    lazy: Arc<Mutex<Deferred>>,
+    inner: Option<TlsReader>,
+}
+
+impl Read for DeferredReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.inner.is_none() {
+            self.inner = Some(take_half(&self.lazy, |r, _| r.take())?);
+        }
+        self.inner.as_mut().expect("set above").read(buf)
+    }
+}
+
 /// A bound destination endpoint that accepts only TLS sources holding a
 /// certificate from the configured CA.
 pub struct TlsListener {

@@ -352,3 +352,46 @@ fn tls_records_are_recognised() {
     assert!(!looks_like_tls(b"LVMGACK1"));
     assert!(!looks_like_tls(&[22]));
 }
+
+#[test]
+fn deferred_connections_handshake_on_first_write() {
+    // The multi-channel pattern: the source opens every connection, then
+    // writes; the destination accepts each only after reading the previous.
+    let p = pki();
+    let l = TlsListener::bind(&tcp_any(), &config(&p, 1)).unwrap();
+    let uri = l.local_uri();
+    let server = thread::spawn(move || {
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            let mut inc = l.accept().unwrap();
+            let mut b = [0u8; 1];
+            inc.reader.read_exact(&mut b).unwrap();
+            got.push(b[0]);
+        }
+        got
+    });
+    let src = config(&p, 0);
+    let mut conns: Vec<_> = (0..3)
+        .map(|_| connect_deferred(&uri, &src).unwrap())
+        .collect();
+    for (i, c) in conns.iter_mut().enumerate() {
+        c.writer.write_all(&[i as u8]).unwrap();
+        c.writer.flush().unwrap();
+    }
+    assert_eq!(server.join().unwrap(), vec![0, 1, 2]);
+}
+
+#[test]
+fn deferred_connection_reports_a_refusal_on_write() {
+    let (a, b) = (pki(), pki());
+    let l = TlsListener::bind(&tcp_any(), &config(&b, 1)).unwrap();
+    let uri = l.local_uri();
+    let server = accept_err(l);
+    let mut out = connect_deferred(&uri, &config(&a, 0)).unwrap();
+    let e = out.writer.write_all(b"x").unwrap_err();
+    assert!(e.to_string().contains("TLS handshake with"), "{e}");
+    // The other half reports the same failure.
+    let e = out.ack.unwrap().read(&mut [0u8; 1]).unwrap_err();
+    assert!(e.to_string().contains("UnknownIssuer"), "{e}");
+    assert!(server.join().unwrap().is_handshake());
+}
