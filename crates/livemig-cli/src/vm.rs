@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use livemig::engine::{hex, memory_digest, MigrationHandle, MigrationStats};
-use livemig::transport::{connect, Listener, Uri};
+use livemig::transport::Uri;
 use minivm::guest::{test_guest_bytes, MAX_VCPUS};
 use minivm::migrate::{migrate_in, migrate_out};
 use minivm::{GuestImage, GuestStatus, TestGuestConfig, TrackerKind, Vm, VmConfig};
@@ -149,6 +149,8 @@ pub struct VmMigrateArgs {
     pub tune: TuneArgs,
     #[command(flatten)]
     pub converge: ConvergeArgs,
+    #[command(flatten)]
+    pub tls: crate::tls::TlsSourceArgs,
     /// Print one JSON object of the final stats on stdout.
     #[arg(long)]
     pub json: bool,
@@ -170,6 +172,8 @@ pub struct VmIncomingArgs {
     /// on the source (the rate travels in the VM state).
     #[arg(long, value_parser = parse_size)]
     pub rate: Option<u64>,
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
     /// Seconds the guest runs after it resumes (0 = until interrupted).
     #[arg(long, default_value_t = 0.0)]
     pub seconds: f64,
@@ -359,6 +363,7 @@ struct SourceOutcome {
 fn migrate_source(
     src: &SourceVm,
     uri: &Uri,
+    tls: Option<&livemig::transport::tls::TlsConfig>,
     tune: &TuneArgs,
     converge: &ConvergeArgs,
     quiet: bool,
@@ -378,7 +383,10 @@ fn migrate_source(
             if params.verify { "on" } else { "off" }
         );
     }
-    let out = connect(uri)?;
+    let (out, session) = crate::tls::connect(uri, tls)?;
+    if let (Some(s), true) = (&session, say) {
+        eprintln!("encrypted: {s}");
+    }
     let acked = out.ack.is_some();
     let handle = MigrationHandle::new(params.clone());
     let before = src.vm.guest_status();
@@ -503,7 +511,16 @@ pub fn vm_migrate(a: VmMigrateArgs) -> Result<()> {
     a.converge.check(&a.guest)?;
     let src = start_source(&a.layout, &a.guest, say)?;
     warm_up(&src, a.guest.warmup, say)?;
-    let o = migrate_source(&src, &uri, &a.tune, &a.converge, a.quiet || a.json, say)?;
+    let tls = a.tls.config()?;
+    let o = migrate_source(
+        &src,
+        &uri,
+        tls.as_ref(),
+        &a.tune,
+        &a.converge,
+        a.quiet || a.json,
+        say,
+    )?;
     if a.json {
         let mut v = source_json(&o, &src, &uri)?;
         v["role"] = json!("source");
@@ -554,7 +571,8 @@ pub fn vm_incoming(a: VmIncomingArgs) -> Result<()> {
         bail!("--json reports once the guest has run: give --seconds");
     }
     let say = !a.json && !a.quiet;
-    let listener = Listener::bind(&uri)?;
+    let tls = a.tls.config()?;
+    let listener = crate::tls::Endpoint::bind(&uri, tls.as_ref())?;
     if a.announce {
         let mut out = std::io::stdout().lock();
         writeln!(out, "{}", listener.local_uri())?;
@@ -568,7 +586,10 @@ pub fn vm_incoming(a: VmIncomingArgs) -> Result<()> {
             listener.local_uri()
         );
     }
-    let inc = listener.accept()?;
+    let (inc, session) = listener.accept_source()?;
+    if let (Some(s), true) = (&session, say) {
+        eprintln!("encrypted: {s}");
+    }
     let t0 = Instant::now();
     let mut ack = inc.ack;
     let (vm, loaded) = migrate_in(
@@ -644,6 +665,7 @@ pub fn vm_incoming(a: VmIncomingArgs) -> Result<()> {
             "status": "completed",
             "uri": listener.local_uri().to_string(),
             "load-time": load_ms,
+            "tls": crate::tls::session_json(&session),
             "load": loaded.stats,
             "verified": digest.is_some(),
             "digest": digest,
@@ -776,7 +798,15 @@ pub fn demo(a: DemoArgs) -> Result<()> {
         );
     }
     warm_up(&src, a.guest.warmup, say)?;
-    let o = migrate_source(&src, &uri, &a.tune, &a.converge, a.quiet || a.json, say)?;
+    let o = migrate_source(
+        &src,
+        &uri,
+        None,
+        &a.tune,
+        &a.converge,
+        a.quiet || a.json,
+        say,
+    )?;
     if say {
         print_source(&o);
     }
