@@ -343,3 +343,64 @@ fn vm_migration_over_tls() {
     assert_eq!(d["tls"]["protocol"], "TLSv1_3", "{d}");
     assert_eq!(d["tls"]["cipher-suite"], "TLS13_AES_128_GCM_SHA256", "{d}");
 }
+
+/// `livemig bench --only tls`: the rows BENCHMARKS.md quotes exist, both
+/// sides of each comparison moved the whole guest, every ratio is positive.
+/// (The figures themselves mean something only from a release build on an
+/// idle machine.)
+#[test]
+fn bench_reports_the_tls_cost() {
+    let out = livemig(&[
+        "bench",
+        "--quick",
+        "--json",
+        "--only",
+        "tls",
+        "--size",
+        "8M",
+        "--memcpy-size",
+        "8M",
+        "--link-bytes",
+        "16M",
+    ])
+    .output()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "bench: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = json_line("bench", &out);
+    let t = &v["tls"];
+    assert_eq!(t["protocol"], "TLSv1_3", "{t}");
+    assert_eq!(t["cipher_suite"], "TLS13_AES_128_GCM_SHA256", "{t}");
+    let pos = |x: &Value| x.as_f64().is_some_and(|f| f > 0.0 && f.is_finite());
+    assert!(pos(&t["stream"]["bytes_per_sec"]), "{t}");
+    assert!(pos(&t["stream_ratio_to_tcp_loopback"]), "{t}");
+    let rows = t["rows"].as_array().unwrap();
+    let names: Vec<&str> = rows.iter().map(|r| r["name"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        [
+            "incompressible, 1ch, plain",
+            "incompressible, 1ch, TLS",
+            "incompressible, 2ch, plain",
+            "incompressible, 2ch, TLS"
+        ]
+    );
+    for r in rows {
+        assert_eq!(r["verified"], true, "{r}");
+        assert_eq!(r["guest_bytes"], 8 << 20, "{r}");
+        for k in [
+            "guest_bytes_per_sec",
+            "stream_ratio_to_tcp_loopback",
+            "ratio_to_plain",
+            "cpu_secs_per_gib",
+        ] {
+            assert!(pos(&r[k]), "{k} in {r}");
+        }
+        // An incompressible guest: the stream carries every page in full.
+        let sent = r["runs"][0]["stream_bytes"].as_u64().unwrap();
+        assert!(sent >= 8 << 20, "{r}");
+    }
+}

@@ -35,7 +35,9 @@ fn tls_stream_rate(tls: &TlsConfig, data: &[u8], total: u64) -> Result<(f64, Tls
             .map_err(|_| anyhow!("TLS accept panicked"))??;
         Ok((inc.reader, client?))
     })?;
-    // Dropping the writer sends close_notify: the reader's end of stream.
+    // With both halves dropped the session ends (close_notify): the
+    // reader's end of stream comes when `stream_rate` drops the writer.
+    drop(out.ack);
     let bps = stream_rate(out.writer, rx, data, total, |_| {})?;
     Ok((bps, session))
 }

@@ -16,7 +16,8 @@
 //! A connection is split into the same halves as a plain socket
 //! ([`Outgoing`] / [`Incoming`]): the stream one way, the return path the
 //! other, usable from two threads. They share one rustls session behind a
-//! lock that is never held across a blocking socket call.
+//! lock that is never held across a blocking socket call. As with a plain
+//! socket, the connection ends (close_notify) when both halves are dropped.
 //!
 //! rustls has no external pre-shared-key mode (TLS 1.3 PSK is used only
 //! for its own session resumption), so authentication is by certificates;
@@ -533,6 +534,25 @@ impl Shared {
     }
 }
 
+impl Drop for Shared {
+    /// Both halves are gone: end the session cleanly (close_notify), as
+    /// closing a plain socket ends it. Not when only one half goes: a
+    /// record the peer never reads would make its socket close with a
+    /// reset, which can discard data it has not read yet.
+    fn drop(&mut self) {
+        let conn = self.conn.get_mut().unwrap_or_else(|e| e.into_inner());
+        conn.send_close_notify();
+        let mut sealed = Vec::new();
+        while conn.wants_write() {
+            if conn.write_tls(&mut sealed).is_err() {
+                return;
+            }
+        }
+        let out = self.out.get_mut().unwrap_or_else(|e| e.into_inner());
+        let _ = out.write_all(&sealed).and_then(|()| out.flush());
+    }
+}
+
 /// The sending half of a TLS connection.
 pub struct TlsWriter {
     shared: Arc<Shared>,
@@ -553,17 +573,6 @@ impl Write for TlsWriter {
         self.shared
             .seal_and_send(&mut **out, &[], &mut self.sealed, false)?;
         out.flush()
-    }
-}
-
-impl Drop for TlsWriter {
-    /// Ends this direction cleanly (close_notify): the peer's reader sees
-    /// end-of-file rather than a truncation.
-    fn drop(&mut self) {
-        let mut out = lock(&self.shared.out);
-        let _ = self
-            .shared
-            .seal_and_send(&mut **out, &[], &mut self.sealed, true);
     }
 }
 

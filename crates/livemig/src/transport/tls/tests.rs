@@ -125,13 +125,14 @@ fn round_trip(uri: Uri, src: TlsConfig, dst: TlsConfig, len: usize) -> (TlsSessi
         let mut got = vec![0u8; expect.len()];
         inc.reader.read_exact(&mut got).unwrap();
         assert!(got == expect, "the destination read other bytes");
-        // Nothing after the data: the writer's close_notify is a clean end.
-        let mut rest = Vec::new();
-        inc.reader.read_to_end(&mut rest).unwrap();
-        assert!(rest.is_empty());
         let ack = inc.ack.as_mut().unwrap();
         ack.write_all(b"loaded").unwrap();
         ack.flush().unwrap();
+        // Nothing after the data, then a clean end (close_notify) once the
+        // source has dropped both halves.
+        let mut rest = Vec::new();
+        inc.reader.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
         s
     });
     let (out, s) = connect_with_session(&uri, &src).unwrap();
@@ -145,6 +146,7 @@ fn round_trip(uri: Uri, src: TlsConfig, dst: TlsConfig, len: usize) -> (TlsSessi
     let mut answer = [0u8; 6];
     ack.read_exact(&mut answer).unwrap();
     assert_eq!(&answer, b"loaded");
+    drop(ack);
     (s, server.join().unwrap())
 }
 
