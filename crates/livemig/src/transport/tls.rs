@@ -22,6 +22,39 @@
 //! rustls has no external pre-shared-key mode (TLS 1.3 PSK is used only
 //! for its own session resumption), so authentication is by certificates;
 //! [`Pki::generate`] makes a CA and peer certificates for a quick setup.
+//!
+//! ```no_run
+//! use std::io::Read;
+//! use livemig::engine::{ChannelWriter, Loader, MigrationHandle, Params, Source};
+//! use livemig::memory::ProcessMemory;
+//! use livemig::transport::tls::{self, TlsConfig, TlsListener};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // Source: ca.pem, cert.pem, key.pem in one directory.
+//! let cfg = TlsConfig::from_dir("pki/src".as_ref())?;
+//! let uri = "tcp:10.0.0.2:4444".parse()?;
+//! let memory = ProcessMemory::single(1 << 30)?;
+//! let mut tracker = livemig::dirty::UffdTracker::new(&memory, Default::default())?;
+//! let handle = MigrationHandle::new(Params { channels: 2, ..Params::default() });
+//! let mut out = tls::connect(&uri, &cfg)?;
+//! let mut open = |_: u16| -> std::io::Result<ChannelWriter> {
+//!     Ok(tls::connect_deferred(&uri, &cfg).map_err(std::io::Error::other)?.writer)
+//! };
+//! let ack = out.ack.as_deref_mut().map(|r| r as &mut dyn Read);
+//! Source::new(&memory, &mut tracker, &mut livemig::vm::NoVm, handle)
+//!     .run_with_channels(out.writer, ack, &mut open)?;
+//!
+//! // Destination.
+//! let cfg = TlsConfig::from_dir("pki/dst".as_ref())?;
+//! let listener = TlsListener::bind(&"tcp:0.0.0.0:4444".parse()?, &cfg)?;
+//! let incoming = listener.accept()?;
+//! let memory = ProcessMemory::single(1 << 30)?;
+//! Loader::new(&memory).load_channels(incoming.reader, || {
+//!     listener.accept().map(|i| i.reader).map_err(std::io::Error::other)
+//! })?;
+//! # Ok(())
+//! # }
+//! ```
 
 use std::fmt;
 use std::fs;
