@@ -168,6 +168,25 @@ impl Endpoint {
     }
 }
 
+/// What a plain source is told when the destination answered with TLS.
+pub const DESTINATION_NEEDS_TLS: &str = "the destination requires TLS: give this side \
+     --tls-dir too (with a certificate from the destination's CA)";
+
+/// Whether a plain migration failed because the destination speaks TLS:
+/// it closed the connection, and what it sent first is a TLS record.
+pub fn plain_peer_was_tls(e: &MigrationError, tls: bool, ack: Option<&mut BoxRead>) -> bool {
+    // The destination closed the connection: what it sent is readable at
+    // once.
+    let closed = matches!(e, MigrationError::Send(io) if matches!(
+        io.kind(),
+        std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+    ));
+    match ack {
+        Some(r) if !tls && closed => tls::peer_answered_tls(&mut **r),
+        _ => false,
+    }
+}
+
 /// After a failed plain migration: when the destination answered with
 /// TLS, the error says so.
 pub fn explain_plain_source_failure(
@@ -176,21 +195,8 @@ pub fn explain_plain_source_failure(
     ack: Option<&mut BoxRead>,
 ) -> Result<()> {
     let Err(e) = result else { return Ok(()) };
-    // The destination closed the connection: what it sent first is
-    // readable at once.
-    let closed = matches!(&e, MigrationError::Send(io) if matches!(
-        io.kind(),
-        std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
-    ));
-    if !tls && closed {
-        if let Some(r) = ack {
-            if tls::peer_answered_tls(&mut **r) {
-                return Err(e).context(
-                    "the destination requires TLS: give this side --tls-dir too \
-                     (with a certificate from the destination's CA)",
-                );
-            }
-        }
+    if plain_peer_was_tls(&e, tls, ack) {
+        return Err(e).context(DESTINATION_NEEDS_TLS);
     }
     Err(e.into())
 }

@@ -421,6 +421,12 @@ fn migrate_source(
         ack.as_deref_mut().map(|r| r as &mut dyn Read),
     );
     drop(progress);
+    let needs_tls = match &result {
+        Err(minivm::migrate::MigrateError::Migration(e)) => {
+            crate::tls::plain_peer_was_tls(e, tls.is_some(), ack.as_mut())
+        }
+        _ => false,
+    };
     drop(dirty_limit);
     drop(cancel_tx);
     if let Some(t) = canceller {
@@ -466,7 +472,10 @@ fn migrate_source(
     // is the guest's memory at the switch-over.
     let digest = (ok && params.verify).then(|| hex(&memory_digest(&*src.vm.memory())));
     Ok(SourceOutcome {
-        error: result.err().map(|e| format!("{e:#}")),
+        error: result.err().map(|e| match needs_tls {
+            true => format!("{}: {e:#}", crate::tls::DESTINATION_NEEDS_TLS),
+            false => format!("{e:#}"),
+        }),
         stats,
         tracked_rate: (at_stop.pages_written() - before.pages_written()) as f64 * 4096.0
             / secs.max(1e-3),

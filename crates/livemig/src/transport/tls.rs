@@ -18,7 +18,7 @@
 //! other, usable from two threads. They share one rustls session behind a
 //! lock. The reader never holds it while it waits for the socket; the
 //! writer holds it while its records go out (writing them straight from
-//! rustls's buffers saves a copy, worth ~40% of TLS throughput here): the
+//! rustls's buffers saves a copy, a third more TLS throughput here): the
 //! reader then waits until the peer has taken them, as it does anyway
 //! while the stream flows. As with a plain socket, the connection ends
 //! (close_notify) when both halves are dropped.
