@@ -198,12 +198,14 @@ pub struct TlsConfig {
     client: Arc<ClientConfig>,
     server: Arc<ServerConfig>,
     server_name: Option<ServerName<'static>>,
+    io_timeout: Duration,
 }
 
 impl fmt::Debug for TlsConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TlsConfig")
             .field("server_name", &self.server_name)
+            .field("io_timeout", &self.io_timeout)
             .finish_non_exhaustive()
     }
 }
@@ -329,6 +331,7 @@ impl TlsConfig {
             client: Arc::new(client),
             server: Arc::new(server),
             server_name: None,
+            io_timeout: IO_TIMEOUT,
         })
     }
 
@@ -339,6 +342,14 @@ impl TlsConfig {
             .map_err(|e| TlsError::Config(format!("server name '{name}': {e}")))?;
         self.server_name = Some(n);
         Ok(self)
+    }
+
+    /// How long a connected peer may stay silent once the handshake is done
+    /// (default [`IO_TIMEOUT`]; the handshake itself has
+    /// [`HANDSHAKE_TIMEOUT`]).
+    pub fn with_io_timeout(mut self, t: Duration) -> TlsConfig {
+        self.io_timeout = t;
+        self
     }
 
     /// The name checked against the destination's certificate when
@@ -476,6 +487,7 @@ fn establish<S: RawSocket>(
     mut conn: Connection,
     mut sock: S,
     peer: &str,
+    io_timeout: Duration,
 ) -> Result<(TlsReader, TlsWriter, TlsSession), TlsError> {
     let is_server = matches!(conn, Connection::Server(_));
     let fail = |e: io::Error| handshake_error(peer, &e);
@@ -524,7 +536,7 @@ fn establish<S: RawSocket>(
             });
         }
     }
-    sock.timeouts(IO_TIMEOUT).map_err(io_fail)?;
+    sock.timeouts(io_timeout).map_err(io_fail)?;
     Ok((reader, writer, session))
 }
 
@@ -698,11 +710,11 @@ pub fn connect_with_session(
             let peer = sock
                 .peer_addr()
                 .map_or_else(|_| addr.clone(), |a| a.to_string());
-            establish(conn.into(), sock, &peer)?
+            establish(conn.into(), sock, &peer, tls.io_timeout)?
         }
         Uri::Unix(path) => {
             let sock = UnixStream::connect(path).map_err(io)?;
-            establish(conn.into(), sock, &uri.to_string())?
+            establish(conn.into(), sock, &uri.to_string(), tls.io_timeout)?
         }
         Uri::File(_) => return Err(TlsError::Unsupported(uri.to_string())),
     };
@@ -726,6 +738,7 @@ pub fn connect_deferred(uri: &Uri, tls: &TlsConfig) -> Result<super::Outgoing, T
     let name = tls.server_name_for(uri)?;
     let conn = ClientConnection::new(tls.client.clone(), name)
         .map_err(|e| TlsError::Config(e.to_string()))?;
+    let io_timeout = tls.io_timeout;
     let io = |source| TransportError::Io {
         op: "connect to",
         uri: uri.to_string(),
@@ -737,12 +750,12 @@ pub fn connect_deferred(uri: &Uri, tls: &TlsConfig) -> Result<super::Outgoing, T
             let peer = sock
                 .peer_addr()
                 .map_or_else(|_| addr.clone(), |a| a.to_string());
-            Box::new(move || establish(conn.into(), sock, &peer))
+            Box::new(move || establish(conn.into(), sock, &peer, io_timeout))
         }
         Uri::Unix(path) => {
             let sock = UnixStream::connect(path).map_err(io)?;
             let peer = uri.to_string();
-            Box::new(move || establish(conn.into(), sock, &peer))
+            Box::new(move || establish(conn.into(), sock, &peer, io_timeout))
         }
         Uri::File(_) => return Err(TlsError::Unsupported(uri.to_string())),
     };
@@ -885,11 +898,11 @@ impl TlsListener {
         let (r, w, s) = match &self.inner {
             Listener::Tcp(l, uri) => {
                 let (sock, addr) = l.accept().map_err(io(uri))?;
-                establish(conn.into(), sock, &addr.to_string())?
+                establish(conn.into(), sock, &addr.to_string(), self.tls.io_timeout)?
             }
             Listener::Unix(l, uri, _) => {
                 let (sock, _) = l.accept().map_err(io(uri))?;
-                establish(conn.into(), sock, &uri.to_string())?
+                establish(conn.into(), sock, &uri.to_string(), self.tls.io_timeout)?
             }
             Listener::File(uri, _) => return Err(TlsError::Unsupported(uri.to_string())),
         };

@@ -397,3 +397,29 @@ fn deferred_connection_reports_a_refusal_on_write() {
     assert!(e.to_string().contains("UnknownIssuer"), "{e}");
     assert!(server.join().unwrap().is_handshake());
 }
+
+#[test]
+fn a_silent_peer_times_out_after_the_io_timeout() {
+    let p = pki();
+    let l = TlsListener::bind(&tcp_any(), &config(&p, 1)).unwrap();
+    let uri = l.local_uri();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let server = thread::spawn(move || {
+        let inc = l.accept().unwrap();
+        // Silent until the source has given up.
+        let _ = rx.recv();
+        drop(inc);
+    });
+    let src = config(&p, 0).with_io_timeout(Duration::from_millis(200));
+    let mut out = connect(&uri, &src).unwrap();
+    let e = out.ack.as_mut().unwrap().read(&mut [0u8; 8]).unwrap_err();
+    assert!(
+        matches!(
+            e.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+        ),
+        "{e}"
+    );
+    tx.send(()).unwrap();
+    server.join().unwrap();
+}
