@@ -450,6 +450,9 @@ fn handshake_error(peer: &str, e: &io::Error) -> TlsError {
         | Some(E::InvalidCertificate(CertificateError::NotValidForNameContext { .. })) => {
             "the peer's certificate does not name the server name: see --tls-server-name"
         }
+        Some(E::InvalidCertificate(
+            CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. },
+        )) => "the peer's certificate is not for this use: it needs the serverAuth (destination) or clientAuth (source) extended key usage",
         Some(E::InvalidCertificate(_)) => "is the peer's certificate signed by this side's CA?",
         Some(E::NoCertificatesPresented) => "the peer presented no certificate",
         Some(E::AlertReceived(

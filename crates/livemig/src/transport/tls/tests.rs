@@ -423,3 +423,35 @@ fn a_silent_peer_times_out_after_the_io_timeout() {
     tx.send(()).unwrap();
     server.join().unwrap();
 }
+
+#[test]
+fn source_certificate_without_client_use_is_refused() {
+    use rcgen::{
+        BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose as Eku, IsCa, KeyPair,
+    };
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca.self_signed(&ca_key).unwrap();
+    let leaf = |ekus: Vec<Eku>| {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+        p.extended_key_usages = ekus;
+        let cert = p.signed_by(&key, &ca, &ca_key).unwrap();
+        TlsConfig::from_pem(
+            ca.pem().as_bytes(),
+            cert.pem().as_bytes(),
+            key.serialize_pem().as_bytes(),
+        )
+        .unwrap()
+    };
+    let dst = leaf(vec![Eku::ServerAuth, Eku::ClientAuth]);
+    let src = leaf(vec![Eku::ServerAuth]);
+    let l = TlsListener::bind(&tcp_any(), &dst).unwrap();
+    let uri = l.local_uri();
+    let server = accept_err(l);
+    assert!(connect(&uri, &src).is_err());
+    let e = server.join().unwrap();
+    let (_, _, hint) = handshake_parts(&e);
+    assert!(hint.contains("clientAuth"), "{e}");
+}
