@@ -12,7 +12,8 @@
 //!   lz4, zstd) and mostly-zero guests, as ratios to the link;
 //! - XBZRLE off against on, for a live workload that changes a few bytes
 //!   per page, under a downtime limit tight enough that pages are re-sent
-//!   for a fixed time before the limit is raised.
+//!   for a fixed time before the limit is raised;
+//! - TLS against plain TCP (see `bench/tls.rs`).
 //!
 //! The destination is a thread of this process with its own socket end,
 //! going through the same transport (`Listener`/`connect`) and `Loader`
@@ -44,6 +45,8 @@ use serde_json::{json, Value};
 
 use crate::units::{human, parse_mem_size, parse_size};
 
+mod tls;
+
 /// Parts of the benchmark (the references always run: every ratio needs them).
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Part {
@@ -56,6 +59,8 @@ pub enum Part {
     /// Only the references (memcpy, loopback TCP, Unix socket), which
     /// every run measures: `--only references` skips all the rest.
     References,
+    /// TLS against plain loopback TCP: raw stream and migration.
+    Tls,
 }
 
 /// `livemig bench`.
@@ -1825,6 +1830,11 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     } else {
         None
     };
+    let tls_cost = if want(Part::Tls) {
+        Some(tls::tls_cost(&c, &refs, a.json)?)
+    } else {
+        None
+    };
     let secs = started.elapsed().as_secs_f64();
     let v = json!({
             "machine": m,
@@ -1834,6 +1844,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             "codecs": codec_rows,
             "migration": mig_rows,
             "xbzrle": xb,
+            "tls": tls_cost,
         "elapsed_secs": secs,
     });
     if let Some(path) = &a.save {
@@ -1852,6 +1863,9 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             xb.as_ref(),
             secs,
         );
+        if let Some(t) = &tls_cost {
+            tls::print(t, &refs, &c);
+        }
     }
     Ok(())
 }

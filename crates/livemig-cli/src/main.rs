@@ -7,6 +7,7 @@ mod dirtyrate;
 mod process;
 mod report;
 mod svg;
+mod tls;
 mod units;
 mod vm;
 
@@ -54,6 +55,9 @@ enum Cmd {
     /// and print the JSON answer: query-migrate, migrate, migrate-incoming,
     /// migrate-set-parameters, migrate-cancel, ... (see the README).
     Control(control::ControlArgs),
+    /// Make a CA and one certificate per peer for `--tls-dir` (encrypted,
+    /// mutually authenticated migration).
+    TlsKeygen(tls::KeygenArgs),
 }
 
 fn main() {
@@ -69,6 +73,7 @@ fn main() {
         Cmd::VmIncoming(a) => vm::vm_incoming(a),
         Cmd::Dirtyrate(a) => dirtyrate::dirtyrate(a),
         Cmd::Control(a) => control::control(a),
+        Cmd::TlsKeygen(a) => tls::keygen(a),
     };
     if let Err(e) = result {
         eprintln!("livemig: error: {}", livemig::error_chain(e.as_ref()));

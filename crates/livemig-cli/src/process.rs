@@ -12,7 +12,8 @@ use livemig::engine::{
     Source,
 };
 use livemig::memory::{GuestMemory, ProcessMemory};
-use livemig::transport::{connect_with_timeout, Listener, Uri};
+use livemig::transport::tls::TlsConfig;
+use livemig::transport::Uri;
 use livemig::workload::{direct_writer, fill_random, Pattern, Workload, WorkloadConfig};
 use serde_json::{json, Value};
 
@@ -250,6 +251,8 @@ pub struct MigrateArgs {
     pub uri: String,
     #[command(flatten)]
     pub opts: SourceOpts,
+    #[command(flatten)]
+    pub tls: crate::tls::TlsSourceArgs,
 }
 
 /// `livemig save`.
@@ -268,6 +271,8 @@ pub struct IncomingArgs {
     pub uri: String,
     #[command(flatten)]
     pub opts: DestOpts,
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
 }
 
 /// `livemig load`.
@@ -327,7 +332,7 @@ fn tracker(mem: &ProcessMemory, t: TrackerArg) -> Result<UffdTracker> {
 }
 
 /// Runs a source: maps and fills memory, starts the workload, migrates.
-fn run_source(uri: &Uri, o: &SourceOpts) -> Result<()> {
+fn run_source(uri: &Uri, o: &SourceOpts, tls: Option<&TlsConfig>) -> Result<()> {
     let (mem_args, wl, tune, json, quiet) = (&o.mem, &o.workload, &o.tune, o.json, o.quiet);
     let params = tune.params()?;
     let mem = mem_args.map()?;
@@ -356,7 +361,7 @@ fn run_source(uri: &Uri, o: &SourceOpts) -> Result<()> {
     if params.channels > 1 && matches!(uri, Uri::File(_)) {
         bail!("a snapshot file is one stream: --channels must be 1");
     }
-    let out = connect_with_timeout(uri, o.io.io_timeout)?;
+    let (out, session) = crate::tls::connect(uri, tls, o.io.io_timeout)?;
     let handle = MigrationHandle::new(params.clone());
     let progress = Progress::source(handle.clone(), mem.total_bytes(), quiet || json);
     let mut no_vm = livemig::vm::NoVm;
@@ -367,9 +372,9 @@ fn run_source(uri: &Uri, o: &SourceOpts) -> Result<()> {
     };
     let mut ack = out.ack;
     let mut open = |_: u16| -> std::io::Result<ChannelWriter> {
-        Ok(connect_with_timeout(uri, o.io.io_timeout)
-            .map_err(std::io::Error::other)?
-            .writer)
+        let out = crate::tls::connect_channel(uri, tls, o.io.io_timeout)
+            .map_err(std::io::Error::other)?;
+        Ok(out.writer)
     };
     let result = Source::new(&mem, &mut tracker, vm, handle.clone()).run_with_channels(
         out.writer,
@@ -410,8 +415,12 @@ fn run_source(uri: &Uri, o: &SourceOpts) -> Result<()> {
         v["digest"] = json!(digest);
         v["verified"] = json!(params.verify && result.is_ok() && uri_has_ack(uri));
         v["workload-pages-written"] = json!(written);
+        v["tls"] = crate::tls::session_json(&session);
         println!("{}", serde_json::to_string(&v)?);
     } else {
+        if let Some(s) = &session {
+            eprintln!("encrypted: {s}");
+        }
         eprintln!("{}", summary(&stats));
         if let Some(d) = &digest {
             eprintln!("source memory digest at stop time: {d}");
@@ -423,7 +432,7 @@ fn run_source(uri: &Uri, o: &SourceOpts) -> Result<()> {
     if let Err(e @ livemig::engine::MigrationError::Unconfirmed(_)) = result {
         bail!("{e}{}", crate::vm::UNCONFIRMED_HINT);
     }
-    result?;
+    crate::tls::explain_plain_source_failure(result.map(|_| ()), tls.is_some(), ack.as_mut())?;
     if !succeeded(&stats) {
         bail!("migration ended with status {:?}", stats.status);
     }
@@ -437,27 +446,27 @@ fn uri_has_ack(uri: &Uri) -> bool {
 /// `livemig migrate`.
 pub fn migrate(a: MigrateArgs) -> Result<()> {
     let uri: Uri = a.uri.parse()?;
-    run_source(&uri, &a.opts)
+    run_source(&uri, &a.opts, a.tls.config()?.as_ref())
 }
 
 /// `livemig save`.
 pub fn save(a: SaveArgs) -> Result<()> {
     let uri = Uri::File(a.file.clone());
-    run_source(&uri, &a.opts)
+    run_source(&uri, &a.opts, None)
 }
 
 /// A borrowed or owned reader, for the loader's connections.
 type BoxReadRef<'a> = Box<dyn std::io::Read + Send + 'a>;
 
-fn run_dest(uri: &Uri, o: &DestOpts) -> Result<()> {
+fn run_dest(uri: &Uri, o: &DestOpts, tls: Option<&TlsConfig>) -> Result<()> {
     let (mem_args, json, quiet) = (&o.mem, o.json, o.quiet);
     let mem = mem_args.map()?;
-    let listener = Listener::bind(uri)?;
+    let listener = crate::tls::Endpoint::bind(uri, tls, o.io.io_timeout)?;
     if !matches!(uri, Uri::File(_)) {
         // On stderr even with --json: scripts wait for this line.
         eprintln!("waiting for a migration on {}", listener.local_uri());
     }
-    let inc = listener.accept_with_timeout(o.io.io_timeout)?;
+    let (inc, session) = listener.accept_source()?;
     let mut loader = Loader::new(&mem);
     let progress = Progress::counter(loader.progress(), mem.total_bytes(), quiet || json);
     let started = std::time::Instant::now();
@@ -466,9 +475,8 @@ fn run_dest(uri: &Uri, o: &DestOpts) -> Result<()> {
     // listener after the main connection.
     let result = loader.load_channels(Box::new(&mut input) as BoxReadRef<'_>, || {
         listener
-            .accept_announced(o.io.io_timeout)
+            .accept()
             .map(|i| Box::new(i.reader) as BoxReadRef<'_>)
-            .map_err(std::io::Error::other)
     });
     drop(progress);
     let commit = match inc.ack {
@@ -478,7 +486,11 @@ fn run_dest(uri: &Uri, o: &DestOpts) -> Result<()> {
     let result = match result {
         Err(e) => {
             commit.fail(&livemig::error_chain(&e));
-            Err(e).with_context(|| format!("loading from {uri}"))
+            Err(crate::tls::explain_plain_dest_failure(
+                e,
+                uri,
+                tls.is_some(),
+            ))
         }
         // Memory "starts" (is declared the migrated copy) only on GO.
         Ok(out) => match commit.wait_go() {
@@ -503,9 +515,13 @@ fn run_dest(uri: &Uri, o: &DestOpts) -> Result<()> {
             "load": out.stats,
             "digest": digest,
             "verified": verified,
+            "tls": crate::tls::session_json(&session),
         });
         println!("{}", serde_json::to_string(&v)?);
     } else {
+        if let Some(s) = &session {
+            eprintln!("encrypted: {s}");
+        }
         eprintln!(
             "loaded {} bytes of stream: {} raw, {} zero ({} written), {} xbzrle, {} compressed pages in {} ms",
             out.stats.bytes,
@@ -528,10 +544,10 @@ fn run_dest(uri: &Uri, o: &DestOpts) -> Result<()> {
 /// `livemig incoming`.
 pub fn incoming(a: IncomingArgs) -> Result<()> {
     let uri: Uri = a.uri.parse()?;
-    run_dest(&uri, &a.opts)
+    run_dest(&uri, &a.opts, a.tls.config()?.as_ref())
 }
 
 /// `livemig load`.
 pub fn load(a: LoadArgs) -> Result<()> {
-    run_dest(&Uri::File(a.file), &a.opts)
+    run_dest(&Uri::File(a.file), &a.opts, None)
 }

@@ -12,7 +12,7 @@ use clap::{Args, ValueEnum};
 use livemig::engine::{
     hex, memory_digest, Commit, MigrationError, MigrationHandle, MigrationStats,
 };
-use livemig::transport::{connect_with_timeout, Listener, Uri};
+use livemig::transport::Uri;
 use minivm::guest::{test_guest_bytes, MAX_VCPUS};
 use minivm::migrate::{load_in, migrate_out};
 use minivm::{GuestImage, GuestStatus, TestGuestConfig, TrackerKind, Vm, VmConfig};
@@ -158,6 +158,8 @@ pub struct VmMigrateArgs {
     pub converge: ConvergeArgs,
     #[command(flatten)]
     pub io: IoArgs,
+    #[command(flatten)]
+    pub tls: crate::tls::TlsSourceArgs,
     /// Print one JSON object of the final stats on stdout.
     #[arg(long)]
     pub json: bool,
@@ -181,6 +183,8 @@ pub struct VmIncomingArgs {
     pub rate: Option<u64>,
     #[command(flatten)]
     pub io: IoArgs,
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
     /// Seconds the guest runs after it resumes (0 = until interrupted).
     #[arg(long, default_value_t = 0.0)]
     pub seconds: f64,
@@ -367,15 +371,28 @@ struct SourceOutcome {
     acked: bool,
 }
 
+/// How the source reaches the destination.
+struct Link<'a> {
+    uri: &'a Uri,
+    /// TLS settings, when the stream is encrypted.
+    tls: Option<&'a livemig::transport::tls::TlsConfig>,
+    /// A peer that makes no progress for this long fails the migration.
+    io_timeout: Duration,
+}
+
 fn migrate_source(
     src: &SourceVm,
-    uri: &Uri,
+    link: Link<'_>,
     tune: &TuneArgs,
     converge: &ConvergeArgs,
     quiet: bool,
     say: bool,
-    io_timeout: Duration,
 ) -> Result<SourceOutcome> {
+    let Link {
+        uri,
+        tls,
+        io_timeout,
+    } = link;
     let mut params = tune.params()?;
     params.dirty_limit = converge.dirty_limit.unwrap_or(0);
     params.validate().map_err(anyhow::Error::msg)?;
@@ -390,7 +407,10 @@ fn migrate_source(
             if params.verify { "on" } else { "off" }
         );
     }
-    let out = connect_with_timeout(uri, io_timeout)?;
+    let (out, session) = crate::tls::connect(uri, tls, io_timeout)?;
+    if let (Some(s), true) = (&session, say) {
+        eprintln!("encrypted: {s}");
+    }
     let acked = out.ack.is_some();
     let handle = MigrationHandle::new(params.clone());
     let before = src.vm.guest_status();
@@ -425,6 +445,12 @@ fn migrate_source(
         ack.as_deref_mut().map(|r| r as &mut dyn Read),
     );
     drop(progress);
+    let needs_tls = match &result {
+        Err(minivm::migrate::MigrateError::Migration(e)) => {
+            crate::tls::plain_peer_was_tls(e, tls.is_some(), ack.as_mut())
+        }
+        _ => false,
+    };
     drop(dirty_limit);
     drop(cancel_tx);
     if let Some(t) = canceller {
@@ -475,7 +501,10 @@ fn migrate_source(
                 e,
                 minivm::migrate::MigrateError::Migration(MigrationError::Unconfirmed(_))
             );
-            let mut text = format!("{e:#}");
+            let mut text = match needs_tls {
+                true => format!("{}: {e:#}", crate::tls::DESTINATION_NEEDS_TLS),
+                false => format!("{e:#}"),
+            };
             if unconfirmed {
                 text.push_str(UNCONFIRMED_HINT);
             }
@@ -525,15 +554,13 @@ pub fn vm_migrate(a: VmMigrateArgs) -> Result<()> {
     a.converge.check(&a.guest)?;
     let src = start_source(&a.layout, &a.guest, say)?;
     warm_up(&src, a.guest.warmup, say)?;
-    let o = migrate_source(
-        &src,
-        &uri,
-        &a.tune,
-        &a.converge,
-        a.quiet || a.json,
-        say,
-        a.io.io_timeout,
-    )?;
+    let tls = a.tls.config()?;
+    let link = Link {
+        uri: &uri,
+        tls: tls.as_ref(),
+        io_timeout: a.io.io_timeout,
+    };
+    let o = migrate_source(&src, link, &a.tune, &a.converge, a.quiet || a.json, say)?;
     if a.json {
         let mut v = source_json(&o, &src, &uri)?;
         v["role"] = json!("source");
@@ -584,7 +611,8 @@ pub fn vm_incoming(a: VmIncomingArgs) -> Result<()> {
         bail!("--json reports once the guest has run: give --seconds");
     }
     let say = !a.json && !a.quiet;
-    let listener = Listener::bind(&uri)?;
+    let tls = a.tls.config()?;
+    let listener = crate::tls::Endpoint::bind(&uri, tls.as_ref(), a.io.io_timeout)?;
     if a.announce {
         let mut out = std::io::stdout().lock();
         writeln!(out, "{}", listener.local_uri())?;
@@ -598,7 +626,10 @@ pub fn vm_incoming(a: VmIncomingArgs) -> Result<()> {
             listener.local_uri()
         );
     }
-    let inc = listener.accept_with_timeout(a.io.io_timeout)?;
+    let (inc, session) = listener.accept_source()?;
+    if let (Some(s), true) = (&session, say) {
+        eprintln!("encrypted: {s}");
+    }
     let t0 = Instant::now();
     // The completion handshake: FAILED, or LOADED and the guest resumes
     // only on the source's GO, then STARTED.
@@ -690,6 +721,7 @@ pub fn vm_incoming(a: VmIncomingArgs) -> Result<()> {
             "status": "completed",
             "uri": listener.local_uri().to_string(),
             "load-time": load_ms,
+            "tls": crate::tls::session_json(&session),
             "load": loaded.stats,
             "verified": digest.is_some(),
             "digest": digest,
@@ -822,15 +854,12 @@ pub fn demo(a: DemoArgs) -> Result<()> {
         );
     }
     warm_up(&src, a.guest.warmup, say)?;
-    let o = migrate_source(
-        &src,
-        &uri,
-        &a.tune,
-        &a.converge,
-        a.quiet || a.json,
-        say,
-        livemig::transport::IO_TIMEOUT,
-    )?;
+    let link = Link {
+        uri: &uri,
+        tls: None,
+        io_timeout: livemig::transport::IO_TIMEOUT,
+    };
+    let o = migrate_source(&src, link, &a.tune, &a.converge, a.quiet || a.json, say)?;
     if say {
         print_source(&o);
     }

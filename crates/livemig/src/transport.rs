@@ -3,6 +3,9 @@
 //! `unix:PATH`, `file:PATH`, and `shm:PATH` (same host: shared memory set
 //! up over a Unix socket at PATH, see [`crate::shm`]).
 
+/// TLS 1.3 with mutual certificate authentication over TCP and Unix sockets.
+pub mod tls;
+
 use std::fmt;
 use std::fs::File;
 use std::io::{self, Read, Write};
