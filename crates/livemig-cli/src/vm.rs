@@ -9,12 +9,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
+use livemig::engine::ChannelWriter;
 use livemig::engine::{
     hex, memory_digest, Commit, MigrationError, MigrationHandle, MigrationStats,
 };
 use livemig::transport::Uri;
 use minivm::guest::{test_guest_bytes, MAX_VCPUS};
-use minivm::migrate::{load_in, migrate_out};
+use minivm::migrate::{load_in_channels, migrate_out_channels};
 use minivm::{GuestImage, GuestStatus, TestGuestConfig, TrackerKind, Vm, VmConfig};
 use serde_json::{json, Value};
 
@@ -437,12 +438,24 @@ fn migrate_source(
     });
     let progress = Progress::source(handle.clone(), src.total, quiet);
     let mut ack = out.ack;
-    let result = migrate_out(
+    let mut open = |_: u16| -> std::io::Result<ChannelWriter> {
+        if matches!(uri, Uri::File(_)) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                "a snapshot file is one stream: --channels must be 1",
+            ));
+        }
+        let out =
+            crate::tls::connect_channel(uri, tls, io_timeout).map_err(std::io::Error::other)?;
+        Ok(out.writer)
+    };
+    let result = migrate_out_channels(
         &src.vm,
         src.tracker,
         handle.clone(),
         out.writer,
         ack.as_deref_mut().map(|r| r as &mut dyn Read),
+        &mut open,
     );
     drop(progress);
     let needs_tls = match &result {
@@ -634,7 +647,17 @@ pub fn vm_incoming(a: VmIncomingArgs) -> Result<()> {
     // The completion handshake: FAILED, or LOADED and the guest resumes
     // only on the source's GO, then STARTED.
     let mut input = inc.reader;
-    let loaded = load_in(&a.layout.dest_config(), &mut input);
+    // Page channels of a multi-channel migration arrive on the same
+    // listener after the main connection.
+    let loaded = load_in_channels(
+        &a.layout.dest_config(),
+        Box::new(&mut input) as Box<dyn Read + Send + '_>,
+        || {
+            listener
+                .accept()
+                .map(|i| Box::new(i.reader) as Box<dyn Read + Send + '_>)
+        },
+    );
     let commit = match inc.ack {
         Some(w) => Commit::new(input, w),
         None => Commit::none(),

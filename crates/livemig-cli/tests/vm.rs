@@ -108,11 +108,10 @@ fn demo_json_reports_a_guest_that_moved_and_kept_running() {
     assert_eq!(d["digest"], v["digest"], "both sides hold the same memory");
 }
 
-#[test]
-fn vm_migrate_to_vm_incoming_over_a_unix_socket() {
-    if !kvm_available("vm_migrate_to_vm_incoming_over_a_unix_socket") {
-        return;
-    }
+/// `vm-migrate` (with `extra` flags) into `vm-incoming` over a Unix
+/// socket; returns both JSON reports after checking what every such
+/// migration must show.
+fn vm_pair(extra: &[&str]) -> (Value, Value) {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("mig.sock");
     let uri = format!("unix:{}", sock.display());
@@ -126,19 +125,38 @@ fn vm_migrate_to_vm_incoming_over_a_unix_socket() {
         .spawn()
         .unwrap();
     wait_for(&sock);
-    let mut src_args = vec!["vm-migrate", &uri, "--json", "--dirty-track", "bitmap"];
+    let mut src_args = vec!["vm-migrate", &uri, "--json"];
+    src_args.extend_from_slice(extra);
     src_args.extend_from_slice(LAYOUT);
     src_args.extend_from_slice(GUEST);
     let s = json_of("vm-migrate", &run(&src_args));
     let d = json_of("vm-incoming", &dest.wait_with_output().unwrap());
     assert_eq!(s["status"], "completed", "{s}");
     assert_eq!(s["role"], "source", "{s}");
-    assert_eq!(s["dirty-tracker"], "kvm-bitmap", "{s}");
     assert_eq!(s["verified"], true, "{s}");
     assert_eq!(s["guest"]["self-check"], "passed", "{s}");
     assert_destination_ran(&d);
     assert_eq!(d["verified"], true, "{d}");
     assert_eq!(d["digest"], s["digest"], "both sides hold the same memory");
+    (s, d)
+}
+
+#[test]
+fn vm_migrate_to_vm_incoming_over_a_unix_socket() {
+    if !kvm_available("vm_migrate_to_vm_incoming_over_a_unix_socket") {
+        return;
+    }
+    let (s, _) = vm_pair(&["--dirty-track", "bitmap"]);
+    assert_eq!(s["dirty-tracker"], "kvm-bitmap", "{s}");
+}
+
+#[test]
+fn vm_migrate_with_two_page_channels() {
+    if !kvm_available("vm_migrate_with_two_page_channels") {
+        return;
+    }
+    let (_, d) = vm_pair(&["--channels", "2"]);
+    assert_eq!(d["load"]["channels"], 2, "{d}");
 }
 
 #[test]

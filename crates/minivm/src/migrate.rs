@@ -132,9 +132,35 @@ pub fn load_in<R: Read>(config: &VmConfig, input: R) -> Result<(Vm, LoadOutcome)
     Ok((vm, out))
 }
 
+/// As [`load_in`], for a migration that may use page channels: `accept`
+/// returns each further connection the source announces (on the same
+/// listener); the main stream is `input`.
+pub fn load_in_channels<'a>(
+    config: &VmConfig,
+    input: Box<dyn Read + Send + 'a>,
+    accept: impl FnMut() -> std::io::Result<Box<dyn Read + Send + 'a>>,
+) -> Result<(Vm, LoadOutcome), MigrateError> {
+    let config = VmConfig {
+        guest: GuestImage::Incoming,
+        start_paused: true,
+        prefault: false,
+        ..config.clone()
+    };
+    let vm = Vm::new(config)?;
+    let mem = vm.memory();
+    let out = Loader::new(&*mem).load_channels(input, accept)?;
+    drop(mem);
+    restore(&vm, out).map(|out| (vm, out))
+}
+
 fn load_into<R: Read>(vm: &Vm, input: R) -> Result<LoadOutcome, MigrateError> {
     let mem = vm.memory();
     let out = Loader::new(&*mem).load(input)?;
+    restore(vm, out)
+}
+
+/// Restores the vCPU and device state a load carried.
+fn restore(vm: &Vm, out: LoadOutcome) -> Result<LoadOutcome, MigrateError> {
     if out.state.is_empty() {
         return Err(MigrateError::NoState);
     }

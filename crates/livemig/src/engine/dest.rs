@@ -130,6 +130,8 @@ pub struct LoadStats {
     pub sections: u64,
     /// Milliseconds spent hashing memory to check the source's digest.
     pub verify_time: u64,
+    /// Page channels beside the main stream (0: a single stream).
+    pub channels: u16,
 }
 
 impl LoadStats {
@@ -360,6 +362,7 @@ impl<'a> Loader<'a> {
         if let Some(e) = first_err.into_inner().unwrap_or_else(|p| p.into_inner()) {
             return Err(e);
         }
+        total.stats.channels = n;
         self.finish(verify, total)
     }
 

@@ -518,6 +518,7 @@ fn channels_2_and_4_live_migration_is_exact() {
             live_workload(),
         );
         assert_same(&o);
+        assert_eq!(o.load.stats.channels, channels);
         assert!(o.stats.ram.normal > 0 && o.stats.ram.duplicate > 0);
         assert_eq!(o.load.stats.raw_pages, o.stats.ram.normal, "{channels}");
         assert_eq!(o.load.stats.zero_pages, o.stats.ram.duplicate);
