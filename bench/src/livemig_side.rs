@@ -123,7 +123,7 @@ fn run_inner(case: &Case, dir: &Path, minivm: &Path, out: &mut Outcome) -> Resul
     let mut sc = connect(&src_sock, &mut src)?;
     wait_marker(
         &src_serial,
-        case.guest.ready_marker(),
+        &case.ready_marker(),
         &mut src,
         case.boot_budget,
     )?;
@@ -146,18 +146,17 @@ fn run_inner(case: &Case, dir: &Path, minivm: &Path, out: &mut Outcome) -> Resul
         Variant::Channels(n) => n,
         _ => 1,
     };
-    exec(
-        &mut sc,
-        &src_sock,
-        "migrate-set-parameters",
-        json!({
-            "max-bandwidth": case.max_bandwidth,
-            "downtime-limit": case.downtime_ms,
-            "xbzrle-cache-size": case.xbzrle_cache,
-            "dirty-limit": dirty_limit,
-            "channels": channels,
-        }),
-    )?;
+    let mut params = json!({
+        "max-bandwidth": case.max_bandwidth,
+        "downtime-limit": case.downtime_ms,
+        "xbzrle-cache-size": case.xbzrle_cache,
+        "dirty-limit": dirty_limit,
+        "channels": channels,
+    });
+    if let Some(p) = params.as_object_mut() {
+        p.extend(case.throttle_params());
+    }
+    exec(&mut sc, &src_sock, "migrate-set-parameters", params)?;
     let uri = format!("tcp:127.0.0.1:{}", free_port()?);
     exec(
         &mut dc,

@@ -220,7 +220,7 @@ fn run_inner(case: &Case, dir: &Path, out: &mut Outcome) -> Result<()> {
     let mut src = start_vm(dir, "src", case, &disk, false, ring)?;
     wait_marker(
         &src.serial,
-        case.guest.ready_marker(),
+        &case.ready_marker(),
         &mut src.proc,
         case.boot_budget,
     )?;
@@ -244,14 +244,15 @@ fn run_inner(case: &Case, dir: &Path, out: &mut Outcome) -> Result<()> {
                 .execute("migrate-set-parameters", json!({"multifd-channels": n}))?;
         }
     }
-    src.qmp.execute(
-        "migrate-set-parameters",
-        json!({
-            "max-bandwidth": case.max_bandwidth,
-            "downtime-limit": case.downtime_ms,
-            "xbzrle-cache-size": case.xbzrle_cache,
-        }),
-    )?;
+    let mut params = json!({
+        "max-bandwidth": case.max_bandwidth,
+        "downtime-limit": case.downtime_ms,
+        "xbzrle-cache-size": case.xbzrle_cache,
+    });
+    if let Some(p) = params.as_object_mut() {
+        p.extend(case.throttle_params());
+    }
+    src.qmp.execute("migrate-set-parameters", params)?;
     if let Variant::DirtyLimit(bytes) = case.variant {
         // QEMU 7.2 limits vCPUs outside the migration parameters, in MB/s.
         src.qmp.execute(
@@ -277,12 +278,41 @@ fn run_inner(case: &Case, dir: &Path, out: &mut Outcome) -> Result<()> {
     };
     out.take_stats(&q);
     out.converged = converged;
+    if let Variant::DirtyLimit(_) = case.variant {
+        // QEMU 7.2's query-migrate says nothing of the dirty limit: its own
+        // query gives the vCPU's measured dirty rate (MB/s).
+        if let Ok(l) = src.qmp.execute("query-vcpu-dirty-limit", Value::Null) {
+            let rates: Vec<String> = l
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|c| {
+                    format!(
+                        "vCPU {} dirty rate {} MB/s (limit {})",
+                        c["cpu-index"], c["current-rate"], c["limit-rate"]
+                    )
+                })
+                .collect();
+            if !rates.is_empty() {
+                let at_end = format!("at the end: {}", rates.join(", "));
+                out.note = if out.note.is_empty() {
+                    at_end
+                } else {
+                    format!("{}; {at_end}", out.note)
+                };
+            }
+        }
+    }
     if !converged {
         if out.status == "cancelled" {
+            let limit = std::mem::take(&mut out.note);
             out.note = format!(
                 "did not converge within {:?} (figures as of the cancel)",
                 case.budget
             );
+            if !limit.is_empty() {
+                out.note += &format!("; {limit}");
+            }
         }
         return Ok(());
     }

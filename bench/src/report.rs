@@ -60,7 +60,7 @@ fn cells(r: &Row) -> Vec<String> {
     };
     vec![
         r.case.scenario.clone(),
-        r.case.variant.to_string(),
+        r.case.variant_label(),
         o.system.clone(),
         conv,
         num(o.total_ms.to_string()),
@@ -79,11 +79,12 @@ fn cells(r: &Row) -> Vec<String> {
             "-".into()
         }),
         num(o.dirty_syncs.to_string()),
+        num(o.throttle_pct.to_string()),
         check,
     ]
 }
 
-const HEAD: [&str; 12] = [
+const HEAD: [&str; 13] = [
     "scenario",
     "variant",
     "system",
@@ -95,6 +96,7 @@ const HEAD: [&str; 12] = [
     "MB/s (mbps/8)",
     "MB/s (avg)",
     "dirty syncs",
+    "max throttle %",
     "check",
 ];
 
@@ -138,7 +140,7 @@ fn notes(rows: &[Row]) -> String {
             s += &format!(
                 "- {} / {} / {}: {}\n",
                 r.case.scenario,
-                r.case.variant,
+                r.case.variant_label(),
                 o.system,
                 parts.join("; ")
             );
@@ -222,6 +224,8 @@ mod tests {
                 max_bandwidth: 1 << 40,
                 budget: Duration::from_secs(30),
                 boot_budget: Duration::from_secs(60),
+                warm_up: false,
+                throttle_steps: None,
             },
             outcome: Outcome {
                 system: system.into(),
@@ -234,6 +238,7 @@ mod tests {
                 bytes: 3 << 29,
                 mbps: 8000.0,
                 dirty_syncs: 4,
+                throttle_pct: 40,
                 check: ok.map(|ok| CheckResult {
                     ok,
                     detail: if ok {
@@ -266,6 +271,7 @@ mod tests {
         assert!(lines[1].contains(" 2000 ") && lines[1].contains(" 1536.0 "));
         assert!(lines[1].contains(" 1000 "), "mbps/8: {}", lines[1]);
         assert!(lines[1].contains(" 805 "), "avg MB/s: {}", lines[1]);
+        assert!(lines[1].contains(" 40 "), "throttle: {}", lines[1]);
         assert!(lines[2].ends_with("pass"));
         assert!(lines[3].contains(" NO "), "{}", lines[3]);
         let cols: Vec<&str> = lines[3].split_whitespace().collect();

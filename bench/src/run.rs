@@ -62,12 +62,50 @@ pub struct Case {
     pub seed: u32,
     /// XBZRLE cache size in bytes.
     pub xbzrle_cache: u64,
-    /// Bandwidth cap in bytes/s (set high on both).
+    /// Bandwidth cap in bytes/s (set high on both, except in the capped
+    /// heavy-dirtier scenario).
     pub max_bandwidth: u64,
     /// Seconds the migration may take before it is cancelled.
     pub budget: Duration,
     /// Seconds to wait for the guest's ready marker.
     pub boot_budget: Duration,
+    /// Migrate only once the guest has written its whole range (the
+    /// incrementer's first '.'), not while its memory is still mostly zero.
+    pub warm_up: bool,
+    /// Auto-converge steps (cpu-throttle-initial, cpu-throttle-increment),
+    /// set alike on both systems; None: each system's defaults (20, 10).
+    pub throttle_steps: Option<(u8, u8)>,
+}
+
+impl Case {
+    /// The serial output to wait for before migrating.
+    pub fn ready_marker(&self) -> String {
+        let m = self.guest.ready_marker().to_string();
+        if self.warm_up && self.guest == GuestKind::Incrementer {
+            // One '.' per pass (n = 1): the first pass is complete.
+            m + "."
+        } else {
+            m
+        }
+    }
+
+    /// The variant as the table shows it (with non-default throttle steps).
+    pub fn variant_label(&self) -> String {
+        match (self.variant, self.throttle_steps) {
+            (Variant::AutoConverge, Some((i, s))) => format!("auto-converge {i}%+{s}%"),
+            _ => self.variant.to_string(),
+        }
+    }
+
+    /// Migration parameters both systems take under the same names.
+    pub fn throttle_params(&self) -> serde_json::Map<String, Value> {
+        let mut m = serde_json::Map::new();
+        if let Some((i, s)) = self.throttle_steps {
+            m.insert("cpu-throttle-initial".into(), i.into());
+            m.insert("cpu-throttle-increment".into(), s.into());
+        }
+        m
+    }
 }
 
 /// What one system did with one case.
@@ -93,6 +131,9 @@ pub struct Outcome {
     pub mbps: f64,
     /// ram.dirty-sync-count.
     pub dirty_syncs: u64,
+    /// Highest cpu-throttle-percentage (auto-converge) seen while polling:
+    /// both systems drop the throttle once the migration ends.
+    pub throttle_pct: u64,
     /// The destination's memory check (None when not reached).
     pub check: Option<CheckResult>,
     /// Why something is missing or odd.
@@ -111,6 +152,7 @@ impl Outcome {
         self.bytes = u(&q["ram"]["transferred"]);
         self.mbps = q["ram"]["mbps"].as_f64().unwrap_or(0.0);
         self.dirty_syncs = u(&q["ram"]["dirty-sync-count"]);
+        self.throttle_pct = u(&q["cpu-throttle-percentage"]).max(u(&q[MAX_THROTTLE]));
         if let Some(d) = q["error-desc"].as_str() {
             self.note = d.to_string();
         }
@@ -344,9 +386,14 @@ impl<T: Feed> Drop for DumpReader<T> {
     }
 }
 
+/// The field [`poll_migration`] adds to the final answer: the highest
+/// `cpu-throttle-percentage` any poll saw.
+pub const MAX_THROTTLE: &str = "harness-max-cpu-throttle-percentage";
+
 /// Polls `query` (a `query-migrate`) every 100 ms until a final status; at
 /// `budget` calls `cancel` and waits for the cancel to land. Returns the
-/// final answer and whether it completed in time.
+/// final answer (with [`MAX_THROTTLE`] added) and whether it completed in
+/// time.
 pub fn poll_migration(
     budget: Duration,
     mut query: impl FnMut() -> Result<Value>,
@@ -355,10 +402,21 @@ pub fn poll_migration(
     let t0 = Instant::now();
     let mut cancelled_at: Option<Instant> = None;
     let mut last_active: Option<Value> = None;
+    let mut max_throttle = 0;
+    let with_max = |mut q: Value, m: u64| {
+        if let Some(o) = q.as_object_mut() {
+            o.insert(MAX_THROTTLE.into(), m.into());
+        }
+        q
+    };
     loop {
         let q = query()?;
+        max_throttle = q["cpu-throttle-percentage"]
+            .as_u64()
+            .unwrap_or(0)
+            .max(max_throttle);
         match q["status"].as_str().unwrap_or("") {
-            "completed" => return Ok((q, cancelled_at.is_none())),
+            "completed" => return Ok((with_max(q, max_throttle), cancelled_at.is_none())),
             "failed" | "cancelled" => {
                 // QEMU drops the figures once cancelled: keep those of the
                 // last poll before, with the final status.
@@ -369,7 +427,7 @@ pub fn poll_migration(
                     }
                     _ => q,
                 };
-                return Ok((q, false));
+                return Ok((with_max(q, max_throttle), false));
             }
             _ => {}
         }
@@ -416,8 +474,10 @@ mod tests {
         let mut o = Outcome::default();
         o.take_stats(&json!({
             "status": "completed", "total-time": 1200, "downtime": 31, "setup-time": 4,
-            "ram": {"transferred": 1073741824u64, "mbps": 8123.5, "dirty-sync-count": 5}
+            "ram": {"transferred": 1073741824u64, "mbps": 8123.5, "dirty-sync-count": 5},
+            "cpu-throttle-percentage": 70
         }));
+        assert_eq!(o.throttle_pct, 70);
         assert_eq!(o.status, "completed");
         assert_eq!(
             (o.total_ms, o.downtime_ms, o.setup_ms, o.dirty_syncs),
@@ -439,7 +499,8 @@ mod tests {
                 Ok(if c.get() {
                     json!({"status": "cancelled"})
                 } else {
-                    json!({"status": "active", "total-time": n, "ram": {"transferred": 7}})
+                    json!({"status": "active", "total-time": n, "ram": {"transferred": 7},
+                           "cpu-throttle-percentage": if n == 1 { 30 } else { 20 }})
                 })
             },
             || {
@@ -454,6 +515,8 @@ mod tests {
         // The figures of the last poll before the cancel are kept.
         assert_eq!(q["ram"]["transferred"], 7);
         assert!(q["total-time"].as_u64().unwrap() >= 2);
+        // The highest throttle any poll saw, not the last one.
+        assert_eq!(q[MAX_THROTTLE], 30);
         assert!(n >= 3);
         let (_, ok) = poll_migration(
             Duration::from_secs(5),

@@ -326,10 +326,16 @@ fn cancel_at_setup_mid_round_and_completion() {
     let dir = src.dir.clone();
     let check_released = |what: &str| {
         let t0 = Instant::now();
-        while fds() != baseline && t0.elapsed() < Duration::from_secs(5) {
+        // At most the baseline: a descriptor an earlier test's lagging
+        // thread held at baseline time may close meanwhile.
+        while fds() > baseline && t0.elapsed() < Duration::from_secs(5) {
             thread::sleep(Duration::from_millis(20));
         }
-        assert_eq!(fds(), baseline, "{what}: file descriptors back to baseline");
+        let now = fds();
+        assert!(
+            now <= baseline,
+            "{what}: {now} file descriptors open, {baseline} before the migration"
+        );
     };
     let finals = ["cancelled", "failed", "completed"];
 
