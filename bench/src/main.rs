@@ -186,7 +186,9 @@ fn cases(
         // At a quarter of the dirty rate the throttle must reach ~90%
         // before precopy can converge; QEMU's default steps (20%, +10% per
         // dirty sync, a sync per pass) take longer than the budget there.
-        c.throttle_steps = Some((50, 20));
+        if variant == Variant::AutoConverge {
+            c.throttle_steps = Some((50, 20));
+        }
         v.push(c);
     }
     v

@@ -335,9 +335,12 @@ impl<'a> Loader<'a> {
                     let (barrier, fail) = (&barrier, &fail);
                     s.spawn(move || {
                         let r = this.run_stream(&mut cr, Role::Channel(i + 1, barrier));
-                        // Closing the connection at once tells the source.
+                        // Record the cause before closing the connection:
+                        // closing tells the source, whose reaction (ending
+                        // the main stream) must not be taken for the cause.
+                        let r = r.map_err(|e| fail(on_channel(i + 1, e))).ok();
                         drop(cr);
-                        r.map_err(|e| fail(on_channel(i + 1, e))).ok()
+                        r
                     })
                 })
                 .collect();
