@@ -899,7 +899,14 @@ pub fn demo(a: DemoArgs) -> Result<()> {
     let dest_failures = g["failures"].as_u64().unwrap_or(u64::MAX);
     let dest_pages = g["pages-written"].as_u64().unwrap_or(0);
     let dest_digest = report["digest"].as_str().map(str::to_string);
-    let passed_check = g["self-check"] == "passed" && o.at_stop.ok();
+    // A migration that did not complete (failed, cancelled) leaves the
+    // guest on the source: its self-check is the source's.
+    let moved = o.error.is_none() && succeeded(&o.stats);
+    let passed_check = o.at_stop.ok() && (!moved || g["self-check"] == "passed");
+    let guest_failures = match moved {
+        true => o.at_stop.failures().saturating_add(dest_failures),
+        false => o.at_stop.failures(),
+    };
     let heartbeats_before = o.at_stop.heartbeats();
     // The guest's heartbeats over its life: those sent on the source, then
     // those sent on the destination.
@@ -913,17 +920,19 @@ pub fn demo(a: DemoArgs) -> Result<()> {
     } else if !succeeded(&o.stats) {
         failures.push(format!("migration status {:?}", o.stats.status));
     }
-    if !dest_ok || report.is_null() {
-        failures.push("the destination process failed".to_string());
-    }
     if !passed_check {
         failures.push("the guest's self-check failed".to_string());
     }
-    if dest_heartbeats == 0 || dest_pages <= o.at_stop.pages_written() {
-        failures.push("the guest made no progress on the destination".to_string());
-    }
-    if verify && !verified {
-        failures.push("the destination's memory digest was not verified".to_string());
+    if moved {
+        if !dest_ok || report.is_null() {
+            failures.push("the destination process failed".to_string());
+        }
+        if dest_heartbeats == 0 || dest_pages <= o.at_stop.pages_written() {
+            failures.push("the guest made no progress on the destination".to_string());
+        }
+        if verify && !verified {
+            failures.push("the destination's memory digest was not verified".to_string());
+        }
     }
     if a.json {
         let mut v = source_json(&o, &src, &uri)?;
@@ -934,13 +943,21 @@ pub fn demo(a: DemoArgs) -> Result<()> {
             "heartbeats-destination": dest_heartbeats,
             "pages-written-before": o.at_stop.pages_written(),
             "pages-written": dest_pages,
+            "runs-on": if moved { "destination" } else { "source" },
             "self-check": if passed_check { "passed" } else { "failed" },
-            "failures": o.at_stop.failures().saturating_add(dest_failures),
+            "failures": guest_failures,
         });
         v["destination"] = report;
         v["passed"] = json!(failures.is_empty());
         v["demo-time"] = json!(started.elapsed().as_millis() as u64);
         println!("{}", serde_json::to_string(&v)?);
+    } else if !moved {
+        eprintln!(
+            "the migration did not complete: the guest runs on the source ({} heartbeats, {} pages written), self-check {} ({guest_failures} failures)",
+            heartbeats_before,
+            o.at_stop.pages_written(),
+            if passed_check { "passed" } else { "FAILED" },
+        );
     } else {
         let d = &report;
         eprintln!(
@@ -960,7 +977,7 @@ pub fn demo(a: DemoArgs) -> Result<()> {
             o.at_stop.pages_written(),
             g["write-rate"].as_u64().unwrap_or(0) as f64 / MIB,
             if passed_check { "passed" } else { "FAILED" },
-            o.at_stop.failures().saturating_add(dest_failures),
+            guest_failures,
         );
         if failures.is_empty() {
             eprintln!(
