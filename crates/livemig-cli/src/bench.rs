@@ -36,7 +36,7 @@ use livemig::engine::{
     MigrationStats, Params,
 };
 use livemig::memory::{GuestMemory, ProcessMemory, PAGE_SIZE};
-use livemig::transport::{connect, Listener, Uri};
+use livemig::transport::{connect, Incoming, Listener, Outgoing, Uri};
 use livemig::vm::{NoVm, VmControl};
 use livemig::workload::{direct_writer, fill_random, PageWriter, XorShift};
 use livemig::{xbzrle, zero};
@@ -781,6 +781,80 @@ fn bind(link: Link) -> Result<Listener> {
     Ok(Listener::bind(&uri)?)
 }
 
+/// The destination of a bench migration: loads `dst` from the first
+/// connection `accept` brings and from the page channels it brings next,
+/// then answers the source's completion handshake (go, then started; or
+/// the load's failure).
+fn receive<E>(
+    dst: &ProcessMemory,
+    mut accept: impl FnMut() -> Result<Incoming, E>,
+) -> Result<LoadStats>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let inc = accept()?;
+    let mut loader = Loader::new(dst);
+    let mut input = inc.reader;
+    let r = loader.load_channels(Box::new(&mut input) as Box<dyn Read + Send + '_>, || {
+        accept()
+            .map(|i| Box::new(i.reader) as Box<dyn Read + Send + '_>)
+            .map_err(std::io::Error::other)
+    });
+    let commit = match inc.ack {
+        Some(w) => livemig::engine::Commit::new(input, w),
+        None => livemig::engine::Commit::none(),
+    };
+    match &r {
+        Ok(_) => {
+            let go = commit.wait_go().context("destination")?;
+            let _ = go.started();
+        }
+        Err(e) => commit.fail(&e.to_string()),
+    }
+    Ok(r.context("destination")?.stats)
+}
+
+/// The source of a bench migration: sends `src` over `out`, opening page
+/// channels with `open`.
+fn send(
+    src: &ProcessMemory,
+    tracker: &mut dyn DirtyTracker,
+    vm: &mut dyn VmControl,
+    handle: &MigrationHandle,
+    out: Outgoing,
+    open: &mut dyn FnMut(u16) -> std::io::Result<ChannelWriter>,
+) -> Result<MigrationStats> {
+    let mut ack = out.ack;
+    livemig::engine::Source::new(src, tracker, vm, handle.clone())
+        .run_with_channels(
+            out.writer,
+            ack.as_deref_mut().map(|r| r as &mut dyn Read),
+            open,
+        )
+        .map_err(anyhow::Error::from)
+}
+
+/// The end of a bench migration that took `secs` (wall) since `cpu0`
+/// (CPU): waits for the destination, then the source's `result` and the
+/// destination's decide.
+fn finish(
+    secs: f64,
+    cpu0: f64,
+    dest: std::thread::ScopedJoinHandle<'_, Result<LoadStats>>,
+    result: Result<MigrationStats>,
+) -> Result<MigRun> {
+    let load = dest.join().map_err(|_| anyhow!("destination panicked"))?;
+    let cpu = cpu_secs() - cpu0;
+    let stats = result.context("source")?;
+    let load = load?;
+    Ok(MigRun {
+        secs,
+        cpu,
+        stats,
+        load,
+    })
+}
+
 /// Steers a running migration from its own thread; the receiver
 /// disconnects when the migration has ended.
 type Controller = dyn Fn(&MigrationHandle, mpsc::Receiver<()>) + Sync;
@@ -801,29 +875,7 @@ fn migrate_once(
     let target = listener.local_uri();
     let handle = MigrationHandle::new(params);
     std::thread::scope(|s| {
-        let dest = s.spawn(|| -> Result<LoadStats> {
-            let inc = listener.accept()?;
-            let mut loader = Loader::new(dst);
-            let mut input = inc.reader;
-            let r = loader.load_channels(Box::new(&mut input) as Box<dyn Read + Send + '_>, || {
-                listener
-                    .accept()
-                    .map(|i| Box::new(i.reader) as Box<dyn Read + Send + '_>)
-                    .map_err(std::io::Error::other)
-            });
-            let commit = match inc.ack {
-                Some(w) => livemig::engine::Commit::new(input, w),
-                None => livemig::engine::Commit::none(),
-            };
-            match &r {
-                Ok(_) => {
-                    let go = commit.wait_go().context("destination")?;
-                    let _ = go.started();
-                }
-                Err(e) => commit.fail(&e.to_string()),
-            }
-            Ok(r.context("destination")?.stats)
-        });
+        let dest = s.spawn(|| receive(dst, || listener.accept()));
         let (done_tx, done_rx) = mpsc::channel::<()>();
         let ctl = control.map(|f| {
             let h = handle.clone();
@@ -832,19 +884,9 @@ fn migrate_once(
         let cpu0 = cpu_secs();
         let t0 = Instant::now();
         let result = match connect(&target) {
-            Ok(out) => {
-                let mut ack = out.ack;
-                let mut open = |_: u16| -> std::io::Result<ChannelWriter> {
-                    Ok(connect(&target).map_err(std::io::Error::other)?.writer)
-                };
-                livemig::engine::Source::new(src, tracker, vm, handle.clone())
-                    .run_with_channels(
-                        out.writer,
-                        ack.as_deref_mut().map(|r| r as &mut dyn Read),
-                        &mut open,
-                    )
-                    .map_err(anyhow::Error::from)
-            }
+            Ok(out) => send(src, tracker, vm, &handle, out, &mut |_| {
+                Ok(connect(&target).map_err(std::io::Error::other)?.writer)
+            }),
             Err(e) => {
                 // Unblock the destination's accept before failing.
                 let _ = connect(&target);
@@ -856,16 +898,7 @@ fn migrate_once(
         if let Some(c) = ctl {
             let _ = c.join();
         }
-        let load = dest.join().map_err(|_| anyhow!("destination panicked"))?;
-        let cpu = cpu_secs() - cpu0;
-        let stats = result.context("source")?;
-        let load = load?;
-        Ok(MigRun {
-            secs,
-            cpu,
-            stats,
-            load,
-        })
+        finish(secs, cpu0, dest, result)
     })
 }
 

@@ -12,11 +12,10 @@ use std::process::{Child, Command, Output, Stdio};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use common::{free_addr, json_of, spawn_listening, BIN};
 use livemig::fault_proxy::{Fault, FaultProxy};
 use livemig::workload::XorShift;
-use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_livemig");
 /// Process memory: 16 MiB of random bytes (every page goes out raw).
 const MEM: &[&str] = &["--size", "16M"];
 const SOURCE: &[&str] = &[
@@ -29,13 +28,6 @@ const SOURCE: &[&str] = &[
     "--json",
 ];
 
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
 struct Dest {
     child: Child,
     stderr: JoinHandle<String>,
@@ -44,24 +36,14 @@ struct Dest {
 /// `livemig incoming` on `addr`, once it says it listens.
 fn incoming(addr: SocketAddr, extra: &[&str]) -> Dest {
     let uri = format!("tcp:{addr}");
-    let mut child = Command::new(BIN)
-        .args(["incoming", &uri, "--quiet", "--json"])
-        .args(MEM)
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = BufReader::new(child.stderr.take().unwrap());
-    let mut first = String::new();
-    err.read_line(&mut first).unwrap();
-    assert!(first.starts_with("waiting for a migration"), "{first}");
-    let stderr = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
+    let (child, stderr) = spawn_listening(
+        Command::new(BIN)
+            .args(["incoming", &uri, "--quiet", "--json"])
+            .args(MEM)
+            .args(extra)
+            .stdin(Stdio::null()),
+        "waiting for a migration",
+    );
     Dest { child, stderr }
 }
 
@@ -82,15 +64,6 @@ fn migrate_cmd(uri: &str, extra: &[&str]) -> Command {
     c
 }
 
-fn json(out: &Output) -> Value {
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout
-        .lines()
-        .last()
-        .unwrap_or_else(|| panic!("no JSON; stderr: {}", String::from_utf8_lossy(&out.stderr)));
-    serde_json::from_str(line).unwrap()
-}
-
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
@@ -104,7 +77,7 @@ fn retry_succeeds() {
     let (dst, derr) = dest.finish();
     assert!(src.status.success(), "retry source: {}", stderr(&src));
     assert!(dst.status.success(), "retry destination: {derr}");
-    let (s, d) = (json(&src), json(&dst));
+    let (s, d) = (json_of("source", &src), json_of("destination", &dst));
     assert_eq!(s["status"], "completed");
     assert_eq!(d["verified"], true);
     assert_eq!(s["digest"], d["digest"], "same memory after the retry");
@@ -144,7 +117,7 @@ fn cuts_before_go_fail_both_sides_and_retry_succeeds() {
         let (src, dst, derr) = through(fault);
         let serr = stderr(&src);
         assert!(!src.status.success(), "{fault:?}: source must fail");
-        assert_eq!(json(&src)["status"], "failed", "{fault:?}");
+        assert_eq!(json_of("source", &src)["status"], "failed", "{fault:?}");
         assert!(
             serr.contains("sending the stream failed") || serr.contains("no LOADED reply"),
             "{fault:?}: source says: {serr}"
@@ -193,7 +166,7 @@ fn cut_after_go_leaves_the_destination_running() {
     assert!(serr.contains("did not confirm"), "{serr}");
     assert!(serr.contains("may be running it"), "{serr}");
     assert!(dst.status.success(), "the destination got GO: {derr}");
-    let d = json(&dst);
+    let d = json_of("destination", &dst);
     assert_eq!(d["status"], "completed");
     assert_eq!(d["verified"], true, "its memory is the source's: {d}");
 }
@@ -211,24 +184,31 @@ fn wait_forwarded(p: &FaultProxy, bytes: u64) {
     }
 }
 
-#[test]
-fn killed_destination_fails_the_source_cleanly() {
+/// A migration through a fault-free proxy at 4 MiB/s (mid-stream for
+/// seconds), once 2 MiB have gone through; the source's stdout and stderr
+/// go to `out()`.
+fn mid_stream(out: fn() -> Stdio) -> (Dest, Child, FaultProxy) {
     let addr = free_addr();
-    let mut dest = incoming(addr, &[]);
+    let dest = incoming(addr, &[]);
     let proxy = FaultProxy::start(addr, Fault::None).unwrap();
-    // 4 MiB/s: the migration is mid-stream for seconds.
     let src = migrate_cmd(&proxy.uri(), &["--max-bandwidth", "4M"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stdout(out())
+        .stderr(out())
         .spawn()
         .unwrap();
     wait_forwarded(&proxy, 2 << 20);
+    (dest, src, proxy)
+}
+
+#[test]
+fn killed_destination_fails_the_source_cleanly() {
+    let (mut dest, src, _proxy) = mid_stream(Stdio::piped);
     dest.child.kill().unwrap();
     let src = src.wait_with_output().unwrap();
     let _ = dest.finish();
     let serr = stderr(&src);
     assert!(!src.status.success());
-    assert_eq!(json(&src)["status"], "failed");
+    assert_eq!(json_of("source", &src)["status"], "failed");
     assert!(
         serr.contains("sending the stream failed") || serr.contains("no LOADED reply"),
         "{serr}"
@@ -238,15 +218,7 @@ fn killed_destination_fails_the_source_cleanly() {
 
 #[test]
 fn killed_source_never_completes_the_destination() {
-    let addr = free_addr();
-    let dest = incoming(addr, &[]);
-    let proxy = FaultProxy::start(addr, Fault::None).unwrap();
-    let mut src = migrate_cmd(&proxy.uri(), &["--max-bandwidth", "4M"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_forwarded(&proxy, 2 << 20);
+    let (dest, mut src, _proxy) = mid_stream(Stdio::null);
     src.kill().unwrap();
     let _ = src.wait();
     let (dst, derr) = dest.finish();
@@ -375,6 +347,24 @@ fn snapshot_to_a_full_disk_names_the_file() {
     assert!(err.contains(&path.display().to_string()), "{err}");
 }
 
+/// `livemig vm-incoming` on a free port behind a proxy with `fault`.
+fn vm_incoming_behind(fault: Fault) -> (Child, FaultProxy) {
+    let (dest, uri) = vm_incoming();
+    let addr: SocketAddr = uri.strip_prefix("tcp:").unwrap().parse().unwrap();
+    (dest, FaultProxy::start(addr, fault).unwrap())
+}
+
+/// `livemig vm-migrate` of a 64 MiB guest writing 16 MiB/s to `proxy`
+/// (more arguments to add).
+fn vm_migrate_cmd(proxy: &FaultProxy) -> Command {
+    let mut c = Command::new(BIN);
+    c.args(["vm-migrate", &proxy.uri()])
+        .args(["--mem", "64M", "--vcpus", "1", "--working-set", "16M"])
+        .args(["--rate", "16M", "--warmup", "0.3"])
+        .stdin(Stdio::null());
+    c
+}
+
 /// `livemig vm-incoming` on a free port; returns the child and its URI.
 fn vm_incoming() -> (Child, String) {
     let mut child = Command::new(BIN)
@@ -397,15 +387,9 @@ fn vm_source_killed_destination_never_starts_the_guest() {
     if !common::kvm_available("vm_source_killed_destination_never_starts_the_guest") {
         return;
     }
-    let (dest, uri) = vm_incoming();
-    let addr: SocketAddr = uri.strip_prefix("tcp:").unwrap().parse().unwrap();
-    let proxy = FaultProxy::start(addr, Fault::None).unwrap();
-    let mut src = Command::new(BIN)
-        .args(["vm-migrate", &proxy.uri()])
-        .args(["--mem", "64M", "--vcpus", "1", "--working-set", "16M"])
-        .args(["--rate", "16M", "--warmup", "0.3", "--max-bandwidth", "4M"])
-        .args(["--quiet"])
-        .stdin(Stdio::null())
+    let (dest, proxy) = vm_incoming_behind(Fault::None);
+    let mut src = vm_migrate_cmd(&proxy)
+        .args(["--max-bandwidth", "4M", "--quiet"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -429,15 +413,9 @@ fn vm_destination_killed_source_guest_runs_on() {
     if !common::kvm_available("vm_destination_killed_source_guest_runs_on") {
         return;
     }
-    let (mut dest, uri) = vm_incoming();
-    let addr: SocketAddr = uri.strip_prefix("tcp:").unwrap().parse().unwrap();
-    let proxy = FaultProxy::start(addr, Fault::None).unwrap();
-    let src = Command::new(BIN)
-        .args(["vm-migrate", &proxy.uri()])
-        .args(["--mem", "64M", "--vcpus", "1", "--working-set", "16M"])
-        .args(["--rate", "16M", "--warmup", "0.3", "--max-bandwidth", "4M"])
-        .args(["--json"])
-        .stdin(Stdio::null())
+    let (mut dest, proxy) = vm_incoming_behind(Fault::None);
+    let src = vm_migrate_cmd(&proxy)
+        .args(["--max-bandwidth", "4M", "--json"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -452,7 +430,7 @@ fn vm_destination_killed_source_guest_runs_on() {
         err.contains("migration failed: sending the stream failed"),
         "{err}"
     );
-    let v = json(&out);
+    let v = json_of("vm-migrate", &out);
     assert_eq!(v["status"], "failed");
     // The guest state the source saw after the failure: resumed, intact.
     assert_eq!(v["guest"]["self-check"], "passed", "{v}");
@@ -461,16 +439,8 @@ fn vm_destination_killed_source_guest_runs_on() {
 
 /// `vm-migrate` through a proxy with `fault` into `vm-incoming`.
 fn vm_through(fault: Fault) -> (Output, Output) {
-    let (dest, uri) = vm_incoming();
-    let addr: SocketAddr = uri.strip_prefix("tcp:").unwrap().parse().unwrap();
-    let proxy = FaultProxy::start(addr, fault).unwrap();
-    let src = Command::new(BIN)
-        .args(["vm-migrate", &proxy.uri()])
-        .args(["--mem", "64M", "--vcpus", "1", "--working-set", "16M"])
-        .args(["--rate", "16M", "--warmup", "0.3", "--quiet"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let (dest, proxy) = vm_incoming_behind(fault);
+    let src = vm_migrate_cmd(&proxy).arg("--quiet").output().unwrap();
     let dst = dest.wait_with_output().unwrap();
     assert!(proxy.has_cut(), "{fault:?} fired");
     (src, dst)

@@ -2,117 +2,22 @@
 //! while it migrates; the destination must hold exactly the source's memory
 //! at stop time (same digest, verified in-stream by the destination).
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Output, Stdio};
+mod common;
 
+use common::{free_addr, json_of, livemig, migrate_pair};
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_livemig");
-
-fn livemig(args: &[&str]) -> Command {
-    let mut c = Command::new(BIN);
-    c.args(args);
-    c
-}
-
-fn json_of(out: &Output) -> Value {
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout.lines().last().unwrap_or_else(|| {
-        panic!(
-            "no JSON on stdout; stderr: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    serde_json::from_str(line).unwrap_or_else(|e| panic!("bad JSON {line:?}: {e}"))
-}
-
-/// Starts `incoming` and waits until it says it listens.
-fn start_incoming(uri: &str, extra: &[&str]) -> (Child, std::thread::JoinHandle<String>) {
-    let mut args = vec!["incoming", uri, "--quiet", "--json"];
-    args.extend_from_slice(extra);
-    let mut child = livemig(&args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn incoming");
-    let mut err = BufReader::new(child.stderr.take().unwrap());
-    let mut first = String::new();
-    err.read_line(&mut first).unwrap();
-    assert!(
-        first.starts_with("waiting for a migration on"),
-        "incoming said: {first}"
-    );
-    // Keep draining stderr so the child never blocks on it.
-    let rest = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = std::io::Read::read_to_string(&mut err, &mut s);
-        s
-    });
-    (child, rest)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn migrate_pair(uri: &str, src_extra: &[&str]) -> (Value, Value) {
-    let (dest, dest_err) = start_incoming(uri, &["--size", "64M", "--blocks", "2"]);
-    let mut args = vec![
-        "migrate",
-        uri,
-        "--size",
-        "64M",
-        "--blocks",
-        "2",
-        "--dirty-rate",
-        "32M",
-        "--warmup",
-        "0.2",
-        "--json",
-    ];
-    args.extend_from_slice(src_extra);
-    let src = livemig(&args).output().unwrap();
-    let dst = dest.wait_with_output().unwrap();
-    let dst_err = dest_err.join().unwrap();
-    assert!(
-        src.status.success(),
-        "source failed: {}",
-        String::from_utf8_lossy(&src.stderr)
-    );
-    assert!(dst.status.success(), "destination failed: {dst_err}");
-    (json_of(&src), json_of(&dst))
-}
-
+/// [`common::assert_equal_memory`], and the migration iterated and
+/// reported its downtime.
 fn assert_equal_memory(s: &Value, d: &Value) {
-    assert_eq!(s["status"], "completed");
-    assert_eq!(d["status"], "completed");
-    assert_eq!(s["verified"], true);
-    assert_eq!(
-        d["verified"], true,
-        "destination checked the in-stream digest"
-    );
-    assert!(s["digest"].is_string());
-    assert_eq!(
-        s["digest"], d["digest"],
-        "destination memory == source memory at stop time"
-    );
-    assert!(
-        s["workload-pages-written"].as_u64().unwrap() > 0,
-        "the workload ran"
-    );
-    assert!(s["ram"]["transferred"].as_u64().unwrap() > 0);
-    assert_eq!(s["ram"]["remaining"], 0);
+    common::assert_equal_memory(s, d);
     assert!(s["ram"]["dirty-sync-count"].as_u64().unwrap() >= 2);
     assert!(s["downtime"].is_u64());
 }
 
 #[test]
 fn tcp_live_migration_between_processes() {
-    let uri = format!("tcp:127.0.0.1:{}", free_port());
+    let uri = format!("tcp:127.0.0.1:{}", free_addr().port());
     let (s, d) = migrate_pair(&uri, &[]);
     assert_equal_memory(&s, &d);
     assert!(
@@ -128,7 +33,7 @@ fn tcp_live_migration_between_processes() {
 
 #[test]
 fn tcp_four_channels_between_processes() {
-    let uri = format!("tcp:127.0.0.1:{}", free_port());
+    let uri = format!("tcp:127.0.0.1:{}", free_addr().port());
     let (s, d) = migrate_pair(&uri, &["--channels", "4", "--downtime-limit", "50"]);
     assert_equal_memory(&s, &d);
     assert!(s["ram"]["normal"].as_u64().unwrap() > 0);
@@ -181,7 +86,7 @@ fn snapshot_save_and_load() {
         "{}",
         String::from_utf8_lossy(&save.stderr)
     );
-    let s = json_of(&save);
+    let s = json_of("save", &save);
     assert_eq!(s["status"], "completed");
     let load = livemig(&["load", f, "--size", "32M", "--json"])
         .output()
@@ -191,7 +96,7 @@ fn snapshot_save_and_load() {
         "{}",
         String::from_utf8_lossy(&load.stderr)
     );
-    let d = json_of(&load);
+    let d = json_of("load", &load);
     assert_eq!(d["verified"], true);
     assert_eq!(s["digest"], d["digest"]);
 
@@ -279,7 +184,7 @@ fn source_survives_a_destination_that_hangs_up() {
     .unwrap();
     t.join().unwrap();
     assert!(!out.status.success());
-    let s = json_of(&out);
+    let s = json_of("migrate", &out);
     assert_eq!(s["status"], "failed");
     assert!(
         s["error-desc"]

@@ -4,7 +4,7 @@
 //! plain source, a plain destination, a source of another CA.
 
 mod common;
-use common::kvm_available;
+use common::{json_of, kvm_available, wait_for_path};
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -14,13 +14,12 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_livemig");
 const MEM: &[&str] = &["--size", "64M", "--blocks", "2"];
 const WORKLOAD: &[&str] = &["--dirty-rate", "32M", "--warmup", "0.2"];
 
 fn livemig(args: &[&str]) -> Command {
-    let mut c = Command::new(BIN);
-    c.args(args).stdin(Stdio::null());
+    let mut c = common::livemig(args);
+    c.stdin(Stdio::null());
     c
 }
 
@@ -38,17 +37,6 @@ fn keygen(dir: &Path) -> PathBuf {
         assert!(dir.join(f).is_file(), "{f} missing");
     }
     dir.to_path_buf()
-}
-
-fn json_line(what: &str, out: &Output) -> Value {
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout.lines().last().unwrap_or_else(|| {
-        panic!(
-            "{what}: no JSON on stdout; stderr: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    serde_json::from_str(line).unwrap_or_else(|e| panic!("{what}: bad JSON {line:?}: {e}"))
 }
 
 /// An `incoming` process whose stderr lines arrive on a channel.
@@ -138,7 +126,7 @@ fn tls_dir(pki: &Path, who: &str) -> String {
 /// A TLS migration completes, both sides report TLS 1.3 with the preferred
 /// suite, and the destination holds exactly the source's memory.
 fn check_tls_pair(src: &Output, dst: (bool, Option<Value>, String)) {
-    let s = json_line("migrate", src);
+    let s = json_of("migrate", src);
     assert!(
         src.status.success(),
         "migrate failed: {}",
@@ -313,11 +301,7 @@ fn vm_migration_over_tls() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let t = std::time::Instant::now();
-    while !sock.exists() {
-        assert!(t.elapsed() < Duration::from_secs(20), "no socket");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_path(&sock);
     let mut src_args = vec!["vm-migrate", &uri, "--json", "--tls-dir", &src_tls];
     src_args.extend_from_slice(LAYOUT);
     src_args.extend_from_slice(GUEST);
@@ -333,8 +317,8 @@ fn vm_migration_over_tls() {
         "vm-incoming: {}",
         String::from_utf8_lossy(&d_out.stderr)
     );
-    let s = json_line("vm-migrate", &src);
-    let d = json_line("vm-incoming", &d_out);
+    let s = json_of("vm-migrate", &src);
+    let d = json_of("vm-incoming", &d_out);
     assert_eq!(s["status"], "completed", "{s}");
     assert_eq!(s["verified"], true, "{s}");
     assert_eq!(d["verified"], true, "{d}");
@@ -370,7 +354,7 @@ fn bench_reports_the_tls_cost() {
         "bench: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let v = json_line("bench", &out);
+    let v = json_of("bench", &out);
     let t = &v["tls"];
     assert_eq!(t["protocol"], "TLSv1_3", "{t}");
     assert_eq!(t["cipher_suite"], "TLS13_AES_128_GCM_SHA256", "{t}");

@@ -364,36 +364,17 @@ impl Listener {
     /// connections a migration announced (page channels), which a broken
     /// or hostile source might never open.
     pub fn accept_announced(&self, io_timeout: Duration) -> Result<Incoming, TransportError> {
-        let deadline = std::time::Instant::now() + io_timeout;
         match self {
             Listener::Tcp(l, uri) => {
-                let (s, addr) = poll_accept(
-                    || l.accept(),
-                    |on| l.set_nonblocking(on),
-                    uri,
-                    deadline,
-                    io_timeout,
-                )?;
+                let (s, addr) = poll_accept(l, uri, io_timeout)?;
                 incoming_from(s, uri, format!("the source at tcp:{addr}"), io_timeout)
             }
             Listener::Unix(l, uri, _) => {
-                let (s, _) = poll_accept(
-                    || l.accept(),
-                    |on| l.set_nonblocking(on),
-                    uri,
-                    deadline,
-                    io_timeout,
-                )?;
+                let (s, _) = poll_accept(l, uri, io_timeout)?;
                 incoming_from(s, uri, format!("the source on {uri}"), io_timeout)
             }
             Listener::Shm(l, uri, _) => {
-                let (s, _) = poll_accept(
-                    || l.accept(),
-                    |on| l.set_nonblocking(on),
-                    uri,
-                    deadline,
-                    io_timeout,
-                )?;
+                let (s, _) = poll_accept(l, uri, io_timeout)?;
                 let (reader, ack) = crate::shm::take(s).map_err(shm_err("accept on", uri))?;
                 Ok(Incoming {
                     reader: Box::new(reader),
@@ -464,19 +445,46 @@ fn incoming_from<S: Socket>(
     })
 }
 
-/// Accepts on a listener switched to non-blocking, polling until
-/// `deadline`; the listener is blocking again afterwards (accepted sockets
-/// are blocking either way).
-fn poll_accept<T>(
-    accept: impl Fn() -> io::Result<T>,
-    nonblocking: impl Fn(bool) -> io::Result<()>,
+/// A socket listener [`poll_accept`] can poll.
+trait PollAccept {
+    /// What an accept returns: the socket and its peer's address.
+    type Conn;
+    fn accept(&self) -> io::Result<Self::Conn>;
+    fn set_nonblocking(&self, on: bool) -> io::Result<()>;
+}
+
+impl PollAccept for TcpListener {
+    type Conn = (TcpStream, std::net::SocketAddr);
+    fn accept(&self) -> io::Result<Self::Conn> {
+        TcpListener::accept(self)
+    }
+    fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        TcpListener::set_nonblocking(self, on)
+    }
+}
+
+impl PollAccept for UnixListener {
+    type Conn = (UnixStream, std::os::unix::net::SocketAddr);
+    fn accept(&self) -> io::Result<Self::Conn> {
+        UnixListener::accept(self)
+    }
+    fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        UnixListener::set_nonblocking(self, on)
+    }
+}
+
+/// Accepts on `l` switched to non-blocking, polling for `timeout` at the
+/// most; the listener is blocking again afterwards (accepted sockets are
+/// blocking either way).
+fn poll_accept<L: PollAccept>(
+    l: &L,
     uri: &Uri,
-    deadline: std::time::Instant,
     timeout: Duration,
-) -> Result<T, TransportError> {
-    nonblocking(true).map_err(io_err("configure", uri))?;
+) -> Result<L::Conn, TransportError> {
+    let deadline = std::time::Instant::now() + timeout;
+    l.set_nonblocking(true).map_err(io_err("configure", uri))?;
     let r = loop {
-        match accept() {
+        match l.accept() {
             Ok(t) => break Ok(t),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => break Err(io_err("accept on", uri)(e)),
@@ -493,7 +501,7 @@ fn poll_accept<T>(
         }
         std::thread::sleep(Duration::from_millis(5));
     };
-    let _ = nonblocking(false);
+    let _ = l.set_nonblocking(false);
     r
 }
 

@@ -116,18 +116,23 @@ pub fn migrate_in<R: Read, W: Write>(
     }
 }
 
+/// A paused VM laid out as `config`, waiting for incoming state: no guest
+/// image, memory not prefaulted.
+fn incoming_vm(config: &VmConfig) -> Result<Vm, MigrateError> {
+    Ok(Vm::new(VmConfig {
+        guest: GuestImage::Incoming,
+        start_paused: true,
+        prefault: false,
+        ..config.clone()
+    })?)
+}
+
 /// Creates a paused VM from `config` and loads `input` into it (RAM, vCPU
 /// and device state); no handshake. On a two-way transport, answer with
 /// `livemig::engine::Commit` (`wait_go` before resuming, `fail` if the VM
 /// is refused).
 pub fn load_in<R: Read>(config: &VmConfig, input: R) -> Result<(Vm, LoadOutcome), MigrateError> {
-    let config = VmConfig {
-        guest: GuestImage::Incoming,
-        start_paused: true,
-        prefault: false,
-        ..config.clone()
-    };
-    let vm = Vm::new(config)?;
+    let vm = incoming_vm(config)?;
     let out = load_into(&vm, input)?;
     Ok((vm, out))
 }
@@ -140,13 +145,7 @@ pub fn load_in_channels<'a>(
     input: Box<dyn Read + Send + 'a>,
     accept: impl FnMut() -> std::io::Result<Box<dyn Read + Send + 'a>>,
 ) -> Result<(Vm, LoadOutcome), MigrateError> {
-    let config = VmConfig {
-        guest: GuestImage::Incoming,
-        start_paused: true,
-        prefault: false,
-        ..config.clone()
-    };
-    let vm = Vm::new(config)?;
+    let vm = incoming_vm(config)?;
     let mem = vm.memory();
     let out = Loader::new(&*mem).load_channels(input, accept)?;
     drop(mem);

@@ -117,16 +117,31 @@ fn retry_succeeds(src: &Vm) {
     assert_runs(&dst, "retry destination");
 }
 
-/// A cut before GO: the source resumes, the destination never runs.
-fn cut_before_go(fault: Fault, dest_says: &[&str]) {
-    let src = source();
+/// Migrates `src` to a new destination through a proxy with `fault`:
+/// the source's result, the destination's thread and the proxy.
+fn migrate_through(
+    src: &Vm,
+    fault: Fault,
+) -> (
+    Result<Status, MigrateError>,
+    JoinHandle<Result<Vm, String>>,
+    FaultProxy,
+) {
     let (uri, dest) = destination();
     let up = match &uri {
         Uri::Tcp(a) => a.parse().unwrap(),
         _ => unreachable!(),
     };
     let proxy = FaultProxy::start(up, fault).unwrap();
-    let e = migrate(&src, &proxy.uri().parse().unwrap()).expect_err("the cut fails it");
+    let r = migrate(src, &proxy.uri().parse().unwrap());
+    (r, dest, proxy)
+}
+
+/// A cut before GO: the source resumes, the destination never runs.
+fn cut_before_go(fault: Fault, dest_says: &[&str]) {
+    let src = source();
+    let (r, dest, proxy) = migrate_through(&src, fault);
+    let e = r.expect_err("the cut fails it");
     assert!(proxy.has_cut(), "{fault:?} fired");
     let text = e.to_string();
     assert!(
@@ -184,13 +199,8 @@ fn cut_right_after_loaded() {
         return;
     }
     let src = source();
-    let (uri, dest) = destination();
-    let up = match &uri {
-        Uri::Tcp(a) => a.parse().unwrap(),
-        _ => unreachable!(),
-    };
-    let proxy = FaultProxy::start(up, Fault::CutAfterLoaded).unwrap();
-    let e = migrate(&src, &proxy.uri().parse().unwrap()).expect_err("no STARTED");
+    let (r, dest, proxy) = migrate_through(&src, Fault::CutAfterLoaded);
+    let e = r.expect_err("no STARTED");
     let text = e.to_string();
     assert!(
         matches!(e, MigrateError::Migration(MigrationError::Unconfirmed(_))),
@@ -218,13 +228,8 @@ fn cut_right_after_go() {
         return;
     }
     let src = source();
-    let (uri, dest) = destination();
-    let up = match &uri {
-        Uri::Tcp(a) => a.parse().unwrap(),
-        _ => unreachable!(),
-    };
-    let proxy = FaultProxy::start(up, Fault::CutAfterGo).unwrap();
-    let e = migrate(&src, &proxy.uri().parse().unwrap()).expect_err("no STARTED");
+    let (r, dest, _proxy) = migrate_through(&src, Fault::CutAfterGo);
+    let e = r.expect_err("no STARTED");
     assert!(
         matches!(e, MigrateError::Migration(MigrationError::Unconfirmed(_))),
         "{e}"

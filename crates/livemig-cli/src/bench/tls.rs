@@ -54,47 +54,15 @@ fn migrate_tls_once(
     let target = listener.local_uri();
     let handle = MigrationHandle::new(params);
     std::thread::scope(|s| {
-        let dest = s.spawn(|| -> Result<LoadStats> {
-            let inc = listener.accept()?;
-            let mut loader = Loader::new(dst);
-            let mut input = inc.reader;
-            let r = loader.load_channels(Box::new(&mut input) as Box<dyn Read + Send + '_>, || {
-                listener
-                    .accept()
-                    .map(|i| Box::new(i.reader) as Box<dyn Read + Send + '_>)
-                    .map_err(std::io::Error::other)
-            });
-            let commit = match inc.ack {
-                Some(w) => livemig::engine::Commit::new(input, w),
-                None => livemig::engine::Commit::none(),
-            };
-            match &r {
-                Ok(_) => {
-                    let go = commit.wait_go().context("destination")?;
-                    let _ = go.started();
-                }
-                Err(e) => commit.fail(&e.to_string()),
-            }
-            Ok(r.context("destination")?.stats)
-        });
+        let dest = s.spawn(|| receive(dst, || listener.accept()));
         let cpu0 = cpu_secs();
         let t0 = Instant::now();
         let result = match connect_with_session(&target, tls) {
-            Ok((out, _)) => {
-                let mut ack = out.ack;
-                let mut open = |_: u16| -> std::io::Result<ChannelWriter> {
-                    Ok(connect_deferred(&target, tls)
-                        .map_err(std::io::Error::other)?
-                        .writer)
-                };
-                livemig::engine::Source::new(src, tracker, &mut NoVm, handle.clone())
-                    .run_with_channels(
-                        out.writer,
-                        ack.as_deref_mut().map(|r| r as &mut dyn Read),
-                        &mut open,
-                    )
-                    .map_err(anyhow::Error::from)
-            }
+            Ok((out, _)) => send(src, tracker, &mut NoVm, &handle, out, &mut |_| {
+                Ok(connect_deferred(&target, tls)
+                    .map_err(std::io::Error::other)?
+                    .writer)
+            }),
             Err(e) => {
                 // Unblock the destination's accept (its handshake fails).
                 if let Uri::Tcp(a) = &target {
@@ -104,16 +72,7 @@ fn migrate_tls_once(
             }
         };
         let secs = t0.elapsed().as_secs_f64();
-        let load = dest.join().map_err(|_| anyhow!("destination panicked"))?;
-        let cpu = cpu_secs() - cpu0;
-        let stats = result.context("source")?;
-        let load = load?;
-        Ok(MigRun {
-            secs,
-            cpu,
-            stats,
-            load,
-        })
+        finish(secs, cpu0, dest, result)
     })
 }
 

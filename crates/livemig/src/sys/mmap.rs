@@ -1,8 +1,105 @@
 //! Anonymous mappings and raw access to host memory that backs guest RAM.
 
+use std::fs::File;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::ptr::NonNull;
 use std::sync::Arc;
+
+/// Maps `len` bytes read-write at an address the kernel picks: the first
+/// `len` bytes of `file`, shared (writes are seen by every process mapping
+/// it), or without a file zeroed anonymous memory, private and lazily
+/// allocated.
+pub(super) fn map_rw(len: usize, file: Option<&File>) -> io::Result<NonNull<u8>> {
+    if len == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "cannot map 0 bytes",
+        ));
+    }
+    let (flags, fd) = match file {
+        Some(f) => (libc::MAP_SHARED, f.as_raw_fd()),
+        None => (
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+        ),
+    };
+    // SAFETY: a fresh mapping at a kernel-chosen address (no MAP_FIXED), so
+    // no existing memory is affected; `fd` is -1 (anonymous) or a
+    // descriptor `file` keeps open over the call. The result is checked
+    // for MAP_FAILED.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            flags,
+            fd,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    NonNull::new(p.cast::<u8>()).ok_or_else(io::Error::last_os_error)
+}
+
+/// Unmaps the `len` bytes at `ptr`.
+///
+/// # Safety
+/// `ptr` and `len` must be a mapping [`map_rw`] returned, whole, and
+/// nothing may access it afterwards.
+pub(super) unsafe fn unmap(ptr: NonNull<u8>, len: usize) {
+    // SAFETY: exactly a range mmap returned, no longer used (the caller's
+    // contract).
+    unsafe {
+        libc::munmap(ptr.as_ptr().cast(), len);
+    }
+}
+
+/// True when `[offset, offset + n)` lies within `len` bytes.
+pub(super) fn in_range(len: usize, offset: usize, n: usize) -> bool {
+    offset.checked_add(n).is_some_and(|e| e <= len)
+}
+
+/// Copies `dst.len()` bytes at `offset` of the `len` bytes at `base` into
+/// `dst`. False (nothing copied) if out of range.
+///
+/// # Safety
+/// `base..base + len` must be mapped readable over the call and must not
+/// overlap `dst`.
+pub(super) unsafe fn copy_out(
+    base: NonNull<u8>,
+    len: usize,
+    offset: usize,
+    dst: &mut [u8],
+) -> bool {
+    if !in_range(len, offset, dst.len()) {
+        return false;
+    }
+    // SAFETY: the source range is inside `base..base + len` (checked),
+    // readable and apart from `dst` by the caller's contract.
+    unsafe {
+        std::ptr::copy_nonoverlapping(base.as_ptr().add(offset), dst.as_mut_ptr(), dst.len())
+    };
+    true
+}
+
+/// Copies `src` to `offset` of the `len` bytes at `base`. False (nothing
+/// copied) if out of range.
+///
+/// # Safety
+/// `base..base + len` must be mapped writable over the call and must not
+/// overlap `src`.
+pub(super) unsafe fn copy_in(base: NonNull<u8>, len: usize, offset: usize, src: &[u8]) -> bool {
+    if !in_range(len, offset, src.len()) {
+        return false;
+    }
+    // SAFETY: the destination range is inside `base..base + len`
+    // (checked), writable and apart from `src` by the caller's contract.
+    unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), base.as_ptr().add(offset), src.len()) };
+    true
+}
 
 /// An anonymous private mapping, unmapped on drop.
 #[derive(Debug)]
@@ -20,28 +117,7 @@ unsafe impl Sync for AnonMapping {}
 impl AnonMapping {
     /// Maps `len` bytes of zeroed, lazily allocated anonymous memory.
     pub fn new(len: usize) -> io::Result<Self> {
-        if len == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "cannot map 0 bytes",
-            ));
-        }
-        // SAFETY: a fresh anonymous mapping at a kernel-chosen address; no
-        // existing memory is affected. The result is checked for MAP_FAILED.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let ptr = NonNull::new(p.cast::<u8>()).ok_or_else(io::Error::last_os_error)?;
+        let ptr = map_rw(len, None)?;
         Ok(AnonMapping { ptr, len })
     }
 
@@ -79,11 +155,9 @@ impl AnonMapping {
 
 impl Drop for AnonMapping {
     fn drop(&mut self) {
-        // SAFETY: unmapping exactly the range mmap returned; nothing refers to
-        // it once the last owner (this value) goes.
-        unsafe {
-            libc::munmap(self.ptr.as_ptr().cast(), self.len);
-        }
+        // SAFETY: the whole range `map_rw` returned; nothing refers to it
+        // once the last owner (this value) goes.
+        unsafe { unmap(self.ptr, self.len) }
     }
 }
 
@@ -153,26 +227,16 @@ impl RawRegion {
     }
 
     fn check(&self, offset: usize, len: usize) -> bool {
-        offset.checked_add(len).is_some_and(|e| e <= self.len)
+        in_range(self.len, offset, len)
     }
 
     /// Copies `dst.len()` bytes at `offset` into `dst`. False if out of range.
     pub fn read(&self, offset: usize, dst: &mut [u8]) -> bool {
-        if !self.check(offset, dst.len()) {
-            return false;
-        }
-        // SAFETY: the source range is inside the live mapping (checked) and
+        // SAFETY: the region is a live mapping (kept by `_owner`) and
         // cannot overlap `dst`, a Rust buffer. A guest writing concurrently
         // can only make the copy a mix of old and new bytes; the dirty log
         // then has the page marked and it is sent again.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                self.ptr.as_ptr().add(offset),
-                dst.as_mut_ptr(),
-                dst.len(),
-            )
-        };
-        true
+        unsafe { copy_out(self.ptr, self.len, offset, dst) }
     }
 
     /// Appends the `len` bytes at `offset` to `dst` without initialising
@@ -200,15 +264,9 @@ impl RawRegion {
 
     /// Copies `src` to `offset`. False if out of range.
     pub fn write(&self, offset: usize, src: &[u8]) -> bool {
-        if !self.check(offset, src.len()) {
-            return false;
-        }
-        // SAFETY: the destination range is inside the live mapping (checked),
-        // which is writable, and cannot overlap `src`, a Rust buffer.
-        unsafe {
-            std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.as_ptr().add(offset), src.len())
-        };
-        true
+        // SAFETY: the region is a live mapping (kept by `_owner`), which is
+        // writable, and cannot overlap `src`, a Rust buffer.
+        unsafe { copy_in(self.ptr, self.len, offset, src) }
     }
 
     /// Runs `f` over the bytes at `[offset, offset+len)` viewed as a slice,

@@ -18,6 +18,8 @@ use std::ptr::NonNull;
 use std::sync::atomic::AtomicU32;
 use std::time::Duration;
 
+use super::mmap::{copy_in, copy_out, in_range, map_rw, unmap};
+
 /// Seals a shared buffer must carry before it is mapped: with them the
 /// peer can neither shrink the file under our mapping (which would turn
 /// our accesses into SIGBUS) nor grow it.
@@ -93,29 +95,7 @@ impl SharedMapping {
     /// every process mapping it). The caller checks the file's size first
     /// ([`check_sealed`]): touching a page past the file's end faults.
     pub fn map(file: &File, len: usize) -> io::Result<Self> {
-        if len == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "cannot map 0 bytes",
-            ));
-        }
-        // SAFETY: a fresh shared mapping of a file we hold, at a
-        // kernel-chosen address; no existing memory is affected. The result
-        // is checked for MAP_FAILED.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let ptr = NonNull::new(p.cast::<u8>()).ok_or_else(io::Error::last_os_error)?;
+        let ptr = map_rw(len, Some(file))?;
         Ok(SharedMapping { ptr, len })
     }
 
@@ -130,7 +110,7 @@ impl SharedMapping {
     }
 
     fn check(&self, offset: usize, len: usize) -> bool {
-        offset.checked_add(len).is_some_and(|e| e <= self.len)
+        in_range(self.len, offset, len)
     }
 
     /// The 32-bit word at `offset` as an atomic; None unless aligned and
@@ -150,47 +130,29 @@ impl SharedMapping {
 
     /// Copies `src` into the mapping at `offset`. False if out of range.
     pub fn copy_in(&self, offset: usize, src: &[u8]) -> bool {
-        if !self.check(offset, src.len()) {
-            return false;
-        }
-        // SAFETY: the destination range is inside the live, writable
-        // mapping (checked) and cannot overlap `src`, a Rust buffer. The
-        // ownership protocol gives this process the range; a peer that
-        // breaks it can only corrupt bytes it shares with us anyway.
-        unsafe {
-            std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.as_ptr().add(offset), src.len())
-        };
-        true
+        // SAFETY: the mapping is live and writable and cannot overlap
+        // `src`, a Rust buffer. The ownership protocol gives this process
+        // the range; a peer that breaks it can only corrupt bytes it shares
+        // with us anyway.
+        unsafe { copy_in(self.ptr, self.len, offset, src) }
     }
 
     /// Copies `dst.len()` bytes at `offset` out of the mapping. False if
     /// out of range.
     pub fn copy_out(&self, offset: usize, dst: &mut [u8]) -> bool {
-        if !self.check(offset, dst.len()) {
-            return false;
-        }
-        // SAFETY: the source range is inside the live mapping (checked) and
-        // cannot overlap `dst`, a Rust buffer. A peer writing meanwhile can
-        // only make the copy a mix of old and new bytes; the caller
-        // validates what it copied, never the shared bytes in place.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                self.ptr.as_ptr().add(offset),
-                dst.as_mut_ptr(),
-                dst.len(),
-            )
-        };
-        true
+        // SAFETY: the mapping is live and cannot overlap `dst`, a Rust
+        // buffer. A peer writing meanwhile can only make the copy a mix of
+        // old and new bytes; the caller validates what it copied, never the
+        // shared bytes in place.
+        unsafe { copy_out(self.ptr, self.len, offset, dst) }
     }
 }
 
 impl Drop for SharedMapping {
     fn drop(&mut self) {
-        // SAFETY: unmapping exactly the range mmap returned; references
-        // into it (`word`) borrow `self` and are gone by now.
-        unsafe {
-            libc::munmap(self.ptr.as_ptr().cast(), self.len);
-        }
+        // SAFETY: the whole range `map_rw` returned; references into it
+        // (`word`) borrow `self` and are gone by now.
+        unsafe { unmap(self.ptr, self.len) }
     }
 }
 
