@@ -104,7 +104,7 @@ fn run_inner(case: &Case, dir: &Path, minivm: &Path, out: &mut Outcome) -> Resul
         .arg("--serial")
         .arg(&src_serial);
     if let Variant::DirtyLimit(_) = case.variant {
-        cmd.args(["--dirty-ring", "4096", "--migrate-tracker", "ring"]);
+        cmd.args(["--dirty-ring", "65536", "--migrate-tracker", "ring"]);
     }
     if idle {
         mkfifo(&src_fifo)?;
@@ -171,8 +171,12 @@ fn run_inner(case: &Case, dir: &Path, minivm: &Path, out: &mut Outcome) -> Resul
     exec(&mut sc, &src_sock, "migrate", json!({"uri": uri}))?;
     let (q, converged) = {
         let c = std::cell::RefCell::new(&mut sc);
+        // minivm's source exits within a second of completing (its
+        // socket with it): polling often keeps the chance of missing
+        // "completed" in that window, and losing the final figures, small.
         poll_migration(
             case.budget,
+            Duration::from_millis(10),
             || exec(&mut c.borrow_mut(), &src_sock, "query-migrate", Value::Null),
             || {
                 exec(
@@ -183,7 +187,14 @@ fn run_inner(case: &Case, dir: &Path, minivm: &Path, out: &mut Outcome) -> Resul
                 )
                 .map(|_| ())
             },
-        )?
+        )
+        .map_err(|e| match src.exited() {
+            Some(st) => e.context(format!(
+                "the source minivm exited ({st}) before the harness saw the migration end: {}",
+                src.log_tail()
+            )),
+            None => e,
+        })?
     };
     out.take_stats(&q);
     out.converged = converged;

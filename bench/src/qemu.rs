@@ -213,7 +213,7 @@ fn run_inner(case: &Case, dir: &Path, out: &mut Outcome) -> Result<()> {
     img.resize(1 << 20, 0);
     std::fs::write(&disk, &img).with_context(|| format!("writing {}", disk.display()))?;
     let ring = match case.variant {
-        Variant::DirtyLimit(_) => Some(4096),
+        Variant::DirtyLimit(_) => Some(65536),
         _ => None,
     };
     let mut dst = start_vm(dir, "dst", case, &disk, true, ring)?;
@@ -268,6 +268,7 @@ fn run_inner(case: &Case, dir: &Path, out: &mut Outcome) -> Result<()> {
         let q = std::cell::RefCell::new(&mut src.qmp);
         poll_migration(
             case.budget,
+            Duration::from_millis(100),
             || q.borrow_mut().execute("query-migrate", Value::Null),
             || {
                 q.borrow_mut()

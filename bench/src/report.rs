@@ -125,8 +125,32 @@ pub fn text_table(rows: &[Row]) -> String {
     s + &notes(rows)
 }
 
-fn notes(rows: &[Row]) -> String {
+/// One line per scenario whose settings differ from the common ones
+/// (a bandwidth cap, a warm-up, its own budget).
+fn scenario_notes(rows: &[Row]) -> String {
     let mut s = String::new();
+    let mut seen: Vec<&str> = Vec::new();
+    for r in rows {
+        let c = &r.case;
+        if !c.warm_up || seen.contains(&c.scenario.as_str()) {
+            continue;
+        }
+        seen.push(&c.scenario);
+        s += &format!(
+            "- {}: max-bandwidth {} MiB/s on both systems, {} s budget per migration; \
+             migrated once the guest has written every page (its first full pass); \
+             \"max throttle %\" is the highest `cpu-throttle-percentage` query-migrate \
+             showed during the migration\n",
+            c.scenario,
+            c.max_bandwidth >> 20,
+            c.budget.as_secs()
+        );
+    }
+    s
+}
+
+fn notes(rows: &[Row]) -> String {
+    let mut s = scenario_notes(rows);
     for r in rows {
         let o = &r.outcome;
         let mut parts = Vec::new();
@@ -283,6 +307,16 @@ mod tests {
         );
         assert!(lines[4].contains(" n/a "), "{}", lines[4]);
         assert!(t.contains("check: page 0x1000 stale"));
+        assert!(!t.contains("max-bandwidth"), "no capped scenario: {t}");
+        let mut capped = row("livemig", true, true, Some(true));
+        capped.case.scenario = "heavy-incrementer-1G-300ms-cap256M".into();
+        capped.case.variant = Variant::AutoConverge;
+        capped.case.max_bandwidth = 256 << 20;
+        capped.case.warm_up = true;
+        capped.case.throttle_steps = Some((50, 20));
+        let t = text_table(&[capped.clone(), capped]);
+        assert_eq!(t.matches("max-bandwidth 256 MiB/s").count(), 1, "{t}");
+        assert!(t.contains(" auto-converge 50%+20% "), "{t}");
         let md = markdown_table(&rows);
         assert!(md.starts_with("| scenario | variant |"));
         assert_eq!(md.lines().filter(|l| l.starts_with("| incr")).count(), 4);

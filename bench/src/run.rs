@@ -390,12 +390,13 @@ impl<T: Feed> Drop for DumpReader<T> {
 /// `cpu-throttle-percentage` any poll saw.
 pub const MAX_THROTTLE: &str = "harness-max-cpu-throttle-percentage";
 
-/// Polls `query` (a `query-migrate`) every 100 ms until a final status; at
+/// Polls `query` (a `query-migrate`) every `every` until a final status; at
 /// `budget` calls `cancel` and waits for the cancel to land. Returns the
 /// final answer (with [`MAX_THROTTLE`] added) and whether it completed in
 /// time.
 pub fn poll_migration(
     budget: Duration,
+    every: Duration,
     mut query: impl FnMut() -> Result<Value>,
     mut cancel: impl FnMut() -> Result<()>,
 ) -> Result<(Value, bool)> {
@@ -444,7 +445,7 @@ pub fn poll_migration(
             }
             _ => {}
         }
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(every);
     }
 }
 
@@ -488,12 +489,45 @@ mod tests {
     }
 
     #[test]
+    fn heavy_cases_wait_for_a_full_pass_and_set_throttle_steps() {
+        let mut c = Case {
+            scenario: "s".into(),
+            guest: GuestKind::Incrementer,
+            mem: 1 << 30,
+            end: 1 << 30,
+            downtime_ms: 300,
+            variant: Variant::AutoConverge,
+            seed: 1,
+            xbzrle_cache: 64 << 20,
+            max_bandwidth: 256 << 20,
+            budget: Duration::from_secs(35),
+            boot_budget: Duration::from_secs(60),
+            warm_up: false,
+            throttle_steps: None,
+        };
+        assert_eq!(c.ready_marker(), "INC\n");
+        assert_eq!(c.variant_label(), "auto-converge");
+        assert!(c.throttle_params().is_empty());
+        c.warm_up = true;
+        c.throttle_steps = Some((50, 20));
+        assert_eq!(c.ready_marker(), "INC\n.");
+        assert_eq!(c.variant_label(), "auto-converge 50%+20%");
+        assert_eq!(
+            Value::Object(c.throttle_params()),
+            json!({"cpu-throttle-initial": 50, "cpu-throttle-increment": 20})
+        );
+        c.variant = Variant::Defaults;
+        assert_eq!(c.variant_label(), "defaults");
+    }
+
+    #[test]
     fn poll_cancels_at_the_budget() {
         let mut n = 0;
         let mut cancelled = false;
         let c = std::cell::Cell::new(false);
         let (q, ok) = poll_migration(
             Duration::from_millis(250),
+            Duration::from_millis(100),
             || {
                 n += 1;
                 Ok(if c.get() {
@@ -520,6 +554,7 @@ mod tests {
         assert!(n >= 3);
         let (_, ok) = poll_migration(
             Duration::from_secs(5),
+            Duration::from_millis(100),
             || Ok(json!({"status": "completed"})),
             || panic!("no cancel"),
         )

@@ -166,7 +166,11 @@ impl Vm {
                             .into(),
                     });
                 }
-                Box::new(RingTracker { sh, running: false })
+                Box::new(RingTracker {
+                    sh,
+                    running: false,
+                    full_emulated_at_start: 0,
+                })
             }
         })
     }
@@ -431,6 +435,8 @@ impl Drop for ManualTracker {
 pub struct RingTracker {
     sh: Arc<Shared>,
     running: bool,
+    /// `Shared::ring_full_emulated` when tracking started.
+    full_emulated_at_start: u64,
 }
 
 /// Harvests every vCPU's ring into `bitmaps` (`None`: drops the entries),
@@ -460,6 +466,13 @@ fn harvest_rings(sh: &Shared, bitmaps: Option<&mut [DirtyBitmap]>) -> Result<u64
         });
         sh.dirty_limit.add_dirtied(i, k);
         n += k;
+        // KVM stops a vCPU once its ring is 64 entries short of full: a
+        // harvest that finds that many (a vCPU paused with a full ring)
+        // counts like a ring-full exit.
+        if k + 64 >= u64::from(r.entries()) && !sh.guest_runs_in_ring3() {
+            sh.ring_full_emulated
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
     }
     sys::reset_dirty_rings(&sh.vm_fd).map_err(|source| DirtyError::Os {
         tracker: RING,
@@ -527,6 +540,10 @@ impl DirtyTracker for RingTracker {
             end(&self.sh, &mut self.running);
             return Err(e);
         }
+        self.full_emulated_at_start = self
+            .sh
+            .ring_full_emulated
+            .load(std::sync::atomic::Ordering::Relaxed);
         Ok(TrackerStart {
             initially_set: false,
         })
@@ -540,7 +557,27 @@ impl DirtyTracker for RingTracker {
             });
         }
         check_bitmaps(RING, &self.sh, bitmaps)?;
-        self.harvest(Some(bitmaps))
+        let n = self.harvest(Some(bitmaps))?;
+        // A ring that filled while the host emulated guest code may have
+        // lost entries: this log cannot be trusted (the migration fails and
+        // the guest runs on at the source).
+        let full = self
+            .sh
+            .ring_full_emulated
+            .load(std::sync::atomic::Ordering::Relaxed)
+            - self.full_emulated_at_start;
+        if full > 0 {
+            return Err(DirtyError::Mismatch {
+                tracker: RING,
+                what: format!(
+                    "a dirty ring filled {full} time(s) while the host emulated guest code \
+                     (ring 0 or real mode); kvm_pvm can drop ring entries then, so this dirty \
+                     log cannot be trusted: use the bitmap or manual tracker, or a larger ring \
+                     (--dirty-ring)"
+                ),
+            });
+        }
+        Ok(n)
     }
 
     fn stop(&mut self) -> Result<(), DirtyError> {

@@ -180,6 +180,11 @@ pub(crate) struct Shared {
     pub(crate) tracking: AtomicBool,
     /// Per-vCPU dirty-limit (dirty ring only).
     pub(crate) dirty_limit: crate::dirtylimit::DirtyLimit,
+    /// Times a dirty ring was seen full while the host may have been
+    /// emulating guest code (a ring-full exit with the vCPU at CPL 0 or in
+    /// real mode, or a harvest of a full ring in a VM not known to run its
+    /// code in ring 3). kvm_pvm can drop ring entries then (HOST-NOTES).
+    pub(crate) ring_full_emulated: AtomicU64,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -251,6 +256,19 @@ impl Shared {
     }
 
     /// Wakes vCPUs waiting for their dirty ring to be harvested.
+    /// Whether this VM's guest code is known to run in ring 3 (natively
+    /// on kvm_pvm): the built-in test guest and long-mode ring-3 images.
+    pub(crate) fn guest_runs_in_ring3(&self) -> bool {
+        matches!(
+            self.config.guest,
+            GuestImage::TestGuest(_)
+                | GuestImage::Flat {
+                    mode: crate::guest::CpuMode::LongRing3,
+                    ..
+                }
+        )
+    }
+
     pub(crate) fn ring_harvested(&self) {
         lock(&self.ctl).ring_gen += 1;
         self.cond.notify_all();
@@ -420,6 +438,12 @@ fn vcpu_thread(sh: Arc<Shared>, i: usize) {
             Ok(VcpuExit::Intr) => {}
             Ok(VcpuExit::Unsupported(EXIT_DIRTY_RING_FULL)) => {
                 slot.ring_full_exits.fetch_add(1, Ordering::Relaxed);
+                // Ring 3 runs natively; CPL 0 and real mode are emulated
+                // by kvm_pvm, which can then drop ring entries.
+                let emulated = f.get_sregs().map_or(true, |s| s.cs.dpl != 3);
+                if emulated {
+                    sh.ring_full_emulated.fetch_add(1, Ordering::Relaxed);
+                }
                 ring_full_gen = Some(lock(&sh.ctl).ring_gen);
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
@@ -723,6 +747,7 @@ impl Vm {
             slots,
             rings: (ring_entries != 0).then(|| Mutex::new(rings)),
             dirty_limit: crate::dirtylimit::DirtyLimit::new(vcpus_len, &ring_slot_pages),
+            ring_full_emulated: AtomicU64::new(0),
             config,
             tracking: AtomicBool::new(false),
         });

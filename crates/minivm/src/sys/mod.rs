@@ -104,6 +104,11 @@ impl DirtyRing {
         })
     }
 
+    /// Entries the ring holds.
+    pub fn entries(&self) -> u32 {
+        self.entries
+    }
+
     /// Harvests every published entry in order: calls `f(slot, page)` and
     /// marks the entry for reset. Returns how many were harvested.
     pub fn harvest(&mut self, mut f: impl FnMut(u32, u64)) -> u64 {
