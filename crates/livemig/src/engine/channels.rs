@@ -290,7 +290,8 @@ impl Worker {
                     }
                     link.update();
                     if let Some((_, _, chooser)) = &mut comp {
-                        chooser.decide(link.ns_per_byte(enc.max_bandwidth));
+                        let mb = enc.max_bandwidth;
+                        chooser.decide(link.ns_per_byte(mb), link.capped(mb));
                     }
                     for (block, page) in pages {
                         let region = self.blocks[usize::from(block)].region();

@@ -781,8 +781,9 @@ impl<'a> RamSaver<'a> {
         let xbzrle_on = !self.bulk && self.cache.is_some();
         if self.c.pages_sent.is_multiple_of(64) {
             self.link.update();
-            let link = self.link.ns_per_byte(self.params.max_bandwidth);
-            self.chooser.decide(link);
+            let mb = self.params.max_bandwidth;
+            self.chooser
+                .decide(self.link.ns_per_byte(mb), self.link.capped(mb));
         }
         self.c.pages_sent += 1;
         let enc = self.encoding();
