@@ -51,15 +51,7 @@ pub fn run(case: &Case, dir: &Path, minivm: &Path) -> Outcome {
         ..Default::default()
     };
     if let Err(e) = run_inner(case, dir, minivm, &mut out) {
-        let note = format!("{e:#}");
-        out.note = if out.note.is_empty() {
-            note
-        } else {
-            format!("{}; {note}", out.note)
-        };
-        if out.status.is_empty() {
-            out.status = "error".into();
-        }
+        out.record_error(&e);
     }
     out
 }

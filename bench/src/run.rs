@@ -141,6 +141,22 @@ pub struct Outcome {
 }
 
 impl Outcome {
+    /// Notes why a run stopped early (after any note it already has) and
+    /// marks it an error unless it already has a status.
+    pub fn record_error(&mut self, e: &anyhow::Error) {
+        let note = format!("{e:#}");
+        self.note = if self.note.is_empty() {
+            note
+        } else {
+            format!("{}; {note}", self.note)
+        };
+        if self.status.is_empty() {
+            self.status = "error".into();
+        }
+    }
+}
+
+impl Outcome {
     /// Takes the figures from a final `query-migrate` answer (QEMU's and
     /// livemig's use the same names).
     pub fn take_stats(&mut self, q: &Value) {
