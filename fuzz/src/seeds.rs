@@ -165,17 +165,20 @@ fn stream(layout: &[(&str, usize)], order: &[usize], tail: Tail) -> Vec<u8> {
     }
 }
 
-/// A stream with just a block list and the end record.
-fn minimal(list: &[(&str, u64)]) -> Vec<u8> {
-    let mut w = StreamWriter::new(Vec::new(), 0);
-    let list: Vec<BlockDesc> = list
-        .iter()
+/// Block descriptors of `(id, length)` pairs.
+fn descs(list: &[(&str, u64)]) -> Vec<BlockDesc> {
+    list.iter()
         .map(|&(id, len)| BlockDesc {
             id: id.to_string(),
             len,
         })
-        .collect();
-    w.block_list(&list).unwrap();
+        .collect()
+}
+
+/// A stream with just a block list and the end record.
+fn minimal(list: &[(&str, u64)]) -> Vec<u8> {
+    let mut w = StreamWriter::new(Vec::new(), 0);
+    w.block_list(&descs(list)).unwrap();
     w.end().unwrap();
     w.get_mut().clone()
 }
@@ -183,14 +186,7 @@ fn minimal(list: &[(&str, u64)]) -> Vec<u8> {
 /// A stream whose single page record carries `payload` as `how`.
 fn one_page(list: &[(&str, u64)], how: Encoded, payload: &[u8]) -> Vec<u8> {
     let mut w = StreamWriter::new(Vec::new(), 0);
-    let list: Vec<BlockDesc> = list
-        .iter()
-        .map(|&(id, len)| BlockDesc {
-            id: id.to_string(),
-            len,
-        })
-        .collect();
-    w.block_list(&list).unwrap();
+    w.block_list(&descs(list)).unwrap();
     w.encoded(how, 0, P, payload).unwrap();
     w.section_end(0).unwrap();
     w.end().unwrap();

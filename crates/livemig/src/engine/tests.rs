@@ -111,6 +111,19 @@ fn next_conn(readers: &mut Vec<PipeReader>) -> std::io::Result<PipeReader> {
         .ok_or_else(|| std::io::Error::other("no more connections"))
 }
 
+/// Steering for tests that hold a migration back with a tight downtime
+/// limit and bandwidth cap: after 8 syncs (or once it ended), lifts both
+/// so it can complete.
+fn lift_limits_after_8_syncs(h: MigrationHandle) {
+    while h.history().len() < 8 && !h.stats().status.is_final() {
+        thread::sleep(Duration::from_millis(10));
+    }
+    let mut p = h.params();
+    p.downtime_limit = 2000;
+    p.max_bandwidth = 0;
+    h.set_params(p).unwrap();
+}
+
 fn verify_params() -> Params {
     Params {
         verify: true,
@@ -198,16 +211,12 @@ fn xbzrle_sends_deltas_and_stays_exact() {
         ..verify_params()
     };
     // ... until the limits are lifted while the migration runs.
-    let steer = |h: MigrationHandle| {
-        while h.history().len() < 8 && !h.stats().status.is_final() {
-            thread::sleep(Duration::from_millis(10));
-        }
-        let mut p = h.params();
-        p.downtime_limit = 2000;
-        p.max_bandwidth = 0;
-        h.set_params(p).unwrap();
-    };
-    let o = migrate_live_with(|m| SoftwareTracker::new(m), params, live_workload(), steer);
+    let o = migrate_live_with(
+        |m| SoftwareTracker::new(m),
+        params,
+        live_workload(),
+        lift_limits_after_8_syncs,
+    );
     // Deltas need a page sent three times: bulk, then a cache miss (sent
     // raw and cached), then a hit.
     assert!(o.stats.ram.rounds >= 3, "{:#?}", o.history);
@@ -558,16 +567,12 @@ fn channels_with_manual_clear_compression_and_xbzrle() {
         max_bandwidth: 16 * MIB,
         ..verify_params()
     };
-    let steer = |h: MigrationHandle| {
-        while h.history().len() < 8 && !h.stats().status.is_final() {
-            thread::sleep(Duration::from_millis(10));
-        }
-        let mut p = h.params();
-        p.downtime_limit = 2000;
-        p.max_bandwidth = 0;
-        h.set_params(p).unwrap();
-    };
-    let o = migrate_live_with(|m| SoftwareTracker::new(m), params, live_workload(), steer);
+    let o = migrate_live_with(
+        |m| SoftwareTracker::new(m),
+        params,
+        live_workload(),
+        lift_limits_after_8_syncs,
+    );
     assert_same(&o);
     let x = o.stats.xbzrle_cache.clone().expect("xbzrle stats");
     assert!(x.pages > 0, "{x:?}");
