@@ -33,15 +33,15 @@ use std::io::{self, Read};
 use std::ptr::NonNull;
 use std::sync::Arc;
 
-use livemig::compress::{Algorithm, Compressor, Decompressor};
+use livemig::codec::compress::{Algorithm, Compressor, Decompressor};
+use livemig::codec::xbzrle;
 use livemig::engine::{memory_digest, LoadOutcome, Loader};
+use livemig::memory::{AnonMapping, RawRegion};
 use livemig::memory::{GuestMemory, ProcessMemory, RamBlock, PAGE_SIZE};
 use livemig::stream::format::{
     COMPRESS_LZ4, COMPRESS_ZSTD, FLAG_CHANNELS, FLAG_VERIFY, MAX_BLOCKS, MAX_CHANNELS,
 };
 use livemig::stream::{BlockDesc, Record, StreamErrorKind, StreamReader};
-use livemig::sys::mmap::{AnonMapping, RawRegion};
-use livemig::xbzrle;
 
 /// Fuzz targets, as named under `fuzz/fuzz_targets/` and `fuzz/corpus/`.
 pub const TARGETS: &[&str] = &[

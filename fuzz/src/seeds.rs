@@ -6,12 +6,12 @@
 //! `cargo test -p livemig --test fuzz_corpus -- --ignored generate_seed_corpus`
 //! (writes `fuzz/corpus/<target>/seed-*`).
 
-use livemig::compress::{Algorithm, Compressor};
+use livemig::codec::compress::{Algorithm, Compressor};
+use livemig::codec::xbzrle;
 use livemig::engine::{memory_digest, Loader};
 use livemig::memory::{GuestMemory, ProcessMemory, PAGE_SIZE};
 use livemig::stream::format::{FLAG_VERIFY, MAGIC, MAX_STATE, VERSION};
 use livemig::stream::{BlockDesc, Encoded, StreamWriter};
-use livemig::xbzrle;
 
 use crate::checks::{initial_block, GUARDED_BLOCK, TWO_BLOCKS};
 

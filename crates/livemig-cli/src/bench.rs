@@ -29,17 +29,17 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, ValueEnum};
-use livemig::compress::{Algorithm, Compressor, Decompressor};
+use livemig::codec::compress::{Algorithm, Compressor, Decompressor};
+use livemig::codec::{xbzrle, zero};
 use livemig::dirty::{DirtyTracker, SoftwareTracker, UffdMode, UffdTracker};
 use livemig::engine::{
     memory_digest, ChannelWriter, CompressParams, LoadStats, Loader, MigrationHandle,
     MigrationStats, Params,
 };
 use livemig::memory::{GuestMemory, ProcessMemory, PAGE_SIZE};
+use livemig::testkit::workload::{direct_writer, fill_random, PageWriter, XorShift};
 use livemig::transport::{connect, Incoming, Listener, Outgoing, Uri};
 use livemig::vm::{NoVm, VmControl};
-use livemig::workload::{direct_writer, fill_random, PageWriter, XorShift};
-use livemig::{xbzrle, zero};
 use serde::Serialize;
 use serde_json::{json, Value};
 
@@ -306,12 +306,12 @@ const SHM_SPIN: u32 = 2000;
 /// Throughput of the shared-memory transport between two threads, with
 /// `spin` spins before each futex sleep (0: sleep at once).
 fn shm_rate(data: &[u8], total: u64, spin: u32) -> Result<f64> {
-    use livemig::shm::{Geometry, Session};
+    use livemig::transport::shm::{Geometry, Session};
     let path = std::env::temp_dir().join(format!(
         "livemig-bench-shm-{}-{spin}.sock",
         std::process::id()
     ));
-    let l = livemig::shm::bind(&path)?;
+    let l = livemig::transport::shm::bind(&path)?;
     let dest = std::thread::spawn(move || -> Result<Session> {
         let (sock, _) = l.accept()?;
         Ok(Session::take(sock)?)
@@ -375,7 +375,7 @@ fn references(c: &Config, json: bool) -> Result<References> {
         .map(|_| unix_rate(&data, c.link_bytes))
         .collect::<Result<_>>()?;
     note(json, "shared-memory transport reference");
-    let spin = livemig::shm::DEFAULT_SPIN;
+    let spin = livemig::transport::shm::DEFAULT_SPIN;
     let shm: Vec<f64> = (0..runs)
         .map(|_| shm_rate(&data, c.link_bytes, spin))
         .collect::<Result<_>>()?;
@@ -1347,7 +1347,7 @@ const TIGHT_DOWNTIME_MS: u64 = 1;
 /// A guest stand-in that writes `touch` bytes into random pages of the
 /// first `pages` pages of block 0 at a steady `pages_per_sec`.
 ///
-/// Unlike `livemig::workload::Workload`, which writes a 10 ms slice's
+/// Unlike `livemig::testkit::workload::Workload`, which writes a 10 ms slice's
 /// pages in a burst and sleeps the rest of the slice, this one paces
 /// itself every few writes: a sync that falls into a burst's sleep would
 /// otherwise find almost nothing dirty and let the migration converge at
@@ -1450,7 +1450,7 @@ struct SteadyControl {
 }
 
 impl VmControl for SteadyControl {
-    fn pause(&mut self) -> Result<(), String> {
+    fn pause(&mut self) -> Result<(), livemig::vm::VmError> {
         let now = Instant::now();
         if now < self.hold_until {
             self.held = self.hold_until - now;
@@ -1460,7 +1460,7 @@ impl VmControl for SteadyControl {
         drop(self.ctl.writing.lock().unwrap_or_else(|e| e.into_inner()));
         Ok(())
     }
-    fn resume(&mut self) -> Result<(), String> {
+    fn resume(&mut self) -> Result<(), livemig::vm::VmError> {
         self.ctl.paused.store(false, Ordering::SeqCst);
         Ok(())
     }

@@ -12,9 +12,9 @@ use livemig::engine::{
     Source,
 };
 use livemig::memory::{GuestMemory, ProcessMemory};
+use livemig::testkit::workload::{direct_writer, fill_random, Pattern, Workload, WorkloadConfig};
 use livemig::transport::tls::TlsConfig;
 use livemig::transport::Uri;
-use livemig::workload::{direct_writer, fill_random, Pattern, Workload, WorkloadConfig};
 use serde_json::{json, Value};
 
 use crate::report::{succeeded, summary, Progress};
@@ -144,11 +144,11 @@ impl TuneArgs {
             compress: match self.compress {
                 CompressArg::None => None,
                 CompressArg::Lz4 => Some(CompressParams {
-                    algorithm: livemig::compress::Algorithm::Lz4,
+                    algorithm: livemig::codec::compress::Algorithm::Lz4,
                     level: 1,
                 }),
                 CompressArg::Zstd => Some(CompressParams {
-                    algorithm: livemig::compress::Algorithm::Zstd,
+                    algorithm: livemig::codec::compress::Algorithm::Zstd,
                     level: self.compress_level,
                 }),
             },
@@ -293,7 +293,7 @@ fn fill(mem: &ProcessMemory, how: Fill) {
         Fill::Half => {
             for (b, blk) in blocks.iter().enumerate() {
                 let half = blk.len() / 2 / 4096 * 4096;
-                let mut rng = livemig::workload::XorShift::new(b as u64 + 7);
+                let mut rng = livemig::testkit::workload::XorShift::new(b as u64 + 7);
                 let mut chunk = vec![0u8; 1 << 20];
                 let mut off = 0;
                 while off < half {

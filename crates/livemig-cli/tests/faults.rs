@@ -13,8 +13,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::{free_addr, json_of, spawn_listening, BIN};
-use livemig::fault_proxy::{Fault, FaultProxy};
-use livemig::workload::XorShift;
+use livemig::testkit::fault_proxy::{Fault, FaultProxy};
+use livemig::testkit::workload::XorShift;
 
 /// Process memory: 16 MiB of random bytes (every page goes out raw).
 const MEM: &[&str] = &["--size", "16M"];

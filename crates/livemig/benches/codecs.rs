@@ -8,9 +8,9 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use livemig::compress::{Algorithm, Compressor, Decompressor};
-use livemig::workload::XorShift;
-use livemig::{xbzrle, zero};
+use livemig::codec::compress::{Algorithm, Compressor, Decompressor};
+use livemig::codec::{xbzrle, zero};
+use livemig::testkit::workload::XorShift;
 
 const PAGE: usize = 4096;
 const WORKING_SET: usize = 64 << 20;

@@ -20,7 +20,7 @@
 //! use livemig::engine::{Commit, Loader, MigrationHandle, Params, Source};
 //! use livemig::memory::{GuestMemory, ProcessMemory};
 //! use livemig::transport::{connect, Listener};
-//! use livemig::workload::{direct_writer, Workload, WorkloadConfig};
+//! use livemig::testkit::workload::{direct_writer, Workload, WorkloadConfig};
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! // Source.
@@ -55,21 +55,17 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod bitmap;
-pub mod compress;
+pub mod codec;
 pub mod control;
 pub mod dirty;
 pub mod engine;
-pub mod fault_proxy;
 pub mod memory;
-pub mod page_cache;
-pub mod shm;
 pub mod stream;
-pub mod sys;
+mod sys;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 pub mod transport;
 pub mod vm;
-pub mod workload;
-pub mod xbzrle;
-pub mod zero;
 
 pub use bitmap::DirtyBitmap;
 pub use memory::{GuestMemory, ProcessMemory, RamBlock, PAGE_SIZE};

@@ -6,8 +6,7 @@
 
 use std::sync::Arc;
 
-use crate::sys::mmap::AnonMapping;
-pub use crate::sys::mmap::RawRegion;
+pub use crate::sys::mmap::{AnonMapping, RawRegion};
 
 /// The target page size: the unit of dirty tracking and of the stream.
 pub const PAGE_SIZE: usize = 4096;

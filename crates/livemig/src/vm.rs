@@ -1,15 +1,60 @@
 //! What the engine needs from the VMM that runs the guest, beyond memory.
 
+/// Any error of the VMM's own, kept as the cause of a [`VmError`].
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Why the VMM could not do what the engine asked of it. The VMM's own
+/// error is kept as the cause ([`std::error::Error::source`]).
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// The vCPUs could not be stopped.
+    #[error("pausing the guest failed: {0}")]
+    Pause(#[source] BoxError),
+    /// The vCPUs could not be started again.
+    #[error("resuming the guest failed: {0}")]
+    Resume(#[source] BoxError),
+    /// Device or vCPU state could not be saved.
+    #[error("saving the guest's device and vCPU state failed: {0}")]
+    SaveState(#[source] BoxError),
+    /// Device or vCPU state could not be restored.
+    #[error("restoring the guest's device and vCPU state failed: {0}")]
+    RestoreState(#[source] BoxError),
+}
+
+impl VmError {
+    /// Wraps a VMM error (anything that converts to [`BoxError`], a
+    /// `String` included) as a failed pause.
+    pub fn pause(e: impl Into<BoxError>) -> Self {
+        VmError::Pause(e.into())
+    }
+
+    /// Wraps a VMM error as a failed resume.
+    pub fn resume(e: impl Into<BoxError>) -> Self {
+        VmError::Resume(e.into())
+    }
+
+    /// Wraps a VMM error as a failed state save.
+    pub fn save_state(e: impl Into<BoxError>) -> Self {
+        VmError::SaveState(e.into())
+    }
+
+    /// Wraps a VMM error as a failed state restore.
+    pub fn restore_state(e: impl Into<BoxError>) -> Self {
+        VmError::RestoreState(e.into())
+    }
+}
+
 /// Control of the running guest on the migration source.
 ///
-/// Errors are strings from the VMM, wrapped by the engine with context.
+/// Errors are the VMM's own, wrapped in a [`VmError`] that says which
+/// operation failed.
 pub trait VmControl: Send {
     /// Stops the vCPUs: stop-and-copy begins. Must return only once no
     /// vCPU can write guest memory any more.
-    fn pause(&mut self) -> Result<(), String>;
+    fn pause(&mut self) -> Result<(), VmError>;
 
     /// Lets the vCPUs run again (after a cancel or failed completion).
-    fn resume(&mut self) -> Result<(), String>;
+    fn resume(&mut self) -> Result<(), VmError>;
 
     /// Throttles the vCPUs: each sleeps `percent`% of every time slice
     /// (0 = no throttling). Called by auto-converge.
@@ -19,7 +64,7 @@ pub trait VmControl: Send {
 
     /// Device and vCPU state, taken with the VM paused, sent after the RAM.
     /// An empty vector when the VMM has none.
-    fn save_state(&mut self) -> Result<Vec<u8>, String> {
+    fn save_state(&mut self) -> Result<Vec<u8>, VmError> {
         Ok(Vec::new())
     }
 }
@@ -29,10 +74,10 @@ pub trait VmControl: Send {
 pub struct NoVm;
 
 impl VmControl for NoVm {
-    fn pause(&mut self) -> Result<(), String> {
+    fn pause(&mut self) -> Result<(), VmError> {
         Ok(())
     }
-    fn resume(&mut self) -> Result<(), String> {
+    fn resume(&mut self) -> Result<(), VmError> {
         Ok(())
     }
 }

@@ -970,10 +970,10 @@ impl std::fmt::Debug for VmHandle {
 }
 
 impl livemig::vm::VmControl for VmHandle {
-    fn pause(&mut self) -> Result<(), String> {
-        self.shared.pause().map_err(|e| e.to_string())
+    fn pause(&mut self) -> Result<(), livemig::vm::VmError> {
+        self.shared.pause().map_err(livemig::vm::VmError::pause)
     }
-    fn resume(&mut self) -> Result<(), String> {
+    fn resume(&mut self) -> Result<(), livemig::vm::VmError> {
         self.shared.resume();
         Ok(())
     }
@@ -983,7 +983,7 @@ impl livemig::vm::VmControl for VmHandle {
             .store(percent.min(99), Ordering::Relaxed);
         self.shared.cond.notify_all();
     }
-    fn save_state(&mut self) -> Result<Vec<u8>, String> {
-        crate::state::save(&self.shared).map_err(|e| e.to_string())
+    fn save_state(&mut self) -> Result<Vec<u8>, livemig::vm::VmError> {
+        crate::state::save(&self.shared).map_err(livemig::vm::VmError::save_state)
     }
 }

@@ -12,9 +12,9 @@ use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use livemig::engine::{MigrationError, MigrationHandle, Params, Status};
-use livemig::fault_proxy::{Fault, FaultProxy};
+use livemig::testkit::fault_proxy::{Fault, FaultProxy};
+use livemig::testkit::workload::XorShift;
 use livemig::transport::{connect, Listener, Uri};
-use livemig::workload::XorShift;
 use minivm::migrate::{migrate_in, migrate_out, MigrateError};
 use minivm::{GuestImage, TestGuestConfig, TrackerKind, Vm, VmConfig};
 

@@ -9,8 +9,10 @@ use super::*;
 use crate::dirty::{UffdMode, UffdTracker};
 use crate::engine::{Loader, Source, Status};
 use crate::memory::{GuestMemory, ProcessMemory};
+use crate::testkit::workload::{
+    direct_writer, fill_random, Workload, WorkloadConfig, WorkloadControl,
+};
 use crate::transport::pipe;
-use crate::workload::{direct_writer, fill_random, Workload, WorkloadConfig, WorkloadControl};
 
 /// Starts migrations of `mem` into a fresh destination over a pipe.
 struct PipeStarter {

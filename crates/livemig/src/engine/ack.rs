@@ -327,7 +327,7 @@ mod tests {
 
     #[test]
     fn random_replies_never_panic_and_only_valid_ones_pass() {
-        let mut rng = crate::workload::XorShift::new(0xac4);
+        let mut rng = crate::testkit::workload::XorShift::new(0xac4);
         let valid = [
             reply_bytes(&Reply::Loaded),
             reply_bytes(&Reply::Started),

@@ -21,11 +21,11 @@ use std::time::Instant;
 
 use super::adapt::{CompressChooser, LinkCost, TimedWrite, WireClock};
 use super::params::CompressParams;
-use crate::compress::Compressor;
+use crate::codec::compress::Compressor;
+use crate::codec::zero;
 use crate::memory::{RamBlock, PAGE_SIZE};
 use crate::stream::format::FLAG_CHANNELS;
 use crate::stream::{BlockDesc, Encoded, StreamWriter};
-use crate::zero;
 
 /// Pages per batch handed to a channel.
 pub(super) const BATCH_PAGES: usize = 128;

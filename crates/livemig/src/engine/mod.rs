@@ -4,9 +4,9 @@
 mod ack;
 mod adapt;
 mod channels;
-mod dest;
 mod digest;
 mod handle;
+mod loader;
 mod params;
 mod source;
 mod stats;
@@ -16,9 +16,9 @@ pub use ack::{
     REPLY_HEAD_LEN,
 };
 pub use channels::ChannelWriter;
-pub use dest::{LoadError, LoadOutcome, LoadStats, Loader};
 pub use digest::{hex, memory_digest};
 pub use handle::{MigrationHandle, SyncPoint};
+pub use loader::{LoadError, LoadOutcome, LoadStats, Loader};
 pub use params::{CompressParams, Params};
 pub use source::Source;
 pub use stats::{CompressionStats, MigrationStats, RamStats, Status, XbzrleStats};
@@ -43,8 +43,8 @@ pub enum MigrationError {
     #[error("sending the stream failed: {0}")]
     Send(#[source] std::io::Error),
     /// The VMM could not pause, resume or save state.
-    #[error("VMM: {0}")]
-    Vm(String),
+    #[error(transparent)]
+    Vm(#[from] crate::vm::VmError),
     /// The destination's reply was missing or malformed, or GO could not be
     /// sent: the destination was not told to start, the source resumed.
     #[error("{0}")]

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CompressParams {
     /// Algorithm.
-    pub algorithm: crate::compress::Algorithm,
+    pub algorithm: crate::codec::compress::Algorithm,
     /// Level (zstd: 1..=19; ignored by lz4).
     pub level: i32,
 }
@@ -116,7 +116,9 @@ impl Params {
             return Err(format!("channels {} outside 1..={max}", self.channels));
         }
         if let Some(c) = self.compress {
-            if c.algorithm == crate::compress::Algorithm::Zstd && !(1..=19).contains(&c.level) {
+            if c.algorithm == crate::codec::compress::Algorithm::Zstd
+                && !(1..=19).contains(&c.level)
+            {
                 return Err(format!("zstd level {} outside 1..=19", c.level));
             }
         }

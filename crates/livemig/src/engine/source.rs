@@ -19,14 +19,14 @@ use super::params::Params;
 use super::stats::{CompressionStats, MigrationStats, Status, XbzrleStats};
 use super::MigrationError;
 use crate::bitmap::DirtyBitmap;
-use crate::compress::Compressor;
+use crate::codec::compress::Compressor;
+use crate::codec::page_cache::PageCache;
+use crate::codec::{xbzrle, zero};
 use crate::dirty::DirtyTracker;
 use crate::memory::{GuestMemory, RamBlock, PAGE_SIZE};
-use crate::page_cache::PageCache;
 use crate::stream::format::{FLAG_CHANNELS, FLAG_VERIFY};
 use crate::stream::{BlockDesc, Encoded, StreamWriter};
 use crate::vm::VmControl;
-use crate::{xbzrle, zero};
 
 /// How long one iteration step sends before giving control back.
 const STEP: Duration = Duration::from_millis(50);

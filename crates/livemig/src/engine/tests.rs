@@ -11,9 +11,9 @@ use super::*;
 use crate::dirty::{DirtyTracker, SoftwareLog, SoftwareTracker};
 use crate::memory::{GuestMemory, ProcessMemory, PAGE_SIZE};
 use crate::stream::{BlockDesc, StreamWriter};
+use crate::testkit::workload::{fill_random, PageWriter, Pattern, Workload, WorkloadConfig};
 use crate::transport::{pipe, PipeReader, PipeWriter};
 use crate::vm::{NoVm, VmControl};
-use crate::workload::{fill_random, PageWriter, Pattern, Workload, WorkloadConfig};
 
 const MIB: u64 = 1 << 20;
 
@@ -233,8 +233,8 @@ fn xbzrle_sends_deltas_and_stays_exact() {
 #[test]
 fn compression_round_trips() {
     for algorithm in [
-        crate::compress::Algorithm::Lz4,
-        crate::compress::Algorithm::Zstd,
+        crate::codec::compress::Algorithm::Lz4,
+        crate::codec::compress::Algorithm::Zstd,
     ] {
         let params = Params {
             compress: Some(CompressParams {
@@ -287,18 +287,18 @@ struct RecordingVm {
 }
 
 impl VmControl for RecordingVm {
-    fn pause(&mut self) -> Result<(), String> {
+    fn pause(&mut self) -> Result<(), crate::vm::VmError> {
         self.calls.push("pause".into());
         Ok(())
     }
-    fn resume(&mut self) -> Result<(), String> {
+    fn resume(&mut self) -> Result<(), crate::vm::VmError> {
         self.calls.push("resume".into());
         Ok(())
     }
     fn set_throttle(&mut self, p: u8) {
         self.calls.push(format!("throttle {p}"));
     }
-    fn save_state(&mut self) -> Result<Vec<u8>, String> {
+    fn save_state(&mut self) -> Result<Vec<u8>, crate::vm::VmError> {
         Ok(b"device-state".to_vec())
     }
 }
@@ -464,13 +464,13 @@ fn verify_detects_a_wrong_destination() {
     let (mut t, _log) = SoftwareTracker::new(&src);
     struct Sneaky(ProcessMemory);
     impl VmControl for Sneaky {
-        fn pause(&mut self) -> Result<(), String> {
+        fn pause(&mut self) -> Result<(), crate::vm::VmError> {
             Ok(())
         }
-        fn resume(&mut self) -> Result<(), String> {
+        fn resume(&mut self) -> Result<(), crate::vm::VmError> {
             Ok(())
         }
-        fn save_state(&mut self) -> Result<Vec<u8>, String> {
+        fn save_state(&mut self) -> Result<Vec<u8>, crate::vm::VmError> {
             // An untracked write after the last page went out.
             self.0.blocks()[0].region().write(8192, b"untracked");
             Ok(Vec::new())
@@ -545,7 +545,7 @@ fn channels_with_manual_clear_compression_and_xbzrle() {
         Params {
             channels: 3,
             compress: Some(CompressParams {
-                algorithm: crate::compress::Algorithm::Lz4,
+                algorithm: crate::codec::compress::Algorithm::Lz4,
                 level: 1,
             }),
             adaptive_encoding: false,
@@ -778,7 +778,7 @@ fn migrate_compressible(params: Params) -> MigrationStats {
         b"the ",
         b"bitmap ",
     ];
-    let mut rng = crate::workload::XorShift::new(11);
+    let mut rng = crate::testkit::workload::XorShift::new(11);
     let mut page = Vec::with_capacity(PAGE_SIZE);
     let region = src.blocks()[0].region();
     for p in 0..(4 * MIB as usize / PAGE_SIZE) {
@@ -805,7 +805,7 @@ fn adaptive_compression_compresses_for_a_capped_link() {
     // in a few microseconds.
     let stats = migrate_compressible(Params {
         compress: Some(CompressParams {
-            algorithm: crate::compress::Algorithm::Lz4,
+            algorithm: crate::codec::compress::Algorithm::Lz4,
             level: 1,
         }),
         max_bandwidth: 32 * MIB,
@@ -823,7 +823,7 @@ fn adaptive_compression_skips_a_compressor_slower_than_the_link() {
     // page in well under one.
     let params = Params {
         compress: Some(CompressParams {
-            algorithm: crate::compress::Algorithm::Zstd,
+            algorithm: crate::codec::compress::Algorithm::Zstd,
             level: 19,
         }),
         ..Params::default()

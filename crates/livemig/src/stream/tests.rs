@@ -7,7 +7,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use super::format::*;
 use super::*;
 use crate::memory::PAGE_SIZE;
-use crate::workload::XorShift;
+use crate::testkit::workload::XorShift;
 
 /// `PAGE_SIZE` as a stream offset.
 const P: u64 = PAGE_SIZE as u64;

@@ -99,16 +99,6 @@ impl SharedMapping {
         Ok(SharedMapping { ptr, len })
     }
 
-    /// Length in bytes.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// True for an empty mapping (never: `map` refuses it).
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
     fn check(&self, offset: usize, len: usize) -> bool {
         in_range(self.len, offset, len)
     }

@@ -264,11 +264,6 @@ impl Uffd {
         Ok(unsafe { OwnedFd::from_raw_fd(raw) })
     }
 
-    /// How this fd was obtained.
-    pub fn source(&self) -> UffdSource {
-        self.source
-    }
-
     /// `UFFDIO_API`: enables `features` (allowed once per fd). Fails with
     /// EINVAL if the kernel lacks one of them.
     pub fn api(&self, features: u64) -> io::Result<UffdApi> {

@@ -1,8 +1,9 @@
 //! Byte transports for the stream: TCP, Unix socket, file, and an
 //! in-memory pipe for tests. Named by URI: `tcp:HOST:PORT`,
 //! `unix:PATH`, `file:PATH`, and `shm:PATH` (same host: shared memory set
-//! up over a Unix socket at PATH, see [`crate::shm`]).
+//! up over a Unix socket at PATH, see [`crate::transport::shm`]).
 
+pub mod shm;
 /// TLS 1.3 with mutual certificate authentication over TCP and Unix sockets.
 pub mod tls;
 
@@ -40,7 +41,7 @@ pub enum TransportError {
         /// The URI.
         uri: String,
         /// What went wrong.
-        source: crate::shm::ShmError,
+        source: crate::transport::shm::ShmError,
     },
 }
 
@@ -267,7 +268,8 @@ pub fn connect_with_timeout(uri: &Uri, io_timeout: Duration) -> Result<Outgoing,
             })
         }
         Uri::Shm(path) => {
-            let (writer, ack) = crate::shm::connect(path).map_err(shm_err("connect to", uri))?;
+            let (writer, ack) =
+                crate::transport::shm::connect(path).map_err(shm_err("connect to", uri))?;
             Ok(Outgoing {
                 writer: Box::new(writer),
                 ack: Some(Box::new(ack)),
@@ -279,7 +281,7 @@ pub fn connect_with_timeout(uri: &Uri, io_timeout: Duration) -> Result<Outgoing,
 fn shm_err<'a>(
     op: &'static str,
     uri: &'a Uri,
-) -> impl FnOnce(crate::shm::ShmError) -> TransportError + 'a {
+) -> impl FnOnce(crate::transport::shm::ShmError) -> TransportError + 'a {
     move |source| TransportError::Shm {
         op,
         uri: uri.to_string(),
@@ -352,7 +354,7 @@ impl Listener {
                 Ok(Listener::File(uri.clone(), path.clone()))
             }
             Uri::Shm(path) => Ok(Listener::Shm(
-                crate::shm::bind(path).map_err(io_err("listen on", uri))?,
+                crate::transport::shm::bind(path).map_err(io_err("listen on", uri))?,
                 uri.clone(),
                 path.clone(),
             )),
@@ -375,7 +377,8 @@ impl Listener {
             }
             Listener::Shm(l, uri, _) => {
                 let (s, _) = poll_accept(l, uri, io_timeout)?;
-                let (reader, ack) = crate::shm::take(s).map_err(shm_err("accept on", uri))?;
+                let (reader, ack) =
+                    crate::transport::shm::take(s).map_err(shm_err("accept on", uri))?;
                 Ok(Incoming {
                     reader: Box::new(reader),
                     ack: Some(Box::new(ack)),
@@ -421,7 +424,8 @@ impl Listener {
                 ack: None,
             }),
             Listener::Shm(l, uri, _) => {
-                let (reader, ack) = crate::shm::accept(l).map_err(shm_err("accept on", uri))?;
+                let (reader, ack) =
+                    crate::transport::shm::accept(l).map_err(shm_err("accept on", uri))?;
                 Ok(Incoming {
                     reader: Box::new(reader),
                     ack: Some(Box::new(ack)),

@@ -423,7 +423,7 @@ fn two_processes_share_slots_one_owner_at_a_time() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("s.sock");
     let l = bind(&path).unwrap();
-    let mut child = spawn_child("shm::tests::two_process_child", &path);
+    let mut child = spawn_child("transport::shm::tests::two_process_child", &path);
     let (sock, _) = l.accept().unwrap();
     let dst = Session::take(sock).unwrap();
     let slots = dst.slots(RingId::Tx);
@@ -469,7 +469,7 @@ fn killed_peer_process_ends_the_wait() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("k.sock");
     let l = bind(&path).unwrap();
-    let mut child = spawn_child("shm::tests::sleeping_child", &path);
+    let mut child = spawn_child("transport::shm::tests::sleeping_child", &path);
     let (sock, _) = l.accept().unwrap();
     let dst = Session::take(sock).unwrap();
     let pid = child.id();

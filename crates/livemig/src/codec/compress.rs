@@ -344,7 +344,7 @@ fn lz4_into(src: &[u8], dst: &mut [u8]) -> Result<usize, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::workload::XorShift;
+    use crate::testkit::workload::XorShift;
 
     const PAGE: usize = 4096;
 

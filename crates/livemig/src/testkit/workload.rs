@@ -199,13 +199,13 @@ impl WorkloadControl {
 }
 
 impl VmControl for WorkloadControl {
-    fn pause(&mut self) -> Result<(), String> {
+    fn pause(&mut self) -> Result<(), crate::vm::VmError> {
         self.ctl.paused.store(true, Ordering::SeqCst);
         // Wait out a write in progress: after this, none can start.
         drop(self.ctl.writing.lock().unwrap_or_else(|e| e.into_inner()));
         Ok(())
     }
-    fn resume(&mut self) -> Result<(), String> {
+    fn resume(&mut self) -> Result<(), crate::vm::VmError> {
         self.ctl.paused.store(false, Ordering::SeqCst);
         Ok(())
     }

@@ -319,7 +319,7 @@ fn changed_run(old: &[u8], new: &[u8]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::workload::XorShift;
+    use crate::testkit::workload::XorShift;
 
     const PAGE: usize = 4096;
 

@@ -9,11 +9,11 @@ use serde::Serialize;
 
 use super::channels::{BarrierError, EpochBarrier};
 use super::digest::{hex, memory_digest};
-use crate::compress::{Algorithm, Decompressor};
+use crate::codec::compress::{Algorithm, Decompressor};
+use crate::codec::{xbzrle, zero};
 use crate::memory::{GuestMemory, PAGE_SIZE};
 use crate::stream::format::{FLAG_CHANNELS, FLAG_VERIFY};
 use crate::stream::{Record, StreamError, StreamReader};
-use crate::{xbzrle, zero};
 
 /// Why loading failed. Nothing outside a block was written; the guest
 /// must not be started from memory that failed to load.
@@ -56,7 +56,7 @@ pub enum LoadError {
         /// Offset in the block.
         page_offset: u64,
         /// Decompressor error.
-        source: crate::compress::Error,
+        source: crate::codec::compress::Error,
     },
     /// The stream promised a digest (verify mode) but ended without one.
     #[error("stream ended without the memory digest its header promised")]
