@@ -620,10 +620,21 @@ fn codecs(c: &Config, refs: &References, json: bool) -> Result<Vec<CodecRow>> {
             }
         });
         rows.push((
-            "xbzrle encode, 8 bytes changed".into(),
+            format!(
+                "xbzrle encode, 8 bytes changed ({})",
+                xbzrle::implementation()
+            ),
             bps,
             Some(encoded_len as f64 / pages as f64),
         ));
+        if xbzrle::implementation() != "scalar" {
+            let bps = per_pass(ws, runs, || {
+                for (o, n) in old.chunks(PAGE_SIZE).zip(new.chunks(PAGE_SIZE)) {
+                    let _ = black_box(xbzrle::encode_portable(o, n, &mut out));
+                }
+            });
+            rows.push(("xbzrle encode, 8 bytes changed (scalar)".into(), bps, None));
+        }
         let mut encoded = Vec::with_capacity(pages);
         for (o, n) in old.chunks(PAGE_SIZE).zip(new.chunks(PAGE_SIZE)) {
             let len = xbzrle::encode(o, n, &mut out).map_err(|e| anyhow!("xbzrle: {e}"))?;

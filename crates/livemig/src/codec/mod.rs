@@ -7,6 +7,7 @@
 //! bounded by one page.
 
 pub mod compress;
+pub mod diff;
 pub mod page_cache;
 pub mod xbzrle;
 pub mod zero;

@@ -118,25 +118,121 @@ pub enum Error {
 /// Encodes `new` against `old` into `out` and returns the encoded length;
 /// `Ok(0)` means the pages are identical. [`Error::Overflow`] when the
 /// encoding does not fit `out` by QEMU's rule (see the module docs).
-/// `out` may be changed even on error.
+/// `out` may be changed even on error, but never past its end.
+///
+/// Where the CPU has AVX-512BW or AVX2 the runs are found from a SIMD
+/// byte-difference mask ([`super::diff`]); elsewhere by a word-skipping
+/// scan. Both give byte-identical output (the tests compare them).
 pub fn encode(old: &[u8], new: &[u8], out: &mut [u8]) -> Result<usize, Error> {
+    check_lengths(old, new)?;
+    if super::diff::accelerated() {
+        encode_masked(old, new, out, super::diff::mask)
+    } else {
+        encode_portable(old, new, out)
+    }
+}
+
+/// The name of the run search [`encode`] uses on this CPU: the SIMD mask
+/// routine (`"avx512bw"`, `"avx2"`) or `"scalar"`.
+pub fn implementation() -> &'static str {
+    super::diff::implementation()
+}
+
+fn check_lengths(old: &[u8], new: &[u8]) -> Result<(), Error> {
     if old.len() != new.len() {
         return Err(Error::LengthMismatch {
             old: old.len(),
             new: new.len(),
         });
     }
-    let len = new.len();
-    if len > MAX_PAGE_LEN {
-        return Err(Error::PageTooLarge { len });
+    if new.len() > MAX_PAGE_LEN {
+        return Err(Error::PageTooLarge { len: new.len() });
     }
+    Ok(())
+}
+
+/// The portable encoder: runs found by skipping equal words and words with
+/// no equal byte. Same output as [`encode`] (the reference its SIMD path is
+/// tested against); public for benchmarks that compare the two.
+pub fn encode_portable(old: &[u8], new: &[u8], out: &mut [u8]) -> Result<usize, Error> {
+    check_lengths(old, new)?;
+    emit_runs(
+        new,
+        out,
+        |i| equal_run(&old[i..], &new[i..]),
+        |i| changed_run(&old[i..], &new[i..]),
+    )
+}
+
+/// The encoder over a byte-difference mask built by `mask_fn`.
+fn encode_masked(
+    old: &[u8],
+    new: &[u8],
+    out: &mut [u8],
+    mask_fn: super::diff::MaskFn,
+) -> Result<usize, Error> {
+    check_lengths(old, new)?;
+    let len = new.len();
+    let words = super::diff::words(len);
+    // A page of the usual size keeps its mask small (512 bytes to clear).
+    let mut small = [0u64; super::diff::words(4096)];
+    let mut large;
+    let mask: &mut [u64] = if words <= small.len() {
+        &mut small[..words]
+    } else {
+        large = [0u64; super::diff::words(MAX_PAGE_LEN)];
+        &mut large[..words]
+    };
+    mask_fn(old, new, mask);
+    let mask = &*mask;
+    emit_runs(
+        new,
+        out,
+        |i| next_bit(mask, i, len, true) - i,
+        |i| next_bit(mask, i, len, false) - i,
+    )
+}
+
+/// The first page offset at or after `from` whose mask bit equals `set`,
+/// or `len` when there is none. Bits past `len` are clear.
+#[inline]
+fn next_bit(mask: &[u64], from: usize, len: usize, set: bool) -> usize {
+    let flip = if set { 0 } else { !0u64 };
+    let mut w = from / 64;
+    let Some(&first) = mask.get(w) else {
+        return len;
+    };
+    let mut bits = (first ^ flip) & (!0u64 << (from % 64));
+    loop {
+        if bits != 0 {
+            return (w * 64 + bits.trailing_zeros() as usize).min(len);
+        }
+        w += 1;
+        match mask.get(w) {
+            Some(&m) => bits = m ^ flip,
+            None => return len,
+        }
+    }
+}
+
+/// Writes the runs of `new` into `out` with QEMU's room checks;
+/// `zrun(i)` / `nzrun(i)` give the length of the unchanged / changed run
+/// starting at page offset `i` (each at most `new.len() - i`).
+#[inline(always)]
+fn emit_runs(
+    new: &[u8],
+    out: &mut [u8],
+    mut zrun_at: impl FnMut(usize) -> usize,
+    mut nzrun_at: impl FnMut(usize) -> usize,
+) -> Result<usize, Error> {
+    let len = new.len();
     let dlen = out.len();
     let (mut i, mut d) = (0, 0);
     while i < len {
         if d + 2 > dlen {
             return Err(Error::Overflow);
         }
-        let zrun = equal_run(&old[i..], &new[i..]);
+        let zrun = zrun_at(i);
         if zrun == len {
             return Ok(0);
         }
@@ -149,7 +245,7 @@ pub fn encode(old: &[u8], new: &[u8], out: &mut [u8]) -> Result<usize, Error> {
         if d + 2 > dlen {
             return Err(Error::Overflow);
         }
-        let nzrun = changed_run(&old[i..], &new[i..]);
+        let nzrun = nzrun_at(i);
         d += put_length(&mut out[d..], nzrun);
         if d + nzrun > dlen {
             return Err(Error::Overflow);
@@ -569,6 +665,130 @@ mod tests {
             let want = reference(&old, &new, dlen).ok_or(Error::Overflow);
             assert_eq!(got, want, "round {round}, len {len}, dlen {dlen}");
         }
+    }
+
+    /// Every encoder: the selected one, the word scan and the mask-based
+    /// one over each mask routine this CPU has.
+    type Encoder = Box<dyn Fn(&[u8], &[u8], &mut [u8]) -> Result<usize, Error>>;
+
+    fn encoders() -> Vec<(String, Encoder)> {
+        let mut v: Vec<(String, Encoder)> = vec![
+            ("encode".into(), Box::new(encode)),
+            ("words".into(), Box::new(encode_portable)),
+        ];
+        for (name, f) in crate::codec::diff::routines() {
+            v.push((
+                format!("masked/{name}"),
+                Box::new(move |o: &[u8], n: &[u8], out: &mut [u8]| encode_masked(o, n, out, f)),
+            ));
+        }
+        v
+    }
+
+    #[test]
+    fn simd_encoders_match_scalar_on_random_pairs() {
+        let mut rng = XorShift::new(0x0DDB_1A5E_5BAD_5EED);
+        let encoders = encoders();
+        assert!(
+            encoders.len() >= 4,
+            "the mask encoder runs at least scalar and selected"
+        );
+        for round in 0..4000 {
+            let len = match round % 5 {
+                0 => rng.below(200),
+                1 => 4096 - rng.below(130),
+                2 => 1 + rng.below(MAX_PAGE_LEN),
+                _ => PAGE,
+            };
+            let (old, new) = random_pair(&mut rng, len);
+            let dlen = match round % 3 {
+                0 => len,
+                1 => rng.below(max_encoded_len(len)),
+                _ => max_encoded_len(len),
+            };
+            let mut want = vec![0u8; dlen];
+            let want = encode_portable(&old, &new, &mut want).map(|n| want[..n].to_vec());
+            for (name, f) in &encoders {
+                let mut out = vec![0u8; dlen];
+                let got = f(&old, &new, &mut out).map(|n| out[..n].to_vec());
+                assert_eq!(got, want, "{name}: round {round}, len {len}, dlen {dlen}");
+            }
+        }
+    }
+
+    #[test]
+    fn simd_encoders_match_reference_at_every_dlen() {
+        // Sparse, dense, run-boundary-at-64 and all-changed pages; every
+        // output length from 0 to past the full encoding; a guard after
+        // the output that must stay untouched.
+        let mut rng = XorShift::new(0x1234_5678_9ABC_DEF1);
+        let mut pages = Vec::new();
+        let old: Vec<u8> = (0..PAGE).map(|_| rng.byte()).collect();
+        let mut sparse = old.clone();
+        for at in [0, 8, 9, 63, 64, 127, 128, 1000, 2048, 4031, 4032, 4095] {
+            sparse[at] ^= 0x5a;
+        }
+        pages.push(sparse);
+        let mut long = old.clone();
+        for b in &mut long[60..700] {
+            *b ^= 0xff;
+        }
+        pages.push(long);
+        pages.push(old.iter().map(|b| !b).collect());
+        pages.push(
+            random_pair(&mut rng, PAGE)
+                .1
+                .iter()
+                .zip(&old)
+                .map(|(_, o)| o ^ 1)
+                .collect(),
+        );
+        for _ in 0..6 {
+            let (o, n) = random_pair(&mut rng, PAGE);
+            let shifted: Vec<u8> = old
+                .iter()
+                .zip(o.iter().zip(&n))
+                .map(|(b, (x, y))| b ^ x ^ y)
+                .collect();
+            pages.push(shifted);
+        }
+        let encoders = encoders();
+        for (p, new) in pages.iter().enumerate() {
+            let full = reference(&old, new, usize::MAX).unwrap().len();
+            for dlen in 0..=(full + 3).min(max_encoded_len(PAGE)) {
+                let want = reference(&old, new, dlen).ok_or(Error::Overflow);
+                for (name, f) in &encoders {
+                    let mut buf = vec![0xA5u8; dlen + 16];
+                    let got = f(&old, new, &mut buf[..dlen]).map(|n| buf[..n].to_vec());
+                    assert_eq!(got, want, "{name}: page {p}, dlen {dlen}");
+                    assert!(
+                        buf[dlen..].iter().all(|&b| b == 0xA5),
+                        "{name}: wrote past dlen {dlen}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn simd_encoders_every_single_change_position() {
+        let old = vec![0x33u8; PAGE];
+        let encoders = encoders();
+        for at in 0..PAGE {
+            let mut new = old.clone();
+            new[at] = 0x34;
+            let want = reference(&old, &new, PAGE).ok_or(Error::Overflow);
+            for (name, f) in &encoders {
+                let mut out = vec![0u8; PAGE];
+                let got = f(&old, &new, &mut out).map(|n| out[..n].to_vec());
+                assert_eq!(got, want, "{name}: change at {at}");
+            }
+        }
+    }
+
+    #[test]
+    fn implementation_is_named() {
+        assert!(["avx512bw", "avx2", "scalar"].contains(&implementation()));
     }
 
     #[test]
