@@ -91,11 +91,31 @@ impl Drop for Progress {
     }
 }
 
+/// The downtime's limit beside it, and whether it was overshot (never
+/// silently), with the source's own view of the pause when it differs.
+fn downtime_limit_text(s: &MigrationStats) -> String {
+    let mut t = String::new();
+    if s.source_downtime > 0 && s.source_downtime != s.downtime {
+        t += &format!(
+            " to the destination's resume ({} ms to STARTED on the source)",
+            s.source_downtime
+        );
+    }
+    if s.downtime_limit > 0 && s.status == livemig::engine::Status::Completed {
+        if s.downtime_limit_exceeded {
+            t += &format!(", OVER its limit of {} ms", s.downtime_limit);
+        } else {
+            t += &format!(", within its limit of {} ms", s.downtime_limit);
+        }
+    }
+    t
+}
+
 /// A few lines a person reads after a migration.
 pub fn summary(s: &MigrationStats) -> String {
     let mut out = format!(
         "status: {:?}\n\
-         total time: {} ms (setup {} ms), downtime: {} ms{}\n\
+         total time: {} ms (setup {} ms), downtime: {} ms{}{}\n\
          transferred: {} of {} guest RAM, {} rounds, {} dirty syncs\n\
          pages: {} zero, {} raw, {} skipped (unchanged)\n\
          throughput: {:.0} Mbit/s, dirty tracker: {}",
@@ -103,6 +123,7 @@ pub fn summary(s: &MigrationStats) -> String {
         s.total_time,
         s.setup_time,
         s.downtime,
+        downtime_limit_text(s),
         if s.verify_time > 0 {
             format!(" (verify digest {} ms of it on the source)", s.verify_time)
         } else {

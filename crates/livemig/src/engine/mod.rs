@@ -7,6 +7,7 @@ mod channels;
 mod digest;
 mod handle;
 mod loader;
+mod pacing;
 mod params;
 mod source;
 mod stats;
@@ -19,6 +20,7 @@ pub use channels::ChannelWriter;
 pub use digest::{hex, memory_digest};
 pub use handle::{MigrationHandle, SyncPoint};
 pub use loader::{LoadError, LoadOutcome, LoadStats, Loader};
+pub use pacing::{PauseEstimate, HANDSHAKE_ALLOWANCE};
 pub use params::{CompressParams, Params};
 pub use source::Source;
 pub use stats::{CompressionStats, MigrationStats, RamStats, Status, XbzrleStats};
@@ -64,5 +66,7 @@ impl MigrationError {
     }
 }
 
+#[cfg(test)]
+mod downtime_tests;
 #[cfg(test)]
 mod tests;
