@@ -108,23 +108,32 @@ fn threads() -> usize {
         .min(8)
 }
 
-/// The destination's digest, kept up to date while pages arrive, so that
-/// only what was written since the last hashing is hashed in the pause.
+/// A digest kept up to date while memory changes, so that only what
+/// changed since it was last hashed is hashed in the pause.
 ///
-/// The loader calls [`RunningDigest::touch`] after each write to guest
-/// memory; a background thread ([`RunningDigest::refresh_until`]) hashes
-/// chunks that stayed unwritten for a whole pass (~50 ms), noting the
-/// chunk's write count read *before* hashing. [`RunningDigest::finish`],
-/// once every writer is done, re-hashes every chunk whose count moved
-/// since (a write during the hashing moves it after the bytes landed).
-/// Sound because only the loader writes this memory before the guest
-/// resumes: the result is always [`memory_digest`]'s.
+/// Whoever knows of a change calls [`RunningDigest::touch`] (or
+/// [`RunningDigest::touch_pages`]) *after* it happened; a background thread
+/// ([`RunningDigest::refresh`]) hashes chunks that stayed untouched for a
+/// whole pass (~50 ms), noting the chunk's touch count read *before*
+/// hashing. [`RunningDigest::finish`], once every change is in, re-hashes
+/// every chunk whose count moved since. The result is [`memory_digest`]'s
+/// as long as every change was touched:
+///
+/// - on the destination, the loader touches every page it writes, and
+///   nothing else writes that memory before the guest resumes: always
+///   exact;
+/// - on the source, the changes are what the dirty tracker reports, so the
+///   digest taken in the pause is the tracker's view. The engine therefore
+///   also hashes all of memory once the destination has taken over (the
+///   source guest stays paused for good) and compares: a write the tracker
+///   missed is reported then (see `source.rs`).
 pub(crate) struct RunningDigest {
     chunks: Vec<Chunk>,
     /// First chunk of each block.
     first: Vec<usize>,
     writes: Vec<AtomicU64>,
     hashed: Vec<Mutex<Option<Hashed>>>,
+    stop: AtomicBool,
 }
 
 /// A chunk's hash and its write count when it was read.
@@ -145,7 +154,51 @@ impl RunningDigest {
             hashed: chunks.iter().map(|_| Mutex::new(None)).collect(),
             chunks,
             first,
+            stop: AtomicBool::new(false),
         }
+    }
+
+    /// Every chunk of block `block` holding a page set in `pages` changed.
+    pub fn touch_pages(&self, block: usize, pages: &crate::DirtyBitmap) {
+        let per = (CHUNK / crate::PAGE_SIZE) as u64;
+        let mut p = 0;
+        while let Some(q) = pages.next_set(p) {
+            let i = self.first[block] + (q / per) as usize;
+            self.writes[i].fetch_add(1, Ordering::Release);
+            p = (q / per + 1) * per;
+        }
+    }
+
+    /// Pages `first..first + n` of block `block` may have changed.
+    pub fn touch_range(&self, block: usize, first: u64, n: u64) {
+        let per = (CHUNK / crate::PAGE_SIZE) as u64;
+        let last = self
+            .chunks
+            .len()
+            .min(self.first.get(block + 1).copied().unwrap_or(usize::MAX));
+        for c in first / per..(first + n).div_ceil(per) {
+            let i = self.first[block] + c as usize;
+            if i >= last {
+                break;
+            }
+            self.writes[i].fetch_add(1, Ordering::Release);
+        }
+    }
+
+    /// Bytes of the chunks [`RunningDigest::finish`] would hash now.
+    pub fn pending_bytes(&self) -> u64 {
+        (0..self.chunks.len())
+            .filter(|&i| {
+                self.slot(i)
+                    .is_none_or(|(at, _)| at != self.writes[i].load(Ordering::Acquire))
+            })
+            .map(|i| self.chunks[i].2 as u64)
+            .sum()
+    }
+
+    /// Ends [`RunningDigest::refresh`].
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
     }
 
     /// The loader wrote block `block` at `offset` (call after the write).
@@ -154,8 +207,9 @@ impl RunningDigest {
         self.writes[i].fetch_add(1, Ordering::Release);
     }
 
-    /// Hashes quiet chunks until `stop` is set.
-    pub fn refresh_until(&self, mem: &dyn GuestMemory, stop: &AtomicBool) {
+    /// Hashes quiet chunks until [`RunningDigest::stop`].
+    pub fn refresh(&self, mem: &dyn GuestMemory) {
+        let stop = &self.stop;
         let mut seen = vec![u64::MAX; self.chunks.len()];
         while !stop.load(Ordering::Relaxed) {
             for (i, c) in self.chunks.iter().enumerate() {
@@ -178,9 +232,11 @@ impl RunningDigest {
         *self.hashed[i].lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The digest, once every writer is done: re-hashes what moved.
-    /// Returns it and the number of chunks hashed now.
+    /// The digest, once every change is in: re-hashes what moved (and
+    /// stops the background hashing). Returns it and the number of chunks
+    /// hashed now.
     pub fn finish(&self, mem: &dyn GuestMemory) -> ([u8; 32], usize) {
+        self.stop();
         let mut hashes = vec![[0u8; 32]; self.chunks.len()];
         let mut stale = Vec::new();
         for (i, h) in hashes.iter_mut().enumerate() {
@@ -246,21 +302,22 @@ mod tests {
         let m = ProcessMemory::new(&[("a", 9 << 20), ("b", 3 << 20)]).unwrap();
         let r = RunningDigest::new(&m);
         // Nothing hashed yet: everything is hashed at the end.
+        assert_eq!(r.pending_bytes(), 12 << 20);
         let (d, n) = r.finish(&m);
         assert_eq!(d, memory_digest(&m));
         assert_eq!(n, 5 + 2);
         // The background hasher covers quiet chunks...
-        let stop = AtomicBool::new(false);
         std::thread::scope(|s| {
-            s.spawn(|| r.refresh_until(&m, &stop));
+            s.spawn(|| r.refresh(&m));
             std::thread::sleep(Duration::from_millis(400));
             // ... then writes land (touched after the write).
             m.blocks()[0].region().write((4 << 20) + 7, b"late");
             r.touch(0, (4 << 20) + 7);
             m.blocks()[1].region().write(1 << 20, b"x");
             r.touch(1, 1 << 20);
-            stop.store(true, Ordering::Relaxed);
+            r.stop();
         });
+        assert!(r.pending_bytes() >= 4 << 20, "the two written chunks");
         let (d, n) = r.finish(&m);
         assert_eq!(d, memory_digest(&m), "same digest as a full hash");
         // At most the two written chunks (and any the 400 ms did not
@@ -268,5 +325,23 @@ mod tests {
         assert!(n >= 2, "the written chunks are re-hashed: {n}");
         let (_, n2) = r.finish(&m);
         assert_eq!(n, n2, "finish does not mark chunks current by itself");
+    }
+
+    #[test]
+    fn touching_pages_and_ranges_marks_their_chunks() {
+        let m = ProcessMemory::new(&[("a", 6 << 20), ("b", 3 << 20)]).unwrap();
+        let r = RunningDigest::new(&m);
+        let per = (CHUNK / crate::PAGE_SIZE) as u64;
+        let mut bm = crate::DirtyBitmap::new((6 << 20) / 4096);
+        bm.set(per + 3);
+        bm.set(per + 7);
+        r.touch_pages(0, &bm);
+        r.touch_range(1, per - 1, 2);
+        let counts: Vec<u64> = r.writes.iter().map(|w| w.load(Ordering::Relaxed)).collect();
+        // Block a: chunks 0..3; block b: chunks 3, 4.
+        assert_eq!(counts, vec![0, 1, 0, 1, 1]);
+        // A range past the block's end stops at it.
+        r.touch_range(1, 0, 10 * per);
+        assert_eq!(r.writes[4].load(Ordering::Relaxed), 2);
     }
 }

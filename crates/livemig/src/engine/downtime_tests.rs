@@ -195,3 +195,59 @@ fn the_verify_digest_counts_in_the_switch_over() {
     assert!(s.verify_time <= s.downtime, "{s:#?}");
     assert_eq!(s.downtime_limit_exceeded, s.downtime > 1, "{s:#?}");
 }
+
+#[test]
+fn a_write_the_tracker_missed_is_caught_by_verify() {
+    // The running digest on the source trusts the tracker; the full hash
+    // after the switch-over (or the destination's check, if the background
+    // hasher saw the write first) must still catch a write it missed.
+    let src = ProcessMemory::single(8 * MIB).unwrap();
+    let dst = ProcessMemory::single(8 * MIB).unwrap();
+    let (mut tracker, log) = SoftwareTracker::new(&src);
+    let writer: crate::testkit::workload::PageWriter =
+        Arc::new(move |b, off, data| log.write(b, off, data));
+    fill_random(src.blocks(), &writer, 3);
+    let handle = MigrationHandle::new(Params {
+        max_bandwidth: 8 * MIB,
+        verify: true,
+        ..Params::default()
+    });
+    let (w, r) = pipe();
+    let (ack_w, mut ack_r) = pipe();
+    let dst2 = dst.clone();
+    let loader = thread::spawn(move || {
+        let mut r = r;
+        let res = Loader::new(&dst2).load(&mut r);
+        let commit = Commit::new(r, ack_w);
+        match &res {
+            Ok(_) => commit.wait_go().expect("GO").started().unwrap(),
+            Err(e) => commit.fail(&e.to_string()),
+        }
+        res
+    });
+    let (h2, m2) = (handle.clone(), src.clone());
+    let sneak = thread::spawn(move || {
+        // Page 0 went out first; half the memory later, change it behind
+        // the tracker's back.
+        while h2.stats().ram.transferred < 4 * MIB && !h2.stats().status.is_final() {
+            thread::sleep(Duration::from_millis(5));
+        }
+        m2.blocks()[0].region().write(0, b"untracked");
+    });
+    let mut vm = crate::vm::NoVm;
+    let err = Source::new(&src, &mut tracker, &mut vm, handle)
+        .run(w, Some(&mut ack_r as &mut dyn Read))
+        .expect_err("the missed write is caught");
+    sneak.join().unwrap();
+    let _ = loader.join().unwrap();
+    assert!(
+        matches!(
+            err,
+            MigrationError::Verify(_) | MigrationError::Destination(_)
+        ),
+        "{err}"
+    );
+    if let MigrationError::Verify(m) = &err {
+        assert!(m.contains("missed a write"), "{m}");
+    }
+}

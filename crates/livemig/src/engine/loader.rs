@@ -2,7 +2,7 @@
 //! memory whose layout comes from the destination's own configuration.
 
 use std::io::{self, Read};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
@@ -240,11 +240,10 @@ impl<'a> Loader<'a> {
         let Some(d) = &self.running else {
             return f();
         };
-        let stop = AtomicBool::new(false);
         std::thread::scope(|s| {
-            s.spawn(|| d.refresh_until(self.mem, &stop));
+            s.spawn(|| d.refresh(self.mem));
             let r = f();
-            stop.store(true, Ordering::Relaxed);
+            d.stop();
             r
         })
     }

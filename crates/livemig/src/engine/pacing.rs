@@ -14,14 +14,14 @@
 //!   that a slow period then stretches;
 //! - **device state**: what the VMM declares ([`crate::vm::StateCost`]):
 //!   time to save plus its bytes on the link;
-//! - **the verify digest** (verify mode): the source hashes all of memory
-//!   while paused (the digest is of the paused memory, so it cannot be
-//!   taken earlier without trusting the dirty tracker it is meant to
-//!   check), at the hashing rate measured on a sample at setup; the
-//!   destination only re-hashes the chunks it wrote since it last hashed
-//!   them (see `digest.rs`): those of the remaining pages, and those of
-//!   the pages sent in the last moments before the pause, at the same
-//!   rate (the same host, or one like it);
+//! - **the verify digest** (verify mode): both sides keep a running digest
+//!   during precopy (see `digest.rs`) and, in the pause, re-hash only the
+//!   2 MiB chunks that changed since: those of the remaining pages and
+//!   those of the pages sent in the last moments before the pause, on each
+//!   side, at the hashing rate measured on a sample (at setup and again
+//!   just before the decision: the host's load moves it several-fold). The
+//!   full hash of the source's memory, which checks the dirty tracker
+//!   itself, runs after the destination took over, outside the pause;
 //! - **the completion handshake**: a round trip, taken as the largest
 //!   measured so far in this migration or [`HANDSHAKE_ALLOWANCE`].
 //!
@@ -86,13 +86,11 @@ pub struct PauseInputs {
     pub remaining_bytes: u64,
     /// Pages the guest dirties per second (last measurement).
     pub dirty_pages_rate: u64,
-    /// Guest memory size (what the digest hashes).
-    pub memory_bytes: u64,
     /// Verify mode: the digest is part of the pause.
     pub verify: bool,
-    /// Verify mode: bytes of the digest chunks holding remaining pages
-    /// (the destination re-hashes those in the pause).
-    pub dirty_chunk_bytes: u64,
+    /// Verify mode: bytes both sides hash in the pause, as things stand
+    /// (without what arrives in the last moments, which is added here).
+    pub digest_bytes: u64,
     /// What the VMM's device state costs.
     pub state: StateCost,
 }
@@ -227,10 +225,11 @@ impl Pacing {
         // sync's worth of time after the last sync.
         let extra =
             (i.dirty_pages_rate as f64 * sync.as_secs_f64()) as u64 * crate::PAGE_SIZE as u64;
-        // The destination also re-hashes what it got in its hasher's last
-        // two passes (sent in address order: contiguous).
+        // Both sides also re-hash what changed in their hasher's last two
+        // passes: at most what the link carried meanwhile (sent in address
+        // order: contiguous).
         let recent = (bw * 2.0 * super::digest::PASS.as_secs_f64()) as u64;
-        let hashed = i.memory_bytes + (i.dirty_chunk_bytes + recent).min(i.memory_bytes);
+        let hashed = i.digest_bytes + 2 * recent;
         let digest = match (i.verify, self.hash_rate()) {
             (false, _) => Duration::ZERO,
             (true, Some(r)) => Duration::from_secs_f64(hashed as f64 / r.max(1.0)),
@@ -294,7 +293,6 @@ mod tests {
     fn inputs(remaining: u64) -> PauseInputs {
         PauseInputs {
             remaining_bytes: remaining,
-            memory_bytes: 1 << 30,
             ..PauseInputs::default()
         }
     }
@@ -369,14 +367,14 @@ mod tests {
         };
         assert_eq!(p.estimate(&st).state, Duration::from_millis(150));
         assert!(p.fits(&base, 150) && !p.fits(&st, 150));
-        // The digest: 1 GiB at a measured 2 GiB/s is 500 ms on the source;
-        // the destination re-hashes the chunks of the remaining pages and
-        // what came in its hasher's last two passes (100 ms at 100 MiB/s:
-        // 10 MiB, 4.9 ms).
+        // The digest: 1 GiB hashed in the pause (a full hash) at a
+        // measured 2 GiB/s is 500 ms, plus what both sides got in their
+        // hashers' last two passes (100 ms at 100 MiB/s: 2 x 10 MiB,
+        // 9.8 ms).
         let mut p = with_periods(&[100.0 * MIB as f64]);
         let v = PauseInputs {
             verify: true,
-            dirty_chunk_bytes: 0,
+            digest_bytes: 1 << 30,
             ..base
         };
         assert!(
@@ -385,23 +383,25 @@ mod tests {
         );
         p.record_hash(256 * MIB, Duration::from_millis(125));
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-        assert!((ms(p.estimate(&v).digest) - 504.9).abs() < 0.1);
-        let chunks = PauseInputs {
-            dirty_chunk_bytes: 100 * MIB,
-            ..v
-        };
-        assert!((ms(p.estimate(&chunks).digest) - 553.7).abs() < 0.1);
+        assert!((ms(p.estimate(&v).digest) - 509.8).abs() < 0.1);
         assert!(!p.fits(&v, 300));
         assert!(p.floor_exceeds(&v, 300), "the digest alone is over 300 ms");
         assert!(!p.floor_exceeds(&v, 700));
         assert!(p.fits(&v, 700));
+        // A running digest re-hashes only changed chunks: 100 MiB.
+        let running = PauseInputs {
+            digest_bytes: 100 * MIB,
+            ..v
+        };
+        assert!((ms(p.estimate(&running).digest) - 58.6).abs() < 0.1);
+        assert!(p.fits(&running, 300));
         // The slower of the last two samples counts.
         p.record_hash(256 * MIB, Duration::from_millis(250));
-        assert!((ms(p.estimate(&v).digest) - 1009.8).abs() < 0.1);
+        assert!((ms(p.estimate(&v).digest) - 1019.5).abs() < 0.1);
         p.record_hash(256 * MIB, Duration::from_millis(125));
-        assert!((ms(p.estimate(&v).digest) - 1009.8).abs() < 0.1);
+        assert!((ms(p.estimate(&v).digest) - 1019.5).abs() < 0.1);
         p.record_hash(256 * MIB, Duration::from_millis(125));
-        assert!((ms(p.estimate(&v).digest) - 504.9).abs() < 0.1);
+        assert!((ms(p.estimate(&v).digest) - 509.8).abs() < 0.1);
     }
 
     #[test]

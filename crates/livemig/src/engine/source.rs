@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use super::ack;
 use super::adapt::{CompressChooser, LinkCost, TimedWrite, WireClock, XbzrleGate};
 use super::channels::{ChannelSetup, ChannelWriter, PageEncoding, SendChannels};
-use super::digest::{hash_sample, memory_digest, CHUNK as DIGEST_CHUNK};
+use super::digest::{hash_sample, hex, memory_digest, RunningDigest, CHUNK as DIGEST_CHUNK};
 use super::handle::{MigrationHandle, SyncPoint};
 use super::pacing::{Pacing, PauseInputs};
 use super::params::Params;
@@ -134,9 +134,22 @@ impl<'a> Source<'a> {
             handle,
         } = self;
         let started = Instant::now();
+        // Verify mode: the digest is kept up to date while precopy runs,
+        // so the pause hashes only what changed (see `digest.rs`).
+        let running = handle.params().verify.then(|| RunningDigest::new(mem));
         let mut saver = RamSaver::new(mem, &handle, started);
+        saver.running = running.as_ref();
         let mut guest = GuestSide::default();
-        let result = saver.migrate(out, ack, open, tracker, vm, &mut guest);
+        let result = std::thread::scope(|s| {
+            if let Some(d) = &running {
+                s.spawn(|| d.refresh(mem));
+            }
+            let r = saver.migrate(out, ack, open, tracker, vm, &mut guest);
+            if let Some(d) = &running {
+                d.stop();
+            }
+            r
+        });
         let GuestSide { paused, sent_go } = guest;
         // Stops the channel threads (on failure, after their current batch).
         saver.close_channels();
@@ -207,6 +220,8 @@ struct Counters {
 
 struct RamSaver<'a> {
     mem: &'a dyn GuestMemory,
+    /// Verify mode: the digest as the dirty tracker sees memory.
+    running: Option<&'a RunningDigest>,
     blocks: Vec<RamBlock>,
     handle: &'a MigrationHandle,
     params: Params,
@@ -284,6 +299,7 @@ impl<'a> RamSaver<'a> {
             .collect();
         RamSaver {
             mem,
+            running: None,
             bitmaps: blocks
                 .iter()
                 .map(|b| DirtyBitmap::new_full(b.pages()))
@@ -508,11 +524,16 @@ impl<'a> RamSaver<'a> {
         if !state.is_empty() {
             w.state(&state).map_err(MigrationError::send)?;
         }
+        let mut sent_digest = None;
         if self.params.verify {
             let t = Instant::now();
-            let digest = memory_digest(self.mem);
+            let digest = match self.running {
+                Some(d) => d.finish(self.mem).0,
+                None => memory_digest(self.mem),
+            };
             self.verify_time = t.elapsed().as_millis() as u64;
             w.digest(&digest).map_err(MigrationError::send)?;
+            sent_digest = self.running.map(|_| digest);
         }
         self.check_cancel()?;
         w.end().map_err(MigrationError::send)?;
@@ -534,6 +555,19 @@ impl<'a> RamSaver<'a> {
                 self.source_downtime
             }
         };
+        if let Some(sent) = sent_digest {
+            // The digest in the stream was the dirty tracker's view; now,
+            // outside the pause (this guest stays paused for good), check
+            // it against all of memory.
+            let full = memory_digest(self.mem);
+            if full != sent {
+                return Err(MigrationError::Verify(format!(
+                    "memory {} at stop time, but {} was sent: the dirty tracker missed a write, and the destination runs the guest with that difference",
+                    hex(&full),
+                    hex(&sent)
+                )));
+            }
+        }
         vm.set_throttle(0);
         self.throttle = 0;
         Ok(())
@@ -551,14 +585,24 @@ impl<'a> RamSaver<'a> {
         PauseInputs {
             remaining_bytes: self.remaining_bytes(),
             dirty_pages_rate: self.dirty_pages_rate,
-            memory_bytes: self.mem.total_bytes(),
             verify: self.params.verify,
-            dirty_chunk_bytes: if self.params.verify {
-                self.dirty_chunk_bytes()
-            } else {
-                0
-            },
+            digest_bytes: self.digest_bytes(),
             state: self.state_cost,
+        }
+    }
+
+    /// Bytes the verify digest hashes in the pause: on the source, all of
+    /// memory, or with the running digest the chunks not hashed since they
+    /// changed; on the destination the chunks holding a remaining page
+    /// (see `pacing.rs`).
+    fn digest_bytes(&self) -> u64 {
+        if !self.params.verify {
+            return 0;
+        }
+        let dest = self.dirty_chunk_bytes();
+        match self.running {
+            Some(d) => d.pending_bytes().max(dest) + dest,
+            None => self.mem.total_bytes() + dest,
         }
     }
 
@@ -677,6 +721,11 @@ impl<'a> RamSaver<'a> {
         let reported = tracker.sync(&mut self.bitmaps)?;
         self.pacing.record_sync(t.elapsed());
         self.sync_count += 1;
+        if let Some(d) = self.running {
+            for (b, bm) in self.bitmaps.iter().enumerate() {
+                d.touch_pages(b, bm);
+            }
+        }
         if let Some((shift, chunks)) = &mut self.clear {
             // Chunks with dirty pages must be cleared (re-protected) before
             // their pages go out again.
@@ -783,6 +832,10 @@ impl<'a> RamSaver<'a> {
                 if chunks[block].clear(chunk) {
                     let first = chunk << *shift;
                     tracker.clear(block, first, 1u64 << *shift)?;
+                    // Writes since the last sync are no longer in the log.
+                    if let Some(d) = self.running {
+                        d.touch_range(block, first, 1u64 << *shift);
+                    }
                 }
             }
             self.bitmaps[block].clear(page);
