@@ -718,14 +718,26 @@ impl<'a> RamSaver<'a> {
     /// dirty rate; may raise the throttle.
     fn sync(&mut self, tracker: &mut dyn DirtyTracker) -> Result<(), MigrationError> {
         let t = Instant::now();
-        let reported = tracker.sync(&mut self.bitmaps)?;
+        let reported = match self.running {
+            // The running digest needs what this sync reported, not the
+            // pages still to send from before.
+            Some(d) => {
+                let mut fresh: Vec<DirtyBitmap> = self
+                    .bitmaps
+                    .iter()
+                    .map(|b| DirtyBitmap::new(b.len()))
+                    .collect();
+                let n = tracker.sync(&mut fresh)?;
+                for (b, f) in fresh.iter().enumerate() {
+                    self.bitmaps[b].or_words(0, f.words());
+                    d.touch_pages(b, f);
+                }
+                n
+            }
+            None => tracker.sync(&mut self.bitmaps)?,
+        };
         self.pacing.record_sync(t.elapsed());
         self.sync_count += 1;
-        if let Some(d) = self.running {
-            for (b, bm) in self.bitmaps.iter().enumerate() {
-                d.touch_pages(b, bm);
-            }
-        }
         if let Some((shift, chunks)) = &mut self.clear {
             // Chunks with dirty pages must be cleared (re-protected) before
             // their pages go out again.
