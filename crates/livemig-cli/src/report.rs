@@ -172,3 +172,35 @@ pub fn summary(s: &MigrationStats) -> String {
 pub fn succeeded(s: &MigrationStats) -> bool {
     s.status == Status::Completed
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use livemig::engine::Status;
+
+    #[test]
+    fn summary_says_whether_the_downtime_kept_its_limit() {
+        let mut s = MigrationStats {
+            status: Status::Completed,
+            downtime: 120,
+            source_downtime: 121,
+            downtime_limit: 300,
+            ..MigrationStats::default()
+        };
+        let t = summary(&s);
+        assert!(t.contains("downtime: 120 ms to the destination's resume (121 ms to STARTED on the source), within its limit of 300 ms"), "{t}");
+        s.downtime = 450;
+        s.source_downtime = 450;
+        s.downtime_limit_exceeded = true;
+        let t = summary(&s);
+        assert!(
+            t.contains("downtime: 450 ms, OVER its limit of 300 ms"),
+            "{t}"
+        );
+        s.status = Status::Failed;
+        assert!(
+            !summary(&s).contains("limit"),
+            "no verdict on a failed migration"
+        );
+    }
+}

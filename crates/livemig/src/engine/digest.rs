@@ -169,22 +169,6 @@ impl RunningDigest {
         }
     }
 
-    /// Pages `first..first + n` of block `block` may have changed.
-    pub fn touch_range(&self, block: usize, first: u64, n: u64) {
-        let per = (CHUNK / crate::PAGE_SIZE) as u64;
-        let last = self
-            .chunks
-            .len()
-            .min(self.first.get(block + 1).copied().unwrap_or(usize::MAX));
-        for c in first / per..(first + n).div_ceil(per) {
-            let i = self.first[block] + c as usize;
-            if i >= last {
-                break;
-            }
-            self.writes[i].fetch_add(1, Ordering::Release);
-        }
-    }
-
     /// Bytes of the chunks [`RunningDigest::finish`] would hash now.
     pub fn pending_bytes(&self) -> u64 {
         (0..self.chunks.len())
@@ -328,7 +312,7 @@ mod tests {
     }
 
     #[test]
-    fn touching_pages_and_ranges_marks_their_chunks() {
+    fn touching_pages_marks_their_chunks_once_each() {
         let m = ProcessMemory::new(&[("a", 6 << 20), ("b", 3 << 20)]).unwrap();
         let r = RunningDigest::new(&m);
         let per = (CHUNK / crate::PAGE_SIZE) as u64;
@@ -336,12 +320,12 @@ mod tests {
         bm.set(per + 3);
         bm.set(per + 7);
         r.touch_pages(0, &bm);
-        r.touch_range(1, per - 1, 2);
+        let mut bm = crate::DirtyBitmap::new((3 << 20) / 4096);
+        bm.set(per - 1);
+        bm.set(per);
+        r.touch_pages(1, &bm);
         let counts: Vec<u64> = r.writes.iter().map(|w| w.load(Ordering::Relaxed)).collect();
         // Block a: chunks 0..3; block b: chunks 3, 4.
         assert_eq!(counts, vec![0, 1, 0, 1, 1]);
-        // A range past the block's end stops at it.
-        r.touch_range(1, 0, 10 * per);
-        assert_eq!(r.writes[4].load(Ordering::Relaxed), 2);
     }
 }

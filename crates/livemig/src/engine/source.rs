@@ -34,7 +34,11 @@ const STEP: Duration = Duration::from_millis(50);
 /// Dirty rate is measured over periods at least this long.
 const DIRTY_RATE_PERIOD: Duration = Duration::from_secs(1);
 /// Bytes hashed at setup to measure the verify digest's rate.
-const HASH_SAMPLE: u64 = 32 << 20;
+/// Long enough (~10 ms on a quiet host) to feel a loaded host's scheduler.
+const HASH_SAMPLE: u64 = 96 << 20;
+/// The hashing rate is sampled again before a switch-over at most this
+/// often.
+const HASH_RESAMPLE: Duration = Duration::from_millis(500);
 /// Consecutive high-dirty-rate periods before auto-converge throttles.
 const THROTTLE_TRIGGER: u32 = 3;
 
@@ -256,6 +260,8 @@ struct RamSaver<'a> {
     state_cost: StateCost,
     /// The fixed costs of the pause alone exceed the limit (warned once).
     floor_warned: bool,
+    /// When the hashing rate was last sampled.
+    hash_sampled: Instant,
     // Dirty-rate measurement and auto-converge.
     rate_time: Instant,
     rate_dirty_pages: u64,
@@ -330,6 +336,7 @@ impl<'a> RamSaver<'a> {
             pacing: Pacing::new(started),
             state_cost: StateCost::default(),
             floor_warned: false,
+            hash_sampled: started,
             rate_time: started,
             rate_dirty_pages: 0,
             rate_bytes: 0,
@@ -471,7 +478,7 @@ impl<'a> RamSaver<'a> {
             if self.pause_fits() {
                 self.sync(tracker)?;
                 self.barrier(&mut w)?;
-                if self.params.verify {
+                if self.params.verify && self.hash_sampled.elapsed() >= HASH_RESAMPLE {
                     // The host's load now, not at setup.
                     self.sample_hash();
                 }
@@ -578,6 +585,7 @@ impl<'a> RamSaver<'a> {
         let t = Instant::now();
         let bytes = hash_sample(self.mem, HASH_SAMPLE);
         self.pacing.record_hash(bytes, t.elapsed());
+        self.hash_sampled = Instant::now();
     }
 
     /// What the pause estimate needs, as things stand.
@@ -843,11 +851,10 @@ impl<'a> RamSaver<'a> {
                 let chunk = page >> *shift;
                 if chunks[block].clear(chunk) {
                     let first = chunk << *shift;
+                    // The running digest trusts the tracker here too: a
+                    // clear that dropped an unreported write would be
+                    // caught by the full hash after the switch-over.
                     tracker.clear(block, first, 1u64 << *shift)?;
-                    // Writes since the last sync are no longer in the log.
-                    if let Some(d) = self.running {
-                        d.touch_range(block, first, 1u64 << *shift);
-                    }
                 }
             }
             self.bitmaps[block].clear(page);
