@@ -172,9 +172,9 @@ impl RunningDigest {
     /// Bytes of the chunks [`RunningDigest::finish`] would hash now.
     pub fn pending_bytes(&self) -> u64 {
         (0..self.chunks.len())
-            .filter(|&i| {
-                self.slot(i)
-                    .is_none_or(|(at, _)| at != self.writes[i].load(Ordering::Acquire))
+            .filter(|&i| match self.slot(i) {
+                Some((at, _)) => at != self.writes[i].load(Ordering::Acquire),
+                None => true,
             })
             .map(|i| self.chunks[i].2 as u64)
             .sum()
