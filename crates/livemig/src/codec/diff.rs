@@ -3,7 +3,8 @@
 //!
 //! [`mask`] picks the fastest routine the CPU supports once (AVX-512BW,
 //! then AVX2 on x86_64, else a portable word-at-a-time loop) and caches the
-//! choice, like [`super::zero`]. Every routine writes the same bits: bit
+//! choice, like [`super::zero`]. The AVX-512 routine is built only by
+//! compilers that have its intrinsics (Rust 1.89+, see `build.rs`). Every routine writes the same bits: bit
 //! `i % 64` of word `i / 64` is set when byte `i` differs; bits past the
 //! end of the buffers are clear. The routines only read the two input
 //! slices and only write the mask slice, through bounds-checked chunks.
@@ -53,6 +54,7 @@ pub fn implementation() -> &'static str {
 fn select() -> Routine {
     #[cfg(target_arch = "x86_64")]
     {
+        #[cfg(livemig_avx512)]
         if is_x86_feature_detected!("avx512bw") {
             return Routine {
                 name: "avx512bw",
@@ -127,6 +129,7 @@ pub(crate) fn routines() -> Vec<(&'static str, MaskFn)> {
         if is_x86_feature_detected!("avx2") {
             v.push(("avx2", x86::avx2));
         }
+        #[cfg(livemig_avx512)]
         if is_x86_feature_detected!("avx512bw") {
             v.push(("avx512bw", x86::avx512));
         }
@@ -140,11 +143,11 @@ mod x86 {
     //! the loaded width, or a call into a function whose target features
     //! were detected at run time before the routine was selected.
 
-    use std::arch::x86_64::{
-        __m256i, __m512i, _mm256_cmpeq_epi8, _mm256_loadu_si256, _mm256_movemask_epi8,
-        _mm512_cmpneq_epi8_mask, _mm512_loadu_si512,
-    };
+    use std::arch::x86_64::{__m256i, _mm256_cmpeq_epi8, _mm256_loadu_si256, _mm256_movemask_epi8};
+    #[cfg(livemig_avx512)]
+    use std::arch::x86_64::{__m512i, _mm512_cmpneq_epi8_mask, _mm512_loadu_si512};
 
+    #[cfg(livemig_avx512)]
     /// AVX-512BW routine; selected only after
     /// `is_x86_feature_detected!("avx512bw")`.
     pub(super) fn avx512(old: &[u8], new: &[u8], mask: &mut [u64]) {
@@ -163,6 +166,7 @@ mod x86 {
         unsafe { avx2_impl(old, new, mask) }
     }
 
+    #[cfg(livemig_avx512)]
     #[target_feature(enable = "avx512f,avx512bw")]
     unsafe fn avx512_impl(old: &[u8], new: &[u8], mask: &mut [u64]) {
         let mut o = old.chunks_exact(64);
@@ -188,6 +192,7 @@ mod x86 {
         super::tail(o.remainder(), n.remainder(), words.into_slice());
     }
 
+    #[cfg(livemig_avx512)]
     /// Unaligned 64-byte load of a 64-byte chunk.
     #[inline]
     #[target_feature(enable = "avx512f")]
