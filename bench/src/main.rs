@@ -278,6 +278,7 @@ fn run_cli(cli: Cli) -> Result<bool> {
         let st = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
             .args(["build", "--release", "-p", "minivm", "-p", "livemig-cli"])
             .current_dir(workspace())
+            .stdout(std::process::Stdio::from(std::io::stderr()))
             .status()
             .context("running cargo build for minivm and livemig")?;
         if !st.success() {

@@ -33,6 +33,9 @@ pub fn ensure_installed() -> Result<String> {
         let st = Command::new("apt-get")
             .args(args)
             .env("DEBIAN_FRONTEND", "noninteractive")
+            // Its progress goes to stderr: with --json stdout holds only
+            // the JSON.
+            .stdout(std::process::Stdio::from(std::io::stderr()))
             .status()
             .context("running apt-get (needed to install QEMU)")?;
         if !st.success() {
