@@ -83,6 +83,11 @@ fn quick_json() {
     assert!(mig.iter().any(|r| r["dest"] == "cold"));
     assert!(mig.iter().any(|r| r["compress"].is_string()));
     for r in mig {
+        // An 8 MiB guest takes under 0.5 s at either cap: no capped rows.
+        let name = r["name"].as_str().unwrap();
+        assert!(!name.contains(" cap"), "{name}: a cap cannot pace 8 MiB");
+        let noise = r["noise"].as_bool().expect("noise flag");
+        assert_eq!(noise, num(r, "secs") < 0.010, "{name}");
         assert_eq!(r["guest_bytes"], 8 << 20);
         assert_eq!(r["verified"], true, "{}", r["name"]);
         for k in [
