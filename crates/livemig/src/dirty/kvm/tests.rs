@@ -86,8 +86,8 @@ impl TestVm {
         .expect("system slot");
         let r = sys.blocks()[0].region();
         // Identity map of the first GiB with 2 MiB user pages.
-        assert!(r.write(PML4 as usize, &(PML4 + 0x1000 | 7).to_le_bytes()));
-        assert!(r.write(PML4 as usize + 0x1000, &(PML4 + 0x2000 | 7).to_le_bytes()));
+        assert!(r.write(PML4 as usize, &((PML4 + 0x1000) | 7).to_le_bytes()));
+        assert!(r.write(PML4 as usize + 0x1000, &((PML4 + 0x2000) | 7).to_le_bytes()));
         for i in 0..512u64 {
             let pde = (i << 21) | 0x87;
             assert!(r.write((PML4 + 0x2000 + i * 8) as usize, &pde.to_le_bytes()));
