@@ -165,16 +165,17 @@ impl Vm {
     /// cap acts only while a ring tracker runs (during a migration or a
     /// dirty-rate measurement): without tracking nothing is counted.
     pub fn set_dirty_limit(&self, bytes_per_sec: Option<u64>) -> Result<(), VmError> {
-        let pages =
-            match bytes_per_sec {
-                None | Some(0) => 0,
-                Some(_) if self.shared.dirty.ring_entries().is_none() => return Err(VmError::Config(
+        let pages = match bytes_per_sec {
+            None | Some(0) => 0,
+            Some(_) if self.shared.dirty.ring_entries().is_none() => {
+                return Err(VmError::Config(
                     "dirty-limit needs the KVM dirty ring (build the VM with dirty_ring_entries \
                      and migrate with the ring tracker): only the ring counts pages per vCPU"
                         .into(),
-                )),
-                Some(b) => (b / 4096).max(1),
-            };
+                ))
+            }
+            Some(b) => (b / 4096).max(1),
+        };
         self.shared
             .dirty_limit
             .limit
