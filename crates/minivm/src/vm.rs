@@ -16,7 +16,7 @@ use livemig::GuestMemory;
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
-use crate::devices::{Devices, SerialOut};
+use crate::devices::{ClockPage, Devices, SerialOut, CLOCK_PERIOD};
 use crate::guest::{self, GuestImage, StartState};
 use crate::sys;
 
@@ -111,6 +111,9 @@ pub struct VmConfig {
     /// huge zero pages instead of one zero page per 4 KiB, so scanning an
     /// idle guest is cheaper; KVM still logs dirty pages per 4 KiB.
     pub huge_pages: bool,
+    /// A clock page the VMM writes into guest memory every millisecond
+    /// while the VM runs (see [`ClockPage`]); `None`: no such device.
+    pub clock_page: Option<ClockPage>,
 }
 
 impl Default for VmConfig {
@@ -128,6 +131,7 @@ impl Default for VmConfig {
             start_paused: false,
             prefault: false,
             huge_pages: true,
+            clock_page: None,
         }
     }
 }
@@ -427,6 +431,23 @@ fn vcpu_thread(sh: Arc<Shared>, i: usize) {
     }
 }
 
+/// Runs the clock page device: a tick every [`CLOCK_PERIOD`] while the VM
+/// runs. The tick is written under the control lock, so once `pause` has
+/// set its flag no tick lands until the VM resumes.
+fn clock_thread(sh: Arc<Shared>, clock: ClockPage) {
+    loop {
+        let ctl = lock(&sh.ctl);
+        if ctl.stop {
+            return;
+        }
+        if !ctl.pause {
+            clock.tick(&sh.memory);
+        }
+        drop(ctl);
+        std::thread::sleep(CLOCK_PERIOD);
+    }
+}
+
 fn throttle_thread(sh: Arc<Shared>) {
     loop {
         let ctl = lock(&sh.ctl);
@@ -713,6 +734,18 @@ impl Vm {
                     source,
                 })?,
         );
+        if let Some(clock) = shared.config.clock_page {
+            let sh = shared.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name("clock-page".into())
+                    .spawn(move || clock_thread(sh, clock))
+                    .map_err(|source| VmError::Io {
+                        what: "spawning the clock page device".into(),
+                        source,
+                    })?,
+            );
+        }
         if ring_entries != 0 {
             let sh = shared.clone();
             threads.push(
@@ -745,6 +778,14 @@ impl Vm {
     /// Guest memory as rust-vmm's `GuestMemoryMmap`.
     pub fn guest_memory(&self) -> &GuestMemoryMmap {
         &self.shared.memory
+    }
+
+    /// The clock page device's tick count in guest memory (0 without one).
+    pub fn clock_ticks(&self) -> u64 {
+        self.shared
+            .config
+            .clock_page
+            .map_or(0, |c| c.ticks(&self.shared.memory))
     }
 
     /// The KVM memory slots.
