@@ -43,6 +43,7 @@ use livemig::vm::{NoVm, VmControl};
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use crate::sys::cpu_secs;
 use crate::units::{human, parse_mem_size, parse_size};
 
 mod tls;
@@ -733,19 +734,6 @@ struct MigRun {
     cpu: f64,
     stats: MigrationStats,
     load: LoadStats,
-}
-
-/// CPU time this process has used so far, user + system, in seconds.
-fn cpu_secs() -> f64 {
-    // SAFETY: getrusage fills the struct it is given; a zeroed rusage is a
-    // valid value to pass.
-    let ru = unsafe {
-        let mut ru: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_SELF, &mut ru);
-        ru
-    };
-    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
 /// A tracker over `mem` and the writer a workload must write through:

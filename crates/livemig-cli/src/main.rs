@@ -7,6 +7,8 @@ mod dirtyrate;
 mod process;
 mod report;
 mod svg;
+#[allow(unsafe_code)]
+mod sys;
 mod tls;
 mod units;
 mod vm;

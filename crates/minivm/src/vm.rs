@@ -2,15 +2,12 @@
 
 use std::io;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{
-    kvm_enable_cap, kvm_run, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES,
-    KVM_MEM_LOG_DIRTY_PAGES,
-};
+use kvm_bindings::{kvm_enable_cap, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use livemig::memory::VmMemory;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -76,6 +73,13 @@ fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |e| VmError::Kvm {
         op,
         source: io::Error::from_raw_os_error(e.errno()),
+    }
+}
+
+fn memslot_err(e: sys::MemslotError) -> VmError {
+    match e {
+        sys::MemslotError::Kvm(e) => kvm_err("SET_USER_MEMORY_REGION")(e),
+        e @ sys::MemslotError::NoRegion(_) => VmError::Config(e.to_string()),
     }
 }
 
@@ -150,7 +154,8 @@ pub(crate) struct Ctl {
 
 pub(crate) struct VcpuSlot {
     pub(crate) fd: Mutex<VcpuFd>,
-    run_ptr: AtomicPtr<kvm_run>,
+    /// Sets `immediate_exit` in the vCPU's `kvm_run` from other threads.
+    exit: sys::ExitRequest,
     thread: Mutex<Option<libc::pthread_t>>,
     /// False for vCPUs that never run (extra vCPUs of a boot sector).
     pub(crate) active: AtomicBool,
@@ -194,10 +199,7 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Shared {
     pub(crate) fn kick(&self, i: usize) {
         let v = &self.vcpus[i];
-        let run = v.run_ptr.load(Ordering::Acquire);
-        // SAFETY: run_ptr is the kvm_run mapping of the VcpuFd in v.fd, which
-        // lives as long as `self`.
-        unsafe { sys::set_immediate_exit(run, 1) };
+        v.exit.set(1);
         if let Some(t) = *lock(&v.thread) {
             sys::kick_thread(t);
         }
@@ -240,17 +242,8 @@ impl Shared {
 
     pub(crate) fn set_log_dirty(&self, on: bool) -> Result<(), VmError> {
         for s in &self.slots {
-            let region = kvm_userspace_memory_region {
-                slot: s.slot,
-                flags: if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
-                guest_phys_addr: s.gpa,
-                memory_size: s.size,
-                userspace_addr: s.host_addr,
-            };
-            // SAFETY: the same host range as at creation, still mapped by
-            // `self.memory` for as long as the VM lives.
-            unsafe { self.vm_fd.set_user_memory_region(region) }
-                .map_err(kvm_err("SET_USER_MEMORY_REGION"))?;
+            sys::set_memory_slot(&self.vm_fd, &self.memory, s.slot, GuestAddress(s.gpa), on)
+                .map_err(memslot_err)?;
         }
         Ok(())
     }
@@ -353,8 +346,7 @@ impl Bucket {
 }
 
 fn vcpu_thread(sh: Arc<Shared>, i: usize) {
-    // SAFETY: pthread_self has no preconditions.
-    *lock(&sh.vcpus[i].thread) = Some(unsafe { libc::pthread_self() });
+    *lock(&sh.vcpus[i].thread) = Some(sys::current_thread());
     let slot = &sh.vcpus[i];
     let mut bucket = Bucket {
         tokens: 0.0,
@@ -605,17 +597,7 @@ impl Vm {
                 size: *size as u64,
                 host_addr: host as u64,
             };
-            let region = kvm_userspace_memory_region {
-                slot: s.slot,
-                flags: 0,
-                guest_phys_addr: s.gpa,
-                memory_size: s.size,
-                userspace_addr: s.host_addr,
-            };
-            // SAFETY: the host range is mapped by `memory`, which the VM keeps
-            // alive (in `Shared`) until the VM fd is closed.
-            unsafe { vm_fd.set_user_memory_region(region) }
-                .map_err(kvm_err("SET_USER_MEMORY_REGION"))?;
+            sys::set_memory_slot(&vm_fd, &memory, s.slot, *gpa, false).map_err(memslot_err)?;
             slots.push(s);
         }
 
@@ -671,7 +653,7 @@ impl Vm {
         let mut vcpus = Vec::new();
         let mut rings = Vec::new();
         for (i, start) in starts.iter().enumerate() {
-            let mut fd = vm_fd
+            let fd = vm_fd
                 .create_vcpu(i as u64)
                 .map_err(kvm_err("CREATE_VCPU"))?;
             let mut c = cpuid.clone();
@@ -695,11 +677,14 @@ impl Vm {
                     })?,
                 );
             }
-            let run_ptr = AtomicPtr::new(fd.get_kvm_run() as *mut kvm_run);
+            let exit = sys::ExitRequest::map(&fd).map_err(|source| VmError::Kvm {
+                op: "mmap kvm_run",
+                source,
+            })?;
             let active = start.is_some() || config.guest == GuestImage::Incoming;
             vcpus.push(VcpuSlot {
                 fd: Mutex::new(fd),
-                run_ptr,
+                exit,
                 thread: Mutex::new(None),
                 active: AtomicBool::new(active),
                 heartbeats: AtomicU64::new(0),

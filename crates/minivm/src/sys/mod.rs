@@ -1,6 +1,13 @@
-//! The few KVM ioctls and mappings kvm-ioctls lacks, and raw access to POD
-//! KVM structures. All `unsafe` of the crate that is not a kvm-ioctls call
-//! lives here.
+//! The few KVM ioctls and mappings kvm-ioctls lacks, kvm-ioctls calls that
+//! are `unsafe`, and raw access to POD KVM structures. All `unsafe` of the
+//! crate lives here.
+
+mod memslot;
+mod vcpu;
+
+pub(crate) use memslot::set_memory_slot;
+pub use memslot::MemslotError;
+pub use vcpu::{current_thread, set_xsave, ExitRequest};
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -215,16 +222,6 @@ pub fn kick_thread(t: libc::pthread_t) {
     unsafe {
         libc::pthread_kill(t, kick_signal());
     }
-}
-
-/// Writes `kvm_run.immediate_exit` of a vCPU from another thread.
-///
-/// # Safety
-/// `run` must point to the live `kvm_run` mapping of a vCPU.
-pub unsafe fn set_immediate_exit(run: *mut kvm_bindings::kvm_run, v: u8) {
-    // SAFETY: caller guarantees `run` is the mapped kvm_run; a volatile byte
-    // store is what the kernel reads on the next KVM_RUN entry.
-    unsafe { std::ptr::write_volatile(std::ptr::addr_of_mut!((*run).immediate_exit), v) }
 }
 
 /// Asks for transparent huge pages on `len` bytes of this process's memory
