@@ -77,7 +77,7 @@ pub struct BenchArgs {
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=50))]
     pub runs: Option<u32>,
     /// Guest size of the throughput migrations [default: 1G, quick 16M].
-    #[arg(long, value_parser = parse_mem_size)]
+    #[arg(short = 'm', long = "mem", alias = "size", value_parser = parse_mem_size)]
     pub size: Option<u64>,
     /// Each memcpy reference buffer [default: 256M, quick 16M].
     #[arg(long, value_parser = parse_mem_size)]
@@ -89,7 +89,7 @@ pub struct BenchArgs {
     #[arg(long, value_parser = parse_mem_size)]
     pub codec_set: Option<u64>,
     /// Guest size of the XBZRLE comparison [default: 256M, quick 16M].
-    #[arg(long, value_parser = parse_mem_size)]
+    #[arg(long = "xbzrle-mem", alias = "xbzrle-size", value_name = "SIZE", value_parser = parse_mem_size)]
     pub xbzrle_size: Option<u64>,
     /// Working set the XBZRLE workload writes [default: 64M, quick 4M].
     #[arg(long, value_parser = parse_mem_size)]

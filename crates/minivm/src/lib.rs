@@ -19,6 +19,7 @@
 
 pub mod bench;
 pub mod control;
+pub mod defaults;
 pub mod devices;
 pub mod dirty;
 pub mod dirtylimit;
