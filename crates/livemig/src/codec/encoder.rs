@@ -99,7 +99,7 @@ pub(crate) struct Delta {
 }
 
 struct Compression {
-    setting: (Algorithm, i32),
+    algorithm: Algorithm,
     compressor: Compressor,
     buf: Vec<u8>,
 }
@@ -113,6 +113,9 @@ struct Xbzrle {
 /// Chooses and applies the encoding of each page of one stream.
 pub(crate) struct PageEncoder {
     adaptive: bool,
+    /// The compression asked for last (kept when its compressor could not
+    /// be made, so that the failure is reported once).
+    compress_setting: Option<(Algorithm, i32)>,
     compression: Option<Compression>,
     chooser: CompressChooser,
     /// Pages the choosers of earlier settings skipped.
@@ -131,6 +134,7 @@ impl PageEncoder {
     pub fn new(adaptive: bool) -> Self {
         PageEncoder {
             adaptive,
+            compress_setting: None,
             compression: None,
             chooser: CompressChooser::new(adaptive),
             compress_skipped_before: 0,
@@ -150,10 +154,10 @@ impl PageEncoder {
             self.compress_skipped_before += self.chooser.skipped();
             self.chooser = CompressChooser::new(adaptive);
         }
-        let current = self.compression.as_ref().map(|c| c.setting);
-        if current == setting {
+        if self.compress_setting == setting {
             return;
         }
+        self.compress_setting = setting;
         self.compression = None;
         let Some((algorithm, level)) = setting else {
             return;
@@ -161,7 +165,7 @@ impl PageEncoder {
         match Compressor::new(algorithm, level) {
             Ok(compressor) => {
                 self.compression = Some(Compression {
-                    setting: (algorithm, level),
+                    algorithm,
                     compressor,
                     buf: Vec::with_capacity(PAGE_SIZE),
                 });
@@ -279,7 +283,7 @@ impl PageEncoder {
                     self.chooser.record(ns, n);
                     self.c.compressed_pages += 1;
                     self.c.compressed_bytes += n as u64;
-                    let algo = comp.setting.0.as_u8();
+                    let algo = comp.algorithm.as_u8();
                     return w.commit_encoded(Encoded::Compressed(algo), &comp.buf[..n]);
                 }
                 self.chooser.record(ns, PAGE_SIZE);
@@ -429,17 +433,26 @@ mod tests {
             e.set_compression(Some((Algorithm::Lz4, 1)), false);
             e.encode(w, page(&mem, 1), None).unwrap();
             e.encode(w, page(&mem, 2), None).unwrap();
+            // Off again: raw.
+            e.set_compression(None, false);
+            e.encode(w, page(&mem, 2), None).unwrap();
         });
         let k = kinds(&bytes);
         let names: Vec<_> = k.iter().map(|(n, o, _)| (*n, *o)).collect();
         // Noise does not shrink: raw even with compression on.
         assert_eq!(
             names,
-            [("zero", 0), ("raw", P), ("raw", P), ("compressed", 2 * P)]
+            [
+                ("zero", 0),
+                ("raw", P),
+                ("raw", P),
+                ("compressed", 2 * P),
+                ("raw", 2 * P)
+            ]
         );
         assert_eq!(k[1].2, noise(7));
         let c = e.counters();
-        assert_eq!((c.zero, c.normal, c.compressed_pages), (1, 2, 1));
+        assert_eq!((c.zero, c.normal, c.compressed_pages), (1, 3, 1));
         assert_eq!(c.compressed_bytes, k[3].2.len() as u64);
         assert!(c.compressed_bytes < P / 4, "{c:?}");
     }
