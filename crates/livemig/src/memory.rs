@@ -169,6 +169,7 @@ impl GuestMemory for ProcessMemory {
 #[cfg(feature = "vm-memory")]
 mod vm_memory_adapter {
     use super::*;
+    use vm_memory::bitmap::Bitmap;
     use vm_memory::GuestMemoryMmap;
 
     /// rust-vmm's `GuestMemoryMmap` as livemig guest memory: one RAM block per
@@ -180,7 +181,9 @@ mod vm_memory_adapter {
 
     impl VmMemory {
         /// Adapts `mem`; the regions stay mapped as long as any block lives.
-        pub fn new(mem: Arc<GuestMemoryMmap>) -> Result<Self, MemoryError> {
+        pub fn new<B: Bitmap + Send + Sync + 'static>(
+            mem: Arc<GuestMemoryMmap<B>>,
+        ) -> Result<Self, MemoryError> {
             let mut blocks = Vec::new();
             for (addr, region) in crate::sys::mmap::vm_memory_regions(&mem) {
                 blocks.push(RamBlock::new(format!("ram@{:x}", addr.0), region)?);
