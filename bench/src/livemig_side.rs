@@ -96,7 +96,7 @@ fn run_inner(case: &Case, dir: &Path, minivm: &Path, out: &mut Outcome) -> Resul
         .arg("--serial")
         .arg(&src_serial);
     if let Variant::DirtyLimit(_) = case.variant {
-        cmd.args(["--dirty-ring", "65536", "--migrate-tracker", "ring"]);
+        cmd.args(["--dirty-ring", "65536", "--dirty-track", "ring"]);
     }
     if idle {
         mkfifo(&src_fifo)?;

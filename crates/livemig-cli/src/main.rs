@@ -7,6 +7,8 @@ mod dirtyrate;
 mod process;
 mod report;
 mod svg;
+#[allow(unsafe_code)]
+mod sys;
 mod tls;
 mod units;
 mod vm;
@@ -78,5 +80,62 @@ fn main() {
     if let Err(e) = result {
         eprintln!("livemig: error: {}", livemig::error_chain(e.as_ref()));
         std::process::exit(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(args: &[&str]) -> Cmd {
+        let mut argv = vec!["livemig"];
+        argv.extend_from_slice(args);
+        Cli::try_parse_from(argv).expect("arguments parse").cmd
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    /// The VM commands start the VM `minivm run` starts by default.
+    #[test]
+    fn vm_defaults_are_minivms() {
+        let Cmd::VmMigrate(a) = parse(&["vm-migrate", "tcp:127.0.0.1:1"]) else {
+            unreachable!()
+        };
+        assert_eq!(Ok(a.layout.mem), units::parse_size(minivm::defaults::MEM));
+        assert_eq!(a.layout.vcpus, minivm::defaults::VCPUS);
+        let rate = units::parse_size(minivm::defaults::DIRTY_RATE);
+        assert_eq!(Ok(a.guest.dirty_rate), rate);
+        assert_eq!(a.guest.dirty_ring, minivm::defaults::DIRTY_RING);
+    }
+
+    /// One name per setting; the old names stay as hidden aliases.
+    #[test]
+    fn old_spellings_still_parse() {
+        let Cmd::Migrate(old) =
+            parse(&["migrate", "file:/x", "--size", "32M", "--tracker", "sync"])
+        else {
+            unreachable!()
+        };
+        let Cmd::Migrate(new) =
+            parse(&["migrate", "file:/x", "-m", "32M", "--dirty-track", "sync"])
+        else {
+            unreachable!()
+        };
+        assert_eq!(old.opts.mem.size, 32 << 20);
+        assert_eq!(old.opts.mem.size, new.opts.mem.size);
+        assert_eq!(old.opts.workload.tracker, new.opts.workload.tracker);
+        let Cmd::VmMigrate(a) = parse(&["vm-migrate", "file:/x", "--size", "64M", "--rate", "8M"])
+        else {
+            unreachable!()
+        };
+        assert_eq!((a.layout.mem, a.guest.dirty_rate), (64 << 20, 8 << 20));
+        let Cmd::Bench(b) = parse(&["bench", "--size", "16M", "--xbzrle-size", "8M"]) else {
+            unreachable!()
+        };
+        assert_eq!((b.size, b.xbzrle_size), (Some(16 << 20), Some(8 << 20)));
     }
 }

@@ -24,7 +24,7 @@ use crate::units::{parse_mem_size, parse_size};
 #[derive(Args, Clone, Debug)]
 pub struct MemArgs {
     /// Memory size (e.g. 1G, 512M); split evenly over the blocks.
-    #[arg(long, default_value = "256M", value_parser = parse_mem_size)]
+    #[arg(short = 'm', long = "mem", alias = "size", default_value = "256M", value_parser = parse_mem_size)]
     pub size: u64,
     /// Number of RAM blocks.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
@@ -167,7 +167,7 @@ impl TuneArgs {
 #[derive(Args, Clone, Debug)]
 pub struct WorkloadArgs {
     /// Bytes of pages dirtied per second (e.g. 200M); 0 = idle.
-    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    #[arg(long, value_name = "BYTES_PER_SEC", default_value = "64M", value_parser = parse_size)]
     pub dirty_rate: u64,
     /// Bytes written into each page touched (8 = XBZRLE-friendly, 4096 = whole page).
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=4096))]
@@ -185,7 +185,12 @@ pub struct WorkloadArgs {
     #[arg(long, default_value_t = 0.0)]
     pub warmup: f64,
     /// Dirty tracker.
-    #[arg(long, value_enum, default_value = "auto")]
+    #[arg(
+        long = "dirty-track",
+        alias = "tracker",
+        value_enum,
+        default_value = "auto"
+    )]
     pub tracker: TrackerArg,
 }
 

@@ -2,7 +2,6 @@
 //! loader, over any guest memory, tracker and byte transport.
 
 mod ack;
-mod adapt;
 mod channels;
 mod digest;
 mod handle;

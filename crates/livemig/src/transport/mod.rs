@@ -4,7 +4,6 @@
 //! up over a Unix socket at PATH, see [`crate::transport::shm`]).
 
 pub mod shm;
-/// TLS 1.3 with mutual certificate authentication over TCP and Unix sockets.
 pub mod tls;
 
 use std::fmt;

@@ -1,6 +1,10 @@
-//! Raw access to POD KVM structures, the vCPU kick signal and memory
-//! advice. All `unsafe` of the crate that is not a kvm-ioctls call lives
-//! here (the dirty-log ioctls and the dirty ring are livemig's).
+//! kvm-ioctls calls that are `unsafe`, the vCPU kick, and raw access to POD
+//! KVM structures. All `unsafe` of the crate lives here (memory slots, the
+//! dirty-log ioctls and the dirty ring are livemig's, feature `kvm`).
+
+mod vcpu;
+
+pub use vcpu::{current_thread, set_xsave, ExitRequest};
 
 use std::io;
 
@@ -75,16 +79,6 @@ pub fn kick_thread(t: libc::pthread_t) {
     unsafe {
         libc::pthread_kill(t, kick_signal());
     }
-}
-
-/// Writes `kvm_run.immediate_exit` of a vCPU from another thread.
-///
-/// # Safety
-/// `run` must point to the live `kvm_run` mapping of a vCPU.
-pub unsafe fn set_immediate_exit(run: *mut kvm_bindings::kvm_run, v: u8) {
-    // SAFETY: caller guarantees `run` is the mapped kvm_run; a volatile byte
-    // store is what the kernel reads on the next KVM_RUN entry.
-    unsafe { std::ptr::write_volatile(std::ptr::addr_of_mut!((*run).immediate_exit), v) }
 }
 
 /// Asks for transparent huge pages on `len` bytes of this process's memory

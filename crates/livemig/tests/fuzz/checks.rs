@@ -1,7 +1,8 @@
-//! The checks behind every fuzz target, shared with the regression test
-//! `crates/livemig/tests/fuzz_corpus.rs` (which includes this file with
-//! `#[path]`), so `cargo test` replays the corpus through exactly the
-//! assertions the fuzzer ran.
+//! The checks behind every fuzz target. They live in the livemig package
+//! so its tests can run them: `tests/fuzz_seeds.rs` over the generated
+//! seeds, `tests/fuzz_corpus.rs` over the repository's corpus; the
+//! cargo-fuzz crate (`fuzz/src/lib.rs`) includes this same file, so the
+//! tests replay inputs through exactly the assertions the fuzzer ran.
 //!
 //! Each check must never panic for any input: a panic is a finding. Besides
 //! "no panic", every target carries an oracle:
@@ -30,7 +31,6 @@
 
 use std::cell::RefCell;
 use std::io::{self, Read};
-use std::ptr::NonNull;
 use std::sync::Arc;
 
 use livemig::codec::compress::{Algorithm, Compressor, Decompressor};
@@ -129,15 +129,8 @@ impl Guarded {
     fn new() -> Guarded {
         let (id, len) = GUARDED_BLOCK;
         let map = Arc::new(AnonMapping::new(GUARD_LEN + len + GUARD_LEN).expect("mmap"));
-        let base = map.as_ptr();
         let region = |off: usize, n: usize| {
-            // SAFETY: `off..off + n` lies inside the mapping, which is
-            // readable and writable and lives as long as the `Arc` owner
-            // held by the region.
-            unsafe {
-                let ptr = NonNull::new(base.add(off)).expect("mapping is non-null");
-                RawRegion::from_raw(ptr, n, map.clone())
-            }
+            RawRegion::from_mapping_range(map.clone(), off, n).expect("range inside the mapping")
         };
         let lo = region(0, GUARD_LEN);
         let mid = region(GUARD_LEN, len);
