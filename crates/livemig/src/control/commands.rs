@@ -351,9 +351,8 @@ impl State {
         name: &str,
         v: &Value,
     ) -> Result<(), CmdError> {
-        let percent = |v| -> Result<u8, CmdError> {
-            Ok(in_range(name, as_u64(name, v)?, 1, 99)? as u8)
-        };
+        let percent =
+            |v| -> Result<u8, CmdError> { Ok(in_range(name, as_u64(name, v)?, 1, 99)? as u8) };
         match name {
             "max-bandwidth" => p.max_bandwidth = as_u64(name, v)?,
             "downtime-limit" => p.downtime_limit = in_range(name, as_u64(name, v)?, 1, 2_000_000)?,
@@ -595,7 +594,10 @@ impl State {
                     &["uri", "channels", "exit-on-error"]
                 };
                 only(args, extra)?;
-                if args.get("resume").is_some_and(|r| r.as_bool() != Some(false)) {
+                if args
+                    .get("resume")
+                    .is_some_and(|r| r.as_bool() != Some(false))
+                {
                     return Err(generic("'resume' (postcopy recovery) is not supported"));
                 }
                 let uri = target_uri(args)?;

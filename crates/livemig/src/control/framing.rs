@@ -39,8 +39,25 @@ fn json_byte(b: u8) -> bool {
         || b.is_ascii_digit()
         || matches!(
             b,
-            b'{' | b'}' | b'[' | b']' | b':' | b',' | b'"' | b'-' | b'+' | b'.' | b'e' | b'E'
-                | b't' | b'r' | b'u' | b'f' | b'a' | b'l' | b's' | b'n'
+            b'{' | b'}'
+                | b'['
+                | b']'
+                | b':'
+                | b','
+                | b'"'
+                | b'-'
+                | b'+'
+                | b'.'
+                | b'e'
+                | b'E'
+                | b't'
+                | b'r'
+                | b'u'
+                | b'f'
+                | b'a'
+                | b'l'
+                | b's'
+                | b'n'
         )
 }
 
@@ -193,16 +210,16 @@ mod tests {
 
     #[test]
     fn stray_scalars_and_brackets_are_texts_of_their_own() {
-        assert_eq!(texts("42 true}{\"a\":1}\n"), ["42", "true", "}", "{\"a\":1}"]);
+        assert_eq!(
+            texts("42 true}{\"a\":1}\n"),
+            ["42", "true", "}", "{\"a\":1}"]
+        );
         assert_eq!(texts("\"str\" 7"), ["\"str\"", "7"]);
     }
 
     #[test]
     fn a_byte_no_json_can_hold_ends_the_text_at_once_and_drops_the_line() {
-        assert_eq!(
-            texts("{not json}}}\n{\"a\":1}"),
-            ["{no", "{\"a\":1}"]
-        );
+        assert_eq!(texts("{not json}}}\n{\"a\":1}"), ["{no", "{\"a\":1}"]);
     }
 
     #[test]

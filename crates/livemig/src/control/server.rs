@@ -74,23 +74,20 @@ impl Session<'_> {
         for (k, v) in obj {
             match k.as_str() {
                 "execute" => {
-                    cmd = Some(v.as_str().ok_or_else(|| {
-                        generic("QMP input member 'execute' must be a string")
-                    })?)
+                    cmd =
+                        Some(v.as_str().ok_or_else(|| {
+                            generic("QMP input member 'execute' must be a string")
+                        })?)
                 }
                 "arguments" => {
-                    args = v.as_object().ok_or_else(|| {
-                        generic("QMP input member 'arguments' must be an object")
-                    })?
+                    args = v
+                        .as_object()
+                        .ok_or_else(|| generic("QMP input member 'arguments' must be an object"))?
                 }
                 "id" => {}
                 // No out-of-band capability is offered, so `exec-oob` is
                 // as unexpected as any other member (QEMU's answer too).
-                other => {
-                    return Err(generic(format!(
-                        "QMP input member '{other}' is unexpected"
-                    )))
-                }
+                other => return Err(generic(format!("QMP input member '{other}' is unexpected"))),
             }
         }
         let cmd = cmd.ok_or_else(|| generic("QMP input lacks member 'execute'"))?;
@@ -98,8 +95,7 @@ impl Session<'_> {
             if self.negotiated {
                 return Err(CmdError {
                     class: "CommandNotFound",
-                    desc: "Capabilities negotiation is already complete, command ignored"
-                        .into(),
+                    desc: "Capabilities negotiation is already complete, command ignored".into(),
                 });
             }
             for (k, v) in args {
@@ -321,19 +317,25 @@ impl Drop for ControlServer {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        let sessions = std::mem::take(&mut *self.sessions.lock().unwrap_or_else(|e| e.into_inner()));
+        let sessions =
+            std::mem::take(&mut *self.sessions.lock().unwrap_or_else(|e| e.into_inner()));
         for t in sessions {
             let _ = t.join();
         }
-        let ours = std::fs::symlink_metadata(&self.path)
-            .is_ok_and(|m| (m.dev(), m.ino()) == self.inode);
+        let ours =
+            std::fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.inode);
         if ours {
             let _ = std::fs::remove_file(&self.path);
         }
     }
 }
 
-fn serve(listener: UnixListener, state: Arc<Mutex<State>>, stop: Arc<AtomicBool>, sessions: Sessions) {
+fn serve(
+    listener: UnixListener,
+    state: Arc<Mutex<State>>,
+    stop: Arc<AtomicBool>,
+    sessions: Sessions,
+) {
     while !stop.load(Ordering::SeqCst) {
         match listener.accept() {
             Ok((conn, _)) => {

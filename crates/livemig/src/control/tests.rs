@@ -13,12 +13,12 @@ use serde_json::{json, Value};
 use super::*;
 use crate::dirty::{UffdMode, UffdTracker};
 use crate::engine::{Loader, MigrationHandle, Params, Source, Status};
-use crate::transport::Uri;
 use crate::memory::{GuestMemory, ProcessMemory};
 use crate::testkit::workload::{
     direct_writer, fill_random, Workload, WorkloadConfig, WorkloadControl,
 };
 use crate::transport::pipe;
+use crate::transport::Uri;
 
 /// Starts migrations of `mem` into a fresh destination over a pipe.
 struct PipeStarter {
@@ -118,7 +118,6 @@ fn wait_status(c: &mut ControlClient, want: &[&str]) -> Value {
     }
 }
 
-
 fn err(r: Result<Value, ControlError>) -> String {
     match r {
         Err(ControlError::Command { class, desc }) => format!("{class}: {desc}"),
@@ -205,18 +204,15 @@ fn parameters_and_capabilities_with_qemu_names() {
     );
     assert!(err(c.execute("migrate", json!({"uri": "udp:x:1"}))).contains("bad migration URI"));
     assert!(err(c.execute("migrate", json!({}))).contains("need either 'uri' or 'channels'"));
-    assert!(err(c.execute("migrate", json!({"uri": "tcp:127.0.0.1:9", "blk": true})))
-        .contains("Parameter 'blk' is unexpected"));
     assert!(
-        err(c.execute("query-migrate", json!({"verbose": true})))
-            .contains("Parameter 'verbose' is unexpected")
+        err(c.execute("migrate", json!({"uri": "tcp:127.0.0.1:9", "blk": true})))
+            .contains("Parameter 'blk' is unexpected")
     );
+    assert!(err(c.execute("query-migrate", json!({"verbose": true})))
+        .contains("Parameter 'verbose' is unexpected"));
     assert!(
-        err(c.execute(
-            "migrate-incoming",
-            json!({"uri": "tcp:127.0.0.1:1"})
-        ))
-        .contains("does not receive")
+        err(c.execute("migrate-incoming", json!({"uri": "tcp:127.0.0.1:1"})))
+            .contains("does not receive")
     );
     assert_eq!(
         err(c.execute("frobnicate", Value::Null)),
@@ -231,9 +227,13 @@ fn parameters_and_capabilities_with_qemu_names() {
     let input = br#"{"execute":"qmp_capabilities"}
         {"execute":"migrate-set-parameters","arguments":{"multifd-channels":3,"vcpu-dirty-limit":8,"multifd-compression":"lz4"}}
         {"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"dirty-limit","state":true}]}}"#;
-    d.serve(&input[..], &mut out, &AtomicBool::new(false)).unwrap();
+    d.serve(&input[..], &mut out, &AtomicBool::new(false))
+        .unwrap();
     let p = d.params();
-    assert_eq!(p.channels, 1, "multifd-channels counts only with multifd on");
+    assert_eq!(
+        p.channels, 1,
+        "multifd-channels counts only with multifd on"
+    );
     assert_eq!(p.dirty_limit, 8 << 20, "MB/s per vCPU");
     assert_eq!(
         p.compress.map(|c| c.algorithm),
@@ -258,8 +258,9 @@ fn greeting_negotiation_ids_and_malformed_requests() {
         err(c.execute("query-migrate", Value::Null)),
         "CommandNotFound: Expecting capabilities negotiation with 'qmp_capabilities'"
     );
-    assert!(err(c.execute("qmp_capabilities", json!({"enable": ["oob"]})))
-        .contains("not available"));
+    assert!(
+        err(c.execute("qmp_capabilities", json!({"enable": ["oob"]}))).contains("not available")
+    );
     c.execute("qmp_capabilities", Value::Null).unwrap();
     assert!(err(c.execute("qmp_capabilities", Value::Null)).contains("already complete"));
     // The id comes back, whatever its type.
@@ -269,7 +270,10 @@ fn greeting_negotiation_ids_and_malformed_requests() {
     assert_eq!(a["id"], json!({"n": [1, "x"]}), "{a}");
     assert_eq!(a["return"]["package"], g["QMP"]["version"]["package"]);
     let a = c.raw(br#"{"execute": "frob", "id": 17}"#).unwrap();
-    assert_eq!((a["id"].clone(), a["error"]["class"].clone()), (json!(17), json!("CommandNotFound")));
+    assert_eq!(
+        (a["id"].clone(), a["error"]["class"].clone()),
+        (json!(17), json!("CommandNotFound"))
+    );
     let a = c.raw(br#"{"exec-oob": "query-status", "id": 1}"#).unwrap();
     assert_eq!(
         a["error"]["desc"], "QMP input member 'exec-oob' is unexpected",
@@ -277,13 +281,19 @@ fn greeting_negotiation_ids_and_malformed_requests() {
     );
     let a = c.raw(b"{not json\n").unwrap();
     assert!(
-        a["error"]["desc"].as_str().unwrap().contains("JSON parse error"),
+        a["error"]["desc"]
+            .as_str()
+            .unwrap()
+            .contains("JSON parse error"),
         "{a}"
     );
     let a = c.raw(b"[1,2]").unwrap();
     assert_eq!(a["error"]["desc"], "QMP input must be a JSON object", "{a}");
     let a = c.raw(br#"{"id": 3}"#).unwrap();
-    assert_eq!(a["error"]["desc"], "QMP input lacks member 'execute'", "{a}");
+    assert_eq!(
+        a["error"]["desc"], "QMP input lacks member 'execute'",
+        "{a}"
+    );
     let a = c
         .raw(b"{\"execute\": \"query-migrate\", \"arguments\": 5}\n")
         .unwrap();
@@ -303,7 +313,10 @@ fn greeting_negotiation_ids_and_malformed_requests() {
     );
     assert_eq!(c.execute("cont", Value::Null).unwrap(), json!({}));
     let cmds = c.execute("query-commands", Value::Null).unwrap();
-    assert!(cmds.as_array().unwrap().contains(&json!({"name": "migrate"})));
+    assert!(cmds
+        .as_array()
+        .unwrap()
+        .contains(&json!({"name": "migrate"})));
     assert_eq!(
         c.execute("query-status", Value::Null).unwrap(),
         json!({"running": true, "status": "running"})
@@ -376,7 +389,10 @@ fn migration_events_reach_negotiated_clients() {
     let mut seen = Vec::new();
     let t0 = Instant::now();
     while !seen.contains(&"MIGRATION completed".to_string()) {
-        assert!(t0.elapsed() < Duration::from_secs(60), "events so far: {seen:?}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "events so far: {seen:?}"
+        );
         let Some(e) = c.next_event(Duration::from_secs(1)).unwrap() else {
             continue;
         };
@@ -396,10 +412,16 @@ fn migration_events_reach_negotiated_clients() {
         pos("MIGRATION device"),
         pos("MIGRATION completed"),
     );
-    assert!(setup < active && active < stop && stop < device && device < done && setup.is_some(), "{seen:?}");
+    assert!(
+        setup < active && active < stop && stop < device && device < done && setup.is_some(),
+        "{seen:?}"
+    );
     assert!(pos("MIGRATION_PASS 1").is_some(), "{seen:?}");
     assert!(pos("RESUME").is_none(), "{seen:?}");
-    assert_eq!(c.execute("query-migrate", Value::Null).unwrap()["status"], "completed");
+    assert_eq!(
+        c.execute("query-migrate", Value::Null).unwrap()["status"],
+        "completed"
+    );
 }
 
 /// Starts nothing outgoing; incoming: reports `active` then `completed`
@@ -413,7 +435,9 @@ impl MigrationStarter for RecordingStarter {
         tls: Option<&MigrationTls>,
         _handle: MigrationHandle,
     ) -> Result<(), String> {
-        let tls = tls.map(|t| format!(" tls {}", t.dir.display())).unwrap_or_default();
+        let tls = tls
+            .map(|t| format!(" tls {}", t.dir.display()))
+            .unwrap_or_default();
         self.0.lock().unwrap().push(format!("out {uri}{tls}"));
         Ok(())
     }
@@ -480,12 +504,19 @@ fn the_destination_reports_its_status_and_events() {
         {"execute":"migrate-incoming","arguments":{"uri":"tcp:127.0.0.1:0"}}
         {"execute":"query-migrate"}"#;
     let answers = session(&d, input);
-    let events: Vec<&Value> = answers.iter().filter(|a| a.get("event").is_some()).collect();
+    let events: Vec<&Value> = answers
+        .iter()
+        .filter(|a| a.get("event").is_some())
+        .collect();
     assert_eq!(events.len(), 2, "{answers:?}");
     assert_eq!(events[0]["data"]["status"], "active");
     assert_eq!(events[1]["data"]["status"], "completed");
     let last = answers.last().unwrap();
-    assert_eq!(last["return"], json!({"status": "completed"}), "{answers:?}");
+    assert_eq!(
+        last["return"],
+        json!({"status": "completed"}),
+        "{answers:?}"
+    );
 }
 
 #[test]
@@ -526,15 +557,22 @@ fn the_socket_path_is_never_taken_from_someone_else() {
     // A regular file: an error, the file untouched.
     let file = dir.path().join("file");
     std::fs::write(&file, b"keep me").unwrap();
-    let e = ControlServer::start(&file, Params::default(), starter()).err().unwrap();
+    let e = ControlServer::start(&file, Params::default(), starter())
+        .err()
+        .unwrap();
     assert!(matches!(e, ControlError::NotASocket { .. }), "{e}");
     assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
     // A live socket: an error, the socket still served.
     let live = dir.path().join("live.sock");
     let first = ControlServer::start(&live, Params::default(), starter()).unwrap();
-    let e = ControlServer::start(&live, Params::default(), starter()).err().unwrap();
+    let e = ControlServer::start(&live, Params::default(), starter())
+        .err()
+        .unwrap();
     assert!(matches!(e, ControlError::InUse { .. }), "{e}");
-    assert!(e.to_string().contains("another process is listening"), "{e}");
+    assert!(
+        e.to_string().contains("another process is listening"),
+        "{e}"
+    );
     ControlClient::connect(&live).unwrap();
     drop(first);
     assert!(!live.exists(), "the server removes its own socket");
@@ -568,7 +606,10 @@ fn migrate_steer_cancel_and_migrate_again() {
     let err = c
         .execute("migrate", json!({"uri": "tcp:127.0.0.1:9"}))
         .unwrap_err();
-    assert!(err.to_string().contains("migration process in progress"), "{err}");
+    assert!(
+        err.to_string().contains("migration process in progress"),
+        "{err}"
+    );
     // A parameter change reaches the running migration.
     c.execute("migrate-set-parameters", json!({"max-bandwidth": 3 << 20}))
         .unwrap();
@@ -596,4 +637,3 @@ fn migrate_steer_cancel_and_migrate_again() {
         Status::Completed
     );
 }
-
