@@ -185,22 +185,19 @@ impl ControlClient {
         if let Some(e) = self.events.pop_front() {
             return Ok(Some(e));
         }
-        let deadline = Instant::now() + timeout;
-        loop {
-            match self.read_message(deadline) {
-                Ok(m) if m.get("event").is_some() => return Ok(Some(m)),
-                // An answer nobody waits for (cannot happen in order).
-                Ok(m) => return Err(ControlError::Protocol(m.to_string())),
-                Err(ControlError::Io { source, .. })
-                    if matches!(
-                        source.kind(),
-                        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
-                    ) =>
-                {
-                    return Ok(None)
-                }
-                Err(e) => return Err(e),
+        match self.read_message(Instant::now() + timeout) {
+            Ok(m) if m.get("event").is_some() => Ok(Some(m)),
+            // An answer nobody waits for (cannot happen in order).
+            Ok(m) => Err(ControlError::Protocol(m.to_string())),
+            Err(ControlError::Io { source, .. })
+                if matches!(
+                    source.kind(),
+                    io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
+                ) =>
+            {
+                Ok(None)
             }
+            Err(e) => Err(e),
         }
     }
 }
