@@ -1,9 +1,14 @@
 //! A running [`Vm`] steered from livemig's control socket.
 //!
-//! [`ControlledVm`] is the VMM side of [`livemig::control`]: it implements
-//! [`MigrationStarter`] for one VM, so the socket's `migrate`,
-//! `migrate-incoming`, `migrate-cancel`, `migrate-set-parameters` and
-//! `query-migrate` act on it.
+//! [`ControlledVm`] is the VMM side of [`livemig::control`] (QMP): it
+//! implements [`MigrationStarter`] for one VM, so the socket's `migrate`,
+//! `migrate-incoming`, `migrate-cancel`, `stop`, `cont` and `query-status`
+//! act on it, and it sends the `RESUME` event when an incoming guest
+//! starts.
+//!
+//! - **stop / cont**: `stop` pauses a running guest (not during a
+//!   migration); `cont` resumes it, or a source left paused by an
+//!   unconfirmed migration. A guest paused by `stop` is not migrated.
 //!
 //! - **Outgoing** (`migrate`): a thread connects to the URI and runs
 //!   [`migrate_out`] with the server's [`MigrationHandle`], so
@@ -30,9 +35,9 @@
 //!   within about 100 ms; the guest is resumed, tracking stops and the
 //!   connection is closed.
 //!
-//! The destination side of a migration is not visible in `query-migrate`
-//! (the control server reports outgoing migrations); [`ControlledVm::phase`]
-//! tells where this VM is.
+//! On the destination, `query-migrate` and the `MIGRATION` events show
+//! the status only (`active` while it listens and loads, then `completed`
+//! or `failed`); [`ControlledVm::phase`] tells where this VM is.
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
