@@ -416,7 +416,7 @@ fn run_source(uri: &Uri, o: &SourceOpts, tls: Option<&TlsConfig>) -> Result<()> 
         v["verified"] = json!(params.verify && result.is_ok() && uri_has_ack(uri));
         v["workload-pages-written"] = json!(written);
         v["tls"] = crate::tls::session_json(&session);
-        println!("{}", serde_json::to_string(&v)?);
+        crate::jsonout::print(&v)?;
     } else {
         if let Some(s) = &session {
             eprintln!("encrypted: {s}");
@@ -517,7 +517,7 @@ fn run_dest(uri: &Uri, o: &DestOpts, tls: Option<&TlsConfig>) -> Result<()> {
             "verified": verified,
             "tls": crate::tls::session_json(&session),
         });
-        println!("{}", serde_json::to_string(&v)?);
+        crate::jsonout::print(&v)?;
     } else {
         if let Some(s) = &session {
             eprintln!("encrypted: {s}");

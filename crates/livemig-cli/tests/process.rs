@@ -204,3 +204,28 @@ fn help_on_every_subcommand() {
         assert!(text.contains("Usage: livemig"), "{sub}: {text}");
     }
 }
+
+#[test]
+fn json_reports_every_failure_as_an_object() {
+    // Failures before any stream: a refused connection, a bad URI, an
+    // address in use.
+    let addr = free_addr();
+    let refused = livemig(&["migrate", &format!("tcp:{addr}"), "--size", "4M", "--json"])
+        .output()
+        .unwrap();
+    let bad = livemig(&["incoming", "udp:x:1", "--size", "4M", "--json"])
+        .output()
+        .unwrap();
+    for (what, out) in [("refused connect", refused), ("bad URI", bad)] {
+        assert!(!out.status.success(), "{what}");
+        let v = json_of(what, &out);
+        assert_eq!(v["status"], "failed", "{what}: {v}");
+        let e = v["error"].as_str().unwrap_or("");
+        assert!(!e.is_empty(), "{what}: {v}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(e),
+            "{what}: the same error on stderr: {stderr}"
+        );
+    }
+}
