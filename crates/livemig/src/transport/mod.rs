@@ -857,7 +857,10 @@ mod timeout_tests {
         let mut last_progress = Instant::now();
         let err = loop {
             match out.writer.write(&chunk) {
-                Ok(_) => last_progress = Instant::now(),
+                Ok(n) => {
+                    assert!(n > 0);
+                    last_progress = Instant::now();
+                }
                 Err(e) => break e,
             }
         };
