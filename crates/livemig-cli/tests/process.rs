@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{free_addr, json_of, livemig, migrate_pair};
+use common::{free_addr, json_line, json_of, livemig, migrate_pair, spawn_listening};
 use serde_json::Value;
 
 /// [`common::assert_equal_memory`], and the migration iterated and
@@ -228,4 +228,42 @@ fn json_reports_every_failure_as_an_object() {
             "{what}: the same error on stderr: {stderr}"
         );
     }
+}
+
+#[test]
+fn a_bare_connect_and_close_does_not_end_incoming() {
+    let addr = free_addr();
+    let uri = format!("tcp:{addr}");
+    let (dest, dest_err) = spawn_listening(
+        &mut livemig(&["incoming", &uri, "--size", "16M", "--quiet", "--json"]),
+        "waiting for a migration on tcp:",
+    );
+    // A port scan: connect, close. Twice.
+    for _ in 0..2 {
+        drop(std::net::TcpStream::connect(addr).unwrap());
+    }
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let src = livemig(&["migrate", &uri, "--size", "16M", "--json"])
+        .output()
+        .unwrap();
+    let dst = dest.wait_with_output().unwrap();
+    let dst_err = dest_err.join().unwrap();
+    assert!(
+        src.status.success(),
+        "source: {}",
+        String::from_utf8_lossy(&src.stderr)
+    );
+    assert!(dst.status.success(), "destination: {dst_err}");
+    assert_eq!(
+        dst_err.matches("refused a connection").count(),
+        2,
+        "{dst_err}"
+    );
+    assert!(
+        dst_err.contains("closed without sending anything"),
+        "{dst_err}"
+    );
+    let d = json_line("destination", &dst.stdout, dst_err.as_bytes());
+    assert_eq!(d["status"], "completed", "{d}");
+    assert_eq!(d["digest"], json_of("source", &src)["digest"], "{d}");
 }

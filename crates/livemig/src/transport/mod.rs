@@ -33,6 +33,15 @@ pub enum TransportError {
         /// OS error.
         source: io::Error,
     },
+    /// A peer connected and closed without sending a byte (a port scan, a
+    /// health check): no migration came, the listener can wait on.
+    #[error("{peer} connected to {uri} and closed without sending anything")]
+    EmptyConnection {
+        /// Who it was.
+        peer: String,
+        /// The URI listened on.
+        uri: String,
+    },
     /// Setting up the shared-memory transport failed.
     #[error("{op} {uri}: {source}")]
     Shm {
@@ -465,11 +474,19 @@ impl Listener {
         match self {
             Listener::Tcp(l, uri) => {
                 let (s, addr) = l.accept().map_err(io_err("accept on", uri))?;
-                incoming_from(s, uri, format!("the source at tcp:{addr}"), io_timeout)
+                first_bytes(
+                    incoming_from(s, uri, format!("the source at tcp:{addr}"), io_timeout)?,
+                    uri,
+                    format!("tcp:{addr}"),
+                )
             }
             Listener::Unix(l, uri, _) => {
                 let s = l.accept().map_err(io_err("accept on", uri))?.0;
-                incoming_from(s, uri, format!("the source on {uri}"), io_timeout)
+                first_bytes(
+                    incoming_from(s, uri, format!("the source on {uri}"), io_timeout)?,
+                    uri,
+                    "a peer".into(),
+                )
             }
             Listener::File(uri, path) => Ok(Incoming {
                 reader: Box::new(File::open(path).map_err(io_err("open", uri))?),
@@ -488,6 +505,32 @@ impl Listener {
 }
 
 /// The destination's end of an accepted socket.
+/// Waits for the first bytes of a new connection (within its I/O
+/// timeout): a peer that closes without sending any is
+/// [`TransportError::EmptyConnection`]; otherwise the bytes are put back in
+/// front of the stream.
+fn first_bytes(inc: Incoming, uri: &Uri, peer: String) -> Result<Incoming, TransportError> {
+    let Incoming { mut reader, ack } = inc;
+    let mut first = [0u8; 64];
+    let n = loop {
+        match reader.read(&mut first) {
+            Ok(n) => break n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(io_err("read from", uri)(e)),
+        }
+    };
+    if n == 0 {
+        return Err(TransportError::EmptyConnection {
+            peer,
+            uri: uri.to_string(),
+        });
+    }
+    Ok(Incoming {
+        reader: Box::new(io::Cursor::new(first[..n].to_vec()).chain(reader)),
+        ack,
+    })
+}
+
 fn incoming_from<S: Socket>(
     s: S,
     uri: &Uri,
