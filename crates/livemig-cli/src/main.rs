@@ -66,6 +66,10 @@ fn wants_json(cmd: &Cmd) -> bool {
     match cmd {
         Cmd::Migrate(a) => a.opts.json,
         Cmd::Incoming(a) => a.opts.json,
+        Cmd::Save(a) => a.opts.json,
+        Cmd::Load(a) => a.opts.json,
+        Cmd::Bench(a) => a.json,
+        Cmd::Dirtyrate(a) => a.json,
         Cmd::VmMigrate(a) => a.json,
         Cmd::VmIncoming(a) => a.json,
         Cmd::Demo(a) => a.json,
