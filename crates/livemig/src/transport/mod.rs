@@ -476,7 +476,7 @@ impl Listener {
                 let (s, addr) = l.accept().map_err(io_err("accept on", uri))?;
                 first_bytes(
                     incoming_from(s, uri, format!("the source at tcp:{addr}"), io_timeout)?,
-                    uri,
+                    &self.local_uri(),
                     format!("tcp:{addr}"),
                 )
             }
@@ -516,7 +516,7 @@ fn first_bytes(inc: Incoming, uri: &Uri, peer: String) -> Result<Incoming, Trans
         match reader.read(&mut first) {
             Ok(n) => break n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(io_err("read from", uri)(e)),
+            Err(e) => return Err(io_err("waiting for the first bytes on", uri)(e)),
         }
     };
     if n == 0 {
@@ -783,10 +783,16 @@ mod tests {
         let l = Listener::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
         let uri = l.local_uri();
         // A source that connects and sends nothing.
+        // The accept waits for its first bytes (a peer that closes without
+        // any is refused), so the timeout ends the accept.
         let out = connect(&uri).unwrap();
-        let mut inc = l.accept_with_timeout(Duration::from_millis(300)).unwrap();
-        let mut b = [0u8; 1];
-        let e = inc.reader.read(&mut b).unwrap_err();
+        let e = l
+            .accept_with_timeout(Duration::from_millis(300))
+            .err()
+            .expect("a silent source times out");
+        let TransportError::Io { source: e, .. } = e else {
+            panic!("{e}")
+        };
         assert_eq!(e.kind(), io::ErrorKind::TimedOut);
         let text = e.to_string();
         assert!(text.starts_with("the source at tcp:127.0.0.1:"), "{text}");
@@ -796,9 +802,11 @@ mod tests {
         );
         drop(out);
         // A destination that never answers.
-        let out = connect_with_timeout(&uri, Duration::from_secs(1)).unwrap();
+        let mut out = connect_with_timeout(&uri, Duration::from_secs(1)).unwrap();
+        out.writer.write_all(b"L").unwrap();
         let _inc = l.accept().unwrap();
         let mut ack = out.ack.unwrap();
+        let mut b = [0u8; 1];
         let e = ack.read(&mut b).unwrap_err();
         assert_eq!(
             e.to_string(),
