@@ -219,6 +219,7 @@ fn load_of_a_vm_snapshot_says_so_and_names_vm_incoming() {
         "1",
         "--warmup",
         "0.2",
+        "--no-verify",
     ])
     .output()
     .unwrap();
