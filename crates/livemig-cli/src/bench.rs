@@ -1873,7 +1873,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             .with_context(|| format!("writing {}", path.display()))?;
     }
     if a.json {
-        println!("{}", serde_json::to_string(&v)?);
+        crate::jsonout::print(&v)?;
     } else {
         print_tables(
             &m,

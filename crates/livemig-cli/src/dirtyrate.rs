@@ -237,7 +237,7 @@ pub fn dirtyrate(a: DirtyRateArgs) -> Result<()> {
             "self-check": if s1.ok() { "passed" } else { "failed" },
             "samples": samples,
         });
-        println!("{}", serde_json::to_string(&v)?);
+        crate::jsonout::print(&v)?;
     } else {
         eprintln!(
             "average: {avg} dirty pages/s ({:.1} MiB/s) over {secs:.1} s; the guest wrote {:.1} MiB/s (its own count, rewrites included); self-check {}",

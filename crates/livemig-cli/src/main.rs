@@ -4,6 +4,7 @@
 mod bench;
 mod control;
 mod dirtyrate;
+mod jsonout;
 mod process;
 mod report;
 mod svg;
@@ -62,8 +63,25 @@ enum Cmd {
     TlsKeygen(tls::KeygenArgs),
 }
 
+/// Whether the command was asked for `--json`.
+fn wants_json(cmd: &Cmd) -> bool {
+    match cmd {
+        Cmd::Migrate(a) => a.opts.json,
+        Cmd::Incoming(a) => a.opts.json,
+        Cmd::Save(a) => a.opts.json,
+        Cmd::Load(a) => a.opts.json,
+        Cmd::Bench(a) => a.json,
+        Cmd::Dirtyrate(a) => a.json,
+        Cmd::VmMigrate(a) => a.json,
+        Cmd::VmIncoming(a) => a.json,
+        Cmd::Demo(a) => a.json,
+        _ => false,
+    }
+}
+
 fn main() {
     let cli = Cli::parse();
+    let json = wants_json(&cli.cmd);
     let result = match cli.cmd {
         Cmd::Migrate(a) => process::migrate(a),
         Cmd::Incoming(a) => process::incoming(a),
@@ -78,7 +96,11 @@ fn main() {
         Cmd::TlsKeygen(a) => tls::keygen(a),
     };
     if let Err(e) = result {
-        eprintln!("livemig: error: {}", livemig::error_chain(e.as_ref()));
+        let chain = livemig::error_chain(e.as_ref());
+        if json {
+            jsonout::print_failure(&chain);
+        }
+        eprintln!("livemig: error: {chain}");
         std::process::exit(1);
     }
 }

@@ -421,7 +421,7 @@ fn run_source(uri: &Uri, o: &SourceOpts, tls: Option<&TlsConfig>) -> Result<()> 
         v["verified"] = json!(params.verify && result.is_ok() && uri_has_ack(uri));
         v["workload-pages-written"] = json!(written);
         v["tls"] = crate::tls::session_json(&session);
-        println!("{}", serde_json::to_string(&v)?);
+        crate::jsonout::print(&v)?;
     } else {
         if let Some(s) = &session {
             eprintln!("encrypted: {s}");
@@ -522,7 +522,7 @@ fn run_dest(uri: &Uri, o: &DestOpts, tls: Option<&TlsConfig>) -> Result<()> {
             "verified": verified,
             "tls": crate::tls::session_json(&session),
         });
-        println!("{}", serde_json::to_string(&v)?);
+        crate::jsonout::print(&v)?;
     } else {
         if let Some(s) = &session {
             eprintln!("encrypted: {s}");
@@ -554,5 +554,35 @@ pub fn incoming(a: IncomingArgs) -> Result<()> {
 
 /// `livemig load`.
 pub fn load(a: LoadArgs) -> Result<()> {
-    run_dest(&Uri::File(a.file), &a.opts, None)
+    let file = a.file.clone();
+    run_dest(&Uri::File(a.file), &a.opts, None).map_err(|e| match vm_snapshot(&file) {
+        Some(hint) => e.context(hint),
+        None => e,
+    })
+}
+
+/// When `file` is a whole-VM snapshot (its blocks are minivm's `ram@GPA`
+/// ranges), what to say instead of only "block list does not match".
+fn vm_snapshot(file: &std::path::Path) -> Option<String> {
+    let f = std::fs::File::open(file).ok()?;
+    let mut r = livemig::stream::StreamReader::new(std::io::BufReader::new(f)).ok()?;
+    let blocks = match r.next_record().ok()? {
+        livemig::stream::Record::BlockList(b) => b.to_vec(),
+        _ => return None,
+    };
+    if blocks.is_empty() || !blocks.iter().all(|b| b.id.starts_with("ram@")) {
+        return None;
+    }
+    let total: u64 = blocks.iter().map(|b| b.len).sum();
+    Some(format!(
+        "{} is a VM snapshot ({} RAM block(s), {} MiB, with vCPU and device state), not a \
+         process-memory one: restore it with `livemig vm-incoming file:{} --mem {}M --blocks {}` \
+         (and the source's --vcpus)",
+        file.display(),
+        blocks.len(),
+        total >> 20,
+        file.display(),
+        total >> 20,
+        blocks.len()
+    ))
 }

@@ -589,7 +589,7 @@ pub fn vm_migrate(a: VmMigrateArgs) -> Result<()> {
             "self-check": self_check(&o.at_stop),
             "failures": o.at_stop.failures(),
         });
-        println!("{}", serde_json::to_string(&v)?);
+        crate::jsonout::print(&v)?;
     } else {
         print_source(&o);
         match &uri {
@@ -764,7 +764,7 @@ pub fn vm_incoming(a: VmIncomingArgs) -> Result<()> {
                 "errors": after.errors,
             },
         });
-        println!("{}", serde_json::to_string(&v)?);
+        crate::jsonout::print(&v)?;
     } else if !a.quiet {
         eprintln!(
             "guest on the destination: {} heartbeats, pages written {} -> {}, self-check {} ({} failures)",
@@ -955,7 +955,7 @@ pub fn demo(a: DemoArgs) -> Result<()> {
         v["destination"] = report;
         v["passed"] = json!(failures.is_empty());
         v["demo-time"] = json!(started.elapsed().as_millis() as u64);
-        println!("{}", serde_json::to_string(&v)?);
+        crate::jsonout::print(&v)?;
     } else if !moved {
         eprintln!(
             "the migration did not complete: the guest runs on the source ({} heartbeats, {} pages written), self-check {} ({guest_failures} failures)",

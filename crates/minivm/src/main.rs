@@ -342,6 +342,8 @@ fn run(a: RunArgs) -> Result<()> {
     let vm = controlled.vm();
     let _server = match &a.control {
         Some(p) => {
+            // SIGTERM / SIGINT end the loop below, so the socket is removed.
+            minivm::sys::catch_termination().context("catching SIGTERM/SIGINT")?;
             let server = controlled
                 .serve(p, Params::default())
                 .with_context(|| format!("control socket {}", p.display()))?;
@@ -378,7 +380,18 @@ fn run(a: RunArgs) -> Result<()> {
     let mut last = vm.guest_status();
     let mut last_t = Instant::now();
     loop {
-        std::thread::sleep(Duration::from_secs(1));
+        for _ in 0..10 {
+            std::thread::sleep(Duration::from_millis(100));
+            if let Some(sig) = minivm::sys::termination_signal() {
+                let name = if sig == libc::SIGTERM {
+                    "SIGTERM"
+                } else {
+                    "SIGINT"
+                };
+                eprintln!("{name}: stopping (the control socket is removed)");
+                bail!("stopped by {name}");
+            }
+        }
         let s = vm.guest_status();
         let dt = last_t.elapsed().as_secs_f64();
         let mut line = format!(

@@ -105,3 +105,41 @@ pub fn populate_write(addr: u64, len: u64) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// The termination signal (SIGTERM or SIGINT) received, 0 if none.
+static TERMINATION: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+extern "C" fn note_termination(sig: libc::c_int) {
+    TERMINATION.store(sig, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Catches SIGTERM and SIGINT: instead of ending the process at once,
+/// they are noted for [`termination_signal`], so the VMM can shut down in
+/// order (and remove its control socket).
+pub fn catch_termination() -> io::Result<()> {
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        // SAFETY: a zeroed sigaction is a valid value to fill in.
+        let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+        sa.sa_sigaction = note_termination as extern "C" fn(libc::c_int) as usize;
+        // Restart interrupted system calls: other threads' I/O goes on.
+        sa.sa_flags = libc::SA_RESTART;
+        // SAFETY: `sa.sa_mask` is a valid sigset_t owned here; the handler
+        // only stores to an atomic, which is async-signal-safe.
+        let r = unsafe {
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut())
+        };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// The termination signal received since [`catch_termination`], if any.
+pub fn termination_signal() -> Option<i32> {
+    match TERMINATION.load(std::sync::atomic::Ordering::SeqCst) {
+        0 => None,
+        s => Some(s),
+    }
+}
