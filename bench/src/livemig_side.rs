@@ -96,7 +96,7 @@ fn run_inner(case: &Case, dir: &Path, minivm: &Path, out: &mut Outcome) -> Resul
         .arg("--serial")
         .arg(&src_serial);
     if let Variant::DirtyLimit(_) = case.variant {
-        cmd.args(["--dirty-ring", "65536", "--migrate-tracker", "ring"]);
+        cmd.args(["--dirty-ring", "65536", "--dirty-track", "ring"]);
     }
     if idle {
         mkfifo(&src_fifo)?;
@@ -127,23 +127,26 @@ fn run_inner(case: &Case, dir: &Path, minivm: &Path, out: &mut Outcome) -> Resul
         json!({"capabilities": [
             {"capability": "xbzrle", "state": case.variant == Variant::Xbzrle},
             {"capability": "auto-converge", "state": case.variant == Variant::AutoConverge},
-            {"capability": "verify", "state": false},
+            {"capability": "x-livemig-verify", "state": false},
+            {"capability": "multifd", "state": matches!(case.variant, Variant::Channels(_))},
+            {"capability": "dirty-limit", "state": matches!(case.variant, Variant::DirtyLimit(_))},
         ]}),
     )?;
-    let dirty_limit = match case.variant {
-        Variant::DirtyLimit(b) => b,
-        _ => 0,
+    // QMP's units: vcpu-dirty-limit in MB/s.
+    let dirty_limit_mb = match case.variant {
+        Variant::DirtyLimit(b) => (b >> 20).max(1),
+        _ => 1,
     };
     let channels = match case.variant {
         Variant::Channels(n) => n,
-        _ => 1,
+        _ => 2,
     };
     let mut params = json!({
         "max-bandwidth": case.max_bandwidth,
         "downtime-limit": case.downtime_ms,
         "xbzrle-cache-size": case.xbzrle_cache,
-        "dirty-limit": dirty_limit,
-        "channels": channels,
+        "vcpu-dirty-limit": dirty_limit_mb,
+        "multifd-channels": channels,
     });
     if let Some(p) = params.as_object_mut() {
         p.extend(case.throttle_params());

@@ -43,6 +43,7 @@ use livemig::vm::{NoVm, VmControl};
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use crate::sys::cpu_secs;
 use crate::units::{human, parse_mem_size, parse_size};
 
 mod tls;
@@ -76,7 +77,7 @@ pub struct BenchArgs {
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=50))]
     pub runs: Option<u32>,
     /// Guest size of the throughput migrations [default: 1G, quick 16M].
-    #[arg(long, value_parser = parse_mem_size)]
+    #[arg(short = 'm', long = "mem", alias = "size", value_parser = parse_mem_size)]
     pub size: Option<u64>,
     /// Each memcpy reference buffer [default: 256M, quick 16M].
     #[arg(long, value_parser = parse_mem_size)]
@@ -88,7 +89,7 @@ pub struct BenchArgs {
     #[arg(long, value_parser = parse_mem_size)]
     pub codec_set: Option<u64>,
     /// Guest size of the XBZRLE comparison [default: 256M, quick 16M].
-    #[arg(long, value_parser = parse_mem_size)]
+    #[arg(long = "xbzrle-mem", alias = "xbzrle-size", value_name = "SIZE", value_parser = parse_mem_size)]
     pub xbzrle_size: Option<u64>,
     /// Working set the XBZRLE workload writes [default: 64M, quick 4M].
     #[arg(long, value_parser = parse_mem_size)]
@@ -744,19 +745,6 @@ struct MigRun {
     cpu: f64,
     stats: MigrationStats,
     load: LoadStats,
-}
-
-/// CPU time this process has used so far, user + system, in seconds.
-fn cpu_secs() -> f64 {
-    // SAFETY: getrusage fills the struct it is given; a zeroed rusage is a
-    // valid value to pass.
-    let ru = unsafe {
-        let mut ru: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_SELF, &mut ru);
-        ru
-    };
-    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
 /// A tracker over `mem` and the writer a workload must write through:
@@ -1933,7 +1921,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             .with_context(|| format!("writing {}", path.display()))?;
     }
     if a.json {
-        println!("{}", serde_json::to_string(&v)?);
+        crate::jsonout::print(&v)?;
     } else {
         print_tables(
             &m,

@@ -1,6 +1,7 @@
-//! `livemig control SOCKET COMMAND [ARGS-JSON]`: one request to a control
-//! socket (`minivm run --control PATH`, or any VMM serving
-//! `livemig::control`), its answer printed as one JSON line on stdout.
+//! `livemig control SOCKET COMMAND [ARGS-JSON]`: one request to a QMP
+//! control socket (`minivm run --control PATH`, any VMM serving
+//! `livemig::control`, or QEMU's), its answer printed as one JSON line on
+//! stdout.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,18 +21,22 @@ use crate::report::{summary, Progress};
 pub struct ControlArgs {
     /// The control socket (a Unix socket path).
     pub socket: PathBuf,
-    /// The command: query-migrate, migrate, migrate-incoming,
+    /// The QMP command: query-migrate, migrate, migrate-incoming,
     /// migrate-set-parameters, query-migrate-parameters,
-    /// migrate-set-capabilities, query-migrate-capabilities, migrate-cancel.
+    /// migrate-set-capabilities, query-migrate-capabilities, migrate-cancel,
+    /// query-status, stop, cont, query-version, query-commands.
     /// With --raw: a whole request line, sent as it is.
     pub command: String,
     /// The command's arguments as a JSON object, e.g. '{"uri":
     /// "tcp:10.0.0.2:4444"}' or '{"max-bandwidth": 268435456}'.
     pub args: Option<String>,
-    /// With migrate or migrate-cancel: poll query-migrate until the
-    /// migration ends (progress bar on a terminal, summary on stderr), print
-    /// the final query-migrate answer, and fail unless it completed
-    /// (cancelled, for migrate-cancel).
+    /// With migrate or migrate-cancel: follow the migration (MIGRATION
+    /// events, turning the `events` capability on for migrate, and
+    /// query-migrate polls) until it ends (progress bar on a terminal,
+    /// summary on stderr), print the final query-migrate answer (or
+    /// `{"status": ...}` alone when the source exited right after saying
+    /// it completed), and fail unless it completed (cancelled, for
+    /// migrate-cancel).
     #[arg(long)]
     pub wait: bool,
     /// Milliseconds between polls with --wait.
@@ -81,6 +86,9 @@ pub fn control(a: ControlArgs) -> Result<()> {
     if a.wait && !waits {
         bail!("--wait applies to migrate and migrate-cancel only");
     }
+    if a.wait && a.command == "migrate" {
+        enable_events(&mut c);
+    }
     let ret = match c.execute(&a.command, args) {
         Ok(v) => v,
         Err(ControlError::Command { class, desc }) => {
@@ -125,7 +133,33 @@ pub fn control(a: ControlArgs) -> Result<()> {
     Ok(())
 }
 
-/// Polls query-migrate until the status is final; returns the last answer.
+/// Turns the `events` capability on when it is off and no migration runs
+/// (capabilities cannot change then), so that `--wait` hears the final
+/// status as an event even when the source exits right after it.
+fn enable_events(c: &mut ControlClient) {
+    let on = c
+        .execute("query-migrate-capabilities", Value::Null)
+        .ok()
+        .and_then(|caps| {
+            caps.as_array()?
+                .iter()
+                .find(|x| x["capability"] == "events")
+                .map(|x| x["state"] == true)
+        });
+    if on == Some(false) {
+        let _ = c.execute(
+            "migrate-set-capabilities",
+            json!({"capabilities": [{"capability": "events", "state": true}]}),
+        );
+    }
+}
+
+const FINAL: [&str; 3] = ["completed", "failed", "cancelled"];
+
+/// Waits until the migration's status is final, from `MIGRATION` events
+/// and query-migrate polls; returns the last query-migrate answer, or the
+/// final status alone when the server went away (a source VMM exits once
+/// its guest has left) after announcing it.
 fn wait_final(
     c: &mut ControlClient,
     every: Duration,
@@ -135,28 +169,49 @@ fn wait_final(
     let sent = Arc::new(AtomicU64::new(0));
     let mut progress: Option<Progress> = None;
     let t0 = Instant::now();
+    let mut announced: Option<String> = None;
     loop {
-        let s = c
-            .execute("query-migrate", Value::Null)
-            .map_err(|e| anyhow!("query-migrate: {e}"))?;
-        let status = s["status"].as_str().unwrap_or("");
+        // Events first: they arrive even when the server closes right after.
+        let waited = (|| -> Result<(), ControlError> {
+            let until = Instant::now() + every;
+            loop {
+                let left = until.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Ok(());
+                }
+                let Some(e) = c.next_event(left)? else {
+                    return Ok(());
+                };
+                if e["event"] == "MIGRATION" {
+                    let st = e["data"]["status"].as_str().unwrap_or("");
+                    if FINAL.contains(&st) {
+                        announced = Some(st.to_string());
+                        return Ok(());
+                    }
+                }
+            }
+        })();
+        let polled = match waited {
+            Ok(()) => c.execute("query-migrate", Value::Null),
+            Err(e) => Err(e),
+        };
+        let s = match (polled, &announced) {
+            (Ok(s), _) => s,
+            (Err(_), Some(st)) => return Ok(json!({ "status": st })),
+            (Err(e), None) => return Err(anyhow!("query-migrate: {e}")),
+        };
+        let status = s["status"].as_str().unwrap_or("none");
         let ram = &s["ram"];
         let total = ram["total"].as_u64().unwrap_or(0);
         sent.store(ram["transferred"].as_u64().unwrap_or(0), Ordering::Relaxed);
         if progress.is_none() && total > 0 {
             progress = Some(Progress::counter(sent.clone(), total, quiet));
         }
-        if matches!(status, "completed" | "failed" | "cancelled")
-            || (none_final && status == "none")
-        {
+        if FINAL.contains(&status) || (none_final && status == "none") {
             return Ok(s);
-        }
-        if status.is_empty() {
-            bail!("query-migrate answered without a status: {s}");
         }
         if status == "none" && t0.elapsed() > Duration::from_secs(30) {
             bail!("the migration did not start within 30 s");
         }
-        std::thread::sleep(every);
     }
 }

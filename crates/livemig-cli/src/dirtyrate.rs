@@ -29,13 +29,19 @@ pub struct DirtyRateArgs {
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=3600))]
     pub seconds: u32,
     /// Bytes per second the guest writes, all vCPUs together (0 = as fast as it can).
-    #[arg(long, default_value = "0", value_parser = parse_size)]
-    pub rate: u64,
+    #[arg(long, alias = "rate", value_name = "BYTES_PER_SEC", default_value = "0", value_parser = parse_size)]
+    pub dirty_rate: u64,
     /// Working set of each vCPU (default: about 3/4 of --mem shared by the vCPUs, at most 384M each).
     #[arg(long, value_parser = parse_mem_size)]
     pub working_set: Option<u64>,
     /// Dirty tracker; only the ring gives per-vCPU rates.
-    #[arg(long, value_enum, default_value = "ring")]
+    #[arg(
+        long,
+        alias = "tracker",
+        value_name = "TRACKER",
+        value_enum,
+        default_value = "ring"
+    )]
     pub dirty_track: DirtyTrack,
     /// Ring tracker: dirty ring entries per vCPU (a power of two).
     #[arg(long, default_value_t = 65536)]
@@ -70,15 +76,14 @@ pub fn dirtyrate(a: DirtyRateArgs) -> Result<()> {
         bail!("--dirty-limit needs --dirty-track ring: only the dirty ring counts pages per vCPU");
     }
     let vcpus = usize::from(a.layout.vcpus);
-    let usable = a.layout.mem.saturating_sub(4 << 20);
     let pages = match a.working_set {
         Some(ws) => ws / 4096,
-        None => (usable * 3 / 4 / vcpus as u64 / 4096).min(384 << 8),
+        None => minivm::defaults::working_set_pages(a.layout.mem, vcpus),
     }
     .max(1);
     let cfg = TestGuestConfig {
         pages_per_vcpu: pages,
-        rate_bytes_per_sec: a.rate,
+        rate_bytes_per_sec: a.dirty_rate,
     };
     let need = minivm::guest::test_guest_bytes(&cfg, vcpus);
     if need > a.layout.mem {
@@ -119,10 +124,10 @@ pub fn dirtyrate(a: DirtyRateArgs) -> Result<()> {
             a.layout.vcpus,
             human(a.layout.mem),
             human(pages * 4096),
-            if a.rate == 0 {
+            if a.dirty_rate == 0 {
                 "as fast as it can".to_string()
             } else {
-                format!("{}/s", human(a.rate))
+                format!("{}/s", human(a.dirty_rate))
             },
             a.seconds,
             tracker.name()
@@ -232,7 +237,7 @@ pub fn dirtyrate(a: DirtyRateArgs) -> Result<()> {
             "self-check": if s1.ok() { "passed" } else { "failed" },
             "samples": samples,
         });
-        println!("{}", serde_json::to_string(&v)?);
+        crate::jsonout::print(&v)?;
     } else {
         eprintln!(
             "average: {avg} dirty pages/s ({:.1} MiB/s) over {secs:.1} s; the guest wrote {:.1} MiB/s (its own count, rewrites included); self-check {}",

@@ -4,9 +4,12 @@
 mod bench;
 mod control;
 mod dirtyrate;
+mod jsonout;
 mod process;
 mod report;
 mod svg;
+#[allow(unsafe_code)]
+mod sys;
 mod tls;
 mod units;
 mod vm;
@@ -60,8 +63,25 @@ enum Cmd {
     TlsKeygen(tls::KeygenArgs),
 }
 
+/// Whether the command was asked for `--json`.
+fn wants_json(cmd: &Cmd) -> bool {
+    match cmd {
+        Cmd::Migrate(a) => a.opts.json,
+        Cmd::Incoming(a) => a.opts.json,
+        Cmd::Save(a) => a.opts.json,
+        Cmd::Load(a) => a.opts.json,
+        Cmd::Bench(a) => a.json,
+        Cmd::Dirtyrate(a) => a.json,
+        Cmd::VmMigrate(a) => a.json,
+        Cmd::VmIncoming(a) => a.json,
+        Cmd::Demo(a) => a.json,
+        _ => false,
+    }
+}
+
 fn main() {
     let cli = Cli::parse();
+    let json = wants_json(&cli.cmd);
     let result = match cli.cmd {
         Cmd::Migrate(a) => process::migrate(a),
         Cmd::Incoming(a) => process::incoming(a),
@@ -76,7 +96,68 @@ fn main() {
         Cmd::TlsKeygen(a) => tls::keygen(a),
     };
     if let Err(e) = result {
-        eprintln!("livemig: error: {}", livemig::error_chain(e.as_ref()));
+        let chain = livemig::error_chain(e.as_ref());
+        if json {
+            jsonout::print_failure(&chain);
+        }
+        eprintln!("livemig: error: {chain}");
         std::process::exit(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(args: &[&str]) -> Cmd {
+        let mut argv = vec!["livemig"];
+        argv.extend_from_slice(args);
+        Cli::try_parse_from(argv).expect("arguments parse").cmd
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    /// The VM commands start the VM `minivm run` starts by default.
+    #[test]
+    fn vm_defaults_are_minivms() {
+        let Cmd::VmMigrate(a) = parse(&["vm-migrate", "tcp:127.0.0.1:1"]) else {
+            unreachable!()
+        };
+        assert_eq!(Ok(a.layout.mem), units::parse_size(minivm::defaults::MEM));
+        assert_eq!(a.layout.vcpus, minivm::defaults::VCPUS);
+        let rate = units::parse_size(minivm::defaults::DIRTY_RATE);
+        assert_eq!(Ok(a.guest.dirty_rate), rate);
+        assert_eq!(a.guest.dirty_ring, minivm::defaults::DIRTY_RING);
+    }
+
+    /// One name per setting; the old names stay as hidden aliases.
+    #[test]
+    fn old_spellings_still_parse() {
+        let Cmd::Migrate(old) =
+            parse(&["migrate", "file:/x", "--size", "32M", "--tracker", "sync"])
+        else {
+            unreachable!()
+        };
+        let Cmd::Migrate(new) =
+            parse(&["migrate", "file:/x", "-m", "32M", "--dirty-track", "sync"])
+        else {
+            unreachable!()
+        };
+        assert_eq!(old.opts.mem.size, 32 << 20);
+        assert_eq!(old.opts.mem.size, new.opts.mem.size);
+        assert_eq!(old.opts.workload.tracker, new.opts.workload.tracker);
+        let Cmd::VmMigrate(a) = parse(&["vm-migrate", "file:/x", "--size", "64M", "--rate", "8M"])
+        else {
+            unreachable!()
+        };
+        assert_eq!((a.layout.mem, a.guest.dirty_rate), (64 << 20, 8 << 20));
+        let Cmd::Bench(b) = parse(&["bench", "--size", "16M", "--xbzrle-size", "8M"]) else {
+            unreachable!()
+        };
+        assert_eq!((b.size, b.xbzrle_size), (Some(16 << 20), Some(8 << 20)));
     }
 }

@@ -24,7 +24,7 @@ use crate::units::{parse_mem_size, parse_size};
 #[derive(Args, Clone, Debug)]
 pub struct MemArgs {
     /// Memory size (e.g. 1G, 512M); split evenly over the blocks.
-    #[arg(long, default_value = "256M", value_parser = parse_mem_size)]
+    #[arg(short = 'm', long = "mem", alias = "size", default_value = "256M", value_parser = parse_mem_size)]
     pub size: u64,
     /// Number of RAM blocks.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
@@ -167,7 +167,7 @@ impl TuneArgs {
 #[derive(Args, Clone, Debug)]
 pub struct WorkloadArgs {
     /// Bytes of pages dirtied per second (e.g. 200M); 0 = idle.
-    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    #[arg(long, value_name = "BYTES_PER_SEC", default_value = "64M", value_parser = parse_size)]
     pub dirty_rate: u64,
     /// Bytes written into each page touched (8 = XBZRLE-friendly, 4096 = whole page).
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=4096))]
@@ -185,7 +185,12 @@ pub struct WorkloadArgs {
     #[arg(long, default_value_t = 0.0)]
     pub warmup: f64,
     /// Dirty tracker.
-    #[arg(long, value_enum, default_value = "auto")]
+    #[arg(
+        long = "dirty-track",
+        alias = "tracker",
+        value_enum,
+        default_value = "auto"
+    )]
     pub tracker: TrackerArg,
 }
 
@@ -416,7 +421,7 @@ fn run_source(uri: &Uri, o: &SourceOpts, tls: Option<&TlsConfig>) -> Result<()> 
         v["verified"] = json!(params.verify && result.is_ok() && uri_has_ack(uri));
         v["workload-pages-written"] = json!(written);
         v["tls"] = crate::tls::session_json(&session);
-        println!("{}", serde_json::to_string(&v)?);
+        crate::jsonout::print(&v)?;
     } else {
         if let Some(s) = &session {
             eprintln!("encrypted: {s}");
@@ -517,7 +522,7 @@ fn run_dest(uri: &Uri, o: &DestOpts, tls: Option<&TlsConfig>) -> Result<()> {
             "verified": verified,
             "tls": crate::tls::session_json(&session),
         });
-        println!("{}", serde_json::to_string(&v)?);
+        crate::jsonout::print(&v)?;
     } else {
         if let Some(s) = &session {
             eprintln!("encrypted: {s}");
@@ -549,5 +554,35 @@ pub fn incoming(a: IncomingArgs) -> Result<()> {
 
 /// `livemig load`.
 pub fn load(a: LoadArgs) -> Result<()> {
-    run_dest(&Uri::File(a.file), &a.opts, None)
+    let file = a.file.clone();
+    run_dest(&Uri::File(a.file), &a.opts, None).map_err(|e| match vm_snapshot(&file) {
+        Some(hint) => e.context(hint),
+        None => e,
+    })
+}
+
+/// When `file` is a whole-VM snapshot (its blocks are minivm's `ram@GPA`
+/// ranges), what to say instead of only "block list does not match".
+fn vm_snapshot(file: &std::path::Path) -> Option<String> {
+    let f = std::fs::File::open(file).ok()?;
+    let mut r = livemig::stream::StreamReader::new(std::io::BufReader::new(f)).ok()?;
+    let blocks = match r.next_record().ok()? {
+        livemig::stream::Record::BlockList(b) => b.to_vec(),
+        _ => return None,
+    };
+    if blocks.is_empty() || !blocks.iter().all(|b| b.id.starts_with("ram@")) {
+        return None;
+    }
+    let total: u64 = blocks.iter().map(|b| b.len).sum();
+    Some(format!(
+        "{} is a VM snapshot ({} RAM block(s), {} MiB, with vCPU and device state), not a \
+         process-memory one: restore it with `livemig vm-incoming file:{} --mem {}M --blocks {}` \
+         (and the source's --vcpus)",
+        file.display(),
+        blocks.len(),
+        total >> 20,
+        file.display(),
+        total >> 20,
+        blocks.len()
+    ))
 }

@@ -150,11 +150,22 @@ impl Endpoint {
     }
 
     /// Waits for the source's main connection. A peer whose TLS handshake
-    /// fails is reported on stderr and the endpoint waits for the next one:
-    /// nothing was read from it.
+    /// fails, or that closes without sending anything, is reported on
+    /// stderr and the endpoint waits for the next one.
     pub fn accept_source(&self) -> Result<(Incoming, Option<TlsSession>)> {
         match self {
-            Endpoint::Plain(l, t) => Ok((l.accept_with_timeout(*t)?, None)),
+            Endpoint::Plain(l, t) => loop {
+                match l.accept_with_timeout(*t) {
+                    Ok(inc) => return Ok((inc, None)),
+                    Err(e @ livemig::transport::TransportError::EmptyConnection { .. }) => {
+                        eprintln!(
+                            "refused a connection: {e}; still waiting on {}",
+                            l.local_uri()
+                        );
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            },
             Endpoint::Tls(l) => loop {
                 match l.accept_with_session() {
                     Ok((inc, session)) => return Ok((inc, Some(session))),

@@ -43,10 +43,10 @@ fn parse_vm_mem(s: &str) -> Result<u64, String> {
 #[derive(Args, Clone, Debug)]
 pub struct LayoutArgs {
     /// Guest memory (a multiple of 2 MiB, e.g. 512M, 1G, 4G).
-    #[arg(long, default_value = "1G", value_parser = parse_vm_mem)]
+    #[arg(short = 'm', long, alias = "size", value_name = "SIZE", default_value = minivm::defaults::MEM, value_parser = parse_vm_mem)]
     pub mem: u64,
     /// Number of vCPUs (each runs its own copy of the test guest).
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=MAX_VCPUS as i64))]
+    #[arg(long, default_value_t = minivm::defaults::VCPUS, value_parser = clap::value_parser!(u16).range(1..=MAX_VCPUS as i64))]
     pub vcpus: u16,
     /// Number of RAM blocks (KVM memory slots) the memory is split into.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=32))]
@@ -71,19 +71,25 @@ pub enum DirtyTrack {
 #[derive(Args, Clone, Debug)]
 pub struct GuestArgs {
     /// Bytes per second the guest writes, all vCPUs together (0 = as fast as it can).
-    #[arg(long, default_value = "512M", value_parser = parse_size)]
-    pub rate: u64,
+    #[arg(long, alias = "rate", value_name = "BYTES_PER_SEC", default_value = minivm::defaults::DIRTY_RATE, value_parser = parse_size)]
+    pub dirty_rate: u64,
     /// Working set of each vCPU (default: about 3/4 of --mem shared by the vCPUs, at most 384M each).
     #[arg(long, value_parser = parse_mem_size)]
     pub working_set: Option<u64>,
-    /// Dirty tracking backend.
-    #[arg(long, value_enum, default_value = "auto")]
+    /// Dirty tracker.
+    #[arg(
+        long,
+        alias = "tracker",
+        value_name = "TRACKER",
+        value_enum,
+        default_value = "auto"
+    )]
     pub dirty_track: DirtyTrack,
     /// Manual tracker: log2 of pages per write-protect chunk (18 = 1 GiB, as QEMU).
     #[arg(long, default_value_t = TrackerKind::DEFAULT_CHUNK_SHIFT, value_parser = clap::value_parser!(u32).range(6..=30))]
     pub chunk_shift: u32,
     /// Ring tracker: dirty ring entries per vCPU (a power of two).
-    #[arg(long, default_value_t = 16384)]
+    #[arg(long, default_value_t = minivm::defaults::DIRTY_RING)]
     pub dirty_ring: u32,
     /// Do not populate the working set from the host before the guest starts.
     #[arg(long)]
@@ -180,8 +186,8 @@ pub struct VmIncomingArgs {
     /// Change the test guest's write rate once resumed, all vCPUs together
     /// (0 = as fast as it can). By default the guest keeps the rate it had
     /// on the source (the rate travels in the VM state).
-    #[arg(long, value_parser = parse_size)]
-    pub rate: Option<u64>,
+    #[arg(long, alias = "rate", value_name = "BYTES_PER_SEC", value_parser = parse_size)]
+    pub dirty_rate: Option<u64>,
     #[command(flatten)]
     pub io: IoArgs,
     #[command(flatten)]
@@ -234,14 +240,13 @@ impl LayoutArgs {
 impl GuestArgs {
     fn guest_config(&self, layout: &LayoutArgs) -> Result<TestGuestConfig> {
         let vcpus = usize::from(layout.vcpus);
-        let usable = layout.mem.saturating_sub(2 * TWO_MIB);
         let pages = match self.working_set {
             Some(ws) => ws / 4096,
-            None => (usable * 3 / 4 / vcpus as u64 / 4096).min(384 << 8),
+            None => minivm::defaults::working_set_pages(layout.mem, vcpus),
         };
         let cfg = TestGuestConfig {
             pages_per_vcpu: pages.max(1),
-            rate_bytes_per_sec: self.rate,
+            rate_bytes_per_sec: self.dirty_rate,
         };
         let need = test_guest_bytes(&cfg, vcpus);
         if need > layout.mem {
@@ -584,7 +589,7 @@ pub fn vm_migrate(a: VmMigrateArgs) -> Result<()> {
             "self-check": self_check(&o.at_stop),
             "failures": o.at_stop.failures(),
         });
-        println!("{}", serde_json::to_string(&v)?);
+        crate::jsonout::print(&v)?;
     } else {
         print_source(&o);
         match &uri {
@@ -693,7 +698,7 @@ pub fn vm_incoming(a: VmIncomingArgs) -> Result<()> {
             before.pages_written()
         );
     }
-    if let Some(rate) = a.rate {
+    if let Some(rate) = a.dirty_rate {
         vm.set_rate(rate);
     }
     let resumed = Instant::now();
@@ -759,7 +764,7 @@ pub fn vm_incoming(a: VmIncomingArgs) -> Result<()> {
                 "errors": after.errors,
             },
         });
-        println!("{}", serde_json::to_string(&v)?);
+        crate::jsonout::print(&v)?;
     } else if !a.quiet {
         eprintln!(
             "guest on the destination: {} heartbeats, pages written {} -> {}, self-check {} ({} failures)",
@@ -950,7 +955,7 @@ pub fn demo(a: DemoArgs) -> Result<()> {
         v["destination"] = report;
         v["passed"] = json!(failures.is_empty());
         v["demo-time"] = json!(started.elapsed().as_millis() as u64);
-        println!("{}", serde_json::to_string(&v)?);
+        crate::jsonout::print(&v)?;
     } else if !moved {
         eprintln!(
             "the migration did not complete: the guest runs on the source ({} heartbeats, {} pages written), self-check {} ({guest_failures} failures)",

@@ -10,7 +10,7 @@ use std::process::{Command, Output, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use livemig::control::{ControlServer, MigrationStarter};
+use livemig::control::{ControlServer, MigrationStarter, MigrationTls};
 use livemig::engine::{MigrationHandle, Params};
 use livemig::transport::Uri;
 use minivm::control::{ControlledVm, Phase};
@@ -40,10 +40,20 @@ fn control(sock: &Path, args: &[&str]) -> (bool, Value, String) {
 struct Refuses;
 
 impl MigrationStarter for Refuses {
-    fn start_outgoing(&mut self, uri: &Uri, _: MigrationHandle) -> Result<(), String> {
+    fn start_outgoing(
+        &mut self,
+        uri: &Uri,
+        _: Option<&MigrationTls>,
+        _: MigrationHandle,
+    ) -> Result<(), String> {
         Err(format!("no VM here to send to {uri}"))
     }
-    fn start_incoming(&mut self, uri: &Uri) -> Result<(), String> {
+    fn start_incoming(
+        &mut self,
+        uri: &Uri,
+        _: Option<&MigrationTls>,
+        _: MigrationHandle,
+    ) -> Result<(), String> {
         Err(format!("no VM here to receive on {uri}"))
     }
 }
@@ -56,17 +66,20 @@ fn errors_through_the_binary() {
 
     let (ok, v, _) = control(&sock, &["query-migrate"]);
     assert!(ok);
-    assert_eq!(v, serde_json::json!({"return": {"status": "none"}}));
+    assert_eq!(v, serde_json::json!({"return": {}}));
 
     let (ok, v, err) = control(&sock, &["frobnicate"]);
     assert!(!ok, "an error answer fails the command");
     assert_eq!(v["error"]["class"], "CommandNotFound", "{v}");
-    assert!(err.contains("unknown command 'frobnicate'"), "{err}");
+    assert!(
+        err.contains("The command frobnicate has not been found"),
+        "{err}"
+    );
 
     let (ok, v, _) = control(&sock, &["--raw", "{not json"]);
     assert!(!ok);
     let desc = v["error"]["desc"].as_str().unwrap();
-    assert!(desc.contains("malformed JSON"), "{v}");
+    assert!(desc.contains("JSON parse error"), "{v}");
 
     let (ok, v, _) = control(
         &sock,
@@ -77,7 +90,7 @@ fn errors_through_the_binary() {
         v["error"]["desc"]
             .as_str()
             .unwrap()
-            .contains("invalid parameter value"),
+            .contains("Invalid parameter type for 'downtime-limit'"),
         "{v}"
     );
     let (ok, v, _) = control(&sock, &["migrate", r#"{"uri": "udp:x:1"}"#]);

@@ -127,10 +127,10 @@ fn cuts_before_go_fail_both_sides_and_retry_succeeds() {
             "{fault:?}: no GO was sent: {serr}"
         );
         assert!(!dst.status.success(), "{fault:?}: destination must fail");
-        assert!(
-            dst.stdout.is_empty(),
-            "{fault:?}: no result from the destination"
-        );
+        // --json: the failure as a JSON object, no result.
+        let dj = json_of("destination", &dst);
+        assert_eq!(dj["status"], "failed", "{fault:?}: {dj}");
+        assert!(dj["error"].as_str().is_some_and(|e| !e.is_empty()), "{dj}");
         let expect = if phase == "reply" {
             "no GO from the source"
         } else {
@@ -223,7 +223,14 @@ fn killed_source_never_completes_the_destination() {
     let _ = src.wait();
     let (dst, derr) = dest.finish();
     assert!(!dst.status.success(), "{derr}");
-    assert!(dst.stdout.is_empty(), "no result: {derr}");
+    let dj = json_of("destination", &dst);
+    assert_eq!(dj["status"], "failed", "no result, the failure: {dj}");
+    assert!(
+        dj["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("stream byte")),
+        "{dj}"
+    );
     assert!(derr.contains("loading from tcp:"), "{derr}");
     assert!(derr.contains("stream byte"), "{derr}");
     retry_succeeds();

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{free_addr, json_of, livemig, migrate_pair};
+use common::{free_addr, json_line, json_of, livemig, migrate_pair, spawn_listening};
 use serde_json::Value;
 
 /// [`common::assert_equal_memory`], and the migration iterated and
@@ -203,4 +203,67 @@ fn help_on_every_subcommand() {
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(text.contains("Usage: livemig"), "{sub}: {text}");
     }
+}
+
+#[test]
+fn json_reports_every_failure_as_an_object() {
+    // Failures before any stream: a refused connection, a bad URI, an
+    // address in use.
+    let addr = free_addr();
+    let refused = livemig(&["migrate", &format!("tcp:{addr}"), "--size", "4M", "--json"])
+        .output()
+        .unwrap();
+    let bad = livemig(&["incoming", "udp:x:1", "--size", "4M", "--json"])
+        .output()
+        .unwrap();
+    for (what, out) in [("refused connect", refused), ("bad URI", bad)] {
+        assert!(!out.status.success(), "{what}");
+        let v = json_of(what, &out);
+        assert_eq!(v["status"], "failed", "{what}: {v}");
+        let e = v["error"].as_str().unwrap_or("");
+        assert!(!e.is_empty(), "{what}: {v}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(e),
+            "{what}: the same error on stderr: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn a_bare_connect_and_close_does_not_end_incoming() {
+    let addr = free_addr();
+    let uri = format!("tcp:{addr}");
+    let (dest, dest_err) = spawn_listening(
+        &mut livemig(&["incoming", &uri, "--size", "16M", "--quiet", "--json"]),
+        "waiting for a migration on tcp:",
+    );
+    // A port scan: connect, close. Twice.
+    for _ in 0..2 {
+        drop(std::net::TcpStream::connect(addr).unwrap());
+    }
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let src = livemig(&["migrate", &uri, "--size", "16M", "--json"])
+        .output()
+        .unwrap();
+    let dst = dest.wait_with_output().unwrap();
+    let dst_err = dest_err.join().unwrap();
+    assert!(
+        src.status.success(),
+        "source: {}",
+        String::from_utf8_lossy(&src.stderr)
+    );
+    assert!(dst.status.success(), "destination: {dst_err}");
+    assert_eq!(
+        dst_err.matches("refused a connection").count(),
+        2,
+        "{dst_err}"
+    );
+    assert!(
+        dst_err.contains("closed without sending anything"),
+        "{dst_err}"
+    );
+    let d = json_line("destination", &dst.stdout, dst_err.as_bytes());
+    assert_eq!(d["status"], "completed", "{d}");
+    assert_eq!(d["digest"], json_of("source", &src)["digest"], "{d}");
 }

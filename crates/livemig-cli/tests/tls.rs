@@ -197,7 +197,15 @@ fn tls_source_is_refused_by_a_plain_destination() {
     );
     let (ok, json, err) = dst.finish();
     assert!(!ok, "the plain destination must fail");
-    assert!(json.is_none(), "{json:?}");
+    // --json: the failure, no result.
+    let json = json.expect("a failure object");
+    assert_eq!(json["status"], "failed", "{json}");
+    assert!(
+        json["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("the source is using TLS")),
+        "{json}"
+    );
     assert!(err.contains("the source is using TLS"), "{err}");
 }
 

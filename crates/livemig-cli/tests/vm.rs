@@ -201,3 +201,43 @@ fn vm_snapshot_to_a_file_restores_and_runs() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("livemig: error:"), "{err}");
 }
+
+#[test]
+fn load_of_a_vm_snapshot_says_so_and_names_vm_incoming() {
+    if !common::kvm_available("load_of_a_vm_snapshot_says_so_and_names_vm_incoming") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("vm.snap");
+    let uri = format!("file:{}", snap.display());
+    let saved = common::livemig(&[
+        "vm-migrate",
+        &uri,
+        "--mem",
+        "64M",
+        "--vcpus",
+        "1",
+        "--warmup",
+        "0.2",
+        "--no-verify",
+    ])
+    .output()
+    .unwrap();
+    assert!(
+        saved.status.success(),
+        "{}",
+        String::from_utf8_lossy(&saved.stderr)
+    );
+    let out = common::livemig(&["load", snap.to_str().unwrap(), "--json"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is a VM snapshot"), "{err}");
+    assert!(
+        err.contains(&format!("livemig vm-incoming {uri} --mem 64M")),
+        "{err}"
+    );
+    let v = common::json_of("load", &out);
+    assert!(v["error"].as_str().unwrap().contains("VM snapshot"), "{v}");
+}

@@ -170,7 +170,7 @@ impl GuestMemory for ProcessMemory {
 mod vm_memory_adapter {
     use super::*;
     use vm_memory::bitmap::Bitmap;
-    use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+    use vm_memory::GuestMemoryMmap;
 
     /// rust-vmm's `GuestMemoryMmap` as livemig guest memory: one RAM block per
     /// region, named `ram@<guest address in hex>`.
@@ -190,19 +190,8 @@ mod vm_memory_adapter {
             mem: Arc<GuestMemoryMmap<B>>,
         ) -> Result<Self, MemoryError> {
             let mut blocks = Vec::new();
-            for r in mem.iter() {
-                let id = format!("ram@{:x}", r.start_addr().0);
-                let len = r.len() as usize;
-                let ptr =
-                    std::ptr::NonNull::new(r.as_ptr()).ok_or_else(|| MemoryError::BadLength {
-                        id: id.clone(),
-                        len: 0,
-                    })?;
-                let owner: Arc<dyn Send + Sync> = mem.clone();
-                // SAFETY: the region is mapped read/write by GuestMemoryMmap
-                // for as long as `mem` lives, and `owner` keeps it alive.
-                let region = unsafe { RawRegion::from_raw(ptr, len, owner) };
-                blocks.push(RamBlock::new(id, region)?);
+            for (addr, region) in crate::sys::mmap::vm_memory_regions(&mem) {
+                blocks.push(RamBlock::new(format!("ram@{:x}", addr.0), region)?);
             }
             Ok(VmMemory { blocks })
         }

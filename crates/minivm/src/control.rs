@@ -1,9 +1,14 @@
 //! A running [`Vm`] steered from livemig's control socket.
 //!
-//! [`ControlledVm`] is the VMM side of [`livemig::control`]: it implements
-//! [`MigrationStarter`] for one VM, so the socket's `migrate`,
-//! `migrate-incoming`, `migrate-cancel`, `migrate-set-parameters` and
-//! `query-migrate` act on it.
+//! [`ControlledVm`] is the VMM side of [`livemig::control`] (QMP): it
+//! implements [`MigrationStarter`] for one VM, so the socket's `migrate`,
+//! `migrate-incoming`, `migrate-cancel`, `stop`, `cont` and `query-status`
+//! act on it, and it sends the `RESUME` event when an incoming guest
+//! starts.
+//!
+//! - **stop / cont**: `stop` pauses a running guest (not during a
+//!   migration); `cont` resumes it, or a source left paused by an
+//!   unconfirmed migration. A guest paused by `stop` is not migrated.
 //!
 //! - **Outgoing** (`migrate`): a thread connects to the URI and runs
 //!   [`migrate_out`] with the server's [`MigrationHandle`], so
@@ -30,9 +35,9 @@
 //!   within about 100 ms; the guest is resumed, tracking stops and the
 //!   connection is closed.
 //!
-//! The destination side of a migration is not visible in `query-migrate`
-//! (the control server reports outgoing migrations); [`ControlledVm::phase`]
-//! tells where this VM is.
+//! On the destination, `query-migrate` and the `MIGRATION` events show
+//! the status only (`active` while it listens and loads, then `completed`
+//! or `failed`); [`ControlledVm::phase`] tells where this VM is.
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
@@ -42,8 +47,11 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use livemig::control::{ControlServer, MigrationStarter};
-use livemig::engine::{Commit, LoadStats, Loader, MigrationError, MigrationHandle, Params};
+use livemig::control::{
+    ControlError, ControlServer, Events, MigrationStarter, MigrationTls, RunState,
+};
+use livemig::engine::{Commit, LoadStats, Loader, MigrationError, MigrationHandle, Params, Status};
+use livemig::transport::tls::{self, TlsConfig};
 use livemig::transport::{connect, Listener, Uri, IO_TIMEOUT};
 
 use crate::dirty::TrackerKind;
@@ -101,6 +109,8 @@ struct St {
     /// The handle of the outgoing migration in flight or last run.
     outgoing: Option<MigrationHandle>,
     incoming: Option<IncomingReport>,
+    /// Paused by the control socket's `stop`.
+    stopped: bool,
 }
 
 struct Inner {
@@ -108,6 +118,8 @@ struct Inner {
     tracker: TrackerKind,
     st: Mutex<St>,
     cond: Condvar,
+    /// The control server's events, once serving.
+    events: Mutex<Option<Events>>,
 }
 
 /// A VM plus what the control socket needs to migrate it. Cheap to clone;
@@ -151,8 +163,10 @@ impl ControlledVm {
                     worker: None,
                     outgoing: None,
                     incoming: None,
+                    stopped: false,
                 }),
                 cond: Condvar::new(),
+                events: Mutex::new(None),
             }),
         }
     }
@@ -173,8 +187,9 @@ impl ControlledVm {
     }
 
     /// Serves a control socket at `path` for this VM, starting with
-    /// `params`. The server stops (and removes the socket) when dropped.
-    pub fn serve(&self, path: &Path, params: Params) -> io::Result<ControlServer> {
+    /// `params`. The server stops (and removes the socket) when dropped. A
+    /// file already at `path` is an error unless it is a stale socket.
+    pub fn serve(&self, path: &Path, params: Params) -> Result<ControlServer, ControlError> {
         ControlServer::start(path, params, Box::new(self.clone()))
     }
 
@@ -265,7 +280,13 @@ impl ControlledVm {
         st
     }
 
-    fn run_outgoing(&self, uri: Uri, handle: MigrationHandle) {
+    fn emit(&self, event: &str) {
+        if let Some(ev) = lock(&self.inner.events).as_ref() {
+            ev.emit(event, None);
+        }
+    }
+
+    fn run_outgoing(&self, uri: Uri, tls: Option<TlsConfig>, handle: MigrationHandle) {
         let vm = &self.inner.vm;
         let kind = self.inner.tracker;
         // The `dirty-limit` parameter, applied while the migration runs
@@ -273,14 +294,14 @@ impl ControlledVm {
         let limit = vm.follow_dirty_limit(&handle);
         let result = match (
             limit.as_ref().map_err(|e| e.to_string()),
-            connect_out(&uri, &handle),
+            connect_out(&uri, tls.as_ref(), &handle),
         ) {
             (Err(e), _) => migrate_out(vm, kind, handle.clone(), FailWriter(e), None),
             (Ok(_), Ok((writer, mut ack))) => {
                 // Page channels (parameter `channels` above 1): one more
                 // connection to the same address each, like QEMU multifd.
                 let mut open = |_: u16| -> io::Result<livemig::engine::ChannelWriter> {
-                    match connect_out(&uri, &handle) {
+                    match connect_out(&uri, tls.as_ref(), &handle) {
                         Ok((w, _)) => Ok(w),
                         Err(e) => Err(io::Error::other(e)),
                     }
@@ -313,21 +334,28 @@ impl ControlledVm {
         self.set_phase(phase);
     }
 
-    fn run_incoming(&self, listener: Listener) {
+    fn run_incoming(&self, listener: Listener, handle: MigrationHandle) {
         let uri = listener.local_uri().to_string();
+        handle.set_status(Status::Active, None);
         let result = self.load_incoming(listener, &uri);
         let mut st = lock(&self.inner.st);
+        let ok = result.is_ok();
         match result {
             Ok(report) => {
                 st.incoming = Some(report);
                 st.phase = Phase::Running;
+                handle.set_status(Status::Completed, None);
             }
             Err(e) => {
                 log::warn!("incoming migration on {uri}: {e}");
+                handle.set_status(Status::Failed, Some(e.clone()));
                 st.phase = Phase::IncomingFailed(e);
             }
         }
         drop(st);
+        if ok {
+            self.emit("RESUME");
+        }
         self.inner.cond.notify_all();
     }
 
@@ -387,10 +415,31 @@ impl ControlledVm {
     }
 }
 
+/// The TLS settings of `tls-creds` / `tls-hostname`.
+fn tls_config(tls: Option<&MigrationTls>) -> Result<Option<TlsConfig>, String> {
+    let Some(t) = tls else { return Ok(None) };
+    let mut c = TlsConfig::from_dir(&t.dir).map_err(|e| format!("tls-creds: {e}"))?;
+    if let Some(h) = &t.hostname {
+        c = c
+            .with_server_name(h)
+            .map_err(|e| format!("tls-hostname: {e}"))?;
+    }
+    Ok(Some(c))
+}
+
 impl MigrationStarter for ControlledVm {
-    fn start_outgoing(&mut self, uri: &Uri, handle: MigrationHandle) -> Result<(), String> {
+    fn start_outgoing(
+        &mut self,
+        uri: &Uri,
+        tls: Option<&MigrationTls>,
+        handle: MigrationHandle,
+    ) -> Result<(), String> {
+        let tls = tls_config(tls)?;
         let st = self.settle(lock(&self.inner.st));
         let mut st = match &st.phase {
+            Phase::Running if st.stopped => {
+                return Err("the guest is stopped ('stop'): send 'cont' before migrating".into())
+            }
             Phase::Running => st,
             Phase::AwaitingIncoming => {
                 return Err(
@@ -420,7 +469,7 @@ impl MigrationStarter for ControlledVm {
         let (u, h) = (uri.clone(), handle.clone());
         let worker = std::thread::Builder::new()
             .name("migrate-out".into())
-            .spawn(move || this.run_outgoing(u, h))
+            .spawn(move || this.run_outgoing(u, tls, h))
             .map_err(|e| format!("starting the migration thread: {e}"))?;
         st.phase = Phase::Outgoing;
         st.worker = Some(worker);
@@ -428,13 +477,75 @@ impl MigrationStarter for ControlledVm {
         Ok(())
     }
 
-    fn resume_unconfirmed(&mut self) -> Result<(), String> {
-        let st = self.settle(lock(&self.inner.st));
-        drop(st);
-        ControlledVm::resume_unconfirmed(self)
+    fn run_state(&self) -> RunState {
+        let st = lock(&self.inner.st);
+        match &st.phase {
+            Phase::Running if st.stopped => RunState::Paused,
+            Phase::Running => RunState::Running,
+            Phase::AwaitingIncoming | Phase::Incoming(_) | Phase::IncomingFailed(_) => {
+                RunState::InMigrate
+            }
+            Phase::Outgoing => match st.outgoing.as_ref().map(|h| h.stats().status) {
+                Some(Status::Device | Status::Completed) => RunState::FinishMigrate,
+                _ => RunState::Running,
+            },
+            Phase::MigratedAway => RunState::PostMigrate,
+            Phase::Unconfirmed(_) => RunState::Paused,
+        }
     }
 
-    fn start_incoming(&mut self, uri: &Uri) -> Result<(), String> {
+    fn stop(&mut self) -> Result<(), String> {
+        let mut st = self.settle(lock(&self.inner.st));
+        match &st.phase {
+            Phase::Running => {
+                self.inner.vm.pause().map_err(|e| e.to_string())?;
+                st.stopped = true;
+                Ok(())
+            }
+            Phase::Outgoing => {
+                Err("a migration is running: it pauses the guest itself at the end".into())
+            }
+            p => Err(format!("no guest runs here ({p:?})")),
+        }
+    }
+
+    fn cont(&mut self) -> Result<(), String> {
+        let mut st = self.settle(lock(&self.inner.st));
+        match &st.phase {
+            Phase::Running if st.stopped => {
+                self.inner.vm.resume();
+                st.stopped = false;
+                Ok(())
+            }
+            Phase::Unconfirmed(_) => {
+                drop(st);
+                ControlledVm::resume_unconfirmed(self)
+            }
+            Phase::AwaitingIncoming | Phase::Incoming(_) => Err(
+                "this VM waits for an incoming migration: its guest starts when that completes"
+                    .into(),
+            ),
+            p => Err(format!("nothing to resume here ({p:?})")),
+        }
+    }
+
+    fn attach_events(&mut self, events: Events) {
+        *lock(&self.inner.events) = Some(events);
+    }
+
+    fn start_incoming(
+        &mut self,
+        uri: &Uri,
+        tls: Option<&MigrationTls>,
+        handle: MigrationHandle,
+    ) -> Result<(), String> {
+        if tls.is_some() {
+            return Err(
+                "minivm does not take TLS migrations from the control socket yet \
+                 (tls-creds works on the source side; use livemig vm-incoming --tls-dir)"
+                    .into(),
+            );
+        }
         let st = self.settle(lock(&self.inner.st));
         let mut st = match &st.phase {
             Phase::AwaitingIncoming => st,
@@ -459,7 +570,7 @@ impl MigrationStarter for ControlledVm {
         let this = self.clone();
         let worker = std::thread::Builder::new()
             .name("migrate-in".into())
-            .spawn(move || this.run_incoming(listener))
+            .spawn(move || this.run_incoming(listener, handle))
             .map_err(|e| format!("starting the incoming thread: {e}"))?;
         st.phase = Phase::Incoming(local);
         st.worker = Some(worker);
@@ -483,7 +594,11 @@ type Conn = (Box<dyn Write + Send>, Option<Box<dyn Read + Send>>);
 
 /// Connects like [`livemig::transport::connect`], but socket I/O notices a
 /// cancel even while the peer stalls.
-fn connect_out(uri: &Uri, handle: &MigrationHandle) -> Result<Conn, String> {
+fn connect_out(
+    uri: &Uri,
+    tls: Option<&TlsConfig>,
+    handle: &MigrationHandle,
+) -> Result<Conn, String> {
     fn wrap<S: Read + Write + Send + 'static>(s: S, clone: S, handle: &MigrationHandle) -> Conn {
         (
             Box::new(Cancellable::new(s, handle.clone())),
@@ -491,6 +606,12 @@ fn connect_out(uri: &Uri, handle: &MigrationHandle) -> Result<Conn, String> {
         )
     }
     let err = |e: io::Error| format!("connect to {uri}: {e}");
+    if let Some(t) = tls {
+        // TLS sockets time out on their own (IO_TIMEOUT); a cancel takes
+        // effect at the next page.
+        let out = tls::connect(uri, t).map_err(|e| e.to_string())?;
+        return Ok((out.writer, out.ack));
+    }
     match uri {
         Uri::Tcp(addr) => {
             let s = TcpStream::connect(addr).map_err(err)?;

@@ -69,8 +69,8 @@ struct BenchArgs {
     #[arg(long, default_value_t = 2)]
     vcpus: usize,
     /// Migration part: bytes per second the guest writes (all vCPUs).
-    #[arg(long, value_parser = parse_size, default_value = "200M")]
-    rate: u64,
+    #[arg(long, alias = "rate", value_name = "BYTES_PER_SEC", value_parser = parse_size, default_value = "200M")]
+    dirty_rate: u64,
     /// Migration part: working set per vCPU.
     #[arg(long, value_parser = parse_size, default_value = "64M")]
     working_set: u64,
@@ -109,20 +109,21 @@ struct BenchArgs {
 #[derive(clap::Args)]
 struct RunArgs {
     /// Guest memory (bytes, or with K/M/G suffix; a multiple of 2 MiB).
-    #[arg(long, value_parser = parse_size, default_value = "256M")]
+    #[arg(short = 'm', long, alias = "size", value_name = "SIZE", value_parser = parse_size, default_value = minivm::defaults::MEM)]
     mem: u64,
     /// Number of vCPUs.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = usize::from(minivm::defaults::VCPUS))]
     vcpus: usize,
     /// Number of RAM blocks (KVM slots) the memory is split into.
     #[arg(long, default_value_t = 1)]
     blocks: usize,
-    /// Test guest: bytes per second all vCPUs write together (K/M/G suffix; 0 = unlimited).
-    #[arg(long, value_parser = parse_size, default_value = "0")]
-    rate: u64,
-    /// Test guest: working set per vCPU (K/M/G suffix).
-    #[arg(long, value_parser = parse_size, default_value = "4M")]
-    working_set: u64,
+    /// Test guest: bytes per second all vCPUs write together (K/M/G suffix; 0 = as fast as it can).
+    #[arg(long, alias = "rate", value_name = "BYTES_PER_SEC", value_parser = parse_size, default_value = minivm::defaults::DIRTY_RATE)]
+    dirty_rate: u64,
+    /// Test guest: working set of each vCPU (K/M/G suffix; default: about
+    /// 3/4 of --mem shared by the vCPUs, at most 384M each).
+    #[arg(long, value_parser = parse_size)]
+    working_set: Option<u64>,
     /// Boot a raw boot-sector image (real mode at 0:0x7c00) instead of the test guest.
     #[arg(long, conflicts_with_all = ["flat", "bootinc"])]
     boot_sector: Option<PathBuf>,
@@ -147,15 +148,26 @@ struct RunArgs {
     /// Seconds to run (0 = until killed).
     #[arg(long, default_value_t = 0)]
     seconds: u64,
-    /// Track dirty pages with this backend and print the dirty rate
-    /// (auto|bitmap|manual|ring).
-    #[arg(long)]
+    /// Dirty tracker (auto|bitmap|manual|ring): with --control, for the
+    /// migrations started on the control socket [default: auto]; without,
+    /// track dirty pages with it and print the dirty rate every second.
+    #[arg(
+        long,
+        alias = "migrate-tracker",
+        alias = "tracker",
+        value_name = "TRACKER"
+    )]
     dirty_track: Option<TrackerKind>,
-    /// Dirty ring entries per vCPU (needed for --dirty-track ring).
+    /// Dirty ring entries per vCPU (a power of two) [default: 16384 with
+    /// --dirty-track ring, else no ring].
     #[arg(long)]
     dirty_ring: Option<u32>,
-    /// Test guest: populate its working set from the host before it starts.
+    /// Test guest: do not populate its working set from the host before it
+    /// starts.
     #[arg(long)]
+    no_prefault: bool,
+    /// Populate the working set first (the default; kept for old scripts).
+    #[arg(long, hide = true, conflicts_with = "no_prefault")]
     prefault: bool,
     /// Back guest memory with 4 KiB pages only (no MADV_HUGEPAGE).
     #[arg(long)]
@@ -167,18 +179,14 @@ struct RunArgs {
     /// migrate the VM out, steer or cancel the migration. The process ends
     /// once the guest was migrated away, and outlives --seconds while a
     /// migration is in flight.
-    #[arg(long, value_name = "PATH", conflicts_with = "dirty_track")]
+    #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
     /// Start an empty, paused VM that waits for `migrate-incoming` on the
     /// control socket, then runs the guest it receives (--seconds counts
     /// from then). Needs --control; the layout (--mem, --vcpus, --blocks)
     /// must match the source's.
-    #[arg(long, requires = "control", conflicts_with_all = ["boot_sector", "bootinc", "flat", "prefault"])]
+    #[arg(long, requires = "control", conflicts_with_all = ["boot_sector", "bootinc", "flat"])]
     incoming: bool,
-    /// Dirty tracker for migrations started on the control socket
-    /// (auto|bitmap|manual|ring).
-    #[arg(long, default_value = "auto", requires = "control")]
-    migrate_tracker: TrackerKind,
     /// With --incoming: do not fail when the received guest sends no
     /// heartbeats (guests other than the built-in test guest, e.g. boot
     /// sectors, never do).
@@ -250,7 +258,7 @@ fn run_cli(cli: Cli) -> Result<()> {
                 small_chunk_shift: a.small_chunk_shift,
                 mig_mem: a.mem,
                 mig_vcpus: a.vcpus,
-                mig_rate: a.rate,
+                mig_rate: a.dirty_rate,
                 mig_working_set: a.working_set,
                 max_bandwidth: a.max_bandwidth,
                 downtime_limit: a.downtime_limit,
@@ -300,8 +308,11 @@ fn run(a: RunArgs) -> Result<()> {
         }
     } else {
         GuestImage::TestGuest(TestGuestConfig {
-            pages_per_vcpu: (a.working_set / 4096).max(1),
-            rate_bytes_per_sec: a.rate,
+            pages_per_vcpu: a.working_set.map_or_else(
+                || minivm::defaults::working_set_pages(a.mem, a.vcpus),
+                |ws| (ws / 4096).max(1),
+            ),
+            rate_bytes_per_sec: a.dirty_rate,
         })
     };
     let serial = match a.serial.as_str() {
@@ -314,17 +325,25 @@ fn run(a: RunArgs) -> Result<()> {
         ram_blocks: a.blocks,
         vcpus: a.vcpus,
         guest,
-        dirty_ring_entries: a.dirty_ring,
+        dirty_ring_entries: a
+            .dirty_ring
+            .or((a.dirty_track == Some(TrackerKind::Ring)).then_some(minivm::defaults::DIRTY_RING)),
         serial,
         start_paused: a.incoming,
-        prefault: a.prefault,
+        prefault: !a.no_prefault,
         huge_pages: !a.no_huge_pages,
         clock_page: None,
     })?;
-    let controlled = ControlledVm::new(vm, a.migrate_tracker);
+    let migrate_tracker = match (&a.control, a.dirty_track) {
+        (Some(_), Some(k)) => k,
+        _ => TrackerKind::Auto,
+    };
+    let controlled = ControlledVm::new(vm, migrate_tracker);
     let vm = controlled.vm();
     let _server = match &a.control {
         Some(p) => {
+            // SIGTERM / SIGINT end the loop below, so the socket is removed.
+            minivm::sys::catch_termination().context("catching SIGTERM/SIGINT")?;
             let server = controlled
                 .serve(p, Params::default())
                 .with_context(|| format!("control socket {}", p.display()))?;
@@ -340,7 +359,9 @@ fn run(a: RunArgs) -> Result<()> {
     // With --incoming, --seconds counts from the resume.
     let mut resumed: Option<(Instant, u64)> = None;
     let mem = vm.memory();
-    let mut tracker = match a.dirty_track {
+    // Without a control socket, --dirty-track measures the dirty rate.
+    let measure = a.dirty_track.filter(|_| a.control.is_none());
+    let mut tracker = match measure {
         Some(k) => {
             let (k, why) = vm.resolve_tracker(k);
             eprintln!("dirty tracking: {k:?} ({why})");
@@ -359,7 +380,18 @@ fn run(a: RunArgs) -> Result<()> {
     let mut last = vm.guest_status();
     let mut last_t = Instant::now();
     loop {
-        std::thread::sleep(Duration::from_secs(1));
+        for _ in 0..10 {
+            std::thread::sleep(Duration::from_millis(100));
+            if let Some(sig) = minivm::sys::termination_signal() {
+                let name = if sig == libc::SIGTERM {
+                    "SIGTERM"
+                } else {
+                    "SIGINT"
+                };
+                eprintln!("{name}: stopping (the control socket is removed)");
+                bail!("stopped by {name}");
+            }
+        }
         let s = vm.guest_status();
         let dt = last_t.elapsed().as_secs_f64();
         let mut line = format!(
@@ -464,4 +496,57 @@ fn run(a: RunArgs) -> Result<()> {
         bail!("self-check failed: {s:?}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn run_args(args: &[&str]) -> RunArgs {
+        let mut argv = vec!["minivm", "run"];
+        argv.extend_from_slice(args);
+        match Cli::try_parse_from(argv).expect("arguments parse").cmd {
+            Cmd::Run(a) => a,
+            _ => unreachable!("run parses as Run"),
+        }
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn run_defaults_are_the_shared_ones() {
+        let a = run_args(&[]);
+        assert_eq!(Ok(a.mem), parse_size(minivm::defaults::MEM));
+        assert_eq!(a.vcpus, usize::from(minivm::defaults::VCPUS));
+        assert_eq!(Ok(a.dirty_rate), parse_size(minivm::defaults::DIRTY_RATE));
+        assert_eq!(a.working_set, None);
+        assert!(!a.no_prefault);
+        assert_eq!(a.dirty_track, None);
+    }
+
+    #[test]
+    fn old_spellings_still_parse() {
+        let a = run_args(&[
+            "--size",
+            "64M",
+            "--rate",
+            "16M",
+            "--prefault",
+            "--control",
+            "/nonexistent/ctl",
+            "--migrate-tracker",
+            "ring",
+        ]);
+        assert_eq!((a.mem, a.dirty_rate), (64 << 20, 16 << 20));
+        assert_eq!(a.dirty_track, Some(TrackerKind::Ring));
+        assert!(a.control.is_some());
+        let b = run_args(&["-m", "64M", "--dirty-rate", "16M", "--dirty-track", "ring"]);
+        assert_eq!((b.mem, b.dirty_rate), (a.mem, a.dirty_rate));
+        assert_eq!(b.dirty_track, a.dirty_track);
+        assert!(Cli::try_parse_from(["minivm", "run", "--prefault", "--no-prefault"]).is_err());
+    }
 }

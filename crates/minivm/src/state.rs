@@ -13,7 +13,7 @@ use vm_superio::serial::SerialState;
 
 use crate::devices::DeviceState;
 use crate::sys::{pod_bytes, pod_from_bytes, Pod};
-use crate::vm::{lock, Shared, VmError};
+use crate::vm::{lock, Shared, Vm, VmError};
 
 const MAGIC: &[u8; 8] = b"MINIVMST";
 const VERSION: u32 = 1;
@@ -377,9 +377,7 @@ pub(crate) fn restore(sh: &Shared, blob: &[u8]) -> Result<(), VmError> {
         fd.set_sregs(&v.sregs).map_err(ioctl_err("SET_SREGS"))?;
         fd.set_regs(&v.regs).map_err(ioctl_err("SET_REGS"))?;
         fd.set_fpu(&v.fpu).map_err(ioctl_err("SET_FPU"))?;
-        // SAFETY: the buffer is a whole kvm_xsave taken from KVM_GET_XSAVE
-        // of a VM with the same CPUID; KVM validates its contents.
-        unsafe { fd.set_xsave(&v.xsave) }.map_err(ioctl_err("SET_XSAVE"))?;
+        crate::sys::set_xsave(&fd, &v.xsave).map_err(ioctl_err("SET_XSAVE"))?;
         fd.set_xcrs(&v.xcrs).map_err(ioctl_err("SET_XCRS"))?;
         let entries: Vec<_> = v
             .msrs
@@ -411,7 +409,7 @@ pub(crate) fn restore(sh: &Shared, blob: &[u8]) -> Result<(), VmError> {
     Ok(())
 }
 
-impl crate::vm::Vm {
+impl Vm {
     /// The vCPU and device state of the paused VM, as a versioned blob.
     pub fn save_state(&self) -> Result<Vec<u8>, VmError> {
         save(&self.shared)

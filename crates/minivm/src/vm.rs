@@ -2,12 +2,12 @@
 
 use std::io;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_run, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 use livemig::dirty::kvm::{KvmDirtyLog, KvmSlot, EXIT_DIRTY_RING_FULL};
 use livemig::dirty::DeviceWrites;
@@ -160,7 +160,8 @@ pub(crate) struct Ctl {
 
 pub(crate) struct VcpuSlot {
     pub(crate) fd: Mutex<VcpuFd>,
-    run_ptr: AtomicPtr<kvm_run>,
+    /// Sets `immediate_exit` in the vCPU's `kvm_run` from other threads.
+    exit: sys::ExitRequest,
     thread: Mutex<Option<libc::pthread_t>>,
     /// False for vCPUs that never run (extra vCPUs of a boot sector).
     pub(crate) active: AtomicBool,
@@ -200,10 +201,7 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Shared {
     pub(crate) fn kick(&self, i: usize) {
         let v = &self.vcpus[i];
-        let run = v.run_ptr.load(Ordering::Acquire);
-        // SAFETY: run_ptr is the kvm_run mapping of the VcpuFd in v.fd, which
-        // lives as long as `self`.
-        unsafe { sys::set_immediate_exit(run, 1) };
+        v.exit.set(1);
         if let Some(t) = *lock(&v.thread) {
             sys::kick_thread(t);
         }
@@ -323,8 +321,7 @@ impl Bucket {
 }
 
 fn vcpu_thread(sh: Arc<Shared>, i: usize) {
-    // SAFETY: pthread_self has no preconditions.
-    *lock(&sh.vcpus[i].thread) = Some(unsafe { libc::pthread_self() });
+    *lock(&sh.vcpus[i].thread) = Some(sys::current_thread());
     let slot = &sh.vcpus[i];
     let mut bucket = Bucket {
         tokens: 0.0,
@@ -638,7 +635,7 @@ impl Vm {
             .map_err(kvm_err("GET_SUPPORTED_CPUID"))?;
         let mut vcpus = Vec::new();
         for (i, start) in starts.iter().enumerate() {
-            let mut fd = vm_fd
+            let fd = vm_fd
                 .create_vcpu(i as u64)
                 .map_err(kvm_err("CREATE_VCPU"))?;
             let mut c = cpuid.clone();
@@ -654,11 +651,14 @@ impl Vm {
                 fd.set_sregs(&sregs).map_err(kvm_err("SET_SREGS"))?;
                 fd.set_regs(regs).map_err(kvm_err("SET_REGS"))?;
             }
-            let run_ptr = AtomicPtr::new(fd.get_kvm_run() as *mut kvm_run);
+            let exit = sys::ExitRequest::map(&fd).map_err(|source| VmError::Kvm {
+                op: "mmap kvm_run",
+                source,
+            })?;
             let active = start.is_some() || config.guest == GuestImage::Incoming;
             vcpus.push(VcpuSlot {
                 fd: Mutex::new(fd),
-                run_ptr,
+                exit,
                 thread: Mutex::new(None),
                 active: AtomicBool::new(active),
                 heartbeats: AtomicU64::new(0),

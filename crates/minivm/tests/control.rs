@@ -150,7 +150,12 @@ fn assert_guest_runs(vm: &Vm, when: &str) {
 fn sink(uri: &Uri) -> JoinHandle<u64> {
     let listener = Listener::bind(uri).unwrap();
     thread::spawn(move || {
-        let mut inc = listener.accept().unwrap();
+        let mut inc = match listener.accept() {
+            Ok(inc) => inc,
+            // Cancelled before the source sent anything.
+            Err(livemig::transport::TransportError::EmptyConnection { .. }) => return 0,
+            Err(e) => panic!("sink: {e}"),
+        };
         drop(listener);
         let mut buf = vec![0u8; 1 << 20];
         let mut n = 0u64;
@@ -235,9 +240,10 @@ fn migrate_and_steer_through_the_socket() {
         dst.phase()
     );
     let err = exec(&mut dc, "migrate-incoming", &uri_arg(&mig)).unwrap_err();
-    assert!(err.contains("already waiting"), "{err}");
+    assert!(err.contains("migration process in progress"), "{err}");
     let err = exec(&mut dc, "migrate", &uri_arg(&mig)).unwrap_err();
-    assert!(err.contains("receiving"), "{err}");
+    assert!(err.contains("migration process in progress"), "{err}");
+    assert_eq!(query(&mut dc).status, "active", "the destination's status");
 
     // The source refuses to receive: it runs its own guest.
     let c = &mut src.client;
@@ -245,10 +251,11 @@ fn migrate_and_steer_through_the_socket() {
     assert!(err.contains("runs its own guest"), "{err}");
 
     // Slow at first: 2 MiB/s.
+    ok(c, "migrate-set-parameters", r#"{"max-bandwidth": 2097152}"#);
     ok(
         c,
-        "migrate-set-parameters",
-        r#"{"max-bandwidth": 2097152, "verify": true}"#,
+        "migrate-set-capabilities",
+        r#"{"capabilities": [{"capability": "x-livemig-verify", "state": true}]}"#,
     );
     ok(c, "migrate", &uri_arg(&mig));
     wait_status(c, &["active"], Duration::from_secs(10));
@@ -589,12 +596,13 @@ fn migrate_with_page_channels_between_controlled_vms() {
     ok(
         &mut src.client,
         "migrate-set-parameters",
-        "{\"channels\":2}",
+        "{\"multifd-channels\":2}",
     );
     ok(
         &mut src.client,
         "migrate-set-capabilities",
-        "{\"capabilities\":[{\"capability\":\"verify\",\"state\":true}]}",
+        "{\"capabilities\":[{\"capability\":\"x-livemig-verify\",\"state\":true},\
+         {\"capability\":\"multifd\",\"state\":true}]}",
     );
     ok(&mut src.client, "migrate", &uri_arg(&uri));
     let q = wait_status(
@@ -610,4 +618,147 @@ fn migrate_with_page_channels_between_controlled_vms() {
     let report = dst.incoming_report().expect("incoming report");
     assert!(report.verified, "the destination checked the memory digest");
     assert_guest_runs(dst.vm(), "destination after a 2-channel migration");
+}
+
+#[test]
+fn stop_cont_and_query_status() {
+    let _g = serial();
+    if !common::kvm_available("stop_cont_and_query_status") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let vm = ControlledVm::new(Vm::new(source_config()).unwrap(), TrackerKind::Auto);
+    let sock = dir.path().join("ctl.sock");
+    let _server = vm.serve(&sock, Params::default()).unwrap();
+    let mut c = ControlClient::connect(&sock).unwrap();
+    let status = |c: &mut ControlClient| exec(c, "query-status", "").unwrap();
+    assert_eq!(status(&mut c), r#"{"running":true,"status":"running"}"#);
+    ok(&mut c, "stop", "");
+    assert!(vm.vm().is_paused());
+    assert_eq!(status(&mut c), r#"{"running":false,"status":"paused"}"#);
+    // A stopped guest is not migrated (livemig differs from QEMU here).
+    let err = exec(&mut c, "migrate", &uri_arg("unix:/nonexistent/x")).unwrap_err();
+    assert!(err.contains("send 'cont'"), "{err}");
+    let e = c.next_event(Duration::from_secs(5)).unwrap().expect("STOP");
+    assert_eq!(e["event"].as_str(), Some("STOP"), "{e}");
+    ok(&mut c, "cont", "");
+    let e = c
+        .next_event(Duration::from_secs(5))
+        .unwrap()
+        .expect("RESUME");
+    assert_eq!(e["event"].as_str(), Some("RESUME"), "{e}");
+    assert!(!vm.vm().is_paused());
+    assert_eq!(status(&mut c), r#"{"running":true,"status":"running"}"#);
+
+    // An incoming VM: inmigrate; it cannot be started by hand.
+    let dst = ControlledVm::new(Vm::new(dest_config()).unwrap(), TrackerKind::Auto);
+    let dsock = dir.path().join("dst.sock");
+    let _ds = dst.serve(&dsock, Params::default()).unwrap();
+    let mut dc = ControlClient::connect(&dsock).unwrap();
+    assert_eq!(status(&mut dc), r#"{"running":false,"status":"inmigrate"}"#);
+    let err = exec(&mut dc, "cont", "").unwrap_err();
+    assert!(err.contains("waits for an incoming migration"), "{err}");
+}
+
+/// Waits until `path` exists (the process created its socket).
+fn wait_exists(path: &Path, p: &mut Proc) {
+    let t0 = Instant::now();
+    while !path.exists() {
+        assert!(p.0.try_wait().unwrap().is_none(), "minivm exited early");
+        assert!(t0.elapsed() < Duration::from_secs(20), "no {path:?}");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn run_with_control(sock: &Path) -> Proc {
+    minivm(&[
+        "run",
+        "--mem",
+        "64M",
+        "--vcpus",
+        "1",
+        "--serial",
+        "none",
+        "--control",
+        sock.to_str().unwrap(),
+    ])
+}
+
+/// Exit status and stderr of a process that must end by itself.
+fn ended(mut p: Proc) -> (std::process::ExitStatus, String) {
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = p.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "minivm did not exit"
+        );
+        thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    p.0.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    (status, err)
+}
+
+#[test]
+fn control_socket_path_is_never_taken_and_removed_on_sigterm() {
+    let _g = serial();
+    if !common::kvm_available("control_socket_path_is_never_taken_and_removed_on_sigterm") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // A regular file: refused, left alone.
+    let file = dir.path().join("notes.txt");
+    std::fs::write(&file, "keep").unwrap();
+    let (status, err) = ended(run_with_control(&file));
+    assert!(!status.success());
+    assert!(err.contains("not a socket"), "{err}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep");
+
+    // A live socket (another VM's): refused, still served.
+    let sock = dir.path().join("vm.sock");
+    let mut first = run_with_control(&sock);
+    wait_exists(&sock, &mut first);
+    let (status, err) = ended(run_with_control(&sock));
+    assert!(!status.success());
+    assert!(err.contains("another process is listening"), "{err}");
+    connect_when_up(&sock);
+
+    // SIGTERM: the first VM stops and removes its socket.
+    let pid = first.0.id() as i32;
+    let killed = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let (status, err) = ended(first);
+    assert!(!status.success(), "{err}");
+    assert!(err.contains("SIGTERM"), "{err}");
+    assert!(!sock.exists(), "the socket is removed on SIGTERM");
+
+    // SIGINT likewise; and a stale socket left by a killed VM is reused.
+    let mut second = run_with_control(&sock);
+    wait_exists(&sock, &mut second);
+    second.0.kill().unwrap();
+    second.0.wait().unwrap();
+    assert!(sock.exists(), "SIGKILL leaves a stale socket");
+    let mut third = run_with_control(&sock);
+    let t0 = Instant::now();
+    while ControlClient::connect(&sock).is_err() {
+        assert!(
+            third.0.try_wait().unwrap().is_none(),
+            "the stale socket was not replaced"
+        );
+        assert!(t0.elapsed() < Duration::from_secs(20));
+        thread::sleep(Duration::from_millis(20));
+    }
+    Command::new("kill")
+        .args(["-INT", &third.0.id().to_string()])
+        .status()
+        .unwrap();
+    let (_, err) = ended(third);
+    assert!(err.contains("SIGINT"), "{err}");
+    assert!(!sock.exists());
 }

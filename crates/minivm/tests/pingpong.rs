@@ -8,10 +8,12 @@
 //! (kept in guest memory, so it travels with the guest) has moved forward.
 //! At the end: no leaked file descriptors, threads or memory.
 //!
-//! The soak run is the same test with more hops (`LIVEMIG_SOAK_HOPS`):
+//! The soak run is the same test with more hops (`LIVEMIG_SOAK_HOPS`); with
+//! 100 hops or more, resident memory must end within 1 MiB of its highest
+//! value over hops 20-40 (after the allocator's warm-up):
 //!
 //! ```sh
-//! LIVEMIG_SOAK_HOPS=500 cargo test --release -p minivm --test pingpong -- --nocapture
+//! LIVEMIG_SOAK_HOPS=1000 cargo test --release -p minivm --test pingpong -- --nocapture
 //! ```
 
 mod common;
@@ -32,6 +34,14 @@ const WARMUP_HOPS: usize = 2;
 const MEM_SIZE: u64 = 128 << 20;
 /// Allowed RSS growth between the warm-up baseline and the last hop.
 const RSS_SLACK: u64 = 64 << 20;
+/// Resident memory climbs over the first ~20 hops while the allocator
+/// warms up (glibc gives the threads of each hop per-thread arenas, which
+/// keep freed buffers for reuse; with MALLOC_ARENA_MAX=1 it is flat from
+/// hop 10 to the byte), then stays flat with ±1 MiB of noise. The soak's
+/// baseline is the highest RSS seen over these hops...
+const RSS_WINDOW: std::ops::RangeInclusive<usize> = 20..=40;
+/// ... and a soak (100 hops or more) must end within this of it.
+const SOAK_RSS_SLACK: u64 = 1 << 20;
 /// The test guest's write rate (all vCPUs together).
 const RATE: u64 = 32 << 20;
 
@@ -156,6 +166,7 @@ fn ping_pong_no_failures_no_leaks() {
 
     let mut last = s.pages_written();
     let mut warm: Option<(usize, usize, u64)> = None;
+    let mut rss_window = 0u64;
     let hops = hops();
     assert!(
         hops > WARMUP_HOPS,
@@ -186,6 +197,12 @@ fn ping_pong_no_failures_no_leaks() {
         if n == WARMUP_HOPS {
             warm = Some((fd_count(), thread_count(), status_bytes("VmRSS")));
         }
+        if RSS_WINDOW.contains(&n) {
+            rss_window = rss_window.max(status_bytes("VmRSS"));
+        }
+        if n % 100 == 0 || (n <= 50 && n % 10 == 0) {
+            eprintln!("hop {n}: VmRSS {} KiB", status_bytes("VmRSS") >> 10);
+        }
     }
     let (fds_warm, threads_warm, rss_warm) = warm.unwrap();
     let (fds_end, threads_end, rss_end) = (fd_count(), thread_count(), status_bytes("VmRSS"));
@@ -211,6 +228,20 @@ fn ping_pong_no_failures_no_leaks() {
         rss_end >> 20,
         MEM_SIZE >> 20
     );
+    if hops >= 100 {
+        eprintln!(
+            "VmRSS: highest over hops {RSS_WINDOW:?} {} KiB, at the end {} KiB",
+            rss_window >> 10,
+            rss_end >> 10
+        );
+        assert!(
+            rss_end <= rss_window + SOAK_RSS_SLACK,
+            "RSS not flat: {} KiB after hop {} (highest over hops {RSS_WINDOW:?}), {} KiB after {hops}",
+            rss_window >> 10,
+            RSS_WINDOW.end(),
+            rss_end >> 10
+        );
+    }
     drop(vm);
     assert_eq!(fd_count(), fds0, "fds left after the last VM is gone");
     assert_eq!(

@@ -138,6 +138,7 @@ pub(crate) fn routines() -> Vec<(&'static str, MaskFn)> {
 }
 
 #[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
 mod x86 {
     //! SIMD routines. Each `unsafe` is a load from a slice chunk of exactly
     //! the loaded width, or a call into a function whose target features
@@ -166,7 +167,9 @@ mod x86 {
         unsafe { avx2_impl(old, new, mask) }
     }
 
+    // Built only by Rust 1.89+ (build.rs), where these intrinsics are stable.
     #[cfg(livemig_avx512)]
+    #[clippy::msrv = "1.89"]
     #[target_feature(enable = "avx512f,avx512bw")]
     unsafe fn avx512_impl(old: &[u8], new: &[u8], mask: &mut [u64]) {
         let mut o = old.chunks_exact(64);
@@ -194,6 +197,7 @@ mod x86 {
 
     #[cfg(livemig_avx512)]
     /// Unaligned 64-byte load of a 64-byte chunk.
+    #[clippy::msrv = "1.89"]
     #[inline]
     #[target_feature(enable = "avx512f")]
     fn load512(chunk: &[u8]) -> __m512i {

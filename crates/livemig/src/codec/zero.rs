@@ -73,6 +73,7 @@ fn scalar(buf: &[u8]) -> bool {
 }
 
 #[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
 mod x86 {
     //! SIMD routines. Each `unsafe` is a load from a slice chunk of exactly
     //! the loaded width, or a call into a function whose target feature was

@@ -3,16 +3,22 @@
 use std::thread;
 use std::time::{Duration, Instant};
 
-use serde_json::json;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::AtomicBool;
+use std::sync::Mutex;
+
+use serde_json::{json, Value};
 
 use super::*;
 use crate::dirty::{UffdMode, UffdTracker};
-use crate::engine::{Loader, Source, Status};
+use crate::engine::{Loader, MigrationHandle, Params, Source, Status};
 use crate::memory::{GuestMemory, ProcessMemory};
 use crate::testkit::workload::{
     direct_writer, fill_random, Workload, WorkloadConfig, WorkloadControl,
 };
 use crate::transport::pipe;
+use crate::transport::Uri;
 
 /// Starts migrations of `mem` into a fresh destination over a pipe.
 struct PipeStarter {
@@ -22,7 +28,12 @@ struct PipeStarter {
 }
 
 impl MigrationStarter for PipeStarter {
-    fn start_outgoing(&mut self, _uri: &Uri, handle: MigrationHandle) -> Result<(), String> {
+    fn start_outgoing(
+        &mut self,
+        _uri: &Uri,
+        _tls: Option<&MigrationTls>,
+        handle: MigrationHandle,
+    ) -> Result<(), String> {
         let mut tracker = UffdTracker::new(&self.mem, UffdMode::Auto).map_err(|e| e.to_string())?;
         let (w, r) = pipe();
         let dst =
@@ -37,7 +48,12 @@ impl MigrationStarter for PipeStarter {
         Ok(())
     }
 
-    fn start_incoming(&mut self, uri: &Uri) -> Result<(), String> {
+    fn start_incoming(
+        &mut self,
+        uri: &Uri,
+        _tls: Option<&MigrationTls>,
+        _handle: MigrationHandle,
+    ) -> Result<(), String> {
         Err(format!("this test VMM does not receive ({uri})"))
     }
 }
@@ -102,120 +118,213 @@ fn wait_status(c: &mut ControlClient, want: &[&str]) -> Value {
     }
 }
 
+fn err(r: Result<Value, ControlError>) -> String {
+    match r {
+        Err(ControlError::Command { class, desc }) => format!("{class}: {desc}"),
+        other => panic!("expected an error answer, got {other:?}"),
+    }
+}
+
 #[test]
-fn parameters_and_capabilities() {
+fn parameters_and_capabilities_with_qemu_names() {
     let f = fixture(Params::default());
     let mut c = ControlClient::connect(&f.path).unwrap();
-    assert_eq!(
-        c.execute("query-migrate", Value::Null).unwrap(),
-        json!({"status": "none"})
-    );
+    assert_eq!(c.execute("query-migrate", Value::Null).unwrap(), json!({}));
     c.execute(
         "migrate-set-parameters",
-        json!({"downtime-limit": 42, "max-bandwidth": 1000000}),
+        json!({"downtime-limit": 42, "max-bandwidth": 1000000, "multifd-channels": 3,
+               "vcpu-dirty-limit": 8, "multifd-compression": "zstd", "multifd-zstd-level": 3,
+               "tls-hostname": "dst.example"}),
     )
     .unwrap();
     let p = c.execute("query-migrate-parameters", Value::Null).unwrap();
     assert_eq!(p["downtime-limit"], 42);
     assert_eq!(p["max-bandwidth"], 1000000);
+    assert_eq!(p["multifd-channels"], 3);
+    assert_eq!(p["vcpu-dirty-limit"], 8);
+    assert_eq!(p["multifd-compression"], "zstd");
+    assert_eq!(p["tls-creds"], "");
+    assert_eq!(p["tls-hostname"], "dst.example");
     c.execute(
         "migrate-set-capabilities",
-        json!({"capabilities": [{"capability": "xbzrle", "state": true}]}),
+        json!({"capabilities": [{"capability": "xbzrle", "state": true},
+                                {"capability": "multifd", "state": true},
+                                {"capability": "dirty-limit", "state": true},
+                                {"capability": "events", "state": true},
+                                {"capability": "return-path", "state": true}]}),
     )
     .unwrap();
     let caps = c
         .execute("query-migrate-capabilities", Value::Null)
         .unwrap();
-    assert!(caps
-        .as_array()
-        .unwrap()
-        .contains(&json!({"capability": "xbzrle", "state": true})));
+    for name in ["xbzrle", "multifd", "dirty-limit", "events", "return-path"] {
+        assert!(
+            caps.as_array()
+                .unwrap()
+                .contains(&json!({"capability": name, "state": true})),
+            "{name}: {caps}"
+        );
+    }
 
-    let err = |r: Result<Value, ControlError>| match r {
-        Err(ControlError::Command { class, desc }) => format!("{class}: {desc}"),
-        other => panic!("expected an error answer, got {other:?}"),
-    };
-    assert!(
-        err(c.execute("migrate-set-parameters", json!({"no-such": 1})))
-            .contains("unknown parameter 'no-such'")
+    assert_eq!(
+        err(c.execute("migrate-set-parameters", json!({"no-such": 1}))),
+        "GenericError: Parameter 'no-such' is unexpected"
     );
-    assert!(
-        err(c.execute("migrate-set-parameters", json!({"downtime-limit": "soon"})))
-            .contains("invalid parameter value")
+    assert_eq!(
+        err(c.execute("migrate-set-parameters", json!({"downtime-limit": "soon"}))),
+        "GenericError: Invalid parameter type for 'downtime-limit', expected: integer"
     );
     assert!(
         err(c.execute("migrate-set-parameters", json!({"max-cpu-throttle": 100})))
-            .contains("max-cpu-throttle")
+            .contains("'max-cpu-throttle' expects an integer in the range of 1 to 99")
     );
+    assert!(err(c.execute(
+        "migrate-set-parameters",
+        json!({"multifd-compression": "zlib"})
+    ))
+    .contains("does not accept value 'zlib'"));
+    assert!(err(c.execute(
+        "migrate-set-parameters",
+        json!({"tls-creds": "/no/such/dir"})
+    ))
+    .contains("not a directory"));
     assert!(err(c.execute(
         "migrate-set-capabilities",
         json!({"capabilities": [{"capability": "teleport", "state": true}]})
     ))
-    .contains("unknown capability 'teleport'"));
+    .contains("does not accept value 'teleport'"));
+    assert!(err(c.execute(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "return-path", "state": false}]})
+    ))
+    .contains("always uses the return path"));
     assert!(
         err(c.execute("migrate-set-capabilities", json!({"capabilities": 3})))
-            .contains("must be an array")
+            .contains("expected: array")
     );
     assert!(err(c.execute("migrate", json!({"uri": "udp:x:1"}))).contains("bad migration URI"));
-    assert!(err(c.execute("migrate", json!({}))).contains("'uri'"));
+    assert!(err(c.execute("migrate", json!({}))).contains("need either 'uri' or 'channels'"));
+    assert!(
+        err(c.execute("migrate", json!({"uri": "tcp:127.0.0.1:9", "blk": true})))
+            .contains("Parameter 'blk' is unexpected")
+    );
+    assert!(err(c.execute("query-migrate", json!({"verbose": true})))
+        .contains("Parameter 'verbose' is unexpected"));
     assert!(
         err(c.execute("migrate-incoming", json!({"uri": "tcp:127.0.0.1:1"})))
             .contains("does not receive")
     );
     assert_eq!(
         err(c.execute("frobnicate", Value::Null)),
-        "CommandNotFound: unknown command 'frobnicate'"
+        "CommandNotFound: The command frobnicate has not been found"
     );
-    // Parameters were not changed by the refused requests.
+    // Refused requests changed nothing.
     let p = c.execute("query-migrate-parameters", Value::Null).unwrap();
     assert_eq!(p["downtime-limit"], 42);
+    // What the next migration uses, in livemig's units.
+    let (d, _) = dispatcher();
+    let mut out = Vec::new();
+    let input = br#"{"execute":"qmp_capabilities"}
+        {"execute":"migrate-set-parameters","arguments":{"multifd-channels":3,"vcpu-dirty-limit":8,"multifd-compression":"lz4"}}
+        {"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"dirty-limit","state":true}]}}"#;
+    d.serve(&input[..], &mut out, &AtomicBool::new(false))
+        .unwrap();
+    let p = d.params();
+    assert_eq!(
+        p.channels, 1,
+        "multifd-channels counts only with multifd on"
+    );
+    assert_eq!(p.dirty_limit, 8 << 20, "MB/s per vCPU");
+    assert_eq!(
+        p.compress.map(|c| c.algorithm),
+        Some(crate::codec::compress::Algorithm::Lz4)
+    );
     drop(f.workload);
 }
 
 #[test]
-fn malformed_requests() {
+fn greeting_negotiation_ids_and_malformed_requests() {
     let f = fixture(Params::default());
-    let mut c = ControlClient::connect(&f.path).unwrap();
+    let mut c = ControlClient::connect_raw(&f.path).unwrap();
+    let g = c.greeting().clone();
+    assert_eq!(g["QMP"]["capabilities"], json!([]), "{g}");
+    assert!(g["QMP"]["version"]["qemu"]["major"].is_u64(), "{g}");
+    assert!(g["QMP"]["version"]["package"]
+        .as_str()
+        .unwrap()
+        .starts_with("livemig"));
+    // Before negotiation: refused as QEMU refuses.
+    assert_eq!(
+        err(c.execute("query-migrate", Value::Null)),
+        "CommandNotFound: Expecting capabilities negotiation with 'qmp_capabilities'"
+    );
+    assert!(
+        err(c.execute("qmp_capabilities", json!({"enable": ["oob"]}))).contains("not available")
+    );
+    c.execute("qmp_capabilities", Value::Null).unwrap();
+    assert!(err(c.execute("qmp_capabilities", Value::Null)).contains("already complete"));
+    // The id comes back, whatever its type.
+    let a = c
+        .raw(br#"{"execute": "query-version", "id": {"n": [1, "x"]}}"#)
+        .unwrap();
+    assert_eq!(a["id"], json!({"n": [1, "x"]}), "{a}");
+    assert_eq!(a["return"]["package"], g["QMP"]["version"]["package"]);
+    let a = c.raw(br#"{"execute": "frob", "id": 17}"#).unwrap();
+    assert_eq!(
+        (a["id"].clone(), a["error"]["class"].clone()),
+        (json!(17), json!("CommandNotFound"))
+    );
+    let a = c.raw(br#"{"exec-oob": "query-status", "id": 1}"#).unwrap();
+    assert_eq!(
+        a["error"]["desc"], "QMP input member 'exec-oob' is unexpected",
+        "{a}"
+    );
     let a = c.raw(b"{not json\n").unwrap();
     assert!(
         a["error"]["desc"]
             .as_str()
             .unwrap()
-            .contains("malformed JSON"),
+            .contains("JSON parse error"),
         "{a}"
     );
-    let a = c.raw(b"[1,2]\n").unwrap();
-    assert!(
-        a["error"]["desc"].as_str().unwrap().contains("'execute'"),
+    let a = c.raw(b"[1,2]").unwrap();
+    assert_eq!(a["error"]["desc"], "QMP input must be a JSON object", "{a}");
+    let a = c.raw(br#"{"id": 3}"#).unwrap();
+    assert_eq!(
+        a["error"]["desc"], "QMP input lacks member 'execute'",
         "{a}"
     );
     let a = c
         .raw(b"{\"execute\": \"query-migrate\", \"arguments\": 5}\n")
         .unwrap();
-    assert!(
-        a["error"]["desc"]
-            .as_str()
-            .unwrap()
-            .contains("'arguments' must be an object"),
-        "{a}"
-    );
-    // `cont` on a VMM that does not implement it is a clear error.
-    let a = c.raw(b"{\"execute\": \"cont\"}\n").unwrap();
-    assert!(
-        a["error"]["desc"]
-            .as_str()
-            .unwrap()
-            .contains("cannot resume a guest from the control socket"),
-        "{a}"
-    );
-    // The connection still works after errors.
     assert_eq!(
-        c.execute("query-migrate", Value::Null).unwrap()["status"],
-        "none"
+        a["error"]["desc"], "QMP input member 'arguments' must be an object",
+        "{a}"
     );
-    // An over-long line is refused and the connection closed.
-    let mut long = vec![b' '; MAX_LINE + 10];
-    long.push(b'\n');
+    // `stop` on a VMM that does not implement it is a clear error; `cont`
+    // of a running guest does nothing, as in QEMU.
+    let a = c.raw(b"{\"execute\": \"stop\"}").unwrap();
+    assert!(
+        a["error"]["desc"]
+            .as_str()
+            .unwrap()
+            .contains("cannot pause its guest from the control socket"),
+        "{a}"
+    );
+    assert_eq!(c.execute("cont", Value::Null).unwrap(), json!({}));
+    let cmds = c.execute("query-commands", Value::Null).unwrap();
+    assert!(cmds
+        .as_array()
+        .unwrap()
+        .contains(&json!({"name": "migrate"})));
+    assert_eq!(
+        c.execute("query-status", Value::Null).unwrap(),
+        json!({"running": true, "status": "running"})
+    );
+    // An over-long request is refused and the connection closed.
+    let mut long = b"{\"execute\": \"query-migrate\", \"x\": \"".to_vec();
+    long.extend(std::iter::repeat_n(b'x', MAX_LINE));
+    long.extend(b"\"}");
     let a = c.raw(&long).unwrap();
     assert!(
         a["error"]["desc"].as_str().unwrap().contains("longer than"),
@@ -223,14 +332,261 @@ fn malformed_requests() {
     );
     assert!(
         c.execute("query-migrate", Value::Null).is_err(),
-        "closed after an over-long line"
+        "closed after an over-long request"
     );
     // Other clients are unaffected.
     let mut c2 = ControlClient::connect(&f.path).unwrap();
-    assert_eq!(
-        c2.execute("query-migrate", Value::Null).unwrap()["status"],
-        "none"
+    assert_eq!(c2.execute("query-migrate", Value::Null).unwrap(), json!({}));
+}
+
+#[test]
+fn requests_need_no_newline() {
+    let f = fixture(Params::default());
+    let mut s = UnixStream::connect(&f.path).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    // Two requests in one write, no newline, the connection left open:
+    // both are answered.
+    s.write_all(br#"{"execute":"qmp_capabilities","id":1}{"execute":"query-status","id":2}"#)
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while got.iter().filter(|&&b| b == b'\n').count() < 3 {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8(got).unwrap();
+    let lines: Vec<Value> = text
+        .split("\r\n")
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(lines[0].get("QMP").is_some());
+    assert_eq!(lines[1], json!({"return": {}, "id": 1}));
+    assert_eq!(lines[2]["id"], 2);
+    assert_eq!(lines[2]["return"]["status"], "running");
+}
+
+#[test]
+fn migration_events_reach_negotiated_clients() {
+    if !uffd_usable() {
+        return;
+    }
+    let f = fixture(Params::default());
+    let mut c = ControlClient::connect(&f.path).unwrap();
+    c.execute(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "events", "state": true}]}),
+    )
+    .unwrap();
+    // The channels form of migrate.
+    c.execute(
+        "migrate",
+        json!({"channels": [{"channel-type": "main",
+            "addr": {"transport": "socket", "type": "inet", "host": "127.0.0.1", "port": "9"}}]}),
+    )
+    .unwrap();
+    let mut seen = Vec::new();
+    let t0 = Instant::now();
+    while !seen.contains(&"MIGRATION completed".to_string()) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "events so far: {seen:?}"
+        );
+        let Some(e) = c.next_event(Duration::from_secs(1)).unwrap() else {
+            continue;
+        };
+        assert!(e["timestamp"]["seconds"].is_u64(), "{e}");
+        let name = e["event"].as_str().unwrap().to_string();
+        seen.push(match name.as_str() {
+            "MIGRATION" => format!("MIGRATION {}", e["data"]["status"].as_str().unwrap()),
+            "MIGRATION_PASS" => format!("MIGRATION_PASS {}", e["data"]["pass"]),
+            _ => name,
+        });
+    }
+    let pos = |s: &str| seen.iter().position(|x| x == s);
+    let (setup, active, stop, device, done) = (
+        pos("MIGRATION setup"),
+        pos("MIGRATION active"),
+        pos("STOP"),
+        pos("MIGRATION device"),
+        pos("MIGRATION completed"),
     );
+    assert!(
+        setup < active && active < stop && stop < device && device < done && setup.is_some(),
+        "{seen:?}"
+    );
+    assert!(pos("MIGRATION_PASS 1").is_some(), "{seen:?}");
+    assert!(pos("RESUME").is_none(), "{seen:?}");
+    assert_eq!(
+        c.execute("query-migrate", Value::Null).unwrap()["status"],
+        "completed"
+    );
+}
+
+/// Starts nothing outgoing; incoming: reports `active` then `completed`
+/// through the handle, as a VMM does.
+struct RecordingStarter(std::sync::Arc<Mutex<Vec<String>>>);
+
+impl MigrationStarter for RecordingStarter {
+    fn start_outgoing(
+        &mut self,
+        uri: &Uri,
+        tls: Option<&MigrationTls>,
+        _handle: MigrationHandle,
+    ) -> Result<(), String> {
+        let tls = tls
+            .map(|t| format!(" tls {}", t.dir.display()))
+            .unwrap_or_default();
+        self.0.lock().unwrap().push(format!("out {uri}{tls}"));
+        Ok(())
+    }
+    fn start_incoming(
+        &mut self,
+        uri: &Uri,
+        _tls: Option<&MigrationTls>,
+        handle: MigrationHandle,
+    ) -> Result<(), String> {
+        self.0.lock().unwrap().push(format!("in {uri}"));
+        if uri.to_string().contains("refuse") {
+            return Err("no incoming here".into());
+        }
+        handle.set_status(Status::Active, None);
+        handle.set_status(Status::Completed, None);
+        Ok(())
+    }
+}
+
+fn dispatcher() -> (Dispatcher, std::sync::Arc<Mutex<Vec<String>>>) {
+    let calls = std::sync::Arc::new(Mutex::new(Vec::new()));
+    let d = Dispatcher::new(Params::default(), Box::new(RecordingStarter(calls.clone())));
+    (d, calls)
+}
+
+fn session(d: &Dispatcher, input: &[u8]) -> Vec<Value> {
+    let mut out = Vec::new();
+    d.serve(input, &mut out, &AtomicBool::new(false)).unwrap();
+    String::from_utf8(out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn session_answers_each_request_and_the_last_one_without_newline() {
+    let (d, calls) = dispatcher();
+    let dir = tempfile::tempdir().unwrap();
+    let input = format!(
+        "{{\"execute\":\"qmp_capabilities\"}}{{\"execute\":\"query-migrate\"}}\n\n   \n{{\"execute\":\"nope\"}}\r\n\
+         {{\"execute\":\"migrate-set-parameters\",\"arguments\":{{\"tls-creds\":\"{}\"}}}}\
+         {{\"execute\":\"migrate\",\"arguments\":{{\"channels\":[{{\"channel-type\":\"main\",\"addr\":{{\"transport\":\"socket\",\"type\":\"unix\",\"path\":\"/tmp/x.sock\"}}}}]}}}}",
+        dir.path().display()
+    );
+    let answers = session(&d, input.as_bytes());
+    assert_eq!(answers.len(), 6, "greeting + 5 answers: {answers:?}");
+    assert!(answers[0].get("QMP").is_some());
+    assert_eq!(answers[2]["return"], json!({}));
+    assert_eq!(answers[3]["error"]["class"], "CommandNotFound");
+    assert_eq!(answers[5]["return"], json!({}));
+    assert_eq!(
+        *calls.lock().unwrap(),
+        vec![format!("out unix:/tmp/x.sock tls {}", dir.path().display())]
+    );
+    assert!(d.current().is_some());
+}
+
+#[test]
+fn the_destination_reports_its_status_and_events() {
+    let (d, _) = dispatcher();
+    let input = br#"{"execute":"qmp_capabilities"}
+        {"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"events","state":true}]}}
+        {"execute":"migrate-incoming","arguments":{"uri":"tcp:127.0.0.1:0"}}
+        {"execute":"query-migrate"}"#;
+    let answers = session(&d, input);
+    let events: Vec<&Value> = answers
+        .iter()
+        .filter(|a| a.get("event").is_some())
+        .collect();
+    assert_eq!(events.len(), 2, "{answers:?}");
+    assert_eq!(events[0]["data"]["status"], "active");
+    assert_eq!(events[1]["data"]["status"], "completed");
+    let last = answers.last().unwrap();
+    assert_eq!(
+        last["return"],
+        json!({"status": "completed"}),
+        "{answers:?}"
+    );
+}
+
+#[test]
+fn session_ends_on_an_over_long_request_with_an_error() {
+    let (d, _) = dispatcher();
+    let mut input = b"{\"a\":\"".to_vec();
+    input.extend(std::iter::repeat_n(b'y', MAX_LINE + 10));
+    input.extend_from_slice(b"\"}\n{\"execute\":\"query-migrate\"}\n");
+    let answers = session(&d, &input);
+    assert_eq!(answers.len(), 2, "{answers:?}");
+    let desc = answers[1]["error"]["desc"].as_str().unwrap();
+    assert!(desc.contains("longer than"), "{desc}");
+}
+
+#[test]
+fn a_capability_cannot_make_the_parameters_invalid() {
+    let (d, _) = dispatcher();
+    let answers = session(
+        &d,
+        br#"{"execute":"qmp_capabilities"}
+        {"execute":"migrate-set-parameters","arguments":{"xbzrle-cache-size":0}}
+        {"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"x-livemig-verify","state":true},{"capability":"xbzrle","state":true}]}}"#,
+    );
+    assert_eq!(answers[2]["return"], json!({}), "{answers:?}");
+    let desc = answers[3]["error"]["desc"].as_str().expect("refused");
+    assert!(desc.contains("xbzrle-cache-size"), "{desc}");
+    // Nothing changed, not even the capability listed before the bad one.
+    let p = d.params();
+    assert!(!p.xbzrle);
+    assert!(!p.verify);
+    p.validate().unwrap();
+}
+
+#[test]
+fn the_socket_path_is_never_taken_from_someone_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let starter = || Box::new(RecordingStarter(Default::default())) as Box<dyn MigrationStarter>;
+    // A regular file: an error, the file untouched.
+    let file = dir.path().join("file");
+    std::fs::write(&file, b"keep me").unwrap();
+    let e = ControlServer::start(&file, Params::default(), starter())
+        .err()
+        .unwrap();
+    assert!(matches!(e, ControlError::NotASocket { .. }), "{e}");
+    assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
+    // A live socket: an error, the socket still served.
+    let live = dir.path().join("live.sock");
+    let first = ControlServer::start(&live, Params::default(), starter()).unwrap();
+    let e = ControlServer::start(&live, Params::default(), starter())
+        .err()
+        .unwrap();
+    assert!(matches!(e, ControlError::InUse { .. }), "{e}");
+    assert!(
+        e.to_string().contains("another process is listening"),
+        "{e}"
+    );
+    ControlClient::connect(&live).unwrap();
+    drop(first);
+    assert!(!live.exists(), "the server removes its own socket");
+    // A stale socket (nobody listens): replaced.
+    let stale = dir.path().join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    assert!(stale.exists());
+    let s = ControlServer::start(&stale, Params::default(), starter()).unwrap();
+    ControlClient::connect(&stale).unwrap();
+    // Someone else's file put in its place is not removed on drop.
+    std::fs::remove_file(&stale).unwrap();
+    std::fs::write(&stale, b"other").unwrap();
+    drop(s);
+    assert_eq!(std::fs::read(&stale).unwrap(), b"other");
 }
 
 #[test]
@@ -250,7 +606,10 @@ fn migrate_steer_cancel_and_migrate_again() {
     let err = c
         .execute("migrate", json!({"uri": "tcp:127.0.0.1:9"}))
         .unwrap_err();
-    assert!(err.to_string().contains("already running"), "{err}");
+    assert!(
+        err.to_string().contains("migration process in progress"),
+        "{err}"
+    );
     // A parameter change reaches the running migration.
     c.execute("migrate-set-parameters", json!({"max-bandwidth": 3 << 20}))
         .unwrap();
@@ -277,79 +636,4 @@ fn migrate_steer_cancel_and_migrate_again() {
         f.server.current().unwrap().stats().status,
         Status::Completed
     );
-}
-
-/// Starts nothing; records what it was asked.
-struct RecordingStarter(std::sync::Arc<Mutex<Vec<String>>>);
-
-impl MigrationStarter for RecordingStarter {
-    fn start_outgoing(&mut self, uri: &Uri, _handle: MigrationHandle) -> Result<(), String> {
-        self.0.lock().unwrap().push(format!("out {uri}"));
-        Ok(())
-    }
-    fn start_incoming(&mut self, uri: &Uri) -> Result<(), String> {
-        self.0.lock().unwrap().push(format!("in {uri}"));
-        Err("no incoming here".into())
-    }
-}
-
-fn dispatcher() -> (Dispatcher, std::sync::Arc<Mutex<Vec<String>>>) {
-    let calls = std::sync::Arc::new(Mutex::new(Vec::new()));
-    let d = Dispatcher::new(Params::default(), Box::new(RecordingStarter(calls.clone())));
-    (d, calls)
-}
-
-fn session(d: &Dispatcher, input: &[u8]) -> Vec<Value> {
-    let mut out = Vec::new();
-    d.serve(input, &mut out, &AtomicBool::new(false)).unwrap();
-    String::from_utf8(out)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-#[test]
-fn session_answers_each_line_and_the_last_one_without_newline() {
-    let (d, calls) = dispatcher();
-    let input = b"{\"execute\":\"query-migrate\"}\n\n   \n{\"execute\":\"nope\"}\r\n{\"execute\":\"migrate\",\"arguments\":{\"uri\":\"tcp:127.0.0.1:9\"}}";
-    let answers = session(&d, input);
-    assert_eq!(answers.len(), 4, "greeting + 3 answers: {answers:?}");
-    assert!(answers[0].get("livemig").is_some());
-    assert_eq!(answers[1]["return"]["status"], "none");
-    assert_eq!(answers[2]["error"]["class"], "CommandNotFound");
-    assert_eq!(answers[3]["return"], json!({}));
-    assert_eq!(
-        *calls.lock().unwrap(),
-        vec!["out tcp:127.0.0.1:9".to_string()]
-    );
-    assert!(d.current().is_some());
-}
-
-#[test]
-fn session_ends_on_an_over_long_line_with_an_error() {
-    let (d, _) = dispatcher();
-    let mut input = vec![b' '; MAX_LINE + 10];
-    input.extend_from_slice(b"\n{\"execute\":\"query-migrate\"}\n");
-    let answers = session(&d, &input);
-    assert_eq!(answers.len(), 2, "{answers:?}");
-    let desc = answers[1]["error"]["desc"].as_str().unwrap();
-    assert!(desc.contains("longer than"), "{desc}");
-}
-
-#[test]
-fn a_capability_cannot_make_the_parameters_invalid() {
-    let (d, _) = dispatcher();
-    let a = d.answer(r#"{"execute":"migrate-set-parameters","arguments":{"xbzrle-cache-size":0}}"#);
-    assert_eq!(a["return"], json!({}), "{a}");
-    let a = d.answer(
-        r#"{"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"verify","state":true},{"capability":"xbzrle","state":true}]}}"#,
-    );
-    let desc = a["error"]["desc"].as_str().expect("refused");
-    assert!(desc.contains("xbzrle-cache-size"), "{desc}");
-    // Nothing changed, not even the capability listed before the bad one.
-    let p = d.params();
-    assert!(!p.xbzrle);
-    assert!(!p.verify);
-    p.validate().unwrap();
 }

@@ -17,15 +17,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::Instant;
 
-use super::adapt::{CompressChooser, LinkCost, TimedWrite, WireClock};
 use super::params::CompressParams;
-use crate::codec::compress::Compressor;
-use crate::codec::zero;
+use crate::codec::adapt::{LinkCost, TimedWrite, WireClock};
+use crate::codec::encoder::{EncodeCounters, Page, PageEncoder};
 use crate::memory::{RamBlock, PAGE_SIZE};
 use crate::stream::format::FLAG_CHANNELS;
-use crate::stream::{BlockDesc, Encoded, StreamWriter};
+use crate::stream::{BlockDesc, StreamWriter};
 
 /// Pages per batch handed to a channel.
 pub(super) const BATCH_PAGES: usize = 128;
@@ -58,16 +56,14 @@ pub(super) struct PageEncoding {
     pub max_bandwidth: u64,
 }
 
-/// What one channel has sent, readable while it runs.
+/// What one channel has sent, readable while it runs (updated after each
+/// job).
 #[derive(Default)]
 pub(super) struct ChannelCounters {
-    pub bytes: AtomicU64,
-    pub zero: AtomicU64,
-    pub normal: AtomicU64,
-    pub compressed_pages: AtomicU64,
-    pub compressed_bytes: AtomicU64,
-    /// Pages sent uncompressed because compressing did not pay.
-    pub compress_skipped: AtomicU64,
+    /// Stream bytes written.
+    bytes: AtomicU64,
+    /// The channel encoder's counts.
+    encoded: Mutex<EncodeCounters>,
 }
 
 struct Sender {
@@ -129,15 +125,18 @@ impl SendChannels {
         })
     }
 
-    /// Per-channel counters.
-    pub fn counters(&self) -> impl Iterator<Item = &ChannelCounters> {
-        self.senders.iter().map(|s| &*s.counters)
+    /// What each channel's encoder has sent.
+    pub fn counters(&self) -> impl Iterator<Item = EncodeCounters> + '_ {
+        self.senders
+            .iter()
+            .map(|s| *s.counters.encoded.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// Stream bytes all channels have produced.
     pub fn bytes(&self) -> u64 {
-        self.counters()
-            .map(|c| c.bytes.load(Ordering::Relaxed))
+        self.senders
+            .iter()
+            .map(|s| s.counters.bytes.load(Ordering::Relaxed))
             .sum()
     }
 
@@ -269,10 +268,8 @@ impl Worker {
         let mut seq = 0u64;
         w.section_end(seq)?;
         seq += 1;
-        let mut comp: Option<(CompressParams, Compressor, CompressChooser)> = None;
-        let mut comp_buf = Vec::with_capacity(PAGE_SIZE);
+        let mut encoder: Option<PageEncoder> = None;
         let mut batches = 0u32;
-        let c = &*self.counters;
         // Ends when the main thread drops its sender (failure or cancel).
         while let Ok(job) = rx.recv() {
             if self.stop.load(Ordering::Relaxed) {
@@ -280,52 +277,18 @@ impl Worker {
             }
             match job {
                 Job::Pages(pages, enc) => {
-                    if comp.as_ref().map(|(p, _, _)| *p) != enc.compress {
-                        comp = match enc.compress {
-                            Some(p) => Compressor::new(p.algorithm, p.level)
-                                .ok()
-                                .map(|c| (p, c, CompressChooser::new(enc.adaptive))),
-                            None => None,
-                        };
-                    }
+                    let e = encoder.get_or_insert_with(|| PageEncoder::new(enc.adaptive));
+                    e.set_compression(enc.compress.map(|p| (p.algorithm, p.level)), enc.adaptive);
                     link.update();
-                    if let Some((_, _, chooser)) = &mut comp {
-                        let mb = enc.max_bandwidth;
-                        chooser.decide(link.ns_per_byte(mb), link.capped(mb));
-                    }
+                    let mb = enc.max_bandwidth;
+                    e.decide(link.ns_per_byte(mb), link.capped(mb));
                     for (block, page) in pages {
-                        let region = self.blocks[usize::from(block)].region();
-                        let offset = page * PAGE_SIZE as u64;
-                        let off = offset as usize;
-                        if region.scan(off, PAGE_SIZE, zero::is_zero) == Some(true) {
-                            c.zero.fetch_add(1, Ordering::Relaxed);
-                            w.zero(block, offset)?;
-                            continue;
-                        }
-                        w.stage_page_with(block, offset, |buf| {
-                            region.append_to(off, PAGE_SIZE, buf);
-                        });
-                        if let Some((p, cz, chooser)) = &mut comp {
-                            if chooser.should_compress() {
-                                comp_buf.clear();
-                                let t0 = Instant::now();
-                                let r = cz.compress(w.staged(), &mut comp_buf);
-                                let ns = t0.elapsed().as_nanos() as u64;
-                                if let Ok(Some(n)) = r {
-                                    chooser.record(ns, n);
-                                    c.compressed_pages.fetch_add(1, Ordering::Relaxed);
-                                    c.compressed_bytes.fetch_add(n as u64, Ordering::Relaxed);
-                                    let algo = p.algorithm.as_u8();
-                                    w.commit_encoded(Encoded::Compressed(algo), &comp_buf[..n])?;
-                                    continue;
-                                }
-                                chooser.record(ns, PAGE_SIZE);
-                            } else {
-                                c.compress_skipped.fetch_add(1, Ordering::Relaxed);
-                            }
-                        }
-                        c.normal.fetch_add(1, Ordering::Relaxed);
-                        w.commit_raw()?;
+                        let page = Page {
+                            region: self.blocks[usize::from(block)].region(),
+                            block,
+                            offset: page * PAGE_SIZE as u64,
+                        };
+                        e.encode(&mut w, page, None)?;
                     }
                     batches += 1;
                     if batches.is_multiple_of(BATCHES_PER_SECTION) {
@@ -340,13 +303,27 @@ impl Worker {
                 }
                 Job::Finish => {
                     w.end()?;
-                    c.bytes.store(w.bytes(), Ordering::Relaxed);
+                    self.publish(&w, encoder.as_ref());
                     return Ok(());
                 }
             }
-            c.bytes.store(w.bytes(), Ordering::Relaxed);
+            self.publish(&w, encoder.as_ref());
         }
         Err(io::Error::other("stopped before the end of the migration"))
+    }
+}
+
+impl Worker {
+    /// Makes what this channel sent so far readable by the main thread.
+    fn publish<W: Write>(&self, w: &StreamWriter<W>, encoder: Option<&PageEncoder>) {
+        self.counters.bytes.store(w.bytes(), Ordering::Relaxed);
+        if let Some(e) = encoder {
+            *self
+                .counters
+                .encoded
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = e.counters();
+        }
     }
 }
 

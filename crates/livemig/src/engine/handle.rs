@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use serde::{Deserialize, Serialize};
 
 use super::params::Params;
-use super::stats::MigrationStats;
+use super::stats::{MigrationStats, Status};
 
 /// One sync's worth of figures: the per-round log a report plots.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -34,12 +34,37 @@ pub struct SyncPoint {
     pub expected_downtime: u64,
 }
 
+/// What a [`MigrationHandle`] tells its observers.
+#[derive(Clone, Debug, PartialEq)]
+pub enum HandleEvent {
+    /// The status changed (QMP's `MIGRATION` event).
+    Status(Status),
+    /// The dirty tracker was synced: pass `n` of the memory begins (QMP's
+    /// `MIGRATION_PASS` event).
+    Pass(u64),
+}
+
+/// A function called on every [`HandleEvent`], from the thread that
+/// changed the stats, with the stats locked: it must be quick and must not
+/// touch the handle.
+pub type Observer = Box<dyn Fn(&HandleEvent) + Send + Sync>;
+
+#[derive(Default)]
+struct Observers(Vec<Observer>);
+
+impl std::fmt::Debug for Observers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} observers", self.0.len())
+    }
+}
+
 #[derive(Debug, Default)]
 struct Shared {
     params: Mutex<Params>,
     stats: Mutex<MigrationStats>,
     history: Mutex<Vec<SyncPoint>>,
     cancel: AtomicBool,
+    observers: Mutex<Observers>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -93,8 +118,44 @@ impl MigrationHandle {
         self.shared.cancel.load(Ordering::SeqCst)
     }
 
+    /// Calls `observer` on every later status change and dirty sync.
+    pub fn observe(&self, observer: Observer) {
+        lock(&self.shared.observers).0.push(observer);
+    }
+
+    /// Sets the status (and the error, when given) from outside the
+    /// engine: for a VMM that reports the destination side of a migration
+    /// through a handle of its own. Observers see the change.
+    pub fn set_status(&self, status: Status, error: Option<String>) {
+        self.update_stats(|s| {
+            s.status = status;
+            if error.is_some() {
+                s.error_desc = error;
+            }
+        });
+    }
+
+    /// Changes the stats; observers hear of a new status or dirty sync, in
+    /// the order the changes were made (the stats stay locked meanwhile).
     pub(crate) fn update_stats(&self, f: impl FnOnce(&mut MigrationStats)) {
-        f(&mut lock(&self.shared.stats));
+        let mut s = lock(&self.shared.stats);
+        let (status, syncs) = (s.status, s.ram.dirty_sync_count);
+        f(&mut s);
+        let mut events = Vec::new();
+        if s.ram.dirty_sync_count != syncs {
+            events.push(HandleEvent::Pass(s.ram.dirty_sync_count));
+        }
+        if s.status != status {
+            events.push(HandleEvent::Status(s.status));
+        }
+        if !events.is_empty() {
+            let obs = lock(&self.shared.observers);
+            for e in &events {
+                for o in &obs.0 {
+                    o(e);
+                }
+            }
+        }
     }
 
     pub(crate) fn push_history(&self, p: SyncPoint) {

@@ -2,7 +2,6 @@
 //! loader, over any guest memory, tracker and byte transport.
 
 mod ack;
-mod adapt;
 mod channels;
 mod digest;
 mod handle;
@@ -18,7 +17,7 @@ pub use ack::{
 };
 pub use channels::ChannelWriter;
 pub use digest::{hex, memory_digest};
-pub use handle::{MigrationHandle, SyncPoint};
+pub use handle::{HandleEvent, MigrationHandle, Observer, SyncPoint};
 pub use loader::{LoadError, LoadOutcome, LoadStats, Loader};
 pub use pacing::{PauseEstimate, HANDSHAKE_ALLOWANCE};
 pub use params::{CompressParams, Params};

@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::ack;
-use super::adapt::{CompressChooser, LinkCost, TimedWrite, WireClock, XbzrleGate};
 use super::channels::{ChannelSetup, ChannelWriter, PageEncoding, SendChannels};
 use super::digest::{hash_sample, hex, memory_digest, RunningDigest, CHUNK as DIGEST_CHUNK};
 use super::handle::{MigrationHandle, SyncPoint};
@@ -20,13 +19,12 @@ use super::params::Params;
 use super::stats::{CompressionStats, MigrationStats, Status, XbzrleStats};
 use super::MigrationError;
 use crate::bitmap::DirtyBitmap;
-use crate::codec::compress::Compressor;
-use crate::codec::page_cache::PageCache;
-use crate::codec::{xbzrle, zero};
+use crate::codec::adapt::{LinkCost, TimedWrite, WireClock};
+use crate::codec::encoder::{Delta, EncodeCounters, Page, PageEncoder};
 use crate::dirty::DirtyTracker;
 use crate::memory::{GuestMemory, RamBlock, PAGE_SIZE};
 use crate::stream::format::{FLAG_CHANNELS, FLAG_VERIFY};
-use crate::stream::{BlockDesc, Encoded, StreamWriter};
+use crate::stream::{BlockDesc, StreamWriter};
 use crate::vm::{StateCost, VmControl};
 
 /// How long one iteration step sends before giving control back.
@@ -202,26 +200,6 @@ struct GuestSide {
     sent_go: bool,
 }
 
-/// Counters of what was sent, by kind.
-#[derive(Clone, Copy, Default)]
-struct Counters {
-    zero: u64,
-    skipped: u64,
-    normal: u64,
-    xbzrle_pages: u64,
-    xbzrle_bytes: u64,
-    xbzrle_miss: u64,
-    xbzrle_overflow: u64,
-    xbzrle_lookups: u64,
-    compressed_pages: u64,
-    compressed_bytes: u64,
-    /// Pages not compressed because compressing did not pay on this link.
-    compress_skipped: u64,
-    /// Re-sent pages that did not try XBZRLE because it did not pay.
-    xbzrle_skipped: u64,
-    pages_sent: u64,
-}
-
 struct RamSaver<'a> {
     mem: &'a dyn GuestMemory,
     /// Verify mode: the digest as the dirty tracker sees memory.
@@ -241,18 +219,15 @@ struct RamSaver<'a> {
     rounds: u64,
     bulk: bool,
     sync_count: u64,
-    cache: Option<PageCache>,
-    encode_buf: Vec<u8>,
-    compressor: Option<(u8, Compressor)>,
-    compress_buf: Vec<u8>,
-    /// Adaptive encoding: the main stream's link cost, and whether
-    /// compression and XBZRLE pay on it.
+    /// The main stream's page encoder (zero / XBZRLE / compressed / raw).
+    encoder: PageEncoder,
+    /// The main stream's link cost, which the encoder's choices weigh.
     link: LinkCost,
     wire: Arc<WireClock>,
-    chooser: CompressChooser,
-    gate: XbzrleGate,
-    zero_page: Vec<u8>,
-    c: Counters,
+    /// Pages sent or queued on any stream.
+    pages_sent: u64,
+    /// What page channels sent before they were closed.
+    closed_channels: EncodeCounters,
     seq: u64,
     /// Bandwidth, rate limit and the pause estimate.
     pacing: Pacing,
@@ -322,16 +297,11 @@ impl<'a> RamSaver<'a> {
             rounds: 0,
             bulk: true,
             sync_count: 0,
-            cache: None,
-            encode_buf: vec![0; PAGE_SIZE],
-            compressor: None,
-            compress_buf: Vec::with_capacity(PAGE_SIZE),
+            encoder: PageEncoder::new(adaptive),
             link: LinkCost::new(wire.clone()),
             wire,
-            chooser: CompressChooser::new(adaptive),
-            gate: XbzrleGate::new(),
-            zero_page: vec![0; PAGE_SIZE],
-            c: Counters::default(),
+            pages_sent: 0,
+            closed_channels: EncodeCounters::default(),
             seq: 0,
             pacing: Pacing::new(started),
             state_cost: StateCost::default(),
@@ -656,37 +626,12 @@ impl<'a> RamSaver<'a> {
 
     fn apply_params(&mut self) {
         let p = &self.params;
-        match (&mut self.cache, p.xbzrle) {
-            (None, true) => match PageCache::new(p.xbzrle_cache_size) {
-                Ok(c) => self.cache = Some(c),
-                Err(e) => log::warn!(
-                    "xbzrle cache of {} bytes: {e}; xbzrle stays off",
-                    p.xbzrle_cache_size
-                ),
-            },
-            (Some(c), true) if c.size_bytes() != p.xbzrle_cache_size => {
-                if let Err(e) = c.resize(p.xbzrle_cache_size) {
-                    log::warn!("xbzrle cache resize to {}: {e}", p.xbzrle_cache_size);
-                }
-            }
-            // The cache must mirror what the destination holds: once off,
-            // drop it so a later "on" starts empty.
-            (Some(_), false) => self.cache = None,
-            _ => {}
-        }
-        match (p.compress, &self.compressor) {
-            (None, Some(_)) => self.compressor = None,
-            (Some(cp), cur) => {
-                let id = cp.algorithm.as_u8();
-                if cur.as_ref().map(|(a, _)| *a) != Some(id) {
-                    match Compressor::new(cp.algorithm, cp.level) {
-                        Ok(c) => self.compressor = Some((id, c)),
-                        Err(e) => log::warn!("compressor {:?}: {e}; sending raw", cp.algorithm),
-                    }
-                }
-            }
-            _ => {}
-        }
+        self.encoder
+            .set_xbzrle(p.xbzrle.then_some(p.xbzrle_cache_size));
+        self.encoder.set_compression(
+            p.compress.map(|c| (c.algorithm, c.level)),
+            p.adaptive_encoding,
+        );
     }
 
     fn section_end<W: Write>(&mut self, w: &mut StreamWriter<W>) -> Result<(), MigrationError> {
@@ -699,7 +644,9 @@ impl<'a> RamSaver<'a> {
     /// Stops the page channels, keeping what they counted.
     fn close_channels(&mut self) {
         if let Some(ch) = self.channels.take() {
-            add_channel_counters(&mut self.c, &ch);
+            for k in ch.counters() {
+                self.closed_channels.add(&k);
+            }
         }
     }
 
@@ -792,14 +739,14 @@ impl<'a> RamSaver<'a> {
             round: self.rounds,
             dirty_pages: reported,
             remaining_pages: self.remaining_pages(),
-            sent_pages: self.c.pages_sent - self.last_sync_sent,
+            sent_pages: self.pages_sent - self.last_sync_sent,
             throughput: ((self.transferred - self.last_sync_bytes) as f64 / since) as u64,
             dirty_pages_rate: self.dirty_pages_rate,
             throttle: self.throttle,
             expected_downtime: self.expected_downtime(),
         });
         self.last_sync = now;
-        self.last_sync_sent = self.c.pages_sent;
+        self.last_sync_sent = self.pages_sent;
         self.last_sync_bytes = self.transferred;
         Ok(())
     }
@@ -896,111 +843,35 @@ impl<'a> RamSaver<'a> {
         completing: bool,
     ) -> io::Result<()> {
         let offset = page * PAGE_SIZE as u64;
-        let off = offset as usize;
-        let region = self.blocks[block].region();
         let b = block as u16;
-        let addr = self.block_base[block] + offset;
-        let xbzrle_on = !self.bulk && self.cache.is_some();
-        if self.c.pages_sent.is_multiple_of(64) {
+        if self.pages_sent.is_multiple_of(64) {
             self.link.update();
             let mb = self.params.max_bandwidth;
-            self.chooser
+            self.encoder
                 .decide(self.link.ns_per_byte(mb), self.link.capped(mb));
         }
-        self.c.pages_sent += 1;
+        self.pages_sent += 1;
+        // XBZRLE applies to pages sent again after the bulk stage.
+        let delta = (!self.bulk && self.encoder.has_xbzrle()).then(|| Delta {
+            addr: self.block_base[block] + offset,
+            generation: self.sync_count,
+            last_pass: completing,
+        });
         let enc = self.encoding();
         if let Some(ch) = &mut self.channels {
             // XBZRLE stays on the main stream: its cache must hold exactly
             // the bytes the destination got, so the thread that reads a page
             // for the cache also sends it.
-            if !xbzrle_on {
+            if delta.is_none() {
                 return ch.push(b, page, enc);
             }
         }
-        // XBZRLE sits out while it does not pay; the cache then forgets
-        // the pages sent otherwise, so that it never holds a copy the
-        // destination does not have.
-        let xbzrle_try = xbzrle_on && self.gate.should_try();
-        if region.scan(off, PAGE_SIZE, zero::is_zero) == Some(true) {
-            self.c.zero += 1;
-            if let Some(cache) = self.cache.as_mut().filter(|_| xbzrle_on) {
-                if xbzrle_try {
-                    cache.insert(addr, &self.zero_page, self.sync_count);
-                } else {
-                    cache.forget(addr);
-                }
-            }
-            return w.zero(b, offset);
-        }
-        w.stage_page_with(b, offset, |buf| {
-            region.append_to(off, PAGE_SIZE, buf);
-        });
-        if xbzrle_on && !xbzrle_try {
-            if let Some(cache) = &mut self.cache {
-                cache.forget(addr);
-            }
-        }
-        if xbzrle_try {
-            let t0 = Instant::now();
-            let cache = self.cache.as_mut().expect("xbzrle_on implies a cache");
-            self.c.xbzrle_lookups += 1;
-            // What the page would cost without XBZRLE.
-            let baseline = if self.compressor.is_some() && self.chooser.is_on() {
-                self.chooser.expected_bytes()
-            } else {
-                PAGE_SIZE as f64
-            };
-            let link = self.link.ns_per_byte(self.params.max_bandwidth);
-            match cache.get_mut_at(addr, self.sync_count) {
-                None => {
-                    self.c.xbzrle_miss += 1;
-                    // A miss is what a later hit costs: not judged.
-                    if !completing {
-                        cache.insert(addr, w.staged(), self.sync_count);
-                    }
-                }
-                Some(old) => match xbzrle::encode(old, w.staged(), &mut self.encode_buf) {
-                    Ok(0) => {
-                        self.c.skipped += 1;
-                        w.discard_staged();
-                        let ns = t0.elapsed().as_nanos() as u64;
-                        self.gate.record(ns, 0.0, baseline, link);
-                        return Ok(());
-                    }
-                    Ok(n) => {
-                        old.copy_from_slice(w.staged());
-                        self.c.xbzrle_pages += 1;
-                        self.c.xbzrle_bytes += n as u64;
-                        let ns = t0.elapsed().as_nanos() as u64;
-                        self.gate.record(ns, n as f64, baseline, link);
-                        return w.commit_encoded(Encoded::Xbzrle, &self.encode_buf[..n]);
-                    }
-                    Err(_) => {
-                        self.c.xbzrle_overflow += 1;
-                        old.copy_from_slice(w.staged());
-                        let ns = t0.elapsed().as_nanos() as u64;
-                        self.gate.record(ns, baseline, baseline, link);
-                    }
-                },
-            }
-        }
-        if let Some((algo, comp)) = &mut self.compressor {
-            if self.chooser.should_compress() {
-                self.compress_buf.clear();
-                let t0 = Instant::now();
-                let r = comp.compress(w.staged(), &mut self.compress_buf);
-                let ns = t0.elapsed().as_nanos() as u64;
-                if let Ok(Some(n)) = r {
-                    self.chooser.record(ns, n);
-                    self.c.compressed_pages += 1;
-                    self.c.compressed_bytes += n as u64;
-                    return w.commit_encoded(Encoded::Compressed(*algo), &self.compress_buf[..n]);
-                }
-                self.chooser.record(ns, PAGE_SIZE);
-            }
-        }
-        self.c.normal += 1;
-        w.commit_raw()
+        let page = Page {
+            region: self.blocks[block].region(),
+            block: b,
+            offset,
+        };
+        self.encoder.encode(w, page, delta)
     }
 
     fn publish(&mut self, status: Status, tracker: &str, error: Option<String>) {
@@ -1012,29 +883,33 @@ impl<'a> RamSaver<'a> {
             self.remaining_bytes()
         };
         let expected = self.expected_downtime();
-        let lookups = self.c.xbzrle_lookups.max(1) as f64;
-        let mut c = self.c;
-        c.compress_skipped = self.chooser.skipped();
-        c.xbzrle_skipped = self.gate.skipped();
+        let mut c = self.encoder.counters();
+        c.add(&self.closed_channels);
         if let Some(ch) = &self.channels {
-            add_channel_counters(&mut c, ch);
+            for k in ch.counters() {
+                c.add(&k);
+            }
         }
+        let lookups = c.xbzrle_lookups.max(1) as f64;
         let c = &c;
         let p = &self.params;
-        let xb = self.cache.as_ref().map(|cache| XbzrleStats {
-            cache_size: cache.size_bytes(),
-            bytes: c.xbzrle_bytes,
-            pages: c.xbzrle_pages,
-            cache_miss: c.xbzrle_miss,
-            cache_miss_rate: c.xbzrle_miss as f64 / lookups,
-            encoding_rate: if c.xbzrle_bytes > 0 {
-                (c.xbzrle_pages * PAGE_SIZE as u64) as f64 / c.xbzrle_bytes as f64
-            } else {
-                0.0
-            },
-            overflow: c.xbzrle_overflow,
-            skipped_pages: c.xbzrle_skipped,
-        });
+        let xb = self
+            .encoder
+            .xbzrle_cache_size()
+            .map(|cache_size| XbzrleStats {
+                cache_size,
+                bytes: c.xbzrle_bytes,
+                pages: c.xbzrle_pages,
+                cache_miss: c.xbzrle_miss,
+                cache_miss_rate: c.xbzrle_miss as f64 / lookups,
+                encoding_rate: if c.xbzrle_bytes > 0 {
+                    (c.xbzrle_pages * PAGE_SIZE as u64) as f64 / c.xbzrle_bytes as f64
+                } else {
+                    0.0
+                },
+                overflow: c.xbzrle_overflow,
+                skipped_pages: c.xbzrle_skipped,
+            });
         let comp = p.compress.map(|_| CompressionStats {
             pages: c.compressed_pages,
             compressed_size: c.compressed_bytes,
@@ -1098,18 +973,6 @@ impl<'a> RamSaver<'a> {
             s.dirty_tracker = tracker.to_string();
             s.error_desc = error;
         });
-    }
-}
-
-/// Adds what the page channels sent to `c`.
-fn add_channel_counters(c: &mut Counters, ch: &SendChannels) {
-    use std::sync::atomic::Ordering::Relaxed;
-    for k in ch.counters() {
-        c.zero += k.zero.load(Relaxed);
-        c.normal += k.normal.load(Relaxed);
-        c.compressed_pages += k.compressed_pages.load(Relaxed);
-        c.compressed_bytes += k.compressed_bytes.load(Relaxed);
-        c.compress_skipped += k.compress_skipped.load(Relaxed);
     }
 }
 

@@ -1,6 +1,6 @@
 //! The migration stream: livemig's own versioned wire format.
 //!
-//! [`format`] defines it, [`StreamWriter`] produces it and
+//! [`format`](mod@format) defines it, [`StreamWriter`] produces it and
 //! [`StreamReader`] validates it record by record.
 
 pub mod format;

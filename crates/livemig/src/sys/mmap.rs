@@ -198,6 +198,23 @@ impl RawRegion {
         }
     }
 
+    /// A region over `len` bytes at `offset` of an anonymous mapping, or
+    /// `None` if that range is not inside it. Regions carved from one
+    /// mapping are adjacent in the host's address space.
+    pub fn from_mapping_range(m: Arc<AnonMapping>, offset: usize, len: usize) -> Option<Self> {
+        if !in_range(m.len, offset, len) {
+            return None;
+        }
+        // SAFETY: `offset + len <= m.len` (checked), so the pointer stays
+        // inside the mapping and is non-null.
+        let ptr = unsafe { NonNull::new_unchecked(m.ptr.as_ptr().add(offset)) };
+        Some(RawRegion {
+            ptr,
+            len,
+            _owner: m,
+        })
+    }
+
     /// A region over memory owned by someone else (a VMM's mapping).
     ///
     /// # Safety
@@ -284,4 +301,28 @@ impl RawRegion {
         let s = unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(offset), len) };
         Some(f(s))
     }
+}
+
+/// The regions of a rust-vmm `GuestMemoryMmap`, each with its guest
+/// address, kept mapped by a clone of `mem`.
+#[cfg(feature = "vm-memory")]
+pub fn vm_memory_regions<B>(
+    mem: &Arc<vm_memory::GuestMemoryMmap<B>>,
+) -> Vec<(vm_memory::GuestAddress, RawRegion)>
+where
+    B: vm_memory::bitmap::Bitmap + Send + Sync + 'static,
+{
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    let mut out = Vec::new();
+    for r in mem.iter() {
+        let Some(ptr) = NonNull::new(r.as_ptr()) else {
+            continue;
+        };
+        let owner: Arc<dyn Send + Sync> = mem.clone();
+        // SAFETY: the region is mapped read/write by `GuestMemoryMmap` for
+        // as long as `mem` lives, and `owner` (a clone of it) keeps it.
+        let region = unsafe { RawRegion::from_raw(ptr, r.len() as usize, owner) };
+        out.push((r.start_addr(), region));
+    }
+    out
 }

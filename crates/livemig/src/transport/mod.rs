@@ -4,7 +4,6 @@
 //! up over a Unix socket at PATH, see [`crate::transport::shm`]).
 
 pub mod shm;
-/// TLS 1.3 with mutual certificate authentication over TCP and Unix sockets.
 pub mod tls;
 
 use std::fmt;
@@ -32,6 +31,15 @@ pub enum TransportError {
         uri: String,
         /// OS error.
         source: io::Error,
+    },
+    /// A peer connected and closed without sending a byte (a port scan, a
+    /// health check): no migration came, the listener can wait on.
+    #[error("{peer} connected to {uri} and closed without sending anything")]
+    EmptyConnection {
+        /// Who it was.
+        peer: String,
+        /// The URI listened on.
+        uri: String,
     },
     /// Setting up the shared-memory transport failed.
     #[error("{op} {uri}: {source}")]
@@ -164,7 +172,8 @@ fn split<S: Socket>(
     peer: String,
     timeout: Duration,
 ) -> Result<(Timed<S>, Timed<S>), TransportError> {
-    s.set_timeouts(timeout).map_err(io_err("configure", uri))?;
+    let slice = timeout_slice(timeout);
+    s.set_timeouts(slice).map_err(io_err("configure", uri))?;
     let other = s
         .try_clone_socket()
         .map_err(io_err("clone socket of", uri))?;
@@ -172,18 +181,72 @@ fn split<S: Socket>(
         s,
         peer: peer.clone(),
         timeout,
+        slice,
+        moved_at: None,
     };
     Ok((timed(s), timed(other)))
 }
 
+/// The socket timeout a [`Timed`] waits in: a tenth of the I/O timeout, at
+/// most 100 ms, so the timeout fires within a slice of the time given.
+fn timeout_slice(timeout: Duration) -> Duration {
+    (timeout / 10).clamp(Duration::from_millis(1), Duration::from_millis(100))
+}
+
 /// A socket whose timeouts say who was silent and for how long.
+///
+/// The kernel's socket timeout restarts at every call, and a write that
+/// moved some bytes before blocking returns them only when it times out:
+/// with the timeout on the socket, a peer that stops reading is noticed
+/// only after two or three timeouts. So the socket waits in short slices
+/// and a call fails once the peer made no progress for the whole timeout,
+/// counted from the start of the last call that moved data (the earliest
+/// that data can have moved).
 struct Timed<S> {
     s: S,
     peer: String,
     timeout: Duration,
+    slice: Duration,
+    /// Start of the last write that moved bytes only to then block (the
+    /// peer may have been silent since).
+    moved_at: Option<std::time::Instant>,
 }
 
 impl<S> Timed<S> {
+    /// Runs `op` in slices until it moves data, fails otherwise, or the
+    /// peer has been silent for the timeout.
+    fn retry(
+        &mut self,
+        what: &str,
+        writing: bool,
+        mut op: impl FnMut(&mut S) -> io::Result<usize>,
+    ) -> io::Result<usize> {
+        let start = std::time::Instant::now();
+        let since = match self.moved_at.take() {
+            Some(t) if writing => t,
+            _ => start,
+        };
+        loop {
+            match op(&mut self.s) {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) && since.elapsed() + self.slice / 2 < self.timeout =>
+                {
+                    continue
+                }
+                Err(e) => return Err(self.explain(e, what)),
+                Ok(n) => {
+                    if writing && start.elapsed() >= self.slice {
+                        self.moved_at = Some(start);
+                    }
+                    return Ok(n);
+                }
+            }
+        }
+    }
+
     fn explain(&self, e: io::Error, what: &str) -> io::Error {
         if matches!(
             e.kind(),
@@ -214,20 +277,17 @@ fn fmt_secs(d: Duration) -> String {
 
 impl<S: Read> Read for Timed<S> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.s
-            .read(buf)
-            .map_err(|e| self.explain(e, "sent nothing"))
+        self.retry("sent nothing", false, |s| s.read(buf))
     }
 }
 
 impl<S: Write> Write for Timed<S> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.s
-            .write(buf)
-            .map_err(|e| self.explain(e, "took no data"))
+        self.retry("took no data", true, |s| s.write(buf))
     }
     fn flush(&mut self) -> io::Result<()> {
-        self.s.flush().map_err(|e| self.explain(e, "took no data"))
+        self.retry("took no data", true, |s| s.flush().map(|_| 0))
+            .map(|_| ())
     }
 }
 
@@ -413,11 +473,19 @@ impl Listener {
         match self {
             Listener::Tcp(l, uri) => {
                 let (s, addr) = l.accept().map_err(io_err("accept on", uri))?;
-                incoming_from(s, uri, format!("the source at tcp:{addr}"), io_timeout)
+                first_bytes(
+                    incoming_from(s, uri, format!("the source at tcp:{addr}"), io_timeout)?,
+                    &self.local_uri(),
+                    format!("tcp:{addr}"),
+                )
             }
             Listener::Unix(l, uri, _) => {
                 let s = l.accept().map_err(io_err("accept on", uri))?.0;
-                incoming_from(s, uri, format!("the source on {uri}"), io_timeout)
+                first_bytes(
+                    incoming_from(s, uri, format!("the source on {uri}"), io_timeout)?,
+                    uri,
+                    "a peer".into(),
+                )
             }
             Listener::File(uri, path) => Ok(Incoming {
                 reader: Box::new(File::open(path).map_err(io_err("open", uri))?),
@@ -436,6 +504,32 @@ impl Listener {
 }
 
 /// The destination's end of an accepted socket.
+/// Waits for the first bytes of a new connection (within its I/O
+/// timeout): a peer that closes without sending any is
+/// [`TransportError::EmptyConnection`]; otherwise the bytes are put back in
+/// front of the stream.
+fn first_bytes(inc: Incoming, uri: &Uri, peer: String) -> Result<Incoming, TransportError> {
+    let Incoming { mut reader, ack } = inc;
+    let mut first = [0u8; 64];
+    let n = loop {
+        match reader.read(&mut first) {
+            Ok(n) => break n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(io_err("waiting for the first bytes on", uri)(e)),
+        }
+    };
+    if n == 0 {
+        return Err(TransportError::EmptyConnection {
+            peer,
+            uri: uri.to_string(),
+        });
+    }
+    Ok(Incoming {
+        reader: Box::new(io::Cursor::new(first[..n].to_vec()).chain(reader)),
+        ack,
+    })
+}
+
 fn incoming_from<S: Socket>(
     s: S,
     uri: &Uri,
@@ -688,10 +782,16 @@ mod tests {
         let l = Listener::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
         let uri = l.local_uri();
         // A source that connects and sends nothing.
+        // The accept waits for its first bytes (a peer that closes without
+        // any is refused), so the timeout ends the accept.
         let out = connect(&uri).unwrap();
-        let mut inc = l.accept_with_timeout(Duration::from_millis(300)).unwrap();
-        let mut b = [0u8; 1];
-        let e = inc.reader.read(&mut b).unwrap_err();
+        let e = l
+            .accept_with_timeout(Duration::from_millis(300))
+            .err()
+            .expect("a silent source times out");
+        let TransportError::Io { source: e, .. } = e else {
+            panic!("{e}")
+        };
         assert_eq!(e.kind(), io::ErrorKind::TimedOut);
         let text = e.to_string();
         assert!(text.starts_with("the source at tcp:127.0.0.1:"), "{text}");
@@ -701,9 +801,11 @@ mod tests {
         );
         drop(out);
         // A destination that never answers.
-        let out = connect_with_timeout(&uri, Duration::from_secs(1)).unwrap();
+        let mut out = connect_with_timeout(&uri, Duration::from_secs(1)).unwrap();
+        out.writer.write_all(b"L").unwrap();
         let _inc = l.accept().unwrap();
         let mut ack = out.ack.unwrap();
+        let mut b = [0u8; 1];
         let e = ack.read(&mut b).unwrap_err();
         assert_eq!(
             e.to_string(),
@@ -780,5 +882,56 @@ mod tests {
         assert!(all[4..] == big[..], "the stream arrives intact");
         // The listener removed its socket file.
         assert!(!dir.path().join("t.sock").exists());
+    }
+}
+
+#[cfg(test)]
+mod timeout_tests {
+    use super::*;
+    use std::time::Instant;
+
+    /// A peer that accepts and then neither reads nor writes: the source's
+    /// writes fail after the timeout given, not a multiple of it.
+    #[test]
+    fn a_stalled_peer_fails_a_write_after_the_timeout_given() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let uri: Uri = format!("tcp:{}", l.local_addr().unwrap()).parse().unwrap();
+        let t = std::thread::spawn(move || {
+            let (s, _) = l.accept().unwrap();
+            std::thread::sleep(Duration::from_secs(8));
+            drop(s);
+        });
+        let mut out = connect_with_timeout(&uri, Duration::from_secs(1)).unwrap();
+        let chunk = vec![7u8; 1 << 20];
+        let t0 = Instant::now();
+        let mut last_progress = Instant::now();
+        let err = loop {
+            match out.writer.write(&chunk) {
+                Ok(n) => {
+                    assert!(n > 0);
+                    last_progress = Instant::now();
+                }
+                Err(e) => break e,
+            }
+        };
+        let stalled = last_progress.elapsed();
+        eprintln!(
+            "failed {stalled:?} after the last progress ({:?} in all): {err}",
+            t0.elapsed()
+        );
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
+        // The last write that moved bytes blocked until its slice ended:
+        // the peer has been silent since that write began.
+        assert!(
+            stalled >= Duration::from_millis(700) && stalled < Duration::from_millis(1500),
+            "a 1 s timeout fired {stalled:?} after the last progress"
+        );
+        assert!(
+            t0.elapsed() < Duration::from_millis(2500),
+            "a 1 s timeout fired after {:?} (the peer never read)",
+            t0.elapsed()
+        );
+        drop(out);
+        t.join().unwrap();
     }
 }

@@ -14,7 +14,7 @@
 //! while connecting rather than at its first write.
 //!
 //! A connection is split into the same halves as a plain socket
-//! ([`Outgoing`] / [`Incoming`]): the stream one way, the return path the
+//! ([`Outgoing`](super::Outgoing) / [`Incoming`]): the stream one way, the return path the
 //! other, usable from two threads. They share one rustls session behind a
 //! lock. The reader never holds it while it waits for the socket; the
 //! writer holds it while its records go out (writing them straight from

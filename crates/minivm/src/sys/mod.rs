@@ -1,6 +1,10 @@
-//! Raw access to POD KVM structures, the vCPU kick signal and memory
-//! advice. All `unsafe` of the crate that is not a kvm-ioctls call lives
-//! here (the dirty-log ioctls and the dirty ring are livemig's).
+//! kvm-ioctls calls that are `unsafe`, the vCPU kick, and raw access to POD
+//! KVM structures. All `unsafe` of the crate lives here (memory slots, the
+//! dirty-log ioctls and the dirty ring are livemig's, feature `kvm`).
+
+mod vcpu;
+
+pub use vcpu::{current_thread, set_xsave, ExitRequest};
 
 use std::io;
 
@@ -77,16 +81,6 @@ pub fn kick_thread(t: libc::pthread_t) {
     }
 }
 
-/// Writes `kvm_run.immediate_exit` of a vCPU from another thread.
-///
-/// # Safety
-/// `run` must point to the live `kvm_run` mapping of a vCPU.
-pub unsafe fn set_immediate_exit(run: *mut kvm_bindings::kvm_run, v: u8) {
-    // SAFETY: caller guarantees `run` is the mapped kvm_run; a volatile byte
-    // store is what the kernel reads on the next KVM_RUN entry.
-    unsafe { std::ptr::write_volatile(std::ptr::addr_of_mut!((*run).immediate_exit), v) }
-}
-
 /// Asks for transparent huge pages on `len` bytes of this process's memory
 /// at `addr` (MADV_HUGEPAGE).
 pub fn advise_huge_pages(addr: u64, len: u64) -> io::Result<()> {
@@ -110,4 +104,42 @@ pub fn populate_write(addr: u64, len: u64) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// The termination signal (SIGTERM or SIGINT) received, 0 if none.
+static TERMINATION: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+extern "C" fn note_termination(sig: libc::c_int) {
+    TERMINATION.store(sig, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Catches SIGTERM and SIGINT: instead of ending the process at once,
+/// they are noted for [`termination_signal`], so the VMM can shut down in
+/// order (and remove its control socket).
+pub fn catch_termination() -> io::Result<()> {
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        // SAFETY: a zeroed sigaction is a valid value to fill in.
+        let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+        sa.sa_sigaction = note_termination as extern "C" fn(libc::c_int) as usize;
+        // Restart interrupted system calls: other threads' I/O goes on.
+        sa.sa_flags = libc::SA_RESTART;
+        // SAFETY: `sa.sa_mask` is a valid sigset_t owned here; the handler
+        // only stores to an atomic, which is async-signal-safe.
+        let r = unsafe {
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut())
+        };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// The termination signal received since [`catch_termination`], if any.
+pub fn termination_signal() -> Option<i32> {
+    match TERMINATION.load(std::sync::atomic::Ordering::SeqCst) {
+        0 => None,
+        s => Some(s),
+    }
 }

@@ -1,0 +1,207 @@
+//! minivm driven by QEMU's own QMP client library (`qemu.qmp` from PyPI):
+//! two `minivm run --control` processes migrated by
+//! `tests/qmp/migrate.py`, and `qmp-shell` running `query-migrate`.
+//!
+//! The Python comes from `LIVEMIG_QMP_PYTHON`, else from the virtual
+//! environment `.ci/run` creates at `target/qmp-venv`. Without it the tests
+//! are skipped locally, and fail in CI (`CI` set).
+
+mod common;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// The venv's python, or `None` (skip) outside CI.
+fn python(test: &str) -> Option<PathBuf> {
+    let p = match std::env::var_os("LIVEMIG_QMP_PYTHON") {
+        Some(p) => PathBuf::from(p),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/qmp-venv/bin/python"),
+    };
+    let usable = Command::new(&p)
+        .args(["-c", "import qemu.qmp"])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if usable {
+        return Some(p);
+    }
+    let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0");
+    assert!(
+        !ci,
+        "{test}: no Python with qemu.qmp at {} (.ci/run creates target/qmp-venv; \
+         or set LIVEMIG_QMP_PYTHON)",
+        p.display()
+    );
+    eprintln!(
+        "SKIPPED {test}: no Python with qemu.qmp at {} (run .ci/run once, or set LIVEMIG_QMP_PYTHON)",
+        p.display()
+    );
+    None
+}
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn minivm(args: &[&str]) -> Proc {
+    Proc(
+        Command::new(env!("CARGO_BIN_EXE_minivm"))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+fn wait_socket(path: &Path, p: &mut Proc) {
+    let t0 = Instant::now();
+    while std::os::unix::net::UnixStream::connect(path).is_err() {
+        assert!(p.0.try_wait().unwrap().is_none(), "minivm exited early");
+        assert!(t0.elapsed() < Duration::from_secs(30), "no socket {path:?}");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits for `p` to exit; its stderr, asserting success.
+fn finish(mut p: Proc, what: &str) -> String {
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = p.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "{what} did not exit"
+        );
+        thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    p.0.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert!(status.success(), "{what} failed ({status}):\n{err}");
+    err
+}
+
+#[test]
+fn qemu_qmp_client_migrates_between_two_minivms() {
+    let Some(py) = python("qemu_qmp_client_migrates_between_two_minivms") else {
+        return;
+    };
+    if !common::kvm_available("qemu_qmp_client_migrates_between_two_minivms") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (ss, ds) = (dir.path().join("src.sock"), dir.path().join("dst.sock"));
+    let mig = format!("unix:{}", dir.path().join("mig.sock").display());
+    let mut src = minivm(&[
+        "run",
+        "--mem",
+        "128M",
+        "--vcpus",
+        "2",
+        "--rate",
+        "16M",
+        "--working-set",
+        "8M",
+        "--serial",
+        "none",
+        "--control",
+        ss.to_str().unwrap(),
+    ]);
+    let mut dst = minivm(&[
+        "run",
+        "--mem",
+        "128M",
+        "--vcpus",
+        "2",
+        "--incoming",
+        "--serial",
+        "none",
+        "--seconds",
+        "2",
+        "--control",
+        ds.to_str().unwrap(),
+    ]);
+    wait_socket(&ss, &mut src);
+    wait_socket(&ds, &mut dst);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/qmp/migrate.py");
+    let out = Command::new(&py)
+        .arg(&script)
+        .args([ss.to_str().unwrap(), ds.to_str().unwrap(), &mig])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "migrate.py failed:\n{stdout}\n{stderr}"
+    );
+    eprintln!("qemu.qmp saw: {stdout}");
+    assert!(stdout.contains(r#""completed"]"#), "{stdout}");
+    let src_log = finish(src, "source minivm");
+    assert!(src_log.contains("migration completed"), "{src_log}");
+    let dst_log = finish(dst, "destination minivm");
+    assert!(dst_log.contains("guest resumed"), "{dst_log}");
+    assert!(dst_log.contains("self_check=pass"), "{dst_log}");
+    assert!(!ss.exists() && !ds.exists(), "both sockets removed");
+}
+
+#[test]
+fn qmp_shell_runs_query_migrate() {
+    let Some(py) = python("qmp_shell_runs_query_migrate") else {
+        return;
+    };
+    if !common::kvm_available("qmp_shell_runs_query_migrate") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("vm.sock");
+    let mut vm = minivm(&[
+        "run",
+        "--mem",
+        "64M",
+        "--vcpus",
+        "1",
+        "--serial",
+        "none",
+        "--control",
+        sock.to_str().unwrap(),
+    ]);
+    wait_socket(&sock, &mut vm);
+    let shell = py.with_file_name("qmp-shell");
+    let mut child = Command::new(&shell)
+        .arg(&sock)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"query-migrate\nquery-status\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "qmp-shell: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(r#"{"return": {}}"#),
+        "query-migrate before any migration: {stdout}"
+    );
+    assert!(stdout.contains(r#""status": "running""#), "{stdout}");
+}
