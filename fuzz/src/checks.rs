@@ -204,6 +204,10 @@ pub enum Owned {
     Channel(u16, u16, u64),
     /// Sync barrier.
     Sync(u64),
+    /// Postcopy discard words.
+    Discard(u16, u32, Vec<u8>),
+    /// Postcopy switch.
+    Postcopy,
 }
 
 fn own(r: &Record<'_>) -> Owned {
@@ -236,6 +240,12 @@ fn own(r: &Record<'_>) -> Owned {
             session,
         } => Owned::Channel(index, channels, session),
         Record::Sync { epoch } => Owned::Sync(epoch),
+        Record::Discard {
+            block,
+            first_word,
+            words,
+        } => Owned::Discard(block, first_word, words.to_vec()),
+        Record::Postcopy => Owned::Postcopy,
     }
 }
 
@@ -299,7 +309,23 @@ fn check_record(rec: &Record<'_>, blocks: &[BlockDesc], next_seq: &mut u64) {
         } => {
             assert!((2..=MAX_CHANNELS).contains(&channels) && index <= channels);
         }
-        Record::Sync { .. } => {}
+        Record::Sync { .. } | Record::Postcopy => {}
+        Record::Discard {
+            block,
+            first_word,
+            words,
+        } => {
+            let b = blocks
+                .get(usize::from(block))
+                .unwrap_or_else(|| panic!("discard names block {block} of {}", blocks.len()));
+            let pages = b.len / PAGE_SIZE as u64;
+            assert!(!words.is_empty() && words.len() % 8 == 0);
+            let n = (words.len() / 8) as u64;
+            assert!(
+                u64::from(first_word) + n <= pages.div_ceil(64),
+                "discard words past the block"
+            );
+        }
     }
 }
 
@@ -539,6 +565,10 @@ fn model(data: &[u8], ids: &[&str], mem: &mut [Vec<u8>]) -> Verdict {
             Record::Channel { .. } | Record::Sync { .. } => {
                 unreachable!("the reader refuses them without the channels flag")
             }
+            // A plain load keeps discards for a postcopy switch and refuses
+            // the switch itself.
+            Record::Discard { .. } => {}
+            Record::Postcopy => return Verdict::Fails,
             Record::End => {
                 return Verdict::Ended {
                     verify,

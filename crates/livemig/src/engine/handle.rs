@@ -40,6 +40,7 @@ struct Shared {
     stats: Mutex<MigrationStats>,
     history: Mutex<Vec<SyncPoint>>,
     cancel: AtomicBool,
+    start_postcopy: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -91,6 +92,22 @@ impl MigrationHandle {
     /// Whether cancel was asked.
     pub fn is_cancelled(&self) -> bool {
         self.shared.cancel.load(Ordering::SeqCst)
+    }
+
+    /// Asks a running migration with `postcopy-ram` to switch to postcopy
+    /// at its next step (QEMU's `migrate-start-postcopy`). Fails when the
+    /// capability is off.
+    pub fn start_postcopy(&self) -> Result<(), String> {
+        if !self.params().postcopy_ram {
+            return Err("postcopy-ram is off: enable the capability before migrating".into());
+        }
+        self.shared.start_postcopy.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Whether the switch to postcopy was asked.
+    pub fn postcopy_requested(&self) -> bool {
+        self.shared.start_postcopy.load(Ordering::SeqCst)
     }
 
     pub(crate) fn update_stats(&self, f: impl FnOnce(&mut MigrationStats)) {

@@ -2,6 +2,7 @@
 //! loader, over any guest memory, tracker and byte transport.
 
 mod ack;
+pub mod postcopy;
 mod adapt;
 mod channels;
 mod digest;
@@ -19,7 +20,7 @@ pub use channels::ChannelWriter;
 pub use digest::{hex, memory_digest};
 pub use handle::{MigrationHandle, SyncPoint};
 pub use loader::{LoadError, LoadOutcome, LoadStats, Loader};
-pub use params::{CompressParams, Params};
+pub use params::{CompressParams, Params, Switchover};
 pub use source::Source;
 pub use stats::{CompressionStats, MigrationStats, RamStats, Status, XbzrleStats};
 
@@ -53,6 +54,10 @@ pub enum MigrationError {
     /// running the guest, so the source keeps it paused.
     #[error("the destination was told to start the guest (GO sent) but did not confirm ({0}): it may be running it, so the source guest stays paused; resume it here only if you know the destination is not running it")]
     Unconfirmed(String),
+    /// Postcopy failed after the switch (the guest stays paused here: the
+    /// destination has been running it).
+    #[error("postcopy: {0}")]
+    Postcopy(#[from] postcopy::PostcopyError),
     /// The destination reported a failure.
     #[error("destination failed to load: {0}")]
     Destination(String),

@@ -15,7 +15,8 @@ use super::adapt::{CompressChooser, LinkCost, TimedWrite, WireClock, XbzrleGate}
 use super::channels::{ChannelSetup, ChannelWriter, PageEncoding, SendChannels};
 use super::digest::memory_digest;
 use super::handle::{MigrationHandle, SyncPoint};
-use super::params::Params;
+use super::params::{Params, Switchover};
+use super::postcopy::{check_request, FaultReport, Message, MessageReader, PostcopyError};
 use super::stats::{CompressionStats, MigrationStats, Status, XbzrleStats};
 use super::MigrationError;
 use crate::bitmap::DirtyBitmap;
@@ -36,6 +37,10 @@ const RATE_WINDOW: Duration = Duration::from_millis(100);
 const BANDWIDTH_PERIOD: Duration = Duration::from_millis(100);
 /// Dirty rate is measured over periods at least this long.
 const DIRTY_RATE_PERIOD: Duration = Duration::from_secs(1);
+/// Syncs without progress after which `auto` switches to postcopy.
+const AUTO_STALLS: u32 = 1;
+/// Background pages sent between two looks at the page requests.
+const POSTCOPY_BATCH: usize = 16;
 /// Consecutive high-dirty-rate periods before auto-converge throttles.
 const THROTTLE_TRIGGER: u32 = 3;
 
@@ -70,11 +75,28 @@ impl<'a> Source<'a> {
         self,
         conn: crate::transport::Outgoing,
     ) -> Result<MigrationStats, MigrationError> {
-        let crate::transport::Outgoing { writer, mut ack } = conn;
-        match ack.as_mut() {
-            Some(r) => self.run(writer, Some(r as &mut dyn Read)),
-            None => self.run(writer, None),
-        }
+        self.run_conn(conn, &mut |_| {
+            Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "this transport has one stream: channels must be 1",
+            ))
+        })
+    }
+
+    /// As [`Source::run_with_channels`], over a connection whose return
+    /// path the engine owns: the one way that can switch to postcopy (a
+    /// thread reads the destination's page requests while pages go out).
+    pub fn run_conn(
+        self,
+        conn: crate::transport::Outgoing,
+        open: &mut dyn FnMut(u16) -> io::Result<ChannelWriter>,
+    ) -> Result<MigrationStats, MigrationError> {
+        let crate::transport::Outgoing { writer, ack } = conn;
+        let ack = match ack {
+            Some(r) => AckPath::Owned(r),
+            None => AckPath::None,
+        };
+        self.run_inner(writer, ack, open)
     }
 
     /// Connects to `uri` and runs the migration there, opening one more
@@ -82,7 +104,6 @@ impl<'a> Source<'a> {
     pub fn run_to(self, uri: &crate::transport::Uri) -> Result<MigrationStats, MigrationError> {
         use crate::transport::{connect, Uri};
         let conn = connect(uri).map_err(|e| MigrationError::Send(io::Error::other(e)))?;
-        let crate::transport::Outgoing { writer, mut ack } = conn;
         let mut open = |_: u16| -> io::Result<ChannelWriter> {
             if matches!(uri, Uri::File(_)) {
                 return Err(io::Error::new(
@@ -92,8 +113,7 @@ impl<'a> Source<'a> {
             }
             Ok(connect(uri).map_err(io::Error::other)?.writer)
         };
-        let ack = ack.as_mut().map(|r| r as &mut dyn Read);
-        self.run_with_channels(writer, ack, &mut open)
+        self.run_conn(conn, &mut open)
     }
 
     /// Runs the migration into `out`. With `ack` (the return path), runs
@@ -126,6 +146,19 @@ impl<'a> Source<'a> {
         self,
         out: W,
         ack: Option<&mut dyn Read>,
+        open: &mut dyn FnMut(u16) -> io::Result<ChannelWriter>,
+    ) -> Result<MigrationStats, MigrationError> {
+        let ack = match ack {
+            Some(r) => AckPath::Borrowed(r),
+            None => AckPath::None,
+        };
+        self.run_inner(out, ack, open)
+    }
+
+    fn run_inner<W: Write>(
+        self,
+        out: W,
+        ack: AckPath<'_>,
         open: &mut dyn FnMut(u16) -> io::Result<ChannelWriter>,
     ) -> Result<MigrationStats, MigrationError> {
         let Source {
@@ -173,6 +206,24 @@ impl<'a> Source<'a> {
                 saver.publish(status, tracker.name(), Some(e.to_string()));
                 Err(e)
             }
+        }
+    }
+}
+
+/// The return path: none (a file), borrowed from the caller, or owned
+/// (needed by postcopy, whose request reader runs on its own thread).
+pub(crate) enum AckPath<'r> {
+    None,
+    Borrowed(&'r mut dyn Read),
+    Owned(crate::transport::BoxRead),
+}
+
+impl AckPath<'_> {
+    fn as_read(&mut self) -> Option<&mut dyn Read> {
+        match self {
+            AckPath::None => None,
+            AckPath::Borrowed(r) => Some(&mut **r),
+            AckPath::Owned(r) => Some(&mut **r),
         }
     }
 }
@@ -263,6 +314,17 @@ struct RamSaver<'a> {
     channels: Option<SendChannels>,
     /// Next sync barrier's epoch.
     epoch: u64,
+    /// Syncs after the bulk stage that left no fewer pages than the one
+    /// before (postcopy `auto` switches on the first).
+    stalls: u32,
+    /// Pages left after the previous sync, or sent since it.
+    prev_remaining: Option<u64>,
+    /// Postcopy: page requests served, bytes sent since the switch, the
+    /// destination's fault figures, ms from the switch to the last page.
+    postcopy_requests: u64,
+    postcopy_from: Option<u64>,
+    fault_report: Option<FaultReport>,
+    postcopy_time: Option<u64>,
 }
 
 impl<'a> RamSaver<'a> {
@@ -331,6 +393,12 @@ impl<'a> RamSaver<'a> {
             status: Status::Setup,
             channels: None,
             epoch: 0,
+            stalls: 0,
+            prev_remaining: None,
+            postcopy_requests: 0,
+            postcopy_from: None,
+            fault_report: None,
+            postcopy_time: None,
         }
     }
 
@@ -360,13 +428,27 @@ impl<'a> RamSaver<'a> {
     fn migrate<W: Write>(
         &mut self,
         out: W,
-        ack: Option<&mut dyn Read>,
+        mut ack: AckPath<'_>,
         open: &mut dyn FnMut(u16) -> io::Result<ChannelWriter>,
         tracker: &mut dyn DirtyTracker,
         vm: &mut dyn VmControl,
         guest: &mut GuestSide,
     ) -> Result<(), MigrationError> {
         self.params.validate().map_err(MigrationError::Params)?;
+        if self.params.postcopy_ram {
+            if self.params.channels > 1 {
+                return Err(MigrationError::Params(
+                    "postcopy-ram with page channels is not supported yet: use channels 1".into(),
+                ));
+            }
+            if !matches!(ack, AckPath::Owned(_)) {
+                return Err(MigrationError::Params(
+                    "postcopy-ram needs a return path the engine owns (Source::run_conn, \
+                     run_over or run_to)"
+                        .into(),
+                ));
+            }
+        }
         self.publish(Status::Setup, tracker.name(), None);
         self.check_cancel()?;
 
@@ -441,10 +523,15 @@ impl<'a> RamSaver<'a> {
         self.publish(Status::Active, tracker.name(), None);
 
         // Iterate.
+        let mut switch = false;
         loop {
             self.check_cancel()?;
             self.params = self.handle.params();
             self.apply_params();
+            if self.postcopy_wanted() {
+                switch = true;
+                break;
+            }
             let threshold = self.threshold_bytes();
             if self.remaining_bytes() <= threshold {
                 self.sync(tracker)?;
@@ -482,6 +569,13 @@ impl<'a> RamSaver<'a> {
         let bytes_before = self.sent_bytes(&w);
         self.sync(tracker)?;
         self.barrier(&mut w)?;
+        let auto = self.params.postcopy_ram
+            && self.params.postcopy_switchover == Switchover::Auto
+            && self.remaining_bytes() > self.threshold_bytes();
+        if switch || auto {
+            return self.postcopy(w, ack, vm, guest, pause_at, bytes_before);
+        }
+        let ack = ack.as_read();
         while self.remaining_pages() > 0 {
             self.check_cancel()?;
             self.step(&mut w, tracker, true)?;
@@ -514,6 +608,163 @@ impl<'a> RamSaver<'a> {
             })?;
         }
         self.downtime = pause_at.elapsed().as_millis() as u64;
+        vm.set_throttle(0);
+        self.throttle = 0;
+        Ok(())
+    }
+
+    /// Whether to leave precopy for postcopy now: asked by command, or
+    /// (`auto`) precopy stopped making progress.
+    fn postcopy_wanted(&self) -> bool {
+        let p = &self.params;
+        p.postcopy_ram
+            && (self.handle.postcopy_requested()
+                || (p.postcopy_switchover == Switchover::Auto && self.stalls >= AUTO_STALLS))
+    }
+
+    /// The switch and postcopy (see `engine/postcopy/mod.rs`): the guest is
+    /// paused and synced; sends the not-valid bitmap, the device state and
+    /// the switch, runs the handshake, then serves requests first and
+    /// pushes the rest in the background.
+    fn postcopy<W: Write>(
+        &mut self,
+        mut w: StreamWriter<TimedWrite<W>>,
+        mut ack: AckPath<'_>,
+        vm: &mut dyn VmControl,
+        guest: &mut GuestSide,
+        pause_at: Instant,
+        bytes_before: u64,
+    ) -> Result<(), MigrationError> {
+        // The destination has no copy of the pages to come: no deltas.
+        self.cache = None;
+        for (b, bm) in self.bitmaps.iter().enumerate() {
+            let words = bm.words();
+            let chunk = usize::from(crate::stream::format::MAX_DISCARD_WORDS);
+            for (k, part) in words.chunks(chunk).enumerate() {
+                if part.iter().any(|&x| x != 0) {
+                    w.discard(b as u16, (k * chunk) as u32, part)
+                        .map_err(MigrationError::send)?;
+                }
+            }
+        }
+        let state = vm.save_state().map_err(MigrationError::Vm)?;
+        if !state.is_empty() {
+            w.state(&state).map_err(MigrationError::send)?;
+        }
+        w.postcopy().map_err(MigrationError::send)?;
+        self.section_end(&mut w)?;
+        let AckPath::Owned(mut reader) = std::mem::replace(&mut ack, AckPath::None) else {
+            return Err(MigrationError::Params(
+                "postcopy-ram needs a return path the engine owns".into(),
+            ));
+        };
+        let handle = self.handle;
+        ack::source_handshake(&mut *reader, w.get_mut(), &mut guest.sent_go, &|| {
+            handle.is_cancelled()
+        })?;
+        // The guest runs on the destination now.
+        self.downtime = pause_at.elapsed().as_millis() as u64;
+        self.transferred = self.sent_bytes(&w);
+        self.downtime_bytes = self.transferred - bytes_before;
+        self.postcopy_from = Some(self.transferred);
+        let switched = Instant::now();
+        let blocks: Vec<(String, u64)> = self
+            .blocks
+            .iter()
+            .map(|b| (b.id().to_string(), b.len()))
+            .collect();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("livemig-postcopy-requests".into())
+            .spawn(move || {
+                let mut mr = MessageReader::new(reader);
+                loop {
+                    let m = mr.read_message();
+                    let more = matches!(m, Ok((_, Message::Request(_))));
+                    if tx.send(m).is_err() || !more {
+                        break;
+                    }
+                }
+            })
+            .map_err(MigrationError::send)?;
+        self.publish(Status::PostcopyActive, "", None);
+        let mut published = Instant::now();
+        use std::sync::mpsc::TryRecvError;
+        while self.remaining_pages() > 0 {
+            // Requested pages first, each at most once.
+            loop {
+                match rx.try_recv() {
+                    Ok(Ok((at, Message::Request(req)))) => {
+                        let (b, first, n) = check_request(&blocks, at, &req)?;
+                        self.postcopy_requests += 1;
+                        let mut sent = false;
+                        for p in first..first + n {
+                            if self.bitmaps[b].clear(p) {
+                                self.send_page(&mut w, b, p, true)
+                                    .map_err(MigrationError::send)?;
+                                sent = true;
+                            }
+                        }
+                        if sent {
+                            // Locality: the background scan goes on just after.
+                            self.pos_block = b;
+                            self.pos_page = first + n;
+                            self.section_end(&mut w)?;
+                        }
+                    }
+                    Ok(Ok((_, Message::Complete(_)))) => {
+                        return Err(PostcopyError::EarlyComplete(self.remaining_pages()).into())
+                    }
+                    Ok(Ok((_, Message::Failed(why)))) => {
+                        return Err(MigrationError::Destination(why))
+                    }
+                    Ok(Err(e)) => return Err(e.into()),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        return Err(PostcopyError::NoComplete(
+                            "the return path closed during postcopy".into(),
+                        )
+                        .into())
+                    }
+                }
+            }
+            // Then a small batch of background pages, flushed, so that a
+            // request never waits behind more than one batch of ours.
+            for _ in 0..POSTCOPY_BATCH {
+                let Some((b, p)) = self.next_dirty() else {
+                    break;
+                };
+                self.bitmaps[b].clear(p);
+                self.pos_block = b;
+                self.pos_page = p + 1;
+                self.send_page(&mut w, b, p, true)
+                    .map_err(MigrationError::send)?;
+            }
+            self.section_end(&mut w)?;
+            if published.elapsed() >= STEP {
+                self.measure_bandwidth();
+                self.publish(Status::PostcopyActive, "", None);
+                published = Instant::now();
+            }
+        }
+        w.end().map_err(MigrationError::send)?;
+        self.transferred = self.sent_bytes(&w);
+        // Requests still in flight are for pages already sent.
+        let deadline = Instant::now() + crate::transport::IO_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(Ok((_, Message::Request(_)))) => self.postcopy_requests += 1,
+                Ok(Ok((_, Message::Complete(report)))) => {
+                    self.fault_report = Some(report);
+                    break;
+                }
+                Ok(Ok((_, Message::Failed(why)))) => return Err(MigrationError::Destination(why)),
+                Ok(Err(e)) => return Err(PostcopyError::NoComplete(e.to_string()).into()),
+                Err(e) => return Err(PostcopyError::NoComplete(e.to_string()).into()),
+            }
+        }
+        self.postcopy_time = Some(switched.elapsed().as_millis() as u64);
         vm.set_throttle(0);
         self.throttle = 0;
         Ok(())
@@ -601,6 +852,20 @@ impl<'a> RamSaver<'a> {
     fn sync(&mut self, tracker: &mut dyn DirtyTracker) -> Result<(), MigrationError> {
         let reported = tracker.sync(&mut self.bitmaps)?;
         self.sync_count += 1;
+        if !self.bulk {
+            // Progress: the set left now against the set the previous sync
+            // left (or, first, what was sent since it).
+            let left = self.remaining_pages();
+            let before = self
+                .prev_remaining
+                .unwrap_or(self.c.pages_sent - self.last_sync_sent);
+            if before > 0 && left * 10 >= before * 9 {
+                self.stalls += 1;
+            } else {
+                self.stalls = 0;
+            }
+            self.prev_remaining = Some(left);
+        }
         if let Some((shift, chunks)) = &mut self.clear {
             // Chunks with dirty pages must be cleared (re-protected) before
             // their pages go out again.
@@ -940,6 +1205,10 @@ impl<'a> RamSaver<'a> {
         );
         let (zero, skipped, normal) = (c.zero, c.skipped, c.normal);
         let verify_time = self.verify_time;
+        let pc_requests = self.postcopy_requests;
+        let pc_bytes = self.postcopy_from.map_or(0, |f| transferred - f);
+        let pc_time = self.postcopy_time;
+        let report = self.fault_report.clone();
         self.handle.update_stats(|s| {
             s.status = status;
             s.total_time = total_time;
@@ -964,8 +1233,22 @@ impl<'a> RamSaver<'a> {
             s.xbzrle_cache = xb;
             s.compression = comp;
             s.cpu_throttle_percentage = throttle;
-            s.dirty_tracker = tracker.to_string();
+            if !tracker.is_empty() {
+                s.dirty_tracker = tracker.to_string();
+            }
             s.error_desc = error;
+            s.ram.postcopy_requests = pc_requests;
+            s.ram.postcopy_bytes = pc_bytes;
+            s.postcopy_time = pc_time;
+            if let Some(f) = &report {
+                let ms = |us: u64| us.div_ceil(1000);
+                s.postcopy_blocktime = Some(ms(f.blocktime_us));
+                s.postcopy_vcpu_blocktime = Some(f.threads.iter().map(|t| ms(t.1)).collect());
+                s.postcopy_latency = Some(f.latency_sum_us.checked_div(f.faults).unwrap_or(0));
+                s.postcopy_latency_dist = Some(f.buckets.clone());
+                s.postcopy_latency_p50 = Some(f.p50_us);
+                s.postcopy_latency_p99 = Some(f.p99_us);
+            }
         });
     }
 }

@@ -54,6 +54,12 @@ enum Rec {
     Sync {
         epoch: u64,
     },
+    Discard {
+        block: u16,
+        first_word: u32,
+        words: Vec<u8>,
+    },
+    Postcopy,
 }
 
 impl Rec {
@@ -70,6 +76,8 @@ impl Rec {
             Rec::End => Kind::End,
             Rec::Channel { .. } => Kind::Channel,
             Rec::Sync { .. } => Kind::Sync,
+            Rec::Discard { .. } => Kind::Discard,
+            Rec::Postcopy => Kind::Postcopy,
         }
     }
 }
@@ -121,6 +129,16 @@ fn own(r: Record<'_>) -> Rec {
             session,
         },
         Record::Sync { epoch } => Rec::Sync { epoch },
+        Record::Discard {
+            block,
+            first_word,
+            words,
+        } => Rec::Discard {
+            block,
+            first_word,
+            words: words.to_vec(),
+        },
+        Record::Postcopy => Rec::Postcopy,
     }
 }
 
