@@ -2,13 +2,13 @@
 //! loader, over any guest memory, tracker and byte transport.
 
 mod ack;
-pub mod postcopy;
 mod adapt;
 mod channels;
 mod digest;
 mod handle;
 mod loader;
 mod params;
+pub mod postcopy;
 mod source;
 mod stats;
 

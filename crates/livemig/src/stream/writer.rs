@@ -288,7 +288,10 @@ impl<W: Write> StreamWriter<W> {
         if words.is_empty() || words.len() > usize::from(MAX_DISCARD_WORDS) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("discard of {} words outside 1..={MAX_DISCARD_WORDS}", words.len()),
+                format!(
+                    "discard of {} words outside 1..={MAX_DISCARD_WORDS}",
+                    words.len()
+                ),
             ));
         }
         self.buf.push(Kind::Discard as u8);

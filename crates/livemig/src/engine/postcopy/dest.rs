@@ -18,7 +18,9 @@ use crate::engine::loader::{LoadError, LoadOutcome, LoadStats, Loader};
 use crate::memory::{GuestMemory, PAGE_SIZE};
 use crate::stream::format::FLAG_VERIFY;
 use crate::stream::{Record, StreamReader};
-use crate::sys::uffd::{drop_pages, Uffd, UffdMsg, Waker, UFFD_EVENT_PAGEFAULT, UFFD_FEATURE_THREAD_ID};
+use crate::sys::uffd::{
+    drop_pages, Uffd, UffdMsg, Waker, UFFD_EVENT_PAGEFAULT, UFFD_FEATURE_THREAD_ID,
+};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 
@@ -194,9 +196,9 @@ pub fn receive<R: Read>(
     let go = write_reply(&mut *w, &Reply::Loaded)
         .map_err(CommitError::SendLoaded)
         .and_then(|()| {
-            let inner = r
-                .inner_if_drained()
-                .ok_or_else(|| CommitError::NoGo("stream bytes after the switch before GO".into()))?;
+            let inner = r.inner_if_drained().ok_or_else(|| {
+                CommitError::NoGo("stream bytes after the switch before GO".into())
+            })?;
             read_go(inner).map_err(CommitError::NoGo)
         });
     if let Err(e) = go {
@@ -271,8 +273,10 @@ pub fn receive<R: Read>(
     }
     placer.release();
     let figures = placer.figures(discarded, switched_at);
-    if let Err(e) = write_message(&mut **lock(&reply), &Message::Complete(figures.faults.clone()))
-    {
+    if let Err(e) = write_message(
+        &mut **lock(&reply),
+        &Message::Complete(figures.faults.clone()),
+    ) {
         log::warn!("every page arrived but COMPLETE could not be sent to the source: {e}");
     }
     Ok(Received {

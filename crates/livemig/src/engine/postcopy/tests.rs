@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use super::*;
 use crate::dirty::SoftwareTracker;
-use crate::engine::{memory_digest, MigrationError, MigrationHandle, Params, Source, Status, Switchover};
+use crate::engine::{
+    memory_digest, MigrationError, MigrationHandle, Params, Source, Status, Switchover,
+};
 use crate::memory::{GuestMemory, ProcessMemory};
 use crate::stream::{BlockDesc, StreamReader, StreamWriter};
 use crate::testkit::workload::{fill_random, PageWriter, Workload, WorkloadConfig, XorShift};
@@ -22,7 +24,10 @@ fn layout() -> Vec<(&'static str, u64)> {
 }
 
 fn blocks() -> Vec<(String, u64)> {
-    layout().into_iter().map(|(i, l)| (i.to_string(), l)).collect()
+    layout()
+        .into_iter()
+        .map(|(i, l)| (i.to_string(), l))
+        .collect()
 }
 
 #[test]
@@ -78,11 +83,17 @@ fn bad_messages_name_their_byte() {
     c.extend_from_slice(&[0u8; 40]);
     c.push(0);
     c.push(200);
-    let e = MessageReader::new(&c[..]).read_message().unwrap_err().to_string();
+    let e = MessageReader::new(&c[..])
+        .read_message()
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("latency bucket count 200"), "{e}");
     // A failure text longer than allowed.
     let f = [b'F', 0xff, 0xff];
-    let e = MessageReader::new(&f[..]).read_message().unwrap_err().to_string();
+    let e = MessageReader::new(&f[..])
+        .read_message()
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("failure text length 65535"), "{e}");
 }
 
@@ -103,7 +114,10 @@ fn requests_outside_every_block_are_refused() {
         (req(0, 0, (MAX_REQUEST_PAGES + 1) * 4096), "bytes at 0x0"),
     ] {
         let e = check_request(&b, 77, &r).unwrap_err().to_string();
-        assert!(e.contains(want) && e.contains("byte 77"), "{e} (wanted {want})");
+        assert!(
+            e.contains(want) && e.contains("byte 77"),
+            "{e} (wanted {want})"
+        );
     }
 }
 
@@ -291,7 +305,10 @@ fn pure_postcopy_of_process_memory() {
     let pc = r.received.postcopy.as_ref().unwrap();
     // Everything but the pages valid at the start moved after the switch.
     assert_eq!(pc.discarded_pages, r.src.total_bytes() / 4096);
-    assert!(r.stats.ram.postcopy_requests > 0, "the guest faulted remotely");
+    assert!(
+        r.stats.ram.postcopy_requests > 0,
+        "the guest faulted remotely"
+    );
     assert!(pc.faults.faults > 0);
 }
 
@@ -374,9 +391,15 @@ fn source_refuses_a_request_outside_every_block() {
     let e = Source::new(&src, &mut tracker, &mut vm, handle.clone())
         .run_over(out)
         .unwrap_err();
-    assert!(matches!(e, MigrationError::Postcopy(PostcopyError::BadRange { .. })), "{e}");
+    assert!(
+        matches!(e, MigrationError::Postcopy(PostcopyError::BadRange { .. })),
+        "{e}"
+    );
     let text = e.to_string();
-    assert!(text.contains("0x4000000") && text.contains("'ram1'"), "{text}");
+    assert!(
+        text.contains("0x4000000") && text.contains("'ram1'"),
+        "{text}"
+    );
     assert_eq!(handle.stats().status, Status::Failed);
     dest.join().unwrap();
 }
@@ -392,10 +415,7 @@ fn destination_reports_a_source_lost_during_postcopy() {
         let mut sw = StreamWriter::new(w, 0);
         let descs: Vec<BlockDesc> = layout()
             .into_iter()
-            .map(|(id, len)| BlockDesc {
-                id: id.into(),
-                len,
-            })
+            .map(|(id, len)| BlockDesc { id: id.into(), len })
             .collect();
         sw.block_list(&descs).unwrap();
         sw.discard(0, 0, &[u64::MAX; 32]).unwrap();
@@ -456,5 +476,8 @@ fn destination_without_postcopy_refuses_the_switch() {
         .run_over(out)
         .unwrap_err();
     assert!(e.to_string().contains("postcopy-ram is off"), "{e}");
-    assert!(matches!(dest.join().unwrap(), Err(ReceiveError::PostcopyOff)));
+    assert!(matches!(
+        dest.join().unwrap(),
+        Err(ReceiveError::PostcopyOff)
+    ));
 }
