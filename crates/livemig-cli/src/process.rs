@@ -131,6 +131,13 @@ pub struct TuneArgs {
     /// its deltas save less link time than they cost.
     #[arg(long)]
     pub no_adaptive: bool,
+    /// Postcopy (capability postcopy-ram, switch-over auto): when precopy
+    /// stops making progress, or the last pages would not fit the downtime
+    /// limit, the guest moves to the destination at once and its missing
+    /// pages follow on demand. The destination needs --postcopy too. If
+    /// the source dies after the switch, the guest is lost.
+    #[arg(long)]
+    pub postcopy: bool,
 }
 
 impl TuneArgs {
@@ -156,6 +163,12 @@ impl TuneArgs {
             auto_converge: self.auto_converge,
             channels: self.channels,
             adaptive_encoding: !self.no_adaptive,
+            postcopy_ram: self.postcopy,
+            postcopy_switchover: if self.postcopy {
+                livemig::engine::Switchover::Auto
+            } else {
+                livemig::engine::Switchover::Manual
+            },
             ..Params::default()
         };
         p.validate().map_err(anyhow::Error::msg)?;
