@@ -22,8 +22,8 @@ pub struct ControlArgs {
     pub socket: PathBuf,
     /// The command: query-migrate, migrate, migrate-incoming,
     /// migrate-set-parameters, query-migrate-parameters,
-    /// migrate-set-capabilities, query-migrate-capabilities, migrate-cancel.
-    /// With --raw: a whole request line, sent as it is.
+    /// migrate-set-capabilities, query-migrate-capabilities, migrate-cancel,
+    /// migrate-start-postcopy. With --raw: a whole request line, sent as it is.
     pub command: String,
     /// The command's arguments as a JSON object, e.g. '{"uri":
     /// "tcp:10.0.0.2:4444"}' or '{"max-bandwidth": 268435456}'.

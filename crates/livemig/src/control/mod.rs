@@ -13,9 +13,10 @@
 //! | `migrate-incoming` | `uri` | starts waiting for an incoming one |
 //! | `migrate-set-parameters` | any of the [`Params`] fields, QEMU names | applies now, and to the next migration |
 //! | `query-migrate-parameters` | none | the parameters |
-//! | `migrate-set-capabilities` | `capabilities: [{capability, state}]` | `xbzrle`, `auto-converge`, `verify` |
+//! | `migrate-set-capabilities` | `capabilities: [{capability, state}]` | `xbzrle`, `auto-converge`, `verify`, `postcopy-ram` |
 //! | `query-migrate-capabilities` | none | the capabilities |
 //! | `migrate-cancel` | none | cancels the running migration; the guest runs on |
+//! | `migrate-start-postcopy` | none | switches the running migration to postcopy (needs `postcopy-ram`) |
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -72,7 +73,7 @@ fn generic(desc: impl Into<String>) -> CmdError {
     }
 }
 
-const CAPABILITIES: [&str; 3] = ["xbzrle", "auto-converge", "verify"];
+const CAPABILITIES: [&str; 4] = ["xbzrle", "auto-converge", "verify", "postcopy-ram"];
 
 impl State {
     fn capability(&mut self, name: &str) -> Option<&mut bool> {
@@ -80,6 +81,7 @@ impl State {
             "xbzrle" => &mut self.params.xbzrle,
             "auto-converge" => &mut self.params.auto_converge,
             "verify" => &mut self.params.verify,
+            "postcopy-ram" => &mut self.params.postcopy_ram,
             _ => return None,
         })
     }
@@ -154,6 +156,7 @@ impl State {
                     let slot = match name.as_str() {
                         "xbzrle" => &mut next.xbzrle,
                         "auto-converge" => &mut next.auto_converge,
+                        "postcopy-ram" => &mut next.postcopy_ram,
                         _ => &mut next.verify,
                     };
                     *slot = state;
@@ -196,6 +199,13 @@ impl State {
                 if let Some(h) = self.running() {
                     h.cancel();
                 }
+                Ok(json!({}))
+            }
+            "migrate-start-postcopy" => {
+                let h = self
+                    .running()
+                    .ok_or_else(|| generic("no migration is running"))?;
+                h.start_postcopy().map_err(generic)?;
                 Ok(json!({}))
             }
             other => Err(CmdError {

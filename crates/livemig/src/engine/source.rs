@@ -674,12 +674,17 @@ impl<'a> RamSaver<'a> {
             .map(|b| (b.id().to_string(), b.len()))
             .collect();
         let (tx, rx) = std::sync::mpsc::channel();
+        // The reader waits out quiet spells (no faults) until postcopy ends
+        // here, whichever way.
+        let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let _ended_on_exit = SetOnDrop(ended.clone());
         std::thread::Builder::new()
             .name("livemig-postcopy-requests".into())
             .spawn(move || {
                 let mut mr = MessageReader::new(reader);
+                let waiting = || !ended.load(std::sync::atomic::Ordering::SeqCst);
                 loop {
-                    let m = mr.read_message();
+                    let m = mr.read_message_waiting(&waiting);
                     let more = matches!(m, Ok((_, Message::Request(_))));
                     if tx.send(m).is_err() || !more {
                         break;
@@ -1262,6 +1267,15 @@ fn add_channel_counters(c: &mut Counters, ch: &SendChannels) {
         c.compressed_pages += k.compressed_pages.load(Relaxed);
         c.compressed_bytes += k.compressed_bytes.load(Relaxed);
         c.compress_skipped += k.compress_skipped.load(Relaxed);
+    }
+}
+
+/// Sets its flag when dropped (on every exit path).
+struct SetOnDrop(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 }
 

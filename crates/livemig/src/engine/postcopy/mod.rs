@@ -269,8 +269,40 @@ impl<R: Read> MessageReader<R> {
 
     /// Reads one message; never allocates more than the bounds above.
     pub fn read_message(&mut self) -> Result<(u64, Message), PostcopyError> {
+        self.read_message_waiting(&|| false)
+    }
+
+    /// As [`MessageReader::read_message`], but a transport timeout before
+    /// the first byte of a message is retried while `keep_waiting()` holds:
+    /// the destination is silent while no guest thread faults, which may
+    /// last longer than the transport's I/O timeout.
+    pub fn read_message_waiting(
+        &mut self,
+        keep_waiting: &dyn Fn() -> bool,
+    ) -> Result<(u64, Message), PostcopyError> {
         let at = self.offset;
-        let [tag] = self.bytes::<1>()?;
+        let mut first = [0u8; 1];
+        loop {
+            match self.inner.read(&mut first) {
+                Ok(1) => break,
+                Ok(_) => {
+                    return Err(PostcopyError::Io {
+                        offset: at,
+                        source: io::ErrorKind::UnexpectedEof.into(),
+                    })
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::Interrupted
+                            | io::ErrorKind::TimedOut
+                            | io::ErrorKind::WouldBlock
+                    ) && (e.kind() == io::ErrorKind::Interrupted || keep_waiting()) => {}
+                Err(source) => return Err(PostcopyError::Io { offset: at, source }),
+            }
+        }
+        self.offset += 1;
+        let tag = first[0];
         let m = match tag {
             TAG_REQUEST => {
                 let block = u16::from_be_bytes(self.bytes()?);
