@@ -27,6 +27,10 @@
 //!   with an `execute` string is refused, only an accepted `migrate`
 //!   starts a migration, and whatever the session did the parameters stay
 //!   valid.
+//! * `postcopy_messages`: the input is the return path after the postcopy
+//!   switch; every request the checks accept lies inside its block (so the
+//!   source never reads outside memory), every refused one names its byte
+//!   offset, and an accepted request re-encodes to the bytes it came from.
 
 use std::cell::RefCell;
 use std::io::{self, Read};
@@ -51,6 +55,7 @@ pub const TARGETS: &[&str] = &[
     "xbzrle_decode",
     "decompress",
     "control",
+    "postcopy_messages",
 ];
 
 /// Runs `data` through the check of `target`; false for an unknown target.
@@ -62,6 +67,7 @@ pub fn run(target: &str, data: &[u8]) -> bool {
         "xbzrle_decode" => xbzrle_decode(data),
         "decompress" => decompress(data),
         "control" => control(data),
+        "postcopy_messages" => postcopy_messages(data),
         _ => return false,
     }
     true
@@ -1026,4 +1032,57 @@ pub fn control(data: &[u8]) {
     d.params()
         .validate()
         .expect("no session can leave the parameters invalid");
+}
+
+// ---------------------------------------------------------------------------
+// postcopy_messages
+
+/// The blocks requests are checked against: two blocks, one of an odd size.
+const POSTCOPY_BLOCKS: &[(&str, u64)] = &[
+    ("ram0", 64 * PAGE_SIZE as u64),
+    ("ram1", 3 * PAGE_SIZE as u64),
+];
+
+/// One return path of postcopy messages (see the module doc).
+pub fn postcopy_messages(data: &[u8]) {
+    use livemig::engine::postcopy::{check_request, write_message, Message, MessageReader};
+    let blocks: Vec<(String, u64)> = POSTCOPY_BLOCKS
+        .iter()
+        .map(|&(id, len)| (id.to_string(), len))
+        .collect();
+    let mut r = MessageReader::new(data);
+    loop {
+        let at = r.offset();
+        let (start, m) = match r.read_message() {
+            Ok(v) => v,
+            Err(e) => {
+                assert!(
+                    e.to_string().starts_with("return path byte "),
+                    "error without its offset: {e}"
+                );
+                break;
+            }
+        };
+        assert_eq!(start, at);
+        assert!(r.offset() as usize <= data.len());
+        if let Message::Request(q) = &m {
+            let mut again = Vec::new();
+            write_message(&mut again, &m).expect("into memory");
+            assert_eq!(&data[start as usize..r.offset() as usize], &again[..]);
+            match check_request(&blocks, start, q) {
+                Ok((b, first, n)) => {
+                    assert!(n >= 1);
+                    assert!(
+                        (first + n) * PAGE_SIZE as u64 <= blocks[b].1,
+                        "request past its block"
+                    );
+                    assert_eq!(first * PAGE_SIZE as u64, q.offset);
+                }
+                Err(e) => assert!(
+                    e.to_string().contains(&format!("byte {start}")),
+                    "refusal without its offset: {e}"
+                ),
+            }
+        }
+    }
 }

@@ -373,7 +373,7 @@ fn fake_destination_to_switch(r: &mut PipeReader, ack: &mut PipeWriter) {
 fn source_refuses_a_request_outside_every_block() {
     let src = ProcessMemory::new(&layout()).unwrap();
     let (mut tracker, _log) = SoftwareTracker::new(&src);
-    let mut vm = crate::vm::NoVm::default();
+    let mut vm = crate::vm::NoVm;
     let handle = MigrationHandle::new(postcopy_params());
     handle.start_postcopy().unwrap();
     let (out, mut r, mut ack_w) = pipes_out();
@@ -463,7 +463,7 @@ fn destination_without_postcopy_refuses_the_switch() {
     let src = ProcessMemory::new(&layout()).unwrap();
     let dst = ProcessMemory::new(&layout()).unwrap();
     let (mut tracker, _log) = SoftwareTracker::new(&src);
-    let mut vm = crate::vm::NoVm::default();
+    let mut vm = crate::vm::NoVm;
     let handle = MigrationHandle::new(postcopy_params());
     handle.start_postcopy().unwrap();
     let (out, r, ack_w) = pipes_out();
