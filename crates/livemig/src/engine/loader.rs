@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use serde::Serialize;
 
 use super::channels::{BarrierError, EpochBarrier};
-use super::digest::{hex, memory_digest};
+use super::digest::{hex, memory_digest, RunningDigest};
 use crate::codec::compress::{Algorithm, Decompressor};
 use crate::codec::{xbzrle, zero};
 use crate::memory::{GuestMemory, PAGE_SIZE};
@@ -180,6 +180,8 @@ pub struct LoadOutcome {
 pub struct Loader<'a> {
     mem: &'a dyn GuestMemory,
     progress: Arc<AtomicU64>,
+    /// Verify mode: the digest kept up to date while pages arrive.
+    running: Option<RunningDigest>,
 }
 
 /// Which stream of a migration a record loop reads.
@@ -218,6 +220,7 @@ impl<'a> Loader<'a> {
         Loader {
             mem,
             progress: Arc::new(AtomicU64::new(0)),
+            running: None,
         }
     }
 
@@ -241,15 +244,17 @@ impl<'a> Loader<'a> {
             });
         }
         let verify = r.flags() & FLAG_VERIFY != 0;
-        let o = self.run_stream(&mut r, Role::Single)?;
+        self.running = verify.then(|| RunningDigest::new(self.mem));
+        let o = self.hashing(|| self.run_stream(&mut r, Role::Single))?;
         refuse_switch(&r, &o)?;
         self.finish(verify, o)
     }
 
     /// Reads the stream up to its end or to the postcopy switch (see
-    /// `engine/postcopy`), applying every record.
+    /// `engine/postcopy`), applying every record (with the running verify
+    /// digest when the header asks for one).
     pub(crate) fn load_until_switch<R: Read>(
-        &self,
+        &mut self,
         r: &mut StreamReader<R>,
     ) -> Result<StreamOutcome, LoadError> {
         if r.flags() & FLAG_CHANNELS != 0 {
@@ -260,7 +265,9 @@ impl<'a> Loader<'a> {
                     .into(),
             });
         }
-        self.run_stream(r, Role::Single)
+        let verify = r.flags() & FLAG_VERIFY != 0;
+        self.running = verify.then(|| RunningDigest::new(self.mem));
+        self.hashing(|| self.run_stream(r, Role::Single))
     }
 
     /// Checks the digest (verify mode) of a precopy load; see [`Loader::finish`].
@@ -270,6 +277,27 @@ impl<'a> Loader<'a> {
         o: StreamOutcome,
     ) -> Result<LoadOutcome, LoadError> {
         self.finish(verify, o)
+    }
+
+    /// Runs `f` (the load) beside the verify digest's background hasher,
+    /// when there is one (see [`RunningDigest`]).
+    fn hashing<T>(&self, f: impl FnOnce() -> T) -> T {
+        let Some(d) = &self.running else {
+            return f();
+        };
+        std::thread::scope(|s| {
+            s.spawn(|| d.refresh(self.mem));
+            let r = f();
+            d.stop();
+            r
+        })
+    }
+
+    /// Block `block` was written at `offset` (for the running digest).
+    fn touched(&self, block: usize, offset: u64) {
+        if let Some(d) = &self.running {
+            d.touch(block, offset);
+        }
     }
 
     /// Loads a migration whose main stream is `main`; when its header
@@ -288,8 +316,9 @@ impl<'a> Loader<'a> {
     ) -> Result<LoadOutcome, LoadError> {
         let mut r = StreamReader::new(main)?;
         let verify = r.flags() & FLAG_VERIFY != 0;
+        self.running = verify.then(|| RunningDigest::new(self.mem));
         if r.flags() & FLAG_CHANNELS == 0 {
-            let o = self.run_stream(&mut r, Role::Single)?;
+            let o = self.hashing(|| self.run_stream(&mut r, Role::Single))?;
             refuse_switch(&r, &o)?;
             return self.finish(verify, o);
         }
@@ -369,41 +398,43 @@ impl<'a> Loader<'a> {
         };
         let this = &*self;
         let mut total = StreamOutcome::default();
-        std::thread::scope(|s| {
-            let threads: Vec<_> = chans
-                .into_iter()
-                .enumerate()
-                .map(|(i, cr)| {
-                    let mut cr = cr.expect("every channel accepted");
-                    let (barrier, fail) = (&barrier, &fail);
-                    s.spawn(move || {
-                        let r = this.run_stream(&mut cr, Role::Channel(i + 1, barrier));
-                        // Record the cause before closing the connection:
-                        // closing tells the source, whose reaction (ending
-                        // the main stream) must not be taken for the cause.
-                        let r = r.map_err(|e| fail(on_channel(i + 1, e))).ok();
-                        drop(cr);
-                        r
+        this.hashing(|| {
+            std::thread::scope(|s| {
+                let threads: Vec<_> = chans
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, cr)| {
+                        let mut cr = cr.expect("every channel accepted");
+                        let (barrier, fail) = (&barrier, &fail);
+                        s.spawn(move || {
+                            let r = this.run_stream(&mut cr, Role::Channel(i + 1, barrier));
+                            // Record the cause before closing the connection:
+                            // closing tells the source, whose reaction (ending
+                            // the main stream) must not be taken for the cause.
+                            let r = r.map_err(|e| fail(on_channel(i + 1, e))).ok();
+                            drop(cr);
+                            r
+                        })
                     })
-                })
-                .collect();
-            let main = this.run_stream(&mut r, Role::Channel(0, &barrier));
-            drop(r);
-            match main {
-                Ok(o) => total = o,
-                Err(e) => fail(e),
-            }
-            for t in threads {
-                match t.join() {
-                    Ok(Some(o)) => total.stats.add(&o.stats),
-                    Ok(None) => {}
-                    Err(_) => fail(LoadError::Channel {
-                        channel: 0,
-                        offset: 0,
-                        what: "a channel thread panicked".into(),
-                    }),
+                    .collect();
+                let main = this.run_stream(&mut r, Role::Channel(0, &barrier));
+                drop(r);
+                match main {
+                    Ok(o) => total = o,
+                    Err(e) => fail(e),
                 }
-            }
+                for t in threads {
+                    match t.join() {
+                        Ok(Some(o)) => total.stats.add(&o.stats),
+                        Ok(None) => {}
+                        Err(_) => fail(LoadError::Channel {
+                            channel: 0,
+                            offset: 0,
+                            what: "a channel thread panicked".into(),
+                        }),
+                    }
+                }
+            })
         });
         if let Some(e) = first_err.into_inner().unwrap_or_else(|p| p.into_inner()) {
             return Err(e);
@@ -424,7 +455,10 @@ impl<'a> Loader<'a> {
                 return Err(LoadError::NoDigest);
             };
             let t = std::time::Instant::now();
-            let actual = memory_digest(self.mem);
+            let actual = match &self.running {
+                Some(d) => d.finish(self.mem).0,
+                None => memory_digest(self.mem),
+            };
             out.stats.verify_time = t.elapsed().as_millis() as u64;
             if actual != expected {
                 return Err(LoadError::DigestMismatch {
@@ -518,6 +552,7 @@ impl<'a> Loader<'a> {
                     let off = offset as usize;
                     if region.scan(off, PAGE_SIZE, zero::is_zero) != Some(true) {
                         region.write(off, &ZERO_PAGE);
+                        self.touched(map[usize::from(block)], offset);
                         out.stats.zero_pages_written += 1;
                     }
                 }
@@ -527,9 +562,9 @@ impl<'a> Loader<'a> {
                     data,
                 } => {
                     out.stats.raw_pages += 1;
-                    blocks[map[usize::from(block)]]
-                        .region()
-                        .write(offset as usize, data);
+                    let bi = map[usize::from(block)];
+                    blocks[bi].region().write(offset as usize, data);
+                    self.touched(bi, offset);
                 }
                 Record::Xbzrle { .. } if page_channel => return refuse("xbzrle page"),
                 Record::Xbzrle {
@@ -538,7 +573,8 @@ impl<'a> Loader<'a> {
                     data,
                 } => {
                     out.stats.xbzrle_pages += 1;
-                    let b = &blocks[map[usize::from(block)]];
+                    let bi = map[usize::from(block)];
+                    let b = &blocks[bi];
                     b.region().read(offset as usize, &mut scratch);
                     if let Err(source) = xbzrle::decode(data, &mut scratch) {
                         return Err(LoadError::Xbzrle {
@@ -550,6 +586,7 @@ impl<'a> Loader<'a> {
                         });
                     }
                     b.region().write(offset as usize, &scratch);
+                    self.touched(bi, offset);
                 }
                 Record::Compressed {
                     block,
@@ -558,7 +595,8 @@ impl<'a> Loader<'a> {
                     data,
                 } => {
                     out.stats.compressed_pages += 1;
-                    let b = &blocks[map[usize::from(block)]];
+                    let bi = map[usize::from(block)];
+                    let b = &blocks[bi];
                     let algo = Algorithm::from_u8(algo).expect("reader checked the algorithm id");
                     if let Err(source) = dec.decompress(algo, data, &mut scratch) {
                         return Err(LoadError::Decompress {
@@ -570,6 +608,7 @@ impl<'a> Loader<'a> {
                         });
                     }
                     b.region().write(offset as usize, &scratch);
+                    self.touched(bi, offset);
                 }
                 Record::SectionEnd { .. } => {
                     out.stats.sections += 1;

@@ -7,6 +7,7 @@ mod channels;
 mod digest;
 mod handle;
 mod loader;
+mod pacing;
 mod params;
 pub mod postcopy;
 mod source;
@@ -20,6 +21,7 @@ pub use channels::ChannelWriter;
 pub use digest::{hex, memory_digest};
 pub use handle::{MigrationHandle, SyncPoint};
 pub use loader::{LoadError, LoadOutcome, LoadStats, Loader};
+pub use pacing::{PauseEstimate, HANDSHAKE_ALLOWANCE};
 pub use params::{CompressParams, Params, Switchover};
 pub use source::Source;
 pub use stats::{CompressionStats, MigrationStats, RamStats, Status, XbzrleStats};
@@ -58,6 +60,11 @@ pub enum MigrationError {
     /// destination has been running it).
     #[error("postcopy: {0}")]
     Postcopy(#[from] postcopy::PostcopyError),
+    /// Verify mode: after the destination took over, the source's memory
+    /// at stop time did not match the digest sent in the stream (the dirty
+    /// tracker missed a write). The source guest stays paused.
+    #[error("verify after the switch-over failed: {0}")]
+    Verify(String),
     /// The destination reported a failure.
     #[error("destination failed to load: {0}")]
     Destination(String),
@@ -69,5 +76,7 @@ impl MigrationError {
     }
 }
 
+#[cfg(test)]
+mod downtime_tests;
 #[cfg(test)]
 mod tests;

@@ -1242,7 +1242,7 @@ fn reserved_header_field() {
 
 #[test]
 fn unknown_tag() {
-    for tag in [0x00, 0x0c, 0x10, 0x7f, 0x80, 0x8c, 0xff] {
+    for tag in [0x00, 0x0e, 0x10, 0x7f, 0x80, 0x8e, 0xff] {
         let mut b = Builder::header(0);
         b.u8(tag);
         let e = parse_err(&b.build()).err;

@@ -118,7 +118,7 @@ pub fn receive<R: Read>(
             let _ = write_reply(&mut **w, &Reply::Failed(why.to_string()));
         }
     };
-    let loader = Loader::new(mem);
+    let mut loader = Loader::new(mem);
     let mut r = match StreamReader::new(input) {
         Ok(r) => r,
         Err(e) => {
@@ -154,9 +154,10 @@ pub fn receive<R: Read>(
                 .ok_or_else(|| CommitError::NoGo("bytes after the stream's end".into()))?;
             read_go(inner).map_err(CommitError::NoGo)?;
         }
+        let go_at = Instant::now();
         guest.resume().map_err(ReceiveError::Resume)?;
         if let Some(w) = reply.as_mut() {
-            if let Err(e) = write_reply(&mut **w, &Reply::Started) {
+            if let Err(e) = write_reply(&mut **w, &Reply::Started(Some(go_at.elapsed()))) {
                 log::warn!("GO received but STARTED could not be sent ({e}): the guest runs here, the source stays paused");
             }
         }
@@ -205,6 +206,7 @@ pub fn receive<R: Read>(
         placer.release();
         return Err(e.into());
     }
+    let go_at = Instant::now();
 
     // GO: the guest is ours. Requests go out only after STARTED (the
     // fault thread needs the return path's lock, held until then).
@@ -245,7 +247,7 @@ pub fn receive<R: Read>(
         return Err(ReceiveError::Resume(e));
     }
     if let Some(g) = gate.as_mut() {
-        if let Err(e) = write_reply(&mut ***g, &Reply::Started) {
+        if let Err(e) = write_reply(&mut ***g, &Reply::Started(Some(go_at.elapsed()))) {
             log::warn!("STARTED could not be sent ({e}); postcopy goes on");
         }
     }

@@ -366,7 +366,7 @@ fn fake_destination_to_switch(r: &mut PipeReader, ack: &mut PipeWriter) {
     }
     write_reply(ack, &Reply::Loaded).unwrap();
     read_go(sr.inner_if_drained().expect("nothing after the switch")).unwrap();
-    write_reply(ack, &Reply::Started).unwrap();
+    write_reply(ack, &Reply::Started(None)).unwrap();
 }
 
 #[test]
@@ -423,7 +423,7 @@ fn destination_reports_a_source_lost_during_postcopy() {
         sw.section_end(0).unwrap();
         assert_eq!(read_reply(&mut ack_r).unwrap(), Reply::Loaded);
         write_go(sw.get_mut()).unwrap();
-        assert_eq!(read_reply(&mut ack_r).unwrap(), Reply::Started);
+        assert!(matches!(read_reply(&mut ack_r).unwrap(), Reply::Started(_)));
         // Killed: both connections close.
     });
     let mut guest = TouchGuest::new(&dst);
