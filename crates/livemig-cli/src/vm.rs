@@ -1054,6 +1054,8 @@ pub fn demo(a: DemoArgs) -> Result<()> {
                 "memory digest verified: it holds exactly the source's memory at the switch-over"
             } else if verify {
                 "memory digest NOT verified"
+            } else if o.stats.postcopy_time.is_some() {
+                "no digest after postcopy (the guest ran before its memory was whole): its self-check is the proof"
             } else {
                 "no digest (--no-verify)"
             }
