@@ -1367,7 +1367,7 @@ impl<'a> RamSaver<'a> {
             s.ram.mbps = bw * 8.0 / 1e6;
             s.ram.dirty_sync_count = sync_count;
             s.ram.pages_per_second = pps;
-            s.ram.precopy_bytes = transferred - downtime_bytes;
+            s.ram.precopy_bytes = transferred - downtime_bytes - pc_bytes;
             s.ram.downtime_bytes = downtime_bytes;
             s.ram.rounds = rounds;
             s.xbzrle_cache = xb;

@@ -296,6 +296,11 @@ fn assert_postcopy_done(r: &Run) {
     assert!(r.stats.postcopy_time.is_some());
     assert!(r.stats.postcopy_latency_dist.is_some());
     assert!(r.reads > 0, "the destination guest ran");
+    let ram = &r.stats.ram;
+    assert_eq!(
+        ram.precopy_bytes + ram.downtime_bytes + ram.postcopy_bytes,
+        ram.transferred
+    );
 }
 
 #[test]
@@ -305,6 +310,7 @@ fn pure_postcopy_of_process_memory() {
     let pc = r.received.postcopy.as_ref().unwrap();
     // Everything but the pages valid at the start moved after the switch.
     assert_eq!(pc.discarded_pages, r.src.total_bytes() / 4096);
+    assert_eq!(pc.placed_pages, pc.discarded_pages);
     assert!(
         r.stats.ram.postcopy_requests > 0,
         "the guest faulted remotely"
