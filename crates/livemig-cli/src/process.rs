@@ -138,6 +138,10 @@ pub struct TuneArgs {
     /// the source dies after the switch, the guest is lost.
     #[arg(long)]
     pub postcopy: bool,
+    /// With --postcopy: requested pages travel on a connection of their
+    /// own (postcopy-preempt), never behind bulk pages.
+    #[arg(long, requires = "postcopy")]
+    pub postcopy_preempt: bool,
 }
 
 impl TuneArgs {
@@ -164,6 +168,7 @@ impl TuneArgs {
             channels: self.channels,
             adaptive_encoding: !self.no_adaptive,
             postcopy_ram: self.postcopy,
+            postcopy_preempt: self.postcopy_preempt,
             postcopy_switchover: if self.postcopy {
                 livemig::engine::Switchover::Auto
             } else {
@@ -498,7 +503,13 @@ fn run_dest(uri: &Uri, o: &DestOpts, tls: Option<&TlsConfig>) -> Result<()> {
     }
     let (inc, session) = listener.accept_source()?;
     if o.postcopy && !matches!(uri, Uri::File(_)) {
-        return receive_process(uri, o, &mem, inc, &session);
+        let mut accept = || -> std::io::Result<Box<dyn std::io::Read + Send>> {
+            listener
+                .accept()
+                .map(|i| Box::new(i.reader) as Box<dyn std::io::Read + Send>)
+                .map_err(std::io::Error::other)
+        };
+        return receive_process(uri, o, &mem, inc, &session, &mut accept);
     }
     let mut loader = Loader::new(&mem);
     let progress = Progress::counter(loader.progress(), mem.total_bytes(), quiet || json);
@@ -599,10 +610,18 @@ fn receive_process(
     mem: &ProcessMemory,
     inc: livemig::transport::Incoming,
     session: &Option<livemig::transport::tls::TlsSession>,
+    accept: &mut dyn FnMut() -> std::io::Result<Box<dyn std::io::Read + Send>>,
 ) -> Result<()> {
     let started = std::time::Instant::now();
-    let got = livemig::engine::postcopy::receive(mem, inc.reader, inc.ack, &mut MemoryOnly, true)
-        .with_context(|| format!("migration from {uri}"))?;
+    let got = livemig::engine::postcopy::receive(
+        mem,
+        inc.reader,
+        inc.ack,
+        &mut MemoryOnly,
+        true,
+        Some(accept),
+    )
+    .with_context(|| format!("migration from {uri}"))?;
     let digest = hex(&memory_digest(mem));
     let verified = got.load.digest.is_some();
     let pc = got.postcopy.as_ref();
@@ -620,6 +639,8 @@ fn receive_process(
                 "discarded-pages": pc.discarded_pages,
                 "placed-pages": pc.placed_pages,
                 "postcopy-time": pc.postcopy_time,
+                "urgent-pages": pc.urgent_pages,
+                "requests": pc.requests,
             })),
         });
         println!("{}", serde_json::to_string(&v)?);

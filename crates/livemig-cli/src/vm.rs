@@ -660,9 +660,19 @@ pub fn vm_incoming(a: VmIncomingArgs) -> Result<()> {
     }
     let t0 = Instant::now();
     if a.postcopy && !snapshot {
-        let (vm, received) =
-            minivm::migrate::receive_vm(&a.layout.dest_config(), inc.reader, inc.ack, true)
-                .with_context(|| format!("migration from {uri}"))?;
+        let mut accept = || -> std::io::Result<Box<dyn Read + Send>> {
+            listener
+                .accept()
+                .map(|i| Box::new(i.reader) as Box<dyn Read + Send>)
+        };
+        let (vm, received) = minivm::migrate::receive_vm(
+            &a.layout.dest_config(),
+            inc.reader,
+            inc.ack,
+            true,
+            Some(&mut accept),
+        )
+        .with_context(|| format!("migration from {uri}"))?;
         let load_ms = t0.elapsed().as_millis() as u64;
         if say {
             match &received.postcopy {
@@ -689,6 +699,7 @@ pub fn vm_incoming(a: VmIncomingArgs) -> Result<()> {
                 "latency-p99": pc.faults.p99_us,
                 "blocktime-us": pc.faults.blocktime_us,
                 "postcopy-time": pc.postcopy_time,
+                "urgent-pages": pc.urgent_pages,
             })
         });
         return run_received(

@@ -156,10 +156,11 @@ fn process_migration_over_tls_is_verified() {
 }
 
 #[test]
-fn postcopy_over_tls() {
+fn postcopy_with_the_urgent_connection_over_tls() {
     // The return path is read on its own thread while pages go out: the
-    // TLS halves must work concurrently. 256 MiB/s of writes over a
-    // 16 MiB/s cap never converges: auto switches to postcopy.
+    // TLS halves must work concurrently; requested pages take a TLS
+    // connection of their own. 256 MiB/s of writes over a 16 MiB/s cap
+    // never converges: auto switches to postcopy.
     let dir = tempfile::tempdir().unwrap();
     let pki = keygen(dir.path());
     let dst = Incoming::start(&["--tls-dir", &tls_dir(&pki, "dst"), "--postcopy"]);
@@ -175,6 +176,7 @@ fn postcopy_over_tls() {
         "--downtime-limit",
         "20",
         "--postcopy",
+        "--postcopy-preempt",
         "--tls-dir",
         &src_tls,
     ]);
@@ -192,6 +194,11 @@ fn postcopy_over_tls() {
     assert!(s["postcopy-time"].is_u64(), "switched to postcopy: {s}");
     assert_eq!(d["digest"], s["digest"], "both sides hold the same memory");
     assert_eq!(d["tls"]["protocol"], "TLSv1_3", "{d}");
+    let urgent = d["postcopy"]["urgent-pages"].as_u64().unwrap();
+    let requests = d["postcopy"]["requests"].as_u64().unwrap();
+    // A page request is answered on the urgent connection unless the page
+    // was already on its way.
+    assert!(urgent <= requests, "{d}");
 }
 
 #[test]

@@ -127,16 +127,26 @@ impl IncomingGuest for IncomingVm<'_> {
 /// runs it: the whole destination in one call, postcopy included when
 /// `allow_postcopy` (the destination's `postcopy-ram`). On `Ok` the guest
 /// runs here (with postcopy, every page has arrived by then). `reply` is
-/// the return path (`None` for a snapshot file).
+/// the return path (`None` for a snapshot file); `accept` returns the next
+/// connection on the listener (the postcopy urgent connection of a source
+/// with `postcopy-preempt`).
 pub fn receive_vm<R: Read>(
     config: &VmConfig,
     input: R,
     reply: Option<Box<dyn Write + Send>>,
     allow_postcopy: bool,
+    accept: Option<&mut dyn FnMut() -> std::io::Result<Box<dyn Read + Send>>>,
 ) -> Result<(Vm, Received), MigrateError> {
     let vm = incoming_vm(config)?;
     let mem = vm.memory();
-    let received = receive(&*mem, input, reply, &mut IncomingVm(&vm), allow_postcopy)?;
+    let received = receive(
+        &*mem,
+        input,
+        reply,
+        &mut IncomingVm(&vm),
+        allow_postcopy,
+        accept,
+    )?;
     drop(mem);
     Ok((vm, received))
 }

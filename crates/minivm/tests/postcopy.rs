@@ -20,7 +20,7 @@ fn postcopy(params: Params, at_once: bool) {
     assert!(s.heartbeats() > 3, "the guest runs on the source: {s:?}");
     let (w, r) = pipe();
     let (aw, ar) = pipe();
-    let dest = thread::spawn(move || receive_vm(&cfg, r, Some(Box::new(aw)), true));
+    let dest = thread::spawn(move || receive_vm(&cfg, r, Some(Box::new(aw)), true, None));
     let handle = MigrationHandle::new(params);
     if at_once {
         handle.start_postcopy().unwrap();

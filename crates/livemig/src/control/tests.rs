@@ -38,6 +38,7 @@ impl MigrationStarter for PipeStarter {
                     Some(Box::new(ack_w)),
                     &mut MemoryOnly,
                     true,
+                    None,
                 );
             }));
             let conn = crate::transport::Outgoing {

@@ -79,6 +79,11 @@ pub struct Params {
     pub postcopy_ram: bool,
     /// When to switch to postcopy (with `postcopy_ram`).
     pub postcopy_switchover: Switchover,
+    /// Capability `postcopy-preempt`: after the switch, requested pages go
+    /// on a connection of their own, so they never queue behind bulk pages
+    /// (the source opens it like a page channel; the destination accepts
+    /// it on the same listener).
+    pub postcopy_preempt: bool,
 }
 
 impl Default for Params {
@@ -100,6 +105,7 @@ impl Default for Params {
             adaptive_encoding: true,
             postcopy_ram: false,
             postcopy_switchover: Switchover::Manual,
+            postcopy_preempt: false,
         }
     }
 }

@@ -36,6 +36,8 @@ const STEP: Duration = Duration::from_millis(50);
 const DIRTY_RATE_PERIOD: Duration = Duration::from_secs(1);
 /// Syncs without progress after which `auto` switches to postcopy.
 const AUTO_STALLS: u32 = 1;
+/// The index `open` gets for the postcopy urgent connection.
+pub(crate) const URGENT_CONNECTION: u16 = u16::MAX;
 /// Background pages sent between two looks at the page requests.
 const POSTCOPY_BATCH: usize = 16;
 /// Bytes hashed at setup to measure the verify digest's rate.
@@ -504,7 +506,11 @@ impl<'a> RamSaver<'a> {
             // The digest is part of the pause: measure the hashing rate.
             self.sample_hash();
         }
-        let flags = if self.params.verify { FLAG_VERIFY } else { 0 };
+        let mut flags = if self.params.verify { FLAG_VERIFY } else { 0 };
+        if self.params.postcopy_ram && self.params.postcopy_preempt {
+            flags |= crate::stream::format::FLAG_URGENT;
+        }
+        let urgent_flag = flags & crate::stream::format::FLAG_URGENT != 0;
         let n = self.params.channels;
         let session = session_number();
         let mut w = if n > 1 {
@@ -609,7 +615,8 @@ impl<'a> RamSaver<'a> {
             && self.params.postcopy_switchover == Switchover::Auto
             && !self.pause_fits();
         if switch || auto {
-            return self.postcopy(w, ack, vm, guest, pause_at, bytes_before);
+            let urgent = urgent_flag.then_some(open);
+            return self.postcopy(w, ack, urgent, vm, guest, pause_at, bytes_before);
         }
         let ack = ack.as_read();
         while self.remaining_pages() > 0 {
@@ -689,10 +696,12 @@ impl<'a> RamSaver<'a> {
     /// paused and synced; sends the not-valid bitmap, the device state and
     /// the switch, runs the handshake, then serves requests first and
     /// pushes the rest in the background.
+    #[allow(clippy::too_many_arguments)]
     fn postcopy<W: Write>(
         &mut self,
         mut w: StreamWriter<TimedWrite<W>>,
         mut ack: AckPath<'_>,
+        urgent: Option<&mut dyn FnMut(u16) -> io::Result<ChannelWriter>>,
         vm: &mut dyn VmControl,
         guest: &mut GuestSide,
         pause_at: Instant,
@@ -716,6 +725,31 @@ impl<'a> RamSaver<'a> {
         }
         w.postcopy().map_err(MigrationError::send)?;
         self.section_end(&mut w)?;
+        // After the switch section: the destination accepts it there (a
+        // TLS connection's handshake needs that accept).
+        let mut urgent = match urgent {
+            Some(open) => {
+                let conn = open(URGENT_CONNECTION).map_err(|e| {
+                    MigrationError::Send(io::Error::new(
+                        e.kind(),
+                        format!("opening the postcopy urgent connection: {e}"),
+                    ))
+                })?;
+                let mut u = StreamWriter::new(conn, 0);
+                let descs: Vec<BlockDesc> = self
+                    .blocks
+                    .iter()
+                    .map(|b| BlockDesc {
+                        id: b.id().to_string(),
+                        len: b.len(),
+                    })
+                    .collect();
+                u.block_list(&descs).map_err(MigrationError::send)?;
+                u.section_end(0).map_err(MigrationError::send)?;
+                Some((u, 1u64))
+            }
+            None => None,
+        };
         let AckPath::Owned(mut reader) = std::mem::replace(&mut ack, AckPath::None) else {
             return Err(MigrationError::Params(
                 "postcopy-ram needs a return path the engine owns".into(),
@@ -770,8 +804,11 @@ impl<'a> RamSaver<'a> {
                         let mut sent = false;
                         for p in first..first + n {
                             if self.bitmaps[b].clear(p) {
-                                self.send_page(&mut w, b, p, true)
-                                    .map_err(MigrationError::send)?;
+                                match &mut urgent {
+                                    Some((u, _)) => self.send_page(u, b, p, true),
+                                    None => self.send_page(&mut w, b, p, true),
+                                }
+                                .map_err(MigrationError::send)?;
                                 sent = true;
                             }
                         }
@@ -779,7 +816,13 @@ impl<'a> RamSaver<'a> {
                             // Locality: the background scan goes on just after.
                             self.pos_block = b;
                             self.pos_page = first + n;
-                            self.section_end(&mut w)?;
+                            match &mut urgent {
+                                Some((u, seq)) => {
+                                    u.section_end(*seq).map_err(MigrationError::send)?;
+                                    *seq += 1;
+                                }
+                                None => self.section_end(&mut w)?,
+                            }
                         }
                     }
                     Ok(Ok((_, Message::Complete(_)))) => {
@@ -817,8 +860,13 @@ impl<'a> RamSaver<'a> {
                 published = Instant::now();
             }
         }
+        let mut urgent_bytes = 0;
+        if let Some((mut u, _)) = urgent {
+            u.end().map_err(MigrationError::send)?;
+            urgent_bytes = u.bytes();
+        }
         w.end().map_err(MigrationError::send)?;
-        self.transferred = self.sent_bytes(&w);
+        self.transferred = self.sent_bytes(&w) + urgent_bytes;
         // Requests still in flight are for pages already sent.
         let deadline = Instant::now() + crate::transport::IO_TIMEOUT;
         loop {

@@ -58,8 +58,12 @@ pub const HEADER_LEN: usize = 16;
 pub const FLAG_VERIFY: u16 = 1 << 0;
 /// Header flag: this stream is one channel of a multi-channel migration.
 pub const FLAG_CHANNELS: u16 = 1 << 1;
+/// Header flag: if the migration switches to postcopy, requested pages
+/// travel on a connection of their own (postcopy-preempt), opened by the
+/// source right after the switch record's section.
+pub const FLAG_URGENT: u16 = 1 << 2;
 /// Header flags this build understands.
-pub const KNOWN_FLAGS: u16 = FLAG_VERIFY | FLAG_CHANNELS;
+pub const KNOWN_FLAGS: u16 = FLAG_VERIFY | FLAG_CHANNELS | FLAG_URGENT;
 /// Most page channels a migration may use.
 pub const MAX_CHANNELS: u16 = 64;
 

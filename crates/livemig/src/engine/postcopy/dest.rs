@@ -16,7 +16,7 @@ use crate::codec::compress::{Algorithm, Decompressor};
 use crate::engine::ack::{read_go, write_reply, CommitError, Reply};
 use crate::engine::loader::{LoadError, LoadOutcome, LoadStats, Loader};
 use crate::memory::{GuestMemory, PAGE_SIZE};
-use crate::stream::format::FLAG_VERIFY;
+use crate::stream::format::{FLAG_URGENT, FLAG_VERIFY};
 use crate::stream::{Record, StreamReader};
 use crate::sys::uffd::{
     drop_pages, Uffd, UffdMsg, Waker, UFFD_EVENT_PAGEFAULT, UFFD_FEATURE_THREAD_ID,
@@ -58,6 +58,8 @@ pub struct PostcopyFigures {
     pub faults: FaultReport,
     /// Milliseconds from the switch record to the last page.
     pub postcopy_time: u64,
+    /// Pages that came on the urgent connection (postcopy-preempt).
+    pub urgent_pages: u64,
 }
 
 /// Why receiving failed.
@@ -105,12 +107,18 @@ pub enum ReceiveError {
 /// every remaining page (requested ones first, by the source's choice)
 /// until the stream ends; faults are served by a thread that asks the
 /// source for the page.
+///
+/// `accept` returns the next connection on the destination's listener:
+/// the urgent connection of a source with `postcopy-preempt` (header flag
+/// `FLAG_URGENT`) is accepted right after the switch. `None` refuses such
+/// a source.
 pub fn receive<R: Read>(
     mem: &dyn GuestMemory,
     input: R,
     reply: Option<Box<dyn Write + Send>>,
     guest: &mut dyn IncomingGuest,
     allow_postcopy: bool,
+    accept: Option<&mut dyn FnMut() -> io::Result<Box<dyn Read + Send>>>,
 ) -> Result<Received, ReceiveError> {
     let mut reply = reply;
     let fail = |reply: &mut Option<Box<dyn Write + Send>>, why: &str| {
@@ -128,6 +136,7 @@ pub fn receive<R: Read>(
         }
     };
     let verify = r.flags() & FLAG_VERIFY != 0;
+    let wants_urgent = r.flags() & FLAG_URGENT != 0;
     let o = match loader.load_until_switch(&mut r) {
         Ok(o) => o,
         Err(e) => {
@@ -189,6 +198,27 @@ pub fn receive<R: Read>(
         }
     };
     let discarded = placer.missing();
+    // The urgent connection (postcopy-preempt) comes right after the switch.
+    let mut urgent = None;
+    if wants_urgent {
+        let opened = match accept {
+            None => Err("the source wants an urgent connection (postcopy-preempt) but this destination accepts none".to_string()),
+            Some(accept) => accept()
+                .map_err(|e| format!("accepting the postcopy urgent connection: {e}"))
+                .and_then(|c| open_urgent(c, &o.map.len(), mem, &o.map).map_err(|e| crate::error_chain(&e))),
+        };
+        match opened {
+            Ok(u) => urgent = Some(u),
+            Err(why) => {
+                placer.release();
+                fail(&mut Some(w), &why);
+                return Err(ReceiveError::Load(LoadError::Postcopy {
+                    offset: r.offset(),
+                    what: why,
+                }));
+            }
+        }
+    }
     if let Err(e) = guest.restore(&o.state) {
         placer.release();
         fail(&mut Some(w), &e);
@@ -254,7 +284,43 @@ pub fn receive<R: Read>(
     gate.take();
 
     let mut stats = o.stats;
-    let result = place_stream(&mut r, &placer, &mut stats);
+    let mut urgent_pages = 0;
+    let result = match urgent.as_mut() {
+        None => place_stream(&mut r, &placer, &mut stats),
+        Some(u) => std::thread::scope(|s| {
+            let p = &placer;
+            let t = s.spawn(move || {
+                let mut us = LoadStats::default();
+                place_stream(u, p, &mut us).map(|()| us)
+            });
+            let main = place_stream(&mut r, &placer, &mut stats);
+            if main.is_err() {
+                // Tell the source now: it closes the urgent connection.
+                let _ = write_message(
+                    &mut **lock(&reply),
+                    &Message::Failed("the destination's main stream failed".into()),
+                );
+            }
+            let urgent = t.join().unwrap_or_else(|_| {
+                Err(LoadError::Postcopy {
+                    offset: 0,
+                    what: "the urgent connection's thread panicked".into(),
+                })
+            });
+            main.and_then(|()| {
+                let us = urgent.map_err(|e| LoadError::Postcopy {
+                    offset: 0,
+                    what: format!("urgent connection: {}", crate::error_chain(&e)),
+                })?;
+                urgent_pages = us.raw_pages + us.zero_pages + us.compressed_pages;
+                stats.raw_pages += us.raw_pages;
+                stats.zero_pages += us.zero_pages;
+                stats.compressed_pages += us.compressed_pages;
+                stats.bytes += us.bytes;
+                Ok(())
+            })
+        }),
+    };
     stop_thread(&mut gate);
     let _ = thread.join();
     let fault_failed = lock(&fault_err).take();
@@ -274,7 +340,8 @@ pub fn receive<R: Read>(
         return Err(ReceiveError::SourceLost { missing, cause });
     }
     placer.release();
-    let figures = placer.figures(discarded, switched_at);
+    let mut figures = placer.figures(discarded, switched_at);
+    figures.urgent_pages = urgent_pages;
     if let Err(e) = write_message(
         &mut **lock(&reply),
         &Message::Complete(figures.faults.clone()),
@@ -293,6 +360,36 @@ pub fn receive<R: Read>(
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Reads the urgent connection's start: a stream with the same block list.
+fn open_urgent(
+    conn: Box<dyn Read + Send>,
+    _n: &usize,
+    mem: &dyn GuestMemory,
+    map: &[usize],
+) -> Result<StreamReader<Box<dyn Read + Send>>, LoadError> {
+    let mut u = StreamReader::new(conn)?;
+    let at = u.offset();
+    let Record::BlockList(list) = u.next_record()? else {
+        return Err(LoadError::Postcopy {
+            offset: at,
+            what: "the urgent connection must start with the block list".into(),
+        });
+    };
+    let blocks = mem.blocks();
+    let same = list.len() == map.len()
+        && list
+            .iter()
+            .zip(map)
+            .all(|(d, &i)| blocks[i].id() == d.id && blocks[i].len() == d.len);
+    if !same {
+        return Err(LoadError::Postcopy {
+            offset: at,
+            what: "the urgent connection's block list differs from the main stream's".into(),
+        });
+    }
+    Ok(u)
 }
 
 /// Places the pages that follow the switch until END.
@@ -530,6 +627,7 @@ impl Placer {
                 buckets: w.hist.buckets(),
             },
             postcopy_time: switched_at.elapsed().as_millis() as u64,
+            urgent_pages: 0,
         }
     }
 }

@@ -251,17 +251,38 @@ fn run_postcopy(
         handle.start_postcopy().unwrap();
     }
     let (out, r, ack_w) = pipes_out();
+    // The urgent connection, when postcopy-preempt asks for one.
+    let (uw, ur) = pipe();
+    let mut uw = Some(uw);
+    let mut ur = Some(ur);
     let dst2 = dst.clone();
     let dest = thread::spawn(move || {
         let mut guest = TouchGuest::new(&dst2);
-        let res = receive(&dst2, r, Some(Box::new(ack_w)), &mut guest, true);
+        let mut accept = || -> std::io::Result<Box<dyn std::io::Read + Send>> {
+            ur.take()
+                .map(|r| Box::new(r) as Box<dyn std::io::Read + Send>)
+                .ok_or_else(|| std::io::Error::other("one urgent connection only"))
+        };
+        let res = receive(
+            &dst2,
+            r,
+            Some(Box::new(ack_w)),
+            &mut guest,
+            true,
+            Some(&mut accept),
+        );
         let reads = guest.stop();
         (res, reads)
     });
     let h2 = handle.clone();
     let steerer = thread::spawn(move || steer(h2));
     let stats = Source::new(&src, &mut tracker, &mut vm, handle.clone())
-        .run_over(out)
+        .run_conn(out, &mut |i| {
+            assert_eq!(i, crate::engine::source::URGENT_CONNECTION);
+            uw.take()
+                .map(|w| Box::new(w) as crate::engine::ChannelWriter)
+                .ok_or_else(|| std::io::Error::other("one urgent connection only"))
+        })
         .expect("migration succeeds");
     assert!(vm.is_paused(), "the source stays paused after postcopy");
     drop(workload);
@@ -316,6 +337,29 @@ fn pure_postcopy_of_process_memory() {
         "the guest faulted remotely"
     );
     assert!(pc.faults.faults > 0);
+}
+
+#[test]
+fn pure_postcopy_with_the_urgent_connection() {
+    let r = run_postcopy(
+        Params {
+            postcopy_preempt: true,
+            ..postcopy_params()
+        },
+        true,
+        |_| {},
+    );
+    assert_postcopy_done(&r);
+    assert!(
+        r.stats.ram.postcopy_requests > 0,
+        "the guest faulted remotely"
+    );
+    let pc = r.received.postcopy.as_ref().unwrap();
+    assert!(
+        pc.urgent_pages > 0,
+        "requested pages came on the urgent connection"
+    );
+    assert!(pc.urgent_pages < pc.placed_pages, "bulk pages did not");
 }
 
 #[test]
@@ -449,7 +493,7 @@ fn destination_reports_a_source_lost_during_postcopy() {
             }
         }
         let mut g = Still(&mut guest, false);
-        let res = receive(&dst, r, Some(Box::new(ack_w)), &mut g, true);
+        let res = receive(&dst, r, Some(Box::new(ack_w)), &mut g, true, None);
         assert!(g.1, "the guest was resumed after GO");
         res
     };
@@ -476,7 +520,7 @@ fn destination_without_postcopy_refuses_the_switch() {
     let dst2 = dst.clone();
     let dest = thread::spawn(move || {
         let mut guest = TouchGuest::new(&dst2);
-        receive(&dst2, r, Some(Box::new(ack_w)), &mut guest, false)
+        receive(&dst2, r, Some(Box::new(ack_w)), &mut guest, false, None)
     });
     let e = Source::new(&src, &mut tracker, &mut vm, handle)
         .run_over(out)
