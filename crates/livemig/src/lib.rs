@@ -51,6 +51,44 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! # Integrating a KVM VMM
+//!
+//! `examples/kvm_vmm.rs` is a complete, runnable VMM (vm-memory +
+//! kvm-ioctls, about 400 lines) that migrates itself to another process;
+//! `tests/kvm_example.rs` runs it. The steps:
+//!
+//! 1. **Memory.** Wrap the VMM's `Arc<GuestMemoryMmap<B>>` in
+//!    [`memory::VmMemory`] (one RAM block per region, feature `vm-memory`,
+//!    on by default), or implement [`GuestMemory`] for your own mapping.
+//!    Use `GuestMemoryMmap<AtomicBitmap>` if devices write through it.
+//! 2. **Tracker** (feature `kvm`). Before creating vCPUs, build a
+//!    [`dirty::kvm::KvmDirtyLog`] from your `Arc<VmFd>` and one
+//!    [`dirty::kvm::KvmSlot`] per region (slot id, guest address, the
+//!    block): it registers the slots with KVM and, if asked, enables the
+//!    dirty ring. After creating the vCPUs, `attach_vcpus`. Then
+//!    `log.tracker(log.resolve(TrackerKind::Auto).0)` gives manual protect
+//!    (initially set) where offered, else the classic bitmap. With the
+//!    ring, the vCPU loop answers exit [`dirty::kvm::EXIT_DIRTY_RING_FULL`]
+//!    with `log.ring_full(i, &vcpu)` and `log.wait_harvested(..)`.
+//! 3. **Device writes.** KVM logs only the guest's own writes. Wrap the
+//!    tracker in [`dirty::WithDeviceWrites`] with a [`dirty::DeviceWrites`]:
+//!    `DeviceWrites::from_vm_memory(mem)` reads vm-memory's dirty bitmap,
+//!    and any device thread holding a clone can call
+//!    `mark_dirty(guest_addr, len)` after it writes guest memory.
+//! 4. **vCPU control.** Implement [`vm::VmControl`]: `pause` returns only
+//!    once no vCPU runs and no device writes guest memory any more,
+//!    `resume` undoes it, `set_throttle` (optional) slows vCPUs for
+//!    auto-converge, `save_state` returns the vCPU and device state as
+//!    bytes, which travel at the end of the stream.
+//! 5. **Source.** [`engine::Source::new`]`(&memory, &mut tracker, &mut
+//!    control, handle).run_over(transport::connect(&uri)?)` (or
+//!    `run_with_channels` for several page channels). On success the
+//!    source stays paused; on failure or cancel it runs on.
+//! 6. **Destination.** Lay memory out the same way, accept, load with
+//!    [`engine::Loader`] (vCPU state in `LoadOutcome::state`), restore the
+//!    state, then the completion handshake: [`engine::Commit`]`::wait_go`
+//!    before resuming the vCPUs, `started()` after.
 #![warn(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
 

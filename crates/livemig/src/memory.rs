@@ -169,10 +169,16 @@ impl GuestMemory for ProcessMemory {
 #[cfg(feature = "vm-memory")]
 mod vm_memory_adapter {
     use super::*;
+    use vm_memory::bitmap::Bitmap;
     use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
     /// rust-vmm's `GuestMemoryMmap` as livemig guest memory: one RAM block per
     /// region, named `ram@<guest address in hex>`.
+    ///
+    /// Any bitmap backend works; with `GuestMemoryMmap<AtomicBitmap>` the
+    /// VMM's own writes through vm-memory are recorded there and
+    /// [`crate::dirty::DeviceWrites::from_vm_memory`] hands them to the
+    /// tracker at every sync.
     #[derive(Clone, Debug)]
     pub struct VmMemory {
         blocks: Vec<RamBlock>,
@@ -180,7 +186,9 @@ mod vm_memory_adapter {
 
     impl VmMemory {
         /// Adapts `mem`; the regions stay mapped as long as any block lives.
-        pub fn new(mem: Arc<GuestMemoryMmap>) -> Result<Self, MemoryError> {
+        pub fn new<B: Bitmap + Send + Sync + 'static>(
+            mem: Arc<GuestMemoryMmap<B>>,
+        ) -> Result<Self, MemoryError> {
             let mut blocks = Vec::new();
             for r in mem.iter() {
                 let id = format!("ram@{:x}", r.start_addr().0);

@@ -1,10 +1,12 @@
-//! Port I/O devices: the 16550 serial at 0x3f8 (vm-superio) and port 0x92.
+//! Devices: the 16550 serial at 0x3f8 (vm-superio) and port 0x92 (port
+//! I/O), and a clock page the VMM writes into guest memory.
 
 use std::fs::File;
 use std::io::{self, Write};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use vm_memory::{Bytes, GuestAddress};
 use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 
@@ -12,6 +14,42 @@ use vm_superio::{Serial, Trigger};
 pub const SERIAL_BASE: u16 = 0x3f8;
 /// System control port A (fast A20).
 pub const PORT_A20: u16 = 0x92;
+
+/// How often the clock page is written while the VM runs.
+pub const CLOCK_PERIOD: std::time::Duration = std::time::Duration::from_millis(1);
+/// A free page of the built-in test guest's layout, for the clock page.
+pub const CLOCK_PAGE_ADDR: u64 = 0x1f_f000;
+
+/// The clock page: a device that writes guest memory from the VMM, as a
+/// paravirtual clock's shared page or a virtio device's completions are
+/// written. Every [`CLOCK_PERIOD`] while the VM runs, it adds one to the
+/// tick count (u64) at its guest address.
+///
+/// It writes through vm-memory (`GuestMemoryMmap<AtomicBitmap>`), whose
+/// dirty bitmap records the write: KVM's dirty log never sees writes the
+/// VMM makes, and livemig merges that bitmap at every sync, so a tick
+/// written during a migration reaches the destination.
+#[derive(Clone, Copy, Debug)]
+pub struct ClockPage {
+    /// Guest-physical address of the tick count.
+    pub addr: u64,
+}
+
+impl ClockPage {
+    /// One tick: count + 1, written through `mem`. Callers make sure the
+    /// VM is not paused (the tick must land before a pause returns).
+    pub fn tick(&self, mem: &crate::vm::GuestMemoryMmap) {
+        let a = GuestAddress(self.addr);
+        if let Ok(n) = mem.read_obj::<u64>(a) {
+            let _ = mem.write_obj(n.wrapping_add(1), a);
+        }
+    }
+
+    /// The tick count now in guest memory.
+    pub fn ticks(&self, mem: &crate::vm::GuestMemoryMmap) -> u64 {
+        mem.read_obj(GuestAddress(self.addr)).unwrap_or(0)
+    }
+}
 
 /// Where the serial port's output goes.
 #[derive(Clone, Debug, Default)]

@@ -11,11 +11,11 @@
 //! while no tracker runs has nothing to measure, so it does nothing).
 //!
 //! How it works:
-//! - a reaper thread harvests every vCPU's ring each [`REAP_PERIOD`] while
-//!   a limit is set and tracking runs, into per-slot *pending* bitmaps the
-//!   ring tracker hands to the engine at its next sync (nothing is lost:
-//!   reaping and syncing hold the same lock), and adds each ring's entries
-//!   to its vCPU's count of dirtied pages;
+//! - a reaper thread has livemig harvest every vCPU's ring each
+//!   [`REAP_PERIOD`] while a limit is set and tracking runs
+//!   (`KvmDirtyLog::reap`: the pages wait for the ring tracker's next sync,
+//!   nothing is lost), and livemig counts each ring's entries per vCPU
+//!   (`KvmDirtyLog::vcpu_dirtied`);
 //! - each vCPU keeps a token bucket of pages (refilled at the limit, at most
 //!   [`BURST`] worth); before re-entering KVM_RUN it takes what it dirtied
 //!   since its last look, and while in debt it sleeps the debt off;
@@ -27,14 +27,18 @@
 //! that long; over a second its rate stays within the limit.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use livemig::bitmap::DirtyBitmap;
 use livemig::engine::MigrationHandle;
 
 use crate::vm::{lock, Shared, Vm, VmError};
+
+/// Pages vCPU `i` has dirtied, as counted from its dirty ring by livemig.
+fn dirtied(sh: &Shared, i: usize) -> u64 {
+    sh.dirty.vcpu_dirtied_one(i)
+}
 
 /// How often the reaper harvests the rings while a limit is set.
 pub const REAP_PERIOD: Duration = Duration::from_millis(20);
@@ -49,36 +53,17 @@ const FOLLOW_PERIOD: Duration = Duration::from_millis(100);
 pub(crate) struct DirtyLimit {
     /// Pages per second each vCPU may dirty; 0 = no limit.
     limit: AtomicU64,
-    /// Per vCPU: pages harvested from its ring so far (every harvest).
-    dirtied: Vec<AtomicU64>,
     /// Per vCPU: nanoseconds spent waiting to honour the limit.
     waited_ns: Vec<AtomicU64>,
-    /// Per slot: pages reaped between two tracker syncs.
-    pending: Mutex<Vec<DirtyBitmap>>,
 }
 
 impl DirtyLimit {
-    /// State for `vcpus` vCPUs; `slot_pages` gives the pending bitmaps'
-    /// sizes (empty without a dirty ring).
-    pub(crate) fn new(vcpus: usize, slot_pages: &[u64]) -> Self {
+    /// State for `vcpus` vCPUs.
+    pub(crate) fn new(vcpus: usize) -> Self {
         DirtyLimit {
             limit: AtomicU64::new(0),
-            dirtied: (0..vcpus).map(|_| AtomicU64::new(0)).collect(),
             waited_ns: (0..vcpus).map(|_| AtomicU64::new(0)).collect(),
-            pending: Mutex::new(slot_pages.iter().map(|&p| DirtyBitmap::new(p)).collect()),
         }
-    }
-
-    /// Adds pages harvested from vCPU `i`'s ring.
-    pub(crate) fn add_dirtied(&self, i: usize, pages: u64) {
-        if let Some(c) = self.dirtied.get(i) {
-            c.fetch_add(pages, Ordering::Relaxed);
-        }
-    }
-
-    /// The pending bitmaps; take this lock before the rings' lock.
-    pub(crate) fn pending(&self) -> MutexGuard<'_, Vec<DirtyBitmap>> {
-        lock(&self.pending)
     }
 
     fn limit(&self) -> u64 {
@@ -105,9 +90,10 @@ impl Pacer {
     }
 
     /// How long vCPU `i` must wait before it runs again; `None`: run now.
-    pub(crate) fn delay(&mut self, dl: &DirtyLimit, i: usize) -> Option<Duration> {
+    pub(crate) fn delay(&mut self, sh: &Shared, i: usize) -> Option<Duration> {
+        let dl = &sh.dirty_limit;
         let limit = dl.limit();
-        let dirtied = dl.dirtied.get(i)?.load(Ordering::Relaxed);
+        let dirtied = dirtied(sh, i);
         let now = Instant::now();
         let rate = limit as f64;
         let burst = rate * BURST.as_secs_f64();
@@ -150,24 +136,20 @@ pub(crate) fn reaper_thread(sh: Arc<Shared>) {
             if ctl.stop {
                 return;
             }
-            if sh.dirty_limit.limit() == 0 || !sh.tracking.load(Ordering::Acquire) {
+            if sh.dirty_limit.limit() == 0 || !sh.dirty.is_tracking() {
                 let _ = sh.cond.wait_timeout(ctl, REAP_PERIOD);
                 continue;
             }
         }
         let t0 = Instant::now();
-        let before: Vec<u64> = sh
-            .dirty_limit
-            .dirtied
-            .iter()
-            .map(|c| c.load(Ordering::Relaxed))
-            .collect();
-        if let Err(e) = crate::dirty::reap_to_pending(&sh) {
+        let n = sh.vcpus.len();
+        let before: Vec<u64> = (0..n).map(|i| dirtied(&sh, i)).collect();
+        if let Err(e) = sh.dirty.reap() {
             log::warn!("dirty-limit: reaping the dirty rings: {e}");
         }
         let budget = sh.dirty_limit.limit() as f64 * REAP_PERIOD.as_secs_f64();
-        for (i, (c, b)) in sh.dirty_limit.dirtied.iter().zip(before).enumerate() {
-            if (c.load(Ordering::Relaxed) - b) as f64 > budget {
+        for (i, b) in before.into_iter().enumerate() {
+            if (dirtied(&sh, i) - b) as f64 > budget {
                 sh.kick(i);
             }
         }
@@ -183,16 +165,17 @@ impl Vm {
     /// cap acts only while a ring tracker runs (during a migration or a
     /// dirty-rate measurement): without tracking nothing is counted.
     pub fn set_dirty_limit(&self, bytes_per_sec: Option<u64>) -> Result<(), VmError> {
-        let pages =
-            match bytes_per_sec {
-                None | Some(0) => 0,
-                Some(_) if self.shared.rings.is_none() => return Err(VmError::Config(
+        let pages = match bytes_per_sec {
+            None | Some(0) => 0,
+            Some(_) if self.shared.dirty.ring_entries().is_none() => {
+                return Err(VmError::Config(
                     "dirty-limit needs the KVM dirty ring (build the VM with dirty_ring_entries \
                      and migrate with the ring tracker): only the ring counts pages per vCPU"
                         .into(),
-                )),
-                Some(b) => (b / 4096).max(1),
-            };
+                ))
+            }
+            Some(b) => (b / 4096).max(1),
+        };
         self.shared
             .dirty_limit
             .limit
@@ -212,15 +195,7 @@ impl Vm {
     /// Pages each vCPU has dirtied, as counted from its dirty ring over all
     /// harvests so far; `None` without a dirty ring (no per-vCPU log).
     pub fn vcpu_dirty_pages(&self) -> Option<Vec<u64>> {
-        self.shared.rings.as_ref()?;
-        Some(
-            self.shared
-                .dirty_limit
-                .dirtied
-                .iter()
-                .map(|c| c.load(Ordering::Relaxed))
-                .collect(),
-        )
+        self.shared.dirty.vcpu_dirtied()
     }
 
     /// Time each vCPU has spent waiting because of the dirty limit.
@@ -249,7 +224,7 @@ impl Vm {
         }
         let stop = Arc::new(AtomicBool::new(false));
         let (sh, h, st) = (self.shared.clone(), handle.clone(), stop.clone());
-        let has_ring = sh.rings.is_some();
+        let has_ring = sh.dirty.ring_entries().is_some();
         let thread = std::thread::Builder::new()
             .name("dirty-limit".into())
             .spawn(move || {

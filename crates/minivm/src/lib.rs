@@ -29,7 +29,7 @@ pub mod state;
 pub mod sys;
 pub mod vm;
 
-pub use devices::SerialOut;
+pub use devices::{ClockPage, SerialOut};
 pub use dirty::TrackerKind;
 pub use guest::{CpuMode, GuestImage, TestGuestConfig};
 pub use vm::{GuestStatus, SlotInfo, VcpuStatus, Vm, VmConfig, VmError, VmHandle};

@@ -319,6 +319,7 @@ fn run(a: RunArgs) -> Result<()> {
         start_paused: a.incoming,
         prefault: a.prefault,
         huge_pages: !a.no_huge_pages,
+        clock_page: None,
     })?;
     let controlled = ControlledVm::new(vm, a.migrate_tracker);
     let vm = controlled.vm();

@@ -7,20 +7,23 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{
-    kvm_enable_cap, kvm_run, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES,
-    KVM_MEM_LOG_DIRTY_PAGES,
-};
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use kvm_bindings::{kvm_run, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
+use livemig::dirty::kvm::{KvmDirtyLog, KvmSlot, EXIT_DIRTY_RING_FULL};
+use livemig::dirty::DeviceWrites;
 use livemig::memory::VmMemory;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use livemig::GuestMemory;
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
-use crate::devices::{Devices, SerialOut};
+use crate::devices::{ClockPage, Devices, SerialOut, CLOCK_PERIOD};
 use crate::guest::{self, GuestImage, StartState};
-use crate::sys::{self, DirtyRing};
+use crate::sys;
 
-/// Log of vCPU exit reason 31: the vCPU's dirty ring is full.
-const EXIT_DIRTY_RING_FULL: u32 = 31;
+/// Guest memory: rust-vmm's mmap backend with its dirty bitmap, so that
+/// every write the VMM makes through it (device emulation) is recorded for
+/// migration (KVM's dirty log sees only the guest's own writes).
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
 /// Largest batch of pages granted to the test guest per `in`.
 const MAX_CREDIT: u64 = 256;
 /// Throttle time slice (QEMU uses 10 ms too).
@@ -50,6 +53,10 @@ pub enum VmError {
         /// What failed.
         why: String,
     },
+    /// Registering guest memory with KVM or setting up dirty tracking
+    /// (the dirty ring) failed.
+    #[error("KVM dirty tracking set-up: {0}")]
+    Dirty(#[from] livemig::dirty::DirtyError),
     /// Loading the guest image failed.
     #[error(transparent)]
     Guest(#[from] guest::GuestError),
@@ -104,6 +111,9 @@ pub struct VmConfig {
     /// huge zero pages instead of one zero page per 4 KiB, so scanning an
     /// idle guest is cheaper; KVM still logs dirty pages per 4 KiB.
     pub huge_pages: bool,
+    /// A clock page the VMM writes into guest memory every millisecond
+    /// while the VM runs (see [`ClockPage`]); `None`: no such device.
+    pub clock_page: Option<ClockPage>,
 }
 
 impl Default for VmConfig {
@@ -121,6 +131,7 @@ impl Default for VmConfig {
             start_paused: false,
             prefault: false,
             huge_pages: true,
+            clock_page: None,
         }
     }
 }
@@ -144,7 +155,6 @@ pub(crate) struct Ctl {
     pub(crate) parked: usize,
     pub(crate) dead: usize,
     pub(crate) stop: bool,
-    pub(crate) ring_gen: u64,
     pub(crate) errors: Vec<String>,
 }
 
@@ -163,7 +173,6 @@ pub(crate) struct VcpuSlot {
 }
 
 pub(crate) struct Shared {
-    pub(crate) vm_fd: VmFd,
     pub(crate) ctl: Mutex<Ctl>,
     pub(crate) cond: Condvar,
     pub(crate) vcpus: Vec<VcpuSlot>,
@@ -174,17 +183,14 @@ pub(crate) struct Shared {
     throttle: AtomicU8,
     pub(crate) memory: Arc<GuestMemoryMmap>,
     pub(crate) slots: Vec<SlotInfo>,
-    pub(crate) rings: Option<Mutex<Vec<DirtyRing>>>,
+    /// livemig's KVM dirty log over the slots (and the dirty rings): it
+    /// registered the slots and builds the trackers.
+    pub(crate) dirty: Arc<KvmDirtyLog>,
+    /// Pages the VMM writes itself, read from `memory`'s dirty bitmap.
+    pub(crate) device_writes: DeviceWrites,
     pub(crate) config: VmConfig,
-    /// Set while a tracker has log-dirty enabled (one tracker at a time).
-    pub(crate) tracking: AtomicBool,
     /// Per-vCPU dirty-limit (dirty ring only).
     pub(crate) dirty_limit: crate::dirtylimit::DirtyLimit,
-    /// Times a dirty ring was seen full while the host may have been
-    /// emulating guest code (a ring-full exit with the vCPU at CPL 0 or in
-    /// real mode, or a harvest of a full ring in a VM not known to run its
-    /// code in ring 3). kvm_pvm can drop ring entries then (HOST-NOTES).
-    pub(crate) ring_full_emulated: AtomicU64,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -236,42 +242,6 @@ impl Shared {
     pub(crate) fn is_paused(&self) -> bool {
         let ctl = lock(&self.ctl);
         ctl.pause && ctl.parked + ctl.dead >= self.vcpus.len()
-    }
-
-    pub(crate) fn set_log_dirty(&self, on: bool) -> Result<(), VmError> {
-        for s in &self.slots {
-            let region = kvm_userspace_memory_region {
-                slot: s.slot,
-                flags: if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
-                guest_phys_addr: s.gpa,
-                memory_size: s.size,
-                userspace_addr: s.host_addr,
-            };
-            // SAFETY: the same host range as at creation, still mapped by
-            // `self.memory` for as long as the VM lives.
-            unsafe { self.vm_fd.set_user_memory_region(region) }
-                .map_err(kvm_err("SET_USER_MEMORY_REGION"))?;
-        }
-        Ok(())
-    }
-
-    /// Wakes vCPUs waiting for their dirty ring to be harvested.
-    /// Whether this VM's guest code is known to run in ring 3 (natively
-    /// on kvm_pvm): the built-in test guest and long-mode ring-3 images.
-    pub(crate) fn guest_runs_in_ring3(&self) -> bool {
-        matches!(
-            self.config.guest,
-            GuestImage::TestGuest(_)
-                | GuestImage::Flat {
-                    mode: crate::guest::CpuMode::LongRing3,
-                    ..
-                }
-        )
-    }
-
-    pub(crate) fn ring_harvested(&self) {
-        lock(&self.ctl).ring_gen += 1;
-        self.cond.notify_all();
     }
 
     fn handle_out(&self, i: usize, port: u16, data: &[u8]) {
@@ -361,7 +331,7 @@ fn vcpu_thread(sh: Arc<Shared>, i: usize) {
         last: Instant::now(),
     };
     let mut pending_io = false;
-    let mut ring_full_gen: Option<u64> = None;
+    let mut ring_full: Option<livemig::dirty::kvm::RingFull> = None;
     let mut last_throttle = Instant::now();
     let mut pacer = crate::dirtylimit::Pacer::new();
     let mut fd = Some(lock(&slot.fd));
@@ -392,16 +362,17 @@ fn vcpu_thread(sh: Arc<Shared>, i: usize) {
                     ctl = sh.cond.wait(ctl).unwrap_or_else(|e| e.into_inner());
                 }
                 ctl.parked -= 1;
-                ring_full_gen = None;
+                ring_full = None;
                 continue;
             }
-            if let Some(gen) = ring_full_gen {
-                if ctl.ring_gen == gen {
-                    let _ = sh.cond.wait_timeout(ctl, Duration::from_millis(10));
-                    continue;
-                }
-                ring_full_gen = None;
+        }
+        if let Some(t) = ring_full {
+            // Stopped on a full dirty ring: wait for the next harvest in
+            // short steps, so a pause is still served.
+            if !sh.dirty.wait_harvested(t, Duration::from_millis(10)) {
+                continue;
             }
+            ring_full = None;
         }
         let pct = sh.throttle.load(Ordering::Relaxed);
         if pct > 0 && last_throttle.elapsed() >= THROTTLE_SLICE {
@@ -413,7 +384,7 @@ fn vcpu_thread(sh: Arc<Shared>, i: usize) {
             last_throttle = Instant::now();
             continue;
         }
-        if let Some(wait) = pacer.delay(&sh.dirty_limit, i) {
+        if let Some(wait) = pacer.delay(&sh, i) {
             // Over its dirty limit: wait the debt off, then look again.
             let t = Instant::now();
             let until = t + wait;
@@ -438,13 +409,10 @@ fn vcpu_thread(sh: Arc<Shared>, i: usize) {
             Ok(VcpuExit::Intr) => {}
             Ok(VcpuExit::Unsupported(EXIT_DIRTY_RING_FULL)) => {
                 slot.ring_full_exits.fetch_add(1, Ordering::Relaxed);
-                // Ring 3 runs natively; CPL 0 and real mode are emulated
-                // by kvm_pvm, which can then drop ring entries.
-                let emulated = f.get_sregs().map_or(true, |s| s.cs.dpl != 3);
-                if emulated {
-                    sh.ring_full_emulated.fetch_add(1, Ordering::Relaxed);
-                }
-                ring_full_gen = Some(lock(&sh.ctl).ring_gen);
+                // livemig records whether the host was emulating the guest
+                // (then the ring may have lost entries) and frees us at the
+                // next harvest.
+                ring_full = Some(sh.dirty.ring_full(i, f));
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
             other => {
@@ -460,6 +428,23 @@ fn vcpu_thread(sh: Arc<Shared>, i: usize) {
                 return;
             }
         }
+    }
+}
+
+/// Runs the clock page device: a tick every [`CLOCK_PERIOD`] while the VM
+/// runs. The tick is written under the control lock, so once `pause` has
+/// set its flag no tick lands until the VM resumes.
+fn clock_thread(sh: Arc<Shared>, clock: ClockPage) {
+    loop {
+        let ctl = lock(&sh.ctl);
+        if ctl.stop {
+            return;
+        }
+        if !ctl.pause {
+            clock.tick(&sh.memory);
+        }
+        drop(ctl);
+        std::thread::sleep(CLOCK_PERIOD);
     }
 }
 
@@ -569,7 +554,7 @@ impl Vm {
         })?;
 
         let kvm = Kvm::new().map_err(kvm_err("open /dev/kvm"))?;
-        let vm_fd = kvm.create_vm().map_err(kvm_err("CREATE_VM"))?;
+        let vm_fd = Arc::new(kvm.create_vm().map_err(kvm_err("CREATE_VM"))?);
         let _ = vm_fd.set_tss_address(0xfffb_d000);
 
         // Memory: `nblocks` ranges of whole 2 MiB chunks, contiguous from 0.
@@ -599,51 +584,34 @@ impl Vm {
                     log::debug!("MADV_HUGEPAGE on guest memory: {e}");
                 }
             }
-            let s = SlotInfo {
+            slots.push(SlotInfo {
                 slot: i as u32,
                 gpa: gpa.0,
                 size: *size as u64,
                 host_addr: host as u64,
-            };
-            let region = kvm_userspace_memory_region {
+            });
+        }
+        // livemig registers the slots with KVM (and keeps their memory
+        // mapped while they are), and enables the dirty ring, which must
+        // come before any vCPU exists.
+        let livemig_memory =
+            Arc::new(VmMemory::new(memory.clone()).map_err(|e| VmError::Memory {
+                size: config.mem_size,
+                why: e.to_string(),
+            })?);
+        let kvm_slots = livemig_memory
+            .blocks()
+            .iter()
+            .zip(&slots)
+            .map(|(b, s)| KvmSlot {
                 slot: s.slot,
-                flags: 0,
-                guest_phys_addr: s.gpa,
-                memory_size: s.size,
-                userspace_addr: s.host_addr,
-            };
-            // SAFETY: the host range is mapped by `memory`, which the VM keeps
-            // alive (in `Shared`) until the VM fd is closed.
-            unsafe { vm_fd.set_user_memory_region(region) }
-                .map_err(kvm_err("SET_USER_MEMORY_REGION"))?;
-            slots.push(s);
-        }
-
-        // The dirty ring must be enabled before any vCPU exists.
+                guest_addr: s.gpa,
+                block: b.clone(),
+            })
+            .collect();
         let ring_entries = config.dirty_ring_entries.unwrap_or(0);
-        if ring_entries != 0 {
-            if !ring_entries.is_power_of_two() {
-                return Err(VmError::Config(
-                    "dirty ring entries must be a power of two".into(),
-                ));
-            }
-            let bytes = u64::from(ring_entries) * 16;
-            let max = vm_fd.check_extension_raw(u64::from(kvm_bindings::KVM_CAP_DIRTY_LOG_RING));
-            if max <= 0 || bytes > max as u64 {
-                return Err(VmError::Config(format!(
-                    "dirty ring of {ring_entries} entries not offered (max {} entries)",
-                    max.max(0) / 16
-                )));
-            }
-            let mut cap = kvm_enable_cap {
-                cap: kvm_bindings::KVM_CAP_DIRTY_LOG_RING,
-                ..Default::default()
-            };
-            cap.args[0] = bytes;
-            vm_fd
-                .enable_cap(&cap)
-                .map_err(kvm_err("ENABLE_CAP(DIRTY_LOG_RING)"))?;
-        }
+        let dirty = KvmDirtyLog::new(vm_fd.clone(), kvm_slots, config.dirty_ring_entries)?;
+        let device_writes = DeviceWrites::from_vm_memory(memory.clone())?;
 
         let starts = guest::load(&config.guest, &memory, config.mem_size, config.vcpus)?;
         if let GuestImage::TestGuest(t) = &config.guest {
@@ -669,7 +637,6 @@ impl Vm {
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("GET_SUPPORTED_CPUID"))?;
         let mut vcpus = Vec::new();
-        let mut rings = Vec::new();
         for (i, start) in starts.iter().enumerate() {
             let mut fd = vm_fd
                 .create_vcpu(i as u64)
@@ -686,14 +653,6 @@ impl Vm {
                 guest::setup_sregs(*mode, &mut sregs);
                 fd.set_sregs(&sregs).map_err(kvm_err("SET_SREGS"))?;
                 fd.set_regs(regs).map_err(kvm_err("SET_REGS"))?;
-            }
-            if ring_entries != 0 {
-                rings.push(
-                    DirtyRing::map(&fd, ring_entries).map_err(|source| VmError::Kvm {
-                        op: "mmap dirty ring",
-                        source,
-                    })?,
-                );
             }
             let run_ptr = AtomicPtr::new(fd.get_kvm_run() as *mut kvm_run);
             let active = start.is_some() || config.guest == GuestImage::Incoming;
@@ -716,23 +675,26 @@ impl Vm {
             }
             _ => 0,
         };
-        let livemig_memory =
-            Arc::new(VmMemory::new(memory.clone()).map_err(|e| VmError::Memory {
-                size: config.mem_size,
-                why: e.to_string(),
-            })?);
         let devices = Devices::new(&config.serial).map_err(|source| VmError::Io {
             what: "opening the serial output".into(),
             source,
         })?;
         let vcpus_len = vcpus.len();
-        let ring_slot_pages: Vec<u64> = if ring_entries != 0 {
-            slots.iter().map(|s| s.size / 4096).collect()
-        } else {
-            Vec::new()
-        };
+        let fds: Vec<MutexGuard<'_, VcpuFd>> = vcpus.iter().map(|v| lock(&v.fd)).collect();
+        dirty.attach_vcpus(&fds.iter().map(|g| &**g).collect::<Vec<_>>())?;
+        drop(fds);
+        // The built-in test guest and long-mode ring-3 images run natively
+        // under kvm_pvm: a full ring found at a harvest is then no sign of
+        // lost entries.
+        dirty.set_guest_code_native(matches!(
+            config.guest,
+            GuestImage::TestGuest(_)
+                | GuestImage::Flat {
+                    mode: crate::guest::CpuMode::LongRing3,
+                    ..
+                }
+        ));
         let shared = Arc::new(Shared {
-            vm_fd,
             ctl: Mutex::new(Ctl {
                 pause: config.start_paused,
                 ..Default::default()
@@ -745,11 +707,10 @@ impl Vm {
             throttle: AtomicU8::new(0),
             memory,
             slots,
-            rings: (ring_entries != 0).then(|| Mutex::new(rings)),
-            dirty_limit: crate::dirtylimit::DirtyLimit::new(vcpus_len, &ring_slot_pages),
-            ring_full_emulated: AtomicU64::new(0),
+            dirty,
+            device_writes,
+            dirty_limit: crate::dirtylimit::DirtyLimit::new(vcpus_len),
             config,
-            tracking: AtomicBool::new(false),
         });
         let mut threads = Vec::new();
         for i in 0..shared.vcpus.len() {
@@ -773,7 +734,19 @@ impl Vm {
                     source,
                 })?,
         );
-        if shared.rings.is_some() {
+        if let Some(clock) = shared.config.clock_page {
+            let sh = shared.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name("clock-page".into())
+                    .spawn(move || clock_thread(sh, clock))
+                    .map_err(|source| VmError::Io {
+                        what: "spawning the clock page device".into(),
+                        source,
+                    })?,
+            );
+        }
+        if ring_entries != 0 {
             let sh = shared.clone();
             threads.push(
                 std::thread::Builder::new()
@@ -805,6 +778,14 @@ impl Vm {
     /// Guest memory as rust-vmm's `GuestMemoryMmap`.
     pub fn guest_memory(&self) -> &GuestMemoryMmap {
         &self.shared.memory
+    }
+
+    /// The clock page device's tick count in guest memory (0 without one).
+    pub fn clock_ticks(&self) -> u64 {
+        self.shared
+            .config
+            .clock_page
+            .map_or(0, |c| c.ticks(&self.shared.memory))
     }
 
     /// The KVM memory slots.

@@ -10,6 +10,10 @@
 
 use crate::bitmap::DirtyBitmap;
 
+pub mod device;
+pub use device::{DeviceWrites, WithDeviceWrites};
+#[cfg(feature = "kvm")]
+pub mod kvm;
 pub mod software;
 pub use software::{SoftwareLog, SoftwareTracker};
 pub mod uffd;

@@ -1,6 +1,8 @@
 //! Thin wrappers around system calls: every `unsafe` block of the library
 //! lives below this module, each with a `// SAFETY:` note.
 
+#[cfg(feature = "kvm")]
+pub mod kvm;
 pub mod mmap;
 pub mod shm;
 pub mod uffd;

@@ -6,7 +6,9 @@
 //!   binary at a given address, started in real mode or in long-mode ring 3.
 
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::vm::GuestMemoryMmap;
 
 pub mod code;
 

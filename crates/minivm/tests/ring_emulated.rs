@@ -1,0 +1,107 @@
+//! The dirty ring's emulated-code check. On kvm_pvm hosts the host emulates
+//! ring-0 and real-mode guest code and can drop dirty-ring entries when a
+//! ring fills meanwhile (HOST-NOTES). livemig's ring tracker must then
+//! refuse the log: the migration fails cleanly, the source guest runs on,
+//! the destination never runs it — never a migration with lost pages.
+//!
+//! The guest is the boot-sector incrementer (real mode: emulated), which
+//! dirties 32,256 distinct pages per pass: a 4096-entry ring fills within
+//! every pass.
+mod common;
+
+use std::io::Read;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use livemig::engine::{MigrationError, MigrationHandle, Params};
+use livemig::transport::pipe;
+use minivm::guest::{boot_incrementer, BOOTINC_PASSES};
+use minivm::migrate::{migrate_in, migrate_out, MigrateError};
+use minivm::{GuestImage, TrackerKind, Vm, VmConfig};
+use vm_memory::{Bytes, GuestAddress};
+
+const MEM: u64 = 128 << 20;
+
+fn passes(vm: &Vm) -> u32 {
+    vm.guest_memory()
+        .read_obj::<u32>(GuestAddress(BOOTINC_PASSES))
+        .unwrap()
+}
+
+fn wait_passes(vm: &Vm, n: u32, timeout: Duration) -> u32 {
+    let t = Instant::now();
+    while passes(vm) < n && t.elapsed() < timeout {
+        thread::sleep(Duration::from_millis(10));
+    }
+    passes(vm)
+}
+
+#[test]
+fn ring_filled_while_emulated_is_refused_and_the_source_runs_on() {
+    if !common::kvm_available("ring_filled_while_emulated_is_refused_and_the_source_runs_on") {
+        return;
+    }
+    let cfg = VmConfig {
+        mem_size: MEM,
+        guest: GuestImage::BootSector(boot_incrementer(MEM as u32)),
+        dirty_ring_entries: Some(4096),
+        ..VmConfig::default()
+    };
+    let src = Vm::new(cfg.clone()).unwrap();
+    assert!(
+        wait_passes(&src, 1, Duration::from_secs(30)) >= 1,
+        "the incrementer runs"
+    );
+
+    let (w, r) = pipe();
+    let (mut aw, mut ar) = pipe();
+    let dest_cfg = cfg.clone();
+    let dest = thread::spawn(move || migrate_in(&dest_cfg, r, Some(&mut aw)));
+    let handle = MigrationHandle::new(Params {
+        verify: true,
+        // Generous limits: only the tracker's refusal may end this migration.
+        downtime_limit: 3000,
+        auto_converge: true,
+        ..Params::default()
+    });
+    let err = migrate_out(
+        &src,
+        TrackerKind::Ring,
+        handle,
+        w,
+        Some(&mut ar as &mut dyn Read),
+    )
+    .expect_err("a ring that filled while the host emulated the guest must be refused");
+    let msg = livemig::error_chain(&err);
+    eprintln!("refused: {msg}");
+    assert!(
+        matches!(err, MigrateError::Migration(MigrationError::Tracker(_))),
+        "the tracker refused: {err:?}"
+    );
+    assert!(msg.contains("emulated guest code"), "{msg}");
+    let exits: u64 = src
+        .guest_status()
+        .vcpus
+        .iter()
+        .map(|v| v.ring_full_exits)
+        .sum();
+    assert!(exits > 0, "the ring did fill: {exits} ring-full exits");
+
+    // The source runs on: not paused, and it keeps incrementing.
+    assert!(!src.is_paused(), "the source VM was left paused");
+    let p = passes(&src);
+    assert!(
+        wait_passes(&src, p + 1, Duration::from_secs(30)) > p,
+        "the source guest advances after the refusal"
+    );
+    assert!(
+        src.guest_status().errors.is_empty(),
+        "{:?}",
+        src.guest_status()
+    );
+
+    // The destination never got a guest to run.
+    let d = dest.join().unwrap();
+    assert!(d.is_err(), "the destination must not accept the migration");
+    eprintln!("destination: {}", livemig::error_chain(&d.err().unwrap()));
+}
