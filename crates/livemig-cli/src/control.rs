@@ -24,7 +24,8 @@ pub struct ControlArgs {
     /// The QMP command: query-migrate, migrate, migrate-incoming,
     /// migrate-set-parameters, query-migrate-parameters,
     /// migrate-set-capabilities, query-migrate-capabilities, migrate-cancel,
-    /// query-status, stop, cont, query-version, query-commands.
+    /// query-status, stop, cont, query-version, query-commands,
+    /// migrate-start-postcopy.
     /// With --raw: a whole request line, sent as it is.
     pub command: String,
     /// The command's arguments as a JSON object, e.g. '{"uri":

@@ -131,6 +131,17 @@ pub struct TuneArgs {
     /// its deltas save less link time than they cost.
     #[arg(long)]
     pub no_adaptive: bool,
+    /// Postcopy (capability postcopy-ram, switch-over auto): when precopy
+    /// stops making progress, or the last pages would not fit the downtime
+    /// limit, the guest moves to the destination at once and its missing
+    /// pages follow on demand. The destination needs --postcopy too. If
+    /// the source dies after the switch, the guest is lost.
+    #[arg(long)]
+    pub postcopy: bool,
+    /// With --postcopy: requested pages travel on a connection of their
+    /// own (postcopy-preempt), never behind bulk pages.
+    #[arg(long, requires = "postcopy")]
+    pub postcopy_preempt: bool,
 }
 
 impl TuneArgs {
@@ -156,6 +167,13 @@ impl TuneArgs {
             auto_converge: self.auto_converge,
             channels: self.channels,
             adaptive_encoding: !self.no_adaptive,
+            postcopy_ram: self.postcopy,
+            postcopy_preempt: self.postcopy_preempt,
+            postcopy_switchover: if self.postcopy {
+                livemig::engine::Switchover::Auto
+            } else {
+                livemig::engine::Switchover::Manual
+            },
             ..Params::default()
         };
         p.validate().map_err(anyhow::Error::msg)?;
@@ -247,6 +265,10 @@ pub struct DestOpts {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Accept a switch to postcopy (capability postcopy-ram): pages still
+    /// missing after the switch are placed with userfaultfd as they come.
+    #[arg(long)]
+    pub postcopy: bool,
 }
 
 /// `livemig migrate`.
@@ -381,11 +403,22 @@ fn run_source(uri: &Uri, o: &SourceOpts, tls: Option<&TlsConfig>) -> Result<()> 
             .map_err(std::io::Error::other)?;
         Ok(out.writer)
     };
-    let result = Source::new(&mem, &mut tracker, vm, handle.clone()).run_with_channels(
-        out.writer,
-        ack.as_deref_mut().map(|r| r as &mut dyn std::io::Read),
-        &mut open,
-    );
+    let source = Source::new(&mem, &mut tracker, vm, handle.clone());
+    let result = if params.postcopy_ram {
+        // Postcopy reads page requests on a thread: the engine takes the
+        // return path.
+        let conn = livemig::transport::Outgoing {
+            writer: out.writer,
+            ack: ack.take(),
+        };
+        source.run_conn(conn, &mut open)
+    } else {
+        source.run_with_channels(
+            out.writer,
+            ack.as_deref_mut().map(|r| r as &mut dyn std::io::Read),
+            &mut open,
+        )
+    };
     drop(progress);
     let stats = handle.stats();
     // Memory is frozen now (workload paused at stop-and-copy): this is the
@@ -418,7 +451,9 @@ fn run_source(uri: &Uri, o: &SourceOpts, tls: Option<&TlsConfig>) -> Result<()> 
         v["role"] = json!("source");
         v["uri"] = json!(uri.to_string());
         v["digest"] = json!(digest);
-        v["verified"] = json!(params.verify && result.is_ok() && uri_has_ack(uri));
+        // After postcopy no digest goes in the stream.
+        let checked = params.verify && uri_has_ack(uri) && stats.postcopy_time.is_none();
+        v["verified"] = json!(checked && result.is_ok());
         v["workload-pages-written"] = json!(written);
         v["tls"] = crate::tls::session_json(&session);
         crate::jsonout::print(&v)?;
@@ -429,7 +464,7 @@ fn run_source(uri: &Uri, o: &SourceOpts, tls: Option<&TlsConfig>) -> Result<()> 
         eprintln!("{}", summary(&stats));
         if let Some(d) = &digest {
             eprintln!("source memory digest at stop time: {d}");
-            if params.verify && uri_has_ack(uri) {
+            if params.verify && uri_has_ack(uri) && stats.postcopy_time.is_none() {
                 eprintln!("destination confirmed the same digest");
             }
         }
@@ -472,6 +507,15 @@ fn run_dest(uri: &Uri, o: &DestOpts, tls: Option<&TlsConfig>) -> Result<()> {
         eprintln!("waiting for a migration on {}", listener.local_uri());
     }
     let (inc, session) = listener.accept_source()?;
+    if o.postcopy && !matches!(uri, Uri::File(_)) {
+        let mut accept = || -> std::io::Result<Box<dyn std::io::Read + Send>> {
+            listener
+                .accept()
+                .map(|i| Box::new(i.reader) as Box<dyn std::io::Read + Send>)
+                .map_err(std::io::Error::other)
+        };
+        return receive_process(uri, o, &mem, inc, &session, &mut accept);
+    }
     let mut loader = Loader::new(&mem);
     let progress = Progress::counter(loader.progress(), mem.total_bytes(), quiet || json);
     let started = std::time::Instant::now();
@@ -542,6 +586,91 @@ fn run_dest(uri: &Uri, o: &DestOpts, tls: Option<&TlsConfig>) -> Result<()> {
         } else {
             eprintln!("memory digest: {digest} (the source sent none to compare: it ran with --no-verify)");
         }
+    }
+    Ok(())
+}
+
+/// Process memory has nothing to restore or run.
+struct MemoryOnly;
+
+impl livemig::engine::postcopy::IncomingGuest for MemoryOnly {
+    fn restore(&mut self, state: &[u8]) -> Result<(), String> {
+        if state.is_empty() {
+            Ok(())
+        } else {
+            Err("the stream carries device state: it was sent by a VM, use vm-incoming".into())
+        }
+    }
+    fn resume(&mut self) -> Result<(), String> {
+        Ok(())
+    }
+    fn pause(&mut self) {}
+}
+
+/// `livemig incoming --postcopy`: one call that loads, answers the
+/// handshake and, if the source switches, places the remaining pages.
+fn receive_process(
+    uri: &Uri,
+    o: &DestOpts,
+    mem: &ProcessMemory,
+    inc: livemig::transport::Incoming,
+    session: &Option<livemig::transport::tls::TlsSession>,
+    accept: &mut dyn FnMut() -> std::io::Result<Box<dyn std::io::Read + Send>>,
+) -> Result<()> {
+    let started = std::time::Instant::now();
+    let got = livemig::engine::postcopy::receive(
+        mem,
+        inc.reader,
+        inc.ack,
+        &mut MemoryOnly,
+        true,
+        Some(accept),
+    )
+    .with_context(|| format!("migration from {uri}"))?;
+    let digest = hex(&memory_digest(mem));
+    let verified = got.load.digest.is_some();
+    let pc = got.postcopy.as_ref();
+    if o.json {
+        let v: Value = json!({
+            "role": "destination",
+            "status": "completed",
+            "uri": uri.to_string(),
+            "total-time": started.elapsed().as_millis() as u64,
+            "load": got.load.stats,
+            "digest": digest,
+            "verified": verified,
+            "tls": crate::tls::session_json(session),
+            "postcopy": pc.map(|pc| json!({
+                "discarded-pages": pc.discarded_pages,
+                "placed-pages": pc.placed_pages,
+                "postcopy-time": pc.postcopy_time,
+                "urgent-pages": pc.urgent_pages,
+                "requests": pc.requests,
+            })),
+        });
+        println!("{}", serde_json::to_string(&v)?);
+    } else {
+        if let Some(s) = session {
+            eprintln!("encrypted: {s}");
+        }
+        match pc {
+            Some(pc) => eprintln!(
+                "postcopy: {} pages were stale at the switch, {} placed after it in {} ms",
+                pc.discarded_pages, pc.placed_pages, pc.postcopy_time
+            ),
+            None => eprintln!(
+                "loaded {} bytes of stream (the source did not switch to postcopy)",
+                got.load.stats.bytes
+            ),
+        }
+        eprintln!(
+            "memory digest: {digest}{}",
+            if verified {
+                " (verified against the source's)"
+            } else {
+                ""
+            }
+        );
     }
     Ok(())
 }

@@ -162,6 +162,18 @@ pub fn summary(s: &MigrationStats) -> String {
     if s.cpu_throttle_percentage > 0 {
         out += &format!("\nthrottle: {}%", s.cpu_throttle_percentage);
     }
+    if let Some(t) = s.postcopy_time {
+        out += &format!(
+            "\npostcopy: {} ms after the switch, {} sent, {} page requests; fault latency mean {} us, p50 {} us, p99 {} us; vCPU blocktime {} ms",
+            t,
+            human(s.ram.postcopy_bytes),
+            s.ram.postcopy_requests,
+            s.postcopy_latency.unwrap_or(0),
+            s.postcopy_latency_p50.unwrap_or(0),
+            s.postcopy_latency_p99.unwrap_or(0),
+            s.postcopy_blocktime.unwrap_or(0),
+        );
+    }
     if let Some(e) = &s.error_desc {
         out += &format!("\nerror: {e}");
     }

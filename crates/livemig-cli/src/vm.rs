@@ -201,6 +201,11 @@ pub struct VmIncomingArgs {
     /// No status lines.
     #[arg(long)]
     pub quiet: bool,
+    /// Accept a switch to postcopy (capability postcopy-ram): the guest
+    /// resumes here before all of its memory has arrived and fetches the
+    /// rest from the source on demand.
+    #[arg(long)]
+    pub postcopy: bool,
     /// Print the URI actually listened on as the first line of stdout.
     #[arg(long, hide = true)]
     pub announce: bool,
@@ -454,14 +459,24 @@ fn migrate_source(
             crate::tls::connect_channel(uri, tls, io_timeout).map_err(std::io::Error::other)?;
         Ok(out.writer)
     };
-    let result = migrate_out_channels(
-        &src.vm,
-        src.tracker,
-        handle.clone(),
-        out.writer,
-        ack.as_deref_mut().map(|r| r as &mut dyn Read),
-        &mut open,
-    );
+    let result = if params.postcopy_ram {
+        // Postcopy reads page requests on a thread: the engine takes the
+        // return path.
+        let conn = livemig::transport::Outgoing {
+            writer: out.writer,
+            ack: ack.take(),
+        };
+        minivm::migrate::migrate_out_conn(&src.vm, src.tracker, handle.clone(), conn, &mut open)
+    } else {
+        migrate_out_channels(
+            &src.vm,
+            src.tracker,
+            handle.clone(),
+            out.writer,
+            ack.as_deref_mut().map(|r| r as &mut dyn Read),
+            &mut open,
+        )
+    };
     drop(progress);
     let needs_tls = match &result {
         Err(minivm::migrate::MigrateError::Migration(e)) => {
@@ -649,6 +664,60 @@ pub fn vm_incoming(a: VmIncomingArgs) -> Result<()> {
         eprintln!("encrypted: {s}");
     }
     let t0 = Instant::now();
+    if a.postcopy && !snapshot {
+        let mut accept = || -> std::io::Result<Box<dyn Read + Send>> {
+            listener
+                .accept()
+                .map(|i| Box::new(i.reader) as Box<dyn Read + Send>)
+        };
+        let (vm, received) = minivm::migrate::receive_vm(
+            &a.layout.dest_config(),
+            inc.reader,
+            inc.ack,
+            true,
+            Some(&mut accept),
+        )
+        .with_context(|| format!("migration from {uri}"))?;
+        let load_ms = t0.elapsed().as_millis() as u64;
+        if say {
+            match &received.postcopy {
+                Some(pc) => eprintln!(
+                    "postcopy: {} pages fetched or pushed after the switch in {} ms, {} requests, {} remote faults, fault latency p50 {} us p99 {} us, blocktime {} ms",
+                    pc.placed_pages,
+                    pc.postcopy_time,
+                    pc.requests,
+                    pc.faults.faults,
+                    pc.faults.p50_us,
+                    pc.faults.p99_us,
+                    pc.faults.blocktime_us / 1000
+                ),
+                None => eprintln!("loaded in {load_ms} ms (precopy: the source did not switch)"),
+            }
+        }
+        let postcopy = received.postcopy.as_ref().map(|pc| {
+            json!({
+                "discarded-pages": pc.discarded_pages,
+                "placed-pages": pc.placed_pages,
+                "requests": pc.requests,
+                "faults": pc.faults.faults,
+                "latency-p50": pc.faults.p50_us,
+                "latency-p99": pc.faults.p99_us,
+                "blocktime-us": pc.faults.blocktime_us,
+                "postcopy-time": pc.postcopy_time,
+                "urgent-pages": pc.urgent_pages,
+            })
+        });
+        return run_received(
+            &a,
+            &listener,
+            &session,
+            vm,
+            received.load,
+            load_ms,
+            None,
+            postcopy,
+        );
+    }
     // The completion handshake: FAILED, or LOADED and the guest resumes
     // only on the source's GO, then STARTED.
     let mut input = inc.reader;
@@ -678,6 +747,23 @@ pub fn vm_incoming(a: VmIncomingArgs) -> Result<()> {
         .wait_go()
         .with_context(|| format!("migration from {uri}"))?;
     let load_ms = t0.elapsed().as_millis() as u64;
+    run_received(&a, &listener, &session, vm, loaded, load_ms, Some(go), None)
+}
+
+/// The rest of `vm-incoming` once the guest is ours: resume it (unless
+/// postcopy already did), let it run, report.
+#[allow(clippy::too_many_arguments)]
+fn run_received(
+    a: &VmIncomingArgs,
+    listener: &crate::tls::Endpoint,
+    session: &Option<livemig::transport::tls::TlsSession>,
+    vm: minivm::Vm,
+    loaded: livemig::engine::LoadOutcome,
+    load_ms: u64,
+    go: Option<livemig::engine::Go<'_>>,
+    postcopy: Option<Value>,
+) -> Result<()> {
+    let say = !a.json && !a.quiet;
     let digest = loaded.digest.map(|d| hex(&d));
     let before = vm.guest_status();
     if say {
@@ -691,22 +777,29 @@ pub fn vm_incoming(a: VmIncomingArgs) -> Result<()> {
         );
         match &digest {
             Some(d) => eprintln!("memory digest verified against the source's: {d}"),
+            None if postcopy.is_some() => {
+                eprintln!("no digest after postcopy (the guest ran before its memory was whole)")
+            }
             None => eprintln!("no digest in the stream (the source ran with --no-verify)"),
         }
-        eprintln!(
-            "resuming the guest ({} pages written before the switch-over)",
-            before.pages_written()
-        );
+        if go.is_some() {
+            eprintln!(
+                "resuming the guest ({} pages written before the switch-over)",
+                before.pages_written()
+            );
+        }
     }
     if let Some(rate) = a.dirty_rate {
         vm.set_rate(rate);
     }
     let resumed = Instant::now();
-    vm.resume();
-    if let Err(e) = go.started() {
-        eprintln!(
-            "warning: the guest runs here, but STARTED did not reach the source ({e}); it stays paused"
-        );
+    if let Some(go) = go {
+        vm.resume();
+        if let Err(e) = go.started() {
+            eprintln!(
+                "warning: the guest runs here, but STARTED did not reach the source ({e}); it stays paused"
+            );
+        }
     }
     let mut last = before.clone();
     let mut last_t = Instant::now();
@@ -749,7 +842,8 @@ pub fn vm_incoming(a: VmIncomingArgs) -> Result<()> {
             "status": "completed",
             "uri": listener.local_uri().to_string(),
             "load-time": load_ms,
-            "tls": crate::tls::session_json(&session),
+            "tls": crate::tls::session_json(session),
+            "postcopy": postcopy,
             "load": loaded.stats,
             "verified": digest.is_some(),
             "digest": digest,
@@ -792,11 +886,12 @@ struct DestProcess {
 }
 
 impl DestProcess {
-    fn spawn(layout: &LayoutArgs, seconds: f64) -> Result<DestProcess> {
+    fn spawn(layout: &LayoutArgs, seconds: f64, postcopy: bool) -> Result<DestProcess> {
         let exe = std::env::current_exe().context("finding the livemig executable")?;
         let mut child = Command::new(&exe)
             .arg("vm-incoming")
             .arg("tcp:127.0.0.1:0")
+            .args(postcopy.then_some("--postcopy"))
             .args(["--mem", &format!("{}M", layout.mem >> 20)])
             .args(["--vcpus", &layout.vcpus.to_string()])
             .args(["--blocks", &layout.blocks.to_string()])
@@ -872,7 +967,7 @@ pub fn demo(a: DemoArgs) -> Result<()> {
     a.converge.check(&a.guest)?;
     let say = !a.json;
     let started = Instant::now();
-    let mut dest = DestProcess::spawn(&a.layout, a.seconds_after.max(0.5))?;
+    let mut dest = DestProcess::spawn(&a.layout, a.seconds_after.max(0.5), a.tune.postcopy)?;
     let src = start_source(&a.layout, &a.guest, say)?;
     let uri = dest.uri()?;
     if say {
@@ -916,7 +1011,9 @@ pub fn demo(a: DemoArgs) -> Result<()> {
     // The guest's heartbeats over its life: those sent on the source, then
     // those sent on the destination.
     let heartbeats_after = heartbeats_before + dest_heartbeats;
-    let verify = !a.tune.no_verify;
+    // After postcopy no digest can be checked (the guest ran before its
+    // memory was whole): its self-check is the proof.
+    let verify = !a.tune.no_verify && o.stats.postcopy_time.is_none();
     let verified =
         verify && report["verified"] == true && dest_digest.is_some() && dest_digest == o.digest;
     let mut failures = Vec::new();
@@ -973,6 +1070,8 @@ pub fn demo(a: DemoArgs) -> Result<()> {
                 "memory digest verified: it holds exactly the source's memory at the switch-over"
             } else if verify {
                 "memory digest NOT verified"
+            } else if o.stats.postcopy_time.is_some() {
+                "no digest after postcopy (the guest ran before its memory was whole): its self-check is the proof"
             } else {
                 "no digest (--no-verify)"
             }

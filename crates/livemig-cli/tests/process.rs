@@ -32,6 +32,35 @@ fn tcp_live_migration_between_processes() {
 }
 
 #[test]
+fn tcp_postcopy_between_processes() {
+    // 256 MiB/s of writes over a 16 MiB/s link never converges: auto
+    // switches to postcopy and the rest follows after the switch.
+    let uri = format!("tcp:127.0.0.1:{}", free_addr().port());
+    let (s, d) = common::migrate_pair_with(
+        &uri,
+        &["--postcopy"],
+        &[
+            "--postcopy",
+            "--dirty-rate",
+            "256M",
+            "--max-bandwidth",
+            "16M",
+            "--downtime-limit",
+            "20",
+        ],
+    );
+    assert_eq!(s["status"], "completed", "{s}");
+    assert_eq!(d["status"], "completed", "{d}");
+    assert!(s["postcopy-time"].is_u64(), "switched to postcopy: {s}");
+    assert!(s["ram"]["postcopy-bytes"].as_u64().unwrap() > 0, "{s}");
+    assert!(d["postcopy"]["placed-pages"].as_u64().unwrap() > 0, "{d}");
+    assert_eq!(
+        s["digest"], d["digest"],
+        "destination memory == source memory at the switch"
+    );
+}
+
+#[test]
 fn tcp_four_channels_between_processes() {
     let uri = format!("tcp:127.0.0.1:{}", free_addr().port());
     let (s, d) = migrate_pair(&uri, &["--channels", "4", "--downtime-limit", "50"]);

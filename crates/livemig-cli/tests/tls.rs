@@ -156,6 +156,52 @@ fn process_migration_over_tls_is_verified() {
 }
 
 #[test]
+fn postcopy_with_the_urgent_connection_over_tls() {
+    // The return path is read on its own thread while pages go out: the
+    // TLS halves must work concurrently; requested pages take a TLS
+    // connection of their own. 256 MiB/s of writes over a 16 MiB/s cap
+    // never converges: auto switches to postcopy.
+    let dir = tempfile::tempdir().unwrap();
+    let pki = keygen(dir.path());
+    let dst = Incoming::start(&["--tls-dir", &tls_dir(&pki, "dst"), "--postcopy"]);
+    let uri = dst.uri.clone();
+    let mut args = vec!["migrate", &uri, "--json"];
+    args.extend_from_slice(MEM);
+    let src_tls = tls_dir(&pki, "src");
+    args.extend_from_slice(&[
+        "--dirty-rate",
+        "256M",
+        "--max-bandwidth",
+        "16M",
+        "--downtime-limit",
+        "20",
+        "--postcopy",
+        "--postcopy-preempt",
+        "--tls-dir",
+        &src_tls,
+    ]);
+    let src = livemig(&args).output().unwrap();
+    let s = json_of("migrate", &src);
+    assert!(
+        src.status.success(),
+        "{}",
+        String::from_utf8_lossy(&src.stderr)
+    );
+    let (ok, d, err) = dst.finish();
+    assert!(ok, "incoming failed: {err}");
+    let d = d.expect("incoming JSON");
+    assert_eq!(s["status"], "completed", "{s}");
+    assert!(s["postcopy-time"].is_u64(), "switched to postcopy: {s}");
+    assert_eq!(d["digest"], s["digest"], "both sides hold the same memory");
+    assert_eq!(d["tls"]["protocol"], "TLSv1_3", "{d}");
+    let urgent = d["postcopy"]["urgent-pages"].as_u64().unwrap();
+    let requests = d["postcopy"]["requests"].as_u64().unwrap();
+    // A page request is answered on the urgent connection unless the page
+    // was already on its way.
+    assert!(urgent <= requests, "{d}");
+}
+
+#[test]
 fn plain_source_is_refused_and_the_destination_waits_for_a_tls_one() {
     let dir = tempfile::tempdir().unwrap();
     let pki = keygen(dir.path());

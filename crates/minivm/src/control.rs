@@ -306,14 +306,23 @@ impl ControlledVm {
                         Err(e) => Err(io::Error::other(e)),
                     }
                 };
-                migrate_out_channels(
-                    vm,
-                    kind,
-                    handle.clone(),
-                    writer,
-                    ack.as_mut().map(|r| r as &mut dyn Read),
-                    &mut open,
-                )
+                if handle.params().postcopy_ram {
+                    // Postcopy reads page requests on a thread of its own.
+                    let conn = livemig::transport::Outgoing {
+                        writer,
+                        ack: ack.take(),
+                    };
+                    crate::migrate::migrate_out_conn(vm, kind, handle.clone(), conn, &mut open)
+                } else {
+                    migrate_out_channels(
+                        vm,
+                        kind,
+                        handle.clone(),
+                        writer,
+                        ack.as_mut().map(|r| r as &mut dyn Read),
+                        &mut open,
+                    )
+                }
             }
             // Run the engine anyway so the handle (and query-migrate)
             // reports the failure like any other.

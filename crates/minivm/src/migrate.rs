@@ -5,10 +5,12 @@
 use std::io::{Read, Write};
 
 use livemig::dirty::DirtyError;
+use livemig::engine::postcopy::{receive, IncomingGuest, ReceiveError, Received};
 use livemig::engine::{
     ChannelWriter, Commit, CommitError, LoadError, LoadOutcome, Loader, MigrationError,
     MigrationHandle, MigrationStats, Source,
 };
+use livemig::transport::Outgoing;
 
 use crate::dirty::TrackerKind;
 use crate::guest::GuestImage;
@@ -32,6 +34,9 @@ pub enum MigrateError {
     /// Loaded, but the source never said GO: the VM is discarded unrun.
     #[error(transparent)]
     Commit(#[from] CommitError),
+    /// Receiving (with or without postcopy) failed.
+    #[error(transparent)]
+    Receive(#[from] ReceiveError),
     /// The stream ended without vCPU state: not a VM migration.
     #[error("the stream carries no vCPU state: it was not sent by a VM source")]
     NoState,
@@ -75,6 +80,75 @@ pub fn migrate_out_channels<W: Write>(
         Source::new(&*mem, &mut *tracker, &mut control, handle)
             .run_with_channels(out, ack, open)?,
     )
+}
+
+/// As [`migrate_out_channels`], over a connection whose return path the
+/// engine owns: the way that can switch to postcopy (`postcopy-ram`).
+pub fn migrate_out_conn(
+    vm: &Vm,
+    kind: TrackerKind,
+    handle: MigrationHandle,
+    conn: Outgoing,
+    open: &mut dyn FnMut(u16) -> std::io::Result<ChannelWriter>,
+) -> Result<MigrationStats, MigrateError> {
+    let mem = vm.memory();
+    let mut tracker = vm.tracker(kind)?;
+    let mut control = vm.control();
+    Ok(Source::new(&*mem, &mut *tracker, &mut control, handle).run_conn(conn, open)?)
+}
+
+/// The VM as `livemig::engine::postcopy::receive` drives it.
+struct IncomingVm<'a>(&'a Vm);
+
+impl IncomingGuest for IncomingVm<'_> {
+    fn restore(&mut self, state: &[u8]) -> Result<(), String> {
+        if state.is_empty() {
+            return Err(MigrateError::NoState.to_string());
+        }
+        self.0
+            .restore_state(state)
+            .map_err(|e| livemig::error_chain(&e))
+    }
+
+    fn resume(&mut self) -> Result<(), String> {
+        self.0.resume();
+        Ok(())
+    }
+
+    fn pause(&mut self) {
+        // vCPUs waiting for a missing page cannot park: they stay blocked.
+        if let Err(e) = self.0.pause() {
+            log::warn!("pausing the guest after the source was lost: {e}");
+        }
+    }
+}
+
+/// Creates a paused VM from `config`, receives a migration into it and
+/// runs it: the whole destination in one call, postcopy included when
+/// `allow_postcopy` (the destination's `postcopy-ram`). On `Ok` the guest
+/// runs here (with postcopy, every page has arrived by then). `reply` is
+/// the return path (`None` for a snapshot file); `accept` returns the next
+/// connection on the listener (the postcopy urgent connection of a source
+/// with `postcopy-preempt`).
+pub fn receive_vm<R: Read>(
+    config: &VmConfig,
+    input: R,
+    reply: Option<Box<dyn Write + Send>>,
+    allow_postcopy: bool,
+    accept: Option<&mut dyn FnMut() -> std::io::Result<Box<dyn Read + Send>>>,
+) -> Result<(Vm, Received), MigrateError> {
+    let vm = incoming_vm(config)?;
+    let mem = vm.memory();
+    let received = receive(
+        &*mem,
+        input,
+        reply,
+        &mut IncomingVm(&vm),
+        allow_postcopy,
+        accept,
+    )?;
+    drop(mem);
+    Ok((vm, received))
 }
 
 /// Creates a paused VM from `config` (its guest image is ignored: memory

@@ -95,26 +95,26 @@ pub fn wait_for_path(path: &Path) {
 /// process memory in 2 blocks with a workload; both must succeed. Returns
 /// the source's and the destination's JSON.
 pub fn migrate_pair(uri: &str, src_extra: &[&str]) -> (Value, Value) {
+    migrate_pair_with(uri, &[], src_extra)
+}
+
+/// As [`migrate_pair`], with `dest_extra` arguments for the destination.
+pub fn migrate_pair_with(uri: &str, dest_extra: &[&str], src_extra: &[&str]) -> (Value, Value) {
     let scheme = uri.split_once(':').map_or(uri, |(s, _)| s);
+    let mut dest_args = vec![
+        "incoming", uri, "--size", "64M", "--blocks", "2", "--quiet", "--json",
+    ];
+    dest_args.extend_from_slice(dest_extra);
     let (dest, dest_err) = spawn_listening(
-        &mut livemig(&[
-            "incoming", uri, "--size", "64M", "--blocks", "2", "--quiet", "--json",
-        ]),
+        &mut livemig(&dest_args),
         &format!("waiting for a migration on {scheme}:"),
     );
     let mut args = vec![
-        "migrate",
-        uri,
-        "--size",
-        "64M",
-        "--blocks",
-        "2",
-        "--dirty-rate",
-        "32M",
-        "--warmup",
-        "0.2",
-        "--json",
+        "migrate", uri, "--size", "64M", "--blocks", "2", "--warmup", "0.2", "--json",
     ];
+    if !src_extra.contains(&"--dirty-rate") {
+        args.extend_from_slice(&["--dirty-rate", "32M"]);
+    }
     args.extend_from_slice(src_extra);
     let src = livemig(&args).output().unwrap();
     let dst = dest.wait_with_output().unwrap();

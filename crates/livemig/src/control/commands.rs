@@ -42,6 +42,7 @@ pub(crate) const COMMANDS: &[&str] = &[
     "migrate",
     "migrate-incoming",
     "migrate-cancel",
+    "migrate-start-postcopy",
     "query-migrate",
     "migrate-set-parameters",
     "query-migrate-parameters",
@@ -57,6 +58,8 @@ pub(crate) const CAPABILITIES: &[&str] = &[
     "multifd",
     "return-path",
     "dirty-limit",
+    "postcopy-ram",
+    "postcopy-preempt",
     "x-livemig-verify",
 ];
 
@@ -319,6 +322,8 @@ impl State {
             // The completion handshake always uses the return path.
             "return-path" => true,
             "dirty-limit" => self.qemu.dirty_limit,
+            "postcopy-ram" => self.base.postcopy_ram,
+            "postcopy-preempt" => self.base.postcopy_preempt,
             "x-livemig-verify" => self.base.verify,
             _ => return None,
         })
@@ -342,6 +347,7 @@ impl State {
             "tls-hostname": q.tls_hostname,
             "x-livemig-throttle-sync-period": p.throttle_sync_period,
             "x-livemig-adaptive-encoding": p.adaptive_encoding,
+            "x-livemig-postcopy-switchover": p.postcopy_switchover,
         })
     }
 
@@ -355,6 +361,18 @@ impl State {
             |v| -> Result<u8, CmdError> { Ok(in_range(name, as_u64(name, v)?, 1, 99)? as u8) };
         match name {
             "max-bandwidth" => p.max_bandwidth = as_u64(name, v)?,
+            "x-livemig-postcopy-switchover" => {
+                p.postcopy_switchover = match as_str(name, v)? {
+                    "manual" => crate::engine::Switchover::Manual,
+                    "auto" => crate::engine::Switchover::Auto,
+                    other => {
+                        return Err(generic(format!(
+                            "Parameter 'x-livemig-postcopy-switchover' does not accept value \
+                             '{other}' (manual, auto)"
+                        )))
+                    }
+                }
+            }
             "downtime-limit" => p.downtime_limit = in_range(name, as_u64(name, v)?, 1, 2_000_000)?,
             "xbzrle-cache-size" => p.xbzrle_cache_size = as_u64(name, v)?,
             "cpu-throttle-initial" => p.cpu_throttle_initial = percent(v)?,
@@ -558,6 +576,8 @@ impl State {
                         "events" => q.events = state,
                         "multifd" => q.multifd = state,
                         "dirty-limit" => q.dirty_limit = state,
+                        "postcopy-ram" => p.postcopy_ram = state,
+                        "postcopy-preempt" => p.postcopy_preempt = state,
                         "x-livemig-verify" => p.verify = state,
                         "return-path" if state => {}
                         "return-path" => {
@@ -628,6 +648,14 @@ impl State {
                         h.cancel();
                     }
                 }
+                Ok(json!({}))
+            }
+            "migrate-start-postcopy" => {
+                no_args(args)?;
+                let h = self
+                    .running()
+                    .ok_or_else(|| generic("no migration is running"))?;
+                h.start_postcopy().map_err(generic)?;
                 Ok(json!({}))
             }
             other => Err(not_found(format!("The command {other} has not been found"))),

@@ -36,9 +36,10 @@
 //! | `migrate` | `uri` or `channels`, `detach` | starts an outgoing migration |
 //! | `migrate-incoming` | `uri` or `channels`, `exit-on-error` | starts waiting for an incoming one |
 //! | `migrate-cancel` | none | cancels the outgoing migration; the guest runs on |
+//! | `migrate-start-postcopy` | none | switches the running migration to postcopy (needs `postcopy-ram`) |
 //! | `query-migrate` | none | QEMU's shape; `{}` before any migration |
 //! | `migrate-set-parameters` / `query-migrate-parameters` | QEMU's names (below) | applies now and to the next migration |
-//! | `migrate-set-capabilities` / `query-migrate-capabilities` | `capabilities: [{capability, state}]` | `xbzrle`, `auto-converge`, `events`, `multifd`, `return-path`, `dirty-limit`, `x-livemig-verify` |
+//! | `migrate-set-capabilities` / `query-migrate-capabilities` | `capabilities: [{capability, state}]` | `xbzrle`, `auto-converge`, `events`, `multifd`, `return-path`, `dirty-limit`, `postcopy-ram`, `x-livemig-verify` |
 //!
 //! Parameters: `max-bandwidth` (bytes/s), `downtime-limit` (ms),
 //! `xbzrle-cache-size` (bytes), `cpu-throttle-initial`,

@@ -38,10 +38,32 @@ impl MigrationStarter for PipeStarter {
         let (w, r) = pipe();
         let dst =
             ProcessMemory::new(&[("ram", self.mem.total_bytes())]).map_err(|e| e.to_string())?;
+        let (mem, mut control) = (self.mem.clone(), self.control.clone());
+        if handle.params().postcopy_ram {
+            // Postcopy needs the return path, owned by the engine.
+            let (ack_w, ack_r) = pipe();
+            self.threads.push(thread::spawn(move || {
+                let _ = crate::engine::postcopy::receive(
+                    &dst,
+                    r,
+                    Some(Box::new(ack_w)),
+                    &mut MemoryOnly,
+                    true,
+                    None,
+                );
+            }));
+            let conn = crate::transport::Outgoing {
+                writer: Box::new(w),
+                ack: Some(Box::new(ack_r)),
+            };
+            self.threads.push(thread::spawn(move || {
+                let _ = Source::new(&mem, &mut tracker, &mut control, handle).run_over(conn);
+            }));
+            return Ok(());
+        }
         self.threads.push(thread::spawn(move || {
             let _ = Loader::new(&dst).load(r);
         }));
-        let (mem, mut control) = (self.mem.clone(), self.control.clone());
         self.threads.push(thread::spawn(move || {
             let _ = Source::new(&mem, &mut tracker, &mut control, handle).run(w, None);
         }));
@@ -56,6 +78,59 @@ impl MigrationStarter for PipeStarter {
     ) -> Result<(), String> {
         Err(format!("this test VMM does not receive ({uri})"))
     }
+}
+
+/// A destination with memory only: nothing to restore or run.
+struct MemoryOnly;
+
+impl crate::engine::postcopy::IncomingGuest for MemoryOnly {
+    fn restore(&mut self, _: &[u8]) -> Result<(), String> {
+        Ok(())
+    }
+    fn resume(&mut self) -> Result<(), String> {
+        Ok(())
+    }
+    fn pause(&mut self) {}
+}
+
+#[test]
+fn migrate_start_postcopy_switches_a_running_migration() {
+    if !uffd_usable() {
+        return;
+    }
+    // 4 MiB/s: precopy of 32 MiB is still running when the command comes.
+    let f = fixture(Params {
+        max_bandwidth: 4 << 20,
+        ..Params::default()
+    });
+    let mut c = ControlClient::connect(&f.path).unwrap();
+    let e = c
+        .execute("migrate-start-postcopy", Value::Null)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no migration is running"), "{e}");
+    c.execute(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "postcopy-ram", "state": true}]}),
+    )
+    .unwrap();
+    let caps = c
+        .execute("query-migrate-capabilities", Value::Null)
+        .unwrap();
+    assert!(caps
+        .as_array()
+        .unwrap()
+        .contains(&json!({"capability": "postcopy-ram", "state": true})));
+    c.execute("migrate", json!({"uri": "tcp:127.0.0.1:1"}))
+        .unwrap();
+    wait_status(&mut c, &["active"]);
+    c.execute("migrate-start-postcopy", Value::Null).unwrap();
+    let s = wait_status(&mut c, &["completed", "failed"]);
+    assert_eq!(s["status"], "completed", "{s}");
+    assert!(s["postcopy-time"].is_u64(), "{s}");
+    assert!(s["postcopy-latency-dist"].is_array(), "{s}");
+    assert!(s["ram"]["postcopy-bytes"].as_u64().unwrap() > 0, "{s}");
+    drop(f.workload);
 }
 
 fn uffd_usable() -> bool {

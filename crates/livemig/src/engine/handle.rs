@@ -65,6 +65,7 @@ struct Shared {
     history: Mutex<Vec<SyncPoint>>,
     cancel: AtomicBool,
     observers: Mutex<Observers>,
+    start_postcopy: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -133,6 +134,22 @@ impl MigrationHandle {
                 s.error_desc = error;
             }
         });
+    }
+
+    /// Asks a running migration with `postcopy-ram` to switch to postcopy
+    /// at its next step (QEMU's `migrate-start-postcopy`). Fails when the
+    /// capability is off.
+    pub fn start_postcopy(&self) -> Result<(), String> {
+        if !self.params().postcopy_ram {
+            return Err("postcopy-ram is off: enable the capability before migrating".into());
+        }
+        self.shared.start_postcopy.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Whether the switch to postcopy was asked.
+    pub fn postcopy_requested(&self) -> bool {
+        self.shared.start_postcopy.load(Ordering::SeqCst)
     }
 
     /// Changes the stats; observers hear of a new status or dirty sync, in

@@ -100,6 +100,14 @@ pub enum LoadError {
     /// Stopped because another channel failed (never returned alone).
     #[error("stopped because another channel failed")]
     Aborted,
+    /// A postcopy record out of place, or a postcopy this loader cannot run.
+    #[error("stream byte {offset}: {what}")]
+    Postcopy {
+        /// Byte offset of the record.
+        offset: u64,
+        /// What was wrong.
+        what: String,
+    },
     /// The memory loaded differs from the source's at stop time.
     #[error("memory digest mismatch: source {expected}, destination {actual}")]
     DigestMismatch {
@@ -193,10 +201,17 @@ impl Role<'_> {
 
 /// What one stream's record loop produced.
 #[derive(Default)]
-struct StreamOutcome {
-    state: Vec<u8>,
-    digest: Option<[u8; 32]>,
-    stats: LoadStats,
+pub(crate) struct StreamOutcome {
+    pub(crate) state: Vec<u8>,
+    pub(crate) digest: Option<[u8; 32]>,
+    pub(crate) stats: LoadStats,
+    /// The source switched to postcopy: the loop stopped after the switch
+    /// record's section; the stream goes on with postcopy pages.
+    pub(crate) switched: bool,
+    /// Per stream block: pages not valid here (postcopy DISCARD records).
+    pub(crate) discard: Vec<crate::bitmap::DirtyBitmap>,
+    /// Stream block index -> destination block index.
+    pub(crate) map: Vec<usize>,
 }
 
 impl<'a> Loader<'a> {
@@ -231,6 +246,36 @@ impl<'a> Loader<'a> {
         let verify = r.flags() & FLAG_VERIFY != 0;
         self.running = verify.then(|| RunningDigest::new(self.mem));
         let o = self.hashing(|| self.run_stream(&mut r, Role::Single))?;
+        refuse_switch(&r, &o)?;
+        self.finish(verify, o)
+    }
+
+    /// Reads the stream up to its end or to the postcopy switch (see
+    /// `engine/postcopy`), applying every record (with the running verify
+    /// digest when the header asks for one).
+    pub(crate) fn load_until_switch<R: Read>(
+        &mut self,
+        r: &mut StreamReader<R>,
+    ) -> Result<StreamOutcome, LoadError> {
+        if r.flags() & FLAG_CHANNELS != 0 {
+            return Err(LoadError::Channel {
+                channel: 0,
+                offset: r.offset(),
+                what: "postcopy runs over one stream; page channels are not supported with it yet"
+                    .into(),
+            });
+        }
+        let verify = r.flags() & FLAG_VERIFY != 0;
+        self.running = verify.then(|| RunningDigest::new(self.mem));
+        self.hashing(|| self.run_stream(r, Role::Single))
+    }
+
+    /// Checks the digest (verify mode) of a precopy load; see [`Loader::finish`].
+    pub(crate) fn finish_precopy(
+        &self,
+        verify: bool,
+        o: StreamOutcome,
+    ) -> Result<LoadOutcome, LoadError> {
         self.finish(verify, o)
     }
 
@@ -274,6 +319,7 @@ impl<'a> Loader<'a> {
         self.running = verify.then(|| RunningDigest::new(self.mem));
         if r.flags() & FLAG_CHANNELS == 0 {
             let o = self.hashing(|| self.run_stream(&mut r, Role::Single))?;
+            refuse_switch(&r, &o)?;
             return self.finish(verify, o);
         }
         let at = r.offset();
@@ -442,6 +488,12 @@ impl<'a> Loader<'a> {
         loop {
             let at = r.offset();
             let rec = r.next_record()?;
+            if out.switched && !matches!(rec, Record::SectionEnd { .. }) {
+                return Err(LoadError::Postcopy {
+                    offset: at,
+                    what: "the postcopy switch record must end its section".into(),
+                });
+            }
             let refuse = |what: &str| {
                 let channel = match role {
                     Role::Channel(i, _) => i as u16,
@@ -458,6 +510,41 @@ impl<'a> Loader<'a> {
                     map = self
                         .match_layout(list)
                         .map_err(|what| LoadError::Layout { offset: at, what })?;
+                    out.discard = list
+                        .iter()
+                        .map(|d| crate::bitmap::DirtyBitmap::new(d.len / PAGE_SIZE as u64))
+                        .collect();
+                }
+                Record::Discard { .. } | Record::Postcopy if role.is_page_channel() => {
+                    return refuse("postcopy record")
+                }
+                Record::Discard {
+                    block,
+                    first_word,
+                    words,
+                } => {
+                    let bm = &mut out.discard[usize::from(block)];
+                    let w: Vec<u64> = words
+                        .chunks_exact(8)
+                        .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")))
+                        .collect();
+                    bm.or_words(first_word as usize, &w);
+                }
+                Record::Postcopy => {
+                    if matches!(role, Role::Channel(..)) {
+                        return Err(LoadError::Postcopy {
+                            offset: at,
+                            what: "postcopy switch in a multi-channel migration (not supported)"
+                                .into(),
+                        });
+                    }
+                    if map.is_empty() {
+                        return Err(LoadError::Postcopy {
+                            offset: at,
+                            what: "postcopy switch before the block list".into(),
+                        });
+                    }
+                    out.switched = true;
                 }
                 Record::Zero { block, offset } => {
                     out.stats.zero_pages += 1;
@@ -528,6 +615,11 @@ impl<'a> Loader<'a> {
                     self.progress
                         .fetch_add(r.offset() - reported, Ordering::Relaxed);
                     reported = r.offset();
+                    if out.switched {
+                        out.stats.bytes = r.offset();
+                        out.map = map;
+                        return Ok(out);
+                    }
                 }
                 Record::State(_) if page_channel => return refuse("device state"),
                 Record::State(blob) => out.state = blob.to_vec(),
@@ -592,6 +684,19 @@ impl<'a> Loader<'a> {
             })
             .collect()
     }
+}
+
+/// A stream that switched to postcopy cannot be loaded by a plain load.
+fn refuse_switch<R: Read>(r: &StreamReader<R>, o: &StreamOutcome) -> Result<(), LoadError> {
+    if o.switched {
+        return Err(LoadError::Postcopy {
+            offset: r.offset(),
+            what: "the source switched to postcopy, which this destination does not run \
+                   (enable postcopy-ram here: engine::postcopy::receive)"
+                .into(),
+        });
+    }
+    Ok(())
 }
 
 static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];

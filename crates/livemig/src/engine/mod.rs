@@ -8,6 +8,7 @@ mod handle;
 mod loader;
 mod pacing;
 mod params;
+pub mod postcopy;
 mod source;
 mod stats;
 
@@ -20,7 +21,7 @@ pub use digest::{hex, memory_digest};
 pub use handle::{HandleEvent, MigrationHandle, Observer, SyncPoint};
 pub use loader::{LoadError, LoadOutcome, LoadStats, Loader};
 pub use pacing::{PauseEstimate, HANDSHAKE_ALLOWANCE};
-pub use params::{CompressParams, Params};
+pub use params::{CompressParams, Params, Switchover};
 pub use source::Source;
 pub use stats::{CompressionStats, MigrationStats, RamStats, Status, XbzrleStats};
 
@@ -54,6 +55,10 @@ pub enum MigrationError {
     /// running the guest, so the source keeps it paused.
     #[error("the destination was told to start the guest (GO sent) but did not confirm ({0}): it may be running it, so the source guest stays paused; resume it here only if you know the destination is not running it")]
     Unconfirmed(String),
+    /// Postcopy failed after the switch (the guest stays paused here: the
+    /// destination has been running it).
+    #[error("postcopy: {0}")]
+    Postcopy(#[from] postcopy::PostcopyError),
     /// Verify mode: after the destination took over, the source's memory
     /// at stop time did not match the digest sent in the stream (the dirty
     /// tracker missed a write). The source guest stays paused.

@@ -11,6 +11,20 @@ pub struct CompressParams {
     pub level: i32,
 }
 
+/// When a migration with `postcopy-ram` switches to postcopy.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Switchover {
+    /// Only on `migrate-start-postcopy` (QEMU's behaviour).
+    #[default]
+    Manual,
+    /// Also by itself: when a sync after the bulk stage finds the remaining
+    /// set no smaller than what the previous one left (precopy does not
+    /// converge), and at stop-and-copy whenever what is left would not fit
+    /// the downtime limit.
+    Auto,
+}
+
 /// Parameters of one migration. All fields may change while it runs
 /// (through [`super::MigrationHandle::set_params`]); the engine reads them
 /// at every iteration step.
@@ -58,6 +72,18 @@ pub struct Params {
     /// more link time than they cost. Off: every page is compressed when
     /// compression is on, and every re-sent page tries XBZRLE.
     pub adaptive_encoding: bool,
+    /// Capability `postcopy-ram`: the migration may switch to postcopy (the
+    /// guest moves before all of its memory; the destination fetches the
+    /// rest on demand). Needs the destination's consent too and a return
+    /// path the engine owns ([`super::Source::run_conn`]).
+    pub postcopy_ram: bool,
+    /// When to switch to postcopy (with `postcopy_ram`).
+    pub postcopy_switchover: Switchover,
+    /// Capability `postcopy-preempt`: after the switch, requested pages go
+    /// on a connection of their own, so they never queue behind bulk pages
+    /// (the source opens it like a page channel; the destination accepts
+    /// it on the same listener).
+    pub postcopy_preempt: bool,
 }
 
 impl Default for Params {
@@ -77,6 +103,9 @@ impl Default for Params {
             dirty_limit: 0,
             channels: 1,
             adaptive_encoding: true,
+            postcopy_ram: false,
+            postcopy_switchover: Switchover::Manual,
+            postcopy_preempt: false,
         }
     }
 }

@@ -15,7 +15,8 @@ use super::channels::{ChannelSetup, ChannelWriter, PageEncoding, SendChannels};
 use super::digest::{hash_sample, hex, memory_digest, RunningDigest, CHUNK as DIGEST_CHUNK};
 use super::handle::{MigrationHandle, SyncPoint};
 use super::pacing::{Pacing, PauseInputs};
-use super::params::Params;
+use super::params::{Params, Switchover};
+use super::postcopy::{check_request, FaultReport, Message, MessageReader, PostcopyError};
 use super::stats::{CompressionStats, MigrationStats, Status, XbzrleStats};
 use super::MigrationError;
 use crate::bitmap::DirtyBitmap;
@@ -31,6 +32,12 @@ use crate::vm::{StateCost, VmControl};
 const STEP: Duration = Duration::from_millis(50);
 /// Dirty rate is measured over periods at least this long.
 const DIRTY_RATE_PERIOD: Duration = Duration::from_secs(1);
+/// Syncs without progress after which `auto` switches to postcopy.
+const AUTO_STALLS: u32 = 1;
+/// The index `open` gets for the postcopy urgent connection.
+pub(crate) const URGENT_CONNECTION: u16 = u16::MAX;
+/// Background pages sent between two looks at the page requests.
+const POSTCOPY_BATCH: usize = 16;
 /// Bytes hashed at setup to measure the verify digest's rate.
 /// Long enough (~10 ms on a quiet host) to feel a loaded host's scheduler.
 const HASH_SAMPLE: u64 = 96 << 20;
@@ -71,11 +78,28 @@ impl<'a> Source<'a> {
         self,
         conn: crate::transport::Outgoing,
     ) -> Result<MigrationStats, MigrationError> {
-        let crate::transport::Outgoing { writer, mut ack } = conn;
-        match ack.as_mut() {
-            Some(r) => self.run(writer, Some(r as &mut dyn Read)),
-            None => self.run(writer, None),
-        }
+        self.run_conn(conn, &mut |_| {
+            Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "this transport has one stream: channels must be 1",
+            ))
+        })
+    }
+
+    /// As [`Source::run_with_channels`], over a connection whose return
+    /// path the engine owns: the one way that can switch to postcopy (a
+    /// thread reads the destination's page requests while pages go out).
+    pub fn run_conn(
+        self,
+        conn: crate::transport::Outgoing,
+        open: &mut dyn FnMut(u16) -> io::Result<ChannelWriter>,
+    ) -> Result<MigrationStats, MigrationError> {
+        let crate::transport::Outgoing { writer, ack } = conn;
+        let ack = match ack {
+            Some(r) => AckPath::Owned(r),
+            None => AckPath::None,
+        };
+        self.run_inner(writer, ack, open)
     }
 
     /// Connects to `uri` and runs the migration there, opening one more
@@ -83,7 +107,6 @@ impl<'a> Source<'a> {
     pub fn run_to(self, uri: &crate::transport::Uri) -> Result<MigrationStats, MigrationError> {
         use crate::transport::{connect, Uri};
         let conn = connect(uri).map_err(|e| MigrationError::Send(io::Error::other(e)))?;
-        let crate::transport::Outgoing { writer, mut ack } = conn;
         let mut open = |_: u16| -> io::Result<ChannelWriter> {
             if matches!(uri, Uri::File(_)) {
                 return Err(io::Error::new(
@@ -93,8 +116,7 @@ impl<'a> Source<'a> {
             }
             Ok(connect(uri).map_err(io::Error::other)?.writer)
         };
-        let ack = ack.as_mut().map(|r| r as &mut dyn Read);
-        self.run_with_channels(writer, ack, &mut open)
+        self.run_conn(conn, &mut open)
     }
 
     /// Runs the migration into `out`. With `ack` (the return path), runs
@@ -127,6 +149,19 @@ impl<'a> Source<'a> {
         self,
         out: W,
         ack: Option<&mut dyn Read>,
+        open: &mut dyn FnMut(u16) -> io::Result<ChannelWriter>,
+    ) -> Result<MigrationStats, MigrationError> {
+        let ack = match ack {
+            Some(r) => AckPath::Borrowed(r),
+            None => AckPath::None,
+        };
+        self.run_inner(out, ack, open)
+    }
+
+    fn run_inner<W: Write>(
+        self,
+        out: W,
+        ack: AckPath<'_>,
         open: &mut dyn FnMut(u16) -> io::Result<ChannelWriter>,
     ) -> Result<MigrationStats, MigrationError> {
         let Source {
@@ -187,6 +222,24 @@ impl<'a> Source<'a> {
                 saver.publish(status, tracker.name(), Some(e.to_string()));
                 Err(e)
             }
+        }
+    }
+}
+
+/// The return path: none (a file), borrowed from the caller, or owned
+/// (needed by postcopy, whose request reader runs on its own thread).
+pub(crate) enum AckPath<'r> {
+    None,
+    Borrowed(&'r mut dyn Read),
+    Owned(crate::transport::BoxRead),
+}
+
+impl AckPath<'_> {
+    fn as_read(&mut self) -> Option<&mut dyn Read> {
+        match self {
+            AckPath::None => None,
+            AckPath::Borrowed(r) => Some(&mut **r),
+            AckPath::Owned(r) => Some(&mut **r),
         }
     }
 }
@@ -261,6 +314,17 @@ struct RamSaver<'a> {
     channels: Option<SendChannels>,
     /// Next sync barrier's epoch.
     epoch: u64,
+    /// Syncs after the bulk stage that left no fewer pages than the one
+    /// before (postcopy `auto` switches on the first).
+    stalls: u32,
+    /// Pages left after the previous sync, or sent since it.
+    prev_remaining: Option<u64>,
+    /// Postcopy: page requests served, bytes sent since the switch, the
+    /// destination's fault figures, ms from the switch to the last page.
+    postcopy_requests: u64,
+    postcopy_from: Option<u64>,
+    fault_report: Option<FaultReport>,
+    postcopy_time: Option<u64>,
 }
 
 impl<'a> RamSaver<'a> {
@@ -326,6 +390,12 @@ impl<'a> RamSaver<'a> {
             status: Status::Setup,
             channels: None,
             epoch: 0,
+            stalls: 0,
+            prev_remaining: None,
+            postcopy_requests: 0,
+            postcopy_from: None,
+            fault_report: None,
+            postcopy_time: None,
         }
     }
 
@@ -355,13 +425,27 @@ impl<'a> RamSaver<'a> {
     fn migrate<W: Write>(
         &mut self,
         out: W,
-        ack: Option<&mut dyn Read>,
+        mut ack: AckPath<'_>,
         open: &mut dyn FnMut(u16) -> io::Result<ChannelWriter>,
         tracker: &mut dyn DirtyTracker,
         vm: &mut dyn VmControl,
         guest: &mut GuestSide,
     ) -> Result<(), MigrationError> {
         self.params.validate().map_err(MigrationError::Params)?;
+        if self.params.postcopy_ram {
+            if self.params.channels > 1 {
+                return Err(MigrationError::Params(
+                    "postcopy-ram with page channels is not supported yet: use channels 1".into(),
+                ));
+            }
+            if !matches!(ack, AckPath::Owned(_)) {
+                return Err(MigrationError::Params(
+                    "postcopy-ram needs a return path the engine owns (Source::run_conn, \
+                     run_over or run_to)"
+                        .into(),
+                ));
+            }
+        }
         self.publish(Status::Setup, tracker.name(), None);
         self.check_cancel()?;
 
@@ -392,7 +476,11 @@ impl<'a> RamSaver<'a> {
             // The digest is part of the pause: measure the hashing rate.
             self.sample_hash();
         }
-        let flags = if self.params.verify { FLAG_VERIFY } else { 0 };
+        let mut flags = if self.params.verify { FLAG_VERIFY } else { 0 };
+        if self.params.postcopy_ram && self.params.postcopy_preempt {
+            flags |= crate::stream::format::FLAG_URGENT;
+        }
+        let urgent_flag = flags & crate::stream::format::FLAG_URGENT != 0;
         let n = self.params.channels;
         let session = session_number();
         let mut w = if n > 1 {
@@ -440,10 +528,15 @@ impl<'a> RamSaver<'a> {
         self.publish(Status::Active, tracker.name(), None);
 
         // Iterate.
+        let mut switch = false;
         loop {
             self.check_cancel()?;
             self.params = self.handle.params();
             self.apply_params();
+            if self.postcopy_wanted() {
+                switch = true;
+                break;
+            }
             self.state_cost = vm.state_cost();
             if self.pause_fits() {
                 self.sync(tracker)?;
@@ -486,6 +579,16 @@ impl<'a> RamSaver<'a> {
         let bytes_before = self.sent_bytes(&w);
         self.sync(tracker)?;
         self.barrier(&mut w)?;
+        // Auto: what is left would not fit the pause; postcopy's pause
+        // holds only the device state and the handshake.
+        let auto = self.params.postcopy_ram
+            && self.params.postcopy_switchover == Switchover::Auto
+            && !self.pause_fits();
+        if switch || auto {
+            let urgent = urgent_flag.then_some(open);
+            return self.postcopy(w, ack, urgent, vm, guest, pause_at, bytes_before);
+        }
+        let ack = ack.as_read();
         while self.remaining_pages() > 0 {
             self.check_cancel()?;
             self.step(&mut w, tracker, true)?;
@@ -545,6 +648,211 @@ impl<'a> RamSaver<'a> {
                 )));
             }
         }
+        vm.set_throttle(0);
+        self.throttle = 0;
+        Ok(())
+    }
+
+    /// Whether to leave precopy for postcopy now: asked by command, or
+    /// (`auto`) precopy stopped making progress.
+    fn postcopy_wanted(&self) -> bool {
+        let p = &self.params;
+        p.postcopy_ram
+            && (self.handle.postcopy_requested()
+                || (p.postcopy_switchover == Switchover::Auto && self.stalls >= AUTO_STALLS))
+    }
+
+    /// The switch and postcopy (see `engine/postcopy/mod.rs`): the guest is
+    /// paused and synced; sends the not-valid bitmap, the device state and
+    /// the switch, runs the handshake, then serves requests first and
+    /// pushes the rest in the background.
+    #[allow(clippy::too_many_arguments)]
+    fn postcopy<W: Write>(
+        &mut self,
+        mut w: StreamWriter<TimedWrite<W>>,
+        mut ack: AckPath<'_>,
+        urgent: Option<&mut dyn FnMut(u16) -> io::Result<ChannelWriter>>,
+        vm: &mut dyn VmControl,
+        guest: &mut GuestSide,
+        pause_at: Instant,
+        bytes_before: u64,
+    ) -> Result<(), MigrationError> {
+        // The destination has no copy of the pages to come: no deltas.
+        self.encoder.set_xbzrle(None);
+        for (b, bm) in self.bitmaps.iter().enumerate() {
+            let words = bm.words();
+            let chunk = usize::from(crate::stream::format::MAX_DISCARD_WORDS);
+            for (k, part) in words.chunks(chunk).enumerate() {
+                if part.iter().any(|&x| x != 0) {
+                    w.discard(b as u16, (k * chunk) as u32, part)
+                        .map_err(MigrationError::send)?;
+                }
+            }
+        }
+        let state = vm.save_state().map_err(MigrationError::Vm)?;
+        if !state.is_empty() {
+            w.state(&state).map_err(MigrationError::send)?;
+        }
+        w.postcopy().map_err(MigrationError::send)?;
+        self.section_end(&mut w)?;
+        // After the switch section: the destination accepts it there (a
+        // TLS connection's handshake needs that accept).
+        let mut urgent = match urgent {
+            Some(open) => {
+                let conn = open(URGENT_CONNECTION).map_err(|e| {
+                    MigrationError::Send(io::Error::new(
+                        e.kind(),
+                        format!("opening the postcopy urgent connection: {e}"),
+                    ))
+                })?;
+                let mut u = StreamWriter::new(conn, 0);
+                let descs: Vec<BlockDesc> = self
+                    .blocks
+                    .iter()
+                    .map(|b| BlockDesc {
+                        id: b.id().to_string(),
+                        len: b.len(),
+                    })
+                    .collect();
+                u.block_list(&descs).map_err(MigrationError::send)?;
+                u.section_end(0).map_err(MigrationError::send)?;
+                Some((u, 1u64))
+            }
+            None => None,
+        };
+        let AckPath::Owned(mut reader) = std::mem::replace(&mut ack, AckPath::None) else {
+            return Err(MigrationError::Params(
+                "postcopy-ram needs a return path the engine owns".into(),
+            ));
+        };
+        let handle = self.handle;
+        let t = ack::source_handshake(&mut *reader, w.get_mut(), &mut guest.sent_go, &|| {
+            handle.is_cancelled()
+        })?;
+        // The guest runs on the destination now.
+        self.pacing.record_handshake(t.started - t.go_sent);
+        self.source_downtime = ms(t.started - pause_at);
+        self.downtime = ms(t.resumed_estimate() - pause_at);
+        self.transferred = self.sent_bytes(&w);
+        self.downtime_bytes = self.transferred - bytes_before;
+        self.postcopy_from = Some(self.transferred);
+        let switched = Instant::now();
+        let blocks: Vec<(String, u64)> = self
+            .blocks
+            .iter()
+            .map(|b| (b.id().to_string(), b.len()))
+            .collect();
+        let (tx, rx) = std::sync::mpsc::channel();
+        // The reader waits out quiet spells (no faults) until postcopy ends
+        // here, whichever way.
+        let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let _ended_on_exit = SetOnDrop(ended.clone());
+        std::thread::Builder::new()
+            .name("livemig-postcopy-requests".into())
+            .spawn(move || {
+                let mut mr = MessageReader::new(reader);
+                let waiting = || !ended.load(std::sync::atomic::Ordering::SeqCst);
+                loop {
+                    let m = mr.read_message_waiting(&waiting);
+                    let more = matches!(m, Ok((_, Message::Request(_))));
+                    if tx.send(m).is_err() || !more {
+                        break;
+                    }
+                }
+            })
+            .map_err(MigrationError::send)?;
+        self.publish(Status::PostcopyActive, "", None);
+        let mut published = Instant::now();
+        use std::sync::mpsc::TryRecvError;
+        while self.remaining_pages() > 0 {
+            // Requested pages first, each at most once.
+            loop {
+                match rx.try_recv() {
+                    Ok(Ok((at, Message::Request(req)))) => {
+                        let (b, first, n) = check_request(&blocks, at, &req)?;
+                        self.postcopy_requests += 1;
+                        let mut sent = false;
+                        for p in first..first + n {
+                            if self.bitmaps[b].clear(p) {
+                                match &mut urgent {
+                                    Some((u, _)) => self.send_page(u, b, p, true),
+                                    None => self.send_page(&mut w, b, p, true),
+                                }
+                                .map_err(MigrationError::send)?;
+                                sent = true;
+                            }
+                        }
+                        if sent {
+                            // Locality: the background scan goes on just after.
+                            self.pos_block = b;
+                            self.pos_page = first + n;
+                            match &mut urgent {
+                                Some((u, seq)) => {
+                                    u.section_end(*seq).map_err(MigrationError::send)?;
+                                    *seq += 1;
+                                }
+                                None => self.section_end(&mut w)?,
+                            }
+                        }
+                    }
+                    Ok(Ok((_, Message::Complete(_)))) => {
+                        return Err(PostcopyError::EarlyComplete(self.remaining_pages()).into())
+                    }
+                    Ok(Ok((_, Message::Failed(why)))) => {
+                        return Err(MigrationError::Destination(why))
+                    }
+                    Ok(Err(e)) => return Err(e.into()),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        return Err(PostcopyError::NoComplete(
+                            "the return path closed during postcopy".into(),
+                        )
+                        .into())
+                    }
+                }
+            }
+            // Then a small batch of background pages, flushed, so that a
+            // request never waits behind more than one batch of ours.
+            for _ in 0..POSTCOPY_BATCH {
+                let Some((b, p)) = self.next_dirty() else {
+                    break;
+                };
+                self.bitmaps[b].clear(p);
+                self.pos_block = b;
+                self.pos_page = p + 1;
+                self.send_page(&mut w, b, p, true)
+                    .map_err(MigrationError::send)?;
+            }
+            self.section_end(&mut w)?;
+            if published.elapsed() >= STEP {
+                self.pacing.measure(self.transferred, Instant::now());
+                self.publish(Status::PostcopyActive, "", None);
+                published = Instant::now();
+            }
+        }
+        let mut urgent_bytes = 0;
+        if let Some((mut u, _)) = urgent {
+            u.end().map_err(MigrationError::send)?;
+            urgent_bytes = u.bytes();
+        }
+        w.end().map_err(MigrationError::send)?;
+        self.transferred = self.sent_bytes(&w) + urgent_bytes;
+        // Requests still in flight are for pages already sent.
+        let deadline = Instant::now() + crate::transport::IO_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(Ok((_, Message::Request(_)))) => self.postcopy_requests += 1,
+                Ok(Ok((_, Message::Complete(report)))) => {
+                    self.fault_report = Some(report);
+                    break;
+                }
+                Ok(Ok((_, Message::Failed(why)))) => return Err(MigrationError::Destination(why)),
+                Ok(Err(e)) => return Err(PostcopyError::NoComplete(e.to_string()).into()),
+                Err(e) => return Err(PostcopyError::NoComplete(e.to_string()).into()),
+            }
+        }
+        self.postcopy_time = Some(switched.elapsed().as_millis() as u64);
         vm.set_throttle(0);
         self.throttle = 0;
         Ok(())
@@ -693,6 +1001,20 @@ impl<'a> RamSaver<'a> {
         };
         self.pacing.record_sync(t.elapsed());
         self.sync_count += 1;
+        if !self.bulk {
+            // Progress: the set left now against the set the previous sync
+            // left (or, first, what was sent since it).
+            let left = self.remaining_pages();
+            let before = self
+                .prev_remaining
+                .unwrap_or(self.pages_sent - self.last_sync_sent);
+            if before > 0 && left * 10 >= before * 9 {
+                self.stalls += 1;
+            } else {
+                self.stalls = 0;
+            }
+            self.prev_remaining = Some(left);
+        }
         if let Some((shift, chunks)) = &mut self.clear {
             // Chunks with dirty pages must be cleared (re-protected) before
             // their pages go out again.
@@ -937,6 +1259,10 @@ impl<'a> RamSaver<'a> {
         );
         let (zero, skipped, normal) = (c.zero, c.skipped, c.normal);
         let verify_time = self.verify_time;
+        let pc_requests = self.postcopy_requests;
+        let pc_bytes = self.postcopy_from.map_or(0, |f| transferred - f);
+        let pc_time = self.postcopy_time;
+        let report = self.fault_report.clone();
         let source_downtime = self.source_downtime;
         let limit = match self.limit_at_switch {
             0 => self.params.downtime_limit,
@@ -964,15 +1290,38 @@ impl<'a> RamSaver<'a> {
             s.ram.mbps = bw * 8.0 / 1e6;
             s.ram.dirty_sync_count = sync_count;
             s.ram.pages_per_second = pps;
-            s.ram.precopy_bytes = transferred - downtime_bytes;
+            s.ram.precopy_bytes = transferred - downtime_bytes - pc_bytes;
             s.ram.downtime_bytes = downtime_bytes;
             s.ram.rounds = rounds;
             s.xbzrle_cache = xb;
             s.compression = comp;
             s.cpu_throttle_percentage = throttle;
-            s.dirty_tracker = tracker.to_string();
+            if !tracker.is_empty() {
+                s.dirty_tracker = tracker.to_string();
+            }
             s.error_desc = error;
+            s.ram.postcopy_requests = pc_requests;
+            s.ram.postcopy_bytes = pc_bytes;
+            s.postcopy_time = pc_time;
+            if let Some(f) = &report {
+                let ms = |us: u64| us.div_ceil(1000);
+                s.postcopy_blocktime = Some(ms(f.blocktime_us));
+                s.postcopy_vcpu_blocktime = Some(f.threads.iter().map(|t| ms(t.1)).collect());
+                s.postcopy_latency = Some(f.latency_sum_us.checked_div(f.faults).unwrap_or(0));
+                s.postcopy_latency_dist = Some(f.buckets.clone());
+                s.postcopy_latency_p50 = Some(f.p50_us);
+                s.postcopy_latency_p99 = Some(f.p99_us);
+            }
         });
+    }
+}
+
+/// Sets its flag when dropped (on every exit path).
+struct SetOnDrop(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 }
 

@@ -15,6 +15,13 @@ pub enum Status {
     Active,
     /// Stop-and-copy: guest paused, last pages and device state.
     Device,
+    /// Postcopy: the guest runs on the destination, which fetches the
+    /// pages it lacks while the source pushes the rest.
+    PostcopyActive,
+    /// Postcopy with the connection lost: both sides wait (recovery).
+    PostcopyPaused,
+    /// Postcopy reconnecting after a loss.
+    PostcopyRecover,
     /// Done; the destination has everything.
     Completed,
     /// Failed; the source guest runs on.
@@ -62,6 +69,12 @@ pub struct RamStats {
     pub downtime_bytes: u64,
     /// Completed rounds over all of memory.
     pub rounds: u64,
+    /// Page requests the destination sent during postcopy.
+    #[serde(default)]
+    pub postcopy_requests: u64,
+    /// Bytes sent after the switch to postcopy.
+    #[serde(default)]
+    pub postcopy_bytes: u64,
 }
 
 /// XBZRLE figures.
@@ -154,4 +167,27 @@ pub struct MigrationStats {
     /// Why it failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error_desc: Option<String>,
+    /// Postcopy: total milliseconds guest threads waited for pages from
+    /// the source (the sum over threads), as the destination measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postcopy_blocktime: Option<u64>,
+    /// Postcopy: milliseconds each faulting thread (vCPU) waited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postcopy_vcpu_blocktime: Option<Vec<u64>>,
+    /// Postcopy: mean µs from a remote fault to the page's placement.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postcopy_latency: Option<u64>,
+    /// Postcopy: remote faults per power-of-two µs bucket (bucket i:
+    /// `[2^i, 2^(i+1))` µs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postcopy_latency_dist: Option<Vec<u64>>,
+    /// Postcopy: median and 99th percentile fault latency, µs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postcopy_latency_p50: Option<u64>,
+    /// See `postcopy_latency_p50`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postcopy_latency_p99: Option<u64>,
+    /// Milliseconds from the switch to postcopy to the last page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postcopy_time: Option<u64>,
 }

@@ -17,6 +17,9 @@
 //! END         crc:u32
 //! CHANNEL     index:u16 channels:u16 session:u64   first record, FLAG_CHANNELS only
 //! SYNC        epoch:u64                             FLAG_CHANNELS only
+//! DISCARD     block:u16 first_word:u32 nwords:u16 words:[u64; nwords]
+//!                                   1 <= nwords <= MAX_DISCARD_WORDS, inside the block's bitmap
+//! POSTCOPY                                          once, after the DISCARDs and STATE
 //! addr        := [block:u16] offset:u64        offset page-aligned, inside the block
 //! ```
 //!
@@ -32,6 +35,11 @@
 //! reached SYNC(e), so a page re-sent after a dirty sync never loses to its
 //! older copy on another channel. Version-1 streams without the flag are
 //! unchanged; a reader without channel support refuses the flag.
+//!
+//! Postcopy (see `engine/postcopy/mod.rs`): at the switch the source sends
+//! the pages the destination must not trust as DISCARD records (words of
+//! the block's bitmap, bit i of word w = page 64w + i), the device state,
+//! then POSTCOPY; page records after POSTCOPY are placed with userfaultfd.
 //!
 //! `crc` in SECTION_END is the CRC-32 (IEEE) of every byte since the end of
 //! the previous SECTION_END (or since the start of the stream), up to and
@@ -50,8 +58,12 @@ pub const HEADER_LEN: usize = 16;
 pub const FLAG_VERIFY: u16 = 1 << 0;
 /// Header flag: this stream is one channel of a multi-channel migration.
 pub const FLAG_CHANNELS: u16 = 1 << 1;
+/// Header flag: if the migration switches to postcopy, requested pages
+/// travel on a connection of their own (postcopy-preempt), opened by the
+/// source right after the switch record's section.
+pub const FLAG_URGENT: u16 = 1 << 2;
 /// Header flags this build understands.
-pub const KNOWN_FLAGS: u16 = FLAG_VERIFY | FLAG_CHANNELS;
+pub const KNOWN_FLAGS: u16 = FLAG_VERIFY | FLAG_CHANNELS | FLAG_URGENT;
 /// Most page channels a migration may use.
 pub const MAX_CHANNELS: u16 = 64;
 
@@ -84,6 +96,10 @@ pub enum Kind {
     Channel = 0x0a,
     /// A barrier between dirty-sync epochs on every channel.
     Sync = 0x0b,
+    /// Pages the destination must drop (postcopy switch).
+    Discard = 0x0c,
+    /// The switch to postcopy: the guest may run on the destination.
+    Postcopy = 0x0d,
 }
 
 impl Kind {
@@ -101,6 +117,8 @@ impl Kind {
             0x09 => Kind::End,
             0x0a => Kind::Channel,
             0x0b => Kind::Sync,
+            0x0c => Kind::Discard,
+            0x0d => Kind::Postcopy,
             _ => return None,
         })
     }
@@ -127,9 +145,14 @@ impl Kind {
             Kind::End => "end",
             Kind::Channel => "channel",
             Kind::Sync => "sync",
+            Kind::Discard => "discard",
+            Kind::Postcopy => "postcopy switch",
         }
     }
 }
+
+/// Most bitmap words in one DISCARD record (4096 words: 1 GiB of pages).
+pub const MAX_DISCARD_WORDS: u16 = 4096;
 
 /// Most RAM blocks a stream may declare.
 pub const MAX_BLOCKS: u32 = 4096;

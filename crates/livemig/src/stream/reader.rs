@@ -150,6 +150,24 @@ pub enum StreamErrorKind {
         /// Page channels claimed.
         channels: u16,
     },
+    /// A DISCARD record whose words fall outside its block's bitmap, or
+    /// that marks pages past the block's end.
+    #[error("discard of words {first}..{end} in block '{block}': the block's bitmap has {words} words ({pages} pages)")]
+    DiscardRange {
+        /// Block id.
+        block: String,
+        /// First word claimed.
+        first: u64,
+        /// One past the last word claimed.
+        end: u64,
+        /// Words in the block's bitmap.
+        words: u64,
+        /// Pages in the block.
+        pages: u64,
+    },
+    /// A second postcopy switch record.
+    #[error("a second postcopy switch record")]
+    PostcopyTwice,
     /// Sync epochs out of order.
     #[error("sync epoch {found} where {expected} was expected")]
     SyncEpoch {
@@ -240,6 +258,19 @@ pub enum Record<'a> {
         /// Epoch number, 0, 1, 2... on every stream.
         epoch: u64,
     },
+    /// Pages the destination must drop at the postcopy switch: `words`
+    /// (big-endian u64s) of block `block`'s bitmap from word `first_word`,
+    /// checked to lie inside the block.
+    Discard {
+        /// Block index.
+        block: u16,
+        /// First bitmap word.
+        first_word: u32,
+        /// The words, 8 big-endian bytes each.
+        words: &'a [u8],
+    },
+    /// The switch to postcopy.
+    Postcopy,
 }
 
 /// Bytes read from the transport per refill (and the input buffer's
@@ -274,6 +305,7 @@ pub struct StreamReader<R: Read> {
     next_seq: u64,
     next_epoch: u64,
     channel: Option<(u16, u16, u64)>,
+    postcopy: bool,
     ended: bool,
     blob: Vec<u8>,
 }
@@ -298,6 +330,7 @@ impl<R: Read> StreamReader<R> {
             next_seq: 0,
             next_epoch: 0,
             channel: None,
+            postcopy: false,
             ended: false,
             blob: Vec::new(),
         };
@@ -323,6 +356,13 @@ impl<R: Read> StreamReader<R> {
         r.flags = flags;
         r.what = None;
         Ok(r)
+    }
+
+    /// The transport, when every byte read from it has been consumed as
+    /// records (nothing buffered): for a message outside the record
+    /// framing, such as the source's GO at the postcopy switch.
+    pub fn inner_if_drained(&mut self) -> Option<&mut R> {
+        (self.pos == self.end).then_some(&mut self.inner)
     }
 
     /// Header flags (see [`FLAG_VERIFY`]).
@@ -622,10 +662,73 @@ impl<R: Read> StreamReader<R> {
                 self.ended = true;
                 Ok(Record::End)
             }
+            Kind::Discard => self.discard(),
+            Kind::Postcopy => {
+                if self.postcopy {
+                    return Err(self.err_at(tag_at, StreamErrorKind::PostcopyTwice));
+                }
+                self.postcopy = true;
+                Ok(Record::Postcopy)
+            }
             Kind::Zero | Kind::Raw | Kind::Xbzrle | Kind::Compressed => {
                 unreachable!("page kinds handled above")
             }
         }
+    }
+
+    /// Reads a DISCARD record, checking that its words lie inside the
+    /// block's bitmap and mark no page past the block's end.
+    fn discard(&mut self) -> Result<Record<'_>, StreamError> {
+        let at = self.offset;
+        if !self.have_blocks {
+            return Err(self.err_at(at, StreamErrorKind::NoBlockList));
+        }
+        let block = self.u16("a block index")?;
+        if usize::from(block) >= self.blocks.len() {
+            return Err(self.err_at(
+                at,
+                StreamErrorKind::UnknownBlock {
+                    index: block,
+                    count: self.blocks.len(),
+                },
+            ));
+        }
+        let wat = self.offset;
+        let first = self.u32("a discard record")?;
+        let n = self.len_field16("discard words", 1, u64::from(MAX_DISCARD_WORDS))?;
+        let desc = &self.blocks[usize::from(block)];
+        let pages = desc.len / PAGE_SIZE as u64;
+        let words = pages.div_ceil(64);
+        let end = u64::from(first) + n as u64;
+        let range_err = |id: String| StreamErrorKind::DiscardRange {
+            block: id,
+            first: first.into(),
+            end,
+            words,
+            pages,
+        };
+        if end > words {
+            let kind = range_err(desc.id.clone());
+            return Err(self.err_at(wat, kind));
+        }
+        // Bits past the last page of the block's last word must be clear.
+        let tail_bits = pages % 64;
+        let id = desc.id.clone();
+        let data_at = self.offset;
+        let data = self.take(n * 8, "discard words")?;
+        if end == words && tail_bits != 0 {
+            let last: [u8; 8] = data[(n - 1) * 8..].try_into().expect("8 bytes");
+            if u64::from_be_bytes(last) >> tail_bits != 0 {
+                let at = data_at + (n as u64 - 1) * 8;
+                return Err(self.err_at(at, range_err(id)));
+            }
+        }
+        let data = &self.buf[self.pos - n * 8..self.pos];
+        Ok(Record::Discard {
+            block,
+            first_word: first,
+            words: data,
+        })
     }
 
     fn page_addr(&mut self, same: bool) -> Result<(u16, u64), StreamError> {

@@ -54,6 +54,12 @@ enum Rec {
     Sync {
         epoch: u64,
     },
+    Discard {
+        block: u16,
+        first_word: u32,
+        words: Vec<u8>,
+    },
+    Postcopy,
 }
 
 impl Rec {
@@ -70,6 +76,8 @@ impl Rec {
             Rec::End => Kind::End,
             Rec::Channel { .. } => Kind::Channel,
             Rec::Sync { .. } => Kind::Sync,
+            Rec::Discard { .. } => Kind::Discard,
+            Rec::Postcopy => Kind::Postcopy,
         }
     }
 }
@@ -121,6 +129,16 @@ fn own(r: Record<'_>) -> Rec {
             session,
         },
         Record::Sync { epoch } => Rec::Sync { epoch },
+        Record::Discard {
+            block,
+            first_word,
+            words,
+        } => Rec::Discard {
+            block,
+            first_word,
+            words: words.to_vec(),
+        },
+        Record::Postcopy => Rec::Postcopy,
     }
 }
 
@@ -1200,7 +1218,7 @@ fn bad_version() {
 
 #[test]
 fn unknown_header_flags() {
-    for flags in [1 << 2, 1 << 15, FLAG_VERIFY | 1 << 3, u16::MAX] {
+    for flags in [1 << 3, 1 << 15, FLAG_VERIFY | 1 << 4, u16::MAX] {
         let e = parse_err(&Builder::custom_header(MAGIC, VERSION, flags, 0).build()).err;
         assert!(
             matches!(e.kind, StreamErrorKind::HeaderFlags(x) if x == flags),
@@ -1224,7 +1242,7 @@ fn reserved_header_field() {
 
 #[test]
 fn unknown_tag() {
-    for tag in [0x00, 0x0c, 0x10, 0x7f, 0x80, 0x8c, 0xff] {
+    for tag in [0x00, 0x0e, 0x10, 0x7f, 0x80, 0x8e, 0xff] {
         let mut b = Builder::header(0);
         b.u8(tag);
         let e = parse_err(&b.build()).err;
@@ -1980,10 +1998,10 @@ fn display_names_the_byte_and_record() {
         "stream byte 16, record 0: unknown record tag 0x7f"
     );
 
-    let e = parse_err(&Builder::custom_header(MAGIC, VERSION, 4, 0).build()).err;
+    let e = parse_err(&Builder::custom_header(MAGIC, VERSION, 8, 0).build()).err;
     assert_eq!(
         e.to_string(),
-        "stream byte 10, record 0 (header): unknown header flags 0x0004"
+        "stream byte 10, record 0 (header): unknown header flags 0x0008"
     );
 
     let mut b = Builder::with_blocks();

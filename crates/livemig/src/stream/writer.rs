@@ -282,6 +282,36 @@ impl<W: Write> StreamWriter<W> {
         self.maybe_flush()
     }
 
+    /// Writes one DISCARD record: `words` (1..=[`MAX_DISCARD_WORDS`]) of
+    /// block `block`'s not-valid bitmap, starting at word `first_word`.
+    pub fn discard(&mut self, block: u16, first_word: u32, words: &[u64]) -> io::Result<()> {
+        if words.is_empty() || words.len() > usize::from(MAX_DISCARD_WORDS) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "discard of {} words outside 1..={MAX_DISCARD_WORDS}",
+                    words.len()
+                ),
+            ));
+        }
+        self.buf.push(Kind::Discard as u8);
+        self.buf.extend_from_slice(&block.to_be_bytes());
+        self.buf.extend_from_slice(&first_word.to_be_bytes());
+        self.buf
+            .extend_from_slice(&(words.len() as u16).to_be_bytes());
+        for w in words {
+            self.buf.extend_from_slice(&w.to_be_bytes());
+        }
+        self.maybe_flush()
+    }
+
+    /// Writes the postcopy switch record (end the section after it, so the
+    /// destination checks everything it acts on at the switch).
+    pub fn postcopy(&mut self) -> io::Result<()> {
+        self.buf.push(Kind::Postcopy as u8);
+        self.maybe_flush()
+    }
+
     /// Writes the end record and flushes everything.
     pub fn end(&mut self) -> io::Result<()> {
         self.buf.push(Kind::End as u8);

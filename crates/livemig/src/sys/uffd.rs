@@ -26,6 +26,16 @@ pub const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
 /// written; userspace reads the marks with [`Pagemap::scan`].
 pub const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
 
+/// Report the faulting thread's id in [`UffdMsg::arg`] (postcopy blocktime).
+pub const UFFD_FEATURE_THREAD_ID: u64 = 1 << 8;
+
+/// `UFFDIO_REGISTER_MODE_MISSING`: report faults on pages with no page yet.
+const UFFDIO_REGISTER_MODE_MISSING: u64 = 1 << 0;
+/// Bit of `_UFFDIO_COPY` (0x03) in the `ioctls` mask of a register.
+const UFFDIO_COPY_BIT: u64 = 1 << 0x03;
+/// Bit of `_UFFDIO_ZEROPAGE` (0x04) in the `ioctls` mask of a register.
+const UFFDIO_ZEROPAGE_BIT: u64 = 1 << 0x04;
+
 /// `UFFDIO_REGISTER_MODE_WP`: track write-protect faults in the range.
 const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
 /// `UFFDIO_WRITEPROTECT_MODE_WP`: protect (set) rather than unprotect.
@@ -82,6 +92,26 @@ struct UffdioRegister {
 struct UffdioWriteprotect {
     range: UffdioRange,
     mode: u64,
+}
+
+/// `struct uffdio_copy`.
+#[repr(C)]
+#[derive(Debug, Default)]
+struct UffdioCopy {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    copy: i64,
+}
+
+/// `struct uffdio_zeropage`.
+#[repr(C)]
+#[derive(Debug, Default)]
+struct UffdioZeropage {
+    range: UffdioRange,
+    mode: u64,
+    zeropage: i64,
 }
 
 /// `struct uffd_msg`: one event read from a userfaultfd. The kernel struct
@@ -147,12 +177,17 @@ const _: () = assert!(std::mem::size_of::<UffdioRange>() == 16);
 const _: () = assert!(std::mem::size_of::<UffdioRegister>() == 32);
 const _: () = assert!(std::mem::size_of::<UffdioWriteprotect>() == 24);
 const _: () = assert!(std::mem::size_of::<UffdMsg>() == 32);
+const _: () = assert!(std::mem::size_of::<UffdioCopy>() == 40);
+const _: () = assert!(std::mem::size_of::<UffdioZeropage>() == 32);
 const _: () = assert!(std::mem::size_of::<PageRegion>() == 24);
 const _: () = assert!(std::mem::size_of::<PmScanArg>() == 96);
 
 /// Request numbers (the macros make `pub fn`s; this module keeps them private).
 mod nr {
-    use super::{PmScanArg, UffdioApi, UffdioRange, UffdioRegister, UffdioWriteprotect};
+    use super::{
+        PmScanArg, UffdioApi, UffdioCopy, UffdioRange, UffdioRegister, UffdioWriteprotect,
+        UffdioZeropage,
+    };
 
     const UFFDIO: u32 = 0xAA;
     const PROCFS_IOCTL_MAGIC: u32 = b'f' as u32;
@@ -162,6 +197,8 @@ mod nr {
     vmm_sys_util::ioctl_iowr_nr!(UFFDIO_REGISTER, UFFDIO, 0x00, UffdioRegister);
     vmm_sys_util::ioctl_ior_nr!(UFFDIO_UNREGISTER, UFFDIO, 0x01, UffdioRange);
     vmm_sys_util::ioctl_ior_nr!(UFFDIO_WAKE, UFFDIO, 0x02, UffdioRange);
+    vmm_sys_util::ioctl_iowr_nr!(UFFDIO_COPY, UFFDIO, 0x03, UffdioCopy);
+    vmm_sys_util::ioctl_iowr_nr!(UFFDIO_ZEROPAGE, UFFDIO, 0x04, UffdioZeropage);
     vmm_sys_util::ioctl_iowr_nr!(UFFDIO_WRITEPROTECT, UFFDIO, 0x06, UffdioWriteprotect);
     vmm_sys_util::ioctl_iowr_nr!(PAGEMAP_SCAN, PROCFS_IOCTL_MAGIC, 16, PmScanArg);
 }
@@ -310,6 +347,85 @@ impl Uffd {
         Ok(())
     }
 
+    /// `UFFDIO_REGISTER` of `[start, start + len)` for missing-page faults
+    /// (postcopy): a touch of a page that has no page yet blocks the
+    /// toucher (a thread, or KVM on a vCPU's behalf) until the page is
+    /// placed with [`Uffd::copy`] or [`Uffd::zeropage`]. Fails with
+    /// `Unsupported` if the range then does not accept both.
+    pub fn register_missing(&self, start: u64, len: u64) -> io::Result<()> {
+        let mut arg = UffdioRegister {
+            range: UffdioRange { start, len },
+            mode: UFFDIO_REGISTER_MODE_MISSING,
+            ioctls: 0,
+        };
+        // SAFETY: UFFDIO_REGISTER reads and writes one `uffdio_register`
+        // (`arg`); it only changes how faults in the range are handled.
+        check(unsafe { ioctl_with_mut_ref(self, nr::UFFDIO_REGISTER(), &mut arg) })?;
+        let need = UFFDIO_COPY_BIT | UFFDIO_ZEROPAGE_BIT;
+        if arg.ioctls & need != need {
+            let _ = self.unregister(start, len);
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "registered range does not accept UFFDIO_COPY and UFFDIO_ZEROPAGE",
+            ));
+        }
+        Ok(())
+    }
+
+    /// `UFFDIO_COPY`: places a copy of `src` at `dst` (page-aligned, in a
+    /// range registered for missing faults, `src.len()` a whole number of
+    /// pages) atomically and wakes the threads waiting on it. `EEXIST`
+    /// (a page is already there) is returned as `AlreadyExists`; `EAGAIN`
+    /// is retried.
+    pub fn copy(&self, dst: u64, src: &[u8]) -> io::Result<()> {
+        loop {
+            let mut arg = UffdioCopy {
+                dst,
+                src: src.as_ptr() as u64,
+                len: src.len() as u64,
+                mode: 0,
+                copy: 0,
+            };
+            // SAFETY: UFFDIO_COPY reads and writes one `uffdio_copy` (`arg`)
+            // and reads `len` bytes at `src`, which `src` holds. It writes
+            // only into pages with no page yet in a range this fd
+            // registered (the kernel checks), never over existing memory.
+            let ret = unsafe { ioctl_with_mut_ref(self, nr::UFFDIO_COPY(), &mut arg) };
+            if ret >= 0 {
+                return Ok(());
+            }
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EAGAIN) | Some(libc::EINTR) => continue,
+                _ => return Err(e),
+            }
+        }
+    }
+
+    /// `UFFDIO_ZEROPAGE`: maps zeros at `[dst, dst + len)` (no page there
+    /// yet) and wakes the waiters; `EEXIST` as in [`Uffd::copy`].
+    pub fn zeropage(&self, dst: u64, len: u64) -> io::Result<()> {
+        loop {
+            let mut arg = UffdioZeropage {
+                range: UffdioRange { start: dst, len },
+                mode: 0,
+                zeropage: 0,
+            };
+            // SAFETY: UFFDIO_ZEROPAGE reads and writes one `uffdio_zeropage`
+            // (`arg`); it maps zeros only where no page exists yet in a
+            // range this fd registered.
+            let ret = unsafe { ioctl_with_mut_ref(self, nr::UFFDIO_ZEROPAGE(), &mut arg) };
+            if ret >= 0 {
+                return Ok(());
+            }
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EAGAIN) | Some(libc::EINTR) => continue,
+                _ => return Err(e),
+            }
+        }
+    }
+
     /// `UFFDIO_UNREGISTER` of `[start, start + len)`; wakes threads blocked
     /// on faults there.
     pub fn unregister(&self, start: u64, len: u64) -> io::Result<()> {
@@ -392,6 +508,19 @@ impl Uffd {
         }
         Ok(n as usize / std::mem::size_of::<UffdMsg>())
     }
+}
+
+/// Drops the pages of `[addr, addr + len)` (`MADV_DONTNEED`): private
+/// anonymous memory reads as never touched afterwards, so a range
+/// registered for missing faults faults there again (postcopy: pages the
+/// source says are stale). `addr` and `len` must be page-aligned and the
+/// range must be memory this process mapped for guest RAM.
+pub fn drop_pages(addr: u64, len: u64) -> io::Result<()> {
+    // SAFETY: madvise(MADV_DONTNEED) changes no mapping and writes no
+    // memory the program holds references into; it only releases the
+    // pages of a guest-memory range, which later read as zeros or fault.
+    check(unsafe { libc::madvise(addr as *mut libc::c_void, len as usize, libc::MADV_DONTNEED) })?;
+    Ok(())
 }
 
 /// An eventfd that interrupts a thread waiting in [`Uffd::poll`].

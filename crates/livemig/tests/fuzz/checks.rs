@@ -28,6 +28,10 @@
 //!   with an `execute` string is refused, only an accepted `migrate`
 //!   starts a migration, and whatever the session did the parameters stay
 //!   valid.
+//! * `postcopy_messages`: the input is the return path after the postcopy
+//!   switch; every request the checks accept lies inside its block (so the
+//!   source never reads outside memory), every refused one names its byte
+//!   offset, and an accepted request re-encodes to the bytes it came from.
 
 use std::cell::RefCell;
 use std::io::{self, Read};
@@ -51,6 +55,7 @@ pub const TARGETS: &[&str] = &[
     "xbzrle_decode",
     "decompress",
     "control",
+    "postcopy_messages",
 ];
 
 /// Runs `data` through the check of `target`; false for an unknown target.
@@ -62,6 +67,7 @@ pub fn run(target: &str, data: &[u8]) -> bool {
         "xbzrle_decode" => xbzrle_decode(data),
         "decompress" => decompress(data),
         "control" => control(data),
+        "postcopy_messages" => postcopy_messages(data),
         _ => return false,
     }
     true
@@ -197,6 +203,10 @@ pub enum Owned {
     Channel(u16, u16, u64),
     /// Sync barrier.
     Sync(u64),
+    /// Postcopy discard words.
+    Discard(u16, u32, Vec<u8>),
+    /// Postcopy switch.
+    Postcopy,
 }
 
 fn own(r: &Record<'_>) -> Owned {
@@ -229,6 +239,12 @@ fn own(r: &Record<'_>) -> Owned {
             session,
         } => Owned::Channel(index, channels, session),
         Record::Sync { epoch } => Owned::Sync(epoch),
+        Record::Discard {
+            block,
+            first_word,
+            words,
+        } => Owned::Discard(block, first_word, words.to_vec()),
+        Record::Postcopy => Owned::Postcopy,
     }
 }
 
@@ -292,7 +308,23 @@ fn check_record(rec: &Record<'_>, blocks: &[BlockDesc], next_seq: &mut u64) {
         } => {
             assert!((2..=MAX_CHANNELS).contains(&channels) && index <= channels);
         }
-        Record::Sync { .. } => {}
+        Record::Sync { .. } | Record::Postcopy => {}
+        Record::Discard {
+            block,
+            first_word,
+            words,
+        } => {
+            let b = blocks
+                .get(usize::from(block))
+                .unwrap_or_else(|| panic!("discard names block {block} of {}", blocks.len()));
+            let pages = b.len / PAGE_SIZE as u64;
+            assert!(!words.is_empty() && words.len() % 8 == 0);
+            let n = (words.len() / 8) as u64;
+            assert!(
+                u64::from(first_word) + n <= pages.div_ceil(64),
+                "discard words past the block"
+            );
+        }
     }
 }
 
@@ -532,6 +564,10 @@ fn model(data: &[u8], ids: &[&str], mem: &mut [Vec<u8>]) -> Verdict {
             Record::Channel { .. } | Record::Sync { .. } => {
                 unreachable!("the reader refuses them without the channels flag")
             }
+            // A plain load keeps discards for a postcopy switch and refuses
+            // the switch itself.
+            Record::Discard { .. } => {}
+            Record::Postcopy => return Verdict::Fails,
             Record::End => {
                 return Verdict::Ended {
                     verify,
@@ -978,4 +1014,57 @@ pub fn control(data: &[u8]) {
     d.params()
         .validate()
         .expect("no session can leave the parameters invalid");
+}
+
+// ---------------------------------------------------------------------------
+// postcopy_messages
+
+/// The blocks requests are checked against: two blocks, one of an odd size.
+const POSTCOPY_BLOCKS: &[(&str, u64)] = &[
+    ("ram0", 64 * PAGE_SIZE as u64),
+    ("ram1", 3 * PAGE_SIZE as u64),
+];
+
+/// One return path of postcopy messages (see the module doc).
+pub fn postcopy_messages(data: &[u8]) {
+    use livemig::engine::postcopy::{check_request, write_message, Message, MessageReader};
+    let blocks: Vec<(String, u64)> = POSTCOPY_BLOCKS
+        .iter()
+        .map(|&(id, len)| (id.to_string(), len))
+        .collect();
+    let mut r = MessageReader::new(data);
+    loop {
+        let at = r.offset();
+        let (start, m) = match r.read_message() {
+            Ok(v) => v,
+            Err(e) => {
+                assert!(
+                    e.to_string().starts_with("return path byte "),
+                    "error without its offset: {e}"
+                );
+                break;
+            }
+        };
+        assert_eq!(start, at);
+        assert!(r.offset() as usize <= data.len());
+        if let Message::Request(q) = &m {
+            let mut again = Vec::new();
+            write_message(&mut again, &m).expect("into memory");
+            assert_eq!(&data[start as usize..r.offset() as usize], &again[..]);
+            match check_request(&blocks, start, q) {
+                Ok((b, first, n)) => {
+                    assert!(n >= 1);
+                    assert!(
+                        (first + n) * PAGE_SIZE as u64 <= blocks[b].1,
+                        "request past its block"
+                    );
+                    assert_eq!(first * PAGE_SIZE as u64, q.offset);
+                }
+                Err(e) => assert!(
+                    e.to_string().contains(&format!("byte {start}")),
+                    "refusal without its offset: {e}"
+                ),
+            }
+        }
+    }
 }

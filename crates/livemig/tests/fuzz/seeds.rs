@@ -402,7 +402,79 @@ pub fn all() -> Vec<Seed> {
     add("xbzrle_decode", xbzrle_seeds());
     add("decompress", decompress_seeds());
     add("control", control_seeds());
+    add("stream_reader", postcopy_streams());
+    add("postcopy_messages", postcopy_message_seeds());
     seeds
+}
+
+/// Streams that switch to postcopy: discards, the switch, pages after it;
+/// and a discard past its block.
+fn postcopy_streams() -> Vec<(String, Vec<u8>)> {
+    let list = [("ram0", 130 * P), ("ram1", 8 * P)];
+    let mut w = StreamWriter::new(Vec::new(), 0);
+    w.block_list(&descs(&list)).unwrap();
+    w.raw(0, 0, &pattern(1)).unwrap();
+    w.discard(0, 0, &[u64::MAX, 0, 0b11]).unwrap();
+    w.discard(1, 0, &[0xff]).unwrap();
+    w.state(b"devices").unwrap();
+    w.postcopy().unwrap();
+    w.section_end(0).unwrap();
+    w.raw(0, 129 * P, &pattern(2)).unwrap();
+    w.zero(1, 7 * P).unwrap();
+    w.section_end(1).unwrap();
+    w.end().unwrap();
+    let good = w.get_mut().clone();
+    let mut w = StreamWriter::new(Vec::new(), 0);
+    w.block_list(&descs(&list)).unwrap();
+    // ram1 has 8 pages: bit 8 marks a page past its end.
+    w.discard(1, 0, &[0x1ff]).unwrap();
+    w.end().unwrap();
+    let past = w.get_mut().clone();
+    vec![
+        ("postcopy".into(), good),
+        ("discard-past-block".into(), past),
+    ]
+}
+
+/// Return paths after the switch: requests good and bad, COMPLETE, FAILED.
+fn postcopy_message_seeds() -> Vec<(String, Vec<u8>)> {
+    use livemig::engine::postcopy::{write_message, FaultReport, Message, PageRequest};
+    let enc = |ms: &[Message]| {
+        let mut v = Vec::new();
+        for m in ms {
+            write_message(&mut v, m).unwrap();
+        }
+        v
+    };
+    let req = |block, offset, len| Message::Request(PageRequest { block, offset, len });
+    vec![
+        (
+            "session".into(),
+            enc(&[
+                req(0, 0, 4096),
+                req(1, 2 * P, 4096),
+                Message::Complete(FaultReport {
+                    faults: 2,
+                    blocktime_us: 300,
+                    latency_sum_us: 250,
+                    p50_us: 100,
+                    p99_us: 150,
+                    threads: vec![(7, 300)],
+                    buckets: vec![0, 0, 0, 0, 0, 0, 2],
+                }),
+            ]),
+        ),
+        (
+            "outside".into(),
+            enc(&[req(1, 3 * P, 4096), req(2, 0, 4096)]),
+        ),
+        (
+            "unaligned".into(),
+            enc(&[req(0, 100, 4096), req(0, 0, 100)]),
+        ),
+        ("failed".into(), enc(&[Message::Failed("lost".into())])),
+        ("bad-tag".into(), vec![b'Z', 0, 1]),
+    ]
 }
 
 /// Control-socket sessions: every command, good and bad arguments.

@@ -1,0 +1,396 @@
+//! Postcopy: the guest moves to the destination before all of its memory
+//! has; missing pages are fetched on demand while the source pushes the
+//! rest.
+//!
+//! ```text
+//! source (guest running)                         destination (guest paused)
+//!   ... precopy pages ...     ─────────────────▶  loads them (memcpy)
+//!   switch (command, or auto): pause, final sync
+//!   DISCARD* (dirty bitmap)   ─────────────────▶  pages not valid here
+//!   STATE, POSTCOPY, SECTION  ─────────────────▶  registers guest memory with
+//!                                                 userfaultfd MISSING, drops the
+//!                                                 discarded pages, loads devices
+//!                             ◀─────────────────  LOADED   (or FAILED: source resumes)
+//!   GO                        ─────────────────▶  resumes the guest
+//!                             ◀─────────────────  STARTED
+//!   postcopy-active                               postcopy-active
+//!                             ◀─────────────────  REQUEST(block, offset, len)   a vCPU faulted
+//!   requested page first      ─────────────────▶  UFFDIO_COPY (wakes the vCPU),
+//!   (urgent channel if any)                       received bit set
+//!   background pages, the scan restarted just after the requested page
+//!   ... every page at most once ...
+//!   END                       ─────────────────▶  every page received?
+//!                             ◀─────────────────  COMPLETE(fault figures)  (or FAILED)
+//!   completed: stays paused                       unregisters, completed
+//! ```
+//!
+//! After GO the guest exists only on the destination, with part of its
+//! memory still on the source: losing the source loses the guest. A
+//! destination whose stream breaks during postcopy keeps its missing
+//! memory registered (a vCPU that touches it waits for good) and reports
+//! the loss; it never lets the guest read a missing page as zeros.
+//!
+//! Return-path messages after STARTED (destination → source), integers
+//! big-endian, every field checked by [`read_message`] and
+//! [`check_request`] like the stream:
+//!
+//! ```text
+//! REQUEST   'Q' block:u16 offset:u64 len:u32      offset page-aligned, len 1..=MAX_REQUEST_PAGES pages,
+//!                                                 inside the block (stream block index)
+//! COMPLETE  'C' faults:u64 blocktime_us:u64 latency_sum_us:u64 p50_us:u64 p99_us:u64
+//!               nthreads:u8 (tid:u32 blocktime_us:u64){nthreads}
+//!               nbuckets:u8 count:[u64; nbuckets]  nbuckets <= LATENCY_BUCKETS, nthreads <= MAX_THREADS
+//! FAILED    'F' len:u16 text:[u8; len]            len <= MAX_REPLY_TEXT
+//! ```
+//!
+//! Stream records (see `stream/format.rs`): DISCARD and POSTCOPY. The
+//! discard set is the source's migration bitmap at the switch: every page
+//! dirtied since it was last sent, whether or not an older copy arrived.
+
+pub(crate) mod dest;
+mod histogram;
+
+use std::io::{self, Read, Write};
+
+pub use dest::{receive, IncomingGuest, ReceiveError, Received};
+pub use histogram::LatencyHistogram;
+
+use crate::memory::PAGE_SIZE;
+use crate::stream::format::MAX_REPLY_TEXT;
+
+/// Most pages one request may ask for.
+pub const MAX_REQUEST_PAGES: u32 = 512;
+/// Power-of-two latency buckets: bucket i counts faults of `[2^i, 2^(i+1))`
+/// µs (bucket 0 also counts 0 µs).
+pub const LATENCY_BUCKETS: usize = 32;
+/// Most faulting threads whose blocktime a COMPLETE carries.
+pub const MAX_THREADS: usize = 255;
+
+const TAG_REQUEST: u8 = b'Q';
+const TAG_COMPLETE: u8 = b'C';
+const TAG_FAILED: u8 = b'F';
+
+/// A page request as it came off the return path (not yet checked
+/// against the block list: see [`check_request`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PageRequest {
+    /// Stream block index.
+    pub block: u16,
+    /// Byte offset in the block.
+    pub offset: u64,
+    /// Bytes asked for.
+    pub len: u32,
+}
+
+/// What the destination measured during postcopy.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FaultReport {
+    /// Remote faults (a guest thread waited for a page from the source).
+    pub faults: u64,
+    /// Sum over faulting threads of the time they waited, µs.
+    pub blocktime_us: u64,
+    /// Sum of fault → placement latencies, µs.
+    pub latency_sum_us: u64,
+    /// Median fault latency, µs.
+    pub p50_us: u64,
+    /// 99th percentile fault latency, µs.
+    pub p99_us: u64,
+    /// Per faulting thread (vCPU threads of a VM): (thread id, µs waited).
+    pub threads: Vec<(u32, u64)>,
+    /// Fault latencies per power-of-two µs bucket.
+    pub buckets: Vec<u64>,
+}
+
+/// One message on the return path after STARTED.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message {
+    /// A guest thread waits for these pages.
+    Request(PageRequest),
+    /// Every page arrived; the destination's figures.
+    Complete(FaultReport),
+    /// The destination failed (its guest cannot go on).
+    Failed(String),
+}
+
+/// Why a postcopy message or request was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum PostcopyError {
+    /// The return path broke or ended.
+    #[error("return path byte {offset}: {source}")]
+    Io {
+        /// Byte offset in the postcopy part of the return path.
+        offset: u64,
+        /// Transport error.
+        #[source]
+        source: io::Error,
+    },
+    /// A message whose tag is unknown.
+    #[error("return path byte {offset}: unknown postcopy message tag {tag:#04x}")]
+    UnknownTag {
+        /// Byte offset of the tag.
+        offset: u64,
+        /// The tag.
+        tag: u8,
+    },
+    /// A length field out of bounds.
+    #[error("return path byte {offset}: {what} {value} outside 0..={max}")]
+    BadCount {
+        /// Byte offset of the field.
+        offset: u64,
+        /// Which field.
+        what: &'static str,
+        /// Value found.
+        value: u64,
+        /// Largest allowed.
+        max: u64,
+    },
+    /// A request for a block the stream does not have.
+    #[error("return path byte {offset}: page request for block index {block}, the stream has {count} blocks")]
+    UnknownBlock {
+        /// Byte offset of the message.
+        offset: u64,
+        /// Block index asked for.
+        block: u16,
+        /// Blocks in the stream.
+        count: usize,
+    },
+    /// A request that is not whole pages inside its block.
+    #[error("return path byte {offset}: page request for {len} bytes at {offset_in_block:#x} of block '{id}' ({block_len:#x} bytes): not whole pages inside the block")]
+    BadRange {
+        /// Byte offset of the message.
+        offset: u64,
+        /// Block id.
+        id: String,
+        /// Offset asked for.
+        offset_in_block: u64,
+        /// Length asked for.
+        len: u32,
+        /// Block length.
+        block_len: u64,
+    },
+    /// The destination said COMPLETE while pages were still to be sent.
+    #[error("the destination reported COMPLETE with {0} pages not yet sent")]
+    EarlyComplete(u64),
+    /// The destination did not confirm the end of postcopy.
+    #[error("no COMPLETE from the destination after the last page ({0})")]
+    NoComplete(String),
+}
+
+/// Writes one message and flushes.
+pub fn write_message(w: &mut dyn Write, m: &Message) -> io::Result<()> {
+    let mut b = Vec::with_capacity(32);
+    match m {
+        Message::Request(r) => {
+            b.push(TAG_REQUEST);
+            b.extend_from_slice(&r.block.to_be_bytes());
+            b.extend_from_slice(&r.offset.to_be_bytes());
+            b.extend_from_slice(&r.len.to_be_bytes());
+        }
+        Message::Complete(f) => {
+            b.push(TAG_COMPLETE);
+            for v in [
+                f.faults,
+                f.blocktime_us,
+                f.latency_sum_us,
+                f.p50_us,
+                f.p99_us,
+            ] {
+                b.extend_from_slice(&v.to_be_bytes());
+            }
+            let threads = &f.threads[..f.threads.len().min(MAX_THREADS)];
+            b.push(threads.len() as u8);
+            for (tid, us) in threads {
+                b.extend_from_slice(&tid.to_be_bytes());
+                b.extend_from_slice(&us.to_be_bytes());
+            }
+            let buckets = &f.buckets[..f.buckets.len().min(LATENCY_BUCKETS)];
+            b.push(buckets.len() as u8);
+            for c in buckets {
+                b.extend_from_slice(&c.to_be_bytes());
+            }
+        }
+        Message::Failed(text) => {
+            let t = &text.as_bytes()[..text.len().min(MAX_REPLY_TEXT as usize)];
+            b.push(TAG_FAILED);
+            b.extend_from_slice(&(t.len() as u16).to_be_bytes());
+            b.extend_from_slice(t);
+        }
+    }
+    w.write_all(&b)?;
+    w.flush()
+}
+
+/// Reads postcopy messages, counting bytes so errors name where.
+pub struct MessageReader<R> {
+    inner: R,
+    offset: u64,
+}
+
+impl<R: Read> MessageReader<R> {
+    /// Reads messages from `inner` (the return path after STARTED).
+    pub fn new(inner: R) -> Self {
+        MessageReader { inner, offset: 0 }
+    }
+
+    /// Bytes read so far.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    fn bytes<const N: usize>(&mut self) -> Result<[u8; N], PostcopyError> {
+        let mut b = [0u8; N];
+        self.inner
+            .read_exact(&mut b)
+            .map_err(|source| PostcopyError::Io {
+                offset: self.offset,
+                source,
+            })?;
+        self.offset += N as u64;
+        Ok(b)
+    }
+
+    fn u64(&mut self) -> Result<u64, PostcopyError> {
+        Ok(u64::from_be_bytes(self.bytes()?))
+    }
+
+    fn count(&mut self, what: &'static str, max: usize) -> Result<usize, PostcopyError> {
+        let at = self.offset;
+        let n = usize::from(self.bytes::<1>()?[0]);
+        if n > max {
+            return Err(PostcopyError::BadCount {
+                offset: at,
+                what,
+                value: n as u64,
+                max: max as u64,
+            });
+        }
+        Ok(n)
+    }
+
+    /// Reads one message; never allocates more than the bounds above.
+    pub fn read_message(&mut self) -> Result<(u64, Message), PostcopyError> {
+        self.read_message_waiting(&|| false)
+    }
+
+    /// As [`MessageReader::read_message`], but a transport timeout before
+    /// the first byte of a message is retried while `keep_waiting()` holds:
+    /// the destination is silent while no guest thread faults, which may
+    /// last longer than the transport's I/O timeout.
+    pub fn read_message_waiting(
+        &mut self,
+        keep_waiting: &dyn Fn() -> bool,
+    ) -> Result<(u64, Message), PostcopyError> {
+        let at = self.offset;
+        let mut first = [0u8; 1];
+        loop {
+            match self.inner.read(&mut first) {
+                Ok(1) => break,
+                Ok(_) => {
+                    return Err(PostcopyError::Io {
+                        offset: at,
+                        source: io::ErrorKind::UnexpectedEof.into(),
+                    })
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::Interrupted
+                            | io::ErrorKind::TimedOut
+                            | io::ErrorKind::WouldBlock
+                    ) && (e.kind() == io::ErrorKind::Interrupted || keep_waiting()) => {}
+                Err(source) => return Err(PostcopyError::Io { offset: at, source }),
+            }
+        }
+        self.offset += 1;
+        let tag = first[0];
+        let m = match tag {
+            TAG_REQUEST => {
+                let block = u16::from_be_bytes(self.bytes()?);
+                let offset = self.u64()?;
+                let len = u32::from_be_bytes(self.bytes()?);
+                Message::Request(PageRequest { block, offset, len })
+            }
+            TAG_COMPLETE => {
+                let mut f = FaultReport {
+                    faults: self.u64()?,
+                    blocktime_us: self.u64()?,
+                    latency_sum_us: self.u64()?,
+                    p50_us: self.u64()?,
+                    p99_us: self.u64()?,
+                    ..FaultReport::default()
+                };
+                let n = self.count("thread count", MAX_THREADS)?;
+                for _ in 0..n {
+                    let tid = u32::from_be_bytes(self.bytes()?);
+                    f.threads.push((tid, self.u64()?));
+                }
+                let n = self.count("latency bucket count", LATENCY_BUCKETS)?;
+                for _ in 0..n {
+                    f.buckets.push(self.u64()?);
+                }
+                Message::Complete(f)
+            }
+            TAG_FAILED => {
+                let lat = self.offset;
+                let len = u16::from_be_bytes(self.bytes()?);
+                if u32::from(len) > MAX_REPLY_TEXT {
+                    return Err(PostcopyError::BadCount {
+                        offset: lat,
+                        what: "failure text length",
+                        value: len.into(),
+                        max: MAX_REPLY_TEXT.into(),
+                    });
+                }
+                let mut t = vec![0u8; usize::from(len)];
+                self.inner
+                    .read_exact(&mut t)
+                    .map_err(|source| PostcopyError::Io {
+                        offset: self.offset,
+                        source,
+                    })?;
+                self.offset += u64::from(len);
+                Message::Failed(String::from_utf8_lossy(&t).into_owned())
+            }
+            tag => return Err(PostcopyError::UnknownTag { offset: at, tag }),
+        };
+        Ok((at, m))
+    }
+}
+
+/// Checks a request against the stream's blocks (`(id, length)` in stream
+/// order); returns (block index, first page, page count). `at` is the
+/// message's byte offset, for the error.
+pub fn check_request(
+    blocks: &[(String, u64)],
+    at: u64,
+    r: &PageRequest,
+) -> Result<(usize, u64, u64), PostcopyError> {
+    let b = usize::from(r.block);
+    let Some((id, block_len)) = blocks.get(b) else {
+        return Err(PostcopyError::UnknownBlock {
+            offset: at,
+            block: r.block,
+            count: blocks.len(),
+        });
+    };
+    let page = PAGE_SIZE as u64;
+    let len = u64::from(r.len);
+    let whole = len > 0
+        && len.is_multiple_of(page)
+        && len / page <= u64::from(MAX_REQUEST_PAGES)
+        && r.offset.is_multiple_of(page)
+        && r.offset.checked_add(len).is_some_and(|e| e <= *block_len);
+    if !whole {
+        return Err(PostcopyError::BadRange {
+            offset: at,
+            id: id.clone(),
+            offset_in_block: r.offset,
+            len: r.len,
+            block_len: *block_len,
+        });
+    }
+    Ok((b, r.offset / page, len / page))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,533 @@
+//! Postcopy: the return-path messages, and whole migrations of process
+//! memory over in-memory pipes with a destination "guest" thread that
+//! reads its memory while pages are still missing.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use super::*;
+use crate::dirty::SoftwareTracker;
+use crate::engine::{
+    memory_digest, MigrationError, MigrationHandle, Params, Source, Status, Switchover,
+};
+use crate::memory::{GuestMemory, ProcessMemory};
+use crate::stream::{BlockDesc, StreamReader, StreamWriter};
+use crate::testkit::workload::{fill_random, PageWriter, Workload, WorkloadConfig, XorShift};
+use crate::transport::{pipe, Outgoing, PipeReader, PipeWriter};
+
+const MIB: u64 = 1 << 20;
+
+fn layout() -> Vec<(&'static str, u64)> {
+    vec![("ram0", 8 * MIB), ("ram1", 4 * MIB)]
+}
+
+fn blocks() -> Vec<(String, u64)> {
+    layout()
+        .into_iter()
+        .map(|(i, l)| (i.to_string(), l))
+        .collect()
+}
+
+#[test]
+fn messages_round_trip() {
+    let msgs = [
+        Message::Request(PageRequest {
+            block: 1,
+            offset: 0x3000,
+            len: 4096,
+        }),
+        Message::Complete(FaultReport {
+            faults: 3,
+            blocktime_us: 900,
+            latency_sum_us: 800,
+            p50_us: 200,
+            p99_us: 400,
+            threads: vec![(17, 500), (18, 400)],
+            buckets: vec![0, 0, 0, 0, 0, 0, 0, 3],
+        }),
+        Message::Failed("lost".into()),
+    ];
+    let mut bytes = Vec::new();
+    for m in &msgs {
+        write_message(&mut bytes, m).unwrap();
+    }
+    let mut r = MessageReader::new(&bytes[..]);
+    for m in &msgs {
+        assert_eq!(&r.read_message().unwrap().1, m);
+    }
+    let e = r.read_message().unwrap_err();
+    assert!(matches!(e, PostcopyError::Io { .. }), "{e}");
+}
+
+#[test]
+fn bad_messages_name_their_byte() {
+    let mut bytes = Vec::new();
+    write_message(
+        &mut bytes,
+        &Message::Request(PageRequest {
+            block: 0,
+            offset: 0,
+            len: 4096,
+        }),
+    )
+    .unwrap();
+    bytes.push(b'Z');
+    let mut r = MessageReader::new(&bytes[..]);
+    r.read_message().unwrap();
+    let e = r.read_message().unwrap_err().to_string();
+    assert!(e.contains("byte 15") && e.contains("0x5a"), "{e}");
+    // A bucket count past the limit.
+    let mut c = vec![b'C'];
+    c.extend_from_slice(&[0u8; 40]);
+    c.push(0);
+    c.push(200);
+    let e = MessageReader::new(&c[..])
+        .read_message()
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("latency bucket count 200"), "{e}");
+    // A failure text longer than allowed.
+    let f = [b'F', 0xff, 0xff];
+    let e = MessageReader::new(&f[..])
+        .read_message()
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("failure text length 65535"), "{e}");
+}
+
+#[test]
+fn requests_outside_every_block_are_refused() {
+    let b = blocks();
+    let req = |block, offset, len| PageRequest { block, offset, len };
+    let ok = check_request(&b, 0, &req(1, 4 * MIB - 4096, 4096)).unwrap();
+    assert_eq!(ok, (1, 1023, 1));
+    for (r, want) in [
+        (req(2, 0, 4096), "block index 2, the stream has 2 blocks"),
+        (req(1, 4 * MIB, 4096), "at 0x400000 of block 'ram1'"),
+        (req(0, 8 * MIB - 4096, 8192), "8192 bytes at 0x7ff000"),
+        (req(0, 100, 4096), "at 0x64"),
+        (req(0, 0, 100), "100 bytes"),
+        (req(0, 0, 0), "0 bytes"),
+        (req(0, u64::MAX - 4095, 4096), "0xfffffffffffff000"),
+        (req(0, 0, (MAX_REQUEST_PAGES + 1) * 4096), "bytes at 0x0"),
+    ] {
+        let e = check_request(&b, 77, &r).unwrap_err().to_string();
+        assert!(
+            e.contains(want) && e.contains("byte 77"),
+            "{e} (wanted {want})"
+        );
+    }
+}
+
+#[test]
+fn random_messages_never_panic() {
+    let b = blocks();
+    let mut rng = XorShift::new(0x9c);
+    for _ in 0..20_000 {
+        let n = rng.below(48);
+        let mut buf = vec![0u8; n];
+        rng.fill(&mut buf);
+        if n > 0 {
+            buf[0] = [b'Q', b'C', b'F', rng.byte()][rng.below(4)];
+        }
+        let mut r = MessageReader::new(&buf[..]);
+        while let Ok((at, m)) = r.read_message() {
+            if let Message::Request(q) = m {
+                if let Ok((blk, first, n)) = check_request(&b, at, &q) {
+                    assert!((first + n) * 4096 <= b[blk].1);
+                }
+            }
+        }
+    }
+}
+
+/// A destination guest: on resume, a thread reads random pages of its
+/// memory (faulting on the missing ones) until stopped.
+struct TouchGuest {
+    mem: ProcessMemory,
+    stop: Arc<AtomicBool>,
+    reads: Arc<AtomicU64>,
+    thread: Option<thread::JoinHandle<()>>,
+    paused: bool,
+}
+
+impl TouchGuest {
+    fn new(mem: &ProcessMemory) -> Self {
+        TouchGuest {
+            mem: mem.clone(),
+            stop: Arc::default(),
+            reads: Arc::default(),
+            thread: None,
+            paused: false,
+        }
+    }
+
+    fn stop(&mut self) -> u64 {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+        self.reads.load(Ordering::SeqCst)
+    }
+}
+
+impl IncomingGuest for TouchGuest {
+    fn restore(&mut self, state: &[u8]) -> Result<(), String> {
+        if state.is_empty() {
+            Ok(())
+        } else {
+            Err("process memory carries no state".into())
+        }
+    }
+
+    fn resume(&mut self) -> Result<(), String> {
+        let (mem, stop, reads) = (self.mem.clone(), self.stop.clone(), self.reads.clone());
+        self.thread = Some(thread::spawn(move || {
+            let mut rng = XorShift::new(5);
+            let mut page = vec![0u8; 4096];
+            while !stop.load(Ordering::SeqCst) {
+                let b = &mem.blocks()[rng.below(2)];
+                let p = rng.below(b.pages() as usize);
+                b.region().read(p * 4096, &mut page);
+                reads.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+        Ok(())
+    }
+
+    fn pause(&mut self) {
+        self.paused = true;
+    }
+}
+
+fn pipes_out() -> (Outgoing, PipeReader, PipeWriter) {
+    let (w, r) = pipe();
+    let (ack_w, ack_r) = pipe();
+    (
+        Outgoing {
+            writer: Box::new(w),
+            ack: Some(Box::new(ack_r)),
+        },
+        r,
+        ack_w,
+    )
+}
+
+struct Run {
+    src: ProcessMemory,
+    dst: ProcessMemory,
+    stats: crate::engine::MigrationStats,
+    received: Received,
+    reads: u64,
+}
+
+/// Migrates a random guest that a workload writes, switching to postcopy
+/// as `steer` decides; the destination guest reads its memory from resume.
+/// With `at_once`, the switch is asked before the migration starts (pure
+/// postcopy).
+fn run_postcopy(
+    params: Params,
+    at_once: bool,
+    steer: impl FnOnce(MigrationHandle) + Send + 'static,
+) -> Run {
+    let src = ProcessMemory::new(&layout()).unwrap();
+    let dst = ProcessMemory::new(&layout()).unwrap();
+    let (mut tracker, log) = SoftwareTracker::new(&src);
+    let writer: PageWriter = Arc::new(move |b, off, data| log.write(b, off, data));
+    fill_random(&src.blocks()[..1], &writer, 7);
+    let workload = Workload::start(
+        src.blocks().to_vec(),
+        writer,
+        WorkloadConfig {
+            rate: 256 * MIB,
+            ..WorkloadConfig::default()
+        },
+    );
+    let mut vm = workload.control();
+    let handle = MigrationHandle::new(params);
+    if at_once {
+        handle.start_postcopy().unwrap();
+    }
+    let (out, r, ack_w) = pipes_out();
+    // The urgent connection, when postcopy-preempt asks for one.
+    let (uw, ur) = pipe();
+    let mut uw = Some(uw);
+    let mut ur = Some(ur);
+    let dst2 = dst.clone();
+    let dest = thread::spawn(move || {
+        let mut guest = TouchGuest::new(&dst2);
+        let mut accept = || -> std::io::Result<Box<dyn std::io::Read + Send>> {
+            ur.take()
+                .map(|r| Box::new(r) as Box<dyn std::io::Read + Send>)
+                .ok_or_else(|| std::io::Error::other("one urgent connection only"))
+        };
+        let res = receive(
+            &dst2,
+            r,
+            Some(Box::new(ack_w)),
+            &mut guest,
+            true,
+            Some(&mut accept),
+        );
+        let reads = guest.stop();
+        (res, reads)
+    });
+    let h2 = handle.clone();
+    let steerer = thread::spawn(move || steer(h2));
+    let stats = Source::new(&src, &mut tracker, &mut vm, handle.clone())
+        .run_conn(out, &mut |i| {
+            assert_eq!(i, crate::engine::source::URGENT_CONNECTION);
+            uw.take()
+                .map(|w| Box::new(w) as crate::engine::ChannelWriter)
+                .ok_or_else(|| std::io::Error::other("one urgent connection only"))
+        })
+        .expect("migration succeeds");
+    assert!(vm.is_paused(), "the source stays paused after postcopy");
+    drop(workload);
+    steerer.join().unwrap();
+    let (res, reads) = dest.join().unwrap();
+    Run {
+        src,
+        dst,
+        stats,
+        received: res.expect("the destination completes"),
+        reads,
+    }
+}
+
+fn postcopy_params() -> Params {
+    Params {
+        postcopy_ram: true,
+        ..Params::default()
+    }
+}
+
+fn assert_postcopy_done(r: &Run) {
+    assert_eq!(
+        crate::engine::hex(&memory_digest(&r.src)),
+        crate::engine::hex(&memory_digest(&r.dst)),
+        "the destination's memory differs from the paused source's"
+    );
+    assert_eq!(r.stats.status, Status::Completed);
+    let pc = r.received.postcopy.as_ref().expect("switched to postcopy");
+    assert!(pc.discarded_pages > 0);
+    assert_eq!(pc.faults.faults, pc.faults.buckets.iter().sum::<u64>());
+    assert!(r.stats.postcopy_time.is_some());
+    assert!(r.stats.postcopy_latency_dist.is_some());
+    assert!(r.reads > 0, "the destination guest ran");
+    let ram = &r.stats.ram;
+    assert_eq!(
+        ram.precopy_bytes + ram.downtime_bytes + ram.postcopy_bytes,
+        ram.transferred
+    );
+}
+
+#[test]
+fn pure_postcopy_of_process_memory() {
+    let r = run_postcopy(postcopy_params(), true, |_| {});
+    assert_postcopy_done(&r);
+    let pc = r.received.postcopy.as_ref().unwrap();
+    // Everything but the pages valid at the start moved after the switch.
+    assert_eq!(pc.discarded_pages, r.src.total_bytes() / 4096);
+    assert_eq!(pc.placed_pages, pc.discarded_pages);
+    assert!(
+        r.stats.ram.postcopy_requests > 0,
+        "the guest faulted remotely"
+    );
+    assert!(pc.faults.faults > 0);
+}
+
+#[test]
+fn pure_postcopy_with_the_urgent_connection() {
+    let r = run_postcopy(
+        Params {
+            postcopy_preempt: true,
+            ..postcopy_params()
+        },
+        true,
+        |_| {},
+    );
+    assert_postcopy_done(&r);
+    assert!(
+        r.stats.ram.postcopy_requests > 0,
+        "the guest faulted remotely"
+    );
+    let pc = r.received.postcopy.as_ref().unwrap();
+    assert!(
+        pc.urgent_pages > 0,
+        "requested pages came on the urgent connection"
+    );
+    assert!(pc.urgent_pages < pc.placed_pages, "bulk pages did not");
+}
+
+#[test]
+fn switch_by_command_after_some_precopy() {
+    // Capped so that precopy is still running when the command comes.
+    let params = Params {
+        max_bandwidth: 16 * MIB,
+        downtime_limit: 5,
+        ..postcopy_params()
+    };
+    let r = run_postcopy(params, false, |h| {
+        while h.history().len() < 2 && !h.stats().status.is_final() {
+            thread::sleep(Duration::from_millis(5));
+        }
+        h.start_postcopy().unwrap();
+    });
+    assert_postcopy_done(&r);
+    assert!(r.stats.ram.precopy_bytes > 0);
+}
+
+#[test]
+fn auto_switch_when_precopy_makes_no_progress() {
+    // 256 MiB/s of writes against a 32 MiB/s link never converges.
+    let params = Params {
+        max_bandwidth: 32 * MIB,
+        downtime_limit: 5,
+        postcopy_switchover: Switchover::Auto,
+        ..postcopy_params()
+    };
+    let r = run_postcopy(params, false, |_| {});
+    assert_postcopy_done(&r);
+}
+
+#[test]
+fn start_postcopy_needs_the_capability() {
+    let h = MigrationHandle::new(Params::default());
+    let e = h.start_postcopy().unwrap_err();
+    assert!(e.contains("postcopy-ram is off"), "{e}");
+}
+
+/// The source's end of a fake destination: reads the stream to the switch,
+/// answers LOADED, takes GO, answers STARTED.
+fn fake_destination_to_switch(r: &mut PipeReader, ack: &mut PipeWriter) {
+    use crate::engine::{read_go, write_reply, Reply};
+    use crate::stream::Record;
+    let mut sr = StreamReader::new(&mut *r).unwrap();
+    let mut switched = false;
+    loop {
+        match sr.next_record().unwrap() {
+            Record::Postcopy => switched = true,
+            Record::SectionEnd { .. } if switched => break,
+            _ => {}
+        }
+    }
+    write_reply(ack, &Reply::Loaded).unwrap();
+    read_go(sr.inner_if_drained().expect("nothing after the switch")).unwrap();
+    write_reply(ack, &Reply::Started(None)).unwrap();
+}
+
+#[test]
+fn source_refuses_a_request_outside_every_block() {
+    let src = ProcessMemory::new(&layout()).unwrap();
+    let (mut tracker, _log) = SoftwareTracker::new(&src);
+    let mut vm = crate::vm::NoVm;
+    let handle = MigrationHandle::new(postcopy_params());
+    handle.start_postcopy().unwrap();
+    let (out, mut r, mut ack_w) = pipes_out();
+    let dest = thread::spawn(move || {
+        fake_destination_to_switch(&mut r, &mut ack_w);
+        let bad = Message::Request(PageRequest {
+            block: 1,
+            offset: 64 * MIB,
+            len: 4096,
+        });
+        write_message(&mut ack_w, &bad).unwrap();
+        // Keep reading so the source is never blocked on a full pipe.
+        let _ = std::io::copy(&mut r, &mut std::io::sink());
+    });
+    let e = Source::new(&src, &mut tracker, &mut vm, handle.clone())
+        .run_over(out)
+        .unwrap_err();
+    assert!(
+        matches!(e, MigrationError::Postcopy(PostcopyError::BadRange { .. })),
+        "{e}"
+    );
+    let text = e.to_string();
+    assert!(
+        text.contains("0x4000000") && text.contains("'ram1'"),
+        "{text}"
+    );
+    assert_eq!(handle.stats().status, Status::Failed);
+    dest.join().unwrap();
+}
+
+#[test]
+fn destination_reports_a_source_lost_during_postcopy() {
+    use crate::engine::{read_reply, write_go, Reply};
+    let dst = ProcessMemory::new(&layout()).unwrap();
+    let (w, r) = pipe();
+    let (ack_w, mut ack_r) = pipe();
+    // A source that switches at once, then dies after GO.
+    let source = thread::spawn(move || {
+        let mut sw = StreamWriter::new(w, 0);
+        let descs: Vec<BlockDesc> = layout()
+            .into_iter()
+            .map(|(id, len)| BlockDesc { id: id.into(), len })
+            .collect();
+        sw.block_list(&descs).unwrap();
+        sw.discard(0, 0, &[u64::MAX; 32]).unwrap();
+        sw.postcopy().unwrap();
+        sw.section_end(0).unwrap();
+        assert_eq!(read_reply(&mut ack_r).unwrap(), Reply::Loaded);
+        write_go(sw.get_mut()).unwrap();
+        assert!(matches!(read_reply(&mut ack_r).unwrap(), Reply::Started(_)));
+        // Killed: both connections close.
+    });
+    let mut guest = TouchGuest::new(&dst);
+    // This guest must not touch memory: a missing page would wait forever.
+    let res = {
+        struct Still<'a>(&'a mut TouchGuest, bool);
+        impl IncomingGuest for Still<'_> {
+            fn restore(&mut self, s: &[u8]) -> Result<(), String> {
+                self.0.restore(s)
+            }
+            fn resume(&mut self) -> Result<(), String> {
+                self.1 = true;
+                Ok(())
+            }
+            fn pause(&mut self) {
+                self.0.pause()
+            }
+        }
+        let mut g = Still(&mut guest, false);
+        let res = receive(&dst, r, Some(Box::new(ack_w)), &mut g, true, None);
+        assert!(g.1, "the guest was resumed after GO");
+        res
+    };
+    source.join().unwrap();
+    let e = res.unwrap_err();
+    let text = e.to_string();
+    assert!(
+        matches!(e, ReceiveError::SourceLost { missing: 2048, .. }),
+        "{text}"
+    );
+    assert!(text.contains("cannot continue"), "{text}");
+    assert!(guest.paused, "the destination paused its guest");
+}
+
+#[test]
+fn destination_without_postcopy_refuses_the_switch() {
+    let src = ProcessMemory::new(&layout()).unwrap();
+    let dst = ProcessMemory::new(&layout()).unwrap();
+    let (mut tracker, _log) = SoftwareTracker::new(&src);
+    let mut vm = crate::vm::NoVm;
+    let handle = MigrationHandle::new(postcopy_params());
+    handle.start_postcopy().unwrap();
+    let (out, r, ack_w) = pipes_out();
+    let dst2 = dst.clone();
+    let dest = thread::spawn(move || {
+        let mut guest = TouchGuest::new(&dst2);
+        receive(&dst2, r, Some(Box::new(ack_w)), &mut guest, false, None)
+    });
+    let e = Source::new(&src, &mut tracker, &mut vm, handle)
+        .run_over(out)
+        .unwrap_err();
+    assert!(e.to_string().contains("postcopy-ram is off"), "{e}");
+    assert!(matches!(
+        dest.join().unwrap(),
+        Err(ReceiveError::PostcopyOff)
+    ));
+}
