@@ -345,7 +345,6 @@ impl ControlledVm {
 
     fn run_incoming(&self, listener: Listener, handle: MigrationHandle) {
         let uri = listener.local_uri().to_string();
-        handle.set_status(Status::Active, None);
         let result = self.load_incoming(listener, &uri);
         let mut st = lock(&self.inner.st);
         let ok = result.is_ok();
@@ -576,6 +575,9 @@ impl MigrationStarter for ControlledVm {
         };
         let listener = Listener::bind(uri).map_err(|e| e.to_string())?;
         let local = listener.local_uri().to_string();
+        // Active from the answer on (not from when the thread first runs),
+        // so a query right after `migrate-incoming` already says so.
+        handle.set_status(Status::Active, None);
         let this = self.clone();
         let worker = std::thread::Builder::new()
             .name("migrate-in".into())

@@ -169,6 +169,22 @@ impl RunningDigest {
         }
     }
 
+    /// Every chunk of block `block` holding a page set in `pages` within
+    /// `[first, first + count)` changed.
+    pub fn touch_range(&self, block: usize, pages: &crate::DirtyBitmap, first: u64, count: u64) {
+        let per = (CHUNK / crate::PAGE_SIZE) as u64;
+        let end = first.saturating_add(count);
+        let mut p = first;
+        while let Some(q) = pages.next_set(p) {
+            if q >= end {
+                break;
+            }
+            let i = self.first[block] + (q / per) as usize;
+            self.writes[i].fetch_add(1, Ordering::Release);
+            p = (q / per + 1) * per;
+        }
+    }
+
     /// Bytes of the chunks [`RunningDigest::finish`] would hash now.
     pub fn pending_bytes(&self) -> u64 {
         (0..self.chunks.len())
@@ -327,5 +343,22 @@ mod tests {
         let counts: Vec<u64> = r.writes.iter().map(|w| w.load(Ordering::Relaxed)).collect();
         // Block a: chunks 0..3; block b: chunks 3, 4.
         assert_eq!(counts, vec![0, 1, 0, 1, 1]);
+    }
+
+    #[test]
+    fn touching_a_range_marks_only_its_set_pages_chunks() {
+        // What a manual-protect clear re-protects: the pages set in the
+        // migration bitmap inside the cleared range, nothing outside it.
+        let m = ProcessMemory::new(&[("a", 8 << 20)]).unwrap();
+        let r = RunningDigest::new(&m);
+        let per = (CHUNK / crate::PAGE_SIZE) as u64;
+        let mut bm = crate::DirtyBitmap::new((8 << 20) / 4096);
+        bm.set(1); // before the range
+        bm.set(per + 5); // inside
+        bm.set(2 * per + 1); // inside, next chunk
+        bm.set(3 * per + 2); // after the range
+        r.touch_range(0, &bm, per, 2 * per);
+        let counts: Vec<u64> = r.writes.iter().map(|w| w.load(Ordering::Relaxed)).collect();
+        assert_eq!(counts, vec![0, 1, 1, 0]);
     }
 }

@@ -1120,10 +1120,16 @@ impl<'a> RamSaver<'a> {
                 let chunk = page >> *shift;
                 if chunks[block].clear(chunk) {
                     let first = chunk << *shift;
-                    // The running digest trusts the tracker here too: a
-                    // clear that dropped an unreported write would be
-                    // caught by the full hash after the switch-over.
                     tracker.clear(block, first, 1u64 << *shift)?;
+                    // A write between the sync that reported a page and
+                    // this clear is dropped from the log (the clear
+                    // re-protects the page) but not from the page, which is
+                    // sent after it: the running digest must re-read those
+                    // pages too, or the check after the switch-over would
+                    // blame the tracker for a write that did travel.
+                    if let Some(d) = self.running {
+                        d.touch_range(block, &self.bitmaps[block], first, 1u64 << *shift);
+                    }
                 }
             }
             self.bitmaps[block].clear(page);
