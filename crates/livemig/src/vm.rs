@@ -67,6 +67,13 @@ pub trait VmControl: Send {
     fn save_state(&mut self) -> Result<Vec<u8>, VmError> {
         Ok(Vec::new())
     }
+
+    /// vCPUs of the guest, sent at setup so that a destination with
+    /// another count refuses the migration before any page is sent.
+    /// 0 (the default) when the VMM has none to tell.
+    fn vcpus(&self) -> u32 {
+        0
+    }
 }
 
 /// A guest with no vCPUs to stop (memory only): pausing does nothing.
@@ -75,6 +82,43 @@ pub struct NoVm;
 
 impl VmControl for NoVm {
     fn pause(&mut self) -> Result<(), VmError> {
+        Ok(())
+    }
+    fn resume(&mut self) -> Result<(), VmError> {
+        Ok(())
+    }
+}
+
+/// The VMM on the migration destination: it restores the guest the
+/// engine loaded and starts it, only once the source said GO (see
+/// [`crate::engine::Destination`]).
+///
+/// The order of calls is fixed: [`VmTarget::vcpus`] at setup (before any
+/// page is read), [`VmTarget::restore_state`] once all memory is loaded
+/// and checked (before the destination answers LOADED, so a state that
+/// does not fit still leaves the guest to the source), and
+/// [`VmTarget::resume`] at most once, only after GO. A destination that
+/// never got GO never calls `resume`.
+pub trait VmTarget: Send {
+    /// vCPUs of this VM; a source whose VM has another count is refused at
+    /// setup, before any page is sent. `None` (the default): no check,
+    /// for a destination that holds memory only.
+    fn vcpus(&self) -> Option<u32> {
+        None
+    }
+
+    /// Restores the device and vCPU state the source sent after the RAM
+    /// (empty when the source's VMM sent none). The guest stays paused.
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), VmError>;
+
+    /// Starts the vCPUs: the guest is this side's now.
+    fn resume(&mut self) -> Result<(), VmError>;
+}
+
+/// Memory only: no vCPU count to check, no state to restore (a state
+/// blob is ignored), nothing to start.
+impl VmTarget for NoVm {
+    fn restore_state(&mut self, _state: &[u8]) -> Result<(), VmError> {
         Ok(())
     }
     fn resume(&mut self) -> Result<(), VmError> {

@@ -12,7 +12,7 @@
 //! tracker, in-process to a second VM: downtime, total and setup time,
 //! rounds, bytes; medians over several runs.
 
-use std::io::{BufReader, Read, Write};
+use std::io::{BufReader, Read};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
@@ -585,7 +585,7 @@ fn migrate_to_new(
                 let (vm, _) = migrate_in(
                     &cfg,
                     BufReader::with_capacity(1 << 20, sock),
-                    Some(&mut ack as &mut dyn Write),
+                    Some(&mut ack),
                 )?;
                 Ok(vm)
             });

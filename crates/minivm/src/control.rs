@@ -43,7 +43,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use livemig::control::{ControlServer, MigrationStarter};
-use livemig::engine::{Commit, LoadStats, Loader, MigrationError, MigrationHandle, Params};
+use livemig::engine::{Destination, LoadStats, MigrationError, MigrationHandle, Params};
 use livemig::transport::{connect, Listener, Uri, IO_TIMEOUT};
 
 use crate::dirty::TrackerKind;
@@ -332,57 +332,23 @@ impl ControlledVm {
     }
 
     fn load_incoming(&self, listener: Listener, uri: &str) -> Result<IncomingReport, String> {
-        let inc = listener.accept().map_err(|e| e.to_string())?;
-        let t0 = Instant::now();
         let vm = &self.inner.vm;
         let mem = vm.memory();
-        let mut input = inc.reader;
+        let mut target = vm.target();
         // Page channels of a multi-channel migration arrive on the same
-        // listener after the main connection.
-        let loaded = Loader::new(&*mem)
-            .load_channels(
-                Box::new(&mut input) as Box<dyn std::io::Read + Send + '_>,
-                || {
-                    listener
-                        .accept_announced(livemig::transport::IO_TIMEOUT)
-                        .map(|i| Box::new(i.reader) as Box<dyn std::io::Read + Send + '_>)
-                        .map_err(io::Error::other)
-                },
-            )
-            .map_err(|e| e.to_string())
-            .and_then(|out| {
-                if out.state.is_empty() {
-                    return Err(MigrateError::NoState.to_string());
-                }
-                vm.restore_state(&out.state).map_err(|e| e.to_string())?;
-                Ok(out)
-            });
-        let commit = match inc.ack {
-            Some(w) => Commit::new(input, w),
-            None => Commit::none(),
-        };
-        let go = match &loaded {
-            Err(e) => {
-                commit.fail(e);
-                None
-            }
-            // No GO: the source keeps the guest; this VM never runs.
-            Ok(_) => Some(commit.wait_go().map_err(|e| e.to_string())?),
-        };
+        // listener after the main connection. The guest resumes only on
+        // the source's GO.
+        let arrived = Destination::new(&*mem, &mut target)
+            .accept_on(&listener)
+            .map_err(|e| livemig::error_chain(&e));
         // One migration per VM: stop listening (removes a unix: socket).
         drop(listener);
-        let out = loaded?;
-        vm.resume();
-        if let Some(Err(e)) = go.map(|g| g.started()) {
-            log::warn!(
-                "the guest runs here, but STARTED did not reach the source ({e}): it stays paused"
-            );
-        }
+        let a = arrived?;
         Ok(IncomingReport {
             uri: uri.to_string(),
-            stats: out.stats,
-            load_time: t0.elapsed().as_millis() as u64,
-            verified: out.digest.is_some(),
+            stats: a.load.stats,
+            load_time: a.load_time.as_millis() as u64,
+            verified: a.load.digest.is_some(),
         })
     }
 }

@@ -6,9 +6,10 @@ use std::io::{Read, Write};
 
 use livemig::dirty::DirtyError;
 use livemig::engine::{
-    ChannelWriter, Commit, CommitError, LoadError, LoadOutcome, Loader, MigrationError,
-    MigrationHandle, MigrationStats, Source,
+    Arrival, ChannelWriter, Destination, DestinationError, MigrationError, MigrationHandle,
+    MigrationStats, Source,
 };
+use livemig::transport::Incoming;
 
 use crate::dirty::TrackerKind;
 use crate::guest::GuestImage;
@@ -26,15 +27,10 @@ pub enum MigrateError {
     /// The outgoing migration failed (the source guest runs on).
     #[error(transparent)]
     Migration(#[from] MigrationError),
-    /// The incoming stream failed to load (the destination guest never ran).
+    /// The incoming migration failed: refused, failed to load, or the
+    /// source never said GO (the destination guest never ran).
     #[error(transparent)]
-    Load(#[from] LoadError),
-    /// Loaded, but the source never said GO: the VM is discarded unrun.
-    #[error(transparent)]
-    Commit(#[from] CommitError),
-    /// The stream ended without vCPU state: not a VM migration.
-    #[error("the stream carries no vCPU state: it was not sent by a VM source")]
-    NoState,
+    Incoming(#[from] DestinationError),
 }
 
 /// Migrates `vm` out through `out`, tracking dirty pages with `kind`.
@@ -78,42 +74,46 @@ pub fn migrate_out_channels<W: Write>(
 }
 
 /// Creates a paused VM from `config` (its guest image is ignored: memory
-/// and state come from the stream), loads `input` into it and restores the
-/// vCPU and device state, then, with a return path (`reply`), runs the
-/// destination's half of the completion handshake (`livemig::engine::Commit`):
-/// FAILED on a failed load; otherwise LOADED, wait for the source's GO,
-/// STARTED.
+/// and state come from the stream) and receives the migration on `input`
+/// through livemig's [`Destination`]: with a return path (`reply`) the
+/// setup is checked first (block list, vCPU count: a mismatch is refused
+/// before any page is sent, with the reason on the source), then the
+/// completion handshake runs: FAILED on a failed load; otherwise LOADED,
+/// wait for the source's GO, restore, resume, STARTED.
 ///
-/// `Ok` means the guest is this side's: the VM is returned paused and the
-/// caller resumes it ([`Vm::resume`]) at once. A failed load, or a load
-/// the source never said GO to, returns an error and the guest never runs
-/// here. For a VMM that wants to resume before STARTED goes out, or to
-/// check more before LOADED, [`load_in`] stops after the load.
-pub fn migrate_in<R: Read, W: Write>(
+/// `Ok`: the guest runs here. An error: the guest never ran here, except
+/// after [`DestinationError::Resume`].
+pub fn migrate_in<R: Read + Send, W: Write + Send>(
     config: &VmConfig,
     input: R,
     reply: Option<W>,
-) -> Result<(Vm, LoadOutcome), MigrateError> {
-    let mut input = input;
-    let loaded = load_in(config, &mut input);
-    let commit = match reply {
-        Some(w) => Commit::new(input, w),
-        None => Commit::none(),
+) -> Result<(Vm, Arrival), MigrateError> {
+    let vm = incoming_vm(config)?;
+    let mut reply = reply;
+    let reply = reply.as_mut().map(|w| w as &mut (dyn Write + Send));
+    let arrival = {
+        let mem = vm.memory();
+        let mut target = vm.target();
+        Destination::new(&*mem, &mut target).run_single(input, reply)?
     };
-    match loaded {
-        Err(e) => {
-            commit.fail(&livemig::error_chain(&e));
-            Err(e)
-        }
-        Ok((vm, out)) => {
-            let go = commit.wait_go()?;
-            if let Err(e) = go.started() {
-                // The source stays paused and says so; the guest is ours.
-                log::warn!("GO received but STARTED could not be sent ({e}): the guest runs here, the source stays paused");
-            }
-            Ok((vm, out))
-        }
-    }
+    Ok((vm, arrival))
+}
+
+/// As [`migrate_in`], for a migration that may use page channels: `main`
+/// is the first connection; `accept` returns each further connection the
+/// source announces (on the same listener).
+pub fn migrate_in_channels<R: Read + Send + 'static>(
+    config: &VmConfig,
+    main: Incoming,
+    accept: impl FnMut() -> std::io::Result<R>,
+) -> Result<(Vm, Arrival), MigrateError> {
+    let vm = incoming_vm(config)?;
+    let arrival = {
+        let mem = vm.memory();
+        let mut target = vm.target();
+        Destination::new(&*mem, &mut target).run(main, accept)?
+    };
+    Ok((vm, arrival))
 }
 
 /// A paused VM laid out as `config`, waiting for incoming state: no guest
@@ -125,44 +125,4 @@ fn incoming_vm(config: &VmConfig) -> Result<Vm, MigrateError> {
         prefault: false,
         ..config.clone()
     })?)
-}
-
-/// Creates a paused VM from `config` and loads `input` into it (RAM, vCPU
-/// and device state); no handshake. On a two-way transport, answer with
-/// `livemig::engine::Commit` (`wait_go` before resuming, `fail` if the VM
-/// is refused).
-pub fn load_in<R: Read>(config: &VmConfig, input: R) -> Result<(Vm, LoadOutcome), MigrateError> {
-    let vm = incoming_vm(config)?;
-    let out = load_into(&vm, input)?;
-    Ok((vm, out))
-}
-
-/// As [`load_in`], for a migration that may use page channels: `accept`
-/// returns each further connection the source announces (on the same
-/// listener); the main stream is `input`.
-pub fn load_in_channels<'a>(
-    config: &VmConfig,
-    input: Box<dyn Read + Send + 'a>,
-    accept: impl FnMut() -> std::io::Result<Box<dyn Read + Send + 'a>>,
-) -> Result<(Vm, LoadOutcome), MigrateError> {
-    let vm = incoming_vm(config)?;
-    let mem = vm.memory();
-    let out = Loader::new(&*mem).load_channels(input, accept)?;
-    drop(mem);
-    restore(&vm, out).map(|out| (vm, out))
-}
-
-fn load_into<R: Read>(vm: &Vm, input: R) -> Result<LoadOutcome, MigrateError> {
-    let mem = vm.memory();
-    let out = Loader::new(&*mem).load(input)?;
-    restore(vm, out)
-}
-
-/// Restores the vCPU and device state a load carried.
-fn restore(vm: &Vm, out: LoadOutcome) -> Result<LoadOutcome, MigrateError> {
-    if out.state.is_empty() {
-        return Err(MigrateError::NoState);
-    }
-    vm.restore_state(&out.state)?;
-    Ok(out)
 }

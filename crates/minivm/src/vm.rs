@@ -938,6 +938,12 @@ impl Vm {
         f.flush().map_err(io_err)
     }
 
+    /// A handle implementing livemig's `VmTarget` for an incoming
+    /// migration into this (paused) VM.
+    pub fn target(&self) -> VmTarget<'_> {
+        VmTarget { vm: self }
+    }
+
     /// A handle implementing livemig's `VmControl` for the migration engine.
     pub fn control(&self) -> VmHandle {
         VmHandle {
@@ -969,7 +975,37 @@ impl std::fmt::Debug for VmHandle {
     }
 }
 
+/// The destination side's control of a [`Vm`]: vCPU count checked at
+/// setup, state restored, guest resumed only after the source's GO.
+#[derive(Debug)]
+pub struct VmTarget<'a> {
+    vm: &'a Vm,
+}
+
+impl livemig::vm::VmTarget for VmTarget<'_> {
+    fn vcpus(&self) -> Option<u32> {
+        Some(self.vm.shared.vcpus.len() as u32)
+    }
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), livemig::vm::VmError> {
+        if state.is_empty() {
+            return Err(livemig::vm::VmError::restore_state(
+                "the stream carries no vCPU state: it was not sent by a VM source",
+            ));
+        }
+        self.vm
+            .restore_state(state)
+            .map_err(livemig::vm::VmError::restore_state)
+    }
+    fn resume(&mut self) -> Result<(), livemig::vm::VmError> {
+        self.vm.resume();
+        Ok(())
+    }
+}
+
 impl livemig::vm::VmControl for VmHandle {
+    fn vcpus(&self) -> u32 {
+        self.shared.vcpus.len() as u32
+    }
     fn pause(&mut self) -> Result<(), livemig::vm::VmError> {
         self.shared.pause().map_err(livemig::vm::VmError::pause)
     }

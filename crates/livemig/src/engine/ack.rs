@@ -7,17 +7,32 @@
 //! explicit GO, and the source treats everything after GO as "the
 //! destination may be running":
 //!
+//! The destination also answers once at setup, so that a migration it
+//! cannot take (memory layout, vCPU count, stream version or capability)
+//! is refused before any page is sent, with its reason on the source:
+//!
 //! ```text
-//! source (guest paused)                         destination (guest paused)
-//!   ... stream ... END  ───────────────────────▶  loads, validates all
+//! source (guest runs)                           destination (guest paused)
+//!   header, BLOCK_LIST, SETUP  ────────────────▶  checks layout and vCPUs
+//!                       ◀───────────────────────  READY  (or FAILED + why: the source stops, names why)
+//!   ... pages ...        ──────────────────────▶  loads
+//!   (gives up: ABORT + why ─────────────────────▶  reports "the source aborted: why")
+//! source (guest paused)
+//!   ... last pages, state, END ────────────────▶  loads, validates all, restores state
 //!                       ◀───────────────────────  LOADED  (or FAILED + why)
 //!   GO                  ───────────────────────▶  resumes the guest
 //!                       ◀───────────────────────  STARTED
 //!   completed: stays paused for good
 //! ```
 //!
+//! A destination that fails later (a bad page, a closed channel) sends
+//! FAILED + why before it closes; a source whose next write fails because
+//! the peer closed reads that reply, so its error names the destination's
+//! reason rather than "Broken pipe".
+//!
 //! | what the source sees                  | source              | destination |
 //! |---------------------------------------|---------------------|-------------|
+//! | FAILED instead of READY               | stops before any page, runs on | refused: never runs it |
 //! | FAILED, no reply, bad reply, timeout  | resumes its guest   | never got GO: discards the VM, never runs it |
 //! | LOADED, then sending GO fails         | resumes its guest   | never got a whole GO: discards |
 //! | LOADED, GO sent, no STARTED           | **stays paused**, reports [`MigrationError::Unconfirmed`] | may be running (it got GO) or not |
@@ -35,11 +50,14 @@
 //! and no handshake.
 //!
 //! Wire format, version 2 (version 1 was a single `"LVMGACK1"` reply; a
-//! peer of either version refuses the other's magic):
+//! peer of either version refuses the other's magic). READY came with
+//! stream version 2: a destination that reads version 1 streams refuses a
+//! version 2 stream with FAILED, which the source reads at setup.
 //!
 //! ```text
 //! reply := "LVMGRP02" kind:u8 len:u32 text:[u8; len]   destination → source, return path
-//!          kind 1 = LOADED, 2 = FAILED (text = why), 3 = STARTED; len <= 4096
+//!          kind 1 = LOADED, 2 = FAILED (text = why), 3 = STARTED,
+//!          4 = READY (setup accepted); len <= 4096
 //! go    := "LVMGGO02"                                  source → destination, after END
 //! ```
 
@@ -62,6 +80,8 @@ pub enum Reply {
     Failed(String),
     /// GO received, the guest runs here.
     Started,
+    /// The setup (block list, vCPU count) matches: send the pages.
+    Ready,
 }
 
 impl Reply {
@@ -70,6 +90,7 @@ impl Reply {
             Reply::Loaded => 1,
             Reply::Failed(_) => 2,
             Reply::Started => 3,
+            Reply::Ready => 4,
         }
     }
 
@@ -78,6 +99,7 @@ impl Reply {
             Reply::Loaded => "LOADED",
             Reply::Failed(_) => "FAILED",
             Reply::Started => "STARTED",
+            Reply::Ready => "READY",
         }
     }
 }
@@ -124,6 +146,7 @@ pub fn read_reply(r: &mut dyn Read) -> Result<Reply, String> {
         1 if text.is_empty() => Ok(Reply::Loaded),
         2 => Ok(Reply::Failed(text)),
         3 if text.is_empty() => Ok(Reply::Started),
+        4 if text.is_empty() => Ok(Reply::Ready),
         k => Err(format!("unknown reply kind {k} (text length {len})")),
     }
 }
@@ -149,6 +172,32 @@ fn eof_text(e: &io::Error) -> String {
         "the connection closed".to_string()
     } else {
         e.to_string()
+    }
+}
+
+/// The source's wait at setup: READY lets it send pages; FAILED is the
+/// destination's refusal, with its reason.
+pub(crate) fn source_setup(reply: &mut dyn Read) -> Result<(), MigrationError> {
+    match read_reply(reply) {
+        Ok(Reply::Ready) => Ok(()),
+        Ok(Reply::Failed(m)) => Err(MigrationError::Refused(m)),
+        Ok(other) => Err(MigrationError::Ack(format!(
+            "the destination replied {} instead of READY at setup",
+            other.name()
+        ))),
+        Err(e) => Err(MigrationError::Ack(format!(
+            "no READY from the destination at setup ({e})"
+        ))),
+    }
+}
+
+/// The destination's reason, when it closed the connection after a
+/// failure: the FAILED reply it sent before closing, if any. Called only
+/// once a write found the peer gone, so the read does not wait.
+pub(crate) fn failure_reply(reply: &mut dyn Read) -> Option<String> {
+    match read_reply(reply) {
+        Ok(Reply::Failed(m)) => Some(m),
+        _ => None,
     }
 }
 
@@ -189,6 +238,9 @@ pub(crate) fn source_handshake(
     *sent_go = true;
     match read_reply(reply) {
         Ok(Reply::Started) => Ok(()),
+        Ok(Reply::Failed(m)) => Err(MigrationError::Unconfirmed(format!(
+            "the destination replied FAILED after GO: {m}"
+        ))),
         Ok(other) => Err(MigrationError::Unconfirmed(format!(
             "the destination replied {} instead of STARTED",
             other.name()
@@ -266,6 +318,15 @@ pub struct Go<'a> {
 }
 
 impl Go<'_> {
+    /// GO came but the guest could not be started here: sends FAILED +
+    /// `why` instead of STARTED. The source, having sent GO, stays paused
+    /// (it cannot know what ran here) but its error names `why`.
+    pub fn failed(self, why: &str) {
+        if let Some(mut w) = self.reply {
+            let _ = write_reply(&mut *w, &Reply::Failed(why.to_string()));
+        }
+    }
+
     /// Sends STARTED. An error only means the source did not hear it: it
     /// stays paused and says so; the guest rightly runs on here.
     pub fn started(self) -> io::Result<()> {
@@ -293,6 +354,7 @@ mod tests {
             Reply::Loaded,
             Reply::Started,
             Reply::Failed("disk full".into()),
+            Reply::Ready,
         ] {
             let b = reply_bytes(&r);
             assert_eq!(&b[..8], b"LVMGRP02");
@@ -332,10 +394,11 @@ mod tests {
             reply_bytes(&Reply::Loaded),
             reply_bytes(&Reply::Started),
             reply_bytes(&Reply::Failed("x".into())),
+            reply_bytes(&Reply::Ready),
         ];
         for i in 0..20_000 {
             // Mutations of valid replies, and plain noise.
-            let mut b = valid[i % 3].clone();
+            let mut b = valid[i % valid.len()].clone();
             if i % 2 == 0 {
                 let at = rng.below(b.len());
                 b[at] ^= rng.byte() | 1;

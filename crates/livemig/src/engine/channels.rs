@@ -45,6 +45,8 @@ enum Job {
     Sync(u64),
     /// Write the end record and stop.
     Finish,
+    /// The source gives up: write an abort record with this reason, stop.
+    Abort(String),
 }
 
 /// How a channel encodes the pages of a batch.
@@ -198,6 +200,19 @@ impl SendChannels {
         Ok(())
     }
 
+    /// The source gives up: every channel still running ends its stream
+    /// with an abort record saying `why` (best effort), and stops.
+    pub fn abort(&mut self, why: &str) {
+        for i in 0..self.senders.len() {
+            if let Some(tx) = self.senders[i].tx.take() {
+                let _ = tx.send(Job::Abort(why.to_string()));
+            }
+        }
+        for i in 0..self.senders.len() {
+            let _ = self.join(i);
+        }
+    }
+
     fn tx(&mut self, i: usize) -> io::Result<&SyncSender<Job>> {
         match self.senders[i].tx {
             Some(ref tx) => Ok(tx),
@@ -337,6 +352,10 @@ impl Worker {
                     w.sync(epoch)?;
                     w.section_end(seq)?;
                     seq += 1;
+                }
+                Job::Abort(why) => {
+                    w.abort(&why)?;
+                    return Ok(());
                 }
                 Job::Finish => {
                     w.end()?;

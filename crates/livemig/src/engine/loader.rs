@@ -1,12 +1,13 @@
 //! The destination side: validates every record, then applies it to guest
 //! memory whose layout comes from the destination's own configuration.
 
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
+use super::ack::{write_reply, Reply};
 use super::channels::{BarrierError, EpochBarrier};
 use super::digest::{hex, memory_digest};
 use crate::codec::compress::{Algorithm, Decompressor};
@@ -100,6 +101,32 @@ pub enum LoadError {
     /// Stopped because another channel failed (never returned alone).
     #[error("stopped because another channel failed")]
     Aborted,
+    /// The source VM's vCPU count differs from this destination's.
+    #[error("stream byte {offset}: the source VM has {source_vcpus} vCPUs, this destination {destination}")]
+    Vcpus {
+        /// Byte offset of the setup record.
+        offset: u64,
+        /// vCPUs the source declared (0: it did not say).
+        source_vcpus: u32,
+        /// vCPUs here.
+        destination: u32,
+    },
+    /// The destination checks vCPUs but the stream carried no setup record.
+    #[error(
+        "the stream carries no setup record with the vCPU count: it was not sent by a VM source"
+    )]
+    NoSetup,
+    /// The setup matched, but READY could not be sent to the source.
+    #[error("the setup matches, but sending READY to the source failed: {0}")]
+    Ready(#[source] io::Error),
+    /// The source gave up and said why (an abort record).
+    #[error("the source aborted the migration (stream byte {offset}): {why}")]
+    SourceAborted {
+        /// Byte offset of the abort record.
+        offset: u64,
+        /// The source's reason.
+        why: String,
+    },
     /// The memory loaded differs from the source's at stop time.
     #[error("memory digest mismatch: source {expected}, destination {actual}")]
     DigestMismatch {
@@ -168,10 +195,19 @@ pub struct LoadOutcome {
     pub stats: LoadStats,
 }
 
+/// The return path while loading: READY at setup, FAILED at the first
+/// error (once).
+struct ReturnPath<'a> {
+    w: Option<&'a mut (dyn Write + Send)>,
+    failed: bool,
+}
+
 /// Loads a stream into guest memory.
 pub struct Loader<'a> {
     mem: &'a dyn GuestMemory,
     progress: Arc<AtomicU64>,
+    vcpus: Option<u32>,
+    reply: Mutex<ReturnPath<'a>>,
 }
 
 /// Which stream of a migration a record loop reads.
@@ -203,6 +239,61 @@ impl<'a> Loader<'a> {
         Loader {
             mem,
             progress: Arc::new(AtomicU64::new(0)),
+            vcpus: None,
+            reply: Mutex::new(ReturnPath {
+                w: None,
+                failed: false,
+            }),
+        }
+    }
+
+    /// Counts stream bytes into `progress` instead of a counter of its own.
+    pub(crate) fn sharing_progress(mut self, progress: Arc<AtomicU64>) -> Self {
+        self.progress = progress;
+        self
+    }
+
+    /// Refuses, at setup, a stream whose source VM has not `n` vCPUs (or
+    /// that carries no setup record).
+    pub fn expect_vcpus(mut self, n: u32) -> Self {
+        self.vcpus = Some(n);
+        self
+    }
+
+    /// Answers the source on `reply` (the return path) while loading:
+    /// READY once the main stream's setup record is read and the block
+    /// list and vCPU count match, FAILED + why at the first error, as soon
+    /// as it is known (before the connections close), so the source's
+    /// error names the destination's reason. LOADED, GO and STARTED come
+    /// after the load (see [`super::Commit`], or [`super::Destination`]
+    /// which does it all).
+    pub fn with_return_path(self, reply: &'a mut (dyn Write + Send)) -> Self {
+        self.lock_reply().w = Some(reply);
+        self
+    }
+
+    fn lock_reply(&self) -> std::sync::MutexGuard<'_, ReturnPath<'a>> {
+        self.reply.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sends READY (setup accepted).
+    fn send_ready(&self) -> Result<(), LoadError> {
+        match &mut self.lock_reply().w {
+            Some(w) => write_reply(&mut **w, &Reply::Ready).map_err(LoadError::Ready),
+            None => Ok(()),
+        }
+    }
+
+    /// Sends FAILED + why, once. Best effort: a source that is gone has
+    /// its own error.
+    fn send_failure(&self, e: &LoadError) {
+        let mut rp = self.lock_reply();
+        if rp.failed || matches!(e, LoadError::Aborted) {
+            return;
+        }
+        rp.failed = true;
+        if let Some(w) = &mut rp.w {
+            let _ = write_reply(&mut **w, &Reply::Failed(crate::error_chain(e)));
         }
     }
 
@@ -215,6 +306,11 @@ impl<'a> Loader<'a> {
     /// Reads the whole stream and applies it. Returns after the end record.
     /// A multi-channel migration needs [`Loader::load_channels`].
     pub fn load<R: Read>(&mut self, input: R) -> Result<LoadOutcome, LoadError> {
+        self.load_single(input)
+            .inspect_err(|e| self.send_failure(e))
+    }
+
+    fn load_single<R: Read>(&mut self, input: R) -> Result<LoadOutcome, LoadError> {
         let mut r = StreamReader::new(input)?;
         if r.flags() & FLAG_CHANNELS != 0 {
             return Err(LoadError::Channel {
@@ -240,6 +336,15 @@ impl<'a> Loader<'a> {
     /// The first connection must be the main channel (the source opens it
     /// first); the others may come in any order.
     pub fn load_channels<R: Read + Send>(
+        &mut self,
+        main: R,
+        accept: impl FnMut() -> io::Result<R>,
+    ) -> Result<LoadOutcome, LoadError> {
+        self.load_all(main, accept)
+            .inspect_err(|e| self.send_failure(e))
+    }
+
+    fn load_all<R: Read + Send>(
         &mut self,
         main: R,
         mut accept: impl FnMut() -> io::Result<R>,
@@ -315,16 +420,22 @@ impl<'a> Loader<'a> {
         let first_err: Mutex<Option<LoadError>> = Mutex::new(None);
         // The first error is the cause; the others follow from the
         // teardown it starts (aborted barrier, closed connections).
+        let this = &*self;
         let fail = |e: LoadError| {
             {
                 let mut f = first_err.lock().unwrap_or_else(|p| p.into_inner());
-                if f.is_none() && !matches!(e, LoadError::Aborted) {
+                // The source's abort explains whatever the other channels
+                // saw (closed connections): it is the cause.
+                let aborted = matches!(e, LoadError::SourceAborted { .. });
+                if (f.is_none() || aborted) && !matches!(e, LoadError::Aborted) {
+                    // Tell the source now: page channels may wait on
+                    // connections only the source can close.
+                    this.send_failure(&e);
                     *f = Some(e);
                 }
             }
             barrier.abort();
         };
-        let this = &*self;
         let mut total = StreamOutcome::default();
         std::thread::scope(|s| {
             let threads: Vec<_> = chans
@@ -408,6 +519,7 @@ impl<'a> Loader<'a> {
         let mut reported = r.offset();
         let mut syncs = 0u64;
         let page_channel = role.is_page_channel();
+        let mut setup = false;
         loop {
             let at = r.offset();
             let rec = r.next_record()?;
@@ -517,7 +629,31 @@ impl<'a> Loader<'a> {
                 Record::Channel { .. } => {
                     unreachable!("the reader allows a channel record only first")
                 }
-                Record::End => break,
+                Record::Setup { vcpus } => {
+                    if let Some(n) = self.vcpus {
+                        if vcpus != n {
+                            return Err(LoadError::Vcpus {
+                                offset: at,
+                                source_vcpus: vcpus,
+                                destination: n,
+                            });
+                        }
+                    }
+                    setup = true;
+                    self.send_ready()?;
+                }
+                Record::Abort(why) => {
+                    return Err(LoadError::SourceAborted {
+                        offset: at,
+                        why: why.to_string(),
+                    })
+                }
+                Record::End => {
+                    if !page_channel && !setup && self.vcpus.is_some() {
+                        return Err(LoadError::NoSetup);
+                    }
+                    break;
+                }
             }
         }
         if let Role::Channel(i, barrier) = role {

@@ -1,9 +1,11 @@
-//! The migration engine: the source state machine and the destination
-//! loader, over any guest memory, tracker and byte transport.
+//! The migration engine: the source state machine ([`Source`]) and the
+//! destination ([`Destination`], built on the [`Loader`]), over any guest
+//! memory, tracker and byte transport.
 
 mod ack;
 mod adapt;
 mod channels;
+mod destination;
 mod digest;
 mod handle;
 mod loader;
@@ -16,6 +18,7 @@ pub use ack::{
     REPLY_HEAD_LEN,
 };
 pub use channels::ChannelWriter;
+pub use destination::{Arrival, Destination, DestinationError};
 pub use digest::{hex, memory_digest};
 pub use handle::{MigrationHandle, SyncPoint};
 pub use loader::{LoadError, LoadOutcome, LoadStats, Loader};
@@ -56,6 +59,10 @@ pub enum MigrationError {
     /// The destination reported a failure.
     #[error("destination failed to load: {0}")]
     Destination(String),
+    /// The destination refused the migration at setup (memory layout,
+    /// vCPU count, stream version or capability): no page was sent.
+    #[error("the destination refused the migration before any page was sent: {0}")]
+    Refused(String),
 }
 
 impl MigrationError {

@@ -396,7 +396,7 @@ impl<'a> RamSaver<'a> {
         let flags = if self.params.verify { FLAG_VERIFY } else { 0 };
         let n = self.params.channels;
         let session = session_number();
-        let mut w = if n > 1 {
+        let w = if n > 1 {
             let mut w = StreamWriter::new(
                 TimedWrite::new(out, self.wire.clone()),
                 flags | FLAG_CHANNELS,
@@ -406,6 +406,69 @@ impl<'a> RamSaver<'a> {
         } else {
             StreamWriter::new(TimedWrite::new(out, self.wire.clone()), flags)
         };
+        let mut w = w;
+        let mut ack = ack;
+        let mut ended = false;
+        let r = self.send_stream(
+            &mut w,
+            ack.as_mut().map(|r| &mut **r as &mut dyn Read),
+            open,
+            tracker,
+            vm,
+            guest,
+            &mut ended,
+            (flags, session),
+        );
+        let Err(e) = r else { return Ok(()) };
+        // The destination closed after a failure: its FAILED reply, sent
+        // before closing, says why better than "Broken pipe".
+        if let (MigrationError::Send(io), Some(r)) = (&e, ack) {
+            if matches!(
+                io.kind(),
+                io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::ConnectionAborted
+                    | io::ErrorKind::UnexpectedEof
+            ) {
+                if let Some(why) = ack::failure_reply(r) {
+                    return Err(MigrationError::Destination(why));
+                }
+            }
+            return Err(e);
+        }
+        // Giving up with the stream still open: tell the destination why,
+        // so it reports the source's reason, not a truncated stream.
+        let told = matches!(
+            e,
+            MigrationError::Send(_) | MigrationError::Refused(_) | MigrationError::Destination(_)
+        );
+        if !ended && !told {
+            let why = crate::error_chain(&e);
+            if let Err(we) = w.abort(&why) {
+                log::debug!("sending the abort record: {we}");
+            }
+            if let Some(ch) = &mut self.channels {
+                ch.abort(&why);
+            }
+        }
+        Err(e)
+    }
+
+    /// Everything after the stream's header: setup, iterate, complete.
+    /// `ended` becomes true once END is written (no abort record after it).
+    #[allow(clippy::too_many_arguments)]
+    fn send_stream<W: Write>(
+        &mut self,
+        w: &mut StreamWriter<TimedWrite<W>>,
+        mut ack: Option<&mut dyn Read>,
+        open: &mut dyn FnMut(u16) -> io::Result<ChannelWriter>,
+        tracker: &mut dyn DirtyTracker,
+        vm: &mut dyn VmControl,
+        guest: &mut GuestSide,
+        ended: &mut bool,
+        (flags, session): (u16, u64),
+    ) -> Result<(), MigrationError> {
+        let n = self.params.channels;
         let descs: Vec<BlockDesc> = self
             .blocks
             .iter()
@@ -415,7 +478,8 @@ impl<'a> RamSaver<'a> {
             })
             .collect();
         w.block_list(&descs).map_err(MigrationError::send)?;
-        self.section_end(&mut w)?;
+        w.setup(vm.vcpus()).map_err(MigrationError::send)?;
+        self.section_end(w)?;
         if n > 1 {
             // After the main stream's start is on its way, so the
             // destination accepts the main connection first.
@@ -437,6 +501,10 @@ impl<'a> RamSaver<'a> {
             };
             self.channels = Some(SendChannels::start(conns, &setup).map_err(MigrationError::send)?);
         }
+        if let Some(r) = ack.as_mut() {
+            // No page before the destination accepted the setup.
+            ack::source_setup(&mut **r)?;
+        }
         self.setup_time = self.started.elapsed().as_millis() as u64;
         self.publish(Status::Active, tracker.name(), None);
 
@@ -448,7 +516,7 @@ impl<'a> RamSaver<'a> {
             let threshold = self.threshold_bytes();
             if self.remaining_bytes() <= threshold {
                 self.sync(tracker)?;
-                self.barrier(&mut w)?;
+                self.barrier(w)?;
                 if self.remaining_bytes() <= threshold {
                     break;
                 }
@@ -458,7 +526,7 @@ impl<'a> RamSaver<'a> {
                     >= Duration::from_millis(self.params.throttle_sync_period)
             {
                 self.sync(tracker)?;
-                self.barrier(&mut w)?;
+                self.barrier(w)?;
             }
             if self.params.auto_converge {
                 vm.set_throttle(self.throttle);
@@ -466,8 +534,8 @@ impl<'a> RamSaver<'a> {
                 self.throttle = 0;
                 vm.set_throttle(0);
             }
-            self.step(&mut w, tracker, false)?;
-            self.section_end(&mut w)?;
+            self.step(w, tracker, false)?;
+            self.section_end(w)?;
             self.measure_bandwidth();
             self.publish(Status::Active, tracker.name(), None);
         }
@@ -479,13 +547,13 @@ impl<'a> RamSaver<'a> {
         vm.pause().map_err(MigrationError::Vm)?;
         guest.paused = true;
         self.downtime_start = Some(pause_at);
-        let bytes_before = self.sent_bytes(&w);
+        let bytes_before = self.sent_bytes(w);
         self.sync(tracker)?;
-        self.barrier(&mut w)?;
+        self.barrier(w)?;
         while self.remaining_pages() > 0 {
             self.check_cancel()?;
-            self.step(&mut w, tracker, true)?;
-            self.section_end(&mut w)?;
+            self.step(w, tracker, true)?;
+            self.section_end(w)?;
         }
         let enc = self.encoding();
         if let Some(ch) = &mut self.channels {
@@ -505,7 +573,8 @@ impl<'a> RamSaver<'a> {
         }
         self.check_cancel()?;
         w.end().map_err(MigrationError::send)?;
-        self.transferred = self.sent_bytes(&w);
+        *ended = true;
+        self.transferred = self.sent_bytes(w);
         self.downtime_bytes = self.transferred - bytes_before;
         if let Some(r) = ack {
             let handle = self.handle;

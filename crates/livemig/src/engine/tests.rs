@@ -17,8 +17,6 @@ use crate::vm::{NoVm, VmControl};
 
 const MIB: u64 = 1 << 20;
 
-type BoxRead<'a> = Box<dyn Read + Send + 'a>;
-
 fn layout() -> Vec<(&'static str, u64)> {
     vec![("ram0", 8 * MIB), ("ram1", 4 * MIB)]
 }
@@ -66,16 +64,10 @@ fn migrate_live_with(
     let (ack_w, ack_r) = pipe();
     let dst2 = dst.clone();
     let loader = thread::spawn(move || {
-        let mut r = r;
-        let res = Loader::new(&dst2).load_channels(Box::new(&mut r) as BoxRead<'_>, || {
-            next_conn(&mut ch_r).map(|c| Box::new(c) as BoxRead<'_>)
-        });
-        let commit = Commit::new(r, ack_w);
-        match &res {
-            Ok(_) => commit.wait_go().expect("GO").started().unwrap(),
-            Err(e) => commit.fail(&e.to_string()),
-        }
-        res
+        let mut ack_w = ack_w;
+        Destination::new(&dst2, &mut NoVm)
+            .run_with(r, Some(&mut ack_w), || next_conn(&mut ch_r))
+            .map(|a| a.load)
     });
     let mut ack_r: PipeReader = ack_r;
     let h2 = handle.clone();
@@ -408,6 +400,7 @@ fn failure_during_completion_resumes_the_guest() {
     let loader = thread::spawn(move || Loader::new(&loader_mem).load(r));
     // Destination acknowledges failure.
     let (mut aw, mut ar) = pipe();
+    write_reply(&mut aw, &Reply::Ready).unwrap();
     write_reply(&mut aw, &Reply::Failed("disk full".into())).unwrap();
     let mut vm = RecordingVm::default();
     let err = Source::new(
@@ -876,7 +869,10 @@ fn handshake_run(
     let dest = thread::spawn(move || {
         let dst = ProcessMemory::single(MIB).unwrap();
         let mut r = r;
-        Loader::new(&dst).load(&mut r).expect("stream loads");
+        Loader::new(&dst)
+            .with_return_path(&mut aw)
+            .load(&mut r)
+            .expect("stream loads");
         match script {
             DestScript::Normal => {
                 let go = Commit::new(r, aw).wait_go().expect("GO");
@@ -960,4 +956,261 @@ fn a_cancel_after_go_does_not_resume_the_source() {
     let e = res.unwrap_err();
     assert!(matches!(e, MigrationError::Unconfirmed(_)), "{e}");
     assert!(!calls.contains(&"resume".to_string()), "{calls:?}");
+}
+
+/// A destination VMM that records what the engine asked of it.
+#[derive(Default)]
+struct TargetVm {
+    vcpus: Option<u32>,
+    calls: Vec<String>,
+}
+
+impl crate::vm::VmTarget for TargetVm {
+    fn vcpus(&self) -> Option<u32> {
+        self.vcpus
+    }
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), crate::vm::VmError> {
+        self.calls
+            .push(format!("restore {}", String::from_utf8_lossy(state)));
+        Ok(())
+    }
+    fn resume(&mut self) -> Result<(), crate::vm::VmError> {
+        self.calls.push("resume".into());
+        Ok(())
+    }
+}
+
+/// A source VMM with `n` vCPUs.
+struct Vcpus(u32, RecordingVm);
+
+impl VmControl for Vcpus {
+    fn pause(&mut self) -> Result<(), crate::vm::VmError> {
+        self.1.pause()
+    }
+    fn resume(&mut self) -> Result<(), crate::vm::VmError> {
+        self.1.resume()
+    }
+    fn save_state(&mut self) -> Result<Vec<u8>, crate::vm::VmError> {
+        self.1.save_state()
+    }
+    fn vcpus(&self) -> u32 {
+        self.0
+    }
+}
+
+/// Migrates 1 MiB from a source VM with `src_vcpus` into `dst` whose VMM
+/// has `dst_vcpus`, through [`Destination`] over pipes with a return path.
+fn migrate_into(
+    dst: ProcessMemory,
+    src_vcpus: u32,
+    dst_vcpus: Option<u32>,
+) -> (
+    Result<MigrationStats, MigrationError>,
+    Result<Arrival, DestinationError>,
+    Vec<String>,
+    Vec<String>,
+) {
+    let src = ProcessMemory::single(MIB).unwrap();
+    fill_random(
+        &src.blocks()[..1],
+        &log_writer(SoftwareTracker::new(&src).1),
+        3,
+    );
+    let (mut t, _log) = SoftwareTracker::new(&src);
+    let (w, r) = pipe();
+    let (aw, mut ar) = pipe();
+    let dest = thread::spawn(move || {
+        let mut vm = TargetVm {
+            vcpus: dst_vcpus,
+            ..TargetVm::default()
+        };
+        let mut aw = aw;
+        let r = Destination::new(&dst, &mut vm).run_single(r, Some(&mut aw));
+        (r, vm.calls)
+    });
+    let mut vm = Vcpus(src_vcpus, RecordingVm::default());
+    let res = Source::new(
+        &src,
+        &mut t,
+        &mut vm,
+        MigrationHandle::new(Params::default()),
+    )
+    .run(w, Some(&mut ar as &mut dyn Read));
+    let (arrived, calls) = dest.join().unwrap();
+    (res, arrived, vm.1.calls, calls)
+}
+
+#[test]
+fn destination_restores_and_resumes_only_after_go() {
+    let dst = ProcessMemory::single(MIB).unwrap();
+    let (res, arrived, src_calls, dst_calls) = migrate_into(dst, 2, Some(2));
+    let stats = res.expect("migration succeeds");
+    assert_eq!(stats.status, Status::Completed);
+    let a = arrived.expect("the guest arrives");
+    assert!(a.unconfirmed.is_none(), "STARTED reached the source");
+    assert_eq!(a.load.state, b"device-state");
+    assert_eq!(dst_calls, ["restore device-state", "resume"]);
+    assert_eq!(src_calls.last().map(String::as_str), Some("pause"));
+}
+
+#[test]
+fn wrong_memory_size_is_refused_on_the_source_before_any_page() {
+    let dst = ProcessMemory::single(2 * MIB).unwrap();
+    dst.blocks()[0].region().write(0, b"keep");
+    let d2 = dst.clone();
+    let (res, arrived, src_calls, dst_calls) = migrate_into(d2, 1, None);
+    let err = res.expect_err("refused");
+    assert!(matches!(err, MigrationError::Refused(_)), "{err}");
+    let text = err.to_string();
+    assert!(text.contains("before any page was sent"), "{text}");
+    assert!(
+        text.contains("block 'ram' is 1048576 bytes in the stream, 2097152 here"),
+        "the source names the destination's reason: {text}"
+    );
+    let e = arrived.expect_err("the destination refuses");
+    assert!(
+        matches!(e, DestinationError::Load(LoadError::Layout { .. })),
+        "{e}"
+    );
+    assert!(
+        dst_calls.is_empty(),
+        "never restored nor resumed: {dst_calls:?}"
+    );
+    assert!(
+        !src_calls.iter().any(|c| c == "pause"),
+        "the source guest never paused: {src_calls:?}"
+    );
+    let mut b = [0u8; 4];
+    dst.blocks()[0].region().read(0, &mut b);
+    assert_eq!(&b, b"keep", "destination memory untouched");
+}
+
+#[test]
+fn vcpu_mismatch_is_refused_on_the_source_before_any_page() {
+    let dst = ProcessMemory::single(MIB).unwrap();
+    let (res, arrived, _, dst_calls) = migrate_into(dst, 2, Some(4));
+    let err = res.expect_err("refused");
+    assert!(matches!(err, MigrationError::Refused(_)), "{err}");
+    assert!(
+        err.to_string()
+            .contains("the source VM has 2 vCPUs, this destination 4"),
+        "{err}"
+    );
+    let e = arrived.expect_err("refused");
+    assert!(
+        matches!(
+            e,
+            DestinationError::Load(LoadError::Vcpus {
+                source_vcpus: 2,
+                destination: 4,
+                ..
+            })
+        ),
+        "{e}"
+    );
+    assert!(dst_calls.is_empty(), "{dst_calls:?}");
+}
+
+#[test]
+fn an_aborting_source_is_reported_as_such() {
+    // The source VMM cannot pause: the source gives up and says why.
+    struct NoPause;
+    impl VmControl for NoPause {
+        fn pause(&mut self) -> Result<(), crate::vm::VmError> {
+            Err(crate::vm::VmError::pause("vCPU 0 is stuck"))
+        }
+        fn resume(&mut self) -> Result<(), crate::vm::VmError> {
+            Ok(())
+        }
+    }
+    for channels in [1, 3] {
+        let src = ProcessMemory::single(4 * MIB).unwrap();
+        let dst = ProcessMemory::single(4 * MIB).unwrap();
+        let (mut t, _log) = SoftwareTracker::new(&src);
+        let (w, r) = pipe();
+        let (aw, mut ar) = pipe();
+        let (mut ch_w, mut ch_r) = channel_pipes(channels);
+        let dest = thread::spawn(move || {
+            let mut aw = aw;
+            let mut vm = TargetVm::default();
+            let r =
+                Destination::new(&dst, &mut vm).run_with(r, Some(&mut aw), || next_conn(&mut ch_r));
+            (r, vm.calls)
+        });
+        let err = Source::new(
+            &src,
+            &mut t,
+            &mut NoPause,
+            MigrationHandle::new(Params {
+                channels,
+                ..Params::default()
+            }),
+        )
+        .run_with_channels(w, Some(&mut ar as &mut dyn Read), &mut |_| {
+            Ok(Box::new(ch_w.remove(0)))
+        })
+        .expect_err("the pause fails");
+        assert!(matches!(err, MigrationError::Vm(_)), "{err}");
+        let (arrived, calls) = dest.join().unwrap();
+        let e = arrived.expect_err("no guest arrives");
+        assert!(
+            matches!(e, DestinationError::Load(LoadError::SourceAborted { .. })),
+            "{channels} channels: {e}"
+        );
+        let text = e.to_string();
+        assert!(
+            text.contains("the source aborted the migration") && text.contains("vCPU 0 is stuck"),
+            "{text}"
+        );
+        assert!(calls.is_empty(), "{calls:?}");
+    }
+}
+
+#[test]
+fn a_destination_failing_mid_stream_is_named_on_the_source() {
+    // A corrupting link: the destination refuses the stream and says why
+    // before closing; the source's error carries that reason.
+    let src = ProcessMemory::single(4 * MIB).unwrap();
+    fill_random(
+        &src.blocks()[..1],
+        &log_writer(SoftwareTracker::new(&src).1),
+        5,
+    );
+    let dst = ProcessMemory::single(4 * MIB).unwrap();
+    let (mut t, _log) = SoftwareTracker::new(&src);
+    let (w, r) = pipe();
+    let (aw, mut ar) = pipe();
+    struct Flip<R>(R, u64);
+    impl<R: Read> Read for Flip<R> {
+        fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+            let n = self.0.read(b)?;
+            let at = self.1;
+            self.1 += n as u64;
+            if at <= 300_000 && 300_000 < self.1 {
+                b[(300_000 - at) as usize] ^= 0x55;
+            }
+            Ok(n)
+        }
+    }
+    let dest = thread::spawn(move || {
+        let mut aw = aw;
+        let r = Destination::new(&dst, &mut NoVm).run_single(Flip(r, 0), Some(&mut aw));
+        drop(aw);
+        r
+    });
+    let err = Source::new(
+        &src,
+        &mut t,
+        &mut NoVm,
+        MigrationHandle::new(Params::default()),
+    )
+    .run(w, Some(&mut ar as &mut dyn Read))
+    .expect_err("the destination refuses the corrupted stream");
+    let e = dest.join().unwrap().expect_err("corrupted");
+    assert!(matches!(e, DestinationError::Load(_)), "{e}");
+    assert!(
+        matches!(err, MigrationError::Destination(_)),
+        "the source names the destination's reason: {err}"
+    );
+    assert!(err.to_string().contains("checksum"), "{err}");
 }

@@ -1,4 +1,4 @@
-//! The wire format, version 1: constants both the writer and the reader use.
+//! The wire format, version 2: constants both the writer and the reader use.
 //!
 //! ```text
 //! stream  := header record*
@@ -17,6 +17,8 @@
 //! END         crc:u32
 //! CHANNEL     index:u16 channels:u16 session:u64   first record, FLAG_CHANNELS only
 //! SYNC        epoch:u64                             FLAG_CHANNELS only
+//! SETUP       vcpus:u32                             main stream, right after BLOCK_LIST, once
+//! ABORT       len:u16 why:[u8; len]                 len <= MAX_ABORT_TEXT, UTF-8; ends the stream
 //! addr        := [block:u16] offset:u64        offset page-aligned, inside the block
 //! ```
 //!
@@ -30,8 +32,22 @@
 //! stream carries the same SYNC epochs 0, 1, 2... in order; a page sent
 //! after SYNC(e) on any stream is applied only once every stream has
 //! reached SYNC(e), so a page re-sent after a dirty sync never loses to its
-//! older copy on another channel. Version-1 streams without the flag are
-//! unchanged; a reader without channel support refuses the flag.
+//! older copy on another channel. A reader without channel support
+//! refuses the flag.
+//!
+//! Version 2 (version 1 had neither SETUP nor ABORT; each version refuses
+//! the other) adds:
+//! - SETUP: the VM's shape beyond its RAM (vCPU count, 0 when the source
+//!   VMM has none to tell), sent on the main stream right after the block
+//!   list. It closes the setup: on a two-way transport the source then
+//!   waits for the destination's READY (or FAILED + why) on the return
+//!   path before it sends any page, so a destination whose memory layout
+//!   or vCPU count differs refuses the migration before any page moves
+//!   (see `engine/ack.rs`). A page channel carries no SETUP.
+//! - ABORT: the source gave up (cancel, tracker or VMM failure); the text
+//!   says why. Nothing may follow it; the destination reports "the source
+//!   aborted: why" instead of a truncated stream. It is outside any
+//!   checksummed section: it is only ever the last record.
 //!
 //! `crc` in SECTION_END is the CRC-32 (IEEE) of every byte since the end of
 //! the previous SECTION_END (or since the start of the stream), up to and
@@ -42,7 +58,7 @@
 /// First bytes of every stream.
 pub const MAGIC: [u8; 8] = *b"LIVEMIG\0";
 /// The version this build writes and reads.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// Header length in bytes.
 pub const HEADER_LEN: usize = 16;
 
@@ -84,6 +100,10 @@ pub enum Kind {
     Channel = 0x0a,
     /// A barrier between dirty-sync epochs on every channel.
     Sync = 0x0b,
+    /// The VM's shape beyond its RAM; ends the setup (version 2).
+    Setup = 0x0c,
+    /// The source gave up (version 2).
+    Abort = 0x0d,
 }
 
 impl Kind {
@@ -101,6 +121,8 @@ impl Kind {
             0x09 => Kind::End,
             0x0a => Kind::Channel,
             0x0b => Kind::Sync,
+            0x0c => Kind::Setup,
+            0x0d => Kind::Abort,
             _ => return None,
         })
     }
@@ -127,6 +149,8 @@ impl Kind {
             Kind::End => "end",
             Kind::Channel => "channel",
             Kind::Sync => "sync",
+            Kind::Setup => "setup",
+            Kind::Abort => "abort",
         }
     }
 }
@@ -145,6 +169,10 @@ pub const REPLY_MAGIC: [u8; 8] = *b"LVMGRP02";
 pub const GO_MAGIC: [u8; 8] = *b"LVMGGO02";
 /// Longest text in a reply.
 pub const MAX_REPLY_TEXT: u32 = 4096;
+/// Longest reason in an ABORT record.
+pub const MAX_ABORT_TEXT: u16 = 4096;
+/// Most vCPUs a SETUP record may declare.
+pub const MAX_VCPUS: u32 = 4096;
 
 /// Compression algorithm id: zstd.
 pub const COMPRESS_ZSTD: u8 = 1;

@@ -150,6 +150,18 @@ pub enum StreamErrorKind {
         /// Page channels claimed.
         channels: u16,
     },
+    /// A setup record anywhere but right after the block list.
+    #[error("setup record not right after the block list")]
+    SetupPlace,
+    /// A setup record on a page channel.
+    #[error("setup record on page channel {0}: only the main stream carries one")]
+    SetupOnPageChannel(u16),
+    /// A vCPU count out of range.
+    #[error("setup declares {0} vCPUs (at most {MAX_VCPUS} allowed)")]
+    Vcpus(u32),
+    /// An abort reason that is not UTF-8.
+    #[error("abort reason is not UTF-8")]
+    AbortText,
     /// Sync epochs out of order.
     #[error("sync epoch {found} where {expected} was expected")]
     SyncEpoch {
@@ -240,6 +252,13 @@ pub enum Record<'a> {
         /// Epoch number, 0, 1, 2... on every stream.
         epoch: u64,
     },
+    /// The VM's shape beyond its RAM; the setup is complete.
+    Setup {
+        /// vCPUs of the source VM (0: the source VMM did not say).
+        vcpus: u32,
+    },
+    /// The source gave up; the stream ends here.
+    Abort(&'a str),
 }
 
 /// Bytes read from the transport per refill (and the input buffer's
@@ -274,6 +293,8 @@ pub struct StreamReader<R: Read> {
     next_seq: u64,
     next_epoch: u64,
     channel: Option<(u16, u16, u64)>,
+    /// Kind of the previous record.
+    prev: Option<Kind>,
     ended: bool,
     blob: Vec<u8>,
 }
@@ -298,6 +319,7 @@ impl<R: Read> StreamReader<R> {
             next_seq: 0,
             next_epoch: 0,
             channel: None,
+            prev: None,
             ended: false,
             blob: Vec::new(),
         };
@@ -480,6 +502,7 @@ impl<R: Read> StreamReader<R> {
             return Err(self.err_at(tag_at, StreamErrorKind::UnknownTag(tag)));
         };
         self.what = Some(kind.name());
+        let prev = self.prev.replace(kind);
         let same = tag & SAME_BLOCK != 0;
         if same && !kind.is_page() {
             return Err(self.err_at(tag_at, StreamErrorKind::SameBlockOnNonPage(kind.name())));
@@ -538,6 +561,33 @@ impl<R: Read> StreamReader<R> {
             Kind::BlockList => {
                 self.block_list(tag_at)?;
                 Ok(Record::BlockList(&self.blocks))
+            }
+            Kind::Setup => {
+                if let Some((index @ 1.., _, _)) = self.channel {
+                    return Err(self.err_at(tag_at, StreamErrorKind::SetupOnPageChannel(index)));
+                }
+                if prev != Some(Kind::BlockList) {
+                    return Err(self.err_at(tag_at, StreamErrorKind::SetupPlace));
+                }
+                let at = self.offset;
+                let vcpus = self.u32("a setup record")?;
+                if vcpus > MAX_VCPUS {
+                    return Err(self.err_at(at, StreamErrorKind::Vcpus(vcpus)));
+                }
+                Ok(Record::Setup { vcpus })
+            }
+            Kind::Abort => {
+                let n = self.len_field16("abort reason", 0, MAX_ABORT_TEXT.into())?;
+                let at = self.offset;
+                let text = self.take(n, "an abort reason")?;
+                if std::str::from_utf8(text).is_err() {
+                    return Err(self.err_at(at, StreamErrorKind::AbortText));
+                }
+                self.ended = true;
+                let text = &self.buf[self.pos - n..self.pos];
+                Ok(Record::Abort(
+                    std::str::from_utf8(text).expect("checked just above"),
+                ))
             }
             Kind::SectionEnd => {
                 let at = self.offset;

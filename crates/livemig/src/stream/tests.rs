@@ -54,6 +54,10 @@ enum Rec {
     Sync {
         epoch: u64,
     },
+    Setup {
+        vcpus: u32,
+    },
+    Abort(String),
 }
 
 impl Rec {
@@ -70,6 +74,8 @@ impl Rec {
             Rec::End => Kind::End,
             Rec::Channel { .. } => Kind::Channel,
             Rec::Sync { .. } => Kind::Sync,
+            Rec::Setup { .. } => Kind::Setup,
+            Rec::Abort(_) => Kind::Abort,
         }
     }
 }
@@ -121,6 +127,8 @@ fn own(r: Record<'_>) -> Rec {
             session,
         },
         Record::Sync { epoch } => Rec::Sync { epoch },
+        Record::Setup { vcpus } => Rec::Setup { vcpus },
+        Record::Abort(why) => Rec::Abort(why.to_string()),
     }
 }
 
@@ -159,7 +167,7 @@ fn parse_from<R: Read>(input: R) -> Result<Parsed, Box<Failed>> {
         match r.next_record().map(own) {
             Ok(rec) => {
                 assert_eq!(r.record(), recs.len() as u64, "record index of {rec:?}");
-                let done = rec == Rec::End;
+                let done = matches!(rec, Rec::End | Rec::Abort(_));
                 recs.push(rec);
                 ends.push(r.offset());
                 if done {
@@ -297,6 +305,16 @@ impl Builder {
             None => self.tag(kind, true),
         }
         .u64(offset)
+    }
+
+    fn setup(&mut self, vcpus: u32) -> &mut Self {
+        self.tag(Kind::Setup, false).u32(vcpus)
+    }
+
+    fn abort(&mut self, why: &[u8]) -> &mut Self {
+        self.tag(Kind::Abort, false)
+            .u16(why.len() as u16)
+            .bytes(why)
     }
 
     fn zero(&mut self, block: Option<u16>, offset: u64) -> &mut Self {
@@ -868,6 +886,7 @@ fn writer_output_matches_the_spec_byte_for_byte() {
     let raw = page(3);
     let mut w = StreamWriter::new(Vec::new(), FLAG_VERIFY);
     w.block_list(&descs(BLOCKS)).unwrap();
+    w.setup(4).unwrap();
     w.zero(0, 0).unwrap();
     w.zero(0, P).unwrap();
     w.raw(1, 0, &raw).unwrap();
@@ -886,6 +905,7 @@ fn writer_output_matches_the_spec_byte_for_byte() {
 
     let mut b = Builder::header(FLAG_VERIFY);
     b.blocks(BLOCKS)
+        .setup(4)
         .zero(Some(0), 0)
         .zero(None, P)
         .raw(Some(1), 0, &raw)
@@ -901,7 +921,7 @@ fn writer_output_matches_the_spec_byte_for_byte() {
     assert_eq!(written, b.build());
     assert_eq!(
         &written[..HEADER_LEN],
-        b"LIVEMIG\0\x00\x01\x00\x01\x00\x00\x00\x00"
+        b"LIVEMIG\0\x00\x02\x00\x01\x00\x00\x00\x00"
     );
 }
 
@@ -1224,7 +1244,7 @@ fn reserved_header_field() {
 
 #[test]
 fn unknown_tag() {
-    for tag in [0x00, 0x0c, 0x10, 0x7f, 0x80, 0x8c, 0xff] {
+    for tag in [0x00, 0x0e, 0x10, 0x7f, 0x80, 0x8e, 0xff] {
         let mut b = Builder::header(0);
         b.u8(tag);
         let e = parse_err(&b.build()).err;
@@ -2074,4 +2094,115 @@ fn channel_records_need_the_channels_flag_and_come_first() {
             "{index}/{channels}: {e}"
         );
     }
+}
+
+#[test]
+fn setup_comes_right_after_the_block_list_on_the_main_stream() {
+    // Accepted: right after the block list.
+    let mut b = Builder::with_blocks();
+    b.setup(3).zero(Some(0), 0).section_end(0).end();
+    let p = parse_ok(&b.build());
+    assert_eq!(p.recs[1], Rec::Setup { vcpus: 3 });
+
+    // Before the block list, after a page, twice.
+    let mut b = Builder::header(0);
+    let at = b.pos();
+    b.setup(1);
+    let e = parse_err(&b.build()).err;
+    assert!(matches!(e.kind, StreamErrorKind::SetupPlace), "{e}");
+    assert_at(&e, at, 0, Some("setup"));
+    let mut b = Builder::with_blocks();
+    b.zero(Some(0), 0);
+    b.setup(1);
+    let e = parse_err(&b.build()).err;
+    assert!(matches!(e.kind, StreamErrorKind::SetupPlace), "{e}");
+    let mut b = Builder::with_blocks();
+    b.setup(1).setup(1);
+    let e = parse_err(&b.build()).err;
+    assert!(matches!(e.kind, StreamErrorKind::SetupPlace), "{e}");
+
+    // Too many vCPUs, named with the field's offset.
+    let mut b = Builder::with_blocks();
+    b.tag(Kind::Setup, false);
+    let at = b.pos();
+    b.u32(MAX_VCPUS + 1);
+    let e = parse_err(&b.build()).err;
+    assert!(
+        matches!(e.kind, StreamErrorKind::Vcpus(n) if n == MAX_VCPUS + 1),
+        "{e}"
+    );
+    assert_at(&e, at, 1, Some("setup"));
+
+    // Never on a page channel; the main channel may carry it.
+    let mut buf = Vec::new();
+    let mut w = StreamWriter::new(&mut buf, FLAG_CHANNELS);
+    w.channel(2, 2, 7).unwrap();
+    w.block_list(&descs(BLOCKS)).unwrap();
+    w.setup(1).unwrap();
+    w.flush().unwrap();
+    drop(w);
+    let mut r = StreamReader::new(&buf[..]).unwrap();
+    r.next_record().unwrap();
+    r.next_record().unwrap();
+    let e = r.next_record().unwrap_err();
+    assert!(
+        matches!(e.kind, StreamErrorKind::SetupOnPageChannel(2)),
+        "{e}"
+    );
+    let mut buf = Vec::new();
+    let mut w = StreamWriter::new(&mut buf, FLAG_CHANNELS);
+    w.channel(0, 2, 7).unwrap();
+    w.block_list(&descs(BLOCKS)).unwrap();
+    w.setup(1).unwrap();
+    w.flush().unwrap();
+    drop(w);
+    let mut r = StreamReader::new(&buf[..]).unwrap();
+    r.next_record().unwrap();
+    r.next_record().unwrap();
+    assert_eq!(own(r.next_record().unwrap()), Rec::Setup { vcpus: 1 });
+}
+
+#[test]
+fn abort_ends_the_stream_with_the_reason() {
+    // Anywhere: before the block list, mid-section.
+    let mut b = Builder::header(0);
+    b.abort(b"cancelled");
+    let p = parse_ok(&b.build());
+    assert_eq!(p.recs, vec![Rec::Abort("cancelled".into())]);
+    let mut b = Builder::with_blocks();
+    b.setup(0).zero(Some(0), 0).abort(b"");
+    let p = parse_ok(&b.build());
+    assert_eq!(p.recs.last(), Some(&Rec::Abort(String::new())));
+
+    // Nothing may follow it.
+    let mut b = Builder::header(0);
+    b.abort(b"x").end();
+    let bytes = b.build();
+    let mut r = StreamReader::new(&bytes[..]).unwrap();
+    assert_eq!(own(r.next_record().unwrap()), Rec::Abort("x".into()));
+    let e = r.next_record().unwrap_err();
+    assert!(matches!(e.kind, StreamErrorKind::AfterEnd), "{e}");
+
+    // Bounded and UTF-8.
+    let mut b = Builder::header(0);
+    b.tag(Kind::Abort, false).u16(MAX_ABORT_TEXT + 1);
+    let e = parse_err(&b.build()).err;
+    assert!(matches!(e.kind, StreamErrorKind::BadLength { .. }), "{e}");
+    let mut b = Builder::header(0);
+    b.abort(&[0xff, 0xfe]);
+    let e = parse_err(&b.build()).err;
+    assert!(matches!(e.kind, StreamErrorKind::AbortText), "{e}");
+    assert_at(&e, 19, 0, Some("abort"));
+
+    // The writer cuts a long reason on a character boundary.
+    let long = "é".repeat(3000);
+    let mut w = StreamWriter::new(Vec::new(), 0);
+    w.abort(&long).unwrap();
+    let bytes = std::mem::take(w.get_mut());
+    let p = parse_ok(&bytes);
+    let Rec::Abort(text) = &p.recs[0] else {
+        panic!("{:?}", p.recs)
+    };
+    assert_eq!(text.len(), MAX_ABORT_TEXT as usize);
+    assert!(long.starts_with(text.as_str()));
 }

@@ -282,6 +282,28 @@ impl<W: Write> StreamWriter<W> {
         self.maybe_flush()
     }
 
+    /// Writes the setup record (right after the block list, main stream
+    /// only): the source VM's vCPU count, 0 when the VMM has none to tell.
+    pub fn setup(&mut self, vcpus: u32) -> io::Result<()> {
+        self.buf.push(Kind::Setup as u8);
+        self.buf.extend_from_slice(&vcpus.to_be_bytes());
+        self.maybe_flush()
+    }
+
+    /// Writes an abort record (the source gives up: `why`, cut to
+    /// [`MAX_ABORT_TEXT`] bytes on a character boundary) and flushes
+    /// everything. Nothing may follow it.
+    pub fn abort(&mut self, why: &str) -> io::Result<()> {
+        let mut n = why.len().min(MAX_ABORT_TEXT as usize);
+        while !why.is_char_boundary(n) {
+            n -= 1;
+        }
+        self.buf.push(Kind::Abort as u8);
+        self.buf.extend_from_slice(&(n as u16).to_be_bytes());
+        self.buf.extend_from_slice(&why.as_bytes()[..n]);
+        self.flush()
+    }
+
     /// Writes the end record and flushes everything.
     pub fn end(&mut self) -> io::Result<()> {
         self.buf.push(Kind::End as u8);
