@@ -204,6 +204,10 @@ pub enum Owned {
     Channel(u16, u16, u64),
     /// Sync barrier.
     Sync(u64),
+    /// Setup (vCPU count).
+    Setup(u32),
+    /// The source aborted, with its reason.
+    Abort(String),
 }
 
 fn own(r: &Record<'_>) -> Owned {
@@ -236,6 +240,8 @@ fn own(r: &Record<'_>) -> Owned {
             session,
         } => Owned::Channel(index, channels, session),
         Record::Sync { epoch } => Owned::Sync(epoch),
+        Record::Setup { vcpus } => Owned::Setup(vcpus),
+        Record::Abort(why) => Owned::Abort(why.to_string()),
     }
 }
 
@@ -300,6 +306,10 @@ fn check_record(rec: &Record<'_>, blocks: &[BlockDesc], next_seq: &mut u64) {
             assert!((2..=MAX_CHANNELS).contains(&channels) && index <= channels);
         }
         Record::Sync { .. } => {}
+        Record::Setup { vcpus } => assert!(vcpus <= livemig::stream::format::MAX_VCPUS),
+        Record::Abort(why) => {
+            assert!(why.len() <= usize::from(livemig::stream::format::MAX_ABORT_TEXT))
+        }
     }
 }
 
@@ -336,7 +346,8 @@ fn parse<R: Read>(input: R, total: usize) -> (Vec<Owned>, Ending) {
                 let o = own(&rec);
                 assert!(r.offset() > before, "record consumed no bytes");
                 assert!(r.offset() <= total as u64, "offset past the input");
-                let end = o == Owned::End;
+                // An abort ends the stream as END does.
+                let end = matches!(o, Owned::End | Owned::Abort(_));
                 out.push(o);
                 if end {
                     let at = r.offset();
@@ -539,6 +550,10 @@ fn model(data: &[u8], ids: &[&str], mem: &mut [Vec<u8>]) -> Verdict {
             Record::Channel { .. } | Record::Sync { .. } => {
                 unreachable!("the reader refuses them without the channels flag")
             }
+            // A loader that expects no vCPU count takes any.
+            Record::Setup { .. } => {}
+            // The source gave up: the load fails, saying so.
+            Record::Abort(_) => return Verdict::Fails,
             Record::End => {
                 return Verdict::Ended {
                     verify,

@@ -87,6 +87,7 @@ fn stream(layout: &[(&str, usize)], order: &[usize], tail: Tail) -> Vec<u8> {
             })
             .collect();
         w.block_list(&list).unwrap();
+        w.setup(2).unwrap();
         // Section 0: every page kind in every block.
         for (s, &d) in order.iter().enumerate() {
             let (s, len) = (s as u16, layout[d].1);
@@ -222,6 +223,16 @@ fn streams(layout: &[(&str, usize)], orders: &[&[usize]]) -> Vec<(String, Vec<u8
         stream(layout, orders[0], Tail::NoDigest),
     ));
     out.push(("minimal".into(), minimal(&list)));
+    // The source gives up after a section: the load must fail.
+    let mut w = StreamWriter::new(Vec::new(), 0);
+    w.block_list(&descs(&list)).unwrap();
+    w.setup(2).unwrap();
+    w.raw(0, P, &pattern(3)).unwrap();
+    w.section_end(0).unwrap();
+    w.abort("pausing the guest failed: vCPU 0 is stuck")
+        .unwrap();
+    let aborted = w.get_mut().clone();
+    out.push(("aborted".into(), aborted));
     let mut wrong = list.clone();
     wrong[0].1 += P;
     out.push(("layout-length".into(), minimal(&wrong)));
@@ -274,7 +285,8 @@ fn streams(layout: &[(&str, usize)], orders: &[&[usize]]) -> Vec<(String, Vec<u8
 fn reader_only() -> Vec<(String, Vec<u8>)> {
     let mut out = vec![
         ("empty".to_string(), Vec::new()),
-        ("version2".into(), header(VERSION + 1, 0)),
+        ("version-next".into(), header(VERSION + 1, 0)),
+        ("version1".into(), header(1, 0)),
         ("flags".into(), header(VERSION, 0x8000)),
     ];
     // Device state claiming 64 MiB, then 64 MiB + 1, with no bytes behind.
@@ -298,6 +310,16 @@ fn reader_only() -> Vec<(String, Vec<u8>)> {
     v.push(0x82);
     v.extend_from_slice(&0u64.to_be_bytes());
     out.push(("same-block-first".into(), v));
+    // A setup record before the block list, and one claiming too many vCPUs.
+    let mut v = header(VERSION, 0);
+    v.push(0x0c);
+    v.extend_from_slice(&1u32.to_be_bytes());
+    out.push(("setup-first".into(), v));
+    let mut v = minimal(&[("ram0", 8 * P)]);
+    v.truncate(v.len() - 5);
+    v.push(0x0c);
+    v.extend_from_slice(&u32::MAX.to_be_bytes());
+    out.push(("setup-vcpus".into(), v));
     out
 }
 
