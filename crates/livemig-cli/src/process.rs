@@ -8,13 +8,13 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use livemig::dirty::{UffdMode, UffdTracker};
 use livemig::engine::{
-    hex, memory_digest, ChannelWriter, Commit, CompressParams, Loader, MigrationHandle, Params,
-    Source,
+    hex, memory_digest, ChannelWriter, CompressParams, Destination, MigrationHandle, Params, Source,
 };
 use livemig::memory::{GuestMemory, ProcessMemory};
 use livemig::testkit::workload::{direct_writer, fill_random, Pattern, Workload, WorkloadConfig};
 use livemig::transport::tls::TlsConfig;
 use livemig::transport::Uri;
+use livemig::vm::NoVm;
 use serde_json::{json, Value};
 
 use crate::report::{succeeded, summary, Progress};
@@ -455,9 +455,6 @@ pub fn save(a: SaveArgs) -> Result<()> {
     run_source(&uri, &a.opts, None)
 }
 
-/// A borrowed or owned reader, for the loader's connections.
-type BoxReadRef<'a> = Box<dyn std::io::Read + Send + 'a>;
-
 fn run_dest(uri: &Uri, o: &DestOpts, tls: Option<&TlsConfig>) -> Result<()> {
     let (mem_args, json, quiet) = (&o.mem, o.json, o.quiet);
     let mem = mem_args.map()?;
@@ -467,43 +464,21 @@ fn run_dest(uri: &Uri, o: &DestOpts, tls: Option<&TlsConfig>) -> Result<()> {
         eprintln!("waiting for a migration on {}", listener.local_uri());
     }
     let (inc, session) = listener.accept_source()?;
-    let mut loader = Loader::new(&mem);
-    let progress = Progress::counter(loader.progress(), mem.total_bytes(), quiet || json);
+    // Memory only: nothing to restore; the memory "starts" (is declared
+    // the migrated copy) only on GO. Page channels of a multi-channel
+    // migration arrive on the same listener after the main connection.
+    let mut vm = NoVm;
+    let dest = Destination::new(&mem, &mut vm).with_io_timeout(o.io.io_timeout);
+    let progress = Progress::counter(dest.progress(), mem.total_bytes(), quiet || json);
     let started = std::time::Instant::now();
-    let mut input = inc.reader;
-    // Page channels of a multi-channel migration arrive on the same
-    // listener after the main connection.
-    let result = loader.load_channels(Box::new(&mut input) as BoxReadRef<'_>, || {
-        listener
-            .accept()
-            .map(|i| Box::new(i.reader) as BoxReadRef<'_>)
-    });
+    let result = dest.run(inc, || listener.accept().map(|i| i.reader));
     drop(progress);
-    let commit = match inc.ack {
-        Some(w) => Commit::new(input, w),
-        None => Commit::none(),
-    };
-    let result = match result {
-        Err(e) => {
-            commit.fail(&livemig::error_chain(&e));
-            Err(crate::tls::explain_plain_dest_failure(
-                e,
-                uri,
-                tls.is_some(),
-            ))
-        }
-        // Memory "starts" (is declared the migrated copy) only on GO.
-        Ok(out) => match commit.wait_go() {
-            Ok(go) => {
-                if let Err(e) = go.started() {
-                    eprintln!("warning: GO received but STARTED did not reach the source ({e}); the source stays paused");
-                }
-                Ok(out)
-            }
-            Err(e) => Err(anyhow::Error::new(e)).with_context(|| format!("migration from {uri}")),
-        },
-    };
-    let out = result?;
+    let arrived =
+        result.map_err(|e| crate::tls::explain_plain_dest_failure(e, uri, tls.is_some()))?;
+    if let Some(e) = &arrived.unconfirmed {
+        eprintln!("warning: GO received but STARTED did not reach the source ({e}); the source stays paused");
+    }
+    let out = arrived.load;
     let digest = hex(&memory_digest(&mem));
     let verified = out.digest.is_some();
     if json {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use livemig::engine::{LoadError, MigrationError};
+use livemig::engine::{DestinationError, LoadError, MigrationError};
 use livemig::stream::StreamErrorKind;
 use livemig::transport::tls::{self, Pki, TlsConfig, TlsError, TlsFiles, TlsListener, TlsSession};
 use livemig::transport::{connect_with_timeout, BoxRead, Incoming, Listener, Outgoing, Uri};
@@ -215,9 +215,9 @@ pub fn explain_plain_source_failure(
 }
 
 /// A plain destination that received a TLS ClientHello says so.
-pub fn explain_plain_dest_failure(e: LoadError, uri: &Uri, tls: bool) -> anyhow::Error {
+pub fn explain_plain_dest_failure(e: DestinationError, uri: &Uri, tls: bool) -> anyhow::Error {
     let hint = match &e {
-        LoadError::Stream(s) if !tls => match &s.kind {
+        DestinationError::Load(LoadError::Stream(s)) if !tls => match &s.kind {
             StreamErrorKind::BadMagic(m) if tls::looks_like_tls(m) => Some(
                 "the source is using TLS: give this side --tls-dir too \
                  (with a certificate from the source's CA)",
@@ -226,7 +226,7 @@ pub fn explain_plain_dest_failure(e: LoadError, uri: &Uri, tls: bool) -> anyhow:
         },
         _ => None,
     };
-    let e = anyhow::Error::new(e).context(format!("loading from {uri}"));
+    let e = anyhow::Error::new(e).context(format!("migration from {uri}"));
     match hint {
         Some(h) => e.context(h),
         None => e,

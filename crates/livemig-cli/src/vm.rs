@@ -11,11 +11,11 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use livemig::engine::ChannelWriter;
 use livemig::engine::{
-    hex, memory_digest, Commit, MigrationError, MigrationHandle, MigrationStats,
+    hex, memory_digest, Destination, MigrationError, MigrationHandle, MigrationStats,
 };
 use livemig::transport::Uri;
 use minivm::guest::{test_guest_bytes, MAX_VCPUS};
-use minivm::migrate::{load_in_channels, migrate_out_channels};
+use minivm::migrate::{incoming_vm, migrate_out_channels};
 use minivm::{GuestImage, GuestStatus, TestGuestConfig, TrackerKind, Vm, VmConfig};
 use serde_json::{json, Value};
 
@@ -643,38 +643,36 @@ pub fn vm_incoming(a: VmIncomingArgs) -> Result<()> {
     if let (Some(s), true) = (&session, say) {
         eprintln!("encrypted: {s}");
     }
-    let t0 = Instant::now();
-    // The completion handshake: FAILED, or LOADED and the guest resumes
-    // only on the source's GO, then STARTED.
-    let mut input = inc.reader;
-    // Page channels of a multi-channel migration arrive on the same
-    // listener after the main connection.
-    let loaded = load_in_channels(
-        &a.layout.dest_config(),
-        Box::new(&mut input) as Box<dyn Read + Send + '_>,
-        || {
-            listener
-                .accept()
-                .map(|i| Box::new(i.reader) as Box<dyn Read + Send + '_>)
-        },
-    );
-    let commit = match inc.ack {
-        Some(w) => Commit::new(input, w),
-        None => Commit::none(),
+    // One call: load over every channel (page channels arrive on the same
+    // listener after the main connection), the completion handshake, and
+    // the guest resumed only on the source's GO.
+    let vm = incoming_vm(&a.layout.dest_config())?;
+    let mut target = Arriving {
+        vm: &vm,
+        target: vm.target(),
+        rate: a.rate,
+        before: None,
+        resumed: None,
     };
-    let (vm, loaded) = match loaded {
-        Ok(v) => v,
-        Err(e) => {
-            commit.fail(&livemig::error_chain(&e));
-            return Err(e).with_context(|| format!("loading the VM from {uri}"));
-        }
+    let arrived = {
+        let mem = vm.memory();
+        Destination::new(&*mem, &mut target)
+            .with_io_timeout(a.io.io_timeout)
+            .run(inc, || listener.accept().map(|i| i.reader))
     };
-    let go = commit
-        .wait_go()
-        .with_context(|| format!("migration from {uri}"))?;
-    let load_ms = t0.elapsed().as_millis() as u64;
+    let arrived =
+        arrived.map_err(|e| crate::tls::explain_plain_dest_failure(e, &uri, tls.is_some()))?;
+    let (Some(before), Some(resumed)) = (target.before.take(), target.resumed) else {
+        bail!("the migration from {uri} ended without resuming the guest");
+    };
+    if let Some(e) = &arrived.unconfirmed {
+        eprintln!(
+            "warning: the guest runs here, but STARTED did not reach the source ({e}); it stays paused"
+        );
+    }
+    let loaded = arrived.load;
+    let load_ms = arrived.load_time.as_millis() as u64;
     let digest = loaded.digest.map(|d| hex(&d));
-    let before = vm.guest_status();
     if say {
         eprintln!(
             "loaded {} of stream in {load_ms} ms: {} raw, {} zero, {} xbzrle, {} compressed pages",
@@ -689,18 +687,8 @@ pub fn vm_incoming(a: VmIncomingArgs) -> Result<()> {
             None => eprintln!("no digest in the stream (the source ran with --no-verify)"),
         }
         eprintln!(
-            "resuming the guest ({} pages written before the switch-over)",
+            "resumed the guest ({} pages written before the switch-over)",
             before.pages_written()
-        );
-    }
-    if let Some(rate) = a.rate {
-        vm.set_rate(rate);
-    }
-    let resumed = Instant::now();
-    vm.resume();
-    if let Err(e) = go.started() {
-        eprintln!(
-            "warning: the guest runs here, but STARTED did not reach the source ({e}); it stays paused"
         );
     }
     let mut last = before.clone();
@@ -777,6 +765,33 @@ pub fn vm_incoming(a: VmIncomingArgs) -> Result<()> {
         bail!("the guest made no progress on the destination: {before:?} -> {after:?}");
     }
     Ok(())
+}
+
+/// The destination VM as livemig's `VmTarget`: at the switch-over it
+/// records the guest's status and applies `--rate`, then resumes.
+struct Arriving<'a> {
+    vm: &'a Vm,
+    target: minivm::VmTarget<'a>,
+    rate: Option<u64>,
+    before: Option<GuestStatus>,
+    resumed: Option<Instant>,
+}
+
+impl livemig::vm::VmTarget for Arriving<'_> {
+    fn vcpus(&self) -> Option<u32> {
+        self.target.vcpus()
+    }
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), livemig::vm::VmError> {
+        self.target.restore_state(state)
+    }
+    fn resume(&mut self) -> Result<(), livemig::vm::VmError> {
+        self.before = Some(self.vm.guest_status());
+        if let Some(rate) = self.rate {
+            self.vm.set_rate(rate);
+        }
+        self.resumed = Some(Instant::now());
+        self.target.resume()
+    }
 }
 
 /// The destination process of the demo; killed if the demo stops early.

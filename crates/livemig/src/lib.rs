@@ -17,9 +17,10 @@
 //!
 //! ```no_run
 //! use livemig::dirty::{UffdMode, UffdTracker};
-//! use livemig::engine::{Commit, Loader, MigrationHandle, Params, Source};
+//! use livemig::engine::{Destination, MigrationHandle, Params, Source};
 //! use livemig::memory::{GuestMemory, ProcessMemory};
 //! use livemig::transport::{connect, Listener};
+//! use livemig::vm::NoVm;
 //! use livemig::testkit::workload::{direct_writer, Workload, WorkloadConfig};
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -37,17 +38,14 @@
 //! let stats = Source::new(&memory, &mut tracker, &mut vcpus, handle.clone()).run_over(out)?;
 //! println!("downtime {} ms", stats.downtime);
 //!
-//! // Destination (another process): memory laid out by its own configuration.
+//! // Destination (another process): memory laid out by its own
+//! // configuration. One call accepts the source (and its page channels),
+//! // loads, answers the completion handshake and starts the guest through
+//! // the VMM's `VmTarget` only on the source's GO (`NoVm`: memory only).
 //! let memory = ProcessMemory::single(1 << 30)?;
-//! let mut incoming = Listener::bind(&"tcp:127.0.0.1:4444".parse()?)?.accept()?;
-//! let loaded = Loader::new(&memory).load(&mut incoming.reader)?;
-//! println!("{} raw pages", loaded.stats.raw_pages);
-//! // The completion handshake: reply LOADED, and only on the source's GO
-//! // start the guest (a VMM resumes its vCPUs here), then say STARTED.
-//! if let Some(reply) = incoming.ack {
-//!     let go = Commit::new(incoming.reader, reply).wait_go()?;
-//!     go.started()?;
-//! }
+//! let listener = Listener::bind(&"tcp:127.0.0.1:4444".parse()?)?;
+//! let arrived = Destination::new(&memory, &mut NoVm).accept_on(&listener)?;
+//! println!("{} raw pages", arrived.load.stats.raw_pages);
 //! # Ok(())
 //! # }
 //! ```

@@ -32,7 +32,7 @@ pub mod vm;
 pub use devices::SerialOut;
 pub use dirty::TrackerKind;
 pub use guest::{CpuMode, GuestImage, TestGuestConfig};
-pub use vm::{GuestStatus, SlotInfo, VcpuStatus, Vm, VmConfig, VmError, VmHandle};
+pub use vm::{GuestStatus, SlotInfo, VcpuStatus, Vm, VmConfig, VmError, VmHandle, VmTarget};
 
 /// Whether KVM can be used here: `Err` says why not in a sentence a user
 /// can act on (no device, no permission, ...).

@@ -117,8 +117,9 @@ pub fn migrate_in_channels<R: Read + Send + 'static>(
 }
 
 /// A paused VM laid out as `config`, waiting for incoming state: no guest
-/// image, memory not prefaulted.
-fn incoming_vm(config: &VmConfig) -> Result<Vm, MigrateError> {
+/// image, memory not prefaulted. Receive into it with livemig's
+/// [`Destination`] and [`Vm::target`] (what [`migrate_in`] does).
+pub fn incoming_vm(config: &VmConfig) -> Result<Vm, MigrateError> {
     Ok(Vm::new(VmConfig {
         guest: GuestImage::Incoming,
         start_paused: true,

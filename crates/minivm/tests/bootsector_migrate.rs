@@ -116,7 +116,10 @@ fn boot_sector_incrementer_migrates_live_and_stays_consistent() {
         "the guest re-dirtied pages while it migrated (some were sent twice): {stats:?}"
     );
     let (dst, loaded) = dest.join().unwrap().unwrap();
-    assert!(loaded.digest.is_some(), "verify mode proved the memory");
+    assert!(
+        loaded.load.digest.is_some(),
+        "verify mode proved the memory"
+    );
     assert_eq!(
         passes(&dst),
         at_stop,

@@ -174,7 +174,8 @@ fn destination(uri: &Uri) -> JoinHandle<Result<(), String>> {
         let (vm, _) = migrate_in(
             &dest_config(),
             inc.reader,
-            ack.as_deref_mut().map(|w| w as &mut dyn std::io::Write),
+            ack.as_deref_mut()
+                .map(|w| w as &mut (dyn std::io::Write + Send)),
         )
         .map_err(|e| e.to_string())?;
         let before = vm.guest_status();

@@ -56,7 +56,10 @@ fn running_guest_moves_and_keeps_running() {
     .unwrap();
     assert_eq!(stats.status, Status::Completed);
     let (dst, loaded) = dest.join().unwrap().unwrap();
-    assert!(loaded.digest.is_some(), "verify mode proved the memory");
+    assert!(
+        loaded.load.digest.is_some(),
+        "verify mode proved the memory"
+    );
     let before = dst.guest_status();
     assert!(src.is_paused(), "the source stays paused");
     dst.resume();
@@ -70,4 +73,66 @@ fn running_guest_moves_and_keeps_running() {
         after.ok(),
         "self-check passes on the destination: {after:?}"
     );
+}
+
+/// Runs a migration of a 2-vCPU source into a destination laid out as
+/// `dest`; returns the source's error text, its stats, and the
+/// destination's error text.
+fn refused_into(dest: VmConfig) -> (String, livemig::engine::MigrationStats, String) {
+    let src = Vm::new(config()).unwrap();
+    let (w, r) = pipe();
+    let (mut aw, mut ar) = pipe();
+    let d = thread::spawn(move || migrate_in(&dest, r, Some(&mut aw)).map(|_| ()));
+    let handle = MigrationHandle::new(Params::default());
+    let err = migrate_out(
+        &src,
+        TrackerKind::Auto,
+        handle.clone(),
+        w,
+        Some(&mut ar as &mut dyn Read),
+    )
+    .expect_err("the destination refuses");
+    let dest_err = d.join().unwrap().expect_err("refused");
+    assert!(!src.is_paused(), "the source guest runs on");
+    (err.to_string(), handle.stats(), dest_err.to_string())
+}
+
+#[test]
+fn vcpu_mismatch_is_refused_before_any_page() {
+    if !common::kvm_available("vcpu_mismatch_is_refused_before_any_page") {
+        return;
+    }
+    let (err, stats, dest) = refused_into(VmConfig {
+        vcpus: 1,
+        ..config()
+    });
+    assert!(
+        err.contains("refused the migration before any page was sent")
+            && err.contains("the source VM has 2 vCPUs, this destination 1"),
+        "the source names the destination's reason: {err}"
+    );
+    assert_eq!(stats.status, Status::Failed);
+    assert_eq!(
+        (stats.ram.normal, stats.ram.duplicate),
+        (0, 0),
+        "no page sent"
+    );
+    assert!(dest.contains("2 vCPUs"), "{dest}");
+}
+
+#[test]
+fn memory_size_mismatch_is_refused_before_any_page() {
+    if !common::kvm_available("memory_size_mismatch_is_refused_before_any_page") {
+        return;
+    }
+    let (err, stats, _) = refused_into(VmConfig {
+        mem_size: 128 << 20,
+        ..config()
+    });
+    assert!(
+        err.contains("refused the migration before any page was sent")
+            && err.contains("block list does not match the destination"),
+        "{err}"
+    );
+    assert_eq!((stats.ram.normal, stats.ram.duplicate), (0, 0));
 }

@@ -121,7 +121,7 @@ fn hop(src: Vm, n: usize) -> Vm {
         .unwrap()
         .unwrap_or_else(|e| panic!("hop {n}: migrate_in failed: {e}"));
     assert!(
-        loaded.digest.is_some(),
+        loaded.load.digest.is_some(),
         "hop {n}: verify mode proved the memory"
     );
     assert!(src.is_paused(), "hop {n}: the source stays paused");

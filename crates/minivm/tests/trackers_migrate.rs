@@ -118,7 +118,7 @@ fn migrate_with(name: &str, kind: TrackerKind, ring: Option<u32>) {
 
     let (dst, loaded) = dest.join().unwrap().expect("destination loads");
     assert!(
-        loaded.digest.is_some(),
+        loaded.load.digest.is_some(),
         "{name}: verify mode proved the destination's memory"
     );
     let resumed = dst.guest_status();

@@ -998,18 +998,17 @@ impl VmControl for Vcpus {
     }
 }
 
-/// Migrates 1 MiB from a source VM with `src_vcpus` into `dst` whose VMM
-/// has `dst_vcpus`, through [`Destination`] over pipes with a return path.
-fn migrate_into(
-    dst: ProcessMemory,
-    src_vcpus: u32,
-    dst_vcpus: Option<u32>,
-) -> (
+/// Both sides' results and VMM calls.
+type BothSides = (
     Result<MigrationStats, MigrationError>,
     Result<Arrival, DestinationError>,
     Vec<String>,
     Vec<String>,
-) {
+);
+
+/// Migrates 1 MiB from a source VM with `src_vcpus` into `dst` whose VMM
+/// has `dst_vcpus`, through [`Destination`] over pipes with a return path.
+fn migrate_into(dst: ProcessMemory, src_vcpus: u32, dst_vcpus: Option<u32>) -> BothSides {
     let src = ProcessMemory::single(MIB).unwrap();
     fill_random(
         &src.blocks()[..1],
