@@ -91,11 +91,31 @@ impl Drop for Progress {
     }
 }
 
+/// The downtime's limit beside it, and whether it was overshot (never
+/// silently), with the source's own view of the pause when it differs.
+fn downtime_limit_text(s: &MigrationStats) -> String {
+    let mut t = String::new();
+    if s.source_downtime > 0 && s.source_downtime != s.downtime {
+        t += &format!(
+            " to the destination's resume ({} ms to STARTED on the source)",
+            s.source_downtime
+        );
+    }
+    if s.downtime_limit > 0 && s.status == livemig::engine::Status::Completed {
+        if s.downtime_limit_exceeded {
+            t += &format!(", OVER its limit of {} ms", s.downtime_limit);
+        } else {
+            t += &format!(", within its limit of {} ms", s.downtime_limit);
+        }
+    }
+    t
+}
+
 /// A few lines a person reads after a migration.
 pub fn summary(s: &MigrationStats) -> String {
     let mut out = format!(
         "status: {:?}\n\
-         total time: {} ms (setup {} ms), downtime: {} ms{}\n\
+         total time: {} ms (setup {} ms), downtime: {} ms{}{}\n\
          transferred: {} of {} guest RAM, {} rounds, {} dirty syncs\n\
          pages: {} zero, {} raw, {} skipped (unchanged)\n\
          throughput: {:.0} Mbit/s, dirty tracker: {}",
@@ -103,6 +123,7 @@ pub fn summary(s: &MigrationStats) -> String {
         s.total_time,
         s.setup_time,
         s.downtime,
+        downtime_limit_text(s),
         if s.verify_time > 0 {
             format!(" (verify digest {} ms of it on the source)", s.verify_time)
         } else {
@@ -150,4 +171,36 @@ pub fn summary(s: &MigrationStats) -> String {
 /// Whether a status means the migration went through.
 pub fn succeeded(s: &MigrationStats) -> bool {
     s.status == Status::Completed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use livemig::engine::Status;
+
+    #[test]
+    fn summary_says_whether_the_downtime_kept_its_limit() {
+        let mut s = MigrationStats {
+            status: Status::Completed,
+            downtime: 120,
+            source_downtime: 121,
+            downtime_limit: 300,
+            ..MigrationStats::default()
+        };
+        let t = summary(&s);
+        assert!(t.contains("downtime: 120 ms to the destination's resume (121 ms to STARTED on the source), within its limit of 300 ms"), "{t}");
+        s.downtime = 450;
+        s.source_downtime = 450;
+        s.downtime_limit_exceeded = true;
+        let t = summary(&s);
+        assert!(
+            t.contains("downtime: 450 ms, OVER its limit of 300 ms"),
+            "{t}"
+        );
+        s.status = Status::Failed;
+        assert!(
+            !summary(&s).contains("limit"),
+            "no verdict on a failed migration"
+        );
+    }
 }

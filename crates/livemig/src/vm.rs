@@ -44,6 +44,17 @@ impl VmError {
     }
 }
 
+/// What saving the VMM's device and vCPU state is expected to cost, so the
+/// switch-over decision can count it in the pause (see
+/// [`VmControl::state_cost`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StateCost {
+    /// Bytes [`VmControl::save_state`] returns (about).
+    pub bytes: u64,
+    /// How long [`VmControl::save_state`] takes (about).
+    pub save_time: std::time::Duration,
+}
+
 /// Control of the running guest on the migration source.
 ///
 /// Errors are the VMM's own, wrapped in a [`VmError`] that says which
@@ -73,6 +84,16 @@ pub trait VmControl: Send {
     /// 0 (the default) when the VMM has none to tell.
     fn vcpus(&self) -> u32 {
         0
+    }
+
+    /// What [`VmControl::save_state`] will cost, asked while the guest
+    /// runs: the engine counts it in the pause before it decides to
+    /// switch over. The default, nothing, suits a VMM whose state is a few
+    /// KiB; a VMM with large or slow state should say so, or the downtime
+    /// limit may be overshot (the stats then say by how much). After one
+    /// save the engine also counts what it measured.
+    fn state_cost(&self) -> StateCost {
+        StateCost::default()
     }
 }
 

@@ -60,8 +60,21 @@
 //!          4 = READY (setup accepted); len <= 4096
 //! go    := "LVMGGO02"                                  source → destination, after END
 //! ```
+//!
+//! STARTED's text is empty or 8 bytes: a big-endian u64, the microseconds
+//! from GO's arrival to the guest's resume on the destination. The source
+//! places the resume on its own clock as GO sent + half the round trip
+//! net of that time + that time (one-way latency taken as half the
+//! round trip), and reports the downtime from its pause to that point:
+//! the pause the guest sees ([`Handshake::resumed_estimate`]). A STARTED
+//! without the 8 bytes is accepted (the downtime is then the source's:
+//! pause to STARTED received). A source built before this addition
+//! refuses a timed STARTED ("unknown reply kind"): it stays paused and
+//! reports the migration unconfirmed, while the destination runs, so there
+//! is still one guest.
 
 use std::io::{self, Read, Write};
+use std::time::{Duration, Instant};
 
 use super::MigrationError;
 use crate::stream::format::{GO_MAGIC, MAX_REPLY_TEXT, REPLY_MAGIC};
@@ -78,8 +91,9 @@ pub enum Reply {
     Loaded,
     /// Loading failed: the guest will never run here.
     Failed(String),
-    /// GO received, the guest runs here.
-    Started,
+    /// GO received, the guest runs here; with the time from GO's arrival
+    /// to the resume, when the destination measured it.
+    Started(Option<Duration>),
     /// The setup (block list, vCPU count) matches: send the pages.
     Ready,
 }
@@ -89,7 +103,7 @@ impl Reply {
         match self {
             Reply::Loaded => 1,
             Reply::Failed(_) => 2,
-            Reply::Started => 3,
+            Reply::Started(_) => 3,
             Reply::Ready => 4,
         }
     }
@@ -98,7 +112,7 @@ impl Reply {
         match self {
             Reply::Loaded => "LOADED",
             Reply::Failed(_) => "FAILED",
-            Reply::Started => "STARTED",
+            Reply::Started(_) => "STARTED",
             Reply::Ready => "READY",
         }
     }
@@ -106,8 +120,13 @@ impl Reply {
 
 /// Writes one reply (text cut to [`MAX_REPLY_TEXT`] bytes) and flushes.
 pub fn write_reply(w: &mut dyn Write, reply: &Reply) -> io::Result<()> {
+    let micros;
     let text = match reply {
         Reply::Failed(m) => m.as_bytes(),
+        Reply::Started(Some(d)) => {
+            micros = (d.as_micros().min(u128::from(u64::MAX)) as u64).to_be_bytes();
+            &micros[..]
+        }
         _ => &[],
     };
     let text = &text[..text.len().min(MAX_REPLY_TEXT as usize)];
@@ -141,11 +160,21 @@ pub fn read_reply(r: &mut dyn Read) -> Result<Reply, String> {
     let mut text = vec![0u8; len as usize];
     r.read_exact(&mut text)
         .map_err(|e| format!("truncated reply: {}", eof_text(&e)))?;
+    if head[8] == 3 {
+        return match <[u8; 8]>::try_from(&text[..]) {
+            Ok(b) => Ok(Reply::Started(Some(Duration::from_micros(
+                u64::from_be_bytes(b),
+            )))),
+            Err(_) if text.is_empty() => Ok(Reply::Started(None)),
+            Err(_) => Err(format!(
+                "STARTED with {len} bytes of text (expected 0 or 8)"
+            )),
+        };
+    }
     let text = String::from_utf8_lossy(&text).into_owned();
     match head[8] {
         1 if text.is_empty() => Ok(Reply::Loaded),
         2 => Ok(Reply::Failed(text)),
-        3 if text.is_empty() => Ok(Reply::Started),
         4 if text.is_empty() => Ok(Reply::Ready),
         k => Err(format!("unknown reply kind {k} (text length {len})")),
     }
@@ -201,6 +230,33 @@ pub(crate) fn failure_reply(reply: &mut dyn Read) -> Option<String> {
     }
 }
 
+/// When the source's half of the handshake saw what, for the downtime.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Handshake {
+    /// GO handed to the transport.
+    pub go_sent: Instant,
+    /// STARTED read.
+    pub started: Instant,
+    /// GO's arrival to the guest's resume, as the destination measured it.
+    pub resumed_after_go: Option<Duration>,
+}
+
+impl Handshake {
+    /// The destination's resume on the source's clock: GO sent, plus the
+    /// one-way latency (half the round trip net of the destination's own
+    /// time), plus the destination's time from GO to resume. Without the
+    /// destination's figure: STARTED's arrival.
+    pub fn resumed_estimate(&self) -> Instant {
+        let Some(d) = self.resumed_after_go else {
+            return self.started;
+        };
+        let rtt = self.started.saturating_duration_since(self.go_sent);
+        // A figure beyond the round trip cannot be right: capped.
+        let d = d.min(rtt);
+        self.go_sent + (rtt - d) / 2 + d
+    }
+}
+
 /// The source's half: after END, waits for LOADED, sends GO on `go`, waits
 /// for STARTED. `sent_go` becomes true once GO is handed to the transport:
 /// from then on the source guest must stay paused whatever happens.
@@ -209,7 +265,7 @@ pub(crate) fn source_handshake(
     go: &mut dyn Write,
     sent_go: &mut bool,
     cancelled: &dyn Fn() -> bool,
-) -> Result<(), MigrationError> {
+) -> Result<Handshake, MigrationError> {
     match read_reply(reply) {
         Ok(Reply::Loaded) => {}
         Ok(Reply::Failed(m)) => return Err(MigrationError::Destination(m)),
@@ -236,8 +292,13 @@ pub(crate) fn source_handshake(
         ))
     })?;
     *sent_go = true;
+    let go_sent = Instant::now();
     match read_reply(reply) {
-        Ok(Reply::Started) => Ok(()),
+        Ok(Reply::Started(resumed_after_go)) => Ok(Handshake {
+            go_sent,
+            started: Instant::now(),
+            resumed_after_go,
+        }),
         Ok(Reply::Failed(m)) => Err(MigrationError::Unconfirmed(format!(
             "the destination replied FAILED after GO: {m}"
         ))),
@@ -262,9 +323,10 @@ pub enum CommitError {
 
 /// The destination's half of the handshake, for a VMM: after the load,
 /// [`Commit::wait_go`] (or [`Commit::fail`]); resume the guest only once
-/// it returns `Ok`, and call [`Go::started`]. STARTED means "GO taken: the
-/// guest is this side's now"; it may go out just before or just after the
-/// resume, the source only needs to know it must not resume its copy.
+/// it returns `Ok`, and call [`Go::started`] right after the resume (or
+/// [`Go::started_at`] with the resume's instant). STARTED means "GO taken:
+/// the guest is this side's now", and carries the time from GO to the
+/// resume so the source reports the pause the guest saw.
 ///
 /// Dropping a `Commit` unanswered closes nothing by itself but never
 /// starts the guest; the source, getting no LOADED, resumes its own.
@@ -304,17 +366,25 @@ impl<'a> Commit<'a> {
     /// never run here.
     pub fn wait_go(self) -> Result<Go<'a>, CommitError> {
         let Some((mut r, mut w)) = self.link else {
-            return Ok(Go { reply: None });
+            return Ok(Go {
+                reply: None,
+                at: Instant::now(),
+            });
         };
         write_reply(&mut *w, &Reply::Loaded).map_err(CommitError::SendLoaded)?;
         read_go(&mut *r).map_err(CommitError::NoGo)?;
-        Ok(Go { reply: Some(w) })
+        Ok(Go {
+            reply: Some(w),
+            at: Instant::now(),
+        })
     }
 }
 
 /// GO received: resume the guest, then call [`Go::started`].
 pub struct Go<'a> {
     reply: Option<Box<dyn Write + 'a>>,
+    /// When GO arrived.
+    at: Instant,
 }
 
 impl Go<'_> {
@@ -327,11 +397,24 @@ impl Go<'_> {
         }
     }
 
-    /// Sends STARTED. An error only means the source did not hear it: it
-    /// stays paused and says so; the guest rightly runs on here.
+    /// When GO arrived.
+    pub fn arrived(&self) -> Instant {
+        self.at
+    }
+
+    /// Sends STARTED, with the time since GO arrived as the resume's (call
+    /// it right after resuming the guest). An error only means the source
+    /// did not hear it: it stays paused and says so; the guest rightly
+    /// runs on here.
     pub fn started(self) -> io::Result<()> {
+        self.started_at(Instant::now())
+    }
+
+    /// Sends STARTED, telling the source the guest resumed at `resumed`.
+    pub fn started_at(self, resumed: Instant) -> io::Result<()> {
+        let d = resumed.saturating_duration_since(self.at);
         match self.reply {
-            Some(mut w) => write_reply(&mut *w, &Reply::Started),
+            Some(mut w) => write_reply(&mut *w, &Reply::Started(Some(d))),
             None => Ok(()),
         }
     }
@@ -352,7 +435,8 @@ mod tests {
     fn replies_round_trip() {
         for r in [
             Reply::Loaded,
-            Reply::Started,
+            Reply::Started(None),
+            Reply::Started(Some(Duration::from_micros(1234))),
             Reply::Failed("disk full".into()),
             Reply::Ready,
         ] {
@@ -392,7 +476,7 @@ mod tests {
         let mut rng = crate::testkit::workload::XorShift::new(0xac4);
         let valid = [
             reply_bytes(&Reply::Loaded),
-            reply_bytes(&Reply::Started),
+            reply_bytes(&Reply::Started(Some(Duration::from_millis(3)))),
             reply_bytes(&Reply::Failed("x".into())),
             reply_bytes(&Reply::Ready),
         ];
@@ -418,7 +502,7 @@ mod tests {
     fn source_with(
         replies: &[Reply],
         go_fails: bool,
-    ) -> (Result<(), MigrationError>, bool, Vec<u8>) {
+    ) -> (Result<Handshake, MigrationError>, bool, Vec<u8>) {
         let mut back = Vec::new();
         for r in replies {
             write_reply(&mut back, r).unwrap();
@@ -443,9 +527,42 @@ mod tests {
     }
 
     #[test]
+    fn the_resume_is_placed_on_the_source_clock() {
+        let go_sent = Instant::now();
+        let h = |rtt_ms: u64, d: Option<u64>| Handshake {
+            go_sent,
+            started: go_sent + Duration::from_millis(rtt_ms),
+            resumed_after_go: d.map(Duration::from_millis),
+        };
+        // 10 ms round trip, 4 of them on the destination before the
+        // resume: 3 ms each way, resumed 3 + 4 ms after GO left.
+        assert_eq!(
+            h(10, Some(4)).resumed_estimate(),
+            go_sent + Duration::from_millis(7)
+        );
+        // No figure from the destination: STARTED's arrival.
+        assert_eq!(
+            h(10, None).resumed_estimate(),
+            go_sent + Duration::from_millis(10)
+        );
+        // A figure beyond the round trip is capped to it.
+        assert_eq!(
+            h(10, Some(50)).resumed_estimate(),
+            go_sent + Duration::from_millis(10)
+        );
+    }
+
+    #[test]
     fn source_completes_on_loaded_then_started() {
-        let (r, sent, fwd) = source_with(&[Reply::Loaded, Reply::Started], false);
-        r.unwrap();
+        let (r, sent, fwd) = source_with(
+            &[
+                Reply::Loaded,
+                Reply::Started(Some(Duration::from_micros(1500))),
+            ],
+            false,
+        );
+        let h = r.unwrap();
+        assert_eq!(h.resumed_after_go, Some(Duration::from_micros(1500)));
         assert!(sent);
         assert_eq!(fwd, GO_MAGIC);
     }
@@ -460,14 +577,14 @@ mod tests {
         assert!(matches!(e, MigrationError::Ack(_)), "{e}");
         assert!(e.to_string().contains("no LOADED reply"), "{e}");
         assert!(!sent && fwd.is_empty());
-        let (r, sent, _) = source_with(&[Reply::Started], false);
+        let (r, sent, _) = source_with(&[Reply::Started(None)], false);
         assert!(matches!(r, Err(MigrationError::Ack(_))));
         assert!(!sent);
     }
 
     #[test]
     fn source_resumes_when_go_cannot_be_sent() {
-        let (r, sent, _) = source_with(&[Reply::Loaded, Reply::Started], true);
+        let (r, sent, _) = source_with(&[Reply::Loaded, Reply::Started(None)], true);
         let e = r.unwrap_err();
         assert!(matches!(e, MigrationError::Ack(_)), "{e}");
         assert!(e.to_string().contains("sending GO failed"), "{e}");
@@ -508,7 +625,10 @@ mod tests {
         });
         assert_eq!(read_reply(&mut back_r).unwrap(), Reply::Loaded);
         write_go(&mut go_w).unwrap();
-        assert_eq!(read_reply(&mut back_r).unwrap(), Reply::Started);
+        match read_reply(&mut back_r).unwrap() {
+            Reply::Started(Some(d)) => assert!(d < Duration::from_secs(60), "{d:?}"),
+            r => panic!("expected a timed STARTED, got {r:?}"),
+        }
         t.join().unwrap();
     }
 

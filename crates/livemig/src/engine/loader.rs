@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::ack::{write_reply, Reply};
 use super::channels::{BarrierError, EpochBarrier};
-use super::digest::{hex, memory_digest};
+use super::digest::{hex, memory_digest, RunningDigest};
 use crate::codec::compress::{Algorithm, Decompressor};
 use crate::codec::{xbzrle, zero};
 use crate::memory::{GuestMemory, PAGE_SIZE};
@@ -208,6 +208,8 @@ pub struct Loader<'a> {
     progress: Arc<AtomicU64>,
     vcpus: Option<u32>,
     reply: Mutex<ReturnPath<'a>>,
+    /// Verify mode: the digest kept up to date while pages arrive.
+    running: Option<RunningDigest>,
 }
 
 /// Which stream of a migration a record loop reads.
@@ -244,6 +246,7 @@ impl<'a> Loader<'a> {
                 w: None,
                 failed: false,
             }),
+            running: None,
         }
     }
 
@@ -322,8 +325,30 @@ impl<'a> Loader<'a> {
             });
         }
         let verify = r.flags() & FLAG_VERIFY != 0;
-        let o = self.run_stream(&mut r, Role::Single)?;
+        self.running = verify.then(|| RunningDigest::new(self.mem));
+        let o = self.hashing(|| self.run_stream(&mut r, Role::Single))?;
         self.finish(verify, o)
+    }
+
+    /// Runs `f` (the load) beside the verify digest's background hasher,
+    /// when there is one (see [`RunningDigest`]).
+    fn hashing<T>(&self, f: impl FnOnce() -> T) -> T {
+        let Some(d) = &self.running else {
+            return f();
+        };
+        std::thread::scope(|s| {
+            s.spawn(|| d.refresh(self.mem));
+            let r = f();
+            d.stop();
+            r
+        })
+    }
+
+    /// Block `block` was written at `offset` (for the running digest).
+    fn touched(&self, block: usize, offset: u64) {
+        if let Some(d) = &self.running {
+            d.touch(block, offset);
+        }
     }
 
     /// Loads a migration whose main stream is `main`; when its header
@@ -351,8 +376,9 @@ impl<'a> Loader<'a> {
     ) -> Result<LoadOutcome, LoadError> {
         let mut r = StreamReader::new(main)?;
         let verify = r.flags() & FLAG_VERIFY != 0;
+        self.running = verify.then(|| RunningDigest::new(self.mem));
         if r.flags() & FLAG_CHANNELS == 0 {
-            let o = self.run_stream(&mut r, Role::Single)?;
+            let o = self.hashing(|| self.run_stream(&mut r, Role::Single))?;
             return self.finish(verify, o);
         }
         let at = r.offset();
@@ -437,41 +463,43 @@ impl<'a> Loader<'a> {
             barrier.abort();
         };
         let mut total = StreamOutcome::default();
-        std::thread::scope(|s| {
-            let threads: Vec<_> = chans
-                .into_iter()
-                .enumerate()
-                .map(|(i, cr)| {
-                    let mut cr = cr.expect("every channel accepted");
-                    let (barrier, fail) = (&barrier, &fail);
-                    s.spawn(move || {
-                        let r = this.run_stream(&mut cr, Role::Channel(i + 1, barrier));
-                        // Record the cause before closing the connection:
-                        // closing tells the source, whose reaction (ending
-                        // the main stream) must not be taken for the cause.
-                        let r = r.map_err(|e| fail(on_channel(i + 1, e))).ok();
-                        drop(cr);
-                        r
+        this.hashing(|| {
+            std::thread::scope(|s| {
+                let threads: Vec<_> = chans
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, cr)| {
+                        let mut cr = cr.expect("every channel accepted");
+                        let (barrier, fail) = (&barrier, &fail);
+                        s.spawn(move || {
+                            let r = this.run_stream(&mut cr, Role::Channel(i + 1, barrier));
+                            // Record the cause before closing the connection:
+                            // closing tells the source, whose reaction (ending
+                            // the main stream) must not be taken for the cause.
+                            let r = r.map_err(|e| fail(on_channel(i + 1, e))).ok();
+                            drop(cr);
+                            r
+                        })
                     })
-                })
-                .collect();
-            let main = this.run_stream(&mut r, Role::Channel(0, &barrier));
-            drop(r);
-            match main {
-                Ok(o) => total = o,
-                Err(e) => fail(e),
-            }
-            for t in threads {
-                match t.join() {
-                    Ok(Some(o)) => total.stats.add(&o.stats),
-                    Ok(None) => {}
-                    Err(_) => fail(LoadError::Channel {
-                        channel: 0,
-                        offset: 0,
-                        what: "a channel thread panicked".into(),
-                    }),
+                    .collect();
+                let main = this.run_stream(&mut r, Role::Channel(0, &barrier));
+                drop(r);
+                match main {
+                    Ok(o) => total = o,
+                    Err(e) => fail(e),
                 }
-            }
+                for t in threads {
+                    match t.join() {
+                        Ok(Some(o)) => total.stats.add(&o.stats),
+                        Ok(None) => {}
+                        Err(_) => fail(LoadError::Channel {
+                            channel: 0,
+                            offset: 0,
+                            what: "a channel thread panicked".into(),
+                        }),
+                    }
+                }
+            })
         });
         if let Some(e) = first_err.into_inner().unwrap_or_else(|p| p.into_inner()) {
             return Err(e);
@@ -492,7 +520,10 @@ impl<'a> Loader<'a> {
                 return Err(LoadError::NoDigest);
             };
             let t = std::time::Instant::now();
-            let actual = memory_digest(self.mem);
+            let actual = match &self.running {
+                Some(d) => d.finish(self.mem).0,
+                None => memory_digest(self.mem),
+            };
             out.stats.verify_time = t.elapsed().as_millis() as u64;
             if actual != expected {
                 return Err(LoadError::DigestMismatch {
@@ -546,6 +577,7 @@ impl<'a> Loader<'a> {
                     let off = offset as usize;
                     if region.scan(off, PAGE_SIZE, zero::is_zero) != Some(true) {
                         region.write(off, &ZERO_PAGE);
+                        self.touched(map[usize::from(block)], offset);
                         out.stats.zero_pages_written += 1;
                     }
                 }
@@ -555,9 +587,9 @@ impl<'a> Loader<'a> {
                     data,
                 } => {
                     out.stats.raw_pages += 1;
-                    blocks[map[usize::from(block)]]
-                        .region()
-                        .write(offset as usize, data);
+                    let bi = map[usize::from(block)];
+                    blocks[bi].region().write(offset as usize, data);
+                    self.touched(bi, offset);
                 }
                 Record::Xbzrle { .. } if page_channel => return refuse("xbzrle page"),
                 Record::Xbzrle {
@@ -566,7 +598,8 @@ impl<'a> Loader<'a> {
                     data,
                 } => {
                     out.stats.xbzrle_pages += 1;
-                    let b = &blocks[map[usize::from(block)]];
+                    let bi = map[usize::from(block)];
+                    let b = &blocks[bi];
                     b.region().read(offset as usize, &mut scratch);
                     if let Err(source) = xbzrle::decode(data, &mut scratch) {
                         return Err(LoadError::Xbzrle {
@@ -578,6 +611,7 @@ impl<'a> Loader<'a> {
                         });
                     }
                     b.region().write(offset as usize, &scratch);
+                    self.touched(bi, offset);
                 }
                 Record::Compressed {
                     block,
@@ -586,7 +620,8 @@ impl<'a> Loader<'a> {
                     data,
                 } => {
                     out.stats.compressed_pages += 1;
-                    let b = &blocks[map[usize::from(block)]];
+                    let bi = map[usize::from(block)];
+                    let b = &blocks[bi];
                     let algo = Algorithm::from_u8(algo).expect("reader checked the algorithm id");
                     if let Err(source) = dec.decompress(algo, data, &mut scratch) {
                         return Err(LoadError::Decompress {
@@ -598,6 +633,7 @@ impl<'a> Loader<'a> {
                         });
                     }
                     b.region().write(offset as usize, &scratch);
+                    self.touched(bi, offset);
                 }
                 Record::SectionEnd { .. } => {
                     out.stats.sections += 1;

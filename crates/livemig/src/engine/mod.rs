@@ -9,6 +9,7 @@ mod destination;
 mod digest;
 mod handle;
 mod loader;
+mod pacing;
 mod params;
 mod source;
 mod stats;
@@ -22,6 +23,7 @@ pub use destination::{Arrival, Destination, DestinationError};
 pub use digest::{hex, memory_digest};
 pub use handle::{MigrationHandle, SyncPoint};
 pub use loader::{LoadError, LoadOutcome, LoadStats, Loader};
+pub use pacing::{PauseEstimate, HANDSHAKE_ALLOWANCE};
 pub use params::{CompressParams, Params};
 pub use source::Source;
 pub use stats::{CompressionStats, MigrationStats, RamStats, Status, XbzrleStats};
@@ -56,6 +58,11 @@ pub enum MigrationError {
     /// running the guest, so the source keeps it paused.
     #[error("the destination was told to start the guest (GO sent) but did not confirm ({0}): it may be running it, so the source guest stays paused; resume it here only if you know the destination is not running it")]
     Unconfirmed(String),
+    /// Verify mode: after the destination took over, the source's memory
+    /// at stop time did not match the digest sent in the stream (the dirty
+    /// tracker missed a write). The source guest stays paused.
+    #[error("verify after the switch-over failed: {0}")]
+    Verify(String),
     /// The destination reported a failure.
     #[error("destination failed to load: {0}")]
     Destination(String),
@@ -71,5 +78,7 @@ impl MigrationError {
     }
 }
 
+#[cfg(test)]
+mod downtime_tests;
 #[cfg(test)]
 mod tests;

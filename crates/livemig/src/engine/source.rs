@@ -13,8 +13,9 @@ use std::time::{Duration, Instant};
 use super::ack;
 use super::adapt::{CompressChooser, LinkCost, TimedWrite, WireClock, XbzrleGate};
 use super::channels::{ChannelSetup, ChannelWriter, PageEncoding, SendChannels};
-use super::digest::memory_digest;
+use super::digest::{hash_sample, hex, memory_digest, RunningDigest, CHUNK as DIGEST_CHUNK};
 use super::handle::{MigrationHandle, SyncPoint};
+use super::pacing::{Pacing, PauseInputs};
 use super::params::Params;
 use super::stats::{CompressionStats, MigrationStats, Status, XbzrleStats};
 use super::MigrationError;
@@ -26,16 +27,18 @@ use crate::dirty::DirtyTracker;
 use crate::memory::{GuestMemory, RamBlock, PAGE_SIZE};
 use crate::stream::format::{FLAG_CHANNELS, FLAG_VERIFY};
 use crate::stream::{BlockDesc, Encoded, StreamWriter};
-use crate::vm::VmControl;
+use crate::vm::{StateCost, VmControl};
 
 /// How long one iteration step sends before giving control back.
 const STEP: Duration = Duration::from_millis(50);
-/// Rate-limit window.
-const RATE_WINDOW: Duration = Duration::from_millis(100);
-/// Bandwidth is re-measured over periods at least this long.
-const BANDWIDTH_PERIOD: Duration = Duration::from_millis(100);
 /// Dirty rate is measured over periods at least this long.
 const DIRTY_RATE_PERIOD: Duration = Duration::from_secs(1);
+/// Bytes hashed at setup to measure the verify digest's rate.
+/// Long enough (~10 ms on a quiet host) to feel a loaded host's scheduler.
+const HASH_SAMPLE: u64 = 96 << 20;
+/// The hashing rate is sampled again before a switch-over at most this
+/// often.
+const HASH_RESAMPLE: Duration = Duration::from_millis(500);
 /// Consecutive high-dirty-rate periods before auto-converge throttles.
 const THROTTLE_TRIGGER: u32 = 3;
 
@@ -135,9 +138,22 @@ impl<'a> Source<'a> {
             handle,
         } = self;
         let started = Instant::now();
+        // Verify mode: the digest is kept up to date while precopy runs,
+        // so the pause hashes only what changed (see `digest.rs`).
+        let running = handle.params().verify.then(|| RunningDigest::new(mem));
         let mut saver = RamSaver::new(mem, &handle, started);
+        saver.running = running.as_ref();
         let mut guest = GuestSide::default();
-        let result = saver.migrate(out, ack, open, tracker, vm, &mut guest);
+        let result = std::thread::scope(|s| {
+            if let Some(d) = &running {
+                s.spawn(|| d.refresh(mem));
+            }
+            let r = saver.migrate(out, ack, open, tracker, vm, &mut guest);
+            if let Some(d) = &running {
+                d.stop();
+            }
+            r
+        });
         let GuestSide { paused, sent_go } = guest;
         // Stops the channel threads (on failure, after their current batch).
         saver.close_channels();
@@ -208,6 +224,8 @@ struct Counters {
 
 struct RamSaver<'a> {
     mem: &'a dyn GuestMemory,
+    /// Verify mode: the digest as the dirty tracker sees memory.
+    running: Option<&'a RunningDigest>,
     blocks: Vec<RamBlock>,
     handle: &'a MigrationHandle,
     params: Params,
@@ -236,10 +254,14 @@ struct RamSaver<'a> {
     zero_page: Vec<u8>,
     c: Counters,
     seq: u64,
-    // Bandwidth measurement.
-    bw_time: Instant,
-    bw_bytes: u64,
-    bandwidth: f64,
+    /// Bandwidth, rate limit and the pause estimate.
+    pacing: Pacing,
+    /// What the VMM says saving its state costs (asked at each decision).
+    state_cost: StateCost,
+    /// The fixed costs of the pause alone exceed the limit (warned once).
+    floor_warned: bool,
+    /// When the hashing rate was last sampled.
+    hash_sampled: Instant,
     // Dirty-rate measurement and auto-converge.
     rate_time: Instant,
     rate_dirty_pages: u64,
@@ -250,12 +272,13 @@ struct RamSaver<'a> {
     last_sync: Instant,
     last_sync_sent: u64,
     last_sync_bytes: u64,
-    // Rate limiting.
-    window_start: Instant,
-    window_bytes: u64,
     transferred: u64,
     downtime_start: Option<Instant>,
     downtime: u64,
+    /// Source pause to STARTED received, ms.
+    source_downtime: u64,
+    /// The downtime limit in force at the switch-over.
+    limit_at_switch: u64,
     downtime_bytes: u64,
     verify_time: u64,
     status: Status,
@@ -282,6 +305,7 @@ impl<'a> RamSaver<'a> {
             .collect();
         RamSaver {
             mem,
+            running: None,
             bitmaps: blocks
                 .iter()
                 .map(|b| DirtyBitmap::new_full(b.pages()))
@@ -309,9 +333,10 @@ impl<'a> RamSaver<'a> {
             zero_page: vec![0; PAGE_SIZE],
             c: Counters::default(),
             seq: 0,
-            bw_time: started,
-            bw_bytes: 0,
-            bandwidth: 0.0,
+            pacing: Pacing::new(started),
+            state_cost: StateCost::default(),
+            floor_warned: false,
+            hash_sampled: started,
             rate_time: started,
             rate_dirty_pages: 0,
             rate_bytes: 0,
@@ -321,11 +346,11 @@ impl<'a> RamSaver<'a> {
             last_sync: started,
             last_sync_sent: 0,
             last_sync_bytes: 0,
-            window_start: started,
-            window_bytes: 0,
             transferred: 0,
             downtime_start: None,
             downtime: 0,
+            source_downtime: 0,
+            limit_at_switch: 0,
             downtime_bytes: 0,
             verify_time: 0,
             status: Status::Setup,
@@ -393,6 +418,10 @@ impl<'a> RamSaver<'a> {
             self.sync(tracker)?;
         }
         self.apply_params();
+        if self.params.verify {
+            // The digest is part of the pause: measure the hashing rate.
+            self.sample_hash();
+        }
         let flags = if self.params.verify { FLAG_VERIFY } else { 0 };
         let n = self.params.channels;
         let session = session_number();
@@ -513,11 +542,15 @@ impl<'a> RamSaver<'a> {
             self.check_cancel()?;
             self.params = self.handle.params();
             self.apply_params();
-            let threshold = self.threshold_bytes();
-            if self.remaining_bytes() <= threshold {
+            self.state_cost = vm.state_cost();
+            if self.pause_fits() {
                 self.sync(tracker)?;
                 self.barrier(w)?;
-                if self.remaining_bytes() <= threshold {
+                if self.params.verify && self.hash_sampled.elapsed() >= HASH_RESAMPLE {
+                    // The host's load now, not at setup.
+                    self.sample_hash();
+                }
+                if self.pause_fits() {
                     break;
                 }
             } else if self.throttle > 0
@@ -536,13 +569,14 @@ impl<'a> RamSaver<'a> {
             }
             self.step(w, tracker, false)?;
             self.section_end(w)?;
-            self.measure_bandwidth();
+            self.pacing.measure(self.transferred, Instant::now());
             self.publish(Status::Active, tracker.name(), None);
         }
 
         // Complete: stop the guest, final sync, everything left unlimited.
         self.check_cancel()?;
         self.publish(Status::Device, tracker.name(), None);
+        self.limit_at_switch = self.params.downtime_limit;
         let pause_at = Instant::now();
         vm.pause().map_err(MigrationError::Vm)?;
         guest.paused = true;
@@ -565,32 +599,124 @@ impl<'a> RamSaver<'a> {
         if !state.is_empty() {
             w.state(&state).map_err(MigrationError::send)?;
         }
+        let mut sent_digest = None;
         if self.params.verify {
             let t = Instant::now();
-            let digest = memory_digest(self.mem);
+            let digest = match self.running {
+                Some(d) => d.finish(self.mem).0,
+                None => memory_digest(self.mem),
+            };
             self.verify_time = t.elapsed().as_millis() as u64;
             w.digest(&digest).map_err(MigrationError::send)?;
+            sent_digest = self.running.map(|_| digest);
         }
         self.check_cancel()?;
         w.end().map_err(MigrationError::send)?;
         *ended = true;
         self.transferred = self.sent_bytes(w);
         self.downtime_bytes = self.transferred - bytes_before;
-        if let Some(r) = ack {
-            let handle = self.handle;
-            ack::source_handshake(r, w.get_mut(), &mut guest.sent_go, &|| {
-                handle.is_cancelled()
-            })?;
+        self.downtime = match ack {
+            Some(r) => {
+                let handle = self.handle;
+                let t = ack::source_handshake(r, w.get_mut(), &mut guest.sent_go, &|| {
+                    handle.is_cancelled()
+                })?;
+                self.pacing.record_handshake(t.started - t.go_sent);
+                self.source_downtime = ms(t.started - pause_at);
+                // Where the guest sees it: up to the destination's resume.
+                ms(t.resumed_estimate() - pause_at)
+            }
+            None => {
+                self.source_downtime = ms(pause_at.elapsed());
+                self.source_downtime
+            }
+        };
+        if let Some(sent) = sent_digest {
+            // The digest in the stream was the dirty tracker's view; now,
+            // outside the pause (this guest stays paused for good), check
+            // it against all of memory.
+            let full = memory_digest(self.mem);
+            if full != sent {
+                return Err(MigrationError::Verify(format!(
+                    "memory {} at stop time, but {} was sent: the dirty tracker missed a write, and the destination runs the guest with that difference",
+                    hex(&full),
+                    hex(&sent)
+                )));
+            }
         }
-        self.downtime = pause_at.elapsed().as_millis() as u64;
         vm.set_throttle(0);
         self.throttle = 0;
         Ok(())
     }
 
-    /// Bytes that can go within the downtime limit at the measured bandwidth.
-    fn threshold_bytes(&self) -> u64 {
-        (self.bandwidth * self.params.downtime_limit as f64 / 1000.0) as u64
+    /// Measures how fast the verify digest hashes, on a sample.
+    fn sample_hash(&mut self) {
+        let t = Instant::now();
+        let bytes = hash_sample(self.mem, HASH_SAMPLE);
+        self.pacing.record_hash(bytes, t.elapsed());
+        self.hash_sampled = Instant::now();
+    }
+
+    /// What the pause estimate needs, as things stand.
+    fn pause_inputs(&self) -> PauseInputs {
+        PauseInputs {
+            remaining_bytes: self.remaining_bytes(),
+            dirty_pages_rate: self.dirty_pages_rate,
+            verify: self.params.verify,
+            digest_bytes: self.digest_bytes(),
+            state: self.state_cost,
+        }
+    }
+
+    /// Bytes the verify digest hashes in the pause: on the source, all of
+    /// memory, or with the running digest the chunks not hashed since they
+    /// changed; on the destination the chunks holding a remaining page
+    /// (see `pacing.rs`).
+    fn digest_bytes(&self) -> u64 {
+        if !self.params.verify {
+            return 0;
+        }
+        let dest = self.dirty_chunk_bytes();
+        match self.running {
+            Some(d) => d.pending_bytes().max(dest) + dest,
+            None => self.mem.total_bytes() + dest,
+        }
+    }
+
+    /// Bytes of the digest chunks that hold a remaining page.
+    fn dirty_chunk_bytes(&self) -> u64 {
+        let per = (DIGEST_CHUNK / PAGE_SIZE) as u64;
+        let mut chunks = 0u64;
+        for bm in &self.bitmaps {
+            let mut p = 0;
+            while let Some(q) = bm.next_set(p) {
+                chunks += 1;
+                p = (q / per + 1) * per;
+            }
+        }
+        chunks * DIGEST_CHUNK as u64
+    }
+
+    /// True when the guest may pause now: the pause fits the downtime
+    /// limit, or nothing is left to send (waiting cannot shorten a pause
+    /// whose fixed costs exceed the limit; that is warned about once and
+    /// the overshoot is reported in the stats).
+    fn pause_fits(&mut self) -> bool {
+        let i = self.pause_inputs();
+        let limit = self.params.downtime_limit;
+        if !self.floor_warned && self.pacing.floor_exceeds(&i, limit) {
+            self.floor_warned = true;
+            let e = self.pacing.estimate(&i);
+            log::warn!(
+                "the downtime limit of {limit} ms cannot be honoured: the pause needs about {} ms whatever is left to send (sync {} ms, device state {} ms, verify digest {} ms, handshake {} ms); precopy switches over only once nothing is left",
+                e.fixed().as_millis(),
+                e.sync.as_millis(),
+                e.state.as_millis(),
+                e.digest.as_millis(),
+                e.handshake.as_millis()
+            );
+        }
+        i.remaining_bytes == 0 || self.pacing.fits(&i, limit)
     }
 
     fn remaining_bytes(&self) -> u64 {
@@ -668,7 +794,26 @@ impl<'a> RamSaver<'a> {
     /// Harvests the tracker into the migration bitmap and measures the
     /// dirty rate; may raise the throttle.
     fn sync(&mut self, tracker: &mut dyn DirtyTracker) -> Result<(), MigrationError> {
-        let reported = tracker.sync(&mut self.bitmaps)?;
+        let t = Instant::now();
+        let reported = match self.running {
+            // The running digest needs what this sync reported, not the
+            // pages still to send from before.
+            Some(d) => {
+                let mut fresh: Vec<DirtyBitmap> = self
+                    .bitmaps
+                    .iter()
+                    .map(|b| DirtyBitmap::new(b.len()))
+                    .collect();
+                let n = tracker.sync(&mut fresh)?;
+                for (b, f) in fresh.iter().enumerate() {
+                    self.bitmaps[b].or_words(0, f.words());
+                    d.touch_pages(b, f);
+                }
+                n
+            }
+            None => tracker.sync(&mut self.bitmaps)?,
+        };
+        self.pacing.record_sync(t.elapsed());
         self.sync_count += 1;
         if let Some((shift, chunks)) = &mut self.clear {
             // Chunks with dirty pages must be cleared (re-protected) before
@@ -728,21 +873,14 @@ impl<'a> RamSaver<'a> {
         Ok(())
     }
 
+    /// The pause a switch-over now would cost, in ms (everything counted:
+    /// see `pacing.rs`); 0 until the link was measured.
     fn expected_downtime(&self) -> u64 {
-        if self.bandwidth <= 0.0 {
+        if self.pacing.conservative_bandwidth() <= 0.0 {
             return 0;
         }
-        (self.remaining_bytes() as f64 / self.bandwidth * 1000.0) as u64
-    }
-
-    fn measure_bandwidth(&mut self) {
-        let el = self.bw_time.elapsed();
-        if el >= BANDWIDTH_PERIOD {
-            let bytes = self.transferred - self.bw_bytes;
-            self.bandwidth = bytes as f64 / el.as_secs_f64();
-            self.bw_time = Instant::now();
-            self.bw_bytes = self.transferred;
-        }
+        let e = self.pacing.estimate(&self.pause_inputs()).total();
+        e.as_millis().min(u128::from(u32::MAX)) as u64
     }
 
     /// The next dirty page at or after the current position, wrapping
@@ -782,6 +920,9 @@ impl<'a> RamSaver<'a> {
                 let chunk = page >> *shift;
                 if chunks[block].clear(chunk) {
                     let first = chunk << *shift;
+                    // The running digest trusts the tracker here too: a
+                    // clear that dropped an unreported write would be
+                    // caught by the full hash after the switch-over.
                     tracker.clear(block, first, 1u64 << *shift)?;
                 }
             }
@@ -800,7 +941,11 @@ impl<'a> RamSaver<'a> {
                 if completing {
                     continue;
                 }
-                if self.rate_limit() || t0.elapsed() >= STEP {
+                if self
+                    .pacing
+                    .rate_limit(self.transferred, self.params.max_bandwidth)
+                    || t0.elapsed() >= STEP
+                {
                     break;
                 }
                 if n.is_multiple_of(4096) && self.handle.is_cancelled() {
@@ -810,29 +955,6 @@ impl<'a> RamSaver<'a> {
         }
         self.transferred = self.sent_bytes(w);
         Ok(())
-    }
-
-    /// Sleeps out the rest of the window once its byte budget is spent.
-    /// Returns true when it slept (the step should end).
-    fn rate_limit(&mut self) -> bool {
-        let limit = self.params.max_bandwidth;
-        let now = Instant::now();
-        if now - self.window_start >= RATE_WINDOW {
-            self.window_start = now;
-            self.window_bytes = self.transferred;
-        }
-        if limit == 0 {
-            return false;
-        }
-        let budget = (limit as f64 * RATE_WINDOW.as_secs_f64()) as u64;
-        if self.transferred - self.window_bytes >= budget {
-            let end = self.window_start + RATE_WINDOW;
-            std::thread::sleep(end.saturating_duration_since(Instant::now()));
-            self.window_start = Instant::now();
-            self.window_bytes = self.transferred;
-            return true;
-        }
-        false
     }
 
     fn send_page<W: Write>(
@@ -997,8 +1119,8 @@ impl<'a> RamSaver<'a> {
             self.rounds,
             self.sync_count,
             self.dirty_pages_rate,
-            self.bandwidth,
-            (self.bandwidth / PAGE_SIZE as f64) as u64,
+            self.pacing.bandwidth(),
+            (self.pacing.bandwidth() / PAGE_SIZE as f64) as u64,
         );
         let (transferred, downtime, downtime_bytes, setup_time, throttle) = (
             self.transferred,
@@ -1009,11 +1131,20 @@ impl<'a> RamSaver<'a> {
         );
         let (zero, skipped, normal) = (c.zero, c.skipped, c.normal);
         let verify_time = self.verify_time;
+        let source_downtime = self.source_downtime;
+        let limit = match self.limit_at_switch {
+            0 => self.params.downtime_limit,
+            l => l,
+        };
+        let done = status == Status::Completed;
         self.handle.update_stats(|s| {
             s.status = status;
             s.total_time = total_time;
             s.setup_time = setup_time;
             s.downtime = downtime;
+            s.source_downtime = source_downtime;
+            s.downtime_limit = limit;
+            s.downtime_limit_exceeded = done && downtime > limit;
             s.expected_downtime = expected;
             s.verify_time = verify_time;
             s.ram.transferred = transferred;
@@ -1063,4 +1194,9 @@ fn session_number() -> u64 {
     );
     h.write_u32(std::process::id());
     h.finish()
+}
+
+/// Whole milliseconds.
+fn ms(d: Duration) -> u64 {
+    d.as_millis() as u64
 }

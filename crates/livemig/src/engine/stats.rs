@@ -115,9 +115,26 @@ pub struct MigrationStats {
     pub total_time: u64,
     /// Milliseconds of setup.
     pub setup_time: u64,
-    /// Milliseconds the guest was paused (once completed).
+    /// Milliseconds the guest was paused (once completed), where the guest
+    /// sees it: from the source's pause to the destination's resume (the
+    /// destination reports its resume time in STARTED, see `ack.rs`). Without
+    /// a return path (a snapshot file), the source's pause to its end.
     pub downtime: u64,
-    /// Predicted pause at the current bandwidth, in milliseconds.
+    /// Milliseconds from the source's pause until it heard STARTED: the
+    /// source's view, a little longer than [`MigrationStats::downtime`]
+    /// (the half round trip back).
+    #[serde(default)]
+    pub source_downtime: u64,
+    /// The downtime limit (ms) in force at the switch-over (before it:
+    /// the current one).
+    #[serde(default)]
+    pub downtime_limit: u64,
+    /// The migration completed, but its downtime overshot its limit.
+    #[serde(default)]
+    pub downtime_limit_exceeded: bool,
+    /// Predicted pause if the guest were paused now, in milliseconds:
+    /// remaining pages at a conservative bandwidth, the final sync, device
+    /// state, the verify digest and the handshake.
     pub expected_downtime: u64,
     /// Milliseconds the source spent hashing memory for verify mode, part
     /// of the downtime (0 without verify).
