@@ -12,7 +12,7 @@ use crate::dirty::SoftwareTracker;
 use crate::memory::{GuestMemory, ProcessMemory};
 use crate::testkit::workload::{fill_random, Pattern, Workload, WorkloadConfig};
 use crate::transport::pipe;
-use crate::vm::{StateCost, VmControl, VmError};
+use crate::vm::{NoVm, StateCost, VmControl, VmError};
 
 const MIB: u64 = 1 << 20;
 
@@ -82,14 +82,10 @@ fn run(params: Params, save: Duration, declare: bool) -> Run {
     let (ack_w, mut ack_r) = pipe();
     let dst2 = dst.clone();
     let loader = thread::spawn(move || {
-        let mut r = r;
-        let res = Loader::new(&dst2).load(&mut r);
-        let commit = Commit::new(r, ack_w);
-        match &res {
-            Ok(_) => commit.wait_go().expect("GO").started().unwrap(),
-            Err(e) => commit.fail(&e.to_string()),
-        }
-        res
+        let mut ack_w = ack_w;
+        Destination::new(&dst2, &mut NoVm)
+            .run_single(r, Some(&mut ack_w))
+            .map(|a| a.load)
     });
     let stats = Source::new(&src, &mut tracker, &mut vm, handle.clone())
         .run(w, Some(&mut ack_r as &mut dyn Read))
@@ -216,14 +212,10 @@ fn a_write_the_tracker_missed_is_caught_by_verify() {
     let (ack_w, mut ack_r) = pipe();
     let dst2 = dst.clone();
     let loader = thread::spawn(move || {
-        let mut r = r;
-        let res = Loader::new(&dst2).load(&mut r);
-        let commit = Commit::new(r, ack_w);
-        match &res {
-            Ok(_) => commit.wait_go().expect("GO").started().unwrap(),
-            Err(e) => commit.fail(&e.to_string()),
-        }
-        res
+        let mut ack_w = ack_w;
+        Destination::new(&dst2, &mut NoVm)
+            .run_single(r, Some(&mut ack_w))
+            .map(|a| a.load)
     });
     let (h2, m2) = (handle.clone(), src.clone());
     let sneak = thread::spawn(move || {
