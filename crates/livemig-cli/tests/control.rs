@@ -192,6 +192,8 @@ fn migrate_wait_steer_and_cancel_through_the_binary() {
     let listener = std::os::unix::net::UnixListener::bind(&first).unwrap();
     let sink = thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
+        // Accept the setup (READY), then swallow the pages.
+        livemig::engine::write_reply(&mut s, &livemig::engine::Reply::Ready).unwrap();
         let _ = std::io::copy(&mut s, &mut std::io::sink());
     });
     let uri = format!(r#"{{"uri": "unix:{}"}}"#, first.display());

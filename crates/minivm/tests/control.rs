@@ -145,13 +145,17 @@ fn assert_guest_runs(vm: &Vm, when: &str) {
     assert!(after.ok(), "{when}: self-check passes: {after:?}");
 }
 
-/// A destination that reads and discards the stream and never
-/// acknowledges; returns the bytes it read once the source hangs up.
+/// A destination that accepts the setup, then reads and discards the
+/// stream and never acknowledges the end; returns the bytes it read once the source hangs up.
 fn sink(uri: &Uri) -> JoinHandle<u64> {
     let listener = Listener::bind(uri).unwrap();
     thread::spawn(move || {
         let mut inc = listener.accept().unwrap();
         drop(listener);
+        // Accept the setup (READY) so pages flow; nothing more.
+        if let Some(ack) = inc.ack.as_mut() {
+            let _ = livemig::engine::write_reply(&mut **ack, &livemig::engine::Reply::Ready);
+        }
         let mut buf = vec![0u8; 1 << 20];
         let mut n = 0u64;
         loop {
