@@ -1,7 +1,7 @@
 //! Byte-difference masks: which bytes of two equal-length buffers differ,
 //! one bit per byte, for the XBZRLE encoder's run search.
 //!
-//! [`mask`] picks the fastest routine the CPU supports once (AVX-512BW,
+//! `mask` picks the fastest routine the CPU supports once (AVX-512BW,
 //! then AVX2 on x86_64, else a portable word-at-a-time loop) and caches the
 //! choice, like [`super::zero`]. The AVX-512 routine is built only by
 //! compilers that have its intrinsics (Rust 1.89+, see `build.rs`). Every routine writes the same bits: bit
@@ -44,7 +44,7 @@ pub(crate) fn accelerated() -> bool {
     implementation() != "scalar"
 }
 
-/// The name of the routine [`mask`] uses on this CPU, for logs and
+/// The name of the routine `mask` uses on this CPU, for logs and
 /// benchmark reports: `"avx512bw"`, `"avx2"` or `"scalar"`.
 pub fn implementation() -> &'static str {
     SELECTED.get_or_init(select).name

@@ -31,7 +31,7 @@
 //! the loss; it never lets the guest read a missing page as zeros.
 //!
 //! Return-path messages after STARTED (destination → source), integers
-//! big-endian, every field checked by [`read_message`] and
+//! big-endian, every field checked by [`MessageReader::read_message`] and
 //! [`check_request`] like the stream:
 //!
 //! ```text
