@@ -355,10 +355,10 @@ fn pure_postcopy_with_the_urgent_connection() {
         "the guest faulted remotely"
     );
     let pc = r.received.postcopy.as_ref().unwrap();
-    assert!(
-        pc.urgent_pages > 0,
-        "requested pages came on the urgent connection"
-    );
+    // Only requested pages use the urgent connection. How many depends on
+    // timing: a request for a page the background push already sent is a
+    // duplicate and sends nothing (on an idle host the push of these
+    // 12 MiB can win every race), so no lower bound is asserted here.
     assert!(pc.urgent_pages < pc.placed_pages, "bulk pages did not");
 }
 
