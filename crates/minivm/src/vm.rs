@@ -363,13 +363,16 @@ fn vcpu_thread(sh: Arc<Shared>, i: usize) {
                 continue;
             }
         }
-        if let Some(t) = ring_full {
-            // Stopped on a full dirty ring: wait for the next harvest in
-            // short steps, so a pause is still served.
-            if !sh.dirty.wait_harvested(t, Duration::from_millis(10)) {
+        if let Some(t) = ring_full.take() {
+            // Stopped on a full dirty ring: wait for the next harvest, one
+            // short step at a time so a pause is still served, then run
+            // again either way. A ring still full exits at once; one reset
+            // by a harvest that came between the exit and `ring_full` (the
+            // tracker's last one, when a migration ends) lets the vCPU go
+            // instead of waiting for a harvest that never comes.
+            if !sh.dirty.wait_harvested(t, Duration::from_millis(10)) && sh.wants_park() {
                 continue;
             }
-            ring_full = None;
         }
         let pct = sh.throttle.load(Ordering::Relaxed);
         if pct > 0 && last_throttle.elapsed() >= THROTTLE_SLICE {
