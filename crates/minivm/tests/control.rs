@@ -490,20 +490,9 @@ fn connect_when_up(path: &Path) -> ControlClient {
     }
 }
 
-fn finish(mut p: Proc, what: &str) -> String {
-    let t0 = Instant::now();
-    let status = loop {
-        if let Some(s) = p.0.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "{what} did not exit"
-        );
-        thread::sleep(Duration::from_millis(50));
-    };
-    let mut err = String::new();
-    p.0.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+/// Waits for `p` to exit; its stderr, asserting success.
+fn finish(p: Proc, what: &str) -> String {
+    let (status, err) = ended(p, what);
     assert!(status.success(), "{what} failed ({status}):\n{err}");
     err
 }
@@ -684,8 +673,9 @@ fn run_with_control(sock: &Path) -> Proc {
     ])
 }
 
-/// Exit status and stderr of a process that must end by itself.
-fn ended(mut p: Proc) -> (std::process::ExitStatus, String) {
+/// Exit status and stderr of a process that must end by itself within
+/// 20 s; `what` names it in the failure.
+fn ended(mut p: Proc, what: &str) -> (std::process::ExitStatus, String) {
     let t0 = Instant::now();
     let status = loop {
         if let Some(s) = p.0.try_wait().unwrap() {
@@ -693,7 +683,7 @@ fn ended(mut p: Proc) -> (std::process::ExitStatus, String) {
         }
         assert!(
             t0.elapsed() < Duration::from_secs(20),
-            "minivm did not exit"
+            "{what} did not exit"
         );
         thread::sleep(Duration::from_millis(20));
     };
@@ -712,7 +702,7 @@ fn control_socket_path_is_never_taken_and_removed_on_sigterm() {
     // A regular file: refused, left alone.
     let file = dir.path().join("notes.txt");
     std::fs::write(&file, "keep").unwrap();
-    let (status, err) = ended(run_with_control(&file));
+    let (status, err) = ended(run_with_control(&file), "minivm");
     assert!(!status.success());
     assert!(err.contains("not a socket"), "{err}");
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep");
@@ -721,7 +711,7 @@ fn control_socket_path_is_never_taken_and_removed_on_sigterm() {
     let sock = dir.path().join("vm.sock");
     let mut first = run_with_control(&sock);
     wait_exists(&sock, &mut first);
-    let (status, err) = ended(run_with_control(&sock));
+    let (status, err) = ended(run_with_control(&sock), "minivm");
     assert!(!status.success());
     assert!(err.contains("another process is listening"), "{err}");
     connect_when_up(&sock);
@@ -733,7 +723,7 @@ fn control_socket_path_is_never_taken_and_removed_on_sigterm() {
         .status()
         .unwrap();
     assert!(killed.success());
-    let (status, err) = ended(first);
+    let (status, err) = ended(first, "minivm");
     assert!(!status.success(), "{err}");
     assert!(err.contains("SIGTERM"), "{err}");
     assert!(!sock.exists(), "the socket is removed on SIGTERM");
@@ -758,7 +748,7 @@ fn control_socket_path_is_never_taken_and_removed_on_sigterm() {
         .args(["-INT", &third.0.id().to_string()])
         .status()
         .unwrap();
-    let (_, err) = ended(third);
+    let (_, err) = ended(third, "minivm");
     assert!(err.contains("SIGINT"), "{err}");
     assert!(!sock.exists());
 }
