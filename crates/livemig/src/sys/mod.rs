@@ -3,6 +3,8 @@
 
 #[cfg(feature = "kvm")]
 pub mod kvm;
+pub mod memfd;
 pub mod mmap;
+pub mod scm;
 pub mod shm;
 pub mod uffd;
