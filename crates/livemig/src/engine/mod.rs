@@ -6,6 +6,7 @@ mod channels;
 mod digest;
 mod handle;
 mod loader;
+pub mod local;
 mod pacing;
 mod params;
 pub mod postcopy;
@@ -67,6 +68,9 @@ pub enum MigrationError {
     /// The destination reported a failure.
     #[error("destination failed to load: {0}")]
     Destination(String),
+    /// A local migration could not hand the memory over.
+    #[error(transparent)]
+    Local(#[from] local::LocalError),
 }
 
 impl MigrationError {

@@ -15,6 +15,11 @@ pub const SEALS: libc::c_int = libc::F_SEAL_SHRINK;
 /// Creates a memfd named `name` (a label in /proc, for humans) of `len`
 /// bytes, close-on-exec, sealed against shrinking ([`SEALS`]).
 pub fn create(name: &str, len: u64) -> io::Result<File> {
+    create_with_seals(name, len, SEALS)
+}
+
+/// As [`create`], with `seals` (0: none, sealing still allowed later).
+pub fn create_with_seals(name: &str, len: u64, seals: libc::c_int) -> io::Result<File> {
     let cname = CString::new(name.replace('\0', "_"))
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     // SAFETY: `cname` is a valid NUL-terminated string that outlives the
@@ -32,7 +37,9 @@ pub fn create(name: &str, len: u64) -> io::Result<File> {
     // nothing else: the File takes sole ownership and closes it on drop.
     let file = unsafe { File::from_raw_fd(fd) };
     file.set_len(len)?;
-    add_seals(&file, SEALS)?;
+    if seals != 0 {
+        add_seals(&file, seals)?;
+    }
     Ok(file)
 }
 
