@@ -153,6 +153,25 @@ pub fn recv_with_fds(sock: &UnixStream, buf: &mut [u8], max_fds: usize) -> io::R
     })
 }
 
+/// Waits (within the socket's read timeout) until a byte can be read,
+/// without taking it or its descriptors: `Ok(0)` means the peer closed
+/// without sending anything.
+pub fn peek(sock: &UnixStream) -> io::Result<usize> {
+    let mut b = [0u8; 1];
+    loop {
+        // SAFETY: reads at most one byte into `b`, alive over the call;
+        // MSG_PEEK leaves the data (and any descriptors) queued.
+        let n = unsafe { libc::recv(sock.as_raw_fd(), b.as_mut_ptr().cast(), 1, libc::MSG_PEEK) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -167,6 +186,7 @@ mod tests {
         let f2 = tempfile::tempfile().unwrap();
         let n = send_with_fds(&a, b"hello", &[f1.as_fd(), f2.as_fd()]).unwrap();
         assert_eq!(n, 5);
+        assert_eq!(peek(&b).unwrap(), 1);
         let mut buf = [0u8; 16];
         let r = recv_with_fds(&b, &mut buf, 4).unwrap();
         assert_eq!(&buf[..r.len], b"hello");
@@ -193,6 +213,7 @@ mod tests {
         let r = recv_with_fds(&b, &mut buf, 1).unwrap();
         assert_eq!((r.len, r.fds.len(), r.truncated), (1, 0, false));
         drop(a);
+        assert_eq!(peek(&b).unwrap(), 0);
         assert_eq!(recv_with_fds(&b, &mut buf, 1).unwrap().len, 0);
     }
 }
