@@ -251,7 +251,9 @@ impl ProcessMemory {
     /// Maps each `(id, length, backing)` shared: memory another process
     /// handed over (its blocks' files), or files made with
     /// [`create_memfd`]. Nothing is written to the files.
-    pub fn from_files<S: AsRef<str>>(blocks: &[(S, u64, BlockBacking)]) -> Result<Self, MemoryError> {
+    pub fn from_files<S: AsRef<str>>(
+        blocks: &[(S, u64, BlockBacking)],
+    ) -> Result<Self, MemoryError> {
         let mut out = Vec::with_capacity(blocks.len());
         for (id, len, backing) in blocks {
             let id = id.as_ref();

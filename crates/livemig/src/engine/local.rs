@@ -87,7 +87,9 @@ pub enum LocalError {
     #[error("RAM block '{0}' is anonymous memory, which another process cannot map: local migration needs guest memory backed by memfd (minivm: --memfd)")]
     NotShareable(String),
     /// More distinct files than one message can carry.
-    #[error("guest memory is spread over {0} files, more than the {MAX_FDS} one message can carry")]
+    #[error(
+        "guest memory is spread over {0} files, more than the {MAX_FDS} one message can carry"
+    )]
     TooManyFiles(usize),
     /// Reading or writing the socket failed.
     #[error("{what} over the Unix socket: {source}")]
@@ -287,7 +289,10 @@ pub fn read_offer(sock: &UnixStream) -> Result<Offer, LocalError> {
     if got.len == 0 {
         return Err(LocalError::Socket {
             what: "receiving the offer",
-            source: io::Error::new(io::ErrorKind::UnexpectedEof, "the source closed the connection"),
+            source: io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the source closed the connection",
+            ),
         });
     }
     let mut r = sock;
@@ -316,7 +321,11 @@ pub fn read_offer(sock: &UnixStream) -> Result<Offer, LocalError> {
             "vCPU and device state of {state_len} bytes exceeds {MAX_STATE}"
         )));
     }
-    let files: Vec<Arc<File>> = got.fds.into_iter().map(|fd| Arc::new(File::from(fd))).collect();
+    let files: Vec<Arc<File>> = got
+        .fds
+        .into_iter()
+        .map(|fd| Arc::new(File::from(fd)))
+        .collect();
     let mut sizes = Vec::with_capacity(files.len());
     for (index, f) in files.iter().enumerate() {
         let meta = f.metadata().map_err(|e| LocalError::BadFile {
@@ -340,11 +349,14 @@ pub fn read_offer(sock: &UnixStream) -> Result<Offer, LocalError> {
     let mut blocks = Vec::with_capacity(nblocks);
     for index in 0..nblocks {
         let mut len = [0u8; 1];
-        r.read_exact(&mut len).map_err(socket("reading the block list"))?;
+        r.read_exact(&mut len)
+            .map_err(socket("reading the block list"))?;
         let mut id = vec![0u8; usize::from(len[0])];
         let mut fixed = [0u8; 18];
-        r.read_exact(&mut id).map_err(socket("reading the block list"))?;
-        r.read_exact(&mut fixed).map_err(socket("reading the block list"))?;
+        r.read_exact(&mut id)
+            .map_err(socket("reading the block list"))?;
+        r.read_exact(&mut fixed)
+            .map_err(socket("reading the block list"))?;
         bytes += 1 + id.len() as u64 + 18;
         let id = String::from_utf8_lossy(&id).into_owned();
         let fd = usize::from(u16::from_be_bytes([fixed[0], fixed[1]]));
@@ -359,10 +371,7 @@ pub fn read_offer(sock: &UnixStream) -> Result<Offer, LocalError> {
             return Err(bad("empty id".into()));
         }
         if fd >= files.len() {
-            return Err(bad(format!(
-                "descriptor {fd} of {} received",
-                files.len()
-            )));
+            return Err(bad(format!("descriptor {fd} of {} received", files.len())));
         }
         let page = PAGE_SIZE as u64;
         if length == 0 || length % page != 0 || offset % page != 0 {
@@ -445,13 +454,21 @@ pub fn adopt_memory(mem: &dyn GuestMemory, blocks: &[SharedBlock]) -> Result<(),
     Ok(())
 }
 
-/// Undoes [`adopt_memory`] for the first `count` blocks of `mem`: fresh
-/// zeroed memory of this process in their place, nothing written to the
-/// source's files.
+/// Undoes [`adopt_memory`] for the first `count` blocks of `mem`: each
+/// gets its own memory back (its own file when it has one,
+/// [`crate::RamBlock::backing`], else fresh zeroed memory); nothing is
+/// written to the source's files.
 pub fn release_memory(mem: &dyn GuestMemory, count: usize) {
     for b in mem.blocks().iter().take(count) {
-        if let Err(e) = b.region().replace_with_anonymous() {
-            log::error!("giving back block '{}' after a failed local migration: {e}", b.id());
+        let r = match b.backing() {
+            Some(own) => b.region().replace_with_file(&own.file, own.offset),
+            None => b.region().replace_with_anonymous(),
+        };
+        if let Err(e) = r {
+            log::error!(
+                "giving back block '{}' after a failed local migration: {e}",
+                b.id()
+            );
         }
     }
 }
@@ -526,7 +543,9 @@ pub fn receive(sock: &UnixStream, guest: &mut dyn LocalGuest) -> Result<LocalRec
         source,
     })?;
     if let Err(e) = go.started() {
-        log::warn!("the guest runs here, but STARTED did not reach the source ({e}): it stays paused");
+        log::warn!(
+            "the guest runs here, but STARTED did not reach the source ({e}): it stays paused"
+        );
     }
     Ok(LocalReceived {
         blocks: offer.blocks.len(),

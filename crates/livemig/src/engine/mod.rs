@@ -22,7 +22,7 @@ pub use digest::{hex, memory_digest};
 pub use handle::{HandleEvent, MigrationHandle, Observer, SyncPoint};
 pub use loader::{LoadError, LoadOutcome, LoadStats, Loader};
 pub use pacing::{PauseEstimate, HANDSHAKE_ALLOWANCE};
-pub use params::{CompressParams, Params, Switchover};
+pub use params::{CompressParams, MigrationMode, Params, Switchover};
 pub use source::Source;
 pub use stats::{CompressionStats, MigrationStats, RamStats, Status, XbzrleStats};
 

@@ -24,12 +24,8 @@ pub fn create_with_seals(name: &str, len: u64, seals: libc::c_int) -> io::Result
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     // SAFETY: `cname` is a valid NUL-terminated string that outlives the
     // call; the flags are plain bits. The result is checked.
-    let fd = unsafe {
-        libc::memfd_create(
-            cname.as_ptr(),
-            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
-        )
-    };
+    let fd =
+        unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }

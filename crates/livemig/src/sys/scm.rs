@@ -22,7 +22,10 @@ pub fn send_with_fds(sock: &UnixStream, data: &[u8], fds: &[BorrowedFd<'_>]) -> 
     if fds.len() > MAX_FDS {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!("{} descriptors, more than {MAX_FDS} in one message", fds.len()),
+            format!(
+                "{} descriptors, more than {MAX_FDS} in one message",
+                fds.len()
+            ),
         ));
     }
     if data.is_empty() {

@@ -121,7 +121,10 @@ impl LocalListener {
                 .map_err(io_err("accept on", &self.uri))?;
             let s = with_timeouts(s, &self.uri, io_timeout)?;
             match crate::sys::scm::peek(&s) {
-                Ok(0) => log::info!("{}: a peer connected and closed without sending anything", self.uri),
+                Ok(0) => log::info!(
+                    "{}: a peer connected and closed without sending anything",
+                    self.uri
+                ),
                 Ok(_) => return Ok(s),
                 Err(e) => return Err(io_err("waiting for the source on", &self.uri)(e)),
             }

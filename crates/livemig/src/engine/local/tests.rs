@@ -124,7 +124,11 @@ fn memory_is_handed_over_not_copied() {
     assert_eq!(guest.adopted.as_deref(), Some(&b"vcpu state"[..]));
     assert!(guest.resumed && !guest.discarded);
     assert_eq!(vm.pauses.load(Ordering::SeqCst), 1);
-    assert_eq!(vm.resumes.load(Ordering::SeqCst), 0, "the source stays paused");
+    assert_eq!(
+        vm.resumes.load(Ordering::SeqCst),
+        0,
+        "the source stays paused"
+    );
     // Far fewer bytes than the memory: layout, state and handshake only.
     assert!(sent.bytes_out < 200, "{} bytes sent", sent.bytes_out);
     assert_eq!(sent.bytes_out, received.socket_bytes);
@@ -165,16 +169,25 @@ fn another_layout_is_refused_before_mapping() {
     assert!(matches!(received, Err(LocalError::Layout(_))));
     assert!(guest.adopted.is_none() && !guest.resumed);
     assert_eq!(vm.resumes.load(Ordering::SeqCst), 1);
-    let (sent, _, _, _) = run(&src, FakeGuest::new(&[("ram0", 64 << 10), ("ram1", 64 << 10)]));
+    let (sent, _, _, _) = run(
+        &src,
+        FakeGuest::new(&[("ram0", 64 << 10), ("ram1", 64 << 10)]),
+    );
     let e = sent.unwrap_err().to_string();
-    assert!(e.contains("block 1 is 'ram1' of 32768 bytes at the source, 'ram1' of 65536 bytes here"), "{e}");
+    assert!(
+        e.contains("block 1 is 'ram1' of 32768 bytes at the source, 'ram1' of 65536 bytes here"),
+        "{e}"
+    );
 }
 
 #[test]
 fn anonymous_memory_cannot_be_handed_over() {
     let m = ProcessMemory::new(&LAYOUT).unwrap();
     let e = shared_blocks(&m).unwrap_err();
-    assert!(matches!(e, LocalError::NotShareable(ref id) if id == "ram0"), "{e}");
+    assert!(
+        matches!(e, LocalError::NotShareable(ref id) if id == "ram0"),
+        "{e}"
+    );
     assert!(e.to_string().contains("--memfd"), "{e}");
 }
 
@@ -254,7 +267,10 @@ fn what_arrives_is_checked() {
     let f = memfd(1 << 20);
     let good = block("ram", 0, 0, 1 << 20);
     let o = offer(head(1, 1, 2), &[&f], &[&good[..], b"st"].concat()).unwrap();
-    assert_eq!((o.blocks.len(), o.state.as_slice(), o.files), (1, &b"st"[..], 1));
+    assert_eq!(
+        (o.blocks.len(), o.state.as_slice(), o.files),
+        (1, &b"st"[..], 1)
+    );
 
     let mut bad_magic = head(1, 1, 0);
     bad_magic[..8].copy_from_slice(b"LVMGSTR3");
@@ -264,7 +280,14 @@ fn what_arrives_is_checked() {
 
     let e = offer(head(2, 1, 0), &[&f], &good).unwrap_err();
     assert!(
-        matches!(e, LocalError::FdCount { announced: 2, received: 1, .. }),
+        matches!(
+            e,
+            LocalError::FdCount {
+                announced: 2,
+                received: 1,
+                ..
+            }
+        ),
         "{e}"
     );
     let e = offer(head(1, 1, 0), &[], &good).unwrap_err();
@@ -281,17 +304,28 @@ fn what_arrives_is_checked() {
     assert!(e.to_string().contains("shrinking"), "{e}");
 
     let e = offer(head(1, 1, 0), &[&f], &block("ram", 0, 4096, 1 << 20)).unwrap_err();
-    assert!(e.to_string().contains("beyond the end of descriptor 0"), "{e}");
+    assert!(
+        e.to_string().contains("beyond the end of descriptor 0"),
+        "{e}"
+    );
     let e = offer(head(1, 1, 0), &[&f], &block("ram", 0, 100, 4096)).unwrap_err();
     assert!(e.to_string().contains("page-aligned"), "{e}");
     let e = offer(head(1, 1, 0), &[&f], &block("ram", 3, 0, 4096)).unwrap_err();
     assert!(e.to_string().contains("descriptor 3 of 1"), "{e}");
-    let e = offer(head(1, 1, 0), &[&f], &block("ram", 0, u64::MAX - 4095, 4096)).unwrap_err();
+    let e = offer(
+        head(1, 1, 0),
+        &[&f],
+        &block("ram", 0, u64::MAX - 4095, 4096),
+    )
+    .unwrap_err();
     assert!(matches!(e, LocalError::BadBlock { .. }), "{e}");
 
     let g = memfd(4096);
     let e = offer(head(2, 1, 0), &[&f, &g], &good).unwrap_err();
-    assert!(e.to_string().contains("descriptor 1: no block lives in it"), "{e}");
+    assert!(
+        e.to_string().contains("descriptor 1: no block lives in it"),
+        "{e}"
+    );
 
     let e = offer(head(1, 1, MAX_STATE + 1), &[&f], &good).unwrap_err();
     assert!(matches!(e, LocalError::BadOffer(_)), "{e}");
@@ -301,7 +335,10 @@ fn what_arrives_is_checked() {
     let e = offer(head(1, 1, 0), &[&f], &good[..5]).unwrap_err();
     assert!(e.to_string().contains("reading the block list"), "{e}");
     let e = offer(head(1, 1, 10), &[&f], &good).unwrap_err();
-    assert!(e.to_string().contains("reading the vCPU and device state"), "{e}");
+    assert!(
+        e.to_string().contains("reading the vCPU and device state"),
+        "{e}"
+    );
 }
 
 #[test]
