@@ -11,30 +11,15 @@ mod common;
 
 use std::io::Read;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use livemig::engine::{MigrationError, MigrationHandle, Params};
 use livemig::transport::pipe;
-use minivm::guest::{boot_incrementer, BOOTINC_PASSES};
+use minivm::guest::boot_incrementer;
 use minivm::migrate::{migrate_in, migrate_out, MigrateError};
 use minivm::{GuestImage, TrackerKind, Vm, VmConfig};
-use vm_memory::{Bytes, GuestAddress};
 
 const MEM: u64 = 128 << 20;
-
-fn passes(vm: &Vm) -> u32 {
-    vm.guest_memory()
-        .read_obj::<u32>(GuestAddress(BOOTINC_PASSES))
-        .unwrap()
-}
-
-fn wait_passes(vm: &Vm, n: u32, timeout: Duration) -> u32 {
-    let t = Instant::now();
-    while passes(vm) < n && t.elapsed() < timeout {
-        thread::sleep(Duration::from_millis(10));
-    }
-    passes(vm)
-}
 
 #[test]
 fn ring_filled_while_emulated_is_refused_and_the_source_runs_on() {
@@ -49,7 +34,7 @@ fn ring_filled_while_emulated_is_refused_and_the_source_runs_on() {
     };
     let src = Vm::new(cfg.clone()).unwrap();
     assert!(
-        wait_passes(&src, 1, Duration::from_secs(30)) >= 1,
+        common::wait_bootinc_passes(&src, 1, Duration::from_secs(30)) >= 1,
         "the incrementer runs"
     );
 
@@ -102,9 +87,9 @@ fn refused_attempt(src: &Vm, cfg: &VmConfig, attempt: u32) {
 
     // The source runs on: not paused, and it keeps incrementing.
     assert!(!src.is_paused(), "the source VM was left paused");
-    let p = passes(src);
+    let p = common::bootinc_passes(src);
     assert!(
-        wait_passes(src, p + 1, Duration::from_secs(30)) > p,
+        common::wait_bootinc_passes(src, p + 1, Duration::from_secs(30)) > p,
         "the source guest advances after the refusal"
     );
     assert!(

@@ -40,3 +40,21 @@ pub fn wait_for(vm: &Vm, timeout: Duration, f: impl Fn(&GuestStatus) -> bool) ->
         std::thread::sleep(Duration::from_millis(5));
     }
 }
+
+/// Passes the boot-sector incrementer has completed (its own counter).
+pub fn bootinc_passes(vm: &Vm) -> u32 {
+    use vm_memory::{Bytes, GuestAddress};
+    vm.guest_memory()
+        .read_obj::<u32>(GuestAddress(minivm::guest::BOOTINC_PASSES))
+        .unwrap()
+}
+
+/// Waits up to `timeout` for the incrementer to reach `n` passes; returns
+/// the count reached.
+pub fn wait_bootinc_passes(vm: &Vm, n: u32, timeout: Duration) -> u32 {
+    let t = Instant::now();
+    while bootinc_passes(vm) < n && t.elapsed() < timeout {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    bootinc_passes(vm)
+}
