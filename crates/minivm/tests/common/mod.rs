@@ -58,3 +58,27 @@ pub fn wait_bootinc_passes(vm: &Vm, n: u32, timeout: Duration) -> u32 {
     }
     bootinc_passes(vm)
 }
+
+/// A `minivm` process of this package, killed and reaped on drop.
+pub struct Proc(pub std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts this package's `minivm` with `args` (stderr piped, for errors).
+pub fn minivm(args: &[&str]) -> Proc {
+    use std::process::{Command, Stdio};
+    Proc(
+        Command::new(env!("CARGO_BIN_EXE_minivm"))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    )
+}
