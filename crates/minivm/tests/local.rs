@@ -5,10 +5,10 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::{minivm, Proc};
 use livemig::control::ControlClient;
 use livemig::engine::{MigrationError, MigrationHandle, MigrationMode, Params, Status};
 use livemig::transport::local::{connect, LocalListener};
@@ -195,27 +195,6 @@ fn anonymous_memory_is_refused_and_the_guest_runs_on() {
     assert!(e.contains("memfd"), "{e}");
     assert_runs(&src, "after the refusal");
     drop(dst);
-}
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn minivm(args: &[&str]) -> Proc {
-    Proc(
-        Command::new(env!("CARGO_BIN_EXE_minivm"))
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    )
 }
 
 fn connect_when_up(path: &Path) -> ControlClient {
