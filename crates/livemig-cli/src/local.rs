@@ -234,3 +234,156 @@ pub fn vm_incoming(a: VmIncomingArgs) -> Result<()> {
     }
     Ok(())
 }
+
+/// Process memory as the destination of a local migration.
+struct ProcessGuest<'a>(&'a livemig::ProcessMemory);
+
+impl livemig::engine::local::LocalGuest for ProcessGuest<'_> {
+    fn layout(&self) -> Vec<(String, u64)> {
+        use livemig::GuestMemory;
+        self.0
+            .blocks()
+            .iter()
+            .map(|b| (b.id().to_string(), b.len()))
+            .collect()
+    }
+
+    fn adopt(
+        &mut self,
+        blocks: &[livemig::engine::local::SharedBlock],
+        _state: &[u8],
+    ) -> Result<(), livemig::vm::BoxError> {
+        Ok(livemig::engine::local::adopt_memory(self.0, blocks)?)
+    }
+
+    fn discard(&mut self) {
+        use livemig::GuestMemory;
+        livemig::engine::local::release_memory(self.0, self.0.blocks().len());
+    }
+
+    fn resume(&mut self) -> Result<(), livemig::vm::BoxError> {
+        Ok(())
+    }
+}
+
+/// `livemig migrate --local`: process memory (memfds) written by the
+/// workload, handed over instead of copied.
+pub fn migrate(a: crate::process::MigrateArgs) -> Result<()> {
+    use livemig::testkit::workload::{direct_writer, Pattern, Workload, WorkloadConfig};
+    use livemig::GuestMemory;
+    let uri: Uri = a.uri.parse()?;
+    if a.tls.config()?.is_some() {
+        bail!("--local stays on this host over a Unix socket: TLS does not apply");
+    }
+    let o = &a.opts;
+    let wl = &o.workload;
+    let mut params = o.tune.params()?;
+    params.mode = MigrationMode::Local;
+    let mem = o.mem.map_memfd()?;
+    crate::process::fill(&mem, wl.fill);
+    let workload = (wl.dirty_rate > 0).then(|| {
+        Workload::start(
+            mem.blocks().to_vec(),
+            direct_writer(mem.blocks().to_vec()),
+            WorkloadConfig {
+                rate: wl.dirty_rate,
+                bytes_per_touch: usize::from(wl.touch_bytes),
+                pattern: if wl.sequential {
+                    Pattern::Sequential
+                } else {
+                    Pattern::Random
+                },
+                working_set: wl.working_set,
+                seed: 42,
+            },
+        )
+    });
+    if wl.warmup > 0.0 {
+        std::thread::sleep(Duration::from_secs_f64(wl.warmup));
+    }
+    let blocks = livemig::engine::local::shared_blocks(&mem)?;
+    let sock = connect(&uri, o.io.io_timeout)?;
+    let handle = MigrationHandle::new(params);
+    let mut no_vm = livemig::vm::NoVm;
+    let mut control = workload.as_ref().map(Workload::control);
+    let vm: &mut dyn livemig::vm::VmControl = match control.as_mut() {
+        Some(c) => c,
+        None => &mut no_vm,
+    };
+    let result = livemig::engine::local::migrate(&sock, &blocks, vm, &handle);
+    // Paused for good after success: the memory as handed over.
+    let digest = result
+        .as_ref()
+        .ok()
+        .map(|_| livemig::engine::hex(&livemig::engine::memory_digest(&mem)));
+    drop(workload);
+    let sent = match result {
+        Ok(s) => s,
+        Err(e @ MigrationError::Unconfirmed(_)) => bail!("{e}{UNCONFIRMED_HINT}"),
+        Err(e) => bail!("local migration failed: {}", livemig::error_chain(&e)),
+    };
+    if o.json {
+        let mut v = serde_json::to_value(&sent.stats)?;
+        v["role"] = json!("source");
+        v["mode"] = json!("local");
+        v["uri"] = json!(uri.to_string());
+        v["digest"] = json!(digest);
+        v["downtime-us"] = json!(us(sent.downtime));
+        v["socket-bytes"] = json!({ "out": sent.bytes_out, "in": sent.bytes_in });
+        crate::jsonout::print(&v)?;
+    } else {
+        eprintln!(
+            "local migration completed: downtime {:.2} ms, {} handed over in {} memfd{}, {} B through the socket",
+            ms(sent.downtime),
+            human(sent.stats.ram.total),
+            sent.files,
+            if sent.files == 1 { "" } else { "s" },
+            sent.bytes_out + sent.bytes_in
+        );
+        if let Some(d) = &digest {
+            eprintln!("memory digest at the hand-over: {d}");
+        }
+    }
+    Ok(())
+}
+
+/// `livemig incoming --local`: maps the source's memory and reports its
+/// digest (the same memory: the same digest as the source's).
+pub fn incoming(a: crate::process::IncomingArgs) -> Result<()> {
+    let uri: Uri = a.uri.parse()?;
+    if a.tls.config()?.is_some() {
+        bail!("--local stays on this host over a Unix socket: TLS does not apply");
+    }
+    let o = &a.opts;
+    let mem = o.mem.map()?;
+    let listener = LocalListener::bind(&uri)?;
+    // On stderr even with --json: scripts wait for this line.
+    eprintln!("waiting for a local migration on {uri}");
+    let sock = listener.accept(o.io.io_timeout)?;
+    drop(listener);
+    let r = livemig::engine::local::receive(&sock, &mut ProcessGuest(&mem))
+        .with_context(|| format!("local migration from {uri}"))?;
+    let digest = livemig::engine::hex(&livemig::engine::memory_digest(&mem));
+    if o.json {
+        crate::jsonout::print(&json!({
+            "role": "destination",
+            "status": "completed",
+            "mode": "local",
+            "uri": uri.to_string(),
+            "memory": r.memory,
+            "files": r.files,
+            "socket-bytes": r.socket_bytes,
+            "load-time-us": us(r.load_time),
+            "digest": digest,
+        }))?;
+    } else {
+        eprintln!(
+            "took over {} in {} memfd{} ({} B read from the socket, nothing copied); memory digest {digest}",
+            human(r.memory),
+            r.files,
+            if r.files == 1 { "" } else { "s" },
+            r.socket_bytes
+        );
+    }
+    Ok(())
+}
