@@ -313,6 +313,7 @@ fn background_snapshot_is_the_start_instant_while_a_writer_runs() {
         },
     )
     .unwrap();
+    eprintln!("background snapshot: {stats:?}");
     let before = writer.pages_written();
     std::thread::sleep(Duration::from_millis(50));
     assert!(
