@@ -64,6 +64,7 @@ impl Default for BackgroundOptions {
 
 /// What a background snapshot did.
 #[derive(Clone, Debug, Default, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct BackgroundStats {
     /// The file's figures (its digest is that of memory at the instant).
     pub save: SaveStats,

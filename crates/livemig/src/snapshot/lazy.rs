@@ -48,6 +48,7 @@ impl Default for LazyOptions {
 
 /// Where a lazy restore stands.
 #[derive(Clone, Debug, Default, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct LazyStatus {
     /// Chunks loaded (checked and placed).
     pub loaded_chunks: u64,

@@ -40,6 +40,7 @@ impl Default for LoadOptions {
 
 /// What a load did.
 #[derive(Clone, Debug, Default, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct RestoreStats {
     /// Pages read from the file.
     pub pages: u64,

@@ -35,6 +35,7 @@ impl Default for SaveOptions {
 
 /// What a save did.
 #[derive(Clone, Debug, Default, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct SaveStats {
     /// Pages written to the file.
     pub pages: u64,
