@@ -50,6 +50,25 @@ pub struct RestoreStats {
     pub zero_pages_written: u64,
     /// Milliseconds spent loading memory.
     pub millis: u64,
+    /// Microseconds, summed over threads, spent reading the file.
+    pub read_us: u64,
+    /// ... checking chunk hashes.
+    pub hash_us: u64,
+    /// ... writing memory.
+    pub write_us: u64,
+}
+
+/// Time spent per phase (µs), summed over threads.
+#[derive(Default)]
+pub(crate) struct Phases {
+    pub read: AtomicU64,
+    pub hash: AtomicU64,
+    pub write: AtomicU64,
+}
+
+fn add(a: &AtomicU64, since: Instant) -> Instant {
+    a.fetch_add(since.elapsed().as_micros() as u64, Ordering::Relaxed);
+    Instant::now()
 }
 
 /// An open, checked mapped-ram file.
@@ -249,6 +268,17 @@ impl MappedRamFile {
         c: u64,
         buf: &mut Vec<u8>,
     ) -> Result<Vec<(u64, u64)>, SnapshotError> {
+        self.read_chunk_timed(block, c, buf, None)
+    }
+
+    fn read_chunk_timed(
+        &self,
+        block: usize,
+        c: u64,
+        buf: &mut Vec<u8>,
+        phases: Option<&Phases>,
+    ) -> Result<Vec<(u64, u64)>, SnapshotError> {
+        let t = Instant::now();
         let b = &self.header.blocks[block];
         let len = b.chunk_len(c);
         let runs = self.runs(block, c);
@@ -275,7 +305,15 @@ impl MappedRamFile {
                 self.path.display()
             )))?;
         }
-        if *blake3::hash(buf).as_bytes() != self.hashes[block][c as usize] {
+        let t = match phases {
+            Some(p) => add(&p.read, t),
+            None => t,
+        };
+        let ok = *blake3::hash(buf).as_bytes() == self.hashes[block][c as usize];
+        if let Some(p) = phases {
+            add(&p.hash, t);
+        }
+        if !ok {
             return Err(corrupt());
         }
         Ok(runs)
@@ -308,6 +346,7 @@ impl MappedRamFile {
         let first_err: Mutex<Option<SnapshotError>> = Mutex::new(None);
         let pages = AtomicU64::new(0);
         let zero_written = AtomicU64::new(0);
+        let phases = Phases::default();
         std::thread::scope(|s| {
             for _ in 0..opts.threads.clamp(1, chunks.len().max(1)) {
                 s.spawn(|| {
@@ -318,8 +357,9 @@ impl MappedRamFile {
                         let Some(&(bi, c)) = chunks.get(k) else {
                             return;
                         };
-                        let r =
-                            self.load_chunk(mem, map[bi], bi, c, opts.fresh, &mut buf, &mut zero);
+                        let r = self.load_chunk(
+                            mem, map[bi], bi, c, opts.fresh, &mut buf, &mut zero, &phases,
+                        );
                         match r {
                             Ok((p, z)) => {
                                 pages.fetch_add(p, Ordering::Relaxed);
@@ -345,6 +385,9 @@ impl MappedRamFile {
             zero_pages: total - pages,
             zero_pages_written: zero_written.into_inner(),
             millis: t0.elapsed().as_millis() as u64,
+            read_us: phases.read.into_inner(),
+            hash_us: phases.hash.into_inner(),
+            write_us: phases.write.into_inner(),
         })
     }
 
@@ -358,8 +401,10 @@ impl MappedRamFile {
         fresh: bool,
         buf: &mut Vec<u8>,
         zero: &mut [u8],
+        phases: &Phases,
     ) -> Result<(u64, u64), SnapshotError> {
-        let runs = self.read_chunk(bi, c, buf)?;
+        let runs = self.read_chunk_timed(bi, c, buf, Some(phases))?;
+        let t = Instant::now();
         let region = mem.blocks()[mb].region();
         let base = (c * CHUNK_SIZE) as usize;
         let mut pages = 0;
@@ -388,6 +433,7 @@ impl MappedRamFile {
             p = first + len;
         }
         clear_holes(p, n);
+        add(&phases.write, t);
         Ok((pages, cleared))
     }
 }
