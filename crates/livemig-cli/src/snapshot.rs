@@ -46,6 +46,10 @@ pub struct SnapshotSaveArgs {
     /// Threads writing a mapped-ram file (default: the cores, at most 8).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub threads: Option<u16>,
+    /// With --mapped-ram: write pages with O_DIRECT, bypassing the page
+    /// cache (QEMU's direct-io parameter).
+    #[arg(long, requires = "mapped_ram")]
+    pub direct_io: bool,
 }
 
 impl SnapshotSaveArgs {
@@ -136,9 +140,10 @@ fn say_background(s: &BackgroundStats) {
 
 fn say_saved(path: &Path, s: &livemig::snapshot::SaveStats, threads: usize) {
     eprintln!(
-        "mapped-ram file {}: {} pages written, {} zero pages left as holes; {} apparent, {} on disk; written in {} ms by {threads} thread{}",
+        "mapped-ram file {}: {} pages written{}, {} zero pages left as holes; {} apparent, {} on disk; written in {} ms by {threads} thread{}",
         path.display(),
         s.pages,
+        if s.direct_io { " (O_DIRECT)" } else { "" },
         s.zero_pages,
         human(s.file_len),
         human(s.disk_bytes),
@@ -188,7 +193,11 @@ pub fn vm_save(
         v["save"] = serde_json::to_value(&s.save)?;
         v
     } else {
-        let saved = minivm::snapshot::save(vm, path, threads)
+        let opts = SaveOptions {
+            threads,
+            direct_io: a.direct_io,
+        };
+        let saved = minivm::snapshot::save(vm, path, &opts)
             .with_context(|| format!("saving the VM to {}", path.display()))?;
         if say {
             say_saved(path, &saved.stats, threads);
@@ -434,7 +443,11 @@ pub fn process_save(
     } else {
         let t = Instant::now();
         control.pause()?;
-        let s = livemig::snapshot::save(mem, path, &[], &SaveOptions { threads })
+        let opts = SaveOptions {
+            threads,
+            direct_io: a.direct_io,
+        };
+        let s = livemig::snapshot::save(mem, path, &[], &opts)
             .with_context(|| format!("saving to {}", path.display()))?;
         let pause = t.elapsed();
         if say {

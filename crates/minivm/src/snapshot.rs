@@ -37,14 +37,14 @@ pub struct Saved {
     pub pause: Duration,
 }
 
-/// Pauses `vm` and saves its memory and state to `path` with `threads`
-/// threads. The VM stays paused (its memory is what the file holds);
+/// Pauses `vm` and saves its memory and state to `path` (`opts`: threads,
+/// `O_DIRECT`). The VM stays paused (its memory is what the file holds);
 /// resume it to run on.
-pub fn save(vm: &Vm, path: &Path, threads: usize) -> Result<Saved, SnapshotVmError> {
+pub fn save(vm: &Vm, path: &Path, opts: &SaveOptions) -> Result<Saved, SnapshotVmError> {
     let t = Instant::now();
     vm.pause()?;
     let state = vm.save_state()?;
-    let stats = livemig::snapshot::save(&*vm.memory(), path, &state, &SaveOptions { threads })?;
+    let stats = livemig::snapshot::save(&*vm.memory(), path, &state, opts)?;
     Ok(Saved {
         stats,
         pause: t.elapsed(),

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::{kvm_available, test_guest, wait_for};
 use livemig::engine::memory_digest;
-use livemig::snapshot::{BackgroundOptions, MappedRamFile};
+use livemig::snapshot::{BackgroundOptions, MappedRamFile, SaveOptions};
 use minivm::snapshot::{restore, restore_lazy, save, save_background};
 use minivm::{Vm, VmConfig};
 
@@ -42,7 +42,15 @@ fn saved_vm_restores_eagerly_and_lazily() {
     let path = dir.path().join("vm.mr");
     let vm = Vm::new(config()).unwrap();
     wait_for(&vm, Duration::from_secs(20), |s| s.pages_written() > 5000);
-    let saved = save(&vm, &path, 2).unwrap();
+    let saved = save(
+        &vm,
+        &path,
+        &SaveOptions {
+            threads: 2,
+            direct_io: false,
+        },
+    )
+    .unwrap();
     let digest = memory_digest(&*vm.memory());
     assert_eq!(saved.stats.digest, digest);
     // Most of 64 MiB is never touched: holes.
@@ -79,7 +87,15 @@ fn damaged_chunk_stops_a_lazy_restore() {
     let path = dir.path().join("vm.mr");
     let vm = Vm::new(config()).unwrap();
     wait_for(&vm, Duration::from_secs(20), |s| s.pages_written() > 5000);
-    save(&vm, &path, 2).unwrap();
+    save(
+        &vm,
+        &path,
+        &SaveOptions {
+            threads: 2,
+            direct_io: false,
+        },
+    )
+    .unwrap();
     drop(vm);
     // Damage the first page of the test guest's working set (block 0,
     // chunk 1: guest address 2 MiB).

@@ -379,6 +379,10 @@ fn run(
     let state = armed?;
     resumed?;
 
-    stats.save = write_file(mem, path, &state, opts.threads, shared)?;
+    let save = super::SaveOptions {
+        threads: opts.threads,
+        direct_io: false,
+    };
+    stats.save = write_file(mem, path, &state, &save, shared)?;
     Ok(stats)
 }

@@ -23,12 +23,17 @@ const PAGE: u64 = PAGE_SIZE as u64;
 pub struct SaveOptions {
     /// Worker threads writing chunks in parallel (at least 1).
     pub threads: usize,
+    /// Write pages with `O_DIRECT` (bypassing the page cache) where the
+    /// bytes are page-aligned in memory; tables, header and state go
+    /// through the page cache.
+    pub direct_io: bool,
 }
 
 impl Default for SaveOptions {
     fn default() -> Self {
         SaveOptions {
             threads: super::default_threads(),
+            direct_io: false,
         }
     }
 }
@@ -47,6 +52,8 @@ pub struct SaveStats {
     pub disk_bytes: u64,
     /// Milliseconds spent writing.
     pub millis: u64,
+    /// Pages were written with `O_DIRECT`.
+    pub direct_io: bool,
     /// The memory digest of what the file holds.
     #[serde(serialize_with = "hex_digest")]
     pub digest: [u8; 32],
@@ -107,13 +114,13 @@ pub fn save(
     state: &[u8],
     opts: &SaveOptions,
 ) -> Result<SaveStats, SnapshotError> {
-    write_file(mem, path, state, opts.threads, &Frozen(mem))
+    write_file(mem, path, state, opts, &Frozen(mem))
 }
 
 /// Writes one chunk's non-zero pages at their offsets; returns its bitmap
 /// words and hash.
 fn write_chunk(
-    file: &File,
+    file: &Files,
     path: &Path,
     b: &BlockEntry,
     c: u64,
@@ -127,12 +134,14 @@ fn write_chunk(
     let flush = |from: u64, to: u64| -> Result<(), SnapshotError> {
         let bytes = &data[(from * PAGE) as usize..(to * PAGE) as usize];
         let at = base + from * PAGE;
-        file.write_all_at(bytes, at).map_err(io_err(format!(
-            "writing {} bytes of block '{}' at offset {at} of {}",
-            bytes.len(),
-            b.id,
-            path.display()
-        )))
+        file.for_bytes(bytes)
+            .write_all_at(bytes, at)
+            .map_err(io_err(format!(
+                "writing {} bytes of block '{}' at offset {at} of {}",
+                bytes.len(),
+                b.id,
+                path.display()
+            )))
     };
     for p in 0..pages {
         let page = &data[(p * PAGE) as usize..((p + 1) * PAGE) as usize];
@@ -162,15 +171,33 @@ fn write_chunk(
     })
 }
 
+/// The file, and the same file opened with `O_DIRECT` if asked.
+struct Files<'a> {
+    buffered: &'a File,
+    direct: Option<&'a File>,
+}
+
+impl Files<'_> {
+    /// `O_DIRECT` needs the memory (and offset and length, always whole
+    /// pages here) aligned to the page.
+    fn for_bytes(&self, bytes: &[u8]) -> &File {
+        match self.direct {
+            Some(d) if (bytes.as_ptr() as usize).is_multiple_of(PAGE_SIZE) => d,
+            _ => self.buffered,
+        }
+    }
+}
+
 /// Creates the file, writes every chunk from `source` on `threads`
 /// threads, then the tables, the state and the header.
 pub(crate) fn write_file(
     mem: &dyn GuestMemory,
     path: &Path,
     state: &[u8],
-    threads: usize,
+    opts: &SaveOptions,
     source: &dyn ChunkSource,
 ) -> Result<SaveStats, SnapshotError> {
+    let threads = opts.threads;
     let t0 = Instant::now();
     let layout: Vec<(String, u64)> = mem
         .blocks()
@@ -190,6 +217,35 @@ pub(crate) fn write_file(
         path.display(),
         h.file_len()
     )))?;
+    let direct = if opts.direct_io {
+        use std::os::unix::fs::OpenOptionsExt;
+        match OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+        {
+            Ok(f) => Some(f),
+            // tmpfs and some other file systems refuse O_DIRECT.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                log::warn!(
+                    "{}: O_DIRECT refused ({e}); writing through the page cache",
+                    path.display()
+                );
+                None
+            }
+            Err(e) => {
+                return Err(io_err(format!("opening {} with O_DIRECT", path.display()))(
+                    e,
+                ))
+            }
+        }
+    } else {
+        None
+    };
+    let files = Files {
+        buffered: &file,
+        direct: direct.as_ref(),
+    };
 
     let chunks: Vec<(usize, u64)> = h
         .blocks
@@ -214,7 +270,7 @@ pub(crate) fn write_file(
                     let b = &h.blocks[bi];
                     let len = b.chunk_len(c);
                     let r = source.with_chunk(bi, c * CHUNK_SIZE, len, &mut buf, &mut |data| {
-                        write_chunk(&file, path, b, c, data)
+                        write_chunk(&files, path, b, c, data)
                     });
                     match r {
                         Ok(out) => results.lock().expect("results")[k] = Some(out),
@@ -277,6 +333,7 @@ pub(crate) fn write_file(
     stats.disk_bytes = meta.blocks() * 512;
     stats.millis = t0.elapsed().as_millis() as u64;
     stats.digest = h.digest;
+    stats.direct_io = direct.is_some();
     debug_assert_eq!(CHUNK_PAGES % 64, 0);
     Ok(stats)
 }

@@ -44,7 +44,16 @@ fn round_trip_with_zero_page_holes() {
     let path = dir.path().join("snap.mr");
     let mem = sparse_memory();
     let digest = memory_digest(&mem);
-    let stats = save(&mem, &path, b"vcpu state", &SaveOptions { threads: 3 }).unwrap();
+    let stats = save(
+        &mem,
+        &path,
+        b"vcpu state",
+        &SaveOptions {
+            threads: 3,
+            direct_io: true,
+        },
+    )
+    .unwrap();
     assert_eq!(stats.digest, digest, "the file's digest is the memory's");
     assert!(stats.pages >= 80 && stats.pages <= 82, "{stats:?}");
     assert_eq!(stats.pages + stats.zero_pages, mem.total_bytes() / 4096);
@@ -98,7 +107,16 @@ fn flipped_byte_is_reported_with_its_chunk() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("snap.mr");
     let mem = sparse_memory();
-    save(&mem, &path, b"", &SaveOptions { threads: 2 }).unwrap();
+    save(
+        &mem,
+        &path,
+        b"",
+        &SaveOptions {
+            threads: 2,
+            direct_io: false,
+        },
+    )
+    .unwrap();
     let f = MappedRamFile::open(&path).unwrap();
     // The last page of block ram1 (chunk 1 of that block) is non-zero.
     let b = f.header().blocks[1].clone();
@@ -160,7 +178,16 @@ fn hostile_headers_are_refused_with_their_field() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("snap.mr");
     let mem = sparse_memory();
-    save(&mem, &path, b"state", &SaveOptions { threads: 1 }).unwrap();
+    save(
+        &mem,
+        &path,
+        b"state",
+        &SaveOptions {
+            threads: 1,
+            direct_io: false,
+        },
+    )
+    .unwrap();
     let good = std::fs::read(&path).unwrap();
     // Truncated: regions past the end.
     std::fs::write(&path, &good[..good.len() - 1]).unwrap();
@@ -217,7 +244,16 @@ fn lazy_restore_serves_touches_and_loads_the_rest() {
     let path = dir.path().join("snap.mr");
     let mem = sparse_memory();
     let digest = memory_digest(&mem);
-    save(&mem, &path, b"", &SaveOptions { threads: 2 }).unwrap();
+    save(
+        &mem,
+        &path,
+        b"",
+        &SaveOptions {
+            threads: 2,
+            direct_io: false,
+        },
+    )
+    .unwrap();
     // On demand only: a read of a page faults in its chunk.
     let dst = blank_like(&mem);
     let lazy = LazyRestore::start(
@@ -258,7 +294,16 @@ fn lazy_restore_stops_on_a_damaged_chunk() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("snap.mr");
     let mem = sparse_memory();
-    save(&mem, &path, b"", &SaveOptions { threads: 2 }).unwrap();
+    save(
+        &mem,
+        &path,
+        b"",
+        &SaveOptions {
+            threads: 2,
+            direct_io: false,
+        },
+    )
+    .unwrap();
     let f = MappedRamFile::open(&path).unwrap();
     let b = f.header().blocks[0].clone();
     drop(f);
