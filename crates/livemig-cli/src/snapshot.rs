@@ -478,7 +478,20 @@ pub fn process_load(
 ) -> Result<()> {
     let say = !json_out;
     let t0 = Instant::now();
-    let file = MappedRamFile::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let file = MappedRamFile::open_for(path, mem).map_err(|e| match e {
+        // A VM's file: say so rather than only "layout does not match".
+        livemig::snapshot::SnapshotError::Layout(_) => match MappedRamFile::open(path) {
+            Ok(f) if f.header().flags & livemig::snapshot::format::FLAG_VM_STATE != 0 => {
+                anyhow::anyhow!(
+                    "{} is a VM snapshot (it carries vCPU state): restore it with `livemig vm-incoming file:{}`",
+                    path.display(),
+                    path.display()
+                )
+            }
+            _ => anyhow::Error::new(e),
+        },
+        e => anyhow::Error::new(e),
+    })?;
     let expected = file.digest();
     if !file.state().context("reading the state")?.is_empty() {
         bail!(
@@ -487,7 +500,6 @@ pub fn process_load(
             path.display()
         );
     }
-    file.check_layout(mem)?;
     let mut v = if a.lazy {
         let lazy = LazyRestore::start(file, mem, &LazyOptions::default())?;
         let ready = t0.elapsed();

@@ -80,9 +80,8 @@ pub fn restore(
     path: &Path,
     threads: usize,
 ) -> Result<(Vm, RestoreStats), SnapshotVmError> {
-    let file = MappedRamFile::open(path)?;
     let vm = incoming_vm(config)?;
-    file.check_layout(&*vm.memory())?;
+    let file = MappedRamFile::open_for(path, &*vm.memory())?;
     let state = file.state()?;
     if state.is_empty() {
         return Err(SnapshotVmError::NoState);
@@ -115,8 +114,7 @@ pub struct LazyVm {
 pub fn restore_lazy(config: &VmConfig, path: &Path) -> Result<LazyVm, SnapshotVmError> {
     let vm = incoming_vm(config)?;
     let t = Instant::now();
-    let file = MappedRamFile::open(path)?;
-    file.check_layout(&*vm.memory())?;
+    let file = MappedRamFile::open_for(path, &*vm.memory())?;
     let state = file.state()?;
     if state.is_empty() {
         return Err(SnapshotVmError::NoState);

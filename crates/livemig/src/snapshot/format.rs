@@ -48,6 +48,10 @@ pub const MAX_HEADER: u32 = 1 << 20;
 pub const MAX_BLOCKS: u32 = 4096;
 /// Largest RAM block accepted (64 TiB).
 pub const MAX_BLOCK_LEN: u64 = 1 << 46;
+/// Most memory one file may describe (4 TiB): caps what
+/// [`super::MappedRamFile::open`] allocates for bitmaps (128 MiB) and
+/// hash tables (64 MiB).
+pub const MAX_TOTAL: u64 = 1 << 42;
 /// Largest vCPU/device state blob accepted.
 pub const MAX_STATE: u64 = 256 << 20;
 /// Alignment of each block's pages (and of the header area).
@@ -322,6 +326,14 @@ impl Header {
             }
             h.blocks.push(e);
             at = p + 32;
+        }
+        let total = h.blocks.iter().map(|b| b.len).sum::<u64>();
+        if total > MAX_TOTAL {
+            return Err(bad(
+                FIXED as u64,
+                "block table",
+                format!("{total} bytes of memory, more than {MAX_TOTAL}"),
+            ));
         }
         if at != len {
             return Err(bad(

@@ -87,6 +87,21 @@ impl MappedRamFile {
     /// Opens `path` and checks its header, bitmaps and hash tables (the
     /// pages are checked chunk by chunk as they are read).
     pub fn open(path: &Path) -> Result<MappedRamFile, SnapshotError> {
+        Self::open_checked(path, None)
+    }
+
+    /// As [`MappedRamFile::open`], checking the file's blocks against the
+    /// destination's `mem` ([`MappedRamFile::check_layout`]) before its
+    /// tables are read: what a destination reads is then sized by its own
+    /// memory, never by the file.
+    pub fn open_for(path: &Path, mem: &dyn GuestMemory) -> Result<MappedRamFile, SnapshotError> {
+        Self::open_checked(path, Some(mem))
+    }
+
+    fn open_checked(
+        path: &Path,
+        mem: Option<&dyn GuestMemory>,
+    ) -> Result<MappedRamFile, SnapshotError> {
         let file = File::open(path).map_err(io_err(format!("opening {}", path.display())))?;
         let file_len = file
             .metadata()
@@ -103,6 +118,9 @@ impl MappedRamFile {
         file.read_exact_at(&mut bytes, 0)
             .map_err(io_err(format!("reading the header of {}", path.display())))?;
         let header = Header::parse(&bytes, file_len)?;
+        if let Some(mem) = mem {
+            check_layout(&header, mem)?;
+        }
         let mut bitmaps = Vec::new();
         let mut hashes = Vec::new();
         let mut all = Vec::new();
@@ -195,38 +213,7 @@ impl MappedRamFile {
     /// For each block of the file, the index of the same block (same id,
     /// same length) in `mem`; `mem` must have no other block.
     pub fn check_layout(&self, mem: &dyn GuestMemory) -> Result<Vec<usize>, SnapshotError> {
-        let blocks = mem.blocks();
-        if blocks.len() != self.header.blocks.len() {
-            return Err(SnapshotError::Layout(format!(
-                "the file has {} RAM block(s) ({}), this memory {} ({})",
-                self.header.blocks.len(),
-                describe(self.header.blocks.iter().map(|b| (b.id.as_str(), b.len))),
-                blocks.len(),
-                describe(blocks.iter().map(|b| (b.id(), b.len())))
-            )));
-        }
-        let mut map = Vec::new();
-        for b in &self.header.blocks {
-            match mem.find(&b.id) {
-                Some(i) if blocks[i].len() == b.len => map.push(i),
-                Some(i) => {
-                    return Err(SnapshotError::Layout(format!(
-                        "block '{}' is {} bytes in the file and {} here",
-                        b.id,
-                        b.len,
-                        blocks[i].len()
-                    )))
-                }
-                None => {
-                    return Err(SnapshotError::Layout(format!(
-                        "block '{}' of the file does not exist here (here: {})",
-                        b.id,
-                        describe(blocks.iter().map(|b| (b.id(), b.len())))
-                    )))
-                }
-            }
-        }
-        Ok(map)
+        check_layout(&self.header, mem)
     }
 
     /// True when page `page` of file block `block` is in the file (not a hole).
@@ -436,6 +423,43 @@ impl MappedRamFile {
         add(&phases.write, t);
         Ok((pages, cleared))
     }
+}
+
+/// For each block of `header`, the index of the same block (same id, same
+/// length) in `mem`; `mem` must have no other block.
+fn check_layout(header: &Header, mem: &dyn GuestMemory) -> Result<Vec<usize>, SnapshotError> {
+    let blocks = mem.blocks();
+    if blocks.len() != header.blocks.len() {
+        return Err(SnapshotError::Layout(format!(
+            "the file has {} RAM block(s) ({}), this memory {} ({})",
+            header.blocks.len(),
+            describe(header.blocks.iter().map(|b| (b.id.as_str(), b.len))),
+            blocks.len(),
+            describe(blocks.iter().map(|b| (b.id(), b.len())))
+        )));
+    }
+    let mut map = Vec::new();
+    for b in &header.blocks {
+        match mem.find(&b.id) {
+            Some(i) if blocks[i].len() == b.len => map.push(i),
+            Some(i) => {
+                return Err(SnapshotError::Layout(format!(
+                    "block '{}' is {} bytes in the file and {} here",
+                    b.id,
+                    b.len,
+                    blocks[i].len()
+                )))
+            }
+            None => {
+                return Err(SnapshotError::Layout(format!(
+                    "block '{}' of the file does not exist here (here: {})",
+                    b.id,
+                    describe(blocks.iter().map(|b| (b.id(), b.len())))
+                )))
+            }
+        }
+    }
+    Ok(map)
 }
 
 fn describe<'a>(blocks: impl Iterator<Item = (&'a str, u64)>) -> String {
