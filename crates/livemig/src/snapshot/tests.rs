@@ -406,7 +406,9 @@ fn random_damage_never_panics_or_loads_wrong_memory() {
     let good = std::fs::read(&path).unwrap();
     let f = MappedRamFile::open(&path).unwrap();
     // Header, tables and the first chunk of each block's pages.
-    let mut spans = Vec::from([0..f.header().blocks[0].pages_offset as usize]);
+    let header_end = f.header().blocks[0].pages_offset as usize;
+    let mut spans = Vec::new();
+    spans.push(0..header_end);
     for b in &f.header().blocks {
         let at = b.pages_offset as usize;
         spans.push(at..at + (CHUNK_SIZE as usize).min(b.len as usize));
