@@ -266,12 +266,17 @@ pub fn vm_restore(
             .with_context(|| format!("lazy restore of {}", path.display()))?;
         if say {
             eprintln!(
-                "lazy restore: guest resumed {:.2} ms after opening {} (vCPU/device state loaded; memory follows on demand)",
+                "lazy restore: guest resumed {:.2} ms after opening {} (vCPU/device state loaded; memory follows on demand; creating the empty VM before took {:.1} ms)",
                 ms(l.time_to_resume),
-                path.display()
+                path.display(),
+                ms(l.vm_create)
             );
         }
-        let v = json!({"mode": "lazy", "time-to-resume": ms(l.time_to_resume)});
+        let v = json!({
+            "mode": "lazy",
+            "time-to-resume": ms(l.time_to_resume),
+            "vm-create-time": ms(l.vm_create),
+        });
         (l.vm, Some(l.restore), v)
     } else {
         let threads = a.threads();

@@ -107,12 +107,16 @@ pub struct LazyVm {
     pub restore: LazyRestore,
     /// From opening the file to the guest resumed.
     pub time_to_resume: Duration,
+    /// Creating the (empty, paused) VM before that.
+    pub vm_create: Duration,
 }
 
 /// Creates a VM laid out as `config`, restores its state from the file at
 /// `path`, serves its memory lazily from the file and resumes it.
 pub fn restore_lazy(config: &VmConfig, path: &Path) -> Result<LazyVm, SnapshotVmError> {
+    let t = Instant::now();
     let vm = incoming_vm(config)?;
+    let vm_create = t.elapsed();
     let t = Instant::now();
     let file = MappedRamFile::open_for(path, &*vm.memory())?;
     let state = file.state()?;
@@ -126,5 +130,6 @@ pub fn restore_lazy(config: &VmConfig, path: &Path) -> Result<LazyVm, SnapshotVm
         vm,
         restore,
         time_to_resume: t.elapsed(),
+        vm_create,
     })
 }
