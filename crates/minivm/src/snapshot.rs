@@ -102,8 +102,10 @@ pub fn restore(
 pub struct LazyVm {
     /// The VM, running.
     pub vm: Vm,
-    /// The restore serving its memory; drop it only after
-    /// [`LazyRestore::wait`] says done (or after stopping the VM).
+    /// The restore serving its memory. Dropping it first loads every
+    /// chunk still missing (the guest's memory is never left incomplete
+    /// and unregistered); after a damaged chunk it keeps the memory
+    /// registered for good.
     pub restore: LazyRestore,
     /// From opening the file to the guest resumed.
     pub time_to_resume: Duration,

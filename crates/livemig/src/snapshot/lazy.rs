@@ -93,7 +93,9 @@ struct Inner {
     waker: Waker,
 }
 
-/// A lazy restore in progress; see the module doc.
+/// A lazy restore in progress; see the module doc. Dropping it loads
+/// every chunk still missing first (serving faults meanwhile), then
+/// unregisters; after a failure it keeps the memory registered for good.
 pub struct LazyRestore {
     inner: Arc<Inner>,
     threads: Vec<JoinHandle<()>>,
@@ -217,6 +219,16 @@ impl LazyRestore {
 impl Drop for LazyRestore {
     fn drop(&mut self) {
         let i = &self.inner;
+        // Never unregister with chunks still missing (the guest would read
+        // zeros there): finish loading first, faults still served.
+        if !i.failed.load(Ordering::SeqCst) && !i.released.load(Ordering::SeqCst) {
+            let mut buf = Vec::new();
+            for g in 0..i.chunks.len() {
+                if i.ensure(g, &mut buf).is_err() {
+                    break;
+                }
+            }
+        }
         i.stop.store(true, Ordering::SeqCst);
         let _ = i.waker.wake();
         for t in self.threads.drain(..) {
