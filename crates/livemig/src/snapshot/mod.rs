@@ -3,7 +3,7 @@
 //! before its memory is loaded (lazy restore), and snapshots of a running
 //! guest (capability `background-snapshot`).
 //!
-//! - [`format`]: the file layout (header, block table, page bitmaps,
+//! - [`format`](mod@format): the file layout (header, block table, page bitmaps,
 //!   per-chunk hashes, each page at a fixed offset, holes for zero pages).
 //! - [`save()`]: writes memory that does not change meanwhile (a paused
 //!   guest) with several threads (`pwrite` at each page's offset).
