@@ -8,6 +8,7 @@ mod jsonout;
 mod local;
 mod process;
 mod report;
+mod snapshot;
 mod svg;
 #[allow(unsafe_code)]
 mod sys;
