@@ -38,7 +38,9 @@ pub fn vm_migrate(mut a: VmMigrateArgs) -> Result<()> {
         bail!("--local stays on this host over a Unix socket: TLS does not apply");
     }
     if a.snapshot.wanted() {
-        bail!("--local hands memory to a live process: the snapshot flags (file: only) do not apply");
+        bail!(
+            "--local hands memory to a live process: the snapshot flags (file: only) do not apply"
+        );
     }
     let mut params = a.tune.params()?;
     params.mode = MigrationMode::Local;
