@@ -363,3 +363,24 @@ fn blocks_sharing_a_file_send_it_once() {
     assert_eq!(o.blocks[2].backing.offset, 8192);
     assert_eq!(o.bytes, bytes.len() as u64);
 }
+
+#[test]
+fn a_memfd_destination_gets_its_own_memory_back() {
+    let src = source_memory();
+    let own = ProcessMemory::new_memfd(&LAYOUT).unwrap();
+    assert!(own.blocks()[0].region().write(4096, b"its own!"));
+    let blocks = shared_blocks(&src).unwrap();
+    adopt_memory(&own, &blocks).unwrap();
+    assert_eq!(read(&own, 0, 4096, 8), b"page one");
+    release_memory(&own, own.blocks().len());
+    assert_eq!(
+        read(&own, 0, 4096, 8),
+        b"its own!",
+        "its own memfd, mapped again"
+    );
+    assert_eq!(
+        read(&src, 0, 4096, 8),
+        b"page one",
+        "the source's untouched"
+    );
+}
