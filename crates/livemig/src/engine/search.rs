@@ -177,9 +177,116 @@ impl PageSearch {
     }
 }
 
+/// log2 pages per window of [`Untouched`] (2^16 pages = 256 MiB).
+const WINDOW_SHIFT: u32 = 16;
+
+/// Which pages of the bulk stage were never written, looked up window by
+/// window as the walk reaches them: those are zero and need not be read.
+///
+/// Sound because a window is looked up after the dirty tracker started
+/// (and after any manual clear of its pages, see [`Untouched::forget`]):
+/// a page written after the look-up is in the tracker's log, so it is sent
+/// again after the next sync, exactly as if it had been read before the
+/// write.
+pub(super) struct Untouched {
+    /// Off: the memory is not private anonymous or the kernel cannot say.
+    enabled: bool,
+    /// The window looked up last: block, first page, pages that may hold
+    /// data (bit set).
+    window: Option<(usize, u64, DirtyBitmap)>,
+}
+
+impl Untouched {
+    /// Looks pages up only when `enabled`.
+    pub fn new(enabled: bool) -> Self {
+        Untouched {
+            enabled,
+            window: None,
+        }
+    }
+
+    /// Drops what was looked up (a manual clear re-protected pages: a write
+    /// before it may be missing from the log, so look again after it).
+    pub fn forget(&mut self) {
+        self.window = None;
+    }
+
+    /// True when page `page` of `block` (of `region`) was never written,
+    /// as far as the kernel said when its window was looked up.
+    pub fn is_untouched(
+        &mut self,
+        block: usize,
+        page: u64,
+        region: &crate::sys::mmap::RawRegion,
+    ) -> bool {
+        if !self.enabled {
+            return false;
+        }
+        let first = page >> WINDOW_SHIFT << WINDOW_SHIFT;
+        let hit = matches!(&self.window, Some((b, f, _)) if *b == block && *f == first);
+        if !hit {
+            let total = region.len() as u64 / crate::PAGE_SIZE as u64;
+            let n = (total.saturating_sub(first)).min(1 << WINDOW_SHIFT);
+            let ps = crate::PAGE_SIZE as u64;
+            let Some(ranges) = region.populated((first * ps) as usize, (n * ps) as usize) else {
+                // Not knowable for this memory: stop asking.
+                self.enabled = false;
+                self.window = None;
+                return false;
+            };
+            let mut bm = DirtyBitmap::new(n);
+            for (a, b) in ranges {
+                let (a, b) = (a as u64 / ps, (b as u64).div_ceil(ps));
+                bm.set_range(a - first, b - a);
+            }
+            self.window = Some((block, first, bm));
+        }
+        match &self.window {
+            Some((_, f, bm)) => !bm.test(page - f),
+            None => false,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn untouched_pages_are_those_never_written() {
+        use crate::sys::mmap::{AnonMapping, RawRegion};
+        const P: usize = crate::PAGE_SIZE;
+        // Two windows and a bit, so the look-up moves between windows.
+        let pages = (2usize << WINDOW_SHIFT) + 8;
+        let m = AnonMapping::new(pages * P).unwrap();
+        m.advise(0, pages * P, libc::MADV_NOHUGEPAGE).unwrap();
+        let r = RawRegion::from_mapping(std::sync::Arc::new(m));
+        if r.populated(0, P).is_none() {
+            eprintln!("skipped: this kernel cannot say which pages were written");
+            return;
+        }
+        let written = [1usize, 7, (1 << WINDOW_SHIFT) + 3, pages - 1];
+        for &p in &written {
+            assert!(r.write(p * P + 5, &[9]));
+        }
+        let mut u = Untouched::new(true);
+        for p in 0..pages {
+            assert_eq!(
+                u.is_untouched(0, p as u64, &r),
+                !written.contains(&p),
+                "page {p}"
+            );
+        }
+        // A window looked up stays as it was until forgotten (the dirty
+        // tracker has the later write).
+        assert!(u.is_untouched(0, 0, &r));
+        assert!(r.write(2 * P, &[1]));
+        assert!(u.is_untouched(0, 2, &r));
+        u.forget();
+        assert!(!u.is_untouched(0, 2, &r));
+        let mut off = Untouched::new(false);
+        assert!(!off.is_untouched(0, 3, &r));
+    }
 
     fn drain(s: &mut PageSearch) -> Vec<(usize, u64)> {
         std::iter::from_fn(|| s.take_next().map(|f| (f.block, f.page))).collect()

@@ -17,7 +17,7 @@ use super::handle::{MigrationHandle, SyncPoint};
 use super::pacing::{Pacing, PauseInputs};
 use super::params::{Params, Switchover};
 use super::postcopy::{check_request, FaultReport, Message, MessageReader, PostcopyError};
-use super::search::PageSearch;
+use super::search::{PageSearch, Untouched};
 use super::stats::{CompressionStats, MigrationStats, Status, XbzrleStats};
 use super::MigrationError;
 use crate::bitmap::DirtyBitmap;
@@ -265,6 +265,8 @@ struct RamSaver<'a> {
     setup_time: u64,
     /// The migration bitmap and the walk over it (see `search.rs`).
     search: PageSearch,
+    /// Bulk stage: pages never written, sent as zero without reading.
+    untouched: Untouched,
     block_base: Vec<u64>,
     sync_count: u64,
     /// The main stream's page encoder (zero / XBZRLE / compressed / raw).
@@ -341,6 +343,7 @@ impl<'a> RamSaver<'a> {
             mem,
             running: None,
             search: PageSearch::new(blocks.iter().map(RamBlock::pages)),
+            untouched: Untouched::new(true),
             blocks,
             handle,
             params,
@@ -990,6 +993,9 @@ impl<'a> RamSaver<'a> {
         // Chunks with dirty pages must be cleared (re-protected) before
         // their pages go out again.
         self.search.synced();
+        // The log that held writes since the last look-up is harvested:
+        // look again.
+        self.untouched.forget();
         self.rate_dirty_pages += reported;
         let now = Instant::now();
         let period = now - self.rate_time;
@@ -1060,6 +1066,9 @@ impl<'a> RamSaver<'a> {
             let (block, page) = (found.block, found.page);
             if let Some((first, count)) = found.clear {
                 tracker.clear(block, first, count)?;
+                // A write before the clear may be gone from the log: what
+                // was looked up before it no longer holds.
+                self.untouched.forget();
                 // A write between the sync that reported a page and this
                 // clear is dropped from the log (the clear re-protects the
                 // page) but not from the page, which is sent after it: the
@@ -1115,6 +1124,14 @@ impl<'a> RamSaver<'a> {
                 .decide(self.link.ns_per_byte(mb), self.link.capped(mb));
         }
         self.pages_sent += 1;
+        if self.search.is_bulk()
+            && self
+                .untouched
+                .is_untouched(block, page, self.blocks[block].region())
+        {
+            // Never written: zero without reading it (or faulting it in).
+            return self.encoder.untouched(w, b, offset);
+        }
         // XBZRLE applies to pages sent again after the bulk stage.
         let delta = (!self.search.is_bulk() && self.encoder.has_xbzrle()).then(|| Delta {
             addr: self.block_base[block] + offset,
@@ -1199,7 +1216,7 @@ impl<'a> RamSaver<'a> {
             self.setup_time,
             self.throttle,
         );
-        let (zero, skipped, normal) = (c.zero, c.skipped, c.normal);
+        let (zero, skipped, normal, untouched) = (c.zero, c.skipped, c.normal, c.untouched);
         let verify_time = self.verify_time;
         let pc_requests = self.postcopy_requests;
         let pc_bytes = self.postcopy_from.map_or(0, |f| transferred - f);
@@ -1225,6 +1242,7 @@ impl<'a> RamSaver<'a> {
             s.ram.remaining = remaining;
             s.ram.total = total;
             s.ram.duplicate = zero;
+            s.ram.untouched = untouched;
             s.ram.skipped = skipped;
             s.ram.normal = normal;
             s.ram.normal_bytes = normal * PAGE_SIZE as u64;

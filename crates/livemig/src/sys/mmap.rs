@@ -286,6 +286,29 @@ impl RawRegion {
         unsafe { copy_in(self.ptr, self.len, offset, src) }
     }
 
+    /// Byte ranges (offsets in this region) of `[offset, offset + len)`
+    /// that may hold data; every other page there reads as zeros. `None`
+    /// when that cannot be known (see [`super::residency::populated`]):
+    /// memory that is not private anonymous, or an old kernel.
+    pub fn populated(&self, offset: usize, len: usize) -> Option<Vec<(usize, usize)>> {
+        if !self.check(offset, len) {
+            return None;
+        }
+        let base = self.host_addr();
+        match super::residency::populated(base + offset as u64, len as u64) {
+            Ok(Some(v)) => Some(
+                v.into_iter()
+                    .map(|(a, b)| ((a - base) as usize, (b - base) as usize))
+                    .collect(),
+            ),
+            Ok(None) => None,
+            Err(e) => {
+                log::debug!("cannot tell which pages were written: {e}");
+                None
+            }
+        }
+    }
+
     /// Runs `f` over the bytes at `[offset, offset+len)` viewed as a slice,
     /// for scans (zero checks, hashing) that must not copy. None if out of
     /// range. The bytes may change under a running guest; `f` must treat
