@@ -704,6 +704,9 @@ impl State {
                 let tls = self.tls();
                 let h = MigrationHandle::new(self.params());
                 if cmd == "migrate" {
+                    // `migrate` with `resume` can hand a paused postcopy a
+                    // new connection.
+                    h.set_postcopy_recovery(true);
                     self.watch(&h, true);
                     self.starter
                         .start_outgoing(&uri, tls.as_ref(), h.clone())

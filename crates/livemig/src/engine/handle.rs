@@ -66,6 +66,7 @@ struct Shared {
     cancel: AtomicBool,
     observers: Mutex<Observers>,
     start_postcopy: AtomicBool,
+    recovery: AtomicBool,
     reconnect: Mutex<Reconnect>,
 }
 
@@ -172,6 +173,21 @@ impl MigrationHandle {
     /// Whether the switch to postcopy was asked.
     pub fn postcopy_requested(&self) -> bool {
         self.shared.start_postcopy.load(Ordering::SeqCst)
+    }
+
+    /// Lets an outgoing migration pause in postcopy when a connection is
+    /// lost (`postcopy-paused`) and wait for
+    /// [`MigrationHandle::resume_postcopy`], instead of failing: only for
+    /// a caller that can hand a new connection over (a control socket
+    /// does). Off by default.
+    pub fn set_postcopy_recovery(&self, on: bool) {
+        self.shared.recovery.store(on, Ordering::SeqCst);
+    }
+
+    /// Whether a lost connection pauses postcopy (see
+    /// [`MigrationHandle::set_postcopy_recovery`]).
+    pub fn postcopy_recovery(&self) -> bool {
+        self.shared.recovery.load(Ordering::SeqCst)
     }
 
     /// Resumes an outgoing migration paused in postcopy (`postcopy-paused`)

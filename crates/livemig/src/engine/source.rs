@@ -687,9 +687,10 @@ impl<'a> RamSaver<'a> {
     /// The switch and postcopy (see `engine/postcopy/mod.rs`): the guest is
     /// paused and synced; sends the not-valid bitmap, the device state and
     /// the switch, runs the handshake, then serves requests first and
-    /// pushes the rest in the background. A connection lost after GO
-    /// pauses postcopy until [`MigrationHandle::resume_postcopy`] hands a
-    /// new one over (recovery).
+    /// pushes the rest in the background. With recovery allowed
+    /// ([`MigrationHandle::set_postcopy_recovery`]), a connection lost
+    /// after GO pauses postcopy until [`MigrationHandle::resume_postcopy`]
+    /// hands a new one over.
     #[allow(clippy::too_many_arguments)]
     fn postcopy<W: Write>(
         &mut self,
@@ -748,7 +749,7 @@ impl<'a> RamSaver<'a> {
         loop {
             let e = match self.postcopy_run(&mut link) {
                 Ok(()) => break,
-                Err(e) if connection_lost(&e) => e,
+                Err(e) if connection_lost(&e) && self.handle.postcopy_recovery() => e,
                 Err(e) => return Err(e),
             };
             // Recovery: the guest lives on the destination; wait for a new

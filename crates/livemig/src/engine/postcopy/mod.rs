@@ -51,7 +51,9 @@
 //!
 //! When a connection fails after GO, neither side gives the guest up
 //! (when the caller allowed recovery: [`receive_recoverable`] on the
-//! destination; always on the source). Both report `postcopy-paused`; the
+//! destination, [`crate::engine::MigrationHandle::set_postcopy_recovery`]
+//! on the source; a control socket's `migrate` does). Without it, both
+//! sides fail as when the source dies. Both report `postcopy-paused`; the
 //! destination's guest runs on, and a thread that touches a missing page
 //! waits in the kernel; nothing already placed is lost. A new connection
 //! ([`crate::engine::MigrationHandle::recover_postcopy`] on the

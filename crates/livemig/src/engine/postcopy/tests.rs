@@ -596,6 +596,7 @@ fn run_recovery(fault: Fault, preempt: bool) -> Recovered {
         ..postcopy_params()
     });
     sh.start_postcopy().unwrap();
+    sh.set_postcopy_recovery(true);
     let dh = MigrationHandle::new(Params::default());
     let (src_seen, dst_seen) = (statuses(&sh), statuses(&dh));
     let (listener, addr) = tcp_listener();
@@ -797,4 +798,51 @@ fn resume_needs_a_paused_migration() {
     let (out, _r, _a) = pipes_out();
     let e = h.resume_postcopy(out).unwrap_err();
     assert!(e.contains("not paused in postcopy"), "{e}");
+}
+
+#[test]
+fn without_recovery_a_cut_fails_both_sides() {
+    use crate::transport::{connect, Uri};
+    let src = ProcessMemory::new(&layout()).unwrap();
+    let dst = ProcessMemory::new(&layout()).unwrap();
+    let (mut tracker, log) = SoftwareTracker::new(&src);
+    let writer: PageWriter = Arc::new(move |b, off, data| log.write(b, off, data));
+    fill_random(&src.blocks()[..1], &writer, 13);
+    let mut vm = crate::vm::NoVm;
+    let sh = MigrationHandle::new(Params {
+        max_bandwidth: 6 * MIB,
+        ..postcopy_params()
+    });
+    sh.start_postcopy().unwrap();
+    let (listener, addr) = tcp_listener();
+    let proxy = FaultProxy::start(addr, Fault::CutForwardAt(MIB)).unwrap();
+    let dst2 = dst.clone();
+    let dest = thread::spawn(move || {
+        let inc = listener.accept().unwrap();
+        // A guest that never touches memory: after the loss a missing
+        // page would keep a reader waiting for good.
+        struct Idle;
+        impl IncomingGuest for Idle {
+            fn restore(&mut self, _: &[u8]) -> Result<(), String> {
+                Ok(())
+            }
+            fn resume(&mut self) -> Result<(), String> {
+                Ok(())
+            }
+            fn pause(&mut self) {}
+        }
+        receive(&dst2, inc.reader, inc.ack, &mut Idle, true, None)
+    });
+    let conn = connect(&proxy.uri().parse::<Uri>().unwrap()).unwrap();
+    let e = Source::new(&src, &mut tracker, &mut vm, sh.clone())
+        .run_over(conn)
+        .unwrap_err();
+    assert!(
+        matches!(e, MigrationError::Send(_) | MigrationError::Postcopy(_)),
+        "{e}"
+    );
+    assert_eq!(sh.stats().status, Status::Failed);
+    let d = dest.join().unwrap().unwrap_err();
+    assert!(matches!(d, ReceiveError::SourceLost { .. }), "{d}");
+    assert!(proxy.has_cut());
 }
