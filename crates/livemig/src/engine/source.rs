@@ -879,6 +879,13 @@ impl<'a> RamSaver<'a> {
                 self.pacing.measure(self.transferred, Instant::now());
                 self.publish(Status::PostcopyActive, "", None);
                 published = Instant::now();
+                // max-bandwidth may change while postcopy runs (the other
+                // parameters were fixed at the switch).
+                let limit = self.handle.params().max_bandwidth;
+                if limit != self.params.max_bandwidth {
+                    self.params.max_bandwidth = limit;
+                    self.postcopy_pace_from = Some((link.bytes(), Instant::now()));
+                }
             }
         }
         if let Some((u, _)) = &mut link.urgent {

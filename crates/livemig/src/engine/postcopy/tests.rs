@@ -846,3 +846,59 @@ fn without_recovery_a_cut_fails_both_sides() {
     assert!(matches!(d, ReceiveError::SourceLost { .. }), "{d}");
     assert!(proxy.has_cut());
 }
+
+#[test]
+fn requested_pages_travel_on_the_urgent_connection() {
+    // The background push is held to 256 KiB/s until the guest has faulted
+    // a few times, so the pages it asks for have not been pushed yet: each
+    // must come on the urgent connection. Then the push runs free.
+    let params = Params {
+        postcopy_preempt: true,
+        max_bandwidth: 256 << 10,
+        ..postcopy_params()
+    };
+    let r = run_postcopy(params, true, |h| {
+        let t0 = std::time::Instant::now();
+        while h.stats().ram.postcopy_requests < 5
+            && !h.stats().status.is_final()
+            && t0.elapsed() < Duration::from_secs(60)
+        {
+            thread::sleep(Duration::from_millis(5));
+        }
+        let mut p = h.params();
+        p.max_bandwidth = 0;
+        h.set_params(p).unwrap();
+    });
+    assert_postcopy_done(&r);
+    let pc = r.received.postcopy.as_ref().unwrap();
+    assert!(r.stats.ram.postcopy_requests >= 5);
+    assert!(
+        pc.urgent_pages >= 1,
+        "no requested page came on the urgent connection ({} requests)",
+        r.stats.ram.postcopy_requests
+    );
+    assert!(pc.urgent_pages <= r.stats.ram.postcopy_requests);
+    assert!(pc.urgent_pages < pc.placed_pages, "bulk pages did not");
+}
+
+#[test]
+fn the_background_push_honours_max_bandwidth() {
+    // 12 MiB (8 MiB of random pages) at 4 MiB/s: at least about 2 s, which
+    // an unpaced loopback push never takes. A lower bound on time from the
+    // limit itself, not a speed assertion.
+    let params = Params {
+        max_bandwidth: 4 * MIB,
+        ..postcopy_params()
+    };
+    let r = run_postcopy(params, true, |_| {});
+    assert_postcopy_done(&r);
+    let bytes = r.stats.ram.postcopy_bytes;
+    let ms = r.stats.postcopy_time.unwrap();
+    // Requested pages are never held back, so allow them on top.
+    let floor = (bytes.saturating_sub(r.stats.ram.postcopy_requests * 4096 + 16 * 4096)) * 1000
+        / (4 * MIB);
+    assert!(
+        ms + 50 >= floor,
+        "{bytes} bytes after the switch in {ms} ms: faster than 4 MiB/s allows ({floor} ms)"
+    );
+}
