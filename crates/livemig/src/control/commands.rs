@@ -506,7 +506,8 @@ impl State {
         type Accept = Box<dyn FnOnce() -> Result<crate::transport::Incoming, String> + Send>;
         let accept: Accept = match self.tls() {
             None => {
-                let l = crate::transport::Listener::bind(uri).map_err(|e| generic(e.to_string()))?;
+                let l =
+                    crate::transport::Listener::bind(uri).map_err(|e| generic(e.to_string()))?;
                 Box::new(move || l.accept().map_err(|e| e.to_string()))
             }
             Some(t) => {

@@ -728,14 +728,16 @@ impl MigrationStarter for TcpStarter {
         handle: MigrationHandle,
     ) -> Result<(), String> {
         let mut tracker = UffdTracker::new(&self.mem, UffdMode::Auto).map_err(|e| e.to_string())?;
-        let (mem, mut control, uri) = (self.mem.clone(), self.control.clone().unwrap(), uri.clone());
+        let (mem, mut control, uri) =
+            (self.mem.clone(), self.control.clone().unwrap(), uri.clone());
         thread::spawn(move || {
             let conn = crate::transport::connect(&uri).unwrap();
-            let _ = Source::new(&mem, &mut tracker, &mut control, handle).run_conn(conn, &mut |_| {
-                Ok(crate::transport::connect(&uri)
-                    .map_err(std::io::Error::other)?
-                    .writer)
-            });
+            let _ =
+                Source::new(&mem, &mut tracker, &mut control, handle).run_conn(conn, &mut |_| {
+                    Ok(crate::transport::connect(&uri)
+                        .map_err(std::io::Error::other)?
+                        .writer)
+                });
         });
         Ok(())
     }
@@ -817,7 +819,8 @@ fn postcopy_recovers_over_qmp_after_a_cut() {
         ControlClient::connect(&dp).unwrap(),
     );
     let caps = json!({"capabilities": [{"capability": "postcopy-ram", "state": true}]});
-    sc.execute("migrate-set-capabilities", caps.clone()).unwrap();
+    sc.execute("migrate-set-capabilities", caps.clone())
+        .unwrap();
     dc.execute("migrate-set-capabilities", caps).unwrap();
     // Nothing to recover yet.
     let e = err(dc.execute("migrate-recover", json!({"uri": free_tcp_port()})));
@@ -834,13 +837,11 @@ fn postcopy_recovers_over_qmp_after_a_cut() {
     wait_status(&mut sc, &["postcopy-paused"]);
     wait_status(&mut dc, &["postcopy-paused"]);
     assert!(proxy.has_cut());
-    let e = err(sc.execute(
-        "migrate",
-        json!({"uri": free_tcp_port(), "resume": "yes"}),
-    ));
+    let e = err(sc.execute("migrate", json!({"uri": free_tcp_port(), "resume": "yes"})));
     assert!(e.contains("resume"), "{e}");
     let again = free_tcp_port();
-    dc.execute("migrate-recover", json!({"uri": again})).unwrap();
+    dc.execute("migrate-recover", json!({"uri": again}))
+        .unwrap();
     sc.execute("migrate", json!({"uri": again, "resume": true}))
         .unwrap();
     let s = wait_status(&mut sc, &["completed", "failed"]);

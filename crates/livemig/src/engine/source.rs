@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 use super::ack;
 use super::channels::{ChannelSetup, ChannelWriter, PageEncoding, SendChannels};
 use super::digest::{hash_sample, hex, memory_digest, RunningDigest, CHUNK as DIGEST_CHUNK};
+use super::handle::Reconnect;
 use super::handle::{MigrationHandle, SyncPoint};
 use super::pacing::{Pacing, PauseInputs};
 use super::params::{Params, Switchover};
-use super::handle::Reconnect;
 use super::postcopy::{
     check_request, BitmapAssembler, FaultReport, Message, MessageReader, PostcopyError,
 };
@@ -794,10 +794,7 @@ impl<'a> RamSaver<'a> {
 
     /// Postcopy over the current connections: requests first, the rest in
     /// the background, END, and the destination's COMPLETE.
-    fn postcopy_run<W: Write>(
-        &mut self,
-        link: &mut PostcopyLink<W>,
-    ) -> Result<(), MigrationError> {
+    fn postcopy_run<W: Write>(&mut self, link: &mut PostcopyLink<W>) -> Result<(), MigrationError> {
         let blocks: Vec<(String, u64)> = self
             .blocks
             .iter()
@@ -817,7 +814,9 @@ impl<'a> RamSaver<'a> {
                             if self.bitmaps[b].clear(p) {
                                 match &mut link.urgent {
                                     Some((u, _)) => self.send_page(u, b, p, true),
-                                    None => on_out!(&mut link.out, w => self.send_page(w, b, p, true)),
+                                    None => {
+                                        on_out!(&mut link.out, w => self.send_page(w, b, p, true))
+                                    }
                                 }
                                 .map_err(MigrationError::send)?;
                                 sent = true;
@@ -842,9 +841,7 @@ impl<'a> RamSaver<'a> {
                     Ok(Ok((_, Message::Failed(why)))) => {
                         return Err(MigrationError::Destination(why))
                     }
-                    Ok(Ok((at, _))) => {
-                        return Err(PostcopyError::NotRequest { offset: at }.into())
-                    }
+                    Ok(Ok((at, _))) => return Err(PostcopyError::NotRequest { offset: at }.into()),
                     Ok(Err(e)) => return Err(e.into()),
                     Err(TryRecvError::Empty) => break,
                     Err(TryRecvError::Disconnected) => {
@@ -1517,13 +1514,15 @@ struct Requests {
 impl Requests {
     fn try_recv(&self) -> Result<Incoming, std::sync::mpsc::TryRecvError> {
         let m = self.rx.try_recv()?;
-        self.queued.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        self.queued
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
         Ok(m)
     }
 
     fn recv_timeout(&self, t: Duration) -> Result<Incoming, std::sync::mpsc::RecvTimeoutError> {
         let m = self.rx.recv_timeout(t)?;
-        self.queued.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        self.queued
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
         Ok(m)
     }
 

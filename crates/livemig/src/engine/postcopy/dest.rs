@@ -15,15 +15,15 @@ use crate::bitmap::DirtyBitmap;
 use crate::codec::compress::{Algorithm, Decompressor};
 use crate::engine::ack::{read_go, write_reply, CommitError, Reply as AckReply};
 use crate::engine::handle::Reconnect;
-use crate::engine::{MigrationHandle, Status};
-use crate::transport::{BoxRead, Incoming};
 use crate::engine::loader::{LoadError, LoadOutcome, LoadStats, Loader};
+use crate::engine::{MigrationHandle, Status};
 use crate::memory::{GuestMemory, PAGE_SIZE};
 use crate::stream::format::{FLAG_URGENT, FLAG_VERIFY};
 use crate::stream::{Record, StreamReader};
 use crate::sys::uffd::{
     drop_pages, Uffd, UffdMsg, Waker, UFFD_EVENT_PAGEFAULT, UFFD_FEATURE_THREAD_ID,
 };
+use crate::transport::{BoxRead, Incoming};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 
@@ -363,8 +363,8 @@ fn receive_inner<R: Read>(
                 (r, us)
             })
         });
-        let mut main = place_stream(&mut r, &placer, &mut stats)
-            .map_err(|e| crate::error_chain(&e));
+        let mut main =
+            place_stream(&mut r, &placer, &mut stats).map_err(|e| crate::error_chain(&e));
         if let Some(h) = recovery {
             // Every failure of the main stream pauses; a new connection
             // resumes from the received bitmap.
@@ -404,7 +404,9 @@ fn receive_inner<R: Read>(
                     stats.compressed_pages += us.compressed_pages;
                     stats.bytes += us.bytes;
                     // After a recovery the old urgent connection just ends.
-                    urgent_failed = r.err().map(|e| format!("urgent connection: {}", crate::error_chain(&e)));
+                    urgent_failed = r
+                        .err()
+                        .map(|e| format!("urgent connection: {}", crate::error_chain(&e)));
                 }
                 Err(_) => urgent_failed = Some("the urgent connection's thread panicked".into()),
             }
@@ -461,8 +463,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// A stream's block list: (id, length) in stream order.
+type BlockList = Vec<(String, u64)>;
+
 /// Reads a connection's stream start: header and block list.
-fn open_urgent<C: Read>(conn: C) -> Result<(StreamReader<C>, Vec<(String, u64)>), LoadError> {
+fn open_urgent<C: Read>(conn: C) -> Result<(StreamReader<C>, BlockList), LoadError> {
     let mut u = StreamReader::new(conn)?;
     let at = u.offset();
     let Record::BlockList(list) = u.next_record()? else {
@@ -527,10 +532,7 @@ fn pause_and_recover(
         match resume_in(conn, mem, map, placer, reply) {
             Ok(r) => {
                 h.set_status(Status::PostcopyActive, None);
-                log::info!(
-                    "postcopy resumed: {} pages still to come",
-                    placer.missing()
-                );
+                log::info!("postcopy resumed: {} pages still to come", placer.missing());
                 return Ok(r);
             }
             Err(e) => {

@@ -681,10 +681,18 @@ fn assert_recovered(r: &Recovered) {
         "the destination's memory differs from the paused source's"
     );
     assert_eq!(r.run.stats.status, Status::Completed);
-    let pc = r.run.received.postcopy.as_ref().expect("switched to postcopy");
+    let pc = r
+        .run
+        .received
+        .postcopy
+        .as_ref()
+        .expect("switched to postcopy");
     assert_eq!(pc.discarded_pages, r.run.src.total_bytes() / 4096);
     assert!(r.run.reads > 0, "the destination guest ran");
-    for (side, seen) in [("source", &r.src_statuses), ("destination", &r.dst_statuses)] {
+    for (side, seen) in [
+        ("source", &r.src_statuses),
+        ("destination", &r.dst_statuses),
+    ] {
         let at = |s: Status| seen.iter().position(|&x| x == s);
         let paused = at(Status::PostcopyPaused)
             .unwrap_or_else(|| panic!("{side} never reported postcopy-paused: {seen:?}"));
@@ -780,15 +788,24 @@ fn bitmap_messages_are_checked_against_the_blocks() {
             }
         }
         let e = err.unwrap_or_else(|| panic!("accepted: {msgs:?}"));
-        assert!(e.contains(want) && e.contains("byte 10"), "{e} (wanted {want})");
+        assert!(
+            e.contains(want) && e.contains("byte 10"),
+            "{e} (wanted {want})"
+        );
     }
     // A word count of 0 or past the limit is refused by the reader.
     let mut b = vec![b'B', 0, 0, 0, 0, 0, 0];
     b.extend_from_slice(&(MAX_BITMAP_WORDS + 1).to_be_bytes());
-    let e = MessageReader::new(&b[..]).read_message().unwrap_err().to_string();
+    let e = MessageReader::new(&b[..])
+        .read_message()
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("bitmap word count 1025"), "{e}");
     let b = [b'B', 0, 0, 0, 0, 0, 0, 0, 0];
-    let e = MessageReader::new(&b[..]).read_message().unwrap_err().to_string();
+    let e = MessageReader::new(&b[..])
+        .read_message()
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("bitmap word count 0"), "{e}");
 }
 
@@ -895,8 +912,8 @@ fn the_background_push_honours_max_bandwidth() {
     let bytes = r.stats.ram.postcopy_bytes;
     let ms = r.stats.postcopy_time.unwrap();
     // Requested pages are never held back, so allow them on top.
-    let floor = (bytes.saturating_sub(r.stats.ram.postcopy_requests * 4096 + 16 * 4096)) * 1000
-        / (4 * MIB);
+    let floor =
+        (bytes.saturating_sub(r.stats.ram.postcopy_requests * 4096 + 16 * 4096)) * 1000 / (4 * MIB);
     assert!(
         ms + 50 >= floor,
         "{bytes} bytes after the switch in {ms} ms: faster than 4 MiB/s allows ({floor} ms)"
