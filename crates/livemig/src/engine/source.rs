@@ -854,8 +854,13 @@ impl<'a> RamSaver<'a> {
             }
             // Then a small batch of background pages, flushed, so that a
             // request never waits behind more than one batch of ours; paced
-            // by max-bandwidth like precopy.
-            let mut batch = 0;
+            // by max-bandwidth like precopy, in short waits so that a
+            // request that comes meanwhile is served at once.
+            if let Some(wait) = self.postcopy_wait(link) {
+                std::thread::sleep(wait.min(Duration::from_millis(1)));
+                self.refresh_postcopy_bandwidth(link, &mut published);
+                continue;
+            }
             for _ in 0..POSTCOPY_BATCH {
                 let Some((b, p)) = self.next_dirty() else {
                     break;
@@ -865,25 +870,10 @@ impl<'a> RamSaver<'a> {
                 self.pos_page = p + 1;
                 on_out!(&mut link.out, w => self.send_page(w, b, p, true))
                     .map_err(MigrationError::send)?;
-                batch += 1;
             }
             on_out!(&mut link.out, w => self.section_end(w))?;
             self.transferred = link.bytes();
-            if batch > 0 {
-                self.postcopy_pace(link);
-            }
-            if published.elapsed() >= STEP {
-                self.pacing.measure(self.transferred, Instant::now());
-                self.publish(Status::PostcopyActive, "", None);
-                published = Instant::now();
-                // max-bandwidth may change while postcopy runs (the other
-                // parameters were fixed at the switch).
-                let limit = self.handle.params().max_bandwidth;
-                if limit != self.params.max_bandwidth {
-                    self.params.max_bandwidth = limit;
-                    self.postcopy_pace_from = Some((link.bytes(), Instant::now()));
-                }
-            }
+            self.refresh_postcopy_bandwidth(link, &mut published);
         }
         if let Some((u, _)) = &mut link.urgent {
             u.end().map_err(MigrationError::send)?;
@@ -908,26 +898,40 @@ impl<'a> RamSaver<'a> {
         }
     }
 
-    /// Sleeps as `max-bandwidth` asks after a background batch (requested
-    /// pages are never held back), in short slices so that a request that
-    /// comes meanwhile is served at once.
-    fn postcopy_pace<W: Write>(&mut self, link: &PostcopyLink<W>) {
-        let limit = self.params.max_bandwidth;
-        if limit == 0 {
+    /// Every [`STEP`]: publishes the stats and takes a new
+    /// `max-bandwidth` (it may change while postcopy runs; the other
+    /// parameters were fixed at the switch).
+    fn refresh_postcopy_bandwidth<W: Write>(
+        &mut self,
+        link: &PostcopyLink<W>,
+        published: &mut Instant,
+    ) {
+        if published.elapsed() < STEP {
             return;
         }
-        let Some((from, since)) = self.postcopy_pace_from else {
-            return;
-        };
+        self.transferred = link.bytes();
+        self.pacing.measure(self.transferred, Instant::now());
+        self.publish(Status::PostcopyActive, "", None);
+        *published = Instant::now();
+        let limit = self.handle.params().max_bandwidth;
+        if limit != self.params.max_bandwidth {
+            self.params.max_bandwidth = limit;
+            self.postcopy_pace_from = Some((link.bytes(), Instant::now()));
+        }
+    }
+
+    /// How long the background push must still wait for `max-bandwidth`
+    /// (bytes since the switch, requested pages included, against the
+    /// time since); `None` when it may send now.
+    fn postcopy_wait<W: Write>(&self, link: &PostcopyLink<W>) -> Option<Duration> {
+        let limit = self.params.max_bandwidth;
+        let (from, since) = self.postcopy_pace_from?;
+        if limit == 0 {
+            return None;
+        }
         let sent = link.bytes().saturating_sub(from);
         let due = Duration::from_secs_f64(sent as f64 / limit as f64);
-        let slice = Duration::from_millis(2);
-        while since.elapsed() < due {
-            if link.requests.has_queued() {
-                return;
-            }
-            std::thread::sleep(slice.min(due - since.elapsed().min(due)));
-        }
+        due.checked_sub(since.elapsed()).filter(|d| !d.is_zero())
     }
 
     /// Recovery over `conn`: a new stream start, the destination's
@@ -1507,28 +1511,16 @@ type Incoming = Result<(u64, Message), PostcopyError>;
 /// The destination's messages, read on a thread of their own.
 struct Requests {
     rx: std::sync::mpsc::Receiver<Incoming>,
-    queued: Arc<std::sync::atomic::AtomicUsize>,
     ended: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Requests {
     fn try_recv(&self) -> Result<Incoming, std::sync::mpsc::TryRecvError> {
-        let m = self.rx.try_recv()?;
-        self.queued
-            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-        Ok(m)
+        self.rx.try_recv()
     }
 
     fn recv_timeout(&self, t: Duration) -> Result<Incoming, std::sync::mpsc::RecvTimeoutError> {
-        let m = self.rx.recv_timeout(t)?;
-        self.queued
-            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-        Ok(m)
-    }
-
-    /// Whether a message waits to be taken.
-    fn has_queued(&self) -> bool {
-        self.queued.load(std::sync::atomic::Ordering::SeqCst) > 0
+        self.rx.recv_timeout(t)
     }
 
     fn stop(&self) {
@@ -1549,21 +1541,19 @@ fn spawn_request_reader(
 ) -> Result<Requests, MigrationError> {
     let (tx, rx) = std::sync::mpsc::channel();
     let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let (e, q) = (ended.clone(), queued.clone());
+    let e = ended.clone();
     std::thread::Builder::new()
         .name("livemig-postcopy-requests".into())
         .spawn(move || loop {
             let waiting = || !e.load(std::sync::atomic::Ordering::SeqCst);
             let m = mr.read_message_waiting(&waiting);
             let more = matches!(m, Ok((_, Message::Request(_))));
-            q.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             if tx.send(m).is_err() || !more {
                 break;
             }
         })
         .map_err(MigrationError::send)?;
-    Ok(Requests { rx, queued, ended })
+    Ok(Requests { rx, ended })
 }
 
 /// Whether postcopy failed because a connection was lost (recoverable),
