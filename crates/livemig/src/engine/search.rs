@@ -168,6 +168,15 @@ impl PageSearch {
         self.bitmaps.get_mut(block).is_some_and(|b| b.clear(page))
     }
 
+    /// Postcopy recovery: `bitmaps` (one per block, same sizes) are what
+    /// is left to send; the walk starts over at the first block. Rounds,
+    /// the bulk stage and pending chunk clears stay as they were.
+    pub fn restart(&mut self, bitmaps: Vec<DirtyBitmap>) {
+        self.bitmaps = bitmaps;
+        self.block = 0;
+        self.page = 0;
+    }
+
     /// Continues the walk at `page` of `block` (locality after a request).
     pub fn seek(&mut self, block: usize, page: u64) {
         if block < self.bitmaps.len() {
@@ -328,6 +337,19 @@ mod tests {
         assert!(s.take(0, 1));
         assert!(!s.take(0, 1), "a page is taken once");
         assert_eq!(drain(&mut s), vec![(0, 0)]);
+    }
+
+    #[test]
+    fn restart_walks_what_is_left_from_the_start() {
+        let mut s = PageSearch::new([4, 4]);
+        assert_eq!(s.take_next().map(|f| f.page), Some(0));
+        s.seek(1, 2);
+        let mut left = vec![DirtyBitmap::new(4), DirtyBitmap::new(4)];
+        left[0].set(3);
+        left[1].set(1);
+        s.restart(left);
+        assert_eq!(s.remaining(), 2);
+        assert_eq!(drain(&mut s), vec![(0, 3), (1, 1)]);
     }
 
     #[test]
