@@ -10,6 +10,8 @@ pub mod local;
 mod pacing;
 mod params;
 pub mod postcopy;
+mod prefault;
+mod search;
 mod source;
 mod stats;
 

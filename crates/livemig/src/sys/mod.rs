@@ -5,6 +5,7 @@
 pub mod kvm;
 pub mod memfd;
 pub mod mmap;
+pub mod residency;
 pub mod scm;
 pub mod shm;
 pub mod uffd;
