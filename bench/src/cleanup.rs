@@ -24,11 +24,6 @@ pub fn pids() -> MutexGuard<'static, Vec<u32>> {
     lock(&PIDS)
 }
 
-/// Records a child pid.
-pub fn add_pid(pid: u32) {
-    pids().push(pid);
-}
-
 /// Forgets a child pid (call with the registry held, see [`pids`]).
 pub fn remove_pid(pids: &mut Vec<u32>, pid: u32) {
     pids.retain(|&p| p != pid);
@@ -106,7 +101,7 @@ mod tests {
         cmd.arg("300");
         prepare(&mut cmd);
         let mut child = cmd.spawn().unwrap();
-        add_pid(child.id());
+        pids().push(child.id());
         assert!(kill_children() >= 1);
         let st = child.wait().unwrap();
         use std::os::unix::process::ExitStatusExt;

@@ -76,7 +76,8 @@ fn run_inner(case: &Case, dir: &Path, minivm: &Path, out: &mut Outcome) -> Resul
     // Idle: both memories are compared whole; others: [0, end).
     let dump_size = if idle { case.mem } else { case.end };
 
-XX, "--no-progress-check", "--mem", &mem])
+    let mut cmd = net::command(Side::Dst, minivm);
+    cmd.args(["run", "--incoming", "--no-progress-check", "--mem", &mem])
         .args(["--vcpus", "1", "--seconds", "1"])
         .arg("--control")
         .arg(&dst_sock)
@@ -86,7 +87,8 @@ XX, "--no-progress-check", "--mem", &mem])
         .arg(format!("0:{dump_size}:{}", dst_fifo.display()));
     let mut dst = Proc::spawn("minivm destination", cmd, &dir.join("dst.log"))?;
 
-, &mem, "--vcpus", "1"])
+    let mut cmd = net::command(Side::Src, minivm);
+    cmd.args(["run", "--mem", &mem, "--vcpus", "1"])
         .arg("--boot-sector")
         .arg(&sector_path)
         .arg("--control")

@@ -13,6 +13,9 @@ mod qmp;
 mod report;
 mod run;
 mod svg;
+// The harness's only unsafe code: signal masks, sigwait, kill, and the
+// children's death signal (each block with its SAFETY comment).
+#[allow(unsafe_code)]
 mod sys;
 
 use std::path::{Path, PathBuf};
@@ -275,6 +278,7 @@ fn machine(qemu: String, refs: &Value) -> Machine {
         tcp: refs["tcp_loopback"]["bytes_per_sec"]
             .as_f64()
             .unwrap_or(0.0),
+        ..Default::default()
     }
 }
 
@@ -466,8 +470,12 @@ fn run_cli(cli: Cli) -> Result<bool> {
         if !cli.only.is_empty() {
             command += &format!(" --only {}", cli.only.join(","));
         }
-        let new = report::replace_section(&doc, &report::section(&aggs, &rows, &m, &command, &cli.section), &cli.section)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let new = report::replace_section(
+            &doc,
+            &report::section(&aggs, &rows, &m, &command, &cli.section),
+            &cli.section,
+        )
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         std::fs::write(path, new).with_context(|| format!("writing {}", path.display()))?;
         eprintln!("wrote the comparison section of {}", path.display());
     }

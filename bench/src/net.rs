@@ -32,10 +32,14 @@ static LINK: OnceLock<Link> = OnceLock::new();
 /// Parses a rate like `1gbit`, `10gbit`, `500mbit` into bits/s.
 pub fn parse_rate(s: &str) -> Result<u64, String> {
     let l = s.to_ascii_lowercase();
-    let (n, mul) = [("gbit", 1_000_000_000u64), ("mbit", 1_000_000), ("kbit", 1_000)]
-        .iter()
-        .find_map(|(suf, m)| l.strip_suffix(suf).map(|n| (n.to_string(), *m)))
-        .ok_or_else(|| format!("'{s}': a rate like 1gbit, 10gbit or 500mbit"))?;
+    let (n, mul) = [
+        ("gbit", 1_000_000_000u64),
+        ("mbit", 1_000_000),
+        ("kbit", 1_000),
+    ]
+    .iter()
+    .find_map(|(suf, m)| l.strip_suffix(suf).map(|n| (n.to_string(), *m)))
+    .ok_or_else(|| format!("'{s}': a rate like 1gbit, 10gbit or 500mbit"))?;
     let v: f64 = n
         .parse()
         .map_err(|_| format!("'{s}': a rate like 1gbit, 10gbit or 500mbit"))?;
@@ -99,7 +103,9 @@ pub fn setup(rate_bits: u64, label: &str) -> Result<&'static Link> {
             ip(&["-n", ns, "link", "set", "dev", dev, "up"])?;
             ip(&["-n", ns, "link", "set", "dev", "lo", "up"])?;
             let out = Command::new("ip")
-                .args(["netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf"])
+                .args([
+                    "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
+                ])
                 .args(["rate", &rate, "burst", &burst, "latency", "20ms"])
                 .output()
                 .context("running tc")?;
@@ -133,11 +139,6 @@ pub fn teardown() {
     if let Some(l) = LINK.get() {
         teardown_ns(l);
     }
-}
-
-/// The emulated link, if any.
-pub fn link() -> Option<&'static Link> {
-    LINK.get()
 }
 
 /// Which side of the migration a process belongs to.

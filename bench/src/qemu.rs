@@ -252,7 +252,8 @@ fn run_inner(case: &Case, dir: &Path, out: &mut Outcome) -> Result<()> {
                 .execute("migrate-set-parameters", json!({"multifd-channels": n}))?;
         }
     }
-: case.max_bandwidth,
+    let mut params = json!({
+        "max-bandwidth": case.max_bandwidth,
         "downtime-limit": case.downtime_ms,
         "xbzrle-cache-size": case.xbzrle_cache,
     });

@@ -163,7 +163,9 @@ pub fn aggregate(rows: &[Row]) -> Vec<Agg> {
             let g: Vec<&Row> = rows
                 .iter()
                 .filter(|r| {
-                    r.case.scenario == k.0 && r.case.variant_label() == k.1 && r.outcome.system == k.2
+                    r.case.scenario == k.0
+                        && r.case.variant_label() == k.1
+                        && r.outcome.system == k.2
                 })
                 .collect();
             let ok: Vec<&Outcome> = g
@@ -440,7 +442,11 @@ mod tests {
                 throttle_pct: 40,
                 check: ok.map(|ok| CheckResult {
                     ok,
-                    detail: if ok { "fine".into() } else { "page 0x1000 stale".into() },
+                    detail: if ok {
+                        "fine".into()
+                    } else {
+                        "page 0x1000 stale".into()
+                    },
                 }),
                 ..Default::default()
             },
@@ -523,12 +529,27 @@ mod tests {
             load: "7.1 6.0 5.0 at the start".into(),
         };
         let rows = [row("qemu", 0, true, Some(true), 1000)];
-        let s = section(&aggregate(&rows), &rows, &m, "livemig-harness", DEFAULT_SECTION);
+        let s = section(
+            &aggregate(&rows),
+            &rows,
+            &m,
+            "livemig-harness",
+            DEFAULT_SECTION,
+        );
         let (b, e) = markers(DEFAULT_SECTION);
         assert!(s.starts_with(&b) && s.ends_with(&e));
         for want in [
-            "Xeon", "2 cores", "24 GiB", "6.18", "7.2.22", "2026-11-22", "10.00 GB/s",
-            "3.00 GB/s", "loopback", "3 run(s)", "7.1 6.0 5.0",
+            "Xeon",
+            "2 cores",
+            "24 GiB",
+            "6.18",
+            "7.2.22",
+            "2026-11-22",
+            "10.00 GB/s",
+            "3.00 GB/s",
+            "loopback",
+            "3 run(s)",
+            "7.1 6.0 5.0",
         ] {
             assert!(s.contains(want), "{want} missing: {s}");
         }

@@ -6,6 +6,9 @@ use crate::report::{Agg, Machine, Stat};
 const W: f64 = 760.0;
 const PANEL_H: f64 = 220.0;
 const LEFT: f64 = 70.0;
+/// Variant label, then (system, figure) per bar.
+type Groups<'a> = Vec<(String, Vec<(&'a str, Option<Stat>)>)>;
+
 const COLORS: [(&str, &str); 2] = [("livemig", "#1f77b4"), ("qemu", "#d62728")];
 
 fn esc(s: &str) -> String {
@@ -28,12 +31,18 @@ pub fn file_stem(scenario: &str, m: &Machine) -> String {
     };
     let s: String = scenario
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     format!("{s}-{net}")
 }
 
-fn panel(out: &mut String, y0: f64, title: &str, groups: &[(String, Vec<(&str, Option<Stat>)>)]) {
+fn panel(out: &mut String, y0: f64, title: &str, groups: &Groups) {
     let max = groups
         .iter()
         .flat_map(|g| g.1.iter().filter_map(|(_, s)| s.map(|s| s.max)))
@@ -135,7 +144,7 @@ pub fn charts(aggs: &[Agg], m: &Machine) -> Vec<(String, String)> {
                     variants.push(a.case.variant_label());
                 }
             }
-            let groups = |f: &dyn Fn(&Agg) -> Option<Stat>| -> Vec<(String, Vec<(&str, Option<Stat>)>)> {
+            let groups = |f: &dyn Fn(&Agg) -> Option<Stat>| -> Groups {
                 variants
                     .iter()
                     .map(|v| {

@@ -25,7 +25,10 @@ fn killed_by(sig: i32) {
     BufReader::new(h.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
-    let child: i32 = line.trim().parse().unwrap_or_else(|_| panic!("pid: {line:?}"));
+    let child: i32 = line
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("pid: {line:?}"));
     assert!(alive(child), "the child runs before the signal");
     let st = Command::new("kill")
         .args([format!("-{sig}"), h.id().to_string()])
@@ -37,7 +40,10 @@ fn killed_by(sig: i32) {
         if let Some(st) = h.try_wait().unwrap() {
             break st;
         }
-        assert!(t0.elapsed() < Duration::from_secs(30), "harness still running");
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "harness still running"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     if sig == 9 {
