@@ -11,7 +11,7 @@ set -u
 cd "$(dirname "$0")"
 secs=${1:-600}
 shift 2>/dev/null || true
-targets=${*:-"stream_reader loader loader_guard xbzrle_decode decompress control"}
+targets=${*:-"stream_reader loader loader_guard xbzrle_decode decompress control mapped_ram_header"}
 export RUSTC_BOOTSTRAP=1
 cargo fuzz build || exit 1
 status=0

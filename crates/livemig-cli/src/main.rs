@@ -7,6 +7,7 @@ mod dirtyrate;
 mod jsonout;
 mod process;
 mod report;
+mod snapshot;
 mod svg;
 #[allow(unsafe_code)]
 mod sys;

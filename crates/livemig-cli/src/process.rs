@@ -240,6 +240,8 @@ pub struct SourceOpts {
     pub tune: TuneArgs,
     #[command(flatten)]
     pub io: IoArgs,
+    #[command(flatten)]
+    pub snapshot: crate::snapshot::SnapshotSaveArgs,
     /// Draw the migration into this SVG file: per sync, dirty pages, pages
     /// sent, throughput, throttle and expected downtime over time.
     #[arg(long, value_name = "FILE.svg")]
@@ -259,6 +261,8 @@ pub struct DestOpts {
     pub mem: MemArgs,
     #[command(flatten)]
     pub io: IoArgs,
+    #[command(flatten)]
+    pub snapshot: crate::snapshot::SnapshotLoadArgs,
     /// Print one JSON object of the result on stdout.
     #[arg(long)]
     pub json: bool,
@@ -362,6 +366,7 @@ fn tracker(mem: &ProcessMemory, t: TrackerArg) -> Result<UffdTracker> {
 fn run_source(uri: &Uri, o: &SourceOpts, tls: Option<&TlsConfig>) -> Result<()> {
     let (mem_args, wl, tune, json, quiet) = (&o.mem, &o.workload, &o.tune, o.json, o.quiet);
     let params = tune.params()?;
+    o.snapshot.check(uri)?;
     let mem = mem_args.map()?;
     fill(&mem, wl.fill);
     let mut tracker = tracker(&mem, wl.tracker)?;
@@ -384,6 +389,13 @@ fn run_source(uri: &Uri, o: &SourceOpts, tls: Option<&TlsConfig>) -> Result<()> 
     });
     if wl.warmup > 0.0 {
         std::thread::sleep(Duration::from_secs_f64(wl.warmup));
+    }
+    if let (true, Uri::File(path)) = (o.snapshot.wanted(), uri) {
+        let mut control = workload.as_ref().map(Workload::control);
+        let control = control
+            .as_mut()
+            .map(|c| c as &mut dyn livemig::vm::VmControl);
+        return crate::snapshot::process_save(path, &mem, control, &o.snapshot, json);
     }
     if params.channels > 1 && matches!(uri, Uri::File(_)) {
         bail!("a snapshot file is one stream: --channels must be 1");
@@ -501,6 +513,9 @@ type BoxReadRef<'a> = Box<dyn std::io::Read + Send + 'a>;
 fn run_dest(uri: &Uri, o: &DestOpts, tls: Option<&TlsConfig>) -> Result<()> {
     let (mem_args, json, quiet) = (&o.mem, o.json, o.quiet);
     let mem = mem_args.map()?;
+    if let Some(path) = o.snapshot.file(uri)? {
+        return crate::snapshot::process_load(path, &mem, &o.snapshot, json);
+    }
     let listener = crate::tls::Endpoint::bind(uri, tls, o.io.io_timeout)?;
     if !matches!(uri, Uri::File(_)) {
         // On stderr even with --json: scripts wait for this line.

@@ -167,6 +167,8 @@ pub struct VmMigrateArgs {
     pub io: IoArgs,
     #[command(flatten)]
     pub tls: crate::tls::TlsSourceArgs,
+    #[command(flatten)]
+    pub snapshot: crate::snapshot::SnapshotSaveArgs,
     /// Print one JSON object of the final stats on stdout.
     #[arg(long)]
     pub json: bool,
@@ -192,6 +194,8 @@ pub struct VmIncomingArgs {
     pub io: IoArgs,
     #[command(flatten)]
     pub tls: crate::tls::TlsArgs,
+    #[command(flatten)]
+    pub snapshot: crate::snapshot::SnapshotLoadArgs,
     /// Seconds the guest runs after it resumes (0 = until interrupted).
     #[arg(long, default_value_t = 0.0)]
     pub seconds: f64,
@@ -219,7 +223,7 @@ fn check_kvm() -> Result<()> {
 }
 
 impl LayoutArgs {
-    fn dest_config(&self) -> VmConfig {
+    pub(crate) fn dest_config(&self) -> VmConfig {
         VmConfig {
             mem_size: self.mem,
             ram_blocks: usize::from(self.blocks),
@@ -585,8 +589,18 @@ pub fn vm_migrate(a: VmMigrateArgs) -> Result<()> {
     let uri: Uri = a.uri.parse()?;
     let say = !a.json;
     a.converge.check(&a.guest)?;
+    a.snapshot.check(&uri)?;
     let src = start_source(&a.layout, &a.guest, say)?;
     warm_up(&src, a.guest.warmup, say)?;
+    if let (true, Uri::File(path)) = (a.snapshot.wanted(), &uri) {
+        let hint = format!(
+            "--mem {}M --vcpus {} --blocks {} --seconds 5 [--lazy]",
+            a.layout.mem >> 20,
+            a.layout.vcpus,
+            a.layout.blocks
+        );
+        return crate::snapshot::vm_save(path, &src.vm, &hint, &a.snapshot, a.json);
+    }
     let tls = a.tls.config()?;
     let link = Link {
         uri: &uri,
@@ -642,6 +656,18 @@ pub fn vm_incoming(a: VmIncomingArgs) -> Result<()> {
     check_kvm()?;
     if a.json && a.seconds <= 0.0 {
         bail!("--json reports once the guest has run: give --seconds");
+    }
+    if let Some(path) = a.snapshot.file(&uri)? {
+        let config = a.layout.dest_config();
+        return crate::snapshot::vm_restore(
+            path,
+            &config,
+            &a.snapshot,
+            a.dirty_rate,
+            a.seconds,
+            a.json,
+            a.quiet,
+        );
     }
     let say = !a.json && !a.quiet;
     let tls = a.tls.config()?;

@@ -101,6 +101,7 @@ pub mod control;
 pub mod dirty;
 pub mod engine;
 pub mod memory;
+pub mod snapshot;
 pub mod stream;
 #[allow(unsafe_code)]
 mod sys;

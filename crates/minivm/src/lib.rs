@@ -25,6 +25,7 @@ pub mod dirty;
 pub mod dirtylimit;
 pub mod guest;
 pub mod migrate;
+pub mod snapshot;
 pub mod state;
 #[allow(unsafe_code)]
 pub mod sys;

@@ -364,14 +364,17 @@ fn vcpu_thread(sh: Arc<Shared>, i: usize) {
             }
         }
         if let Some(t) = ring_full.take() {
-            // Stopped on a full dirty ring: wait for the next harvest, one
-            // short step at a time so a pause is still served, then run
-            // again either way. A ring still full exits at once; one reset
-            // by a harvest that came between the exit and `ring_full` (the
-            // tracker's last one, when a migration ends) lets the vCPU go
-            // instead of waiting for a harvest that never comes.
-            if !sh.dirty.wait_harvested(t, Duration::from_millis(10)) && sh.wants_park() {
-                continue;
+            // Stopped on a full dirty ring: wait for the tracker's next
+            // harvest, one short step at a time so a pause is still served;
+            // if none comes (no tracker runs any more, or the host lost the
+            // ring's entries so no harvest can drain it), harvest it here.
+            if !sh.dirty.wait_harvested(t, Duration::from_millis(10)) {
+                if let Err(e) = sh.dirty.release_stuck(t) {
+                    log::warn!("vCPU {i}: releasing a full dirty ring: {e}");
+                }
+                if sh.wants_park() {
+                    continue;
+                }
             }
         }
         let pct = sh.throttle.load(Ordering::Relaxed);
@@ -394,6 +397,7 @@ fn vcpu_thread(sh: Arc<Shared>, i: usize) {
             crate::dirtylimit::Pacer::waited(&sh.dirty_limit, i, t.elapsed());
             continue;
         }
+        let gen = sh.dirty.generation();
         let exit = f.run();
         pending_io = false;
         match exit {
@@ -412,7 +416,7 @@ fn vcpu_thread(sh: Arc<Shared>, i: usize) {
                 // livemig records whether the host was emulating the guest
                 // (then the ring may have lost entries) and frees us at the
                 // next harvest.
-                ring_full = Some(sh.dirty.ring_full(i, f));
+                ring_full = Some(sh.dirty.ring_full(i, f, gen));
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
             other => {
@@ -488,6 +492,9 @@ pub struct GuestStatus {
     pub vcpus: Vec<VcpuStatus>,
     /// vCPUs that stopped on an error, with the reason.
     pub errors: Vec<String>,
+    /// Dirty-ring entries the host lost (it overwrote a full ring while
+    /// emulating guest code); livemig recycled them so the vCPUs run on.
+    pub dirty_ring_lost: u64,
 }
 
 impl GuestStatus {
@@ -884,6 +891,7 @@ impl Vm {
         GuestStatus {
             vcpus,
             errors: lock(&self.shared.ctl).errors.clone(),
+            dirty_ring_lost: self.shared.dirty.lost_entries(),
         }
     }
 

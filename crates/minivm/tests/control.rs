@@ -4,9 +4,11 @@
 
 mod common;
 
+use common::{minivm, Proc};
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -453,27 +455,6 @@ fn cancel_at_setup_mid_round_and_completion() {
         src.vm.wait_idle(Duration::from_secs(5)),
         Some(Phase::MigratedAway)
     );
-}
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn minivm(args: &[&str]) -> Proc {
-    Proc(
-        Command::new(env!("CARGO_BIN_EXE_minivm"))
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    )
 }
 
 fn connect_when_up(path: &Path) -> ControlClient {

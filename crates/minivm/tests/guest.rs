@@ -82,13 +82,25 @@ fn pause_stops_writes_and_resume_continues() {
         std::thread::sleep(Duration::from_millis(500));
         vm.guest_status().pages_written() - a
     };
-    let full = rate(&vm);
-    vm.set_throttle(80);
-    std::thread::sleep(Duration::from_millis(100));
-    let slow = rate(&vm);
-    vm.set_throttle(0);
-    eprintln!("throttle 80%: {full} -> {slow} pages per 0.5 s");
-    assert!(slow * 2 < full, "throttle had no effect: {full} -> {slow}");
+    // On a loaded host one window can be starved either way: up to three
+    // tries, each with its own unthrottled reference just before.
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let full = rate(&vm);
+        vm.set_throttle(80);
+        std::thread::sleep(Duration::from_millis(100));
+        let slow = rate(&vm);
+        vm.set_throttle(0);
+        eprintln!("throttle 80%: {full} -> {slow} pages per 0.5 s");
+        seen.push((full, slow));
+        if slow * 2 < full {
+            break;
+        }
+    }
+    assert!(
+        seen.iter().any(|&(full, slow)| slow * 2 < full),
+        "throttle had no effect (unthrottled -> throttled pages per 0.5 s): {seen:?}"
+    );
 }
 
 #[test]

@@ -90,11 +90,22 @@ fn hash_chunks(
 
 /// The digest over the layout and the chunk hashes in order.
 fn top(mem: &dyn GuestMemory, hashes: &[[u8; 32]]) -> [u8; 32] {
+    let layout = mem.blocks().iter().map(|b| (b.id(), b.len()));
+    digest_of(layout, hashes)
+}
+
+/// The digest of memory laid out as `layout` (block id, length) whose
+/// chunks hash to `hashes` (chunk order, block by block): what a snapshot
+/// file's chunk table proves.
+pub(crate) fn digest_of<'a>(
+    layout: impl Iterator<Item = (&'a str, u64)>,
+    hashes: &[[u8; 32]],
+) -> [u8; 32] {
     let mut top = blake3::Hasher::new();
-    for b in mem.blocks() {
-        top.update(&(b.id().len() as u64).to_le_bytes());
-        top.update(b.id().as_bytes());
-        top.update(&b.len().to_le_bytes());
+    for (id, len) in layout {
+        top.update(&(id.len() as u64).to_le_bytes());
+        top.update(id.as_bytes());
+        top.update(&len.to_le_bytes());
     }
     for h in hashes {
         top.update(h);

@@ -3,7 +3,7 @@
 
 mod ack;
 mod channels;
-mod digest;
+pub(crate) mod digest;
 mod handle;
 mod loader;
 mod pacing;

@@ -122,6 +122,19 @@ pub(crate) struct DirtyRing {
     entries: u32,
     /// Next entry to look at (free-running, taken modulo `entries`).
     fetch: u32,
+    /// The ring was seen full: the host may have overwritten entries and
+    /// left unpublished ones (holes) before `fetch`'s successors.
+    suspect: bool,
+}
+
+/// What one harvest of a ring found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct RingHarvest {
+    /// Published entries handed to the caller.
+    pub(crate) entries: u64,
+    /// Entries the kernel counts as pushed that were never published (the
+    /// host overwrote a full ring): skipped and recycled, their pages lost.
+    pub(crate) holes: u64,
 }
 
 // SAFETY: the mapping is shared memory owned by this value; entries are
@@ -153,6 +166,7 @@ impl DirtyRing {
             ptr,
             entries,
             fetch: 0,
+            suspect: false,
         })
     }
 
@@ -161,28 +175,105 @@ impl DirtyRing {
         self.entries
     }
 
-    /// Harvests every published entry in order: calls `f(slot, page)` and
-    /// marks the entry for reset. Returns how many were harvested.
-    pub(crate) fn harvest(&mut self, mut f: impl FnMut(u32, u64)) -> u64 {
-        let mut n = 0;
-        loop {
-            let idx = (self.fetch % self.entries) as usize;
-            // SAFETY: idx < entries, inside the mapping.
-            let e = unsafe { self.ptr.as_ptr().add(idx) };
-            // SAFETY: `flags` is the first u32 of the entry, suitably aligned;
-            // the kernel publishes the entry with a release store of it.
-            let flags = unsafe { &*(std::ptr::addr_of_mut!((*e).flags) as *const AtomicU32) };
-            if flags.load(Ordering::Acquire) & GFN_F_DIRTY == 0 {
-                return n;
-            }
-            // SAFETY: the entry is published (acquire above); slot and offset
-            // are plain fields the kernel no longer writes.
-            let (slot, offset) = unsafe { ((*e).slot, (*e).offset) };
-            f(slot, offset);
-            flags.store(GFN_F_RESET, Ordering::Release);
-            self.fetch = self.fetch.wrapping_add(1);
-            n += 1;
+    /// The flags word of the entry at free-running position `pos`.
+    fn flags(&self, pos: u32) -> &AtomicU32 {
+        let idx = (pos % self.entries) as usize;
+        // SAFETY: idx < entries, inside the mapping, which lives as long as
+        // `self`; `flags` is the first u32 of the entry, suitably aligned,
+        // and the kernel and we only access it atomically.
+        unsafe {
+            let e = self.ptr.as_ptr().add(idx);
+            &*(std::ptr::addr_of_mut!((*e).flags) as *const AtomicU32)
         }
+    }
+
+    /// Slot and page offset of the published entry at `pos`.
+    fn entry(&self, pos: u32) -> (u32, u64) {
+        let idx = (pos % self.entries) as usize;
+        // SAFETY: idx < entries; the caller saw the entry published with an
+        // acquire load of its flags, so the kernel no longer writes these
+        // plain fields.
+        unsafe {
+            let e = self.ptr.as_ptr().add(idx);
+            ((*e).slot, (*e).offset)
+        }
+    }
+
+    fn published(&self, pos: u32) -> bool {
+        self.flags(pos).load(Ordering::Acquire) & GFN_F_DIRTY != 0
+    }
+
+    /// Harvests every published entry in order: calls `f(slot, page)` and
+    /// marks the entry for reset.
+    ///
+    /// A ring the host overfilled (kvm_pvm's emulator pushes into a full
+    /// ring, overwriting entries) ends with the kernel counting entries as
+    /// pushed that it never published: a hole at `fetch` with published
+    /// entries after it. Left alone, the hole stops every harvest and every
+    /// reset there and the vCPU stays stopped on a full ring for good; so
+    /// holes before a published entry are recycled too and counted.
+    pub(crate) fn harvest(&mut self, mut f: impl FnMut(u32, u64)) -> RingHarvest {
+        let mut h = RingHarvest::default();
+        loop {
+            if self.published(self.fetch) {
+                let (slot, offset) = self.entry(self.fetch);
+                f(slot, offset);
+                self.flags(self.fetch).store(GFN_F_RESET, Ordering::Release);
+                self.fetch = self.fetch.wrapping_add(1);
+                h.entries += 1;
+                continue;
+            }
+            if h.entries + 64 >= u64::from(self.entries) {
+                self.suspect = true;
+            }
+            if !self.suspect {
+                return h;
+            }
+            // The kernel publishes entries in ring order, each with a
+            // release store of its flags: once the entry `d` places on is
+            // seen published (acquire), every entry pushed before it is
+            // visible as published too. Those still unpublished are holes.
+            let Some(d) = (1..self.entries).find(|&d| self.published(self.fetch.wrapping_add(d)))
+            else {
+                return h;
+            };
+            if (0..d).any(|k| self.published(self.fetch.wrapping_add(k))) {
+                continue; // raced with a push: read again from `fetch`
+            }
+            for k in 0..d {
+                self.flags(self.fetch.wrapping_add(k))
+                    .store(GFN_F_RESET, Ordering::Release);
+            }
+            self.fetch = self.fetch.wrapping_add(d);
+            h.holes += u64::from(d);
+        }
+    }
+
+    /// Recycles `n` unpublished entries from `fetch` on, for a vCPU that is
+    /// stopped on a full ring although nothing in it is published (the host
+    /// lost every pending entry). Only sound when the caller knows at least
+    /// `n` entries are pending (the ring was full at its last exit and no
+    /// reset happened since): the kernel's reset walks every entry marked,
+    /// past its own push index if told to. Returns how many were marked
+    /// (it stops early at a published entry).
+    pub(crate) fn recycle_unpublished(&mut self, n: u32) -> u32 {
+        for k in 0..n.min(self.entries) {
+            let pos = self.fetch.wrapping_add(k);
+            let fl = self.flags(pos);
+            let seen = fl.load(Ordering::Acquire);
+            if seen & GFN_F_DIRTY != 0
+                || fl
+                    .compare_exchange(seen, GFN_F_RESET, Ordering::AcqRel, Ordering::Acquire)
+                    .is_err()
+            {
+                self.fetch = pos;
+                return k;
+            }
+        }
+        let n = n.min(self.entries);
+        self.fetch = self.fetch.wrapping_add(n);
+        self.suspect = true;
+        n
     }
 }
 
@@ -193,5 +284,165 @@ impl Drop for DirtyRing {
         unsafe {
             libc::munmap(self.ptr.as_ptr().cast(), len);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The harvest against a model of the kernel's side of the ring
+    //! (virt/kvm/dirty_ring.c): push writes the entry at `dirty_index` and
+    //! publishes it even when the ring is full (what kvm_pvm's emulator
+    //! does), reset walks from `reset_index` while entries are marked reset.
+    use super::*;
+
+    struct Kernel {
+        dirty_index: u32,
+        reset_index: u32,
+    }
+
+    fn anon_ring(entries: u32) -> DirtyRing {
+        let len = entries as usize * std::mem::size_of::<kvm_dirty_gfn>();
+        // SAFETY: a fresh anonymous mapping, checked for MAP_FAILED; the
+        // ring unmaps exactly `len` bytes on drop.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        DirtyRing {
+            ptr: NonNull::new(p.cast()).unwrap(),
+            entries,
+            fetch: 0,
+            suspect: false,
+        }
+    }
+
+    impl Kernel {
+        fn used(&self) -> u32 {
+            self.dirty_index.wrapping_sub(self.reset_index)
+        }
+        fn push(&mut self, r: &DirtyRing, page: u64) {
+            let idx = (self.dirty_index % r.entries) as usize;
+            // SAFETY: idx < entries, inside the test mapping.
+            unsafe {
+                let e = r.ptr.as_ptr().add(idx);
+                (*e).slot = 0;
+                (*e).offset = page;
+            }
+            r.flags(self.dirty_index)
+                .store(GFN_F_DIRTY, Ordering::Release);
+            self.dirty_index = self.dirty_index.wrapping_add(1);
+        }
+        fn reset(&mut self, r: &DirtyRing) {
+            while r.flags(self.reset_index).load(Ordering::Acquire) & GFN_F_RESET != 0 {
+                r.flags(self.reset_index).store(0, Ordering::Release);
+                self.reset_index = self.reset_index.wrapping_add(1);
+            }
+        }
+    }
+
+    fn collect(r: &mut DirtyRing) -> (Vec<u64>, RingHarvest) {
+        let mut pages = Vec::new();
+        let h = r.harvest(|_, p| pages.push(p));
+        (pages, h)
+    }
+
+    #[test]
+    fn a_healthy_ring_is_harvested_in_order_and_drained() {
+        let mut r = anon_ring(256);
+        let mut k = Kernel {
+            dirty_index: 0,
+            reset_index: 0,
+        };
+        for lap in 0..5u64 {
+            for p in 0..100 {
+                k.push(&r, lap * 1000 + p);
+            }
+            let (pages, h) = collect(&mut r);
+            assert_eq!(pages, (0..100).map(|p| lap * 1000 + p).collect::<Vec<_>>());
+            assert_eq!(h.holes, 0);
+            k.reset(&r);
+            assert_eq!(k.used(), 0, "lap {lap}");
+        }
+    }
+
+    #[test]
+    fn an_overfilled_ring_leaves_holes_that_are_skipped_not_a_stuck_vcpu() {
+        let n = 256;
+        let mut r = anon_ring(n);
+        let mut k = Kernel {
+            dirty_index: 0,
+            reset_index: 0,
+        };
+        // The host pushes 100 entries past a full ring, overwriting.
+        for p in 0..u64::from(n) + 100 {
+            k.push(&r, p);
+        }
+        let (pages, h) = collect(&mut r);
+        assert_eq!(pages.len(), n as usize);
+        assert_eq!(h.holes, 0);
+        k.reset(&r);
+        // The kernel still counts 100 entries whose slots it reset: holes.
+        assert_eq!(k.used(), 100);
+        // Without skipping them the next harvest would find nothing, ever.
+        for p in 0..10 {
+            k.push(&r, 5000 + p);
+        }
+        let (pages, h) = collect(&mut r);
+        assert_eq!(pages, (5000..5010).collect::<Vec<_>>());
+        assert_eq!(h.holes, 100);
+        k.reset(&r);
+        assert_eq!(k.used(), 0, "kernel and harvester agree again");
+        for p in 0..20 {
+            k.push(&r, 7000 + p);
+        }
+        let (pages, h) = collect(&mut r);
+        assert_eq!(pages, (7000..7020).collect::<Vec<_>>());
+        assert_eq!(h.holes, 0);
+        k.reset(&r);
+        assert_eq!(k.used(), 0);
+    }
+
+    #[test]
+    fn a_full_ring_of_holes_is_released_without_passing_the_push_index() {
+        let n = 4096;
+        let mut r = anon_ring(n);
+        let mut k = Kernel {
+            dirty_index: 0,
+            reset_index: 0,
+        };
+        // Two full laps past the reset: after one harvest and reset the
+        // kernel counts a whole soft-full ring of unpublished entries.
+        for p in 0..u64::from(n) * 2 {
+            k.push(&r, p);
+        }
+        let (_, h) = collect(&mut r);
+        assert_eq!(h.entries, u64::from(n));
+        k.reset(&r);
+        assert_eq!(k.used(), n, "a ring the vCPU cannot run with");
+        let (pages, h) = collect(&mut r);
+        assert!(
+            pages.is_empty() && h.holes == 0,
+            "nothing published to find"
+        );
+        let marked = r.recycle_unpublished(n - 64 - 512);
+        assert_eq!(marked, n - 576);
+        k.reset(&r);
+        assert_eq!(k.used(), 576, "never reset past the kernel's push index");
+        // The vCPU runs again; its new entries are found past the rest.
+        for p in 0..30 {
+            k.push(&r, 9000 + p);
+        }
+        let (pages, h) = collect(&mut r);
+        assert_eq!(pages, (9000..9030).collect::<Vec<_>>());
+        assert_eq!(h.holes, 576);
+        k.reset(&r);
+        assert_eq!(k.used(), 0);
     }
 }

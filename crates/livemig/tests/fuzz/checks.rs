@@ -32,6 +32,10 @@
 //!   switch; every request the checks accept lies inside its block (so the
 //!   source never reads outside memory), every refused one names its byte
 //!   offset, and an accepted request re-encodes to the bytes it came from.
+//! * `mapped_ram_header`: the input is a file length (8 bytes, little
+//!   endian) and the start of a mapped-ram file; a header that parses
+//!   re-encodes to exactly its bytes, and every region it names lies inside
+//!   the file, after the header, with no two overlapping.
 
 use std::cell::RefCell;
 use std::io::{self, Read};
@@ -56,6 +60,7 @@ pub const TARGETS: &[&str] = &[
     "decompress",
     "control",
     "postcopy_messages",
+    "mapped_ram_header",
 ];
 
 /// Runs `data` through the check of `target`; false for an unknown target.
@@ -68,6 +73,7 @@ pub fn run(target: &str, data: &[u8]) -> bool {
         "decompress" => decompress(data),
         "control" => control(data),
         "postcopy_messages" => postcopy_messages(data),
+        "mapped_ram_header" => mapped_ram_header(data),
         _ => return false,
     }
     true
@@ -1027,11 +1033,16 @@ const POSTCOPY_BLOCKS: &[(&str, u64)] = &[
 
 /// One return path of postcopy messages (see the module doc).
 pub fn postcopy_messages(data: &[u8]) {
-    use livemig::engine::postcopy::{check_request, write_message, Message, MessageReader};
+    use livemig::engine::postcopy::{
+        check_request, write_message, BitmapAssembler, Message, MessageReader,
+    };
     let blocks: Vec<(String, u64)> = POSTCOPY_BLOCKS
         .iter()
         .map(|&(id, len)| (id.to_string(), len))
         .collect();
+    let lens: Vec<u64> = blocks.iter().map(|b| b.1).collect();
+    // Recovery: BITMAP / BITMAP_END messages assembled as the source does.
+    let mut bitmap = Some(BitmapAssembler::new(&lens));
     let mut r = MessageReader::new(data);
     loop {
         let at = r.offset();
@@ -1047,6 +1058,29 @@ pub fn postcopy_messages(data: &[u8]) {
         };
         assert_eq!(start, at);
         assert!(r.offset() as usize <= data.len());
+        if let Some(asm) = bitmap.as_mut() {
+            match asm.add(start, &m) {
+                Ok(false) => {}
+                Ok(true) => {
+                    for (bm, len) in asm.missing().iter().zip(&lens) {
+                        assert_eq!(bm.len(), len / PAGE_SIZE as u64, "bitmap of the wrong size");
+                    }
+                    bitmap = None;
+                }
+                Err(e) => {
+                    assert!(
+                        e.to_string().contains(&format!("byte {start}")),
+                        "bitmap refusal without its offset: {e}"
+                    );
+                    bitmap = None;
+                }
+            }
+        }
+        if matches!(m, Message::Bitmap { .. } | Message::BitmapEnd { .. }) {
+            let mut again = Vec::new();
+            write_message(&mut again, &m).expect("into memory");
+            assert_eq!(&data[start as usize..r.offset() as usize], &again[..]);
+        }
         if let Message::Request(q) = &m {
             let mut again = Vec::new();
             write_message(&mut again, &m).expect("into memory");
@@ -1066,5 +1100,55 @@ pub fn postcopy_messages(data: &[u8]) {
                 ),
             }
         }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// mapped_ram_header
+
+/// A mapped-ram file's header (see the module doc).
+pub fn mapped_ram_header(data: &[u8]) {
+    use livemig::snapshot::format::Header;
+    use livemig::snapshot::SnapshotError;
+    if data.len() < 8 {
+        return;
+    }
+    let file_len = u64::from_le_bytes(data[..8].try_into().expect("8 bytes"));
+    let bytes = &data[8..];
+    // As MappedRamFile::open reads it: the fixed part, then the announced length.
+    let len = match bytes
+        .get(..Header::PROBE)
+        .ok_or(SnapshotError::NotMappedRam)
+        .and_then(|fixed| Header::announced_len(fixed, file_len))
+    {
+        Ok(len) => len,
+        Err(_) => return,
+    };
+    let Some(all) = bytes.get(..len + 4) else {
+        return;
+    };
+    let Ok(h) = Header::parse(all, file_len) else {
+        return;
+    };
+    assert_eq!(h.encode(), all, "a parsed header re-encodes to its bytes");
+    let header_end = all.len() as u64;
+    let mut regions = vec![(h.state_offset, h.state_len)];
+    for b in &h.blocks {
+        assert!(b.len > 0 && b.len % PAGE_SIZE as u64 == 0);
+        regions.push((b.bitmap_offset, b.bitmap_len()));
+        regions.push((b.hashes_offset, b.hashes_len()));
+        regions.push((b.pages_offset, b.len));
+    }
+    regions.retain(|&(_, n)| n > 0);
+    for &(at, n) in &regions {
+        assert!(at >= header_end, "a region inside the header");
+        assert!(
+            at.checked_add(n).is_some_and(|e| e <= file_len),
+            "a region past the file's end"
+        );
+    }
+    regions.sort_unstable();
+    for w in regions.windows(2) {
+        assert!(w[0].0 + w[0].1 <= w[1].0, "overlapping regions");
     }
 }

@@ -404,6 +404,7 @@ pub fn all() -> Vec<Seed> {
     add("control", control_seeds());
     add("stream_reader", postcopy_streams());
     add("postcopy_messages", postcopy_message_seeds());
+    add("mapped_ram_header", mapped_ram_header_seeds());
     seeds
 }
 
@@ -436,7 +437,8 @@ fn postcopy_streams() -> Vec<(String, Vec<u8>)> {
     ]
 }
 
-/// Return paths after the switch: requests good and bad, COMPLETE, FAILED.
+/// Return paths after the switch: requests good and bad, COMPLETE, FAILED,
+/// received bitmaps of a recovery.
 fn postcopy_message_seeds() -> Vec<(String, Vec<u8>)> {
     use livemig::engine::postcopy::{write_message, FaultReport, Message, PageRequest};
     let enc = |ms: &[Message]| {
@@ -447,6 +449,11 @@ fn postcopy_message_seeds() -> Vec<(String, Vec<u8>)> {
         v
     };
     let req = |block, offset, len| Message::Request(PageRequest { block, offset, len });
+    let bitmap = |block, first_word, words| Message::Bitmap {
+        block,
+        first_word,
+        words,
+    };
     vec![
         (
             "session".into(),
@@ -474,6 +481,23 @@ fn postcopy_message_seeds() -> Vec<(String, Vec<u8>)> {
         ),
         ("failed".into(), enc(&[Message::Failed("lost".into())])),
         ("bad-tag".into(), vec![b'Z', 0, 1]),
+        (
+            "recovery-bitmap".into(),
+            enc(&[
+                bitmap(0, 0, vec![!0b1011]),
+                bitmap(1, 0, vec![0b101]),
+                Message::BitmapEnd { blocks: 2 },
+                req(0, 2 * P, 4096),
+            ]),
+        ),
+        (
+            "recovery-bitmap-bad".into(),
+            enc(&[
+                bitmap(1, 0, vec![0, 0]),
+                bitmap(2, 0, vec![1]),
+                Message::BitmapEnd { blocks: 1 },
+            ]),
+        ),
     ]
 }
 
@@ -527,5 +551,29 @@ fn control_seeds() -> Vec<(String, Vec<u8>)> {
                 r#"{"execute":"nope"}"#,
             ]),
         ),
+    ]
+}
+
+/// Mapped-ram headers: a VM's (two blocks, state) and process memory's,
+/// each with the file length in front; one with a region past the end.
+fn mapped_ram_header_seeds() -> Vec<(String, Vec<u8>)> {
+    use livemig::snapshot::format::{Header, FLAG_VM_STATE};
+    let seed = |h: &Header, file_len: u64| {
+        let mut v = file_len.to_le_bytes().to_vec();
+        v.extend_from_slice(&h.encode());
+        v
+    };
+    let vm = Header::plan(
+        &[("ram@0".into(), 6 << 20), ("ram@600000".into(), 3 * P)],
+        200,
+        FLAG_VM_STATE,
+    );
+    let process = Header::plan(&[("ram0".into(), 64 * P)], 0, 0);
+    let mut past = process.clone();
+    past.blocks[0].pages_offset += 1 << 20;
+    vec![
+        ("vm".into(), seed(&vm, vm.file_len())),
+        ("process".into(), seed(&process, process.file_len())),
+        ("past-the-end".into(), seed(&past, process.file_len())),
     ]
 }

@@ -146,6 +146,9 @@ pub struct KvmDirtyLog {
     /// Times a ring was seen full while the host may have been emulating
     /// guest code: kvm_pvm can drop ring entries then.
     full_emulated: AtomicU64,
+    /// Ring entries the host counted as pushed but never published
+    /// (recycled by a harvest: their pages are lost to the log).
+    lost: AtomicU64,
     /// The VMM says its guest code runs in ring 3 (native under kvm_pvm).
     native_code: AtomicBool,
     /// Set while a tracker has log-dirty enabled (one tracker at a time).
@@ -242,6 +245,7 @@ impl KvmDirtyLog {
             harvest_gen: Mutex::new(0),
             harvested: Condvar::new(),
             full_emulated: AtomicU64::new(0),
+            lost: AtomicU64::new(0),
             native_code: AtomicBool::new(false),
             tracking: AtomicBool::new(false),
         }))
@@ -386,27 +390,62 @@ impl KvmDirtyLog {
         self.tracking.load(Ordering::Acquire)
     }
 
-    /// From vCPU `vcpu`'s thread, on exit [`EXIT_DIRTY_RING_FULL`]: records
-    /// the event and returns a token for [`wait_harvested`](Self::wait_harvested).
-    /// Do not enter the guest again before the rings were harvested: KVM
-    /// would exit at once.
+    /// The harvest generation: read it from a vCPU's thread just before
+    /// each KVM_RUN and give it to [`ring_full`](Self::ring_full) if that
+    /// run exits on a full ring.
+    pub fn generation(&self) -> u64 {
+        *lock(&self.harvest_gen)
+    }
+
+    /// From vCPU `vcpu`'s thread, on exit [`EXIT_DIRTY_RING_FULL`] of a
+    /// KVM_RUN entered when the harvest generation was `before_run`: records
+    /// the event and returns a token for [`wait_harvested`](Self::wait_harvested)
+    /// and [`release_stuck`](Self::release_stuck). Do not enter the guest
+    /// again before the rings were harvested: KVM would exit at once.
     ///
     /// A vCPU not at CPL 3 was being emulated by the host (kvm_pvm emulates
     /// ring 0 and real mode), which can drop ring entries: the running ring
     /// tracker's next sync then fails rather than hand over a log that may
     /// have lost pages.
-    pub fn ring_full(&self, vcpu: usize, fd: &VcpuFd) -> RingFull {
-        let _ = vcpu;
+    pub fn ring_full(&self, vcpu: usize, fd: &VcpuFd, before_run: u64) -> RingFull {
         let emulated = fd.get_sregs().map_or(true, |s| s.cs.dpl != 3);
         if emulated {
             self.full_emulated.fetch_add(1, Ordering::Relaxed);
         }
-        RingFull(*lock(&self.harvest_gen))
+        RingFull {
+            vcpu,
+            gen: before_run,
+        }
+    }
+
+    /// From the vCPU's thread, when no harvest came after its ring-full
+    /// event `t` (see [`wait_harvested`](Self::wait_harvested)): harvests
+    /// the rings now (pages kept for the running tracker's next sync,
+    /// dropped without one) so the vCPU can run again. A ring the host
+    /// overfilled can hold nothing published while KVM counts it full;
+    /// its lost entries are recycled, and a running ring tracker then
+    /// refuses its log. Returns false if a harvest came meanwhile (nothing
+    /// done).
+    pub fn release_stuck(&self, t: RingFull) -> Result<bool, DirtyError> {
+        if self.ring_entries == 0 {
+            return Ok(false);
+        }
+        let mut guard = lock(&self.rings);
+        // Under the rings lock no harvest can start: an unchanged
+        // generation means no reset since the vCPU entered the run that
+        // exited full, so its ring is still full now.
+        if self.generation() != t.gen {
+            return Ok(false);
+        }
+        let Rings { rings, pending } = &mut *guard;
+        let into = self.is_tracking().then_some(pending);
+        self.harvest_locked(rings, into, Some(t.vcpu))?;
+        Ok(true)
     }
 
     /// True once the rings were harvested after the ring-full event `t`.
     pub fn harvested_since(&self, t: RingFull) -> bool {
-        *lock(&self.harvest_gen) != t.0
+        *lock(&self.harvest_gen) != t.gen
     }
 
     /// Waits up to `timeout` for a harvest after the ring-full event `t`;
@@ -415,7 +454,7 @@ impl KvmDirtyLog {
     pub fn wait_harvested(&self, t: RingFull, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         let mut g = lock(&self.harvest_gen);
-        while *g == t.0 {
+        while *g == t.gen {
             let now = Instant::now();
             if now >= deadline {
                 return false;
@@ -427,6 +466,13 @@ impl KvmDirtyLog {
                 .0;
         }
         true
+    }
+
+    /// Ring entries the host counted as pushed but never published, over
+    /// this log's life: the kvm_pvm emulator overwrote a full ring. Each
+    /// also makes a running ring tracker refuse its log.
+    pub fn lost_entries(&self) -> u64 {
+        self.lost.load(Ordering::Relaxed)
     }
 
     /// Ring entries harvested from each vCPU's ring so far (every harvest:
@@ -463,7 +509,7 @@ impl KvmDirtyLog {
         }
         let mut rings = lock(&self.rings);
         let Rings { rings, pending } = &mut *rings;
-        self.harvest_locked(rings, Some(pending))
+        self.harvest_locked(rings, Some(pending), None)
     }
 
     /// Harvests every ring into `into` (`None`: drops the entries), resets
@@ -473,13 +519,14 @@ impl KvmDirtyLog {
         &self,
         rings: &mut [sys::DirtyRing],
         mut into: Option<&mut Vec<DirtyBitmap>>,
+        stuck: Option<usize>,
     ) -> Result<u64, DirtyError> {
         let mut newly = 0;
         let mut bad = 0u64;
         let mut entries = 0;
         let native = self.native_code.load(Ordering::Relaxed);
         for (i, r) in rings.iter_mut().enumerate() {
-            let k = r.harvest(|slot, page| {
+            let h = r.harvest(|slot, page| {
                 // The low 16 bits are the slot, the high ones the address space.
                 let slot = slot & 0xffff;
                 let Some(bms) = into.as_deref_mut() else {
@@ -490,6 +537,24 @@ impl KvmDirtyLog {
                     _ => bad += 1,
                 }
             });
+            let mut lost = h.holes;
+            if stuck == Some(i) && h.entries == 0 && h.holes == 0 {
+                // The vCPU is stopped on a full ring with nothing published
+                // in it: every pending entry was lost by the host. Recycle
+                // as many as are surely pending (KVM stops a vCPU at
+                // `entries - 64 - PML log size (512 at most)` used).
+                let n = r.entries().saturating_sub(64 + 512);
+                lost += u64::from(r.recycle_unpublished(n));
+            }
+            if lost > 0 {
+                log::warn!(
+                    "dirty ring of vCPU {i}: {lost} entries were never published by the host \
+                     (ring overfilled while guest code was emulated); recycled, pages lost"
+                );
+                self.full_emulated.fetch_add(1, Ordering::Relaxed);
+                self.lost.fetch_add(lost, Ordering::Relaxed);
+            }
+            let k = h.entries;
             if let Some(c) = self.dirtied.get().and_then(|d| d.get(i)) {
                 c.fetch_add(k, Ordering::Relaxed);
             }
@@ -633,7 +698,11 @@ fn enable_dirty_ring(vm: &VmFd, entries: u32) -> Result<(), DirtyError> {
 
 /// A vCPU's ring-full event, to wait for the harvest that frees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RingFull(u64);
+pub struct RingFull {
+    vcpu: usize,
+    /// Harvest generation when the vCPU entered the run that exited full.
+    gen: u64,
+}
 
 /// Classic KVM dirty bitmap: GET_DIRTY_LOG returns and re-protects.
 pub struct BitmapTracker {
@@ -862,7 +931,7 @@ impl RingTracker {
                 }
                 let mut fresh: Vec<DirtyBitmap> =
                     bitmaps.iter().map(|b| DirtyBitmap::new(b.len())).collect();
-                self.log.harvest_locked(rings, Some(&mut fresh))?;
+                self.log.harvest_locked(rings, Some(&mut fresh), None)?;
                 for (b, f) in bitmaps.iter_mut().zip(&fresh) {
                     n += b.or_words(0, f.words());
                 }
@@ -870,7 +939,7 @@ impl RingTracker {
             }
             None => {
                 pending.iter_mut().for_each(DirtyBitmap::clear_all);
-                self.log.harvest_locked(rings, None)
+                self.log.harvest_locked(rings, None, None)
             }
         }
     }

@@ -162,6 +162,7 @@ impl TestVm {
         })
         .unwrap();
         loop {
+            let gen = self.log.generation();
             match fd.run() {
                 Ok(VcpuExit::IoOut(PORT_DONE, _)) => {
                     // Complete the instruction before the next SET_REGS.
@@ -171,7 +172,7 @@ impl TestVm {
                     return;
                 }
                 Ok(VcpuExit::Unsupported(EXIT_DIRTY_RING_FULL)) => {
-                    let t = self.log.ring_full(i, &fd);
+                    let t = self.log.ring_full(i, &fd, gen);
                     assert!(
                         self.log.wait_harvested(t, Duration::from_secs(20)),
                         "vCPU {i}: ring full and never harvested"
