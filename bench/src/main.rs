@@ -58,6 +58,10 @@ struct Cli {
     /// Only scenarios whose name contains one of these (comma-separated).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Only variants whose label contains one of these (comma-separated,
+    /// e.g. defaults,channels).
+    #[arg(long, value_delimiter = ',')]
+    variant: Vec<String>,
     /// Filler guest size (its ring-0 fill takes ~95 s per GiB on
     /// nested-PVM hosts) [default: 256M, quick 64M].
     #[arg(long, value_parser = parse_mib)]
@@ -356,6 +360,13 @@ fn run_cli(cli: Cli) -> Result<bool> {
     let cases: Vec<Case> = all
         .into_iter()
         .filter(|c| cli.only.is_empty() || cli.only.iter().any(|o| c.scenario.contains(o.as_str())))
+        .filter(|c| {
+            cli.variant.is_empty()
+                || cli
+                    .variant
+                    .iter()
+                    .any(|v| c.variant_label().contains(v.as_str()))
+        })
         .collect();
     eprintln!("measuring references (livemig bench --only references)");
     let refs = references(&livemig, cli.quick)?;
@@ -469,6 +480,9 @@ fn run_cli(cli: Cli) -> Result<bool> {
         }
         if !cli.only.is_empty() {
             command += &format!(" --only {}", cli.only.join(","));
+        }
+        if !cli.variant.is_empty() {
+            command += &format!(" --variant {}", cli.variant.join(","));
         }
         let new = report::replace_section(
             &doc,
