@@ -50,6 +50,10 @@ fn killed_by(sig: i32) {
         // No code of the harness runs: the child's death signal acts.
         use std::os::unix::process::ExitStatusExt;
         assert_eq!(st.signal(), Some(9), "{st}");
+        // Nothing of the harness ran: its scratch directory is left.
+        let _ = std::fs::remove_dir_all(
+            std::env::temp_dir().join(format!("livemig-harness-{}", h.id())),
+        );
     } else {
         assert_eq!(st.code(), Some(128 + sig), "{st}");
     }
