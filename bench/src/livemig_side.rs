@@ -3,7 +3,6 @@
 //! control socket.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -11,9 +10,10 @@ use livemig::control::ControlClient;
 use serde_json::{json, Value};
 
 use crate::guest::{self, compare_digests, DigestCheck, GuestParams};
+use crate::net::{self, Side};
 use crate::run::{
-    check_for, free_port, mkfifo, poll_migration, wait_marker, Case, DumpReader, Outcome, Proc,
-    Variant,
+    check_for, free_port, mkfifo, poll_migration, switch_due, wait_marker, Case, DumpReader,
+    Outcome, Proc, Switch, Variant,
 };
 
 fn connect(path: &Path, proc: &mut Proc) -> Result<ControlClient> {
@@ -76,7 +76,7 @@ fn run_inner(case: &Case, dir: &Path, minivm: &Path, out: &mut Outcome) -> Resul
     // Idle: both memories are compared whole; others: [0, end).
     let dump_size = if idle { case.mem } else { case.end };
 
-    let mut cmd = Command::new(minivm);
+    let mut cmd = net::command(Side::Dst, minivm);
     cmd.args(["run", "--incoming", "--no-progress-check", "--mem", &mem])
         .args(["--vcpus", "1", "--seconds", "1"])
         .arg("--control")
@@ -87,7 +87,7 @@ fn run_inner(case: &Case, dir: &Path, minivm: &Path, out: &mut Outcome) -> Resul
         .arg(format!("0:{dump_size}:{}", dst_fifo.display()));
     let mut dst = Proc::spawn("minivm destination", cmd, &dir.join("dst.log"))?;
 
-    let mut cmd = Command::new(minivm);
+    let mut cmd = net::command(Side::Src, minivm);
     cmd.args(["run", "--mem", &mem, "--vcpus", "1"])
         .arg("--boot-sector")
         .arg(&sector_path)
@@ -120,11 +120,26 @@ fn run_inner(case: &Case, dir: &Path, minivm: &Path, out: &mut Outcome) -> Resul
         case.boot_budget,
     )?;
 
+    let postcopy = matches!(case.variant, Variant::Postcopy(_));
+    let preempt = case.variant == Variant::Postcopy(Switch::AfterFirstPassPreempt);
+    if postcopy {
+        exec(
+            &mut dc,
+            &dst_sock,
+            "migrate-set-capabilities",
+            json!({"capabilities": [
+                {"capability": "postcopy-ram", "state": true},
+                {"capability": "postcopy-preempt", "state": preempt},
+            ]}),
+        )?;
+    }
     exec(
         &mut sc,
         &src_sock,
         "migrate-set-capabilities",
         json!({"capabilities": [
+            {"capability": "postcopy-ram", "state": postcopy},
+            {"capability": "postcopy-preempt", "state": preempt},
             {"capability": "xbzrle", "state": case.variant == Variant::Xbzrle},
             {"capability": "auto-converge", "state": case.variant == Variant::AutoConverge},
             {"capability": "x-livemig-verify", "state": false},
@@ -150,9 +165,12 @@ fn run_inner(case: &Case, dir: &Path, minivm: &Path, out: &mut Outcome) -> Resul
     });
     if let Some(p) = params.as_object_mut() {
         p.extend(case.throttle_params());
+        if case.variant == Variant::Postcopy(Switch::Auto) {
+            p.insert("x-livemig-postcopy-switchover".into(), "auto".into());
+        }
     }
     exec(&mut sc, &src_sock, "migrate-set-parameters", params)?;
-    let uri = format!("tcp:127.0.0.1:{}", free_port()?);
+    let uri = format!("tcp:{}:{}", net::dest_addr(), free_port()?);
     exec(
         &mut dc,
         &dst_sock,
@@ -166,13 +184,26 @@ fn run_inner(case: &Case, dir: &Path, minivm: &Path, out: &mut Outcome) -> Resul
     exec(&mut sc, &src_sock, "migrate", json!({"uri": uri}))?;
     let (q, converged) = {
         let c = std::cell::RefCell::new(&mut sc);
+        let mut switched = false;
         // minivm's source exits within a second of completing (its
         // socket with it): polling often keeps the chance of missing
         // "completed" in that window, and losing the final figures, small.
         poll_migration(
             case.budget,
             Duration::from_millis(10),
-            || exec(&mut c.borrow_mut(), &src_sock, "query-migrate", Value::Null),
+            || {
+                let q = exec(&mut c.borrow_mut(), &src_sock, "query-migrate", Value::Null)?;
+                if !switched && switch_due(case.variant, &q) {
+                    exec(
+                        &mut c.borrow_mut(),
+                        &src_sock,
+                        "migrate-start-postcopy",
+                        Value::Null,
+                    )?;
+                    switched = true;
+                }
+                Ok(q)
+            },
             || {
                 exec(
                     &mut c.borrow_mut(),

@@ -2,14 +2,21 @@
 //! boot-sector guests, the same scenarios, the same machine, one run, one
 //! table. See README.md ("Side by side with QEMU").
 
+mod cleanup;
 mod guest;
 #[cfg(test)]
 mod guest_tests;
 mod livemig_side;
+mod net;
 mod qemu;
 mod qmp;
 mod report;
 mod run;
+mod svg;
+// The harness's only unsafe code: signal masks, sigwait, kill, and the
+// children's death signal (each block with its SAFETY comment).
+#[allow(unsafe_code)]
+mod sys;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -21,7 +28,7 @@ use serde_json::{json, Value};
 
 use guest::GuestKind;
 use report::{Machine, Row};
-use run::{Case, Variant};
+use run::{Case, Switch, Variant};
 
 #[derive(Parser)]
 #[command(
@@ -40,6 +47,10 @@ struct Cli {
     /// `<!-- qemu-comparison:begin -->` and `<!-- qemu-comparison:end -->`).
     #[arg(long)]
     write_benchmarks: Option<PathBuf>,
+    /// The section of that file to rewrite: between `<!-- NAME:begin -->`
+    /// and `<!-- NAME:end -->` (appended when absent).
+    #[arg(long, default_value = report::DEFAULT_SECTION)]
+    section: String,
     /// Seconds one migration may take before it is cancelled ("did not
     /// converge") [default: 30, quick 15].
     #[arg(long)]
@@ -47,6 +58,10 @@ struct Cli {
     /// Only scenarios whose name contains one of these (comma-separated).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Only variants whose label contains one of these (comma-separated,
+    /// e.g. defaults,channels).
+    #[arg(long, value_delimiter = ',')]
+    variant: Vec<String>,
     /// Filler guest size (its ring-0 fill takes ~95 s per GiB on
     /// nested-PVM hosts) [default: 256M, quick 64M].
     #[arg(long, value_parser = parse_mib)]
@@ -54,9 +69,28 @@ struct Cli {
     /// Do not build minivm and livemig first (`cargo build --release`).
     #[arg(long)]
     no_build: bool,
+    /// Runs per case and system, the two systems interleaved run by run;
+    /// the table shows medians and min-max.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=50))]
+    reps: u32,
+    /// Run both systems between two network namespaces joined by a veth
+    /// pair shaped by tbf to RATE (e.g. 1gbit, 10gbit) instead of loopback.
+    #[arg(long, value_name = "RATE")]
+    link: Option<String>,
+    /// Write one SVG chart per scenario (total time and downtime, medians
+    /// with min-max) into this directory.
+    #[arg(long)]
+    svg_dir: Option<PathBuf>,
+    /// Test hook: start a child (`sleep`) like a VM, print its pid, wait
+    /// for a signal.
+    #[arg(long, hide = true)]
+    x_test_spawn_child: bool,
 }
 
 fn main() {
+    // First, before any thread: SIGINT/SIGTERM/SIGHUP go to one thread
+    // that kills every child and deletes every namespace of the run.
+    cleanup::install();
     let cli = Cli::parse();
     match run_cli(cli) {
         Ok(true) => {}
@@ -167,6 +201,25 @@ fn cases(
         30,
         Variant::DirtyLimit(16 * MIB),
     ));
+    // Issue #15: postcopy on the incrementer, livemig's automatic switch
+    // beside QEMU's manual ones.
+    for dt in [300, 30] {
+        for sw in [
+            Switch::Auto,
+            Switch::AfterFirstPass,
+            Switch::AfterFirstPassPreempt,
+            Switch::Immediately,
+        ] {
+            v.push(base(
+                &format!("postcopy-{}", name("incrementer", inc, dt)),
+                GuestKind::Incrementer,
+                inc,
+                inc,
+                dt,
+                Variant::Postcopy(sw),
+            ));
+        }
+    }
     // Issue #4: a guest dirtying far faster than the bandwidth cap. The
     // incrementer dirties its whole range about once a second under
     // tracking (~1 GB/s at 1 GiB); capped at a quarter of that, a plain
@@ -229,6 +282,7 @@ fn machine(qemu: String, refs: &Value) -> Machine {
         tcp: refs["tcp_loopback"]["bytes_per_sec"]
             .as_f64()
             .unwrap_or(0.0),
+        ..Default::default()
     }
 }
 
@@ -270,6 +324,9 @@ fn references(livemig: &Path, quick: bool) -> Result<Value> {
 
 fn run_cli(cli: Cli) -> Result<bool> {
     let started = Instant::now();
+    if cli.x_test_spawn_child {
+        return spawn_child_and_wait();
+    }
     if !Path::new("/dev/kvm").exists() {
         bail!("/dev/kvm is missing: both systems need KVM");
     }
@@ -303,61 +360,103 @@ fn run_cli(cli: Cli) -> Result<bool> {
     let cases: Vec<Case> = all
         .into_iter()
         .filter(|c| cli.only.is_empty() || cli.only.iter().any(|o| c.scenario.contains(o.as_str())))
+        .filter(|c| {
+            cli.variant.is_empty()
+                || cli
+                    .variant
+                    .iter()
+                    .any(|v| c.variant_label().contains(v.as_str()))
+        })
         .collect();
     eprintln!("measuring references (livemig bench --only references)");
     let refs = references(&livemig, cli.quick)?;
     let tmp = std::env::temp_dir().join(format!("livemig-harness-{}", std::process::id()));
+    cleanup::add_dir(tmp.clone());
     let _cleanup = TempDir(tmp.clone());
+    let _link = match &cli.link {
+        Some(rate) => {
+            let bits = net::parse_rate(rate).map_err(|e| anyhow::anyhow!("--link {e}"))?;
+            net::setup(bits, rate)?;
+            eprintln!("network: {}", net::describe());
+            Some(LinkGuard)
+        }
+        None => None,
+    };
+    let load_start = load_average();
     let mut rows = Vec::new();
     for (i, case) in cases.iter().enumerate() {
-        for system in ["qemu", "livemig"] {
-            let dir = tmp.join(format!("{i:02}-{system}"));
-            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-            eprintln!(
-                "[{:>4.0}s] {} / {} / {system} ...",
-                started.elapsed().as_secs_f64(),
-                case.scenario,
-                case.variant_label()
-            );
-            let outcome = match system {
-                "qemu" => qemu::run(case, &dir),
-                _ => livemig_side::run(case, &dir, &minivm),
-            };
-            eprintln!(
-                "        {} converged={} total={} ms downtime={} ms check={}{}",
-                outcome.status,
-                outcome.converged,
-                outcome.total_ms,
-                outcome.downtime_ms,
-                outcome
-                    .check
-                    .as_ref()
-                    .map(|c| format!("{} ({})", if c.ok { "pass" } else { "FAIL" }, c.detail))
-                    .unwrap_or_else(|| "-".into()),
-                if outcome.note.is_empty() {
-                    String::new()
-                } else {
-                    format!(" [{}]", outcome.note)
-                }
-            );
-            let _ = std::fs::remove_dir_all(&dir);
-            rows.push(Row {
-                case: case.clone(),
-                outcome,
-            });
+        for rep in 0..cli.reps {
+            // Interleaved, and the first system alternates run by run.
+            let mut systems = case.systems().to_vec();
+            if rep % 2 == 1 {
+                systems.reverse();
+            }
+            for system in systems {
+                let dir = tmp.join(format!("{i:02}-{rep}-{system}"));
+                std::fs::create_dir_all(&dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+                eprintln!(
+                    "[{:>4.0}s] {} / {} / {system} (run {}/{}, load {}) ...",
+                    started.elapsed().as_secs_f64(),
+                    case.scenario,
+                    case.variant_label(),
+                    rep + 1,
+                    cli.reps,
+                    load_average(),
+                );
+                let outcome = match system {
+                    "qemu" => qemu::run(case, &dir),
+                    _ => livemig_side::run(case, &dir, &minivm),
+                };
+                eprintln!(
+                    "        {} converged={} total={} ms downtime={} ms check={}{}",
+                    outcome.status,
+                    outcome.converged,
+                    outcome.total_ms,
+                    outcome.downtime_ms,
+                    outcome
+                        .check
+                        .as_ref()
+                        .map(|c| format!("{} ({})", if c.ok { "pass" } else { "FAIL" }, c.detail))
+                        .unwrap_or_else(|| "-".into()),
+                    if outcome.note.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" [{}]", outcome.note)
+                    }
+                );
+                let _ = std::fs::remove_dir_all(&dir);
+                rows.push(Row {
+                    case: case.clone(),
+                    rep,
+                    outcome,
+                });
+            }
         }
     }
-    let m = machine(qemu_version, &refs);
-    let table = report::text_table(&rows);
+    let mut m = machine(qemu_version, &refs);
+    m.network = net::describe();
+    m.reps = cli.reps;
+    m.load = format!("{load_start} at the start, {} at the end", load_average());
+    let aggs = report::aggregate(&rows);
+    let table = report::text_table(&aggs, &rows);
     if cli.json {
         eprint!("{table}");
         println!(
             "{}",
-            json!({"machine": m, "references": refs, "rows": rows,
+            json!({"machine": m, "references": refs, "rows": rows, "aggregates": aggs,
                    "elapsed_secs": started.elapsed().as_secs_f64()})
         );
     } else {
         print!("{table}");
+    }
+    if let Some(dir) = &cli.svg_dir {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        for (scenario, svg) in svg::charts(&aggs, &m) {
+            let path = dir.join(format!("{}.svg", svg::file_stem(&scenario, &m)));
+            std::fs::write(&path, svg).with_context(|| format!("writing {}", path.display()))?;
+            eprintln!("wrote {}", path.display());
+        }
     }
     if let Some(path) = &cli.write_benchmarks {
         let doc =
@@ -370,8 +469,27 @@ fn run_cli(cli: Cli) -> Result<bool> {
             command += &format!(" --filler-size {}M", f >> 20);
         }
         command += &format!(" --write-benchmarks {}", path.display());
-        let new = report::replace_section(&doc, &report::section(&rows, &m, &command))
-            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        if cli.section != report::DEFAULT_SECTION {
+            command += &format!(" --section {}", cli.section);
+        }
+        if cli.reps != 3 {
+            command += &format!(" --reps {}", cli.reps);
+        }
+        if let Some(l) = &cli.link {
+            command += &format!(" --link {l}");
+        }
+        if !cli.only.is_empty() {
+            command += &format!(" --only {}", cli.only.join(","));
+        }
+        if !cli.variant.is_empty() {
+            command += &format!(" --variant {}", cli.variant.join(","));
+        }
+        let new = report::replace_section(
+            &doc,
+            &report::section(&aggs, &rows, &m, &command, &cli.section),
+            &cli.section,
+        )
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         std::fs::write(path, new).with_context(|| format!("writing {}", path.display()))?;
         eprintln!("wrote the comparison section of {}", path.display());
     }
@@ -407,6 +525,38 @@ fn run_cli(cli: Cli) -> Result<bool> {
         }
         return Ok(false);
     }
+    Ok(true)
+}
+
+/// The 1, 5 and 15 minute load averages (/proc/loadavg).
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
+/// Deletes the `--link` namespaces when the run ends.
+struct LinkGuard;
+
+impl Drop for LinkGuard {
+    fn drop(&mut self) {
+        net::teardown();
+    }
+}
+
+/// Test hook (`--x-test-spawn-child`): a child started like a VM; its
+/// pid on stdout; then waits until a signal ends the harness.
+fn spawn_child_and_wait() -> Result<bool> {
+    let dir = std::env::temp_dir().join(format!("livemig-harness-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    cleanup::add_dir(dir.clone());
+    let mut cmd = Command::new("sleep");
+    cmd.arg("600");
+    let p = run::Proc::spawn("sleep", cmd, &dir.join("sleep.log"))?;
+    println!("{}", p.pid());
+    use std::io::Write;
+    std::io::stdout().flush()?;
+    std::thread::sleep(Duration::from_secs(600));
     Ok(true)
 }
 

@@ -8,10 +8,11 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
 use crate::guest::{self, compare_digests, DigestCheck, GuestParams};
+use crate::net::{self, Side};
 use crate::qmp::Qmp;
 use crate::run::{
-    check_for, free_port, mkfifo, poll_migration, wait_marker, Case, DumpReader, Outcome, Proc,
-    Variant,
+    check_for, free_port, mkfifo, poll_migration, switch_due, wait_marker, Case, DumpReader,
+    Outcome, Proc, Switch, Variant,
 };
 
 /// The QEMU binary.
@@ -55,6 +56,7 @@ pub fn qemu_args(
     qmp: &Path,
     serial: &Path,
     incoming: bool,
+    paused: bool,
     dirty_ring: Option<u32>,
 ) -> Vec<String> {
     let accel = match dirty_ring {
@@ -85,7 +87,10 @@ pub fn qemu_args(
     if incoming {
         // -S: stays paused after the migration, so its memory can be read
         // exactly as it arrived before the guest runs on.
-        a.extend(["-incoming".into(), "defer".into(), "-S".into()]);
+        a.extend(["-incoming".into(), "defer".into()]);
+    }
+    if incoming && paused {
+        a.push("-S".into());
     }
     a
 }
@@ -126,9 +131,13 @@ fn start_vm(
 ) -> Result<Vm> {
     let qmp_path = dir.join(format!("{name}.qmp"));
     let serial = dir.join(format!("{name}.serial"));
-    let mut cmd = Command::new(QEMU);
+    let side = if incoming { Side::Dst } else { Side::Src };
+    let mut cmd = net::command(side, QEMU);
+    // A postcopy destination must run during postcopy (its faults are
+    // what is measured): not started paused.
+    let paused = !matches!(case.variant, Variant::Postcopy(_));
     cmd.args(qemu_args(
-        disk, case.mem, &qmp_path, &serial, incoming, dirty_ring,
+        disk, case.mem, &qmp_path, &serial, incoming, paused, dirty_ring,
     ));
     let mut proc = Proc::spawn(
         &format!("QEMU {name}"),
@@ -220,8 +229,12 @@ fn run_inner(case: &Case, dir: &Path, out: &mut Outcome) -> Result<()> {
         case.boot_budget,
     )?;
 
+    let postcopy = matches!(case.variant, Variant::Postcopy(_));
+    let preempt = case.variant == Variant::Postcopy(Switch::AfterFirstPassPreempt);
     let caps = |multifd: bool| {
         json!({"capabilities": [
+            {"capability": "postcopy-ram", "state": postcopy},
+            {"capability": "postcopy-preempt", "state": preempt},
             {"capability": "xbzrle", "state": case.variant == Variant::Xbzrle},
             {"capability": "auto-converge", "state": case.variant == Variant::AutoConverge},
             {"capability": "multifd", "state": multifd},
@@ -255,16 +268,31 @@ fn run_inner(case: &Case, dir: &Path, out: &mut Outcome) -> Result<()> {
             json!({"dirty-rate": (bytes >> 20).max(1)}),
         )?;
     }
-    let uri = format!("tcp:127.0.0.1:{}", free_port()?);
+    if postcopy {
+        dst.qmp.execute(
+            "migrate-set-capabilities",
+            json!({"capabilities": [{"capability": "postcopy-blocktime", "state": true}]}),
+        )?;
+    }
+    let uri = format!("tcp:{}:{}", net::dest_addr(), free_port()?);
     dst.qmp
         .execute("migrate-incoming", json!({"uri": uri.clone()}))?;
     src.qmp.execute("migrate", json!({"uri": uri}))?;
     let (q, converged) = {
         let q = std::cell::RefCell::new(&mut src.qmp);
+        let mut switched = false;
         poll_migration(
             case.budget,
-            Duration::from_millis(100),
-            || q.borrow_mut().execute("query-migrate", Value::Null),
+            Duration::from_millis(if postcopy { 20 } else { 100 }),
+            || {
+                let a = q.borrow_mut().execute("query-migrate", Value::Null)?;
+                if !switched && switch_due(case.variant, &a) {
+                    q.borrow_mut()
+                        .execute("migrate-start-postcopy", Value::Null)?;
+                    switched = true;
+                }
+                Ok(a)
+            },
             || {
                 q.borrow_mut()
                     .execute("migrate_cancel", Value::Null)
@@ -274,6 +302,12 @@ fn run_inner(case: &Case, dir: &Path, out: &mut Outcome) -> Result<()> {
     };
     out.take_stats(&q);
     out.converged = converged;
+    if postcopy {
+        // QEMU's blocktime is the destination's figure.
+        if let Ok(d) = dst.qmp.execute("query-migrate", Value::Null) {
+            out.take_postcopy(&d);
+        }
+    }
     if let Variant::DirtyLimit(_) = case.variant {
         // QEMU 7.2's query-migrate says nothing of the dirty limit: its own
         // query gives the vCPU's measured dirty rate (MB/s).
@@ -398,6 +432,7 @@ FlatView #1
             Path::new("/q"),
             Path::new("/s"),
             true,
+            true,
             Some(4096),
         )
         .join(" ");
@@ -414,6 +449,7 @@ FlatView #1
             Path::new("/q"),
             Path::new("/s"),
             false,
+            true,
             None,
         )
         .join(" ");

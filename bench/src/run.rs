@@ -29,6 +29,24 @@ pub enum Variant {
     /// A per-vCPU dirty limit in bytes/s (QEMU set-vcpu-dirty-limit with
     /// the KVM dirty ring; minivm's dirty-limit with its dirty ring).
     DirtyLimit(u64),
+    /// Postcopy (issue #15): how the switch happens.
+    Postcopy(Switch),
+}
+
+/// How a postcopy migration switches from precopy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum Switch {
+    /// `migrate-start-postcopy` once the first pass is done
+    /// (`dirty-sync-count` reaches 2).
+    AfterFirstPass,
+    /// The same with `postcopy-preempt` (urgent pages on their own
+    /// connection).
+    AfterFirstPassPreempt,
+    /// `migrate-start-postcopy` right after `migrate`: pure postcopy.
+    Immediately,
+    /// livemig's `x-livemig-postcopy-switchover: auto` (`--postcopy`): the
+    /// engine switches when precopy stops making progress.
+    Auto,
 }
 
 impl std::fmt::Display for Variant {
@@ -39,6 +57,12 @@ impl std::fmt::Display for Variant {
             Variant::AutoConverge => write!(f, "auto-converge"),
             Variant::Channels(n) => write!(f, "channels={n}"),
             Variant::DirtyLimit(b) => write!(f, "dirty-limit={}MiB/s", b >> 20),
+            Variant::Postcopy(Switch::AfterFirstPass) => write!(f, "postcopy after pass 1"),
+            Variant::Postcopy(Switch::AfterFirstPassPreempt) => {
+                write!(f, "postcopy+preempt after pass 1")
+            }
+            Variant::Postcopy(Switch::Immediately) => write!(f, "pure postcopy"),
+            Variant::Postcopy(Switch::Auto) => write!(f, "postcopy auto"),
         }
     }
 }
@@ -78,6 +102,17 @@ pub struct Case {
 }
 
 impl Case {
+    /// The systems that run this case: QEMU has no automatic postcopy
+    /// switch, and livemig's postcopy is measured with its own (auto)
+    /// switch against QEMU's manual ones.
+    pub fn systems(&self) -> &'static [&'static str] {
+        match self.variant {
+            Variant::Postcopy(Switch::Auto) => &["livemig"],
+            Variant::Postcopy(_) => &["qemu"],
+            _ => &["qemu", "livemig"],
+        }
+    }
+
     /// The serial output to wait for before migrating.
     pub fn ready_marker(&self) -> String {
         let m = self.guest.ready_marker().to_string();
@@ -138,6 +173,16 @@ pub struct Outcome {
     pub check: Option<CheckResult>,
     /// Why something is missing or odd.
     pub note: String,
+    /// Postcopy: ms guest threads waited for pages (QEMU's
+    /// `postcopy-blocktime`, livemig's equivalent).
+    pub blocktime_ms: Option<u64>,
+    /// Postcopy: the highest `postcopy-vcpu-blocktime` entry, ms.
+    pub vcpu_blocktime_ms: Option<u64>,
+    /// Postcopy: fault latency median, µs (livemig only: QEMU 7.2 has
+    /// no latency figures).
+    pub fault_p50_us: Option<u64>,
+    /// Postcopy: fault latency 99th percentile, µs.
+    pub fault_p99_us: Option<u64>,
 }
 
 impl Outcome {
@@ -172,6 +217,24 @@ impl Outcome {
         if let Some(d) = q["error-desc"].as_str() {
             self.note = d.to_string();
         }
+        self.take_postcopy(q);
+    }
+
+    /// Takes the postcopy figures (blocktime, fault latency) where `q`
+    /// has them: livemig's source, QEMU's destination.
+    pub fn take_postcopy(&mut self, q: &Value) {
+        if let Some(b) = q["postcopy-blocktime"].as_u64() {
+            self.blocktime_ms = Some(b);
+        }
+        if let Some(v) = q["postcopy-vcpu-blocktime"].as_array() {
+            self.vcpu_blocktime_ms = v.iter().filter_map(|x| x.as_u64()).max();
+        }
+        if let Some(p) = q["postcopy-latency-p50"].as_u64() {
+            self.fault_p50_us = Some(p);
+        }
+        if let Some(p) = q["postcopy-latency-p99"].as_u64() {
+            self.fault_p99_us = Some(p);
+        }
     }
 
     /// True when the destination's memory check ran and passed.
@@ -192,12 +255,18 @@ impl Proc {
     /// Starts `cmd` with stdout and stderr to `log`.
     pub fn spawn(name: &str, mut cmd: Command, log: &Path) -> Result<Proc> {
         let out = File::create(log).with_context(|| format!("creating {}", log.display()))?;
-        let child = cmd
-            .stdin(Stdio::null())
+        cmd.stdin(Stdio::null())
             .stdout(out.try_clone()?)
-            .stderr(out)
+            .stderr(out);
+        crate::cleanup::prepare(&mut cmd);
+        // Registered before the lock is released: the signal thread never
+        // misses a child that exists.
+        let mut pids = crate::cleanup::pids();
+        let child = cmd
             .spawn()
             .with_context(|| format!("starting {name}: {cmd:?}"))?;
+        pids.push(child.id());
+        drop(pids);
         Ok(Proc {
             name: name.into(),
             child,
@@ -205,9 +274,21 @@ impl Proc {
         })
     }
 
+    /// The child's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The exit status if it ended.
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.try_wait().ok().flatten()
+        // Reaped under the registry's lock, and forgotten there: a reaped
+        // pid may be reused, the signal thread must never kill it.
+        let mut pids = crate::cleanup::pids();
+        let st = self.child.try_wait().ok().flatten();
+        if st.is_some() {
+            crate::cleanup::remove_pid(&mut pids, self.child.id());
+        }
+        st
     }
 
     /// Waits up to `timeout` for the process to end by itself.
@@ -238,8 +319,10 @@ impl Proc {
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        let mut pids = crate::cleanup::pids();
         let _ = self.child.kill();
         let _ = self.child.wait();
+        crate::cleanup::remove_pid(&mut pids, self.child.id());
     }
 }
 
@@ -465,7 +548,20 @@ pub fn poll_migration(
     }
 }
 
-/// A free TCP port on 127.0.0.1 (bound then released).
+/// With a manual postcopy switch: true once `migrate-start-postcopy`
+/// is due, given the source's latest `query-migrate` answer.
+pub fn switch_due(variant: Variant, q: &Value) -> bool {
+    match variant {
+        Variant::Postcopy(Switch::Immediately) => true,
+        Variant::Postcopy(Switch::AfterFirstPass | Switch::AfterFirstPassPreempt) => {
+            q["status"] == "active" && q["ram"]["dirty-sync-count"].as_u64().unwrap_or(0) >= 2
+        }
+        _ => false,
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (bound then released); in the fresh
+/// namespaces of `--link` any port is free, this one too.
 pub fn free_port() -> Result<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
     Ok(l.local_addr()?.port())
