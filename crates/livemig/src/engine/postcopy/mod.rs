@@ -52,7 +52,7 @@ mod histogram;
 
 use std::io::{self, Read, Write};
 
-pub use dest::{receive, IncomingGuest, ReceiveError, Received};
+pub use dest::{receive, IncomingGuest, PostcopyFigures, ReceiveError, Received};
 pub use histogram::LatencyHistogram;
 
 use crate::memory::PAGE_SIZE;
