@@ -25,7 +25,8 @@ pub struct ControlArgs {
     /// migrate-set-parameters, query-migrate-parameters,
     /// migrate-set-capabilities, query-migrate-capabilities, migrate-cancel,
     /// query-status, stop, cont, query-version, query-commands,
-    /// migrate-start-postcopy.
+    /// migrate-start-postcopy, migrate-recover (postcopy recovery; the
+    /// source reconnects with migrate and "resume": true).
     /// With --raw: a whole request line, sent as it is.
     pub command: String,
     /// The command's arguments as a JSON object, e.g. '{"uri":

@@ -43,6 +43,7 @@ pub(crate) const COMMANDS: &[&str] = &[
     "migrate-incoming",
     "migrate-cancel",
     "migrate-start-postcopy",
+    "migrate-recover",
     "query-migrate",
     "migrate-set-parameters",
     "query-migrate-parameters",
@@ -457,6 +458,82 @@ impl State {
         }));
     }
 
+    /// `migrate` with `resume: true`: a new connection for the outgoing
+    /// migration paused in postcopy.
+    fn resume_outgoing(&self, uri: &Uri) -> Result<Value, CmdError> {
+        let Some((h, Direction::Outgoing)) = &self.current else {
+            return Err(generic(
+                "no outgoing migration to resume (resume is for a source paused in postcopy)",
+            ));
+        };
+        if h.stats().status != Status::PostcopyPaused {
+            return Err(generic(
+                "the outgoing migration is not paused in postcopy: nothing to resume",
+            ));
+        }
+        let conn = match self.tls() {
+            None => crate::transport::connect(uri).map_err(|e| generic(e.to_string()))?,
+            Some(t) => {
+                let mut cfg = crate::transport::tls::TlsConfig::from_dir(&t.dir)
+                    .map_err(|e| generic(format!("tls-creds: {e}")))?;
+                if let Some(name) = &t.hostname {
+                    cfg = cfg
+                        .with_server_name(name)
+                        .map_err(|e| generic(format!("tls-hostname: {e}")))?;
+                }
+                crate::transport::tls::connect(uri, &cfg).map_err(|e| generic(e.to_string()))?
+            }
+        };
+        h.resume_postcopy(conn).map_err(generic)?;
+        Ok(json!({}))
+    }
+
+    /// `migrate-recover URI`: listens on `uri` for the source's new
+    /// connection and hands it to the incoming migration paused in
+    /// postcopy (in the background: the source's `migrate` with `resume`
+    /// comes after this answer).
+    fn recover_incoming(&self, uri: &Uri) -> Result<Value, CmdError> {
+        let Some((h, Direction::Incoming)) = &self.current else {
+            return Err(generic(
+                "no incoming migration to recover (migrate-recover is for a destination paused in postcopy)",
+            ));
+        };
+        if h.stats().status != Status::PostcopyPaused {
+            return Err(generic(
+                "the incoming migration is not paused in postcopy: nothing to recover",
+            ));
+        }
+        type Accept = Box<dyn FnOnce() -> Result<crate::transport::Incoming, String> + Send>;
+        let accept: Accept = match self.tls() {
+            None => {
+                let l =
+                    crate::transport::Listener::bind(uri).map_err(|e| generic(e.to_string()))?;
+                Box::new(move || l.accept().map_err(|e| e.to_string()))
+            }
+            Some(t) => {
+                let cfg = crate::transport::tls::TlsConfig::from_dir(&t.dir)
+                    .map_err(|e| generic(format!("tls-creds: {e}")))?;
+                let l = crate::transport::tls::TlsListener::bind(uri, &cfg)
+                    .map_err(|e| generic(e.to_string()))?;
+                Box::new(move || l.accept().map_err(|e| e.to_string()))
+            }
+        };
+        let h = h.clone();
+        let what = uri.to_string();
+        std::thread::Builder::new()
+            .name("migrate-recover".into())
+            .spawn(move || match accept() {
+                Ok(conn) => {
+                    if let Err(e) = h.recover_postcopy(conn) {
+                        log::warn!("migrate-recover on {what}: {e}");
+                    }
+                }
+                Err(e) => log::warn!("migrate-recover on {what}: {e}"),
+            })
+            .map_err(|e| generic(format!("starting the recovery thread: {e}")))?;
+        Ok(json!({}))
+    }
+
     pub(crate) fn execute(
         &mut self,
         cmd: &str,
@@ -614,19 +691,23 @@ impl State {
                     &["uri", "channels", "exit-on-error"]
                 };
                 only(args, extra)?;
-                if args
-                    .get("resume")
-                    .is_some_and(|r| r.as_bool() != Some(false))
-                {
-                    return Err(generic("'resume' (postcopy recovery) is not supported"));
-                }
+                let resume = match args.get("resume") {
+                    None => false,
+                    Some(v) => as_bool("resume", v)?,
+                };
                 let uri = target_uri(args)?;
+                if resume {
+                    return self.resume_outgoing(&uri);
+                }
                 if self.running().is_some() {
                     return Err(generic("There's a migration process in progress"));
                 }
                 let tls = self.tls();
                 let h = MigrationHandle::new(self.params());
                 if cmd == "migrate" {
+                    // `migrate` with `resume` can hand a paused postcopy a
+                    // new connection.
+                    h.set_postcopy_recovery(true);
                     self.watch(&h, true);
                     self.starter
                         .start_outgoing(&uri, tls.as_ref(), h.clone())
@@ -649,6 +730,17 @@ impl State {
                     }
                 }
                 Ok(json!({}))
+            }
+            "migrate-recover" => {
+                only(args, &["uri"])?;
+                let uri: Uri = as_str(
+                    "uri",
+                    args.get("uri")
+                        .ok_or_else(|| generic("Parameter 'uri' is missing"))?,
+                )?
+                .parse()
+                .map_err(|e: crate::transport::TransportError| generic(e.to_string()))?;
+                self.recover_incoming(&uri)
             }
             "migrate-start-postcopy" => {
                 no_args(args)?;

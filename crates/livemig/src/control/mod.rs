@@ -33,10 +33,11 @@
 //! | `query-commands`, `query-version` | none | as QEMU |
 //! | `query-status` | none | `{"running", "status"}` (running, paused, inmigrate, postmigrate, finish-migrate) |
 //! | `stop` / `cont` | none | pause / resume the guest (`cont` also resumes a source left paused by an unconfirmed migration) |
-//! | `migrate` | `uri` or `channels`, `detach` | starts an outgoing migration |
+//! | `migrate` | `uri` or `channels`, `detach`, `resume` | starts an outgoing migration; with `resume: true`, reconnects one paused in postcopy (`postcopy-paused`) to `uri`, where the destination waits after `migrate-recover` |
 //! | `migrate-incoming` | `uri` or `channels`, `exit-on-error` | starts waiting for an incoming one |
 //! | `migrate-cancel` | none | cancels the outgoing migration; the guest runs on |
 //! | `migrate-start-postcopy` | none | switches the running migration to postcopy (needs `postcopy-ram`) |
+//! | `migrate-recover` | `uri` | destination paused in postcopy: listens on `uri` for the source's `migrate` with `resume: true` (the VMM must receive with `engine::postcopy::receive_recoverable`) |
 //! | `query-migrate` | none | QEMU's shape; `{}` before any migration |
 //! | `migrate-set-parameters` / `query-migrate-parameters` | QEMU's names (below) | applies now and to the next migration |
 //! | `migrate-set-capabilities` / `query-migrate-capabilities` | `capabilities: [{capability, state}]` | `xbzrle`, `auto-converge`, `events`, `multifd`, `return-path`, `dirty-limit`, `postcopy-ram`, `x-livemig-verify` |

@@ -712,3 +712,145 @@ fn migrate_steer_cancel_and_migrate_again() {
         Status::Completed
     );
 }
+
+/// Migrations over TCP: outgoing from `mem`, or incoming into it with
+/// postcopy recovery allowed.
+struct TcpStarter {
+    mem: ProcessMemory,
+    control: Option<WorkloadControl>,
+}
+
+impl MigrationStarter for TcpStarter {
+    fn start_outgoing(
+        &mut self,
+        uri: &Uri,
+        _tls: Option<&MigrationTls>,
+        handle: MigrationHandle,
+    ) -> Result<(), String> {
+        let mut tracker = UffdTracker::new(&self.mem, UffdMode::Auto).map_err(|e| e.to_string())?;
+        let (mem, mut control, uri) =
+            (self.mem.clone(), self.control.clone().unwrap(), uri.clone());
+        thread::spawn(move || {
+            let conn = crate::transport::connect(&uri).unwrap();
+            let _ =
+                Source::new(&mem, &mut tracker, &mut control, handle).run_conn(conn, &mut |_| {
+                    Ok(crate::transport::connect(&uri)
+                        .map_err(std::io::Error::other)?
+                        .writer)
+                });
+        });
+        Ok(())
+    }
+
+    fn start_incoming(
+        &mut self,
+        uri: &Uri,
+        _tls: Option<&MigrationTls>,
+        handle: MigrationHandle,
+    ) -> Result<(), String> {
+        let l = crate::transport::Listener::bind(uri).map_err(|e| e.to_string())?;
+        handle.set_status(Status::Active, None);
+        let mem = self.mem.clone();
+        thread::spawn(move || {
+            let inc = l.accept().unwrap();
+            let mut accept = || -> std::io::Result<Box<dyn Read + Send>> {
+                l.accept().map(|i| i.reader).map_err(std::io::Error::other)
+            };
+            let r = crate::engine::postcopy::receive_recoverable(
+                &mem,
+                inc.reader,
+                inc.ack,
+                &mut MemoryOnly,
+                true,
+                Some(&mut accept),
+                &handle,
+            );
+            match r {
+                Ok(_) => handle.set_status(Status::Completed, None),
+                Err(e) => handle.set_status(Status::Failed, Some(e.to_string())),
+            }
+        });
+        Ok(())
+    }
+}
+
+fn free_tcp_port() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    format!("tcp:{}", l.local_addr().unwrap())
+}
+
+#[test]
+fn postcopy_recovers_over_qmp_after_a_cut() {
+    use crate::testkit::fault_proxy::{Fault, FaultProxy};
+    if !uffd_usable() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mem = ProcessMemory::single(16 << 20).unwrap();
+    let dst = ProcessMemory::single(16 << 20).unwrap();
+    let writer = direct_writer(mem.blocks().to_vec());
+    fill_random(mem.blocks(), &writer, 3);
+    let workload = Workload::start(
+        mem.blocks().to_vec(),
+        writer,
+        WorkloadConfig {
+            rate: 16 << 20,
+            ..WorkloadConfig::default()
+        },
+    );
+    let (sp, dp) = (dir.path().join("src.sock"), dir.path().join("dst.sock"));
+    // 4 MiB/s: the 16 MiB postcopy push is under way when the cut comes.
+    let params = Params {
+        max_bandwidth: 4 << 20,
+        ..Params::default()
+    };
+    let src_starter = TcpStarter {
+        mem: mem.clone(),
+        control: Some(workload.control()),
+    };
+    let dst_starter = TcpStarter {
+        mem: dst.clone(),
+        control: None,
+    };
+    let _s = ControlServer::start(&sp, params.clone(), Box::new(src_starter)).unwrap();
+    let _d = ControlServer::start(&dp, params, Box::new(dst_starter)).unwrap();
+    let (mut sc, mut dc) = (
+        ControlClient::connect(&sp).unwrap(),
+        ControlClient::connect(&dp).unwrap(),
+    );
+    let caps = json!({"capabilities": [{"capability": "postcopy-ram", "state": true}]});
+    sc.execute("migrate-set-capabilities", caps.clone())
+        .unwrap();
+    dc.execute("migrate-set-capabilities", caps).unwrap();
+    // Nothing to recover yet.
+    let e = err(dc.execute("migrate-recover", json!({"uri": free_tcp_port()})));
+    assert!(e.contains("no incoming migration to recover"), "{e}");
+    let dst_uri = free_tcp_port();
+    dc.execute("migrate-incoming", json!({"uri": dst_uri}))
+        .unwrap();
+    let Uri::Tcp(addr) = dst_uri.parse::<Uri>().unwrap() else {
+        unreachable!()
+    };
+    let proxy = FaultProxy::start(addr.parse().unwrap(), Fault::CutForwardAt(2 << 20)).unwrap();
+    sc.execute("migrate", json!({"uri": proxy.uri()})).unwrap();
+    sc.execute("migrate-start-postcopy", Value::Null).unwrap();
+    wait_status(&mut sc, &["postcopy-paused"]);
+    wait_status(&mut dc, &["postcopy-paused"]);
+    assert!(proxy.has_cut());
+    let e = err(sc.execute("migrate", json!({"uri": free_tcp_port(), "resume": "yes"})));
+    assert!(e.contains("resume"), "{e}");
+    let again = free_tcp_port();
+    dc.execute("migrate-recover", json!({"uri": again}))
+        .unwrap();
+    sc.execute("migrate", json!({"uri": again, "resume": true}))
+        .unwrap();
+    let s = wait_status(&mut sc, &["completed", "failed"]);
+    assert_eq!(s["status"], "completed", "{s}");
+    let d = wait_status(&mut dc, &["completed", "failed"]);
+    assert_eq!(d["status"], "completed", "{d}");
+    drop(workload);
+    assert_eq!(
+        crate::engine::hex(&crate::engine::memory_digest(&mem)),
+        crate::engine::hex(&crate::engine::memory_digest(&dst)),
+    );
+}

@@ -66,6 +66,29 @@ struct Shared {
     cancel: AtomicBool,
     observers: Mutex<Observers>,
     start_postcopy: AtomicBool,
+    recovery: AtomicBool,
+    reconnect: Mutex<Reconnect>,
+}
+
+/// A connection handed to a migration paused in postcopy.
+#[derive(Default)]
+pub(crate) enum Reconnect {
+    #[default]
+    None,
+    /// The source's new connection (`migrate` with `resume`).
+    Out(crate::transport::Outgoing),
+    /// The destination's new connection (`migrate-recover`).
+    In(crate::transport::Incoming),
+}
+
+impl std::fmt::Debug for Reconnect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Reconnect::None => "no connection",
+            Reconnect::Out(_) => "an outgoing connection",
+            Reconnect::In(_) => "an incoming connection",
+        })
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -150,6 +173,56 @@ impl MigrationHandle {
     /// Whether the switch to postcopy was asked.
     pub fn postcopy_requested(&self) -> bool {
         self.shared.start_postcopy.load(Ordering::SeqCst)
+    }
+
+    /// Lets an outgoing migration pause in postcopy when a connection is
+    /// lost (`postcopy-paused`) and wait for
+    /// [`MigrationHandle::resume_postcopy`], instead of failing: only for
+    /// a caller that can hand a new connection over (a control socket
+    /// does). Off by default.
+    pub fn set_postcopy_recovery(&self, on: bool) {
+        self.shared.recovery.store(on, Ordering::SeqCst);
+    }
+
+    /// Whether a lost connection pauses postcopy (see
+    /// [`MigrationHandle::set_postcopy_recovery`]).
+    pub fn postcopy_recovery(&self) -> bool {
+        self.shared.recovery.load(Ordering::SeqCst)
+    }
+
+    /// Resumes an outgoing migration paused in postcopy (`postcopy-paused`)
+    /// over `conn`, a new connection to the destination, which must be
+    /// waiting for it (its own [`MigrationHandle::recover_postcopy`], QMP's
+    /// `migrate-recover`). QEMU's `migrate` with `resume: true`.
+    pub fn resume_postcopy(&self, conn: crate::transport::Outgoing) -> Result<(), String> {
+        self.hand_over(Reconnect::Out(conn))
+    }
+
+    /// Hands an incoming migration paused in postcopy (`postcopy-paused`,
+    /// on the destination) the source's new connection (`conn`, accepted
+    /// on the address given to QMP's `migrate-recover`).
+    pub fn recover_postcopy(&self, conn: crate::transport::Incoming) -> Result<(), String> {
+        self.hand_over(Reconnect::In(conn))
+    }
+
+    fn hand_over(&self, conn: Reconnect) -> Result<(), String> {
+        let status = self.stats().status;
+        if status != Status::PostcopyPaused {
+            return Err(format!(
+                "the migration is not paused in postcopy (status {}): nothing to recover",
+                serde_json::to_value(status)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default()
+            ));
+        }
+        *lock(&self.shared.reconnect) = conn;
+        Ok(())
+    }
+
+    /// The connection handed over for recovery, if any.
+    pub(crate) fn take_reconnect(&self) -> Reconnect {
+        std::mem::take(&mut *lock(&self.shared.reconnect))
     }
 
     /// Changes the stats; observers hear of a new status or dirty sync, in

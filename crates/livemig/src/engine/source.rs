@@ -13,10 +13,13 @@ use std::time::{Duration, Instant};
 use super::ack;
 use super::channels::{ChannelSetup, ChannelWriter, PageEncoding, SendChannels};
 use super::digest::{hash_sample, hex, memory_digest, RunningDigest, CHUNK as DIGEST_CHUNK};
+use super::handle::Reconnect;
 use super::handle::{MigrationHandle, SyncPoint};
 use super::pacing::{Pacing, PauseInputs};
 use super::params::{Params, Switchover};
-use super::postcopy::{check_request, FaultReport, Message, MessageReader, PostcopyError};
+use super::postcopy::{
+    check_request, BitmapAssembler, FaultReport, Message, MessageReader, PostcopyError,
+};
 use super::stats::{CompressionStats, MigrationStats, Status, XbzrleStats};
 use super::MigrationError;
 use crate::bitmap::DirtyBitmap;
@@ -325,6 +328,8 @@ struct RamSaver<'a> {
     postcopy_from: Option<u64>,
     fault_report: Option<FaultReport>,
     postcopy_time: Option<u64>,
+    /// Background push pacing: bytes and time it counts from.
+    postcopy_pace_from: Option<(u64, Instant)>,
 }
 
 impl<'a> RamSaver<'a> {
@@ -396,6 +401,7 @@ impl<'a> RamSaver<'a> {
             postcopy_from: None,
             fault_report: None,
             postcopy_time: None,
+            postcopy_pace_from: None,
         }
     }
 
@@ -503,6 +509,22 @@ impl<'a> RamSaver<'a> {
             .collect();
         w.block_list(&descs).map_err(MigrationError::send)?;
         self.section_end(&mut w)?;
+        // The postcopy urgent connection (postcopy-preempt), opened now,
+        // long before any pause: opening it costs a connection (and a TLS
+        // handshake) that the downtime must not hold.
+        let mut urgent = None;
+        if urgent_flag {
+            let conn = open(URGENT_CONNECTION).map_err(|e| {
+                MigrationError::Send(io::Error::new(
+                    e.kind(),
+                    format!("opening the postcopy urgent connection: {e}"),
+                ))
+            })?;
+            let mut u = StreamWriter::new(conn, 0);
+            u.block_list(&descs).map_err(MigrationError::send)?;
+            u.section_end(0).map_err(MigrationError::send)?;
+            urgent = Some(u);
+        }
         if n > 1 {
             // After the main stream's start is on its way, so the
             // destination accepts the main connection first.
@@ -585,9 +607,9 @@ impl<'a> RamSaver<'a> {
             && self.params.postcopy_switchover == Switchover::Auto
             && !self.pause_fits();
         if switch || auto {
-            let urgent = urgent_flag.then_some(open);
             return self.postcopy(w, ack, urgent, vm, guest, pause_at, bytes_before);
         }
+        drop(urgent);
         let ack = ack.as_read();
         while self.remaining_pages() > 0 {
             self.check_cancel()?;
@@ -665,13 +687,16 @@ impl<'a> RamSaver<'a> {
     /// The switch and postcopy (see `engine/postcopy/mod.rs`): the guest is
     /// paused and synced; sends the not-valid bitmap, the device state and
     /// the switch, runs the handshake, then serves requests first and
-    /// pushes the rest in the background.
+    /// pushes the rest in the background. With recovery allowed
+    /// ([`MigrationHandle::set_postcopy_recovery`]), a connection lost
+    /// after GO pauses postcopy until [`MigrationHandle::resume_postcopy`]
+    /// hands a new one over.
     #[allow(clippy::too_many_arguments)]
     fn postcopy<W: Write>(
         &mut self,
         mut w: StreamWriter<TimedWrite<W>>,
         mut ack: AckPath<'_>,
-        urgent: Option<&mut dyn FnMut(u16) -> io::Result<ChannelWriter>>,
+        urgent: Option<StreamWriter<ChannelWriter>>,
         vm: &mut dyn VmControl,
         guest: &mut GuestSide,
         pause_at: Instant,
@@ -695,31 +720,6 @@ impl<'a> RamSaver<'a> {
         }
         w.postcopy().map_err(MigrationError::send)?;
         self.section_end(&mut w)?;
-        // After the switch section: the destination accepts it there (a
-        // TLS connection's handshake needs that accept).
-        let mut urgent = match urgent {
-            Some(open) => {
-                let conn = open(URGENT_CONNECTION).map_err(|e| {
-                    MigrationError::Send(io::Error::new(
-                        e.kind(),
-                        format!("opening the postcopy urgent connection: {e}"),
-                    ))
-                })?;
-                let mut u = StreamWriter::new(conn, 0);
-                let descs: Vec<BlockDesc> = self
-                    .blocks
-                    .iter()
-                    .map(|b| BlockDesc {
-                        id: b.id().to_string(),
-                        len: b.len(),
-                    })
-                    .collect();
-                u.block_list(&descs).map_err(MigrationError::send)?;
-                u.section_end(0).map_err(MigrationError::send)?;
-                Some((u, 1u64))
-            }
-            None => None,
-        };
         let AckPath::Owned(mut reader) = std::mem::replace(&mut ack, AckPath::None) else {
             return Err(MigrationError::Params(
                 "postcopy-ram needs a return path the engine owns".into(),
@@ -737,46 +737,86 @@ impl<'a> RamSaver<'a> {
         self.downtime_bytes = self.transferred - bytes_before;
         self.postcopy_from = Some(self.transferred);
         let switched = Instant::now();
+        let mut link = PostcopyLink {
+            out: PcOut::First(w),
+            urgent: urgent.map(|u| (u, 1)),
+            requests: spawn_request_reader(MessageReader::new(reader))?,
+            retired_bytes: 0,
+            dead: false,
+        };
+        self.postcopy_pace_from = Some((link.bytes(), Instant::now()));
+        self.publish(Status::PostcopyActive, "", None);
+        loop {
+            let e = match self.postcopy_run(&mut link) {
+                Ok(()) => break,
+                Err(e) if connection_lost(&e) && self.handle.postcopy_recovery() => e,
+                Err(e) => return Err(e),
+            };
+            // Recovery: the guest lives on the destination; wait for a new
+            // connection instead of giving it up.
+            link.retire();
+            log::warn!("postcopy paused: {e}; waiting for a new connection (migrate with resume)");
+            self.transferred = link.bytes();
+            self.publish(Status::PostcopyPaused, "", Some(e.to_string()));
+            loop {
+                let conn = match self.handle.take_reconnect() {
+                    Reconnect::Out(c) => c,
+                    _ => {
+                        if self.handle.is_cancelled() {
+                            return Err(MigrationError::Postcopy(PostcopyError::Abandoned(
+                                e.to_string(),
+                            )));
+                        }
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
+                    }
+                };
+                self.publish(Status::PostcopyRecover, "", None);
+                match self.resume_connection(conn, &mut link) {
+                    Ok(()) => break,
+                    Err(e2) if connection_lost(&e2) => {
+                        log::warn!("postcopy recovery failed: {e2}; still paused");
+                        link.retire();
+                        self.publish(Status::PostcopyPaused, "", Some(e2.to_string()));
+                    }
+                    Err(e2) => return Err(e2),
+                }
+            }
+            self.postcopy_pace_from = Some((link.bytes(), Instant::now()));
+            self.publish(Status::PostcopyActive, "", None);
+        }
+        self.transferred = link.bytes();
+        self.postcopy_time = Some(switched.elapsed().as_millis() as u64);
+        vm.set_throttle(0);
+        self.throttle = 0;
+        Ok(())
+    }
+
+    /// Postcopy over the current connections: requests first, the rest in
+    /// the background, END, and the destination's COMPLETE.
+    fn postcopy_run<W: Write>(&mut self, link: &mut PostcopyLink<W>) -> Result<(), MigrationError> {
         let blocks: Vec<(String, u64)> = self
             .blocks
             .iter()
             .map(|b| (b.id().to_string(), b.len()))
             .collect();
-        let (tx, rx) = std::sync::mpsc::channel();
-        // The reader waits out quiet spells (no faults) until postcopy ends
-        // here, whichever way.
-        let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let _ended_on_exit = SetOnDrop(ended.clone());
-        std::thread::Builder::new()
-            .name("livemig-postcopy-requests".into())
-            .spawn(move || {
-                let mut mr = MessageReader::new(reader);
-                let waiting = || !ended.load(std::sync::atomic::Ordering::SeqCst);
-                loop {
-                    let m = mr.read_message_waiting(&waiting);
-                    let more = matches!(m, Ok((_, Message::Request(_))));
-                    if tx.send(m).is_err() || !more {
-                        break;
-                    }
-                }
-            })
-            .map_err(MigrationError::send)?;
-        self.publish(Status::PostcopyActive, "", None);
         let mut published = Instant::now();
         use std::sync::mpsc::TryRecvError;
         while self.remaining_pages() > 0 {
             // Requested pages first, each at most once.
             loop {
-                match rx.try_recv() {
+                match link.requests.try_recv() {
                     Ok(Ok((at, Message::Request(req)))) => {
                         let (b, first, n) = check_request(&blocks, at, &req)?;
                         self.postcopy_requests += 1;
                         let mut sent = false;
                         for p in first..first + n {
                             if self.bitmaps[b].clear(p) {
-                                match &mut urgent {
+                                match &mut link.urgent {
                                     Some((u, _)) => self.send_page(u, b, p, true),
-                                    None => self.send_page(&mut w, b, p, true),
+                                    None => {
+                                        on_out!(&mut link.out, w => self.send_page(w, b, p, true))
+                                    }
                                 }
                                 .map_err(MigrationError::send)?;
                                 sent = true;
@@ -786,12 +826,12 @@ impl<'a> RamSaver<'a> {
                             // Locality: the background scan goes on just after.
                             self.pos_block = b;
                             self.pos_page = first + n;
-                            match &mut urgent {
+                            match &mut link.urgent {
                                 Some((u, seq)) => {
                                     u.section_end(*seq).map_err(MigrationError::send)?;
                                     *seq += 1;
                                 }
-                                None => self.section_end(&mut w)?,
+                                None => on_out!(&mut link.out, w => self.section_end(w))?,
                             }
                         }
                     }
@@ -801,6 +841,7 @@ impl<'a> RamSaver<'a> {
                     Ok(Ok((_, Message::Failed(why)))) => {
                         return Err(MigrationError::Destination(why))
                     }
+                    Ok(Ok((at, _))) => return Err(PostcopyError::NotRequest { offset: at }.into()),
                     Ok(Err(e)) => return Err(e.into()),
                     Err(TryRecvError::Empty) => break,
                     Err(TryRecvError::Disconnected) => {
@@ -812,7 +853,14 @@ impl<'a> RamSaver<'a> {
                 }
             }
             // Then a small batch of background pages, flushed, so that a
-            // request never waits behind more than one batch of ours.
+            // request never waits behind more than one batch of ours; paced
+            // by max-bandwidth like precopy, in short waits so that a
+            // request that comes meanwhile is served at once.
+            if let Some(wait) = self.postcopy_wait(link) {
+                std::thread::sleep(wait.min(Duration::from_millis(1)));
+                self.refresh_postcopy_bandwidth(link, &mut published);
+                continue;
+            }
             for _ in 0..POSTCOPY_BATCH {
                 let Some((b, p)) = self.next_dirty() else {
                     break;
@@ -820,41 +868,122 @@ impl<'a> RamSaver<'a> {
                 self.bitmaps[b].clear(p);
                 self.pos_block = b;
                 self.pos_page = p + 1;
-                self.send_page(&mut w, b, p, true)
+                on_out!(&mut link.out, w => self.send_page(w, b, p, true))
                     .map_err(MigrationError::send)?;
             }
-            self.section_end(&mut w)?;
-            if published.elapsed() >= STEP {
-                self.pacing.measure(self.transferred, Instant::now());
-                self.publish(Status::PostcopyActive, "", None);
-                published = Instant::now();
-            }
+            on_out!(&mut link.out, w => self.section_end(w))?;
+            self.transferred = link.bytes();
+            self.refresh_postcopy_bandwidth(link, &mut published);
         }
-        let mut urgent_bytes = 0;
-        if let Some((mut u, _)) = urgent {
+        if let Some((u, _)) = &mut link.urgent {
             u.end().map_err(MigrationError::send)?;
-            urgent_bytes = u.bytes();
         }
-        w.end().map_err(MigrationError::send)?;
-        self.transferred = self.sent_bytes(&w) + urgent_bytes;
+        on_out!(&mut link.out, w => w.end()).map_err(MigrationError::send)?;
+        self.transferred = link.bytes();
         // Requests still in flight are for pages already sent.
         let deadline = Instant::now() + crate::transport::IO_TIMEOUT;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
+            match link.requests.recv_timeout(left) {
                 Ok(Ok((_, Message::Request(_)))) => self.postcopy_requests += 1,
                 Ok(Ok((_, Message::Complete(report)))) => {
                     self.fault_report = Some(report);
-                    break;
+                    return Ok(());
                 }
                 Ok(Ok((_, Message::Failed(why)))) => return Err(MigrationError::Destination(why)),
+                Ok(Ok((at, _))) => return Err(PostcopyError::NotRequest { offset: at }.into()),
                 Ok(Err(e)) => return Err(PostcopyError::NoComplete(e.to_string()).into()),
                 Err(e) => return Err(PostcopyError::NoComplete(e.to_string()).into()),
             }
         }
-        self.postcopy_time = Some(switched.elapsed().as_millis() as u64);
-        vm.set_throttle(0);
-        self.throttle = 0;
+    }
+
+    /// Every [`STEP`]: publishes the stats and takes a new
+    /// `max-bandwidth` (it may change while postcopy runs; the other
+    /// parameters were fixed at the switch).
+    fn refresh_postcopy_bandwidth<W: Write>(
+        &mut self,
+        link: &PostcopyLink<W>,
+        published: &mut Instant,
+    ) {
+        if published.elapsed() < STEP {
+            return;
+        }
+        self.transferred = link.bytes();
+        self.pacing.measure(self.transferred, Instant::now());
+        self.publish(Status::PostcopyActive, "", None);
+        *published = Instant::now();
+        let limit = self.handle.params().max_bandwidth;
+        if limit != self.params.max_bandwidth {
+            self.params.max_bandwidth = limit;
+            self.postcopy_pace_from = Some((link.bytes(), Instant::now()));
+        }
+    }
+
+    /// How long the background push must still wait for `max-bandwidth`
+    /// (bytes since the switch, requested pages included, against the
+    /// time since); `None` when it may send now.
+    fn postcopy_wait<W: Write>(&self, link: &PostcopyLink<W>) -> Option<Duration> {
+        let limit = self.params.max_bandwidth;
+        let (from, since) = self.postcopy_pace_from?;
+        if limit == 0 {
+            return None;
+        }
+        let sent = link.bytes().saturating_sub(from);
+        let due = Duration::from_secs_f64(sent as f64 / limit as f64);
+        due.checked_sub(since.elapsed()).filter(|d| !d.is_zero())
+    }
+
+    /// Recovery over `conn`: a new stream start, the destination's
+    /// received bitmap, and postcopy goes on from its complement.
+    fn resume_connection<W: Write>(
+        &mut self,
+        conn: crate::transport::Outgoing,
+        link: &mut PostcopyLink<W>,
+    ) -> Result<(), MigrationError> {
+        let crate::transport::Outgoing { writer, ack } = conn;
+        let Some(ack) = ack else {
+            return Err(MigrationError::Params(
+                "postcopy recovery needs a connection with a return path".into(),
+            ));
+        };
+        let mut w = StreamWriter::new(TimedWrite::new(writer, self.wire.clone()), 0);
+        let descs: Vec<BlockDesc> = self
+            .blocks
+            .iter()
+            .map(|b| BlockDesc {
+                id: b.id().to_string(),
+                len: b.len(),
+            })
+            .collect();
+        w.block_list(&descs).map_err(MigrationError::send)?;
+        w.section_end(0).map_err(MigrationError::send)?;
+        let mut mr = MessageReader::new(ack);
+        let lens: Vec<u64> = self.blocks.iter().map(|b| b.len()).collect();
+        let mut asm = BitmapAssembler::new(&lens);
+        loop {
+            let (at, m) = mr.read_message()?;
+            if let Message::Failed(why) = m {
+                return Err(MigrationError::Destination(why));
+            }
+            if asm.add(at, &m)? {
+                break;
+            }
+        }
+        // What the destination lacks: pages never sent, and those lost in
+        // flight with the old connection.
+        self.bitmaps = asm.missing();
+        self.pos_block = 0;
+        self.pos_page = 0;
+        self.seq = 1;
+        link.out = PcOut::Resumed(w);
+        link.dead = false;
+        link.urgent = None;
+        link.requests = spawn_request_reader(mr)?;
+        log::info!(
+            "postcopy resumed: {} pages left to send",
+            self.remaining_pages()
+        );
         Ok(())
     }
 
@@ -1323,12 +1452,118 @@ impl<'a> RamSaver<'a> {
 }
 
 /// Sets its flag when dropped (on every exit path).
-struct SetOnDrop(Arc<std::sync::atomic::AtomicBool>);
+/// The main postcopy stream: the first connection's, or a resumed one's.
+enum PcOut<W: Write> {
+    First(StreamWriter<W>),
+    Resumed(StreamWriter<TimedWrite<ChannelWriter>>),
+}
 
-impl Drop for SetOnDrop {
-    fn drop(&mut self) {
-        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+/// Runs `$e` with `$w` bound to the current main stream writer.
+macro_rules! on_out {
+    ($out:expr, $w:ident => $e:expr) => {
+        match $out {
+            PcOut::First($w) => $e,
+            PcOut::Resumed($w) => $e,
+        }
+    };
+}
+use on_out;
+
+/// The connections postcopy runs over, replaced by recovery.
+struct PostcopyLink<W: Write> {
+    out: PcOut<W>,
+    /// The urgent connection and its next section number.
+    urgent: Option<(StreamWriter<ChannelWriter>, u64)>,
+    requests: Requests,
+    /// Bytes of the connections given up.
+    retired_bytes: u64,
+    /// `out` belongs to a lost connection (counted in `retired_bytes`).
+    dead: bool,
+}
+
+impl<W: Write> PostcopyLink<W> {
+    fn bytes(&self) -> u64 {
+        let out = if self.dead {
+            0
+        } else {
+            on_out!(&self.out, w => w.bytes())
+        };
+        self.retired_bytes + out + self.urgent.as_ref().map_or(0, |(u, _)| u.bytes())
     }
+
+    /// Gives the current connections up (they failed).
+    fn retire(&mut self) {
+        if !self.dead {
+            self.retired_bytes += on_out!(&self.out, w => w.bytes());
+            self.dead = true;
+        }
+        if let Some((u, _)) = self.urgent.take() {
+            self.retired_bytes += u.bytes();
+        }
+        // The reader thread of the old return path stops at its next
+        // timeout or at the connection's end.
+        self.requests.stop();
+    }
+}
+
+type Incoming = Result<(u64, Message), PostcopyError>;
+
+/// The destination's messages, read on a thread of their own.
+struct Requests {
+    rx: std::sync::mpsc::Receiver<Incoming>,
+    ended: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Requests {
+    fn try_recv(&self) -> Result<Incoming, std::sync::mpsc::TryRecvError> {
+        self.rx.try_recv()
+    }
+
+    fn recv_timeout(&self, t: Duration) -> Result<Incoming, std::sync::mpsc::RecvTimeoutError> {
+        self.rx.recv_timeout(t)
+    }
+
+    fn stop(&self) {
+        self.ended.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Requests {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Starts the thread that reads the destination's messages; it waits out
+/// quiet spells (no faults) until postcopy ends here, whichever way.
+fn spawn_request_reader(
+    mut mr: MessageReader<crate::transport::BoxRead>,
+) -> Result<Requests, MigrationError> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let e = ended.clone();
+    std::thread::Builder::new()
+        .name("livemig-postcopy-requests".into())
+        .spawn(move || loop {
+            let waiting = || !e.load(std::sync::atomic::Ordering::SeqCst);
+            let m = mr.read_message_waiting(&waiting);
+            let more = matches!(m, Ok((_, Message::Request(_))));
+            if tx.send(m).is_err() || !more {
+                break;
+            }
+        })
+        .map_err(MigrationError::send)?;
+    Ok(Requests { rx, ended })
+}
+
+/// Whether postcopy failed because a connection was lost (recoverable),
+/// not because a peer misbehaved.
+fn connection_lost(e: &MigrationError) -> bool {
+    matches!(
+        e,
+        MigrationError::Send(_)
+            | MigrationError::Postcopy(PostcopyError::Io { .. } | PostcopyError::NoComplete(_))
+    )
 }
 
 /// A number shared by all channels of one migration, so the destination

@@ -30,6 +30,9 @@ pub enum Fault {
     CutAfterLoaded,
     /// Pass LOADED back and GO on, swallow STARTED, then cut.
     CutAfterGo,
+    /// Forward exactly this many destination→source bytes (the return
+    /// path: replies, then postcopy page requests), then cut.
+    CutBackAt(u64),
 }
 
 #[derive(Default)]
@@ -248,11 +251,19 @@ impl Link {
                 Ok(n) => n,
                 Err(_) => return self.cut(),
             };
-            let chunk = &buf[..n];
+            let mut chunk = &buf[..n];
+            let mut cut_after = false;
             {
                 let mut st = self.lock();
                 let before = self.counters.back.load(Ordering::SeqCst);
                 match self.fault {
+                    Fault::CutBackAt(limit) => {
+                        let room = limit.saturating_sub(before);
+                        if room <= n as u64 {
+                            chunk = &chunk[..room as usize];
+                            cut_after = true;
+                        }
+                    }
                     Fault::CutBeforeReply => {
                         drop(st);
                         self.fire();
@@ -276,7 +287,13 @@ impl Link {
             if to.write_all(chunk).is_err() {
                 return self.cut();
             }
-            self.counters.back.fetch_add(n as u64, Ordering::SeqCst);
+            self.counters
+                .back
+                .fetch_add(chunk.len() as u64, Ordering::SeqCst);
+            if cut_after {
+                self.fire();
+                break;
+            }
         }
         let _ = self.client.shutdown(Shutdown::Write);
     }

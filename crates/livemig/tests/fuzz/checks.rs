@@ -1033,11 +1033,16 @@ const POSTCOPY_BLOCKS: &[(&str, u64)] = &[
 
 /// One return path of postcopy messages (see the module doc).
 pub fn postcopy_messages(data: &[u8]) {
-    use livemig::engine::postcopy::{check_request, write_message, Message, MessageReader};
+    use livemig::engine::postcopy::{
+        check_request, write_message, BitmapAssembler, Message, MessageReader,
+    };
     let blocks: Vec<(String, u64)> = POSTCOPY_BLOCKS
         .iter()
         .map(|&(id, len)| (id.to_string(), len))
         .collect();
+    let lens: Vec<u64> = blocks.iter().map(|b| b.1).collect();
+    // Recovery: BITMAP / BITMAP_END messages assembled as the source does.
+    let mut bitmap = Some(BitmapAssembler::new(&lens));
     let mut r = MessageReader::new(data);
     loop {
         let at = r.offset();
@@ -1053,6 +1058,29 @@ pub fn postcopy_messages(data: &[u8]) {
         };
         assert_eq!(start, at);
         assert!(r.offset() as usize <= data.len());
+        if let Some(asm) = bitmap.as_mut() {
+            match asm.add(start, &m) {
+                Ok(false) => {}
+                Ok(true) => {
+                    for (bm, len) in asm.missing().iter().zip(&lens) {
+                        assert_eq!(bm.len(), len / PAGE_SIZE as u64, "bitmap of the wrong size");
+                    }
+                    bitmap = None;
+                }
+                Err(e) => {
+                    assert!(
+                        e.to_string().contains(&format!("byte {start}")),
+                        "bitmap refusal without its offset: {e}"
+                    );
+                    bitmap = None;
+                }
+            }
+        }
+        if matches!(m, Message::Bitmap { .. } | Message::BitmapEnd { .. }) {
+            let mut again = Vec::new();
+            write_message(&mut again, &m).expect("into memory");
+            assert_eq!(&data[start as usize..r.offset() as usize], &again[..]);
+        }
         if let Message::Request(q) = &m {
             let mut again = Vec::new();
             write_message(&mut again, &m).expect("into memory");

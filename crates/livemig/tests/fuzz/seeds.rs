@@ -437,7 +437,8 @@ fn postcopy_streams() -> Vec<(String, Vec<u8>)> {
     ]
 }
 
-/// Return paths after the switch: requests good and bad, COMPLETE, FAILED.
+/// Return paths after the switch: requests good and bad, COMPLETE, FAILED,
+/// received bitmaps of a recovery.
 fn postcopy_message_seeds() -> Vec<(String, Vec<u8>)> {
     use livemig::engine::postcopy::{write_message, FaultReport, Message, PageRequest};
     let enc = |ms: &[Message]| {
@@ -448,6 +449,11 @@ fn postcopy_message_seeds() -> Vec<(String, Vec<u8>)> {
         v
     };
     let req = |block, offset, len| Message::Request(PageRequest { block, offset, len });
+    let bitmap = |block, first_word, words| Message::Bitmap {
+        block,
+        first_word,
+        words,
+    };
     vec![
         (
             "session".into(),
@@ -475,6 +481,23 @@ fn postcopy_message_seeds() -> Vec<(String, Vec<u8>)> {
         ),
         ("failed".into(), enc(&[Message::Failed("lost".into())])),
         ("bad-tag".into(), vec![b'Z', 0, 1]),
+        (
+            "recovery-bitmap".into(),
+            enc(&[
+                bitmap(0, 0, vec![!0b1011]),
+                bitmap(1, 0, vec![0b101]),
+                Message::BitmapEnd { blocks: 2 },
+                req(0, 2 * P, 4096),
+            ]),
+        ),
+        (
+            "recovery-bitmap-bad".into(),
+            enc(&[
+                bitmap(1, 0, vec![0, 0]),
+                bitmap(2, 0, vec![1]),
+                Message::BitmapEnd { blocks: 1 },
+            ]),
+        ),
     ]
 }
 

@@ -10,17 +10,20 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use super::{write_message, FaultReport, LatencyHistogram, Message, PageRequest};
+use super::{write_bitmap, write_message, FaultReport, LatencyHistogram, Message, PageRequest};
 use crate::bitmap::DirtyBitmap;
 use crate::codec::compress::{Algorithm, Decompressor};
-use crate::engine::ack::{read_go, write_reply, CommitError, Reply};
+use crate::engine::ack::{read_go, write_reply, CommitError, Reply as AckReply};
+use crate::engine::handle::Reconnect;
 use crate::engine::loader::{LoadError, LoadOutcome, LoadStats, Loader};
+use crate::engine::{MigrationHandle, Status};
 use crate::memory::{GuestMemory, PAGE_SIZE};
 use crate::stream::format::{FLAG_URGENT, FLAG_VERIFY};
 use crate::stream::{Record, StreamReader};
 use crate::sys::uffd::{
     drop_pages, Uffd, UffdMsg, Waker, UFFD_EVENT_PAGEFAULT, UFFD_FEATURE_THREAD_ID,
 };
+use crate::transport::{BoxRead, Incoming};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 
@@ -120,10 +123,53 @@ pub fn receive<R: Read>(
     allow_postcopy: bool,
     accept: Option<&mut dyn FnMut() -> io::Result<Box<dyn Read + Send>>>,
 ) -> Result<Received, ReceiveError> {
+    receive_inner(mem, input, reply, guest, allow_postcopy, accept, None)
+}
+
+/// As [`receive`], and a connection lost during postcopy does not lose
+/// the guest: the destination reports `postcopy-paused` on `recovery`
+/// (its guest runs on; a thread that touches a missing page waits) until
+/// [`MigrationHandle::recover_postcopy`] hands it the source's new
+/// connection; it then sends its received bitmap and asks again for the
+/// pages its threads wait for (see the module doc). While paused,
+/// [`MigrationHandle::cancel`] gives the guest up
+/// ([`ReceiveError::SourceLost`]). The status also shows
+/// `postcopy-active` and `postcopy-recover` as postcopy goes.
+pub fn receive_recoverable<R: Read>(
+    mem: &dyn GuestMemory,
+    input: R,
+    reply: Option<Box<dyn Write + Send>>,
+    guest: &mut dyn IncomingGuest,
+    allow_postcopy: bool,
+    accept: Option<&mut dyn FnMut() -> io::Result<Box<dyn Read + Send>>>,
+    recovery: &MigrationHandle,
+) -> Result<Received, ReceiveError> {
+    receive_inner(
+        mem,
+        input,
+        reply,
+        guest,
+        allow_postcopy,
+        accept,
+        Some(recovery),
+    )
+}
+
+type Reply = Arc<Mutex<Option<Box<dyn Write + Send>>>>;
+
+fn receive_inner<R: Read>(
+    mem: &dyn GuestMemory,
+    input: R,
+    reply: Option<Box<dyn Write + Send>>,
+    guest: &mut dyn IncomingGuest,
+    allow_postcopy: bool,
+    accept: Option<&mut dyn FnMut() -> io::Result<Box<dyn Read + Send>>>,
+    recovery: Option<&MigrationHandle>,
+) -> Result<Received, ReceiveError> {
     let mut reply = reply;
     let fail = |reply: &mut Option<Box<dyn Write + Send>>, why: &str| {
         if let Some(w) = reply.as_mut() {
-            let _ = write_reply(&mut **w, &Reply::Failed(why.to_string()));
+            let _ = write_reply(&mut **w, &AckReply::Failed(why.to_string()));
         }
     };
     let mut loader = Loader::new(mem);
@@ -137,6 +183,24 @@ pub fn receive<R: Read>(
     };
     let verify = r.flags() & FLAG_VERIFY != 0;
     let wants_urgent = r.flags() & FLAG_URGENT != 0;
+    // The urgent connection (postcopy-preempt) comes right after the main
+    // stream's start, long before any switch.
+    let mut early_urgent = None;
+    if let (true, Some(accept)) = (wants_urgent, accept) {
+        match accept()
+            .map_err(|e| format!("accepting the postcopy urgent connection: {e}"))
+            .and_then(|c| open_urgent(c).map_err(|e| crate::error_chain(&e)))
+        {
+            Ok(u) => early_urgent = Some(u),
+            Err(why) => {
+                fail(&mut reply, &why);
+                return Err(ReceiveError::Load(LoadError::Postcopy {
+                    offset: r.offset(),
+                    what: why,
+                }));
+            }
+        }
+    }
     let o = match loader.load_until_switch(&mut r) {
         Ok(o) => o,
         Err(e) => {
@@ -157,7 +221,7 @@ pub fn receive<R: Read>(
             return Err(ReceiveError::Restore(e));
         }
         if let Some(w) = reply.as_mut() {
-            write_reply(&mut **w, &Reply::Loaded).map_err(CommitError::SendLoaded)?;
+            write_reply(&mut **w, &AckReply::Loaded).map_err(CommitError::SendLoaded)?;
             let inner = r
                 .inner_if_drained()
                 .ok_or_else(|| CommitError::NoGo("bytes after the stream's end".into()))?;
@@ -166,7 +230,7 @@ pub fn receive<R: Read>(
         let go_at = Instant::now();
         guest.resume().map_err(ReceiveError::Resume)?;
         if let Some(w) = reply.as_mut() {
-            if let Err(e) = write_reply(&mut **w, &Reply::Started(Some(go_at.elapsed()))) {
+            if let Err(e) = write_reply(&mut **w, &AckReply::Started(Some(go_at.elapsed()))) {
                 log::warn!("GO received but STARTED could not be sent ({e}): the guest runs here, the source stays paused");
             }
         }
@@ -198,16 +262,15 @@ pub fn receive<R: Read>(
         }
     };
     let discarded = placer.missing();
-    // The urgent connection (postcopy-preempt) comes right after the switch.
     let mut urgent = None;
     if wants_urgent {
-        let opened = match accept {
+        let checked = match early_urgent {
             None => Err("the source wants an urgent connection (postcopy-preempt) but this destination accepts none".to_string()),
-            Some(accept) => accept()
-                .map_err(|e| format!("accepting the postcopy urgent connection: {e}"))
-                .and_then(|c| open_urgent(c, &o.map.len(), mem, &o.map).map_err(|e| crate::error_chain(&e))),
+            Some((u, list)) => same_blocks(mem, &o.map, &list)
+                .map(|()| u)
+                .map_err(|()| "the urgent connection's block list differs from the main stream's".to_string()),
         };
-        match opened {
+        match checked {
             Ok(u) => urgent = Some(u),
             Err(why) => {
                 placer.release();
@@ -224,7 +287,7 @@ pub fn receive<R: Read>(
         fail(&mut Some(w), &e);
         return Err(ReceiveError::Restore(e));
     }
-    let go = write_reply(&mut *w, &Reply::Loaded)
+    let go = write_reply(&mut *w, &AckReply::Loaded)
         .map_err(CommitError::SendLoaded)
         .and_then(|()| {
             let inner = r.inner_if_drained().ok_or_else(|| {
@@ -240,11 +303,12 @@ pub fn receive<R: Read>(
 
     // GO: the guest is ours. Requests go out only after STARTED (the
     // fault thread needs the return path's lock, held until then).
-    let reply = Arc::new(Mutex::new(w));
+    let reply: Reply = Arc::new(Mutex::new(Some(w)));
     let stop = Arc::new(AtomicBool::new(false));
     let waker = Arc::new(Waker::new().map_err(ReceiveError::Setup)?);
     let fault_err: Arc<Mutex<Option<String>>> = Arc::default();
     let gate = lock(&reply);
+    let recoverable = recovery.is_some();
     let thread = {
         let (p, reply, stop, waker, err) = (
             placer.clone(),
@@ -256,14 +320,14 @@ pub fn receive<R: Read>(
         std::thread::Builder::new()
             .name("livemig-postcopy-faults".into())
             .spawn(move || {
-                if let Err(e) = fault_loop(&p, &stop, &waker, &reply) {
+                if let Err(e) = fault_loop(&p, &stop, &waker, &reply, recoverable) {
                     *lock(&err) = Some(e);
                 }
             })
             .map_err(ReceiveError::Setup)?
     };
     let mut gate = Some(gate);
-    let stop_thread = |gate: &mut Option<MutexGuard<'_, Box<dyn Write + Send>>>| {
+    let stop_thread = |gate: &mut Option<MutexGuard<'_, Option<Box<dyn Write + Send>>>>| {
         gate.take();
         stop.store(true, Ordering::SeqCst);
         let _ = waker.wake();
@@ -276,64 +340,100 @@ pub fn receive<R: Read>(
         placer.release();
         return Err(ReceiveError::Resume(e));
     }
-    if let Some(g) = gate.as_mut() {
-        if let Err(e) = write_reply(&mut ***g, &Reply::Started(Some(go_at.elapsed()))) {
+    if let Some(Some(g)) = gate.as_mut().map(|g| g.as_mut()) {
+        if let Err(e) = write_reply(&mut **g, &AckReply::Started(Some(go_at.elapsed()))) {
             log::warn!("STARTED could not be sent ({e}); postcopy goes on");
         }
     }
     gate.take();
+    if let Some(h) = recovery {
+        h.set_status(Status::PostcopyActive, None);
+    }
 
     let mut stats = o.stats;
     let mut urgent_pages = 0;
-    let result = match urgent.as_mut() {
-        None => place_stream(&mut r, &placer, &mut stats),
-        Some(u) => std::thread::scope(|s| {
-            let p = &placer;
-            let t = s.spawn(move || {
+    let mut urgent_failed = None;
+    let mut recoveries = 0;
+    let result = std::thread::scope(|s| {
+        let p = &placer;
+        let t = urgent.map(|mut u| {
+            s.spawn(move || {
                 let mut us = LoadStats::default();
-                place_stream(u, p, &mut us).map(|()| us)
-            });
-            let main = place_stream(&mut r, &placer, &mut stats);
-            if main.is_err() {
-                // Tell the source now: it closes the urgent connection.
+                let r = place_stream(&mut u, p, &mut us);
+                (r, us)
+            })
+        });
+        let mut main =
+            place_stream(&mut r, &placer, &mut stats).map_err(|e| crate::error_chain(&e));
+        if let Some(h) = recovery {
+            // Every failure of the main stream pauses; a new connection
+            // resumes from the received bitmap.
+            while let Err(cause) = &main {
+                match pause_and_recover(h, mem, &o.map, &placer, &reply, cause) {
+                    Ok(mut resumed) => {
+                        recoveries += 1;
+                        let mut rs = LoadStats::default();
+                        main = place_stream(&mut resumed, &placer, &mut rs)
+                            .map_err(|e| crate::error_chain(&e));
+                        stats.raw_pages += rs.raw_pages;
+                        stats.zero_pages += rs.zero_pages;
+                        stats.compressed_pages += rs.compressed_pages;
+                        stats.bytes += rs.bytes;
+                    }
+                    Err(gave_up) => {
+                        main = Err(gave_up);
+                        break;
+                    }
+                }
+            }
+        } else if main.is_err() && t.is_some() {
+            // Tell the source now: it closes the urgent connection.
+            if let Some(w) = lock(&reply).as_mut() {
                 let _ = write_message(
-                    &mut **lock(&reply),
+                    &mut **w,
                     &Message::Failed("the destination's main stream failed".into()),
                 );
             }
-            let urgent = t.join().unwrap_or_else(|_| {
-                Err(LoadError::Postcopy {
-                    offset: 0,
-                    what: "the urgent connection's thread panicked".into(),
-                })
-            });
-            main.and_then(|()| {
-                let us = urgent.map_err(|e| LoadError::Postcopy {
-                    offset: 0,
-                    what: format!("urgent connection: {}", crate::error_chain(&e)),
-                })?;
-                urgent_pages = us.raw_pages + us.zero_pages + us.compressed_pages;
-                stats.raw_pages += us.raw_pages;
-                stats.zero_pages += us.zero_pages;
-                stats.compressed_pages += us.compressed_pages;
-                stats.bytes += us.bytes;
-                Ok(())
-            })
-        }),
-    };
+        }
+        if let Some(t) = t {
+            match t.join() {
+                Ok((r, us)) => {
+                    urgent_pages = us.raw_pages + us.zero_pages + us.compressed_pages;
+                    stats.raw_pages += us.raw_pages;
+                    stats.zero_pages += us.zero_pages;
+                    stats.compressed_pages += us.compressed_pages;
+                    stats.bytes += us.bytes;
+                    // After a recovery the old urgent connection just ends.
+                    urgent_failed = r
+                        .err()
+                        .map(|e| format!("urgent connection: {}", crate::error_chain(&e)));
+                }
+                Err(_) => urgent_failed = Some("the urgent connection's thread panicked".into()),
+            }
+        }
+        main
+    });
+    if recoveries > 0 {
+        log::info!("postcopy recovered {recoveries} time(s)");
+    }
     stop_thread(&mut gate);
     let _ = thread.join();
     let fault_failed = lock(&fault_err).take();
     let missing = placer.missing();
     let cause = match (result, fault_failed) {
-        (Err(e), _) => Some(crate::error_chain(&e)),
+        (Err(e), _) => Some(e),
         (Ok(()), Some(e)) => Some(e),
-        (Ok(()), None) if missing > 0 => Some("the stream ended before every page arrived".into()),
+        (Ok(()), None) if missing > 0 => Some(match urgent_failed {
+            Some(u) => format!("the stream ended before every page arrived ({u})"),
+            None => "the stream ended before every page arrived".into(),
+        }),
         (Ok(()), None) => None,
     };
     if let Some(cause) = cause {
         guest.pause();
-        let _ = write_message(&mut **lock(&reply), &Message::Failed(cause.clone()));
+        if let Some(w) = lock(&reply).as_mut() {
+            let _ = write_message(&mut **w, &Message::Failed(cause.clone()));
+        }
         // Keep missing memory registered for good: a guest thread must
         // never read a missing page as zeros.
         placer.abandon();
@@ -342,10 +442,11 @@ pub fn receive<R: Read>(
     placer.release();
     let mut figures = placer.figures(discarded, switched_at);
     figures.urgent_pages = urgent_pages;
-    if let Err(e) = write_message(
-        &mut **lock(&reply),
-        &Message::Complete(figures.faults.clone()),
-    ) {
+    let sent = match lock(&reply).as_mut() {
+        Some(w) => write_message(&mut **w, &Message::Complete(figures.faults.clone())),
+        None => Err(io::Error::other("the return path was lost")),
+    };
+    if let Err(e) = sent {
         log::warn!("every page arrived but COMPLETE could not be sent to the source: {e}");
     }
     Ok(Received {
@@ -362,34 +463,121 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Reads the urgent connection's start: a stream with the same block list.
-fn open_urgent(
-    conn: Box<dyn Read + Send>,
-    _n: &usize,
-    mem: &dyn GuestMemory,
-    map: &[usize],
-) -> Result<StreamReader<Box<dyn Read + Send>>, LoadError> {
+/// A stream's block list: (id, length) in stream order.
+type BlockList = Vec<(String, u64)>;
+
+/// Reads a connection's stream start: header and block list.
+fn open_urgent<C: Read>(conn: C) -> Result<(StreamReader<C>, BlockList), LoadError> {
     let mut u = StreamReader::new(conn)?;
     let at = u.offset();
     let Record::BlockList(list) = u.next_record()? else {
         return Err(LoadError::Postcopy {
             offset: at,
-            what: "the urgent connection must start with the block list".into(),
+            what: "the connection must start with the block list".into(),
         });
     };
+    let list = list.iter().map(|d| (d.id.clone(), d.len)).collect();
+    Ok((u, list))
+}
+
+/// Whether `list` is the main stream's block list (`map`: stream block →
+/// memory block).
+fn same_blocks(mem: &dyn GuestMemory, map: &[usize], list: &[(String, u64)]) -> Result<(), ()> {
     let blocks = mem.blocks();
     let same = list.len() == map.len()
         && list
             .iter()
             .zip(map)
-            .all(|(d, &i)| blocks[i].id() == d.id && blocks[i].len() == d.len);
-    if !same {
-        return Err(LoadError::Postcopy {
-            offset: at,
-            what: "the urgent connection's block list differs from the main stream's".into(),
-        });
+            .all(|((id, len), &i)| blocks[i].id() == id && blocks[i].len() == *len);
+    if same {
+        Ok(())
+    } else {
+        Err(())
     }
-    Ok(u)
+}
+
+/// Postcopy paused after `cause`: waits for a new connection on `h`,
+/// then resumes over it (received bitmap out, pending requests again).
+/// Returns the new stream, or why the guest was given up.
+fn pause_and_recover(
+    h: &MigrationHandle,
+    mem: &dyn GuestMemory,
+    map: &[usize],
+    placer: &Placer,
+    reply: &Reply,
+    cause: &str,
+) -> Result<StreamReader<BoxRead>, String> {
+    // The old return path is dead: the fault thread stops sending on it
+    // and only records which pages its threads wait for.
+    lock(reply).take();
+    log::warn!(
+        "postcopy paused with {} pages still on the source: {cause}; waiting for migrate-recover",
+        placer.missing()
+    );
+    h.set_status(Status::PostcopyPaused, Some(cause.to_string()));
+    loop {
+        let conn = match h.take_reconnect() {
+            Reconnect::In(c) => c,
+            _ => {
+                if h.is_cancelled() {
+                    return Err(format!(
+                        "{cause} (postcopy was paused, then given up before any recovery)"
+                    ));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                continue;
+            }
+        };
+        h.set_status(Status::PostcopyRecover, None);
+        match resume_in(conn, mem, map, placer, reply) {
+            Ok(r) => {
+                h.set_status(Status::PostcopyActive, None);
+                log::info!("postcopy resumed: {} pages still to come", placer.missing());
+                return Ok(r);
+            }
+            Err(e) => {
+                log::warn!("postcopy recovery failed: {e}; still paused");
+                h.set_status(Status::PostcopyPaused, Some(e));
+            }
+        }
+    }
+}
+
+/// The destination's half of the recovery handshake on `conn`.
+fn resume_in(
+    conn: Incoming,
+    mem: &dyn GuestMemory,
+    map: &[usize],
+    placer: &Placer,
+    reply: &Reply,
+) -> Result<StreamReader<BoxRead>, String> {
+    let Incoming { reader, ack } = conn;
+    let Some(mut ack) = ack else {
+        return Err("the recovery connection has no return path".into());
+    };
+    let (r, list) = open_urgent(reader).map_err(|e| crate::error_chain(&e))?;
+    if same_blocks(mem, map, &list).is_err() {
+        let why = "the recovery connection's block list differs from the migration's".to_string();
+        let _ = write_message(&mut *ack, &Message::Failed(why.clone()));
+        return Err(why);
+    }
+    // Under the lock: no request goes out before the bitmap.
+    let mut g = lock(reply);
+    write_bitmap(&mut *ack, &placer.received_words())
+        .map_err(|e| format!("sending the received bitmap: {e}"))?;
+    for (block, page) in placer.waited_pages() {
+        write_message(
+            &mut *ack,
+            &Message::Request(PageRequest {
+                block: block as u16,
+                offset: page * PAGE,
+                len: PAGE as u32,
+            }),
+        )
+        .map_err(|e| format!("asking again for the pages threads wait for: {e}"))?;
+    }
+    *g = Some(ack);
+    Ok(r)
 }
 
 /// Places the pages that follow the switch until END.
@@ -590,6 +778,21 @@ impl Placer {
         Ok(())
     }
 
+    /// The received bitmap, per stream block.
+    fn received_words(&self) -> Vec<Vec<u64>> {
+        self.received
+            .iter()
+            .map(|b| b.iter().map(|w| w.load(Ordering::Acquire)).collect())
+            .collect()
+    }
+
+    /// Pages a guest thread waits for.
+    fn waited_pages(&self) -> Vec<(usize, u64)> {
+        let mut v: Vec<(usize, u64)> = lock(&self.waits).pending.keys().copied().collect();
+        v.sort_unstable();
+        v
+    }
+
     /// Unregisters every block: done, or the guest never ran.
     fn release(&self) {
         if self.released.swap(true, Ordering::SeqCst) {
@@ -652,7 +855,8 @@ fn fault_loop(
     p: &Placer,
     stop: &AtomicBool,
     waker: &Waker,
-    reply: &Mutex<Box<dyn Write + Send>>,
+    reply: &Mutex<Option<Box<dyn Write + Send>>>,
+    recoverable: bool,
 ) -> Result<(), String> {
     let mut msgs = [UffdMsg::default(); 64];
     while !stop.load(Ordering::SeqCst) {
@@ -701,9 +905,19 @@ fn fault_loop(
                     offset: page * PAGE,
                     len: PAGE as u32,
                 });
-                write_message(&mut **lock(reply), &req)
-                    .map_err(|e| format!("sending a page request to the source: {e}"))?;
-                lock(&p.waits).requests += 1;
+                let mut g = lock(reply);
+                // No return path (paused): the request goes out again at
+                // recovery, with every page a thread waits for.
+                let Some(w) = g.as_mut() else { continue };
+                match write_message(&mut **w, &req) {
+                    Ok(()) => lock(&p.waits).requests += 1,
+                    // The main thread notices the loss on its stream too.
+                    Err(e) if recoverable => {
+                        log::warn!("sending a page request to the source: {e}");
+                        g.take();
+                    }
+                    Err(e) => return Err(format!("sending a page request to the source: {e}")),
+                }
             }
         }
     }

@@ -41,7 +41,39 @@
 //!               nthreads:u8 (tid:u32 blocktime_us:u64){nthreads}
 //!               nbuckets:u8 count:[u64; nbuckets]  nbuckets <= LATENCY_BUCKETS, nthreads <= MAX_THREADS
 //! FAILED    'F' len:u16 text:[u8; len]            len <= MAX_REPLY_TEXT
+//! BITMAP    'B' block:u16 first_word:u32 n:u16 word:[u64; n]
+//!                                                 recovery: the received bitmap, 1..=MAX_BITMAP_WORDS
+//!                                                 words, each block's words in order, none past its end
+//! BITMAP_END 'E' blocks:u16                       recovery: every block's bitmap was sent
 //! ```
+//!
+//! ## Recovery
+//!
+//! When a connection fails after GO, neither side gives the guest up
+//! (when the caller allowed recovery: [`receive_recoverable`] on the
+//! destination, [`crate::engine::MigrationHandle::set_postcopy_recovery`]
+//! on the source; a control socket's `migrate` does). Without it, both
+//! sides fail as when the source dies. Both report `postcopy-paused`; the
+//! destination's guest runs on, and a thread that touches a missing page
+//! waits in the kernel; nothing already placed is lost. A new connection
+//! ([`crate::engine::MigrationHandle::recover_postcopy`] on the
+//! destination, [`crate::engine::MigrationHandle::resume_postcopy`] on the
+//! source; `migrate-recover` and `migrate` with `resume: true` over QMP)
+//! resumes it:
+//!
+//! ```text
+//!   postcopy-recover                              postcopy-recover
+//!   stream header, block list ─────────────────▶  same blocks as before?
+//!                             ◀─────────────────  BITMAP* BITMAP_END  (received pages)
+//!   to send = complement of it                    REQUEST* again for every page a thread waits for
+//!   (pages lost in flight go again)
+//!   postcopy-active           ─────────────────▶  pages, END as before
+//! ```
+//!
+//! Requested pages then travel on the main connection (no urgent one).
+//! If the source *process* is gone, no recovery can complete the guest:
+//! the destination stays paused until its caller gives up
+//! ([`crate::engine::MigrationHandle::cancel`]), then reports the loss.
 //!
 //! Stream records (see `stream/format.rs`): DISCARD and POSTCOPY. The
 //! discard set is the source's migration bitmap at the switch: every page
@@ -52,9 +84,12 @@ mod histogram;
 
 use std::io::{self, Read, Write};
 
-pub use dest::{receive, IncomingGuest, PostcopyFigures, ReceiveError, Received};
+pub use dest::{
+    receive, receive_recoverable, IncomingGuest, PostcopyFigures, ReceiveError, Received,
+};
 pub use histogram::LatencyHistogram;
 
+use crate::bitmap::DirtyBitmap;
 use crate::memory::PAGE_SIZE;
 use crate::stream::format::MAX_REPLY_TEXT;
 
@@ -65,10 +100,14 @@ pub const MAX_REQUEST_PAGES: u32 = 512;
 pub const LATENCY_BUCKETS: usize = 32;
 /// Most faulting threads whose blocktime a COMPLETE carries.
 pub const MAX_THREADS: usize = 255;
+/// Most bitmap words one BITMAP message carries.
+pub const MAX_BITMAP_WORDS: u16 = 1024;
 
 const TAG_REQUEST: u8 = b'Q';
 const TAG_COMPLETE: u8 = b'C';
 const TAG_FAILED: u8 = b'F';
+const TAG_BITMAP: u8 = b'B';
+const TAG_BITMAP_END: u8 = b'E';
 
 /// A page request as it came off the return path (not yet checked
 /// against the block list: see [`check_request`]).
@@ -110,6 +149,21 @@ pub enum Message {
     Complete(FaultReport),
     /// The destination failed (its guest cannot go on).
     Failed(String),
+    /// Recovery: part of the destination's received bitmap (a set bit is
+    /// a page valid there).
+    Bitmap {
+        /// Stream block index.
+        block: u16,
+        /// Index of the first word in the block's bitmap.
+        first_word: u32,
+        /// The words.
+        words: Vec<u64>,
+    },
+    /// Recovery: the received bitmap is complete (`blocks` blocks sent).
+    BitmapEnd {
+        /// Blocks whose bitmap was sent.
+        blocks: u16,
+    },
 }
 
 /// Why a postcopy message or request was refused.
@@ -174,6 +228,32 @@ pub enum PostcopyError {
     /// The destination did not confirm the end of postcopy.
     #[error("no COMPLETE from the destination after the last page ({0})")]
     NoComplete(String),
+    /// Postcopy was paused by a lost connection and given up (cancel)
+    /// before any recovery: the destination cannot complete the guest.
+    #[error("postcopy given up while paused after a lost connection ({0}): the destination cannot complete the guest")]
+    Abandoned(String),
+    /// A recovery message where a page request was expected.
+    #[error("return path byte {offset}: a received-bitmap message outside recovery")]
+    NotRequest {
+        /// Byte offset of the message.
+        offset: u64,
+    },
+    /// A received bitmap (recovery) that does not fit the blocks.
+    #[error("return path byte {offset}: received bitmap: {what}")]
+    BadBitmap {
+        /// Byte offset of the message.
+        offset: u64,
+        /// What is wrong.
+        what: String,
+    },
+    /// Recovery: the destination sent something else than its bitmap.
+    #[error("return path byte {offset}: expected the received bitmap, got {got}")]
+    NotBitmap {
+        /// Byte offset of the message.
+        offset: u64,
+        /// What came instead.
+        got: &'static str,
+    },
 }
 
 /// Writes one message and flushes.
@@ -214,6 +294,24 @@ pub fn write_message(w: &mut dyn Write, m: &Message) -> io::Result<()> {
             b.push(TAG_FAILED);
             b.extend_from_slice(&(t.len() as u16).to_be_bytes());
             b.extend_from_slice(t);
+        }
+        Message::Bitmap {
+            block,
+            first_word,
+            words,
+        } => {
+            b.push(TAG_BITMAP);
+            b.extend_from_slice(&block.to_be_bytes());
+            b.extend_from_slice(&first_word.to_be_bytes());
+            let words = &words[..words.len().min(usize::from(MAX_BITMAP_WORDS))];
+            b.extend_from_slice(&(words.len() as u16).to_be_bytes());
+            for x in words {
+                b.extend_from_slice(&x.to_be_bytes());
+            }
+        }
+        Message::BitmapEnd { blocks } => {
+            b.push(TAG_BITMAP_END);
+            b.extend_from_slice(&blocks.to_be_bytes());
         }
     }
     w.write_all(&b)?;
@@ -351,6 +449,32 @@ impl<R: Read> MessageReader<R> {
                 self.offset += u64::from(len);
                 Message::Failed(String::from_utf8_lossy(&t).into_owned())
             }
+            TAG_BITMAP => {
+                let block = u16::from_be_bytes(self.bytes()?);
+                let first_word = u32::from_be_bytes(self.bytes()?);
+                let nat = self.offset;
+                let n = u16::from_be_bytes(self.bytes()?);
+                if n == 0 || n > MAX_BITMAP_WORDS {
+                    return Err(PostcopyError::BadCount {
+                        offset: nat,
+                        what: "bitmap word count",
+                        value: n.into(),
+                        max: MAX_BITMAP_WORDS.into(),
+                    });
+                }
+                let mut words = Vec::with_capacity(usize::from(n));
+                for _ in 0..n {
+                    words.push(self.u64()?);
+                }
+                Message::Bitmap {
+                    block,
+                    first_word,
+                    words,
+                }
+            }
+            TAG_BITMAP_END => Message::BitmapEnd {
+                blocks: u16::from_be_bytes(self.bytes()?),
+            },
             tag => return Err(PostcopyError::UnknownTag { offset: at, tag }),
         };
         Ok((at, m))
@@ -390,6 +514,130 @@ pub fn check_request(
         });
     }
     Ok((b, r.offset / page, len / page))
+}
+
+/// Writes the received bitmap (one bitmap per stream block, a set bit a
+/// page valid here) as BITMAP messages and BITMAP_END, then flushes.
+pub fn write_bitmap(w: &mut dyn Write, blocks: &[Vec<u64>]) -> io::Result<()> {
+    for (b, words) in blocks.iter().enumerate() {
+        for (k, part) in words.chunks(usize::from(MAX_BITMAP_WORDS)).enumerate() {
+            write_message(
+                w,
+                &Message::Bitmap {
+                    block: b as u16,
+                    first_word: (k * usize::from(MAX_BITMAP_WORDS)) as u32,
+                    words: part.to_vec(),
+                },
+            )?;
+        }
+    }
+    write_message(
+        w,
+        &Message::BitmapEnd {
+            blocks: blocks.len() as u16,
+        },
+    )
+}
+
+/// The source's side of recovery: assembles the destination's received
+/// bitmap from BITMAP messages, checking each against the blocks.
+pub struct BitmapAssembler {
+    /// Pages per block.
+    pages: Vec<u64>,
+    /// Words per block, as received so far.
+    words: Vec<Vec<u64>>,
+}
+
+impl BitmapAssembler {
+    /// For blocks of these lengths in bytes (stream order).
+    pub fn new(block_lens: &[u64]) -> Self {
+        let pages: Vec<u64> = block_lens.iter().map(|l| l / PAGE_SIZE as u64).collect();
+        BitmapAssembler {
+            words: pages.iter().map(|_| Vec::new()).collect(),
+            pages,
+        }
+    }
+
+    /// Takes one message (at byte `at`); `Ok(true)` once BITMAP_END came
+    /// and every block is complete.
+    pub fn add(&mut self, at: u64, m: &Message) -> Result<bool, PostcopyError> {
+        let bad = |what: String| PostcopyError::BadBitmap { offset: at, what };
+        match m {
+            Message::Bitmap {
+                block,
+                first_word,
+                words,
+            } => {
+                let b = usize::from(*block);
+                let Some(have) = self.words.get_mut(b) else {
+                    return Err(bad(format!(
+                        "block index {block}, the stream has {} blocks",
+                        self.pages.len()
+                    )));
+                };
+                let want = self.pages[b].div_ceil(64);
+                if u64::from(*first_word) != have.len() as u64 {
+                    return Err(bad(format!(
+                        "block {block} word {first_word}, expected word {} next",
+                        have.len()
+                    )));
+                }
+                if have.len() as u64 + words.len() as u64 > want {
+                    return Err(bad(format!(
+                        "block {block}: words {first_word}..{} past its {want} words",
+                        u64::from(*first_word) + words.len() as u64
+                    )));
+                }
+                have.extend_from_slice(words);
+                Ok(false)
+            }
+            Message::BitmapEnd { blocks } => {
+                if usize::from(*blocks) != self.pages.len() {
+                    return Err(bad(format!(
+                        "end after {blocks} blocks, the stream has {}",
+                        self.pages.len()
+                    )));
+                }
+                for (b, have) in self.words.iter().enumerate() {
+                    let want = self.pages[b].div_ceil(64);
+                    if have.len() as u64 != want {
+                        return Err(bad(format!(
+                            "block {b}: {} of its {want} words before the end",
+                            have.len()
+                        )));
+                    }
+                }
+                Ok(true)
+            }
+            Message::Request(_) => Err(PostcopyError::NotBitmap {
+                offset: at,
+                got: "a page request",
+            }),
+            Message::Complete(_) => Err(PostcopyError::NotBitmap {
+                offset: at,
+                got: "COMPLETE",
+            }),
+            Message::Failed(_) => Err(PostcopyError::NotBitmap {
+                offset: at,
+                got: "FAILED",
+            }),
+        }
+    }
+
+    /// After the end: per block, the pages the destination lacks (the
+    /// complement of what it received).
+    pub fn missing(&self) -> Vec<DirtyBitmap> {
+        self.words
+            .iter()
+            .zip(&self.pages)
+            .map(|(words, &pages)| {
+                let mut bm = DirtyBitmap::new(pages);
+                let inv: Vec<u64> = words.iter().map(|w| !w).collect();
+                bm.or_words(0, &inv);
+                bm
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ use crate::engine::{
 };
 use crate::memory::{GuestMemory, ProcessMemory};
 use crate::stream::{BlockDesc, StreamReader, StreamWriter};
+use crate::testkit::fault_proxy::{Fault, FaultProxy};
 use crate::testkit::workload::{fill_random, PageWriter, Workload, WorkloadConfig, XorShift};
 use crate::transport::{pipe, Outgoing, PipeReader, PipeWriter};
 
@@ -130,10 +131,18 @@ fn random_messages_never_panic() {
         let mut buf = vec![0u8; n];
         rng.fill(&mut buf);
         if n > 0 {
-            buf[0] = [b'Q', b'C', b'F', rng.byte()][rng.below(4)];
+            buf[0] = [b'Q', b'C', b'F', b'B', b'E', rng.byte()][rng.below(6)];
         }
         let mut r = MessageReader::new(&buf[..]);
+        let lens: Vec<u64> = b.iter().map(|x| x.1).collect();
+        let mut asm = BitmapAssembler::new(&lens);
         while let Ok((at, m)) = r.read_message() {
+            if let Ok(true) = asm.add(at, &m) {
+                let missing = asm.missing();
+                for (bm, len) in missing.iter().zip(&lens) {
+                    assert_eq!(bm.len(), len / 4096);
+                }
+            }
             if let Message::Request(q) = m {
                 if let Ok((blk, first, n)) = check_request(&b, at, &q) {
                     assert!((first + n) * 4096 <= b[blk].1);
@@ -530,4 +539,383 @@ fn destination_without_postcopy_refuses_the_switch() {
         dest.join().unwrap(),
         Err(ReceiveError::PostcopyOff)
     ));
+}
+
+// ---------------------------------------------------------------------------
+// Recovery: a connection cut during postcopy, then a new one.
+
+fn tcp_listener() -> (crate::transport::Listener, std::net::SocketAddr) {
+    let l = crate::transport::Listener::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
+    let crate::transport::Uri::Tcp(a) = l.local_uri() else {
+        unreachable!("a TCP listener")
+    };
+    (l, a.parse().unwrap())
+}
+
+struct Recovered {
+    run: Run,
+    src_statuses: Vec<Status>,
+    dst_statuses: Vec<Status>,
+    cut: bool,
+}
+
+fn statuses(h: &MigrationHandle) -> Arc<std::sync::Mutex<Vec<Status>>> {
+    let seen: Arc<std::sync::Mutex<Vec<Status>>> = Arc::default();
+    let s = seen.clone();
+    h.observe(Box::new(move |e| {
+        if let crate::engine::HandleEvent::Status(st) = e {
+            s.lock().unwrap().push(*st);
+        }
+    }));
+    seen
+}
+
+/// Pure postcopy over TCP through a proxy that applies `fault` to the
+/// main connection; once both sides report `postcopy-paused`, a new
+/// direct connection resumes them. The background push is capped so that
+/// the cut lands in the middle of postcopy.
+fn run_recovery(fault: Fault, preempt: bool) -> Recovered {
+    use crate::transport::{connect, Uri};
+    let src = ProcessMemory::new(&layout()).unwrap();
+    let dst = ProcessMemory::new(&layout()).unwrap();
+    let (mut tracker, log) = SoftwareTracker::new(&src);
+    let writer: PageWriter = Arc::new(move |b, off, data| log.write(b, off, data));
+    fill_random(&src.blocks()[..1], &writer, 11);
+    let workload = Workload::start(
+        src.blocks().to_vec(),
+        writer,
+        WorkloadConfig {
+            rate: 64 * MIB,
+            ..WorkloadConfig::default()
+        },
+    );
+    let mut vm = workload.control();
+    let sh = MigrationHandle::new(Params {
+        postcopy_preempt: preempt,
+        max_bandwidth: 6 * MIB,
+        ..postcopy_params()
+    });
+    sh.start_postcopy().unwrap();
+    sh.set_postcopy_recovery(true);
+    let dh = MigrationHandle::new(Params::default());
+    let (src_seen, dst_seen) = (statuses(&sh), statuses(&dh));
+    let (listener, addr) = tcp_listener();
+    let proxy = FaultProxy::start(addr, fault).unwrap();
+    let (dst2, dh2) = (dst.clone(), dh.clone());
+    let dest = thread::spawn(move || {
+        let inc = listener.accept().unwrap();
+        let mut guest = TouchGuest::new(&dst2);
+        let mut accept = || -> std::io::Result<Box<dyn std::io::Read + Send>> {
+            listener
+                .accept()
+                .map(|i| i.reader)
+                .map_err(std::io::Error::other)
+        };
+        let res = receive_recoverable(
+            &dst2,
+            inc.reader,
+            inc.ack,
+            &mut guest,
+            true,
+            Some(&mut accept),
+            &dh2,
+        );
+        (res, guest.stop())
+    });
+    let (sh2, dh3) = (sh.clone(), dh.clone());
+    let steer = thread::spawn(move || {
+        let t0 = std::time::Instant::now();
+        loop {
+            let (s, d) = (sh2.stats().status, dh3.stats().status);
+            if s == Status::PostcopyPaused && d == Status::PostcopyPaused {
+                break;
+            }
+            if s.is_final() || d.is_final() || t0.elapsed() > Duration::from_secs(120) {
+                return;
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+        // migrate-recover on the destination, migrate resume on the source.
+        let (l2, _) = tcp_listener();
+        let uri = l2.local_uri();
+        let acc = thread::spawn(move || l2.accept().unwrap());
+        // The listener reads the stream's first bytes before it answers:
+        // the source must start writing first.
+        sh2.resume_postcopy(connect(&uri).unwrap()).unwrap();
+        dh3.recover_postcopy(acc.join().unwrap()).unwrap();
+    });
+    let proxy_uri: Uri = proxy.uri().parse().unwrap();
+    let conn = connect(&proxy_uri).unwrap();
+    let stats = Source::new(&src, &mut tracker, &mut vm, sh.clone())
+        .run_conn(conn, &mut |_| {
+            Ok(connect(&proxy_uri).map_err(std::io::Error::other)?.writer)
+        })
+        .expect("the migration completes after recovery");
+    assert!(vm.is_paused(), "the source stays paused after postcopy");
+    drop(workload);
+    steer.join().unwrap();
+    let (res, reads) = dest.join().unwrap();
+    let received = res.expect("the destination completes after recovery");
+    let cut = proxy.has_cut();
+    let r = Recovered {
+        run: Run {
+            src,
+            dst,
+            stats,
+            received,
+            reads,
+        },
+        src_statuses: src_seen.lock().unwrap().clone(),
+        dst_statuses: dst_seen.lock().unwrap().clone(),
+        cut,
+    };
+    assert_recovered(&r);
+    r
+}
+
+fn assert_recovered(r: &Recovered) {
+    assert!(r.cut, "the fault cut the connection");
+    assert_eq!(
+        crate::engine::hex(&memory_digest(&r.run.src)),
+        crate::engine::hex(&memory_digest(&r.run.dst)),
+        "the destination's memory differs from the paused source's"
+    );
+    assert_eq!(r.run.stats.status, Status::Completed);
+    let pc = r
+        .run
+        .received
+        .postcopy
+        .as_ref()
+        .expect("switched to postcopy");
+    assert_eq!(pc.discarded_pages, r.run.src.total_bytes() / 4096);
+    assert!(r.run.reads > 0, "the destination guest ran");
+    for (side, seen) in [
+        ("source", &r.src_statuses),
+        ("destination", &r.dst_statuses),
+    ] {
+        let at = |s: Status| seen.iter().position(|&x| x == s);
+        let paused = at(Status::PostcopyPaused)
+            .unwrap_or_else(|| panic!("{side} never reported postcopy-paused: {seen:?}"));
+        let recover = at(Status::PostcopyRecover)
+            .unwrap_or_else(|| panic!("{side} never reported postcopy-recover: {seen:?}"));
+        assert!(paused < recover, "{side}: {seen:?}");
+        assert_eq!(
+            seen[recover + 1..].first(),
+            Some(&Status::PostcopyActive),
+            "{side}: {seen:?}"
+        );
+    }
+    assert_eq!(r.src_statuses.last(), Some(&Status::Completed));
+}
+
+#[test]
+fn recovery_after_a_cut_early_in_postcopy() {
+    run_recovery(Fault::CutForwardAt(64 << 10), false);
+}
+
+#[test]
+fn recovery_after_a_cut_in_the_middle_of_postcopy() {
+    run_recovery(Fault::CutForwardAt(4 * MIB), false);
+}
+
+#[test]
+fn recovery_after_a_cut_late_in_postcopy() {
+    run_recovery(Fault::CutForwardAt(15 * MIB / 2), false);
+}
+
+#[test]
+fn recovery_after_the_return_path_is_cut() {
+    // LOADED, STARTED, then page requests of 15 bytes: cut among them.
+    run_recovery(Fault::CutBackAt(400), false);
+}
+
+#[test]
+fn recovery_with_the_urgent_connection() {
+    let r = run_recovery(Fault::CutForwardAt(2 * MIB), true);
+    assert!(r.run.stats.ram.postcopy_requests > 0);
+}
+
+#[test]
+fn bitmap_messages_are_checked_against_the_blocks() {
+    let lens = [8 * MIB, 4 * MIB];
+    // A whole bitmap round-trips; its complement is what is missing.
+    let mut bytes = Vec::new();
+    let mut recv = vec![vec![u64::MAX; 32], vec![0u64; 16]];
+    recv[0][3] = !0b1010;
+    write_bitmap(&mut bytes, &recv).unwrap();
+    let mut r = MessageReader::new(&bytes[..]);
+    let mut asm = BitmapAssembler::new(&lens);
+    loop {
+        let (at, m) = r.read_message().unwrap();
+        if asm.add(at, &m).unwrap() {
+            break;
+        }
+    }
+    let missing = asm.missing();
+    assert_eq!(missing[0].count(), 2);
+    assert!(missing[0].test(3 * 64 + 1) && missing[0].test(3 * 64 + 3));
+    assert_eq!(missing[1].count(), 1024);
+    // Refusals name their byte and what is wrong.
+    let bm = |block, first_word, n| Message::Bitmap {
+        block,
+        first_word,
+        words: vec![0; n],
+    };
+    for (msgs, want) in [
+        (vec![bm(2, 0, 1)], "block index 2, the stream has 2 blocks"),
+        (vec![bm(0, 5, 1)], "block 0 word 5, expected word 0"),
+        (vec![bm(1, 0, 17)], "past its 16 words"),
+        (
+            vec![bm(0, 0, 32), Message::BitmapEnd { blocks: 2 }],
+            "block 1: 0 of its 16 words",
+        ),
+        (vec![Message::BitmapEnd { blocks: 3 }], "end after 3 blocks"),
+        (
+            vec![Message::Request(PageRequest {
+                block: 0,
+                offset: 0,
+                len: 4096,
+            })],
+            "expected the received bitmap, got a page request",
+        ),
+    ] {
+        let mut asm = BitmapAssembler::new(&lens);
+        let mut err = None;
+        for (k, m) in msgs.iter().enumerate() {
+            if let Err(e) = asm.add(100 + k as u64, m) {
+                err = Some(e.to_string());
+                break;
+            }
+        }
+        let e = err.unwrap_or_else(|| panic!("accepted: {msgs:?}"));
+        assert!(
+            e.contains(want) && e.contains("byte 10"),
+            "{e} (wanted {want})"
+        );
+    }
+    // A word count of 0 or past the limit is refused by the reader.
+    let mut b = vec![b'B', 0, 0, 0, 0, 0, 0];
+    b.extend_from_slice(&(MAX_BITMAP_WORDS + 1).to_be_bytes());
+    let e = MessageReader::new(&b[..])
+        .read_message()
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("bitmap word count 1025"), "{e}");
+    let b = [b'B', 0, 0, 0, 0, 0, 0, 0, 0];
+    let e = MessageReader::new(&b[..])
+        .read_message()
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("bitmap word count 0"), "{e}");
+}
+
+#[test]
+fn resume_needs_a_paused_migration() {
+    let h = MigrationHandle::new(postcopy_params());
+    let (out, _r, _a) = pipes_out();
+    let e = h.resume_postcopy(out).unwrap_err();
+    assert!(e.contains("not paused in postcopy"), "{e}");
+}
+
+#[test]
+fn without_recovery_a_cut_fails_both_sides() {
+    use crate::transport::{connect, Uri};
+    let src = ProcessMemory::new(&layout()).unwrap();
+    let dst = ProcessMemory::new(&layout()).unwrap();
+    let (mut tracker, log) = SoftwareTracker::new(&src);
+    let writer: PageWriter = Arc::new(move |b, off, data| log.write(b, off, data));
+    fill_random(&src.blocks()[..1], &writer, 13);
+    let mut vm = crate::vm::NoVm;
+    let sh = MigrationHandle::new(Params {
+        max_bandwidth: 6 * MIB,
+        ..postcopy_params()
+    });
+    sh.start_postcopy().unwrap();
+    let (listener, addr) = tcp_listener();
+    let proxy = FaultProxy::start(addr, Fault::CutForwardAt(MIB)).unwrap();
+    let dst2 = dst.clone();
+    let dest = thread::spawn(move || {
+        let inc = listener.accept().unwrap();
+        // A guest that never touches memory: after the loss a missing
+        // page would keep a reader waiting for good.
+        struct Idle;
+        impl IncomingGuest for Idle {
+            fn restore(&mut self, _: &[u8]) -> Result<(), String> {
+                Ok(())
+            }
+            fn resume(&mut self) -> Result<(), String> {
+                Ok(())
+            }
+            fn pause(&mut self) {}
+        }
+        receive(&dst2, inc.reader, inc.ack, &mut Idle, true, None)
+    });
+    let conn = connect(&proxy.uri().parse::<Uri>().unwrap()).unwrap();
+    let e = Source::new(&src, &mut tracker, &mut vm, sh.clone())
+        .run_over(conn)
+        .unwrap_err();
+    assert!(
+        matches!(e, MigrationError::Send(_) | MigrationError::Postcopy(_)),
+        "{e}"
+    );
+    assert_eq!(sh.stats().status, Status::Failed);
+    let d = dest.join().unwrap().unwrap_err();
+    assert!(matches!(d, ReceiveError::SourceLost { .. }), "{d}");
+    assert!(proxy.has_cut());
+}
+
+#[test]
+fn requested_pages_travel_on_the_urgent_connection() {
+    // The background push is held to 256 KiB/s until the guest has faulted
+    // a few times, so the pages it asks for have not been pushed yet: each
+    // must come on the urgent connection. Then the push runs free.
+    let params = Params {
+        postcopy_preempt: true,
+        max_bandwidth: 256 << 10,
+        ..postcopy_params()
+    };
+    let r = run_postcopy(params, true, |h| {
+        let t0 = std::time::Instant::now();
+        while h.stats().ram.postcopy_requests < 5
+            && !h.stats().status.is_final()
+            && t0.elapsed() < Duration::from_secs(60)
+        {
+            thread::sleep(Duration::from_millis(5));
+        }
+        let mut p = h.params();
+        p.max_bandwidth = 0;
+        h.set_params(p).unwrap();
+    });
+    assert_postcopy_done(&r);
+    let pc = r.received.postcopy.as_ref().unwrap();
+    assert!(r.stats.ram.postcopy_requests >= 5);
+    assert!(
+        pc.urgent_pages >= 1,
+        "no requested page came on the urgent connection ({} requests)",
+        r.stats.ram.postcopy_requests
+    );
+    assert!(pc.urgent_pages <= r.stats.ram.postcopy_requests);
+    assert!(pc.urgent_pages < pc.placed_pages, "bulk pages did not");
+}
+
+#[test]
+fn the_background_push_honours_max_bandwidth() {
+    // 12 MiB (8 MiB of random pages) at 4 MiB/s: at least about 2 s, which
+    // an unpaced loopback push never takes. A lower bound on time from the
+    // limit itself, not a speed assertion.
+    let params = Params {
+        max_bandwidth: 4 * MIB,
+        ..postcopy_params()
+    };
+    let r = run_postcopy(params, true, |_| {});
+    assert_postcopy_done(&r);
+    let bytes = r.stats.ram.postcopy_bytes;
+    let ms = r.stats.postcopy_time.unwrap();
+    // Requested pages are never held back, so allow them on top.
+    let floor =
+        (bytes.saturating_sub(r.stats.ram.postcopy_requests * 4096 + 16 * 4096)) * 1000 / (4 * MIB);
+    assert!(
+        ms + 50 >= floor,
+        "{bytes} bytes after the switch in {ms} ms: faster than 4 MiB/s allows ({floor} ms)"
+    );
 }
