@@ -32,6 +32,9 @@ static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
 pub(crate) struct EncodeCounters {
     /// Zero pages.
     pub zero: u64,
+    /// Of those, pages known to be zero without reading them (never
+    /// written: see `sys/residency.rs`).
+    pub untouched: u64,
     /// Pages not sent: unchanged since the copy the destination holds.
     pub skipped: u64,
     /// Pages sent raw.
@@ -60,6 +63,7 @@ impl EncodeCounters {
     /// Adds `o`'s counts to these.
     pub fn add(&mut self, o: &EncodeCounters) {
         self.zero += o.zero;
+        self.untouched += o.untouched;
         self.skipped += o.skipped;
         self.normal += o.normal;
         self.xbzrle_pages += o.xbzrle_pages;
@@ -228,6 +232,20 @@ impl PageEncoder {
         c.xbzrle_skipped =
             self.xbzrle_skipped_before + self.xbzrle.as_ref().map_or(0, |x| x.gate.skipped());
         c
+    }
+
+    /// Writes a zero record for a page known to be zero without reading
+    /// it (never written). Only for pages the XBZRLE cache does not hold
+    /// (the bulk stage).
+    pub fn untouched<W: Write>(
+        &mut self,
+        w: &mut StreamWriter<W>,
+        block: u16,
+        offset: u64,
+    ) -> io::Result<()> {
+        self.c.zero += 1;
+        self.c.untouched += 1;
+        w.zero(block, offset)
     }
 
     /// Writes `page` to `w` as one record (or none: an XBZRLE page that did

@@ -538,6 +538,7 @@ impl UffdTracker {
                 end: s.end(),
                 category_mask: PAGE_IS_WRITTEN,
                 return_mask: PAGE_IS_WRITTEN,
+                ..Default::default()
             };
             loop {
                 let walk_end = pagemap

@@ -180,6 +180,14 @@ impl RunningDigest {
         }
     }
 
+    /// The chunk of block `block` holding page `page` changed.
+    pub fn touch_page(&self, block: usize, page: u64) {
+        let per = (CHUNK / crate::PAGE_SIZE) as u64;
+        if let Some(w) = self.writes.get(self.first[block] + (page / per) as usize) {
+            w.fetch_add(1, Ordering::Release);
+        }
+    }
+
     /// Every chunk of block `block` holding a page set in `pages` within
     /// `[first, first + count)` changed.
     pub fn touch_range(&self, block: usize, pages: &crate::DirtyBitmap, first: u64, count: u64) {

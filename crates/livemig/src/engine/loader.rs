@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use super::channels::{BarrierError, EpochBarrier};
 use super::digest::{hex, memory_digest, RunningDigest};
+use super::prefault::Prefault;
 use crate::codec::compress::{Algorithm, Decompressor};
 use crate::codec::{xbzrle, zero};
 use crate::memory::{GuestMemory, PAGE_SIZE};
@@ -182,6 +183,8 @@ pub struct Loader<'a> {
     progress: Arc<AtomicU64>,
     /// Verify mode: the digest kept up to date while pages arrive.
     running: Option<RunningDigest>,
+    /// Faults memory in a window at a time before data pages land.
+    prefault: Prefault,
 }
 
 /// Which stream of a migration a record loop reads.
@@ -221,6 +224,7 @@ impl<'a> Loader<'a> {
             mem,
             progress: Arc::new(AtomicU64::new(0)),
             running: None,
+            prefault: Prefault::new(mem, true),
         }
     }
 
@@ -570,6 +574,7 @@ impl<'a> Loader<'a> {
                 } => {
                     out.stats.raw_pages += 1;
                     let bi = map[usize::from(block)];
+                    self.prefault.before_write(bi, blocks[bi].region(), offset);
                     blocks[bi].region().write(offset as usize, data);
                     self.touched(bi, offset);
                 }
@@ -614,6 +619,7 @@ impl<'a> Loader<'a> {
                             source,
                         });
                     }
+                    self.prefault.before_write(bi, b.region(), offset);
                     b.region().write(offset as usize, &scratch);
                     self.touched(bi, offset);
                 }

@@ -11,6 +11,8 @@ mod loader;
 mod pacing;
 mod params;
 pub mod postcopy;
+mod prefault;
+mod search;
 mod source;
 mod stats;
 

@@ -20,6 +20,7 @@ use super::params::{Params, Switchover};
 use super::postcopy::{
     check_request, BitmapAssembler, FaultReport, Message, MessageReader, PostcopyError,
 };
+use super::search::{PageSearch, Untouched};
 use super::stats::{CompressionStats, MigrationStats, Status, XbzrleStats};
 use super::MigrationError;
 use crate::bitmap::DirtyBitmap;
@@ -265,15 +266,11 @@ struct RamSaver<'a> {
     params: Params,
     started: Instant,
     setup_time: u64,
-    bitmaps: Vec<DirtyBitmap>,
-    /// Manual-clear trackers: chunks whose log must be cleared before their
-    /// next page is sent, and log2 pages per chunk.
-    clear: Option<(u32, Vec<DirtyBitmap>)>,
+    /// The migration bitmap and the walk over it (see `search.rs`).
+    search: PageSearch,
+    /// Bulk stage: pages never written, sent as zero without reading.
+    untouched: Untouched,
     block_base: Vec<u64>,
-    pos_block: usize,
-    pos_page: u64,
-    rounds: u64,
-    bulk: bool,
     sync_count: u64,
     /// The main stream's page encoder (zero / XBZRLE / compressed / raw).
     encoder: PageEncoder,
@@ -350,21 +347,14 @@ impl<'a> RamSaver<'a> {
         RamSaver {
             mem,
             running: None,
-            bitmaps: blocks
-                .iter()
-                .map(|b| DirtyBitmap::new_full(b.pages()))
-                .collect(),
+            search: PageSearch::new(blocks.iter().map(RamBlock::pages)),
+            untouched: Untouched::new(true),
             blocks,
             handle,
             params,
             started,
             setup_time: 0,
-            clear: None,
             block_base,
-            pos_block: 0,
-            pos_page: 0,
-            rounds: 0,
-            bulk: true,
             sync_count: 0,
             encoder: PageEncoder::new(adaptive),
             link: LinkCost::new(wire.clone()),
@@ -417,7 +407,7 @@ impl<'a> RamSaver<'a> {
     }
 
     fn remaining_pages(&self) -> u64 {
-        self.bitmaps.iter().map(DirtyBitmap::count).sum()
+        self.search.remaining()
     }
 
     fn check_cancel(&self) -> Result<(), MigrationError> {
@@ -458,19 +448,7 @@ impl<'a> RamSaver<'a> {
         // Setup: everything is to be sent; start tracking.
         let start = tracker.start()?;
         if let Some(shift) = tracker.clear_chunk_shift() {
-            let chunks: Vec<DirtyBitmap> = self
-                .blocks
-                .iter()
-                .map(|b| {
-                    let n = b.pages().div_ceil(1u64 << shift);
-                    if start.initially_set {
-                        DirtyBitmap::new_full(n)
-                    } else {
-                        DirtyBitmap::new(n)
-                    }
-                })
-                .collect();
-            self.clear = Some((shift, chunks));
+            self.search.clear_chunks(shift, start.initially_set);
         }
         if !start.initially_set {
             // Resets whatever the log held before tracking began; with an
@@ -571,7 +549,7 @@ impl<'a> RamSaver<'a> {
                     break;
                 }
             } else if self.throttle > 0
-                && !self.bulk
+                && !self.search.is_bulk()
                 && self.last_sync.elapsed()
                     >= Duration::from_millis(self.params.throttle_sync_period)
             {
@@ -704,7 +682,7 @@ impl<'a> RamSaver<'a> {
     ) -> Result<(), MigrationError> {
         // The destination has no copy of the pages to come: no deltas.
         self.encoder.set_xbzrle(None);
-        for (b, bm) in self.bitmaps.iter().enumerate() {
+        for (b, bm) in self.search.bitmaps().iter().enumerate() {
             let words = bm.words();
             let chunk = usize::from(crate::stream::format::MAX_DISCARD_WORDS);
             for (k, part) in words.chunks(chunk).enumerate() {
@@ -811,7 +789,7 @@ impl<'a> RamSaver<'a> {
                         self.postcopy_requests += 1;
                         let mut sent = false;
                         for p in first..first + n {
-                            if self.bitmaps[b].clear(p) {
+                            if self.search.take(b, p) {
                                 match &mut link.urgent {
                                     Some((u, _)) => self.send_page(u, b, p, true),
                                     None => {
@@ -824,8 +802,7 @@ impl<'a> RamSaver<'a> {
                         }
                         if sent {
                             // Locality: the background scan goes on just after.
-                            self.pos_block = b;
-                            self.pos_page = first + n;
+                            self.search.seek(b, first + n);
                             match &mut link.urgent {
                                 Some((u, seq)) => {
                                     u.section_end(*seq).map_err(MigrationError::send)?;
@@ -862,13 +839,10 @@ impl<'a> RamSaver<'a> {
                 continue;
             }
             for _ in 0..POSTCOPY_BATCH {
-                let Some((b, p)) = self.next_dirty() else {
+                let Some(f) = self.search.take_next() else {
                     break;
                 };
-                self.bitmaps[b].clear(p);
-                self.pos_block = b;
-                self.pos_page = p + 1;
-                on_out!(&mut link.out, w => self.send_page(w, b, p, true))
+                on_out!(&mut link.out, w => self.send_page(w, f.block, f.page, true))
                     .map_err(MigrationError::send)?;
             }
             on_out!(&mut link.out, w => self.section_end(w))?;
@@ -972,9 +946,7 @@ impl<'a> RamSaver<'a> {
         }
         // What the destination lacks: pages never sent, and those lost in
         // flight with the old connection.
-        self.bitmaps = asm.missing();
-        self.pos_block = 0;
-        self.pos_page = 0;
+        self.search.restart(asm.missing());
         self.seq = 1;
         link.out = PcOut::Resumed(w);
         link.dead = false;
@@ -1025,7 +997,7 @@ impl<'a> RamSaver<'a> {
     fn dirty_chunk_bytes(&self) -> u64 {
         let per = (DIGEST_CHUNK / PAGE_SIZE) as u64;
         let mut chunks = 0u64;
-        for bm in &self.bitmaps {
+        for bm in self.search.bitmaps() {
             let mut p = 0;
             while let Some(q) = bm.next_set(p) {
                 chunks += 1;
@@ -1115,22 +1087,23 @@ impl<'a> RamSaver<'a> {
             // pages still to send from before.
             Some(d) => {
                 let mut fresh: Vec<DirtyBitmap> = self
-                    .bitmaps
+                    .search
+                    .bitmaps()
                     .iter()
                     .map(|b| DirtyBitmap::new(b.len()))
                     .collect();
                 let n = tracker.sync(&mut fresh)?;
                 for (b, f) in fresh.iter().enumerate() {
-                    self.bitmaps[b].or_words(0, f.words());
+                    self.search.bitmaps_mut()[b].or_words(0, f.words());
                     d.touch_pages(b, f);
                 }
                 n
             }
-            None => tracker.sync(&mut self.bitmaps)?,
+            None => tracker.sync(self.search.bitmaps_mut())?,
         };
         self.pacing.record_sync(t.elapsed());
         self.sync_count += 1;
-        if !self.bulk {
+        if !self.search.is_bulk() {
             // Progress: the set left now against the set the previous sync
             // left (or, first, what was sent since it).
             let left = self.remaining_pages();
@@ -1144,18 +1117,12 @@ impl<'a> RamSaver<'a> {
             }
             self.prev_remaining = Some(left);
         }
-        if let Some((shift, chunks)) = &mut self.clear {
-            // Chunks with dirty pages must be cleared (re-protected) before
-            // their pages go out again.
-            for (b, bm) in self.bitmaps.iter().enumerate() {
-                let mut p = 0;
-                while let Some(q) = bm.next_set(p) {
-                    let chunk = q >> *shift;
-                    chunks[b].set(chunk);
-                    p = (chunk + 1) << *shift;
-                }
-            }
-        }
+        // Chunks with dirty pages must be cleared (re-protected) before
+        // their pages go out again.
+        self.search.synced();
+        // The log that held writes since the last look-up is harvested:
+        // look again.
+        self.untouched.forget();
         self.rate_dirty_pages += reported;
         let now = Instant::now();
         let period = now - self.rate_time;
@@ -1164,7 +1131,7 @@ impl<'a> RamSaver<'a> {
             self.dirty_pages_rate = (self.rate_dirty_pages as f64 / secs) as u64;
             let dirty_bytes = self.rate_dirty_pages * PAGE_SIZE as u64;
             let sent_bytes = self.transferred - self.rate_bytes;
-            if self.params.auto_converge && !self.bulk && dirty_bytes > sent_bytes / 2 {
+            if self.params.auto_converge && !self.search.is_bulk() && dirty_bytes > sent_bytes / 2 {
                 self.high_count += 1;
                 if self.throttle > 0 || self.high_count >= THROTTLE_TRIGGER {
                     self.throttle = if self.throttle == 0 {
@@ -1187,7 +1154,7 @@ impl<'a> RamSaver<'a> {
         self.handle.push_history(SyncPoint {
             time_ms: self.started.elapsed().as_millis() as u64,
             sync: self.sync_count,
-            round: self.rounds,
+            round: self.search.rounds(),
             dirty_pages: reported,
             remaining_pages: self.remaining_pages(),
             sent_pages: self.pages_sent - self.last_sync_sent,
@@ -1212,28 +1179,6 @@ impl<'a> RamSaver<'a> {
         e.as_millis().min(u128::from(u32::MAX)) as u64
     }
 
-    /// The next dirty page at or after the current position, wrapping
-    /// around (which completes a round and ends the bulk stage).
-    fn next_dirty(&mut self) -> Option<(usize, u64)> {
-        let nblocks = self.bitmaps.len();
-        for _ in 0..=nblocks {
-            if let Some(p) = self.bitmaps[self.pos_block].next_set(self.pos_page) {
-                return Some((self.pos_block, p));
-            }
-            self.pos_page = 0;
-            self.pos_block += 1;
-            if self.pos_block == nblocks {
-                self.pos_block = 0;
-                self.rounds += 1;
-                self.bulk = false;
-                if self.remaining_pages() == 0 {
-                    return None;
-                }
-            }
-        }
-        None
-    }
-
     /// Sends pages for one step: ~50 ms and within the bandwidth limit,
     /// or, when completing, until nothing is left.
     fn step<W: Write>(
@@ -1244,26 +1189,24 @@ impl<'a> RamSaver<'a> {
     ) -> Result<(), MigrationError> {
         let t0 = Instant::now();
         let mut n = 0u32;
-        while let Some((block, page)) = self.next_dirty() {
-            if let Some((shift, chunks)) = &mut self.clear {
-                let chunk = page >> *shift;
-                if chunks[block].clear(chunk) {
-                    let first = chunk << *shift;
-                    tracker.clear(block, first, 1u64 << *shift)?;
-                    // A write between the sync that reported a page and
-                    // this clear is dropped from the log (the clear
-                    // re-protects the page) but not from the page, which is
-                    // sent after it: the running digest must re-read those
-                    // pages too, or the check after the switch-over would
-                    // blame the tracker for a write that did travel.
-                    if let Some(d) = self.running {
-                        d.touch_range(block, &self.bitmaps[block], first, 1u64 << *shift);
-                    }
+        while let Some(found) = self.search.take_next() {
+            let (block, page) = (found.block, found.page);
+            if let Some((first, count)) = found.clear {
+                tracker.clear(block, first, count)?;
+                // A write before the clear may be gone from the log: what
+                // was looked up before it no longer holds.
+                self.untouched.forget();
+                // A write between the sync that reported a page and this
+                // clear is dropped from the log (the clear re-protects the
+                // page) but not from the page, which is sent after it: the
+                // running digest must re-read those pages too (this one
+                // included), or the check after the switch-over would blame
+                // the tracker for a write that did travel.
+                if let Some(d) = self.running {
+                    d.touch_range(block, &self.search.bitmaps()[block], first, count);
+                    d.touch_page(block, page);
                 }
             }
-            self.bitmaps[block].clear(page);
-            self.pos_block = block;
-            self.pos_page = page + 1;
             self.send_page(w, block, page, completing)
                 .map_err(MigrationError::send)?;
             n += 1;
@@ -1308,8 +1251,16 @@ impl<'a> RamSaver<'a> {
                 .decide(self.link.ns_per_byte(mb), self.link.capped(mb));
         }
         self.pages_sent += 1;
+        if self.search.is_bulk()
+            && self
+                .untouched
+                .is_untouched(block, page, self.blocks[block].region())
+        {
+            // Never written: zero without reading it (or faulting it in).
+            return self.encoder.untouched(w, b, offset);
+        }
         // XBZRLE applies to pages sent again after the bulk stage.
-        let delta = (!self.bulk && self.encoder.has_xbzrle()).then(|| Delta {
+        let delta = (!self.search.is_bulk() && self.encoder.has_xbzrle()).then(|| Delta {
             addr: self.block_base[block] + offset,
             generation: self.sync_count,
             last_pass: completing,
@@ -1379,7 +1330,7 @@ impl<'a> RamSaver<'a> {
         });
         let total = self.mem.total_bytes();
         let (rounds, sync_count, dirty_rate, bw, pps) = (
-            self.rounds,
+            self.search.rounds(),
             self.sync_count,
             self.dirty_pages_rate,
             self.pacing.bandwidth(),
@@ -1392,7 +1343,7 @@ impl<'a> RamSaver<'a> {
             self.setup_time,
             self.throttle,
         );
-        let (zero, skipped, normal) = (c.zero, c.skipped, c.normal);
+        let (zero, skipped, normal, untouched) = (c.zero, c.skipped, c.normal, c.untouched);
         let verify_time = self.verify_time;
         let pc_requests = self.postcopy_requests;
         let pc_bytes = self.postcopy_from.map_or(0, |f| transferred - f);
@@ -1418,6 +1369,7 @@ impl<'a> RamSaver<'a> {
             s.ram.remaining = remaining;
             s.ram.total = total;
             s.ram.duplicate = zero;
+            s.ram.untouched = untouched;
             s.ram.skipped = skipped;
             s.ram.normal = normal;
             s.ram.normal_bytes = normal * PAGE_SIZE as u64;

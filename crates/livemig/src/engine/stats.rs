@@ -69,6 +69,10 @@ pub struct RamStats {
     pub downtime_bytes: u64,
     /// Completed rounds over all of memory.
     pub rounds: u64,
+    /// Of the zero pages (`duplicate`), those known to be zero without
+    /// being read: never written (the bulk stage skips reading them).
+    #[serde(default)]
+    pub untouched: u64,
     /// Page requests the destination sent during postcopy.
     #[serde(default)]
     pub postcopy_requests: u64,

@@ -4,5 +4,6 @@
 #[cfg(feature = "kvm")]
 pub mod kvm;
 pub mod mmap;
+pub mod residency;
 pub mod shm;
 pub mod uffd;

@@ -59,6 +59,10 @@ pub const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
 pub const PAGE_IS_WRITTEN: u64 = 1 << 1;
 /// `PAGE_IS_PRESENT`: backed by a page in memory.
 pub const PAGE_IS_PRESENT: u64 = 1 << 3;
+/// `PAGE_IS_SWAPPED`: swapped out (holds data, not in memory).
+pub const PAGE_IS_SWAPPED: u64 = 1 << 4;
+/// `PAGE_IS_PFNZERO`: mapped to the shared zero page (read, never written).
+pub const PAGE_IS_PFNZERO: u64 = 1 << 5;
 
 /// `struct uffdio_api`.
 #[repr(C)]
@@ -577,6 +581,9 @@ pub struct ScanRequest {
     pub end: u64,
     /// Report only pages having all these categories.
     pub category_mask: u64,
+    /// Report only pages having at least one of these categories (0: no
+    /// such condition).
+    pub category_anyof_mask: u64,
     /// Categories copied into each [`PageRegion::categories`].
     pub return_mask: u64,
 }
@@ -633,7 +640,7 @@ impl Pagemap {
             max_pages: 0,
             category_inverted: 0,
             category_mask: req.category_mask,
-            category_anyof_mask: 0,
+            category_anyof_mask: req.category_anyof_mask,
             return_mask: req.return_mask,
         };
         // SAFETY: PAGEMAP_SCAN reads and writes one `pm_scan_arg` (`arg`)
