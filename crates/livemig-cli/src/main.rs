@@ -5,6 +5,7 @@ mod bench;
 mod control;
 mod dirtyrate;
 mod jsonout;
+mod local;
 mod process;
 mod report;
 mod snapshot;

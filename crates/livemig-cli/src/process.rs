@@ -51,6 +51,17 @@ impl MemArgs {
             .collect();
         Ok(ProcessMemory::new(&layout)?)
     }
+
+    /// As [`MemArgs::map`], each block in a memfd (for local mode).
+    pub fn map_memfd(&self) -> Result<ProcessMemory> {
+        let layout: Vec<(String, u64)> = self
+            .map()?
+            .blocks()
+            .iter()
+            .map(|b| (b.id().to_string(), b.len()))
+            .collect();
+        Ok(ProcessMemory::new_memfd(&layout)?)
+    }
 }
 
 /// Initial memory contents.
@@ -284,6 +295,11 @@ pub struct MigrateArgs {
     pub opts: SourceOpts,
     #[command(flatten)]
     pub tls: crate::tls::TlsSourceArgs,
+    /// Zero-copy local migration to `incoming --local` on this host
+    /// (unix:PATH only): the memory, in memfds, is handed over instead of
+    /// copied; the workload pauses only for the hand-over.
+    #[arg(long)]
+    pub local: bool,
 }
 
 /// `livemig save`.
@@ -304,6 +320,10 @@ pub struct IncomingArgs {
     pub opts: DestOpts,
     #[command(flatten)]
     pub tls: crate::tls::TlsArgs,
+    /// Take a zero-copy local migration from `migrate --local` on this
+    /// host (unix:PATH only): the source's memory is mapped here.
+    #[arg(long, conflicts_with = "postcopy")]
+    pub local: bool,
 }
 
 /// `livemig load`.
@@ -315,7 +335,7 @@ pub struct LoadArgs {
     pub opts: DestOpts,
 }
 
-fn fill(mem: &ProcessMemory, how: Fill) {
+pub(crate) fn fill(mem: &ProcessMemory, how: Fill) {
     let blocks = mem.blocks().to_vec();
     let writer = direct_writer(blocks.clone());
     match how {
@@ -497,6 +517,9 @@ fn uri_has_ack(uri: &Uri) -> bool {
 
 /// `livemig migrate`.
 pub fn migrate(a: MigrateArgs) -> Result<()> {
+    if a.local {
+        return crate::local::migrate(a);
+    }
     let uri: Uri = a.uri.parse()?;
     run_source(&uri, &a.opts, a.tls.config()?.as_ref())
 }
@@ -608,6 +631,9 @@ fn run_dest(uri: &Uri, o: &DestOpts, tls: Option<&TlsConfig>) -> Result<()> {
 
 /// `livemig incoming`.
 pub fn incoming(a: IncomingArgs) -> Result<()> {
+    if a.local {
+        return crate::local::incoming(a);
+    }
     let uri: Uri = a.uri.parse()?;
     run_dest(&uri, &a.opts, a.tls.config()?.as_ref())
 }

@@ -29,7 +29,7 @@ const TWO_MIB: u64 = 2 << 20;
 pub(crate) const UNCONFIRMED_HINT: &str = ". This command exits now and its paused copy \
      ends with it: if the destination is not running the guest, the guest is lost. A VM kept \
      under `minivm run --control` stays paused instead, for `livemig control SOCKET cont`";
-const MIB: f64 = (1u64 << 20) as f64;
+pub(crate) const MIB: f64 = (1u64 << 20) as f64;
 
 fn parse_vm_mem(s: &str) -> Result<u64, String> {
     let v = parse_mem_size(s)?;
@@ -97,6 +97,10 @@ pub struct GuestArgs {
     /// Seconds the guest runs before the migration starts.
     #[arg(long, default_value_t = 1.0)]
     pub warmup: f64,
+    /// Back guest memory with memfds (sealed against shrinking, mapped
+    /// shared) instead of anonymous memory (implied by --local).
+    #[arg(long)]
+    pub memfd: bool,
 }
 
 /// Dirty-limit and the picture of the migration.
@@ -167,6 +171,13 @@ pub struct VmMigrateArgs {
     pub io: IoArgs,
     #[command(flatten)]
     pub tls: crate::tls::TlsSourceArgs,
+    /// Zero-copy local migration to `vm-incoming --local` on this host
+    /// (unix:PATH only): the guest's memory (memfd-backed, so --memfd is
+    /// implied) is handed over with its descriptors, not copied; the pause
+    /// does not grow with memory size. Page settings (channels,
+    /// compression, XBZRLE, postcopy, bandwidth) do not apply.
+    #[arg(long)]
+    pub local: bool,
     #[command(flatten)]
     pub snapshot: crate::snapshot::SnapshotSaveArgs,
     /// Print one JSON object of the final stats on stdout.
@@ -210,13 +221,18 @@ pub struct VmIncomingArgs {
     /// rest from the source on demand.
     #[arg(long)]
     pub postcopy: bool,
+    /// Take a zero-copy local migration from `vm-migrate --local` on this
+    /// host (unix:PATH only): the source's memory is mapped here, not
+    /// copied.
+    #[arg(long, conflicts_with = "postcopy")]
+    pub local: bool,
     /// Print the URI actually listened on as the first line of stdout.
     #[arg(long, hide = true)]
     pub announce: bool,
 }
 
 /// Fails with a clear message when KVM cannot be used here.
-fn check_kvm() -> Result<()> {
+pub(crate) fn check_kvm() -> Result<()> {
     minivm::kvm_usable().map_err(|why| {
         anyhow::anyhow!("{why}; `livemig migrate` moves plain process memory without KVM")
     })
@@ -234,7 +250,7 @@ impl LayoutArgs {
         }
     }
 
-    fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         format!(
             "{} vCPU{}, {} guest RAM in {} block{}",
             self.vcpus,
@@ -294,7 +310,7 @@ fn tracker_label(kind: TrackerKind) -> String {
     }
 }
 
-fn self_check(s: &GuestStatus) -> &'static str {
+pub(crate) fn self_check(s: &GuestStatus) -> &'static str {
     if s.ok() {
         "passed"
     } else {
@@ -303,14 +319,14 @@ fn self_check(s: &GuestStatus) -> &'static str {
 }
 
 /// The running source VM and what it was asked to do.
-struct SourceVm {
-    vm: Vm,
+pub(crate) struct SourceVm {
+    pub(crate) vm: Vm,
     tracker: TrackerKind,
     why: &'static str,
     total: u64,
 }
 
-fn start_source(layout: &LayoutArgs, guest: &GuestArgs, say: bool) -> Result<SourceVm> {
+pub(crate) fn start_source(layout: &LayoutArgs, guest: &GuestArgs, say: bool) -> Result<SourceVm> {
     check_kvm()?;
     let cfg = guest.guest_config(layout)?;
     let requested = guest.tracker();
@@ -321,12 +337,14 @@ fn start_source(layout: &LayoutArgs, guest: &GuestArgs, say: bool) -> Result<Sou
         guest: GuestImage::TestGuest(cfg.clone()),
         dirty_ring_entries: (requested == TrackerKind::Ring).then_some(guest.dirty_ring),
         prefault: !guest.no_prefault,
+        memfd: guest.memfd,
         ..VmConfig::default()
     };
     if say {
         eprintln!(
-            "source VM: {}; built-in test guest writing {}/s over {} per vCPU",
+            "source VM: {}{}; built-in test guest writing {}/s over {} per vCPU",
             layout.describe(),
+            if guest.memfd { " (memfd)" } else { "" },
             if cfg.rate_bytes_per_sec == 0 {
                 "as much as it can".to_string()
             } else {
@@ -346,7 +364,7 @@ fn start_source(layout: &LayoutArgs, guest: &GuestArgs, say: bool) -> Result<Sou
 }
 
 /// Lets the guest run `secs` seconds and says how it does.
-fn warm_up(src: &SourceVm, secs: f64, say: bool) -> Result<()> {
+pub(crate) fn warm_up(src: &SourceVm, secs: f64, say: bool) -> Result<()> {
     let s0 = src.vm.guest_status();
     let t0 = Instant::now();
     std::thread::sleep(Duration::from_secs_f64(secs.max(0.1)));
@@ -586,10 +604,16 @@ fn source_json(o: &SourceOutcome, src: &SourceVm, uri: &Uri) -> Result<Value> {
 
 /// `livemig vm-migrate`.
 pub fn vm_migrate(a: VmMigrateArgs) -> Result<()> {
+    if a.local {
+        return crate::local::vm_migrate(a);
+    }
     let uri: Uri = a.uri.parse()?;
     let say = !a.json;
     a.converge.check(&a.guest)?;
     a.snapshot.check(&uri)?;
+    if a.guest.memfd && a.snapshot.wanted() {
+        bail!("--memfd guest memory cannot take the snapshot flags yet (background snapshots and mapped-ram assume private anonymous memory)");
+    }
     let src = start_source(&a.layout, &a.guest, say)?;
     warm_up(&src, a.guest.warmup, say)?;
     if let (true, Uri::File(path)) = (a.snapshot.wanted(), &uri) {
@@ -652,6 +676,9 @@ pub fn vm_migrate(a: VmMigrateArgs) -> Result<()> {
 
 /// `livemig vm-incoming`.
 pub fn vm_incoming(a: VmIncomingArgs) -> Result<()> {
+    if a.local {
+        return crate::local::vm_incoming(a);
+    }
     let uri: Uri = a.uri.parse()?;
     check_kvm()?;
     if a.json && a.seconds <= 0.0 {

@@ -1,12 +1,45 @@
 //! Guest memory as the engine sees it: named RAM blocks of host memory.
 //!
 //! A VMM hands the engine a [`GuestMemory`]; [`ProcessMemory`] is the
-//! built-in one (anonymous mappings), and with the `vm-memory` feature
+//! built-in one (anonymous mappings, or memfd-backed with
+//! [`ProcessMemory::new_memfd`]), and with the `vm-memory` feature
 //! [`VmMemory`] adapts rust-vmm's `GuestMemoryMmap`.
+//!
+//! A block backed by a file (a memfd: [`create_memfd`]) says so
+//! ([`RamBlock::backing`]): its memory can be handed to another process
+//! instead of copied (zero-copy local migration, `engine::local`).
 
+use std::fs::File;
 use std::sync::Arc;
 
-pub use crate::sys::mmap::{AnonMapping, RawRegion};
+pub use crate::sys::mmap::{AnonMapping, FileMapping, RawRegion};
+
+/// The seals every memfd livemig creates carries, and that a received one
+/// must carry: `F_SEAL_SHRINK` (no process can truncate guest memory
+/// under another one's mapping, which would kill it with SIGBUS).
+pub const MEMFD_SEALS: i32 = crate::sys::memfd::SEALS;
+
+/// Creates a memfd of `len` bytes for guest memory: close-on-exec, sealed
+/// against shrinking ([`MEMFD_SEALS`]); `name` labels it in
+/// `/proc/PID/fd` and `/proc/PID/maps`.
+pub fn create_memfd(name: &str, len: u64) -> std::io::Result<File> {
+    crate::sys::memfd::create(name, len)
+}
+
+/// The seals (`F_SEAL_*` bits) of a memfd; an error for a file that is not
+/// one (only shared-memory files carry seals).
+pub fn memfd_seals(file: &File) -> std::io::Result<i32> {
+    crate::sys::memfd::seals(file)
+}
+
+/// Where a block's memory lives in a file that another process can map.
+#[derive(Clone, Debug)]
+pub struct BlockBacking {
+    /// The file (a memfd).
+    pub file: Arc<File>,
+    /// Where the block starts in it (page-aligned).
+    pub offset: u64,
+}
 
 /// The target page size: the unit of dirty tracking and of the stream.
 pub const PAGE_SIZE: usize = 4096;
@@ -30,6 +63,16 @@ pub enum MemoryError {
     /// Ids are sent on the wire with a one-byte length.
     #[error("RAM block id '{0}' is empty or longer than 255 bytes")]
     BadId(String),
+    /// Creating the memfd behind a block failed.
+    #[error("cannot create a memfd of {len} bytes for RAM block '{id}': {source}")]
+    Memfd {
+        /// Block id.
+        id: String,
+        /// Requested length.
+        len: u64,
+        /// OS error.
+        source: std::io::Error,
+    },
     /// mmap failed.
     #[error("cannot map {len} bytes for RAM block '{id}': {source}")]
     Map {
@@ -47,6 +90,7 @@ pub enum MemoryError {
 pub struct RamBlock {
     id: String,
     region: RawRegion,
+    backing: Option<BlockBacking>,
 }
 
 impl RamBlock {
@@ -61,7 +105,23 @@ impl RamBlock {
         if len == 0 || !len.is_multiple_of(PAGE_SIZE as u64) {
             return Err(MemoryError::BadLength { id, len });
         }
-        Ok(RamBlock { id, region })
+        Ok(RamBlock {
+            id,
+            region,
+            backing: None,
+        })
+    }
+
+    /// Says the block's memory is `backing` (a file range mapped shared at
+    /// the region), so it can be handed over instead of copied.
+    pub fn with_backing(mut self, backing: BlockBacking) -> Self {
+        self.backing = Some(backing);
+        self
+    }
+
+    /// The file behind the block, when it has one (memfd-backed memory).
+    pub fn backing(&self) -> Option<&BlockBacking> {
+        self.backing.as_ref()
     }
 
     /// The block's id.
@@ -119,7 +179,18 @@ pub fn check_distinct(blocks: &[RamBlock]) -> Result<(), MemoryError> {
     Ok(())
 }
 
-/// Guest memory made of anonymous mappings in this process.
+fn check_len(id: &str, len: u64) -> Result<(), MemoryError> {
+    if len == 0 || !len.is_multiple_of(PAGE_SIZE as u64) {
+        return Err(MemoryError::BadLength {
+            id: id.to_string(),
+            len,
+        });
+    }
+    Ok(())
+}
+
+/// Guest memory made of mappings in this process: anonymous, or shared
+/// mappings of memfds.
 #[derive(Clone, Debug)]
 pub struct ProcessMemory {
     blocks: Vec<RamBlock>,
@@ -131,12 +202,7 @@ impl ProcessMemory {
         let mut blocks = Vec::with_capacity(layout.len());
         for (id, len) in layout {
             let id = id.as_ref();
-            if *len == 0 || len % PAGE_SIZE as u64 != 0 {
-                return Err(MemoryError::BadLength {
-                    id: id.to_string(),
-                    len: *len,
-                });
-            }
+            check_len(id, *len)?;
             let map = AnonMapping::new(*len as usize).map_err(|source| MemoryError::Map {
                 id: id.to_string(),
                 len: *len,
@@ -151,6 +217,62 @@ impl ProcessMemory {
     /// One block named `ram` of `len` bytes.
     pub fn single(len: u64) -> Result<Self, MemoryError> {
         Self::new(&[("ram", len)])
+    }
+
+    /// As [`ProcessMemory::new`], each block in a memfd of its own
+    /// ([`create_memfd`]) mapped shared, with transparent huge pages asked
+    /// for (`MADV_HUGEPAGE`: granted only where the kernel's
+    /// `shmem_enabled` allows). Such memory can be handed to another
+    /// process ([`RamBlock::backing`]).
+    pub fn new_memfd<S: AsRef<str>>(layout: &[(S, u64)]) -> Result<Self, MemoryError> {
+        let mut files = Vec::with_capacity(layout.len());
+        for (id, len) in layout {
+            let id = id.as_ref();
+            check_len(id, *len)?;
+            let file = create_memfd(&format!("livemig:{id}"), *len).map_err(|source| {
+                MemoryError::Memfd {
+                    id: id.to_string(),
+                    len: *len,
+                    source,
+                }
+            })?;
+            files.push((
+                id.to_string(),
+                *len,
+                BlockBacking {
+                    file: Arc::new(file),
+                    offset: 0,
+                },
+            ));
+        }
+        Self::from_files(&files)
+    }
+
+    /// Maps each `(id, length, backing)` shared: memory another process
+    /// handed over (its blocks' files), or files made with
+    /// [`create_memfd`]. Nothing is written to the files.
+    pub fn from_files<S: AsRef<str>>(
+        blocks: &[(S, u64, BlockBacking)],
+    ) -> Result<Self, MemoryError> {
+        let mut out = Vec::with_capacity(blocks.len());
+        for (id, len, backing) in blocks {
+            let id = id.as_ref();
+            check_len(id, *len)?;
+            let map = FileMapping::new(backing.file.clone(), backing.offset, *len as usize)
+                .map_err(|source| MemoryError::Map {
+                    id: id.to_string(),
+                    len: *len,
+                    source,
+                })?;
+            // Advice only: without shmem THP the memory works the same.
+            if let Err(e) = map.advise(libc::MADV_HUGEPAGE) {
+                log::debug!("MADV_HUGEPAGE on memfd block '{id}': {e}");
+            }
+            let region = RawRegion::from_file_mapping(Arc::new(map));
+            out.push(RamBlock::new(id, region)?.with_backing(backing.clone()));
+        }
+        check_distinct(&out)?;
+        Ok(ProcessMemory { blocks: out })
     }
 
     /// Wraps blocks made elsewhere.
@@ -175,6 +297,9 @@ mod vm_memory_adapter {
     /// rust-vmm's `GuestMemoryMmap` as livemig guest memory: one RAM block per
     /// region, named `ram@<guest address in hex>`.
     ///
+    /// A region mapped from a file (`GuestMemoryMmap::from_ranges_with_files`
+    /// with a memfd) gives a block with [`RamBlock::backing`] set.
+    ///
     /// Any bitmap backend works; with `GuestMemoryMmap<AtomicBitmap>` the
     /// VMM's own writes through vm-memory are recorded there and
     /// [`crate::dirty::DeviceWrites::from_vm_memory`] hands them to the
@@ -190,8 +315,12 @@ mod vm_memory_adapter {
             mem: Arc<GuestMemoryMmap<B>>,
         ) -> Result<Self, MemoryError> {
             let mut blocks = Vec::new();
-            for (addr, region) in crate::sys::mmap::vm_memory_regions(&mem) {
-                blocks.push(RamBlock::new(format!("ram@{:x}", addr.0), region)?);
+            for (addr, region, file) in crate::sys::mmap::vm_memory_regions(&mem) {
+                let mut block = RamBlock::new(format!("ram@{:x}", addr.0), region)?;
+                if let Some((file, offset)) = file {
+                    block = block.with_backing(BlockBacking { file, offset });
+                }
+                blocks.push(block);
             }
             Ok(VmMemory { blocks })
         }
@@ -222,6 +351,56 @@ mod tests {
         assert_eq!(buf, [1, 2]);
         assert!(!r.read(8191, &mut buf), "read past the end is refused");
         assert!(!r.write(usize::MAX, &buf), "overflowing offset is refused");
+    }
+
+    #[test]
+    fn memfd_memory_is_shared_through_its_files() {
+        let a = ProcessMemory::new_memfd(&[("a", 8192), ("b", 4096)]).unwrap();
+        let anon = ProcessMemory::single(4096).unwrap();
+        assert!(anon.blocks()[0].backing().is_none());
+        let files: Vec<_> = a
+            .blocks()
+            .iter()
+            .map(|b| {
+                let bk = b.backing().expect("memfd block has a file").clone();
+                assert_eq!(bk.offset, 0);
+                assert_eq!(bk.file.metadata().unwrap().len(), b.len());
+                let seals = memfd_seals(&bk.file).unwrap();
+                assert_eq!(seals & MEMFD_SEALS, MEMFD_SEALS);
+                (b.id().to_string(), b.len(), bk)
+            })
+            .collect();
+        // A second mapping of the same files sees the same bytes, both ways.
+        let b = ProcessMemory::from_files(&files).unwrap();
+        assert!(a.blocks()[0].region().write(4096, b"shared"));
+        let mut buf = [0u8; 6];
+        assert!(b.blocks()[0].region().read(4096, &mut buf));
+        assert_eq!(&buf, b"shared");
+        assert!(b.blocks()[1].region().write(0, b"back"));
+        let mut buf = [0u8; 4];
+        assert!(a.blocks()[1].region().read(0, &mut buf));
+        assert_eq!(&buf, b"back");
+    }
+
+    #[test]
+    fn a_region_can_take_over_a_file_and_give_it_back() {
+        let src = ProcessMemory::new_memfd(&[("ram", 8192)]).unwrap();
+        assert!(src.blocks()[0].region().write(0, b"guest"));
+        let dst = ProcessMemory::single(8192).unwrap();
+        let r = dst.blocks()[0].region();
+        assert!(r.write(0, b"local"));
+        let bk = src.blocks()[0].backing().unwrap();
+        r.replace_with_file(&bk.file, bk.offset).unwrap();
+        let mut buf = [0u8; 5];
+        assert!(r.read(0, &mut buf));
+        assert_eq!(&buf, b"guest", "the region now shows the file");
+        // Giving it back writes nothing to the file.
+        r.replace_with_anonymous().unwrap();
+        assert!(r.read(0, &mut buf));
+        assert_eq!(buf, [0; 5]);
+        assert!(r.write(0, b"other"));
+        assert!(src.blocks()[0].region().read(0, &mut buf));
+        assert_eq!(&buf, b"guest");
     }
 
     #[test]

@@ -28,6 +28,12 @@
 //!   LOADED and resumes the guest only on the source's GO (see
 //!   `livemig::engine::Commit`). A VM whose load failed never runs and takes no
 //!   second stream. Such a VM, once it runs, can be migrated out again.
+//! - **Local mode** (parameter `mode` = `local` on both sides, `unix:`
+//!   URIs only): the source hands its memfd-backed memory to the
+//!   destination instead of copying it (`livemig::engine::local`); the VM
+//!   must have been started with memfd memory (`minivm run --memfd`), and
+//!   the destination maps the source's memory in place of its own. Same
+//!   phases, same LOADED/GO/STARTED commit.
 //! - **Cancel**: the engine checks the cancel flag between pages; where it
 //!   would wait on the transport instead (a destination that stops reading
 //!   or never acknowledges), socket I/O is done in 100 ms slices that
@@ -50,7 +56,9 @@ use std::time::{Duration, Instant};
 use livemig::control::{
     ControlError, ControlServer, Events, MigrationStarter, MigrationTls, RunState,
 };
-use livemig::engine::{LoadStats, MigrationError, MigrationHandle, Params, Status};
+use livemig::engine::local::LocalError;
+use livemig::engine::{LoadStats, MigrationError, MigrationHandle, MigrationMode, Params, Status};
+use livemig::transport::local::LocalListener;
 use livemig::transport::tls::{self, TlsConfig};
 use livemig::transport::{connect, Listener, Uri, IO_TIMEOUT};
 
@@ -289,6 +297,23 @@ impl ControlledVm {
     fn run_outgoing(&self, uri: Uri, tls: Option<TlsConfig>, handle: MigrationHandle) {
         let vm = &self.inner.vm;
         let kind = self.inner.tracker;
+        if handle.params().mode == MigrationMode::Local {
+            let result = livemig::transport::local::connect(&uri, IO_TIMEOUT)
+                .map_err(|e| {
+                    MigrateError::Local(LocalError::Socket {
+                        what: "connecting",
+                        source: io::Error::other(e),
+                    })
+                })
+                .and_then(|sock| crate::migrate::migrate_out_local(vm, &handle, &sock));
+            if let Err(MigrateError::Local(e)) = &result {
+                // Failed before the engine ran: the handle says so too.
+                if !handle.stats().status.is_final() {
+                    handle.set_status(Status::Failed, Some(livemig::error_chain(e)));
+                }
+            }
+            return self.outgoing_ended(&uri, result.map(|_| ()));
+        }
         // The `dirty-limit` parameter, applied while the migration runs
         // (it needs the dirty ring: without one the migration fails).
         let limit = vm.follow_dirty_limit(&handle);
@@ -329,8 +354,13 @@ impl ControlledVm {
             (Ok(_), Err(e)) => migrate_out(vm, kind, handle.clone(), FailWriter(e), None),
         };
         drop(limit);
+        self.outgoing_ended(&uri, result.map(|_| ()));
+    }
+
+    /// The phase after an outgoing migration.
+    fn outgoing_ended(&self, uri: &Uri, result: Result<(), MigrateError>) {
         let phase = match result {
-            Ok(_) => Phase::MigratedAway,
+            Ok(()) => Phase::MigratedAway,
             Err(MigrateError::Migration(e @ MigrationError::Unconfirmed(_))) => {
                 log::error!("outgoing migration to {uri}: {e}");
                 Phase::Unconfirmed(e.to_string())
@@ -343,9 +373,15 @@ impl ControlledVm {
         self.set_phase(phase);
     }
 
-    fn run_incoming(&self, listener: Listener, handle: MigrationHandle) {
-        let uri = listener.local_uri().to_string();
-        let result = self.load_incoming(listener, &uri);
+    fn run_incoming(&self, listener: Incoming, handle: MigrationHandle) {
+        let uri = match &listener {
+            Incoming::Stream(l) => l.local_uri().to_string(),
+            Incoming::Local(l) => l.local_uri().to_string(),
+        };
+        let result = match listener {
+            Incoming::Stream(l) => self.load_incoming(l, &uri, &handle),
+            Incoming::Local(l) => self.receive_local(l),
+        };
         let mut st = lock(&self.inner.st);
         let ok = result.is_ok();
         match result {
@@ -367,7 +403,33 @@ impl ControlledVm {
         self.inner.cond.notify_all();
     }
 
-    fn load_incoming(&self, listener: Listener, uri: &str) -> Result<IncomingReport, String> {
+    /// The destination of a local migration (mode `local`): the source's
+    /// memory is taken over, not copied.
+    fn receive_local(&self, listener: LocalListener) -> Result<IncomingReport, String> {
+        let uri = listener.local_uri().to_string();
+        let sock = listener.accept(IO_TIMEOUT).map_err(|e| e.to_string())?;
+        // One migration per VM: stop listening (removes the socket).
+        drop(listener);
+        let t0 = Instant::now();
+        let r = crate::migrate::receive_local(&self.inner.vm, &sock)
+            .map_err(|e| livemig::error_chain(&e))?;
+        Ok(IncomingReport {
+            uri,
+            stats: LoadStats {
+                bytes: r.socket_bytes,
+                ..LoadStats::default()
+            },
+            load_time: t0.elapsed().as_millis() as u64,
+            verified: false,
+        })
+    }
+
+    fn load_incoming(
+        &self,
+        listener: Listener,
+        uri: &str,
+        handle: &MigrationHandle,
+    ) -> Result<IncomingReport, String> {
         let inc = listener.accept().map_err(|e| e.to_string())?;
         let t0 = Instant::now();
         // Page channels of a multi-channel migration arrive on the same
@@ -378,9 +440,18 @@ impl ControlledVm {
                 .map(|i| i.reader)
                 .map_err(io::Error::other)
         };
-        let arrived =
-            crate::migrate::receive_into(&self.inner.vm, inc.reader, inc.ack, &mut accept, false)
-                .map_err(|e| livemig::error_chain(&e));
+        // The destination's `postcopy-ram` lets the source switch; a
+        // connection lost after the switch waits for `migrate-recover`.
+        let postcopy = handle.params().postcopy_ram;
+        let arrived = crate::migrate::receive_recoverable(
+            &self.inner.vm,
+            inc.reader,
+            inc.ack,
+            &mut accept,
+            postcopy,
+            Some(handle),
+        )
+        .map_err(|e| livemig::error_chain(&e));
         // One migration per VM: stop listening (removes a unix: socket).
         drop(listener);
         let arrived = arrived?;
@@ -543,8 +614,15 @@ impl MigrationStarter for ControlledVm {
                 )
             }
         };
-        let listener = Listener::bind(uri).map_err(|e| e.to_string())?;
-        let local = listener.local_uri().to_string();
+        let (listener, local) = if handle.params().mode == MigrationMode::Local {
+            let l = LocalListener::bind(uri).map_err(|e| e.to_string())?;
+            let u = l.local_uri().to_string();
+            (Incoming::Local(l), u)
+        } else {
+            let l = Listener::bind(uri).map_err(|e| e.to_string())?;
+            let u = l.local_uri().to_string();
+            (Incoming::Stream(l), u)
+        };
         // Active from the answer on (not from when the thread first runs),
         // so a query right after `migrate-incoming` already says so.
         handle.set_status(Status::Active, None);
@@ -557,6 +635,14 @@ impl MigrationStarter for ControlledVm {
         st.worker = Some(worker);
         Ok(())
     }
+}
+
+/// What an incoming migration listens with.
+enum Incoming {
+    /// A stream of pages (mode `normal`).
+    Stream(Listener),
+    /// Memory handed over (mode `local`).
+    Local(LocalListener),
 }
 
 /// A writer that fails with why the connection could not be made.

@@ -172,6 +172,12 @@ struct RunArgs {
     /// Back guest memory with 4 KiB pages only (no MADV_HUGEPAGE).
     #[arg(long)]
     no_huge_pages: bool,
+    /// Back guest memory with memfds (sealed against shrinking, mapped
+    /// shared) instead of anonymous memory: needed to migrate it out with
+    /// mode local (memory handed to the destination, not copied). Huge
+    /// pages then depend on the kernel's shmem THP setting.
+    #[arg(long)]
+    memfd: bool,
     /// At the end, pause and dump guest memory: ADDR:SIZE:FILE (K/M/G suffixes).
     #[arg(long)]
     dump: Option<String>,
@@ -333,6 +339,7 @@ fn run(a: RunArgs) -> Result<()> {
         prefault: !a.no_prefault,
         huge_pages: !a.no_huge_pages,
         clock_page: None,
+        memfd: a.memfd,
     })?;
     let migrate_tracker = match (&a.control, a.dirty_track) {
         (Some(_), Some(k)) => k,

@@ -5,12 +5,15 @@
 use std::io::{Read, Write};
 
 use livemig::dirty::DirtyError;
+use livemig::engine::local::{self, LocalError, LocalGuest, LocalReceived, LocalSent, SharedBlock};
 use livemig::engine::{
     Arrival, ChannelWriter, Destination, DestinationError, LoadError, LoadOutcome, Loader,
     MigrationError, MigrationHandle, MigrationStats, Source,
 };
 use livemig::transport::{BoxRead, BoxWrite, Outgoing};
-use livemig::vm::{VmControl, VmError as EngineVmError};
+use livemig::vm::{BoxError, VmControl, VmError as EngineVmError};
+use livemig::GuestMemory;
+use std::os::unix::net::UnixStream;
 
 use crate::dirty::TrackerKind;
 use crate::guest::GuestImage;
@@ -38,6 +41,10 @@ pub enum MigrateError {
     /// The stream ended without vCPU state: not a VM migration.
     #[error("the stream carries no vCPU state: it was not sent by a VM source")]
     NoState,
+    /// A local migration (memory handed over, not copied) failed on this
+    /// side.
+    #[error(transparent)]
+    Local(#[from] LocalError),
 }
 
 /// Migrates `vm` out through `out`, tracking dirty pages with `kind`.
@@ -124,11 +131,27 @@ pub fn receive_into(
     accept: &mut dyn FnMut() -> std::io::Result<BoxRead>,
     postcopy: bool,
 ) -> Result<Arrival, MigrateError> {
+    receive_recoverable(vm, input, reply, accept, postcopy, None)
+}
+
+/// As [`receive_into`]; with `recovery`, a connection lost during
+/// postcopy pauses the migration (`postcopy-paused` on that handle) until
+/// the source reconnects, instead of losing the guest.
+pub fn receive_recoverable(
+    vm: &Vm,
+    input: impl Read + Send,
+    reply: Option<BoxWrite>,
+    accept: &mut dyn FnMut() -> std::io::Result<BoxRead>,
+    postcopy: bool,
+    recovery: Option<&MigrationHandle>,
+) -> Result<Arrival, MigrateError> {
     let mem = vm.memory();
     let mut control = vm.control();
-    Ok(Destination::new(&*mem, &mut control)
-        .postcopy(postcopy)
-        .run_with(input, reply, accept)?)
+    let mut dest = Destination::new(&*mem, &mut control).postcopy(postcopy);
+    if let Some(h) = recovery {
+        dest = dest.recovery(h);
+    }
+    Ok(dest.run_with(input, reply, accept)?)
 }
 
 /// Creates a paused VM from `config` (its guest image is ignored: memory
@@ -215,4 +238,62 @@ fn restore(vm: &Vm, out: LoadOutcome) -> Result<LoadOutcome, MigrateError> {
     }
     vm.restore_state(&out.state)?;
     Ok(out)
+}
+
+/// Migrates `vm` to a destination on this host over `sock` without
+/// copying its memory (`livemig::engine::local`): pauses it, hands its
+/// memfds, layout and vCPU/device state over, and runs the completion
+/// handshake. The VM's memory must be memfd-backed ([`VmConfig::memfd`],
+/// or taken over from an earlier local migration). On success the VM
+/// stays paused for good; on failure it runs on (except after
+/// [`MigrationError::Unconfirmed`], as for [`migrate_out`]).
+pub fn migrate_out_local(
+    vm: &Vm,
+    handle: &MigrationHandle,
+    sock: &UnixStream,
+) -> Result<LocalSent, MigrateError> {
+    let blocks = vm.shared_blocks()?;
+    let mut control = vm.control();
+    Ok(local::migrate(sock, &blocks, &mut control, handle)?)
+}
+
+/// The destination of a local migration into `vm` (created paused for an
+/// incoming migration, the source's layout), in one call: takes the
+/// source's memory in place of its own, restores the vCPU and device
+/// state, and resumes the guest on the source's GO. On failure before GO
+/// the VM gets its own memory back and never runs.
+pub fn receive_local(vm: &Vm, sock: &UnixStream) -> Result<LocalReceived, MigrateError> {
+    Ok(local::receive(sock, &mut LocalVm(vm))?)
+}
+
+/// A [`Vm`] as the destination of a local migration.
+struct LocalVm<'a>(&'a Vm);
+
+impl LocalGuest for LocalVm<'_> {
+    fn layout(&self) -> Vec<(String, u64)> {
+        self.0
+            .memory()
+            .blocks()
+            .iter()
+            .map(|b| (b.id().to_string(), b.len()))
+            .collect()
+    }
+
+    fn adopt(&mut self, blocks: &[SharedBlock], state: &[u8]) -> Result<(), BoxError> {
+        if state.is_empty() {
+            return Err(MigrateError::NoState.into());
+        }
+        self.0.adopt_memory(blocks)?;
+        self.0.restore_state(state)?;
+        Ok(())
+    }
+
+    fn discard(&mut self) {
+        self.0.release_memory();
+    }
+
+    fn resume(&mut self) -> Result<(), BoxError> {
+        self.0.resume();
+        Ok(())
+    }
 }

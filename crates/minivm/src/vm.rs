@@ -11,10 +11,11 @@ use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 use livemig::dirty::kvm::{KvmDirtyLog, KvmSlot, EXIT_DIRTY_RING_FULL};
 use livemig::dirty::DeviceWrites;
+use livemig::engine::local::{LocalError, SharedBlock};
 use livemig::memory::VmMemory;
 use livemig::GuestMemory;
 use vm_memory::bitmap::AtomicBitmap;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend};
 
 use crate::devices::{ClockPage, Devices, SerialOut, CLOCK_PERIOD};
 use crate::guest::{self, GuestImage, StartState};
@@ -114,6 +115,13 @@ pub struct VmConfig {
     /// A clock page the VMM writes into guest memory every millisecond
     /// while the VM runs (see [`ClockPage`]); `None`: no such device.
     pub clock_page: Option<ClockPage>,
+    /// Back each RAM block with a memfd (sealed against shrinking) mapped
+    /// shared, instead of anonymous memory: the memory can then be handed
+    /// to another process (zero-copy local migration,
+    /// `livemig::engine::local`). Huge pages (`huge_pages`) then need the
+    /// kernel's shmem THP (`/sys/kernel/mm/transparent_hugepage/
+    /// shmem_enabled` not `never`).
+    pub memfd: bool,
 }
 
 impl Default for VmConfig {
@@ -132,6 +140,7 @@ impl Default for VmConfig {
             prefault: false,
             huge_pages: true,
             clock_page: None,
+            memfd: false,
         }
     }
 }
@@ -192,6 +201,9 @@ pub(crate) struct Shared {
     pub(crate) config: VmConfig,
     /// Per-vCPU dirty-limit (dirty ring only).
     pub(crate) dirty_limit: crate::dirtylimit::DirtyLimit,
+    /// The memory taken over from a local migration's source, when it
+    /// replaced this VM's own (see [`Vm::shared_blocks`]).
+    pub(crate) handed_over: Mutex<Option<Vec<SharedBlock>>>,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -572,13 +584,27 @@ impl Vm {
             ranges.push((GuestAddress(at), (n * TWO_MIB) as usize));
             at += n * TWO_MIB;
         }
-        let memory =
-            Arc::new(
-                GuestMemoryMmap::from_ranges(&ranges).map_err(|e| VmError::Memory {
-                    size: config.mem_size,
-                    why: e.to_string(),
-                })?,
-            );
+        let mut with_files = Vec::with_capacity(ranges.len());
+        for (i, (gpa, size)) in ranges.iter().enumerate() {
+            let file = match config.memfd {
+                true => Some(FileOffset::new(
+                    livemig::memory::create_memfd(&format!("minivm-ram{i}"), *size as u64)
+                        .map_err(|e| VmError::Memory {
+                            size: *size as u64,
+                            why: format!("creating the memfd: {e}"),
+                        })?,
+                    0,
+                )),
+                false => None,
+            };
+            with_files.push((*gpa, *size, file));
+        }
+        let memory = Arc::new(
+            GuestMemoryMmap::from_ranges_with_files(&with_files).map_err(|e| VmError::Memory {
+                size: config.mem_size,
+                why: e.to_string(),
+            })?,
+        );
         let mut slots = Vec::new();
         for (i, (gpa, size)) in ranges.iter().enumerate() {
             let host = memory.get_host_address(*gpa).map_err(|e| VmError::Memory {
@@ -720,6 +746,7 @@ impl Vm {
             dirty,
             device_writes,
             dirty_limit: crate::dirtylimit::DirtyLimit::new(vcpus_len),
+            handed_over: Mutex::new(None),
             config,
         });
         let mut threads = Vec::new();
@@ -783,6 +810,40 @@ impl Vm {
     /// order, named `ram@<guest address in hex>`.
     pub fn memory(&self) -> Arc<VmMemory> {
         self.livemig_memory.clone()
+    }
+
+    /// Guest memory as it can be handed to another process: the blocks
+    /// with their memfds. Fails for anonymous memory (a VM built without
+    /// [`VmConfig::memfd`] that has not taken over a local migration's).
+    pub fn shared_blocks(&self) -> Result<Vec<SharedBlock>, LocalError> {
+        if let Some(b) = lock(&self.shared.handed_over).as_ref() {
+            return Ok(b.clone());
+        }
+        livemig::engine::local::shared_blocks(&*self.livemig_memory)
+    }
+
+    /// Maps a local migration's memory in place of this VM's own (same
+    /// layout; the VM paused). Nothing is written to it.
+    pub fn adopt_memory(&self, blocks: &[SharedBlock]) -> Result<(), VmError> {
+        if !self.is_paused() {
+            return Err(VmError::NotPaused("taking over a local migration's memory"));
+        }
+        livemig::engine::local::adopt_memory(&*self.livemig_memory, blocks).map_err(|e| {
+            VmError::Memory {
+                size: self.shared.config.mem_size,
+                why: livemig::error_chain(&e),
+            }
+        })?;
+        *lock(&self.shared.handed_over) = Some(blocks.to_vec());
+        Ok(())
+    }
+
+    /// Undoes [`Vm::adopt_memory`]: fresh memory of this VM's own in place
+    /// of the source's, none of which is written.
+    pub fn release_memory(&self) {
+        let mem = &*self.livemig_memory;
+        livemig::engine::local::release_memory(mem, mem.blocks().len());
+        *lock(&self.shared.handed_over) = None;
     }
 
     /// Guest memory as rust-vmm's `GuestMemoryMmap`.

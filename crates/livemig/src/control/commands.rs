@@ -349,6 +349,7 @@ impl State {
             "x-livemig-throttle-sync-period": p.throttle_sync_period,
             "x-livemig-adaptive-encoding": p.adaptive_encoding,
             "x-livemig-postcopy-switchover": p.postcopy_switchover,
+            "mode": p.mode,
         })
     }
 
@@ -370,6 +371,17 @@ impl State {
                         return Err(generic(format!(
                             "Parameter 'x-livemig-postcopy-switchover' does not accept value \
                              '{other}' (manual, auto)"
+                        )))
+                    }
+                }
+            }
+            "mode" => {
+                p.mode = match as_str(name, v)? {
+                    "normal" => crate::engine::MigrationMode::Normal,
+                    "local" => crate::engine::MigrationMode::Local,
+                    other => {
+                        return Err(generic(format!(
+                            "Parameter 'mode' does not accept value '{other}' (normal, local)"
                         )))
                     }
                 }

@@ -220,6 +220,17 @@ fn parameters_and_capabilities_with_qemu_names() {
     assert_eq!(p["multifd-compression"], "zstd");
     assert_eq!(p["tls-creds"], "");
     assert_eq!(p["tls-hostname"], "dst.example");
+    assert_eq!(p["mode"], "normal");
+    c.execute("migrate-set-parameters", json!({"mode": "local"}))
+        .unwrap();
+    let p = c.execute("query-migrate-parameters", Value::Null).unwrap();
+    assert_eq!(p["mode"], "local");
+    assert!(
+        err(c.execute("migrate-set-parameters", json!({"mode": "cpr-transfer"})))
+            .contains("'mode' does not accept value 'cpr-transfer' (normal, local)")
+    );
+    c.execute("migrate-set-parameters", json!({"mode": "normal"}))
+        .unwrap();
     c.execute(
         "migrate-set-capabilities",
         json!({"capabilities": [{"capability": "xbzrle", "state": true},

@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::ack::{Commit, CommitError};
+use super::handle::MigrationHandle;
 use super::loader::{LoadError, LoadOutcome, Loader};
 use super::postcopy::{self, IncomingGuest, PostcopyFigures, ReceiveError};
 use crate::memory::GuestMemory;
@@ -104,6 +105,7 @@ pub struct Destination<'a> {
     mem: &'a dyn GuestMemory,
     vm: &'a mut dyn VmControl,
     postcopy: bool,
+    recovery: Option<&'a MigrationHandle>,
     io_timeout: Duration,
     progress: Arc<AtomicU64>,
 }
@@ -118,6 +120,7 @@ impl<'a> Destination<'a> {
             mem,
             vm,
             postcopy: false,
+            recovery: None,
             io_timeout: IO_TIMEOUT,
             progress: Arc::new(AtomicU64::new(0)),
         }
@@ -128,6 +131,16 @@ impl<'a> Destination<'a> {
     /// refused at the switch, and keeps its guest.
     pub fn postcopy(mut self, on: bool) -> Self {
         self.postcopy = on;
+        self
+    }
+
+    /// With postcopy: a connection lost after the switch does not lose
+    /// the guest. The destination reports `postcopy-paused` on `handle`
+    /// and waits for [`MigrationHandle::recover_postcopy`] to hand it the
+    /// source's new connection (QMP `migrate-recover`); see
+    /// [`postcopy::receive_recoverable`].
+    pub fn recovery(mut self, handle: &'a MigrationHandle) -> Self {
+        self.recovery = Some(handle);
         self
     }
 
@@ -254,7 +267,18 @@ impl<'a> Destination<'a> {
             error: None,
             resumed: None,
         };
-        let got = postcopy::receive(self.mem, input, reply, &mut guest, true, Some(accept));
+        let got = match self.recovery {
+            Some(h) => postcopy::receive_recoverable(
+                self.mem,
+                input,
+                reply,
+                &mut guest,
+                true,
+                Some(accept),
+                h,
+            ),
+            None => postcopy::receive(self.mem, input, reply, &mut guest, true, Some(accept)),
+        };
         match got {
             Ok(r) => Ok(Arrival {
                 load: r.load,

@@ -8,6 +8,7 @@ mod destination;
 pub(crate) mod digest;
 mod handle;
 mod loader;
+pub mod local;
 mod pacing;
 mod params;
 pub mod postcopy;
@@ -26,7 +27,7 @@ pub use digest::{hex, memory_digest};
 pub use handle::{HandleEvent, MigrationHandle, Observer, SyncPoint};
 pub use loader::{LoadError, LoadOutcome, LoadStats, Loader};
 pub use pacing::{PauseEstimate, HANDSHAKE_ALLOWANCE};
-pub use params::{CompressParams, Params, Switchover};
+pub use params::{CompressParams, MigrationMode, Params, Switchover};
 pub use source::Source;
 pub use stats::{CompressionStats, MigrationStats, RamStats, Status, XbzrleStats};
 
@@ -72,6 +73,9 @@ pub enum MigrationError {
     /// The destination reported a failure.
     #[error("destination failed to load: {0}")]
     Destination(String),
+    /// A local migration could not hand the memory over.
+    #[error(transparent)]
+    Local(#[from] local::LocalError),
 }
 
 impl MigrationError {

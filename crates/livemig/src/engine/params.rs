@@ -25,6 +25,22 @@ pub enum Switchover {
     Auto,
 }
 
+/// How a migration moves guest memory (parameter `mode`, after QEMU's
+/// parameter of that name, whose `cpr-transfer` is the closest kin of
+/// `local`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MigrationMode {
+    /// Pages are copied through the stream (precopy, postcopy).
+    #[default]
+    Normal,
+    /// Zero-copy to a process on the same host over a `unix:` socket:
+    /// memfd-backed memory is handed over, nothing is copied or tracked
+    /// (see [`super::local`]). Both sides must use it; page-moving
+    /// settings (channels, compression, XBZRLE, postcopy) do not apply.
+    Local,
+}
+
 /// Parameters of one migration. All fields may change while it runs
 /// (through [`super::MigrationHandle::set_params`]); the engine reads them
 /// at every iteration step.
@@ -84,6 +100,9 @@ pub struct Params {
     /// (the source opens it like a page channel; the destination accepts
     /// it on the same listener).
     pub postcopy_preempt: bool,
+    /// How memory moves: copied (`normal`) or handed over (`local`). Read
+    /// once, when the migration starts.
+    pub mode: MigrationMode,
 }
 
 impl Default for Params {
@@ -106,6 +125,7 @@ impl Default for Params {
             postcopy_ram: false,
             postcopy_switchover: Switchover::Manual,
             postcopy_preempt: false,
+            mode: MigrationMode::Normal,
         }
     }
 }

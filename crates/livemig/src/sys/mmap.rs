@@ -1,4 +1,5 @@
-//! Anonymous mappings and raw access to host memory that backs guest RAM.
+//! Anonymous and shared-file mappings, and raw access to host memory that
+//! backs guest RAM.
 
 use std::fs::File;
 use std::io;
@@ -11,6 +12,12 @@ use std::sync::Arc;
 /// it), or without a file zeroed anonymous memory, private and lazily
 /// allocated.
 pub(super) fn map_rw(len: usize, file: Option<&File>) -> io::Result<NonNull<u8>> {
+    map_rw_at(len, file, 0)
+}
+
+/// As [`map_rw`], the file mapped from `offset` (a multiple of the page
+/// size).
+fn map_rw_at(len: usize, file: Option<&File>, offset: u64) -> io::Result<NonNull<u8>> {
     if len == 0 {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -35,13 +42,34 @@ pub(super) fn map_rw(len: usize, file: Option<&File>) -> io::Result<NonNull<u8>>
             libc::PROT_READ | libc::PROT_WRITE,
             flags,
             fd,
-            0,
+            offset_arg(offset)?,
         )
     };
     if p == libc::MAP_FAILED {
         return Err(io::Error::last_os_error());
     }
     NonNull::new(p.cast::<u8>()).ok_or_else(io::Error::last_os_error)
+}
+
+fn offset_arg(offset: u64) -> io::Result<libc::off_t> {
+    libc::off_t::try_from(offset)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "file offset too large"))
+}
+
+/// Applies `madvise(advice)` to `len` bytes at `ptr`.
+///
+/// # Safety
+/// `ptr..ptr + len` must lie inside one live mapping of this process.
+unsafe fn advise_range(ptr: *mut u8, len: usize, advice: libc::c_int) -> io::Result<()> {
+    // SAFETY: the range is mapped (the caller's contract). Advice may at
+    // most change the bytes (MADV_DONTNEED zeroes them), and this memory
+    // holds plain bytes read only through copies and scans, never Rust
+    // values: nothing is invalidated.
+    let r = unsafe { libc::madvise(ptr.cast(), len, advice) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Unmaps the `len` bytes at `ptr`.
@@ -145,11 +173,7 @@ impl AnonMapping {
             ));
         }
         // SAFETY: the range lies inside our own mapping (checked above).
-        let r = unsafe { libc::madvise(self.ptr.as_ptr().add(offset).cast(), len, advice) };
-        if r != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        unsafe { advise_range(self.ptr.as_ptr().add(offset), len, advice) }
     }
 }
 
@@ -157,6 +181,71 @@ impl Drop for AnonMapping {
     fn drop(&mut self) {
         // SAFETY: the whole range `map_rw` returned; nothing refers to it
         // once the last owner (this value) goes.
+        unsafe { unmap(self.ptr, self.len) }
+    }
+}
+
+/// A shared mapping of a range of a file (a memfd holding guest memory),
+/// unmapped on drop. Keeps the file open: the descriptor can be handed to
+/// another process, which then maps the same pages.
+#[derive(Debug)]
+pub struct FileMapping {
+    ptr: NonNull<u8>,
+    len: usize,
+    file: Arc<File>,
+    offset: u64,
+}
+
+// SAFETY: as for AnonMapping: plain memory owned by this value, accessed
+// only through `RawRegion`'s copies and scans.
+unsafe impl Send for FileMapping {}
+// SAFETY: as above.
+unsafe impl Sync for FileMapping {}
+
+impl FileMapping {
+    /// Maps `len` bytes of `file` from `offset` (a multiple of the page
+    /// size), shared and read-write.
+    pub fn new(file: Arc<File>, offset: u64, len: usize) -> io::Result<Self> {
+        let ptr = map_rw_at(len, Some(&file), offset)?;
+        Ok(FileMapping {
+            ptr,
+            len,
+            file,
+            offset,
+        })
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True for a zero-length mapping (never: `new` refuses it).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The file mapped.
+    pub fn file(&self) -> &Arc<File> {
+        &self.file
+    }
+
+    /// Where in the file the mapping starts.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// Applies `madvise(advice)` to the whole mapping (e.g. MADV_HUGEPAGE).
+    pub fn advise(&self, advice: libc::c_int) -> io::Result<()> {
+        // SAFETY: exactly our own live mapping.
+        unsafe { advise_range(self.ptr.as_ptr(), self.len, advice) }
+    }
+}
+
+impl Drop for FileMapping {
+    fn drop(&mut self) {
+        // SAFETY: the whole range `map_rw_at` returned; nothing refers to
+        // it once the last owner (this value) goes.
         unsafe { unmap(self.ptr, self.len) }
     }
 }
@@ -215,6 +304,15 @@ impl RawRegion {
         })
     }
 
+    /// A region covering a whole shared file mapping.
+    pub fn from_file_mapping(m: Arc<FileMapping>) -> Self {
+        RawRegion {
+            ptr: m.ptr,
+            len: m.len,
+            _owner: m,
+        }
+    }
+
     /// A region over memory owned by someone else (a VMM's mapping).
     ///
     /// # Safety
@@ -241,6 +339,62 @@ impl RawRegion {
     /// Start address in this process (for ioctls that register memory).
     pub fn host_addr(&self) -> u64 {
         self.ptr.as_ptr() as u64
+    }
+
+    /// Puts the `len()` bytes of `file` from `offset` (page-aligned) in
+    /// place of this region's memory, at the same address (`MAP_FIXED`,
+    /// shared): from then on the region reads and writes the file's pages,
+    /// and whoever maps the same file sees the same bytes. The range stays
+    /// mapped throughout (the kernel swaps the pages atomically), so other
+    /// holders of the region and a VMM's KVM slot over it keep working
+    /// (KVM drops its old translations through its MMU notifier). The old
+    /// contents are dropped. For a paused destination taking over a
+    /// source's guest memory.
+    pub fn replace_with_file(&self, file: &File, offset: u64) -> io::Result<()> {
+        let off = offset_arg(offset)?;
+        // SAFETY: MAP_FIXED over exactly this region, which is a live
+        // read-write mapping of this process for as long as `_owner`
+        // lives: the same range is mapped read-write again, so every
+        // pointer into it stays valid; nothing outside it is touched. The
+        // bytes are plain data (any value is valid), and every access
+        // goes through copies or short scans that tolerate concurrent
+        // change. `file` is open over the call.
+        let p = unsafe {
+            libc::mmap(
+                self.ptr.as_ptr().cast(),
+                self.len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_FIXED,
+                file.as_raw_fd(),
+                off,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Puts fresh zeroed anonymous memory in place of this region's memory
+    /// (`MAP_FIXED`, private): undoes [`RawRegion::replace_with_file`]
+    /// without writing a byte of the file.
+    pub fn replace_with_anonymous(&self) -> io::Result<()> {
+        // SAFETY: as in `replace_with_file`: the same live range, mapped
+        // read-write again, private anonymous memory this time.
+        let p = unsafe {
+            libc::mmap(
+                self.ptr.as_ptr().cast(),
+                self.len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
     }
 
     fn check(&self, offset: usize, len: usize) -> bool {
@@ -316,7 +470,7 @@ impl RawRegion {
 
     /// Byte ranges (offsets in this region) of `[offset, offset + len)`
     /// that may hold data; every other page there reads as zeros. `None`
-    /// when that cannot be known (see [`super::residency::populated`]):
+    /// when that cannot be known (see `sys::residency::populated`):
     /// memory that is not private anonymous, or an old kernel.
     pub fn populated(&self, offset: usize, len: usize) -> Option<Vec<(usize, usize)>> {
         if !self.check(offset, len) {
@@ -354,12 +508,17 @@ impl RawRegion {
     }
 }
 
+/// A region's file and offset, when it maps one.
+#[cfg(feature = "vm-memory")]
+pub type RegionFile = Option<(Arc<File>, u64)>;
+
 /// The regions of a rust-vmm `GuestMemoryMmap`, each with its guest
-/// address, kept mapped by a clone of `mem`.
+/// address and its file (if mapped from one), kept mapped by a clone of
+/// `mem`.
 #[cfg(feature = "vm-memory")]
 pub fn vm_memory_regions<B>(
     mem: &Arc<vm_memory::GuestMemoryMmap<B>>,
-) -> Vec<(vm_memory::GuestAddress, RawRegion)>
+) -> Vec<(vm_memory::GuestAddress, RawRegion, RegionFile)>
 where
     B: vm_memory::bitmap::Bitmap + Send + Sync + 'static,
 {
@@ -373,7 +532,8 @@ where
         // SAFETY: the region is mapped read/write by `GuestMemoryMmap` for
         // as long as `mem` lives, and `owner` (a clone of it) keeps it.
         let region = unsafe { RawRegion::from_raw(ptr, r.len() as usize, owner) };
-        out.push((r.start_addr(), region));
+        let file = r.file_offset().map(|f| (f.arc().clone(), f.start()));
+        out.push((r.start_addr(), region, file));
     }
     out
 }

@@ -3,7 +3,9 @@
 
 #[cfg(feature = "kvm")]
 pub mod kvm;
+pub mod memfd;
 pub mod mmap;
 pub mod residency;
+pub mod scm;
 pub mod shm;
 pub mod uffd;

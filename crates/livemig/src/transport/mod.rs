@@ -3,6 +3,7 @@
 //! `unix:PATH`, `file:PATH`, and `shm:PATH` (same host: shared memory set
 //! up over a Unix socket at PATH, see [`crate::transport::shm`]).
 
+pub mod local;
 pub mod shm;
 pub mod tls;
 
