@@ -721,6 +721,7 @@ pub fn vm_incoming(a: VmIncomingArgs) -> Result<()> {
         vm: vm.control(),
         status: &vm,
         rate: a.dirty_rate,
+        postcopy: a.postcopy && !snapshot,
         before: None,
     };
     // Page channels and the postcopy urgent connection arrive on the same
@@ -790,6 +791,7 @@ struct Starting<'v> {
     vm: minivm::VmHandle,
     status: &'v Vm,
     rate: Option<u64>,
+    postcopy: bool,
     before: Option<GuestStatus>,
 }
 
@@ -798,7 +800,11 @@ impl livemig::vm::VmControl for Starting<'_> {
         self.vm.pause()
     }
     fn resume(&mut self) -> Result<(), livemig::vm::VmError> {
-        self.before = Some(self.status.guest_status());
+        // Not with postcopy: part of guest memory may be missing, and a
+        // read here would wait for a page nobody asks for before STARTED.
+        if !self.postcopy {
+            self.before = Some(self.status.guest_status());
+        }
         if let Some(rate) = self.rate {
             self.status.set_rate(rate);
         }

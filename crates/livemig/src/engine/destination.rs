@@ -161,9 +161,16 @@ impl<'a> Destination<'a> {
     /// further connections (page channels, the postcopy urgent connection)
     /// as the stream announces them, each within the I/O timeout.
     pub fn accept_on(self, listener: &Listener) -> Result<Arrival, DestinationError> {
-        let main = listener
-            .accept_with_timeout(self.io_timeout)
-            .map_err(DestinationError::Accept)?;
+        let main = loop {
+            match listener.accept_with_timeout(self.io_timeout) {
+                Ok(m) => break m,
+                // A probe that connects and sends nothing is not the source.
+                Err(e @ TransportError::EmptyConnection { .. }) => {
+                    log::warn!("refused a connection: {e}; still waiting");
+                }
+                Err(e) => return Err(DestinationError::Accept(e)),
+            }
+        };
         let t = self.io_timeout;
         self.run(main, &mut || {
             listener
@@ -365,7 +372,240 @@ fn flags_of(head: &[u8]) -> Option<u16> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+    use std::thread;
+
     use super::*;
+    use crate::dirty::SoftwareTracker;
+    use crate::engine::{
+        memory_digest, MigrationError, MigrationHandle, MigrationStats, Params, Source, Status,
+    };
+    use crate::memory::ProcessMemory;
+    use crate::testkit::workload::{fill_random, PageWriter};
+    use crate::transport::{pipe, Outgoing, PipeReader, PipeWriter, Uri};
+    use crate::vm::NoVm;
+
+    const MIB: u64 = 1 << 20;
+
+    fn layout() -> Vec<(&'static str, u64)> {
+        vec![("ram0", 4 * MIB), ("ram1", 2 * MIB)]
+    }
+
+    /// A VMM that records what the destination asked of it.
+    #[derive(Default)]
+    struct Recorder {
+        calls: Vec<&'static str>,
+        refuse_restore: Option<&'static str>,
+    }
+
+    impl VmControl for Recorder {
+        fn pause(&mut self) -> Result<(), VmError> {
+            self.calls.push("pause");
+            Ok(())
+        }
+        fn resume(&mut self) -> Result<(), VmError> {
+            self.calls.push("resume");
+            Ok(())
+        }
+        fn restore_state(&mut self, _state: &[u8]) -> Result<(), VmError> {
+            self.calls.push("restore");
+            match self.refuse_restore {
+                Some(why) => Err(VmError::restore_state(why)),
+                None => Ok(()),
+            }
+        }
+    }
+
+    /// A source guest half filled with random bytes, and an empty
+    /// destination of the same layout.
+    fn memories() -> (ProcessMemory, ProcessMemory) {
+        let src = ProcessMemory::new(&layout()).unwrap();
+        let (_, log) = SoftwareTracker::new(&src);
+        let writer: PageWriter = Arc::new(move |b, off, data| log.write(b, off, data));
+        fill_random(&src.blocks()[..1], &writer, 11);
+        (src, ProcessMemory::new(&layout()).unwrap())
+    }
+
+    fn pipes_out() -> (Outgoing, PipeReader, PipeWriter) {
+        let (w, r) = pipe();
+        let (ack_w, ack_r) = pipe();
+        let out = Outgoing {
+            writer: Box::new(w),
+            ack: Some(Box::new(ack_r)),
+        };
+        (out, r, ack_w)
+    }
+
+    fn one_stream() -> io::Result<BoxRead> {
+        Err(io::Error::other("one stream"))
+    }
+
+    /// Runs the source over `out`; `NoVm` as its guest.
+    fn send(
+        src: &ProcessMemory,
+        params: Params,
+        out: Outgoing,
+    ) -> Result<MigrationStats, MigrationError> {
+        let (mut tracker, _log) = SoftwareTracker::new(src);
+        let handle = MigrationHandle::new(params.clone());
+        if params.postcopy_ram {
+            handle.start_postcopy().unwrap();
+        }
+        Source::new(src, &mut tracker, &mut NoVm, handle).run_over(out)
+    }
+
+    /// A destination thread over pipes with a [`Recorder`]: its result and
+    /// the calls it made.
+    fn receive_with(
+        dst: &ProcessMemory,
+        r: PipeReader,
+        ack_w: PipeWriter,
+        rec: Recorder,
+        postcopy: bool,
+    ) -> thread::JoinHandle<(Result<Arrival, DestinationError>, Vec<&'static str>)> {
+        let dst = dst.clone();
+        thread::spawn(move || {
+            let mut rec = rec;
+            let res = Destination::new(&dst, &mut rec)
+                .postcopy(postcopy)
+                .run_with(r, Some(Box::new(ack_w)), &mut one_stream);
+            (res, rec.calls)
+        })
+    }
+
+    fn same(a: &ProcessMemory, b: &ProcessMemory) -> bool {
+        memory_digest(a) == memory_digest(b)
+    }
+
+    #[test]
+    fn precopy_restores_then_resumes_after_go() {
+        let (src, dst) = memories();
+        let (out, r, ack_w) = pipes_out();
+        let dest = receive_with(&dst, r, ack_w, Recorder::default(), false);
+        let params = Params {
+            verify: true,
+            ..Params::default()
+        };
+        let stats = send(&src, params, out).expect("migration completes");
+        assert_eq!(stats.status, Status::Completed);
+        let (res, calls) = dest.join().unwrap();
+        let arrived = res.expect("the guest runs here");
+        assert_eq!(calls, ["restore", "resume"]);
+        assert!(arrived.unconfirmed.is_none() && arrived.postcopy.is_none());
+        assert!(arrived.load.digest.is_some(), "verified");
+        assert!(same(&src, &dst));
+    }
+
+    #[test]
+    fn a_refused_state_reaches_the_source_and_nothing_resumes() {
+        let (src, dst) = memories();
+        let (out, r, ack_w) = pipes_out();
+        let rec = Recorder {
+            refuse_restore: Some("vCPU state does not fit this VM"),
+            ..Recorder::default()
+        };
+        let dest = receive_with(&dst, r, ack_w, rec, false);
+        let e = send(&src, Params::default(), out).expect_err("the destination refuses");
+        assert!(
+            matches!(&e, MigrationError::Destination(m) if m.contains("vCPU state does not fit")),
+            "{e}"
+        );
+        let (res, calls) = dest.join().unwrap();
+        let de = res.expect_err("refused");
+        assert!(matches!(de, DestinationError::Restore(_)), "{de}");
+        assert!(!de.after_go());
+        assert_eq!(calls, ["restore"], "never resumed");
+    }
+
+    #[test]
+    fn without_go_the_guest_never_resumes() {
+        // A source without a return path sends END and never says GO.
+        let (src, dst) = memories();
+        let (w, r) = pipe();
+        let (ack_w, _ack_r) = pipe();
+        let dest = receive_with(&dst, r, ack_w, Recorder::default(), false);
+        let (mut tracker, _log) = SoftwareTracker::new(&src);
+        let handle = MigrationHandle::new(Params::default());
+        Source::new(&src, &mut tracker, &mut NoVm, handle)
+            .run(w, None)
+            .expect("the stream is sent");
+        let (res, calls) = dest.join().unwrap();
+        let e = res.expect_err("no GO");
+        assert!(matches!(e, DestinationError::Commit(_)), "{e}");
+        assert!(e.to_string().contains("never runs"), "{e}");
+        assert_eq!(calls, ["restore"], "never resumed");
+    }
+
+    #[test]
+    fn channels_over_a_listener_after_an_empty_connection() {
+        let (src, dst) = memories();
+        let listener = Listener::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
+        let uri = listener.local_uri();
+        let dst2 = dst.clone();
+        let dest = thread::spawn(move || {
+            Destination::new(&dst2, &mut NoVm)
+                .with_io_timeout(Duration::from_secs(30))
+                .accept_on(&listener)
+        });
+        // A peer that connects and closes: refused, the wait goes on.
+        let Uri::Tcp(addr) = &uri else { unreachable!() };
+        drop(std::net::TcpStream::connect(addr).unwrap());
+        let (mut tracker, _log) = SoftwareTracker::new(&src);
+        let handle = MigrationHandle::new(Params {
+            channels: 3,
+            verify: true,
+            ..Params::default()
+        });
+        let stats = Source::new(&src, &mut tracker, &mut NoVm, handle)
+            .run_to(&uri)
+            .expect("migration completes");
+        assert_eq!(stats.status, Status::Completed);
+        let arrived = dest.join().unwrap().expect("the guest runs here");
+        assert_eq!(arrived.load.stats.channels, 3);
+        assert!(arrived.load.digest.is_some());
+        assert!(same(&src, &dst));
+    }
+
+    #[test]
+    fn postcopy_goes_through_the_same_call() {
+        let (src, dst) = memories();
+        let (out, r, ack_w) = pipes_out();
+        let dest = receive_with(&dst, r, ack_w, Recorder::default(), true);
+        let params = Params {
+            postcopy_ram: true,
+            ..Params::default()
+        };
+        let (mut tracker, _log) = SoftwareTracker::new(&src);
+        let handle = MigrationHandle::new(params);
+        handle.start_postcopy().unwrap();
+        let stats = Source::new(&src, &mut tracker, &mut NoVm, handle)
+            .run_conn(out, &mut |_| Err(io::Error::other("one stream")))
+            .expect("postcopy completes");
+        assert_eq!(stats.status, Status::Completed);
+        let (res, calls) = dest.join().unwrap();
+        let arrived = res.expect("the guest runs here");
+        let pc = arrived.postcopy.expect("the source switched");
+        assert!(pc.discarded_pages > 0);
+        assert_eq!(calls, ["restore", "resume"]);
+        assert!(same(&src, &dst));
+    }
+
+    #[test]
+    fn a_destination_without_postcopy_refuses_the_switch() {
+        let (src, dst) = memories();
+        let (out, r, ack_w) = pipes_out();
+        let dest = receive_with(&dst, r, ack_w, Recorder::default(), false);
+        let params = Params {
+            postcopy_ram: true,
+            ..Params::default()
+        };
+        let e = send(&src, params, out).expect_err("refused at the switch");
+        assert!(e.to_string().contains("postcopy"), "{e}");
+        let (res, calls) = dest.join().unwrap();
+        let de = res.expect_err("refused");
+        assert!(matches!(de, DestinationError::Load(_)), "{de}");
+        assert!(calls.is_empty(), "{calls:?}");
+    }
 
     #[test]
     fn the_header_is_peeked_and_replayed() {
