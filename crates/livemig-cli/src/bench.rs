@@ -33,7 +33,7 @@ use livemig::codec::compress::{Algorithm, Compressor, Decompressor};
 use livemig::codec::{xbzrle, zero};
 use livemig::dirty::{DirtyTracker, SoftwareTracker, UffdMode, UffdTracker};
 use livemig::engine::{
-    memory_digest, ChannelWriter, CompressParams, LoadStats, Loader, MigrationHandle,
+    memory_digest, ChannelWriter, CompressParams, Destination, LoadStats, MigrationHandle,
     MigrationStats, Params,
 };
 use livemig::memory::{GuestMemory, ProcessMemory, PAGE_SIZE};
@@ -792,25 +792,11 @@ where
     E: std::error::Error + Send + Sync + 'static,
 {
     let inc = accept()?;
-    let mut loader = Loader::new(dst);
-    let mut input = inc.reader;
-    let r = loader.load_channels(Box::new(&mut input) as Box<dyn Read + Send + '_>, || {
-        accept()
-            .map(|i| Box::new(i.reader) as Box<dyn Read + Send + '_>)
-            .map_err(std::io::Error::other)
-    });
-    let commit = match inc.ack {
-        Some(w) => livemig::engine::Commit::new(input, w),
-        None => livemig::engine::Commit::none(),
-    };
-    match &r {
-        Ok(_) => {
-            let go = commit.wait_go().context("destination")?;
-            let _ = go.started();
-        }
-        Err(e) => commit.fail(&e.to_string()),
-    }
-    Ok(r.context("destination")?.stats)
+    let mut more = || accept().map(|i| i.reader).map_err(std::io::Error::other);
+    let arrived = Destination::new(dst, &mut livemig::vm::NoVm)
+        .run(inc, &mut more)
+        .context("destination")?;
+    Ok(arrived.load.stats)
 }
 
 /// The source of a bench migration: sends `src` over `out`, opening page

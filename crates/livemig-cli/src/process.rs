@@ -8,8 +8,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use livemig::dirty::{UffdMode, UffdTracker};
 use livemig::engine::{
-    hex, memory_digest, ChannelWriter, Commit, CompressParams, Loader, MigrationHandle, Params,
-    Source,
+    hex, memory_digest, ChannelWriter, CompressParams, Destination, DestinationError,
+    MigrationHandle, Params, Source,
 };
 use livemig::memory::{GuestMemory, ProcessMemory};
 use livemig::testkit::workload::{direct_writer, fill_random, Pattern, Workload, WorkloadConfig};
@@ -530,9 +530,6 @@ pub fn save(a: SaveArgs) -> Result<()> {
     run_source(&uri, &a.opts, None)
 }
 
-/// A borrowed or owned reader, for the loader's connections.
-type BoxReadRef<'a> = Box<dyn std::io::Read + Send + 'a>;
-
 fn run_dest(uri: &Uri, o: &DestOpts, tls: Option<&TlsConfig>) -> Result<()> {
     let (mem_args, json, quiet) = (&o.mem, o.json, o.quiet);
     let mem = mem_args.map()?;
@@ -545,54 +542,39 @@ fn run_dest(uri: &Uri, o: &DestOpts, tls: Option<&TlsConfig>) -> Result<()> {
         eprintln!("waiting for a migration on {}", listener.local_uri());
     }
     let (inc, session) = listener.accept_source()?;
-    if o.postcopy && !matches!(uri, Uri::File(_)) {
-        let mut accept = || -> std::io::Result<Box<dyn std::io::Read + Send>> {
-            listener
-                .accept()
-                .map(|i| Box::new(i.reader) as Box<dyn std::io::Read + Send>)
-                .map_err(std::io::Error::other)
-        };
-        return receive_process(uri, o, &mem, inc, &session, &mut accept);
-    }
-    let mut loader = Loader::new(&mem);
-    let progress = Progress::counter(loader.progress(), mem.total_bytes(), quiet || json);
     let started = std::time::Instant::now();
-    let mut input = inc.reader;
-    // Page channels of a multi-channel migration arrive on the same
+    // Page channels and the postcopy urgent connection arrive on the same
     // listener after the main connection.
-    let result = loader.load_channels(Box::new(&mut input) as BoxReadRef<'_>, || {
-        listener
-            .accept()
-            .map(|i| Box::new(i.reader) as BoxReadRef<'_>)
-    });
+    let mut accept = || listener.accept().map(|i| i.reader);
+    let mut no_vm = livemig::vm::NoVm;
+    let dest = Destination::new(&mem, &mut no_vm).postcopy(o.postcopy && uri_has_ack(uri));
+    let progress = Progress::counter(
+        dest.progress(),
+        mem.total_bytes(),
+        quiet || json || o.postcopy,
+    );
+    let arrived = dest.run_with(inc.reader, inc.ack, &mut accept);
     drop(progress);
-    let commit = match inc.ack {
-        Some(w) => Commit::new(input, w),
-        None => Commit::none(),
-    };
-    let result = match result {
-        Err(e) => {
-            commit.fail(&livemig::error_chain(&e));
-            Err(crate::tls::explain_plain_dest_failure(
+    let arrived = match arrived {
+        Ok(a) => a,
+        Err(DestinationError::Load(e)) => {
+            return Err(crate::tls::explain_plain_dest_failure(
                 e,
                 uri,
                 tls.is_some(),
             ))
         }
-        // Memory "starts" (is declared the migrated copy) only on GO.
-        Ok(out) => match commit.wait_go() {
-            Ok(go) => {
-                if let Err(e) = go.started() {
-                    eprintln!("warning: GO received but STARTED did not reach the source ({e}); the source stays paused");
-                }
-                Ok(out)
-            }
-            Err(e) => Err(anyhow::Error::new(e)).with_context(|| format!("migration from {uri}")),
-        },
+        Err(e) => {
+            return Err(anyhow::Error::new(e)).with_context(|| format!("migration from {uri}"))
+        }
     };
-    let out = result?;
+    if let Some(e) = &arrived.unconfirmed {
+        eprintln!("warning: GO received but STARTED did not reach the source ({e}); the source stays paused");
+    }
+    let out = &arrived.load;
     let digest = hex(&memory_digest(&mem));
     let verified = out.digest.is_some();
+    let pc = arrived.postcopy.as_ref();
     if json {
         let v: Value = json!({
             "role": "destination",
@@ -603,6 +585,13 @@ fn run_dest(uri: &Uri, o: &DestOpts, tls: Option<&TlsConfig>) -> Result<()> {
             "digest": digest,
             "verified": verified,
             "tls": crate::tls::session_json(&session),
+            "postcopy": pc.map(|pc| json!({
+                "discarded-pages": pc.discarded_pages,
+                "placed-pages": pc.placed_pages,
+                "postcopy-time": pc.postcopy_time,
+                "urgent-pages": pc.urgent_pages,
+                "requests": pc.requests,
+            })),
         });
         crate::jsonout::print(&v)?;
     } else {
@@ -619,96 +608,23 @@ fn run_dest(uri: &Uri, o: &DestOpts, tls: Option<&TlsConfig>) -> Result<()> {
             out.stats.compressed_pages,
             started.elapsed().as_millis()
         );
-        if verified {
-            eprintln!("memory digest verified against the source's: {digest}");
-        } else {
-            eprintln!("memory digest: {digest} (the source sent none to compare: it ran with --no-verify)");
-        }
-    }
-    Ok(())
-}
-
-/// Process memory has nothing to restore or run.
-struct MemoryOnly;
-
-impl livemig::engine::postcopy::IncomingGuest for MemoryOnly {
-    fn restore(&mut self, state: &[u8]) -> Result<(), String> {
-        if state.is_empty() {
-            Ok(())
-        } else {
-            Err("the stream carries device state: it was sent by a VM, use vm-incoming".into())
-        }
-    }
-    fn resume(&mut self) -> Result<(), String> {
-        Ok(())
-    }
-    fn pause(&mut self) {}
-}
-
-/// `livemig incoming --postcopy`: one call that loads, answers the
-/// handshake and, if the source switches, places the remaining pages.
-fn receive_process(
-    uri: &Uri,
-    o: &DestOpts,
-    mem: &ProcessMemory,
-    inc: livemig::transport::Incoming,
-    session: &Option<livemig::transport::tls::TlsSession>,
-    accept: &mut dyn FnMut() -> std::io::Result<Box<dyn std::io::Read + Send>>,
-) -> Result<()> {
-    let started = std::time::Instant::now();
-    let got = livemig::engine::postcopy::receive(
-        mem,
-        inc.reader,
-        inc.ack,
-        &mut MemoryOnly,
-        true,
-        Some(accept),
-    )
-    .with_context(|| format!("migration from {uri}"))?;
-    let digest = hex(&memory_digest(mem));
-    let verified = got.load.digest.is_some();
-    let pc = got.postcopy.as_ref();
-    if o.json {
-        let v: Value = json!({
-            "role": "destination",
-            "status": "completed",
-            "uri": uri.to_string(),
-            "total-time": started.elapsed().as_millis() as u64,
-            "load": got.load.stats,
-            "digest": digest,
-            "verified": verified,
-            "tls": crate::tls::session_json(session),
-            "postcopy": pc.map(|pc| json!({
-                "discarded-pages": pc.discarded_pages,
-                "placed-pages": pc.placed_pages,
-                "postcopy-time": pc.postcopy_time,
-                "urgent-pages": pc.urgent_pages,
-                "requests": pc.requests,
-            })),
-        });
-        println!("{}", serde_json::to_string(&v)?);
-    } else {
-        if let Some(s) = session {
-            eprintln!("encrypted: {s}");
-        }
         match pc {
             Some(pc) => eprintln!(
                 "postcopy: {} pages were stale at the switch, {} placed after it in {} ms",
                 pc.discarded_pages, pc.placed_pages, pc.postcopy_time
             ),
-            None => eprintln!(
-                "loaded {} bytes of stream (the source did not switch to postcopy)",
-                got.load.stats.bytes
-            ),
-        }
-        eprintln!(
-            "memory digest: {digest}{}",
-            if verified {
-                " (verified against the source's)"
-            } else {
-                ""
+            None if o.postcopy => {
+                eprintln!("the source did not switch to postcopy")
             }
-        );
+            None => {}
+        }
+        if verified {
+            eprintln!("memory digest verified against the source's: {digest}");
+        } else if pc.is_some() {
+            eprintln!("memory digest: {digest} (no digest after postcopy: memory changed before it was whole)");
+        } else {
+            eprintln!("memory digest: {digest} (the source sent none to compare: it ran with --no-verify)");
+        }
     }
     Ok(())
 }

@@ -11,11 +11,11 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use livemig::engine::ChannelWriter;
 use livemig::engine::{
-    hex, memory_digest, Commit, MigrationError, MigrationHandle, MigrationStats,
+    hex, memory_digest, Destination, MigrationError, MigrationHandle, MigrationStats,
 };
 use livemig::transport::Uri;
 use minivm::guest::{test_guest_bytes, MAX_VCPUS};
-use minivm::migrate::{load_in_channels, migrate_out_channels};
+use minivm::migrate::migrate_out_channels;
 use minivm::{GuestImage, GuestStatus, TestGuestConfig, TrackerKind, Vm, VmConfig};
 use serde_json::{json, Value};
 
@@ -716,91 +716,106 @@ pub fn vm_incoming(a: VmIncomingArgs) -> Result<()> {
     if let (Some(s), true) = (&session, say) {
         eprintln!("encrypted: {s}");
     }
-    let t0 = Instant::now();
-    if a.postcopy && !snapshot {
-        let mut accept = || -> std::io::Result<Box<dyn Read + Send>> {
-            listener
-                .accept()
-                .map(|i| Box::new(i.reader) as Box<dyn Read + Send>)
-        };
-        let (vm, received) = minivm::migrate::receive_vm(
-            &a.layout.dest_config(),
-            inc.reader,
-            inc.ack,
-            true,
-            Some(&mut accept),
-        )
+    let vm = minivm::migrate::incoming_vm(&a.layout.dest_config())?;
+    let mut starting = Starting {
+        vm: vm.control(),
+        status: &vm,
+        rate: a.dirty_rate,
+        postcopy: a.postcopy && !snapshot,
+        before: None,
+    };
+    // Page channels and the postcopy urgent connection arrive on the same
+    // listener after the main connection.
+    let mut accept = || listener.accept().map(|i| i.reader);
+    let mem = vm.memory();
+    let arrived = Destination::new(&*mem, &mut starting)
+        .postcopy(a.postcopy && !snapshot)
+        .run_with(inc.reader, inc.ack, &mut accept)
         .with_context(|| format!("migration from {uri}"))?;
-        let load_ms = t0.elapsed().as_millis() as u64;
-        if say {
-            match &received.postcopy {
-                Some(pc) => eprintln!(
-                    "postcopy: {} pages fetched or pushed after the switch in {} ms, {} requests, {} remote faults, fault latency p50 {} us p99 {} us, blocktime {} ms",
-                    pc.placed_pages,
-                    pc.postcopy_time,
-                    pc.requests,
-                    pc.faults.faults,
-                    pc.faults.p50_us,
-                    pc.faults.p99_us,
-                    pc.faults.blocktime_us / 1000
-                ),
-                None => eprintln!("loaded in {load_ms} ms (precopy: the source did not switch)"),
-            }
-        }
-        let postcopy = received.postcopy.as_ref().map(|pc| {
-            json!({
-                "discarded-pages": pc.discarded_pages,
-                "placed-pages": pc.placed_pages,
-                "requests": pc.requests,
-                "faults": pc.faults.faults,
-                "latency-p50": pc.faults.p50_us,
-                "latency-p99": pc.faults.p99_us,
-                "blocktime-us": pc.faults.blocktime_us,
-                "postcopy-time": pc.postcopy_time,
-                "urgent-pages": pc.urgent_pages,
-            })
-        });
-        return run_received(
-            &a,
-            &listener,
-            &session,
-            vm,
-            received.load,
-            load_ms,
-            None,
-            postcopy,
+    drop(mem);
+    let before = starting.before.take().unwrap_or_else(|| vm.guest_status());
+    let load_ms = arrived.load_time.as_millis() as u64;
+    if let Some(e) = &arrived.unconfirmed {
+        eprintln!(
+            "warning: the guest runs here, but STARTED did not reach the source ({e}); it stays paused"
         );
     }
-    // The completion handshake: FAILED, or LOADED and the guest resumes
-    // only on the source's GO, then STARTED.
-    let mut input = inc.reader;
-    // Page channels of a multi-channel migration arrive on the same
-    // listener after the main connection.
-    let loaded = load_in_channels(
-        &a.layout.dest_config(),
-        Box::new(&mut input) as Box<dyn Read + Send + '_>,
-        || {
-            listener
-                .accept()
-                .map(|i| Box::new(i.reader) as Box<dyn Read + Send + '_>)
-        },
-    );
-    let commit = match inc.ack {
-        Some(w) => Commit::new(input, w),
-        None => Commit::none(),
-    };
-    let (vm, loaded) = match loaded {
-        Ok(v) => v,
-        Err(e) => {
-            commit.fail(&livemig::error_chain(&e));
-            return Err(e).with_context(|| format!("loading the VM from {uri}"));
+    if say {
+        match &arrived.postcopy {
+            Some(pc) => eprintln!(
+                "postcopy: {} pages fetched or pushed after the switch in {} ms, {} requests, {} remote faults, fault latency p50 {} us p99 {} us, blocktime {} ms",
+                pc.placed_pages,
+                pc.postcopy_time,
+                pc.requests,
+                pc.faults.faults,
+                pc.faults.p50_us,
+                pc.faults.p99_us,
+                pc.faults.blocktime_us / 1000
+            ),
+            None if a.postcopy => {
+                eprintln!("loaded in {load_ms} ms (precopy: the source did not switch)")
+            }
+            None => {}
         }
-    };
-    let go = commit
-        .wait_go()
-        .with_context(|| format!("migration from {uri}"))?;
-    let load_ms = t0.elapsed().as_millis() as u64;
-    run_received(&a, &listener, &session, vm, loaded, load_ms, Some(go), None)
+    }
+    let postcopy = arrived.postcopy.as_ref().map(|pc| {
+        json!({
+            "discarded-pages": pc.discarded_pages,
+            "placed-pages": pc.placed_pages,
+            "requests": pc.requests,
+            "faults": pc.faults.faults,
+            "latency-p50": pc.faults.p50_us,
+            "latency-p99": pc.faults.p99_us,
+            "blocktime-us": pc.faults.blocktime_us,
+            "postcopy-time": pc.postcopy_time,
+            "urgent-pages": pc.urgent_pages,
+        })
+    });
+    run_received(
+        &a,
+        &listener,
+        &session,
+        vm,
+        arrived.load,
+        load_ms,
+        before,
+        postcopy,
+    )
+}
+
+/// The destination VM as the engine starts it: restores the state the
+/// stream carried, and at the source's GO notes the guest's status before
+/// it resumes (what it had written before the switch-over) and applies
+/// `--dirty-rate`.
+struct Starting<'v> {
+    vm: minivm::VmHandle,
+    status: &'v Vm,
+    rate: Option<u64>,
+    postcopy: bool,
+    before: Option<GuestStatus>,
+}
+
+impl livemig::vm::VmControl for Starting<'_> {
+    fn pause(&mut self) -> Result<(), livemig::vm::VmError> {
+        self.vm.pause()
+    }
+    fn resume(&mut self) -> Result<(), livemig::vm::VmError> {
+        // Not with postcopy: part of guest memory may be missing, and a
+        // read here would wait for a page nobody asks for before STARTED.
+        if !self.postcopy {
+            self.before = Some(self.status.guest_status());
+        }
+        if let Some(rate) = self.rate {
+            self.status.set_rate(rate);
+        }
+        self.vm.resume()
+    }
+    fn save_state(&mut self) -> Result<Vec<u8>, livemig::vm::VmError> {
+        self.vm.save_state()
+    }
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), livemig::vm::VmError> {
+        self.vm.restore_state(state)
+    }
 }
 
 /// The rest of `vm-incoming` once the guest is ours: resume it (unless
@@ -813,12 +828,11 @@ fn run_received(
     vm: minivm::Vm,
     loaded: livemig::engine::LoadOutcome,
     load_ms: u64,
-    go: Option<livemig::engine::Go<'_>>,
+    before: GuestStatus,
     postcopy: Option<Value>,
 ) -> Result<()> {
     let say = !a.json && !a.quiet;
     let digest = loaded.digest.map(|d| hex(&d));
-    let before = vm.guest_status();
     if say {
         eprintln!(
             "loaded {} of stream in {load_ms} ms: {} raw, {} zero, {} xbzrle, {} compressed pages",
@@ -835,25 +849,12 @@ fn run_received(
             }
             None => eprintln!("no digest in the stream (the source ran with --no-verify)"),
         }
-        if go.is_some() {
-            eprintln!(
-                "resuming the guest ({} pages written before the switch-over)",
-                before.pages_written()
-            );
-        }
-    }
-    if let Some(rate) = a.dirty_rate {
-        vm.set_rate(rate);
+        eprintln!(
+            "the guest resumed here ({} pages written before the switch-over)",
+            before.pages_written()
+        );
     }
     let resumed = Instant::now();
-    if let Some(go) = go {
-        vm.resume();
-        if let Err(e) = go.started() {
-            eprintln!(
-                "warning: the guest runs here, but STARTED did not reach the source ({e}); it stays paused"
-            );
-        }
-    }
     let mut last = before.clone();
     let mut last_t = Instant::now();
     loop {

@@ -25,7 +25,7 @@ use kvm_bindings::{kvm_regs, kvm_segment};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use livemig::dirty::kvm::{KvmDirtyLog, KvmSlot, TrackerKind};
 use livemig::dirty::{DeviceWrites, DirtyTracker, WithDeviceWrites};
-use livemig::engine::{Commit, Loader, MigrationHandle, Params, Source};
+use livemig::engine::{Destination, MigrationHandle, Params, Source};
 use livemig::memory::{GuestMemory, VmMemory};
 use livemig::transport::{connect, Listener};
 use livemig::vm::{VmControl, VmError};
@@ -316,6 +316,21 @@ impl VmControl for Control {
     fn save_state(&mut self) -> Result<Vec<u8>, VmError> {
         self.0.save_state()
     }
+    /// On the destination, before it answers LOADED: restore, then check
+    /// the guest's memory. A guest that does not check out never runs
+    /// here, and the source is told why and resumes its own.
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), VmError> {
+        self.0
+            .restore_state(state)
+            .map_err(|e| VmError::restore_state(e.to_string()))?;
+        let digest = self.0.check_and_digest().map_err(VmError::restore_state)?;
+        println!(
+            "dest: loaded passes {} tick {} digest {digest}",
+            self.0.read(PASSES),
+            self.0.read(CLOCK)
+        );
+        Ok(())
+    }
 }
 
 fn source(path: &str) -> Result<(), Box<dyn Error>> {
@@ -355,25 +370,17 @@ fn dest(path: &str) -> Result<(), Box<dyn Error>> {
     let vmm = Vmm::new()?;
     let listener = Listener::bind(&format!("unix:{path}").parse()?)?;
     println!("dest: listening on {path}");
-    let incoming = listener.accept()?;
-    let mut reader = incoming.reader;
-    let loaded = Loader::new(&vmm.blocks).load(&mut reader)?;
-    vmm.restore_state(&loaded.state)?;
-    // Check before saying LOADED: a guest that does not check out never runs.
-    let digest = vmm.check_and_digest()?;
-    println!(
-        "dest: loaded passes {} tick {} digest {digest}",
-        vmm.read(PASSES),
-        vmm.read(CLOCK)
-    );
-    // The completion handshake: LOADED, wait for GO, run, STARTED.
-    let go = match incoming.ack {
-        Some(reply) => Commit::new(reader, reply).wait_go()?,
-        None => Commit::none().wait_go()?,
-    };
+    // vCPU and device threads start parked: the guest runs only when the
+    // engine resumes it, after the source's GO.
     let threads = vmm.start();
-    vmm.resume();
-    go.started()?;
+    // The whole destination in one call: accept, load (page channels
+    // too), restore_state, LOADED, wait for GO, resume, STARTED.
+    let arrived = Destination::new(&vmm.blocks, &mut Control(vmm.clone())).accept_on(&listener)?;
+    println!(
+        "dest: {} bytes of stream, guest resumed {} ms after the first byte",
+        arrived.load.stats.bytes,
+        arrived.load_time.as_millis()
+    );
     let (p0, t0) = (vmm.read(PASSES), vmm.read(CLOCK));
     while vmm.read(PASSES) < p0 + 2 || vmm.read(CLOCK) <= t0 {
         thread::sleep(Duration::from_millis(5));

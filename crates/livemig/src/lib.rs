@@ -21,7 +21,7 @@
 //!
 //! ```no_run
 //! use livemig::dirty::{UffdMode, UffdTracker};
-//! use livemig::engine::{Commit, Loader, MigrationHandle, Params, Source};
+//! use livemig::engine::{Destination, MigrationHandle, Params, Source};
 //! use livemig::memory::{GuestMemory, ProcessMemory};
 //! use livemig::transport::{connect, Listener};
 //! use livemig::testkit::workload::{direct_writer, Workload, WorkloadConfig};
@@ -43,15 +43,11 @@
 //!
 //! // Destination (another process): memory laid out by its own configuration.
 //! let memory = ProcessMemory::single(1 << 30)?;
-//! let mut incoming = Listener::bind(&"tcp:127.0.0.1:4444".parse()?)?.accept()?;
-//! let loaded = Loader::new(&memory).load(&mut incoming.reader)?;
-//! println!("{} raw pages", loaded.stats.raw_pages);
-//! // The completion handshake: reply LOADED, and only on the source's GO
-//! // start the guest (a VMM resumes its vCPUs here), then say STARTED.
-//! if let Some(reply) = incoming.ack {
-//!     let go = Commit::new(incoming.reader, reply).wait_go()?;
-//!     go.started()?;
-//! }
+//! // One call: accept, load over every channel, restore the state, the
+//! // completion handshake (LOADED, the source's GO, resume, STARTED).
+//! let listener = Listener::bind(&"tcp:127.0.0.1:4444".parse()?)?;
+//! let arrived = Destination::new(&memory, &mut livemig::vm::NoVm).accept_on(&listener)?;
+//! println!("{} raw pages", arrived.load.stats.raw_pages);
 //! # Ok(())
 //! # }
 //! ```
@@ -89,10 +85,13 @@
 //!    control, handle).run_over(transport::connect(&uri)?)` (or
 //!    `run_with_channels` for several page channels). On success the
 //!    source stays paused; on failure or cancel it runs on.
-//! 6. **Destination.** Lay memory out the same way, accept, load with
-//!    [`engine::Loader`] (vCPU state in `LoadOutcome::state`), restore the
-//!    state, then the completion handshake: [`engine::Commit`]`::wait_go`
-//!    before resuming the vCPUs, `started()` after.
+//! 6. **Destination.** Lay memory out the same way, implement
+//!    [`vm::VmControl::restore_state`] too, and call
+//!    [`engine::Destination`]`::new(&memory, &mut control).accept_on(&listener)`:
+//!    it loads (page channels included), restores the state, answers
+//!    LOADED, resumes the vCPUs only on the source's GO and says STARTED;
+//!    `.postcopy(true)` lets the source switch to postcopy. Any failure
+//!    before GO reaches the source, which keeps its guest.
 #![warn(missing_docs)]
 
 pub mod bitmap;

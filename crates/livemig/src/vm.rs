@@ -55,7 +55,9 @@ pub struct StateCost {
     pub save_time: std::time::Duration,
 }
 
-/// Control of the running guest on the migration source.
+/// Control of the guest: on the migration source (pause, state, resume
+/// after a failure) and on the destination (restore the state, resume
+/// after the source's GO: see [`crate::engine::Destination`]).
 ///
 /// Errors are the VMM's own, wrapped in a [`VmError`] that says which
 /// operation failed.
@@ -87,6 +89,23 @@ pub trait VmControl: Send {
     /// save the engine also counts what it measured.
     fn state_cost(&self) -> StateCost {
         StateCost::default()
+    }
+
+    /// On the destination: loads the device and vCPU state the source's
+    /// [`VmControl::save_state`] sent, with the guest paused, before the
+    /// destination answers LOADED (so a state that does not fit leaves
+    /// the guest to the source). The default accepts no state (memory
+    /// only) and refuses a stream that carries some.
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), VmError> {
+        if state.is_empty() {
+            Ok(())
+        } else {
+            Err(VmError::restore_state(format!(
+                "the stream carries {} bytes of device and vCPU state, but this destination \
+                 holds memory only (it was sent by a VM: receive it into one)",
+                state.len()
+            )))
+        }
     }
 }
 

@@ -12,7 +12,7 @@
 //! tracker, in-process to a second VM: downtime, total and setup time,
 //! rounds, bytes; medians over several runs.
 
-use std::io::{BufReader, Read, Write};
+use std::io::{BufReader, Read};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
@@ -567,9 +567,9 @@ fn migrate_to_new(
     match transport {
         Transport::Pipe => {
             let (w, r) = pipe();
-            let (mut aw, mut ar) = pipe();
+            let (aw, mut ar) = pipe();
             let cfg = config.clone();
-            let dest = thread::spawn(move || migrate_in(&cfg, r, Some(&mut aw)));
+            let dest = thread::spawn(move || migrate_in(&cfg, r, Some(aw)));
             let out = migrate_out(src, kind, handle, w, Some(&mut ar as &mut dyn Read));
             let dst = dest.join().map_err(|_| anyhow!("destination panicked"))?;
             let stats = out?;
@@ -581,12 +581,8 @@ fn migrate_to_new(
             let cfg = config.clone();
             let dest = thread::spawn(move || -> Result<Vm> {
                 let (sock, _) = listener.accept()?;
-                let mut ack = sock.try_clone()?;
-                let (vm, _) = migrate_in(
-                    &cfg,
-                    BufReader::with_capacity(1 << 20, sock),
-                    Some(&mut ack as &mut dyn Write),
-                )?;
+                let ack = sock.try_clone()?;
+                let (vm, _) = migrate_in(&cfg, BufReader::with_capacity(1 << 20, sock), Some(ack))?;
                 Ok(vm)
             });
             let sock = TcpStream::connect(addr)?;

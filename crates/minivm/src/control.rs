@@ -57,9 +57,7 @@ use livemig::control::{
     ControlError, ControlServer, Events, MigrationStarter, MigrationTls, RunState,
 };
 use livemig::engine::local::LocalError;
-use livemig::engine::{
-    Commit, LoadStats, Loader, MigrationError, MigrationHandle, MigrationMode, Params, Status,
-};
+use livemig::engine::{LoadStats, MigrationError, MigrationHandle, MigrationMode, Params, Status};
 use livemig::transport::local::LocalListener;
 use livemig::transport::tls::{self, TlsConfig};
 use livemig::transport::{connect, Listener, Uri, IO_TIMEOUT};
@@ -381,7 +379,7 @@ impl ControlledVm {
             Incoming::Local(l) => l.local_uri().to_string(),
         };
         let result = match listener {
-            Incoming::Stream(l) => self.load_incoming(l, &uri),
+            Incoming::Stream(l) => self.load_incoming(l, &uri, &handle),
             Incoming::Local(l) => self.receive_local(l),
         };
         let mut st = lock(&self.inner.st);
@@ -426,58 +424,42 @@ impl ControlledVm {
         })
     }
 
-    fn load_incoming(&self, listener: Listener, uri: &str) -> Result<IncomingReport, String> {
+    fn load_incoming(
+        &self,
+        listener: Listener,
+        uri: &str,
+        handle: &MigrationHandle,
+    ) -> Result<IncomingReport, String> {
         let inc = listener.accept().map_err(|e| e.to_string())?;
         let t0 = Instant::now();
-        let vm = &self.inner.vm;
-        let mem = vm.memory();
-        let mut input = inc.reader;
         // Page channels of a multi-channel migration arrive on the same
         // listener after the main connection.
-        let loaded = Loader::new(&*mem)
-            .load_channels(
-                Box::new(&mut input) as Box<dyn std::io::Read + Send + '_>,
-                || {
-                    listener
-                        .accept_announced(livemig::transport::IO_TIMEOUT)
-                        .map(|i| Box::new(i.reader) as Box<dyn std::io::Read + Send + '_>)
-                        .map_err(io::Error::other)
-                },
-            )
-            .map_err(|e| e.to_string())
-            .and_then(|out| {
-                if out.state.is_empty() {
-                    return Err(MigrateError::NoState.to_string());
-                }
-                vm.restore_state(&out.state).map_err(|e| e.to_string())?;
-                Ok(out)
-            });
-        let commit = match inc.ack {
-            Some(w) => Commit::new(input, w),
-            None => Commit::none(),
+        let mut accept = || {
+            listener
+                .accept_announced(livemig::transport::IO_TIMEOUT)
+                .map(|i| i.reader)
+                .map_err(io::Error::other)
         };
-        let go = match &loaded {
-            Err(e) => {
-                commit.fail(e);
-                None
-            }
-            // No GO: the source keeps the guest; this VM never runs.
-            Ok(_) => Some(commit.wait_go().map_err(|e| e.to_string())?),
-        };
+        // The destination's `postcopy-ram` lets the source switch; a
+        // connection lost after the switch waits for `migrate-recover`.
+        let postcopy = handle.params().postcopy_ram;
+        let arrived = crate::migrate::receive_recoverable(
+            &self.inner.vm,
+            inc.reader,
+            inc.ack,
+            &mut accept,
+            postcopy,
+            Some(handle),
+        )
+        .map_err(|e| livemig::error_chain(&e));
         // One migration per VM: stop listening (removes a unix: socket).
         drop(listener);
-        let out = loaded?;
-        vm.resume();
-        if let Some(Err(e)) = go.map(|g| g.started()) {
-            log::warn!(
-                "the guest runs here, but STARTED did not reach the source ({e}): it stays paused"
-            );
-        }
+        let arrived = arrived?;
         Ok(IncomingReport {
             uri: uri.to_string(),
-            stats: out.stats,
+            stats: arrived.load.stats,
             load_time: t0.elapsed().as_millis() as u64,
-            verified: out.digest.is_some(),
+            verified: arrived.load.digest.is_some(),
         })
     }
 }

@@ -6,13 +6,12 @@ use std::io::{Read, Write};
 
 use livemig::dirty::DirtyError;
 use livemig::engine::local::{self, LocalError, LocalGuest, LocalReceived, LocalSent, SharedBlock};
-use livemig::engine::postcopy::{receive, IncomingGuest, ReceiveError, Received};
 use livemig::engine::{
-    ChannelWriter, Commit, CommitError, LoadError, LoadOutcome, Loader, MigrationError,
-    MigrationHandle, MigrationStats, Source,
+    Arrival, ChannelWriter, Destination, DestinationError, LoadError, LoadOutcome, Loader,
+    MigrationError, MigrationHandle, MigrationStats, Source,
 };
-use livemig::transport::Outgoing;
-use livemig::vm::BoxError;
+use livemig::transport::{BoxRead, BoxWrite, Outgoing};
+use livemig::vm::{BoxError, VmControl, VmError as EngineVmError};
 use livemig::GuestMemory;
 use std::os::unix::net::UnixStream;
 
@@ -35,12 +34,10 @@ pub enum MigrateError {
     /// The incoming stream failed to load (the destination guest never ran).
     #[error(transparent)]
     Load(#[from] LoadError),
-    /// Loaded, but the source never said GO: the VM is discarded unrun.
+    /// The incoming migration did not end with the guest running here
+    /// (see [`DestinationError`]: before GO the guest never ran here).
     #[error(transparent)]
-    Commit(#[from] CommitError),
-    /// Receiving (with or without postcopy) failed.
-    #[error(transparent)]
-    Receive(#[from] ReceiveError),
+    Destination(#[from] DestinationError),
     /// The stream ended without vCPU state: not a VM migration.
     #[error("the stream carries no vCPU state: it was not sent by a VM source")]
     NoState,
@@ -105,102 +102,112 @@ pub fn migrate_out_conn(
     Ok(Source::new(&*mem, &mut *tracker, &mut control, handle).run_conn(conn, open)?)
 }
 
-/// The VM as `livemig::engine::postcopy::receive` drives it.
-struct IncomingVm<'a>(&'a Vm);
-
-impl IncomingGuest for IncomingVm<'_> {
-    fn restore(&mut self, state: &[u8]) -> Result<(), String> {
-        if state.is_empty() {
-            return Err(MigrateError::NoState.to_string());
-        }
-        self.0
-            .restore_state(state)
-            .map_err(|e| livemig::error_chain(&e))
-    }
-
-    fn resume(&mut self) -> Result<(), String> {
-        self.0.resume();
-        Ok(())
-    }
-
-    fn pause(&mut self) {
-        // vCPUs waiting for a missing page cannot park: they stay blocked.
-        if let Err(e) = self.0.pause() {
-            log::warn!("pausing the guest after the source was lost: {e}");
-        }
-    }
+/// Creates a paused VM laid out as `config` and receives a migration into
+/// it with the library's one destination call ([`Destination`]): page
+/// channels, the completion handshake and postcopy (when `postcopy`, the
+/// destination's `postcopy-ram`) included. On `Ok` the guest runs here
+/// (with postcopy, every page has arrived by then). `reply` is the return
+/// path (`None` for a snapshot file); `accept` returns each further
+/// connection the source announces on the same listener (page channels,
+/// the postcopy urgent connection).
+pub fn receive(
+    config: &VmConfig,
+    input: impl Read + Send,
+    reply: Option<BoxWrite>,
+    accept: &mut dyn FnMut() -> std::io::Result<BoxRead>,
+    postcopy: bool,
+) -> Result<(Vm, Arrival), MigrateError> {
+    let vm = incoming_vm(config)?;
+    let arrival = receive_into(&vm, input, reply, accept, postcopy)?;
+    Ok((vm, arrival))
 }
 
-/// Creates a paused VM from `config`, receives a migration into it and
-/// runs it: the whole destination in one call, postcopy included when
-/// `allow_postcopy` (the destination's `postcopy-ram`). On `Ok` the guest
-/// runs here (with postcopy, every page has arrived by then). `reply` is
-/// the return path (`None` for a snapshot file); `accept` returns the next
-/// connection on the listener (the postcopy urgent connection of a source
-/// with `postcopy-preempt`).
-pub fn receive_vm<R: Read>(
-    config: &VmConfig,
-    input: R,
-    reply: Option<Box<dyn Write + Send>>,
-    allow_postcopy: bool,
-    accept: Option<&mut dyn FnMut() -> std::io::Result<Box<dyn Read + Send>>>,
-) -> Result<(Vm, Received), MigrateError> {
-    let vm = incoming_vm(config)?;
+/// As [`receive`], into an existing paused VM of the right layout (a
+/// minivm started to wait for a migration).
+pub fn receive_into(
+    vm: &Vm,
+    input: impl Read + Send,
+    reply: Option<BoxWrite>,
+    accept: &mut dyn FnMut() -> std::io::Result<BoxRead>,
+    postcopy: bool,
+) -> Result<Arrival, MigrateError> {
+    receive_recoverable(vm, input, reply, accept, postcopy, None)
+}
+
+/// As [`receive_into`]; with `recovery`, a connection lost during
+/// postcopy pauses the migration (`postcopy-paused` on that handle) until
+/// the source reconnects, instead of losing the guest.
+pub fn receive_recoverable(
+    vm: &Vm,
+    input: impl Read + Send,
+    reply: Option<BoxWrite>,
+    accept: &mut dyn FnMut() -> std::io::Result<BoxRead>,
+    postcopy: bool,
+    recovery: Option<&MigrationHandle>,
+) -> Result<Arrival, MigrateError> {
     let mem = vm.memory();
-    let received = receive(
-        &*mem,
-        input,
-        reply,
-        &mut IncomingVm(&vm),
-        allow_postcopy,
-        accept,
-    )?;
-    drop(mem);
-    Ok((vm, received))
+    let mut control = vm.control();
+    let mut dest = Destination::new(&*mem, &mut control).postcopy(postcopy);
+    if let Some(h) = recovery {
+        dest = dest.recovery(h);
+    }
+    Ok(dest.run_with(input, reply, accept)?)
 }
 
 /// Creates a paused VM from `config` (its guest image is ignored: memory
-/// and state come from the stream), loads `input` into it and restores the
-/// vCPU and device state, then, with a return path (`reply`), runs the
-/// destination's half of the completion handshake (`livemig::engine::Commit`):
-/// FAILED on a failed load; otherwise LOADED, wait for the source's GO,
-/// STARTED.
-///
-/// `Ok` means the guest is this side's: the VM is returned paused and the
-/// caller resumes it ([`Vm::resume`]) at once. A failed load, or a load
-/// the source never said GO to, returns an error and the guest never runs
-/// here. For a VMM that wants to resume before STARTED goes out, or to
-/// check more before LOADED, [`load_in`] stops after the load.
-pub fn migrate_in<R: Read, W: Write>(
+/// and state come from the stream) and receives a one-stream precopy
+/// migration into it ([`Destination`]: FAILED on a failed load; otherwise
+/// LOADED, the source's GO, STARTED), but leaves the guest paused: the
+/// caller resumes it ([`Vm::resume`]) at once, after looking at the memory
+/// as it arrived if it wants to. A failed load, or one the source never
+/// said GO to, returns an error and the guest never runs here.
+pub fn migrate_in<R: Read + Send, W: Write + Send + 'static>(
     config: &VmConfig,
     input: R,
     reply: Option<W>,
 ) -> Result<(Vm, LoadOutcome), MigrateError> {
-    let mut input = input;
-    let loaded = load_in(config, &mut input);
-    let commit = match reply {
-        Some(w) => Commit::new(input, w),
-        None => Commit::none(),
-    };
-    match loaded {
-        Err(e) => {
-            commit.fail(&livemig::error_chain(&e));
-            Err(e)
-        }
-        Ok((vm, out)) => {
-            let go = commit.wait_go()?;
-            if let Err(e) = go.started() {
-                // The source stays paused and says so; the guest is ours.
-                log::warn!("GO received but STARTED could not be sent ({e}): the guest runs here, the source stays paused");
-            }
-            Ok((vm, out))
-        }
+    let vm = incoming_vm(config)?;
+    let mem = vm.memory();
+    let mut held = HeldPaused(vm.control());
+    let arrival = Destination::new(&*mem, &mut held).run_with(
+        input,
+        reply.map(|w| Box::new(w) as BoxWrite),
+        &mut no_channels,
+    )?;
+    drop(mem);
+    Ok((vm, arrival.load))
+}
+
+/// The VM for [`migrate_in`]: restores the state, and leaves the resume
+/// after GO to the caller.
+struct HeldPaused(crate::vm::VmHandle);
+
+impl VmControl for HeldPaused {
+    fn pause(&mut self) -> Result<(), EngineVmError> {
+        self.0.pause()
+    }
+    fn resume(&mut self) -> Result<(), EngineVmError> {
+        Ok(())
+    }
+    fn save_state(&mut self) -> Result<Vec<u8>, EngineVmError> {
+        self.0.save_state()
+    }
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), EngineVmError> {
+        self.0.restore_state(state)
     }
 }
 
+/// For a destination with no listener: a source announcing page channels
+/// is refused.
+fn no_channels() -> std::io::Result<BoxRead> {
+    Err(std::io::Error::other(
+        "this destination takes one connection: no page channels",
+    ))
+}
+
 /// A paused VM laid out as `config`, waiting for incoming state: no guest
-/// image, memory not prefaulted.
-fn incoming_vm(config: &VmConfig) -> Result<Vm, MigrateError> {
+/// image, memory not prefaulted. Receive into it with [`receive_into`].
+pub fn incoming_vm(config: &VmConfig) -> Result<Vm, MigrateError> {
     Ok(Vm::new(VmConfig {
         guest: GuestImage::Incoming,
         start_paused: true,
@@ -210,28 +217,12 @@ fn incoming_vm(config: &VmConfig) -> Result<Vm, MigrateError> {
 }
 
 /// Creates a paused VM from `config` and loads `input` into it (RAM, vCPU
-/// and device state); no handshake. On a two-way transport, answer with
-/// `livemig::engine::Commit` (`wait_go` before resuming, `fail` if the VM
-/// is refused).
+/// and device state) with no handshake: a snapshot file. A migration with
+/// a return path goes through [`receive`].
 pub fn load_in<R: Read>(config: &VmConfig, input: R) -> Result<(Vm, LoadOutcome), MigrateError> {
     let vm = incoming_vm(config)?;
     let out = load_into(&vm, input)?;
     Ok((vm, out))
-}
-
-/// As [`load_in`], for a migration that may use page channels: `accept`
-/// returns each further connection the source announces (on the same
-/// listener); the main stream is `input`.
-pub fn load_in_channels<'a>(
-    config: &VmConfig,
-    input: Box<dyn Read + Send + 'a>,
-    accept: impl FnMut() -> std::io::Result<Box<dyn Read + Send + 'a>>,
-) -> Result<(Vm, LoadOutcome), MigrateError> {
-    let vm = incoming_vm(config)?;
-    let mem = vm.memory();
-    let out = Loader::new(&*mem).load_channels(input, accept)?;
-    drop(mem);
-    restore(&vm, out).map(|out| (vm, out))
 }
 
 fn load_into<R: Read>(vm: &Vm, input: R) -> Result<LoadOutcome, MigrateError> {

@@ -1039,4 +1039,12 @@ impl livemig::vm::VmControl for VmHandle {
     fn save_state(&mut self) -> Result<Vec<u8>, livemig::vm::VmError> {
         crate::state::save(&self.shared).map_err(livemig::vm::VmError::save_state)
     }
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), livemig::vm::VmError> {
+        if state.is_empty() {
+            return Err(livemig::vm::VmError::restore_state(
+                crate::migrate::MigrateError::NoState,
+            ));
+        }
+        crate::state::restore(&self.shared, state).map_err(livemig::vm::VmError::restore_state)
+    }
 }

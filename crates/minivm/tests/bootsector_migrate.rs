@@ -71,9 +71,9 @@ fn boot_sector_incrementer_migrates_live_and_stays_consistent() {
     );
 
     let (w, r) = pipe();
-    let (mut aw, mut ar) = pipe();
+    let (aw, mut ar) = pipe();
     let dest_cfg = cfg.clone();
-    let dest = thread::spawn(move || migrate_in(&dest_cfg, r, Some(&mut aw)));
+    let dest = thread::spawn(move || migrate_in(&dest_cfg, r, Some(aw)));
     // The incrementer rewrites its whole range several times a second. A
     // downtime limit far below what the whole range costs forces a live
     // first pass while the guest re-dirties pages (the point of this test;

@@ -177,13 +177,7 @@ fn destination(uri: &Uri) -> JoinHandle<Result<(), String>> {
     thread::spawn(move || {
         let inc = listener.accept().map_err(|e| e.to_string())?;
         drop(listener);
-        let mut ack = inc.ack;
-        let (vm, _) = migrate_in(
-            &dest_config(),
-            inc.reader,
-            ack.as_deref_mut().map(|w| w as &mut dyn std::io::Write),
-        )
-        .map_err(|e| e.to_string())?;
+        let (vm, _) = migrate_in(&dest_config(), inc.reader, inc.ack).map_err(|e| e.to_string())?;
         let before = vm.guest_status();
         vm.resume();
         thread::sleep(Duration::from_millis(500));

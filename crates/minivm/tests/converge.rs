@@ -88,9 +88,9 @@ fn migrate(
         "{name}: guest runs: {warm:?}"
     );
     let (w, r) = pipe();
-    let (mut aw, mut ar) = pipe();
+    let (aw, mut ar) = pipe();
     let dest_cfg = cfg.clone();
-    let dest = thread::spawn(move || migrate_in(&dest_cfg, r, Some(&mut aw)));
+    let dest = thread::spawn(move || migrate_in(&dest_cfg, r, Some(aw)));
     let handle = MigrationHandle::new(params);
     let guard = src.follow_dirty_limit(&handle).expect("dirty limit");
     let h = handle.clone();

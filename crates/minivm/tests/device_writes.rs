@@ -25,9 +25,9 @@ fn check(kind: TrackerKind) {
     let src = Vm::new(cfg.clone()).unwrap();
     thread::sleep(Duration::from_millis(50));
     let (w, r) = pipe();
-    let (mut aw, mut ar) = pipe();
+    let (aw, mut ar) = pipe();
     let dest_cfg = cfg.clone();
-    let dest = thread::spawn(move || migrate_in(&dest_cfg, r, Some(&mut aw)));
+    let dest = thread::spawn(move || migrate_in(&dest_cfg, r, Some(aw)));
     let handle = MigrationHandle::new(Params {
         verify: true,
         ..Params::default()

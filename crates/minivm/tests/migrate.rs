@@ -39,9 +39,9 @@ fn running_guest_moves_and_keeps_running() {
         "guest runs on the source"
     );
     let (w, r) = pipe();
-    let (mut aw, mut ar) = pipe();
+    let (aw, mut ar) = pipe();
     let cfg = config();
-    let dest = thread::spawn(move || migrate_in(&cfg, r, Some(&mut aw)));
+    let dest = thread::spawn(move || migrate_in(&cfg, r, Some(aw)));
     let handle = MigrationHandle::new(Params {
         verify: true,
         ..Params::default()

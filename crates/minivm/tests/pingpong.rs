@@ -119,8 +119,8 @@ fn hop(src: Vm, n: usize) -> Vm {
         (stats, dest)
     } else {
         let (w, r) = pipe();
-        let (mut aw, mut ar) = pipe();
-        let dest = thread::spawn(move || migrate_in(&cfg, r, Some(&mut aw)));
+        let (aw, mut ar) = pipe();
+        let dest = thread::spawn(move || migrate_in(&cfg, r, Some(aw)));
         let stats = migrate_out(&src, kind, handle, w, Some(&mut ar as &mut dyn Read));
         (stats, dest)
     };

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use livemig::engine::{MigrationHandle, Params, Status, Switchover};
 use livemig::transport::{pipe, Outgoing};
-use minivm::migrate::{migrate_out_conn, receive_vm};
+use minivm::migrate::{migrate_out_conn, receive};
 use minivm::{TrackerKind, Vm};
 
 fn postcopy(params: Params, at_once: bool) {
@@ -20,7 +20,15 @@ fn postcopy(params: Params, at_once: bool) {
     assert!(s.heartbeats() > 3, "the guest runs on the source: {s:?}");
     let (w, r) = pipe();
     let (aw, ar) = pipe();
-    let dest = thread::spawn(move || receive_vm(&cfg, r, Some(Box::new(aw)), true, None));
+    let dest = thread::spawn(move || {
+        receive(
+            &cfg,
+            r,
+            Some(Box::new(aw)),
+            &mut || Err(std::io::Error::other("one connection")),
+            true,
+        )
+    });
     let handle = MigrationHandle::new(params);
     if at_once {
         handle.start_postcopy().unwrap();

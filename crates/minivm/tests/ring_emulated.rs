@@ -52,9 +52,9 @@ fn ring_filled_while_emulated_is_refused_and_the_source_runs_on() {
 
 fn refused_attempt(src: &Vm, cfg: &VmConfig, attempt: u32) {
     let (w, r) = pipe();
-    let (mut aw, mut ar) = pipe();
+    let (aw, mut ar) = pipe();
     let dest_cfg = cfg.clone();
-    let dest = thread::spawn(move || migrate_in(&dest_cfg, r, Some(&mut aw)));
+    let dest = thread::spawn(move || migrate_in(&dest_cfg, r, Some(aw)));
     let handle = MigrationHandle::new(Params {
         verify: true,
         // Generous limits: only the tracker's refusal may end this migration.

@@ -74,9 +74,9 @@ fn migrate_with(name: &str, kind: TrackerKind, ring: Option<u32>) {
     );
 
     let (w, r) = pipe();
-    let (mut aw, mut ar) = pipe();
+    let (aw, mut ar) = pipe();
     let dest_cfg = cfg.clone();
-    let dest = thread::spawn(move || migrate_in(&dest_cfg, r, Some(&mut aw)));
+    let dest = thread::spawn(move || migrate_in(&dest_cfg, r, Some(aw)));
     let handle = MigrationHandle::new(Params {
         verify: true,
         ..Params::default()

@@ -228,6 +228,13 @@ impl<'a> Loader<'a> {
         }
     }
 
+    /// Counts the stream bytes read into `progress` (shared with whoever
+    /// reports them) instead of a counter of its own.
+    pub fn sharing_progress(mut self, progress: Arc<AtomicU64>) -> Self {
+        self.progress = progress;
+        self
+    }
+
     /// Stream bytes read so far (all channels), readable from another
     /// thread.
     pub fn progress(&self) -> Arc<AtomicU64> {
@@ -698,7 +705,7 @@ fn refuse_switch<R: Read>(r: &StreamReader<R>, o: &StreamOutcome) -> Result<(), 
         return Err(LoadError::Postcopy {
             offset: r.offset(),
             what: "the source switched to postcopy, which this destination does not run \
-                   (enable postcopy-ram here: engine::postcopy::receive)"
+                   (allow it here: engine::Destination::postcopy)"
                 .into(),
         });
     }

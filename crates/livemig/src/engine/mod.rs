@@ -1,8 +1,10 @@
-//! The migration engine: the source state machine and the destination
-//! loader, over any guest memory, tracker and byte transport.
+//! The migration engine: the source state machine ([`Source`]) and the
+//! destination ([`Destination`], built on the [`Loader`]), over any guest
+//! memory, tracker and byte transport.
 
 mod ack;
 mod channels;
+mod destination;
 pub(crate) mod digest;
 mod handle;
 mod loader;
@@ -20,6 +22,7 @@ pub use ack::{
     REPLY_HEAD_LEN,
 };
 pub use channels::ChannelWriter;
+pub use destination::{Arrival, Destination, DestinationError};
 pub use digest::{hex, memory_digest};
 pub use handle::{HandleEvent, MigrationHandle, Observer, SyncPoint};
 pub use loader::{LoadError, LoadOutcome, LoadStats, Loader};

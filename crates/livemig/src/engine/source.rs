@@ -854,12 +854,16 @@ impl<'a> RamSaver<'a> {
         }
         on_out!(&mut link.out, w => w.end()).map_err(MigrationError::send)?;
         self.transferred = link.bytes();
-        // Requests still in flight are for pages already sent.
+        // Requests still in flight are for pages already sent; each is
+        // still checked (one outside every block is an error, as before).
         let deadline = Instant::now() + crate::transport::IO_TIMEOUT;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match link.requests.recv_timeout(left) {
-                Ok(Ok((_, Message::Request(_)))) => self.postcopy_requests += 1,
+                Ok(Ok((at, Message::Request(req)))) => {
+                    check_request(&blocks, at, &req)?;
+                    self.postcopy_requests += 1;
+                }
                 Ok(Ok((_, Message::Complete(report)))) => {
                     self.fault_report = Some(report);
                     return Ok(());

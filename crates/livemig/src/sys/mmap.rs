@@ -470,7 +470,7 @@ impl RawRegion {
 
     /// Byte ranges (offsets in this region) of `[offset, offset + len)`
     /// that may hold data; every other page there reads as zeros. `None`
-    /// when that cannot be known (see [`super::residency::populated`]):
+    /// when that cannot be known (see `sys::residency::populated`):
     /// memory that is not private anonymous, or an old kernel.
     pub fn populated(&self, offset: usize, len: usize) -> Option<Vec<(usize, usize)>> {
         if !self.check(offset, len) {

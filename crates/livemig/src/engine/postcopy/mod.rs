@@ -84,7 +84,9 @@ mod histogram;
 
 use std::io::{self, Read, Write};
 
-pub use dest::{receive, receive_recoverable, IncomingGuest, ReceiveError, Received};
+pub use dest::{
+    receive, receive_recoverable, IncomingGuest, PostcopyFigures, ReceiveError, Received,
+};
 pub use histogram::LatencyHistogram;
 
 use crate::bitmap::DirtyBitmap;
