@@ -4,7 +4,7 @@
 //! socket instead of copied (`livemig::engine::local`).
 
 use std::io::Write;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use livemig::engine::{MigrationError, MigrationHandle, MigrationMode};
@@ -16,8 +16,7 @@ use serde_json::json;
 
 use crate::units::human;
 use crate::vm::{
-    check_kvm, self_check, start_source, warm_up, VmIncomingArgs, VmMigrateArgs, MIB,
-    UNCONFIRMED_HINT,
+    check_kvm, self_check, start_source, warm_up, VmIncomingArgs, VmMigrateArgs, UNCONFIRMED_HINT,
 };
 
 fn us(d: Duration) -> u64 {
@@ -148,7 +147,6 @@ pub fn vm_incoming(a: VmIncomingArgs) -> Result<()> {
     drop(listener);
     let received =
         receive_local(&vm, &sock).with_context(|| format!("local migration from {uri}"))?;
-    let resumed = Instant::now();
     if let Some(rate) = a.dirty_rate {
         vm.set_rate(rate);
     }
@@ -164,39 +162,7 @@ pub fn vm_incoming(a: VmIncomingArgs) -> Result<()> {
             before.pages_written()
         );
     }
-    let mut last = before.clone();
-    let mut last_t = Instant::now();
-    loop {
-        let left = if a.seconds > 0.0 {
-            a.seconds - resumed.elapsed().as_secs_f64()
-        } else {
-            1.0
-        };
-        if left <= 0.0 {
-            break;
-        }
-        std::thread::sleep(Duration::from_secs_f64(left.min(1.0)));
-        let s = vm.guest_status();
-        if say {
-            let dt = last_t.elapsed().as_secs_f64();
-            eprintln!(
-                "t={:>5.1}s heartbeats={} pages_written={} ({:.0} MiB/s) self-check {}",
-                resumed.elapsed().as_secs_f64(),
-                s.heartbeats(),
-                s.pages_written(),
-                (s.pages_written() - last.pages_written()) as f64 * 4096.0 / dt / MIB,
-                self_check(&s)
-            );
-        }
-        if !s.ok() {
-            break;
-        }
-        last = s;
-        last_t = Instant::now();
-    }
-    vm.pause().context("pausing the destination guest")?;
-    let after = vm.guest_status();
-    let ran = resumed.elapsed().as_secs_f64();
+    let (after, ran) = crate::vm::run_on(&vm, &before, a.seconds, say)?;
     let advanced =
         after.heartbeats() > before.heartbeats() && after.pages_written() > before.pages_written();
     if a.json {

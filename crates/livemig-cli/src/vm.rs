@@ -783,6 +783,51 @@ pub fn vm_incoming(a: VmIncomingArgs) -> Result<()> {
     )
 }
 
+/// Lets a guest that just resumed here run for `seconds` (at least one
+/// look if 0), printing its progress each second when `say`, stopping
+/// early if its self-check fails; then pauses it. Returns its status then
+/// and the seconds it ran.
+pub(crate) fn run_on(
+    vm: &Vm,
+    before: &GuestStatus,
+    seconds: f64,
+    say: bool,
+) -> Result<(GuestStatus, f64)> {
+    let resumed = Instant::now();
+    let mut last = before.clone();
+    let mut last_t = Instant::now();
+    loop {
+        let left = if seconds > 0.0 {
+            seconds - resumed.elapsed().as_secs_f64()
+        } else {
+            1.0
+        };
+        if left <= 0.0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_secs_f64(left.min(1.0)));
+        let s = vm.guest_status();
+        if say {
+            let dt = last_t.elapsed().as_secs_f64();
+            eprintln!(
+                "t={:>5.1}s heartbeats={} pages_written={} ({:.0} MiB/s) self-check {}",
+                resumed.elapsed().as_secs_f64(),
+                s.heartbeats(),
+                s.pages_written(),
+                (s.pages_written() - last.pages_written()) as f64 * 4096.0 / dt / MIB,
+                self_check(&s)
+            );
+        }
+        if !s.ok() {
+            break;
+        }
+        last = s;
+        last_t = Instant::now();
+    }
+    vm.pause().context("pausing the destination guest")?;
+    Ok((vm.guest_status(), resumed.elapsed().as_secs_f64()))
+}
+
 /// The destination VM as the engine starts it: restores the state the
 /// stream carried, and at the source's GO notes the guest's status before
 /// it resumes (what it had written before the switch-over) and applies
@@ -854,40 +899,7 @@ fn run_received(
             before.pages_written()
         );
     }
-    let resumed = Instant::now();
-    let mut last = before.clone();
-    let mut last_t = Instant::now();
-    loop {
-        let left = if a.seconds > 0.0 {
-            a.seconds - resumed.elapsed().as_secs_f64()
-        } else {
-            1.0
-        };
-        if left <= 0.0 {
-            break;
-        }
-        std::thread::sleep(Duration::from_secs_f64(left.min(1.0)));
-        let s = vm.guest_status();
-        if say {
-            let dt = last_t.elapsed().as_secs_f64();
-            eprintln!(
-                "t={:>5.1}s heartbeats={} pages_written={} ({:.0} MiB/s) self-check {}",
-                resumed.elapsed().as_secs_f64(),
-                s.heartbeats(),
-                s.pages_written(),
-                (s.pages_written() - last.pages_written()) as f64 * 4096.0 / dt / MIB,
-                self_check(&s)
-            );
-        }
-        if !s.ok() {
-            break;
-        }
-        last = s;
-        last_t = Instant::now();
-    }
-    vm.pause().context("pausing the destination guest")?;
-    let after = vm.guest_status();
-    let ran = resumed.elapsed().as_secs_f64();
+    let (after, ran) = run_on(&vm, &before, a.seconds, say)?;
     let advanced =
         after.heartbeats() > before.heartbeats() && after.pages_written() > before.pages_written();
     if a.json {
