@@ -24,10 +24,11 @@
 //!   it — [`GuestImage::Incoming`], paused — as `minivm run --incoming
 //!   --control PATH` does. The URI is bound when the command runs (so a
 //!   bad or busy address is an error answer); a thread accepts one
-//!   migration, loads RAM and vCPU/device state into this VM, replies
-//!   LOADED and resumes the guest only on the source's GO (see
-//!   `livemig::engine::Commit`). A VM whose load failed never runs and takes no
-//!   second stream. Such a VM, once it runs, can be migrated out again.
+//!   migration and receives it with `livemig::engine::Destination` (RAM
+//!   and vCPU/device state into this VM, LOADED, the guest resumed only on
+//!   the source's GO; postcopy when `postcopy-ram` is set here, waiting
+//!   for `migrate-recover` after a cut). A VM whose load failed never runs
+//!   and takes no second stream. Such a VM, once it runs, can be migrated out again.
 //! - **Local mode** (parameter `mode` = `local` on both sides, `unix:`
 //!   URIs only): the source hands its memfd-backed memory to the
 //!   destination instead of copying it (`livemig::engine::local`); the VM
