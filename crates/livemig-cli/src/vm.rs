@@ -731,7 +731,7 @@ pub fn vm_incoming(a: VmIncomingArgs) -> Result<()> {
     let arrived = Destination::new(&*mem, &mut starting)
         .postcopy(a.postcopy && !snapshot)
         .run_with(inc.reader, inc.ack, &mut accept)
-        .with_context(|| format!("migration from {uri}"))?;
+        .with_context(|| format!("loading the VM from {uri}"))?;
     drop(mem);
     let before = starting.before.take().unwrap_or_else(|| vm.guest_status());
     let load_ms = arrived.load_time.as_millis() as u64;
@@ -895,7 +895,7 @@ fn run_received(
             None => eprintln!("no digest in the stream (the source ran with --no-verify)"),
         }
         eprintln!(
-            "the guest resumed here ({} pages written before the switch-over)",
+            "resuming the guest ({} pages written before the switch-over): it runs here",
             before.pages_written()
         );
     }
