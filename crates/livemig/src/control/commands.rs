@@ -625,9 +625,9 @@ impl State {
                 }
                 let mut eff = p.clone();
                 q.apply(&mut eff);
-                eff.validate().map_err(generic)?;
+                eff.validate().map_err(|e| generic(e.to_string()))?;
                 if let Some(h) = self.running() {
-                    h.set_params(eff).map_err(generic)?;
+                    h.set_params(eff).map_err(|e| generic(e.to_string()))?;
                 }
                 self.base = p;
                 self.qemu = q;
@@ -691,7 +691,7 @@ impl State {
                 q.apply(&mut eff);
                 // A capability can make the parameters inconsistent (xbzrle
                 // on with a cache smaller than a page): refuse, change nothing.
-                eff.validate().map_err(generic)?;
+                eff.validate().map_err(|e| generic(e.to_string()))?;
                 self.base = p;
                 self.qemu = q;
                 Ok(json!({}))

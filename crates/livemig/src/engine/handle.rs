@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 
-use super::params::Params;
+use super::params::{Params, ParamsError};
 use super::stats::{MigrationStats, Status};
 
 /// One sync's worth of figures: the per-round log a report plots.
@@ -116,7 +116,7 @@ impl MigrationHandle {
     }
 
     /// Replaces the parameters; the engine applies them at its next step.
-    pub fn set_params(&self, p: Params) -> Result<(), String> {
+    pub fn set_params(&self, p: Params) -> Result<(), ParamsError> {
         p.validate()?;
         *lock(&self.shared.params) = p;
         Ok(())

@@ -27,7 +27,7 @@ pub use digest::{hex, memory_digest};
 pub use handle::{HandleEvent, MigrationHandle, Observer, SyncPoint};
 pub use loader::{LoadError, LoadOutcome, LoadStats, Loader};
 pub use pacing::{PauseEstimate, HANDSHAKE_ALLOWANCE};
-pub use params::{CompressParams, MigrationMode, Params, Switchover};
+pub use params::{CompressParams, MigrationMode, Params, ParamsError, Switchover};
 pub use source::Source;
 pub use stats::{CompressionStats, MigrationStats, RamStats, Status, XbzrleStats};
 
@@ -43,7 +43,7 @@ pub enum MigrationError {
     Cancelled,
     /// Invalid parameters.
     #[error("invalid migration parameter: {0}")]
-    Params(String),
+    Params(#[from] ParamsError),
     /// The dirty tracker failed.
     #[error(transparent)]
     Tracker(#[from] DirtyError),

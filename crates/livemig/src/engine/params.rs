@@ -130,45 +130,84 @@ impl Default for Params {
     }
 }
 
+/// A migration parameter that cannot be used: each variant names the
+/// parameter (QEMU's spelling) and its allowed range.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ParamsError {
+    /// `downtime-limit` outside 1..=2000000 ms.
+    #[error("downtime-limit {0} ms outside 1..=2000000")]
+    DowntimeLimit(u64),
+    /// `xbzrle-cache-size` smaller than a page while XBZRLE is on.
+    #[error("xbzrle-cache-size {0} is smaller than a page")]
+    XbzrleCacheSize(u64),
+    /// A throttle percentage outside 1..=99.
+    #[error("{name} {value} outside 1..=99")]
+    Throttle {
+        /// The parameter.
+        name: &'static str,
+        /// Its value.
+        value: u8,
+    },
+    /// `dirty-limit` below one page per second (and not 0 = off).
+    #[error("dirty-limit {0} B/s is below one page per second (0 = off)")]
+    DirtyLimit(u64),
+    /// `channels` outside 1..=max.
+    #[error("channels {value} outside 1..={max}")]
+    Channels {
+        /// Its value.
+        value: u16,
+        /// The most the stream format carries.
+        max: u16,
+    },
+    /// A zstd level outside 1..=19.
+    #[error("zstd level {0} outside 1..=19")]
+    ZstdLevel(i32),
+    /// `postcopy-ram` together with page channels.
+    #[error("postcopy-ram with page channels is not supported yet: use channels 1")]
+    PostcopyWithChannels,
+    /// `postcopy-ram` on a source whose return path the engine does not own.
+    #[error(
+        "postcopy-ram needs a return path the engine owns (Source::run_conn, run_over or run_to)"
+    )]
+    PostcopyNeedsReturnPath,
+    /// A postcopy recovery connection without a return path.
+    #[error("postcopy recovery needs a connection with a return path")]
+    RecoveryNeedsReturnPath,
+}
+
 impl Params {
-    /// Checks ranges; returns a message naming the bad field.
-    pub fn validate(&self) -> Result<(), String> {
+    /// Checks ranges; the error names the bad parameter.
+    pub fn validate(&self) -> Result<(), ParamsError> {
         if self.downtime_limit == 0 || self.downtime_limit > 2_000_000 {
-            return Err(format!(
-                "downtime-limit {} ms outside 1..=2000000",
-                self.downtime_limit
-            ));
+            return Err(ParamsError::DowntimeLimit(self.downtime_limit));
         }
         if self.xbzrle && self.xbzrle_cache_size < crate::PAGE_SIZE as u64 {
-            return Err(format!(
-                "xbzrle-cache-size {} is smaller than a page",
-                self.xbzrle_cache_size
-            ));
+            return Err(ParamsError::XbzrleCacheSize(self.xbzrle_cache_size));
         }
-        for (name, v) in [
+        for (name, value) in [
             ("cpu-throttle-initial", self.cpu_throttle_initial),
             ("cpu-throttle-increment", self.cpu_throttle_increment),
             ("max-cpu-throttle", self.max_cpu_throttle),
         ] {
-            if v == 0 || v > 99 {
-                return Err(format!("{name} {v} outside 1..=99"));
+            if value == 0 || value > 99 {
+                return Err(ParamsError::Throttle { name, value });
             }
         }
         if self.dirty_limit != 0 && self.dirty_limit < crate::PAGE_SIZE as u64 {
-            return Err(format!(
-                "dirty-limit {} B/s is below one page per second (0 = off)",
-                self.dirty_limit
-            ));
+            return Err(ParamsError::DirtyLimit(self.dirty_limit));
         }
         let max = crate::stream::format::MAX_CHANNELS;
         if self.channels == 0 || self.channels > max {
-            return Err(format!("channels {} outside 1..={max}", self.channels));
+            return Err(ParamsError::Channels {
+                value: self.channels,
+                max,
+            });
         }
         if let Some(c) = self.compress {
             if c.algorithm == crate::codec::compress::Algorithm::Zstd
                 && !(1..=19).contains(&c.level)
             {
-                return Err(format!("zstd level {} outside 1..=19", c.level));
+                return Err(ParamsError::ZstdLevel(c.level));
             }
         }
         Ok(())

@@ -16,7 +16,7 @@ use super::digest::{hash_sample, hex, memory_digest, RunningDigest, CHUNK as DIG
 use super::handle::Reconnect;
 use super::handle::{MigrationHandle, SyncPoint};
 use super::pacing::{Pacing, PauseInputs};
-use super::params::{Params, Switchover};
+use super::params::{Params, ParamsError, Switchover};
 use super::postcopy::{
     check_request, BitmapAssembler, FaultReport, Message, MessageReader, PostcopyError,
 };
@@ -427,19 +427,13 @@ impl<'a> RamSaver<'a> {
         vm: &mut dyn VmControl,
         guest: &mut GuestSide,
     ) -> Result<(), MigrationError> {
-        self.params.validate().map_err(MigrationError::Params)?;
+        self.params.validate()?;
         if self.params.postcopy_ram {
             if self.params.channels > 1 {
-                return Err(MigrationError::Params(
-                    "postcopy-ram with page channels is not supported yet: use channels 1".into(),
-                ));
+                return Err(ParamsError::PostcopyWithChannels.into());
             }
             if !matches!(ack, AckPath::Owned(_)) {
-                return Err(MigrationError::Params(
-                    "postcopy-ram needs a return path the engine owns (Source::run_conn, \
-                     run_over or run_to)"
-                        .into(),
-                ));
+                return Err(ParamsError::PostcopyNeedsReturnPath.into());
             }
         }
         self.publish(Status::Setup, tracker.name(), None);
@@ -699,9 +693,7 @@ impl<'a> RamSaver<'a> {
         w.postcopy().map_err(MigrationError::send)?;
         self.section_end(&mut w)?;
         let AckPath::Owned(mut reader) = std::mem::replace(&mut ack, AckPath::None) else {
-            return Err(MigrationError::Params(
-                "postcopy-ram needs a return path the engine owns".into(),
-            ));
+            return Err(ParamsError::PostcopyNeedsReturnPath.into());
         };
         let handle = self.handle;
         let t = ack::source_handshake(&mut *reader, w.get_mut(), &mut guest.sent_go, &|| {
@@ -921,9 +913,7 @@ impl<'a> RamSaver<'a> {
     ) -> Result<(), MigrationError> {
         let crate::transport::Outgoing { writer, ack } = conn;
         let Some(ack) = ack else {
-            return Err(MigrationError::Params(
-                "postcopy recovery needs a connection with a return path".into(),
-            ));
+            return Err(ParamsError::RecoveryNeedsReturnPath.into());
         };
         let mut w = StreamWriter::new(TimedWrite::new(writer, self.wire.clone()), 0);
         let descs: Vec<BlockDesc> = self
