@@ -163,8 +163,6 @@ pub fn vm_incoming(a: VmIncomingArgs) -> Result<()> {
         );
     }
     let (after, ran) = crate::vm::run_on(&vm, &before, a.seconds, say)?;
-    let advanced =
-        after.heartbeats() > before.heartbeats() && after.pages_written() > before.pages_written();
     if a.json {
         crate::jsonout::print(&json!({
             "role": "destination",
@@ -187,23 +185,8 @@ pub fn vm_incoming(a: VmIncomingArgs) -> Result<()> {
                 "errors": after.errors,
             },
         }))?;
-    } else if !a.quiet {
-        eprintln!(
-            "guest on the destination: {} heartbeats, pages written {} -> {}, self-check {} ({} failures)",
-            after.heartbeats(),
-            before.pages_written(),
-            after.pages_written(),
-            self_check(&after),
-            after.failures()
-        );
     }
-    if !after.ok() {
-        bail!("the guest's self-check failed on the destination: {after:?}");
-    }
-    if !advanced {
-        bail!("the guest made no progress on the destination: {before:?} -> {after:?}");
-    }
-    Ok(())
+    crate::vm::judge_received(&before, &after, !a.json && !a.quiet)
 }
 
 /// Process memory as the destination of a local migration.
@@ -240,8 +223,6 @@ impl livemig::engine::local::LocalGuest for ProcessGuest<'_> {
 /// `livemig migrate --local`: process memory (memfds) written by the
 /// workload, handed over instead of copied.
 pub fn migrate(a: crate::process::MigrateArgs) -> Result<()> {
-    use livemig::testkit::workload::{direct_writer, Pattern, Workload, WorkloadConfig};
-    use livemig::GuestMemory;
     let uri: Uri = a.uri.parse()?;
     if a.tls.config()?.is_some() {
         bail!("--local stays on this host over a Unix socket: TLS does not apply");
@@ -252,31 +233,14 @@ pub fn migrate(a: crate::process::MigrateArgs) -> Result<()> {
     params.mode = MigrationMode::Local;
     let mem = o.mem.map_memfd()?;
     crate::process::fill(&mem, wl.fill);
-    let workload = (wl.dirty_rate > 0).then(|| {
-        Workload::start(
-            mem.blocks().to_vec(),
-            direct_writer(mem.blocks().to_vec()),
-            WorkloadConfig {
-                rate: wl.dirty_rate,
-                bytes_per_touch: usize::from(wl.touch_bytes),
-                pattern: if wl.sequential {
-                    Pattern::Sequential
-                } else {
-                    Pattern::Random
-                },
-                working_set: wl.working_set,
-                seed: 42,
-            },
-        )
-    });
-    if wl.warmup > 0.0 {
-        std::thread::sleep(Duration::from_secs_f64(wl.warmup));
-    }
+    let workload = wl.start(&mem);
     let blocks = livemig::engine::local::shared_blocks(&mem)?;
     let sock = connect(&uri, o.io.io_timeout)?;
     let handle = MigrationHandle::new(params);
     let mut no_vm = livemig::vm::NoVm;
-    let mut control = workload.as_ref().map(Workload::control);
+    let mut control = workload
+        .as_ref()
+        .map(livemig::testkit::workload::Workload::control);
     let vm: &mut dyn livemig::vm::VmControl = match control.as_mut() {
         Some(c) => c,
         None => &mut no_vm,

@@ -223,6 +223,34 @@ pub struct WorkloadArgs {
     pub tracker: TrackerArg,
 }
 
+impl WorkloadArgs {
+    /// Starts the workload writing `mem` (none at `--dirty-rate 0`) and
+    /// lets it warm up for `--warmup` seconds.
+    pub(crate) fn start(&self, mem: &ProcessMemory) -> Option<Workload> {
+        let workload = (self.dirty_rate > 0).then(|| {
+            Workload::start(
+                mem.blocks().to_vec(),
+                direct_writer(mem.blocks().to_vec()),
+                WorkloadConfig {
+                    rate: self.dirty_rate,
+                    bytes_per_touch: usize::from(self.touch_bytes),
+                    pattern: if self.sequential {
+                        Pattern::Sequential
+                    } else {
+                        Pattern::Random
+                    },
+                    working_set: self.working_set,
+                    seed: 42,
+                },
+            )
+        });
+        if self.warmup > 0.0 {
+            std::thread::sleep(Duration::from_secs_f64(self.warmup));
+        }
+        workload
+    }
+}
+
 /// How long a connected peer may stay silent.
 #[derive(Args, Clone, Debug)]
 pub struct IoArgs {
@@ -390,26 +418,7 @@ fn run_source(uri: &Uri, o: &SourceOpts, tls: Option<&TlsConfig>) -> Result<()> 
     let mem = mem_args.map()?;
     fill(&mem, wl.fill);
     let mut tracker = tracker(&mem, wl.tracker)?;
-    let workload = (wl.dirty_rate > 0).then(|| {
-        Workload::start(
-            mem.blocks().to_vec(),
-            direct_writer(mem.blocks().to_vec()),
-            WorkloadConfig {
-                rate: wl.dirty_rate,
-                bytes_per_touch: usize::from(wl.touch_bytes),
-                pattern: if wl.sequential {
-                    Pattern::Sequential
-                } else {
-                    Pattern::Random
-                },
-                working_set: wl.working_set,
-                seed: 42,
-            },
-        )
-    });
-    if wl.warmup > 0.0 {
-        std::thread::sleep(Duration::from_secs_f64(wl.warmup));
-    }
+    let workload = wl.start(&mem);
     if let (true, Uri::File(path)) = (o.snapshot.wanted(), uri) {
         let mut control = workload.as_ref().map(Workload::control);
         let control = control

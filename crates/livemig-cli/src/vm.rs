@@ -828,6 +828,33 @@ pub(crate) fn run_on(
     Ok((vm.guest_status(), resumed.elapsed().as_secs_f64()))
 }
 
+/// The end of a received guest's run here: says what it did (when `say`)
+/// and fails if its self-check failed or it made no progress.
+pub(crate) fn judge_received(before: &GuestStatus, after: &GuestStatus, say: bool) -> Result<()> {
+    if say {
+        eprintln!(
+            "guest on the destination: {} heartbeats, pages written {} -> {}, self-check {} ({} failures)",
+            after.heartbeats(),
+            before.pages_written(),
+            after.pages_written(),
+            self_check(after),
+            after.failures()
+        );
+    }
+    if !after.ok() {
+        bail!("the guest's self-check failed on the destination: {after:?}");
+    }
+    if !advanced(before, after) {
+        bail!("the guest made no progress on the destination: {before:?} -> {after:?}");
+    }
+    Ok(())
+}
+
+/// The guest ran here: heartbeats and written pages both went up.
+fn advanced(before: &GuestStatus, after: &GuestStatus) -> bool {
+    after.heartbeats() > before.heartbeats() && after.pages_written() > before.pages_written()
+}
+
 /// The destination VM as the engine starts it: restores the state the
 /// stream carried, and at the source's GO notes the guest's status before
 /// it resumes (what it had written before the switch-over) and applies
@@ -900,8 +927,6 @@ fn run_received(
         );
     }
     let (after, ran) = run_on(&vm, &before, a.seconds, say)?;
-    let advanced =
-        after.heartbeats() > before.heartbeats() && after.pages_written() > before.pages_written();
     if a.json {
         let v = json!({
             "role": "destination",
@@ -925,23 +950,8 @@ fn run_received(
             },
         });
         crate::jsonout::print(&v)?;
-    } else if !a.quiet {
-        eprintln!(
-            "guest on the destination: {} heartbeats, pages written {} -> {}, self-check {} ({} failures)",
-            after.heartbeats(),
-            before.pages_written(),
-            after.pages_written(),
-            self_check(&after),
-            after.failures()
-        );
     }
-    if !after.ok() {
-        bail!("the guest's self-check failed on the destination: {after:?}");
-    }
-    if !advanced {
-        bail!("the guest made no progress on the destination: {before:?} -> {after:?}");
-    }
-    Ok(())
+    judge_received(&before, &after, !a.json && !a.quiet)
 }
 
 /// The destination process of the demo; killed if the demo stops early.
