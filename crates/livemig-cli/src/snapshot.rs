@@ -128,6 +128,32 @@ fn background_json(s: &BackgroundStats) -> Value {
     })
 }
 
+/// What a background snapshot to `path` did: said on stderr (when `say`),
+/// its start-instant digest checked against the file's (when taken), and
+/// as JSON.
+fn background_report(path: &Path, s: &BackgroundStats, threads: usize, say: bool) -> Result<Value> {
+    if say {
+        say_background(s);
+        say_saved(path, &s.save, threads);
+    }
+    if let Some(d) = s.instant_digest {
+        if d != s.save.digest {
+            bail!(
+                "the file does not hold memory as of the pause: digest {} in the pause, {} in the file",
+                hex(&d),
+                hex(&s.save.digest)
+            );
+        }
+        if say {
+            eprintln!("checked: the file holds exactly the memory hashed in the pause");
+        }
+    }
+    let mut v = json!({"mode": "background-snapshot", "downtime": s.pause_us as f64 / 1000.0});
+    v["background"] = background_json(s);
+    v["save"] = serde_json::to_value(&s.save)?;
+    Ok(v)
+}
+
 fn say_background(s: &BackgroundStats) {
     eprintln!(
         "background snapshot: guest paused {:.2} ms (write protection armed beforehand in {:.2} ms while it ran; {} pages re-protected in the pause); {} pages copied before the guest overwrote them",
@@ -172,26 +198,7 @@ pub fn vm_save(
         };
         let s = minivm::snapshot::save_background(vm, path, &opts)
             .with_context(|| format!("background snapshot to {}", path.display()))?;
-        if say {
-            say_background(&s);
-            say_saved(path, &s.save, threads);
-        }
-        if let Some(d) = s.instant_digest {
-            if d != s.save.digest {
-                bail!(
-                    "the file does not hold memory as of the pause: digest {} in the pause, {} in the file",
-                    hex(&d),
-                    hex(&s.save.digest)
-                );
-            }
-            if say {
-                eprintln!("checked: the file holds exactly the memory hashed in the pause");
-            }
-        }
-        let mut v = json!({"mode": "background-snapshot", "downtime": s.pause_us as f64 / 1000.0});
-        v["background"] = background_json(&s);
-        v["save"] = serde_json::to_value(&s.save)?;
-        v
+        background_report(path, &s, threads, say)?
     } else {
         let opts = SaveOptions {
             threads,
@@ -425,26 +432,7 @@ pub fn process_save(
         };
         let s = background_save(mem, path, control, &opts)
             .with_context(|| format!("background snapshot to {}", path.display()))?;
-        if say {
-            say_background(&s);
-            say_saved(path, &s.save, threads);
-        }
-        if let Some(d) = s.instant_digest {
-            if d != s.save.digest {
-                bail!(
-                    "the file does not hold memory as of the pause: digest {} in the pause, {} in the file",
-                    hex(&d),
-                    hex(&s.save.digest)
-                );
-            }
-            if say {
-                eprintln!("checked: the file holds exactly the memory hashed in the pause");
-            }
-        }
-        let mut v = json!({"mode": "background-snapshot", "downtime": s.pause_us as f64 / 1000.0});
-        v["background"] = background_json(&s);
-        v["save"] = serde_json::to_value(&s.save)?;
-        v
+        background_report(path, &s, threads, say)?
     } else {
         let t = Instant::now();
         control.pause()?;
