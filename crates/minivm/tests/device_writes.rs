@@ -17,7 +17,9 @@ use minivm::devices::CLOCK_PAGE_ADDR;
 use minivm::migrate::{migrate_in, migrate_out};
 use minivm::{ClockPage, TrackerKind, Vm};
 
-fn check(kind: TrackerKind) {
+/// One migration; returns how many ticks the device wrote during it.
+/// Whatever that count, the destination must hold the last one.
+fn migrate_once(kind: TrackerKind) -> u64 {
     let mut cfg = common::test_guest(1024, 1, 256, 50 << 20);
     cfg.clock_page = Some(ClockPage {
         addr: CLOCK_PAGE_ADDR,
@@ -48,10 +50,6 @@ fn check(kind: TrackerKind) {
         dst.clock_ticks(),
         at_stop
     );
-    assert!(
-        at_stop > at_start + 20,
-        "the device wrote during the migration: {at_start} -> {at_stop}"
-    );
     assert_eq!(
         dst.clock_ticks(),
         at_stop,
@@ -62,6 +60,23 @@ fn check(kind: TrackerKind) {
     thread::sleep(Duration::from_millis(100));
     assert!(dst.clock_ticks() > at_stop);
     assert!(dst.guest_status().ok(), "{:?}", dst.guest_status());
+    at_stop - at_start
+}
+
+/// The clock thread ticks every millisecond when it gets a core; on a
+/// loaded 2-core host it may tick only a few times in a short migration.
+/// The test needs writes made after the page's first send, so a run with
+/// too few ticks is repeated (each run's destination is checked anyway).
+fn check(kind: TrackerKind) {
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let ticks = migrate_once(kind);
+        seen.push(ticks);
+        if ticks >= 10 {
+            return;
+        }
+    }
+    panic!("the device barely wrote during any of 3 migrations (ticks per run: {seen:?})");
 }
 
 #[test]
