@@ -40,6 +40,9 @@ BIN = os.path.join(ROOT, "target", "release", "livemig")
 QEMU = "qemu-system-x86_64"
 IDLE = os.path.join(ROOT, "bench", "guests", "idle.bin")
 GUEST = ["--vcpus", "1", "--dirty-rate", "1M", "--working-set", "4M"]
+# Extra flags for the copying livemig modes (shm:, tcp:): --no-verify
+# leaves out the memory digest at stop time, which QEMU does not take.
+COPY_EXTRA = []
 
 
 def loadavg():
@@ -210,7 +213,7 @@ def livemig_migrate(mode, size, tmp):
            "tcp": "tcp:127.0.0.1:0"}[mode]
     dest_cmd = [BIN, "vm-incoming", uri, "-m", size, "--vcpus", "1", "--seconds", "1",
                 "--json", "--announce"]
-    src_extra = ["--memfd"]
+    src_extra = ["--memfd"] + COPY_EXTRA
     if mode == "local":
         dest_cmd.append("--local")
         src_extra = ["--local"]
@@ -243,16 +246,18 @@ def livemig_migrate(mode, size, tmp):
     }
 
 
-def livemig_snapshot(size, tmp):
+def livemig_snapshot(size, tmp, background=False):
     path = os.path.join(tmp, "lm.mr")
     uri = f"file:{path}"
-    src = subprocess.run([BIN, "vm-migrate", uri, "-m", size, "--mapped-ram", "--warmup", "0.5",
+    how = "--background-snapshot" if background else "--mapped-ram"
+    src = subprocess.run([BIN, "vm-migrate", uri, "-m", size, how, "--warmup", "0.5",
                           "--json"] + GUEST, capture_output=True, text=True, timeout=600)
     if src.returncode != 0:
         raise RuntimeError(f"save: {src.stderr[-1500:]}")
     s = last_json(src.stdout)
-    res = {}
-    for kind, extra in (("restore_ms", []), ("lazy_ms", ["--lazy"])):
+    res = {"restore_ms": None, "restore_ms_ok": True}
+    kinds = (("restore_ms", []), ("lazy_ms", ["--lazy"]))
+    for kind, extra in kinds[1:] if background else kinds:
         d = subprocess.run([BIN, "vm-incoming", uri, "-m", size, "--vcpus", "1", "--seconds",
                             "0.3", "--json"] + extra, capture_output=True, text=True, timeout=600)
         if d.returncode != 0:
@@ -264,8 +269,9 @@ def livemig_snapshot(size, tmp):
     return {
         "save_pause_ms": float(s["downtime"]),
         "save_ms": float(s["save"]["millis"]),
-        # The save happens inside the pause: the whole save is the pause.
-        "save_total_ms": float(s["downtime"]),
+        # A paused save happens inside the pause: the whole save is the
+        # pause; a background one writes the file after it.
+        "save_total_ms": float(s["downtime"]) + (s["save"]["millis"] if background else 0),
         "file_bytes": s["save"]["file-len"],
         "disk_bytes": s["save"]["disk-bytes"],
         "restore_ms": res["restore_ms"],
@@ -298,17 +304,29 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--parts", default="local,snapshot")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--modes", default="local,shm,tcp,qemu-unix",
+                    help="modes of the local part")
+    ap.add_argument("--no-prefault", action="store_true",
+                    help="livemig sources: leave guest memory unpopulated until the guest "
+                    "touches it, as QEMU's idle guest leaves it")
+    ap.add_argument("--no-verify", action="store_true",
+                    help="livemig shm:/tcp: without the memory digest at stop time")
     a = ap.parse_args()
+    if a.no_verify:
+        COPY_EXTRA.append("--no-verify")
+    if a.no_prefault:
+        GUEST.append("--no-prefault")
     parts = a.parts.split(",")
     runs = []
     loads = [loadavg()]
-    local_modes = ["local", "shm", "tcp", "qemu-unix"]
-    snap_modes = ["livemig", "qemu"]
+    local_modes = a.modes.split(",")
+    snap_modes = ["livemig", "livemig-bg", "qemu"]
     with tempfile.TemporaryDirectory(prefix="livemig-qemu-", dir="/var/tmp") as tmp:
         for size in a.sizes.split(","):
             for rep in range(a.reps):
                 if "local" in parts:
-                    order = local_modes[rep % 4:] + local_modes[:rep % 4]
+                    n = len(local_modes)
+                    order = local_modes[rep % n:] + local_modes[:rep % n]
                     for mode in order:
                         r = (qemu_unix(size, tmp) if mode == "qemu-unix"
                              else livemig_migrate(mode, size, tmp))
@@ -318,9 +336,12 @@ def main():
                               f"total {r['total_ms']} ms, {fmt_bytes(r['socket_bytes'])}, "
                               f"ok {r['ok']}, load {r['load']}", file=sys.stderr, flush=True)
                 if "snapshot" in parts:
-                    order = snap_modes[rep % 2:] + snap_modes[:rep % 2]
+                    order = snap_modes[rep % 3:] + snap_modes[:rep % 3]
                     for mode in order:
-                        r = qemu_snapshot(size, tmp) if mode == "qemu" else livemig_snapshot(size, tmp)
+                        if mode == "qemu":
+                            r = qemu_snapshot(size, tmp)
+                        else:
+                            r = livemig_snapshot(size, tmp, mode == "livemig-bg")
                         r.update(part="snapshot", mode=mode, size=size, rep=rep, load=loadavg())
                         runs.append(r)
                         print(f"{size} snapshot {mode} rep {rep}: {r}", file=sys.stderr, flush=True)
