@@ -92,6 +92,15 @@ impl VmControl for Announcing<'_> {
 }
 
 impl ControlledVm {
+    /// Whether the last outgoing migration or snapshot completed (a
+    /// background snapshot completes with the guest running on).
+    pub fn outgoing_completed(&self) -> bool {
+        lock(&self.inner.st)
+            .outgoing
+            .as_ref()
+            .is_some_and(|h| h.stats().status == Status::Completed)
+    }
+
     /// `migrate file:PATH` with `mapped-ram` / `background-snapshot`.
     pub(super) fn snapshot_to_file(
         &self,
