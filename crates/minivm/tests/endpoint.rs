@@ -88,8 +88,7 @@ fn refused(src: &Vm, dst: VmConfig) -> (MigrationError, u64, String) {
             &mut || Err(io::Error::other("no channels")),
             false,
         )
-        .err()
-        .expect("the destination refuses");
+        .expect_err("the destination refuses");
         assert!(vm.is_paused(), "the refused guest never runs here");
         livemig::error_chain(&e)
     });
@@ -103,8 +102,7 @@ fn refused(src: &Vm, dst: VmConfig) -> (MigrationError, u64, String) {
         Counting(out.writer, sent.clone()),
         out.ack.as_deref_mut().map(|r| r as &mut dyn Read),
     )
-    .err()
-    .expect("the source fails");
+    .expect_err("the source fails");
     let MigrateError::Migration(e) = e else {
         panic!("not a migration error: {e}")
     };
@@ -175,8 +173,7 @@ fn a_cancelled_source_tells_the_destination_why() {
             &mut || Err(io::Error::other("none")),
             false,
         )
-        .err()
-        .expect("the migration was cancelled")
+        .expect_err("the migration was cancelled")
     });
     // 2 MiB/s: 32 MiB cannot go before the cancel.
     let handle = MigrationHandle::new(Params {
@@ -199,8 +196,7 @@ fn a_cancelled_source_tells_the_destination_why() {
         out.writer,
         out.ack.as_deref_mut().map(|r| r as &mut dyn Read),
     )
-    .err()
-    .expect("cancelled");
+    .expect_err("cancelled");
     canceller.join().unwrap();
     assert!(
         matches!(e, MigrateError::Migration(MigrationError::Cancelled)),

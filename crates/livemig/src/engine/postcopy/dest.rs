@@ -236,7 +236,7 @@ fn receive_inner<R: Read>(
             write_reply(&mut **w, &AckReply::Loaded).map_err(CommitError::SendLoaded)?;
             let inner = r
                 .inner_if_drained()
-                .ok_or_else(|| CommitError::NoGo(ReplyError::BytesBeforeGo))?;
+                .ok_or(CommitError::NoGo(ReplyError::BytesBeforeGo))?;
             read_go(inner).map_err(CommitError::NoGo)?;
         }
         let go_at = Instant::now();
@@ -304,7 +304,7 @@ fn receive_inner<R: Read>(
         .and_then(|()| {
             let inner = r
                 .inner_if_drained()
-                .ok_or_else(|| CommitError::NoGo(ReplyError::BytesBeforeGo))?;
+                .ok_or(CommitError::NoGo(ReplyError::BytesBeforeGo))?;
             read_go(inner).map_err(CommitError::NoGo)
         });
     if let Err(e) = go {
