@@ -175,19 +175,11 @@ fn a_cancelled_source_tells_the_destination_why() {
         )
         .expect_err("the migration was cancelled")
     });
-    // 2 MiB/s: 32 MiB cannot go before the cancel.
-    let handle = MigrationHandle::new(Params {
-        max_bandwidth: 2 << 20,
-        ..Params::default()
-    });
-    let h = handle.clone();
-    let canceller = thread::spawn(move || {
-        let t0 = Instant::now();
-        while h.stats().ram.transferred < 1 << 20 && t0.elapsed() < Duration::from_secs(20) {
-            thread::sleep(Duration::from_millis(10));
-        }
-        h.cancel();
-    });
+    // Cancelled before it began (the test guest's memory is mostly
+    // untouched and would go in milliseconds; the engine's own tests
+    // cancel mid-stream): the destination gets a header and the reason.
+    let handle = MigrationHandle::new(Params::default());
+    handle.cancel();
     let mut out = connect(&uri).unwrap();
     let e = migrate_out(
         &src,
@@ -197,7 +189,6 @@ fn a_cancelled_source_tells_the_destination_why() {
         out.ack.as_deref_mut().map(|r| r as &mut dyn Read),
     )
     .expect_err("cancelled");
-    canceller.join().unwrap();
     assert!(
         matches!(e, MigrateError::Migration(MigrationError::Cancelled)),
         "{e}"
