@@ -291,6 +291,19 @@ fn control_socket_migrates_over_tls_and_refuses_wrong_creds() {
     let mut sc = ControlClient::connect(&dir.path().join("src.sock")).unwrap();
     let mut dc = ControlClient::connect(&dir.path().join("dst.sock")).unwrap();
 
+    // A creds directory without certificates: migrate-incoming says which
+    // file is missing, and the VM still waits for a proper command.
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    ok(&mut dc, "migrate-set-parameters", &tls_params(&empty, None));
+    let e = exec(&mut dc, "migrate-incoming", "{\"uri\":\"tcp:127.0.0.1:0\"}")
+        .expect_err("no certificates");
+    assert!(
+        e.starts_with(&format!("tls-creds {}: ", empty.display())) && e.contains("ca.pem"),
+        "{e}"
+    );
+    assert_eq!(dst.phase(), Phase::AwaitingIncoming);
+
     // The destination: TLS with its certificates, from tls-creds.
     ok(
         &mut dc,

@@ -31,7 +31,8 @@ pub enum LoadError {
         /// Byte offset of the block list.
         offset: u64,
         /// What differs.
-        what: String,
+        #[source]
+        what: LayoutMismatch,
     },
     /// An XBZRLE delta did not decode against the destination's page.
     #[error("stream byte {offset}, record {record}: xbzrle page at {block}+{page_offset:#x} does not decode: {source}")]
@@ -141,6 +142,32 @@ pub enum LoadError {
         expected: String,
         /// Destination's digest (hex).
         actual: String,
+    },
+}
+
+/// How a stream's block list differs from the destination's memory.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LayoutMismatch {
+    /// Another number of RAM blocks.
+    #[error("stream has {stream} RAM blocks, destination has {here}")]
+    BlockCount {
+        /// Blocks in the stream.
+        stream: usize,
+        /// Blocks here.
+        here: usize,
+    },
+    /// A block this destination does not have.
+    #[error("stream block '{0}' does not exist here")]
+    UnknownBlock(String),
+    /// A block of another length.
+    #[error("block '{id}' is {stream} bytes in the stream, {here} here")]
+    Length {
+        /// Block id.
+        id: String,
+        /// Its length in the stream.
+        stream: u64,
+        /// Its length here.
+        here: u64,
     },
 }
 
@@ -763,28 +790,29 @@ impl<'a> Loader<'a> {
         Ok(out)
     }
 
-    fn match_layout(&self, list: &[crate::stream::BlockDesc]) -> Result<Vec<usize>, String> {
+    fn match_layout(
+        &self,
+        list: &[crate::stream::BlockDesc],
+    ) -> Result<Vec<usize>, LayoutMismatch> {
         let blocks = self.mem.blocks();
         if list.len() != blocks.len() {
-            return Err(format!(
-                "stream has {} RAM blocks, destination has {}",
-                list.len(),
-                blocks.len()
-            ));
+            return Err(LayoutMismatch::BlockCount {
+                stream: list.len(),
+                here: blocks.len(),
+            });
         }
         list.iter()
             .map(|d| {
                 let i = self
                     .mem
                     .find(&d.id)
-                    .ok_or_else(|| format!("stream block '{}' does not exist here", d.id))?;
+                    .ok_or_else(|| LayoutMismatch::UnknownBlock(d.id.clone()))?;
                 if blocks[i].len() != d.len {
-                    return Err(format!(
-                        "block '{}' is {} bytes in the stream, {} here",
-                        d.id,
-                        d.len,
-                        blocks[i].len()
-                    ));
+                    return Err(LayoutMismatch::Length {
+                        id: d.id.clone(),
+                        stream: d.len,
+                        here: blocks[i].len(),
+                    });
                 }
                 Ok(i)
             })

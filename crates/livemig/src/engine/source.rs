@@ -195,8 +195,12 @@ impl<'a> Source<'a> {
         let GuestSide { paused, sent_go } = guest;
         if let (Err(e), false) = (&result, sent_go) {
             // Before the channels close: the destination hears the reason
-            // first.
-            abort.tell(e);
+            // first (a cancel that surfaced as another error is a cancel).
+            if handle.is_cancelled() {
+                abort.tell(&MigrationError::Cancelled);
+            } else {
+                abort.tell(e);
+            }
         } else {
             drop(abort);
         }
