@@ -50,7 +50,7 @@ pub enum EndpointError {
         /// The directory given.
         dir: std::path::PathBuf,
         /// Why it is unusable.
-        source: TlsError,
+        source: Box<TlsError>,
     },
     /// The name given for the destination's certificate (QMP
     /// `tls-hostname`) is not a valid TLS server name.
@@ -59,7 +59,7 @@ pub enum EndpointError {
         /// The name given.
         name: String,
         /// Why it is refused.
-        source: TlsError,
+        source: Box<TlsError>,
     },
 }
 
@@ -122,14 +122,14 @@ impl Endpoint {
     ) -> Result<Endpoint, EndpointError> {
         let mut c = TlsConfig::from_dir(dir).map_err(|source| EndpointError::TlsCreds {
             dir: dir.to_path_buf(),
-            source,
+            source: Box::new(source),
         })?;
         if let Some(name) = hostname {
             c = c
                 .with_server_name(name)
                 .map_err(|source| EndpointError::TlsHostname {
                     name: name.to_string(),
-                    source,
+                    source: Box::new(source),
                 })?;
         }
         Ok(self.with_tls(Some(c)))
