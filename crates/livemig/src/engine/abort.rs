@@ -1,5 +1,5 @@
 //! The source's ABORT record: a source that gives up tells the
-//! destination why, so the destination reports "source aborted: <reason>"
+//! destination why, so the destination reports `source aborted: <reason>`
 //! instead of a stream that stopped short.
 //!
 //! The main stream's transport is shared between the stream writer and

@@ -55,7 +55,7 @@
 //!
 //! A source that gives up after the setup (cancelled, tracker or VMM
 //! failure) ends the main stream with ABORT and its reason, so the
-//! destination reports "source aborted: <reason>" instead of a truncated
+//! destination reports `source aborted: <reason>` instead of a truncated
 //! stream.
 //!
 //! `crc` in SECTION_END is the CRC-32 (IEEE) of every byte since the end of
