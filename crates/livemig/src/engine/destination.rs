@@ -794,4 +794,49 @@ mod tests {
         assert_eq!(de.to_string(), "source aborted: migration cancelled");
         assert!(calls.is_empty(), "nothing restored or resumed: {calls:?}");
     }
+
+    #[test]
+    fn an_unknown_version_or_feature_is_refused_at_setup_with_the_reason() {
+        use crate::engine::{read_reply, Reply};
+        use crate::stream::format::{FLAG_SETUP, HEADER_LEN, MAGIC, VERSION};
+        use crate::stream::{BlockDesc, StreamWriter};
+        let (_, dst) = memories();
+        let descs: Vec<BlockDesc> = layout()
+            .into_iter()
+            .map(|(id, len)| BlockDesc { id: id.into(), len })
+            .collect();
+        // What a source of a later build might send: a feature bit this
+        // build does not know, or a stream version it cannot read.
+        let mut w = StreamWriter::new(Vec::new(), FLAG_SETUP);
+        w.block_list(&descs).unwrap();
+        w.setup(1, 1 << 31).unwrap();
+        w.section_end(0).unwrap();
+        let feature = w.get_mut().clone();
+        let mut version = feature.clone();
+        version[8..10].copy_from_slice(&(VERSION + 1).to_be_bytes());
+        assert_eq!(&version[..8], &MAGIC[..]);
+        for (bytes, why) in [
+            (
+                feature,
+                "needs features 0x80000000 this build does not know",
+            ),
+            (version, "stream version 2 is not supported"),
+        ] {
+            let (mut w, r) = pipe();
+            let (ack_w, mut ack_r) = pipe();
+            let dest = receive_with(&dst, r, ack_w, Recorder::default(), false);
+            io::Write::write_all(&mut w, &bytes).unwrap();
+            // The source would wait here for the verdict, no page sent.
+            let reply = read_reply(&mut ack_r).unwrap();
+            let Reply::Failed(text) = reply else {
+                panic!("{reply:?}")
+            };
+            assert!(text.contains(why), "{text}");
+            assert!(bytes.len() < HEADER_LEN + 64);
+            drop(w);
+            let (res, calls) = dest.join().unwrap();
+            assert!(res.is_err());
+            assert!(calls.is_empty(), "{calls:?}");
+        }
+    }
 }
