@@ -885,6 +885,9 @@ impl livemig::vm::VmControl for Starting<'_> {
     fn restore_state(&mut self, state: &[u8]) -> Result<(), livemig::vm::VmError> {
         self.vm.restore_state(state)
     }
+    fn shape(&self) -> livemig::vm::VmShape {
+        livemig::vm::VmControl::shape(&self.vm)
+    }
 }
 
 /// The rest of `vm-incoming` once the guest is ours: resume it (unless
