@@ -1271,9 +1271,12 @@ impl<'a> RamSaver<'a> {
         }
         self.pages_sent += 1;
         if self.search.is_bulk()
-            && self
-                .untouched
-                .is_untouched(block, page, self.blocks[block].region())
+            && self.untouched.is_untouched(
+                block,
+                page,
+                self.blocks[block].region(),
+                self.blocks[block].backing(),
+            )
         {
             // Never written: zero without reading it (or faulting it in).
             return self.encoder.untouched(w, b, offset);
