@@ -428,13 +428,8 @@ impl<'a> RamSaver<'a> {
         guest: &mut GuestSide,
     ) -> Result<(), MigrationError> {
         self.params.validate()?;
-        if self.params.postcopy_ram {
-            if self.params.channels > 1 {
-                return Err(ParamsError::PostcopyWithChannels.into());
-            }
-            if !matches!(ack, AckPath::Owned(_)) {
-                return Err(ParamsError::PostcopyNeedsReturnPath.into());
-            }
+        if self.params.postcopy_ram && !matches!(ack, AckPath::Owned(_)) {
+            return Err(ParamsError::PostcopyNeedsReturnPath.into());
         }
         self.publish(Status::Setup, tracker.name(), None);
         self.check_cancel()?;
@@ -676,6 +671,12 @@ impl<'a> RamSaver<'a> {
     ) -> Result<(), MigrationError> {
         // The destination has no copy of the pages to come: no deltas.
         self.encoder.set_xbzrle(None);
+        let enc = self.encoding();
+        if let Some(ch) = &mut self.channels {
+            // Behind the final barrier: every channel switches too, then
+            // carries background pages (requested ones go elsewhere).
+            ch.postcopy(enc).map_err(MigrationError::send)?;
+        }
         for (b, bm) in self.search.bitmaps().iter().enumerate() {
             let words = bm.words();
             let chunk = usize::from(crate::stream::format::MAX_DISCARD_WORDS);
@@ -714,7 +715,7 @@ impl<'a> RamSaver<'a> {
             retired_bytes: 0,
             dead: false,
         };
-        self.postcopy_pace_from = Some((link.bytes(), Instant::now()));
+        self.postcopy_pace_from = Some((self.pc_bytes(&link), Instant::now()));
         self.publish(Status::PostcopyActive, "", None);
         loop {
             let e = match self.postcopy_run(&mut link) {
@@ -725,8 +726,9 @@ impl<'a> RamSaver<'a> {
             // Recovery: the guest lives on the destination; wait for a new
             // connection instead of giving it up.
             link.retire();
+            self.retire_channels(&mut link);
             log::warn!("postcopy paused: {e}; waiting for a new connection (migrate with resume)");
-            self.transferred = link.bytes();
+            self.transferred = self.pc_bytes(&link);
             self.publish(Status::PostcopyPaused, "", Some(e.to_string()));
             loop {
                 let conn = match self.handle.take_reconnect() {
@@ -752,10 +754,10 @@ impl<'a> RamSaver<'a> {
                     Err(e2) => return Err(e2),
                 }
             }
-            self.postcopy_pace_from = Some((link.bytes(), Instant::now()));
+            self.postcopy_pace_from = Some((self.pc_bytes(&link), Instant::now()));
             self.publish(Status::PostcopyActive, "", None);
         }
-        self.transferred = link.bytes();
+        self.transferred = self.pc_bytes(&link);
         self.postcopy_time = Some(switched.elapsed().as_millis() as u64);
         vm.set_throttle(0);
         self.throttle = 0;
@@ -771,22 +773,35 @@ impl<'a> RamSaver<'a> {
             .map(|b| (b.id().to_string(), b.len()))
             .collect();
         let mut published = Instant::now();
-        use std::sync::mpsc::TryRecvError;
-        while self.remaining_pages() > 0 {
+        use std::sync::mpsc::RecvTimeoutError;
+        // How long to wait for a request before looking at the background
+        // push again: zero, unless every page channel's queue is full.
+        let mut wait = Duration::ZERO;
+        while self.remaining_pages() > 0 || self.channels_pending() {
             // Requested pages first, each at most once.
             loop {
-                match link.requests.try_recv() {
+                let got = if wait.is_zero() {
+                    link.requests.try_recv().map_err(|e| match e {
+                        std::sync::mpsc::TryRecvError::Empty => RecvTimeoutError::Timeout,
+                        std::sync::mpsc::TryRecvError::Disconnected => {
+                            RecvTimeoutError::Disconnected
+                        }
+                    })
+                } else {
+                    link.requests.recv_timeout(wait)
+                };
+                wait = Duration::ZERO;
+                match got {
                     Ok(Ok((at, Message::Request(req)))) => {
                         let (b, first, n) = check_request(&blocks, at, &req)?;
                         self.postcopy_requests += 1;
                         let mut sent = false;
                         for p in first..first + n {
                             if self.search.take(b, p) {
+                                // Never on a page channel: behind bulk pages.
                                 match &mut link.urgent {
-                                    Some((u, _)) => self.send_page(u, b, p, true),
-                                    None => {
-                                        on_out!(&mut link.out, w => self.send_page(w, b, p, true))
-                                    }
+                                    Some((u, _)) => self.send_direct(u, b, p),
+                                    None => on_out!(&mut link.out, w => self.send_direct(w, b, p)),
                                 }
                                 .map_err(MigrationError::send)?;
                                 sent = true;
@@ -812,8 +827,8 @@ impl<'a> RamSaver<'a> {
                     }
                     Ok(Ok((at, _))) => return Err(PostcopyError::NotRequest { offset: at }.into()),
                     Ok(Err(e)) => return Err(e.into()),
-                    Err(TryRecvError::Empty) => break,
-                    Err(TryRecvError::Disconnected) => {
+                    Err(RecvTimeoutError::Timeout) => break,
+                    Err(RecvTimeoutError::Disconnected) => {
                         return Err(PostcopyError::NoComplete(
                             "the return path closed during postcopy".into(),
                         )
@@ -825,27 +840,51 @@ impl<'a> RamSaver<'a> {
             // request never waits behind more than one batch of ours; paced
             // by max-bandwidth like precopy, in short waits so that a
             // request that comes meanwhile is served at once.
-            if let Some(wait) = self.postcopy_wait(link) {
-                std::thread::sleep(wait.min(Duration::from_millis(1)));
+            if let Some(d) = self.postcopy_wait(link) {
+                wait = d.min(Duration::from_millis(1));
                 self.refresh_postcopy_bandwidth(link, &mut published);
                 continue;
             }
-            for _ in 0..POSTCOPY_BATCH {
-                let Some(f) = self.search.take_next() else {
-                    break;
-                };
-                on_out!(&mut link.out, w => self.send_page(w, f.block, f.page, true))
-                    .map_err(MigrationError::send)?;
+            let enc = self.encoding();
+            if let Some(ch) = &mut self.channels {
+                // Page channels carry the background push, a small batch
+                // at a time; when all their queues are full, wait for a
+                // request instead of blocking on a queue.
+                if ch.pending() == 0 {
+                    for _ in 0..POSTCOPY_BATCH {
+                        let Some(f) = self.search.take_next() else {
+                            break;
+                        };
+                        ch.push(f.block as u16, f.page, enc)
+                            .map_err(MigrationError::send)?;
+                    }
+                }
+                if !ch.try_flush_batch(enc).map_err(MigrationError::send)? {
+                    wait = Duration::from_micros(200);
+                }
+            } else {
+                for _ in 0..POSTCOPY_BATCH {
+                    let Some(f) = self.search.take_next() else {
+                        break;
+                    };
+                    on_out!(&mut link.out, w => self.send_page(w, f.block, f.page, true))
+                        .map_err(MigrationError::send)?;
+                }
+                on_out!(&mut link.out, w => self.section_end(w))?;
             }
-            on_out!(&mut link.out, w => self.section_end(w))?;
-            self.transferred = link.bytes();
+            self.transferred = self.pc_bytes(link);
             self.refresh_postcopy_bandwidth(link, &mut published);
+        }
+        let enc = self.encoding();
+        if let Some(ch) = &mut self.channels {
+            // Every channel ends its stream (and its thread) first.
+            ch.finish(enc).map_err(MigrationError::send)?;
         }
         if let Some((u, _)) = &mut link.urgent {
             u.end().map_err(MigrationError::send)?;
         }
         on_out!(&mut link.out, w => w.end()).map_err(MigrationError::send)?;
-        self.transferred = link.bytes();
+        self.transferred = self.pc_bytes(link);
         // Requests still in flight are for pages already sent; each is
         // still checked (one outside every block is an error, as before).
         let deadline = Instant::now() + crate::transport::IO_TIMEOUT;
@@ -868,6 +907,39 @@ impl<'a> RamSaver<'a> {
         }
     }
 
+    /// Stream bytes of postcopy's connections and the page channels.
+    fn pc_bytes<W: Write>(&self, link: &PostcopyLink<W>) -> u64 {
+        link.bytes() + self.channels.as_ref().map_or(0, SendChannels::bytes)
+    }
+
+    /// Pages taken from the bitmap but not yet handed to a page channel.
+    fn channels_pending(&self) -> bool {
+        self.channels.as_ref().is_some_and(|c| c.pending() > 0)
+    }
+
+    /// Sends a page on `w` itself, never on a page channel (a requested
+    /// page must not queue behind background pages).
+    fn send_direct<W: Write>(
+        &mut self,
+        w: &mut StreamWriter<W>,
+        block: usize,
+        page: u64,
+    ) -> io::Result<()> {
+        let channels = self.channels.take();
+        let r = self.send_page(w, block, page, true);
+        self.channels = channels;
+        r
+    }
+
+    /// A connection was lost during postcopy: the page channels go with it
+    /// (what they sent is counted; recovery resumes over one connection).
+    fn retire_channels<W: Write>(&mut self, link: &mut PostcopyLink<W>) {
+        if let Some(ch) = &self.channels {
+            link.retired_bytes += ch.bytes();
+        }
+        self.close_channels();
+    }
+
     /// Every [`STEP`]: publishes the stats and takes a new
     /// `max-bandwidth` (it may change while postcopy runs; the other
     /// parameters were fixed at the switch).
@@ -879,14 +951,14 @@ impl<'a> RamSaver<'a> {
         if published.elapsed() < STEP {
             return;
         }
-        self.transferred = link.bytes();
+        self.transferred = self.pc_bytes(link);
         self.pacing.measure(self.transferred, Instant::now());
         self.publish(Status::PostcopyActive, "", None);
         *published = Instant::now();
         let limit = self.handle.params().max_bandwidth;
         if limit != self.params.max_bandwidth {
             self.params.max_bandwidth = limit;
-            self.postcopy_pace_from = Some((link.bytes(), Instant::now()));
+            self.postcopy_pace_from = Some((self.pc_bytes(link), Instant::now()));
         }
     }
 
@@ -899,7 +971,7 @@ impl<'a> RamSaver<'a> {
         if limit == 0 {
             return None;
         }
-        let sent = link.bytes().saturating_sub(from);
+        let sent = self.pc_bytes(link).saturating_sub(from);
         let due = Duration::from_secs_f64(sent as f64 / limit as f64);
         due.checked_sub(since.elapsed()).filter(|d| !d.is_zero())
     }

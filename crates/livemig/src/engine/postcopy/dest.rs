@@ -18,7 +18,7 @@ use crate::engine::handle::Reconnect;
 use crate::engine::loader::{LoadError, LoadOutcome, LoadStats, Loader};
 use crate::engine::{MigrationHandle, Status};
 use crate::memory::{GuestMemory, PAGE_SIZE};
-use crate::stream::format::{FLAG_URGENT, FLAG_VERIFY};
+use crate::stream::format::{FLAG_CHANNELS, FLAG_URGENT, FLAG_VERIFY};
 use crate::stream::{Record, StreamReader};
 use crate::sys::uffd::{
     drop_pages, Uffd, UffdMsg, Waker, UFFD_EVENT_PAGEFAULT, UFFD_FEATURE_THREAD_ID,
@@ -63,6 +63,9 @@ pub struct PostcopyFigures {
     pub postcopy_time: u64,
     /// Pages that came on the urgent connection (postcopy-preempt).
     pub urgent_pages: u64,
+    /// Pages that came on the page channels (background pages of a
+    /// migration with `channels` above 1).
+    pub channel_pages: u64,
 }
 
 /// Why receiving failed.
@@ -183,10 +186,12 @@ fn receive_inner<R: Read>(
     };
     let verify = r.flags() & FLAG_VERIFY != 0;
     let wants_urgent = r.flags() & FLAG_URGENT != 0;
+    let channels = r.flags() & FLAG_CHANNELS != 0;
+    let mut accept = accept;
     // The urgent connection (postcopy-preempt) comes right after the main
-    // stream's start, long before any switch.
+    // stream's start, long before any switch (and before page channels).
     let mut early_urgent = None;
-    if let (true, Some(accept)) = (wants_urgent, accept) {
+    if let (true, Some(accept)) = (wants_urgent, accept.as_mut()) {
         match accept()
             .map_err(|e| format!("accepting the postcopy urgent connection: {e}"))
             .and_then(|c| open_urgent(c).map_err(|e| crate::error_chain(&e)))
@@ -201,8 +206,28 @@ fn receive_inner<R: Read>(
             }
         }
     }
-    let o = match loader.load_until_switch(&mut r) {
-        Ok(o) => o,
+    // Page channels (postcopy's background pages follow on them after
+    // the switch).
+    let mut page_streams: Vec<StreamReader<Box<dyn Read + Send>>> = Vec::new();
+    let loaded = if channels {
+        match accept.as_mut() {
+            Some(acc) => loader
+                .load_channels_until_switch(r, || acc())
+                .map(|(o, main, streams)| {
+                    page_streams = streams;
+                    (o, main)
+                }),
+            None => Err(LoadError::Channel {
+                channel: 0,
+                offset: r.offset(),
+                what: "the source announced page channels, but this destination accepts no further connection".into(),
+            }),
+        }
+    } else {
+        loader.load_until_switch(&mut r).map(|o| (o, r))
+    };
+    let (o, mut r) = match loaded {
+        Ok(v) => v,
         Err(e) => {
             fail(&mut reply, &crate::error_chain(&e));
             return Err(e.into());
@@ -353,6 +378,8 @@ fn receive_inner<R: Read>(
     let mut stats = o.stats;
     let mut urgent_pages = 0;
     let mut urgent_failed = None;
+    let mut channel_failed: Option<String> = None;
+    let mut channel_pages = 0;
     let mut recoveries = 0;
     let result = std::thread::scope(|s| {
         let p = &placer;
@@ -363,6 +390,17 @@ fn receive_inner<R: Read>(
                 (r, us)
             })
         });
+        // The page channels' background pages, each on its own thread.
+        let chans: Vec<_> = page_streams
+            .into_iter()
+            .map(|mut c| {
+                s.spawn(move || {
+                    let mut cs = LoadStats::default();
+                    let r = place_stream(&mut c, p, &mut cs);
+                    (r, cs)
+                })
+            })
+            .collect();
         let mut main =
             place_stream(&mut r, &placer, &mut stats).map_err(|e| crate::error_chain(&e));
         if let Some(h) = recovery {
@@ -386,8 +424,9 @@ fn receive_inner<R: Read>(
                     }
                 }
             }
-        } else if main.is_err() && t.is_some() {
-            // Tell the source now: it closes the urgent connection.
+        } else if main.is_err() && (t.is_some() || !chans.is_empty()) {
+            // Tell the source now: it closes the urgent connection and the
+            // page channels.
             if let Some(w) = lock(&reply).as_mut() {
                 let _ = write_message(
                     &mut **w,
@@ -411,6 +450,28 @@ fn receive_inner<R: Read>(
                 Err(_) => urgent_failed = Some("the urgent connection's thread panicked".into()),
             }
         }
+        for (i, c) in chans.into_iter().enumerate() {
+            match c.join() {
+                Ok((r, cs)) => {
+                    channel_pages += cs.raw_pages + cs.zero_pages + cs.compressed_pages;
+                    stats.raw_pages += cs.raw_pages;
+                    stats.zero_pages += cs.zero_pages;
+                    stats.compressed_pages += cs.compressed_pages;
+                    stats.bytes += cs.bytes;
+                    // After a recovery the old page channels just end.
+                    if let Err(e) = r {
+                        channel_failed.get_or_insert(format!(
+                            "page channel {}: {}",
+                            i + 1,
+                            crate::error_chain(&e)
+                        ));
+                    }
+                }
+                Err(_) => {
+                    channel_failed.get_or_insert(format!("page channel {} panicked", i + 1));
+                }
+            }
+        }
         main
     });
     if recoveries > 0 {
@@ -423,7 +484,7 @@ fn receive_inner<R: Read>(
     let cause = match (result, fault_failed) {
         (Err(e), _) => Some(e),
         (Ok(()), Some(e)) => Some(e),
-        (Ok(()), None) if missing > 0 => Some(match urgent_failed {
+        (Ok(()), None) if missing > 0 => Some(match urgent_failed.or(channel_failed) {
             Some(u) => format!("the stream ended before every page arrived ({u})"),
             None => "the stream ended before every page arrived".into(),
         }),
@@ -442,6 +503,7 @@ fn receive_inner<R: Read>(
     placer.release();
     let mut figures = placer.figures(discarded, switched_at);
     figures.urgent_pages = urgent_pages;
+    figures.channel_pages = channel_pages;
     let sent = match lock(&reply).as_mut() {
         Some(w) => write_message(&mut **w, &Message::Complete(figures.faults.clone())),
         None => Err(io::Error::other("the return path was lost")),
@@ -763,7 +825,13 @@ impl Placer {
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(e),
         }
-        self.received[block][(page / 64) as usize].fetch_or(1 << (page % 64), Ordering::Release);
+        let bit = 1 << (page % 64);
+        let was = self.received[block][(page / 64) as usize].fetch_or(bit, Ordering::AcqRel);
+        if was & bit != 0 {
+            // Placed concurrently by another stream (after a recovery, an
+            // old connection's last pages race the resent ones): once.
+            return Ok(());
+        }
         self.missing.fetch_sub(1, Ordering::SeqCst);
         self.placed.fetch_add(1, Ordering::Relaxed);
         let mut w = lock(&self.waits);
@@ -831,6 +899,7 @@ impl Placer {
             },
             postcopy_time: switched_at.elapsed().as_millis() as u64,
             urgent_pages: 0,
+            channel_pages: 0,
         }
     }
 }
