@@ -599,6 +599,7 @@ fn run_dest(uri: &Uri, o: &DestOpts, tls: Option<&TlsConfig>) -> Result<()> {
                 "placed-pages": pc.placed_pages,
                 "postcopy-time": pc.postcopy_time,
                 "urgent-pages": pc.urgent_pages,
+                "channel-pages": pc.channel_pages,
                 "requests": pc.requests,
             })),
         });

@@ -769,6 +769,7 @@ pub fn vm_incoming(a: VmIncomingArgs) -> Result<()> {
             "blocktime-us": pc.faults.blocktime_us,
             "postcopy-time": pc.postcopy_time,
             "urgent-pages": pc.urgent_pages,
+            "channel-pages": pc.channel_pages,
         })
     });
     run_received(
