@@ -93,7 +93,7 @@ pub enum ReceiveError {
     /// The migration broke during postcopy: the guest ran here with part
     /// of its memory still on the source and cannot go on. Its threads
     /// that touch a missing page wait for good; it is paused.
-    #[error("postcopy failed with {missing} pages still on the source: {cause}; the guest cannot continue (it is paused here, and its missing memory stays unavailable)")]
+    #[error("lost the source during postcopy with {missing} pages still only there ({cause}): the guest cannot continue and cannot be saved (it is paused here, and its missing memory stays unavailable)")]
     SourceLost {
         /// Pages that never arrived.
         missing: u64,
