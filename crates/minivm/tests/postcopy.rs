@@ -71,7 +71,7 @@ fn check_destination(stats: &livemig::engine::MigrationStats, pc: &PostcopyFigur
         pc.faults.blocktime_us / 1000
     );
     let before = dst.guest_status();
-    let after = common::wait_for(&dst, Duration::from_secs(10), |s| {
+    let after = common::wait_for(dst, Duration::from_secs(10), |s| {
         s.pages_written() > before.pages_written() + 10_000
     });
     assert!(

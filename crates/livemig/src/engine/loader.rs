@@ -447,7 +447,7 @@ impl<'a> Loader<'a> {
             }
             barrier.abort();
         };
-        let this = &*self;
+        let this = self;
         let mut total = StreamOutcome::default();
         let mut main_stream = None;
         let mut streams = Vec::new();

@@ -212,7 +212,7 @@ fn receive_inner<R: Read>(
     let loaded = if channels {
         match accept.as_mut() {
             Some(acc) => loader
-                .load_channels_until_switch(r, || acc())
+                .load_channels_until_switch(r, acc)
                 .map(|(o, main, streams)| {
                     page_streams = streams;
                     (o, main)
