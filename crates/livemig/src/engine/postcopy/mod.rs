@@ -24,6 +24,13 @@
 //!   completed: stays paused                       unregisters, completed
 //! ```
 //!
+//! With page channels (`channels` above 1), every channel writes its own
+//! POSTCOPY record (and ends its section) behind the final epoch barrier;
+//! after it the channels carry the background pages, each batch flushed,
+//! and the destination places them on one thread per channel. Requested
+//! pages never go on a page channel (the urgent connection, else the main
+//! one, which then carries no bulk pages).
+//!
 //! After GO the guest exists only on the destination, with part of its
 //! memory still on the source: losing the source loses the guest. A
 //! destination whose stream breaks during postcopy keeps its missing
@@ -70,7 +77,8 @@
 //!   postcopy-active           ─────────────────▶  pages, END as before
 //! ```
 //!
-//! Requested pages then travel on the main connection (no urgent one).
+//! Requested and background pages then travel on the main connection (no
+//! urgent connection, no page channels).
 //! If the source *process* is gone, no recovery can complete the guest:
 //! the destination stays paused until its caller gives up
 //! ([`crate::engine::MigrationHandle::cancel`]), then reports the loss.
