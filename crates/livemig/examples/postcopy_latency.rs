@@ -2,7 +2,8 @@
 //! memory (random bytes) while a destination thread reads random pages,
 //! faulting on the missing ones. Prints, per variant, the median over the
 //! runs of the destination's p50 and p99 fault latency (fault to
-//! placement, µs) and of the remote faults per run.
+//! placement, µs), of the remote faults per run and of the postcopy
+//! time (the switch to the last page, ms).
 //!
 //! `cargo run --release -p livemig --features testkit --example
 //! postcopy_latency -- [RUNS] [MIB]` (defaults 5, 128).
@@ -47,7 +48,7 @@ impl IncomingGuest for Reader {
     fn pause(&mut self) {}
 }
 
-fn run(mib: u64, params: Params) -> (u64, u64, u64) {
+fn run(mib: u64, params: Params) -> (u64, u64, u64, u64) {
     let layout = [("ram0", mib << 20)];
     let src = ProcessMemory::new(&layout).unwrap();
     let dst = ProcessMemory::new(&layout).unwrap();
@@ -86,7 +87,12 @@ fn run(mib: u64, params: Params) -> (u64, u64, u64) {
         })
         .expect("the migration completes");
     let pc = dest.join().unwrap().expect("received").postcopy.unwrap();
-    (pc.faults.p50_us, pc.faults.p99_us, pc.faults.faults)
+    (
+        pc.faults.p50_us,
+        pc.faults.p99_us,
+        pc.faults.faults,
+        pc.postcopy_time,
+    )
 }
 
 fn median(mut v: Vec<u64>) -> u64 {
@@ -127,16 +133,17 @@ fn main() {
             },
         ),
     ];
-    println!("| variant | p50 us | p99 us | faults | runs (p50/p99) |");
-    println!("|---|---:|---:|---:|---|");
+    println!("| variant | p50 us | p99 us | faults | postcopy ms | runs (p50/p99) |");
+    println!("|---|---:|---:|---:|---:|---|");
     for (name, p) in variants {
-        let rs: Vec<(u64, u64, u64)> = (0..runs).map(|_| run(mib, p.clone())).collect();
+        let rs: Vec<(u64, u64, u64, u64)> = (0..runs).map(|_| run(mib, p.clone())).collect();
         let each: Vec<String> = rs.iter().map(|r| format!("{}/{}", r.0, r.1)).collect();
         println!(
-            "| {name} | {} | {} | {} | {} |",
+            "| {name} | {} | {} | {} | {} | {} |",
             median(rs.iter().map(|r| r.0).collect()),
             median(rs.iter().map(|r| r.1).collect()),
             median(rs.iter().map(|r| r.2).collect()),
+            median(rs.iter().map(|r| r.3).collect()),
             each.join(", ")
         );
     }

@@ -215,6 +215,16 @@ impl SendChannels {
         Ok(false)
     }
 
+    /// How many page channels.
+    pub fn count(&self) -> usize {
+        self.senders.len()
+    }
+
+    /// Stream bytes channel `i + 1` has produced.
+    pub fn bytes_of(&self, i: usize) -> u64 {
+        self.senders[i].counters.bytes.load(Ordering::Relaxed)
+    }
+
     /// Pages queued but not yet handed to a channel.
     pub fn pending(&self) -> usize {
         self.batch.len()

@@ -18,7 +18,7 @@ use super::handle::{MigrationHandle, SyncPoint};
 use super::pacing::{Pacing, PauseInputs};
 use super::params::{Params, ParamsError, Switchover};
 use super::postcopy::{
-    check_request, BitmapAssembler, FaultReport, Message, MessageReader, PostcopyError,
+    check_request, BitmapAssembler, FaultReport, Message, MessageReader, PostcopyError, PUSH_WINDOW,
 };
 use super::search::{PageSearch, Untouched};
 use super::stats::{CompressionStats, MigrationStats, Status, XbzrleStats};
@@ -714,6 +714,7 @@ impl<'a> RamSaver<'a> {
             requests: spawn_request_reader(MessageReader::new(reader))?,
             retired_bytes: 0,
             dead: false,
+            acked: None,
         };
         self.postcopy_pace_from = Some((self.pc_bytes(&link), Instant::now()));
         self.publish(Status::PostcopyActive, "", None);
@@ -819,6 +820,9 @@ impl<'a> RamSaver<'a> {
                             }
                         }
                     }
+                    Ok(Ok((_, Message::Progress { stream, offset }))) => {
+                        self.progress(link, stream, offset)
+                    }
                     Ok(Ok((_, Message::Complete(_)))) => {
                         return Err(PostcopyError::EarlyComplete(self.remaining_pages()).into())
                     }
@@ -842,6 +846,14 @@ impl<'a> RamSaver<'a> {
             // request that comes meanwhile is served at once.
             if let Some(d) = self.postcopy_wait(link) {
                 wait = d.min(Duration::from_millis(1));
+                self.refresh_postcopy_bandwidth(link, &mut published);
+                continue;
+            }
+            if self.window_full(link) {
+                // Flow control: the destination has not read what is in
+                // flight; more would only queue in socket buffers, ahead
+                // of pages a fault may need.
+                wait = Duration::from_millis(1);
                 self.refresh_postcopy_bandwidth(link, &mut published);
                 continue;
             }
@@ -895,6 +907,7 @@ impl<'a> RamSaver<'a> {
                     check_request(&blocks, at, &req)?;
                     self.postcopy_requests += 1;
                 }
+                Ok(Ok((_, Message::Progress { .. }))) => {}
                 Ok(Ok((_, Message::Complete(report)))) => {
                     self.fault_report = Some(report);
                     return Ok(());
@@ -903,6 +916,38 @@ impl<'a> RamSaver<'a> {
                 Ok(Ok((at, _))) => return Err(PostcopyError::NotRequest { offset: at }.into()),
                 Ok(Err(e)) => return Err(PostcopyError::NoComplete(e.to_string()).into()),
                 Err(e) => return Err(PostcopyError::NoComplete(e.to_string()).into()),
+            }
+        }
+    }
+
+    /// PROGRESS from the destination: stream `stream` was read up to
+    /// `offset`. A stream this source does not have (an old page channel
+    /// after a recovery) is ignored.
+    fn progress<W: Write>(&self, link: &mut PostcopyLink<W>, stream: u16, offset: u64) {
+        let streams = 1 + self.channels.as_ref().map_or(0, SendChannels::count);
+        let acked = link.acked.get_or_insert_with(|| vec![0; streams]);
+        if let Some(a) = acked.get_mut(usize::from(stream)) {
+            *a = (*a).max(offset);
+        }
+    }
+
+    /// Whether the background streams have [`PUSH_WINDOW`] bytes each in
+    /// flight (sent, not read by the destination).
+    fn window_full<W: Write>(&self, link: &PostcopyLink<W>) -> bool {
+        let Some(acked) = &link.acked else {
+            return false;
+        };
+        match &self.channels {
+            Some(ch) => (0..ch.count()).all(|i| {
+                let read = acked.get(i + 1).copied().unwrap_or(0);
+                ch.bytes_of(i).saturating_sub(read) >= PUSH_WINDOW
+            }),
+            None => {
+                if link.dead {
+                    return false;
+                }
+                let sent = on_out!(&link.out, w => w.bytes());
+                sent.saturating_sub(acked[0]) >= PUSH_WINDOW
             }
         }
     }
@@ -1016,6 +1061,7 @@ impl<'a> RamSaver<'a> {
         self.seq = 1;
         link.out = PcOut::Resumed(w);
         link.dead = false;
+        link.acked = None;
         link.urgent = None;
         link.requests = spawn_request_reader(mr)?;
         log::info!(
@@ -1497,6 +1543,10 @@ struct PostcopyLink<W: Write> {
     retired_bytes: u64,
     /// `out` belongs to a lost connection (counted in `retired_bytes`).
     dead: bool,
+    /// Flow control: per background stream (0 main, i page channel i),
+    /// the bytes the destination has read; `None` until its first
+    /// PROGRESS (a destination that sends none gets no window).
+    acked: Option<Vec<u64>>,
 }
 
 impl<W: Write> PostcopyLink<W> {
@@ -1565,7 +1615,7 @@ fn spawn_request_reader(
         .spawn(move || loop {
             let waiting = || !e.load(std::sync::atomic::Ordering::SeqCst);
             let m = mr.read_message_waiting(&waiting);
-            let more = matches!(m, Ok((_, Message::Request(_))));
+            let more = matches!(m, Ok((_, Message::Request(_) | Message::Progress { .. })));
             if tx.send(m).is_err() || !more {
                 break;
             }

@@ -383,26 +383,39 @@ fn receive_inner<R: Read>(
     let mut recoveries = 0;
     let result = std::thread::scope(|s| {
         let p = &placer;
+        let reply_ref = &reply;
+        // Flow control: how much of each background stream was read here.
+        let report = move |stream: u16| {
+            move |offset: u64| {
+                if let Some(w) = lock(reply_ref).as_mut() {
+                    // A broken return path is noticed by the fault thread
+                    // and the streams themselves.
+                    let _ = write_message(&mut **w, &Message::Progress { stream, offset });
+                }
+            }
+        };
         let t = urgent.map(|mut u| {
             s.spawn(move || {
                 let mut us = LoadStats::default();
-                let r = place_stream(&mut u, p, &mut us);
+                let r = place_stream(&mut u, p, &mut us, &|_| {});
                 (r, us)
             })
         });
         // The page channels' background pages, each on its own thread.
         let chans: Vec<_> = page_streams
             .into_iter()
-            .map(|mut c| {
+            .enumerate()
+            .map(|(i, mut c)| {
+                let progress = report(i as u16 + 1);
                 s.spawn(move || {
                     let mut cs = LoadStats::default();
-                    let r = place_stream(&mut c, p, &mut cs);
+                    let r = place_stream(&mut c, p, &mut cs, &progress);
                     (r, cs)
                 })
             })
             .collect();
-        let mut main =
-            place_stream(&mut r, &placer, &mut stats).map_err(|e| crate::error_chain(&e));
+        let mut main = place_stream(&mut r, &placer, &mut stats, &report(0))
+            .map_err(|e| crate::error_chain(&e));
         if let Some(h) = recovery {
             // Every failure of the main stream pauses; a new connection
             // resumes from the received bitmap.
@@ -411,7 +424,7 @@ fn receive_inner<R: Read>(
                     Ok(mut resumed) => {
                         recoveries += 1;
                         let mut rs = LoadStats::default();
-                        main = place_stream(&mut resumed, &placer, &mut rs)
+                        main = place_stream(&mut resumed, &placer, &mut rs, &report(0))
                             .map_err(|e| crate::error_chain(&e));
                         stats.raw_pages += rs.raw_pages;
                         stats.zero_pages += rs.zero_pages;
@@ -643,11 +656,18 @@ fn resume_in(
 }
 
 /// Places the pages that follow the switch until END.
+///
+/// `progress` gets the bytes read so far at the start and after every
+/// [`super::PROGRESS_EVERY`] bytes (at section ends): the source's flow
+/// control for background streams (see the module doc).
 fn place_stream<R: Read>(
     r: &mut StreamReader<R>,
     p: &Placer,
     stats: &mut LoadStats,
+    progress: &dyn Fn(u64),
 ) -> Result<(), LoadError> {
+    let mut reported = r.offset();
+    progress(reported);
     let mut scratch = vec![0u8; PAGE_SIZE];
     let mut dec = Decompressor::new();
     let place_err = |at: u64, block: u16, offset: u64, e: io::Error| LoadError::Postcopy {
@@ -691,7 +711,13 @@ fn place_stream<R: Read>(
                 p.place(usize::from(block), offset / PAGE, Some(&scratch))
                     .map_err(|e| place_err(at, block, offset, e))?;
             }
-            Record::SectionEnd { .. } => stats.sections += 1,
+            Record::SectionEnd { .. } => {
+                stats.sections += 1;
+                if r.offset() - reported >= super::PROGRESS_EVERY {
+                    reported = r.offset();
+                    progress(reported);
+                }
+            }
             Record::End => break,
             other => {
                 let what = match other {

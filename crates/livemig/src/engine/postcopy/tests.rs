@@ -49,6 +49,10 @@ fn messages_round_trip() {
             buckets: vec![0, 0, 0, 0, 0, 0, 0, 3],
         }),
         Message::Failed("lost".into()),
+        Message::Progress {
+            stream: 2,
+            offset: 1 << 40,
+        },
     ];
     let mut bytes = Vec::new();
     for m in &msgs {
