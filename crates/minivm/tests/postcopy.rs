@@ -17,7 +17,10 @@ use livemig::transport::{connect, pipe, Listener, Outgoing, Uri};
 use minivm::migrate::{incoming_vm, migrate_out_conn, receive, receive_recoverable};
 use minivm::{TrackerKind, Vm};
 
-fn postcopy(params: Params, at_once: bool) {
+/// One migration of a running VM over pipes; false when it completed in
+/// precopy (the guest's writes did not outrun the link on a loaded host,
+/// so an automatic switch never came), after checking that outcome too.
+fn postcopy(params: Params, at_once: bool) -> bool {
     let cfg = common::test_guest(256, 2, 8192, 0);
     let src = Vm::new(cfg.clone()).unwrap();
     let s = common::wait_for(&src, Duration::from_secs(10), |s| s.heartbeats() > 3);
@@ -48,10 +51,15 @@ fn postcopy(params: Params, at_once: bool) {
     assert_eq!(stats.status, Status::Completed);
     assert!(src.is_paused(), "the source stays paused");
     let (dst, received) = dest.join().unwrap().unwrap();
-    let pc = received
-        .postcopy
-        .expect("the migration switched to postcopy");
+    let Some(pc) = received.postcopy else {
+        assert!(!at_once, "the migration switched to postcopy");
+        assert!(stats.postcopy_time.is_none(), "{stats:?}");
+        let after = common::wait_for(&dst, Duration::from_secs(10), |s| s.heartbeats() > 3);
+        assert!(after.ok(), "self-check passes after precopy: {after:?}");
+        return false;
+    };
     check_destination(&stats, &pc, &dst);
+    true
 }
 
 /// The figures of a completed postcopy, and the guest on the destination
@@ -89,13 +97,13 @@ fn pure_postcopy_of_a_running_vm() {
     if !common::kvm_available("pure_postcopy_of_a_running_vm") {
         return;
     }
-    postcopy(
+    assert!(postcopy(
         Params {
             postcopy_ram: true,
             ..Params::default()
         },
         true,
-    );
+    ));
 }
 
 #[test]
@@ -103,17 +111,26 @@ fn auto_postcopy_of_a_vm_that_does_not_converge() {
     if !common::kvm_available("auto_postcopy_of_a_vm_that_does_not_converge") {
         return;
     }
-    // The guest rewrites its pages flat out; a 64 MiB/s link never catches up.
-    postcopy(
-        Params {
-            postcopy_ram: true,
-            postcopy_switchover: Switchover::Auto,
-            max_bandwidth: 64 << 20,
-            downtime_limit: 20,
-            ..Params::default()
-        },
-        false,
-    );
+    // The guest rewrites its pages flat out; a 64 MiB/s link never catches
+    // up, unless a loaded host slows the guest's writes down: then the
+    // run converged in precopy, and is tried again.
+    for attempt in 0..3 {
+        let switched = postcopy(
+            Params {
+                postcopy_ram: true,
+                postcopy_switchover: Switchover::Auto,
+                max_bandwidth: 64 << 20,
+                downtime_limit: 20,
+                ..Params::default()
+            },
+            false,
+        );
+        if switched {
+            return;
+        }
+        eprintln!("attempt {attempt}: precopy converged; again");
+    }
+    panic!("precopy converged in every attempt: no automatic switch to postcopy");
 }
 
 fn tcp_listener() -> (Listener, std::net::SocketAddr) {
