@@ -381,39 +381,41 @@ fn receive_inner<R: Read>(
     let mut channel_failed: Option<String> = None;
     let mut channel_pages = 0;
     let mut recoveries = 0;
-    let result = std::thread::scope(|s| {
-        let p = &placer;
-        let reply_ref = &reply;
+    let result = {
         // Flow control: how much of each background stream was read here.
-        let report = move |stream: u16| {
+        let report = |stream: u16| {
+            let reply = reply.clone();
             move |offset: u64| {
-                if let Some(w) = lock(reply_ref).as_mut() {
+                if let Some(w) = lock(&reply).as_mut() {
                     // A broken return path is noticed by the fault thread
                     // and the streams themselves.
                     let _ = write_message(&mut **w, &Message::Progress { stream, offset });
                 }
             }
         };
-        let t = urgent.map(|mut u| {
-            s.spawn(move || {
-                let mut us = LoadStats::default();
-                let r = place_stream(&mut u, p, &mut us, &|_| {});
-                (r, us)
-            })
+        // The urgent connection and the page channels, each on a thread
+        // of its own (not scoped: after a recovery their old connections
+        // may hang half-open, and completion does not wait for them).
+        // A thread that cannot start drops its connection: the source
+        // sees it fail, and the pages it would have carried are missing
+        // (reported below) unless a recovery sends them again.
+        let t = urgent.and_then(|u| match spawn_placer(u, placer.clone(), |_| {}) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                urgent_failed = Some(format!("starting the urgent connection's thread: {e}"));
+                None
+            }
         });
-        // The page channels' background pages, each on its own thread.
-        let chans: Vec<_> = page_streams
-            .into_iter()
-            .enumerate()
-            .map(|(i, mut c)| {
-                let progress = report(i as u16 + 1);
-                s.spawn(move || {
-                    let mut cs = LoadStats::default();
-                    let r = place_stream(&mut c, p, &mut cs, &progress);
-                    (r, cs)
-                })
-            })
-            .collect();
+        let mut chans = Vec::new();
+        for (i, c) in page_streams.into_iter().enumerate() {
+            match spawn_placer(c, placer.clone(), report(i as u16 + 1)) {
+                Ok(t) => chans.push((i, t)),
+                Err(e) => {
+                    channel_failed
+                        .get_or_insert(format!("starting page channel {}'s thread: {e}", i + 1));
+                }
+            }
+        }
         let mut main = place_stream(&mut r, &placer, &mut stats, &report(0))
             .map_err(|e| crate::error_chain(&e));
         if let Some(h) = recovery {
@@ -447,7 +449,10 @@ fn receive_inner<R: Read>(
                 );
             }
         }
-        if let Some(t) = t {
+        // After a recovery, old connections that have not ended are not
+        // waited for: every page they carried went again on the new one.
+        let detach = recoveries > 0;
+        if let Some(t) = t.and_then(|t| joinable(t, detach)) {
             match t.join() {
                 Ok((r, us)) => {
                     urgent_pages = us.raw_pages + us.zero_pages + us.compressed_pages;
@@ -463,7 +468,10 @@ fn receive_inner<R: Read>(
                 Err(_) => urgent_failed = Some("the urgent connection's thread panicked".into()),
             }
         }
-        for (i, c) in chans.into_iter().enumerate() {
+        for (i, c) in chans {
+            let Some(c) = joinable(c, detach) else {
+                continue;
+            };
             match c.join() {
                 Ok((r, cs)) => {
                     channel_pages += cs.raw_pages + cs.zero_pages + cs.compressed_pages;
@@ -486,7 +494,7 @@ fn receive_inner<R: Read>(
             }
         }
         main
-    });
+    };
     if recoveries > 0 {
         log::info!("postcopy recovered {recoveries} time(s)");
     }
@@ -737,6 +745,37 @@ fn place_stream<R: Read>(
     }
     stats.bytes = r.offset();
     Ok(())
+}
+
+type Placed = (Result<(), LoadError>, LoadStats);
+
+/// Places the pages of one background or urgent stream on a thread.
+fn spawn_placer(
+    mut stream: StreamReader<Box<dyn Read + Send>>,
+    placer: Arc<Placer>,
+    progress: impl Fn(u64) + Send + 'static,
+) -> io::Result<std::thread::JoinHandle<Placed>> {
+    std::thread::Builder::new()
+        .name("livemig-postcopy-place".into())
+        .spawn(move || {
+            let mut st = LoadStats::default();
+            let r = place_stream(&mut stream, &placer, &mut st, &progress);
+            (r, st)
+        })
+}
+
+/// `t`, unless `detach` and it is still running (then it is left to end
+/// by itself, its connection's read timeout at the latest).
+fn joinable(
+    t: std::thread::JoinHandle<Placed>,
+    detach: bool,
+) -> Option<std::thread::JoinHandle<Placed>> {
+    if detach && !t.is_finished() {
+        log::info!("an old postcopy connection is still open after a recovery: not waited for");
+        None
+    } else {
+        Some(t)
+    }
 }
 
 /// One stream block's memory here.
