@@ -13,7 +13,7 @@ use std::time::Instant;
 use super::{write_bitmap, write_message, FaultReport, LatencyHistogram, Message, PageRequest};
 use crate::bitmap::DirtyBitmap;
 use crate::codec::compress::{Algorithm, Decompressor};
-use crate::engine::ack::{read_go, write_reply, CommitError, Reply as AckReply};
+use crate::engine::ack::{read_go, write_reply, CommitError, Reply as AckReply, ReplyError};
 use crate::engine::handle::Reconnect;
 use crate::engine::loader::{LoadError, LoadOutcome, LoadStats, Loader};
 use crate::engine::{MigrationHandle, Status};
@@ -37,6 +37,11 @@ pub trait IncomingGuest {
     /// Stops the guest after the source was lost during postcopy. Threads
     /// waiting for a missing page stay blocked for good; the others stop.
     fn pause(&mut self);
+    /// The VM's shape, checked against the source's at setup (default:
+    /// not said, not checked).
+    fn shape(&self) -> crate::vm::VmShape {
+        crate::vm::VmShape::default()
+    }
 }
 
 /// What [`receive`] did.
@@ -206,6 +211,11 @@ fn receive_inner<R: Read>(
             }
         }
     }
+    // The setup verdict goes out on the return path from inside the load.
+    loader = loader.expect_shape(guest.shape());
+    if let Some(w) = reply.take() {
+        loader = loader.answering(w);
+    }
     // Page channels (postcopy's background pages follow on them after
     // the switch).
     let mut page_streams: Vec<StreamReader<Box<dyn Read + Send>>> = Vec::new();
@@ -226,6 +236,7 @@ fn receive_inner<R: Read>(
     } else {
         loader.load_until_switch(&mut r).map(|o| (o, r))
     };
+    reply = loader.take_answer();
     let (o, mut r) = match loaded {
         Ok(v) => v,
         Err(e) => {
@@ -249,7 +260,7 @@ fn receive_inner<R: Read>(
             write_reply(&mut **w, &AckReply::Loaded).map_err(CommitError::SendLoaded)?;
             let inner = r
                 .inner_if_drained()
-                .ok_or_else(|| CommitError::NoGo("bytes after the stream's end".into()))?;
+                .ok_or(CommitError::NoGo(ReplyError::BytesBeforeGo))?;
             read_go(inner).map_err(CommitError::NoGo)?;
         }
         let go_at = Instant::now();
@@ -315,9 +326,9 @@ fn receive_inner<R: Read>(
     let go = write_reply(&mut *w, &AckReply::Loaded)
         .map_err(CommitError::SendLoaded)
         .and_then(|()| {
-            let inner = r.inner_if_drained().ok_or_else(|| {
-                CommitError::NoGo("stream bytes after the switch before GO".into())
-            })?;
+            let inner = r
+                .inner_if_drained()
+                .ok_or(CommitError::NoGo(ReplyError::BytesBeforeGo))?;
             read_go(inner).map_err(CommitError::NoGo)
         });
     if let Err(e) = go {
