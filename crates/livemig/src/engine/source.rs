@@ -573,11 +573,14 @@ impl<'a> RamSaver<'a> {
         let bytes_before = self.sent_bytes(&w);
         self.sync(tracker)?;
         self.barrier(&mut w)?;
-        // Auto: what is left would not fit the pause; postcopy's pause
-        // holds only the device state and the handshake.
+        // Auto: the stop-and-copy would not fit the limit, all of it
+        // counted (the fixed costs too, even with no page left: a verify
+        // digest that does not fit is no reason to stretch the pause when
+        // postcopy can take over); postcopy's pause holds only the
+        // not-valid bitmap, the device state and the handshake.
         let auto = self.params.postcopy_ram
             && self.params.postcopy_switchover == Switchover::Auto
-            && !self.pause_fits();
+            && !self.pause_fits_strictly();
         if switch || auto {
             return self.postcopy(w, ack, urgent, vm, guest, pause_at, bytes_before);
         }
@@ -1021,6 +1024,15 @@ impl<'a> RamSaver<'a> {
             );
         }
         i.remaining_bytes == 0 || self.pacing.fits(&i, limit)
+    }
+
+    /// True when the whole stop-and-copy fits the downtime limit: unlike
+    /// [`RamSaver::pause_fits`], nothing left to send is not enough when
+    /// the fixed costs alone exceed it. The question `auto` postcopy asks
+    /// at the pause: no, and it switches instead of overshooting.
+    fn pause_fits_strictly(&self) -> bool {
+        self.pacing
+            .fits(&self.pause_inputs(), self.params.downtime_limit)
     }
 
     fn remaining_bytes(&self) -> u64 {
