@@ -253,9 +253,9 @@ fn a_write_the_tracker_missed_is_caught_by_verify() {
 }
 
 /// Migrates 12 MiB (8 random) that nothing writes, with postcopy `auto`
-/// allowed on both sides, verify on, under `limit` ms; checks the
-/// destination's memory.
-fn run_auto_postcopy(limit: u64) -> MigrationStats {
+/// allowed on both sides, verify on, under `limit` ms (switched at once
+/// with `pure`); checks the destination's memory.
+fn run_auto_postcopy(limit: u64, pure: bool) -> MigrationStats {
     let src = ProcessMemory::new(&[("ram0", 8 * MIB), ("ram1", 4 * MIB)]).unwrap();
     let dst = ProcessMemory::new(&[("ram0", 8 * MIB), ("ram1", 4 * MIB)]).unwrap();
     let (mut tracker, log) = SoftwareTracker::new(&src);
@@ -280,6 +280,9 @@ fn run_auto_postcopy(limit: u64) -> MigrationStats {
         postcopy_switchover: Switchover::Auto,
         ..Params::default()
     });
+    if pure {
+        handle.start_postcopy().unwrap();
+    }
     let out = crate::transport::Outgoing {
         writer: Box::new(w),
         ack: Some(Box::new(ack_r)),
@@ -303,7 +306,7 @@ fn with_postcopy_a_pause_whose_fixed_costs_exceed_the_limit_switches() {
     // precopy alone takes as its cue to stop (and overshoot 1 ms with the
     // handshake and the verify digest). With postcopy allowed, the stop
     // decision counts the whole pause and leaves the rest to postcopy.
-    let s = run_auto_postcopy(1);
+    let s = run_auto_postcopy(1, false);
     assert_eq!(s.status, Status::Completed);
     assert!(s.postcopy_time.is_some(), "switched to postcopy: {s:#?}");
     assert_eq!(s.verify_time, 0, "no digest in a postcopy pause: {s:#?}");
@@ -313,8 +316,24 @@ fn with_postcopy_a_pause_whose_fixed_costs_exceed_the_limit_switches() {
 fn with_postcopy_a_pause_that_fits_stays_precopy() {
     // The same migration under 10 s: the stop-and-copy fits, precopy
     // completes and the digest is checked.
-    let s = run_auto_postcopy(10_000);
+    let s = run_auto_postcopy(10_000, false);
     assert_eq!(s.status, Status::Completed);
     assert!(s.postcopy_time.is_none(), "{s:#?}");
     assert!(!s.downtime_limit_exceeded, "{s:#?}");
+}
+
+#[test]
+fn pure_postcopy_counts_every_page_it_sends() {
+    // Switched before any page: all 8 MiB of random pages travel after
+    // the switch, pushed or requested, and count in ram.transferred.
+    let s = run_auto_postcopy(300, true);
+    assert!(s.postcopy_time.is_some(), "{s:#?}");
+    let ram = &s.ram;
+    assert!(ram.postcopy_bytes >= 8 * MIB, "{ram:#?}");
+    assert!(ram.transferred >= ram.normal_bytes, "{ram:#?}");
+    assert!(ram.normal >= 2048, "{ram:#?}");
+    assert_eq!(
+        ram.precopy_bytes + ram.downtime_bytes + ram.postcopy_bytes,
+        ram.transferred
+    );
 }
