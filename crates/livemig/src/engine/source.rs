@@ -21,7 +21,7 @@ use super::postcopy::{
     check_request, BitmapAssembler, FaultReport, Message, MessageReader, PostcopyError, PUSH_WINDOW,
 };
 use super::search::{PageSearch, Untouched};
-use super::stats::{CompressionStats, MigrationStats, Status, XbzrleStats};
+use super::stats::{CompressionStats, MigrationStats, PauseBreakdown, Status, XbzrleStats};
 use super::MigrationError;
 use crate::bitmap::DirtyBitmap;
 use crate::codec::adapt::{LinkCost, TimedWrite, WireClock};
@@ -319,6 +319,8 @@ struct RamSaver<'a> {
     source_downtime: u64,
     /// The downtime limit in force at the switch-over.
     limit_at_switch: u64,
+    /// Where the pause went (once paused for good).
+    pause_breakdown: Option<PauseBreakdown>,
     downtime_bytes: u64,
     verify_time: u64,
     status: Status,
@@ -392,6 +394,7 @@ impl<'a> RamSaver<'a> {
             downtime: 0,
             source_downtime: 0,
             limit_at_switch: 0,
+            pause_breakdown: None,
             downtime_bytes: 0,
             verify_time: 0,
             status: Status::Setup,
@@ -586,19 +589,25 @@ impl<'a> RamSaver<'a> {
         self.publish(Status::Device, tracker.name(), None);
         self.limit_at_switch = self.params.downtime_limit;
         let pause_at = Instant::now();
+        let mut clock = PauseClock::new(pause_at);
         vm.pause().map_err(MigrationError::Vm)?;
+        clock.parts.stop_us = clock.lap();
         guest.paused = true;
         self.downtime_start = Some(pause_at);
         let bytes_before = self.sent_bytes(&w);
         self.sync(tracker)?;
         self.barrier(&mut w)?;
-        // Auto: what is left would not fit the pause; postcopy's pause
-        // holds only the device state and the handshake.
+        clock.parts.sync_us = clock.lap();
+        // Auto: the stop-and-copy would not fit the limit, all of it
+        // counted (the fixed costs too, even with no page left: a verify
+        // digest that does not fit is no reason to stretch the pause when
+        // postcopy can take over); postcopy's pause holds only the
+        // not-valid bitmap, the device state and the handshake.
         let auto = self.params.postcopy_ram
             && self.params.postcopy_switchover == Switchover::Auto
-            && !self.pause_fits();
+            && !self.pause_fits_strictly();
         if switch || auto {
-            return self.postcopy(w, ack, urgent, vm, guest, pause_at, bytes_before);
+            return self.postcopy(w, ack, urgent, vm, guest, clock, bytes_before);
         }
         drop(urgent);
         let ack = ack.as_read();
@@ -613,10 +622,12 @@ impl<'a> RamSaver<'a> {
             // main stream's end only after all of them.
             ch.finish(enc).map_err(MigrationError::send)?;
         }
+        clock.parts.pages_us = clock.lap();
         let state = vm.save_state().map_err(MigrationError::Vm)?;
         if !state.is_empty() {
             w.state(&state).map_err(MigrationError::send)?;
         }
+        clock.parts.state_us = clock.lap();
         let mut sent_digest = None;
         if self.params.verify {
             let t = Instant::now();
@@ -630,6 +641,7 @@ impl<'a> RamSaver<'a> {
         }
         self.check_cancel()?;
         w.end().map_err(MigrationError::send)?;
+        clock.parts.digest_us = clock.lap();
         self.transferred = self.sent_bytes(&w);
         self.downtime_bytes = self.transferred - bytes_before;
         self.downtime = match ack {
@@ -640,6 +652,7 @@ impl<'a> RamSaver<'a> {
                 })?;
                 self.pacing.record_handshake(t.started - t.go_sent);
                 self.source_downtime = ms(t.started - pause_at);
+                clock.parts.handshake_us = clock.lap();
                 // Where the guest sees it: up to the destination's resume.
                 ms(t.resumed_estimate() - pause_at)
             }
@@ -648,6 +661,7 @@ impl<'a> RamSaver<'a> {
                 self.source_downtime
             }
         };
+        self.pause_breakdown = Some(clock.parts);
         if let Some(sent) = sent_digest {
             // The digest in the stream was the dirty tracker's view; now,
             // outside the pause (this guest stays paused for good), check
@@ -689,9 +703,10 @@ impl<'a> RamSaver<'a> {
         urgent: Option<StreamWriter<ChannelWriter>>,
         vm: &mut dyn VmControl,
         guest: &mut GuestSide,
-        pause_at: Instant,
+        mut clock: PauseClock,
         bytes_before: u64,
     ) -> Result<(), MigrationError> {
+        let pause_at = clock.start;
         // The destination has no copy of the pages to come: no deltas.
         self.encoder.set_xbzrle(None);
         let enc = self.encoding();
@@ -710,12 +725,14 @@ impl<'a> RamSaver<'a> {
                 }
             }
         }
+        clock.parts.pages_us = clock.lap();
         let state = vm.save_state().map_err(MigrationError::Vm)?;
         if !state.is_empty() {
             w.state(&state).map_err(MigrationError::send)?;
         }
         w.postcopy().map_err(MigrationError::send)?;
         self.section_end(&mut w)?;
+        clock.parts.state_us = clock.lap();
         let AckPath::Owned(mut reader) = std::mem::replace(&mut ack, AckPath::None) else {
             return Err(ParamsError::PostcopyNeedsReturnPath.into());
         };
@@ -727,6 +744,8 @@ impl<'a> RamSaver<'a> {
         self.pacing.record_handshake(t.started - t.go_sent);
         self.source_downtime = ms(t.started - pause_at);
         self.downtime = ms(t.resumed_estimate() - pause_at);
+        clock.parts.handshake_us = clock.lap();
+        self.pause_breakdown = Some(clock.parts);
         self.transferred = self.sent_bytes(&w);
         self.downtime_bytes = self.transferred - bytes_before;
         self.postcopy_from = Some(self.transferred);
@@ -1166,6 +1185,15 @@ impl<'a> RamSaver<'a> {
         i.remaining_bytes == 0 || self.pacing.fits(&i, limit)
     }
 
+    /// True when the whole stop-and-copy fits the downtime limit: unlike
+    /// [`RamSaver::pause_fits`], nothing left to send is not enough when
+    /// the fixed costs alone exceed it. The question `auto` postcopy asks
+    /// at the pause: no, and it switches instead of overshooting.
+    fn pause_fits_strictly(&self) -> bool {
+        self.pacing
+            .fits(&self.pause_inputs(), self.params.downtime_limit)
+    }
+
     fn remaining_bytes(&self) -> u64 {
         self.remaining_pages() * PAGE_SIZE as u64
     }
@@ -1490,6 +1518,7 @@ impl<'a> RamSaver<'a> {
         let pc_time = self.postcopy_time;
         let report = self.fault_report.clone();
         let source_downtime = self.source_downtime;
+        let breakdown = self.pause_breakdown.clone();
         let limit = match self.limit_at_switch {
             0 => self.params.downtime_limit,
             l => l,
@@ -1503,6 +1532,7 @@ impl<'a> RamSaver<'a> {
             s.source_downtime = source_downtime;
             s.downtime_limit = limit;
             s.downtime_limit_exceeded = done && downtime > limit;
+            s.pause_breakdown = breakdown;
             s.expected_downtime = expected;
             s.verify_time = verify_time;
             s.ram.transferred = transferred;
@@ -1674,6 +1704,32 @@ fn session_number() -> u64 {
     );
     h.write_u32(std::process::id());
     h.finish()
+}
+
+/// Time stamps through the pause, for [`PauseBreakdown`].
+struct PauseClock {
+    /// The guest's pause.
+    start: Instant,
+    last: Instant,
+    parts: PauseBreakdown,
+}
+
+impl PauseClock {
+    fn new(start: Instant) -> Self {
+        PauseClock {
+            start,
+            last: start,
+            parts: PauseBreakdown::default(),
+        }
+    }
+
+    /// Microseconds since the previous lap (or the pause).
+    fn lap(&mut self) -> u64 {
+        let now = Instant::now();
+        let us = now.saturating_duration_since(self.last).as_micros() as u64;
+        self.last = now;
+        us
+    }
 }
 
 /// Whole milliseconds.
