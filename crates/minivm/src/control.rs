@@ -41,6 +41,14 @@
 //!   must have been started with memfd memory (`minivm run --memfd`), and
 //!   the destination maps the source's memory in place of its own. Same
 //!   phases, same LOADED/GO/STARTED commit.
+//! - **Snapshot files** (`file.rs`): `migrate file:PATH` with capability
+//!   `mapped-ram` saves the paused guest to a mapped-ram file (the VM
+//!   stays paused for good, as after any migration), with
+//!   `background-snapshot` snapshots it while it runs on;
+//!   `migrate-incoming file:PATH` of a mapped-ram file restores it,
+//!   lazily with `x-livemig-lazy` (`query-migrate` says `postcopy-active`
+//!   until every chunk is in; a damaged chunk fails it and the guest is
+//!   paused for good).
 //! - **Cancel**: the engine checks the cancel flag between pages; where it
 //!   would wait on the transport instead (a destination that stops reading
 //!   or never acknowledges), socket I/O is done in 100 ms slices that
@@ -61,7 +69,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use livemig::control::{
-    ControlError, ControlServer, Events, MigrationStarter, MigrationTls, RunState,
+    ControlError, ControlServer, Events, FileOptions, MigrationStarter, MigrationTls, RunState,
 };
 use livemig::engine::local::LocalError;
 use livemig::engine::{LoadStats, MigrationError, MigrationHandle, MigrationMode, Params, Status};
@@ -72,6 +80,8 @@ use crate::dirty::TrackerKind;
 use crate::guest::GuestImage;
 use crate::migrate::{migrate_out, migrate_out_channels, MigrateError};
 use crate::vm::Vm;
+
+mod file;
 
 /// Where a [`ControlledVm`] is.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -125,6 +135,8 @@ struct St {
     incoming: Option<IncomingReport>,
     /// Paused by the control socket's `stop`.
     stopped: bool,
+    /// The handle of a lazy restore, while it loads memory (`file.rs`).
+    restoring: Option<MigrationHandle>,
 }
 
 struct Inner {
@@ -178,6 +190,7 @@ impl ControlledVm {
                     outgoing: None,
                     incoming: None,
                     stopped: false,
+                    restoring: None,
                 }),
                 cond: Condvar::new(),
                 events: Mutex::new(None),
@@ -501,6 +514,9 @@ impl MigrationStarter for ControlledVm {
             );
         }
         let st = self.settle(lock(&self.inner.st));
+        if let Some(e) = file::cannot_send(&st) {
+            return Err(e);
+        }
         let mut st = match &st.phase {
             Phase::Running if st.stopped => {
                 return Err("the guest is stopped ('stop'): send 'cont' before migrating".into())
@@ -596,6 +612,24 @@ impl MigrationStarter for ControlledVm {
 
     fn attach_events(&mut self, events: Events) {
         *lock(&self.inner.events) = Some(events);
+    }
+
+    fn start_snapshot(
+        &mut self,
+        path: &Path,
+        opts: &FileOptions,
+        handle: MigrationHandle,
+    ) -> Result<(), String> {
+        self.snapshot_to_file(path, opts, handle)
+    }
+
+    fn start_restore(
+        &mut self,
+        path: &Path,
+        opts: &FileOptions,
+        handle: MigrationHandle,
+    ) -> Result<(), String> {
+        self.restore_from_file(path, opts, handle)
     }
 
     fn start_incoming(
