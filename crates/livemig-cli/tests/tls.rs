@@ -90,7 +90,10 @@ impl Incoming {
     fn finish(mut self) -> (bool, Option<Value>, String) {
         let child = self.child.take().expect("not finished yet");
         let out = child.wait_with_output().unwrap();
-        let rest: Vec<String> = self.lines.try_iter().collect();
+        // The reader thread forwards the last lines after the exit: wait
+        // for it to reach the end of stderr (it then drops its sender).
+        let rest: Vec<String> =
+            std::iter::from_fn(|| self.lines.recv_timeout(Duration::from_secs(30)).ok()).collect();
         let stdout = String::from_utf8_lossy(&out.stdout);
         let json = stdout
             .lines()

@@ -576,7 +576,23 @@ impl<'a> Loader<'a> {
                         })
                     })
                     .collect();
-                let main = this.run_stream(&mut r, Role::Channel(0, &barrier));
+                let mut main = this.run_stream(&mut r, Role::Channel(0, &barrier));
+                let cut = || {
+                    first_err
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .as_ref()
+                        .is_some_and(is_cut)
+                };
+                if matches!(main, Err(LoadError::Aborted)) && cut() {
+                    // A page channel ended mid-stream while the main
+                    // channel waited at a barrier: a source that gave up
+                    // put its reason on the main stream. Read on (applying
+                    // nothing) to find it; the source closes after it.
+                    if let Some(reason) = abort_reason(&mut r) {
+                        main = Err(LoadError::SourceAborted { reason });
+                    }
+                }
                 match main {
                     Ok(o) => {
                         total = o;
@@ -882,6 +898,17 @@ impl<'a> Loader<'a> {
                 Ok(i)
             })
             .collect()
+    }
+}
+
+/// Reads the rest of a stream, applying nothing, for an ABORT record.
+fn abort_reason<R: Read>(r: &mut StreamReader<R>) -> Option<String> {
+    loop {
+        match r.next_record() {
+            Ok(Record::Abort(reason)) => return Some(reason.to_string()),
+            Ok(Record::End) | Err(_) => return None,
+            Ok(_) => {}
+        }
     }
 }
 
