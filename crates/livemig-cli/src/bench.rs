@@ -1774,8 +1774,7 @@ fn print_tables(
     c: &Config,
     refs: &References,
     codecs: Option<&[CodecRow]>,
-    migs: Option<&[MigRow]>,
-    mig_skipped: &[String],
+    migs: Option<(&[MigRow], &[String])>,
     xb: Option<&XbSummary>,
     secs: f64,
 ) {
@@ -1832,7 +1831,7 @@ fn print_tables(
             "  (* pages in random order, as the engine meets them, against a per-page memcpy in the same order)"
         );
     }
-    if let Some(rows) = migs {
+    if let Some((rows, mig_skipped)) = migs {
         println!();
         println!(
             "Migration of an idle {} guest (guest GB/s = guest bytes / total time)",
@@ -2071,8 +2070,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             &c,
             &refs,
             codec_rows.as_deref(),
-            mig_rows.as_deref(),
-            &mig_skipped,
+            mig_rows.as_deref().map(|r| (r, mig_skipped.as_slice())),
             xb.as_ref(),
             secs,
         );
