@@ -58,6 +58,11 @@ struct Cli {
     /// Only scenarios whose name contains one of these (comma-separated).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Leave out scenarios whose name contains one of these
+    /// (comma-separated; applied after `--only`, e.g. `--only incrementer
+    /// --skip heavy,postcopy`).
+    #[arg(long, value_delimiter = ',')]
+    skip: Vec<String>,
     /// Only variants whose label contains one of these (comma-separated,
     /// e.g. defaults,channels).
     #[arg(long, value_delimiter = ',')]
@@ -360,6 +365,7 @@ fn run_cli(cli: Cli) -> Result<bool> {
     let cases: Vec<Case> = all
         .into_iter()
         .filter(|c| cli.only.is_empty() || cli.only.iter().any(|o| c.scenario.contains(o.as_str())))
+        .filter(|c| !cli.skip.iter().any(|o| c.scenario.contains(o.as_str())))
         .filter(|c| {
             cli.variant.is_empty()
                 || cli
@@ -480,6 +486,9 @@ fn run_cli(cli: Cli) -> Result<bool> {
         }
         if !cli.only.is_empty() {
             command += &format!(" --only {}", cli.only.join(","));
+        }
+        if !cli.skip.is_empty() {
+            command += &format!(" --skip {}", cli.skip.join(","));
         }
         if !cli.variant.is_empty() {
             command += &format!(" --variant {}", cli.variant.join(","));

@@ -546,7 +546,9 @@ struct CodecRow {
     name: String,
     /// Bytes of page processed per second (median).
     bytes_per_sec: f64,
-    /// Over per-page memcpy of the same working set, in the same run.
+    /// Over per-page memcpy of the same working set: the median of the
+    /// ratios of paired passes (memcpy, codec), each timed in thread CPU
+    /// time.
     ratio_to_memcpy: f64,
     /// Over the memcpy reference (big buffers).
     ratio_to_memcpy_reference: f64,
@@ -555,18 +557,58 @@ struct CodecRow {
     out_bytes_per_page: Option<f64>,
 }
 
-/// Runs `pass` (one pass over `bytes` of pages) `runs` times after a warm-up
-/// pass; median bytes per second.
-fn per_pass(bytes: usize, runs: u32, mut pass: impl FnMut()) -> f64 {
+/// Thread CPU seconds `f` takes: the time this thread ran, not the time it
+/// waited for one of the shared CPUs.
+fn cpu_timed(f: impl FnOnce()) -> f64 {
+    let t = crate::sys::thread_cpu_secs();
+    f();
+    (crate::sys::thread_cpu_secs() - t).max(1e-9)
+}
+
+/// A codec measured against per-page memcpy in pairs: after a warm-up of
+/// each, `runs` (at least 3) times a memcpy pass over `memcpy_bytes` then
+/// a codec pass over `bytes`, each timed in this thread's CPU time. The
+/// ratio is the median of the pairs' ratios, so a slow stretch of the
+/// machine hits both sides of a pair; the rate is the median codec pass.
+fn paired(
+    memcpy_bytes: usize,
+    bytes: usize,
+    runs: u32,
+    memcpy: &mut dyn FnMut(),
+    pass: &mut dyn FnMut(),
+) -> (f64, f64) {
+    memcpy();
     pass();
-    let s: Vec<f64> = (0..runs.max(3))
+    let (rates, ratios): (Vec<f64>, Vec<f64>) = (0..runs.max(3))
         .map(|_| {
-            let t = Instant::now();
-            pass();
-            bytes as f64 / t.elapsed().as_secs_f64()
+            let m = memcpy_bytes as f64 / cpu_timed(&mut *memcpy);
+            let c = bytes as f64 / cpu_timed(&mut *pass);
+            (c, c / m)
         })
-        .collect();
-    median(&s)
+        .unzip();
+    (median(&rates), median(&ratios))
+}
+
+/// The pages of the sparse-change XBZRLE rows: `old` with 8 bytes of each
+/// page changed (a counter, a flag, a pointer).
+fn sparse_changes(old: &[u8]) -> Vec<u8> {
+    let mut new = old.to_vec();
+    for page in new.chunks_mut(PAGE_SIZE) {
+        for at in [8, 9, 1000, 2048, 2049, 2050, 2051, 4000] {
+            page[at] ^= 0x5a;
+        }
+    }
+    new
+}
+
+/// Page indices `0..pages` in a fixed shuffled order.
+fn shuffled(pages: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..pages).collect();
+    let mut rng = XorShift::new(41);
+    for i in (1..pages).rev() {
+        order.swap(i, rng.below(i + 1));
+    }
+    order
 }
 
 fn codecs(c: &Config, refs: &References, json: bool) -> Result<Vec<CodecRow>> {
@@ -577,23 +619,29 @@ fn codecs(c: &Config, refs: &References, json: bool) -> Result<Vec<CodecRow>> {
     let ws = c.codec_set as usize;
     let pages = ws / PAGE_SIZE;
     let runs = c.runs;
-    let mut rows: Vec<(String, f64, Option<f64>)> = Vec::new();
+    // (name, bytes/s, ratio to the paired memcpy, out bytes per page)
+    let mut rows: Vec<(String, f64, f64, Option<f64>)> = Vec::new();
 
     let old = touched(ws, 21);
+    let mut dst = touched(ws, 22);
+    let copy_all = |dst: &mut [u8]| {
+        for (d, s) in dst.chunks_mut(PAGE_SIZE).zip(old.chunks(PAGE_SIZE)) {
+            d.copy_from_slice(black_box(s));
+        }
+        black_box(&dst);
+    };
+    let mut memcpy = || copy_all(&mut dst);
     {
-        let mut dst = touched(ws, 22);
-        let bps = per_pass(ws, runs, || {
-            for (d, s) in dst.chunks_mut(PAGE_SIZE).zip(old.chunks(PAGE_SIZE)) {
-                d.copy_from_slice(black_box(s));
-            }
-            black_box(&dst);
-        });
-        rows.push(("memcpy (per page)".into(), bps, None));
+        let mut bps = Vec::new();
+        for _ in 0..runs.max(3) {
+            bps.push(ws as f64 / cpu_timed(&mut memcpy));
+        }
+        rows.push(("memcpy (per page)".into(), median(&bps), 1.0, None));
     }
     {
         let mut zeros = touched(ws, 23);
         zeros.fill(0); // real zeroed pages, not the shared zero page
-        let bps = per_pass(ws, runs, || {
+        let (bps, r) = paired(ws, ws, runs, &mut memcpy, &mut || {
             for p in zeros.chunks(PAGE_SIZE) {
                 assert!(zero::is_zero(black_box(p)));
             }
@@ -601,20 +649,15 @@ fn codecs(c: &Config, refs: &References, json: bool) -> Result<Vec<CodecRow>> {
         rows.push((
             format!("zero detection, zero page ({})", zero::implementation()),
             bps,
+            r,
             None,
         ));
     }
     {
-        // A few changed bytes per page: a counter, a flag, a pointer.
-        let mut new = old.clone();
-        for page in new.chunks_mut(PAGE_SIZE) {
-            for at in [8, 9, 1000, 2048, 2049, 2050, 2051, 4000] {
-                page[at] ^= 0x5a;
-            }
-        }
+        let new = sparse_changes(&old);
         let mut out = vec![0u8; PAGE_SIZE];
         let mut encoded_len = 0usize;
-        let bps = per_pass(ws, runs, || {
+        let (bps, r) = paired(ws, ws, runs, &mut memcpy, &mut || {
             encoded_len = 0;
             for (o, n) in old.chunks(PAGE_SIZE).zip(new.chunks(PAGE_SIZE)) {
                 encoded_len += black_box(xbzrle::encode(o, n, &mut out)).unwrap_or(PAGE_SIZE);
@@ -626,16 +669,59 @@ fn codecs(c: &Config, refs: &References, json: bool) -> Result<Vec<CodecRow>> {
                 xbzrle::implementation()
             ),
             bps,
+            r,
             Some(encoded_len as f64 / pages as f64),
         ));
         if xbzrle::implementation() != "scalar" {
-            let bps = per_pass(ws, runs, || {
+            let (bps, r) = paired(ws, ws, runs, &mut memcpy, &mut || {
                 for (o, n) in old.chunks(PAGE_SIZE).zip(new.chunks(PAGE_SIZE)) {
                     let _ = black_box(xbzrle::encode_portable(o, n, &mut out));
                 }
             });
-            rows.push(("xbzrle encode, 8 bytes changed (scalar)".into(), bps, None));
+            rows.push((
+                "xbzrle encode, 8 bytes changed (scalar)".into(),
+                bps,
+                r,
+                None,
+            ));
         }
+        // The encoder's ceiling: both pages read and compared, no run to
+        // write (an unchanged page).
+        let same = old.clone();
+        let (bps, r) = paired(ws, ws, runs, &mut memcpy, &mut || {
+            for (o, n) in old.chunks(PAGE_SIZE).zip(same.chunks(PAGE_SIZE)) {
+                let _ = black_box(xbzrle::encode(o, n, &mut out));
+            }
+        });
+        drop(same);
+        rows.push((
+            "xbzrle encode, unchanged page (reads only)".into(),
+            bps,
+            r,
+            None,
+        ));
+        // Pages in random order, as the engine meets them (a cache slot
+        // and a staged page, not neighbours), against memcpy in that order.
+        let order = shuffled(pages);
+        let at = |p: usize| p * PAGE_SIZE..(p + 1) * PAGE_SIZE;
+        let mut scattered_memcpy = || {
+            for &p in &order {
+                dst[at(p)].copy_from_slice(black_box(&old[at(p)]));
+            }
+            black_box(&dst);
+        };
+        let (bps, r) = paired(ws, ws, runs, &mut scattered_memcpy, &mut || {
+            for &p in &order {
+                let _ = black_box(xbzrle::encode(&old[at(p)], &new[at(p)], &mut out));
+            }
+        });
+        rows.push((
+            "xbzrle encode, 8 bytes changed, shuffled *".into(),
+            bps,
+            r,
+            None,
+        ));
+        let mut memcpy = || copy_all(&mut dst);
         let mut encoded = Vec::with_capacity(pages);
         for (o, n) in old.chunks(PAGE_SIZE).zip(new.chunks(PAGE_SIZE)) {
             let len = xbzrle::encode(o, n, &mut out).map_err(|e| anyhow!("xbzrle: {e}"))?;
@@ -643,32 +729,33 @@ fn codecs(c: &Config, refs: &References, json: bool) -> Result<Vec<CodecRow>> {
         }
         drop(new);
         let mut target = old.clone();
-        let bps = per_pass(ws, runs, || {
+        let (bps, r) = paired(ws, ws, runs, &mut memcpy, &mut || {
             for (e, t) in encoded.iter().zip(target.chunks_mut(PAGE_SIZE)) {
                 black_box(xbzrle::decode(e, t)).expect("decodes");
             }
         });
-        rows.push(("xbzrle decode, 8 bytes changed".into(), bps, None));
+        rows.push(("xbzrle decode, 8 bytes changed".into(), bps, r, None));
+        drop(target);
         let changed: Vec<u8> = old.iter().map(|b| !b).collect();
-        let bps = per_pass(ws, runs, || {
+        let (bps, r) = paired(ws, ws, runs, &mut memcpy, &mut || {
             for (o, n) in old.chunks(PAGE_SIZE).zip(changed.chunks(PAGE_SIZE)) {
                 let _ = black_box(xbzrle::encode(o, n, &mut out));
             }
         });
-        rows.push(("xbzrle encode, all changed (overflow)".into(), bps, None));
+        rows.push(("xbzrle encode, all changed (overflow)".into(), bps, r, None));
     }
-    drop(old);
+    let mut memcpy = || copy_all(&mut dst);
     {
-        let ws = ws.min(COMPRESS_SET_MAX);
-        let pages = ws / PAGE_SIZE;
-        let set_note = if ws < c.codec_set as usize {
-            format!(" ({} set)", human(ws as u64))
+        let set = ws.min(COMPRESS_SET_MAX);
+        let set_pages = set / PAGE_SIZE;
+        let set_note = if set < ws {
+            format!(" ({} set)", human(set as u64))
         } else {
             String::new()
         };
         let mut rng = XorShift::new(31);
-        let mut set = vec![0u8; ws];
-        for p in set.chunks_mut(PAGE_SIZE) {
+        let mut text = vec![0u8; set];
+        for p in text.chunks_mut(PAGE_SIZE) {
             text_page(&mut rng, p);
         }
         for (algo, level) in [
@@ -679,9 +766,9 @@ fn codecs(c: &Config, refs: &References, json: bool) -> Result<Vec<CodecRow>> {
             let mut comp = Compressor::new(algo, level).map_err(|e| anyhow!("{algo}: {e}"))?;
             let mut out = Vec::with_capacity(2 * PAGE_SIZE);
             let mut total_out = 0usize;
-            let bps = per_pass(ws, runs, || {
+            let (bps, r) = paired(ws, set, runs, &mut memcpy, &mut || {
                 total_out = 0;
-                for p in set.chunks(PAGE_SIZE) {
+                for p in text.chunks(PAGE_SIZE) {
                     out.clear();
                     total_out += comp
                         .compress(black_box(p), &mut out)
@@ -693,10 +780,11 @@ fn codecs(c: &Config, refs: &References, json: bool) -> Result<Vec<CodecRow>> {
             rows.push((
                 format!("compress {name}, text page{set_note}"),
                 bps,
-                Some(total_out as f64 / pages as f64),
+                r,
+                Some(total_out as f64 / set_pages as f64),
             ));
-            let mut compressed = Vec::with_capacity(pages);
-            for p in set.chunks(PAGE_SIZE) {
+            let mut compressed = Vec::with_capacity(set_pages);
+            for p in text.chunks(PAGE_SIZE) {
                 out.clear();
                 match comp.compress(p, &mut out).map_err(|e| anyhow!("{e}"))? {
                     Some(n) => compressed.push(out[..n].to_vec()),
@@ -704,22 +792,21 @@ fn codecs(c: &Config, refs: &References, json: bool) -> Result<Vec<CodecRow>> {
                 }
             }
             let mut dec = Decompressor::new();
-            let mut dst = touched(ws, 24);
-            let bps = per_pass(ws, runs, || {
-                for (s, d) in compressed.iter().zip(dst.chunks_mut(PAGE_SIZE)) {
+            let mut to = touched(set, 24);
+            let (bps, r) = paired(ws, set, runs, &mut memcpy, &mut || {
+                for (s, d) in compressed.iter().zip(to.chunks_mut(PAGE_SIZE)) {
                     dec.decompress(algo, s, d).expect("decompress");
                 }
             });
-            rows.push((format!("decompress {name}{set_note}"), bps, None));
+            rows.push((format!("decompress {name}{set_note}"), bps, r, None));
         }
     }
-    let page_memcpy = rows[0].1;
     Ok(rows
         .into_iter()
-        .map(|(name, bps, out)| CodecRow {
+        .map(|(name, bps, r, out)| CodecRow {
             name,
             bytes_per_sec: bps,
-            ratio_to_memcpy: ratio(bps, page_memcpy),
+            ratio_to_memcpy: r,
             ratio_to_memcpy_reference: ratio(bps, refs.memcpy.bytes_per_sec),
             out_bytes_per_page: out,
         })
@@ -962,8 +1049,15 @@ struct Scenario {
 /// compressors here, and one much slower, where compressing pays.
 const CAPPED_LINKS: [u64; 2] = [200 << 20, 25 << 20];
 
-/// Guest size of the capped-link cases (they run at the cap's pace).
-const CAPPED_GUEST_MAX: u64 = 64 << 20;
+/// Seconds a capped-link case is sized to take at its cap (its guest is
+/// the power of two at or above cap x this, at most `--mem`): long enough
+/// for the cap to pace it, short enough for three runs of each.
+const CAPPED_SECS: f64 = 1.0;
+
+/// Guest size of a capped-link case at `cap` bytes/s with `--mem` `size`.
+fn capped_guest(size: u64, cap: u64) -> u64 {
+    size.min(((cap as f64 * CAPPED_SECS) as u64).next_power_of_two())
+}
 
 /// Shortest time a capped case must take at its cap to be run: shorter
 /// runs finish inside the rate limiter's first grant.
@@ -986,7 +1080,7 @@ fn migration(
     json: bool,
     no_cold: bool,
     cases: &[String],
-) -> Result<Vec<MigRow>> {
+) -> Result<(Vec<MigRow>, Vec<String>)> {
     let lz4 = Some(CompressParams {
         algorithm: Algorithm::Lz4,
         level: 1,
@@ -1095,19 +1189,21 @@ fn migration(
     // A cap only paces a run that lasts: a guest moved in well under a
     // second at the cap's rate fits in the limiter's first grant and would
     // report the uncapped rate under a "cap" label.
-    let capped_size = c.size.min(CAPPED_GUEST_MAX);
+    let mut skipped = Vec::new();
     list.retain(|s| {
+        let capped_size = capped_guest(c.size, s.cap);
         let paced = s.cap == 0 || capped_size as f64 / s.cap as f64 >= MIN_CAPPED_SECS;
         if !paced {
-            note(
-                json,
-                &format!(
-                    "skipping \"{}\": a {} guest takes {:.2} s at the cap, too short to be paced",
-                    s.name,
-                    human(capped_size),
-                    capped_size as f64 / s.cap as f64
-                ),
+            let why = format!(
+                "\"{}\": a {} guest takes {:.2} s at the cap, too short to be paced \
+                 (-m {} or more runs it)",
+                s.name,
+                human(capped_size),
+                capped_size as f64 / s.cap as f64,
+                human(capped_guest(u64::MAX, s.cap)),
             );
+            note(json, &format!("skipping {why}"));
+            skipped.push(why);
         }
         paced
     });
@@ -1125,7 +1221,7 @@ fn migration(
         // Compression runs at a fraction of link speed here: a smaller
         // guest keeps the run short; throughput does not depend on size.
         let size = if s.cap > 0 {
-            c.size.min(CAPPED_GUEST_MAX)
+            capped_guest(c.size, s.cap)
         } else if s.compress.is_some() {
             c.size.min(COMPRESSED_GUEST_MAX)
         } else {
@@ -1290,7 +1386,7 @@ fn migration(
             .find(|t| t.0 == r.content && t.1 == r.channels && t.2 == r.dest && t.3 == r.compress)
             .map(|t| ratio(r.guest_bytes_per_sec, t.4));
     }
-    Ok(rows)
+    Ok((rows, skipped))
 }
 
 // ------------------------------------------------------------------ xbzrle
@@ -1678,19 +1774,20 @@ fn print_tables(
     c: &Config,
     refs: &References,
     codecs: Option<&[CodecRow]>,
-    migs: Option<&[MigRow]>,
+    migs: Option<(&[MigRow], &[String])>,
     xb: Option<&XbSummary>,
     secs: f64,
 ) {
     println!(
-        "livemig bench: {} cpus ({}), kernel {}, medians of {} migration runs, {} socket runs, {} memcpy and codec passes, {:.0} s",
+        "livemig bench: {} cpus ({}), kernel {}, {:.0} s; medians of {} run(s) per migration, {} per socket reference, {} memcpy-reference passes, {} paired passes per codec",
         m["cpus"],
         m["cpu"].as_str().unwrap_or(""),
         m["kernel"].as_str().unwrap_or(""),
+        secs,
         c.runs,
         c.runs.max(3),
-        format_args!("{}/{}", c.runs.max(5), c.runs.max(3)),
-        secs
+        c.runs.max(5),
+        c.runs.max(3),
     );
     println!();
     println!("References (same run)                         GB/s");
@@ -1711,8 +1808,12 @@ fn print_tables(
     if let Some(rows) = codecs {
         println!();
         println!(
-            "Page codecs ({} working set, 4 KiB pages)     GB/s   /memcpy-per-page  /memcpy-ref  out B/page",
+            "Page codecs ({} working set, 4 KiB pages; thread CPU time, each codec pass paired with a per-page memcpy pass)",
             human(c.codec_set)
+        );
+        println!(
+            "  {:<44}{:>6}   {:>16}  {:>11}  {:>10}",
+            "", "GB/s", "/memcpy-per-page", "/memcpy-ref", "out B/page"
         );
         for r in rows {
             println!(
@@ -1726,74 +1827,124 @@ fn print_tables(
                     .unwrap_or_default()
             );
         }
+        println!(
+            "  (* pages in random order, as the engine meets them, against a per-page memcpy in the same order)"
+        );
     }
-    if let Some(rows) = migs {
+    if let Some((rows, mig_skipped)) = migs {
         println!();
         println!(
             "Migration of an idle {} guest (guest GB/s = guest bytes / total time)",
             human(c.size)
         );
-        println!(
-            "  {:<48}{:>7}{:>10}{:>9}{:>11}{:>11}{:>11}{:>9}{:>9}{:>9}{:>6}  limit",
-            "case",
-            "time s",
-            "stream",
-            "guest",
-            "stream",
-            "guest",
-            "guest",
-            "guest",
-            "guest",
-            "CPU s",
-            "CPU"
-        );
-        println!(
-            "  {:<48}{:>7}{:>10}{:>9}{:>11}{:>11}{:>11}{:>9}{:>9}{:>9}{:>6}",
-            "", "", "GB/s", "GB/s", "/link", "/link", "/limit", "/TCP", "/memcpy", "/GiB", "busy"
-        );
-        for r in rows {
+        let name_of = |r: &MigRow| {
+            if r.noise {
+                format!("{} (noise: <10 ms)", r.name)
+            } else {
+                r.name.clone()
+            }
+        };
+        let compressed_of = |r: &MigRow| {
             let page_count = |k: &str| r.pages[k].as_u64().unwrap_or(0);
-            let compressed = match page_count("compressed") + page_count("raw") {
+            match page_count("compressed") + page_count("raw") {
                 0 => String::new(),
-                n if r.compress.is_some() => {
-                    format!(
-                        " ({:.0}% of pages compressed)",
-                        100.0 * page_count("compressed") as f64 / n as f64
-                    )
-                }
+                n if r.compress.is_some() => format!(
+                    " ({:.0}% of pages compressed)",
+                    100.0 * page_count("compressed") as f64 / n as f64
+                ),
                 _ => String::new(),
-            };
+            }
+        };
+        if c.quick {
+            // Eight columns: what a smoke run needs; --json has the rest.
             println!(
-                "  {:<48}{:>7.2}{:>10}{:>9}{:>11.2}{:>11.2}{:>11.2}{:>9.2}{:>9.2}{:>9.2}{:>5.0}%  {}{compressed}",
-                if r.noise {
-                    format!("{} (noise: <10 ms)", r.name)
-                } else {
-                    r.name.clone()
-                },
-                r.secs,
-                gbs(r.stream_bytes_per_sec),
-                gbs(r.guest_bytes_per_sec),
-                r.stream_ratio_to_link,
-                r.guest_ratio_to_link,
-                r.ratio_to_limit,
-                r.guest_ratio_to_tcp,
-                r.guest_ratio_to_memcpy,
-                r.cpu_secs_per_gib,
-                r.cpu_share * 100.0,
-                r.limit
+                "  {:<48}{:>7}{:>8}{:>7}{:>8}{:>9}{:>8}{:>6}  limit",
+                "case", "time s", "guest", "guest", "guest", "over", "CPU s", "CPU"
             );
-        }
-        let vs: Vec<String> = rows
-            .iter()
-            .filter_map(|r| {
-                r.guest_ratio_to_tcp_migration
-                    .map(|x| format!("{}: {x:.2}x", r.name))
-            })
-            .collect();
-        if !vs.is_empty() {
-            println!("  Guest throughput over the same migration over TCP in this run:");
-            for line in vs {
-                println!("    {line}");
+            println!(
+                "  {:<48}{:>7}{:>8}{:>7}{:>8}{:>9}{:>8}{:>6}",
+                "", "", "GB/s", "/link", "/limit", "TCP run", "/GiB", "busy"
+            );
+            for r in rows {
+                println!(
+                    "  {:<48}{:>7.2}{:>8}{:>7.2}{:>8.2}{:>9}{:>8.2}{:>5.0}%  {}{}",
+                    name_of(r),
+                    r.secs,
+                    gbs(r.guest_bytes_per_sec),
+                    r.guest_ratio_to_link,
+                    r.ratio_to_limit,
+                    r.guest_ratio_to_tcp_migration
+                        .map(|x| format!("{x:.2}x"))
+                        .unwrap_or_default(),
+                    r.cpu_secs_per_gib,
+                    r.cpu_share * 100.0,
+                    r.limit,
+                    compressed_of(r)
+                );
+            }
+            println!(
+                "  (over TCP run: guest throughput over the same case over TCP in this run; \
+                 --json has every column of the full table)"
+            );
+        } else {
+            println!(
+                "  {:<48}{:>7}{:>10}{:>9}{:>11}{:>11}{:>11}{:>9}{:>9}{:>9}{:>6}  limit",
+                "case",
+                "time s",
+                "stream",
+                "guest",
+                "stream",
+                "guest",
+                "guest",
+                "guest",
+                "guest",
+                "CPU s",
+                "CPU"
+            );
+            println!(
+                "  {:<48}{:>7}{:>10}{:>9}{:>11}{:>11}{:>11}{:>9}{:>9}{:>9}{:>6}",
+                "",
+                "",
+                "GB/s",
+                "GB/s",
+                "/link",
+                "/link",
+                "/limit",
+                "/TCP",
+                "/memcpy",
+                "/GiB",
+                "busy"
+            );
+            for r in rows {
+                println!(
+                    "  {:<48}{:>7.2}{:>10}{:>9}{:>11.2}{:>11.2}{:>11.2}{:>9.2}{:>9.2}{:>9.2}{:>5.0}%  {}{}",
+                    name_of(r),
+                    r.secs,
+                    gbs(r.stream_bytes_per_sec),
+                    gbs(r.guest_bytes_per_sec),
+                    r.stream_ratio_to_link,
+                    r.guest_ratio_to_link,
+                    r.ratio_to_limit,
+                    r.guest_ratio_to_tcp,
+                    r.guest_ratio_to_memcpy,
+                    r.cpu_secs_per_gib,
+                    r.cpu_share * 100.0,
+                    r.limit,
+                    compressed_of(r)
+                );
+            }
+            let vs: Vec<String> = rows
+                .iter()
+                .filter_map(|r| {
+                    r.guest_ratio_to_tcp_migration
+                        .map(|x| format!("{}: {x:.2}x", r.name))
+                })
+                .collect();
+            if !vs.is_empty() {
+                println!("  Guest throughput over the same migration over TCP in this run:");
+                for line in vs {
+                    println!("    {line}");
+                }
             }
         }
         if let Some(r) = rows.first() {
@@ -1801,6 +1952,9 @@ fn print_tables(
                 "  (tracker: {}; link = the matching reference: TCP, Unix socket or the shm: transport)",
                 r.tracker
             );
+        }
+        for why in mig_skipped {
+            println!("  not run: {why}");
         }
     }
     if let Some(x) = xb {
@@ -1875,10 +2029,11 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     } else {
         None
     };
-    let mig_rows = if want(Part::Migration) {
-        Some(migration(&c, &refs, a.json, a.no_cold, &a.case)?)
+    let (mig_rows, mig_skipped) = if want(Part::Migration) {
+        let (rows, skipped) = migration(&c, &refs, a.json, a.no_cold, &a.case)?;
+        (Some(rows), skipped)
     } else {
-        None
+        (None, Vec::new())
     };
     let xb = if want(Part::Xbzrle) {
         Some(xbzrle_compare(&c, a.json)?)
@@ -1898,6 +2053,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             "references": refs,
             "codecs": codec_rows,
             "migration": mig_rows,
+            "migration_skipped": mig_skipped,
             "xbzrle": xb,
             "tls": tls_cost,
         "elapsed_secs": secs,
@@ -1914,7 +2070,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             &c,
             &refs,
             codec_rows.as_deref(),
-            mig_rows.as_deref(),
+            mig_rows.as_deref().map(|r| (r, mig_skipped.as_slice())),
             xb.as_ref(),
             secs,
         );

@@ -1,27 +1,55 @@
 //! Byte-difference masks: which bytes of two equal-length buffers differ,
-//! one bit per byte, for the XBZRLE encoder's run search.
+//! one bit per byte, and the XBZRLE encoders built on them.
 //!
-//! `mask` picks the fastest routine the CPU supports once (AVX-512BW,
-//! then AVX2 on x86_64, else a portable word-at-a-time loop) and caches the
-//! choice, like [`super::zero`]. The AVX-512 routine is built only by
-//! compilers that have its intrinsics (Rust 1.89+, see `build.rs`). Every routine writes the same bits: bit
-//! `i % 64` of word `i / 64` is set when byte `i` differs; bits past the
-//! end of the buffers are clear. The routines only read the two input
-//! slices and only write the mask slice, through bounds-checked chunks.
+//! Every mask routine writes the same bits: bit `i % 64` of word `i / 64`
+//! is set when byte `i` differs; bits past the end of the buffers are
+//! clear. The routines only read the two input slices and only write the
+//! mask slice, through bounds-checked chunks.
+//!
+//! [`encoder`] picks the fastest XBZRLE encoder the CPU supports once
+//! (AVX-512BW, then AVX2 on x86_64, else the portable word-skipping
+//! encoder) and caches the choice, like [`super::zero`]. A SIMD encoder is
+//! one function compiled with its target features: the mask pass over the
+//! page pair, then [`super::xbzrle`]'s run walk over the mask (in L1 by
+//! then), with no indirect call between them. The AVX-512 routines are
+//! built only by compilers that have its intrinsics (Rust 1.89+, see
+//! `build.rs`).
+//!
+//! # Read-ahead
+//!
+//! The SIMD mask passes prefetch the line [`READ_AHEAD`] bytes ahead of the
+//! one they compare, inside the page: the hardware prefetcher does not
+//! cross 4 KiB pages and needs a few misses before it starts, and a page
+//! that is not 64-byte aligned (a page-cache copy from the allocator) makes
+//! every load span two lines. Prefetching past the end of the page (into
+//! the next page, which helps a caller that encodes adjacent pages in
+//! order) was measured and left out: it made pages encoded in scattered
+//! order, as the engine does, 7-15% slower (BENCHMARKS.md).
 
 use std::sync::OnceLock;
 
+use super::xbzrle::Error;
+
 /// A mask routine: `(old, new, mask)`; the caller guarantees
 /// `old.len() == new.len()` and `mask.len() == words(old.len())`.
+#[cfg(test)]
 pub(crate) type MaskFn = fn(&[u8], &[u8], &mut [u64]);
 
-/// A routine and its name.
+/// An encoder: `(old, new, out)`, lengths already checked by the caller
+/// (`old.len() == new.len() <= MAX_PAGE_LEN`).
+pub(crate) type EncodeFn = fn(&[u8], &[u8], &mut [u8]) -> Result<usize, Error>;
+
+/// Bytes ahead of the compared line that the SIMD mask passes prefetch
+/// (two lines; 128 to 256 measured alike, 384 and more slower).
+pub const READ_AHEAD: usize = 128;
+
+/// An encoder and its name.
 struct Routine {
     name: &'static str,
-    mask: MaskFn,
+    encode: EncodeFn,
 }
 
-/// The routine selected for this CPU on first use.
+/// The encoder selected for this CPU on first use.
 static SELECTED: OnceLock<Routine> = OnceLock::new();
 
 /// Mask words needed for `len` bytes.
@@ -29,28 +57,19 @@ pub(crate) const fn words(len: usize) -> usize {
     len.div_ceil(64)
 }
 
-/// Fills `mask` (exactly [`words`]`(old.len())` words) with the bytes of
-/// `old` and `new` that differ. Panics on mismatched lengths.
+/// The XBZRLE encoder for this CPU.
 #[inline]
-pub(crate) fn mask(old: &[u8], new: &[u8], mask: &mut [u64]) {
-    assert_eq!(old.len(), new.len());
-    assert_eq!(mask.len(), words(old.len()));
-    (SELECTED.get_or_init(select).mask)(old, new, mask)
+pub(crate) fn encoder() -> EncodeFn {
+    SELECTED.get_or_init(select).encode
 }
 
-/// True when a SIMD routine was selected (otherwise the encoder's own
-/// word-skipping scan is faster than building a mask).
-pub(crate) fn accelerated() -> bool {
-    implementation() != "scalar"
-}
-
-/// The name of the routine `mask` uses on this CPU, for logs and
-/// benchmark reports: `"avx512bw"`, `"avx2"` or `"scalar"`.
+/// The name of the routine the XBZRLE encoder uses on this CPU, for logs
+/// and benchmark reports: `"avx512bw"`, `"avx2"` or `"scalar"`.
 pub fn implementation() -> &'static str {
     SELECTED.get_or_init(select).name
 }
 
-/// Chooses the fastest routine the running CPU supports.
+/// Chooses the fastest encoder the running CPU supports.
 fn select() -> Routine {
     #[cfg(target_arch = "x86_64")]
     {
@@ -58,23 +77,26 @@ fn select() -> Routine {
         if is_x86_feature_detected!("avx512bw") {
             return Routine {
                 name: "avx512bw",
-                mask: x86::avx512,
+                encode: x86::encode_avx512,
             };
         }
         if is_x86_feature_detected!("avx2") {
             return Routine {
                 name: "avx2",
-                mask: x86::avx2,
+                encode: x86::encode_avx2,
             };
         }
     }
     Routine {
         name: "scalar",
-        mask: scalar,
+        encode: super::xbzrle::encode_portable,
     }
 }
 
-/// Portable routine: 8 bytes at a time, the tail bytewise.
+/// Portable mask routine: 8 bytes at a time, the tail bytewise. Used by
+/// the tests (the walk over a mask on any CPU); on CPUs without SIMD the
+/// word-skipping encoder is faster than building a mask.
+#[cfg(test)]
 pub(crate) fn scalar(old: &[u8], new: &[u8], mask: &mut [u64]) {
     let mut o = old.chunks_exact(64);
     let mut n = new.chunks_exact(64);
@@ -87,6 +109,7 @@ pub(crate) fn scalar(old: &[u8], new: &[u8], mask: &mut [u64]) {
 
 /// The mask of one 64-byte block, portably: skips equal 8-byte words,
 /// looks at the bytes of the others.
+#[cfg(test)]
 fn block64(o: &[u8], n: &[u8]) -> u64 {
     let mut m = 0u64;
     for (k, (o, n)) in o.chunks_exact(8).zip(n.chunks_exact(8)).enumerate() {
@@ -119,19 +142,41 @@ fn tail(o: &[u8], n: &[u8], mask: &mut [u64]) {
     }
 }
 
-/// Every routine usable on this CPU, with its name (for tests here and in
-/// the encoder).
+/// Every mask routine usable on this CPU, with its name (for tests).
 #[cfg(test)]
 pub(crate) fn routines() -> Vec<(&'static str, MaskFn)> {
-    let mut v: Vec<(&'static str, MaskFn)> = vec![("scalar", scalar), ("mask", mask)];
+    let mut v: Vec<(&'static str, MaskFn)> = vec![("scalar", scalar)];
     #[cfg(target_arch = "x86_64")]
     {
         if is_x86_feature_detected!("avx2") {
-            v.push(("avx2", x86::avx2));
+            v.push(("avx2", x86::mask_avx2));
         }
         #[cfg(livemig_avx512)]
         if is_x86_feature_detected!("avx512bw") {
-            v.push(("avx512bw", x86::avx512));
+            v.push(("avx512bw", x86::mask_avx512));
+        }
+    }
+    v
+}
+
+/// Every encoder usable on this CPU, with its name (for tests here and in
+/// the encoder): the selected one, the walk over the portable mask, and
+/// each SIMD encoder the CPU has.
+#[cfg(test)]
+pub(crate) fn encoders() -> Vec<(&'static str, EncodeFn)> {
+    fn masked_scalar(old: &[u8], new: &[u8], out: &mut [u8]) -> Result<usize, Error> {
+        super::xbzrle::encode_masked(old, new, out, scalar)
+    }
+    let mut v: Vec<(&'static str, EncodeFn)> =
+        vec![("selected", encoder()), ("masked/scalar", masked_scalar)];
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx2") {
+            v.push(("avx2", x86::encode_avx2));
+        }
+        #[cfg(livemig_avx512)]
+        if is_x86_feature_detected!("avx512bw") {
+            v.push(("avx512bw", x86::encode_avx512));
         }
     }
     v
@@ -140,63 +185,123 @@ pub(crate) fn routines() -> Vec<(&'static str, MaskFn)> {
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 mod x86 {
-    //! SIMD routines. Each `unsafe` is a load from a slice chunk of exactly
-    //! the loaded width, or a call into a function whose target features
-    //! were detected at run time before the routine was selected.
+    //! SIMD mask passes and the encoders over them. Each `unsafe` is a
+    //! load from a slice chunk of exactly the loaded width, a prefetch of
+    //! a byte inside a slice, or a call into a function whose target
+    //! features were checked at run time just before.
 
-    use std::arch::x86_64::{__m256i, _mm256_cmpeq_epi8, _mm256_loadu_si256, _mm256_movemask_epi8};
+    use super::{Error, READ_AHEAD};
+    use crate::codec::xbzrle::encode_masked;
+    use std::arch::x86_64::{
+        __m256i, _mm256_cmpeq_epi8, _mm256_loadu_si256, _mm256_movemask_epi8, _mm_prefetch,
+        _MM_HINT_T0,
+    };
     #[cfg(livemig_avx512)]
     use std::arch::x86_64::{__m512i, _mm512_cmpneq_epi8_mask, _mm512_loadu_si512};
 
-    #[cfg(livemig_avx512)]
-    /// AVX-512BW routine; selected only after
+    /// AVX-512BW encoder; selected only after
     /// `is_x86_feature_detected!("avx512bw")`.
-    pub(super) fn avx512(old: &[u8], new: &[u8], mask: &mut [u64]) {
-        debug_assert!(is_x86_feature_detected!("avx512bw"));
-        // SAFETY: `select` (and the tests) return or call this only when
-        // the CPU reports AVX-512BW (which implies AVX-512F), all that
-        // `avx512_impl` requires.
-        unsafe { avx512_impl(old, new, mask) }
+    #[cfg(livemig_avx512)]
+    pub(super) fn encode_avx512(old: &[u8], new: &[u8], out: &mut [u8]) -> Result<usize, Error> {
+        assert!(is_x86_feature_detected!("avx512bw"));
+        // SAFETY: the assert above checked that the CPU has AVX-512BW
+        // (which implies AVX-512F), all that `encode_avx512_impl` needs.
+        // The check is a load and a test of a cached word.
+        unsafe { encode_avx512_impl(old, new, out) }
     }
 
-    /// AVX2 routine; selected only after `is_x86_feature_detected!("avx2")`.
-    pub(super) fn avx2(old: &[u8], new: &[u8], mask: &mut [u64]) {
-        debug_assert!(is_x86_feature_detected!("avx2"));
-        // SAFETY: `select` (and the tests) return or call this only when
-        // the CPU reports AVX2, all that `avx2_impl` requires.
-        unsafe { avx2_impl(old, new, mask) }
+    /// AVX2 encoder; selected only after `is_x86_feature_detected!("avx2")`.
+    pub(super) fn encode_avx2(old: &[u8], new: &[u8], out: &mut [u8]) -> Result<usize, Error> {
+        assert!(is_x86_feature_detected!("avx2"));
+        // SAFETY: the assert above checked that the CPU has AVX2, all that
+        // `encode_avx2_impl` needs.
+        unsafe { encode_avx2_impl(old, new, out) }
     }
 
-    // Built only by Rust 1.89+ (build.rs), where these intrinsics are stable.
+    /// AVX-512BW mask routine (tests); checks the feature first.
+    #[cfg(all(test, livemig_avx512))]
+    pub(super) fn mask_avx512(old: &[u8], new: &[u8], mask: &mut [u64]) {
+        assert!(is_x86_feature_detected!("avx512bw"));
+        // SAFETY: the CPU has AVX-512BW (checked above).
+        unsafe { fill_avx512(old, new, mask) }
+    }
+
+    /// AVX2 mask routine (tests); checks the feature first.
+    #[cfg(test)]
+    pub(super) fn mask_avx2(old: &[u8], new: &[u8], mask: &mut [u64]) {
+        assert!(is_x86_feature_detected!("avx2"));
+        // SAFETY: the CPU has AVX2 (checked above).
+        unsafe { fill_avx2(old, new, mask) }
+    }
+
+    // `encode_masked` is `inline(always)`: compiled here, inside the
+    // target-feature function, with the mask pass inlined into it.
     #[cfg(livemig_avx512)]
     #[clippy::msrv = "1.89"]
     #[target_feature(enable = "avx512f,avx512bw")]
-    unsafe fn avx512_impl(old: &[u8], new: &[u8], mask: &mut [u64]) {
-        let mut o = old.chunks_exact(64);
-        let mut n = new.chunks_exact(64);
-        let mut words = mask.iter_mut();
-        for ((o, n), m) in (&mut o).zip(&mut n).zip(&mut words) {
-            *m = _mm512_cmpneq_epi8_mask(load512(o), load512(n));
-        }
-        super::tail(o.remainder(), n.remainder(), words.into_slice());
+    fn encode_avx512_impl(old: &[u8], new: &[u8], out: &mut [u8]) -> Result<usize, Error> {
+        encode_masked(old, new, out, |o, n, m| fill_avx512(o, n, m))
     }
 
     #[target_feature(enable = "avx2")]
-    unsafe fn avx2_impl(old: &[u8], new: &[u8], mask: &mut [u64]) {
-        let mut o = old.chunks_exact(64);
-        let mut n = new.chunks_exact(64);
-        let mut words = mask.iter_mut();
-        for ((o, n), m) in (&mut o).zip(&mut n).zip(&mut words) {
-            let lo = _mm256_movemask_epi8(_mm256_cmpeq_epi8(load256(&o[..32]), load256(&n[..32])));
-            let hi = _mm256_movemask_epi8(_mm256_cmpeq_epi8(load256(&o[32..]), load256(&n[32..])));
+    fn encode_avx2_impl(old: &[u8], new: &[u8], out: &mut [u8]) -> Result<usize, Error> {
+        encode_masked(old, new, out, |o, n, m| fill_avx2(o, n, m))
+    }
+
+    /// The mask with AVX-512BW: one compare per 64 bytes.
+    #[cfg(livemig_avx512)]
+    #[clippy::msrv = "1.89"]
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn fill_avx512(old: &[u8], new: &[u8], mask: &mut [u64]) {
+        let full = old.len() / 64;
+        let (o, n) = (&old[..full * 64], &new[..full * 64]);
+        for (w, m) in mask[..full].iter_mut().enumerate() {
+            let at = w * 64;
+            read_ahead(o, at + READ_AHEAD);
+            read_ahead(n, at + READ_AHEAD);
+            *m = _mm512_cmpneq_epi8_mask(load512(&o[at..at + 64]), load512(&n[at..at + 64]));
+        }
+        super::tail(&old[full * 64..], &new[full * 64..], &mut mask[full..]);
+    }
+
+    /// The mask with AVX2: two compares per 64 bytes.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn fill_avx2(old: &[u8], new: &[u8], mask: &mut [u64]) {
+        let full = old.len() / 64;
+        let (o, n) = (&old[..full * 64], &new[..full * 64]);
+        for (w, m) in mask[..full].iter_mut().enumerate() {
+            let at = w * 64;
+            read_ahead(o, at + READ_AHEAD);
+            read_ahead(n, at + READ_AHEAD);
+            let lo = _mm256_movemask_epi8(_mm256_cmpeq_epi8(
+                load256(&o[at..at + 32]),
+                load256(&n[at..at + 32]),
+            ));
+            let hi = _mm256_movemask_epi8(_mm256_cmpeq_epi8(
+                load256(&o[at + 32..at + 64]),
+                load256(&n[at + 32..at + 64]),
+            ));
             // movemask gives the equal bytes; the mask wants the others.
             *m = !(u64::from(lo as u32) | u64::from(hi as u32) << 32);
         }
-        super::tail(o.remainder(), n.remainder(), words.into_slice());
+        super::tail(&old[full * 64..], &new[full * 64..], &mut mask[full..]);
     }
 
-    #[cfg(livemig_avx512)]
+    /// Prefetches the line holding `buf[at]`, if `at` is inside `buf`.
+    #[inline(always)]
+    fn read_ahead(buf: &[u8], at: usize) {
+        if at < buf.len() {
+            // SAFETY: `at` is inside `buf` (checked above), so the address
+            // is valid; a prefetch is only a hint to the cache and does not
+            // change memory.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(buf.as_ptr().add(at).cast()) }
+        }
+    }
+
     /// Unaligned 64-byte load of a 64-byte chunk.
+    #[cfg(livemig_avx512)]
     #[clippy::msrv = "1.89"]
     #[inline]
     #[target_feature(enable = "avx512f")]
@@ -276,5 +381,9 @@ mod tests {
     #[test]
     fn implementation_is_named() {
         assert!(["avx512bw", "avx2", "scalar"].contains(&implementation()));
+        let names: Vec<_> = encoders().iter().map(|(n, _)| *n).collect();
+        if implementation() != "scalar" {
+            assert!(names.contains(&implementation()), "{names:?}");
+        }
     }
 }

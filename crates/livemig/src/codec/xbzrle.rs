@@ -121,19 +121,18 @@ pub enum Error {
 /// `out` may be changed even on error, but never past its end.
 ///
 /// Where the CPU has AVX-512BW or AVX2 the runs are found from a SIMD
-/// byte-difference mask ([`super::diff`]); elsewhere by a word-skipping
-/// scan. Both give byte-identical output (the tests compare them).
+/// byte-difference mask of the page pair ([`super::diff`], which also
+/// prefetches a little past the end of both pages: see its read-ahead
+/// note); elsewhere by a word-skipping scan ([`encode_portable`]). Both
+/// give byte-identical output (the tests compare them).
+#[inline]
 pub fn encode(old: &[u8], new: &[u8], out: &mut [u8]) -> Result<usize, Error> {
     check_lengths(old, new)?;
-    if super::diff::accelerated() {
-        encode_masked(old, new, out, super::diff::mask)
-    } else {
-        encode_portable(old, new, out)
-    }
+    (super::diff::encoder())(old, new, out)
 }
 
 /// The name of the run search [`encode`] uses on this CPU: the SIMD mask
-/// routine (`"avx512bw"`, `"avx2"`) or `"scalar"`.
+/// (`"avx512bw"`, `"avx2"`) or `"scalar"` ([`encode_portable`]).
 pub fn implementation() -> &'static str {
     super::diff::implementation()
 }
@@ -156,22 +155,30 @@ fn check_lengths(old: &[u8], new: &[u8]) -> Result<(), Error> {
 /// tested against); public for benchmarks that compare the two.
 pub fn encode_portable(old: &[u8], new: &[u8], out: &mut [u8]) -> Result<usize, Error> {
     check_lengths(old, new)?;
-    emit_runs(
-        new,
-        out,
-        |i| equal_run(&old[i..], &new[i..]),
-        |i| changed_run(&old[i..], &new[i..]),
-    )
+    emit_runs(new, out, |i, changed| {
+        if changed {
+            i + equal_run(&old[i..], &new[i..])
+        } else {
+            i + changed_run(&old[i..], &new[i..])
+        }
+    })
 }
 
-/// The encoder over a byte-difference mask built by `mask_fn`.
-fn encode_masked(
+/// The encoder over a byte-difference mask that `fill(old, new, mask)`
+/// builds (bit `i % 64` of word `i / 64` set when byte `i` differs, bits
+/// past the end clear): the mask pass first, then the run walk over the
+/// mask alone, which by then sits in L1. The caller has checked the
+/// lengths.
+///
+/// `inline(always)`: the SIMD encoders compile it inside their
+/// target-feature functions so that `fill` inlines into it.
+#[inline(always)]
+pub(crate) fn encode_masked(
     old: &[u8],
     new: &[u8],
     out: &mut [u8],
-    mask_fn: super::diff::MaskFn,
+    fill: impl FnOnce(&[u8], &[u8], &mut [u64]),
 ) -> Result<usize, Error> {
-    check_lengths(old, new)?;
     let len = new.len();
     let words = super::diff::words(len);
     // A page of the usual size keeps its mask small (512 bytes to clear).
@@ -183,19 +190,14 @@ fn encode_masked(
         large = [0u64; super::diff::words(MAX_PAGE_LEN)];
         &mut large[..words]
     };
-    mask_fn(old, new, mask);
+    fill(old, new, mask);
     let mask = &*mask;
-    emit_runs(
-        new,
-        out,
-        |i| next_bit(mask, i, len, true) - i,
-        |i| next_bit(mask, i, len, false) - i,
-    )
+    emit_runs(new, out, |i, changed| next_bit(mask, i, len, changed))
 }
 
 /// The first page offset at or after `from` whose mask bit equals `set`,
 /// or `len` when there is none. Bits past `len` are clear.
-#[inline]
+#[inline(always)]
 fn next_bit(mask: &[u64], from: usize, len: usize, set: bool) -> usize {
     let flip = if set { 0 } else { !0u64 };
     let mut w = from / 64;
@@ -205,6 +207,7 @@ fn next_bit(mask: &[u64], from: usize, len: usize, set: bool) -> usize {
     let mut bits = (first ^ flip) & (!0u64 << (from % 64));
     loop {
         if bits != 0 {
+            // Past the end the flipped mask is all ones: clamp.
             return (w * 64 + bits.trailing_zeros() as usize).min(len);
         }
         w += 1;
@@ -216,14 +219,14 @@ fn next_bit(mask: &[u64], from: usize, len: usize, set: bool) -> usize {
 }
 
 /// Writes the runs of `new` into `out` with QEMU's room checks;
-/// `zrun(i)` / `nzrun(i)` give the length of the unchanged / changed run
-/// starting at page offset `i` (each at most `new.len() - i`).
+/// `next(i, true)` / `next(i, false)` give the first page offset at or
+/// after `i` whose byte is changed / unchanged (`new.len()` when none is),
+/// so the run starting at `i` ends there.
 #[inline(always)]
 fn emit_runs(
     new: &[u8],
     out: &mut [u8],
-    mut zrun_at: impl FnMut(usize) -> usize,
-    mut nzrun_at: impl FnMut(usize) -> usize,
+    mut next: impl FnMut(usize, bool) -> usize,
 ) -> Result<usize, Error> {
     let len = new.len();
     let dlen = out.len();
@@ -232,7 +235,7 @@ fn emit_runs(
         if d + 2 > dlen {
             return Err(Error::Overflow);
         }
-        let zrun = zrun_at(i);
+        let zrun = next(i, true) - i;
         if zrun == len {
             return Ok(0);
         }
@@ -245,7 +248,7 @@ fn emit_runs(
         if d + 2 > dlen {
             return Err(Error::Overflow);
         }
-        let nzrun = nzrun_at(i);
+        let nzrun = next(i, false) - i;
         d += put_length(&mut out[d..], nzrun);
         if d + nzrun > dlen {
             return Err(Error::Overflow);
@@ -667,8 +670,8 @@ mod tests {
         }
     }
 
-    /// Every encoder: the selected one, the word scan and the mask-based
-    /// one over each mask routine this CPU has.
+    /// Every encoder: the public one, the word scan, and each block-mask
+    /// encoder this CPU can run (portable, AVX2, AVX-512BW).
     type Encoder = Box<dyn Fn(&[u8], &[u8], &mut [u8]) -> Result<usize, Error>>;
 
     fn encoders() -> Vec<(String, Encoder)> {
@@ -676,11 +679,8 @@ mod tests {
             ("encode".into(), Box::new(encode)),
             ("words".into(), Box::new(encode_portable)),
         ];
-        for (name, f) in crate::codec::diff::routines() {
-            v.push((
-                format!("masked/{name}"),
-                Box::new(move |o: &[u8], n: &[u8], out: &mut [u8]| encode_masked(o, n, out, f)),
-            ));
+        for (name, f) in crate::codec::diff::encoders() {
+            v.push((format!("diff/{name}"), Box::new(f)));
         }
         v
     }
@@ -768,6 +768,54 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn simd_encoders_runs_across_block_boundaries() {
+        // One changed run, then two runs with a gap, at every start in the
+        // first 130 bytes and near the page end, for lengths that cross the
+        // 32-byte (AVX2 half) and 64-byte (mask word) boundaries; at the
+        // exact output length, one byte less, and with a guard after it.
+        let mut rng = XorShift::new(0xB10C_B0DE_0F5E_ED01);
+        let old: Vec<u8> = (0..PAGE).map(|_| rng.byte()).collect();
+        let encoders = encoders();
+        let lens = [1, 2, 31, 32, 33, 63, 64, 65, 95, 96, 97, 127, 128, 129, 200];
+        let mut cases = 0;
+        for start in (0..130).chain(PAGE - 200..PAGE) {
+            for &len in &lens {
+                for gap in [0usize, 1, 31, 64] {
+                    let mut new = old.clone();
+                    let end = (start + len).min(PAGE);
+                    for b in &mut new[start..end] {
+                        *b ^= 0xA5;
+                    }
+                    if gap > 0 {
+                        // A second run of `len` bytes after `gap` unchanged.
+                        for b in new.iter_mut().skip(end + gap).take(len) {
+                            *b = !*b;
+                        }
+                    }
+                    let full = reference(&old, &new, usize::MAX).unwrap().len();
+                    for dlen in [full, full.saturating_sub(1)] {
+                        let want = reference(&old, &new, dlen).ok_or(Error::Overflow);
+                        for (name, f) in &encoders {
+                            let mut buf = vec![0x5Au8; dlen + 8];
+                            let got = f(&old, &new, &mut buf[..dlen]).map(|n| buf[..n].to_vec());
+                            assert_eq!(
+                                got, want,
+                                "{name}: run {start}+{len}, gap {gap}, dlen {dlen}"
+                            );
+                            assert!(
+                                buf[dlen..].iter().all(|&b| b == 0x5A),
+                                "{name}: wrote past dlen {dlen}"
+                            );
+                        }
+                        cases += 1;
+                    }
+                }
+            }
+        }
+        assert!(cases > 10_000, "{cases}");
     }
 
     #[test]
