@@ -11,6 +11,17 @@
 //! applies nothing after `SYNC(e)` on a channel until every channel has
 //! reached `SYNC(e)` ([`EpochBarrier`]). The final sync is such a barrier
 //! too, and the destination acknowledges only once every channel has ended.
+//!
+//! Scheduling. Batches go to the channel with the fewest pages in flight
+//! (level queues reach each barrier together, so the destination's
+//! channels do not wait there for one another). Pages taken from the
+//! migration bitmap but not yet written by a channel are still to be sent:
+//! [`SendChannels::in_flight_pages`] counts them, and the source adds them
+//! to what remains, so a full queue never makes the switch-over look
+//! cheaper than it is. Queues are short ([`QUEUE_DEPTH`] batches of
+//! [`BATCH_PAGES`] pages, 2 MiB per channel): a page written by the guest
+//! while it waits in a queue is read after the write, and also reported
+//! by the next sync, so it goes twice; a short queue keeps that rare.
 
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
