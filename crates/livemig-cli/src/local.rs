@@ -19,6 +19,47 @@ use crate::vm::{
     check_kvm, self_check, start_source, warm_up, VmIncomingArgs, VmMigrateArgs, UNCONFIRMED_HINT,
 };
 
+/// Refuses, naming the flag, a setting local mode cannot honour (no page
+/// travels, so nothing shapes how pages travel).
+fn refuse_unsupported(params: &livemig::engine::Params, tls: bool) -> Result<()> {
+    use livemig::engine::local::{check_params, LocalError, LocalUnsupported as U};
+    let u = match (tls, check_params(params)) {
+        (true, _) => U::Tls,
+        (false, Err(u)) => u,
+        (false, Ok(())) => return Ok(()),
+    };
+    let flag = match u {
+        U::Channels(n) => format!("--channels {n}"),
+        U::Compression => "--compress".into(),
+        U::Xbzrle => "--xbzrle".into(),
+        U::PostcopyRam => "--postcopy".into(),
+        U::PostcopyPreempt => "--postcopy-preempt".into(),
+        U::Tls => "--tls-dir (TLS)".into(),
+    };
+    bail!(
+        "--local cannot be combined with {flag}: {}",
+        LocalError::Unsupported(u)
+    )
+}
+
+/// Whether any `--tls-*` flag was given (refused before the files are read).
+fn tls_given(t: &crate::tls::TlsArgs) -> bool {
+    t.tls_dir.is_some() || t.tls_ca.is_some() || t.tls_cert.is_some() || t.tls_key.is_some()
+}
+
+/// Refuses the destination flags local mode cannot honour.
+fn refuse_incoming(postcopy: bool, lazy: bool, tls: bool) -> Result<()> {
+    let p = livemig::engine::Params {
+        postcopy_ram: postcopy,
+        ..Default::default()
+    };
+    refuse_unsupported(&p, tls)?;
+    if lazy {
+        bail!("--local cannot be combined with --lazy: a local migration maps the source's memory, there is no file to restore from");
+    }
+    Ok(())
+}
+
 fn us(d: Duration) -> u64 {
     d.as_micros() as u64
 }
@@ -33,15 +74,16 @@ pub fn vm_migrate(mut a: VmMigrateArgs) -> Result<()> {
     if !matches!(uri, Uri::Unix(_)) {
         bail!("--local hands memory descriptors to a process on this host: it needs a unix:PATH URI, not {uri}");
     }
-    if a.tls.config()?.is_some() {
-        bail!("--local stays on this host over a Unix socket: TLS does not apply");
-    }
+    let mut params = a.tune.params()?;
+    refuse_unsupported(
+        &params,
+        tls_given(&a.tls.tls) || a.tls.tls_server_name.is_some(),
+    )?;
     if a.snapshot.wanted() {
         bail!(
             "--local hands memory to a live process: the snapshot flags (file: only) do not apply"
         );
     }
-    let mut params = a.tune.params()?;
     params.mode = MigrationMode::Local;
     params.validate().map_err(anyhow::Error::msg)?;
     let say = !a.json;
@@ -123,9 +165,7 @@ pub fn vm_incoming(a: VmIncomingArgs) -> Result<()> {
     if a.json && a.seconds <= 0.0 {
         bail!("--json reports once the guest has run: give --seconds");
     }
-    if a.tls.config()?.is_some() {
-        bail!("--local stays on this host over a Unix socket: TLS does not apply");
-    }
+    refuse_incoming(a.postcopy, a.snapshot.lazy, tls_given(&a.tls))?;
     let say = !a.json && !a.quiet;
     let listener = LocalListener::bind(&uri)?;
     // The VM exists before the source connects: creating it is not part
@@ -224,12 +264,13 @@ impl livemig::engine::local::LocalGuest for ProcessGuest<'_> {
 /// workload, handed over instead of copied.
 pub fn migrate(a: crate::process::MigrateArgs) -> Result<()> {
     let uri: Uri = a.uri.parse()?;
-    if a.tls.config()?.is_some() {
-        bail!("--local stays on this host over a Unix socket: TLS does not apply");
-    }
     let o = &a.opts;
     let wl = &o.workload;
     let mut params = o.tune.params()?;
+    refuse_unsupported(
+        &params,
+        tls_given(&a.tls.tls) || a.tls.tls_server_name.is_some(),
+    )?;
     params.mode = MigrationMode::Local;
     let mem = o.mem.map_memfd()?;
     crate::process::fill(&mem, wl.fill);
@@ -286,10 +327,8 @@ pub fn migrate(a: crate::process::MigrateArgs) -> Result<()> {
 /// digest (the same memory: the same digest as the source's).
 pub fn incoming(a: crate::process::IncomingArgs) -> Result<()> {
     let uri: Uri = a.uri.parse()?;
-    if a.tls.config()?.is_some() {
-        bail!("--local stays on this host over a Unix socket: TLS does not apply");
-    }
     let o = &a.opts;
+    refuse_incoming(o.postcopy, o.snapshot.lazy, tls_given(&a.tls))?;
     let mem = o.mem.map()?;
     let listener = LocalListener::bind(&uri)?;
     // On stderr even with --json: scripts wait for this line.

@@ -1,15 +1,17 @@
 //! `--tls-*` flags: encrypted, mutually authenticated migration streams,
-//! and `livemig tls-keygen` to make a CA and peer certificates.
+//! and `livemig tls-keygen` to make a CA and peer certificates. The
+//! transport (plain or TLS) is the library's `transport::Endpoint`; this
+//! module only turns flags into its settings.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use livemig::engine::{LoadError, MigrationError};
+use livemig::engine::{AckError, LoadError, MigrationError};
 use livemig::stream::StreamErrorKind;
-use livemig::transport::tls::{self, Pki, TlsConfig, TlsError, TlsFiles, TlsListener, TlsSession};
-use livemig::transport::{connect_with_timeout, BoxRead, Incoming, Listener, Outgoing, Uri};
+use livemig::transport::tls::{self, Pki, TlsConfig, TlsFiles, TlsSession};
+use livemig::transport::{self, BoxRead, EndpointError, Incoming, Outgoing, Uri};
 
 /// TLS settings of a destination (`incoming`, `vm-incoming`).
 #[derive(Args, Clone, Debug, Default)]
@@ -80,6 +82,13 @@ impl TlsSourceArgs {
     }
 }
 
+/// The library's endpoint for `uri` with these settings.
+fn endpoint(uri: &Uri, tls: Option<&TlsConfig>, io_timeout: Duration) -> transport::Endpoint {
+    transport::Endpoint::new(uri.clone())
+        .with_tls(tls.cloned())
+        .with_io_timeout(io_timeout)
+}
+
 /// Connects to a destination, over TLS when configured (then also says
 /// what TLS negotiated); a peer that makes no progress for `io_timeout`
 /// fails the migration.
@@ -87,25 +96,19 @@ pub fn connect(
     uri: &Uri,
     tls: Option<&TlsConfig>,
     io_timeout: Duration,
-) -> Result<(Outgoing, Option<TlsSession>), TlsError> {
-    match tls {
-        None => Ok((connect_with_timeout(uri, io_timeout)?, None)),
-        Some(t) => tls::connect_with_session(uri, &t.clone().with_io_timeout(io_timeout))
-            .map(|(o, s)| (o, Some(s))),
-    }
+) -> Result<(Outgoing, Option<TlsSession>), EndpointError> {
+    let c = endpoint(uri, tls, io_timeout).connect()?;
+    Ok((c.out, c.session))
 }
 
 /// Opens the connection of a page channel (over TLS, its handshake waits
-/// for its first write: see [`tls::connect_deferred`]).
+/// for its first write).
 pub fn connect_channel(
     uri: &Uri,
     tls: Option<&TlsConfig>,
     io_timeout: Duration,
-) -> Result<Outgoing, TlsError> {
-    match tls {
-        None => Ok(connect_with_timeout(uri, io_timeout)?),
-        Some(t) => tls::connect_deferred(uri, &t.clone().with_io_timeout(io_timeout)),
-    }
+) -> Result<Outgoing, EndpointError> {
+    endpoint(uri, tls, io_timeout).connect_channel()
 }
 
 /// The JSON of a session (`null` without TLS).
@@ -120,75 +123,36 @@ pub fn session_json(s: &Option<TlsSession>) -> serde_json::Value {
     }
 }
 
-/// A destination endpoint, plain or TLS; a connected source that makes no
+/// A destination endpoint, plain or TLS (the library's
+/// [`transport::EndpointListener`]); a connected source that makes no
 /// progress for the I/O timeout fails the migration.
-pub enum Endpoint {
-    /// No TLS.
-    Plain(Listener, Duration),
-    /// TLS only.
-    Tls(TlsListener),
-}
+pub struct Endpoint(transport::EndpointListener);
 
 impl Endpoint {
     /// Binds `uri`.
     pub fn bind(uri: &Uri, tls: Option<&TlsConfig>, io_timeout: Duration) -> Result<Endpoint> {
-        Ok(match tls {
-            None => Endpoint::Plain(Listener::bind(uri)?, io_timeout),
-            Some(t) => Endpoint::Tls(TlsListener::bind(
-                uri,
-                &t.clone().with_io_timeout(io_timeout),
-            )?),
-        })
+        Ok(Endpoint(endpoint(uri, tls, io_timeout).listen()?))
     }
 
     /// The actual address.
     pub fn local_uri(&self) -> Uri {
-        match self {
-            Endpoint::Plain(l, _) => l.local_uri(),
-            Endpoint::Tls(l) => l.local_uri(),
-        }
+        self.0.local_uri()
     }
 
     /// Waits for the source's main connection. A peer whose TLS handshake
     /// fails, or that closes without sending anything, is reported on
     /// stderr and the endpoint waits for the next one.
     pub fn accept_source(&self) -> Result<(Incoming, Option<TlsSession>)> {
-        match self {
-            Endpoint::Plain(l, t) => loop {
-                match l.accept_with_timeout(*t) {
-                    Ok(inc) => return Ok((inc, None)),
-                    Err(e @ livemig::transport::TransportError::EmptyConnection { .. }) => {
-                        eprintln!(
-                            "refused a connection: {e}; still waiting on {}",
-                            l.local_uri()
-                        );
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-            },
-            Endpoint::Tls(l) => loop {
-                match l.accept_with_session() {
-                    Ok((inc, session)) => return Ok((inc, Some(session))),
-                    Err(e) if e.is_handshake() => {
-                        eprintln!(
-                            "refused a connection: {e}; still waiting on {}",
-                            l.local_uri()
-                        );
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-            },
-        }
+        Ok(self.0.accept_source_with(&mut |e, uri| {
+            eprintln!("refused a connection: {e}; still waiting on {uri}");
+        })?)
     }
 
     /// Accepts one more connection (a page channel the source announced;
     /// without TLS, one that does not come within the I/O timeout is an
     /// error); any failure is an error of the migration.
     pub fn accept(&self) -> std::io::Result<Incoming> {
-        match self {
-            Endpoint::Plain(l, t) => l.accept_announced(*t).map_err(std::io::Error::other),
-            Endpoint::Tls(l) => l.accept().map_err(std::io::Error::other),
-        }
+        self.0.accept_announced().map_err(std::io::Error::other)
     }
 }
 
@@ -199,6 +163,10 @@ pub const DESTINATION_NEEDS_TLS: &str = "the destination requires TLS: give this
 /// Whether a plain migration failed because the destination speaks TLS:
 /// it closed the connection, and what it sent first is a TLS record.
 pub fn plain_peer_was_tls(e: &MigrationError, tls: bool, ack: Option<&mut BoxRead>) -> bool {
+    // The engine saw the TLS answer to its setup.
+    if matches!(e, MigrationError::Ack(AckError::DestinationNeedsTls)) {
+        return !tls;
+    }
     // The destination closed the connection: what it sent is readable at
     // once.
     let closed = matches!(e, MigrationError::Send(io) if matches!(

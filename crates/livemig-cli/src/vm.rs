@@ -611,9 +611,6 @@ pub fn vm_migrate(a: VmMigrateArgs) -> Result<()> {
     let say = !a.json;
     a.converge.check(&a.guest)?;
     a.snapshot.check(&uri)?;
-    if a.guest.memfd && a.snapshot.wanted() {
-        bail!("--memfd guest memory cannot take the snapshot flags yet (background snapshots and mapped-ram assume private anonymous memory)");
-    }
     let src = start_source(&a.layout, &a.guest, say)?;
     warm_up(&src, a.guest.warmup, say)?;
     if let (true, Uri::File(path)) = (a.snapshot.wanted(), &uri) {
@@ -887,6 +884,9 @@ impl livemig::vm::VmControl for Starting<'_> {
     }
     fn restore_state(&mut self, state: &[u8]) -> Result<(), livemig::vm::VmError> {
         self.vm.restore_state(state)
+    }
+    fn shape(&self) -> livemig::vm::VmShape {
+        livemig::vm::VmControl::shape(&self.vm)
     }
 }
 

@@ -205,6 +205,16 @@ fn migrate_wait_steer_and_cancel_through_the_binary() {
     let listener = std::os::unix::net::UnixListener::bind(&first).unwrap();
     let sink = thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
+        // Accepts the setup (the source sends no page before), then
+        // swallows the stream.
+        let mut back = s.try_clone().unwrap();
+        if let Ok(mut r) = livemig::stream::StreamReader::new(&mut s) {
+            while !matches!(
+                r.next_record(),
+                Ok(livemig::stream::Record::SectionEnd { .. }) | Err(_)
+            ) {}
+            let _ = livemig::engine::write_reply(&mut back, &livemig::engine::Reply::Accepted);
+        }
         let _ = std::io::copy(&mut s, &mut std::io::sink());
     });
     let uri = format!(r#"{{"uri": "unix:{}"}}"#, first.display());

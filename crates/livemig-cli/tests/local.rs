@@ -110,3 +110,54 @@ fn local_mode_needs_a_unix_socket() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("unix:PATH"), "{err}");
 }
+
+/// What local mode cannot do is refused by name, before any VM, socket or
+/// memory is set up (the socket path is never created).
+#[test]
+fn local_mode_refuses_page_moving_flags_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("never.sock");
+    let uri = format!("unix:{}", sock.display());
+    let tls = dir.path().join("creds");
+    std::fs::create_dir(&tls).unwrap();
+    let tls = tls.to_str().unwrap().to_string();
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["vm-migrate", &uri, "--local", "--channels", "4"],
+            "--channels 4",
+        ),
+        (
+            &["vm-migrate", &uri, "--local", "--compress", "zstd"],
+            "--compress",
+        ),
+        (&["vm-migrate", &uri, "--local", "--xbzrle"], "--xbzrle"),
+        (&["vm-migrate", &uri, "--local", "--postcopy"], "--postcopy"),
+        (
+            &["vm-migrate", &uri, "--local", "--tls-dir", &tls],
+            "--tls-dir",
+        ),
+        (
+            &["migrate", &uri, "--local", "--channels", "2"],
+            "--channels 2",
+        ),
+        (&["migrate", &uri, "--local", "--xbzrle"], "--xbzrle"),
+        (
+            &["vm-incoming", &uri, "--local", "--postcopy"],
+            "--postcopy",
+        ),
+        (&["vm-incoming", &uri, "--local", "--lazy"], "--lazy"),
+        (&["incoming", &uri, "--local", "--postcopy"], "--postcopy"),
+    ];
+    for (args, flag) in cases {
+        let out = livemig(args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} was accepted:\n{err}");
+        // livemig's own refusal, or clap's for flags it knows conflict.
+        assert!(
+            err.contains(&format!("--local cannot be combined with {flag}"))
+                || err.contains(&format!("'--local' cannot be used with '{flag}'")),
+            "{args:?}:\n{err}"
+        );
+        assert!(!sock.exists(), "{args:?} created the socket");
+    }
+}

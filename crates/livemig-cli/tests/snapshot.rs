@@ -143,3 +143,40 @@ fn vm_mapped_ram_save_and_lazy_restore() {
         }
     }
 }
+
+/// memfd-backed guest memory (`--memfd`, the memory local mode hands
+/// over) takes a background snapshot holding its pause instant, and the
+/// file restores lazily.
+#[test]
+fn vm_memfd_background_snapshot_and_lazy_restore() {
+    if minivm::kvm_usable().is_err() {
+        eprintln!("SKIPPED: no KVM");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let uri = format!("file:{}", dir.path().join("vm.mr").display());
+    let shape = ["--mem", "64M", "--vcpus", "2"];
+    let mut args = vec![
+        "vm-migrate",
+        &uri,
+        "--memfd",
+        "--background-snapshot",
+        "--check-instant",
+        "--json",
+        "--warmup",
+        "0.3",
+    ];
+    args.extend_from_slice(&shape);
+    let out = livemig(&args).output().unwrap();
+    let s = json_of("vm-migrate --memfd --background-snapshot", &out);
+    assert!(out.status.success(), "{s}");
+    assert_eq!(s["background"]["instant-digest"], s["digest"], "{s}");
+    assert_eq!(s["guest"]["self-check"], "passed", "{s}");
+    let mut args = vec!["vm-incoming", &uri, "--seconds", "1", "--json", "--lazy"];
+    args.extend_from_slice(&shape);
+    let out = livemig(&args).output().unwrap();
+    let d = json_of("vm-incoming --lazy", &out);
+    assert!(out.status.success(), "{d}");
+    assert_eq!(d["guest"]["self-check"], "passed", "{d}");
+    assert_eq!(d["lazy"]["done"], true, "{d}");
+}

@@ -55,6 +55,15 @@ pub struct StateCost {
     pub save_time: std::time::Duration,
 }
 
+/// What a VM looks like beyond its memory (which the block list
+/// describes): sent by the source at setup, checked by the destination
+/// before any page (see [`VmControl::shape`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VmShape {
+    /// vCPU count; 0 when the VMM does not say (then never checked).
+    pub vcpus: u32,
+}
+
 /// Control of the guest: on the migration source (pause, state, resume
 /// after a failure) and on the destination (restore the state, resume
 /// after the source's GO: see [`crate::engine::Destination`]).
@@ -89,6 +98,14 @@ pub trait VmControl: Send {
     /// save the engine also counts what it measured.
     fn state_cost(&self) -> StateCost {
         StateCost::default()
+    }
+
+    /// The VM's shape. The source sends it at setup; a destination whose
+    /// own shape differs (another vCPU count) refuses the migration
+    /// before any page is sent, and the source's error names why. The
+    /// default says nothing (vCPUs 0): not checked.
+    fn shape(&self) -> VmShape {
+        VmShape::default()
     }
 
     /// On the destination: loads the device and vCPU state the source's

@@ -29,12 +29,26 @@
 //!   the source's GO; postcopy when `postcopy-ram` is set here, waiting
 //!   for `migrate-recover` after a cut). A VM whose load failed never runs
 //!   and takes no second stream. Such a VM, once it runs, can be migrated out again.
+//! - **TLS**: with the `tls-creds` parameter (a directory holding
+//!   `ca.pem`, `cert.pem`, `key.pem`) and optionally `tls-hostname`, both
+//!   `migrate` and `migrate-incoming` run every connection over TLS
+//!   through the library's `livemig::transport::Endpoint`; a destination
+//!   refuses a peer whose handshake fails (logged) and waits on for a
+//!   proper source.
 //! - **Local mode** (parameter `mode` = `local` on both sides, `unix:`
 //!   URIs only): the source hands its memfd-backed memory to the
 //!   destination instead of copying it (`livemig::engine::local`); the VM
 //!   must have been started with memfd memory (`minivm run --memfd`), and
 //!   the destination maps the source's memory in place of its own. Same
 //!   phases, same LOADED/GO/STARTED commit.
+//! - **Snapshot files** (`file.rs`): `migrate file:PATH` with capability
+//!   `mapped-ram` saves the paused guest to a mapped-ram file (the VM
+//!   stays paused for good, as after any migration), with
+//!   `background-snapshot` snapshots it while it runs on;
+//!   `migrate-incoming file:PATH` of a mapped-ram file restores it,
+//!   lazily with `x-livemig-lazy` (`query-migrate` says `postcopy-active`
+//!   until every chunk is in; a damaged chunk fails it and the guest is
+//!   paused for good).
 //! - **Cancel**: the engine checks the cancel flag between pages; where it
 //!   would wait on the transport instead (a destination that stops reading
 //!   or never acknowledges), socket I/O is done in 100 ms slices that
@@ -55,18 +69,19 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use livemig::control::{
-    ControlError, ControlServer, Events, MigrationStarter, MigrationTls, RunState,
+    ControlError, ControlServer, Events, FileOptions, MigrationStarter, MigrationTls, RunState,
 };
 use livemig::engine::local::LocalError;
 use livemig::engine::{LoadStats, MigrationError, MigrationHandle, MigrationMode, Params, Status};
 use livemig::transport::local::LocalListener;
-use livemig::transport::tls::{self, TlsConfig};
-use livemig::transport::{connect, Listener, Uri, IO_TIMEOUT};
+use livemig::transport::{Endpoint, EndpointListener, Uri, IO_TIMEOUT};
 
 use crate::dirty::TrackerKind;
 use crate::guest::GuestImage;
 use crate::migrate::{migrate_out, migrate_out_channels, MigrateError};
 use crate::vm::Vm;
+
+mod file;
 
 /// Where a [`ControlledVm`] is.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -120,6 +135,8 @@ struct St {
     incoming: Option<IncomingReport>,
     /// Paused by the control socket's `stop`.
     stopped: bool,
+    /// The handle of a lazy restore, while it loads memory (`file.rs`).
+    restoring: Option<MigrationHandle>,
 }
 
 struct Inner {
@@ -173,6 +190,7 @@ impl ControlledVm {
                     outgoing: None,
                     incoming: None,
                     stopped: false,
+                    restoring: None,
                 }),
                 cond: Condvar::new(),
                 events: Mutex::new(None),
@@ -295,7 +313,8 @@ impl ControlledVm {
         }
     }
 
-    fn run_outgoing(&self, uri: Uri, tls: Option<TlsConfig>, handle: MigrationHandle) {
+    fn run_outgoing(&self, ep: Endpoint, handle: MigrationHandle) {
+        let uri = ep.uri().clone();
         let vm = &self.inner.vm;
         let kind = self.inner.tracker;
         if handle.params().mode == MigrationMode::Local {
@@ -320,14 +339,14 @@ impl ControlledVm {
         let limit = vm.follow_dirty_limit(&handle);
         let result = match (
             limit.as_ref().map_err(|e| e.to_string()),
-            connect_out(&uri, tls.as_ref(), &handle),
+            connect_out(&ep, &handle),
         ) {
             (Err(e), _) => migrate_out(vm, kind, handle.clone(), FailWriter(e), None),
             (Ok(_), Ok((writer, mut ack))) => {
                 // Page channels (parameter `channels` above 1): one more
                 // connection to the same address each, like QEMU multifd.
                 let mut open = |_: u16| -> io::Result<livemig::engine::ChannelWriter> {
-                    match connect_out(&uri, tls.as_ref(), &handle) {
+                    match connect_channel(&ep, &handle) {
                         Ok((w, _)) => Ok(w),
                         Err(e) => Err(io::Error::other(e)),
                     }
@@ -427,20 +446,22 @@ impl ControlledVm {
 
     fn load_incoming(
         &self,
-        listener: Listener,
+        listener: EndpointListener,
         uri: &str,
         handle: &MigrationHandle,
     ) -> Result<IncomingReport, String> {
-        let inc = listener.accept().map_err(|e| e.to_string())?;
+        // A peer refused before any migration (a failed TLS handshake, a
+        // bare connect-and-close) is logged; the wait goes on.
+        let (inc, session) = listener
+            .accept_source()
+            .map_err(|e| livemig::error_chain(&e))?;
+        if let Some(s) = &session {
+            log::info!("incoming migration on {uri}: {s}");
+        }
         let t0 = Instant::now();
         // Page channels of a multi-channel migration arrive on the same
         // listener after the main connection.
-        let mut accept = || {
-            listener
-                .accept_announced(livemig::transport::IO_TIMEOUT)
-                .map(|i| i.reader)
-                .map_err(io::Error::other)
-        };
+        let mut accept = || listener.accept_reader();
         // The destination's `postcopy-ram` lets the source switch; a
         // connection lost after the switch waits for `migrate-recover`.
         let postcopy = handle.params().postcopy_ram;
@@ -465,16 +486,16 @@ impl ControlledVm {
     }
 }
 
-/// The TLS settings of `tls-creds` / `tls-hostname`.
-fn tls_config(tls: Option<&MigrationTls>) -> Result<Option<TlsConfig>, String> {
-    let Some(t) = tls else { return Ok(None) };
-    let mut c = TlsConfig::from_dir(&t.dir).map_err(|e| format!("tls-creds: {e}"))?;
-    if let Some(h) = &t.hostname {
-        c = c
-            .with_server_name(h)
-            .map_err(|e| format!("tls-hostname: {e}"))?;
+/// The endpoint for `uri` with the TLS settings of `tls-creds` /
+/// `tls-hostname` (the library chooses the transport).
+fn endpoint(uri: &Uri, tls: Option<&MigrationTls>) -> Result<Endpoint, String> {
+    let ep = Endpoint::new(uri.clone());
+    match tls {
+        None => Ok(ep),
+        Some(t) => ep
+            .with_tls_dir(&t.dir, t.hostname.as_deref())
+            .map_err(|e| livemig::error_chain(&e)),
     }
-    Ok(Some(c))
 }
 
 impl MigrationStarter for ControlledVm {
@@ -484,8 +505,18 @@ impl MigrationStarter for ControlledVm {
         tls: Option<&MigrationTls>,
         handle: MigrationHandle,
     ) -> Result<(), String> {
-        let tls = tls_config(tls)?;
+        let ep = endpoint(uri, tls)?;
+        if handle.params().mode == MigrationMode::Local && ep.tls().is_some() {
+            return Err(
+                "local mode hands memory over a Unix socket on this host: it takes no \
+                 TLS (clear tls-creds)"
+                    .into(),
+            );
+        }
         let st = self.settle(lock(&self.inner.st));
+        if let Some(e) = file::cannot_send(&st) {
+            return Err(e);
+        }
         let mut st = match &st.phase {
             Phase::Running if st.stopped => {
                 return Err("the guest is stopped ('stop'): send 'cont' before migrating".into())
@@ -516,10 +547,10 @@ impl MigrationStarter for ControlledVm {
             }
         };
         let this = self.clone();
-        let (u, h) = (uri.clone(), handle.clone());
+        let h = handle.clone();
         let worker = std::thread::Builder::new()
             .name("migrate-out".into())
-            .spawn(move || this.run_outgoing(u, tls, h))
+            .spawn(move || this.run_outgoing(ep, h))
             .map_err(|e| format!("starting the migration thread: {e}"))?;
         st.phase = Phase::Outgoing;
         st.worker = Some(worker);
@@ -583,19 +614,31 @@ impl MigrationStarter for ControlledVm {
         *lock(&self.inner.events) = Some(events);
     }
 
+    fn start_snapshot(
+        &mut self,
+        path: &Path,
+        opts: &FileOptions,
+        handle: MigrationHandle,
+    ) -> Result<(), String> {
+        self.snapshot_to_file(path, opts, handle)
+    }
+
+    fn start_restore(
+        &mut self,
+        path: &Path,
+        opts: &FileOptions,
+        handle: MigrationHandle,
+    ) -> Result<(), String> {
+        self.restore_from_file(path, opts, handle)
+    }
+
     fn start_incoming(
         &mut self,
         uri: &Uri,
         tls: Option<&MigrationTls>,
         handle: MigrationHandle,
     ) -> Result<(), String> {
-        if tls.is_some() {
-            return Err(
-                "minivm does not take TLS migrations from the control socket yet \
-                 (tls-creds works on the source side; use livemig vm-incoming --tls-dir)"
-                    .into(),
-            );
-        }
+        let ep = endpoint(uri, tls)?;
         let st = self.settle(lock(&self.inner.st));
         let mut st = match &st.phase {
             Phase::AwaitingIncoming => st,
@@ -616,11 +659,18 @@ impl MigrationStarter for ControlledVm {
             }
         };
         let (listener, local) = if handle.params().mode == MigrationMode::Local {
+            if ep.tls().is_some() {
+                return Err(
+                    "local mode hands memory over a Unix socket on this host: it takes no \
+                     TLS (clear tls-creds)"
+                        .into(),
+                );
+            }
             let l = LocalListener::bind(uri).map_err(|e| e.to_string())?;
             let u = l.local_uri().to_string();
             (Incoming::Local(l), u)
         } else {
-            let l = Listener::bind(uri).map_err(|e| e.to_string())?;
+            let l = ep.listen().map_err(|e| livemig::error_chain(&e))?;
             let u = l.local_uri().to_string();
             (Incoming::Stream(l), u)
         };
@@ -640,8 +690,8 @@ impl MigrationStarter for ControlledVm {
 
 /// What an incoming migration listens with.
 enum Incoming {
-    /// A stream of pages (mode `normal`).
-    Stream(Listener),
+    /// A stream of pages (mode `normal`), plain or TLS.
+    Stream(EndpointListener),
     /// Memory handed over (mode `local`).
     Local(LocalListener),
 }
@@ -660,28 +710,30 @@ impl Write for FailWriter {
 
 type Conn = (Box<dyn Write + Send>, Option<Box<dyn Read + Send>>);
 
-/// Connects like [`livemig::transport::connect`], but socket I/O notices a
-/// cancel even while the peer stalls.
-fn connect_out(
-    uri: &Uri,
-    tls: Option<&TlsConfig>,
-    handle: &MigrationHandle,
-) -> Result<Conn, String> {
+/// Connects to the endpoint (TLS, shm, file: as the library's
+/// [`Endpoint::connect`] does); a plain socket's I/O also notices a cancel
+/// while the peer stalls.
+fn connect_out(ep: &Endpoint, handle: &MigrationHandle) -> Result<Conn, String> {
+    connect_with(ep, handle, false)
+}
+
+/// A further connection of the migration (page channel): over TLS its
+/// handshake waits for its first write.
+fn connect_channel(ep: &Endpoint, handle: &MigrationHandle) -> Result<Conn, String> {
+    connect_with(ep, handle, true)
+}
+
+fn connect_with(ep: &Endpoint, handle: &MigrationHandle, channel: bool) -> Result<Conn, String> {
     fn wrap<S: Read + Write + Send + 'static>(s: S, clone: S, handle: &MigrationHandle) -> Conn {
         (
             Box::new(Cancellable::new(s, handle.clone())),
             Some(Box::new(Cancellable::new(clone, handle.clone()))),
         )
     }
+    let uri = ep.uri();
     let err = |e: io::Error| format!("connect to {uri}: {e}");
-    if let Some(t) = tls {
-        // TLS sockets time out on their own (IO_TIMEOUT); a cancel takes
-        // effect at the next page.
-        let out = tls::connect(uri, t).map_err(|e| e.to_string())?;
-        return Ok((out.writer, out.ack));
-    }
     match uri {
-        Uri::Tcp(addr) => {
+        Uri::Tcp(addr) if ep.tls().is_none() => {
             let s = TcpStream::connect(addr).map_err(err)?;
             s.set_nodelay(true).map_err(err)?;
             s.set_read_timeout(Some(SLICE)).map_err(err)?;
@@ -689,19 +741,26 @@ fn connect_out(
             let c = s.try_clone().map_err(err)?;
             Ok(wrap(s, c, handle))
         }
-        Uri::Unix(path) => {
+        Uri::Unix(path) if ep.tls().is_none() => {
             let s = UnixStream::connect(path).map_err(err)?;
             s.set_read_timeout(Some(SLICE)).map_err(err)?;
             s.set_write_timeout(Some(SLICE)).map_err(err)?;
             let c = s.try_clone().map_err(err)?;
             Ok(wrap(s, c, handle))
         }
-        // Shared memory waits for a slot in 20 ms slices of its own and
-        // notices a dead peer at once, but does not poll the cancel flag:
-        // against a destination that stalls with the peer alive, a cancel
-        // takes effect when the wait for a slot ends (IO_TIMEOUT at most).
-        Uri::File(_) | Uri::Shm(_) => {
-            let out = connect(uri).map_err(|e| e.to_string())?;
+        // TLS sockets time out on their own (IO_TIMEOUT); a cancel takes
+        // effect at the next page. Shared memory waits for a slot in 20 ms
+        // slices of its own and notices a dead peer at once, but does not
+        // poll the cancel flag: against a destination that stalls with the
+        // peer alive, a cancel takes effect when the wait for a slot ends
+        // (IO_TIMEOUT at most).
+        _ => {
+            let out = if channel {
+                ep.connect_channel()
+            } else {
+                ep.connect().map(|c| c.out)
+            }
+            .map_err(|e| livemig::error_chain(&e))?;
             Ok((out.writer, out.ack))
         }
     }

@@ -195,6 +195,9 @@ impl VmControl for HeldPaused {
     fn restore_state(&mut self, state: &[u8]) -> Result<(), EngineVmError> {
         self.0.restore_state(state)
     }
+    fn shape(&self) -> livemig::vm::VmShape {
+        self.0.shape()
+    }
 }
 
 /// For a destination with no listener: a source announcing page channels

@@ -1047,4 +1047,9 @@ impl livemig::vm::VmControl for VmHandle {
         }
         crate::state::restore(&self.shared, state).map_err(livemig::vm::VmError::restore_state)
     }
+    fn shape(&self) -> livemig::vm::VmShape {
+        livemig::vm::VmShape {
+            vcpus: u32::try_from(self.shared.vcpus.len()).unwrap_or(u32::MAX),
+        }
+    }
 }

@@ -159,8 +159,9 @@ fn sink(uri: &Uri) -> JoinHandle<u64> {
             Err(e) => panic!("sink: {e}"),
         };
         drop(listener);
+        // The setup verdict the source waits for before any page.
+        let mut n = accept_setup(&mut inc);
         let mut buf = vec![0u8; 1 << 20];
-        let mut n = 0u64;
         loop {
             match inc.reader.read(&mut buf) {
                 Ok(0) | Err(_) => return n,
@@ -168,6 +169,29 @@ fn sink(uri: &Uri) -> JoinHandle<u64> {
             }
         }
     })
+}
+
+/// Reads the stream's first section and answers ACCEPTED, as a
+/// destination whose layout fits; returns the bytes consumed (0 when the
+/// source left before its setup).
+fn accept_setup(inc: &mut livemig::transport::Incoming) -> u64 {
+    use livemig::stream::{Record, StreamReader};
+    let Ok(mut r) = StreamReader::new(&mut inc.reader) else {
+        return 0;
+    };
+    loop {
+        match r.next_record() {
+            Ok(Record::SectionEnd { .. }) => break,
+            Ok(_) => {}
+            Err(_) => return r.offset(),
+        }
+    }
+    let n = r.offset();
+    drop(r);
+    if let Some(ack) = inc.ack.as_mut() {
+        let _ = livemig::engine::write_reply(&mut **ack, &livemig::engine::Reply::Accepted);
+    }
+    n
 }
 
 /// A real destination VM in a thread: loads, acknowledges, runs the guest

@@ -186,3 +186,77 @@ fn qmp_shell_runs_query_migrate() {
     );
     assert!(stdout.contains(r#""status": "running""#), "{stdout}");
 }
+
+#[test]
+fn qemu_qmp_client_takes_a_background_snapshot_and_restores_it_lazily() {
+    let test = "qemu_qmp_client_takes_a_background_snapshot_and_restores_it_lazily";
+    let Some(py) = python(test) else {
+        return;
+    };
+    if !common::kvm_available(test) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (ss, ds) = (dir.path().join("src.sock"), dir.path().join("dst.sock"));
+    let file = dir.path().join("vm.mr");
+    let mut src = minivm(&[
+        "run",
+        "--mem",
+        "128M",
+        "--vcpus",
+        "2",
+        "--rate",
+        "16M",
+        "--working-set",
+        "8M",
+        "--memfd",
+        "--serial",
+        "none",
+        "--seconds",
+        "3",
+        "--control",
+        ss.to_str().unwrap(),
+    ]);
+    let mut dst = minivm(&[
+        "run",
+        "--mem",
+        "128M",
+        "--vcpus",
+        "2",
+        "--incoming",
+        "--serial",
+        "none",
+        "--seconds",
+        "2",
+        "--control",
+        ds.to_str().unwrap(),
+    ]);
+    wait_socket(&ss, &mut src);
+    wait_socket(&ds, &mut dst);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/qmp/snapshot.py");
+    let out = Command::new(&py)
+        .arg(&script)
+        .args([
+            ss.to_str().unwrap(),
+            ds.to_str().unwrap(),
+            file.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "snapshot.py failed:\n{stdout}\n{stderr}"
+    );
+    eprintln!("qemu.qmp saw: {stdout}");
+    assert!(stdout.contains(r#""completed"]"#), "{stdout}");
+    // The source ran on after its snapshot and ends on its own.
+    let src_log = finish(src, "source minivm");
+    assert!(src_log.contains("self_check=pass"), "{src_log}");
+    assert!(!src_log.contains("FAIL"), "{src_log}");
+    let dst_log = finish(dst, "destination minivm");
+    assert!(dst_log.contains("guest resumed"), "{dst_log}");
+    assert!(dst_log.contains("self_check=pass"), "{dst_log}");
+    assert!(!dst_log.contains("FAIL"), "{dst_log}");
+}

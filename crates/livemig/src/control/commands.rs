@@ -61,6 +61,8 @@ pub(crate) const CAPABILITIES: &[&str] = &[
     "dirty-limit",
     "postcopy-ram",
     "postcopy-preempt",
+    "mapped-ram",
+    "background-snapshot",
     "x-livemig-verify",
 ];
 
@@ -155,6 +157,8 @@ pub(crate) struct State {
     base: Params,
     qemu: QemuSide,
     current: Option<(MigrationHandle, Direction)>,
+    /// Snapshot-file and lazy-restore settings.
+    file: super::file::FileSide,
     starter: Box<dyn MigrationStarter>,
     pub(crate) events: Events,
 }
@@ -290,6 +294,7 @@ impl State {
             qemu: QemuSide::from_params(&params),
             base: params,
             current: None,
+            file: Default::default(),
             starter,
             events,
         }
@@ -326,6 +331,8 @@ impl State {
             "postcopy-ram" => self.base.postcopy_ram,
             "postcopy-preempt" => self.base.postcopy_preempt,
             "x-livemig-verify" => self.base.verify,
+            "mapped-ram" => self.file.mapped_ram,
+            "background-snapshot" => self.file.background_snapshot,
             _ => return None,
         })
     }
@@ -350,6 +357,8 @@ impl State {
             "x-livemig-adaptive-encoding": p.adaptive_encoding,
             "x-livemig-postcopy-switchover": p.postcopy_switchover,
             "mode": p.mode,
+            "direct-io": self.file.direct_io,
+            "x-livemig-lazy": self.file.lazy,
         })
     }
 
@@ -620,8 +629,13 @@ impl State {
             }
             "migrate-set-parameters" => {
                 let (mut p, mut q) = (self.base.clone(), self.qemu.clone());
+                let mut f = self.file.clone();
                 for (k, v) in args {
-                    State::set_parameter(&mut p, &mut q, k, v)?;
+                    match k.as_str() {
+                        "direct-io" => f.direct_io = as_bool(k, v)?,
+                        "x-livemig-lazy" => f.lazy = as_bool(k, v)?,
+                        _ => State::set_parameter(&mut p, &mut q, k, v)?,
+                    }
                 }
                 let mut eff = p.clone();
                 q.apply(&mut eff);
@@ -631,6 +645,7 @@ impl State {
                 }
                 self.base = p;
                 self.qemu = q;
+                self.file = f;
                 Ok(json!({}))
             }
             "migrate-set-capabilities" => {
@@ -644,6 +659,7 @@ impl State {
                     return Err(generic("There's a migration process in progress"));
                 }
                 let (mut p, mut q) = (self.base.clone(), self.qemu.clone());
+                let mut f = self.file.clone();
                 for c in caps {
                     let c = c
                         .as_object()
@@ -668,6 +684,8 @@ impl State {
                         "postcopy-ram" => p.postcopy_ram = state,
                         "postcopy-preempt" => p.postcopy_preempt = state,
                         "x-livemig-verify" => p.verify = state,
+                        "mapped-ram" => f.mapped_ram = state,
+                        "background-snapshot" => f.background_snapshot = state,
                         "return-path" if state => {}
                         "return-path" => {
                             return Err(generic(
@@ -694,6 +712,7 @@ impl State {
                 eff.validate().map_err(|e| generic(e.to_string()))?;
                 self.base = p;
                 self.qemu = q;
+                self.file = f;
                 Ok(json!({}))
             }
             "migrate" | "migrate-incoming" => {
@@ -715,7 +734,30 @@ impl State {
                     return Err(generic("There's a migration process in progress"));
                 }
                 let tls = self.tls();
-                let h = MigrationHandle::new(self.params());
+                let params = self.params();
+                let plan = if cmd == "migrate" {
+                    self.file.plan_outgoing(&params, tls.is_some(), &uri)?
+                } else {
+                    self.file.plan_incoming(&params, tls.is_some(), &uri)?
+                };
+                let h = MigrationHandle::new(params);
+                if let super::file::Plan::File(path, opts) = plan {
+                    let outgoing = cmd == "migrate";
+                    self.watch(&h, outgoing);
+                    if outgoing {
+                        self.starter.start_snapshot(&path, &opts, h.clone())
+                    } else {
+                        self.starter.start_restore(&path, &opts, h.clone())
+                    }
+                    .map_err(generic)?;
+                    let dir = if outgoing {
+                        Direction::Outgoing
+                    } else {
+                        Direction::Incoming
+                    };
+                    self.current = Some((h, dir));
+                    return Ok(json!({}));
+                }
                 if cmd == "migrate" {
                     // `migrate` with `resume` can hand a paused postcopy a
                     // new connection.

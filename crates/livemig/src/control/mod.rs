@@ -40,7 +40,18 @@
 //! | `migrate-recover` | `uri` | destination paused in postcopy: listens on `uri` for the source's `migrate` with `resume: true` (the VMM must receive with `engine::postcopy::receive_recoverable`) |
 //! | `query-migrate` | none | QEMU's shape; `{}` before any migration |
 //! | `migrate-set-parameters` / `query-migrate-parameters` | QEMU's names (below) | applies now and to the next migration |
-//! | `migrate-set-capabilities` / `query-migrate-capabilities` | `capabilities: [{capability, state}]` | `xbzrle`, `auto-converge`, `events`, `multifd`, `return-path`, `dirty-limit`, `postcopy-ram`, `x-livemig-verify` |
+//! | `migrate-set-capabilities` / `query-migrate-capabilities` | `capabilities: [{capability, state}]` | `xbzrle`, `auto-converge`, `events`, `multifd`, `return-path`, `dirty-limit`, `postcopy-ram`, `postcopy-preempt`, `mapped-ram`, `background-snapshot`, `x-livemig-verify` |
+//!
+//! Snapshot files (see `file.rs`): `migrate file:PATH` with `mapped-ram`
+//! writes livemig's mapped-ram file of the paused guest
+//! ([`MigrationStarter::start_snapshot`]); with `background-snapshot` the
+//! guest runs on while it is written. `migrate-incoming file:PATH` of such
+//! a file restores it ([`MigrationStarter::start_restore`]), lazily with
+//! livemig's parameter `x-livemig-lazy`. Parameter `mode` (`normal`,
+//! `local`): local mode hands memfd-backed memory over a `unix:` socket
+//! and refuses, naming them, `multifd`, `multifd-compression`, `xbzrle`,
+//! `postcopy-ram`, `postcopy-preempt`, `tls-creds`, the snapshot
+//! capabilities and `x-livemig-lazy`.
 //!
 //! Parameters: `max-bandwidth` (bytes/s), `downtime-limit` (ms),
 //! `xbzrle-cache-size` (bytes), `cpu-throttle-initial`,
@@ -51,7 +62,9 @@
 //! `dirty-limit` capability), `tls-creds` (livemig: a directory holding
 //! `ca.pem`, `cert.pem`, `key.pem`; `""` = off), `tls-hostname`, and
 //! livemig's own `x-livemig-throttle-sync-period` (ms) and
-//! `x-livemig-adaptive-encoding` (bool). Any other argument is refused
+//! `x-livemig-adaptive-encoding` (bool), and for snapshot files
+//! `direct-io` (bool, QEMU's name: pages written with `O_DIRECT`) and
+//! livemig's `x-livemig-lazy` (bool: lazy restore). Any other argument is refused
 //! (`GenericError`, "Parameter 'NAME' is unexpected").
 
 use std::io;
@@ -65,11 +78,13 @@ use crate::transport::Uri;
 mod client;
 mod commands;
 mod events;
+mod file;
 mod framing;
 mod server;
 
 pub use client::ControlClient;
 pub use events::Events;
+pub use file::FileOptions;
 pub use server::{ControlServer, Dispatcher};
 
 /// Longest request (one JSON object) accepted, in bytes.
@@ -159,6 +174,40 @@ pub trait MigrationStarter: Send {
         tls: Option<&MigrationTls>,
         handle: MigrationHandle,
     ) -> Result<(), String>;
+
+    /// `migrate file:PATH` with capability `mapped-ram` or
+    /// `background-snapshot`: writes a mapped-ram snapshot file of the
+    /// guest in the background (see [`FileOptions`]), reporting through
+    /// `handle` (e.g. with [`crate::snapshot::record_save`]). After a
+    /// `mapped-ram` save the guest stays paused, as after any migration;
+    /// after a background snapshot it runs on. Returns once it has
+    /// started.
+    fn start_snapshot(
+        &mut self,
+        path: &std::path::Path,
+        opts: &FileOptions,
+        handle: MigrationHandle,
+    ) -> Result<(), String> {
+        let _ = (path, opts, handle);
+        Err("this VMM does not write mapped-ram snapshot files".into())
+    }
+
+    /// `migrate-incoming file:PATH` of a mapped-ram file: restores it into
+    /// the waiting guest in the background (lazily with
+    /// [`FileOptions::lazy`]) and reports through `handle` like
+    /// [`MigrationStarter::start_incoming`]: `active` while loading,
+    /// `postcopy-active` while a lazy restore still serves memory from the
+    /// file, then `completed` or `failed` (a damaged chunk: the guest
+    /// must not run on).
+    fn start_restore(
+        &mut self,
+        path: &std::path::Path,
+        opts: &FileOptions,
+        handle: MigrationHandle,
+    ) -> Result<(), String> {
+        let _ = (path, opts, handle);
+        Err("this VMM does not restore mapped-ram snapshot files".into())
+    }
 
     /// Where the guest is (`query-status`).
     fn run_state(&self) -> RunState {

@@ -865,3 +865,134 @@ fn postcopy_recovers_over_qmp_after_a_cut() {
         crate::engine::hex(&crate::engine::memory_digest(&dst)),
     );
 }
+
+/// Records snapshot saves and restores with their options.
+struct FileStarter(std::sync::Arc<Mutex<Vec<String>>>);
+
+impl MigrationStarter for FileStarter {
+    fn start_outgoing(
+        &mut self,
+        uri: &Uri,
+        _tls: Option<&MigrationTls>,
+        _handle: MigrationHandle,
+    ) -> Result<(), String> {
+        self.0.lock().unwrap().push(format!("stream out {uri}"));
+        Ok(())
+    }
+    fn start_incoming(
+        &mut self,
+        uri: &Uri,
+        _tls: Option<&MigrationTls>,
+        _handle: MigrationHandle,
+    ) -> Result<(), String> {
+        self.0.lock().unwrap().push(format!("stream in {uri}"));
+        Ok(())
+    }
+    fn start_snapshot(
+        &mut self,
+        path: &std::path::Path,
+        o: &super::FileOptions,
+        handle: MigrationHandle,
+    ) -> Result<(), String> {
+        self.0.lock().unwrap().push(format!(
+            "save {} bg={} threads={} direct={}",
+            path.display(),
+            o.background_snapshot,
+            o.threads,
+            o.direct_io
+        ));
+        handle.set_status(Status::Completed, None);
+        Ok(())
+    }
+    fn start_restore(
+        &mut self,
+        path: &std::path::Path,
+        o: &super::FileOptions,
+        handle: MigrationHandle,
+    ) -> Result<(), String> {
+        self.0
+            .lock()
+            .unwrap()
+            .push(format!("restore {} lazy={}", path.display(), o.lazy));
+        handle.set_status(Status::PostcopyActive, None);
+        Ok(())
+    }
+}
+
+#[test]
+fn snapshot_capabilities_reach_the_vmm_and_a_vmm_without_them_refuses() {
+    let calls = std::sync::Arc::new(Mutex::new(Vec::new()));
+    let d = Dispatcher::new(Params::default(), Box::new(FileStarter(calls.clone())));
+    let dir = tempfile::tempdir().unwrap();
+    let mr = dir.path().join("vm.mr");
+    let mem = crate::memory::ProcessMemory::new(&[("ram", 1 << 20)]).unwrap();
+    crate::snapshot::save(&mem, &mr, b"state", &Default::default()).unwrap();
+    let input = format!(
+        r#"{{"execute":"qmp_capabilities"}}
+        {{"execute":"migrate-set-capabilities","arguments":{{"capabilities":[{{"capability":"background-snapshot","state":true}},{{"capability":"multifd","state":true}}]}}}}
+        {{"execute":"migrate-set-parameters","arguments":{{"multifd-channels":3,"direct-io":true,"x-livemig-lazy":true}}}}
+        {{"execute":"query-migrate-parameters"}}
+        {{"execute":"migrate","arguments":{{"uri":"file:{0}/bg.mr"}}}}
+        {{"execute":"query-migrate"}}
+        {{"execute":"migrate","arguments":{{"uri":"tcp:127.0.0.1:1"}}}}
+        {{"execute":"migrate-incoming","arguments":{{"uri":"file:{1}"}}}}
+        {{"execute":"query-migrate"}}
+        {{"execute":"migrate","arguments":{{"uri":"file:{0}/again.mr"}}}}"#,
+        dir.path().display(),
+        mr.display()
+    );
+    let a = session(&d, input.as_bytes());
+    let answers: Vec<&Value> = a.iter().filter(|v| v.get("event").is_none()).collect();
+    // answers[0] is the greeting.
+    assert_eq!(answers[4]["return"]["direct-io"], true, "{answers:?}");
+    assert_eq!(answers[4]["return"]["x-livemig-lazy"], true);
+    assert_eq!(answers[5]["return"], json!({}), "{answers:?}");
+    assert_eq!(answers[6]["return"]["status"], "completed");
+    let e = answers[7]["error"]["desc"].as_str().unwrap();
+    assert!(
+        e.contains("'background-snapshot'") && e.contains("file: URI"),
+        "{e}"
+    );
+    assert_eq!(answers[8]["return"], json!({}), "{answers:?}");
+    assert_eq!(answers[9]["return"]["status"], "postcopy-active");
+    // A lazy restore still loading is a migration in progress.
+    let e = answers[10]["error"]["desc"].as_str().unwrap();
+    assert!(e.contains("in progress"), "{e}");
+    assert_eq!(
+        *calls.lock().unwrap(),
+        vec![
+            format!(
+                "save {}/bg.mr bg=true threads=3 direct=true",
+                dir.path().display()
+            ),
+            format!("restore {} lazy=true", mr.display()),
+        ]
+    );
+    // A VMM that does not implement them says so.
+    let (d, calls) = dispatcher();
+    let input = format!(
+        r#"{{"execute":"qmp_capabilities"}}
+        {{"execute":"migrate-set-capabilities","arguments":{{"capabilities":[{{"capability":"mapped-ram","state":true}}]}}}}
+        {{"execute":"migrate","arguments":{{"uri":"file:{0}/x.mr"}}}}
+        {{"execute":"migrate-incoming","arguments":{{"uri":"file:{1}"}}}}"#,
+        dir.path().display(),
+        mr.display()
+    );
+    let a = session(&d, input.as_bytes());
+    let n = a.len();
+    assert!(
+        a[n - 2]["error"]["desc"]
+            .as_str()
+            .unwrap()
+            .contains("does not write mapped-ram"),
+        "{a:?}"
+    );
+    assert!(
+        a[n - 1]["error"]["desc"]
+            .as_str()
+            .unwrap()
+            .contains("does not restore mapped-ram"),
+        "{a:?}"
+    );
+    assert!(calls.lock().unwrap().is_empty());
+}

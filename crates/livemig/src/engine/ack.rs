@@ -39,7 +39,8 @@
 //!
 //! ```text
 //! reply := "LVMGRP02" kind:u8 len:u32 text:[u8; len]   destination → source, return path
-//!          kind 1 = LOADED, 2 = FAILED (text = why), 3 = STARTED; len <= 4096
+//!          kind 1 = LOADED, 2 = FAILED (text = why), 3 = STARTED,
+//!          4 = ACCEPTED (the setup fits, pages may come); len <= 4096
 //! go    := "LVMGGO02"                                  source → destination, after END
 //! ```
 //!
@@ -76,6 +77,9 @@ pub enum Reply {
     /// GO received, the guest runs here; with the time from GO's arrival
     /// to the resume, when the destination measured it.
     Started(Option<Duration>),
+    /// The stream's setup (block list, VM shape) fits this destination:
+    /// the source may send pages (header flag `FLAG_SETUP`).
+    Accepted,
 }
 
 impl Reply {
@@ -84,6 +88,7 @@ impl Reply {
             Reply::Loaded => 1,
             Reply::Failed(_) => 2,
             Reply::Started(_) => 3,
+            Reply::Accepted => 4,
         }
     }
 
@@ -92,6 +97,7 @@ impl Reply {
             Reply::Loaded => "LOADED",
             Reply::Failed(_) => "FAILED",
             Reply::Started(_) => "STARTED",
+            Reply::Accepted => "ACCEPTED",
         }
     }
 }
@@ -117,43 +123,123 @@ pub fn write_reply(w: &mut dyn Write, reply: &Reply) -> io::Result<()> {
     w.flush()
 }
 
+/// Why a reply (or GO) could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplyError {
+    /// The peer closed the connection.
+    #[error("the connection closed")]
+    Closed,
+    /// Reading from the transport failed.
+    #[error("{0}")]
+    Io(#[source] io::Error),
+    /// Not a reply of this handshake version.
+    #[error("bad reply magic {0:02x?} (expected \"LVMGRP02\": a destination of another livemig version?)")]
+    BadMagic([u8; 8]),
+    /// A reply text longer than allowed.
+    #[error("reply text of {0} bytes exceeds {MAX_REPLY_TEXT}")]
+    TooLong(u32),
+    /// The reply stopped inside its text.
+    #[error("truncated reply: {0}")]
+    Truncated(#[source] Box<ReplyError>),
+    /// A STARTED whose text is not a duration.
+    #[error("STARTED with {0} bytes of text (expected 0 or 8)")]
+    StartedText(u32),
+    /// A kind this build does not know (or LOADED/ACCEPTED with a text).
+    #[error("unknown reply kind {kind} (text length {len})")]
+    UnknownKind {
+        /// The kind byte.
+        kind: u8,
+        /// Its text length.
+        len: u32,
+    },
+    /// A valid reply, but not the one this step waits for.
+    #[error("the destination replied {got} instead of {expected}")]
+    Unexpected {
+        /// What came.
+        got: &'static str,
+        /// What was expected.
+        expected: &'static str,
+    },
+    /// Bytes that are not GO where GO was expected.
+    #[error("expected GO, got bytes {0:02x?}")]
+    NotGo([u8; 8]),
+    /// The source sent ABORT where GO was expected.
+    #[error("source aborted: {0}")]
+    SourceAborted(String),
+    /// Stream bytes still unread where GO should be next.
+    #[error("stream bytes arrived where GO was expected")]
+    BytesBeforeGo,
+}
+
+impl ReplyError {
+    fn read(e: io::Error) -> ReplyError {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            ReplyError::Closed
+        } else {
+            ReplyError::Io(e)
+        }
+    }
+
+    /// The first bytes the peer sent, when they were not a reply: a
+    /// plain source can tell whether its peer speaks TLS.
+    pub fn bad_magic(&self) -> Option<&[u8; 8]> {
+        match self {
+            ReplyError::BadMagic(m) => Some(m),
+            _ => None,
+        }
+    }
+}
+
 /// Reads one reply. Errors say what was wrong; they never allocate more
 /// than [`MAX_REPLY_TEXT`] bytes whatever the peer claims.
-pub fn read_reply(r: &mut dyn Read) -> Result<Reply, String> {
+pub fn read_reply(r: &mut dyn Read) -> Result<Reply, ReplyError> {
     let mut head = [0u8; REPLY_HEAD_LEN];
-    r.read_exact(&mut head).map_err(|e| eof_text(&e))?;
+    let mut got = 0;
+    while got < head.len() {
+        match r.read(&mut head[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(ReplyError::read(e)),
+        }
+        // What a peer of another protocol sent first is enough to say so
+        // (a TLS alert is 7 bytes, then the peer closes).
+        if got >= 3 && head[..3] != REPLY_MAGIC[..3] {
+            let mut m = [0u8; 8];
+            m[..got.min(8)].copy_from_slice(&head[..got.min(8)]);
+            return Err(ReplyError::BadMagic(m));
+        }
+    }
+    if got < head.len() {
+        return Err(ReplyError::Closed);
+    }
     if head[..8] != REPLY_MAGIC {
-        return Err(format!(
-            "bad reply magic {:02x?} (expected {:?}: a destination of another livemig version?)",
-            &head[..8],
-            String::from_utf8_lossy(&REPLY_MAGIC)
-        ));
+        let mut m = [0u8; 8];
+        m.copy_from_slice(&head[..8]);
+        return Err(ReplyError::BadMagic(m));
     }
     let len = u32::from_be_bytes([head[9], head[10], head[11], head[12]]);
     if len > MAX_REPLY_TEXT {
-        return Err(format!(
-            "reply text of {len} bytes exceeds {MAX_REPLY_TEXT}"
-        ));
+        return Err(ReplyError::TooLong(len));
     }
     let mut text = vec![0u8; len as usize];
     r.read_exact(&mut text)
-        .map_err(|e| format!("truncated reply: {}", eof_text(&e)))?;
+        .map_err(|e| ReplyError::Truncated(Box::new(ReplyError::read(e))))?;
     if head[8] == 3 {
         return match <[u8; 8]>::try_from(&text[..]) {
             Ok(b) => Ok(Reply::Started(Some(Duration::from_micros(
                 u64::from_be_bytes(b),
             )))),
             Err(_) if text.is_empty() => Ok(Reply::Started(None)),
-            Err(_) => Err(format!(
-                "STARTED with {len} bytes of text (expected 0 or 8)"
-            )),
+            Err(_) => Err(ReplyError::StartedText(len)),
         };
     }
     let text = String::from_utf8_lossy(&text).into_owned();
     match head[8] {
         1 if text.is_empty() => Ok(Reply::Loaded),
+        4 if text.is_empty() => Ok(Reply::Accepted),
         2 => Ok(Reply::Failed(text)),
-        k => Err(format!("unknown reply kind {k} (text length {len})")),
+        kind => Err(ReplyError::UnknownKind { kind, len }),
     }
 }
 
@@ -164,20 +250,75 @@ pub fn write_go(w: &mut dyn Write) -> io::Result<()> {
 }
 
 /// Waits for GO after the stream's end.
-pub fn read_go(r: &mut dyn Read) -> Result<(), String> {
+pub fn read_go(r: &mut dyn Read) -> Result<(), ReplyError> {
     let mut b = [0u8; GO_LEN];
-    r.read_exact(&mut b).map_err(|e| eof_text(&e))?;
+    r.read_exact(&mut b).map_err(ReplyError::read)?;
+    if b[0] == crate::stream::format::Kind::Abort as u8 {
+        // The source gave up after its stream's end (e.g. cancelled).
+        let len = usize::from(u16::from_be_bytes([b[1], b[2]]))
+            .min(usize::from(crate::stream::format::MAX_ABORT_TEXT));
+        let mut text = b[3..].to_vec();
+        if len > text.len() {
+            let mut rest = vec![0u8; len - text.len()];
+            if r.read_exact(&mut rest).is_ok() {
+                text.extend_from_slice(&rest);
+            }
+        }
+        text.truncate(len);
+        return Err(ReplyError::SourceAborted(
+            String::from_utf8_lossy(&text).into_owned(),
+        ));
+    }
     if b != GO_MAGIC {
-        return Err(format!("expected GO, got bytes {b:02x?}"));
+        return Err(ReplyError::NotGo(b));
     }
     Ok(())
 }
 
-fn eof_text(e: &io::Error) -> String {
-    if e.kind() == io::ErrorKind::UnexpectedEof {
-        "the connection closed".to_string()
-    } else {
-        e.to_string()
+/// The destination's own words: why it refused or failed (the text of
+/// its FAILED reply).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct PeerReason(pub String);
+
+/// Why the source could not complete the handshake with the destination;
+/// in every case the destination was not told to start, and the source
+/// guest runs on.
+#[derive(Debug, thiserror::Error)]
+pub enum AckError {
+    /// No usable LOADED came after the stream's end.
+    #[error("no LOADED reply from the destination ({0}); it was not told to start, the guest runs on here")]
+    NoLoaded(#[source] ReplyError),
+    /// GO could not be handed to the transport.
+    #[error("sending GO failed ({0}); the destination never got it and will not start, the guest runs on here")]
+    SendGo(#[source] io::Error),
+    /// No verdict on the setup came (header flag `FLAG_SETUP`).
+    #[error("no answer from the destination to the migration's setup ({0}); no page was sent, the guest runs on here")]
+    NoSetupVerdict(#[source] ReplyError),
+    /// The destination answered the setup with TLS: it wants an encrypted
+    /// migration.
+    #[error("the destination requires TLS (it answered the setup with a TLS record); give this side TLS settings too, with a certificate from the destination's CA")]
+    DestinationNeedsTls,
+}
+
+/// The source's wait, after the stream's first section, for the
+/// destination's verdict on the setup (header flag `FLAG_SETUP`).
+pub(crate) fn await_setup(reply: &mut dyn Read) -> Result<(), MigrationError> {
+    match read_reply(reply) {
+        Ok(Reply::Accepted) => Ok(()),
+        Ok(Reply::Failed(why)) => Err(MigrationError::Refused(PeerReason(why))),
+        Ok(other) => Err(AckError::NoSetupVerdict(ReplyError::Unexpected {
+            got: other.name(),
+            expected: "ACCEPTED",
+        })
+        .into()),
+        Err(e)
+            if e.bad_magic()
+                .is_some_and(|m| crate::transport::tls::looks_like_tls(m)) =>
+        {
+            Err(AckError::DestinationNeedsTls.into())
+        }
+        Err(e) => Err(AckError::NoSetupVerdict(e).into()),
     }
 }
 
@@ -219,29 +360,22 @@ pub(crate) fn source_handshake(
 ) -> Result<Handshake, MigrationError> {
     match read_reply(reply) {
         Ok(Reply::Loaded) => {}
-        Ok(Reply::Failed(m)) => return Err(MigrationError::Destination(m)),
+        Ok(Reply::Failed(m)) => return Err(MigrationError::Destination(PeerReason(m))),
         Ok(other) => {
-            return Err(MigrationError::Ack(format!(
-                "the destination replied {} before LOADED; it was not told to start, the guest runs on here",
-                other.name()
-            )))
+            return Err(AckError::NoLoaded(ReplyError::Unexpected {
+                got: other.name(),
+                expected: "LOADED",
+            })
+            .into())
         }
-        Err(e) => {
-            return Err(MigrationError::Ack(format!(
-                "no LOADED reply from the destination ({e}); it was not told to start, the guest runs on here"
-            )))
-        }
+        Err(e) => return Err(AckError::NoLoaded(e).into()),
     }
     if cancelled() {
         return Err(MigrationError::Cancelled);
     }
     // A write that fails hands no byte of GO to the transport, so the
     // destination can never see a whole GO: resuming here is safe.
-    write_go(go).map_err(|e| {
-        MigrationError::Ack(format!(
-            "sending GO failed ({e}); the destination never got it and will not start, the guest runs on here"
-        ))
-    })?;
+    write_go(go).map_err(AckError::SendGo)?;
     *sent_go = true;
     let go_sent = Instant::now();
     match read_reply(reply) {
@@ -250,10 +384,10 @@ pub(crate) fn source_handshake(
             started: Instant::now(),
             resumed_after_go,
         }),
-        Ok(other) => Err(MigrationError::Unconfirmed(format!(
-            "the destination replied {} instead of STARTED",
-            other.name()
-        ))),
+        Ok(other) => Err(MigrationError::Unconfirmed(ReplyError::Unexpected {
+            got: other.name(),
+            expected: "STARTED",
+        })),
         Err(e) => Err(MigrationError::Unconfirmed(e)),
     }
 }
@@ -266,7 +400,7 @@ pub enum CommitError {
     SendLoaded(#[source] io::Error),
     /// No GO came: the source keeps (or resumes) the guest.
     #[error("loaded, but no GO from the source ({0}); the source keeps the guest, this copy is discarded and never runs")]
-    NoGo(String),
+    NoGo(#[source] ReplyError),
 }
 
 /// The destination's half of the handshake, for a VMM: after the load,
@@ -377,6 +511,7 @@ mod tests {
             Reply::Started(None),
             Reply::Started(Some(Duration::from_micros(1234))),
             Reply::Failed("disk full".into()),
+            Reply::Accepted,
         ] {
             let b = reply_bytes(&r);
             assert_eq!(&b[..8], b"LVMGRP02");
@@ -392,19 +527,19 @@ mod tests {
     fn bad_replies_are_refused() {
         let old = b"LVMGACK1\0\0\0\0\0";
         let e = read_reply(&mut &old[..]).unwrap_err();
-        assert!(e.contains("bad reply magic"), "{e}");
+        assert!(e.to_string().contains("bad reply magic"), "{e}");
         let mut huge = reply_bytes(&Reply::Loaded);
         huge[9..13].copy_from_slice(&u32::MAX.to_be_bytes());
         let e = read_reply(&mut &huge[..]).unwrap_err();
-        assert!(e.contains("exceeds 4096"), "{e}");
+        assert!(e.to_string().contains("exceeds 4096"), "{e}");
         let mut kind = reply_bytes(&Reply::Loaded);
         kind[8] = 9;
         let e = read_reply(&mut &kind[..]).unwrap_err();
-        assert!(e.contains("unknown reply kind 9"), "{e}");
+        assert!(e.to_string().contains("unknown reply kind 9"), "{e}");
         let e = read_reply(&mut &b"LVMG"[..]).unwrap_err();
-        assert!(e.contains("closed"), "{e}");
+        assert!(e.to_string().contains("closed"), "{e}");
         let e = read_go(&mut &b"LVMGGO01"[..]).unwrap_err();
-        assert!(e.contains("expected GO"), "{e}");
+        assert!(e.to_string().contains("expected GO"), "{e}");
         let long = reply_bytes(&Reply::Failed("x".repeat(10_000)));
         assert_eq!(long.len(), REPLY_HEAD_LEN + 4096, "text is cut");
     }
@@ -416,10 +551,11 @@ mod tests {
             reply_bytes(&Reply::Loaded),
             reply_bytes(&Reply::Started(Some(Duration::from_millis(3)))),
             reply_bytes(&Reply::Failed("x".into())),
+            reply_bytes(&Reply::Accepted),
         ];
         for i in 0..20_000 {
             // Mutations of valid replies, and plain noise.
-            let mut b = valid[i % 3].clone();
+            let mut b = valid[i % 4].clone();
             if i % 2 == 0 {
                 let at = rng.below(b.len());
                 b[at] ^= rng.byte() | 1;
@@ -507,7 +643,7 @@ mod tests {
     #[test]
     fn source_resumes_on_failed_or_missing_loaded() {
         let (r, sent, fwd) = source_with(&[Reply::Failed("bad block".into())], false);
-        assert!(matches!(r, Err(MigrationError::Destination(ref m)) if m == "bad block"));
+        assert!(matches!(r, Err(MigrationError::Destination(ref m)) if m.0 == "bad block"));
         assert!(!sent && fwd.is_empty(), "no GO after FAILED");
         let (r, sent, fwd) = source_with(&[], false);
         let e = r.unwrap_err();

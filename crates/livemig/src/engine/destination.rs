@@ -222,11 +222,19 @@ impl<'a> Destination<'a> {
         t0: Instant,
     ) -> Result<Arrival, DestinationError> {
         let mut input = input;
-        let loaded = Loader::new(self.mem)
+        let mut loader = Loader::new(self.mem)
             .sharing_progress(self.progress.clone())
+            .expect_shape(self.vm.shape());
+        if let Some(w) = reply {
+            // The setup verdict (ACCEPTED) goes out from inside the load.
+            loader = loader.answering(w);
+        }
+        let loaded = loader
             .load_channels(Box::new(&mut input) as Box<dyn Read + Send + '_>, || {
                 accept().map(|r| Box::new(r) as Box<dyn Read + Send + '_>)
             });
+        let reply = loader.take_answer();
+        drop(loader);
         let commit = match reply {
             Some(w) => Commit::new(input, w),
             None => Commit::none(),
@@ -334,6 +342,10 @@ impl IncomingGuest for Guest<'_> {
         });
         self.resumed = Some(Instant::now());
         r
+    }
+
+    fn shape(&self) -> crate::vm::VmShape {
+        self.vm.shape()
     }
 
     fn pause(&mut self) {
@@ -507,7 +519,7 @@ mod tests {
         let dest = receive_with(&dst, r, ack_w, rec, false);
         let e = send(&src, Params::default(), out).expect_err("the destination refuses");
         assert!(
-            matches!(&e, MigrationError::Destination(m) if m.contains("vCPU state does not fit")),
+            matches!(&e, MigrationError::Destination(m) if m.0.contains("vCPU state does not fit")),
             "{e}"
         );
         let (res, calls) = dest.join().unwrap();
@@ -626,5 +638,205 @@ mod tests {
         assert_eq!(head, b"LIVE");
         assert_eq!(flags_of(&head), None);
         assert_eq!(flags_of(&[0u8; HEADER_LEN]), None);
+    }
+
+    /// A VMM of a given vCPU count.
+    struct Shaped(u32);
+
+    impl VmControl for Shaped {
+        fn pause(&mut self) -> Result<(), VmError> {
+            Ok(())
+        }
+        fn resume(&mut self) -> Result<(), VmError> {
+            Ok(())
+        }
+        fn shape(&self) -> crate::vm::VmShape {
+            crate::vm::VmShape { vcpus: self.0 }
+        }
+    }
+
+    /// Counts what the source hands to the transport.
+    struct Counting(PipeWriter, Arc<std::sync::atomic::AtomicU64>);
+
+    impl io::Write for Counting {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let n = self.0.write(buf)?;
+            self.1
+                .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            self.0.flush()
+        }
+    }
+
+    /// Migrates `src` (a guest of `src_vcpus`) into `dst` (of
+    /// `dst_vcpus`): the source's result, the bytes it sent, the
+    /// destination's result.
+    fn shaped(
+        src: &ProcessMemory,
+        src_vcpus: u32,
+        dst: &ProcessMemory,
+        dst_vcpus: u32,
+        params: Params,
+    ) -> (
+        Result<MigrationStats, MigrationError>,
+        u64,
+        Result<Arrival, DestinationError>,
+    ) {
+        let (w, r) = pipe();
+        let (ack_w, ack_r) = pipe();
+        let dst = dst.clone();
+        let dest = thread::spawn(move || {
+            Destination::new(&dst, &mut Shaped(dst_vcpus)).run_with(
+                r,
+                Some(Box::new(ack_w)),
+                &mut one_stream,
+            )
+        });
+        let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let out = Outgoing {
+            writer: Box::new(Counting(w, sent.clone())),
+            ack: Some(Box::new(ack_r)),
+        };
+        let (mut tracker, _log) = SoftwareTracker::new(src);
+        let handle = MigrationHandle::new(params);
+        let res = Source::new(src, &mut tracker, &mut Shaped(src_vcpus), handle).run_over(out);
+        let got = dest.join().unwrap();
+        (res, sent.load(std::sync::atomic::Ordering::Relaxed), got)
+    }
+
+    #[test]
+    fn a_destination_of_another_size_refuses_before_any_page() {
+        let (src, _) = memories();
+        let dst = ProcessMemory::new(&[("ram0", 4 * MIB), ("ram1", 4 * MIB)]).unwrap();
+        let (res, sent, got) = shaped(&src, 1, &dst, 1, Params::default());
+        let e = res.expect_err("refused");
+        assert!(matches!(e, MigrationError::Refused(_)), "{e}");
+        let text = e.to_string();
+        assert!(
+            text.starts_with("the destination refused the migration before any page was sent: ")
+                && text.contains("block 'ram1' is 2097152 bytes in the stream, 4194304 here"),
+            "{text}"
+        );
+        assert!(sent < 4096, "{sent} bytes went before the refusal");
+        let de = got.expect_err("the destination refuses");
+        assert!(
+            matches!(de, DestinationError::Load(LoadError::Layout { .. })),
+            "{de}"
+        );
+    }
+
+    #[test]
+    fn another_vcpu_count_is_refused_at_setup_and_an_unsaid_one_is_not() {
+        let (src, dst) = memories();
+        let (res, sent, got) = shaped(&src, 4, &dst, 2, Params::default());
+        let e = res.expect_err("refused");
+        assert!(matches!(e, MigrationError::Refused(_)), "{e}");
+        assert!(
+            e.to_string()
+                .ends_with("the source's VM has 4 vCPUs, this destination's 2"),
+            "{e}"
+        );
+        assert!(sent < 4096, "{sent} bytes went before the refusal");
+        let de = got.expect_err("the destination refuses");
+        assert!(
+            matches!(
+                de,
+                DestinationError::Load(LoadError::Vcpus {
+                    source_vcpus: 4,
+                    here: 2,
+                    ..
+                })
+            ),
+            "{de}"
+        );
+        // Either side not saying (0) is not checked; equal counts pass.
+        for (a, b) in [(0, 2), (3, 0), (2, 2)] {
+            let (res, sent, got) = shaped(&src, a, &dst, b, Params::default());
+            res.unwrap_or_else(|e| panic!("{a} -> {b}: {e}"));
+            got.unwrap_or_else(|e| panic!("{a} -> {b}: {e}"));
+            assert!(sent > 2 * MIB, "{a} -> {b}: the memory went ({sent} bytes)");
+        }
+        assert!(same(&src, &dst));
+    }
+
+    #[test]
+    fn a_source_that_gives_up_tells_the_destination() {
+        let (src, dst) = memories();
+        let (out, r, ack_w) = pipes_out();
+        let dest = receive_with(&dst, r, ack_w, Recorder::default(), false);
+        let (mut tracker, _log) = SoftwareTracker::new(&src);
+        // 1 MiB/s: 4 MiB of data cannot go before the cancel.
+        let handle = MigrationHandle::new(Params {
+            max_bandwidth: MIB,
+            ..Params::default()
+        });
+        let h = handle.clone();
+        let canceller = thread::spawn(move || {
+            while h.stats().ram.transferred < 256 << 10 {
+                thread::sleep(Duration::from_millis(5));
+            }
+            h.cancel();
+        });
+        let e = Source::new(&src, &mut tracker, &mut NoVm, handle)
+            .run_over(out)
+            .expect_err("cancelled");
+        canceller.join().unwrap();
+        assert!(matches!(e, MigrationError::Cancelled), "{e}");
+        let (res, calls) = dest.join().unwrap();
+        let de = res.expect_err("aborted");
+        assert!(
+            matches!(&de, DestinationError::Load(LoadError::SourceAborted { reason })
+                if reason == "migration cancelled"),
+            "{de}"
+        );
+        assert_eq!(de.to_string(), "source aborted: migration cancelled");
+        assert!(calls.is_empty(), "nothing restored or resumed: {calls:?}");
+    }
+
+    #[test]
+    fn an_unknown_version_or_feature_is_refused_at_setup_with_the_reason() {
+        use crate::engine::{read_reply, Reply};
+        use crate::stream::format::{FLAG_SETUP, HEADER_LEN, MAGIC, VERSION};
+        use crate::stream::{BlockDesc, StreamWriter};
+        let (_, dst) = memories();
+        let descs: Vec<BlockDesc> = layout()
+            .into_iter()
+            .map(|(id, len)| BlockDesc { id: id.into(), len })
+            .collect();
+        // What a source of a later build might send: a feature bit this
+        // build does not know, or a stream version it cannot read.
+        let mut w = StreamWriter::new(Vec::new(), FLAG_SETUP);
+        w.block_list(&descs).unwrap();
+        w.setup(1, 1 << 31).unwrap();
+        w.section_end(0).unwrap();
+        let feature = w.get_mut().clone();
+        let mut version = feature.clone();
+        version[8..10].copy_from_slice(&(VERSION + 1).to_be_bytes());
+        assert_eq!(&version[..8], &MAGIC[..]);
+        for (bytes, why) in [
+            (
+                feature,
+                "needs features 0x80000000 this build does not know",
+            ),
+            (version, "stream version 2 is not supported"),
+        ] {
+            let (mut w, r) = pipe();
+            let (ack_w, mut ack_r) = pipe();
+            let dest = receive_with(&dst, r, ack_w, Recorder::default(), false);
+            io::Write::write_all(&mut w, &bytes).unwrap();
+            // The source would wait here for the verdict, no page sent.
+            let reply = read_reply(&mut ack_r).unwrap();
+            let Reply::Failed(text) = reply else {
+                panic!("{reply:?}")
+            };
+            assert!(text.contains(why), "{text}");
+            assert!(bytes.len() < HEADER_LEN + 64);
+            drop(w);
+            let (res, calls) = dest.join().unwrap();
+            assert!(res.is_err());
+            assert!(calls.is_empty(), "{calls:?}");
+        }
     }
 }

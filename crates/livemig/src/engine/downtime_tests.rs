@@ -83,8 +83,9 @@ fn run(params: Params, save: Duration, declare: bool) -> Run {
     let dst2 = dst.clone();
     let loader = thread::spawn(move || {
         let mut r = r;
-        let res = Loader::new(&dst2).load(&mut r);
-        let commit = Commit::new(r, ack_w);
+        let mut l = Loader::new(&dst2).answering(Box::new(ack_w));
+        let res = l.load(&mut r);
+        let commit = Commit::new(r, l.take_answer().expect("the return path"));
         match &res {
             Ok(_) => commit.wait_go().expect("GO").started().unwrap(),
             Err(e) => commit.fail(&e.to_string()),
@@ -217,8 +218,9 @@ fn a_write_the_tracker_missed_is_caught_by_verify() {
     let dst2 = dst.clone();
     let loader = thread::spawn(move || {
         let mut r = r;
-        let res = Loader::new(&dst2).load(&mut r);
-        let commit = Commit::new(r, ack_w);
+        let mut l = Loader::new(&dst2).answering(Box::new(ack_w));
+        let res = l.load(&mut r);
+        let commit = Commit::new(r, l.take_answer().expect("the return path"));
         match &res {
             Ok(_) => commit.wait_go().expect("GO").started().unwrap(),
             Err(e) => commit.fail(&e.to_string()),
@@ -243,11 +245,11 @@ fn a_write_the_tracker_missed_is_caught_by_verify() {
     assert!(
         matches!(
             err,
-            MigrationError::Verify(_) | MigrationError::Destination(_)
+            MigrationError::Verify { .. } | MigrationError::Destination(_)
         ),
         "{err}"
     );
-    if let MigrationError::Verify(m) = &err {
-        assert!(m.contains("missed a write"), "{m}");
+    if let MigrationError::Verify { .. } = &err {
+        assert!(err.to_string().contains("missed a write"), "{err}");
     }
 }

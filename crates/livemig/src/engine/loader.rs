@@ -13,8 +13,10 @@ use super::prefault::Prefault;
 use crate::codec::compress::{Algorithm, Decompressor};
 use crate::codec::{xbzrle, zero};
 use crate::memory::{GuestMemory, PAGE_SIZE};
-use crate::stream::format::{FLAG_CHANNELS, FLAG_VERIFY};
+use crate::stream::format::{FLAG_CHANNELS, FLAG_SETUP, FLAG_VERIFY};
 use crate::stream::{Record, StreamError, StreamReader};
+use crate::transport::BoxWrite;
+use crate::vm::VmShape;
 
 /// Why loading failed. Nothing outside a block was written; the guest
 /// must not be started from memory that failed to load.
@@ -29,7 +31,8 @@ pub enum LoadError {
         /// Byte offset of the block list.
         offset: u64,
         /// What differs.
-        what: String,
+        #[source]
+        what: LayoutMismatch,
     },
     /// An XBZRLE delta did not decode against the destination's page.
     #[error("stream byte {offset}, record {record}: xbzrle page at {block}+{page_offset:#x} does not decode: {source}")]
@@ -109,6 +112,29 @@ pub enum LoadError {
         /// What was wrong.
         what: String,
     },
+    /// The source's VM has another number of vCPUs than this destination's
+    /// (checked at setup, before any page).
+    #[error(
+        "stream byte {offset}: the source's VM has {source_vcpus} vCPUs, this destination's {here}"
+    )]
+    Vcpus {
+        /// Byte offset of the setup record.
+        offset: u64,
+        /// vCPUs of the source's VM.
+        source_vcpus: u32,
+        /// vCPUs of this destination's VM.
+        here: u32,
+    },
+    /// The source gave up and said why (an ABORT record): nothing it sent
+    /// may run.
+    #[error("source aborted: {reason}")]
+    SourceAborted {
+        /// The source's reason.
+        reason: String,
+    },
+    /// The setup was checked but the verdict could not be sent back.
+    #[error("answering the source's setup: {0}")]
+    Answer(#[source] io::Error),
     /// The memory loaded differs from the source's at stop time.
     #[error("memory digest mismatch: source {expected}, destination {actual}")]
     DigestMismatch {
@@ -116,6 +142,32 @@ pub enum LoadError {
         expected: String,
         /// Destination's digest (hex).
         actual: String,
+    },
+}
+
+/// How a stream's block list differs from the destination's memory.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LayoutMismatch {
+    /// Another number of RAM blocks.
+    #[error("stream has {stream} RAM blocks, destination has {here}")]
+    BlockCount {
+        /// Blocks in the stream.
+        stream: usize,
+        /// Blocks here.
+        here: usize,
+    },
+    /// A block this destination does not have.
+    #[error("stream block '{0}' does not exist here")]
+    UnknownBlock(String),
+    /// A block of another length.
+    #[error("block '{id}' is {stream} bytes in the stream, {here} here")]
+    Length {
+        /// Block id.
+        id: String,
+        /// Its length in the stream.
+        stream: u64,
+        /// Its length here.
+        here: u64,
     },
 }
 
@@ -185,6 +237,11 @@ pub struct Loader<'a> {
     running: Option<RunningDigest>,
     /// Faults memory in a window at a time before data pages land.
     prefault: Prefault,
+    /// The VM the stream must describe (vCPUs 0: not checked).
+    shape: VmShape,
+    /// Where the setup verdict goes (the return path), for a stream whose
+    /// header asks for one.
+    answer: Mutex<Option<BoxWrite>>,
 }
 
 /// Which stream of a migration a record loop reads.
@@ -225,6 +282,44 @@ impl<'a> Loader<'a> {
             progress: Arc::new(AtomicU64::new(0)),
             running: None,
             prefault: Prefault::new(mem, true),
+            shape: VmShape::default(),
+            answer: Mutex::new(None),
+        }
+    }
+
+    /// The VM the stream must describe: a source whose VM has another
+    /// vCPU count is refused at setup, before any page (a count of 0 on
+    /// either side is not checked).
+    pub fn expect_shape(mut self, shape: VmShape) -> Self {
+        self.shape = shape;
+        self
+    }
+
+    /// The return path: a stream whose header asks for a setup verdict
+    /// (`FLAG_SETUP`) gets ACCEPTED there once its first section (block
+    /// list, VM shape) checked out. (A refusal is the caller's to send:
+    /// FAILED with the load error, see [`crate::engine::Commit::fail`].)
+    /// [`Loader::take_answer`] gives it back.
+    pub fn answering(self, reply: BoxWrite) -> Self {
+        *self.answer.lock().unwrap_or_else(|e| e.into_inner()) = Some(reply);
+        self
+    }
+
+    /// The return path given to [`Loader::answering`].
+    pub fn take_answer(&mut self) -> Option<BoxWrite> {
+        self.answer
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+
+    /// Sends ACCEPTED on the return path, when there is one.
+    fn accept_setup(&self) -> Result<(), LoadError> {
+        let mut a = self.answer.lock().unwrap_or_else(|e| e.into_inner());
+        match a.as_mut() {
+            Some(w) => super::ack::write_reply(&mut **w, &super::ack::Reply::Accepted)
+                .map_err(LoadError::Answer),
+            None => Ok(()),
         }
     }
 
@@ -401,7 +496,12 @@ impl<'a> Loader<'a> {
         let fail = |e: LoadError| {
             {
                 let mut f = first_err.lock().unwrap_or_else(|p| p.into_inner());
-                if f.is_none() && !matches!(e, LoadError::Aborted) {
+                // The source's own reason beats the cut its leaving caused
+                // on another connection.
+                let aborted = matches!(e, LoadError::SourceAborted { .. });
+                if (f.is_none() || (aborted && f.as_ref().is_some_and(is_cut)))
+                    && !matches!(e, LoadError::Aborted)
+                {
                     *f = Some(e);
                 }
             }
@@ -623,7 +723,27 @@ impl<'a> Loader<'a> {
                     b.region().write(offset as usize, &scratch);
                     self.touched(bi, offset);
                 }
-                Record::SectionEnd { .. } => {
+                Record::Setup { vcpus, .. } => {
+                    let here = self.shape.vcpus;
+                    if vcpus != 0 && here != 0 && vcpus != here {
+                        return Err(LoadError::Vcpus {
+                            offset: at,
+                            source_vcpus: vcpus,
+                            here,
+                        });
+                    }
+                }
+                Record::Abort(reason) => {
+                    return Err(LoadError::SourceAborted {
+                        reason: reason.to_string(),
+                    })
+                }
+                Record::SectionEnd { seq } => {
+                    if seq == 0 && r.flags() & FLAG_SETUP != 0 && !page_channel {
+                        // The reader checked that this section held the
+                        // block list and the VM's shape; both match.
+                        self.accept_setup()?;
+                    }
                     out.stats.sections += 1;
                     self.progress
                         .fetch_add(r.offset() - reported, Ordering::Relaxed);
@@ -670,32 +790,46 @@ impl<'a> Loader<'a> {
         Ok(out)
     }
 
-    fn match_layout(&self, list: &[crate::stream::BlockDesc]) -> Result<Vec<usize>, String> {
+    fn match_layout(
+        &self,
+        list: &[crate::stream::BlockDesc],
+    ) -> Result<Vec<usize>, LayoutMismatch> {
         let blocks = self.mem.blocks();
         if list.len() != blocks.len() {
-            return Err(format!(
-                "stream has {} RAM blocks, destination has {}",
-                list.len(),
-                blocks.len()
-            ));
+            return Err(LayoutMismatch::BlockCount {
+                stream: list.len(),
+                here: blocks.len(),
+            });
         }
         list.iter()
             .map(|d| {
                 let i = self
                     .mem
                     .find(&d.id)
-                    .ok_or_else(|| format!("stream block '{}' does not exist here", d.id))?;
+                    .ok_or_else(|| LayoutMismatch::UnknownBlock(d.id.clone()))?;
                 if blocks[i].len() != d.len {
-                    return Err(format!(
-                        "block '{}' is {} bytes in the stream, {} here",
-                        d.id,
-                        d.len,
-                        blocks[i].len()
-                    ));
+                    return Err(LayoutMismatch::Length {
+                        id: d.id.clone(),
+                        stream: d.len,
+                        here: blocks[i].len(),
+                    });
                 }
                 Ok(i)
             })
             .collect()
+    }
+}
+
+/// Whether `e` is a connection that ended or failed mid-stream (what a
+/// source that leaves causes), on any channel.
+fn is_cut(e: &LoadError) -> bool {
+    use crate::stream::StreamErrorKind::{Io, Truncated};
+    match e {
+        LoadError::Stream(s) => matches!(s.kind, Truncated(_) | Io(_)),
+        LoadError::OnChannel { source, .. } | LoadError::OnConnection { source, .. } => {
+            is_cut(source)
+        }
+        _ => false,
     }
 }
 

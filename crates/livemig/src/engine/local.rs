@@ -59,7 +59,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::ack::{self, Commit, CommitError};
-use super::{MigrationError, MigrationHandle, MigrationStats, Status};
+use super::{MigrationError, MigrationHandle, MigrationStats, Params, Status};
 use crate::memory::{memfd_seals, BlockBacking, GuestMemory, MEMFD_SEALS};
 use crate::sys::scm;
 use crate::vm::{BoxError, VmControl};
@@ -175,6 +175,78 @@ pub enum LocalError {
     /// The completion handshake failed: the guest never runs here.
     #[error(transparent)]
     Commit(#[from] CommitError),
+    /// A setting that moves pages, which local mode does not do.
+    #[error("local mode hands guest memory over instead of sending pages: {0} cannot be used with it; turn it off")]
+    Unsupported(LocalUnsupported),
+}
+
+/// A setting local mode refuses: each one shapes how pages travel, and in
+/// local mode no page travels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LocalUnsupported {
+    /// Page channels (`channels` above 1; QMP: capability `multifd`).
+    Channels(u16),
+    /// Compression of pages (QMP: `multifd-compression`).
+    Compression,
+    /// XBZRLE delta pages (QMP: capability `xbzrle`).
+    Xbzrle,
+    /// Postcopy (QMP: capability `postcopy-ram`).
+    PostcopyRam,
+    /// Postcopy's page-request channel (QMP: capability `postcopy-preempt`).
+    PostcopyPreempt,
+    /// TLS: the socket is a local Unix socket and carries descriptors.
+    Tls,
+}
+
+impl LocalUnsupported {
+    /// The setting's QMP name (capability or parameter).
+    pub fn qmp_name(self) -> &'static str {
+        match self {
+            LocalUnsupported::Channels(_) => "capability 'multifd'",
+            LocalUnsupported::Compression => "parameter 'multifd-compression'",
+            LocalUnsupported::Xbzrle => "capability 'xbzrle'",
+            LocalUnsupported::PostcopyRam => "capability 'postcopy-ram'",
+            LocalUnsupported::PostcopyPreempt => "capability 'postcopy-preempt'",
+            LocalUnsupported::Tls => "parameter 'tls-creds'",
+        }
+    }
+}
+
+impl std::fmt::Display for LocalUnsupported {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LocalUnsupported::Channels(n) => write!(f, "page channels (channels = {n})"),
+            LocalUnsupported::Compression => f.write_str("compression"),
+            LocalUnsupported::Xbzrle => f.write_str("XBZRLE"),
+            LocalUnsupported::PostcopyRam => f.write_str("postcopy (postcopy-ram)"),
+            LocalUnsupported::PostcopyPreempt => f.write_str("postcopy-preempt"),
+            LocalUnsupported::Tls => f.write_str("TLS"),
+        }
+    }
+}
+
+/// The first setting of `p` that local mode cannot honour (see
+/// [`LocalUnsupported`]; TLS is not a [`Params`] field: the caller checks
+/// it). Settings that only steer convergence (bandwidth, downtime limit,
+/// auto-converge, dirty-limit, verify) are accepted and have nothing to
+/// act on: nothing is sent and the guest is paused once.
+pub fn check_params(p: &Params) -> Result<(), LocalUnsupported> {
+    if p.channels > 1 {
+        return Err(LocalUnsupported::Channels(p.channels));
+    }
+    if p.compress.is_some() {
+        return Err(LocalUnsupported::Compression);
+    }
+    if p.xbzrle {
+        return Err(LocalUnsupported::Xbzrle);
+    }
+    if p.postcopy_ram {
+        return Err(LocalUnsupported::PostcopyRam);
+    }
+    if p.postcopy_preempt {
+        return Err(LocalUnsupported::PostcopyPreempt);
+    }
+    Ok(())
 }
 
 fn socket(what: &'static str) -> impl FnOnce(io::Error) -> LocalError {
@@ -586,6 +658,9 @@ fn ms(d: Duration) -> u64 {
 /// and carries the cancel flag and the downtime limit (reported against,
 /// not enforced: the pause is what it is).
 ///
+/// Settings local mode cannot honour ([`check_params`]) are refused
+/// before the guest pauses.
+///
 /// On success the guest stays paused here for good. On failure it runs on
 /// here, except after [`MigrationError::Unconfirmed`] (GO sent, STARTED
 /// never came), as for any migration.
@@ -611,6 +686,7 @@ pub fn migrate(
         if handle.is_cancelled() {
             return Err(MigrationError::Cancelled);
         }
+        check_params(&handle.params()).map_err(LocalError::Unsupported)?;
         // Refuse what cannot be sent before the guest pauses.
         encode_offer(blocks, &[])?;
         vm.pause()?;

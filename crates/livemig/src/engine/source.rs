@@ -28,7 +28,7 @@ use crate::codec::adapt::{LinkCost, TimedWrite, WireClock};
 use crate::codec::encoder::{Delta, EncodeCounters, Page, PageEncoder};
 use crate::dirty::DirtyTracker;
 use crate::memory::{GuestMemory, RamBlock, PAGE_SIZE};
-use crate::stream::format::{FLAG_CHANNELS, FLAG_VERIFY};
+use crate::stream::format::{FLAG_CHANNELS, FLAG_SETUP, FLAG_VERIFY};
 use crate::stream::{BlockDesc, StreamWriter};
 use crate::vm::{StateCost, VmControl};
 
@@ -181,6 +181,7 @@ impl<'a> Source<'a> {
         let mut saver = RamSaver::new(mem, &handle, started);
         saver.running = running.as_ref();
         let mut guest = GuestSide::default();
+        let (out, abort) = super::abort::tap(out);
         let result = std::thread::scope(|s| {
             if let Some(d) = &running {
                 s.spawn(|| d.refresh(mem));
@@ -192,6 +193,17 @@ impl<'a> Source<'a> {
             r
         });
         let GuestSide { paused, sent_go } = guest;
+        if let (Err(e), false) = (&result, sent_go) {
+            // Before the channels close: the destination hears the reason
+            // first (a cancel that surfaced as another error is a cancel).
+            if handle.is_cancelled() {
+                abort.tell(&MigrationError::Cancelled);
+            } else {
+                abort.tell(e);
+            }
+        } else {
+            drop(abort);
+        }
         // Stops the channel threads (on failure, after their current batch).
         saver.close_channels();
         let stop_err = tracker.stop().err();
@@ -464,15 +476,19 @@ impl<'a> RamSaver<'a> {
         let urgent_flag = flags & crate::stream::format::FLAG_URGENT != 0;
         let n = self.params.channels;
         let session = session_number();
+        // With a return path, the destination checks the setup (block
+        // list, VM shape) and answers before any page is sent.
+        let setup = !matches!(ack, AckPath::None);
+        let main_flags = flags | if setup { FLAG_SETUP } else { 0 };
         let mut w = if n > 1 {
             let mut w = StreamWriter::new(
                 TimedWrite::new(out, self.wire.clone()),
-                flags | FLAG_CHANNELS,
+                main_flags | FLAG_CHANNELS,
             );
             w.channel(0, n, session).map_err(MigrationError::send)?;
             w
         } else {
-            StreamWriter::new(TimedWrite::new(out, self.wire.clone()), flags)
+            StreamWriter::new(TimedWrite::new(out, self.wire.clone()), main_flags)
         };
         let descs: Vec<BlockDesc> = self
             .blocks
@@ -483,6 +499,9 @@ impl<'a> RamSaver<'a> {
             })
             .collect();
         w.block_list(&descs).map_err(MigrationError::send)?;
+        if setup {
+            w.setup(vm.shape().vcpus, 0).map_err(MigrationError::send)?;
+        }
         self.section_end(&mut w)?;
         // The postcopy urgent connection (postcopy-preempt), opened now,
         // long before any pause: opening it costs a connection (and a TLS
@@ -520,6 +539,11 @@ impl<'a> RamSaver<'a> {
                 descs,
             };
             self.channels = Some(SendChannels::start(conns, &setup).map_err(MigrationError::send)?);
+        }
+        if let (true, Some(r)) = (setup, ack.as_read()) {
+            // Every connection is open (the destination accepts them all
+            // before it reads the setup): now its verdict, before any page.
+            ack::await_setup(r)?;
         }
         self.setup_time = self.started.elapsed().as_millis() as u64;
         self.publish(Status::Active, tracker.name(), None);
@@ -638,11 +662,10 @@ impl<'a> RamSaver<'a> {
             // it against all of memory.
             let full = memory_digest(self.mem);
             if full != sent {
-                return Err(MigrationError::Verify(format!(
-                    "memory {} at stop time, but {} was sent: the dirty tracker missed a write, and the destination runs the guest with that difference",
-                    hex(&full),
-                    hex(&sent)
-                )));
+                return Err(MigrationError::Verify {
+                    at_stop: hex(&full),
+                    sent: hex(&sent),
+                });
             }
         }
         vm.set_throttle(0);
@@ -811,7 +834,7 @@ impl<'a> RamSaver<'a> {
                         return Err(PostcopyError::EarlyComplete(self.remaining_pages()).into())
                     }
                     Ok(Ok((_, Message::Failed(why)))) => {
-                        return Err(MigrationError::Destination(why))
+                        return Err(MigrationError::Destination(ack::PeerReason(why)))
                     }
                     Ok(Ok((at, _))) => return Err(PostcopyError::NotRequest { offset: at }.into()),
                     Ok(Err(e)) => return Err(e.into()),
@@ -863,7 +886,9 @@ impl<'a> RamSaver<'a> {
                     self.fault_report = Some(report);
                     return Ok(());
                 }
-                Ok(Ok((_, Message::Failed(why)))) => return Err(MigrationError::Destination(why)),
+                Ok(Ok((_, Message::Failed(why)))) => {
+                    return Err(MigrationError::Destination(ack::PeerReason(why)))
+                }
                 Ok(Ok((at, _))) => return Err(PostcopyError::NotRequest { offset: at }.into()),
                 Ok(Err(e)) => return Err(PostcopyError::NoComplete(e.to_string()).into()),
                 Err(e) => return Err(PostcopyError::NoComplete(e.to_string()).into()),
@@ -935,7 +960,7 @@ impl<'a> RamSaver<'a> {
         loop {
             let (at, m) = mr.read_message()?;
             if let Message::Failed(why) = m {
-                return Err(MigrationError::Destination(why));
+                return Err(MigrationError::Destination(ack::PeerReason(why)));
             }
             if asm.add(at, &m)? {
                 break;

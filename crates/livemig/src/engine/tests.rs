@@ -67,10 +67,11 @@ fn migrate_live_with(
     let dst2 = dst.clone();
     let loader = thread::spawn(move || {
         let mut r = r;
-        let res = Loader::new(&dst2).load_channels(Box::new(&mut r) as BoxRead<'_>, || {
+        let mut l = Loader::new(&dst2).answering(Box::new(ack_w));
+        let res = l.load_channels(Box::new(&mut r) as BoxRead<'_>, || {
             next_conn(&mut ch_r).map(|c| Box::new(c) as BoxRead<'_>)
         });
-        let commit = Commit::new(r, ack_w);
+        let commit = Commit::new(r, l.take_answer().expect("the return path"));
         match &res {
             Ok(_) => commit.wait_go().expect("GO").started().unwrap(),
             Err(e) => commit.fail(&e.to_string()),
@@ -436,6 +437,7 @@ fn failure_during_completion_resumes_the_guest() {
     let loader = thread::spawn(move || Loader::new(&loader_mem).load(r));
     // Destination acknowledges failure.
     let (mut aw, mut ar) = pipe();
+    write_reply(&mut aw, &Reply::Accepted).unwrap();
     write_reply(&mut aw, &Reply::Failed("disk full".into())).unwrap();
     let mut vm = RecordingVm::default();
     let err = Source::new(
@@ -448,7 +450,7 @@ fn failure_during_completion_resumes_the_guest() {
     .unwrap_err();
     loader.join().unwrap().unwrap();
     assert!(
-        matches!(err, MigrationError::Destination(ref m) if m == "disk full"),
+        matches!(err, MigrationError::Destination(ref m) if m.0 == "disk full"),
         "{err}"
     );
     assert_eq!(vm.calls.last().map(String::as_str), Some("resume"));
@@ -898,13 +900,15 @@ fn handshake_run(
     src.blocks()[0].region().write(0, b"guest");
     let (mut t, _log) = SoftwareTracker::new(&src);
     let (w, r) = pipe();
-    let (mut aw, mut ar) = pipe();
+    let (aw, mut ar) = pipe();
     let handle = MigrationHandle::new(Params::default());
     let h = handle.clone();
     let dest = thread::spawn(move || {
         let dst = ProcessMemory::single(MIB).unwrap();
         let mut r = r;
-        Loader::new(&dst).load(&mut r).expect("stream loads");
+        let mut l = Loader::new(&dst).answering(Box::new(aw));
+        l.load(&mut r).expect("stream loads");
+        let mut aw = l.take_answer().expect("the return path");
         match script {
             DestScript::Normal => {
                 let go = Commit::new(r, aw).wait_go().expect("GO");
@@ -973,7 +977,7 @@ fn go_into_a_closed_connection_is_never_a_resume_race() {
     let resumed = calls.contains(&"resume".to_string());
     match e {
         MigrationError::Ack(ref m) => {
-            assert!(m.contains("sending GO failed"), "{m}");
+            assert!(m.to_string().contains("sending GO failed"), "{m}");
             assert!(resumed, "{calls:?}");
         }
         MigrationError::Unconfirmed(_) => assert!(!resumed, "{calls:?}"),

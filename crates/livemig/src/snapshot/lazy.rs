@@ -1,6 +1,7 @@
 //! Lazy restore: the guest runs before its memory is loaded.
 //!
-//! Guest memory is emptied (`MADV_DONTNEED`) and registered with
+//! Guest memory is emptied (`MADV_DONTNEED`; memfd-backed memory with
+//! `MADV_REMOVE`, which frees the file's pages) and registered with
 //! userfaultfd for missing pages; the VMM then restores the vCPU/device
 //! state and resumes at once. A fault thread serves each first touch by
 //! loading the whole 2 MiB chunk around it from the file (checked against
@@ -26,7 +27,7 @@ use std::time::Instant;
 use super::format::CHUNK_SIZE;
 use super::{MappedRamFile, SnapshotError};
 use crate::memory::{GuestMemory, PAGE_SIZE};
-use crate::sys::uffd::{drop_pages, Uffd, UffdMsg, Waker, UFFD_EVENT_PAGEFAULT};
+use crate::sys::uffd::{drop_pages, remove_pages, Uffd, UffdMsg, Waker, UFFD_EVENT_PAGEFAULT};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 const LOADED: u8 = 2;
@@ -133,7 +134,14 @@ impl LazyRestore {
                 host: r.host_addr(),
                 len: r.len() as u64,
             };
-            drop_pages(span.host, span.len).map_err(uffd_err(format!(
+            // File-backed (memfd) memory keeps its pages in the file:
+            // they must go from there, or a touch would map them again
+            // instead of faulting.
+            let empty = match mem.blocks()[mb].backing() {
+                Some(_) => remove_pages,
+                None => drop_pages,
+            };
+            empty(span.host, span.len).map_err(uffd_err(format!(
                 "emptying block '{}'",
                 mem.blocks()[mb].id()
             )))?;

@@ -149,6 +149,37 @@ pub fn is_mapped_ram(path: &Path) -> bool {
         && magic == format::MAGIC
 }
 
+/// Shows a finished snapshot save on `handle` the way `query-migrate`
+/// shows a migration (for a VMM serving the control socket's
+/// `migrate file:PATH` with `mapped-ram` or `background-snapshot`):
+/// status `completed`, `downtime` = the guest's pause, `ram.total` =
+/// `memory`, pages written as `normal`, holes as `duplicate` (zero
+/// pages), `transferred` = the bytes of pages written, `dirty-tracker` =
+/// `how` (e.g. "none (paused)", "userfaultfd write-protect").
+pub fn record_save(
+    handle: &crate::engine::MigrationHandle,
+    memory: u64,
+    save: &SaveStats,
+    pause: std::time::Duration,
+    total: std::time::Duration,
+    how: &str,
+) {
+    let page = crate::PAGE_SIZE as u64;
+    handle.update_stats(|s| {
+        s.total_time = total.as_millis() as u64;
+        s.downtime = pause.as_millis() as u64;
+        s.source_downtime = s.downtime;
+        s.ram.total = memory;
+        s.ram.remaining = 0;
+        s.ram.normal = save.pages;
+        s.ram.normal_bytes = save.pages * page;
+        s.ram.duplicate = save.zero_pages;
+        s.ram.transferred = save.pages * page;
+        s.dirty_tracker = how.to_string();
+    });
+    handle.set_status(crate::engine::Status::Completed, None);
+}
+
 /// A default worker count: the cores this process may use, at most 8.
 pub fn default_threads() -> usize {
     std::thread::available_parallelism()

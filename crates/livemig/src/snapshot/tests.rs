@@ -452,3 +452,134 @@ fn random_damage_never_panics_or_loads_wrong_memory() {
     }
     assert!(refused > 100, "{refused} refused, {loaded} loaded");
 }
+
+/// Like `blank_like`, in memfds (shared mappings), every byte set to
+/// `fill` first: a restore must replace all of it, holes included.
+fn memfd_like(mem: &ProcessMemory, fill: u8) -> ProcessMemory {
+    let layout: Vec<(String, u64)> = mem
+        .blocks()
+        .iter()
+        .map(|b| (b.id().to_string(), b.len()))
+        .collect();
+    let m = ProcessMemory::new_memfd(&layout).unwrap();
+    for b in m.blocks() {
+        assert!(b.backing().is_some());
+        let junk = vec![fill; b.len() as usize];
+        assert!(b.region().write(0, &junk));
+    }
+    m
+}
+
+#[test]
+fn lazy_restore_into_memfd_memory_replaces_what_the_file_held() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("snap.mr");
+    let mem = sparse_memory();
+    let digest = memory_digest(&mem);
+    save(&mem, &path, b"", &SaveOptions::default()).unwrap();
+    // On demand: the memfd's old pages are gone from the file, so a read
+    // faults and gets the snapshot's page (or zeros for a hole), never
+    // the 0xee left in the memfd.
+    let dst = memfd_like(&mem, 0xee);
+    let lazy = LazyRestore::start(
+        MappedRamFile::open(&path).unwrap(),
+        &dst,
+        &LazyOptions { background: false },
+    )
+    .unwrap();
+    let mut page = vec![0u8; 4096];
+    let last = dst.blocks()[1].len() - 4096;
+    assert!(dst.blocks()[1].region().read(last as usize, &mut page));
+    assert!(page == [9u8; 4096], "read {:?}...", &page[..8]);
+    // A hole in a chunk nobody touched yet: the first page of ram0 is
+    // zero in the source unless the sparse fill hit it.
+    let mut want = vec![0u8; 4096];
+    assert!(mem.blocks()[0].region().read(4096 * 5, &mut want));
+    assert!(dst.blocks()[0].region().read(4096 * 5, &mut page));
+    assert!(
+        page == want,
+        "read {:?}..., want {:?}...",
+        &page[..8],
+        &want[..8]
+    );
+    drop(lazy);
+    assert_eq!(memory_digest(&dst), digest);
+    // With the background loader, through the memfd's own file too.
+    let dst = memfd_like(&mem, 0x5a);
+    let lazy = LazyRestore::start(
+        MappedRamFile::open(&path).unwrap(),
+        &dst,
+        &LazyOptions::default(),
+    )
+    .unwrap();
+    let s = lazy.wait();
+    assert!(s.done && s.error.is_none(), "{s:?}");
+    assert_eq!(memory_digest(&dst), digest);
+    let bk = dst.blocks()[0].backing().unwrap();
+    let mut via_file = vec![0u8; 4096];
+    bk.file
+        .read_exact_at(&mut via_file, bk.offset + last.min(4096 * 3))
+        .unwrap();
+    let mut via_map = vec![0u8; 4096];
+    assert!(dst.blocks()[0]
+        .region()
+        .read(last.min(4096 * 3) as usize, &mut via_map));
+    assert!(via_file == via_map, "the memfd holds what the guest sees");
+}
+
+#[test]
+fn eager_restore_into_memfd_memory_clears_holes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("snap.mr");
+    let mem = sparse_memory();
+    save(&mem, &path, b"", &SaveOptions::default()).unwrap();
+    let dst = memfd_like(&mem, 0x11);
+    MappedRamFile::open(&path)
+        .unwrap()
+        .load(&dst, &LoadOptions::default())
+        .unwrap();
+    assert_eq!(memory_digest(&dst), memory_digest(&mem));
+}
+
+#[test]
+fn background_snapshot_of_memfd_memory_is_the_start_instant() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bg.mr");
+    let mem = ProcessMemory::new_memfd(&[("ram0", 16 * MIB), ("ram1", 8 * MIB)]).unwrap();
+    let writer = Workload::start(
+        mem.blocks().to_vec(),
+        direct_writer(mem.blocks().to_vec()),
+        WorkloadConfig {
+            rate: 64 * MIB,
+            bytes_per_touch: 64,
+            pattern: Pattern::Random,
+            working_set: 0,
+            seed: 11,
+        },
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    let mut control = writer.control();
+    let stats = background_save(
+        &mem,
+        &path,
+        &mut control,
+        &BackgroundOptions {
+            threads: 2,
+            instant_digest: true,
+        },
+    )
+    .unwrap();
+    let before = writer.pages_written();
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(writer.pages_written() > before, "the writer runs on");
+    writer.stop();
+    let instant = stats.instant_digest.unwrap();
+    assert_eq!(stats.save.digest, instant, "{stats:?}");
+    assert_ne!(memory_digest(&mem), instant, "memory moved on");
+    let dst = blank_like(&mem);
+    MappedRamFile::open(&path)
+        .unwrap()
+        .load(&dst, &LoadOptions::default())
+        .unwrap();
+    assert_eq!(memory_digest(&dst), instant);
+}

@@ -20,6 +20,10 @@
 //! DISCARD     block:u16 first_word:u32 nwords:u16 words:[u64; nwords]
 //!                                   1 <= nwords <= MAX_DISCARD_WORDS, inside the block's bitmap
 //! POSTCOPY                                          once, after the DISCARDs and STATE
+//! SETUP       vcpus:u32 features:u32                once, right after the block list,
+//!                                                   FLAG_SETUP only (vcpus 0: not said)
+//! ABORT       len:u16 reason:[u8; len]              1 <= len <= MAX_ABORT_TEXT, UTF-8;
+//!                                                   the source gave up: nothing follows
 //! addr        := [block:u16] offset:u64        offset page-aligned, inside the block
 //! ```
 //!
@@ -40,6 +44,19 @@
 //! the pages the destination must not trust as DISCARD records (words of
 //! the block's bitmap, bit i of word w = page 64w + i), the device state,
 //! then POSTCOPY; page records after POSTCOPY are placed with userfaultfd.
+//!
+//! Setup verdict (header flag [`FLAG_SETUP`], set by a source that has a
+//! return path): the main stream's first section is its header, the block
+//! list and a SETUP record describing the VM (vCPU count, features). The
+//! source then sends no page until the destination has checked that
+//! section against its own VM and answered on the return path: ACCEPTED,
+//! or FAILED with its reason (see `engine/ack.rs`). A refusal thus reaches
+//! the source before any page is sent, and names the destination's reason.
+//!
+//! A source that gives up after the setup (cancelled, tracker or VMM
+//! failure) ends the main stream with ABORT and its reason, so the
+//! destination reports `source aborted: <reason>` instead of a truncated
+//! stream.
 //!
 //! `crc` in SECTION_END is the CRC-32 (IEEE) of every byte since the end of
 //! the previous SECTION_END (or since the start of the stream), up to and
@@ -62,8 +79,17 @@ pub const FLAG_CHANNELS: u16 = 1 << 1;
 /// travel on a connection of their own (postcopy-preempt), opened by the
 /// source right after the switch record's section.
 pub const FLAG_URGENT: u16 = 1 << 2;
+/// Header flag: the main stream's first section ends with a SETUP record,
+/// and the source waits for the destination's verdict on it (ACCEPTED or
+/// FAILED on the return path) before it sends any page.
+pub const FLAG_SETUP: u16 = 1 << 3;
 /// Header flags this build understands.
-pub const KNOWN_FLAGS: u16 = FLAG_VERIFY | FLAG_CHANNELS | FLAG_URGENT;
+pub const KNOWN_FLAGS: u16 = FLAG_VERIFY | FLAG_CHANNELS | FLAG_URGENT | FLAG_SETUP;
+/// SETUP feature bits this build understands (none yet: a source that
+/// needs a feature the destination lacks sets its bit and is refused).
+pub const KNOWN_FEATURES: u32 = 0;
+/// Longest reason in an ABORT record.
+pub const MAX_ABORT_TEXT: u16 = 1024;
 /// Most page channels a migration may use.
 pub const MAX_CHANNELS: u16 = 64;
 
@@ -100,6 +126,10 @@ pub enum Kind {
     Discard = 0x0c,
     /// The switch to postcopy: the guest may run on the destination.
     Postcopy = 0x0d,
+    /// The VM's shape, for the destination's setup check.
+    Setup = 0x0e,
+    /// The source gave up, with its reason.
+    Abort = 0x0f,
 }
 
 impl Kind {
@@ -119,6 +149,8 @@ impl Kind {
             0x0b => Kind::Sync,
             0x0c => Kind::Discard,
             0x0d => Kind::Postcopy,
+            0x0e => Kind::Setup,
+            0x0f => Kind::Abort,
             _ => return None,
         })
     }
@@ -147,6 +179,8 @@ impl Kind {
             Kind::Sync => "sync",
             Kind::Discard => "discard",
             Kind::Postcopy => "postcopy switch",
+            Kind::Setup => "setup",
+            Kind::Abort => "abort",
         }
     }
 }

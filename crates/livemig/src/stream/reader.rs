@@ -168,6 +168,16 @@ pub enum StreamErrorKind {
     /// A second postcopy switch record.
     #[error("a second postcopy switch record")]
     PostcopyTwice,
+    /// A SETUP record out of place: without the header flag, twice, on a
+    /// page channel, or not right after the block list.
+    #[error("setup record {0}")]
+    SetupOutOfPlace(&'static str),
+    /// The header promises a SETUP record and the first section has none.
+    #[error("the header announces a setup record but the first section ends without one")]
+    SetupMissing,
+    /// SETUP feature bits this build does not know.
+    #[error("the source needs features {0:#010x} this build does not know")]
+    UnknownFeatures(u32),
     /// Sync epochs out of order.
     #[error("sync epoch {found} where {expected} was expected")]
     SyncEpoch {
@@ -271,6 +281,17 @@ pub enum Record<'a> {
     },
     /// The switch to postcopy.
     Postcopy,
+    /// The VM's shape (header flag `FLAG_SETUP`): checked by the
+    /// destination before any page.
+    Setup {
+        /// vCPU count (0: not said).
+        vcpus: u32,
+        /// Feature bits, all known to this build.
+        features: u32,
+    },
+    /// The source gave up; its reason (UTF-8, lossily decoded). Nothing
+    /// follows: a further read fails.
+    Abort(&'a str),
 }
 
 /// Bytes read from the transport per refill (and the input buffer's
@@ -308,6 +329,12 @@ pub struct StreamReader<R: Read> {
     postcopy: bool,
     ended: bool,
     blob: Vec<u8>,
+    /// A SETUP record was read.
+    setup: bool,
+    /// A page record was read.
+    paged: bool,
+    /// The reason of an ABORT record.
+    abort: String,
 }
 
 impl<R: Read> StreamReader<R> {
@@ -333,6 +360,9 @@ impl<R: Read> StreamReader<R> {
             postcopy: false,
             ended: false,
             blob: Vec::new(),
+            setup: false,
+            paged: false,
+            abort: String::new(),
         };
         let magic: [u8; 8] = r.array("the header")?;
         if magic != MAGIC {
@@ -368,6 +398,12 @@ impl<R: Read> StreamReader<R> {
     /// Header flags (see [`FLAG_VERIFY`]).
     pub fn flags(&self) -> u16 {
         self.flags
+    }
+
+    /// Whether this stream must carry a SETUP record: the header says so
+    /// and it is the main stream (not a page channel).
+    fn wants_setup(&self) -> bool {
+        self.flags & FLAG_SETUP != 0 && self.channel.is_none_or(|(index, _, _)| index == 0)
     }
 
     /// Bytes consumed so far.
@@ -532,6 +568,7 @@ impl<R: Read> StreamReader<R> {
             return Err(self.err_at(tag_at, StreamErrorKind::ChannelFirst));
         }
         if kind.is_page() {
+            self.paged = true;
             let (block, offset) = self.page_addr(same)?;
             return self.page_record(kind, block, offset);
         }
@@ -581,6 +618,9 @@ impl<R: Read> StreamReader<R> {
             }
             Kind::SectionEnd => {
                 let at = self.offset;
+                if self.next_seq == 0 && self.wants_setup() && !self.setup {
+                    return Err(self.err_at(tag_at, StreamErrorKind::SetupMissing));
+                }
                 let seq = self.u64("a section end")?;
                 let (computed, found) = self.checksum("a section checksum")?;
                 if found != computed {
@@ -669,6 +709,42 @@ impl<R: Read> StreamReader<R> {
                 }
                 self.postcopy = true;
                 Ok(Record::Postcopy)
+            }
+            Kind::Setup => {
+                let out_of_place = if !self.wants_setup() {
+                    Some(if self.flags & FLAG_SETUP == 0 {
+                        "in a stream whose header does not announce one"
+                    } else {
+                        "on a page channel"
+                    })
+                } else if self.setup {
+                    Some("twice")
+                } else if !self.have_blocks || self.paged || self.next_seq > 0 {
+                    Some("not right after the block list")
+                } else {
+                    None
+                };
+                if let Some(why) = out_of_place {
+                    return Err(self.err_at(tag_at, StreamErrorKind::SetupOutOfPlace(why)));
+                }
+                let vcpus = self.u32("a setup record")?;
+                let at = self.offset;
+                let features = self.u32("a setup record")?;
+                if features & !KNOWN_FEATURES != 0 {
+                    return Err(self.err_at(
+                        at,
+                        StreamErrorKind::UnknownFeatures(features & !KNOWN_FEATURES),
+                    ));
+                }
+                self.setup = true;
+                Ok(Record::Setup { vcpus, features })
+            }
+            Kind::Abort => {
+                let len = self.len_field16("abort reason", 1, u64::from(MAX_ABORT_TEXT))?;
+                let text = String::from_utf8_lossy(self.take(len, "an abort reason")?).into_owned();
+                self.abort = text;
+                self.ended = true;
+                Ok(Record::Abort(&self.abort))
             }
             Kind::Zero | Kind::Raw | Kind::Xbzrle | Kind::Compressed => {
                 unreachable!("page kinds handled above")

@@ -60,6 +60,11 @@ enum Rec {
         words: Vec<u8>,
     },
     Postcopy,
+    Setup {
+        vcpus: u32,
+        features: u32,
+    },
+    Abort(String),
 }
 
 impl Rec {
@@ -78,6 +83,8 @@ impl Rec {
             Rec::Sync { .. } => Kind::Sync,
             Rec::Discard { .. } => Kind::Discard,
             Rec::Postcopy => Kind::Postcopy,
+            Rec::Setup { .. } => Kind::Setup,
+            Rec::Abort(_) => Kind::Abort,
         }
     }
 }
@@ -139,6 +146,8 @@ fn own(r: Record<'_>) -> Rec {
             words: words.to_vec(),
         },
         Record::Postcopy => Rec::Postcopy,
+        Record::Setup { vcpus, features } => Rec::Setup { vcpus, features },
+        Record::Abort(t) => Rec::Abort(t.to_string()),
     }
 }
 
@@ -177,7 +186,7 @@ fn parse_from<R: Read>(input: R) -> Result<Parsed, Box<Failed>> {
         match r.next_record().map(own) {
             Ok(rec) => {
                 assert_eq!(r.record(), recs.len() as u64, "record index of {rec:?}");
-                let done = rec == Rec::End;
+                let done = matches!(rec, Rec::End | Rec::Abort(_));
                 recs.push(rec);
                 ends.push(r.offset());
                 if done {
@@ -1218,7 +1227,7 @@ fn bad_version() {
 
 #[test]
 fn unknown_header_flags() {
-    for flags in [1 << 3, 1 << 15, FLAG_VERIFY | 1 << 4, u16::MAX] {
+    for flags in [1 << 5, 1 << 15, FLAG_VERIFY | 1 << 4, u16::MAX] {
         let e = parse_err(&Builder::custom_header(MAGIC, VERSION, flags, 0).build()).err;
         assert!(
             matches!(e.kind, StreamErrorKind::HeaderFlags(x) if x == flags),
@@ -1242,7 +1251,7 @@ fn reserved_header_field() {
 
 #[test]
 fn unknown_tag() {
-    for tag in [0x00, 0x0e, 0x10, 0x7f, 0x80, 0x8e, 0xff] {
+    for tag in [0x00, 0x10, 0x11, 0x7f, 0x80, 0x90, 0xff] {
         let mut b = Builder::header(0);
         b.u8(tag);
         let e = parse_err(&b.build()).err;
@@ -1998,10 +2007,10 @@ fn display_names_the_byte_and_record() {
         "stream byte 16, record 0: unknown record tag 0x7f"
     );
 
-    let e = parse_err(&Builder::custom_header(MAGIC, VERSION, 8, 0).build()).err;
+    let e = parse_err(&Builder::custom_header(MAGIC, VERSION, 16, 0).build()).err;
     assert_eq!(
         e.to_string(),
-        "stream byte 10, record 0 (header): unknown header flags 0x0008"
+        "stream byte 10, record 0 (header): unknown header flags 0x0010"
     );
 
     let mut b = Builder::with_blocks();
@@ -2090,6 +2099,153 @@ fn channel_records_need_the_channels_flag_and_come_first() {
         assert!(
             matches!(e.kind, StreamErrorKind::ChannelRange { .. }),
             "{index}/{channels}: {e}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// SETUP and ABORT records
+// ---------------------------------------------------------------------------
+
+fn one_block() -> Vec<BlockDesc> {
+    vec![BlockDesc {
+        id: "ram".into(),
+        len: 4 * P,
+    }]
+}
+
+#[test]
+fn setup_record_round_trips_right_after_the_block_list() {
+    let mut w = StreamWriter::new(Vec::new(), FLAG_SETUP);
+    w.block_list(&one_block()).unwrap();
+    w.setup(4, 0).unwrap();
+    w.section_end(0).unwrap();
+    w.zero(0, P).unwrap();
+    w.end().unwrap();
+    let bytes = w.get_mut().clone();
+    let p = parse(&bytes).expect("valid stream");
+    assert_eq!(p.flags, FLAG_SETUP);
+    assert_eq!(
+        p.recs[1],
+        Rec::Setup {
+            vcpus: 4,
+            features: 0
+        }
+    );
+}
+
+#[test]
+fn setup_records_out_of_place_are_refused() {
+    let kind = |bytes: &[u8]| parse(bytes).expect_err("must fail").err.kind;
+    // Without the header flag.
+    let mut w = StreamWriter::new(Vec::new(), 0);
+    w.block_list(&one_block()).unwrap();
+    w.setup(1, 0).unwrap();
+    w.flush().unwrap();
+    let k = kind(w.get_mut());
+    assert!(
+        matches!(k, StreamErrorKind::SetupOutOfPlace(m) if m.contains("does not announce")),
+        "{k}"
+    );
+    // Before the block list.
+    let mut w = StreamWriter::new(Vec::new(), FLAG_SETUP);
+    w.setup(1, 0).unwrap();
+    w.flush().unwrap();
+    let k = kind(w.get_mut());
+    assert!(
+        matches!(k, StreamErrorKind::SetupOutOfPlace(m) if m.contains("right after")),
+        "{k}"
+    );
+    // Twice.
+    let mut w = StreamWriter::new(Vec::new(), FLAG_SETUP);
+    w.block_list(&one_block()).unwrap();
+    w.setup(1, 0).unwrap();
+    w.setup(1, 0).unwrap();
+    w.flush().unwrap();
+    let k = kind(w.get_mut());
+    assert!(
+        matches!(k, StreamErrorKind::SetupOutOfPlace("twice")),
+        "{k}"
+    );
+    // Announced, missing from the first section.
+    let mut w = StreamWriter::new(Vec::new(), FLAG_SETUP);
+    w.block_list(&one_block()).unwrap();
+    w.section_end(0).unwrap();
+    let k = kind(w.get_mut());
+    assert!(matches!(k, StreamErrorKind::SetupMissing), "{k}");
+    // After a page.
+    let mut w = StreamWriter::new(Vec::new(), FLAG_SETUP);
+    w.block_list(&one_block()).unwrap();
+    w.zero(0, 0).unwrap();
+    w.setup(1, 0).unwrap();
+    w.flush().unwrap();
+    let k = kind(w.get_mut());
+    assert!(
+        matches!(k, StreamErrorKind::SetupOutOfPlace(m) if m.contains("right after")),
+        "{k}"
+    );
+    // Unknown feature bits.
+    let mut w = StreamWriter::new(Vec::new(), FLAG_SETUP);
+    w.block_list(&one_block()).unwrap();
+    w.setup(1, 1 << 31).unwrap();
+    w.flush().unwrap();
+    let k = kind(w.get_mut());
+    assert!(
+        matches!(k, StreamErrorKind::UnknownFeatures(0x8000_0000)),
+        "{k}"
+    );
+    assert!(k.to_string().contains("0x80000000"), "{k}");
+}
+
+#[test]
+fn abort_record_ends_the_stream_with_the_reason() {
+    let mut w = StreamWriter::new(Vec::new(), 0);
+    w.block_list(&one_block()).unwrap();
+    w.zero(0, 0).unwrap();
+    w.abort("migration cancelled").unwrap();
+    let bytes = w.get_mut().clone();
+    let p = parse(&bytes).expect("an aborted stream parses up to its abort");
+    assert_eq!(
+        p.recs.last(),
+        Some(&Rec::Abort("migration cancelled".into()))
+    );
+    // Nothing may follow.
+    let mut r = StreamReader::new(&bytes[..]).unwrap();
+    while !matches!(r.next_record().unwrap(), Record::Abort(_)) {}
+    assert!(matches!(
+        r.next_record().unwrap_err().kind,
+        StreamErrorKind::AfterEnd
+    ));
+    // A long reason is cut at a character boundary, an empty one named.
+    let mut w = StreamWriter::new(Vec::new(), 0);
+    w.abort(&"é".repeat(2000)).unwrap();
+    let p = parse(w.get_mut()).unwrap();
+    let Rec::Abort(t) = &p.recs[0] else {
+        panic!("{:?}", p.recs)
+    };
+    assert_eq!(t.len(), usize::from(MAX_ABORT_TEXT));
+    let mut w = StreamWriter::new(Vec::new(), 0);
+    w.abort("").unwrap();
+    let p = parse(w.get_mut()).unwrap();
+    assert_eq!(p.recs[0], Rec::Abort("no reason given".into()));
+    // A zero or oversized length is refused.
+    for len in [0u16, MAX_ABORT_TEXT + 1] {
+        let mut w = StreamWriter::new(Vec::new(), 0);
+        w.flush().unwrap();
+        let mut b = w.get_mut().clone();
+        b.push(Kind::Abort as u8);
+        b.extend_from_slice(&len.to_be_bytes());
+        b.extend_from_slice(&vec![b'x'; usize::from(len)]);
+        let k = parse(&b).expect_err("bad length").err.kind;
+        assert!(
+            matches!(
+                k,
+                StreamErrorKind::BadLength {
+                    what: "abort reason",
+                    ..
+                }
+            ),
+            "{k}"
         );
     }
 }

@@ -66,6 +66,20 @@ impl<W: Write> StreamWriter<W> {
         w
     }
 
+    /// Goes on with a stream whose earlier records some other writer
+    /// already handed to `out` whole (no header is written): for the
+    /// source's ABORT record after its stream writer is gone.
+    pub fn continuing(out: W) -> Self {
+        StreamWriter {
+            out,
+            buf: Vec::new(),
+            crc: crc32fast::Hasher::new(),
+            written: 0,
+            last_block: None,
+            staged: None,
+        }
+    }
+
     /// Bytes handed to the transport plus bytes still buffered.
     pub fn bytes(&self) -> u64 {
         self.written + self.buf.len() as u64
@@ -316,6 +330,40 @@ impl<W: Write> StreamWriter<W> {
     pub fn end(&mut self) -> io::Result<()> {
         self.buf.push(Kind::End as u8);
         self.close_checksummed()
+    }
+
+    /// Writes the SETUP record: the VM's vCPU count (0: not said) and the
+    /// feature bits the migration needs (see [`FLAG_SETUP`]).
+    pub fn setup(&mut self, vcpus: u32, features: u32) -> io::Result<()> {
+        self.buf.push(Kind::Setup as u8);
+        self.buf.extend_from_slice(&vcpus.to_be_bytes());
+        self.buf.extend_from_slice(&features.to_be_bytes());
+        self.maybe_flush()
+    }
+
+    /// Ends the stream with an ABORT record carrying `reason` (cut to
+    /// [`MAX_ABORT_TEXT`] bytes at a character boundary; an empty reason
+    /// is sent as "no reason given") and hands everything to the
+    /// transport. A page staged but not committed is dropped first.
+    pub fn abort(&mut self, reason: &str) -> io::Result<()> {
+        if let Some(st) = self.staged.take() {
+            self.buf.truncate(st.start);
+        }
+        let reason = if reason.is_empty() {
+            "no reason given"
+        } else {
+            reason
+        };
+        let mut end = reason.len().min(usize::from(MAX_ABORT_TEXT));
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        let text = &reason.as_bytes()[..end];
+        self.buf.push(Kind::Abort as u8);
+        self.buf
+            .extend_from_slice(&(text.len() as u16).to_be_bytes());
+        self.buf.extend_from_slice(text);
+        self.flush()
     }
 
     /// Hands buffered bytes to the transport and flushes it.

@@ -527,6 +527,19 @@ pub fn drop_pages(addr: u64, len: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// Frees the pages of a shared file mapping's range in the file itself
+/// (`MADV_REMOVE`: a hole is punched in the memfd), so that the next touch
+/// finds no page there: a missing-page fault under userfaultfd, zeros
+/// otherwise. `MADV_DONTNEED` would only unmap them and the next touch
+/// would map the file's old pages again.
+pub fn remove_pages(addr: u64, len: u64) -> io::Result<()> {
+    // SAFETY: madvise(MADV_REMOVE) changes no mapping and writes no memory
+    // the program holds references into; it frees the file pages behind a
+    // guest-memory range, which later read as zeros or fault.
+    check(unsafe { libc::madvise(addr as *mut libc::c_void, len as usize, libc::MADV_REMOVE) })?;
+    Ok(())
+}
+
 /// An eventfd that interrupts a thread waiting in [`Uffd::poll`].
 #[derive(Debug)]
 pub struct Waker {

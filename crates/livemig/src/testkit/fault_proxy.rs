@@ -3,7 +3,9 @@
 //! the connection at a chosen byte or handshake step.
 //!
 //! Only the first connection is faulted (the main stream and its return
-//! path); later ones (page channels) pass through untouched. A cut shuts
+//! path); later ones (page channels) pass through untouched. The setup
+//! verdict ACCEPTED, the first reply of a source with a return path, is
+//! passed on and not counted: the faults act on what follows it. A cut shuts
 //! both sockets down and closes them, so each peer sees the connection
 //! end (end-of-file on reads, a reset on writes) as it would when a
 //! network path or a peer dies.
@@ -24,7 +26,8 @@ pub enum Fault {
     /// Forward exactly this many source→destination bytes, then cut.
     CutForwardAt(u64),
     /// Forward the whole stream; cut when the destination's first reply
-    /// (LOADED or FAILED) arrives, without passing it on.
+    /// after the setup verdict (LOADED or FAILED) arrives, without passing
+    /// it on.
     CutBeforeReply,
     /// Pass LOADED back to the source, swallow its GO, then cut.
     CutAfterLoaded,
@@ -245,13 +248,44 @@ impl Link {
     fn pump_back(&self) {
         let mut buf = vec![0u8; 4096];
         let (mut from, mut to) = (&self.up, &self.client);
+        // The return path's first bytes, until it is clear whether they are
+        // the setup verdict ACCEPTED: passed on as is and not counted, so
+        // the faults apply to the replies and requests after it.
+        let mut head = Some(Vec::new());
         loop {
             let n = match from.read(&mut buf) {
-                Ok(0) => break,
+                Ok(0) => {
+                    if let Some(h) = head.take() {
+                        let _ = to.write_all(&h);
+                    }
+                    break;
+                }
                 Ok(n) => n,
                 Err(_) => return self.cut(),
             };
+            let rest;
             let mut chunk = &buf[..n];
+            if let Some(h) = head.as_mut() {
+                h.extend_from_slice(chunk);
+                if h.len() < REPLY_HEAD_LEN {
+                    continue;
+                }
+                let h = head.take().expect("just checked");
+                let accepted = matches!(
+                    crate::engine::read_reply(&mut &h[..REPLY_HEAD_LEN]),
+                    Ok(crate::engine::Reply::Accepted)
+                );
+                let skip = if accepted { REPLY_HEAD_LEN } else { 0 };
+                if to.write_all(&h[..skip]).is_err() {
+                    return self.cut();
+                }
+                rest = h[skip..].to_vec();
+                if rest.is_empty() {
+                    continue;
+                }
+                chunk = &rest;
+            }
+            let n = chunk.len();
             let mut cut_after = false;
             {
                 let mut st = self.lock();

@@ -2,7 +2,12 @@
 //! in-memory pipe for tests. Named by URI: `tcp:HOST:PORT`,
 //! `unix:PATH`, `file:PATH`, and `shm:PATH` (same host: shared memory set
 //! up over a Unix socket at PATH, see [`crate::transport::shm`]).
+//!
+//! [`Endpoint`] is what a VMM uses: a URI plus optional TLS settings
+//! ([`tls`]), with the source's connect and the destination's
+//! listen/accept, so the choice of transport lives here once.
 
+pub mod endpoint;
 pub mod local;
 pub mod shm;
 pub mod tls;
@@ -16,6 +21,8 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::time::Duration;
+
+pub use endpoint::{Connection, Endpoint, EndpointError, EndpointListener};
 
 /// Transport errors, naming the URI.
 #[derive(Debug, thiserror::Error)]

@@ -128,9 +128,41 @@ pub enum TlsError {
         /// What is wrong with it.
         why: String,
     },
-    /// The certificates and key do not make a usable configuration.
-    #[error("bad TLS configuration: {0}")]
-    Config(String),
+    /// The certificate and the private key do not go together.
+    #[error("certificate {} with key {}: {source}", cert.display(), key.display())]
+    KeyPair {
+        /// The certificate file.
+        cert: PathBuf,
+        /// The key file.
+        key: PathBuf,
+        /// What rustls said.
+        source: rustls::Error,
+    },
+    /// The CA certificates do not make a client verifier.
+    #[error("client verifier: {0}")]
+    Verifier(#[source] rustls::server::VerifierBuilderError),
+    /// rustls refused the protocol settings or a new session.
+    #[error("TLS setup: {0}")]
+    Setup(#[source] rustls::Error),
+    /// A name given for the destination's certificate is not a valid TLS
+    /// server name.
+    #[error("server name '{name}': {source}")]
+    ServerName {
+        /// The name given.
+        name: String,
+        /// Why it is not one.
+        source: rustls::pki_types::InvalidDnsNameError,
+    },
+    /// The URI's host cannot be a TLS server name: one must be given.
+    #[error("'{host}' of {uri} cannot be a TLS server name ({source}): set one explicitly")]
+    HostName {
+        /// The host part of the URI.
+        host: String,
+        /// The URI.
+        uri: String,
+        /// Why it is not a server name.
+        source: rustls::pki_types::InvalidDnsNameError,
+    },
     /// TLS was asked for on a transport that does not carry it.
     #[error("TLS works over tcp: and unix: migrations, not over {0}")]
     Unsupported(String),
@@ -150,7 +182,10 @@ pub enum TlsError {
     },
     /// Generating keys or certificates failed.
     #[error("generating certificates: {0}")]
-    Keygen(String),
+    Keygen(#[source] rcgen::Error),
+    /// A peer name that cannot name a directory of its files.
+    #[error("'{0}' cannot name a directory for its files")]
+    PeerName(String),
     /// Writing generated files failed.
     #[error("cannot write {}: {source}", path.display())]
     Write {
@@ -298,20 +333,18 @@ impl TlsConfig {
         }
         let roots = Arc::new(roots);
         let provider = crypto();
-        let mismatch = |e: rustls::Error| {
-            TlsError::Config(format!(
-                "certificate {} with key {}: {e}",
-                cert_path.display(),
-                key_path.display()
-            ))
+        let mismatch = |source: rustls::Error| TlsError::KeyPair {
+            cert: cert_path.to_path_buf(),
+            key: key_path.to_path_buf(),
+            source,
         };
 
         let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
             .build()
-            .map_err(|e| TlsError::Config(format!("client verifier: {e}")))?;
+            .map_err(TlsError::Verifier)?;
         let mut server = ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| TlsError::Config(e.to_string()))?
+            .map_err(TlsError::Setup)?
             .with_client_cert_verifier(verifier)
             .with_single_cert(chain.clone(), key.clone_key())
             .map_err(mismatch)?;
@@ -321,7 +354,7 @@ impl TlsConfig {
 
         let mut client = ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| TlsError::Config(e.to_string()))?
+            .map_err(TlsError::Setup)?
             .with_root_certificates(roots)
             .with_client_auth_cert(chain, key)
             .map_err(mismatch)?;
@@ -338,8 +371,10 @@ impl TlsConfig {
     /// The name the destination's certificate must carry, instead of the
     /// one taken from the URI.
     pub fn with_server_name(mut self, name: &str) -> Result<TlsConfig, TlsError> {
-        let n = ServerName::try_from(name.to_string())
-            .map_err(|e| TlsError::Config(format!("server name '{name}': {e}")))?;
+        let n = ServerName::try_from(name.to_string()).map_err(|source| TlsError::ServerName {
+            name: name.to_string(),
+            source,
+        })?;
         self.server_name = Some(n);
         Ok(self)
     }
@@ -369,10 +404,10 @@ impl TlsConfig {
         if let Ok(ip) = host.parse::<IpAddr>() {
             return Ok(ServerName::IpAddress(ip.into()));
         }
-        ServerName::try_from(host.to_string()).map_err(|e| {
-            TlsError::Config(format!(
-                "'{host}' of {uri} cannot be a TLS server name ({e}): set one explicitly"
-            ))
+        ServerName::try_from(host.to_string()).map_err(|source| TlsError::HostName {
+            host: host.to_string(),
+            uri: uri.to_string(),
+            source,
         })
     }
 }
@@ -700,8 +735,7 @@ pub fn connect_with_session(
     tls: &TlsConfig,
 ) -> Result<(super::Outgoing, TlsSession), TlsError> {
     let name = tls.server_name_for(uri)?;
-    let conn = ClientConnection::new(tls.client.clone(), name)
-        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let conn = ClientConnection::new(tls.client.clone(), name).map_err(TlsError::Setup)?;
     let io = |source| TransportError::Io {
         op: "connect to",
         uri: uri.to_string(),
@@ -739,8 +773,7 @@ pub fn connect_with_session(
 /// for the first channel's data.
 pub fn connect_deferred(uri: &Uri, tls: &TlsConfig) -> Result<super::Outgoing, TlsError> {
     let name = tls.server_name_for(uri)?;
-    let conn = ClientConnection::new(tls.client.clone(), name)
-        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let conn = ClientConnection::new(tls.client.clone(), name).map_err(TlsError::Setup)?;
     let io_timeout = tls.io_timeout;
     let io = |source| TransportError::Io {
         op: "connect to",
@@ -888,8 +921,7 @@ impl TlsListener {
 
     /// As [`TlsListener::accept`], also saying what was negotiated.
     pub fn accept_with_session(&self) -> Result<(Incoming, TlsSession), TlsError> {
-        let conn = ServerConnection::new(self.tls.server.clone())
-            .map_err(|e| TlsError::Config(e.to_string()))?;
+        let conn = ServerConnection::new(self.tls.server.clone()).map_err(TlsError::Setup)?;
         let io = |uri: &Uri| {
             let uri = uri.to_string();
             move |source| TransportError::Io {
@@ -961,7 +993,7 @@ impl Pki {
             BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
             KeyUsagePurpose,
         };
-        let err = |e: rcgen::Error| TlsError::Keygen(e.to_string());
+        let err = TlsError::Keygen;
         let now = std::time::SystemTime::now();
         let not_before = now - Duration::from_secs(3600);
         let not_after = now + Duration::from_secs(10 * 365 * 24 * 3600);
@@ -1026,9 +1058,7 @@ impl Pki {
         write_file(&dir.join("ca-key.pem"), &self.ca_key, true)?;
         for (name, cert, key) in &self.peers {
             if name.is_empty() || name.contains('/') || name == "." || name == ".." {
-                return Err(TlsError::Keygen(format!(
-                    "'{name}' cannot name a directory for its files"
-                )));
+                return Err(TlsError::PeerName(name.clone()));
             }
             let d = dir.join(name);
             mkdir(&d)?;

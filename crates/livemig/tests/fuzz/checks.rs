@@ -47,7 +47,8 @@ use livemig::engine::{memory_digest, LoadOutcome, Loader};
 use livemig::memory::{AnonMapping, RawRegion};
 use livemig::memory::{GuestMemory, ProcessMemory, RamBlock, PAGE_SIZE};
 use livemig::stream::format::{
-    COMPRESS_LZ4, COMPRESS_ZSTD, FLAG_CHANNELS, FLAG_VERIFY, MAX_BLOCKS, MAX_CHANNELS,
+    COMPRESS_LZ4, COMPRESS_ZSTD, FLAG_CHANNELS, FLAG_VERIFY, KNOWN_FEATURES, MAX_ABORT_TEXT,
+    MAX_BLOCKS, MAX_CHANNELS,
 };
 use livemig::stream::{BlockDesc, Record, StreamErrorKind, StreamReader};
 
@@ -213,6 +214,10 @@ pub enum Owned {
     Discard(u16, u32, Vec<u8>),
     /// Postcopy switch.
     Postcopy,
+    /// The VM's shape (vCPUs, features).
+    Setup(u32, u32),
+    /// The source gave up, with its reason.
+    Abort(String),
 }
 
 fn own(r: &Record<'_>) -> Owned {
@@ -251,6 +256,8 @@ fn own(r: &Record<'_>) -> Owned {
             words,
         } => Owned::Discard(block, first_word, words.to_vec()),
         Record::Postcopy => Owned::Postcopy,
+        Record::Setup { vcpus, features } => Owned::Setup(vcpus, features),
+        Record::Abort(t) => Owned::Abort(t.to_string()),
     }
 }
 
@@ -315,6 +322,16 @@ fn check_record(rec: &Record<'_>, blocks: &[BlockDesc], next_seq: &mut u64) {
             assert!((2..=MAX_CHANNELS).contains(&channels) && index <= channels);
         }
         Record::Sync { .. } | Record::Postcopy => {}
+        Record::Setup { features, .. } => {
+            assert_eq!(features & !KNOWN_FEATURES, 0, "unknown features accepted");
+            assert_eq!(*next_seq, 0, "setup after the first section");
+            assert!(!blocks.is_empty(), "setup before the block list");
+        }
+        Record::Abort(reason) => {
+            // Lossy UTF-8: each byte becomes at most one U+FFFD (3 bytes).
+            assert!(!reason.is_empty());
+            assert!(reason.len() <= 3 * usize::from(MAX_ABORT_TEXT));
+        }
         Record::Discard {
             block,
             first_word,
@@ -367,7 +384,7 @@ fn parse<R: Read>(input: R, total: usize) -> (Vec<Owned>, Ending) {
                 let o = own(&rec);
                 assert!(r.offset() > before, "record consumed no bytes");
                 assert!(r.offset() <= total as u64, "offset past the input");
-                let end = o == Owned::End;
+                let end = matches!(o, Owned::End | Owned::Abort(_));
                 out.push(o);
                 if end {
                     let at = r.offset();
@@ -574,6 +591,9 @@ fn model(data: &[u8], ids: &[&str], mem: &mut [Vec<u8>]) -> Verdict {
             // the switch itself.
             Record::Discard { .. } => {}
             Record::Postcopy => return Verdict::Fails,
+            // No VM shape is expected here: nothing to check.
+            Record::Setup { .. } => {}
+            Record::Abort(_) => return Verdict::Fails,
             Record::End => {
                 return Verdict::Ended {
                     verify,

@@ -165,6 +165,36 @@ fn stream(layout: &[(&str, usize)], order: &[usize], tail: Tail) -> Vec<u8> {
     }
 }
 
+/// Streams with the setup verdict's SETUP record (as a source with a
+/// return path sends them), and streams a source ended with ABORT.
+fn setup_and_abort(list: &[(&str, u64)]) -> Vec<(String, Vec<u8>)> {
+    use livemig::stream::format::FLAG_SETUP;
+    let mut out = Vec::new();
+    for (name, vcpus) in [("setup", 2u32), ("setup-unsaid", 0)] {
+        let mut w = StreamWriter::new(Vec::new(), FLAG_SETUP);
+        w.block_list(&descs(list)).unwrap();
+        w.setup(vcpus, 0).unwrap();
+        w.section_end(0).unwrap();
+        w.raw(0, 0, &pattern(0x21)).unwrap();
+        w.section_end(1).unwrap();
+        w.end().unwrap();
+        out.push((name.to_string(), w.get_mut().clone()));
+    }
+    // Cancelled after a page: the reason, then nothing.
+    let mut w = StreamWriter::new(Vec::new(), FLAG_SETUP);
+    w.block_list(&descs(list)).unwrap();
+    w.setup(1, 0).unwrap();
+    w.section_end(0).unwrap();
+    w.raw(0, P, &pattern(0x22)).unwrap();
+    w.abort("migration cancelled").unwrap();
+    out.push(("abort-mid".into(), w.get_mut().clone()));
+    // Gave up before sending anything: a bare header and the reason.
+    let mut w = StreamWriter::new(Vec::new(), 0);
+    w.abort("the dirty tracker failed: no userfaultfd").unwrap();
+    out.push(("abort-first".into(), w.get_mut().clone()));
+    out
+}
+
 /// Block descriptors of `(id, length)` pairs.
 fn descs(list: &[(&str, u64)]) -> Vec<BlockDesc> {
     list.iter()
@@ -222,6 +252,7 @@ fn streams(layout: &[(&str, usize)], orders: &[&[usize]]) -> Vec<(String, Vec<u8
         stream(layout, orders[0], Tail::NoDigest),
     ));
     out.push(("minimal".into(), minimal(&list)));
+    out.extend(setup_and_abort(&list));
     let mut wrong = list.clone();
     wrong[0].1 += P;
     out.push(("layout-length".into(), minimal(&wrong)));

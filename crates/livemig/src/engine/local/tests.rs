@@ -225,6 +225,86 @@ fn a_cancelled_migration_never_pauses() {
     assert_eq!(vm.pauses.load(Ordering::SeqCst), 0);
 }
 
+#[test]
+fn page_moving_settings_are_refused_before_the_pause() {
+    use crate::codec::compress::Algorithm;
+    let src = source_memory();
+    let cases: Vec<(Params, LocalUnsupported, &str)> = vec![
+        (
+            Params {
+                channels: 4,
+                ..Params::default()
+            },
+            LocalUnsupported::Channels(4),
+            "page channels (channels = 4)",
+        ),
+        (
+            Params {
+                compress: Some(crate::engine::CompressParams {
+                    algorithm: Algorithm::Zstd,
+                    level: 1,
+                }),
+                ..Params::default()
+            },
+            LocalUnsupported::Compression,
+            "compression",
+        ),
+        (
+            Params {
+                xbzrle: true,
+                ..Params::default()
+            },
+            LocalUnsupported::Xbzrle,
+            "XBZRLE",
+        ),
+        (
+            Params {
+                postcopy_ram: true,
+                ..Params::default()
+            },
+            LocalUnsupported::PostcopyRam,
+            "postcopy-ram",
+        ),
+        (
+            Params {
+                postcopy_preempt: true,
+                ..Params::default()
+            },
+            LocalUnsupported::PostcopyPreempt,
+            "postcopy-preempt",
+        ),
+    ];
+    for (params, want, words) in cases {
+        assert_eq!(check_params(&params), Err(want));
+        let (a, _b) = UnixStream::pair().unwrap();
+        let h = MigrationHandle::new(params);
+        let vm = FakeVm::default();
+        let e = migrate(&a, &shared_blocks(&src).unwrap(), &mut vm.clone(), &h).unwrap_err();
+        let text = e.to_string();
+        assert!(
+            matches!(e, MigrationError::Local(LocalError::Unsupported(u)) if u == want),
+            "{text}"
+        );
+        assert!(
+            text.contains(words) && text.contains("local mode"),
+            "{text}"
+        );
+        assert_eq!(vm.pauses.load(Ordering::SeqCst), 0, "{text}: paused");
+        assert_eq!(h.stats().status, Status::Failed);
+        assert!(h.stats().error_desc.unwrap().contains(words));
+    }
+    // Settings that only steer convergence have nothing to act on.
+    let fine = Params {
+        auto_converge: true,
+        max_bandwidth: 1 << 20,
+        verify: true,
+        dirty_limit: 1 << 20,
+        ..Params::default()
+    };
+    assert_eq!(check_params(&fine), Ok(()));
+    assert_eq!(LocalUnsupported::Xbzrle.qmp_name(), "capability 'xbzrle'");
+}
+
 /// Sends a hand-made offer: `head` with `files`, then `rest`, and returns
 /// what the destination makes of it.
 fn offer(head: [u8; 16], files: &[&File], rest: &[u8]) -> Result<Offer, LocalError> {

@@ -13,7 +13,7 @@ use std::time::Instant;
 use super::{write_bitmap, write_message, FaultReport, LatencyHistogram, Message, PageRequest};
 use crate::bitmap::DirtyBitmap;
 use crate::codec::compress::{Algorithm, Decompressor};
-use crate::engine::ack::{read_go, write_reply, CommitError, Reply as AckReply};
+use crate::engine::ack::{read_go, write_reply, CommitError, Reply as AckReply, ReplyError};
 use crate::engine::handle::Reconnect;
 use crate::engine::loader::{LoadError, LoadOutcome, LoadStats, Loader};
 use crate::engine::{MigrationHandle, Status};
@@ -37,6 +37,11 @@ pub trait IncomingGuest {
     /// Stops the guest after the source was lost during postcopy. Threads
     /// waiting for a missing page stay blocked for good; the others stop.
     fn pause(&mut self);
+    /// The VM's shape, checked against the source's at setup (default:
+    /// not said, not checked).
+    fn shape(&self) -> crate::vm::VmShape {
+        crate::vm::VmShape::default()
+    }
 }
 
 /// What [`receive`] did.
@@ -201,7 +206,14 @@ fn receive_inner<R: Read>(
             }
         }
     }
-    let o = match loader.load_until_switch(&mut r) {
+    // The setup verdict goes out on the return path from inside the load.
+    loader = loader.expect_shape(guest.shape());
+    if let Some(w) = reply.take() {
+        loader = loader.answering(w);
+    }
+    let loaded = loader.load_until_switch(&mut r);
+    reply = loader.take_answer();
+    let o = match loaded {
         Ok(o) => o,
         Err(e) => {
             fail(&mut reply, &crate::error_chain(&e));
@@ -224,7 +236,7 @@ fn receive_inner<R: Read>(
             write_reply(&mut **w, &AckReply::Loaded).map_err(CommitError::SendLoaded)?;
             let inner = r
                 .inner_if_drained()
-                .ok_or_else(|| CommitError::NoGo("bytes after the stream's end".into()))?;
+                .ok_or(CommitError::NoGo(ReplyError::BytesBeforeGo))?;
             read_go(inner).map_err(CommitError::NoGo)?;
         }
         let go_at = Instant::now();
@@ -290,9 +302,9 @@ fn receive_inner<R: Read>(
     let go = write_reply(&mut *w, &AckReply::Loaded)
         .map_err(CommitError::SendLoaded)
         .and_then(|()| {
-            let inner = r.inner_if_drained().ok_or_else(|| {
-                CommitError::NoGo("stream bytes after the switch before GO".into())
-            })?;
+            let inner = r
+                .inner_if_drained()
+                .ok_or(CommitError::NoGo(ReplyError::BytesBeforeGo))?;
             read_go(inner).map_err(CommitError::NoGo)
         });
     if let Err(e) = go {

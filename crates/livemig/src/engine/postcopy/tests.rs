@@ -415,9 +415,14 @@ fn fake_destination_to_switch(r: &mut PipeReader, ack: &mut PipeWriter) {
     use crate::engine::{read_go, write_reply, Reply};
     use crate::stream::Record;
     let mut sr = StreamReader::new(&mut *r).unwrap();
+    let setup = sr.flags() & crate::stream::format::FLAG_SETUP != 0;
     let mut switched = false;
     loop {
         match sr.next_record().unwrap() {
+            // The setup verdict, before any page comes.
+            Record::SectionEnd { seq: 0 } if setup => {
+                write_reply(ack, &Reply::Accepted).unwrap();
+            }
             Record::Postcopy => switched = true,
             Record::SectionEnd { .. } if switched => break,
             _ => {}

@@ -263,7 +263,7 @@ pub enum ShmError {
     },
     /// The handshake failed or the layout was refused.
     #[error("shared-memory handshake: {0}")]
-    Handshake(String),
+    Handshake(#[from] HandshakeError),
     /// A system call failed.
     #[error("{op}: {source}")]
     Io {
@@ -327,6 +327,62 @@ impl Default for Geometry {
     }
 }
 
+/// Why the shared-memory handshake failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    /// A ring with no slots, or too many.
+    #[error("layout refused: {ring} has {slots} slots (1..={MAX_SLOTS})")]
+    SlotCount {
+        /// "TX" or "RX".
+        ring: &'static str,
+        /// Slots announced.
+        slots: u32,
+    },
+    /// A slot size out of bounds or not page-aligned.
+    #[error("layout refused: {ring} slot size {size} is not a multiple of {PAGE} in {PAGE}..={MAX_SLOT_SIZE}")]
+    SlotSize {
+        /// "TX" or "RX".
+        ring: &'static str,
+        /// Slot size announced.
+        size: u32,
+    },
+    /// The whole buffer would be too large.
+    #[error("layout refused: {0} bytes in all (at most {MAX_TOTAL})")]
+    TooLarge(u64),
+    /// The destination refused the offer, in its words.
+    #[error("the destination refused: {0}")]
+    Refused(String),
+    /// An answer byte that is neither OK nor a refusal.
+    #[error("unknown answer byte {0:#04x}")]
+    UnknownAnswer(u8),
+    /// The offer did not go out whole.
+    #[error("sent {sent} of {len} handshake bytes")]
+    ShortSend {
+        /// Bytes sent.
+        sent: usize,
+        /// Bytes of the offer.
+        len: usize,
+    },
+    /// No answer came.
+    #[error("no answer from the destination: {0}")]
+    NoAnswer(#[source] io::Error),
+    /// An offer of the wrong length.
+    #[error("{0} handshake bytes, expected {HELLO_LEN}")]
+    HelloLength(usize),
+    /// Not a livemig shared-memory source.
+    #[error("bad magic {0:02x?}: not a livemig shared-memory source")]
+    BadMagic([u8; 8]),
+    /// A layout version this build does not map.
+    #[error("layout version {0} (this build maps version {VERSION})")]
+    Version(u32),
+    /// The offer came without the buffer's descriptor.
+    #[error("no file descriptor came with the handshake")]
+    NoFile,
+    /// The buffer is not a sealed memfd of the announced size.
+    #[error("{0}")]
+    NotSealed(#[source] io::Error),
+}
+
 /// Where each part lives in the shared buffer, computed by each side from
 /// the (checked) geometry, never read from shared memory.
 ///
@@ -345,18 +401,15 @@ struct Layout {
 
 impl Layout {
     fn new(g: Geometry) -> Result<Layout, ShmError> {
-        let bad = |what: String| Err(ShmError::Handshake(format!("layout refused: {what}")));
-        for (name, slots, size) in [
+        for (ring, slots, size) in [
             ("TX", g.tx_slots, g.tx_slot_size),
             ("RX", g.rx_slots, g.rx_slot_size),
         ] {
             if slots == 0 || slots > MAX_SLOTS {
-                return bad(format!("{name} has {slots} slots (1..={MAX_SLOTS})"));
+                return Err(HandshakeError::SlotCount { ring, slots }.into());
             }
             if size == 0 || size > MAX_SLOT_SIZE || !(size as usize).is_multiple_of(PAGE) {
-                return bad(format!(
-                    "{name} slot size {size} is not a multiple of {PAGE} in {PAGE}..={MAX_SLOT_SIZE}"
-                ));
+                return Err(HandshakeError::SlotSize { ring, size }.into());
             }
         }
         let round = |n: u64| n.div_ceil(PAGE as u64) * PAGE as u64;
@@ -365,7 +418,7 @@ impl Layout {
         let rx_data = u64::from(g.rx_slots) * u64::from(g.rx_slot_size);
         let total = PAGE as u64 + descs + tx_data + rx_data;
         if total > MAX_TOTAL {
-            return bad(format!("{total} bytes in all (at most {MAX_TOTAL})"));
+            return Err(HandshakeError::TooLarge(total).into());
         }
         let desc_tx = PAGE;
         let desc_rx = desc_tx + g.tx_slots as usize * DESC_SIZE;
@@ -552,15 +605,9 @@ impl Shared {
                 // wait on a peer that keeps the socket open.
                 let mut msg = [0u8; 1024];
                 let n = (&self.sock).read(&mut msg).unwrap_or(0);
-                Err(ShmError::Handshake(format!(
-                    "the destination refused: {}",
-                    String::from_utf8_lossy(&msg[..n])
-                )))
+                Err(HandshakeError::Refused(String::from_utf8_lossy(&msg[..n]).into_owned()).into())
             }
-            Ok(1) => Err(ShmError::Handshake(format!(
-                "unknown answer byte {:#04x}",
-                b[0]
-            ))),
+            Ok(1) => Err(HandshakeError::UnknownAnswer(b[0]).into()),
             _ => Ok(true),
         }
     }
@@ -638,10 +685,11 @@ impl Session {
             .send_with_fd(&hello[..], file.as_raw_fd())
             .map_err(|e| ShmError::io("send the shared buffer")(io::Error::from(e)))?;
         if sent != hello.len() {
-            return Err(ShmError::Handshake(format!(
-                "sent {sent} of {} handshake bytes",
-                hello.len()
-            )));
+            return Err(HandshakeError::ShortSend {
+                sent,
+                len: hello.len(),
+            }
+            .into());
         }
         drop(file);
         sock.set_read_timeout(Some(crate::transport::IO_TIMEOUT))
@@ -661,7 +709,7 @@ impl Session {
         let mut b = [0u8; 1];
         (&s.sock)
             .read_exact(&mut b)
-            .map_err(|e| ShmError::Handshake(format!("no answer from the destination: {e}")))?;
+            .map_err(HandshakeError::NoAnswer)?;
         match b[0] {
             REPLY_OK => {
                 *pending = false;
@@ -670,12 +718,9 @@ impl Session {
             REPLY_ERR => {
                 let mut msg = [0u8; 1024];
                 let n = (&s.sock).read(&mut msg).unwrap_or(0);
-                Err(ShmError::Handshake(format!(
-                    "the destination refused: {}",
-                    String::from_utf8_lossy(&msg[..n])
-                )))
+                Err(HandshakeError::Refused(String::from_utf8_lossy(&msg[..n]).into_owned()).into())
             }
-            b => Err(ShmError::Handshake(format!("unknown answer byte {b:#04x}"))),
+            b => Err(HandshakeError::UnknownAnswer(b).into()),
         }
     }
 
@@ -711,28 +756,20 @@ impl Session {
     }
 
     fn check_hello(hello: &[u8], file: Option<File>) -> Result<(SharedMapping, Layout), ShmError> {
-        let bad = |m: String| ShmError::Handshake(m);
         if hello.len() != HELLO_LEN {
-            return Err(bad(format!(
-                "{} handshake bytes, expected {HELLO_LEN}",
-                hello.len()
-            )));
+            return Err(HandshakeError::HelloLength(hello.len()).into());
         }
         if hello[..8] != HELLO_MAGIC {
-            return Err(bad(format!(
-                "bad magic {:02x?}: not a livemig shared-memory source",
-                &hello[..8]
-            )));
+            let mut m = [0u8; 8];
+            m.copy_from_slice(&hello[..8]);
+            return Err(HandshakeError::BadMagic(m).into());
         }
         let w = |i: usize| {
             let at = 8 + 4 * i;
             u32::from_be_bytes([hello[at], hello[at + 1], hello[at + 2], hello[at + 3]])
         };
         if w(0) != VERSION {
-            return Err(bad(format!(
-                "layout version {} (this build maps version {VERSION})",
-                w(0)
-            )));
+            return Err(HandshakeError::Version(w(0)).into());
         }
         let layout = Layout::new(Geometry {
             tx_slots: w(1),
@@ -740,8 +777,8 @@ impl Session {
             rx_slots: w(3),
             rx_slot_size: w(4),
         })?;
-        let file = file.ok_or_else(|| bad("no file descriptor came with the handshake".into()))?;
-        check_sealed(&file, layout.total as u64).map_err(|e| bad(e.to_string()))?;
+        let file = file.ok_or(HandshakeError::NoFile)?;
+        check_sealed(&file, layout.total as u64).map_err(HandshakeError::NotSealed)?;
         let map = SharedMapping::map(&file, layout.total)
             .map_err(ShmError::io("map the shared buffer"))?;
         Ok((map, layout))

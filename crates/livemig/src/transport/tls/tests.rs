@@ -78,7 +78,7 @@ fn bad_pem_contents_are_named() {
     // Another peer's key: the pair does not match.
     std::fs::write(&files.key, &p.peers[1].2).unwrap();
     let e = TlsConfig::from_files(&files).unwrap_err();
-    assert!(matches!(e, TlsError::Config(_)), "{e}");
+    assert!(matches!(e, TlsError::KeyPair { .. }), "{e}");
     assert!(e.to_string().contains("cert.pem"), "{e}");
 }
 
