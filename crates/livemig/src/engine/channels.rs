@@ -99,6 +99,8 @@ impl Sender {
 pub(super) struct SendChannels {
     senders: Vec<Sender>,
     batch: Vec<(u16, u64)>,
+    /// Where the search for the least-loaded channel starts.
+    next: usize,
     stop: Arc<AtomicBool>,
 }
 
@@ -143,6 +145,7 @@ impl SendChannels {
         Ok(SendChannels {
             senders,
             batch: Vec::with_capacity(BATCH_PAGES),
+            next: 0,
             stop,
         })
     }
@@ -179,10 +182,10 @@ impl SendChannels {
     }
 
     /// Hands the partial batch (if any) to a channel: the one with the
-    /// fewest pages in flight, waiting for room there if its queue is
-    /// full. Keeping the channels level keeps them reaching each sync
-    /// barrier together, so that the destination's channels do not wait
-    /// for one another there.
+    /// fewest pages in flight (in turn among equals), waiting for room
+    /// there if its queue is full. Keeping the channels level keeps them
+    /// reaching each sync barrier together, so that the destination's
+    /// channels do not wait for one another there.
     pub fn flush_batch(&mut self, enc: PageEncoding) -> io::Result<()> {
         if self.batch.is_empty() {
             return Ok(());
@@ -191,7 +194,8 @@ impl SendChannels {
         let pages = std::mem::replace(&mut self.batch, Vec::with_capacity(BATCH_PAGES));
         let n = pages.len() as u64;
         let load: Vec<u64> = self.senders.iter().map(Sender::in_flight).collect();
-        let i = least_loaded(&load);
+        let i = least_loaded(&load, self.next);
+        self.next = (i + 1) % self.senders.len();
         self.send(i, Job::Pages(pages, enc))?;
         self.senders[i].queued += n;
         Ok(())
@@ -366,13 +370,19 @@ impl Worker {
     }
 }
 
-/// The channel to hand the next batch to: the fewest pages in flight,
-/// the lowest index among equals.
-fn least_loaded(load: &[u64]) -> usize {
-    load.iter()
-        .enumerate()
-        .min_by_key(|&(i, &l)| (l, i))
-        .map_or(0, |(i, _)| i)
+/// The channel to hand the next batch to: the fewest pages in flight;
+/// among equals the first from `start` on (the caller moves `start` on
+/// after each batch, so channels that keep up take turns).
+fn least_loaded(load: &[u64], start: usize) -> usize {
+    let n = load.len();
+    let mut best = start % n.max(1);
+    for k in 1..n {
+        let i = (start + k) % n;
+        if load[i] < load[best] {
+            best = i;
+        }
+    }
+    best
 }
 
 /// Why waiting at the barrier failed.
@@ -468,11 +478,16 @@ mod tests {
 
     #[test]
     fn batches_go_to_the_channel_with_the_fewest_pages_in_flight() {
-        assert_eq!(least_loaded(&[]), 0);
-        assert_eq!(least_loaded(&[0, 0, 0]), 0);
-        assert_eq!(least_loaded(&[256, 128, 384]), 1);
-        assert_eq!(least_loaded(&[128, 128, 0]), 2);
-        assert_eq!(least_loaded(&[5, 3, 3]), 1);
+        assert_eq!(least_loaded(&[], 0), 0);
+        assert_eq!(least_loaded(&[256, 128, 384], 0), 1);
+        assert_eq!(least_loaded(&[128, 128, 0], 0), 2);
+        assert_eq!(least_loaded(&[5, 3, 3], 0), 1);
+        // Among equals, turns: channels that keep up all get batches.
+        assert_eq!(least_loaded(&[0, 0, 0], 0), 0);
+        assert_eq!(least_loaded(&[0, 0, 0], 1), 1);
+        assert_eq!(least_loaded(&[0, 0, 0], 2), 2);
+        assert_eq!(least_loaded(&[5, 3, 3], 2), 2);
+        assert_eq!(least_loaded(&[0, 7, 0], 1), 2);
     }
 
     /// A channel connection that holds every write until released.
