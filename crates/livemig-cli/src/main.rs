@@ -7,6 +7,7 @@ mod dirtyrate;
 mod jsonout;
 mod local;
 mod process;
+mod recovery;
 mod report;
 mod snapshot;
 mod svg;

@@ -153,6 +153,13 @@ pub struct TuneArgs {
     /// own (postcopy-preempt), never behind bulk pages.
     #[arg(long, requires = "postcopy")]
     pub postcopy_preempt: bool,
+    /// With --postcopy: a connection lost after the switch pauses postcopy
+    /// (postcopy-paused) instead of losing the guest; this source then
+    /// reconnects to URI, where the destination listens after the cut
+    /// (`incoming/vm-incoming --recover-on URI`, or QMP `migrate-recover`),
+    /// and postcopy goes on.
+    #[arg(long, value_name = "URI", requires = "postcopy")]
+    pub resume_to: Option<String>,
 }
 
 impl TuneArgs {
@@ -312,6 +319,12 @@ pub struct DestOpts {
     /// missing after the switch are placed with userfaultfd as they come.
     #[arg(long)]
     pub postcopy: bool,
+    /// With --postcopy: a connection lost after the switch pauses postcopy
+    /// (postcopy-paused; the guest is kept) and this destination takes the
+    /// source's reconnect on URI (`migrate --resume-to URI`, or QMP
+    /// `migrate` with `resume: true`), with the main listener's TLS.
+    #[arg(long, value_name = "URI", requires = "postcopy")]
+    pub recover_on: Option<String>,
 }
 
 /// `livemig migrate`.
@@ -431,6 +444,10 @@ fn run_source(uri: &Uri, o: &SourceOpts, tls: Option<&TlsConfig>) -> Result<()> 
     }
     let (out, session) = crate::tls::connect(uri, tls, o.io.io_timeout)?;
     let handle = MigrationHandle::new(params.clone());
+    if let Some(to) = &tune.resume_to {
+        let to: Uri = to.parse().context("--resume-to")?;
+        crate::recovery::source(&handle, &to, tls.cloned(), o.io.io_timeout)?;
+    }
     let progress = Progress::source(handle.clone(), mem.total_bytes(), quiet || json);
     let mut no_vm = livemig::vm::NoVm;
     let mut control = workload.as_ref().map(Workload::control);
@@ -539,6 +556,26 @@ pub fn save(a: SaveArgs) -> Result<()> {
     run_source(&uri, &a.opts, None)
 }
 
+/// The process destination's "guest": nothing to restore or run; with
+/// postcopy it says on stderr when it takes over (from then on, pages
+/// still on the source are fetched on demand, and losing the source
+/// loses them).
+struct Takeover {
+    say: bool,
+}
+
+impl livemig::vm::VmControl for Takeover {
+    fn pause(&mut self) -> Result<(), livemig::vm::VmError> {
+        Ok(())
+    }
+    fn resume(&mut self) -> Result<(), livemig::vm::VmError> {
+        if self.say {
+            eprintln!("resumed here after the source's GO");
+        }
+        Ok(())
+    }
+}
+
 fn run_dest(uri: &Uri, o: &DestOpts, tls: Option<&TlsConfig>) -> Result<()> {
     let (mem_args, json, quiet) = (&o.mem, o.json, o.quiet);
     let mem = mem_args.map()?;
@@ -555,8 +592,16 @@ fn run_dest(uri: &Uri, o: &DestOpts, tls: Option<&TlsConfig>) -> Result<()> {
     // Page channels and the postcopy urgent connection arrive on the same
     // listener after the main connection.
     let mut accept = || listener.accept().map(|i| i.reader);
-    let mut no_vm = livemig::vm::NoVm;
-    let dest = Destination::new(&mem, &mut no_vm).postcopy(o.postcopy && uri_has_ack(uri));
+    let mut guest = Takeover {
+        say: o.postcopy && !quiet,
+    };
+    let recovery = MigrationHandle::new(Params::default());
+    let mut dest = Destination::new(&mem, &mut guest).postcopy(o.postcopy && uri_has_ack(uri));
+    if let (Some(on), true) = (&o.recover_on, uri_has_ack(uri)) {
+        let on: Uri = on.parse().context("--recover-on")?;
+        crate::recovery::destination(&recovery, &on, tls, o.io.io_timeout)?;
+        dest = dest.recovery(&recovery);
+    }
     let progress = Progress::counter(
         dest.progress(),
         mem.total_bytes(),
@@ -599,6 +644,7 @@ fn run_dest(uri: &Uri, o: &DestOpts, tls: Option<&TlsConfig>) -> Result<()> {
                 "placed-pages": pc.placed_pages,
                 "postcopy-time": pc.postcopy_time,
                 "urgent-pages": pc.urgent_pages,
+                "channel-pages": pc.channel_pages,
                 "requests": pc.requests,
             })),
         });

@@ -139,6 +139,18 @@ pub fn summary(s: &MigrationStats) -> String {
         s.ram.mbps,
         s.dirty_tracker,
     );
+    if let Some(b) = &s.pause_breakdown {
+        let ms = |us: u64| us as f64 / 1000.0;
+        out += &format!(
+            "\npause (source clock): stop {:.1} ms, sync {:.1}, pages {:.1}, state {:.1}, digest {:.1}, handshake to STARTED {:.1}",
+            ms(b.stop_us),
+            ms(b.sync_us),
+            ms(b.pages_us),
+            ms(b.state_us),
+            ms(b.digest_us),
+            ms(b.handshake_us)
+        );
+    }
     if let Some(x) = &s.xbzrle_cache {
         out += &format!(
             "\nxbzrle: {} pages in {} (x{:.1}), cache {} misses {} ({:.0}%), overflows {}",

@@ -221,6 +221,13 @@ pub struct VmIncomingArgs {
     /// rest from the source on demand.
     #[arg(long)]
     pub postcopy: bool,
+    /// With --postcopy: a connection lost after the switch pauses postcopy
+    /// (postcopy-paused; the guest runs on, waiting for missing pages) and
+    /// this destination takes the source's reconnect on URI (`vm-migrate
+    /// --resume-to URI`, or QMP `migrate` with `resume: true`), with the
+    /// main listener's TLS.
+    #[arg(long, value_name = "URI", requires = "postcopy")]
+    pub recover_on: Option<String>,
     /// Take a zero-copy local migration from `vm-migrate --local` on this
     /// host (unix:PATH only): the source's memory is mapped here, not
     /// copied.
@@ -446,6 +453,10 @@ fn migrate_source(
     }
     let acked = out.ack.is_some();
     let handle = MigrationHandle::new(params.clone());
+    if let Some(to) = &tune.resume_to {
+        let to: Uri = to.parse().context("--resume-to")?;
+        crate::recovery::source(&handle, &to, tls.cloned(), io_timeout)?;
+    }
     let before = src.vm.guest_status();
     let t0 = Instant::now();
     // The dirty limit acts while the migration runs (and follows changes).
@@ -725,8 +736,14 @@ pub fn vm_incoming(a: VmIncomingArgs) -> Result<()> {
     // listener after the main connection.
     let mut accept = || listener.accept().map(|i| i.reader);
     let mem = vm.memory();
-    let arrived = Destination::new(&*mem, &mut starting)
-        .postcopy(a.postcopy && !snapshot)
+    let recovery = MigrationHandle::new(livemig::engine::Params::default());
+    let mut dest = Destination::new(&*mem, &mut starting).postcopy(a.postcopy && !snapshot);
+    if let (Some(on), false) = (&a.recover_on, snapshot) {
+        let on: Uri = on.parse().context("--recover-on")?;
+        crate::recovery::destination(&recovery, &on, tls.as_ref(), a.io.io_timeout)?;
+        dest = dest.recovery(&recovery);
+    }
+    let arrived = dest
         .run_with(inc.reader, inc.ack, &mut accept)
         .with_context(|| format!("loading the VM from {uri}"))?;
     drop(mem);
@@ -766,6 +783,7 @@ pub fn vm_incoming(a: VmIncomingArgs) -> Result<()> {
             "blocktime-us": pc.faults.blocktime_us,
             "postcopy-time": pc.postcopy_time,
             "urgent-pages": pc.urgent_pages,
+            "channel-pages": pc.channel_pages,
         })
     });
     run_received(

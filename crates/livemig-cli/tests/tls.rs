@@ -90,7 +90,10 @@ impl Incoming {
     fn finish(mut self) -> (bool, Option<Value>, String) {
         let child = self.child.take().expect("not finished yet");
         let out = child.wait_with_output().unwrap();
-        let rest: Vec<String> = self.lines.try_iter().collect();
+        // The reader thread forwards the last lines after the exit: wait
+        // for it to reach the end of stderr (it then drops its sender).
+        let rest: Vec<String> =
+            std::iter::from_fn(|| self.lines.recv_timeout(Duration::from_secs(30)).ok()).collect();
         let stdout = String::from_utf8_lossy(&out.stdout);
         let json = stdout
             .lines()
@@ -199,6 +202,51 @@ fn postcopy_with_the_urgent_connection_over_tls() {
     // A page request is answered on the urgent connection unless the page
     // was already on its way.
     assert!(urgent <= requests, "{d}");
+}
+
+#[test]
+fn postcopy_over_two_page_channels_and_tls() {
+    // Background pages on two TLS page channels, requested pages on the
+    // main TLS connection; switched by auto as above.
+    let dir = tempfile::tempdir().unwrap();
+    let pki = keygen(dir.path());
+    let dst = Incoming::start(&["--tls-dir", &tls_dir(&pki, "dst"), "--postcopy"]);
+    let uri = dst.uri.clone();
+    let mut args = vec!["migrate", &uri, "--json"];
+    args.extend_from_slice(MEM);
+    let src_tls = tls_dir(&pki, "src");
+    args.extend_from_slice(&[
+        "--dirty-rate",
+        "256M",
+        "--max-bandwidth",
+        "16M",
+        "--downtime-limit",
+        "20",
+        "--postcopy",
+        "--channels",
+        "2",
+        "--tls-dir",
+        &src_tls,
+    ]);
+    let src = livemig(&args).output().unwrap();
+    let s = json_of("migrate", &src);
+    assert!(
+        src.status.success(),
+        "{}",
+        String::from_utf8_lossy(&src.stderr)
+    );
+    let (ok, d, err) = dst.finish();
+    assert!(ok, "incoming failed: {err}");
+    let d = d.expect("incoming JSON");
+    assert_eq!(s["status"], "completed", "{s}");
+    assert!(s["postcopy-time"].is_u64(), "switched to postcopy: {s}");
+    assert_eq!(d["digest"], s["digest"], "both sides hold the same memory");
+    assert_eq!(d["tls"]["protocol"], "TLSv1_3", "{d}");
+    assert_eq!(d["load"]["channels"], 2, "{d}");
+    assert!(
+        d["postcopy"]["channel-pages"].as_u64().unwrap() > 0,
+        "background pages came on the page channels: {d}"
+    );
 }
 
 #[test]

@@ -241,3 +241,91 @@ fn load_of_a_vm_snapshot_says_so_and_names_vm_incoming() {
     let v = common::json_of("load", &out);
     assert!(v["error"].as_str().unwrap().contains("VM snapshot"), "{v}");
 }
+
+#[test]
+fn vm_postcopy_cut_is_recovered_with_resume_to_and_recover_on() {
+    if !kvm_available("vm_postcopy_cut_is_recovered_with_resume_to_and_recover_on") {
+        return;
+    }
+    // A guest rewriting 16 MiB per vCPU flat out over a 16 MiB/s cap never
+    // converges: auto switches to postcopy. A proxy cuts the return path
+    // once the page requests of postcopy flow (LOADED and STARTED are
+    // the only replies before the switch); both sides pause, vm-incoming
+    // listens on --recover-on, vm-migrate reconnects there (--resume-to),
+    // and the guest's self-check passes on the destination.
+    use livemig::testkit::fault_proxy::{Fault, FaultProxy};
+    let addr = common::free_addr();
+    let rec = format!("tcp:{}", common::free_addr());
+    let layout: &[&str] = &["--mem", "64M", "--vcpus", "2"];
+    let uri = format!("tcp:{addr}");
+    let mut dest_args = vec![
+        "vm-incoming",
+        &uri,
+        "--seconds",
+        "1",
+        "--json",
+        "--announce",
+        "--postcopy",
+        "--recover-on",
+        &rec,
+    ];
+    dest_args.extend_from_slice(layout);
+    let mut dest = Command::new(BIN)
+        .args(&dest_args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // --announce: the first stdout line says it listens.
+    let mut out = std::io::BufReader::new(dest.stdout.take().unwrap());
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut out, &mut first).unwrap();
+    assert!(first.starts_with("tcp:"), "vm-incoming said: {first}");
+    let dest_out = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut out, &mut s);
+        s
+    });
+    let mut err = dest.stderr.take().unwrap();
+    let dest_err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut err, &mut s);
+        s
+    });
+    let proxy = FaultProxy::start(addr, Fault::CutBackAt(300)).unwrap();
+    let puri = proxy.uri();
+    let mut src_args = vec![
+        "vm-migrate",
+        &puri,
+        "--json",
+        "--postcopy",
+        "--resume-to",
+        &rec,
+        "--max-bandwidth",
+        "16M",
+        "--downtime-limit",
+        "20",
+        "--working-set",
+        "16M",
+        "--rate",
+        "0",
+        "--warmup",
+        "0.5",
+    ];
+    src_args.extend_from_slice(layout);
+    let src = run(&src_args);
+    let status = dest.wait().unwrap();
+    let stdout = dest_out.join().unwrap();
+    let derr = dest_err.join().unwrap();
+    let serr = String::from_utf8_lossy(&src.stderr).into_owned();
+    assert!(proxy.has_cut(), "the return path was cut: {serr}");
+    assert!(serr.contains("postcopy paused"), "{serr}");
+    assert!(derr.contains("the source reconnected"), "{derr}");
+    let s = json_of("vm-migrate", &src);
+    assert_eq!(s["status"], "completed", "{s}");
+    assert!(s["postcopy-time"].is_u64(), "switched to postcopy: {s}");
+    assert!(status.success(), "vm-incoming: {derr}");
+    let d: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    assert_destination_ran(&d);
+}

@@ -440,7 +440,13 @@ fn run(a: RunArgs) -> Result<()> {
                 Phase::Incoming(uri) => eprintln!("waiting for the incoming migration on {uri}"),
                 Phase::Outgoing => eprintln!("migrating out"),
                 Phase::Running if phase == Phase::Outgoing => {
-                    eprintln!("the outgoing migration ended without completing: the guest runs on")
+                    if controlled.outgoing_completed() {
+                        eprintln!("background snapshot completed: the guest runs on")
+                    } else {
+                        eprintln!(
+                            "the outgoing migration ended without completing: the guest runs on"
+                        )
+                    }
                 }
                 Phase::Running => {
                     if let Some(r) = controlled.incoming_report() {

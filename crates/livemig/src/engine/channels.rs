@@ -25,7 +25,7 @@
 
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
@@ -52,6 +52,9 @@ enum Job {
     Pages(Vec<(u16, u64)>, PageEncoding),
     /// Write the barrier of this epoch and flush.
     Sync(u64),
+    /// Postcopy switch: write the POSTCOPY record and end the section;
+    /// from then on every batch ends its section (flushed at once).
+    Postcopy,
     /// Write the end record and stop.
     Finish,
 }
@@ -210,6 +213,62 @@ impl SendChannels {
         Ok(())
     }
 
+    /// Postcopy: hands the partial batch (if any) to a channel that has
+    /// room, never waiting; `Ok(false)` when every queue is full (the
+    /// batch stays pending: the caller serves page requests meanwhile).
+    pub fn try_flush_batch(&mut self, enc: PageEncoding) -> io::Result<bool> {
+        if self.batch.is_empty() {
+            return Ok(true);
+        }
+        let pages = std::mem::replace(&mut self.batch, Vec::with_capacity(BATCH_PAGES));
+        let count = pages.len() as u64;
+        let n = self.senders.len();
+        let mut job = Job::Pages(pages, enc);
+        for k in 0..n {
+            let i = (self.next + k) % n;
+            match self.tx(i)?.try_send(job) {
+                Ok(()) => {
+                    self.next = (i + 1) % n;
+                    self.senders[i].queued += count;
+                    return Ok(true);
+                }
+                Err(TrySendError::Full(j)) => job = j,
+                Err(TrySendError::Disconnected(_)) => return Err(self.failure(i)),
+            }
+        }
+        let Job::Pages(pages, _) = job else {
+            unreachable!("the job is the batch")
+        };
+        self.batch = pages;
+        Ok(false)
+    }
+
+    /// How many page channels.
+    pub fn count(&self) -> usize {
+        self.senders.len()
+    }
+
+    /// Stream bytes channel `i + 1` has produced.
+    pub fn bytes_of(&self, i: usize) -> u64 {
+        self.senders[i].counters.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Pages queued but not yet handed to a channel.
+    pub fn pending(&self) -> usize {
+        self.batch.len()
+    }
+
+    /// The postcopy switch: every channel writes the POSTCOPY record
+    /// behind the pages it has queued (after the final barrier), then
+    /// carries background pages, each batch flushed.
+    pub fn postcopy(&mut self, enc: PageEncoding) -> io::Result<()> {
+        self.flush_batch(enc)?;
+        for i in 0..self.senders.len() {
+            self.send(i, Job::Postcopy)?;
+        }
+        Ok(())
+    }
+
     /// Ends every channel's stream and waits for the threads.
     pub fn finish(&mut self, enc: PageEncoding) -> io::Result<()> {
         self.flush_batch(enc)?;
@@ -311,6 +370,7 @@ impl Worker {
         seq += 1;
         let mut encoder: Option<PageEncoder> = None;
         let mut batches = 0u32;
+        let mut postcopy = false;
         // Ends when the main thread drops its sender (failure or cancel).
         while let Ok(job) = rx.recv() {
             if self.stop.load(Ordering::Relaxed) {
@@ -333,7 +393,7 @@ impl Worker {
                         e.encode(&mut w, page, None)?;
                     }
                     batches += 1;
-                    if batches.is_multiple_of(BATCHES_PER_SECTION) {
+                    if postcopy || batches.is_multiple_of(BATCHES_PER_SECTION) {
                         w.section_end(seq)?;
                         seq += 1;
                     }
@@ -343,6 +403,12 @@ impl Worker {
                     w.sync(epoch)?;
                     w.section_end(seq)?;
                     seq += 1;
+                }
+                Job::Postcopy => {
+                    w.postcopy()?;
+                    w.section_end(seq)?;
+                    seq += 1;
+                    postcopy = true;
                 }
                 Job::Finish => {
                     w.end()?;

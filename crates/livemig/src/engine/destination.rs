@@ -5,8 +5,8 @@
 //! places the pages that arrive after the switch (see `engine/postcopy`).
 //!
 //! ```text
-//! main connection ─▶ header: page channels?  ─ yes ─▶ load every channel (accepted as announced)
-//!                          │ no, postcopy allowed         │
+//! main connection ─▶ postcopy allowed?  ─ no ─▶ load every channel (accepted as announced)
+//!                          │ yes (one stream or channels) │
 //!                          ▼                              ▼
 //!              engine::postcopy (loads; at a switch:   restore_state ─▶ LOADED ─▶ GO
 //!              uffd, restore, LOADED/GO, resume,        ─▶ resume ─▶ STARTED
@@ -28,7 +28,6 @@ use super::handle::MigrationHandle;
 use super::loader::{LoadError, LoadOutcome, Loader};
 use super::postcopy::{self, IncomingGuest, PostcopyFigures, ReceiveError};
 use crate::memory::GuestMemory;
-use crate::stream::format::{FLAG_CHANNELS, HEADER_LEN, MAGIC};
 use crate::transport::{BoxRead, BoxWrite, Incoming, Listener, TransportError, IO_TIMEOUT};
 use crate::vm::{VmControl, VmError};
 
@@ -203,10 +202,7 @@ impl<'a> Destination<'a> {
         accept: &mut dyn FnMut() -> io::Result<BoxRead>,
     ) -> Result<Arrival, DestinationError> {
         let t0 = Instant::now();
-        let (head, input) = peek_header(input);
-        let channels = flags_of(&head).is_some_and(|f| f & FLAG_CHANNELS != 0);
-        let input = io::Cursor::new(head).chain(input);
-        if self.postcopy && !channels {
+        if self.postcopy {
             self.receive(input, reply, accept, t0)
         } else {
             self.load_and_commit(input, reply, accept, t0)
@@ -269,7 +265,8 @@ impl<'a> Destination<'a> {
         })
     }
 
-    /// One stream with postcopy allowed: `engine::postcopy` runs it.
+    /// Postcopy allowed (one stream or page channels): `engine::postcopy`
+    /// runs it.
     fn receive<'r>(
         self,
         input: impl Read + Send + 'r,
@@ -354,32 +351,6 @@ impl IncomingGuest for Guest<'_> {
             log::warn!("pausing the guest after the source was lost: {e}");
         }
     }
-}
-
-/// Reads the stream's fixed header (or what there is of it: a short or
-/// failed read leaves the error to the stream reader, which sees the same
-/// bytes again).
-fn peek_header<R: Read>(mut input: R) -> (Vec<u8>, R) {
-    let mut head = vec![0u8; HEADER_LEN];
-    let mut n = 0;
-    while n < HEADER_LEN {
-        match input.read(&mut head[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => break,
-        }
-    }
-    head.truncate(n);
-    (head, input)
-}
-
-/// The header's flags, when `head` is a whole header with the magic.
-fn flags_of(head: &[u8]) -> Option<u16> {
-    if head.len() < HEADER_LEN || head[..8] != MAGIC {
-        return None;
-    }
-    Some(u16::from_be_bytes([head[10], head[11]]))
 }
 
 #[cfg(test)]
@@ -617,27 +588,6 @@ mod tests {
         let de = res.expect_err("refused");
         assert!(matches!(de, DestinationError::Load(_)), "{de}");
         assert!(calls.is_empty(), "{calls:?}");
-    }
-
-    #[test]
-    fn the_header_is_peeked_and_replayed() {
-        let mut s = Vec::new();
-        s.extend_from_slice(&MAGIC);
-        s.extend_from_slice(&1u16.to_be_bytes());
-        s.extend_from_slice(&FLAG_CHANNELS.to_be_bytes());
-        s.extend_from_slice(&[0, 0, 0, 0, 9, 9]);
-        let (head, rest) = peek_header(&s[..]);
-        assert_eq!(flags_of(&head), Some(FLAG_CHANNELS));
-        let mut all = Vec::new();
-        io::Cursor::new(head)
-            .chain(rest)
-            .read_to_end(&mut all)
-            .unwrap();
-        assert_eq!(all, s, "every byte is read again");
-        let (head, _) = peek_header(&b"LIVE"[..]);
-        assert_eq!(head, b"LIVE");
-        assert_eq!(flags_of(&head), None);
-        assert_eq!(flags_of(&[0u8; HEADER_LEN]), None);
     }
 
     /// A VMM of a given vCPU count.

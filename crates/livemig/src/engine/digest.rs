@@ -7,7 +7,7 @@
 //! threads, so the two sides always agree on identical memory.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
 use crate::memory::GuestMemory;
@@ -145,6 +145,11 @@ pub(crate) struct RunningDigest {
     writes: Vec<AtomicU64>,
     hashed: Vec<Mutex<Option<Hashed>>>,
     stop: AtomicBool,
+    /// The hasher waits out its pause between passes here, so that
+    /// [`RunningDigest::stop`] ends it at once: the destination joins it
+    /// at the stream's end, inside the guest's pause.
+    nap: Mutex<()>,
+    wake: Condvar,
 }
 
 /// A chunk's hash and its write count when it was read.
@@ -166,6 +171,8 @@ impl RunningDigest {
             chunks,
             first,
             stop: AtomicBool::new(false),
+            nap: Mutex::new(()),
+            wake: Condvar::new(),
         }
     }
 
@@ -218,6 +225,10 @@ impl RunningDigest {
     /// Ends [`RunningDigest::refresh`].
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Relaxed);
+        // Under the lock, so that a hasher between its check and its wait
+        // cannot miss the wake-up.
+        let _g = self.nap.lock().unwrap_or_else(|p| p.into_inner());
+        self.wake.notify_all();
     }
 
     /// The loader wrote block `block` at `offset` (call after the write).
@@ -243,7 +254,10 @@ impl RunningDigest {
                     *self.hashed[i].lock().unwrap_or_else(|p| p.into_inner()) = Some((n, h));
                 }
             }
-            std::thread::sleep(PASS);
+            let g = self.nap.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = self
+                .wake
+                .wait_timeout_while(g, PASS, |_| !stop.load(Ordering::Relaxed));
         }
     }
 

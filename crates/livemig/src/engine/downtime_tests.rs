@@ -173,6 +173,11 @@ fn a_pause_within_the_limit_is_not_flagged() {
     // Two figures: the guest's pause ends at the destination's resume,
     // before the source hears STARTED.
     assert!(s.source_downtime >= s.downtime, "{s:#?}");
+    // The breakdown covers the source's whole view of the pause.
+    let b = s.pause_breakdown.as_ref().expect("a breakdown");
+    assert!(b.total_us() / 1000 >= s.source_downtime, "{s:#?}");
+    assert!(b.total_us() / 1000 <= s.total_time, "{s:#?}");
+    assert_eq!(b.digest_us, 0, "verify off: {s:#?}");
 }
 
 #[test]
@@ -252,4 +257,93 @@ fn a_write_the_tracker_missed_is_caught_by_verify() {
     if let MigrationError::Verify { .. } = &err {
         assert!(err.to_string().contains("missed a write"), "{err}");
     }
+}
+
+/// Migrates 12 MiB (8 random) that nothing writes, with postcopy `auto`
+/// allowed on both sides, verify on, under `limit` ms (switched at once
+/// with `pure`); checks the destination's memory.
+fn run_auto_postcopy(limit: u64, pure: bool) -> MigrationStats {
+    let src = ProcessMemory::new(&[("ram0", 8 * MIB), ("ram1", 4 * MIB)]).unwrap();
+    let dst = ProcessMemory::new(&[("ram0", 8 * MIB), ("ram1", 4 * MIB)]).unwrap();
+    let (mut tracker, log) = SoftwareTracker::new(&src);
+    let writer: crate::testkit::workload::PageWriter =
+        Arc::new(move |b, off, data| log.write(b, off, data));
+    fill_random(&src.blocks()[..1], &writer, 13);
+    let (w, r) = pipe();
+    let (ack_w, ack_r) = pipe();
+    let dst2 = dst.clone();
+    let dest = thread::spawn(move || {
+        Destination::new(&dst2, &mut crate::vm::NoVm)
+            .postcopy(true)
+            .run_with(r, Some(Box::new(ack_w)), &mut || {
+                Err(std::io::Error::other("one stream"))
+            })
+            .map(|a| a.postcopy.is_some())
+    });
+    let handle = MigrationHandle::new(Params {
+        verify: true,
+        downtime_limit: limit,
+        postcopy_ram: true,
+        postcopy_switchover: Switchover::Auto,
+        ..Params::default()
+    });
+    if pure {
+        handle.start_postcopy().unwrap();
+    }
+    let out = crate::transport::Outgoing {
+        writer: Box::new(w),
+        ack: Some(Box::new(ack_r)),
+    };
+    let stats = Source::new(&src, &mut tracker, &mut crate::vm::NoVm, handle)
+        .run_conn(out, &mut |_| Err(std::io::Error::other("one stream")))
+        .expect("migration succeeds");
+    let switched = dest.join().unwrap().expect("the destination completes");
+    assert_eq!(switched, stats.postcopy_time.is_some());
+    assert_eq!(
+        memory_digest(&src),
+        memory_digest(&dst),
+        "the destination holds the source's memory"
+    );
+    stats
+}
+
+#[test]
+fn with_postcopy_a_pause_whose_fixed_costs_exceed_the_limit_switches() {
+    // Nothing writes: after one pass nothing is left to send, which
+    // precopy alone takes as its cue to stop (and overshoot 1 ms with the
+    // handshake and the verify digest). With postcopy allowed, the stop
+    // decision counts the whole pause and leaves the rest to postcopy.
+    let s = run_auto_postcopy(1, false);
+    assert_eq!(s.status, Status::Completed);
+    assert!(s.postcopy_time.is_some(), "switched to postcopy: {s:#?}");
+    assert_eq!(s.verify_time, 0, "no digest in a postcopy pause: {s:#?}");
+    let b = s.pause_breakdown.as_ref().expect("a breakdown");
+    assert_eq!(b.digest_us, 0, "{s:#?}");
+    assert!(b.total_us() / 1000 >= s.source_downtime, "{s:#?}");
+}
+
+#[test]
+fn with_postcopy_a_pause_that_fits_stays_precopy() {
+    // The same migration under 10 s: the stop-and-copy fits, precopy
+    // completes and the digest is checked.
+    let s = run_auto_postcopy(10_000, false);
+    assert_eq!(s.status, Status::Completed);
+    assert!(s.postcopy_time.is_none(), "{s:#?}");
+    assert!(!s.downtime_limit_exceeded, "{s:#?}");
+}
+
+#[test]
+fn pure_postcopy_counts_every_page_it_sends() {
+    // Switched before any page: all 8 MiB of random pages travel after
+    // the switch, pushed or requested, and count in ram.transferred.
+    let s = run_auto_postcopy(300, true);
+    assert!(s.postcopy_time.is_some(), "{s:#?}");
+    let ram = &s.ram;
+    assert!(ram.postcopy_bytes >= 8 * MIB, "{ram:#?}");
+    assert!(ram.transferred >= ram.normal_bytes, "{ram:#?}");
+    assert!(ram.normal >= 2048, "{ram:#?}");
+    assert_eq!(
+        ram.precopy_bytes + ram.downtime_bytes + ram.postcopy_bytes,
+        ram.transferred
+    );
 }

@@ -418,7 +418,7 @@ impl<'a> Loader<'a> {
     pub fn load_channels<R: Read + Send>(
         &mut self,
         main: R,
-        mut accept: impl FnMut() -> io::Result<R>,
+        accept: impl FnMut() -> io::Result<R>,
     ) -> Result<LoadOutcome, LoadError> {
         let mut r = StreamReader::new(main)?;
         let verify = r.flags() & FLAG_VERIFY != 0;
@@ -428,6 +428,46 @@ impl<'a> Loader<'a> {
             refuse_switch(&r, &o)?;
             return self.finish(verify, o);
         }
+        let (total, main, _) = self.run_channels(r, accept)?;
+        drop(main);
+        if total.switched {
+            return Err(LoadError::Postcopy {
+                offset: total.stats.bytes,
+                what: "the source switched to postcopy, which this destination does not run \
+                       (allow it here: engine::Destination::postcopy)"
+                    .into(),
+            });
+        }
+        self.finish(verify, total)
+    }
+
+    /// Postcopy over page channels: loads a multi-channel migration (main
+    /// stream `r`, its header already read) up to its end or to the
+    /// postcopy switch, which every channel reaches behind the final
+    /// barrier. Returns the main stream (the completion handshake and,
+    /// after a switch, postcopy follow on it) and, after a switch, the
+    /// page channels' streams (background postcopy pages follow on them).
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn load_channels_until_switch<R: Read, C: Read + Send>(
+        &mut self,
+        r: StreamReader<R>,
+        accept: impl FnMut() -> io::Result<C>,
+    ) -> Result<(StreamOutcome, StreamReader<R>, Vec<StreamReader<C>>), LoadError> {
+        let verify = r.flags() & FLAG_VERIFY != 0;
+        self.running = verify.then(|| RunningDigest::new(self.mem));
+        self.run_channels(r, accept)
+    }
+
+    /// Accepts the page channels of the multi-channel migration whose main
+    /// stream is `r` and runs every channel to its end (or to the postcopy
+    /// switch) under the epoch barrier. The main stream comes back; the
+    /// page channels' streams only after a switch.
+    #[allow(clippy::type_complexity)]
+    fn run_channels<R: Read, C: Read + Send>(
+        &self,
+        mut r: StreamReader<R>,
+        mut accept: impl FnMut() -> io::Result<C>,
+    ) -> Result<(StreamOutcome, StreamReader<R>, Vec<StreamReader<C>>), LoadError> {
         let at = r.offset();
         let (index, n, session) = match r.next_record()? {
             Record::Channel {
@@ -444,7 +484,7 @@ impl<'a> Loader<'a> {
                 what: "the first connection must be the main channel 0".into(),
             });
         }
-        let mut chans: Vec<Option<StreamReader<R>>> = (0..n).map(|_| None).collect();
+        let mut chans: Vec<Option<StreamReader<C>>> = (0..n).map(|_| None).collect();
         for k in 1..=n {
             let conn = accept().map_err(|source| LoadError::Accept {
                 n: k,
@@ -507,8 +547,10 @@ impl<'a> Loader<'a> {
             }
             barrier.abort();
         };
-        let this = &*self;
+        let this = self;
         let mut total = StreamOutcome::default();
+        let mut main_stream = None;
+        let mut streams = Vec::new();
         this.hashing(|| {
             std::thread::scope(|s| {
                 let threads: Vec<_> = chans
@@ -523,21 +565,57 @@ impl<'a> Loader<'a> {
                             // closing tells the source, whose reaction (ending
                             // the main stream) must not be taken for the cause.
                             let r = r.map_err(|e| fail(on_channel(i + 1, e))).ok();
-                            drop(cr);
-                            r
+                            // After the postcopy switch the stream goes on.
+                            match r {
+                                Some(o) if o.switched => (Some(o), Some(cr)),
+                                r => {
+                                    drop(cr);
+                                    (r, None)
+                                }
+                            }
                         })
                     })
                     .collect();
-                let main = this.run_stream(&mut r, Role::Channel(0, &barrier));
-                drop(r);
+                let mut main = this.run_stream(&mut r, Role::Channel(0, &barrier));
+                let cut = || {
+                    first_err
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .as_ref()
+                        .is_some_and(is_cut)
+                };
+                if matches!(main, Err(LoadError::Aborted)) && cut() {
+                    // A page channel ended mid-stream while the main
+                    // channel waited at a barrier: a source that gave up
+                    // put its reason on the main stream. Read on (applying
+                    // nothing) to find it; the source closes after it.
+                    if let Some(reason) = abort_reason(&mut r) {
+                        main = Err(LoadError::SourceAborted { reason });
+                    }
+                }
                 match main {
-                    Ok(o) => total = o,
-                    Err(e) => fail(e),
+                    Ok(o) => {
+                        total = o;
+                        main_stream = Some(r);
+                    }
+                    Err(e) => {
+                        drop(r);
+                        fail(e)
+                    }
                 }
                 for t in threads {
                     match t.join() {
-                        Ok(Some(o)) => total.stats.add(&o.stats),
-                        Ok(None) => {}
+                        Ok((Some(o), cr)) => {
+                            if o.switched != total.switched {
+                                fail(LoadError::Postcopy {
+                                    offset: o.stats.bytes,
+                                    what: "a page channel and the main channel disagree about the postcopy switch".into(),
+                                });
+                            }
+                            total.stats.add(&o.stats);
+                            streams.extend(cr);
+                        }
+                        Ok((None, _)) => {}
                         Err(_) => fail(LoadError::Channel {
                             channel: 0,
                             offset: 0,
@@ -551,7 +629,15 @@ impl<'a> Loader<'a> {
             return Err(e);
         }
         total.stats.channels = n;
-        self.finish(verify, total)
+        let main = main_stream.expect("the main stream succeeded");
+        if total.switched && streams.len() != usize::from(n) {
+            return Err(LoadError::Postcopy {
+                offset: total.stats.bytes,
+                what: "the main channel switched to postcopy, but not every page channel did"
+                    .into(),
+            });
+        }
+        Ok((total, main, streams))
     }
 
     /// Checks the digest (verify mode) once everything is loaded.
@@ -626,8 +712,8 @@ impl<'a> Loader<'a> {
                         .map(|d| crate::bitmap::DirtyBitmap::new(d.len / PAGE_SIZE as u64))
                         .collect();
                 }
-                Record::Discard { .. } | Record::Postcopy if role.is_page_channel() => {
-                    return refuse("postcopy record")
+                Record::Discard { .. } if role.is_page_channel() => {
+                    return refuse("postcopy discard record")
                 }
                 Record::Discard {
                     block,
@@ -642,13 +728,8 @@ impl<'a> Loader<'a> {
                     bm.or_words(first_word as usize, &w);
                 }
                 Record::Postcopy => {
-                    if matches!(role, Role::Channel(..)) {
-                        return Err(LoadError::Postcopy {
-                            offset: at,
-                            what: "postcopy switch in a multi-channel migration (not supported)"
-                                .into(),
-                        });
-                    }
+                    // On a page channel: behind the final barrier, the
+                    // pages that follow are postcopy's background pages.
                     if map.is_empty() {
                         return Err(LoadError::Postcopy {
                             offset: at,
@@ -817,6 +898,17 @@ impl<'a> Loader<'a> {
                 Ok(i)
             })
             .collect()
+    }
+}
+
+/// Reads the rest of a stream, applying nothing, for an ABORT record.
+fn abort_reason<R: Read>(r: &mut StreamReader<R>) -> Option<String> {
+    loop {
+        match r.next_record() {
+            Ok(Record::Abort(reason)) => return Some(reason.to_string()),
+            Ok(Record::End) | Err(_) => return None,
+            Ok(_) => {}
+        }
     }
 }
 

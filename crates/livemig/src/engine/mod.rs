@@ -30,7 +30,7 @@ pub use loader::{LayoutMismatch, LoadError, LoadOutcome, LoadStats, Loader};
 pub use pacing::{PauseEstimate, HANDSHAKE_ALLOWANCE};
 pub use params::{CompressParams, MigrationMode, Params, ParamsError, Switchover};
 pub use source::Source;
-pub use stats::{CompressionStats, MigrationStats, RamStats, Status, XbzrleStats};
+pub use stats::{CompressionStats, MigrationStats, PauseBreakdown, RamStats, Status, XbzrleStats};
 
 use crate::dirty::DirtyError;
 

@@ -162,9 +162,6 @@ pub enum ParamsError {
     /// A zstd level outside 1..=19.
     #[error("zstd level {0} outside 1..=19")]
     ZstdLevel(i32),
-    /// `postcopy-ram` together with page channels.
-    #[error("postcopy-ram with page channels is not supported yet: use channels 1")]
-    PostcopyWithChannels,
     /// `postcopy-ram` on a source whose return path the engine does not own.
     #[error(
         "postcopy-ram needs a return path the engine owns (Source::run_conn, run_over or run_to)"

@@ -313,6 +313,7 @@ impl Untouched {
         block: usize,
         page: u64,
         region: &crate::sys::mmap::RawRegion,
+        backing: Option<&crate::memory::BlockBacking>,
     ) -> bool {
         if !self.enabled {
             return false;
@@ -323,7 +324,11 @@ impl Untouched {
             let total = region.len() as u64 / crate::PAGE_SIZE as u64;
             let n = (total.saturating_sub(first)).min(1 << WINDOW_SHIFT);
             let ps = crate::PAGE_SIZE as u64;
-            let Some(ranges) = region.populated((first * ps) as usize, (n * ps) as usize) else {
+            let ranges = match backing {
+                Some(bk) => file_data(bk, first * ps, n * ps),
+                None => region.populated((first * ps) as usize, (n * ps) as usize),
+            };
+            let Some(ranges) = ranges else {
                 // Not knowable for this memory: stop asking.
                 self.enabled = false;
                 self.window = None;
@@ -339,6 +344,28 @@ impl Untouched {
         match &self.window {
             Some((_, f, bm)) => !bm.test(page - f),
             None => false,
+        }
+    }
+}
+
+/// Ranges (offsets in the block) of `[offset, offset + len)` of a
+/// file-backed block that may hold data: the file's holes were never
+/// written. `None` when the file cannot say.
+fn file_data(
+    bk: &crate::memory::BlockBacking,
+    offset: u64,
+    len: u64,
+) -> Option<Vec<(usize, usize)>> {
+    match crate::sys::residency::file_data(&bk.file, bk.offset + offset, len) {
+        Ok(Some(v)) => Some(
+            v.into_iter()
+                .map(|(a, b)| ((a - bk.offset) as usize, (b - bk.offset) as usize))
+                .collect(),
+        ),
+        Ok(None) => None,
+        Err(e) => {
+            log::debug!("cannot tell which pages of the memory file were written: {e}");
+            None
         }
     }
 }
@@ -367,20 +394,44 @@ mod tests {
         let mut u = Untouched::new(true);
         for p in 0..pages {
             assert_eq!(
-                u.is_untouched(0, p as u64, &r),
+                u.is_untouched(0, p as u64, &r, None),
                 !written.contains(&p),
                 "page {p}"
             );
         }
         // A window looked up stays as it was until forgotten (the dirty
         // tracker has the later write).
-        assert!(u.is_untouched(0, 0, &r));
+        assert!(u.is_untouched(0, 0, &r, None));
         assert!(r.write(2 * P, &[1]));
-        assert!(u.is_untouched(0, 2, &r));
+        assert!(u.is_untouched(0, 2, &r, None));
         u.forget();
-        assert!(!u.is_untouched(0, 2, &r));
+        assert!(!u.is_untouched(0, 2, &r, None));
         let mut off = Untouched::new(false);
-        assert!(!off.is_untouched(0, 3, &r));
+        assert!(!off.is_untouched(0, 3, &r, None));
+    }
+
+    #[test]
+    fn untouched_pages_of_a_memory_file_are_its_holes() {
+        use crate::memory::{GuestMemory, ProcessMemory};
+        const P: usize = crate::PAGE_SIZE;
+        let pages = (1usize << WINDOW_SHIFT) + 5;
+        let mem = ProcessMemory::new_memfd(&[("ram", (pages * P) as u64)]).unwrap();
+        let block = &mem.blocks()[0];
+        let bk = block.backing().expect("memfd block");
+        let r = block.region();
+        let written = [0usize, 9, 1 << WINDOW_SHIFT, pages - 1];
+        for &p in &written {
+            assert!(r.write(p * P + 100, &[7]));
+        }
+        // Reading a hole through the shared mapping allocates a page in
+        // the file: a page only read counts as data (never wrongly zero).
+        let mut b = [0u8; 1];
+        assert!(r.read(4 * P, &mut b));
+        let mut u = Untouched::new(true);
+        for p in 0..pages {
+            let data = written.contains(&p) || p == 4;
+            assert_eq!(u.is_untouched(0, p as u64, r, Some(bk)), !data, "page {p}");
+        }
     }
 
     /// A harvest of `len` pages with `pages` set.

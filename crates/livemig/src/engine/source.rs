@@ -18,10 +18,10 @@ use super::handle::{MigrationHandle, SyncPoint};
 use super::pacing::{Pacing, PauseInputs};
 use super::params::{Params, ParamsError, Switchover};
 use super::postcopy::{
-    check_request, BitmapAssembler, FaultReport, Message, MessageReader, PostcopyError,
+    check_request, BitmapAssembler, FaultReport, Message, MessageReader, PostcopyError, PUSH_WINDOW,
 };
 use super::search::{PageSearch, Untouched};
-use super::stats::{CompressionStats, MigrationStats, Status, XbzrleStats};
+use super::stats::{CompressionStats, MigrationStats, PauseBreakdown, Status, XbzrleStats};
 use super::MigrationError;
 use crate::bitmap::DirtyBitmap;
 use crate::codec::adapt::{LinkCost, TimedWrite, WireClock};
@@ -319,6 +319,8 @@ struct RamSaver<'a> {
     source_downtime: u64,
     /// The downtime limit in force at the switch-over.
     limit_at_switch: u64,
+    /// Where the pause went (once paused for good).
+    pause_breakdown: Option<PauseBreakdown>,
     downtime_bytes: u64,
     verify_time: u64,
     status: Status,
@@ -394,6 +396,7 @@ impl<'a> RamSaver<'a> {
             downtime: 0,
             source_downtime: 0,
             limit_at_switch: 0,
+            pause_breakdown: None,
             downtime_bytes: 0,
             verify_time: 0,
             status: Status::Setup,
@@ -443,13 +446,8 @@ impl<'a> RamSaver<'a> {
         guest: &mut GuestSide,
     ) -> Result<(), MigrationError> {
         self.params.validate()?;
-        if self.params.postcopy_ram {
-            if self.params.channels > 1 {
-                return Err(ParamsError::PostcopyWithChannels.into());
-            }
-            if !matches!(ack, AckPath::Owned(_)) {
-                return Err(ParamsError::PostcopyNeedsReturnPath.into());
-            }
+        if self.params.postcopy_ram && !matches!(ack, AckPath::Owned(_)) {
+            return Err(ParamsError::PostcopyNeedsReturnPath.into());
         }
         self.publish(Status::Setup, tracker.name(), None);
         self.check_cancel()?;
@@ -594,19 +592,25 @@ impl<'a> RamSaver<'a> {
         self.publish(Status::Device, tracker.name(), None);
         self.limit_at_switch = self.params.downtime_limit;
         let pause_at = Instant::now();
+        let mut clock = PauseClock::new(pause_at);
         vm.pause().map_err(MigrationError::Vm)?;
+        clock.parts.stop_us = clock.lap();
         guest.paused = true;
         self.downtime_start = Some(pause_at);
         let bytes_before = self.sent_bytes(&w);
         self.sync(tracker)?;
         self.barrier(&mut w)?;
-        // Auto: what is left would not fit the pause; postcopy's pause
-        // holds only the device state and the handshake.
+        clock.parts.sync_us = clock.lap();
+        // Auto: the stop-and-copy would not fit the limit, all of it
+        // counted (the fixed costs too, even with no page left: a verify
+        // digest that does not fit is no reason to stretch the pause when
+        // postcopy can take over); postcopy's pause holds only the
+        // not-valid bitmap, the device state and the handshake.
         let auto = self.params.postcopy_ram
             && self.params.postcopy_switchover == Switchover::Auto
-            && !self.pause_fits();
+            && !self.pause_fits_strictly();
         if switch || auto {
-            return self.postcopy(w, ack, urgent, vm, guest, pause_at, bytes_before);
+            return self.postcopy(w, ack, urgent, vm, guest, clock, bytes_before);
         }
         drop(urgent);
         let ack = ack.as_read();
@@ -621,10 +625,12 @@ impl<'a> RamSaver<'a> {
             // main stream's end only after all of them.
             ch.finish(enc).map_err(MigrationError::send)?;
         }
+        clock.parts.pages_us = clock.lap();
         let state = vm.save_state().map_err(MigrationError::Vm)?;
         if !state.is_empty() {
             w.state(&state).map_err(MigrationError::send)?;
         }
+        clock.parts.state_us = clock.lap();
         let mut sent_digest = None;
         if self.params.verify {
             let t = Instant::now();
@@ -638,6 +644,7 @@ impl<'a> RamSaver<'a> {
         }
         self.check_cancel()?;
         w.end().map_err(MigrationError::send)?;
+        clock.parts.digest_us = clock.lap();
         self.transferred = self.sent_bytes(&w);
         self.downtime_bytes = self.transferred - bytes_before;
         self.downtime = match ack {
@@ -648,6 +655,7 @@ impl<'a> RamSaver<'a> {
                 })?;
                 self.pacing.record_handshake(t.started - t.go_sent);
                 self.source_downtime = ms(t.started - pause_at);
+                clock.parts.handshake_us = clock.lap();
                 // Where the guest sees it: up to the destination's resume.
                 ms(t.resumed_estimate() - pause_at)
             }
@@ -656,6 +664,7 @@ impl<'a> RamSaver<'a> {
                 self.source_downtime
             }
         };
+        self.pause_breakdown = Some(clock.parts);
         if let Some(sent) = sent_digest {
             // The digest in the stream was the dirty tracker's view; now,
             // outside the pause (this guest stays paused for good), check
@@ -697,11 +706,18 @@ impl<'a> RamSaver<'a> {
         urgent: Option<StreamWriter<ChannelWriter>>,
         vm: &mut dyn VmControl,
         guest: &mut GuestSide,
-        pause_at: Instant,
+        mut clock: PauseClock,
         bytes_before: u64,
     ) -> Result<(), MigrationError> {
+        let pause_at = clock.start;
         // The destination has no copy of the pages to come: no deltas.
         self.encoder.set_xbzrle(None);
+        let enc = self.encoding();
+        if let Some(ch) = &mut self.channels {
+            // Behind the final barrier: every channel switches too, then
+            // carries background pages (requested ones go elsewhere).
+            ch.postcopy(enc).map_err(MigrationError::send)?;
+        }
         for (b, bm) in self.search.bitmaps().iter().enumerate() {
             let words = bm.words();
             let chunk = usize::from(crate::stream::format::MAX_DISCARD_WORDS);
@@ -712,12 +728,14 @@ impl<'a> RamSaver<'a> {
                 }
             }
         }
+        clock.parts.pages_us = clock.lap();
         let state = vm.save_state().map_err(MigrationError::Vm)?;
         if !state.is_empty() {
             w.state(&state).map_err(MigrationError::send)?;
         }
         w.postcopy().map_err(MigrationError::send)?;
         self.section_end(&mut w)?;
+        clock.parts.state_us = clock.lap();
         let AckPath::Owned(mut reader) = std::mem::replace(&mut ack, AckPath::None) else {
             return Err(ParamsError::PostcopyNeedsReturnPath.into());
         };
@@ -729,6 +747,8 @@ impl<'a> RamSaver<'a> {
         self.pacing.record_handshake(t.started - t.go_sent);
         self.source_downtime = ms(t.started - pause_at);
         self.downtime = ms(t.resumed_estimate() - pause_at);
+        clock.parts.handshake_us = clock.lap();
+        self.pause_breakdown = Some(clock.parts);
         self.transferred = self.sent_bytes(&w);
         self.downtime_bytes = self.transferred - bytes_before;
         self.postcopy_from = Some(self.transferred);
@@ -739,8 +759,9 @@ impl<'a> RamSaver<'a> {
             requests: spawn_request_reader(MessageReader::new(reader))?,
             retired_bytes: 0,
             dead: false,
+            acked: None,
         };
-        self.postcopy_pace_from = Some((link.bytes(), Instant::now()));
+        self.postcopy_pace_from = Some((self.pc_bytes(&link), Instant::now()));
         self.publish(Status::PostcopyActive, "", None);
         loop {
             let e = match self.postcopy_run(&mut link) {
@@ -751,8 +772,9 @@ impl<'a> RamSaver<'a> {
             // Recovery: the guest lives on the destination; wait for a new
             // connection instead of giving it up.
             link.retire();
+            self.retire_channels(&mut link);
             log::warn!("postcopy paused: {e}; waiting for a new connection (migrate with resume)");
-            self.transferred = link.bytes();
+            self.transferred = self.pc_bytes(&link);
             self.publish(Status::PostcopyPaused, "", Some(e.to_string()));
             loop {
                 let conn = match self.handle.take_reconnect() {
@@ -778,10 +800,10 @@ impl<'a> RamSaver<'a> {
                     Err(e2) => return Err(e2),
                 }
             }
-            self.postcopy_pace_from = Some((link.bytes(), Instant::now()));
+            self.postcopy_pace_from = Some((self.pc_bytes(&link), Instant::now()));
             self.publish(Status::PostcopyActive, "", None);
         }
-        self.transferred = link.bytes();
+        self.transferred = self.pc_bytes(&link);
         self.postcopy_time = Some(switched.elapsed().as_millis() as u64);
         vm.set_throttle(0);
         self.throttle = 0;
@@ -797,22 +819,35 @@ impl<'a> RamSaver<'a> {
             .map(|b| (b.id().to_string(), b.len()))
             .collect();
         let mut published = Instant::now();
-        use std::sync::mpsc::TryRecvError;
-        while self.remaining_pages() > 0 {
+        use std::sync::mpsc::RecvTimeoutError;
+        // How long to wait for a request before looking at the background
+        // push again: zero, unless every page channel's queue is full.
+        let mut wait = Duration::ZERO;
+        while self.remaining_pages() > 0 || self.channels_pending() {
             // Requested pages first, each at most once.
             loop {
-                match link.requests.try_recv() {
+                let got = if wait.is_zero() {
+                    link.requests.try_recv().map_err(|e| match e {
+                        std::sync::mpsc::TryRecvError::Empty => RecvTimeoutError::Timeout,
+                        std::sync::mpsc::TryRecvError::Disconnected => {
+                            RecvTimeoutError::Disconnected
+                        }
+                    })
+                } else {
+                    link.requests.recv_timeout(wait)
+                };
+                wait = Duration::ZERO;
+                match got {
                     Ok(Ok((at, Message::Request(req)))) => {
                         let (b, first, n) = check_request(&blocks, at, &req)?;
                         self.postcopy_requests += 1;
                         let mut sent = false;
                         for p in first..first + n {
                             if self.search.take(b, p) {
+                                // Never on a page channel: behind bulk pages.
                                 match &mut link.urgent {
-                                    Some((u, _)) => self.send_page(u, b, p, true),
-                                    None => {
-                                        on_out!(&mut link.out, w => self.send_page(w, b, p, true))
-                                    }
+                                    Some((u, _)) => self.send_direct(u, b, p),
+                                    None => on_out!(&mut link.out, w => self.send_direct(w, b, p)),
                                 }
                                 .map_err(MigrationError::send)?;
                                 sent = true;
@@ -830,6 +865,9 @@ impl<'a> RamSaver<'a> {
                             }
                         }
                     }
+                    Ok(Ok((_, Message::Progress { stream, offset }))) => {
+                        self.progress(link, stream, offset)
+                    }
                     Ok(Ok((_, Message::Complete(_)))) => {
                         return Err(PostcopyError::EarlyComplete(self.remaining_pages()).into())
                     }
@@ -838,8 +876,8 @@ impl<'a> RamSaver<'a> {
                     }
                     Ok(Ok((at, _))) => return Err(PostcopyError::NotRequest { offset: at }.into()),
                     Ok(Err(e)) => return Err(e.into()),
-                    Err(TryRecvError::Empty) => break,
-                    Err(TryRecvError::Disconnected) => {
+                    Err(RecvTimeoutError::Timeout) => break,
+                    Err(RecvTimeoutError::Disconnected) => {
                         return Err(PostcopyError::NoComplete(
                             "the return path closed during postcopy".into(),
                         )
@@ -851,27 +889,59 @@ impl<'a> RamSaver<'a> {
             // request never waits behind more than one batch of ours; paced
             // by max-bandwidth like precopy, in short waits so that a
             // request that comes meanwhile is served at once.
-            if let Some(wait) = self.postcopy_wait(link) {
-                std::thread::sleep(wait.min(Duration::from_millis(1)));
+            if let Some(d) = self.postcopy_wait(link) {
+                wait = d.min(Duration::from_millis(1));
                 self.refresh_postcopy_bandwidth(link, &mut published);
                 continue;
             }
-            for _ in 0..POSTCOPY_BATCH {
-                let Some(f) = self.search.take_next() else {
-                    break;
-                };
-                on_out!(&mut link.out, w => self.send_page(w, f.block, f.page, true))
-                    .map_err(MigrationError::send)?;
+            if self.window_full(link) {
+                // Flow control: the destination has not read what is in
+                // flight; more would only queue in socket buffers, ahead
+                // of pages a fault may need.
+                wait = Duration::from_millis(1);
+                self.refresh_postcopy_bandwidth(link, &mut published);
+                continue;
             }
-            on_out!(&mut link.out, w => self.section_end(w))?;
-            self.transferred = link.bytes();
+            let enc = self.encoding();
+            if let Some(ch) = &mut self.channels {
+                // Page channels carry the background push, a small batch
+                // at a time; when all their queues are full, wait for a
+                // request instead of blocking on a queue.
+                if ch.pending() == 0 {
+                    for _ in 0..POSTCOPY_BATCH {
+                        let Some(f) = self.search.take_next() else {
+                            break;
+                        };
+                        ch.push(f.block as u16, f.page, enc)
+                            .map_err(MigrationError::send)?;
+                    }
+                }
+                if !ch.try_flush_batch(enc).map_err(MigrationError::send)? {
+                    wait = Duration::from_micros(200);
+                }
+            } else {
+                for _ in 0..POSTCOPY_BATCH {
+                    let Some(f) = self.search.take_next() else {
+                        break;
+                    };
+                    on_out!(&mut link.out, w => self.send_page(w, f.block, f.page, true))
+                        .map_err(MigrationError::send)?;
+                }
+                on_out!(&mut link.out, w => self.section_end(w))?;
+            }
+            self.transferred = self.pc_bytes(link);
             self.refresh_postcopy_bandwidth(link, &mut published);
+        }
+        let enc = self.encoding();
+        if let Some(ch) = &mut self.channels {
+            // Every channel ends its stream (and its thread) first.
+            ch.finish(enc).map_err(MigrationError::send)?;
         }
         if let Some((u, _)) = &mut link.urgent {
             u.end().map_err(MigrationError::send)?;
         }
         on_out!(&mut link.out, w => w.end()).map_err(MigrationError::send)?;
-        self.transferred = link.bytes();
+        self.transferred = self.pc_bytes(link);
         // Requests still in flight are for pages already sent; each is
         // still checked (one outside every block is an error, as before).
         let deadline = Instant::now() + crate::transport::IO_TIMEOUT;
@@ -882,6 +952,7 @@ impl<'a> RamSaver<'a> {
                     check_request(&blocks, at, &req)?;
                     self.postcopy_requests += 1;
                 }
+                Ok(Ok((_, Message::Progress { .. }))) => {}
                 Ok(Ok((_, Message::Complete(report)))) => {
                     self.fault_report = Some(report);
                     return Ok(());
@@ -896,6 +967,71 @@ impl<'a> RamSaver<'a> {
         }
     }
 
+    /// PROGRESS from the destination: stream `stream` was read up to
+    /// `offset`. A stream this source does not have (an old page channel
+    /// after a recovery) is ignored.
+    fn progress<W: Write>(&self, link: &mut PostcopyLink<W>, stream: u16, offset: u64) {
+        let streams = 1 + self.channels.as_ref().map_or(0, SendChannels::count);
+        let acked = link.acked.get_or_insert_with(|| vec![0; streams]);
+        if let Some(a) = acked.get_mut(usize::from(stream)) {
+            *a = (*a).max(offset);
+        }
+    }
+
+    /// Whether the background streams have [`PUSH_WINDOW`] bytes each in
+    /// flight (sent, not read by the destination).
+    fn window_full<W: Write>(&self, link: &PostcopyLink<W>) -> bool {
+        let Some(acked) = &link.acked else {
+            return false;
+        };
+        match &self.channels {
+            Some(ch) => (0..ch.count()).all(|i| {
+                let read = acked.get(i + 1).copied().unwrap_or(0);
+                ch.bytes_of(i).saturating_sub(read) >= PUSH_WINDOW
+            }),
+            None => {
+                if link.dead {
+                    return false;
+                }
+                let sent = on_out!(&link.out, w => w.bytes());
+                sent.saturating_sub(acked[0]) >= PUSH_WINDOW
+            }
+        }
+    }
+
+    /// Stream bytes of postcopy's connections and the page channels.
+    fn pc_bytes<W: Write>(&self, link: &PostcopyLink<W>) -> u64 {
+        link.bytes() + self.channels.as_ref().map_or(0, SendChannels::bytes)
+    }
+
+    /// Pages taken from the bitmap but not yet handed to a page channel.
+    fn channels_pending(&self) -> bool {
+        self.channels.as_ref().is_some_and(|c| c.pending() > 0)
+    }
+
+    /// Sends a page on `w` itself, never on a page channel (a requested
+    /// page must not queue behind background pages).
+    fn send_direct<W: Write>(
+        &mut self,
+        w: &mut StreamWriter<W>,
+        block: usize,
+        page: u64,
+    ) -> io::Result<()> {
+        let channels = self.channels.take();
+        let r = self.send_page(w, block, page, true);
+        self.channels = channels;
+        r
+    }
+
+    /// A connection was lost during postcopy: the page channels go with it
+    /// (what they sent is counted; recovery resumes over one connection).
+    fn retire_channels<W: Write>(&mut self, link: &mut PostcopyLink<W>) {
+        if let Some(ch) = &self.channels {
+            link.retired_bytes += ch.bytes();
+        }
+        self.close_channels();
+    }
+
     /// Every [`STEP`]: publishes the stats and takes a new
     /// `max-bandwidth` (it may change while postcopy runs; the other
     /// parameters were fixed at the switch).
@@ -907,14 +1043,14 @@ impl<'a> RamSaver<'a> {
         if published.elapsed() < STEP {
             return;
         }
-        self.transferred = link.bytes();
+        self.transferred = self.pc_bytes(link);
         self.pacing.measure(self.transferred, Instant::now());
         self.publish(Status::PostcopyActive, "", None);
         *published = Instant::now();
         let limit = self.handle.params().max_bandwidth;
         if limit != self.params.max_bandwidth {
             self.params.max_bandwidth = limit;
-            self.postcopy_pace_from = Some((link.bytes(), Instant::now()));
+            self.postcopy_pace_from = Some((self.pc_bytes(link), Instant::now()));
         }
     }
 
@@ -927,7 +1063,7 @@ impl<'a> RamSaver<'a> {
         if limit == 0 {
             return None;
         }
-        let sent = link.bytes().saturating_sub(from);
+        let sent = self.pc_bytes(link).saturating_sub(from);
         let due = Duration::from_secs_f64(sent as f64 / limit as f64);
         due.checked_sub(since.elapsed()).filter(|d| !d.is_zero())
     }
@@ -972,6 +1108,7 @@ impl<'a> RamSaver<'a> {
         self.seq = 1;
         link.out = PcOut::Resumed(w);
         link.dead = false;
+        link.acked = None;
         link.urgent = None;
         link.requests = spawn_request_reader(mr)?;
         log::info!(
@@ -1049,6 +1186,15 @@ impl<'a> RamSaver<'a> {
             );
         }
         i.remaining_bytes == 0 || self.pacing.fits(&i, limit)
+    }
+
+    /// True when the whole stop-and-copy fits the downtime limit: unlike
+    /// [`RamSaver::pause_fits`], nothing left to send is not enough when
+    /// the fixed costs alone exceed it. The question `auto` postcopy asks
+    /// at the pause: no, and it switches instead of overshooting.
+    fn pause_fits_strictly(&self) -> bool {
+        self.pacing
+            .fits(&self.pause_inputs(), self.params.downtime_limit)
     }
 
     /// Bytes still to send: the bitmap's pages and those queued on page
@@ -1295,9 +1441,12 @@ impl<'a> RamSaver<'a> {
         }
         self.pages_sent += 1;
         if self.search.is_bulk()
-            && self
-                .untouched
-                .is_untouched(block, page, self.blocks[block].region())
+            && self.untouched.is_untouched(
+                block,
+                page,
+                self.blocks[block].region(),
+                self.blocks[block].backing(),
+            )
         {
             // Never written: zero without reading it (or faulting it in).
             return self.encoder.untouched(w, b, offset);
@@ -1393,6 +1542,7 @@ impl<'a> RamSaver<'a> {
         let pc_time = self.postcopy_time;
         let report = self.fault_report.clone();
         let source_downtime = self.source_downtime;
+        let breakdown = self.pause_breakdown.clone();
         let limit = match self.limit_at_switch {
             0 => self.params.downtime_limit,
             l => l,
@@ -1406,6 +1556,7 @@ impl<'a> RamSaver<'a> {
             s.source_downtime = source_downtime;
             s.downtime_limit = limit;
             s.downtime_limit_exceeded = done && downtime > limit;
+            s.pause_breakdown = breakdown;
             s.expected_downtime = expected;
             s.verify_time = verify_time;
             s.ram.transferred = transferred;
@@ -1474,6 +1625,10 @@ struct PostcopyLink<W: Write> {
     retired_bytes: u64,
     /// `out` belongs to a lost connection (counted in `retired_bytes`).
     dead: bool,
+    /// Flow control: per background stream (0 main, i page channel i),
+    /// the bytes the destination has read; `None` until its first
+    /// PROGRESS (a destination that sends none gets no window).
+    acked: Option<Vec<u64>>,
 }
 
 impl<W: Write> PostcopyLink<W> {
@@ -1542,7 +1697,7 @@ fn spawn_request_reader(
         .spawn(move || loop {
             let waiting = || !e.load(std::sync::atomic::Ordering::SeqCst);
             let m = mr.read_message_waiting(&waiting);
-            let more = matches!(m, Ok((_, Message::Request(_))));
+            let more = matches!(m, Ok((_, Message::Request(_) | Message::Progress { .. })));
             if tx.send(m).is_err() || !more {
                 break;
             }
@@ -1573,6 +1728,32 @@ fn session_number() -> u64 {
     );
     h.write_u32(std::process::id());
     h.finish()
+}
+
+/// Time stamps through the pause, for [`PauseBreakdown`].
+struct PauseClock {
+    /// The guest's pause.
+    start: Instant,
+    last: Instant,
+    parts: PauseBreakdown,
+}
+
+impl PauseClock {
+    fn new(start: Instant) -> Self {
+        PauseClock {
+            start,
+            last: start,
+            parts: PauseBreakdown::default(),
+        }
+    }
+
+    /// Microseconds since the previous lap (or the pause).
+    fn lap(&mut self) -> u64 {
+        let now = Instant::now();
+        let us = now.saturating_duration_since(self.last).as_micros() as u64;
+        self.last = now;
+        us
+    }
 }
 
 /// Whole milliseconds.

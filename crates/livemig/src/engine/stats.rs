@@ -122,6 +122,43 @@ pub struct CompressionStats {
     pub skipped_pages: u64,
 }
 
+/// Where the pause went, on the source's clock, in microseconds. The parts
+/// follow each other and add up to the source's view of the pause
+/// ([`MigrationStats::source_downtime`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct PauseBreakdown {
+    /// Stopping the guest ([`crate::vm::VmControl::pause`]: every vCPU
+    /// out of the guest).
+    pub stop_us: u64,
+    /// The final dirty sync (with the page channels' barrier).
+    pub sync_us: u64,
+    /// Sending what was left: the remaining pages (precopy), or the
+    /// not-valid bitmap (a postcopy switch).
+    pub pages_us: u64,
+    /// Saving the device state and sending it.
+    pub state_us: u64,
+    /// The source's verify digest (0 without verify, or at a postcopy
+    /// switch).
+    pub digest_us: u64,
+    /// From the stream's end (or the switch record) to STARTED: the
+    /// destination's last reads, checks and restore, LOADED, GO, its
+    /// resume and STARTED. Without a return path, 0.
+    pub handshake_us: u64,
+}
+
+impl PauseBreakdown {
+    /// The whole pause the parts cover.
+    pub fn total_us(&self) -> u64 {
+        self.stop_us
+            + self.sync_us
+            + self.pages_us
+            + self.state_us
+            + self.digest_us
+            + self.handshake_us
+    }
+}
+
 /// The state of one migration, as `query-migrate` reports it.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -149,6 +186,9 @@ pub struct MigrationStats {
     /// The migration completed, but its downtime overshot its limit.
     #[serde(default)]
     pub downtime_limit_exceeded: bool,
+    /// Where the pause went, part by part (once paused for good).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause_breakdown: Option<PauseBreakdown>,
     /// Predicted pause if the guest were paused now, in milliseconds:
     /// remaining pages at a conservative bandwidth, the final sync, device
     /// state, the verify digest and the handshake.

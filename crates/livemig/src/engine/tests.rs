@@ -993,3 +993,47 @@ fn a_cancel_after_go_does_not_resume_the_source() {
     assert!(matches!(e, MigrationError::Unconfirmed(_)), "{e}");
     assert!(!calls.contains(&"resume".to_string()), "{calls:?}");
 }
+
+#[test]
+fn a_cancelled_source_with_page_channels_tells_the_destination() {
+    let src = ProcessMemory::single(16 * MIB).unwrap();
+    let dst = ProcessMemory::single(16 * MIB).unwrap();
+    let (mut t, log) = SoftwareTracker::new(&src);
+    fill_random(src.blocks(), &log_writer(log), 8);
+    let (w, r) = pipe();
+    let (ack_w, ack_r) = pipe();
+    let (mut ch_w, mut ch_r) = channel_pipes(2);
+    let d2 = dst.clone();
+    let loader = thread::spawn(move || {
+        let mut r = r;
+        Loader::new(&d2)
+            .answering(Box::new(ack_w))
+            .load_channels(Box::new(&mut r) as BoxRead<'_>, || {
+                next_conn(&mut ch_r).map(|c| Box::new(c) as BoxRead<'_>)
+            })
+    });
+    // 2 MiB/s: 16 MiB cannot go before the cancel.
+    let handle = MigrationHandle::new(Params {
+        channels: 2,
+        max_bandwidth: 2 * MIB,
+        ..Params::default()
+    });
+    let h = handle.clone();
+    let canceller = thread::spawn(move || {
+        while h.stats().ram.transferred < 512 << 10 {
+            thread::sleep(Duration::from_millis(5));
+        }
+        h.cancel();
+    });
+    let mut ack_r: PipeReader = ack_r;
+    let mut vm = RecordingVm::default();
+    let err = Source::new(&src, &mut t, &mut vm, handle)
+        .run_with_channels(w, Some(&mut ack_r as &mut dyn Read), &mut |_| {
+            Ok(Box::new(ch_w.remove(0)))
+        })
+        .unwrap_err();
+    canceller.join().unwrap();
+    assert!(matches!(err, MigrationError::Cancelled), "{err}");
+    let e = loader.join().unwrap().unwrap_err();
+    assert_eq!(e.to_string(), "source aborted: migration cancelled");
+}

@@ -149,10 +149,13 @@ pub fn is_mapped_ram(path: &Path) -> bool {
         && magic == format::MAGIC
 }
 
-/// Shows a finished snapshot save on `handle` the way `query-migrate`
-/// shows a migration (for a VMM serving the control socket's
-/// `migrate file:PATH` with `mapped-ram` or `background-snapshot`):
-/// status `completed`, `downtime` = the guest's pause, `ram.total` =
+/// Shows a finished snapshot save's figures on `handle` the way
+/// `query-migrate` shows a migration's (for a VMM serving the control
+/// socket's `migrate file:PATH` with `mapped-ram` or
+/// `background-snapshot`); the VMM then sets the status `completed`, once
+/// its guest is where it stays (running on, or paused for good), so a
+/// client that sees `completed` finds it there. `downtime` = the guest's
+/// pause, `ram.total` =
 /// `memory`, pages written as `normal`, holes as `duplicate` (zero
 /// pages), `transferred` = the bytes of pages written, `dirty-tracker` =
 /// `how` (e.g. "none (paused)", "userfaultfd write-protect").
@@ -177,7 +180,6 @@ pub fn record_save(
         s.ram.transferred = save.pages * page;
         s.dirty_tracker = how.to_string();
     });
-    handle.set_status(crate::engine::Status::Completed, None);
 }
 
 /// A default worker count: the cores this process may use, at most 8.

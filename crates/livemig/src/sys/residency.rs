@@ -8,8 +8,16 @@
 //! zero), walking only page tables that exist, so an idle terabyte costs a
 //! few page-table walks. Shared and file mappings are refused: their pages
 //! can hold data that is not mapped in this process.
+//!
+//! Memory backed by a file (a memfd) is asked of the file instead: its
+//! holes (`SEEK_HOLE`) were never written and read as zeros, and reading
+//! them through a shared mapping would allocate a page for each (shmem has
+//! no shared zero page), so skipping them also keeps an idle guest's source
+//! from growing to its full size during a migration.
 
+use std::fs::File;
 use std::io;
+use std::os::fd::AsRawFd;
 
 use super::uffd::{
     PageRegion, Pagemap, ScanRequest, PAGE_IS_PFNZERO, PAGE_IS_PRESENT, PAGE_IS_SWAPPED,
@@ -76,6 +84,68 @@ pub fn populated(addr: u64, len: u64) -> io::Result<Option<Vec<(u64, u64)>>> {
         at = walk_end;
     }
     Ok(Some(out))
+}
+
+/// Byte ranges `[start, end)` (offsets in `file`) of `[offset, offset +
+/// len)` that may hold data, rounded out to whole pages; the rest of the
+/// range is holes that read as zeros. Pages swapped out count as data.
+/// `None` when the file system cannot say (`SEEK_DATA` unsupported).
+///
+/// As for [`populated`], the answer is a snapshot: a caller must track
+/// writes from before the call.
+pub fn file_data(file: &File, offset: u64, len: u64) -> io::Result<Option<Vec<(u64, u64)>>> {
+    let Some(end) = offset.checked_add(len) else {
+        return Ok(None);
+    };
+    const PAGE: u64 = 4096;
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    let mut at = offset;
+    while at < end {
+        let data = match seek(file, at, libc::SEEK_DATA) {
+            Ok(d) => d,
+            // No data at or after `at`: the rest is a hole.
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => break,
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        if data >= end {
+            break;
+        }
+        let hole = match seek(file, data, libc::SEEK_HOLE) {
+            Ok(h) => h,
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => end,
+            Err(e) => return Err(e),
+        };
+        if hole <= data {
+            return Err(io::Error::other(format!(
+                "SEEK_HOLE did not advance at {data:#x}"
+            )));
+        }
+        let (a, b) = (
+            (data / PAGE * PAGE).max(offset),
+            hole.div_ceil(PAGE).saturating_mul(PAGE).min(end),
+        );
+        match out.last_mut() {
+            Some(last) if last.1 >= a => last.1 = last.1.max(b),
+            _ => out.push((a, b)),
+        }
+        at = hole;
+    }
+    Ok(Some(out))
+}
+
+/// `lseek(file, at, whence)`. Moves the file's offset, which livemig never
+/// reads or writes through (guest memory files are mapped, and files are
+/// read and written at explicit offsets).
+fn seek(file: &File, at: u64, whence: libc::c_int) -> io::Result<u64> {
+    let at = libc::off_t::try_from(at).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: lseek on a descriptor `file` keeps open for the call; it
+    // touches no memory of this process.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), at, whence) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(r as u64)
 }
 
 /// True when `[start, end)` is covered, without a gap, by private
@@ -194,5 +264,32 @@ mod tests {
         let m = crate::sys::shm::SharedMapping::map(&f, 1 << 16).unwrap();
         let addr = m.word(0).unwrap() as *const _ as u64;
         assert!(populated(addr, 1 << 16).unwrap().is_none(), "memfd");
+    }
+
+    #[test]
+    fn file_holes_are_untouched_pages() {
+        let f = crate::sys::memfd::create("residency-test", 64 * 4096).unwrap();
+        let none = file_data(&f, 0, 64 * 4096).unwrap().expect("shmem answers");
+        assert!(none.is_empty(), "a new memfd is one hole: {none:?}");
+        use std::os::unix::fs::FileExt;
+        f.write_all_at(&[1], 3 * 4096 + 17).unwrap();
+        f.write_all_at(&[1; 8192], 10 * 4096).unwrap();
+        f.write_all_at(&[1], 63 * 4096).unwrap();
+        let all = file_data(&f, 0, 64 * 4096).unwrap().unwrap();
+        assert_eq!(
+            all,
+            vec![
+                (3 * 4096, 4 * 4096),
+                (10 * 4096, 12 * 4096),
+                (63 * 4096, 64 * 4096)
+            ]
+        );
+        // A window inside the file, cutting a data range.
+        let part = file_data(&f, 11 * 4096, 4 * 4096).unwrap().unwrap();
+        assert_eq!(part, vec![(11 * 4096, 12 * 4096)]);
+        // Zeros written are data (the kernel cannot tell): never skipped.
+        f.write_all_at(&[0; 4096], 20 * 4096).unwrap();
+        let z = file_data(&f, 20 * 4096, 4096).unwrap().unwrap();
+        assert_eq!(z, vec![(20 * 4096, 21 * 4096)]);
     }
 }

@@ -1096,7 +1096,10 @@ pub fn postcopy_messages(data: &[u8]) {
                 }
             }
         }
-        if matches!(m, Message::Bitmap { .. } | Message::BitmapEnd { .. }) {
+        if matches!(
+            m,
+            Message::Bitmap { .. } | Message::BitmapEnd { .. } | Message::Progress { .. }
+        ) {
             let mut again = Vec::new();
             write_message(&mut again, &m).expect("into memory");
             assert_eq!(&data[start as usize..r.offset() as usize], &again[..]);

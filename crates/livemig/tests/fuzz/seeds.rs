@@ -511,6 +511,20 @@ fn postcopy_message_seeds() -> Vec<(String, Vec<u8>)> {
             enc(&[req(0, 100, 4096), req(0, 0, 100)]),
         ),
         ("failed".into(), enc(&[Message::Failed("lost".into())])),
+        (
+            "progress".into(),
+            enc(&[
+                Message::Progress {
+                    stream: 0,
+                    offset: 64 << 10,
+                },
+                req(1, 0, 4096),
+                Message::Progress {
+                    stream: 2,
+                    offset: u64::MAX,
+                },
+            ]),
+        ),
         ("bad-tag".into(), vec![b'Z', 0, 1]),
         (
             "recovery-bitmap".into(),

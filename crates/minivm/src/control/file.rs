@@ -92,6 +92,15 @@ impl VmControl for Announcing<'_> {
 }
 
 impl ControlledVm {
+    /// Whether the last outgoing migration or snapshot completed (a
+    /// background snapshot completes with the guest running on).
+    pub fn outgoing_completed(&self) -> bool {
+        lock(&self.inner.st)
+            .outgoing
+            .as_ref()
+            .is_some_and(|h| h.stats().status == Status::Completed)
+    }
+
     /// `migrate file:PATH` with `mapped-ram` / `background-snapshot`.
     pub(super) fn snapshot_to_file(
         &self,
@@ -182,16 +191,20 @@ impl ControlledVm {
                 }
             }
         };
-        let phase = match result {
-            Ok(p) => p,
+        // The phase first: a client that sees the final status finds the
+        // guest where it stays (running on after a background snapshot).
+        match result {
+            Ok(p) => {
+                self.set_phase(p);
+                handle.set_status(Status::Completed, None);
+            }
             Err(e) => {
                 let e = format!("snapshot to {}: {e}", path.display());
                 log::warn!("{e} (the guest runs on)");
+                self.set_phase(Phase::Running);
                 handle.set_status(Status::Failed, Some(e));
-                Phase::Running
             }
-        };
-        self.set_phase(phase);
+        }
     }
 
     /// `migrate-incoming file:PATH` of a mapped-ram file.

@@ -18,7 +18,7 @@ use crate::engine::handle::Reconnect;
 use crate::engine::loader::{LoadError, LoadOutcome, LoadStats, Loader};
 use crate::engine::{MigrationHandle, Status};
 use crate::memory::{GuestMemory, PAGE_SIZE};
-use crate::stream::format::{FLAG_URGENT, FLAG_VERIFY};
+use crate::stream::format::{FLAG_CHANNELS, FLAG_URGENT, FLAG_VERIFY};
 use crate::stream::{Record, StreamReader};
 use crate::sys::uffd::{
     drop_pages, Uffd, UffdMsg, Waker, UFFD_EVENT_PAGEFAULT, UFFD_FEATURE_THREAD_ID,
@@ -68,6 +68,9 @@ pub struct PostcopyFigures {
     pub postcopy_time: u64,
     /// Pages that came on the urgent connection (postcopy-preempt).
     pub urgent_pages: u64,
+    /// Pages that came on the page channels (background pages of a
+    /// migration with `channels` above 1).
+    pub channel_pages: u64,
 }
 
 /// Why receiving failed.
@@ -95,7 +98,7 @@ pub enum ReceiveError {
     /// The migration broke during postcopy: the guest ran here with part
     /// of its memory still on the source and cannot go on. Its threads
     /// that touch a missing page wait for good; it is paused.
-    #[error("postcopy failed with {missing} pages still on the source: {cause}; the guest cannot continue (it is paused here, and its missing memory stays unavailable)")]
+    #[error("lost the source during postcopy with {missing} pages still only there ({cause}): the guest cannot continue and cannot be saved (it is paused here, and its missing memory stays unavailable)")]
     SourceLost {
         /// Pages that never arrived.
         missing: u64,
@@ -188,10 +191,12 @@ fn receive_inner<R: Read>(
     };
     let verify = r.flags() & FLAG_VERIFY != 0;
     let wants_urgent = r.flags() & FLAG_URGENT != 0;
+    let channels = r.flags() & FLAG_CHANNELS != 0;
+    let mut accept = accept;
     // The urgent connection (postcopy-preempt) comes right after the main
-    // stream's start, long before any switch.
+    // stream's start, long before any switch (and before page channels).
     let mut early_urgent = None;
-    if let (true, Some(accept)) = (wants_urgent, accept) {
+    if let (true, Some(accept)) = (wants_urgent, accept.as_mut()) {
         match accept()
             .map_err(|e| format!("accepting the postcopy urgent connection: {e}"))
             .and_then(|c| open_urgent(c).map_err(|e| crate::error_chain(&e)))
@@ -211,10 +216,29 @@ fn receive_inner<R: Read>(
     if let Some(w) = reply.take() {
         loader = loader.answering(w);
     }
-    let loaded = loader.load_until_switch(&mut r);
+    // Page channels (postcopy's background pages follow on them after
+    // the switch).
+    let mut page_streams: Vec<StreamReader<Box<dyn Read + Send>>> = Vec::new();
+    let loaded = if channels {
+        match accept.as_mut() {
+            Some(acc) => loader
+                .load_channels_until_switch(r, acc)
+                .map(|(o, main, streams)| {
+                    page_streams = streams;
+                    (o, main)
+                }),
+            None => Err(LoadError::Channel {
+                channel: 0,
+                offset: r.offset(),
+                what: "the source announced page channels, but this destination accepts no further connection".into(),
+            }),
+        }
+    } else {
+        loader.load_until_switch(&mut r).map(|o| (o, r))
+    };
     reply = loader.take_answer();
-    let o = match loaded {
-        Ok(o) => o,
+    let (o, mut r) = match loaded {
+        Ok(v) => v,
         Err(e) => {
             fail(&mut reply, &crate::error_chain(&e));
             return Err(e.into());
@@ -365,18 +389,46 @@ fn receive_inner<R: Read>(
     let mut stats = o.stats;
     let mut urgent_pages = 0;
     let mut urgent_failed = None;
+    let mut channel_failed: Option<String> = None;
+    let mut channel_pages = 0;
     let mut recoveries = 0;
-    let result = std::thread::scope(|s| {
-        let p = &placer;
-        let t = urgent.map(|mut u| {
-            s.spawn(move || {
-                let mut us = LoadStats::default();
-                let r = place_stream(&mut u, p, &mut us);
-                (r, us)
-            })
+    let result = {
+        // Flow control: how much of each background stream was read here.
+        let report = |stream: u16| {
+            let reply = reply.clone();
+            move |offset: u64| {
+                if let Some(w) = lock(&reply).as_mut() {
+                    // A broken return path is noticed by the fault thread
+                    // and the streams themselves.
+                    let _ = write_message(&mut **w, &Message::Progress { stream, offset });
+                }
+            }
+        };
+        // The urgent connection and the page channels, each on a thread
+        // of its own (not scoped: after a recovery their old connections
+        // may hang half-open, and completion does not wait for them).
+        // A thread that cannot start drops its connection: the source
+        // sees it fail, and the pages it would have carried are missing
+        // (reported below) unless a recovery sends them again.
+        let t = urgent.and_then(|u| match spawn_placer(u, placer.clone(), |_| {}) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                urgent_failed = Some(format!("starting the urgent connection's thread: {e}"));
+                None
+            }
         });
-        let mut main =
-            place_stream(&mut r, &placer, &mut stats).map_err(|e| crate::error_chain(&e));
+        let mut chans = Vec::new();
+        for (i, c) in page_streams.into_iter().enumerate() {
+            match spawn_placer(c, placer.clone(), report(i as u16 + 1)) {
+                Ok(t) => chans.push((i, t)),
+                Err(e) => {
+                    channel_failed
+                        .get_or_insert(format!("starting page channel {}'s thread: {e}", i + 1));
+                }
+            }
+        }
+        let mut main = place_stream(&mut r, &placer, &mut stats, &report(0))
+            .map_err(|e| crate::error_chain(&e));
         if let Some(h) = recovery {
             // Every failure of the main stream pauses; a new connection
             // resumes from the received bitmap.
@@ -385,7 +437,7 @@ fn receive_inner<R: Read>(
                     Ok(mut resumed) => {
                         recoveries += 1;
                         let mut rs = LoadStats::default();
-                        main = place_stream(&mut resumed, &placer, &mut rs)
+                        main = place_stream(&mut resumed, &placer, &mut rs, &report(0))
                             .map_err(|e| crate::error_chain(&e));
                         stats.raw_pages += rs.raw_pages;
                         stats.zero_pages += rs.zero_pages;
@@ -398,8 +450,9 @@ fn receive_inner<R: Read>(
                     }
                 }
             }
-        } else if main.is_err() && t.is_some() {
-            // Tell the source now: it closes the urgent connection.
+        } else if main.is_err() && (t.is_some() || !chans.is_empty()) {
+            // Tell the source now: it closes the urgent connection and the
+            // page channels.
             if let Some(w) = lock(&reply).as_mut() {
                 let _ = write_message(
                     &mut **w,
@@ -407,7 +460,10 @@ fn receive_inner<R: Read>(
                 );
             }
         }
-        if let Some(t) = t {
+        // After a recovery, old connections that have not ended are not
+        // waited for: every page they carried went again on the new one.
+        let detach = recoveries > 0;
+        if let Some(t) = t.and_then(|t| joinable(t, detach)) {
             match t.join() {
                 Ok((r, us)) => {
                     urgent_pages = us.raw_pages + us.zero_pages + us.compressed_pages;
@@ -423,8 +479,33 @@ fn receive_inner<R: Read>(
                 Err(_) => urgent_failed = Some("the urgent connection's thread panicked".into()),
             }
         }
+        for (i, c) in chans {
+            let Some(c) = joinable(c, detach) else {
+                continue;
+            };
+            match c.join() {
+                Ok((r, cs)) => {
+                    channel_pages += cs.raw_pages + cs.zero_pages + cs.compressed_pages;
+                    stats.raw_pages += cs.raw_pages;
+                    stats.zero_pages += cs.zero_pages;
+                    stats.compressed_pages += cs.compressed_pages;
+                    stats.bytes += cs.bytes;
+                    // After a recovery the old page channels just end.
+                    if let Err(e) = r {
+                        channel_failed.get_or_insert(format!(
+                            "page channel {}: {}",
+                            i + 1,
+                            crate::error_chain(&e)
+                        ));
+                    }
+                }
+                Err(_) => {
+                    channel_failed.get_or_insert(format!("page channel {} panicked", i + 1));
+                }
+            }
+        }
         main
-    });
+    };
     if recoveries > 0 {
         log::info!("postcopy recovered {recoveries} time(s)");
     }
@@ -435,7 +516,7 @@ fn receive_inner<R: Read>(
     let cause = match (result, fault_failed) {
         (Err(e), _) => Some(e),
         (Ok(()), Some(e)) => Some(e),
-        (Ok(()), None) if missing > 0 => Some(match urgent_failed {
+        (Ok(()), None) if missing > 0 => Some(match urgent_failed.or(channel_failed) {
             Some(u) => format!("the stream ended before every page arrived ({u})"),
             None => "the stream ended before every page arrived".into(),
         }),
@@ -454,6 +535,7 @@ fn receive_inner<R: Read>(
     placer.release();
     let mut figures = placer.figures(discarded, switched_at);
     figures.urgent_pages = urgent_pages;
+    figures.channel_pages = channel_pages;
     let sent = match lock(&reply).as_mut() {
         Some(w) => write_message(&mut **w, &Message::Complete(figures.faults.clone())),
         None => Err(io::Error::other("the return path was lost")),
@@ -593,11 +675,18 @@ fn resume_in(
 }
 
 /// Places the pages that follow the switch until END.
+///
+/// `progress` gets the bytes read so far at the start and after every
+/// [`super::PROGRESS_EVERY`] bytes (at section ends): the source's flow
+/// control for background streams (see the module doc).
 fn place_stream<R: Read>(
     r: &mut StreamReader<R>,
     p: &Placer,
     stats: &mut LoadStats,
+    progress: &dyn Fn(u64),
 ) -> Result<(), LoadError> {
+    let mut reported = r.offset();
+    progress(reported);
     let mut scratch = vec![0u8; PAGE_SIZE];
     let mut dec = Decompressor::new();
     let place_err = |at: u64, block: u16, offset: u64, e: io::Error| LoadError::Postcopy {
@@ -641,7 +730,13 @@ fn place_stream<R: Read>(
                 p.place(usize::from(block), offset / PAGE, Some(&scratch))
                     .map_err(|e| place_err(at, block, offset, e))?;
             }
-            Record::SectionEnd { .. } => stats.sections += 1,
+            Record::SectionEnd { .. } => {
+                stats.sections += 1;
+                if r.offset() - reported >= super::PROGRESS_EVERY {
+                    reported = r.offset();
+                    progress(reported);
+                }
+            }
             Record::End => break,
             other => {
                 let what = match other {
@@ -661,6 +756,37 @@ fn place_stream<R: Read>(
     }
     stats.bytes = r.offset();
     Ok(())
+}
+
+type Placed = (Result<(), LoadError>, LoadStats);
+
+/// Places the pages of one background or urgent stream on a thread.
+fn spawn_placer(
+    mut stream: StreamReader<Box<dyn Read + Send>>,
+    placer: Arc<Placer>,
+    progress: impl Fn(u64) + Send + 'static,
+) -> io::Result<std::thread::JoinHandle<Placed>> {
+    std::thread::Builder::new()
+        .name("livemig-postcopy-place".into())
+        .spawn(move || {
+            let mut st = LoadStats::default();
+            let r = place_stream(&mut stream, &placer, &mut st, &progress);
+            (r, st)
+        })
+}
+
+/// `t`, unless `detach` and it is still running (then it is left to end
+/// by itself, its connection's read timeout at the latest).
+fn joinable(
+    t: std::thread::JoinHandle<Placed>,
+    detach: bool,
+) -> Option<std::thread::JoinHandle<Placed>> {
+    if detach && !t.is_finished() {
+        log::info!("an old postcopy connection is still open after a recovery: not waited for");
+        None
+    } else {
+        Some(t)
+    }
 }
 
 /// One stream block's memory here.
@@ -775,7 +901,13 @@ impl Placer {
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(e),
         }
-        self.received[block][(page / 64) as usize].fetch_or(1 << (page % 64), Ordering::Release);
+        let bit = 1 << (page % 64);
+        let was = self.received[block][(page / 64) as usize].fetch_or(bit, Ordering::AcqRel);
+        if was & bit != 0 {
+            // Placed concurrently by another stream (after a recovery, an
+            // old connection's last pages race the resent ones): once.
+            return Ok(());
+        }
         self.missing.fetch_sub(1, Ordering::SeqCst);
         self.placed.fetch_add(1, Ordering::Relaxed);
         let mut w = lock(&self.waits);
@@ -843,6 +975,7 @@ impl Placer {
             },
             postcopy_time: switched_at.elapsed().as_millis() as u64,
             urgent_pages: 0,
+            channel_pages: 0,
         }
     }
 }

@@ -49,6 +49,10 @@ fn messages_round_trip() {
             buckets: vec![0, 0, 0, 0, 0, 0, 0, 3],
         }),
         Message::Failed("lost".into()),
+        Message::Progress {
+            stream: 2,
+            offset: 1 << 40,
+        },
     ];
     let mut bytes = Vec::new();
     for m in &msgs {
@@ -402,6 +406,118 @@ fn auto_switch_when_precopy_makes_no_progress() {
     assert_postcopy_done(&r);
 }
 
+/// As [`run_postcopy`], over TCP on loopback with every connection the
+/// source opens (urgent, page channels) accepted on one listener.
+fn run_postcopy_tcp(
+    params: Params,
+    at_once: bool,
+    steer: impl FnOnce(MigrationHandle) + Send + 'static,
+) -> Run {
+    use crate::transport::connect;
+    let src = ProcessMemory::new(&layout()).unwrap();
+    let dst = ProcessMemory::new(&layout()).unwrap();
+    let (mut tracker, log) = SoftwareTracker::new(&src);
+    let writer: PageWriter = Arc::new(move |b, off, data| log.write(b, off, data));
+    fill_random(&src.blocks()[..1], &writer, 13);
+    let workload = Workload::start(
+        src.blocks().to_vec(),
+        writer,
+        WorkloadConfig {
+            rate: 128 * MIB,
+            ..WorkloadConfig::default()
+        },
+    );
+    let mut vm = workload.control();
+    let handle = MigrationHandle::new(params);
+    if at_once {
+        handle.start_postcopy().unwrap();
+    }
+    let (listener, _) = tcp_listener();
+    let uri = listener.local_uri();
+    let dst2 = dst.clone();
+    let dest = thread::spawn(move || {
+        let inc = listener.accept().unwrap();
+        let mut guest = TouchGuest::new(&dst2);
+        let mut accept = || -> std::io::Result<Box<dyn std::io::Read + Send>> {
+            listener
+                .accept()
+                .map(|i| i.reader)
+                .map_err(std::io::Error::other)
+        };
+        let res = receive(
+            &dst2,
+            inc.reader,
+            inc.ack,
+            &mut guest,
+            true,
+            Some(&mut accept),
+        );
+        (res, guest.stop())
+    });
+    let h2 = handle.clone();
+    let steerer = thread::spawn(move || steer(h2));
+    let stats = Source::new(&src, &mut tracker, &mut vm, handle.clone())
+        .run_conn(connect(&uri).unwrap(), &mut |_| {
+            Ok(connect(&uri).map_err(std::io::Error::other)?.writer)
+        })
+        .expect("migration succeeds");
+    assert!(vm.is_paused(), "the source stays paused after postcopy");
+    drop(workload);
+    steerer.join().unwrap();
+    let (res, reads) = dest.join().unwrap();
+    Run {
+        src,
+        dst,
+        stats,
+        received: res.expect("the destination completes"),
+        reads,
+    }
+}
+
+#[test]
+fn pure_postcopy_over_page_channels() {
+    let r = run_postcopy_tcp(
+        Params {
+            channels: 2,
+            ..postcopy_params()
+        },
+        true,
+        |_| {},
+    );
+    assert_postcopy_done(&r);
+    let pc = r.received.postcopy.as_ref().unwrap();
+    assert_eq!(pc.discarded_pages, r.src.total_bytes() / 4096);
+    // Each page once after the switch: nothing placed twice.
+    assert_eq!(pc.placed_pages, pc.discarded_pages);
+    assert_eq!(r.received.load.stats.channels, 2);
+    // Background pages went on the page channels, requested ones not.
+    assert!(pc.channel_pages > 0, "no page came on a page channel");
+    assert!(pc.channel_pages <= pc.placed_pages);
+}
+
+#[test]
+fn postcopy_over_page_channels_with_the_urgent_connection_after_precopy() {
+    let params = Params {
+        channels: 2,
+        postcopy_preempt: true,
+        max_bandwidth: 16 * MIB,
+        downtime_limit: 5,
+        ..postcopy_params()
+    };
+    let r = run_postcopy_tcp(params, false, |h| {
+        while h.history().len() < 2 && !h.stats().status.is_final() {
+            thread::sleep(Duration::from_millis(5));
+        }
+        h.start_postcopy().unwrap();
+    });
+    assert_postcopy_done(&r);
+    assert!(r.stats.ram.precopy_bytes > 0);
+    let pc = r.received.postcopy.as_ref().unwrap();
+    assert_eq!(pc.placed_pages, pc.discarded_pages);
+    assert!(pc.channel_pages > 0, "no page came on a page channel");
+    assert!(pc.urgent_pages + pc.channel_pages <= pc.placed_pages);
+}
+
 #[test]
 fn start_postcopy_needs_the_capability() {
     let h = MigrationHandle::new(Params::default());
@@ -580,6 +696,12 @@ fn statuses(h: &MigrationHandle) -> Arc<std::sync::Mutex<Vec<Status>>> {
 /// direct connection resumes them. The background push is capped so that
 /// the cut lands in the middle of postcopy.
 fn run_recovery(fault: Fault, preempt: bool) -> Recovered {
+    run_recovery_with(fault, preempt, 1)
+}
+
+/// As [`run_recovery`], with `channels` page channels (opened through the
+/// proxy, not faulted; the source closes them at the cut).
+fn run_recovery_with(fault: Fault, preempt: bool, channels: u16) -> Recovered {
     use crate::transport::{connect, Uri};
     let src = ProcessMemory::new(&layout()).unwrap();
     let dst = ProcessMemory::new(&layout()).unwrap();
@@ -597,6 +719,7 @@ fn run_recovery(fault: Fault, preempt: bool) -> Recovered {
     let mut vm = workload.control();
     let sh = MigrationHandle::new(Params {
         postcopy_preempt: preempt,
+        channels,
         max_bandwidth: 6 * MIB,
         ..postcopy_params()
     });
@@ -738,6 +861,14 @@ fn recovery_after_the_return_path_is_cut() {
 fn recovery_with_the_urgent_connection() {
     let r = run_recovery(Fault::CutForwardAt(2 * MIB), true);
     assert!(r.run.stats.ram.postcopy_requests > 0);
+}
+
+#[test]
+fn recovery_with_page_channels() {
+    // The main connection carries no bulk pages here: cut its return path
+    // among the page requests.
+    let r = run_recovery_with(Fault::CutBackAt(400), false, 2);
+    assert_eq!(r.run.received.load.stats.channels, 2);
 }
 
 #[test]
