@@ -167,6 +167,52 @@ impl DirtyBitmap {
         }
     }
 
+    /// The first bit at or after `from` that is set here and clear in
+    /// `except` (bits past `except`'s end count as clear there).
+    pub fn next_set_except(&self, from: u64, except: &DirtyBitmap) -> Option<u64> {
+        if from >= self.bits {
+            return None;
+        }
+        let other = |wi: usize| except.words.get(wi).copied().unwrap_or(0);
+        let mut wi = (from / 64) as usize;
+        let mut w = self.words[wi] & !other(wi) & (u64::MAX << (from % 64));
+        loop {
+            if w != 0 {
+                let i = wi as u64 * 64 + u64::from(w.trailing_zeros());
+                return (i < self.bits).then_some(i);
+            }
+            wi += 1;
+            if wi >= self.words.len() {
+                return None;
+            }
+            w = self.words[wi] & !other(wi);
+        }
+    }
+
+    /// Makes this bitmap `a AND b` (all three the same length; shorter
+    /// inputs read as clear past their end).
+    pub fn assign_and(&mut self, a: &DirtyBitmap, b: &DirtyBitmap) {
+        let mut set = 0u64;
+        for (i, w) in self.words.iter_mut().enumerate() {
+            let x = a.words.get(i).copied().unwrap_or(0) & b.words.get(i).copied().unwrap_or(0);
+            *w = x;
+            set += u64::from(x.count_ones());
+        }
+        self.set = set;
+        let before = self.words.last().copied().unwrap_or(0);
+        self.trim_tail();
+        let after = self.words.last().copied().unwrap_or(0);
+        self.set -= u64::from((before & !after).count_ones());
+    }
+
+    /// Copies `src`'s bits (same length) into this bitmap.
+    pub fn copy_from(&mut self, src: &DirtyBitmap) {
+        self.words.clear();
+        self.words.extend_from_slice(&src.words);
+        self.bits = src.bits;
+        self.set = src.set;
+    }
+
     /// True if any bit in `[first, first + count)` is set.
     pub fn any_in(&self, first: u64, count: u64) -> bool {
         match self.next_set(first) {
@@ -192,6 +238,40 @@ mod tests {
         assert!(b.clear(0));
         assert!(!b.clear(0));
         assert_eq!(b.count(), 1);
+    }
+
+    #[test]
+    fn next_set_except_skips_excluded_bits() {
+        let mut a = DirtyBitmap::new(200);
+        let mut ex = DirtyBitmap::new(200);
+        for i in [3, 64, 65, 130, 199] {
+            a.set(i);
+        }
+        ex.set(3);
+        ex.set(64);
+        ex.set(199);
+        assert_eq!(a.next_set_except(0, &ex), Some(65));
+        assert_eq!(a.next_set_except(66, &ex), Some(130));
+        assert_eq!(a.next_set_except(131, &ex), None);
+        assert_eq!(a.next_set_except(200, &ex), None);
+        // A shorter exclusion reads as clear past its end.
+        assert_eq!(a.next_set_except(131, &DirtyBitmap::new(10)), Some(199));
+    }
+
+    #[test]
+    fn assign_and_and_copy_keep_the_count() {
+        let mut a = DirtyBitmap::new_full(70);
+        let mut b = DirtyBitmap::new(70);
+        b.set(1);
+        b.set(69);
+        a.clear(1);
+        let mut c = DirtyBitmap::new(70);
+        c.assign_and(&a, &b);
+        assert_eq!(c.count(), 1);
+        assert!(c.test(69) && !c.test(1));
+        let mut d = DirtyBitmap::new(70);
+        d.copy_from(&b);
+        assert_eq!(d, b);
     }
 
     #[test]

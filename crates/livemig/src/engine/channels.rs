@@ -11,6 +11,17 @@
 //! applies nothing after `SYNC(e)` on a channel until every channel has
 //! reached `SYNC(e)` ([`EpochBarrier`]). The final sync is such a barrier
 //! too, and the destination acknowledges only once every channel has ended.
+//!
+//! Scheduling. Batches go to the channel with the fewest pages in flight
+//! (level queues reach each barrier together, so the destination's
+//! channels do not wait there for one another). Pages taken from the
+//! migration bitmap but not yet written by a channel are still to be sent:
+//! [`SendChannels::in_flight_pages`] counts them, and the source adds them
+//! to what remains, so a full queue never makes the switch-over look
+//! cheaper than it is. Queues are short ([`QUEUE_DEPTH`] batches of
+//! [`BATCH_PAGES`] pages, 2 MiB per channel): a page written by the guest
+//! while it waits in a queue is read after the write, and also reported
+//! by the next sync, so it goes twice; a short queue keeps that rare.
 
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -65,6 +76,8 @@ pub(super) struct PageEncoding {
 pub(super) struct ChannelCounters {
     /// Stream bytes written.
     bytes: AtomicU64,
+    /// Pages encoded and written.
+    pages: AtomicU64,
     /// The channel encoder's counts.
     encoded: Mutex<EncodeCounters>,
 }
@@ -73,12 +86,23 @@ struct Sender {
     tx: Option<SyncSender<Job>>,
     thread: Option<JoinHandle<io::Result<()>>>,
     counters: Arc<ChannelCounters>,
+    /// Pages handed to this channel.
+    queued: u64,
+}
+
+impl Sender {
+    /// Pages handed to this channel and not written yet.
+    fn in_flight(&self) -> u64 {
+        self.queued
+            .saturating_sub(self.counters.pages.load(Ordering::Relaxed))
+    }
 }
 
 /// The source's page channels: one thread and one connection each.
 pub(super) struct SendChannels {
     senders: Vec<Sender>,
     batch: Vec<(u16, u64)>,
+    /// Where the search for the least-loaded channel starts.
     next: usize,
     stop: Arc<AtomicBool>,
 }
@@ -118,6 +142,7 @@ impl SendChannels {
                 tx: Some(tx),
                 thread: Some(thread),
                 counters,
+                queued: 0,
             });
         }
         Ok(SendChannels {
@@ -143,6 +168,13 @@ impl SendChannels {
             .sum()
     }
 
+    /// Pages taken from the migration bitmap and not yet written by a
+    /// channel (the batch being filled and every channel's queue): they
+    /// are still to be sent, as much as the bitmap's pages are.
+    pub fn in_flight_pages(&self) -> u64 {
+        self.batch.len() as u64 + self.senders.iter().map(Sender::in_flight).sum::<u64>()
+    }
+
     /// Queues a page; a full batch goes to the least busy channel.
     pub fn push(&mut self, block: u16, page: u64, enc: PageEncoding) -> io::Result<()> {
         self.batch.push((block, page));
@@ -152,30 +184,24 @@ impl SendChannels {
         Ok(())
     }
 
-    /// Hands the partial batch (if any) to a channel.
+    /// Hands the partial batch (if any) to a channel: the one with the
+    /// fewest pages in flight (in turn among equals), waiting for room
+    /// there if its queue is full. Keeping the channels level keeps them
+    /// reaching each sync barrier together, so that the destination's
+    /// channels do not wait for one another there.
     pub fn flush_batch(&mut self, enc: PageEncoding) -> io::Result<()> {
         if self.batch.is_empty() {
             return Ok(());
         }
+        self.check()?;
         let pages = std::mem::replace(&mut self.batch, Vec::with_capacity(BATCH_PAGES));
-        let n = self.senders.len();
-        let mut job = Job::Pages(pages, enc);
-        // Round robin, skipping channels whose queue is full; wait on the
-        // next one only when all are full.
-        for k in 0..n {
-            let i = (self.next + k) % n;
-            match self.tx(i)?.try_send(job) {
-                Ok(()) => {
-                    self.next = (i + 1) % n;
-                    return Ok(());
-                }
-                Err(TrySendError::Full(j)) => job = j,
-                Err(TrySendError::Disconnected(_)) => return Err(self.failure(i)),
-            }
-        }
-        let i = self.next;
-        self.next = (i + 1) % n;
-        self.send(i, job)
+        let n = pages.len() as u64;
+        let load: Vec<u64> = self.senders.iter().map(Sender::in_flight).collect();
+        let i = least_loaded(&load, self.next);
+        self.next = (i + 1) % self.senders.len();
+        self.send(i, Job::Pages(pages, enc))?;
+        self.senders[i].queued += n;
+        Ok(())
     }
 
     /// Queues the barrier of `epoch` on every channel, behind their pages.
@@ -195,6 +221,7 @@ impl SendChannels {
             return Ok(true);
         }
         let pages = std::mem::replace(&mut self.batch, Vec::with_capacity(BATCH_PAGES));
+        let count = pages.len() as u64;
         let n = self.senders.len();
         let mut job = Job::Pages(pages, enc);
         for k in 0..n {
@@ -202,6 +229,7 @@ impl SendChannels {
             match self.tx(i)?.try_send(job) {
                 Ok(()) => {
                     self.next = (i + 1) % n;
+                    self.senders[i].queued += count;
                     return Ok(true);
                 }
                 Err(TrySendError::Full(j)) => job = j,
@@ -250,6 +278,21 @@ impl SendChannels {
         for i in 0..self.senders.len() {
             self.senders[i].tx = None;
             self.join(i)?;
+        }
+        Ok(())
+    }
+
+    /// Fails with a channel's error if one stopped (its thread ended
+    /// before [`SendChannels::finish`]).
+    pub fn check(&mut self) -> io::Result<()> {
+        for i in 0..self.senders.len() {
+            if self.senders[i]
+                .thread
+                .as_ref()
+                .is_some_and(|t| t.is_finished())
+            {
+                return Err(self.failure(i));
+            }
         }
         Ok(())
     }
@@ -335,6 +378,7 @@ impl Worker {
             }
             match job {
                 Job::Pages(pages, enc) => {
+                    let count = pages.len() as u64;
                     let e = encoder.get_or_insert_with(|| PageEncoder::new(enc.adaptive));
                     e.set_compression(enc.compress.map(|p| (p.algorithm, p.level)), enc.adaptive);
                     link.update();
@@ -353,6 +397,7 @@ impl Worker {
                         w.section_end(seq)?;
                         seq += 1;
                     }
+                    self.counters.pages.fetch_add(count, Ordering::Relaxed);
                 }
                 Job::Sync(epoch) => {
                     w.sync(epoch)?;
@@ -389,6 +434,21 @@ impl Worker {
                 .unwrap_or_else(|e| e.into_inner()) = e.counters();
         }
     }
+}
+
+/// The channel to hand the next batch to: the fewest pages in flight;
+/// among equals the first from `start` on (the caller moves `start` on
+/// after each batch, so channels that keep up take turns).
+fn least_loaded(load: &[u64], start: usize) -> usize {
+    let n = load.len();
+    let mut best = start % n.max(1);
+    for k in 1..n {
+        let i = (start + k) % n;
+        if load[i] < load[best] {
+            best = i;
+        }
+    }
+    best
 }
 
 /// Why waiting at the barrier failed.
@@ -481,6 +541,93 @@ impl EpochBarrier {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn batches_go_to_the_channel_with_the_fewest_pages_in_flight() {
+        assert_eq!(least_loaded(&[], 0), 0);
+        assert_eq!(least_loaded(&[256, 128, 384], 0), 1);
+        assert_eq!(least_loaded(&[128, 128, 0], 0), 2);
+        assert_eq!(least_loaded(&[5, 3, 3], 0), 1);
+        // Among equals, turns: channels that keep up all get batches.
+        assert_eq!(least_loaded(&[0, 0, 0], 0), 0);
+        assert_eq!(least_loaded(&[0, 0, 0], 1), 1);
+        assert_eq!(least_loaded(&[0, 0, 0], 2), 2);
+        assert_eq!(least_loaded(&[5, 3, 3], 2), 2);
+        assert_eq!(least_loaded(&[0, 7, 0], 1), 2);
+    }
+
+    /// A channel connection that holds every write until released.
+    #[derive(Clone)]
+    struct Gate(Arc<(Mutex<bool>, Condvar)>, Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Gate {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let (m, cv) = &*self.0;
+            let mut open = m.lock().unwrap();
+            while !*open {
+                open = cv.wait(open).unwrap();
+            }
+            self.1.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn pages_in_flight_count_until_a_channel_wrote_them_and_spread_evenly() {
+        use crate::memory::{GuestMemory, ProcessMemory};
+        let mem = ProcessMemory::new(&[("ram", 1 << 20)]).unwrap();
+        let gates: Vec<Gate> = (0..2)
+            .map(|_| {
+                Gate(
+                    Arc::new((Mutex::new(false), Condvar::new())),
+                    Default::default(),
+                )
+            })
+            .collect();
+        let conns: Vec<ChannelWriter> = gates
+            .iter()
+            .map(|g| Box::new(g.clone()) as ChannelWriter)
+            .collect();
+        let setup = ChannelSetup {
+            flags: 0,
+            session: 7,
+            blocks: mem.blocks().to_vec(),
+            descs: vec![BlockDesc {
+                id: "ram".into(),
+                len: 1 << 20,
+            }],
+        };
+        let mut ch = SendChannels::start(conns, &setup).unwrap();
+        let enc = PageEncoding {
+            compress: None,
+            adaptive: false,
+            max_bandwidth: 0,
+        };
+        // Both connections are closed: nothing gets written.
+        for p in 0..(2 * BATCH_PAGES as u64 + 5) {
+            ch.push(0, p % 256, enc).unwrap();
+        }
+        assert_eq!(ch.in_flight_pages(), 2 * BATCH_PAGES as u64 + 5);
+        // One full batch each, not two on the first.
+        assert!(ch.senders.iter().all(|s| s.queued == BATCH_PAGES as u64));
+        for g in &gates {
+            let (m, cv) = &*g.0;
+            *m.lock().unwrap() = true;
+            cv.notify_all();
+        }
+        ch.finish(enc).unwrap();
+        assert_eq!(ch.in_flight_pages(), 0);
+        let pages: u64 = ch
+            .senders
+            .iter()
+            .map(|s| s.counters.pages.load(Ordering::Relaxed))
+            .sum();
+        assert_eq!(pages, 2 * BATCH_PAGES as u64 + 5);
+        assert!(gates.iter().all(|g| !g.1.lock().unwrap().is_empty()));
+    }
 
     #[test]
     fn barrier_waits_for_every_channel() {

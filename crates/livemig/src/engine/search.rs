@@ -7,6 +7,15 @@
 //! their next page goes out. It knows nothing of encoders, streams or
 //! timing: the saver asks it for the next page, sends it, and feeds it the
 //! tracker's harvest at each sync.
+//!
+//! Hot pages. A page the tracker reported at each of the last two syncs is
+//! likely to be written again before the next one: sent early in a round,
+//! it would only be sent again. So a round first sends every other page,
+//! and the hot ones only once no other page is left; a sync that comes
+//! before then merges them with its harvest (one send instead of two), and
+//! what is still left at the switch-over goes in the pause, as every
+//! remaining page does. Deferring never drops a page: the remaining count,
+//! and so the switch-over decision, include the hot pages.
 
 use crate::bitmap::DirtyBitmap;
 
@@ -43,6 +52,16 @@ pub(super) struct PageSearch {
     rounds: u64,
     /// The first round (bulk stage) is not over yet.
     bulk: bool,
+    /// The previous sync's harvest, per block (empty until the first
+    /// harvest after the bulk stage).
+    prev_report: Vec<DirtyBitmap>,
+    /// Pages reported at each of the last two syncs, per block: sent last
+    /// in a round.
+    hot: Vec<DirtyBitmap>,
+    /// The walk has found no other page left: hot pages go now.
+    hot_turn: bool,
+    /// Hot pages are deferred (on by default).
+    defer_hot: bool,
 }
 
 impl PageSearch {
@@ -56,7 +75,67 @@ impl PageSearch {
             page: 0,
             rounds: 0,
             bulk: true,
+            prev_report: Vec::new(),
+            hot: Vec::new(),
+            hot_turn: false,
+            defer_hot: true,
         }
+    }
+
+    /// Turns deferring hot pages on or off (on by default).
+    #[cfg(test)]
+    pub fn set_defer_hot(&mut self, on: bool) {
+        self.defer_hot = on;
+        if !on {
+            self.hot.clear();
+            self.hot_turn = false;
+        }
+    }
+
+    /// Adds a sync's harvest (`report`, one bitmap per block, the pages
+    /// written since the previous sync) to the pages to send, and updates
+    /// the hot pages: those in this harvest and the previous one. Returns
+    /// the pages that became set. Call [`PageSearch::synced`] after.
+    pub fn add_report(&mut self, report: &[DirtyBitmap]) -> u64 {
+        let mut newly = 0;
+        for (bm, r) in self.bitmaps.iter_mut().zip(report) {
+            newly += bm.or_words(0, r.words());
+        }
+        // Hot pages only mean something once the bulk stage is over (it
+        // sends every page once, in order).
+        if self.defer_hot && !self.bulk {
+            if self.prev_report.len() == report.len() {
+                self.hot.resize_with(report.len(), || DirtyBitmap::new(0));
+                for ((h, p), r) in self.hot.iter_mut().zip(&self.prev_report).zip(report) {
+                    if h.len() != r.len() {
+                        *h = DirtyBitmap::new(r.len());
+                    }
+                    h.assign_and(p, r);
+                }
+            }
+            self.prev_report
+                .resize_with(report.len(), || DirtyBitmap::new(0));
+            for (p, r) in self.prev_report.iter_mut().zip(report) {
+                p.copy_from(r);
+            }
+        }
+        self.hot_turn = false;
+        newly
+    }
+
+    /// Hot pages (reported at each of the last two syncs) still to send.
+    pub fn hot_remaining(&self) -> u64 {
+        self.bitmaps
+            .iter()
+            .zip(&self.hot)
+            .map(|(b, h)| {
+                let mut n = 0;
+                for (x, y) in b.words().iter().zip(h.words()) {
+                    n += u64::from((x & y).count_ones());
+                }
+                n
+            })
+            .sum()
     }
 
     /// Manual-clear tracker with chunks of 2^`shift` pages: with an
@@ -81,12 +160,6 @@ impl PageSearch {
     /// The per-block migration bitmaps.
     pub fn bitmaps(&self) -> &[DirtyBitmap] {
         &self.bitmaps
-    }
-
-    /// The per-block migration bitmaps, for a tracker's harvest; call
-    /// [`PageSearch::synced`] after changing them.
-    pub fn bitmaps_mut(&mut self) -> &mut [DirtyBitmap] {
-        &mut self.bitmaps
     }
 
     /// Pages still to be sent.
@@ -122,14 +195,22 @@ impl PageSearch {
 
     /// The next dirty page at or after the position, wrapping around (which
     /// completes a round and ends the bulk stage); None when nothing is
-    /// left. Does not take it.
+    /// left. Does not take it. Hot pages come only once a wrap found no
+    /// other page left.
     fn next_dirty(&mut self) -> Option<(usize, u64)> {
         let nblocks = self.bitmaps.len();
         if nblocks == 0 {
             return None;
         }
-        for _ in 0..=nblocks {
-            if let Some(p) = self.bitmaps[self.block].next_set(self.page) {
+        // The rest of this pass, one full pass for the other pages, then
+        // one for the hot ones.
+        for _ in 0..3 * nblocks + 3 {
+            let bm = &self.bitmaps[self.block];
+            let found = match self.hot.get(self.block) {
+                Some(h) if !self.hot_turn => bm.next_set_except(self.page, h),
+                _ => bm.next_set(self.page),
+            };
+            if let Some(p) = found {
                 return Some((self.block, p));
             }
             self.page = 0;
@@ -140,6 +221,11 @@ impl PageSearch {
                 self.bulk = false;
                 if self.remaining() == 0 {
                     return None;
+                }
+                if !self.hot_turn && !self.hot.is_empty() {
+                    // Whatever is left now: hot pages (and, after a wrap
+                    // that passed some cold ones, those too).
+                    self.hot_turn = self.remaining() == self.hot_remaining();
                 }
             }
         }
@@ -348,6 +434,95 @@ mod tests {
         }
     }
 
+    /// A harvest of `len` pages with `pages` set.
+    fn report(len: u64, pages: &[u64]) -> DirtyBitmap {
+        let mut b = DirtyBitmap::new(len);
+        for &p in pages {
+            b.set(p);
+        }
+        b
+    }
+
+    /// Ends the bulk stage of a one-block search of `len` pages.
+    fn after_bulk(len: u64) -> PageSearch {
+        let mut s = PageSearch::new([len]);
+        assert_eq!(drain(&mut s).len() as u64, len);
+        assert!(!s.is_bulk());
+        s
+    }
+
+    #[test]
+    fn pages_dirty_at_the_last_two_syncs_go_last_in_the_round() {
+        let mut s = after_bulk(8);
+        s.add_report(&[report(8, &[1, 2, 5])]);
+        // One harvest says nothing about heat: plain order.
+        assert_eq!(s.hot_remaining(), 0);
+        assert_eq!(drain(&mut s), vec![(0, 1), (0, 2), (0, 5)]);
+        s.add_report(&[report(8, &[0, 2, 5, 7])]);
+        // 2 and 5 were in both harvests: after every other page, even
+        // though the walk passes them first.
+        assert_eq!(s.hot_remaining(), 2);
+        assert_eq!(s.remaining(), 4, "deferred pages still count");
+        assert_eq!(drain(&mut s), vec![(0, 0), (0, 7), (0, 2), (0, 5)]);
+        assert_eq!(s.remaining(), 0);
+    }
+
+    #[test]
+    fn a_sync_before_the_hot_turn_merges_hot_pages_instead_of_resending() {
+        let mut s = after_bulk(8);
+        s.add_report(&[report(8, &[3, 4])]);
+        assert_eq!(drain(&mut s).len(), 2);
+        s.add_report(&[report(8, &[1, 3, 4, 6])]);
+        // Cold pages first; the sync comes while only hot ones are left.
+        assert_eq!(s.take_next().map(|f| f.page), Some(1));
+        assert_eq!(s.take_next().map(|f| f.page), Some(6));
+        s.add_report(&[report(8, &[3, 4, 6])]);
+        // 3 and 4 were never sent twice: one copy each, after the cold 6
+        // of this round... which is hot now too (in the last two).
+        assert_eq!(s.remaining(), 3);
+        assert_eq!(s.hot_remaining(), 3);
+        assert_eq!(drain(&mut s), vec![(0, 3), (0, 4), (0, 6)]);
+    }
+
+    #[test]
+    fn a_page_cools_down_when_a_sync_misses_it_and_bulk_has_no_hot_pages() {
+        let mut s = PageSearch::new([6]);
+        // A sync during the bulk stage: nothing is hot, order stays.
+        assert_eq!(s.take_next().map(|f| f.page), Some(0));
+        s.add_report(&[report(6, &[0, 4])]);
+        s.add_report(&[report(6, &[0, 4])]);
+        assert_eq!(s.hot_remaining(), 0);
+        assert_eq!(
+            drain(&mut s),
+            vec![(0, 1), (0, 2), (0, 3), (0, 4), (0, 5), (0, 0)]
+        );
+        s.add_report(&[report(6, &[2, 3])]);
+        s.add_report(&[report(6, &[3, 5])]);
+        assert_eq!(drain(&mut s), vec![(0, 2), (0, 5), (0, 3)]);
+        s.add_report(&[report(6, &[1, 2])]);
+        // 3 was missed by this harvest: no longer hot.
+        assert_eq!(s.hot_remaining(), 0);
+        assert_eq!(drain(&mut s), vec![(0, 1), (0, 2)]);
+    }
+
+    #[test]
+    fn hot_pages_across_blocks_and_with_deferring_off() {
+        let mut s = PageSearch::new([4, 4]);
+        assert_eq!(drain(&mut s).len(), 8);
+        let r = [report(4, &[0, 3]), report(4, &[1])];
+        s.add_report(&r);
+        drain(&mut s);
+        s.add_report(&[report(4, &[0, 2]), report(4, &[1, 3])]);
+        assert_eq!(drain(&mut s), vec![(0, 2), (1, 3), (0, 0), (1, 1)]);
+        let mut s = PageSearch::new([4, 4]);
+        s.set_defer_hot(false);
+        drain(&mut s);
+        s.add_report(&r);
+        drain(&mut s);
+        s.add_report(&[report(4, &[0, 2]), report(4, &[1, 3])]);
+        assert_eq!(drain(&mut s), vec![(0, 0), (0, 2), (1, 1), (1, 3)]);
+    }
+
     fn drain(s: &mut PageSearch) -> Vec<(usize, u64)> {
         std::iter::from_fn(|| s.take_next().map(|f| (f.block, f.page))).collect()
     }
@@ -370,7 +545,7 @@ mod tests {
         assert_eq!(s.take_next().map(|f| f.page), Some(0));
         assert_eq!(s.take_next().map(|f| f.page), Some(1));
         // A sync reports page 0 dirty again, behind the position.
-        s.bitmaps_mut()[0].set(0);
+        s.add_report(&[report(4, &[0])]);
         s.synced();
         assert_eq!(drain(&mut s), vec![(0, 2), (0, 3), (0, 0)]);
         // Wrapped once to reach page 0, once more to find nothing left.
@@ -443,9 +618,7 @@ mod tests {
         let mut s = PageSearch::new([12]);
         s.clear_chunks(2, false);
         assert!(drain(&mut s).len() == 12);
-        s.bitmaps_mut()[0].set(5);
-        s.bitmaps_mut()[0].set(6);
-        s.bitmaps_mut()[0].set(11);
+        s.add_report(&[report(12, &[5, 6, 11])]);
         s.synced();
         let found: Vec<Found> = std::iter::from_fn(|| s.take_next()).collect();
         let clears: Vec<(u64, Option<(u64, u64)>)> =

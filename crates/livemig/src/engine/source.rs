@@ -326,6 +326,8 @@ struct RamSaver<'a> {
     status: Status,
     /// Page channels, when `channels > 1`.
     channels: Option<SendChannels>,
+    /// The last sync's harvest (reused from sync to sync).
+    fresh: Vec<DirtyBitmap>,
     /// Next sync barrier's epoch.
     epoch: u64,
     /// Syncs after the bulk stage that left no fewer pages than the one
@@ -399,6 +401,7 @@ impl<'a> RamSaver<'a> {
             verify_time: 0,
             status: Status::Setup,
             channels: None,
+            fresh: Vec::new(),
             epoch: 0,
             stalls: 0,
             prev_remaining: None,
@@ -1194,8 +1197,14 @@ impl<'a> RamSaver<'a> {
             .fits(&self.pause_inputs(), self.params.downtime_limit)
     }
 
+    /// Bytes still to send: the bitmap's pages and those queued on page
+    /// channels but not written yet.
     fn remaining_bytes(&self) -> u64 {
-        self.remaining_pages() * PAGE_SIZE as u64
+        let queued = self
+            .channels
+            .as_ref()
+            .map_or(0, SendChannels::in_flight_pages);
+        (self.remaining_pages() + queued) * PAGE_SIZE as u64
     }
 
     fn apply_params(&mut self) {
@@ -1247,25 +1256,28 @@ impl<'a> RamSaver<'a> {
     /// dirty rate; may raise the throttle.
     fn sync(&mut self, tracker: &mut dyn DirtyTracker) -> Result<(), MigrationError> {
         let t = Instant::now();
-        let reported = match self.running {
-            // The running digest needs what this sync reported, not the
-            // pages still to send from before.
-            Some(d) => {
-                let mut fresh: Vec<DirtyBitmap> = self
-                    .search
-                    .bitmaps()
-                    .iter()
-                    .map(|b| DirtyBitmap::new(b.len()))
-                    .collect();
-                let n = tracker.sync(&mut fresh)?;
-                for (b, f) in fresh.iter().enumerate() {
-                    self.search.bitmaps_mut()[b].or_words(0, f.words());
-                    d.touch_pages(b, f);
-                }
-                n
+        // The harvest goes into a bitmap of its own first: the page search
+        // needs it to tell hot pages (see `search.rs`), the running digest
+        // what this sync reported, not the pages still to send from before.
+        let mut fresh = std::mem::take(&mut self.fresh);
+        if fresh.len() != self.blocks.len() {
+            fresh = self
+                .search
+                .bitmaps()
+                .iter()
+                .map(|b| DirtyBitmap::new(b.len()))
+                .collect();
+        } else {
+            fresh.iter_mut().for_each(DirtyBitmap::clear_all);
+        }
+        let reported = tracker.sync(&mut fresh)?;
+        self.search.add_report(&fresh);
+        if let Some(d) = self.running {
+            for (b, f) in fresh.iter().enumerate() {
+                d.touch_pages(b, f);
             }
-            None => tracker.sync(self.search.bitmaps_mut())?,
-        };
+        }
+        self.fresh = fresh;
         self.pacing.record_sync(t.elapsed());
         self.sync_count += 1;
         if !self.search.is_bulk() {
@@ -1394,6 +1406,18 @@ impl<'a> RamSaver<'a> {
                 if n.is_multiple_of(4096) && self.handle.is_cancelled() {
                     break;
                 }
+            }
+        }
+        let enc = self.encoding();
+        if let Some(ch) = &mut self.channels {
+            // The partial batch goes now: pages held back here would count
+            // as still to send while nothing sends them. A channel that
+            // stopped is found here too, not only when its turn comes.
+            ch.flush_batch(enc).map_err(MigrationError::send)?;
+            ch.check().map_err(MigrationError::send)?;
+            if n == 0 && ch.in_flight_pages() > 0 {
+                // Only queued pages are left: let the channels write them.
+                std::thread::sleep(Duration::from_millis(1));
             }
         }
         self.transferred = self.sent_bytes(w);
