@@ -641,10 +641,11 @@ impl<'a> RamSaver<'a> {
             self.verify_time = t.elapsed().as_millis() as u64;
             w.digest(&digest).map_err(MigrationError::send)?;
             sent_digest = self.running.map(|_| digest);
+            clock.parts.digest_us = clock.lap();
         }
         self.check_cancel()?;
+        // The stream's end counts with the handshake that follows it.
         w.end().map_err(MigrationError::send)?;
-        clock.parts.digest_us = clock.lap();
         self.transferred = self.sent_bytes(&w);
         self.downtime_bytes = self.transferred - bytes_before;
         self.downtime = match ack {
@@ -661,6 +662,7 @@ impl<'a> RamSaver<'a> {
             }
             None => {
                 self.source_downtime = ms(pause_at.elapsed());
+                clock.parts.handshake_us = clock.lap();
                 self.source_downtime
             }
         };

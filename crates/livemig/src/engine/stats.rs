@@ -141,9 +141,10 @@ pub struct PauseBreakdown {
     /// The source's verify digest (0 without verify, or at a postcopy
     /// switch).
     pub digest_us: u64,
-    /// From the stream's end (or the switch record) to STARTED: the
-    /// destination's last reads, checks and restore, LOADED, GO, its
-    /// resume and STARTED. Without a return path, 0.
+    /// From the stream's end record (or the switch record) to STARTED:
+    /// writing the end, the destination's last reads, checks and restore,
+    /// LOADED, GO, its resume and STARTED. Without a return path, writing
+    /// the end only.
     pub handshake_us: u64,
 }
 
