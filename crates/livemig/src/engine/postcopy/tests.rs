@@ -504,18 +504,28 @@ fn postcopy_over_page_channels_with_the_urgent_connection_after_precopy() {
         downtime_limit: 5,
         ..postcopy_params()
     };
-    let r = run_postcopy_tcp(params, false, |h| {
-        while h.history().len() < 2 && !h.stats().status.is_final() {
-            thread::sleep(Duration::from_millis(5));
+    // On a loaded host the guest's requests can take every page left at
+    // the switch before the paced push sends one on a channel: each run
+    // is checked, and a run with no channel page is tried again.
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let r = run_postcopy_tcp(params.clone(), false, |h| {
+            while h.history().len() < 2 && !h.stats().status.is_final() {
+                thread::sleep(Duration::from_millis(5));
+            }
+            h.start_postcopy().unwrap();
+        });
+        assert_postcopy_done(&r);
+        assert!(r.stats.ram.precopy_bytes > 0);
+        let pc = r.received.postcopy.as_ref().unwrap();
+        assert_eq!(pc.placed_pages, pc.discarded_pages);
+        assert!(pc.urgent_pages + pc.channel_pages <= pc.placed_pages);
+        if pc.channel_pages > 0 {
+            return;
         }
-        h.start_postcopy().unwrap();
-    });
-    assert_postcopy_done(&r);
-    assert!(r.stats.ram.precopy_bytes > 0);
-    let pc = r.received.postcopy.as_ref().unwrap();
-    assert_eq!(pc.placed_pages, pc.discarded_pages);
-    assert!(pc.channel_pages > 0, "no page came on a page channel");
-    assert!(pc.urgent_pages + pc.channel_pages <= pc.placed_pages);
+        seen.push((pc.placed_pages, pc.urgent_pages));
+    }
+    panic!("no page came on a page channel in 3 runs (placed, urgent): {seen:?}");
 }
 
 #[test]
