@@ -27,10 +27,10 @@ struct Reader {
 }
 
 impl IncomingGuest for Reader {
-    fn restore(&mut self, _: &[u8]) -> Result<(), String> {
+    fn restore(&mut self, _: &[u8]) -> Result<(), livemig::vm::VmError> {
         Ok(())
     }
-    fn resume(&mut self) -> Result<(), String> {
+    fn resume(&mut self) -> Result<(), livemig::vm::VmError> {
         let (mem, stop) = (self.mem.clone(), self.stop.clone());
         self.thread = Some(thread::spawn(move || {
             let mut rng = XorShift::new(3);

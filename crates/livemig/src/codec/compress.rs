@@ -15,6 +15,8 @@ use std::fmt;
 use std::io;
 use std::str::FromStr;
 
+use crate::vm::BoxError;
+
 /// A compressed page is sent only if it is at most
 /// `page.len() - page.len() / MIN_SAVING_DIVISOR` bytes: for a 4 KiB page
 /// it must save at least 512 bytes, or decompression costs more than the
@@ -96,24 +98,26 @@ pub enum Error {
     #[error("cannot create a zstd context: {0}")]
     Context(#[source] io::Error),
     /// The compressor failed (a bug or out of memory, not a data problem).
-    #[error("{algo} compression of a {len}-byte page failed: {reason}")]
+    #[error("{algo} compression of a {len}-byte page failed: {source}")]
     Compress {
         /// Algorithm.
         algo: Algorithm,
         /// Page length.
         len: usize,
         /// What the compressor reported.
-        reason: String,
+        #[source]
+        source: BoxError,
     },
     /// The compressed data is corrupt or not in the expected format.
-    #[error("corrupt {algo} data ({len} bytes): {reason}")]
+    #[error("corrupt {algo} data ({len} bytes): {source}")]
     Corrupt {
         /// Algorithm.
         algo: Algorithm,
         /// Length of the compressed data.
         len: usize,
         /// What the decompressor reported.
-        reason: String,
+        #[source]
+        source: BoxError,
     },
     /// The data decompresses to more bytes than the page holds.
     #[error("{algo} data ({len} bytes) decompresses to more than the {expected}-byte page")]
@@ -199,10 +203,10 @@ impl Compressor {
     /// [`MIN_SAVING_DIVISOR`]) it is appended to `out` and its length is
     /// returned; otherwise `out` is left as it was and `None` is returned.
     pub fn compress(&mut self, page: &[u8], out: &mut Vec<u8>) -> Result<Option<usize>, Error> {
-        let fail = |reason: String| Error::Compress {
+        let fail = |source: BoxError| Error::Compress {
             algo: self.algo,
             len: page.len(),
-            reason,
+            source,
         };
         self.scratch.clear();
         let n = match (&mut self.zstd, self.algo) {
@@ -210,14 +214,14 @@ impl Compressor {
                 self.scratch
                     .reserve(zstd::zstd_safe::compress_bound(page.len()));
                 ctx.compress_to_buffer(page, &mut self.scratch)
-                    .map_err(|e| fail(e.to_string()))?
+                    .map_err(|e| fail(e.into()))?
             }
             (_, Algorithm::Zstd) => return Err(fail("no zstd context".into())),
             (_, Algorithm::Lz4) => {
                 let bound = lz4_flex::block::get_maximum_output_size(page.len());
                 self.scratch.resize(bound, 0);
                 lz4_flex::block::compress_into(page, &mut self.scratch)
-                    .map_err(|e| fail(e.to_string()))?
+                    .map_err(|e| fail(e.into()))?
             }
         };
         let limit = page.len() - page.len() / MIN_SAVING_DIVISOR;
@@ -275,10 +279,10 @@ impl Decompressor {
 
     fn zstd_into(&mut self, src: &[u8], dst: &mut [u8]) -> Result<usize, Error> {
         let algo = Algorithm::Zstd;
-        let corrupt = |reason: String| Error::Corrupt {
+        let corrupt = |source: BoxError| Error::Corrupt {
             algo,
             len: src.len(),
-            reason,
+            source,
         };
         // A frame that declares another size is rejected before any work.
         match zstd::zstd_safe::get_frame_content_size(src) {
@@ -307,7 +311,7 @@ impl Decompressor {
                     expected: dst.len(),
                 }
             } else {
-                corrupt(e.to_string())
+                corrupt(e.into())
             }
         })
     }
@@ -336,7 +340,7 @@ fn lz4_into(src: &[u8], dst: &mut [u8]) -> Result<usize, Error> {
         other => Error::Corrupt {
             algo,
             len: src.len(),
-            reason: other.to_string(),
+            source: other.into(),
         },
     })
 }

@@ -84,10 +84,10 @@ impl MigrationStarter for PipeStarter {
 struct MemoryOnly;
 
 impl crate::engine::postcopy::IncomingGuest for MemoryOnly {
-    fn restore(&mut self, _: &[u8]) -> Result<(), String> {
+    fn restore(&mut self, _: &[u8]) -> Result<(), crate::vm::VmError> {
         Ok(())
     }
-    fn resume(&mut self) -> Result<(), String> {
+    fn resume(&mut self) -> Result<(), crate::vm::VmError> {
         Ok(())
     }
     fn pause(&mut self) {}

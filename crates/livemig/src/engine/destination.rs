@@ -276,7 +276,6 @@ impl<'a> Destination<'a> {
     ) -> Result<Arrival, DestinationError> {
         let mut guest = Guest {
             vm: self.vm,
-            error: None,
             resumed: None,
         };
         let got = match self.recovery {
@@ -300,43 +299,26 @@ impl<'a> Destination<'a> {
             }),
             Err(ReceiveError::Load(e)) => Err(DestinationError::Load(e)),
             Err(ReceiveError::Commit(e)) => Err(DestinationError::Commit(e)),
-            Err(ReceiveError::Restore(why)) => Err(DestinationError::Restore(
-                guest
-                    .error
-                    .take()
-                    .unwrap_or_else(|| VmError::restore_state(why)),
-            )),
-            Err(ReceiveError::Resume(why)) => Err(DestinationError::Resume(
-                guest.error.take().unwrap_or_else(|| VmError::resume(why)),
-            )),
+            Err(ReceiveError::Restore(e)) => Err(DestinationError::Restore(e)),
+            Err(ReceiveError::Resume(e)) => Err(DestinationError::Resume(e)),
             Err(e) => Err(DestinationError::Postcopy(e)),
         }
     }
 }
 
-/// The VMM as `engine::postcopy` drives it; keeps the typed error of a
-/// failed restore or resume for [`DestinationError`].
+/// The VMM as `engine::postcopy` drives it (notes when it resumed).
 struct Guest<'v> {
     vm: &'v mut dyn VmControl,
-    error: Option<VmError>,
     resumed: Option<Instant>,
 }
 
 impl IncomingGuest for Guest<'_> {
-    fn restore(&mut self, state: &[u8]) -> Result<(), String> {
-        self.vm.restore_state(state).map_err(|e| {
-            let why = crate::error_chain(&e);
-            self.error = Some(e);
-            why
-        })
+    fn restore(&mut self, state: &[u8]) -> Result<(), VmError> {
+        self.vm.restore_state(state)
     }
 
-    fn resume(&mut self) -> Result<(), String> {
-        let r = self.vm.resume().map_err(|e| {
-            let why = crate::error_chain(&e);
-            self.error = Some(e);
-            why
-        });
+    fn resume(&mut self) -> Result<(), VmError> {
+        let r = self.vm.resume();
         self.resumed = Some(Instant::now());
         r
     }

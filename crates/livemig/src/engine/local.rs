@@ -133,7 +133,16 @@ pub enum LocalError {
         /// The seals it has.
         seals: i32,
     },
-    /// fstat failed, or the file is not a regular file.
+    /// fstat failed on a descriptor.
+    #[error("descriptor {index}: fstat: {source}")]
+    Stat {
+        /// Index in the offer.
+        index: usize,
+        /// OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// A descriptor is not a regular file, or no block lives in it.
     #[error("descriptor {index}: {why}")]
     BadFile {
         /// Index in the offer.
@@ -400,10 +409,9 @@ pub fn read_offer(sock: &UnixStream) -> Result<Offer, LocalError> {
         .collect();
     let mut sizes = Vec::with_capacity(files.len());
     for (index, f) in files.iter().enumerate() {
-        let meta = f.metadata().map_err(|e| LocalError::BadFile {
-            index,
-            why: format!("fstat: {e}"),
-        })?;
+        let meta = f
+            .metadata()
+            .map_err(|source| LocalError::Stat { index, source })?;
         if !meta.file_type().is_file() {
             return Err(LocalError::BadFile {
                 index,

@@ -784,7 +784,7 @@ impl<'a> RamSaver<'a> {
                     _ => {
                         if self.handle.is_cancelled() {
                             return Err(MigrationError::Postcopy(PostcopyError::Abandoned(
-                                e.to_string(),
+                                Box::new(e),
                             )));
                         }
                         std::thread::sleep(Duration::from_millis(10));
@@ -880,10 +880,7 @@ impl<'a> RamSaver<'a> {
                     Ok(Err(e)) => return Err(e.into()),
                     Err(RecvTimeoutError::Timeout) => break,
                     Err(RecvTimeoutError::Disconnected) => {
-                        return Err(PostcopyError::NoComplete(
-                            "the return path closed during postcopy".into(),
-                        )
-                        .into())
+                        return Err(PostcopyError::ReturnPathClosed.into())
                     }
                 }
             }
@@ -963,8 +960,13 @@ impl<'a> RamSaver<'a> {
                     return Err(MigrationError::Destination(ack::PeerReason(why)))
                 }
                 Ok(Ok((at, _))) => return Err(PostcopyError::NotRequest { offset: at }.into()),
-                Ok(Err(e)) => return Err(PostcopyError::NoComplete(e.to_string()).into()),
-                Err(e) => return Err(PostcopyError::NoComplete(e.to_string()).into()),
+                Ok(Err(e)) => return Err(PostcopyError::NoComplete(Box::new(e)).into()),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    return Err(PostcopyError::CompleteTimeout(crate::transport::IO_TIMEOUT).into())
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(PostcopyError::ReturnPathClosed.into())
+                }
             }
         }
     }
@@ -1714,7 +1716,12 @@ fn connection_lost(e: &MigrationError) -> bool {
     matches!(
         e,
         MigrationError::Send(_)
-            | MigrationError::Postcopy(PostcopyError::Io { .. } | PostcopyError::NoComplete(_))
+            | MigrationError::Postcopy(
+                PostcopyError::Io { .. }
+                    | PostcopyError::NoComplete(_)
+                    | PostcopyError::ReturnPathClosed
+                    | PostcopyError::CompleteTimeout(_)
+            )
     )
 }
 

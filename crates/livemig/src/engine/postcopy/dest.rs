@@ -24,6 +24,7 @@ use crate::sys::uffd::{
     drop_pages, Uffd, UffdMsg, Waker, UFFD_EVENT_PAGEFAULT, UFFD_FEATURE_THREAD_ID,
 };
 use crate::transport::{BoxRead, Incoming};
+use crate::vm::VmError;
 
 const PAGE: u64 = PAGE_SIZE as u64;
 
@@ -31,9 +32,9 @@ const PAGE: u64 = PAGE_SIZE as u64;
 pub trait IncomingGuest {
     /// Loads the device and vCPU state the stream carried (empty for plain
     /// process memory). Called before the guest may run.
-    fn restore(&mut self, state: &[u8]) -> Result<(), String>;
+    fn restore(&mut self, state: &[u8]) -> Result<(), VmError>;
     /// Starts the guest (after the source's GO).
-    fn resume(&mut self) -> Result<(), String>;
+    fn resume(&mut self) -> Result<(), VmError>;
     /// Stops the guest after the source was lost during postcopy. Threads
     /// waiting for a missing page stay blocked for good; the others stop.
     fn pause(&mut self);
@@ -81,8 +82,8 @@ pub enum ReceiveError {
     #[error(transparent)]
     Load(#[from] LoadError),
     /// The device state was refused (the source keeps its guest).
-    #[error("restoring the device state failed: {0}")]
-    Restore(String),
+    #[error("the device state was refused (the source keeps its guest): {0}")]
+    Restore(#[source] VmError),
     /// No GO (the source keeps its guest; this copy never ran).
     #[error(transparent)]
     Commit(#[from] CommitError),
@@ -93,8 +94,8 @@ pub enum ReceiveError {
     #[error("preparing guest memory for postcopy: {0}")]
     Setup(#[source] io::Error),
     /// Resuming the guest failed after GO.
-    #[error("resuming the guest after GO failed: {0}")]
-    Resume(String),
+    #[error("after GO: {0}")]
+    Resume(#[source] VmError),
     /// The migration broke during postcopy: the guest ran here with part
     /// of its memory still on the source and cannot go on. Its threads
     /// that touch a missing page wait for good; it is paused.
@@ -253,7 +254,7 @@ fn receive_inner<R: Read>(
             }
         };
         if let Err(e) = guest.restore(&out.state) {
-            fail(&mut reply, &e);
+            fail(&mut reply, &crate::error_chain(&e));
             return Err(ReceiveError::Restore(e));
         }
         if let Some(w) = reply.as_mut() {
@@ -320,7 +321,7 @@ fn receive_inner<R: Read>(
     }
     if let Err(e) = guest.restore(&o.state) {
         placer.release();
-        fail(&mut Some(w), &e);
+        fail(&mut Some(w), &crate::error_chain(&e));
         return Err(ReceiveError::Restore(e));
     }
     let go = write_reply(&mut *w, &AckReply::Loaded)

@@ -257,13 +257,20 @@ pub enum PostcopyError {
     /// The destination said COMPLETE while pages were still to be sent.
     #[error("the destination reported COMPLETE with {0} pages not yet sent")]
     EarlyComplete(u64),
-    /// The destination did not confirm the end of postcopy.
-    #[error("no COMPLETE from the destination after the last page ({0})")]
-    NoComplete(String),
+    /// The destination did not confirm the end of postcopy: its return
+    /// path failed.
+    #[error("no COMPLETE from the destination after the last page: {0}")]
+    NoComplete(#[source] Box<PostcopyError>),
+    /// The return path closed during postcopy, before COMPLETE.
+    #[error("no COMPLETE from the destination: the return path closed during postcopy")]
+    ReturnPathClosed,
+    /// The destination did not confirm the end of postcopy in time.
+    #[error("no COMPLETE from the destination within {0:?} after the last page")]
+    CompleteTimeout(std::time::Duration),
     /// Postcopy was paused by a lost connection and given up (cancel)
     /// before any recovery: the destination cannot complete the guest.
     #[error("postcopy given up while paused after a lost connection ({0}): the destination cannot complete the guest")]
-    Abandoned(String),
+    Abandoned(#[source] Box<crate::engine::MigrationError>),
     /// A recovery message where a page request was expected.
     #[error("return path byte {offset}: a received-bitmap message outside recovery")]
     NotRequest {

@@ -187,15 +187,17 @@ impl TouchGuest {
 }
 
 impl IncomingGuest for TouchGuest {
-    fn restore(&mut self, state: &[u8]) -> Result<(), String> {
+    fn restore(&mut self, state: &[u8]) -> Result<(), crate::vm::VmError> {
         if state.is_empty() {
             Ok(())
         } else {
-            Err("process memory carries no state".into())
+            Err(crate::vm::VmError::restore_state(
+                "process memory carries no state",
+            ))
         }
     }
 
-    fn resume(&mut self) -> Result<(), String> {
+    fn resume(&mut self) -> Result<(), crate::vm::VmError> {
         let (mem, stop, reads) = (self.mem.clone(), self.stop.clone(), self.reads.clone());
         self.thread = Some(thread::spawn(move || {
             let mut rng = XorShift::new(5);
@@ -621,10 +623,10 @@ fn destination_reports_a_source_lost_during_postcopy() {
     let res = {
         struct Still<'a>(&'a mut TouchGuest, bool);
         impl IncomingGuest for Still<'_> {
-            fn restore(&mut self, s: &[u8]) -> Result<(), String> {
+            fn restore(&mut self, s: &[u8]) -> Result<(), crate::vm::VmError> {
                 self.0.restore(s)
             }
-            fn resume(&mut self) -> Result<(), String> {
+            fn resume(&mut self) -> Result<(), crate::vm::VmError> {
                 self.1 = true;
                 Ok(())
             }
@@ -986,10 +988,10 @@ fn without_recovery_a_cut_fails_both_sides() {
         // page would keep a reader waiting for good.
         struct Idle;
         impl IncomingGuest for Idle {
-            fn restore(&mut self, _: &[u8]) -> Result<(), String> {
+            fn restore(&mut self, _: &[u8]) -> Result<(), crate::vm::VmError> {
                 Ok(())
             }
-            fn resume(&mut self) -> Result<(), String> {
+            fn resume(&mut self) -> Result<(), crate::vm::VmError> {
                 Ok(())
             }
             fn pause(&mut self) {}
