@@ -158,12 +158,11 @@ fn process_migration_over_tls_is_verified() {
     check_tls_pair(&src, dst.finish());
 }
 
-#[test]
-fn postcopy_with_the_urgent_connection_over_tls() {
-    // The return path is read on its own thread while pages go out: the
-    // TLS halves must work concurrently; requested pages take a TLS
-    // connection of their own. 256 MiB/s of writes over a 16 MiB/s cap
-    // never converges: auto switches to postcopy.
+/// A process-memory postcopy over TLS that `auto` must switch (256 MiB/s
+/// of writes over a 16 MiB/s cap never converges), with `extra` source
+/// flags; checks both sides completed with the same memory over TLS 1.3
+/// and returns the destination's JSON.
+fn tls_postcopy(extra: &[&str]) -> Value {
     let dir = tempfile::tempdir().unwrap();
     let pki = keygen(dir.path());
     let dst = Incoming::start(&["--tls-dir", &tls_dir(&pki, "dst"), "--postcopy"]);
@@ -179,10 +178,10 @@ fn postcopy_with_the_urgent_connection_over_tls() {
         "--downtime-limit",
         "20",
         "--postcopy",
-        "--postcopy-preempt",
         "--tls-dir",
         &src_tls,
     ]);
+    args.extend_from_slice(extra);
     let src = livemig(&args).output().unwrap();
     let s = json_of("migrate", &src);
     assert!(
@@ -197,6 +196,15 @@ fn postcopy_with_the_urgent_connection_over_tls() {
     assert!(s["postcopy-time"].is_u64(), "switched to postcopy: {s}");
     assert_eq!(d["digest"], s["digest"], "both sides hold the same memory");
     assert_eq!(d["tls"]["protocol"], "TLSv1_3", "{d}");
+    d
+}
+
+#[test]
+fn postcopy_with_the_urgent_connection_over_tls() {
+    // The return path is read on its own thread while pages go out: the
+    // TLS halves must work concurrently; requested pages take a TLS
+    // connection of their own.
+    let d = tls_postcopy(&["--postcopy-preempt"]);
     let urgent = d["postcopy"]["urgent-pages"].as_u64().unwrap();
     let requests = d["postcopy"]["requests"].as_u64().unwrap();
     // A page request is answered on the urgent connection unless the page
@@ -207,41 +215,8 @@ fn postcopy_with_the_urgent_connection_over_tls() {
 #[test]
 fn postcopy_over_two_page_channels_and_tls() {
     // Background pages on two TLS page channels, requested pages on the
-    // main TLS connection; switched by auto as above.
-    let dir = tempfile::tempdir().unwrap();
-    let pki = keygen(dir.path());
-    let dst = Incoming::start(&["--tls-dir", &tls_dir(&pki, "dst"), "--postcopy"]);
-    let uri = dst.uri.clone();
-    let mut args = vec!["migrate", &uri, "--json"];
-    args.extend_from_slice(MEM);
-    let src_tls = tls_dir(&pki, "src");
-    args.extend_from_slice(&[
-        "--dirty-rate",
-        "256M",
-        "--max-bandwidth",
-        "16M",
-        "--downtime-limit",
-        "20",
-        "--postcopy",
-        "--channels",
-        "2",
-        "--tls-dir",
-        &src_tls,
-    ]);
-    let src = livemig(&args).output().unwrap();
-    let s = json_of("migrate", &src);
-    assert!(
-        src.status.success(),
-        "{}",
-        String::from_utf8_lossy(&src.stderr)
-    );
-    let (ok, d, err) = dst.finish();
-    assert!(ok, "incoming failed: {err}");
-    let d = d.expect("incoming JSON");
-    assert_eq!(s["status"], "completed", "{s}");
-    assert!(s["postcopy-time"].is_u64(), "switched to postcopy: {s}");
-    assert_eq!(d["digest"], s["digest"], "both sides hold the same memory");
-    assert_eq!(d["tls"]["protocol"], "TLSv1_3", "{d}");
+    // main TLS connection.
+    let d = tls_postcopy(&["--channels", "2"]);
     assert_eq!(d["load"]["channels"], 2, "{d}");
     assert!(
         d["postcopy"]["channel-pages"].as_u64().unwrap() > 0,

@@ -44,6 +44,25 @@ fn python(test: &str) -> Option<PathBuf> {
     None
 }
 
+/// A 128 MiB, 2-vCPU minivm waiting for an incoming migration on its
+/// control socket `ds`, running 2 s once it arrives.
+fn incoming_vm(ds: &Path) -> Proc {
+    minivm(&[
+        "run",
+        "--mem",
+        "128M",
+        "--vcpus",
+        "2",
+        "--incoming",
+        "--serial",
+        "none",
+        "--seconds",
+        "2",
+        "--control",
+        ds.to_str().unwrap(),
+    ])
+}
+
 fn wait_socket(path: &Path, p: &mut Proc) {
     let t0 = Instant::now();
     while std::os::unix::net::UnixStream::connect(path).is_err() {
@@ -98,20 +117,7 @@ fn qemu_qmp_client_migrates_between_two_minivms() {
         "--control",
         ss.to_str().unwrap(),
     ]);
-    let mut dst = minivm(&[
-        "run",
-        "--mem",
-        "128M",
-        "--vcpus",
-        "2",
-        "--incoming",
-        "--serial",
-        "none",
-        "--seconds",
-        "2",
-        "--control",
-        ds.to_str().unwrap(),
-    ]);
+    let mut dst = incoming_vm(&ds);
     wait_socket(&ss, &mut src);
     wait_socket(&ds, &mut dst);
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/qmp/migrate.py");
@@ -217,20 +223,7 @@ fn qemu_qmp_client_takes_a_background_snapshot_and_restores_it_lazily() {
         "--control",
         ss.to_str().unwrap(),
     ]);
-    let mut dst = minivm(&[
-        "run",
-        "--mem",
-        "128M",
-        "--vcpus",
-        "2",
-        "--incoming",
-        "--serial",
-        "none",
-        "--seconds",
-        "2",
-        "--control",
-        ds.to_str().unwrap(),
-    ]);
+    let mut dst = incoming_vm(&ds);
     wait_socket(&ss, &mut src);
     wait_socket(&ds, &mut dst);
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/qmp/snapshot.py");
