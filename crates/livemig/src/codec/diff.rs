@@ -6,7 +6,7 @@
 //! clear. The routines only read the two input slices and only write the
 //! mask slice, through bounds-checked chunks.
 //!
-//! [`encoder`] picks the fastest XBZRLE encoder the CPU supports once
+//! `encoder` picks the fastest XBZRLE encoder the CPU supports once
 //! (AVX-512BW, then AVX2 on x86_64, else the portable word-skipping
 //! encoder) and caches the choice, like [`super::zero`]. A SIMD encoder is
 //! one function compiled with its target features: the mask pass over the
