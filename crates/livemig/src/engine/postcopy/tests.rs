@@ -238,6 +238,50 @@ struct Run {
     reads: u64,
 }
 
+/// A source guest for the postcopy runs: random memory (seed `seed`)
+/// that a workload writes at `rate` under a software tracker, an empty
+/// destination memory of the same layout, and the migration's handle
+/// (postcopy asked at once when `at_once`).
+struct Guest {
+    src: ProcessMemory,
+    dst: ProcessMemory,
+    tracker: SoftwareTracker,
+    workload: Workload,
+    vm: crate::testkit::workload::WorkloadControl,
+    handle: MigrationHandle,
+}
+
+impl Guest {
+    fn start(params: Params, at_once: bool, seed: u64, rate: u64) -> Self {
+        let src = ProcessMemory::new(&layout()).unwrap();
+        let dst = ProcessMemory::new(&layout()).unwrap();
+        let (tracker, log) = SoftwareTracker::new(&src);
+        let writer: PageWriter = Arc::new(move |b, off, data| log.write(b, off, data));
+        fill_random(&src.blocks()[..1], &writer, seed);
+        let workload = Workload::start(
+            src.blocks().to_vec(),
+            writer,
+            WorkloadConfig {
+                rate,
+                ..WorkloadConfig::default()
+            },
+        );
+        let vm = workload.control();
+        let handle = MigrationHandle::new(params);
+        if at_once {
+            handle.start_postcopy().unwrap();
+        }
+        Guest {
+            src,
+            dst,
+            tracker,
+            workload,
+            vm,
+            handle,
+        }
+    }
+}
+
 /// Migrates a random guest that a workload writes, switching to postcopy
 /// as `steer` decides; the destination guest reads its memory from resume.
 /// With `at_once`, the switch is asked before the migration starts (pure
@@ -247,24 +291,14 @@ fn run_postcopy(
     at_once: bool,
     steer: impl FnOnce(MigrationHandle) + Send + 'static,
 ) -> Run {
-    let src = ProcessMemory::new(&layout()).unwrap();
-    let dst = ProcessMemory::new(&layout()).unwrap();
-    let (mut tracker, log) = SoftwareTracker::new(&src);
-    let writer: PageWriter = Arc::new(move |b, off, data| log.write(b, off, data));
-    fill_random(&src.blocks()[..1], &writer, 7);
-    let workload = Workload::start(
-        src.blocks().to_vec(),
-        writer,
-        WorkloadConfig {
-            rate: 256 * MIB,
-            ..WorkloadConfig::default()
-        },
-    );
-    let mut vm = workload.control();
-    let handle = MigrationHandle::new(params);
-    if at_once {
-        handle.start_postcopy().unwrap();
-    }
+    let Guest {
+        src,
+        dst,
+        mut tracker,
+        workload,
+        mut vm,
+        handle,
+    } = Guest::start(params, at_once, 7, 256 * MIB);
     let (out, r, ack_w) = pipes_out();
     // The urgent connection, when postcopy-preempt asks for one.
     let (uw, ur) = pipe();
@@ -416,24 +450,14 @@ fn run_postcopy_tcp(
     steer: impl FnOnce(MigrationHandle) + Send + 'static,
 ) -> Run {
     use crate::transport::connect;
-    let src = ProcessMemory::new(&layout()).unwrap();
-    let dst = ProcessMemory::new(&layout()).unwrap();
-    let (mut tracker, log) = SoftwareTracker::new(&src);
-    let writer: PageWriter = Arc::new(move |b, off, data| log.write(b, off, data));
-    fill_random(&src.blocks()[..1], &writer, 13);
-    let workload = Workload::start(
-        src.blocks().to_vec(),
-        writer,
-        WorkloadConfig {
-            rate: 128 * MIB,
-            ..WorkloadConfig::default()
-        },
-    );
-    let mut vm = workload.control();
-    let handle = MigrationHandle::new(params);
-    if at_once {
-        handle.start_postcopy().unwrap();
-    }
+    let Guest {
+        src,
+        dst,
+        mut tracker,
+        workload,
+        mut vm,
+        handle,
+    } = Guest::start(params, at_once, 13, 128 * MIB);
     let (listener, _) = tcp_listener();
     let uri = listener.local_uri();
     let dst2 = dst.clone();
