@@ -481,13 +481,8 @@ impl RawRegion {
         // SAFETY: the page is inside the live mapping (checked) and
         // page-aligned (the mapping is); mincore writes one byte per page
         // of the range into `vec`, which holds one.
-        let r = unsafe {
-            libc::mincore(
-                self.ptr.as_ptr().add(page).cast(),
-                PAGE,
-                vec.as_mut_ptr(),
-            )
-        };
+        let r =
+            unsafe { libc::mincore(self.ptr.as_ptr().add(page).cast(), PAGE, vec.as_mut_ptr()) };
         (r == 0).then_some(vec[0] & 1 != 0)
     }
 
