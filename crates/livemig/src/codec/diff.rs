@@ -63,6 +63,7 @@ struct Routine {
 static SELECTED: OnceLock<Routine> = OnceLock::new();
 
 /// Mask words needed for `len` bytes.
+#[cfg(test)]
 pub(crate) const fn words(len: usize) -> usize {
     len.div_ceil(64)
 }
