@@ -270,7 +270,15 @@ impl<'a> Runs<'a> {
         if self.d + n > self.out.len() {
             return Err(Error::Overflow);
         }
-        self.out[self.d..self.d + n].copy_from_slice(&self.new[self.start..at]);
+        let (d, start) = (self.d, self.start);
+        if n <= 16 && d + 16 <= self.out.len() && start + 16 <= self.new.len() {
+            // A short run (the common case): one fixed 16-byte copy instead
+            // of a call to `memcpy`. The bytes past `n` are overwritten by
+            // what follows or lie past the encoding's end, inside `out`.
+            self.out[d..d + 16].copy_from_slice(&self.new[start..start + 16]);
+        } else {
+            self.out[d..d + n].copy_from_slice(&self.new[start..at]);
+        }
         self.d += n;
         self.start = at;
         self.changed = false;
