@@ -8,7 +8,7 @@
 //! (AVX-512BW, then AVX2 on x86_64, else the portable word-skipping
 //! encoder) and caches the choice, like [`super::zero`]. A SIMD encoder is
 //! one function compiled with its target features and makes one pass over
-//! the page pair, a group of four 64-byte lines ([`GROUP`]) at a time: the
+//! the page pair, a group of four 64-byte lines (`GROUP`) at a time: the
 //! XOR of the group's lines ORed together and tested once, so a group of
 //! equal bytes inside an unchanged run costs eight loads and one branch;
 //! only a group with a difference (or one that ends a changed run) has its

@@ -120,11 +120,11 @@ pub enum Error {
 /// encoding does not fit `out` by QEMU's rule (see the module docs).
 /// `out` may be changed even on error, but never past its end.
 ///
-/// Where the CPU has AVX-512BW or AVX2 the runs are found from a SIMD
-/// byte-difference mask of the page pair ([`super::diff`], which also
-/// prefetches a little past the end of both pages: see its read-ahead
-/// note); elsewhere by a word-skipping scan ([`encode_portable`]). Both
-/// give byte-identical output (the tests compare them).
+/// Where the CPU has AVX-512BW or AVX2 the runs are found in one SIMD
+/// pass over the page pair, 256 bytes at a time, equal stretches skipped
+/// with one test each ([`super::diff`]); elsewhere by a word-skipping scan
+/// ([`encode_portable`]). Both give byte-identical output (the tests
+/// compare them).
 #[inline]
 pub fn encode(old: &[u8], new: &[u8], out: &mut [u8]) -> Result<usize, Error> {
     check_lengths(old, new)?;
