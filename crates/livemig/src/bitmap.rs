@@ -147,6 +147,22 @@ impl DirtyBitmap {
         newly
     }
 
+    /// Clears, in the words starting at word index `word_offset`, the bits
+    /// set in `mask`. Returns how many were set. Words past the end are
+    /// ignored.
+    pub fn and_not_words(&mut self, word_offset: usize, mask: &[u64]) -> u64 {
+        let mut cleared = 0u64;
+        for (k, &m) in mask.iter().enumerate() {
+            let Some(w) = self.words.get_mut(word_offset + k) else {
+                break;
+            };
+            cleared += u64::from((*w & m).count_ones());
+            *w &= !m;
+        }
+        self.set -= cleared;
+        cleared
+    }
+
     /// The first set bit at or after `from`, if any.
     pub fn next_set(&self, from: u64) -> Option<u64> {
         if from >= self.bits {
@@ -256,6 +272,16 @@ impl DirtyBitmap {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn and_not_words_clears_masked_bits_and_counts_them() {
+        let mut b = DirtyBitmap::new(130);
+        b.set_range(60, 70);
+        assert_eq!(b.and_not_words(1, &[0b1011, u64::MAX, 7]), 3 + 2);
+        assert!(b.test(63) && !b.test(64) && b.test(66) && !b.test(128));
+        assert_eq!(b.count(), 65);
+        assert_eq!(b.and_not_words(5, &[u64::MAX]), 0, "past the end");
+    }
 
     #[test]
     fn take_run_clears_consecutive_set_bits_only() {
