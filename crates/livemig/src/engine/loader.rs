@@ -755,7 +755,7 @@ impl<'a> Loader<'a> {
                     // A page known zero needs no look (before the switch
                     // only: after it the guest runs here, and its writes
                     // do not clear the known-zero bits).
-                    if !(self.fresh.is_zero(bi, offset) && !out.switched)
+                    if (out.switched || !self.fresh.is_zero(bi, offset))
                         && region.scan(off, PAGE_SIZE, zero::is_zero) != Some(true)
                     {
                         region.write(off, &ZERO_PAGE);
