@@ -7,6 +7,7 @@ mod ack;
 mod channels;
 mod destination;
 pub(crate) mod digest;
+mod fresh;
 mod handle;
 mod loader;
 pub mod local;

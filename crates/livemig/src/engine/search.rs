@@ -248,6 +248,31 @@ impl PageSearch {
         Some(Found { block, page, clear })
     }
 
+    /// Bulk stage: takes the pages of `block` from `page` on that are
+    /// still to be sent, while they follow one another, at most `max` of
+    /// them and never into a chunk whose log must be cleared first (that
+    /// chunk's first page comes from [`PageSearch::take_next`]). Moves the
+    /// position past them; returns how many it took. Takes nothing after
+    /// the bulk stage (hot pages and rounds order what is sent then).
+    pub fn take_run(&mut self, block: usize, page: u64, max: u64) -> u64 {
+        if !self.bulk || block >= self.bitmaps.len() {
+            return 0;
+        }
+        let max = match &self.clear {
+            // Up to the end of `page`'s chunk, and nothing if that chunk
+            // is still to be cleared.
+            Some(c) if c.pending[block].test(page >> c.shift) => 0,
+            Some(c) => max.min((((page >> c.shift) + 1) << c.shift) - page),
+            None => max,
+        };
+        let n = self.bitmaps[block].take_run(page, max);
+        if n > 0 {
+            self.block = block;
+            self.page = page + n;
+        }
+        n
+    }
+
     /// Takes page `page` of `block` out of turn (a postcopy request): true
     /// if it was still to be sent. The position does not move.
     pub fn take(&mut self, block: usize, page: u64) -> bool {
@@ -304,6 +329,25 @@ impl Untouched {
     /// before it may be missing from the log, so look again after it).
     pub fn forget(&mut self) {
         self.window = None;
+    }
+
+    /// How many pages from `page` of `block` on, within the window looked
+    /// up for it, were never written (0 when `page` was), as
+    /// [`Untouched::is_untouched`] would say of each.
+    pub fn untouched_run(
+        &mut self,
+        block: usize,
+        page: u64,
+        region: &crate::sys::mmap::RawRegion,
+        backing: Option<&crate::memory::BlockBacking>,
+    ) -> u64 {
+        if !self.is_untouched(block, page, region, backing) {
+            return 0;
+        }
+        match &self.window {
+            Some((_, f, bm)) => bm.next_set(page - f).unwrap_or(bm.len()) - (page - f),
+            None => 0,
+        }
     }
 
     /// True when page `page` of `block` (of `region`) was never written,
