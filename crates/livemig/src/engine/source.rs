@@ -1445,12 +1445,9 @@ impl<'a> RamSaver<'a> {
         }
         self.pages_sent += 1;
         if self.search.is_bulk()
-            && self.untouched.is_untouched(
-                block,
-                page,
-                self.blocks[block].region(),
-                self.blocks[block].backing(),
-            )
+            && self
+                .untouched
+                .is_untouched(block, page, &self.blocks[block])
         {
             // Never written: zero without reading it (or faulting it in).
             return self.encoder.untouched(w, b, offset);
