@@ -7,10 +7,11 @@
 
 mod common;
 
+use common::{exec, ok};
+
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use livemig::control::{ControlClient, ControlServer};
 use livemig::engine::memory_digest;
@@ -66,31 +67,6 @@ fn serve(dir: &Path, name: &str, config: VmConfig) -> Served {
     }
 }
 
-/// Runs `cmd` with `args` (a JSON object as text, or ""): the "return"
-/// value as text, or "Class: desc".
-fn exec(c: &mut ControlClient, cmd: &str, args: &str) -> Result<String, String> {
-    let line = if args.is_empty() {
-        format!("{{\"execute\":\"{cmd}\"}}\n")
-    } else {
-        format!("{{\"execute\":\"{cmd}\",\"arguments\":{args}}}\n")
-    };
-    let v = c.raw(line.as_bytes()).unwrap();
-    match v.get("error") {
-        Some(e) => Err(format!(
-            "{}: {}",
-            e["class"].as_str().unwrap_or("?"),
-            e["desc"].as_str().unwrap_or("?")
-        )),
-        None => Ok(v["return"].to_string()),
-    }
-}
-
-fn ok(c: &mut ControlClient, cmd: &str, args: &str) {
-    if let Err(e) = exec(c, cmd, args) {
-        panic!("{cmd} {args}: {e}");
-    }
-}
-
 fn caps(c: &mut ControlClient, list: &[(&str, bool)]) {
     let items: Vec<String> = list
         .iter()
@@ -134,18 +110,12 @@ fn query(c: &mut ControlClient) -> Q {
 }
 
 fn wait_status(c: &mut ControlClient, want: &[&str], timeout: Duration) -> Q {
-    let t0 = Instant::now();
-    loop {
-        let s = query(c);
-        if want.contains(&s.status.as_str()) {
-            return s;
-        }
-        assert!(
-            t0.elapsed() < timeout,
-            "status not in {want:?} after {timeout:?}: {s:?}"
-        );
-        thread::sleep(Duration::from_millis(5));
-    }
+    common::poll_until(
+        &format!("status not in {want:?}"),
+        timeout,
+        || query(c),
+        |s| want.contains(&s.status.as_str()),
+    )
 }
 
 fn run_state(c: &mut ControlClient) -> String {
