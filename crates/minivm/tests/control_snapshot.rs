@@ -436,3 +436,74 @@ fn refusals_name_the_setting() {
     assert!(e.contains("file: URI"), "{e}");
     assert_eq!(s.vm.phase(), Phase::Running);
 }
+
+#[test]
+fn migrate_cancel_stops_a_file_save_and_a_restore() {
+    if !common::kvm_available("migrate_cancel_stops_a_file_save_and_a_restore") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vm.mr");
+    let mut s = serve(dir.path(), "src", source_config(false));
+    common::wait_for(s.vm.vm(), Duration::from_secs(20), |g| {
+        g.pages_written() > 3000
+    });
+    caps(&mut s.client, &[("mapped-ram", true)]);
+    ok(
+        &mut s.client,
+        "migrate-set-parameters",
+        "{\"multifd-channels\":1}",
+    );
+    // The cancel follows at once: the save pauses the guest and saves its
+    // state before its first chunk, where it looks for the cancel.
+    ok(&mut s.client, "migrate", &file_uri(&path));
+    ok(&mut s.client, "migrate-cancel", "");
+    let q = wait_status(
+        &mut s.client,
+        &["completed", "failed", "cancelled"],
+        Duration::from_secs(60),
+    );
+    if q.status == "completed" {
+        // Not a failure of the cancel: the whole save won the race.
+        eprintln!("SKIPPED the save half: the save completed before the cancel arrived");
+    } else {
+        assert_eq!(q.status, "cancelled", "{q:?}");
+        assert!(!path.exists(), "the file the save created is removed");
+        let phase = s.vm.wait_idle(Duration::from_secs(10)).unwrap();
+        assert_eq!(phase, Phase::Running, "the guest runs on");
+        runs_on(s.vm.vm(), "after a cancelled save");
+        // And a save after it completes.
+        ok(&mut s.client, "migrate", &file_uri(&path));
+        let q = wait_status(
+            &mut s.client,
+            &["completed", "failed", "cancelled"],
+            Duration::from_secs(60),
+        );
+        assert_eq!(q.status, "completed", "{q:?}");
+    }
+    drop(s);
+
+    // A restore cancelled while it loads: the VM never runs; the file stays.
+    let before = std::fs::read(&path).unwrap();
+    let mut d = serve(dir.path(), "dst", dest_config(false));
+    ok(&mut d.client, "migrate-incoming", &file_uri(&path));
+    ok(&mut d.client, "migrate-cancel", "");
+    let q = wait_status(
+        &mut d.client,
+        &["completed", "failed", "cancelled"],
+        Duration::from_secs(60),
+    );
+    if q.status == "completed" {
+        eprintln!("SKIPPED the restore half: the restore completed before the cancel arrived");
+    } else {
+        assert_eq!(q.status, "cancelled", "{q:?}");
+        let phase = d.vm.wait_idle(Duration::from_secs(10)).unwrap();
+        assert!(matches!(phase, Phase::IncomingFailed(_)), "{phase:?}");
+        assert_ne!(run_state(&mut d.client), "running");
+    }
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        before,
+        "the file is untouched"
+    );
+}
