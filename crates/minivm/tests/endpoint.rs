@@ -282,7 +282,8 @@ fn control_socket_migrates_over_tls_and_refuses_wrong_creds() {
     let e = exec(&mut dc, "migrate-incoming", "{\"uri\":\"tcp:127.0.0.1:0\"}")
         .expect_err("no certificates");
     assert!(
-        e.starts_with(&format!("tls-creds {}: ", empty.display())) && e.contains("ca.pem"),
+        e.starts_with(&format!("GenericError: tls-creds {}: ", empty.display()))
+            && e.contains("ca.pem"),
         "{e}"
     );
     assert_eq!(dst.phase(), Phase::AwaitingIncoming);
