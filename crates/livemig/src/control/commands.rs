@@ -157,6 +157,9 @@ pub(crate) struct State {
     base: Params,
     qemu: QemuSide,
     current: Option<(MigrationHandle, Direction)>,
+    /// The current `migrate-incoming file:` restore: `migrate-cancel`
+    /// stops it too.
+    restore: Option<MigrationHandle>,
     /// Snapshot-file and lazy-restore settings.
     file: super::file::FileSide,
     starter: Box<dyn MigrationStarter>,
@@ -294,6 +297,7 @@ impl State {
             qemu: QemuSide::from_params(&params),
             base: params,
             current: None,
+            restore: None,
             file: Default::default(),
             starter,
             events,
@@ -753,6 +757,7 @@ impl State {
                     let dir = if outgoing {
                         Direction::Outgoing
                     } else {
+                        self.restore = Some(h.clone());
                         Direction::Incoming
                     };
                     self.current = Some((h, dir));
@@ -780,6 +785,13 @@ impl State {
                 no_args(args)?;
                 if let Some((h, Direction::Outgoing)) = &self.current {
                     if !h.stats().status.is_final() {
+                        h.cancel();
+                    }
+                }
+                // A file restore still loading stops too (the VM waits on,
+                // never run); a lazy one whose guest runs cannot.
+                if let Some(h) = &self.restore {
+                    if h.stats().status == crate::engine::Status::Active {
                         h.cancel();
                     }
                 }

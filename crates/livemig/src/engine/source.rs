@@ -1415,12 +1415,8 @@ impl<'a> RamSaver<'a> {
                 }
             }
             let run = if self.search.is_bulk() {
-                self.untouched.untouched_run(
-                    block,
-                    page,
-                    self.blocks[block].region(),
-                    self.blocks[block].backing(),
-                )
+                self.untouched
+                    .untouched_run(block, page, &self.blocks[block])
             } else {
                 0
             };
@@ -1497,12 +1493,9 @@ impl<'a> RamSaver<'a> {
         }
         self.pages_sent += 1;
         if self.search.is_bulk()
-            && self.untouched.is_untouched(
-                block,
-                page,
-                self.blocks[block].region(),
-                self.blocks[block].backing(),
-            )
+            && self
+                .untouched
+                .is_untouched(block, page, &self.blocks[block])
         {
             // Never written: zero without reading it (or faulting it in).
             return self.encoder.untouched(w, b, offset);

@@ -104,8 +104,77 @@ pub enum ReceiveError {
         /// Pages that never arrived.
         missing: u64,
         /// What broke.
-        cause: String,
+        #[source]
+        cause: LostCause,
     },
+}
+
+/// What broke a postcopy migration after the guest ran on the destination
+/// ([`ReceiveError::SourceLost`]).
+#[derive(Debug, thiserror::Error)]
+pub enum LostCause {
+    /// The main stream failed.
+    #[error("the main stream failed: {0}")]
+    Stream(#[source] LoadError),
+    /// Postcopy was paused after a failure, then given up (cancelled)
+    /// before any recovery.
+    #[error("{0} (postcopy was paused, then given up before any recovery)")]
+    GaveUp(#[source] Box<LostCause>),
+    /// The stream ended before every page arrived (the urgent connection
+    /// or a page channel failed, when one did).
+    #[error("the stream ended before every page arrived{}", .0.as_ref().map(|e| format!(" ({e})")).unwrap_or_default())]
+    Incomplete(#[source] Option<ConnectionError>),
+    /// Polling userfaultfd for faults failed.
+    #[error("polling userfaultfd: {0}")]
+    PollFaults(#[source] io::Error),
+    /// Reading userfaultfd's fault messages failed.
+    #[error("reading userfaultfd: {0}")]
+    ReadFaults(#[source] io::Error),
+    /// Placing a zero page for a fault failed.
+    #[error("placing a zero page at {addr:#x}: {source}")]
+    ZeroPage {
+        /// The page's host address.
+        addr: u64,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// A page request could not be sent to the source.
+    #[error("sending a page request to the source: {0}")]
+    Request(#[source] io::Error),
+}
+
+/// A connection besides the main stream: the urgent connection
+/// (postcopy-preempt) or a page channel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Connection {
+    /// The urgent connection.
+    Urgent,
+    /// Page channel `n` (1-based: the main stream is channel 0).
+    Channel(usize),
+}
+
+impl std::fmt::Display for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Connection::Urgent => f.write_str("the urgent connection"),
+            Connection::Channel(n) => write!(f, "page channel {n}"),
+        }
+    }
+}
+
+/// Why the urgent connection or a page channel failed during postcopy.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectionError {
+    /// Its thread could not start.
+    #[error("starting {0}'s thread: {1}")]
+    Spawn(Connection, #[source] io::Error),
+    /// Its stream failed.
+    #[error("{0} failed: {1}")]
+    Stream(Connection, #[source] LoadError),
+    /// Its thread panicked.
+    #[error("{0}'s thread panicked")]
+    Panicked(Connection),
 }
 
 /// Receives one migration into `mem` from `input`, answering on `reply`
@@ -343,7 +412,7 @@ fn receive_inner<R: Read>(
     let reply: Reply = Arc::new(Mutex::new(Some(w)));
     let stop = Arc::new(AtomicBool::new(false));
     let waker = Arc::new(Waker::new().map_err(ReceiveError::Setup)?);
-    let fault_err: Arc<Mutex<Option<String>>> = Arc::default();
+    let fault_err: Arc<Mutex<Option<LostCause>>> = Arc::default();
     let gate = lock(&reply);
     let recoverable = recovery.is_some();
     let thread = {
@@ -390,7 +459,7 @@ fn receive_inner<R: Read>(
     let mut stats = o.stats;
     let mut urgent_pages = 0;
     let mut urgent_failed = None;
-    let mut channel_failed: Option<String> = None;
+    let mut channel_failed: Option<ConnectionError> = None;
     let mut channel_pages = 0;
     let mut recoveries = 0;
     let result = {
@@ -414,7 +483,7 @@ fn receive_inner<R: Read>(
         let t = urgent.and_then(|u| match spawn_placer(u, placer.clone(), |_| {}) {
             Ok(t) => Some(t),
             Err(e) => {
-                urgent_failed = Some(format!("starting the urgent connection's thread: {e}"));
+                urgent_failed = Some(ConnectionError::Spawn(Connection::Urgent, e));
                 None
             }
         });
@@ -424,29 +493,29 @@ fn receive_inner<R: Read>(
                 Ok(t) => chans.push((i, t)),
                 Err(e) => {
                     channel_failed
-                        .get_or_insert(format!("starting page channel {}'s thread: {e}", i + 1));
+                        .get_or_insert(ConnectionError::Spawn(Connection::Channel(i + 1), e));
                 }
             }
         }
-        let mut main = place_stream(&mut r, &placer, &mut stats, &report(0))
-            .map_err(|e| crate::error_chain(&e));
+        let mut main =
+            place_stream(&mut r, &placer, &mut stats, &report(0)).map_err(LostCause::Stream);
         if let Some(h) = recovery {
             // Every failure of the main stream pauses; a new connection
             // resumes from the received bitmap.
-            while let Err(cause) = &main {
-                match pause_and_recover(h, mem, &o.map, &placer, &reply, cause) {
-                    Ok(mut resumed) => {
+            while let Err(cause) = main {
+                match pause_and_recover(h, mem, &o.map, &placer, &reply, &cause) {
+                    Some(mut resumed) => {
                         recoveries += 1;
                         let mut rs = LoadStats::default();
                         main = place_stream(&mut resumed, &placer, &mut rs, &report(0))
-                            .map_err(|e| crate::error_chain(&e));
+                            .map_err(LostCause::Stream);
                         stats.raw_pages += rs.raw_pages;
                         stats.zero_pages += rs.zero_pages;
                         stats.compressed_pages += rs.compressed_pages;
                         stats.bytes += rs.bytes;
                     }
-                    Err(gave_up) => {
-                        main = Err(gave_up);
+                    None => {
+                        main = Err(LostCause::GaveUp(Box::new(cause)));
                         break;
                     }
                 }
@@ -475,9 +544,9 @@ fn receive_inner<R: Read>(
                     // After a recovery the old urgent connection just ends.
                     urgent_failed = r
                         .err()
-                        .map(|e| format!("urgent connection: {}", crate::error_chain(&e)));
+                        .map(|e| ConnectionError::Stream(Connection::Urgent, e));
                 }
-                Err(_) => urgent_failed = Some("the urgent connection's thread panicked".into()),
+                Err(_) => urgent_failed = Some(ConnectionError::Panicked(Connection::Urgent)),
             }
         }
         for (i, c) in chans {
@@ -493,15 +562,13 @@ fn receive_inner<R: Read>(
                     stats.bytes += cs.bytes;
                     // After a recovery the old page channels just end.
                     if let Err(e) = r {
-                        channel_failed.get_or_insert(format!(
-                            "page channel {}: {}",
-                            i + 1,
-                            crate::error_chain(&e)
-                        ));
+                        channel_failed
+                            .get_or_insert(ConnectionError::Stream(Connection::Channel(i + 1), e));
                     }
                 }
                 Err(_) => {
-                    channel_failed.get_or_insert(format!("page channel {} panicked", i + 1));
+                    channel_failed
+                        .get_or_insert(ConnectionError::Panicked(Connection::Channel(i + 1)));
                 }
             }
         }
@@ -517,16 +584,15 @@ fn receive_inner<R: Read>(
     let cause = match (result, fault_failed) {
         (Err(e), _) => Some(e),
         (Ok(()), Some(e)) => Some(e),
-        (Ok(()), None) if missing > 0 => Some(match urgent_failed.or(channel_failed) {
-            Some(u) => format!("the stream ended before every page arrived ({u})"),
-            None => "the stream ended before every page arrived".into(),
-        }),
+        (Ok(()), None) if missing > 0 => {
+            Some(LostCause::Incomplete(urgent_failed.or(channel_failed)))
+        }
         (Ok(()), None) => None,
     };
     if let Some(cause) = cause {
         guest.pause();
         if let Some(w) = lock(&reply).as_mut() {
-            let _ = write_message(&mut **w, &Message::Failed(cause.clone()));
+            let _ = write_message(&mut **w, &Message::Failed(crate::error_chain(&cause)));
         }
         // Keep missing memory registered for good: a guest thread must
         // never read a missing page as zeros.
@@ -593,31 +659,30 @@ fn same_blocks(mem: &dyn GuestMemory, map: &[usize], list: &[(String, u64)]) -> 
 
 /// Postcopy paused after `cause`: waits for a new connection on `h`,
 /// then resumes over it (received bitmap out, pending requests again).
-/// Returns the new stream, or why the guest was given up.
+/// Returns the new stream, or `None` when the guest was given up.
 fn pause_and_recover(
     h: &MigrationHandle,
     mem: &dyn GuestMemory,
     map: &[usize],
     placer: &Placer,
     reply: &Reply,
-    cause: &str,
-) -> Result<StreamReader<BoxRead>, String> {
+    cause: &LostCause,
+) -> Option<StreamReader<BoxRead>> {
     // The old return path is dead: the fault thread stops sending on it
     // and only records which pages its threads wait for.
     lock(reply).take();
+    let cause = crate::error_chain(cause);
     log::warn!(
         "postcopy paused with {} pages still on the source: {cause}; waiting for migrate-recover",
         placer.missing()
     );
-    h.set_status(Status::PostcopyPaused, Some(cause.to_string()));
+    h.set_status(Status::PostcopyPaused, Some(cause));
     loop {
         let conn = match h.take_reconnect() {
             Reconnect::In(c) => c,
             _ => {
                 if h.is_cancelled() {
-                    return Err(format!(
-                        "{cause} (postcopy was paused, then given up before any recovery)"
-                    ));
+                    return None;
                 }
                 std::thread::sleep(std::time::Duration::from_millis(10));
                 continue;
@@ -628,7 +693,7 @@ fn pause_and_recover(
             Ok(r) => {
                 h.set_status(Status::PostcopyActive, None);
                 log::info!("postcopy resumed: {} pages still to come", placer.missing());
-                return Ok(r);
+                return Some(r);
             }
             Err(e) => {
                 log::warn!("postcopy recovery failed: {e}; still paused");
@@ -1003,20 +1068,17 @@ fn fault_loop(
     waker: &Waker,
     reply: &Mutex<Option<Box<dyn Write + Send>>>,
     recoverable: bool,
-) -> Result<(), String> {
+) -> Result<(), LostCause> {
     let mut msgs = [UffdMsg::default(); 64];
     while !stop.load(Ordering::SeqCst) {
         let ready = p
             .uffd
             .poll(Some(waker.as_fd()), 200)
-            .map_err(|e| format!("polling userfaultfd: {e}"))?;
+            .map_err(LostCause::PollFaults)?;
         if !ready {
             continue;
         }
-        let n = p
-            .uffd
-            .read_msgs(&mut msgs)
-            .map_err(|e| format!("reading userfaultfd: {e}"))?;
+        let n = p.uffd.read_msgs(&mut msgs).map_err(LostCause::ReadFaults)?;
         for m in &msgs[..n] {
             if m.event != UFFD_EVENT_PAGEFAULT {
                 continue;
@@ -1041,7 +1103,7 @@ fn fault_loop(
                     Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                         let _ = p.uffd.wake(addr, PAGE);
                     }
-                    Err(e) => return Err(format!("placing a zero page at {addr:#x}: {e}")),
+                    Err(source) => return Err(LostCause::ZeroPage { addr, source }),
                 }
                 continue;
             }
@@ -1062,7 +1124,7 @@ fn fault_loop(
                         log::warn!("sending a page request to the source: {e}");
                         g.take();
                     }
-                    Err(e) => return Err(format!("sending a page request to the source: {e}")),
+                    Err(e) => return Err(LostCause::Request(e)),
                 }
             }
         }

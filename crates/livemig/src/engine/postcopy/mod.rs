@@ -103,7 +103,8 @@ mod histogram;
 use std::io::{self, Read, Write};
 
 pub use dest::{
-    receive, receive_recoverable, IncomingGuest, PostcopyFigures, ReceiveError, Received,
+    receive, receive_recoverable, Connection, ConnectionError, IncomingGuest, LostCause,
+    PostcopyFigures, ReceiveError, Received,
 };
 pub use histogram::LatencyHistogram;
 

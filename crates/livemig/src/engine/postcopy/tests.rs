@@ -667,7 +667,13 @@ fn destination_reports_a_source_lost_during_postcopy() {
     let e = res.unwrap_err();
     let text = e.to_string();
     assert!(
-        matches!(e, ReceiveError::SourceLost { missing: 2048, .. }),
+        matches!(
+            e,
+            ReceiveError::SourceLost {
+                missing: 2048,
+                cause: LostCause::Stream(_)
+            }
+        ),
         "{text}"
     );
     assert!(text.contains("cannot continue"), "{text}");
