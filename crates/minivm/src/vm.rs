@@ -31,6 +31,12 @@ const MAX_CREDIT: u64 = 256;
 const THROTTLE_SLICE: Duration = Duration::from_millis(10);
 /// How long `pause` waits for all vCPUs to leave KVM_RUN.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the vCPU stop is probed while a migration asks for it.
+const PROBE_PERIOD: Duration = Duration::from_millis(100);
+/// Probes the stop estimate looks back over (~2 s).
+const PROBES: usize = 20;
+/// How long one ask for the stop cost keeps the probes going.
+const PROBE_WANTED: Duration = Duration::from_secs(3);
 
 /// Errors of VM set-up and control.
 #[derive(Debug, thiserror::Error)]
@@ -165,6 +171,22 @@ pub(crate) struct Ctl {
     pub(crate) dead: usize,
     pub(crate) stop: bool,
     pub(crate) errors: Vec<String>,
+    /// A stop probe is out (see [`Shared::probe_stop`]): running vCPUs
+    /// answer it the way they would a pause, then run on.
+    pub(crate) probing: bool,
+    /// The probe's number; a vCPU answers each once.
+    pub(crate) probe: u64,
+    /// vCPUs that answered the current probe.
+    pub(crate) probe_acks: usize,
+}
+
+/// What the stop probes measured.
+#[derive(Debug, Default)]
+pub(crate) struct StopProbes {
+    /// Round trips of the last [`PROBES`] probes, newest last.
+    samples: std::collections::VecDeque<Duration>,
+    /// Probes run until then (a migration keeps asking).
+    wanted_until: Option<Instant>,
 }
 
 pub(crate) struct VcpuSlot {
@@ -204,6 +226,8 @@ pub(crate) struct Shared {
     /// The memory taken over from a local migration's source, when it
     /// replaced this VM's own (see [`Vm::shared_blocks`]).
     pub(crate) handed_over: Mutex<Option<Vec<SharedBlock>>>,
+    /// What stopping the vCPUs costs (see [`Shared::stop_cost`]).
+    pub(crate) stop_probes: Mutex<StopProbes>,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -247,6 +271,72 @@ impl Shared {
     pub(crate) fn resume(&self) {
         lock(&self.ctl).pause = false;
         self.cond.notify_all();
+    }
+
+    /// Times what [`Shared::pause`] would cost now, without stopping the
+    /// guest: every running vCPU is kicked out of KVM_RUN the same way and
+    /// answers at the point where it would park (an in/out in flight
+    /// completed first), then re-enters the guest. None when the VM is
+    /// paused, has no running vCPU, or a pause came meanwhile.
+    pub(crate) fn probe_stop(&self) -> Option<Duration> {
+        let start = Instant::now();
+        let mut ctl = lock(&self.ctl);
+        if ctl.pause || ctl.stop || ctl.probing {
+            return None;
+        }
+        ctl.probing = true;
+        ctl.probe += 1;
+        ctl.probe_acks = 0;
+        let took = loop {
+            let running = self.vcpus.len().saturating_sub(ctl.parked + ctl.dead);
+            if running == 0 || ctl.pause || ctl.stop || start.elapsed() > PAUSE_TIMEOUT {
+                break None;
+            }
+            if ctl.probe_acks >= running {
+                break Some(start.elapsed());
+            }
+            drop(ctl);
+            self.kick_all();
+            ctl = self
+                .cond
+                .wait_timeout(lock(&self.ctl), Duration::from_millis(2))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        };
+        ctl.probing = false;
+        took
+    }
+
+    /// What stopping the vCPUs costs: the slowest of the last [`PROBES`]
+    /// probes (one probe now when none ran yet). Asking keeps the probes
+    /// going for [`PROBE_WANTED`].
+    pub(crate) fn stop_cost(&self) -> Duration {
+        let first = {
+            let mut p = lock(&self.stop_probes);
+            p.wanted_until = Some(Instant::now() + PROBE_WANTED);
+            p.samples.is_empty()
+        };
+        if first {
+            if let Some(d) = self.probe_stop() {
+                self.record_probe(d);
+            }
+        }
+        let p = lock(&self.stop_probes);
+        p.samples.iter().copied().max().unwrap_or_default()
+    }
+
+    fn record_probe(&self, took: Duration) {
+        let mut p = lock(&self.stop_probes);
+        if p.samples.len() == PROBES {
+            p.samples.pop_front();
+        }
+        p.samples.push_back(took);
+    }
+
+    fn probes_wanted(&self) -> bool {
+        lock(&self.stop_probes)
+            .wanted_until
+            .is_some_and(|t| Instant::now() < t)
     }
 
     pub(crate) fn is_paused(&self) -> bool {
@@ -293,9 +383,11 @@ impl Shared {
         }
     }
 
+    /// True when the vCPU thread should get back to its loop's top at
+    /// once: to park, or to answer a stop probe.
     fn wants_park(&self) -> bool {
         let ctl = lock(&self.ctl);
-        ctl.pause || ctl.stop
+        ctl.pause || ctl.stop || ctl.probing
     }
 }
 
@@ -343,6 +435,7 @@ fn vcpu_thread(sh: Arc<Shared>, i: usize) {
     let mut ring_full: Option<livemig::dirty::kvm::RingFull> = None;
     let mut last_throttle = Instant::now();
     let mut pacer = crate::dirtylimit::Pacer::new();
+    let mut probe_answered = 0;
     let mut fd = Some(lock(&slot.fd));
     loop {
         let f = fd.get_or_insert_with(|| lock(&slot.fd));
@@ -373,6 +466,19 @@ fn vcpu_thread(sh: Arc<Shared>, i: usize) {
                 ctl.parked -= 1;
                 ring_full = None;
                 continue;
+            }
+            if ctl.probing && ctl.probe != probe_answered {
+                // Where a pause would park: answer, then run on.
+                if pending_io {
+                    drop(ctl);
+                    f.set_kvm_immediate_exit(1);
+                    let _ = f.run();
+                    pending_io = false;
+                    continue;
+                }
+                probe_answered = ctl.probe;
+                ctl.probe_acks += 1;
+                sh.cond.notify_all();
             }
         }
         if let Some(t) = ring_full.take() {
@@ -461,6 +567,36 @@ fn clock_thread(sh: Arc<Shared>, clock: ClockPage) {
         }
         drop(ctl);
         std::thread::sleep(CLOCK_PERIOD);
+    }
+}
+
+/// Probes the vCPU stop every [`PROBE_PERIOD`] while a migration asks
+/// what it costs ([`Shared::stop_cost`]).
+fn probe_thread(sh: Arc<Shared>) {
+    let mut next = Instant::now();
+    loop {
+        let mut ctl = lock(&sh.ctl);
+        loop {
+            let now = Instant::now();
+            if ctl.stop {
+                return;
+            }
+            if now >= next {
+                break;
+            }
+            ctl = sh
+                .cond
+                .wait_timeout(ctl, next - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        drop(ctl);
+        next = Instant::now() + PROBE_PERIOD;
+        if sh.probes_wanted() {
+            if let Some(d) = sh.probe_stop() {
+                sh.record_probe(d);
+            }
+        }
     }
 }
 
@@ -747,6 +883,7 @@ impl Vm {
             device_writes,
             dirty_limit: crate::dirtylimit::DirtyLimit::new(vcpus_len),
             handed_over: Mutex::new(None),
+            stop_probes: Mutex::new(StopProbes::default()),
             config,
         });
         let mut threads = Vec::new();
@@ -768,6 +905,16 @@ impl Vm {
                 .spawn(move || throttle_thread(sh))
                 .map_err(|source| VmError::Io {
                     what: "spawning the throttle thread".into(),
+                    source,
+                })?,
+        );
+        let sh = shared.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("stop-probe".into())
+                .spawn(move || probe_thread(sh))
+                .map_err(|source| VmError::Io {
+                    what: "spawning the vCPU stop probe".into(),
                     source,
                 })?,
         );
@@ -1051,5 +1198,8 @@ impl livemig::vm::VmControl for VmHandle {
         livemig::vm::VmShape {
             vcpus: u32::try_from(self.shared.vcpus.len()).unwrap_or(u32::MAX),
         }
+    }
+    fn stop_cost(&self) -> Duration {
+        self.shared.stop_cost()
     }
 }

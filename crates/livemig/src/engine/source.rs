@@ -298,6 +298,8 @@ struct RamSaver<'a> {
     pacing: Pacing,
     /// What the VMM says saving its state costs (asked at each decision).
     state_cost: StateCost,
+    /// What the VMM says stopping the vCPUs costs (asked each step).
+    stop_cost: Duration,
     /// The fixed costs of the pause alone exceed the limit (warned once).
     floor_warned: bool,
     /// When the hashing rate was last sampled.
@@ -380,6 +382,7 @@ impl<'a> RamSaver<'a> {
             seq: 0,
             pacing: Pacing::new(started),
             state_cost: StateCost::default(),
+            stop_cost: Duration::ZERO,
             floor_warned: false,
             hash_sampled: started,
             rate_time: started,
@@ -557,6 +560,7 @@ impl<'a> RamSaver<'a> {
                 break;
             }
             self.state_cost = vm.state_cost();
+            self.stop_cost = vm.stop_cost();
             if self.pause_fits() {
                 self.sync(tracker)?;
                 self.barrier(&mut w)?;
@@ -595,20 +599,27 @@ impl<'a> RamSaver<'a> {
         let mut clock = PauseClock::new(pause_at);
         vm.pause().map_err(MigrationError::Vm)?;
         clock.parts.stop_us = clock.lap();
+        self.pacing.record_stop(pause_at.elapsed());
         guest.paused = true;
         self.downtime_start = Some(pause_at);
         let bytes_before = self.sent_bytes(&w);
         self.sync(tracker)?;
         self.barrier(&mut w)?;
         clock.parts.sync_us = clock.lap();
-        // Auto: the stop-and-copy would not fit the limit, all of it
-        // counted (the fixed costs too, even with no page left: a verify
-        // digest that does not fit is no reason to stretch the pause when
-        // postcopy can take over); postcopy's pause holds only the
-        // not-valid bitmap, the device state and the handshake.
+        // Auto: the stop-and-copy would not fit the limit, decided again
+        // now that the stop and the sync are paid (measured, not
+        // estimated), the rest all counted (the fixed costs too, even with
+        // no page left: a verify digest that does not fit is no reason to
+        // stretch the pause when postcopy can take over); postcopy's pause
+        // holds only the not-valid bitmap, the device state and the
+        // handshake.
         let auto = self.params.postcopy_ram
             && self.params.postcopy_switchover == Switchover::Auto
-            && !self.pause_fits_strictly();
+            && !self.pacing.fits_after(
+                &self.pause_inputs(),
+                pause_at.elapsed(),
+                self.params.downtime_limit,
+            );
         if switch || auto {
             return self.postcopy(w, ack, urgent, vm, guest, clock, bytes_before);
         }
@@ -1138,6 +1149,7 @@ impl<'a> RamSaver<'a> {
             verify: self.params.verify,
             digest_bytes: self.digest_bytes(),
             state: self.state_cost,
+            stop: self.stop_cost,
         }
     }
 
@@ -1181,8 +1193,9 @@ impl<'a> RamSaver<'a> {
             self.floor_warned = true;
             let e = self.pacing.estimate(&i);
             log::warn!(
-                "the downtime limit of {limit} ms cannot be honoured: the pause needs about {} ms whatever is left to send (sync {} ms, device state {} ms, verify digest {} ms, handshake {} ms); precopy switches over only once nothing is left",
+                "the downtime limit of {limit} ms cannot be honoured: the pause needs about {} ms whatever is left to send (vCPU stop {} ms, sync {} ms, device state {} ms, verify digest {} ms, handshake {} ms); precopy switches over only once nothing is left",
                 e.fixed().as_millis(),
+                e.stop.as_millis(),
                 e.sync.as_millis(),
                 e.state.as_millis(),
                 e.digest.as_millis(),
@@ -1190,15 +1203,6 @@ impl<'a> RamSaver<'a> {
             );
         }
         i.remaining_bytes == 0 || self.pacing.fits(&i, limit)
-    }
-
-    /// True when the whole stop-and-copy fits the downtime limit: unlike
-    /// [`RamSaver::pause_fits`], nothing left to send is not enough when
-    /// the fixed costs alone exceed it. The question `auto` postcopy asks
-    /// at the pause: no, and it switches instead of overshooting.
-    fn pause_fits_strictly(&self) -> bool {
-        self.pacing
-            .fits(&self.pause_inputs(), self.params.downtime_limit)
     }
 
     /// Bytes still to send: the bitmap's pages and those queued on page
