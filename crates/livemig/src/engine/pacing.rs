@@ -40,7 +40,8 @@
 //! ([`Pacing::page_budget`]): "what fits in the pause". When the fixed
 //! costs alone exceed the limit, precopy cannot honour it: the engine
 //! warns once, keeps iterating while that can still help, switches over
-//! only once nothing is left to send, and reports the overshoot.
+//! once the pages left add at most the limit's headroom (a tenth of it;
+//! [`Pacing::settled`]), and reports the overshoot.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -306,6 +307,24 @@ impl Pacing {
         self.estimate(&none).fixed() > Self::usable(limit_ms)
     }
 
+    /// True when a pause now is as good as waiting can make it: it fits
+    /// `limit_ms`, or the fixed costs alone exceed the limit (the
+    /// overshoot is certain) and the pages left add no more than the
+    /// limit's headroom (10 %) to it. Waiting longer could not honour
+    /// the limit, and a guest that never stops writing (a throttled one,
+    /// or one that a slow vCPU stop on a loaded host keeps from fitting)
+    /// would never leave nothing to send.
+    pub fn settled(&self, i: &PauseInputs, limit_ms: u64) -> bool {
+        if self.fits(i, limit_ms) {
+            return true;
+        }
+        if !self.floor_exceeds(i, limit_ms) {
+            return false;
+        }
+        let slack = Duration::from_secs_f64(limit_ms as f64 / 1000.0 * (1.0 - HEADROOM));
+        self.estimate(i).pages <= slack
+    }
+
     /// What fits in the pause: the bytes of pages that can still go within
     /// `limit_ms` once the fixed costs are paid (0 when they exceed it).
     #[allow(dead_code)] // the question postcopy asks at its switch-over
@@ -488,6 +507,32 @@ mod tests {
         };
         assert!(p.floor_exceeds(&none, 20));
         assert!(!p.floor_exceeds(&none, 100));
+    }
+
+    #[test]
+    fn a_floor_over_the_limit_settles_once_the_pages_are_small() {
+        // A 300 ms limit, a 400 ms vCPU stop: nothing can honour it.
+        let p = with_periods(&[100.0 * MIB as f64]);
+        let stop = Duration::from_millis(400);
+        let at = |bytes: u64| PauseInputs {
+            stop,
+            ..inputs(bytes)
+        };
+        assert!(p.floor_exceeds(&at(0), 300));
+        // 100 MiB/s: 2 MiB = 20 ms of pages <= 30 ms (10 % of the limit).
+        assert!(p.settled(&at(2 * MIB), 300));
+        assert!(!p.settled(&at(4 * MIB), 300), "40 ms of pages: wait");
+        assert!(p.settled(&at(0), 300));
+        // Below the floor, only a pause that fits settles.
+        assert!(p.settled(&inputs(20 * MIB), 300));
+        assert!(!p.settled(&inputs(40 * MIB), 300));
+        // A 1 ms limit leaves 0.1 ms: not even one page at 32 MiB/s.
+        let slow = with_periods(&[32.0 * MIB as f64]);
+        let one = PauseInputs {
+            stop,
+            ..inputs(4096)
+        };
+        assert!(!slow.settled(&one, 1));
     }
 
     #[test]

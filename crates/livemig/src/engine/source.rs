@@ -1183,9 +1183,10 @@ impl<'a> RamSaver<'a> {
     }
 
     /// True when the guest may pause now: the pause fits the downtime
-    /// limit, or nothing is left to send (waiting cannot shorten a pause
-    /// whose fixed costs exceed the limit; that is warned about once and
-    /// the overshoot is reported in the stats).
+    /// limit, or nothing is left to send, or the fixed costs alone exceed
+    /// the limit and the pages left add at most a tenth of it (waiting
+    /// cannot shorten such a pause; that is warned about once and the
+    /// overshoot is reported in the stats: [`Pacing::settled`]).
     fn pause_fits(&mut self) -> bool {
         let i = self.pause_inputs();
         let limit = self.params.downtime_limit;
@@ -1193,7 +1194,7 @@ impl<'a> RamSaver<'a> {
             self.floor_warned = true;
             let e = self.pacing.estimate(&i);
             log::warn!(
-                "the downtime limit of {limit} ms cannot be honoured: the pause needs about {} ms whatever is left to send (vCPU stop {} ms, sync {} ms, device state {} ms, verify digest {} ms, handshake {} ms); precopy switches over only once nothing is left",
+                "the downtime limit of {limit} ms cannot be honoured: the pause needs about {} ms whatever is left to send (vCPU stop {} ms, sync {} ms, device state {} ms, verify digest {} ms, handshake {} ms); precopy switches over once the pages left add no more than a tenth of the limit",
                 e.fixed().as_millis(),
                 e.stop.as_millis(),
                 e.sync.as_millis(),
@@ -1202,7 +1203,7 @@ impl<'a> RamSaver<'a> {
                 e.handshake.as_millis()
             );
         }
-        i.remaining_bytes == 0 || self.pacing.fits(&i, limit)
+        i.remaining_bytes == 0 || self.pacing.settled(&i, limit)
     }
 
     /// Bytes still to send: the bitmap's pages and those queued on page
