@@ -202,6 +202,8 @@ pub(crate) struct VcpuSlot {
     debug_last: AtomicU64,
     debug_count: AtomicU64,
     ring_full_exits: AtomicU64,
+    /// The last stop probe this vCPU answered.
+    probe_answered: AtomicU64,
 }
 
 pub(crate) struct Shared {
@@ -370,9 +372,9 @@ impl Shared {
         }
     }
 
-    fn handle_in(&self, port: u16, data: &mut [u8], bucket: &mut Bucket) {
+    fn handle_in(&self, i: usize, port: u16, data: &mut [u8], bucket: &mut Bucket) {
         if port == guest::PORT_CREDIT {
-            let credit = bucket.take(self, self.rate_per_vcpu.load(Ordering::Relaxed));
+            let credit = bucket.take(self, i, self.rate_per_vcpu.load(Ordering::Relaxed));
             let b = (credit as u32).to_le_bytes();
             let n = data.len().min(4);
             data[..n].copy_from_slice(&b[..n]);
@@ -383,11 +385,24 @@ impl Shared {
         }
     }
 
-    /// True when the vCPU thread should get back to its loop's top at
-    /// once: to park, or to answer a stop probe.
     fn wants_park(&self) -> bool {
         let ctl = lock(&self.ctl);
-        ctl.pause || ctl.stop || ctl.probing
+        ctl.pause || ctl.stop
+    }
+
+    /// [`Shared::wants_park`] for vCPU `i` waiting outside the guest (page
+    /// credit, throttle, dirty limit), where a pause would reach it: a
+    /// stop probe is answered right here, so probing never cuts a
+    /// throttle's sleep short.
+    fn wants_park_answering(&self, i: usize) -> bool {
+        let mut ctl = lock(&self.ctl);
+        let answered = &self.vcpus[i].probe_answered;
+        if ctl.probing && ctl.probe != answered.load(Ordering::Relaxed) {
+            answered.store(ctl.probe, Ordering::Relaxed);
+            ctl.probe_acks += 1;
+            self.cond.notify_all();
+        }
+        ctl.pause || ctl.stop
     }
 }
 
@@ -398,7 +413,7 @@ struct Bucket {
 }
 
 impl Bucket {
-    fn take(&mut self, sh: &Shared, rate: u64) -> u64 {
+    fn take(&mut self, sh: &Shared, i: usize, rate: u64) -> u64 {
         if rate == 0 {
             return MAX_CREDIT;
         }
@@ -415,7 +430,7 @@ impl Bucket {
                 self.tokens -= n;
                 return n as u64;
             }
-            if now >= deadline || sh.wants_park() {
+            if now >= deadline || sh.wants_park_answering(i) {
                 return 0;
             }
             let wait = ((1.0 - self.tokens) / rate as f64).clamp(0.0005, 0.005);
@@ -435,7 +450,6 @@ fn vcpu_thread(sh: Arc<Shared>, i: usize) {
     let mut ring_full: Option<livemig::dirty::kvm::RingFull> = None;
     let mut last_throttle = Instant::now();
     let mut pacer = crate::dirtylimit::Pacer::new();
-    let mut probe_answered = 0;
     let mut fd = Some(lock(&slot.fd));
     loop {
         let f = fd.get_or_insert_with(|| lock(&slot.fd));
@@ -467,7 +481,7 @@ fn vcpu_thread(sh: Arc<Shared>, i: usize) {
                 ring_full = None;
                 continue;
             }
-            if ctl.probing && ctl.probe != probe_answered {
+            if ctl.probing && ctl.probe != slot.probe_answered.load(Ordering::Relaxed) {
                 // Where a pause would park: answer, then run on.
                 if pending_io {
                     drop(ctl);
@@ -476,7 +490,7 @@ fn vcpu_thread(sh: Arc<Shared>, i: usize) {
                     pending_io = false;
                     continue;
                 }
-                probe_answered = ctl.probe;
+                slot.probe_answered.store(ctl.probe, Ordering::Relaxed);
                 ctl.probe_acks += 1;
                 sh.cond.notify_all();
             }
@@ -499,7 +513,7 @@ fn vcpu_thread(sh: Arc<Shared>, i: usize) {
         if pct > 0 && last_throttle.elapsed() >= THROTTLE_SLICE {
             let sleep = THROTTLE_SLICE.mul_f64(f64::from(pct) / f64::from(100 - pct.min(99)));
             let until = Instant::now() + sleep;
-            while Instant::now() < until && !sh.wants_park() {
+            while Instant::now() < until && !sh.wants_park_answering(i) {
                 std::thread::sleep((until - Instant::now()).min(Duration::from_millis(5)));
             }
             last_throttle = Instant::now();
@@ -509,7 +523,7 @@ fn vcpu_thread(sh: Arc<Shared>, i: usize) {
             // Over its dirty limit: wait the debt off, then look again.
             let t = Instant::now();
             let until = t + wait;
-            while Instant::now() < until && !sh.wants_park() {
+            while Instant::now() < until && !sh.wants_park_answering(i) {
                 std::thread::sleep((until - Instant::now()).min(Duration::from_millis(5)));
             }
             crate::dirtylimit::Pacer::waited(&sh.dirty_limit, i, t.elapsed());
@@ -524,7 +538,7 @@ fn vcpu_thread(sh: Arc<Shared>, i: usize) {
                 pending_io = true;
             }
             Ok(VcpuExit::IoIn(port, data)) => {
-                sh.handle_in(port, data, &mut bucket);
+                sh.handle_in(i, port, data, &mut bucket);
                 pending_io = true;
             }
             Ok(VcpuExit::Hlt) => std::thread::sleep(Duration::from_millis(1)),
@@ -839,6 +853,7 @@ impl Vm {
                 debug_last: AtomicU64::new(0),
                 debug_count: AtomicU64::new(0),
                 ring_full_exits: AtomicU64::new(0),
+                probe_answered: AtomicU64::new(0),
             });
         }
         let rate = match &config.guest {
