@@ -302,6 +302,8 @@ struct RamSaver<'a> {
     pacing: Pacing,
     /// What the VMM says saving its state costs (asked at each decision).
     state_cost: StateCost,
+    /// What the VMM says stopping the vCPUs costs (asked each step).
+    stop_cost: Duration,
     /// The fixed costs of the pause alone exceed the limit (warned once).
     floor_warned: bool,
     /// When the hashing rate was last sampled.
@@ -387,6 +389,7 @@ impl<'a> RamSaver<'a> {
             seq: 0,
             pacing: Pacing::new(started),
             state_cost: StateCost::default(),
+            stop_cost: Duration::ZERO,
             floor_warned: false,
             hash_sampled: started,
             rate_time: started,
@@ -565,6 +568,7 @@ impl<'a> RamSaver<'a> {
                 break;
             }
             self.state_cost = vm.state_cost();
+            self.stop_cost = vm.stop_cost();
             // While the set left shrinks fast, send on live instead of
             // pausing with it (see `shrink.rs`).
             if self.pause_fits() && !self.keeps_shrinking() {
@@ -609,20 +613,27 @@ impl<'a> RamSaver<'a> {
         let mut clock = PauseClock::new(pause_at);
         vm.pause().map_err(MigrationError::Vm)?;
         clock.parts.stop_us = clock.lap();
+        self.pacing.record_stop(pause_at.elapsed());
         guest.paused = true;
         self.downtime_start = Some(pause_at);
         let bytes_before = self.sent_bytes(&w);
         self.sync(tracker)?;
         self.barrier(&mut w)?;
         clock.parts.sync_us = clock.lap();
-        // Auto: the stop-and-copy would not fit the limit, all of it
-        // counted (the fixed costs too, even with no page left: a verify
-        // digest that does not fit is no reason to stretch the pause when
-        // postcopy can take over); postcopy's pause holds only the
-        // not-valid bitmap, the device state and the handshake.
+        // Auto: the stop-and-copy would not fit the limit, decided again
+        // now that the stop and the sync are paid (measured, not
+        // estimated), the rest all counted (the fixed costs too, even with
+        // no page left: a verify digest that does not fit is no reason to
+        // stretch the pause when postcopy can take over); postcopy's pause
+        // holds only the not-valid bitmap, the device state and the
+        // handshake.
         let auto = self.params.postcopy_ram
             && self.params.postcopy_switchover == Switchover::Auto
-            && !self.pause_fits_strictly();
+            && !self.pacing.fits_after(
+                &self.pause_inputs(),
+                pause_at.elapsed(),
+                self.params.downtime_limit,
+            );
         if switch || auto {
             return self.postcopy(w, ack, urgent, vm, guest, clock, bytes_before);
         }
@@ -1152,6 +1163,7 @@ impl<'a> RamSaver<'a> {
             verify: self.params.verify,
             digest_bytes: self.digest_bytes(),
             state: self.state_cost,
+            stop: self.stop_cost,
         }
     }
 
@@ -1185,9 +1197,10 @@ impl<'a> RamSaver<'a> {
     }
 
     /// True when the guest may pause now: the pause fits the downtime
-    /// limit, or nothing is left to send (waiting cannot shorten a pause
-    /// whose fixed costs exceed the limit; that is warned about once and
-    /// the overshoot is reported in the stats).
+    /// limit, or nothing is left to send, or the fixed costs alone exceed
+    /// the limit and the pages left add at most a tenth of it (waiting
+    /// cannot shorten such a pause; that is warned about once and the
+    /// overshoot is reported in the stats: [`Pacing::settled`]).
     fn pause_fits(&mut self) -> bool {
         let i = self.pause_inputs();
         let limit = self.params.downtime_limit;
@@ -1195,15 +1208,16 @@ impl<'a> RamSaver<'a> {
             self.floor_warned = true;
             let e = self.pacing.estimate(&i);
             log::warn!(
-                "the downtime limit of {limit} ms cannot be honoured: the pause needs about {} ms whatever is left to send (sync {} ms, device state {} ms, verify digest {} ms, handshake {} ms); precopy switches over only once nothing is left",
+                "the downtime limit of {limit} ms cannot be honoured: the pause needs about {} ms whatever is left to send (vCPU stop {} ms, sync {} ms, device state {} ms, verify digest {} ms, handshake {} ms); precopy switches over once the pages left add no more than a tenth of the limit",
                 e.fixed().as_millis(),
+                e.stop.as_millis(),
                 e.sync.as_millis(),
                 e.state.as_millis(),
                 e.digest.as_millis(),
                 e.handshake.as_millis()
             );
         }
-        i.remaining_bytes == 0 || self.pacing.fits(&i, limit)
+        i.remaining_bytes == 0 || self.pacing.settled(&i, limit)
     }
 
     /// True when precopy should send on although the pause fits: the set
@@ -1216,15 +1230,6 @@ impl<'a> RamSaver<'a> {
             self.pacing.conservative_bandwidth(),
             self.params.downtime_limit,
         )
-    }
-
-    /// True when the whole stop-and-copy fits the downtime limit: unlike
-    /// [`RamSaver::pause_fits`], nothing left to send is not enough when
-    /// the fixed costs alone exceed it. The question `auto` postcopy asks
-    /// at the pause: no, and it switches instead of overshooting.
-    fn pause_fits_strictly(&self) -> bool {
-        self.pacing
-            .fits(&self.pause_inputs(), self.params.downtime_limit)
     }
 
     /// Bytes still to send: the bitmap's pages and those queued on page
