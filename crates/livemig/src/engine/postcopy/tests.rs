@@ -112,6 +112,71 @@ fn bad_messages_name_their_byte() {
 }
 
 #[test]
+fn every_message_kind_cut_short_is_an_error_naming_its_byte() {
+    // Each kind, after one good request: every truncation is refused
+    // with the byte where the reader stopped, never a panic or a read
+    // past the input.
+    let kinds = [
+        Message::Request(PageRequest {
+            block: 0,
+            offset: 4096,
+            len: 8192,
+        }),
+        Message::Complete(FaultReport {
+            faults: 1,
+            threads: vec![(3, 40)],
+            buckets: vec![0, 1],
+            ..FaultReport::default()
+        }),
+        Message::Failed("gone".into()),
+        Message::Bitmap {
+            block: 0,
+            first_word: 0,
+            words: vec![1, 2, 3],
+        },
+        Message::BitmapEnd { blocks: 2 },
+        Message::Progress {
+            stream: 1,
+            offset: 99,
+        },
+        Message::Lost { stream: 2 },
+    ];
+    let mut head = Vec::new();
+    write_message(
+        &mut head,
+        &Message::Request(PageRequest {
+            block: 1,
+            offset: 0,
+            len: 4096,
+        }),
+    )
+    .unwrap();
+    for m in &kinds {
+        let mut whole = head.clone();
+        write_message(&mut whole, m).unwrap();
+        for cut in head.len() + 1..whole.len() {
+            let mut r = MessageReader::new(&whole[..cut]);
+            r.read_message().unwrap();
+            let e = r.read_message().unwrap_err();
+            assert!(matches!(e, PostcopyError::Io { .. }), "{m:?} at {cut}: {e}");
+            let at: u64 = e
+                .to_string()
+                .strip_prefix("return path byte ")
+                .and_then(|t| t.split(':').next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("{m:?} at {cut}: no byte in '{e}'"));
+            assert!(
+                at >= head.len() as u64 && at <= cut as u64,
+                "{m:?} cut at {cut}: byte {at}"
+            );
+        }
+        let mut r = MessageReader::new(&whole[..]);
+        r.read_message().unwrap();
+        assert_eq!(&r.read_message().unwrap().1, m);
+    }
+}
+
+#[test]
 fn requests_outside_every_block_are_refused() {
     let b = blocks();
     let req = |block, offset, len| PageRequest { block, offset, len };
