@@ -34,6 +34,22 @@ pub struct SyncPoint {
     pub expected_downtime: u64,
 }
 
+/// Postcopy's progress at one moment (taken about every 50 ms after the
+/// switch, and at its end): what a report plots for the postcopy phase.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct PostcopyPoint {
+    /// Milliseconds since the migration started.
+    pub time_ms: u64,
+    /// Pages pushed in the background since the switch.
+    pub pushed_pages: u64,
+    /// Pages sent because the destination asked for them, since the
+    /// switch.
+    pub requested_pages: u64,
+    /// Page requests received since the switch.
+    pub requests: u64,
+}
+
 /// What a [`MigrationHandle`] tells its observers.
 #[derive(Clone, Debug, PartialEq)]
 pub enum HandleEvent {
@@ -63,6 +79,7 @@ struct Shared {
     params: Mutex<Params>,
     stats: Mutex<MigrationStats>,
     history: Mutex<Vec<SyncPoint>>,
+    postcopy_history: Mutex<Vec<PostcopyPoint>>,
     cancel: AtomicBool,
     observers: Mutex<Observers>,
     start_postcopy: AtomicBool,
@@ -295,5 +312,15 @@ impl MigrationHandle {
 
     pub(crate) fn push_history(&self, p: SyncPoint) {
         lock(&self.shared.history).push(p);
+    }
+
+    /// Postcopy's progress over time, from the switch to the last page
+    /// (empty for a migration that never switched).
+    pub fn postcopy_history(&self) -> Vec<PostcopyPoint> {
+        lock(&self.shared.postcopy_history).clone()
+    }
+
+    pub(crate) fn push_postcopy_point(&self, p: PostcopyPoint) {
+        lock(&self.shared.postcopy_history).push(p);
     }
 }

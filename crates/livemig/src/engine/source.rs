@@ -338,6 +338,10 @@ struct RamSaver<'a> {
     /// Postcopy: page requests served, bytes sent since the switch, the
     /// destination's fault figures, ms from the switch to the last page.
     postcopy_requests: u64,
+    /// Pages sent after the switch: pushed in the background, and sent
+    /// because the destination asked.
+    pc_pushed: u64,
+    pc_requested: u64,
     postcopy_from: Option<u64>,
     fault_report: Option<FaultReport>,
     postcopy_time: Option<u64>,
@@ -406,6 +410,8 @@ impl<'a> RamSaver<'a> {
             stalls: 0,
             prev_remaining: None,
             postcopy_requests: 0,
+            pc_pushed: 0,
+            pc_requested: 0,
             postcopy_from: None,
             fault_report: None,
             postcopy_time: None,
@@ -786,6 +792,7 @@ impl<'a> RamSaver<'a> {
         };
         self.postcopy_pace_from = Some((self.pc_bytes(&link), Instant::now()));
         self.publish(Status::PostcopyActive, "", None);
+        self.postcopy_point();
         loop {
             let run = match lost.take() {
                 Some(e) => Err(e),
@@ -837,6 +844,7 @@ impl<'a> RamSaver<'a> {
         }
         self.transferred = self.pc_bytes(&link);
         self.postcopy_time = Some(switched.elapsed().as_millis() as u64);
+        self.postcopy_point();
         vm.set_throttle(0);
         self.throttle = 0;
         Ok(())
@@ -876,6 +884,7 @@ impl<'a> RamSaver<'a> {
                         let mut sent = false;
                         for p in first..first + n {
                             if self.search.take(b, p) {
+                                self.pc_requested += 1;
                                 // Never on a page channel: behind bulk pages.
                                 match &mut link.urgent {
                                     Some((u, _)) => self.send_direct(u, b, p),
@@ -944,6 +953,7 @@ impl<'a> RamSaver<'a> {
                         let Some(f) = self.search.take_next() else {
                             break;
                         };
+                        self.pc_pushed += 1;
                         ch.push(f.block as u16, f.page, enc)
                             .map_err(MigrationError::send)?;
                     }
@@ -956,6 +966,7 @@ impl<'a> RamSaver<'a> {
                     let Some(f) = self.search.take_next() else {
                         break;
                     };
+                    self.pc_pushed += 1;
                     on_out!(&mut link.out, w => self.send_page(w, f.block, f.page, true))
                         .map_err(MigrationError::send)?;
                 }
@@ -1086,12 +1097,24 @@ impl<'a> RamSaver<'a> {
         self.transferred = self.pc_bytes(link);
         self.pacing.measure(self.transferred, Instant::now());
         self.publish(Status::PostcopyActive, "", None);
+        self.postcopy_point();
         *published = Instant::now();
         let limit = self.handle.params().max_bandwidth;
         if limit != self.params.max_bandwidth {
             self.params.max_bandwidth = limit;
             self.postcopy_pace_from = Some((self.pc_bytes(link), Instant::now()));
         }
+    }
+
+    /// Records postcopy's progress now (for reports).
+    fn postcopy_point(&self) {
+        self.handle
+            .push_postcopy_point(crate::engine::PostcopyPoint {
+                time_ms: self.started.elapsed().as_millis() as u64,
+                pushed_pages: self.pc_pushed,
+                requested_pages: self.pc_requested,
+                requests: self.postcopy_requests,
+            });
     }
 
     /// How long the background push must still wait for `max-bandwidth`

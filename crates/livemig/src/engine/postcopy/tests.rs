@@ -310,6 +310,8 @@ struct Run {
     stats: crate::engine::MigrationStats,
     received: Received,
     reads: u64,
+    /// The source's postcopy progress points.
+    history: Vec<crate::engine::PostcopyPoint>,
 }
 
 /// A source guest for the postcopy runs: random memory (seed `seed`)
@@ -417,6 +419,7 @@ fn run_postcopy(
         stats,
         received: res.expect("the destination completes"),
         reads,
+        history: handle.postcopy_history(),
     }
 }
 
@@ -445,6 +448,24 @@ fn assert_postcopy_done(r: &Run) {
         ram.precopy_bytes + ram.downtime_bytes + ram.postcopy_bytes,
         ram.transferred
     );
+    // The progress points: from the switch to the end, never going back;
+    // at the end every page not valid at the switch went once, pushed or
+    // asked for.
+    let h = &r.history;
+    assert!(h.len() >= 2, "{h:?}");
+    for w in h.windows(2) {
+        assert!(
+            w[1].time_ms >= w[0].time_ms
+                && w[1].pushed_pages >= w[0].pushed_pages
+                && w[1].requested_pages >= w[0].requested_pages
+                && w[1].requests >= w[0].requests,
+            "{w:?}"
+        );
+    }
+    let last = h.last().unwrap();
+    assert_eq!(last.pushed_pages + last.requested_pages, pc.discarded_pages);
+    assert_eq!(last.requests, r.stats.ram.postcopy_requests);
+    assert!(last.requested_pages <= last.requests * u64::from(MAX_REQUEST_PAGES));
 }
 
 #[test]
@@ -571,6 +592,7 @@ fn run_postcopy_tcp(
         stats,
         received: res.expect("the destination completes"),
         reads,
+        history: handle.postcopy_history(),
     }
 }
 
@@ -1019,6 +1041,7 @@ fn run_cut(cut: Cut) -> Recovered {
             stats,
             received,
             reads,
+            history: sh.postcopy_history(),
         },
         src_statuses: src_seen.lock().unwrap().clone(),
         dst_statuses: dst_seen.lock().unwrap().clone(),
