@@ -79,7 +79,11 @@ pub fn destination(
                     // channels come on the same endpoint.
                     Ok((inc, _)) => match h.recover_postcopy_with(inc, {
                         let ep = ep.clone();
-                        move || ep.accept().map(|i| i.reader)
+                        move || {
+                            let i = ep.accept()?;
+                            eprintln!("postcopy recovery: accepted a reopened connection (urgent or page channel)");
+                            Ok(i.reader)
+                        }
                     }) {
                         Ok(()) => eprintln!("postcopy recovery: the source reconnected"),
                         Err(e) => eprintln!("postcopy recovery: {e}"),
@@ -125,10 +129,20 @@ pub fn source(
                             // reopened to the same place.
                             let open = {
                                 let (uri, tls) = (uri.clone(), tls.clone());
-                                move |_: u16| {
-                                    crate::tls::connect_channel(&uri, tls.as_ref(), io_timeout)
-                                        .map(|o| o.writer)
-                                        .map_err(std::io::Error::other)
+                                move |i: u16| {
+                                    let w = crate::tls::connect_channel(
+                                        &uri,
+                                        tls.as_ref(),
+                                        io_timeout,
+                                    )
+                                    .map(|o| o.writer)
+                                    .map_err(std::io::Error::other)?;
+                                    if i == u16::MAX {
+                                        eprintln!("postcopy recovery: reopened the urgent connection");
+                                    } else {
+                                        eprintln!("postcopy recovery: reopened page channel {i}");
+                                    }
+                                    Ok(w)
                                 }
                             };
                             match h.resume_postcopy_with(out, open) {
