@@ -238,6 +238,8 @@ struct TouchGuest {
     reads: Arc<AtomicU64>,
     thread: Option<thread::JoinHandle<()>>,
     paused: bool,
+    /// A pause between two reads (none: as fast as it can).
+    pace: Duration,
 }
 
 impl TouchGuest {
@@ -248,6 +250,16 @@ impl TouchGuest {
             reads: Arc::default(),
             thread: None,
             paused: false,
+            pace: Duration::ZERO,
+        }
+    }
+
+    /// A guest that reads a page every `pace`: its faults leave most
+    /// pages to the background push.
+    fn paced(mem: &ProcessMemory, pace: Duration) -> Self {
+        TouchGuest {
+            pace,
+            ..TouchGuest::new(mem)
         }
     }
 
@@ -273,6 +285,7 @@ impl IncomingGuest for TouchGuest {
 
     fn resume(&mut self) -> Result<(), crate::vm::VmError> {
         let (mem, stop, reads) = (self.mem.clone(), self.stop.clone(), self.reads.clone());
+        let pace = self.pace;
         self.thread = Some(thread::spawn(move || {
             let mut rng = XorShift::new(5);
             let mut page = vec![0u8; 4096];
@@ -281,6 +294,9 @@ impl IncomingGuest for TouchGuest {
                 let p = rng.below(b.pages() as usize);
                 b.region().read(p * 4096, &mut page);
                 reads.fetch_add(1, Ordering::Relaxed);
+                if !pace.is_zero() {
+                    thread::sleep(pace);
+                }
             }
         }));
         Ok(())
@@ -920,7 +936,9 @@ fn run_cut(cut: Cut) -> Recovered {
     let (dst2, dh2) = (dst.clone(), dh.clone());
     let dest = thread::spawn(move || {
         let inc = listener.accept().unwrap();
-        let mut guest = TouchGuest::new(&dst2);
+        // Paced: the background push, not the guest's requests, carries
+        // most pages (on the page channels when there are some).
+        let mut guest = TouchGuest::paced(&dst2, Duration::from_millis(1));
         let mut accept = || -> std::io::Result<Box<dyn std::io::Read + Send>> {
             listener
                 .accept()
