@@ -662,13 +662,13 @@ fn same_blocks(mem: &dyn GuestMemory, map: &[usize], list: &[(String, u64)]) -> 
 }
 
 /// The connections of a resumed postcopy.
-struct Resumed {
-    main: StreamReader<BoxRead>,
+pub(super) struct Resumed {
+    pub(super) main: StreamReader<BoxRead>,
     /// The urgent connection, when the source reopened it.
-    urgent: Option<StreamReader<BoxRead>>,
+    pub(super) urgent: Option<StreamReader<BoxRead>>,
     /// The page channels' streams (channel i + 1 at i), past their
     /// POSTCOPY record, when the source reopened them.
-    channels: Vec<StreamReader<BoxRead>>,
+    pub(super) channels: Vec<StreamReader<BoxRead>>,
 }
 
 /// Postcopy paused after `cause`: waits for a new connection on `h`,
@@ -769,7 +769,7 @@ fn resume_in(
 
 /// Reads a resumed migration's stream start on `reader` and accepts the
 /// further connections it announces.
-fn open_resumed(
+pub(super) fn open_resumed(
     reader: BoxRead,
     accept: Option<&mut crate::engine::handle::AcceptConnection>,
     mem: &dyn GuestMemory,
@@ -853,7 +853,7 @@ fn open_resumed(
 /// A reopened page channel: its stream start (channel record of this
 /// session and count, the same block list), read up to its POSTCOPY
 /// record. Returns its index.
-fn open_resumed_channel(
+pub(super) fn open_resumed_channel(
     conn: BoxRead,
     n: u16,
     session: u64,

@@ -1362,6 +1362,129 @@ fn a_cut_right_after_the_switch_record_fails_cleanly_with_recovery_on() {
     cut_before_go(Fault::CutBeforeReply);
 }
 
+/// The stream start of a resumed connection: `flags`, a channel record
+/// (index, count, session) when given, the block list `list`, then
+/// `tail` (records written by the closure).
+fn resumed_stream(
+    flags: u16,
+    channel: Option<(u16, u16, u64)>,
+    list: &[(&str, u64)],
+    tail: impl FnOnce(&mut StreamWriter<Vec<u8>>),
+) -> crate::transport::BoxRead {
+    let mut w = StreamWriter::new(Vec::new(), flags);
+    if let Some((i, n, s)) = channel {
+        w.channel(i, n, s).unwrap();
+    }
+    let descs: Vec<BlockDesc> = list
+        .iter()
+        .map(|&(id, len)| BlockDesc { id: id.into(), len })
+        .collect();
+    w.block_list(&descs).unwrap();
+    w.section_end(0).unwrap();
+    tail(&mut w);
+    Box::new(std::io::Cursor::new(w.get_mut().clone()))
+}
+
+#[test]
+fn reopened_connections_are_checked_like_the_first_ones() {
+    use crate::stream::format::{FLAG_CHANNELS, FLAG_URGENT};
+    let mem = ProcessMemory::new(&layout()).unwrap();
+    let map = [0usize, 1];
+    let good = layout();
+    let session = 0x5e55;
+    let main = || {
+        resumed_stream(
+            FLAG_URGENT | FLAG_CHANNELS,
+            Some((0, 2, session)),
+            &good,
+            |_| {},
+        )
+    };
+    let urgent = || resumed_stream(0, None, &good, |_| {});
+    let channel = |i: u16, n: u16, s: u64, list: &[(&str, u64)], switch: bool| {
+        resumed_stream(FLAG_CHANNELS, Some((i, n, s)), list, |w| {
+            if !switch {
+                w.zero(0, 0).unwrap();
+            }
+            w.postcopy().unwrap();
+            w.section_end(1).unwrap();
+        })
+    };
+    let open = |conns: Vec<crate::transport::BoxRead>, with_accept: bool| {
+        let mut it = conns.into_iter();
+        let mut accept: crate::engine::handle::AcceptConnection = Box::new(move || {
+            it.next()
+                .ok_or_else(|| std::io::Error::other("no more connections"))
+        });
+        dest::open_resumed(main(), with_accept.then_some(&mut accept), &mem, &map)
+    };
+    // All of them, in the first connection's order.
+    let r = open(
+        vec![
+            urgent(),
+            channel(2, 2, session, &good, true),
+            channel(1, 2, session, &good, true),
+        ],
+        true,
+    )
+    .map_err(|e| e.to_string())
+    .unwrap();
+    assert!(r.urgent.is_some());
+    assert_eq!(r.channels.len(), 2);
+    // Refusals, each saying what is wrong.
+    let other = [("ram0", 8 * MIB), ("ram1", 8 * MIB)];
+    for (conns, with_accept, want) in [
+        (vec![], false, "given no listener"),
+        (vec![], true, "accepting the reopened urgent connection"),
+        (
+            vec![resumed_stream(0, None, &other, |_| {})],
+            true,
+            "urgent connection's block list differs",
+        ),
+        (
+            vec![urgent(), channel(1, 2, 7, &good, true)],
+            true,
+            "session 0x7 is not this recovery's (0x5e55)",
+        ),
+        (
+            vec![urgent(), channel(1, 3, session, &good, true)],
+            true,
+            "channel 1 of 3, the main connection declares 2",
+        ),
+        (
+            vec![
+                urgent(),
+                channel(1, 2, session, &good, true),
+                channel(1, 2, session, &good, true),
+            ],
+            true,
+            "page channel index 1 used twice",
+        ),
+        (
+            vec![urgent(), channel(1, 2, session, &other, true)],
+            true,
+            "block list differs",
+        ),
+        (
+            vec![urgent(), channel(1, 2, session, &good, false)],
+            true,
+            "must switch to postcopy before any page",
+        ),
+        (vec![urgent(), urgent()], true, "not a page channel"),
+    ] {
+        let e = match open(conns, with_accept) {
+            Ok(_) => panic!("accepted (wanted: {want})"),
+            Err(e) => e,
+        };
+        assert!(e.contains(want), "{e} (wanted {want})");
+    }
+    // The main connection's own block list is checked first.
+    let e = dest::open_resumed(resumed_stream(0, None, &other, |_| {}), None, &mem, &map)
+        .err()
+        .unwrap();
+    assert!(e.contains("block list differs from the migration's"), "{e}");
+}
+
 #[test]
 fn bitmap_messages_are_checked_against_the_blocks() {
     let lens = [8 * MIB, 4 * MIB];
