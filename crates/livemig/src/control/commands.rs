@@ -496,8 +496,8 @@ impl State {
                 "the outgoing migration is not paused in postcopy: nothing to resume",
             ));
         }
-        let conn = match self.tls() {
-            None => crate::transport::connect(uri).map_err(|e| generic(e.to_string()))?,
+        let cfg = match self.tls() {
+            None => None,
             Some(t) => {
                 let mut cfg = crate::transport::tls::TlsConfig::from_dir(&t.dir)
                     .map_err(|e| generic(format!("tls-creds: {e}")))?;
@@ -506,10 +506,23 @@ impl State {
                         .with_server_name(name)
                         .map_err(|e| generic(format!("tls-hostname: {e}")))?;
                 }
-                crate::transport::tls::connect(uri, &cfg).map_err(|e| generic(e.to_string()))?
+                Some(cfg)
             }
         };
-        h.resume_postcopy(conn).map_err(generic)?;
+        let connect = move |uri: &Uri| match &cfg {
+            None => crate::transport::connect(uri).map_err(|e| e.to_string()),
+            Some(cfg) => crate::transport::tls::connect(uri, cfg).map_err(|e| e.to_string()),
+        };
+        let conn = connect(uri).map_err(generic)?;
+        // The urgent connection and the page channels go to the same
+        // place, where `migrate-recover` accepts them.
+        let to = uri.clone();
+        let open = move |_: u16| {
+            connect(&to)
+                .map(|o| o.writer)
+                .map_err(std::io::Error::other)
+        };
+        h.resume_postcopy_with(conn, open).map_err(generic)?;
         Ok(json!({}))
     }
 
@@ -528,8 +541,10 @@ impl State {
                 "the incoming migration is not paused in postcopy: nothing to recover",
             ));
         }
-        type Accept = Box<dyn FnOnce() -> Result<crate::transport::Incoming, String> + Send>;
-        let accept: Accept = match self.tls() {
+        // The main connection first, then (same listener) the urgent
+        // connection and page channels the source reopens.
+        type Accept = Box<dyn FnMut() -> Result<crate::transport::Incoming, String> + Send>;
+        let mut accept: Accept = match self.tls() {
             None => {
                 let l =
                     crate::transport::Listener::bind(uri).map_err(|e| generic(e.to_string()))?;
@@ -549,7 +564,8 @@ impl State {
             .name("migrate-recover".into())
             .spawn(move || match accept() {
                 Ok(conn) => {
-                    if let Err(e) = h.recover_postcopy(conn) {
+                    let more = move || accept().map(|i| i.reader).map_err(std::io::Error::other);
+                    if let Err(e) = h.recover_postcopy_with(conn, more) {
                         log::warn!("migrate-recover on {what}: {e}");
                     }
                 }

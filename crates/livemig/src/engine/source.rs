@@ -347,6 +347,10 @@ struct RamSaver<'a> {
     /// Postcopy: page requests served, bytes sent since the switch, the
     /// destination's fault figures, ms from the switch to the last page.
     postcopy_requests: u64,
+    /// Pages sent after the switch: pushed in the background, and sent
+    /// because the destination asked.
+    pc_pushed: u64,
+    pc_requested: u64,
     postcopy_from: Option<u64>,
     fault_report: Option<FaultReport>,
     postcopy_time: Option<u64>,
@@ -417,6 +421,8 @@ impl<'a> RamSaver<'a> {
             prev_remaining: None,
             growth: None,
             postcopy_requests: 0,
+            pc_pushed: 0,
+            pc_requested: 0,
             postcopy_from: None,
             fault_report: None,
             postcopy_time: None,
@@ -767,13 +773,32 @@ impl<'a> RamSaver<'a> {
             return Err(ParamsError::PostcopyNeedsReturnPath.into());
         };
         let handle = self.handle;
-        let t = ack::source_handshake(&mut *reader, w.get_mut(), &mut guest.sent_go, &|| {
+        let hs = ack::source_handshake(&mut *reader, w.get_mut(), &mut guest.sent_go, &|| {
             handle.is_cancelled()
-        })?;
-        // The guest runs on the destination now.
-        self.pacing.record_handshake(t.started - t.go_sent);
-        self.source_downtime = ms(t.started - pause_at);
-        self.downtime = ms(t.resumed_estimate() - pause_at);
+        });
+        // A connection lost between GO and STARTED: the destination may
+        // run the guest already. With recovery, that is a pause like any
+        // later cut (if it never got GO, it fails and says so there; this
+        // side waits for a recovery or a cancel, its guest paused).
+        let mut lost = None;
+        match hs {
+            Ok(t) => {
+                // The guest runs on the destination now.
+                self.pacing.record_handshake(t.started - t.go_sent);
+                self.source_downtime = ms(t.started - pause_at);
+                self.downtime = ms(t.resumed_estimate() - pause_at);
+            }
+            Err(MigrationError::Unconfirmed(e))
+                if guest.sent_go
+                    && self.handle.postcopy_recovery()
+                    && !matches!(e, ack::ReplyError::Unexpected { .. }) =>
+            {
+                self.source_downtime = ms(pause_at.elapsed());
+                self.downtime = self.source_downtime;
+                lost = Some(MigrationError::Unconfirmed(e));
+            }
+            Err(e) => return Err(e),
+        }
         clock.parts.handshake_us = clock.lap();
         self.pause_breakdown = Some(clock.parts);
         self.transferred = self.sent_bytes(&w);
@@ -782,6 +807,8 @@ impl<'a> RamSaver<'a> {
         let switched = Instant::now();
         let mut link = PostcopyLink {
             out: PcOut::First(w),
+            urgent_wanted: urgent.is_some(),
+            page_channels: self.channels.as_ref().map_or(0, |c| c.count() as u16),
             urgent: urgent.map(|u| (u, 1)),
             requests: spawn_request_reader(MessageReader::new(reader))?,
             retired_bytes: 0,
@@ -790,22 +817,30 @@ impl<'a> RamSaver<'a> {
         };
         self.postcopy_pace_from = Some((self.pc_bytes(&link), Instant::now()));
         self.publish(Status::PostcopyActive, "", None);
+        self.postcopy_point();
         loop {
-            let e = match self.postcopy_run(&mut link) {
+            let run = match lost.take() {
+                Some(e) => Err(e),
+                None => self.postcopy_run(&mut link),
+            };
+            let e = match run {
                 Ok(()) => break,
                 Err(e) if connection_lost(&e) && self.handle.postcopy_recovery() => e,
                 Err(e) => return Err(e),
             };
             // Recovery: the guest lives on the destination; wait for a new
-            // connection instead of giving it up.
+            // connection instead of giving it up. A connection that still
+            // works (the cut was on another one) tells the destination,
+            // which then pauses too instead of waiting on it.
+            link.abort(&e);
             link.retire();
             self.retire_channels(&mut link);
             log::warn!("postcopy paused: {e}; waiting for a new connection (migrate with resume)");
             self.transferred = self.pc_bytes(&link);
             self.publish(Status::PostcopyPaused, "", Some(e.to_string()));
             loop {
-                let conn = match self.handle.take_reconnect() {
-                    Reconnect::Out(c) => c,
+                let (conn, mut open) = match self.handle.take_reconnect() {
+                    Reconnect::Out(c, open) => (c, open),
                     _ => {
                         if self.handle.is_cancelled() {
                             return Err(MigrationError::Postcopy(PostcopyError::Abandoned(
@@ -817,14 +852,16 @@ impl<'a> RamSaver<'a> {
                     }
                 };
                 self.publish(Status::PostcopyRecover, "", None);
-                match self.resume_connection(conn, &mut link) {
+                match self.resume_connection(conn, open.as_mut(), &mut link) {
                     Ok(()) => break,
-                    Err(e2) if connection_lost(&e2) => {
+                    Err(e2) => {
+                        // Whatever went wrong (a cut, a destination that
+                        // refused this connection), the guest lives there:
+                        // stay paused for another try.
                         log::warn!("postcopy recovery failed: {e2}; still paused");
                         link.retire();
                         self.publish(Status::PostcopyPaused, "", Some(e2.to_string()));
                     }
-                    Err(e2) => return Err(e2),
                 }
             }
             self.postcopy_pace_from = Some((self.pc_bytes(&link), Instant::now()));
@@ -832,6 +869,7 @@ impl<'a> RamSaver<'a> {
         }
         self.transferred = self.pc_bytes(&link);
         self.postcopy_time = Some(switched.elapsed().as_millis() as u64);
+        self.postcopy_point();
         vm.set_throttle(0);
         self.throttle = 0;
         Ok(())
@@ -871,6 +909,7 @@ impl<'a> RamSaver<'a> {
                         let mut sent = false;
                         for p in first..first + n {
                             if self.search.take(b, p) {
+                                self.pc_requested += 1;
                                 // Never on a page channel: behind bulk pages.
                                 match &mut link.urgent {
                                     Some((u, _)) => self.send_direct(u, b, p),
@@ -894,6 +933,9 @@ impl<'a> RamSaver<'a> {
                     }
                     Ok(Ok((_, Message::Progress { stream, offset }))) => {
                         self.progress(link, stream, offset)
+                    }
+                    Ok(Ok((at, Message::Lost { stream }))) => {
+                        return Err(PostcopyError::PeerLost { offset: at, stream }.into())
                     }
                     Ok(Ok((_, Message::Complete(_)))) => {
                         return Err(PostcopyError::EarlyComplete(self.remaining_pages()).into())
@@ -936,6 +978,7 @@ impl<'a> RamSaver<'a> {
                         let Some(f) = self.search.take_next() else {
                             break;
                         };
+                        self.pc_pushed += 1;
                         ch.push(f.block as u16, f.page, enc)
                             .map_err(MigrationError::send)?;
                     }
@@ -948,6 +991,7 @@ impl<'a> RamSaver<'a> {
                     let Some(f) = self.search.take_next() else {
                         break;
                     };
+                    self.pc_pushed += 1;
                     on_out!(&mut link.out, w => self.send_page(w, f.block, f.page, true))
                         .map_err(MigrationError::send)?;
                 }
@@ -977,6 +1021,9 @@ impl<'a> RamSaver<'a> {
                     self.postcopy_requests += 1;
                 }
                 Ok(Ok((_, Message::Progress { .. }))) => {}
+                Ok(Ok((at, Message::Lost { stream }))) => {
+                    return Err(PostcopyError::PeerLost { offset: at, stream }.into())
+                }
                 Ok(Ok((_, Message::Complete(report)))) => {
                     self.fault_report = Some(report);
                     return Ok(());
@@ -1075,12 +1122,24 @@ impl<'a> RamSaver<'a> {
         self.transferred = self.pc_bytes(link);
         self.pacing.measure(self.transferred, Instant::now());
         self.publish(Status::PostcopyActive, "", None);
+        self.postcopy_point();
         *published = Instant::now();
         let limit = self.handle.params().max_bandwidth;
         if limit != self.params.max_bandwidth {
             self.params.max_bandwidth = limit;
             self.postcopy_pace_from = Some((self.pc_bytes(link), Instant::now()));
         }
+    }
+
+    /// Records postcopy's progress now (for reports).
+    fn postcopy_point(&self) {
+        self.handle
+            .push_postcopy_point(crate::engine::PostcopyPoint {
+                time_ms: self.started.elapsed().as_millis() as u64,
+                pushed_pages: self.pc_pushed,
+                requested_pages: self.pc_requested,
+                requests: self.postcopy_requests,
+            });
     }
 
     /// How long the background push must still wait for `max-bandwidth`
@@ -1098,17 +1157,40 @@ impl<'a> RamSaver<'a> {
     }
 
     /// Recovery over `conn`: a new stream start, the destination's
-    /// received bitmap, and postcopy goes on from its complement.
+    /// received bitmap, and postcopy goes on from its complement. With
+    /// `open`, the urgent connection and the page channels the migration
+    /// had are opened again (as at the first connection: after the main
+    /// stream's start, urgent first; each page channel starts its stream
+    /// with the POSTCOPY record); without it, everything goes on `conn`.
     fn resume_connection<W: Write>(
         &mut self,
         conn: crate::transport::Outgoing,
+        open: Option<&mut super::handle::OpenConnection>,
         link: &mut PostcopyLink<W>,
     ) -> Result<(), MigrationError> {
         let crate::transport::Outgoing { writer, ack } = conn;
         let Some(ack) = ack else {
             return Err(ParamsError::RecoveryNeedsReturnPath.into());
         };
-        let mut w = StreamWriter::new(TimedWrite::new(writer, self.wire.clone()), 0);
+        let (urgent_wanted, n) = match &open {
+            Some(_) => (link.urgent_wanted, link.page_channels),
+            None => (false, 0),
+        };
+        let mut flags = 0;
+        if urgent_wanted {
+            flags |= crate::stream::format::FLAG_URGENT;
+        }
+        let session = session_number();
+        let mut w = if n > 1 {
+            let mut w = StreamWriter::new(
+                TimedWrite::new(writer, self.wire.clone()),
+                flags | FLAG_CHANNELS,
+            );
+            w.channel(0, n, session).map_err(MigrationError::send)?;
+            w
+        } else {
+            StreamWriter::new(TimedWrite::new(writer, self.wire.clone()), flags)
+        };
         let descs: Vec<BlockDesc> = self
             .blocks
             .iter()
@@ -1119,6 +1201,39 @@ impl<'a> RamSaver<'a> {
             .collect();
         w.block_list(&descs).map_err(MigrationError::send)?;
         w.section_end(0).map_err(MigrationError::send)?;
+        let opened = |what: String| {
+            move |e: io::Error| {
+                MigrationError::Send(io::Error::new(e.kind(), format!("reopening {what}: {e}")))
+            }
+        };
+        let mut urgent = None;
+        let mut channels = None;
+        if let Some(open) = open {
+            if urgent_wanted {
+                let conn = open(URGENT_CONNECTION)
+                    .map_err(opened("the postcopy urgent connection".into()))?;
+                let mut u = StreamWriter::new(conn, 0);
+                u.block_list(&descs).map_err(MigrationError::send)?;
+                u.section_end(0).map_err(MigrationError::send)?;
+                urgent = Some((u, 1));
+            }
+            if n > 1 {
+                let conns = (1..=n)
+                    .map(|i| open(i).map_err(opened(format!("page channel {i}"))))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let setup = ChannelSetup {
+                    flags: 0,
+                    session,
+                    blocks: self.blocks.clone(),
+                    descs: descs.clone(),
+                };
+                let mut ch = SendChannels::start(conns, &setup).map_err(MigrationError::send)?;
+                // Straight into postcopy: the destination reads up to the
+                // POSTCOPY record before it answers with its bitmap.
+                ch.postcopy(self.encoding()).map_err(MigrationError::send)?;
+                channels = Some(ch);
+            }
+        }
         let mut mr = MessageReader::new(ack);
         let lens: Vec<u64> = self.blocks.iter().map(|b| b.len()).collect();
         let mut asm = BitmapAssembler::new(&lens);
@@ -1132,17 +1247,20 @@ impl<'a> RamSaver<'a> {
             }
         }
         // What the destination lacks: pages never sent, and those lost in
-        // flight with the old connection.
+        // flight with the old connections.
         self.search.restart(asm.missing());
         self.seq = 1;
         link.out = PcOut::Resumed(w);
         link.dead = false;
         link.acked = None;
-        link.urgent = None;
+        link.urgent = urgent;
+        self.channels = channels;
         link.requests = spawn_request_reader(mr)?;
         log::info!(
-            "postcopy resumed: {} pages left to send",
-            self.remaining_pages()
+            "postcopy resumed: {} pages left to send, {} page channels, {} urgent connection",
+            self.remaining_pages(),
+            n,
+            if link.urgent.is_some() { "an" } else { "no" }
         );
         Ok(())
     }
@@ -1674,6 +1792,10 @@ struct PostcopyLink<W: Write> {
     out: PcOut<W>,
     /// The urgent connection and its next section number.
     urgent: Option<(StreamWriter<ChannelWriter>, u64)>,
+    /// The migration had an urgent connection: a recovery reopens it.
+    urgent_wanted: bool,
+    /// Page channels the migration had (0: none): a recovery reopens them.
+    page_channels: u16,
     requests: Requests,
     /// Bytes of the connections given up.
     retired_bytes: u64,
@@ -1693,6 +1815,19 @@ impl<W: Write> PostcopyLink<W> {
             on_out!(&self.out, w => w.bytes())
         };
         self.retired_bytes + out + self.urgent.as_ref().map_or(0, |(u, _)| u.bytes())
+    }
+
+    /// Tells the destination on each connection still alive why postcopy
+    /// pauses (an ABORT record: its stream fails there and it pauses
+    /// too); a connection that is gone just fails the write.
+    fn abort(&mut self, e: &MigrationError) {
+        let why = format!("postcopy paused, a connection was lost: {e}");
+        if !self.dead {
+            let _ = on_out!(&mut self.out, w => w.abort(&why));
+        }
+        if let Some((u, _)) = &mut self.urgent {
+            let _ = u.abort(&why);
+        }
     }
 
     /// Gives the current connections up (they failed).
@@ -1766,11 +1901,13 @@ fn connection_lost(e: &MigrationError) -> bool {
     matches!(
         e,
         MigrationError::Send(_)
+            | MigrationError::Unconfirmed(_)
             | MigrationError::Postcopy(
                 PostcopyError::Io { .. }
                     | PostcopyError::NoComplete(_)
                     | PostcopyError::ReturnPathClosed
                     | PostcopyError::CompleteTimeout(_)
+                    | PostcopyError::PeerLost { .. }
             )
     )
 }

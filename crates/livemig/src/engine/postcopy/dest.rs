@@ -480,16 +480,34 @@ fn receive_inner<R: Read>(
         // A thread that cannot start drops its connection: the source
         // sees it fail, and the pages it would have carried are missing
         // (reported below) unless a recovery sends them again.
-        let t = urgent.and_then(|u| match spawn_placer(u, placer.clone(), |_| {}) {
-            Ok(t) => Some(t),
-            Err(e) => {
-                urgent_failed = Some(ConnectionError::Spawn(Connection::Urgent, e));
-                None
+        // With recovery, a connection of the current generation that
+        // fails tells the source (LOST): it may not notice the cut before
+        // its last page, and this side would wait for pages lost with it.
+        let generation = Arc::new(AtomicU64::new(0));
+        let lost = |stream: u16| {
+            let (reply, generation) = (reply.clone(), generation.clone());
+            let born = generation.load(Ordering::SeqCst);
+            move || {
+                if !recoverable || generation.load(Ordering::SeqCst) != born {
+                    return;
+                }
+                if let Some(w) = lock(&reply).as_mut() {
+                    let _ = write_message(&mut **w, &Message::Lost { stream });
+                }
+            }
+        };
+        let mut t = urgent.and_then(|u| {
+            match spawn_placer(u, placer.clone(), |_| {}, lost(super::URGENT_STREAM)) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    urgent_failed = Some(ConnectionError::Spawn(Connection::Urgent, e));
+                    None
+                }
             }
         });
         let mut chans = Vec::new();
         for (i, c) in page_streams.into_iter().enumerate() {
-            match spawn_placer(c, placer.clone(), report(i as u16 + 1)) {
+            match spawn_placer(c, placer.clone(), report(i as u16 + 1), lost(i as u16 + 1)) {
                 Ok(t) => chans.push((i, t)),
                 Err(e) => {
                     channel_failed
@@ -499,13 +517,55 @@ fn receive_inner<R: Read>(
         }
         let mut main =
             place_stream(&mut r, &placer, &mut stats, &report(0)).map_err(LostCause::Stream);
+        // Threads of connections given up at a recovery: not waited for
+        // unless they ended (every page they carried went again).
+        let mut old_t = Vec::new();
+        let mut old_chans = Vec::new();
         if let Some(h) = recovery {
             // Every failure of the main stream pauses; a new connection
             // resumes from the received bitmap.
             while let Err(cause) = main {
                 match pause_and_recover(h, mem, &o.map, &placer, &reply, &cause) {
-                    Some(mut resumed) => {
+                    Some(Resumed {
+                        main: mut resumed,
+                        urgent,
+                        channels,
+                    }) => {
                         recoveries += 1;
+                        generation.fetch_add(1, Ordering::SeqCst);
+                        old_t.extend(t.take());
+                        old_chans.append(&mut chans);
+                        // The reopened urgent connection and page channels.
+                        if let Some(u) = urgent {
+                            match spawn_placer(
+                                u,
+                                placer.clone(),
+                                |_| {},
+                                lost(super::URGENT_STREAM),
+                            ) {
+                                Ok(h) => t = Some(h),
+                                Err(e) => {
+                                    urgent_failed =
+                                        Some(ConnectionError::Spawn(Connection::Urgent, e))
+                                }
+                            }
+                        }
+                        for (i, c) in channels.into_iter().enumerate() {
+                            match spawn_placer(
+                                c,
+                                placer.clone(),
+                                report(i as u16 + 1),
+                                lost(i as u16 + 1),
+                            ) {
+                                Ok(h) => chans.push((i, h)),
+                                Err(e) => {
+                                    channel_failed.get_or_insert(ConnectionError::Spawn(
+                                        Connection::Channel(i + 1),
+                                        e,
+                                    ));
+                                }
+                            }
+                        }
                         let mut rs = LoadStats::default();
                         main = place_stream(&mut resumed, &placer, &mut rs, &report(0))
                             .map_err(LostCause::Stream);
@@ -531,12 +591,17 @@ fn receive_inner<R: Read>(
             }
         }
         // After a recovery, old connections that have not ended are not
-        // waited for: every page they carried went again on the new one.
-        let detach = recoveries > 0;
-        if let Some(t) = t.and_then(|t| joinable(t, detach)) {
+        // waited for: every page they carried went again on the new ones.
+        // Nor are the current ones when the main stream failed for good.
+        let detach = main.is_err();
+        let urgents = old_t
+            .into_iter()
+            .filter_map(|t| joinable(t, true))
+            .chain(t.and_then(|t| joinable(t, detach)));
+        for t in urgents {
             match t.join() {
                 Ok((r, us)) => {
-                    urgent_pages = us.raw_pages + us.zero_pages + us.compressed_pages;
+                    urgent_pages += us.raw_pages + us.zero_pages + us.compressed_pages;
                     stats.raw_pages += us.raw_pages;
                     stats.zero_pages += us.zero_pages;
                     stats.compressed_pages += us.compressed_pages;
@@ -549,7 +614,11 @@ fn receive_inner<R: Read>(
                 Err(_) => urgent_failed = Some(ConnectionError::Panicked(Connection::Urgent)),
             }
         }
-        for (i, c) in chans {
+        let chans = old_chans
+            .into_iter()
+            .map(|c| (c, true))
+            .chain(chans.into_iter().map(|c| (c, detach)));
+        for ((i, c), detach) in chans {
             let Some(c) = joinable(c, detach) else {
                 continue;
             };
@@ -657,9 +726,19 @@ fn same_blocks(mem: &dyn GuestMemory, map: &[usize], list: &[(String, u64)]) -> 
     }
 }
 
+/// The connections of a resumed postcopy.
+pub(super) struct Resumed {
+    pub(super) main: StreamReader<BoxRead>,
+    /// The urgent connection, when the source reopened it.
+    pub(super) urgent: Option<StreamReader<BoxRead>>,
+    /// The page channels' streams (channel i + 1 at i), past their
+    /// POSTCOPY record, when the source reopened them.
+    pub(super) channels: Vec<StreamReader<BoxRead>>,
+}
+
 /// Postcopy paused after `cause`: waits for a new connection on `h`,
 /// then resumes over it (received bitmap out, pending requests again).
-/// Returns the new stream, or `None` when the guest was given up.
+/// Returns the new streams, or `None` when the guest was given up.
 fn pause_and_recover(
     h: &MigrationHandle,
     mem: &dyn GuestMemory,
@@ -667,7 +746,7 @@ fn pause_and_recover(
     placer: &Placer,
     reply: &Reply,
     cause: &LostCause,
-) -> Option<StreamReader<BoxRead>> {
+) -> Option<Resumed> {
     // The old return path is dead: the fault thread stops sending on it
     // and only records which pages its threads wait for.
     lock(reply).take();
@@ -678,8 +757,8 @@ fn pause_and_recover(
     );
     h.set_status(Status::PostcopyPaused, Some(cause));
     loop {
-        let conn = match h.take_reconnect() {
-            Reconnect::In(c) => c,
+        let (conn, mut accept) = match h.take_reconnect() {
+            Reconnect::In(c, accept) => (c, accept),
             _ => {
                 if h.is_cancelled() {
                     return None;
@@ -689,10 +768,15 @@ fn pause_and_recover(
             }
         };
         h.set_status(Status::PostcopyRecover, None);
-        match resume_in(conn, mem, map, placer, reply) {
+        match resume_in(conn, accept.as_mut(), mem, map, placer, reply) {
             Ok(r) => {
                 h.set_status(Status::PostcopyActive, None);
-                log::info!("postcopy resumed: {} pages still to come", placer.missing());
+                log::info!(
+                    "postcopy resumed: {} pages still to come, {} page channels, {} urgent connection",
+                    placer.missing(),
+                    r.channels.len(),
+                    if r.urgent.is_some() { "an" } else { "no" }
+                );
                 return Some(r);
             }
             Err(e) => {
@@ -703,24 +787,31 @@ fn pause_and_recover(
     }
 }
 
-/// The destination's half of the recovery handshake on `conn`.
+/// The destination's half of the recovery handshake on `conn`: the
+/// stream start, the urgent connection and the page channels the source
+/// announces (accepted with `accept`, each checked like the first time),
+/// then the received bitmap and the requests again. A refusal goes to
+/// the source as FAILED (it stays paused too).
 fn resume_in(
     conn: Incoming,
+    accept: Option<&mut crate::engine::handle::AcceptConnection>,
     mem: &dyn GuestMemory,
     map: &[usize],
     placer: &Placer,
     reply: &Reply,
-) -> Result<StreamReader<BoxRead>, String> {
+) -> Result<Resumed, String> {
     let Incoming { reader, ack } = conn;
     let Some(mut ack) = ack else {
         return Err("the recovery connection has no return path".into());
     };
-    let (r, list) = open_urgent(reader).map_err(|e| crate::error_chain(&e))?;
-    if same_blocks(mem, map, &list).is_err() {
-        let why = "the recovery connection's block list differs from the migration's".to_string();
-        let _ = write_message(&mut *ack, &Message::Failed(why.clone()));
-        return Err(why);
-    }
+    let opened = open_resumed(reader, accept, mem, map);
+    let resumed = match opened {
+        Ok(r) => r,
+        Err(why) => {
+            let _ = write_message(&mut *ack, &Message::Failed(why.clone()));
+            return Err(why);
+        }
+    };
     // Under the lock: no request goes out before the bitmap.
     let mut g = lock(reply);
     write_bitmap(&mut *ack, &placer.received_words())
@@ -737,7 +828,150 @@ fn resume_in(
         .map_err(|e| format!("asking again for the pages threads wait for: {e}"))?;
     }
     *g = Some(ack);
-    Ok(r)
+    Ok(resumed)
+}
+
+/// Reads a resumed migration's stream start on `reader` and accepts the
+/// further connections it announces.
+pub(super) fn open_resumed(
+    reader: BoxRead,
+    accept: Option<&mut crate::engine::handle::AcceptConnection>,
+    mem: &dyn GuestMemory,
+    map: &[usize],
+) -> Result<Resumed, String> {
+    let chain = |e: LoadError| crate::error_chain(&e);
+    let mut r = StreamReader::new(reader).map_err(|e| chain(e.into()))?;
+    let wants_urgent = r.flags() & FLAG_URGENT != 0;
+    let mut channels = None;
+    if r.flags() & FLAG_CHANNELS != 0 {
+        let at = r.offset();
+        match r.next_record().map_err(|e| chain(e.into()))? {
+            Record::Channel {
+                index: 0,
+                channels: n,
+                session,
+            } => channels = Some((n, session)),
+            Record::Channel { index, .. } => {
+                return Err(format!(
+                    "recovery connection byte {at}: it declares channel {index}, the first connection must be the main channel 0"
+                ))
+            }
+            _ => unreachable!("the reader requires a channel record first"),
+        }
+    }
+    let at = r.offset();
+    let Record::BlockList(list) = r.next_record().map_err(|e| chain(e.into()))? else {
+        return Err(format!(
+            "recovery connection byte {at}: the stream must start with the block list"
+        ));
+    };
+    let list: BlockList = list.iter().map(|d| (d.id.clone(), d.len)).collect();
+    if same_blocks(mem, map, &list).is_err() {
+        return Err("the recovery connection's block list differs from the migration's".into());
+    }
+    let mut resumed = Resumed {
+        main: r,
+        urgent: None,
+        channels: Vec::new(),
+    };
+    if !wants_urgent && channels.is_none() {
+        return Ok(resumed);
+    }
+    let Some(accept) = accept else {
+        return Err(
+            "the source reopens its urgent connection or page channels, but this destination was given no listener to accept them (recover with an acceptor)".into(),
+        );
+    };
+    if wants_urgent {
+        let c = accept().map_err(|e| format!("accepting the reopened urgent connection: {e}"))?;
+        let (u, list) = open_urgent(c).map_err(chain)?;
+        if same_blocks(mem, map, &list).is_err() {
+            return Err(
+                "the reopened urgent connection's block list differs from the migration's".into(),
+            );
+        }
+        resumed.urgent = Some(u);
+    }
+    if let Some((n, session)) = channels {
+        let mut slots: Vec<Option<StreamReader<BoxRead>>> = (0..n).map(|_| None).collect();
+        for k in 1..=n {
+            let c = accept().map_err(|e| {
+                format!("accepting reopened connection {k} of {n} page channels: {e}")
+            })?;
+            let (index, cr) = open_resumed_channel(c, n, session, mem, map)
+                .map_err(|e| format!("reopened connection {k} of {n} page channels: {e}"))?;
+            match usize::from(index).checked_sub(1).map(|i| &mut slots[i]) {
+                Some(slot @ None) => *slot = Some(cr),
+                _ => {
+                    return Err(format!(
+                        "reopened connection {k}: page channel index {index} used twice or 0"
+                    ))
+                }
+            }
+        }
+        resumed.channels = slots.into_iter().flatten().collect();
+    }
+    Ok(resumed)
+}
+
+/// A reopened page channel: its stream start (channel record of this
+/// session and count, the same block list), read up to its POSTCOPY
+/// record. Returns its index.
+pub(super) fn open_resumed_channel(
+    conn: BoxRead,
+    n: u16,
+    session: u64,
+    mem: &dyn GuestMemory,
+    map: &[usize],
+) -> Result<(u16, StreamReader<BoxRead>), String> {
+    let chain = |e: LoadError| crate::error_chain(&e);
+    let mut cr = StreamReader::new(conn).map_err(|e| chain(e.into()))?;
+    if cr.flags() & FLAG_CHANNELS == 0 {
+        return Err("not a page channel (no channel flag in its header)".into());
+    }
+    let at = cr.offset();
+    let Record::Channel {
+        index,
+        channels,
+        session: s,
+    } = cr.next_record().map_err(|e| chain(e.into()))?
+    else {
+        unreachable!("the reader requires a channel record first");
+    };
+    if s != session {
+        return Err(format!(
+            "byte {at}: session {s:#x} is not this recovery's ({session:#x})"
+        ));
+    }
+    if channels != n || index > n {
+        return Err(format!(
+            "byte {at}: channel {index} of {channels}, the main connection declares {n}"
+        ));
+    }
+    let at = cr.offset();
+    let Record::BlockList(list) = cr.next_record().map_err(|e| chain(e.into()))? else {
+        return Err(format!(
+            "byte {at}: the block list must follow the channel record"
+        ));
+    };
+    let list: BlockList = list.iter().map(|d| (d.id.clone(), d.len)).collect();
+    if same_blocks(mem, map, &list).is_err() {
+        return Err(format!(
+            "byte {at}: the block list differs from the migration's"
+        ));
+    }
+    loop {
+        let at = cr.offset();
+        match cr.next_record().map_err(|e| chain(e.into()))? {
+            Record::SectionEnd { .. } => {}
+            Record::Postcopy => return Ok((index, cr)),
+            _ => {
+                return Err(format!(
+                    "byte {at}: a reopened page channel must switch to postcopy before any page"
+                ))
+            }
+        }
+    }
 }
 
 /// Places the pages that follow the switch until END.
@@ -804,6 +1038,12 @@ fn place_stream<R: Read>(
                 }
             }
             Record::End => break,
+            Record::Abort(reason) => {
+                // The source pauses postcopy (recovery) or gives up.
+                return Err(LoadError::SourceAborted {
+                    reason: reason.to_string(),
+                });
+            }
             other => {
                 let what = match other {
                     Record::Xbzrle { .. } => "xbzrle page (the destination has no copy to patch)",
@@ -831,12 +1071,16 @@ fn spawn_placer(
     mut stream: StreamReader<Box<dyn Read + Send>>,
     placer: Arc<Placer>,
     progress: impl Fn(u64) + Send + 'static,
+    lost: impl FnOnce() + Send + 'static,
 ) -> io::Result<std::thread::JoinHandle<Placed>> {
     std::thread::Builder::new()
         .name("livemig-postcopy-place".into())
         .spawn(move || {
             let mut st = LoadStats::default();
             let r = place_stream(&mut stream, &placer, &mut st, &progress);
+            if r.is_err() {
+                lost();
+            }
             (r, st)
         })
 }
