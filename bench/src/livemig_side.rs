@@ -121,7 +121,8 @@ fn run_inner(case: &Case, dir: &Path, minivm: &Path, out: &mut Outcome) -> Resul
     )?;
 
     let postcopy = matches!(case.variant, Variant::Postcopy(_));
-    let preempt = case.variant == Variant::Postcopy(Switch::AfterFirstPassPreempt);
+    let preempt = matches!(case.variant, Variant::Postcopy(s) if s.preempt());
+    let pc_channels = case.variant == Variant::Postcopy(Switch::AutoChannels);
     if postcopy {
         exec(
             &mut dc,
@@ -143,7 +144,7 @@ fn run_inner(case: &Case, dir: &Path, minivm: &Path, out: &mut Outcome) -> Resul
             {"capability": "xbzrle", "state": case.variant == Variant::Xbzrle},
             {"capability": "auto-converge", "state": case.variant == Variant::AutoConverge},
             {"capability": "x-livemig-verify", "state": false},
-            {"capability": "multifd", "state": matches!(case.variant, Variant::Channels(_))},
+            {"capability": "multifd", "state": matches!(case.variant, Variant::Channels(_)) || pc_channels},
             {"capability": "dirty-limit", "state": matches!(case.variant, Variant::DirtyLimit(_))},
         ]}),
     )?;
@@ -165,7 +166,7 @@ fn run_inner(case: &Case, dir: &Path, minivm: &Path, out: &mut Outcome) -> Resul
     });
     if let Some(p) = params.as_object_mut() {
         p.extend(case.throttle_params());
-        if case.variant == Variant::Postcopy(Switch::Auto) {
+        if matches!(case.variant, Variant::Postcopy(s) if s.is_auto()) {
             p.insert("x-livemig-postcopy-switchover".into(), "auto".into());
         }
     }

@@ -17,6 +17,7 @@ use super::handle::Reconnect;
 use super::handle::{MigrationHandle, SyncPoint};
 use super::pacing::{Pacing, PauseInputs};
 use super::params::{Params, ParamsError, Switchover};
+use super::postcopy::switchover::{AutoSwitch, PROBE_PERIOD};
 use super::postcopy::{
     check_request, BitmapAssembler, FaultReport, Message, MessageReader, PostcopyError, PUSH_WINDOW,
 };
@@ -335,6 +336,10 @@ struct RamSaver<'a> {
     stalls: u32,
     /// Pages left after the previous sync, or sent since it.
     prev_remaining: Option<u64>,
+    /// Postcopy `auto`: the prediction of what precopy would re-send
+    /// (see `postcopy/switchover.rs`), and when it last counted.
+    auto_switch: AutoSwitch,
+    auto_tick: Instant,
     /// Postcopy: page requests served, bytes sent since the switch, the
     /// destination's fault figures, ms from the switch to the last page.
     postcopy_requests: u64,
@@ -405,6 +410,8 @@ impl<'a> RamSaver<'a> {
             epoch: 0,
             stalls: 0,
             prev_remaining: None,
+            auto_switch: AutoSwitch::default(),
+            auto_tick: started,
             postcopy_requests: 0,
             postcopy_from: None,
             fault_report: None,
@@ -567,10 +574,11 @@ impl<'a> RamSaver<'a> {
                 if self.pause_fits() {
                     break;
                 }
-            } else if self.throttle > 0
+            } else if (self.throttle > 0
                 && !self.search.is_bulk()
                 && self.last_sync.elapsed()
-                    >= Duration::from_millis(self.params.throttle_sync_period)
+                    >= Duration::from_millis(self.params.throttle_sync_period))
+                || self.probe_due()
             {
                 self.sync(tracker)?;
                 self.barrier(&mut w)?;
@@ -583,6 +591,7 @@ impl<'a> RamSaver<'a> {
             }
             self.step(&mut w, tracker, false)?;
             self.section_end(&mut w)?;
+            self.auto_count();
             self.pacing.measure(self.transferred, Instant::now());
             self.publish(Status::Active, tracker.name(), None);
         }
@@ -685,12 +694,47 @@ impl<'a> RamSaver<'a> {
     }
 
     /// Whether to leave precopy for postcopy now: asked by command, or
-    /// (`auto`) precopy stopped making progress.
+    /// (`auto`) precopy stopped making progress: a sync after the first
+    /// pass left no fewer pages than the one before, or two syncs in a row
+    /// predicted that precopy would re-send at least an eighth of memory
+    /// (see `postcopy/switchover.rs`).
     fn postcopy_wanted(&self) -> bool {
         let p = &self.params;
         p.postcopy_ram
             && (self.handle.postcopy_requested()
-                || (p.postcopy_switchover == Switchover::Auto && self.stalls >= AUTO_STALLS))
+                || (p.postcopy_switchover == Switchover::Auto
+                    && (self.stalls >= AUTO_STALLS || self.auto_switch.wants_switch())))
+    }
+
+    /// True for postcopy `auto`.
+    fn auto_postcopy(&self) -> bool {
+        self.params.postcopy_ram && self.params.postcopy_switchover == Switchover::Auto
+    }
+
+    /// Postcopy `auto` measures the guest's dirty rate during the first
+    /// pass too: a sync every [`PROBE_PERIOD`] once the link was measured
+    /// (precopy alone syncs only near the pass's end).
+    fn probe_due(&self) -> bool {
+        self.auto_postcopy()
+            && self.search.is_bulk()
+            && self.last_sync.elapsed() >= PROBE_PERIOD
+            && self.pacing.conservative_bandwidth() > 0.0
+    }
+
+    /// Postcopy `auto`: counts the clean pages' exposure since the last
+    /// look (see `postcopy/switchover.rs`).
+    fn auto_count(&mut self) {
+        let now = Instant::now();
+        let clean = self
+            .guest_pages()
+            .saturating_sub(self.remaining_bytes() / PAGE_SIZE as u64);
+        self.auto_switch.tick(now - self.auto_tick, clean);
+        self.auto_tick = now;
+    }
+
+    /// Pages of guest memory.
+    fn guest_pages(&self) -> u64 {
+        self.blocks.iter().map(RamBlock::pages).sum()
     }
 
     /// The switch and postcopy (see `engine/postcopy/mod.rs`): the guest is
@@ -1274,8 +1318,12 @@ impl<'a> RamSaver<'a> {
         } else {
             fresh.iter_mut().for_each(DirtyBitmap::clear_all);
         }
+        if self.auto_postcopy() {
+            self.auto_count();
+        }
         let reported = tracker.sync(&mut fresh)?;
-        self.search.add_report(&fresh);
+        // Pages written after they were sent: precopy sends them again.
+        let redirtied = self.search.add_report(&fresh);
         if let Some(d) = self.running {
             for (b, f) in fresh.iter().enumerate() {
                 d.touch_pages(b, f);
@@ -1297,6 +1345,12 @@ impl<'a> RamSaver<'a> {
                 self.stalls = 0;
             }
             self.prev_remaining = Some(left);
+        }
+        if self.auto_postcopy() {
+            let left = self.remaining_bytes() / PAGE_SIZE as u64;
+            let bw = self.pacing.conservative_bandwidth();
+            self.auto_switch
+                .sync(self.guest_pages(), left, redirtied, bw);
         }
         // Chunks with dirty pages must be cleared (re-protected) before
         // their pages go out again.
