@@ -56,7 +56,10 @@ pub enum Switch {
 impl Switch {
     /// livemig's own switch (`auto`), whatever the connections.
     pub fn is_auto(self) -> bool {
-        matches!(self, Switch::Auto | Switch::AutoChannels | Switch::AutoUrgent)
+        matches!(
+            self,
+            Switch::Auto | Switch::AutoChannels | Switch::AutoUrgent
+        )
     }
 
     /// Requested pages on a connection of their own.

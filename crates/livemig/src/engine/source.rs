@@ -337,9 +337,8 @@ struct RamSaver<'a> {
     /// Pages left after the previous sync, or sent since it.
     prev_remaining: Option<u64>,
     /// Postcopy `auto`: the prediction of what precopy would re-send
-    /// (see `postcopy/switchover.rs`), and when it last counted.
+    /// (see `postcopy/switchover.rs`).
     auto_switch: AutoSwitch,
-    auto_tick: Instant,
     /// Postcopy: page requests served, bytes sent since the switch, the
     /// destination's fault figures, ms from the switch to the last page.
     postcopy_requests: u64,
@@ -411,7 +410,6 @@ impl<'a> RamSaver<'a> {
             stalls: 0,
             prev_remaining: None,
             auto_switch: AutoSwitch::default(),
-            auto_tick: started,
             postcopy_requests: 0,
             postcopy_from: None,
             fault_report: None,
@@ -591,7 +589,6 @@ impl<'a> RamSaver<'a> {
             }
             self.step(&mut w, tracker, false)?;
             self.section_end(&mut w)?;
-            self.auto_count();
             self.pacing.measure(self.transferred, Instant::now());
             self.publish(Status::Active, tracker.name(), None);
         }
@@ -721,15 +718,17 @@ impl<'a> RamSaver<'a> {
             && self.pacing.conservative_bandwidth() > 0.0
     }
 
-    /// Postcopy `auto`: counts the clean pages' exposure since the last
-    /// look (see `postcopy/switchover.rs`).
-    fn auto_count(&mut self) {
-        let now = Instant::now();
-        let clean = self
-            .guest_pages()
-            .saturating_sub(self.remaining_bytes() / PAGE_SIZE as u64);
-        self.auto_switch.tick(now - self.auto_tick, clean);
-        self.auto_tick = now;
+    /// Bytes/s precopy has sent at since the setup (0 before the first
+    /// step).
+    fn average_bandwidth(&self) -> f64 {
+        let since = self
+            .started
+            .elapsed()
+            .saturating_sub(Duration::from_millis(self.setup_time));
+        if since.is_zero() {
+            return 0.0;
+        }
+        self.transferred as f64 / since.as_secs_f64()
     }
 
     /// Pages of guest memory.
@@ -1318,12 +1317,8 @@ impl<'a> RamSaver<'a> {
         } else {
             fresh.iter_mut().for_each(DirtyBitmap::clear_all);
         }
-        if self.auto_postcopy() {
-            self.auto_count();
-        }
         let reported = tracker.sync(&mut fresh)?;
-        // Pages written after they were sent: precopy sends them again.
-        let redirtied = self.search.add_report(&fresh);
+        self.search.add_report(&fresh);
         if let Some(d) = self.running {
             for (b, f) in fresh.iter().enumerate() {
                 d.touch_pages(b, f);
@@ -1348,9 +1343,9 @@ impl<'a> RamSaver<'a> {
         }
         if self.auto_postcopy() {
             let left = self.remaining_bytes() / PAGE_SIZE as u64;
-            let bw = self.pacing.conservative_bandwidth();
+            let (n, bw) = (self.guest_pages(), self.average_bandwidth());
             self.auto_switch
-                .sync(self.guest_pages(), left, redirtied, bw);
+                .sync(&self.fresh, t - self.last_sync, n, left, bw);
         }
         // Chunks with dirty pages must be cleared (re-protected) before
         // their pages go out again.

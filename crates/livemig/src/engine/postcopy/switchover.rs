@@ -11,35 +11,32 @@
 //!
 //! The prediction, at a sync (see [`Prediction`]):
 //!
-//! - the **re-dirty rate**: pages the sync reported that had been sent
-//!   since their last write (`redirtied`, the bits that became set again),
-//!   over the *exposure* since the previous sync: the integral over time
-//!   of the clean pages (sent, not written since), in page-seconds. That
-//!   is the chance per second that a clean page is written; times the
-//!   guest's pages it is the guest's dirty rate `r` (pages/s) as precopy
-//!   feels it, measured on the pages already sent, so it can be known
-//!   early in the first pass;
-//! - the share of a round the guest dirties again: `ρ = r · 4 KiB / B`,
-//!   with `B` the conservative bandwidth (the lowest recent period);
-//! - what precopy would still re-send before the remaining set `R` is
-//!   gone: `R·ρ + R·ρ² + … = R·ρ / (1 − ρ)` pages (unbounded when
-//!   `ρ ≥ 1`: precopy cannot converge).
+//! - the **dirty rate** `r`: pages the sync reported that the previous
+//!   sync did not (the dirty set's growth), over the time between the two.
+//!   A hot region rewritten again and again is reported at both and does
+//!   not count after its first sync; a writer sweeping memory, or writing
+//!   all over it, counts in full. (A tracker whose log starts all set
+//!   reports its untouched chunks at every sync: they too count once.)
+//! - the share of a round the guest dirties again while it is sent:
+//!   `ρ = r · 4 KiB / B`, with `B` the average rate precopy has sent at;
+//! - what precopy would still re-send before the remaining set `R` is gone:
+//!   `R·ρ + R·ρ² + … = R·ρ / (1 − ρ)` pages (unbounded when `ρ ≥ 1`:
+//!   precopy cannot converge).
 //!
 //! **Rule**: `auto` switches when the predicted re-send is at least
-//! [`RESEND_SHARE`] of guest memory at [`STREAK`] syncs in a row. A
-//! working set that saturates (a hot region rewritten again and again)
-//! shows a burst of re-dirtied pages at one sync and none at the next (its
-//! pages stay to send), so it takes two syncs that agree. To measure early,
-//! an `auto` source syncs every [`PROBE_PERIOD`] during the first pass
-//! (bulk stage), where precopy alone syncs only near the pass's end. This
-//! extends "precopy stops making progress" (the remaining set does not
-//! shrink over a sync, checked after the first pass) to "precopy's progress
-//! is predicted to cost more than an eighth of memory again"; the check at
-//! stop-and-copy time (the pause would not fit the downtime limit) is
-//! unchanged.
+//! [`RESEND_SHARE`] of guest memory at [`STREAK`] syncs in a row (a single
+//! sync's burst, such as a hot set's first report, is not enough). To know
+//! early, an `auto` source syncs every [`PROBE_PERIOD`] during the first
+//! pass (bulk stage), where precopy alone syncs only near the pass's end.
+//! This extends "precopy stops making progress" (the remaining set does
+//! not shrink over a sync, checked after the first pass) to "precopy's
+//! progress is predicted to cost at least an eighth of memory again"; the
+//! check at stop-and-copy time (the pause would not fit the downtime
+//! limit) is unchanged.
 
 use std::time::Duration;
 
+use crate::bitmap::DirtyBitmap;
 use crate::memory::PAGE_SIZE;
 
 /// How often an `auto` source syncs during the first pass, to measure the
@@ -58,12 +55,11 @@ pub(crate) struct SyncSample {
     pub guest_pages: u64,
     /// Pages still to send after the sync.
     pub remaining_pages: u64,
-    /// Pages the sync reported that had been sent since their last write.
-    pub redirtied_pages: u64,
-    /// Clean pages integrated over the time since the previous sync,
-    /// page-seconds.
-    pub exposure: f64,
-    /// Conservative link bandwidth, bytes/s (0: not measured yet).
+    /// Pages the sync reported that the previous one did not.
+    pub new_pages: u64,
+    /// Time since the previous sync.
+    pub interval: Duration,
+    /// Bytes/s precopy sends at (0: not measured yet).
     pub bandwidth: f64,
 }
 
@@ -79,12 +75,12 @@ pub(crate) struct Prediction {
 }
 
 impl Prediction {
-    /// `None` when the sample cannot tell (link or exposure unmeasured).
+    /// `None` when the sample cannot tell (link or interval unmeasured).
     pub fn from(s: &SyncSample) -> Option<Prediction> {
-        if s.bandwidth <= 0.0 || s.exposure <= 0.0 || s.guest_pages == 0 {
+        if s.bandwidth <= 0.0 || s.interval.is_zero() || s.guest_pages == 0 {
             return None;
         }
-        let dirty_rate = s.redirtied_pages as f64 / s.exposure * s.guest_pages as f64;
+        let dirty_rate = s.new_pages as f64 / s.interval.as_secs_f64();
         let ratio = dirty_rate * PAGE_SIZE as f64 / s.bandwidth;
         let resend_pages = if ratio >= 1.0 {
             f64::INFINITY
@@ -104,49 +100,69 @@ impl Prediction {
     }
 }
 
-/// The `auto` rule's state across syncs: the exposure integral and the
+/// Pages set in `fresh` and not in `prev` (per block; a block `prev` lacks
+/// counts whole).
+pub(crate) fn new_pages(prev: &[DirtyBitmap], fresh: &[DirtyBitmap]) -> u64 {
+    fresh
+        .iter()
+        .enumerate()
+        .map(|(b, f)| match prev.get(b).filter(|p| p.len() == f.len()) {
+            Some(p) => f
+                .words()
+                .iter()
+                .zip(p.words())
+                .map(|(x, y)| u64::from((x & !y).count_ones()))
+                .sum(),
+            None => f.count(),
+        })
+        .sum()
+}
+
+/// The `auto` rule's state across syncs: the previous harvest and the
 /// streak of syncs that predicted a wasteful precopy.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct AutoSwitch {
-    /// Page-seconds of clean pages since the last sync.
-    exposure: f64,
-    /// Clean pages at the last tick.
-    clean: u64,
+    prev: Vec<DirtyBitmap>,
     streak: u32,
     /// The last sync's prediction.
     last: Option<Prediction>,
 }
 
 impl AutoSwitch {
-    /// `dt` passed with `clean` pages clean at its end (trapezoid with the
-    /// previous tick's count).
-    pub fn tick(&mut self, dt: Duration, clean: u64) {
-        self.exposure += dt.as_secs_f64() * (self.clean + clean) as f64 / 2.0;
-        self.clean = clean;
-    }
-
-    /// A sync reported `redirtied` pages that had been sent; `remaining`
-    /// pages are to send after it (`clean` of `guest_pages` are clean).
-    /// Starts a new exposure period. Returns the prediction, if any.
+    /// A sync harvested `fresh`, `interval` after the previous one; what
+    /// precopy sent so far went at `bandwidth` bytes/s and `remaining` of
+    /// `guest_pages` pages are to send after it. Returns the prediction.
     pub fn sync(
         &mut self,
+        fresh: &[DirtyBitmap],
+        interval: Duration,
         guest_pages: u64,
         remaining: u64,
-        redirtied: u64,
         bandwidth: f64,
     ) -> Option<Prediction> {
         let s = SyncSample {
             guest_pages,
             remaining_pages: remaining,
-            redirtied_pages: redirtied,
-            exposure: self.exposure,
+            new_pages: new_pages(&self.prev, fresh),
+            interval,
             bandwidth,
         };
-        self.exposure = 0.0;
-        self.clean = guest_pages.saturating_sub(remaining);
-        let p = Prediction::from(&s);
+        self.prev.resize_with(fresh.len(), || DirtyBitmap::new(0));
+        for (p, f) in self.prev.iter_mut().zip(fresh) {
+            if p.len() == f.len() {
+                p.copy_from(f);
+            } else {
+                *p = f.clone();
+            }
+        }
+        self.observe(&s)
+    }
+
+    /// Counts one sample into the streak.
+    fn observe(&mut self, s: &SyncSample) -> Option<Prediction> {
+        let p = Prediction::from(s);
         match p {
-            Some(p) if p.wasteful(guest_pages) => self.streak += 1,
+            Some(p) if p.wasteful(s.guest_pages) => self.streak += 1,
             Some(_) => self.streak = 0,
             // Nothing measured: the streak neither grows nor breaks.
             None => {}
@@ -174,134 +190,148 @@ mod tests {
     const GIB_PAGES: u64 = (1 << 30) / PAGE_SIZE as u64;
     /// 3 GB/s.
     const BW: f64 = 3e9;
+    const PROBE: Duration = PROBE_PERIOD;
 
-    /// Feeds a sync after `secs` during which `clean` pages (constant)
-    /// were exposed.
-    fn sync_after(a: &mut AutoSwitch, secs: f64, clean: u64, redirtied: u64, remaining: u64) {
-        a.clean = clean;
-        a.tick(Duration::from_secs_f64(secs), clean);
-        a.sync(GIB_PAGES, remaining, redirtied, BW);
+    fn sample(new: u64, remaining: u64) -> SyncSample {
+        SyncSample {
+            guest_pages: GIB_PAGES,
+            remaining_pages: remaining,
+            new_pages: new,
+            interval: PROBE,
+            bandwidth: BW,
+        }
+    }
+
+    /// A harvest with pages `[first, first + n)` set (one 1 GiB block).
+    fn harvest(first: u64, n: u64) -> Vec<DirtyBitmap> {
+        let mut b = DirtyBitmap::new(GIB_PAGES);
+        for p in first..first + n {
+            b.set(p % GIB_PAGES);
+        }
+        vec![b]
     }
 
     #[test]
-    fn a_guest_rewriting_all_memory_at_a_third_of_the_link_is_predicted_early() {
-        // 1 GiB guest writing 262144 pages/s (~1 GB/s) uniformly; the bulk
-        // stage sends 750k pages/s. After 50 ms: ~37k pages sent.
-        let rate = GIB_PAGES as f64; // pages/s
+    fn a_writer_sweeping_all_memory_at_a_third_of_the_link_switches_at_the_second_probe() {
+        // 1 GiB guest writing 262144 pages/s (~1 GB/s) in order; the bulk
+        // stage sends 3 GB/s.
+        let per_probe = (GIB_PAGES as f64 * PROBE.as_secs_f64()) as u64;
         let mut a = AutoSwitch::default();
-        let mut sent = 0u64;
-        let mut redirtied_total = 0u64;
+        let mut writer = 5000;
         let mut switched_at = None;
-        for k in 1..=6 {
-            // Exposure over 50 ms while `sent` grows linearly.
-            let before = sent;
-            sent = (750_000.0 * 0.05 * k as f64) as u64;
-            let clean_mid = (before + sent) / 2 - redirtied_total;
-            let exposure = clean_mid as f64 * 0.05;
-            let redirtied = (rate / GIB_PAGES as f64 * exposure) as u64;
-            redirtied_total += redirtied;
-            a.clean = before - redirtied_total.min(before);
-            a.exposure = exposure;
-            let remaining = GIB_PAGES - sent + redirtied_total;
-            let p = a.sync(GIB_PAGES, remaining, redirtied, BW).unwrap();
-            // The rate is recovered from the sent pages alone.
-            assert!((p.dirty_rate / rate - 1.0).abs() < 0.05, "{p:?}");
+        for k in 1..=4u64 {
+            let fresh = harvest(writer, per_probe);
+            writer += per_probe;
+            let sent = 36_600 * k;
+            let p = a
+                .sync(&fresh, PROBE, GIB_PAGES, GIB_PAGES - sent, BW)
+                .unwrap();
+            assert!(
+                (p.dirty_rate / GIB_PAGES as f64 - 1.0).abs() < 0.01,
+                "{p:?}"
+            );
+            assert!((p.ratio - 0.358).abs() < 0.01, "{p:?}");
             if a.wants_switch() && switched_at.is_none() {
                 switched_at = Some(k);
             }
         }
-        // Two probes agree: switched at the second, ~100 ms into pass 1.
         assert_eq!(switched_at, Some(2));
     }
 
     #[test]
     fn a_dirty_rate_above_the_link_never_converges() {
-        let p = Prediction::from(&SyncSample {
-            guest_pages: GIB_PAGES,
-            remaining_pages: 10,
-            redirtied_pages: 1000,
-            exposure: 1000.0 / (BW / PAGE_SIZE as f64 * 2.0) * GIB_PAGES as f64,
-            bandwidth: BW,
-        })
-        .unwrap();
-        assert!((p.ratio - 2.0).abs() < 1e-6, "{p:?}");
+        // 2x the link's pages per second.
+        let link_pages = BW / PAGE_SIZE as f64 * PROBE.as_secs_f64();
+        let p = Prediction::from(&sample((2.0 * link_pages) as u64, 10)).unwrap();
+        assert!((p.ratio - 2.0).abs() < 1e-3, "{p:?}");
         assert!(p.resend_pages.is_infinite());
+        assert!(p.wasteful(GIB_PAGES));
+    }
+
+    #[test]
+    fn the_predicted_resend_is_the_geometric_sum_of_rounds() {
+        // ρ = 0.5: R·ρ/(1-ρ) = R.
+        let link_pages = BW / PAGE_SIZE as f64 * PROBE.as_secs_f64();
+        let p = Prediction::from(&sample((0.5 * link_pages) as u64, 1000)).unwrap();
+        assert!((p.ratio - 0.5).abs() < 1e-3, "{p:?}");
+        assert!((p.resend_pages - 1000.0).abs() < 5.0, "{p:?}");
+        // 1000 pages are far from an eighth of 1 GiB...
+        assert!(!p.wasteful(GIB_PAGES));
+        // ...half of it is not.
+        let p = Prediction::from(&sample((0.5 * link_pages) as u64, GIB_PAGES / 2)).unwrap();
         assert!(p.wasteful(GIB_PAGES));
     }
 
     #[test]
     fn an_idle_or_slow_guest_stays_in_precopy() {
         let mut a = AutoSwitch::default();
-        for _ in 0..10 {
-            // 1000 pages/s over 100k clean pages of a 1 GiB guest: ~4 MB/s.
-            let clean = 100_000;
-            let redirtied = (1000.0 / GIB_PAGES as f64 * clean as f64 * 0.05) as u64;
-            sync_after(&mut a, 0.05, clean, redirtied.max(1), GIB_PAGES - clean);
+        for k in 0..20 {
+            // 50 new pages per 50 ms: 4 MB/s against 3 GB/s.
+            let fresh = harvest(k * 50, 50);
+            a.sync(&fresh, PROBE, GIB_PAGES, GIB_PAGES / 2, BW);
             assert!(!a.wants_switch(), "{:?}", a.last());
         }
     }
 
     #[test]
-    fn a_saturating_hot_set_is_not_taken_for_a_fast_writer() {
-        // A 100 MB region rewritten every 10 ms in a 4 GiB guest: the
-        // first probe sees all of it re-dirtied (a huge apparent rate),
-        // the next ones none (its pages are still to send).
-        let guest = 4 * GIB_PAGES;
+    fn a_hot_set_counts_once_and_does_not_switch() {
+        // A 100 MB region rewritten every 10 ms: every probe reports all
+        // of it; only the first sees it as new.
         let hot = 25_600;
         let mut a = AutoSwitch::default();
-        a.tick(Duration::from_millis(50), 37_000);
-        let p = a.sync(guest, guest - 37_000 + hot, hot, BW).unwrap();
-        assert!(p.wasteful(guest), "{p:?}");
-        assert!(!a.wants_switch());
-        for k in 2..20u64 {
-            let clean = 37_000 * k - hot;
-            a.tick(Duration::from_millis(50), clean);
-            a.sync(guest, guest - clean, 0, BW);
-            assert!(!a.wants_switch(), "sync {k}: {:?}", a.last());
+        let p = a
+            .sync(&harvest(1000, hot), PROBE, GIB_PAGES, GIB_PAGES, BW)
+            .unwrap();
+        assert!(p.wasteful(GIB_PAGES), "{p:?}");
+        for k in 2..20 {
+            let p = a
+                .sync(&harvest(1000, hot), PROBE, GIB_PAGES, GIB_PAGES, BW)
+                .unwrap();
+            assert_eq!(p.dirty_rate, 0.0, "sync {k}");
+            assert!(!a.wants_switch(), "sync {k}: {p:?}");
         }
     }
 
     #[test]
-    fn nothing_is_predicted_before_the_link_or_exposure_is_measured() {
-        let mut a = AutoSwitch::default();
-        // No exposure yet (nothing sent).
-        assert_eq!(a.sync(GIB_PAGES, GIB_PAGES, 0, BW), None);
-        a.tick(Duration::from_millis(50), 1000);
-        // No bandwidth: unknown, and the streak is kept as it was.
-        a.streak = 1;
-        assert_eq!(a.sync(GIB_PAGES, GIB_PAGES, 500, 0.0), None);
+    fn nothing_is_predicted_before_the_link_is_measured() {
+        let mut a = AutoSwitch {
+            streak: 1,
+            ..AutoSwitch::default()
+        };
+        let fresh = harvest(0, 10_000);
+        assert_eq!(a.sync(&fresh, PROBE, GIB_PAGES, GIB_PAGES, 0.0), None);
+        assert_eq!(
+            a.sync(&fresh, Duration::ZERO, GIB_PAGES, GIB_PAGES, BW),
+            None
+        );
+        // Unknown: the streak is kept as it was.
         assert_eq!(a.streak, 1);
+        assert!(!a.wants_switch());
     }
 
     #[test]
     fn the_streak_breaks_on_a_sync_that_predicts_convergence() {
         let mut a = AutoSwitch::default();
-        // Wasteful, then calm, then wasteful: no two in a row.
-        sync_after(&mut a, 0.05, 100_000, 10_000, GIB_PAGES / 2);
+        let fast = sample(20_000, GIB_PAGES / 2);
+        let calm = sample(0, GIB_PAGES / 2);
+        a.observe(&fast);
         assert!(!a.wants_switch());
-        sync_after(&mut a, 0.05, 100_000, 0, GIB_PAGES / 2);
+        a.observe(&calm);
+        a.observe(&fast);
         assert!(!a.wants_switch());
-        sync_after(&mut a, 0.05, 100_000, 10_000, GIB_PAGES / 2);
-        assert!(!a.wants_switch());
-        sync_after(&mut a, 0.05, 100_000, 10_000, GIB_PAGES / 2);
+        a.observe(&fast);
         assert!(a.wants_switch());
     }
 
     #[test]
-    fn the_predicted_resend_is_the_geometric_sum_of_rounds() {
-        // ρ = 0.5: R·ρ/(1-ρ) = R.
-        let bw_pages = BW / PAGE_SIZE as f64;
-        let p = Prediction::from(&SyncSample {
-            guest_pages: GIB_PAGES,
-            remaining_pages: 1000,
-            redirtied_pages: (bw_pages * 0.5 / GIB_PAGES as f64 * 1e4) as u64,
-            exposure: 1e4,
-            bandwidth: BW,
-        })
-        .unwrap();
-        assert!((p.ratio - 0.5).abs() < 0.01, "{p:?}");
-        assert!((p.resend_pages - 1000.0).abs() < 20.0, "{p:?}");
-        // 1000 pages are far from an eighth of 1 GiB.
-        assert!(!p.wasteful(GIB_PAGES));
+    fn new_pages_are_those_the_previous_harvest_lacks() {
+        let prev = harvest(0, 100);
+        let fresh = harvest(50, 100);
+        assert_eq!(new_pages(&prev, &fresh), 50);
+        // No previous harvest: all of it.
+        assert_eq!(new_pages(&[], &fresh), 100);
+        // A block whose size changed counts whole.
+        let other = vec![DirtyBitmap::new(64)];
+        assert_eq!(new_pages(&other, &fresh), 100);
     }
 }
