@@ -59,6 +59,7 @@ fn quick_json() {
         "xbzrle encode, 8 bytes changed",
         "xbzrle encode, unchanged page",
         "xbzrle encode, 8 bytes changed, shuffled",
+        "xbzrle encode, 8 bytes changed, staged",
         "xbzrle decode",
         "compress lz4",
     ] {

@@ -1,23 +1,26 @@
-//! Byte-difference masks: which bytes of two equal-length buffers differ,
-//! one bit per byte, and the XBZRLE encoders built on them.
+//! Byte-difference masks (which bytes of two equal-length buffers differ,
+//! one bit per byte) and the XBZRLE encoders built on them.
 //!
-//! Every mask routine writes the same bits: bit `i % 64` of word `i / 64`
-//! is set when byte `i` differs; bits past the end of the buffers are
-//! clear. The routines only read the two input slices and only write the
-//! mask slice, through bounds-checked chunks.
+//! Every mask holds the same bits: bit `i % 64` of word `i / 64` is set
+//! when byte `i` differs; bits past the end of the buffers are clear.
 //!
 //! `encoder` picks the fastest XBZRLE encoder the CPU supports once
 //! (AVX-512BW, then AVX2 on x86_64, else the portable word-skipping
 //! encoder) and caches the choice, like [`super::zero`]. A SIMD encoder is
-//! one function compiled with its target features: the mask pass over the
-//! page pair, then [`super::xbzrle`]'s run walk over the mask (in L1 by
-//! then), with no indirect call between them. The AVX-512 routines are
-//! built only by compilers that have its intrinsics (Rust 1.89+, see
-//! `build.rs`).
+//! one function compiled with its target features and makes one pass over
+//! the page pair, a group of four 64-byte lines (`GROUP`) at a time: the
+//! XOR of the group's lines ORed together and tested once, so a group of
+//! equal bytes inside an unchanged run costs eight loads and one branch;
+//! only a group with a difference (or one that ends a changed run) has its
+//! four line masks fed to [`super::xbzrle`]'s run writer, one group late,
+//! after the next group's loads are issued. No mask array is built. The
+//! output is byte-identical to the portable encoder (the tests compare
+//! them). The AVX-512 routines are built only by compilers that have its
+//! intrinsics (Rust 1.89+, see `build.rs`).
 //!
 //! # Read-ahead
 //!
-//! The SIMD mask passes prefetch the line [`READ_AHEAD`] bytes ahead of the
+//! The SIMD encoders prefetch the group [`READ_AHEAD`] bytes ahead of the
 //! one they compare, inside the page: the hardware prefetcher does not
 //! cross 4 KiB pages and needs a few misses before it starts, and a page
 //! that is not 64-byte aligned (a page-cache copy from the allocator) makes
@@ -39,9 +42,16 @@ pub(crate) type MaskFn = fn(&[u8], &[u8], &mut [u64]);
 /// (`old.len() == new.len() <= MAX_PAGE_LEN`).
 pub(crate) type EncodeFn = fn(&[u8], &[u8], &mut [u8]) -> Result<usize, Error>;
 
-/// Bytes ahead of the compared line that the SIMD mask passes prefetch
-/// (two lines; 128 to 256 measured alike, 384 and more slower).
-pub const READ_AHEAD: usize = 128;
+/// Bytes ahead of the compared group that the SIMD encoders prefetch: the
+/// whole next group of both pages, inside the page (measured: 128 bytes or
+/// half a group ahead, 384 or 512 bytes, or two groups were all slower;
+/// BENCHMARKS.md).
+pub const READ_AHEAD: usize = 256;
+
+/// Bytes the SIMD encoders compare per step (four 64-byte lines): a
+/// group with no difference inside an unchanged run costs eight loads,
+/// the XORs and one test.
+const GROUP: usize = 256;
 
 /// An encoder and its name.
 struct Routine {
@@ -53,6 +63,7 @@ struct Routine {
 static SELECTED: OnceLock<Routine> = OnceLock::new();
 
 /// Mask words needed for `len` bytes.
+#[cfg(test)]
 pub(crate) const fn words(len: usize) -> usize {
     len.div_ceil(64)
 }
@@ -190,14 +201,17 @@ mod x86 {
     //! a byte inside a slice, or a call into a function whose target
     //! features were checked at run time just before.
 
-    use super::{Error, READ_AHEAD};
-    use crate::codec::xbzrle::encode_masked;
+    use super::{Error, GROUP, READ_AHEAD};
+    use crate::codec::xbzrle::Runs;
     use std::arch::x86_64::{
-        __m256i, _mm256_cmpeq_epi8, _mm256_loadu_si256, _mm256_movemask_epi8, _mm_prefetch,
-        _MM_HINT_T0,
+        __m256i, _mm256_cmpeq_epi8, _mm256_loadu_si256, _mm256_movemask_epi8, _mm256_or_si256,
+        _mm256_testz_si256, _mm256_xor_si256, _mm_prefetch, _MM_HINT_T0,
     };
     #[cfg(livemig_avx512)]
-    use std::arch::x86_64::{__m512i, _mm512_cmpneq_epi8_mask, _mm512_loadu_si512};
+    use std::arch::x86_64::{
+        __m512i, _mm512_cmpneq_epi8_mask, _mm512_loadu_si512, _mm512_or_si512,
+        _mm512_test_epi64_mask, _mm512_xor_si512,
+    };
 
     /// AVX-512BW encoder; selected only after
     /// `is_x86_feature_detected!("avx512bw")`.
@@ -234,57 +248,179 @@ mod x86 {
         unsafe { fill_avx2(old, new, mask) }
     }
 
-    // `encode_masked` is `inline(always)`: compiled here, inside the
-    // target-feature function, with the mask pass inlined into it.
+    /// The SIMD encoders' loop: the page in groups of [`GROUP`] bytes,
+    /// `group(o, n)` giving the four 64-byte lines' difference masks, or
+    /// `None` when the whole group is equal; then the full lines left
+    /// with `line`, then the tail. A group of equal bytes inside an
+    /// unchanged run is skipped without touching [`Runs`].
+    #[inline(always)]
+    fn encode_groups(
+        old: &[u8],
+        new: &[u8],
+        out: &mut [u8],
+        mut group: impl FnMut(&[u8; GROUP], &[u8; GROUP]) -> Option<[u64; 4]>,
+        mut line: impl FnMut(&[u8; 64], &[u8; 64]) -> u64,
+    ) -> Result<usize, Error> {
+        let len = new.len();
+        let mut runs = Runs::new(new, out);
+        let groups = old.chunks_exact(GROUP).zip(new.chunks_exact(GROUP));
+        // The masks of the group before: handled after the next group's
+        // loads are issued, so a mispredicted branch in the run walk does
+        // not hold them back.
+        let mut pending: Option<(usize, [u64; 4])> = None;
+        for (g, (o, n)) in groups.enumerate() {
+            let at = g * GROUP;
+            for line in (0..GROUP).step_by(64) {
+                read_ahead(old, at + READ_AHEAD + line);
+                read_ahead(new, at + READ_AHEAD + line);
+            }
+            let (o, n) = (as_group(o), as_group(n));
+            let this = group(o, n);
+            if let Some((before, m)) = pending.take() {
+                for (k, m) in m.into_iter().enumerate() {
+                    let base = before + 64 * k;
+                    runs.line(base, m, base + 64)?;
+                }
+            }
+            match this {
+                None if !runs.in_changed_run() => {}
+                None => runs.line(at, 0, at + 64)?,
+                Some(m) => pending = Some((at, m)),
+            }
+        }
+        if let Some((before, m)) = pending {
+            for (k, m) in m.into_iter().enumerate() {
+                let base = before + 64 * k;
+                runs.line(base, m, base + 64)?;
+            }
+        }
+        let full = len / 64 * 64;
+        let mut at = len / GROUP * GROUP;
+        while at < full {
+            let m = line(as_line(&old[at..at + 64]), as_line(&new[at..at + 64]));
+            runs.line(at, m, at + 64)?;
+            at += 64;
+        }
+        if full < len {
+            let mut m = [0u64; 1];
+            super::tail(&old[full..], &new[full..], &mut m);
+            runs.line(full, m[0], len)?;
+        }
+        runs.finish()
+    }
+
+    /// A `GROUP`-byte chunk as an array.
+    #[inline(always)]
+    fn as_group(chunk: &[u8]) -> &[u8; GROUP] {
+        chunk.try_into().expect("a chunk of GROUP bytes")
+    }
+
+    /// A 64-byte chunk as an array.
+    #[inline(always)]
+    fn as_line(chunk: &[u8]) -> &[u8; 64] {
+        chunk.try_into().expect("a chunk of 64 bytes")
+    }
+
     #[cfg(livemig_avx512)]
     #[clippy::msrv = "1.89"]
     #[target_feature(enable = "avx512f,avx512bw")]
     fn encode_avx512_impl(old: &[u8], new: &[u8], out: &mut [u8]) -> Result<usize, Error> {
-        encode_masked(old, new, out, |o, n, m| fill_avx512(o, n, m))
+        encode_groups(
+            old,
+            new,
+            out,
+            |o, n| {
+                let l = |k: usize| {
+                    (
+                        load512(&o[64 * k..64 * k + 64]),
+                        load512(&n[64 * k..64 * k + 64]),
+                    )
+                };
+                let (a, b, c, d) = (l(0), l(1), l(2), l(3));
+                let x = _mm512_or_si512(
+                    _mm512_or_si512(_mm512_xor_si512(a.0, a.1), _mm512_xor_si512(b.0, b.1)),
+                    _mm512_or_si512(_mm512_xor_si512(c.0, c.1), _mm512_xor_si512(d.0, d.1)),
+                );
+                if _mm512_test_epi64_mask(x, x) == 0 {
+                    return None;
+                }
+                Some([
+                    _mm512_cmpneq_epi8_mask(a.0, a.1),
+                    _mm512_cmpneq_epi8_mask(b.0, b.1),
+                    _mm512_cmpneq_epi8_mask(c.0, c.1),
+                    _mm512_cmpneq_epi8_mask(d.0, d.1),
+                ])
+            },
+            |o, n| _mm512_cmpneq_epi8_mask(load512(o), load512(n)),
+        )
     }
 
     #[target_feature(enable = "avx2")]
     fn encode_avx2_impl(old: &[u8], new: &[u8], out: &mut [u8]) -> Result<usize, Error> {
-        encode_masked(old, new, out, |o, n, m| fill_avx2(o, n, m))
+        encode_groups(
+            old,
+            new,
+            out,
+            |o, n| {
+                let l = |k: usize| {
+                    (
+                        load256(&o[32 * k..32 * k + 32]),
+                        load256(&n[32 * k..32 * k + 32]),
+                    )
+                };
+                let v = [l(0), l(1), l(2), l(3), l(4), l(5), l(6), l(7)];
+                let x = |k: usize| _mm256_xor_si256(v[k].0, v[k].1);
+                let any = _mm256_or_si256(
+                    _mm256_or_si256(_mm256_or_si256(x(0), x(1)), _mm256_or_si256(x(2), x(3))),
+                    _mm256_or_si256(_mm256_or_si256(x(4), x(5)), _mm256_or_si256(x(6), x(7))),
+                );
+                if _mm256_testz_si256(any, any) != 0 {
+                    return None;
+                }
+                let eq = |k: usize| _mm256_movemask_epi8(_mm256_cmpeq_epi8(v[k].0, v[k].1)) as u32;
+                // movemask gives the equal bytes; the mask wants the others.
+                let m = |k: usize| !(u64::from(eq(2 * k)) | u64::from(eq(2 * k + 1)) << 32);
+                Some([m(0), m(1), m(2), m(3)])
+            },
+            |o, n| {
+                let eq = |k: usize| {
+                    _mm256_movemask_epi8(_mm256_cmpeq_epi8(
+                        load256(&o[32 * k..32 * k + 32]),
+                        load256(&n[32 * k..32 * k + 32]),
+                    )) as u32
+                };
+                !(u64::from(eq(0)) | u64::from(eq(1)) << 32)
+            },
+        )
     }
 
-    /// The mask with AVX-512BW: one compare per 64 bytes.
-    #[cfg(livemig_avx512)]
+    /// The mask with AVX-512BW, one compare per line (tests).
+    #[cfg(all(test, livemig_avx512))]
     #[clippy::msrv = "1.89"]
-    #[inline]
     #[target_feature(enable = "avx512f,avx512bw")]
     fn fill_avx512(old: &[u8], new: &[u8], mask: &mut [u64]) {
         let full = old.len() / 64;
-        let (o, n) = (&old[..full * 64], &new[..full * 64]);
         for (w, m) in mask[..full].iter_mut().enumerate() {
             let at = w * 64;
-            read_ahead(o, at + READ_AHEAD);
-            read_ahead(n, at + READ_AHEAD);
-            *m = _mm512_cmpneq_epi8_mask(load512(&o[at..at + 64]), load512(&n[at..at + 64]));
+            *m = _mm512_cmpneq_epi8_mask(load512(&old[at..at + 64]), load512(&new[at..at + 64]));
         }
         super::tail(&old[full * 64..], &new[full * 64..], &mut mask[full..]);
     }
 
-    /// The mask with AVX2: two compares per 64 bytes.
-    #[inline]
+    /// The mask with AVX2, two compares per line (tests).
+    #[cfg(test)]
     #[target_feature(enable = "avx2")]
     fn fill_avx2(old: &[u8], new: &[u8], mask: &mut [u64]) {
         let full = old.len() / 64;
-        let (o, n) = (&old[..full * 64], &new[..full * 64]);
         for (w, m) in mask[..full].iter_mut().enumerate() {
             let at = w * 64;
-            read_ahead(o, at + READ_AHEAD);
-            read_ahead(n, at + READ_AHEAD);
-            let lo = _mm256_movemask_epi8(_mm256_cmpeq_epi8(
-                load256(&o[at..at + 32]),
-                load256(&n[at..at + 32]),
-            ));
-            let hi = _mm256_movemask_epi8(_mm256_cmpeq_epi8(
-                load256(&o[at + 32..at + 64]),
-                load256(&n[at + 32..at + 64]),
-            ));
-            // movemask gives the equal bytes; the mask wants the others.
-            *m = !(u64::from(lo as u32) | u64::from(hi as u32) << 32);
+            let eq = |k: usize| {
+                _mm256_movemask_epi8(_mm256_cmpeq_epi8(
+                    load256(&old[at + 32 * k..at + 32 * k + 32]),
+                    load256(&new[at + 32 * k..at + 32 * k + 32]),
+                )) as u32
+            };
+            *m = !(u64::from(eq(0)) | u64::from(eq(1)) << 32);
         }
         super::tail(&old[full * 64..], &new[full * 64..], &mut mask[full..]);
     }

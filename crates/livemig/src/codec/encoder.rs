@@ -346,7 +346,12 @@ impl PageEncoder {
                 Some(Ok(()))
             }
             Ok(n) => {
-                old.copy_from_slice(w.staged());
+                // The cached copy becomes the new page by applying the delta
+                // just made: only the changed bytes are written, not a
+                // whole page into a copy that is usually out of cache.
+                if xbzrle::decode(&x.buf[..n], old).is_err() {
+                    old.copy_from_slice(w.staged());
+                }
                 self.c.xbzrle_pages += 1;
                 self.c.xbzrle_bytes += n as u64;
                 let ns = t0.elapsed().as_nanos() as u64;
@@ -534,6 +539,45 @@ mod tests {
         assert_eq!(e.xbzrle_cache_size(), Some(1 << 20));
         e.set_xbzrle(None);
         assert!(!e.has_xbzrle());
+    }
+
+    #[test]
+    fn cached_copy_follows_each_delta() {
+        let mem = memory(&[noise(1)]);
+        let mut e = PageEncoder::new(false);
+        e.set_xbzrle(Some(1 << 20));
+        let d = |generation| {
+            Some(Delta {
+                addr: 0,
+                generation,
+                last_pass: false,
+            })
+        };
+        let mut first = noise(1);
+        first[100..108].copy_from_slice(b"changed!");
+        // The second version undoes the first change and makes another:
+        // its delta is right only against an updated cached copy.
+        let mut second = noise(1);
+        second[4000..4004].copy_from_slice(b"next");
+        let bytes = stream(&mem, |w| {
+            e.encode(w, page(&mem, 0), d(1)).unwrap();
+            assert!(mem.blocks()[0].region().write(0, &first));
+            e.encode(w, page(&mem, 0), d(2)).unwrap();
+            assert!(mem.blocks()[0].region().write(0, &second));
+            e.encode(w, page(&mem, 0), d(3)).unwrap();
+            // Unchanged since: the cached copy is the page.
+            e.encode(w, page(&mem, 0), d(4)).unwrap();
+        });
+        let k = kinds(&bytes);
+        let names: Vec<_> = k.iter().map(|(n, _, _)| *n).collect();
+        assert_eq!(names, ["raw", "xbzrle", "xbzrle"]);
+        let mut page0 = noise(1);
+        xbzrle::decode(&k[1].2, &mut page0).unwrap();
+        assert_eq!(page0, first);
+        xbzrle::decode(&k[2].2, &mut page0).unwrap();
+        assert_eq!(page0, second);
+        let c = e.counters();
+        assert_eq!((c.xbzrle_pages, c.skipped), (2, 1));
     }
 
     #[test]

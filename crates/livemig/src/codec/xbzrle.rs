@@ -120,11 +120,11 @@ pub enum Error {
 /// encoding does not fit `out` by QEMU's rule (see the module docs).
 /// `out` may be changed even on error, but never past its end.
 ///
-/// Where the CPU has AVX-512BW or AVX2 the runs are found from a SIMD
-/// byte-difference mask of the page pair ([`super::diff`], which also
-/// prefetches a little past the end of both pages: see its read-ahead
-/// note); elsewhere by a word-skipping scan ([`encode_portable`]). Both
-/// give byte-identical output (the tests compare them).
+/// Where the CPU has AVX-512BW or AVX2 the runs are found in one SIMD
+/// pass over the page pair, 256 bytes at a time, equal stretches skipped
+/// with one test each ([`super::diff`]); elsewhere by a word-skipping scan
+/// ([`encode_portable`]). Both give byte-identical output (the tests
+/// compare them).
 #[inline]
 pub fn encode(old: &[u8], new: &[u8], out: &mut [u8]) -> Result<usize, Error> {
     check_lengths(old, new)?;
@@ -164,15 +164,154 @@ pub fn encode_portable(old: &[u8], new: &[u8], out: &mut [u8]) -> Result<usize, 
     })
 }
 
+/// The run writer of the SIMD encoders: fed the byte-difference mask of
+/// the page one 64-byte line at a time, in page order (bit `k` of a
+/// line's mask set when byte `base + k` differs), it writes each run as
+/// soon as the line where it ends is seen, with the same room checks, in
+/// the same order, as [`emit_runs`] (so the same bytes and the same
+/// [`Error::Overflow`] cases). A line that continues the current run (no
+/// changed byte inside an unchanged run, or no unchanged byte inside a
+/// changed run) costs one test: the encoders skip whole groups of equal
+/// lines without calling it at all.
+pub(crate) struct Runs<'a> {
+    new: &'a [u8],
+    out: &'a mut [u8],
+    /// Bytes written to `out`.
+    d: usize,
+    /// Page offset where the current run started.
+    start: usize,
+    /// Whether the current run is of changed bytes.
+    changed: bool,
+}
+
+impl<'a> Runs<'a> {
+    /// A writer for the runs of `new` (whose old copy the caller compares)
+    /// into `out`.
+    #[inline(always)]
+    pub(crate) fn new(new: &'a [u8], out: &'a mut [u8]) -> Self {
+        Runs {
+            new,
+            out,
+            d: 0,
+            start: 0,
+            changed: false,
+        }
+    }
+
+    /// Whether the run in progress is of changed bytes (then a line of
+    /// equal bytes ends it and must be fed).
+    #[inline(always)]
+    pub(crate) fn in_changed_run(&self) -> bool {
+        self.changed
+    }
+
+    /// Feeds the mask `m` of the bytes `base..end` (`end - base <= 64`;
+    /// bits at and past `end - base` are ignored).
+    #[inline(always)]
+    pub(crate) fn line(&mut self, base: usize, m: u64, end: usize) -> Result<(), Error> {
+        // Bits where the byte is not of the current run's kind.
+        let flips = if self.changed { !m } else { m };
+        let valid = end - base;
+        let flips = if valid >= 64 {
+            flips
+        } else {
+            flips & ((1u64 << valid) - 1)
+        };
+        if flips == 0 {
+            return Ok(());
+        }
+        self.switch(base, m, flips, valid)
+    }
+
+    /// The runs that end inside one line: `flips` is non-zero.
+    #[inline(never)]
+    fn switch(&mut self, base: usize, m: u64, mut flips: u64, valid: usize) -> Result<(), Error> {
+        while flips != 0 {
+            let at = flips.trailing_zeros() as usize;
+            if self.changed {
+                self.end_changed(base + at)?;
+            } else {
+                self.start_changed(base + at)?;
+            }
+            // The bits past `at` that differ from the new run's kind.
+            let kind = if self.changed { !m } else { m };
+            let above = if at >= 63 { 0 } else { !0u64 << (at + 1) };
+            let limit = if valid >= 64 {
+                !0u64
+            } else {
+                (1u64 << valid) - 1
+            };
+            flips = kind & above & limit;
+        }
+        Ok(())
+    }
+
+    /// An unchanged run ends (a changed one starts) at page offset `at`.
+    #[inline(always)]
+    fn start_changed(&mut self, at: usize) -> Result<(), Error> {
+        let dlen = self.out.len();
+        if self.d + 2 > dlen {
+            return Err(Error::Overflow);
+        }
+        self.d += put_length(&mut self.out[self.d..], at - self.start);
+        if self.d + 2 > dlen {
+            return Err(Error::Overflow);
+        }
+        self.start = at;
+        self.changed = true;
+        Ok(())
+    }
+
+    /// A changed run ends at page offset `at`: its length and bytes.
+    #[inline(always)]
+    fn end_changed(&mut self, at: usize) -> Result<(), Error> {
+        let n = at - self.start;
+        self.d += put_length(&mut self.out[self.d..], n);
+        if self.d + n > self.out.len() {
+            return Err(Error::Overflow);
+        }
+        let (d, start) = (self.d, self.start);
+        if n <= 16 && d + 16 <= self.out.len() && start + 16 <= self.new.len() {
+            // A short run (the common case): one fixed 16-byte copy instead
+            // of a call to `memcpy`. The bytes past `n` are overwritten by
+            // what follows or lie past the encoding's end, inside `out`.
+            self.out[d..d + 16].copy_from_slice(&self.new[start..start + 16]);
+        } else {
+            self.out[d..d + n].copy_from_slice(&self.new[start..at]);
+        }
+        self.d += n;
+        self.start = at;
+        self.changed = false;
+        Ok(())
+    }
+
+    /// Ends the page: the encoded length, `Ok(0)` when nothing changed.
+    #[inline(always)]
+    pub(crate) fn finish(mut self) -> Result<usize, Error> {
+        let len = self.new.len();
+        if len == 0 {
+            return Ok(0);
+        }
+        if self.changed {
+            self.end_changed(len)?;
+            return Ok(self.d);
+        }
+        // A trailing unchanged run is not written, but QEMU checks for
+        // room before looking at it (also when the whole page is
+        // unchanged, with `d == 0`).
+        if self.d + 2 > self.out.len() {
+            return Err(Error::Overflow);
+        }
+        Ok(self.d)
+    }
+}
+
 /// The encoder over a byte-difference mask that `fill(old, new, mask)`
 /// builds (bit `i % 64` of word `i / 64` set when byte `i` differs, bits
-/// past the end clear): the mask pass first, then the run walk over the
-/// mask alone, which by then sits in L1. The caller has checked the
+/// past the end clear), walked through [`Runs`]: tests the run writer on
+/// any CPU with the portable mask routine. The caller has checked the
 /// lengths.
-///
-/// `inline(always)`: the SIMD encoders compile it inside their
-/// target-feature functions so that `fill` inlines into it.
-#[inline(always)]
+#[cfg(test)]
 pub(crate) fn encode_masked(
     old: &[u8],
     new: &[u8],
@@ -180,42 +319,13 @@ pub(crate) fn encode_masked(
     fill: impl FnOnce(&[u8], &[u8], &mut [u64]),
 ) -> Result<usize, Error> {
     let len = new.len();
-    let words = super::diff::words(len);
-    // A page of the usual size keeps its mask small (512 bytes to clear).
-    let mut small = [0u64; super::diff::words(4096)];
-    let mut large;
-    let mask: &mut [u64] = if words <= small.len() {
-        &mut small[..words]
-    } else {
-        large = [0u64; super::diff::words(MAX_PAGE_LEN)];
-        &mut large[..words]
-    };
-    fill(old, new, mask);
-    let mask = &*mask;
-    emit_runs(new, out, |i, changed| next_bit(mask, i, len, changed))
-}
-
-/// The first page offset at or after `from` whose mask bit equals `set`,
-/// or `len` when there is none. Bits past `len` are clear.
-#[inline(always)]
-fn next_bit(mask: &[u64], from: usize, len: usize, set: bool) -> usize {
-    let flip = if set { 0 } else { !0u64 };
-    let mut w = from / 64;
-    let Some(&first) = mask.get(w) else {
-        return len;
-    };
-    let mut bits = (first ^ flip) & (!0u64 << (from % 64));
-    loop {
-        if bits != 0 {
-            // Past the end the flipped mask is all ones: clamp.
-            return (w * 64 + bits.trailing_zeros() as usize).min(len);
-        }
-        w += 1;
-        match mask.get(w) {
-            Some(&m) => bits = m ^ flip,
-            None => return len,
-        }
+    let mut mask = vec![0u64; super::diff::words(len)];
+    fill(old, new, &mut mask);
+    let mut runs = Runs::new(new, out);
+    for (w, &m) in mask.iter().enumerate() {
+        runs.line(w * 64, m, (w * 64 + 64).min(len))?;
     }
+    runs.finish()
 }
 
 /// Writes the runs of `new` into `out` with QEMU's room checks;
@@ -816,6 +926,87 @@ mod tests {
             }
         }
         assert!(cases > 10_000, "{cases}");
+    }
+
+    #[test]
+    fn simd_encoders_group_boundaries_odd_lengths_and_offsets() {
+        // The SIMD encoders step 256 bytes (four lines) at a time, then
+        // single lines, then a tail under 64 bytes: runs that start, end or
+        // stop just around those boundaries, pages of lengths that leave
+        // each kind of remainder, slices at unaligned offsets, with the
+        // exact output length, one byte less and a few tiny ones, and a
+        // guard after the output.
+        let mut rng = XorShift::new(0x6A09_E667_F3BC_C908);
+        let encoders = encoders();
+        let base: Vec<u8> = (0..MAX_PAGE_LEN + 64).map(|_| rng.byte()).collect();
+        let lens = [
+            1,
+            63,
+            64,
+            65,
+            255,
+            256,
+            257,
+            319,
+            320,
+            321,
+            511,
+            512,
+            575,
+            4095,
+            4096,
+            4097,
+            MAX_PAGE_LEN,
+        ];
+        let mut cases = 0;
+        for &len in &lens {
+            for offset in [0, 1, 17, 63] {
+                let old = &base[offset..offset + len];
+                let mut starts = vec![0, 1, 63, 64, 191, 192, 255, 256, 257, 511, 512];
+                starts.extend([len.saturating_sub(65), len.saturating_sub(64)]);
+                starts.extend([len.saturating_sub(1), len / 256 * 256]);
+                starts.retain(|&s| s < len);
+                for &start in &starts {
+                    for run in [1, 2, 64, 65, 192, 256, 257, 700] {
+                        let mut new = old.to_vec();
+                        let end = (start + run).min(len);
+                        for b in &mut new[start..end] {
+                            *b = !*b;
+                        }
+                        let full = reference(old, &new, usize::MAX).unwrap().len();
+                        for dlen in [full, full.saturating_sub(1), 0, 1, 2, 3] {
+                            let want = reference(old, &new, dlen).ok_or(Error::Overflow);
+                            for (name, f) in &encoders {
+                                let mut buf = vec![0xC3u8; dlen + 8];
+                                let got = f(old, &new, &mut buf[..dlen]).map(|n| buf[..n].to_vec());
+                                assert_eq!(
+                                    got, want,
+                                    "{name}: len {len}+{offset}, run {start}+{run}, dlen {dlen}"
+                                );
+                                assert!(
+                                    buf[dlen..].iter().all(|&b| b == 0xC3),
+                                    "{name}: wrote past dlen {dlen}"
+                                );
+                            }
+                            cases += 1;
+                        }
+                    }
+                }
+                // The unchanged page too, at every tiny output length.
+                for dlen in 0..4 {
+                    let want = reference(old, old, dlen).ok_or(Error::Overflow);
+                    for (name, f) in &encoders {
+                        let mut buf = vec![0u8; dlen];
+                        assert_eq!(
+                            f(old, old, &mut buf),
+                            want.clone().map(|v| v.len()),
+                            "{name}"
+                        );
+                    }
+                }
+            }
+        }
+        assert!(cases > 5_000, "{cases}");
     }
 
     #[test]
