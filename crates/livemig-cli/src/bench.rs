@@ -117,7 +117,9 @@ pub struct BenchArgs {
     #[arg(long)]
     pub no_cold: bool,
     /// Only the migration cases whose name contains one of these
-    /// (comma-separated), e.g. `--case incompressible`.
+    /// (comma-separated), e.g. `--case incompressible`; a whole value
+    /// that is exactly one case's name (`--case "incompressible, tcp,
+    /// 1ch"`) runs only that case.
     #[arg(long, value_delimiter = ',')]
     pub case: Vec<String>,
     /// Also write the JSON object to this file.
@@ -347,6 +349,8 @@ struct Reference {
 struct References {
     memcpy: Reference,
     tcp_loopback: Reference,
+    /// CPU seconds (both threads) per GiB of the loopback TCP reference.
+    tcp_loopback_cpu_secs_per_gib: f64,
     unix_socket: Reference,
     /// The shm transport as configured by default (futex sleep at once).
     shm: Reference,
@@ -368,9 +372,13 @@ fn references(c: &Config, json: bool) -> Result<References> {
         &format!("loopback TCP reference ({} per run)", human(c.link_bytes)),
     );
     let runs = c.runs.max(3);
+    let cpu0 = cpu_secs();
     let tcp: Vec<f64> = (0..runs)
         .map(|_| tcp_rate(&data, c.link_bytes))
         .collect::<Result<_>>()?;
+    // Both threads' CPU per GiB moved: what the link costs whatever share
+    // of the cores a loaded host grants.
+    let tcp_cpu = (cpu_secs() - cpu0) / (runs as f64 * c.link_bytes as f64 / (1u64 << 30) as f64);
     note(json, "Unix socket reference");
     let unix: Vec<f64> = (0..runs)
         .map(|_| unix_rate(&data, c.link_bytes))
@@ -392,6 +400,7 @@ fn references(c: &Config, json: bool) -> Result<References> {
                 human(c.memcpy_size)
             ),
         },
+        tcp_loopback_cpu_secs_per_gib: tcp_cpu,
         tcp_loopback: Reference {
             bytes_per_sec: median(&tcp),
             samples: tcp,
@@ -1241,7 +1250,14 @@ fn migration(
         list.retain(|s| !s.cold);
     }
     if !cases.is_empty() {
-        list.retain(|s| cases.iter().any(|c| s.name.contains(c.as_str())));
+        // Names hold commas, which the option splits on: the whole value
+        // naming one case exactly selects only that case.
+        let whole = cases.join(",");
+        if list.iter().any(|s| s.name == whole) {
+            list.retain(|s| s.name == whole);
+        } else {
+            list.retain(|s| cases.iter().any(|c| s.name.contains(c.as_str())));
+        }
     }
     // Source and pre-touched destination memory of each guest size, and
     // what the source holds.
@@ -1835,6 +1851,10 @@ fn print_tables(
             samples.join(" ")
         );
     }
+    println!(
+        "  loopback TCP CPU cost: {:.3} CPU s per GiB (both threads; compare the migrations' CPU s/GiB)",
+        refs.tcp_loopback_cpu_secs_per_gib
+    );
     if let Some(rows) = codecs {
         println!();
         println!(

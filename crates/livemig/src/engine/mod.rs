@@ -15,6 +15,7 @@ mod params;
 pub mod postcopy;
 mod prefault;
 mod search;
+mod shrink;
 mod source;
 mod stats;
 

@@ -11,6 +11,10 @@
 //! small. A window holding one data page costs 2 MiB, as it would with
 //! huge pages.
 //!
+//! A window whose first data page is already in memory (a pre-touched
+//! destination) is left alone: populating it would only walk its page
+//! tables (one `mincore` call per window tells).
+//!
 //! It runs on the thread that writes the page, before the write: nothing
 //! touches memory after a stream's loop returns (a postcopy switch
 //! registers the memory with userfaultfd, where populating would fault).
@@ -67,6 +71,12 @@ impl Prefault {
         {
             return;
         }
+        if region.resident(offset as usize) == Some(true) {
+            // Memory faulted in before (a pre-touched destination, a
+            // window the guest used): populating would only walk its
+            // page tables.
+            return;
+        }
         let start = (w << WINDOW_SHIFT) as usize;
         let len = (1usize << WINDOW_SHIFT).min(region.len() - start);
         if let Err(e) = region.populate_write(start, len) {
@@ -120,6 +130,34 @@ mod tests {
                 .count())
                 == Some(16)
         );
+    }
+
+    #[test]
+    fn a_window_already_in_memory_is_not_populated() {
+        let mem = ProcessMemory::single(4 * MIB).unwrap();
+        let r = mem.blocks()[0].region().clone();
+        assert_eq!(r.resident(0), Some(false), "fresh anonymous memory");
+        assert!(r.write(0, &[9; 4096]));
+        assert_eq!(r.resident(0), Some(true));
+        // With transparent huge pages the write brought the whole window.
+        let huge = r.resident(4096) == Some(true);
+        assert_eq!(r.resident(4 * MIB as usize), None, "out of range");
+        let p = Prefault::new(&mem, true);
+        p.before_write(0, &r, 0);
+        assert_eq!(p.windows_done(), 1, "claimed");
+        if let Some(ranges) = r.populated(0, 2 * MIB as usize) {
+            let bytes: usize = ranges.iter().map(|(a, b)| b - a).sum();
+            assert!(huge || bytes < 2 * MIB as usize, "populated: {bytes} bytes");
+        }
+        // The second window is not in memory: populated whole.
+        p.before_write(0, &r, 2 * MIB + 8192);
+        if let Some(ranges) = r.populated(2 * MIB as usize, 2 * MIB as usize) {
+            let bytes: usize = ranges.iter().map(|(a, b)| b - a).sum();
+            assert_eq!(bytes, 2 * MIB as usize);
+        }
+        let mut b = [0u8; 4096];
+        assert!(r.read(0, &mut b));
+        assert_eq!(b, [9; 4096]);
     }
 
     #[test]

@@ -22,6 +22,7 @@ use super::postcopy::{
     check_request, BitmapAssembler, FaultReport, Message, MessageReader, PostcopyError, PUSH_WINDOW,
 };
 use super::search::{PageSearch, Untouched};
+use super::shrink;
 use super::stats::{CompressionStats, MigrationStats, PauseBreakdown, Status, XbzrleStats};
 use super::MigrationError;
 use crate::bitmap::DirtyBitmap;
@@ -339,6 +340,9 @@ struct RamSaver<'a> {
     /// Postcopy `auto`: the prediction of what precopy would re-send
     /// (see `postcopy/switchover.rs`).
     auto_switch: AutoSwitch,
+    /// Bytes per second the set left grew by at the last switch-over
+    /// sync (see `shrink.rs`); `None` before it.
+    growth: Option<f64>,
     /// Postcopy: page requests served, bytes sent since the switch, the
     /// destination's fault figures, ms from the switch to the last page.
     postcopy_requests: u64,
@@ -410,6 +414,7 @@ impl<'a> RamSaver<'a> {
             stalls: 0,
             prev_remaining: None,
             auto_switch: AutoSwitch::default(),
+            growth: None,
             postcopy_requests: 0,
             postcopy_from: None,
             fault_report: None,
@@ -562,14 +567,20 @@ impl<'a> RamSaver<'a> {
                 break;
             }
             self.state_cost = vm.state_cost();
-            if self.pause_fits() {
+            // While the set left shrinks fast, send on live instead of
+            // pausing with it (see `shrink.rs`).
+            if self.pause_fits() && !self.keeps_shrinking() {
+                let before = self.remaining_pages();
+                let since = self.last_sync.elapsed().as_secs_f64();
                 self.sync(tracker)?;
+                let grew = shrink::growth_rate(before, self.remaining_pages(), since);
+                self.growth = Some(grew * PAGE_SIZE as f64);
                 self.barrier(&mut w)?;
                 if self.params.verify && self.hash_sampled.elapsed() >= HASH_RESAMPLE {
                     // The host's load now, not at setup.
                     self.sample_hash();
                 }
-                if self.pause_fits() {
+                if self.pause_fits() && !self.keeps_shrinking() {
                     break;
                 }
             } else if (self.throttle > 0
@@ -1233,6 +1244,18 @@ impl<'a> RamSaver<'a> {
             );
         }
         i.remaining_bytes == 0 || self.pacing.fits(&i, limit)
+    }
+
+    /// True when precopy should send on although the pause fits: the set
+    /// left is not small and grew, at the last switch-over sync, far
+    /// slower than the link sends (see `shrink.rs`).
+    fn keeps_shrinking(&self) -> bool {
+        shrink::keep_sending(
+            self.remaining_bytes(),
+            self.growth,
+            self.pacing.conservative_bandwidth(),
+            self.params.downtime_limit,
+        )
     }
 
     /// True when the whole stop-and-copy fits the downtime limit: unlike

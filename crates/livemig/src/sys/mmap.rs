@@ -468,6 +468,24 @@ impl RawRegion {
         Ok(())
     }
 
+    /// Whether the page at `offset` is in memory (`mincore`): one cheap
+    /// call, no page-table walk of a whole range. `None` when out of range
+    /// or the kernel refuses.
+    pub fn resident(&self, offset: usize) -> Option<bool> {
+        const PAGE: usize = 4096;
+        let page = offset - offset % PAGE;
+        if !self.check(page, PAGE) {
+            return None;
+        }
+        let mut vec = [0u8; 1];
+        // SAFETY: the page is inside the live mapping (checked) and
+        // page-aligned (the mapping is); mincore writes one byte per page
+        // of the range into `vec`, which holds one.
+        let r =
+            unsafe { libc::mincore(self.ptr.as_ptr().add(page).cast(), PAGE, vec.as_mut_ptr()) };
+        (r == 0).then_some(vec[0] & 1 != 0)
+    }
+
     /// Byte ranges (offsets in this region) of `[offset, offset + len)`
     /// that may hold data; every other page there reads as zeros. `None`
     /// when that cannot be known (see `sys::residency::populated`):
