@@ -1,7 +1,20 @@
 //! The livemig side: two minivm processes (a source running the boot
 //! sector, an incoming destination) on loopback TCP, driven over livemig's
 //! control socket.
+//!
+//! The same code drives a baseline build (`--baseline`, system
+//! `livemig-base`). Builds from before the control socket spoke QMP
+//! (before commit 7a7eb1b) greet with `{"livemig": ...}`, take one JSON
+//! request per line without `qmp_capabilities`, and know fewer names:
+//! capability `verify` (not `x-livemig-verify`), no `multifd`, `postcopy-*`
+//! or `dirty-limit` capabilities, parameters `channels` and `dirty-limit`
+//! (bytes/s) instead of `multifd-channels` and `vcpu-dirty-limit`, and the
+//! minivm flag `--migrate-tracker` instead of `--dirty-track`. [`Control`]
+//! notices the old greeting and the set-up below speaks that dialect; the
+//! rest (minivm's `run` flags, `query-migrate`'s figures) is the same.
 
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
@@ -16,10 +29,59 @@ use crate::run::{
     Outcome, Proc, Switch, Variant,
 };
 
-fn connect(path: &Path, proc: &mut Proc) -> Result<ControlClient> {
+/// A control connection: QMP, or the line protocol of builds from before
+/// QMP (a baseline).
+enum Control {
+    Qmp(ControlClient),
+    Legacy(BufReader<UnixStream>),
+}
+
+impl Control {
+    fn connect(path: &Path) -> Result<Control> {
+        match ControlClient::connect(path) {
+            Ok(c) => Ok(Control::Qmp(c)),
+            Err(livemig::control::ControlError::Protocol(g)) if g.contains("\"livemig\"") => {
+                let s = UnixStream::connect(path)?;
+                s.set_read_timeout(Some(Duration::from_secs(30)))?;
+                let mut r = BufReader::new(s);
+                let mut greeting = String::new();
+                r.read_line(&mut greeting)?;
+                Ok(Control::Legacy(r))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn legacy(&self) -> bool {
+        matches!(self, Control::Legacy(_))
+    }
+
+    fn execute(&mut self, cmd: &str, args: Value) -> Result<Value> {
+        let r = match self {
+            Control::Qmp(c) => return Ok(c.execute(cmd, args)?),
+            Control::Legacy(r) => r,
+        };
+        let mut req = json!({ "execute": cmd });
+        if !args.is_null() {
+            req["arguments"] = args;
+        }
+        writeln!(r.get_mut(), "{req}")?;
+        let mut line = String::new();
+        if r.read_line(&mut line)? == 0 {
+            bail!("the control socket closed");
+        }
+        let mut ans: Value = serde_json::from_str(&line)?;
+        if let Some(v) = ans.get_mut("return") {
+            return Ok(v.take());
+        }
+        bail!("{}", ans["error"]["desc"].as_str().unwrap_or(line.trim()))
+    }
+}
+
+fn connect(path: &Path, proc: &mut Proc) -> Result<Control> {
     let t0 = std::time::Instant::now();
     loop {
-        match ControlClient::connect(path) {
+        match Control::connect(path) {
             Ok(c) => return Ok(c),
             Err(e) => {
                 if let Some(st) = proc.exited() {
@@ -38,15 +100,16 @@ fn connect(path: &Path, proc: &mut Proc) -> Result<ControlClient> {
     }
 }
 
-fn exec(c: &mut ControlClient, path: &Path, cmd: &str, args: Value) -> Result<Value> {
+fn exec(c: &mut Control, path: &Path, cmd: &str, args: Value) -> Result<Value> {
     c.execute(cmd, args)
         .with_context(|| format!("control command {cmd} on {}", path.display()))
 }
 
-/// Runs `case` with livemig + minivm (binary `minivm`) in `dir`.
-pub fn run(case: &Case, dir: &Path, minivm: &Path) -> Outcome {
+/// Runs `case` with livemig + minivm (binary `minivm`) in `dir`, as
+/// `system` ("livemig", or "livemig-base" for a baseline build).
+pub fn run(case: &Case, dir: &Path, minivm: &Path, system: &str) -> Outcome {
     let mut out = Outcome {
-        system: "livemig".into(),
+        system: system.into(),
         ran: true,
         ..Default::default()
     };
@@ -96,7 +159,13 @@ fn run_inner(case: &Case, dir: &Path, minivm: &Path, out: &mut Outcome) -> Resul
         .arg("--serial")
         .arg(&src_serial);
     if let Variant::DirtyLimit(_) = case.variant {
-        cmd.args(["--dirty-ring", "65536", "--dirty-track", "ring"]);
+        // The flag's name before #11 (a baseline build) was --migrate-tracker.
+        let flag = if legacy_minivm(minivm) {
+            "--migrate-tracker"
+        } else {
+            "--dirty-track"
+        };
+        cmd.args(["--dirty-ring", "65536", flag, "ring"]);
     }
     if idle {
         mkfifo(&src_fifo)?;
@@ -121,56 +190,14 @@ fn run_inner(case: &Case, dir: &Path, minivm: &Path, out: &mut Outcome) -> Resul
     )?;
 
     let postcopy = matches!(case.variant, Variant::Postcopy(_));
-    let preempt = matches!(case.variant, Variant::Postcopy(s) if s.preempt());
-    let pc_channels = case.variant == Variant::Postcopy(Switch::AutoChannels);
-    if postcopy {
-        exec(
-            &mut dc,
-            &dst_sock,
-            "migrate-set-capabilities",
-            json!({"capabilities": [
-                {"capability": "postcopy-ram", "state": true},
-                {"capability": "postcopy-preempt", "state": preempt},
-            ]}),
-        )?;
-    }
-    exec(
-        &mut sc,
-        &src_sock,
-        "migrate-set-capabilities",
-        json!({"capabilities": [
-            {"capability": "postcopy-ram", "state": postcopy},
-            {"capability": "postcopy-preempt", "state": preempt},
-            {"capability": "xbzrle", "state": case.variant == Variant::Xbzrle},
-            {"capability": "auto-converge", "state": case.variant == Variant::AutoConverge},
-            {"capability": "x-livemig-verify", "state": false},
-            {"capability": "multifd", "state": matches!(case.variant, Variant::Channels(_)) || pc_channels},
-            {"capability": "dirty-limit", "state": matches!(case.variant, Variant::DirtyLimit(_))},
-        ]}),
-    )?;
-    // QMP's units: vcpu-dirty-limit in MB/s.
-    let dirty_limit_mb = match case.variant {
-        Variant::DirtyLimit(b) => (b >> 20).max(1),
-        _ => 1,
-    };
-    let channels = match case.variant {
-        Variant::Channels(n) => n,
-        _ => 2,
-    };
-    let mut params = json!({
-        "max-bandwidth": case.max_bandwidth,
-        "downtime-limit": case.downtime_ms,
-        "xbzrle-cache-size": case.xbzrle_cache,
-        "vcpu-dirty-limit": dirty_limit_mb,
-        "multifd-channels": channels,
-    });
-    if let Some(p) = params.as_object_mut() {
-        p.extend(case.throttle_params());
-        if matches!(case.variant, Variant::Postcopy(s) if s.is_auto()) {
-            p.insert("x-livemig-postcopy-switchover".into(), "auto".into());
+    if sc.legacy() {
+        if postcopy {
+            bail!("this baseline build predates postcopy");
         }
+        legacy_setup(case, &mut sc, &src_sock)?;
+    } else {
+        setup(case, &mut sc, &src_sock, &mut dc, &dst_sock)?;
     }
-    exec(&mut sc, &src_sock, "migrate-set-parameters", params)?;
     let uri = format!("tcp:{}:{}", net::dest_addr(), free_port()?);
     exec(
         &mut dc,
@@ -254,6 +281,111 @@ fn run_inner(case: &Case, dir: &Path, minivm: &Path, out: &mut Outcome) -> Resul
     };
     out.check = Some(check);
     Ok(())
+}
+
+/// Capabilities and parameters, in QMP's names.
+fn setup(
+    case: &Case,
+    sc: &mut Control,
+    src_sock: &Path,
+    dc: &mut Control,
+    dst_sock: &Path,
+) -> Result<()> {
+    let postcopy = matches!(case.variant, Variant::Postcopy(_));
+    let preempt = matches!(case.variant, Variant::Postcopy(s) if s.preempt());
+    let pc_channels = case.variant == Variant::Postcopy(Switch::AutoChannels);
+    if postcopy {
+        exec(
+            dc,
+            dst_sock,
+            "migrate-set-capabilities",
+            json!({"capabilities": [
+                {"capability": "postcopy-ram", "state": true},
+                {"capability": "postcopy-preempt", "state": preempt},
+            ]}),
+        )?;
+    }
+    exec(
+        sc,
+        src_sock,
+        "migrate-set-capabilities",
+        json!({"capabilities": [
+            {"capability": "postcopy-ram", "state": postcopy},
+            {"capability": "postcopy-preempt", "state": preempt},
+            {"capability": "xbzrle", "state": case.variant == Variant::Xbzrle},
+            {"capability": "auto-converge", "state": case.variant == Variant::AutoConverge},
+            {"capability": "x-livemig-verify", "state": false},
+            {"capability": "multifd", "state": matches!(case.variant, Variant::Channels(_)) || pc_channels},
+            {"capability": "dirty-limit", "state": matches!(case.variant, Variant::DirtyLimit(_))},
+        ]}),
+    )?;
+    // QMP's units: vcpu-dirty-limit in MB/s.
+    let dirty_limit_mb = match case.variant {
+        Variant::DirtyLimit(b) => (b >> 20).max(1),
+        _ => 1,
+    };
+    let channels = match case.variant {
+        Variant::Channels(n) => n,
+        _ => 2,
+    };
+    let mut params = json!({
+        "max-bandwidth": case.max_bandwidth,
+        "downtime-limit": case.downtime_ms,
+        "xbzrle-cache-size": case.xbzrle_cache,
+        "vcpu-dirty-limit": dirty_limit_mb,
+        "multifd-channels": channels,
+    });
+    if let Some(p) = params.as_object_mut() {
+        p.extend(case.throttle_params());
+        if matches!(case.variant, Variant::Postcopy(s) if s.is_auto()) {
+            p.insert("x-livemig-postcopy-switchover".into(), "auto".into());
+        }
+    }
+    exec(sc, src_sock, "migrate-set-parameters", params)?;
+    Ok(())
+}
+
+/// Capabilities and parameters in the names of a build from before QMP
+/// (see the module doc).
+fn legacy_setup(case: &Case, sc: &mut Control, src_sock: &Path) -> Result<()> {
+    exec(
+        sc,
+        src_sock,
+        "migrate-set-capabilities",
+        json!({"capabilities": [
+            {"capability": "xbzrle", "state": case.variant == Variant::Xbzrle},
+            {"capability": "auto-converge", "state": case.variant == Variant::AutoConverge},
+            {"capability": "verify", "state": false},
+        ]}),
+    )?;
+    let dirty_limit = match case.variant {
+        Variant::DirtyLimit(b) => b,
+        _ => 0,
+    };
+    let channels = match case.variant {
+        Variant::Channels(n) => n,
+        _ => 1,
+    };
+    let mut params = json!({
+        "max-bandwidth": case.max_bandwidth,
+        "downtime-limit": case.downtime_ms,
+        "xbzrle-cache-size": case.xbzrle_cache,
+        "dirty-limit": dirty_limit,
+        "channels": channels,
+    });
+    if let Some(p) = params.as_object_mut() {
+        p.extend(case.throttle_params());
+    }
+    exec(sc, src_sock, "migrate-set-parameters", params)?;
+    Ok(())
+}
+
+/// True for a minivm from before #11's flag names (`--migrate-tracker`).
+fn legacy_minivm(minivm: &Path) -> bool {
+    std::process::Command::new(minivm)
+        .args(["run", "--help"])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("--migrate-tracker"))
 }
 
 impl crate::run::Feed for std::result::Result<Box<dyn guest::MemCheck>, DigestCheck> {

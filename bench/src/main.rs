@@ -86,6 +86,13 @@ struct Cli {
     /// with min-max) into this directory.
     #[arg(long)]
     svg_dir: Option<PathBuf>,
+    /// A directory holding a release build (`minivm`, `livemig`) of
+    /// another commit: run it too, as system `livemig-base`, interleaved
+    /// with the others in the same table (before/after in one run). Builds
+    /// from before the QMP control socket are driven in their own dialect
+    /// (see bench/src/livemig_side.rs); postcopy variants are not run on it.
+    #[arg(long, value_name = "PATH")]
+    baseline: Option<PathBuf>,
     /// Test hook: start a child (`sleep`) like a VM, print its pid, wait
     /// for a signal.
     #[arg(long, hide = true)]
@@ -107,6 +114,8 @@ fn main() {
     }
 }
 
+/// The system name of a `--baseline` build.
+const BASELINE: &str = "livemig-base";
 const GIB: u64 = 1 << 30;
 const MIB: u64 = 1 << 20;
 /// Per-migration budget of the heavy-dirtier scenario (unless `--budget`).
@@ -359,6 +368,19 @@ fn run_cli(cli: Cli) -> Result<bool> {
             );
         }
     }
+    let baseline = match &cli.baseline {
+        Some(dir) => {
+            let m = dir.join("minivm");
+            if !m.exists() {
+                bail!(
+                    "--baseline {}: no minivm there (build one with cargo build --release -p minivm in a worktree of the other commit and give its target/release)",
+                    dir.display()
+                );
+            }
+            Some(m)
+        }
+        None => None,
+    };
     let budget = Duration::from_secs(cli.budget.unwrap_or(if cli.quick { 15 } else { 30 }));
     // The capped heavy-dirtier scenario's plain precopy never converges:
     // it takes its whole budget on both systems, so it gets its own.
@@ -396,9 +418,12 @@ fn run_cli(cli: Cli) -> Result<bool> {
         for rep in 0..cli.reps {
             // Interleaved, and the first system alternates run by run.
             let mut systems = case.systems().to_vec();
-            if rep % 2 == 1 {
-                systems.reverse();
+            if baseline.is_some() && !matches!(case.variant, Variant::Postcopy(_)) {
+                systems.push(BASELINE);
             }
+            // The first system rotates run by run.
+            let n = systems.len();
+            systems.rotate_left(rep as usize % n);
             for system in systems {
                 let dir = tmp.join(format!("{i:02}-{rep}-{system}"));
                 std::fs::create_dir_all(&dir)
@@ -414,7 +439,13 @@ fn run_cli(cli: Cli) -> Result<bool> {
                 );
                 let outcome = match system {
                     "qemu" => qemu::run(case, &dir),
-                    _ => livemig_side::run(case, &dir, &minivm),
+                    BASELINE => livemig_side::run(
+                        case,
+                        &dir,
+                        baseline.as_deref().expect("baseline given"),
+                        BASELINE,
+                    ),
+                    _ => livemig_side::run(case, &dir, &minivm, "livemig"),
                 };
                 eprintln!(
                     "        {} converged={} total={} ms downtime={} ms check={}{}",
@@ -495,6 +526,9 @@ fn run_cli(cli: Cli) -> Result<bool> {
         if !cli.variant.is_empty() {
             command += &format!(" --variant {}", cli.variant.join(","));
         }
+        if let Some(b) = &cli.baseline {
+            command += &format!(" --baseline {}", b.display());
+        }
         let new = report::replace_section(
             &doc,
             &report::section(&aggs, &rows, &m, &command, &cli.section),
@@ -511,7 +545,7 @@ fn run_cli(cli: Cli) -> Result<bool> {
     // livemig's destination must pass its memory check in every case it ran.
     let bad: Vec<String> = rows
         .iter()
-        .filter(|r| r.outcome.system == "livemig" && r.outcome.ran)
+        .filter(|r| r.outcome.system.starts_with("livemig") && r.outcome.ran)
         // Not converging within the budget is a result (in the table); a
         // run that broke or a destination that fails its check is not.
         .filter(|r| r.outcome.status != "cancelled" && !r.outcome.check_ok())

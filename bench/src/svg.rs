@@ -9,7 +9,11 @@ const LEFT: f64 = 70.0;
 /// Variant label, then (system, figure) per bar.
 type Groups<'a> = Vec<(String, Vec<(&'a str, Option<Stat>)>)>;
 
-const COLORS: [(&str, &str); 2] = [("livemig", "#1f77b4"), ("qemu", "#d62728")];
+const COLORS: [(&str, &str); 3] = [
+    ("livemig", "#1f77b4"),
+    ("qemu", "#d62728"),
+    ("livemig-base", "#7f7f7f"),
+];
 
 fn esc(s: &str) -> String {
     s.replace('&', "&amp;")

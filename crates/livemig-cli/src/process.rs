@@ -501,7 +501,8 @@ fn run_source(uri: &Uri, o: &SourceOpts, tls: Option<&TlsConfig>) -> Result<()> 
             },
             if params.auto_converge { "on" } else { "off" },
         );
-        let info = crate::svg::ReportInfo::new(&stats, &params, 1, subtitle);
+        let info = crate::svg::ReportInfo::new(&stats, &params, 1, subtitle)
+            .with_postcopy(&stats, handle.postcopy_history());
         crate::svg::write(path, &handle.history(), &info)?;
     }
     if json {

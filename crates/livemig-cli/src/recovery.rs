@@ -5,7 +5,8 @@
 //! up; the destination then takes the source's next connection on its
 //! recovery URI, the source reconnects there (retrying until it
 //! listens), and postcopy goes on from the destination's received bitmap
-//! (see `livemig::engine::postcopy`).
+//! (see `livemig::engine::postcopy`), with the urgent connection and the
+//! page channels reopened to the same address.
 
 use std::time::Duration;
 
@@ -59,8 +60,10 @@ pub fn destination(
     tls: Option<&TlsConfig>,
     io_timeout: Duration,
 ) -> Result<()> {
-    let ep = crate::tls::Endpoint::bind(uri, tls, io_timeout)
-        .with_context(|| format!("--recover-on {uri}"))?;
+    let ep = std::sync::Arc::new(
+        crate::tls::Endpoint::bind(uri, tls, io_timeout)
+            .with_context(|| format!("--recover-on {uri}"))?,
+    );
     let at = ep.local_uri();
     let h = handle.clone();
     std::thread::Builder::new()
@@ -72,7 +75,16 @@ pub fn destination(
                     cause(&h)
                 );
                 match ep.accept_source() {
-                    Ok((inc, _)) => match h.recover_postcopy(inc) {
+                    // The source's reopened urgent connection and page
+                    // channels come on the same endpoint.
+                    Ok((inc, _)) => match h.recover_postcopy_with(inc, {
+                        let ep = ep.clone();
+                        move || {
+                            let i = ep.accept()?;
+                            eprintln!("postcopy recovery: accepted a reopened connection (urgent or page channel)");
+                            Ok(i.reader)
+                        }
+                    }) {
                         Ok(()) => eprintln!("postcopy recovery: the source reconnected"),
                         Err(e) => eprintln!("postcopy recovery: {e}"),
                     },
@@ -113,7 +125,27 @@ pub fn source(
                     }
                     match crate::tls::connect(&uri, tls.as_ref(), io_timeout) {
                         Ok((out, _)) => {
-                            match h.resume_postcopy(out) {
+                            // The urgent connection and page channels are
+                            // reopened to the same place.
+                            let open = {
+                                let (uri, tls) = (uri.clone(), tls.clone());
+                                move |i: u16| {
+                                    let w = crate::tls::connect_channel(
+                                        &uri,
+                                        tls.as_ref(),
+                                        io_timeout,
+                                    )
+                                    .map(|o| o.writer)
+                                    .map_err(std::io::Error::other)?;
+                                    if i == u16::MAX {
+                                        eprintln!("postcopy recovery: reopened the urgent connection");
+                                    } else {
+                                        eprintln!("postcopy recovery: reopened page channel {i}");
+                                    }
+                                    Ok(w)
+                                }
+                            };
+                            match h.resume_postcopy_with(out, open) {
                                 Ok(()) => eprintln!("postcopy recovery: reconnected to {uri}"),
                                 Err(e) => eprintln!("postcopy recovery: {e}"),
                             }

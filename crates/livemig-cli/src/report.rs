@@ -185,11 +185,36 @@ pub fn summary(s: &MigrationStats) -> String {
             s.postcopy_latency_p99.unwrap_or(0),
             s.postcopy_blocktime.unwrap_or(0),
         );
+        if let Some(d) = s
+            .postcopy_latency_dist
+            .as_ref()
+            .filter(|d| d.iter().any(|&c| c > 0))
+        {
+            out += &format!(
+                "
+fault latency distribution: {}",
+                latency_dist(d)
+            );
+        }
     }
     if let Some(e) = &s.error_desc {
         out += &format!("\nerror: {e}");
     }
     out
+}
+
+/// Postcopy's fault latencies per power-of-two µs bucket (bucket i:
+/// `[2^i, 2^(i+1))` µs), non-empty buckets only: `"64-127 us: 5, ..."`.
+pub fn latency_dist(dist: &[u64]) -> String {
+    dist.iter()
+        .enumerate()
+        .filter(|(_, &c)| c > 0)
+        .map(|(i, c)| {
+            let lo = if i == 0 { 0 } else { 1u64 << i };
+            format!("{lo}-{} us: {c}", (1u64 << (i + 1)) - 1)
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Whether a status means the migration went through.
@@ -225,6 +250,29 @@ mod tests {
         assert!(
             !summary(&s).contains("limit"),
             "no verdict on a failed migration"
+        );
+    }
+
+    #[test]
+    fn summary_gives_postcopy_fault_latency_p50_p99_and_distribution() {
+        let s = MigrationStats {
+            status: Status::Completed,
+            postcopy_time: Some(40),
+            postcopy_latency: Some(90),
+            postcopy_latency_p50: Some(88),
+            postcopy_latency_p99: Some(172),
+            postcopy_blocktime: Some(12),
+            postcopy_latency_dist: Some(vec![1, 0, 0, 0, 0, 0, 7, 2]),
+            ..MigrationStats::default()
+        };
+        let t = summary(&s);
+        assert!(
+            t.contains("p50 88 us, p99 172 us; vCPU blocktime 12 ms"),
+            "{t}"
+        );
+        assert!(
+            t.contains("fault latency distribution: 0-1 us: 1, 64-127 us: 7, 128-255 us: 2"),
+            "{t}"
         );
     }
 }

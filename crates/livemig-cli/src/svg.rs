@@ -4,13 +4,16 @@
 //! rates (throughput and dirty rate against the bandwidth cap and the dirty
 //! limit), the auto-converge throttle, and the expected downtime against
 //! the downtime limit. The title says whether it converged, the total time
-//! and the downtime.
+//! and the downtime. A migration that switched to postcopy gets a fifth
+//! panel on the same time axis: pages pushed in the background against
+//! pages the destination asked for (cumulative since the switch), with
+//! the vCPU blocktime and the fault latency distribution beside it.
 
 use std::fmt::Write as _;
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use livemig::engine::{MigrationStats, Params, Status, SyncPoint};
+use livemig::engine::{MigrationStats, Params, PostcopyPoint, Status, SyncPoint};
 
 const W: f64 = 1000.0;
 const LEFT: f64 = 80.0;
@@ -41,6 +44,21 @@ pub struct ReportInfo {
     pub auto_converge: bool,
     /// One line of context (guest, tracker...).
     pub subtitle: String,
+    /// The postcopy phase, when the migration switched.
+    pub postcopy: Option<PostcopyReport>,
+}
+
+/// The postcopy phase of a report.
+#[derive(Clone, Debug, Default)]
+pub struct PostcopyReport {
+    /// Progress points from the switch to the end.
+    pub points: Vec<PostcopyPoint>,
+    /// Total ms vCPUs (faulting threads) waited for pages.
+    pub blocktime_ms: u64,
+    /// Mean, median and 99th percentile fault latency, µs.
+    pub latency_us: (u64, u64, u64),
+    /// Faults per power-of-two µs bucket.
+    pub latency_dist: Vec<u64>,
 }
 
 impl ReportInfo {
@@ -60,7 +78,27 @@ impl ReportInfo {
             dirty_limit_total: params.dirty_limit * vcpus,
             auto_converge: params.auto_converge,
             subtitle,
+            postcopy: None,
         }
+    }
+
+    /// Adds the postcopy phase (`points`: the handle's
+    /// `postcopy_history`; nothing when empty) with the fault figures of
+    /// `stats`.
+    pub fn with_postcopy(mut self, stats: &MigrationStats, points: Vec<PostcopyPoint>) -> Self {
+        if !points.is_empty() {
+            self.postcopy = Some(PostcopyReport {
+                points,
+                blocktime_ms: stats.postcopy_blocktime.unwrap_or(0),
+                latency_us: (
+                    stats.postcopy_latency.unwrap_or(0),
+                    stats.postcopy_latency_p50.unwrap_or(0),
+                    stats.postcopy_latency_p99.unwrap_or(0),
+                ),
+                latency_dist: stats.postcopy_latency_dist.clone().unwrap_or_default(),
+            });
+        }
+        self
     }
 }
 
@@ -127,9 +165,11 @@ struct Panel<'a> {
 
 /// The SVG document.
 pub fn render(history: &[SyncPoint], info: &ReportInfo) -> String {
+    let pc_points: &[PostcopyPoint] = info.postcopy.as_ref().map_or(&[], |p| &p.points);
     let t_end = history
         .iter()
         .map(|p| p.time_ms)
+        .chain(pc_points.iter().map(|p| p.time_ms))
         .max()
         .unwrap_or(0)
         .max(info.total_time) as f64
@@ -210,7 +250,7 @@ pub fn render(history: &[SyncPoint], info: &ReportInfo) -> String {
             points: vec![(info.total_time as f64 / 1000.0, info.downtime as f64)],
         });
     }
-    let panels = [
+    let mut panels = vec![
         Panel {
             title: "Pages per sync",
             unit: "pages",
@@ -295,8 +335,46 @@ pub fn render(history: &[SyncPoint], info: &ReportInfo) -> String {
             log: true,
         },
     ];
+    if let Some(pc) = &info.postcopy {
+        let at = |f: &dyn Fn(&PostcopyPoint) -> u64| -> Vec<(f64, f64)> {
+            pc.points
+                .iter()
+                .map(|p| (p.time_ms as f64 / 1000.0, f(p) as f64))
+                .collect()
+        };
+        let last = pc.points.last().cloned().unwrap_or_default();
+        panels.push(Panel {
+            title: "Postcopy: pages since the switch",
+            unit: "pages",
+            series: vec![
+                Series {
+                    id: "pushed-pages",
+                    label: format!("pushed in the background ({})", last.pushed_pages),
+                    color: "#1f77b4",
+                    dashed: false,
+                    step: false,
+                    points: at(&|p| p.pushed_pages),
+                },
+                Series {
+                    id: "requested-pages",
+                    label: format!(
+                        "asked for by the destination ({} in {} requests)",
+                        last.requested_pages, last.requests
+                    ),
+                    color: "#d62728",
+                    dashed: false,
+                    step: false,
+                    points: at(&|p| p.requested_pages),
+                },
+            ],
+            y_max: None,
+            log: false,
+        });
+    }
 
-    let h = TOP + panels.len() as f64 * (PANEL_H + GAP) + 10.0;
+    // Below the panels: the postcopy fault figures and latency histogram.
+    let extra = if info.postcopy.is_some() { 150.0 } else { 0.0 };
+    let h = TOP + panels.len() as f64 * (PANEL_H + GAP) + 10.0 + extra;
     let mut s = String::new();
     let _ = writeln!(
         s,
@@ -316,7 +394,12 @@ pub fn render(history: &[SyncPoint], info: &ReportInfo) -> String {
             info.total_time as f64 / 1000.0,
         )
     };
-    let why = if info.converged {
+    let why = if let (true, Some(first)) = (info.converged, pc_points.first()) {
+        format!(
+            "switched to postcopy at {:.2} s: the guest ran on the destination, which fetched missing pages on demand",
+            first.time_ms as f64 / 1000.0
+        )
+    } else if info.converged {
         "the remaining pages fitted in the downtime limit at the measured bandwidth".to_string()
     } else {
         format!(
@@ -488,8 +571,64 @@ pub fn render(history: &[SyncPoint], info: &ReportInfo) -> String {
         }
         let _ = writeln!(s, "</g>");
     }
+    if let Some(pc) = &info.postcopy {
+        postcopy_faults(&mut s, pc, TOP + panels.len() as f64 * (PANEL_H + GAP));
+    }
     s.push_str("</svg>\n");
     s
+}
+
+/// The postcopy fault figures at `y0`: vCPU blocktime, latency mean,
+/// p50 and p99, and the latency distribution as bars (one per
+/// power-of-two µs bucket, up to the last non-empty one).
+fn postcopy_faults(s: &mut String, pc: &PostcopyReport, y0: f64) {
+    let faults: u64 = pc.latency_dist.iter().sum();
+    let (mean, p50, p99) = pc.latency_us;
+    let _ = writeln!(s, r#"<g id="postcopy-faults">"#);
+    let _ = writeln!(
+        s,
+        r#"<text id="postcopy-blocktime" x="{LEFT}" y="{:.1}" font-size="13" font-weight="bold" data-blocktime-ms="{}" data-faults="{faults}">Postcopy faults: vCPU blocktime {} ms over {faults} remote faults; latency mean {mean} us, p50 {p50} us, p99 {p99} us</text>"#,
+        y0 - 8.0,
+        pc.blocktime_ms,
+        pc.blocktime_ms,
+    );
+    let n = pc
+        .latency_dist
+        .iter()
+        .rposition(|&c| c > 0)
+        .map_or(0, |i| i + 1);
+    let max = pc.latency_dist.iter().copied().max().unwrap_or(0).max(1) as f64;
+    let (bar_h, pw) = (90.0, W - LEFT - RIGHT);
+    let bw = if n > 0 {
+        (pw / n as f64).min(40.0)
+    } else {
+        0.0
+    };
+    let _ = writeln!(
+        s,
+        r#"<rect x="{LEFT}" y="{y0:.1}" width="{pw:.1}" height="{bar_h}" fill="none" stroke="black"/>"#
+    );
+    for (i, &c) in pc.latency_dist.iter().take(n).enumerate() {
+        let hgt = c as f64 / max * (bar_h - 4.0);
+        let x = LEFT + i as f64 * bw;
+        let _ = writeln!(
+            s,
+            r##"<rect class="latency-bucket" data-bucket="{i}" data-count="{c}" x="{:.1}" y="{:.1}" width="{:.1}" height="{hgt:.1}" fill="#9467bd"/><text x="{:.1}" y="{:.1}" font-size="9" text-anchor="middle" fill="#333">{}</text>"##,
+            x + 1.0,
+            y0 + bar_h - hgt,
+            (bw - 2.0).max(1.0),
+            x + bw / 2.0,
+            y0 + bar_h + 12.0,
+            fmt_num((1u64 << i) as f64)
+        );
+    }
+    let _ = writeln!(
+        s,
+        r##"<text x="{:.1}" y="{:.1}" text-anchor="middle" fill="#333">fault latency (us, power-of-two buckets: faults per bucket)</text>"##,
+        LEFT + pw / 2.0,
+        y0 + bar_h + 28.0
+    );
+    let _ = writeln!(s, "</g>");
 }
 
 #[cfg(test)]
@@ -501,6 +640,35 @@ mod tests {
         assert_eq!(nice(0.0), (1.0, 0.25));
         assert_eq!(nice(9.0), (10.0, 2.5));
         assert_eq!(nice(1234.0), (1500.0, 500.0));
+    }
+
+    #[test]
+    fn postcopy_phase_only_when_switched() {
+        let plain = render(&[], &ReportInfo::default());
+        assert!(!plain.contains("series-pushed-pages") && !plain.contains("postcopy-faults"));
+        let pt = |t, p, r| PostcopyPoint {
+            time_ms: t,
+            pushed_pages: p,
+            requested_pages: r,
+            requests: r,
+        };
+        let info = ReportInfo {
+            converged: true,
+            total_time: 2000,
+            postcopy: Some(PostcopyReport {
+                points: vec![pt(1000, 0, 0), pt(1500, 300, 20), pt(2000, 900, 24)],
+                blocktime_ms: 7,
+                latency_us: (90, 80, 300),
+                latency_dist: vec![0, 0, 0, 0, 0, 0, 20, 3, 1, 0],
+            }),
+            ..ReportInfo::default()
+        };
+        let s = render(&[], &info);
+        assert!(s.contains("switched to postcopy at 1.00 s"));
+        assert_eq!(s.matches("class=\"latency-bucket\"").count(), 9);
+        assert!(s.contains("data-count=\"20\"") && s.contains("data-faults=\"24\""));
+        assert!(s.contains("pushed in the background (900)"));
+        assert_eq!(s.matches("<g ").count(), s.matches("</g>").count());
     }
 
     #[test]

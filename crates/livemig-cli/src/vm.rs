@@ -551,7 +551,8 @@ fn migrate_source(
                 format!("{}/s per vCPU", human(params.dirty_limit))
             },
         );
-        let info = crate::svg::ReportInfo::new(&stats, &params, vcpus, subtitle);
+        let info = crate::svg::ReportInfo::new(&stats, &params, vcpus, subtitle)
+            .with_postcopy(&stats, handle.postcopy_history());
         crate::svg::write(path, &handle.history(), &info)?;
         if say {
             eprintln!("report written to {}", path.display());

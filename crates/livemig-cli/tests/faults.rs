@@ -655,6 +655,46 @@ fn a_source_killed_during_postcopy_is_reported_by_the_destination() {
 }
 
 #[test]
+fn postcopy_cut_with_page_channels_and_urgent_is_recovered_on_all_connections() {
+    // 2 page channels and the urgent connection: the main connection's
+    // return path (LOADED, STARTED, then page requests and PROGRESS) is
+    // cut 600 bytes in, inside postcopy. The recovery reopens the urgent
+    // connection and both page channels to --recover-on.
+    let addr = free_addr();
+    let rec = format!("tcp:{}", free_addr());
+    let mut dest = postcopy_dest(addr, &["--recover-on", &rec]);
+    let proxy = FaultProxy::start(addr, Fault::CutBackAt(600)).unwrap();
+    let src = postcopy_source(
+        &proxy.uri(),
+        &["--resume-to", &rec, "--channels", "2", "--postcopy-preempt"],
+    )
+    .output()
+    .unwrap();
+    let _ = dest.wait_line("", Duration::ZERO);
+    let (status, out, err) = dest.finish(Duration::from_secs(120));
+    let status = status.unwrap_or_else(|| panic!("the destination hangs: {err}"));
+    let serr = stderr(&src);
+    assert!(src.status.success(), "source: {serr}");
+    assert!(status.success(), "destination: {err}");
+    assert!(proxy.has_cut());
+    assert!(serr.contains("postcopy paused"), "{serr}");
+    assert!(err.contains("the source reconnected"), "{err}");
+    assert!(serr.contains("reopened the urgent connection"), "{serr}");
+    assert!(serr.contains("reopened page channel 1"), "{serr}");
+    assert!(serr.contains("reopened page channel 2"), "{serr}");
+    assert_eq!(
+        err.matches("accepted a reopened connection").count(),
+        3,
+        "{err}"
+    );
+    let s = json_of("source", &src);
+    let d: serde_json::Value = serde_json::from_str(out.trim()).expect("destination JSON");
+    assert_eq!(s["status"], "completed", "{s}");
+    assert!(s["postcopy-time"].is_u64(), "{s}");
+    assert_eq!(s["digest"], d["digest"], "same memory after the recovery");
+}
+
+#[test]
 fn postcopy_cut_is_recovered_with_resume_to_and_recover_on() {
     // Through a proxy that cuts the main connection during postcopy (16
     // MiB of random memory at 8 MiB/s; `auto` switches within the first

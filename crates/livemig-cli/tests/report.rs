@@ -172,3 +172,107 @@ fn dirtyrate_json_reports_overall_and_per_vcpu_rates() {
     assert!(v["dirty-pages-rate"].as_u64().unwrap() > 1000, "{v}");
     assert!(v["vcpus"][0]["dirty-pages-rate"].is_null());
 }
+
+/// The points of series `id`: its path's coordinates, in SVG units.
+fn series_points(svg: &str, id: &str) -> Vec<(f64, f64)> {
+    let at = svg
+        .find(&format!("<g id=\"series-{id}\""))
+        .unwrap_or_else(|| panic!("no series {id}"));
+    let group = &svg[at..at + svg[at..].find("</g>").unwrap()];
+    let d = group
+        .split("<path d=\"")
+        .nth(1)
+        .and_then(|p| p.split('"').next())
+        .unwrap_or_else(|| panic!("series {id} has no line: {group}"));
+    d.split(['M', 'L'])
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (x, y) = p.split_once(',').unwrap();
+            (x.parse().unwrap(), y.parse().unwrap())
+        })
+        .collect()
+}
+
+/// The value of attribute `name` in the first element with `anchor`.
+fn attr(svg: &str, anchor: &str, name: &str) -> String {
+    let at = svg.find(anchor).unwrap_or_else(|| panic!("no {anchor}"));
+    let el = &svg[at..at + svg[at..].find('>').unwrap()];
+    let v = el.split(&format!("{name}=\"")).nth(1).unwrap();
+    v[..v.find('"').unwrap()].to_string()
+}
+
+#[test]
+fn demo_postcopy_report_shows_the_postcopy_phase() {
+    if !kvm_available("demo_postcopy_report_shows_the_postcopy_phase") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let svg = dir.path().join("postcopy.svg");
+    // The heavy dirtier never converges: auto postcopy switches.
+    let mut args = SCENARIO.to_vec();
+    let bw = args.iter().position(|a| *a == "--max-bandwidth").unwrap();
+    args[bw + 1] = "32M";
+    args.retain(|a| *a != "--quiet");
+    let out = Command::new(BIN)
+        .arg("demo")
+        .args(&args)
+        .args(["--postcopy", "--seconds-after", "0.5", "--json"])
+        .args(["--cancel-after", "60", "--report"])
+        .arg(&svg)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let v: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let stats = if v["stats"].is_object() {
+        &v["stats"]
+    } else {
+        &v
+    };
+    assert!(stats["postcopy-time"].is_u64(), "switched: {stats}");
+    let s = std::fs::read_to_string(&svg).unwrap();
+    check_svg(&s, true);
+    assert!(
+        s.contains("switched to postcopy at"),
+        "the subtitle says so"
+    );
+    // Pages pushed and asked for, cumulative: a line of at least two
+    // points, left to right, never going down (SVG y grows downwards).
+    let mut total_top = f64::MAX;
+    for id in ["pushed-pages", "requested-pages"] {
+        let pts = series_points(&s, id);
+        assert!(pts.len() >= 2, "{id}: {pts:?}");
+        for w in pts.windows(2) {
+            assert!(w[1].0 >= w[0].0 && w[1].1 <= w[0].1 + 1e-6, "{id}: {w:?}");
+        }
+        total_top = total_top.min(pts.last().unwrap().1);
+    }
+    // Something moved after the switch: the higher line ends above its
+    // start.
+    let starts = series_points(&s, "pushed-pages")[0].1;
+    assert!(total_top < starts, "no page after the switch");
+    // The fault figures match the stats, and the histogram bars add up to
+    // the faults.
+    let bt: u64 = attr(&s, "id=\"postcopy-blocktime\"", "data-blocktime-ms")
+        .parse()
+        .unwrap();
+    assert_eq!(bt, stats["postcopy-blocktime"].as_u64().unwrap());
+    let faults: u64 = attr(&s, "id=\"postcopy-blocktime\"", "data-faults")
+        .parse()
+        .unwrap();
+    let dist: Vec<u64> = stats["postcopy-latency-dist"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_u64().unwrap())
+        .collect();
+    assert_eq!(faults, dist.iter().sum::<u64>());
+    let bars: u64 = s
+        .split("class=\"latency-bucket\"")
+        .skip(1)
+        .map(|b| attr(b, "data-count", "data-count").parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(bars, faults);
+    let p99 = stats["postcopy-latency-p99"].as_u64().unwrap();
+    assert!(s.contains(&format!("p99 {p99} us")));
+}

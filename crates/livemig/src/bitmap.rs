@@ -147,6 +147,22 @@ impl DirtyBitmap {
         newly
     }
 
+    /// Clears, in the words starting at word index `word_offset`, the bits
+    /// set in `mask`. Returns how many were set. Words past the end are
+    /// ignored.
+    pub fn and_not_words(&mut self, word_offset: usize, mask: &[u64]) -> u64 {
+        let mut cleared = 0u64;
+        for (k, &m) in mask.iter().enumerate() {
+            let Some(w) = self.words.get_mut(word_offset + k) else {
+                break;
+            };
+            cleared += u64::from((*w & m).count_ones());
+            *w &= !m;
+        }
+        self.set -= cleared;
+        cleared
+    }
+
     /// The first set bit at or after `from`, if any.
     pub fn next_set(&self, from: u64) -> Option<u64> {
         if from >= self.bits {
@@ -213,6 +229,37 @@ impl DirtyBitmap {
         self.set = src.set;
     }
 
+    /// Clears the run of set bits that starts at `from`, at most `max` of
+    /// them, a word at a time; returns how many it cleared (0 when bit
+    /// `from` is clear or past the end).
+    pub fn take_run(&mut self, from: u64, max: u64) -> u64 {
+        let end = from.saturating_add(max).min(self.bits);
+        let mut i = from;
+        while i < end {
+            let wi = (i / 64) as usize;
+            let lo = i % 64;
+            // Set bits from `lo` up, then the first clear one stops the run.
+            let ones = (self.words[wi] >> lo).trailing_ones() as u64;
+            let take = ones.min(64 - lo).min(end - i);
+            if take == 0 {
+                break;
+            }
+            let mask = if take == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << take) - 1) << lo
+            };
+            self.words[wi] &= !mask;
+            i += take;
+            if lo + take < 64 {
+                break;
+            }
+        }
+        let n = i - from.min(i);
+        self.set -= n;
+        n
+    }
+
     /// True if any bit in `[first, first + count)` is set.
     pub fn any_in(&self, first: u64, count: u64) -> bool {
         match self.next_set(first) {
@@ -225,6 +272,44 @@ impl DirtyBitmap {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn and_not_words_clears_masked_bits_and_counts_them() {
+        let mut b = DirtyBitmap::new(130);
+        b.set_range(60, 70);
+        assert_eq!(b.and_not_words(1, &[0b1011, u64::MAX, 7]), 3 + 2);
+        assert!(b.test(63) && !b.test(64) && b.test(66) && !b.test(128));
+        assert_eq!(b.count(), 65);
+        assert_eq!(b.and_not_words(5, &[u64::MAX]), 0, "past the end");
+    }
+
+    #[test]
+    fn take_run_clears_consecutive_set_bits_only() {
+        let mut b = DirtyBitmap::new(300);
+        b.set_range(3, 200);
+        b.clear(150);
+        // Stops at the clear bit 150, across word boundaries.
+        assert_eq!(b.take_run(3, u64::MAX), 147);
+        assert_eq!(b.count(), 52);
+        assert!(!b.test(3) && !b.test(149) && b.test(151));
+        // Bit 150 is clear: nothing to take.
+        assert_eq!(b.take_run(150, 10), 0);
+        // At most `max`.
+        assert_eq!(b.take_run(151, 10), 10);
+        assert!(!b.test(160) && b.test(161));
+        // Up to the end of the set range (bit 203 is clear).
+        assert_eq!(b.take_run(161, 1000), 42);
+        assert_eq!(b.count(), 0);
+        // A full bitmap whose length is not a word multiple: to its end.
+        let mut f = DirtyBitmap::new_full(130);
+        assert_eq!(f.take_run(0, u64::MAX), 130);
+        assert_eq!(f.count(), 0);
+        assert_eq!(f.take_run(130, 5), 0, "past the end");
+        let mut g = DirtyBitmap::new_full(128);
+        assert_eq!(g.take_run(64, 64), 64);
+        assert_eq!(g.take_run(0, 0), 0);
+        assert_eq!(g.count(), 64);
+    }
 
     #[test]
     fn set_clear_count() {

@@ -148,6 +148,39 @@ impl RamBlock {
     pub fn region(&self) -> &RawRegion {
         &self.region
     }
+
+    /// Byte ranges (offsets in the block) of `[offset, offset + len)` that
+    /// may hold data; every other page there was never written and reads
+    /// as zeros. `None` when that cannot be known.
+    ///
+    /// The method follows the backing: a file-backed block (memfd) asks
+    /// the file for its holes (`SEEK_DATA`/`SEEK_HOLE`), anonymous memory
+    /// asks the page tables (`PAGEMAP_SCAN`, private anonymous memory
+    /// only). The answer is a snapshot: pages written after the call are
+    /// not in it, so a caller tracks writes from before the call.
+    pub(crate) fn populated(&self, offset: u64, len: u64) -> Option<Vec<(usize, usize)>> {
+        match &self.backing {
+            Some(bk) => file_data(bk, offset, len),
+            None => self.region.populated(offset as usize, len as usize),
+        }
+    }
+}
+
+/// [`RamBlock::populated`] of a file-backed block: the file's holes were
+/// never written.
+fn file_data(bk: &BlockBacking, offset: u64, len: u64) -> Option<Vec<(usize, usize)>> {
+    match crate::sys::residency::file_data(&bk.file, bk.offset + offset, len) {
+        Ok(Some(v)) => Some(
+            v.into_iter()
+                .map(|(a, b)| ((a - bk.offset) as usize, (b - bk.offset) as usize))
+                .collect(),
+        ),
+        Ok(None) => None,
+        Err(e) => {
+            log::debug!("cannot tell which pages of the memory file were written: {e}");
+            None
+        }
+    }
 }
 
 /// Guest memory: an ordered list of RAM blocks with distinct ids.
@@ -338,6 +371,48 @@ pub use vm_memory_adapter::VmMemory;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn populated_asks_the_file_of_a_file_backed_block() {
+        const P: u64 = PAGE_SIZE as u64;
+        // The block starts 8 pages into its file: ranges are block offsets.
+        let file = Arc::new(create_memfd("populated", 16 * P).unwrap());
+        let backing = BlockBacking {
+            file: file.clone(),
+            offset: 8 * P,
+        };
+        let m = ProcessMemory::from_files(&[("ram", 8 * P, backing)]).unwrap();
+        let block = &m.blocks()[0];
+        assert!(block.region().write(P as usize + 3, &[1]));
+        assert!(block.region().write(6 * P as usize, &[2]));
+        let Some(all) = block.populated(0, 8 * P) else {
+            eprintln!("skipped: this file system cannot say where its holes are");
+            return;
+        };
+        let p = P as usize;
+        assert_eq!(all, vec![(p, 2 * p), (6 * p, 7 * p)]);
+        assert_eq!(block.populated(4 * P, 4 * P).unwrap(), vec![(6 * p, 7 * p)]);
+        assert_eq!(block.populated(2 * P, 4 * P).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn populated_asks_the_page_tables_of_anonymous_memory() {
+        const P: usize = PAGE_SIZE;
+        let m = ProcessMemory::single(8 * P as u64).unwrap();
+        let block = &m.blocks()[0];
+        assert!(block.backing().is_none());
+        assert!(block.region().write(3 * P + 9, &[1]));
+        let Some(all) = block.populated(0, 8 * P as u64) else {
+            eprintln!("skipped: this kernel cannot say which pages were written");
+            return;
+        };
+        assert_eq!(all, vec![(3 * P, 4 * P)]);
+        // The same answer as the region's own look-up.
+        assert_eq!(
+            block.populated(2 * P as u64, 4 * P as u64),
+            block.region().populated(2 * P, 4 * P)
+        );
+    }
 
     #[test]
     fn process_memory_blocks() {

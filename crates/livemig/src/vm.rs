@@ -100,6 +100,18 @@ pub trait VmControl: Send {
         StateCost::default()
     }
 
+    /// How long [`VmControl::pause`] will take, asked while the guest
+    /// runs (each step): the engine counts it in the pause before it
+    /// decides to switch over. A VMM whose vCPUs are threads in and out
+    /// of the hypervisor should measure it as it goes (minivm kicks its
+    /// vCPUs out of the guest now and then and reports the slowest recent
+    /// round trip) and say so. The default, nothing, suits a guest with no
+    /// vCPUs to stop; the engine also counts the longest pause it saw in
+    /// this migration.
+    fn stop_cost(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
+
     /// The VM's shape. The source sends it at setup; a destination whose
     /// own shape differs (another vCPU count) refuses the migration
     /// before any page is sent, and the source's error names why. The

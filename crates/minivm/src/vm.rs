@@ -31,6 +31,12 @@ const MAX_CREDIT: u64 = 256;
 const THROTTLE_SLICE: Duration = Duration::from_millis(10);
 /// How long `pause` waits for all vCPUs to leave KVM_RUN.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the vCPU stop is probed while a migration asks for it.
+const PROBE_PERIOD: Duration = Duration::from_millis(100);
+/// Probes the stop estimate looks back over (~2 s).
+const PROBES: usize = 20;
+/// How long one ask for the stop cost keeps the probes going.
+const PROBE_WANTED: Duration = Duration::from_secs(3);
 
 /// Errors of VM set-up and control.
 #[derive(Debug, thiserror::Error)]
@@ -165,6 +171,22 @@ pub(crate) struct Ctl {
     pub(crate) dead: usize,
     pub(crate) stop: bool,
     pub(crate) errors: Vec<String>,
+    /// A stop probe is out (see [`Shared::probe_stop`]): running vCPUs
+    /// answer it the way they would a pause, then run on.
+    pub(crate) probing: bool,
+    /// The probe's number; a vCPU answers each once.
+    pub(crate) probe: u64,
+    /// vCPUs that answered the current probe.
+    pub(crate) probe_acks: usize,
+}
+
+/// What the stop probes measured.
+#[derive(Debug, Default)]
+pub(crate) struct StopProbes {
+    /// Round trips of the last [`PROBES`] probes, newest last.
+    samples: std::collections::VecDeque<Duration>,
+    /// Probes run until then (a migration keeps asking).
+    wanted_until: Option<Instant>,
 }
 
 pub(crate) struct VcpuSlot {
@@ -180,6 +202,8 @@ pub(crate) struct VcpuSlot {
     debug_last: AtomicU64,
     debug_count: AtomicU64,
     ring_full_exits: AtomicU64,
+    /// The last stop probe this vCPU answered.
+    probe_answered: AtomicU64,
 }
 
 pub(crate) struct Shared {
@@ -204,6 +228,8 @@ pub(crate) struct Shared {
     /// The memory taken over from a local migration's source, when it
     /// replaced this VM's own (see [`Vm::shared_blocks`]).
     pub(crate) handed_over: Mutex<Option<Vec<SharedBlock>>>,
+    /// What stopping the vCPUs costs (see [`Shared::stop_cost`]).
+    pub(crate) stop_probes: Mutex<StopProbes>,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -249,6 +275,72 @@ impl Shared {
         self.cond.notify_all();
     }
 
+    /// Times what [`Shared::pause`] would cost now, without stopping the
+    /// guest: every running vCPU is kicked out of KVM_RUN the same way and
+    /// answers at the point where it would park (an in/out in flight
+    /// completed first), then re-enters the guest. None when the VM is
+    /// paused, has no running vCPU, or a pause came meanwhile.
+    pub(crate) fn probe_stop(&self) -> Option<Duration> {
+        let start = Instant::now();
+        let mut ctl = lock(&self.ctl);
+        if ctl.pause || ctl.stop || ctl.probing {
+            return None;
+        }
+        ctl.probing = true;
+        ctl.probe += 1;
+        ctl.probe_acks = 0;
+        let took = loop {
+            let running = self.vcpus.len().saturating_sub(ctl.parked + ctl.dead);
+            if running == 0 || ctl.pause || ctl.stop || start.elapsed() > PAUSE_TIMEOUT {
+                break None;
+            }
+            if ctl.probe_acks >= running {
+                break Some(start.elapsed());
+            }
+            drop(ctl);
+            self.kick_all();
+            ctl = self
+                .cond
+                .wait_timeout(lock(&self.ctl), Duration::from_millis(2))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        };
+        ctl.probing = false;
+        took
+    }
+
+    /// What stopping the vCPUs costs: the slowest of the last [`PROBES`]
+    /// probes (one probe now when none ran yet). Asking keeps the probes
+    /// going for [`PROBE_WANTED`].
+    pub(crate) fn stop_cost(&self) -> Duration {
+        let first = {
+            let mut p = lock(&self.stop_probes);
+            p.wanted_until = Some(Instant::now() + PROBE_WANTED);
+            p.samples.is_empty()
+        };
+        if first {
+            if let Some(d) = self.probe_stop() {
+                self.record_probe(d);
+            }
+        }
+        let p = lock(&self.stop_probes);
+        p.samples.iter().copied().max().unwrap_or_default()
+    }
+
+    fn record_probe(&self, took: Duration) {
+        let mut p = lock(&self.stop_probes);
+        if p.samples.len() == PROBES {
+            p.samples.pop_front();
+        }
+        p.samples.push_back(took);
+    }
+
+    fn probes_wanted(&self) -> bool {
+        lock(&self.stop_probes)
+            .wanted_until
+            .is_some_and(|t| Instant::now() < t)
+    }
+
     pub(crate) fn is_paused(&self) -> bool {
         let ctl = lock(&self.ctl);
         ctl.pause && ctl.parked + ctl.dead >= self.vcpus.len()
@@ -280,9 +372,9 @@ impl Shared {
         }
     }
 
-    fn handle_in(&self, port: u16, data: &mut [u8], bucket: &mut Bucket) {
+    fn handle_in(&self, i: usize, port: u16, data: &mut [u8], bucket: &mut Bucket) {
         if port == guest::PORT_CREDIT {
-            let credit = bucket.take(self, self.rate_per_vcpu.load(Ordering::Relaxed));
+            let credit = bucket.take(self, i, self.rate_per_vcpu.load(Ordering::Relaxed));
             let b = (credit as u32).to_le_bytes();
             let n = data.len().min(4);
             data[..n].copy_from_slice(&b[..n]);
@@ -297,6 +389,21 @@ impl Shared {
         let ctl = lock(&self.ctl);
         ctl.pause || ctl.stop
     }
+
+    /// [`Shared::wants_park`] for vCPU `i` waiting outside the guest (page
+    /// credit, throttle, dirty limit), where a pause would reach it: a
+    /// stop probe is answered right here, so probing never cuts a
+    /// throttle's sleep short.
+    fn wants_park_answering(&self, i: usize) -> bool {
+        let mut ctl = lock(&self.ctl);
+        let answered = &self.vcpus[i].probe_answered;
+        if ctl.probing && ctl.probe != answered.load(Ordering::Relaxed) {
+            answered.store(ctl.probe, Ordering::Relaxed);
+            ctl.probe_acks += 1;
+            self.cond.notify_all();
+        }
+        ctl.pause || ctl.stop
+    }
 }
 
 /// Token bucket for the test guest's page credit.
@@ -306,7 +413,7 @@ struct Bucket {
 }
 
 impl Bucket {
-    fn take(&mut self, sh: &Shared, rate: u64) -> u64 {
+    fn take(&mut self, sh: &Shared, i: usize, rate: u64) -> u64 {
         if rate == 0 {
             return MAX_CREDIT;
         }
@@ -323,7 +430,7 @@ impl Bucket {
                 self.tokens -= n;
                 return n as u64;
             }
-            if now >= deadline || sh.wants_park() {
+            if now >= deadline || sh.wants_park_answering(i) {
                 return 0;
             }
             let wait = ((1.0 - self.tokens) / rate as f64).clamp(0.0005, 0.005);
@@ -374,6 +481,19 @@ fn vcpu_thread(sh: Arc<Shared>, i: usize) {
                 ring_full = None;
                 continue;
             }
+            if ctl.probing && ctl.probe != slot.probe_answered.load(Ordering::Relaxed) {
+                // Where a pause would park: answer, then run on.
+                if pending_io {
+                    drop(ctl);
+                    f.set_kvm_immediate_exit(1);
+                    let _ = f.run();
+                    pending_io = false;
+                    continue;
+                }
+                slot.probe_answered.store(ctl.probe, Ordering::Relaxed);
+                ctl.probe_acks += 1;
+                sh.cond.notify_all();
+            }
         }
         if let Some(t) = ring_full.take() {
             // Stopped on a full dirty ring: wait for the tracker's next
@@ -393,7 +513,7 @@ fn vcpu_thread(sh: Arc<Shared>, i: usize) {
         if pct > 0 && last_throttle.elapsed() >= THROTTLE_SLICE {
             let sleep = THROTTLE_SLICE.mul_f64(f64::from(pct) / f64::from(100 - pct.min(99)));
             let until = Instant::now() + sleep;
-            while Instant::now() < until && !sh.wants_park() {
+            while Instant::now() < until && !sh.wants_park_answering(i) {
                 std::thread::sleep((until - Instant::now()).min(Duration::from_millis(5)));
             }
             last_throttle = Instant::now();
@@ -403,7 +523,7 @@ fn vcpu_thread(sh: Arc<Shared>, i: usize) {
             // Over its dirty limit: wait the debt off, then look again.
             let t = Instant::now();
             let until = t + wait;
-            while Instant::now() < until && !sh.wants_park() {
+            while Instant::now() < until && !sh.wants_park_answering(i) {
                 std::thread::sleep((until - Instant::now()).min(Duration::from_millis(5)));
             }
             crate::dirtylimit::Pacer::waited(&sh.dirty_limit, i, t.elapsed());
@@ -418,7 +538,7 @@ fn vcpu_thread(sh: Arc<Shared>, i: usize) {
                 pending_io = true;
             }
             Ok(VcpuExit::IoIn(port, data)) => {
-                sh.handle_in(port, data, &mut bucket);
+                sh.handle_in(i, port, data, &mut bucket);
                 pending_io = true;
             }
             Ok(VcpuExit::Hlt) => std::thread::sleep(Duration::from_millis(1)),
@@ -461,6 +581,36 @@ fn clock_thread(sh: Arc<Shared>, clock: ClockPage) {
         }
         drop(ctl);
         std::thread::sleep(CLOCK_PERIOD);
+    }
+}
+
+/// Probes the vCPU stop every [`PROBE_PERIOD`] while a migration asks
+/// what it costs ([`Shared::stop_cost`]).
+fn probe_thread(sh: Arc<Shared>) {
+    let mut next = Instant::now();
+    loop {
+        let mut ctl = lock(&sh.ctl);
+        loop {
+            let now = Instant::now();
+            if ctl.stop {
+                return;
+            }
+            if now >= next {
+                break;
+            }
+            ctl = sh
+                .cond
+                .wait_timeout(ctl, next - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        drop(ctl);
+        next = Instant::now() + PROBE_PERIOD;
+        if sh.probes_wanted() {
+            if let Some(d) = sh.probe_stop() {
+                sh.record_probe(d);
+            }
+        }
     }
 }
 
@@ -703,6 +853,7 @@ impl Vm {
                 debug_last: AtomicU64::new(0),
                 debug_count: AtomicU64::new(0),
                 ring_full_exits: AtomicU64::new(0),
+                probe_answered: AtomicU64::new(0),
             });
         }
         let rate = match &config.guest {
@@ -747,6 +898,7 @@ impl Vm {
             device_writes,
             dirty_limit: crate::dirtylimit::DirtyLimit::new(vcpus_len),
             handed_over: Mutex::new(None),
+            stop_probes: Mutex::new(StopProbes::default()),
             config,
         });
         let mut threads = Vec::new();
@@ -768,6 +920,16 @@ impl Vm {
                 .spawn(move || throttle_thread(sh))
                 .map_err(|source| VmError::Io {
                     what: "spawning the throttle thread".into(),
+                    source,
+                })?,
+        );
+        let sh = shared.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("stop-probe".into())
+                .spawn(move || probe_thread(sh))
+                .map_err(|source| VmError::Io {
+                    what: "spawning the vCPU stop probe".into(),
                     source,
                 })?,
         );
@@ -1051,5 +1213,8 @@ impl livemig::vm::VmControl for VmHandle {
         livemig::vm::VmShape {
             vcpus: u32::try_from(self.shared.vcpus.len()).unwrap_or(u32::MAX),
         }
+    }
+    fn stop_cost(&self) -> Duration {
+        self.shared.stop_cost()
     }
 }

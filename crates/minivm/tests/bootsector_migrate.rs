@@ -7,13 +7,11 @@ mod common;
 
 use std::io::Read;
 use std::path::Path;
-use std::thread;
 use std::time::Duration;
 
 use livemig::engine::{MigrationHandle, Params, Status};
-use livemig::transport::pipe;
 use minivm::guest::{boot_incrementer, BOOTINC_FIRST};
-use minivm::migrate::{migrate_in, migrate_out};
+use minivm::migrate::migrate_out;
 use minivm::{GuestImage, TrackerKind, Vm, VmConfig};
 
 const MEM: u64 = 128 << 20;
@@ -70,10 +68,7 @@ fn boot_sector_incrementer_migrates_live_and_stays_consistent() {
         src.guest_status()
     );
 
-    let (w, r) = pipe();
-    let (aw, mut ar) = pipe();
-    let dest_cfg = cfg.clone();
-    let dest = thread::spawn(move || migrate_in(&dest_cfg, r, Some(aw)));
+    let (w, mut ar, dest) = common::pipe_destination(&cfg);
     // The incrementer rewrites its whole range several times a second. A
     // downtime limit far below what the whole range costs forces a live
     // first pass while the guest re-dirties pages (the point of this test;

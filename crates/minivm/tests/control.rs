@@ -4,7 +4,9 @@
 
 mod common;
 
-use common::{minivm, Proc};
+use common::{
+    connect_when_up, ended, exec, finish, incoming_minivm, minivm, ok, source_minivm, Proc,
+};
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -54,31 +56,6 @@ fn fds() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()
 }
 
-/// Runs `cmd` with `args` (a JSON object as text, or ""): the "return"
-/// value as text, or "Class: desc".
-fn exec(c: &mut ControlClient, cmd: &str, args: &str) -> Result<String, String> {
-    let line = if args.is_empty() {
-        format!("{{\"execute\":\"{cmd}\"}}\n")
-    } else {
-        format!("{{\"execute\":\"{cmd}\",\"arguments\":{args}}}\n")
-    };
-    let v = c.raw(line.as_bytes()).unwrap();
-    match v.get("error") {
-        Some(e) => Err(format!(
-            "{}: {}",
-            e["class"].as_str().unwrap_or("?"),
-            e["desc"].as_str().unwrap_or("?")
-        )),
-        None => Ok(v["return"].to_string()),
-    }
-}
-
-fn ok(c: &mut ControlClient, cmd: &str, args: &str) {
-    if let Err(e) = exec(c, cmd, args) {
-        panic!("{cmd} {args}: {e}");
-    }
-}
-
 fn uri_arg(uri: &str) -> String {
     format!("{{\"uri\":\"{uri}\"}}")
 }
@@ -118,18 +95,12 @@ fn params(c: &mut ControlClient) -> (u64, u64) {
 }
 
 fn wait_status(c: &mut ControlClient, want: &[&str], timeout: Duration) -> Q {
-    let t0 = Instant::now();
-    loop {
-        let s = query(c);
-        if want.contains(&s.status.as_str()) {
-            return s;
-        }
-        assert!(
-            t0.elapsed() < timeout,
-            "status not in {want:?} after {timeout:?}: {s:?}"
-        );
-        thread::sleep(Duration::from_millis(5));
-    }
+    common::poll_until(
+        &format!("status not in {want:?}"),
+        timeout,
+        || query(c),
+        |s| want.contains(&s.status.as_str()),
+    )
 }
 
 /// The guest runs: not paused, no throttle, heartbeats and writes advance,
@@ -475,27 +446,6 @@ fn cancel_at_setup_mid_round_and_completion() {
     );
 }
 
-fn connect_when_up(path: &Path) -> ControlClient {
-    let t0 = Instant::now();
-    loop {
-        if let Ok(c) = ControlClient::connect(path) {
-            return c;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "no control socket {path:?}"
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Waits for `p` to exit; its stderr, asserting success.
-fn finish(p: Proc, what: &str) -> String {
-    let (status, err) = ended(p, what);
-    assert!(status.success(), "{what} failed ({status}):\n{err}");
-    err
-}
-
 #[test]
 fn two_minivm_processes() {
     let _g = serial();
@@ -506,36 +456,8 @@ fn two_minivm_processes() {
     let (ss, ds) = (dir.path().join("src.sock"), dir.path().join("dst.sock"));
     let mig = format!("unix:{}", dir.path().join("mig.sock").display());
     let mem = format!("{MEM_MIB}M");
-    let src = minivm(&[
-        "run",
-        "--mem",
-        &mem,
-        "--vcpus",
-        "2",
-        "--rate",
-        "32M",
-        "--working-set",
-        "8M",
-        "--prefault",
-        "--serial",
-        "none",
-        "--control",
-        ss.to_str().unwrap(),
-    ]);
-    let dst = minivm(&[
-        "run",
-        "--mem",
-        &mem,
-        "--vcpus",
-        "2",
-        "--incoming",
-        "--serial",
-        "none",
-        "--seconds",
-        "2",
-        "--control",
-        ds.to_str().unwrap(),
-    ]);
+    let src = source_minivm(&mem, "32M", &["--prefault"], &ss);
+    let dst = incoming_minivm(&mem, "2", "2", &ds);
     let mut sc = connect_when_up(&ss);
     let mut dc = connect_when_up(&ds);
     ok(&mut dc, "migrate-incoming", &uri_arg(&mig));
@@ -670,25 +592,6 @@ fn run_with_control(sock: &Path) -> Proc {
         "--control",
         sock.to_str().unwrap(),
     ])
-}
-
-/// Exit status and stderr of a process that must end by itself within
-/// 20 s; `what` names it in the failure.
-fn ended(mut p: Proc, what: &str) -> (std::process::ExitStatus, String) {
-    let t0 = Instant::now();
-    let status = loop {
-        if let Some(s) = p.0.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "{what} did not exit"
-        );
-        thread::sleep(Duration::from_millis(20));
-    };
-    let mut err = String::new();
-    p.0.stderr.take().unwrap().read_to_string(&mut err).unwrap();
-    (status, err)
 }
 
 #[test]

@@ -7,10 +7,11 @@
 
 mod common;
 
+use common::{exec, ok};
+
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use livemig::control::{ControlClient, ControlServer};
 use livemig::engine::memory_digest;
@@ -66,31 +67,6 @@ fn serve(dir: &Path, name: &str, config: VmConfig) -> Served {
     }
 }
 
-/// Runs `cmd` with `args` (a JSON object as text, or ""): the "return"
-/// value as text, or "Class: desc".
-fn exec(c: &mut ControlClient, cmd: &str, args: &str) -> Result<String, String> {
-    let line = if args.is_empty() {
-        format!("{{\"execute\":\"{cmd}\"}}\n")
-    } else {
-        format!("{{\"execute\":\"{cmd}\",\"arguments\":{args}}}\n")
-    };
-    let v = c.raw(line.as_bytes()).unwrap();
-    match v.get("error") {
-        Some(e) => Err(format!(
-            "{}: {}",
-            e["class"].as_str().unwrap_or("?"),
-            e["desc"].as_str().unwrap_or("?")
-        )),
-        None => Ok(v["return"].to_string()),
-    }
-}
-
-fn ok(c: &mut ControlClient, cmd: &str, args: &str) {
-    if let Err(e) = exec(c, cmd, args) {
-        panic!("{cmd} {args}: {e}");
-    }
-}
-
 fn caps(c: &mut ControlClient, list: &[(&str, bool)]) {
     let items: Vec<String> = list
         .iter()
@@ -134,18 +110,12 @@ fn query(c: &mut ControlClient) -> Q {
 }
 
 fn wait_status(c: &mut ControlClient, want: &[&str], timeout: Duration) -> Q {
-    let t0 = Instant::now();
-    loop {
-        let s = query(c);
-        if want.contains(&s.status.as_str()) {
-            return s;
-        }
-        assert!(
-            t0.elapsed() < timeout,
-            "status not in {want:?} after {timeout:?}: {s:?}"
-        );
-        thread::sleep(Duration::from_millis(5));
-    }
+    common::poll_until(
+        &format!("status not in {want:?}"),
+        timeout,
+        || query(c),
+        |s| want.contains(&s.status.as_str()),
+    )
 }
 
 fn run_state(c: &mut ControlClient) -> String {
@@ -465,4 +435,75 @@ fn refusals_name_the_setting() {
     let e = exec(&mut s.client, "migrate", &sock).unwrap_err();
     assert!(e.contains("file: URI"), "{e}");
     assert_eq!(s.vm.phase(), Phase::Running);
+}
+
+#[test]
+fn migrate_cancel_stops_a_file_save_and_a_restore() {
+    if !common::kvm_available("migrate_cancel_stops_a_file_save_and_a_restore") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vm.mr");
+    let mut s = serve(dir.path(), "src", source_config(false));
+    common::wait_for(s.vm.vm(), Duration::from_secs(20), |g| {
+        g.pages_written() > 3000
+    });
+    caps(&mut s.client, &[("mapped-ram", true)]);
+    ok(
+        &mut s.client,
+        "migrate-set-parameters",
+        "{\"multifd-channels\":1}",
+    );
+    // The cancel follows at once: the save pauses the guest and saves its
+    // state before its first chunk, where it looks for the cancel.
+    ok(&mut s.client, "migrate", &file_uri(&path));
+    ok(&mut s.client, "migrate-cancel", "");
+    let q = wait_status(
+        &mut s.client,
+        &["completed", "failed", "cancelled"],
+        Duration::from_secs(60),
+    );
+    if q.status == "completed" {
+        // Not a failure of the cancel: the whole save won the race.
+        eprintln!("SKIPPED the save half: the save completed before the cancel arrived");
+    } else {
+        assert_eq!(q.status, "cancelled", "{q:?}");
+        assert!(!path.exists(), "the file the save created is removed");
+        let phase = s.vm.wait_idle(Duration::from_secs(10)).unwrap();
+        assert_eq!(phase, Phase::Running, "the guest runs on");
+        runs_on(s.vm.vm(), "after a cancelled save");
+        // And a save after it completes.
+        ok(&mut s.client, "migrate", &file_uri(&path));
+        let q = wait_status(
+            &mut s.client,
+            &["completed", "failed", "cancelled"],
+            Duration::from_secs(60),
+        );
+        assert_eq!(q.status, "completed", "{q:?}");
+    }
+    drop(s);
+
+    // A restore cancelled while it loads: the VM never runs; the file stays.
+    let before = std::fs::read(&path).unwrap();
+    let mut d = serve(dir.path(), "dst", dest_config(false));
+    ok(&mut d.client, "migrate-incoming", &file_uri(&path));
+    ok(&mut d.client, "migrate-cancel", "");
+    let q = wait_status(
+        &mut d.client,
+        &["completed", "failed", "cancelled"],
+        Duration::from_secs(60),
+    );
+    if q.status == "completed" {
+        eprintln!("SKIPPED the restore half: the restore completed before the cancel arrived");
+    } else {
+        assert_eq!(q.status, "cancelled", "{q:?}");
+        let phase = d.vm.wait_idle(Duration::from_secs(10)).unwrap();
+        assert!(matches!(phase, Phase::IncomingFailed(_)), "{phase:?}");
+        assert_ne!(run_state(&mut d.client), "running");
+    }
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        before,
+        "the file is untouched"
+    );
 }

@@ -24,8 +24,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use livemig::engine::{MigrationHandle, MigrationStats, Params, Status, SyncPoint};
-use livemig::transport::pipe;
-use minivm::migrate::{migrate_in, migrate_out, MigrateError};
+use minivm::migrate::{migrate_out, MigrateError};
 use minivm::{GuestImage, TestGuestConfig, TrackerKind, Vm, VmConfig};
 
 const PAGES_PER_VCPU: u64 = 1024;
@@ -87,10 +86,7 @@ fn migrate(
         warm.ok() && warm.heartbeats() > 0,
         "{name}: guest runs: {warm:?}"
     );
-    let (w, r) = pipe();
-    let (aw, mut ar) = pipe();
-    let dest_cfg = cfg.clone();
-    let dest = thread::spawn(move || migrate_in(&dest_cfg, r, Some(aw)));
+    let (w, mut ar, dest) = common::pipe_destination(&cfg);
     let handle = MigrationHandle::new(params);
     let guard = src.follow_dirty_limit(&handle).expect("dirty limit");
     let h = handle.clone();

@@ -12,9 +12,8 @@ use std::thread;
 use std::time::Duration;
 
 use livemig::engine::{MigrationHandle, Params, Status};
-use livemig::transport::pipe;
 use minivm::devices::CLOCK_PAGE_ADDR;
-use minivm::migrate::{migrate_in, migrate_out};
+use minivm::migrate::migrate_out;
 use minivm::{ClockPage, TrackerKind, Vm};
 
 /// One migration; returns how many ticks the device wrote during it.
@@ -26,10 +25,7 @@ fn migrate_once(kind: TrackerKind) -> u64 {
     });
     let src = Vm::new(cfg.clone()).unwrap();
     thread::sleep(Duration::from_millis(50));
-    let (w, r) = pipe();
-    let (aw, mut ar) = pipe();
-    let dest_cfg = cfg.clone();
-    let dest = thread::spawn(move || migrate_in(&dest_cfg, r, Some(aw)));
+    let (w, mut ar, dest) = common::pipe_destination(&cfg);
     let handle = MigrationHandle::new(Params {
         verify: true,
         ..Params::default()

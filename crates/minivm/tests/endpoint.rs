@@ -6,6 +6,8 @@
 
 mod common;
 
+use common::{exec, ok};
+
 use std::io::{self, Read, Write};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -209,25 +211,6 @@ fn a_cancelled_source_tells_the_destination_why() {
 
 // --- TLS through the control socket -------------------------------------
 
-fn exec(c: &mut ControlClient, cmd: &str, args: &str) -> Result<String, String> {
-    let line = if args.is_empty() {
-        format!("{{\"execute\":\"{cmd}\"}}\n")
-    } else {
-        format!("{{\"execute\":\"{cmd}\",\"arguments\":{args}}}\n")
-    };
-    let v = c.raw(line.as_bytes()).unwrap();
-    match v.get("error") {
-        Some(e) => Err(e["desc"].as_str().unwrap_or("?").to_string()),
-        None => Ok(v["return"].to_string()),
-    }
-}
-
-fn ok(c: &mut ControlClient, cmd: &str, args: &str) {
-    if let Err(e) = exec(c, cmd, args) {
-        panic!("{cmd} {args}: {e}");
-    }
-}
-
 /// Migrates to `uri` and waits for a final status: (status, error).
 fn migrate_and_wait(c: &mut ControlClient, uri: &Uri) -> (String, String) {
     ok(c, "migrate", &format!("{{\"uri\":\"{uri}\"}}"));
@@ -299,7 +282,8 @@ fn control_socket_migrates_over_tls_and_refuses_wrong_creds() {
     let e = exec(&mut dc, "migrate-incoming", "{\"uri\":\"tcp:127.0.0.1:0\"}")
         .expect_err("no certificates");
     assert!(
-        e.starts_with(&format!("tls-creds {}: ", empty.display())) && e.contains("ca.pem"),
+        e.starts_with(&format!("GenericError: tls-creds {}: ", empty.display()))
+            && e.contains("ca.pem"),
         "{e}"
     );
     assert_eq!(dst.phase(), Phase::AwaitingIncoming);

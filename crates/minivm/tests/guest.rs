@@ -127,3 +127,51 @@ fn guest_detects_a_corrupted_page() {
     let s = common::wait_for(&vm, Duration::from_secs(5), |s| s.failures() > 0);
     assert_eq!(s.failures(), 1, "{s:?}");
 }
+
+#[test]
+fn stop_probe_measures_the_stop_without_stopping_the_guest() {
+    if !common::kvm_available("stop_probe_measures_the_stop_without_stopping_the_guest") {
+        return;
+    }
+    use livemig::vm::VmControl;
+    // Rate-limited: the vCPUs spend their time in the VMM waiting for
+    // page credit, where a pause (and a probe) must reach them too.
+    let vm = Vm::new(common::test_guest(64, 2, 1024, 8 << 20)).unwrap();
+    common::wait_for(&vm, Duration::from_secs(5), |s| s.pages_written() > 1_000);
+    let control = vm.control();
+    // The first ask probes at once: both vCPUs answered.
+    let first = control.stop_cost();
+    assert!(first > Duration::ZERO, "no probe answered");
+    // Asking keeps probes going in the background (one every 100 ms);
+    // the guest runs on through them and its self-check holds.
+    let a = vm.guest_status().pages_written();
+    for _ in 0..5 {
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            control.stop_cost() >= first,
+            "the slowest recent probe counts"
+        );
+    }
+    let s = common::wait_for(&vm, Duration::from_secs(5), |s| {
+        s.pages_written() > a + 1_000
+    });
+    assert!(s.pages_written() > a + 1_000, "the guest stopped: {s:?}");
+    assert!(s.ok(), "{s:?}");
+    assert!(!vm.is_paused());
+    // Paused, probes wanted: none runs a vCPU.
+    vm.pause().unwrap();
+    let _ = control.stop_cost();
+    let b = vm.guest_status().pages_written();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        vm.guest_status().pages_written(),
+        b,
+        "guest wrote while paused"
+    );
+    assert!(vm.is_paused());
+    vm.resume();
+    let c = common::wait_for(&vm, Duration::from_secs(5), |s| {
+        s.pages_written() > b + 1_000
+    });
+    assert!(c.ok() && c.pages_written() > b + 1_000, "{c:?}");
+}

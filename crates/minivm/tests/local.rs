@@ -8,8 +8,7 @@ use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{minivm, Proc};
-use livemig::control::ControlClient;
+use common::{connect_when_up, finish, incoming_minivm, ok, source_minivm};
 use livemig::engine::{MigrationError, MigrationHandle, MigrationMode, Params, Status};
 use livemig::transport::local::{connect, LocalListener};
 use livemig::transport::{Uri, IO_TIMEOUT};
@@ -197,50 +196,7 @@ fn anonymous_memory_is_refused_and_the_guest_runs_on() {
     drop(dst);
 }
 
-fn connect_when_up(path: &Path) -> ControlClient {
-    let t0 = Instant::now();
-    loop {
-        if let Ok(c) = ControlClient::connect(path) {
-            return c;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "no control socket {path:?}"
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// Runs `cmd` with `args` (a JSON object as text), which must succeed.
-fn exec(c: &mut ControlClient, cmd: &str, args: &str) {
-    let line = format!("{{\"execute\":\"{cmd}\",\"arguments\":{args}}}\n");
-    let v = c.raw(line.as_bytes()).unwrap();
-    if let Some(e) = v.get("error") {
-        panic!("{cmd} {args}: {e}");
-    }
-}
-
-fn finish(mut p: Proc, what: &str) -> String {
-    let t0 = Instant::now();
-    let status = loop {
-        if let Some(s) = p.0.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "{what} did not exit"
-        );
-        thread::sleep(Duration::from_millis(50));
-    };
-    let mut err = String::new();
-    if let Some(mut e) = p.0.stderr.take() {
-        use std::io::Read;
-        let _ = e.read_to_string(&mut err);
-    }
-    assert!(status.success(), "{what} failed ({status}):\n{err}");
-    err
-}
-
 #[test]
 fn two_minivm_processes_in_local_mode() {
     if !common::kvm_available("two_minivm_processes_in_local_mode") {
@@ -250,50 +206,22 @@ fn two_minivm_processes_in_local_mode() {
     let (ss, ds) = (dir.path().join("src.sock"), dir.path().join("dst.sock"));
     let mig = format!("unix:{}", dir.path().join("mig.sock").display());
     let mem = format!("{MEM_MIB}M");
-    let src = minivm(&[
-        "run",
-        "--mem",
-        &mem,
-        "--vcpus",
-        "2",
-        "--dirty-rate",
-        "32M",
-        "--working-set",
-        "8M",
-        "--memfd",
-        "--serial",
-        "none",
-        "--control",
-        ss.to_str().unwrap(),
-    ]);
-    let dst = minivm(&[
-        "run",
-        "--mem",
-        &mem,
-        "--vcpus",
-        "2",
-        "--incoming",
-        "--serial",
-        "none",
-        "--seconds",
-        "2",
-        "--control",
-        ds.to_str().unwrap(),
-    ]);
+    let src = source_minivm(&mem, "32M", &["--memfd"], &ss);
+    let dst = incoming_minivm(&mem, "2", "2", &ds);
     let mut sc = connect_when_up(&ss);
     let mut dc = connect_when_up(&ds);
     let local = r#"{"mode": "local"}"#;
-    exec(&mut dc, "migrate-set-parameters", local);
-    exec(&mut sc, "migrate-set-parameters", local);
+    ok(&mut dc, "migrate-set-parameters", local);
+    ok(&mut sc, "migrate-set-parameters", local);
     let p = sc
         .raw(b"{\"execute\":\"query-migrate-parameters\"}\n")
         .unwrap();
     assert_eq!(p["return"]["mode"].as_str(), Some("local"), "{p}");
     let uri = format!("{{\"uri\":\"{mig}\"}}");
-    exec(&mut dc, "migrate-incoming", &uri);
+    ok(&mut dc, "migrate-incoming", &uri);
     // Let the source guest run a moment first.
     thread::sleep(Duration::from_millis(500));
-    exec(&mut sc, "migrate", &uri);
+    ok(&mut sc, "migrate", &uri);
     let t0 = Instant::now();
     let q = loop {
         let v = sc.raw(b"{\"execute\":\"query-migrate\"}\n").unwrap();

@@ -9,8 +9,7 @@ use std::thread;
 use std::time::Duration;
 
 use livemig::engine::{MigrationHandle, Params, Status};
-use livemig::transport::pipe;
-use minivm::migrate::{migrate_in, migrate_out};
+use minivm::migrate::migrate_out;
 use minivm::{GuestImage, TestGuestConfig, TrackerKind, Vm, VmConfig};
 
 fn config() -> VmConfig {
@@ -38,10 +37,7 @@ fn running_guest_moves_and_keeps_running() {
         src.guest_status().heartbeats() > 0,
         "guest runs on the source"
     );
-    let (w, r) = pipe();
-    let (aw, mut ar) = pipe();
-    let cfg = config();
-    let dest = thread::spawn(move || migrate_in(&cfg, r, Some(aw)));
+    let (w, mut ar, dest) = common::pipe_destination(&config());
     let handle = MigrationHandle::new(Params {
         verify: true,
         ..Params::default()

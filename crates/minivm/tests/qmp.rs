@@ -8,9 +8,8 @@
 
 mod common;
 
-use common::{minivm, Proc};
+use common::{finish, incoming_minivm, minivm, source_minivm, Proc};
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::thread;
@@ -47,20 +46,7 @@ fn python(test: &str) -> Option<PathBuf> {
 /// A 128 MiB, 2-vCPU minivm waiting for an incoming migration on its
 /// control socket `ds`, running 2 s once it arrives.
 fn incoming_vm(ds: &Path) -> Proc {
-    minivm(&[
-        "run",
-        "--mem",
-        "128M",
-        "--vcpus",
-        "2",
-        "--incoming",
-        "--serial",
-        "none",
-        "--seconds",
-        "2",
-        "--control",
-        ds.to_str().unwrap(),
-    ])
+    incoming_minivm("128M", "2", "2", ds)
 }
 
 fn wait_socket(path: &Path, p: &mut Proc) {
@@ -70,25 +56,6 @@ fn wait_socket(path: &Path, p: &mut Proc) {
         assert!(t0.elapsed() < Duration::from_secs(30), "no socket {path:?}");
         thread::sleep(Duration::from_millis(20));
     }
-}
-
-/// Waits for `p` to exit; its stderr, asserting success.
-fn finish(mut p: Proc, what: &str) -> String {
-    let t0 = Instant::now();
-    let status = loop {
-        if let Some(s) = p.0.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "{what} did not exit"
-        );
-        thread::sleep(Duration::from_millis(50));
-    };
-    let mut err = String::new();
-    p.0.stderr.take().unwrap().read_to_string(&mut err).unwrap();
-    assert!(status.success(), "{what} failed ({status}):\n{err}");
-    err
 }
 
 #[test]
@@ -102,21 +69,7 @@ fn qemu_qmp_client_migrates_between_two_minivms() {
     let dir = tempfile::tempdir().unwrap();
     let (ss, ds) = (dir.path().join("src.sock"), dir.path().join("dst.sock"));
     let mig = format!("unix:{}", dir.path().join("mig.sock").display());
-    let mut src = minivm(&[
-        "run",
-        "--mem",
-        "128M",
-        "--vcpus",
-        "2",
-        "--rate",
-        "16M",
-        "--working-set",
-        "8M",
-        "--serial",
-        "none",
-        "--control",
-        ss.to_str().unwrap(),
-    ]);
+    let mut src = source_minivm("128M", "16M", &[], &ss);
     let mut dst = incoming_vm(&ds);
     wait_socket(&ss, &mut src);
     wait_socket(&ds, &mut dst);
@@ -205,24 +158,7 @@ fn qemu_qmp_client_takes_a_background_snapshot_and_restores_it_lazily() {
     let dir = tempfile::tempdir().unwrap();
     let (ss, ds) = (dir.path().join("src.sock"), dir.path().join("dst.sock"));
     let file = dir.path().join("vm.mr");
-    let mut src = minivm(&[
-        "run",
-        "--mem",
-        "128M",
-        "--vcpus",
-        "2",
-        "--rate",
-        "16M",
-        "--working-set",
-        "8M",
-        "--memfd",
-        "--serial",
-        "none",
-        "--seconds",
-        "3",
-        "--control",
-        ss.to_str().unwrap(),
-    ]);
+    let mut src = source_minivm("128M", "16M", &["--memfd", "--seconds", "3"], &ss);
     let mut dst = incoming_vm(&ds);
     wait_socket(&ss, &mut src);
     wait_socket(&ds, &mut dst);

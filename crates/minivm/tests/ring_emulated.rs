@@ -10,13 +10,11 @@
 mod common;
 
 use std::io::Read;
-use std::thread;
 use std::time::Duration;
 
 use livemig::engine::{MigrationError, MigrationHandle, Params};
-use livemig::transport::pipe;
 use minivm::guest::boot_incrementer;
-use minivm::migrate::{migrate_in, migrate_out, MigrateError};
+use minivm::migrate::{migrate_out, MigrateError};
 use minivm::{GuestImage, TrackerKind, Vm, VmConfig};
 
 const MEM: u64 = 128 << 20;
@@ -51,10 +49,7 @@ fn ring_filled_while_emulated_is_refused_and_the_source_runs_on() {
 }
 
 fn refused_attempt(src: &Vm, cfg: &VmConfig, attempt: u32) {
-    let (w, r) = pipe();
-    let (aw, mut ar) = pipe();
-    let dest_cfg = cfg.clone();
-    let dest = thread::spawn(move || migrate_in(&dest_cfg, r, Some(aw)));
+    let (w, mut ar, dest) = common::pipe_destination(cfg);
     let handle = MigrationHandle::new(Params {
         verify: true,
         // Generous limits: only the tracker's refusal may end this migration.

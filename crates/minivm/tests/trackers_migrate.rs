@@ -26,8 +26,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use livemig::engine::{MigrationHandle, Params, Status};
-use livemig::transport::pipe;
-use minivm::migrate::{migrate_in, migrate_out};
+use minivm::migrate::migrate_out;
 use minivm::{GuestImage, TestGuestConfig, TrackerKind, Vm, VmConfig};
 
 const RATE: u64 = 200 << 20;
@@ -73,10 +72,7 @@ fn migrate_with(name: &str, kind: TrackerKind, ring: Option<u32>) {
         "{name}: source guest runs: {warm:?}"
     );
 
-    let (w, r) = pipe();
-    let (aw, mut ar) = pipe();
-    let dest_cfg = cfg.clone();
-    let dest = thread::spawn(move || migrate_in(&dest_cfg, r, Some(aw)));
+    let (w, mut ar, dest) = common::pipe_destination(&cfg);
     let handle = MigrationHandle::new(Params {
         verify: true,
         ..Params::default()

@@ -157,6 +157,9 @@ pub(crate) struct State {
     base: Params,
     qemu: QemuSide,
     current: Option<(MigrationHandle, Direction)>,
+    /// The current `migrate-incoming file:` restore: `migrate-cancel`
+    /// stops it too.
+    restore: Option<MigrationHandle>,
     /// Snapshot-file and lazy-restore settings.
     file: super::file::FileSide,
     starter: Box<dyn MigrationStarter>,
@@ -294,6 +297,7 @@ impl State {
             qemu: QemuSide::from_params(&params),
             base: params,
             current: None,
+            restore: None,
             file: Default::default(),
             starter,
             events,
@@ -492,8 +496,8 @@ impl State {
                 "the outgoing migration is not paused in postcopy: nothing to resume",
             ));
         }
-        let conn = match self.tls() {
-            None => crate::transport::connect(uri).map_err(|e| generic(e.to_string()))?,
+        let cfg = match self.tls() {
+            None => None,
             Some(t) => {
                 let mut cfg = crate::transport::tls::TlsConfig::from_dir(&t.dir)
                     .map_err(|e| generic(format!("tls-creds: {e}")))?;
@@ -502,10 +506,23 @@ impl State {
                         .with_server_name(name)
                         .map_err(|e| generic(format!("tls-hostname: {e}")))?;
                 }
-                crate::transport::tls::connect(uri, &cfg).map_err(|e| generic(e.to_string()))?
+                Some(cfg)
             }
         };
-        h.resume_postcopy(conn).map_err(generic)?;
+        let connect = move |uri: &Uri| match &cfg {
+            None => crate::transport::connect(uri).map_err(|e| e.to_string()),
+            Some(cfg) => crate::transport::tls::connect(uri, cfg).map_err(|e| e.to_string()),
+        };
+        let conn = connect(uri).map_err(generic)?;
+        // The urgent connection and the page channels go to the same
+        // place, where `migrate-recover` accepts them.
+        let to = uri.clone();
+        let open = move |_: u16| {
+            connect(&to)
+                .map(|o| o.writer)
+                .map_err(std::io::Error::other)
+        };
+        h.resume_postcopy_with(conn, open).map_err(generic)?;
         Ok(json!({}))
     }
 
@@ -524,8 +541,10 @@ impl State {
                 "the incoming migration is not paused in postcopy: nothing to recover",
             ));
         }
-        type Accept = Box<dyn FnOnce() -> Result<crate::transport::Incoming, String> + Send>;
-        let accept: Accept = match self.tls() {
+        // The main connection first, then (same listener) the urgent
+        // connection and page channels the source reopens.
+        type Accept = Box<dyn FnMut() -> Result<crate::transport::Incoming, String> + Send>;
+        let mut accept: Accept = match self.tls() {
             None => {
                 let l =
                     crate::transport::Listener::bind(uri).map_err(|e| generic(e.to_string()))?;
@@ -545,7 +564,8 @@ impl State {
             .name("migrate-recover".into())
             .spawn(move || match accept() {
                 Ok(conn) => {
-                    if let Err(e) = h.recover_postcopy(conn) {
+                    let more = move || accept().map(|i| i.reader).map_err(std::io::Error::other);
+                    if let Err(e) = h.recover_postcopy_with(conn, more) {
                         log::warn!("migrate-recover on {what}: {e}");
                     }
                 }
@@ -753,6 +773,7 @@ impl State {
                     let dir = if outgoing {
                         Direction::Outgoing
                     } else {
+                        self.restore = Some(h.clone());
                         Direction::Incoming
                     };
                     self.current = Some((h, dir));
@@ -780,6 +801,13 @@ impl State {
                 no_args(args)?;
                 if let Some((h, Direction::Outgoing)) = &self.current {
                     if !h.stats().status.is_final() {
+                        h.cancel();
+                    }
+                }
+                // A file restore still loading stops too (the VM waits on,
+                // never run); a lazy one whose guest runs cannot.
+                if let Some(h) = &self.restore {
+                    if h.stats().status == crate::engine::Status::Active {
                         h.cancel();
                     }
                 }

@@ -35,7 +35,7 @@
 //! | `stop` / `cont` | none | pause / resume the guest (`cont` also resumes a source left paused by an unconfirmed migration) |
 //! | `migrate` | `uri` or `channels`, `detach`, `resume` | starts an outgoing migration; with `resume: true`, reconnects one paused in postcopy (`postcopy-paused`) to `uri`, where the destination waits after `migrate-recover` |
 //! | `migrate-incoming` | `uri` or `channels`, `exit-on-error` | starts waiting for an incoming one |
-//! | `migrate-cancel` | none | cancels the outgoing migration; the guest runs on |
+//! | `migrate-cancel` | none | cancels the outgoing migration or snapshot-file save (a file the save created is removed); the guest runs on. Also stops a `migrate-incoming file:` restore still loading (the waiting VM never runs) |
 //! | `migrate-start-postcopy` | none | switches the running migration to postcopy (needs `postcopy-ram`) |
 //! | `migrate-recover` | `uri` | destination paused in postcopy: listens on `uri` for the source's `migrate` with `resume: true` (the VMM must receive with `engine::postcopy::receive_recoverable`) |
 //! | `query-migrate` | none | QEMU's shape; `{}` before any migration |

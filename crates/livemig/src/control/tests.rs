@@ -996,3 +996,91 @@ fn snapshot_capabilities_reach_the_vmm_and_a_vmm_without_them_refuses() {
     );
     assert!(calls.lock().unwrap().is_empty());
 }
+
+/// Keeps the handles of the saves and restores it starts, left active.
+struct HoldingStarter(std::sync::Arc<Mutex<Vec<MigrationHandle>>>);
+
+impl MigrationStarter for HoldingStarter {
+    fn start_outgoing(
+        &mut self,
+        _uri: &Uri,
+        _tls: Option<&MigrationTls>,
+        _handle: MigrationHandle,
+    ) -> Result<(), String> {
+        Err("no streams here".into())
+    }
+    fn start_incoming(
+        &mut self,
+        _uri: &Uri,
+        _tls: Option<&MigrationTls>,
+        _handle: MigrationHandle,
+    ) -> Result<(), String> {
+        Err("no streams here".into())
+    }
+    fn start_snapshot(
+        &mut self,
+        _path: &std::path::Path,
+        _o: &super::FileOptions,
+        handle: MigrationHandle,
+    ) -> Result<(), String> {
+        handle.set_status(Status::Active, None);
+        self.0.lock().unwrap().push(handle);
+        Ok(())
+    }
+    fn start_restore(
+        &mut self,
+        _path: &std::path::Path,
+        o: &super::FileOptions,
+        handle: MigrationHandle,
+    ) -> Result<(), String> {
+        // A lazy restore's guest runs at once.
+        let status = if o.lazy {
+            Status::PostcopyActive
+        } else {
+            Status::Active
+        };
+        handle.set_status(status, None);
+        self.0.lock().unwrap().push(handle);
+        Ok(())
+    }
+}
+
+#[test]
+fn migrate_cancel_reaches_a_file_save_and_a_restore_still_loading() {
+    let dir = tempfile::tempdir().unwrap();
+    let mr = dir.path().join("vm.mr");
+    let mem = crate::memory::ProcessMemory::new(&[("ram", 1 << 20)]).unwrap();
+    crate::snapshot::save(&mem, &mr, b"state", &Default::default()).unwrap();
+    let run = |lines: String| {
+        let held = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let d = Dispatcher::new(Params::default(), Box::new(HoldingStarter(held.clone())));
+        let a = session(&d, lines.as_bytes());
+        let errors: Vec<&Value> = a.iter().filter(|v| v.get("error").is_some()).collect();
+        assert!(errors.is_empty(), "{errors:?}");
+        let h = held.lock().unwrap();
+        assert_eq!(h.len(), 1);
+        h[0].is_cancelled()
+    };
+    let caps = r#"{"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"mapped-ram","state":true}]}}"#;
+    let save = format!(
+        "{{\"execute\":\"qmp_capabilities\"}}\n{caps}\n\
+         {{\"execute\":\"migrate\",\"arguments\":{{\"uri\":\"file:{}/out.mr\"}}}}\n\
+         {{\"execute\":\"migrate-cancel\"}}",
+        dir.path().display()
+    );
+    assert!(run(save), "the save is cancelled");
+    let restore = |lazy: bool| {
+        format!(
+            "{{\"execute\":\"qmp_capabilities\"}}\n\
+             {{\"execute\":\"migrate-set-parameters\",\"arguments\":{{\"x-livemig-lazy\":{lazy}}}}}\n\
+             {{\"execute\":\"migrate-incoming\",\"arguments\":{{\"uri\":\"file:{}\"}}}}\n\
+             {{\"execute\":\"migrate-cancel\"}}",
+            mr.display()
+        )
+    };
+    assert!(run(restore(false)), "a restore still loading is cancelled");
+    assert!(
+        !run(restore(true)),
+        "a lazy restore whose guest runs is not cancelled"
+    );
+}

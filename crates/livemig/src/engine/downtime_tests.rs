@@ -263,6 +263,26 @@ fn a_write_the_tracker_missed_is_caught_by_verify() {
 /// allowed on both sides, verify on, under `limit` ms (switched at once
 /// with `pure`); checks the destination's memory.
 fn run_auto_postcopy(limit: u64, pure: bool) -> MigrationStats {
+    run_auto_postcopy_stopping(limit, pure, Duration::ZERO)
+}
+
+/// A guest whose vCPUs take `stop` to stop, which it does not declare.
+struct SlowStopVm {
+    stop: Duration,
+}
+
+impl VmControl for SlowStopVm {
+    fn pause(&mut self) -> Result<(), VmError> {
+        thread::sleep(self.stop);
+        Ok(())
+    }
+    fn resume(&mut self) -> Result<(), VmError> {
+        Ok(())
+    }
+}
+
+/// [`run_auto_postcopy`] with a guest whose stop takes `stop`.
+fn run_auto_postcopy_stopping(limit: u64, pure: bool, stop: Duration) -> MigrationStats {
     let src = ProcessMemory::new(&[("ram0", 8 * MIB), ("ram1", 4 * MIB)]).unwrap();
     let dst = ProcessMemory::new(&[("ram0", 8 * MIB), ("ram1", 4 * MIB)]).unwrap();
     let (mut tracker, log) = SoftwareTracker::new(&src);
@@ -294,7 +314,7 @@ fn run_auto_postcopy(limit: u64, pure: bool) -> MigrationStats {
         writer: Box::new(w),
         ack: Some(Box::new(ack_r)),
     };
-    let stats = Source::new(&src, &mut tracker, &mut crate::vm::NoVm, handle)
+    let stats = Source::new(&src, &mut tracker, &mut SlowStopVm { stop }, handle)
         .run_conn(out, &mut |_| Err(std::io::Error::other("one stream")))
         .expect("migration succeeds");
     let switched = dest.join().unwrap().expect("the destination completes");
@@ -330,6 +350,21 @@ fn with_postcopy_a_pause_that_fits_stays_precopy() {
     assert_eq!(s.status, Status::Completed);
     assert!(s.postcopy_time.is_none(), "{s:#?}");
     assert!(!s.downtime_limit_exceeded, "{s:#?}");
+}
+
+#[test]
+fn with_postcopy_a_stop_that_took_the_limit_switches_at_the_pause() {
+    // The stop-and-copy fits 1 s before the pause (as it fits 10 s
+    // above), but stopping the guest took 1.2 s: decided again with the
+    // stop as measured, the rest goes to postcopy (no digest in its
+    // pause) instead of stretching the pause further.
+    let s = run_auto_postcopy_stopping(1_000, false, Duration::from_millis(1_200));
+    assert_eq!(s.status, Status::Completed);
+    assert!(s.postcopy_time.is_some(), "switched to postcopy: {s:#?}");
+    let b = s.pause_breakdown.as_ref().expect("a breakdown");
+    assert!(b.stop_us >= 1_200_000, "{s:#?}");
+    assert_eq!(b.digest_us, 0, "{s:#?}");
+    assert!(s.downtime_limit_exceeded, "1.2 s is over 1 s: said so");
 }
 
 #[test]

@@ -34,6 +34,22 @@ pub struct SyncPoint {
     pub expected_downtime: u64,
 }
 
+/// Postcopy's progress at one moment (taken about every 50 ms after the
+/// switch, and at its end): what a report plots for the postcopy phase.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct PostcopyPoint {
+    /// Milliseconds since the migration started.
+    pub time_ms: u64,
+    /// Pages pushed in the background since the switch.
+    pub pushed_pages: u64,
+    /// Pages sent because the destination asked for them, since the
+    /// switch.
+    pub requested_pages: u64,
+    /// Page requests received since the switch.
+    pub requests: u64,
+}
+
 /// What a [`MigrationHandle`] tells its observers.
 #[derive(Clone, Debug, PartialEq)]
 pub enum HandleEvent {
@@ -63,6 +79,7 @@ struct Shared {
     params: Mutex<Params>,
     stats: Mutex<MigrationStats>,
     history: Mutex<Vec<SyncPoint>>,
+    postcopy_history: Mutex<Vec<PostcopyPoint>>,
     cancel: AtomicBool,
     observers: Mutex<Observers>,
     start_postcopy: AtomicBool,
@@ -75,18 +92,29 @@ struct Shared {
 pub(crate) enum Reconnect {
     #[default]
     None,
-    /// The source's new connection (`migrate` with `resume`).
-    Out(crate::transport::Outgoing),
-    /// The destination's new connection (`migrate-recover`).
-    In(crate::transport::Incoming),
+    /// The source's new connection (`migrate` with `resume`), and how to
+    /// open more to the same place (the urgent connection, page
+    /// channels), if the caller can.
+    Out(crate::transport::Outgoing, Option<OpenConnection>),
+    /// The destination's new connection (`migrate-recover`), and how to
+    /// accept the source's further connections, if the caller can.
+    In(crate::transport::Incoming, Option<AcceptConnection>),
 }
+
+/// Opens connection `i` of a resumed postcopy migration: page channel `i`
+/// (1..=channels) or the urgent connection (`u16::MAX`).
+pub type OpenConnection =
+    Box<dyn FnMut(u16) -> std::io::Result<crate::engine::ChannelWriter> + Send>;
+/// Accepts the next connection of a resumed postcopy migration (urgent
+/// connection first, then the page channels) on the recovery listener.
+pub type AcceptConnection = Box<dyn FnMut() -> std::io::Result<crate::transport::BoxRead> + Send>;
 
 impl std::fmt::Debug for Reconnect {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Reconnect::None => "no connection",
-            Reconnect::Out(_) => "an outgoing connection",
-            Reconnect::In(_) => "an incoming connection",
+            Reconnect::Out(..) => "an outgoing connection",
+            Reconnect::In(..) => "an incoming connection",
         })
     }
 }
@@ -194,15 +222,49 @@ impl MigrationHandle {
     /// over `conn`, a new connection to the destination, which must be
     /// waiting for it (its own [`MigrationHandle::recover_postcopy`], QMP's
     /// `migrate-recover`). QEMU's `migrate` with `resume: true`.
+    ///
+    /// The migration resumes over `conn` alone: requested and background
+    /// pages share it, even if the migration had an urgent connection or
+    /// page channels. [`MigrationHandle::resume_postcopy_with`] reopens
+    /// them.
     pub fn resume_postcopy(&self, conn: crate::transport::Outgoing) -> Result<(), String> {
-        self.hand_over(Reconnect::Out(conn))
+        self.hand_over(Reconnect::Out(conn, None))
+    }
+
+    /// As [`MigrationHandle::resume_postcopy`], and `open(i)` opens the
+    /// migration's further connections to the same destination as
+    /// before the cut: the urgent connection (`i == u16::MAX`) when it
+    /// had one, page channels `1..=channels` when it had them (after
+    /// `conn`'s stream start, in that order; the destination must accept
+    /// them: [`MigrationHandle::recover_postcopy_with`]).
+    pub fn resume_postcopy_with(
+        &self,
+        conn: crate::transport::Outgoing,
+        open: impl FnMut(u16) -> std::io::Result<crate::engine::ChannelWriter> + Send + 'static,
+    ) -> Result<(), String> {
+        self.hand_over(Reconnect::Out(conn, Some(Box::new(open))))
     }
 
     /// Hands an incoming migration paused in postcopy (`postcopy-paused`,
     /// on the destination) the source's new connection (`conn`, accepted
     /// on the address given to QMP's `migrate-recover`).
+    /// A source that reopens an urgent connection or page channels is
+    /// refused (it stays paused): see
+    /// [`MigrationHandle::recover_postcopy_with`].
     pub fn recover_postcopy(&self, conn: crate::transport::Incoming) -> Result<(), String> {
-        self.hand_over(Reconnect::In(conn))
+        self.hand_over(Reconnect::In(conn, None))
+    }
+
+    /// As [`MigrationHandle::recover_postcopy`], and `accept()` takes the
+    /// source's further connections from the recovery listener: its
+    /// urgent connection, then its page channels, each checked as at
+    /// the first connection (block list, channel count, session).
+    pub fn recover_postcopy_with(
+        &self,
+        conn: crate::transport::Incoming,
+        accept: impl FnMut() -> std::io::Result<crate::transport::BoxRead> + Send + 'static,
+    ) -> Result<(), String> {
+        self.hand_over(Reconnect::In(conn, Some(Box::new(accept))))
     }
 
     fn hand_over(&self, conn: Reconnect) -> Result<(), String> {
@@ -250,5 +312,15 @@ impl MigrationHandle {
 
     pub(crate) fn push_history(&self, p: SyncPoint) {
         lock(&self.shared.history).push(p);
+    }
+
+    /// Postcopy's progress over time, from the switch to the last page
+    /// (empty for a migration that never switched).
+    pub fn postcopy_history(&self) -> Vec<PostcopyPoint> {
+        lock(&self.shared.postcopy_history).clone()
+    }
+
+    pub(crate) fn push_postcopy_point(&self, p: PostcopyPoint) {
+        lock(&self.shared.postcopy_history).push(p);
     }
 }

@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use super::channels::{BarrierError, EpochBarrier};
 use super::digest::{hex, memory_digest, RunningDigest};
+use super::fresh::FreshZero;
 use super::prefault::Prefault;
 use crate::codec::compress::{Algorithm, Decompressor};
 use crate::codec::{xbzrle, zero};
@@ -237,6 +238,9 @@ pub struct Loader<'a> {
     running: Option<RunningDigest>,
     /// Faults memory in a window at a time before data pages land.
     prefault: Prefault,
+    /// Pages known zero (looked up when a load begins): zero records for
+    /// them need no look at the page.
+    fresh: FreshZero,
     /// The VM the stream must describe (vCPUs 0: not checked).
     shape: VmShape,
     /// Where the setup verdict goes (the return path), for a stream whose
@@ -282,6 +286,7 @@ impl<'a> Loader<'a> {
             progress: Arc::new(AtomicU64::new(0)),
             running: None,
             prefault: Prefault::new(mem, true),
+            fresh: FreshZero::none(),
             shape: VmShape::default(),
             answer: Mutex::new(None),
         }
@@ -351,6 +356,7 @@ impl<'a> Loader<'a> {
         }
         let verify = r.flags() & FLAG_VERIFY != 0;
         self.running = verify.then(|| RunningDigest::new(self.mem));
+        self.fresh = FreshZero::look_up(self.mem);
         let o = self.hashing(|| self.run_stream(&mut r, Role::Single))?;
         refuse_switch(&r, &o)?;
         self.finish(verify, o)
@@ -373,6 +379,7 @@ impl<'a> Loader<'a> {
         }
         let verify = r.flags() & FLAG_VERIFY != 0;
         self.running = verify.then(|| RunningDigest::new(self.mem));
+        self.fresh = FreshZero::look_up(self.mem);
         self.hashing(|| self.run_stream(r, Role::Single))
     }
 
@@ -423,6 +430,7 @@ impl<'a> Loader<'a> {
         let mut r = StreamReader::new(main)?;
         let verify = r.flags() & FLAG_VERIFY != 0;
         self.running = verify.then(|| RunningDigest::new(self.mem));
+        self.fresh = FreshZero::look_up(self.mem);
         if r.flags() & FLAG_CHANNELS == 0 {
             let o = self.hashing(|| self.run_stream(&mut r, Role::Single))?;
             refuse_switch(&r, &o)?;
@@ -455,6 +463,7 @@ impl<'a> Loader<'a> {
     ) -> Result<(StreamOutcome, StreamReader<R>, Vec<StreamReader<C>>), LoadError> {
         let verify = r.flags() & FLAG_VERIFY != 0;
         self.running = verify.then(|| RunningDigest::new(self.mem));
+        self.fresh = FreshZero::look_up(self.mem);
         self.run_channels(r, accept)
     }
 
@@ -740,11 +749,17 @@ impl<'a> Loader<'a> {
                 }
                 Record::Zero { block, offset } => {
                     out.stats.zero_pages += 1;
-                    let region = blocks[map[usize::from(block)]].region();
+                    let bi = map[usize::from(block)];
+                    let region = blocks[bi].region();
                     let off = offset as usize;
-                    if region.scan(off, PAGE_SIZE, zero::is_zero) != Some(true) {
+                    // A page known zero needs no look (before the switch
+                    // only: after it the guest runs here, and its writes
+                    // do not clear the known-zero bits).
+                    if (out.switched || !self.fresh.is_zero(bi, offset))
+                        && region.scan(off, PAGE_SIZE, zero::is_zero) != Some(true)
+                    {
                         region.write(off, &ZERO_PAGE);
-                        self.touched(map[usize::from(block)], offset);
+                        self.touched(bi, offset);
                         out.stats.zero_pages_written += 1;
                     }
                 }
@@ -755,6 +770,7 @@ impl<'a> Loader<'a> {
                 } => {
                     out.stats.raw_pages += 1;
                     let bi = map[usize::from(block)];
+                    self.fresh.written(bi, offset);
                     self.prefault.before_write(bi, blocks[bi].region(), offset);
                     blocks[bi].region().write(offset as usize, data);
                     self.touched(bi, offset);
@@ -778,6 +794,7 @@ impl<'a> Loader<'a> {
                             source,
                         });
                     }
+                    self.fresh.written(bi, offset);
                     b.region().write(offset as usize, &scratch);
                     self.touched(bi, offset);
                 }
@@ -801,6 +818,7 @@ impl<'a> Loader<'a> {
                         });
                     }
                     self.prefault.before_write(bi, b.region(), offset);
+                    self.fresh.written(bi, offset);
                     b.region().write(offset as usize, &scratch);
                     self.touched(bi, offset);
                 }

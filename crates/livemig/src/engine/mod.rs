@@ -7,6 +7,7 @@ mod ack;
 mod channels;
 mod destination;
 pub(crate) mod digest;
+mod fresh;
 mod handle;
 mod loader;
 pub mod local;
@@ -26,7 +27,7 @@ pub use ack::{
 pub use channels::ChannelWriter;
 pub use destination::{Arrival, Destination, DestinationError};
 pub use digest::{hex, memory_digest};
-pub use handle::{HandleEvent, MigrationHandle, Observer, SyncPoint};
+pub use handle::{HandleEvent, MigrationHandle, Observer, PostcopyPoint, SyncPoint};
 pub use loader::{LayoutMismatch, LoadError, LoadOutcome, LoadStats, Loader};
 pub use pacing::{PauseEstimate, HANDSHAKE_ALLOWANCE};
 pub use params::{CompressParams, MigrationMode, Params, ParamsError, Switchover};

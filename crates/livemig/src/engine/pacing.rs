@@ -5,6 +5,11 @@
 //! when everything the guest waits for while paused fits in it, estimated
 //! from measurements:
 //!
+//! - **the vCPU stop**: how long [`crate::vm::VmControl::pause`] takes,
+//!   as the VMM measured it while the guest ran
+//!   ([`crate::vm::VmControl::stop_cost`]: minivm kicks its vCPUs out of
+//!   the guest now and then and times the round trip) or as the last
+//!   pause of this migration took, whichever is longer;
 //! - **the final sync**: the longest of the recent syncs;
 //! - **the remaining pages**, plus what the guest may dirty between the
 //!   last sync and the pause (dirty rate x the sync's cost), sent at a
@@ -25,12 +30,18 @@
 //! - **the completion handshake**: a round trip, taken as the largest
 //!   measured so far in this migration or [`HANDSHAKE_ALLOWANCE`].
 //!
-//! What is left of the limit once the fixed costs (sync, state, digest,
-//! handshake) are taken is the byte budget for the pages
+//! At the pause itself the decision is taken again with what the pause
+//! already cost (the stop and the final sync are then measured, not
+//! estimated): [`Pacing::fits_after`]. With postcopy `auto`, a
+//! stop-and-copy that no longer fits goes to postcopy instead.
+//!
+//! What is left of the limit once the fixed costs (stop, sync, state,
+//! digest, handshake) are taken is the byte budget for the pages
 //! ([`Pacing::page_budget`]): "what fits in the pause". When the fixed
 //! costs alone exceed the limit, precopy cannot honour it: the engine
 //! warns once, keeps iterating while that can still help, switches over
-//! only once nothing is left to send, and reports the overshoot.
+//! once the pages left add at most the limit's headroom (a tenth of it;
+//! [`Pacing::settled`]), and reports the overshoot.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -55,6 +66,8 @@ const HEADROOM: f64 = 0.9;
 /// What the pause at switch-over is expected to cost, part by part.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct PauseEstimate {
+    /// Stopping the vCPUs.
+    pub stop: Duration,
     /// The final dirty sync.
     pub sync: Duration,
     /// The remaining pages (and those dirtied until the pause) on the link.
@@ -75,7 +88,12 @@ impl PauseEstimate {
 
     /// What the pause costs whatever is left to send.
     pub fn fixed(&self) -> Duration {
-        self.sync + self.state + self.digest + self.handshake
+        self.stop + self.sync + self.state + self.digest + self.handshake
+    }
+
+    /// What is still to come once the guest is stopped and synced.
+    pub fn after_sync(&self) -> Duration {
+        self.pages + self.state + self.digest + self.handshake
     }
 }
 
@@ -93,6 +111,9 @@ pub struct PauseInputs {
     pub digest_bytes: u64,
     /// What the VMM's device state costs.
     pub state: StateCost,
+    /// What stopping the vCPUs costs, as the VMM measured it
+    /// ([`crate::vm::VmControl::stop_cost`]).
+    pub stop: Duration,
 }
 
 /// Bandwidth measurement, rate limiting and the pause estimate of one
@@ -109,6 +130,9 @@ pub struct Pacing {
     /// Bytes per second of the last two hashing samples, newest last.
     hash_rates: VecDeque<f64>,
     handshake: Option<Duration>,
+    /// The longest vCPU stop this migration paid (a postcopy recovery or
+    /// a cancelled completion can pause more than once).
+    stopped: Option<Duration>,
 }
 
 impl Pacing {
@@ -123,6 +147,7 @@ impl Pacing {
             syncs: VecDeque::with_capacity(SYNCS),
             hash_rates: VecDeque::with_capacity(2),
             handshake: None,
+            stopped: None,
         }
     }
 
@@ -207,6 +232,11 @@ impl Pacing {
         self.handshake = Some(self.handshake.map_or(took, |h| h.max(took)));
     }
 
+    /// Stopping the vCPUs took `took`.
+    pub fn record_stop(&mut self, took: Duration) {
+        self.stopped = Some(self.stopped.map_or(took, |s| s.max(took)));
+    }
+
     /// What a pause now would cost.
     pub fn estimate(&self, i: &PauseInputs) -> PauseEstimate {
         let sync = self.syncs.iter().copied().max().unwrap_or_default();
@@ -236,6 +266,7 @@ impl Pacing {
             (true, None) => Duration::MAX / 4,
         };
         PauseEstimate {
+            stop: i.stop.max(self.stopped.unwrap_or_default()),
             sync,
             pages: on_link(i.remaining_bytes + extra),
             state: i.state.save_time + on_link(i.state.bytes),
@@ -254,12 +285,44 @@ impl Pacing {
         self.estimate(i).total() <= Self::usable(limit_ms)
     }
 
+    /// At the pause, with the guest stopped and synced `spent` ago: true
+    /// when what is still to come (pages, device state, digest,
+    /// handshake) fits in what is left of `limit_ms`. The stop and the
+    /// sync are measured by then, so they count as they were.
+    /// The guest dirties nothing more by then (`i.dirty_pages_rate` is not
+    /// counted).
+    pub fn fits_after(&self, i: &PauseInputs, spent: Duration, limit_ms: u64) -> bool {
+        let stopped = PauseInputs {
+            dirty_pages_rate: 0,
+            ..*i
+        };
+        spent.saturating_add(self.estimate(&stopped).after_sync()) <= Self::usable(limit_ms)
+    }
+
     /// True when the pause cannot fit `limit_ms` whatever is left to send.
     pub fn floor_exceeds(&self, i: &PauseInputs, limit_ms: u64) -> bool {
         let mut none = *i;
         none.remaining_bytes = 0;
         none.dirty_pages_rate = 0;
         self.estimate(&none).fixed() > Self::usable(limit_ms)
+    }
+
+    /// True when a pause now is as good as waiting can make it: it fits
+    /// `limit_ms`, or the fixed costs alone exceed the limit (the
+    /// overshoot is certain) and the pages left add no more than the
+    /// limit's headroom (10 %) to it. Waiting longer could not honour
+    /// the limit, and a guest that never stops writing (a throttled one,
+    /// or one that a slow vCPU stop on a loaded host keeps from fitting)
+    /// would never leave nothing to send.
+    pub fn settled(&self, i: &PauseInputs, limit_ms: u64) -> bool {
+        if self.fits(i, limit_ms) {
+            return true;
+        }
+        if !self.floor_exceeds(i, limit_ms) {
+            return false;
+        }
+        let slack = Duration::from_secs_f64(limit_ms as f64 / 1000.0 * (1.0 - HEADROOM));
+        self.estimate(i).pages <= slack
     }
 
     /// What fits in the pause: the bytes of pages that can still go within
@@ -417,6 +480,105 @@ mod tests {
         p.record_sync(Duration::from_millis(265));
         assert_eq!(p.page_budget(&i, 300), 0);
         assert!(p.floor_exceeds(&i, 294) && !p.floor_exceeds(&i, 310));
+    }
+
+    #[test]
+    fn the_vcpu_stop_counts_before_the_pause() {
+        // 1 MiB left at 100 MiB/s (10 ms) + 5 ms handshake: 15 ms fits a
+        // 20 ms limit (18 ms usable) until the VMM says its vCPUs take
+        // 4 ms to stop.
+        let mut p = with_periods(&[100.0 * MIB as f64]);
+        let mut i = inputs(MIB);
+        assert!(p.fits(&i, 20));
+        i.stop = Duration::from_millis(4);
+        assert_eq!(p.estimate(&i).stop, Duration::from_millis(4));
+        assert!(!p.fits(&i, 20));
+        assert!(p.fits(&i, 30));
+        // A stop this migration paid counts as well, the longer of both.
+        p.record_stop(Duration::from_millis(9));
+        p.record_stop(Duration::from_millis(2));
+        assert_eq!(p.estimate(&i).stop, Duration::from_millis(9));
+        i.stop = Duration::from_millis(12);
+        assert_eq!(p.estimate(&i).stop, Duration::from_millis(12));
+        // The stop is a fixed cost: nothing left to send does not help.
+        let none = PauseInputs {
+            stop: Duration::from_millis(30),
+            ..inputs(0)
+        };
+        assert!(p.floor_exceeds(&none, 20));
+        assert!(!p.floor_exceeds(&none, 100));
+    }
+
+    #[test]
+    fn a_floor_over_the_limit_settles_once_the_pages_are_small() {
+        // A 300 ms limit, a 400 ms vCPU stop: nothing can honour it.
+        let p = with_periods(&[100.0 * MIB as f64]);
+        let stop = Duration::from_millis(400);
+        let at = |bytes: u64| PauseInputs {
+            stop,
+            ..inputs(bytes)
+        };
+        assert!(p.floor_exceeds(&at(0), 300));
+        // 100 MiB/s: 2 MiB = 20 ms of pages <= 30 ms (10 % of the limit).
+        assert!(p.settled(&at(2 * MIB), 300));
+        assert!(!p.settled(&at(4 * MIB), 300), "40 ms of pages: wait");
+        assert!(p.settled(&at(0), 300));
+        // Below the floor, only a pause that fits settles.
+        assert!(p.settled(&inputs(20 * MIB), 300));
+        assert!(!p.settled(&inputs(40 * MIB), 300));
+        // A 1 ms limit leaves 0.1 ms: not even one page at 32 MiB/s.
+        let slow = with_periods(&[32.0 * MIB as f64]);
+        let one = PauseInputs {
+            stop,
+            ..inputs(4096)
+        };
+        assert!(!slow.settled(&one, 1));
+    }
+
+    #[test]
+    fn at_the_pause_what_was_spent_counts_as_measured() {
+        // After the stop and the sync: 1 MiB (10 ms) + 5 ms handshake to
+        // come against 18 ms usable of a 20 ms limit.
+        let mut p = with_periods(&[100.0 * MIB as f64]);
+        // Estimates of the stop and the sync no longer count: they are
+        // paid, and `spent` says what they cost.
+        p.record_sync(Duration::from_millis(50));
+        let i = PauseInputs {
+            stop: Duration::from_millis(40),
+            ..inputs(MIB)
+        };
+        assert!(!p.fits(&i, 20), "before the pause: 105 ms estimated");
+        assert!(
+            p.fits_after(&i, Duration::from_millis(2), 20),
+            "2 + 15 <= 18"
+        );
+        assert!(
+            !p.fits_after(&i, Duration::from_millis(4), 20),
+            "4 + 15 > 18"
+        );
+        // A stop that took the whole limit: nothing fits any more, not
+        // even with nothing left to send (postcopy then takes over).
+        assert!(!p.fits_after(&inputs(0), Duration::from_millis(19), 20));
+        assert!(p.fits_after(&inputs(0), Duration::from_millis(12), 20));
+        // The device state and the digest still to come count too.
+        let st = PauseInputs {
+            state: StateCost {
+                bytes: 0,
+                save_time: Duration::from_millis(5),
+            },
+            ..inputs(0)
+        };
+        assert!(
+            !p.fits_after(&st, Duration::from_millis(9), 20),
+            "9 + 5 + 5 > 18"
+        );
+        assert!(p.fits_after(&st, Duration::from_millis(8), 20));
+        // The guest is stopped: its dirty rate no longer adds pages.
+        let busy = PauseInputs {
+            dirty_pages_rate: 1_000_000,
+            ..inputs(MIB)
+        };
+        assert!(p.fits_after(&busy, Duration::from_millis(2), 20));
     }
 
     #[test]

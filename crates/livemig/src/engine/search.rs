@@ -248,6 +248,31 @@ impl PageSearch {
         Some(Found { block, page, clear })
     }
 
+    /// Bulk stage: takes the pages of `block` from `page` on that are
+    /// still to be sent, while they follow one another, at most `max` of
+    /// them and never into a chunk whose log must be cleared first (that
+    /// chunk's first page comes from [`PageSearch::take_next`]). Moves the
+    /// position past them; returns how many it took. Takes nothing after
+    /// the bulk stage (hot pages and rounds order what is sent then).
+    pub fn take_run(&mut self, block: usize, page: u64, max: u64) -> u64 {
+        if !self.bulk || block >= self.bitmaps.len() {
+            return 0;
+        }
+        let max = match &self.clear {
+            // Up to the end of `page`'s chunk, and nothing if that chunk
+            // is still to be cleared.
+            Some(c) if c.pending[block].test(page >> c.shift) => 0,
+            Some(c) => max.min((((page >> c.shift) + 1) << c.shift) - page),
+            None => max,
+        };
+        let n = self.bitmaps[block].take_run(page, max);
+        if n > 0 {
+            self.block = block;
+            self.page = page + n;
+        }
+        n
+    }
+
     /// Takes page `page` of `block` out of turn (a postcopy request): true
     /// if it was still to be sent. The position does not move.
     pub fn take(&mut self, block: usize, page: u64) -> bool {
@@ -306,28 +331,32 @@ impl Untouched {
         self.window = None;
     }
 
-    /// True when page `page` of `block` (of `region`) was never written,
-    /// as far as the kernel said when its window was looked up.
-    pub fn is_untouched(
-        &mut self,
-        block: usize,
-        page: u64,
-        region: &crate::sys::mmap::RawRegion,
-        backing: Option<&crate::memory::BlockBacking>,
-    ) -> bool {
+    /// How many pages from `page` of block number `block` (`ram`) on,
+    /// within the window looked up for it, were never written (0 when
+    /// `page` was), as [`Untouched::is_untouched`] would say of each.
+    pub fn untouched_run(&mut self, block: usize, page: u64, ram: &crate::memory::RamBlock) -> u64 {
+        if !self.is_untouched(block, page, ram) {
+            return 0;
+        }
+        match &self.window {
+            Some((_, f, bm)) => bm.next_set(page - f).unwrap_or(bm.len()) - (page - f),
+            None => 0,
+        }
+    }
+
+    /// True when page `page` of block number `block` (`ram`) was never
+    /// written, as far as the kernel said when its window was looked up.
+    pub fn is_untouched(&mut self, block: usize, page: u64, ram: &crate::memory::RamBlock) -> bool {
         if !self.enabled {
             return false;
         }
         let first = page >> WINDOW_SHIFT << WINDOW_SHIFT;
         let hit = matches!(&self.window, Some((b, f, _)) if *b == block && *f == first);
         if !hit {
-            let total = region.len() as u64 / crate::PAGE_SIZE as u64;
+            let total = ram.pages();
             let n = (total.saturating_sub(first)).min(1 << WINDOW_SHIFT);
             let ps = crate::PAGE_SIZE as u64;
-            let ranges = match backing {
-                Some(bk) => file_data(bk, first * ps, n * ps),
-                None => region.populated((first * ps) as usize, (n * ps) as usize),
-            };
+            let ranges = ram.populated(first * ps, n * ps);
             let Some(ranges) = ranges else {
                 // Not knowable for this memory: stop asking.
                 self.enabled = false;
@@ -348,28 +377,6 @@ impl Untouched {
     }
 }
 
-/// Ranges (offsets in the block) of `[offset, offset + len)` of a
-/// file-backed block that may hold data: the file's holes were never
-/// written. `None` when the file cannot say.
-fn file_data(
-    bk: &crate::memory::BlockBacking,
-    offset: u64,
-    len: u64,
-) -> Option<Vec<(usize, usize)>> {
-    match crate::sys::residency::file_data(&bk.file, bk.offset + offset, len) {
-        Ok(Some(v)) => Some(
-            v.into_iter()
-                .map(|(a, b)| ((a - bk.offset) as usize, (b - bk.offset) as usize))
-                .collect(),
-        ),
-        Ok(None) => None,
-        Err(e) => {
-            log::debug!("cannot tell which pages of the memory file were written: {e}");
-            None
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -383,6 +390,7 @@ mod tests {
         let m = AnonMapping::new(pages * P).unwrap();
         m.advise(0, pages * P, libc::MADV_NOHUGEPAGE).unwrap();
         let r = RawRegion::from_mapping(std::sync::Arc::new(m));
+        let ram = crate::memory::RamBlock::new("ram", r.clone()).unwrap();
         if r.populated(0, P).is_none() {
             eprintln!("skipped: this kernel cannot say which pages were written");
             return;
@@ -394,20 +402,20 @@ mod tests {
         let mut u = Untouched::new(true);
         for p in 0..pages {
             assert_eq!(
-                u.is_untouched(0, p as u64, &r, None),
+                u.is_untouched(0, p as u64, &ram),
                 !written.contains(&p),
                 "page {p}"
             );
         }
         // A window looked up stays as it was until forgotten (the dirty
         // tracker has the later write).
-        assert!(u.is_untouched(0, 0, &r, None));
+        assert!(u.is_untouched(0, 0, &ram));
         assert!(r.write(2 * P, &[1]));
-        assert!(u.is_untouched(0, 2, &r, None));
+        assert!(u.is_untouched(0, 2, &ram));
         u.forget();
-        assert!(!u.is_untouched(0, 2, &r, None));
+        assert!(!u.is_untouched(0, 2, &ram));
         let mut off = Untouched::new(false);
-        assert!(!off.is_untouched(0, 3, &r, None));
+        assert!(!off.is_untouched(0, 3, &ram));
     }
 
     #[test]
@@ -417,7 +425,7 @@ mod tests {
         let pages = (1usize << WINDOW_SHIFT) + 5;
         let mem = ProcessMemory::new_memfd(&[("ram", (pages * P) as u64)]).unwrap();
         let block = &mem.blocks()[0];
-        let bk = block.backing().expect("memfd block");
+        assert!(block.backing().is_some(), "memfd block");
         let r = block.region();
         let written = [0usize, 9, 1 << WINDOW_SHIFT, pages - 1];
         for &p in &written {
@@ -430,7 +438,7 @@ mod tests {
         let mut u = Untouched::new(true);
         for p in 0..pages {
             let data = written.contains(&p) || p == 4;
-            assert_eq!(u.is_untouched(0, p as u64, r, Some(bk)), !data, "page {p}");
+            assert_eq!(u.is_untouched(0, p as u64, block), !data, "page {p}");
         }
     }
 

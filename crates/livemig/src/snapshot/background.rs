@@ -261,6 +261,19 @@ pub fn background_save(
     vm: &mut dyn VmControl,
     opts: &BackgroundOptions,
 ) -> Result<BackgroundStats, SnapshotError> {
+    background_save_cancellable(mem, path, vm, opts, &|| false)
+}
+
+/// As [`background_save`], giving up with [`SnapshotError::Cancelled`]
+/// when `cancelled` says so (asked before every chunk); the guest runs
+/// on, unprotected, and a file the save created is removed.
+pub fn background_save_cancellable(
+    mem: &dyn GuestMemory,
+    path: &Path,
+    vm: &mut dyn VmControl,
+    opts: &BackgroundOptions,
+    cancelled: &(dyn Fn() -> bool + Sync),
+) -> Result<BackgroundStats, SnapshotError> {
     let (_, features) = Uffd::probe_features().map_err(uffd_err("probing features"))?;
     if features & UFFD_FEATURE_WP_UNPOPULATED == 0 {
         return Err(SnapshotError::Uffd {
@@ -299,7 +312,7 @@ pub fn background_save(
         .name("livemig-bgsnap-wp".into())
         .spawn(move || s.fault_loop())
         .map_err(uffd_err("spawning the fault handler"))?;
-    let result = run(&shared, mem, path, vm, opts);
+    let result = run(&shared, mem, path, vm, opts, cancelled);
     shared.stop.store(true, Ordering::SeqCst);
     let _ = shared.waker.wake();
     let _ = handler.join();
@@ -326,6 +339,7 @@ fn run(
     path: &Path,
     vm: &mut dyn VmControl,
     opts: &BackgroundOptions,
+    cancelled: &(dyn Fn() -> bool + Sync),
 ) -> Result<BackgroundStats, SnapshotError> {
     let mut stats = BackgroundStats::default();
     let t = Instant::now();
@@ -383,6 +397,6 @@ fn run(
         threads: opts.threads,
         direct_io: false,
     };
-    stats.save = write_file(mem, path, &state, &save, shared)?;
+    stats.save = write_file(mem, path, &state, &save, shared, cancelled)?;
     Ok(stats)
 }

@@ -325,6 +325,19 @@ impl MappedRamFile {
         mem: &dyn GuestMemory,
         opts: &LoadOptions,
     ) -> Result<RestoreStats, SnapshotError> {
+        self.load_cancellable(mem, opts, &|| false)
+    }
+
+    /// As [`MappedRamFile::load`], giving up with
+    /// [`SnapshotError::Cancelled`] when `cancelled` says so (asked before
+    /// every chunk): the memory is then partly loaded and the guest must
+    /// not run. The file is never changed.
+    pub fn load_cancellable(
+        &self,
+        mem: &dyn GuestMemory,
+        opts: &LoadOptions,
+        cancelled: &(dyn Fn() -> bool + Sync),
+    ) -> Result<RestoreStats, SnapshotError> {
         let t0 = Instant::now();
         let map = self.check_layout(mem)?;
         let chunks = self.chunks();
@@ -340,6 +353,14 @@ impl MappedRamFile {
                     let mut buf = Vec::new();
                     let mut zero = vec![0u8; PAGE_SIZE];
                     while !failed.load(Ordering::Relaxed) {
+                        if cancelled() {
+                            failed.store(true, Ordering::Relaxed);
+                            first_err
+                                .lock()
+                                .expect("error")
+                                .get_or_insert(SnapshotError::Cancelled);
+                            return;
+                        }
                         let k = next.fetch_add(1, Ordering::Relaxed);
                         let Some(&(bi, c)) = chunks.get(k) else {
                             return;

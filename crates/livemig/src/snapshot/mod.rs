@@ -31,14 +31,19 @@ mod save;
 use std::io;
 use std::path::Path;
 
-pub use background::{background_save, BackgroundOptions, BackgroundStats};
+pub use background::{
+    background_save, background_save_cancellable, BackgroundOptions, BackgroundStats,
+};
 pub use lazy::{LazyOptions, LazyRestore, LazyStatus};
 pub use load::{LoadOptions, MappedRamFile, RestoreStats};
-pub use save::{save, SaveOptions, SaveStats};
+pub use save::{save, save_cancellable, SaveOptions, SaveStats};
 
 /// Why a snapshot could not be written, read or served.
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
+    /// Cancelled (`migrate-cancel`) before it completed.
+    #[error("cancelled")]
+    Cancelled,
     /// The file does not start with the mapped-ram magic.
     #[error("not a mapped-ram snapshot file (no LMMAPRAM magic at offset 0)")]
     NotMappedRam,

@@ -114,7 +114,21 @@ pub fn save(
     state: &[u8],
     opts: &SaveOptions,
 ) -> Result<SaveStats, SnapshotError> {
-    write_file(mem, path, state, opts, &Frozen(mem))
+    write_file(mem, path, state, opts, &Frozen(mem), &|| false)
+}
+
+/// As [`save`], giving up with [`SnapshotError::Cancelled`] when
+/// `cancelled` says so (it is asked before every chunk). A file the save
+/// created is then removed; a file that was there before stays (its old
+/// contents are gone: it was truncated, and holds no valid header).
+pub fn save_cancellable(
+    mem: &dyn GuestMemory,
+    path: &Path,
+    state: &[u8],
+    opts: &SaveOptions,
+    cancelled: &(dyn Fn() -> bool + Sync),
+) -> Result<SaveStats, SnapshotError> {
+    write_file(mem, path, state, opts, &Frozen(mem), cancelled)
 }
 
 /// Writes one chunk's non-zero pages at their offsets; returns its bitmap
@@ -189,13 +203,47 @@ impl Files<'_> {
 }
 
 /// Creates the file, writes every chunk from `source` on `threads`
-/// threads, then the tables, the state and the header.
+/// threads, then the tables, the state and the header. Cancelled (see
+/// [`save_cancellable`]), it removes the file if it created it.
 pub(crate) fn write_file(
     mem: &dyn GuestMemory,
     path: &Path,
     state: &[u8],
     opts: &SaveOptions,
     source: &dyn ChunkSource,
+    cancelled: &(dyn Fn() -> bool + Sync),
+) -> Result<SaveStats, SnapshotError> {
+    // Created here, or replacing a file that was there: only the first is
+    // removed when cancelled.
+    let (file, created) = match OpenOptions::new().write(true).create_new(true).open(path) {
+        Ok(f) => (f, true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => (
+            OpenOptions::new()
+                .write(true)
+                .truncate(true)
+                .open(path)
+                .map_err(io_err(format!("creating {}", path.display())))?,
+            false,
+        ),
+        Err(e) => return Err(io_err(format!("creating {}", path.display()))(e)),
+    };
+    let r = write_file_inner(mem, path, file, state, opts, source, cancelled);
+    if created && matches!(r, Err(SnapshotError::Cancelled)) {
+        if let Err(e) = std::fs::remove_file(path) {
+            log::warn!("removing the cancelled snapshot {}: {e}", path.display());
+        }
+    }
+    r
+}
+
+fn write_file_inner(
+    mem: &dyn GuestMemory,
+    path: &Path,
+    file: File,
+    state: &[u8],
+    opts: &SaveOptions,
+    source: &dyn ChunkSource,
+    cancelled: &(dyn Fn() -> bool + Sync),
 ) -> Result<SaveStats, SnapshotError> {
     let threads = opts.threads;
     let t0 = Instant::now();
@@ -206,12 +254,6 @@ pub(crate) fn write_file(
         .collect();
     let flags = if state.is_empty() { 0 } else { FLAG_VM_STATE };
     let mut h = Header::plan(&layout, state.len() as u64, flags);
-    let file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)
-        .map_err(io_err(format!("creating {}", path.display())))?;
     file.set_len(h.file_len()).map_err(io_err(format!(
         "sizing {} to {} bytes",
         path.display(),
@@ -263,6 +305,14 @@ pub(crate) fn write_file(
             s.spawn(|| {
                 let mut buf = Vec::new();
                 while !failed.load(Ordering::Relaxed) {
+                    if cancelled() {
+                        failed.store(true, Ordering::Relaxed);
+                        first_err
+                            .lock()
+                            .expect("error")
+                            .get_or_insert(SnapshotError::Cancelled);
+                        return;
+                    }
                     let k = next.fetch_add(1, Ordering::Relaxed);
                     let Some(&(bi, c)) = chunks.get(k) else {
                         return;

@@ -558,3 +558,71 @@ fn background_snapshot_of_memfd_memory_is_the_start_instant() {
     let mem = ProcessMemory::new_memfd(&[("ram0", 16 * MIB), ("ram1", 8 * MIB)]).unwrap();
     background_snapshot_while_a_writer_runs(mem, 11);
 }
+
+#[test]
+fn a_cancelled_save_removes_only_a_file_it_created() {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let mem = sparse_memory();
+    let opts = SaveOptions {
+        threads: 1,
+        direct_io: false,
+    };
+    // Cancelled after two chunks: the file it created is gone.
+    let path = dir.path().join("new.mr");
+    let asked = AtomicU32::new(0);
+    let after_two = || asked.fetch_add(1, Ordering::SeqCst) >= 2;
+    let e = save_cancellable(&mem, &path, b"state", &opts, &after_two).unwrap_err();
+    assert!(matches!(e, SnapshotError::Cancelled), "{e}");
+    assert!(
+        asked.load(Ordering::SeqCst) >= 3,
+        "asked before every chunk"
+    );
+    assert!(!path.exists(), "the partial file it created is removed");
+
+    // A file that was there stays (truncated: no valid header).
+    let old = dir.path().join("old.mr");
+    std::fs::write(&old, b"someone else's file").unwrap();
+    let e = save_cancellable(&mem, &old, b"state", &opts, &|| true).unwrap_err();
+    assert!(matches!(e, SnapshotError::Cancelled), "{e}");
+    assert!(old.exists(), "a file it did not create is never deleted");
+    assert!(!is_mapped_ram(&old));
+
+    // Never cancelled: the same file as save's.
+    let whole = dir.path().join("whole.mr");
+    let s = save_cancellable(&mem, &whole, b"state", &opts, &|| false).unwrap();
+    assert_eq!(s.digest, memory_digest(&mem));
+}
+
+#[test]
+fn a_cancelled_load_stops_and_leaves_the_file_alone() {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("snap.mr");
+    let mem = sparse_memory();
+    save(&mem, &path, b"state", &SaveOptions::default()).unwrap();
+    let before = std::fs::read(&path).unwrap();
+    let dst = blank_like(&mem);
+    let f = MappedRamFile::open_for(&path, &dst).unwrap();
+    let opts = LoadOptions {
+        threads: 1,
+        fresh: true,
+    };
+    let asked = AtomicU32::new(0);
+    let after_one = || asked.fetch_add(1, Ordering::SeqCst) >= 1;
+    let e = f.load_cancellable(&dst, &opts, &after_one).unwrap_err();
+    assert!(matches!(e, SnapshotError::Cancelled), "{e}");
+    assert_ne!(
+        memory_digest(&dst),
+        memory_digest(&mem),
+        "only part of the memory was loaded"
+    );
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        before,
+        "the file is untouched"
+    );
+    // Not cancelled: the whole memory.
+    f.load_cancellable(&dst, &opts, &|| false).unwrap();
+    assert_eq!(memory_digest(&dst), memory_digest(&mem));
+}

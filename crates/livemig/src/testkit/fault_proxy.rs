@@ -3,7 +3,8 @@
 //! the connection at a chosen byte or handshake step.
 //!
 //! Only the first connection is faulted (the main stream and its return
-//! path); later ones (page channels) pass through untouched. The setup
+//! path), or the one chosen with [`FaultProxy::start_on`]; the others
+//! pass through untouched. The setup
 //! verdict ACCEPTED, the first reply of a source with a return path, is
 //! passed on and not counted: the faults act on what follows it. A cut shuts
 //! both sockets down and closes them, so each peer sees the connection
@@ -57,6 +58,14 @@ impl FaultProxy {
     /// Listens on a free loopback port and forwards every connection to
     /// `upstream`, applying `fault` to the first one.
     pub fn start(upstream: SocketAddr, fault: Fault) -> io::Result<FaultProxy> {
+        Self::start_on(upstream, fault, 0)
+    }
+
+    /// As [`FaultProxy::start`], applying `fault` to connection `nth`
+    /// (0 the first) instead: a postcopy urgent connection or a page
+    /// channel; the counters and [`FaultProxy::has_cut`] are that
+    /// connection's.
+    pub fn start_on(upstream: SocketAddr, fault: Fault, nth: usize) -> io::Result<FaultProxy> {
         let listener = TcpListener::bind("127.0.0.1:0")?;
         let addr = listener.local_addr()?;
         let counters = Arc::new(Counters::default());
@@ -65,7 +74,7 @@ impl FaultProxy {
         let accept = std::thread::Builder::new()
             .name("fault-proxy".into())
             .spawn(move || {
-                let mut first = true;
+                let mut k = 0;
                 for conn in listener.incoming() {
                     if s.load(Ordering::SeqCst) {
                         break;
@@ -74,13 +83,14 @@ impl FaultProxy {
                     let Ok(up) = TcpStream::connect(upstream) else {
                         continue;
                     };
-                    let fault = if first { fault } else { Fault::None };
-                    let counters = if first {
+                    let faulted = k == nth;
+                    k += 1;
+                    let fault = if faulted { fault } else { Fault::None };
+                    let counters = if faulted {
                         c.clone()
                     } else {
                         Arc::new(Counters::default())
                     };
-                    first = false;
                     let _ = Link::start(client, up, fault, counters);
                 }
             })?;
@@ -97,17 +107,17 @@ impl FaultProxy {
         format!("tcp:{}", self.addr)
     }
 
-    /// Bytes passed source→destination on the first connection so far.
+    /// Bytes passed source→destination on the faulted connection so far.
     pub fn forwarded(&self) -> u64 {
         self.counters.forward.load(Ordering::SeqCst)
     }
 
-    /// Bytes passed destination→source on the first connection so far.
+    /// Bytes passed destination→source on the faulted connection so far.
     pub fn returned(&self) -> u64 {
         self.counters.back.load(Ordering::SeqCst)
     }
 
-    /// True once the fault has cut the first connection.
+    /// True once the fault has cut the faulted connection.
     pub fn has_cut(&self) -> bool {
         self.counters.cut.load(Ordering::SeqCst)
     }

@@ -119,14 +119,15 @@ pub enum TlsError {
         source: io::Error,
     },
     /// A PEM file holds nothing usable.
-    #[error("the {what} file {} {why}", path.display())]
+    #[error("the {what} file {} {problem}", path.display())]
     Pem {
         /// Which file.
         what: &'static str,
         /// Its path.
         path: PathBuf,
         /// What is wrong with it.
-        why: String,
+        #[source]
+        problem: PemProblem,
     },
     /// The certificate and the private key do not go together.
     #[error("certificate {} with key {}: {source}", cert.display(), key.display())]
@@ -176,7 +177,8 @@ pub enum TlsError {
         /// The peer's address.
         peer: String,
         /// What rustls or the socket said.
-        reason: String,
+        #[source]
+        reason: HandshakeFailure,
         /// What to check.
         hint: &'static str,
     },
@@ -194,6 +196,63 @@ pub enum TlsError {
         /// OS error.
         source: io::Error,
     },
+}
+
+/// Why a TLS handshake failed ([`TlsError::Handshake`]).
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeFailure {
+    /// What rustls said (a certificate refused, an alert from the peer).
+    #[error("{0}")]
+    Tls(#[source] rustls::Error),
+    /// The peer closed the connection.
+    #[error("the peer closed the connection")]
+    Closed(#[source] io::Error),
+    /// The socket failed (or timed out).
+    #[error("{0}")]
+    Io(#[source] io::Error),
+    /// The destination's confirmation was not livemig's.
+    #[error("unexpected confirmation {0:02x?}")]
+    Confirmation([u8; CONFIRM.len()]),
+}
+
+impl HandshakeFailure {
+    /// Sorts an I/O error from the handshake: rustls's own error when it
+    /// carries one.
+    fn of(e: io::Error) -> HandshakeFailure {
+        if e.get_ref().is_some_and(|i| i.is::<rustls::Error>()) {
+            let kind = e.kind();
+            return match e.into_inner().map(|i| i.downcast::<rustls::Error>()) {
+                Some(Ok(t)) => HandshakeFailure::Tls(*t),
+                Some(Err(i)) => HandshakeFailure::Io(io::Error::new(kind, i)),
+                None => HandshakeFailure::Io(kind.into()),
+            };
+        }
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            HandshakeFailure::Closed(e)
+        } else {
+            HandshakeFailure::Io(e)
+        }
+    }
+}
+
+/// What is wrong with a PEM file ([`TlsError::Pem`]).
+#[derive(Debug, thiserror::Error)]
+pub enum PemProblem {
+    /// The file is not valid PEM.
+    #[error("is not valid PEM: {0}")]
+    Invalid(#[source] rustls::pki_types::pem::Error),
+    /// The file holds no certificate.
+    #[error("holds no certificate (expected a '-----BEGIN CERTIFICATE-----' block)")]
+    NoCertificate,
+    /// The file holds no private key.
+    #[error("holds no private key (expected a '-----BEGIN PRIVATE KEY-----' block)")]
+    NoKey,
+    /// The file's private key is not valid PEM.
+    #[error("is not a valid PEM private key: {0}")]
+    InvalidKey(#[source] rustls::pki_types::pem::Error),
+    /// A CA certificate that rustls cannot use as a trust anchor.
+    #[error("holds a certificate that cannot be a trust anchor: {0}")]
+    NotTrustAnchor(#[source] rustls::Error),
 }
 
 impl TlsError {
@@ -295,18 +354,16 @@ impl TlsConfig {
         (key, key_path): (&[u8], &Path),
     ) -> Result<TlsConfig, TlsError> {
         let certs_in = |what: &'static str, pem: &[u8], path: &Path| {
-            let bad = |why: String| TlsError::Pem {
+            let bad = |problem: PemProblem| TlsError::Pem {
                 what,
                 path: path.to_path_buf(),
-                why,
+                problem,
             };
             let certs = CertificateDer::pem_slice_iter(pem)
                 .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| bad(format!("is not valid PEM: {e}")))?;
+                .map_err(|e| bad(PemProblem::Invalid(e)))?;
             if certs.is_empty() {
-                return Err(bad(
-                    "holds no certificate (expected a '-----BEGIN CERTIFICATE-----' block)".into(),
-                ));
+                return Err(bad(PemProblem::NoCertificate));
             }
             Ok(certs)
         };
@@ -315,11 +372,9 @@ impl TlsConfig {
         let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| TlsError::Pem {
             what: "private key",
             path: key_path.to_path_buf(),
-            why: match e {
-                rustls::pki_types::pem::Error::NoItemsFound => {
-                    "holds no private key (expected a '-----BEGIN PRIVATE KEY-----' block)".into()
-                }
-                e => format!("is not a valid PEM private key: {e}"),
+            problem: match e {
+                rustls::pki_types::pem::Error::NoItemsFound => PemProblem::NoKey,
+                e => PemProblem::InvalidKey(e),
             },
         })?;
 
@@ -328,7 +383,7 @@ impl TlsConfig {
             roots.add(c).map_err(|e| TlsError::Pem {
                 what: "CA certificate",
                 path: ca_path.to_path_buf(),
-                why: format!("holds a certificate that cannot be a trust anchor: {e}"),
+                problem: PemProblem::NotTrustAnchor(e),
             })?;
         }
         let roots = Arc::new(roots);
@@ -476,7 +531,7 @@ impl RawSocket for UnixStream {
 
 /// Why a handshake failed and what to check, from the error rustls or the
 /// socket gave.
-fn handshake_error(peer: &str, e: &io::Error) -> TlsError {
+fn handshake_error(peer: &str, e: io::Error) -> TlsError {
     use rustls::{CertificateError, Error as E};
     const NOT_TLS: &str = "is the peer using TLS (--tls-dir)?";
     let tls = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>());
@@ -507,14 +562,9 @@ fn handshake_error(peer: &str, e: &io::Error) -> TlsError {
             _ => NOT_TLS,
         },
     };
-    let reason = match tls {
-        Some(t) => t.to_string(),
-        None if e.kind() == io::ErrorKind::UnexpectedEof => "the peer closed the connection".into(),
-        None => e.to_string(),
-    };
     TlsError::Handshake {
         peer: peer.to_string(),
-        reason,
+        reason: HandshakeFailure::of(e),
         hint,
     }
 }
@@ -528,7 +578,7 @@ fn establish<S: RawSocket>(
     io_timeout: Duration,
 ) -> Result<(TlsReader, TlsWriter, TlsSession), TlsError> {
     let is_server = matches!(conn, Connection::Server(_));
-    let fail = |e: io::Error| handshake_error(peer, &e);
+    let fail = |e: io::Error| handshake_error(peer, e);
     let io_fail = |e: io::Error| {
         TlsError::Transport(TransportError::Io {
             op: "configure",
@@ -569,7 +619,7 @@ fn establish<S: RawSocket>(
         if &got != CONFIRM {
             return Err(TlsError::Handshake {
                 peer: peer.to_string(),
-                reason: format!("unexpected confirmation {got:02x?}"),
+                reason: HandshakeFailure::Confirmation(got),
                 hint: "is the peer a livemig destination?",
             });
         }

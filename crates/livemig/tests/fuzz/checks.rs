@@ -1098,7 +1098,10 @@ pub fn postcopy_messages(data: &[u8]) {
         }
         if matches!(
             m,
-            Message::Bitmap { .. } | Message::BitmapEnd { .. } | Message::Progress { .. }
+            Message::Bitmap { .. }
+                | Message::BitmapEnd { .. }
+                | Message::Progress { .. }
+                | Message::Lost { .. }
         ) {
             let mut again = Vec::new();
             write_message(&mut again, &m).expect("into memory");

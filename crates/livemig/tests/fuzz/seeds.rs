@@ -462,9 +462,37 @@ fn postcopy_streams() -> Vec<(String, Vec<u8>)> {
     w.discard(1, 0, &[0x1ff]).unwrap();
     w.end().unwrap();
     let past = w.get_mut().clone();
+    // Recovery: a resumed main stream announcing the urgent connection
+    // and two page channels, then pages; a reopened page channel (channel
+    // record, block list, POSTCOPY, pages); one with a page past its block.
+    use livemig::stream::format::{FLAG_CHANNELS, FLAG_URGENT};
+    let mut w = StreamWriter::new(Vec::new(), FLAG_URGENT | FLAG_CHANNELS);
+    w.channel(0, 2, 0x5e55).unwrap();
+    w.block_list(&descs(&list)).unwrap();
+    w.section_end(0).unwrap();
+    w.raw(1, 2 * P, &pattern(3)).unwrap();
+    w.section_end(1).unwrap();
+    w.end().unwrap();
+    let resumed = w.get_mut().clone();
+    let channel = |page: u64| {
+        let mut w = StreamWriter::new(Vec::new(), FLAG_CHANNELS);
+        w.channel(2, 2, 0x5e55).unwrap();
+        w.block_list(&descs(&list)).unwrap();
+        w.section_end(0).unwrap();
+        w.postcopy().unwrap();
+        w.section_end(1).unwrap();
+        w.zero(0, 5 * P).unwrap();
+        w.raw(1, page, &pattern(4)).unwrap();
+        w.section_end(2).unwrap();
+        w.end().unwrap();
+        w.get_mut().clone()
+    };
     vec![
         ("postcopy".into(), good),
         ("discard-past-block".into(), past),
+        ("resumed-main".into(), resumed),
+        ("resumed-channel".into(), channel(7 * P)),
+        ("resumed-channel-past-block".into(), channel(8 * P)),
     ]
 }
 
@@ -511,6 +539,14 @@ fn postcopy_message_seeds() -> Vec<(String, Vec<u8>)> {
             enc(&[req(0, 100, 4096), req(0, 0, 100)]),
         ),
         ("failed".into(), enc(&[Message::Failed("lost".into())])),
+        (
+            "lost".into(),
+            enc(&[
+                req(0, 0, 4096),
+                Message::Lost { stream: 1 },
+                Message::Lost { stream: u16::MAX },
+            ]),
+        ),
         (
             "progress".into(),
             enc(&[

@@ -28,8 +28,8 @@ use std::time::{Duration, Instant};
 use livemig::control::FileOptions;
 use livemig::engine::{LoadStats, MigrationHandle, Status};
 use livemig::snapshot::{
-    background_save, record_save, BackgroundOptions, LazyOptions, LazyRestore, LoadOptions,
-    MappedRamFile, SaveOptions,
+    background_save_cancellable, record_save, save_cancellable, BackgroundOptions, LazyOptions,
+    LazyRestore, LoadOptions, MappedRamFile, SaveOptions,
 };
 use livemig::vm::{VmControl, VmError};
 
@@ -138,7 +138,8 @@ impl ControlledVm {
                 threads: opts.threads,
                 instant_digest: false,
             };
-            background_save(&*vm.memory(), path, &mut control, &bo)
+            let cancelled = || handle.is_cancelled();
+            background_save_cancellable(&*vm.memory(), path, &mut control, &bo, &cancelled)
                 .map(|s| {
                     let pause = Duration::from_micros(s.pause_us);
                     record_save(
@@ -167,7 +168,8 @@ impl ControlledVm {
                         .save_state()
                         .map_err(|e| livemig::error_chain(&e))
                         .and_then(|state| {
-                            livemig::snapshot::save(&*vm.memory(), path, &state, &so)
+                            let cancelled = || handle.is_cancelled();
+                            save_cancellable(&*vm.memory(), path, &state, &so, &cancelled)
                                 .map_err(|e| livemig::error_chain(&e))
                         });
                     match saved {
@@ -197,6 +199,16 @@ impl ControlledVm {
             Ok(p) => {
                 self.set_phase(p);
                 handle.set_status(Status::Completed, None);
+            }
+            Err(_) if handle.is_cancelled() => {
+                // migrate-cancel: the guest runs on (resumed above after a
+                // paused save), a file the save created is gone.
+                log::info!(
+                    "snapshot to {} cancelled (the guest runs on)",
+                    path.display()
+                );
+                self.set_phase(Phase::Running);
+                handle.set_status(Status::Cancelled, None);
             }
             Err(e) => {
                 let e = format!("snapshot to {}: {e}", path.display());
@@ -285,12 +297,13 @@ impl ControlledVm {
                 Ok((Some(lazy), stats))
             } else {
                 let s = file
-                    .load(
+                    .load_cancellable(
                         &*vm.memory(),
                         &LoadOptions {
                             threads: opts.threads,
                             fresh: false,
                         },
+                        &|| handle.is_cancelled(),
                     )
                     .map_err(|e| chain(&e))?;
                 vm.restore_state(&state).map_err(|e| chain(&e))?;
@@ -308,9 +321,18 @@ impl ControlledVm {
         let (lazy, stats) = match result {
             Ok(r) => r,
             Err(e) => {
-                let e = format!("restoring {uri}: {e}");
+                let cancelled = handle.is_cancelled();
+                let e = if cancelled {
+                    format!("restoring {uri}: cancelled (migrate-cancel) with memory partly loaded")
+                } else {
+                    format!("restoring {uri}: {e}")
+                };
                 log::warn!("{e}");
-                handle.set_status(Status::Failed, Some(e.clone()));
+                if cancelled {
+                    handle.set_status(Status::Cancelled, None);
+                } else {
+                    handle.set_status(Status::Failed, Some(e.clone()));
+                }
                 st.phase = Phase::IncomingFailed(e);
                 drop(st);
                 self.inner.cond.notify_all();

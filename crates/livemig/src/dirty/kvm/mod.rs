@@ -359,6 +359,7 @@ impl KvmDirtyLog {
                     chunk_shift: chunk_shift.max(6),
                     initially_set,
                     reported: Vec::new(),
+                    initial: Vec::new(),
                     running: false,
                 })
             }
@@ -756,12 +757,26 @@ impl Drop for BitmapTracker {
 
 /// KVM manual protect: GET reports without re-protecting; `clear` re-protects
 /// exactly the pages the last GETs reported (initially: all).
+///
+/// Initially set, pages never written are left alone: a clear re-protects
+/// only the pages the kernel says may hold data (`PAGEMAP_SCAN` for
+/// private anonymous memory, `SEEK_DATA` for a memory file); the others
+/// keep their log bit set from the start, which costs KVM nothing to keep
+/// (no write-protect, no per-page work in CLEAR), and a sync leaves out
+/// those of them that still hold no data, asked after the GET: a write
+/// before that look-up shows as data, a later one at the next sync (its
+/// bit is still set). An idle guest's clears and syncs then cost what it
+/// wrote, not what it has. (As with any dirty log, memory that loses its
+/// data under the migration — a discard — is not reported.)
 pub struct ManualTracker {
     log: Arc<KvmDirtyLog>,
     chunk_shift: u32,
     initially_set: bool,
     /// Per slot: bits reported by GET (or initially set) and not yet cleared.
     reported: Vec<DirtyBitmap>,
+    /// Per slot: bits still set from the initially-set start (never
+    /// cleared); all clear when not initially set.
+    initial: Vec<DirtyBitmap>,
     running: bool,
 }
 
@@ -812,6 +827,7 @@ impl DirtyTracker for ManualTracker {
                 }
             })
             .collect();
+        self.initial = self.reported.clone();
         Ok(TrackerStart {
             initially_set: self.initially_set,
         })
@@ -825,7 +841,26 @@ impl DirtyTracker for ManualTracker {
             });
         }
         self.log.check_bitmaps(MANUAL, bitmaps)?;
-        self.log.get_logs(MANUAL, bitmaps, Some(&mut self.reported))
+        let mut n = 0;
+        for (i, (s, b)) in self.log.slots.iter().zip(bitmaps.iter_mut()).enumerate() {
+            let mut words = self
+                .log
+                .vm
+                .get_dirty_log(s.slot, s.block.len() as usize)
+                .map_err(kvm_os(MANUAL, "GET_DIRTY_LOG"))?;
+            self.reported[i].or_words(0, &words);
+            let init = &self.initial[i];
+            if init.count() > 0 {
+                // Asked after the GET: see the type's comment.
+                if let Some(data) = data_pages(&s.block, 0, s.block.pages()) {
+                    for ((w, i), d) in words.iter_mut().zip(init.words()).zip(data.words()) {
+                        *w &= !(i & !d);
+                    }
+                }
+            }
+            n += b.or_words(0, &words);
+        }
+        Ok(n)
     }
 
     fn clear_chunk_shift(&self) -> Option<u32> {
@@ -856,8 +891,22 @@ impl DirtyTracker for ManualTracker {
         }
         let w0 = (first / 64) as usize;
         let w1 = (end / 64) as usize;
-        let words = &rep.words()[w0..w1];
-        // One CLEAR per run of words with any bit set.
+        let mut words = rep.words()[w0..w1].to_vec();
+        let init = &mut self.initial[block];
+        if init.any_in(first, end - first) {
+            // Bits still set from the start stay set on pages that hold no
+            // data (see the type's comment).
+            if let Some(data) = data_pages(&s.block, first, end.min(pages) - first) {
+                for ((w, i), d) in words
+                    .iter_mut()
+                    .zip(&init.words()[w0..w1])
+                    .zip(data.words())
+                {
+                    *w &= !(i & !d);
+                }
+            }
+        }
+        // One CLEAR per run of words with any bit to clear.
         let mut i = 0;
         while i < words.len() {
             if words[i] == 0 {
@@ -876,9 +925,8 @@ impl DirtyTracker for ManualTracker {
                 .map_err(io_os(MANUAL, "CLEAR_DIRTY_LOG"))?;
             i = j;
         }
-        for p in first..end.min(pages) {
-            rep.clear(p);
-        }
+        rep.and_not_words(w0, &words);
+        init.and_not_words(w0, &words);
         Ok(())
     }
 
@@ -888,6 +936,7 @@ impl DirtyTracker for ManualTracker {
             let c = self.set_cap(0);
             self.log.end(&mut self.running);
             self.reported.clear();
+            self.initial.clear();
             r?;
             c?;
         }
@@ -899,6 +948,38 @@ impl Drop for ManualTracker {
     fn drop(&mut self) {
         let _ = self.stop();
     }
+}
+
+/// Pages `[first, first + count)` of `block` that may hold data (bit `p`
+/// for page `first + p`), as the kernel says now; `None` when it cannot say
+/// for this memory.
+fn data_pages(block: &RamBlock, first: u64, count: u64) -> Option<DirtyBitmap> {
+    let (off, len) = (first * PAGE, count * PAGE);
+    let ranges: Vec<(u64, u64)> = match block.backing() {
+        Some(bk) => match crate::sys::residency::file_data(&bk.file, bk.offset + off, len) {
+            Ok(Some(v)) => v
+                .into_iter()
+                .map(|(a, b)| (a - bk.offset, b - bk.offset))
+                .collect(),
+            Ok(None) => return None,
+            Err(e) => {
+                log::debug!("cannot tell which pages of the memory file hold data: {e}");
+                return None;
+            }
+        },
+        None => block
+            .region()
+            .populated(off as usize, len as usize)?
+            .into_iter()
+            .map(|(a, b)| (a as u64, b as u64))
+            .collect(),
+    };
+    let mut bm = DirtyBitmap::new(count);
+    for (a, b) in ranges {
+        let (pa, pb) = ((a / PAGE).max(first), b.div_ceil(PAGE));
+        bm.set_range(pa - first, pb.saturating_sub(pa));
+    }
+    Some(bm)
 }
 
 /// KVM dirty ring: harvests every vCPU's ring (and what

@@ -335,3 +335,60 @@ fn one_tracker_at_a_time_and_bad_setups_refused() {
     };
     assert!(KvmDirtyLog::new(vm2, vec![odd], None).is_err());
 }
+
+#[test]
+fn manual_initially_set_leaves_pages_without_data_alone() {
+    if !kvm_here("manual_initially_set_leaves_pages_without_data_alone") {
+        return;
+    }
+    let len = 256 * PAGE;
+    for mem in [
+        ProcessMemory::single(len).unwrap(),
+        ProcessMemory::new_memfd(&[("ram", len)]).unwrap(),
+    ] {
+        let vm = TestVm::new(&mem, None);
+        if !vm.log.manual_protect_support().1 {
+            eprintln!("skipped: initially-set manual protect not offered");
+            return;
+        }
+        if data_pages(&mem.blocks()[0], 0, 256).is_none() {
+            eprintln!("skipped: this kernel cannot say which pages hold data");
+            return;
+        }
+        vm.guest_write(0, 3 * PAGE, &[1]);
+        let mut t = vm
+            .log
+            .tracker(TrackerKind::Manual { chunk_shift: 6 })
+            .unwrap();
+        assert!(t.start().unwrap().initially_set);
+        let sync = |t: &mut Box<dyn DirtyTracker>| {
+            let mut bm = [DirtyBitmap::new(256)];
+            let n = t.sync(&mut bm).unwrap();
+            let pages: Vec<u64> = (0..256).filter(|&p| bm[0].test(p)).collect();
+            assert_eq!(n, pages.len() as u64);
+            pages
+        };
+        // The written page is dirty (initially set); pages without data
+        // are left out.
+        let first = sync(&mut t);
+        assert!(first.contains(&3), "{first:?}");
+        assert!(!first.contains(&100) && !first.contains(&200), "{first:?}");
+        t.clear(0, 0, 256).unwrap();
+        assert_eq!(
+            sync(&mut t),
+            Vec::<u64>::new(),
+            "everything with data cleared"
+        );
+        // A page never cleared is reported once it holds data, until its
+        // chunk is cleared; then it is protected like any other.
+        vm.guest_write(0, 100 * PAGE, &[2]);
+        assert_eq!(sync(&mut t), vec![100]);
+        assert_eq!(sync(&mut t), vec![100], "reported until cleared");
+        t.clear(0, 64, 64).unwrap();
+        assert_eq!(sync(&mut t), Vec::<u64>::new());
+        vm.guest_write(0, 100 * PAGE, &[3]);
+        vm.guest_write(0, 3 * PAGE, &[3]);
+        assert_eq!(sync(&mut t), vec![3, 100], "both re-protected");
+        t.stop().unwrap();
+    }
+}

@@ -104,8 +104,77 @@ pub enum ReceiveError {
         /// Pages that never arrived.
         missing: u64,
         /// What broke.
-        cause: String,
+        #[source]
+        cause: LostCause,
     },
+}
+
+/// What broke a postcopy migration after the guest ran on the destination
+/// ([`ReceiveError::SourceLost`]).
+#[derive(Debug, thiserror::Error)]
+pub enum LostCause {
+    /// The main stream failed.
+    #[error("the main stream failed: {0}")]
+    Stream(#[source] LoadError),
+    /// Postcopy was paused after a failure, then given up (cancelled)
+    /// before any recovery.
+    #[error("{0} (postcopy was paused, then given up before any recovery)")]
+    GaveUp(#[source] Box<LostCause>),
+    /// The stream ended before every page arrived (the urgent connection
+    /// or a page channel failed, when one did).
+    #[error("the stream ended before every page arrived{}", .0.as_ref().map(|e| format!(" ({e})")).unwrap_or_default())]
+    Incomplete(#[source] Option<ConnectionError>),
+    /// Polling userfaultfd for faults failed.
+    #[error("polling userfaultfd: {0}")]
+    PollFaults(#[source] io::Error),
+    /// Reading userfaultfd's fault messages failed.
+    #[error("reading userfaultfd: {0}")]
+    ReadFaults(#[source] io::Error),
+    /// Placing a zero page for a fault failed.
+    #[error("placing a zero page at {addr:#x}: {source}")]
+    ZeroPage {
+        /// The page's host address.
+        addr: u64,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// A page request could not be sent to the source.
+    #[error("sending a page request to the source: {0}")]
+    Request(#[source] io::Error),
+}
+
+/// A connection besides the main stream: the urgent connection
+/// (postcopy-preempt) or a page channel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Connection {
+    /// The urgent connection.
+    Urgent,
+    /// Page channel `n` (1-based: the main stream is channel 0).
+    Channel(usize),
+}
+
+impl std::fmt::Display for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Connection::Urgent => f.write_str("the urgent connection"),
+            Connection::Channel(n) => write!(f, "page channel {n}"),
+        }
+    }
+}
+
+/// Why the urgent connection or a page channel failed during postcopy.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectionError {
+    /// Its thread could not start.
+    #[error("starting {0}'s thread: {1}")]
+    Spawn(Connection, #[source] io::Error),
+    /// Its stream failed.
+    #[error("{0} failed: {1}")]
+    Stream(Connection, #[source] LoadError),
+    /// Its thread panicked.
+    #[error("{0}'s thread panicked")]
+    Panicked(Connection),
 }
 
 /// Receives one migration into `mem` from `input`, answering on `reply`
@@ -343,7 +412,7 @@ fn receive_inner<R: Read>(
     let reply: Reply = Arc::new(Mutex::new(Some(w)));
     let stop = Arc::new(AtomicBool::new(false));
     let waker = Arc::new(Waker::new().map_err(ReceiveError::Setup)?);
-    let fault_err: Arc<Mutex<Option<String>>> = Arc::default();
+    let fault_err: Arc<Mutex<Option<LostCause>>> = Arc::default();
     let gate = lock(&reply);
     let recoverable = recovery.is_some();
     let thread = {
@@ -390,7 +459,7 @@ fn receive_inner<R: Read>(
     let mut stats = o.stats;
     let mut urgent_pages = 0;
     let mut urgent_failed = None;
-    let mut channel_failed: Option<String> = None;
+    let mut channel_failed: Option<ConnectionError> = None;
     let mut channel_pages = 0;
     let mut recoveries = 0;
     let result = {
@@ -411,42 +480,102 @@ fn receive_inner<R: Read>(
         // A thread that cannot start drops its connection: the source
         // sees it fail, and the pages it would have carried are missing
         // (reported below) unless a recovery sends them again.
-        let t = urgent.and_then(|u| match spawn_placer(u, placer.clone(), |_| {}) {
-            Ok(t) => Some(t),
-            Err(e) => {
-                urgent_failed = Some(format!("starting the urgent connection's thread: {e}"));
-                None
+        // With recovery, a connection of the current generation that
+        // fails tells the source (LOST): it may not notice the cut before
+        // its last page, and this side would wait for pages lost with it.
+        let generation = Arc::new(AtomicU64::new(0));
+        let lost = |stream: u16| {
+            let (reply, generation) = (reply.clone(), generation.clone());
+            let born = generation.load(Ordering::SeqCst);
+            move || {
+                if !recoverable || generation.load(Ordering::SeqCst) != born {
+                    return;
+                }
+                if let Some(w) = lock(&reply).as_mut() {
+                    let _ = write_message(&mut **w, &Message::Lost { stream });
+                }
+            }
+        };
+        let mut t = urgent.and_then(|u| {
+            match spawn_placer(u, placer.clone(), |_| {}, lost(super::URGENT_STREAM)) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    urgent_failed = Some(ConnectionError::Spawn(Connection::Urgent, e));
+                    None
+                }
             }
         });
         let mut chans = Vec::new();
         for (i, c) in page_streams.into_iter().enumerate() {
-            match spawn_placer(c, placer.clone(), report(i as u16 + 1)) {
+            match spawn_placer(c, placer.clone(), report(i as u16 + 1), lost(i as u16 + 1)) {
                 Ok(t) => chans.push((i, t)),
                 Err(e) => {
                     channel_failed
-                        .get_or_insert(format!("starting page channel {}'s thread: {e}", i + 1));
+                        .get_or_insert(ConnectionError::Spawn(Connection::Channel(i + 1), e));
                 }
             }
         }
-        let mut main = place_stream(&mut r, &placer, &mut stats, &report(0))
-            .map_err(|e| crate::error_chain(&e));
+        let mut main =
+            place_stream(&mut r, &placer, &mut stats, &report(0)).map_err(LostCause::Stream);
+        // Threads of connections given up at a recovery: not waited for
+        // unless they ended (every page they carried went again).
+        let mut old_t = Vec::new();
+        let mut old_chans = Vec::new();
         if let Some(h) = recovery {
             // Every failure of the main stream pauses; a new connection
             // resumes from the received bitmap.
-            while let Err(cause) = &main {
-                match pause_and_recover(h, mem, &o.map, &placer, &reply, cause) {
-                    Ok(mut resumed) => {
+            while let Err(cause) = main {
+                match pause_and_recover(h, mem, &o.map, &placer, &reply, &cause) {
+                    Some(Resumed {
+                        main: mut resumed,
+                        urgent,
+                        channels,
+                    }) => {
                         recoveries += 1;
+                        generation.fetch_add(1, Ordering::SeqCst);
+                        old_t.extend(t.take());
+                        old_chans.append(&mut chans);
+                        // The reopened urgent connection and page channels.
+                        if let Some(u) = urgent {
+                            match spawn_placer(
+                                u,
+                                placer.clone(),
+                                |_| {},
+                                lost(super::URGENT_STREAM),
+                            ) {
+                                Ok(h) => t = Some(h),
+                                Err(e) => {
+                                    urgent_failed =
+                                        Some(ConnectionError::Spawn(Connection::Urgent, e))
+                                }
+                            }
+                        }
+                        for (i, c) in channels.into_iter().enumerate() {
+                            match spawn_placer(
+                                c,
+                                placer.clone(),
+                                report(i as u16 + 1),
+                                lost(i as u16 + 1),
+                            ) {
+                                Ok(h) => chans.push((i, h)),
+                                Err(e) => {
+                                    channel_failed.get_or_insert(ConnectionError::Spawn(
+                                        Connection::Channel(i + 1),
+                                        e,
+                                    ));
+                                }
+                            }
+                        }
                         let mut rs = LoadStats::default();
                         main = place_stream(&mut resumed, &placer, &mut rs, &report(0))
-                            .map_err(|e| crate::error_chain(&e));
+                            .map_err(LostCause::Stream);
                         stats.raw_pages += rs.raw_pages;
                         stats.zero_pages += rs.zero_pages;
                         stats.compressed_pages += rs.compressed_pages;
                         stats.bytes += rs.bytes;
                     }
-                    Err(gave_up) => {
-                        main = Err(gave_up);
+                    None => {
+                        main = Err(LostCause::GaveUp(Box::new(cause)));
                         break;
                     }
                 }
@@ -462,12 +591,17 @@ fn receive_inner<R: Read>(
             }
         }
         // After a recovery, old connections that have not ended are not
-        // waited for: every page they carried went again on the new one.
-        let detach = recoveries > 0;
-        if let Some(t) = t.and_then(|t| joinable(t, detach)) {
+        // waited for: every page they carried went again on the new ones.
+        // Nor are the current ones when the main stream failed for good.
+        let detach = main.is_err();
+        let urgents = old_t
+            .into_iter()
+            .filter_map(|t| joinable(t, true))
+            .chain(t.and_then(|t| joinable(t, detach)));
+        for t in urgents {
             match t.join() {
                 Ok((r, us)) => {
-                    urgent_pages = us.raw_pages + us.zero_pages + us.compressed_pages;
+                    urgent_pages += us.raw_pages + us.zero_pages + us.compressed_pages;
                     stats.raw_pages += us.raw_pages;
                     stats.zero_pages += us.zero_pages;
                     stats.compressed_pages += us.compressed_pages;
@@ -475,12 +609,16 @@ fn receive_inner<R: Read>(
                     // After a recovery the old urgent connection just ends.
                     urgent_failed = r
                         .err()
-                        .map(|e| format!("urgent connection: {}", crate::error_chain(&e)));
+                        .map(|e| ConnectionError::Stream(Connection::Urgent, e));
                 }
-                Err(_) => urgent_failed = Some("the urgent connection's thread panicked".into()),
+                Err(_) => urgent_failed = Some(ConnectionError::Panicked(Connection::Urgent)),
             }
         }
-        for (i, c) in chans {
+        let chans = old_chans
+            .into_iter()
+            .map(|c| (c, true))
+            .chain(chans.into_iter().map(|c| (c, detach)));
+        for ((i, c), detach) in chans {
             let Some(c) = joinable(c, detach) else {
                 continue;
             };
@@ -493,15 +631,13 @@ fn receive_inner<R: Read>(
                     stats.bytes += cs.bytes;
                     // After a recovery the old page channels just end.
                     if let Err(e) = r {
-                        channel_failed.get_or_insert(format!(
-                            "page channel {}: {}",
-                            i + 1,
-                            crate::error_chain(&e)
-                        ));
+                        channel_failed
+                            .get_or_insert(ConnectionError::Stream(Connection::Channel(i + 1), e));
                     }
                 }
                 Err(_) => {
-                    channel_failed.get_or_insert(format!("page channel {} panicked", i + 1));
+                    channel_failed
+                        .get_or_insert(ConnectionError::Panicked(Connection::Channel(i + 1)));
                 }
             }
         }
@@ -517,16 +653,15 @@ fn receive_inner<R: Read>(
     let cause = match (result, fault_failed) {
         (Err(e), _) => Some(e),
         (Ok(()), Some(e)) => Some(e),
-        (Ok(()), None) if missing > 0 => Some(match urgent_failed.or(channel_failed) {
-            Some(u) => format!("the stream ended before every page arrived ({u})"),
-            None => "the stream ended before every page arrived".into(),
-        }),
+        (Ok(()), None) if missing > 0 => {
+            Some(LostCause::Incomplete(urgent_failed.or(channel_failed)))
+        }
         (Ok(()), None) => None,
     };
     if let Some(cause) = cause {
         guest.pause();
         if let Some(w) = lock(&reply).as_mut() {
-            let _ = write_message(&mut **w, &Message::Failed(cause.clone()));
+            let _ = write_message(&mut **w, &Message::Failed(crate::error_chain(&cause)));
         }
         // Keep missing memory registered for good: a guest thread must
         // never read a missing page as zeros.
@@ -591,44 +726,58 @@ fn same_blocks(mem: &dyn GuestMemory, map: &[usize], list: &[(String, u64)]) -> 
     }
 }
 
+/// The connections of a resumed postcopy.
+pub(super) struct Resumed {
+    pub(super) main: StreamReader<BoxRead>,
+    /// The urgent connection, when the source reopened it.
+    pub(super) urgent: Option<StreamReader<BoxRead>>,
+    /// The page channels' streams (channel i + 1 at i), past their
+    /// POSTCOPY record, when the source reopened them.
+    pub(super) channels: Vec<StreamReader<BoxRead>>,
+}
+
 /// Postcopy paused after `cause`: waits for a new connection on `h`,
 /// then resumes over it (received bitmap out, pending requests again).
-/// Returns the new stream, or why the guest was given up.
+/// Returns the new streams, or `None` when the guest was given up.
 fn pause_and_recover(
     h: &MigrationHandle,
     mem: &dyn GuestMemory,
     map: &[usize],
     placer: &Placer,
     reply: &Reply,
-    cause: &str,
-) -> Result<StreamReader<BoxRead>, String> {
+    cause: &LostCause,
+) -> Option<Resumed> {
     // The old return path is dead: the fault thread stops sending on it
     // and only records which pages its threads wait for.
     lock(reply).take();
+    let cause = crate::error_chain(cause);
     log::warn!(
         "postcopy paused with {} pages still on the source: {cause}; waiting for migrate-recover",
         placer.missing()
     );
-    h.set_status(Status::PostcopyPaused, Some(cause.to_string()));
+    h.set_status(Status::PostcopyPaused, Some(cause));
     loop {
-        let conn = match h.take_reconnect() {
-            Reconnect::In(c) => c,
+        let (conn, mut accept) = match h.take_reconnect() {
+            Reconnect::In(c, accept) => (c, accept),
             _ => {
                 if h.is_cancelled() {
-                    return Err(format!(
-                        "{cause} (postcopy was paused, then given up before any recovery)"
-                    ));
+                    return None;
                 }
                 std::thread::sleep(std::time::Duration::from_millis(10));
                 continue;
             }
         };
         h.set_status(Status::PostcopyRecover, None);
-        match resume_in(conn, mem, map, placer, reply) {
+        match resume_in(conn, accept.as_mut(), mem, map, placer, reply) {
             Ok(r) => {
                 h.set_status(Status::PostcopyActive, None);
-                log::info!("postcopy resumed: {} pages still to come", placer.missing());
-                return Ok(r);
+                log::info!(
+                    "postcopy resumed: {} pages still to come, {} page channels, {} urgent connection",
+                    placer.missing(),
+                    r.channels.len(),
+                    if r.urgent.is_some() { "an" } else { "no" }
+                );
+                return Some(r);
             }
             Err(e) => {
                 log::warn!("postcopy recovery failed: {e}; still paused");
@@ -638,24 +787,31 @@ fn pause_and_recover(
     }
 }
 
-/// The destination's half of the recovery handshake on `conn`.
+/// The destination's half of the recovery handshake on `conn`: the
+/// stream start, the urgent connection and the page channels the source
+/// announces (accepted with `accept`, each checked like the first time),
+/// then the received bitmap and the requests again. A refusal goes to
+/// the source as FAILED (it stays paused too).
 fn resume_in(
     conn: Incoming,
+    accept: Option<&mut crate::engine::handle::AcceptConnection>,
     mem: &dyn GuestMemory,
     map: &[usize],
     placer: &Placer,
     reply: &Reply,
-) -> Result<StreamReader<BoxRead>, String> {
+) -> Result<Resumed, String> {
     let Incoming { reader, ack } = conn;
     let Some(mut ack) = ack else {
         return Err("the recovery connection has no return path".into());
     };
-    let (r, list) = open_urgent(reader).map_err(|e| crate::error_chain(&e))?;
-    if same_blocks(mem, map, &list).is_err() {
-        let why = "the recovery connection's block list differs from the migration's".to_string();
-        let _ = write_message(&mut *ack, &Message::Failed(why.clone()));
-        return Err(why);
-    }
+    let opened = open_resumed(reader, accept, mem, map);
+    let resumed = match opened {
+        Ok(r) => r,
+        Err(why) => {
+            let _ = write_message(&mut *ack, &Message::Failed(why.clone()));
+            return Err(why);
+        }
+    };
     // Under the lock: no request goes out before the bitmap.
     let mut g = lock(reply);
     write_bitmap(&mut *ack, &placer.received_words())
@@ -672,7 +828,150 @@ fn resume_in(
         .map_err(|e| format!("asking again for the pages threads wait for: {e}"))?;
     }
     *g = Some(ack);
-    Ok(r)
+    Ok(resumed)
+}
+
+/// Reads a resumed migration's stream start on `reader` and accepts the
+/// further connections it announces.
+pub(super) fn open_resumed(
+    reader: BoxRead,
+    accept: Option<&mut crate::engine::handle::AcceptConnection>,
+    mem: &dyn GuestMemory,
+    map: &[usize],
+) -> Result<Resumed, String> {
+    let chain = |e: LoadError| crate::error_chain(&e);
+    let mut r = StreamReader::new(reader).map_err(|e| chain(e.into()))?;
+    let wants_urgent = r.flags() & FLAG_URGENT != 0;
+    let mut channels = None;
+    if r.flags() & FLAG_CHANNELS != 0 {
+        let at = r.offset();
+        match r.next_record().map_err(|e| chain(e.into()))? {
+            Record::Channel {
+                index: 0,
+                channels: n,
+                session,
+            } => channels = Some((n, session)),
+            Record::Channel { index, .. } => {
+                return Err(format!(
+                    "recovery connection byte {at}: it declares channel {index}, the first connection must be the main channel 0"
+                ))
+            }
+            _ => unreachable!("the reader requires a channel record first"),
+        }
+    }
+    let at = r.offset();
+    let Record::BlockList(list) = r.next_record().map_err(|e| chain(e.into()))? else {
+        return Err(format!(
+            "recovery connection byte {at}: the stream must start with the block list"
+        ));
+    };
+    let list: BlockList = list.iter().map(|d| (d.id.clone(), d.len)).collect();
+    if same_blocks(mem, map, &list).is_err() {
+        return Err("the recovery connection's block list differs from the migration's".into());
+    }
+    let mut resumed = Resumed {
+        main: r,
+        urgent: None,
+        channels: Vec::new(),
+    };
+    if !wants_urgent && channels.is_none() {
+        return Ok(resumed);
+    }
+    let Some(accept) = accept else {
+        return Err(
+            "the source reopens its urgent connection or page channels, but this destination was given no listener to accept them (recover with an acceptor)".into(),
+        );
+    };
+    if wants_urgent {
+        let c = accept().map_err(|e| format!("accepting the reopened urgent connection: {e}"))?;
+        let (u, list) = open_urgent(c).map_err(chain)?;
+        if same_blocks(mem, map, &list).is_err() {
+            return Err(
+                "the reopened urgent connection's block list differs from the migration's".into(),
+            );
+        }
+        resumed.urgent = Some(u);
+    }
+    if let Some((n, session)) = channels {
+        let mut slots: Vec<Option<StreamReader<BoxRead>>> = (0..n).map(|_| None).collect();
+        for k in 1..=n {
+            let c = accept().map_err(|e| {
+                format!("accepting reopened connection {k} of {n} page channels: {e}")
+            })?;
+            let (index, cr) = open_resumed_channel(c, n, session, mem, map)
+                .map_err(|e| format!("reopened connection {k} of {n} page channels: {e}"))?;
+            match usize::from(index).checked_sub(1).map(|i| &mut slots[i]) {
+                Some(slot @ None) => *slot = Some(cr),
+                _ => {
+                    return Err(format!(
+                        "reopened connection {k}: page channel index {index} used twice or 0"
+                    ))
+                }
+            }
+        }
+        resumed.channels = slots.into_iter().flatten().collect();
+    }
+    Ok(resumed)
+}
+
+/// A reopened page channel: its stream start (channel record of this
+/// session and count, the same block list), read up to its POSTCOPY
+/// record. Returns its index.
+pub(super) fn open_resumed_channel(
+    conn: BoxRead,
+    n: u16,
+    session: u64,
+    mem: &dyn GuestMemory,
+    map: &[usize],
+) -> Result<(u16, StreamReader<BoxRead>), String> {
+    let chain = |e: LoadError| crate::error_chain(&e);
+    let mut cr = StreamReader::new(conn).map_err(|e| chain(e.into()))?;
+    if cr.flags() & FLAG_CHANNELS == 0 {
+        return Err("not a page channel (no channel flag in its header)".into());
+    }
+    let at = cr.offset();
+    let Record::Channel {
+        index,
+        channels,
+        session: s,
+    } = cr.next_record().map_err(|e| chain(e.into()))?
+    else {
+        unreachable!("the reader requires a channel record first");
+    };
+    if s != session {
+        return Err(format!(
+            "byte {at}: session {s:#x} is not this recovery's ({session:#x})"
+        ));
+    }
+    if channels != n || index > n {
+        return Err(format!(
+            "byte {at}: channel {index} of {channels}, the main connection declares {n}"
+        ));
+    }
+    let at = cr.offset();
+    let Record::BlockList(list) = cr.next_record().map_err(|e| chain(e.into()))? else {
+        return Err(format!(
+            "byte {at}: the block list must follow the channel record"
+        ));
+    };
+    let list: BlockList = list.iter().map(|d| (d.id.clone(), d.len)).collect();
+    if same_blocks(mem, map, &list).is_err() {
+        return Err(format!(
+            "byte {at}: the block list differs from the migration's"
+        ));
+    }
+    loop {
+        let at = cr.offset();
+        match cr.next_record().map_err(|e| chain(e.into()))? {
+            Record::SectionEnd { .. } => {}
+            Record::Postcopy => return Ok((index, cr)),
+            _ => {
+                return Err(format!(
+                    "byte {at}: a reopened page channel must switch to postcopy before any page"
+                ))
+            }
+        }
+    }
 }
 
 /// Places the pages that follow the switch until END.
@@ -739,6 +1038,12 @@ fn place_stream<R: Read>(
                 }
             }
             Record::End => break,
+            Record::Abort(reason) => {
+                // The source pauses postcopy (recovery) or gives up.
+                return Err(LoadError::SourceAborted {
+                    reason: reason.to_string(),
+                });
+            }
             other => {
                 let what = match other {
                     Record::Xbzrle { .. } => "xbzrle page (the destination has no copy to patch)",
@@ -766,12 +1071,16 @@ fn spawn_placer(
     mut stream: StreamReader<Box<dyn Read + Send>>,
     placer: Arc<Placer>,
     progress: impl Fn(u64) + Send + 'static,
+    lost: impl FnOnce() + Send + 'static,
 ) -> io::Result<std::thread::JoinHandle<Placed>> {
     std::thread::Builder::new()
         .name("livemig-postcopy-place".into())
         .spawn(move || {
             let mut st = LoadStats::default();
             let r = place_stream(&mut stream, &placer, &mut st, &progress);
+            if r.is_err() {
+                lost();
+            }
             (r, st)
         })
 }
@@ -1003,20 +1312,17 @@ fn fault_loop(
     waker: &Waker,
     reply: &Mutex<Option<Box<dyn Write + Send>>>,
     recoverable: bool,
-) -> Result<(), String> {
+) -> Result<(), LostCause> {
     let mut msgs = [UffdMsg::default(); 64];
     while !stop.load(Ordering::SeqCst) {
         let ready = p
             .uffd
             .poll(Some(waker.as_fd()), 200)
-            .map_err(|e| format!("polling userfaultfd: {e}"))?;
+            .map_err(LostCause::PollFaults)?;
         if !ready {
             continue;
         }
-        let n = p
-            .uffd
-            .read_msgs(&mut msgs)
-            .map_err(|e| format!("reading userfaultfd: {e}"))?;
+        let n = p.uffd.read_msgs(&mut msgs).map_err(LostCause::ReadFaults)?;
         for m in &msgs[..n] {
             if m.event != UFFD_EVENT_PAGEFAULT {
                 continue;
@@ -1041,7 +1347,7 @@ fn fault_loop(
                     Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                         let _ = p.uffd.wake(addr, PAGE);
                     }
-                    Err(e) => return Err(format!("placing a zero page at {addr:#x}: {e}")),
+                    Err(source) => return Err(LostCause::ZeroPage { addr, source }),
                 }
                 continue;
             }
@@ -1062,7 +1368,7 @@ fn fault_loop(
                         log::warn!("sending a page request to the source: {e}");
                         g.take();
                     }
-                    Err(e) => return Err(format!("sending a page request to the source: {e}")),
+                    Err(e) => return Err(LostCause::Request(e)),
                 }
             }
         }

@@ -54,6 +54,9 @@
 //! BITMAP_END 'E' blocks:u16                       recovery: every block's bitmap was sent
 //! PROGRESS  'P' stream:u16 offset:u64             bytes of background stream `stream` (0 main,
 //!                                                 i page channel i) read here so far
+//! LOST      'L' stream:u16                        recovery: the destination lost connection `stream`
+//!                                                 (i page channel i, 0xffff the urgent one): the
+//!                                                 source pauses as after a cut of its own
 //! ```
 //!
 //! PROGRESS is flow control for the background push: the source keeps at
@@ -87,8 +90,24 @@
 //!   postcopy-active           ─────────────────▶  pages, END as before
 //! ```
 //!
-//! Requested and background pages then travel on the main connection (no
-//! urgent connection, no page channels).
+//! The source reopens the urgent connection and the page channels the
+//! migration had, to where its caller says
+//! ([`crate::engine::MigrationHandle::resume_postcopy_with`]), in the
+//! order of the first connection: after the main stream's start (which
+//! announces them: header flags, channel record of a new session), the
+//! urgent connection, then each page channel, whose stream starts with
+//! its channel record, the block list and the POSTCOPY record. The
+//! destination accepts them
+//! ([`crate::engine::MigrationHandle::recover_postcopy_with`]) and
+//! checks each as the first time (block list, channel count, session,
+//! index) before it sends its bitmap; a refusal goes back as FAILED and
+//! both sides stay paused. Given no way to open or accept them,
+//! requested and background pages travel on the main connection alone.
+//!
+//! A cut may hit one connection only. The side that sees it tells the
+//! other: the source writes an ABORT record on the connections still
+//! alive (their streams fail at the destination, which pauses); the
+//! destination sends LOST on the return path (the source pauses).
 //! If the source *process* is gone, no recovery can complete the guest:
 //! the destination stays paused until its caller gives up
 //! ([`crate::engine::MigrationHandle::cancel`]), then reports the loss.
@@ -104,7 +123,8 @@ pub(crate) mod switchover;
 use std::io::{self, Read, Write};
 
 pub use dest::{
-    receive, receive_recoverable, IncomingGuest, PostcopyFigures, ReceiveError, Received,
+    receive, receive_recoverable, Connection, ConnectionError, IncomingGuest, LostCause,
+    PostcopyFigures, ReceiveError, Received,
 };
 pub use histogram::LatencyHistogram;
 
@@ -133,6 +153,9 @@ const TAG_FAILED: u8 = b'F';
 const TAG_BITMAP: u8 = b'B';
 const TAG_BITMAP_END: u8 = b'E';
 const TAG_PROGRESS: u8 = b'P';
+const TAG_LOST: u8 = b'L';
+/// The stream index LOST gives the urgent connection.
+pub const URGENT_STREAM: u16 = u16::MAX;
 
 /// A page request as it came off the return path (not yet checked
 /// against the block list: see [`check_request`]).
@@ -196,6 +219,13 @@ pub enum Message {
         stream: u16,
         /// Bytes read from it so far.
         offset: u64,
+    },
+    /// Recovery: the destination lost the connection of stream `stream`
+    /// (i page channel i, [`URGENT_STREAM`] the urgent connection); the
+    /// source pauses postcopy.
+    Lost {
+        /// Which connection.
+        stream: u16,
     },
 }
 
@@ -286,6 +316,15 @@ pub enum PostcopyError {
         /// What is wrong.
         what: String,
     },
+    /// The destination lost one of its postcopy connections (LOST): a cut
+    /// on a connection this side may not have noticed yet.
+    #[error("return path byte {offset}: the destination lost postcopy connection {stream} (65535: the urgent one)")]
+    PeerLost {
+        /// Byte offset of the message.
+        offset: u64,
+        /// Which connection.
+        stream: u16,
+    },
     /// Recovery: the destination sent something else than its bitmap.
     #[error("return path byte {offset}: expected the received bitmap, got {got}")]
     NotBitmap {
@@ -357,6 +396,10 @@ pub fn write_message(w: &mut dyn Write, m: &Message) -> io::Result<()> {
             b.push(TAG_PROGRESS);
             b.extend_from_slice(&stream.to_be_bytes());
             b.extend_from_slice(&offset.to_be_bytes());
+        }
+        Message::Lost { stream } => {
+            b.push(TAG_LOST);
+            b.extend_from_slice(&stream.to_be_bytes());
         }
     }
     w.write_all(&b)?;
@@ -524,6 +567,9 @@ impl<R: Read> MessageReader<R> {
                 stream: u16::from_be_bytes(self.bytes()?),
                 offset: self.u64()?,
             },
+            TAG_LOST => Message::Lost {
+                stream: u16::from_be_bytes(self.bytes()?),
+            },
             tag => return Err(PostcopyError::UnknownTag { offset: at, tag }),
         };
         Ok((at, m))
@@ -673,6 +719,10 @@ impl BitmapAssembler {
             Message::Progress { .. } => Err(PostcopyError::NotBitmap {
                 offset: at,
                 got: "PROGRESS",
+            }),
+            Message::Lost { .. } => Err(PostcopyError::NotBitmap {
+                offset: at,
+                got: "LOST",
             }),
         }
     }

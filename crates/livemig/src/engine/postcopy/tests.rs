@@ -53,6 +53,15 @@ fn messages_round_trip() {
             stream: 2,
             offset: 1 << 40,
         },
+        Message::Lost {
+            stream: URGENT_STREAM,
+        },
+        Message::Bitmap {
+            block: 1,
+            first_word: 1024,
+            words: vec![u64::MAX, 5],
+        },
+        Message::BitmapEnd { blocks: 2 },
     ];
     let mut bytes = Vec::new();
     for m in &msgs {
@@ -100,6 +109,71 @@ fn bad_messages_name_their_byte() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("failure text length 65535"), "{e}");
+}
+
+#[test]
+fn every_message_kind_cut_short_is_an_error_naming_its_byte() {
+    // Each kind, after one good request: every truncation is refused
+    // with the byte where the reader stopped, never a panic or a read
+    // past the input.
+    let kinds = [
+        Message::Request(PageRequest {
+            block: 0,
+            offset: 4096,
+            len: 8192,
+        }),
+        Message::Complete(FaultReport {
+            faults: 1,
+            threads: vec![(3, 40)],
+            buckets: vec![0, 1],
+            ..FaultReport::default()
+        }),
+        Message::Failed("gone".into()),
+        Message::Bitmap {
+            block: 0,
+            first_word: 0,
+            words: vec![1, 2, 3],
+        },
+        Message::BitmapEnd { blocks: 2 },
+        Message::Progress {
+            stream: 1,
+            offset: 99,
+        },
+        Message::Lost { stream: 2 },
+    ];
+    let mut head = Vec::new();
+    write_message(
+        &mut head,
+        &Message::Request(PageRequest {
+            block: 1,
+            offset: 0,
+            len: 4096,
+        }),
+    )
+    .unwrap();
+    for m in &kinds {
+        let mut whole = head.clone();
+        write_message(&mut whole, m).unwrap();
+        for cut in head.len() + 1..whole.len() {
+            let mut r = MessageReader::new(&whole[..cut]);
+            r.read_message().unwrap();
+            let e = r.read_message().unwrap_err();
+            assert!(matches!(e, PostcopyError::Io { .. }), "{m:?} at {cut}: {e}");
+            let at: u64 = e
+                .to_string()
+                .strip_prefix("return path byte ")
+                .and_then(|t| t.split(':').next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("{m:?} at {cut}: no byte in '{e}'"));
+            assert!(
+                at >= head.len() as u64 && at <= cut as u64,
+                "{m:?} cut at {cut}: byte {at}"
+            );
+        }
+        let mut r = MessageReader::new(&whole[..]);
+        r.read_message().unwrap();
+        assert_eq!(&r.read_message().unwrap().1, m);
+    }
 }
 
 #[test]
@@ -164,6 +238,8 @@ struct TouchGuest {
     reads: Arc<AtomicU64>,
     thread: Option<thread::JoinHandle<()>>,
     paused: bool,
+    /// A pause between two reads (none: as fast as it can).
+    pace: Duration,
 }
 
 impl TouchGuest {
@@ -174,6 +250,16 @@ impl TouchGuest {
             reads: Arc::default(),
             thread: None,
             paused: false,
+            pace: Duration::ZERO,
+        }
+    }
+
+    /// A guest that reads a page every `pace`: its faults leave most
+    /// pages to the background push.
+    fn paced(mem: &ProcessMemory, pace: Duration) -> Self {
+        TouchGuest {
+            pace,
+            ..TouchGuest::new(mem)
         }
     }
 
@@ -199,6 +285,7 @@ impl IncomingGuest for TouchGuest {
 
     fn resume(&mut self) -> Result<(), crate::vm::VmError> {
         let (mem, stop, reads) = (self.mem.clone(), self.stop.clone(), self.reads.clone());
+        let pace = self.pace;
         self.thread = Some(thread::spawn(move || {
             let mut rng = XorShift::new(5);
             let mut page = vec![0u8; 4096];
@@ -207,6 +294,9 @@ impl IncomingGuest for TouchGuest {
                 let p = rng.below(b.pages() as usize);
                 b.region().read(p * 4096, &mut page);
                 reads.fetch_add(1, Ordering::Relaxed);
+                if !pace.is_zero() {
+                    thread::sleep(pace);
+                }
             }
         }));
         Ok(())
@@ -236,6 +326,8 @@ struct Run {
     stats: crate::engine::MigrationStats,
     received: Received,
     reads: u64,
+    /// The source's postcopy progress points.
+    history: Vec<crate::engine::PostcopyPoint>,
 }
 
 /// A source guest for the postcopy runs: random memory (seed `seed`)
@@ -343,6 +435,7 @@ fn run_postcopy(
         stats,
         received: res.expect("the destination completes"),
         reads,
+        history: handle.postcopy_history(),
     }
 }
 
@@ -371,6 +464,24 @@ fn assert_postcopy_done(r: &Run) {
         ram.precopy_bytes + ram.downtime_bytes + ram.postcopy_bytes,
         ram.transferred
     );
+    // The progress points: from the switch to the end, never going back;
+    // at the end every page not valid at the switch went once, pushed or
+    // asked for.
+    let h = &r.history;
+    assert!(h.len() >= 2, "{h:?}");
+    for w in h.windows(2) {
+        assert!(
+            w[1].time_ms >= w[0].time_ms
+                && w[1].pushed_pages >= w[0].pushed_pages
+                && w[1].requested_pages >= w[0].requested_pages
+                && w[1].requests >= w[0].requests,
+            "{w:?}"
+        );
+    }
+    let last = h.last().unwrap();
+    assert_eq!(last.pushed_pages + last.requested_pages, pc.discarded_pages);
+    assert_eq!(last.requests, r.stats.ram.postcopy_requests);
+    assert!(last.requested_pages <= last.requests * u64::from(MAX_REQUEST_PAGES));
 }
 
 #[test]
@@ -497,6 +608,7 @@ fn run_postcopy_tcp(
         stats,
         received: res.expect("the destination completes"),
         reads,
+        history: handle.postcopy_history(),
     }
 }
 
@@ -667,7 +779,13 @@ fn destination_reports_a_source_lost_during_postcopy() {
     let e = res.unwrap_err();
     let text = e.to_string();
     assert!(
-        matches!(e, ReceiveError::SourceLost { missing: 2048, .. }),
+        matches!(
+            e,
+            ReceiveError::SourceLost {
+                missing: 2048,
+                cause: LostCause::Stream(_)
+            }
+        ),
         "{text}"
     );
     assert!(text.contains("cannot continue"), "{text}");
@@ -714,6 +832,9 @@ struct Recovered {
     src_statuses: Vec<Status>,
     dst_statuses: Vec<Status>,
     cut: bool,
+    /// Bytes read on each connection reopened at the last recovery
+    /// (urgent first, then the page channels).
+    reopened: Vec<u64>,
 }
 
 fn statuses(h: &MigrationHandle) -> Arc<std::sync::Mutex<Vec<Status>>> {
@@ -736,8 +857,61 @@ fn run_recovery(fault: Fault, preempt: bool) -> Recovered {
 }
 
 /// As [`run_recovery`], with `channels` page channels (opened through the
-/// proxy, not faulted; the source closes them at the cut).
+/// proxy, not faulted; the source closes them at the cut). The recovery
+/// resumes over one connection.
 fn run_recovery_with(fault: Fault, preempt: bool, channels: u16) -> Recovered {
+    run_cut(Cut {
+        fault,
+        on: 0,
+        preempt,
+        channels,
+        reopen: false,
+        recovery_fault: None,
+    })
+}
+
+/// Where a recovery test cuts postcopy, and how it mends it.
+#[derive(Clone, Copy, Debug)]
+struct Cut {
+    /// The fault.
+    fault: Fault,
+    /// The connection through the proxy it hits: 0 the main one, then
+    /// the urgent connection (with `preempt`), then the page channels.
+    on: usize,
+    /// With the urgent connection (postcopy-preempt).
+    preempt: bool,
+    /// Page channels.
+    channels: u16,
+    /// The recovery reopens the urgent connection and the page channels
+    /// (`resume_postcopy_with` / `recover_postcopy_with`); else it goes
+    /// on over one connection.
+    reopen: bool,
+    /// The first recovery goes through a proxy with this fault on its
+    /// main connection (the received-bitmap exchange); the next one is
+    /// direct.
+    recovery_fault: Option<Fault>,
+}
+
+/// A reader that counts the bytes read through it.
+struct Counted(crate::transport::BoxRead, Arc<AtomicU64>);
+
+impl std::io::Read for Counted {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.0.read(buf)?;
+        self.1.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+/// Status events `s` seen so far on `seen`.
+fn count(seen: &std::sync::Mutex<Vec<Status>>, s: Status) -> usize {
+    seen.lock().unwrap().iter().filter(|&&x| x == s).count()
+}
+
+/// Pure postcopy of 12 MiB over TCP with the push capped at 6 MiB/s, a
+/// guest that writes on the source and reads at random on the
+/// destination, the fault of `cut`, then recovery (see [`Cut`]).
+fn run_cut(cut: Cut) -> Recovered {
     use crate::transport::{connect, Uri};
     let src = ProcessMemory::new(&layout()).unwrap();
     let dst = ProcessMemory::new(&layout()).unwrap();
@@ -754,8 +928,8 @@ fn run_recovery_with(fault: Fault, preempt: bool, channels: u16) -> Recovered {
     );
     let mut vm = workload.control();
     let sh = MigrationHandle::new(Params {
-        postcopy_preempt: preempt,
-        channels,
+        postcopy_preempt: cut.preempt,
+        channels: cut.channels,
         max_bandwidth: 6 * MIB,
         ..postcopy_params()
     });
@@ -764,11 +938,13 @@ fn run_recovery_with(fault: Fault, preempt: bool, channels: u16) -> Recovered {
     let dh = MigrationHandle::new(Params::default());
     let (src_seen, dst_seen) = (statuses(&sh), statuses(&dh));
     let (listener, addr) = tcp_listener();
-    let proxy = FaultProxy::start(addr, fault).unwrap();
+    let proxy = FaultProxy::start_on(addr, cut.fault, cut.on).unwrap();
     let (dst2, dh2) = (dst.clone(), dh.clone());
     let dest = thread::spawn(move || {
         let inc = listener.accept().unwrap();
-        let mut guest = TouchGuest::new(&dst2);
+        // Paced: the background push, not the guest's requests, carries
+        // most pages (on the page channels when there are some).
+        let mut guest = TouchGuest::paced(&dst2, Duration::from_millis(1));
         let mut accept = || -> std::io::Result<Box<dyn std::io::Read + Send>> {
             listener
                 .accept()
@@ -786,27 +962,81 @@ fn run_recovery_with(fault: Fault, preempt: bool, channels: u16) -> Recovered {
         );
         (res, guest.stop())
     });
-    let (sh2, dh3) = (sh.clone(), dh.clone());
+    // Bytes read here on each reopened connection of the last recovery.
+    let reopened: Arc<std::sync::Mutex<Vec<Arc<AtomicU64>>>> = Arc::default();
+    let (sh2, dh3, reopened2) = (sh.clone(), dh.clone(), reopened.clone());
+    let (src_seen2, dst_seen2) = (src_seen.clone(), dst_seen.clone());
     let steer = thread::spawn(move || {
         let t0 = std::time::Instant::now();
-        loop {
-            let (s, d) = (sh2.stats().status, dh3.stats().status);
-            if s == Status::PostcopyPaused && d == Status::PostcopyPaused {
-                break;
+        let attempts = 1 + usize::from(cut.recovery_fault.is_some());
+        let mut recovery_proxy = None;
+        for round in 1..=attempts {
+            // Both sides paused `round` times (a failed recovery pauses
+            // them again).
+            loop {
+                let (s, d) = (
+                    count(&src_seen2, Status::PostcopyPaused),
+                    count(&dst_seen2, Status::PostcopyPaused),
+                );
+                if s >= round && d >= round {
+                    break;
+                }
+                let (s, d) = (sh2.stats().status, dh3.stats().status);
+                if s.is_final() || d.is_final() || t0.elapsed() > Duration::from_secs(120) {
+                    return None;
+                }
+                thread::sleep(Duration::from_millis(5));
             }
-            if s.is_final() || d.is_final() || t0.elapsed() > Duration::from_secs(120) {
-                return;
+            // migrate-recover on the destination, migrate resume on the
+            // source; the first try through a faulty proxy if asked.
+            let (l2, a2) = tcp_listener();
+            let faulty = (round == 1).then_some(cut.recovery_fault).flatten();
+            let uri: Uri = match faulty {
+                Some(f) => {
+                    let p = FaultProxy::start(a2, f).unwrap();
+                    let u = p.uri().parse().unwrap();
+                    recovery_proxy = Some(p);
+                    u
+                }
+                None => l2.local_uri(),
+            };
+            let last = round == attempts;
+            let acc = thread::spawn(move || {
+                let inc = l2.accept().unwrap();
+                (inc, l2)
+            });
+            // The listener reads the stream's first bytes before it
+            // answers: the source must start writing first.
+            let conn = connect(&uri).unwrap();
+            if cut.reopen {
+                let u2 = uri.clone();
+                sh2.resume_postcopy_with(conn, move |_| {
+                    Ok(connect(&u2).map_err(std::io::Error::other)?.writer)
+                })
+                .unwrap();
+            } else {
+                sh2.resume_postcopy(conn).unwrap();
             }
-            thread::sleep(Duration::from_millis(5));
+            let (inc, l2) = acc.join().unwrap();
+            if cut.reopen {
+                let counters = reopened2.clone();
+                if last {
+                    counters.lock().unwrap().clear();
+                }
+                dh3.recover_postcopy_with(inc, move || {
+                    let i = l2.accept().map_err(std::io::Error::other)?;
+                    let n = Arc::new(AtomicU64::new(0));
+                    if last {
+                        counters.lock().unwrap().push(n.clone());
+                    }
+                    Ok(Box::new(Counted(i.reader, n)) as crate::transport::BoxRead)
+                })
+                .unwrap();
+            } else {
+                dh3.recover_postcopy(inc).unwrap();
+            }
         }
-        // migrate-recover on the destination, migrate resume on the source.
-        let (l2, _) = tcp_listener();
-        let uri = l2.local_uri();
-        let acc = thread::spawn(move || l2.accept().unwrap());
-        // The listener reads the stream's first bytes before it answers:
-        // the source must start writing first.
-        sh2.resume_postcopy(connect(&uri).unwrap()).unwrap();
-        dh3.recover_postcopy(acc.join().unwrap()).unwrap();
+        Some(recovery_proxy.map(|p| p.has_cut()))
     });
     let proxy_uri: Uri = proxy.uri().parse().unwrap();
     let conn = connect(&proxy_uri).unwrap();
@@ -817,10 +1047,17 @@ fn run_recovery_with(fault: Fault, preempt: bool, channels: u16) -> Recovered {
         .expect("the migration completes after recovery");
     assert!(vm.is_paused(), "the source stays paused after postcopy");
     drop(workload);
-    steer.join().unwrap();
+    let recovery_cut = steer.join().unwrap().expect("both sides paused");
+    if let Some(c) = recovery_cut {
+        assert!(c, "the recovery proxy cut the bitmap exchange");
+        assert!(
+            count(&src_seen, Status::PostcopyRecover) >= 2,
+            "two recoveries on the source: {:?}",
+            src_seen.lock().unwrap()
+        );
+    }
     let (res, reads) = dest.join().unwrap();
     let received = res.expect("the destination completes after recovery");
-    let cut = proxy.has_cut();
     let r = Recovered {
         run: Run {
             src,
@@ -828,13 +1065,49 @@ fn run_recovery_with(fault: Fault, preempt: bool, channels: u16) -> Recovered {
             stats,
             received,
             reads,
+            history: sh.postcopy_history(),
         },
         src_statuses: src_seen.lock().unwrap().clone(),
         dst_statuses: dst_seen.lock().unwrap().clone(),
-        cut,
+        cut: proxy.has_cut(),
+        reopened: reopened
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|n| n.load(Ordering::Relaxed))
+            .collect(),
     };
     assert_recovered(&r);
+    if cut.reopen {
+        let want = usize::from(cut.preempt)
+            + if cut.channels > 1 {
+                usize::from(cut.channels)
+            } else {
+                0
+            };
+        assert_eq!(
+            r.reopened.len(),
+            want,
+            "connections reopened at the last recovery: {:?}",
+            r.reopened
+        );
+    }
     r
+}
+
+/// With the urgent connection and 2 page channels reopened by the
+/// recovery: background pages came on the reopened channels.
+fn assert_channels_reopened(r: &Recovered, preempt: bool) {
+    let chans = &r.reopened[usize::from(preempt)..];
+    assert_eq!(chans.len(), 2);
+    let pages: u64 = chans.iter().sum::<u64>() / 4096;
+    assert!(
+        pages > 0,
+        "no page came on the reopened page channels: {:?} bytes",
+        r.reopened
+    );
+    let pc = r.run.received.postcopy.as_ref().unwrap();
+    assert!(pc.channel_pages >= pages, "{} < {pages}", pc.channel_pages);
 }
 
 fn assert_recovered(r: &Recovered) {
@@ -860,7 +1133,10 @@ fn assert_recovered(r: &Recovered) {
         let at = |s: Status| seen.iter().position(|&x| x == s);
         let paused = at(Status::PostcopyPaused)
             .unwrap_or_else(|| panic!("{side} never reported postcopy-paused: {seen:?}"));
-        let recover = at(Status::PostcopyRecover)
+        // The last recovery (an earlier one may have failed).
+        let recover = seen
+            .iter()
+            .rposition(|&x| x == Status::PostcopyRecover)
             .unwrap_or_else(|| panic!("{side} never reported postcopy-recover: {seen:?}"));
         assert!(paused < recover, "{side}: {seen:?}");
         assert_eq!(
@@ -905,6 +1181,314 @@ fn recovery_with_page_channels() {
     // among the page requests.
     let r = run_recovery_with(Fault::CutBackAt(400), false, 2);
     assert_eq!(r.run.received.load.stats.channels, 2);
+}
+
+#[test]
+fn recovery_reopens_the_urgent_connection_and_page_channels() {
+    // The main connection carries no bulk pages (page channels) and no
+    // requested page (urgent connection): cut its return path among the
+    // page requests and PROGRESS reports.
+    let r = run_cut(Cut {
+        fault: Fault::CutBackAt(400),
+        on: 0,
+        preempt: true,
+        channels: 2,
+        reopen: true,
+        recovery_fault: None,
+    });
+    assert_eq!(r.run.received.load.stats.channels, 2);
+    assert_channels_reopened(&r, true);
+}
+
+#[test]
+fn recovery_after_a_cut_on_the_urgent_connection_only() {
+    // The urgent connection (the second one) carries only requested
+    // pages: cut it after two of them.
+    let r = run_cut(Cut {
+        fault: Fault::CutForwardAt(10_000),
+        on: 1,
+        preempt: true,
+        channels: 2,
+        reopen: true,
+        recovery_fault: None,
+    });
+    assert!(r.run.stats.ram.postcopy_requests > 0);
+    assert_channels_reopened(&r, true);
+}
+
+#[test]
+fn recovery_after_a_cut_on_a_page_channel_only() {
+    // Page channel 1 (the second connection): cut in the middle of the
+    // background push.
+    let r = run_cut(Cut {
+        fault: Fault::CutForwardAt(MIB),
+        on: 1,
+        preempt: false,
+        channels: 2,
+        reopen: true,
+        recovery_fault: None,
+    });
+    assert_channels_reopened(&r, false);
+}
+
+#[test]
+fn recovery_after_a_cut_during_the_received_bitmap_exchange() {
+    // The first recovery's return path is cut 100 bytes into the
+    // received bitmap (about 400 bytes for 12 MiB); both sides pause
+    // again, and a second recovery completes.
+    let r = run_cut(Cut {
+        fault: Fault::CutBackAt(400),
+        on: 0,
+        preempt: true,
+        channels: 2,
+        reopen: true,
+        recovery_fault: Some(Fault::CutBackAt(100)),
+    });
+    assert!(count_in(&r.dst_statuses, Status::PostcopyPaused) >= 2);
+    assert_channels_reopened(&r, true);
+}
+
+#[test]
+fn recovery_after_a_cut_between_go_and_started() {
+    // GO reaches the destination (its guest runs), STARTED is lost: the
+    // source cannot know, and pauses like after any later cut.
+    let r = run_cut(Cut {
+        fault: Fault::CutAfterGo,
+        on: 0,
+        preempt: true,
+        channels: 2,
+        reopen: true,
+        recovery_fault: None,
+    });
+    assert_channels_reopened(&r, true);
+}
+
+#[test]
+fn recovery_after_a_cut_mid_push_with_page_channels_reopened() {
+    // One page channel is cut mid-push, then the recovery reopens both;
+    // no urgent connection: requested pages share the main connection.
+    let r = run_cut(Cut {
+        fault: Fault::CutForwardAt(3 * MIB),
+        on: 2,
+        preempt: false,
+        channels: 2,
+        reopen: true,
+        recovery_fault: None,
+    });
+    assert_channels_reopened(&r, false);
+}
+
+fn count_in(seen: &[Status], s: Status) -> usize {
+    seen.iter().filter(|&&x| x == s).count()
+}
+
+/// A cut before GO, with recovery allowed: no pause anywhere; the
+/// source resumes its guest and reports the failure, the destination's
+/// copy never ran.
+fn cut_before_go(fault: Fault) {
+    use crate::transport::{connect, Uri};
+    let src = ProcessMemory::new(&layout()).unwrap();
+    let dst = ProcessMemory::new(&layout()).unwrap();
+    let (mut tracker, log) = SoftwareTracker::new(&src);
+    let writer: PageWriter = Arc::new(move |b, off, data| log.write(b, off, data));
+    fill_random(&src.blocks()[..1], &writer, 17);
+    let workload = Workload::start(
+        src.blocks().to_vec(),
+        writer,
+        WorkloadConfig {
+            rate: 16 * MIB,
+            ..WorkloadConfig::default()
+        },
+    );
+    let mut vm = workload.control();
+    let sh = MigrationHandle::new(Params {
+        postcopy_preempt: true,
+        channels: 2,
+        ..postcopy_params()
+    });
+    sh.start_postcopy().unwrap();
+    sh.set_postcopy_recovery(true);
+    let dh = MigrationHandle::new(Params::default());
+    let (src_seen, dst_seen) = (statuses(&sh), statuses(&dh));
+    let (listener, addr) = tcp_listener();
+    let proxy = FaultProxy::start(addr, fault).unwrap();
+    let (dst2, dh2) = (dst.clone(), dh.clone());
+    let dest = thread::spawn(move || {
+        let inc = listener.accept().unwrap();
+        let mut guest = TouchGuest::new(&dst2);
+        let mut accept = || -> std::io::Result<Box<dyn std::io::Read + Send>> {
+            listener
+                .accept()
+                .map(|i| i.reader)
+                .map_err(std::io::Error::other)
+        };
+        let res = receive_recoverable(
+            &dst2,
+            inc.reader,
+            inc.ack,
+            &mut guest,
+            true,
+            Some(&mut accept),
+            &dh2,
+        );
+        (res, guest.stop())
+    });
+    let proxy_uri: Uri = proxy.uri().parse().unwrap();
+    let e = Source::new(&src, &mut tracker, &mut vm, sh.clone())
+        .run_conn(connect(&proxy_uri).unwrap(), &mut |_| {
+            Ok(connect(&proxy_uri).map_err(std::io::Error::other)?.writer)
+        })
+        .unwrap_err();
+    assert!(!vm.is_paused(), "the source resumed its guest after: {e}");
+    assert_eq!(sh.stats().status, Status::Failed, "{e}");
+    drop(workload);
+    let (res, reads) = dest.join().unwrap();
+    let d = res.unwrap_err();
+    assert!(
+        !matches!(d, ReceiveError::SourceLost { .. }),
+        "the destination's copy never ran: {d}"
+    );
+    assert_eq!(reads, 0, "the destination guest never ran ({d})");
+    for seen in [&src_seen, &dst_seen] {
+        assert_eq!(count(seen, Status::PostcopyPaused), 0, "{:?}", seen);
+    }
+    assert!(proxy.has_cut());
+}
+
+#[test]
+fn a_cut_before_the_switch_record_fails_cleanly_with_recovery_on() {
+    // 200 bytes: the stream start and block list, long before DISCARD and
+    // POSTCOPY.
+    cut_before_go(Fault::CutForwardAt(200));
+}
+
+#[test]
+fn a_cut_right_after_the_switch_record_fails_cleanly_with_recovery_on() {
+    // The whole stream, POSTCOPY included, arrives; the cut takes LOADED.
+    cut_before_go(Fault::CutBeforeReply);
+}
+
+/// The stream start of a resumed connection: `flags`, a channel record
+/// (index, count, session) when given, the block list `list`, then
+/// `tail` (records written by the closure).
+fn resumed_stream(
+    flags: u16,
+    channel: Option<(u16, u16, u64)>,
+    list: &[(&str, u64)],
+    tail: impl FnOnce(&mut StreamWriter<Vec<u8>>),
+) -> crate::transport::BoxRead {
+    let mut w = StreamWriter::new(Vec::new(), flags);
+    if let Some((i, n, s)) = channel {
+        w.channel(i, n, s).unwrap();
+    }
+    let descs: Vec<BlockDesc> = list
+        .iter()
+        .map(|&(id, len)| BlockDesc { id: id.into(), len })
+        .collect();
+    w.block_list(&descs).unwrap();
+    w.section_end(0).unwrap();
+    tail(&mut w);
+    Box::new(std::io::Cursor::new(w.get_mut().clone()))
+}
+
+#[test]
+fn reopened_connections_are_checked_like_the_first_ones() {
+    use crate::stream::format::{FLAG_CHANNELS, FLAG_URGENT};
+    let mem = ProcessMemory::new(&layout()).unwrap();
+    let map = [0usize, 1];
+    let good = layout();
+    let session = 0x5e55;
+    let main = || {
+        resumed_stream(
+            FLAG_URGENT | FLAG_CHANNELS,
+            Some((0, 2, session)),
+            &good,
+            |_| {},
+        )
+    };
+    let urgent = || resumed_stream(0, None, &good, |_| {});
+    let channel = |i: u16, n: u16, s: u64, list: &[(&str, u64)], switch: bool| {
+        resumed_stream(FLAG_CHANNELS, Some((i, n, s)), list, |w| {
+            if !switch {
+                w.zero(0, 0).unwrap();
+            }
+            w.postcopy().unwrap();
+            w.section_end(1).unwrap();
+        })
+    };
+    let open = |conns: Vec<crate::transport::BoxRead>, with_accept: bool| {
+        let mut it = conns.into_iter();
+        let mut accept: crate::engine::handle::AcceptConnection = Box::new(move || {
+            it.next()
+                .ok_or_else(|| std::io::Error::other("no more connections"))
+        });
+        dest::open_resumed(main(), with_accept.then_some(&mut accept), &mem, &map)
+    };
+    // All of them, in the first connection's order.
+    let r = open(
+        vec![
+            urgent(),
+            channel(2, 2, session, &good, true),
+            channel(1, 2, session, &good, true),
+        ],
+        true,
+    )
+    .map_err(|e| e.to_string())
+    .unwrap();
+    assert!(r.urgent.is_some());
+    assert_eq!(r.channels.len(), 2);
+    // Refusals, each saying what is wrong.
+    let other = [("ram0", 8 * MIB), ("ram1", 8 * MIB)];
+    for (conns, with_accept, want) in [
+        (vec![], false, "given no listener"),
+        (vec![], true, "accepting the reopened urgent connection"),
+        (
+            vec![resumed_stream(0, None, &other, |_| {})],
+            true,
+            "urgent connection's block list differs",
+        ),
+        (
+            vec![urgent(), channel(1, 2, 7, &good, true)],
+            true,
+            "session 0x7 is not this recovery's (0x5e55)",
+        ),
+        (
+            vec![urgent(), channel(1, 3, session, &good, true)],
+            true,
+            "channel 1 of 3, the main connection declares 2",
+        ),
+        (
+            vec![
+                urgent(),
+                channel(1, 2, session, &good, true),
+                channel(1, 2, session, &good, true),
+            ],
+            true,
+            "page channel index 1 used twice",
+        ),
+        (
+            vec![urgent(), channel(1, 2, session, &other, true)],
+            true,
+            "block list differs",
+        ),
+        (
+            vec![urgent(), channel(1, 2, session, &good, false)],
+            true,
+            "must switch to postcopy before any page",
+        ),
+        (vec![urgent(), urgent()], true, "not a page channel"),
+    ] {
+        let e = match open(conns, with_accept) {
+            Ok(_) => panic!("accepted (wanted: {want})"),
+            Err(e) => e,
+        };
+        assert!(e.contains(want), "{e} (wanted {want})");
+    }
+    // The main connection's own block list is checked first.
+    let e = dest::open_resumed(resumed_stream(0, None, &other, |_| {}), None, &mem, &map)
+        .err()
+        .unwrap();
+    assert!(e.contains("block list differs from the migration's"), "{e}");
 }
 
 #[test]

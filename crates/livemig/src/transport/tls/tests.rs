@@ -24,9 +24,9 @@ fn accept_err(l: TlsListener) -> thread::JoinHandle<TlsError> {
     thread::spawn(move || l.accept().err().expect("the handshake must fail"))
 }
 
-fn handshake_parts(e: &TlsError) -> (&str, &str, &str) {
+fn handshake_parts(e: &TlsError) -> (&str, String, &str) {
     match e {
-        TlsError::Handshake { peer, reason, hint } => (peer, reason, hint),
+        TlsError::Handshake { peer, reason, hint } => (peer, reason.to_string(), hint),
         other => panic!("not a handshake error: {other}"),
     }
 }
@@ -61,7 +61,7 @@ fn bad_pem_contents_are_named() {
     std::fs::write(&files.key, &p.peers[0].2).unwrap();
     let e = TlsConfig::from_files(&files).unwrap_err();
     assert!(
-        matches!(&e, TlsError::Pem { what: "CA certificate", path, .. } if *path == files.ca),
+        matches!(&e, TlsError::Pem { what: "CA certificate", path, problem: PemProblem::NoCertificate } if *path == files.ca),
         "{e}"
     );
     assert!(e.to_string().contains("holds no certificate"), "{e}");
@@ -71,7 +71,7 @@ fn bad_pem_contents_are_named() {
     std::fs::write(&files.key, &p.peers[0].1).unwrap();
     let e = TlsConfig::from_files(&files).unwrap_err();
     assert!(
-        matches!(&e, TlsError::Pem { what: "private key", path, .. } if *path == files.key),
+        matches!(&e, TlsError::Pem { what: "private key", path, problem: PemProblem::NoKey } if *path == files.key),
         "{e}"
     );
 
@@ -181,6 +181,16 @@ fn destination_with_another_ca_is_refused() {
     assert_eq!(format!("tcp:{peer}"), uri.to_string());
     assert!(reason.contains("UnknownIssuer"), "{e}");
     assert!(hint.contains("signed by this side's CA"), "{e}");
+    assert!(
+        matches!(
+            &e,
+            TlsError::Handshake {
+                reason: HandshakeFailure::Tls(_),
+                ..
+            }
+        ),
+        "rustls's own error is kept: {e:?}"
+    );
     let e = server.join().unwrap();
     let (_, _, hint) = handshake_parts(&e);
     assert!(hint.contains("refused this side's certificate"), "{e}");

@@ -1,0 +1,182 @@
+//! Destination pages known to be zero: never written since the load began
+//! and empty before it, so a zero record for one needs no look at it.
+//!
+//! Checking that a page is zero before writing a zero record's page (so an
+//! idle guest's destination stays small) reads the page: 4 GiB of reads
+//! for an idle 4 GiB guest, the destination's largest cost then, and on
+//! memory shared with a file each read of a hole allocates a page.
+//! [`FreshZero`] asks the kernel once, when a load begins (before any of
+//! its writers runs), which pages hold data (`PAGEMAP_SCAN` for private
+//! anonymous memory, `SEEK_DATA` for a memory file); every other page is
+//! zero. A writer clears a page's bit before it writes data there, so a
+//! set bit always means the page is still zero. Writers on several
+//! threads (page channels) order their writes of one page through the
+//! epoch barrier, which also orders their bits.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::memory::{GuestMemory, RamBlock, PAGE_SIZE};
+
+/// One bit per page, per block: set = the page is zero and was not written
+/// since the look-up.
+pub(super) struct FreshZero {
+    blocks: Vec<Vec<AtomicU64>>,
+}
+
+impl FreshZero {
+    /// Knows nothing: every page must be looked at.
+    pub fn none() -> Self {
+        FreshZero { blocks: Vec::new() }
+    }
+
+    /// Asks the kernel which pages of `mem` hold data; the others are
+    /// known zero. A block the kernel cannot describe gets no bits. Call
+    /// it while nothing writes to `mem`.
+    pub fn look_up(mem: &dyn GuestMemory) -> Self {
+        let blocks = mem
+            .blocks()
+            .iter()
+            .map(|b| {
+                let pages = b.pages();
+                let words = pages.div_ceil(64) as usize;
+                match data_ranges(b) {
+                    Some(ranges) => {
+                        let mut bits = vec![u64::MAX; words];
+                        if pages % 64 != 0 {
+                            if let Some(last) = bits.last_mut() {
+                                *last = (1u64 << (pages % 64)) - 1;
+                            }
+                        }
+                        let ps = PAGE_SIZE as u64;
+                        for (a, e) in ranges {
+                            let first = a as u64 / ps;
+                            let end = (e as u64).div_ceil(ps).min(pages);
+                            for p in first..end {
+                                bits[(p / 64) as usize] &= !(1u64 << (p % 64));
+                            }
+                        }
+                        bits.into_iter().map(AtomicU64::new).collect()
+                    }
+                    None => Vec::new(),
+                }
+            })
+            .collect();
+        FreshZero { blocks }
+    }
+
+    /// True when page `offset` (bytes) of block `block` is known zero.
+    pub fn is_zero(&self, block: usize, offset: u64) -> bool {
+        let p = offset / PAGE_SIZE as u64;
+        self.blocks
+            .get(block)
+            .and_then(|w| w.get((p / 64) as usize))
+            .is_some_and(|w| w.load(Ordering::Acquire) & (1u64 << (p % 64)) != 0)
+    }
+
+    /// Data is about to be written at `offset` of block `block`: the page
+    /// is no longer known zero. Call it before the write.
+    pub fn written(&self, block: usize, offset: u64) {
+        let p = offset / PAGE_SIZE as u64;
+        if let Some(w) = self
+            .blocks
+            .get(block)
+            .and_then(|w| w.get((p / 64) as usize))
+        {
+            let bit = 1u64 << (p % 64);
+            if w.load(Ordering::Relaxed) & bit != 0 {
+                w.fetch_and(!bit, Ordering::AcqRel);
+            }
+        }
+    }
+
+    /// Pages known zero, over all blocks.
+    #[cfg(test)]
+    fn count(&self) -> u64 {
+        self.blocks
+            .iter()
+            .flatten()
+            .map(|w| u64::from(w.load(Ordering::Relaxed).count_ones()))
+            .sum()
+    }
+}
+
+/// Byte ranges (offsets in the block) that may hold data; `None` when the
+/// kernel cannot say for this memory.
+fn data_ranges(b: &RamBlock) -> Option<Vec<(usize, usize)>> {
+    let len = b.len();
+    match b.backing() {
+        Some(bk) => match crate::sys::residency::file_data(&bk.file, bk.offset, len) {
+            Ok(Some(v)) => Some(
+                v.into_iter()
+                    .map(|(a, e)| ((a - bk.offset) as usize, (e - bk.offset) as usize))
+                    .collect(),
+            ),
+            Ok(None) => None,
+            Err(e) => {
+                log::debug!("cannot tell which pages of the memory file hold data: {e}");
+                None
+            }
+        },
+        None => b.region().populated(0, len as usize),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::ProcessMemory;
+
+    const P: usize = PAGE_SIZE;
+
+    fn check(mem: &ProcessMemory, pages: usize, written: &[usize]) {
+        let r = mem.blocks()[0].region();
+        for &p in written {
+            assert!(r.write(p * P + 3, &[5]));
+        }
+        let f = FreshZero::look_up(mem);
+        if f.count() == 0 {
+            eprintln!("skipped: this kernel cannot say which pages hold data");
+            return;
+        }
+        for p in 0..pages {
+            assert_eq!(
+                f.is_zero(0, (p * P) as u64),
+                !written.contains(&p),
+                "page {p}"
+            );
+        }
+        // A page about to be written is no longer known zero; the others
+        // stay so.
+        f.written(0, (2 * P) as u64);
+        assert!(!f.is_zero(0, (2 * P) as u64));
+        assert!(f.is_zero(0, (3 * P) as u64));
+        assert_eq!(f.count() as usize, pages - written.len() - 1);
+        // Out of range: not known.
+        assert!(!f.is_zero(1, 0));
+        assert!(!f.is_zero(0, (pages * P) as u64));
+        f.written(5, 0);
+    }
+
+    #[test]
+    fn anonymous_pages_never_written_are_known_zero() {
+        let pages = 200;
+        // Anonymous huge pages are granted only where asked for
+        // (`madvise`), and this memory does not ask: 4 KiB pages.
+        let mem = ProcessMemory::single((pages * P) as u64).unwrap();
+        check(&mem, pages, &[0, 70, 199]);
+    }
+
+    #[test]
+    fn holes_of_a_memory_file_are_known_zero() {
+        let pages = 130;
+        let mem = ProcessMemory::new_memfd(&[("ram", (pages * P) as u64)]).unwrap();
+        check(&mem, pages, &[1, 64, 129]);
+    }
+
+    #[test]
+    fn knowing_nothing_says_nothing_is_zero() {
+        let f = FreshZero::none();
+        assert!(!f.is_zero(0, 0));
+        f.written(0, 0);
+    }
+}
