@@ -292,7 +292,8 @@ fn setup(
     dst_sock: &Path,
 ) -> Result<()> {
     let postcopy = matches!(case.variant, Variant::Postcopy(_));
-    let preempt = case.variant == Variant::Postcopy(Switch::AfterFirstPassPreempt);
+    let preempt = matches!(case.variant, Variant::Postcopy(s) if s.preempt());
+    let pc_channels = case.variant == Variant::Postcopy(Switch::AutoChannels);
     if postcopy {
         exec(
             dc,
@@ -314,7 +315,7 @@ fn setup(
             {"capability": "xbzrle", "state": case.variant == Variant::Xbzrle},
             {"capability": "auto-converge", "state": case.variant == Variant::AutoConverge},
             {"capability": "x-livemig-verify", "state": false},
-            {"capability": "multifd", "state": matches!(case.variant, Variant::Channels(_))},
+            {"capability": "multifd", "state": matches!(case.variant, Variant::Channels(_)) || pc_channels},
             {"capability": "dirty-limit", "state": matches!(case.variant, Variant::DirtyLimit(_))},
         ]}),
     )?;
@@ -336,7 +337,7 @@ fn setup(
     });
     if let Some(p) = params.as_object_mut() {
         p.extend(case.throttle_params());
-        if case.variant == Variant::Postcopy(Switch::Auto) {
+        if matches!(case.variant, Variant::Postcopy(s) if s.is_auto()) {
             p.insert("x-livemig-postcopy-switchover".into(), "auto".into());
         }
     }

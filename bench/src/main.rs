@@ -220,6 +220,8 @@ fn cases(
     for dt in [300, 30] {
         for sw in [
             Switch::Auto,
+            Switch::AutoChannels,
+            Switch::AutoUrgent,
             Switch::AfterFirstPass,
             Switch::AfterFirstPassPreempt,
             Switch::Immediately,

@@ -47,6 +47,25 @@ pub enum Switch {
     /// livemig's `x-livemig-postcopy-switchover: auto` (`--postcopy`): the
     /// engine switches when precopy stops making progress.
     Auto,
+    /// The same with 2 page channels (background pages on them).
+    AutoChannels,
+    /// The same with the urgent connection (`postcopy-preempt`).
+    AutoUrgent,
+}
+
+impl Switch {
+    /// livemig's own switch (`auto`), whatever the connections.
+    pub fn is_auto(self) -> bool {
+        matches!(
+            self,
+            Switch::Auto | Switch::AutoChannels | Switch::AutoUrgent
+        )
+    }
+
+    /// Requested pages on a connection of their own.
+    pub fn preempt(self) -> bool {
+        matches!(self, Switch::AfterFirstPassPreempt | Switch::AutoUrgent)
+    }
 }
 
 impl std::fmt::Display for Variant {
@@ -63,6 +82,8 @@ impl std::fmt::Display for Variant {
             }
             Variant::Postcopy(Switch::Immediately) => write!(f, "pure postcopy"),
             Variant::Postcopy(Switch::Auto) => write!(f, "postcopy auto"),
+            Variant::Postcopy(Switch::AutoChannels) => write!(f, "postcopy auto channels=2"),
+            Variant::Postcopy(Switch::AutoUrgent) => write!(f, "postcopy auto+urgent"),
         }
     }
 }
@@ -107,7 +128,7 @@ impl Case {
     /// switch against QEMU's manual ones.
     pub fn systems(&self) -> &'static [&'static str] {
         match self.variant {
-            Variant::Postcopy(Switch::Auto) => &["livemig"],
+            Variant::Postcopy(s) if s.is_auto() => &["livemig"],
             Variant::Postcopy(_) => &["qemu"],
             _ => &["qemu", "livemig"],
         }

@@ -696,13 +696,15 @@ fn postcopy_cut_with_page_channels_and_urgent_is_recovered_on_all_connections() 
 
 #[test]
 fn postcopy_cut_is_recovered_with_resume_to_and_recover_on() {
-    // Through a proxy that cuts the main connection 4 MiB into postcopy
-    // (16 MiB of random memory go first); both sides pause, the
+    // Through a proxy that cuts the main connection during postcopy (16
+    // MiB of random memory at 8 MiB/s; `auto` switches within the first
+    // pass, a few hundred ms in, so the cut lands in the push); both
+    // sides pause, the
     // destination listens on --recover-on, the source reconnects there
     // (--resume-to) and the migration completes with the same memory.
     // A cut that lands before the switch fails the run (no recovery in
     // precopy): tried again, later.
-    for (attempt, cut) in [20u64 << 20, 24 << 20, 28 << 20].into_iter().enumerate() {
+    for (attempt, cut) in [6u64 << 20, 9 << 20, 12 << 20].into_iter().enumerate() {
         let addr = free_addr();
         let rec = format!("tcp:{}", free_addr());
         let mut dest = postcopy_dest(addr, &["--recover-on", &rec]);

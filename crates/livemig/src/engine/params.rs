@@ -20,8 +20,11 @@ pub enum Switchover {
     Manual,
     /// Also by itself: when a sync after the bulk stage finds the remaining
     /// set no smaller than what the previous one left (precopy does not
-    /// converge), and at stop-and-copy whenever what is left would not fit
-    /// the downtime limit.
+    /// converge); when two syncs in a row predict that precopy would re-send
+    /// at least an eighth of guest memory before it could finish (syncs
+    /// every 50 ms in the first pass measure it early; see
+    /// `engine/postcopy/switchover.rs`); and at stop-and-copy whenever what
+    /// is left would not fit the downtime limit.
     Auto,
 }
 

@@ -17,6 +17,7 @@ use super::handle::Reconnect;
 use super::handle::{MigrationHandle, SyncPoint};
 use super::pacing::{Pacing, PauseInputs};
 use super::params::{Params, ParamsError, Switchover};
+use super::postcopy::switchover::{AutoSwitch, PROBE_PERIOD};
 use super::postcopy::{
     check_request, BitmapAssembler, FaultReport, Message, MessageReader, PostcopyError, PUSH_WINDOW,
 };
@@ -341,6 +342,9 @@ struct RamSaver<'a> {
     stalls: u32,
     /// Pages left after the previous sync, or sent since it.
     prev_remaining: Option<u64>,
+    /// Postcopy `auto`: the prediction of what precopy would re-send
+    /// (see `postcopy/switchover.rs`).
+    auto_switch: AutoSwitch,
     /// Bytes per second the set left grew by at the last switch-over
     /// sync (see `shrink.rs`); `None` before it.
     growth: Option<f64>,
@@ -419,6 +423,7 @@ impl<'a> RamSaver<'a> {
             epoch: 0,
             stalls: 0,
             prev_remaining: None,
+            auto_switch: AutoSwitch::default(),
             growth: None,
             postcopy_requests: 0,
             pc_pushed: 0,
@@ -591,10 +596,11 @@ impl<'a> RamSaver<'a> {
                 if self.pause_fits() && !self.keeps_shrinking() {
                     break;
                 }
-            } else if self.throttle > 0
+            } else if (self.throttle > 0
                 && !self.search.is_bulk()
                 && self.last_sync.elapsed()
-                    >= Duration::from_millis(self.params.throttle_sync_period)
+                    >= Duration::from_millis(self.params.throttle_sync_period))
+                || self.probe_due()
             {
                 self.sync(tracker)?;
                 self.barrier(&mut w)?;
@@ -716,12 +722,49 @@ impl<'a> RamSaver<'a> {
     }
 
     /// Whether to leave precopy for postcopy now: asked by command, or
-    /// (`auto`) precopy stopped making progress.
+    /// (`auto`) precopy stopped making progress: a sync after the first
+    /// pass left no fewer pages than the one before, or two syncs in a row
+    /// predicted that precopy would re-send at least an eighth of memory
+    /// (see `postcopy/switchover.rs`).
     fn postcopy_wanted(&self) -> bool {
         let p = &self.params;
         p.postcopy_ram
             && (self.handle.postcopy_requested()
-                || (p.postcopy_switchover == Switchover::Auto && self.stalls >= AUTO_STALLS))
+                || (p.postcopy_switchover == Switchover::Auto
+                    && (self.stalls >= AUTO_STALLS || self.auto_switch.wants_switch())))
+    }
+
+    /// True for postcopy `auto`.
+    fn auto_postcopy(&self) -> bool {
+        self.params.postcopy_ram && self.params.postcopy_switchover == Switchover::Auto
+    }
+
+    /// Postcopy `auto` measures the guest's dirty rate during the first
+    /// pass too: a sync every [`PROBE_PERIOD`] once the link was measured
+    /// (precopy alone syncs only near the pass's end).
+    fn probe_due(&self) -> bool {
+        self.auto_postcopy()
+            && self.search.is_bulk()
+            && self.last_sync.elapsed() >= PROBE_PERIOD
+            && self.pacing.conservative_bandwidth() > 0.0
+    }
+
+    /// Bytes/s precopy has sent at since the setup (0 before the first
+    /// step).
+    fn average_bandwidth(&self) -> f64 {
+        let since = self
+            .started
+            .elapsed()
+            .saturating_sub(Duration::from_millis(self.setup_time));
+        if since.is_zero() {
+            return 0.0;
+        }
+        self.transferred as f64 / since.as_secs_f64()
+    }
+
+    /// Pages of guest memory.
+    fn guest_pages(&self) -> u64 {
+        self.blocks.iter().map(RamBlock::pages).sum()
     }
 
     /// The switch and postcopy (see `engine/postcopy/mod.rs`): the guest is
@@ -1446,6 +1489,12 @@ impl<'a> RamSaver<'a> {
                 self.stalls = 0;
             }
             self.prev_remaining = Some(left);
+        }
+        if self.auto_postcopy() {
+            let left = self.remaining_bytes() / PAGE_SIZE as u64;
+            let (n, bw) = (self.guest_pages(), self.average_bandwidth());
+            self.auto_switch
+                .sync(&self.fresh, t - self.last_sync, n, left, bw);
         }
         // Chunks with dirty pages must be cleared (re-protected) before
         // their pages go out again.

@@ -118,6 +118,7 @@
 
 pub(crate) mod dest;
 mod histogram;
+pub(crate) mod switchover;
 
 use std::io::{self, Read, Write};
 

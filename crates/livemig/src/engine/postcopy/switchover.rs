@@ -1,0 +1,337 @@
+//! When `postcopy-switchover=auto` leaves precopy early: a prediction of
+//! what precopy would still re-send, made at each dirty sync.
+//!
+//! Precopy pays for every page the guest writes after it was sent: the
+//! page goes again. Postcopy, switched now, sends every page still to send
+//! exactly once. So once precopy is known to re-send a large share of
+//! guest memory before it could finish, waiting only costs time and bytes
+//! (a guest that rewrites all of its memory faster than a round takes
+//! never converges; one that rewrites it at a third of the link's rate
+//! converges, but only after re-sending more than it had left).
+//!
+//! The prediction, at a sync (see [`Prediction`]):
+//!
+//! - the **dirty rate** `r`: pages the sync reported that the previous
+//!   sync did not (the dirty set's growth), over the time between the two.
+//!   A hot region rewritten again and again is reported at both and does
+//!   not count after its first sync; a writer sweeping memory, or writing
+//!   all over it, counts in full. (A tracker whose log starts all set
+//!   reports its untouched chunks at every sync: they too count once.)
+//! - the share of a round the guest dirties again while it is sent:
+//!   `ρ = r · 4 KiB / B`, with `B` the average rate precopy has sent at;
+//! - what precopy would still re-send before the remaining set `R` is gone:
+//!   `R·ρ + R·ρ² + … = R·ρ / (1 − ρ)` pages (unbounded when `ρ ≥ 1`:
+//!   precopy cannot converge).
+//!
+//! **Rule**: `auto` switches when the predicted re-send is at least
+//! [`RESEND_SHARE`] of guest memory at [`STREAK`] syncs in a row (a single
+//! sync's burst, such as a hot set's first report, is not enough). To know
+//! early, an `auto` source syncs every [`PROBE_PERIOD`] during the first
+//! pass (bulk stage), where precopy alone syncs only near the pass's end.
+//! This extends "precopy stops making progress" (the remaining set does
+//! not shrink over a sync, checked after the first pass) to "precopy's
+//! progress is predicted to cost at least an eighth of memory again"; the
+//! check at stop-and-copy time (the pause would not fit the downtime
+//! limit) is unchanged.
+
+use std::time::Duration;
+
+use crate::bitmap::DirtyBitmap;
+use crate::memory::PAGE_SIZE;
+
+/// How often an `auto` source syncs during the first pass, to measure the
+/// guest's dirty rate early.
+pub(crate) const PROBE_PERIOD: Duration = Duration::from_millis(50);
+/// `auto` switches when precopy is predicted to re-send at least this share
+/// of guest memory.
+pub(crate) const RESEND_SHARE: f64 = 1.0 / 8.0;
+/// Consecutive syncs that must predict it.
+pub(crate) const STREAK: u32 = 2;
+
+/// What one dirty sync tells about precopy's future.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct SyncSample {
+    /// Pages of guest memory.
+    pub guest_pages: u64,
+    /// Pages still to send after the sync.
+    pub remaining_pages: u64,
+    /// Pages the sync reported that the previous one did not.
+    pub new_pages: u64,
+    /// Time since the previous sync.
+    pub interval: Duration,
+    /// Bytes/s precopy sends at (0: not measured yet).
+    pub bandwidth: f64,
+}
+
+/// The prediction made from one [`SyncSample`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct Prediction {
+    /// The guest's dirty rate as precopy feels it, pages/s.
+    pub dirty_rate: f64,
+    /// Share of a round dirtied again while it is sent.
+    pub ratio: f64,
+    /// Pages precopy would still re-send (infinite: never converges).
+    pub resend_pages: f64,
+}
+
+impl Prediction {
+    /// `None` when the sample cannot tell (link or interval unmeasured).
+    pub fn from(s: &SyncSample) -> Option<Prediction> {
+        if s.bandwidth <= 0.0 || s.interval.is_zero() || s.guest_pages == 0 {
+            return None;
+        }
+        let dirty_rate = s.new_pages as f64 / s.interval.as_secs_f64();
+        let ratio = dirty_rate * PAGE_SIZE as f64 / s.bandwidth;
+        let resend_pages = if ratio >= 1.0 {
+            f64::INFINITY
+        } else {
+            s.remaining_pages as f64 * ratio / (1.0 - ratio)
+        };
+        Some(Prediction {
+            dirty_rate,
+            ratio,
+            resend_pages,
+        })
+    }
+
+    /// Precopy would re-send at least [`RESEND_SHARE`] of `guest_pages`.
+    pub fn wasteful(&self, guest_pages: u64) -> bool {
+        self.resend_pages >= guest_pages as f64 * RESEND_SHARE
+    }
+}
+
+/// Pages set in `fresh` and not in `prev` (per block; a block `prev` lacks
+/// counts whole).
+pub(crate) fn new_pages(prev: &[DirtyBitmap], fresh: &[DirtyBitmap]) -> u64 {
+    fresh
+        .iter()
+        .enumerate()
+        .map(|(b, f)| match prev.get(b).filter(|p| p.len() == f.len()) {
+            Some(p) => f
+                .words()
+                .iter()
+                .zip(p.words())
+                .map(|(x, y)| u64::from((x & !y).count_ones()))
+                .sum(),
+            None => f.count(),
+        })
+        .sum()
+}
+
+/// The `auto` rule's state across syncs: the previous harvest and the
+/// streak of syncs that predicted a wasteful precopy.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct AutoSwitch {
+    prev: Vec<DirtyBitmap>,
+    streak: u32,
+    /// The last sync's prediction.
+    last: Option<Prediction>,
+}
+
+impl AutoSwitch {
+    /// A sync harvested `fresh`, `interval` after the previous one; what
+    /// precopy sent so far went at `bandwidth` bytes/s and `remaining` of
+    /// `guest_pages` pages are to send after it. Returns the prediction.
+    pub fn sync(
+        &mut self,
+        fresh: &[DirtyBitmap],
+        interval: Duration,
+        guest_pages: u64,
+        remaining: u64,
+        bandwidth: f64,
+    ) -> Option<Prediction> {
+        let s = SyncSample {
+            guest_pages,
+            remaining_pages: remaining,
+            new_pages: new_pages(&self.prev, fresh),
+            interval,
+            bandwidth,
+        };
+        self.prev.resize_with(fresh.len(), || DirtyBitmap::new(0));
+        for (p, f) in self.prev.iter_mut().zip(fresh) {
+            if p.len() == f.len() {
+                p.copy_from(f);
+            } else {
+                *p = f.clone();
+            }
+        }
+        self.observe(&s)
+    }
+
+    /// Counts one sample into the streak.
+    fn observe(&mut self, s: &SyncSample) -> Option<Prediction> {
+        let p = Prediction::from(s);
+        match p {
+            Some(p) if p.wasteful(s.guest_pages) => self.streak += 1,
+            Some(_) => self.streak = 0,
+            // Nothing measured: the streak neither grows nor breaks.
+            None => {}
+        }
+        self.last = p;
+        p
+    }
+
+    /// True once [`STREAK`] syncs in a row predicted a wasteful precopy.
+    pub fn wants_switch(&self) -> bool {
+        self.streak >= STREAK
+    }
+
+    /// The last sync's prediction.
+    #[allow(dead_code)]
+    pub fn last(&self) -> Option<Prediction> {
+        self.last
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GIB_PAGES: u64 = (1 << 30) / PAGE_SIZE as u64;
+    /// 3 GB/s.
+    const BW: f64 = 3e9;
+    const PROBE: Duration = PROBE_PERIOD;
+
+    fn sample(new: u64, remaining: u64) -> SyncSample {
+        SyncSample {
+            guest_pages: GIB_PAGES,
+            remaining_pages: remaining,
+            new_pages: new,
+            interval: PROBE,
+            bandwidth: BW,
+        }
+    }
+
+    /// A harvest with pages `[first, first + n)` set (one 1 GiB block).
+    fn harvest(first: u64, n: u64) -> Vec<DirtyBitmap> {
+        let mut b = DirtyBitmap::new(GIB_PAGES);
+        for p in first..first + n {
+            b.set(p % GIB_PAGES);
+        }
+        vec![b]
+    }
+
+    #[test]
+    fn a_writer_sweeping_all_memory_at_a_third_of_the_link_switches_at_the_second_probe() {
+        // 1 GiB guest writing 262144 pages/s (~1 GB/s) in order; the bulk
+        // stage sends 3 GB/s.
+        let per_probe = (GIB_PAGES as f64 * PROBE.as_secs_f64()) as u64;
+        let mut a = AutoSwitch::default();
+        let mut writer = 5000;
+        let mut switched_at = None;
+        for k in 1..=4u64 {
+            let fresh = harvest(writer, per_probe);
+            writer += per_probe;
+            let sent = 36_600 * k;
+            let p = a
+                .sync(&fresh, PROBE, GIB_PAGES, GIB_PAGES - sent, BW)
+                .unwrap();
+            assert!(
+                (p.dirty_rate / GIB_PAGES as f64 - 1.0).abs() < 0.01,
+                "{p:?}"
+            );
+            assert!((p.ratio - 0.358).abs() < 0.01, "{p:?}");
+            if a.wants_switch() && switched_at.is_none() {
+                switched_at = Some(k);
+            }
+        }
+        assert_eq!(switched_at, Some(2));
+    }
+
+    #[test]
+    fn a_dirty_rate_above_the_link_never_converges() {
+        // 2x the link's pages per second.
+        let link_pages = BW / PAGE_SIZE as f64 * PROBE.as_secs_f64();
+        let p = Prediction::from(&sample((2.0 * link_pages) as u64, 10)).unwrap();
+        assert!((p.ratio - 2.0).abs() < 1e-3, "{p:?}");
+        assert!(p.resend_pages.is_infinite());
+        assert!(p.wasteful(GIB_PAGES));
+    }
+
+    #[test]
+    fn the_predicted_resend_is_the_geometric_sum_of_rounds() {
+        // ρ = 0.5: R·ρ/(1-ρ) = R.
+        let link_pages = BW / PAGE_SIZE as f64 * PROBE.as_secs_f64();
+        let p = Prediction::from(&sample((0.5 * link_pages) as u64, 1000)).unwrap();
+        assert!((p.ratio - 0.5).abs() < 1e-3, "{p:?}");
+        assert!((p.resend_pages - 1000.0).abs() < 5.0, "{p:?}");
+        // 1000 pages are far from an eighth of 1 GiB...
+        assert!(!p.wasteful(GIB_PAGES));
+        // ...half of it is not.
+        let p = Prediction::from(&sample((0.5 * link_pages) as u64, GIB_PAGES / 2)).unwrap();
+        assert!(p.wasteful(GIB_PAGES));
+    }
+
+    #[test]
+    fn an_idle_or_slow_guest_stays_in_precopy() {
+        let mut a = AutoSwitch::default();
+        for k in 0..20 {
+            // 50 new pages per 50 ms: 4 MB/s against 3 GB/s.
+            let fresh = harvest(k * 50, 50);
+            a.sync(&fresh, PROBE, GIB_PAGES, GIB_PAGES / 2, BW);
+            assert!(!a.wants_switch(), "{:?}", a.last());
+        }
+    }
+
+    #[test]
+    fn a_hot_set_counts_once_and_does_not_switch() {
+        // A 100 MB region rewritten every 10 ms: every probe reports all
+        // of it; only the first sees it as new.
+        let hot = 25_600;
+        let mut a = AutoSwitch::default();
+        let p = a
+            .sync(&harvest(1000, hot), PROBE, GIB_PAGES, GIB_PAGES, BW)
+            .unwrap();
+        assert!(p.wasteful(GIB_PAGES), "{p:?}");
+        for k in 2..20 {
+            let p = a
+                .sync(&harvest(1000, hot), PROBE, GIB_PAGES, GIB_PAGES, BW)
+                .unwrap();
+            assert_eq!(p.dirty_rate, 0.0, "sync {k}");
+            assert!(!a.wants_switch(), "sync {k}: {p:?}");
+        }
+    }
+
+    #[test]
+    fn nothing_is_predicted_before_the_link_is_measured() {
+        let mut a = AutoSwitch {
+            streak: 1,
+            ..AutoSwitch::default()
+        };
+        let fresh = harvest(0, 10_000);
+        assert_eq!(a.sync(&fresh, PROBE, GIB_PAGES, GIB_PAGES, 0.0), None);
+        assert_eq!(
+            a.sync(&fresh, Duration::ZERO, GIB_PAGES, GIB_PAGES, BW),
+            None
+        );
+        // Unknown: the streak is kept as it was.
+        assert_eq!(a.streak, 1);
+        assert!(!a.wants_switch());
+    }
+
+    #[test]
+    fn the_streak_breaks_on_a_sync_that_predicts_convergence() {
+        let mut a = AutoSwitch::default();
+        let fast = sample(20_000, GIB_PAGES / 2);
+        let calm = sample(0, GIB_PAGES / 2);
+        a.observe(&fast);
+        assert!(!a.wants_switch());
+        a.observe(&calm);
+        a.observe(&fast);
+        assert!(!a.wants_switch());
+        a.observe(&fast);
+        assert!(a.wants_switch());
+    }
+
+    #[test]
+    fn new_pages_are_those_the_previous_harvest_lacks() {
+        let prev = harvest(0, 100);
+        let fresh = harvest(50, 100);
+        assert_eq!(new_pages(&prev, &fresh), 50);
+        // No previous harvest: all of it.
+        assert_eq!(new_pages(&[], &fresh), 100);
+        // A block whose size changed counts whole.
+        let other = vec![DirtyBitmap::new(64)];
+        assert_eq!(new_pages(&other, &fresh), 100);
+    }
+}
