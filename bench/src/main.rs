@@ -44,7 +44,8 @@ struct Cli {
     #[arg(long)]
     json: bool,
     /// Rewrite the comparison section of this Markdown file (between
-    /// `<!-- qemu-comparison:begin -->` and `<!-- qemu-comparison:end -->`).
+    /// `<!-- qemu-comparison:begin -->` and `<!-- qemu-comparison:end -->`;
+    /// a file that does not exist is created).
     #[arg(long)]
     write_benchmarks: Option<PathBuf>,
     /// The section of that file to rewrite: between `<!-- NAME:begin -->`
@@ -498,8 +499,12 @@ fn run_cli(cli: Cli) -> Result<bool> {
         }
     }
     if let Some(path) = &cli.write_benchmarks {
-        let doc =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        // A file that does not exist yet starts empty: the section is
+        // appended to it (not an error found only after the whole run).
+        let doc = match std::fs::read_to_string(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            r => r.with_context(|| format!("reading {}", path.display()))?,
+        };
         let mut command = "cargo run --release -p livemig-harness --".to_string();
         if cli.quick {
             command += " --quick";

@@ -439,6 +439,21 @@ impl Bucket {
     }
 }
 
+/// Starts one of the VM's threads, named `name`; a failure names `what`.
+fn spawn(
+    name: String,
+    what: &str,
+    f: impl FnOnce() + Send + 'static,
+) -> Result<JoinHandle<()>, VmError> {
+    std::thread::Builder::new()
+        .name(name)
+        .spawn(f)
+        .map_err(|source| VmError::Io {
+            what: format!("spawning {what}"),
+            source,
+        })
+}
+
 fn vcpu_thread(sh: Arc<Shared>, i: usize) {
     *lock(&sh.vcpus[i].thread) = Some(sys::current_thread());
     let slot = &sh.vcpus[i];
@@ -904,58 +919,37 @@ impl Vm {
         let mut threads = Vec::new();
         for i in 0..shared.vcpus.len() {
             let sh = shared.clone();
-            let t = std::thread::Builder::new()
-                .name(format!("vcpu{i}"))
-                .spawn(move || vcpu_thread(sh, i))
-                .map_err(|source| VmError::Io {
-                    what: "spawning a vCPU thread".into(),
-                    source,
-                })?;
-            threads.push(t);
+            threads.push(spawn(format!("vcpu{i}"), "a vCPU thread", move || {
+                vcpu_thread(sh, i)
+            })?);
         }
         let sh = shared.clone();
-        threads.push(
-            std::thread::Builder::new()
-                .name("throttle".into())
-                .spawn(move || throttle_thread(sh))
-                .map_err(|source| VmError::Io {
-                    what: "spawning the throttle thread".into(),
-                    source,
-                })?,
-        );
+        threads.push(spawn(
+            "throttle".into(),
+            "the throttle thread",
+            move || throttle_thread(sh),
+        )?);
         let sh = shared.clone();
-        threads.push(
-            std::thread::Builder::new()
-                .name("stop-probe".into())
-                .spawn(move || probe_thread(sh))
-                .map_err(|source| VmError::Io {
-                    what: "spawning the vCPU stop probe".into(),
-                    source,
-                })?,
-        );
+        threads.push(spawn(
+            "stop-probe".into(),
+            "the vCPU stop probe",
+            move || probe_thread(sh),
+        )?);
         if let Some(clock) = shared.config.clock_page {
             let sh = shared.clone();
-            threads.push(
-                std::thread::Builder::new()
-                    .name("clock-page".into())
-                    .spawn(move || clock_thread(sh, clock))
-                    .map_err(|source| VmError::Io {
-                        what: "spawning the clock page device".into(),
-                        source,
-                    })?,
-            );
+            threads.push(spawn(
+                "clock-page".into(),
+                "the clock page device",
+                move || clock_thread(sh, clock),
+            )?);
         }
         if ring_entries != 0 {
             let sh = shared.clone();
-            threads.push(
-                std::thread::Builder::new()
-                    .name("dirty-limit-reaper".into())
-                    .spawn(move || crate::dirtylimit::reaper_thread(sh))
-                    .map_err(|source| VmError::Io {
-                        what: "spawning the dirty-limit reaper".into(),
-                        source,
-                    })?,
-            );
+            threads.push(spawn(
+                "dirty-limit-reaper".into(),
+                "the dirty-limit reaper",
+                move || crate::dirtylimit::reaper_thread(sh),
+            )?);
         }
         let vm = Vm {
             shared,

@@ -575,12 +575,7 @@ fn run_postcopy_tcp(
     let dest = thread::spawn(move || {
         let inc = listener.accept().unwrap();
         let mut guest = TouchGuest::new(&dst2);
-        let mut accept = || -> std::io::Result<Box<dyn std::io::Read + Send>> {
-            listener
-                .accept()
-                .map(|i| i.reader)
-                .map_err(std::io::Error::other)
-        };
+        let mut accept = further_connections(&listener);
         let res = receive(
             &dst2,
             inc.reader,
@@ -819,6 +814,19 @@ fn destination_without_postcopy_refuses_the_switch() {
 // ---------------------------------------------------------------------------
 // Recovery: a connection cut during postcopy, then a new one.
 
+/// Accepts a migration's further connections (urgent, page channels) on
+/// `listener`, as the destination's `accept` callback.
+fn further_connections(
+    listener: &crate::transport::Listener,
+) -> impl FnMut() -> std::io::Result<Box<dyn std::io::Read + Send>> + '_ {
+    move || {
+        listener
+            .accept()
+            .map(|i| i.reader)
+            .map_err(std::io::Error::other)
+    }
+}
+
 fn tcp_listener() -> (crate::transport::Listener, std::net::SocketAddr) {
     let l = crate::transport::Listener::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
     let crate::transport::Uri::Tcp(a) = l.local_uri() else {
@@ -945,12 +953,7 @@ fn run_cut(cut: Cut) -> Recovered {
         // Paced: the background push, not the guest's requests, carries
         // most pages (on the page channels when there are some).
         let mut guest = TouchGuest::paced(&dst2, Duration::from_millis(1));
-        let mut accept = || -> std::io::Result<Box<dyn std::io::Read + Send>> {
-            listener
-                .accept()
-                .map(|i| i.reader)
-                .map_err(std::io::Error::other)
-        };
+        let mut accept = further_connections(&listener);
         let res = receive_recoverable(
             &dst2,
             inc.reader,
@@ -1316,12 +1319,7 @@ fn cut_before_go(fault: Fault) {
     let dest = thread::spawn(move || {
         let inc = listener.accept().unwrap();
         let mut guest = TouchGuest::new(&dst2);
-        let mut accept = || -> std::io::Result<Box<dyn std::io::Read + Send>> {
-            listener
-                .accept()
-                .map(|i| i.reader)
-                .map_err(std::io::Error::other)
-        };
+        let mut accept = further_connections(&listener);
         let res = receive_recoverable(
             &dst2,
             inc.reader,
