@@ -260,14 +260,19 @@ impl Shared {
             if start.elapsed() > PAUSE_TIMEOUT {
                 return Err(VmError::PauseTimeout(PAUSE_TIMEOUT));
             }
-            drop(ctl);
-            self.kick_all();
-            ctl = self
-                .cond
-                .wait_timeout(lock(&self.ctl), Duration::from_millis(2))
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            ctl = self.kick_and_wait(ctl);
         }
+    }
+
+    /// Kicks every vCPU out of the guest, then waits up to 2 ms for one
+    /// of them to report (pause and stop probe alike).
+    fn kick_and_wait<'a>(&'a self, ctl: MutexGuard<'a, Ctl>) -> MutexGuard<'a, Ctl> {
+        drop(ctl);
+        self.kick_all();
+        self.cond
+            .wait_timeout(lock(&self.ctl), Duration::from_millis(2))
+            .unwrap_or_else(|e| e.into_inner())
+            .0
     }
 
     pub(crate) fn resume(&self) {
@@ -297,13 +302,7 @@ impl Shared {
             if ctl.probe_acks >= running {
                 break Some(start.elapsed());
             }
-            drop(ctl);
-            self.kick_all();
-            ctl = self
-                .cond
-                .wait_timeout(lock(&self.ctl), Duration::from_millis(2))
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            ctl = self.kick_and_wait(ctl);
         };
         ctl.probing = false;
         took
