@@ -165,33 +165,24 @@ impl DirtyBitmap {
 
     /// The first set bit at or after `from`, if any.
     pub fn next_set(&self, from: u64) -> Option<u64> {
-        if from >= self.bits {
-            return None;
-        }
-        let mut wi = (from / 64) as usize;
-        let mut w = self.words[wi] & (u64::MAX << (from % 64));
-        loop {
-            if w != 0 {
-                let i = wi as u64 * 64 + u64::from(w.trailing_zeros());
-                return (i < self.bits).then_some(i);
-            }
-            wi += 1;
-            if wi >= self.words.len() {
-                return None;
-            }
-            w = self.words[wi];
-        }
+        self.first_from(from, |wi| self.words[wi])
     }
 
     /// The first bit at or after `from` that is set here and clear in
     /// `except` (bits past `except`'s end count as clear there).
     pub fn next_set_except(&self, from: u64, except: &DirtyBitmap) -> Option<u64> {
+        let other = |wi: usize| except.words.get(wi).copied().unwrap_or(0);
+        self.first_from(from, |wi| self.words[wi] & !other(wi))
+    }
+
+    /// The first bit at or after `from` set in `word(i)`, the bitmap's
+    /// i-th word as the caller sees it.
+    fn first_from(&self, from: u64, word: impl Fn(usize) -> u64) -> Option<u64> {
         if from >= self.bits {
             return None;
         }
-        let other = |wi: usize| except.words.get(wi).copied().unwrap_or(0);
         let mut wi = (from / 64) as usize;
-        let mut w = self.words[wi] & !other(wi) & (u64::MAX << (from % 64));
+        let mut w = word(wi) & (u64::MAX << (from % 64));
         loop {
             if w != 0 {
                 let i = wi as u64 * 64 + u64::from(w.trailing_zeros());
@@ -201,7 +192,7 @@ impl DirtyBitmap {
             if wi >= self.words.len() {
                 return None;
             }
-            w = self.words[wi] & !other(wi);
+            w = word(wi);
         }
     }
 
