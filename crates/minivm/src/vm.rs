@@ -476,15 +476,17 @@ fn vcpu_thread(sh: Arc<Shared>, i: usize) {
                 return;
             }
             let active = slot.active.load(Ordering::Acquire);
+            let probe_due = ctl.probing && ctl.probe != slot.probe_answered.load(Ordering::Relaxed);
+            if (ctl.pause || !active || probe_due) && pending_io {
+                // Complete the in/out first: a pause parks with a consistent
+                // saved state, and a probe answers where a pause would park.
+                drop(ctl);
+                f.set_kvm_immediate_exit(1);
+                let _ = f.run();
+                pending_io = false;
+                continue;
+            }
             if ctl.pause || !active {
-                if pending_io {
-                    // Complete the in/out so the saved state is consistent.
-                    drop(ctl);
-                    f.set_kvm_immediate_exit(1);
-                    let _ = f.run();
-                    pending_io = false;
-                    continue;
-                }
                 fd = None;
                 ctl.parked += 1;
                 sh.cond.notify_all();
@@ -495,15 +497,8 @@ fn vcpu_thread(sh: Arc<Shared>, i: usize) {
                 ring_full = None;
                 continue;
             }
-            if ctl.probing && ctl.probe != slot.probe_answered.load(Ordering::Relaxed) {
+            if probe_due {
                 // Where a pause would park: answer, then run on.
-                if pending_io {
-                    drop(ctl);
-                    f.set_kvm_immediate_exit(1);
-                    let _ = f.run();
-                    pending_io = false;
-                    continue;
-                }
                 slot.probe_answered.store(ctl.probe, Ordering::Relaxed);
                 ctl.probe_acks += 1;
                 sh.cond.notify_all();
