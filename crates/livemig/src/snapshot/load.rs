@@ -6,8 +6,7 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use super::format::{zero_hash, BlockEntry, Header, CHUNK_SIZE};
@@ -341,51 +340,23 @@ impl MappedRamFile {
         let t0 = Instant::now();
         let map = self.check_layout(mem)?;
         let chunks = self.chunks();
-        let next = AtomicUsize::new(0);
-        let failed = AtomicBool::new(false);
-        let first_err: Mutex<Option<SnapshotError>> = Mutex::new(None);
         let pages = AtomicU64::new(0);
         let zero_written = AtomicU64::new(0);
         let phases = Phases::default();
-        std::thread::scope(|s| {
-            for _ in 0..opts.threads.clamp(1, chunks.len().max(1)) {
-                s.spawn(|| {
-                    let mut buf = Vec::new();
-                    let mut zero = vec![0u8; PAGE_SIZE];
-                    while !failed.load(Ordering::Relaxed) {
-                        if cancelled() {
-                            failed.store(true, Ordering::Relaxed);
-                            first_err
-                                .lock()
-                                .expect("error")
-                                .get_or_insert(SnapshotError::Cancelled);
-                            return;
-                        }
-                        let k = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(&(bi, c)) = chunks.get(k) else {
-                            return;
-                        };
-                        let r = self.load_chunk(
-                            mem, map[bi], bi, c, opts.fresh, &mut buf, &mut zero, &phases,
-                        );
-                        match r {
-                            Ok((p, z)) => {
-                                pages.fetch_add(p, Ordering::Relaxed);
-                                zero_written.fetch_add(z, Ordering::Relaxed);
-                            }
-                            Err(e) => {
-                                failed.store(true, Ordering::Relaxed);
-                                first_err.lock().expect("error").get_or_insert(e);
-                                return;
-                            }
-                        }
-                    }
-                });
-            }
-        });
-        if let Some(e) = first_err.into_inner().expect("error") {
-            return Err(e);
-        }
+        super::each_chunk(
+            chunks.len(),
+            opts.threads,
+            cancelled,
+            || (Vec::new(), vec![0u8; PAGE_SIZE]),
+            |(buf, zero), k| {
+                let (bi, c) = chunks[k];
+                let (p, z) =
+                    self.load_chunk(mem, map[bi], bi, c, opts.fresh, buf, zero, &phases)?;
+                pages.fetch_add(p, Ordering::Relaxed);
+                zero_written.fetch_add(z, Ordering::Relaxed);
+                Ok(())
+            },
+        )?;
         let pages = pages.into_inner();
         let total: u64 = self.header.blocks.iter().map(BlockEntry::pages).sum();
         Ok(RestoreStats {

@@ -139,6 +139,51 @@ pub enum SnapshotError {
     Panicked,
 }
 
+/// Runs `work(state, k)` for every chunk index `k` in `0..n`, taken in
+/// order by up to `threads` threads, each with its own `state()`. The
+/// first error stops every thread and is returned, as is
+/// [`SnapshotError::Cancelled`] when `cancelled` says so (it is asked
+/// before every chunk): the one worker pool of saving and loading.
+pub(crate) fn each_chunk<S>(
+    n: usize,
+    threads: usize,
+    cancelled: &(dyn Fn() -> bool + Sync),
+    state: impl Fn() -> S + Sync,
+    work: impl Fn(&mut S, usize) -> Result<(), SnapshotError> + Sync,
+) -> Result<(), SnapshotError> {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let first_err: std::sync::Mutex<Option<SnapshotError>> = std::sync::Mutex::new(None);
+    let fail = |e: SnapshotError| {
+        failed.store(true, Ordering::Relaxed);
+        first_err.lock().expect("error").get_or_insert(e);
+    };
+    std::thread::scope(|s| {
+        for _ in 0..threads.clamp(1, n.max(1)) {
+            s.spawn(|| {
+                let mut st = state();
+                while !failed.load(Ordering::Relaxed) {
+                    if cancelled() {
+                        return fail(SnapshotError::Cancelled);
+                    }
+                    let k = next.fetch_add(1, Ordering::Relaxed);
+                    if k >= n {
+                        return;
+                    }
+                    if let Err(e) = work(&mut st, k) {
+                        return fail(e);
+                    }
+                }
+            });
+        }
+    });
+    match first_err.into_inner().expect("error") {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
 pub(crate) fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> SnapshotError {
     let what = what.into();
     move |source| SnapshotError::Io { what, source }

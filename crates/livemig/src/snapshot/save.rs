@@ -6,7 +6,6 @@
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -295,48 +294,18 @@ fn write_file_inner(
         .enumerate()
         .flat_map(|(bi, b)| (0..b.chunks()).map(move |c| (bi, c)))
         .collect();
-    let next = AtomicUsize::new(0);
-    let failed = AtomicBool::new(false);
     let results: Mutex<Vec<Option<ChunkOut>>> =
         Mutex::new((0..chunks.len()).map(|_| None).collect());
-    let first_err: Mutex<Option<SnapshotError>> = Mutex::new(None);
-    std::thread::scope(|s| {
-        for _ in 0..threads.clamp(1, chunks.len().max(1)) {
-            s.spawn(|| {
-                let mut buf = Vec::new();
-                while !failed.load(Ordering::Relaxed) {
-                    if cancelled() {
-                        failed.store(true, Ordering::Relaxed);
-                        first_err
-                            .lock()
-                            .expect("error")
-                            .get_or_insert(SnapshotError::Cancelled);
-                        return;
-                    }
-                    let k = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(&(bi, c)) = chunks.get(k) else {
-                        return;
-                    };
-                    let b = &h.blocks[bi];
-                    let len = b.chunk_len(c);
-                    let r = source.with_chunk(bi, c * CHUNK_SIZE, len, &mut buf, &mut |data| {
-                        write_chunk(&files, path, b, c, data)
-                    });
-                    match r {
-                        Ok(out) => results.lock().expect("results")[k] = Some(out),
-                        Err(e) => {
-                            failed.store(true, Ordering::Relaxed);
-                            first_err.lock().expect("error").get_or_insert(e);
-                            return;
-                        }
-                    }
-                }
-            });
-        }
-    });
-    if let Some(e) = first_err.into_inner().expect("error") {
-        return Err(e);
-    }
+    super::each_chunk(chunks.len(), threads, cancelled, Vec::new, |buf, k| {
+        let (bi, c) = chunks[k];
+        let b = &h.blocks[bi];
+        let len = b.chunk_len(c);
+        let out = source.with_chunk(bi, c * CHUNK_SIZE, len, buf, &mut |data| {
+            write_chunk(&files, path, b, c, data)
+        })?;
+        results.lock().expect("results")[k] = Some(out);
+        Ok(())
+    })?;
     let results = results.into_inner().expect("results");
     let mut stats = SaveStats::default();
     let mut hashes = Vec::with_capacity(results.len());
