@@ -14,7 +14,12 @@
 //! only a group with a difference (or one that ends a changed run) has its
 //! four line masks fed to [`super::xbzrle`]'s run writer, one group late,
 //! after the next group's loads are issued. No mask array is built. The
-//! output is byte-identical to the portable encoder (the tests compare
+//! lines are laid on the old page's 64-byte boundaries, not on page
+//! offsets (a head and a tail read with overlapping unaligned loads), so
+//! two pages at the same offset within a line (the allocator's 16-byte
+//! offset, or page-aligned memory) are read without a load that spans two
+//! lines, and the old page (the cold page-cache copy in the engine) never
+//! is. The output is byte-identical to the portable encoder (the tests compare
 //! them). The AVX-512 routines are built only by compilers that have its
 //! intrinsics (Rust 1.89+, see `build.rs`).
 //!
@@ -22,9 +27,7 @@
 //!
 //! The SIMD encoders prefetch the group [`READ_AHEAD`] bytes ahead of the
 //! one they compare, inside the page: the hardware prefetcher does not
-//! cross 4 KiB pages and needs a few misses before it starts, and a page
-//! that is not 64-byte aligned (a page-cache copy from the allocator) makes
-//! every load span two lines. Prefetching past the end of the page (into
+//! cross 4 KiB pages and needs a few misses before it starts. Prefetching past the end of the page (into
 //! the next page, which helps a caller that encodes adjacent pages in
 //! order) was measured and left out: it made pages encoded in scattered
 //! order, as the engine does, 7-15% slower (BENCHMARKS.md).
