@@ -1629,10 +1629,13 @@ impl<'a> RamSaver<'a> {
                 if completing {
                     continue;
                 }
+                // Postcopy `auto` probes the dirty rate every
+                // PROBE_PERIOD of the first pass: the step ends for it.
                 if self
                     .pacing
                     .rate_limit(self.transferred, self.params.max_bandwidth)
                     || t0.elapsed() >= STEP
+                    || self.probe_due()
                 {
                     break;
                 }
