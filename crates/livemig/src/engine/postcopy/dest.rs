@@ -15,7 +15,7 @@ use crate::bitmap::DirtyBitmap;
 use crate::codec::compress::{Algorithm, Decompressor};
 use crate::engine::ack::{read_go, write_reply, CommitError, Reply as AckReply, ReplyError};
 use crate::engine::handle::Reconnect;
-use crate::engine::loader::{LoadError, LoadOutcome, LoadStats, Loader};
+use crate::engine::loader::{LoadError, LoadOutcome, LoadStats, Loader, PostcopyLoadError};
 use crate::engine::{MigrationHandle, Status};
 use crate::memory::{GuestMemory, PAGE_SIZE};
 use crate::stream::format::{FLAG_CHANNELS, FLAG_URGENT, FLAG_VERIFY};
@@ -268,15 +268,18 @@ fn receive_inner<R: Read>(
     let mut early_urgent = None;
     if let (true, Some(accept)) = (wants_urgent, accept.as_mut()) {
         match accept()
-            .map_err(|e| format!("accepting the postcopy urgent connection: {e}"))
-            .and_then(|c| open_urgent(c).map_err(|e| crate::error_chain(&e)))
-        {
+            .map_err(|source| PostcopyLoadError::AcceptUrgent { source })
+            .and_then(|c| {
+                open_urgent(c).map_err(|e| PostcopyLoadError::OpenUrgent {
+                    source: Box::new(e),
+                })
+            }) {
             Ok(u) => early_urgent = Some(u),
-            Err(why) => {
-                fail(&mut reply, &why);
+            Err(cause) => {
+                fail(&mut reply, &crate::error_chain(&cause));
                 return Err(ReceiveError::Load(LoadError::Postcopy {
                     offset: r.offset(),
-                    what: why,
+                    cause,
                 }));
             }
         }
@@ -351,7 +354,7 @@ fn receive_inner<R: Read>(
     let Some(mut w) = reply.take() else {
         return Err(ReceiveError::Load(LoadError::Postcopy {
             offset: r.offset(),
-            what: "postcopy switch in a stream without a return path".into(),
+            cause: PostcopyLoadError::NoReturnPath,
         }));
     };
     if !allow_postcopy {
@@ -371,19 +374,19 @@ fn receive_inner<R: Read>(
     let mut urgent = None;
     if wants_urgent {
         let checked = match early_urgent {
-            None => Err("the source wants an urgent connection (postcopy-preempt) but this destination accepts none".to_string()),
+            None => Err(PostcopyLoadError::NoUrgent),
             Some((u, list)) => same_blocks(mem, &o.map, &list)
                 .map(|()| u)
-                .map_err(|()| "the urgent connection's block list differs from the main stream's".to_string()),
+                .map_err(|()| PostcopyLoadError::UrgentBlocks),
         };
         match checked {
             Ok(u) => urgent = Some(u),
-            Err(why) => {
+            Err(cause) => {
                 placer.release();
-                fail(&mut Some(w), &why);
+                fail(&mut Some(w), &crate::error_chain(&cause));
                 return Err(ReceiveError::Load(LoadError::Postcopy {
                     offset: r.offset(),
-                    what: why,
+                    cause,
                 }));
             }
         }
@@ -703,7 +706,7 @@ fn open_urgent<C: Read>(conn: C) -> Result<(StreamReader<C>, BlockList), LoadErr
     let Record::BlockList(list) = u.next_record()? else {
         return Err(LoadError::Postcopy {
             offset: at,
-            what: "the connection must start with the block list".into(),
+            cause: PostcopyLoadError::NoBlockList,
         });
     };
     let list = list.iter().map(|d| (d.id.clone(), d.len)).collect();
@@ -989,9 +992,13 @@ fn place_stream<R: Read>(
     progress(reported);
     let mut scratch = vec![0u8; PAGE_SIZE];
     let mut dec = Decompressor::new();
-    let place_err = |at: u64, block: u16, offset: u64, e: io::Error| LoadError::Postcopy {
+    let place_err = |at: u64, block: u16, offset: u64, source: io::Error| LoadError::Postcopy {
         offset: at,
-        what: format!("placing page {offset:#x} of block {block}: {e}"),
+        cause: PostcopyLoadError::Place {
+            block,
+            offset,
+            source,
+        },
     };
     loop {
         let at = r.offset();
@@ -1055,7 +1062,7 @@ fn place_stream<R: Read>(
                 };
                 return Err(LoadError::Postcopy {
                     offset: at,
-                    what: format!("{what} after the postcopy switch"),
+                    cause: PostcopyLoadError::AfterSwitch { what },
                 });
             }
         }
