@@ -939,6 +939,22 @@ struct Cut {
     recovery_fault: Option<Fault>,
 }
 
+impl Cut {
+    /// `fault` on connection `on` (see [`Cut::on`]), with 2 page channels
+    /// and, with `preempt`, the urgent connection, all reopened by one
+    /// direct recovery.
+    fn reopening(fault: Fault, on: usize, preempt: bool) -> Cut {
+        Cut {
+            fault,
+            on,
+            preempt,
+            channels: 2,
+            reopen: true,
+            recovery_fault: None,
+        }
+    }
+}
+
 /// A reader that counts the bytes read through it.
 struct Counted(crate::transport::BoxRead, Arc<AtomicU64>);
 
@@ -1189,14 +1205,7 @@ fn recovery_reopens_the_urgent_connection_and_page_channels() {
     // The main connection carries no bulk pages (page channels) and no
     // requested page (urgent connection): cut its return path among the
     // page requests and PROGRESS reports.
-    let r = run_cut(Cut {
-        fault: Fault::CutBackAt(400),
-        on: 0,
-        preempt: true,
-        channels: 2,
-        reopen: true,
-        recovery_fault: None,
-    });
+    let r = run_cut(Cut::reopening(Fault::CutBackAt(400), 0, true));
     assert_eq!(r.run.received.load.stats.channels, 2);
     assert_channels_reopened(&r, true);
 }
@@ -1205,14 +1214,7 @@ fn recovery_reopens_the_urgent_connection_and_page_channels() {
 fn recovery_after_a_cut_on_the_urgent_connection_only() {
     // The urgent connection (the second one) carries only requested
     // pages: cut it after two of them.
-    let r = run_cut(Cut {
-        fault: Fault::CutForwardAt(10_000),
-        on: 1,
-        preempt: true,
-        channels: 2,
-        reopen: true,
-        recovery_fault: None,
-    });
+    let r = run_cut(Cut::reopening(Fault::CutForwardAt(10_000), 1, true));
     assert!(r.run.stats.ram.postcopy_requests > 0);
     assert_channels_reopened(&r, true);
 }
@@ -1221,14 +1223,7 @@ fn recovery_after_a_cut_on_the_urgent_connection_only() {
 fn recovery_after_a_cut_on_a_page_channel_only() {
     // Page channel 1 (the second connection): cut in the middle of the
     // background push.
-    let r = run_cut(Cut {
-        fault: Fault::CutForwardAt(MIB),
-        on: 1,
-        preempt: false,
-        channels: 2,
-        reopen: true,
-        recovery_fault: None,
-    });
+    let r = run_cut(Cut::reopening(Fault::CutForwardAt(MIB), 1, false));
     assert_channels_reopened(&r, false);
 }
 
@@ -1238,12 +1233,8 @@ fn recovery_after_a_cut_during_the_received_bitmap_exchange() {
     // received bitmap (about 400 bytes for 12 MiB); both sides pause
     // again, and a second recovery completes.
     let r = run_cut(Cut {
-        fault: Fault::CutBackAt(400),
-        on: 0,
-        preempt: true,
-        channels: 2,
-        reopen: true,
         recovery_fault: Some(Fault::CutBackAt(100)),
+        ..Cut::reopening(Fault::CutBackAt(400), 0, true)
     });
     assert!(count_in(&r.dst_statuses, Status::PostcopyPaused) >= 2);
     assert_channels_reopened(&r, true);
@@ -1253,14 +1244,7 @@ fn recovery_after_a_cut_during_the_received_bitmap_exchange() {
 fn recovery_after_a_cut_between_go_and_started() {
     // GO reaches the destination (its guest runs), STARTED is lost: the
     // source cannot know, and pauses like after any later cut.
-    let r = run_cut(Cut {
-        fault: Fault::CutAfterGo,
-        on: 0,
-        preempt: true,
-        channels: 2,
-        reopen: true,
-        recovery_fault: None,
-    });
+    let r = run_cut(Cut::reopening(Fault::CutAfterGo, 0, true));
     assert_channels_reopened(&r, true);
 }
 
@@ -1268,14 +1252,7 @@ fn recovery_after_a_cut_between_go_and_started() {
 fn recovery_after_a_cut_mid_push_with_page_channels_reopened() {
     // One page channel is cut mid-push, then the recovery reopens both;
     // no urgent connection: requested pages share the main connection.
-    let r = run_cut(Cut {
-        fault: Fault::CutForwardAt(3 * MIB),
-        on: 2,
-        preempt: false,
-        channels: 2,
-        reopen: true,
-        recovery_fault: None,
-    });
+    let r = run_cut(Cut::reopening(Fault::CutForwardAt(3 * MIB), 2, false));
     assert_channels_reopened(&r, false);
 }
 
