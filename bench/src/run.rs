@@ -123,6 +123,19 @@ pub struct Case {
 }
 
 impl Case {
+    /// The boot sector of this case's guest (both systems boot the same
+    /// one).
+    pub fn sector(&self) -> [u8; 512] {
+        crate::guest::sector(
+            self.guest,
+            crate::guest::GuestParams {
+                end: self.end as u32,
+                seed: self.seed,
+                n: 1,
+            },
+        )
+    }
+
     /// The systems that run this case: QEMU has no automatic postcopy
     /// switch, and livemig's postcopy is measured with its own (auto)
     /// switch against QEMU's manual ones.
