@@ -884,8 +884,8 @@ struct Recovered {
     reopened: Vec<u64>,
 }
 
-fn statuses(h: &MigrationHandle) -> Arc<std::sync::Mutex<Vec<Status>>> {
-    let seen: Arc<std::sync::Mutex<Vec<Status>>> = Arc::default();
+fn statuses(h: &MigrationHandle) -> Statuses {
+    let seen: Statuses = Arc::default();
     let s = seen.clone();
     h.observe(Box::new(move |e| {
         if let crate::engine::HandleEvent::Status(st) = e {
@@ -893,6 +893,25 @@ fn statuses(h: &MigrationHandle) -> Arc<std::sync::Mutex<Vec<Status>>> {
         }
     }));
     seen
+}
+
+/// The status events a handle reported so far.
+type Statuses = Arc<std::sync::Mutex<Vec<Status>>>;
+
+/// A pure postcopy that may pause and recover: the source guest
+/// ([`Guest::start`] with `params`, `seed`, `rate`; postcopy asked at once,
+/// recovery allowed), the destination's handle, and the statuses each
+/// side reports (source, destination).
+fn recoverable(
+    params: Params,
+    seed: u64,
+    rate: u64,
+) -> (Guest, MigrationHandle, Statuses, Statuses) {
+    let g = Guest::start(params, true, seed, rate);
+    g.handle.set_postcopy_recovery(true);
+    let dh = MigrationHandle::new(Params::default());
+    let (src_seen, dst_seen) = (statuses(&g.handle), statuses(&dh));
+    (g, dh, src_seen, dst_seen)
 }
 
 /// Pure postcopy over TCP through a proxy that applies `fault` to the
@@ -982,11 +1001,8 @@ fn run_cut(cut: Cut) -> Recovered {
         max_bandwidth: 6 * MIB,
         ..postcopy_params()
     };
-    let mut g = Guest::start(params, true, 11, 64 * MIB);
+    let (mut g, dh, src_seen, dst_seen) = recoverable(params, 11, 64 * MIB);
     let sh = g.handle.clone();
-    sh.set_postcopy_recovery(true);
-    let dh = MigrationHandle::new(Params::default());
-    let (src_seen, dst_seen) = (statuses(&sh), statuses(&dh));
     let (listener, addr) = tcp_listener();
     let proxy = FaultProxy::start_on(addr, cut.fault, cut.on).unwrap();
     // Paced: the background push, not the guest's requests, carries most
@@ -1270,11 +1286,8 @@ fn cut_before_go(fault: Fault) {
         channels: 2,
         ..postcopy_params()
     };
-    let mut g = Guest::start(params, true, 17, 16 * MIB);
+    let (mut g, dh, src_seen, dst_seen) = recoverable(params, 17, 16 * MIB);
     let sh = g.handle.clone();
-    sh.set_postcopy_recovery(true);
-    let dh = MigrationHandle::new(Params::default());
-    let (src_seen, dst_seen) = (statuses(&sh), statuses(&dh));
     let (listener, addr) = tcp_listener();
     let proxy = FaultProxy::start(addr, fault).unwrap();
     let dest = tcp_destination(listener, &g.dst, TouchGuest::new(&g.dst), Some(dh.clone()));
