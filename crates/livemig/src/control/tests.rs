@@ -95,15 +95,13 @@ impl crate::engine::postcopy::IncomingGuest for MemoryOnly {
 
 #[test]
 fn migrate_start_postcopy_switches_a_running_migration() {
-    if !uffd_usable() {
-        return;
-    }
     // 4 MiB/s: precopy of 32 MiB is still running when the command comes.
-    let f = fixture(Params {
+    let Some((f, mut c)) = migrating_fixture(Params {
         max_bandwidth: 4 << 20,
         ..Params::default()
-    });
-    let mut c = ControlClient::connect(&f.path).unwrap();
+    }) else {
+        return;
+    };
     let e = c
         .execute("migrate-start-postcopy", Value::Null)
         .unwrap_err()
@@ -182,6 +180,18 @@ fn fixture(params: Params) -> Fixture {
         server,
         workload,
     }
+}
+
+/// For the tests that migrate (userfaultfd tracking): a [`fixture`] and a
+/// client connected to it, or None (the test skipped) without
+/// userfaultfd.
+fn migrating_fixture(params: Params) -> Option<(Fixture, ControlClient)> {
+    if !uffd_usable() {
+        return None;
+    }
+    let f = fixture(params);
+    let c = ControlClient::connect(&f.path).unwrap();
+    Some((f, c))
 }
 
 fn wait_status(c: &mut ControlClient, want: &[&str]) -> Value {
@@ -461,11 +471,9 @@ fn requests_need_no_newline() {
 
 #[test]
 fn migration_events_reach_negotiated_clients() {
-    if !uffd_usable() {
+    let Some((_f, mut c)) = migrating_fixture(Params::default()) else {
         return;
-    }
-    let f = fixture(Params::default());
-    let mut c = ControlClient::connect(&f.path).unwrap();
+    };
     c.execute(
         "migrate-set-capabilities",
         json!({"capabilities": [{"capability": "events", "state": true}]}),
@@ -683,15 +691,13 @@ fn the_socket_path_is_never_taken_from_someone_else() {
 
 #[test]
 fn migrate_steer_cancel_and_migrate_again() {
-    if !uffd_usable() {
-        return;
-    }
     // 2 MiB/s: slow enough to steer and cancel mid-round.
-    let f = fixture(Params {
+    let Some((f, mut c)) = migrating_fixture(Params {
         max_bandwidth: 2 << 20,
         ..Params::default()
-    });
-    let mut c = ControlClient::connect(&f.path).unwrap();
+    }) else {
+        return;
+    };
     c.execute("migrate", json!({"uri": "tcp:127.0.0.1:9"}))
         .unwrap();
     wait_status(&mut c, &["active"]);
