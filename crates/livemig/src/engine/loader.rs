@@ -201,16 +201,36 @@ pub enum PostcopyLoadError {
     /// The connection must start with the block list.
     #[error("the connection must start with the block list")]
     NoBlockList,
-    /// Placing a page into guest memory failed.
-    #[error("placing page {offset:#x} of block {block}: {source}")]
+    /// Placing a run of pages into guest memory failed.
+    #[error("placing pages {start:#x}..{end:#x} of block {block}: {source}")]
     Place {
-        /// Block index.
-        block: u16,
-        /// Offset in the block.
-        offset: u64,
+        /// Block index in the stream.
+        block: usize,
+        /// Offset in the block of the run's first page.
+        start: u64,
+        /// Offset in the block after its last page.
+        end: u64,
         /// The placing error.
         #[source]
         source: io::Error,
+    },
+    /// A page record for a page outside the guest's memory.
+    #[error("page {offset:#x} of block {block}: outside the guest's memory")]
+    OutsideMemory {
+        /// Block index in the stream.
+        block: u16,
+        /// Offset in the block.
+        offset: u64,
+    },
+    /// A raw page record whose data is not one page long.
+    #[error("page {offset:#x} of block {block}: {len} bytes, not a page")]
+    NotAPage {
+        /// Block index in the stream.
+        block: u16,
+        /// Offset in the block.
+        offset: u64,
+        /// Its data's length.
+        len: usize,
     },
     /// A record of kind `what` came after the postcopy switch, where only
     /// pages may come.
