@@ -15,7 +15,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::memory::{GuestMemory, RamBlock, PAGE_SIZE};
+use crate::memory::{GuestMemory, PAGE_SIZE};
 
 /// One bit per page, per block: set = the page is zero and was not written
 /// since the look-up.
@@ -36,29 +36,20 @@ impl FreshZero {
         let blocks = mem
             .blocks()
             .iter()
-            .map(|b| {
-                let pages = b.pages();
-                let words = pages.div_ceil(64) as usize;
-                match data_ranges(b) {
-                    Some(ranges) => {
-                        let mut bits = vec![u64::MAX; words];
-                        if pages % 64 != 0 {
-                            if let Some(last) = bits.last_mut() {
-                                *last = (1u64 << (pages % 64)) - 1;
-                            }
+            .map(|b| match b.data_pages(0, b.pages()) {
+                // Known zero: every page without data; no bit past the
+                // last page.
+                Some(data) => {
+                    let pages = b.pages();
+                    let mut words: Vec<u64> = data.words().iter().map(|w| !w).collect();
+                    if pages % 64 != 0 {
+                        if let Some(last) = words.last_mut() {
+                            *last &= (1u64 << (pages % 64)) - 1;
                         }
-                        let ps = PAGE_SIZE as u64;
-                        for (a, e) in ranges {
-                            let first = a as u64 / ps;
-                            let end = (e as u64).div_ceil(ps).min(pages);
-                            for p in first..end {
-                                bits[(p / 64) as usize] &= !(1u64 << (p % 64));
-                            }
-                        }
-                        bits.into_iter().map(AtomicU64::new).collect()
                     }
-                    None => Vec::new(),
+                    words.into_iter().map(AtomicU64::new).collect()
                 }
+                None => Vec::new(),
             })
             .collect();
         FreshZero { blocks }
@@ -97,27 +88,6 @@ impl FreshZero {
             .flatten()
             .map(|w| u64::from(w.load(Ordering::Relaxed).count_ones()))
             .sum()
-    }
-}
-
-/// Byte ranges (offsets in the block) that may hold data; `None` when the
-/// kernel cannot say for this memory.
-fn data_ranges(b: &RamBlock) -> Option<Vec<(usize, usize)>> {
-    let len = b.len();
-    match b.backing() {
-        Some(bk) => match crate::sys::residency::file_data(&bk.file, bk.offset, len) {
-            Ok(Some(v)) => Some(
-                v.into_iter()
-                    .map(|(a, e)| ((a - bk.offset) as usize, (e - bk.offset) as usize))
-                    .collect(),
-            ),
-            Ok(None) => None,
-            Err(e) => {
-                log::debug!("cannot tell which pages of the memory file hold data: {e}");
-                None
-            }
-        },
-        None => b.region().populated(0, len as usize),
     }
 }
 
