@@ -30,15 +30,17 @@ use crate::codec::adapt::{LinkCost, TimedWrite, WireClock};
 use crate::codec::encoder::{Delta, EncodeCounters, Page, PageEncoder};
 use crate::dirty::DirtyTracker;
 use crate::memory::{GuestMemory, RamBlock, PAGE_SIZE};
-use crate::stream::format::{FLAG_CHANNELS, FLAG_SETUP, FLAG_VERIFY};
+use crate::stream::format::{FLAG_CHANNELS, FLAG_SETUP, FLAG_VERIFY, FLAG_ZERO_RUNS};
 use crate::stream::{BlockDesc, StreamWriter};
 use crate::vm::{StateCost, VmControl};
 
 /// How long one iteration step sends before giving control back.
 const STEP: Duration = Duration::from_millis(50);
-/// Most never-written pages sent as one run (zero records, 9 bytes each:
-/// 36 KiB), between two looks at the clock and the bandwidth budget.
-const UNTOUCHED_RUN: u64 = 4096;
+/// Most never-written pages sent as one run (one ZERO_RUN record of 15
+/// bytes for up to 256 MiB of guest memory: the look-up window of
+/// `search::Untouched` bounds it first), between two looks at the clock
+/// and the bandwidth budget.
+const UNTOUCHED_RUN: u64 = 1 << 16;
 /// Dirty rate is measured over periods at least this long.
 const DIRTY_RATE_PERIOD: Duration = Duration::from_secs(1);
 /// Syncs without progress after which `auto` switches to postcopy.
@@ -490,6 +492,8 @@ impl<'a> RamSaver<'a> {
             self.sample_hash();
         }
         let mut flags = if self.params.verify { FLAG_VERIFY } else { 0 };
+        // Pages never written leave as runs (see `stream/format.rs`).
+        flags |= FLAG_ZERO_RUNS;
         if self.params.postcopy_ram && self.params.postcopy_preempt {
             flags |= crate::stream::format::FLAG_URGENT;
         }
@@ -1600,11 +1604,9 @@ impl<'a> RamSaver<'a> {
                 let more = self
                     .search
                     .take_run(block, page + 1, (run - 1).min(UNTOUCHED_RUN - 1));
-                for p in page..=page + more {
-                    self.encoder
-                        .untouched(w, block as u16, p * PAGE_SIZE as u64)
-                        .map_err(MigrationError::send)?;
-                }
+                self.encoder
+                    .untouched_run(w, block as u16, page * PAGE_SIZE as u64, 1 + more)
+                    .map_err(MigrationError::send)?;
                 self.pages_sent += 1 + more;
             } else {
                 self.send_page(w, block, page, completing)
