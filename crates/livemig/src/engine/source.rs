@@ -350,6 +350,9 @@ struct RamSaver<'a> {
     /// Bytes per second the set left grew by at the last switch-over
     /// sync (see `shrink.rs`); `None` before it.
     growth: Option<f64>,
+    /// Pages the last switch-over sync that did not lead to the pause
+    /// left to send (see `shrink::sync_due`); `None` before it.
+    last_found: Option<u64>,
     /// Postcopy: page requests served, bytes sent since the switch, the
     /// destination's fault figures, ms from the switch to the last page.
     postcopy_requests: u64,
@@ -427,6 +430,7 @@ impl<'a> RamSaver<'a> {
             prev_remaining: None,
             auto_switch: AutoSwitch::default(),
             growth: None,
+            last_found: None,
             postcopy_requests: 0,
             pc_pushed: 0,
             pc_requested: 0,
@@ -586,7 +590,10 @@ impl<'a> RamSaver<'a> {
             self.stop_cost = vm.stop_cost();
             // While the set left shrinks fast, send on live instead of
             // pausing with it (see `shrink.rs`).
-            if self.pause_fits() && !self.keeps_shrinking() {
+            let switch_due = self.pause_fits() && !self.keeps_shrinking();
+            // A sync that would only find what the last one found waits
+            // (see `shrink.rs`: syncs tied to progress).
+            if switch_due && self.switch_sync_due() {
                 let before = self.remaining_pages();
                 let since = self.last_sync.elapsed().as_secs_f64();
                 self.sync(tracker)?;
@@ -600,6 +607,7 @@ impl<'a> RamSaver<'a> {
                 if self.pause_fits() && !self.keeps_shrinking() {
                     break;
                 }
+                self.last_found = Some(self.remaining_pages());
             } else if (self.throttle > 0
                 && !self.search.is_bulk()
                 && self.last_sync.elapsed()
@@ -608,6 +616,14 @@ impl<'a> RamSaver<'a> {
             {
                 self.sync(tracker)?;
                 self.barrier(&mut w)?;
+            } else if switch_due && self.remaining_bytes() == 0 {
+                // Nothing to send, and the sync is not due yet: let the
+                // guest run (a short nap at a time, so a cancel or new
+                // parameters are seen); the nap says nothing about the
+                // link.
+                let wait = shrink::RESYNC_PERIOD.saturating_sub(self.last_sync.elapsed());
+                std::thread::sleep(wait.min(Duration::from_millis(5)));
+                self.pacing.restart_period(self.transferred, Instant::now());
             }
             if self.params.auto_converge {
                 vm.set_throttle(self.throttle);
@@ -1383,6 +1399,32 @@ impl<'a> RamSaver<'a> {
             );
         }
         i.remaining_bytes == 0 || self.pacing.settled(&i, limit)
+    }
+
+    /// Whether the switch-over sync the pause estimate asks for is worth
+    /// making now: the first one always; after one that did not lead to
+    /// the pause, when the set it would find fits or is clearly smaller
+    /// than the last one, or [`shrink::RESYNC_PERIOD`] has passed.
+    fn switch_sync_due(&self) -> bool {
+        let ps = PAGE_SIZE as u64;
+        let limit = self.params.downtime_limit;
+        let inputs = self.pause_inputs();
+        let fits = |pages: u64| {
+            let i = PauseInputs {
+                remaining_bytes: pages * ps,
+                ..inputs
+            };
+            pages == 0 || self.pacing.settled(&i, limit)
+        };
+        shrink::sync_due(
+            shrink::SyncState {
+                left: self.remaining_bytes() / ps,
+                growth_pages_per_sec: self.growth.map(|g| g / ps as f64),
+                since: self.last_sync.elapsed().as_secs_f64(),
+                last_found: self.last_found,
+            },
+            fits,
+        )
     }
 
     /// True when precopy should send on although the pause fits: the set
