@@ -273,9 +273,9 @@ pub enum LayoutMismatch {
 pub struct LoadStats {
     /// Stream bytes read.
     pub bytes: u64,
-    /// Zero-page records.
+    /// Zero pages: ZERO records and the pages of ZERO_RUN records.
     pub zero_pages: u64,
-    /// Zero-page records that needed a write (page was not already zero).
+    /// Zero pages that needed a write (the page was not already zero).
     pub zero_pages_written: u64,
     /// Raw pages.
     pub raw_pages: u64,
@@ -842,18 +842,27 @@ impl<'a> Loader<'a> {
                 Record::Zero { block, offset } => {
                     out.stats.zero_pages += 1;
                     let bi = map[usize::from(block)];
-                    let region = blocks[bi].region();
-                    let off = offset as usize;
                     // A page known zero needs no look (before the switch
                     // only: after it the guest runs here, and its writes
                     // do not clear the known-zero bits).
-                    if (out.switched || !self.fresh.is_zero(bi, offset))
-                        && region.scan(off, PAGE_SIZE, zero::is_zero) != Some(true)
-                    {
-                        region.write(off, &ZERO_PAGE);
-                        self.touched(bi, offset);
-                        out.stats.zero_pages_written += 1;
+                    if out.switched || !self.fresh.is_zero(bi, offset) {
+                        self.zero_page(bi, offset, &mut out.stats);
                     }
+                }
+                Record::ZeroRun {
+                    block,
+                    offset,
+                    pages,
+                } => {
+                    // The reader checked the whole run against the block
+                    // and refuses it after the switch.
+                    out.stats.zero_pages += u64::from(pages);
+                    let bi = map[usize::from(block)];
+                    let ps = PAGE_SIZE as u64;
+                    self.fresh
+                        .not_known_zero(bi, offset / ps, pages.into(), |p| {
+                            self.zero_page(bi, p * ps, &mut out.stats)
+                        });
                 }
                 Record::Raw {
                     block,
@@ -979,6 +988,19 @@ impl<'a> Loader<'a> {
         self.progress
             .fetch_add(r.offset() - reported, Ordering::Relaxed);
         Ok(out)
+    }
+
+    /// Makes page `offset` of block `bi` zero: writes zeros unless it
+    /// reads as zero already (a write would fault in memory the guest
+    /// never used).
+    fn zero_page(&self, bi: usize, offset: u64, stats: &mut LoadStats) {
+        let region = self.mem.blocks()[bi].region();
+        let off = offset as usize;
+        if region.scan(off, PAGE_SIZE, zero::is_zero) != Some(true) {
+            region.write(off, &ZERO_PAGE);
+            self.touched(bi, offset);
+            stats.zero_pages_written += 1;
+        }
     }
 
     fn match_layout(

@@ -24,6 +24,10 @@
 //!                                                   FLAG_SETUP only (vcpus 0: not said)
 //! ABORT       len:u16 reason:[u8; len]              1 <= len <= MAX_ABORT_TEXT, UTF-8;
 //!                                                   the source gave up: nothing follows
+//! ZERO_RUN    addr count:u32                        pages [offset, offset + 4096 * count)
+//!                                   are zero; 1 <= count <= MAX_ZERO_RUN_PAGES, every page
+//!                                   inside the block; FLAG_ZERO_RUNS only, never after
+//!                                   POSTCOPY
 //! addr        := [block:u16] offset:u64        offset page-aligned, inside the block
 //! ```
 //!
@@ -58,6 +62,18 @@
 //! destination reports `source aborted: <reason>` instead of a truncated
 //! stream.
 //!
+//! Runs of zero pages (header flag [`FLAG_ZERO_RUNS`]): ZERO_RUN says
+//! "pages `[offset, offset + 4096 * count)` of the block are zero" in 15
+//! bytes, where `count` ZERO records would take 9 each: the source sends
+//! it for pages it knows were never written (an idle guest's memory is
+//! mostly such runs). The destination checks the whole run against the
+//! block before it touches any page, skips the pages it knows are still
+//! zero (never written since its load began and empty before it) and
+//! zeroes the others that are not zero already, as a ZERO record would.
+//! A precopy record: after POSTCOPY every page is placed one by one, so
+//! the reader refuses it there. A reader older than the record refuses
+//! the header flag (unknown header flags) before any page.
+//!
 //! `crc` in SECTION_END is the CRC-32 (IEEE) of every byte since the end of
 //! the previous SECTION_END (or since the start of the stream), up to and
 //! including `seq`. It catches a transport that corrupts or drops bytes.
@@ -83,8 +99,14 @@ pub const FLAG_URGENT: u16 = 1 << 2;
 /// and the source waits for the destination's verdict on it (ACCEPTED or
 /// FAILED on the return path) before it sends any page.
 pub const FLAG_SETUP: u16 = 1 << 3;
+/// Header flag: zero pages may travel as ZERO_RUN records (a run of
+/// pages at consecutive offsets of one block, all zero, in one record).
+pub const FLAG_ZERO_RUNS: u16 = 1 << 5;
 /// Header flags this build understands.
-pub const KNOWN_FLAGS: u16 = FLAG_VERIFY | FLAG_CHANNELS | FLAG_URGENT | FLAG_SETUP;
+pub const KNOWN_FLAGS: u16 =
+    FLAG_VERIFY | FLAG_CHANNELS | FLAG_URGENT | FLAG_SETUP | FLAG_ZERO_RUNS;
+/// Most pages in one ZERO_RUN record (1 GiB of zeros).
+pub const MAX_ZERO_RUN_PAGES: u32 = 1 << 18;
 /// SETUP feature bits this build understands (none yet: a source that
 /// needs a feature the destination lacks sets its bit and is refused).
 pub const KNOWN_FEATURES: u32 = 0;
@@ -130,6 +152,8 @@ pub enum Kind {
     Setup = 0x0e,
     /// The source gave up, with its reason.
     Abort = 0x0f,
+    /// Zero pages at consecutive offsets of one block.
+    ZeroRun = 0x11,
 }
 
 impl Kind {
@@ -151,6 +175,7 @@ impl Kind {
             0x0d => Kind::Postcopy,
             0x0e => Kind::Setup,
             0x0f => Kind::Abort,
+            0x11 => Kind::ZeroRun,
             _ => return None,
         })
     }
@@ -159,7 +184,7 @@ impl Kind {
     pub fn is_page(self) -> bool {
         matches!(
             self,
-            Kind::Zero | Kind::Raw | Kind::Xbzrle | Kind::Compressed
+            Kind::Zero | Kind::Raw | Kind::Xbzrle | Kind::Compressed | Kind::ZeroRun
         )
     }
 
@@ -181,6 +206,7 @@ impl Kind {
             Kind::Postcopy => "postcopy switch",
             Kind::Setup => "setup",
             Kind::Abort => "abort",
+            Kind::ZeroRun => "zero run",
         }
     }
 }
