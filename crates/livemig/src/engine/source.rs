@@ -490,6 +490,9 @@ impl<'a> RamSaver<'a> {
             self.sample_hash();
         }
         let mut flags = if self.params.verify { FLAG_VERIFY } else { 0 };
+        // Raw pages at consecutive offsets travel as RUN records, which
+        // the destination reads straight into guest memory.
+        flags |= crate::stream::format::FLAG_RUNS;
         if self.params.postcopy_ram && self.params.postcopy_preempt {
             flags |= crate::stream::format::FLAG_URGENT;
         }

@@ -24,6 +24,9 @@
 //!                                                   FLAG_SETUP only (vcpus 0: not said)
 //! ABORT       len:u16 reason:[u8; len]              1 <= len <= MAX_ABORT_TEXT, UTF-8;
 //!                                                   the source gave up: nothing follows
+//! RUN         addr count:u16 pages:[u8; 4096 * count]
+//!                                   1 <= count <= MAX_RUN_PAGES, every page inside the
+//!                                   block; FLAG_RUNS only, never after POSTCOPY
 //! addr        := [block:u16] offset:u64        offset page-aligned, inside the block
 //! ```
 //!
@@ -58,6 +61,19 @@
 //! destination reports `source aborted: <reason>` instead of a truncated
 //! stream.
 //!
+//! Runs of raw pages (header flag [`FLAG_RUNS`]): RUN carries `count`
+//! raw pages at consecutive offsets of one block, as `count` RAW records
+//! would, with one header. The destination checks the whole run against
+//! the block (and the run's position in the stream) before any of its
+//! bytes lands, then reads the pages from the transport straight into
+//! guest memory, without a receive buffer in between; the section
+//! checksum covers them as it covers every byte, so a corrupt run is
+//! refused at its SECTION_END (the guest has not run: memory that failed
+//! to load is never started). RUN is a precopy record: after POSTCOPY the
+//! guest runs on the destination and every page must be placed whole, so
+//! the reader refuses it there. A reader without run support refuses the
+//! header flag by name.
+//!
 //! `crc` in SECTION_END is the CRC-32 (IEEE) of every byte since the end of
 //! the previous SECTION_END (or since the start of the stream), up to and
 //! including `seq`. It catches a transport that corrupts or drops bytes.
@@ -83,8 +99,14 @@ pub const FLAG_URGENT: u16 = 1 << 2;
 /// and the source waits for the destination's verdict on it (ACCEPTED or
 /// FAILED on the return path) before it sends any page.
 pub const FLAG_SETUP: u16 = 1 << 3;
+/// Header flag: raw pages may travel as RUN records (several pages at
+/// consecutive offsets of one block behind one header).
+pub const FLAG_RUNS: u16 = 1 << 4;
 /// Header flags this build understands.
-pub const KNOWN_FLAGS: u16 = FLAG_VERIFY | FLAG_CHANNELS | FLAG_URGENT | FLAG_SETUP;
+pub const KNOWN_FLAGS: u16 = FLAG_VERIFY | FLAG_CHANNELS | FLAG_URGENT | FLAG_SETUP | FLAG_RUNS;
+/// Most pages in one RUN record (256 KiB: small enough to stay in cache
+/// between landing and checksumming).
+pub const MAX_RUN_PAGES: u16 = 64;
 /// SETUP feature bits this build understands (none yet: a source that
 /// needs a feature the destination lacks sets its bit and is refused).
 pub const KNOWN_FEATURES: u32 = 0;
@@ -130,6 +152,8 @@ pub enum Kind {
     Setup = 0x0e,
     /// The source gave up, with its reason.
     Abort = 0x0f,
+    /// Raw pages at consecutive offsets of one block.
+    Run = 0x10,
 }
 
 impl Kind {
@@ -151,6 +175,7 @@ impl Kind {
             0x0d => Kind::Postcopy,
             0x0e => Kind::Setup,
             0x0f => Kind::Abort,
+            0x10 => Kind::Run,
             _ => return None,
         })
     }
@@ -159,7 +184,7 @@ impl Kind {
     pub fn is_page(self) -> bool {
         matches!(
             self,
-            Kind::Zero | Kind::Raw | Kind::Xbzrle | Kind::Compressed
+            Kind::Zero | Kind::Raw | Kind::Xbzrle | Kind::Compressed | Kind::Run
         )
     }
 
@@ -181,6 +206,7 @@ impl Kind {
             Kind::Postcopy => "postcopy switch",
             Kind::Setup => "setup",
             Kind::Abort => "abort",
+            Kind::Run => "run of raw pages",
         }
     }
 }
