@@ -1077,7 +1077,10 @@ mod run_tests {
         let e = Loader::new(&m).load(&bytes[..]).unwrap_err();
         match &e {
             LoadError::Stream(s) => {
-                assert!(matches!(s.kind, StreamErrorKind::Checksum { seq: 0, .. }), "{e}")
+                assert!(
+                    matches!(s.kind, StreamErrorKind::Checksum { seq: 0, .. }),
+                    "{e}"
+                )
             }
             other => panic!("{other}"),
         }

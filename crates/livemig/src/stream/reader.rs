@@ -498,9 +498,10 @@ impl<R: Read> StreamReader<R> {
         while done < len {
             match region.read_from(at + done, len - done, &mut self.inner) {
                 Ok(0) => {
-                    return Err(
-                        self.err_at(self.offset, StreamErrorKind::Truncated("a run of raw pages"))
-                    )
+                    return Err(self.err_at(
+                        self.offset,
+                        StreamErrorKind::Truncated("a run of raw pages"),
+                    ))
                 }
                 Ok(k) => {
                     let crc = &mut self.crc;

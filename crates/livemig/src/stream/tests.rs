@@ -2351,8 +2351,15 @@ fn runs_read_as_raw_pages_by_a_reader_not_landing_them() {
     // Two RUN headers instead of five RAW ones: 5 pages, 2 * (addr + count).
     let blocks_len = BLOCKS_LEN as usize;
     let run_hdr = 1 + 2 + 8 + 2;
-    let expected = HEADER_LEN + blocks_len + run_hdr + 3 * PAGE_SIZE + (1 + 8)
-        + run_hdr + 2 * PAGE_SIZE + 13 + 5;
+    let expected = HEADER_LEN
+        + blocks_len
+        + run_hdr
+        + 3 * PAGE_SIZE
+        + (1 + 8)
+        + run_hdr
+        + 2 * PAGE_SIZE
+        + 13
+        + 5;
     assert_eq!(bytes.len(), expected);
     // Through a trickle too (runs split across reads).
     for chunk in [1, 7, 4096, 5000] {
@@ -2500,7 +2507,13 @@ fn runs_are_checked_before_any_byte_lands() {
         b.addr(Kind::Run, Some(0), 0).u16(count);
         let e = parse_err(&b.build()).err;
         assert!(
-            matches!(e.kind, StreamErrorKind::BadLength { what: "run pages", .. }),
+            matches!(
+                e.kind,
+                StreamErrorKind::BadLength {
+                    what: "run pages",
+                    ..
+                }
+            ),
             "{e}"
         );
     }
@@ -2531,14 +2544,21 @@ fn runs_are_checked_before_any_byte_lands() {
     let mut r = StreamReader::new(&bytes[..]).unwrap();
     r.landing_runs(true);
     r.next_record().unwrap();
-    assert!(matches!(r.next_record().unwrap(), Record::Run { pages: 3, .. }));
+    assert!(matches!(
+        r.next_record().unwrap(),
+        Record::Run { pages: 3, .. }
+    ));
     use crate::memory::GuestMemory;
     let small = crate::memory::ProcessMemory::single(2 * P).unwrap();
-    let e = r
-        .land_run(small.blocks()[0].region(), 0)
-        .unwrap_err();
-    assert!(matches!(e.kind, StreamErrorKind::RunPastBlock { .. }), "{e}");
-    assert!(mem_bytes(&small, 0).iter().all(|&x| x == 0), "nothing landed");
+    let e = r.land_run(small.blocks()[0].region(), 0).unwrap_err();
+    assert!(
+        matches!(e.kind, StreamErrorKind::RunPastBlock { .. }),
+        "{e}"
+    );
+    assert!(
+        mem_bytes(&small, 0).iter().all(|&x| x == 0),
+        "nothing landed"
+    );
 }
 
 #[test]
@@ -2573,5 +2593,8 @@ fn a_corrupt_or_cut_run_fails_at_its_checksum_or_its_end() {
     assert!(matches!(e.kind, StreamErrorKind::Io(_)), "{e}");
     // Not landing: the same errors.
     let e = parse_err(&bad).err;
-    assert!(matches!(e.kind, StreamErrorKind::Checksum { seq: 0, .. }), "{e}");
+    assert!(
+        matches!(e.kind, StreamErrorKind::Checksum { seq: 0, .. }),
+        "{e}"
+    );
 }
