@@ -397,23 +397,14 @@ impl<'a> Loader<'a> {
 
     /// Runs `f` (the load) beside the verify digest's background hasher,
     /// when there is one (see [`RunningDigest`]).
-    ///
-    /// The destination prefault's helper ([`Prefault::run_ahead`]) runs
-    /// beside it too, and is joined before this returns: nothing touches
-    /// guest memory after the record loop (a postcopy switch registers it
-    /// with userfaultfd next).
     fn hashing<T>(&self, f: impl FnOnce() -> T) -> T {
-        self.prefault.start_ahead();
+        let Some(d) = &self.running else {
+            return f();
+        };
         std::thread::scope(|s| {
-            if let Some(d) = &self.running {
-                s.spawn(|| d.refresh(self.mem));
-            }
-            s.spawn(|| self.prefault.run_ahead(self.mem));
-            let _stop = self.prefault.stopping();
+            s.spawn(|| d.refresh(self.mem));
             let r = f();
-            if let Some(d) = &self.running {
-                d.stop();
-            }
+            d.stop();
             r
         })
     }

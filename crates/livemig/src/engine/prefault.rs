@@ -18,20 +18,8 @@
 //! It runs on the thread that writes the page, before the write: nothing
 //! touches memory after a stream's loop returns (a postcopy switch
 //! registers the memory with userfaultfd, where populating would fault).
-//!
-//! Ahead of the stream: while a load runs, a helper thread
-//! ([`Prefault::run_ahead`], started and joined by the loader around the
-//! record loop) populates the [`AHEAD`] windows after each window a writer
-//! claims, so the receiving thread mostly finds its memory in place and
-//! the page clearing runs on the other core. The first pass sends pages in
-//! address order, so the next windows are the likely next ones; the cost
-//! of a wrong guess is at most [`AHEAD`] windows past the end of each
-//! stretch of data (an idle guest, whose stream is zero records, claims no
-//! window and gets nothing).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex};
-use std::time::Duration;
 
 use crate::memory::GuestMemory;
 use crate::sys::mmap::RawRegion;
@@ -39,24 +27,12 @@ use crate::sys::mmap::RawRegion;
 /// log2 bytes per window (2 MiB, one x86 huge page).
 const WINDOW_SHIFT: u32 = 21;
 
-/// Windows the helper thread populates after each claimed one (8 MiB).
-pub(super) const AHEAD: u64 = 4;
-
 /// Which windows of each block were faulted in.
 pub(super) struct Prefault {
     /// One bit per window, per block.
     done: Vec<Vec<AtomicU64>>,
     /// Off after the kernel refused once (old kernel, odd memory).
     enabled: AtomicBool,
-    /// The window a writer claimed last (block, window), for the helper.
-    latest: Mutex<Option<(usize, u64)>>,
-    /// Wakes the helper.
-    wake: Condvar,
-    /// The helper stops (the load's record loop returned).
-    stop: AtomicBool,
-    /// The window a writer was in last, `block << 40 | window` plus one
-    /// (0: none), so the helper hears of each window once.
-    seen: AtomicU64,
 }
 
 impl Prefault {
@@ -75,92 +51,7 @@ impl Prefault {
         Prefault {
             done,
             enabled: AtomicBool::new(enabled),
-            latest: Mutex::new(None),
-            wake: Condvar::new(),
-            stop: AtomicBool::new(false),
-            seen: AtomicU64::new(0),
         }
-    }
-
-    /// Claims window `w` of `block` (one caller wins) and populates it
-    /// unless it is in memory already. False if another caller had it.
-    fn claim_and_populate(&self, block: usize, region: &RawRegion, w: u64) -> bool {
-        let Some(word) = self.done.get(block).and_then(|v| v.get((w / 64) as usize)) else {
-            return false;
-        };
-        let bit = 1u64 << (w % 64);
-        if word.load(Ordering::Relaxed) & bit != 0
-            || word.fetch_or(bit, Ordering::AcqRel) & bit != 0
-        {
-            return false;
-        }
-        let start = (w << WINDOW_SHIFT) as usize;
-        if start >= region.len() || region.resident(start) == Some(true) {
-            // Memory faulted in before (a pre-touched destination, a
-            // window the guest used): populating would only walk its
-            // page tables.
-            return true;
-        }
-        let len = (1usize << WINDOW_SHIFT).min(region.len() - start);
-        if let Err(e) = region.populate_write(start, len) {
-            log::debug!("prefault off: MADV_POPULATE_WRITE failed: {e}");
-            self.enabled.store(false, Ordering::Relaxed);
-        }
-        true
-    }
-
-    /// Stops the helper (see [`Prefault::stop_ahead`]) when dropped, also
-    /// when the load panics, so a scope joining the helper never hangs.
-    pub fn stopping(&self) -> StopAhead<'_> {
-        StopAhead(self)
-    }
-
-    /// The helper thread's loop: after each window a writer claims,
-    /// populates the [`AHEAD`] windows after it, until [`Prefault::stop_ahead`].
-    pub fn run_ahead(&self, mem: &dyn GuestMemory) {
-        let blocks = mem.blocks();
-        let mut latest = self.latest.lock().unwrap_or_else(|e| e.into_inner());
-        loop {
-            if self.stop.load(Ordering::Acquire) || !self.enabled.load(Ordering::Relaxed) {
-                return;
-            }
-            let Some((block, w)) = latest.take() else {
-                latest = self
-                    .wake
-                    .wait_timeout(latest, Duration::from_millis(50))
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0;
-                continue;
-            };
-            drop(latest);
-            if let Some(b) = blocks.get(block) {
-                let region = b.region();
-                for k in 1..=AHEAD {
-                    if self.stop.load(Ordering::Acquire) {
-                        return;
-                    }
-                    if ((w + k) << WINDOW_SHIFT) >= region.len() as u64 {
-                        break;
-                    }
-                    self.claim_and_populate(block, region, w + k);
-                }
-            }
-            latest = self.latest.lock().unwrap_or_else(|e| e.into_inner());
-        }
-    }
-
-    /// Readies the helper for a load ([`Prefault::run_ahead`] returns at
-    /// once after [`Prefault::stop_ahead`] otherwise).
-    pub fn start_ahead(&self) {
-        self.stop.store(false, Ordering::Release);
-    }
-
-    /// Stops the helper: it returns after the window it is populating.
-    pub fn stop_ahead(&self) {
-        self.seen.store(0, Ordering::Relaxed);
-        self.stop.store(true, Ordering::Release);
-        let _guard = self.latest.lock().unwrap_or_else(|e| e.into_inner());
-        self.wake.notify_all();
     }
 
     /// A data page is about to be written at `offset` of block `block`
@@ -171,14 +62,26 @@ impl Prefault {
             return;
         }
         let w = offset >> WINDOW_SHIFT;
-        self.claim_and_populate(block, region, w);
-        // Tell the helper where the stream is, once per window.
-        let key = ((block as u64) << 40 | w) + 1;
-        if self.seen.load(Ordering::Relaxed) != key && self.seen.swap(key, Ordering::Relaxed) != key
+        let Some(word) = self.done.get(block).and_then(|v| v.get((w / 64) as usize)) else {
+            return;
+        };
+        let bit = 1u64 << (w % 64);
+        if word.load(Ordering::Relaxed) & bit != 0
+            || word.fetch_or(bit, Ordering::AcqRel) & bit != 0
         {
-            let mut latest = self.latest.lock().unwrap_or_else(|e| e.into_inner());
-            *latest = Some((block, w));
-            self.wake.notify_one();
+            return;
+        }
+        if region.resident(offset as usize) == Some(true) {
+            // Memory faulted in before (a pre-touched destination, a
+            // window the guest used): populating would only walk its
+            // page tables.
+            return;
+        }
+        let start = (w << WINDOW_SHIFT) as usize;
+        let len = (1usize << WINDOW_SHIFT).min(region.len() - start);
+        if let Err(e) = region.populate_write(start, len) {
+            log::debug!("prefault off: MADV_POPULATE_WRITE failed: {e}");
+            self.enabled.store(false, Ordering::Relaxed);
         }
     }
 
@@ -190,15 +93,6 @@ impl Prefault {
             .flatten()
             .map(|w| w.load(Ordering::Relaxed).count_ones())
             .sum()
-    }
-}
-
-/// Stops the prefault helper when dropped ([`Prefault::stopping`]).
-pub(super) struct StopAhead<'a>(&'a Prefault);
-
-impl Drop for StopAhead<'_> {
-    fn drop(&mut self) {
-        self.0.stop_ahead();
     }
 }
 
@@ -264,36 +158,6 @@ mod tests {
         let mut b = [0u8; 4096];
         assert!(r.read(0, &mut b));
         assert_eq!(b, [9; 4096]);
-    }
-
-    #[test]
-    fn the_helper_populates_the_windows_after_a_claimed_one() {
-        let mem = ProcessMemory::single(16 * MIB).unwrap();
-        let r = mem.blocks()[0].region().clone();
-        assert!(r.write(3 * MIB as usize, &[4; 8]));
-        let p = Prefault::new(&mem, true);
-        p.start_ahead();
-        std::thread::scope(|s| {
-            s.spawn(|| p.run_ahead(&mem));
-            let _stop = p.stopping();
-            p.before_write(0, &r, 4096);
-            p.before_write(0, &r, 8192);
-            // 1 + AHEAD windows claimed, eventually (generous: a loaded host).
-            let t = std::time::Instant::now();
-            while p.windows_done() < 1 + AHEAD as u32 && t.elapsed() < Duration::from_secs(20) {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        });
-        assert_eq!(p.windows_done(), 1 + AHEAD as u32);
-        if let Some(ranges) = r.populated(0, 16 * MIB as usize) {
-            let bytes: usize = ranges.iter().map(|(a, b)| b - a).sum();
-            assert_eq!(bytes, (1 + AHEAD as usize) * 2 * MIB as usize, "{ranges:?}");
-        }
-        let mut b = [0u8; 8];
-        assert!(r.read(3 * MIB as usize, &mut b));
-        assert_eq!(b, [4; 8], "contents kept");
-        // Stopped: a helper started now returns at once.
-        p.run_ahead(&mem);
     }
 
     #[test]
