@@ -106,12 +106,13 @@ pub enum LoadError {
     #[error("stopped because another channel failed")]
     Aborted,
     /// A postcopy record out of place, or a postcopy this loader cannot run.
-    #[error("stream byte {offset}: {what}")]
+    #[error("stream byte {offset}: {cause}")]
     Postcopy {
         /// Byte offset of the record.
         offset: u64,
         /// What was wrong.
-        what: String,
+        #[source]
+        cause: PostcopyLoadError,
     },
     /// The source's VM has another number of vCPUs than this destination's
     /// (checked at setup, before any page).
@@ -143,6 +144,100 @@ pub enum LoadError {
         expected: String,
         /// Destination's digest (hex).
         actual: String,
+    },
+}
+
+/// What was wrong with a postcopy record or connection on the
+/// destination ([`LoadError::Postcopy`]).
+#[derive(Debug, thiserror::Error)]
+pub enum PostcopyLoadError {
+    /// The source switched to postcopy, which this destination does not
+    /// run (allow it here: engine::Destination::postcopy).
+    #[error(
+        "the source switched to postcopy, which this destination does not run \
+         (allow it here: engine::Destination::postcopy)"
+    )]
+    NotAllowed,
+    /// A page channel and the main channel disagree about the postcopy
+    /// switch.
+    #[error("a page channel and the main channel disagree about the postcopy switch")]
+    ChannelsDisagree,
+    /// The main channel switched to postcopy, but not every page channel
+    /// did.
+    #[error("the main channel switched to postcopy, but not every page channel did")]
+    NotEveryChannel,
+    /// The postcopy switch record must end its section.
+    #[error("the postcopy switch record must end its section")]
+    SwitchNotLast,
+    /// Postcopy switch before the block list.
+    #[error("postcopy switch before the block list")]
+    BeforeBlockList,
+    /// Postcopy switch in a stream without a return path.
+    #[error("postcopy switch in a stream without a return path")]
+    NoReturnPath,
+    /// Accepting the postcopy urgent connection failed.
+    #[error("accepting the postcopy urgent connection: {source}")]
+    AcceptUrgent {
+        /// Transport error.
+        #[source]
+        source: io::Error,
+    },
+    /// The postcopy urgent connection's start was bad.
+    #[error("opening the postcopy urgent connection: {source}")]
+    OpenUrgent {
+        /// What was wrong.
+        #[source]
+        source: Box<LoadError>,
+    },
+    /// The source wants an urgent connection (postcopy-preempt) but this
+    /// destination accepts none.
+    #[error(
+        "the source wants an urgent connection (postcopy-preempt) but this destination accepts none"
+    )]
+    NoUrgent,
+    /// The urgent connection's block list differs from the main stream's.
+    #[error("the urgent connection's block list differs from the main stream's")]
+    UrgentBlocks,
+    /// The connection must start with the block list.
+    #[error("the connection must start with the block list")]
+    NoBlockList,
+    /// Placing a run of pages into guest memory failed.
+    #[error("placing pages {start:#x}..{end:#x} of block {block}: {source}")]
+    Place {
+        /// Block index in the stream.
+        block: usize,
+        /// Offset in the block of the run's first page.
+        start: u64,
+        /// Offset in the block after its last page.
+        end: u64,
+        /// The placing error.
+        #[source]
+        source: io::Error,
+    },
+    /// A page record for a page outside the guest's memory.
+    #[error("page {offset:#x} of block {block}: outside the guest's memory")]
+    OutsideMemory {
+        /// Block index in the stream.
+        block: u16,
+        /// Offset in the block.
+        offset: u64,
+    },
+    /// A raw page record whose data is not one page long.
+    #[error("page {offset:#x} of block {block}: {len} bytes, not a page")]
+    NotAPage {
+        /// Block index in the stream.
+        block: u16,
+        /// Offset in the block.
+        offset: u64,
+        /// Its data's length.
+        len: usize,
+    },
+    /// A record of kind `what` came after the postcopy switch, where only
+    /// pages may come.
+    #[error("{what} after the postcopy switch")]
+    AfterSwitch {
+        /// The record's kind.
+        what: &'static str,
     },
 }
 
@@ -444,9 +539,7 @@ impl<'a> Loader<'a> {
         if total.switched {
             return Err(LoadError::Postcopy {
                 offset: total.stats.bytes,
-                what: "the source switched to postcopy, which this destination does not run \
-                       (allow it here: engine::Destination::postcopy)"
-                    .into(),
+                cause: PostcopyLoadError::NotAllowed,
             });
         }
         self.finish(verify, total)
@@ -621,7 +714,7 @@ impl<'a> Loader<'a> {
                             if o.switched != total.switched {
                                 fail(LoadError::Postcopy {
                                     offset: o.stats.bytes,
-                                    what: "a page channel and the main channel disagree about the postcopy switch".into(),
+                                    cause: PostcopyLoadError::ChannelsDisagree,
                                 });
                             }
                             total.stats.add(&o.stats);
@@ -645,8 +738,7 @@ impl<'a> Loader<'a> {
         if total.switched && streams.len() != usize::from(n) {
             return Err(LoadError::Postcopy {
                 offset: total.stats.bytes,
-                what: "the main channel switched to postcopy, but not every page channel did"
-                    .into(),
+                cause: PostcopyLoadError::NotEveryChannel,
             });
         }
         Ok((total, main, streams))
@@ -704,7 +796,7 @@ impl<'a> Loader<'a> {
             if out.switched && !matches!(rec, Record::SectionEnd { .. }) {
                 return Err(LoadError::Postcopy {
                     offset: at,
-                    what: "the postcopy switch record must end its section".into(),
+                    cause: PostcopyLoadError::SwitchNotLast,
                 });
             }
             let refuse = |what: &str| {
@@ -749,7 +841,7 @@ impl<'a> Loader<'a> {
                     if map.is_empty() {
                         return Err(LoadError::Postcopy {
                             offset: at,
-                            what: "postcopy switch before the block list".into(),
+                            cause: PostcopyLoadError::BeforeBlockList,
                         });
                     }
                     out.switched = true;
@@ -977,9 +1069,7 @@ fn refuse_switch<R: Read>(r: &StreamReader<R>, o: &StreamOutcome) -> Result<(), 
     if o.switched {
         return Err(LoadError::Postcopy {
             offset: r.offset(),
-            what: "the source switched to postcopy, which this destination does not run \
-                   (allow it here: engine::Destination::postcopy)"
-                .into(),
+            cause: PostcopyLoadError::NotAllowed,
         });
     }
     Ok(())
