@@ -277,8 +277,10 @@ pub struct LoadStats {
     pub zero_pages: u64,
     /// Zero pages that needed a write (the page was not already zero).
     pub zero_pages_written: u64,
-    /// Raw pages.
+    /// Raw pages (those of runs included).
     pub raw_pages: u64,
+    /// RUN records (raw pages read straight into guest memory).
+    pub runs: u64,
     /// XBZRLE pages.
     pub xbzrle_pages: u64,
     /// Compressed pages.
@@ -297,6 +299,7 @@ impl LoadStats {
         self.zero_pages += o.zero_pages;
         self.zero_pages_written += o.zero_pages_written;
         self.raw_pages += o.raw_pages;
+        self.runs += o.runs;
         self.xbzrle_pages += o.xbzrle_pages;
         self.compressed_pages += o.compressed_pages;
         self.sections += o.sections;
@@ -783,6 +786,10 @@ impl<'a> Loader<'a> {
         let mut reported = r.offset();
         let mut syncs = 0u64;
         let page_channel = role.is_page_channel();
+        // Runs of raw pages land in place (precopy: the guest does not run
+        // here yet, and every byte is checked at the section's end before
+        // the load can succeed).
+        r.landing_runs(true);
         loop {
             let at = r.offset();
             let rec = r.next_record()?;
@@ -876,6 +883,27 @@ impl<'a> Loader<'a> {
                     blocks[bi].region().write(offset as usize, data);
                     self.touched(bi, offset);
                 }
+                Record::Run {
+                    block,
+                    offset,
+                    pages,
+                } => {
+                    out.stats.raw_pages += u64::from(pages);
+                    out.stats.runs += 1;
+                    let bi = map[usize::from(block)];
+                    let region = blocks[bi].region();
+                    let end = offset + u64::from(pages) * PAGE_SIZE as u64;
+                    for o in (offset..end).step_by(PAGE_SIZE) {
+                        self.fresh.written(bi, o);
+                        self.prefault.before_write(bi, region, o);
+                    }
+                    // The reader checked the run against the block list and
+                    // checks it against `region` before any byte lands.
+                    r.land_run(region, offset as usize)?;
+                    for o in (offset..end).step_by(PAGE_SIZE) {
+                        self.touched(bi, o);
+                    }
+                }
                 Record::Xbzrle { .. } if page_channel => return refuse("xbzrle page"),
                 Record::Xbzrle {
                     block,
@@ -949,6 +977,7 @@ impl<'a> Loader<'a> {
                         .fetch_add(r.offset() - reported, Ordering::Relaxed);
                     reported = r.offset();
                     if out.switched {
+                        r.landing_runs(false);
                         out.stats.bytes = r.offset();
                         out.map = map;
                         return Ok(out);
@@ -1069,3 +1098,132 @@ fn refuse_switch<R: Read>(r: &StreamReader<R>, o: &StreamOutcome) -> Result<(), 
 }
 
 static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
+
+#[cfg(test)]
+mod run_tests {
+    //! RUN records through the loader: landed in place, refused whole when
+    //! they point outside a block, refused at their checksum when corrupt.
+    use super::*;
+    use crate::memory::ProcessMemory;
+    use crate::stream::format::{Kind, FLAG_RUNS};
+    use crate::stream::{BlockDesc, StreamErrorKind, StreamWriter};
+
+    const P: u64 = PAGE_SIZE as u64;
+
+    fn page(seed: u64) -> Vec<u8> {
+        (0..PAGE_SIZE)
+            .map(|i| (i as u64 * 131 + seed * 7 + 1) as u8)
+            .collect()
+    }
+
+    fn blocks() -> Vec<BlockDesc> {
+        vec![
+            BlockDesc {
+                id: "ram".into(),
+                len: 96 * P,
+            },
+            BlockDesc {
+                id: "rom".into(),
+                len: 2 * P,
+            },
+        ]
+    }
+
+    /// Destination memory; "rom" holds 0x5a everywhere, to see it kept.
+    fn dest() -> ProcessMemory {
+        let m = ProcessMemory::new(&[("ram", 96 * P), ("rom", 2 * P)]).unwrap();
+        assert!(m.blocks()[1].region().write(0, &[0x5a; 2 * PAGE_SIZE]));
+        m
+    }
+
+    fn contents(m: &ProcessMemory, b: usize) -> Vec<u8> {
+        let r = m.blocks()[b].region();
+        let mut v = vec![0u8; r.len()];
+        assert!(r.read(0, &mut v));
+        v
+    }
+
+    /// Pages 0..80 of "ram" as raw pages (two runs, 64 + 16), page 90 too.
+    fn stream() -> Vec<u8> {
+        let mut w = StreamWriter::new(Vec::new(), FLAG_RUNS);
+        w.block_list(&blocks()).unwrap();
+        for i in 0..80 {
+            w.raw(0, i * P, &page(i)).unwrap();
+        }
+        w.raw(0, 90 * P, &page(90)).unwrap();
+        w.section_end(0).unwrap();
+        w.end().unwrap();
+        std::mem::take(w.get_mut())
+    }
+
+    #[test]
+    fn runs_land_in_guest_memory() {
+        let m = dest();
+        let out = Loader::new(&m).load(&stream()[..]).unwrap();
+        assert_eq!(out.stats.runs, 3);
+        assert_eq!(out.stats.raw_pages, 81);
+        let ram = contents(&m, 0);
+        for i in (0..80).chain([90]) {
+            let o = i as usize * PAGE_SIZE;
+            assert_eq!(&ram[o..o + PAGE_SIZE], &page(i)[..], "page {i}");
+        }
+        assert!(ram[80 * PAGE_SIZE..90 * PAGE_SIZE].iter().all(|&x| x == 0));
+        assert!(contents(&m, 1).iter().all(|&x| x == 0x5a));
+    }
+
+    #[test]
+    fn a_corrupt_run_fails_the_load_and_writes_nothing_outside_its_pages() {
+        let mut bytes = stream();
+        let first = bytes.len() - (81 * PAGE_SIZE + 13 + 11 + 11 + 13 + 5);
+        bytes[first + 70 * PAGE_SIZE + 5] ^= 1;
+        let m = dest();
+        let e = Loader::new(&m).load(&bytes[..]).unwrap_err();
+        match &e {
+            LoadError::Stream(s) => {
+                assert!(
+                    matches!(s.kind, StreamErrorKind::Checksum { seq: 0, .. }),
+                    "{e}"
+                )
+            }
+            other => panic!("{other}"),
+        }
+        assert!(contents(&m, 1).iter().all(|&x| x == 0x5a), "rom untouched");
+        let ram = contents(&m, 0);
+        assert!(
+            ram[80 * PAGE_SIZE..90 * PAGE_SIZE]
+                .iter()
+                .chain(&ram[91 * PAGE_SIZE..])
+                .all(|&x| x == 0),
+            "nothing outside the pages the stream named"
+        );
+    }
+
+    #[test]
+    fn a_run_past_its_block_is_refused_before_it_lands() {
+        let mut w = StreamWriter::new(Vec::new(), FLAG_RUNS);
+        w.block_list(&blocks()).unwrap();
+        w.flush().unwrap();
+        let mut bytes = std::mem::take(w.get_mut());
+        // "rom" has 2 pages: a run of 3 from page 0.
+        bytes.push(Kind::Run as u8);
+        bytes.extend_from_slice(&1u16.to_be_bytes());
+        bytes.extend_from_slice(&0u64.to_be_bytes());
+        bytes.extend_from_slice(&3u16.to_be_bytes());
+        for i in 0..3 {
+            bytes.extend_from_slice(&page(i));
+        }
+        let m = dest();
+        let e = Loader::new(&m).load(&bytes[..]).unwrap_err();
+        let msg = e.to_string();
+        match &e {
+            LoadError::Stream(s) => assert!(
+                matches!(s.kind, StreamErrorKind::RunPastBlock { pages: 3, .. }),
+                "{msg}"
+            ),
+            other => panic!("{other}"),
+        }
+        assert!(msg.contains("'rom'"), "{msg}");
+        assert!(contents(&m, 1).iter().all(|&x| x == 0x5a), "rom untouched");
+        assert!(contents(&m, 0).iter().all(|&x| x == 0), "ram untouched");
+    }
+}

@@ -499,6 +499,9 @@ impl<'a> RamSaver<'a> {
         let mut flags = if self.params.verify { FLAG_VERIFY } else { 0 };
         // Pages never written leave as runs (see `stream/format.rs`).
         flags |= FLAG_ZERO_RUNS;
+        // Raw pages at consecutive offsets travel as RUN records, which
+        // the destination reads straight into guest memory.
+        flags |= crate::stream::format::FLAG_RUNS;
         if self.params.postcopy_ram && self.params.postcopy_preempt {
             flags |= crate::stream::format::FLAG_URGENT;
         }

@@ -28,6 +28,9 @@
 //!                                   are zero; 1 <= count <= MAX_ZERO_RUN_PAGES, every page
 //!                                   inside the block; FLAG_ZERO_RUNS only, never after
 //!                                   POSTCOPY
+//! RUN         addr count:u16 pages:[u8; 4096 * count]
+//!                                   1 <= count <= MAX_RUN_PAGES, every page inside the
+//!                                   block; FLAG_RUNS only, never after POSTCOPY
 //! addr        := [block:u16] offset:u64        offset page-aligned, inside the block
 //! ```
 //!
@@ -74,6 +77,19 @@
 //! the reader refuses it there. A reader older than the record refuses
 //! the header flag (unknown header flags) before any page.
 //!
+//! Runs of raw pages (header flag [`FLAG_RUNS`]): RUN carries `count`
+//! raw pages at consecutive offsets of one block, as `count` RAW records
+//! would, with one header. The destination checks the whole run against
+//! the block (and the run's position in the stream) before any of its
+//! bytes lands, then reads the pages from the transport straight into
+//! guest memory, without a receive buffer in between; the section
+//! checksum covers them as it covers every byte, so a corrupt run is
+//! refused at its SECTION_END (the guest has not run: memory that failed
+//! to load is never started). RUN is a precopy record: after POSTCOPY the
+//! guest runs on the destination and every page must be placed whole, so
+//! the reader refuses it there. A reader without run support refuses the
+//! header flag by name.
+//!
 //! `crc` in SECTION_END is the CRC-32 (IEEE) of every byte since the end of
 //! the previous SECTION_END (or since the start of the stream), up to and
 //! including `seq`. It catches a transport that corrupts or drops bytes.
@@ -99,12 +115,18 @@ pub const FLAG_URGENT: u16 = 1 << 2;
 /// and the source waits for the destination's verdict on it (ACCEPTED or
 /// FAILED on the return path) before it sends any page.
 pub const FLAG_SETUP: u16 = 1 << 3;
+/// Header flag: raw pages may travel as RUN records (several pages at
+/// consecutive offsets of one block behind one header).
+pub const FLAG_RUNS: u16 = 1 << 4;
 /// Header flag: zero pages may travel as ZERO_RUN records (a run of
 /// pages at consecutive offsets of one block, all zero, in one record).
 pub const FLAG_ZERO_RUNS: u16 = 1 << 5;
 /// Header flags this build understands.
 pub const KNOWN_FLAGS: u16 =
-    FLAG_VERIFY | FLAG_CHANNELS | FLAG_URGENT | FLAG_SETUP | FLAG_ZERO_RUNS;
+    FLAG_VERIFY | FLAG_CHANNELS | FLAG_URGENT | FLAG_SETUP | FLAG_RUNS | FLAG_ZERO_RUNS;
+/// Most pages in one RUN record (256 KiB: small enough to stay in cache
+/// between landing and checksumming).
+pub const MAX_RUN_PAGES: u16 = 64;
 /// Most pages in one ZERO_RUN record (1 GiB of zeros).
 pub const MAX_ZERO_RUN_PAGES: u32 = 1 << 18;
 /// SETUP feature bits this build understands (none yet: a source that
@@ -154,6 +176,8 @@ pub enum Kind {
     Abort = 0x0f,
     /// Zero pages at consecutive offsets of one block.
     ZeroRun = 0x11,
+    /// Raw pages at consecutive offsets of one block.
+    Run = 0x10,
 }
 
 impl Kind {
@@ -176,6 +200,7 @@ impl Kind {
             0x0e => Kind::Setup,
             0x0f => Kind::Abort,
             0x11 => Kind::ZeroRun,
+            0x10 => Kind::Run,
             _ => return None,
         })
     }
@@ -184,7 +209,7 @@ impl Kind {
     pub fn is_page(self) -> bool {
         matches!(
             self,
-            Kind::Zero | Kind::Raw | Kind::Xbzrle | Kind::Compressed | Kind::ZeroRun
+            Kind::Zero | Kind::Raw | Kind::Xbzrle | Kind::Compressed | Kind::ZeroRun | Kind::Run
         )
     }
 
@@ -207,6 +232,7 @@ impl Kind {
             Kind::Setup => "setup",
             Kind::Abort => "abort",
             Kind::ZeroRun => "zero run",
+            Kind::Run => "run of raw pages",
         }
     }
 }

@@ -10,7 +10,7 @@ use std::io::{self, Read};
 
 use super::format::*;
 use super::writer::BlockDesc;
-use crate::memory::PAGE_SIZE;
+use crate::memory::{RawRegion, PAGE_SIZE};
 
 /// What was wrong with a stream.
 #[derive(Debug, thiserror::Error)]
@@ -197,6 +197,26 @@ pub enum StreamErrorKind {
         /// Block length.
         len: u64,
     },
+    /// A RUN record in a stream whose header does not declare runs.
+    #[error("run record in a stream whose header does not declare runs")]
+    NotRunStream,
+    /// A RUN record after the postcopy switch (pages must be placed whole
+    /// once the guest runs here).
+    #[error("run record after the postcopy switch")]
+    RunAfterPostcopy,
+    /// A RUN record whose pages go past the end of its block (or of the
+    /// memory it was to land in).
+    #[error("run of {pages} pages at {offset:#x} goes past the end of block '{block}' of {len:#x} bytes")]
+    RunPastBlock {
+        /// Block id.
+        block: String,
+        /// Offset of the run's first page.
+        offset: u64,
+        /// Pages in the run.
+        pages: u64,
+        /// Block length.
+        len: u64,
+    },
     /// Sync epochs out of order.
     #[error("sync epoch {found} where {expected} was expected")]
     SyncEpoch {
@@ -320,7 +340,36 @@ pub enum Record<'a> {
     /// The source gave up; its reason (UTF-8, lossily decoded). Nothing
     /// follows: a further read fails.
     Abort(&'a str),
+    /// A run of raw pages whose bytes have not been read yet (only with
+    /// [`StreamReader::landing_runs`]; otherwise a run comes as one
+    /// [`Record::Raw`] per page). Checked: every page lies inside the
+    /// block. Land it with [`StreamReader::land_run`]; a further
+    /// [`StreamReader::next_record`] instead hands its pages out as
+    /// [`Record::Raw`] records.
+    Run {
+        /// Block index.
+        block: u16,
+        /// Byte offset of the first page in the block.
+        offset: u64,
+        /// Pages in the run (1..=[`MAX_RUN_PAGES`]).
+        pages: u16,
+    },
 }
+
+/// A RUN record whose pages are still to be read.
+#[derive(Clone, Copy, Debug)]
+struct PendingRun {
+    block: u16,
+    /// Offset of the next page.
+    next: u64,
+    /// Pages left.
+    left: u16,
+}
+
+/// After a run landed in place, refills read only this much (the largest
+/// RUN header), so the next run's pages stay in the transport to land in
+/// place too.
+const LEAN_READ: usize = 13;
 
 /// Bytes read from the transport per refill (and the input buffer's
 /// size): large enough that a page record is rarely split, small enough to
@@ -363,6 +412,12 @@ pub struct StreamReader<R: Read> {
     paged: bool,
     /// The reason of an ABORT record.
     abort: String,
+    /// The RUN record whose pages are still to be read.
+    run: Option<PendingRun>,
+    /// Runs are handed out whole, to land in place.
+    landing: bool,
+    /// A run landed in place last: refill only what a record header needs.
+    lean: bool,
 }
 
 impl<R: Read> StreamReader<R> {
@@ -391,6 +446,9 @@ impl<R: Read> StreamReader<R> {
             setup: false,
             paged: false,
             abort: String::new(),
+            run: None,
+            landing: false,
+            lean: false,
         };
         let magic: [u8; 8] = r.array("the header")?;
         if magic != MAGIC {
@@ -420,7 +478,88 @@ impl<R: Read> StreamReader<R> {
     /// records (nothing buffered): for a message outside the record
     /// framing, such as the source's GO at the postcopy switch.
     pub fn inner_if_drained(&mut self) -> Option<&mut R> {
-        (self.pos == self.end).then_some(&mut self.inner)
+        (self.pos == self.end && self.run.is_none()).then_some(&mut self.inner)
+    }
+
+    /// Hands RUN records out whole ([`Record::Run`]) for
+    /// [`StreamReader::land_run`] to read into place, instead of one
+    /// [`Record::Raw`] per page.
+    pub fn landing_runs(&mut self, on: bool) {
+        self.landing = on;
+    }
+
+    /// Reads the pages of the [`Record::Run`] just returned straight into
+    /// `region` at byte `at` (the bytes already buffered are copied, the
+    /// rest read from the transport in place), checksumming them as every
+    /// stream byte is. The range is checked against `region` before any
+    /// byte lands. The section checksum is only checked at the section's
+    /// end: until then the landed bytes are not known good.
+    ///
+    /// # Panics
+    /// If no run is pending.
+    pub fn land_run(&mut self, region: &RawRegion, at: usize) -> Result<(), StreamError> {
+        let run = self.run.take().expect("land_run without a pending run");
+        let len = usize::from(run.left) * PAGE_SIZE;
+        if at.checked_add(len).is_none_or(|e| e > region.len()) {
+            let block = self.blocks[usize::from(run.block)].id.clone();
+            return Err(self.err_at(
+                self.offset,
+                StreamErrorKind::RunPastBlock {
+                    block,
+                    offset: run.next,
+                    pages: run.left.into(),
+                    len: region.len() as u64,
+                },
+            ));
+        }
+        self.fold_crc();
+        let have = (self.end - self.pos).min(len);
+        if have > 0 {
+            let bytes = &self.buf[self.pos..self.pos + have];
+            self.crc.update(bytes);
+            region.write(at, bytes);
+            self.pos += have;
+            self.offset += have as u64;
+            self.crc_from = self.pos;
+        }
+        let mut done = have;
+        while done < len {
+            match region.read_from(at + done, len - done, &mut self.inner) {
+                Ok(0) => {
+                    return Err(self.err_at(
+                        self.offset,
+                        StreamErrorKind::Truncated("a run of raw pages"),
+                    ))
+                }
+                Ok(k) => {
+                    let crc = &mut self.crc;
+                    region.scan(at + done, k, |s| crc.update(s));
+                    done += k;
+                    self.offset += k as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(self.err_at(self.offset, StreamErrorKind::Io(e))),
+            }
+        }
+        self.lean = true;
+        Ok(())
+    }
+
+    /// The next page of the pending run, as a raw page record.
+    fn run_page(&mut self) -> Result<Record<'_>, StreamError> {
+        let mut run = self.run.take().expect("a run is pending");
+        let offset = run.next;
+        run.left -= 1;
+        run.next += PAGE_SIZE as u64;
+        if run.left > 0 {
+            self.run = Some(run);
+        }
+        let data = self.take(PAGE_SIZE, "a run of raw pages")?;
+        Ok(Record::Raw {
+            block: run.block,
+            offset,
+            data,
+        })
     }
 
     /// Header flags (see [`FLAG_VERIFY`]).
@@ -488,8 +627,13 @@ impl<R: Read> StreamReader<R> {
             self.pos = 0;
             self.crc_from = 0;
         }
+        let limit = if self.lean {
+            (self.pos + n.max(LEAN_READ)).min(self.buf.len())
+        } else {
+            self.buf.len()
+        };
         while self.end - self.pos < n {
-            match self.inner.read(&mut self.buf[self.end..]) {
+            match self.inner.read(&mut self.buf[self.end..limit]) {
                 Ok(0) => {
                     let at = self.offset + (self.end - self.pos) as u64;
                     return Err(self.err_at(at, StreamErrorKind::Truncated(what)));
@@ -574,6 +718,11 @@ impl<R: Read> StreamReader<R> {
         if self.ended {
             return Err(self.err_at(self.offset, StreamErrorKind::AfterEnd));
         }
+        if self.run.is_some() {
+            // Each page of a run handed out alone counts as a record.
+            self.record += 1;
+            return self.run_page();
+        }
         if self.what.is_some() {
             self.record += 1;
         }
@@ -602,6 +751,16 @@ impl<R: Read> StreamReader<R> {
             if self.postcopy {
                 return Err(self.err_at(tag_at, StreamErrorKind::ZeroRunAfterPostcopy));
             }
+        }
+        if kind == Kind::Run {
+            if self.flags & FLAG_RUNS == 0 {
+                return Err(self.err_at(tag_at, StreamErrorKind::NotRunStream));
+            }
+            if self.postcopy {
+                return Err(self.err_at(tag_at, StreamErrorKind::RunAfterPostcopy));
+            }
+        } else if kind.is_page() {
+            self.lean = false;
         }
         if kind.is_page() {
             self.paged = true;
@@ -782,7 +941,12 @@ impl<R: Read> StreamReader<R> {
                 self.ended = true;
                 Ok(Record::Abort(&self.abort))
             }
-            Kind::Zero | Kind::Raw | Kind::Xbzrle | Kind::Compressed | Kind::ZeroRun => {
+            Kind::Zero
+            | Kind::Raw
+            | Kind::Xbzrle
+            | Kind::Compressed
+            | Kind::ZeroRun
+            | Kind::Run => {
                 unreachable!("page kinds handled above")
             }
         }
@@ -933,6 +1097,33 @@ impl<R: Read> StreamReader<R> {
                     offset,
                     data,
                 })
+            }
+            Kind::Run => {
+                let at = self.offset;
+                let pages = self.len_field16("run pages", 1, MAX_RUN_PAGES.into())?;
+                let desc = &self.blocks[usize::from(block)];
+                if offset + (pages * PAGE_SIZE) as u64 > desc.len {
+                    let kind = StreamErrorKind::RunPastBlock {
+                        block: desc.id.clone(),
+                        offset,
+                        pages: pages as u64,
+                        len: desc.len,
+                    };
+                    return Err(self.err_at(at, kind));
+                }
+                self.run = Some(PendingRun {
+                    block,
+                    next: offset,
+                    left: pages as u16,
+                });
+                if self.landing {
+                    return Ok(Record::Run {
+                        block,
+                        offset,
+                        pages: pages as u16,
+                    });
+                }
+                self.run_page()
             }
             Kind::Xbzrle => {
                 let n = self.len_field16("xbzrle payload", 1, PAGE_SIZE as u64)?;

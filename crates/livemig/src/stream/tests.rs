@@ -163,6 +163,7 @@ fn own(r: Record<'_>) -> Rec {
         Record::Postcopy => Rec::Postcopy,
         Record::Setup { vcpus, features } => Rec::Setup { vcpus, features },
         Record::Abort(t) => Rec::Abort(t.to_string()),
+        Record::Run { .. } => panic!("runs come whole only to a reader landing them"),
     }
 }
 
@@ -1243,7 +1244,7 @@ fn bad_version() {
 
 #[test]
 fn unknown_header_flags() {
-    for flags in [1 << 6, 1 << 15, FLAG_VERIFY | 1 << 4, u16::MAX] {
+    for flags in [1 << 6, 1 << 15, FLAG_VERIFY | 1 << 6, u16::MAX] {
         let e = parse_err(&Builder::custom_header(MAGIC, VERSION, flags, 0).build()).err;
         assert!(
             matches!(e.kind, StreamErrorKind::HeaderFlags(x) if x == flags),
@@ -1267,7 +1268,7 @@ fn reserved_header_field() {
 
 #[test]
 fn unknown_tag() {
-    for tag in [0x00, 0x10, 0x12, 0x7f, 0x80, 0x90, 0xff] {
+    for tag in [0x00, 0x12, 0x13, 0x7f, 0x80, 0x92, 0xff] {
         let mut b = Builder::header(0);
         b.u8(tag);
         let e = parse_err(&b.build()).err;
@@ -2023,10 +2024,10 @@ fn display_names_the_byte_and_record() {
         "stream byte 16, record 0: unknown record tag 0x7f"
     );
 
-    let e = parse_err(&Builder::custom_header(MAGIC, VERSION, 16, 0).build()).err;
+    let e = parse_err(&Builder::custom_header(MAGIC, VERSION, 64, 0).build()).err;
     assert_eq!(
         e.to_string(),
-        "stream byte 10, record 0 (header): unknown header flags 0x0010"
+        "stream byte 10, record 0 (header): unknown header flags 0x0040"
     );
 
     let mut b = Builder::with_blocks();
@@ -2451,4 +2452,352 @@ fn zero_runs_need_the_flag_and_end_at_the_postcopy_switch() {
     );
     assert_at(&f.err, at, 4, Some("zero run"));
     assert_eq!(f.recs.len(), 4, "the run before the switch was read");
+}
+
+// ---------------------------------------------------------------------------
+// Runs of raw pages (FLAG_RUNS)
+// ---------------------------------------------------------------------------
+
+/// The RUN records of `bytes` as (block, offset, pages), read with runs
+/// handed out whole and landed into `mem` (whose blocks are the stream's).
+fn land_all<R: Read>(
+    input: R,
+    mem: &dyn crate::memory::GuestMemory,
+) -> Result<Vec<(u16, u64, u16)>, StreamError> {
+    let mut r = StreamReader::new(input)?;
+    r.landing_runs(true);
+    let mut runs = Vec::new();
+    loop {
+        let rec = r.next_record()?;
+        match rec {
+            Record::Run {
+                block,
+                offset,
+                pages,
+            } => {
+                runs.push((block, offset, pages));
+                let region = mem.blocks()[usize::from(block)].region().clone();
+                r.land_run(&region, offset as usize)?;
+            }
+            Record::Raw {
+                block,
+                offset,
+                data,
+            } => {
+                let region = mem.blocks()[usize::from(block)].region();
+                assert!(region.write(offset as usize, data));
+            }
+            Record::End => return Ok(runs),
+            _ => {}
+        }
+    }
+}
+
+fn runs_mem() -> crate::memory::ProcessMemory {
+    crate::memory::ProcessMemory::new(&[("ram0", 4 * P), ("ram1", 2 * P)]).unwrap()
+}
+
+fn mem_bytes(mem: &dyn crate::memory::GuestMemory, block: usize) -> Vec<u8> {
+    let r = mem.blocks()[block].region();
+    let mut v = vec![0u8; r.len()];
+    assert!(r.read(0, &mut v));
+    v
+}
+
+/// A stream with runs: block 0 pages 0..=2 raw (one run), page 3 zero,
+/// block 1 pages 0..=1 (one run), a staged page dropped in between.
+fn runs_stream() -> (Vec<u8>, Vec<Rec>) {
+    let mut w = StreamWriter::new(Vec::new(), FLAG_RUNS);
+    w.block_list(&descs(BLOCKS)).unwrap();
+    let mut want = vec![Rec::BlockList(descs(BLOCKS))];
+    for i in 0..3u64 {
+        w.raw(0, i * P, &page(i as u8)).unwrap();
+        want.push(Rec::Raw {
+            block: 0,
+            offset: i * P,
+            data: page(i as u8),
+        });
+    }
+    w.zero(0, 3 * P).unwrap();
+    want.push(Rec::Zero {
+        block: 0,
+        offset: 3 * P,
+    });
+    w.raw(1, 0, &page(10)).unwrap();
+    // A page staged and dropped does not end the run.
+    w.stage_page(1, P).fill(0xee);
+    w.discard_staged();
+    w.raw(1, P, &page(11)).unwrap();
+    want.push(Rec::Raw {
+        block: 1,
+        offset: 0,
+        data: page(10),
+    });
+    want.push(Rec::Raw {
+        block: 1,
+        offset: P,
+        data: page(11),
+    });
+    w.section_end(0).unwrap();
+    want.push(Rec::SectionEnd { seq: 0 });
+    w.end().unwrap();
+    want.push(Rec::End);
+    (std::mem::take(w.get_mut()), want)
+}
+
+#[test]
+fn runs_read_as_raw_pages_by_a_reader_not_landing_them() {
+    let (bytes, want) = runs_stream();
+    let p = parse_ok(&bytes);
+    assert_eq!(p.flags, FLAG_RUNS);
+    assert_eq!(p.recs, want);
+    // Two RUN headers instead of five RAW ones: 5 pages, 2 * (addr + count).
+    let blocks_len = BLOCKS_LEN as usize;
+    let run_hdr = 1 + 2 + 8 + 2;
+    let expected = HEADER_LEN
+        + blocks_len
+        + run_hdr
+        + 3 * PAGE_SIZE
+        + (1 + 8)
+        + run_hdr
+        + 2 * PAGE_SIZE
+        + 13
+        + 5;
+    assert_eq!(bytes.len(), expected);
+    // Through a trickle too (runs split across reads).
+    for chunk in [1, 7, 4096, 5000] {
+        let t = Trickle {
+            data: &bytes,
+            chunk,
+            interrupt: false,
+        };
+        let p = parse_from(t).unwrap_or_else(|f| panic!("chunk {chunk}: {}", f.err));
+        assert_eq!(p.recs, want, "chunk {chunk}");
+    }
+}
+
+#[test]
+fn runs_land_in_place_through_any_transport() {
+    let (bytes, _) = runs_stream();
+    for chunk in [1, 13, 4095, 5000, 1 << 20] {
+        let mem = runs_mem();
+        let t = Trickle {
+            data: &bytes,
+            chunk,
+            interrupt: false,
+        };
+        let runs = land_all(t, &mem).unwrap_or_else(|e| panic!("chunk {chunk}: {e}"));
+        assert_eq!(runs, vec![(0, 0, 3), (1, 0, 2)], "chunk {chunk}");
+        let b0 = mem_bytes(&mem, 0);
+        for i in 0..3 {
+            assert_eq!(&b0[i * PAGE_SIZE..(i + 1) * PAGE_SIZE], &page(i as u8)[..]);
+        }
+        assert!(b0[3 * PAGE_SIZE..].iter().all(|&x| x == 0));
+        let b1 = mem_bytes(&mem, 1);
+        assert_eq!(&b1[..PAGE_SIZE], &page(10)[..]);
+        assert_eq!(&b1[PAGE_SIZE..], &page(11)[..]);
+    }
+}
+
+#[test]
+fn writer_caps_runs_and_cuts_them_at_gaps_blocks_and_other_records() {
+    let big = descs(&[("big", 200 * P), ("b", 4 * P)]);
+    let mut w = StreamWriter::new(Vec::new(), FLAG_RUNS);
+    w.block_list(&big).unwrap();
+    for i in 0..70u64 {
+        w.raw(0, i * P, &page(i as u8)).unwrap();
+    }
+    // A gap, then another block, then back.
+    w.raw(0, 80 * P, &page(1)).unwrap();
+    w.raw(1, P, &page(2)).unwrap();
+    w.raw(0, 81 * P, &page(3)).unwrap();
+    // An encoded record ends the run.
+    w.encoded(Encoded::Xbzrle, 0, 82 * P, &[0, 1, 7]).unwrap();
+    w.raw(0, 83 * P, &page(4)).unwrap();
+    // The postcopy switch ends runs for good: RAW records after it.
+    w.postcopy().unwrap();
+    w.section_end(0).unwrap();
+    w.raw(0, 84 * P, &page(5)).unwrap();
+    w.raw(0, 85 * P, &page(6)).unwrap();
+    w.section_end(1).unwrap();
+    w.end().unwrap();
+    let bytes = std::mem::take(w.get_mut());
+    let mut r = StreamReader::new(&bytes[..]).unwrap();
+    r.landing_runs(true);
+    let mut runs = Vec::new();
+    let mut raws = Vec::new();
+    let mut scratch = vec![0u8; 200 * PAGE_SIZE];
+    loop {
+        match r.next_record().unwrap() {
+            Record::Run {
+                block,
+                offset,
+                pages,
+            } => {
+                runs.push((block, offset / P, pages));
+                // Not landing: the pages come as raw records instead.
+                for k in 0..u64::from(pages) {
+                    match r.next_record().unwrap() {
+                        Record::Raw {
+                            block: b,
+                            offset: o,
+                            data,
+                        } => {
+                            assert_eq!((b, o), (block, offset + k * P));
+                            if b == 0 {
+                                scratch[o as usize..o as usize + PAGE_SIZE].copy_from_slice(data);
+                            }
+                        }
+                        other => panic!("page {k} of a run: {other:?}"),
+                    }
+                }
+            }
+            Record::Raw { block, offset, .. } => raws.push((block, offset / P)),
+            Record::End => break,
+            _ => {}
+        }
+    }
+    assert_eq!(
+        runs,
+        vec![
+            (0, 0, MAX_RUN_PAGES),
+            (0, 64, 70 - MAX_RUN_PAGES),
+            (0, 80, 1),
+            (1, 1, 1),
+            (0, 81, 1),
+            (0, 83, 1)
+        ]
+    );
+    assert_eq!(raws, vec![(0, 84), (0, 85)], "no runs after the switch");
+    for i in 0..70 {
+        assert!(
+            scratch[i * PAGE_SIZE..(i + 1) * PAGE_SIZE] == page(i as u8)[..],
+            "page {i}"
+        );
+    }
+}
+
+/// A crafted RUN record (tag, address, count, pages).
+fn run_rec(b: &mut Builder, block: Option<u16>, offset: u64, pages: &[Vec<u8>]) {
+    b.addr(Kind::Run, block, offset).u16(pages.len() as u16);
+    for p in pages {
+        b.bytes(p);
+    }
+}
+
+#[test]
+fn runs_are_checked_before_any_byte_lands() {
+    // Past the block's end: block 1 has 2 pages, a run of 2 at page 1.
+    let mut b = Builder::header(FLAG_RUNS);
+    b.blocks(BLOCKS);
+    let at = b.pos();
+    run_rec(&mut b, Some(1), P, &[page(1), page(2)]);
+    b.section_end(0).end();
+    let mem = runs_mem();
+    let e = land_all(&b.build()[..], &mem).unwrap_err();
+    assert!(
+        matches!(e.kind, StreamErrorKind::RunPastBlock { pages: 2, offset, len, .. } if offset == P && len == 2 * P),
+        "{e}"
+    );
+    assert_at(&e, at + 11, 1, Some("run of raw pages"));
+    assert!(mem_bytes(&mem, 1).iter().all(|&x| x == 0), "nothing landed");
+    assert!(e.to_string().contains("'ram1'"), "{e}");
+
+    // Counts 0 and MAX_RUN_PAGES + 1.
+    for count in [0u16, MAX_RUN_PAGES + 1] {
+        let mut b = Builder::header(FLAG_RUNS);
+        b.blocks(BLOCKS);
+        b.addr(Kind::Run, Some(0), 0).u16(count);
+        let e = parse_err(&b.build()).err;
+        assert!(
+            matches!(
+                e.kind,
+                StreamErrorKind::BadLength {
+                    what: "run pages",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+
+    // Without the header flag.
+    let mut b = Builder::with_blocks();
+    let at = b.pos();
+    run_rec(&mut b, Some(0), 0, &[page(1)]);
+    let e = parse_err(&b.build()).err;
+    assert!(matches!(e.kind, StreamErrorKind::NotRunStream), "{e}");
+    assert_at(&e, at, 1, Some("run of raw pages"));
+
+    // After the postcopy switch.
+    let mut b = Builder::header(FLAG_RUNS);
+    b.blocks(BLOCKS);
+    b.tag(Kind::Postcopy, false).section_end(0);
+    let at = b.pos();
+    run_rec(&mut b, Some(0), 0, &[page(1)]);
+    let e = parse_err(&b.build()).err;
+    assert!(matches!(e.kind, StreamErrorKind::RunAfterPostcopy), "{e}");
+    assert_eq!(e.offset, at);
+
+    // Landing into memory smaller than the run (a caller's mismatch).
+    let mut b = Builder::header(FLAG_RUNS);
+    b.blocks(BLOCKS);
+    run_rec(&mut b, Some(0), 0, &[page(1), page(2), page(3)]);
+    let bytes = b.build();
+    let mut r = StreamReader::new(&bytes[..]).unwrap();
+    r.landing_runs(true);
+    r.next_record().unwrap();
+    assert!(matches!(
+        r.next_record().unwrap(),
+        Record::Run { pages: 3, .. }
+    ));
+    use crate::memory::GuestMemory;
+    let small = crate::memory::ProcessMemory::single(2 * P).unwrap();
+    let e = r.land_run(small.blocks()[0].region(), 0).unwrap_err();
+    assert!(
+        matches!(e.kind, StreamErrorKind::RunPastBlock { .. }),
+        "{e}"
+    );
+    assert!(
+        mem_bytes(&small, 0).iter().all(|&x| x == 0),
+        "nothing landed"
+    );
+}
+
+#[test]
+fn a_corrupt_or_cut_run_fails_at_its_checksum_or_its_end() {
+    let (bytes, _) = runs_stream();
+    // A byte inside the first run's second page.
+    let first_page = HEADER_LEN + BLOCKS_LEN as usize + 13;
+    let mut bad = bytes.clone();
+    bad[first_page + PAGE_SIZE + 100] ^= 0x40;
+    for chunk in [1 << 20, 4096] {
+        let t = Trickle {
+            data: &bad,
+            chunk,
+            interrupt: false,
+        };
+        let e = land_all(t, &runs_mem()).unwrap_err();
+        assert!(
+            matches!(e.kind, StreamErrorKind::Checksum { seq: 0, .. }),
+            "chunk {chunk}: {e}"
+        );
+    }
+    // Cut inside the run.
+    let cut = &bytes[..first_page + PAGE_SIZE + 100];
+    let e = land_all(cut, &runs_mem()).unwrap_err();
+    assert!(
+        matches!(e.kind, StreamErrorKind::Truncated("a run of raw pages")),
+        "{e}"
+    );
+    assert_eq!(e.offset, cut.len() as u64);
+    // A failing transport inside the run.
+    let e = land_all(FailAfter { data: cut }, &runs_mem()).unwrap_err();
+    assert!(matches!(e.kind, StreamErrorKind::Io(_)), "{e}");
+    // Not landing: the same errors.
+    let e = parse_err(&bad).err;
+    assert!(
+        matches!(e.kind, StreamErrorKind::Checksum { seq: 0, .. }),
+        "{e}"
+    );
 }

@@ -31,6 +31,11 @@ pub enum Encoded {
 /// Page data is staged straight into the output buffer
 /// ([`StreamWriter::stage_page`]) so a raw page is copied once, from guest
 /// memory into the buffer, and can still be turned into a smaller record.
+///
+/// With [`FLAG_RUNS`] in the header, raw pages at consecutive offsets of
+/// one block committed one after the other share one RUN record (up to
+/// [`MAX_RUN_PAGES`], and never across a flush of the buffer), which the
+/// destination reads straight into guest memory.
 pub struct StreamWriter<W: Write> {
     out: W,
     buf: Vec<u8>,
@@ -40,6 +45,11 @@ pub struct StreamWriter<W: Write> {
     staged: Option<Staged>,
     /// The header's flags (ZERO_RUN records need [`FLAG_ZERO_RUNS`]).
     flags: u16,
+    /// Raw pages go out as RUN records (header flag [`FLAG_RUNS`], until
+    /// the postcopy switch).
+    runs: bool,
+    /// The RUN record at the end of the buffer, while it may grow.
+    run: Option<OpenRun>,
 }
 
 #[derive(Clone, Copy)]
@@ -48,6 +58,17 @@ struct Staged {
     block: u16,
     offset: u64,
     data: usize,
+    /// The page extends the open run (no record header of its own).
+    extends: bool,
+}
+
+/// A RUN record being written: where its count is, what page comes next.
+#[derive(Clone, Copy)]
+struct OpenRun {
+    count_at: usize,
+    block: u16,
+    next: u64,
+    count: u16,
 }
 
 impl<W: Write> StreamWriter<W> {
@@ -61,6 +82,8 @@ impl<W: Write> StreamWriter<W> {
             last_block: None,
             staged: None,
             flags,
+            runs: flags & FLAG_RUNS != 0,
+            run: None,
         };
         w.buf.extend_from_slice(&MAGIC);
         w.buf.extend_from_slice(&VERSION.to_be_bytes());
@@ -81,6 +104,8 @@ impl<W: Write> StreamWriter<W> {
             last_block: None,
             staged: None,
             flags: 0,
+            runs: false,
+            run: None,
         }
     }
 
@@ -95,6 +120,7 @@ impl<W: Write> StreamWriter<W> {
     }
 
     fn addr(&mut self, kind: Kind, block: u16, offset: u64) {
+        self.run = None;
         if self.last_block == Some(block) {
             self.buf.push(kind as u8 | SAME_BLOCK);
         } else {
@@ -114,6 +140,7 @@ impl<W: Write> StreamWriter<W> {
 
     fn flush_buf(&mut self) -> io::Result<()> {
         debug_assert!(self.staged.is_none(), "flush with a staged page");
+        self.run = None;
         self.crc.update(&self.buf);
         self.out.write_all(&self.buf)?;
         self.written += self.buf.len() as u64;
@@ -187,9 +214,23 @@ impl<W: Write> StreamWriter<W> {
     pub fn stage_page_with(&mut self, block: u16, offset: u64, fill: impl FnOnce(&mut Vec<u8>)) {
         assert!(self.staged.is_none(), "a page is already staged");
         let start = self.buf.len();
-        let prev = self.last_block;
-        self.addr(Kind::Raw, block, offset);
-        self.last_block = prev;
+        let extends = self.runs
+            && self.run.is_some_and(|r| {
+                r.block == block
+                    && r.next == offset
+                    && r.count < MAX_RUN_PAGES
+                    && r.count_at + 2 + usize::from(r.count) * PAGE_SIZE == start
+            });
+        if !extends {
+            let prev = self.last_block;
+            if self.runs {
+                self.addr(Kind::Run, block, offset);
+                self.buf.extend_from_slice(&1u16.to_be_bytes());
+            } else {
+                self.addr(Kind::Raw, block, offset);
+            }
+            self.last_block = prev;
+        }
         let data = self.buf.len();
         fill(&mut self.buf);
         assert_eq!(
@@ -202,6 +243,7 @@ impl<W: Write> StreamWriter<W> {
             block,
             offset,
             data,
+            extends,
         });
     }
 
@@ -215,6 +257,19 @@ impl<W: Write> StreamWriter<W> {
     pub fn commit_raw(&mut self) -> io::Result<()> {
         let s = self.staged.take().expect("no staged page");
         self.last_block = Some(s.block);
+        if s.extends {
+            let r = self.run.as_mut().expect("an extended run is open");
+            r.count += 1;
+            r.next += PAGE_SIZE as u64;
+            self.buf[r.count_at..r.count_at + 2].copy_from_slice(&r.count.to_be_bytes());
+        } else if self.runs {
+            self.run = Some(OpenRun {
+                count_at: s.data - 2,
+                block: s.block,
+                next: s.offset + PAGE_SIZE as u64,
+                count: 1,
+            });
+        }
         self.maybe_flush()
     }
 
@@ -279,6 +334,7 @@ impl<W: Write> StreamWriter<W> {
     /// Appends the CRC of everything since the last checksum (not the CRC
     /// itself), starts a new one, and hands all bytes to the transport.
     fn close_checksummed(&mut self) -> io::Result<()> {
+        self.run = None;
         self.crc.update(&self.buf);
         let crc = std::mem::take(&mut self.crc).finalize();
         self.buf.extend_from_slice(&crc.to_be_bytes());
@@ -355,6 +411,9 @@ impl<W: Write> StreamWriter<W> {
     /// Writes the postcopy switch record (end the section after it, so the
     /// destination checks everything it acts on at the switch).
     pub fn postcopy(&mut self) -> io::Result<()> {
+        // After the switch every page is placed whole: no more runs.
+        self.runs = false;
+        self.run = None;
         self.buf.push(Kind::Postcopy as u8);
         self.maybe_flush()
     }

@@ -440,6 +440,32 @@ impl RawRegion {
         unsafe { copy_in(self.ptr, self.len, offset, src) }
     }
 
+    /// One `src.read` straight into `[offset, offset + len)` (a socket's
+    /// bytes land in place, with no buffer in between). Returns what the
+    /// read returned; an error if the range is outside the region.
+    pub fn read_from<R: std::io::Read + ?Sized>(
+        &self,
+        offset: usize,
+        len: usize,
+        src: &mut R,
+    ) -> io::Result<usize> {
+        if !self.check(offset, len) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "range outside the region",
+            ));
+        }
+        // SAFETY: the range is inside the live, writable mapping (checked)
+        // and holds plain bytes, valid for any bit pattern. The slice lives
+        // only for the one `read` call, which fills it; it cannot overlap
+        // `src`'s own state (a Rust value outside the mapping). A thread
+        // writing the same bytes meanwhile (a guest, another channel) can
+        // only leave a mix of bytes, as with `write`; the stream's checksum
+        // over these bytes then fails rather than anything being trusted.
+        let dst = unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(offset), len) };
+        src.read(dst)
+    }
+
     /// Faults `[offset, offset + len)` in, writable, with one call
     /// (`MADV_POPULATE_WRITE`, Linux 5.14+), as if each page had been
     /// written, without changing any contents. Pages already present stay

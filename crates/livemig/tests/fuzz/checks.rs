@@ -220,6 +220,8 @@ pub enum Owned {
     Setup(u32, u32),
     /// The source gave up, with its reason.
     Abort(String),
+    /// A run of raw pages handed out whole (block, offset, pages).
+    Run(u16, u64, u16),
 }
 
 fn own(r: &Record<'_>) -> Owned {
@@ -265,6 +267,11 @@ fn own(r: &Record<'_>) -> Owned {
         Record::Postcopy => Owned::Postcopy,
         Record::Setup { vcpus, features } => Owned::Setup(vcpus, features),
         Record::Abort(t) => Owned::Abort(t.to_string()),
+        Record::Run {
+            block,
+            offset,
+            pages,
+        } => Owned::Run(block, offset, pages),
     }
 }
 
@@ -303,6 +310,16 @@ fn check_record(rec: &Record<'_>, blocks: &[BlockDesc], next_seq: &mut u64) {
                 end <= blocks[usize::from(block)].len,
                 "run to {end:#x} past its block"
             );
+        }
+        Record::Run {
+            block,
+            offset,
+            pages,
+        } => {
+            addr(block, offset);
+            assert!((1..=livemig::stream::format::MAX_RUN_PAGES).contains(&pages));
+            let end = offset + u64::from(pages) * PAGE_SIZE as u64;
+            assert!(end <= blocks[usize::from(block)].len, "run past its block");
         }
         Record::Raw {
             block,
@@ -528,6 +545,9 @@ fn model(data: &[u8], ids: &[&str], mem: &mut [Vec<u8>]) -> Verdict {
         // One channel of a multi-channel migration: `Loader::load` refuses it.
         return Verdict::Fails;
     }
+    // Runs come whole, as to the loader; their pages are then read one by
+    // one as raw records.
+    r.landing_runs(true);
     let mut map: Vec<usize> = Vec::new();
     let mut counts = Counts::default();
     let mut state = Vec::new();
@@ -588,6 +608,28 @@ fn model(data: &[u8], ids: &[&str], mem: &mut [Vec<u8>]) -> Verdict {
                 counts.raw += 1;
                 let (b, range) = page(&map, block, offset);
                 mem[b][range].copy_from_slice(data);
+            }
+            Record::Run {
+                block,
+                offset,
+                pages,
+            } => {
+                counts.raw += u64::from(pages);
+                let start = r.offset() as usize;
+                for k in 0..u64::from(pages) {
+                    let (b, range) = page(&map, block, offset + k * PAGE_SIZE as u64);
+                    match r.next_record() {
+                        Ok(Record::Raw { data, .. }) => mem[b][range].copy_from_slice(data),
+                        _ => {
+                            // Cut inside the run: the loader lands what
+                            // arrived, in place, before it fails.
+                            let got = &data[(start + k as usize * PAGE_SIZE).min(data.len())..];
+                            assert!(got.len() < PAGE_SIZE, "only a cut stops a run");
+                            mem[b][range.start..range.start + got.len()].copy_from_slice(got);
+                            return Verdict::Fails;
+                        }
+                    }
+                }
             }
             Record::Xbzrle {
                 block,

@@ -195,6 +195,52 @@ fn setup_and_abort(list: &[(&str, u64)]) -> Vec<(String, Vec<u8>)> {
     out
 }
 
+/// Streams with RUN records (header flag `FLAG_RUNS`): a valid one, one
+/// cut inside a run, one with a byte of a run flipped, a run past its
+/// block's end, and a run in a stream whose header does not allow runs.
+fn run_seeds(list: &[(&str, u64)]) -> Vec<(String, Vec<u8>)> {
+    use livemig::stream::format::{Kind, FLAG_RUNS};
+    let mut w = StreamWriter::new(Vec::new(), FLAG_RUNS);
+    w.block_list(&descs(list)).unwrap();
+    for i in 0..6u64 {
+        w.raw(0, i * P, &pattern(0x30 + i as u8)).unwrap();
+    }
+    w.zero(0, 6 * P).unwrap();
+    w.raw(0, 7 * P, &pattern(0x37)).unwrap();
+    w.section_end(0).unwrap();
+    let last = list.len() as u16 - 1;
+    let len = list[usize::from(last)].1;
+    w.raw(last, len - 2 * P, &pattern(0x38)).unwrap();
+    w.raw(last, len - P, &pattern(0x39)).unwrap();
+    w.section_end(1).unwrap();
+    w.end().unwrap();
+    let good = w.get_mut().clone();
+    let mut out = vec![("runs".to_string(), good.clone())];
+    let first_run = 16 + 1 + 4 + 8 + list.iter().map(|(id, _)| 1 + id.len() + 8).sum::<usize>();
+    out.push((
+        "runs-cut".into(),
+        good[..first_run + 13 + 2 * PAGE_SIZE + 77].to_vec(),
+    ));
+    let mut flipped = good.clone();
+    flipped[first_run + 13 + 3 * PAGE_SIZE + 5] ^= 0x10;
+    out.push(("runs-flip".into(), flipped));
+    let mut w = StreamWriter::new(Vec::new(), FLAG_RUNS);
+    w.block_list(&descs(list)).unwrap();
+    w.flush().unwrap();
+    let mut past = w.get_mut().clone();
+    past.push(Kind::Run as u8);
+    past.extend_from_slice(&last.to_be_bytes());
+    past.extend_from_slice(&(len - P).to_be_bytes());
+    past.extend_from_slice(&2u16.to_be_bytes());
+    past.extend_from_slice(&pattern(0x3a));
+    past.extend_from_slice(&pattern(0x3b));
+    out.push(("runs-past-block".into(), past));
+    let mut noflag = good;
+    noflag[10..12].copy_from_slice(&0u16.to_be_bytes());
+    out.push(("runs-no-flag".into(), noflag));
+    out
+}
+
 /// Block descriptors of `(id, length)` pairs.
 fn descs(list: &[(&str, u64)]) -> Vec<BlockDesc> {
     list.iter()
@@ -253,6 +299,7 @@ fn streams(layout: &[(&str, usize)], orders: &[&[usize]]) -> Vec<(String, Vec<u8
     ));
     out.push(("minimal".into(), minimal(&list)));
     out.extend(setup_and_abort(&list));
+    out.extend(run_seeds(&list));
     let mut wrong = list.clone();
     wrong[0].1 += P;
     out.push(("layout-length".into(), minimal(&wrong)));
