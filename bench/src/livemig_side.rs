@@ -251,6 +251,24 @@ fn run_inner(case: &Case, dir: &Path, minivm: &Path, out: &mut Outcome) -> Resul
         })?
     };
     out.take_stats(&q);
+    if let Some(path) = std::env::var_os("LIVEMIG_HARNESS_TRACE") {
+        // Diagnostics: the last query-migrate of every livemig run, one
+        // JSON line each (scenario, variant, system, reply).
+        use std::io::Write as _;
+        let line = json!({
+            "scenario": case.scenario,
+            "variant": case.variant_label(),
+            "system": out.system,
+            "query": q,
+        });
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            let _ = writeln!(f, "{line}");
+        }
+    }
     out.converged = converged;
     if !converged {
         if out.status == "cancelled" {

@@ -22,7 +22,7 @@ pub enum Switchover {
     /// set no smaller than what the previous one left (precopy does not
     /// converge); when two syncs in a row predict that precopy would re-send
     /// at least an eighth of guest memory before it could finish (syncs
-    /// every 50 ms in the first pass measure it early; see
+    /// every 20 ms in the first pass measure it early; see
     /// `engine/postcopy/switchover.rs`); and at stop-and-copy whenever what
     /// is left would not fit the downtime limit.
     Auto,

@@ -19,7 +19,8 @@ use super::pacing::{Pacing, PauseInputs};
 use super::params::{Params, ParamsError, Switchover};
 use super::postcopy::switchover::{AutoSwitch, PROBE_PERIOD};
 use super::postcopy::{
-    check_request, BitmapAssembler, FaultReport, Message, MessageReader, PostcopyError, PUSH_WINDOW,
+    check_request, BitmapAssembler, FaultReport, Message, MessageReader, PostcopyError, PushBatch,
+    PUSH_WINDOW,
 };
 use super::search::{PageSearch, Untouched};
 use super::shrink;
@@ -764,13 +765,16 @@ impl<'a> RamSaver<'a> {
     }
 
     /// Postcopy `auto` measures the guest's dirty rate during the first
-    /// pass too: a sync every [`PROBE_PERIOD`] once the link was measured
-    /// (precopy alone syncs only near the pass's end).
+    /// pass too: a sync every [`PROBE_PERIOD`] once precopy has sent
+    /// something (precopy alone syncs only near the pass's end). The
+    /// prediction needs only the average rate sent at so far, not a full
+    /// bandwidth period (100 ms): a guest that precopy cannot move is
+    /// known two probes after the start.
     fn probe_due(&self) -> bool {
         self.auto_postcopy()
             && self.search.is_bulk()
             && self.last_sync.elapsed() >= PROBE_PERIOD
-            && self.pacing.conservative_bandwidth() > 0.0
+            && self.average_bandwidth() > 0.0
     }
 
     /// Bytes/s precopy has sent at since the setup (0 before the first
@@ -1054,13 +1058,18 @@ impl<'a> RamSaver<'a> {
                     wait = Duration::from_micros(200);
                 }
             } else {
-                for _ in 0..POSTCOPY_BATCH {
+                // A batch is bounded in bytes (what a request may wait
+                // behind), not in pages: zero pages are a few bytes each.
+                let from = on_out!(&link.out, w => w.bytes());
+                let mut batch = PushBatch::default();
+                while !batch.full() {
                     let Some(f) = self.search.take_next() else {
                         break;
                     };
                     self.pc_pushed += 1;
                     on_out!(&mut link.out, w => self.send_page(w, f.block, f.page, true))
                         .map_err(MigrationError::send)?;
+                    batch.sent(on_out!(&link.out, w => w.bytes()) - from);
                 }
                 on_out!(&mut link.out, w => self.section_end(w))?;
             }
@@ -1707,10 +1716,13 @@ impl<'a> RamSaver<'a> {
                 if completing {
                     continue;
                 }
+                // Postcopy `auto` probes the dirty rate every
+                // PROBE_PERIOD of the first pass: the step ends for it.
                 if self
                     .pacing
                     .rate_limit(self.transferred, self.params.max_bandwidth)
                     || t0.elapsed() >= STEP
+                    || self.probe_due()
                 {
                     break;
                 }

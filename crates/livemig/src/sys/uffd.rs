@@ -430,6 +430,88 @@ impl Uffd {
         }
     }
 
+    /// `UFFDIO_COPY` of a run of pages: places `src` at `dst` with as few
+    /// ioctls as the kernel allows (one for a run where no page is there
+    /// yet), skipping every page that is already there (`EEXIST`: placed
+    /// by another thread) instead of failing. Wakes the threads waiting on
+    /// the pages it places. Returns the pages it placed itself.
+    pub fn copy_run(&self, dst: u64, src: &[u8]) -> io::Result<u64> {
+        self.fill_run(dst, src.len() as u64, |at, len| {
+            let off = (at - dst) as usize;
+            let mut arg = UffdioCopy {
+                dst: at,
+                src: src[off..off + len as usize].as_ptr() as u64,
+                len,
+                mode: 0,
+                copy: 0,
+            };
+            // SAFETY: UFFDIO_COPY reads and writes one `uffdio_copy` (`arg`)
+            // and reads `len` bytes at `arg.src`, inside `src` (the slice
+            // above). It writes only into pages with no page yet in a range
+            // this fd registered (the kernel checks), never over existing
+            // memory.
+            let ret = unsafe { ioctl_with_mut_ref(self, nr::UFFDIO_COPY(), &mut arg) };
+            (ret, arg.copy)
+        })
+    }
+
+    /// `UFFDIO_ZEROPAGE` of a run of pages, as [`Uffd::copy_run`]: zeros
+    /// wherever no page is there yet in `[dst, dst + len)`.
+    pub fn zero_run(&self, dst: u64, len: u64) -> io::Result<u64> {
+        self.fill_run(dst, len, |at, len| {
+            let mut arg = UffdioZeropage {
+                range: UffdioRange { start: at, len },
+                mode: 0,
+                zeropage: 0,
+            };
+            // SAFETY: UFFDIO_ZEROPAGE reads and writes one
+            // `uffdio_zeropage` (`arg`); it maps zeros only where no page
+            // exists yet in a range this fd registered.
+            let ret = unsafe { ioctl_with_mut_ref(self, nr::UFFDIO_ZEROPAGE(), &mut arg) };
+            (ret, arg.zeropage)
+        })
+    }
+
+    /// Runs `ioctl(at, len)` (returning the ioctl's result and the bytes it
+    /// reports done, or a negative errno) over `[dst, dst + len)` until
+    /// every page is placed or was there: a partial run (`EAGAIN` with
+    /// bytes done) goes on after them, a page already there (`EEXIST` at
+    /// the run's first page) is skipped.
+    fn fill_run(
+        &self,
+        dst: u64,
+        len: u64,
+        mut ioctl: impl FnMut(u64, u64) -> (libc::c_int, i64),
+    ) -> io::Result<u64> {
+        const PAGE: u64 = 4096;
+        let (mut at, end) = (dst, dst + len);
+        let mut placed = 0;
+        while at < end {
+            let (ret, done) = ioctl(at, end - at);
+            if ret >= 0 {
+                placed += (end - at) / PAGE;
+                break;
+            }
+            let e = io::Error::last_os_error();
+            if done > 0 {
+                // Part of the run is placed: go on after it (whatever
+                // stopped the kernel, EEXIST at the next page included,
+                // is seen again by the next call).
+                let done = (done as u64).min(end - at) & !(PAGE - 1);
+                placed += done / PAGE;
+                // (The kernel places whole pages: never less than one.)
+                at += done.max(PAGE);
+                continue;
+            }
+            match e.raw_os_error() {
+                Some(libc::EAGAIN) | Some(libc::EINTR) => {}
+                Some(libc::EEXIST) => at += PAGE,
+                _ => return Err(e),
+            }
+        }
+        Ok(placed)
+    }
+
     /// `UFFDIO_UNREGISTER` of `[start, start + len)`; wakes threads blocked
     /// on faults there.
     pub fn unregister(&self, start: u64, len: u64) -> io::Result<()> {
@@ -688,6 +770,44 @@ mod tests {
         assert_eq!(nr::UFFDIO_UNREGISTER(), 0x8010_aa01);
         assert_eq!(nr::UFFDIO_WRITEPROTECT(), 0xc018_aa06);
         assert_eq!(nr::PAGEMAP_SCAN(), 0xc060_6610);
+    }
+
+    #[test]
+    fn a_run_is_placed_around_the_pages_already_there() {
+        let Ok(u) = Uffd::open() else {
+            eprintln!("skipped: no userfaultfd");
+            return;
+        };
+        if u.api(0).is_err() {
+            eprintln!("skipped: userfaultfd API refused");
+            return;
+        }
+        const P: usize = 4096;
+        let m = crate::sys::mmap::AnonMapping::new(8 * P).unwrap();
+        let base = m.as_ptr() as u64;
+        if u.register_missing(base, 8 * P as u64).is_err() {
+            eprintln!("skipped: missing-mode registration refused");
+            return;
+        }
+        // Pages 1 and 3 are there before the run (another thread's).
+        u.copy(base + P as u64, &[0xaa; P]).unwrap();
+        u.zeropage(base + 3 * P as u64, P as u64).unwrap();
+        let src: Vec<u8> = (0..5 * P).map(|i| (i / P) as u8 + 1).collect();
+        // Pages 0..5: 0, 2 and 4 are placed, 1 and 3 kept.
+        assert_eq!(u.copy_run(base, &src).unwrap(), 3);
+        // Pages 5..8 zeros, 5 was placed just now by a racer.
+        u.copy(base + 5 * P as u64, &[0x55; P]).unwrap();
+        assert_eq!(u.zero_run(base + 5 * P as u64, 3 * P as u64).unwrap(), 2);
+        // Every page is there now: reading cannot fault.
+        let mut all = vec![0u8; 8 * P];
+        // SAFETY: the mapping is 8 pages long, every one of them placed.
+        unsafe { std::ptr::copy_nonoverlapping(m.as_ptr(), all.as_mut_ptr(), 8 * P) };
+        let first: Vec<u8> = (0..8).map(|k| all[k * P]).collect();
+        assert_eq!(first, [1, 0xaa, 3, 0, 5, 0x55, 0, 0]);
+        assert!(all[2 * P..3 * P].iter().all(|&b| b == 3));
+        u.unregister(base, 8 * P as u64).unwrap();
+        // Nothing is left to place.
+        assert!(u.copy_run(base, &src).is_err());
     }
 
     #[test]

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
+use super::runs::{Run, RunKind};
 use super::{write_bitmap, write_message, FaultReport, LatencyHistogram, Message, PageRequest};
 use crate::bitmap::DirtyBitmap;
 use crate::codec::compress::{Algorithm, Decompressor};
@@ -987,49 +988,89 @@ fn place_stream<R: Read>(
 ) -> Result<(), LoadError> {
     let mut reported = r.offset();
     progress(reported);
-    let mut scratch = vec![0u8; PAGE_SIZE];
     let mut dec = Decompressor::new();
-    let place_err = |at: u64, block: u16, offset: u64, e: io::Error| LoadError::Postcopy {
-        offset: at,
-        what: format!("placing page {offset:#x} of block {block}: {e}"),
+    // Consecutive pages gathered for one ioctl (see `runs.rs`), placed at
+    // every section end, at a gap, and before anything else.
+    let mut run = Run::default();
+    let place_run = |run: &mut Run, at: u64| -> Result<(), LoadError> {
+        if let Some(t) = run.take() {
+            p.place_run(t.block, t.first, t.pages, t.data)
+                .map_err(|e| LoadError::Postcopy {
+                    offset: at,
+                    what: format!(
+                        "placing pages {:#x}..{:#x} of block {}: {e}",
+                        t.first * PAGE,
+                        (t.first + t.pages) * PAGE,
+                        t.block
+                    ),
+                })?;
+        }
+        run.clear();
+        Ok(())
     };
     loop {
         let at = r.offset();
-        match r.next_record()? {
-            Record::Zero { block, offset } => {
-                stats.zero_pages += 1;
-                p.place(usize::from(block), offset / PAGE, None)
-                    .map_err(|e| place_err(at, block, offset, e))?;
+        let record = r.next_record()?;
+        let page = match &record {
+            Record::Zero { block, offset } => Some((*block, *offset, RunKind::Zero)),
+            Record::Raw { block, offset, .. } | Record::Compressed { block, offset, .. } => {
+                Some((*block, *offset, RunKind::Data))
             }
-            Record::Raw {
-                block,
-                offset,
-                data,
-            } => {
-                stats.raw_pages += 1;
-                p.place(usize::from(block), offset / PAGE, Some(data))
-                    .map_err(|e| place_err(at, block, offset, e))?;
+            _ => None,
+        };
+        if let Some((block, offset, kind)) = page {
+            let (b, pg) = (usize::from(block), offset / PAGE);
+            if b >= p.spans.len() || offset >= p.spans[b].len {
+                return Err(LoadError::Postcopy {
+                    offset: at,
+                    what: format!("page {offset:#x} of block {block}: outside the guest's memory"),
+                });
             }
-            Record::Compressed {
-                block,
-                offset,
-                algo,
-                data,
-            } => {
-                stats.compressed_pages += 1;
-                let algo = Algorithm::from_u8(algo).expect("reader checked the algorithm id");
-                if let Err(source) = dec.decompress(algo, data, &mut scratch) {
-                    return Err(LoadError::Decompress {
-                        offset: r.offset(),
-                        record: r.record(),
-                        block: format!("index {block}"),
-                        page_offset: offset,
-                        source,
-                    });
+            if !run.extends(b, pg, kind) {
+                place_run(&mut run, at)?;
+            }
+            match record {
+                Record::Zero { .. } => {
+                    stats.zero_pages += 1;
+                    run.push(b, pg, kind, |_| Ok::<(), LoadError>(()))?;
                 }
-                p.place(usize::from(block), offset / PAGE, Some(&scratch))
-                    .map_err(|e| place_err(at, block, offset, e))?;
+                Record::Raw { data, .. } => {
+                    stats.raw_pages += 1;
+                    run.push(b, pg, kind, |d| {
+                        if data.len() != d.len() {
+                            return Err(LoadError::Postcopy {
+                                offset: at,
+                                what: format!(
+                                    "page {offset:#x} of block {block}: {} bytes, not a page",
+                                    data.len()
+                                ),
+                            });
+                        }
+                        d.copy_from_slice(data);
+                        Ok(())
+                    })?;
+                }
+                Record::Compressed { algo, data, .. } => {
+                    stats.compressed_pages += 1;
+                    let algo = Algorithm::from_u8(algo).expect("reader checked the algorithm id");
+                    let res = run.push(b, pg, kind, |d| dec.decompress(algo, data, d));
+                    if let Err(source) = res {
+                        return Err(LoadError::Decompress {
+                            offset: r.offset(),
+                            record: r.record(),
+                            block: format!("index {block}"),
+                            page_offset: offset,
+                            source,
+                        });
+                    }
+                }
+                _ => unreachable!("only page records have a page"),
             }
+            continue;
+        }
+        // Anything else places what was gathered first.
+        place_run(&mut run, at)?;
+        match record {
             Record::SectionEnd { .. } => {
                 stats.sections += 1;
                 if r.offset() - reported >= super::PROGRESS_EVERY {
@@ -1195,38 +1236,75 @@ impl Placer {
             .map(|b| (b, (addr - self.spans[b].host) / PAGE))
     }
 
-    /// Places one page (zeros for `None`) unless it is already here.
-    fn place(&self, block: usize, page: u64, data: Option<&[u8]>) -> io::Result<()> {
-        if self.is_received(block, page) {
-            return Ok(());
+    /// Places `n` pages from `first` (`data` their `n` pages of bytes,
+    /// zeros for `None`), skipping those already here: one ioctl per
+    /// stretch of pages still missing (see `runs.rs`), each waking the
+    /// threads that wait on its pages.
+    fn place_run(&self, block: usize, first: u64, n: u64, data: Option<&[u8]>) -> io::Result<()> {
+        let end = first + n;
+        let host = self.spans[block].host;
+        let mut p = first;
+        while p < end {
+            if self.is_received(block, p) {
+                p += 1;
+                continue;
+            }
+            let mut e = p + 1;
+            while e < end && !self.is_received(block, e) {
+                e += 1;
+            }
+            let addr = host + p * PAGE;
+            // Pages already there (a fault served with zeros, or another
+            // stream's copy, raced us) are skipped by the ioctl's loop.
+            match data {
+                Some(d) => {
+                    let bytes = &d[((p - first) * PAGE) as usize..((e - first) * PAGE) as usize];
+                    self.uffd.copy_run(addr, bytes)?
+                }
+                None => self.uffd.zero_run(addr, (e - p) * PAGE)?,
+            };
+            p = e;
         }
-        let addr = self.spans[block].host + page * PAGE;
-        let r = match data {
-            Some(d) => self.uffd.copy(addr, d),
-            None => self.uffd.zeropage(addr, PAGE),
-        };
-        match r {
-            Ok(()) => {}
-            // Already placed (a fault served with zeros raced us): fine.
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(e),
-        }
-        let bit = 1 << (page % 64);
-        let was = self.received[block][(page / 64) as usize].fetch_or(bit, Ordering::AcqRel);
-        if was & bit != 0 {
+        let mut newly = Vec::new();
+        let mut p = first;
+        while p < end {
+            // The run's bits within one word, at once.
+            let word = (p / 64) as usize;
+            let upto = end.min((p / 64 + 1) * 64);
+            let lo = p % 64;
+            let span = upto - p;
+            let mask = if span == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << span) - 1) << lo
+            };
+            let was = self.received[block][word].fetch_or(mask, Ordering::AcqRel);
             // Placed concurrently by another stream (after a recovery, an
             // old connection's last pages race the resent ones): once.
+            let mut fresh = mask & !was;
+            while fresh != 0 {
+                newly.push(word as u64 * 64 + u64::from(fresh.trailing_zeros()));
+                fresh &= fresh - 1;
+            }
+            p = upto;
+        }
+        if newly.is_empty() {
             return Ok(());
         }
-        self.missing.fetch_sub(1, Ordering::SeqCst);
-        self.placed.fetch_add(1, Ordering::Relaxed);
+        let k = newly.len() as u64;
+        self.missing.fetch_sub(k, Ordering::SeqCst);
+        self.placed.fetch_add(k, Ordering::Relaxed);
         let mut w = lock(&self.waits);
-        if let Some(waiters) = w.pending.remove(&(block, page)) {
-            for (t, tid) in waiters {
-                let us = t.elapsed().as_micros() as u64;
-                w.hist.record(us);
-                *w.per_thread.entry(tid).or_default() += us;
-                w.blocktime_us += us;
+        if !w.pending.is_empty() {
+            for page in newly {
+                if let Some(waiters) = w.pending.remove(&(block, page)) {
+                    for (t, tid) in waiters {
+                        let us = t.elapsed().as_micros() as u64;
+                        w.hist.record(us);
+                        *w.per_thread.entry(tid).or_default() += us;
+                        w.blocktime_us += us;
+                    }
+                }
             }
         }
         Ok(())

@@ -118,6 +118,8 @@
 
 pub(crate) mod dest;
 mod histogram;
+mod push;
+mod runs;
 pub(crate) mod switchover;
 
 use std::io::{self, Read, Write};
@@ -127,6 +129,7 @@ pub use dest::{
     PostcopyFigures, ReceiveError, Received,
 };
 pub use histogram::LatencyHistogram;
+pub(crate) use push::PushBatch;
 
 use crate::bitmap::DirtyBitmap;
 use crate::memory::PAGE_SIZE;

@@ -1,0 +1,89 @@
+//! The source's background push after the switch: how much one batch
+//! holds between two looks at the page requests.
+//!
+//! A requested page waits behind at most the batch being written when it
+//! came (the source serves requests between batches), so a batch is
+//! bounded in stream bytes: [`PUSH_BATCH_BYTES`], sixteen raw pages. Zero
+//! pages are a record header each: bounded only in bytes, a batch of them
+//! would hold thousands of pages, so [`PUSH_BATCH_PAGES`] bounds it too
+//! (the time to find and read them). Before, a batch was sixteen pages of
+//! any kind: a guest whose memory is mostly zeros paid a flush, a look at
+//! the requests and (on the destination) a placement per sixteen tiny
+//! records.
+
+/// Most stream bytes one background batch holds.
+pub const PUSH_BATCH_BYTES: u64 = 64 << 10;
+/// Most pages one background batch holds.
+pub const PUSH_BATCH_PAGES: u64 = 512;
+
+/// One background batch being written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PushBatch {
+    pages: u64,
+    bytes: u64,
+}
+
+impl PushBatch {
+    /// One more page written; `bytes` is what the batch holds now.
+    pub fn sent(&mut self, bytes: u64) {
+        self.pages += 1;
+        self.bytes = bytes;
+    }
+
+    /// The batch holds its share: end it (section end, flush).
+    pub fn full(&self) -> bool {
+        self.pages >= PUSH_BATCH_PAGES || self.bytes >= PUSH_BATCH_BYTES
+    }
+
+    /// Pages written into the batch.
+    #[cfg(test)]
+    pub fn pages(&self) -> u64 {
+        self.pages
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::PAGE_SIZE;
+
+    /// Stream bytes of a raw page record and of a zero page record (an
+    /// upper bound on the header, a lower one on the zero record).
+    const RAW: u64 = PAGE_SIZE as u64 + 16;
+    const ZERO: u64 = 12;
+
+    fn fill(per_page: impl Fn(u64) -> u64) -> PushBatch {
+        let mut b = PushBatch::default();
+        let mut bytes = 0;
+        while !b.full() {
+            bytes += per_page(b.pages());
+            b.sent(bytes);
+        }
+        b
+    }
+
+    #[test]
+    fn raw_pages_fill_a_batch_at_sixteen() {
+        assert_eq!(fill(|_| RAW).pages(), 16);
+    }
+
+    #[test]
+    fn zero_pages_fill_a_batch_at_the_page_bound() {
+        let b = fill(|_| ZERO);
+        assert_eq!(b.pages(), PUSH_BATCH_PAGES);
+        assert!(b.bytes < PUSH_BATCH_BYTES);
+    }
+
+    #[test]
+    fn a_mix_stops_at_the_byte_bound() {
+        // One raw page in four: 16 raw pages' bytes come after ~64 pages.
+        let b = fill(|k| if k % 4 == 0 { RAW } else { ZERO });
+        assert!((60..=64).contains(&b.pages()), "{b:?}");
+        assert!(b.bytes >= PUSH_BATCH_BYTES);
+    }
+
+    #[test]
+    fn an_empty_batch_is_not_full() {
+        assert!(!PushBatch::default().full());
+    }
+}
