@@ -22,7 +22,7 @@ use anyhow::{bail, Context, Result};
 use livemig::control::ControlClient;
 use serde_json::{json, Value};
 
-use crate::guest::{self, compare_digests, DigestCheck, GuestParams};
+use crate::guest::{self, compare_digests, DigestCheck};
 use crate::net::{self, Side};
 use crate::run::{
     check_for, free_port, mkfifo, poll_migration, switch_due, wait_marker, Case, DumpReader,
@@ -121,14 +121,7 @@ pub fn run(case: &Case, dir: &Path, minivm: &Path, system: &str) -> Outcome {
 
 fn run_inner(case: &Case, dir: &Path, minivm: &Path, out: &mut Outcome) -> Result<()> {
     let sector_path = dir.join("sector.bin");
-    let sector = guest::sector(
-        case.guest,
-        GuestParams {
-            end: case.end as u32,
-            seed: case.seed,
-            n: 1,
-        },
-    );
+    let sector = case.sector();
     std::fs::write(&sector_path, sector)?;
     let mem = format!("{}M", case.mem >> 20);
     let (src_sock, dst_sock) = (dir.join("src.sock"), dir.join("dst.sock"));

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
-use crate::guest::{self, compare_digests, DigestCheck, GuestParams};
+use crate::guest::{compare_digests, DigestCheck};
 use crate::net::{self, Side};
 use crate::qmp::Qmp;
 use crate::run::{
@@ -204,14 +204,7 @@ pub fn run(case: &Case, dir: &Path) -> Outcome {
 
 fn run_inner(case: &Case, dir: &Path, out: &mut Outcome) -> Result<()> {
     let disk = dir.join("disk.img");
-    let sector = guest::sector(
-        case.guest,
-        GuestParams {
-            end: case.end as u32,
-            seed: case.seed,
-            n: 1,
-        },
-    );
+    let sector = case.sector();
     // A raw disk of 1 MiB: the boot sector, then zeros.
     let mut img = sector.to_vec();
     img.resize(1 << 20, 0);

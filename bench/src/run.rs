@@ -123,6 +123,19 @@ pub struct Case {
 }
 
 impl Case {
+    /// The boot sector of this case's guest (both systems boot the same
+    /// one).
+    pub fn sector(&self) -> [u8; 512] {
+        crate::guest::sector(
+            self.guest,
+            crate::guest::GuestParams {
+                end: self.end as u32,
+                seed: self.seed,
+                n: 1,
+            },
+        )
+    }
+
     /// The systems that run this case: QEMU has no automatic postcopy
     /// switch, and livemig's postcopy is measured with its own (auto)
     /// switch against QEMU's manual ones.
@@ -181,8 +194,12 @@ pub struct Outcome {
     pub downtime_ms: u64,
     /// query-migrate setup-time, ms.
     pub setup_ms: u64,
-    /// ram.transferred, bytes.
+    /// ram.transferred, bytes, from the final answer (at completion: the
+    /// postcopy push included, on both systems).
     pub bytes: u64,
+    /// Of those, ram.postcopy-bytes: sent after the switch to postcopy
+    /// (None when the answer has no such figure).
+    pub postcopy_bytes: Option<u64>,
     /// ram.mbps as reported (megabits/s, last period).
     pub mbps: f64,
     /// ram.dirty-sync-count.
@@ -232,6 +249,7 @@ impl Outcome {
         self.downtime_ms = u(&q["downtime"]);
         self.setup_ms = u(&q["setup-time"]);
         self.bytes = u(&q["ram"]["transferred"]);
+        self.postcopy_bytes = q["ram"]["postcopy-bytes"].as_u64();
         self.mbps = q["ram"]["mbps"].as_f64().unwrap_or(0.0);
         self.dirty_syncs = u(&q["ram"]["dirty-sync-count"]);
         self.throttle_pct = u(&q["cpu-throttle-percentage"]).max(u(&q[MAX_THROTTLE]));
@@ -619,6 +637,35 @@ mod tests {
         );
         assert_eq!(o.bytes, 1 << 30);
         assert_eq!(o.mbps, 8123.5);
+    }
+
+    #[test]
+    fn sent_bytes_of_a_postcopy_run_are_the_final_figure() {
+        // The answers of one postcopy migration (QEMU's names, livemig's
+        // alike): at the switch, then at completion. Polling returns the
+        // one at completion, and the sent bytes include the push.
+        let answers = [
+            json!({"status": "active", "ram": {"transferred": 40 << 20, "dirty-sync-count": 2}}),
+            json!({"status": "postcopy-active",
+                   "ram": {"transferred": 41 << 20, "postcopy-bytes": 1 << 20}}),
+            json!({"status": "completed", "total-time": 900,
+                   "ram": {"transferred": 300 << 20, "precopy-bytes": 39 << 20,
+                           "downtime-bytes": 1 << 20, "postcopy-bytes": 260 << 20}}),
+        ];
+        let mut it = answers.into_iter();
+        let (q, converged) = poll_migration(
+            Duration::from_secs(60),
+            Duration::ZERO,
+            || Ok(it.next().expect("polled past completion")),
+            || panic!("not cancelled"),
+        )
+        .unwrap();
+        assert!(converged);
+        let mut o = Outcome::default();
+        o.take_stats(&q);
+        assert_eq!(o.status, "completed");
+        assert_eq!(o.bytes, 300 << 20);
+        assert_eq!(o.postcopy_bytes, Some(260 << 20));
     }
 
     #[test]

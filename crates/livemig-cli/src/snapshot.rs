@@ -237,11 +237,7 @@ pub fn vm_save(
         );
     }
     if json_out {
-        v["status"] = json!("completed");
-        v["role"] = json!("source");
-        v["file"] = json!(path.display().to_string());
-        v["threads"] = json!(threads);
-        v["digest"] = v["save"]["digest"].clone();
+        completed_save(&mut v, path, threads);
         v["guest"] = json!({
             "pages-written-before": before.pages_written(),
             "pages-written": after.pages_written(),
@@ -451,14 +447,20 @@ pub fn process_save(
         v
     };
     if json_out {
-        v["status"] = json!("completed");
-        v["role"] = json!("source");
-        v["file"] = json!(path.display().to_string());
-        v["threads"] = json!(threads);
-        v["digest"] = v["save"]["digest"].clone();
+        completed_save(&mut v, path, threads);
         crate::jsonout::print(&v)?;
     }
     Ok(())
+}
+
+/// The fields every completed save's JSON report has beside `save`: the
+/// status, the role, the file, the threads and the memory digest.
+fn completed_save(v: &mut Value, path: &Path, threads: usize) {
+    v["status"] = json!("completed");
+    v["role"] = json!("source");
+    v["file"] = json!(path.display().to_string());
+    v["threads"] = json!(threads);
+    v["digest"] = v["save"]["digest"].clone();
 }
 
 /// `load FILE` / `incoming file:PATH` of a mapped-ram file into process

@@ -117,31 +117,43 @@ fn vm_mapped_ram_save_and_lazy_restore() {
     }
     let dir = tempfile::tempdir().unwrap();
     let uri = format!("file:{}", dir.path().join("vm.mr").display());
-    let shape = ["--mem", "64M", "--vcpus", "2"];
-    let mut args = vec![
-        "vm-migrate",
-        &uri,
-        "--mapped-ram",
-        "--json",
-        "--warmup",
-        "0.3",
-    ];
-    args.extend_from_slice(&shape);
-    let out = livemig(&args).output().unwrap();
-    let s = json_of("vm-migrate --mapped-ram", &out);
-    assert!(out.status.success(), "{s}");
+    vm_save(&uri, &["--mapped-ram"]);
     for extra in [&["--lazy"][..], &["--threads", "2"]] {
-        let mut args = vec!["vm-incoming", &uri, "--seconds", "1", "--json"];
-        args.extend_from_slice(&shape);
-        args.extend_from_slice(extra);
-        let out = livemig(&args).output().unwrap();
-        let d = json_of("vm-incoming", &out);
-        assert!(out.status.success(), "{d}");
-        assert_eq!(d["guest"]["self-check"], "passed", "{d}");
+        let d = vm_restore(&uri, extra);
         if extra[0] == "--lazy" {
             assert_eq!(d["lazy"]["done"], true, "{d}");
         }
     }
+}
+
+/// The VM shape of the snapshot tests: 64 MiB, 2 vCPUs.
+const VM_SHAPE: [&str; 4] = ["--mem", "64M", "--vcpus", "2"];
+
+/// `vm-migrate` to `uri` with `flags` after 0.3 s of warm-up: its JSON
+/// report, the command checked successful.
+fn vm_save(uri: &str, flags: &[&str]) -> serde_json::Value {
+    let mut args = vec!["vm-migrate", uri];
+    args.extend_from_slice(flags);
+    args.extend_from_slice(&["--json", "--warmup", "0.3"]);
+    args.extend_from_slice(&VM_SHAPE);
+    let out = livemig(&args).output().unwrap();
+    let s = json_of(&format!("vm-migrate {}", flags.join(" ")), &out);
+    assert!(out.status.success(), "{s}");
+    s
+}
+
+/// `vm-incoming` of `uri` with `extra`, the guest run 1 s: its JSON
+/// report, the command checked successful and the guest's self-check
+/// passed.
+fn vm_restore(uri: &str, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec!["vm-incoming", uri, "--seconds", "1", "--json"];
+    args.extend_from_slice(&VM_SHAPE);
+    args.extend_from_slice(extra);
+    let out = livemig(&args).output().unwrap();
+    let d = json_of(&format!("vm-incoming {}", extra.join(" ")), &out);
+    assert!(out.status.success(), "{d}");
+    assert_eq!(d["guest"]["self-check"], "passed", "{d}");
+    d
 }
 
 /// memfd-backed guest memory (`--memfd`, the memory local mode hands
@@ -155,28 +167,12 @@ fn vm_memfd_background_snapshot_and_lazy_restore() {
     }
     let dir = tempfile::tempdir().unwrap();
     let uri = format!("file:{}", dir.path().join("vm.mr").display());
-    let shape = ["--mem", "64M", "--vcpus", "2"];
-    let mut args = vec![
-        "vm-migrate",
+    let s = vm_save(
         &uri,
-        "--memfd",
-        "--background-snapshot",
-        "--check-instant",
-        "--json",
-        "--warmup",
-        "0.3",
-    ];
-    args.extend_from_slice(&shape);
-    let out = livemig(&args).output().unwrap();
-    let s = json_of("vm-migrate --memfd --background-snapshot", &out);
-    assert!(out.status.success(), "{s}");
+        &["--memfd", "--background-snapshot", "--check-instant"],
+    );
     assert_eq!(s["background"]["instant-digest"], s["digest"], "{s}");
     assert_eq!(s["guest"]["self-check"], "passed", "{s}");
-    let mut args = vec!["vm-incoming", &uri, "--seconds", "1", "--json", "--lazy"];
-    args.extend_from_slice(&shape);
-    let out = livemig(&args).output().unwrap();
-    let d = json_of("vm-incoming --lazy", &out);
-    assert!(out.status.success(), "{d}");
-    assert_eq!(d["guest"]["self-check"], "passed", "{d}");
+    let d = vm_restore(&uri, &["--lazy"]);
     assert_eq!(d["lazy"]["done"], true, "{d}");
 }

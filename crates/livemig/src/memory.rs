@@ -12,6 +12,7 @@
 use std::fs::File;
 use std::sync::Arc;
 
+use crate::bitmap::DirtyBitmap;
 pub use crate::sys::mmap::{AnonMapping, FileMapping, RawRegion};
 
 /// The seals every memfd livemig creates carries, and that a received one
@@ -163,6 +164,33 @@ impl RamBlock {
             Some(bk) => file_data(bk, offset, len),
             None => self.region.populated(offset as usize, len as usize),
         }
+    }
+
+    /// Pages `[first, first + count)` that may hold data, as a bitmap of
+    /// `count` bits (bit `p` for page `first + p`): [`RamBlock::populated`]
+    /// rounded out to whole pages. `None` when that cannot be known.
+    ///
+    /// The one look-up every "which pages hold data" question goes
+    /// through: the source's bulk stage (pages never written leave as
+    /// zero without being read), the destination's known-zero pages, and
+    /// the KVM manual tracker's pages without data.
+    pub(crate) fn data_pages(&self, first: u64, count: u64) -> Option<DirtyBitmap> {
+        let ps = PAGE_SIZE as u64;
+        let end = first.saturating_add(count).min(self.pages());
+        let first = first.min(end);
+        let mut bm = DirtyBitmap::new(count);
+        if first == end {
+            return Some(bm);
+        }
+        let ranges = self.populated(first * ps, (end - first) * ps)?;
+        for (a, b) in ranges {
+            let pa = (a as u64 / ps).max(first);
+            let pb = (b as u64).div_ceil(ps).min(end);
+            if pb > pa {
+                bm.set_range(pa - first, pb - pa);
+            }
+        }
+        Some(bm)
     }
 }
 
@@ -412,6 +440,43 @@ mod tests {
             block.populated(2 * P as u64, 4 * P as u64),
             block.region().populated(2 * P, 4 * P)
         );
+    }
+
+    #[test]
+    fn data_pages_are_the_populated_ranges_in_whole_pages() {
+        const P: u64 = PAGE_SIZE as u64;
+        let written = [0u64, 5, 63, 64, 130, 199];
+        let anon = ProcessMemory::single(200 * P).unwrap();
+        // A memfd block that starts 3 pages into its file.
+        let file = Arc::new(create_memfd("data-pages", 203 * P).unwrap());
+        let backing = BlockBacking {
+            file,
+            offset: 3 * P,
+        };
+        let memfd = ProcessMemory::from_files(&[("ram", 200 * P, backing)]).unwrap();
+        for mem in [&anon, &memfd] {
+            let block = &mem.blocks()[0];
+            for &p in &written {
+                // A byte inside the page, not at its start: whole pages.
+                assert!(block.region().write((p * P + 100) as usize, &[1]));
+            }
+            let Some(all) = block.data_pages(0, 200) else {
+                eprintln!("skipped: this kernel cannot say which pages hold data");
+                continue;
+            };
+            assert_eq!(all.len(), 200);
+            let set: Vec<u64> = (0..200).filter(|&p| all.test(p)).collect();
+            assert_eq!(set, written, "backing: {:?}", block.backing().is_some());
+            // A window: bit p is page first + p.
+            let w = block.data_pages(60, 10).unwrap();
+            assert_eq!(w.len(), 10);
+            assert_eq!((0..10).filter(|&p| w.test(p)).collect::<Vec<_>>(), [3, 4]);
+            // A window past the end holds only the block's pages.
+            let tail = block.data_pages(190, 64).unwrap();
+            assert_eq!(tail.len(), 64);
+            assert_eq!((0..64).filter(|&p| tail.test(p)).collect::<Vec<_>>(), [9]);
+            assert_eq!(block.data_pages(400, 8).unwrap().count(), 0);
+        }
     }
 
     #[test]

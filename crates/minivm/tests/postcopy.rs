@@ -22,9 +22,7 @@ use minivm::{TrackerKind, Vm};
 /// so an automatic switch never came), after checking that outcome too.
 fn postcopy(params: Params, at_once: bool) -> bool {
     let cfg = common::test_guest(256, 2, 8192, 0);
-    let src = Vm::new(cfg.clone()).unwrap();
-    let s = common::wait_for(&src, Duration::from_secs(10), |s| s.heartbeats() > 3);
-    assert!(s.heartbeats() > 3, "the guest runs on the source: {s:?}");
+    let src = running_source(&cfg);
     let (w, r) = pipe();
     let (aw, ar) = pipe();
     let dest = thread::spawn(move || {
@@ -133,6 +131,27 @@ fn auto_postcopy_of_a_vm_that_does_not_converge() {
     panic!("precopy converged in every attempt: no automatic switch to postcopy");
 }
 
+/// A VM of `cfg` whose guest runs (beat more than three times).
+fn running_source(cfg: &minivm::VmConfig) -> Vm {
+    let src = Vm::new(cfg.clone()).unwrap();
+    let s = common::wait_for(&src, Duration::from_secs(10), |s| s.heartbeats() > 3);
+    assert!(s.heartbeats() > 3, "the guest runs on the source: {s:?}");
+    src
+}
+
+/// Accepts a migration's further connections (page channels) on
+/// `listener`, as the destination's `accept` callback.
+fn further_connections(
+    listener: &Listener,
+) -> impl FnMut() -> std::io::Result<livemig::transport::BoxRead> + '_ {
+    move || {
+        listener
+            .accept()
+            .map(|i| i.reader)
+            .map_err(std::io::Error::other)
+    }
+}
+
 fn tcp_listener() -> (Listener, std::net::SocketAddr) {
     let l = Listener::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
     let Uri::Tcp(a) = l.local_uri() else {
@@ -147,9 +166,7 @@ fn pure_postcopy_of_a_vm_over_two_page_channels() {
         return;
     }
     let cfg = common::test_guest(128, 2, 4096, 0);
-    let src = Vm::new(cfg.clone()).unwrap();
-    let s = common::wait_for(&src, Duration::from_secs(10), |s| s.heartbeats() > 3);
-    assert!(s.heartbeats() > 3, "the guest runs on the source: {s:?}");
+    let src = running_source(&cfg);
     let (listener, _) = tcp_listener();
     let uri = listener.local_uri();
     let dest = thread::spawn(move || {
@@ -158,12 +175,7 @@ fn pure_postcopy_of_a_vm_over_two_page_channels() {
             &cfg,
             inc.reader,
             inc.ack,
-            &mut || {
-                listener
-                    .accept()
-                    .map(|i| i.reader)
-                    .map_err(std::io::Error::other)
-            },
+            &mut further_connections(&listener),
             true,
         )
     });
@@ -203,9 +215,7 @@ fn pure_postcopy_of_a_vm_over_two_page_channels() {
 /// cut lands mid-postcopy.
 fn recovered_vm(cut: u64) -> bool {
     let cfg = common::test_guest(64, 2, 4096, 0);
-    let src = Vm::new(cfg.clone()).unwrap();
-    let s = common::wait_for(&src, Duration::from_secs(10), |s| s.heartbeats() > 3);
-    assert!(s.heartbeats() > 3, "the guest runs on the source: {s:?}");
+    let src = running_source(&cfg);
     let (listener, addr) = tcp_listener();
     let proxy = FaultProxy::start(addr, Fault::CutForwardAt(cut)).unwrap();
     let dh = MigrationHandle::new(Params::default());
@@ -217,12 +227,7 @@ fn recovered_vm(cut: u64) -> bool {
             &vm,
             inc.reader,
             inc.ack,
-            &mut || {
-                listener
-                    .accept()
-                    .map(|i| i.reader)
-                    .map_err(std::io::Error::other)
-            },
+            &mut further_connections(&listener),
             true,
             Some(&dh2),
         );

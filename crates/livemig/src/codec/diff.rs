@@ -14,7 +14,12 @@
 //! only a group with a difference (or one that ends a changed run) has its
 //! four line masks fed to [`super::xbzrle`]'s run writer, one group late,
 //! after the next group's loads are issued. No mask array is built. The
-//! output is byte-identical to the portable encoder (the tests compare
+//! lines are laid on the old page's 64-byte boundaries, not on page
+//! offsets (a head and a tail read with overlapping unaligned loads), so
+//! two pages at the same offset within a line (the allocator's 16-byte
+//! offset, or page-aligned memory) are read without a load that spans two
+//! lines, and the old page (the cold page-cache copy in the engine) never
+//! is. The output is byte-identical to the portable encoder (the tests compare
 //! them). The AVX-512 routines are built only by compilers that have its
 //! intrinsics (Rust 1.89+, see `build.rs`).
 //!
@@ -22,9 +27,7 @@
 //!
 //! The SIMD encoders prefetch the group [`READ_AHEAD`] bytes ahead of the
 //! one they compare, inside the page: the hardware prefetcher does not
-//! cross 4 KiB pages and needs a few misses before it starts, and a page
-//! that is not 64-byte aligned (a page-cache copy from the allocator) makes
-//! every load span two lines. Prefetching past the end of the page (into
+//! cross 4 KiB pages and needs a few misses before it starts. Prefetching past the end of the page (into
 //! the next page, which helps a caller that encodes adjacent pages in
 //! order) was measured and left out: it made pages encoded in scattered
 //! order, as the engine does, 7-15% slower (BENCHMARKS.md).
@@ -248,11 +251,20 @@ mod x86 {
         unsafe { fill_avx2(old, new, mask) }
     }
 
-    /// The SIMD encoders' loop: the page in groups of [`GROUP`] bytes,
+    /// The SIMD encoders' loop. The lines are laid on `old`'s 64-byte
+    /// cache lines, not on page offsets: first the head up to `old`'s
+    /// first line boundary (one unaligned load of the first 64 bytes, its
+    /// mask cut to the head), then the rest in groups of [`GROUP`] bytes,
     /// `group(o, n)` giving the four 64-byte lines' difference masks, or
-    /// `None` when the whole group is equal; then the full lines left
-    /// with `line`, then the tail. A group of equal bytes inside an
-    /// unchanged run is skipped without touching [`Runs`].
+    /// `None` when the whole group is equal, then the full lines left
+    /// with `line`, then the tail under 64 bytes (one unaligned load of
+    /// the last 64 bytes, its mask shifted down). So when `old` and `new`
+    /// share their offset within a line (the bench's buffers; guest pages
+    /// and page-aligned copies) no load spans two lines, and otherwise the
+    /// old copy (the cold side in the engine: the page cache) still is
+    /// read line by line. A group of equal bytes inside an unchanged run
+    /// is skipped without touching [`Runs`]. Pages under 64 bytes are
+    /// compared bytewise.
     #[inline(always)]
     fn encode_groups(
         old: &[u8],
@@ -263,13 +275,28 @@ mod x86 {
     ) -> Result<usize, Error> {
         let len = new.len();
         let mut runs = Runs::new(new, out);
-        let groups = old.chunks_exact(GROUP).zip(new.chunks_exact(GROUP));
+        if len < 64 {
+            let mut m = [0u64; 1];
+            super::tail(old, new, &mut m);
+            runs.line(0, m[0], len)?;
+            return runs.finish();
+        }
+        // Bytes before `old`'s first 64-byte boundary (0..=63).
+        let head = (64 - old.as_ptr() as usize % 64) % 64;
+        if head > 0 {
+            // `Runs::line` ignores the mask bits at and past `head`.
+            let m = line(as_line(&old[..64]), as_line(&new[..64]));
+            runs.line(0, m, head)?;
+        }
+        let groups = old[head..]
+            .chunks_exact(GROUP)
+            .zip(new[head..].chunks_exact(GROUP));
         // The masks of the group before: handled after the next group's
         // loads are issued, so a mispredicted branch in the run walk does
         // not hold them back.
         let mut pending: Option<(usize, [u64; 4])> = None;
         for (g, (o, n)) in groups.enumerate() {
-            let at = g * GROUP;
+            let at = head + g * GROUP;
             for line in (0..GROUP).step_by(64) {
                 read_ahead(old, at + READ_AHEAD + line);
                 read_ahead(new, at + READ_AHEAD + line);
@@ -294,17 +321,19 @@ mod x86 {
                 runs.line(base, m, base + 64)?;
             }
         }
-        let full = len / 64 * 64;
-        let mut at = len / GROUP * GROUP;
+        let body = len - head;
+        let full = head + body / 64 * 64;
+        let mut at = head + body / GROUP * GROUP;
         while at < full {
             let m = line(as_line(&old[at..at + 64]), as_line(&new[at..at + 64]));
             runs.line(at, m, at + 64)?;
             at += 64;
         }
         if full < len {
-            let mut m = [0u64; 1];
-            super::tail(&old[full..], &new[full..], &mut m);
-            runs.line(full, m[0], len)?;
+            // The last `len - full` (1..=63) bytes are the top bits of the
+            // mask of the page's last 64 bytes (`len >= 64` here).
+            let m = line(as_line(&old[len - 64..]), as_line(&new[len - 64..]));
+            runs.line(full, m >> (64 - (len - full)), len)?;
         }
         runs.finish()
     }

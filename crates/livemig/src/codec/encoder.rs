@@ -243,9 +243,23 @@ impl PageEncoder {
         block: u16,
         offset: u64,
     ) -> io::Result<()> {
-        self.c.zero += 1;
-        self.c.untouched += 1;
-        w.zero(block, offset)
+        self.untouched_run(w, block, offset, 1)
+    }
+
+    /// Writes that `count` pages from `offset` are zero, known without
+    /// reading them (never written): one ZERO_RUN record where the stream
+    /// allows it. Only for pages the XBZRLE cache does not hold (the bulk
+    /// stage).
+    pub fn untouched_run<W: Write>(
+        &mut self,
+        w: &mut StreamWriter<W>,
+        block: u16,
+        offset: u64,
+        count: u64,
+    ) -> io::Result<()> {
+        self.c.zero += count;
+        self.c.untouched += count;
+        w.zero_run(block, offset, count)
     }
 
     /// Writes `page` to `w` as one record (or none: an XBZRLE page that did

@@ -1010,6 +1010,75 @@ mod tests {
     }
 
     #[test]
+    fn simd_encoders_every_alignment_of_both_pages() {
+        // The SIMD encoders lay their lines on the old page's 64-byte
+        // boundaries: a head before the first boundary, groups and lines
+        // from there, a tail read with an overlapping load of the last 64
+        // bytes. Every offset of `old` within a line, `new` at the same
+        // offset and at others, runs that start or end around the head,
+        // the first group and line boundaries after it and the tail; the
+        // exact output length, one byte less, and a guard after it.
+        let mut rng = XorShift::new(0x3C6E_F372_FE94_F82B);
+        let encoders = encoders();
+        let old_base: Vec<u8> = (0..PAGE + 128).map(|_| rng.byte()).collect();
+        let mut new_base = vec![0u8; PAGE + 128];
+        let mut cases = 0;
+        for o_off in 0..64 {
+            for n_off in [o_off, (o_off + 16) % 64, 63 - o_off] {
+                for len in [64, 65, 127, 130, 300, 577, PAGE] {
+                    let old = &old_base[o_off..o_off + len];
+                    let head = (64 - old.as_ptr() as usize % 64) % 64;
+                    let body_end = head + (len - head) / 64 * 64;
+                    let mut starts = vec![0, head.saturating_sub(1), head, head + 1, head + 63];
+                    starts.extend([head + 64, head + 255, head + 256, head + 257]);
+                    starts.extend([body_end.saturating_sub(1), body_end, len - 1]);
+                    starts.extend([len.saturating_sub(64), len.saturating_sub(65)]);
+                    starts.sort_unstable();
+                    starts.dedup();
+                    starts.retain(|&s| s < len);
+                    for &start in &starts {
+                        for run in [1, 2, 64, 200] {
+                            let new = &mut new_base[n_off..n_off + len];
+                            new.copy_from_slice(old);
+                            for b in &mut new[start..(start + run).min(len)] {
+                                *b ^= 0x81;
+                            }
+                            let new = &new_base[n_off..n_off + len];
+                            let full = reference(old, new, usize::MAX).unwrap().len();
+                            for dlen in [full, full.saturating_sub(1)] {
+                                let want = reference(old, new, dlen).ok_or(Error::Overflow);
+                                for (name, f) in &encoders {
+                                    let mut buf = vec![0x96u8; dlen + 8];
+                                    let got =
+                                        f(old, new, &mut buf[..dlen]).map(|n| buf[..n].to_vec());
+                                    assert_eq!(
+                                        got, want,
+                                        "{name}: old +{o_off}, new +{n_off}, len {len}, \
+                                         run {start}+{run}, dlen {dlen}"
+                                    );
+                                    assert!(
+                                        buf[dlen..].iter().all(|&b| b == 0x96),
+                                        "{name}: wrote past dlen {dlen}"
+                                    );
+                                }
+                                cases += 1;
+                            }
+                        }
+                    }
+                    // The unchanged page at this alignment.
+                    let new = &mut new_base[n_off..n_off + len];
+                    new.copy_from_slice(old);
+                    let new = &new_base[n_off..n_off + len];
+                    for (name, f) in &encoders {
+                        assert_eq!(f(old, new, &mut [0u8; 2]), Ok(0), "{name}");
+                    }
+                }
+            }
+        }
+        assert!(cases > 20_000, "{cases}");
+    }
+
+    #[test]
     fn simd_encoders_every_single_change_position() {
         let old = vec![0x33u8; PAGE];
         let encoders = encoders();

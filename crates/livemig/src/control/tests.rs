@@ -95,15 +95,13 @@ impl crate::engine::postcopy::IncomingGuest for MemoryOnly {
 
 #[test]
 fn migrate_start_postcopy_switches_a_running_migration() {
-    if !uffd_usable() {
-        return;
-    }
     // 4 MiB/s: precopy of 32 MiB is still running when the command comes.
-    let f = fixture(Params {
+    let Some((f, mut c)) = migrating_fixture(Params {
         max_bandwidth: 4 << 20,
         ..Params::default()
-    });
-    let mut c = ControlClient::connect(&f.path).unwrap();
+    }) else {
+        return;
+    };
     let e = c
         .execute("migrate-start-postcopy", Value::Null)
         .unwrap_err()
@@ -150,20 +148,26 @@ struct Fixture {
     workload: Workload,
 }
 
-fn fixture(params: Params) -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("ctl.sock");
-    let mem = ProcessMemory::single(32 << 20).unwrap();
+/// Fills `mem` with random pages (seed `seed`) and starts a workload
+/// writing it at 16 MiB/s.
+fn random_workload(mem: &ProcessMemory, seed: u64) -> Workload {
     let writer = direct_writer(mem.blocks().to_vec());
-    fill_random(mem.blocks(), &writer, 9);
-    let workload = Workload::start(
+    fill_random(mem.blocks(), &writer, seed);
+    Workload::start(
         mem.blocks().to_vec(),
         writer,
         WorkloadConfig {
             rate: 16 << 20,
             ..WorkloadConfig::default()
         },
-    );
+    )
+}
+
+fn fixture(params: Params) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ctl.sock");
+    let mem = ProcessMemory::single(32 << 20).unwrap();
+    let workload = random_workload(&mem, 9);
     let starter = PipeStarter {
         mem,
         control: workload.control(),
@@ -176,6 +180,18 @@ fn fixture(params: Params) -> Fixture {
         server,
         workload,
     }
+}
+
+/// For the tests that migrate (userfaultfd tracking): a [`fixture`] and a
+/// client connected to it, or None (the test skipped) without
+/// userfaultfd.
+fn migrating_fixture(params: Params) -> Option<(Fixture, ControlClient)> {
+    if !uffd_usable() {
+        return None;
+    }
+    let f = fixture(params);
+    let c = ControlClient::connect(&f.path).unwrap();
+    Some((f, c))
 }
 
 fn wait_status(c: &mut ControlClient, want: &[&str]) -> Value {
@@ -455,11 +471,9 @@ fn requests_need_no_newline() {
 
 #[test]
 fn migration_events_reach_negotiated_clients() {
-    if !uffd_usable() {
+    let Some((_f, mut c)) = migrating_fixture(Params::default()) else {
         return;
-    }
-    let f = fixture(Params::default());
-    let mut c = ControlClient::connect(&f.path).unwrap();
+    };
     c.execute(
         "migrate-set-capabilities",
         json!({"capabilities": [{"capability": "events", "state": true}]}),
@@ -677,15 +691,13 @@ fn the_socket_path_is_never_taken_from_someone_else() {
 
 #[test]
 fn migrate_steer_cancel_and_migrate_again() {
-    if !uffd_usable() {
-        return;
-    }
     // 2 MiB/s: slow enough to steer and cancel mid-round.
-    let f = fixture(Params {
+    let Some((f, mut c)) = migrating_fixture(Params {
         max_bandwidth: 2 << 20,
         ..Params::default()
-    });
-    let mut c = ControlClient::connect(&f.path).unwrap();
+    }) else {
+        return;
+    };
     c.execute("migrate", json!({"uri": "tcp:127.0.0.1:9"}))
         .unwrap();
     wait_status(&mut c, &["active"]);
@@ -799,16 +811,7 @@ fn postcopy_recovers_over_qmp_after_a_cut() {
     let dir = tempfile::tempdir().unwrap();
     let mem = ProcessMemory::single(16 << 20).unwrap();
     let dst = ProcessMemory::single(16 << 20).unwrap();
-    let writer = direct_writer(mem.blocks().to_vec());
-    fill_random(mem.blocks(), &writer, 3);
-    let workload = Workload::start(
-        mem.blocks().to_vec(),
-        writer,
-        WorkloadConfig {
-            rate: 16 << 20,
-            ..WorkloadConfig::default()
-        },
-    );
+    let workload = random_workload(&mem, 3);
     let (sp, dp) = (dir.path().join("src.sock"), dir.path().join("dst.sock"));
     // 4 MiB/s: the 16 MiB postcopy push is under way when the cut comes.
     let params = Params {
@@ -923,10 +926,7 @@ impl MigrationStarter for FileStarter {
 fn snapshot_capabilities_reach_the_vmm_and_a_vmm_without_them_refuses() {
     let calls = std::sync::Arc::new(Mutex::new(Vec::new()));
     let d = Dispatcher::new(Params::default(), Box::new(FileStarter(calls.clone())));
-    let dir = tempfile::tempdir().unwrap();
-    let mr = dir.path().join("vm.mr");
-    let mem = crate::memory::ProcessMemory::new(&[("ram", 1 << 20)]).unwrap();
-    crate::snapshot::save(&mem, &mr, b"state", &Default::default()).unwrap();
+    let (dir, mr) = saved_snapshot();
     let input = format!(
         r#"{{"execute":"qmp_capabilities"}}
         {{"execute":"migrate-set-capabilities","arguments":{{"capabilities":[{{"capability":"background-snapshot","state":true}},{{"capability":"multifd","state":true}}]}}}}
@@ -997,6 +997,15 @@ fn snapshot_capabilities_reach_the_vmm_and_a_vmm_without_them_refuses() {
     assert!(calls.lock().unwrap().is_empty());
 }
 
+/// A temporary directory holding `vm.mr`, a snapshot of 1 MiB of memory.
+fn saved_snapshot() -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let mr = dir.path().join("vm.mr");
+    let mem = crate::memory::ProcessMemory::new(&[("ram", 1 << 20)]).unwrap();
+    crate::snapshot::save(&mem, &mr, b"state", &Default::default()).unwrap();
+    (dir, mr)
+}
+
 /// Keeps the handles of the saves and restores it starts, left active.
 struct HoldingStarter(std::sync::Arc<Mutex<Vec<MigrationHandle>>>);
 
@@ -1047,10 +1056,7 @@ impl MigrationStarter for HoldingStarter {
 
 #[test]
 fn migrate_cancel_reaches_a_file_save_and_a_restore_still_loading() {
-    let dir = tempfile::tempdir().unwrap();
-    let mr = dir.path().join("vm.mr");
-    let mem = crate::memory::ProcessMemory::new(&[("ram", 1 << 20)]).unwrap();
-    crate::snapshot::save(&mem, &mr, b"state", &Default::default()).unwrap();
+    let (dir, mr) = saved_snapshot();
     let run = |lines: String| {
         let held = std::sync::Arc::new(Mutex::new(Vec::new()));
         let d = Dispatcher::new(Params::default(), Box::new(HoldingStarter(held.clone())));

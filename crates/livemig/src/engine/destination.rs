@@ -568,7 +568,20 @@ mod tests {
         assert!(e.to_string().contains("postcopy"), "{e}");
         let (res, calls) = dest.join().unwrap();
         let de = res.expect_err("refused");
-        assert!(matches!(de, DestinationError::Load(_)), "{de}");
+        assert!(
+            matches!(
+                de,
+                DestinationError::Load(LoadError::Postcopy {
+                    cause: crate::engine::PostcopyLoadError::NotAllowed,
+                    ..
+                })
+            ),
+            "{de}"
+        );
+        assert!(
+            de.to_string().contains("engine::Destination::postcopy"),
+            "{de}"
+        );
         assert!(calls.is_empty(), "{calls:?}");
     }
 

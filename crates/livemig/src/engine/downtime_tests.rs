@@ -140,9 +140,12 @@ fn declared_device_state_counts_in_the_switch_over() {
     for p in &measured {
         assert!(p.expected_downtime >= 350, "state not counted: {p:?}");
     }
-    // The pause cannot fit whatever is left: the engine waited for a
-    // sync that left nothing to send rather than add pages to it.
-    assert_eq!(confirming(&r).remaining_pages, 0, "{:#?}", r.history);
+    // The pause cannot fit whatever is left: the engine waited for a sync
+    // that left at most what a tenth of the limit sends at the 32 MiB/s cap
+    // (`Pacing::settled`), rather than add the first pass's pages to it.
+    let tenth_at_cap = 32 * MIB * 30 / 1000 / crate::memory::PAGE_SIZE as u64;
+    let left = confirming(&r).remaining_pages;
+    assert!(left <= tenth_at_cap, "{left} pages left: {:#?}", r.history);
     // And the overshoot is reported, with the limit beside the downtime.
     let s = &r.stats;
     assert!(s.downtime >= 350, "{s:#?}");

@@ -15,7 +15,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::memory::{GuestMemory, RamBlock, PAGE_SIZE};
+use crate::memory::{GuestMemory, PAGE_SIZE};
 
 /// One bit per page, per block: set = the page is zero and was not written
 /// since the look-up.
@@ -36,29 +36,20 @@ impl FreshZero {
         let blocks = mem
             .blocks()
             .iter()
-            .map(|b| {
-                let pages = b.pages();
-                let words = pages.div_ceil(64) as usize;
-                match data_ranges(b) {
-                    Some(ranges) => {
-                        let mut bits = vec![u64::MAX; words];
-                        if pages % 64 != 0 {
-                            if let Some(last) = bits.last_mut() {
-                                *last = (1u64 << (pages % 64)) - 1;
-                            }
+            .map(|b| match b.data_pages(0, b.pages()) {
+                // Known zero: every page without data; no bit past the
+                // last page.
+                Some(data) => {
+                    let pages = b.pages();
+                    let mut words: Vec<u64> = data.words().iter().map(|w| !w).collect();
+                    if pages % 64 != 0 {
+                        if let Some(last) = words.last_mut() {
+                            *last &= (1u64 << (pages % 64)) - 1;
                         }
-                        let ps = PAGE_SIZE as u64;
-                        for (a, e) in ranges {
-                            let first = a as u64 / ps;
-                            let end = (e as u64).div_ceil(ps).min(pages);
-                            for p in first..end {
-                                bits[(p / 64) as usize] &= !(1u64 << (p % 64));
-                            }
-                        }
-                        bits.into_iter().map(AtomicU64::new).collect()
                     }
-                    None => Vec::new(),
+                    words.into_iter().map(AtomicU64::new).collect()
                 }
+                None => Vec::new(),
             })
             .collect();
         FreshZero { blocks }
@@ -71,6 +62,31 @@ impl FreshZero {
             .get(block)
             .and_then(|w| w.get((p / 64) as usize))
             .is_some_and(|w| w.load(Ordering::Acquire) & (1u64 << (p % 64)) != 0)
+    }
+
+    /// Calls `f` with every page of `[first, first + count)` (page
+    /// numbers) of block `block` that is not known zero, in order: a word
+    /// of bits at a time, so a run of known-zero pages costs next to
+    /// nothing.
+    pub fn not_known_zero(&self, block: usize, first: u64, count: u64, mut f: impl FnMut(u64)) {
+        let end = first.saturating_add(count);
+        let words = self.blocks.get(block).map_or(&[][..], |w| &w[..]);
+        let mut p = first;
+        while p < end {
+            let wi = p / 64;
+            let lo = p % 64;
+            let hi = (end - wi * 64).min(64);
+            let span = if hi == 64 { u64::MAX } else { (1u64 << hi) - 1 } & (u64::MAX << lo);
+            let known = words
+                .get(wi as usize)
+                .map_or(0, |w| w.load(Ordering::Acquire));
+            let mut left = span & !known;
+            while left != 0 {
+                f(wi * 64 + u64::from(left.trailing_zeros()));
+                left &= left - 1;
+            }
+            p = wi * 64 + hi;
+        }
     }
 
     /// Data is about to be written at `offset` of block `block`: the page
@@ -97,27 +113,6 @@ impl FreshZero {
             .flatten()
             .map(|w| u64::from(w.load(Ordering::Relaxed).count_ones()))
             .sum()
-    }
-}
-
-/// Byte ranges (offsets in the block) that may hold data; `None` when the
-/// kernel cannot say for this memory.
-fn data_ranges(b: &RamBlock) -> Option<Vec<(usize, usize)>> {
-    let len = b.len();
-    match b.backing() {
-        Some(bk) => match crate::sys::residency::file_data(&bk.file, bk.offset, len) {
-            Ok(Some(v)) => Some(
-                v.into_iter()
-                    .map(|(a, e)| ((a - bk.offset) as usize, (e - bk.offset) as usize))
-                    .collect(),
-            ),
-            Ok(None) => None,
-            Err(e) => {
-                log::debug!("cannot tell which pages of the memory file hold data: {e}");
-                None
-            }
-        },
-        None => b.region().populated(0, len as usize),
     }
 }
 
@@ -178,5 +173,42 @@ mod tests {
         let f = FreshZero::none();
         assert!(!f.is_zero(0, 0));
         f.written(0, 0);
+        let mut all = Vec::new();
+        f.not_known_zero(0, 62, 5, |p| all.push(p));
+        assert_eq!(all, [62, 63, 64, 65, 66], "every page must be looked at");
+    }
+
+    #[test]
+    fn a_run_lists_only_the_pages_not_known_zero() {
+        let pages = 300;
+        let mem = ProcessMemory::single((pages * P) as u64).unwrap();
+        let r = mem.blocks()[0].region();
+        for p in [5usize, 63, 64, 130, 299] {
+            assert!(r.write(p * P + 1, &[9]));
+        }
+        let f = FreshZero::look_up(&mem);
+        if f.count() == 0 {
+            eprintln!("skipped: this kernel cannot say which pages hold data");
+            return;
+        }
+        f.written(0, (200 * P) as u64);
+        let list = |first: u64, count: u64| {
+            let mut v = Vec::new();
+            f.not_known_zero(0, first, count, |p| v.push(p));
+            v
+        };
+        assert_eq!(list(0, 300), [5, 63, 64, 130, 200, 299]);
+        // Runs that start and end inside words, or inside one word.
+        assert_eq!(list(6, 58), [63]);
+        assert_eq!(list(63, 2), [63, 64]);
+        assert_eq!(list(65, 65), Vec::<u64>::new());
+        assert_eq!(list(130, 1), [130]);
+        assert_eq!(list(131, 0), Vec::<u64>::new());
+        // Past the block's end: nothing is known there.
+        assert_eq!(list(298, 4), [299, 300, 301]);
+        // Another block: nothing is known.
+        let mut other = Vec::new();
+        f.not_known_zero(1, 0, 3, |p| other.push(p));
+        assert_eq!(other, [0, 1, 2]);
     }
 }

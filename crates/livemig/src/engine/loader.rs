@@ -106,12 +106,13 @@ pub enum LoadError {
     #[error("stopped because another channel failed")]
     Aborted,
     /// A postcopy record out of place, or a postcopy this loader cannot run.
-    #[error("stream byte {offset}: {what}")]
+    #[error("stream byte {offset}: {cause}")]
     Postcopy {
         /// Byte offset of the record.
         offset: u64,
         /// What was wrong.
-        what: String,
+        #[source]
+        cause: PostcopyLoadError,
     },
     /// The source's VM has another number of vCPUs than this destination's
     /// (checked at setup, before any page).
@@ -147,6 +148,100 @@ pub enum LoadError {
     },
 }
 
+/// What was wrong with a postcopy record or connection on the
+/// destination ([`LoadError::Postcopy`]).
+#[derive(Debug, thiserror::Error)]
+pub enum PostcopyLoadError {
+    /// The source switched to postcopy, which this destination does not
+    /// run (allow it here: engine::Destination::postcopy).
+    #[error(
+        "the source switched to postcopy, which this destination does not run \
+         (allow it here: engine::Destination::postcopy)"
+    )]
+    NotAllowed,
+    /// A page channel and the main channel disagree about the postcopy
+    /// switch.
+    #[error("a page channel and the main channel disagree about the postcopy switch")]
+    ChannelsDisagree,
+    /// The main channel switched to postcopy, but not every page channel
+    /// did.
+    #[error("the main channel switched to postcopy, but not every page channel did")]
+    NotEveryChannel,
+    /// The postcopy switch record must end its section.
+    #[error("the postcopy switch record must end its section")]
+    SwitchNotLast,
+    /// Postcopy switch before the block list.
+    #[error("postcopy switch before the block list")]
+    BeforeBlockList,
+    /// Postcopy switch in a stream without a return path.
+    #[error("postcopy switch in a stream without a return path")]
+    NoReturnPath,
+    /// Accepting the postcopy urgent connection failed.
+    #[error("accepting the postcopy urgent connection: {source}")]
+    AcceptUrgent {
+        /// Transport error.
+        #[source]
+        source: io::Error,
+    },
+    /// The postcopy urgent connection's start was bad.
+    #[error("opening the postcopy urgent connection: {source}")]
+    OpenUrgent {
+        /// What was wrong.
+        #[source]
+        source: Box<LoadError>,
+    },
+    /// The source wants an urgent connection (postcopy-preempt) but this
+    /// destination accepts none.
+    #[error(
+        "the source wants an urgent connection (postcopy-preempt) but this destination accepts none"
+    )]
+    NoUrgent,
+    /// The urgent connection's block list differs from the main stream's.
+    #[error("the urgent connection's block list differs from the main stream's")]
+    UrgentBlocks,
+    /// The connection must start with the block list.
+    #[error("the connection must start with the block list")]
+    NoBlockList,
+    /// Placing a run of pages into guest memory failed.
+    #[error("placing pages {start:#x}..{end:#x} of block {block}: {source}")]
+    Place {
+        /// Block index in the stream.
+        block: usize,
+        /// Offset in the block of the run's first page.
+        start: u64,
+        /// Offset in the block after its last page.
+        end: u64,
+        /// The placing error.
+        #[source]
+        source: io::Error,
+    },
+    /// A page record for a page outside the guest's memory.
+    #[error("page {offset:#x} of block {block}: outside the guest's memory")]
+    OutsideMemory {
+        /// Block index in the stream.
+        block: u16,
+        /// Offset in the block.
+        offset: u64,
+    },
+    /// A raw page record whose data is not one page long.
+    #[error("page {offset:#x} of block {block}: {len} bytes, not a page")]
+    NotAPage {
+        /// Block index in the stream.
+        block: u16,
+        /// Offset in the block.
+        offset: u64,
+        /// Its data's length.
+        len: usize,
+    },
+    /// A record of kind `what` came after the postcopy switch, where only
+    /// pages may come.
+    #[error("{what} after the postcopy switch")]
+    AfterSwitch {
+        /// The record's kind.
+        what: &'static str,
+    },
+}
+
 /// How a stream's block list differs from the destination's memory.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum LayoutMismatch {
@@ -179,9 +274,9 @@ pub enum LayoutMismatch {
 pub struct LoadStats {
     /// Stream bytes read.
     pub bytes: u64,
-    /// Zero-page records.
+    /// Zero pages: ZERO records and the pages of ZERO_RUN records.
     pub zero_pages: u64,
-    /// Zero-page records that needed a write (page was not already zero).
+    /// Zero pages that needed a write (the page was not already zero).
     pub zero_pages_written: u64,
     /// Raw pages.
     pub raw_pages: u64,
@@ -453,9 +548,7 @@ impl<'a> Loader<'a> {
         if total.switched {
             return Err(LoadError::Postcopy {
                 offset: total.stats.bytes,
-                what: "the source switched to postcopy, which this destination does not run \
-                       (allow it here: engine::Destination::postcopy)"
-                    .into(),
+                cause: PostcopyLoadError::NotAllowed,
             });
         }
         self.finish(verify, total)
@@ -630,7 +723,7 @@ impl<'a> Loader<'a> {
                             if o.switched != total.switched {
                                 fail(LoadError::Postcopy {
                                     offset: o.stats.bytes,
-                                    what: "a page channel and the main channel disagree about the postcopy switch".into(),
+                                    cause: PostcopyLoadError::ChannelsDisagree,
                                 });
                             }
                             total.stats.add(&o.stats);
@@ -654,8 +747,7 @@ impl<'a> Loader<'a> {
         if total.switched && streams.len() != usize::from(n) {
             return Err(LoadError::Postcopy {
                 offset: total.stats.bytes,
-                what: "the main channel switched to postcopy, but not every page channel did"
-                    .into(),
+                cause: PostcopyLoadError::NotEveryChannel,
             });
         }
         Ok((total, main, streams))
@@ -711,7 +803,7 @@ impl<'a> Loader<'a> {
             if out.switched && !matches!(rec, Record::SectionEnd { .. }) {
                 return Err(LoadError::Postcopy {
                     offset: at,
-                    what: "the postcopy switch record must end its section".into(),
+                    cause: PostcopyLoadError::SwitchNotLast,
                 });
             }
             let refuse = |what: &str| {
@@ -756,7 +848,7 @@ impl<'a> Loader<'a> {
                     if map.is_empty() {
                         return Err(LoadError::Postcopy {
                             offset: at,
-                            what: "postcopy switch before the block list".into(),
+                            cause: PostcopyLoadError::BeforeBlockList,
                         });
                     }
                     out.switched = true;
@@ -764,18 +856,27 @@ impl<'a> Loader<'a> {
                 Record::Zero { block, offset } => {
                     out.stats.zero_pages += 1;
                     let bi = map[usize::from(block)];
-                    let region = blocks[bi].region();
-                    let off = offset as usize;
                     // A page known zero needs no look (before the switch
                     // only: after it the guest runs here, and its writes
                     // do not clear the known-zero bits).
-                    if (out.switched || !self.fresh.is_zero(bi, offset))
-                        && region.scan(off, PAGE_SIZE, zero::is_zero) != Some(true)
-                    {
-                        region.write(off, &ZERO_PAGE);
-                        self.touched(bi, offset);
-                        out.stats.zero_pages_written += 1;
+                    if out.switched || !self.fresh.is_zero(bi, offset) {
+                        self.zero_page(bi, offset, &mut out.stats);
                     }
+                }
+                Record::ZeroRun {
+                    block,
+                    offset,
+                    pages,
+                } => {
+                    // The reader checked the whole run against the block
+                    // and refuses it after the switch.
+                    out.stats.zero_pages += u64::from(pages);
+                    let bi = map[usize::from(block)];
+                    let ps = PAGE_SIZE as u64;
+                    self.fresh
+                        .not_known_zero(bi, offset / ps, pages.into(), |p| {
+                            self.zero_page(bi, p * ps, &mut out.stats)
+                        });
                 }
                 Record::Raw {
                     block,
@@ -912,6 +1013,19 @@ impl<'a> Loader<'a> {
         Ok(out)
     }
 
+    /// Makes page `offset` of block `bi` zero: writes zeros unless it
+    /// reads as zero already (a write would fault in memory the guest
+    /// never used).
+    fn zero_page(&self, bi: usize, offset: u64, stats: &mut LoadStats) {
+        let region = self.mem.blocks()[bi].region();
+        let off = offset as usize;
+        if region.scan(off, PAGE_SIZE, zero::is_zero) != Some(true) {
+            region.write(off, &ZERO_PAGE);
+            self.touched(bi, offset);
+            stats.zero_pages_written += 1;
+        }
+    }
+
     fn match_layout(
         &self,
         list: &[crate::stream::BlockDesc],
@@ -971,9 +1085,7 @@ fn refuse_switch<R: Read>(r: &StreamReader<R>, o: &StreamOutcome) -> Result<(), 
     if o.switched {
         return Err(LoadError::Postcopy {
             offset: r.offset(),
-            what: "the source switched to postcopy, which this destination does not run \
-                   (allow it here: engine::Destination::postcopy)"
-                .into(),
+            cause: PostcopyLoadError::NotAllowed,
         });
     }
     Ok(())

@@ -28,7 +28,7 @@ pub use channels::ChannelWriter;
 pub use destination::{Arrival, Destination, DestinationError};
 pub use digest::{hex, memory_digest};
 pub use handle::{HandleEvent, MigrationHandle, Observer, PostcopyPoint, SyncPoint};
-pub use loader::{LayoutMismatch, LoadError, LoadOutcome, LoadStats, Loader};
+pub use loader::{LayoutMismatch, LoadError, LoadOutcome, LoadStats, Loader, PostcopyLoadError};
 pub use pacing::{PauseEstimate, HANDSHAKE_ALLOWANCE};
 pub use params::{CompressParams, MigrationMode, Params, ParamsError, Switchover};
 pub use source::Source;

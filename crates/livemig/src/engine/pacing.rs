@@ -221,6 +221,16 @@ impl Pacing {
         self.window_start += wait;
     }
 
+    /// Starts a new measurement period at `now` without closing the one
+    /// under way: the source waited (for the destination to drain) and
+    /// sent nothing, which says nothing about the link.
+    pub fn restart_period(&mut self, transferred: u64, now: Instant) {
+        self.period_start = now;
+        self.period_bytes = transferred;
+        self.window_start = now;
+        self.window_bytes = transferred;
+    }
+
     /// Under a cap of `limit` bytes per second (0 = none), sleeps out the
     /// rest of the window once its budget is spent. Returns true when it
     /// slept (the sending step should end).

@@ -353,21 +353,13 @@ impl Untouched {
         let first = page >> WINDOW_SHIFT << WINDOW_SHIFT;
         let hit = matches!(&self.window, Some((b, f, _)) if *b == block && *f == first);
         if !hit {
-            let total = ram.pages();
-            let n = (total.saturating_sub(first)).min(1 << WINDOW_SHIFT);
-            let ps = crate::PAGE_SIZE as u64;
-            let ranges = ram.populated(first * ps, n * ps);
-            let Some(ranges) = ranges else {
+            let n = ram.pages().saturating_sub(first).min(1 << WINDOW_SHIFT);
+            let Some(bm) = ram.data_pages(first, n) else {
                 // Not knowable for this memory: stop asking.
                 self.enabled = false;
                 self.window = None;
                 return false;
             };
-            let mut bm = DirtyBitmap::new(n);
-            for (a, b) in ranges {
-                let (a, b) = (a as u64 / ps, (b as u64).div_ceil(ps));
-                bm.set_range(a - first, b - a);
-            }
             self.window = Some((block, first, bm));
         }
         match &self.window {

@@ -13,6 +13,24 @@
 //! The growth rate is measured at syncs: the pages a sync added to the set
 //! (not those it reported again while still unsent) over the time since
 //! the previous sync.
+//!
+//! **Syncs tied to progress** ([`sync_due`]). A switch-over sync is made
+//! when the pause would fit with what is left; with nothing left that is
+//! always so. When the sync then finds a set that does not fit, precopy
+//! sends it and, finding nothing left, syncs again at once. While that
+//! shrinks the set (the guest adds fewer pages than the link sends in the
+//! same time) it converges, as it should. But when the set a sync finds
+//! stays the same size (a guest that adds pages as fast as the loop sends
+//! them, and a pause estimate that will not take that set: a stale slow
+//! bandwidth period, a vCPU stop measured slow), each round is a copy of
+//! the last, microseconds apart: one run of the incrementer at 30 ms made
+//! 722 syncs this way, sending ~140 pages between two of them, until the
+//! estimate changed. So, after a switch-over sync that did not lead to the
+//! pause, the next one comes at once only when it can change the outcome:
+//! the set it would find (what is left plus the growth since the last
+//! sync) fits the pause, or is clearly smaller than the last one found
+//! (progress); otherwise it waits for [`RESYNC_PERIOD`] since the last
+//! sync, as QEMU's iteration waits for its step.
 
 /// The set grows slower than this share of the bandwidth: a round shrinks
 /// it at least fourfold.
@@ -23,6 +41,39 @@ const SMALL_MS: f64 = 5.0;
 
 /// ... or at most this share of the downtime limit, when that is shorter.
 const SMALL_SHARE_OF_LIMIT: f64 = 0.25;
+
+/// Without progress, a switch-over sync comes at most this often.
+pub(super) const RESYNC_PERIOD: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// What [`sync_due`] knows about the last switch-over sync and now.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct SyncState {
+    /// Pages left now (not yet sent).
+    pub left: u64,
+    /// Pages the set left grew by per second at the last switch-over sync
+    /// (`None`: none since precopy began).
+    pub growth_pages_per_sec: Option<f64>,
+    /// Time since the last sync, seconds.
+    pub since: f64,
+    /// Pages the last switch-over sync that did not lead to the pause
+    /// left (`None`: none yet).
+    pub last_found: Option<u64>,
+}
+
+/// Whether a switch-over sync is worth making now (the pause would fit
+/// with what is left, which the caller checked): see the module doc.
+/// `fits(pages)` says whether a pause with that many pages left fits.
+pub(super) fn sync_due(s: SyncState, fits: impl Fn(u64) -> bool) -> bool {
+    let (Some(last), Some(growth)) = (s.last_found, s.growth_pages_per_sec) else {
+        return true;
+    };
+    if s.since >= RESYNC_PERIOD.as_secs_f64() {
+        return true;
+    }
+    let expected = s.left.saturating_add((growth.max(0.0) * s.since) as u64);
+    // Progress: at least a tenth fewer pages than the last sync found.
+    fits(expected) || expected.saturating_mul(10) < last.saturating_mul(9)
+}
 
 /// Pages a sync added to the set left, per second: `before` and `after`
 /// the sync (pages), `secs` since the previous sync.
@@ -85,6 +136,87 @@ mod tests {
         assert!(!keep_sending(0, Some(0.0), GBS, 300));
         assert!(!keep_sending(31 * MIB, None, GBS, 300));
         assert!(!keep_sending(31 * MIB, Some(0.0), 0.0, 300));
+    }
+
+    /// The loop seen at 30 ms: each sync finds ~140 pages (the guest adds
+    /// ~175 k pages/s, a round takes ~0.8 ms) and the estimate will not
+    /// take more than 100: syncing again at once cannot change that.
+    #[test]
+    fn a_sync_that_cannot_change_the_outcome_waits_for_the_period() {
+        let fits = |pages: u64| pages <= 100;
+        let looping = SyncState {
+            left: 0,
+            growth_pages_per_sec: Some(175_000.0),
+            since: 0.0008,
+            last_found: Some(140),
+        };
+        assert!(!sync_due(looping, fits));
+        // Still not due a little later (the set only grows meanwhile) ...
+        let later = SyncState {
+            since: 0.030,
+            ..looping
+        };
+        assert!(!sync_due(later, fits));
+        // ... and due once the period has passed.
+        let period = SyncState {
+            since: RESYNC_PERIOD.as_secs_f64(),
+            ..looping
+        };
+        assert!(sync_due(period, fits));
+        // An estimate that now takes the set: at once.
+        assert!(sync_due(looping, |pages| pages <= 200));
+    }
+
+    #[test]
+    fn a_shrinking_set_syncs_at_once() {
+        let never = |_: u64| false;
+        // The last sync found 10 000 pages; sending them took 20 ms, in
+        // which the guest added ~3 000: progress, sync again now.
+        let converging = SyncState {
+            left: 0,
+            growth_pages_per_sec: Some(150_000.0),
+            since: 0.020,
+            last_found: Some(10_000),
+        };
+        assert!(sync_due(converging, never));
+        // About as many as last time (within a tenth): no progress.
+        let stalled = SyncState {
+            growth_pages_per_sec: Some(480_000.0),
+            ..converging
+        };
+        assert!(!sync_due(stalled, never));
+        // Pages still left count too.
+        let with_left = SyncState {
+            left: 6_000,
+            ..converging
+        };
+        assert!(!sync_due(with_left, never));
+    }
+
+    #[test]
+    fn the_first_switch_over_sync_is_always_due() {
+        let never = |_: u64| false;
+        let s = SyncState {
+            left: 0,
+            growth_pages_per_sec: None,
+            since: 0.0,
+            last_found: None,
+        };
+        assert!(sync_due(s, never));
+        assert!(sync_due(
+            SyncState {
+                growth_pages_per_sec: Some(1e6),
+                ..s
+            },
+            never
+        ));
+        assert!(sync_due(
+            SyncState {
+                last_found: Some(5),
+                ..s
+            },
+            never
+        ));
     }
 
     #[test]

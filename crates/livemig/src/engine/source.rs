@@ -31,15 +31,17 @@ use crate::codec::adapt::{LinkCost, TimedWrite, WireClock};
 use crate::codec::encoder::{Delta, EncodeCounters, Page, PageEncoder};
 use crate::dirty::DirtyTracker;
 use crate::memory::{GuestMemory, RamBlock, PAGE_SIZE};
-use crate::stream::format::{FLAG_CHANNELS, FLAG_SETUP, FLAG_VERIFY};
+use crate::stream::format::{FLAG_CHANNELS, FLAG_SETUP, FLAG_VERIFY, FLAG_ZERO_RUNS};
 use crate::stream::{BlockDesc, StreamWriter};
 use crate::vm::{StateCost, VmControl};
 
 /// How long one iteration step sends before giving control back.
 const STEP: Duration = Duration::from_millis(50);
-/// Most never-written pages sent as one run (zero records, 9 bytes each:
-/// 36 KiB), between two looks at the clock and the bandwidth budget.
-const UNTOUCHED_RUN: u64 = 4096;
+/// Most never-written pages sent as one run (one ZERO_RUN record of 15
+/// bytes for up to 256 MiB of guest memory: the look-up window of
+/// `search::Untouched` bounds it first), between two looks at the clock
+/// and the bandwidth budget.
+const UNTOUCHED_RUN: u64 = 1 << 16;
 /// Dirty rate is measured over periods at least this long.
 const DIRTY_RATE_PERIOD: Duration = Duration::from_secs(1);
 /// Syncs without progress after which `auto` switches to postcopy.
@@ -349,6 +351,9 @@ struct RamSaver<'a> {
     /// Bytes per second the set left grew by at the last switch-over
     /// sync (see `shrink.rs`); `None` before it.
     growth: Option<f64>,
+    /// Pages the last switch-over sync that did not lead to the pause
+    /// left to send (see `shrink::sync_due`); `None` before it.
+    last_found: Option<u64>,
     /// Postcopy: page requests served, bytes sent since the switch, the
     /// destination's fault figures, ms from the switch to the last page.
     postcopy_requests: u64,
@@ -436,6 +441,7 @@ impl<'a> RamSaver<'a> {
             prev_remaining: None,
             auto_switch: AutoSwitch::default(),
             growth: None,
+            last_found: None,
             postcopy_requests: 0,
             pc_pushed: 0,
             pc_requested: 0,
@@ -505,6 +511,8 @@ impl<'a> RamSaver<'a> {
             self.sample_hash();
         }
         let mut flags = if self.params.verify { FLAG_VERIFY } else { 0 };
+        // Pages never written leave as runs (see `stream/format.rs`).
+        flags |= FLAG_ZERO_RUNS;
         if self.params.postcopy_ram && self.params.postcopy_preempt {
             flags |= crate::stream::format::FLAG_URGENT;
         }
@@ -601,7 +609,10 @@ impl<'a> RamSaver<'a> {
             self.stop_cost = vm.stop_cost();
             // While the set left shrinks fast, send on live instead of
             // pausing with it (see `shrink.rs`).
-            if self.pause_fits() && !self.keeps_shrinking() {
+            let switch_due = self.pause_fits() && !self.keeps_shrinking();
+            // A sync that would only find what the last one found waits
+            // (see `shrink.rs`: syncs tied to progress).
+            if switch_due && self.switch_sync_due() {
                 // First the destination catches up with what was sent (the
                 // guest runs meanwhile; what it dirties the sync finds),
                 // so the decision below and the pause see nothing queued.
@@ -619,6 +630,7 @@ impl<'a> RamSaver<'a> {
                 if self.pause_fits() && !self.keeps_shrinking() {
                     break;
                 }
+                self.last_found = Some(self.remaining_pages());
             } else if (self.throttle > 0
                 && !self.search.is_bulk()
                 && self.last_sync.elapsed()
@@ -627,6 +639,14 @@ impl<'a> RamSaver<'a> {
             {
                 self.sync(tracker)?;
                 self.barrier(&mut w)?;
+            } else if switch_due && self.remaining_bytes() == 0 {
+                // Nothing to send, and the sync is not due yet: let the
+                // guest run (a short nap at a time, so a cancel or new
+                // parameters are seen); the nap says nothing about the
+                // link.
+                let wait = shrink::RESYNC_PERIOD.saturating_sub(self.last_sync.elapsed());
+                std::thread::sleep(wait.min(Duration::from_millis(5)));
+                self.pacing.restart_period(self.transferred, Instant::now());
             }
             if self.params.auto_converge {
                 vm.set_throttle(self.throttle);
@@ -1473,6 +1493,32 @@ impl<'a> RamSaver<'a> {
         i.remaining_bytes == 0 || self.pacing.settled(&i, limit)
     }
 
+    /// Whether the switch-over sync the pause estimate asks for is worth
+    /// making now: the first one always; after one that did not lead to
+    /// the pause, when the set it would find fits or is clearly smaller
+    /// than the last one, or [`shrink::RESYNC_PERIOD`] has passed.
+    fn switch_sync_due(&self) -> bool {
+        let ps = PAGE_SIZE as u64;
+        let limit = self.params.downtime_limit;
+        let inputs = self.pause_inputs();
+        let fits = |pages: u64| {
+            let i = PauseInputs {
+                remaining_bytes: pages * ps,
+                ..inputs
+            };
+            pages == 0 || self.pacing.settled(&i, limit)
+        };
+        shrink::sync_due(
+            shrink::SyncState {
+                left: self.remaining_bytes() / ps,
+                growth_pages_per_sec: self.growth.map(|g| g / ps as f64),
+                since: self.last_sync.elapsed().as_secs_f64(),
+                last_found: self.last_found,
+            },
+            fits,
+        )
+    }
+
     /// True when precopy should send on although the pause fits: the set
     /// left is not small and grew, at the last switch-over sync, far
     /// slower than the link sends (see `shrink.rs`).
@@ -1696,11 +1742,9 @@ impl<'a> RamSaver<'a> {
                 let more = self
                     .search
                     .take_run(block, page + 1, (run - 1).min(UNTOUCHED_RUN - 1));
-                for p in page..=page + more {
-                    self.encoder
-                        .untouched(w, block as u16, p * PAGE_SIZE as u64)
-                        .map_err(MigrationError::send)?;
-                }
+                self.encoder
+                    .untouched_run(w, block as u16, page * PAGE_SIZE as u64, 1 + more)
+                    .map_err(MigrationError::send)?;
                 self.pages_sent += 1 + more;
             } else {
                 self.send_page(w, block, page, completing)

@@ -306,7 +306,74 @@ fn idle_guest_destination_writes_no_zero_pages() {
         load.stats.zero_pages_written, 0,
         "already-zero pages are not touched"
     );
+    assert_eq!(load.stats.zero_pages, stats.ram.duplicate);
+    if residency_known() {
+        // Untouched pages leave as runs (ZERO_RUN, 15 bytes for up to a
+        // 256 MiB window), not as a 9-byte record per page: the whole
+        // stream is the written page and a handful of records.
+        assert!(
+            stats.ram.transferred < 64 << 10,
+            "{} bytes for {} zero pages",
+            stats.ram.transferred,
+            stats.ram.duplicate
+        );
+    }
     assert_eq!(memory_digest(&src), memory_digest(&dst));
+}
+
+/// A ZERO_RUN over pages the destination holds data in and pages it
+/// never wrote: the data pages are zeroed, the others are not touched
+/// (not even faulted in), and the counts say so.
+#[test]
+fn zero_run_zeroes_data_pages_and_leaves_fresh_ones_alone() {
+    use crate::stream::format::FLAG_ZERO_RUNS;
+    const P: u64 = 4096;
+    let dst = ProcessMemory::new(&[("ram0", 256 * P), ("ram1", 8 * P)]).unwrap();
+    let r = dst.blocks()[0].region();
+    for p in [3u64, 64, 65, 200] {
+        assert!(r.write((p * P + 7) as usize, &[0xaa]));
+    }
+    let mut w = StreamWriter::new(Vec::new(), FLAG_ZERO_RUNS);
+    w.block_list(&[
+        BlockDesc {
+            id: "ram0".into(),
+            len: 256 * P,
+        },
+        BlockDesc {
+            id: "ram1".into(),
+            len: 8 * P,
+        },
+    ])
+    .unwrap();
+    // Data then a run over it: the run wins (later in the stream).
+    w.raw(1, 2 * P, &[0x55; 4096]).unwrap();
+    w.zero_run(1, 0, 8).unwrap();
+    w.zero_run(0, 0, 100).unwrap();
+    w.zero_run(0, 100 * P, 156).unwrap();
+    w.section_end(0).unwrap();
+    w.end().unwrap();
+    let bytes = std::mem::take(w.get_mut());
+    let out = Loader::new(&dst).load(&bytes[..]).expect("load");
+    assert_eq!(out.stats.zero_pages, 8 + 100 + 156);
+    // ram0's four data pages, and ram1's page 2, which this load wrote
+    // before its run: no longer known zero.
+    assert_eq!(out.stats.zero_pages_written, 4 + 1);
+    if residency_known() {
+        // Pages the destination never wrote stay unallocated (ram0
+        // received no data, so nothing prefaulted it either).
+        let data = dst.blocks()[0].data_pages(0, 256).unwrap();
+        let held: Vec<u64> = (0..256).filter(|&p| data.test(p)).collect();
+        assert_eq!(held, [3, 64, 65, 200], "only pages that held data");
+    }
+    let zero = |b: usize, pages: u64| {
+        let mut buf = vec![1u8; (pages * P) as usize];
+        assert!(dst.blocks()[b].region().read(0, &mut buf));
+        buf.iter().all(|&x| x == 0)
+    };
+    assert!(
+        zero(0, 256) && zero(1, 8),
+        "every page of both runs is zero"
+    );
 }
 
 /// A guest that no longer writes (it filled its memory and idles) goes

@@ -43,6 +43,29 @@ use crate::vm::VmControl;
 
 const PAGE: u64 = PAGE_SIZE as u64;
 
+/// Why the write-protect fault handler of a background snapshot stopped
+/// (the snapshot is lost, the guest runs on unprotected): the cause of
+/// [`SnapshotError::WriteProtectHandler`].
+#[derive(Debug, thiserror::Error)]
+pub enum HandlerError {
+    /// Reading write-protect faults failed.
+    #[error("reading write-protect faults: {source}")]
+    ReadFaults {
+        /// OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// Lifting write protection at a faulting page failed.
+    #[error("lifting write protection at {addr:#x}: {source}")]
+    Unprotect {
+        /// The page's host address.
+        addr: u64,
+        /// OS error.
+        #[source]
+        source: io::Error,
+    },
+}
+
 /// How to take a background snapshot.
 #[derive(Clone, Debug)]
 pub struct BackgroundOptions {
@@ -111,7 +134,8 @@ struct Shared {
     stop: AtomicBool,
     waker: Waker,
     faults: AtomicU64,
-    error: Mutex<Option<String>>,
+    /// Why the fault handler stopped, once it did.
+    error: Mutex<Option<Arc<HandlerError>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -172,7 +196,7 @@ impl Shared {
             self.waker.drain();
             let n = match r {
                 Ok(n) => n,
-                Err(e) => return self.fail(format!("reading write-protect faults: {e}")),
+                Err(source) => return self.fail(HandlerError::ReadFaults { source }),
             };
             for m in &msgs[..n] {
                 if m.event != UFFD_EVENT_PAGEFAULT || m.fault_flags() & UFFD_PAGEFAULT_FLAG_WP == 0
@@ -195,19 +219,27 @@ impl Shared {
                     st.copies.insert((b, p), page.clone().into_boxed_slice());
                     st.copied += 1;
                 }
-                if let Err(e) = retry(|| self.uffd.write_protect(addr, PAGE, false, true)) {
+                if let Err(source) = retry(|| self.uffd.write_protect(addr, PAGE, false, true)) {
                     drop(st);
-                    return self.fail(format!("lifting write protection at {addr:#x}: {e}"));
+                    return self.fail(HandlerError::Unprotect { addr, source });
                 }
             }
         }
     }
 
-    fn fail(&self, why: String) {
+    fn fail(&self, why: HandlerError) {
         log::error!("background snapshot: {why}");
-        lock(&self.error).get_or_insert(why);
+        lock(&self.error).get_or_insert(Arc::new(why));
         // Never leave a writer blocked: the snapshot is lost, the guest is not.
         self.unprotect_all();
+    }
+
+    /// The error to give up with once the fault handler stopped.
+    fn stopped(&self) -> Result<(), SnapshotError> {
+        match lock(&self.error).clone() {
+            Some(cause) => Err(SnapshotError::WriteProtectHandler { cause }),
+            None => Ok(()),
+        }
     }
 }
 
@@ -220,12 +252,7 @@ impl ChunkSource for Shared {
         buf: &mut Vec<u8>,
         f: &mut dyn FnMut(&[u8]) -> Result<ChunkOut, SnapshotError>,
     ) -> Result<ChunkOut, SnapshotError> {
-        if let Some(why) = lock(&self.error).clone() {
-            return Err(SnapshotError::Uffd {
-                what: "the write-protect handler stopped".into(),
-                source: io::Error::other(why),
-            });
-        }
+        self.stopped()?;
         let region = self.blocks[block].region();
         buf.clear();
         {
@@ -321,12 +348,7 @@ pub fn background_save_cancellable(
         let _ = shared.uffd.unregister(b.region().host_addr(), b.len());
     }
     let mut stats = result?;
-    if let Some(why) = lock(&shared.error).clone() {
-        return Err(SnapshotError::Uffd {
-            what: "the write-protect handler stopped".into(),
-            source: io::Error::other(why),
-        });
-    }
+    shared.stopped()?;
     let st = lock(&shared.state);
     stats.copied_pages = st.copied;
     stats.faults = shared.faults.load(Ordering::Relaxed);

@@ -17,6 +17,15 @@ use crate::memory::{GuestMemory, PAGE_SIZE};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 
+/// Reads `len` bytes at `offset` of `file`; an error says it was reading
+/// `what` (the region, and the file).
+fn read_at(file: &File, len: u64, offset: u64, what: String) -> Result<Vec<u8>, SnapshotError> {
+    let mut buf = vec![0u8; len as usize];
+    file.read_exact_at(&mut buf, offset)
+        .map_err(io_err(format!("reading {what}")))?;
+    Ok(buf)
+}
+
 /// How to load.
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
@@ -106,16 +115,13 @@ impl MappedRamFile {
             .metadata()
             .map_err(io_err(format!("reading the size of {}", path.display())))?
             .len();
-        let mut fixed = vec![0u8; Header::PROBE];
         if file_len < Header::PROBE as u64 {
             return Err(SnapshotError::NotMappedRam);
         }
-        file.read_exact_at(&mut fixed, 0)
-            .map_err(io_err(format!("reading the header of {}", path.display())))?;
+        let header_of = || format!("the header of {}", path.display());
+        let fixed = read_at(&file, Header::PROBE as u64, 0, header_of())?;
         let len = Header::announced_len(&fixed, file_len)?;
-        let mut bytes = vec![0u8; len + 4];
-        file.read_exact_at(&mut bytes, 0)
-            .map_err(io_err(format!("reading the header of {}", path.display())))?;
+        let bytes = read_at(&file, len as u64 + 4, 0, header_of())?;
         let header = Header::parse(&bytes, file_len)?;
         if let Some(mem) = mem {
             check_layout(&header, mem)?;
@@ -124,13 +130,12 @@ impl MappedRamFile {
         let mut hashes = Vec::new();
         let mut all = Vec::new();
         for b in &header.blocks {
-            let mut raw = vec![0u8; b.bitmap_len() as usize];
-            file.read_exact_at(&mut raw, b.bitmap_offset)
-                .map_err(io_err(format!(
-                    "reading the bitmap of block '{}' in {}",
-                    b.id,
-                    path.display()
-                )))?;
+            let raw = read_at(
+                &file,
+                b.bitmap_len(),
+                b.bitmap_offset,
+                format!("the bitmap of block '{}' in {}", b.id, path.display()),
+            )?;
             let words: Vec<u64> = raw
                 .chunks_exact(8)
                 .map(|w| u64::from_le_bytes(w.try_into().expect("8 bytes")))
@@ -145,13 +150,12 @@ impl MappedRamFile {
                     });
                 }
             }
-            let mut raw = vec![0u8; b.hashes_len() as usize];
-            file.read_exact_at(&mut raw, b.hashes_offset)
-                .map_err(io_err(format!(
-                    "reading the hash table of block '{}' in {}",
-                    b.id,
-                    path.display()
-                )))?;
+            let raw = read_at(
+                &file,
+                b.hashes_len(),
+                b.hashes_offset,
+                format!("the hash table of block '{}' in {}", b.id, path.display()),
+            )?;
             let table: Vec<[u8; 32]> = raw
                 .chunks_exact(32)
                 .map(|h| h.try_into().expect("32 bytes"))
@@ -193,13 +197,12 @@ impl MappedRamFile {
     /// against its hash.
     pub fn state(&self) -> Result<Vec<u8>, SnapshotError> {
         let h = &self.header;
-        let mut s = vec![0u8; h.state_len as usize];
-        self.file
-            .read_exact_at(&mut s, h.state_offset)
-            .map_err(io_err(format!(
-                "reading the state in {}",
-                self.path.display()
-            )))?;
+        let s = read_at(
+            &self.file,
+            h.state_len,
+            h.state_offset,
+            format!("the state in {}", self.path.display()),
+        )?;
         if *blake3::hash(&s).as_bytes() != h.state_hash {
             return Err(SnapshotError::State {
                 offset: h.state_offset,

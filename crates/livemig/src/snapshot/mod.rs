@@ -30,9 +30,10 @@ mod save;
 
 use std::io;
 use std::path::Path;
+use std::sync::Arc;
 
 pub use background::{
-    background_save, background_save_cancellable, BackgroundOptions, BackgroundStats,
+    background_save, background_save_cancellable, BackgroundOptions, BackgroundStats, HandlerError,
 };
 pub use lazy::{LazyOptions, LazyRestore, LazyStatus};
 pub use load::{LoadOptions, MappedRamFile, RestoreStats};
@@ -130,6 +131,14 @@ pub enum SnapshotError {
         /// OS error.
         #[source]
         source: io::Error,
+    },
+    /// A background snapshot's write-protect fault handler stopped: the
+    /// snapshot is lost, the guest runs on.
+    #[error("userfaultfd: the write-protect handler stopped: {cause}")]
+    WriteProtectHandler {
+        /// Why it stopped.
+        #[source]
+        cause: Arc<HandlerError>,
     },
     /// The VMM could not pause, resume or save its state.
     #[error(transparent)]

@@ -38,6 +38,28 @@ fn blank_like(mem: &ProcessMemory) -> ProcessMemory {
     ProcessMemory::new(&layout).unwrap()
 }
 
+/// [`sparse_memory`] saved with `state` by `threads` threads (no direct
+/// I/O) to `snap.mr` in a new temporary directory.
+fn saved_sparse(
+    state: &[u8],
+    threads: usize,
+) -> (tempfile::TempDir, std::path::PathBuf, ProcessMemory) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("snap.mr");
+    let mem = sparse_memory();
+    save(
+        &mem,
+        &path,
+        state,
+        &SaveOptions {
+            threads,
+            direct_io: false,
+        },
+    )
+    .unwrap();
+    (dir, path, mem)
+}
+
 #[test]
 fn round_trip_with_zero_page_holes() {
     let dir = tempfile::tempdir().unwrap();
@@ -104,19 +126,7 @@ fn round_trip_with_zero_page_holes() {
 
 #[test]
 fn flipped_byte_is_reported_with_its_chunk() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("snap.mr");
-    let mem = sparse_memory();
-    save(
-        &mem,
-        &path,
-        b"",
-        &SaveOptions {
-            threads: 2,
-            direct_io: false,
-        },
-    )
-    .unwrap();
+    let (_dir, path, mem) = saved_sparse(b"", 2);
     let f = MappedRamFile::open(&path).unwrap();
     // The last page of block ram1 (chunk 1 of that block) is non-zero.
     let b = f.header().blocks[1].clone();
@@ -175,19 +185,7 @@ fn flipped_byte_is_reported_with_its_chunk() {
 
 #[test]
 fn hostile_headers_are_refused_with_their_field() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("snap.mr");
-    let mem = sparse_memory();
-    save(
-        &mem,
-        &path,
-        b"state",
-        &SaveOptions {
-            threads: 1,
-            direct_io: false,
-        },
-    )
-    .unwrap();
+    let (_dir, path, _mem) = saved_sparse(b"state", 1);
     let good = std::fs::read(&path).unwrap();
     // Truncated: regions past the end.
     std::fs::write(&path, &good[..good.len() - 1]).unwrap();
@@ -240,20 +238,8 @@ fn hostile_headers_are_refused_with_their_field() {
 
 #[test]
 fn lazy_restore_serves_touches_and_loads_the_rest() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("snap.mr");
-    let mem = sparse_memory();
+    let (_dir, path, mem) = saved_sparse(b"", 2);
     let digest = memory_digest(&mem);
-    save(
-        &mem,
-        &path,
-        b"",
-        &SaveOptions {
-            threads: 2,
-            direct_io: false,
-        },
-    )
-    .unwrap();
     // On demand only: a read of a page faults in its chunk.
     let dst = blank_like(&mem);
     let lazy = LazyRestore::start(
@@ -293,19 +279,7 @@ fn lazy_restore_serves_touches_and_loads_the_rest() {
 
 #[test]
 fn lazy_restore_stops_on_a_damaged_chunk() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("snap.mr");
-    let mem = sparse_memory();
-    save(
-        &mem,
-        &path,
-        b"",
-        &SaveOptions {
-            threads: 2,
-            direct_io: false,
-        },
-    )
-    .unwrap();
+    let (_dir, path, mem) = saved_sparse(b"", 2);
     let f = MappedRamFile::open(&path).unwrap();
     let b = f.header().blocks[0].clone();
     drop(f);
@@ -403,20 +377,8 @@ fn background_snapshot_is_the_start_instant_while_a_writer_runs() {
 /// saved memory (the damage hit padding, a hole or a harmless bitmap bit).
 #[test]
 fn random_damage_never_panics_or_loads_wrong_memory() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("snap.mr");
-    let mem = sparse_memory();
+    let (_dir, path, mem) = saved_sparse(b"state", 2);
     let digest = memory_digest(&mem);
-    save(
-        &mem,
-        &path,
-        b"state",
-        &SaveOptions {
-            threads: 2,
-            direct_io: false,
-        },
-    )
-    .unwrap();
     let good = std::fs::read(&path).unwrap();
     let f = MappedRamFile::open(&path).unwrap();
     // Header, tables and the first chunk of each block's pages.
@@ -625,4 +587,44 @@ fn a_cancelled_load_stops_and_leaves_the_file_alone() {
     // Not cancelled: the whole memory.
     f.load_cancellable(&dst, &opts, &|| false).unwrap();
     assert_eq!(memory_digest(&dst), memory_digest(&mem));
+}
+
+#[test]
+fn a_stopped_fault_handler_is_a_typed_cause_with_its_message() {
+    use std::error::Error as _;
+    let e = SnapshotError::WriteProtectHandler {
+        cause: std::sync::Arc::new(HandlerError::Unprotect {
+            addr: 0x7f00_0000_1000,
+            source: std::io::Error::from_raw_os_error(libc::EINVAL),
+        }),
+    };
+    let text = crate::error_chain(&e);
+    assert!(
+        text.starts_with(
+            "userfaultfd: the write-protect handler stopped: \
+             lifting write protection at 0x7f0000001000: "
+        ),
+        "{text}"
+    );
+    // Each part once, however the chain is printed.
+    assert_eq!(
+        text.matches("lifting write protection").count(),
+        1,
+        "{text}"
+    );
+    let cause = e.source().expect("the handler's error is the source");
+    assert!(
+        matches!(
+            cause
+                .downcast_ref::<std::sync::Arc<HandlerError>>()
+                .map(|c| &**c),
+            Some(HandlerError::Unprotect {
+                addr: 0x7f00_0000_1000,
+                ..
+            })
+        ),
+        "{cause}"
+    );
+    let os = cause.source().expect("the OS error is kept");
+    assert!(os.downcast_ref::<std::io::Error>().is_some(), "{os}");
 }

@@ -190,6 +190,25 @@ pub enum StreamErrorKind {
         /// Mark expected.
         expected: u64,
     },
+    /// A ZERO_RUN record in a stream whose header does not declare them.
+    #[error("zero run record in a stream whose header does not declare zero runs")]
+    NotZeroRunStream,
+    /// A ZERO_RUN record after the postcopy switch (pages are placed one
+    /// by one once the guest runs here).
+    #[error("zero run record after the postcopy switch")]
+    ZeroRunAfterPostcopy,
+    /// A ZERO_RUN record whose pages go past the end of its block.
+    #[error("zero run of {pages} pages at {offset:#x} goes past the end of block '{block}' of {len:#x} bytes")]
+    ZeroRunPastBlock {
+        /// Block id.
+        block: String,
+        /// Offset of the run's first page.
+        offset: u64,
+        /// Pages in the run.
+        pages: u64,
+        /// Block length.
+        len: u64,
+    },
     /// Sync epochs out of order.
     #[error("sync epoch {found} where {expected} was expected")]
     SyncEpoch {
@@ -225,6 +244,15 @@ pub enum Record<'a> {
         block: u16,
         /// Byte offset in the block.
         offset: u64,
+    },
+    /// A run of zero pages, checked to lie inside the block.
+    ZeroRun {
+        /// Block index.
+        block: u16,
+        /// Byte offset of the run's first page in the block.
+        offset: u64,
+        /// Pages in the run (1..=[`MAX_ZERO_RUN_PAGES`]).
+        pages: u32,
     },
     /// A raw page (4096 bytes).
     Raw {
@@ -589,6 +617,14 @@ impl<R: Read> StreamReader<R> {
         if channels && self.channel.is_none() && kind != Kind::Channel {
             return Err(self.err_at(tag_at, StreamErrorKind::ChannelFirst));
         }
+        if kind == Kind::ZeroRun {
+            if self.flags & FLAG_ZERO_RUNS == 0 {
+                return Err(self.err_at(tag_at, StreamErrorKind::NotZeroRunStream));
+            }
+            if self.postcopy {
+                return Err(self.err_at(tag_at, StreamErrorKind::ZeroRunAfterPostcopy));
+            }
+        }
         if kind.is_page() {
             self.paged = true;
             let (block, offset) = self.page_addr(same)?;
@@ -797,7 +833,7 @@ impl<R: Read> StreamReader<R> {
                 self.ended = true;
                 Ok(Record::Abort(&self.abort))
             }
-            Kind::Zero | Kind::Raw | Kind::Xbzrle | Kind::Compressed => {
+            Kind::Zero | Kind::Raw | Kind::Xbzrle | Kind::Compressed | Kind::ZeroRun => {
                 unreachable!("page kinds handled above")
             }
         }
@@ -907,6 +943,40 @@ impl<R: Read> StreamReader<R> {
     ) -> Result<Record<'_>, StreamError> {
         match kind {
             Kind::Zero => Ok(Record::Zero { block, offset }),
+            Kind::ZeroRun => {
+                let at = self.offset;
+                let pages = self.u32("a zero run")?;
+                let max = u64::from(MAX_ZERO_RUN_PAGES);
+                if pages == 0 || u64::from(pages) > max {
+                    return Err(self.err_at(
+                        at,
+                        StreamErrorKind::BadLength {
+                            what: "zero run",
+                            len: pages.into(),
+                            min: 1,
+                            max,
+                        },
+                    ));
+                }
+                // The first page is inside the block (checked with the
+                // address); the last one must be too.
+                let desc = &self.blocks[usize::from(block)];
+                let len = u64::from(pages) * PAGE_SIZE as u64;
+                if offset.checked_add(len).is_none_or(|e| e > desc.len) {
+                    let kind = StreamErrorKind::ZeroRunPastBlock {
+                        block: desc.id.clone(),
+                        offset,
+                        pages: pages.into(),
+                        len: desc.len,
+                    };
+                    return Err(self.err_at(at, kind));
+                }
+                Ok(Record::ZeroRun {
+                    block,
+                    offset,
+                    pages,
+                })
+            }
             Kind::Raw => {
                 let data = self.take(PAGE_SIZE, "a raw page")?;
                 Ok(Record::Raw {

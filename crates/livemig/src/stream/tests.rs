@@ -24,6 +24,11 @@ enum Rec {
         block: u16,
         offset: u64,
     },
+    ZeroRun {
+        block: u16,
+        offset: u64,
+        pages: u32,
+    },
     Raw {
         block: u16,
         offset: u64,
@@ -75,6 +80,7 @@ impl Rec {
         match self {
             Rec::BlockList(_) => Kind::BlockList,
             Rec::Zero { .. } => Kind::Zero,
+            Rec::ZeroRun { .. } => Kind::ZeroRun,
             Rec::Raw { .. } => Kind::Raw,
             Rec::Xbzrle { .. } => Kind::Xbzrle,
             Rec::Compressed { .. } => Kind::Compressed,
@@ -97,6 +103,15 @@ fn own(r: Record<'_>) -> Rec {
     match r {
         Record::BlockList(b) => Rec::BlockList(b.to_vec()),
         Record::Zero { block, offset } => Rec::Zero { block, offset },
+        Record::ZeroRun {
+            block,
+            offset,
+            pages,
+        } => Rec::ZeroRun {
+            block,
+            offset,
+            pages,
+        },
         Record::Raw {
             block,
             offset,
@@ -458,6 +473,7 @@ impl Rig {
     ) {
         let (block, offset) = match &rec {
             Rec::Zero { block, offset }
+            | Rec::ZeroRun { block, offset, .. }
             | Rec::Raw { block, offset, .. }
             | Rec::Xbzrle { block, offset, .. }
             | Rec::Compressed { block, offset, .. } => (*block, *offset),
@@ -1232,7 +1248,7 @@ fn bad_version() {
 
 #[test]
 fn unknown_header_flags() {
-    for flags in [1 << 5, 1 << 15, FLAG_VERIFY | 1 << 4, u16::MAX] {
+    for flags in [1 << 6, 1 << 15, FLAG_VERIFY | 1 << 4, u16::MAX] {
         let e = parse_err(&Builder::custom_header(MAGIC, VERSION, flags, 0).build()).err;
         assert!(
             matches!(e.kind, StreamErrorKind::HeaderFlags(x) if x == flags),
@@ -1256,7 +1272,7 @@ fn reserved_header_field() {
 
 #[test]
 fn unknown_tag() {
-    for tag in [0x00, 0x10, 0x11, 0x7f, 0x80, 0x90, 0xff] {
+    for tag in [0x00, 0x10, 0x12, 0x7f, 0x80, 0x90, 0xff] {
         let mut b = Builder::header(0);
         b.u8(tag);
         let e = parse_err(&b.build()).err;
@@ -2353,4 +2369,191 @@ fn drain_marks_out_of_order_or_out_of_place_are_refused() {
         "{}",
         f.err
     );
+}
+
+// ---------------------------------------------------------------------------
+// Zero runs
+// ---------------------------------------------------------------------------
+
+/// A ZERO_RUN record: tag, address, page count.
+fn zero_run(b: &mut Builder, block: Option<u16>, offset: u64, pages: u32) -> &mut Builder {
+    b.addr(Kind::ZeroRun, block, offset).u32(pages)
+}
+
+#[test]
+fn zero_runs_round_trip_and_split_at_the_largest_run() {
+    let max = u64::from(MAX_ZERO_RUN_PAGES);
+    let blocks = descs(&[("ram", (2 * max + 5) * P), ("rom", 4 * P)]);
+    let mut w = StreamWriter::new(Vec::new(), FLAG_ZERO_RUNS);
+    w.block_list(&blocks).unwrap();
+    // One page is a ZERO record; longer runs one ZERO_RUN each, cut at
+    // the largest run; the same-block flag as for any page record.
+    w.zero_run(0, 0, 1).unwrap();
+    w.zero_run(0, P, 3).unwrap();
+    w.zero_run(1, 0, 4).unwrap();
+    w.zero_run(0, 4 * P, 2 * max + 1).unwrap();
+    w.zero_run(0, 0, 0).unwrap();
+    w.section_end(0).unwrap();
+    w.end().unwrap();
+    let bytes = std::mem::take(w.get_mut());
+    let p = parse_ok(&bytes);
+    assert_eq!(p.flags, FLAG_ZERO_RUNS);
+    let run = |block, offset, pages| Rec::ZeroRun {
+        block,
+        offset,
+        pages,
+    };
+    assert_eq!(
+        p.recs,
+        vec![
+            Rec::BlockList(blocks.clone()),
+            Rec::Zero {
+                block: 0,
+                offset: 0
+            },
+            run(0, P, 3),
+            run(1, 0, 4),
+            run(0, 4 * P, MAX_ZERO_RUN_PAGES),
+            run(0, (4 + max) * P, MAX_ZERO_RUN_PAGES),
+            Rec::Zero {
+                block: 0,
+                offset: (4 + 2 * max) * P
+            },
+            Rec::SectionEnd { seq: 0 },
+            Rec::End,
+        ]
+    );
+    // Header, block list, ZERO 11 (with its block), ZERO_RUN 13 (same
+    // block), 15 (block 1), 15 (block 0 again) and 13, ZERO 9, section
+    // end 13, end 5.
+    let list = 1 + 4 + 8 + (1 + 3 + 8) * 2;
+    assert_eq!(
+        bytes.len(),
+        HEADER_LEN + list + 11 + 13 + 15 + 15 + 13 + 9 + 13 + 5
+    );
+}
+
+#[test]
+fn without_the_flag_the_writer_sends_one_zero_record_per_page() {
+    let blocks = descs(&[("ram", 8 * P)]);
+    let mut w = StreamWriter::new(Vec::new(), 0);
+    w.block_list(&blocks).unwrap();
+    w.zero_run(0, 2 * P, 3).unwrap();
+    w.end().unwrap();
+    let p = parse_ok(&std::mem::take(w.get_mut()));
+    let zeros: Vec<Rec> = (2..5)
+        .map(|i| Rec::Zero {
+            block: 0,
+            offset: i * P,
+        })
+        .collect();
+    assert_eq!(&p.recs[1..4], &zeros[..]);
+    assert_eq!(p.recs[4], Rec::End);
+}
+
+#[test]
+fn zero_run_bounds_are_checked_before_it_is_returned() {
+    // BLOCKS: ram0 of 4 pages, ram1 of 2. Up to the block's end is fine.
+    let mut b = Builder::header(FLAG_ZERO_RUNS);
+    b.blocks(BLOCKS);
+    zero_run(&mut b, Some(0), P, 3);
+    zero_run(&mut b, Some(1), 0, 2);
+    zero_run(&mut b, None, P, 1);
+    b.end();
+    let p = parse_ok(&b.build());
+    assert_eq!(
+        p.recs[1..4],
+        [
+            Rec::ZeroRun {
+                block: 0,
+                offset: P,
+                pages: 3
+            },
+            Rec::ZeroRun {
+                block: 1,
+                offset: 0,
+                pages: 2
+            },
+            Rec::ZeroRun {
+                block: 1,
+                offset: P,
+                pages: 1
+            },
+        ]
+    );
+
+    // Past the block's end: the error points at the count.
+    for (block, offset, pages) in [(0u16, 0u64, 5u32), (0, 3 * P, 2), (1, P, 2), (1, 0, 3)] {
+        let mut b = Builder::header(FLAG_ZERO_RUNS);
+        b.blocks(BLOCKS);
+        let at = b.pos() + 11;
+        zero_run(&mut b, Some(block), offset, pages);
+        let e = parse_err(&b.build()).err;
+        let (id, len) = BLOCKS[usize::from(block)];
+        assert!(
+            matches!(&e.kind, StreamErrorKind::ZeroRunPastBlock { block: b, offset: o, pages: n, len: l }
+                if b == id && *o == offset && *n == u64::from(pages) && *l == len),
+            "{e}"
+        );
+        assert_at(&e, at, 1, Some("zero run"));
+    }
+
+    // A count of 0 or above the largest run.
+    for pages in [0, MAX_ZERO_RUN_PAGES + 1, u32::MAX] {
+        let mut b = Builder::header(FLAG_ZERO_RUNS);
+        b.blocks(BLOCKS);
+        let at = b.pos() + 11;
+        zero_run(&mut b, Some(0), 0, pages);
+        let e = parse_err(&b.build()).err;
+        assert!(
+            matches!(e.kind, StreamErrorKind::BadLength { what: "zero run", len, min: 1, max }
+                if len == u64::from(pages) && max == u64::from(MAX_ZERO_RUN_PAGES)),
+            "{e}"
+        );
+        assert_at(&e, at, 1, Some("zero run"));
+    }
+
+    // The start outside the block, as for any page record.
+    let mut b = Builder::header(FLAG_ZERO_RUNS);
+    b.blocks(BLOCKS);
+    zero_run(&mut b, Some(1), 2 * P, 1);
+    let e = parse_err(&b.build()).err;
+    assert!(matches!(e.kind, StreamErrorKind::BadOffset { .. }), "{e}");
+
+    // Cut inside the count.
+    let mut b = Builder::header(FLAG_ZERO_RUNS);
+    b.blocks(BLOCKS);
+    b.addr(Kind::ZeroRun, Some(0), 0).u16(0);
+    let e = parse_err(&b.build()).err;
+    assert!(
+        matches!(e.kind, StreamErrorKind::Truncated("a zero run")),
+        "{e}"
+    );
+}
+
+#[test]
+fn zero_runs_need_the_flag_and_end_at_the_postcopy_switch() {
+    // Without the header flag.
+    let mut b = Builder::with_blocks();
+    let at = b.pos();
+    zero_run(&mut b, Some(0), 0, 2);
+    let e = parse_err(&b.build()).err;
+    assert!(matches!(e.kind, StreamErrorKind::NotZeroRunStream), "{e}");
+    assert_at(&e, at, 1, Some("zero run"));
+
+    // After POSTCOPY: pages are placed one by one there.
+    let mut b = Builder::header(FLAG_ZERO_RUNS);
+    b.blocks(BLOCKS);
+    zero_run(&mut b, Some(0), 0, 2);
+    b.tag(Kind::Postcopy, false).section_end(0);
+    let at = b.pos();
+    zero_run(&mut b, Some(0), 2 * P, 2);
+    let f = parse_err(&b.build());
+    assert!(
+        matches!(f.err.kind, StreamErrorKind::ZeroRunAfterPostcopy),
+        "{}",
+        f.err
+    );
+    assert_at(&f.err, at, 4, Some("zero run"));
+    assert_eq!(f.recs.len(), 4, "the run before the switch was read");
 }

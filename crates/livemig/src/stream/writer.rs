@@ -38,6 +38,8 @@ pub struct StreamWriter<W: Write> {
     written: u64,
     last_block: Option<u16>,
     staged: Option<Staged>,
+    /// The header's flags (ZERO_RUN records need [`FLAG_ZERO_RUNS`]).
+    flags: u16,
 }
 
 #[derive(Clone, Copy)]
@@ -58,6 +60,7 @@ impl<W: Write> StreamWriter<W> {
             written: 0,
             last_block: None,
             staged: None,
+            flags,
         };
         w.buf.extend_from_slice(&MAGIC);
         w.buf.extend_from_slice(&VERSION.to_be_bytes());
@@ -77,6 +80,7 @@ impl<W: Write> StreamWriter<W> {
             written: 0,
             last_block: None,
             staged: None,
+            flags: 0,
         }
     }
 
@@ -138,6 +142,35 @@ impl<W: Write> StreamWriter<W> {
     pub fn zero(&mut self, block: u16, offset: u64) -> io::Result<()> {
         self.addr(Kind::Zero, block, offset);
         self.maybe_flush()
+    }
+
+    /// Says that `count` pages from `offset` of block `block` are zero:
+    /// ZERO_RUN records of at most [`MAX_ZERO_RUN_PAGES`] each when the
+    /// header declares [`FLAG_ZERO_RUNS`] (one ZERO record for a single
+    /// page), otherwise one ZERO record per page.
+    pub fn zero_run(&mut self, block: u16, offset: u64, count: u64) -> io::Result<()> {
+        let ps = PAGE_SIZE as u64;
+        if self.flags & FLAG_ZERO_RUNS == 0 {
+            for p in 0..count {
+                self.zero(block, offset + p * ps)?;
+            }
+            return Ok(());
+        }
+        let mut at = offset;
+        let mut left = count;
+        while left > 0 {
+            let n = left.min(u64::from(MAX_ZERO_RUN_PAGES));
+            if n == 1 {
+                self.addr(Kind::Zero, block, at);
+            } else {
+                self.addr(Kind::ZeroRun, block, at);
+                self.buf.extend_from_slice(&(n as u32).to_be_bytes());
+            }
+            self.maybe_flush()?;
+            at += n * ps;
+            left -= n;
+        }
+        Ok(())
     }
 
     /// Reserves a raw-page record and returns the page's bytes to fill.

@@ -48,7 +48,7 @@ use livemig::memory::{AnonMapping, RawRegion};
 use livemig::memory::{GuestMemory, ProcessMemory, RamBlock, PAGE_SIZE};
 use livemig::stream::format::{
     COMPRESS_LZ4, COMPRESS_ZSTD, FLAG_CHANNELS, FLAG_VERIFY, KNOWN_FEATURES, MAX_ABORT_TEXT,
-    MAX_BLOCKS, MAX_CHANNELS,
+    MAX_BLOCKS, MAX_CHANNELS, MAX_ZERO_RUN_PAGES,
 };
 use livemig::stream::{BlockDesc, Record, StreamErrorKind, StreamReader};
 
@@ -192,6 +192,8 @@ pub enum Owned {
     BlockList(Vec<BlockDesc>),
     /// Zero page.
     Zero(u16, u64),
+    /// Run of zero pages: block, offset, pages.
+    ZeroRun(u16, u64, u32),
     /// Raw page.
     Raw(u16, u64, Vec<u8>),
     /// XBZRLE page.
@@ -226,6 +228,11 @@ fn own(r: &Record<'_>) -> Owned {
     match *r {
         Record::BlockList(b) => Owned::BlockList(b.to_vec()),
         Record::Zero { block, offset } => Owned::Zero(block, offset),
+        Record::ZeroRun {
+            block,
+            offset,
+            pages,
+        } => Owned::ZeroRun(block, offset, pages),
         Record::Raw {
             block,
             offset,
@@ -287,6 +294,19 @@ fn check_record(rec: &Record<'_>, blocks: &[BlockDesc], next_seq: &mut u64) {
             }
         }
         Record::Zero { block, offset } => addr(block, offset),
+        Record::ZeroRun {
+            block,
+            offset,
+            pages,
+        } => {
+            addr(block, offset);
+            assert!((1..=MAX_ZERO_RUN_PAGES).contains(&pages), "run of {pages}");
+            let end = offset + u64::from(pages) * PAGE_SIZE as u64;
+            assert!(
+                end <= blocks[usize::from(block)].len,
+                "run to {end:#x} past its block"
+            );
+        }
         Record::Raw {
             block,
             offset,
@@ -551,6 +571,21 @@ fn model(data: &[u8], ids: &[&str], mem: &mut [Vec<u8>]) -> Verdict {
                 if p.iter().any(|&x| x != 0) {
                     counts.zero_written += 1;
                     p.fill(0);
+                }
+            }
+            Record::ZeroRun {
+                block,
+                offset,
+                pages,
+            } => {
+                for i in 0..u64::from(pages) {
+                    counts.zero += 1;
+                    let (b, range) = page(&map, block, offset + i * PAGE_SIZE as u64);
+                    let p = &mut mem[b][range];
+                    if p.iter().any(|&x| x != 0) {
+                        counts.zero_written += 1;
+                        p.fill(0);
+                    }
                 }
             }
             Record::Raw {

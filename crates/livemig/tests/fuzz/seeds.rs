@@ -323,6 +323,67 @@ fn streams(layout: &[(&str, usize)], orders: &[&[usize]]) -> Vec<(String, Vec<u8
     out
 }
 
+/// Streams with ZERO_RUN records (header flag `FLAG_ZERO_RUNS`) for one
+/// destination layout: runs over pages the destination holds data in and
+/// pages it does not, a run to a block's last page, the same-block flag;
+/// a run past its block's end, a run without the header flag, and a run
+/// after the postcopy switch.
+fn zero_run_streams(layout: &[(&str, usize)]) -> Vec<(String, Vec<u8>)> {
+    use livemig::stream::format::FLAG_ZERO_RUNS;
+    let list: Vec<(&str, u64)> = layout.iter().map(|&(id, l)| (id, l as u64)).collect();
+    let pages = |b: usize| list[b].1 / P;
+    let mut w = StreamWriter::new(Vec::new(), FLAG_ZERO_RUNS);
+    w.block_list(&descs(&list)).unwrap();
+    for b in 0..list.len() {
+        let s = b as u16;
+        // Every page of the block zero, then data in two, then a run
+        // over one of them again, up to the last page.
+        w.zero_run(s, 0, pages(b)).unwrap();
+        w.raw(s, P, &pattern(0x30 + s as u8)).unwrap();
+        w.raw(s, 3 * P, &pattern(0x38 + s as u8)).unwrap();
+        w.section_end(2 * b as u64).unwrap();
+        w.zero_run(s, 2 * P, pages(b) - 2).unwrap();
+        w.zero_run(s, 0, 1).unwrap();
+        w.section_end(2 * b as u64 + 1).unwrap();
+    }
+    w.end().unwrap();
+    let good = w.get_mut().clone();
+    let run = |flags: u16, first: u64, count: u64| {
+        let mut w = StreamWriter::new(Vec::new(), flags);
+        w.block_list(&descs(&list)).unwrap();
+        w.raw(0, 0, &pattern(0x41)).unwrap();
+        w.zero_run(0, first, count).unwrap();
+        w.section_end(0).unwrap();
+        w.end().unwrap();
+        w.get_mut().clone()
+    };
+    // Built by hand: the writer turns a run into ZERO records without the
+    // flag.
+    let mut no_flag = run(0, 0, 1);
+    let at = no_flag.len() - 13 - 5 - 9;
+    no_flag.truncate(at);
+    no_flag.extend_from_slice(&[0x11 | 0x80]);
+    no_flag.extend_from_slice(&P.to_be_bytes());
+    no_flag.extend_from_slice(&2u32.to_be_bytes());
+    let mut w = StreamWriter::new(Vec::new(), FLAG_ZERO_RUNS);
+    w.block_list(&descs(&list)).unwrap();
+    w.postcopy().unwrap();
+    w.section_end(0).unwrap();
+    w.zero_run(0, 0, 2).unwrap();
+    w.section_end(1).unwrap();
+    w.end().unwrap();
+    let after_switch = w.get_mut().clone();
+    vec![
+        ("zero-runs".into(), good),
+        (
+            "zero-run-past-block".into(),
+            run(FLAG_ZERO_RUNS, 2 * P, pages(0) - 1),
+        ),
+        ("zero-run-no-flag".into(), no_flag),
+        ("zero-run-after-postcopy".into(), after_switch),
+    ]
+}
+
 /// Hand-made streams for the reader: header errors, huge claims.
 fn reader_only() -> Vec<(String, Vec<u8>)> {
     let mut out = vec![
@@ -441,8 +502,10 @@ pub fn all() -> Vec<Seed> {
             seeds.push(Seed { target, name, data });
         }
     };
-    let two = streams(TWO_BLOCKS, &[&[0, 1], &[1, 0]]);
-    let one = streams(&[GUARDED_BLOCK], &[&[0]]);
+    let mut two = streams(TWO_BLOCKS, &[&[0, 1], &[1, 0]]);
+    two.extend(zero_run_streams(TWO_BLOCKS));
+    let mut one = streams(&[GUARDED_BLOCK], &[&[0]]);
+    one.extend(zero_run_streams(&[GUARDED_BLOCK]));
     let tagged = |prefix: &str, v: &[(String, Vec<u8>)]| -> Vec<(String, Vec<u8>)> {
         v.iter()
             .map(|(n, d)| (format!("{prefix}-{n}"), d.clone()))

@@ -852,7 +852,7 @@ impl DirtyTracker for ManualTracker {
             let init = &self.initial[i];
             if init.count() > 0 {
                 // Asked after the GET: see the type's comment.
-                if let Some(data) = data_pages(&s.block, 0, s.block.pages()) {
+                if let Some(data) = s.block.data_pages(0, s.block.pages()) {
                     for ((w, i), d) in words.iter_mut().zip(init.words()).zip(data.words()) {
                         *w &= !(i & !d);
                     }
@@ -896,7 +896,7 @@ impl DirtyTracker for ManualTracker {
         if init.any_in(first, end - first) {
             // Bits still set from the start stay set on pages that hold no
             // data (see the type's comment).
-            if let Some(data) = data_pages(&s.block, first, end.min(pages) - first) {
+            if let Some(data) = s.block.data_pages(first, end.min(pages) - first) {
                 for ((w, i), d) in words
                     .iter_mut()
                     .zip(&init.words()[w0..w1])
@@ -948,38 +948,6 @@ impl Drop for ManualTracker {
     fn drop(&mut self) {
         let _ = self.stop();
     }
-}
-
-/// Pages `[first, first + count)` of `block` that may hold data (bit `p`
-/// for page `first + p`), as the kernel says now; `None` when it cannot say
-/// for this memory.
-fn data_pages(block: &RamBlock, first: u64, count: u64) -> Option<DirtyBitmap> {
-    let (off, len) = (first * PAGE, count * PAGE);
-    let ranges: Vec<(u64, u64)> = match block.backing() {
-        Some(bk) => match crate::sys::residency::file_data(&bk.file, bk.offset + off, len) {
-            Ok(Some(v)) => v
-                .into_iter()
-                .map(|(a, b)| (a - bk.offset, b - bk.offset))
-                .collect(),
-            Ok(None) => return None,
-            Err(e) => {
-                log::debug!("cannot tell which pages of the memory file hold data: {e}");
-                return None;
-            }
-        },
-        None => block
-            .region()
-            .populated(off as usize, len as usize)?
-            .into_iter()
-            .map(|(a, b)| (a as u64, b as u64))
-            .collect(),
-    };
-    let mut bm = DirtyBitmap::new(count);
-    for (a, b) in ranges {
-        let (pa, pb) = ((a / PAGE).max(first), b.div_ceil(PAGE));
-        bm.set_range(pa - first, pb.saturating_sub(pa));
-    }
-    Some(bm)
 }
 
 /// KVM dirty ring: harvests every vCPU's ring (and what

@@ -351,7 +351,7 @@ fn manual_initially_set_leaves_pages_without_data_alone() {
             eprintln!("skipped: initially-set manual protect not offered");
             return;
         }
-        if data_pages(&mem.blocks()[0], 0, 256).is_none() {
+        if mem.blocks()[0].data_pages(0, 256).is_none() {
             eprintln!("skipped: this kernel cannot say which pages hold data");
             return;
         }

@@ -16,7 +16,7 @@ use crate::bitmap::DirtyBitmap;
 use crate::codec::compress::{Algorithm, Decompressor};
 use crate::engine::ack::{read_go, write_reply, CommitError, Reply as AckReply, ReplyError};
 use crate::engine::handle::Reconnect;
-use crate::engine::loader::{LoadError, LoadOutcome, LoadStats, Loader};
+use crate::engine::loader::{LoadError, LoadOutcome, LoadStats, Loader, PostcopyLoadError};
 use crate::engine::{MigrationHandle, Status};
 use crate::memory::{GuestMemory, PAGE_SIZE};
 use crate::stream::format::{FLAG_CHANNELS, FLAG_URGENT, FLAG_VERIFY};
@@ -269,15 +269,18 @@ fn receive_inner<R: Read>(
     let mut early_urgent = None;
     if let (true, Some(accept)) = (wants_urgent, accept.as_mut()) {
         match accept()
-            .map_err(|e| format!("accepting the postcopy urgent connection: {e}"))
-            .and_then(|c| open_urgent(c).map_err(|e| crate::error_chain(&e)))
-        {
+            .map_err(|source| PostcopyLoadError::AcceptUrgent { source })
+            .and_then(|c| {
+                open_urgent(c).map_err(|e| PostcopyLoadError::OpenUrgent {
+                    source: Box::new(e),
+                })
+            }) {
             Ok(u) => early_urgent = Some(u),
-            Err(why) => {
-                fail(&mut reply, &why);
+            Err(cause) => {
+                fail(&mut reply, &crate::error_chain(&cause));
                 return Err(ReceiveError::Load(LoadError::Postcopy {
                     offset: r.offset(),
-                    what: why,
+                    cause,
                 }));
             }
         }
@@ -352,7 +355,7 @@ fn receive_inner<R: Read>(
     let Some(mut w) = reply.take() else {
         return Err(ReceiveError::Load(LoadError::Postcopy {
             offset: r.offset(),
-            what: "postcopy switch in a stream without a return path".into(),
+            cause: PostcopyLoadError::NoReturnPath,
         }));
     };
     if !allow_postcopy {
@@ -372,19 +375,19 @@ fn receive_inner<R: Read>(
     let mut urgent = None;
     if wants_urgent {
         let checked = match early_urgent {
-            None => Err("the source wants an urgent connection (postcopy-preempt) but this destination accepts none".to_string()),
+            None => Err(PostcopyLoadError::NoUrgent),
             Some((u, list)) => same_blocks(mem, &o.map, &list)
                 .map(|()| u)
-                .map_err(|()| "the urgent connection's block list differs from the main stream's".to_string()),
+                .map_err(|()| PostcopyLoadError::UrgentBlocks),
         };
         match checked {
             Ok(u) => urgent = Some(u),
-            Err(why) => {
+            Err(cause) => {
                 placer.release();
-                fail(&mut Some(w), &why);
+                fail(&mut Some(w), &crate::error_chain(&cause));
                 return Err(ReceiveError::Load(LoadError::Postcopy {
                     offset: r.offset(),
-                    what: why,
+                    cause,
                 }));
             }
         }
@@ -704,7 +707,7 @@ fn open_urgent<C: Read>(conn: C) -> Result<(StreamReader<C>, BlockList), LoadErr
     let Record::BlockList(list) = u.next_record()? else {
         return Err(LoadError::Postcopy {
             offset: at,
-            what: "the connection must start with the block list".into(),
+            cause: PostcopyLoadError::NoBlockList,
         });
     };
     let list = list.iter().map(|d| (d.id.clone(), d.len)).collect();
@@ -995,14 +998,14 @@ fn place_stream<R: Read>(
     let place_run = |run: &mut Run, at: u64| -> Result<(), LoadError> {
         if let Some(t) = run.take() {
             p.place_run(t.block, t.first, t.pages, t.data)
-                .map_err(|e| LoadError::Postcopy {
+                .map_err(|source| LoadError::Postcopy {
                     offset: at,
-                    what: format!(
-                        "placing pages {:#x}..{:#x} of block {}: {e}",
-                        t.first * PAGE,
-                        (t.first + t.pages) * PAGE,
-                        t.block
-                    ),
+                    cause: PostcopyLoadError::Place {
+                        block: t.block,
+                        start: t.first * PAGE,
+                        end: (t.first + t.pages) * PAGE,
+                        source,
+                    },
                 })?;
         }
         run.clear();
@@ -1023,7 +1026,7 @@ fn place_stream<R: Read>(
             if b >= p.spans.len() || offset >= p.spans[b].len {
                 return Err(LoadError::Postcopy {
                     offset: at,
-                    what: format!("page {offset:#x} of block {block}: outside the guest's memory"),
+                    cause: PostcopyLoadError::OutsideMemory { block, offset },
                 });
             }
             if !run.extends(b, pg, kind) {
@@ -1040,10 +1043,11 @@ fn place_stream<R: Read>(
                         if data.len() != d.len() {
                             return Err(LoadError::Postcopy {
                                 offset: at,
-                                what: format!(
-                                    "page {offset:#x} of block {block}: {} bytes, not a page",
-                                    data.len()
-                                ),
+                                cause: PostcopyLoadError::NotAPage {
+                                    block,
+                                    offset,
+                                    len: data.len(),
+                                },
                             });
                         }
                         d.copy_from_slice(data);
@@ -1096,7 +1100,7 @@ fn place_stream<R: Read>(
                 };
                 return Err(LoadError::Postcopy {
                     offset: at,
-                    what: format!("{what} after the postcopy switch"),
+                    cause: PostcopyLoadError::AfterSwitch { what },
                 });
             }
         }

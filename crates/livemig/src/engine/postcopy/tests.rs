@@ -372,6 +372,85 @@ impl Guest {
             handle,
         }
     }
+
+    /// Runs the source over TCP to `uri`: the main connection, then every
+    /// further one the source opens (urgent, page channels).
+    fn run_tcp(
+        &mut self,
+        uri: &crate::transport::Uri,
+    ) -> Result<crate::engine::MigrationStats, MigrationError> {
+        use crate::transport::connect;
+        Source::new(
+            &self.src,
+            &mut self.tracker,
+            &mut self.vm,
+            self.handle.clone(),
+        )
+        .run_conn(connect(uri).unwrap(), &mut |_| {
+            Ok(connect(uri).map_err(std::io::Error::other)?.writer)
+        })
+    }
+
+    /// The run once the source completed: its guest stays paused, the
+    /// workload stops, the destination (`dest`: its outcome and the
+    /// guest's reads) completed.
+    fn finish(
+        self,
+        stats: crate::engine::MigrationStats,
+        dest: (Result<Received, ReceiveError>, u64),
+    ) -> Run {
+        assert!(
+            self.vm.is_paused(),
+            "the source stays paused after postcopy"
+        );
+        drop(self.workload);
+        let (res, reads) = dest;
+        Run {
+            src: self.src,
+            dst: self.dst,
+            stats,
+            received: res.expect("the destination completes"),
+            reads,
+            history: self.handle.postcopy_history(),
+        }
+    }
+}
+
+/// The destination over TCP: accepts the main connection on `listener`
+/// (and every further one as the source opens it), then receives into
+/// `dst` with `guest`, recoverably on `recovery` when given. Yields the
+/// outcome and the guest's reads.
+fn tcp_destination(
+    listener: crate::transport::Listener,
+    dst: &ProcessMemory,
+    mut guest: TouchGuest,
+    recovery: Option<MigrationHandle>,
+) -> thread::JoinHandle<(Result<Received, ReceiveError>, u64)> {
+    let dst = dst.clone();
+    thread::spawn(move || {
+        let inc = listener.accept().unwrap();
+        let mut accept = further_connections(&listener);
+        let res = match &recovery {
+            Some(h) => receive_recoverable(
+                &dst,
+                inc.reader,
+                inc.ack,
+                &mut guest,
+                true,
+                Some(&mut accept),
+                h,
+            ),
+            None => receive(
+                &dst,
+                inc.reader,
+                inc.ack,
+                &mut guest,
+                true,
+                Some(&mut accept),
+            ),
+        };
+        (res, guest.stop())
+    })
 }
 
 /// Migrates a random guest that a workload writes, switching to postcopy
@@ -383,20 +462,13 @@ fn run_postcopy(
     at_once: bool,
     steer: impl FnOnce(MigrationHandle) + Send + 'static,
 ) -> Run {
-    let Guest {
-        src,
-        dst,
-        mut tracker,
-        workload,
-        mut vm,
-        handle,
-    } = Guest::start(params, at_once, 7, 256 * MIB);
+    let mut g = Guest::start(params, at_once, 7, 256 * MIB);
     let (out, r, ack_w) = pipes_out();
     // The urgent connection, when postcopy-preempt asks for one.
     let (uw, ur) = pipe();
     let mut uw = Some(uw);
     let mut ur = Some(ur);
-    let dst2 = dst.clone();
+    let dst2 = g.dst.clone();
     let dest = thread::spawn(move || {
         let mut guest = TouchGuest::new(&dst2);
         let mut accept = || -> std::io::Result<Box<dyn std::io::Read + Send>> {
@@ -415,9 +487,9 @@ fn run_postcopy(
         let reads = guest.stop();
         (res, reads)
     });
-    let h2 = handle.clone();
+    let h2 = g.handle.clone();
     let steerer = thread::spawn(move || steer(h2));
-    let stats = Source::new(&src, &mut tracker, &mut vm, handle.clone())
+    let stats = Source::new(&g.src, &mut g.tracker, &mut g.vm, g.handle.clone())
         .run_conn(out, &mut |i| {
             assert_eq!(i, crate::engine::source::URGENT_CONNECTION);
             uw.take()
@@ -425,18 +497,8 @@ fn run_postcopy(
                 .ok_or_else(|| std::io::Error::other("one urgent connection only"))
         })
         .expect("migration succeeds");
-    assert!(vm.is_paused(), "the source stays paused after postcopy");
-    drop(workload);
     steerer.join().unwrap();
-    let (res, reads) = dest.join().unwrap();
-    Run {
-        src,
-        dst,
-        stats,
-        received: res.expect("the destination completes"),
-        reads,
-        history: handle.postcopy_history(),
-    }
+    g.finish(stats, dest.join().unwrap())
 }
 
 fn postcopy_params() -> Params {
@@ -560,51 +622,15 @@ fn run_postcopy_tcp(
     at_once: bool,
     steer: impl FnOnce(MigrationHandle) + Send + 'static,
 ) -> Run {
-    use crate::transport::connect;
-    let Guest {
-        src,
-        dst,
-        mut tracker,
-        workload,
-        mut vm,
-        handle,
-    } = Guest::start(params, at_once, 13, 128 * MIB);
+    let mut g = Guest::start(params, at_once, 13, 128 * MIB);
     let (listener, _) = tcp_listener();
     let uri = listener.local_uri();
-    let dst2 = dst.clone();
-    let dest = thread::spawn(move || {
-        let inc = listener.accept().unwrap();
-        let mut guest = TouchGuest::new(&dst2);
-        let mut accept = further_connections(&listener);
-        let res = receive(
-            &dst2,
-            inc.reader,
-            inc.ack,
-            &mut guest,
-            true,
-            Some(&mut accept),
-        );
-        (res, guest.stop())
-    });
-    let h2 = handle.clone();
+    let dest = tcp_destination(listener, &g.dst, TouchGuest::new(&g.dst), None);
+    let h2 = g.handle.clone();
     let steerer = thread::spawn(move || steer(h2));
-    let stats = Source::new(&src, &mut tracker, &mut vm, handle.clone())
-        .run_conn(connect(&uri).unwrap(), &mut |_| {
-            Ok(connect(&uri).map_err(std::io::Error::other)?.writer)
-        })
-        .expect("migration succeeds");
-    assert!(vm.is_paused(), "the source stays paused after postcopy");
-    drop(workload);
+    let stats = g.run_tcp(&uri).expect("migration succeeds");
     steerer.join().unwrap();
-    let (res, reads) = dest.join().unwrap();
-    Run {
-        src,
-        dst,
-        stats,
-        received: res.expect("the destination completes"),
-        reads,
-        history: handle.postcopy_history(),
-    }
+    g.finish(stats, dest.join().unwrap())
 }
 
 #[test]
@@ -630,10 +656,16 @@ fn pure_postcopy_over_page_channels() {
 
 #[test]
 fn postcopy_over_page_channels_with_the_urgent_connection_after_precopy() {
+    // Precopy is held to 1 MiB/s until the switch: its first pass over
+    // 8 MiB of random pages takes about 8 s, so it can neither end nor
+    // converge before the command comes, however late a loaded host runs
+    // the steering thread (a workload starved of CPU dirties next to
+    // nothing, and a later pass could converge). The push after the
+    // switch is paced at 16 MiB/s.
     let params = Params {
         channels: 2,
         postcopy_preempt: true,
-        max_bandwidth: 16 * MIB,
+        max_bandwidth: MIB,
         downtime_limit: 5,
         ..postcopy_params()
     };
@@ -643,10 +675,17 @@ fn postcopy_over_page_channels_with_the_urgent_connection_after_precopy() {
     let mut seen = Vec::new();
     for _ in 0..3 {
         let r = run_postcopy_tcp(params.clone(), false, |h| {
-            while h.history().len() < 2 && !h.stats().status.is_final() {
+            let t0 = std::time::Instant::now();
+            while h.stats().ram.transferred < 256 << 10
+                && !h.stats().status.is_final()
+                && t0.elapsed() < Duration::from_secs(60)
+            {
                 thread::sleep(Duration::from_millis(5));
             }
             h.start_postcopy().unwrap();
+            let mut p = h.params();
+            p.max_bandwidth = 16 * MIB;
+            h.set_params(p).unwrap();
         });
         assert_postcopy_done(&r);
         assert!(r.stats.ram.precopy_bytes > 0);
@@ -852,8 +891,8 @@ struct Recovered {
     reopened: Vec<u64>,
 }
 
-fn statuses(h: &MigrationHandle) -> Arc<std::sync::Mutex<Vec<Status>>> {
-    let seen: Arc<std::sync::Mutex<Vec<Status>>> = Arc::default();
+fn statuses(h: &MigrationHandle) -> Statuses {
+    let seen: Statuses = Arc::default();
     let s = seen.clone();
     h.observe(Box::new(move |e| {
         if let crate::engine::HandleEvent::Status(st) = e {
@@ -861,6 +900,25 @@ fn statuses(h: &MigrationHandle) -> Arc<std::sync::Mutex<Vec<Status>>> {
         }
     }));
     seen
+}
+
+/// The status events a handle reported so far.
+type Statuses = Arc<std::sync::Mutex<Vec<Status>>>;
+
+/// A pure postcopy that may pause and recover: the source guest
+/// ([`Guest::start`] with `params`, `seed`, `rate`; postcopy asked at once,
+/// recovery allowed), the destination's handle, and the statuses each
+/// side reports (source, destination).
+fn recoverable(
+    params: Params,
+    seed: u64,
+    rate: u64,
+) -> (Guest, MigrationHandle, Statuses, Statuses) {
+    let g = Guest::start(params, true, seed, rate);
+    g.handle.set_postcopy_recovery(true);
+    let dh = MigrationHandle::new(Params::default());
+    let (src_seen, dst_seen) = (statuses(&g.handle), statuses(&dh));
+    (g, dh, src_seen, dst_seen)
 }
 
 /// Pure postcopy over TCP through a proxy that applies `fault` to the
@@ -907,6 +965,22 @@ struct Cut {
     recovery_fault: Option<Fault>,
 }
 
+impl Cut {
+    /// `fault` on connection `on` (see [`Cut::on`]), with 2 page channels
+    /// and, with `preempt`, the urgent connection, all reopened by one
+    /// direct recovery.
+    fn reopening(fault: Fault, on: usize, preempt: bool) -> Cut {
+        Cut {
+            fault,
+            on,
+            preempt,
+            channels: 2,
+            reopen: true,
+            recovery_fault: None,
+        }
+    }
+}
+
 /// A reader that counts the bytes read through it.
 struct Counted(crate::transport::BoxRead, Arc<AtomicU64>);
 
@@ -928,50 +1002,20 @@ fn count(seen: &std::sync::Mutex<Vec<Status>>, s: Status) -> usize {
 /// destination, the fault of `cut`, then recovery (see [`Cut`]).
 fn run_cut(cut: Cut) -> Recovered {
     use crate::transport::{connect, Uri};
-    let src = ProcessMemory::new(&layout()).unwrap();
-    let dst = ProcessMemory::new(&layout()).unwrap();
-    let (mut tracker, log) = SoftwareTracker::new(&src);
-    let writer: PageWriter = Arc::new(move |b, off, data| log.write(b, off, data));
-    fill_random(&src.blocks()[..1], &writer, 11);
-    let workload = Workload::start(
-        src.blocks().to_vec(),
-        writer,
-        WorkloadConfig {
-            rate: 64 * MIB,
-            ..WorkloadConfig::default()
-        },
-    );
-    let mut vm = workload.control();
-    let sh = MigrationHandle::new(Params {
+    let params = Params {
         postcopy_preempt: cut.preempt,
         channels: cut.channels,
         max_bandwidth: 6 * MIB,
         ..postcopy_params()
-    });
-    sh.start_postcopy().unwrap();
-    sh.set_postcopy_recovery(true);
-    let dh = MigrationHandle::new(Params::default());
-    let (src_seen, dst_seen) = (statuses(&sh), statuses(&dh));
+    };
+    let (mut g, dh, src_seen, dst_seen) = recoverable(params, 11, 64 * MIB);
+    let sh = g.handle.clone();
     let (listener, addr) = tcp_listener();
     let proxy = FaultProxy::start_on(addr, cut.fault, cut.on).unwrap();
-    let (dst2, dh2) = (dst.clone(), dh.clone());
-    let dest = thread::spawn(move || {
-        let inc = listener.accept().unwrap();
-        // Paced: the background push, not the guest's requests, carries
-        // most pages (on the page channels when there are some).
-        let mut guest = TouchGuest::paced(&dst2, Duration::from_millis(1));
-        let mut accept = further_connections(&listener);
-        let res = receive_recoverable(
-            &dst2,
-            inc.reader,
-            inc.ack,
-            &mut guest,
-            true,
-            Some(&mut accept),
-            &dh2,
-        );
-        (res, guest.stop())
-    });
+    // Paced: the background push, not the guest's requests, carries most
+    // pages (on the page channels when there are some).
+    let guest = TouchGuest::paced(&g.dst, Duration::from_millis(1));
+    let dest = tcp_destination(listener, &g.dst, guest, Some(dh.clone()));
     // Bytes read here on each reopened connection of the last recovery.
     let reopened: Arc<std::sync::Mutex<Vec<Arc<AtomicU64>>>> = Arc::default();
     let (sh2, dh3, reopened2) = (sh.clone(), dh.clone(), reopened.clone());
@@ -1049,14 +1093,9 @@ fn run_cut(cut: Cut) -> Recovered {
         Some(recovery_proxy.map(|p| p.has_cut()))
     });
     let proxy_uri: Uri = proxy.uri().parse().unwrap();
-    let conn = connect(&proxy_uri).unwrap();
-    let stats = Source::new(&src, &mut tracker, &mut vm, sh.clone())
-        .run_conn(conn, &mut |_| {
-            Ok(connect(&proxy_uri).map_err(std::io::Error::other)?.writer)
-        })
+    let stats = g
+        .run_tcp(&proxy_uri)
         .expect("the migration completes after recovery");
-    assert!(vm.is_paused(), "the source stays paused after postcopy");
-    drop(workload);
     let recovery_cut = steer.join().unwrap().expect("both sides paused");
     if let Some(c) = recovery_cut {
         assert!(c, "the recovery proxy cut the bitmap exchange");
@@ -1066,17 +1105,8 @@ fn run_cut(cut: Cut) -> Recovered {
             src_seen.lock().unwrap()
         );
     }
-    let (res, reads) = dest.join().unwrap();
-    let received = res.expect("the destination completes after recovery");
     let r = Recovered {
-        run: Run {
-            src,
-            dst,
-            stats,
-            received,
-            reads,
-            history: sh.postcopy_history(),
-        },
+        run: g.finish(stats, dest.join().unwrap()),
         src_statuses: src_seen.lock().unwrap().clone(),
         dst_statuses: dst_seen.lock().unwrap().clone(),
         cut: proxy.has_cut(),
@@ -1198,14 +1228,7 @@ fn recovery_reopens_the_urgent_connection_and_page_channels() {
     // The main connection carries no bulk pages (page channels) and no
     // requested page (urgent connection): cut its return path among the
     // page requests and PROGRESS reports.
-    let r = run_cut(Cut {
-        fault: Fault::CutBackAt(400),
-        on: 0,
-        preempt: true,
-        channels: 2,
-        reopen: true,
-        recovery_fault: None,
-    });
+    let r = run_cut(Cut::reopening(Fault::CutBackAt(400), 0, true));
     assert_eq!(r.run.received.load.stats.channels, 2);
     assert_channels_reopened(&r, true);
 }
@@ -1214,14 +1237,7 @@ fn recovery_reopens_the_urgent_connection_and_page_channels() {
 fn recovery_after_a_cut_on_the_urgent_connection_only() {
     // The urgent connection (the second one) carries only requested
     // pages: cut it after two of them.
-    let r = run_cut(Cut {
-        fault: Fault::CutForwardAt(10_000),
-        on: 1,
-        preempt: true,
-        channels: 2,
-        reopen: true,
-        recovery_fault: None,
-    });
+    let r = run_cut(Cut::reopening(Fault::CutForwardAt(10_000), 1, true));
     assert!(r.run.stats.ram.postcopy_requests > 0);
     assert_channels_reopened(&r, true);
 }
@@ -1230,14 +1246,7 @@ fn recovery_after_a_cut_on_the_urgent_connection_only() {
 fn recovery_after_a_cut_on_a_page_channel_only() {
     // Page channel 1 (the second connection): cut in the middle of the
     // background push.
-    let r = run_cut(Cut {
-        fault: Fault::CutForwardAt(MIB),
-        on: 1,
-        preempt: false,
-        channels: 2,
-        reopen: true,
-        recovery_fault: None,
-    });
+    let r = run_cut(Cut::reopening(Fault::CutForwardAt(MIB), 1, false));
     assert_channels_reopened(&r, false);
 }
 
@@ -1247,12 +1256,8 @@ fn recovery_after_a_cut_during_the_received_bitmap_exchange() {
     // received bitmap (about 400 bytes for 12 MiB); both sides pause
     // again, and a second recovery completes.
     let r = run_cut(Cut {
-        fault: Fault::CutBackAt(400),
-        on: 0,
-        preempt: true,
-        channels: 2,
-        reopen: true,
         recovery_fault: Some(Fault::CutBackAt(100)),
+        ..Cut::reopening(Fault::CutBackAt(400), 0, true)
     });
     assert!(count_in(&r.dst_statuses, Status::PostcopyPaused) >= 2);
     assert_channels_reopened(&r, true);
@@ -1262,14 +1267,7 @@ fn recovery_after_a_cut_during_the_received_bitmap_exchange() {
 fn recovery_after_a_cut_between_go_and_started() {
     // GO reaches the destination (its guest runs), STARTED is lost: the
     // source cannot know, and pauses like after any later cut.
-    let r = run_cut(Cut {
-        fault: Fault::CutAfterGo,
-        on: 0,
-        preempt: true,
-        channels: 2,
-        reopen: true,
-        recovery_fault: None,
-    });
+    let r = run_cut(Cut::reopening(Fault::CutAfterGo, 0, true));
     assert_channels_reopened(&r, true);
 }
 
@@ -1277,14 +1275,7 @@ fn recovery_after_a_cut_between_go_and_started() {
 fn recovery_after_a_cut_mid_push_with_page_channels_reopened() {
     // One page channel is cut mid-push, then the recovery reopens both;
     // no urgent connection: requested pages share the main connection.
-    let r = run_cut(Cut {
-        fault: Fault::CutForwardAt(3 * MIB),
-        on: 2,
-        preempt: false,
-        channels: 2,
-        reopen: true,
-        recovery_fault: None,
-    });
+    let r = run_cut(Cut::reopening(Fault::CutForwardAt(3 * MIB), 2, false));
     assert_channels_reopened(&r, false);
 }
 
@@ -1296,57 +1287,22 @@ fn count_in(seen: &[Status], s: Status) -> usize {
 /// source resumes its guest and reports the failure, the destination's
 /// copy never ran.
 fn cut_before_go(fault: Fault) {
-    use crate::transport::{connect, Uri};
-    let src = ProcessMemory::new(&layout()).unwrap();
-    let dst = ProcessMemory::new(&layout()).unwrap();
-    let (mut tracker, log) = SoftwareTracker::new(&src);
-    let writer: PageWriter = Arc::new(move |b, off, data| log.write(b, off, data));
-    fill_random(&src.blocks()[..1], &writer, 17);
-    let workload = Workload::start(
-        src.blocks().to_vec(),
-        writer,
-        WorkloadConfig {
-            rate: 16 * MIB,
-            ..WorkloadConfig::default()
-        },
-    );
-    let mut vm = workload.control();
-    let sh = MigrationHandle::new(Params {
+    use crate::transport::Uri;
+    let params = Params {
         postcopy_preempt: true,
         channels: 2,
         ..postcopy_params()
-    });
-    sh.start_postcopy().unwrap();
-    sh.set_postcopy_recovery(true);
-    let dh = MigrationHandle::new(Params::default());
-    let (src_seen, dst_seen) = (statuses(&sh), statuses(&dh));
+    };
+    let (mut g, dh, src_seen, dst_seen) = recoverable(params, 17, 16 * MIB);
+    let sh = g.handle.clone();
     let (listener, addr) = tcp_listener();
     let proxy = FaultProxy::start(addr, fault).unwrap();
-    let (dst2, dh2) = (dst.clone(), dh.clone());
-    let dest = thread::spawn(move || {
-        let inc = listener.accept().unwrap();
-        let mut guest = TouchGuest::new(&dst2);
-        let mut accept = further_connections(&listener);
-        let res = receive_recoverable(
-            &dst2,
-            inc.reader,
-            inc.ack,
-            &mut guest,
-            true,
-            Some(&mut accept),
-            &dh2,
-        );
-        (res, guest.stop())
-    });
+    let dest = tcp_destination(listener, &g.dst, TouchGuest::new(&g.dst), Some(dh.clone()));
     let proxy_uri: Uri = proxy.uri().parse().unwrap();
-    let e = Source::new(&src, &mut tracker, &mut vm, sh.clone())
-        .run_conn(connect(&proxy_uri).unwrap(), &mut |_| {
-            Ok(connect(&proxy_uri).map_err(std::io::Error::other)?.writer)
-        })
-        .unwrap_err();
-    assert!(!vm.is_paused(), "the source resumed its guest after: {e}");
+    let e = g.run_tcp(&proxy_uri).unwrap_err();
+    assert!(!g.vm.is_paused(), "the source resumed its guest after: {e}");
     assert_eq!(sh.stats().status, Status::Failed, "{e}");
-    drop(workload);
+    drop(g);
     let (res, reads) = dest.join().unwrap();
     let d = res.unwrap_err();
     assert!(
