@@ -142,13 +142,15 @@ pub fn summary(s: &MigrationStats) -> String {
     if let Some(b) = &s.pause_breakdown {
         let ms = |us: u64| us as f64 / 1000.0;
         out += &format!(
-            "\npause (source clock): stop {:.1} ms, sync {:.1}, pages {:.1}, state {:.1}, digest {:.1}, handshake to STARTED {:.1}",
+            "\npause (source clock): stop {:.1} ms, sync {:.1}, pages {:.1}, state {:.1}, digest {:.1}, handshake to STARTED {:.1}; in flight at the pause {} (drained {:.1} ms before it, guest running)",
             ms(b.stop_us),
             ms(b.sync_us),
             ms(b.pages_us),
             ms(b.state_us),
             ms(b.digest_us),
-            ms(b.handshake_us)
+            ms(b.handshake_us),
+            human(b.in_flight_bytes),
+            ms(b.drain_us)
         );
     }
     if let Some(x) = &s.xbzrle_cache {

@@ -205,15 +205,29 @@ fn migrate_wait_steer_and_cancel_through_the_binary() {
     let listener = std::os::unix::net::UnixListener::bind(&first).unwrap();
     let sink = thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
-        // Accepts the setup (the source sends no page before), then
+        // Accepts the setup (the source sends no page before) and the
+        // drain marks (it waits for them before it pauses), then
         // swallows the stream.
+        use livemig::engine::{write_reply, Reply};
+        use livemig::stream::Record;
         let mut back = s.try_clone().unwrap();
         if let Ok(mut r) = livemig::stream::StreamReader::new(&mut s) {
-            while !matches!(
-                r.next_record(),
-                Ok(livemig::stream::Record::SectionEnd { .. }) | Err(_)
-            ) {}
-            let _ = livemig::engine::write_reply(&mut back, &livemig::engine::Reply::Accepted);
+            let mut drain = None;
+            loop {
+                let answer = match r.next_record() {
+                    Ok(Record::SectionEnd { seq: 0 }) => Some(Reply::Accepted),
+                    Ok(Record::Drain { mark }) => {
+                        drain = Some(mark);
+                        None
+                    }
+                    Ok(Record::SectionEnd { .. }) => drain.take().map(Reply::Applied),
+                    Ok(Record::End) | Err(_) => break,
+                    Ok(_) => None,
+                };
+                if let Some(a) = answer {
+                    let _ = write_reply(&mut back, &a);
+                }
+            }
         }
         let _ = std::io::copy(&mut s, &mut std::io::sink());
     });

@@ -119,50 +119,60 @@ fn assert_guest_runs(vm: &Vm, when: &str) {
 }
 
 /// A destination that reads and discards the stream and never
-/// acknowledges; returns the bytes it read once the source hangs up.
+/// acknowledges its end (it answers the setup and the drain marks, as a
+/// destination that applies pages does); returns the bytes it read once
+/// the source hangs up.
 fn sink(uri: &Uri) -> JoinHandle<u64> {
     let listener = Listener::bind(uri).unwrap();
     thread::spawn(move || {
-        let mut inc = match listener.accept() {
+        let inc = match listener.accept() {
             Ok(inc) => inc,
             // Cancelled before the source sent anything.
             Err(livemig::transport::TransportError::EmptyConnection { .. }) => return 0,
             Err(e) => panic!("sink: {e}"),
         };
         drop(listener);
-        // The setup verdict the source waits for before any page.
-        let mut n = accept_setup(&mut inc);
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            match inc.reader.read(&mut buf) {
-                Ok(0) | Err(_) => return n,
-                Ok(k) => n += k as u64,
-            }
-        }
+        swallow(inc)
     })
 }
 
-/// Reads the stream's first section and answers ACCEPTED, as a
-/// destination whose layout fits; returns the bytes consumed (0 when the
-/// source left before its setup).
-fn accept_setup(inc: &mut livemig::transport::Incoming) -> u64 {
+/// Reads the stream record by record, answering the setup verdict the
+/// source waits for before any page (ACCEPTED) and each drain mark it
+/// waits for before it pauses (APPLIED), never LOADED; returns the bytes
+/// read once the source leaves.
+fn swallow(mut inc: livemig::transport::Incoming) -> u64 {
+    use livemig::engine::{write_reply, Reply};
     use livemig::stream::{Record, StreamReader};
     let Ok(mut r) = StreamReader::new(&mut inc.reader) else {
         return 0;
     };
+    let mut drain = None;
     loop {
-        match r.next_record() {
-            Ok(Record::SectionEnd { .. }) => break,
-            Ok(_) => {}
-            Err(_) => return r.offset(),
+        let answer = match r.next_record() {
+            Ok(Record::SectionEnd { seq: 0 }) => Some(Reply::Accepted),
+            Ok(Record::Drain { mark }) => {
+                drain = Some(mark);
+                None
+            }
+            Ok(Record::SectionEnd { .. }) => drain.take().map(Reply::Applied),
+            Ok(Record::End) | Err(_) => break,
+            Ok(_) => None,
+        };
+        if let (Some(a), Some(ack)) = (answer, inc.ack.as_mut()) {
+            let _ = write_reply(&mut **ack, &a);
         }
     }
-    let n = r.offset();
+    // The end, or a stream cut short: hold the connection until the
+    // source leaves (it waits for LOADED, which never comes).
+    let mut n = r.offset();
     drop(r);
-    if let Some(ack) = inc.ack.as_mut() {
-        let _ = livemig::engine::write_reply(&mut **ack, &livemig::engine::Reply::Accepted);
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match inc.reader.read(&mut buf) {
+            Ok(0) | Err(_) => return n,
+            Ok(k) => n += k as u64,
+        }
     }
-    n
 }
 
 /// A real destination VM in a thread: loads, acknowledges, runs the guest

@@ -40,7 +40,8 @@
 //! ```text
 //! reply := "LVMGRP02" kind:u8 len:u32 text:[u8; len]   destination → source, return path
 //!          kind 1 = LOADED, 2 = FAILED (text = why), 3 = STARTED,
-//!          4 = ACCEPTED (the setup fits, pages may come); len <= 4096
+//!          4 = ACCEPTED (the setup fits, pages may come),
+//!          5 = APPLIED (text = mark:u64, a DRAIN record's); len <= 4096
 //! go    := "LVMGGO02"                                  source → destination, after END
 //! ```
 //!
@@ -55,6 +56,12 @@
 //! refuses a timed STARTED ("unknown reply kind"): it stays paused and
 //! reports the migration unconfirmed, while the destination runs, so there
 //! is still one guest.
+//!
+//! APPLIED answers a DRAIN record of the stream (see `stream/format.rs`)
+//! during precopy: everything the source wrote before that mark is in the
+//! destination's memory. The source, which sends one mark at a time and
+//! waits for its answer before it pauses the guest, accepts only the mark
+//! it sent ([`await_applied`]).
 
 use std::io::{self, Read, Write};
 use std::time::{Duration, Instant};
@@ -80,6 +87,9 @@ pub enum Reply {
     /// The stream's setup (block list, VM shape) fits this destination:
     /// the source may send pages (header flag `FLAG_SETUP`).
     Accepted,
+    /// Every record before the stream's DRAIN record with this mark is
+    /// applied.
+    Applied(u64),
 }
 
 impl Reply {
@@ -89,6 +99,7 @@ impl Reply {
             Reply::Failed(_) => 2,
             Reply::Started(_) => 3,
             Reply::Accepted => 4,
+            Reply::Applied(_) => 5,
         }
     }
 
@@ -98,18 +109,23 @@ impl Reply {
             Reply::Failed(_) => "FAILED",
             Reply::Started(_) => "STARTED",
             Reply::Accepted => "ACCEPTED",
+            Reply::Applied(_) => "APPLIED",
         }
     }
 }
 
 /// Writes one reply (text cut to [`MAX_REPLY_TEXT`] bytes) and flushes.
 pub fn write_reply(w: &mut dyn Write, reply: &Reply) -> io::Result<()> {
-    let micros;
+    let word;
     let text = match reply {
         Reply::Failed(m) => m.as_bytes(),
         Reply::Started(Some(d)) => {
-            micros = (d.as_micros().min(u128::from(u64::MAX)) as u64).to_be_bytes();
-            &micros[..]
+            word = (d.as_micros().min(u128::from(u64::MAX)) as u64).to_be_bytes();
+            &word[..]
+        }
+        Reply::Applied(mark) => {
+            word = mark.to_be_bytes();
+            &word[..]
         }
         _ => &[],
     };
@@ -144,6 +160,17 @@ pub enum ReplyError {
     /// A STARTED whose text is not a duration.
     #[error("STARTED with {0} bytes of text (expected 0 or 8)")]
     StartedText(u32),
+    /// An APPLIED whose text is not a mark.
+    #[error("APPLIED with {0} bytes of text (expected 8: the drain mark)")]
+    AppliedText(u32),
+    /// An APPLIED for another drain mark than the one sent.
+    #[error("APPLIED for drain mark {got}, but mark {sent} was sent")]
+    AppliedMark {
+        /// Mark in the reply.
+        got: u64,
+        /// Mark the source sent.
+        sent: u64,
+    },
     /// A kind this build does not know (or LOADED/ACCEPTED with a text).
     #[error("unknown reply kind {kind} (text length {len})")]
     UnknownKind {
@@ -234,6 +261,12 @@ pub fn read_reply(r: &mut dyn Read) -> Result<Reply, ReplyError> {
             Err(_) => Err(ReplyError::StartedText(len)),
         };
     }
+    if head[8] == 5 {
+        return match <[u8; 8]>::try_from(&text[..]) {
+            Ok(b) => Ok(Reply::Applied(u64::from_be_bytes(b))),
+            Err(_) => Err(ReplyError::AppliedText(len)),
+        };
+    }
     let text = String::from_utf8_lossy(&text).into_owned();
     match head[8] {
         1 if text.is_empty() => Ok(Reply::Loaded),
@@ -295,6 +328,16 @@ pub enum AckError {
     /// No verdict on the setup came (header flag `FLAG_SETUP`).
     #[error("no answer from the destination to the migration's setup ({0}); no page was sent, the guest runs on here")]
     NoSetupVerdict(#[source] ReplyError),
+    /// No usable APPLIED came for a drain mark (before the pause: the
+    /// guest still runs here).
+    #[error("no APPLIED reply from the destination to drain mark {mark} ({source}); the guest runs on here")]
+    NoApplied {
+        /// The mark sent.
+        mark: u64,
+        /// What was read instead.
+        #[source]
+        source: ReplyError,
+    },
     /// The destination answered the setup with TLS: it wants an encrypted
     /// migration.
     #[error("the destination requires TLS (it answered the setup with a TLS record); give this side TLS settings too, with a certificate from the destination's CA")]
@@ -319,6 +362,24 @@ pub(crate) fn await_setup(reply: &mut dyn Read) -> Result<(), MigrationError> {
             Err(AckError::DestinationNeedsTls.into())
         }
         Err(e) => Err(AckError::NoSetupVerdict(e).into()),
+    }
+}
+
+/// The source's wait, after a section that ends with the DRAIN record
+/// `mark`, for the destination's APPLIED with that mark: everything sent
+/// before it is then in the destination's memory. FAILED is the
+/// destination's error.
+pub(crate) fn await_applied(reply: &mut dyn Read, mark: u64) -> Result<(), MigrationError> {
+    let bad = |source| AckError::NoApplied { mark, source }.into();
+    match read_reply(reply) {
+        Ok(Reply::Applied(m)) if m == mark => Ok(()),
+        Ok(Reply::Applied(got)) => Err(bad(ReplyError::AppliedMark { got, sent: mark })),
+        Ok(Reply::Failed(why)) => Err(MigrationError::Destination(PeerReason(why))),
+        Ok(other) => Err(bad(ReplyError::Unexpected {
+            got: other.name(),
+            expected: "APPLIED",
+        })),
+        Err(e) => Err(bad(e)),
     }
 }
 
@@ -512,6 +573,8 @@ mod tests {
             Reply::Started(Some(Duration::from_micros(1234))),
             Reply::Failed("disk full".into()),
             Reply::Accepted,
+            Reply::Applied(1),
+            Reply::Applied(u64::MAX),
         ] {
             let b = reply_bytes(&r);
             assert_eq!(&b[..8], b"LVMGRP02");
@@ -552,10 +615,11 @@ mod tests {
             reply_bytes(&Reply::Started(Some(Duration::from_millis(3)))),
             reply_bytes(&Reply::Failed("x".into())),
             reply_bytes(&Reply::Accepted),
+            reply_bytes(&Reply::Applied(7)),
         ];
-        for i in 0..20_000 {
+        for i in 0..25_000 {
             // Mutations of valid replies, and plain noise.
-            let mut b = valid[i % 4].clone();
+            let mut b = valid[i % valid.len()].clone();
             if i % 2 == 0 {
                 let at = rng.below(b.len());
                 b[at] ^= rng.byte() | 1;
@@ -569,6 +633,44 @@ mod tests {
             }
             let _ = read_go(&mut &b[..]);
         }
+    }
+
+    #[test]
+    fn applied_must_carry_the_mark_sent() {
+        let wait = |replies: &[Reply], mark| {
+            let mut back = Vec::new();
+            for r in replies {
+                write_reply(&mut back, r).unwrap();
+            }
+            await_applied(&mut &back[..], mark)
+        };
+        wait(&[Reply::Applied(3)], 3).expect("the mark sent");
+        let e = wait(&[Reply::Applied(2)], 3).unwrap_err();
+        assert!(matches!(e, MigrationError::Ack(_)), "{e}");
+        let text = e.to_string();
+        assert!(text.contains("drain mark 3"), "{text}");
+        assert!(
+            crate::error_chain(&e).contains("APPLIED for drain mark 2, but mark 3 was sent"),
+            "{}",
+            crate::error_chain(&e)
+        );
+        // The destination's failure is its reason.
+        let e = wait(&[Reply::Failed("bad page".into())], 1).unwrap_err();
+        assert!(matches!(e, MigrationError::Destination(ref m) if m.0 == "bad page"));
+        // Another reply, nothing, a mark of another length.
+        let e = wait(&[Reply::Loaded], 1).unwrap_err();
+        assert!(
+            crate::error_chain(&e).contains("replied LOADED instead of APPLIED"),
+            "{e}"
+        );
+        let e = wait(&[], 1).unwrap_err();
+        assert!(crate::error_chain(&e).contains("closed"), "{e}");
+        let mut b = reply_bytes(&Reply::Applied(1));
+        b[9..13].copy_from_slice(&4u32.to_be_bytes());
+        b.truncate(REPLY_HEAD_LEN + 4);
+        let e = read_reply(&mut &b[..]).unwrap_err();
+        assert!(matches!(e, ReplyError::AppliedText(4)), "{e}");
+        assert!(e.to_string().contains("expected 8"), "{e}");
     }
 
     /// Runs the source's handshake against a scripted destination.

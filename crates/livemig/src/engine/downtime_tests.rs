@@ -385,3 +385,155 @@ fn pure_postcopy_counts_every_page_it_sends() {
         ram.transferred
     );
 }
+
+/// A destination's input that reads at most `rate` bytes per second: a
+/// destination slower than the source, behind a buffer that holds
+/// seconds of its work (as loopback TCP's autotuned buffers hold tens of
+/// ms of a real destination's).
+struct SlowReader<R> {
+    inner: R,
+    rate: u64,
+    start: Option<std::time::Instant>,
+    read: u64,
+}
+
+impl<R: Read> Read for SlowReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = buf.len().min(16 << 10);
+        let got = self.inner.read(&mut buf[..n])?;
+        let start = *self.start.get_or_insert_with(std::time::Instant::now);
+        self.read += got as u64;
+        let due = start + Duration::from_secs_f64(self.read as f64 / self.rate as f64);
+        thread::sleep(due.saturating_duration_since(std::time::Instant::now()));
+        Ok(got)
+    }
+}
+
+/// Hands the stream to the pipe 64 KiB at a time: the pipe (64 writes
+/// deep) then buffers 4 MiB, half a second of the slow destination's
+/// work.
+struct Chunked<W>(W);
+
+impl<W: std::io::Write> std::io::Write for Chunked<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(&buf[..buf.len().min(64 << 10)])
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+/// Migrates 12 MiB (8 random, 1 MiB of it rewritten at 4 MiB/s) to a
+/// destination that reads 8 MiB/s behind a 4 MiB buffer, under a 300 ms
+/// limit; with `postcopy`, switched by command once the buffer is full.
+fn run_to_a_slow_destination(postcopy: bool) -> MigrationStats {
+    let src = ProcessMemory::new(&[("ram0", 8 * MIB), ("ram1", 4 * MIB)]).unwrap();
+    let dst = ProcessMemory::new(&[("ram0", 8 * MIB), ("ram1", 4 * MIB)]).unwrap();
+    let (mut tracker, log) = SoftwareTracker::new(&src);
+    let writer: crate::testkit::workload::PageWriter =
+        Arc::new(move |b, off, data| log.write(b, off, data));
+    fill_random(&src.blocks()[..1], &writer, 17);
+    let workload = Workload::start(
+        src.blocks()[..1].to_vec(),
+        writer,
+        WorkloadConfig {
+            rate: 4 * MIB,
+            bytes_per_touch: 16,
+            pattern: Pattern::Random,
+            working_set: MIB,
+            seed: 9,
+        },
+    );
+    let mut vm = workload.control();
+    let (w, r) = pipe();
+    let (ack_w, ack_r) = pipe();
+    let dst2 = dst.clone();
+    let dest = thread::spawn(move || {
+        let slow = SlowReader {
+            inner: r,
+            rate: 8 * MIB,
+            start: None,
+            read: 0,
+        };
+        Destination::new(&dst2, &mut crate::vm::NoVm)
+            .postcopy(postcopy)
+            .run_with(slow, Some(Box::new(ack_w)), &mut || {
+                Err(std::io::Error::other("one stream"))
+            })
+            .map(|a| a.postcopy.is_some())
+    });
+    let handle = MigrationHandle::new(Params {
+        downtime_limit: 300,
+        postcopy_ram: postcopy,
+        ..Params::default()
+    });
+    let switcher = postcopy.then(|| {
+        let h = handle.clone();
+        thread::spawn(move || {
+            // Once well over the buffer's 4 MiB was sent.
+            while h.stats().ram.transferred < 6 * MIB && !h.stats().status.is_final() {
+                thread::sleep(Duration::from_millis(2));
+            }
+            let _ = h.start_postcopy();
+        })
+    });
+    let out = crate::transport::Outgoing {
+        writer: Box::new(Chunked(w)),
+        ack: Some(Box::new(ack_r)),
+    };
+    let stats = Source::new(&src, &mut tracker, &mut vm, handle)
+        .run_conn(out, &mut |_| Err(std::io::Error::other("one stream")))
+        .expect("migration succeeds");
+    if let Some(t) = switcher {
+        t.join().unwrap();
+    }
+    drop(workload);
+    let switched = dest.join().unwrap().expect("the destination completes");
+    assert_eq!(switched, postcopy, "{stats:#?}");
+    assert_eq!(switched, stats.postcopy_time.is_some());
+    assert_eq!(
+        memory_digest(&src),
+        memory_digest(&dst),
+        "the destination holds the source's memory"
+    );
+    stats
+}
+
+/// What both slow-destination tests check: the wait for the destination
+/// happened before the pause, with the guest running, and the pause held
+/// none of the backlog.
+fn drained_before_the_pause(s: &MigrationStats) {
+    let b = s.pause_breakdown.as_ref().expect("a breakdown");
+    eprintln!(
+        "downtime {} ms, drained {} us before the pause, in flight at it {} bytes",
+        s.downtime, b.drain_us, b.in_flight_bytes
+    );
+    // Without the drain, 4 MiB (half a second at 8 MiB/s) sat in the
+    // buffer when the guest paused.
+    assert!(
+        b.in_flight_bytes < 64 << 10,
+        "bytes still in flight at the pause: {s:#?}"
+    );
+    assert!(b.drain_us > 0, "{s:#?}");
+    // Generous: the backlog alone is 500 ms; the pause holds the stop, a
+    // sync of 12 MiB, at most the limit's worth of pages at the
+    // destination's rate and the handshake.
+    assert!(s.downtime < 300, "{s:#?}");
+    assert!(!s.downtime_limit_exceeded, "{s:#?}");
+}
+
+#[test]
+fn a_slow_destination_is_waited_for_before_the_pause() {
+    let s = run_to_a_slow_destination(false);
+    assert!(s.postcopy_time.is_none(), "{s:#?}");
+    drained_before_the_pause(&s);
+}
+
+#[test]
+fn a_slow_destination_is_waited_for_before_the_postcopy_switch() {
+    let s = run_to_a_slow_destination(true);
+    drained_before_the_pause(&s);
+    // The switch record followed the drain at once: only the pause's own
+    // bytes (the not-valid bitmap, the switch) went after it.
+    assert!(s.ram.downtime_bytes < 64 << 10, "{s:#?}");
+}

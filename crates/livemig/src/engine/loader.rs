@@ -134,8 +134,9 @@ pub enum LoadError {
         /// The source's reason.
         reason: String,
     },
-    /// The setup was checked but the verdict could not be sent back.
-    #[error("answering the source's setup: {0}")]
+    /// The setup was checked (or a drain mark reached) but the answer
+    /// could not be sent back on the return path.
+    #[error("answering the source on the return path: {0}")]
     Answer(#[source] io::Error),
     /// The memory loaded differs from the source's at stop time.
     #[error("memory digest mismatch: source {expected}, destination {actual}")]
@@ -421,6 +422,17 @@ impl<'a> Loader<'a> {
         let mut a = self.answer.lock().unwrap_or_else(|e| e.into_inner());
         match a.as_mut() {
             Some(w) => super::ack::write_reply(&mut **w, &super::ack::Reply::Accepted)
+                .map_err(LoadError::Answer),
+            None => Ok(()),
+        }
+    }
+
+    /// Sends APPLIED with a DRAIN record's `mark` on the return path, when
+    /// there is one: every record before it is applied.
+    fn answer_drain(&self, mark: u64) -> Result<(), LoadError> {
+        let mut a = self.answer.lock().unwrap_or_else(|e| e.into_inner());
+        match a.as_mut() {
+            Some(w) => super::ack::write_reply(&mut **w, &super::ack::Reply::Applied(mark))
                 .map_err(LoadError::Answer),
             None => Ok(()),
         }
@@ -785,6 +797,8 @@ impl<'a> Loader<'a> {
         let mut dec = Decompressor::new();
         let mut reported = r.offset();
         let mut syncs = 0u64;
+        // A DRAIN record read, answered once its section checked out.
+        let mut drain = None;
         let page_channel = role.is_page_channel();
         // Runs of raw pages land in place (precopy: the guest does not run
         // here yet, and every byte is checked at the section's end before
@@ -966,7 +980,16 @@ impl<'a> Loader<'a> {
                         reason: reason.to_string(),
                     })
                 }
+                // The reader allows it only on the main stream (or the only
+                // one), before the postcopy switch.
+                Record::Drain { mark } => drain = Some(mark),
                 Record::SectionEnd { seq } => {
+                    if let Some(mark) = drain.take() {
+                        // Every record before the mark is applied (with
+                        // page channels, those before the barrier that
+                        // precedes it too: this stream waited there).
+                        self.answer_drain(mark)?;
+                    }
                     if seq == 0 && r.flags() & FLAG_SETUP != 0 && !page_channel {
                         // The reader checked that this section held the
                         // block list and the VM's shape; both match.

@@ -28,7 +28,17 @@
 //!   full hash of the source's memory, which checks the dirty tracker
 //!   itself, runs after the destination took over, outside the pause;
 //! - **the completion handshake**: a round trip, taken as the largest
-//!   measured so far in this migration or [`HANDSHAKE_ALLOWANCE`].
+//!   measured so far in this migration or [`HANDSHAKE_ALLOWANCE`];
+//! - **the bytes still in flight**: stream bytes already written that the
+//!   destination has not confirmed applying. The switch-over (or the
+//!   postcopy switch, whose record the destination reads only after them)
+//!   waits for them like for the remaining pages. The source therefore
+//!   drains before it pauses: it sends a drain mark and waits, the guest
+//!   still running, for the destination's answer (see `source.rs`), so
+//!   that at the decision and at the pause only the few bytes written
+//!   after the mark are in flight. Without the drain, loopback TCP's
+//!   autotuned buffers (up to `tcp_rmem` max, 32 MiB) held tens of ms of
+//!   the destination's work that no estimate saw.
 //!
 //! At the pause itself the decision is taken again with what the pause
 //! already cost (the stop and the final sync are then measured, not
@@ -50,6 +60,9 @@ use crate::vm::StateCost;
 
 /// Bandwidth is re-measured over periods at least this long.
 pub(crate) const BANDWIDTH_PERIOD: Duration = Duration::from_millis(100);
+/// Before the first period closes, the period under way is trusted once
+/// it is this long.
+const FIRST_ESTIMATE: Duration = Duration::from_millis(20);
 /// Rate-limit window.
 pub(crate) const RATE_WINDOW: Duration = Duration::from_millis(100);
 /// Bandwidth periods the conservative estimate looks back over (~1 s).
@@ -114,6 +127,9 @@ pub struct PauseInputs {
     /// What stopping the vCPUs costs, as the VMM measured it
     /// ([`crate::vm::VmControl::stop_cost`]).
     pub stop: Duration,
+    /// Stream bytes written that the destination has not confirmed
+    /// applying (after a drain: only what followed its mark).
+    pub in_flight_bytes: u64,
 }
 
 /// Bandwidth measurement, rate limiting and the pause estimate of one
@@ -126,6 +142,8 @@ pub struct Pacing {
     periods: VecDeque<f64>,
     window_start: Instant,
     window_bytes: u64,
+    /// The period under way at the last measurement: bytes, time.
+    partial: (u64, Duration),
     syncs: VecDeque<Duration>,
     /// Bytes per second of the last two hashing samples, newest last.
     hash_rates: VecDeque<f64>,
@@ -144,6 +162,7 @@ impl Pacing {
             periods: VecDeque::with_capacity(PERIODS),
             window_start: now,
             window_bytes: 0,
+            partial: (0, Duration::ZERO),
             syncs: VecDeque::with_capacity(SYNCS),
             hash_rates: VecDeque::with_capacity(2),
             handshake: None,
@@ -155,11 +174,14 @@ impl Pacing {
     /// `transferred` is every stream byte sent so far.
     pub fn measure(&mut self, transferred: u64, now: Instant) {
         let el = now.saturating_duration_since(self.period_start);
+        let bytes = transferred.saturating_sub(self.period_bytes);
         if el >= BANDWIDTH_PERIOD {
-            let bytes = transferred.saturating_sub(self.period_bytes);
             self.push_period(bytes as f64 / el.as_secs_f64());
             self.period_start = now;
             self.period_bytes = transferred;
+            self.partial = (0, Duration::ZERO);
+        } else {
+            self.partial = (bytes, el);
         }
     }
 
@@ -176,9 +198,27 @@ impl Pacing {
     }
 
     /// The bandwidth the switch-over decision trusts: the lowest of the
-    /// recent periods (0 before the first).
+    /// recent periods; before the first closed, the period under way
+    /// once it is [`FIRST_ESTIMATE`] long (0 before). A migration that is
+    /// nearly done within its first period (an idle guest) need not wait
+    /// for a whole period to pause for a last few pages.
     pub fn conservative_bandwidth(&self) -> f64 {
-        self.periods.iter().copied().reduce(f64::min).unwrap_or(0.0)
+        match self.periods.iter().copied().reduce(f64::min) {
+            Some(r) => r,
+            None if self.partial.1 >= FIRST_ESTIMATE => {
+                self.partial.0 as f64 / self.partial.1.as_secs_f64()
+            }
+            None => 0.0,
+        }
+    }
+
+    /// Leaves `wait` out of the period under way (and of the rate
+    /// window): the source waited (for the destination to drain) and
+    /// sent nothing, which says nothing about the link. The bytes sent
+    /// before the wait still count, over the time it took to send them.
+    pub fn exclude(&mut self, wait: Duration) {
+        self.period_start += wait;
+        self.window_start += wait;
     }
 
     /// Starts a new measurement period at `now` without closing the one
@@ -278,7 +318,7 @@ impl Pacing {
         PauseEstimate {
             stop: i.stop.max(self.stopped.unwrap_or_default()),
             sync,
-            pages: on_link(i.remaining_bytes + extra),
+            pages: on_link(i.remaining_bytes + extra + i.in_flight_bytes),
             state: i.state.save_time + on_link(i.state.bytes),
             digest,
             handshake: self.handshake.unwrap_or(HANDSHAKE_ALLOWANCE),
@@ -296,8 +336,9 @@ impl Pacing {
     }
 
     /// At the pause, with the guest stopped and synced `spent` ago: true
-    /// when what is still to come (pages, device state, digest,
-    /// handshake) fits in what is left of `limit_ms`. The stop and the
+    /// when what is still to come (pages and the bytes still in flight,
+    /// device state, digest, handshake) fits in what is left of
+    /// `limit_ms`. The stop and the
     /// sync are measured by then, so they count as they were.
     /// The guest dirties nothing more by then (`i.dirty_pages_rate` is not
     /// counted).
@@ -336,15 +377,18 @@ impl Pacing {
     }
 
     /// What fits in the pause: the bytes of pages that can still go within
-    /// `limit_ms` once the fixed costs are paid (0 when they exceed it).
+    /// `limit_ms` once the fixed costs are paid and the bytes still in
+    /// flight have reached the destination (0 when they exceed it).
     #[allow(dead_code)] // the question postcopy asks at its switch-over
     pub fn page_budget(&self, i: &PauseInputs, limit_ms: u64) -> u64 {
         let mut none = *i;
         none.remaining_bytes = 0;
         none.dirty_pages_rate = 0;
+        none.in_flight_bytes = 0;
         let fixed = self.estimate(&none).fixed();
         let left = Self::usable(limit_ms).saturating_sub(fixed);
-        (left.as_secs_f64() * self.conservative_bandwidth()) as u64
+        let bytes = (left.as_secs_f64() * self.conservative_bandwidth()) as u64;
+        bytes.saturating_sub(i.in_flight_bytes)
     }
 }
 
@@ -589,6 +633,86 @@ mod tests {
             ..inputs(MIB)
         };
         assert!(p.fits_after(&busy, Duration::from_millis(2), 20));
+    }
+
+    #[test]
+    fn bytes_still_in_flight_count_like_pages() {
+        // 1 MiB left at 100 MiB/s (10 ms) + 5 ms handshake fits a 20 ms
+        // limit (18 ms usable); with 1 MiB the destination has not
+        // applied yet ahead of it, 25 ms does not.
+        let p = with_periods(&[100.0 * MIB as f64]);
+        let i = inputs(MIB);
+        let behind = PauseInputs {
+            in_flight_bytes: MIB,
+            ..i
+        };
+        assert!(p.fits(&i, 20));
+        assert_eq!(p.estimate(&behind).pages, Duration::from_millis(20));
+        assert!(!p.fits(&behind, 20));
+        assert!(p.fits(&behind, 30));
+        // At the pause as well: the stop and the sync measured (2 ms).
+        let spent = Duration::from_millis(2);
+        assert!(p.fits_after(&i, spent, 20));
+        assert!(!p.fits_after(&behind, spent, 20));
+        // Only bytes in flight: 0.5 MiB fits, 1.5 MiB does not.
+        let only = |b: u64| PauseInputs {
+            in_flight_bytes: b,
+            ..inputs(0)
+        };
+        assert!(p.fits(&only(MIB / 2), 20));
+        assert!(!p.fits(&only(3 * MIB / 2), 20));
+        // They are no fixed cost: waiting (the drain) removes them, so a
+        // backlog does not settle for an overshoot.
+        let backlog = only(64 * MIB);
+        assert!(!p.floor_exceeds(&backlog, 20));
+        assert!(!p.settled(&backlog, 20));
+        // They take their share of what fits in the pause: 300 ms x 0.9
+        // - 5 ms handshake = 26.5 MiB, less 4 MiB.
+        let all = p.page_budget(&inputs(0), 300);
+        assert_eq!(all - p.page_budget(&only(4 * MIB), 300), 4 * MIB);
+        assert_eq!(p.page_budget(&backlog, 20), 0);
+    }
+
+    #[test]
+    fn a_wait_is_not_a_slow_period() {
+        // 10 MiB in the first 50 ms; then the source waits 500 ms for the
+        // destination (sending nothing); then 20 MiB more by 750 ms: 30 MiB
+        // in the 250 ms of sending, not in 750 ms.
+        let t0 = Instant::now();
+        let ms = |m: u64| t0 + Duration::from_millis(m);
+        let mut p = Pacing::new(t0);
+        p.measure(10 * MIB, ms(50));
+        p.exclude(Duration::from_millis(500));
+        p.measure(30 * MIB, ms(750));
+        assert!(
+            (p.bandwidth() - 120.0 * MIB as f64).abs() < 1.0,
+            "{}",
+            p.bandwidth()
+        );
+        assert_eq!(p.bandwidth(), p.conservative_bandwidth());
+        // Without leaving the wait out it would read as a slow period.
+        let mut q = Pacing::new(t0);
+        q.measure(10 * MIB, ms(50));
+        q.measure(30 * MIB, ms(750));
+        assert!(q.bandwidth() < 50.0 * MIB as f64);
+    }
+
+    #[test]
+    fn the_first_period_counts_once_it_is_long_enough() {
+        // 2 MiB in 10 ms: too short to say; 4 MiB in 40 ms: 100 MiB/s,
+        // until the first whole period closes.
+        let t0 = Instant::now();
+        let ms = |m: u64| t0 + Duration::from_millis(m);
+        let mut p = Pacing::new(t0);
+        p.measure(2 * MIB, ms(10));
+        assert_eq!(p.conservative_bandwidth(), 0.0);
+        assert!(!p.fits(&inputs(4096), 1000));
+        p.measure(4 * MIB, ms(40));
+        assert!((p.conservative_bandwidth() - 100.0 * MIB as f64).abs() < 1.0);
+        assert!(p.fits(&inputs(4096), 1000));
+        assert_eq!(p.bandwidth(), 0.0, "no period closed yet");
+        p.measure(5 * MIB, ms(125));
+        assert!((p.conservative_bandwidth() - 40.0 * MIB as f64).abs() < 1.0);
     }
 
     #[test]

@@ -366,6 +366,16 @@ struct RamSaver<'a> {
     postcopy_time: Option<u64>,
     /// Background push pacing: bytes and time it counts from.
     postcopy_pace_from: Option<(u64, Instant)>,
+    /// The last drain mark sent (0: none yet).
+    drain_mark: u64,
+    /// Stream bytes (all channels) the destination confirmed applying:
+    /// those written up to the last drain mark.
+    applied: u64,
+    /// A drain confirmed everything sent up to `applied` and no page went
+    /// out since: the bytes after it are in flight, and count.
+    drained: bool,
+    /// How long the last drain waited (the guest running).
+    drain_wait: Duration,
 }
 
 impl<'a> RamSaver<'a> {
@@ -439,6 +449,10 @@ impl<'a> RamSaver<'a> {
             fault_report: None,
             postcopy_time: None,
             postcopy_pace_from: None,
+            drain_mark: 0,
+            applied: 0,
+            drained: false,
+            drain_wait: Duration::ZERO,
         }
     }
 
@@ -587,6 +601,10 @@ impl<'a> RamSaver<'a> {
             self.params = self.handle.params();
             self.apply_params();
             if self.postcopy_wanted() {
+                // The switch record reaches the destination only after
+                // everything sent before it: wait for that now, while the
+                // guest runs, not in the pause.
+                self.drain(&mut w, &mut ack)?;
                 switch = true;
                 break;
             }
@@ -598,6 +616,10 @@ impl<'a> RamSaver<'a> {
             // A sync that would only find what the last one found waits
             // (see `shrink.rs`: syncs tied to progress).
             if switch_due && self.switch_sync_due() {
+                // First the destination catches up with what was sent (the
+                // guest runs meanwhile; what it dirties the sync finds),
+                // so the decision below and the pause see nothing queued.
+                self.drain(&mut w, &mut ack)?;
                 let before = self.remaining_pages();
                 let since = self.last_sync.elapsed().as_secs_f64();
                 self.sync(tracker)?;
@@ -647,6 +669,8 @@ impl<'a> RamSaver<'a> {
         self.limit_at_switch = self.params.downtime_limit;
         let pause_at = Instant::now();
         let mut clock = PauseClock::new(pause_at);
+        clock.parts.drain_us = self.drain_wait.as_micros() as u64;
+        clock.parts.in_flight_bytes = self.in_flight(&w, &ack);
         vm.pause().map_err(MigrationError::Vm)?;
         clock.parts.stop_us = clock.lap();
         self.pacing.record_stop(pause_at.elapsed());
@@ -1357,7 +1381,66 @@ impl<'a> RamSaver<'a> {
             digest_bytes: self.digest_bytes(),
             state: self.state_cost,
             stop: self.stop_cost,
+            in_flight_bytes: self.confirmed_in_flight(),
         }
+    }
+
+    /// Bytes written since the last drain mark, while no page went out
+    /// after it (between a drain and the pause): the destination has yet
+    /// to apply them. 0 otherwise: before the drain the estimate asks
+    /// whether to drain and pause, and the drain takes care of them.
+    fn confirmed_in_flight(&self) -> u64 {
+        if self.drained {
+            self.transferred.saturating_sub(self.applied)
+        } else {
+            0
+        }
+    }
+
+    /// Stream bytes written that the destination has not confirmed
+    /// applying (0 without a return path).
+    fn in_flight<W: Write>(&self, w: &StreamWriter<W>, ack: &AckPath<'_>) -> u64 {
+        match ack {
+            AckPath::None => 0,
+            _ => self.sent_bytes(w).saturating_sub(self.applied),
+        }
+    }
+
+    /// Waits, the guest still running, until the destination has applied
+    /// every byte sent so far: a DRAIN mark ends a section (behind a
+    /// barrier on every page channel, which the destination's main stream
+    /// waits at), and the destination answers APPLIED on the return path.
+    /// The pause that follows then holds only its own bytes. Nothing to
+    /// wait for without a return path, or when nothing was sent since the
+    /// last mark.
+    fn drain<W: Write>(
+        &mut self,
+        w: &mut StreamWriter<W>,
+        ack: &mut AckPath<'_>,
+    ) -> Result<(), MigrationError> {
+        let Some(r) = ack.as_read() else {
+            return Ok(());
+        };
+        if self.sent_bytes(w) == self.applied {
+            self.drained = true;
+            return Ok(());
+        }
+        let t = Instant::now();
+        if self.channels.is_some() {
+            // Pages queued on the channels go out before the barrier.
+            self.barrier(w)?;
+        }
+        self.drain_mark += 1;
+        w.drain(self.drain_mark).map_err(MigrationError::send)?;
+        self.section_end(w)?;
+        let sent = self.sent_bytes(w);
+        ack::await_applied(r, self.drain_mark)?;
+        self.applied = sent;
+        self.drained = true;
+        self.drain_wait = t.elapsed();
+        // The wait says nothing about the link's rate.
+        self.pacing.exclude(self.drain_wait);
+        Ok(())
     }
 
     /// Bytes the verify digest hashes in the pause: on the source, all of
@@ -1626,6 +1709,10 @@ impl<'a> RamSaver<'a> {
     ) -> Result<(), MigrationError> {
         let t0 = Instant::now();
         let mut n = 0u32;
+        if !completing {
+            // Pages go out after the last drain mark: in flight again.
+            self.drained = false;
+        }
         while let Some(found) = self.search.take_next() {
             let (block, page) = (found.block, found.page);
             if let Some((first, count)) = found.clear {

@@ -146,6 +146,19 @@ pub struct PauseBreakdown {
     /// LOADED, GO, its resume and STARTED. Without a return path, writing
     /// the end only.
     pub handshake_us: u64,
+    /// Not part of the pause: how long the source waited, just before it,
+    /// with the guest still running, for the destination to apply every
+    /// byte sent (the drain mark, see `stream/format.rs`; 0 without a
+    /// return path).
+    #[serde(default)]
+    pub drain_us: u64,
+    /// Stream bytes (all channels) written before the pause that the
+    /// destination had not confirmed applying when the guest paused: what
+    /// the pause still had to wait for on top of its own bytes (after the
+    /// drain, only the barrier records that followed it; 0 without a
+    /// return path: a file has no reader to wait for).
+    #[serde(default)]
+    pub in_flight_bytes: u64,
 }
 
 impl PauseBreakdown {

@@ -24,6 +24,8 @@
 //!                                                   FLAG_SETUP only (vcpus 0: not said)
 //! ABORT       len:u16 reason:[u8; len]              1 <= len <= MAX_ABORT_TEXT, UTF-8;
 //!                                                   the source gave up: nothing follows
+//! DRAIN       mark:u64                              FLAG_SETUP only, main stream, before
+//!                                                   the postcopy switch; marks 1, 2, 3...
 //! ZERO_RUN    addr count:u32                        pages [offset, offset + 4096 * count)
 //!                                   are zero; 1 <= count <= MAX_ZERO_RUN_PAGES, every page
 //!                                   inside the block; FLAG_ZERO_RUNS only, never after
@@ -59,6 +61,17 @@
 //! section against its own VM and answered on the return path: ACCEPTED,
 //! or FAILED with its reason (see `engine/ack.rs`). A refusal thus reaches
 //! the source before any page is sent, and names the destination's reason.
+//!
+//! Drain marks (header flag [`FLAG_SETUP`]: the stream has a return
+//! path): before it pauses the guest, the source ends a section with DRAIN
+//! and waits, the guest still running, until the destination answers
+//! APPLIED with the same mark on the return path (see `engine/ack.rs`).
+//! The destination answers once that section checked out, every record
+//! before it applied (with page channels, the source puts a SYNC barrier
+//! before the mark, so every channel's pages before it are applied too).
+//! So the pause starts with nothing queued between the source's writes
+//! and the destination's memory: stream bytes buffered in sockets are
+//! waited for while the guest runs, not in its pause.
 //!
 //! A source that gives up after the setup (cancelled, tracker or VMM
 //! failure) ends the main stream with ABORT and its reason, so the
@@ -174,6 +187,9 @@ pub enum Kind {
     Setup = 0x0e,
     /// The source gave up, with its reason.
     Abort = 0x0f,
+    /// The source waits for the destination to apply everything before
+    /// this record (answered on the return path).
+    Drain = 0x1d,
     /// Zero pages at consecutive offsets of one block.
     ZeroRun = 0x11,
     /// Raw pages at consecutive offsets of one block.
@@ -199,6 +215,7 @@ impl Kind {
             0x0d => Kind::Postcopy,
             0x0e => Kind::Setup,
             0x0f => Kind::Abort,
+            0x1d => Kind::Drain,
             0x11 => Kind::ZeroRun,
             0x10 => Kind::Run,
             _ => return None,
@@ -231,6 +248,7 @@ impl Kind {
             Kind::Postcopy => "postcopy switch",
             Kind::Setup => "setup",
             Kind::Abort => "abort",
+            Kind::Drain => "drain mark",
             Kind::ZeroRun => "zero run",
             Kind::Run => "run of raw pages",
         }

@@ -178,6 +178,18 @@ pub enum StreamErrorKind {
     /// SETUP feature bits this build does not know.
     #[error("the source needs features {0:#010x} this build does not know")]
     UnknownFeatures(u32),
+    /// A DRAIN record out of place: without a return path (the header
+    /// flag), on a page channel, or after the postcopy switch.
+    #[error("drain mark {0}")]
+    DrainOutOfPlace(&'static str),
+    /// Drain marks out of order (1, 2, 3... expected).
+    #[error("drain mark {found} where {expected} was expected")]
+    DrainMark {
+        /// Mark in the stream.
+        found: u64,
+        /// Mark expected.
+        expected: u64,
+    },
     /// A ZERO_RUN record in a stream whose header does not declare them.
     #[error("zero run record in a stream whose header does not declare zero runs")]
     NotZeroRunStream,
@@ -354,6 +366,14 @@ pub enum Record<'a> {
         /// Pages in the run (1..=[`MAX_RUN_PAGES`]).
         pages: u16,
     },
+    /// The source waits for the destination to apply everything before
+    /// this record (header flag `FLAG_SETUP`, main stream, before the
+    /// postcopy switch): the destination answers APPLIED with `mark` on
+    /// the return path once the section holding it checked out.
+    Drain {
+        /// 1, 2, 3... in order.
+        mark: u64,
+    },
 }
 
 /// A RUN record whose pages are still to be read.
@@ -402,6 +422,7 @@ pub struct StreamReader<R: Read> {
     last_block: Option<u16>,
     next_seq: u64,
     next_epoch: u64,
+    next_mark: u64,
     channel: Option<(u16, u16, u64)>,
     postcopy: bool,
     ended: bool,
@@ -439,6 +460,7 @@ impl<R: Read> StreamReader<R> {
             last_block: None,
             next_seq: 0,
             next_epoch: 0,
+            next_mark: 1,
             channel: None,
             postcopy: false,
             ended: false,
@@ -933,6 +955,35 @@ impl<R: Read> StreamReader<R> {
                 }
                 self.setup = true;
                 Ok(Record::Setup { vcpus, features })
+            }
+            Kind::Drain => {
+                let out_of_place = if !self.wants_setup() {
+                    Some(if self.flags & FLAG_SETUP == 0 {
+                        "in a stream whose header announces no return path"
+                    } else {
+                        "on a page channel"
+                    })
+                } else if self.postcopy {
+                    Some("after the postcopy switch")
+                } else {
+                    None
+                };
+                if let Some(why) = out_of_place {
+                    return Err(self.err_at(tag_at, StreamErrorKind::DrainOutOfPlace(why)));
+                }
+                let at = self.offset;
+                let mark = self.u64("a drain mark")?;
+                if mark != self.next_mark {
+                    return Err(self.err_at(
+                        at,
+                        StreamErrorKind::DrainMark {
+                            found: mark,
+                            expected: self.next_mark,
+                        },
+                    ));
+                }
+                self.next_mark += 1;
+                Ok(Record::Drain { mark })
             }
             Kind::Abort => {
                 let len = self.len_field16("abort reason", 1, u64::from(MAX_ABORT_TEXT))?;

@@ -70,6 +70,9 @@ enum Rec {
         features: u32,
     },
     Abort(String),
+    Drain {
+        mark: u64,
+    },
 }
 
 impl Rec {
@@ -89,6 +92,7 @@ impl Rec {
             Rec::Sync { .. } => Kind::Sync,
             Rec::Discard { .. } => Kind::Discard,
             Rec::Postcopy => Kind::Postcopy,
+            Rec::Drain { .. } => Kind::Drain,
             Rec::Setup { .. } => Kind::Setup,
             Rec::Abort(_) => Kind::Abort,
         }
@@ -164,6 +168,7 @@ fn own(r: Record<'_>) -> Rec {
         Record::Setup { vcpus, features } => Rec::Setup { vcpus, features },
         Record::Abort(t) => Rec::Abort(t.to_string()),
         Record::Run { .. } => panic!("runs come whole only to a reader landing them"),
+        Record::Drain { mark } => Rec::Drain { mark },
     }
 }
 
@@ -2265,6 +2270,106 @@ fn abort_record_ends_the_stream_with_the_reason() {
             "{k}"
         );
     }
+}
+
+// ---------------------------------------------------------------------------
+// DRAIN records
+// ---------------------------------------------------------------------------
+
+/// A stream with the setup section, `marks` drain marks (each ending a
+/// section after a page), and the end.
+fn with_marks(marks: &[u64]) -> Vec<u8> {
+    let mut w = StreamWriter::new(Vec::new(), FLAG_SETUP);
+    w.block_list(&one_block()).unwrap();
+    w.setup(1, 0).unwrap();
+    w.section_end(0).unwrap();
+    for (i, &m) in marks.iter().enumerate() {
+        w.zero(0, (i as u64 % 4) * P).unwrap();
+        w.drain(m).unwrap();
+        w.section_end(i as u64 + 1).unwrap();
+    }
+    w.end().unwrap();
+    w.get_mut().clone()
+}
+
+#[test]
+fn drain_marks_round_trip_in_order() {
+    let p = parse_ok(&with_marks(&[1, 2, 3]));
+    let marks: Vec<u64> = p
+        .recs
+        .iter()
+        .filter_map(|r| match r {
+            Rec::Drain { mark } => Some(*mark),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(marks, [1, 2, 3]);
+}
+
+#[test]
+fn drain_marks_out_of_order_or_out_of_place_are_refused() {
+    // Marks count 1, 2, 3...: a repeat, a gap or a first mark of 0 is
+    // refused, at the mark's field.
+    for (marks, found, expected) in [(&[1, 1][..], 1, 2), (&[1, 3], 3, 2), (&[0], 0, 1)] {
+        let f = parse_err(&with_marks(marks));
+        assert!(
+            matches!(f.err.kind, StreamErrorKind::DrainMark { found: a, expected: b } if a == found && b == expected),
+            "{marks:?}: {}",
+            f.err
+        );
+        assert_eq!(f.err.what, Some("drain mark"));
+        assert!(f
+            .err
+            .to_string()
+            .contains(&format!("drain mark {found} where {expected} was expected")));
+    }
+    let kind = |bytes: &[u8]| parse(bytes).expect_err("must fail").err.kind;
+    // Without a return path (no FLAG_SETUP): nobody could answer it.
+    let mut w = StreamWriter::new(Vec::new(), 0);
+    w.block_list(&one_block()).unwrap();
+    w.drain(1).unwrap();
+    w.flush().unwrap();
+    let k = kind(w.get_mut());
+    assert!(
+        matches!(k, StreamErrorKind::DrainOutOfPlace(m) if m.contains("no return path")),
+        "{k}"
+    );
+    // On a page channel.
+    let mut w = StreamWriter::new(Vec::new(), FLAG_SETUP | FLAG_CHANNELS);
+    w.channel(1, 2, 7).unwrap();
+    w.block_list(&one_block()).unwrap();
+    w.section_end(0).unwrap();
+    w.drain(1).unwrap();
+    w.flush().unwrap();
+    let k = kind(w.get_mut());
+    assert!(
+        matches!(k, StreamErrorKind::DrainOutOfPlace("on a page channel")),
+        "{k}"
+    );
+    // After the postcopy switch: the source drains only before it.
+    let mut w = StreamWriter::new(Vec::new(), FLAG_SETUP);
+    w.block_list(&one_block()).unwrap();
+    w.setup(1, 0).unwrap();
+    w.section_end(0).unwrap();
+    w.postcopy().unwrap();
+    w.section_end(1).unwrap();
+    w.drain(1).unwrap();
+    w.flush().unwrap();
+    let k = kind(w.get_mut());
+    assert!(
+        matches!(k, StreamErrorKind::DrainOutOfPlace(m) if m.contains("postcopy")),
+        "{k}"
+    );
+    // Cut inside the mark: the stream ends END (5 bytes), SECTION_END
+    // (13), DRAIN (9): keep 4 of the mark's 8 bytes.
+    let b = with_marks(&[1]);
+    let cut = b.len() - 5 - 13 - 4;
+    let f = parse_err(&b[..cut]);
+    assert!(
+        matches!(f.err.kind, StreamErrorKind::Truncated(_)),
+        "{}",
+        f.err
+    );
 }
 
 // ---------------------------------------------------------------------------

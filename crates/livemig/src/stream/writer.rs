@@ -424,6 +424,16 @@ impl<W: Write> StreamWriter<W> {
         self.close_checksummed()
     }
 
+    /// Writes a DRAIN record with `mark` (1, 2, 3... in order): the
+    /// destination answers APPLIED with it on the return path once the
+    /// section holding it checked out and everything before it is applied
+    /// (header flag [`FLAG_SETUP`] only; end the section after it).
+    pub fn drain(&mut self, mark: u64) -> io::Result<()> {
+        self.buf.push(Kind::Drain as u8);
+        self.buf.extend_from_slice(&mark.to_be_bytes());
+        self.maybe_flush()
+    }
+
     /// Writes the SETUP record: the VM's vCPU count (0: not said) and the
     /// feature bits the migration needs (see [`FLAG_SETUP`]).
     pub fn setup(&mut self, vcpus: u32, features: u32) -> io::Result<()> {

@@ -4,9 +4,9 @@
 //!
 //! Only the first connection is faulted (the main stream and its return
 //! path), or the one chosen with [`FaultProxy::start_on`]; the others
-//! pass through untouched. The setup
-//! verdict ACCEPTED, the first reply of a source with a return path, is
-//! passed on and not counted: the faults act on what follows it. A cut shuts
+//! pass through untouched. The replies of precopy on the return path
+//! (the setup verdict ACCEPTED, APPLIED for each drain mark) are passed
+//! on and not counted: the faults act on what follows them. A cut shuts
 //! both sockets down and closes them, so each peer sees the connection
 //! end (end-of-file on reads, a reset on writes) as it would when a
 //! network path or a peer dies.
@@ -258,9 +258,10 @@ impl Link {
     fn pump_back(&self) {
         let mut buf = vec![0u8; 4096];
         let (mut from, mut to) = (&self.up, &self.client);
-        // The return path's first bytes, until it is clear whether they are
-        // the setup verdict ACCEPTED: passed on as is and not counted, so
-        // the faults apply to the replies and requests after it.
+        // The return path's first replies, while they are precopy's (the
+        // setup verdict ACCEPTED, APPLIED for each drain mark): passed on
+        // as they are and not counted, so the faults apply to the replies
+        // and requests after them (LOADED or FAILED first).
         let mut head = Some(Vec::new());
         loop {
             let n = match from.read(&mut buf) {
@@ -277,19 +278,22 @@ impl Link {
             let mut chunk = &buf[..n];
             if let Some(h) = head.as_mut() {
                 h.extend_from_slice(chunk);
-                if h.len() < REPLY_HEAD_LEN {
-                    continue;
-                }
-                let h = head.take().expect("just checked");
-                let accepted = matches!(
-                    crate::engine::read_reply(&mut &h[..REPLY_HEAD_LEN]),
-                    Ok(crate::engine::Reply::Accepted)
-                );
-                let skip = if accepted { REPLY_HEAD_LEN } else { 0 };
-                if to.write_all(&h[..skip]).is_err() {
+                let mut passed = 0;
+                let counted = loop {
+                    match precopy_reply(&h[passed..]) {
+                        Some(Some(len)) => passed += len,
+                        Some(None) => break false,
+                        None => break true,
+                    }
+                };
+                if to.write_all(&h[..passed]).is_err() {
                     return self.cut();
                 }
-                rest = h[skip..].to_vec();
+                h.drain(..passed);
+                if !counted {
+                    continue;
+                }
+                rest = head.take().expect("just used");
                 if rest.is_empty() {
                     continue;
                 }
@@ -340,6 +344,22 @@ impl Link {
             }
         }
         let _ = self.client.shutdown(Shutdown::Write);
+    }
+}
+
+/// At the start of `b`, a reply of precopy: `Some(Some(len))` for a
+/// whole ACCEPTED or APPLIED of `len` bytes, `Some(None)` when `b` is too
+/// short to tell (or holds part of an APPLIED), `None` for anything else.
+fn precopy_reply(b: &[u8]) -> Option<Option<usize>> {
+    if b.len() < REPLY_HEAD_LEN {
+        return Some(None);
+    }
+    let len = u32::from_be_bytes([b[9], b[10], b[11], b[12]]) as usize;
+    match (b[8], len) {
+        (4, 0) => Some(Some(REPLY_HEAD_LEN)),
+        (5, 8) if b.len() >= REPLY_HEAD_LEN + 8 => Some(Some(REPLY_HEAD_LEN + 8)),
+        (5, 8) => Some(None),
+        _ => None,
     }
 }
 

@@ -166,7 +166,8 @@ fn stream(layout: &[(&str, usize)], order: &[usize], tail: Tail) -> Vec<u8> {
 }
 
 /// Streams with the setup verdict's SETUP record (as a source with a
-/// return path sends them), and streams a source ended with ABORT.
+/// return path sends them), with drain marks, and streams a source ended
+/// with ABORT.
 fn setup_and_abort(list: &[(&str, u64)]) -> Vec<(String, Vec<u8>)> {
     use livemig::stream::format::FLAG_SETUP;
     let mut out = Vec::new();
@@ -180,6 +181,27 @@ fn setup_and_abort(list: &[(&str, u64)]) -> Vec<(String, Vec<u8>)> {
         w.end().unwrap();
         out.push((name.to_string(), w.get_mut().clone()));
     }
+    // Drain marks before a pause: each ends a section; then out of order,
+    // and in a stream without a return path.
+    let drained = |marks: &[u64], flags: u16| {
+        let mut w = StreamWriter::new(Vec::new(), flags);
+        w.block_list(&descs(list)).unwrap();
+        if flags & FLAG_SETUP != 0 {
+            w.setup(1, 0).unwrap();
+        }
+        w.section_end(0).unwrap();
+        for (i, &m) in marks.iter().enumerate() {
+            w.raw(0, i as u64 * P, &pattern(0x30 + i as u8)).unwrap();
+            w.drain(m).unwrap();
+            w.section_end(i as u64 + 1).unwrap();
+        }
+        w.zero(0, 0).unwrap();
+        w.end().unwrap();
+        w.get_mut().clone()
+    };
+    out.push(("drain".into(), drained(&[1, 2], FLAG_SETUP)));
+    out.push(("drain-order".into(), drained(&[2], FLAG_SETUP)));
+    out.push(("drain-no-return-path".into(), drained(&[1], 0)));
     // Cancelled after a page: the reason, then nothing.
     let mut w = StreamWriter::new(Vec::new(), FLAG_SETUP);
     w.block_list(&descs(list)).unwrap();

@@ -715,11 +715,18 @@ fn fake_destination_to_switch(r: &mut PipeReader, ack: &mut PipeWriter) {
     let mut sr = StreamReader::new(&mut *r).unwrap();
     let setup = sr.flags() & crate::stream::format::FLAG_SETUP != 0;
     let mut switched = false;
+    let mut drain = None;
     loop {
         match sr.next_record().unwrap() {
             // The setup verdict, before any page comes.
             Record::SectionEnd { seq: 0 } if setup => {
                 write_reply(ack, &Reply::Accepted).unwrap();
+            }
+            // The source waits for its drain marks before it pauses.
+            Record::Drain { mark } => drain = Some(mark),
+            Record::SectionEnd { .. } if drain.is_some() => {
+                let mark = drain.take().expect("just checked");
+                write_reply(ack, &Reply::Applied(mark)).unwrap();
             }
             Record::Postcopy => switched = true,
             Record::SectionEnd { .. } if switched => break,
