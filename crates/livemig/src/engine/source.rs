@@ -346,8 +346,9 @@ struct RamSaver<'a> {
     /// (see `postcopy/switchover.rs`).
     auto_switch: AutoSwitch,
     /// Bytes per second the set left grew by at the last switch-over
-    /// sync (see `shrink.rs`); `None` before it.
-    growth: Option<f64>,
+    /// sync, and the link carried over the same interval (see
+    /// `shrink.rs`); `None` before it.
+    growth: Option<shrink::Rates>,
     /// Postcopy: page requests served, bytes sent since the switch, the
     /// destination's fault figures, ms from the switch to the last page.
     postcopy_requests: u64,
@@ -585,9 +586,13 @@ impl<'a> RamSaver<'a> {
             if self.pause_fits() && !self.keeps_shrinking() {
                 let before = self.remaining_pages();
                 let since = self.last_sync.elapsed().as_secs_f64();
+                let sent = (self.transferred - self.last_sync_bytes) as f64 / since.max(1e-3);
                 self.sync(tracker)?;
                 let grew = shrink::growth_rate(before, self.remaining_pages(), since);
-                self.growth = Some(grew * PAGE_SIZE as f64);
+                self.growth = Some(shrink::Rates {
+                    growth: grew * PAGE_SIZE as f64,
+                    sent,
+                });
                 self.barrier(&mut w)?;
                 if self.params.verify && self.hash_sampled.elapsed() >= HASH_RESAMPLE {
                     // The host's load now, not at setup.
