@@ -349,8 +349,9 @@ struct RamSaver<'a> {
     /// (see `postcopy/switchover.rs`).
     auto_switch: AutoSwitch,
     /// Bytes per second the set left grew by at the last switch-over
-    /// sync (see `shrink.rs`); `None` before it.
-    growth: Option<f64>,
+    /// sync, and the link carried over the same interval (see
+    /// `shrink.rs`); `None` before it.
+    growth: Option<shrink::Rates>,
     /// Pages the last switch-over sync that did not lead to the pause
     /// left to send (see `shrink::sync_due`); `None` before it.
     last_found: Option<u64>,
@@ -622,9 +623,13 @@ impl<'a> RamSaver<'a> {
                 self.drain(&mut w, &mut ack)?;
                 let before = self.remaining_pages();
                 let since = self.last_sync.elapsed().as_secs_f64();
+                let sent = (self.transferred - self.last_sync_bytes) as f64 / since.max(1e-3);
                 self.sync(tracker)?;
                 let grew = shrink::growth_rate(before, self.remaining_pages(), since);
-                self.growth = Some(grew * PAGE_SIZE as f64);
+                self.growth = Some(shrink::Rates {
+                    growth: grew * PAGE_SIZE as f64,
+                    sent,
+                });
                 self.barrier(&mut w)?;
                 if self.params.verify && self.hash_sampled.elapsed() >= HASH_RESAMPLE {
                     // The host's load now, not at setup.
@@ -1514,7 +1519,7 @@ impl<'a> RamSaver<'a> {
         shrink::sync_due(
             shrink::SyncState {
                 left: self.remaining_bytes() / ps,
-                growth_pages_per_sec: self.growth.map(|g| g / ps as f64),
+                growth_pages_per_sec: self.growth.map(|r| r.growth / ps as f64),
                 since: self.last_sync.elapsed().as_secs_f64(),
                 last_found: self.last_found,
             },
