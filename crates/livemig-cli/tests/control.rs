@@ -205,31 +205,10 @@ fn migrate_wait_steer_and_cancel_through_the_binary() {
     let listener = std::os::unix::net::UnixListener::bind(&first).unwrap();
     let sink = thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
-        // Accepts the setup (the source sends no page before) and the
-        // drain marks (it waits for them before it pauses), then
-        // swallows the stream.
-        use livemig::engine::{write_reply, Reply};
-        use livemig::stream::Record;
+        // Accepts the setup and the drain marks, then swallows the
+        // stream (see `livemig::testkit::sink`).
         let mut back = s.try_clone().unwrap();
-        if let Ok(mut r) = livemig::stream::StreamReader::new(&mut s) {
-            let mut drain = None;
-            loop {
-                let answer = match r.next_record() {
-                    Ok(Record::SectionEnd { seq: 0 }) => Some(Reply::Accepted),
-                    Ok(Record::Drain { mark }) => {
-                        drain = Some(mark);
-                        None
-                    }
-                    Ok(Record::SectionEnd { .. }) => drain.take().map(Reply::Applied),
-                    Ok(Record::End) | Err(_) => break,
-                    Ok(_) => None,
-                };
-                if let Some(a) = answer {
-                    let _ = write_reply(&mut back, &a);
-                }
-            }
-        }
-        let _ = std::io::copy(&mut s, &mut std::io::sink());
+        livemig::testkit::sink::swallow(&mut s, Some(&mut back));
     });
     let uri = format!(r#"{{"uri": "unix:{}"}}"#, first.display());
     let waiting = Command::new(env!("CARGO_BIN_EXE_livemig"))

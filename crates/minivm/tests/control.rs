@@ -141,38 +141,11 @@ fn sink(uri: &Uri) -> JoinHandle<u64> {
 /// waits for before it pauses (APPLIED), never LOADED; returns the bytes
 /// read once the source leaves.
 fn swallow(mut inc: livemig::transport::Incoming) -> u64 {
-    use livemig::engine::{write_reply, Reply};
-    use livemig::stream::{Record, StreamReader};
-    let Ok(mut r) = StreamReader::new(&mut inc.reader) else {
-        return 0;
-    };
-    let mut drain = None;
-    loop {
-        let answer = match r.next_record() {
-            Ok(Record::SectionEnd { seq: 0 }) => Some(Reply::Accepted),
-            Ok(Record::Drain { mark }) => {
-                drain = Some(mark);
-                None
-            }
-            Ok(Record::SectionEnd { .. }) => drain.take().map(Reply::Applied),
-            Ok(Record::End) | Err(_) => break,
-            Ok(_) => None,
-        };
-        if let (Some(a), Some(ack)) = (answer, inc.ack.as_mut()) {
-            let _ = write_reply(&mut **ack, &a);
-        }
-    }
-    // The end, or a stream cut short: hold the connection until the
-    // source leaves (it waits for LOADED, which never comes).
-    let mut n = r.offset();
-    drop(r);
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        match inc.reader.read(&mut buf) {
-            Ok(0) | Err(_) => return n,
-            Ok(k) => n += k as u64,
-        }
-    }
+    let ack = inc
+        .ack
+        .as_mut()
+        .map(|a| &mut **a as &mut dyn std::io::Write);
+    livemig::testkit::sink::swallow(&mut inc.reader, ack)
 }
 
 /// A real destination VM in a thread: loads, acknowledges, runs the guest
