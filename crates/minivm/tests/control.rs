@@ -8,7 +8,6 @@ use common::{
     connect_when_up, ended, exec, finish, incoming_minivm, minivm, ok, source_minivm, Proc,
 };
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Mutex, MutexGuard};
