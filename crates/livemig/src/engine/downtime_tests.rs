@@ -284,6 +284,26 @@ impl VmControl for SlowStopVm {
     }
 }
 
+/// A destination over one stream (no page channels) into `dst` in a
+/// thread, postcopy allowed or not; its result says whether the guest
+/// arrived by postcopy.
+fn one_stream_destination(
+    dst: &ProcessMemory,
+    input: impl Read + Send + 'static,
+    reply: impl std::io::Write + Send + 'static,
+    postcopy: bool,
+) -> thread::JoinHandle<Result<bool, super::DestinationError>> {
+    let dst = dst.clone();
+    thread::spawn(move || {
+        Destination::new(&dst, &mut crate::vm::NoVm)
+            .postcopy(postcopy)
+            .run_with(input, Some(Box::new(reply)), &mut || {
+                Err(std::io::Error::other("one stream"))
+            })
+            .map(|a| a.postcopy.is_some())
+    })
+}
+
 /// [`run_auto_postcopy`] with a guest whose stop takes `stop`.
 fn run_auto_postcopy_stopping(limit: u64, pure: bool, stop: Duration) -> MigrationStats {
     let src = ProcessMemory::new(&[("ram0", 8 * MIB), ("ram1", 4 * MIB)]).unwrap();
@@ -294,15 +314,7 @@ fn run_auto_postcopy_stopping(limit: u64, pure: bool, stop: Duration) -> Migrati
     fill_random(&src.blocks()[..1], &writer, 13);
     let (w, r) = pipe();
     let (ack_w, ack_r) = pipe();
-    let dst2 = dst.clone();
-    let dest = thread::spawn(move || {
-        Destination::new(&dst2, &mut crate::vm::NoVm)
-            .postcopy(true)
-            .run_with(r, Some(Box::new(ack_w)), &mut || {
-                Err(std::io::Error::other("one stream"))
-            })
-            .map(|a| a.postcopy.is_some())
-    });
+    let dest = one_stream_destination(&dst, r, ack_w, true);
     let handle = MigrationHandle::new(Params {
         verify: true,
         downtime_limit: limit,
@@ -447,21 +459,13 @@ fn run_to_a_slow_destination(postcopy: bool) -> MigrationStats {
     let mut vm = workload.control();
     let (w, r) = pipe();
     let (ack_w, ack_r) = pipe();
-    let dst2 = dst.clone();
-    let dest = thread::spawn(move || {
-        let slow = SlowReader {
-            inner: r,
-            rate: 8 * MIB,
-            start: None,
-            read: 0,
-        };
-        Destination::new(&dst2, &mut crate::vm::NoVm)
-            .postcopy(postcopy)
-            .run_with(slow, Some(Box::new(ack_w)), &mut || {
-                Err(std::io::Error::other("one stream"))
-            })
-            .map(|a| a.postcopy.is_some())
-    });
+    let slow = SlowReader {
+        inner: r,
+        rate: 8 * MIB,
+        start: None,
+        read: 0,
+    };
+    let dest = one_stream_destination(&dst, slow, ack_w, postcopy);
     let handle = MigrationHandle::new(Params {
         downtime_limit: 300,
         postcopy_ram: postcopy,
