@@ -83,12 +83,6 @@ impl Plan {
             .collect();
         Plan { sweeps }
     }
-
-    /// Pages in the plan.
-    #[cfg(test)]
-    pub fn pages(&self) -> usize {
-        self.sweeps.iter().map(Vec::len).sum()
-    }
 }
 
 #[cfg(test)]
