@@ -35,7 +35,7 @@ pub fn update(crc: u32, bytes: &[u8]) -> u32 {
 /// its first miss. A prefetch never faults; past a mapping it is dropped.
 pub fn append_crc(src: &[u8], dst: &mut Vec<u8>) -> u32 {
     #[cfg(all(target_arch = "x86_64", livemig_avx512))]
-    if src.len() >= x86::BLOCK && src.len() % x86::BLOCK == 0 && x86::available() {
+    if src.len() >= x86::BLOCK && src.len().is_multiple_of(x86::BLOCK) && x86::available() {
         return x86::append_crc(src, dst);
     }
     let at = dst.len();
@@ -101,6 +101,8 @@ pub fn page_combine() -> &'static Combine {
 
 #[cfg(all(target_arch = "x86_64", livemig_avx512))]
 #[allow(unsafe_code)]
+// Built only by compilers with the AVX-512 intrinsics (1.89+, build.rs).
+#[clippy::msrv = "1.89"]
 mod x86 {
     //! Copy and CRC in one pass: four 64-byte lanes folded with
     //! VPCLMULQDQ as they are stored. Each `unsafe` is a load from or a
@@ -166,7 +168,7 @@ mod x86 {
     /// Appends `src` (a non-zero multiple of [`BLOCK`] bytes) to `dst`,
     /// returning the CRC of the appended bytes.
     pub(super) fn append_crc(src: &[u8], dst: &mut Vec<u8>) -> u32 {
-        assert!(src.len() >= BLOCK && src.len() % BLOCK == 0);
+        assert!(src.len() >= BLOCK && src.len().is_multiple_of(BLOCK));
         assert!(available());
         dst.reserve(src.len());
         let at = dst.len();
