@@ -3,6 +3,7 @@
 //! [`format`](mod@format) defines it, [`StreamWriter`] produces it and
 //! [`StreamReader`] validates it record by record.
 
+pub mod crc;
 pub mod format;
 mod reader;
 mod writer;
