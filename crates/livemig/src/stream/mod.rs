@@ -8,7 +8,7 @@ pub mod format;
 mod reader;
 mod writer;
 
-pub use reader::{Record, StreamError, StreamErrorKind, StreamReader};
+pub use reader::{OwnedRecord, Record, RecordOf, StreamError, StreamErrorKind, StreamReader};
 pub use writer::{BlockDesc, Encoded, StreamWriter};
 #[cfg(test)]
 mod tests;
