@@ -24,12 +24,12 @@
 //!   the one the writers entered last, once the writers have entered two
 //!   windows in a row (a stream in address order; a scattered stream gets
 //!   nothing ahead, so a sparse guest's destination stays small);
-//! - a writer that reaches a window the helper is still populating does
-//!   not wait idle: it populates the next free window itself, then writes.
+//! - a writer that reaches a window the helper is still populating first
+//!   populates the next free window itself, then writes without waiting
+//!   for the helper (which a loaded host may have descheduled).
 //!
-//! A window is claimed once (by a writer or the helper) and marked done
-//! once populated; a writer never writes into a window before it is done,
-//! so two threads never clear the same huge page.
+//! A window is populated once (claimed by a writer or the helper); its
+//! done bit says it is in memory, so later writes skip all of this.
 //!
 //! Everything runs before the writes it serves, inside the load's record
 //! loop: nothing touches memory after it returns (a postcopy switch
@@ -64,8 +64,6 @@ pub(super) struct Prefault {
     front: Mutex<Front>,
     /// Wakes the helper.
     wake: Condvar,
-    /// Wakes writers waiting for a window to be done (paired with `front`).
-    ready: Condvar,
     /// The helper stops (the load's record loop returned).
     stop: AtomicBool,
     /// The latest window key ([`key`]) a writer reported, so most writes
@@ -108,7 +106,6 @@ impl Prefault {
             enabled: AtomicBool::new(enabled),
             front: Mutex::new(Front::default()),
             wake: Condvar::new(),
-            ready: Condvar::new(),
             stop: AtomicBool::new(false),
             seen: AtomicU64::new(0),
         }
@@ -132,7 +129,7 @@ impl Prefault {
     }
 
     /// Populates window `w` (claimed by the caller) unless it is in memory
-    /// already, then marks it done and wakes the writers waiting for it.
+    /// already, then marks it done.
     fn populate(&self, block: usize, region: &RawRegion, w: u64) {
         let start = (w << WINDOW_SHIFT) as usize;
         // Memory faulted in before (a pre-touched destination, a window the
@@ -151,14 +148,11 @@ impl Prefault {
         if let Some(d) = Self::word(&self.done, block, w) {
             d.fetch_or(bit(w), Ordering::AcqRel);
         }
-        let _front = self.front.lock().unwrap_or_else(|e| e.into_inner());
-        self.ready.notify_all();
     }
 
     /// A data page is about to be written at `offset` of block `block`
-    /// (backed by `region`): returns once its window is in memory, having
-    /// faulted it in (or the next window, while another thread faults
-    /// this one in). Safe from several threads.
+    /// (backed by `region`): faults its window in the first time (or, when
+    /// another thread does, the next window). Safe from several threads.
     pub fn before_write(&self, block: usize, region: &RawRegion, offset: u64) {
         if !self.enabled.load(Ordering::Relaxed) || offset >= region.len() as u64 {
             return;
@@ -175,20 +169,13 @@ impl Prefault {
             self.populate(block, region, w);
             return;
         }
-        // Another thread populates it: help with the next window meanwhile.
+        // Another thread populates it: help with the next window meanwhile,
+        // then write without waiting (a helper descheduled on a loaded host
+        // must not hold the stream up; the write's own fault is correct,
+        // at worst it clears a page the helper also clears).
         let next = w + 1;
         if (next << WINDOW_SHIFT) < region.len() as u64 && self.claim(block, next) {
             self.populate(block, region, next);
-        }
-        let mut front = self.front.lock().unwrap_or_else(|e| e.into_inner());
-        while !self.is_done(block, w) && self.enabled.load(Ordering::Relaxed) {
-            // The populating thread marks it done whatever happens; the
-            // timeout only guards against a lost wake-up.
-            front = self
-                .ready
-                .wait_timeout(front, Duration::from_millis(5))
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
         }
     }
 
