@@ -664,7 +664,8 @@ impl<'a> RamSaver<'a> {
             }
             self.step(&mut w, tracker, false)?;
             self.section_end(&mut w)?;
-            self.pacing.measure(self.transferred, Instant::now());
+            self.pacing
+                .measure_pages(self.transferred, self.pages_sent, Instant::now());
             self.publish(Status::Active, tracker.name(), None);
         }
 
