@@ -111,7 +111,7 @@ impl Prefault {
         }
     }
 
-    fn word<'s>(bits: &'s [Vec<AtomicU64>], block: usize, w: u64) -> Option<&'s AtomicU64> {
+    fn word(bits: &[Vec<AtomicU64>], block: usize, w: u64) -> Option<&AtomicU64> {
         bits.get(block).and_then(|v| v.get((w / 64) as usize))
     }
 
