@@ -43,7 +43,7 @@ use livemig::vm::{NoVm, VmControl};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::sys::cpu_secs;
+use crate::sys::{cpu_secs, thread_cpu_secs};
 use crate::units::{human, parse_mem_size, parse_size};
 
 mod tls;
@@ -300,6 +300,81 @@ fn tcp_rate(data: &[u8], total: u64) -> Result<f64> {
     stream_rate(tx, rx, data, total, |s| {
         let _ = s.shutdown(std::net::Shutdown::Write);
     })
+}
+
+/// Raw loopback TCP between the migration's own two memories: every block
+/// of `src` sent in 1 MiB writes straight from its pages, each read landing
+/// in place in the same block of `dst` (as the destination lands runs of
+/// raw pages), two threads, nodelay as livemig's transport. Nothing else:
+/// no records, checksum, tracker or page search. Returns bytes per second
+/// (first write to the reader's last byte), this process's CPU seconds, and
+/// the sending and reading threads' own CPU seconds.
+fn tcp_memory_rate(src: &ProcessMemory, dst: &ProcessMemory) -> Result<MemoryRun> {
+    const CHUNK: usize = 1 << 20;
+    let total: u64 = src.blocks().iter().map(|b| b.len()).sum();
+    let l = TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0")?;
+    let addr = l.local_addr()?;
+    let mut tx = TcpStream::connect(addr)?;
+    tx.set_nodelay(true)?; // as livemig's transport does
+    let (mut rx, _) = l.accept()?;
+    let cpu0 = cpu_secs();
+    std::thread::scope(|s| {
+        let reader = s.spawn(move || -> std::io::Result<(u64, Instant, f64)> {
+            let c0 = thread_cpu_secs();
+            let mut got = 0u64;
+            for blk in dst.blocks() {
+                let (region, len) = (blk.region(), blk.len() as usize);
+                let mut at = 0usize;
+                while at < len {
+                    let n = region.read_from(at, CHUNK.min(len - at), &mut rx)?;
+                    if n == 0 {
+                        return Ok((got, Instant::now(), thread_cpu_secs() - c0));
+                    }
+                    at += n;
+                    got += n as u64;
+                }
+            }
+            Ok((got, Instant::now(), thread_cpu_secs() - c0))
+        });
+        let t0 = Instant::now();
+        let c0 = thread_cpu_secs();
+        let res = (|| -> std::io::Result<()> {
+            for blk in src.blocks() {
+                blk.region()
+                    .scan(0, blk.len() as usize, |bytes| {
+                        bytes.chunks(CHUNK).try_for_each(|c| tx.write_all(c))
+                    })
+                    .unwrap_or(Ok(()))?;
+            }
+            tx.flush()
+        })();
+        let sender_cpu = thread_cpu_secs() - c0;
+        let _ = tx.shutdown(std::net::Shutdown::Write);
+        drop(tx);
+        let (got, end, reader_cpu) = reader
+            .join()
+            .map_err(|_| anyhow!("socket reader panicked"))??;
+        res?;
+        if got != total {
+            bail!("memory-to-memory TCP reference: sent {total} bytes, received {got}");
+        }
+        Ok(MemoryRun {
+            bytes_per_sec: total as f64 / (end - t0).as_secs_f64(),
+            cpu: cpu_secs() - cpu0,
+            sender_cpu,
+            reader_cpu,
+        })
+    })
+}
+
+/// One run of [`tcp_memory_rate`].
+struct MemoryRun {
+    bytes_per_sec: f64,
+    /// CPU seconds of the process.
+    cpu: f64,
+    /// CPU seconds of the sending thread, and of the reading thread.
+    sender_cpu: f64,
+    reader_cpu: f64,
 }
 
 /// Spins before a futex sleep in the shm reference that measures spinning
@@ -905,6 +980,9 @@ struct MigRun {
     /// CPU seconds this process used (source, destination and their
     /// kernel work), user + system.
     cpu: f64,
+    /// CPU seconds of the source's thread, and of the destination's.
+    source_cpu: f64,
+    destination_cpu: f64,
     stats: MigrationStats,
     load: LoadStats,
 }
@@ -987,16 +1065,19 @@ fn send(
 fn finish(
     secs: f64,
     cpu0: f64,
-    dest: std::thread::ScopedJoinHandle<'_, Result<LoadStats>>,
+    source_cpu: f64,
+    dest: std::thread::ScopedJoinHandle<'_, (Result<LoadStats>, f64)>,
     result: Result<MigrationStats>,
 ) -> Result<MigRun> {
-    let load = dest.join().map_err(|_| anyhow!("destination panicked"))?;
+    let (load, destination_cpu) = dest.join().map_err(|_| anyhow!("destination panicked"))?;
     let cpu = cpu_secs() - cpu0;
     let stats = result.context("source")?;
     let load = load?;
     Ok(MigRun {
         secs,
         cpu,
+        source_cpu,
+        destination_cpu,
         stats,
         load,
     })
@@ -1022,13 +1103,18 @@ fn migrate_once(
     let target = listener.local_uri();
     let handle = MigrationHandle::new(params);
     std::thread::scope(|s| {
-        let dest = s.spawn(|| receive(dst, || listener.accept()));
+        let dest = s.spawn(|| {
+            let c0 = thread_cpu_secs();
+            let r = receive(dst, || listener.accept());
+            (r, thread_cpu_secs() - c0)
+        });
         let (done_tx, done_rx) = mpsc::channel::<()>();
         let ctl = control.map(|f| {
             let h = handle.clone();
             s.spawn(move || f(&h, done_rx))
         });
         let cpu0 = cpu_secs();
+        let thread0 = thread_cpu_secs();
         let t0 = Instant::now();
         let result = match connect(&target) {
             Ok(out) => send(src, tracker, vm, &handle, out, &mut |_| {
@@ -1041,11 +1127,12 @@ fn migrate_once(
             }
         };
         let secs = t0.elapsed().as_secs_f64();
+        let source_cpu = thread_cpu_secs() - thread0;
         drop(done_tx);
         if let Some(c) = ctl {
             let _ = c.join();
         }
-        finish(secs, cpu0, dest, result)
+        finish(secs, cpu0, source_cpu, dest, result)
     })
 }
 
@@ -1053,9 +1140,34 @@ fn migrate_once(
 struct RunFig {
     secs: f64,
     cpu_secs: f64,
+    /// CPU seconds of the source's thread and of the destination's (each
+    /// with the kernel work run on its behalf, e.g. loopback TCP's).
+    source_thread_cpu_secs: f64,
+    destination_thread_cpu_secs: f64,
     stream_bytes: u64,
     guest_bytes_per_sec: f64,
     stream_bytes_per_sec: f64,
+}
+
+/// Raw loopback TCP between the migration's own source and destination
+/// memory ([`tcp_memory_rate`]), one run right before each migration run.
+#[derive(Clone, Debug, Serialize)]
+struct SameMemoryTcp {
+    /// Bytes per second (median of the runs).
+    bytes_per_sec: f64,
+    /// Every run.
+    samples: Vec<f64>,
+    /// CPU seconds per GiB (median), this process (both threads).
+    cpu_secs_per_gib: f64,
+    /// CPU seconds per GiB (median) of the sending thread and of the
+    /// reading thread.
+    sender_thread_cpu_secs_per_gib: f64,
+    reader_thread_cpu_secs_per_gib: f64,
+    /// Each migration run's guest throughput over the reference run just
+    /// before it.
+    run_ratios: Vec<f64>,
+    /// Median of `run_ratios`.
+    guest_ratio: f64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -1065,6 +1177,11 @@ struct MigRow {
     channels: u16,
     /// CPU seconds per GiB of guest moved (median), both sides.
     cpu_secs_per_gib: f64,
+    /// CPU seconds per GiB (median) of the source's thread and of the
+    /// destination's: on an idle host each has a core, and the busier one
+    /// bounds the throughput.
+    source_thread_cpu_secs_per_gib: f64,
+    destination_thread_cpu_secs_per_gib: f64,
     /// CPU busy share of the 2-core budget: cpu seconds / (wall seconds x cores).
     cpu_share: f64,
     content: Content,
@@ -1095,6 +1212,10 @@ struct MigRow {
     /// destination, compression) migrated over TCP in this run, when that
     /// case ran: above 1 = faster than the TCP migration.
     guest_ratio_to_tcp_migration: Option<f64>,
+    /// One-stream TCP cases into pre-touched memory: raw loopback TCP
+    /// between the same two memories, interleaved run by run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tcp_same_memory: Option<SameMemoryTcp>,
     /// The reference that bounds this case.
     limit: &'static str,
     /// Guest throughput over that limit.
@@ -1349,7 +1470,15 @@ fn migration(
         let mut runs = Vec::new();
         let mut last: Option<MigRun> = None;
         let mut verified = false;
+        // (bytes/s, CPU s) of raw TCP between the same memories, each run
+        // right before the migration run it is compared with.
+        let same_memory = s.link == Link::Tcp && s.channels == 1 && !s.cold;
+        let mut refs_mem: Vec<MemoryRun> = Vec::new();
         for i in 0..c.runs {
+            if same_memory {
+                zero_memory(warm);
+                refs_mem.push(tcp_memory_rate(src, warm)?);
+            }
             let cold_mem;
             let dst = if s.cold {
                 cold_mem = ProcessMemory::new(&layout)?;
@@ -1378,6 +1507,8 @@ fn migration(
             runs.push(RunFig {
                 secs: r.secs,
                 cpu_secs: r.cpu,
+                source_thread_cpu_secs: r.source_cpu,
+                destination_thread_cpu_secs: r.destination_cpu,
                 stream_bytes: stream,
                 guest_bytes_per_sec: size as f64 / r.secs,
                 stream_bytes_per_sec: stream as f64 / r.secs,
@@ -1412,10 +1543,43 @@ fn migration(
         let cpu = median(&runs.iter().map(|r| r.cpu_secs).collect::<Vec<_>>());
         let wall = median(&runs.iter().map(|r| r.secs).collect::<Vec<_>>());
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        let gib = size as f64 / (1u64 << 30) as f64;
+        let tcp_same_memory = (!refs_mem.is_empty()).then(|| {
+            let samples: Vec<f64> = refs_mem.iter().map(|r| r.bytes_per_sec).collect();
+            let per_gib = |f: &dyn Fn(&MemoryRun) -> f64| {
+                median(&refs_mem.iter().map(|r| f(r) / gib).collect::<Vec<_>>())
+            };
+            let run_ratios: Vec<f64> = runs
+                .iter()
+                .zip(&samples)
+                .map(|(r, &t)| ratio(r.guest_bytes_per_sec, t))
+                .collect();
+            SameMemoryTcp {
+                bytes_per_sec: median(&samples),
+                cpu_secs_per_gib: per_gib(&|r| r.cpu),
+                sender_thread_cpu_secs_per_gib: per_gib(&|r| r.sender_cpu),
+                reader_thread_cpu_secs_per_gib: per_gib(&|r| r.reader_cpu),
+                guest_ratio: median(&run_ratios),
+                run_ratios,
+                samples,
+            }
+        });
         rows.push(MigRow {
             name: s.name.clone(),
             channels: s.channels,
-            cpu_secs_per_gib: cpu / (size as f64 / (1u64 << 30) as f64),
+            cpu_secs_per_gib: cpu / gib,
+            source_thread_cpu_secs_per_gib: median(
+                &runs
+                    .iter()
+                    .map(|r| r.source_thread_cpu_secs / gib)
+                    .collect::<Vec<_>>(),
+            ),
+            destination_thread_cpu_secs_per_gib: median(
+                &runs
+                    .iter()
+                    .map(|r| r.destination_thread_cpu_secs / gib)
+                    .collect::<Vec<_>>(),
+            ),
             cpu_share: cpu / (wall * cores),
             content: s.content,
             link: s.link,
@@ -1435,6 +1599,7 @@ fn migration(
             guest_ratio_to_memcpy: ratio(g, refs.memcpy.bytes_per_sec),
             guest_ratio_to_tcp: ratio(g, refs.tcp_loopback.bytes_per_sec),
             guest_ratio_to_tcp_migration: None,
+            tcp_same_memory,
             limit,
             ratio_to_limit: ratio(g, lim_bps),
             pages: json!({
@@ -2038,6 +2203,32 @@ fn print_tables(
                     println!("    {line}");
                 }
             }
+        }
+        for r in rows {
+            let Some(m) = &r.tcp_same_memory else {
+                continue;
+            };
+            let list = |v: &[f64], f: &dyn Fn(f64) -> String| {
+                v.iter().map(|&x| f(x)).collect::<Vec<_>>().join(" ")
+            };
+            println!(
+                "  {}: raw loopback TCP between the same two memories, one run before each migration run: \
+                 {} GB/s (runs: {}), {:.3} CPU s/GiB; migration over it run by run: {} (median {:.2}x)",
+                r.name,
+                gbs(m.bytes_per_sec),
+                list(&m.samples, &|x| gbs(x)),
+                m.cpu_secs_per_gib,
+                list(&m.run_ratios, &|x| format!("{x:.2}")),
+                m.guest_ratio
+            );
+            println!(
+                "    CPU s/GiB per thread (an idle host gives each its core; the busier bounds the rate): \
+                 migration source {:.3}, destination {:.3}; raw TCP sender {:.3}, reader {:.3}",
+                r.source_thread_cpu_secs_per_gib,
+                r.destination_thread_cpu_secs_per_gib,
+                m.sender_thread_cpu_secs_per_gib,
+                m.reader_thread_cpu_secs_per_gib
+            );
         }
         if let Some(r) = rows.first() {
             println!(

@@ -68,6 +68,13 @@ fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// Asserts that `text` (what a process said) says each of `parts`.
+fn says(text: &str, parts: &[&str]) {
+    for part in parts {
+        assert!(text.contains(part), "{part:?} not said in: {text}");
+    }
+}
+
 /// A fault-free migration between fresh processes: it completes and the
 /// destination proves it holds the source's memory at stop time.
 fn retry_succeeds() {
@@ -146,27 +153,28 @@ fn cuts_before_go_fail_both_sides_and_retry_succeeds() {
 #[test]
 fn cut_after_loaded_leaves_neither_running() {
     let (src, dst, derr) = through(Fault::CutAfterLoaded);
-    let serr = stderr(&src);
     assert!(!src.status.success());
-    assert!(serr.contains("GO sent"), "{serr}");
-    assert!(serr.contains("source guest stays paused"), "{serr}");
-    assert!(serr.contains("This command exits now"), "{serr}");
+    says(
+        &stderr(&src),
+        &[
+            "GO sent",
+            "source guest stays paused",
+            "This command exits now",
+        ],
+    );
     assert!(
         !dst.status.success(),
         "no GO: the destination must not take over"
     );
-    assert!(derr.contains("no GO from the source"), "{derr}");
-    assert!(derr.contains("never runs"), "{derr}");
+    says(&derr, &["no GO from the source", "never runs"]);
     retry_succeeds();
 }
 
 #[test]
 fn cut_after_go_leaves_the_destination_running() {
     let (src, dst, derr) = through(Fault::CutAfterGo);
-    let serr = stderr(&src);
     assert!(!src.status.success());
-    assert!(serr.contains("did not confirm"), "{serr}");
-    assert!(serr.contains("may be running it"), "{serr}");
+    says(&stderr(&src), &["did not confirm", "may be running it"]);
     assert!(dst.status.success(), "the destination got GO: {derr}");
     let d = json_of("destination", &dst);
     assert_eq!(d["status"], "completed");
@@ -233,8 +241,7 @@ fn killed_source_never_completes_the_destination() {
             .is_some_and(|e| e.contains("stream byte")),
         "{dj}"
     );
-    assert!(derr.contains("loading from tcp:"), "{derr}");
-    assert!(derr.contains("stream byte"), "{derr}");
+    says(&derr, &["loading from tcp:", "stream byte"]);
     retry_succeeds();
 }
 
@@ -246,10 +253,12 @@ fn silent_source_times_out_naming_it() {
     let _silent = std::net::TcpStream::connect(addr).unwrap();
     let (dst, derr) = dest.finish();
     assert!(!dst.status.success());
-    assert!(derr.contains("the source at tcp:127.0.0.1:"), "{derr}");
-    assert!(
-        derr.contains("sent nothing for 1 s (I/O timeout)"),
-        "{derr}"
+    says(
+        &derr,
+        &[
+            "the source at tcp:127.0.0.1:",
+            "sent nothing for 1 s (I/O timeout)",
+        ],
     );
 }
 
@@ -276,13 +285,12 @@ fn announced_channels_that_never_come_time_out() {
     let (dst, derr) = dest.finish();
     drop(s);
     assert!(!dst.status.success());
-    assert!(
-        derr.contains("accepting connection 1 of 2 page channels"),
-        "{derr}"
-    );
-    assert!(
-        derr.contains("no connection for 1 s (I/O timeout)"),
-        "{derr}"
+    says(
+        &derr,
+        &[
+            "accepting connection 1 of 2 page channels",
+            "no connection for 1 s (I/O timeout)",
+        ],
     );
 }
 
@@ -303,16 +311,13 @@ fn silent_destination_times_out_naming_it() {
     sink.join().unwrap();
     let serr = stderr(&src);
     assert!(!src.status.success());
-    assert!(
-        serr.contains(&format!(
-            "the destination at tcp:{addr} sent nothing for 1 s (I/O timeout)"
-        )),
-        "{serr}"
-    );
-    // It never answered the setup: no page was sent.
-    assert!(
-        serr.contains("no answer from the destination to the migration's setup"),
-        "{serr}"
+    says(
+        &serr,
+        &[
+            &format!("the destination at tcp:{addr} sent nothing for 1 s (I/O timeout)"),
+            // It never answered the setup: no page was sent.
+            "no answer from the destination to the migration's setup",
+        ],
     );
 }
 
@@ -356,8 +361,10 @@ fn snapshot_to_a_full_disk_names_the_file() {
     let _ = Command::new("umount").arg(dir.path()).status();
     let err = stderr(&out);
     assert!(!out.status.success());
-    assert!(err.contains("No space left on device"), "{err}");
-    assert!(err.contains(&path.display().to_string()), "{err}");
+    says(
+        &err,
+        &["No space left on device", &path.display().to_string()],
+    );
 }
 
 /// `livemig vm-incoming` on a free port behind a proxy with `fault`.
@@ -413,8 +420,7 @@ fn vm_source_killed_destination_never_starts_the_guest() {
     let out = dest.wait_with_output().unwrap();
     let err = stderr(&out);
     assert!(!out.status.success(), "{err}");
-    assert!(err.contains("loading the VM from tcp:"), "{err}");
-    assert!(err.contains("stream byte"), "{err}");
+    says(&err, &["loading the VM from tcp:", "stream byte"]);
     assert!(
         !err.contains("resuming the guest"),
         "it must never run: {err}"
@@ -482,8 +488,10 @@ fn vm_handshake_cuts_start_the_guest_at_most_once() {
     assert!(!src.status.success());
     assert!(serr.contains("may be running it"), "{serr}");
     assert!(dst.status.success(), "{derr}");
-    assert!(derr.contains("resuming the guest"), "{derr}");
-    assert!(derr.contains("self-check passed (0 failures)"), "{derr}");
+    says(
+        &derr,
+        &["resuming the guest", "self-check passed (0 failures)"],
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -677,11 +685,16 @@ fn postcopy_cut_with_page_channels_and_urgent_is_recovered_on_all_connections() 
     assert!(src.status.success(), "source: {serr}");
     assert!(status.success(), "destination: {err}");
     assert!(proxy.has_cut());
-    assert!(serr.contains("postcopy paused"), "{serr}");
-    assert!(err.contains("the source reconnected"), "{err}");
-    assert!(serr.contains("reopened the urgent connection"), "{serr}");
-    assert!(serr.contains("reopened page channel 1"), "{serr}");
-    assert!(serr.contains("reopened page channel 2"), "{serr}");
+    says(&err, &["the source reconnected"]);
+    says(
+        &serr,
+        &[
+            "postcopy paused",
+            "reopened the urgent connection",
+            "reopened page channel 1",
+            "reopened page channel 2",
+        ],
+    );
     assert_eq!(
         err.matches("accepted a reopened connection").count(),
         3,
@@ -723,9 +736,8 @@ fn postcopy_cut_is_recovered_with_resume_to_and_recover_on() {
         assert!(src.status.success(), "source: {serr}");
         assert!(status.success(), "destination: {err}");
         assert!(proxy.has_cut());
-        assert!(err.contains("postcopy paused"), "{err}");
-        assert!(err.contains("the source reconnected"), "{err}");
-        assert!(serr.contains("reconnected to"), "{serr}");
+        says(&err, &["postcopy paused", "the source reconnected"]);
+        says(&serr, &["reconnected to"]);
         let s = json_of("source", &src);
         let d: serde_json::Value = serde_json::from_str(out.trim()).expect("destination JSON");
         assert_eq!(s["status"], "completed", "{s}");

@@ -4,8 +4,8 @@
 //! writes to guest memory are tracked through vm-memory's dirty bitmap.
 //!
 //! ```text
-//! cargo run --example kvm_vmm --features kvm -- dest   /tmp/mig.sock   # first
-//! cargo run --example kvm_vmm --features kvm -- source /tmp/mig.sock
+//! cargo run --example kvm_vmm --features kvm,testkit -- dest   /tmp/mig.sock   # first
+//! cargo run --example kvm_vmm --features kvm,testkit -- source /tmp/mig.sock
 //! ```
 //!
 //! The guest (64-bit, ring 3: native speed even under nested kvm_pvm)
@@ -21,12 +21,13 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::Duration;
 
-use kvm_bindings::{kvm_regs, kvm_segment};
+use kvm_bindings::kvm_regs;
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use livemig::dirty::kvm::{KvmDirtyLog, KvmSlot, TrackerKind};
 use livemig::dirty::{DeviceWrites, DirtyTracker, WithDeviceWrites};
 use livemig::engine::{Destination, MigrationHandle, Params, Source};
 use livemig::memory::{GuestMemory, VmMemory};
+use livemig::testkit::kvm_guest::long_mode_ring3;
 use livemig::transport::{connect, Listener};
 use livemig::vm::{VmControl, VmError};
 use vm_memory::bitmap::AtomicBitmap;
@@ -93,28 +94,7 @@ impl Vmm {
         let vcpu = vm.create_vcpu(0)?;
         dirty.attach_vcpus(&[&vcpu])?;
         let mut sregs = vcpu.get_sregs()?;
-        let code = kvm_segment {
-            base: 0,
-            limit: 0xffff_ffff,
-            selector: 0x1b,
-            type_: 11,
-            present: 1,
-            dpl: 3,
-            s: 1,
-            l: 1,
-            g: 1,
-            ..Default::default()
-        };
-        let data = kvm_segment {
-            selector: 0x23,
-            type_: 3,
-            l: 0,
-            db: 1,
-            ..code
-        };
-        sregs.cs = code;
-        (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss) = (data, data, data, data, data);
-        (sregs.cr3, sregs.cr4, sregs.cr0, sregs.efer) = (PML4, 0x20, 0x8005_0033, 0x500);
+        long_mode_ring3(&mut sregs, PML4);
         vcpu.set_sregs(&sregs)?;
         Ok(Arc::new(Vmm {
             mem,

@@ -8,7 +8,9 @@
 //! guest memory.
 //!
 //! All `unsafe` code (mmap, ioctls, userfaultfd) lives in the private `sys`
-//! module, plus the SIMD loads of the zero-page check in [`codec::zero`];
+//! module, plus the SIMD loads of the zero-page check in [`codec::zero`],
+//! of the XBZRLE encoder in `codec::diff` and of the one-pass page copy
+//! and checksum in [`stream::crc`];
 //! the crate denies `unsafe_code` everywhere else and clippy's
 //! `undocumented_unsafe_blocks` everywhere, so everything above is safe
 //! Rust and testable without KVM.

@@ -23,7 +23,7 @@ fn example() -> PathBuf {
                 "-p",
                 "livemig",
                 "--features",
-                "kvm",
+                "kvm,testkit",
                 "--example",
                 "kvm_vmm",
             ])

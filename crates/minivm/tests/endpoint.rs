@@ -12,7 +12,7 @@ use std::io::{self, Read, Write};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread;
+use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use livemig::control::ControlClient;
@@ -75,15 +75,15 @@ fn assert_guest_runs(vm: &Vm, when: &str) {
     );
 }
 
-/// Migrates a `src` VM into a destination VM laid out as `dst`, which
-/// refuses it before any page (the source's error is a refusal, after
-/// well under one page: header, block list, setup); returns the source's
-/// error text and the destination's.
-fn refused(src: &Vm, dst: VmConfig) -> (String, String) {
+/// A destination VM laid out as `cfg`, receiving one migration over TCP
+/// (no page channels) in a thread that expects it to fail (`why`): its
+/// URI, and the thread, which returns the destination's error once it
+/// checked that the guest never ran there.
+fn failing_destination(cfg: VmConfig, why: &'static str) -> (Uri, JoinHandle<MigrateError>) {
     let listener = Listener::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
     let uri = listener.local_uri();
     let dest = thread::spawn(move || {
-        let vm = minivm::migrate::incoming_vm(&dst).unwrap();
+        let vm = minivm::migrate::incoming_vm(&cfg).unwrap();
         let inc = listener.accept().unwrap();
         let e = receive_into(
             &vm,
@@ -92,15 +92,30 @@ fn refused(src: &Vm, dst: VmConfig) -> (String, String) {
             &mut || Err(io::Error::other("no channels")),
             false,
         )
-        .expect_err("the destination refuses");
-        assert!(vm.is_paused(), "the refused guest never runs here");
-        livemig::error_chain(&e)
+        .expect_err(why);
+        assert!(vm.is_paused(), "the guest never runs here ({e})");
+        e
     });
+    (uri, dest)
+}
+
+/// Migrates a source VM of `mem_mib` MiB and `vcpus` vCPUs into a
+/// destination VM laid out as `dst`, which refuses it before any page (the
+/// source's error is a refusal, after well under one page: header, block
+/// list, setup), then checks that the source guest runs on. Returns the
+/// source's error text and the destination's (`None` without KVM).
+fn refused(test: &str, mem_mib: u64, vcpus: usize, dst: VmConfig) -> Option<(String, String)> {
+    let _g = serial();
+    if !common::kvm_available(test) {
+        return None;
+    }
+    let src = source_vm(mem_mib, vcpus);
+    let (uri, dest) = failing_destination(dst, "the destination refuses");
     let mut out = connect(&uri).unwrap();
     let sent = Arc::new(AtomicU64::new(0));
     let handle = MigrationHandle::new(Params::default());
     let e = migrate_out(
-        src,
+        &src,
         TrackerKind::Auto,
         handle,
         Counting(out.writer, sent.clone()),
@@ -110,22 +125,25 @@ fn refused(src: &Vm, dst: VmConfig) -> (String, String) {
     let MigrateError::Migration(e) = e else {
         panic!("not a migration error: {e}")
     };
-    let dest_err = dest.join().unwrap();
+    let dest_err = livemig::error_chain(&dest.join().unwrap());
     let sent = sent.load(Ordering::Relaxed);
     eprintln!("source: {e}\nsent {sent} bytes\ndestination: {dest_err}");
     assert!(matches!(e, MigrationError::Refused(_)), "{e}");
     assert!(sent < 4096, "{sent} bytes sent before the refusal");
-    (e.to_string(), dest_err)
+    assert_guest_runs(&src, "source after the refusal");
+    Some((e.to_string(), dest_err))
 }
 
 #[test]
 fn wrong_memory_size_is_refused_before_any_page_with_the_destinations_reason() {
-    let _g = serial();
-    if !common::kvm_available("wrong_memory_size_is_refused") {
+    let Some((text, dest_err)) = refused(
+        "wrong_memory_size_is_refused",
+        64,
+        1,
+        incoming_config(32, 1),
+    ) else {
         return;
-    }
-    let src = source_vm(64, 1);
-    let (text, dest_err) = refused(&src, incoming_config(32, 1));
+    };
     assert!(
         text.starts_with("the destination refused the migration before any page was sent: ")
             && text.contains("block list does not match the destination")
@@ -133,24 +151,23 @@ fn wrong_memory_size_is_refused_before_any_page_with_the_destinations_reason() {
         "{text}"
     );
     assert!(dest_err.contains("block list does not match"), "{dest_err}");
-    // The source guest runs on.
-    assert_guest_runs(&src, "source after the refusal");
 }
 
 #[test]
 fn vcpu_count_mismatch_is_refused_before_any_page() {
-    let _g = serial();
-    if !common::kvm_available("vcpu_count_mismatch_is_refused") {
+    let Some((text, dest_err)) = refused(
+        "vcpu_count_mismatch_is_refused",
+        32,
+        2,
+        incoming_config(32, 1),
+    ) else {
         return;
-    }
-    let src = source_vm(32, 2);
-    let (text, dest_err) = refused(&src, incoming_config(32, 1));
+    };
     assert!(
         text.contains("the source's VM has 2 vCPUs, this destination's 1"),
         "{text}"
     );
     assert!(dest_err.contains("2 vCPUs"), "{dest_err}");
-    assert_guest_runs(&src, "source after the refusal");
 }
 
 #[test]
@@ -160,20 +177,7 @@ fn a_cancelled_source_tells_the_destination_why() {
         return;
     }
     let src = source_vm(32, 1);
-    let listener = Listener::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
-    let uri = listener.local_uri();
-    let dest = thread::spawn(move || {
-        let vm = minivm::migrate::incoming_vm(&incoming_config(32, 1)).unwrap();
-        let inc = listener.accept().unwrap();
-        receive_into(
-            &vm,
-            inc.reader,
-            inc.ack,
-            &mut || Err(io::Error::other("none")),
-            false,
-        )
-        .expect_err("the migration was cancelled")
-    });
+    let (uri, dest) = failing_destination(incoming_config(32, 1), "the migration was cancelled");
     // Cancelled before it began (the test guest's memory is mostly
     // untouched and would go in milliseconds; the engine's own tests
     // cancel mid-stream): the destination gets a header and the reason.

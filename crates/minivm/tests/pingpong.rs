@@ -124,12 +124,18 @@ fn hop(src: Vm, n: usize) -> Vm {
         let stats = migrate_out(&src, kind, handle, w, Some(&mut ar as &mut dyn Read));
         (stats, dest)
     };
-    let stats = stats.unwrap_or_else(|e| panic!("hop {n}: migrate_out ({kind:?}) failed: {e}"));
+    // Both sides' results before either is checked: a source failure
+    // often only echoes the destination's (a closed pipe), so say both.
+    let arrived = dest.join().unwrap();
+    let (stats, (dst, loaded)) = match (stats, arrived) {
+        (Ok(s), Ok(d)) => (s, d),
+        (s, d) => panic!(
+            "hop {n} ({kind:?}): migrate_out: {}; migrate_in: {}",
+            s.map_or_else(|e| livemig::error_chain(&e), |_| "completed".into()),
+            d.map_or_else(|e| livemig::error_chain(&e), |_| "completed".into()),
+        ),
+    };
     assert_eq!(stats.status, Status::Completed, "hop {n}");
-    let (dst, loaded) = dest
-        .join()
-        .unwrap()
-        .unwrap_or_else(|e| panic!("hop {n}: migrate_in failed: {e}"));
     assert!(
         loaded.digest.is_some(),
         "hop {n}: verify mode proved the memory"

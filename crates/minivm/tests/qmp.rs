@@ -58,6 +58,32 @@ fn wait_socket(path: &Path, p: &mut Proc) {
     }
 }
 
+/// A source minivm (with `src_args` more) on `dir`/src.sock and an
+/// incoming one on `dir`/dst.sock, driven by `tests/qmp/{script}` with
+/// the two sockets and `last` as arguments; the script must succeed and
+/// see the job completed. Returns the two processes.
+fn driven_by(py: &Path, dir: &Path, src_args: &[&str], script: &str, last: &str) -> (Proc, Proc) {
+    let (ss, ds) = (dir.join("src.sock"), dir.join("dst.sock"));
+    let mut src = source_minivm("128M", "16M", src_args, &ss);
+    let mut dst = incoming_vm(&ds);
+    wait_socket(&ss, &mut src);
+    wait_socket(&ds, &mut dst);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/qmp")
+        .join(script);
+    let out = Command::new(py)
+        .arg(&path)
+        .args([ss.to_str().unwrap(), ds.to_str().unwrap(), last])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{script} failed:\n{stdout}\n{stderr}");
+    eprintln!("qemu.qmp saw: {stdout}");
+    assert!(stdout.contains(r#""completed"]"#), "{stdout}");
+    (src, dst)
+}
+
 #[test]
 fn qemu_qmp_client_migrates_between_two_minivms() {
     let Some(py) = python("qemu_qmp_client_migrates_between_two_minivms") else {
@@ -67,31 +93,14 @@ fn qemu_qmp_client_migrates_between_two_minivms() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let (ss, ds) = (dir.path().join("src.sock"), dir.path().join("dst.sock"));
     let mig = format!("unix:{}", dir.path().join("mig.sock").display());
-    let mut src = source_minivm("128M", "16M", &[], &ss);
-    let mut dst = incoming_vm(&ds);
-    wait_socket(&ss, &mut src);
-    wait_socket(&ds, &mut dst);
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/qmp/migrate.py");
-    let out = Command::new(&py)
-        .arg(&script)
-        .args([ss.to_str().unwrap(), ds.to_str().unwrap(), &mig])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "migrate.py failed:\n{stdout}\n{stderr}"
-    );
-    eprintln!("qemu.qmp saw: {stdout}");
-    assert!(stdout.contains(r#""completed"]"#), "{stdout}");
+    let (src, dst) = driven_by(&py, dir.path(), &[], "migrate.py", &mig);
     let src_log = finish(src, "source minivm");
     assert!(src_log.contains("migration completed"), "{src_log}");
     let dst_log = finish(dst, "destination minivm");
     assert!(dst_log.contains("guest resumed"), "{dst_log}");
     assert!(dst_log.contains("self_check=pass"), "{dst_log}");
+    let (ss, ds) = (dir.path().join("src.sock"), dir.path().join("dst.sock"));
     assert!(!ss.exists() && !ds.exists(), "both sockets removed");
 }
 
@@ -156,30 +165,14 @@ fn qemu_qmp_client_takes_a_background_snapshot_and_restores_it_lazily() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let (ss, ds) = (dir.path().join("src.sock"), dir.path().join("dst.sock"));
     let file = dir.path().join("vm.mr");
-    let mut src = source_minivm("128M", "16M", &["--memfd", "--seconds", "3"], &ss);
-    let mut dst = incoming_vm(&ds);
-    wait_socket(&ss, &mut src);
-    wait_socket(&ds, &mut dst);
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/qmp/snapshot.py");
-    let out = Command::new(&py)
-        .arg(&script)
-        .args([
-            ss.to_str().unwrap(),
-            ds.to_str().unwrap(),
-            file.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "snapshot.py failed:\n{stdout}\n{stderr}"
+    let (src, dst) = driven_by(
+        &py,
+        dir.path(),
+        &["--memfd", "--seconds", "3"],
+        "snapshot.py",
+        file.to_str().unwrap(),
     );
-    eprintln!("qemu.qmp saw: {stdout}");
-    assert!(stdout.contains(r#""completed"]"#), "{stdout}");
     // The source ran on after its snapshot and ends on its own.
     let src_log = finish(src, "source minivm");
     assert!(src_log.contains("self_check=pass"), "{src_log}");

@@ -54,8 +54,13 @@ fn migrate_tls_once(
     let target = listener.local_uri();
     let handle = MigrationHandle::new(params);
     std::thread::scope(|s| {
-        let dest = s.spawn(|| receive(dst, || listener.accept()));
+        let dest = s.spawn(|| {
+            let c0 = thread_cpu_secs();
+            let r = receive(dst, || listener.accept());
+            (r, thread_cpu_secs() - c0)
+        });
         let cpu0 = cpu_secs();
+        let thread0 = thread_cpu_secs();
         let t0 = Instant::now();
         let result = match connect_with_session(&target, tls) {
             Ok((out, _)) => send(src, tracker, &mut NoVm, &handle, out, &mut |_| {
@@ -72,7 +77,7 @@ fn migrate_tls_once(
             }
         };
         let secs = t0.elapsed().as_secs_f64();
-        finish(secs, cpu0, dest, result)
+        finish(secs, cpu0, thread_cpu_secs() - thread0, dest, result)
     })
 }
 
@@ -115,6 +120,8 @@ fn run_fig(size: u64, r: &MigRun) -> RunFig {
     RunFig {
         secs: r.secs,
         cpu_secs: r.cpu,
+        source_thread_cpu_secs: r.source_cpu,
+        destination_thread_cpu_secs: r.destination_cpu,
         stream_bytes: stream,
         guest_bytes_per_sec: size as f64 / r.secs,
         stream_bytes_per_sec: stream as f64 / r.secs,

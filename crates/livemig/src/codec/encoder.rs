@@ -22,7 +22,7 @@ use super::compress::{Algorithm, Compressor};
 use super::page_cache::PageCache;
 use super::{xbzrle, zero};
 use crate::memory::{RawRegion, PAGE_SIZE};
-use crate::stream::{Encoded, StreamWriter};
+use crate::stream::{crc, Encoded, StreamWriter};
 
 /// A page of zeros, what the cache holds for a page sent as zero.
 static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
@@ -295,8 +295,13 @@ impl PageEncoder {
             }
             return w.zero(block, offset);
         }
-        w.stage_page_with(block, offset, |buf| {
-            region.append_to(off, PAGE_SIZE, buf);
+        // Copied once into the send buffer, checksummed in the same pass:
+        // the section CRC covers exactly these bytes while the guest
+        // writes on.
+        w.stage_page_crc(block, offset, |buf| {
+            region
+                .scan(off, PAGE_SIZE, |page| crc::append_crc(page, buf))
+                .unwrap_or_default()
         });
         if let (Some(x), Some(d)) = (&mut self.xbzrle, delta) {
             if !try_delta {

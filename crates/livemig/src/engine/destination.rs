@@ -531,23 +531,35 @@ mod tests {
         assert!(same(&src, &dst));
     }
 
-    #[test]
-    fn postcopy_goes_through_the_same_call() {
-        let (src, dst) = memories();
+    /// A postcopy migration, switched at once, into a destination that
+    /// allows postcopy or not: the source's result, the destination's, and
+    /// the calls the destination made.
+    fn postcopy_into(
+        src: &ProcessMemory,
+        dst: &ProcessMemory,
+        allowed: bool,
+    ) -> (
+        Result<MigrationStats, MigrationError>,
+        Result<Arrival, DestinationError>,
+        Vec<&'static str>,
+    ) {
         let (out, r, ack_w) = pipes_out();
-        let dest = receive_with(&dst, r, ack_w, Recorder::default(), true);
+        let dest = receive_with(dst, r, ack_w, Recorder::default(), allowed);
         let params = Params {
             postcopy_ram: true,
             ..Params::default()
         };
-        let (mut tracker, _log) = SoftwareTracker::new(&src);
-        let handle = MigrationHandle::new(params);
-        handle.start_postcopy().unwrap();
-        let stats = Source::new(&src, &mut tracker, &mut NoVm, handle)
-            .run_conn(out, &mut |_| Err(io::Error::other("one stream")))
-            .expect("postcopy completes");
-        assert_eq!(stats.status, Status::Completed);
+        let sent = send(src, params, out);
         let (res, calls) = dest.join().unwrap();
+        (sent, res, calls)
+    }
+
+    #[test]
+    fn postcopy_goes_through_the_same_call() {
+        let (src, dst) = memories();
+        let (sent, res, calls) = postcopy_into(&src, &dst, true);
+        let stats = sent.expect("postcopy completes");
+        assert_eq!(stats.status, Status::Completed);
         let arrived = res.expect("the guest runs here");
         let pc = arrived.postcopy.expect("the source switched");
         assert!(pc.discarded_pages > 0);
@@ -558,15 +570,9 @@ mod tests {
     #[test]
     fn a_destination_without_postcopy_refuses_the_switch() {
         let (src, dst) = memories();
-        let (out, r, ack_w) = pipes_out();
-        let dest = receive_with(&dst, r, ack_w, Recorder::default(), false);
-        let params = Params {
-            postcopy_ram: true,
-            ..Params::default()
-        };
-        let e = send(&src, params, out).expect_err("refused at the switch");
+        let (sent, res, calls) = postcopy_into(&src, &dst, false);
+        let e = sent.expect_err("refused at the switch");
         assert!(e.to_string().contains("postcopy"), "{e}");
-        let (res, calls) = dest.join().unwrap();
         let de = res.expect_err("refused");
         assert!(
             matches!(

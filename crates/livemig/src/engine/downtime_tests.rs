@@ -10,8 +10,8 @@ use std::time::Duration;
 use super::*;
 use crate::dirty::SoftwareTracker;
 use crate::memory::{GuestMemory, ProcessMemory};
-use crate::testkit::workload::{fill_random, Pattern, Workload, WorkloadConfig};
-use crate::transport::pipe;
+use crate::testkit::workload::{fill_random, PageWriter, Pattern, Workload, WorkloadConfig};
+use crate::transport::{pipe, PipeReader, PipeWriter};
 use crate::vm::{StateCost, VmControl, VmError};
 
 const MIB: u64 = 1 << 20;
@@ -47,6 +47,39 @@ impl VmControl for SlowStateVm {
     }
 }
 
+/// A source of 12 MiB (ram0 8 MiB, ram1 4 MiB) whose ram0 is random
+/// (from `seed`), an empty destination of the same layout, the source's
+/// tracker and a writer that goes through it.
+fn twelve_mib(seed: u64) -> (ProcessMemory, ProcessMemory, SoftwareTracker, PageWriter) {
+    let layout = [("ram0", 8 * MIB), ("ram1", 4 * MIB)];
+    let src = ProcessMemory::new(&layout).unwrap();
+    let dst = ProcessMemory::new(&layout).unwrap();
+    let (tracker, log) = SoftwareTracker::new(&src);
+    let writer: PageWriter = Arc::new(move |b, off, data| log.write(b, off, data));
+    fill_random(&src.blocks()[..1], &writer, seed);
+    (src, dst, tracker, writer)
+}
+
+/// A destination thread that loads `r` into `dst`, answering on `ack_w`,
+/// then waits for GO and says STARTED (or passes the load's error back).
+fn committing_loader(
+    dst: &ProcessMemory,
+    mut r: PipeReader,
+    ack_w: PipeWriter,
+) -> thread::JoinHandle<Result<LoadOutcome, LoadError>> {
+    let dst = dst.clone();
+    thread::spawn(move || {
+        let mut l = Loader::new(&dst).answering(Box::new(ack_w));
+        let res = l.load(&mut r);
+        let commit = Commit::new(r, l.take_answer().expect("the return path"));
+        match &res {
+            Ok(_) => commit.wait_go().expect("GO").started().unwrap(),
+            Err(e) => commit.fail(&e.to_string()),
+        }
+        res
+    })
+}
+
 struct Run {
     stats: MigrationStats,
     history: Vec<SyncPoint>,
@@ -55,12 +88,7 @@ struct Run {
 /// Migrates 12 MiB (8 random) under a 1 MiB random workload, capped at
 /// 32 MiB/s, with the handshake; checks the destination's memory.
 fn run(params: Params, save: Duration, declare: bool) -> Run {
-    let src = ProcessMemory::new(&[("ram0", 8 * MIB), ("ram1", 4 * MIB)]).unwrap();
-    let dst = ProcessMemory::new(&[("ram0", 8 * MIB), ("ram1", 4 * MIB)]).unwrap();
-    let (mut tracker, log) = SoftwareTracker::new(&src);
-    let writer: crate::testkit::workload::PageWriter =
-        Arc::new(move |b, off, data| log.write(b, off, data));
-    fill_random(&src.blocks()[..1], &writer, 11);
+    let (src, dst, mut tracker, writer) = twelve_mib(11);
     let workload = Workload::start(
         src.blocks().to_vec(),
         writer,
@@ -80,18 +108,7 @@ fn run(params: Params, save: Duration, declare: bool) -> Run {
     let handle = MigrationHandle::new(params);
     let (w, r) = pipe();
     let (ack_w, mut ack_r) = pipe();
-    let dst2 = dst.clone();
-    let loader = thread::spawn(move || {
-        let mut r = r;
-        let mut l = Loader::new(&dst2).answering(Box::new(ack_w));
-        let res = l.load(&mut r);
-        let commit = Commit::new(r, l.take_answer().expect("the return path"));
-        match &res {
-            Ok(_) => commit.wait_go().expect("GO").started().unwrap(),
-            Err(e) => commit.fail(&e.to_string()),
-        }
-        res
-    });
+    let loader = committing_loader(&dst, r, ack_w);
     let stats = Source::new(&src, &mut tracker, &mut vm, handle.clone())
         .run(w, Some(&mut ack_r as &mut dyn Read))
         .expect("migration succeeds");
@@ -213,8 +230,7 @@ fn a_write_the_tracker_missed_is_caught_by_verify() {
     let src = ProcessMemory::single(8 * MIB).unwrap();
     let dst = ProcessMemory::single(8 * MIB).unwrap();
     let (mut tracker, log) = SoftwareTracker::new(&src);
-    let writer: crate::testkit::workload::PageWriter =
-        Arc::new(move |b, off, data| log.write(b, off, data));
+    let writer: PageWriter = Arc::new(move |b, off, data| log.write(b, off, data));
     fill_random(src.blocks(), &writer, 3);
     let handle = MigrationHandle::new(Params {
         max_bandwidth: 8 * MIB,
@@ -223,18 +239,7 @@ fn a_write_the_tracker_missed_is_caught_by_verify() {
     });
     let (w, r) = pipe();
     let (ack_w, mut ack_r) = pipe();
-    let dst2 = dst.clone();
-    let loader = thread::spawn(move || {
-        let mut r = r;
-        let mut l = Loader::new(&dst2).answering(Box::new(ack_w));
-        let res = l.load(&mut r);
-        let commit = Commit::new(r, l.take_answer().expect("the return path"));
-        match &res {
-            Ok(_) => commit.wait_go().expect("GO").started().unwrap(),
-            Err(e) => commit.fail(&e.to_string()),
-        }
-        res
-    });
+    let loader = committing_loader(&dst, r, ack_w);
     let (h2, m2) = (handle.clone(), src.clone());
     let sneak = thread::spawn(move || {
         // Page 0 went out first; half the memory later, change it behind
@@ -306,12 +311,7 @@ fn one_stream_destination(
 
 /// [`run_auto_postcopy`] with a guest whose stop takes `stop`.
 fn run_auto_postcopy_stopping(limit: u64, pure: bool, stop: Duration) -> MigrationStats {
-    let src = ProcessMemory::new(&[("ram0", 8 * MIB), ("ram1", 4 * MIB)]).unwrap();
-    let dst = ProcessMemory::new(&[("ram0", 8 * MIB), ("ram1", 4 * MIB)]).unwrap();
-    let (mut tracker, log) = SoftwareTracker::new(&src);
-    let writer: crate::testkit::workload::PageWriter =
-        Arc::new(move |b, off, data| log.write(b, off, data));
-    fill_random(&src.blocks()[..1], &writer, 13);
+    let (src, dst, mut tracker, _writer) = twelve_mib(13);
     let (w, r) = pipe();
     let (ack_w, ack_r) = pipe();
     let dest = one_stream_destination(&dst, r, ack_w, true);
@@ -330,7 +330,7 @@ fn run_auto_postcopy_stopping(limit: u64, pure: bool, stop: Duration) -> Migrati
         ack: Some(Box::new(ack_r)),
     };
     let stats = Source::new(&src, &mut tracker, &mut SlowStopVm { stop }, handle)
-        .run_conn(out, &mut |_| Err(std::io::Error::other("one stream")))
+        .run_over(out)
         .expect("migration succeeds");
     let switched = dest.join().unwrap().expect("the destination completes");
     assert_eq!(switched, stats.postcopy_time.is_some());
@@ -439,12 +439,7 @@ impl<W: std::io::Write> std::io::Write for Chunked<W> {
 /// destination that reads 8 MiB/s behind a 4 MiB buffer, under a 300 ms
 /// limit; with `postcopy`, switched by command once the buffer is full.
 fn run_to_a_slow_destination(postcopy: bool) -> MigrationStats {
-    let src = ProcessMemory::new(&[("ram0", 8 * MIB), ("ram1", 4 * MIB)]).unwrap();
-    let dst = ProcessMemory::new(&[("ram0", 8 * MIB), ("ram1", 4 * MIB)]).unwrap();
-    let (mut tracker, log) = SoftwareTracker::new(&src);
-    let writer: crate::testkit::workload::PageWriter =
-        Arc::new(move |b, off, data| log.write(b, off, data));
-    fill_random(&src.blocks()[..1], &writer, 17);
+    let (src, dst, mut tracker, writer) = twelve_mib(17);
     let workload = Workload::start(
         src.blocks()[..1].to_vec(),
         writer,
@@ -486,7 +481,7 @@ fn run_to_a_slow_destination(postcopy: bool) -> MigrationStats {
         ack: Some(Box::new(ack_r)),
     };
     let stats = Source::new(&src, &mut tracker, &mut vm, handle)
-        .run_conn(out, &mut |_| Err(std::io::Error::other("one stream")))
+        .run_over(out)
         .expect("migration succeeds");
     if let Some(t) = switcher {
         t.join().unwrap();

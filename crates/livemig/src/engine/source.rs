@@ -527,25 +527,7 @@ impl<'a> RamSaver<'a> {
         // list, VM shape) and answers before any page is sent.
         let setup = !matches!(ack, AckPath::None);
         let main_flags = flags | if setup { FLAG_SETUP } else { 0 };
-        let mut w = if n > 1 {
-            let mut w = StreamWriter::new(
-                TimedWrite::new(out, self.wire.clone()),
-                main_flags | FLAG_CHANNELS,
-            );
-            w.channel(0, n, session).map_err(MigrationError::send)?;
-            w
-        } else {
-            StreamWriter::new(TimedWrite::new(out, self.wire.clone()), main_flags)
-        };
-        let descs: Vec<BlockDesc> = self
-            .blocks
-            .iter()
-            .map(|b| BlockDesc {
-                id: b.id().to_string(),
-                len: b.len(),
-            })
-            .collect();
-        w.block_list(&descs).map_err(MigrationError::send)?;
+        let (mut w, descs) = self.start_stream(out, main_flags, n, session)?;
         if setup {
             w.setup(vm.shape().vcpus, 0).map_err(MigrationError::send)?;
         }
@@ -623,7 +605,7 @@ impl<'a> RamSaver<'a> {
                 self.drain(&mut w, &mut ack)?;
                 let before = self.remaining_pages();
                 let since = self.last_sync.elapsed().as_secs_f64();
-                let sent = (self.transferred - self.last_sync_bytes) as f64 / since.max(1e-3);
+                let sent = self.sent_rate(since.max(1e-3));
                 self.sync(tracker)?;
                 let grew = shrink::growth_rate(before, self.remaining_pages(), since);
                 self.growth = Some(shrink::Rates {
@@ -1261,6 +1243,36 @@ impl<'a> RamSaver<'a> {
         due.checked_sub(since.elapsed()).filter(|d| !d.is_zero())
     }
 
+    /// A main stream's start over `out`: the header with `flags`, the
+    /// channel record when `n` page channels go beside it (all of
+    /// migration `session`), then the block list, which it returns.
+    fn start_stream<W: Write>(
+        &self,
+        out: W,
+        flags: u16,
+        n: u16,
+        session: u64,
+    ) -> Result<(StreamWriter<TimedWrite<W>>, Vec<BlockDesc>), MigrationError> {
+        let out = TimedWrite::new(out, self.wire.clone());
+        let mut w = if n > 1 {
+            let mut w = StreamWriter::new(out, flags | FLAG_CHANNELS);
+            w.channel(0, n, session).map_err(MigrationError::send)?;
+            w
+        } else {
+            StreamWriter::new(out, flags)
+        };
+        let descs: Vec<BlockDesc> = self
+            .blocks
+            .iter()
+            .map(|b| BlockDesc {
+                id: b.id().to_string(),
+                len: b.len(),
+            })
+            .collect();
+        w.block_list(&descs).map_err(MigrationError::send)?;
+        Ok((w, descs))
+    }
+
     /// Recovery over `conn`: a new stream start, the destination's
     /// received bitmap, and postcopy goes on from its complement. With
     /// `open`, the urgent connection and the page channels the migration
@@ -1286,25 +1298,7 @@ impl<'a> RamSaver<'a> {
             flags |= crate::stream::format::FLAG_URGENT;
         }
         let session = session_number();
-        let mut w = if n > 1 {
-            let mut w = StreamWriter::new(
-                TimedWrite::new(writer, self.wire.clone()),
-                flags | FLAG_CHANNELS,
-            );
-            w.channel(0, n, session).map_err(MigrationError::send)?;
-            w
-        } else {
-            StreamWriter::new(TimedWrite::new(writer, self.wire.clone()), flags)
-        };
-        let descs: Vec<BlockDesc> = self
-            .blocks
-            .iter()
-            .map(|b| BlockDesc {
-                id: b.id().to_string(),
-                len: b.len(),
-            })
-            .collect();
-        w.block_list(&descs).map_err(MigrationError::send)?;
+        let (mut w, descs) = self.start_stream(writer, flags, n, session)?;
         w.section_end(0).map_err(MigrationError::send)?;
         let opened = |what: String| {
             move |e: io::Error| {
@@ -1684,7 +1678,7 @@ impl<'a> RamSaver<'a> {
             dirty_pages: reported,
             remaining_pages: self.remaining_pages(),
             sent_pages: self.pages_sent - self.last_sync_sent,
-            throughput: ((self.transferred - self.last_sync_bytes) as f64 / since) as u64,
+            throughput: self.sent_rate(since) as u64,
             dirty_pages_rate: self.dirty_pages_rate,
             throttle: self.throttle,
             expected_downtime: self.expected_downtime(),
@@ -1693,6 +1687,11 @@ impl<'a> RamSaver<'a> {
         self.last_sync_sent = self.pages_sent;
         self.last_sync_bytes = self.transferred;
         Ok(())
+    }
+
+    /// Bytes per second sent since the last sync, `secs` after it.
+    fn sent_rate(&self, secs: f64) -> f64 {
+        (self.transferred - self.last_sync_bytes) as f64 / secs
     }
 
     /// The pause a switch-over now would cost, in ms (everything counted:

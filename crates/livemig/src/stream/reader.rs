@@ -253,11 +253,14 @@ pub struct StreamError {
     pub kind: StreamErrorKind,
 }
 
-/// One validated record. Slices borrow the reader's buffers.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Record<'a> {
+/// One validated record, holding its bytes as `B` (pages, state,
+/// discard words), the block list as `L` and the abort reason as `T`:
+/// the reader hands out [`Record`]s, which borrow its buffers;
+/// [`Record::to_owned_record`] copies one into an [`OwnedRecord`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RecordOf<B, L, T> {
     /// The block list (also kept by the reader).
-    BlockList(&'a [BlockDesc]),
+    BlockList(L),
     /// A zero page.
     Zero {
         /// Block index.
@@ -281,7 +284,7 @@ pub enum Record<'a> {
         /// Byte offset in the block.
         offset: u64,
         /// Page contents.
-        data: &'a [u8],
+        data: B,
     },
     /// An XBZRLE delta (not yet decoded).
     Xbzrle {
@@ -290,7 +293,7 @@ pub enum Record<'a> {
         /// Byte offset in the block.
         offset: u64,
         /// Encoded delta.
-        data: &'a [u8],
+        data: B,
     },
     /// A compressed page (not yet decompressed).
     Compressed {
@@ -301,7 +304,7 @@ pub enum Record<'a> {
         /// Algorithm id.
         algo: u8,
         /// Compressed bytes.
-        data: &'a [u8],
+        data: B,
     },
     /// End of a section whose checksum matched.
     SectionEnd {
@@ -309,7 +312,7 @@ pub enum Record<'a> {
         seq: u64,
     },
     /// Device-state blob.
-    State(&'a [u8]),
+    State(B),
     /// BLAKE3 digest of guest memory.
     Digest([u8; 32]),
     /// End of migration.
@@ -337,7 +340,7 @@ pub enum Record<'a> {
         /// First bitmap word.
         first_word: u32,
         /// The words, 8 big-endian bytes each.
-        words: &'a [u8],
+        words: B,
     },
     /// The switch to postcopy.
     Postcopy,
@@ -351,7 +354,7 @@ pub enum Record<'a> {
     },
     /// The source gave up; its reason (UTF-8, lossily decoded). Nothing
     /// follows: a further read fails.
-    Abort(&'a str),
+    Abort(T),
     /// A run of raw pages whose bytes have not been read yet (only with
     /// [`StreamReader::landing_runs`]; otherwise a run comes as one
     /// [`Record::Raw`] per page). Checked: every page lies inside the
@@ -374,6 +377,156 @@ pub enum Record<'a> {
         /// 1, 2, 3... in order.
         mark: u64,
     },
+}
+
+/// A record as the reader hands it out: slices of its buffers.
+pub type Record<'a> = RecordOf<&'a [u8], &'a [BlockDesc], &'a str>;
+
+/// A record that owns its bytes, to keep after the reader moved on.
+pub type OwnedRecord = RecordOf<Vec<u8>, Vec<BlockDesc>, String>;
+
+impl Record<'_> {
+    /// A copy that owns its bytes.
+    pub fn to_owned_record(&self) -> OwnedRecord {
+        match *self {
+            Record::BlockList(b) => RecordOf::BlockList(b.to_vec()),
+            Record::Zero { block, offset } => RecordOf::Zero { block, offset },
+            Record::ZeroRun {
+                block,
+                offset,
+                pages,
+            } => RecordOf::ZeroRun {
+                block,
+                offset,
+                pages,
+            },
+            Record::Raw {
+                block,
+                offset,
+                data,
+            } => RecordOf::Raw {
+                block,
+                offset,
+                data: data.to_vec(),
+            },
+            Record::Xbzrle {
+                block,
+                offset,
+                data,
+            } => RecordOf::Xbzrle {
+                block,
+                offset,
+                data: data.to_vec(),
+            },
+            Record::Compressed {
+                block,
+                offset,
+                algo,
+                data,
+            } => RecordOf::Compressed {
+                block,
+                offset,
+                algo,
+                data: data.to_vec(),
+            },
+            Record::SectionEnd { seq } => RecordOf::SectionEnd { seq },
+            Record::State(b) => RecordOf::State(b.to_vec()),
+            Record::Digest(h) => RecordOf::Digest(h),
+            Record::End => RecordOf::End,
+            Record::Channel {
+                index,
+                channels,
+                session,
+            } => RecordOf::Channel {
+                index,
+                channels,
+                session,
+            },
+            Record::Sync { epoch } => RecordOf::Sync { epoch },
+            Record::Discard {
+                block,
+                first_word,
+                words,
+            } => RecordOf::Discard {
+                block,
+                first_word,
+                words: words.to_vec(),
+            },
+            Record::Postcopy => RecordOf::Postcopy,
+            Record::Setup { vcpus, features } => RecordOf::Setup { vcpus, features },
+            Record::Abort(t) => RecordOf::Abort(t.to_string()),
+            Record::Run {
+                block,
+                offset,
+                pages,
+            } => RecordOf::Run {
+                block,
+                offset,
+                pages,
+            },
+            Record::Drain { mark } => RecordOf::Drain { mark },
+        }
+    }
+}
+
+/// The record kinds that may not stand anywhere, one row each: the header
+/// flag its stream must carry, which streams may carry it, and whether it
+/// may follow the postcopy switch. Runs land straight in guest memory,
+/// which postcopy fills page by page once the guest runs here; SETUP and
+/// DRAIN talk to a return path, which only the main stream has. Checked on
+/// the record's tag, before any of its fields.
+const PLACES: [(Kind, u16, Streams, Switch); 4] = [
+    (Kind::ZeroRun, FLAG_ZERO_RUNS, Streams::Any, Switch::Before),
+    (Kind::Run, FLAG_RUNS, Streams::Any, Switch::Before),
+    (Kind::Setup, FLAG_SETUP, Streams::Main, Switch::Either),
+    (Kind::Drain, FLAG_SETUP, Streams::Main, Switch::Before),
+];
+
+/// Which streams of a migration may carry a record (see [`PLACES`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Streams {
+    Any,
+    /// The main stream, not a page channel.
+    Main,
+}
+
+/// Whether a record may follow the postcopy switch (see [`PLACES`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Switch {
+    Either,
+    Before,
+}
+
+/// Why a record is out of its place (see [`PLACES`]).
+#[derive(Clone, Copy)]
+enum Misplaced {
+    /// The stream's header does not carry the flag.
+    Unannounced,
+    /// A page channel carries a main-stream record.
+    OnPageChannel,
+    /// The record follows the postcopy switch.
+    AfterSwitch,
+}
+
+/// The error for a record of `kind` out of its place.
+fn misplaced_error(kind: Kind, m: Misplaced) -> StreamErrorKind {
+    use Misplaced::*;
+    match (kind, m) {
+        (Kind::ZeroRun, AfterSwitch) => StreamErrorKind::ZeroRunAfterPostcopy,
+        (Kind::ZeroRun, _) => StreamErrorKind::NotZeroRunStream,
+        (Kind::Run, AfterSwitch) => StreamErrorKind::RunAfterPostcopy,
+        (Kind::Run, _) => StreamErrorKind::NotRunStream,
+        (Kind::Setup, Unannounced) => {
+            StreamErrorKind::SetupOutOfPlace("in a stream whose header does not announce one")
+        }
+        (Kind::Setup, _) => StreamErrorKind::SetupOutOfPlace("on a page channel"),
+        (Kind::Drain, Unannounced) => {
+            StreamErrorKind::DrainOutOfPlace("in a stream whose header announces no return path")
+        }
+        (Kind::Drain, OnPageChannel) => StreamErrorKind::DrainOutOfPlace("on a page channel"),
+        (Kind::Drain, AfterSwitch) => StreamErrorKind::DrainOutOfPlace("after the postcopy switch"),
+        (other, _) => unreachable!("no row in PLACES for {}", other.name()),
+    }
 }
 
 /// A RUN record whose pages are still to be read.
@@ -592,7 +745,26 @@ impl<R: Read> StreamReader<R> {
     /// Whether this stream must carry a SETUP record: the header says so
     /// and it is the main stream (not a page channel).
     fn wants_setup(&self) -> bool {
-        self.flags & FLAG_SETUP != 0 && self.channel.is_none_or(|(index, _, _)| index == 0)
+        self.flags & FLAG_SETUP != 0 && !self.on_page_channel()
+    }
+
+    /// Whether this stream is a page channel (not the main stream).
+    fn on_page_channel(&self) -> bool {
+        self.channel.is_some_and(|(index, _, _)| index != 0)
+    }
+
+    /// What, if anything, puts a record out of its place here (see
+    /// [`PLACES`]).
+    fn misplaced(&self, flag: u16, streams: Streams, switch: Switch) -> Option<Misplaced> {
+        if self.flags & flag == 0 {
+            Some(Misplaced::Unannounced)
+        } else if streams == Streams::Main && self.on_page_channel() {
+            Some(Misplaced::OnPageChannel)
+        } else if switch == Switch::Before && self.postcopy {
+            Some(Misplaced::AfterSwitch)
+        } else {
+            None
+        }
     }
 
     /// Bytes consumed so far.
@@ -766,22 +938,12 @@ impl<R: Read> StreamReader<R> {
         if channels && self.channel.is_none() && kind != Kind::Channel {
             return Err(self.err_at(tag_at, StreamErrorKind::ChannelFirst));
         }
-        if kind == Kind::ZeroRun {
-            if self.flags & FLAG_ZERO_RUNS == 0 {
-                return Err(self.err_at(tag_at, StreamErrorKind::NotZeroRunStream));
-            }
-            if self.postcopy {
-                return Err(self.err_at(tag_at, StreamErrorKind::ZeroRunAfterPostcopy));
+        if let Some(&(_, flag, streams, switch)) = PLACES.iter().find(|p| p.0 == kind) {
+            if let Some(m) = self.misplaced(flag, streams, switch) {
+                return Err(self.err_at(tag_at, misplaced_error(kind, m)));
             }
         }
-        if kind == Kind::Run {
-            if self.flags & FLAG_RUNS == 0 {
-                return Err(self.err_at(tag_at, StreamErrorKind::NotRunStream));
-            }
-            if self.postcopy {
-                return Err(self.err_at(tag_at, StreamErrorKind::RunAfterPostcopy));
-            }
-        } else if kind.is_page() {
+        if kind != Kind::Run && kind.is_page() {
             self.lean = false;
         }
         if kind.is_page() {
@@ -928,13 +1090,7 @@ impl<R: Read> StreamReader<R> {
                 Ok(Record::Postcopy)
             }
             Kind::Setup => {
-                let out_of_place = if !self.wants_setup() {
-                    Some(if self.flags & FLAG_SETUP == 0 {
-                        "in a stream whose header does not announce one"
-                    } else {
-                        "on a page channel"
-                    })
-                } else if self.setup {
+                let out_of_place = if self.setup {
                     Some("twice")
                 } else if !self.have_blocks || self.paged || self.next_seq > 0 {
                     Some("not right after the block list")
@@ -957,20 +1113,6 @@ impl<R: Read> StreamReader<R> {
                 Ok(Record::Setup { vcpus, features })
             }
             Kind::Drain => {
-                let out_of_place = if !self.wants_setup() {
-                    Some(if self.flags & FLAG_SETUP == 0 {
-                        "in a stream whose header announces no return path"
-                    } else {
-                        "on a page channel"
-                    })
-                } else if self.postcopy {
-                    Some("after the postcopy switch")
-                } else {
-                    None
-                };
-                if let Some(why) = out_of_place {
-                    return Err(self.err_at(tag_at, StreamErrorKind::DrainOutOfPlace(why)));
-                }
                 let at = self.offset;
                 let mark = self.u64("a drain mark")?;
                 if mark != self.next_mark {

@@ -17,63 +17,7 @@ const P: u64 = PAGE_SIZE as u64;
 // ---------------------------------------------------------------------------
 
 /// An owned copy of a [`Record`], so a whole stream can be collected.
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum Rec {
-    BlockList(Vec<BlockDesc>),
-    Zero {
-        block: u16,
-        offset: u64,
-    },
-    ZeroRun {
-        block: u16,
-        offset: u64,
-        pages: u32,
-    },
-    Raw {
-        block: u16,
-        offset: u64,
-        data: Vec<u8>,
-    },
-    Xbzrle {
-        block: u16,
-        offset: u64,
-        data: Vec<u8>,
-    },
-    Compressed {
-        block: u16,
-        offset: u64,
-        algo: u8,
-        data: Vec<u8>,
-    },
-    SectionEnd {
-        seq: u64,
-    },
-    State(Vec<u8>),
-    Digest([u8; 32]),
-    End,
-    Channel {
-        index: u16,
-        channels: u16,
-        session: u64,
-    },
-    Sync {
-        epoch: u64,
-    },
-    Discard {
-        block: u16,
-        first_word: u32,
-        words: Vec<u8>,
-    },
-    Postcopy,
-    Setup {
-        vcpus: u32,
-        features: u32,
-    },
-    Abort(String),
-    Drain {
-        mark: u64,
-    },
-}
+type Rec = OwnedRecord;
 
 impl Rec {
     fn kind(&self) -> Kind {
@@ -95,81 +39,13 @@ impl Rec {
             Rec::Drain { .. } => Kind::Drain,
             Rec::Setup { .. } => Kind::Setup,
             Rec::Abort(_) => Kind::Abort,
+            Rec::Run { .. } => Kind::Run,
         }
     }
 }
 
 fn own(r: Record<'_>) -> Rec {
-    match r {
-        Record::BlockList(b) => Rec::BlockList(b.to_vec()),
-        Record::Zero { block, offset } => Rec::Zero { block, offset },
-        Record::ZeroRun {
-            block,
-            offset,
-            pages,
-        } => Rec::ZeroRun {
-            block,
-            offset,
-            pages,
-        },
-        Record::Raw {
-            block,
-            offset,
-            data,
-        } => Rec::Raw {
-            block,
-            offset,
-            data: data.to_vec(),
-        },
-        Record::Xbzrle {
-            block,
-            offset,
-            data,
-        } => Rec::Xbzrle {
-            block,
-            offset,
-            data: data.to_vec(),
-        },
-        Record::Compressed {
-            block,
-            offset,
-            algo,
-            data,
-        } => Rec::Compressed {
-            block,
-            offset,
-            algo,
-            data: data.to_vec(),
-        },
-        Record::SectionEnd { seq } => Rec::SectionEnd { seq },
-        Record::State(b) => Rec::State(b.to_vec()),
-        Record::Digest(h) => Rec::Digest(h),
-        Record::End => Rec::End,
-        Record::Channel {
-            index,
-            channels,
-            session,
-        } => Rec::Channel {
-            index,
-            channels,
-            session,
-        },
-        Record::Sync { epoch } => Rec::Sync { epoch },
-        Record::Discard {
-            block,
-            first_word,
-            words,
-        } => Rec::Discard {
-            block,
-            first_word,
-            words: words.to_vec(),
-        },
-        Record::Postcopy => Rec::Postcopy,
-        Record::Setup { vcpus, features } => Rec::Setup { vcpus, features },
-        Record::Abort(t) => Rec::Abort(t.to_string()),
-        Record::Run { .. } => panic!("runs come whole only to a reader landing them"),
-        Record::Drain { mark } => Rec::Drain { mark },
-    }
+    r.to_owned_record()
 }
 
 /// A stream read up to its end record.

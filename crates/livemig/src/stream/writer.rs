@@ -2,6 +2,7 @@
 
 use std::io::{self, Write};
 
+use super::crc;
 use super::format::*;
 use crate::memory::PAGE_SIZE;
 
@@ -39,7 +40,12 @@ pub enum Encoded {
 pub struct StreamWriter<W: Write> {
     out: W,
     buf: Vec<u8>,
-    crc: crc32fast::Hasher,
+    /// CRC of the section's bytes handed to the transport so far.
+    crc: u32,
+    /// Raw pages in `buf` whose CRC was taken while they were copied in:
+    /// (start of the page's bytes, their CRC), in buffer order. The
+    /// section CRC folds these in instead of reading the bytes again.
+    page_crcs: Vec<(usize, u32)>,
     written: u64,
     last_block: Option<u16>,
     staged: Option<Staged>,
@@ -60,6 +66,8 @@ struct Staged {
     data: usize,
     /// The page extends the open run (no record header of its own).
     extends: bool,
+    /// The CRC of the page's bytes, when taken while copying them in.
+    crc: Option<u32>,
 }
 
 /// A RUN record being written: where its count is, what page comes next.
@@ -77,7 +85,8 @@ impl<W: Write> StreamWriter<W> {
         let mut w = StreamWriter {
             out,
             buf: Vec::with_capacity(FLUSH_AT + 2 * PAGE_SIZE + 64),
-            crc: crc32fast::Hasher::new(),
+            crc: 0,
+            page_crcs: Vec::with_capacity(FLUSH_AT / PAGE_SIZE + 2),
             written: 0,
             last_block: None,
             staged: None,
@@ -99,7 +108,8 @@ impl<W: Write> StreamWriter<W> {
         StreamWriter {
             out,
             buf: Vec::new(),
-            crc: crc32fast::Hasher::new(),
+            crc: 0,
+            page_crcs: Vec::new(),
             written: 0,
             last_block: None,
             staged: None,
@@ -131,6 +141,19 @@ impl<W: Write> StreamWriter<W> {
         self.buf.extend_from_slice(&offset.to_be_bytes());
     }
 
+    /// Folds the whole buffer into the section CRC: the bytes between
+    /// pages read here, each page copied in with its CRC combined from it.
+    fn fold_crc(&mut self) {
+        let combine = crc::page_combine();
+        let mut at = 0;
+        for &(start, page_crc) in &self.page_crcs {
+            self.crc = combine.combine(crc::update(self.crc, &self.buf[at..start]), page_crc);
+            at = start + PAGE_SIZE;
+        }
+        self.crc = crc::update(self.crc, &self.buf[at..]);
+        self.page_crcs.clear();
+    }
+
     fn maybe_flush(&mut self) -> io::Result<()> {
         if self.buf.len() >= FLUSH_AT {
             self.flush_buf()?;
@@ -141,7 +164,7 @@ impl<W: Write> StreamWriter<W> {
     fn flush_buf(&mut self) -> io::Result<()> {
         debug_assert!(self.staged.is_none(), "flush with a staged page");
         self.run = None;
-        self.crc.update(&self.buf);
+        self.fold_crc();
         self.out.write_all(&self.buf)?;
         self.written += self.buf.len() as u64;
         self.buf.clear();
@@ -212,6 +235,27 @@ impl<W: Write> StreamWriter<W> {
     /// buffer (exactly one page), e.g. straight from guest memory without
     /// zeroing the space first. Follow with exactly one `commit_*` call.
     pub fn stage_page_with(&mut self, block: u16, offset: u64, fill: impl FnOnce(&mut Vec<u8>)) {
+        self.stage(block, offset, |buf| {
+            fill(buf);
+            None
+        })
+    }
+
+    /// As [`StreamWriter::stage_page_with`], `fill` also returning the
+    /// CRC-32 of the page bytes it appended, taken from the same loads
+    /// (e.g. [`crc::append_crc`] from guest memory): the section checksum
+    /// then uses it instead of reading the page again, and still covers
+    /// exactly the bytes sent while a guest writes on.
+    pub fn stage_page_crc(
+        &mut self,
+        block: u16,
+        offset: u64,
+        fill: impl FnOnce(&mut Vec<u8>) -> u32,
+    ) {
+        self.stage(block, offset, |buf| Some(fill(buf)))
+    }
+
+    fn stage(&mut self, block: u16, offset: u64, fill: impl FnOnce(&mut Vec<u8>) -> Option<u32>) {
         assert!(self.staged.is_none(), "a page is already staged");
         let start = self.buf.len();
         let extends = self.runs
@@ -232,7 +276,7 @@ impl<W: Write> StreamWriter<W> {
             self.last_block = prev;
         }
         let data = self.buf.len();
-        fill(&mut self.buf);
+        let crc = fill(&mut self.buf);
         assert_eq!(
             self.buf.len(),
             data + PAGE_SIZE,
@@ -244,6 +288,7 @@ impl<W: Write> StreamWriter<W> {
             offset,
             data,
             extends,
+            crc,
         });
     }
 
@@ -257,6 +302,9 @@ impl<W: Write> StreamWriter<W> {
     pub fn commit_raw(&mut self) -> io::Result<()> {
         let s = self.staged.take().expect("no staged page");
         self.last_block = Some(s.block);
+        if let Some(c) = s.crc {
+            self.page_crcs.push((s.data, c));
+        }
         if s.extends {
             let r = self.run.as_mut().expect("an extended run is open");
             r.count += 1;
@@ -319,7 +367,8 @@ impl<W: Write> StreamWriter<W> {
 
     /// Writes a raw page record from `page` (4096 bytes).
     pub fn raw(&mut self, block: u16, offset: u64, page: &[u8]) -> io::Result<()> {
-        self.stage_page(block, offset).copy_from_slice(page);
+        assert_eq!(page.len(), PAGE_SIZE, "a raw page is one page");
+        self.stage_page_crc(block, offset, |buf| crc::append_crc(page, buf));
         self.commit_raw()
     }
 
@@ -335,8 +384,8 @@ impl<W: Write> StreamWriter<W> {
     /// itself), starts a new one, and hands all bytes to the transport.
     fn close_checksummed(&mut self) -> io::Result<()> {
         self.run = None;
-        self.crc.update(&self.buf);
-        let crc = std::mem::take(&mut self.crc).finalize();
+        self.fold_crc();
+        let crc = std::mem::take(&mut self.crc);
         self.buf.extend_from_slice(&crc.to_be_bytes());
         self.out.write_all(&self.buf)?;
         self.written += self.buf.len() as u64;

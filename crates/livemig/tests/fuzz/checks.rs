@@ -50,7 +50,7 @@ use livemig::stream::format::{
     COMPRESS_LZ4, COMPRESS_ZSTD, FLAG_CHANNELS, FLAG_VERIFY, KNOWN_FEATURES, MAX_ABORT_TEXT,
     MAX_BLOCKS, MAX_CHANNELS, MAX_ZERO_RUN_PAGES,
 };
-use livemig::stream::{BlockDesc, Record, StreamErrorKind, StreamReader};
+use livemig::stream::{BlockDesc, OwnedRecord, Record, StreamErrorKind, StreamReader};
 
 /// Fuzz targets, as named under `fuzz/fuzz_targets/` and `fuzz/corpus/`.
 pub const TARGETS: &[&str] = &[
@@ -186,97 +186,7 @@ thread_local! {
 // ---------------------------------------------------------------------------
 
 /// An owned record, to compare whole parses.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Owned {
-    /// Block list.
-    BlockList(Vec<BlockDesc>),
-    /// Zero page.
-    Zero(u16, u64),
-    /// Run of zero pages: block, offset, pages.
-    ZeroRun(u16, u64, u32),
-    /// Raw page.
-    Raw(u16, u64, Vec<u8>),
-    /// XBZRLE page.
-    Xbzrle(u16, u64, Vec<u8>),
-    /// Compressed page.
-    Compressed(u16, u64, u8, Vec<u8>),
-    /// Section end.
-    SectionEnd(u64),
-    /// Device state.
-    State(Vec<u8>),
-    /// Digest.
-    Digest([u8; 32]),
-    /// End.
-    End,
-    /// Channel record.
-    Channel(u16, u16, u64),
-    /// Sync barrier.
-    Sync(u64),
-    /// Postcopy discard words.
-    Discard(u16, u32, Vec<u8>),
-    /// Postcopy switch.
-    Postcopy,
-    /// The VM's shape (vCPUs, features).
-    Setup(u32, u32),
-    /// The source gave up, with its reason.
-    Abort(String),
-    /// A run of raw pages handed out whole (block, offset, pages).
-    Run(u16, u64, u16),
-    /// A drain mark.
-    Drain(u64),
-}
-
-fn own(r: &Record<'_>) -> Owned {
-    match *r {
-        Record::BlockList(b) => Owned::BlockList(b.to_vec()),
-        Record::Zero { block, offset } => Owned::Zero(block, offset),
-        Record::ZeroRun {
-            block,
-            offset,
-            pages,
-        } => Owned::ZeroRun(block, offset, pages),
-        Record::Raw {
-            block,
-            offset,
-            data,
-        } => Owned::Raw(block, offset, data.to_vec()),
-        Record::Xbzrle {
-            block,
-            offset,
-            data,
-        } => Owned::Xbzrle(block, offset, data.to_vec()),
-        Record::Compressed {
-            block,
-            offset,
-            algo,
-            data,
-        } => Owned::Compressed(block, offset, algo, data.to_vec()),
-        Record::SectionEnd { seq } => Owned::SectionEnd(seq),
-        Record::State(s) => Owned::State(s.to_vec()),
-        Record::Digest(d) => Owned::Digest(d),
-        Record::End => Owned::End,
-        Record::Channel {
-            index,
-            channels,
-            session,
-        } => Owned::Channel(index, channels, session),
-        Record::Sync { epoch } => Owned::Sync(epoch),
-        Record::Discard {
-            block,
-            first_word,
-            words,
-        } => Owned::Discard(block, first_word, words.to_vec()),
-        Record::Postcopy => Owned::Postcopy,
-        Record::Setup { vcpus, features } => Owned::Setup(vcpus, features),
-        Record::Abort(t) => Owned::Abort(t.to_string()),
-        Record::Run {
-            block,
-            offset,
-            pages,
-        } => Owned::Run(block, offset, pages),
-        Record::Drain { mark } => Owned::Drain(mark),
-    }
-}
+pub type Owned = OwnedRecord;
 
 /// Asserts what the reader promises about a record it returned.
 fn check_record(rec: &Record<'_>, blocks: &[BlockDesc], next_seq: &mut u64) {
@@ -426,7 +336,7 @@ fn parse<R: Read>(input: R, total: usize) -> (Vec<Owned>, Ending) {
         match r.next_record() {
             Ok(rec) => {
                 check_record(&rec, &blocks, &mut next_seq);
-                let o = own(&rec);
+                let o = rec.to_owned_record();
                 assert!(r.offset() > before, "record consumed no bytes");
                 assert!(r.offset() <= total as u64, "offset past the input");
                 let end = matches!(o, Owned::End | Owned::Abort(_));

@@ -5,7 +5,7 @@
 //! - foreign images: a raw boot sector (real mode at 0x7c00) or a flat
 //!   binary at a given address, started in real mode or in long-mode ring 3.
 
-use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
+use kvm_bindings::{kvm_regs, kvm_sregs};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::vm::GuestMemoryMmap;
@@ -297,36 +297,7 @@ pub fn setup_sregs(mode: CpuMode, sregs: &mut kvm_sregs) {
         }
         CpuMode::LongRing3 => {
             // Values that work on kvm_pvm (see HOST-NOTES): no GDT/IDT in memory.
-            let code = kvm_segment {
-                base: 0,
-                limit: 0xffff_ffff,
-                selector: 0x1b,
-                type_: 11,
-                present: 1,
-                dpl: 3,
-                db: 0,
-                s: 1,
-                l: 1,
-                g: 1,
-                ..Default::default()
-            };
-            let data = kvm_segment {
-                selector: 0x23,
-                type_: 3,
-                l: 0,
-                db: 1,
-                ..code
-            };
-            sregs.cs = code;
-            sregs.ds = data;
-            sregs.es = data;
-            sregs.fs = data;
-            sregs.gs = data;
-            sregs.ss = data;
-            sregs.cr3 = PML4_ADDR;
-            sregs.cr4 = 0x20;
-            sregs.cr0 = 0x8005_0033;
-            sregs.efer = 0x500;
+            livemig::testkit::kvm_guest::long_mode_ring3(sregs, PML4_ADDR);
         }
     }
 }

@@ -12,13 +12,14 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use kvm_bindings::{kvm_regs, kvm_segment};
+use kvm_bindings::kvm_regs;
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 
 use super::*;
 use crate::dirty::device::{DeviceWrites, WithDeviceWrites};
 use crate::dirty::suite::{self, Writer};
 use crate::memory::{GuestMemory, ProcessMemory};
+use crate::testkit::kvm_guest::long_mode_ring3;
 
 const PML4: u64 = 0x1000;
 const CODE: u64 = 0x10000;
@@ -97,32 +98,7 @@ impl TestVm {
         for i in 0..VCPUS {
             let fd = vm.create_vcpu(i as u64).expect("KVM_CREATE_VCPU");
             let mut sregs = fd.get_sregs().unwrap();
-            let code = kvm_segment {
-                base: 0,
-                limit: 0xffff_ffff,
-                selector: 0x1b,
-                type_: 11,
-                present: 1,
-                dpl: 3,
-                db: 0,
-                s: 1,
-                l: 1,
-                g: 1,
-                ..Default::default()
-            };
-            let data = kvm_segment {
-                selector: 0x23,
-                type_: 3,
-                l: 0,
-                db: 1,
-                ..code
-            };
-            sregs.cs = code;
-            (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss) = (data, data, data, data, data);
-            sregs.cr3 = PML4;
-            sregs.cr4 = 0x20;
-            sregs.cr0 = 0x8005_0033;
-            sregs.efer = 0x500;
+            long_mode_ring3(&mut sregs, PML4);
             fd.set_sregs(&sregs).unwrap();
             vcpus.push(fd);
         }
