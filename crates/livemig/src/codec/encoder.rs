@@ -262,6 +262,20 @@ impl PageEncoder {
         w.zero_run(block, offset, count)
     }
 
+    /// Writes a zero record for a page the caller read and found zero
+    /// (postcopy's background push with page channels: the source's main
+    /// thread looks, the channel writes). Only where no XBZRLE cache
+    /// holds the page.
+    pub fn known_zero<W: Write>(
+        &mut self,
+        w: &mut StreamWriter<W>,
+        block: u16,
+        offset: u64,
+    ) -> io::Result<()> {
+        self.c.zero += 1;
+        w.zero(block, offset)
+    }
+
     /// Writes `page` to `w` as one record (or none: an XBZRLE page that did
     /// not change). `delta` is `Some` for a page the cache may hold.
     pub fn encode<W: Write>(

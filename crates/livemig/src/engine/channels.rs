@@ -48,8 +48,8 @@ pub type ChannelWriter = Box<dyn Write + Send>;
 
 /// What a channel thread is asked to do, in order.
 enum Job {
-    /// Send these pages (block index, page index).
-    Pages(Vec<(u16, u64)>, PageEncoding),
+    /// Send these pages.
+    Pages(Vec<Queued>, PageEncoding),
     /// Write the barrier of this epoch and flush.
     Sync(u64),
     /// Postcopy switch: write the POSTCOPY record and end the section;
@@ -57,6 +57,31 @@ enum Job {
     Postcopy,
     /// Write the end record and stop.
     Finish,
+}
+
+/// A page handed to a channel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Queued {
+    /// Block index.
+    block: u16,
+    /// Page index in the block.
+    page: u64,
+    /// What the source already knows of its content.
+    known: Known,
+}
+
+/// What the source knows of a page it hands to a channel. Only after the
+/// postcopy switch (the guest is paused here for good, so the page
+/// cannot change before the channel writes it) is it ever more than
+/// [`Known::Nothing`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Known {
+    /// The channel reads and encodes the page.
+    Nothing,
+    /// Never written (the kernel said so): a zero record, unread.
+    Untouched,
+    /// Read here and found zero: a zero record, not read again.
+    Zero,
 }
 
 /// How a channel encodes the pages of a batch.
@@ -101,7 +126,7 @@ impl Sender {
 /// The source's page channels: one thread and one connection each.
 pub(super) struct SendChannels {
     senders: Vec<Sender>,
-    batch: Vec<(u16, u64)>,
+    batch: Vec<Queued>,
     /// Where the search for the least-loaded channel starts.
     next: usize,
     stop: Arc<AtomicBool>,
@@ -177,11 +202,19 @@ impl SendChannels {
 
     /// Queues a page; a full batch goes to the least busy channel.
     pub fn push(&mut self, block: u16, page: u64, enc: PageEncoding) -> io::Result<()> {
-        self.batch.push((block, page));
+        self.stage(block, page, Known::Nothing);
         if self.batch.len() >= BATCH_PAGES {
             self.flush_batch(enc)?;
         }
         Ok(())
+    }
+
+    /// Postcopy: adds a page to the batch being filled, never handing it
+    /// over (the caller bounds the batch and calls
+    /// [`SendChannels::try_flush_batch`]). A page `known` to be zero goes
+    /// as a zero record without being read by the channel.
+    pub fn stage(&mut self, block: u16, page: u64, known: Known) {
+        self.batch.push(Queued { block, page, known });
     }
 
     /// Hands the partial batch (if any) to a channel: the one with the
@@ -384,13 +417,20 @@ impl Worker {
                     link.update();
                     let mb = enc.max_bandwidth;
                     e.decide(link.ns_per_byte(mb), link.capped(mb));
-                    for (block, page) in pages {
-                        let page = Page {
-                            region: self.blocks[usize::from(block)].region(),
-                            block,
-                            offset: page * PAGE_SIZE as u64,
-                        };
-                        e.encode(&mut w, page, None)?;
+                    for Queued { block, page, known } in pages {
+                        let offset = page * PAGE_SIZE as u64;
+                        match known {
+                            Known::Untouched => e.untouched(&mut w, block, offset)?,
+                            Known::Zero => e.known_zero(&mut w, block, offset)?,
+                            Known::Nothing => {
+                                let page = Page {
+                                    region: self.blocks[usize::from(block)].region(),
+                                    block,
+                                    offset,
+                                };
+                                e.encode(&mut w, page, None)?;
+                            }
+                        }
                     }
                     batches += 1;
                     if postcopy || batches.is_multiple_of(BATCHES_PER_SECTION) {
@@ -627,6 +667,80 @@ mod tests {
             .sum();
         assert_eq!(pages, 2 * BATCH_PAGES as u64 + 5);
         assert!(gates.iter().all(|g| !g.1.lock().unwrap().is_empty()));
+    }
+
+    #[test]
+    fn postcopy_pages_known_zero_go_as_zero_records_unread() {
+        use crate::memory::{GuestMemory, ProcessMemory};
+        use crate::stream::{Record, StreamReader};
+        let mem = ProcessMemory::new(&[("ram", 1 << 20)]).unwrap();
+        let region = mem.blocks()[0].region();
+        // Pages 0-2 hold data; page 3 is zero.
+        for p in 0..3 {
+            assert!(region.write(p * PAGE_SIZE + 7, &[0xab]));
+        }
+        let gates: Vec<Gate> = (0..2)
+            .map(|_| {
+                Gate(
+                    Arc::new((Mutex::new(true), Condvar::new())),
+                    Default::default(),
+                )
+            })
+            .collect();
+        let conns: Vec<ChannelWriter> = gates
+            .iter()
+            .map(|g| Box::new(g.clone()) as ChannelWriter)
+            .collect();
+        let setup = ChannelSetup {
+            flags: 0,
+            session: 9,
+            blocks: mem.blocks().to_vec(),
+            descs: vec![BlockDesc {
+                id: "ram".into(),
+                len: 1 << 20,
+            }],
+        };
+        let mut ch = SendChannels::start(conns, &setup).unwrap();
+        let enc = PageEncoding {
+            compress: None,
+            adaptive: false,
+            max_bandwidth: 0,
+        };
+        ch.postcopy(enc).unwrap();
+        // What the source says it knows is what goes: pages 0 and 1 (data
+        // here) as zero records, so the channel did not read them.
+        ch.stage(0, 0, Known::Zero);
+        ch.stage(0, 1, Known::Untouched);
+        ch.stage(0, 2, Known::Nothing);
+        ch.stage(0, 3, Known::Nothing);
+        assert_eq!(ch.pending(), 4);
+        assert!(ch.try_flush_batch(enc).unwrap());
+        assert_eq!(ch.pending(), 0);
+        ch.finish(enc).unwrap();
+        let mut c = EncodeCounters::default();
+        for k in ch.counters() {
+            c.add(&k);
+        }
+        assert_eq!((c.zero, c.untouched, c.normal), (3, 1, 1));
+        // The one batch went to one channel, whole.
+        let mut pages = Vec::new();
+        for g in &gates {
+            let bytes = g.1.lock().unwrap().clone();
+            let mut r = StreamReader::new(&bytes[..]).unwrap();
+            loop {
+                match r.next_record().unwrap() {
+                    Record::Zero { offset, .. } => pages.push((offset, None)),
+                    Record::Raw { offset, data, .. } => pages.push((offset, Some(data[7]))),
+                    Record::End => break,
+                    _ => {}
+                }
+            }
+        }
+        let ps = PAGE_SIZE as u64;
+        assert_eq!(
+            pages,
+            vec![(0, None), (ps, None), (2 * ps, Some(0xab)), (3 * ps, None)]
+        );
     }
 
     #[test]

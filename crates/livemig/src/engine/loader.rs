@@ -503,15 +503,26 @@ impl<'a> Loader<'a> {
     }
 
     /// Runs `f` (the load) beside the verify digest's background hasher,
-    /// when there is one (see [`RunningDigest`]).
+    /// when there is one (see [`RunningDigest`]), and beside the
+    /// destination prefault's helper ([`Prefault::run_ahead`]), which is
+    /// joined before this returns: nothing touches guest memory after the
+    /// record loop (a postcopy switch registers it with userfaultfd next).
     fn hashing<T>(&self, f: impl FnOnce() -> T) -> T {
-        let Some(d) = &self.running else {
-            return f();
-        };
+        self.prefault.start_ahead();
         std::thread::scope(|s| {
-            s.spawn(|| d.refresh(self.mem));
+            if let Some(d) = &self.running {
+                s.spawn(|| d.refresh(self.mem));
+            }
+            std::thread::Builder::new()
+                .name("prefault".into())
+                .spawn_scoped(s, || self.prefault.run_ahead(self.mem))
+                .map_err(|e| log::debug!("no prefault helper thread: {e}"))
+                .ok();
+            let _stop = self.prefault.stopping();
             let r = f();
-            d.stop();
+            if let Some(d) = &self.running {
+                d.stop();
+            }
             r
         })
     }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::ack;
-use super::channels::{ChannelSetup, ChannelWriter, PageEncoding, SendChannels};
+use super::channels::{ChannelSetup, ChannelWriter, Known, PageEncoding, SendChannels};
 use super::digest::{hash_sample, hex, memory_digest, RunningDigest, CHUNK as DIGEST_CHUNK};
 use super::handle::Reconnect;
 use super::handle::{MigrationHandle, SyncPoint};
@@ -29,7 +29,7 @@ use super::MigrationError;
 use crate::bitmap::DirtyBitmap;
 use crate::codec::adapt::{LinkCost, TimedWrite, WireClock};
 use crate::codec::encoder::{Delta, EncodeCounters, Page, PageEncoder};
-use crate::codec::zero;
+use crate::codec::zero::is_zero;
 use crate::dirty::DirtyTracker;
 use crate::memory::{GuestMemory, RamBlock, PAGE_SIZE};
 use crate::stream::format::{FLAG_CHANNELS, FLAG_SETUP, FLAG_VERIFY, FLAG_ZERO_RUNS};
@@ -49,8 +49,6 @@ const DIRTY_RATE_PERIOD: Duration = Duration::from_secs(1);
 const AUTO_STALLS: u32 = 1;
 /// The index `open` gets for the postcopy urgent connection.
 pub(crate) const URGENT_CONNECTION: u16 = u16::MAX;
-/// Background pages sent between two looks at the page requests.
-const POSTCOPY_BATCH: usize = 16;
 /// Bytes hashed at setup to measure the verify digest's rate.
 /// Long enough (~10 ms on a quiet host) to feel a loaded host's scheduler.
 const HASH_SAMPLE: u64 = 96 << 20;
@@ -1010,7 +1008,7 @@ impl<'a> RamSaver<'a> {
                 }
                 let off = (p * page) as usize;
                 let region = self.blocks[b].region();
-                if region.scan(off, PAGE_SIZE, zero::is_zero) != Some(true) {
+                if region.scan(off, PAGE_SIZE, is_zero) != Some(true) {
                     // Data: left to postcopy (see `postcopy/ahead.rs`).
                     break;
                 }
@@ -1125,13 +1123,35 @@ impl<'a> RamSaver<'a> {
                 // at a time; when all their queues are full, wait for a
                 // request instead of blocking on a queue.
                 if ch.pending() == 0 {
-                    for _ in 0..POSTCOPY_BATCH {
+                    // Bounded in bytes like the one-stream batch. The
+                    // channel encodes, so the bytes are not known here:
+                    // a page found zero here (or never written) counts as
+                    // a zero record and goes as one without the channel
+                    // reading it; any other page counts as a raw page.
+                    let mut batch = PushBatch::default();
+                    while !batch.full() {
                         let Some(f) = self.search.take_next() else {
                             break;
                         };
                         self.pc_pushed += 1;
-                        ch.push(f.block as u16, f.page, enc)
-                            .map_err(MigrationError::send)?;
+                        let known = if self.search.is_bulk()
+                            && self
+                                .untouched
+                                .is_untouched(f.block, f.page, &self.blocks[f.block])
+                        {
+                            Known::Untouched
+                        } else if self.blocks[f.block].region().scan(
+                            (f.page * PAGE_SIZE as u64) as usize,
+                            PAGE_SIZE,
+                            is_zero,
+                        ) == Some(true)
+                        {
+                            Known::Zero
+                        } else {
+                            Known::Nothing
+                        };
+                        ch.stage(f.block as u16, f.page, known);
+                        batch.queued(known != Known::Nothing);
                     }
                 }
                 if !ch.try_flush_batch(enc).map_err(MigrationError::send)? {
