@@ -168,6 +168,11 @@ impl DirtyBitmap {
         self.first_from(from, |wi| self.words[wi])
     }
 
+    /// The first clear bit at or after `from`, if any.
+    pub fn next_clear(&self, from: u64) -> Option<u64> {
+        self.first_from(from, |wi| !self.words[wi])
+    }
+
     /// The first bit at or after `from` that is set here and clear in
     /// `except` (bits past `except`'s end count as clear there).
     pub fn next_set_except(&self, from: u64, except: &DirtyBitmap) -> Option<u64> {
@@ -272,6 +277,18 @@ mod tests {
         assert!(b.test(63) && !b.test(64) && b.test(66) && !b.test(128));
         assert_eq!(b.count(), 65);
         assert_eq!(b.and_not_words(5, &[u64::MAX]), 0, "past the end");
+    }
+
+    #[test]
+    fn next_clear_finds_the_end_of_a_run() {
+        let mut b = DirtyBitmap::new(130);
+        b.set_range(60, 10);
+        assert_eq!(b.next_clear(0), Some(0));
+        assert_eq!(b.next_clear(60), Some(70), "across a word boundary");
+        assert_eq!(b.next_clear(129), Some(129));
+        assert_eq!(b.next_clear(130), None);
+        // A full bitmap has none, not even in the last word's spare bits.
+        assert_eq!(DirtyBitmap::new_full(130).next_clear(0), None);
     }
 
     #[test]

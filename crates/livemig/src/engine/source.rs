@@ -19,8 +19,8 @@ use super::pacing::{Pacing, PauseInputs};
 use super::params::{Params, ParamsError, Switchover};
 use super::postcopy::switchover::{AutoSwitch, PROBE_PERIOD};
 use super::postcopy::{
-    check_request, BitmapAssembler, FaultReport, Message, MessageReader, PostcopyError, PushBatch,
-    PUSH_WINDOW,
+    check_request, BitmapAssembler, FaultReport, Message, MessageReader, PausePlan, PostcopyError,
+    PushBatch, PAUSE_BYTES, PROGRESS_GRACE, PUSH_WINDOW,
 };
 use super::search::{PageSearch, Untouched};
 use super::shrink;
@@ -826,6 +826,16 @@ impl<'a> RamSaver<'a> {
         let pause_at = clock.start;
         // The destination has no copy of the pages to come: no deltas.
         self.encoder.set_xbzrle(None);
+        // The pages the guest touches first after GO (see
+        // `postcopy/ahead.rs`), within the pause's budget, on one stream
+        // (page channels take the background push behind the final
+        // barrier; their pause carries none); the push starts just after
+        // the longest sweep's.
+        if self.channels.is_none() {
+            if let Some((b, p)) = self.send_pause_pages(&mut w, pause_at)? {
+                self.search.seek(b, p);
+            }
+        }
         let enc = self.encoding();
         if let Some(ch) = &mut self.channels {
             // Behind the final barrier: every channel switches too, then
@@ -895,7 +905,12 @@ impl<'a> RamSaver<'a> {
             retired_bytes: 0,
             dead: false,
             acked: None,
+            progress_seen: false,
+            window_from: Instant::now(),
         };
+        // The destination read everything up to GO before it resumed the
+        // guest: the window counts from here, not from its first PROGRESS.
+        self.open_window(&mut link);
         self.postcopy_pace_from = Some((self.pc_bytes(&link), Instant::now()));
         self.publish(Status::PostcopyActive, "", None);
         self.postcopy_point();
@@ -954,6 +969,59 @@ impl<'a> RamSaver<'a> {
         vm.set_throttle(0);
         self.throttle = 0;
         Ok(())
+    }
+
+    /// At the switch, in the pause: sends the zero pages ahead of each
+    /// sweep [`PausePlan`] finds in the final sync's harvest, in its order,
+    /// each sweep's up to its first page of data, within [`PAUSE_BYTES`]
+    /// stream bytes (fewer if the downtime limit leaves less after
+    /// everything else the pause holds). Returns where the background
+    /// push should start: the longest sweep's first page not sent.
+    fn send_pause_pages<W: Write>(
+        &mut self,
+        w: &mut StreamWriter<W>,
+        pause_at: Instant,
+    ) -> Result<Option<(usize, u64)>, MigrationError> {
+        let plan = PausePlan::new(&self.fresh, self.search.bitmaps());
+        let Some(first) = plan.sweeps.first().and_then(|s| s.first()) else {
+            return Ok(None);
+        };
+        let mut push_from = Some(*first);
+        let page = PAGE_SIZE as u64;
+        let mut budget = PAUSE_BYTES;
+        let mut inputs = self.pause_inputs();
+        while budget >= page {
+            inputs.remaining_bytes = budget;
+            if self
+                .pacing
+                .fits_after(&inputs, pause_at.elapsed(), self.params.downtime_limit)
+            {
+                break;
+            }
+            budget /= 2;
+        }
+        let start = w.bytes();
+        'all: for (k, pages) in plan.sweeps.iter().enumerate() {
+            for &(b, p) in pages {
+                if budget < page || w.bytes() - start >= budget {
+                    break 'all;
+                }
+                let off = (p * page) as usize;
+                let region = self.blocks[b].region();
+                if region.scan(off, PAGE_SIZE, is_zero) != Some(true) {
+                    // Data: left to postcopy (see `postcopy/ahead.rs`).
+                    break;
+                }
+                if self.search.take(b, p) {
+                    self.send_page(w, b, p, true)
+                        .map_err(MigrationError::send)?;
+                }
+                if k == 0 {
+                    push_from = Some((b, p + 1));
+                }
+            }
+        }
+        Ok(push_from)
     }
 
     /// Postcopy over the current connections: requests first, the rest in
@@ -1156,6 +1224,7 @@ impl<'a> RamSaver<'a> {
     /// after a recovery) is ignored.
     fn progress<W: Write>(&self, link: &mut PostcopyLink<W>, stream: u16, offset: u64) {
         let streams = 1 + self.channels.as_ref().map_or(0, SendChannels::count);
+        link.progress_seen = true;
         let acked = link.acked.get_or_insert_with(|| vec![0; streams]);
         if let Some(a) = acked.get_mut(usize::from(stream)) {
             *a = (*a).max(offset);
@@ -1168,6 +1237,10 @@ impl<'a> RamSaver<'a> {
         let Some(acked) = &link.acked else {
             return false;
         };
+        if !link.progress_seen && link.window_from.elapsed() >= PROGRESS_GRACE {
+            // A destination that reports no progress gets no window.
+            return false;
+        }
         match &self.channels {
             Some(ch) => (0..ch.count()).all(|i| {
                 let read = acked.get(i + 1).copied().unwrap_or(0);
@@ -1181,6 +1254,28 @@ impl<'a> RamSaver<'a> {
                 sent.saturating_sub(acked[0]) >= PUSH_WINDOW
             }
         }
+    }
+
+    /// Starts the flow-control window at the streams' current ends: what
+    /// the destination has certainly read when postcopy (re)starts (it
+    /// read up to GO, or up to the start of a resumed stream, before it
+    /// answered). Before, the window started with the first PROGRESS,
+    /// and until that came (a few ms: two threads to wake on each side)
+    /// the push filled the socket buffers with megabytes that the first
+    /// requested page then waited behind.
+    fn open_window<W: Write>(&self, link: &mut PostcopyLink<W>) {
+        let main = if link.dead {
+            0
+        } else {
+            on_out!(&link.out, w => w.bytes())
+        };
+        let mut acked = vec![main];
+        if let Some(ch) = &self.channels {
+            acked.extend((0..ch.count()).map(|i| ch.bytes_of(i)));
+        }
+        link.acked = Some(acked);
+        link.progress_seen = false;
+        link.window_from = Instant::now();
     }
 
     /// Stream bytes of postcopy's connections and the page channels.
@@ -1372,9 +1467,11 @@ impl<'a> RamSaver<'a> {
         self.seq = 1;
         link.out = PcOut::Resumed(w);
         link.dead = false;
-        link.acked = None;
         link.urgent = urgent;
         self.channels = channels;
+        // The destination read the new streams' starts (and each page
+        // channel up to its POSTCOPY record) before it sent its bitmap.
+        self.open_window(link);
         link.requests = spawn_request_reader(mr)?;
         log::info!(
             "postcopy resumed: {} pages left to send, {} page channels, {} urgent connection",
@@ -2023,9 +2120,14 @@ struct PostcopyLink<W: Write> {
     /// `out` belongs to a lost connection (counted in `retired_bytes`).
     dead: bool,
     /// Flow control: per background stream (0 main, i page channel i),
-    /// the bytes the destination has read; `None` until its first
-    /// PROGRESS (a destination that sends none gets no window).
+    /// the bytes the destination has read (from the streams' ends when
+    /// postcopy starts or resumes, then from its PROGRESS reports).
     acked: Option<Vec<u64>>,
+    /// A PROGRESS came since the window opened.
+    progress_seen: bool,
+    /// When the window opened: a destination that sends no PROGRESS
+    /// within [`PROGRESS_GRACE`] gets no window.
+    window_from: Instant,
 }
 
 impl<W: Write> PostcopyLink<W> {

@@ -236,6 +236,12 @@ pub fn receive_recoverable<R: Read>(
 
 type Reply = Arc<Mutex<Option<Box<dyn Write + Send>>>>;
 
+/// Most pages a fault on a page that is valid here but was never touched
+/// fills with zeros at once (it and the valid pages after it): 2 MiB.
+/// Before, a vCPU sweeping through such memory faulted on every page,
+/// each fault waiting for this thread (~30-60 µs under load).
+const LOCAL_ZERO_PAGES: u64 = 512;
+
 fn receive_inner<R: Read>(
     mem: &dyn GuestMemory,
     input: R,
@@ -1233,6 +1239,17 @@ impl Placer {
         w & (1 << (page % 64)) != 0
     }
 
+    /// How many pages from `page` on (at most `max`, not past the block)
+    /// are received here, `page` included (which must be).
+    fn received_run(&self, block: usize, page: u64, max: u64) -> u64 {
+        let end = (self.spans[block].len / PAGE).min(page + max);
+        let mut q = page + 1;
+        while q < end && self.is_received(block, q) {
+            q += 1;
+        }
+        q - page
+    }
+
     fn locate(&self, addr: u64) -> Option<(usize, u64)> {
         self.spans
             .iter()
@@ -1424,9 +1441,14 @@ fn fault_loop(
             if p.is_received(block, page) {
                 // Valid here but never touched (zeros), or placed just now.
                 lock(&p.waits).pending.remove(&(block, page));
-                match p.uffd.zeropage(addr, PAGE) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                // The valid pages that follow it are likely next (a vCPU
+                // sweeping memory): zeros wherever none is there yet, in
+                // one ioctl, instead of a fault and a wake-up per page.
+                let n = p.received_run(block, page, LOCAL_ZERO_PAGES);
+                match p.uffd.zero_run(addr, n * PAGE) {
+                    // The faulting page may have been placed meanwhile
+                    // (skipped above): wake its thread either way.
+                    Ok(_) => {
                         let _ = p.uffd.wake(addr, PAGE);
                     }
                     Err(source) => return Err(LostCause::ZeroPage { addr, source }),

@@ -61,11 +61,15 @@
 //!
 //! PROGRESS is flow control for the background push: the source keeps at
 //! most [`PUSH_WINDOW`] bytes per stream that the destination has not read
-//! yet (once the first PROGRESS came; a destination that sends none gets
-//! no window). Without it, socket buffers fill with megabytes of
-//! background pages, and a requested page that was already on its way
-//! (or, over one stream, every requested page) waits behind them: about
-//! 10 ms per remote fault on loopback.
+//! yet, counted from the moment the guest resumed there (the destination
+//! had read every stream up to GO by then; after a recovery, up to its
+//! received bitmap). A destination that sends no PROGRESS within
+//! [`PROGRESS_GRACE`] gets no window. Without it, socket buffers fill with
+//! megabytes of background pages, and a requested page that was already
+//! on its way (or, over one stream, every requested page) waits behind
+//! them: about 10 ms per remote fault on loopback, and 3-6 ms for the
+//! guest's first fault when the window waited for the first PROGRESS
+//! (5 MB pushed before it came).
 //!
 //! ## Recovery
 //!
@@ -116,6 +120,7 @@
 //! discard set is the source's migration bitmap at the switch: every page
 //! dirtied since it was last sent, whether or not an older copy arrived.
 
+mod ahead;
 pub(crate) mod dest;
 mod histogram;
 mod push;
@@ -124,6 +129,7 @@ pub(crate) mod switchover;
 
 use std::io::{self, Read, Write};
 
+pub(crate) use ahead::{Plan as PausePlan, PAUSE_BYTES};
 pub use dest::{
     receive, receive_recoverable, Connection, ConnectionError, IncomingGuest, LostCause,
     PostcopyFigures, ReceiveError, Received,
@@ -147,6 +153,10 @@ pub const MAX_BITMAP_WORDS: u16 = 1024;
 /// Background-stream bytes the source may have in flight per stream
 /// (sent, not yet read by the destination) once it gets PROGRESS.
 pub const PUSH_WINDOW: u64 = 256 << 10;
+/// How long the source keeps the window closed on a destination that has
+/// sent no PROGRESS yet (an older destination sends none: it gets no
+/// window after this).
+pub const PROGRESS_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
 /// The destination reports PROGRESS after at least this many bytes.
 pub const PROGRESS_EVERY: u64 = 64 << 10;
 

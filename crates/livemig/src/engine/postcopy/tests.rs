@@ -708,8 +708,12 @@ fn start_postcopy_needs_the_capability() {
 }
 
 /// The source's end of a fake destination: reads the stream to the switch,
-/// answers LOADED, takes GO, answers STARTED.
-fn fake_destination_to_switch(r: &mut PipeReader, ack: &mut PipeWriter) {
+/// answers LOADED, takes GO, answers STARTED. Returns the stream, read up
+/// to GO.
+fn fake_destination_to_switch<'a>(
+    r: &'a mut PipeReader,
+    ack: &mut PipeWriter,
+) -> StreamReader<&'a mut PipeReader> {
     use crate::engine::{read_go, write_reply, Reply};
     use crate::stream::Record;
     let mut sr = StreamReader::new(&mut *r).unwrap();
@@ -736,6 +740,55 @@ fn fake_destination_to_switch(r: &mut PipeReader, ack: &mut PipeWriter) {
     write_reply(ack, &Reply::Loaded).unwrap();
     read_go(sr.inner_if_drained().expect("nothing after the switch")).unwrap();
     write_reply(ack, &Reply::Started(None)).unwrap();
+    sr
+}
+
+#[test]
+fn the_push_window_counts_from_go_and_lapses_without_progress() {
+    // A destination that reads every byte at once but reports no PROGRESS:
+    // for PROGRESS_GRACE the source keeps at most the window (and the
+    // batch under way) unread past GO; the push used to run free until
+    // the first PROGRESS, filling socket buffers with megabytes. Then the
+    // window lapses and the migration completes without any PROGRESS.
+    use super::push::PUSH_BATCH_BYTES;
+    let src = ProcessMemory::new(&layout()).unwrap();
+    let (mut tracker, log) = SoftwareTracker::new(&src);
+    let writer: PageWriter = Arc::new(move |b, off, data| log.write(b, off, data));
+    // 8 MiB of data pages: 32 windows.
+    fill_random(&src.blocks()[..1], &writer, 3);
+    let mut vm = crate::vm::NoVm;
+    let handle = MigrationHandle::new(postcopy_params());
+    handle.start_postcopy().unwrap();
+    let (out, mut r, mut ack_w) = pipes_out();
+    let watch = Duration::from_millis(300);
+    assert!(watch < PROGRESS_GRACE);
+    let dest = thread::spawn(move || {
+        let mut sr = fake_destination_to_switch(&mut r, &mut ack_w);
+        let (go, t0) = (sr.offset(), std::time::Instant::now());
+        let mut early = 0;
+        loop {
+            let end = matches!(sr.next_record().unwrap(), crate::stream::Record::End);
+            if t0.elapsed() < watch {
+                early = sr.offset() - go;
+            }
+            if end {
+                break;
+            }
+        }
+        write_message(&mut ack_w, &Message::Complete(FaultReport::default())).unwrap();
+        (early, sr.offset() - go)
+    });
+    let stats = Source::new(&src, &mut tracker, &mut vm, handle.clone())
+        .run_over(out)
+        .unwrap();
+    let (early, total) = dest.join().unwrap();
+    assert_eq!(stats.status, Status::Completed);
+    assert!(early > 0, "the push starts before any PROGRESS");
+    assert!(
+        early <= PUSH_WINDOW + PUSH_BATCH_BYTES + 8192,
+        "{early} bytes past GO before any PROGRESS (window {PUSH_WINDOW})"
+    );
+    assert!(total > 4 * PUSH_WINDOW, "only {total} bytes after GO");
 }
 
 #[test]
