@@ -429,15 +429,7 @@ mod tests {
     }
 
     fn noise(seed: u64) -> Vec<u8> {
-        let mut x = seed | 1;
-        (0..PAGE_SIZE)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
+        crate::stream::crc::tests::bytes(PAGE_SIZE, seed)
     }
 
     fn memory(pages: &[Vec<u8>]) -> ProcessMemory {

@@ -615,14 +615,18 @@ mod tests {
         }
     }
 
-    #[test]
-    fn pages_in_flight_count_until_a_channel_wrote_them_and_spread_evenly() {
-        use crate::memory::{GuestMemory, ProcessMemory};
-        let mem = ProcessMemory::new(&[("ram", 1 << 20)]).unwrap();
+    /// Two page channels over [`Gate`]s (`open`: writes pass at once)
+    /// for the one 1 MiB block of `mem`, and a plain page encoding.
+    fn gated_channels(
+        mem: &crate::memory::ProcessMemory,
+        open: bool,
+        session: u64,
+    ) -> (Vec<Gate>, SendChannels, PageEncoding) {
+        use crate::memory::GuestMemory;
         let gates: Vec<Gate> = (0..2)
             .map(|_| {
                 Gate(
-                    Arc::new((Mutex::new(false), Condvar::new())),
+                    Arc::new((Mutex::new(open), Condvar::new())),
                     Default::default(),
                 )
             })
@@ -633,19 +637,27 @@ mod tests {
             .collect();
         let setup = ChannelSetup {
             flags: 0,
-            session: 7,
+            session,
             blocks: mem.blocks().to_vec(),
             descs: vec![BlockDesc {
                 id: "ram".into(),
                 len: 1 << 20,
             }],
         };
-        let mut ch = SendChannels::start(conns, &setup).unwrap();
+        let ch = SendChannels::start(conns, &setup).unwrap();
         let enc = PageEncoding {
             compress: None,
             adaptive: false,
             max_bandwidth: 0,
         };
+        (gates, ch, enc)
+    }
+
+    #[test]
+    fn pages_in_flight_count_until_a_channel_wrote_them_and_spread_evenly() {
+        use crate::memory::ProcessMemory;
+        let mem = ProcessMemory::new(&[("ram", 1 << 20)]).unwrap();
+        let (gates, mut ch, enc) = gated_channels(&mem, false, 7);
         // Both connections are closed: nothing gets written.
         for p in 0..(2 * BATCH_PAGES as u64 + 5) {
             ch.push(0, p % 256, enc).unwrap();
@@ -679,33 +691,7 @@ mod tests {
         for p in 0..3 {
             assert!(region.write(p * PAGE_SIZE + 7, &[0xab]));
         }
-        let gates: Vec<Gate> = (0..2)
-            .map(|_| {
-                Gate(
-                    Arc::new((Mutex::new(true), Condvar::new())),
-                    Default::default(),
-                )
-            })
-            .collect();
-        let conns: Vec<ChannelWriter> = gates
-            .iter()
-            .map(|g| Box::new(g.clone()) as ChannelWriter)
-            .collect();
-        let setup = ChannelSetup {
-            flags: 0,
-            session: 9,
-            blocks: mem.blocks().to_vec(),
-            descs: vec![BlockDesc {
-                id: "ram".into(),
-                len: 1 << 20,
-            }],
-        };
-        let mut ch = SendChannels::start(conns, &setup).unwrap();
-        let enc = PageEncoding {
-            compress: None,
-            adaptive: false,
-            max_bandwidth: 0,
-        };
+        let (gates, mut ch, enc) = gated_channels(&mem, true, 9);
         ch.postcopy(enc).unwrap();
         // What the source says it knows is what goes: pages 0 and 1 (data
         // here) as zero records, so the channel did not read them.

@@ -281,10 +281,12 @@ mod x86 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn bytes(len: usize, seed: u64) -> Vec<u8> {
+    /// `len` bytes of xorshift noise from `seed` (other modules' tests
+    /// use it too).
+    pub(crate) fn bytes(len: usize, seed: u64) -> Vec<u8> {
         let mut x = seed | 1;
         (0..len)
             .map(|_| {
