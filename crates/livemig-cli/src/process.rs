@@ -647,6 +647,9 @@ fn run_dest(uri: &Uri, o: &DestOpts, tls: Option<&TlsConfig>) -> Result<()> {
                 "urgent-pages": pc.urgent_pages,
                 "channel-pages": pc.channel_pages,
                 "requests": pc.requests,
+                "faults": pc.faults.faults,
+                "local-faults": pc.faults.local_faults,
+                "local-pages": pc.faults.local_pages,
             })),
         });
         crate::jsonout::print(&v)?;
@@ -666,8 +669,13 @@ fn run_dest(uri: &Uri, o: &DestOpts, tls: Option<&TlsConfig>) -> Result<()> {
         );
         match pc {
             Some(pc) => eprintln!(
-                "postcopy: {} pages were stale at the switch, {} placed after it in {} ms",
-                pc.discarded_pages, pc.placed_pages, pc.postcopy_time
+                "postcopy: {} pages were stale at the switch, {} placed after it in {} ms; {} remote faults, {} local faults ({} never-written pages zero-filled here)",
+                pc.discarded_pages,
+                pc.placed_pages,
+                pc.postcopy_time,
+                pc.faults.faults,
+                pc.faults.local_faults,
+                pc.faults.local_pages
             ),
             None if o.postcopy => {
                 eprintln!("the source did not switch to postcopy")

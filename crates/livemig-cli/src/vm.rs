@@ -758,14 +758,16 @@ pub fn vm_incoming(a: VmIncomingArgs) -> Result<()> {
     if say {
         match &arrived.postcopy {
             Some(pc) => eprintln!(
-                "postcopy: {} pages fetched or pushed after the switch in {} ms, {} requests, {} remote faults, fault latency p50 {} us p99 {} us, blocktime {} ms",
+                "postcopy: {} pages fetched or pushed after the switch in {} ms, {} requests, {} remote faults, fault latency p50 {} us p99 {} us, blocktime {} ms; {} local faults ({} never-written pages zero-filled here)",
                 pc.placed_pages,
                 pc.postcopy_time,
                 pc.requests,
                 pc.faults.faults,
                 pc.faults.p50_us,
                 pc.faults.p99_us,
-                pc.faults.blocktime_us / 1000
+                pc.faults.blocktime_us / 1000,
+                pc.faults.local_faults,
+                pc.faults.local_pages,
             ),
             None if a.postcopy => {
                 eprintln!("loaded in {load_ms} ms (precopy: the source did not switch)")
@@ -782,6 +784,9 @@ pub fn vm_incoming(a: VmIncomingArgs) -> Result<()> {
             "latency-p50": pc.faults.p50_us,
             "latency-p99": pc.faults.p99_us,
             "blocktime-us": pc.faults.blocktime_us,
+            "local-faults": pc.faults.local_faults,
+            "local-pages": pc.faults.local_pages,
+            "local-latency": pc.faults.local_us.checked_div(pc.faults.local_faults).unwrap_or(0),
             "postcopy-time": pc.postcopy_time,
             "urgent-pages": pc.urgent_pages,
             "channel-pages": pc.channel_pages,

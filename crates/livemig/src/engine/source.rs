@@ -2082,6 +2082,10 @@ impl<'a> RamSaver<'a> {
                 s.postcopy_latency_dist = Some(f.buckets.clone());
                 s.postcopy_latency_p50 = Some(f.p50_us);
                 s.postcopy_latency_p99 = Some(f.p99_us);
+                s.postcopy_local_faults = Some(f.local_faults);
+                s.postcopy_local_pages = Some(f.local_pages);
+                s.postcopy_local_latency =
+                    Some(f.local_us.checked_div(f.local_faults).unwrap_or(0));
             }
         });
     }

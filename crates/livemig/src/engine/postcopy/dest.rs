@@ -240,7 +240,7 @@ type Reply = Arc<Mutex<Option<Box<dyn Write + Send>>>>;
 /// fills with zeros at once (it and the valid pages after it): 2 MiB.
 /// Before, a vCPU sweeping through such memory faulted on every page,
 /// each fault waiting for this thread (~30-60 µs under load).
-const LOCAL_ZERO_PAGES: u64 = 512;
+pub(super) const LOCAL_ZERO_PAGES: u64 = 512;
 
 fn receive_inner<R: Read>(
     mem: &dyn GuestMemory,
@@ -1165,6 +1165,11 @@ struct Waits {
     per_thread: HashMap<u32, u64>,
     blocktime_us: u64,
     requests: u64,
+    /// Faults served here with zeros (see [`LOCAL_ZERO_PAGES`]), the pages
+    /// they filled, and the µs from reading each to waking its thread.
+    local_faults: u64,
+    local_pages: u64,
+    local_us: u64,
 }
 
 /// Places pages with userfaultfd and tracks which have arrived.
@@ -1381,6 +1386,9 @@ impl Placer {
                 p99_us: w.hist.quantile(0.99),
                 threads,
                 buckets: w.hist.buckets(),
+                local_faults: w.local_faults,
+                local_pages: w.local_pages,
+                local_us: w.local_us,
             },
             postcopy_time: switched_at.elapsed().as_millis() as u64,
             urgent_pages: 0,
@@ -1448,8 +1456,16 @@ fn fault_loop(
                 match p.uffd.zero_run(addr, n * PAGE) {
                     // The faulting page may have been placed meanwhile
                     // (skipped above): wake its thread either way.
-                    Ok(_) => {
+                    Ok(filled) => {
                         let _ = p.uffd.wake(addr, PAGE);
+                        // A local zero fill (none when every page of the
+                        // run was placed meanwhile: a plain wake-up).
+                        if filled > 0 {
+                            let mut w = lock(&p.waits);
+                            w.local_faults += 1;
+                            w.local_pages += filled;
+                            w.local_us += now.elapsed().as_micros() as u64;
+                        }
                     }
                     Err(source) => return Err(LostCause::ZeroPage { addr, source }),
                 }
