@@ -338,13 +338,23 @@ pub struct MigrateArgs {
     pub tls: crate::tls::TlsSourceArgs,
     /// Zero-copy local migration to `incoming --local` on this host
     /// (unix:PATH only): the memory, in memfds, is handed over instead of
-    /// copied; the workload pauses only for the hand-over.
+    /// copied; the workload pauses only for the hand-over. Settings that
+    /// shape how pages travel (--channels above 1, --compress, --xbzrle,
+    /// --postcopy, --postcopy-preempt, TLS) are refused.
     #[arg(long)]
     pub local: bool,
 }
 
-/// `livemig save`.
+/// `livemig save`. The flags of a live peer (postcopy, its recovery, the
+/// I/O timeout) are accepted as by `migrate` but left out of the help: a
+/// file has no peer.
 #[derive(Args, Debug)]
+#[command(
+    mut_arg("postcopy", |a| a.hide(true)),
+    mut_arg("postcopy_preempt", |a| a.hide(true)),
+    mut_arg("resume_to", |a| a.hide(true)),
+    mut_arg("io_timeout", |a| a.hide(true))
+)]
 pub struct SaveArgs {
     /// Snapshot file to write.
     pub file: PathBuf,
@@ -367,8 +377,14 @@ pub struct IncomingArgs {
     pub local: bool,
 }
 
-/// `livemig load`.
+/// `livemig load`. As for `save`, the flags of a live peer are accepted
+/// (as by `incoming`) but left out of the help.
 #[derive(Args, Debug)]
+#[command(
+    mut_arg("postcopy", |a| a.hide(true)),
+    mut_arg("recover_on", |a| a.hide(true)),
+    mut_arg("io_timeout", |a| a.hide(true))
+)]
 pub struct LoadArgs {
     /// Snapshot file to read.
     pub file: PathBuf,

@@ -132,8 +132,19 @@ impl ConvergeArgs {
     }
 }
 
-/// `livemig demo`.
+/// `livemig demo`. The demo starts its destination itself (with
+/// --postcopy when the source has it); that destination does not listen
+/// for a reconnect, so --resume-to is left out of the help.
 #[derive(Args, Debug)]
+#[command(
+    mut_arg("postcopy", |a| a.help(
+        "Postcopy (capability postcopy-ram, switch-over auto): when precopy stops making \
+         progress, or the last pages would not fit the downtime limit, the guest moves to the \
+         destination at once and its missing pages follow on demand (the demo's destination \
+         gets --postcopy too)"
+    )),
+    mut_arg("resume_to", |a| a.hide(true))
+)]
 pub struct DemoArgs {
     #[command(flatten)]
     pub layout: LayoutArgs,
@@ -174,8 +185,10 @@ pub struct VmMigrateArgs {
     /// Zero-copy local migration to `vm-incoming --local` on this host
     /// (unix:PATH only): the guest's memory (memfd-backed, so --memfd is
     /// implied) is handed over with its descriptors, not copied; the pause
-    /// does not grow with memory size. Page settings (channels,
-    /// compression, XBZRLE, postcopy, bandwidth) do not apply.
+    /// does not grow with memory size. Settings that shape how pages
+    /// travel (--channels above 1, --compress, --xbzrle, --postcopy,
+    /// --postcopy-preempt, TLS) are refused; --max-bandwidth and the
+    /// downtime settings have nothing to act on.
     #[arg(long)]
     pub local: bool,
     #[command(flatten)]
