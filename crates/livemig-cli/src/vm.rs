@@ -338,6 +338,20 @@ pub(crate) fn self_check(s: &GuestStatus) -> &'static str {
     }
 }
 
+/// The `guest` object of a destination's JSON: how the received guest
+/// did over the `ran` seconds from `before` (its resume) to `after`.
+pub(crate) fn guest_json(before: &GuestStatus, after: &GuestStatus, ran: f64) -> Value {
+    json!({
+        "heartbeats": after.heartbeats(),
+        "pages-written-before": before.pages_written(),
+        "pages-written": after.pages_written(),
+        "write-rate": ((after.pages_written() - before.pages_written()) as f64 * 4096.0 / ran) as u64,
+        "self-check": self_check(after),
+        "failures": after.failures(),
+        "errors": after.errors,
+    })
+}
+
 /// The running source VM and what it was asked to do.
 pub(crate) struct SourceVm {
     pub(crate) vm: Vm,
@@ -976,15 +990,7 @@ fn run_received(
             "verified": digest.is_some(),
             "digest": digest,
             "ran-seconds": ran,
-            "guest": {
-                "heartbeats": after.heartbeats(),
-                "pages-written-before": before.pages_written(),
-                "pages-written": after.pages_written(),
-                "write-rate": ((after.pages_written() - before.pages_written()) as f64 * 4096.0 / ran) as u64,
-                "self-check": self_check(&after),
-                "failures": after.failures(),
-                "errors": after.errors,
-            },
+            "guest": guest_json(&before, &after, ran),
         });
         crate::jsonout::print(&v)?;
     }

@@ -224,29 +224,42 @@ impl<'a> Source<'a> {
             }
             Err(e) => {
                 vm.set_throttle(0);
-                if paused && !sent_go {
-                    if let Err(re) = vm.resume() {
-                        log::error!("cannot resume the source guest after '{e}': {re}");
-                    }
-                }
-                // A cancel can surface as another error (an interrupted wait
-                // for a reply): it is still a cancel, unless GO went out.
-                let e = if handle.is_cancelled() && !sent_go {
-                    MigrationError::Cancelled
-                } else {
-                    e
-                };
-                let status = if matches!(e, MigrationError::Cancelled) {
-                    Status::Cancelled
-                } else {
-                    Status::Failed
-                };
+                let (e, status) = settle_failure(vm, &handle, paused, sent_go, e);
                 saver.throttle = 0;
                 saver.publish(status, tracker.name(), Some(e.to_string()));
                 Err(e)
             }
         }
     }
+}
+
+/// After a failed migration (`e`): resumes the source guest if this side
+/// paused it and GO never went out, and says how it ended. A cancel can
+/// surface as another error (an interrupted wait for a reply): it is
+/// still a cancel, unless GO went out.
+pub(crate) fn settle_failure(
+    vm: &mut dyn VmControl,
+    handle: &MigrationHandle,
+    paused: bool,
+    sent_go: bool,
+    e: MigrationError,
+) -> (MigrationError, Status) {
+    if paused && !sent_go {
+        if let Err(re) = vm.resume() {
+            log::error!("cannot resume the source guest after '{e}': {re}");
+        }
+    }
+    let e = if handle.is_cancelled() && !sent_go {
+        MigrationError::Cancelled
+    } else {
+        e
+    };
+    let status = if matches!(e, MigrationError::Cancelled) {
+        Status::Cancelled
+    } else {
+        Status::Failed
+    };
+    (e, status)
 }
 
 /// The return path: none (a file), borrowed from the caller, or owned
