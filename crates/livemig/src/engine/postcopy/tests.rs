@@ -623,7 +623,7 @@ fn local_zero_fills_of_valid_untouched_pages_are_counted() {
         f.local_pages <= f.local_faults * dest::LOCAL_ZERO_PAGES,
         "{f:?}"
     );
-    assert!(f.local_pages <= ram1_pages as u64, "{f:?}");
+    assert!(f.local_pages <= ram1_pages, "{f:?}");
     if !kernel_tells {
         eprintln!("SKIPPED local faults > 0: the kernel cannot say which pages hold data");
         return;
