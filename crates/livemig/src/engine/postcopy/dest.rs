@@ -736,6 +736,28 @@ fn same_blocks(mem: &dyn GuestMemory, map: &[usize], list: &[(String, u64)]) -> 
     }
 }
 
+/// Reads the block list that must come next on a reopened connection
+/// and checks it against the migration's. Errors start with `at` and the
+/// byte offset; `missing` says what is wrong when another record comes.
+fn expect_same_blocks<R: Read>(
+    r: &mut StreamReader<R>,
+    mem: &dyn GuestMemory,
+    map: &[usize],
+    at: &str,
+    missing: &str,
+) -> Result<(), String> {
+    let offset = r.offset();
+    let record = r
+        .next_record()
+        .map_err(|e| crate::error_chain(&LoadError::from(e)))?;
+    let Record::BlockList(list) = record else {
+        return Err(format!("{at} {offset}: {missing}"));
+    };
+    let list: BlockList = list.iter().map(|d| (d.id.clone(), d.len)).collect();
+    same_blocks(mem, map, &list)
+        .map_err(|()| format!("{at} {offset}: the block list differs from the migration's"))
+}
+
 /// The connections of a resumed postcopy.
 pub(super) struct Resumed {
     pub(super) main: StreamReader<BoxRead>,
@@ -869,16 +891,13 @@ pub(super) fn open_resumed(
             _ => unreachable!("the reader requires a channel record first"),
         }
     }
-    let at = r.offset();
-    let Record::BlockList(list) = r.next_record().map_err(|e| chain(e.into()))? else {
-        return Err(format!(
-            "recovery connection byte {at}: the stream must start with the block list"
-        ));
-    };
-    let list: BlockList = list.iter().map(|d| (d.id.clone(), d.len)).collect();
-    if same_blocks(mem, map, &list).is_err() {
-        return Err("the recovery connection's block list differs from the migration's".into());
-    }
+    expect_same_blocks(
+        &mut r,
+        mem,
+        map,
+        "recovery connection byte",
+        "the stream must start with the block list",
+    )?;
     let mut resumed = Resumed {
         main: r,
         urgent: None,
@@ -958,18 +977,13 @@ pub(super) fn open_resumed_channel(
             "byte {at}: channel {index} of {channels}, the main connection declares {n}"
         ));
     }
-    let at = cr.offset();
-    let Record::BlockList(list) = cr.next_record().map_err(|e| chain(e.into()))? else {
-        return Err(format!(
-            "byte {at}: the block list must follow the channel record"
-        ));
-    };
-    let list: BlockList = list.iter().map(|d| (d.id.clone(), d.len)).collect();
-    if same_blocks(mem, map, &list).is_err() {
-        return Err(format!(
-            "byte {at}: the block list differs from the migration's"
-        ));
-    }
+    expect_same_blocks(
+        &mut cr,
+        mem,
+        map,
+        "byte",
+        "the block list must follow the channel record",
+    )?;
     loop {
         let at = cr.offset();
         match cr.next_record().map_err(|e| chain(e.into()))? {
