@@ -54,6 +54,11 @@ fn tcp_postcopy_between_processes() {
     assert!(s["postcopy-time"].is_u64(), "switched to postcopy: {s}");
     assert!(s["ram"]["postcopy-bytes"].as_u64().unwrap() > 0, "{s}");
     assert!(d["postcopy"]["placed-pages"].as_u64().unwrap() > 0, "{d}");
+    // Both sides give the destination's local-fault count; nothing runs
+    // on a process destination to touch its memory, so there are none.
+    assert_eq!(s["postcopy-local-faults"], d["postcopy"]["local-faults"]);
+    assert_eq!(s["postcopy-local-faults"], 0, "{s}");
+    assert_eq!(d["postcopy"]["local-pages"], 0, "{d}");
     assert_eq!(
         s["digest"], d["digest"],
         "destination memory == source memory at the switch"
