@@ -22,10 +22,11 @@ use anyhow::{bail, Context, Result};
 use livemig::control::ControlClient;
 use serde_json::{json, Value};
 
-use crate::guest::{self, compare_digests, DigestCheck};
+use crate::guest::{self, compare_digests, DigestCheck, IncrementerCheck};
 use crate::net::{self, Side};
 use crate::run::{
-    check_for, free_port, mkfifo, poll_migration, switch_due, wait_marker, Case, DumpReader,
+    check_for, free_port, mkfifo, pass_clock, poll_migration, switch_due, wait_marker, wait_ready,
+    Case, DumpReader,
     Outcome, Proc, Switch, Variant,
 };
 
@@ -160,7 +161,10 @@ fn run_inner(case: &Case, dir: &Path, minivm: &Path, out: &mut Outcome) -> Resul
         };
         cmd.args(["--dirty-ring", "65536", flag, "ring"]);
     }
-    if idle {
+    let clock = pass_clock(case, &src_serial);
+    if idle || clock.is_some() {
+        // Idle: the source's memory is compared whole; the incrementer:
+        // where its writer stopped (the guest's speed).
         mkfifo(&src_fifo)?;
         cmd.arg("--dump")
             .arg(format!("0:{dump_size}:{}", src_fifo.display()));
@@ -172,6 +176,12 @@ fn run_inner(case: &Case, dir: &Path, minivm: &Path, out: &mut Outcome) -> Resul
             DigestCheck::default(),
         )
     });
+    let src_position = clock.is_some().then(|| {
+        DumpReader::start(
+            vec![(src_fifo.clone(), 0, dump_size)],
+            IncrementerCheck::new(case.end),
+        )
+    });
 
     let mut dc = connect(&dst_sock, &mut dst)?;
     let mut sc = connect(&src_sock, &mut src)?;
@@ -181,6 +191,7 @@ fn run_inner(case: &Case, dir: &Path, minivm: &Path, out: &mut Outcome) -> Resul
         &mut src,
         case.boot_budget,
     )?;
+    wait_ready(case, clock.as_ref(), case.boot_budget)?;
 
     let postcopy = matches!(case.variant, Variant::Postcopy(_));
     if sc.legacy() {
@@ -202,6 +213,7 @@ fn run_inner(case: &Case, dir: &Path, minivm: &Path, out: &mut Outcome) -> Resul
         vec![(dst_fifo.clone(), 0, dump_size)],
         check_for(case).ok_or_else(DigestCheck::default),
     );
+    let start = clock.as_ref().map(|c| c.now());
     exec(&mut sc, &src_sock, "migrate", json!({"uri": uri}))?;
     let (q, converged) = {
         let c = std::cell::RefCell::new(&mut sc);
@@ -263,6 +275,15 @@ fn run_inner(case: &Case, dir: &Path, minivm: &Path, out: &mut Outcome) -> Resul
         }
     }
     out.converged = converged;
+    if let (Some(c), Some(start)) = (&clock, start) {
+        // A source that completed pauses and dumps its memory, then exits.
+        let position = src_position.filter(|_| converged).and_then(|r| {
+            let (check, res) = r.finish(Duration::from_secs(120));
+            res.ok().and_then(|()| check.position())
+        });
+        let end = out.guest_end(start, position);
+        out.take_guest_speed(case, &c.events(), start, end);
+    }
     if !converged {
         if out.status == "cancelled" {
             out.note = format!(

@@ -9,6 +9,7 @@ mod guest_tests;
 mod livemig_side;
 mod net;
 mod qemu;
+mod progress;
 mod qmp;
 mod report;
 mod run;

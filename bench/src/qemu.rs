@@ -7,12 +7,12 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
-use crate::guest::{compare_digests, DigestCheck};
+use crate::guest::{compare_digests, DigestCheck, IncrementerCheck};
 use crate::net::{self, Side};
 use crate::qmp::Qmp;
 use crate::run::{
-    check_for, free_port, mkfifo, poll_migration, switch_due, wait_marker, Case, DumpReader,
-    Outcome, Proc, Switch, Variant,
+    check_for, free_port, mkfifo, pass_clock, poll_migration, switch_due, wait_marker, wait_ready,
+    Case, DumpReader, Outcome, Proc, Switch, Variant,
 };
 
 /// The QEMU binary.
@@ -214,6 +214,7 @@ fn run_inner(case: &Case, dir: &Path, out: &mut Outcome) -> Result<()> {
         _ => None,
     };
     let mut dst = start_vm(dir, "dst", case, &disk, true, ring)?;
+    let clock = pass_clock(case, &dir.join("src.serial"));
     let mut src = start_vm(dir, "src", case, &disk, false, ring)?;
     wait_marker(
         &src.serial,
@@ -221,6 +222,7 @@ fn run_inner(case: &Case, dir: &Path, out: &mut Outcome) -> Result<()> {
         &mut src.proc,
         case.boot_budget,
     )?;
+    wait_ready(case, clock.as_ref(), case.boot_budget)?;
 
     let postcopy = matches!(case.variant, Variant::Postcopy(_));
     let preempt = case.variant == Variant::Postcopy(Switch::AfterFirstPassPreempt);
@@ -270,6 +272,7 @@ fn run_inner(case: &Case, dir: &Path, out: &mut Outcome) -> Result<()> {
     let uri = format!("tcp:{}:{}", net::dest_addr(), free_port()?);
     dst.qmp
         .execute("migrate-incoming", json!({"uri": uri.clone()}))?;
+    let start = clock.as_ref().map(|c| c.now());
     src.qmp.execute("migrate", json!({"uri": uri}))?;
     let (q, converged) = {
         let q = std::cell::RefCell::new(&mut src.qmp);
@@ -295,6 +298,19 @@ fn run_inner(case: &Case, dir: &Path, out: &mut Outcome) -> Result<()> {
     };
     out.take_stats(&q);
     out.converged = converged;
+    if let (Some(c), Some(start)) = (&clock, start) {
+        // A source that completed is paused (postmigrate): where its
+        // writer stopped is in its memory.
+        let position = if converged {
+            dump(&mut src, dir, &[(0, case.end)], IncrementerCheck::new(case.end))
+                .ok()
+                .and_then(|c| c.position())
+        } else {
+            None
+        };
+        let end = out.guest_end(start, position);
+        out.take_guest_speed(case, &c.events(), start, end);
+    }
     if postcopy {
         // QEMU's blocktime is the destination's figure.
         if let Ok(d) = dst.qmp.execute("query-migrate", Value::Null) {

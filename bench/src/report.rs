@@ -139,6 +139,9 @@ pub struct Agg {
     pub fault_p50_us: Option<Stat>,
     /// Postcopy fault latency p99, µs.
     pub fault_p99_us: Option<Stat>,
+    /// Incrementer: its speed during the migration, % of its speed just
+    /// before (runs that measured it).
+    pub guest_speed_pct: Option<Stat>,
     /// Destination checks passed / failed.
     pub checks_passed: usize,
     /// See `checks_passed`.
@@ -199,6 +202,7 @@ pub fn aggregate(rows: &[Row]) -> Vec<Agg> {
                 vcpu_blocktime_ms: st(&done, &|o| o.vcpu_blocktime_ms.map(|v| v as f64)),
                 fault_p50_us: st(&done, &|o| o.fault_p50_us.map(|v| v as f64)),
                 fault_p99_us: st(&done, &|o| o.fault_p99_us.map(|v| v as f64)),
+                guest_speed_pct: st(&ok, &|o| o.guest_speed_pct),
                 checks_passed: g
                     .iter()
                     .filter(|r| r.outcome.check.as_ref().is_some_and(|c| c.ok))
@@ -250,11 +254,12 @@ fn cells(a: &Agg) -> Vec<String> {
         s(&a.throttle_pct, 0),
         s(&a.blocktime_ms, 0),
         lat,
+        s(&a.guest_speed_pct, 0),
         check,
     ]
 }
 
-const HEAD: [&str; 13] = [
+const HEAD: [&str; 14] = [
     "scenario",
     "variant",
     "system",
@@ -267,6 +272,7 @@ const HEAD: [&str; 13] = [
     "max throttle %",
     "blocktime ms",
     "fault p50/p99 µs",
+    "guest speed %",
     "check",
 ];
 
@@ -321,9 +327,21 @@ fn scenario_notes(rows: &[Row]) -> String {
 
 fn notes(rows: &[Row]) -> String {
     let mut s = scenario_notes(rows);
+    if rows.iter().any(|r| r.outcome.guest_speed.is_some()) {
+        s += "- guest speed %: the incrementer's passes per second during the migration \
+              over its rate in the passes just before it (pass ends timed on the source's \
+              serial port; a completed run ends where the writer stood in the source's \
+              final memory, a cancelled one at its last pass end before the cancel)\n";
+    }
     for r in rows {
         let o = &r.outcome;
         let mut parts = Vec::new();
+        if let Some(g) = &o.guest_speed {
+            parts.push(format!(
+                "guest {:.2} passes/s before, {:.2} during",
+                g.before_pps, g.during_pps
+            ));
+        }
         if let Some(c) = &o.check {
             parts.push(format!("check: {}", c.detail));
         }
