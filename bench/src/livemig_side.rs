@@ -26,8 +26,7 @@ use crate::guest::{self, compare_digests, DigestCheck, IncrementerCheck};
 use crate::net::{self, Side};
 use crate::run::{
     check_for, free_port, mkfifo, pass_clock, poll_migration, switch_due, wait_marker, wait_ready,
-    Case, DumpReader,
-    Outcome, Proc, Switch, Variant,
+    Case, CpuWatch, DumpReader, Outcome, Proc, Switch, Variant,
 };
 
 /// A control connection: QMP, or the line protocol of builds from before
@@ -191,6 +190,11 @@ fn run_inner(case: &Case, dir: &Path, minivm: &Path, out: &mut Outcome) -> Resul
         &mut src,
         case.boot_budget,
     )?;
+    let mut cpu = CpuWatch::new(
+        src.pid(),
+        clock.is_some() && !matches!(case.variant, Variant::Postcopy(_)),
+    );
+    cpu.ready();
     wait_ready(case, clock.as_ref(), case.boot_budget)?;
 
     let postcopy = matches!(case.variant, Variant::Postcopy(_));
@@ -213,6 +217,7 @@ fn run_inner(case: &Case, dir: &Path, minivm: &Path, out: &mut Outcome) -> Resul
         vec![(dst_fifo.clone(), 0, dump_size)],
         check_for(case).ok_or_else(DigestCheck::default),
     );
+    cpu.start();
     let start = clock.as_ref().map(|c| c.now());
     exec(&mut sc, &src_sock, "migrate", json!({"uri": uri}))?;
     let (q, converged) = {
@@ -235,6 +240,7 @@ fn run_inner(case: &Case, dir: &Path, minivm: &Path, out: &mut Outcome) -> Resul
                     )?;
                     switched = true;
                 }
+                cpu.poll(&q);
                 Ok(q)
             },
             || {
@@ -256,6 +262,7 @@ fn run_inner(case: &Case, dir: &Path, minivm: &Path, out: &mut Outcome) -> Resul
         })?
     };
     out.take_stats(&q);
+    cpu.finish(out);
     if let Some(path) = std::env::var_os("LIVEMIG_HARNESS_TRACE") {
         // Diagnostics: the last query-migrate of every livemig run, one
         // JSON line each (scenario, variant, system, reply).

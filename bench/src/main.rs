@@ -3,13 +3,14 @@
 //! table. See README.md ("Side by side with QEMU").
 
 mod cleanup;
+mod cpu;
 mod guest;
 #[cfg(test)]
 mod guest_tests;
 mod livemig_side;
 mod net;
-mod qemu;
 mod progress;
+mod qemu;
 mod qmp;
 mod report;
 mod run;

@@ -12,7 +12,7 @@ use crate::net::{self, Side};
 use crate::qmp::Qmp;
 use crate::run::{
     check_for, free_port, mkfifo, pass_clock, poll_migration, switch_due, wait_marker, wait_ready,
-    Case, DumpReader, Outcome, Proc, Switch, Variant,
+    Case, CpuWatch, DumpReader, Outcome, Proc, Switch, Variant,
 };
 
 /// The QEMU binary.
@@ -222,6 +222,11 @@ fn run_inner(case: &Case, dir: &Path, out: &mut Outcome) -> Result<()> {
         &mut src.proc,
         case.boot_budget,
     )?;
+    let mut cpu = CpuWatch::new(
+        src.proc.pid(),
+        clock.is_some() && !matches!(case.variant, Variant::Postcopy(_)),
+    );
+    cpu.ready();
     wait_ready(case, clock.as_ref(), case.boot_budget)?;
 
     let postcopy = matches!(case.variant, Variant::Postcopy(_));
@@ -272,6 +277,7 @@ fn run_inner(case: &Case, dir: &Path, out: &mut Outcome) -> Result<()> {
     let uri = format!("tcp:{}:{}", net::dest_addr(), free_port()?);
     dst.qmp
         .execute("migrate-incoming", json!({"uri": uri.clone()}))?;
+    cpu.start();
     let start = clock.as_ref().map(|c| c.now());
     src.qmp.execute("migrate", json!({"uri": uri}))?;
     let (q, converged) = {
@@ -287,6 +293,7 @@ fn run_inner(case: &Case, dir: &Path, out: &mut Outcome) -> Result<()> {
                         .execute("migrate-start-postcopy", Value::Null)?;
                     switched = true;
                 }
+                cpu.poll(&a);
                 Ok(a)
             },
             || {
@@ -297,14 +304,20 @@ fn run_inner(case: &Case, dir: &Path, out: &mut Outcome) -> Result<()> {
         )?
     };
     out.take_stats(&q);
+    cpu.finish(out);
     out.converged = converged;
     if let (Some(c), Some(start)) = (&clock, start) {
         // A source that completed is paused (postmigrate): where its
         // writer stopped is in its memory.
         let position = if converged {
-            dump(&mut src, dir, &[(0, case.end)], IncrementerCheck::new(case.end))
-                .ok()
-                .and_then(|c| c.position())
+            dump(
+                &mut src,
+                dir,
+                &[(0, case.end)],
+                IncrementerCheck::new(case.end),
+            )
+            .ok()
+            .and_then(|c| c.position())
         } else {
             None
         };

@@ -142,6 +142,11 @@ pub struct Agg {
     /// Incrementer: its speed during the migration, % of its speed just
     /// before (runs that measured it).
     pub guest_speed_pct: Option<Stat>,
+    /// The source's vCPU thread on a CPU during the migration, % of the
+    /// wall time.
+    pub vcpu_run_pct: Option<Stat>,
+    /// Its other threads on a CPU during the migration, %.
+    pub others_pct: Option<Stat>,
     /// Destination checks passed / failed.
     pub checks_passed: usize,
     /// See `checks_passed`.
@@ -203,6 +208,8 @@ pub fn aggregate(rows: &[Row]) -> Vec<Agg> {
                 fault_p50_us: st(&done, &|o| o.fault_p50_us.map(|v| v as f64)),
                 fault_p99_us: st(&done, &|o| o.fault_p99_us.map(|v| v as f64)),
                 guest_speed_pct: st(&ok, &|o| o.guest_speed_pct),
+                vcpu_run_pct: st(&ok, &|o| o.cpu_during.map(|w| w.vcpu_run_pct)),
+                others_pct: st(&ok, &|o| o.cpu_during.map(|w| w.others_pct)),
                 checks_passed: g
                     .iter()
                     .filter(|r| r.outcome.check.as_ref().is_some_and(|c| c.ok))
@@ -255,11 +262,13 @@ fn cells(a: &Agg) -> Vec<String> {
         s(&a.blocktime_ms, 0),
         lat,
         s(&a.guest_speed_pct, 0),
+        s(&a.vcpu_run_pct, 0),
+        s(&a.others_pct, 0),
         check,
     ]
 }
 
-const HEAD: [&str; 14] = [
+const HEAD: [&str; 16] = [
     "scenario",
     "variant",
     "system",
@@ -273,6 +282,8 @@ const HEAD: [&str; 14] = [
     "blocktime ms",
     "fault p50/p99 µs",
     "guest speed %",
+    "vCPU CPU %",
+    "migration CPU %",
     "check",
 ];
 
@@ -331,7 +342,9 @@ fn notes(rows: &[Row]) -> String {
         s += "- guest speed %: the incrementer's passes per second during the migration \
               over its rate in the passes just before it (pass ends timed on the source's \
               serial port; a completed run ends where the writer stood in the source's \
-              final memory, a cancelled one at its last pass end before the cancel)\n";
+              final memory, a cancelled one at its last pass end before the cancel); vCPU CPU %: \
+              the source's vCPU thread on a CPU during the migration, % of the wall time; \
+              migration CPU %: the source VMM's other threads (the migration's)\n";
     }
     for r in rows {
         let o = &r.outcome;
@@ -341,6 +354,17 @@ fn notes(rows: &[Row]) -> String {
                 "guest {:.2} passes/s before, {:.2} during",
                 g.before_pps, g.during_pps
             ));
+        }
+        let cpu = |w: &crate::cpu::Window| {
+            format!(
+                "vCPU {:.0}% on a CPU, {:.0}% waiting for one, other threads {:.0}%",
+                w.vcpu_run_pct, w.vcpu_wait_pct, w.others_pct
+            )
+        };
+        match (&o.cpu_before, &o.cpu_during) {
+            (Some(b), Some(d)) => parts.push(format!("before: {}; during: {}", cpu(b), cpu(d))),
+            (None, Some(d)) => parts.push(format!("during: {}", cpu(d))),
+            _ => {}
         }
         if let Some(c) = &o.check {
             parts.push(format!("check: {}", c.detail));

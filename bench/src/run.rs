@@ -223,6 +223,11 @@ pub struct Outcome {
     pub guest_speed: Option<GuestSpeed>,
     /// `guest_speed` as a percentage: the rate during over the rate before.
     pub guest_speed_pct: Option<f64>,
+    /// Incrementer (precopy): the source's vCPU thread and other threads
+    /// over the passes timed before the migration (see `cpu`).
+    pub cpu_before: Option<crate::cpu::Window>,
+    /// The same during the migration (to its last active poll).
+    pub cpu_during: Option<crate::cpu::Window>,
 }
 
 impl Outcome {
@@ -443,6 +448,62 @@ pub fn wait_ready(case: &Case, clock: Option<&PassClock>, timeout: Duration) -> 
         bail!("the incrementer did not finish its first pass within {timeout:?}");
     }
     Ok(())
+}
+
+/// Samples a source VM's threads (see `cpu`) for the cases with a pass
+/// clock: when it is ready, when the migration starts, and at every poll
+/// that finds it active.
+pub struct CpuWatch {
+    pid: Option<u32>,
+    ready: Option<crate::cpu::Sample>,
+    start: Option<crate::cpu::Sample>,
+    last: Option<crate::cpu::Sample>,
+}
+
+impl CpuWatch {
+    /// Watches `pid` when `on`.
+    pub fn new(pid: u32, on: bool) -> CpuWatch {
+        CpuWatch {
+            pid: on.then_some(pid),
+            ready: None,
+            start: None,
+            last: None,
+        }
+    }
+
+    fn sample(&self) -> Option<crate::cpu::Sample> {
+        self.pid.and_then(crate::cpu::sample)
+    }
+
+    /// The guest printed its ready marker.
+    pub fn ready(&mut self) {
+        self.ready = self.sample();
+    }
+
+    /// The migration starts.
+    pub fn start(&mut self) {
+        self.start = self.sample();
+    }
+
+    /// A poll answered `q`.
+    pub fn poll(&mut self, q: &Value) {
+        if q["status"] == "active" {
+            if let Some(s) = self.sample() {
+                self.last = Some(s);
+            }
+        }
+    }
+
+    /// Puts the windows into `out`.
+    pub fn finish(&self, out: &mut Outcome) {
+        use crate::cpu::window;
+        if let (Some(a), Some(b)) = (&self.ready, &self.start) {
+            out.cpu_before = window(a, b);
+        }
+        if let (Some(a), Some(b)) = (&self.start, &self.last) {
+            out.cpu_during = window(a, b);
+        }
+    }
 }
 
 /// Creates a FIFO at `path`.
@@ -778,7 +839,13 @@ mod tests {
             throttle_steps: None,
         };
         // 1 pass/s before (a quarter pass every 0.25 s), migrated from 1.0.
-        let ev = [(0.0, 0.0), (0.25, 0.25), (0.5, 0.5), (0.75, 0.75), (1.0, 1.0)];
+        let ev = [
+            (0.0, 0.0),
+            (0.25, 0.25),
+            (0.5, 0.5),
+            (0.75, 0.75),
+            (1.0, 1.0),
+        ];
         let mut o = Outcome {
             converged: true,
             total_ms: 2300,
