@@ -83,6 +83,10 @@ pub fn qemu_args(
         format!("unix:{},server=on,wait=off", qmp.display()),
         "-drive".into(),
         format!("file={},format=raw,if=ide,file.locking=off", disk.display()),
+        // Threads named by role ("CPU 0/KVM", "multifdsend_0", ...): the
+        // harness finds the vCPU thread's CPU time by its name.
+        "-name".into(),
+        "harness,debug-threads=on".into(),
     ];
     if incoming {
         // -S: stays paused after the migration, so its memory can be read
@@ -465,6 +469,7 @@ FlatView #1
             "{a}"
         );
         assert!(a.contains("-qmp unix:/q,server=on,wait=off"), "{a}");
+        assert!(a.contains("-name harness,debug-threads=on"), "{a}");
         let b = qemu_args(
             Path::new("/d"),
             1 << 30,
