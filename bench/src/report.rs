@@ -350,8 +350,16 @@ fn notes(rows: &[Row]) -> String {
         let o = &r.outcome;
         let mut parts = Vec::new();
         if let Some(g) = &o.guest_speed {
+            let per_cpu = match (&o.cpu_before, &o.cpu_during) {
+                (Some(b), Some(d)) if b.vcpu_run_pct > 0.0 && d.vcpu_run_pct > 0.0 => format!(
+                    " ({:.2} and {:.2} per vCPU CPU-second)",
+                    g.before_pps * 100.0 / b.vcpu_run_pct,
+                    g.during_pps * 100.0 / d.vcpu_run_pct
+                ),
+                _ => String::new(),
+            };
             parts.push(format!(
-                "guest {:.2} passes/s before, {:.2} during",
+                "guest {:.2} passes/s before, {:.2} during{per_cpu}",
                 g.before_pps, g.during_pps
             ));
         }
@@ -503,6 +511,59 @@ mod tests {
         assert!(Stat::of(&[]).is_none());
         assert_eq!(s.show(0), "3 (1-5)");
         assert_eq!(Stat::of(&[7.0]).unwrap().show(0), "7");
+    }
+
+    #[test]
+    fn guest_speed_and_cpu_shares_show_in_the_table_and_the_notes() {
+        use crate::cpu::Window;
+        use crate::progress::GuestSpeed;
+        let mut rows = vec![row("livemig", 0, true, Some(true), 1000)];
+        for (i, (pct, run)) in [(50.0, 20.0), (80.0, 30.0)].into_iter().enumerate() {
+            let mut r = row("livemig", i as u32 + 1, true, Some(true), 1000);
+            r.outcome.guest_speed = Some(GuestSpeed {
+                before_pps: 0.6,
+                during_pps: 0.6 * pct / 100.0,
+            });
+            r.outcome.guest_speed_pct = Some(pct);
+            r.outcome.cpu_before = Some(Window {
+                vcpu_run_pct: 40.0,
+                vcpu_wait_pct: 55.0,
+                others_pct: 1.0,
+            });
+            r.outcome.cpu_during = Some(Window {
+                vcpu_run_pct: run,
+                vcpu_wait_pct: 100.0 - run,
+                others_pct: 12.0,
+            });
+            rows.push(r);
+        }
+        let aggs = aggregate(&rows);
+        let a = &aggs[0];
+        // The run without figures does not count in their medians.
+        assert_eq!(a.guest_speed_pct.unwrap().n, 2);
+        assert_eq!(a.guest_speed_pct.unwrap().median, 65.0);
+        assert_eq!(a.vcpu_run_pct.unwrap().median, 25.0);
+        let t = markdown_table(&aggs, &rows);
+        assert!(
+            t.contains("| guest speed % | vCPU CPU % | migration CPU % |"),
+            "{t}"
+        );
+        assert!(t.contains("| 65 (50-80) | 25 (20-30) | 12 |"), "{t}");
+        assert!(
+            t.contains(
+                "guest 0.60 passes/s before, 0.30 during (1.50 and 1.50 per vCPU CPU-second); \
+                 before: vCPU 40% on a CPU, 55% waiting for one, other threads 1%; \
+                 during: vCPU 20% on a CPU, 80% waiting for one"
+            ),
+            "{t}"
+        );
+        assert!(
+            t.contains("- guest speed %: the incrementer's passes per second"),
+            "{t}"
+        );
+        // Without any figure there is no explanation line.
+        let plain = markdown_table(&aggregate(&rows[..1]), &rows[..1]);
+        assert!(!plain.contains("- guest speed %"), "{plain}");
     }
 
     #[test]
