@@ -267,7 +267,9 @@ mod tests {
         });
         let t = summary(&s);
         assert!(
-            t.contains("precopy was NOT converging: the guest dirties 1400 MB/s, the link sends 1170 MB/s"),
+            t.contains(
+                "precopy was NOT converging: the guest dirties 1400 MB/s, the link sends 1170 MB/s"
+            ),
             "{t}"
         );
         // A converging one says nothing more.

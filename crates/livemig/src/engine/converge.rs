@@ -115,7 +115,10 @@ mod tests {
                 d.contains("NOT converging") && d.contains("auto-converge or postcopy"),
                 "{d}"
             );
-            assert!(d.contains(&format!("dirties {:.0} MB/s", dirty / 1e6)), "{d}");
+            assert!(
+                d.contains(&format!("dirties {:.0} MB/s", dirty / 1e6)),
+                "{d}"
+            );
         }
     }
 

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use super::ack;
 use super::channels::{ChannelSetup, ChannelWriter, Known, PageEncoding, SendChannels};
+use super::converge;
 use super::digest::{hash_sample, hex, memory_digest, RunningDigest, CHUNK as DIGEST_CHUNK};
 use super::handle::Reconnect;
 use super::handle::{MigrationHandle, SyncPoint};
@@ -23,7 +24,6 @@ use super::postcopy::{
     PushBatch, PAUSE_BYTES, PROGRESS_GRACE, PUSH_WINDOW,
 };
 use super::search::{PageSearch, Untouched};
-use super::converge;
 use super::shrink;
 use super::stats::{
     CompressionStats, Convergence, MigrationStats, PauseBreakdown, Status, XbzrleStats,
