@@ -35,10 +35,15 @@ fn parse_schedstat(s: &str) -> Option<(u64, u64)> {
 /// The threads of `pid` now (None when the process is gone or has no vCPU
 /// thread).
 pub fn sample(pid: u32) -> Option<Sample> {
+    sample_in(std::path::Path::new("/proc"), pid)
+}
+
+/// [`sample`] under `proc` (a procfs, or a copy of its layout).
+fn sample_in(proc: &std::path::Path, pid: u32) -> Option<Sample> {
     let at = Instant::now();
     let mut vcpu = None;
     let mut total = 0;
-    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+    for t in std::fs::read_dir(proc.join(pid.to_string()).join("task"))
         .ok()?
         .flatten()
     {
@@ -125,25 +130,30 @@ mod tests {
     }
 
     #[test]
-    fn a_process_without_a_vcpu_thread_has_no_sample() {
-        // This test process has no thread named like a vCPU.
-        assert!(sample(std::process::id()).is_none());
+    fn samples_find_the_vcpu_thread_by_name_and_sum_all_threads() {
+        let root = std::env::temp_dir().join(format!("cpu-test-{}", std::process::id()));
+        let thread = |tid: u32, comm: &str, stat: &str| {
+            let d = root.join("7/task").join(tid.to_string());
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("comm"), format!("{comm}\n")).unwrap();
+            std::fs::write(d.join("schedstat"), stat).unwrap();
+        };
+        thread(7, "qemu-system-x86", "100 5 1\n");
+        thread(8, "multifdsend_0", "1000 7 2\n");
+        // No vCPU thread yet: no sample.
+        assert!(sample_in(&root, 7).is_none());
+        thread(9, "CPU 0/KVM", "50000 9000 3\n");
+        let s = sample_in(&root, 7).unwrap();
+        assert_eq!((s.vcpu, s.total), ((50000, 9000), 51100));
+        // minivm's name too; an unreadable line is skipped.
+        std::fs::remove_dir_all(root.join("7/task/9")).unwrap();
+        thread(9, "vcpu0", "70 1 1\n");
+        thread(10, "livemig-ch1", "garbage\n");
+        let s = sample_in(&root, 7).unwrap();
+        assert_eq!((s.vcpu, s.total), ((70, 1), 1170));
+        assert!(sample_in(&root, 8).is_none());
+        std::fs::remove_dir_all(&root).unwrap();
+        // The real procfs: no such process.
         assert!(sample(u32::MAX).is_none());
-        // A thread named like minivm's is found and its time counted.
-        let h = std::thread::Builder::new()
-            .name("vcpu0".into())
-            .spawn(|| {
-                let t = Instant::now();
-                while t.elapsed() < Duration::from_millis(300) {
-                    std::hint::spin_loop();
-                }
-            })
-            .unwrap();
-        std::thread::sleep(Duration::from_millis(20));
-        let a = sample(std::process::id()).expect("vcpu0 found");
-        h.join().unwrap();
-        // Gone once joined.
-        assert!(sample(std::process::id()).is_none());
-        assert!(a.vcpu.0 > 0 && a.total >= a.vcpu.0);
     }
 }
