@@ -94,8 +94,9 @@
 //! raw pages at consecutive offsets of one block, as `count` RAW records
 //! would, with one header. The destination checks the whole run against
 //! the block (and the run's position in the stream) before any of its
-//! bytes lands, then copies the pages from its receive buffer into guest
-//! memory, checksumming them in the same pass; the section
+//! bytes lands, then lands the pages in guest memory (those already in
+//! its receive buffer copied and checksummed in one pass, the rest read
+//! from the transport straight into place); the section
 //! checksum covers them as it covers every byte, so a corrupt run is
 //! refused at its SECTION_END (the guest has not run: memory that failed
 //! to load is never started). RUN is a precopy record: after POSTCOPY the
