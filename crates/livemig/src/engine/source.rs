@@ -628,6 +628,11 @@ impl<'a> RamSaver<'a> {
             {
                 self.sync(tracker)?;
                 self.barrier(&mut w)?;
+                if self.postcopy_wanted() {
+                    // The sync decided the switch: no step more (each
+                    // one lets the guest dirty more for postcopy to send).
+                    continue;
+                }
             } else if switch_due && self.remaining_bytes() == 0 {
                 // Nothing to send, and the sync is not due yet: let the
                 // guest run (a short nap at a time, so a cancel or new
@@ -775,16 +780,17 @@ impl<'a> RamSaver<'a> {
     }
 
     /// Postcopy `auto` measures the guest's dirty rate during the first
-    /// pass too: a sync every [`PROBE_PERIOD`] once precopy has sent
-    /// something (precopy alone syncs only near the pass's end). The
-    /// prediction needs only the average rate sent at so far, not a full
-    /// bandwidth period (100 ms): a guest that precopy cannot move is
-    /// known two probes after the start.
+    /// pass too: a first sync as precopy starts (the harvest later ones
+    /// are measured against), then one every [`PROBE_PERIOD`] once
+    /// precopy has sent something (precopy alone syncs only near the
+    /// pass's end). The prediction needs only the average rate sent at so
+    /// far, not a full bandwidth period (100 ms): a guest that precopy
+    /// cannot move is known one or two probes after the start.
     fn probe_due(&self) -> bool {
         self.auto_postcopy()
             && self.search.is_bulk()
-            && self.last_sync.elapsed() >= PROBE_PERIOD
-            && self.average_bandwidth() > 0.0
+            && (self.sync_count == 0
+                || (self.last_sync.elapsed() >= PROBE_PERIOD && self.average_bandwidth() > 0.0))
     }
 
     /// Bytes/s precopy has sent at since the setup (0 before the first
@@ -1751,7 +1757,15 @@ impl<'a> RamSaver<'a> {
         }
         if self.auto_postcopy() {
             let left = self.remaining_bytes() / PAGE_SIZE as u64;
-            let (n, bw) = (self.guest_pages(), self.average_bandwidth());
+            // Before any page went out (the first probe, as precopy
+            // starts) the rate sent at says nothing: the harvest only
+            // becomes the one later probes are measured against.
+            let bw = if self.pages_sent == 0 {
+                0.0
+            } else {
+                self.average_bandwidth()
+            };
+            let n = self.guest_pages();
             self.auto_switch
                 .sync(&self.fresh, t - self.last_sync, n, left, bw);
         }

@@ -25,9 +25,25 @@
 //!
 //! **Rule**: `auto` switches when the predicted re-send is at least
 //! [`RESEND_SHARE`] of guest memory at [`STREAK`] syncs in a row (a single
-//! sync's burst, such as a hot set's first report, is not enough). To know
-//! early, an `auto` source syncs every [`PROBE_PERIOD`] during the first
-//! pass (bulk stage), where precopy alone syncs only near the pass's end.
+//! sync's burst, such as a hot set's first report, is not enough), or at
+//! once when one sync measured against an earlier harvest finds the guest
+//! dirtying new pages at least [`FAR_RATIO`] times as fast as precopy
+//! sends (`ρ ≥ FAR_RATIO`: see below). To know early, an `auto` source
+//! syncs as precopy starts and then every [`PROBE_PERIOD`] during the
+//! first pass (bulk stage), where precopy alone syncs only near the
+//! pass's end.
+//!
+//! **Far below the dirty rate.** On a link much slower than the guest's
+//! writes (a vCPU sweeping 1 GiB/s over a 1 Gbit/s link: `ρ ≈ 8`), every
+//! millisecond of precopy turns about a megabyte of memory the guest had
+//! not written yet into data that postcopy must then carry, against the
+//! ~0.12 MB precopy moved meanwhile: waiting for a second confirming sync
+//! costs a probe period of that. One sync is enough there because its
+//! rate is measured, not guessed: the pages it reports that the previous
+//! harvest did not (a hot set reported again counts nothing), against
+//! what precopy really sent since it started (bytes written, which socket
+//! buffers only inflate early on: that makes `ρ` smaller, never larger).
+//! The first harvest, with nothing before it, never decides alone.
 //! This extends "precopy stops making progress" (the remaining set does
 //! not shrink over a sync, checked after the first pass) to "precopy's
 //! progress is predicted to cost at least an eighth of memory again"; the
@@ -41,14 +57,19 @@ use crate::memory::PAGE_SIZE;
 
 /// How often an `auto` source syncs during the first pass, to measure the
 /// guest's dirty rate early (a sync of a 1 GiB guest's log costs well under
-/// a millisecond; two probes decide, so the switch comes ~2 periods after
-/// the start).
-pub(crate) const PROBE_PERIOD: Duration = Duration::from_millis(20);
+/// a millisecond: ~60 µs measured; after the first sync at the start, one
+/// probe decides a guest far faster than the link, two any other, so the
+/// switch comes one or two periods after the start).
+pub(crate) const PROBE_PERIOD: Duration = Duration::from_millis(10);
 /// `auto` switches when precopy is predicted to re-send at least this share
 /// of guest memory.
 pub(crate) const RESEND_SHARE: f64 = 1.0 / 8.0;
 /// Consecutive syncs that must predict it.
 pub(crate) const STREAK: u32 = 2;
+/// A sync measured against an earlier harvest that finds the guest
+/// dirtying new pages at least this many times as fast as precopy sends
+/// switches on its own.
+pub(crate) const FAR_RATIO: f64 = 2.0;
 
 /// What one dirty sync tells about precopy's future.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -100,6 +121,12 @@ impl Prediction {
     pub fn wasteful(&self, guest_pages: u64) -> bool {
         self.resend_pages >= guest_pages as f64 * RESEND_SHARE
     }
+
+    /// The guest dirties new pages at least [`FAR_RATIO`] times as fast as
+    /// precopy sends them.
+    pub fn far_below(&self) -> bool {
+        self.ratio >= FAR_RATIO
+    }
 }
 
 /// Pages set in `fresh` and not in `prev` (per block; a block `prev` lacks
@@ -125,7 +152,12 @@ pub(crate) fn new_pages(prev: &[DirtyBitmap], fresh: &[DirtyBitmap]) -> u64 {
 #[derive(Clone, Debug, Default)]
 pub(crate) struct AutoSwitch {
     prev: Vec<DirtyBitmap>,
+    /// Harvests seen (the first has nothing to be measured against).
+    harvests: u64,
     streak: u32,
+    /// A sync measured against an earlier harvest found the link far
+    /// below the dirty rate ([`Prediction::far_below`]).
+    far: bool,
     /// The last sync's prediction.
     last: Option<Prediction>,
 }
@@ -157,14 +189,20 @@ impl AutoSwitch {
                 *p = f.clone();
             }
         }
-        self.observe(&s)
+        let measured = self.harvests > 0;
+        self.harvests += 1;
+        self.observe(&s, measured)
     }
 
-    /// Counts one sample into the streak.
-    fn observe(&mut self, s: &SyncSample) -> Option<Prediction> {
+    /// Counts one sample into the streak; `measured`: its new pages were
+    /// counted against an earlier harvest.
+    fn observe(&mut self, s: &SyncSample, measured: bool) -> Option<Prediction> {
         let p = Prediction::from(s);
         match p {
-            Some(p) if p.wasteful(s.guest_pages) => self.streak += 1,
+            Some(p) if p.wasteful(s.guest_pages) => {
+                self.streak += 1;
+                self.far |= measured && p.far_below();
+            }
             Some(_) => self.streak = 0,
             // Nothing measured: the streak neither grows nor breaks.
             None => {}
@@ -173,9 +211,11 @@ impl AutoSwitch {
         p
     }
 
-    /// True once [`STREAK`] syncs in a row predicted a wasteful precopy.
+    /// True once [`STREAK`] syncs in a row predicted a wasteful precopy,
+    /// or one sync measured against an earlier harvest found the link far
+    /// below the guest's dirty rate.
     pub fn wants_switch(&self) -> bool {
-        self.streak >= STREAK
+        self.streak >= STREAK || self.far
     }
 
     /// The last sync's prediction.
@@ -316,12 +356,125 @@ mod tests {
         let mut a = AutoSwitch::default();
         let fast = sample(20_000, GIB_PAGES / 2);
         let calm = sample(0, GIB_PAGES / 2);
-        a.observe(&fast);
+        a.observe(&fast, false);
         assert!(!a.wants_switch());
-        a.observe(&calm);
-        a.observe(&fast);
+        a.observe(&calm, false);
+        a.observe(&fast, false);
         assert!(!a.wants_switch());
-        a.observe(&fast);
+        a.observe(&fast, false);
+        assert!(a.wants_switch());
+    }
+
+    /// 1 Gbit/s as precopy measures it (bytes written per second).
+    const GBIT: f64 = 117e6;
+
+    /// `k` probes of a writer sweeping `per_probe` pages per probe from
+    /// page 5000 on a link of `bw` bytes/s: the probe (1-based) at which
+    /// the rule first wants the switch.
+    fn first_switch(per_probe: u64, bw: f64, probes: u64) -> Option<u64> {
+        let mut a = AutoSwitch::default();
+        let mut writer = 5000;
+        for k in 1..=probes {
+            let fresh = harvest(writer, per_probe);
+            writer += per_probe;
+            let sent = (bw * PROBE.as_secs_f64() * k as f64) as u64 / PAGE_SIZE as u64;
+            a.sync(&fresh, PROBE, GIB_PAGES, GIB_PAGES - sent, bw);
+            if a.wants_switch() {
+                return Some(k);
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn a_sweep_far_faster_than_the_link_switches_at_the_first_measured_probe() {
+        // 1 GiB/s of new pages over 1 Gbit/s: ρ ≈ 9. The first harvest has
+        // nothing before it and never decides alone; the second does.
+        let per_probe = (GIB_PAGES as f64 * PROBE.as_secs_f64()) as u64;
+        let mut a = AutoSwitch::default();
+        let p = a
+            .sync(&harvest(5000, per_probe), PROBE, GIB_PAGES, GIB_PAGES, GBIT)
+            .unwrap();
+        assert!(p.far_below(), "{p:?}");
+        assert!(!a.wants_switch(), "a first harvest alone: {p:?}");
+        let p = a
+            .sync(
+                &harvest(5000 + per_probe, per_probe),
+                PROBE,
+                GIB_PAGES,
+                GIB_PAGES,
+                GBIT,
+            )
+            .unwrap();
+        assert!((p.ratio - 9.18).abs() < 0.05, "{p:?}");
+        assert!(a.wants_switch(), "{p:?}");
+        assert_eq!(first_switch(per_probe, GBIT, 5), Some(2));
+    }
+
+    #[test]
+    fn the_same_sweep_on_a_fast_link_still_needs_two_wasteful_probes() {
+        // Loopback (3 GB/s, ρ ≈ 0.36): the streak rule, as before.
+        let per_probe = (GIB_PAGES as f64 * PROBE.as_secs_f64()) as u64;
+        assert_eq!(first_switch(per_probe, BW, 5), Some(2));
+        // 10 Gbit/s as measured (1.17 GB/s, ρ ≈ 0.92): not far below.
+        let mut a = AutoSwitch::default();
+        for k in 0..2 {
+            let fresh = harvest(5000 + k * per_probe, per_probe);
+            let p = a.sync(&fresh, PROBE, GIB_PAGES, GIB_PAGES, 1.17e9).unwrap();
+            assert!(!p.far_below(), "{p:?}");
+        }
+        assert!(a.wants_switch(), "{:?}", a.last());
+    }
+
+    #[test]
+    fn a_ratio_between_one_and_far_needs_the_streak() {
+        // ρ = 1.5: precopy cannot converge, but one sync is not enough.
+        let link_pages = BW / PAGE_SIZE as f64 * PROBE.as_secs_f64();
+        let per_probe = (1.5 * link_pages) as u64;
+        let mut a = AutoSwitch::default();
+        // A calm first harvest, then the fast ones.
+        a.sync(&harvest(0, 10), PROBE, GIB_PAGES, GIB_PAGES, BW);
+        let p = a
+            .sync(&harvest(100, per_probe), PROBE, GIB_PAGES, GIB_PAGES, BW)
+            .unwrap();
+        assert!((p.ratio - 1.5).abs() < 0.01, "{p:?}");
+        assert!(!p.far_below() && !a.wants_switch(), "{p:?}");
+        a.sync(
+            &harvest(100 + per_probe, per_probe),
+            PROBE,
+            GIB_PAGES,
+            GIB_PAGES,
+            BW,
+        );
+        assert!(a.wants_switch(), "{:?}", a.last());
+    }
+
+    #[test]
+    fn a_hot_set_far_above_the_link_does_not_switch() {
+        // 100 MB rewritten again and again on a 1 Gbit/s link: the first
+        // harvest looks far above it, the later ones see nothing new.
+        let hot = 25_600;
+        let mut a = AutoSwitch::default();
+        for k in 1..20 {
+            let p = a
+                .sync(&harvest(1000, hot), PROBE, GIB_PAGES, GIB_PAGES, GBIT)
+                .unwrap();
+            assert!(!a.wants_switch(), "sync {k}: {p:?}");
+        }
+    }
+
+    #[test]
+    fn a_far_sample_before_the_link_is_measured_decides_nothing() {
+        // No bandwidth yet (nothing sent): no prediction, whatever the
+        // guest dirtied, and the next sync is still the first measured one.
+        let mut a = AutoSwitch::default();
+        let fresh = harvest(0, 50_000);
+        assert_eq!(a.sync(&fresh, PROBE, GIB_PAGES, GIB_PAGES, 0.0), None);
+        assert!(!a.wants_switch());
+        let p = a
+            .sync(&harvest(50_000, 50_000), PROBE, GIB_PAGES, GIB_PAGES, GBIT)
+            .unwrap();
+        assert!(p.far_below(), "{p:?}");
         assert!(a.wants_switch());
     }
 
