@@ -16,7 +16,8 @@ use serde_json::json;
 
 use crate::units::human;
 use crate::vm::{
-    check_kvm, self_check, start_source, warm_up, VmIncomingArgs, VmMigrateArgs, UNCONFIRMED_HINT,
+    check_kvm, guest_json, self_check, start_source, warm_up, VmIncomingArgs, VmMigrateArgs,
+    UNCONFIRMED_HINT,
 };
 
 /// Refuses, naming the flag, a setting local mode cannot honour (no page
@@ -215,15 +216,7 @@ pub fn vm_incoming(a: VmIncomingArgs) -> Result<()> {
             "state-bytes": received.state_bytes,
             "socket-bytes": received.socket_bytes,
             "ran-seconds": ran,
-            "guest": {
-                "heartbeats": after.heartbeats(),
-                "pages-written-before": before.pages_written(),
-                "pages-written": after.pages_written(),
-                "write-rate": ((after.pages_written() - before.pages_written()) as f64 * 4096.0 / ran) as u64,
-                "self-check": self_check(&after),
-                "failures": after.failures(),
-                "errors": after.errors,
-            },
+            "guest": guest_json(&before, &after, ran),
         }))?;
     }
     crate::vm::judge_received(&before, &after, !a.json && !a.quiet)

@@ -338,13 +338,23 @@ pub struct MigrateArgs {
     pub tls: crate::tls::TlsSourceArgs,
     /// Zero-copy local migration to `incoming --local` on this host
     /// (unix:PATH only): the memory, in memfds, is handed over instead of
-    /// copied; the workload pauses only for the hand-over.
+    /// copied; the workload pauses only for the hand-over. Settings that
+    /// shape how pages travel (--channels above 1, --compress, --xbzrle,
+    /// --postcopy, --postcopy-preempt, TLS) are refused.
     #[arg(long)]
     pub local: bool,
 }
 
-/// `livemig save`.
+/// `livemig save`. The flags of a live peer (postcopy, its recovery, the
+/// I/O timeout) are accepted as by `migrate` but left out of the help: a
+/// file has no peer.
 #[derive(Args, Debug)]
+#[command(
+    mut_arg("postcopy", |a| a.hide(true)),
+    mut_arg("postcopy_preempt", |a| a.hide(true)),
+    mut_arg("resume_to", |a| a.hide(true)),
+    mut_arg("io_timeout", |a| a.hide(true))
+)]
 pub struct SaveArgs {
     /// Snapshot file to write.
     pub file: PathBuf,
@@ -367,8 +377,14 @@ pub struct IncomingArgs {
     pub local: bool,
 }
 
-/// `livemig load`.
+/// `livemig load`. As for `save`, the flags of a live peer are accepted
+/// (as by `incoming`) but left out of the help.
 #[derive(Args, Debug)]
+#[command(
+    mut_arg("postcopy", |a| a.hide(true)),
+    mut_arg("recover_on", |a| a.hide(true)),
+    mut_arg("io_timeout", |a| a.hide(true))
+)]
 pub struct LoadArgs {
     /// Snapshot file to read.
     pub file: PathBuf,
@@ -647,6 +663,9 @@ fn run_dest(uri: &Uri, o: &DestOpts, tls: Option<&TlsConfig>) -> Result<()> {
                 "urgent-pages": pc.urgent_pages,
                 "channel-pages": pc.channel_pages,
                 "requests": pc.requests,
+                "faults": pc.faults.faults,
+                "local-faults": pc.faults.local_faults,
+                "local-pages": pc.faults.local_pages,
             })),
         });
         crate::jsonout::print(&v)?;
@@ -666,8 +685,13 @@ fn run_dest(uri: &Uri, o: &DestOpts, tls: Option<&TlsConfig>) -> Result<()> {
         );
         match pc {
             Some(pc) => eprintln!(
-                "postcopy: {} pages were stale at the switch, {} placed after it in {} ms",
-                pc.discarded_pages, pc.placed_pages, pc.postcopy_time
+                "postcopy: {} pages were stale at the switch, {} placed after it in {} ms; {} remote faults, {} local faults ({} never-written pages zero-filled here)",
+                pc.discarded_pages,
+                pc.placed_pages,
+                pc.postcopy_time,
+                pc.faults.faults,
+                pc.faults.local_faults,
+                pc.faults.local_pages
             ),
             None if o.postcopy => {
                 eprintln!("the source did not switch to postcopy")

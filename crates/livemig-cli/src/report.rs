@@ -201,6 +201,13 @@ pub fn summary(s: &MigrationStats) -> String {
             s.postcopy_latency_p99.unwrap_or(0),
             s.postcopy_blocktime.unwrap_or(0),
         );
+        if let Some(n) = s.postcopy_local_faults {
+            out += &format!(
+                "; {n} local faults (never-written pages zero-filled on the destination: {} pages, mean {} us)",
+                s.postcopy_local_pages.unwrap_or(0),
+                s.postcopy_local_latency.unwrap_or(0),
+            );
+        }
         if let Some(d) = s
             .postcopy_latency_dist
             .as_ref()
@@ -301,11 +308,14 @@ mod tests {
             postcopy_latency_p99: Some(172),
             postcopy_blocktime: Some(12),
             postcopy_latency_dist: Some(vec![1, 0, 0, 0, 0, 0, 7, 2]),
+            postcopy_local_faults: Some(3),
+            postcopy_local_pages: Some(1536),
+            postcopy_local_latency: Some(41),
             ..MigrationStats::default()
         };
         let t = summary(&s);
         assert!(
-            t.contains("p50 88 us, p99 172 us; vCPU blocktime 12 ms"),
+            t.contains("p50 88 us, p99 172 us; vCPU blocktime 12 ms; 3 local faults (never-written pages zero-filled on the destination: 1536 pages, mean 41 us)"),
             "{t}"
         );
         assert!(

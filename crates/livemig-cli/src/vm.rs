@@ -132,8 +132,19 @@ impl ConvergeArgs {
     }
 }
 
-/// `livemig demo`.
+/// `livemig demo`. The demo starts its destination itself (with
+/// --postcopy when the source has it); that destination does not listen
+/// for a reconnect, so --resume-to is left out of the help.
 #[derive(Args, Debug)]
+#[command(
+    mut_arg("postcopy", |a| a.help(
+        "Postcopy (capability postcopy-ram, switch-over auto): when precopy stops making \
+         progress, or the last pages would not fit the downtime limit, the guest moves to the \
+         destination at once and its missing pages follow on demand (the demo's destination \
+         gets --postcopy too)"
+    )),
+    mut_arg("resume_to", |a| a.hide(true))
+)]
 pub struct DemoArgs {
     #[command(flatten)]
     pub layout: LayoutArgs,
@@ -174,8 +185,10 @@ pub struct VmMigrateArgs {
     /// Zero-copy local migration to `vm-incoming --local` on this host
     /// (unix:PATH only): the guest's memory (memfd-backed, so --memfd is
     /// implied) is handed over with its descriptors, not copied; the pause
-    /// does not grow with memory size. Page settings (channels,
-    /// compression, XBZRLE, postcopy, bandwidth) do not apply.
+    /// does not grow with memory size. Settings that shape how pages
+    /// travel (--channels above 1, --compress, --xbzrle, --postcopy,
+    /// --postcopy-preempt, TLS) are refused; --max-bandwidth and the
+    /// downtime settings have nothing to act on.
     #[arg(long)]
     pub local: bool,
     #[command(flatten)]
@@ -323,6 +336,20 @@ pub(crate) fn self_check(s: &GuestStatus) -> &'static str {
     } else {
         "failed"
     }
+}
+
+/// The `guest` object of a destination's JSON: how the received guest
+/// did over the `ran` seconds from `before` (its resume) to `after`.
+pub(crate) fn guest_json(before: &GuestStatus, after: &GuestStatus, ran: f64) -> Value {
+    json!({
+        "heartbeats": after.heartbeats(),
+        "pages-written-before": before.pages_written(),
+        "pages-written": after.pages_written(),
+        "write-rate": ((after.pages_written() - before.pages_written()) as f64 * 4096.0 / ran) as u64,
+        "self-check": self_check(after),
+        "failures": after.failures(),
+        "errors": after.errors,
+    })
 }
 
 /// The running source VM and what it was asked to do.
@@ -758,14 +785,16 @@ pub fn vm_incoming(a: VmIncomingArgs) -> Result<()> {
     if say {
         match &arrived.postcopy {
             Some(pc) => eprintln!(
-                "postcopy: {} pages fetched or pushed after the switch in {} ms, {} requests, {} remote faults, fault latency p50 {} us p99 {} us, blocktime {} ms",
+                "postcopy: {} pages fetched or pushed after the switch in {} ms, {} requests, {} remote faults, fault latency p50 {} us p99 {} us, blocktime {} ms; {} local faults ({} never-written pages zero-filled here)",
                 pc.placed_pages,
                 pc.postcopy_time,
                 pc.requests,
                 pc.faults.faults,
                 pc.faults.p50_us,
                 pc.faults.p99_us,
-                pc.faults.blocktime_us / 1000
+                pc.faults.blocktime_us / 1000,
+                pc.faults.local_faults,
+                pc.faults.local_pages,
             ),
             None if a.postcopy => {
                 eprintln!("loaded in {load_ms} ms (precopy: the source did not switch)")
@@ -782,6 +811,9 @@ pub fn vm_incoming(a: VmIncomingArgs) -> Result<()> {
             "latency-p50": pc.faults.p50_us,
             "latency-p99": pc.faults.p99_us,
             "blocktime-us": pc.faults.blocktime_us,
+            "local-faults": pc.faults.local_faults,
+            "local-pages": pc.faults.local_pages,
+            "local-latency": pc.faults.local_us.checked_div(pc.faults.local_faults).unwrap_or(0),
             "postcopy-time": pc.postcopy_time,
             "urgent-pages": pc.urgent_pages,
             "channel-pages": pc.channel_pages,
@@ -958,15 +990,7 @@ fn run_received(
             "verified": digest.is_some(),
             "digest": digest,
             "ran-seconds": ran,
-            "guest": {
-                "heartbeats": after.heartbeats(),
-                "pages-written-before": before.pages_written(),
-                "pages-written": after.pages_written(),
-                "write-rate": ((after.pages_written() - before.pages_written()) as f64 * 4096.0 / ran) as u64,
-                "self-check": self_check(&after),
-                "failures": after.failures(),
-                "errors": after.errors,
-            },
+            "guest": guest_json(&before, &after, ran),
         });
         crate::jsonout::print(&v)?;
     }

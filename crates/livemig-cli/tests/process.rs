@@ -54,6 +54,11 @@ fn tcp_postcopy_between_processes() {
     assert!(s["postcopy-time"].is_u64(), "switched to postcopy: {s}");
     assert!(s["ram"]["postcopy-bytes"].as_u64().unwrap() > 0, "{s}");
     assert!(d["postcopy"]["placed-pages"].as_u64().unwrap() > 0, "{d}");
+    // Both sides give the destination's local-fault count; nothing runs
+    // on a process destination to touch its memory, so there are none.
+    assert_eq!(s["postcopy-local-faults"], d["postcopy"]["local-faults"]);
+    assert_eq!(s["postcopy-local-faults"], 0, "{s}");
+    assert_eq!(d["postcopy"]["local-pages"], 0, "{d}");
     assert_eq!(
         s["digest"], d["digest"],
         "destination memory == source memory at the switch"
@@ -228,12 +233,59 @@ fn source_survives_a_destination_that_hangs_up() {
 
 #[test]
 fn help_on_every_subcommand() {
-    for sub in ["migrate", "incoming", "save", "load"] {
+    for sub in [
+        "migrate",
+        "incoming",
+        "save",
+        "load",
+        "bench",
+        "demo",
+        "vm-migrate",
+        "vm-incoming",
+        "dirtyrate",
+        "control",
+        "tls-keygen",
+    ] {
         let out = livemig(&[sub, "--help"]).output().unwrap();
         assert!(out.status.success());
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(text.contains("Usage: livemig"), "{sub}: {text}");
     }
+}
+
+#[test]
+fn flags_a_file_or_the_demo_cannot_use_are_out_of_their_help_but_accepted() {
+    let help = |sub: &str| {
+        let out = livemig(&[sub, "--help"]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    for (sub, hidden) in [
+        ("save", &["--postcopy", "--resume-to", "--io-timeout"][..]),
+        ("load", &["--postcopy", "--recover-on", "--io-timeout"][..]),
+        ("demo", &["--resume-to"][..]),
+    ] {
+        let text = help(sub);
+        for flag in hidden {
+            assert!(!text.contains(flag), "{sub} --help lists {flag}: {text}");
+        }
+    }
+    assert!(help("migrate").contains("--resume-to"));
+    assert!(help("incoming").contains("--recover-on"));
+    // Still parsed: the failure is the missing file's, not the flags'.
+    let out = livemig(&[
+        "load",
+        "/nonexistent/livemig-hidden-flags",
+        "--postcopy",
+        "--recover-on",
+        "tcp:127.0.0.1:1",
+        "--io-timeout",
+        "5",
+    ])
+    .output()
+    .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("No such file"), "{err}");
 }
 
 #[test]

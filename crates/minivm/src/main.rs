@@ -48,8 +48,8 @@ enum Cmd {
 
 #[derive(clap::Args)]
 struct BenchArgs {
-    /// Start-pause part: guest memory (populated from the host first).
-    #[arg(long, value_parser = parse_size, default_value = "8G")]
+    /// Start-pause part: guest memory (populated from the host first; K/M/G suffix).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "8G")]
     stall_mem: u64,
     /// Start-pause part: vCPUs.
     #[arg(long, default_value_t = 2)]
@@ -62,8 +62,8 @@ struct BenchArgs {
     /// (compared with the default 18 = 1 GiB).
     #[arg(long, default_value_t = 12)]
     small_chunk_shift: u32,
-    /// Migration part: guest memory.
-    #[arg(long, value_parser = parse_size, default_value = "2G")]
+    /// Migration part: guest memory (K/M/G suffix).
+    #[arg(short = 'm', long, value_name = "SIZE", value_parser = parse_size, default_value = "2G")]
     mem: u64,
     /// Migration part: vCPUs.
     #[arg(long, default_value_t = 2)]

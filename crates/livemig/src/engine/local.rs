@@ -741,21 +741,7 @@ pub fn migrate(
             })
         }
         Err(e) => {
-            if paused && !sent_go {
-                if let Err(re) = vm.resume() {
-                    log::error!("cannot resume the source guest after '{e}': {re}");
-                }
-            }
-            let e = if handle.is_cancelled() && !sent_go {
-                MigrationError::Cancelled
-            } else {
-                e
-            };
-            let status = if matches!(e, MigrationError::Cancelled) {
-                Status::Cancelled
-            } else {
-                Status::Failed
-            };
+            let (e, status) = super::source::settle_failure(vm, handle, paused, sent_go, e);
             handle.update_stats(|s| {
                 s.status = status;
                 s.total_time = ms(t0.elapsed());

@@ -224,29 +224,42 @@ impl<'a> Source<'a> {
             }
             Err(e) => {
                 vm.set_throttle(0);
-                if paused && !sent_go {
-                    if let Err(re) = vm.resume() {
-                        log::error!("cannot resume the source guest after '{e}': {re}");
-                    }
-                }
-                // A cancel can surface as another error (an interrupted wait
-                // for a reply): it is still a cancel, unless GO went out.
-                let e = if handle.is_cancelled() && !sent_go {
-                    MigrationError::Cancelled
-                } else {
-                    e
-                };
-                let status = if matches!(e, MigrationError::Cancelled) {
-                    Status::Cancelled
-                } else {
-                    Status::Failed
-                };
+                let (e, status) = settle_failure(vm, &handle, paused, sent_go, e);
                 saver.throttle = 0;
                 saver.publish(status, tracker.name(), Some(e.to_string()));
                 Err(e)
             }
         }
     }
+}
+
+/// After a failed migration (`e`): resumes the source guest if this side
+/// paused it and GO never went out, and says how it ended. A cancel can
+/// surface as another error (an interrupted wait for a reply): it is
+/// still a cancel, unless GO went out.
+pub(crate) fn settle_failure(
+    vm: &mut dyn VmControl,
+    handle: &MigrationHandle,
+    paused: bool,
+    sent_go: bool,
+    e: MigrationError,
+) -> (MigrationError, Status) {
+    if paused && !sent_go {
+        if let Err(re) = vm.resume() {
+            log::error!("cannot resume the source guest after '{e}': {re}");
+        }
+    }
+    let e = if handle.is_cancelled() && !sent_go {
+        MigrationError::Cancelled
+    } else {
+        e
+    };
+    let status = if matches!(e, MigrationError::Cancelled) {
+        Status::Cancelled
+    } else {
+        Status::Failed
+    };
+    (e, status)
 }
 
 /// The return path: none (a file), borrowed from the caller, or owned
@@ -2096,6 +2109,10 @@ impl<'a> RamSaver<'a> {
                 s.postcopy_latency_dist = Some(f.buckets.clone());
                 s.postcopy_latency_p50 = Some(f.p50_us);
                 s.postcopy_latency_p99 = Some(f.p99_us);
+                s.postcopy_local_faults = Some(f.local_faults);
+                s.postcopy_local_pages = Some(f.local_pages);
+                s.postcopy_local_latency =
+                    Some(f.local_us.checked_div(f.local_faults).unwrap_or(0));
             }
         });
     }

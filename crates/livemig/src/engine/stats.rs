@@ -248,4 +248,17 @@ pub struct MigrationStats {
     /// Milliseconds from the switch to postcopy to the last page.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub postcopy_time: Option<u64>,
+    /// Postcopy: local faults, as the destination counted them: a guest
+    /// thread touched a page valid there but never written, and the
+    /// destination filled it (and up to 2 MiB of valid pages after it)
+    /// with zeros itself, asking the source for nothing. Not part of the
+    /// remote-fault figures above.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postcopy_local_faults: Option<u64>,
+    /// Postcopy: pages those local faults filled with zeros.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postcopy_local_pages: Option<u64>,
+    /// Postcopy: mean µs from reading a local fault to waking its thread.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postcopy_local_latency: Option<u64>,
 }

@@ -382,7 +382,7 @@ impl Uffd {
     /// (a page is already there) is returned as `AlreadyExists`; `EAGAIN`
     /// is retried.
     pub fn copy(&self, dst: u64, src: &[u8]) -> io::Result<()> {
-        loop {
+        retrying(|| {
             let mut arg = UffdioCopy {
                 dst,
                 src: src.as_ptr() as u64,
@@ -394,22 +394,14 @@ impl Uffd {
             // and reads `len` bytes at `src`, which `src` holds. It writes
             // only into pages with no page yet in a range this fd
             // registered (the kernel checks), never over existing memory.
-            let ret = unsafe { ioctl_with_mut_ref(self, nr::UFFDIO_COPY(), &mut arg) };
-            if ret >= 0 {
-                return Ok(());
-            }
-            let e = io::Error::last_os_error();
-            match e.raw_os_error() {
-                Some(libc::EAGAIN) | Some(libc::EINTR) => continue,
-                _ => return Err(e),
-            }
-        }
+            unsafe { ioctl_with_mut_ref(self, nr::UFFDIO_COPY(), &mut arg) }
+        })
     }
 
     /// `UFFDIO_ZEROPAGE`: maps zeros at `[dst, dst + len)` (no page there
     /// yet) and wakes the waiters; `EEXIST` as in [`Uffd::copy`].
     pub fn zeropage(&self, dst: u64, len: u64) -> io::Result<()> {
-        loop {
+        retrying(|| {
             let mut arg = UffdioZeropage {
                 range: UffdioRange { start: dst, len },
                 mode: 0,
@@ -418,16 +410,8 @@ impl Uffd {
             // SAFETY: UFFDIO_ZEROPAGE reads and writes one `uffdio_zeropage`
             // (`arg`); it maps zeros only where no page exists yet in a
             // range this fd registered.
-            let ret = unsafe { ioctl_with_mut_ref(self, nr::UFFDIO_ZEROPAGE(), &mut arg) };
-            if ret >= 0 {
-                return Ok(());
-            }
-            let e = io::Error::last_os_error();
-            match e.raw_os_error() {
-                Some(libc::EAGAIN) | Some(libc::EINTR) => continue,
-                _ => return Err(e),
-            }
-        }
+            unsafe { ioctl_with_mut_ref(self, nr::UFFDIO_ZEROPAGE(), &mut arg) }
+        })
     }
 
     /// `UFFDIO_COPY` of a run of pages: places `src` at `dst` with as few
@@ -754,6 +738,21 @@ impl Pagemap {
         // value, checked against the capacity); `PageRegion` is plain data.
         unsafe { out.set_len(n) };
         Ok(arg.walk_end)
+    }
+}
+
+/// Runs `ioctl` (a call returning a C result, errno on failure) until it
+/// succeeds or fails with another errno than `EAGAIN` or `EINTR`.
+fn retrying(mut ioctl: impl FnMut() -> libc::c_int) -> io::Result<()> {
+    loop {
+        if ioctl() >= 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EAGAIN) | Some(libc::EINTR) => continue,
+            _ => return Err(e),
+        }
     }
 }
 

@@ -240,7 +240,7 @@ type Reply = Arc<Mutex<Option<Box<dyn Write + Send>>>>;
 /// fills with zeros at once (it and the valid pages after it): 2 MiB.
 /// Before, a vCPU sweeping through such memory faulted on every page,
 /// each fault waiting for this thread (~30-60 µs under load).
-const LOCAL_ZERO_PAGES: u64 = 512;
+pub(super) const LOCAL_ZERO_PAGES: u64 = 512;
 
 fn receive_inner<R: Read>(
     mem: &dyn GuestMemory,
@@ -736,6 +736,28 @@ fn same_blocks(mem: &dyn GuestMemory, map: &[usize], list: &[(String, u64)]) -> 
     }
 }
 
+/// Reads the block list that must come next on a reopened connection
+/// and checks it against the migration's. Errors start with `at` and the
+/// byte offset; `missing` says what is wrong when another record comes.
+fn expect_same_blocks<R: Read>(
+    r: &mut StreamReader<R>,
+    mem: &dyn GuestMemory,
+    map: &[usize],
+    at: &str,
+    missing: &str,
+) -> Result<(), String> {
+    let offset = r.offset();
+    let record = r
+        .next_record()
+        .map_err(|e| crate::error_chain(&LoadError::from(e)))?;
+    let Record::BlockList(list) = record else {
+        return Err(format!("{at} {offset}: {missing}"));
+    };
+    let list: BlockList = list.iter().map(|d| (d.id.clone(), d.len)).collect();
+    same_blocks(mem, map, &list)
+        .map_err(|()| format!("{at} {offset}: the block list differs from the migration's"))
+}
+
 /// The connections of a resumed postcopy.
 pub(super) struct Resumed {
     pub(super) main: StreamReader<BoxRead>,
@@ -869,16 +891,13 @@ pub(super) fn open_resumed(
             _ => unreachable!("the reader requires a channel record first"),
         }
     }
-    let at = r.offset();
-    let Record::BlockList(list) = r.next_record().map_err(|e| chain(e.into()))? else {
-        return Err(format!(
-            "recovery connection byte {at}: the stream must start with the block list"
-        ));
-    };
-    let list: BlockList = list.iter().map(|d| (d.id.clone(), d.len)).collect();
-    if same_blocks(mem, map, &list).is_err() {
-        return Err("the recovery connection's block list differs from the migration's".into());
-    }
+    expect_same_blocks(
+        &mut r,
+        mem,
+        map,
+        "recovery connection byte",
+        "the stream must start with the block list",
+    )?;
     let mut resumed = Resumed {
         main: r,
         urgent: None,
@@ -958,18 +977,13 @@ pub(super) fn open_resumed_channel(
             "byte {at}: channel {index} of {channels}, the main connection declares {n}"
         ));
     }
-    let at = cr.offset();
-    let Record::BlockList(list) = cr.next_record().map_err(|e| chain(e.into()))? else {
-        return Err(format!(
-            "byte {at}: the block list must follow the channel record"
-        ));
-    };
-    let list: BlockList = list.iter().map(|d| (d.id.clone(), d.len)).collect();
-    if same_blocks(mem, map, &list).is_err() {
-        return Err(format!(
-            "byte {at}: the block list differs from the migration's"
-        ));
-    }
+    expect_same_blocks(
+        &mut cr,
+        mem,
+        map,
+        "byte",
+        "the block list must follow the channel record",
+    )?;
     loop {
         let at = cr.offset();
         match cr.next_record().map_err(|e| chain(e.into()))? {
@@ -1165,6 +1179,11 @@ struct Waits {
     per_thread: HashMap<u32, u64>,
     blocktime_us: u64,
     requests: u64,
+    /// Faults served here with zeros (see [`LOCAL_ZERO_PAGES`]), the pages
+    /// they filled, and the µs from reading each to waking its thread.
+    local_faults: u64,
+    local_pages: u64,
+    local_us: u64,
 }
 
 /// Places pages with userfaultfd and tracks which have arrived.
@@ -1381,6 +1400,9 @@ impl Placer {
                 p99_us: w.hist.quantile(0.99),
                 threads,
                 buckets: w.hist.buckets(),
+                local_faults: w.local_faults,
+                local_pages: w.local_pages,
+                local_us: w.local_us,
             },
             postcopy_time: switched_at.elapsed().as_millis() as u64,
             urgent_pages: 0,
@@ -1448,8 +1470,16 @@ fn fault_loop(
                 match p.uffd.zero_run(addr, n * PAGE) {
                     // The faulting page may have been placed meanwhile
                     // (skipped above): wake its thread either way.
-                    Ok(_) => {
+                    Ok(filled) => {
                         let _ = p.uffd.wake(addr, PAGE);
+                        // A local zero fill (none when every page of the
+                        // run was placed meanwhile: a plain wake-up).
+                        if filled > 0 {
+                            let mut w = lock(&p.waits);
+                            w.local_faults += 1;
+                            w.local_pages += filled;
+                            w.local_us += now.elapsed().as_micros() as u64;
+                        }
                     }
                     Err(source) => return Err(LostCause::ZeroPage { addr, source }),
                 }

@@ -47,6 +47,8 @@
 //! COMPLETE  'C' faults:u64 blocktime_us:u64 latency_sum_us:u64 p50_us:u64 p99_us:u64
 //!               nthreads:u8 (tid:u32 blocktime_us:u64){nthreads}
 //!               nbuckets:u8 count:[u64; nbuckets]  nbuckets <= LATENCY_BUCKETS, nthreads <= MAX_THREADS
+//!               local_faults:u64 local_pages:u64 local_us:u64
+//!                                                 faults served here with zeros (see FaultReport)
 //! FAILED    'F' len:u16 text:[u8; len]            len <= MAX_REPLY_TEXT
 //! BITMAP    'B' block:u16 first_word:u32 n:u16 word:[u64; n]
 //!                                                 recovery: the received bitmap, 1..=MAX_BITMAP_WORDS
@@ -199,6 +201,17 @@ pub struct FaultReport {
     pub threads: Vec<(u32, u64)>,
     /// Fault latencies per power-of-two µs bucket.
     pub buckets: Vec<u64>,
+    /// Local faults: a guest thread touched a page that was valid here but
+    /// never written, and the destination filled it (and the valid pages
+    /// after it) with zeros itself, asking the source for nothing. Not
+    /// counted in `faults`, the latencies or the blocktime above. A fault
+    /// on a page placed meanwhile (nothing left to fill) is not one.
+    pub local_faults: u64,
+    /// Pages those local faults filled with zeros.
+    pub local_pages: u64,
+    /// Sum over local faults of the µs from reading the fault to waking
+    /// its thread.
+    pub local_us: u64,
 }
 
 /// One message on the return path after STARTED.
@@ -380,6 +393,9 @@ pub fn write_message(w: &mut dyn Write, m: &Message) -> io::Result<()> {
             for c in buckets {
                 b.extend_from_slice(&c.to_be_bytes());
             }
+            for v in [f.local_faults, f.local_pages, f.local_us] {
+                b.extend_from_slice(&v.to_be_bytes());
+            }
         }
         Message::Failed(text) => {
             let t = &text.as_bytes()[..text.len().min(MAX_REPLY_TEXT as usize)];
@@ -527,6 +543,9 @@ impl<R: Read> MessageReader<R> {
                 for _ in 0..n {
                     f.buckets.push(self.u64()?);
                 }
+                f.local_faults = self.u64()?;
+                f.local_pages = self.u64()?;
+                f.local_us = self.u64()?;
                 Message::Complete(f)
             }
             TAG_FAILED => {

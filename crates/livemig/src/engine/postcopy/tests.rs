@@ -47,6 +47,9 @@ fn messages_round_trip() {
             p99_us: 400,
             threads: vec![(17, 500), (18, 400)],
             buckets: vec![0, 0, 0, 0, 0, 0, 0, 3],
+            local_faults: 5,
+            local_pages: 2048,
+            local_us: 150,
         }),
         Message::Failed("lost".into()),
         Message::Progress {
@@ -345,19 +348,21 @@ struct Guest {
 
 impl Guest {
     fn start(params: Params, at_once: bool, seed: u64, rate: u64) -> Self {
+        let load = WorkloadConfig {
+            rate,
+            ..WorkloadConfig::default()
+        };
+        Self::start_with(params, at_once, seed, load)
+    }
+
+    /// As [`Guest::start`], with the workload's whole configuration.
+    fn start_with(params: Params, at_once: bool, seed: u64, load: WorkloadConfig) -> Self {
         let src = ProcessMemory::new(&layout()).unwrap();
         let dst = ProcessMemory::new(&layout()).unwrap();
         let (tracker, log) = SoftwareTracker::new(&src);
         let writer: PageWriter = Arc::new(move |b, off, data| log.write(b, off, data));
         fill_random(&src.blocks()[..1], &writer, seed);
-        let workload = Workload::start(
-            src.blocks().to_vec(),
-            writer,
-            WorkloadConfig {
-                rate,
-                ..WorkloadConfig::default()
-            },
-        );
+        let workload = Workload::start(src.blocks().to_vec(), writer, load);
         let vm = workload.control();
         let handle = MigrationHandle::new(params);
         if at_once {
@@ -462,7 +467,11 @@ fn run_postcopy(
     at_once: bool,
     steer: impl FnOnce(MigrationHandle) + Send + 'static,
 ) -> Run {
-    let mut g = Guest::start(params, at_once, 7, 256 * MIB);
+    run_postcopy_of(Guest::start(params, at_once, 7, 256 * MIB), steer)
+}
+
+/// As [`run_postcopy`], for the guest `g`.
+fn run_postcopy_of(mut g: Guest, steer: impl FnOnce(MigrationHandle) + Send + 'static) -> Run {
     let (out, r, ack_w) = pipes_out();
     // The urgent connection, when postcopy-preempt asks for one.
     let (uw, ur) = pipe();
@@ -559,6 +568,68 @@ fn pure_postcopy_of_process_memory() {
         "the guest faulted remotely"
     );
     assert!(pc.faults.faults > 0);
+    // No page was valid here at the switch, so no fault could be served
+    // with local zeros.
+    assert_eq!(pc.faults.local_faults, 0);
+    assert_eq!(pc.faults.local_pages, 0);
+    assert_eq!(r.stats.postcopy_local_faults, Some(0));
+    assert_eq!(r.stats.postcopy_local_pages, Some(0));
+}
+
+#[test]
+fn local_zero_fills_of_valid_untouched_pages_are_counted() {
+    // The workload writes only the first 1 MiB of each block, and ram1
+    // starts empty: after the first pass its last 3 MiB are zero pages
+    // the destination never wrote (known zero: it skips them), valid at
+    // the switch. The destination guest's reads there fault, and the
+    // destination fills them with zeros itself.
+    let params = Params {
+        // Capped so that precopy is still running when the command comes.
+        max_bandwidth: 16 * MIB,
+        downtime_limit: 5,
+        ..postcopy_params()
+    };
+    let load = WorkloadConfig {
+        rate: 64 * MIB,
+        working_set: MIB,
+        ..WorkloadConfig::default()
+    };
+    let g = Guest::start_with(params, false, 7, load);
+    let ram1_pages = g.dst.blocks()[1].pages();
+    // Without a way to ask the kernel which pages hold data, the loader
+    // reads every zero page it is sent (mapping the kernel's zero page),
+    // and then nothing faults there.
+    let kernel_tells = g.dst.blocks()[1].data_pages(0, ram1_pages).is_some();
+    let r = run_postcopy_of(g, |h| {
+        while h.history().len() < 2 && !h.stats().status.is_final() {
+            thread::sleep(Duration::from_millis(5));
+        }
+        h.start_postcopy().unwrap();
+    });
+    assert_postcopy_done(&r);
+    let pc = r.received.postcopy.as_ref().unwrap();
+    let f = &pc.faults;
+    // The source got the destination's figures.
+    assert_eq!(r.stats.postcopy_local_faults, Some(f.local_faults));
+    assert_eq!(r.stats.postcopy_local_pages, Some(f.local_pages));
+    assert_eq!(
+        r.stats.postcopy_local_latency,
+        Some(f.local_us.checked_div(f.local_faults).unwrap_or(0))
+    );
+    // Each fill places 1..=LOCAL_ZERO_PAGES pages, all in ram1 (ram0 is
+    // all data).
+    assert!(f.local_pages >= f.local_faults, "{f:?}");
+    assert!(
+        f.local_pages <= f.local_faults * dest::LOCAL_ZERO_PAGES,
+        "{f:?}"
+    );
+    assert!(f.local_pages <= ram1_pages, "{f:?}");
+    if !kernel_tells {
+        eprintln!("SKIPPED local faults > 0: the kernel cannot say which pages hold data");
+        return;
+    }
+    assert!(f.local_faults > 0, "no local zero fill: {f:?}");
+    assert!(f.local_pages > 0, "{f:?}");
 }
 
 #[test]
