@@ -169,6 +169,33 @@ impl IncrementerCheck {
     }
 }
 
+impl IncrementerCheck {
+    /// Where the writer stood once everything was fed, in passes: the pass
+    /// counter plus the fraction of the range written in the current pass
+    /// (None when the memory is not as the invariant says).
+    pub fn position(&self) -> Option<f64> {
+        if self.error.is_some() {
+            return None;
+        }
+        let b = self.passes.iter().copied().collect::<Option<Vec<u8>>>()?;
+        let passes = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        let p = passes as u8;
+        let pages = self.end.saturating_sub(FIRST).div_ceil(PAGE);
+        if pages == 0 || self.pages_seen != pages {
+            return None;
+        }
+        let first = self.first?;
+        let done = match self.step {
+            Some((at, v)) if v == p => (at - FIRST) as f64 / PAGE as f64 / pages as f64,
+            None if first == p => 0.0,
+            // A pass ended but was not counted yet.
+            None if first == p.wrapping_add(1) => 1.0,
+            _ => return None,
+        };
+        Some(passes as f64 + done)
+    }
+}
+
 impl MemCheck for IncrementerCheck {
     fn feed(&mut self, addr: u64, chunk: &[u8]) {
         let end = addr + chunk.len() as u64;
@@ -489,6 +516,28 @@ mod tests {
                 assert!(r.ok, "writer {writer:#x} passes {passes}: {}", r.detail);
             }
         }
+    }
+
+    #[test]
+    fn incrementer_position_is_passes_plus_the_written_fraction() {
+        let end = FIRST + 64 * PAGE;
+        let pos = |m: &[u8]| {
+            let mut c = IncrementerCheck::new(end);
+            for (i, ch) in m.chunks(5000).enumerate() {
+                MemCheck::feed(&mut c, (i * 5000) as u64, ch);
+            }
+            c.position()
+        };
+        assert_eq!(pos(&inc_memory(end, 7, FIRST + 16 * PAGE)), Some(7.25));
+        assert_eq!(pos(&inc_memory(end, 300, FIRST)), Some(300.0));
+        // A pass written whole but not counted yet.
+        assert_eq!(pos(&inc_memory(end, 7, end)), Some(8.0));
+        // Inconsistent memory or a short dump has no position.
+        let mut m = inc_memory(end, 7, FIRST + 16 * PAGE);
+        m[(FIRST + 40 * PAGE) as usize] = 99;
+        assert_eq!(pos(&m), None);
+        let m = inc_memory(end, 7, FIRST + 16 * PAGE);
+        assert_eq!(pos(&m[..(FIRST + 10 * PAGE) as usize]), None);
     }
 
     #[test]

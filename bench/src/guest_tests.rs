@@ -81,6 +81,13 @@ fn incrementer_boots_counts_passes_and_keeps_its_invariant() {
     let (vm, serial) = boot(GuestKind::Incrementer, GuestParams { end, seed: 1, n: 2 });
     wait_serial(&vm, &serial, "INC\n", 1, 30);
     wait_serial(&vm, &serial, ".", 3, 30);
+    // A ',' per 16 MiB chunk (here one per pass of 7 MiB), a '.' every
+    // n = 2 passes: the pass clock's marks.
+    let t = serial_text(&serial);
+    let after = &t[t.find("INC\n").unwrap() + 4..];
+    assert!(after.chars().all(|c| c == ',' || c == '.'), "{after:?}");
+    let (commas, dots) = (after.matches(',').count(), after.matches('.').count());
+    assert!(commas >= 2 * dots && dots >= 3, "{after:?}");
     for _ in 0..3 {
         vm.pause().unwrap();
         let mut c: Box<dyn MemCheck> = Box::new(IncrementerCheck::new(end.into()));

@@ -22,11 +22,11 @@ use anyhow::{bail, Context, Result};
 use livemig::control::ControlClient;
 use serde_json::{json, Value};
 
-use crate::guest::{self, compare_digests, DigestCheck};
+use crate::guest::{self, compare_digests, DigestCheck, IncrementerCheck};
 use crate::net::{self, Side};
 use crate::run::{
-    check_for, free_port, mkfifo, poll_migration, switch_due, wait_marker, Case, DumpReader,
-    Outcome, Proc, Switch, Variant,
+    check_for, free_port, mkfifo, pass_clock, poll_migration, switch_due, wait_marker, wait_ready,
+    Case, CpuWatch, DumpReader, Outcome, Proc, Switch, Variant,
 };
 
 /// A control connection: QMP, or the line protocol of builds from before
@@ -160,7 +160,10 @@ fn run_inner(case: &Case, dir: &Path, minivm: &Path, out: &mut Outcome) -> Resul
         };
         cmd.args(["--dirty-ring", "65536", flag, "ring"]);
     }
-    if idle {
+    let clock = pass_clock(case, &src_serial);
+    if idle || clock.is_some() {
+        // Idle: the source's memory is compared whole; the incrementer:
+        // where its writer stopped (the guest's speed).
         mkfifo(&src_fifo)?;
         cmd.arg("--dump")
             .arg(format!("0:{dump_size}:{}", src_fifo.display()));
@@ -172,6 +175,12 @@ fn run_inner(case: &Case, dir: &Path, minivm: &Path, out: &mut Outcome) -> Resul
             DigestCheck::default(),
         )
     });
+    let src_position = clock.is_some().then(|| {
+        DumpReader::start(
+            vec![(src_fifo.clone(), 0, dump_size)],
+            IncrementerCheck::new(case.end),
+        )
+    });
 
     let mut dc = connect(&dst_sock, &mut dst)?;
     let mut sc = connect(&src_sock, &mut src)?;
@@ -181,6 +190,12 @@ fn run_inner(case: &Case, dir: &Path, minivm: &Path, out: &mut Outcome) -> Resul
         &mut src,
         case.boot_budget,
     )?;
+    let mut cpu = CpuWatch::new(
+        src.pid(),
+        clock.is_some() && !matches!(case.variant, Variant::Postcopy(_)),
+    );
+    cpu.ready();
+    wait_ready(case, clock.as_ref(), case.boot_budget)?;
 
     let postcopy = matches!(case.variant, Variant::Postcopy(_));
     if sc.legacy() {
@@ -202,6 +217,8 @@ fn run_inner(case: &Case, dir: &Path, minivm: &Path, out: &mut Outcome) -> Resul
         vec![(dst_fifo.clone(), 0, dump_size)],
         check_for(case).ok_or_else(DigestCheck::default),
     );
+    cpu.start();
+    let start = clock.as_ref().map(|c| c.now());
     exec(&mut sc, &src_sock, "migrate", json!({"uri": uri}))?;
     let (q, converged) = {
         let c = std::cell::RefCell::new(&mut sc);
@@ -223,6 +240,7 @@ fn run_inner(case: &Case, dir: &Path, minivm: &Path, out: &mut Outcome) -> Resul
                     )?;
                     switched = true;
                 }
+                cpu.poll(&q);
                 Ok(q)
             },
             || {
@@ -244,6 +262,7 @@ fn run_inner(case: &Case, dir: &Path, minivm: &Path, out: &mut Outcome) -> Resul
         })?
     };
     out.take_stats(&q);
+    cpu.finish(out);
     if let Some(path) = std::env::var_os("LIVEMIG_HARNESS_TRACE") {
         // Diagnostics: the last query-migrate of every livemig run, one
         // JSON line each (scenario, variant, system, reply).
@@ -263,6 +282,15 @@ fn run_inner(case: &Case, dir: &Path, minivm: &Path, out: &mut Outcome) -> Resul
         }
     }
     out.converged = converged;
+    if let (Some(c), Some(start)) = (&clock, start) {
+        // A source that completed pauses and dumps its memory, then exits.
+        let position = src_position.filter(|_| converged).and_then(|r| {
+            let (check, res) = r.finish(Duration::from_secs(120));
+            res.ok().and_then(|()| check.position())
+        });
+        let end = out.guest_end(start, position);
+        out.take_guest_speed(case, &c.events(), start, end);
+    }
     if !converged {
         if out.status == "cancelled" {
             out.note = format!(

@@ -3,11 +3,13 @@
 //! table. See README.md ("Side by side with QEMU").
 
 mod cleanup;
+mod cpu;
 mod guest;
 #[cfg(test)]
 mod guest_tests;
 mod livemig_side;
 mod net;
+mod progress;
 mod qemu;
 mod qmp;
 mod report;

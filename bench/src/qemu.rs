@@ -7,12 +7,12 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
-use crate::guest::{compare_digests, DigestCheck};
+use crate::guest::{compare_digests, DigestCheck, IncrementerCheck};
 use crate::net::{self, Side};
 use crate::qmp::Qmp;
 use crate::run::{
-    check_for, free_port, mkfifo, poll_migration, switch_due, wait_marker, Case, DumpReader,
-    Outcome, Proc, Switch, Variant,
+    check_for, free_port, mkfifo, pass_clock, poll_migration, switch_due, wait_marker, wait_ready,
+    Case, CpuWatch, DumpReader, Outcome, Proc, Switch, Variant,
 };
 
 /// The QEMU binary.
@@ -83,6 +83,10 @@ pub fn qemu_args(
         format!("unix:{},server=on,wait=off", qmp.display()),
         "-drive".into(),
         format!("file={},format=raw,if=ide,file.locking=off", disk.display()),
+        // Threads named by role ("CPU 0/KVM", "multifdsend_0", ...): the
+        // harness finds the vCPU thread's CPU time by its name.
+        "-name".into(),
+        "harness,debug-threads=on".into(),
     ];
     if incoming {
         // -S: stays paused after the migration, so its memory can be read
@@ -214,6 +218,7 @@ fn run_inner(case: &Case, dir: &Path, out: &mut Outcome) -> Result<()> {
         _ => None,
     };
     let mut dst = start_vm(dir, "dst", case, &disk, true, ring)?;
+    let clock = pass_clock(case, &dir.join("src.serial"));
     let mut src = start_vm(dir, "src", case, &disk, false, ring)?;
     wait_marker(
         &src.serial,
@@ -221,6 +226,12 @@ fn run_inner(case: &Case, dir: &Path, out: &mut Outcome) -> Result<()> {
         &mut src.proc,
         case.boot_budget,
     )?;
+    let mut cpu = CpuWatch::new(
+        src.proc.pid(),
+        clock.is_some() && !matches!(case.variant, Variant::Postcopy(_)),
+    );
+    cpu.ready();
+    wait_ready(case, clock.as_ref(), case.boot_budget)?;
 
     let postcopy = matches!(case.variant, Variant::Postcopy(_));
     let preempt = case.variant == Variant::Postcopy(Switch::AfterFirstPassPreempt);
@@ -270,6 +281,8 @@ fn run_inner(case: &Case, dir: &Path, out: &mut Outcome) -> Result<()> {
     let uri = format!("tcp:{}:{}", net::dest_addr(), free_port()?);
     dst.qmp
         .execute("migrate-incoming", json!({"uri": uri.clone()}))?;
+    cpu.start();
+    let start = clock.as_ref().map(|c| c.now());
     src.qmp.execute("migrate", json!({"uri": uri}))?;
     let (q, converged) = {
         let q = std::cell::RefCell::new(&mut src.qmp);
@@ -284,6 +297,7 @@ fn run_inner(case: &Case, dir: &Path, out: &mut Outcome) -> Result<()> {
                         .execute("migrate-start-postcopy", Value::Null)?;
                     switched = true;
                 }
+                cpu.poll(&a);
                 Ok(a)
             },
             || {
@@ -294,7 +308,26 @@ fn run_inner(case: &Case, dir: &Path, out: &mut Outcome) -> Result<()> {
         )?
     };
     out.take_stats(&q);
+    cpu.finish(out);
     out.converged = converged;
+    if let (Some(c), Some(start)) = (&clock, start) {
+        // A source that completed is paused (postmigrate): where its
+        // writer stopped is in its memory.
+        let position = if converged {
+            dump(
+                &mut src,
+                dir,
+                &[(0, case.end)],
+                IncrementerCheck::new(case.end),
+            )
+            .ok()
+            .and_then(|c| c.position())
+        } else {
+            None
+        };
+        let end = out.guest_end(start, position);
+        out.take_guest_speed(case, &c.events(), start, end);
+    }
     if postcopy {
         // QEMU's blocktime is the destination's figure.
         if let Ok(d) = dst.qmp.execute("query-migrate", Value::Null) {
@@ -436,6 +469,7 @@ FlatView #1
             "{a}"
         );
         assert!(a.contains("-qmp unix:/q,server=on,wait=off"), "{a}");
+        assert!(a.contains("-name harness,debug-threads=on"), "{a}");
         let b = qemu_args(
             Path::new("/d"),
             1 << 30,

@@ -139,6 +139,14 @@ pub struct Agg {
     pub fault_p50_us: Option<Stat>,
     /// Postcopy fault latency p99, µs.
     pub fault_p99_us: Option<Stat>,
+    /// Incrementer: its speed during the migration, % of its speed just
+    /// before (runs that measured it).
+    pub guest_speed_pct: Option<Stat>,
+    /// The source's vCPU thread on a CPU during the migration, % of the
+    /// wall time.
+    pub vcpu_run_pct: Option<Stat>,
+    /// Its other threads on a CPU during the migration, %.
+    pub others_pct: Option<Stat>,
     /// Destination checks passed / failed.
     pub checks_passed: usize,
     /// See `checks_passed`.
@@ -199,6 +207,9 @@ pub fn aggregate(rows: &[Row]) -> Vec<Agg> {
                 vcpu_blocktime_ms: st(&done, &|o| o.vcpu_blocktime_ms.map(|v| v as f64)),
                 fault_p50_us: st(&done, &|o| o.fault_p50_us.map(|v| v as f64)),
                 fault_p99_us: st(&done, &|o| o.fault_p99_us.map(|v| v as f64)),
+                guest_speed_pct: st(&ok, &|o| o.guest_speed_pct),
+                vcpu_run_pct: st(&ok, &|o| o.cpu_during.map(|w| w.vcpu_run_pct)),
+                others_pct: st(&ok, &|o| o.cpu_during.map(|w| w.others_pct)),
                 checks_passed: g
                     .iter()
                     .filter(|r| r.outcome.check.as_ref().is_some_and(|c| c.ok))
@@ -250,11 +261,14 @@ fn cells(a: &Agg) -> Vec<String> {
         s(&a.throttle_pct, 0),
         s(&a.blocktime_ms, 0),
         lat,
+        s(&a.guest_speed_pct, 0),
+        s(&a.vcpu_run_pct, 0),
+        s(&a.others_pct, 0),
         check,
     ]
 }
 
-const HEAD: [&str; 13] = [
+const HEAD: [&str; 16] = [
     "scenario",
     "variant",
     "system",
@@ -267,6 +281,9 @@ const HEAD: [&str; 13] = [
     "max throttle %",
     "blocktime ms",
     "fault p50/p99 µs",
+    "guest speed %",
+    "vCPU CPU %",
+    "migration CPU %",
     "check",
 ];
 
@@ -321,9 +338,42 @@ fn scenario_notes(rows: &[Row]) -> String {
 
 fn notes(rows: &[Row]) -> String {
     let mut s = scenario_notes(rows);
+    if rows.iter().any(|r| r.outcome.guest_speed.is_some()) {
+        s += "- guest speed %: the incrementer's passes per second during the migration \
+              over its rate in the passes just before it (pass ends timed on the source's \
+              serial port; a completed run ends where the writer stood in the source's \
+              final memory, a cancelled one at its last pass end before the cancel); vCPU CPU %: \
+              the source's vCPU thread on a CPU during the migration, % of the wall time; \
+              migration CPU %: the source VMM's other threads (the migration's)\n";
+    }
     for r in rows {
         let o = &r.outcome;
         let mut parts = Vec::new();
+        if let Some(g) = &o.guest_speed {
+            let per_cpu = match (&o.cpu_before, &o.cpu_during) {
+                (Some(b), Some(d)) if b.vcpu_run_pct > 0.0 && d.vcpu_run_pct > 0.0 => format!(
+                    " ({:.2} and {:.2} per vCPU CPU-second)",
+                    g.before_pps * 100.0 / b.vcpu_run_pct,
+                    g.during_pps * 100.0 / d.vcpu_run_pct
+                ),
+                _ => String::new(),
+            };
+            parts.push(format!(
+                "guest {:.2} passes/s before, {:.2} during{per_cpu}",
+                g.before_pps, g.during_pps
+            ));
+        }
+        let cpu = |w: &crate::cpu::Window| {
+            format!(
+                "vCPU {:.0}% on a CPU, {:.0}% waiting for one, other threads {:.0}%",
+                w.vcpu_run_pct, w.vcpu_wait_pct, w.others_pct
+            )
+        };
+        match (&o.cpu_before, &o.cpu_during) {
+            (Some(b), Some(d)) => parts.push(format!("before: {}; during: {}", cpu(b), cpu(d))),
+            (None, Some(d)) => parts.push(format!("during: {}", cpu(d))),
+            _ => {}
+        }
         if let Some(c) = &o.check {
             parts.push(format!("check: {}", c.detail));
         }
@@ -461,6 +511,59 @@ mod tests {
         assert!(Stat::of(&[]).is_none());
         assert_eq!(s.show(0), "3 (1-5)");
         assert_eq!(Stat::of(&[7.0]).unwrap().show(0), "7");
+    }
+
+    #[test]
+    fn guest_speed_and_cpu_shares_show_in_the_table_and_the_notes() {
+        use crate::cpu::Window;
+        use crate::progress::GuestSpeed;
+        let mut rows = vec![row("livemig", 0, true, Some(true), 1000)];
+        for (i, (pct, run)) in [(50.0, 20.0), (80.0, 30.0)].into_iter().enumerate() {
+            let mut r = row("livemig", i as u32 + 1, true, Some(true), 1000);
+            r.outcome.guest_speed = Some(GuestSpeed {
+                before_pps: 0.6,
+                during_pps: 0.6 * pct / 100.0,
+            });
+            r.outcome.guest_speed_pct = Some(pct);
+            r.outcome.cpu_before = Some(Window {
+                vcpu_run_pct: 40.0,
+                vcpu_wait_pct: 55.0,
+                others_pct: 1.0,
+            });
+            r.outcome.cpu_during = Some(Window {
+                vcpu_run_pct: run,
+                vcpu_wait_pct: 100.0 - run,
+                others_pct: 12.0,
+            });
+            rows.push(r);
+        }
+        let aggs = aggregate(&rows);
+        let a = &aggs[0];
+        // The run without figures does not count in their medians.
+        assert_eq!(a.guest_speed_pct.unwrap().n, 2);
+        assert_eq!(a.guest_speed_pct.unwrap().median, 65.0);
+        assert_eq!(a.vcpu_run_pct.unwrap().median, 25.0);
+        let t = markdown_table(&aggs, &rows);
+        assert!(
+            t.contains("| guest speed % | vCPU CPU % | migration CPU % |"),
+            "{t}"
+        );
+        assert!(t.contains("| 65 (50-80) | 25 (20-30) | 12 |"), "{t}");
+        assert!(
+            t.contains(
+                "guest 0.60 passes/s before, 0.30 during (1.50 and 1.50 per vCPU CPU-second); \
+                 before: vCPU 40% on a CPU, 55% waiting for one, other threads 1%; \
+                 during: vCPU 20% on a CPU, 80% waiting for one"
+            ),
+            "{t}"
+        );
+        assert!(
+            t.contains("- guest speed %: the incrementer's passes per second"),
+            "{t}"
+        );
+        // Without any figure there is no explanation line.
+        let plain = markdown_table(&aggregate(&rows[..1]), &rows[..1]);
+        assert!(!plain.contains("- guest speed %"), "{plain}");
     }
 
     #[test]

@@ -13,7 +13,8 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::guest::{CheckResult, DigestCheck, GuestKind, MemCheck};
+use crate::guest::{CheckResult, DigestCheck, GuestKind, IncrementerCheck, MemCheck};
+use crate::progress::{End, Event, GuestSpeed, PassClock};
 
 /// A migration setting compared between the two systems.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -147,15 +148,11 @@ impl Case {
         }
     }
 
-    /// The serial output to wait for before migrating.
+    /// The serial output to wait for before migrating (then, for the
+    /// incrementer, [`wait_ready`]: its warm-up pass and the marks that
+    /// time it).
     pub fn ready_marker(&self) -> String {
-        let m = self.guest.ready_marker().to_string();
-        if self.warm_up && self.guest == GuestKind::Incrementer {
-            // One '.' per pass (n = 1): the first pass is complete.
-            m + "."
-        } else {
-            m
-        }
+        self.guest.ready_marker().to_string()
     }
 
     /// The variant as the table shows it (with non-default throttle steps).
@@ -221,6 +218,16 @@ pub struct Outcome {
     pub fault_p50_us: Option<u64>,
     /// Postcopy: fault latency 99th percentile, µs.
     pub fault_p99_us: Option<u64>,
+    /// Incrementer (precopy): its passes per second during the migration
+    /// and just before it (see `progress`).
+    pub guest_speed: Option<GuestSpeed>,
+    /// `guest_speed` as a percentage: the rate during over the rate before.
+    pub guest_speed_pct: Option<f64>,
+    /// Incrementer (precopy): the source's vCPU thread and other threads
+    /// over the passes timed before the migration (see `cpu`).
+    pub cpu_before: Option<crate::cpu::Window>,
+    /// The same during the migration (to its last active poll).
+    pub cpu_during: Option<crate::cpu::Window>,
 }
 
 impl Outcome {
@@ -273,6 +280,36 @@ impl Outcome {
         }
         if let Some(p) = q["postcopy-latency-p99"].as_u64() {
             self.fault_p99_us = Some(p);
+        }
+    }
+
+    /// Takes the guest's speed over a migration started at `start` (seconds
+    /// on the pass clock that gave `events`); nothing when it cannot be
+    /// measured (see [`crate::progress::guest_speed`]).
+    pub fn take_guest_speed(&mut self, case: &Case, events: &[Event], start: f64, end: End) {
+        if matches!(case.variant, Variant::Postcopy(_)) {
+            // The guest moves to the destination at the switch: not
+            // measured.
+            return;
+        }
+        let range = case.end.saturating_sub(crate::guest::FIRST);
+        self.guest_speed = crate::progress::guest_speed(events, start, end, range);
+        self.guest_speed_pct = self.guest_speed.map(|g| g.pct());
+    }
+
+    /// Where the guest's migration ended on the pass clock, given when it
+    /// started and, for a completed one, the writer's position in the
+    /// source's final memory: the source stopped it `downtime` before the
+    /// end of `total-time`.
+    pub fn guest_end(&self, start: f64, position: Option<f64>) -> End {
+        match position.filter(|_| self.converged) {
+            Some(position) => End::Stopped {
+                at: start + self.total_ms.saturating_sub(self.downtime_ms) as f64 / 1e3,
+                position,
+            },
+            None => End::Open {
+                at: start + self.total_ms as f64 / 1e3,
+            },
         }
     }
 
@@ -395,6 +432,93 @@ pub fn wait_marker(serial: &Path, marker: &str, proc: &mut Proc, timeout: Durati
     }
 }
 
+/// The pass clock of an incrementer case (None for other guests), started
+/// before its guest boots.
+pub fn pass_clock(case: &Case, serial: &Path) -> Option<PassClock> {
+    (case.guest == GuestKind::Incrementer)
+        .then(|| PassClock::start(serial, GuestKind::Incrementer.ready_marker(), case.end))
+}
+
+/// Once the guest printed its ready marker: waits, up to `timeout`, for the
+/// rest of what the case migrates after (its first full pass with a
+/// warm-up) and for the marks that give its rate before the migration.
+pub fn wait_ready(case: &Case, clock: Option<&PassClock>, timeout: Duration) -> Result<()> {
+    let Some(c) = clock else { return Ok(()) };
+    let range = case.end.saturating_sub(crate::guest::FIRST).max(1) as f64;
+    // Postcopy's guest speed is not measured: it migrates at once (what
+    // the guest wrote before is what postcopy carries).
+    let marks = if matches!(case.variant, Variant::Postcopy(_)) {
+        0
+    } else {
+        crate::progress::MARKS_BEFORE
+    };
+    if marks == 0 && !case.warm_up {
+        return Ok(());
+    }
+    let warm = if case.warm_up { 1.0 } else { 0.0 };
+    let target = warm + (marks as u64 * crate::progress::MARK_BYTES) as f64 / range;
+    if !c.wait(target.min(warm + 1.0), marks, timeout) && case.warm_up {
+        bail!("the incrementer did not finish its first pass within {timeout:?}");
+    }
+    Ok(())
+}
+
+/// Samples a source VM's threads (see `cpu`) for the cases with a pass
+/// clock: when it is ready, when the migration starts, and at every poll
+/// that finds it active.
+pub struct CpuWatch {
+    pid: Option<u32>,
+    ready: Option<crate::cpu::Sample>,
+    start: Option<crate::cpu::Sample>,
+    last: Option<crate::cpu::Sample>,
+}
+
+impl CpuWatch {
+    /// Watches `pid` when `on`.
+    pub fn new(pid: u32, on: bool) -> CpuWatch {
+        CpuWatch {
+            pid: on.then_some(pid),
+            ready: None,
+            start: None,
+            last: None,
+        }
+    }
+
+    fn sample(&self) -> Option<crate::cpu::Sample> {
+        self.pid.and_then(crate::cpu::sample)
+    }
+
+    /// The guest printed its ready marker.
+    pub fn ready(&mut self) {
+        self.ready = self.sample();
+    }
+
+    /// The migration starts.
+    pub fn start(&mut self) {
+        self.start = self.sample();
+    }
+
+    /// A poll answered `q`.
+    pub fn poll(&mut self, q: &Value) {
+        if q["status"] == "active" {
+            if let Some(s) = self.sample() {
+                self.last = Some(s);
+            }
+        }
+    }
+
+    /// Puts the windows into `out`.
+    pub fn finish(&self, out: &mut Outcome) {
+        use crate::cpu::window;
+        if let (Some(a), Some(b)) = (&self.ready, &self.start) {
+            out.cpu_before = window(a, b);
+        }
+        if let (Some(a), Some(b)) = (&self.start, &self.last) {
+            out.cpu_during = window(a, b);
+        }
+    }
+}
+
 /// Creates a FIFO at `path`.
 pub fn mkfifo(path: &Path) -> Result<()> {
     let st = Command::new("mkfifo")
@@ -416,6 +540,12 @@ pub trait Feed: Send + 'static {
 impl Feed for Box<dyn MemCheck> {
     fn feed(&mut self, addr: u64, chunk: &[u8]) {
         MemCheck::feed(self.as_mut(), addr, chunk)
+    }
+}
+
+impl Feed for IncrementerCheck {
+    fn feed(&mut self, addr: u64, chunk: &[u8]) {
+        MemCheck::feed(self, addr, chunk)
     }
 }
 
@@ -694,7 +824,7 @@ mod tests {
         assert!(c.throttle_params().is_empty());
         c.warm_up = true;
         c.throttle_steps = Some((50, 20));
-        assert_eq!(c.ready_marker(), "INC\n.");
+        assert_eq!(c.ready_marker(), "INC\n");
         assert_eq!(c.variant_label(), "auto-converge 50%+20%");
         assert_eq!(
             Value::Object(c.throttle_params()),
@@ -702,6 +832,62 @@ mod tests {
         );
         c.variant = Variant::Defaults;
         assert_eq!(c.variant_label(), "defaults");
+    }
+
+    #[test]
+    fn guest_speed_ends_where_the_source_stopped_the_guest() {
+        let case = Case {
+            scenario: "s".into(),
+            guest: GuestKind::Incrementer,
+            mem: 1 << 30,
+            end: crate::guest::FIRST + (64 << 20),
+            downtime_ms: 300,
+            variant: Variant::Channels(2),
+            seed: 1,
+            xbzrle_cache: 0,
+            max_bandwidth: 0,
+            budget: Duration::from_secs(20),
+            boot_budget: Duration::from_secs(60),
+            warm_up: false,
+            throttle_steps: None,
+        };
+        // 1 pass/s before (a quarter pass every 0.25 s), migrated from 1.0.
+        let ev = [
+            (0.0, 0.0),
+            (0.25, 0.25),
+            (0.5, 0.5),
+            (0.75, 0.75),
+            (1.0, 1.0),
+        ];
+        let mut o = Outcome {
+            converged: true,
+            total_ms: 2300,
+            downtime_ms: 300,
+            ..Default::default()
+        };
+        // Stopped 2 s after the start (total minus downtime), half a pass
+        // further: a quarter of its speed.
+        let end = o.guest_end(1.0, Some(1.5));
+        assert_eq!(
+            end,
+            End::Stopped {
+                at: 3.0,
+                position: 1.5
+            }
+        );
+        o.take_guest_speed(&case, &ev, 1.0, end);
+        assert_eq!(o.guest_speed_pct, Some(25.0));
+        // Cancelled: the window is open until the end of total-time.
+        o.converged = false;
+        assert_eq!(o.guest_end(1.0, Some(1.5)), End::Open { at: 3.3 });
+        // Postcopy moves the guest away: no figure.
+        let mut o = Outcome::default();
+        let pc = Case {
+            variant: Variant::Postcopy(Switch::Auto),
+            ..case
+        };
+        o.take_guest_speed(&pc, &ev, 1.0, end);
+        assert_eq!((o.guest_speed, o.guest_speed_pct), (None, None));
     }
 
     #[test]

@@ -41,7 +41,7 @@ impl Progress {
             let s = handle.stats();
             pb.set_length(s.ram.total.max(s.ram.transferred).max(1));
             pb.set_position(s.ram.transferred.min(pb.length().unwrap_or(0)));
-            pb.set_message(format!(
+            let mut msg = format!(
                 "{:?} round {} remaining {} {:.0} Mbit/s dirty {} pages/s throttle {}%",
                 s.status,
                 s.ram.rounds,
@@ -49,7 +49,11 @@ impl Progress {
                 s.ram.mbps,
                 s.ram.dirty_pages_rate,
                 s.cpu_throttle_percentage
-            ));
+            );
+            if let Some(c) = s.convergence.as_ref().filter(|c| !c.converging) {
+                msg = format!("{msg} | {}", c.describe());
+            }
+            pb.set_message(msg);
         })
     }
 
@@ -220,6 +224,10 @@ fault latency distribution: {}",
             );
         }
     }
+    if let Some(c) = s.convergence.as_ref().filter(|c| !c.converging) {
+        // A cancelled precopy: why it could not finish.
+        out += &format!("\nprecopy was {}", c.describe());
+    }
     if let Some(e) = &s.error_desc {
         out += &format!("\nerror: {e}");
     }
@@ -249,6 +257,32 @@ pub fn succeeded(s: &MigrationStats) -> bool {
 mod tests {
     use super::*;
     use livemig::engine::Status;
+
+    #[test]
+    fn summary_and_progress_say_when_precopy_does_not_converge() {
+        let mut s = MigrationStats {
+            status: Status::Cancelled,
+            ..Default::default()
+        };
+        assert!(!summary(&s).contains("converging"));
+        s.convergence = Some(livemig::engine::Convergence {
+            converging: false,
+            dirty_rate: 1_400_000_000,
+            send_rate: 1_170_000_000,
+            stalled_syncs: 0,
+            projected_ms: None,
+        });
+        let t = summary(&s);
+        assert!(
+            t.contains(
+                "precopy was NOT converging: the guest dirties 1400 MB/s, the link sends 1170 MB/s"
+            ),
+            "{t}"
+        );
+        // A converging one says nothing more.
+        s.convergence.as_mut().unwrap().converging = true;
+        assert!(!summary(&s).contains("converging"));
+    }
 
     #[test]
     fn summary_says_whether_the_downtime_kept_its_limit() {

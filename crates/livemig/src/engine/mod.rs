@@ -5,6 +5,7 @@
 mod abort;
 mod ack;
 mod channels;
+mod converge;
 mod destination;
 pub(crate) mod digest;
 mod fresh;
@@ -32,7 +33,9 @@ pub use loader::{LayoutMismatch, LoadError, LoadOutcome, LoadStats, Loader, Post
 pub use pacing::{PauseEstimate, HANDSHAKE_ALLOWANCE};
 pub use params::{CompressParams, MigrationMode, Params, ParamsError, Switchover};
 pub use source::Source;
-pub use stats::{CompressionStats, MigrationStats, PauseBreakdown, RamStats, Status, XbzrleStats};
+pub use stats::{
+    CompressionStats, Convergence, MigrationStats, PauseBreakdown, RamStats, Status, XbzrleStats,
+};
 
 use crate::dirty::DirtyError;
 

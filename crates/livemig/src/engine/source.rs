@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use super::ack;
 use super::channels::{ChannelSetup, ChannelWriter, Known, PageEncoding, SendChannels};
+use super::converge;
 use super::digest::{hash_sample, hex, memory_digest, RunningDigest, CHUNK as DIGEST_CHUNK};
 use super::handle::Reconnect;
 use super::handle::{MigrationHandle, SyncPoint};
@@ -24,7 +25,9 @@ use super::postcopy::{
 };
 use super::search::{PageSearch, Untouched};
 use super::shrink;
-use super::stats::{CompressionStats, MigrationStats, PauseBreakdown, Status, XbzrleStats};
+use super::stats::{
+    CompressionStats, Convergence, MigrationStats, PauseBreakdown, Status, XbzrleStats,
+};
 use super::MigrationError;
 use crate::bitmap::DirtyBitmap;
 use crate::codec::adapt::{LinkCost, TimedWrite, WireClock};
@@ -355,6 +358,10 @@ struct RamSaver<'a> {
     /// Syncs after the bulk stage that left no fewer pages than the one
     /// before (postcopy `auto` switches on the first).
     stalls: u32,
+    /// What the last measuring period says of convergence (see
+    /// `converge.rs`), and whether "not converging" was logged.
+    convergence: Option<Convergence>,
+    convergence_warned: bool,
     /// Pages left after the previous sync, or sent since it.
     prev_remaining: Option<u64>,
     /// Postcopy `auto`: the prediction of what precopy would re-send
@@ -451,6 +458,8 @@ impl<'a> RamSaver<'a> {
             fresh: Vec::new(),
             epoch: 0,
             stalls: 0,
+            convergence: None,
+            convergence_warned: false,
             prev_remaining: None,
             auto_switch: AutoSwitch::default(),
             growth: None,
@@ -1796,6 +1805,9 @@ impl<'a> RamSaver<'a> {
             self.dirty_pages_rate = (self.rate_dirty_pages as f64 / secs) as u64;
             let dirty_bytes = self.rate_dirty_pages * PAGE_SIZE as u64;
             let sent_bytes = self.transferred - self.rate_bytes;
+            if !self.search.is_bulk() {
+                self.assess_convergence(dirty_bytes as f64 / secs, sent_bytes as f64 / secs);
+            }
             if self.params.auto_converge && !self.search.is_bulk() && dirty_bytes > sent_bytes / 2 {
                 self.high_count += 1;
                 if self.throttle > 0 || self.high_count >= THROTTLE_TRIGGER {
@@ -1832,6 +1844,24 @@ impl<'a> RamSaver<'a> {
         self.last_sync_sent = self.pages_sent;
         self.last_sync_bytes = self.transferred;
         Ok(())
+    }
+
+    /// Updates the convergence figures from a measuring period's rates;
+    /// logs once when precopy stops converging.
+    fn assess_convergence(&mut self, dirty_rate: f64, send_rate: f64) {
+        let bw = self.pacing.conservative_bandwidth().max(0.0);
+        let c = converge::assess(converge::Period {
+            dirty_rate,
+            send_rate,
+            remaining: self.remaining_bytes(),
+            pause_budget: (bw * self.params.downtime_limit as f64 / 1e3) as u64,
+            stalled_syncs: self.stalls,
+        });
+        if !c.converging && !self.convergence_warned && self.throttle == 0 {
+            self.convergence_warned = true;
+            log::warn!("precopy is {}", c.describe());
+        }
+        self.convergence = Some(c);
     }
 
     /// Bytes per second sent since the last sync, `secs` after it.
@@ -2065,7 +2095,13 @@ impl<'a> RamSaver<'a> {
             l => l,
         };
         let done = status == Status::Completed;
+        // Precopy's figures: while it runs, and as of a cancel or failure.
+        let convergence = self
+            .convergence
+            .clone()
+            .filter(|_| matches!(status, Status::Active | Status::Cancelled | Status::Failed));
         self.handle.update_stats(|s| {
+            s.convergence = convergence;
             s.status = status;
             s.total_time = total_time;
             s.setup_time = setup_time;

@@ -261,4 +261,28 @@ pub struct MigrationStats {
     /// Postcopy: mean µs from reading a local fault to waking its thread.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub postcopy_local_latency: Option<u64>,
+    /// Precopy after its first pass: whether it is converging, from the
+    /// guest's dirty rate against the rate sent (None until measured, and
+    /// once paused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub convergence: Option<Convergence>,
+}
+
+/// Whether precopy is converging (see `engine/converge.rs`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Convergence {
+    /// False when precopy cannot reach the downtime limit as things are:
+    /// the guest dirties memory at least as fast as it is sent, or several
+    /// syncs in a row left no fewer pages.
+    pub converging: bool,
+    /// Bytes per second the guest dirtied over the last measuring period.
+    pub dirty_rate: u64,
+    /// Bytes per second sent over the same period.
+    pub send_rate: u64,
+    /// Consecutive syncs that did not shrink the pages left by a tenth.
+    pub stalled_syncs: u32,
+    /// Milliseconds until the pages left fit the downtime limit at these
+    /// rates (None: never, the guest dirties at least as fast).
+    pub projected_ms: Option<u64>,
 }

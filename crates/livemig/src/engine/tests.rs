@@ -461,6 +461,56 @@ fn device_state_travels_after_ram() {
     );
 }
 
+/// A guest that dirties its working set faster than a 2 MiB/s link sends
+/// it: after the first pass the stats say precopy is not converging, with
+/// the rates, and keep saying so as of the cancel.
+#[test]
+fn stats_say_when_precopy_does_not_converge() {
+    let src = ProcessMemory::single(4 * MIB).unwrap();
+    let (mut t, log) = SoftwareTracker::new(&src);
+    let writer = log_writer(log.clone());
+    fill_random(src.blocks(), &writer, 5);
+    let workload = Workload::start(src.blocks().to_vec(), writer, live_workload());
+    let mut vm = workload.control();
+    let handle = MigrationHandle::new(Params {
+        max_bandwidth: 2 * MIB,
+        downtime_limit: 30,
+        ..Params::default()
+    });
+    let (w, mut r) = pipe();
+    let drain = thread::spawn(move || std::io::copy(&mut r, &mut std::io::sink()));
+    let h2 = handle.clone();
+    let watcher = thread::spawn(move || {
+        let t0 = std::time::Instant::now();
+        let mut seen = None;
+        while t0.elapsed() < Duration::from_secs(120) {
+            if let Some(c) = h2.stats().convergence.filter(|c| !c.converging) {
+                seen = Some(c);
+                break;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        h2.cancel();
+        seen
+    });
+    let err = Source::new(&src, &mut t, &mut vm, handle.clone())
+        .run(w, None)
+        .unwrap_err();
+    let seen = watcher.join().unwrap().expect("a NOT converging report");
+    drain.join().unwrap().unwrap();
+    assert!(matches!(err, MigrationError::Cancelled), "{err}");
+    assert!(seen.dirty_rate > 0 && seen.send_rate > 0, "{seen:?}");
+    assert!(
+        seen.dirty_rate >= seen.send_rate || seen.stalled_syncs >= 3,
+        "{seen:?}"
+    );
+    assert!(seen.describe().contains("NOT converging"));
+    let end = handle.stats();
+    assert_eq!(end.status, Status::Cancelled);
+    let c = end.convergence.expect("figures as of the cancel");
+    assert!(!c.converging, "{c:?}");
+}
+
 #[test]
 fn cancel_keeps_source_running_and_stops_tracking() {
     let src = ProcessMemory::single(64 * MIB).unwrap();

@@ -94,8 +94,9 @@
 //! raw pages at consecutive offsets of one block, as `count` RAW records
 //! would, with one header. The destination checks the whole run against
 //! the block (and the run's position in the stream) before any of its
-//! bytes lands, then reads the pages from the transport straight into
-//! guest memory, without a receive buffer in between; the section
+//! bytes lands, then lands the pages in guest memory (those already in
+//! its receive buffer copied and checksummed in one pass, the rest read
+//! from the transport straight into place); the section
 //! checksum covers them as it covers every byte, so a corrupt run is
 //! refused at its SECTION_END (the guest has not run: memory that failed
 //! to load is never started). RUN is a precopy record: after POSTCOPY the
@@ -137,8 +138,7 @@ pub const FLAG_ZERO_RUNS: u16 = 1 << 5;
 /// Header flags this build understands.
 pub const KNOWN_FLAGS: u16 =
     FLAG_VERIFY | FLAG_CHANNELS | FLAG_URGENT | FLAG_SETUP | FLAG_RUNS | FLAG_ZERO_RUNS;
-/// Most pages in one RUN record (256 KiB: small enough to stay in cache
-/// between landing and checksumming).
+/// Most pages in one RUN record (256 KiB of pages behind one header).
 pub const MAX_RUN_PAGES: u16 = 64;
 /// Most pages in one ZERO_RUN record (1 GiB of zeros).
 pub const MAX_ZERO_RUN_PAGES: u32 = 1 << 18;

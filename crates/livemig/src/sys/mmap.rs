@@ -466,6 +466,22 @@ impl RawRegion {
         src.read(dst)
     }
 
+    /// Runs `f` over `[offset, offset + len)` viewed as a writable slice,
+    /// for a copy into place that must do more than copy (the receive
+    /// path's copy and checksum in one pass). None if out of range.
+    pub fn fill<T>(&self, offset: usize, len: usize, f: impl FnOnce(&mut [u8]) -> T) -> Option<T> {
+        if !self.check(offset, len) {
+            return None;
+        }
+        // SAFETY: the range is inside the live, writable mapping (checked)
+        // and holds plain bytes, valid for any bit pattern. The slice lives
+        // only for the call to `f` and cannot overlap a Rust buffer `f`
+        // copies from. A thread writing the same bytes meanwhile (a guest,
+        // another channel) can only leave a mix of bytes, as with `write`.
+        let dst = unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(offset), len) };
+        Some(f(dst))
+    }
+
     /// Faults `[offset, offset + len)` in, writable, with one call
     /// (`MADV_POPULATE_WRITE`, Linux 5.14+), as if each page had been
     /// written, without changing any contents. Pages already present stay
