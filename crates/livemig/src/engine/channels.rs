@@ -14,8 +14,11 @@
 //!
 //! Scheduling. Batches go to the channel with the fewest pages in flight
 //! (level queues reach each barrier together, so the destination's
-//! channels do not wait there for one another). Pages taken from the
-//! migration bitmap but not yet written by a channel are still to be sent:
+//! channels do not wait there for one another), except that all pages of
+//! a 2 MiB window go to one channel (the destination faults memory in by
+//! window: two channels in one window can fault its huge page in twice,
+//! see [`window_of`]). Pages taken from the migration bitmap but not yet
+//! written by a channel are still to be sent:
 //! [`SendChannels::in_flight_pages`] counts them, and the source adds them
 //! to what remains, so a full queue never makes the switch-over look
 //! cheaper than it is. Queues are short ([`QUEUE_DEPTH`] batches of
@@ -129,6 +132,9 @@ pub(super) struct SendChannels {
     batch: Vec<Queued>,
     /// Where the search for the least-loaded channel starts.
     next: usize,
+    /// The window (see [`window_of`]) the last batch handed over ended
+    /// in, and its channel.
+    window: Option<((u16, u64), usize)>,
     stop: Arc<AtomicBool>,
 }
 
@@ -174,6 +180,7 @@ impl SendChannels {
             senders,
             batch: Vec::with_capacity(BATCH_PAGES),
             next: 0,
+            window: None,
             stop,
         })
     }
@@ -200,8 +207,22 @@ impl SendChannels {
         self.batch.len() as u64 + self.senders.iter().map(Sender::in_flight).sum::<u64>()
     }
 
-    /// Queues a page; a full batch goes to the least busy channel.
+    /// Queues a page; a full batch, or one the page would take into
+    /// another window (a batch never spans two), goes to a channel (see
+    /// [`SendChannels::flush_batch`]).
     pub fn push(&mut self, block: u16, page: u64, enc: PageEncoding) -> io::Result<()> {
+        let q = Queued {
+            block,
+            page,
+            known: Known::Nothing,
+        };
+        if self
+            .batch
+            .last()
+            .is_some_and(|l| window_of(l) != window_of(&q))
+        {
+            self.flush_batch(enc)?;
+        }
         self.stage(block, page, Known::Nothing);
         if self.batch.len() >= BATCH_PAGES {
             self.flush_batch(enc)?;
@@ -217,11 +238,14 @@ impl SendChannels {
         self.batch.push(Queued { block, page, known });
     }
 
-    /// Hands the partial batch (if any) to a channel: the one with the
-    /// fewest pages in flight (in turn among equals), waiting for room
-    /// there if its queue is full. Keeping the channels level keeps them
-    /// reaching each sync barrier together, so that the destination's
-    /// channels do not wait for one another there.
+    /// Hands the partial batch (if any) to a channel, waiting for room
+    /// there if its queue is full: a batch that starts in the window the
+    /// last one ended in goes to that one's channel (see [`window_of`]:
+    /// [`SendChannels::push`] never lets a batch span two windows);
+    /// any other to the channel with the fewest pages in flight (in turn
+    /// among equals). Keeping the channels level keeps them reaching each
+    /// sync barrier together, so that the destination's channels do not
+    /// wait for one another there.
     pub fn flush_batch(&mut self, enc: PageEncoding) -> io::Result<()> {
         if self.batch.is_empty() {
             return Ok(());
@@ -229,9 +253,18 @@ impl SendChannels {
         self.check()?;
         let pages = std::mem::replace(&mut self.batch, Vec::with_capacity(BATCH_PAGES));
         let n = pages.len() as u64;
-        let load: Vec<u64> = self.senders.iter().map(Sender::in_flight).collect();
-        let i = least_loaded(&load, self.next);
-        self.next = (i + 1) % self.senders.len();
+        let first = pages.first().map(window_of);
+        let i = match self.window {
+            // The window of the last batch goes on on its channel.
+            Some((w, i)) if first == Some(w) => i,
+            _ => {
+                let load: Vec<u64> = self.senders.iter().map(Sender::in_flight).collect();
+                let i = least_loaded(&load, self.next);
+                self.next = (i + 1) % self.senders.len();
+                i
+            }
+        };
+        self.window = pages.last().map(|q| (window_of(q), i));
         self.send(i, Job::Pages(pages, enc))?;
         self.senders[i].queued += n;
         Ok(())
@@ -476,6 +509,19 @@ impl Worker {
     }
 }
 
+/// Pages of a window: the destination faults memory in 2 MiB windows
+/// (`prefault.rs`; one huge page where allowed).
+const WINDOW_PAGES: u64 = 512;
+
+/// The (block, window) a queued page falls in. All pages of a window go
+/// to one channel ([`SendChannels::flush_batch`]): two destination
+/// channels writing into one window at once can both fault its huge page
+/// in, and the kernel then clears two for it (each faulting thread clears
+/// its own before it takes the page table lock) and throws one away.
+fn window_of(q: &Queued) -> (u16, u64) {
+    (q.block, q.page / WINDOW_PAGES)
+}
+
 /// The channel to hand the next batch to: the fewest pages in flight;
 /// among equals the first from `start` on (the caller moves `start` on
 /// after each batch, so channels that keep up take turns).
@@ -616,7 +662,7 @@ mod tests {
     }
 
     /// Two page channels over [`Gate`]s (`open`: writes pass at once)
-    /// for the one 1 MiB block of `mem`, and a plain page encoding.
+    /// for the one block of `mem`, and a plain page encoding.
     fn gated_channels(
         mem: &crate::memory::ProcessMemory,
         open: bool,
@@ -641,7 +687,7 @@ mod tests {
             blocks: mem.blocks().to_vec(),
             descs: vec![BlockDesc {
                 id: "ram".into(),
-                len: 1 << 20,
+                len: mem.blocks()[0].len(),
             }],
         };
         let ch = SendChannels::start(conns, &setup).unwrap();
@@ -656,15 +702,19 @@ mod tests {
     #[test]
     fn pages_in_flight_count_until_a_channel_wrote_them_and_spread_evenly() {
         use crate::memory::ProcessMemory;
-        let mem = ProcessMemory::new(&[("ram", 1 << 20)]).unwrap();
+        let mem = ProcessMemory::new(&[("ram", 16 << 20)]).unwrap();
         let (gates, mut ch, enc) = gated_channels(&mem, false, 7);
-        // Both connections are closed: nothing gets written.
-        for p in 0..(2 * BATCH_PAGES as u64 + 5) {
-            ch.push(0, p % 256, enc).unwrap();
+        // Both connections are closed: nothing gets written. Two windows
+        // of pages and 5 more (the partial batch, not handed over yet).
+        let window = WINDOW_PAGES as usize;
+        assert!(window.is_multiple_of(BATCH_PAGES) && window / BATCH_PAGES <= QUEUE_DEPTH);
+        let n = 2 * window as u64 + 5;
+        for p in 0..n {
+            ch.push(0, p, enc).unwrap();
         }
-        assert_eq!(ch.in_flight_pages(), 2 * BATCH_PAGES as u64 + 5);
-        // One full batch each, not two on the first.
-        assert!(ch.senders.iter().all(|s| s.queued == BATCH_PAGES as u64));
+        assert_eq!(ch.in_flight_pages(), n);
+        // One window each, not two on the first.
+        assert!(ch.senders.iter().all(|s| s.queued == WINDOW_PAGES));
         for g in &gates {
             let (m, cv) = &*g.0;
             *m.lock().unwrap() = true;
@@ -677,8 +727,67 @@ mod tests {
             .iter()
             .map(|s| s.counters.pages.load(Ordering::Relaxed))
             .sum();
-        assert_eq!(pages, 2 * BATCH_PAGES as u64 + 5);
+        assert_eq!(pages, n);
         assert!(gates.iter().all(|g| !g.1.lock().unwrap().is_empty()));
+    }
+
+    /// The windows (see [`window_of`]) whose pages each gate's stream
+    /// carries.
+    fn windows_per_channel(gates: &[Gate]) -> Vec<std::collections::BTreeSet<u64>> {
+        use crate::stream::{Record, StreamReader};
+        gates
+            .iter()
+            .map(|g| {
+                let bytes = g.1.lock().unwrap().clone();
+                let mut r = StreamReader::new(&bytes[..]).unwrap();
+                let mut set = std::collections::BTreeSet::new();
+                loop {
+                    match r.next_record().unwrap() {
+                        Record::Raw { offset, .. } | Record::Zero { offset, .. } => {
+                            set.insert(offset / PAGE_SIZE as u64 / WINDOW_PAGES);
+                        }
+                        Record::End => return set,
+                        _ => {}
+                    }
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_pages_of_a_window_go_to_one_channel() {
+        use crate::memory::{GuestMemory, ProcessMemory};
+        let mem = ProcessMemory::new(&[("ram", 16 << 20)]).unwrap();
+        for p in 0..(16 << 20) / PAGE_SIZE {
+            assert!(mem.blocks()[0].region().write(p * PAGE_SIZE, &[1]));
+        }
+        let (gates, mut ch, enc) = gated_channels(&mem, true, 3);
+        // Batches that do not start at a window's first page: a batch
+        // that would span two windows is cut at the boundary.
+        let start = 100;
+        let end = 6 * WINDOW_PAGES + 30;
+        let mut epoch = 0;
+        for p in start..end {
+            ch.push(0, p, enc).unwrap();
+            if p % 1000 == 999 {
+                // A sync in the middle of a window: the partial batch
+                // goes, the window stays on its channel.
+                ch.sync(epoch, enc).unwrap();
+                epoch += 1;
+            }
+        }
+        ch.finish(enc).unwrap();
+        let sets = windows_per_channel(&gates);
+        assert!(
+            sets.iter().all(|s| !s.is_empty()),
+            "both channels used: {sets:?}"
+        );
+        assert!(
+            sets[0].is_disjoint(&sets[1]),
+            "a window on two channels: {sets:?}"
+        );
+        let all: Vec<u64> = sets[0].union(&sets[1]).copied().collect();
+        assert_eq!(all, (0..=6).collect::<Vec<_>>());
     }
 
     #[test]
