@@ -511,7 +511,7 @@ impl Worker {
 
 /// Pages of a window: the destination faults memory in 2 MiB windows
 /// (`prefault.rs`; one huge page where allowed).
-const WINDOW_PAGES: u64 = 512;
+const WINDOW_PAGES: u64 = (1 << super::prefault::WINDOW_SHIFT) / PAGE_SIZE as u64;
 
 /// The (block, window) a queued page falls in. All pages of a window go
 /// to one channel ([`SendChannels::flush_batch`]): two destination

@@ -44,7 +44,7 @@ use crate::memory::GuestMemory;
 use crate::sys::mmap::RawRegion;
 
 /// log2 bytes per window (2 MiB, one x86 huge page).
-const WINDOW_SHIFT: u32 = 21;
+pub(super) const WINDOW_SHIFT: u32 = 21;
 
 /// Windows the helper keeps populated after the writers' latest (16 MiB).
 pub(super) const AHEAD: u64 = 8;
