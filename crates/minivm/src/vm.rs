@@ -695,6 +695,17 @@ pub struct Vm {
     pub(crate) shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
     livemig_memory: Arc<VmMemory>,
+    /// Guest memory ranges (host address, length) that get `MADV_HUGEPAGE`
+    /// at the first [`Vm::resume`] (an incoming VM's).
+    deferred_huge: Mutex<Vec<(u64, u64)>>,
+}
+
+/// Asks for transparent huge pages on `len` bytes at `host`; advice only:
+/// without THP the memory works the same.
+fn advise_huge(host: u64, len: u64) {
+    if let Err(e) = sys::advise_huge_pages(host, len) {
+        log::debug!("MADV_HUGEPAGE on guest memory: {e}");
+    }
 }
 
 impl std::fmt::Debug for Vm {
@@ -765,16 +776,21 @@ impl Vm {
             })?,
         );
         let mut slots = Vec::new();
+        let mut deferred_huge = Vec::new();
         for (i, (gpa, size)) in ranges.iter().enumerate() {
             let host = memory.get_host_address(*gpa).map_err(|e| VmError::Memory {
                 size: *size as u64,
                 why: e.to_string(),
             })?;
-            if config.huge_pages {
-                // Advice only: without THP the memory works the same.
-                if let Err(e) = sys::advise_huge_pages(host as u64, *size as u64) {
-                    log::debug!("MADV_HUGEPAGE on guest memory: {e}");
-                }
+            if config.huge_pages && config.start_paused {
+                // An incoming VM receives into 4 KiB pages and asks for
+                // huge pages at its first resume: a fresh huge page on
+                // memory this host handed back to its own host is cleared
+                // 5-10x slower than the 4 KiB pages it replaces
+                // (BENCHMARKS.md, the filler into a 4 KiB destination).
+                deferred_huge.push((host as u64, *size as u64));
+            } else if config.huge_pages {
+                advise_huge(host as u64, *size as u64);
             }
             slots.push(SlotInfo {
                 slot: i as u32,
@@ -949,6 +965,7 @@ impl Vm {
             shared,
             threads,
             livemig_memory,
+            deferred_huge: Mutex::new(deferred_huge),
         };
         if vm.shared.config.start_paused {
             vm.pause()?;
@@ -1026,6 +1043,9 @@ impl Vm {
 
     /// Lets the vCPUs run again.
     pub fn resume(&self) {
+        for (host, len) in std::mem::take(&mut *lock(&self.deferred_huge)) {
+            advise_huge(host, len);
+        }
         self.shared.resume()
     }
 
