@@ -17,6 +17,7 @@ use livemig::GuestMemory;
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend};
 
+use crate::collapse::{CollapsePace, CollapseStats, Collapser};
 use crate::devices::{ClockPage, Devices, SerialOut, CLOCK_PERIOD};
 use crate::guest::{self, GuestImage, StartState};
 use crate::sys;
@@ -128,6 +129,12 @@ pub struct VmConfig {
     /// kernel's shmem THP (`/sys/kernel/mm/transparent_hugepage/
     /// shmem_enabled` not `never`).
     pub memfd: bool,
+    /// With `huge_pages`, for a VM created paused (an incoming one, which
+    /// receives into 4 KiB pages and asks for huge pages at its first
+    /// resume): after that resume, collapse its memory into huge pages on
+    /// a background thread ([`crate::collapse`]) instead of waiting for
+    /// khugepaged. Anonymous memory only.
+    pub thp_collapse: bool,
 }
 
 impl Default for VmConfig {
@@ -147,6 +154,7 @@ impl Default for VmConfig {
             huge_pages: true,
             clock_page: None,
             memfd: false,
+            thp_collapse: true,
         }
     }
 }
@@ -230,6 +238,20 @@ pub(crate) struct Shared {
     pub(crate) handed_over: Mutex<Option<Vec<SharedBlock>>>,
     /// What stopping the vCPUs costs (see [`Shared::stop_cost`]).
     pub(crate) stop_probes: Mutex<StopProbes>,
+    /// What the first resume of an incoming VM does about huge pages,
+    /// whichever way it comes ([`Vm::resume`], or the migration engine
+    /// through [`VmHandle`]); taken by that resume.
+    huge_at_resume: Mutex<Option<HugeAtResume>>,
+    /// The background collapse started by that resume.
+    collapser: Mutex<Option<Collapser>>,
+}
+
+/// Huge pages for an incoming VM's memory, asked for at its first resume.
+struct HugeAtResume {
+    /// Guest memory ranges (host address, length) that get `MADV_HUGEPAGE`.
+    ranges: Vec<(u64, u64)>,
+    /// The blocks to collapse then (empty: none).
+    collapse: Vec<livemig::memory::RamBlock>,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -276,8 +298,28 @@ impl Shared {
     }
 
     pub(crate) fn resume(&self) {
+        if let Some(h) = lock(&self.huge_at_resume).take() {
+            self.huge_pages_at_resume(h);
+        }
         lock(&self.ctl).pause = false;
         self.cond.notify_all();
+    }
+
+    /// An incoming VM's first resume: huge pages asked for, and the
+    /// received memory collapsed into them in the background.
+    fn huge_pages_at_resume(&self, h: HugeAtResume) {
+        for (host, len) in h.ranges {
+            advise_huge(host, len);
+        }
+        // Memory taken over from a local migration is the source's shared
+        // memory, not this VM's anonymous memory.
+        if h.collapse.is_empty() || lock(&self.handed_over).is_some() {
+            return;
+        }
+        match Collapser::start(h.collapse, CollapsePace::default()) {
+            Ok(c) => *lock(&self.collapser) = Some(c),
+            Err(e) => log::warn!("cannot start the huge page collapse thread: {e}"),
+        }
     }
 
     /// Times what [`Shared::pause`] would cost now, without stopping the
@@ -695,9 +737,6 @@ pub struct Vm {
     pub(crate) shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
     livemig_memory: Arc<VmMemory>,
-    /// Guest memory ranges (host address, length) that get `MADV_HUGEPAGE`
-    /// at the first [`Vm::resume`] (an incoming VM's).
-    deferred_huge: Mutex<Vec<(u64, u64)>>,
 }
 
 /// Asks for transparent huge pages on `len` bytes at `host`; advice only:
@@ -807,6 +846,13 @@ impl Vm {
                 size: config.mem_size,
                 why: e.to_string(),
             })?);
+        let huge_at_resume = (!deferred_huge.is_empty()).then(|| HugeAtResume {
+            ranges: deferred_huge,
+            collapse: match config.thp_collapse && !config.memfd {
+                true => livemig_memory.blocks().to_vec(),
+                false => Vec::new(),
+            },
+        });
         let kvm_slots = livemig_memory
             .blocks()
             .iter()
@@ -924,6 +970,8 @@ impl Vm {
             dirty_limit: crate::dirtylimit::DirtyLimit::new(vcpus_len),
             handed_over: Mutex::new(None),
             stop_probes: Mutex::new(StopProbes::default()),
+            huge_at_resume: Mutex::new(huge_at_resume),
+            collapser: Mutex::new(None),
             config,
         });
         let mut threads = Vec::new();
@@ -965,7 +1013,6 @@ impl Vm {
             shared,
             threads,
             livemig_memory,
-            deferred_huge: Mutex::new(deferred_huge),
         };
         if vm.shared.config.start_paused {
             vm.pause()?;
@@ -1043,10 +1090,23 @@ impl Vm {
 
     /// Lets the vCPUs run again.
     pub fn resume(&self) {
-        for (host, len) in std::mem::take(&mut *lock(&self.deferred_huge)) {
-            advise_huge(host, len);
-        }
         self.shared.resume()
+    }
+
+    /// What the background collapse of an incoming VM's memory into huge
+    /// pages did so far ([`VmConfig::thp_collapse`]); `None` before the
+    /// first resume or when none runs.
+    pub fn collapse_stats(&self) -> Option<CollapseStats> {
+        lock(&self.shared.collapser).as_ref().map(Collapser::stats)
+    }
+
+    /// Stops the background collapse of this VM's memory into huge pages,
+    /// if one runs (between two 2 MiB chunks); what it did stays readable
+    /// with [`Vm::collapse_stats`].
+    pub fn stop_collapse(&self) {
+        if let Some(c) = lock(&self.shared.collapser).as_mut() {
+            c.stop();
+        }
     }
 
     /// True when paused and every vCPU is parked.
@@ -1171,6 +1231,8 @@ impl Vm {
 
 impl Drop for Vm {
     fn drop(&mut self) {
+        // Stopped first: it works on this VM's memory.
+        drop(lock(&self.shared.collapser).take());
         lock(&self.shared.ctl).stop = true;
         self.shared.cond.notify_all();
         self.shared.kick_all();
