@@ -20,6 +20,11 @@
 //!   vCPUs keep their CPU; not `SCHED_IDLE`: the kernel holds the address
 //!   space's lock while it copies a chunk, and a thread that could be
 //!   starved while holding it would stall every vCPU fault meanwhile;
+//! - not while a userfaultfd watches the memory (`VmFlags` `um`, `uw` or
+//!   `ui` in /proc/self/smaps: postcopy or a lazy restore still placing
+//!   pages, a background snapshot write-protecting them): it waits until
+//!   the memory is its own again, so it never competes with the page
+//!   placement for the address space's lock;
 //! - stoppable between chunks (dropping the [`Collapser`], or the VM);
 //! - it gives up when the kernel has no `MADV_COLLAPSE` or keeps finding
 //!   no free huge page.
@@ -47,6 +52,10 @@ pub const NICE: i32 = 10;
 const NOMEM_LIMIT: u32 = 16;
 /// Shortest pause between two calls.
 const MIN_GAP: Duration = Duration::from_micros(200);
+/// How often a userfaultfd's hold on the memory is looked at while it
+/// lasts, and at most during a sweep (reading /proc/self/smaps walks the
+/// page tables).
+const UFFD_CHECK: Duration = Duration::from_millis(500);
 
 /// When the collapse runs.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -91,6 +100,8 @@ pub struct CollapseStats {
     /// The longest single call: what a vCPU touching that chunk waited at
     /// most.
     pub longest: Duration,
+    /// Time spent waiting for a userfaultfd to let go of the memory.
+    pub uffd_wait: Duration,
     /// The thread ended on its own (not stopped).
     pub finished: bool,
     /// Why it stopped early, if it did (an old kernel, no huge pages).
@@ -212,6 +223,55 @@ fn full_chunks(block: &RamBlock) -> Option<Vec<u64>> {
     Some(out)
 }
 
+/// True when a mapping of `smaps` (the text of /proc/self/smaps) that
+/// overlaps one of `spans` (host address, length) is registered with a
+/// userfaultfd (`VmFlags` `um`, `uw` or `ui`).
+fn uffd_armed_in(smaps: &str, spans: &[(u64, u64)]) -> bool {
+    let mut overlaps = false;
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if let Some((a, b)) = first.split_once('-') {
+            if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
+                overlaps = spans.iter().any(|&(h, l)| a < h + l && h < b);
+                continue;
+            }
+        }
+        if overlaps {
+            if let Some(flags) = line.strip_prefix("VmFlags:") {
+                if flags
+                    .split_whitespace()
+                    .any(|f| matches!(f, "um" | "uw" | "ui"))
+                {
+                    return true;
+                }
+            }
+        }
+    }
+    false
+}
+
+/// Waits while a userfaultfd holds the memory of `spans`; true when
+/// stopped meanwhile.
+fn wait_for_uffd(spans: &[(u64, u64)], stop: &Stop, stats: &Mutex<CollapseStats>) -> bool {
+    loop {
+        let armed = match std::fs::read_to_string("/proc/self/smaps") {
+            Ok(s) => uffd_armed_in(&s, spans),
+            Err(e) => {
+                log::debug!("collapse: reading /proc/self/smaps: {e}");
+                false
+            }
+        };
+        if !armed {
+            return false;
+        }
+        let t = Instant::now();
+        if stop.sleep(UFFD_CHECK) {
+            return true;
+        }
+        lock(stats).uffd_wait += t.elapsed();
+    }
+}
+
 fn run(blocks: &[RamBlock], pace: &CollapsePace, stop: &Stop, stats: &Mutex<CollapseStats>) {
     if let Err(e) = sys::set_thread_nice(NICE) {
         log::debug!("collapse thread: cannot lower its priority: {e}");
@@ -224,9 +284,17 @@ fn run(blocks: &[RamBlock], pace: &CollapsePace, stop: &Stop, stats: &Mutex<Coll
     if stop.sleep(pace.start_delay) {
         return;
     }
+    let spans: Vec<(u64, u64)> = blocks
+        .iter()
+        .map(|b| (b.region().host_addr(), b.region().len() as u64))
+        .collect();
     let mut resweeps = pace.resweeps.iter();
     let mut nomem = 0u32;
     loop {
+        if wait_for_uffd(&spans, stop, stats) {
+            return;
+        }
+        let mut checked = Instant::now();
         lock(stats).sweeps += 1;
         // One look at the page tables per block and sweep.
         let mut full = std::collections::HashSet::new();
@@ -247,6 +315,12 @@ fn run(blocks: &[RamBlock], pace: &CollapsePace, stop: &Stop, stats: &Mutex<Coll
             if !full.contains(&chunk) {
                 left.push(chunk);
                 continue;
+            }
+            if checked.elapsed() >= UFFD_CHECK {
+                if wait_for_uffd(&spans, stop, stats) {
+                    return;
+                }
+                checked = Instant::now();
             }
             let t = Instant::now();
             let mut r = sys::collapse_huge_pages(chunk, CHUNK);
@@ -368,6 +442,34 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         c.stats()
+    }
+
+    #[test]
+    fn a_userfaultfd_on_the_memory_is_seen_in_smaps() {
+        let smaps = "\
+7f0000000000-7f0040000000 rw-p 00000000 00:00 0
+Size:            1048576 kB
+VmFlags: rd wr mr mw me ac sd hg um
+7f0040000000-7f0040200000 rw-p 00000000 00:00 0
+Size:               2048 kB
+VmFlags: rd wr mr mw me ac sd hg
+7f0050000000-7f0050200000 rw-p 00000000 00:00 0
+VmFlags: rd wr mr mw me ac sd uw
+";
+        let gib = 1 << 30;
+        assert!(uffd_armed_in(smaps, &[(0x7f00_0000_0000, gib)]));
+        // Overlapping the armed mapping by one page is enough.
+        assert!(uffd_armed_in(smaps, &[(0x7f00_3fff_f000, 4096 * 2)]));
+        assert!(!uffd_armed_in(smaps, &[(0x7f00_4000_0000, 2 << 20)]));
+        // Write-protect mode counts too.
+        assert!(uffd_armed_in(smaps, &[(0x7f00_5000_0000, 2 << 20)]));
+        // Memory in no listed mapping.
+        assert!(!uffd_armed_in(smaps, &[(0x1000_0000, 2 << 20)]));
+        // Two spans, the second armed.
+        assert!(uffd_armed_in(
+            smaps,
+            &[(0x7f00_4000_0000, 2 << 20), (0x7f00_5000_0000, 4096)]
+        ));
     }
 
     #[test]

@@ -212,14 +212,15 @@ fn report_collapse(vm: &Vm) -> bool {
         Some(c) if c.finished || c.gave_up.is_some() => {
             eprintln!(
                 "huge pages: {} of {} 2 MiB chunks collapsed after the resume ({} sparse, {} failed{}); \
-                 {:.1} ms in MADV_COLLAPSE, longest call {:.2} ms",
+                 {:.1} ms in MADV_COLLAPSE, longest call {:.2} ms, {} ms waiting for a userfaultfd",
                 c.collapsed,
                 c.chunks,
                 c.sparse,
                 c.failed,
                 c.gave_up.map(|g| format!(", gave up: {g}")).unwrap_or_default(),
                 c.busy.as_secs_f64() * 1e3,
-                c.longest.as_secs_f64() * 1e3
+                c.longest.as_secs_f64() * 1e3,
+                c.uffd_wait.as_millis()
             );
             true
         }
