@@ -14,6 +14,11 @@ Guests:
 - `inc`: the harness's incrementer boot sector (bench/guests/incrementer.bin,
   32-bit ring 0: the host emulates it) over [1 MiB, --mem): speed in
   passes per second, from the ',' marks it prints every 16 MiB.
+- `stride`: scripts/thp-stride.S (assembled into a flat image at run
+  time with binutils), long mode ring 3, natively run: increments one byte
+  of every 4 KiB page of [2 MiB, --mem) and prints '.' per pass; one
+  byte per page makes it bound by address translation (the TLB), the
+  guest that huge pages help most. Speed in passes per second.
 - `ring3`: minivm's built-in ring-3 test guest (runs natively) at
   `--dirty-rate 0` (as fast as it can): speed in MiB/s of pages written,
   from minivm's once-a-second status line.
@@ -104,6 +109,20 @@ def sector(end, n=1, seed=1):
     return bytes(s)
 
 
+def stride_image(tmp, end):
+    """Assembles scripts/thp-stride.S with its end address set to `end`."""
+    src = os.path.join(ROOT, "scripts", "thp-stride.S")
+    with open(src) as f:
+        text = f.read().replace(".quad 0x20000000", f".quad {end:#x}")
+    s, o, b = f"{tmp}/stride.S", f"{tmp}/stride.o", f"{tmp}/stride.bin"
+    with open(s, "w") as f:
+        f.write(text)
+    subprocess.run(["as", "--64", "-o", o, s], check=True)
+    subprocess.run(["ld", "-m", "elf_x86_64", "-Ttext=0x1000", "-e", "0x1000",
+                    "--oformat", "binary", "-o", b, o], check=True)
+    return b
+
+
 def inc_position(serial, rng):
     """The incrementer's position in passes from its serial output."""
     try:
@@ -167,7 +186,7 @@ class Progress:
         self.guest, self.serial, self.log, self.rng = guest, serial, log, rng
 
     def now(self):
-        if self.guest == "inc":
+        if self.guest in ("inc", "stride"):
             return inc_position(self.serial, self.rng)
         # ring3: the last "pages_written=N" in the log, in MiB.
         try:
@@ -216,6 +235,8 @@ def one(args, label, dest_bin, dest_flags, tmp):
             with open(sec, "wb") as f:
                 f.write(sector(mem_bytes))
             scmd += ["--boot-sector", sec]
+        elif args.guest == "stride":
+            scmd += ["--flat", stride_image(tmp, mem_bytes), "--mode", "long-ring3"]
         else:
             scmd += ["--dirty-rate", "0"]
         dst = subprocess.Popen(dcmd, stdout=subprocess.DEVNULL, stderr=open(d_log, "w"))
@@ -224,9 +245,9 @@ def one(args, label, dest_bin, dest_flags, tmp):
         procs.append(src)
         sprog = Progress(args.guest, s_ser, s_log, rng)
         dprog = Progress(args.guest, d_ser, d_log, rng)
-        if args.guest == "inc":
-            # One whole pass first: every page touched.
-            wait(lambda: (sprog.now() or 0) >= 1.0, 300, "the source guest's first pass")
+        if args.guest in ("inc", "stride"):
+            # Whole passes first: every page touched.
+            wait(lambda: (sprog.now() or 0) >= 2.0, 300, "the source guest's first passes")
         else:
             wait(lambda: sprog.now() is not None, 60, "the source guest's status")
             time.sleep(2)
@@ -268,7 +289,11 @@ def one(args, label, dest_bin, dest_flags, tmp):
                 "vcpu_cpu_s": thread_cpu(dst.pid, "vcpu"),
             })
             p_prev, t_prev = p, t
-        return {"label": label, "before": before, "before_cpu": before_cpu, "migrate_s": t_res - t_mig,
+        time.sleep(0.2)
+        with open(d_log) as f:
+            collapse = [ln.strip() for ln in f if ln.startswith("huge pages:")]
+        return {"label": label, "collapse": collapse[-1] if collapse else None,
+                "before": before, "before_cpu": before_cpu, "migrate_s": t_res - t_mig,
                 "total_ms": q.get("total-time"), "downtime_ms": q.get("downtime"),
                 "samples": samples}
     finally:
@@ -306,8 +331,12 @@ def huge_at(run, t):
 
 
 def main():
+    # SIGTERM ends the runs the way Ctrl-C does: the minivm processes are
+    # stopped on the way out.
+    import signal
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--guest", choices=["inc", "ring3"], default="inc")
+    ap.add_argument("--guest", choices=["inc", "stride", "ring3"], default="inc")
     ap.add_argument("--mem", default="1G")
     ap.add_argument("--seconds", type=int, default=60, help="sampling time after the resume")
     ap.add_argument("--before", type=float, default=4.0, help="seconds the source speed is measured")
@@ -345,9 +374,10 @@ def main():
                       f"{bc:.3f}/cpu-s, migration {r['total_ms']} ms, after: "
                       + " ".join("-" if x is None else f"{x:.3f}" for x in w) + " /s; "
                       + " ".join("-" if x is None else f"{x:.3f}" for x in wc) + " /cpu-s"
-                      + f"; AnonHugePages MiB at end {huge_at(r, args.seconds)}",
+                      + f"; AnonHugePages MiB at end {huge_at(r, args.seconds)}"
+                      + (f"; {r['collapse']}" if r["collapse"] else ""),
                       file=sys.stderr, flush=True)
-    unit = "passes/s" if args.guest == "inc" else "MiB/s"
+    unit = "MiB/s" if args.guest == "ring3" else "passes/s"
     nwin = int(args.seconds // args.window)
     print(f"\nguest {args.guest}, mem {args.mem}, {args.reps} run(s) per destination; "
           f"speed in {unit}, medians (and min-max) per {args.window:g} s window after the resume; "
