@@ -209,6 +209,13 @@ struct RunArgs {
 /// huge pages did, once it ended; true when printed.
 fn report_collapse(vm: &Vm) -> bool {
     match vm.collapse_stats() {
+        Some(c) if c.finished && c.chunks == 0 => {
+            eprintln!(
+                "huge pages: asked for after the resume ({} ms waiting for a userfaultfd); no collapse",
+                c.uffd_wait.as_millis()
+            );
+            true
+        }
         Some(c) if c.finished || c.gave_up.is_some() => {
             eprintln!(
                 "huge pages: {} of {} 2 MiB chunks collapsed after the resume ({} sparse, {} failed{}); \

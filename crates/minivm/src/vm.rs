@@ -246,12 +246,13 @@ pub(crate) struct Shared {
     collapser: Mutex<Option<Collapser>>,
 }
 
-/// Huge pages for an incoming VM's memory, asked for at its first resume.
+/// Huge pages for an incoming VM's memory, asked for after its first
+/// resume ([`crate::collapse`]).
 struct HugeAtResume {
-    /// Guest memory ranges (host address, length) that get `MADV_HUGEPAGE`.
-    ranges: Vec<(u64, u64)>,
-    /// The blocks to collapse then (empty: none).
-    collapse: Vec<livemig::memory::RamBlock>,
+    /// The guest memory.
+    blocks: Vec<livemig::memory::RamBlock>,
+    /// Collapse it into huge pages too (anonymous memory).
+    collapse: bool,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -305,20 +306,26 @@ impl Shared {
         self.cond.notify_all();
     }
 
-    /// An incoming VM's first resume: huge pages asked for, and the
-    /// received memory collapsed into them in the background.
+    /// An incoming VM's first resume: huge pages asked for once no
+    /// userfaultfd watches the memory, and the received memory collapsed
+    /// into them, on a background thread.
     fn huge_pages_at_resume(&self, h: HugeAtResume) {
-        for (host, len) in h.ranges {
-            advise_huge(host, len);
-        }
         // Memory taken over from a local migration is the source's shared
         // memory, not this VM's anonymous memory.
-        if h.collapse.is_empty() || lock(&self.handed_over).is_some() {
-            return;
-        }
-        match Collapser::start(h.collapse, CollapsePace::default()) {
+        let collapse = h.collapse && lock(&self.handed_over).is_none();
+        let spans: Vec<(u64, u64)> = h
+            .blocks
+            .iter()
+            .map(|b| (b.region().host_addr(), b.region().len() as u64))
+            .collect();
+        match Collapser::start(h.blocks, collapse, CollapsePace::default()) {
             Ok(c) => *lock(&self.collapser) = Some(c),
-            Err(e) => log::warn!("cannot start the huge page collapse thread: {e}"),
+            Err(e) => {
+                log::warn!("cannot start the huge page thread: {e}");
+                for (host, len) in spans {
+                    advise_huge(host, len);
+                }
+            }
         }
     }
 
@@ -815,20 +822,19 @@ impl Vm {
             })?,
         );
         let mut slots = Vec::new();
-        let mut deferred_huge = Vec::new();
+        // An incoming VM asks for huge pages after its first resume.
+        let deferred_huge = config.huge_pages && config.start_paused;
         for (i, (gpa, size)) in ranges.iter().enumerate() {
             let host = memory.get_host_address(*gpa).map_err(|e| VmError::Memory {
                 size: *size as u64,
                 why: e.to_string(),
             })?;
-            if config.huge_pages && config.start_paused {
-                // An incoming VM receives into 4 KiB pages and asks for
-                // huge pages at its first resume: a fresh huge page on
-                // memory this host handed back to its own host is cleared
-                // 5-10x slower than the 4 KiB pages it replaces
-                // (BENCHMARKS.md, the filler into a 4 KiB destination).
-                deferred_huge.push((host as u64, *size as u64));
-            } else if config.huge_pages {
+            // An incoming VM receives into 4 KiB pages and asks for huge
+            // pages after its first resume: a fresh huge page on memory
+            // this host handed back to its own host is cleared 5-10x
+            // slower than the 4 KiB pages it replaces (BENCHMARKS.md, the
+            // filler into a 4 KiB destination).
+            if config.huge_pages && !deferred_huge {
                 advise_huge(host as u64, *size as u64);
             }
             slots.push(SlotInfo {
@@ -846,12 +852,9 @@ impl Vm {
                 size: config.mem_size,
                 why: e.to_string(),
             })?);
-        let huge_at_resume = (!deferred_huge.is_empty()).then(|| HugeAtResume {
-            ranges: deferred_huge,
-            collapse: match config.thp_collapse && !config.memfd {
-                true => livemig_memory.blocks().to_vec(),
-                false => Vec::new(),
-            },
+        let huge_at_resume = deferred_huge.then(|| HugeAtResume {
+            blocks: livemig_memory.blocks().to_vec(),
+            collapse: config.thp_collapse && !config.memfd,
         });
         let kvm_slots = livemig_memory
             .blocks()
@@ -1093,9 +1096,9 @@ impl Vm {
         self.shared.resume()
     }
 
-    /// What the background collapse of an incoming VM's memory into huge
-    /// pages did so far ([`VmConfig::thp_collapse`]); `None` before the
-    /// first resume or when none runs.
+    /// What the background thread that asks for huge pages on an incoming
+    /// VM's memory and collapses it ([`VmConfig::thp_collapse`]) did so
+    /// far; `None` before the first resume or for a VM created running.
     pub fn collapse_stats(&self) -> Option<CollapseStats> {
         lock(&self.shared.collapser).as_ref().map(Collapser::stats)
     }

@@ -72,6 +72,22 @@ fn source() -> (VmConfig, Vm) {
     (cfg, src)
 }
 
+/// Waits until the thread started at the resume asked for huge pages.
+fn wait_advised(vm: &Vm) -> CollapseStats {
+    let t0 = Instant::now();
+    loop {
+        if let Some(s) = vm.collapse_stats().filter(|s| s.advised) {
+            return s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "no advice within 30 s: {:?}",
+            vm.collapse_stats()
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Waits until the collapse put at least `chunks` chunks on huge pages.
 fn wait_collapsed(vm: &Vm, chunks: u64) -> CollapseStats {
     let t0 = Instant::now();
@@ -131,10 +147,11 @@ fn received_into_small_pages_then_collapsed_after_the_resume() {
         "nothing runs before the resume"
     );
     dst.resume();
+    let st = wait_advised(&dst);
     let (flags, _) = guest_mapping(&dst);
     assert!(
         flags.iter().any(|f| f == "hg"),
-        "asked at the resume: {flags:?}"
+        "asked after the resume: {flags:?} {st:?}"
     );
     if mode == "never" {
         eprintln!("THP is off here: the collapse itself is not checked");
@@ -191,9 +208,17 @@ fn the_engine_resume_asks_for_huge_pages_and_collapse_can_be_off() {
     .unwrap();
     assert_eq!(stats.status, Status::Completed);
     let (dst, _) = dest.join().unwrap().unwrap();
+    let st = wait_advised(&dst);
     let (flags, _) = guest_mapping(&dst);
     assert!(flags.iter().any(|f| f == "hg"), "{flags:?}");
-    assert!(dst.collapse_stats().is_none(), "collapse off");
+    // Collapse off: the thread only gave the advice.
+    let t0 = Instant::now();
+    while !dst.collapse_stats().unwrap().finished {
+        assert!(t0.elapsed() < Duration::from_secs(10), "{st:?}");
+        thread::sleep(Duration::from_millis(5));
+    }
+    let st = dst.collapse_stats().unwrap();
+    assert_eq!((st.chunks, st.collapsed, st.sweeps), (0, 0, 0), "{st:?}");
     runs_on(&dst);
 }
 
