@@ -117,7 +117,9 @@ pub struct VmConfig {
     /// Ask for transparent huge pages on guest memory (`MADV_HUGEPAGE`,
     /// as QEMU does): memory the guest never touched then reads as a few
     /// huge zero pages instead of one zero page per 4 KiB, so scanning an
-    /// idle guest is cheaper; KVM still logs dirty pages per 4 KiB.
+    /// idle guest is cheaper; KVM still logs dirty pages per 4 KiB. A VM
+    /// created paused (`start_paused`: an incoming one) gets the advice
+    /// only after its first resume (see `thp_collapse`).
     pub huge_pages: bool,
     /// A clock page the VMM writes into guest memory every millisecond
     /// while the VM runs (see [`ClockPage`]); `None`: no such device.
@@ -130,10 +132,11 @@ pub struct VmConfig {
     /// shmem_enabled` not `never`).
     pub memfd: bool,
     /// With `huge_pages`, for a VM created paused (an incoming one, which
-    /// receives into 4 KiB pages and asks for huge pages at its first
-    /// resume): after that resume, collapse its memory into huge pages on
-    /// a background thread ([`crate::collapse`]) instead of waiting for
-    /// khugepaged. Anonymous memory only.
+    /// receives into 4 KiB pages and asks for huge pages after its first
+    /// resume, once no userfaultfd watches its memory): then also
+    /// collapse its memory into huge pages on that background thread
+    /// ([`crate::collapse`]) instead of waiting for khugepaged. Anonymous
+    /// memory only.
     pub thp_collapse: bool,
 }
 
