@@ -553,8 +553,10 @@ VmFlags: rd wr mr mw me ac sd uw
         assert_eq!(st.sweeps, 2, "{st:?}");
         assert_eq!(st.failed, 0, "{st:?}");
         assert!(st.longest <= st.busy && st.busy > Duration::ZERO);
-        // Two huge pages in the mapping, and the contents unchanged.
-        assert_eq!(anon_huge_bytes(host), 2 * CHUNK);
+        // Huge pages in the mapping (at least these two: the kernel may
+        // merge another test's mapping next to it into the same VMA),
+        // and the contents unchanged.
+        assert!(anon_huge_bytes(host) >= 2 * CHUNK);
         for &ch in &[chunks[0], chunks[2]] {
             for p in 0..512 {
                 let a = ch + p * 4096;
@@ -563,9 +565,18 @@ VmFlags: rd wr mr mw me ac sd uw
                 assert_eq!(b, [0, 0, 0, 0, 0, 0, 0, byte(a)], "page {a:#x}");
             }
         }
-        // The sparse chunk did not grow to 2 MiB.
+        // The sparse chunk did not grow to 2 MiB, the untouched one
+        // stayed empty.
         let pages = region.populated((chunks[1] - host) as usize, CHUNK as usize);
-        assert_eq!(pages.map(|v| v.len()), Some(1));
+        assert_eq!(
+            pages,
+            Some(vec![(
+                (chunks[1] - host) as usize,
+                (chunks[1] - host) as usize + 4096
+            )])
+        );
+        let pages = region.populated((chunks[3] - host) as usize, CHUNK as usize);
+        assert_eq!(pages, Some(vec![]));
         c.stop();
     }
 

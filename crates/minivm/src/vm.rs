@@ -1106,6 +1106,14 @@ impl Vm {
         lock(&self.shared.collapser).as_ref().map(Collapser::stats)
     }
 
+    /// True while that thread runs (one thread of this VM's besides its
+    /// vCPUs and devices).
+    pub fn collapse_running(&self) -> bool {
+        lock(&self.shared.collapser)
+            .as_ref()
+            .is_some_and(|c| !c.is_done())
+    }
+
     /// Stops the background collapse of this VM's memory into huge pages,
     /// if one runs (between two 2 MiB chunks); what it did stays readable
     /// with [`Vm::collapse_stats`].
