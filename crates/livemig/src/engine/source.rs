@@ -2024,21 +2024,6 @@ impl<'a> RamSaver<'a> {
             // the bytes the destination got, so the thread that reads a page
             // for the cache also sends it.
             if delta.is_none() {
-                // Bulk stage: a zero page goes as a zero record on the main
-                // stream, looked at here, not handed to a channel to look
-                // at: the look is the same read, without a batch hand-over
-                // (two thread switches per 128 pages) for a 15-byte record.
-                // A guest whose memory is mostly zero (an incrementer in
-                // its first pass, a guest that zeroed its memory) swept it
-                // at a third of one stream's rate with 2 channels.
-                if self.search.is_bulk()
-                    && self.blocks[block]
-                        .region()
-                        .scan(offset as usize, PAGE_SIZE, is_zero)
-                        == Some(true)
-                {
-                    return self.encoder.known_zero(w, b, offset);
-                }
                 return ch.push(b, page, enc);
             }
         }
