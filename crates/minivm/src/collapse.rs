@@ -24,11 +24,14 @@
 //!   postcopy's userfaultfd must wait for it. Chunks left out are looked
 //!   at again a few times (postcopy fills them in), then left to
 //!   khugepaged;
-//! - at a lower priority (nice [`NICE`]), and at most half of the time
-//!   (after each call the thread sleeps as long as the call took), so the
-//!   vCPUs keep their CPU; not `SCHED_IDLE`: the kernel holds the address
-//!   space's lock while it copies a chunk, and a thread that could be
-//!   starved while holding it would stall every vCPU fault meanwhile;
+//! - at most half of the time (after each call the thread sleeps as long
+//!   as the call took), so the vCPUs keep their CPU, and at a lower
+//!   priority (nice [`NICE`]) while it looks at the page tables; but at
+//!   the normal priority ([`CALL_NICE`], where the process may raise it
+//!   back) during each `MADV_COLLAPSE` call: the kernel holds the address
+//!   space's lock while it copies a chunk, and a thread preempted while
+//!   holding it stalls the vCPU faults meanwhile (at nice 10 under load
+//!   9-11 one call took 298 ms; not `SCHED_IDLE` for the same reason);
 //! - not while a userfaultfd watches the memory (`VmFlags` `um`, `uw` or
 //!   `ui` in /proc/self/smaps: postcopy or a lazy restore still placing
 //!   pages, a background snapshot write-protecting them): it waits until
@@ -56,6 +59,8 @@ use crate::vm::lock;
 pub const CHUNK: u64 = 2 << 20;
 /// Nice value of the collapse thread.
 pub const NICE: i32 = 10;
+/// Nice value of the collapse thread inside a `MADV_COLLAPSE` call.
+pub const CALL_NICE: i32 = 0;
 /// Consecutive chunks the kernel found no free huge page for before the
 /// thread gives up.
 const NOMEM_LIMIT: u32 = 16;
@@ -326,6 +331,8 @@ fn run(
     }
     let mut resweeps = pace.resweeps.iter();
     let mut nomem = 0u32;
+    // Back to the normal priority for each call, if this process may.
+    let mut boost = true;
     loop {
         if wait_for_uffd(&spans, stop, stats) {
             return;
@@ -358,6 +365,7 @@ fn run(
                 }
                 checked = Instant::now();
             }
+            boost = boost && sys::set_thread_nice(CALL_NICE).is_ok();
             let t = Instant::now();
             let mut r = sys::collapse_huge_pages(chunk, CHUNK);
             if matches!(&r, Err(e) if e.raw_os_error() == Some(libc::EAGAIN)) {
@@ -367,6 +375,9 @@ fn run(
                 r = sys::collapse_huge_pages(chunk, CHUNK);
             }
             let took = t.elapsed();
+            if boost {
+                let _ = sys::set_thread_nice(NICE);
+            }
             let mut st = lock(stats);
             st.busy += took;
             st.longest = st.longest.max(took);
