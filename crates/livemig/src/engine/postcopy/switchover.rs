@@ -90,10 +90,13 @@ pub(crate) const PROBE_FIRST_PERIOD: Duration = Duration::from_millis(5);
 /// inside `write`: its socket buffer was full.
 pub(crate) const WRITE_BOUND_SHARE: f64 = 0.5;
 /// The switch skips the drain only when the pause, the bytes in flight
-/// included, fits in this share of the downtime limit (half of the 90 %
-/// every pause estimate must fit in: the rate the bytes in flight drain at
-/// is measured over one probe interval only).
-pub(crate) const SKIP_DRAIN_SHARE: f64 = 0.45;
+/// included, fits in this share of the downtime limit. The rate the bytes
+/// in flight drain at is measured over one probe interval only, and on
+/// loopback it is the destination's (page placement, first touches), which
+/// moves several-fold under load: with 45 % of the limit, the 30 ms
+/// loopback rows paused up to 42 ms after a skipped drain (load 9-10);
+/// at 1 Gbit/s the estimate stayed above the pause it predicted.
+pub(crate) const SKIP_DRAIN_SHARE: f64 = 0.25;
 
 /// What the main stream's writes did between two probes.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -604,12 +607,16 @@ mod tests {
     fn the_drain_is_skipped_only_when_the_bytes_in_flight_fit_the_limit() {
         let fixed = Duration::from_millis(5);
         let gbit = Some(117e6);
-        // 3 MB in flight at 1 Gbit/s: ~26 ms + 5 ms fit 45 % of 300 ms...
+        // 3 MB in flight at 1 Gbit/s: ~26 ms + 5 ms fit a quarter of
+        // 300 ms...
         assert!(skip_drain(3_000_000, gbit, fixed, 300));
-        // ...not 45 % of 30 ms.
+        // ...not a quarter of 30 ms.
         assert!(!skip_drain(3_000_000, gbit, fixed, 30));
-        // 20 MB (171 ms) do not fit 135 ms.
-        assert!(!skip_drain(20_000_000, gbit, fixed, 300));
+        // 10 MB (85 ms) do not fit 75 ms.
+        assert!(!skip_drain(10_000_000, gbit, fixed, 300));
+        // On loopback (1 GB/s): 1 MB + 5 ms fit 7.5 ms, 3 MB do not.
+        assert!(skip_drain(1_000_000, Some(1e9), fixed, 30));
+        assert!(!skip_drain(3_000_000, Some(1e9), fixed, 30));
         // The same 3 MB over 100 Mbit/s: 240 ms.
         assert!(!skip_drain(3_000_000, Some(12.5e6), fixed, 300));
         // No measured rate: never skipped (unless nothing is in flight).
@@ -617,7 +624,7 @@ mod tests {
         assert!(!skip_drain(1, Some(0.0), Duration::ZERO, 10_000));
         assert!(skip_drain(0, None, fixed, 30));
         // Fixed costs that alone exceed the share: not skipped.
-        assert!(!skip_drain(1000, gbit, Duration::from_millis(140), 300));
+        assert!(!skip_drain(1000, gbit, Duration::from_millis(80), 300));
     }
 
     #[test]
