@@ -93,9 +93,10 @@ pub(crate) const WRITE_BOUND_SHARE: f64 = 0.5;
 /// included, fits in this share of the downtime limit. The rate the bytes
 /// in flight drain at is measured over one probe interval only, and on
 /// loopback it is the destination's (page placement, first touches), which
-/// moves several-fold under load: with 45 % of the limit, the 30 ms
-/// loopback rows paused up to 42 ms after a skipped drain (load 9-10);
-/// at 1 Gbit/s the estimate stayed above the pause it predicted.
+/// moves several-fold under load: with 45 % of the limit, a 30 ms
+/// loopback row paused up to 42 ms (load 9-10; a skipped drain suspected,
+/// not traced); at 1 Gbit/s the estimate stayed above the pause it
+/// predicted.
 pub(crate) const SKIP_DRAIN_SHARE: f64 = 0.25;
 
 /// What the main stream's writes did between two probes.
