@@ -950,4 +950,85 @@ mod tests {
         assert!(!p2.rate_limit(MIB / 2, 10 * MIB));
         assert!(p2.rate_limit(MIB, 10 * MIB));
     }
+
+    #[test]
+    fn a_slow_round_trip_prices_the_handshake() {
+        let mut p = with_periods(&[100.0 * MIB as f64]);
+        assert_eq!(p.handshake_estimate(), HANDSHAKE_ALLOWANCE);
+        // A quick ping leaves the allowance.
+        p.record_ping(Duration::from_micros(200));
+        assert_eq!(p.handshake_estimate(), HANDSHAKE_ALLOWANCE);
+        // A loaded host's: each leg of the handshake costs as much.
+        p.record_ping(Duration::from_millis(40));
+        assert_eq!(
+            p.handshake_estimate(),
+            Duration::from_millis(40) * PING_LEGS
+        );
+        assert_eq!(p.estimate(&inputs(0)).handshake, p.handshake_estimate());
+        // 16 MiB (160 ms) fits 300 ms with a 5 ms handshake, not with 120.
+        assert!(!p.fits(&inputs(16 * MIB), 300));
+        let quick = with_periods(&[100.0 * MIB as f64]);
+        assert!(quick.fits(&inputs(16 * MIB), 300));
+        // The slowest of the last PINGS counts, then it ages out.
+        for _ in 0..PINGS {
+            p.record_ping(Duration::from_millis(1));
+        }
+        assert_eq!(p.handshake_estimate(), HANDSHAKE_ALLOWANCE);
+        // A measured handshake longer than the pings' price counts too.
+        p.record_handshake(Duration::from_millis(30));
+        assert_eq!(p.handshake_estimate(), Duration::from_millis(30));
+    }
+
+    #[test]
+    fn a_pause_whose_rate_collapses_overruns() {
+        let p = with_periods(&[100.0 * MIB as f64]);
+        let left = |remaining: u64, in_flight: u64| PauseInputs {
+            remaining_bytes: remaining,
+            in_flight_bytes: in_flight,
+            ..PauseInputs::default()
+        };
+        let spent = Duration::from_millis(20);
+        // Before any page: 10 MiB at 100 MiB/s = 100 ms, fits 300 ms.
+        assert!(!p.overruns(&left(10 * MIB, 0), spent, (0, Duration::ZERO), 300));
+        // 1 MiB went in 100 ms (10 MiB/s): the 9 MiB left take 900 ms.
+        let slow = (MIB, Duration::from_millis(100));
+        assert!(p.overruns(&left(9 * MIB, MIB), spent + slow.1, slow, 300));
+        // A rate measured over less than PAUSE_RATE_AFTER is not trusted.
+        let blip = (MIB, Duration::from_millis(1));
+        assert!(!p.overruns(&left(9 * MIB, MIB), spent, blip, 300));
+        // Faster than the estimate: the estimate's rate still prices it.
+        let fast = (5 * MIB, Duration::from_millis(10));
+        assert!(!p.overruns(&left(5 * MIB, 5 * MIB), spent, fast, 300));
+    }
+
+    #[test]
+    fn bytes_the_pause_wrote_count_once() {
+        // 100 MiB/s; 20 MiB written in the pause in 200 ms (the link's
+        // rate): they are through, nothing left. Counting them again as
+        // still to go would add 200 ms and overrun 300 ms.
+        let p = with_periods(&[100.0 * MIB as f64]);
+        let i = PauseInputs {
+            remaining_bytes: 0,
+            in_flight_bytes: 20 * MIB,
+            ..PauseInputs::default()
+        };
+        let sending = (20 * MIB, Duration::from_millis(200));
+        assert!(!p.overruns(&i, Duration::from_millis(210), sending, 300));
+        // Written into buffers in 20 ms (faster than the link): 180 ms of
+        // them still to reach the destination.
+        let buffered = (20 * MIB, Duration::from_millis(20));
+        assert!(!p.overruns(&i, Duration::from_millis(30), buffered, 300));
+        assert!(p.overruns(&i, Duration::from_millis(100), buffered, 300));
+    }
+
+    #[test]
+    fn a_pause_rate_counts_as_a_period() {
+        let mut p = with_periods(&[100.0 * MIB as f64]);
+        p.record_pause_rate(MIB, Duration::from_millis(100));
+        assert!((p.conservative_bandwidth() - 10.0 * MIB as f64).abs() < 1.0);
+        // Too short to say anything.
+        let mut q = with_periods(&[100.0 * MIB as f64]);
+        q.record_pause_rate(MIB, Duration::from_micros(500));
+        assert!((q.conservative_bandwidth() - 100.0 * MIB as f64).abs() < 1.0);
+    }
 }

@@ -63,8 +63,8 @@ const HASH_RESAMPLE: Duration = Duration::from_millis(500);
 /// cut-short pause was one more the guest saw).
 const MAX_BACKOUTS: u32 = 3;
 /// In the pause, the remaining pages are checked against the limit every
-/// this many pages sent (1 MiB).
-const PAUSE_CHECK_PAGES: u32 = 256;
+/// this many pages sent (256 KiB).
+const PAUSE_CHECK_PAGES: u32 = 64;
 /// Consecutive high-dirty-rate periods before auto-converge throttles.
 const THROTTLE_TRIGGER: u32 = 3;
 
@@ -820,16 +820,37 @@ impl<'a> RamSaver<'a> {
         }
         self.pause_check = None;
         let sending = (self.sent_bytes(&w) - bytes_at, pages_at.elapsed());
+        clock.parts.pages_us = clock.lap();
+        // Verify: every page is out and the guest stopped, so memory holds
+        // still: the digest now, before the last check (a hashing rate
+        // that collapsed in the pause can still be backed out of).
+        let mut digest = None;
+        if self.params.verify && !self.overran {
+            let t = Instant::now();
+            digest = Some(match self.running {
+                Some(d) => d.current(self.mem).0,
+                None => memory_digest(self.mem),
+            });
+            self.verify_time = t.elapsed().as_millis() as u64;
+            clock.parts.digest_us = clock.lap();
+        }
         // Once more before the device state, past which nothing can be
-        // taken back: the handshake as priced before the pause.
+        // taken back: the destination's part of the digest, and the
+        // handshake as priced before the pause.
+        let mut rest = self.pause_inputs();
+        rest.digest_bytes = self.dirty_chunk_bytes();
         if self.overran
             || (self.may_back_out()
                 && self
                     .pacing
-                    .overruns(&self.pause_inputs(), pause_at.elapsed(), sending, limit))
+                    .overruns(&rest, pause_at.elapsed(), sending, limit))
         {
             self.back_out(vm, guest, pause_at, sending, "while its pages went out")?;
             return Ok(Completion::BackedOut(Box::new(Link { w, ack, urgent })));
+        }
+        if let Some(d) = self.running {
+            // No more background hashing: the handshake has the CPUs.
+            d.stop();
         }
         drop(urgent.take());
         let ack = ack.as_read();
@@ -839,23 +860,16 @@ impl<'a> RamSaver<'a> {
             // main stream's end only after all of them.
             ch.finish(enc).map_err(MigrationError::send)?;
         }
-        clock.parts.pages_us = clock.lap();
+        clock.parts.pages_us += clock.lap();
         let state = vm.save_state().map_err(MigrationError::Vm)?;
         if !state.is_empty() {
             w.state(&state).map_err(MigrationError::send)?;
         }
         clock.parts.state_us = clock.lap();
         let mut sent_digest = None;
-        if self.params.verify {
-            let t = Instant::now();
-            let digest = match self.running {
-                Some(d) => d.finish(self.mem).0,
-                None => memory_digest(self.mem),
-            };
-            self.verify_time = t.elapsed().as_millis() as u64;
+        if let Some(digest) = digest {
             w.digest(&digest).map_err(MigrationError::send)?;
             sent_digest = self.running.map(|_| digest);
-            clock.parts.digest_us = clock.lap();
         }
         self.check_cancel()?;
         // The stream's end counts with the handshake that follows it.
@@ -1750,11 +1764,14 @@ impl<'a> RamSaver<'a> {
     }
 
     /// Whether a pause that would overrun may still be cut short: not
-    /// more than [`MAX_BACKOUTS`] times, and only when the limit can be
+    /// more than [`MAX_BACKOUTS`] times, only once the link was measured
+    /// (a guest with nothing left to send pauses before any measurement:
+    /// no estimate to check against), and only when the limit can be
     /// kept at all (when the fixed costs alone exceed it, precopy has
     /// already settled for the overshoot, see [`Pacing::settled`]).
     fn may_back_out(&self) -> bool {
         self.backouts < MAX_BACKOUTS
+            && self.pacing.conservative_bandwidth() > 0.0
             && !self
                 .pacing
                 .floor_exceeds(&self.pause_inputs(), self.params.downtime_limit)
