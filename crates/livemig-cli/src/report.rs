@@ -170,6 +170,13 @@ pub fn summary(s: &MigrationStats) -> String {
             human(b.in_flight_bytes),
             ms(b.drain_us)
         );
+        if b.loaded_us > 0 {
+            out += &format!(
+                " (END to LOADED {:.1}, the destination's resume {:.1})",
+                ms(b.loaded_us),
+                ms(b.dest_resume_us)
+            );
+        }
         if b.ping_us > 0 {
             out += &format!(
                 "; round trip before it {:.1} ms (handshake priced at {:.1})",

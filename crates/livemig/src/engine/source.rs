@@ -873,6 +873,7 @@ impl<'a> RamSaver<'a> {
         }
         self.check_cancel()?;
         // The stream's end counts with the handshake that follows it.
+        let end_at = Instant::now();
         w.end().map_err(MigrationError::send)?;
         self.transferred = self.sent_bytes(&w);
         self.downtime_bytes = self.transferred - bytes_before;
@@ -882,6 +883,8 @@ impl<'a> RamSaver<'a> {
                 let t = ack::source_handshake(r, w.get_mut(), &mut guest.sent_go, &|| {
                     handle.is_cancelled()
                 })?;
+                clock.parts.loaded_us = (t.loaded - end_at).as_micros() as u64;
+                clock.parts.dest_resume_us = t.resumed_after_go.map_or(0, |d| d.as_micros() as u64);
                 self.pacing.record_handshake(t.started - t.go_sent);
                 self.source_downtime = ms(t.started - pause_at);
                 clock.parts.handshake_us = clock.lap();

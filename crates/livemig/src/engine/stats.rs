@@ -169,6 +169,15 @@ pub struct PauseBreakdown {
     /// [`Self::handshake_us`]).
     #[serde(default)]
     pub handshake_estimate_us: u64,
+    /// Of [`Self::handshake_us`]: from writing the stream's end to reading
+    /// LOADED (the destination's last reads, its digest check and state
+    /// restore, and a round trip). The rest is GO to STARTED.
+    #[serde(default)]
+    pub loaded_us: u64,
+    /// The destination's own time from GO's arrival to its guest's
+    /// resume, as it reported in STARTED (0 when it did not).
+    #[serde(default)]
+    pub dest_resume_us: u64,
 }
 
 impl PauseBreakdown {
