@@ -791,6 +791,7 @@ impl<'a> RamSaver<'a> {
         // Without postcopy: a pause that no longer fits is cut short.
         let limit = self.params.downtime_limit;
         if self.may_back_out()
+            && pause_at.elapsed() < Duration::from_millis(limit)
             && !self
                 .pacing
                 .fits_after(&self.pause_inputs(), pause_at.elapsed(), limit)
@@ -841,6 +842,7 @@ impl<'a> RamSaver<'a> {
         rest.digest_bytes = self.dirty_chunk_bytes();
         if self.overran
             || (self.may_back_out()
+                && pause_at.elapsed() < Duration::from_millis(limit)
                 && self
                     .pacing
                     .overruns(&rest, pause_at.elapsed(), sending, limit))
@@ -1758,6 +1760,10 @@ impl<'a> RamSaver<'a> {
         let Some(c) = self.pause_check else {
             return false;
         };
+        if c.pause_at.elapsed() >= Duration::from_millis(c.limit) {
+            // Already over: cutting it short now would only add a pause.
+            return false;
+        }
         let sending = (
             self.transferred.saturating_sub(c.bytes_at),
             c.pages_at.elapsed(),
