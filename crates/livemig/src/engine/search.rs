@@ -288,6 +288,42 @@ impl PageSearch {
         self.page = 0;
     }
 
+    /// Where the walk goes on from: block, page.
+    pub fn position(&self) -> (usize, u64) {
+        (self.block, self.page)
+    }
+
+    /// A second walk (postcopy's push behind the sweep): takes the next
+    /// page still to send at or after `pos` (block, page) and before `end`,
+    /// in address order without wrapping, and moves `pos` past it. The
+    /// main walk's position, rounds and bulk stage are left as they are;
+    /// a page either walk takes is gone for the other. None once nothing
+    /// is left before `end` (`pos` then stays at `end`).
+    pub fn take_next_before(
+        &mut self,
+        pos: &mut (usize, u64),
+        end: (usize, u64),
+    ) -> Option<(usize, u64)> {
+        while *pos < end && pos.0 < self.bitmaps.len() {
+            let (b, from) = *pos;
+            let stop = if b == end.0 {
+                end.1
+            } else {
+                self.bitmaps[b].len()
+            };
+            match self.bitmaps[b].next_set(from).filter(|&p| p < stop) {
+                Some(p) => {
+                    self.bitmaps[b].clear(p);
+                    *pos = (b, p + 1);
+                    return Some((b, p));
+                }
+                None if b == end.0 => *pos = end,
+                None => *pos = (b + 1, 0),
+            }
+        }
+        None
+    }
+
     /// Continues the walk at `page` of `block` (locality after a request).
     pub fn seek(&mut self, block: usize, page: u64) {
         if block < self.bitmaps.len() {
@@ -372,6 +408,56 @@ impl Untouched {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_second_walk_takes_pages_in_order_up_to_its_end_and_leaves_the_first_alone() {
+        let mut s = PageSearch::new([100, 50]);
+        s.seek(1, 10);
+        let before = (s.position(), s.rounds(), s.is_bulk());
+        let mut pos = (0, 95);
+        let mut got = Vec::new();
+        while let Some(f) = s.take_next_before(&mut pos, (1, 3)) {
+            got.push(f);
+        }
+        assert_eq!(
+            got,
+            [
+                (0, 95),
+                (0, 96),
+                (0, 97),
+                (0, 98),
+                (0, 99),
+                (1, 0),
+                (1, 1),
+                (1, 2)
+            ]
+        );
+        assert_eq!(pos, (1, 3));
+        assert_eq!((s.position(), s.rounds(), s.is_bulk()), before);
+        // Taken pages are gone for the main walk, and the other way round.
+        assert!(!s.take(0, 97));
+        assert!(s.take(0, 5));
+        let mut pos = (0, 0);
+        assert_eq!(s.take_next_before(&mut pos, (0, 10)), Some((0, 0)));
+        assert_eq!(s.take_next_before(&mut pos, (0, 10)), Some((0, 1)));
+        let mut pos = (0, 5);
+        assert_eq!(
+            s.take_next_before(&mut pos, (0, 7)),
+            Some((0, 6)),
+            "page 5 was taken"
+        );
+        // Nothing before the end: None, and the position stays at the end.
+        let mut pos = (0, 95);
+        assert_eq!(s.take_next_before(&mut pos, (1, 3)), None);
+        assert_eq!(pos, (1, 3));
+        // An end past the last block stops at the last block's end.
+        let mut pos = (1, 48);
+        assert_eq!(s.take_next_before(&mut pos, (7, 0)), Some((1, 48)));
+        assert_eq!(s.take_next_before(&mut pos, (7, 0)), Some((1, 49)));
+        assert_eq!(s.take_next_before(&mut pos, (7, 0)), None);
+        // The main walk still finds what is left, from where it was.
+        assert_eq!(s.take_next().map(|f| (f.block, f.page)), Some((1, 10)));
+    }
 
     #[test]
     fn untouched_pages_are_those_never_written() {

@@ -18,7 +18,9 @@ use super::handle::Reconnect;
 use super::handle::{MigrationHandle, SyncPoint};
 use super::pacing::{Pacing, PauseInputs};
 use super::params::{Params, ParamsError, Switchover};
-use super::postcopy::switchover::{AutoSwitch, PROBE_PERIOD};
+use super::postcopy::switchover::{
+    self, AutoSwitch, WireInterval, PROBE_FIRST, PROBE_FIRST_PERIOD, PROBE_PERIOD,
+};
 use super::postcopy::{
     check_request, BitmapAssembler, FaultReport, Message, MessageReader, PausePlan, PostcopyError,
     PushBatch, PAUSE_BYTES, PROGRESS_GRACE, PUSH_WINDOW,
@@ -414,6 +416,17 @@ struct RamSaver<'a> {
     /// Pauses cut short, and the longest of them (ms).
     backouts: u32,
     backout_max: u64,
+    /// Postcopy `auto`: when the first page went out (after the first
+    /// clear of an initially-set log), and the main stream's wire clock
+    /// (time, time inside `write`, bytes) at the last probe, and what it
+    /// did over the last two probe intervals, older first (see
+    /// `postcopy/switchover.rs`: whether the switch may skip the drain).
+    first_send: Option<Instant>,
+    wire_mark: Option<(Instant, u64, u64)>,
+    wire_intervals: [WireInterval; 2],
+    /// Postcopy on one stream: the push's second walk, over what lies
+    /// behind where the first one started (see [`Behind`]).
+    behind: Option<Behind>,
 }
 
 /// The pause under way, for the checks while its pages go out.
@@ -440,6 +453,23 @@ enum Completion<'r, W: Write> {
     Done,
     /// The pause was cut short: the guest runs, precopy goes on.
     BackedOut(Box<Link<'r, W>>),
+}
+
+/// Postcopy's second push walk, on one stream. The first walk starts just
+/// ahead of the guest's sweep and finds mostly zero pages there (a few
+/// bytes each on the wire, but each read to know it): reading them bounds
+/// its pace, the link idles (1 GiB incrementer at 1 Gbit/s: ~240k zero
+/// pages, 50-150 ms of reading during which the link carried a third of
+/// what it could). While its batches are that cheap, batches of the second
+/// walk, from the start of memory up to where the first began (the data
+/// behind the sweep), keep the link busy.
+struct Behind {
+    /// Where the second walk goes on from, and where it stops.
+    pos: (usize, u64),
+    end: (usize, u64),
+    /// Its own never-written look-ups (the first walk's window would be
+    /// looked up again at every turn otherwise).
+    untouched: Untouched,
 }
 
 impl<'a> RamSaver<'a> {
@@ -525,6 +555,10 @@ impl<'a> RamSaver<'a> {
             overran: false,
             backouts: 0,
             backout_max: 0,
+            first_send: None,
+            wire_mark: None,
+            wire_intervals: [WireInterval::default(); 2],
+            behind: None,
         }
     }
 
@@ -688,7 +722,15 @@ impl<'a> RamSaver<'a> {
                 // The switch record reaches the destination only after
                 // everything sent before it: wait for that now, while the
                 // guest runs, not in the pause.
-                self.drain(&mut w, &mut ack)?;
+                // Unless the bytes in flight fit in the pause: then they
+                // reach the destination there, and the guest stops now
+                // instead of after the drain (see `postcopy/switchover.rs`).
+                let in_flight = self.in_flight(&w, &ack);
+                if self.may_skip_drain(in_flight) {
+                    self.drain_wait = Duration::ZERO;
+                } else {
+                    self.drain(&mut w, &mut ack)?;
+                }
                 switch = true;
                 break;
             }
@@ -957,10 +999,68 @@ impl<'a> RamSaver<'a> {
     /// far, not a full bandwidth period (100 ms): a guest that precopy
     /// cannot move is known one or two probes after the start.
     fn probe_due(&self) -> bool {
-        self.auto_postcopy()
-            && self.search.is_bulk()
-            && (self.sync_count == 0
-                || (self.last_sync.elapsed() >= PROBE_PERIOD && self.average_bandwidth() > 0.0))
+        if !self.auto_postcopy() || !self.search.is_bulk() {
+            return false;
+        }
+        if self.sync_count == 0 {
+            // An initially-set log (the only one not synced at setup)
+            // reports everything until its first clear: the first harvest
+            // comes just after it.
+            return self.first_send.is_some_and(|t| t.elapsed() >= PROBE_FIRST);
+        }
+        let period = if self.auto_switch.harvests() <= 1 {
+            PROBE_FIRST_PERIOD
+        } else {
+            PROBE_PERIOD
+        };
+        self.last_sync.elapsed() >= period && self.average_bandwidth() > 0.0
+    }
+
+    /// Postcopy: whether the switch may pause the guest now, with
+    /// `in_flight` bytes not yet confirmed applied, instead of draining
+    /// them first (see [`switchover::skip_drain`]): one stream (the page
+    /// channels' writes are not timed), its rate measured by the last two
+    /// probes, the last one recent.
+    fn may_skip_drain(&self, in_flight: u64) -> bool {
+        if self.channels.is_some() {
+            return false;
+        }
+        let recent = self
+            .wire_mark
+            .is_some_and(|(t, _, _)| t.elapsed() <= 2 * PROBE_PERIOD);
+        let [prev, last] = self.wire_intervals;
+        let rate = switchover::drain_rate(&prev, &last)
+            .filter(|_| recent)
+            .map(|r| match self.pacing.conservative_bandwidth() {
+                c if c > 0.0 => r.min(c),
+                _ => r,
+            });
+        let fixed = self
+            .pacing
+            .estimate(&PauseInputs {
+                remaining_bytes: 0,
+                dirty_pages_rate: 0,
+                in_flight_bytes: 0,
+                ..self.pause_inputs()
+            })
+            .fixed();
+        switchover::skip_drain(in_flight, rate, fixed, self.params.downtime_limit)
+    }
+
+    /// Postcopy `auto`: the main stream's wire clock now, and the interval
+    /// since the last mark.
+    fn mark_wire(&mut self) {
+        let now = Instant::now();
+        let (ns, bytes) = self.wire.read();
+        if let Some((t0, ns0, b0)) = self.wire_mark {
+            let iv = WireInterval {
+                wall: now - t0,
+                bytes: bytes.saturating_sub(b0),
+                in_write: Duration::from_nanos(ns.saturating_sub(ns0)),
+            };
+            self.wire_intervals = [self.wire_intervals[1], iv];
+        }
+        self.wire_mark = Some((now, ns, bytes));
     }
 
     /// Bytes/s precopy has sent at since the setup (0 before the first
@@ -1011,6 +1111,11 @@ impl<'a> RamSaver<'a> {
             if let Some((b, p)) = self.send_pause_pages(&mut w, pause_at)? {
                 self.search.seek(b, p);
             }
+            self.behind = Some(Behind {
+                pos: (0, 0),
+                end: self.search.position(),
+                untouched: Untouched::new(true),
+            });
         }
         let enc = self.encoding();
         if let Some(ch) = &mut self.channels {
@@ -1166,6 +1271,8 @@ impl<'a> RamSaver<'a> {
         let page = PAGE_SIZE as u64;
         let mut budget = PAUSE_BYTES;
         let mut inputs = self.pause_inputs();
+        // Drained or not, what is still on its way arrives first.
+        inputs.in_flight_bytes = self.sent_bytes(w).saturating_sub(self.applied);
         while budget >= page {
             inputs.remaining_bytes = budget;
             if self
@@ -1338,14 +1445,22 @@ impl<'a> RamSaver<'a> {
                 // behind), not in pages: zero pages are a few bytes each.
                 let from = on_out!(&link.out, w => w.bytes());
                 let mut batch = PushBatch::default();
+                let mut pages = 0u64;
                 while !batch.full() {
                     let Some(f) = self.search.take_next() else {
                         break;
                     };
                     self.pc_pushed += 1;
+                    pages += 1;
                     on_out!(&mut link.out, w => self.send_page(w, f.block, f.page, true))
                         .map_err(MigrationError::send)?;
                     batch.sent(on_out!(&link.out, w => w.bytes()) - from);
+                }
+                let bytes = on_out!(&link.out, w => w.bytes()) - from;
+                if pages > 0 && bytes < pages * PAGE_SIZE as u64 / 2 && !self.window_full(link) {
+                    // Mostly zero pages: the link has room for data from
+                    // behind (see [`Behind`]).
+                    self.push_behind(link)?;
                 }
                 on_out!(&mut link.out, w => self.section_end(w))?;
             }
@@ -1393,6 +1508,34 @@ impl<'a> RamSaver<'a> {
                 }
             }
         }
+    }
+
+    /// One batch of postcopy's second walk (see [`Behind`]) on the main
+    /// stream, if it has pages left.
+    fn push_behind<W: Write>(&mut self, link: &mut PostcopyLink<W>) -> Result<(), MigrationError> {
+        let Some(mut bh) = self.behind.take() else {
+            return Ok(());
+        };
+        std::mem::swap(&mut self.untouched, &mut bh.untouched);
+        let from = on_out!(&link.out, w => w.bytes());
+        let mut batch = PushBatch::default();
+        let mut r = Ok(());
+        while !batch.full() {
+            let Some((b, p)) = self.search.take_next_before(&mut bh.pos, bh.end) else {
+                break;
+            };
+            self.pc_pushed += 1;
+            r = on_out!(&mut link.out, w => self.send_page(w, b, p, true));
+            if r.is_err() {
+                break;
+            }
+            batch.sent(on_out!(&link.out, w => w.bytes()) - from);
+        }
+        std::mem::swap(&mut self.untouched, &mut bh.untouched);
+        if bh.pos < bh.end {
+            self.behind = Some(bh);
+        }
+        r.map_err(MigrationError::send)
     }
 
     /// PROGRESS from the destination: stream `stream` was read up to
@@ -1640,6 +1783,7 @@ impl<'a> RamSaver<'a> {
         // What the destination lacks: pages never sent, and those lost in
         // flight with the old connections.
         self.search.restart(asm.missing());
+        self.behind = None;
         self.seq = 1;
         link.out = PcOut::Resumed(w);
         link.dead = false;
@@ -2025,14 +2169,17 @@ impl<'a> RamSaver<'a> {
         }
         if self.auto_postcopy() {
             let left = self.remaining_bytes() / PAGE_SIZE as u64;
-            // Before any page went out (the first probe, as precopy
-            // starts) the rate sent at says nothing: the harvest only
-            // becomes the one later probes are measured against.
-            let bw = if self.pages_sent == 0 {
+            // The first harvest (before any page went out, or just after
+            // the first clear of an initially-set log) only becomes the
+            // one later probes are measured against: no prediction.
+            let bw = if self.pages_sent == 0 || self.auto_switch.harvests() == 0 {
                 0.0
             } else {
                 self.average_bandwidth()
             };
+            if self.first_send.is_some() {
+                self.mark_wire();
+            }
             let n = self.guest_pages();
             self.auto_switch
                 .sync(&self.fresh, t - self.last_sync, n, left, bw);
@@ -2180,6 +2327,12 @@ impl<'a> RamSaver<'a> {
                     .map_err(MigrationError::send)?;
             }
             n += 1;
+            if self.first_send.is_none() && self.auto_postcopy() {
+                // After the chunk's clear (above): probes count from here.
+                self.first_send = Some(Instant::now());
+                self.wire_mark = None;
+                self.mark_wire();
+            }
             // Under a bandwidth cap the budget is checked after every page
             // (a 100 ms window at a few MiB/s holds only ~100 pages);
             // otherwise every 64 pages is plenty.
