@@ -170,6 +170,27 @@ pub fn summary(s: &MigrationStats) -> String {
             human(b.in_flight_bytes),
             ms(b.drain_us)
         );
+        if b.loaded_us > 0 {
+            out += &format!(
+                " (END to LOADED {:.1}, the destination's resume {:.1})",
+                ms(b.loaded_us),
+                ms(b.dest_resume_us)
+            );
+        }
+        if b.ping_us > 0 {
+            out += &format!(
+                "; round trip before it {:.1} ms (handshake priced at {:.1})",
+                ms(b.ping_us),
+                ms(b.handshake_estimate_us)
+            );
+        }
+    }
+    if s.pause_backouts > 0 {
+        out += &format!(
+            "
+pauses cut short: {} (the rest would have crossed the limit; the guest ran on, longest {} ms)",
+            s.pause_backouts, s.backout_pause_max
+        );
     }
     if let Some(x) = &s.xbzrle_cache {
         out += &format!(

@@ -386,6 +386,9 @@ pub(crate) fn await_applied(reply: &mut dyn Read, mark: u64) -> Result<(), Migra
 /// When the source's half of the handshake saw what, for the downtime.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Handshake {
+    /// LOADED read (the end of the destination's load, checks and
+    /// restore, as the source sees it).
+    pub loaded: Instant,
     /// GO handed to the transport.
     pub go_sent: Instant,
     /// STARTED read.
@@ -431,6 +434,7 @@ pub(crate) fn source_handshake(
         }
         Err(e) => return Err(AckError::NoLoaded(e).into()),
     }
+    let loaded = Instant::now();
     if cancelled() {
         return Err(MigrationError::Cancelled);
     }
@@ -441,6 +445,7 @@ pub(crate) fn source_handshake(
     let go_sent = Instant::now();
     match read_reply(reply) {
         Ok(Reply::Started(resumed_after_go)) => Ok(Handshake {
+            loaded,
             go_sent,
             started: Instant::now(),
             resumed_after_go,
@@ -705,6 +710,7 @@ mod tests {
     fn the_resume_is_placed_on_the_source_clock() {
         let go_sent = Instant::now();
         let h = |rtt_ms: u64, d: Option<u64>| Handshake {
+            loaded: go_sent,
             go_sent,
             started: go_sent + Duration::from_millis(rtt_ms),
             resumed_after_go: d.map(Duration::from_millis),

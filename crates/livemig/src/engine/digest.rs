@@ -270,6 +270,15 @@ impl RunningDigest {
     /// hashed now.
     pub fn finish(&self, mem: &dyn GuestMemory) -> ([u8; 32], usize) {
         self.stop();
+        self.current(mem)
+    }
+
+    /// As [`RunningDigest::finish`], the background hashing going on: the
+    /// source computes the digest in the pause before the point past which
+    /// the pause cannot be cut short (see `source.rs`). Like `finish`, it
+    /// marks nothing current: what it re-hashed is left to the background
+    /// hasher.
+    pub fn current(&self, mem: &dyn GuestMemory) -> ([u8; 32], usize) {
         let mut hashes = vec![[0u8; 32]; self.chunks.len()];
         let mut stale = Vec::new();
         for (i, h) in hashes.iter_mut().enumerate() {
@@ -358,6 +367,8 @@ mod tests {
         assert!(n >= 2, "the written chunks are re-hashed: {n}");
         let (_, n2) = r.finish(&m);
         assert_eq!(n, n2, "finish does not mark chunks current by itself");
+        let (d3, n3) = r.current(&m);
+        assert_eq!((d3, n3), (d, n), "nor does current, which gives the same");
     }
 
     #[test]

@@ -36,8 +36,15 @@
 //!   just before the decision: the host's load moves it several-fold). The
 //!   full hash of the source's memory, which checks the dirty tracker
 //!   itself, runs after the destination took over, outside the pause;
-//! - **the completion handshake**: a round trip, taken as the largest
-//!   measured so far in this migration or [`HANDSHAKE_ALLOWANCE`];
+//! - **the completion handshake**: two round trips (END to LOADED, GO to
+//!   STARTED) with the destination's wake-ups, taken as the largest of:
+//!   the handshakes measured so far in this migration,
+//!   [`HANDSHAKE_ALLOWANCE`], and [`PING_LEGS`] times the slowest of the
+//!   recent *pings* (an empty drain mark and its answer, sent just before
+//!   each switch-over decision, the guest running; see `source.rs`). The
+//!   ping is what a loaded host does to the handshake: on 2 cores at load
+//!   10 an empty round trip took several ms, and the handshake, with its
+//!   five wake-ups on both sides, 10-136 ms, against 5 ms assumed before;
 //! - **the bytes still in flight**: stream bytes already written that the
 //!   destination has not confirmed applying. The switch-over (or the
 //!   postcopy switch, whose record the destination reads only after them)
@@ -52,7 +59,16 @@
 //! At the pause itself the decision is taken again with what the pause
 //! already cost (the stop and the final sync are then measured, not
 //! estimated): [`Pacing::fits_after`]. With postcopy `auto`, a
-//! stop-and-copy that no longer fits goes to postcopy instead.
+//! stop-and-copy that no longer fits goes to postcopy instead; without
+//! postcopy the source *backs out*: it resumes its guest and goes on with
+//! precopy (the pages sent in the pause are ordinary precopy pages; the
+//! tracker never stopped). The check is taken again while the remaining
+//! pages go out, at the rate the pause itself measures when that is lower
+//! than the estimate's ([`Pacing::overruns`]), and once more before the
+//! device state: a pause whose remainder would cross the limit is cut off
+//! where it stands instead of stretching. Past the device state nothing
+//! can be taken back (the running digest is finished, the stream ends), so
+//! the handshake is estimated before the pause, from the pings.
 //!
 //! What is left of the limit once the fixed costs (stop, sync, state,
 //! digest, handshake) are taken is the byte budget for the pages
@@ -81,6 +97,16 @@ const SYNCS: usize = 4;
 /// The handshake's cost before one was measured: a round trip on a local
 /// network plus the destination's last writes and state restore.
 pub const HANDSHAKE_ALLOWANCE: Duration = Duration::from_millis(5);
+/// Round trips (each with its wake-ups) the handshake is counted as when
+/// priced from a ping: END to LOADED and GO to STARTED, plus one for the
+/// destination's restore and resume (its vCPU threads wake too).
+pub(crate) const PING_LEGS: u32 = 3;
+/// Pings the handshake estimate looks back over.
+const PINGS: usize = 4;
+/// The page rate measured in a pause is trusted once it covers this much
+/// time (before: the conservative bandwidth alone; a first write lands in
+/// socket buffers and says little).
+const PAUSE_RATE_AFTER: Duration = Duration::from_millis(2);
 /// Safety share of the limit kept free for what no estimate sees (the
 /// scheduler on a loaded host): the estimate must fit in 90 % of it.
 const HEADROOM: f64 = 0.9;
@@ -175,6 +201,8 @@ pub struct Pacing {
     /// Bytes per second of the last two hashing samples, newest last.
     hash_rates: VecDeque<f64>,
     handshake: Option<Duration>,
+    /// The last [`PINGS`] empty round trips, newest last.
+    pings: VecDeque<Duration>,
     /// The longest vCPU stop this migration paid (a postcopy recovery or
     /// a cancelled completion can pause more than once).
     stopped: Option<Duration>,
@@ -195,6 +223,7 @@ impl Pacing {
             syncs: VecDeque::with_capacity(SYNCS),
             hash_rates: VecDeque::with_capacity(2),
             handshake: None,
+            pings: VecDeque::with_capacity(PINGS),
             stopped: None,
         }
     }
@@ -350,6 +379,24 @@ impl Pacing {
         self.handshake = Some(self.handshake.map_or(took, |h| h.max(took)));
     }
 
+    /// An empty round trip to the destination (a drain mark with nothing
+    /// before it) took `took`, the guest running.
+    pub fn record_ping(&mut self, took: Duration) {
+        if self.pings.len() == PINGS {
+            self.pings.pop_front();
+        }
+        self.pings.push_back(took);
+    }
+
+    /// The handshake as the estimate counts it (see the module doc).
+    pub fn handshake_estimate(&self) -> Duration {
+        let ping = self.pings.iter().copied().max().unwrap_or_default() * PING_LEGS;
+        self.handshake
+            .unwrap_or(HANDSHAKE_ALLOWANCE)
+            .max(HANDSHAKE_ALLOWANCE)
+            .max(ping)
+    }
+
     /// Stopping the vCPUs took `took`.
     pub fn record_stop(&mut self, took: Duration) {
         self.stopped = Some(self.stopped.map_or(took, |s| s.max(took)));
@@ -357,8 +404,12 @@ impl Pacing {
 
     /// What a pause now would cost.
     pub fn estimate(&self, i: &PauseInputs) -> PauseEstimate {
+        self.estimate_at(i, self.conservative_bandwidth())
+    }
+
+    /// As [`Self::estimate`], the link carrying `bw` bytes per second.
+    fn estimate_at(&self, i: &PauseInputs, bw: f64) -> PauseEstimate {
         let sync = self.syncs.iter().copied().max().unwrap_or_default();
-        let bw = self.conservative_bandwidth();
         let on_link = |bytes: u64| {
             if bytes == 0 {
                 Duration::ZERO
@@ -389,7 +440,7 @@ impl Pacing {
             pages: on_link(i.remaining_bytes + extra + i.in_flight_bytes),
             state: i.state.save_time + on_link(i.state.bytes),
             digest,
-            handshake: self.handshake.unwrap_or(HANDSHAKE_ALLOWANCE),
+            handshake: self.handshake_estimate(),
         }
     }
 
@@ -416,6 +467,61 @@ impl Pacing {
             ..*i
         };
         spent.saturating_add(self.estimate(&stopped).after_sync()) <= Self::usable(limit_ms)
+    }
+
+    /// In the pause, while the remaining pages go out: true when what is
+    /// still to come would cross `limit_ms` (with its headroom), the
+    /// guest stopped `spent` ago. `sending` is the pause's own page
+    /// sending so far (bytes written, time taken): once it covers
+    /// [`PAUSE_RATE_AFTER`], its rate prices the rest when it is lower
+    /// than the conservative bandwidth (a host whose load rose since the
+    /// last period). `i.remaining_bytes` is what is still to write,
+    /// `i.in_flight_bytes` what the pause wrote and the link may still
+    /// hold; the guest dirties nothing more.
+    pub fn overruns(
+        &self,
+        i: &PauseInputs,
+        spent: Duration,
+        sending: (u64, Duration),
+        limit_ms: u64,
+    ) -> bool {
+        let mut bw = self.conservative_bandwidth();
+        let (bytes, took) = sending;
+        if took >= PAUSE_RATE_AFTER && bytes > 0 {
+            bw = bw.min(bytes as f64 / took.as_secs_f64());
+        }
+        if bw <= 0.0 {
+            return true;
+        }
+        // Everything after the pages, at that rate.
+        let rest = PauseInputs {
+            remaining_bytes: 0,
+            dirty_pages_rate: 0,
+            in_flight_bytes: 0,
+            ..*i
+        };
+        let after_pages = self.estimate_at(&rest, bw).after_sync();
+        // The pages: what is in flight (the pause's own writes included)
+        // and still to write reach the destination `took` after they began
+        // at the earliest, the rest at least at its own pace.
+        let secs = |b: u64| Duration::from_secs_f64(b as f64 / bw);
+        let pages = secs(i.remaining_bytes + i.in_flight_bytes)
+            .saturating_sub(took)
+            .max(secs(i.remaining_bytes));
+        spent.saturating_add(pages).saturating_add(after_pages) > Self::usable(limit_ms)
+    }
+
+    /// The rate a pause's page sending measured, `bytes` in `took`,
+    /// counted as a bandwidth period when it is long enough to say
+    /// something (a pause backed out because the link slowed: the next
+    /// decision must not expect the old rate).
+    pub fn record_pause_rate(&mut self, bytes: u64, took: Duration) {
+        if took >= PAUSE_RATE_AFTER && bytes > 0 {
+            self.push(Period {
+                rate: bytes as f64 / took.as_secs_f64(),
+                data: true,
+            });
+        }
     }
 
     /// True when the pause cannot fit `limit_ms` whatever is left to send.
@@ -843,5 +949,86 @@ mod tests {
         // 10 MiB/s: 1 MiB per 100 ms window.
         assert!(!p2.rate_limit(MIB / 2, 10 * MIB));
         assert!(p2.rate_limit(MIB, 10 * MIB));
+    }
+
+    #[test]
+    fn a_slow_round_trip_prices_the_handshake() {
+        let mut p = with_periods(&[100.0 * MIB as f64]);
+        assert_eq!(p.handshake_estimate(), HANDSHAKE_ALLOWANCE);
+        // A quick ping leaves the allowance.
+        p.record_ping(Duration::from_micros(200));
+        assert_eq!(p.handshake_estimate(), HANDSHAKE_ALLOWANCE);
+        // A loaded host's: each leg of the handshake costs as much.
+        p.record_ping(Duration::from_millis(40));
+        assert_eq!(
+            p.handshake_estimate(),
+            Duration::from_millis(40) * PING_LEGS
+        );
+        assert_eq!(p.estimate(&inputs(0)).handshake, p.handshake_estimate());
+        // 16 MiB (160 ms) fits 300 ms with a 5 ms handshake, not with 120.
+        assert!(!p.fits(&inputs(16 * MIB), 300));
+        let quick = with_periods(&[100.0 * MIB as f64]);
+        assert!(quick.fits(&inputs(16 * MIB), 300));
+        // The slowest of the last PINGS counts, then it ages out.
+        for _ in 0..PINGS {
+            p.record_ping(Duration::from_millis(1));
+        }
+        assert_eq!(p.handshake_estimate(), HANDSHAKE_ALLOWANCE);
+        // A measured handshake longer than the pings' price counts too.
+        p.record_handshake(Duration::from_millis(30));
+        assert_eq!(p.handshake_estimate(), Duration::from_millis(30));
+    }
+
+    #[test]
+    fn a_pause_whose_rate_collapses_overruns() {
+        let p = with_periods(&[100.0 * MIB as f64]);
+        let left = |remaining: u64, in_flight: u64| PauseInputs {
+            remaining_bytes: remaining,
+            in_flight_bytes: in_flight,
+            ..PauseInputs::default()
+        };
+        let spent = Duration::from_millis(20);
+        // Before any page: 10 MiB at 100 MiB/s = 100 ms, fits 300 ms.
+        assert!(!p.overruns(&left(10 * MIB, 0), spent, (0, Duration::ZERO), 300));
+        // 1 MiB went in 100 ms (10 MiB/s): the 9 MiB left take 900 ms.
+        let slow = (MIB, Duration::from_millis(100));
+        assert!(p.overruns(&left(9 * MIB, MIB), spent + slow.1, slow, 300));
+        // A rate measured over less than PAUSE_RATE_AFTER is not trusted.
+        let blip = (MIB, Duration::from_millis(1));
+        assert!(!p.overruns(&left(9 * MIB, MIB), spent, blip, 300));
+        // Faster than the estimate: the estimate's rate still prices it.
+        let fast = (5 * MIB, Duration::from_millis(10));
+        assert!(!p.overruns(&left(5 * MIB, 5 * MIB), spent, fast, 300));
+    }
+
+    #[test]
+    fn bytes_the_pause_wrote_count_once() {
+        // 100 MiB/s; 20 MiB written in the pause in 200 ms (the link's
+        // rate): they are through, nothing left. Counting them again as
+        // still to go would add 200 ms and overrun 300 ms.
+        let p = with_periods(&[100.0 * MIB as f64]);
+        let i = PauseInputs {
+            remaining_bytes: 0,
+            in_flight_bytes: 20 * MIB,
+            ..PauseInputs::default()
+        };
+        let sending = (20 * MIB, Duration::from_millis(200));
+        assert!(!p.overruns(&i, Duration::from_millis(210), sending, 300));
+        // Written into buffers in 20 ms (faster than the link): 180 ms of
+        // them still to reach the destination.
+        let buffered = (20 * MIB, Duration::from_millis(20));
+        assert!(!p.overruns(&i, Duration::from_millis(30), buffered, 300));
+        assert!(p.overruns(&i, Duration::from_millis(100), buffered, 300));
+    }
+
+    #[test]
+    fn a_pause_rate_counts_as_a_period() {
+        let mut p = with_periods(&[100.0 * MIB as f64]);
+        p.record_pause_rate(MIB, Duration::from_millis(100));
+        assert!((p.conservative_bandwidth() - 10.0 * MIB as f64).abs() < 1.0);
+        // Too short to say anything.
+        let mut q = with_periods(&[100.0 * MIB as f64]);
+        q.record_pause_rate(MIB, Duration::from_micros(500));
+        assert!((q.conservative_bandwidth() - 100.0 * MIB as f64).abs() < 1.0);
     }
 }

@@ -60,6 +60,13 @@ const HASH_SAMPLE: u64 = 96 << 20;
 /// The hashing rate is sampled again before a switch-over at most this
 /// often.
 const HASH_RESAMPLE: Duration = Duration::from_millis(500);
+/// Pauses one migration may cut short (see `pacing.rs`): after that many,
+/// a pause that overruns goes through and its overshoot is reported (each
+/// cut-short pause was one more the guest saw).
+const MAX_BACKOUTS: u32 = 3;
+/// In the pause, the remaining pages are checked against the limit every
+/// this many pages sent (256 KiB).
+const PAUSE_CHECK_PAGES: u32 = 64;
 /// Consecutive high-dirty-rate periods before auto-converge throttles.
 const THROTTLE_TRIGGER: u32 = 3;
 
@@ -400,6 +407,15 @@ struct RamSaver<'a> {
     drained: bool,
     /// How long the last drain waited (the guest running).
     drain_wait: Duration,
+    /// The last empty round trip to the destination (see [`Self::ping`]).
+    ping: Duration,
+    /// In a stop-and-copy: what the check of the pause against the limit
+    /// needs while the remaining pages go out; `overran` once it tripped.
+    pause_check: Option<PauseCheck>,
+    overran: bool,
+    /// Pauses cut short, and the longest of them (ms).
+    backouts: u32,
+    backout_max: u64,
     /// Postcopy `auto`: when the first page went out (after the first
     /// clear of an initially-set log), and the main stream's wire clock
     /// (time, time inside `write`, bytes) at the last probe, and what it
@@ -411,6 +427,32 @@ struct RamSaver<'a> {
     /// Postcopy on one stream: the push's second walk, over what lies
     /// behind where the first one started (see [`Behind`]).
     behind: Option<Behind>,
+}
+
+/// The pause under way, for the checks while its pages go out.
+#[derive(Clone, Copy)]
+struct PauseCheck {
+    /// The guest's pause.
+    pause_at: Instant,
+    /// When the pages began to go, and the stream bytes written by then.
+    pages_at: Instant,
+    bytes_at: u64,
+    limit: u64,
+}
+
+/// The outgoing streams between precopy's attempts to complete.
+struct Link<'r, W: Write> {
+    w: StreamWriter<TimedWrite<W>>,
+    ack: AckPath<'r>,
+    urgent: Option<StreamWriter<ChannelWriter>>,
+}
+
+/// How an attempt to complete ended.
+enum Completion<'r, W: Write> {
+    /// Completed (stop-and-copy, or postcopy to its end).
+    Done,
+    /// The pause was cut short: the guest runs, precopy goes on.
+    BackedOut(Box<Link<'r, W>>),
 }
 
 /// Postcopy's second push walk, on one stream. The first walk starts just
@@ -508,6 +550,11 @@ impl<'a> RamSaver<'a> {
             applied: 0,
             drained: false,
             drain_wait: Duration::ZERO,
+            ping: Duration::ZERO,
+            pause_check: None,
+            overran: false,
+            backouts: 0,
+            backout_max: 0,
             first_send: None,
             wire_mark: None,
             wire_intervals: [WireInterval::default(); 2],
@@ -641,7 +688,30 @@ impl<'a> RamSaver<'a> {
         // after a 1.1 s setup, and 2.8 s of rounds instead of 0.2 s).
         self.pacing.restart_period(self.transferred, Instant::now());
         self.publish(Status::Active, tracker.name(), None);
+        let mut link = Link { w, ack, urgent };
+        loop {
+            // A pause cut short (see `pacing.rs`) comes back with the
+            // guest running again, and precopy goes on.
+            match self.precopy(link, tracker, vm, guest)? {
+                Completion::Done => return Ok(()),
+                Completion::BackedOut(l) => link = *l,
+            }
+        }
+    }
 
+    /// Iterates, then completes: stop-and-copy, or the switch to postcopy.
+    fn precopy<'r, W: Write>(
+        &mut self,
+        link: Link<'r, W>,
+        tracker: &mut dyn DirtyTracker,
+        vm: &mut dyn VmControl,
+        guest: &mut GuestSide,
+    ) -> Result<Completion<'r, W>, MigrationError> {
+        let Link {
+            mut w,
+            mut ack,
+            mut urgent,
+        } = link;
         // Iterate.
         let mut switch = false;
         loop {
@@ -676,6 +746,9 @@ impl<'a> RamSaver<'a> {
                 // guest runs meanwhile; what it dirties the sync finds),
                 // so the decision below and the pause see nothing queued.
                 self.drain(&mut w, &mut ack)?;
+                // And how long a round trip takes as the host is now: the
+                // handshake's price (see `pacing.rs`).
+                self.ping(&mut w, &mut ack)?;
                 let before = self.remaining_pages();
                 let since = self.last_sync.elapsed().as_secs_f64();
                 let sent = self.sent_rate(since.max(1e-3));
@@ -741,6 +814,8 @@ impl<'a> RamSaver<'a> {
         let mut clock = PauseClock::new(pause_at);
         clock.parts.drain_us = self.drain_wait.as_micros() as u64;
         clock.parts.in_flight_bytes = self.in_flight(&w, &ack);
+        clock.parts.ping_us = self.ping.as_micros() as u64;
+        clock.parts.handshake_estimate_us = self.pacing.handshake_estimate().as_micros() as u64;
         vm.pause().map_err(MigrationError::Vm)?;
         clock.parts.stop_us = clock.lap();
         self.pacing.record_stop(pause_at.elapsed());
@@ -765,41 +840,98 @@ impl<'a> RamSaver<'a> {
                 self.params.downtime_limit,
             );
         if switch || auto {
-            return self.postcopy(w, ack, urgent, vm, guest, clock, bytes_before);
+            return self
+                .postcopy(w, ack, urgent, vm, guest, clock, bytes_before)
+                .map(|()| Completion::Done);
         }
-        drop(urgent);
-        let ack = ack.as_read();
-        while self.remaining_pages() > 0 {
+        // Without postcopy: a pause that no longer fits is cut short.
+        let limit = self.params.downtime_limit;
+        if self.may_back_out()
+            && pause_at.elapsed() < Duration::from_millis(limit)
+            && !self
+                .pacing
+                .fits_after(&self.pause_inputs(), pause_at.elapsed(), limit)
+        {
+            self.back_out(
+                vm,
+                guest,
+                pause_at,
+                (0, Duration::ZERO),
+                "after the final sync",
+            )?;
+            return Ok(Completion::BackedOut(Box::new(Link { w, ack, urgent })));
+        }
+        let pages_at = Instant::now();
+        let bytes_at = self.sent_bytes(&w);
+        self.pause_check = self.may_back_out().then_some(PauseCheck {
+            pause_at,
+            pages_at,
+            bytes_at,
+            limit,
+        });
+        self.overran = false;
+        while self.remaining_pages() > 0 && !self.overran {
             self.check_cancel()?;
             self.step(&mut w, tracker, true)?;
             self.section_end(&mut w)?;
         }
+        self.pause_check = None;
+        let sending = (self.sent_bytes(&w) - bytes_at, pages_at.elapsed());
+        clock.parts.pages_us = clock.lap();
+        // Verify: every page is out and the guest stopped, so memory holds
+        // still: the digest now, before the last check (a hashing rate
+        // that collapsed in the pause can still be backed out of).
+        let mut digest = None;
+        if self.params.verify && !self.overran {
+            let t = Instant::now();
+            digest = Some(match self.running {
+                Some(d) => d.current(self.mem).0,
+                None => memory_digest(self.mem),
+            });
+            self.verify_time = t.elapsed().as_millis() as u64;
+            clock.parts.digest_us = clock.lap();
+        }
+        // Once more before the device state, past which nothing can be
+        // taken back: the destination's part of the digest, and the
+        // handshake as priced before the pause.
+        let mut rest = self.pause_inputs();
+        rest.digest_bytes = self.dirty_chunk_bytes();
+        if self.overran
+            || (self.may_back_out()
+                && pause_at.elapsed() < Duration::from_millis(limit)
+                && self
+                    .pacing
+                    .overruns(&rest, pause_at.elapsed(), sending, limit))
+        {
+            self.back_out(vm, guest, pause_at, sending, "while its pages went out")?;
+            return Ok(Completion::BackedOut(Box::new(Link { w, ack, urgent })));
+        }
+        if let Some(d) = self.running {
+            // No more background hashing: the handshake has the CPUs.
+            d.stop();
+        }
+        drop(urgent.take());
+        let ack = ack.as_read();
         let enc = self.encoding();
         if let Some(ch) = &mut self.channels {
             // Every channel ends its stream; the destination applies the
             // main stream's end only after all of them.
             ch.finish(enc).map_err(MigrationError::send)?;
         }
-        clock.parts.pages_us = clock.lap();
+        clock.parts.pages_us += clock.lap();
         let state = vm.save_state().map_err(MigrationError::Vm)?;
         if !state.is_empty() {
             w.state(&state).map_err(MigrationError::send)?;
         }
         clock.parts.state_us = clock.lap();
         let mut sent_digest = None;
-        if self.params.verify {
-            let t = Instant::now();
-            let digest = match self.running {
-                Some(d) => d.finish(self.mem).0,
-                None => memory_digest(self.mem),
-            };
-            self.verify_time = t.elapsed().as_millis() as u64;
+        if let Some(digest) = digest {
             w.digest(&digest).map_err(MigrationError::send)?;
             sent_digest = self.running.map(|_| digest);
-            clock.parts.digest_us = clock.lap();
         }
         self.check_cancel()?;
         // The stream's end counts with the handshake that follows it.
+        let end_at = Instant::now();
         w.end().map_err(MigrationError::send)?;
         self.transferred = self.sent_bytes(&w);
         self.downtime_bytes = self.transferred - bytes_before;
@@ -809,6 +941,8 @@ impl<'a> RamSaver<'a> {
                 let t = ack::source_handshake(r, w.get_mut(), &mut guest.sent_go, &|| {
                     handle.is_cancelled()
                 })?;
+                clock.parts.loaded_us = (t.loaded - end_at).as_micros() as u64;
+                clock.parts.dest_resume_us = t.resumed_after_go.map_or(0, |d| d.as_micros() as u64);
                 self.pacing.record_handshake(t.started - t.go_sent);
                 self.source_downtime = ms(t.started - pause_at);
                 clock.parts.handshake_us = clock.lap();
@@ -836,7 +970,7 @@ impl<'a> RamSaver<'a> {
         }
         vm.set_throttle(0);
         self.throttle = 0;
-        Ok(())
+        Ok(Completion::Done)
     }
 
     /// Whether to leave precopy for postcopy now: asked by command, or
@@ -1747,6 +1881,104 @@ impl<'a> RamSaver<'a> {
         Ok(())
     }
 
+    /// Times an empty round trip to the destination, the guest running: a
+    /// DRAIN mark with nothing before it (right after [`Self::drain`]),
+    /// answered once the destination's reader woke up and read it. On a
+    /// loaded host this is what each leg of the completion handshake
+    /// costs; the pause estimate prices the handshake from it (see
+    /// `pacing.rs`). Nothing to time without a return path, or with bytes
+    /// still in flight (their apply would count).
+    fn ping<W: Write>(
+        &mut self,
+        w: &mut StreamWriter<W>,
+        ack: &mut AckPath<'_>,
+    ) -> Result<(), MigrationError> {
+        let Some(r) = ack.as_read() else {
+            return Ok(());
+        };
+        if self.sent_bytes(w) != self.applied {
+            return Ok(());
+        }
+        let t = Instant::now();
+        self.drain_mark += 1;
+        w.drain(self.drain_mark).map_err(MigrationError::send)?;
+        self.section_end(w)?;
+        let sent = self.sent_bytes(w);
+        ack::await_applied(r, self.drain_mark)?;
+        self.applied = sent;
+        self.ping = t.elapsed();
+        self.pacing.record_ping(self.ping);
+        self.pacing.exclude(self.ping);
+        Ok(())
+    }
+
+    /// In a stop-and-copy's page sending: whether the rest of the pause
+    /// would now cross the limit (see [`Pacing::overruns`]).
+    fn pause_overruns(&self) -> bool {
+        let Some(c) = self.pause_check else {
+            return false;
+        };
+        if c.pause_at.elapsed() >= Duration::from_millis(c.limit) {
+            // Already over: cutting it short now would only add a pause.
+            return false;
+        }
+        let sending = (
+            self.transferred.saturating_sub(c.bytes_at),
+            c.pages_at.elapsed(),
+        );
+        self.pacing
+            .overruns(&self.pause_inputs(), c.pause_at.elapsed(), sending, c.limit)
+    }
+
+    /// Whether a pause that would overrun may still be cut short: not
+    /// more than [`MAX_BACKOUTS`] times, only once the link was measured
+    /// (a guest with nothing left to send pauses before any measurement:
+    /// no estimate to check against), and only when the limit can be
+    /// kept at all (when the fixed costs alone exceed it, precopy has
+    /// already settled for the overshoot, see [`Pacing::settled`]).
+    fn may_back_out(&self) -> bool {
+        self.backouts < MAX_BACKOUTS
+            && self.pacing.conservative_bandwidth() > 0.0
+            && !self
+                .pacing
+                .floor_exceeds(&self.pause_inputs(), self.params.downtime_limit)
+    }
+
+    /// Cuts a stop-and-copy short before anything that cannot be taken
+    /// back (device state, the stream's end): resumes the guest, which
+    /// then runs on under precopy. What the pause sent are ordinary
+    /// precopy pages (the tracker never stopped); `sending` (bytes, time)
+    /// is the pause's page rate, kept as a bandwidth period so the next
+    /// decision does not expect the old one.
+    fn back_out(
+        &mut self,
+        vm: &mut dyn VmControl,
+        guest: &mut GuestSide,
+        pause_at: Instant,
+        sending: (u64, Duration),
+        when: &str,
+    ) -> Result<(), MigrationError> {
+        vm.resume().map_err(MigrationError::Vm)?;
+        guest.paused = false;
+        let paused = ms(pause_at.elapsed());
+        self.downtime_start = None;
+        self.backouts += 1;
+        self.backout_max = self.backout_max.max(paused);
+        self.pacing.record_pause_rate(sending.0, sending.1);
+        self.pacing.restart_period(self.transferred, Instant::now());
+        self.overran = false;
+        // What the pause sent is in flight again.
+        self.drained = false;
+        let e = self.pacing.estimate(&self.pause_inputs());
+        log::warn!(
+            "the pause would have crossed its limit of {} ms ({when}, after {paused} ms; {} KiB still to send); the guest runs again and precopy goes on (the next estimate: {} ms)",
+            self.params.downtime_limit,
+            self.remaining_bytes() >> 10,
+            e.total().as_millis()
+        );
+        Ok(())
+    }
+
     /// Bytes the verify digest hashes in the pause: on the source, all of
     /// memory, or with the running digest the chunks not hashed since they
     /// changed; on the destination the chunks holding a remaining page
@@ -2108,6 +2340,10 @@ impl<'a> RamSaver<'a> {
             if capped || n.is_multiple_of(64) {
                 self.transferred = self.sent_bytes(w);
                 if completing {
+                    if n.is_multiple_of(PAUSE_CHECK_PAGES) && self.pause_overruns() {
+                        self.overran = true;
+                        break;
+                    }
                     continue;
                 }
                 // Postcopy `auto` probes the dirty rate every
@@ -2257,6 +2493,7 @@ impl<'a> RamSaver<'a> {
         let report = self.fault_report.clone();
         let source_downtime = self.source_downtime;
         let breakdown = self.pause_breakdown.clone();
+        let (backouts, backout_max) = (self.backouts, self.backout_max);
         let limit = match self.limit_at_switch {
             0 => self.params.downtime_limit,
             l => l,
@@ -2277,6 +2514,8 @@ impl<'a> RamSaver<'a> {
             s.downtime_limit = limit;
             s.downtime_limit_exceeded = done && downtime > limit;
             s.pause_breakdown = breakdown;
+            s.pause_backouts = backouts;
+            s.backout_pause_max = backout_max;
             s.expected_downtime = expected;
             s.verify_time = verify_time;
             s.ram.transferred = transferred;

@@ -159,6 +159,25 @@ pub struct PauseBreakdown {
     /// return path: a file has no reader to wait for).
     #[serde(default)]
     pub in_flight_bytes: u64,
+    /// Not part of the pause: the last empty round trip to the destination
+    /// before it (a drain mark with nothing before it, the guest running),
+    /// which prices the handshake on a loaded host (see `pacing.rs`; 0
+    /// without a return path or before any switch-over decision).
+    #[serde(default)]
+    pub ping_us: u64,
+    /// The handshake the pause's estimate counted, µs (compare
+    /// [`Self::handshake_us`]).
+    #[serde(default)]
+    pub handshake_estimate_us: u64,
+    /// Of [`Self::handshake_us`]: from writing the stream's end to reading
+    /// LOADED (the destination's last reads, its digest check and state
+    /// restore, and a round trip). The rest is GO to STARTED.
+    #[serde(default)]
+    pub loaded_us: u64,
+    /// The destination's own time from GO's arrival to its guest's
+    /// resume, as it reported in STARTED (0 when it did not).
+    #[serde(default)]
+    pub dest_resume_us: u64,
 }
 
 impl PauseBreakdown {
@@ -266,6 +285,16 @@ pub struct MigrationStats {
     /// once paused).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub convergence: Option<Convergence>,
+    /// Pauses the source cut short: the rest of a stop-and-copy would have
+    /// crossed the downtime limit (the rate fell in the pause, or its
+    /// first parts took longer than estimated), so the source resumed its
+    /// guest and went on with precopy (see `pacing.rs`).
+    #[serde(default)]
+    pub pause_backouts: u32,
+    /// The longest of those cut-short pauses, ms (the guest saw them too;
+    /// 0 without one).
+    #[serde(default)]
+    pub backout_pause_max: u64,
 }
 
 /// Whether precopy is converging (see `engine/converge.rs`).

@@ -629,11 +629,13 @@ fn failure_during_completion_resumes_the_guest() {
     let loader_mem = ProcessMemory::single(MIB).unwrap();
     let loader = thread::spawn(move || Loader::new(&loader_mem).load(r));
     // Destination acknowledges failure (after the drain mark that comes
-    // before the pause: nothing writes this guest, so the first pass
-    // leaves nothing to send and the source drains once).
+    // before the pause and the ping that follows it: nothing writes this
+    // guest, so the first pass leaves nothing to send and the source
+    // drains and pings once).
     let (mut aw, mut ar) = pipe();
     write_reply(&mut aw, &Reply::Accepted).unwrap();
     write_reply(&mut aw, &Reply::Applied(1)).unwrap();
+    write_reply(&mut aw, &Reply::Applied(2)).unwrap();
     write_reply(&mut aw, &Reply::Failed("disk full".into())).unwrap();
     let mut vm = RecordingVm::default();
     let err = Source::new(
