@@ -18,6 +18,7 @@
 #![warn(missing_docs)]
 
 pub mod bench;
+pub mod collapse;
 pub mod control;
 pub mod defaults;
 pub mod devices;

@@ -172,6 +172,11 @@ struct RunArgs {
     /// Back guest memory with 4 KiB pages only (no MADV_HUGEPAGE).
     #[arg(long)]
     no_huge_pages: bool,
+    /// With --incoming: after the guest resumes, leave its memory on 4 KiB
+    /// pages until khugepaged collapses it, instead of collapsing it into
+    /// huge pages on a background thread (MADV_COLLAPSE).
+    #[arg(long, requires = "incoming")]
+    no_thp_collapse: bool,
     /// Back guest memory with memfds (sealed against shrinking, mapped
     /// shared) instead of anonymous memory: needed to migrate it out with
     /// mode local (memory handed to the destination, not copied). Huge
@@ -198,6 +203,36 @@ struct RunArgs {
     /// sectors, never do).
     #[arg(long, requires = "incoming")]
     no_progress_check: bool,
+}
+
+/// Prints what the background collapse of an incoming guest's memory into
+/// huge pages did, once it ended; true when printed.
+fn report_collapse(vm: &Vm) -> bool {
+    match vm.collapse_stats() {
+        Some(c) if c.finished && c.chunks == 0 => {
+            eprintln!(
+                "huge pages: asked for after the resume ({} ms waiting for a userfaultfd); no collapse",
+                c.uffd_wait.as_millis()
+            );
+            true
+        }
+        Some(c) if c.finished || c.gave_up.is_some() => {
+            eprintln!(
+                "huge pages: {} of {} 2 MiB chunks collapsed after the resume ({} sparse, {} failed{}); \
+                 {:.1} ms in MADV_COLLAPSE, longest call {:.2} ms, {} ms waiting for a userfaultfd",
+                c.collapsed,
+                c.chunks,
+                c.sparse,
+                c.failed,
+                c.gave_up.map(|g| format!(", gave up: {g}")).unwrap_or_default(),
+                c.busy.as_secs_f64() * 1e3,
+                c.longest.as_secs_f64() * 1e3,
+                c.uffd_wait.as_millis()
+            );
+            true
+        }
+        _ => false,
+    }
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -340,6 +375,7 @@ fn run(a: RunArgs) -> Result<()> {
         huge_pages: !a.no_huge_pages,
         clock_page: None,
         memfd: a.memfd,
+        thp_collapse: !a.no_thp_collapse,
     })?;
     let migrate_tracker = match (&a.control, a.dirty_track) {
         (Some(_), Some(k)) => k,
@@ -384,6 +420,7 @@ fn run(a: RunArgs) -> Result<()> {
         None => None,
     };
     let start = Instant::now();
+    let mut collapse_reported = false;
     let mut last = vm.guest_status();
     let mut last_t = Instant::now();
     loop {
@@ -429,6 +466,9 @@ fn run(a: RunArgs) -> Result<()> {
             line += &format!(" dirty={n} pages/s sync+clear={:?}", t0.elapsed());
         }
         eprintln!("{line}");
+        if !collapse_reported {
+            collapse_reported = report_collapse(vm);
+        }
         if !s.errors.is_empty() {
             bail!("guest stopped: {:?}", s.errors);
         }

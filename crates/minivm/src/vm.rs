@@ -17,6 +17,7 @@ use livemig::GuestMemory;
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend};
 
+use crate::collapse::{CollapsePace, CollapseStats, Collapser};
 use crate::devices::{ClockPage, Devices, SerialOut, CLOCK_PERIOD};
 use crate::guest::{self, GuestImage, StartState};
 use crate::sys;
@@ -116,7 +117,9 @@ pub struct VmConfig {
     /// Ask for transparent huge pages on guest memory (`MADV_HUGEPAGE`,
     /// as QEMU does): memory the guest never touched then reads as a few
     /// huge zero pages instead of one zero page per 4 KiB, so scanning an
-    /// idle guest is cheaper; KVM still logs dirty pages per 4 KiB.
+    /// idle guest is cheaper; KVM still logs dirty pages per 4 KiB. A VM
+    /// created paused (`start_paused`: an incoming one) gets the advice
+    /// only after its first resume (see `thp_collapse`).
     pub huge_pages: bool,
     /// A clock page the VMM writes into guest memory every millisecond
     /// while the VM runs (see [`ClockPage`]); `None`: no such device.
@@ -128,6 +131,13 @@ pub struct VmConfig {
     /// kernel's shmem THP (`/sys/kernel/mm/transparent_hugepage/
     /// shmem_enabled` not `never`).
     pub memfd: bool,
+    /// With `huge_pages`, for a VM created paused (an incoming one, which
+    /// receives into 4 KiB pages and asks for huge pages after its first
+    /// resume, once no userfaultfd watches its memory): then also
+    /// collapse its memory into huge pages on that background thread
+    /// ([`crate::collapse`]) instead of waiting for khugepaged. Anonymous
+    /// memory only.
+    pub thp_collapse: bool,
 }
 
 impl Default for VmConfig {
@@ -147,6 +157,7 @@ impl Default for VmConfig {
             huge_pages: true,
             clock_page: None,
             memfd: false,
+            thp_collapse: true,
         }
     }
 }
@@ -230,6 +241,21 @@ pub(crate) struct Shared {
     pub(crate) handed_over: Mutex<Option<Vec<SharedBlock>>>,
     /// What stopping the vCPUs costs (see [`Shared::stop_cost`]).
     pub(crate) stop_probes: Mutex<StopProbes>,
+    /// What the first resume of an incoming VM does about huge pages,
+    /// whichever way it comes ([`Vm::resume`], or the migration engine
+    /// through [`VmHandle`]); taken by that resume.
+    huge_at_resume: Mutex<Option<HugeAtResume>>,
+    /// The background collapse started by that resume.
+    collapser: Mutex<Option<Collapser>>,
+}
+
+/// Huge pages for an incoming VM's memory, asked for after its first
+/// resume ([`crate::collapse`]).
+struct HugeAtResume {
+    /// The guest memory.
+    blocks: Vec<livemig::memory::RamBlock>,
+    /// Collapse it into huge pages too (anonymous memory).
+    collapse: bool,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -276,8 +302,34 @@ impl Shared {
     }
 
     pub(crate) fn resume(&self) {
+        if let Some(h) = lock(&self.huge_at_resume).take() {
+            self.huge_pages_at_resume(h);
+        }
         lock(&self.ctl).pause = false;
         self.cond.notify_all();
+    }
+
+    /// An incoming VM's first resume: huge pages asked for once no
+    /// userfaultfd watches the memory, and the received memory collapsed
+    /// into them, on a background thread.
+    fn huge_pages_at_resume(&self, h: HugeAtResume) {
+        // Memory taken over from a local migration is the source's shared
+        // memory, not this VM's anonymous memory.
+        let collapse = h.collapse && lock(&self.handed_over).is_none();
+        let spans: Vec<(u64, u64)> = h
+            .blocks
+            .iter()
+            .map(|b| (b.region().host_addr(), b.region().len() as u64))
+            .collect();
+        match Collapser::start(h.blocks, collapse, CollapsePace::default()) {
+            Ok(c) => *lock(&self.collapser) = Some(c),
+            Err(e) => {
+                log::warn!("cannot start the huge page thread: {e}");
+                for (host, len) in spans {
+                    advise_huge(host, len);
+                }
+            }
+        }
     }
 
     /// Times what [`Shared::pause`] would cost now, without stopping the
@@ -697,6 +749,14 @@ pub struct Vm {
     livemig_memory: Arc<VmMemory>,
 }
 
+/// Asks for transparent huge pages on `len` bytes at `host`; advice only:
+/// without THP the memory works the same.
+fn advise_huge(host: u64, len: u64) {
+    if let Err(e) = sys::advise_huge_pages(host, len) {
+        log::debug!("MADV_HUGEPAGE on guest memory: {e}");
+    }
+}
+
 impl std::fmt::Debug for Vm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Vm")
@@ -765,16 +825,20 @@ impl Vm {
             })?,
         );
         let mut slots = Vec::new();
+        // An incoming VM asks for huge pages after its first resume.
+        let deferred_huge = config.huge_pages && config.start_paused;
         for (i, (gpa, size)) in ranges.iter().enumerate() {
             let host = memory.get_host_address(*gpa).map_err(|e| VmError::Memory {
                 size: *size as u64,
                 why: e.to_string(),
             })?;
-            if config.huge_pages {
-                // Advice only: without THP the memory works the same.
-                if let Err(e) = sys::advise_huge_pages(host as u64, *size as u64) {
-                    log::debug!("MADV_HUGEPAGE on guest memory: {e}");
-                }
+            // An incoming VM receives into 4 KiB pages and asks for huge
+            // pages after its first resume: a fresh huge page on memory
+            // this host handed back to its own host is cleared 5-10x
+            // slower than the 4 KiB pages it replaces (BENCHMARKS.md, the
+            // filler into a 4 KiB destination).
+            if config.huge_pages && !deferred_huge {
+                advise_huge(host as u64, *size as u64);
             }
             slots.push(SlotInfo {
                 slot: i as u32,
@@ -791,6 +855,10 @@ impl Vm {
                 size: config.mem_size,
                 why: e.to_string(),
             })?);
+        let huge_at_resume = deferred_huge.then(|| HugeAtResume {
+            blocks: livemig_memory.blocks().to_vec(),
+            collapse: config.thp_collapse && !config.memfd,
+        });
         let kvm_slots = livemig_memory
             .blocks()
             .iter()
@@ -908,6 +976,8 @@ impl Vm {
             dirty_limit: crate::dirtylimit::DirtyLimit::new(vcpus_len),
             handed_over: Mutex::new(None),
             stop_probes: Mutex::new(StopProbes::default()),
+            huge_at_resume: Mutex::new(huge_at_resume),
+            collapser: Mutex::new(None),
             config,
         });
         let mut threads = Vec::new();
@@ -1027,6 +1097,30 @@ impl Vm {
     /// Lets the vCPUs run again.
     pub fn resume(&self) {
         self.shared.resume()
+    }
+
+    /// What the background thread that asks for huge pages on an incoming
+    /// VM's memory and collapses it ([`VmConfig::thp_collapse`]) did so
+    /// far; `None` before the first resume or for a VM created running.
+    pub fn collapse_stats(&self) -> Option<CollapseStats> {
+        lock(&self.shared.collapser).as_ref().map(Collapser::stats)
+    }
+
+    /// True while that thread runs (one thread of this VM's besides its
+    /// vCPUs and devices).
+    pub fn collapse_running(&self) -> bool {
+        lock(&self.shared.collapser)
+            .as_ref()
+            .is_some_and(|c| !c.is_done())
+    }
+
+    /// Stops the background collapse of this VM's memory into huge pages,
+    /// if one runs (between two 2 MiB chunks); what it did stays readable
+    /// with [`Vm::collapse_stats`].
+    pub fn stop_collapse(&self) {
+        if let Some(c) = lock(&self.shared.collapser).as_mut() {
+            c.stop();
+        }
     }
 
     /// True when paused and every vCPU is parked.
@@ -1151,6 +1245,8 @@ impl Vm {
 
 impl Drop for Vm {
     fn drop(&mut self) {
+        // Stopped first: it works on this VM's memory.
+        drop(lock(&self.shared.collapser).take());
         lock(&self.shared.ctl).stop = true;
         self.shared.cond.notify_all();
         self.shared.kick_all();

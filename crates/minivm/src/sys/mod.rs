@@ -143,3 +143,36 @@ pub fn termination_signal() -> Option<i32> {
         s => Some(s),
     }
 }
+
+/// Asks the kernel to collapse `len` bytes of this process's anonymous
+/// memory at `addr` into transparent huge pages now (MADV_COLLAPSE, Linux
+/// 6.1+), synchronously: the pages are copied into a fresh huge page and
+/// their contents stay the same. Fails with EINVAL on older kernels or
+/// memory that cannot have huge pages, ENOMEM when no huge page is free
+/// (or a page of the range is missing while a userfaultfd watches it),
+/// EAGAIN on a transient conflict.
+pub fn collapse_huge_pages(addr: u64, len: u64) -> io::Result<()> {
+    const MADV_COLLAPSE: libc::c_int = 25;
+    // SAFETY: the caller passes a range inside a private anonymous mapping
+    // it owns; the advice changes how it is backed, never its contents.
+    let r = unsafe { libc::madvise(addr as *mut libc::c_void, len as usize, MADV_COLLAPSE) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Sets the calling thread's nice value (Linux: `setpriority` on the
+/// thread's id affects that thread only).
+pub fn set_thread_nice(nice: i32) -> io::Result<()> {
+    // SAFETY: gettid has no preconditions; setpriority only reads its
+    // arguments and changes the scheduling weight of this thread.
+    let r = unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice)
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

@@ -1,0 +1,274 @@
+//! An incoming VM receives into 4 KiB pages, asks for huge pages at its
+//! first resume (whichever way the resume comes) and collapses the
+//! received memory into huge pages in the background; under postcopy the
+//! collapse waits until every page arrived. The guest's self-check passes
+//! throughout.
+
+mod common;
+
+use std::io::Read;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use livemig::engine::{MigrationHandle, Params, Status};
+use livemig::transport::{pipe, Outgoing};
+use minivm::collapse::CollapseStats;
+use minivm::migrate::{migrate_out, migrate_out_conn, receive};
+use minivm::{TrackerKind, Vm, VmConfig};
+
+/// The system's THP mode (`always`, `madvise` or `never`).
+fn thp_mode() -> String {
+    let s =
+        std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
+    s.split_whitespace()
+        .find_map(|w| w.strip_prefix('[')?.strip_suffix(']').map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// The `VmFlags` and AnonHugePages (bytes) of this process's mapping of
+/// `vm`'s first slot.
+fn guest_mapping(vm: &Vm) -> (Vec<String>, u64) {
+    let addr = vm.slots()[0].host_addr;
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+    let (mut inside, mut flags, mut huge) = (false, None, None);
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if let Some((a, b)) = first.split_once('-') {
+            if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
+                inside = (a..b).contains(&addr);
+                continue;
+            }
+        }
+        if !inside {
+            continue;
+        }
+        if let Some(v) = line.strip_prefix("AnonHugePages:") {
+            huge = Some(
+                v.trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .unwrap()
+                    << 10,
+            );
+        }
+        if let Some(v) = line.strip_prefix("VmFlags:") {
+            flags = Some(v.split_whitespace().map(str::to_string).collect());
+        }
+    }
+    (flags.expect("VmFlags"), huge.expect("AnonHugePages"))
+}
+
+/// A source whose guest has written its whole working set once (16 MiB
+/// of data: at least 7 whole 2 MiB chunks).
+fn source() -> (VmConfig, Vm) {
+    let mut cfg = common::test_guest(64, 1, 4096, 64 << 20);
+    cfg.prefault = true;
+    let src = Vm::new(cfg.clone()).unwrap();
+    let s = common::wait_for(&src, Duration::from_secs(30), |s| {
+        s.pages_written() > 4096 && s.heartbeats() > 2
+    });
+    assert!(s.pages_written() > 4096, "the source guest runs: {s:?}");
+    (cfg, src)
+}
+
+/// Waits until the thread started at the resume asked for huge pages.
+fn wait_advised(vm: &Vm) -> CollapseStats {
+    let t0 = Instant::now();
+    loop {
+        if let Some(s) = vm.collapse_stats().filter(|s| s.advised) {
+            return s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "no advice within 30 s: {:?}",
+            vm.collapse_stats()
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Waits until the collapse put at least `chunks` chunks on huge pages.
+fn wait_collapsed(vm: &Vm, chunks: u64) -> CollapseStats {
+    let t0 = Instant::now();
+    loop {
+        let st = vm.collapse_stats();
+        if let Some(s) = &st {
+            if s.collapsed >= chunks || s.gave_up.is_some() {
+                return s.clone();
+            }
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no collapse within 60 s: {st:?}"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn runs_on(vm: &Vm) {
+    let before = vm.guest_status();
+    let s = common::wait_for(vm, Duration::from_secs(20), |s| {
+        s.pages_written() > before.pages_written() + 1000
+    });
+    assert!(
+        s.pages_written() > before.pages_written() + 1000,
+        "the guest runs on the destination: {before:?} -> {s:?}"
+    );
+    assert!(s.ok(), "self-check on the destination: {s:?}");
+}
+
+#[test]
+fn received_into_small_pages_then_collapsed_after_the_resume() {
+    if !common::kvm_available("received_into_small_pages_then_collapsed_after_the_resume") {
+        return;
+    }
+    let mode = thp_mode();
+    let (cfg, src) = source();
+    let (w, mut ar, dest) = common::pipe_destination(&cfg);
+    let stats = migrate_out(
+        &src,
+        TrackerKind::Auto,
+        MigrationHandle::new(Params::default()),
+        w,
+        Some(&mut ar as &mut dyn Read),
+    )
+    .unwrap();
+    assert_eq!(stats.status, Status::Completed);
+    let (dst, _) = dest.join().unwrap().unwrap();
+    // Paused, every page in: no huge page asked for, none given.
+    let (flags, huge) = guest_mapping(&dst);
+    assert!(!flags.iter().any(|f| f == "hg"), "{flags:?}");
+    if mode == "madvise" {
+        assert_eq!(huge, 0, "received into 4 KiB pages");
+    }
+    assert!(
+        dst.collapse_stats().is_none(),
+        "nothing runs before the resume"
+    );
+    dst.resume();
+    let st = wait_advised(&dst);
+    let (flags, _) = guest_mapping(&dst);
+    assert!(
+        flags.iter().any(|f| f == "hg"),
+        "asked after the resume: {flags:?} {st:?}"
+    );
+    if mode == "never" {
+        eprintln!("THP is off here: the collapse itself is not checked");
+        return;
+    }
+    let st = wait_collapsed(&dst, 6);
+    assert!(st.gave_up.is_none(), "{st:?}");
+    assert_eq!(st.chunks, 32, "{st:?}");
+    assert!(st.collapsed >= 6 && st.failed == 0, "{st:?}");
+    assert!(st.longest <= st.busy, "{st:?}");
+    let (_, huge) = guest_mapping(&dst);
+    assert!(huge >= 6 << 21, "AnonHugePages {huge} after {st:?}");
+    runs_on(&dst);
+    // Dropping the VM stops the collapse on the way (it may still have
+    // sparse chunks to look at again).
+    let t0 = Instant::now();
+    drop(dst);
+    assert!(t0.elapsed() < Duration::from_secs(10));
+}
+
+#[test]
+fn the_engine_resume_asks_for_huge_pages_and_collapse_can_be_off() {
+    if !common::kvm_available("the_engine_resume_asks_for_huge_pages_and_collapse_can_be_off") {
+        return;
+    }
+    let (cfg, src) = source();
+    let dst_cfg = VmConfig {
+        thp_collapse: false,
+        ..cfg.clone()
+    };
+    let (w, r) = pipe();
+    let (aw, ar) = pipe();
+    // `receive` resumes the guest through the engine (VmHandle).
+    let dest = thread::spawn(move || {
+        receive(
+            &dst_cfg,
+            r,
+            Some(Box::new(aw)),
+            &mut || Err(std::io::Error::other("one connection")),
+            false,
+        )
+    });
+    let conn = Outgoing {
+        writer: Box::new(w),
+        ack: Some(Box::new(ar)),
+    };
+    let stats = migrate_out_conn(
+        &src,
+        TrackerKind::Auto,
+        MigrationHandle::new(Params::default()),
+        conn,
+        &mut |_| Err(std::io::Error::other("one channel")),
+    )
+    .unwrap();
+    assert_eq!(stats.status, Status::Completed);
+    let (dst, _) = dest.join().unwrap().unwrap();
+    let st = wait_advised(&dst);
+    let (flags, _) = guest_mapping(&dst);
+    assert!(flags.iter().any(|f| f == "hg"), "{flags:?}");
+    // Collapse off: the thread only gave the advice.
+    let t0 = Instant::now();
+    while !dst.collapse_stats().unwrap().finished {
+        assert!(t0.elapsed() < Duration::from_secs(10), "{st:?}");
+        thread::sleep(Duration::from_millis(5));
+    }
+    let st = dst.collapse_stats().unwrap();
+    assert_eq!((st.chunks, st.collapsed, st.sweeps), (0, 0, 0), "{st:?}");
+    runs_on(&dst);
+}
+
+#[test]
+fn postcopy_destination_collapses_once_every_page_arrived() {
+    if !common::kvm_available("postcopy_destination_collapses_once_every_page_arrived") {
+        return;
+    }
+    if thp_mode() == "never" {
+        eprintln!("SKIPPED: THP is off here");
+        return;
+    }
+    let (cfg, src) = source();
+    let dst_cfg = cfg.clone();
+    let (w, r) = pipe();
+    let (aw, ar) = pipe();
+    let dest = thread::spawn(move || {
+        receive(
+            &dst_cfg,
+            r,
+            Some(Box::new(aw)),
+            &mut || Err(std::io::Error::other("one connection")),
+            true,
+        )
+    });
+    let handle = MigrationHandle::new(Params {
+        postcopy_ram: true,
+        ..Params::default()
+    });
+    // Pure postcopy: the guest resumes on the destination before its
+    // memory, with huge pages asked for while userfaultfd places pages.
+    handle.start_postcopy().unwrap();
+    let conn = Outgoing {
+        writer: Box::new(w),
+        ack: Some(Box::new(ar)),
+    };
+    let stats = migrate_out_conn(&src, TrackerKind::Auto, handle, conn, &mut |_| {
+        Err(std::io::Error::other("one channel"))
+    })
+    .unwrap();
+    assert_eq!(stats.status, Status::Completed);
+    let (dst, arrival) = dest.join().unwrap().unwrap();
+    assert!(arrival.postcopy.is_some(), "switched to postcopy");
+    let st = wait_collapsed(&dst, 6);
+    assert!(st.gave_up.is_none() && st.failed == 0, "{st:?}");
+    let (flags, huge) = guest_mapping(&dst);
+    assert!(
+        !flags.iter().any(|f| f == "um"),
+        "userfaultfd let go: {flags:?}"
+    );
+    assert!(huge >= 6 << 21, "AnonHugePages {huge} after {st:?}");
+    runs_on(&dst);
+}
