@@ -54,6 +54,11 @@ pub enum MigrateError {
 /// [`MigrationError::Unconfirmed`] (GO sent, STARTED never came): then it
 /// stays paused, because the destination may be running the guest; resume
 /// it with [`Vm::resume`] only if you know the destination is not.
+///
+/// Every way out (this, the channel, connection and local variants)
+/// first stops the VM's background collapse into huge pages
+/// ([`Vm::stop_collapse`]): it would take CPU from the copy and hold the
+/// address space's lock against the sender's reads.
 pub fn migrate_out<W: Write>(
     vm: &Vm,
     kind: TrackerKind,
@@ -61,6 +66,7 @@ pub fn migrate_out<W: Write>(
     out: W,
     ack: Option<&mut dyn Read>,
 ) -> Result<MigrationStats, MigrateError> {
+    vm.stop_collapse();
     let mem = vm.memory();
     let mut tracker = vm.tracker(kind)?;
     let mut control = vm.control();
@@ -78,6 +84,7 @@ pub fn migrate_out_channels<W: Write>(
     ack: Option<&mut dyn Read>,
     open: &mut dyn FnMut(u16) -> std::io::Result<ChannelWriter>,
 ) -> Result<MigrationStats, MigrateError> {
+    vm.stop_collapse();
     let mem = vm.memory();
     let mut tracker = vm.tracker(kind)?;
     let mut control = vm.control();
@@ -96,6 +103,7 @@ pub fn migrate_out_conn(
     conn: Outgoing,
     open: &mut dyn FnMut(u16) -> std::io::Result<ChannelWriter>,
 ) -> Result<MigrationStats, MigrateError> {
+    vm.stop_collapse();
     let mem = vm.memory();
     let mut tracker = vm.tracker(kind)?;
     let mut control = vm.control();
@@ -255,6 +263,7 @@ pub fn migrate_out_local(
     handle: &MigrationHandle,
     sock: &UnixStream,
 ) -> Result<LocalSent, MigrateError> {
+    vm.stop_collapse();
     let blocks = vm.shared_blocks()?;
     let mut control = vm.control();
     Ok(local::migrate(sock, &blocks, &mut control, handle)?)

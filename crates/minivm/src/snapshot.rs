@@ -42,6 +42,7 @@ pub struct Saved {
 /// resume it to run on.
 pub fn save(vm: &Vm, path: &Path, opts: &SaveOptions) -> Result<Saved, SnapshotVmError> {
     let t = Instant::now();
+    vm.stop_collapse();
     vm.pause()?;
     let state = vm.save_state()?;
     let stats = livemig::snapshot::save(&*vm.memory(), path, &state, opts)?;
@@ -59,6 +60,7 @@ pub fn save_background(
     path: &Path,
     opts: &BackgroundOptions,
 ) -> Result<BackgroundStats, SnapshotVmError> {
+    vm.stop_collapse();
     let mut control = vm.control();
     Ok(background_save(&*vm.memory(), path, &mut control, opts)?)
 }
