@@ -172,10 +172,16 @@ struct RunArgs {
     /// Back guest memory with 4 KiB pages only (no MADV_HUGEPAGE).
     #[arg(long)]
     no_huge_pages: bool,
-    /// With --incoming: after the guest resumes, leave its memory on 4 KiB
-    /// pages until khugepaged collapses it, instead of collapsing it into
-    /// huge pages on a background thread (MADV_COLLAPSE).
+    /// With --incoming: receive into 4 KiB pages and ask for huge pages
+    /// only once the guest resumes, collapsing them on a background
+    /// thread (MADV_COLLAPSE). Faster into memory the host took back,
+    /// but costs the destination CPU per 4 KiB page.
     #[arg(long, requires = "incoming")]
+    receive_small_pages: bool,
+    /// With --receive-small-pages: after the guest resumes, leave its
+    /// memory on 4 KiB pages until khugepaged collapses it, instead of
+    /// collapsing it on a background thread.
+    #[arg(long, requires = "receive_small_pages")]
     no_thp_collapse: bool,
     /// Back guest memory with memfds (sealed against shrinking, mapped
     /// shared) instead of anonymous memory: needed to migrate it out with
@@ -375,6 +381,7 @@ fn run(a: RunArgs) -> Result<()> {
         huge_pages: !a.no_huge_pages,
         clock_page: None,
         memfd: a.memfd,
+        receive_small_pages: a.receive_small_pages,
         thp_collapse: !a.no_thp_collapse,
     })?;
     let migrate_tracker = match (&a.control, a.dirty_track) {

@@ -117,9 +117,9 @@ pub struct VmConfig {
     /// Ask for transparent huge pages on guest memory (`MADV_HUGEPAGE`,
     /// as QEMU does): memory the guest never touched then reads as a few
     /// huge zero pages instead of one zero page per 4 KiB, so scanning an
-    /// idle guest is cheaper; KVM still logs dirty pages per 4 KiB. A VM
-    /// created paused (`start_paused`: an incoming one) gets the advice
-    /// only after its first resume (see `thp_collapse`).
+    /// idle guest is cheaper; KVM still logs dirty pages per 4 KiB. With
+    /// `receive_small_pages`, a VM created paused gets the advice only
+    /// after its first resume.
     pub huge_pages: bool,
     /// A clock page the VMM writes into guest memory every millisecond
     /// while the VM runs (see [`ClockPage`]); `None`: no such device.
@@ -131,9 +131,18 @@ pub struct VmConfig {
     /// kernel's shmem THP (`/sys/kernel/mm/transparent_hugepage/
     /// shmem_enabled` not `never`).
     pub memfd: bool,
-    /// With `huge_pages`, for a VM created paused (an incoming one, which
-    /// receives into 4 KiB pages and asks for huge pages after its first
-    /// resume, once no userfaultfd watches its memory): then also
+    /// With `huge_pages`, a VM created paused (`start_paused`: an
+    /// incoming one) receives into 4 KiB pages and asks for huge pages
+    /// only after its first resume, once no userfaultfd watches its
+    /// memory. Off by default: on this kind of host it fills memory the
+    /// outer host took back 5-10x faster (the 64 MiB filler in 35 ms
+    /// against ~100), but each 4 KiB fault costs the destination CPU,
+    /// and on 2 cores, with the source's guest running flat out, that
+    /// CPU came from the migration: the 1 GiB incrementer at 300 ms took
+    /// 404-649 ms against 150-219 with huge pages (BENCHMARKS.md,
+    /// "Quiet host after session 10's merges").
+    pub receive_small_pages: bool,
+    /// With `receive_small_pages`, after that first resume, also
     /// collapse its memory into huge pages on that background thread
     /// ([`crate::collapse`]) instead of waiting for khugepaged. Anonymous
     /// memory only.
@@ -157,6 +166,7 @@ impl Default for VmConfig {
             huge_pages: true,
             clock_page: None,
             memfd: false,
+            receive_small_pages: false,
             thp_collapse: true,
         }
     }
@@ -826,7 +836,7 @@ impl Vm {
         );
         let mut slots = Vec::new();
         // An incoming VM asks for huge pages after its first resume.
-        let deferred_huge = config.huge_pages && config.start_paused;
+        let deferred_huge = config.huge_pages && config.start_paused && config.receive_small_pages;
         for (i, (gpa, size)) in ranges.iter().enumerate() {
             let host = memory.get_host_address(*gpa).map_err(|e| VmError::Memory {
                 size: *size as u64,

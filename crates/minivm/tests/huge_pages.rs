@@ -1,5 +1,5 @@
-//! An incoming VM receives into 4 KiB pages, asks for huge pages at its
-//! first resume (whichever way the resume comes) and collapses the
+//! With `receive_small_pages`, an incoming VM receives into 4 KiB pages,
+//! asks for huge pages at its first resume (whichever way the resume comes) and collapses the
 //! received memory into huge pages in the background; under postcopy the
 //! collapse waits until every page arrived. The guest's self-check passes
 //! throughout.
@@ -64,6 +64,8 @@ fn guest_mapping(vm: &Vm) -> (Vec<String>, u64) {
 fn source() -> (VmConfig, Vm) {
     let mut cfg = common::test_guest(64, 1, 4096, 64 << 20);
     cfg.prefault = true;
+    // Its destinations receive into 4 KiB pages (off by default).
+    cfg.receive_small_pages = true;
     let src = Vm::new(cfg.clone()).unwrap();
     let s = common::wait_for(&src, Duration::from_secs(30), |s| {
         s.pages_written() > 4096 && s.heartbeats() > 2
@@ -302,4 +304,25 @@ fn postcopy_destination_collapses_once_every_page_arrived() {
     );
     assert!(huge >= 6 << 21, "AnonHugePages {huge} after {st:?}");
     runs_on(&dst);
+}
+
+#[test]
+fn by_default_an_incoming_vm_asks_for_huge_pages_at_once() {
+    if !common::kvm_available("by_default_an_incoming_vm_asks_for_huge_pages_at_once") {
+        return;
+    }
+    let vm = Vm::new(VmConfig {
+        mem_size: 16 << 20,
+        guest: minivm::GuestImage::Incoming,
+        start_paused: true,
+        ..Default::default()
+    })
+    .unwrap();
+    let (flags, _) = guest_mapping(&vm);
+    assert!(
+        flags.iter().any(|f| f == "hg"),
+        "advised while paused: {flags:?}"
+    );
+    vm.resume();
+    assert!(vm.collapse_stats().is_none(), "no collapse thread");
 }

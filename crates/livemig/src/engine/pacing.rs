@@ -104,9 +104,20 @@ pub(crate) const PING_LEGS: u32 = 3;
 /// Pings the handshake estimate looks back over.
 const PINGS: usize = 4;
 /// The page rate measured in a pause is trusted once it covers this much
-/// time (before: the conservative bandwidth alone; a first write lands in
-/// socket buffers and says little).
+/// time, and a tenth of the downtime limit (before: the conservative
+/// bandwidth alone; a first write lands in socket buffers and says
+/// little, and on 2 cores a few milliseconds in which the guest's vCPU
+/// or the destination held the CPU read as a collapsed link: at 2 ms
+/// alone, quiet-host incrementer runs at 300 ms cut pauses short that
+/// would have fitted, and the slow rate, kept as a period, held the next
+/// decisions back for 5-11 syncs).
 const PAUSE_RATE_AFTER: Duration = Duration::from_millis(2);
+
+/// How long a pause's page sending must have run before its rate is
+/// trusted, for a downtime limit of `limit_ms`.
+fn pause_rate_window(limit_ms: u64) -> Duration {
+    PAUSE_RATE_AFTER.max(Duration::from_millis(limit_ms / 10))
+}
 /// Safety share of the limit kept free for what no estimate sees (the
 /// scheduler on a loaded host): the estimate must fit in 90 % of it.
 const HEADROOM: f64 = 0.9;
@@ -473,7 +484,7 @@ impl Pacing {
     /// still to come would cross `limit_ms` (with its headroom), the
     /// guest stopped `spent` ago. `sending` is the pause's own page
     /// sending so far (bytes written, time taken): once it covers
-    /// [`PAUSE_RATE_AFTER`], its rate prices the rest when it is lower
+    /// [`pause_rate_window`], its rate prices the rest when it is lower
     /// than the conservative bandwidth (a host whose load rose since the
     /// last period). `i.remaining_bytes` is what is still to write,
     /// `i.in_flight_bytes` what the pause wrote and the link may still
@@ -487,7 +498,7 @@ impl Pacing {
     ) -> bool {
         let mut bw = self.conservative_bandwidth();
         let (bytes, took) = sending;
-        if took >= PAUSE_RATE_AFTER && bytes > 0 {
+        if took >= pause_rate_window(limit_ms) && bytes > 0 {
             bw = bw.min(bytes as f64 / took.as_secs_f64());
         }
         if bw <= 0.0 {
@@ -515,8 +526,8 @@ impl Pacing {
     /// counted as a bandwidth period when it is long enough to say
     /// something (a pause backed out because the link slowed: the next
     /// decision must not expect the old rate).
-    pub fn record_pause_rate(&mut self, bytes: u64, took: Duration) {
-        if took >= PAUSE_RATE_AFTER && bytes > 0 {
+    pub fn record_pause_rate(&mut self, bytes: u64, took: Duration, limit_ms: u64) {
+        if took >= pause_rate_window(limit_ms) && bytes > 0 {
             self.push(Period {
                 rate: bytes as f64 / took.as_secs_f64(),
                 data: true,
@@ -996,6 +1007,14 @@ mod tests {
         // A rate measured over less than PAUSE_RATE_AFTER is not trusted.
         let blip = (MIB, Duration::from_millis(1));
         assert!(!p.overruns(&left(9 * MIB, MIB), spent, blip, 300));
+        // Nor one over less than a tenth of the limit: 64 KiB in 10 ms
+        // (6.4 MiB/s) says nothing yet against 300 ms, but against 30 ms
+        // it is a third of the pause.
+        let hiccup = (64 << 10, Duration::from_millis(10));
+        let early = Duration::from_millis(2);
+        assert!(!p.overruns(&left(512 << 10, 64 << 10), early, hiccup, 300));
+        assert!(!p.overruns(&left(512 << 10, 64 << 10), early, blip, 30));
+        assert!(p.overruns(&left(512 << 10, 64 << 10), early, hiccup, 30));
         // Faster than the estimate: the estimate's rate still prices it.
         let fast = (5 * MIB, Duration::from_millis(10));
         assert!(!p.overruns(&left(5 * MIB, 5 * MIB), spent, fast, 300));
@@ -1024,11 +1043,13 @@ mod tests {
     #[test]
     fn a_pause_rate_counts_as_a_period() {
         let mut p = with_periods(&[100.0 * MIB as f64]);
-        p.record_pause_rate(MIB, Duration::from_millis(100));
+        p.record_pause_rate(MIB, Duration::from_millis(100), 300);
         assert!((p.conservative_bandwidth() - 10.0 * MIB as f64).abs() < 1.0);
-        // Too short to say anything.
+        // Too short to say anything: under PAUSE_RATE_AFTER, or under a
+        // tenth of the limit.
         let mut q = with_periods(&[100.0 * MIB as f64]);
-        q.record_pause_rate(MIB, Duration::from_micros(500));
+        q.record_pause_rate(MIB, Duration::from_micros(500), 20);
+        q.record_pause_rate(MIB, Duration::from_millis(20), 300);
         assert!((q.conservative_bandwidth() - 100.0 * MIB as f64).abs() < 1.0);
     }
 }

@@ -1964,7 +1964,8 @@ impl<'a> RamSaver<'a> {
         self.downtime_start = None;
         self.backouts += 1;
         self.backout_max = self.backout_max.max(paused);
-        self.pacing.record_pause_rate(sending.0, sending.1);
+        self.pacing
+            .record_pause_rate(sending.0, sending.1, self.limit_at_switch);
         self.pacing.restart_period(self.transferred, Instant::now());
         self.overran = false;
         // What the pause sent is in flight again.
