@@ -1868,16 +1868,28 @@ impl<'a> RamSaver<'a> {
             // Pages queued on the channels go out before the barrier.
             self.barrier(w)?;
         }
+        self.mark_and_wait(w, r)?;
+        self.drained = true;
+        self.drain_wait = t.elapsed();
+        // The wait says nothing about the link's rate.
+        self.pacing.exclude(self.drain_wait);
+        Ok(())
+    }
+
+    /// Ends a section with the next DRAIN mark and waits for its APPLIED
+    /// on the return path `r`: every byte sent before the mark is applied
+    /// then.
+    fn mark_and_wait<W: Write>(
+        &mut self,
+        w: &mut StreamWriter<W>,
+        r: &mut dyn Read,
+    ) -> Result<(), MigrationError> {
         self.drain_mark += 1;
         w.drain(self.drain_mark).map_err(MigrationError::send)?;
         self.section_end(w)?;
         let sent = self.sent_bytes(w);
         ack::await_applied(r, self.drain_mark)?;
         self.applied = sent;
-        self.drained = true;
-        self.drain_wait = t.elapsed();
-        // The wait says nothing about the link's rate.
-        self.pacing.exclude(self.drain_wait);
         Ok(())
     }
 
@@ -1900,12 +1912,7 @@ impl<'a> RamSaver<'a> {
             return Ok(());
         }
         let t = Instant::now();
-        self.drain_mark += 1;
-        w.drain(self.drain_mark).map_err(MigrationError::send)?;
-        self.section_end(w)?;
-        let sent = self.sent_bytes(w);
-        ack::await_applied(r, self.drain_mark)?;
-        self.applied = sent;
+        self.mark_and_wait(w, r)?;
         self.ping = t.elapsed();
         self.pacing.record_ping(self.ping);
         self.pacing.exclude(self.ping);
