@@ -245,31 +245,37 @@ fn full_chunks(block: &RamBlock) -> Option<Vec<u64>> {
     Some(out)
 }
 
+/// The field lines (`AnonHugePages: ...`, `VmFlags: ...`) of the
+/// mappings in `smaps` (the text of /proc/self/smaps) whose range
+/// `[start, end)` satisfies `wanted(start, end)`.
+pub fn smaps_fields<'a>(
+    smaps: &'a str,
+    wanted: impl Fn(u64, u64) -> bool + 'a,
+) -> impl Iterator<Item = &'a str> + 'a {
+    let mut inside = false;
+    smaps.lines().filter(move |line| {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if let Some((a, b)) = first.split_once('-') {
+            if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
+                inside = wanted(a, b);
+                return false;
+            }
+        }
+        inside
+    })
+}
+
 /// True when a mapping of `smaps` (the text of /proc/self/smaps) that
 /// overlaps one of `spans` (host address, length) is registered with a
 /// userfaultfd (`VmFlags` `um`, `uw` or `ui`).
 fn uffd_armed_in(smaps: &str, spans: &[(u64, u64)]) -> bool {
-    let mut overlaps = false;
-    for line in smaps.lines() {
-        let first = line.split_whitespace().next().unwrap_or("");
-        if let Some((a, b)) = first.split_once('-') {
-            if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
-                overlaps = spans.iter().any(|&(h, l)| a < h + l && h < b);
-                continue;
-            }
-        }
-        if overlaps {
-            if let Some(flags) = line.strip_prefix("VmFlags:") {
-                if flags
-                    .split_whitespace()
-                    .any(|f| matches!(f, "um" | "uw" | "ui"))
-                {
-                    return true;
-                }
-            }
-        }
-    }
-    false
+    smaps_fields(smaps, |a, b| spans.iter().any(|&(h, l)| a < h + l && h < b))
+        .filter_map(|line| line.strip_prefix("VmFlags:"))
+        .any(|flags| {
+            flags
+                .split_whitespace()
+                .any(|f| matches!(f, "um" | "uw" | "ui"))
+        })
 }
 
 /// Waits while a userfaultfd holds the memory of `spans`; true when
@@ -451,28 +457,15 @@ mod tests {
     /// `addr`, from /proc/self/smaps.
     fn anon_huge_bytes(addr: u64) -> u64 {
         let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
-        let mut inside = false;
-        for line in smaps.lines() {
-            let first = line.split_whitespace().next().unwrap_or("");
-            if let Some((a, b)) = first.split_once('-') {
-                if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
-                    inside = (a..b).contains(&addr);
-                    continue;
-                }
-            }
-            if inside {
-                if let Some(v) = line.strip_prefix("AnonHugePages:") {
-                    return v
-                        .trim()
-                        .trim_end_matches("kB")
-                        .trim()
-                        .parse::<u64>()
-                        .unwrap()
-                        << 10;
-                }
-            }
-        }
-        panic!("no mapping at {addr:#x}");
+        let kb = smaps_fields(&smaps, |a, b| (a..b).contains(&addr))
+            .find_map(|line| line.strip_prefix("AnonHugePages:"))
+            .unwrap_or_else(|| panic!("no mapping at {addr:#x}"));
+        kb.trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse::<u64>()
+            .unwrap()
+            << 10
     }
 
     fn quick() -> CollapsePace {

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use livemig::engine::{MigrationHandle, Params, Status};
 use livemig::transport::{pipe, Outgoing};
-use minivm::collapse::CollapseStats;
+use minivm::collapse::{smaps_fields, CollapseStats};
 use minivm::migrate::{migrate_out, migrate_out_conn, receive};
 use minivm::{TrackerKind, Vm, VmConfig};
 
@@ -30,18 +30,8 @@ fn thp_mode() -> String {
 fn guest_mapping(vm: &Vm) -> (Vec<String>, u64) {
     let addr = vm.slots()[0].host_addr;
     let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
-    let (mut inside, mut flags, mut huge) = (false, None, None);
-    for line in smaps.lines() {
-        let first = line.split_whitespace().next().unwrap_or("");
-        if let Some((a, b)) = first.split_once('-') {
-            if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
-                inside = (a..b).contains(&addr);
-                continue;
-            }
-        }
-        if !inside {
-            continue;
-        }
+    let (mut flags, mut huge) = (None, None);
+    for line in smaps_fields(&smaps, |a, b| (a..b).contains(&addr)) {
         if let Some(v) = line.strip_prefix("AnonHugePages:") {
             huge = Some(
                 v.trim()
