@@ -135,9 +135,19 @@ pub const FLAG_RUNS: u16 = 1 << 4;
 /// Header flag: zero pages may travel as ZERO_RUN records (a run of
 /// pages at consecutive offsets of one block, all zero, in one record).
 pub const FLAG_ZERO_RUNS: u16 = 1 << 5;
+/// Header flag (with [`FLAG_SETUP`]): the source reads the destination's
+/// report of its pending work in APPLIED (see `engine/ack.rs`), and the
+/// destination with verify on catches its running digest up before it
+/// answers a drain mark.
+pub const FLAG_LOAD_REPORT: u16 = 1 << 6;
 /// Header flags this build understands.
-pub const KNOWN_FLAGS: u16 =
-    FLAG_VERIFY | FLAG_CHANNELS | FLAG_URGENT | FLAG_SETUP | FLAG_RUNS | FLAG_ZERO_RUNS;
+pub const KNOWN_FLAGS: u16 = FLAG_VERIFY
+    | FLAG_CHANNELS
+    | FLAG_URGENT
+    | FLAG_SETUP
+    | FLAG_RUNS
+    | FLAG_ZERO_RUNS
+    | FLAG_LOAD_REPORT;
 /// Most pages in one RUN record (256 KiB of pages behind one header).
 pub const MAX_RUN_PAGES: u16 = 64;
 /// Most pages in one ZERO_RUN record (1 GiB of zeros).

@@ -1125,7 +1125,7 @@ fn bad_version() {
 
 #[test]
 fn unknown_header_flags() {
-    for flags in [1 << 6, 1 << 15, FLAG_VERIFY | 1 << 6, u16::MAX] {
+    for flags in [1 << 7, 1 << 15, FLAG_VERIFY | 1 << 7, u16::MAX] {
         let e = parse_err(&Builder::custom_header(MAGIC, VERSION, flags, 0).build()).err;
         assert!(
             matches!(e.kind, StreamErrorKind::HeaderFlags(x) if x == flags),
