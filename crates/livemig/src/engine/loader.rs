@@ -290,6 +290,11 @@ pub struct LoadStats {
     pub sections: u64,
     /// Milliseconds spent hashing memory to check the source's digest.
     pub verify_time: u64,
+    /// Digest chunks (2 MiB) hashed for that check after the stream's
+    /// end (those written since they were last hashed; all of them
+    /// without a running digest).
+    #[serde(default)]
+    pub verify_chunks: u64,
     /// Page channels beside the main stream (0: a single stream).
     pub channels: u16,
     /// Microseconds from reading the main stream's end record to the
@@ -845,7 +850,11 @@ impl<'a> Loader<'a> {
             };
             let t = std::time::Instant::now();
             let actual = match &self.running {
-                Some(d) => d.finish(self.mem).0,
+                Some(d) => {
+                    let (digest, chunks) = d.finish(self.mem);
+                    out.stats.verify_chunks = chunks as u64;
+                    digest
+                }
                 None => memory_digest(self.mem),
             };
             out.stats.verify_time = t.elapsed().as_millis() as u64;

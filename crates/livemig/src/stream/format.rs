@@ -71,7 +71,12 @@
 //! before the mark, so every channel's pages before it are applied too).
 //! So the pause starts with nothing queued between the source's writes
 //! and the destination's memory: stream bytes buffered in sockets are
-//! waited for while the guest runs, not in its pause.
+//! waited for while the guest runs, not in its pause. With header flag
+//! [`FLAG_LOAD_REPORT`] the destination also brings its verify digest up
+//! to date before it answers, and its APPLIED says what that took and
+//! what is left (see `engine/ack.rs`), so its hashing backlog is waited
+//! for before the pause too, and the source prices the rest at the
+//! destination's own rate. A reader older than the flag refuses it.
 //!
 //! A source that gives up after the setup (cancelled, tracker or VMM
 //! failure) ends the main stream with ABORT and its reason, so the
