@@ -649,9 +649,14 @@ fn local_zero_fills_of_valid_untouched_pages_are_counted() {
 
 #[test]
 fn pure_postcopy_with_the_urgent_connection() {
+    // The push is capped so that the destination guest's reads come
+    // before it placed everything: only the 12 MiB the source wrote go
+    // after the switch (the rest went as zero runs in the pause), and
+    // uncapped on a loaded host the push can win every race.
     let r = run_postcopy(
         Params {
             postcopy_preempt: true,
+            max_bandwidth: 32 * MIB,
             ..postcopy_params()
         },
         true,
