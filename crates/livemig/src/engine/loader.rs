@@ -17,7 +17,7 @@ use crate::memory::{GuestMemory, PAGE_SIZE};
 use crate::stream::format::{FLAG_CHANNELS, FLAG_SETUP, FLAG_VERIFY};
 use crate::stream::{Record, StreamError, StreamReader};
 use crate::transport::BoxWrite;
-use crate::vm::VmShape;
+use crate::vm::{SetupHook, SourceGuest, VmShape};
 
 /// Why loading failed. Nothing outside a block was written; the guest
 /// must not be started from memory that failed to load.
@@ -345,6 +345,8 @@ pub struct Loader<'a> {
     /// Where the setup verdict goes (the return path), for a stream whose
     /// header asks for one.
     answer: Mutex<Option<BoxWrite>>,
+    /// The VMM's hook, told what the source said at setup.
+    on_setup: Option<SetupHook>,
 }
 
 /// Which stream of a migration a record loop reads.
@@ -388,7 +390,16 @@ impl<'a> Loader<'a> {
             fresh: FreshZero::none(),
             shape: VmShape::default(),
             answer: Mutex::new(None),
+            on_setup: None,
         }
+    }
+
+    /// Calls `hook` with what the source said at setup (its vCPU count and
+    /// load), once that record checked out and before any page lands:
+    /// the VMM's chance to prepare its memory ([`crate::vm::VmControl::setup_hook`]).
+    pub fn on_setup(mut self, hook: Option<SetupHook>) -> Self {
+        self.on_setup = hook;
+        self
     }
 
     /// The VM the stream must describe: a source whose VM has another
@@ -976,7 +987,7 @@ impl<'a> Loader<'a> {
                     b.region().write(offset as usize, &scratch);
                     self.touched(bi, offset);
                 }
-                Record::Setup { vcpus, .. } => {
+                Record::Setup { vcpus, load, .. } => {
                     let here = self.shape.vcpus;
                     if vcpus != 0 && here != 0 && vcpus != here {
                         return Err(LoadError::Vcpus {
@@ -984,6 +995,9 @@ impl<'a> Loader<'a> {
                             source_vcpus: vcpus,
                             here,
                         });
+                    }
+                    if let Some(hook) = &self.on_setup {
+                        hook(&SourceGuest { vcpus, load });
                     }
                 }
                 Record::Abort(reason) => {
