@@ -35,6 +35,8 @@ import sys
 import tempfile
 import time
 
+from qmp_client import Qmp
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target", "release", "livemig")
 QEMU = "qemu-system-x86_64"
@@ -60,44 +62,6 @@ def last_json(text):
 
 
 # ---------------------------------------------------------------- QEMU side
-
-
-class Qmp:
-    """A minimal synchronous QMP client."""
-
-    def __init__(self, path, timeout=30):
-        t0 = time.time()
-        while True:
-            try:
-                self.s = socket.socket(socket.AF_UNIX)
-                self.s.connect(path)
-                break
-            except OSError:
-                self.s.close()
-                if time.time() - t0 > timeout:
-                    raise
-                time.sleep(0.02)
-        self.f = self.s.makefile("rwb")
-        json.loads(self.f.readline())
-        self.cmd("qmp_capabilities")
-
-    def cmd(self, name, args=None):
-        msg = {"execute": name}
-        if args:
-            msg["arguments"] = args
-        self.f.write(json.dumps(msg).encode() + b"\n")
-        self.f.flush()
-        while True:
-            r = json.loads(self.f.readline())
-            if "event" in r:
-                continue
-            if "error" in r:
-                raise RuntimeError(f"{name}: {r['error']}")
-            return r["return"]
-
-    def close(self):
-        self.f.close()
-        self.s.close()
 
 
 class QemuVm:

@@ -45,52 +45,11 @@ import sys
 import tempfile
 import time
 
+from qmp_client import Qmp
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MARK = 16 << 20
 FIRST = 0x10_0000
-
-
-class Qmp:
-    """A minimal QMP client over a unix socket."""
-
-    def __init__(self, path, timeout=30):
-        t0 = time.time()
-        while True:
-            try:
-                self.s = socket.socket(socket.AF_UNIX)
-                self.s.connect(path)
-                break
-            except OSError:
-                self.s.close()
-                if time.time() - t0 > timeout:
-                    raise
-                time.sleep(0.05)
-        self.f = self.s.makefile("rwb")
-        self.f.readline()  # greeting
-        self.cmd("qmp_capabilities")
-
-    def cmd(self, name, args=None):
-        req = {"execute": name}
-        if args is not None:
-            req["arguments"] = args
-        self.f.write((json.dumps(req) + "\n").encode())
-        self.f.flush()
-        while True:
-            line = self.f.readline()
-            if not line:
-                raise RuntimeError(f"{name}: control socket closed")
-            ans = json.loads(line)
-            if "event" in ans:
-                continue
-            if "error" in ans:
-                raise RuntimeError(f"{name}: {ans['error']}")
-            return ans.get("return")
-
-    def close(self):
-        try:
-            self.s.close()
-        except OSError:
-            pass
 
 
 def free_port():

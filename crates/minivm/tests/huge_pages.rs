@@ -11,9 +11,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use livemig::engine::{MigrationHandle, Params, Status};
-use livemig::transport::{pipe, Outgoing};
 use minivm::collapse::{smaps_fields, CollapseStats};
-use minivm::migrate::{migrate_out, migrate_out_conn, receive};
+use minivm::migrate::migrate_out;
 use minivm::{TrackerKind, Vm, VmConfig};
 
 /// The system's THP mode (`always`, `madvise` or `never`).
@@ -205,32 +204,15 @@ fn the_engine_resume_asks_for_huge_pages_and_collapse_can_be_off() {
         thp_collapse: false,
         ..cfg.clone()
     };
-    let (w, r) = pipe();
-    let (aw, ar) = pipe();
     // `receive` resumes the guest through the engine (VmHandle).
-    let dest = thread::spawn(move || {
-        receive(
-            &dst_cfg,
-            r,
-            Some(Box::new(aw)),
-            &mut || Err(std::io::Error::other("one connection")),
-            false,
-        )
-    });
-    let conn = Outgoing {
-        writer: Box::new(w),
-        ack: Some(Box::new(ar)),
-    };
-    let stats = migrate_out_conn(
+    let (stats, dest) = common::pipe_receive(
         &src,
-        TrackerKind::Auto,
+        &dst_cfg,
         MigrationHandle::new(Params::default()),
-        conn,
-        &mut |_| Err(std::io::Error::other("one channel")),
-    )
-    .unwrap();
-    assert_eq!(stats.status, Status::Completed);
-    let (dst, _) = dest.join().unwrap().unwrap();
+        false,
+    );
+    assert_eq!(stats.unwrap().status, Status::Completed);
+    let (dst, _) = dest.unwrap();
     let st = wait_advised(&dst);
     let (flags, _) = guest_mapping(&dst);
     assert!(flags.iter().any(|f| f == "hg"), "{flags:?}");
@@ -255,18 +237,6 @@ fn postcopy_destination_collapses_once_every_page_arrived() {
         return;
     }
     let (cfg, src) = source();
-    let dst_cfg = cfg.clone();
-    let (w, r) = pipe();
-    let (aw, ar) = pipe();
-    let dest = thread::spawn(move || {
-        receive(
-            &dst_cfg,
-            r,
-            Some(Box::new(aw)),
-            &mut || Err(std::io::Error::other("one connection")),
-            true,
-        )
-    });
     let handle = MigrationHandle::new(Params {
         postcopy_ram: true,
         ..Params::default()
@@ -274,16 +244,9 @@ fn postcopy_destination_collapses_once_every_page_arrived() {
     // Pure postcopy: the guest resumes on the destination before its
     // memory, with huge pages asked for while userfaultfd places pages.
     handle.start_postcopy().unwrap();
-    let conn = Outgoing {
-        writer: Box::new(w),
-        ack: Some(Box::new(ar)),
-    };
-    let stats = migrate_out_conn(&src, TrackerKind::Auto, handle, conn, &mut |_| {
-        Err(std::io::Error::other("one channel"))
-    })
-    .unwrap();
-    assert_eq!(stats.status, Status::Completed);
-    let (dst, arrival) = dest.join().unwrap().unwrap();
+    let (stats, dest) = common::pipe_receive(&src, &cfg, handle, true);
+    assert_eq!(stats.unwrap().status, Status::Completed);
+    let (dst, arrival) = dest.unwrap();
     assert!(arrival.postcopy.is_some(), "switched to postcopy");
     let st = wait_collapsed(&dst, 6);
     assert!(st.gave_up.is_none() && st.failed == 0, "{st:?}");

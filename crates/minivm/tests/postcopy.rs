@@ -13,7 +13,7 @@ use std::time::Duration;
 use livemig::engine::postcopy::PostcopyFigures;
 use livemig::engine::{MigrationHandle, Params, Status, Switchover};
 use livemig::testkit::fault_proxy::{Fault, FaultProxy};
-use livemig::transport::{connect, pipe, Listener, Outgoing, Uri};
+use livemig::transport::{connect, Listener, Uri};
 use minivm::migrate::{incoming_vm, migrate_out_conn, receive, receive_recoverable};
 use minivm::{TrackerKind, Vm};
 
@@ -23,32 +23,15 @@ use minivm::{TrackerKind, Vm};
 fn postcopy(params: Params, at_once: bool) -> bool {
     let cfg = common::test_guest(256, 2, 8192, 0);
     let src = running_source(&cfg);
-    let (w, r) = pipe();
-    let (aw, ar) = pipe();
-    let dest = thread::spawn(move || {
-        receive(
-            &cfg,
-            r,
-            Some(Box::new(aw)),
-            &mut || Err(std::io::Error::other("one connection")),
-            true,
-        )
-    });
     let handle = MigrationHandle::new(params);
     if at_once {
         handle.start_postcopy().unwrap();
     }
-    let conn = Outgoing {
-        writer: Box::new(w),
-        ack: Some(Box::new(ar)),
-    };
-    let stats = migrate_out_conn(&src, TrackerKind::Auto, handle, conn, &mut |_| {
-        Err(std::io::Error::other("one channel"))
-    })
-    .unwrap();
+    let (stats, dest) = common::pipe_receive(&src, &cfg, handle, true);
+    let stats = stats.unwrap();
     assert_eq!(stats.status, Status::Completed);
     assert!(src.is_paused(), "the source stays paused");
-    let (dst, received) = dest.join().unwrap().unwrap();
+    let (dst, received) = dest.unwrap();
     let Some(pc) = received.postcopy else {
         assert!(!at_once, "the migration switched to postcopy");
         assert!(stats.postcopy_time.is_none(), "{stats:?}");

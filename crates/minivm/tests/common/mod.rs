@@ -232,3 +232,43 @@ pub fn pipe_destination(cfg: &VmConfig) -> PipeDestination {
     let dest = std::thread::spawn(move || minivm::migrate::migrate_in(&cfg, r, Some(aw)));
     (w, ar, dest)
 }
+
+/// Migrates `src` over in-process pipes, on one connection with its return
+/// path, into a destination of `dst_cfg` received through the engine
+/// ([`minivm::migrate::receive`]: the engine resumes the guest, and with
+/// `postcopy` the destination accepts a switch to postcopy). Returns the
+/// source's statistics and the destination's outcome.
+pub fn pipe_receive(
+    src: &Vm,
+    dst_cfg: &VmConfig,
+    handle: livemig::engine::MigrationHandle,
+    postcopy: bool,
+) -> (
+    Result<livemig::engine::MigrationStats, minivm::migrate::MigrateError>,
+    Result<(Vm, livemig::engine::Arrival), minivm::migrate::MigrateError>,
+) {
+    let (w, r) = livemig::transport::pipe();
+    let (aw, ar) = livemig::transport::pipe();
+    let cfg = dst_cfg.clone();
+    let dest = std::thread::spawn(move || {
+        minivm::migrate::receive(
+            &cfg,
+            r,
+            Some(Box::new(aw)),
+            &mut || Err(std::io::Error::other("one connection")),
+            postcopy,
+        )
+    });
+    let conn = livemig::transport::Outgoing {
+        writer: Box::new(w),
+        ack: Some(Box::new(ar)),
+    };
+    let stats = minivm::migrate::migrate_out_conn(
+        src,
+        minivm::TrackerKind::Auto,
+        handle,
+        conn,
+        &mut |_| Err(std::io::Error::other("one channel")),
+    );
+    (stats, dest.join().expect("destination thread"))
+}
