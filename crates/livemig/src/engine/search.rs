@@ -279,6 +279,16 @@ impl PageSearch {
         self.bitmaps.get_mut(block).is_some_and(|b| b.clear(page))
     }
 
+    /// Takes every page of `block` set in `pages` (one bit per page of the
+    /// block) out of turn: they need not be sent (any more). Returns how
+    /// many were still to be sent. The position does not move.
+    pub fn take_all(&mut self, block: usize, pages: &DirtyBitmap) -> u64 {
+        match self.bitmaps.get_mut(block) {
+            Some(b) if b.len() == pages.len() => b.and_not_words(0, pages.words()),
+            _ => 0,
+        }
+    }
+
     /// Postcopy recovery: `bitmaps` (one per block, same sizes) are what
     /// is left to send; the walk starts over at the first block. Rounds,
     /// the bulk stage and pending chunk clears stay as they were.
@@ -408,6 +418,26 @@ impl Untouched {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn take_all_takes_the_pages_given() {
+        let mut s = PageSearch::new([130, 10]);
+        let mut give = DirtyBitmap::new(130);
+        for p in [0, 5, 63, 64, 129] {
+            give.set(p);
+        }
+        // Page 5 went already: it is not counted again.
+        assert!(s.take(0, 5));
+        assert_eq!(s.take_all(0, &give), 4);
+        assert_eq!(s.bitmaps()[0].count(), 130 - 5);
+        for p in [0, 5, 63, 64, 129] {
+            assert!(!s.bitmaps()[0].test(p));
+        }
+        assert!(s.bitmaps()[0].test(1) && s.bitmaps()[0].test(128));
+        // A bitmap of another size is no answer.
+        assert_eq!(s.take_all(1, &give), 0);
+        assert_eq!(s.bitmaps()[1].count(), 10);
+    }
 
     #[test]
     fn a_second_walk_takes_pages_in_order_up_to_its_end_and_leaves_the_first_alone() {

@@ -429,6 +429,9 @@ struct RamSaver<'a> {
     /// Postcopy on one stream: the push's second walk, over what lies
     /// behind where the first one started (see [`Behind`]).
     behind: Option<Behind>,
+    /// Postcopy `auto`, one stream, until it decides: the DRAIN marks out
+    /// and the window on the bytes in flight (see `postcopy/window.rs`).
+    window: super::postcopy::window::Window,
 }
 
 /// The pause under way, for the checks while its pages go out.
@@ -561,6 +564,7 @@ impl<'a> RamSaver<'a> {
             wire_mark: None,
             wire_intervals: [WireInterval::default(); 2],
             behind: None,
+            window: Default::default(),
         }
     }
 
@@ -735,12 +739,17 @@ impl<'a> RamSaver<'a> {
                 // Unless the bytes in flight fit in the pause: then they
                 // reach the destination there, and the guest stops now
                 // instead of after the drain (see `postcopy/switchover.rs`).
+                // First the answers to the window's marks still out (see
+                // `postcopy/window.rs`; the request reader that takes the
+                // return path after GO expects none): only what followed
+                // the newest one may still be on its way then.
+                let t = Instant::now();
+                self.settle_window(&mut ack)?;
                 let in_flight = self.in_flight(&w, &ack);
-                if self.may_skip_drain(in_flight) {
-                    self.drain_wait = Duration::ZERO;
-                } else {
+                if !self.may_skip_drain(in_flight) {
                     self.drain(&mut w, &mut ack)?;
                 }
+                self.drain_wait = t.elapsed();
                 switch = true;
                 break;
             }
@@ -809,6 +818,7 @@ impl<'a> RamSaver<'a> {
                 vm.set_throttle(self.throttle);
                 self.throttle_set = self.throttle;
             }
+            self.window_turn(&mut w, &mut ack)?;
             self.step(&mut w, tracker, false)?;
             self.section_end(&mut w)?;
             self.pacing
@@ -1039,8 +1049,11 @@ impl<'a> RamSaver<'a> {
             .wire_mark
             .is_some_and(|(t, _, _)| t.elapsed() <= 2 * PROBE_PERIOD);
         let [prev, last] = self.wire_intervals;
+        // Or the rate the destination confirmed the window's marks at (see
+        // `postcopy/window.rs`): its waits are not inside `write`.
         let rate = switchover::drain_rate(&prev, &last)
             .filter(|_| recent)
+            .or(self.window.recent_rate(Instant::now(), 2 * PROBE_PERIOD))
             .map(|r| match self.pacing.conservative_bandwidth() {
                 c if c > 0.0 => r.min(c),
                 _ => r,
@@ -1112,6 +1125,14 @@ impl<'a> RamSaver<'a> {
         let pause_at = clock.start;
         // The destination has no copy of the pages to come: no deltas.
         self.encoder.set_xbzrle(None);
+        // Pages this host never wrote go now as zero runs (a few bytes for
+        // gigabytes; a destination whose memory is fresh there touches
+        // nothing): valid there, neither discarded nor pushed (the guest's
+        // first touch there is a local zero fill, see `postcopy/dest.rs`).
+        // Before, each was pushed as a zero record read from memory here,
+        // ~9 bytes on the wire and a 4 KiB read each.
+        let zeros = self.send_untouched(&mut w)?;
+        log::debug!("postcopy switch: {zeros} pages never written went as zero runs");
         // The pages the guest touches first after GO (see
         // `postcopy/ahead.rs`), within the pause's budget, on one stream
         // (page channels take the background push behind the final
@@ -1260,6 +1281,46 @@ impl<'a> RamSaver<'a> {
         vm.set_throttle(0);
         self.throttle = 0;
         Ok(())
+    }
+
+    /// At the switch, in the pause (the guest stopped, so nothing it
+    /// writes can race the look-up): sends as zero runs, and takes out of
+    /// the set still to send, every page the kernel says was never written
+    /// here (see `sys/residency.rs`; memory for which it cannot say keeps
+    /// its pages). Returns how many.
+    fn send_untouched<W: Write>(&mut self, w: &mut StreamWriter<W>) -> Result<u64, MigrationError> {
+        let mut sent = 0;
+        for b in 0..self.blocks.len() {
+            let left = &self.search.bitmaps()[b];
+            if left.count() == 0 {
+                continue;
+            }
+            let Some(data) = self.blocks[b].data_pages(0, self.blocks[b].pages()) else {
+                continue;
+            };
+            let words: Vec<u64> = left
+                .words()
+                .iter()
+                .zip(data.words())
+                .map(|(&l, &d)| l & !d)
+                .collect();
+            let mut zero = DirtyBitmap::new(left.len());
+            if zero.or_words(0, &words) == 0 {
+                continue;
+            }
+            let mut p = 0;
+            while let Some(first) = zero.next_set(p) {
+                let end = zero.next_clear(first).unwrap_or(zero.len());
+                self.encoder
+                    .untouched_run(w, b as u16, first * PAGE_SIZE as u64, end - first)
+                    .map_err(MigrationError::send)?;
+                p = end;
+            }
+            let n = self.search.take_all(b, &zero);
+            self.pages_sent += n;
+            sent += n;
+        }
+        Ok(sent)
     }
 
     /// At the switch, in the pause: sends the zero pages ahead of each
@@ -1898,9 +1959,91 @@ impl<'a> RamSaver<'a> {
         w.drain(self.drain_mark).map_err(MigrationError::send)?;
         self.section_end(w)?;
         let sent = self.sent_bytes(w);
+        // The window's marks out come first (answers come in order).
+        self.settle_marks(r)?;
         ack::await_applied(r, self.drain_mark)?;
         self.applied = sent;
         Ok(())
+    }
+
+    /// Postcopy `auto`'s window is on (see `postcopy/window.rs`): one
+    /// stream with a return path, the first pass, the decision open.
+    fn window_active(&self) -> bool {
+        self.auto_postcopy()
+            && self.channels.is_none()
+            && self.search.is_bulk()
+            && !self.auto_switch.wants_switch()
+            && self.stalls < AUTO_STALLS
+            && !self.handle.postcopy_requested()
+    }
+
+    /// Before a precopy step: while the window is on, waits for the
+    /// oldest DRAIN mark when the window is full (the guest running, the
+    /// link busy with what followed it) and sets a new mark every half
+    /// window; once it is off, waits for the marks still out.
+    fn window_turn<W: Write>(
+        &mut self,
+        w: &mut StreamWriter<W>,
+        ack: &mut AckPath<'_>,
+    ) -> Result<(), MigrationError> {
+        if !self.window_active() {
+            return self.settle_window(ack);
+        }
+        let Some(r) = ack.as_read() else {
+            return Ok(());
+        };
+        let sent = self.sent_bytes(w);
+        if self.window.full(sent, self.applied) && self.window.outstanding() == 0 {
+            // Written past the window with no mark out: one now.
+            self.window_mark(w)?;
+        }
+        while self.window.must_wait(self.sent_bytes(w), self.applied) {
+            self.confirm_oldest(r)?;
+        }
+        if self.window.mark_due(self.sent_bytes(w), self.applied) {
+            self.window_mark(w)?;
+        }
+        Ok(())
+    }
+
+    /// Ends a section with a DRAIN mark the window waits for later.
+    fn window_mark<W: Write>(&mut self, w: &mut StreamWriter<W>) -> Result<(), MigrationError> {
+        self.drain_mark += 1;
+        w.drain(self.drain_mark).map_err(MigrationError::send)?;
+        self.section_end(w)?;
+        self.window.marked(self.drain_mark, self.sent_bytes(w));
+        Ok(())
+    }
+
+    /// Waits for the APPLIED of the window's oldest mark on `r`.
+    fn confirm_oldest(&mut self, r: &mut dyn Read) -> Result<(), MigrationError> {
+        let Some((mark, _)) = self.window.oldest() else {
+            return Ok(());
+        };
+        ack::await_applied(r, mark)?;
+        if let Some((_, bytes)) = self.window.confirm(Instant::now()) {
+            self.applied = self.applied.max(bytes);
+        }
+        Ok(())
+    }
+
+    /// Waits for every window mark still out on `r`.
+    fn settle_marks(&mut self, r: &mut dyn Read) -> Result<(), MigrationError> {
+        while self.window.outstanding() > 0 {
+            self.confirm_oldest(r)?;
+        }
+        Ok(())
+    }
+
+    /// [`Self::settle_marks`] on the return path, if there is one.
+    fn settle_window(&mut self, ack: &mut AckPath<'_>) -> Result<(), MigrationError> {
+        if self.window.outstanding() == 0 {
+            return Ok(());
+        }
+        match ack.as_read() {
+            Some(r) => self.settle_marks(r),
+            None => Ok(()),
+        }
     }
 
     /// Times an empty round trip to the destination, the guest running: a
@@ -2371,6 +2514,7 @@ impl<'a> RamSaver<'a> {
                     .rate_limit(self.transferred, self.params.max_bandwidth)
                     || t0.elapsed() >= STEP
                     || self.probe_due()
+                    || (self.window_active() && self.window.full(self.transferred, self.applied))
                 {
                     break;
                 }

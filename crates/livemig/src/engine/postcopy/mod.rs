@@ -6,6 +6,8 @@
 //! source (guest running)                         destination (guest paused)
 //!   ... precopy pages ...     ─────────────────▶  loads them (memcpy)
 //!   switch (command, or auto): pause, final sync
+//!   ZERO_RUN* (pages never written here) ──────▶  zeros (precopy records: a
+//!                                                 fresh memory stays untouched)
 //!   DISCARD* (dirty bitmap)   ─────────────────▶  pages not valid here
 //!   STATE, POSTCOPY, SECTION  ─────────────────▶  registers guest memory with
 //!                                                 userfaultfd MISSING, drops the
@@ -128,6 +130,7 @@ mod histogram;
 mod push;
 mod runs;
 pub(crate) mod switchover;
+pub(crate) mod window;
 
 use std::io::{self, Read, Write};
 
