@@ -479,7 +479,11 @@ mod tests {
                 }
             });
         });
-        assert_eq!(p.windows_done(), 16);
+        // Every window in memory, except at most one the helper was still
+        // populating when the load's end stopped it (the writers wrote it
+        // without waiting: it is complete below all the same).
+        let done = p.windows_done();
+        assert!((15..=16).contains(&done), "{done} windows done");
         for page in 0..pages {
             let mut b = [0u8; 4];
             assert!(r.read((page * 4096) as usize, &mut b));
