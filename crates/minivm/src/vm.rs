@@ -227,6 +227,9 @@ pub(crate) struct VcpuSlot {
     /// Sets `immediate_exit` in the vCPU's `kvm_run` from other threads.
     exit: sys::ExitRequest,
     thread: Mutex<Option<libc::pthread_t>>,
+    /// Its kernel thread id (0 before it started), for its priority
+    /// during a pause (see [`Shared::pause`]).
+    tid: std::sync::atomic::AtomicI32,
     /// False for vCPUs that never run (extra vCPUs of a boot sector).
     pub(crate) active: AtomicBool,
     heartbeats: AtomicU64,
@@ -295,6 +298,48 @@ struct HugeAtResume {
     collapse: bool,
 }
 
+/// Nice value of the vCPU threads while a pause stops them (the
+/// migration engine's pause threads run at the same).
+const PAUSE_NICE: i32 = -10;
+
+/// vCPU threads raised to [`PAUSE_NICE`] for a pause, and their old
+/// values, put back on drop. `LIVEMIG_PAUSE_PRIORITY=0` turns it off.
+struct RaisedVcpus(Vec<(i32, i32)>);
+
+impl RaisedVcpus {
+    fn raise(sh: &Shared) -> RaisedVcpus {
+        if std::env::var("LIVEMIG_PAUSE_PRIORITY").is_ok_and(|v| v == "0") {
+            return RaisedVcpus(Vec::new());
+        }
+        let mut raised = Vec::new();
+        for v in &sh.vcpus {
+            let tid = v.tid.load(Ordering::Acquire);
+            if tid == 0 || !v.active.load(Ordering::Acquire) {
+                continue;
+            }
+            match sys::nice_of(tid) {
+                Ok(was) if was > PAUSE_NICE => match sys::set_nice_of(tid, PAUSE_NICE) {
+                    Ok(()) => raised.push((tid, was)),
+                    Err(e) => {
+                        log::debug!("vCPU thread {tid} stops at normal priority ({e})");
+                        break;
+                    }
+                },
+                _ => {}
+            }
+        }
+        RaisedVcpus(raised)
+    }
+}
+
+impl Drop for RaisedVcpus {
+    fn drop(&mut self) {
+        for &(tid, was) in &self.0 {
+            let _ = sys::set_nice_of(tid, was);
+        }
+    }
+}
+
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -314,6 +359,11 @@ impl Shared {
 
     pub(crate) fn pause(&self) -> Result<(), VmError> {
         let start = Instant::now();
+        // A kicked vCPU that waits for a CPU behind other runnable threads
+        // parks only once it gets one: on a loaded host that took up to
+        // hundreds of ms of the pause. Until every vCPU parked, they run
+        // at the pause's priority (a refusal changes nothing).
+        let _raised = RaisedVcpus::raise(self);
         let mut ctl = lock(&self.ctl);
         ctl.pause = true;
         loop {
@@ -588,6 +638,15 @@ fn spawn(
 
 fn vcpu_thread(sh: Arc<Shared>, i: usize) {
     *lock(&sh.vcpus[i].thread) = Some(sys::current_thread());
+    sh.vcpus[i].tid.store(sys::current_tid(), Ordering::Release);
+    // A thread id is only this thread's while it runs.
+    struct ForgetTid<'a>(&'a std::sync::atomic::AtomicI32);
+    impl Drop for ForgetTid<'_> {
+        fn drop(&mut self) {
+            self.0.store(0, Ordering::Release);
+        }
+    }
+    let _forget = ForgetTid(&sh.vcpus[i].tid);
     let slot = &sh.vcpus[i];
     let mut bucket = Bucket {
         tokens: 0.0,
@@ -1019,6 +1078,7 @@ impl Vm {
                 fd: Mutex::new(fd),
                 exit,
                 thread: Mutex::new(None),
+                tid: std::sync::atomic::AtomicI32::new(0),
                 active: AtomicBool::new(active),
                 heartbeats: AtomicU64::new(0),
                 failures: AtomicU64::new(0),
@@ -1192,6 +1252,19 @@ impl Vm {
     /// Stops all vCPUs; returns once none is inside KVM_RUN.
     pub fn pause(&self) -> Result<(), VmError> {
         self.shared.pause()
+    }
+
+    /// The nice value of each vCPU thread (`None` for one not running):
+    /// a pause raises them while it stops them and puts them back.
+    pub fn vcpu_nice(&self) -> Vec<Option<i32>> {
+        self.shared
+            .vcpus
+            .iter()
+            .map(|v| match v.tid.load(Ordering::Acquire) {
+                0 => None,
+                tid => sys::nice_of(tid).ok(),
+            })
+            .collect()
     }
 
     /// Lets the vCPUs run again.

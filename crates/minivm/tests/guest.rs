@@ -58,10 +58,21 @@ fn pause_stops_writes_and_resume_continues() {
     }
     let vm = Vm::new(common::test_guest(64, 2, 1024, 0)).unwrap();
     common::wait_for(&vm, Duration::from_secs(5), |s| s.pages_written() > 10_000);
+    // Every vCPU thread started (on a loaded host one may not have run
+    // yet when the other wrote 10000 pages).
+    let t = Instant::now();
+    let mut nice = vm.vcpu_nice();
+    while !nice.iter().all(Option::is_some) && t.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(5));
+        nice = vm.vcpu_nice();
+    }
+    assert!(nice.iter().all(Option::is_some), "{nice:?}");
     let t = Instant::now();
     vm.pause().unwrap();
     eprintln!("pause took {:?}", t.elapsed());
     assert!(vm.is_paused());
+    // The pause raises the vCPU threads only while it stops them.
+    assert_eq!(vm.vcpu_nice(), nice, "the vCPUs' priority is put back");
     let a = vm.guest_status();
     std::thread::sleep(Duration::from_millis(200));
     let b = vm.guest_status();

@@ -41,7 +41,9 @@
 //! reply := "LVMGRP02" kind:u8 len:u32 text:[u8; len]   destination → source, return path
 //!          kind 1 = LOADED, 2 = FAILED (text = why), 3 = STARTED,
 //!          4 = ACCEPTED (the setup fits, pages may come),
-//!          5 = APPLIED (text = mark:u64, a DRAIN record's); len <= 4096
+//!          5 = APPLIED (text = mark:u64, a DRAIN record's; with header
+//!              flag FLAG_LOAD_REPORT: mark:u64 hashed:u64 hash_us:u64
+//!              backlog:u64, the destination's report); len <= 4096
 //! go    := "LVMGGO02"                                  source → destination, after END
 //! ```
 //!
@@ -62,6 +64,18 @@
 //! destination's memory. The source, which sends one mark at a time and
 //! waits for its answer before it pauses the guest, accepts only the mark
 //! it sent ([`await_applied`]).
+//!
+//! With the stream header flag `FLAG_LOAD_REPORT` (a source that reads it
+//! sets it; a destination older than the flag refuses it by name at the
+//! header), APPLIED carries the destination's own pending work, so the
+//! source prices the END-to-LOADED leg of the pause from the side that
+//! does it ([`LoadReport`]): with verify on, the destination first hashes
+//! every chunk of its running digest not hashed since it changed (its
+//! background hasher falls behind on a loaded host: 143-186 ms END to
+//! LOADED were measured where a round trip predicted 5-36), then answers
+//! with the bytes and time that took (its hashing rate as the host is now)
+//! and what is still unhashed. In the pause it then re-hashes only the
+//! chunks the pause itself wrote, at a rate it measured.
 
 use std::io::{self, Read, Write};
 use std::time::{Duration, Instant};
@@ -90,6 +104,36 @@ pub enum Reply {
     /// Every record before the stream's DRAIN record with this mark is
     /// applied.
     Applied(u64),
+    /// As `Applied`, with the destination's pending work (header flag
+    /// `FLAG_LOAD_REPORT`).
+    AppliedReport(u64, LoadReport),
+}
+
+/// What a destination reports with APPLIED (header flag
+/// `FLAG_LOAD_REPORT`): the work its pause will still do besides the
+/// pause's own bytes, and how fast it does it now.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LoadReport {
+    /// Bytes of guest memory its running verify digest hashed before
+    /// answering (chunks written since they were last hashed).
+    pub hashed: u64,
+    /// How long that took (all its hashing threads).
+    pub hash_time: Duration,
+    /// Bytes its verify digest would still re-hash at the stream's end,
+    /// as things stand after the answer (0 without verify).
+    pub backlog: u64,
+}
+
+impl LoadReport {
+    /// Text length of an APPLIED that carries a report.
+    const TEXT_LEN: usize = 32;
+
+    /// The destination's hashing rate, bytes per second, when the hashed
+    /// bytes say something (at least `min` of them).
+    pub fn hash_rate(&self, min: u64) -> Option<f64> {
+        (self.hashed >= min && !self.hash_time.is_zero())
+            .then(|| self.hashed as f64 / self.hash_time.as_secs_f64())
+    }
 }
 
 impl Reply {
@@ -99,7 +143,7 @@ impl Reply {
             Reply::Failed(_) => 2,
             Reply::Started(_) => 3,
             Reply::Accepted => 4,
-            Reply::Applied(_) => 5,
+            Reply::Applied(_) | Reply::AppliedReport(..) => 5,
         }
     }
 
@@ -109,7 +153,7 @@ impl Reply {
             Reply::Failed(_) => "FAILED",
             Reply::Started(_) => "STARTED",
             Reply::Accepted => "ACCEPTED",
-            Reply::Applied(_) => "APPLIED",
+            Reply::Applied(_) | Reply::AppliedReport(..) => "APPLIED",
         }
     }
 }
@@ -117,6 +161,7 @@ impl Reply {
 /// Writes one reply (text cut to [`MAX_REPLY_TEXT`] bytes) and flushes.
 pub fn write_reply(w: &mut dyn Write, reply: &Reply) -> io::Result<()> {
     let word;
+    let mut report = [0u8; LoadReport::TEXT_LEN];
     let text = match reply {
         Reply::Failed(m) => m.as_bytes(),
         Reply::Started(Some(d)) => {
@@ -126,6 +171,13 @@ pub fn write_reply(w: &mut dyn Write, reply: &Reply) -> io::Result<()> {
         Reply::Applied(mark) => {
             word = mark.to_be_bytes();
             &word[..]
+        }
+        Reply::AppliedReport(mark, r) => {
+            let us = r.hash_time.as_micros().min(u128::from(u64::MAX)) as u64;
+            for (i, v) in [*mark, r.hashed, us, r.backlog].into_iter().enumerate() {
+                report[i * 8..][..8].copy_from_slice(&v.to_be_bytes());
+            }
+            &report[..]
         }
         _ => &[],
     };
@@ -160,8 +212,8 @@ pub enum ReplyError {
     /// A STARTED whose text is not a duration.
     #[error("STARTED with {0} bytes of text (expected 0 or 8)")]
     StartedText(u32),
-    /// An APPLIED whose text is not a mark.
-    #[error("APPLIED with {0} bytes of text (expected 8: the drain mark)")]
+    /// An APPLIED whose text is not a mark (or a mark and a report).
+    #[error("APPLIED with {0} bytes of text (expected 8: the drain mark, or 32: the mark and the destination's report)")]
     AppliedText(u32),
     /// An APPLIED for another drain mark than the one sent.
     #[error("APPLIED for drain mark {got}, but mark {sent} was sent")]
@@ -262,9 +314,18 @@ pub fn read_reply(r: &mut dyn Read) -> Result<Reply, ReplyError> {
         };
     }
     if head[8] == 5 {
-        return match <[u8; 8]>::try_from(&text[..]) {
-            Ok(b) => Ok(Reply::Applied(u64::from_be_bytes(b))),
-            Err(_) => Err(ReplyError::AppliedText(len)),
+        let word = |i: usize| u64::from_be_bytes(text[i * 8..][..8].try_into().expect("8 bytes"));
+        return match text.len() {
+            8 => Ok(Reply::Applied(word(0))),
+            LoadReport::TEXT_LEN => Ok(Reply::AppliedReport(
+                word(0),
+                LoadReport {
+                    hashed: word(1),
+                    hash_time: Duration::from_micros(word(2)),
+                    backlog: word(3),
+                },
+            )),
+            _ => Err(ReplyError::AppliedText(len)),
         };
     }
     let text = String::from_utf8_lossy(&text).into_owned();
@@ -369,11 +430,18 @@ pub(crate) fn await_setup(reply: &mut dyn Read) -> Result<(), MigrationError> {
 /// `mark`, for the destination's APPLIED with that mark: everything sent
 /// before it is then in the destination's memory. FAILED is the
 /// destination's error.
-pub(crate) fn await_applied(reply: &mut dyn Read, mark: u64) -> Result<(), MigrationError> {
+/// The destination's report comes back when it sent one.
+pub(crate) fn await_applied(
+    reply: &mut dyn Read,
+    mark: u64,
+) -> Result<Option<LoadReport>, MigrationError> {
     let bad = |source| AckError::NoApplied { mark, source }.into();
     match read_reply(reply) {
-        Ok(Reply::Applied(m)) if m == mark => Ok(()),
-        Ok(Reply::Applied(got)) => Err(bad(ReplyError::AppliedMark { got, sent: mark })),
+        Ok(Reply::Applied(m)) if m == mark => Ok(None),
+        Ok(Reply::AppliedReport(m, r)) if m == mark => Ok(Some(r)),
+        Ok(Reply::Applied(got) | Reply::AppliedReport(got, _)) => {
+            Err(bad(ReplyError::AppliedMark { got, sent: mark }))
+        }
         Ok(Reply::Failed(why)) => Err(MigrationError::Destination(PeerReason(why))),
         Ok(other) => Err(bad(ReplyError::Unexpected {
             got: other.name(),
@@ -580,6 +648,15 @@ mod tests {
             Reply::Accepted,
             Reply::Applied(1),
             Reply::Applied(u64::MAX),
+            Reply::AppliedReport(
+                3,
+                LoadReport {
+                    hashed: 96 << 20,
+                    hash_time: Duration::from_micros(41_250),
+                    backlog: 2 << 20,
+                },
+            ),
+            Reply::AppliedReport(u64::MAX, LoadReport::default()),
         ] {
             let b = reply_bytes(&r);
             assert_eq!(&b[..8], b"LVMGRP02");
@@ -621,6 +698,7 @@ mod tests {
             reply_bytes(&Reply::Failed("x".into())),
             reply_bytes(&Reply::Accepted),
             reply_bytes(&Reply::Applied(7)),
+            reply_bytes(&Reply::AppliedReport(7, LoadReport::default())),
         ];
         for i in 0..25_000 {
             // Mutations of valid replies, and plain noise.
@@ -649,7 +727,20 @@ mod tests {
             }
             await_applied(&mut &back[..], mark)
         };
-        wait(&[Reply::Applied(3)], 3).expect("the mark sent");
+        assert_eq!(wait(&[Reply::Applied(3)], 3).expect("the mark sent"), None);
+        let r = LoadReport {
+            hashed: 64 << 20,
+            hash_time: Duration::from_millis(50),
+            backlog: 0,
+        };
+        assert_eq!(wait(&[Reply::AppliedReport(3, r)], 3).unwrap(), Some(r));
+        assert_eq!(r.hash_rate(1 << 20), Some((64u64 << 20) as f64 / 0.05));
+        assert_eq!(r.hash_rate(128 << 20), None, "too few bytes to say");
+        let e = wait(&[Reply::AppliedReport(2, r)], 3).unwrap_err();
+        assert!(
+            crate::error_chain(&e).contains("APPLIED for drain mark 2, but mark 3 was sent"),
+            "{e}"
+        );
         let e = wait(&[Reply::Applied(2)], 3).unwrap_err();
         assert!(matches!(e, MigrationError::Ack(_)), "{e}");
         let text = e.to_string();
@@ -676,6 +767,12 @@ mod tests {
         let e = read_reply(&mut &b[..]).unwrap_err();
         assert!(matches!(e, ReplyError::AppliedText(4)), "{e}");
         assert!(e.to_string().contains("expected 8"), "{e}");
+        // A report cut short is refused, not read as a mark.
+        let mut b = reply_bytes(&Reply::AppliedReport(1, LoadReport::default()));
+        b[9..13].copy_from_slice(&24u32.to_be_bytes());
+        b.truncate(REPLY_HEAD_LEN + 24);
+        let e = read_reply(&mut &b[..]).unwrap_err();
+        assert!(matches!(e, ReplyError::AppliedText(24)), "{e}");
     }
 
     /// Runs the source's handshake against a scripted destination.

@@ -202,11 +202,15 @@ impl<'a> Destination<'a> {
         accept: &mut dyn FnMut() -> io::Result<BoxRead>,
     ) -> Result<Arrival, DestinationError> {
         let t0 = Instant::now();
-        if self.postcopy {
+        let r = if self.postcopy {
             self.receive(input, reply, accept, t0)
         } else {
             self.load_and_commit(input, reply, accept, t0)
-        }
+        };
+        // The load raised this thread for the pause (see `priority.rs`);
+        // normally it is lowered at the resume already.
+        super::priority::lower_this_thread();
+        r
     }
 
     /// Precopy, over one stream or several channels.
@@ -219,6 +223,7 @@ impl<'a> Destination<'a> {
     ) -> Result<Arrival, DestinationError> {
         let mut input = input;
         let mut loader = Loader::new(self.mem)
+            .holding_priority()
             .sharing_progress(self.progress.clone())
             .expect_shape(self.vm.shape())
             .on_setup(self.vm.setup_hook());
@@ -250,7 +255,9 @@ impl<'a> Destination<'a> {
         let go = commit.wait_go()?;
         // Without STARTED the source stays paused and says the migration
         // was not confirmed: one guest, and it never ran.
-        self.vm.resume().map_err(DestinationError::Resume)?;
+        let resumed = self.vm.resume();
+        super::priority::lower_this_thread();
+        resumed.map_err(DestinationError::Resume)?;
         let load_time = t0.elapsed();
         let unconfirmed = go.started().err();
         if let Some(e) = &unconfirmed {
@@ -321,6 +328,8 @@ impl IncomingGuest for Guest<'_> {
     fn resume(&mut self) -> Result<(), VmError> {
         let r = self.vm.resume();
         self.resumed = Some(Instant::now());
+        // The pause is over: postcopy's work runs at normal priority.
+        super::priority::lower_this_thread();
         r
     }
 

@@ -261,6 +261,33 @@ impl RunningDigest {
         }
     }
 
+    /// Hashes now, on all cores, every chunk not hashed since it last
+    /// changed, and keeps the hashes: the destination does this at a
+    /// drain mark (the guest still runs on the source), so that its
+    /// digest in the pause re-hashes only what the pause itself sent,
+    /// whatever its background hasher could not keep up with (see
+    /// `loader.rs`). Returns the bytes hashed and how long it took.
+    pub fn catch_up(&self, mem: &dyn GuestMemory) -> (u64, Duration) {
+        let t = std::time::Instant::now();
+        // Each chunk's count before it is hashed: a write after that
+        // leaves it stale, as in `refresh`.
+        let mut stale = Vec::new();
+        let mut at = vec![0u64; self.chunks.len()];
+        for (i, count) in at.iter_mut().enumerate() {
+            let n = self.writes[i].load(Ordering::Acquire);
+            if self.slot(i).is_none_or(|(was, _)| was != n) {
+                stale.push(i);
+                *count = n;
+            }
+        }
+        let mut bytes = 0;
+        for (i, h) in hash_chunks(mem, &self.chunks, &stale, threads()) {
+            *self.hashed[i].lock().unwrap_or_else(|p| p.into_inner()) = Some((at[i], h));
+            bytes += self.chunks[i].2 as u64;
+        }
+        (bytes, t.elapsed())
+    }
+
     fn slot(&self, i: usize) -> Option<Hashed> {
         *self.hashed[i].lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -369,6 +396,25 @@ mod tests {
         assert_eq!(n, n2, "finish does not mark chunks current by itself");
         let (d3, n3) = r.current(&m);
         assert_eq!((d3, n3), (d, n), "nor does current, which gives the same");
+    }
+
+    #[test]
+    fn catching_up_leaves_only_later_writes_to_the_end() {
+        let m = ProcessMemory::new(&[("a", 8 << 20)]).unwrap();
+        let r = RunningDigest::new(&m);
+        m.blocks()[0].region().write(5, b"early");
+        r.touch(0, 5);
+        let (bytes, _) = r.catch_up(&m);
+        assert_eq!(bytes, 8 << 20, "nothing was hashed before");
+        assert_eq!(r.pending_bytes(), 0);
+        assert_eq!(r.catch_up(&m).0, 0, "nothing moved since");
+        // A write after the catch-up: only its chunk is left.
+        m.blocks()[0].region().write((6 << 20) + 1, b"late");
+        r.touch(0, (6 << 20) + 1);
+        assert_eq!(r.pending_bytes(), CHUNK as u64);
+        let (d, n) = r.finish(&m);
+        assert_eq!(n, 1, "only the chunk written after the catch-up");
+        assert_eq!(d, memory_digest(&m));
     }
 
     #[test]

@@ -14,7 +14,7 @@ use super::prefault::Prefault;
 use crate::codec::compress::{Algorithm, Decompressor};
 use crate::codec::{xbzrle, zero};
 use crate::memory::{GuestMemory, PAGE_SIZE};
-use crate::stream::format::{FLAG_CHANNELS, FLAG_SETUP, FLAG_VERIFY};
+use crate::stream::format::{FLAG_CHANNELS, FLAG_LOAD_REPORT, FLAG_SETUP, FLAG_VERIFY};
 use crate::stream::{Record, StreamError, StreamReader};
 use crate::transport::BoxWrite;
 use crate::vm::{SetupHook, SourceGuest, VmShape};
@@ -290,8 +290,19 @@ pub struct LoadStats {
     pub sections: u64,
     /// Milliseconds spent hashing memory to check the source's digest.
     pub verify_time: u64,
+    /// Digest chunks (2 MiB) hashed for that check after the stream's
+    /// end (those written since they were last hashed; all of them
+    /// without a running digest).
+    #[serde(default)]
+    pub verify_chunks: u64,
     /// Page channels beside the main stream (0: a single stream).
     pub channels: u16,
+    /// Microseconds from reading the main stream's end record to the
+    /// load's return (the last channel and helper threads joined, the
+    /// digest checked): the destination's part of the pause's END to
+    /// LOADED leg before the device state is restored.
+    #[serde(default)]
+    pub end_us: u64,
 }
 
 impl LoadStats {
@@ -347,6 +358,9 @@ pub struct Loader<'a> {
     answer: Mutex<Option<BoxWrite>>,
     /// The VMM's hook, told what the source said at setup.
     on_setup: Option<SetupHook>,
+    /// The caller lowers the loading thread's raised priority (see
+    /// [`Loader::holding_priority`]).
+    hold_priority: bool,
 }
 
 /// Which stream of a migration a record loop reads.
@@ -377,6 +391,8 @@ pub(crate) struct StreamOutcome {
     pub(crate) discard: Vec<crate::bitmap::DirtyBitmap>,
     /// Stream block index -> destination block index.
     pub(crate) map: Vec<usize>,
+    /// When the end record was read.
+    pub(crate) end_at: Option<std::time::Instant>,
 }
 
 impl<'a> Loader<'a> {
@@ -391,6 +407,7 @@ impl<'a> Loader<'a> {
             shape: VmShape::default(),
             answer: Mutex::new(None),
             on_setup: None,
+            hold_priority: false,
         }
     }
 
@@ -439,12 +456,37 @@ impl<'a> Loader<'a> {
     }
 
     /// Sends APPLIED with a DRAIN record's `mark` on the return path, when
-    /// there is one: every record before it is applied.
-    fn answer_drain(&self, mark: u64) -> Result<(), LoadError> {
+    /// there is one: every record before it is applied. With `report`
+    /// (header flag `FLAG_LOAD_REPORT`) the running verify digest first
+    /// catches up (the source's guest still runs: what the background
+    /// hasher fell behind by is hashed now, not in the pause), and the
+    /// answer says what that took (see `ack.rs`).
+    fn answer_drain(&self, mark: u64, report: bool) -> Result<(), LoadError> {
+        if self
+            .answer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none()
+        {
+            return Ok(());
+        }
+        let reply = if report {
+            // A source that reads the report pauses soon after a drain:
+            // this thread (it also restores and resumes the guest) runs
+            // at the pause's priority from now on (see `priority.rs`).
+            super::priority::raise_this_thread();
+            let mut r = super::ack::LoadReport::default();
+            if let Some(d) = &self.running {
+                (r.hashed, r.hash_time) = d.catch_up(self.mem);
+                r.backlog = d.pending_bytes();
+            }
+            super::ack::Reply::AppliedReport(mark, r)
+        } else {
+            super::ack::Reply::Applied(mark)
+        };
         let mut a = self.answer.lock().unwrap_or_else(|e| e.into_inner());
         match a.as_mut() {
-            Some(w) => super::ack::write_reply(&mut **w, &super::ack::Reply::Applied(mark))
-                .map_err(LoadError::Answer),
+            Some(w) => super::ack::write_reply(&mut **w, &reply).map_err(LoadError::Answer),
             None => Ok(()),
         }
     }
@@ -462,9 +504,25 @@ impl<'a> Loader<'a> {
         self.progress.clone()
     }
 
+    /// Keeps the raised priority a drain answer gave the loading thread
+    /// after the load returns: the caller lowers it once the guest
+    /// resumed (see `priority.rs`). Without it the load lowers it itself.
+    pub(crate) fn holding_priority(mut self) -> Self {
+        self.hold_priority = true;
+        self
+    }
+
     /// Reads the whole stream and applies it. Returns after the end record.
     /// A multi-channel migration needs [`Loader::load_channels`].
     pub fn load<R: Read>(&mut self, input: R) -> Result<LoadOutcome, LoadError> {
+        let r = self.load_one(input);
+        if !self.hold_priority {
+            super::priority::lower_this_thread();
+        }
+        r
+    }
+
+    fn load_one<R: Read>(&mut self, input: R) -> Result<LoadOutcome, LoadError> {
         let mut r = StreamReader::new(input)?;
         if r.flags() & FLAG_CHANNELS != 0 {
             return Err(LoadError::Channel {
@@ -555,6 +613,18 @@ impl<'a> Loader<'a> {
     /// The first connection must be the main channel (the source opens it
     /// first); the others may come in any order.
     pub fn load_channels<R: Read + Send>(
+        &mut self,
+        main: R,
+        accept: impl FnMut() -> io::Result<R>,
+    ) -> Result<LoadOutcome, LoadError> {
+        let r = self.load_channels_inner(main, accept);
+        if !self.hold_priority {
+            super::priority::lower_this_thread();
+        }
+        r
+    }
+
+    fn load_channels_inner<R: Read + Send>(
         &mut self,
         main: R,
         accept: impl FnMut() -> io::Result<R>,
@@ -791,7 +861,11 @@ impl<'a> Loader<'a> {
             };
             let t = std::time::Instant::now();
             let actual = match &self.running {
-                Some(d) => d.finish(self.mem).0,
+                Some(d) => {
+                    let (digest, chunks) = d.finish(self.mem);
+                    out.stats.verify_chunks = chunks as u64;
+                    digest
+                }
                 None => memory_digest(self.mem),
             };
             out.stats.verify_time = t.elapsed().as_millis() as u64;
@@ -801,6 +875,9 @@ impl<'a> Loader<'a> {
                     actual: hex(&actual),
                 });
             }
+        }
+        if let Some(t) = o.end_at {
+            out.stats.end_us = t.elapsed().as_micros() as u64;
         }
         Ok(out)
     }
@@ -1013,7 +1090,7 @@ impl<'a> Loader<'a> {
                         // Every record before the mark is applied (with
                         // page channels, those before the barrier that
                         // precedes it too: this stream waited there).
-                        self.answer_drain(mark)?;
+                        self.answer_drain(mark, r.flags() & FLAG_LOAD_REPORT != 0)?;
                     }
                     if seq == 0 && r.flags() & FLAG_SETUP != 0 && !page_channel {
                         // The reader checked that this section held the
@@ -1055,7 +1132,10 @@ impl<'a> Loader<'a> {
                 Record::Channel { .. } => {
                     unreachable!("the reader allows a channel record only first")
                 }
-                Record::End => break,
+                Record::End => {
+                    out.end_at = Some(std::time::Instant::now());
+                    break;
+                }
             }
         }
         if let Role::Channel(i, barrier) = role {

@@ -16,14 +16,15 @@ mod pacing;
 mod params;
 pub mod postcopy;
 mod prefault;
+mod priority;
 mod search;
 mod shrink;
 mod source;
 mod stats;
 
 pub use ack::{
-    read_go, read_reply, write_go, write_reply, AckError, Commit, CommitError, Go, PeerReason,
-    Reply, ReplyError, GO_LEN, REPLY_HEAD_LEN,
+    read_go, read_reply, write_go, write_reply, AckError, Commit, CommitError, Go, LoadReport,
+    PeerReason, Reply, ReplyError, GO_LEN, REPLY_HEAD_LEN,
 };
 pub use channels::ChannelWriter;
 pub use destination::{Arrival, Destination, DestinationError};

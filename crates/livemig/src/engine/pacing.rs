@@ -25,23 +25,42 @@
 //!   for about a second after the scan; precopy went on with rounds
 //!   the guest re-dirtied, several times the total of the runs without
 //!   such a period (the 1 GiB incrementer, 300 ms: ~2.5 s against
-//!   ~0.25 s). Without any data period the lowest of all counts;
+//!   ~0.25 s). Without any data period the lowest of all counts. Nor
+//!   does a period count the time its sending thread was runnable but
+//!   off the CPU (the kernel's run-queue wait for that thread,
+//!   `/proc/thread-self/schedstat`): on 2 shared cores one 100 ms period
+//!   in which other processes held both cores read as a link several
+//!   times slower, and as the lowest of the last ten it held the
+//!   decision back for a second. Such a period's rate is its bytes over
+//!   the time the thread could run (at most [`MAX_STARVED_SHARE`] of the
+//!   period is left out). A pause that is starved in turn is caught by
+//!   its own rate ([`Pacing::overruns`]); the pause's hot threads run at
+//!   a raised priority (see `source.rs`);
 //! - **device state**: what the VMM declares ([`crate::vm::StateCost`]):
 //!   time to save plus its bytes on the link;
 //! - **the verify digest** (verify mode): both sides keep a running digest
 //!   during precopy (see `digest.rs`) and, in the pause, re-hash only the
 //!   2 MiB chunks that changed since: those of the remaining pages and
 //!   those of the pages sent in the last moments before the pause, on each
-//!   side, at the hashing rate measured on a sample (at setup and again
-//!   just before the decision: the host's load moves it several-fold). The
-//!   full hash of the source's memory, which checks the dirty tracker
-//!   itself, runs after the destination took over, outside the pause;
+//!   side. The source's at the hashing rate it measured on a sample (at
+//!   setup and again just before the decision: the host's load moves it
+//!   several-fold); the destination's at the rate the destination
+//!   reported (its answer to each drain mark, see `ack.rs`). That answer
+//!   comes only once the destination's digest caught up with everything
+//!   before the mark (the guest still running on the source), so its
+//!   background hasher's backlog, which on a loaded host reached 455 ms
+//!   of hashing in the END to LOADED leg, is no part of the pause; what
+//!   it still reports pending is counted. The full hash of the source's
+//!   memory, which checks the dirty tracker itself, runs after the
+//!   destination took over, outside the pause;
 //! - **the completion handshake**: two round trips (END to LOADED, GO to
 //!   STARTED) with the destination's wake-ups, taken as the largest of:
 //!   the handshakes measured so far in this migration,
 //!   [`HANDSHAKE_ALLOWANCE`], and [`PING_LEGS`] times the slowest of the
 //!   recent *pings* (an empty drain mark and its answer, sent just before
-//!   each switch-over decision, the guest running; see `source.rs`). The
+//!   each switch-over decision, the guest running; see `source.rs`; net
+//!   of the destination's digest catch-up it reports, which is hashing,
+//!   not a round trip). The
 //!   ping is what a loaded host does to the handshake: on 2 cores at load
 //!   10 an empty round trip took several ms, and the handshake, with its
 //!   five wake-ups on both sides, 10-136 ms, against 5 ms assumed before;
@@ -118,6 +137,24 @@ const PAUSE_RATE_AFTER: Duration = Duration::from_millis(2);
 fn pause_rate_window(limit_ms: u64) -> Duration {
     PAUSE_RATE_AFTER.max(Duration::from_millis(limit_ms / 10))
 }
+/// At most this share of a bandwidth period is left out as the sending
+/// thread's run-queue wait (its rate is read at most 4x faster than its
+/// bytes over the whole period).
+pub(crate) const MAX_STARVED_SHARE: f64 = 0.75;
+
+/// The calling thread's total run-queue wait: how long it was runnable
+/// but not running since it started (the second field of
+/// `/proc/thread-self/schedstat`, ns). `None` where the kernel does not
+/// keep it.
+pub(crate) fn thread_cpu_wait() -> Option<Duration> {
+    let s = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    let ns: u64 = s.split_whitespace().nth(1)?.parse().ok()?;
+    Some(Duration::from_nanos(ns))
+}
+
+/// Bytes a destination's report must have hashed for its rate to count.
+const DEST_HASH_MIN: u64 = 8 << 20;
+
 /// Safety share of the limit kept free for what no estimate sees (the
 /// scheduler on a loaded host): the estimate must fit in 90 % of it.
 const HEADROOM: f64 = 0.9;
@@ -165,9 +202,12 @@ pub struct PauseInputs {
     pub dirty_pages_rate: u64,
     /// Verify mode: the digest is part of the pause.
     pub verify: bool,
-    /// Verify mode: bytes both sides hash in the pause, as things stand
+    /// Verify mode: bytes the source hashes in the pause, as things stand
     /// (without what arrives in the last moments, which is added here).
     pub digest_bytes: u64,
+    /// Verify mode: bytes the destination hashes after the stream's end
+    /// (the same way), priced at its own rate when it reported one.
+    pub dest_digest_bytes: u64,
     /// What the VMM's device state costs.
     pub state: StateCost,
     /// What stopping the vCPUs costs, as the VMM measured it
@@ -211,12 +251,20 @@ pub struct Pacing {
     syncs: VecDeque<Duration>,
     /// Bytes per second of the last two hashing samples, newest last.
     hash_rates: VecDeque<f64>,
+    /// The same, as the destination measured it (its reports), newest
+    /// last.
+    dest_hash_rates: VecDeque<f64>,
     handshake: Option<Duration>,
     /// The last [`PINGS`] empty round trips, newest last.
     pings: VecDeque<Duration>,
     /// The longest vCPU stop this migration paid (a postcopy recovery or
     /// a cancelled completion can pause more than once).
     stopped: Option<Duration>,
+    /// Reads the sending thread's total run-queue wait
+    /// ([`thread_cpu_wait`]; tests give their own).
+    cpu_wait: fn() -> Option<Duration>,
+    /// That total when the period under way began.
+    period_wait: Option<Duration>,
 }
 
 impl Pacing {
@@ -233,10 +281,35 @@ impl Pacing {
             partial: (0, Duration::ZERO),
             syncs: VecDeque::with_capacity(SYNCS),
             hash_rates: VecDeque::with_capacity(2),
+            dest_hash_rates: VecDeque::with_capacity(2),
             handshake: None,
             pings: VecDeque::with_capacity(PINGS),
             stopped: None,
+            cpu_wait: thread_cpu_wait,
+            period_wait: thread_cpu_wait(),
         }
+    }
+
+    /// As [`Pacing::new`], the sending thread's run-queue wait read by
+    /// `cpu_wait` (called on the thread that measures).
+    #[cfg(test)]
+    fn with_cpu_wait(now: Instant, cpu_wait: fn() -> Option<Duration>) -> Self {
+        Pacing {
+            cpu_wait,
+            period_wait: cpu_wait(),
+            ..Pacing::new(now)
+        }
+    }
+
+    /// The run-queue wait of the sending thread since the period under
+    /// way began, and the total now (to start the next period from).
+    fn starved(&self) -> (Duration, Option<Duration>) {
+        let now = (self.cpu_wait)();
+        let waited = match (self.period_wait, now) {
+            (Some(a), Some(b)) => b.saturating_sub(a),
+            _ => Duration::ZERO,
+        };
+        (waited, now)
     }
 
     /// Closes a measurement period once it is [`BANDWIDTH_PERIOD`] long;
@@ -265,10 +338,18 @@ impl Pacing {
                 let n = p.saturating_sub(self.period_pages);
                 n == 0 || bytes as f64 >= n as f64 * crate::PAGE_SIZE as f64 * DATA_SHARE
             });
+            // The time the sender could not run says nothing about the
+            // link (see the module doc).
+            let (starved, wait_now) = self.starved();
+            let ran = el.as_secs_f64()
+                - starved
+                    .as_secs_f64()
+                    .min(el.as_secs_f64() * MAX_STARVED_SHARE);
             self.push(Period {
-                rate: bytes as f64 / el.as_secs_f64(),
+                rate: bytes as f64 / ran,
                 data,
             });
+            self.period_wait = wait_now;
             self.period_start = now;
             self.period_bytes = transferred;
             if let Some(p) = pages {
@@ -332,6 +413,7 @@ impl Pacing {
     /// under way: the source waited (for the destination to drain) and
     /// sent nothing, which says nothing about the link.
     pub fn restart_period(&mut self, transferred: u64, now: Instant) {
+        self.period_wait = (self.cpu_wait)();
         self.period_start = now;
         self.period_bytes = transferred;
         self.period_pages = self.last_pages;
@@ -383,6 +465,28 @@ impl Pacing {
 
     fn hash_rate(&self) -> Option<f64> {
         self.hash_rates.iter().copied().reduce(f64::min)
+    }
+
+    /// The destination reported its pending work (see `ack.rs`): its
+    /// hashing rate counts once it hashed [`DEST_HASH_MIN`] or more (the
+    /// slower of its last two such reports).
+    pub fn record_dest_report(&mut self, r: &super::ack::LoadReport) {
+        if let Some(rate) = r.hash_rate(DEST_HASH_MIN) {
+            if self.dest_hash_rates.len() == 2 {
+                self.dest_hash_rates.pop_front();
+            }
+            self.dest_hash_rates.push_back(rate);
+        }
+    }
+
+    /// The destination's hashing rate: its own when it reported one,
+    /// else the source's (the same code on a host alike).
+    fn dest_hash_rate(&self) -> Option<f64> {
+        self.dest_hash_rates
+            .iter()
+            .copied()
+            .reduce(f64::min)
+            .or_else(|| self.hash_rate())
     }
 
     /// A completion handshake round trip took `took`.
@@ -437,13 +541,17 @@ impl Pacing {
             (i.dirty_pages_rate as f64 * sync.as_secs_f64()) as u64 * crate::PAGE_SIZE as u64;
         // Both sides also re-hash what changed in their hasher's last two
         // passes: at most what the link carried meanwhile (sent in address
-        // order: contiguous).
+        // order: contiguous). Each side at its own rate.
         let recent = (bw * 2.0 * super::digest::PASS.as_secs_f64()) as u64;
-        let hashed = i.digest_bytes + 2 * recent;
-        let digest = match (i.verify, self.hash_rate()) {
-            (false, _) => Duration::ZERO,
-            (true, Some(r)) => Duration::from_secs_f64(hashed as f64 / r.max(1.0)),
-            (true, None) => Duration::MAX / 4,
+        let hash = |bytes: u64, rate: Option<f64>| match rate {
+            Some(r) => Duration::from_secs_f64(bytes as f64 / r.max(1.0)),
+            None => Duration::MAX / 4,
+        };
+        let digest = if i.verify {
+            hash(i.digest_bytes + recent, self.hash_rate())
+                .saturating_add(hash(i.dest_digest_bytes + recent, self.dest_hash_rate()))
+        } else {
+            Duration::ZERO
         };
         PauseEstimate {
             stop: i.stop.max(self.stopped.unwrap_or_default()),
@@ -707,6 +815,46 @@ mod tests {
     }
 
     #[test]
+    fn the_destinations_digest_is_priced_at_the_rate_it_reported() {
+        // The source hashes at 2 GiB/s; the destination, on a loaded
+        // host, reports 256 MiB hashed in 1 s. 64 MiB for each side
+        // (plus 10 MiB each from the hashers' last passes at 100 MiB/s).
+        let mut p = with_periods(&[100.0 * MIB as f64]);
+        p.record_hash(256 * MIB, Duration::from_millis(125));
+        let i = PauseInputs {
+            verify: true,
+            digest_bytes: 64 * MIB,
+            dest_digest_bytes: 64 * MIB,
+            ..inputs(0)
+        };
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        // Before any report: both at the source's rate, 2 x 74 MiB.
+        assert!((ms(p.estimate(&i).digest) - 72.3).abs() < 0.1);
+        assert!(p.fits(&i, 300));
+        let slow = super::super::ack::LoadReport {
+            hashed: 256 * MIB,
+            hash_time: Duration::from_secs(1),
+            backlog: 0,
+        };
+        p.record_dest_report(&slow);
+        // 74 MiB at 2 GiB/s + 74 MiB at 256 MiB/s: 36.1 + 289.1 ms.
+        assert!((ms(p.estimate(&i).digest) - 325.2).abs() < 0.1);
+        assert!(!p.fits(&i, 300));
+        // A report of a few bytes says nothing about the rate.
+        let mut q = with_periods(&[100.0 * MIB as f64]);
+        q.record_hash(256 * MIB, Duration::from_millis(125));
+        q.record_dest_report(&super::super::ack::LoadReport {
+            hashed: 4096,
+            hash_time: Duration::from_millis(5),
+            backlog: 0,
+        });
+        assert!((ms(q.estimate(&i).digest) - 72.3).abs() < 0.1);
+        // Without verify nothing is hashed, whatever was reported.
+        let off = PauseInputs { verify: false, ..i };
+        assert_eq!(p.estimate(&off).digest, Duration::ZERO);
+    }
+
+    #[test]
     fn page_budget_is_what_the_fixed_costs_leave() {
         let mut p = with_periods(&[100.0 * MIB as f64]);
         let i = inputs(0);
@@ -942,6 +1090,66 @@ mod tests {
         z.restart_period(9 * 90_000, ms(400));
         z.measure_pages(9 * 90_000 + 100 * page, 90_100, ms(500));
         assert!((z.conservative_bandwidth() - 100.0 * page as f64 / 0.1).abs() < 1.0);
+    }
+
+    thread_local! {
+        /// The fake run-queue wait of `starved_clock`.
+        static WAITED: std::cell::Cell<Duration> = const { std::cell::Cell::new(Duration::ZERO) };
+    }
+
+    fn starved_clock() -> Option<Duration> {
+        Some(WAITED.with(|w| w.get()))
+    }
+
+    fn starve(d: Duration) {
+        WAITED.with(|w| w.set(w.get() + d));
+    }
+
+    #[test]
+    fn time_off_the_cpu_is_not_a_slow_link() {
+        // 100 MiB/s while the sender runs; in the second period other
+        // processes hold the CPU for 75 of its 100 ms: 2.5 MiB sent.
+        let t0 = Instant::now();
+        let ms = |m: u64| t0 + Duration::from_millis(m);
+        let mut p = Pacing::with_cpu_wait(t0, starved_clock);
+        p.measure(10 * MIB, ms(100));
+        starve(Duration::from_millis(75));
+        p.measure(10 * MIB + 5 * MIB / 2, ms(200));
+        let rate = 100.0 * MIB as f64;
+        assert!((p.bandwidth() - rate).abs() < 1.0, "{}", p.bandwidth());
+        assert!((p.conservative_bandwidth() - rate).abs() < 1.0);
+        // 20 MiB fits 300 ms at 100 MiB/s; at the starved period's
+        // whole-period rate (25 MiB/s) it would take 800 ms.
+        assert!(p.fits(&inputs(20 * MIB), 300));
+        // A period in which the sender ran but the link was slow still
+        // counts as slow.
+        p.measure(10 * MIB + 5 * MIB / 2 + 2 * MIB, ms(300));
+        assert!((p.conservative_bandwidth() - 20.0 * MIB as f64).abs() < 1.0);
+        // At most MAX_STARVED_SHARE of a period is left out: a sender off
+        // the CPU for the whole period reads at most 4x its bytes over it.
+        let mut q = Pacing::with_cpu_wait(t0, starved_clock);
+        starve(Duration::from_millis(100));
+        q.measure(MIB, ms(100));
+        assert!(
+            (q.bandwidth() - 40.0 * MIB as f64).abs() < 1.0,
+            "{}",
+            q.bandwidth()
+        );
+        // A wait before a restart is not counted in the next period.
+        let mut r = Pacing::with_cpu_wait(t0, starved_clock);
+        starve(Duration::from_millis(50));
+        r.restart_period(0, ms(50));
+        r.measure(10 * MIB, ms(150));
+        assert!((r.bandwidth() - rate).abs() < 1.0, "{}", r.bandwidth());
+    }
+
+    #[test]
+    fn this_threads_cpu_wait_is_read_when_the_kernel_keeps_it() {
+        // Where schedstat exists it only grows; where it does not, the
+        // periods are taken whole.
+        if let (Some(a), Some(b)) = (thread_cpu_wait(), thread_cpu_wait()) {
+            assert!(b >= a);
+        }
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::io::{self, Read, Write};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::ack;
+use super::ack::{self, LoadReport};
 use super::channels::{ChannelSetup, ChannelWriter, Known, PageEncoding, SendChannels};
 use super::converge;
 use super::digest::{hash_sample, hex, memory_digest, RunningDigest, CHUNK as DIGEST_CHUNK};
@@ -38,7 +38,7 @@ use crate::codec::zero::is_zero;
 use crate::dirty::DirtyTracker;
 use crate::memory::{GuestMemory, RamBlock, PAGE_SIZE};
 use crate::stream::format::{
-    FLAG_CHANNELS, FLAG_GUEST_LOAD, FLAG_SETUP, FLAG_VERIFY, FLAG_ZERO_RUNS,
+    FLAG_CHANNELS, FLAG_GUEST_LOAD, FLAG_LOAD_REPORT, FLAG_SETUP, FLAG_VERIFY, FLAG_ZERO_RUNS,
 };
 use crate::stream::{BlockDesc, StreamWriter};
 use crate::vm::{StateCost, VmControl};
@@ -418,6 +418,14 @@ struct RamSaver<'a> {
     /// Pauses cut short, and the longest of them (ms).
     backouts: u32,
     backout_max: u64,
+    /// Verify: bytes the destination's digest had still to re-hash at
+    /// its last report (see `ack.rs`, [`LoadReport`]), besides what is
+    /// sent after it.
+    dest_backlog: u64,
+    /// In a stop-and-copy: the digest chunks the pause's pages fall in
+    /// (the destination re-hashes them after the stream's end), taken
+    /// at the final sync.
+    pause_chunks: u64,
     /// Postcopy `auto`: when the first page went out (after the first
     /// clear of an initially-set log), and the main stream's wire clock
     /// (time, time inside `write`, bytes) at the last probe, and what it
@@ -560,6 +568,8 @@ impl<'a> RamSaver<'a> {
             overran: false,
             backouts: 0,
             backout_max: 0,
+            dest_backlog: 0,
+            pause_chunks: 0,
             first_send: None,
             wire_mark: None,
             wire_intervals: [WireInterval::default(); 2],
@@ -637,11 +647,12 @@ impl<'a> RamSaver<'a> {
         // With a return path, the destination checks the setup (block
         // list, VM shape) and answers before any page is sent.
         let setup = !matches!(ack, AckPath::None);
-        // With it, how busy the guest is: the destination may pick how it
-        // receives by it (see `stream/format.rs`, guest load).
+        // And it reports its pending work with each drain's answer; and
+        // how busy the guest is: the destination may pick how it receives
+        // by it (see `stream/format.rs`, guest load).
         let main_flags = flags
             | if setup {
-                FLAG_SETUP | FLAG_GUEST_LOAD
+                FLAG_SETUP | FLAG_LOAD_REPORT | FLAG_GUEST_LOAD
             } else {
                 0
             };
@@ -836,6 +847,9 @@ impl<'a> RamSaver<'a> {
         clock.parts.in_flight_bytes = self.in_flight(&w, &ack);
         clock.parts.ping_us = self.ping.as_micros() as u64;
         clock.parts.handshake_estimate_us = self.pacing.handshake_estimate().as_micros() as u64;
+        // This thread does the pause's work: at a raised priority until
+        // STARTED, a back-out or an error (see `priority.rs`).
+        let mut raised = super::priority::Raised::raise();
         vm.pause().map_err(MigrationError::Vm)?;
         clock.parts.stop_us = clock.lap();
         self.pacing.record_stop(pause_at.elapsed());
@@ -845,6 +859,10 @@ impl<'a> RamSaver<'a> {
         self.sync(tracker)?;
         self.barrier(&mut w)?;
         clock.parts.sync_us = clock.lap();
+        if self.params.verify {
+            // What the destination will re-hash of the pause's pages.
+            self.pause_chunks = self.dirty_chunk_bytes();
+        }
         // Auto: the stop-and-copy would not fit the limit, decided again
         // now that the stop and the sync are paid (measured, not
         // estimated), the rest all counted (the fixed costs too, even with
@@ -860,6 +878,9 @@ impl<'a> RamSaver<'a> {
                 self.params.downtime_limit,
             );
         if switch || auto {
+            self.pause_chunks = 0;
+            // Postcopy's switch is its own (see `postcopy/`).
+            drop(raised);
             return self
                 .postcopy(w, ack, urgent, vm, guest, clock, bytes_before)
                 .map(|()| Completion::Done);
@@ -915,7 +936,8 @@ impl<'a> RamSaver<'a> {
         // taken back: the destination's part of the digest, and the
         // handshake as priced before the pause.
         let mut rest = self.pause_inputs();
-        rest.digest_bytes = self.dirty_chunk_bytes();
+        // The source's digest is paid; the destination's is to come.
+        rest.digest_bytes = 0;
         if self.overran
             || (self.may_back_out()
                 && pause_at.elapsed() < Duration::from_millis(limit)
@@ -976,6 +998,9 @@ impl<'a> RamSaver<'a> {
             }
         };
         self.pause_breakdown = Some(clock.parts);
+        self.pause_chunks = 0;
+        // The pause is over.
+        drop(raised.take());
         if let Some(sent) = sent_digest {
             // The digest in the stream was the dirty tracker's view; now,
             // outside the pause (this guest stays paused for good), check
@@ -1888,6 +1913,7 @@ impl<'a> RamSaver<'a> {
             dirty_pages_rate: self.dirty_pages_rate,
             verify: self.params.verify,
             digest_bytes: self.digest_bytes(),
+            dest_digest_bytes: self.dest_digest_bytes(),
             state: self.state_cost,
             stop: self.stop_cost,
             in_flight_bytes: self.confirmed_in_flight(),
@@ -1950,20 +1976,31 @@ impl<'a> RamSaver<'a> {
     /// Ends a section with the next DRAIN mark and waits for its APPLIED
     /// on the return path `r`: every byte sent before the mark is applied
     /// then.
+    /// Returns the destination's report, when it sent one.
     fn mark_and_wait<W: Write>(
         &mut self,
         w: &mut StreamWriter<W>,
         r: &mut dyn Read,
-    ) -> Result<(), MigrationError> {
+    ) -> Result<Option<LoadReport>, MigrationError> {
         self.drain_mark += 1;
         w.drain(self.drain_mark).map_err(MigrationError::send)?;
         self.section_end(w)?;
         let sent = self.sent_bytes(w);
         // The window's marks out come first (answers come in order).
         self.settle_marks(r)?;
-        ack::await_applied(r, self.drain_mark)?;
+        let report = ack::await_applied(r, self.drain_mark)?;
+        self.take_report(report.as_ref());
         self.applied = sent;
-        Ok(())
+        Ok(report)
+    }
+
+    /// Keeps what the destination reported with an APPLIED: its own
+    /// pending work and hashing rate.
+    fn take_report(&mut self, report: Option<&LoadReport>) {
+        if let Some(report) = report {
+            self.dest_backlog = report.backlog;
+            self.pacing.record_dest_report(report);
+        }
     }
 
     /// Postcopy `auto`'s window is on (see `postcopy/window.rs`): one
@@ -2020,7 +2057,8 @@ impl<'a> RamSaver<'a> {
         let Some((mark, _)) = self.window.oldest() else {
             return Ok(());
         };
-        ack::await_applied(r, mark)?;
+        let report = ack::await_applied(r, mark)?;
+        self.take_report(report.as_ref());
         if let Some((_, bytes)) = self.window.confirm(Instant::now()) {
             self.applied = self.applied.max(bytes);
         }
@@ -2065,8 +2103,12 @@ impl<'a> RamSaver<'a> {
             return Ok(());
         }
         let t = Instant::now();
-        self.mark_and_wait(w, r)?;
-        self.ping = t.elapsed();
+        let report = self.mark_and_wait(w, r)?;
+        // The destination's digest catch-up before its answer is priced
+        // as the digest, not as the round trip.
+        self.ping = t
+            .elapsed()
+            .saturating_sub(report.map_or(Duration::ZERO, |r| r.hash_time));
         self.pacing.record_ping(self.ping);
         self.pacing.exclude(self.ping);
         Ok(())
@@ -2124,6 +2166,7 @@ impl<'a> RamSaver<'a> {
         self.downtime_start = None;
         self.backouts += 1;
         self.backout_max = self.backout_max.max(paused);
+        self.pause_chunks = 0;
         self.pacing
             .record_pause_rate(sending.0, sending.1, self.limit_at_switch);
         self.pacing.restart_period(self.transferred, Instant::now());
@@ -2140,19 +2183,35 @@ impl<'a> RamSaver<'a> {
         Ok(())
     }
 
-    /// Bytes the verify digest hashes in the pause: on the source, all of
+    /// Bytes the source's verify digest hashes in the pause: all of
     /// memory, or with the running digest the chunks not hashed since they
-    /// changed; on the destination the chunks holding a remaining page
-    /// (see `pacing.rs`).
+    /// changed and those holding a remaining page (see `pacing.rs`).
     fn digest_bytes(&self) -> u64 {
         if !self.params.verify {
             return 0;
         }
-        let dest = self.dirty_chunk_bytes();
+        let dest = self.dest_chunks();
         match self.running {
-            Some(d) => d.pending_bytes().max(dest) + dest,
-            None => self.mem.total_bytes() + dest,
+            Some(d) => d.pending_bytes().max(dest),
+            None => self.mem.total_bytes(),
         }
+    }
+
+    /// Bytes the destination's digest re-hashes after the stream's end:
+    /// the chunks holding a remaining page (in the pause: those of the
+    /// pages it sends), and what the destination's last report said it
+    /// had still to hash.
+    fn dest_digest_bytes(&self) -> u64 {
+        if !self.params.verify {
+            return 0;
+        }
+        self.dest_chunks() + self.dest_backlog
+    }
+
+    /// Bytes of the digest chunks that hold a remaining page, or in a
+    /// stop-and-copy those the pause's pages fall in.
+    fn dest_chunks(&self) -> u64 {
+        self.dirty_chunk_bytes().max(self.pause_chunks)
     }
 
     /// Bytes of the digest chunks that hold a remaining page.

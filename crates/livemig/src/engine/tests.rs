@@ -1245,6 +1245,101 @@ fn a_cancelled_source_with_page_channels_tells_the_destination() {
 }
 
 #[test]
+fn a_destination_asked_for_its_report_catches_its_digest_up_at_a_drain() {
+    use crate::engine::digest::CHUNK;
+    use crate::stream::format::{FLAG_LOAD_REPORT, FLAG_SETUP, FLAG_VERIFY};
+    // 8 MiB (four digest chunks); pages in chunks 0 and 2 before the
+    // mark, one in chunk 3 after it.
+    let len = 8 * MIB;
+    let chunk = CHUNK as u64;
+    let src = ProcessMemory::single(len).unwrap();
+    let dst = ProcessMemory::single(len).unwrap();
+    let page = |seed: u8| vec![seed; PAGE_SIZE];
+    for (off, seed) in [(0, 1u8), (2 * chunk + 8192, 2), (3 * chunk, 3)] {
+        src.blocks()[0].region().write(off as usize, &page(seed));
+    }
+    let stream = |flags: u16| {
+        let mut w = StreamWriter::new(Vec::new(), flags);
+        w.block_list(&[BlockDesc {
+            id: "ram".into(),
+            len,
+        }])
+        .unwrap();
+        w.setup(0, 0).unwrap();
+        w.section_end(0).unwrap();
+        w.raw(0, 0, &page(1)).unwrap();
+        w.raw(0, 2 * chunk + 8192, &page(2)).unwrap();
+        w.drain(1).unwrap();
+        w.section_end(1).unwrap();
+        w.raw(0, 3 * chunk, &page(3)).unwrap();
+        w.digest(&memory_digest(&src)).unwrap();
+        w.end().unwrap();
+        w.get_mut().clone()
+    };
+    let replies = |r: &mut PipeReader| {
+        let mut got = Vec::new();
+        while let Ok(x) = read_reply(r) {
+            got.push(x);
+        }
+        got
+    };
+    let (ack_w, mut ack_r) = pipe();
+    let mut l = Loader::new(&dst).answering(Box::new(ack_w));
+    let out = l
+        .load(&stream(FLAG_SETUP | FLAG_VERIFY | FLAG_LOAD_REPORT)[..])
+        .expect("loads and verifies");
+    assert!(out.digest.is_some());
+    // After the end only chunk 3 (written after the mark) was left to
+    // hash: chunks 0 and 2 were hashed at the mark.
+    assert!(out.stats.verify_chunks <= 1, "{:?}", out.stats);
+    drop(l);
+    let got = replies(&mut ack_r);
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!(got[0], Reply::Accepted);
+    let Reply::AppliedReport(1, report) = got[1] else {
+        panic!("expected APPLIED with a report, got {:?}", got[1]);
+    };
+    // Whatever the background hasher had done by then, the answer came
+    // with nothing left to hash: the pause re-hashes only chunk 3.
+    assert_eq!(report.backlog, 0, "{report:?}");
+    assert!(report.hashed <= len, "{report:?}");
+    assert_eq!(memory_digest(&src), memory_digest(&dst));
+    // Without the flag: the plain answer, as before.
+    let dst2 = ProcessMemory::single(len).unwrap();
+    let (ack_w, mut ack_r) = pipe();
+    let mut l = Loader::new(&dst2).answering(Box::new(ack_w));
+    l.load(&stream(FLAG_SETUP | FLAG_VERIFY)[..])
+        .expect("loads and verifies");
+    drop(l);
+    assert_eq!(replies(&mut ack_r), [Reply::Accepted, Reply::Applied(1)]);
+    // Without verify the report says there is nothing to hash.
+    let dst3 = ProcessMemory::single(len).unwrap();
+    let (ack_w, mut ack_r) = pipe();
+    let mut l = Loader::new(&dst3).answering(Box::new(ack_w));
+    let mut w = StreamWriter::new(Vec::new(), FLAG_SETUP | FLAG_LOAD_REPORT);
+    w.block_list(&[BlockDesc {
+        id: "ram".into(),
+        len,
+    }])
+    .unwrap();
+    w.setup(0, 0).unwrap();
+    w.section_end(0).unwrap();
+    w.raw(0, 0, &page(1)).unwrap();
+    w.drain(1).unwrap();
+    w.section_end(1).unwrap();
+    w.end().unwrap();
+    l.load(&w.get_mut()[..]).expect("loads");
+    drop(l);
+    assert_eq!(
+        replies(&mut ack_r),
+        [
+            Reply::Accepted,
+            Reply::AppliedReport(1, LoadReport::default())
+        ]
+    );
+}
+
+#[test]
 fn the_loader_answers_a_drain_mark_once_its_section_checked_out() {
     use crate::stream::format::FLAG_SETUP;
     let dst = ProcessMemory::single(4 * PAGE_SIZE as u64).unwrap();

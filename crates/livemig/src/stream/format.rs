@@ -72,7 +72,12 @@
 //! before the mark, so every channel's pages before it are applied too).
 //! So the pause starts with nothing queued between the source's writes
 //! and the destination's memory: stream bytes buffered in sockets are
-//! waited for while the guest runs, not in its pause.
+//! waited for while the guest runs, not in its pause. With header flag
+//! [`FLAG_LOAD_REPORT`] the destination also brings its verify digest up
+//! to date before it answers, and its APPLIED says what that took and
+//! what is left (see `engine/ack.rs`), so its hashing backlog is waited
+//! for before the pause too, and the source prices the rest at the
+//! destination's own rate. A reader older than the flag refuses it.
 //!
 //! Guest load (header flags [`FLAG_SETUP`] and [`FLAG_GUEST_LOAD`]): the
 //! SETUP record also says how busy the source's vCPUs were as the
@@ -147,9 +152,14 @@ pub const FLAG_RUNS: u16 = 1 << 4;
 /// Header flag: zero pages may travel as ZERO_RUN records (a run of
 /// pages at consecutive offsets of one block, all zero, in one record).
 pub const FLAG_ZERO_RUNS: u16 = 1 << 5;
+/// Header flag (with [`FLAG_SETUP`]): the source reads the destination's
+/// report of its pending work in APPLIED (see `engine/ack.rs`), and the
+/// destination with verify on catches its running digest up before it
+/// answers a drain mark.
+pub const FLAG_LOAD_REPORT: u16 = 1 << 6;
 /// Header flag (with [`FLAG_SETUP`]): the SETUP record carries the
 /// source guest's vCPU load.
-pub const FLAG_GUEST_LOAD: u16 = 1 << 6;
+pub const FLAG_GUEST_LOAD: u16 = 1 << 7;
 /// Header flags this build understands.
 pub const KNOWN_FLAGS: u16 = FLAG_VERIFY
     | FLAG_CHANNELS
@@ -157,6 +167,7 @@ pub const KNOWN_FLAGS: u16 = FLAG_VERIFY
     | FLAG_SETUP
     | FLAG_RUNS
     | FLAG_ZERO_RUNS
+    | FLAG_LOAD_REPORT
     | FLAG_GUEST_LOAD;
 /// The SETUP record's load when the source's VMM did not say.
 pub const LOAD_UNKNOWN: u32 = u32::MAX;

@@ -1125,7 +1125,7 @@ fn bad_version() {
 
 #[test]
 fn unknown_header_flags() {
-    for flags in [1 << 7, 1 << 15, FLAG_VERIFY | 1 << 7, u16::MAX] {
+    for flags in [1 << 8, 1 << 15, FLAG_VERIFY | 1 << 8, u16::MAX] {
         let e = parse_err(&Builder::custom_header(MAGIC, VERSION, flags, 0).build()).err;
         assert!(
             matches!(e.kind, StreamErrorKind::HeaderFlags(x) if x == flags),
@@ -1905,10 +1905,10 @@ fn display_names_the_byte_and_record() {
         "stream byte 16, record 0: unknown record tag 0x7f"
     );
 
-    let e = parse_err(&Builder::custom_header(MAGIC, VERSION, 128, 0).build()).err;
+    let e = parse_err(&Builder::custom_header(MAGIC, VERSION, 256, 0).build()).err;
     assert_eq!(
         e.to_string(),
-        "stream byte 10, record 0 (header): unknown header flags 0x0080"
+        "stream byte 10, record 0 (header): unknown header flags 0x0100"
     );
 
     let mut b = Builder::with_blocks();

@@ -6,6 +6,7 @@ pub mod kvm;
 pub mod memfd;
 pub mod mmap;
 pub mod residency;
+pub mod sched;
 pub mod scm;
 pub mod shm;
 pub mod uffd;

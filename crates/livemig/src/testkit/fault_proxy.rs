@@ -348,7 +348,7 @@ impl Link {
 }
 
 /// At the start of `b`, a reply of precopy: `Some(Some(len))` for a
-/// whole ACCEPTED or APPLIED of `len` bytes, `Some(None)` when `b` is too
+/// whole ACCEPTED or APPLIED (with or without a report) of `len` bytes, `Some(None)` when `b` is too
 /// short to tell (or holds part of an APPLIED), `None` for anything else.
 fn precopy_reply(b: &[u8]) -> Option<Option<usize>> {
     if b.len() < REPLY_HEAD_LEN {
@@ -357,8 +357,9 @@ fn precopy_reply(b: &[u8]) -> Option<Option<usize>> {
     let len = u32::from_be_bytes([b[9], b[10], b[11], b[12]]) as usize;
     match (b[8], len) {
         (4, 0) => Some(Some(REPLY_HEAD_LEN)),
-        (5, 8) if b.len() >= REPLY_HEAD_LEN + 8 => Some(Some(REPLY_HEAD_LEN + 8)),
-        (5, 8) => Some(None),
+        // APPLIED: a mark, or a mark and the destination's report.
+        (5, 8 | 32) if b.len() >= REPLY_HEAD_LEN + len => Some(Some(REPLY_HEAD_LEN + len)),
+        (5, 8 | 32) => Some(None),
         _ => None,
     }
 }

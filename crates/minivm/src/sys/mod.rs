@@ -181,6 +181,40 @@ pub fn collapse_huge_pages(addr: u64, len: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// The calling thread's kernel thread id.
+pub fn current_tid() -> i32 {
+    // SAFETY: gettid has no preconditions and cannot fail.
+    unsafe { libc::gettid() }
+}
+
+/// The nice value of thread `tid` of this process.
+pub fn nice_of(tid: i32) -> io::Result<i32> {
+    // SAFETY: getpriority only reads its arguments; it may legitimately
+    // return -1, so errno (this thread's own) is cleared first and read
+    // after.
+    let (r, errno) = unsafe {
+        *libc::__errno_location() = 0;
+        let r = libc::getpriority(libc::PRIO_PROCESS, tid as libc::id_t);
+        (r, *libc::__errno_location())
+    };
+    if r == -1 && errno != 0 {
+        return Err(io::Error::from_raw_os_error(errno));
+    }
+    Ok(r)
+}
+
+/// Sets the nice value of thread `tid` of this process (lowering it
+/// below its current value needs `CAP_SYS_NICE`).
+pub fn set_nice_of(tid: i32, nice: i32) -> io::Result<()> {
+    // SAFETY: setpriority only reads its arguments and changes the
+    // scheduling weight of that thread.
+    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Sets the calling thread's nice value (Linux: `setpriority` on the
 /// thread's id affects that thread only).
 pub fn set_thread_nice(nice: i32) -> io::Result<()> {

@@ -202,7 +202,11 @@ pub fn receive<R: Read>(
     allow_postcopy: bool,
     accept: Option<&mut dyn FnMut() -> io::Result<Box<dyn Read + Send>>>,
 ) -> Result<Received, ReceiveError> {
-    receive_inner(mem, input, reply, guest, allow_postcopy, accept, None)
+    let r = receive_inner(mem, input, reply, guest, allow_postcopy, accept, None);
+    // A drain answer raised this thread for the pause (see
+    // `engine/priority.rs`).
+    crate::engine::priority::lower_this_thread();
+    r
 }
 
 /// As [`receive`], and a connection lost during postcopy does not lose
@@ -223,7 +227,7 @@ pub fn receive_recoverable<R: Read>(
     accept: Option<&mut dyn FnMut() -> io::Result<Box<dyn Read + Send>>>,
     recovery: &MigrationHandle,
 ) -> Result<Received, ReceiveError> {
-    receive_inner(
+    let r = receive_inner(
         mem,
         input,
         reply,
@@ -231,7 +235,9 @@ pub fn receive_recoverable<R: Read>(
         allow_postcopy,
         accept,
         Some(recovery),
-    )
+    );
+    crate::engine::priority::lower_this_thread();
+    r
 }
 
 type Reply = Arc<Mutex<Option<Box<dyn Write + Send>>>>;
