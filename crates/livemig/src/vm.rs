@@ -64,6 +64,26 @@ pub struct VmShape {
     pub vcpus: u32,
 }
 
+/// What the source said of its guest at setup (the SETUP record), before
+/// any page: given to the destination VMM's [`SetupHook`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SourceGuest {
+    /// vCPU count; 0 when the source's VMM did not say.
+    pub vcpus: u32,
+    /// How busy its vCPUs were as the migration started, in hundredths of
+    /// a vCPU (0: all halted; see [`VmControl::vcpu_load`]); `None` when
+    /// the source's VMM did not say.
+    pub load: Option<u32>,
+}
+
+/// Called by the destination's load once the source's setup record
+/// arrived and checked out, before any page is written (the source sends
+/// none until the destination's verdict): the VMM may prepare its memory
+/// for the receive by what the source said (see
+/// [`VmControl::setup_hook`]). Runs on the load's thread, so it holds
+/// what it needs itself rather than borrowing the VMM.
+pub type SetupHook = Box<dyn Fn(&SourceGuest) + Send + Sync>;
+
 /// Control of the guest: on the migration source (pause, state, resume
 /// after a failure) and on the destination (restore the state, resume
 /// after the source's GO: see [`crate::engine::Destination`]).
@@ -118,6 +138,22 @@ pub trait VmControl: Send {
     /// default says nothing (vCPUs 0): not checked.
     fn shape(&self) -> VmShape {
         VmShape::default()
+    }
+
+    /// On the source, as the migration starts: how busy the guest's
+    /// vCPUs are, in hundredths of a vCPU (0: every vCPU halted, 100 per
+    /// vCPU running flat out). Sent at setup for the destination's VMM
+    /// ([`SourceGuest::load`]), which may pick how it receives by it. The
+    /// default, `None`, says nothing.
+    fn vcpu_load(&self) -> Option<u32> {
+        None
+    }
+
+    /// On the destination, as a load begins: what to call with the
+    /// source's setup ([`SourceGuest`]) before any page lands. The
+    /// default, `None`, ignores it.
+    fn setup_hook(&self) -> Option<SetupHook> {
+        None
     }
 
     /// On the destination: loads the device and vCPU state the source's

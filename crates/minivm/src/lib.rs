@@ -17,6 +17,7 @@
 //! `vm.restore_state(blob)`, `vm.resume()`.
 #![warn(missing_docs)]
 
+mod activity;
 pub mod bench;
 pub mod collapse;
 pub mod control;

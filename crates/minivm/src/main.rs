@@ -178,10 +178,16 @@ struct RunArgs {
     /// but costs the destination CPU per 4 KiB page.
     #[arg(long, requires = "incoming")]
     receive_small_pages: bool,
-    /// With --receive-small-pages: after the guest resumes, leave its
-    /// memory on 4 KiB pages until khugepaged collapses it, instead of
-    /// collapsing it on a background thread.
-    #[arg(long, requires = "receive_small_pages")]
+    /// With --incoming: receive into huge pages even when the source says
+    /// its guest is idle (by default an idle guest's memory is received
+    /// into 4 KiB pages, then collapsed after the resume, as with
+    /// --receive-small-pages; a running guest's into huge pages).
+    #[arg(long, requires = "incoming", conflicts_with = "receive_small_pages")]
+    receive_huge_pages: bool,
+    /// With --incoming, when the memory was received into 4 KiB pages:
+    /// after the guest resumes, leave it on 4 KiB pages until khugepaged
+    /// collapses it, instead of collapsing it on a background thread.
+    #[arg(long, requires = "incoming")]
     no_thp_collapse: bool,
     /// Back guest memory with memfds (sealed against shrinking, mapped
     /// shared) instead of anonymous memory: needed to migrate it out with
@@ -382,6 +388,7 @@ fn run(a: RunArgs) -> Result<()> {
         clock_page: None,
         memfd: a.memfd,
         receive_small_pages: a.receive_small_pages,
+        small_pages_when_idle: !a.receive_huge_pages,
         thp_collapse: !a.no_thp_collapse,
     })?;
     let migrate_tracker = match (&a.control, a.dirty_track) {
@@ -498,10 +505,15 @@ fn run(a: RunArgs) -> Result<()> {
                 Phase::Running => {
                     if let Some(r) = controlled.incoming_report() {
                         eprintln!(
-                            "incoming migration loaded {} bytes in {} ms (digest {}); guest resumed",
+                            "incoming migration loaded {} bytes in {} ms (digest {}{}); guest resumed",
                             r.stats.bytes,
                             r.load_time,
-                            if r.verified { "verified" } else { "not sent" }
+                            if r.verified { "verified" } else { "not sent" },
+                            match vm.received_into_small_pages() {
+                                Some(true) => "; into 4 KiB pages: the source's guest was idle",
+                                Some(false) => "; into huge pages: the source's guest was busy",
+                                None => "",
+                            }
                         );
                     }
                     resumed = Some((Instant::now(), last.heartbeats()));

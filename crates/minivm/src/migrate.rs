@@ -206,6 +206,9 @@ impl VmControl for HeldPaused {
     fn shape(&self) -> livemig::vm::VmShape {
         self.0.shape()
     }
+    fn setup_hook(&self) -> Option<livemig::vm::SetupHook> {
+        self.0.setup_hook()
+    }
 }
 
 /// For a destination with no listener: a source announcing page channels

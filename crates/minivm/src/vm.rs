@@ -142,6 +142,17 @@ pub struct VmConfig {
     /// 404-649 ms against 150-219 with huge pages (BENCHMARKS.md,
     /// "Quiet host after session 10's merges").
     pub receive_small_pages: bool,
+    /// With `huge_pages`, a VM created paused (an incoming one) and not
+    /// `receive_small_pages`: receive into 4 KiB pages when the source
+    /// says its guest is idle (no vCPU busy as the migration starts: the
+    /// SETUP record's load, livemig's `SourceGuest`), then ask for huge
+    /// pages and collapse at the first resume as `receive_small_pages`
+    /// does; into huge pages otherwise (a running guest, or a source that
+    /// does not say). On by default: a halted guest leaves both cores to
+    /// the migration, and this host faults fresh 4 KiB pages in 5-10x
+    /// faster than fresh huge pages; a running guest's source needs the
+    /// CPU those faults would take on a shared host.
+    pub small_pages_when_idle: bool,
     /// With `receive_small_pages`, after that first resume, also
     /// collapse its memory into huge pages on that background thread
     /// ([`crate::collapse`]) instead of waiting for khugepaged. Anonymous
@@ -167,6 +178,7 @@ impl Default for VmConfig {
             clock_page: None,
             memfd: false,
             receive_small_pages: false,
+            small_pages_when_idle: true,
             thp_collapse: true,
         }
     }
@@ -228,6 +240,8 @@ pub(crate) struct VcpuSlot {
     ring_full_exits: AtomicU64,
     /// The last stop probe this vCPU answered.
     probe_answered: AtomicU64,
+    /// Its halts: is it idle? (see [`crate::activity`]).
+    halts: crate::activity::HaltWatch,
 }
 
 pub(crate) struct Shared {
@@ -260,7 +274,20 @@ pub(crate) struct Shared {
     huge_at_resume: Mutex<Option<HugeAtResume>>,
     /// The background collapse started by that resume.
     collapser: Mutex<Option<Collapser>>,
+    /// An incoming VM that picks its page size by the source's load
+    /// ([`VmConfig::small_pages_when_idle`]): its memory, until the
+    /// source's setup said (taken then).
+    pages_by_load: Mutex<Option<HugeAtResume>>,
+    /// What that setup chose: `Some(true)` 4 KiB pages (huge pages at the
+    /// first resume), `Some(false)` huge pages.
+    received_small: Mutex<Option<bool>>,
+    /// The time base of the vCPUs' [`crate::activity::HaltWatch`]es.
+    epoch: Instant,
 }
+
+/// Below this source load (hundredths of a vCPU), an incoming VM with
+/// [`VmConfig::small_pages_when_idle`] receives into 4 KiB pages.
+const IDLE_LOAD: u32 = 50;
 
 /// Huge pages for an incoming VM's memory, asked for after its first
 /// resume ([`crate::collapse`]).
@@ -367,6 +394,50 @@ impl Shared {
         }
         lock(&self.ctl).pause = false;
         self.cond.notify_all();
+    }
+
+    /// How busy the vCPUs are now, in hundredths of a vCPU (see
+    /// [`crate::activity`]); a paused VM's vCPUs run nothing.
+    fn vcpu_load(&self) -> u32 {
+        {
+            let ctl = lock(&self.ctl);
+            if ctl.pause && ctl.parked + ctl.dead >= self.vcpus.len() {
+                return 0;
+            }
+        }
+        let now = Instant::now();
+        crate::activity::load(self.vcpus.iter().map(|v| {
+            (
+                v.halts.idle(self.epoch, now),
+                v.active.load(Ordering::Relaxed),
+            )
+        }))
+    }
+
+    /// The source's setup of an incoming migration: an idle guest (load
+    /// under half a vCPU) is received into 4 KiB pages, huge pages asked
+    /// for at the first resume; any other keeps the huge pages asked for
+    /// at creation. Once per VM; before any page lands.
+    fn source_setup(&self, source: &livemig::vm::SourceGuest) {
+        let Some(h) = lock(&self.pages_by_load).take() else {
+            return;
+        };
+        let small = source.load.is_some_and(|l| l < IDLE_LOAD);
+        if small {
+            for b in &h.blocks {
+                let r = b.region();
+                if let Err(e) = sys::advise_no_huge_pages(r.host_addr(), r.len() as u64) {
+                    log::debug!("MADV_NOHUGEPAGE on guest memory: {e}");
+                }
+            }
+            *lock(&self.huge_at_resume) = Some(h);
+        }
+        log::info!(
+            "incoming: the source's guest load is {:?} (hundredths of a vCPU): receiving into {} pages",
+            source.load,
+            if small { "4 KiB" } else { "huge" }
+        );
+        *lock(&self.received_small) = Some(small);
     }
 
     /// An incoming VM's first resume: huge pages asked for once no
@@ -662,6 +733,9 @@ fn vcpu_thread(sh: Arc<Shared>, i: usize) {
         let gen = sh.dirty.generation();
         let exit = f.run();
         pending_io = false;
+        if matches!(exit, Ok(VcpuExit::IoOut(..) | VcpuExit::IoIn(..))) {
+            slot.halts.ran();
+        }
         match exit {
             Ok(VcpuExit::IoOut(port, data)) => {
                 sh.handle_out(i, port, data);
@@ -671,7 +745,10 @@ fn vcpu_thread(sh: Arc<Shared>, i: usize) {
                 sh.handle_in(i, port, data, &mut bucket);
                 pending_io = true;
             }
-            Ok(VcpuExit::Hlt) => std::thread::sleep(Duration::from_millis(1)),
+            Ok(VcpuExit::Hlt) => {
+                slot.halts.halted(sh.epoch, Instant::now());
+                std::thread::sleep(Duration::from_millis(1))
+            }
             Ok(VcpuExit::Intr) => {}
             Ok(VcpuExit::Unsupported(EXIT_DIRTY_RING_FULL)) => {
                 slot.ring_full_exits.fetch_add(1, Ordering::Relaxed);
@@ -928,6 +1005,15 @@ impl Vm {
             blocks: livemig_memory.blocks().to_vec(),
             collapse: config.thp_collapse && !config.memfd,
         });
+        // Advised huge above; the source's setup may take it back.
+        let pages_by_load = (config.huge_pages
+            && config.start_paused
+            && !config.receive_small_pages
+            && config.small_pages_when_idle)
+            .then(|| HugeAtResume {
+                blocks: livemig_memory.blocks().to_vec(),
+                collapse: config.thp_collapse && !config.memfd,
+            });
         let kvm_slots = livemig_memory
             .blocks()
             .iter()
@@ -1001,6 +1087,7 @@ impl Vm {
                 debug_count: AtomicU64::new(0),
                 ring_full_exits: AtomicU64::new(0),
                 probe_answered: AtomicU64::new(0),
+                halts: Default::default(),
             });
         }
         let rate = match &config.guest {
@@ -1048,6 +1135,9 @@ impl Vm {
             stop_probes: Mutex::new(StopProbes::default()),
             huge_at_resume: Mutex::new(huge_at_resume),
             collapser: Mutex::new(None),
+            pages_by_load: Mutex::new(pages_by_load),
+            received_small: Mutex::new(None),
+            epoch: Instant::now(),
             config,
         });
         let mut threads = Vec::new();
@@ -1180,6 +1270,20 @@ impl Vm {
     /// Lets the vCPUs run again.
     pub fn resume(&self) {
         self.shared.resume()
+    }
+
+    /// For an incoming VM that picks its page size by the source's load
+    /// ([`VmConfig::small_pages_when_idle`]): what the source's setup
+    /// chose, `Some(true)` 4 KiB pages, `Some(false)` huge pages; `None`
+    /// before a setup came (or for any other VM).
+    pub fn received_into_small_pages(&self) -> Option<bool> {
+        *lock(&self.shared.received_small)
+    }
+
+    /// How busy this VM's vCPUs are now, in hundredths of a vCPU (0: all
+    /// halted or the VM paused), as a migration's setup sends it.
+    pub fn vcpu_load(&self) -> u32 {
+        self.shared.vcpu_load()
     }
 
     /// What the background thread that asks for huge pages on an incoming
@@ -1383,5 +1487,12 @@ impl livemig::vm::VmControl for VmHandle {
     }
     fn stop_cost(&self) -> Duration {
         self.shared.stop_cost()
+    }
+    fn vcpu_load(&self) -> Option<u32> {
+        Some(self.shared.vcpu_load())
+    }
+    fn setup_hook(&self) -> Option<livemig::vm::SetupHook> {
+        let sh = self.shared.clone();
+        Some(Box::new(move |source| sh.source_setup(source)))
     }
 }

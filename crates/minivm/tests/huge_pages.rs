@@ -279,3 +279,143 @@ fn by_default_an_incoming_vm_asks_for_huge_pages_at_once() {
     vm.resume();
     assert!(vm.collapse_stats().is_none(), "no collapse thread");
 }
+
+/// A boot sector that halts at once, forever (`hlt; jmp $-1`), with `mem`
+/// bytes of memory of which the first `data` MiB above 1 MiB hold bytes
+/// written from the host.
+fn halted_source(mem: u64, data: u64) -> (VmConfig, Vm) {
+    let mut boot = vec![0u8; 512];
+    boot[..3].copy_from_slice(&[0xf4, 0xeb, 0xfd]);
+    boot[510] = 0x55;
+    boot[511] = 0xaa;
+    let cfg = VmConfig {
+        mem_size: mem,
+        guest: minivm::GuestImage::BootSector(boot),
+        ..Default::default()
+    };
+    let vm = Vm::new(cfg.clone()).unwrap();
+    use vm_memory::{Bytes, GuestAddress};
+    let page: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 3) as u8).collect();
+    for p in 0..(data << 20) / 4096 {
+        vm.guest_memory()
+            .write_slice(&page, GuestAddress((1 << 20) + p * 4096))
+            .unwrap();
+    }
+    (cfg, vm)
+}
+
+/// Waits until `vm`'s vCPU load reads `want`.
+fn wait_load(vm: &Vm, want: u32) {
+    let t0 = Instant::now();
+    while vm.vcpu_load() != want {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "vCPU load {} after 20 s, want {want}",
+            vm.vcpu_load()
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn a_halted_guest_reads_idle_and_a_running_one_busy() {
+    if !common::kvm_available("a_halted_guest_reads_idle_and_a_running_one_busy") {
+        return;
+    }
+    let (_, halted) = halted_source(16 << 20, 0);
+    wait_load(&halted, 0);
+    // Paused: nothing runs either.
+    halted.pause().unwrap();
+    assert_eq!(halted.vcpu_load(), 0);
+    let (_, busy) = source();
+    wait_load(&busy, 100);
+    busy.pause().unwrap();
+    assert_eq!(busy.vcpu_load(), 0, "paused");
+    busy.resume();
+    wait_load(&busy, 100);
+}
+
+#[test]
+fn an_idle_source_is_received_into_small_pages_and_a_busy_one_into_huge() {
+    if !common::kvm_available(
+        "an_idle_source_is_received_into_small_pages_and_a_busy_one_into_huge",
+    ) {
+        return;
+    }
+    let mode = thp_mode();
+    // Idle: 4 KiB pages while paused, huge pages asked for at the resume.
+    let (cfg, src) = halted_source(32 << 20, 8);
+    wait_load(&src, 0);
+    let (w, mut ar, dest) = common::pipe_destination(&cfg);
+    let stats = migrate_out(
+        &src,
+        TrackerKind::Auto,
+        MigrationHandle::new(Params::default()),
+        w,
+        Some(&mut ar as &mut dyn Read),
+    )
+    .unwrap();
+    assert_eq!(stats.status, Status::Completed);
+    let (dst, _) = dest.join().unwrap().unwrap();
+    assert_eq!(dst.received_into_small_pages(), Some(true));
+    let (flags, huge) = guest_mapping(&dst);
+    assert!(
+        flags.iter().any(|f| f == "nh") && !flags.iter().any(|f| f == "hg"),
+        "{flags:?}"
+    );
+    if mode != "always" {
+        assert_eq!(huge, 0, "received into 4 KiB pages");
+    }
+    assert!(dst.collapse_stats().is_none(), "nothing before the resume");
+    dst.resume();
+    let st = wait_advised(&dst);
+    let (flags, _) = guest_mapping(&dst);
+    assert!(
+        flags.iter().any(|f| f == "hg") && !flags.iter().any(|f| f == "nh"),
+        "asked after the resume: {flags:?} {st:?}"
+    );
+    drop(dst);
+
+    // Busy: huge pages from the start, nothing at the resume.
+    let (mut cfg, src) = source();
+    cfg.receive_small_pages = false;
+    wait_load(&src, 100);
+    let (w, mut ar, dest) = common::pipe_destination(&cfg);
+    let stats = migrate_out(
+        &src,
+        TrackerKind::Auto,
+        MigrationHandle::new(Params::default()),
+        w,
+        Some(&mut ar as &mut dyn Read),
+    )
+    .unwrap();
+    assert_eq!(stats.status, Status::Completed);
+    let (dst, _) = dest.join().unwrap().unwrap();
+    assert_eq!(dst.received_into_small_pages(), Some(false));
+    let (flags, _) = guest_mapping(&dst);
+    assert!(flags.iter().any(|f| f == "hg"), "{flags:?}");
+    dst.resume();
+    assert!(dst.collapse_stats().is_none(), "no collapse thread");
+    runs_on(&dst);
+
+    // Off (minivm --receive-huge-pages): an idle source changes nothing.
+    let (cfg, src) = halted_source(16 << 20, 2);
+    wait_load(&src, 0);
+    let cfg = VmConfig {
+        small_pages_when_idle: false,
+        ..cfg
+    };
+    let (w, mut ar, dest) = common::pipe_destination(&cfg);
+    migrate_out(
+        &src,
+        TrackerKind::Auto,
+        MigrationHandle::new(Params::default()),
+        w,
+        Some(&mut ar as &mut dyn Read),
+    )
+    .unwrap();
+    let (dst, _) = dest.join().unwrap().unwrap();
+    assert_eq!(dst.received_into_small_pages(), None);
+    let (flags, _) = guest_mapping(&dst);
+    assert!(flags.iter().any(|f| f == "hg"), "{flags:?}");
+}

@@ -225,7 +225,8 @@ impl<'a> Destination<'a> {
         let mut loader = Loader::new(self.mem)
             .holding_priority()
             .sharing_progress(self.progress.clone())
-            .expect_shape(self.vm.shape());
+            .expect_shape(self.vm.shape())
+            .on_setup(self.vm.setup_hook());
         if let Some(w) = reply {
             // The setup verdict (ACCEPTED) goes out from inside the load.
             loader = loader.answering(w);
@@ -719,6 +720,81 @@ mod tests {
             assert!(sent > 2 * MIB, "{a} -> {b}: the memory went ({sent} bytes)");
         }
         assert!(same(&src, &dst));
+    }
+
+    /// A source VMM that says how busy its guest is.
+    struct Loaded(Option<u32>);
+
+    impl VmControl for Loaded {
+        fn pause(&mut self) -> Result<(), VmError> {
+            Ok(())
+        }
+        fn resume(&mut self) -> Result<(), VmError> {
+            Ok(())
+        }
+        fn vcpu_load(&self) -> Option<u32> {
+            self.0
+        }
+    }
+
+    /// A destination VMM whose setup hook records what the source said,
+    /// and whether the memory was still empty then.
+    struct Hooked {
+        dst: ProcessMemory,
+        seen: Arc<std::sync::Mutex<Vec<(crate::vm::SourceGuest, bool)>>>,
+    }
+
+    impl VmControl for Hooked {
+        fn pause(&mut self) -> Result<(), VmError> {
+            Ok(())
+        }
+        fn resume(&mut self) -> Result<(), VmError> {
+            Ok(())
+        }
+        fn setup_hook(&self) -> Option<crate::vm::SetupHook> {
+            let (dst, seen) = (self.dst.clone(), self.seen.clone());
+            Some(Box::new(move |g| {
+                let mut page = vec![0xffu8; 4096];
+                let empty = dst.blocks().iter().all(|b| {
+                    (0..b.len() as usize)
+                        .step_by(4096)
+                        .all(|o| b.region().read(o, &mut page) && page.iter().all(|&x| x == 0))
+                });
+                seen.lock().unwrap().push((*g, empty));
+            }))
+        }
+    }
+
+    #[test]
+    fn the_setup_hook_hears_the_source_load_before_any_page() {
+        for load in [Some(0), Some(300), None] {
+            let (src, dst) = memories();
+            let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+            let (out, r, ack_w) = pipes_out();
+            let mut hooked = Hooked {
+                dst: dst.clone(),
+                seen: seen.clone(),
+            };
+            let dest = thread::spawn(move || {
+                Destination::new(&hooked.dst.clone(), &mut hooked).run_with(
+                    r,
+                    Some(Box::new(ack_w)),
+                    &mut one_stream,
+                )
+            });
+            let (mut tracker, _log) = SoftwareTracker::new(&src);
+            let handle = MigrationHandle::new(Params::default());
+            let res = Source::new(&src, &mut tracker, &mut Loaded(load), handle).run_over(out);
+            res.unwrap_or_else(|e| panic!("{load:?}: {e}"));
+            dest.join().unwrap().expect("the guest runs here");
+            let seen = seen.lock().unwrap().clone();
+            assert_eq!(
+                seen,
+                [(crate::vm::SourceGuest { vcpus: 0, load }, true)],
+                "once, with the source's load, before any page"
+            );
+            assert!(same(&src, &dst));
+        }
     }
 
     #[test]

@@ -17,7 +17,7 @@ use crate::memory::{GuestMemory, PAGE_SIZE};
 use crate::stream::format::{FLAG_CHANNELS, FLAG_LOAD_REPORT, FLAG_SETUP, FLAG_VERIFY};
 use crate::stream::{Record, StreamError, StreamReader};
 use crate::transport::BoxWrite;
-use crate::vm::VmShape;
+use crate::vm::{SetupHook, SourceGuest, VmShape};
 
 /// Why loading failed. Nothing outside a block was written; the guest
 /// must not be started from memory that failed to load.
@@ -356,6 +356,8 @@ pub struct Loader<'a> {
     /// Where the setup verdict goes (the return path), for a stream whose
     /// header asks for one.
     answer: Mutex<Option<BoxWrite>>,
+    /// The VMM's hook, told what the source said at setup.
+    on_setup: Option<SetupHook>,
     /// The caller lowers the loading thread's raised priority (see
     /// [`Loader::holding_priority`]).
     hold_priority: bool,
@@ -404,8 +406,17 @@ impl<'a> Loader<'a> {
             fresh: FreshZero::none(),
             shape: VmShape::default(),
             answer: Mutex::new(None),
+            on_setup: None,
             hold_priority: false,
         }
+    }
+
+    /// Calls `hook` with what the source said at setup (its vCPU count and
+    /// load), once that record checked out and before any page lands:
+    /// the VMM's chance to prepare its memory ([`crate::vm::VmControl::setup_hook`]).
+    pub fn on_setup(mut self, hook: Option<SetupHook>) -> Self {
+        self.on_setup = hook;
+        self
     }
 
     /// The VM the stream must describe: a source whose VM has another
@@ -1053,7 +1064,7 @@ impl<'a> Loader<'a> {
                     b.region().write(offset as usize, &scratch);
                     self.touched(bi, offset);
                 }
-                Record::Setup { vcpus, .. } => {
+                Record::Setup { vcpus, load, .. } => {
                     let here = self.shape.vcpus;
                     if vcpus != 0 && here != 0 && vcpus != here {
                         return Err(LoadError::Vcpus {
@@ -1061,6 +1072,9 @@ impl<'a> Loader<'a> {
                             source_vcpus: vcpus,
                             here,
                         });
+                    }
+                    if let Some(hook) = &self.on_setup {
+                        hook(&SourceGuest { vcpus, load });
                     }
                 }
                 Record::Abort(reason) => {

@@ -38,7 +38,7 @@ use crate::codec::zero::is_zero;
 use crate::dirty::DirtyTracker;
 use crate::memory::{GuestMemory, RamBlock, PAGE_SIZE};
 use crate::stream::format::{
-    FLAG_CHANNELS, FLAG_LOAD_REPORT, FLAG_SETUP, FLAG_VERIFY, FLAG_ZERO_RUNS,
+    FLAG_CHANNELS, FLAG_GUEST_LOAD, FLAG_LOAD_REPORT, FLAG_SETUP, FLAG_VERIFY, FLAG_ZERO_RUNS,
 };
 use crate::stream::{BlockDesc, StreamWriter};
 use crate::vm::{StateCost, VmControl};
@@ -647,16 +647,19 @@ impl<'a> RamSaver<'a> {
         // With a return path, the destination checks the setup (block
         // list, VM shape) and answers before any page is sent.
         let setup = !matches!(ack, AckPath::None);
-        // And it reports its pending work with each drain's answer.
+        // And it reports its pending work with each drain's answer; and
+        // how busy the guest is: the destination may pick how it receives
+        // by it (see `stream/format.rs`, guest load).
         let main_flags = flags
             | if setup {
-                FLAG_SETUP | FLAG_LOAD_REPORT
+                FLAG_SETUP | FLAG_LOAD_REPORT | FLAG_GUEST_LOAD
             } else {
                 0
             };
         let (mut w, descs) = self.start_stream(out, main_flags, n, session)?;
         if setup {
-            w.setup(vm.shape().vcpus, 0).map_err(MigrationError::send)?;
+            w.setup_with_load(vm.shape().vcpus, 0, vm.vcpu_load())
+                .map_err(MigrationError::send)?;
         }
         self.section_end(&mut w)?;
         // The postcopy urgent connection (postcopy-preempt), opened now,

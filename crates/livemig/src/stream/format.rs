@@ -20,8 +20,9 @@
 //! DISCARD     block:u16 first_word:u32 nwords:u16 words:[u64; nwords]
 //!                                   1 <= nwords <= MAX_DISCARD_WORDS, inside the block's bitmap
 //! POSTCOPY                                          once, after the DISCARDs and STATE
-//! SETUP       vcpus:u32 features:u32                once, right after the block list,
-//!                                                   FLAG_SETUP only (vcpus 0: not said)
+//! SETUP       vcpus:u32 features:u32 [load:u32]     once, right after the block list,
+//!                                                   FLAG_SETUP only (vcpus 0: not said);
+//!                                                   load with FLAG_GUEST_LOAD only
 //! ABORT       len:u16 reason:[u8; len]              1 <= len <= MAX_ABORT_TEXT, UTF-8;
 //!                                                   the source gave up: nothing follows
 //! DRAIN       mark:u64                              FLAG_SETUP only, main stream, before
@@ -77,6 +78,17 @@
 //! what is left (see `engine/ack.rs`), so its hashing backlog is waited
 //! for before the pause too, and the source prices the rest at the
 //! destination's own rate. A reader older than the flag refuses it.
+//!
+//! Guest load (header flags [`FLAG_SETUP`] and [`FLAG_GUEST_LOAD`]): the
+//! SETUP record also says how busy the source's vCPUs were as the
+//! migration started, in hundredths of a vCPU (0: every vCPU halted, 100
+//! per vCPU running flat out; [`LOAD_UNKNOWN`]: the VMM did not say). It
+//! is advice, read before any page: a destination may pick how it
+//! receives by it (minivm receives an idle guest's memory into 4 KiB
+//! pages, which this kind of host faults in 5-10x faster than fresh huge
+//! pages, and a running guest's into huge pages, whose fewer faults leave
+//! the CPU to the source on a shared host). A reader older than the field
+//! refuses the header flag.
 //!
 //! A source that gives up after the setup (cancelled, tracker or VMM
 //! failure) ends the main stream with ABORT and its reason, so the
@@ -145,6 +157,9 @@ pub const FLAG_ZERO_RUNS: u16 = 1 << 5;
 /// destination with verify on catches its running digest up before it
 /// answers a drain mark.
 pub const FLAG_LOAD_REPORT: u16 = 1 << 6;
+/// Header flag (with [`FLAG_SETUP`]): the SETUP record carries the
+/// source guest's vCPU load.
+pub const FLAG_GUEST_LOAD: u16 = 1 << 7;
 /// Header flags this build understands.
 pub const KNOWN_FLAGS: u16 = FLAG_VERIFY
     | FLAG_CHANNELS
@@ -152,7 +167,10 @@ pub const KNOWN_FLAGS: u16 = FLAG_VERIFY
     | FLAG_SETUP
     | FLAG_RUNS
     | FLAG_ZERO_RUNS
-    | FLAG_LOAD_REPORT;
+    | FLAG_LOAD_REPORT
+    | FLAG_GUEST_LOAD;
+/// The SETUP record's load when the source's VMM did not say.
+pub const LOAD_UNKNOWN: u32 = u32::MAX;
 /// Most pages in one RUN record (256 KiB of pages behind one header).
 pub const MAX_RUN_PAGES: u16 = 64;
 /// Most pages in one ZERO_RUN record (1 GiB of zeros).

@@ -352,6 +352,10 @@ pub enum RecordOf<B, L, T> {
         vcpus: u32,
         /// Feature bits, all known to this build.
         features: u32,
+        /// How busy the source's vCPUs were as the migration started, in
+        /// hundredths of a vCPU (header flag `FLAG_GUEST_LOAD`; `None`
+        /// without it or when the source did not know).
+        load: Option<u32>,
     },
     /// The source gave up; its reason (UTF-8, lossily decoded). Nothing
     /// follows: a further read fails.
@@ -454,7 +458,15 @@ impl Record<'_> {
                 words: words.to_vec(),
             },
             Record::Postcopy => RecordOf::Postcopy,
-            Record::Setup { vcpus, features } => RecordOf::Setup { vcpus, features },
+            Record::Setup {
+                vcpus,
+                features,
+                load,
+            } => RecordOf::Setup {
+                vcpus,
+                features,
+                load,
+            },
             Record::Abort(t) => RecordOf::Abort(t.to_string()),
             Record::Run {
                 block,
@@ -1129,8 +1141,17 @@ impl<R: Read> StreamReader<R> {
                         StreamErrorKind::UnknownFeatures(features & !KNOWN_FEATURES),
                     ));
                 }
+                let load = if self.flags & FLAG_GUEST_LOAD != 0 {
+                    Some(self.u32("a setup record")?).filter(|&l| l != LOAD_UNKNOWN)
+                } else {
+                    None
+                };
                 self.setup = true;
-                Ok(Record::Setup { vcpus, features })
+                Ok(Record::Setup {
+                    vcpus,
+                    features,
+                    load,
+                })
             }
             Kind::Drain => {
                 let at = self.offset;

@@ -1125,7 +1125,7 @@ fn bad_version() {
 
 #[test]
 fn unknown_header_flags() {
-    for flags in [1 << 7, 1 << 15, FLAG_VERIFY | 1 << 7, u16::MAX] {
+    for flags in [1 << 8, 1 << 15, FLAG_VERIFY | 1 << 8, u16::MAX] {
         let e = parse_err(&Builder::custom_header(MAGIC, VERSION, flags, 0).build()).err;
         assert!(
             matches!(e.kind, StreamErrorKind::HeaderFlags(x) if x == flags),
@@ -1905,10 +1905,10 @@ fn display_names_the_byte_and_record() {
         "stream byte 16, record 0: unknown record tag 0x7f"
     );
 
-    let e = parse_err(&Builder::custom_header(MAGIC, VERSION, 128, 0).build()).err;
+    let e = parse_err(&Builder::custom_header(MAGIC, VERSION, 256, 0).build()).err;
     assert_eq!(
         e.to_string(),
-        "stream byte 10, record 0 (header): unknown header flags 0x0080"
+        "stream byte 10, record 0 (header): unknown header flags 0x0100"
     );
 
     let mut b = Builder::with_blocks();
@@ -2027,9 +2027,73 @@ fn setup_record_round_trips_right_after_the_block_list() {
         p.recs[1],
         Rec::Setup {
             vcpus: 4,
-            features: 0
+            features: 0,
+            load: None
         }
     );
+}
+
+#[test]
+fn setup_record_carries_the_guest_load_under_its_flag() {
+    let stream = |flags: u16, load: Option<u32>| {
+        let mut w = StreamWriter::new(Vec::new(), flags);
+        w.block_list(&one_block()).unwrap();
+        w.setup_with_load(2, 0, load).unwrap();
+        w.section_end(0).unwrap();
+        w.zero(0, P).unwrap();
+        w.end().unwrap();
+        w.get_mut().clone()
+    };
+    let setup = |bytes: &[u8]| parse(bytes).expect("valid stream").recs[1].clone();
+    let both = FLAG_SETUP | FLAG_GUEST_LOAD;
+    for load in [0, 100, 250, LOAD_UNKNOWN - 1] {
+        assert_eq!(
+            setup(&stream(both, Some(load))),
+            Rec::Setup {
+                vcpus: 2,
+                features: 0,
+                load: Some(load)
+            }
+        );
+    }
+    // Not known: the field says so, and the reader gives None.
+    let unknown = stream(both, None);
+    assert_eq!(
+        setup(&unknown),
+        Rec::Setup {
+            vcpus: 2,
+            features: 0,
+            load: None
+        }
+    );
+    // Without the flag the field is not written (and a load is dropped):
+    // four bytes shorter, and the same stream as a plain setup.
+    let plain = stream(FLAG_SETUP, Some(100));
+    assert_eq!(plain.len() + 4, unknown.len());
+    assert_eq!(
+        setup(&plain),
+        Rec::Setup {
+            vcpus: 2,
+            features: 0,
+            load: None
+        }
+    );
+    let mut w = StreamWriter::new(Vec::new(), FLAG_SETUP);
+    w.block_list(&one_block()).unwrap();
+    w.setup(2, 0).unwrap();
+    w.section_end(0).unwrap();
+    w.zero(0, P).unwrap();
+    w.end().unwrap();
+    assert_eq!(w.get_mut().as_slice(), plain.as_slice());
+    // A load cut short is a truncated setup record.
+    let mut w = StreamWriter::new(Vec::new(), both);
+    w.block_list(&one_block()).unwrap();
+    w.setup(2, 0).unwrap();
+    w.flush().unwrap();
+    let mut bytes = w.get_mut().clone();
+    bytes.truncate(bytes.len() - 2);
+    let e = parse(&bytes).expect_err("truncated").err;
+    assert!(e.to_string().contains("setup record"), "{e}");
 }
 
 #[test]

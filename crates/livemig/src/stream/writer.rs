@@ -484,11 +484,30 @@ impl<W: Write> StreamWriter<W> {
     }
 
     /// Writes the SETUP record: the VM's vCPU count (0: not said) and the
-    /// feature bits the migration needs (see [`FLAG_SETUP`]).
+    /// feature bits the migration needs (see [`FLAG_SETUP`]); with header
+    /// flag [`FLAG_GUEST_LOAD`], a load the VMM did not say.
     pub fn setup(&mut self, vcpus: u32, features: u32) -> io::Result<()> {
+        self.setup_with_load(vcpus, features, None)
+    }
+
+    /// As [`StreamWriter::setup`], with the source guest's vCPU load in
+    /// hundredths of a vCPU (`None`: not known), written when the header
+    /// declares [`FLAG_GUEST_LOAD`] (and dropped otherwise: a reader
+    /// without the flag expects no such field).
+    pub fn setup_with_load(
+        &mut self,
+        vcpus: u32,
+        features: u32,
+        load: Option<u32>,
+    ) -> io::Result<()> {
         self.buf.push(Kind::Setup as u8);
         self.buf.extend_from_slice(&vcpus.to_be_bytes());
         self.buf.extend_from_slice(&features.to_be_bytes());
+        if self.flags & FLAG_GUEST_LOAD != 0 {
+            // LOAD_UNKNOWN itself is never a load (it says "not known").
+            let load = load.map_or(LOAD_UNKNOWN, |l| l.min(LOAD_UNKNOWN - 1));
+            self.buf.extend_from_slice(&load.to_be_bytes());
+        }
         self.maybe_flush()
     }
 

@@ -47,8 +47,8 @@ use livemig::engine::{memory_digest, LoadOutcome, Loader};
 use livemig::memory::{AnonMapping, RawRegion};
 use livemig::memory::{GuestMemory, ProcessMemory, RamBlock, PAGE_SIZE};
 use livemig::stream::format::{
-    COMPRESS_LZ4, COMPRESS_ZSTD, FLAG_CHANNELS, FLAG_VERIFY, KNOWN_FEATURES, MAX_ABORT_TEXT,
-    MAX_BLOCKS, MAX_CHANNELS, MAX_ZERO_RUN_PAGES,
+    COMPRESS_LZ4, COMPRESS_ZSTD, FLAG_CHANNELS, FLAG_VERIFY, KNOWN_FEATURES, LOAD_UNKNOWN,
+    MAX_ABORT_TEXT, MAX_BLOCKS, MAX_CHANNELS, MAX_ZERO_RUN_PAGES,
 };
 use livemig::stream::{BlockDesc, OwnedRecord, Record, StreamErrorKind, StreamReader};
 
@@ -277,8 +277,9 @@ fn check_record(rec: &Record<'_>, blocks: &[BlockDesc], next_seq: &mut u64) {
             // would need the marks before it: at least not 0).
             assert!(mark >= 1, "drain mark 0 accepted");
         }
-        Record::Setup { features, .. } => {
+        Record::Setup { features, load, .. } => {
             assert_eq!(features & !KNOWN_FEATURES, 0, "unknown features accepted");
+            assert_ne!(load, Some(LOAD_UNKNOWN), "'not known' read as a load");
             assert_eq!(*next_seq, 0, "setup after the first section");
             assert!(!blocks.is_empty(), "setup before the block list");
         }

@@ -181,6 +181,17 @@ fn setup_and_abort(list: &[(&str, u64)]) -> Vec<(String, Vec<u8>)> {
         w.end().unwrap();
         out.push((name.to_string(), w.get_mut().clone()));
     }
+    // With the source guest's load (header flag GUEST_LOAD), said or not.
+    for (name, load) in [("setup-load", Some(0u32)), ("setup-load-unsaid", None)] {
+        let flags = FLAG_SETUP | livemig::stream::format::FLAG_GUEST_LOAD;
+        let mut w = StreamWriter::new(Vec::new(), flags);
+        w.block_list(&descs(list)).unwrap();
+        w.setup_with_load(1, 0, load).unwrap();
+        w.section_end(0).unwrap();
+        w.raw(0, 0, &pattern(0x23)).unwrap();
+        w.end().unwrap();
+        out.push((name.to_string(), w.get_mut().clone()));
+    }
     // Drain marks before a pause: each ends a section; then out of order,
     // and in a stream without a return path.
     let drained = |marks: &[u64], flags: u16| {

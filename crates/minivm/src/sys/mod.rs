@@ -93,6 +93,25 @@ pub fn advise_huge_pages(addr: u64, len: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// Takes back the advice for transparent huge pages on `len` bytes of
+/// this process's memory at `addr` (MADV_NOHUGEPAGE): pages faulted in
+/// after it are 4 KiB pages, until MADV_HUGEPAGE asks again.
+pub fn advise_no_huge_pages(addr: u64, len: u64) -> io::Result<()> {
+    // SAFETY: the caller passes a range inside a mapping it owns; the
+    // advice changes how it is backed, never its contents.
+    let r = unsafe {
+        libc::madvise(
+            addr as *mut libc::c_void,
+            len as usize,
+            libc::MADV_NOHUGEPAGE,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Populates (write-faults) `len` bytes of this process's memory at `addr`
 /// with MADV_POPULATE_WRITE.
 pub fn populate_write(addr: u64, len: u64) -> io::Result<()> {
