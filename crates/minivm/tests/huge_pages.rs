@@ -6,14 +6,12 @@
 
 mod common;
 
-use std::io::Read;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use livemig::engine::{MigrationHandle, Params, Status};
 use minivm::collapse::{smaps_fields, CollapseStats};
-use minivm::migrate::migrate_out;
-use minivm::{TrackerKind, Vm, VmConfig};
+use minivm::{Vm, VmConfig};
 
 /// The system's THP mode (`always`, `madvise` or `never`).
 fn thp_mode() -> String {
@@ -116,17 +114,7 @@ fn received_into_small_pages_then_collapsed_after_the_resume() {
     }
     let mode = thp_mode();
     let (cfg, src) = source();
-    let (w, mut ar, dest) = common::pipe_destination(&cfg);
-    let stats = migrate_out(
-        &src,
-        TrackerKind::Auto,
-        MigrationHandle::new(Params::default()),
-        w,
-        Some(&mut ar as &mut dyn Read),
-    )
-    .unwrap();
-    assert_eq!(stats.status, Status::Completed);
-    let (dst, _) = dest.join().unwrap().unwrap();
+    let dst = common::pipe_migrate(&src, &cfg);
     // Paused, every page in: no huge page asked for, none given.
     let (flags, huge) = guest_mapping(&dst);
     assert!(!flags.iter().any(|f| f == "hg"), "{flags:?}");
@@ -159,17 +147,7 @@ fn received_into_small_pages_then_collapsed_after_the_resume() {
     // Migrating the VM on stops its collapse first (it may still have
     // sparse chunks to look at again: 31 s of looks in all).
     let was_running = dst.collapse_running();
-    let (w, mut ar, next) = common::pipe_destination(&cfg);
-    let stats = migrate_out(
-        &dst,
-        TrackerKind::Auto,
-        MigrationHandle::new(Params::default()),
-        w,
-        Some(&mut ar as &mut dyn Read),
-    )
-    .unwrap();
-    assert_eq!(stats.status, Status::Completed);
-    let (next, _) = next.join().unwrap().unwrap();
+    let next = common::pipe_migrate(&dst, &cfg);
     if was_running {
         let t0 = Instant::now();
         while dst.collapse_running() {
@@ -346,17 +324,7 @@ fn an_idle_source_is_received_into_small_pages_and_a_busy_one_into_huge() {
     // Idle: 4 KiB pages while paused, huge pages asked for at the resume.
     let (cfg, src) = halted_source(32 << 20, 8);
     wait_load(&src, 0);
-    let (w, mut ar, dest) = common::pipe_destination(&cfg);
-    let stats = migrate_out(
-        &src,
-        TrackerKind::Auto,
-        MigrationHandle::new(Params::default()),
-        w,
-        Some(&mut ar as &mut dyn Read),
-    )
-    .unwrap();
-    assert_eq!(stats.status, Status::Completed);
-    let (dst, _) = dest.join().unwrap().unwrap();
+    let dst = common::pipe_migrate(&src, &cfg);
     assert_eq!(dst.received_into_small_pages(), Some(true));
     let (flags, huge) = guest_mapping(&dst);
     assert!(
@@ -380,17 +348,7 @@ fn an_idle_source_is_received_into_small_pages_and_a_busy_one_into_huge() {
     let (mut cfg, src) = source();
     cfg.receive_small_pages = false;
     wait_load(&src, 100);
-    let (w, mut ar, dest) = common::pipe_destination(&cfg);
-    let stats = migrate_out(
-        &src,
-        TrackerKind::Auto,
-        MigrationHandle::new(Params::default()),
-        w,
-        Some(&mut ar as &mut dyn Read),
-    )
-    .unwrap();
-    assert_eq!(stats.status, Status::Completed);
-    let (dst, _) = dest.join().unwrap().unwrap();
+    let dst = common::pipe_migrate(&src, &cfg);
     assert_eq!(dst.received_into_small_pages(), Some(false));
     let (flags, _) = guest_mapping(&dst);
     assert!(flags.iter().any(|f| f == "hg"), "{flags:?}");
@@ -405,16 +363,7 @@ fn an_idle_source_is_received_into_small_pages_and_a_busy_one_into_huge() {
         small_pages_when_idle: false,
         ..cfg
     };
-    let (w, mut ar, dest) = common::pipe_destination(&cfg);
-    migrate_out(
-        &src,
-        TrackerKind::Auto,
-        MigrationHandle::new(Params::default()),
-        w,
-        Some(&mut ar as &mut dyn Read),
-    )
-    .unwrap();
-    let (dst, _) = dest.join().unwrap().unwrap();
+    let dst = common::pipe_migrate(&src, &cfg);
     assert_eq!(dst.received_into_small_pages(), None);
     let (flags, _) = guest_mapping(&dst);
     assert!(flags.iter().any(|f| f == "hg"), "{flags:?}");

@@ -1276,13 +1276,6 @@ fn a_destination_asked_for_its_report_catches_its_digest_up_at_a_drain() {
         w.end().unwrap();
         w.get_mut().clone()
     };
-    let replies = |r: &mut PipeReader| {
-        let mut got = Vec::new();
-        while let Ok(x) = read_reply(r) {
-            got.push(x);
-        }
-        got
-    };
     let (ack_w, mut ack_r) = pipe();
     let mut l = Loader::new(&dst).answering(Box::new(ack_w));
     let out = l
@@ -1368,13 +1361,6 @@ fn the_loader_answers_a_drain_mark_once_its_section_checked_out() {
         }
         b
     };
-    let replies = |r: &mut PipeReader| {
-        let mut got = Vec::new();
-        while let Ok(x) = read_reply(r) {
-            got.push(x);
-        }
-        got
-    };
     let (ack_w, mut ack_r) = pipe();
     let mut l = Loader::new(&dst).answering(Box::new(ack_w));
     l.load(&stream(false)[..]).expect("loads");
@@ -1394,4 +1380,13 @@ fn the_loader_answers_a_drain_mark_once_its_section_checked_out() {
     assert!(e.to_string().contains("checksum"), "{e}");
     drop(l);
     assert_eq!(replies(&mut ack_r), [Reply::Accepted, Reply::Applied(1)]);
+}
+
+/// Every reply on the return path `r` until it ends.
+fn replies(r: &mut PipeReader) -> Vec<Reply> {
+    let mut got = Vec::new();
+    while let Ok(x) = read_reply(r) {
+        got.push(x);
+    }
+    got
 }

@@ -272,3 +272,23 @@ pub fn pipe_receive(
     );
     (stats, dest.join().expect("destination thread"))
 }
+
+/// Migrates `src` with default parameters over in-process pipes into a
+/// destination of `cfg` ([`pipe_destination`]); checks that it completed
+/// and returns the paused destination VM.
+pub fn pipe_migrate(src: &Vm, cfg: &VmConfig) -> Vm {
+    let (w, mut ar, dest) = pipe_destination(cfg);
+    let stats = minivm::migrate::migrate_out(
+        src,
+        minivm::TrackerKind::Auto,
+        livemig::engine::MigrationHandle::new(livemig::engine::Params::default()),
+        w,
+        Some(&mut ar as &mut dyn std::io::Read),
+    )
+    .expect("migration out");
+    assert_eq!(stats.status, livemig::engine::Status::Completed);
+    dest.join()
+        .expect("destination thread")
+        .expect("migration in")
+        .0
+}
