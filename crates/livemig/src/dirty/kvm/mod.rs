@@ -765,7 +765,8 @@ impl Drop for BitmapTracker {
 /// (no write-protect, no per-page work in CLEAR), and a sync leaves out
 /// those of them that still hold no data, asked after the GET: a write
 /// before that look-up shows as data, a later one at the next sync (its
-/// bit is still set). An idle guest's clears and syncs then cost what it
+/// bit is still set: a page left out is not cleared until a sync reported
+/// it). An idle guest's clears and syncs then cost what it
 /// wrote, not what it has. (As with any dirty log, memory that loses its
 /// data under the migration — a discard — is not reported.)
 pub struct ManualTracker {
@@ -848,16 +849,28 @@ impl DirtyTracker for ManualTracker {
                 .vm
                 .get_dirty_log(s.slot, s.block.len() as usize)
                 .map_err(kvm_os(MANUAL, "GET_DIRTY_LOG"))?;
-            self.reported[i].or_words(0, &words);
             let init = &self.initial[i];
+            let mut left_out = Vec::new();
             if init.count() > 0 {
                 // Asked after the GET: see the type's comment.
                 if let Some(data) = s.block.data_pages(0, s.block.pages()) {
-                    for ((w, i), d) in words.iter_mut().zip(init.words()).zip(data.words()) {
-                        *w &= !(i & !d);
+                    left_out = init
+                        .words()
+                        .iter()
+                        .zip(data.words())
+                        .map(|(i, d)| i & !d)
+                        .collect();
+                    for (w, m) in words.iter_mut().zip(&left_out) {
+                        *w &= !m;
                     }
                 }
             }
+            // Only what the caller hears of may be cleared: a page left out
+            // here that gains data before a clear of its chunk must keep
+            // its bit for the next sync, not be re-protected unreported.
+            let rep = &mut self.reported[i];
+            rep.and_not_words(0, &left_out);
+            rep.or_words(0, &words);
             n += b.or_words(0, &words);
         }
         Ok(n)

@@ -365,6 +365,14 @@ fn manual_initially_set_leaves_pages_without_data_alone() {
         vm.guest_write(0, 100 * PAGE, &[3]);
         vm.guest_write(0, 3 * PAGE, &[3]);
         assert_eq!(sync(&mut t), vec![3, 100], "both re-protected");
+        // A page that gains data between a sync (which left it out) and
+        // a clear of its chunk: the clear must not re-protect it
+        // unreported, or its write is lost.
+        t.clear(0, 0, 256).unwrap();
+        assert_eq!(sync(&mut t), Vec::<u64>::new());
+        vm.guest_write(0, 200 * PAGE, &[4]);
+        t.clear(0, 192, 64).unwrap();
+        assert_eq!(sync(&mut t), vec![200], "the write after the sync");
         t.stop().unwrap();
     }
 }
