@@ -2,15 +2,22 @@
 
 use std::io;
 
+/// The calling thread's kernel thread id.
+fn current_tid() -> libc::id_t {
+    // SAFETY: gettid has no preconditions and cannot fail.
+    let tid = unsafe { libc::gettid() };
+    tid as libc::id_t
+}
+
 /// The calling thread's nice value.
 pub fn thread_nice() -> io::Result<i32> {
-    // SAFETY: gettid has no preconditions; getpriority only reads its
-    // arguments. It may legitimately return -1, so errno is cleared
-    // first and read after (the location is this thread's own).
+    let tid = current_tid();
+    // SAFETY: getpriority only reads its arguments. It may legitimately
+    // return -1, so errno is cleared first and read after (the location
+    // is this thread's own).
     let (r, errno) = unsafe {
         *libc::__errno_location() = 0;
-        let tid = libc::gettid();
-        let r = libc::getpriority(libc::PRIO_PROCESS, tid as libc::id_t);
+        let r = libc::getpriority(libc::PRIO_PROCESS, tid);
         (r, *libc::__errno_location())
     };
     if r == -1 && errno != 0 {
@@ -23,13 +30,10 @@ pub fn thread_nice() -> io::Result<i32> {
 /// thread's id affects that thread only; threads it starts later inherit
 /// it). Lowering it below the current value needs `CAP_SYS_NICE`.
 pub fn set_thread_nice(nice: i32) -> io::Result<()> {
-    // SAFETY: gettid has no preconditions; setpriority only reads its
-    // arguments and changes the scheduling weight of this thread.
-    let r = unsafe {
-        let tid = libc::gettid();
-        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice)
-    };
-    if r != 0 {
+    let tid = current_tid();
+    // SAFETY: setpriority only reads its arguments and changes the
+    // scheduling weight of this thread.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, nice) } != 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(())

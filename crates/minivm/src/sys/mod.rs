@@ -218,14 +218,5 @@ pub fn set_nice_of(tid: i32, nice: i32) -> io::Result<()> {
 /// Sets the calling thread's nice value (Linux: `setpriority` on the
 /// thread's id affects that thread only).
 pub fn set_thread_nice(nice: i32) -> io::Result<()> {
-    // SAFETY: gettid has no preconditions; setpriority only reads its
-    // arguments and changes the scheduling weight of this thread.
-    let r = unsafe {
-        let tid = libc::gettid();
-        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice)
-    };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    set_nice_of(current_tid(), nice)
 }
