@@ -12,6 +12,7 @@ use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 use livemig::dirty::kvm::{KvmDirtyLog, KvmSlot, EXIT_DIRTY_RING_FULL};
 use livemig::dirty::DeviceWrites;
 use livemig::engine::local::{LocalError, SharedBlock};
+use livemig::engine::{pause_priority_enabled, PAUSE_NICE};
 use livemig::memory::VmMemory;
 use livemig::GuestMemory;
 use vm_memory::bitmap::AtomicBitmap;
@@ -298,17 +299,15 @@ struct HugeAtResume {
     collapse: bool,
 }
 
-/// Nice value of the vCPU threads while a pause stops them (the
-/// migration engine's pause threads run at the same).
-const PAUSE_NICE: i32 = -10;
-
-/// vCPU threads raised to [`PAUSE_NICE`] for a pause, and their old
-/// values, put back on drop. `LIVEMIG_PAUSE_PRIORITY=0` turns it off.
+/// vCPU threads raised to the engine's [`PAUSE_NICE`] for a pause (its
+/// pause threads run at the same), and their old values, put back on
+/// drop. `LIVEMIG_PAUSE_PRIORITY=0` turns it off
+/// ([`pause_priority_enabled`]).
 struct RaisedVcpus(Vec<(i32, i32)>);
 
 impl RaisedVcpus {
     fn raise(sh: &Shared) -> RaisedVcpus {
-        if std::env::var("LIVEMIG_PAUSE_PRIORITY").is_ok_and(|v| v == "0") {
+        if !pause_priority_enabled() {
             return RaisedVcpus(Vec::new());
         }
         let mut raised = Vec::new();

@@ -33,6 +33,7 @@ pub use handle::{HandleEvent, MigrationHandle, Observer, PostcopyPoint, SyncPoin
 pub use loader::{LayoutMismatch, LoadError, LoadOutcome, LoadStats, Loader, PostcopyLoadError};
 pub use pacing::{PauseEstimate, HANDSHAKE_ALLOWANCE};
 pub use params::{CompressParams, MigrationMode, Params, ParamsError, Switchover};
+pub use priority::{pause_priority_enabled, PAUSE_NICE};
 pub use source::Source;
 pub use stats::{
     CompressionStats, Convergence, MigrationStats, PauseBreakdown, RamStats, Status, XbzrleStats,

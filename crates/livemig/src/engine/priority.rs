@@ -14,11 +14,13 @@ use std::cell::RefCell;
 
 use crate::sys::sched::{set_thread_nice, thread_nice};
 
-/// Nice value of a hot thread of the pause.
-pub(crate) const PAUSE_NICE: i32 = -10;
+/// Nice value of a hot thread of the pause (a VMM raising its vCPU
+/// threads while a pause stops them uses the same).
+pub const PAUSE_NICE: i32 = -10;
 
-/// Whether raising is allowed (not turned off by the environment).
-fn enabled() -> bool {
+/// Whether the pause's threads may be raised: not turned off by
+/// `LIVEMIG_PAUSE_PRIORITY=0` (read once).
+pub fn pause_priority_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("LIVEMIG_PAUSE_PRIORITY").map_or(true, |v| v != "0"))
 }
@@ -34,7 +36,7 @@ impl Raised {
     /// Raises the calling thread; `None` when it is off, already at
     /// least that high, or refused (logged).
     pub(crate) fn raise() -> Option<Raised> {
-        if !enabled() {
+        if !pause_priority_enabled() {
             return None;
         }
         let was = thread_nice().ok()?;
