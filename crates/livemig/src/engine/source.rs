@@ -1982,9 +1982,7 @@ impl<'a> RamSaver<'a> {
         w: &mut StreamWriter<W>,
         r: &mut dyn Read,
     ) -> Result<Option<LoadReport>, MigrationError> {
-        self.drain_mark += 1;
-        w.drain(self.drain_mark).map_err(MigrationError::send)?;
-        self.section_end(w)?;
+        self.end_with_mark(w)?;
         let sent = self.sent_bytes(w);
         // The window's marks out come first (answers come in order).
         self.settle_marks(r)?;
@@ -2045,11 +2043,16 @@ impl<'a> RamSaver<'a> {
 
     /// Ends a section with a DRAIN mark the window waits for later.
     fn window_mark<W: Write>(&mut self, w: &mut StreamWriter<W>) -> Result<(), MigrationError> {
-        self.drain_mark += 1;
-        w.drain(self.drain_mark).map_err(MigrationError::send)?;
-        self.section_end(w)?;
+        self.end_with_mark(w)?;
         self.window.marked(self.drain_mark, self.sent_bytes(w));
         Ok(())
+    }
+
+    /// Writes the next DRAIN mark and ends the section with it.
+    fn end_with_mark<W: Write>(&mut self, w: &mut StreamWriter<W>) -> Result<(), MigrationError> {
+        self.drain_mark += 1;
+        w.drain(self.drain_mark).map_err(MigrationError::send)?;
+        self.section_end(w)
     }
 
     /// Waits for the APPLIED of the window's oldest mark on `r`.
