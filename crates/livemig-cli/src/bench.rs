@@ -694,43 +694,6 @@ fn page_like(like: &[u8]) -> (Vec<u8>, usize) {
     (buf, at)
 }
 
-/// Encodes the pages `page(0)`, `page(1)`, ... `page(count - 1)` of `old`
-/// against the same pages of `new` into `out`, each told the pair that
-/// follows when `hint` is set (as the engine's XBZRLE path does), and
-/// returns the encoded bytes in all (an overflow counted as one page).
-#[inline(always)]
-fn encode_pages(
-    old: &[u8],
-    new: &[u8],
-    count: usize,
-    page: impl Fn(usize) -> usize,
-    out: &mut [u8],
-    hint: bool,
-) -> usize {
-    let at = |p: usize| p * PAGE_SIZE..(p + 1) * PAGE_SIZE;
-    let mut total = 0;
-    for k in 0..count {
-        let p = page(k);
-        let next = if hint && k + 1 < count {
-            let q = page(k + 1);
-            xbzrle::Next {
-                old: &old[at(q)],
-                new: &new[at(q)],
-            }
-        } else {
-            xbzrle::Next::default()
-        };
-        total += black_box(xbzrle::encode_with_next(
-            &old[at(p)],
-            &new[at(p)],
-            out,
-            next,
-        ))
-        .unwrap_or(PAGE_SIZE);
-    }
-    total
-}
-
 /// Page indices `0..pages` in a fixed shuffled order.
 fn shuffled(pages: usize) -> Vec<usize> {
     let mut order: Vec<usize> = (0..pages).collect();
@@ -787,11 +750,11 @@ fn codecs(c: &Config, refs: &References, json: bool) -> Result<Vec<CodecRow>> {
         let new = sparse_changes(&old);
         let mut out = vec![0u8; PAGE_SIZE];
         let mut encoded_len = 0usize;
-        // Each page told the next pair (`xbzrle::encode_with_next`), as
-        // the engine's XBZRLE path does; the same row without that hint
-        // follows.
         let (bps, r) = paired(ws, ws, runs, &mut memcpy, &mut || {
-            encoded_len = encode_pages(&old, &new, pages, |k| k, &mut out, true);
+            encoded_len = 0;
+            for (o, n) in old.chunks(PAGE_SIZE).zip(new.chunks(PAGE_SIZE)) {
+                encoded_len += black_box(xbzrle::encode(o, n, &mut out)).unwrap_or(PAGE_SIZE);
+            }
         });
         rows.push((
             format!(
@@ -801,15 +764,6 @@ fn codecs(c: &Config, refs: &References, json: bool) -> Result<Vec<CodecRow>> {
             bps,
             r,
             Some(encoded_len as f64 / pages as f64),
-        ));
-        let (bps, r) = paired(ws, ws, runs, &mut memcpy, &mut || {
-            encode_pages(&old, &new, pages, |k| k, &mut out, false);
-        });
-        rows.push((
-            "xbzrle encode, 8 bytes changed, no next-pair hint".into(),
-            bps,
-            r,
-            None,
         ));
         if xbzrle::implementation() != "scalar" {
             let (bps, r) = paired(ws, ws, runs, &mut memcpy, &mut || {
@@ -828,7 +782,9 @@ fn codecs(c: &Config, refs: &References, json: bool) -> Result<Vec<CodecRow>> {
         // write (an unchanged page).
         let same = old.clone();
         let (bps, r) = paired(ws, ws, runs, &mut memcpy, &mut || {
-            encode_pages(&old, &same, pages, |k| k, &mut out, true);
+            for (o, n) in old.chunks(PAGE_SIZE).zip(same.chunks(PAGE_SIZE)) {
+                let _ = black_box(xbzrle::encode(o, n, &mut out));
+            }
         });
         drop(same);
         rows.push((
@@ -846,7 +802,9 @@ fn codecs(c: &Config, refs: &References, json: bool) -> Result<Vec<CodecRow>> {
         shifted[skew..skew + ws].copy_from_slice(&new);
         let new_skewed = &shifted[skew..skew + ws];
         let (bps, r) = paired(ws, ws, runs, &mut memcpy, &mut || {
-            encode_pages(&old, new_skewed, pages, |k| k, &mut out, true);
+            for (o, n) in old.chunks(PAGE_SIZE).zip(new_skewed.chunks(PAGE_SIZE)) {
+                let _ = black_box(xbzrle::encode(o, n, &mut out));
+            }
         });
         drop(shifted);
         rows.push((
@@ -866,19 +824,12 @@ fn codecs(c: &Config, refs: &References, json: bool) -> Result<Vec<CodecRow>> {
             black_box(&dst);
         };
         let (bps, r) = paired(ws, ws, runs, &mut scattered_memcpy, &mut || {
-            encode_pages(&old, &new, pages, |k| order[k], &mut out, true);
+            for &p in &order {
+                let _ = black_box(xbzrle::encode(&old[at(p)], &new[at(p)], &mut out));
+            }
         });
         rows.push((
             "xbzrle encode, 8 bytes changed, shuffled *".into(),
-            bps,
-            r,
-            None,
-        ));
-        let (bps, r) = paired(ws, ws, runs, &mut scattered_memcpy, &mut || {
-            encode_pages(&old, &new, pages, |k| order[k], &mut out, false);
-        });
-        rows.push((
-            "xbzrle encode, 8 bytes changed, shuffled, no next-pair hint *".into(),
             bps,
             r,
             None,
@@ -909,19 +860,8 @@ fn codecs(c: &Config, refs: &References, json: bool) -> Result<Vec<CodecRow>> {
             }
         };
         let (bps, r) = paired(ws, ws, runs, &mut staging_memcpy, &mut || {
-            let mut pages = cold.chunks(PAGE_SIZE).peekable();
-            while let Some(o) = pages.next() {
-                // The next page's old copy is cold; the staged page is not.
-                let next = xbzrle::Next {
-                    old: pages.peek().copied().unwrap_or_default(),
-                    new: &[],
-                };
-                let _ = black_box(xbzrle::encode_with_next(
-                    o,
-                    black_box(staged),
-                    &mut out,
-                    next,
-                ));
+            for o in cold.chunks(PAGE_SIZE) {
+                let _ = black_box(xbzrle::encode(o, black_box(staged), &mut out));
             }
         });
         drop(cold);
@@ -948,7 +888,9 @@ fn codecs(c: &Config, refs: &References, json: bool) -> Result<Vec<CodecRow>> {
         drop(target);
         let changed: Vec<u8> = old.iter().map(|b| !b).collect();
         let (bps, r) = paired(ws, ws, runs, &mut memcpy, &mut || {
-            encode_pages(&old, &changed, pages, |k| k, &mut out, true);
+            for (o, n) in old.chunks(PAGE_SIZE).zip(changed.chunks(PAGE_SIZE)) {
+                let _ = black_box(xbzrle::encode(o, n, &mut out));
+            }
         });
         rows.push(("xbzrle encode, all changed (overflow)".into(), bps, r, None));
     }

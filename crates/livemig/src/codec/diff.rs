@@ -27,55 +27,29 @@
 //!
 //! The SIMD encoders prefetch the group [`READ_AHEAD`] bytes ahead of the
 //! one they compare, inside the page: the hardware prefetcher does not
-//! cross 4 KiB pages and needs a few misses before it starts. Prefetching
-//! past the end of the page (into the adjacent page, a guess) was measured
-//! and left out: it made pages encoded in scattered order, as the engine
-//! does, 7-15% slower (BENCHMARKS.md). A caller that knows the next pair
-//! says so ([`super::xbzrle::encode_with_next`]); its first
-//! [`NEXT_LINES`] lines are then prefetched while the first group of the
-//! current pair is compared, a page's time ahead of their use.
+//! cross 4 KiB pages and needs a few misses before it starts. Prefetching past the end of the page (into
+//! the next page, which helps a caller that encodes adjacent pages in
+//! order) was measured and left out: it made pages encoded in scattered
+//! order, as the engine does, 7-15% slower (BENCHMARKS.md).
 
 use std::sync::OnceLock;
 
-use super::xbzrle::{Error, Next};
+use super::xbzrle::Error;
 
 /// A mask routine: `(old, new, mask)`; the caller guarantees
 /// `old.len() == new.len()` and `mask.len() == words(old.len())`.
 #[cfg(test)]
 pub(crate) type MaskFn = fn(&[u8], &[u8], &mut [u64]);
 
-/// An encoder: `(old, new, out, next)`, lengths already checked by the
-/// caller (`old.len() == new.len() <= MAX_PAGE_LEN`); `next` is the pair
-/// the caller encodes after this one (empty slices when it does not know).
-pub(crate) type EncodeFn = fn(&[u8], &[u8], &mut [u8], Next<'_>) -> Result<usize, Error>;
+/// An encoder: `(old, new, out)`, lengths already checked by the caller
+/// (`old.len() == new.len() <= MAX_PAGE_LEN`).
+pub(crate) type EncodeFn = fn(&[u8], &[u8], &mut [u8]) -> Result<usize, Error>;
 
 /// Bytes ahead of the compared group that the SIMD encoders prefetch: the
 /// whole next group of both pages, inside the page (measured: 128 bytes or
 /// half a group ahead, 384 or 512 bytes, or two groups were all slower;
 /// BENCHMARKS.md).
 pub const READ_AHEAD: usize = 256;
-
-/// Lines of the next pair ([`Next`]) that the SIMD encoders prefetch,
-/// from its start, while they compare the first group of the current one
-/// (measured, BENCHMARKS.md: more lines, or the same lines near the end
-/// of the current page, were slower).
-pub const NEXT_LINES: usize = 1;
-
-/// `next`, or nothing when it starts within [`NEAR`] bytes after the start
-/// of `this`: a page that follows the current one so closely is read
-/// faster without the next-pair prefetch (measured: 2-7% slower with it,
-/// BENCHMARKS.md), one elsewhere faster with it.
-fn far<'a>(this: &[u8], next: &'a [u8]) -> &'a [u8] {
-    let (t, n) = (this.as_ptr() as usize, next.as_ptr() as usize);
-    if n > t && n - t <= NEAR {
-        &[]
-    } else {
-        next
-    }
-}
-
-/// See [`far`]: two pages and an allocator's header.
-const NEAR: usize = 2 * 4096 + 64;
 
 /// Bytes the SIMD encoders compare per step (four 64-byte lines): a
 /// group with no difference inside an unchanged run costs eight loads,
@@ -129,14 +103,8 @@ fn select() -> Routine {
     }
     Routine {
         name: "scalar",
-        encode: portable,
+        encode: super::xbzrle::encode_portable,
     }
-}
-
-/// The portable encoder as an [`EncodeFn`]: it has no read-ahead, so the
-/// next pair is not used.
-fn portable(old: &[u8], new: &[u8], out: &mut [u8], _next: Next<'_>) -> Result<usize, Error> {
-    super::xbzrle::encode_portable(old, new, out)
 }
 
 /// Portable mask routine: 8 bytes at a time, the tail bytewise. Used by
@@ -210,7 +178,7 @@ pub(crate) fn routines() -> Vec<(&'static str, MaskFn)> {
 /// each SIMD encoder the CPU has.
 #[cfg(test)]
 pub(crate) fn encoders() -> Vec<(&'static str, EncodeFn)> {
-    fn masked_scalar(old: &[u8], new: &[u8], out: &mut [u8], _: Next<'_>) -> Result<usize, Error> {
+    fn masked_scalar(old: &[u8], new: &[u8], out: &mut [u8]) -> Result<usize, Error> {
         super::xbzrle::encode_masked(old, new, out, scalar)
     }
     let mut v: Vec<(&'static str, EncodeFn)> =
@@ -236,7 +204,7 @@ mod x86 {
     //! a byte inside a slice, or a call into a function whose target
     //! features were checked at run time just before.
 
-    use super::{Error, Next, GROUP, NEXT_LINES, READ_AHEAD};
+    use super::{Error, GROUP, READ_AHEAD};
     use crate::codec::xbzrle::Runs;
     use std::arch::x86_64::{
         __m256i, _mm256_cmpeq_epi8, _mm256_loadu_si256, _mm256_movemask_epi8, _mm256_or_si256,
@@ -251,30 +219,20 @@ mod x86 {
     /// AVX-512BW encoder; selected only after
     /// `is_x86_feature_detected!("avx512bw")`.
     #[cfg(livemig_avx512)]
-    pub(super) fn encode_avx512(
-        old: &[u8],
-        new: &[u8],
-        out: &mut [u8],
-        next: Next<'_>,
-    ) -> Result<usize, Error> {
+    pub(super) fn encode_avx512(old: &[u8], new: &[u8], out: &mut [u8]) -> Result<usize, Error> {
         assert!(is_x86_feature_detected!("avx512bw"));
         // SAFETY: the assert above checked that the CPU has AVX-512BW
         // (which implies AVX-512F), all that `encode_avx512_impl` needs.
         // The check is a load and a test of a cached word.
-        unsafe { encode_avx512_impl(old, new, out, next) }
+        unsafe { encode_avx512_impl(old, new, out) }
     }
 
     /// AVX2 encoder; selected only after `is_x86_feature_detected!("avx2")`.
-    pub(super) fn encode_avx2(
-        old: &[u8],
-        new: &[u8],
-        out: &mut [u8],
-        next: Next<'_>,
-    ) -> Result<usize, Error> {
+    pub(super) fn encode_avx2(old: &[u8], new: &[u8], out: &mut [u8]) -> Result<usize, Error> {
         assert!(is_x86_feature_detected!("avx2"));
         // SAFETY: the assert above checked that the CPU has AVX2, all that
         // `encode_avx2_impl` needs.
-        unsafe { encode_avx2_impl(old, new, out, next) }
+        unsafe { encode_avx2_impl(old, new, out) }
     }
 
     /// AVX-512BW mask routine (tests); checks the feature first.
@@ -312,7 +270,6 @@ mod x86 {
         old: &[u8],
         new: &[u8],
         out: &mut [u8],
-        next: Next<'_>,
         mut group: impl FnMut(&[u8; GROUP], &[u8; GROUP]) -> Option<[u64; 4]>,
         mut line: impl FnMut(&[u8; 64], &[u8; 64]) -> u64,
     ) -> Result<usize, Error> {
@@ -343,16 +300,6 @@ mod x86 {
             for line in (0..GROUP).step_by(64) {
                 read_ahead(old, at + READ_AHEAD + line);
                 read_ahead(new, at + READ_AHEAD + line);
-            }
-            if g == 0 {
-                // The start of the next pair, a page's time ahead: a page
-                // begins with misses (and, in scattered order, TLB misses)
-                // that no read-ahead inside it can hide.
-                let (next_old, next_new) = (super::far(old, next.old), super::far(new, next.new));
-                for line in (0..NEXT_LINES * 64).step_by(64) {
-                    read_ahead(next_old, line);
-                    read_ahead(next_new, line);
-                }
             }
             let (o, n) = (as_group(o), as_group(n));
             let this = group(o, n);
@@ -406,17 +353,11 @@ mod x86 {
     #[cfg(livemig_avx512)]
     #[clippy::msrv = "1.89"]
     #[target_feature(enable = "avx512f,avx512bw")]
-    fn encode_avx512_impl(
-        old: &[u8],
-        new: &[u8],
-        out: &mut [u8],
-        next: Next<'_>,
-    ) -> Result<usize, Error> {
+    fn encode_avx512_impl(old: &[u8], new: &[u8], out: &mut [u8]) -> Result<usize, Error> {
         encode_groups(
             old,
             new,
             out,
-            next,
             |o, n| {
                 let l = |k: usize| {
                     (
@@ -444,17 +385,11 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx2")]
-    fn encode_avx2_impl(
-        old: &[u8],
-        new: &[u8],
-        out: &mut [u8],
-        next: Next<'_>,
-    ) -> Result<usize, Error> {
+    fn encode_avx2_impl(old: &[u8], new: &[u8], out: &mut [u8]) -> Result<usize, Error> {
         encode_groups(
             old,
             new,
             out,
-            next,
             |o, n| {
                 let l = |k: usize| {
                     (

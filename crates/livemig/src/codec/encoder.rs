@@ -112,9 +112,6 @@ struct Xbzrle {
     cache: PageCache,
     gate: XbzrleGate,
     buf: Vec<u8>,
-    /// The cache key of the page likely encoded after the next one
-    /// ([`PageEncoder::hint_next`]).
-    next: Option<u64>,
 }
 
 /// Chooses and applies the encoding of each page of one stream.
@@ -192,7 +189,6 @@ impl PageEncoder {
                         cache,
                         gate: XbzrleGate::new(),
                         buf: vec![0; PAGE_SIZE],
-                        next: None,
                     })
                 }
                 Err(e) => log::warn!("xbzrle cache of {size} bytes: {e}; xbzrle stays off"),
@@ -214,18 +210,6 @@ impl PageEncoder {
     /// stream: the cache holds exactly what that stream delivered).
     pub fn has_xbzrle(&self) -> bool {
         self.xbzrle.is_some()
-    }
-
-    /// Says which page (its cache key, as in [`Delta::addr`]) the caller
-    /// will most likely encode after the one it passes to the next
-    /// [`Self::encode`] (which consumes the hint): the
-    /// delta encoder reads ahead in that page's cached copy while it
-    /// finishes the current one, so a page does not start with a cache
-    /// miss. A wrong guess costs a few useless prefetches.
-    pub fn hint_next(&mut self, addr: Option<u64>) {
-        if let Some(x) = &mut self.xbzrle {
-            x.next = addr;
-        }
     }
 
     /// The XBZRLE cache's size in bytes, when XBZRLE is on.
@@ -307,7 +291,6 @@ impl PageEncoder {
         } = page;
         let off = offset as usize;
         let delta = delta.filter(|_| self.xbzrle.is_some());
-        let next = self.xbzrle.as_mut().and_then(|x| x.next.take());
         // XBZRLE sits out while it does not pay; the cache then forgets
         // the pages sent otherwise, so that it never holds a copy the
         // destination does not have.
@@ -337,7 +320,7 @@ impl PageEncoder {
         if let (Some(x), Some(d)) = (&mut self.xbzrle, delta) {
             if !try_delta {
                 x.cache.forget(d.addr);
-            } else if let Some(r) = self.try_xbzrle(w, d, next) {
+            } else if let Some(r) = self.try_xbzrle(w, d) {
                 return r;
             }
         }
@@ -368,7 +351,6 @@ impl PageEncoder {
         &mut self,
         w: &mut StreamWriter<W>,
         d: Delta,
-        next: Option<u64>,
     ) -> Option<io::Result<()>> {
         let x = self.xbzrle.as_mut()?;
         let t0 = Instant::now();
@@ -380,7 +362,7 @@ impl PageEncoder {
             PAGE_SIZE as f64
         };
         let link = self.link_ns_per_byte;
-        let Some((old, next_old)) = x.cache.get_mut_with_next(d.addr, d.generation, next) else {
+        let Some(old) = x.cache.get_mut_at(d.addr, d.generation) else {
             self.c.xbzrle_miss += 1;
             // A miss is what a later hit costs: not judged.
             if !d.last_pass {
@@ -388,13 +370,7 @@ impl PageEncoder {
             }
             return None;
         };
-        // The next new page is staged from guest memory later: only its
-        // cached copy is read ahead.
-        let ahead = xbzrle::Next {
-            old: next_old,
-            new: &[],
-        };
-        match xbzrle::encode_with_next(old, w.staged(), &mut x.buf, ahead) {
+        match xbzrle::encode(old, w.staged(), &mut x.buf) {
             Ok(0) => {
                 self.c.skipped += 1;
                 w.discard_staged();

@@ -154,42 +154,13 @@ impl PageCache {
     /// Like [`Self::get_mut`], stamping a hit with `generation` (the
     /// current dirty-sync count).
     pub fn get_mut_at(&mut self, addr: u64, generation: u64) -> Option<&mut [u8]> {
-        self.get_mut_with_next(addr, generation, None)
-            .map(|(data, _)| data)
-    }
-
-    /// Like [`Self::get_mut_at`], with the cached copy of the page at
-    /// `next` too (not stamped; empty when the cache does not hold it or
-    /// it shares the slot of `addr`): the copy a caller encodes against
-    /// next, to read ahead in.
-    pub fn get_mut_with_next(
-        &mut self,
-        addr: u64,
-        generation: u64,
-        next: Option<u64>,
-    ) -> Option<(&mut [u8], &[u8])> {
         self.generation = self.generation.max(generation);
         let i = self.slot_of(addr);
-        let j = next.map(|n| self.slot_of(n)).filter(|&j| j != i);
-        let (slot, other) = match j {
-            Some(j) if j > i => {
-                let (a, b) = self.slots.split_at_mut(j);
-                (&mut a[i], Some(&b[0]))
-            }
-            Some(j) => {
-                let (a, b) = self.slots.split_at_mut(i);
-                (&mut b[0], Some(&a[j]))
-            }
-            None => (&mut self.slots[i], None),
-        };
-        let next_data = match (other, next) {
-            (Some(s), Some(n)) if s.addr == n => s.data.as_deref().unwrap_or_default(),
-            _ => &[],
-        };
+        let slot = &mut self.slots[i];
         match &mut slot.data {
             Some(data) if slot.addr == addr => {
                 slot.age = generation;
-                Some((data, next_data))
+                Some(data)
             }
             _ => None,
         }
@@ -394,33 +365,6 @@ mod tests {
         assert!(c.get_mut(P).is_some());
         assert!(!c.insert(0, &page(3), 6));
         assert_eq!(c.generation(), 6);
-    }
-
-    #[test]
-    fn get_with_next_gives_the_next_copy_without_stamping_it() {
-        let mut c = PageCache::new(4 * PAGE_SIZE as u64).unwrap();
-        let p = PAGE_SIZE as u64;
-        assert!(c.insert(0, &page(1), 1));
-        assert!(c.insert(p, &page(2), 1));
-        assert!(c.insert(3 * p, &page(4), 1));
-        // The next page after and before the slot, cached or not.
-        let (data, next) = c.get_mut_with_next(0, 5, Some(p)).unwrap();
-        assert_eq!((data[0], next), (1, &page(2)[..]));
-        let (data, next) = c.get_mut_with_next(3 * p, 5, Some(p)).unwrap();
-        assert_eq!((data[0], next), (4, &page(2)[..]));
-        let (_, next) = c.get_mut_with_next(0, 5, Some(2 * p)).unwrap();
-        assert!(next.is_empty());
-        // Another address in the next's slot, and the same slot: nothing.
-        let (_, next) = c.get_mut_with_next(0, 5, Some(5 * p)).unwrap();
-        assert!(next.is_empty());
-        let (_, next) = c.get_mut_with_next(0, 5, Some(4 * p)).unwrap();
-        assert!(next.is_empty());
-        assert!(c.get_mut_with_next(2 * p, 5, Some(0)).is_none());
-        // Only the looked-up entry was stamped: the one at `p` (age 1)
-        // gives way to another address in generation 5, the one at 0 does
-        // not.
-        assert!(c.insert(5 * p, &page(6), 5));
-        assert!(!c.insert(4 * p, &page(7), 5));
     }
 
     #[test]

@@ -127,35 +127,8 @@ pub enum Error {
 /// compare them).
 #[inline]
 pub fn encode(old: &[u8], new: &[u8], out: &mut [u8]) -> Result<usize, Error> {
-    encode_with_next(old, new, out, Next::default())
-}
-
-/// The page pair a caller will encode after the current one: its old and
-/// new copies (or either left empty when not known). Only read ahead,
-/// never read for the result.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Next<'a> {
-    /// The next pair's old copy.
-    pub old: &'a [u8],
-    /// The next pair's new copy.
-    pub new: &'a [u8],
-}
-
-/// Like [`encode`], told which pair comes next: the SIMD encoders
-/// prefetch the start of `next` while they compare the end of this pair.
-/// A page starts with cache misses that no read-ahead inside it can hide
-/// (the hardware prefetcher does not cross 4 KiB pages); a caller that
-/// encodes a sequence of pages in any order hides them this way. The
-/// output is the same as [`encode`]'s.
-#[inline]
-pub fn encode_with_next(
-    old: &[u8],
-    new: &[u8],
-    out: &mut [u8],
-    next: Next<'_>,
-) -> Result<usize, Error> {
     check_lengths(old, new)?;
-    (super::diff::encoder())(old, new, out, next)
+    (super::diff::encoder())(old, new, out)
 }
 
 /// The name of the run search [`encode`] uses on this CPU: the SIMD mask
@@ -817,16 +790,7 @@ mod tests {
             ("words".into(), Box::new(encode_portable)),
         ];
         for (name, f) in crate::codec::diff::encoders() {
-            v.push((
-                format!("diff/{name}"),
-                Box::new(move |o, n, out| f(o, n, out, Next::default())),
-            ));
-            // Told a next pair (here the same pages, swapped): the
-            // read-ahead must not change a byte of the output.
-            v.push((
-                format!("diff/{name}, next given"),
-                Box::new(move |o, n, out| f(o, n, out, Next { old: n, new: o })),
-            ));
+            v.push((format!("diff/{name}"), Box::new(f)));
         }
         v
     }

@@ -247,25 +247,6 @@ impl<'a> Source<'a> {
     }
 }
 
-/// The first dirty page at or after `from` in `bits`, looked for in the
-/// 64-bit word that holds `from` and the one after it only (a guess for
-/// a read-ahead, not worth a long scan).
-fn next_dirty_near(bits: &DirtyBitmap, from: u64) -> Option<u64> {
-    let words = bits.words();
-    let w = usize::try_from(from / 64).ok()?;
-    let here = words.get(w)? >> (from % 64);
-    let found = if here != 0 {
-        from + u64::from(here.trailing_zeros())
-    } else {
-        let after = *words.get(w + 1)?;
-        if after == 0 {
-            return None;
-        }
-        (w as u64 + 1) * 64 + u64::from(after.trailing_zeros())
-    };
-    (found < bits.len()).then_some(found)
-}
-
 /// After a failed migration (`e`): resumes the source guest if this side
 /// paused it and GO never went out, and says how it ended. A cancel can
 /// surface as another error (an interrupted wait for a reply): it is
@@ -2659,14 +2640,6 @@ impl<'a> RamSaver<'a> {
                 return ch.push(b, page, enc);
             }
         }
-        if delta.is_some() {
-            // The delta encoder reads ahead in the cached copy of the page
-            // the walk most likely takes next: the next dirty page of this
-            // block, looked for among the next 64-127 pages only.
-            let next = next_dirty_near(&self.search.bitmaps()[block], page + 1)
-                .map(|p| self.block_base[block] + p * PAGE_SIZE as u64);
-            self.encoder.hint_next(next);
-        }
         let page = Page {
             region: self.blocks[block].region(),
             block: b,
@@ -3002,30 +2975,4 @@ impl PauseClock {
 /// Whole milliseconds.
 fn ms(d: Duration) -> u64 {
     d.as_millis() as u64
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn next_dirty_near_looks_two_words_ahead_only() {
-        let mut b = DirtyBitmap::new(300);
-        assert_eq!(next_dirty_near(&b, 0), None);
-        b.set(5);
-        b.set(127);
-        b.set(250);
-        b.set(299);
-        assert_eq!(next_dirty_near(&b, 0), Some(5));
-        assert_eq!(next_dirty_near(&b, 5), Some(5));
-        assert_eq!(next_dirty_near(&b, 6), Some(127));
-        // From page 128 the words of 128-191 and 192-255 are looked at.
-        assert_eq!(next_dirty_near(&b, 128), Some(250));
-        assert_eq!(next_dirty_near(&b, 251), Some(299));
-        // Nothing in the word of `from` nor the next: no guess.
-        b.clear(250);
-        assert_eq!(next_dirty_near(&b, 128), None);
-        assert_eq!(next_dirty_near(&b, 300), None);
-        assert_eq!(next_dirty_near(&b, 1 << 40), None);
-    }
 }
