@@ -87,10 +87,17 @@ fn refused_attempt(src: &Vm, cfg: &VmConfig, attempt: u32) {
     // The source runs on: not paused, and it keeps incrementing.
     assert!(!src.is_paused(), "the source VM was left paused");
     let p = common::bootinc_passes(src);
-    assert!(
-        common::wait_bootinc_passes(src, p + 1, PASS_WAIT) > p,
-        "the source guest advances after the refusal"
-    );
+    if common::wait_bootinc_passes(src, p + 1, PASS_WAIT) <= p {
+        // What the vCPUs do meanwhile: stopped on a full ring again and
+        // again (ring-full exits climbing), or stuck elsewhere.
+        let a = src.guest_status();
+        std::thread::sleep(Duration::from_secs(1));
+        let b = src.guest_status();
+        panic!(
+            "the source guest did not advance after refusal {attempt} (still at pass {p}): \
+             status {a:?}; a second later {b:?}"
+        );
+    }
     assert!(
         src.guest_status().errors.is_empty(),
         "{:?}",

@@ -105,14 +105,31 @@ pub(crate) fn clear_dirty_log(
 }
 
 /// KVM_RESET_DIRTY_RINGS: recycles harvested entries of all vCPU rings and
-/// re-protects their pages. Returns how many entries were reset.
+/// re-protects their pages, all of them: a reset a signal interrupted is
+/// run again until it ends. Returns how many entries the last (or only)
+/// run reset.
+///
+/// Since Linux 6.16 the reset stops with EINTR at a pending signal (a
+/// vCPU thread harvesting its own full ring gets kicked, say) after
+/// resetting only some of the marked entries. The rest stay marked, and
+/// the harvester has already moved past them: until a reset walks them,
+/// the kernel's reset index lags the harvester's, and a harvester that
+/// recycles entries it counts as pending (see
+/// [`DirtyRing::recycle_unpublished`]) would mark entries the kernel has
+/// not pushed yet. A reset then walks past the kernel's push index, and
+/// the ring counts as full for good: the vCPU never runs again.
 pub(crate) fn reset_dirty_rings(vm: &impl AsRawFd) -> io::Result<u32> {
-    // SAFETY: `vm` is a KVM VM fd; the ioctl takes no argument.
-    let r = unsafe { ioctl(vm, KVM_RESET_DIRTY_RINGS()) };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
+    loop {
+        // SAFETY: `vm` is a KVM VM fd; the ioctl takes no argument.
+        let r = unsafe { ioctl(vm, KVM_RESET_DIRTY_RINGS()) };
+        if r >= 0 {
+            return Ok(r as u32);
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(e);
+        }
     }
-    Ok(r as u32)
 }
 
 /// One vCPU's dirty ring, mapped from its fd, unmapped on drop.
