@@ -51,7 +51,7 @@ pub struct BenchConfig {
     /// as it can.
     pub stall_working_set: u64,
     /// Part A: the smaller manual-protect chunk, log2 pages (besides the
-    /// default 2^18 pages = 1 GiB).
+    /// default 2^14 pages = 64 MiB).
     pub small_chunk_shift: u32,
     /// Part B: guest memory (bytes).
     pub mig_mem: u64,

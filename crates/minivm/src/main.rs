@@ -59,7 +59,7 @@ struct BenchArgs {
     #[arg(long, value_parser = parse_size, default_value = "0")]
     stall_working_set: u64,
     /// Start-pause part: the smaller manual-protect chunk, log2 pages
-    /// (compared with the default 18 = 1 GiB).
+    /// (compared with the default 14 = 64 MiB).
     #[arg(long, default_value_t = 12)]
     small_chunk_shift: u32,
     /// Migration part: guest memory (K/M/G suffix).

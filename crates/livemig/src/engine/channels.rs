@@ -12,13 +12,18 @@
 //! reached `SYNC(e)` ([`EpochBarrier`]). The final sync is such a barrier
 //! too, and the destination acknowledges only once every channel has ended.
 //!
-//! Scheduling. Batches go to the channel with the fewest pages in flight
-//! (level queues reach each barrier together, so the destination's
-//! channels do not wait there for one another), except that all pages of
-//! a 2 MiB window go to one channel (the destination faults memory in by
-//! window: two channels in one window can fault its huge page in twice,
-//! see [`window_of`]). Pages taken from the migration bitmap but not yet
-//! written by a channel are still to be sent:
+//! Scheduling. The main thread sends pages itself, on the main stream,
+//! as with one stream; it hands the pages of a 2 MiB window (see
+//! [`window_of`]) to a page channel only when that channel is idle (has
+//! written everything it was given). So a page channel takes work only
+//! when its thread got the CPU to finish the last: on a host whose cores
+//! are busy (two cores, a running vCPU and the destination's receiver)
+//! the channels stay mostly idle and the migration costs what one stream
+//! costs, with no hand-over per batch; with cores to spare they run
+//! beside the main thread. All pages of a window go to one stream (the
+//! destination faults memory in by window: two streams in one window can
+//! fault its huge page in twice). Pages taken from the migration bitmap
+//! but not yet written by a channel are still to be sent:
 //! [`SendChannels::in_flight_pages`] counts them, and the source adds them
 //! to what remains, so a full queue never makes the switch-over look
 //! cheaper than it is. Queues are short ([`QUEUE_DEPTH`] batches of
@@ -135,6 +140,9 @@ pub(super) struct SendChannels {
     /// The window (see [`window_of`]) the last batch handed over ended
     /// in, and its channel.
     window: Option<((u16, u64), usize)>,
+    /// The window [`SendChannels::offer`] last decided on, and who sends
+    /// it (`None`: the main thread, on the main stream).
+    owner: Option<((u16, u64), Option<usize>)>,
     stop: Arc<AtomicBool>,
 }
 
@@ -181,6 +189,7 @@ impl SendChannels {
             batch: Vec::with_capacity(BATCH_PAGES),
             next: 0,
             window: None,
+            owner: None,
             stop,
         })
     }
@@ -207,27 +216,52 @@ impl SendChannels {
         self.batch.len() as u64 + self.senders.iter().map(Sender::in_flight).sum::<u64>()
     }
 
-    /// Queues a page; a full batch, or one the page would take into
-    /// another window (a batch never spans two), goes to a channel (see
-    /// [`SendChannels::flush_batch`]).
-    pub fn push(&mut self, block: u16, page: u64, enc: PageEncoding) -> io::Result<()> {
+    /// Precopy: who sends this page. `Ok(true)`: it is queued for a
+    /// page channel (a full batch is handed over); `Ok(false)`: the
+    /// caller sends it on the main stream. The first page offered from a
+    /// window decides for the whole window: an idle channel (one that has
+    /// written everything it was given, in turn among several) takes it,
+    /// otherwise the main thread does (see the module doc).
+    pub fn offer(&mut self, block: u16, page: u64, enc: PageEncoding) -> io::Result<bool> {
         let q = Queued {
             block,
             page,
             known: Known::Nothing,
         };
-        if self
-            .batch
-            .last()
-            .is_some_and(|l| window_of(l) != window_of(&q))
-        {
-            self.flush_batch(enc)?;
+        let w = window_of(&q);
+        let owner = match self.owner {
+            Some((ow, o)) if ow == w => o,
+            _ => {
+                // The batch being filled is the last window's: it goes
+                // to that window's channel now.
+                self.flush_batch(enc)?;
+                let o = self.idle();
+                if let Some(i) = o {
+                    self.window = Some((w, i));
+                }
+                self.owner = Some((w, o));
+                o
+            }
+        };
+        if owner.is_none() {
+            return Ok(false);
         }
-        self.stage(block, page, Known::Nothing);
+        self.batch.push(q);
         if self.batch.len() >= BATCH_PAGES {
             self.flush_batch(enc)?;
         }
-        Ok(())
+        Ok(true)
+    }
+
+    /// A channel that has written every page it was given (the first
+    /// from [`SendChannels::next`] on, which then moves past it).
+    fn idle(&mut self) -> Option<usize> {
+        let n = self.senders.len();
+        let i = (0..n)
+            .map(|k| (self.next + k) % n)
+            .find(|&i| self.senders[i].in_flight() == 0)?;
+        self.next = (i + 1) % n;
+        Some(i)
     }
 
     /// Postcopy: adds a page to the batch being filled, never handing it
@@ -241,7 +275,7 @@ impl SendChannels {
     /// Hands the partial batch (if any) to a channel, waiting for room
     /// there if its queue is full: a batch that starts in the window the
     /// last one ended in goes to that one's channel (see [`window_of`]:
-    /// [`SendChannels::push`] never lets a batch span two windows);
+    /// [`SendChannels::offer`] never lets a batch span two windows);
     /// any other to the channel with the fewest pages in flight (in turn
     /// among equals). Keeping the channels level keeps them reaching each
     /// sync barrier together, so that the destination's channels do not
@@ -699,27 +733,43 @@ mod tests {
         (gates, ch, enc)
     }
 
-    #[test]
-    fn pages_in_flight_count_until_a_channel_wrote_them_and_spread_evenly() {
-        use crate::memory::ProcessMemory;
-        let mem = ProcessMemory::new(&[("ram", 16 << 20)]).unwrap();
-        let (gates, mut ch, enc) = gated_channels(&mem, false, 7);
-        // Both connections are closed: nothing gets written. Two windows
-        // of pages and 5 more (the partial batch, not handed over yet).
-        let window = WINDOW_PAGES as usize;
-        assert!(window.is_multiple_of(BATCH_PAGES) && window / BATCH_PAGES <= QUEUE_DEPTH);
-        let n = 2 * window as u64 + 5;
-        for p in 0..n {
-            ch.push(0, p, enc).unwrap();
-        }
-        assert_eq!(ch.in_flight_pages(), n);
-        // One window each, not two on the first.
-        assert!(ch.senders.iter().all(|s| s.queued == WINDOW_PAGES));
-        for g in &gates {
+    /// Opens every gate: held writes go through.
+    fn open(gates: &[Gate]) {
+        for g in gates {
             let (m, cv) = &*g.0;
             *m.lock().unwrap() = true;
             cv.notify_all();
         }
+    }
+
+    #[test]
+    fn only_idle_channels_take_a_window_and_its_pages_count_in_flight() {
+        use crate::memory::ProcessMemory;
+        let mem = ProcessMemory::new(&[("ram", 16 << 20)]).unwrap();
+        let (gates, mut ch, enc) = gated_channels(&mem, false, 7);
+        // Both connections are closed: nothing gets written. Three
+        // windows of pages and 5 more.
+        let window = WINDOW_PAGES as usize;
+        assert!(window.is_multiple_of(BATCH_PAGES) && window / BATCH_PAGES <= QUEUE_DEPTH);
+        let n = 3 * window as u64 + 5;
+        let taken: Vec<bool> = (0..n).map(|p| ch.offer(0, p, enc).unwrap()).collect();
+        // The first two windows went to the two idle channels, one each;
+        // then no channel was idle: the main thread keeps the rest.
+        let w = WINDOW_PAGES as usize;
+        assert!(taken[..2 * w].iter().all(|&t| t));
+        assert!(taken[2 * w..].iter().all(|&t| !t));
+        assert_eq!(ch.in_flight_pages(), 2 * WINDOW_PAGES);
+        assert!(ch.senders.iter().all(|s| s.queued == WINDOW_PAGES));
+        open(&gates);
+        // Once a channel has written its window it is idle again, and
+        // takes the next window offered.
+        let t = std::time::Instant::now();
+        while ch.senders[0].in_flight() > 0 {
+            assert!(t.elapsed() < std::time::Duration::from_secs(60));
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        ch.next = 0;
+        assert!(ch.offer(0, n + w as u64, enc).unwrap());
         ch.finish(enc).unwrap();
         assert_eq!(ch.in_flight_pages(), 0);
         let pages: u64 = ch
@@ -727,7 +777,7 @@ mod tests {
             .iter()
             .map(|s| s.counters.pages.load(Ordering::Relaxed))
             .sum();
-        assert_eq!(pages, n);
+        assert_eq!(pages, 2 * WINDOW_PAGES + 1);
         assert!(gates.iter().all(|g| !g.1.lock().unwrap().is_empty()));
     }
 
@@ -761,14 +811,23 @@ mod tests {
         for p in 0..(16 << 20) / PAGE_SIZE {
             assert!(mem.blocks()[0].region().write(p * PAGE_SIZE, &[1]));
         }
-        let (gates, mut ch, enc) = gated_channels(&mem, true, 3);
+        let (gates, mut ch, enc) = gated_channels(&mem, false, 3);
         // Batches that do not start at a window's first page: a batch
-        // that would span two windows is cut at the boundary.
+        // that would span two windows is cut at the boundary. The gates
+        // open once each channel holds a window: from then on who takes
+        // a window depends on timing, and the main thread's windows are
+        // the pages `offer` gave back.
         let start = 100;
         let end = 6 * WINDOW_PAGES + 30;
         let mut epoch = 0;
+        let mut main = std::collections::BTreeSet::new();
         for p in start..end {
-            ch.push(0, p, enc).unwrap();
+            if p == WINDOW_PAGES + 1 {
+                open(&gates);
+            }
+            if !ch.offer(0, p, enc).unwrap() {
+                main.insert(p / WINDOW_PAGES);
+            }
             if p % 1000 == 999 {
                 // A sync in the middle of a window: the partial batch
                 // goes, the window stays on its channel.
@@ -777,17 +836,22 @@ mod tests {
             }
         }
         ch.finish(enc).unwrap();
-        let sets = windows_per_channel(&gates);
+        let mut sets = windows_per_channel(&gates);
         assert!(
             sets.iter().all(|s| !s.is_empty()),
             "both channels used: {sets:?}"
         );
-        assert!(
-            sets[0].is_disjoint(&sets[1]),
-            "a window on two channels: {sets:?}"
-        );
-        let all: Vec<u64> = sets[0].union(&sets[1]).copied().collect();
-        assert_eq!(all, (0..=6).collect::<Vec<_>>());
+        sets.push(main);
+        for i in 0..3 {
+            for j in i + 1..3 {
+                assert!(
+                    sets[i].is_disjoint(&sets[j]),
+                    "a window on two streams: {sets:?}"
+                );
+            }
+        }
+        let all: std::collections::BTreeSet<u64> = sets.iter().flatten().copied().collect();
+        assert_eq!(all, (0..=6).collect());
     }
 
     #[test]

@@ -2635,9 +2635,10 @@ impl<'a> RamSaver<'a> {
         if let Some(ch) = &mut self.channels {
             // XBZRLE stays on the main stream: its cache must hold exactly
             // the bytes the destination got, so the thread that reads a page
-            // for the cache also sends it.
-            if delta.is_none() {
-                return ch.push(b, page, enc);
+            // for the cache also sends it. Other pages go to an idle page
+            // channel, or on the main stream (see `channels.rs`).
+            if delta.is_none() && ch.offer(b, page, enc)? {
+                return Ok(());
             }
         }
         let page = Page {
