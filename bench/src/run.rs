@@ -662,6 +662,16 @@ impl<T: Feed> Drop for DumpReader<T> {
 /// `cpu-throttle-percentage` any poll saw.
 pub const MAX_THROTTLE: &str = "harness-max-cpu-throttle-percentage";
 
+/// How long [`poll_migration`] asks again for the times of an answer that
+/// says `completed` without them.
+const SETTLE: Duration = Duration::from_secs(2);
+
+/// Whether a `completed` answer holds its total time (QEMU's is missing
+/// or 0 for a moment after the status changes).
+fn has_final_times(q: &Value) -> bool {
+    q["total-time"].as_u64().is_some_and(|t| t > 0)
+}
+
 /// Polls `query` (a `query-migrate`) every `every` until a final status; at
 /// `budget` calls `cancel` and waits for the cancel to land. Returns the
 /// final answer (with [`MAX_THROTTLE`] added) and whether it completed in
@@ -674,6 +684,7 @@ pub fn poll_migration(
 ) -> Result<(Value, bool)> {
     let t0 = Instant::now();
     let mut cancelled_at: Option<Instant> = None;
+    let mut completed_at: Option<Instant> = None;
     let mut last_active: Option<Value> = None;
     let mut max_throttle = 0;
     let with_max = |mut q: Value, m: u64| {
@@ -689,6 +700,16 @@ pub fn poll_migration(
             .unwrap_or(0)
             .max(max_throttle);
         match q["status"].as_str().unwrap_or("") {
+            // QEMU 7.2 sets `completed` before it computes `total-time`
+            // and `downtime` (both read 0 in that window; seen once in 18
+            // multifd runs: "total 0 ms" for 304 MiB sent): ask again.
+            "completed"
+                if !has_final_times(&q)
+                    && completed_at.get_or_insert_with(Instant::now).elapsed() < SETTLE =>
+            {
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            }
             "completed" => return Ok((with_max(q, max_throttle), cancelled_at.is_none())),
             "failed" | "cancelled" => {
                 // QEMU drops the figures once cancelled: keep those of the
@@ -922,7 +943,34 @@ mod tests {
         // The highest throttle any poll saw, not the last one.
         assert_eq!(q[MAX_THROTTLE], 30);
         assert!(n >= 3);
-        let (_, ok) = poll_migration(
+    }
+
+    #[test]
+    fn poll_asks_again_for_the_times_of_a_completed_answer() {
+        // Asked again until the times are there (for up to `SETTLE`), then
+        // taken as it is.
+        let mut n = 0;
+        let (q, ok) = poll_migration(
+            Duration::from_secs(5),
+            Duration::from_millis(100),
+            || {
+                n += 1;
+                Ok(if n < 3 {
+                    json!({"status": "completed", "total-time": 0, "downtime": 0})
+                } else {
+                    json!({"status": "completed", "total-time": 812, "downtime": 14})
+                })
+            },
+            || panic!("no cancel"),
+        )
+        .unwrap();
+        assert!(ok);
+        assert_eq!(
+            (n, &q["total-time"], &q["downtime"]),
+            (3, &json!(812), &json!(14))
+        );
+        let t = Instant::now();
+        let (q, ok) = poll_migration(
             Duration::from_secs(5),
             Duration::from_millis(100),
             || Ok(json!({"status": "completed"})),
@@ -930,6 +978,8 @@ mod tests {
         )
         .unwrap();
         assert!(ok);
+        assert_eq!(q["status"], "completed");
+        assert!(t.elapsed() >= SETTLE, "asked again for {:?}", t.elapsed());
     }
 
     #[test]
