@@ -1286,30 +1286,34 @@ impl Placer {
     /// zeros for `None`), skipping those already here: one ioctl per
     /// stretch of pages still missing (see `runs.rs`), each waking the
     /// threads that wait on its pages.
+    ///
+    /// Zeros need no ioctl: a page not received yet holds nothing here
+    /// (dropped at the switch, and only a placement fills it, which sets
+    /// its bit), so it reads as zeros already. Setting its bit is enough;
+    /// a thread that touches it later gets zeros from the fault thread
+    /// (as for a page that was valid and never touched), and one that
+    /// already waits for it gets them here.
     fn place_run(&self, block: usize, first: u64, n: u64, data: Option<&[u8]>) -> io::Result<()> {
         let end = first + n;
         let host = self.spans[block].host;
-        let mut p = first;
-        while p < end {
-            if self.is_received(block, p) {
-                p += 1;
-                continue;
-            }
-            let mut e = p + 1;
-            while e < end && !self.is_received(block, e) {
-                e += 1;
-            }
-            let addr = host + p * PAGE;
-            // Pages already there (a fault served with zeros, or another
-            // stream's copy, raced us) are skipped by the ioctl's loop.
-            match data {
-                Some(d) => {
-                    let bytes = &d[((p - first) * PAGE) as usize..((e - first) * PAGE) as usize];
-                    self.uffd.copy_run(addr, bytes)?
+        if let Some(d) = data {
+            let mut p = first;
+            while p < end {
+                if self.is_received(block, p) {
+                    p += 1;
+                    continue;
                 }
-                None => self.uffd.zero_run(addr, (e - p) * PAGE)?,
-            };
-            p = e;
+                let mut e = p + 1;
+                while e < end && !self.is_received(block, e) {
+                    e += 1;
+                }
+                // Pages already there (a fault served with zeros, or
+                // another stream's copy, raced us) are skipped by the
+                // ioctl's loop.
+                let bytes = &d[((p - first) * PAGE) as usize..((e - first) * PAGE) as usize];
+                self.uffd.copy_run(host + p * PAGE, bytes)?;
+                p = e;
+            }
         }
         let mut newly = Vec::new();
         let mut p = first;
@@ -1340,10 +1344,14 @@ impl Placer {
         let k = newly.len() as u64;
         self.missing.fetch_sub(k, Ordering::SeqCst);
         self.placed.fetch_add(k, Ordering::Relaxed);
+        let mut waited = Vec::new();
         let mut w = lock(&self.waits);
         if !w.pending.is_empty() {
             for page in newly {
                 if let Some(waiters) = w.pending.remove(&(block, page)) {
+                    if data.is_none() {
+                        waited.push(page);
+                    }
                     for (t, tid) in waiters {
                         let us = t.elapsed().as_micros() as u64;
                         w.hist.record(us);
@@ -1352,6 +1360,14 @@ impl Placer {
                     }
                 }
             }
+        }
+        drop(w);
+        // Zeros for the threads that wait (the fault thread may fill the
+        // same page: the second fill finds it there).
+        for page in waited {
+            let addr = host + page * PAGE;
+            self.uffd.zero_run(addr, PAGE)?;
+            self.uffd.wake(addr, PAGE)?;
         }
         Ok(())
     }

@@ -591,6 +591,73 @@ fn pure_postcopy_of_process_memory() {
     assert_eq!(r.stats.postcopy_local_pages, Some(pc.faults.local_pages));
 }
 
+/// A destination guest that never touches its memory.
+struct IdleGuest;
+
+impl IncomingGuest for IdleGuest {
+    fn restore(&mut self, state: &[u8]) -> Result<(), crate::vm::VmError> {
+        assert!(state.is_empty(), "process memory carries no state");
+        Ok(())
+    }
+
+    fn resume(&mut self) -> Result<(), crate::vm::VmError> {
+        Ok(())
+    }
+
+    fn pause(&mut self) {}
+}
+
+#[test]
+fn zero_pages_pushed_after_the_switch_are_not_placed() {
+    // ram1's last 3 MiB hold pages the source wrote with zeros (written,
+    // so they go after the switch, as zero records, not in the pause).
+    // The destination dropped those pages at the switch: it marks them
+    // received without an ioctl, and they read as zeros there.
+    let load = WorkloadConfig {
+        rate: 64 * MIB,
+        working_set: MIB,
+        ..WorkloadConfig::default()
+    };
+    let mut g = Guest::start_with(postcopy_params(), true, 7, load);
+    let (first, pages) = (256usize, 768usize);
+    assert!(g.src.blocks()[1]
+        .region()
+        .write(first * 4096, &vec![0u8; pages * 4096]));
+    let (out, r, ack_w) = pipes_out();
+    let dst2 = g.dst.clone();
+    let dest = thread::spawn(move || {
+        let res = receive(&dst2, r, Some(Box::new(ack_w)), &mut IdleGuest, true, None);
+        (res, 0)
+    });
+    let stats = Source::new(&g.src, &mut g.tracker, &mut g.vm, g.handle.clone())
+        .run_conn(out, &mut |_| {
+            Err(std::io::Error::other("no further connection"))
+        })
+        .expect("migration succeeds");
+    let run = g.finish(stats, dest.join().unwrap());
+    assert_eq!(run.stats.status, Status::Completed);
+    let pc = run
+        .received
+        .postcopy
+        .as_ref()
+        .expect("switched to postcopy");
+    assert_eq!(pc.faults.faults, 0, "nothing touched the memory");
+    assert_eq!(pc.placed_pages, pc.discarded_pages);
+    assert!(run.received.load.stats.zero_pages >= pages as u64);
+    // Checked before anything reads the destination's memory (a read maps
+    // the kernel's zero page).
+    let region = run.dst.blocks()[1].region();
+    let placed: Vec<usize> = (first..first + pages)
+        .filter(|p| region.resident(p * 4096) != Some(false))
+        .collect();
+    assert!(placed.is_empty(), "zero pages placed at {placed:?}");
+    assert_eq!(
+        crate::engine::hex(&memory_digest(&run.src)),
+        crate::engine::hex(&memory_digest(&run.dst)),
+        "the destination's memory differs from the paused source's"
+    );
+}
+
 #[test]
 fn local_zero_fills_of_valid_untouched_pages_are_counted() {
     // The workload writes only the first 1 MiB of each block, and ram1
