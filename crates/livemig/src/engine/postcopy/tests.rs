@@ -659,6 +659,29 @@ fn zero_pages_pushed_after_the_switch_are_not_placed() {
 }
 
 #[test]
+fn a_memfd_destination_drops_its_stale_pages_from_the_file() {
+    // Pages the destination received in precopy and the source wrote
+    // again are dropped at the switch. In memfd memory they must go from
+    // the file (a hole punched): unmapped only, they would map again at
+    // the next touch, never fault, and keep their old bytes over what the
+    // source sends after the switch.
+    let params = Params {
+        max_bandwidth: 16 * MIB,
+        ..postcopy_params()
+    };
+    let mut g = Guest::start(params, false, 11, 64 * MIB);
+    g.dst = ProcessMemory::new_memfd(&layout()).unwrap();
+    let r = run_postcopy_of(g, |h| {
+        while h.history().len() < 2 && !h.stats().status.is_final() {
+            thread::sleep(Duration::from_millis(5));
+        }
+        h.start_postcopy().unwrap();
+    });
+    assert!(r.dst.blocks()[0].backing().is_some(), "memfd-backed");
+    assert_postcopy_done(&r);
+}
+
+#[test]
 fn local_zero_fills_of_valid_untouched_pages_are_counted() {
     // The workload writes only the first 1 MiB of each block, and ram1
     // starts empty: after the first pass its last 3 MiB are zero pages
