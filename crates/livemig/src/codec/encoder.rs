@@ -291,11 +291,12 @@ impl PageEncoder {
         } = page;
         let off = offset as usize;
         let delta = delta.filter(|_| self.xbzrle.is_some());
-        // XBZRLE sits out while it does not pay; the cache then forgets
+        // XBZRLE sits out while it does not pay (adaptive encoding only:
+        // without it every re-sent page tries); the cache then forgets
         // the pages sent otherwise, so that it never holds a copy the
         // destination does not have.
         let try_delta = match (&mut self.xbzrle, delta) {
-            (Some(x), Some(_)) => x.gate.should_try(),
+            (Some(x), Some(_)) => !self.adaptive || x.gate.should_try(),
             _ => false,
         };
         if region.scan(off, PAGE_SIZE, zero::is_zero) == Some(true) {
@@ -564,6 +565,37 @@ mod tests {
         assert_eq!(e.xbzrle_cache_size(), Some(1 << 20));
         e.set_xbzrle(None);
         assert!(!e.has_xbzrle());
+    }
+
+    #[test]
+    fn xbzrle_sits_out_a_losing_window_only_when_adaptive() {
+        for adaptive in [true, false] {
+            let mem = memory(&[noise(1)]);
+            let mut e = PageEncoder::new(adaptive);
+            e.set_xbzrle(Some(1 << 20));
+            stream(&mem, |w| {
+                for generation in 0..600u64 {
+                    // Every byte changes: each delta overflows and saves
+                    // nothing, so every window of attempts loses.
+                    let fill = vec![(generation % 255) as u8 + 1; PAGE_SIZE];
+                    assert!(mem.blocks()[0].region().write(0, &fill));
+                    let d = Delta {
+                        addr: 0,
+                        generation,
+                        last_pass: false,
+                    };
+                    e.encode(w, page(&mem, 0), Some(d)).unwrap();
+                }
+            });
+            let c = e.counters();
+            if adaptive {
+                assert!(c.xbzrle_skipped > 0, "{c:?}");
+                assert_eq!(c.xbzrle_overflow + c.xbzrle_skipped, 599, "{c:?}");
+            } else {
+                // `--no-adaptive`: every re-sent page tries.
+                assert_eq!((c.xbzrle_skipped, c.xbzrle_overflow), (0, 599), "{c:?}");
+            }
+        }
     }
 
     #[test]
