@@ -27,7 +27,7 @@ use std::time::Instant;
 use super::format::CHUNK_SIZE;
 use super::{MappedRamFile, SnapshotError};
 use crate::memory::{GuestMemory, PAGE_SIZE};
-use crate::sys::uffd::{drop_pages, remove_pages, Uffd, UffdMsg, Waker, UFFD_EVENT_PAGEFAULT};
+use crate::sys::uffd::{empty_pages, Uffd, UffdMsg, Waker, UFFD_EVENT_PAGEFAULT};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 const LOADED: u8 = 2;
@@ -134,14 +134,8 @@ impl LazyRestore {
                 host: r.host_addr(),
                 len: r.len() as u64,
             };
-            // File-backed (memfd) memory keeps its pages in the file:
-            // they must go from there, or a touch would map them again
-            // instead of faulting.
-            let empty = match mem.blocks()[mb].backing() {
-                Some(_) => remove_pages,
-                None => drop_pages,
-            };
-            empty(span.host, span.len).map_err(uffd_err(format!(
+            let file_backed = mem.blocks()[mb].backing().is_some();
+            empty_pages(file_backed, span.host, span.len).map_err(uffd_err(format!(
                 "emptying block '{}'",
                 mem.blocks()[mb].id()
             )))?;

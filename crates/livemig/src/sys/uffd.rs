@@ -606,6 +606,18 @@ pub fn remove_pages(addr: u64, len: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// Empties `[addr, addr + len)` of guest memory so that the next touch
+/// finds no page there: [`remove_pages`] for file-backed (memfd) memory,
+/// whose pages live in the file and would map again without a fault,
+/// [`drop_pages`] for private anonymous memory.
+pub fn empty_pages(file_backed: bool, addr: u64, len: u64) -> io::Result<()> {
+    if file_backed {
+        remove_pages(addr, len)
+    } else {
+        drop_pages(addr, len)
+    }
+}
+
 /// An eventfd that interrupts a thread waiting in [`Uffd::poll`].
 #[derive(Debug)]
 pub struct Waker {

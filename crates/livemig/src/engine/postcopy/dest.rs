@@ -22,7 +22,7 @@ use crate::memory::{GuestMemory, PAGE_SIZE};
 use crate::stream::format::{FLAG_CHANNELS, FLAG_URGENT, FLAG_VERIFY};
 use crate::stream::{Record, StreamReader};
 use crate::sys::uffd::{
-    drop_pages, remove_pages, Uffd, UffdMsg, Waker, UFFD_EVENT_PAGEFAULT, UFFD_FEATURE_THREAD_ID,
+    empty_pages, Uffd, UffdMsg, Waker, UFFD_EVENT_PAGEFAULT, UFFD_FEATURE_THREAD_ID,
 };
 use crate::transport::{BoxRead, Incoming};
 use crate::vm::VmError;
@@ -1237,17 +1237,13 @@ impl Placer {
             };
             uffd.register_missing(span.host, span.len)?;
             let bits: Vec<AtomicU64> = bm.words().iter().map(|w| AtomicU64::new(!w)).collect();
-            // File-backed (memfd) memory keeps its pages in the file: they
-            // must go from there, or the stale page would stay mapped, never
-            // fault, and shadow what the source sends (its copy and zero
-            // ioctls fail on a page that is there, and a zero page pushed
-            // after the switch is only marked received).
-            let empty = match blocks[d].backing() {
-                Some(_) => remove_pages,
-                None => drop_pages,
-            };
+            // A stale page left in a memfd would never fault and would
+            // shadow what the source sends (its copy and zero ioctls fail
+            // on a page that is there, and a zero page pushed after the
+            // switch is only marked received).
+            let file_backed = blocks[d].backing().is_some();
             for (first, n) in runs(bm) {
-                empty(span.host + first * PAGE, n * PAGE)?;
+                empty_pages(file_backed, span.host + first * PAGE, n * PAGE)?;
                 missing += n;
             }
             spans.push(span);
