@@ -23,10 +23,29 @@ const MEM: u64 = 128 << 20;
 /// loaded one; the wait ends as soon as the pass does.
 const PASS_WAIT: Duration = Duration::from_secs(120);
 
+/// Prints livemig's warnings (lost ring entries, a stopped vCPU's ring
+/// released) to the test's output: what the host did in a failing run.
+struct Warnings;
+
+impl log::Log for Warnings {
+    fn enabled(&self, m: &log::Metadata) -> bool {
+        m.level() <= log::Level::Warn && m.target().starts_with("livemig")
+    }
+    fn log(&self, r: &log::Record) {
+        if self.enabled(r.metadata()) {
+            eprintln!("{}: {}", r.level(), r.args());
+        }
+    }
+    fn flush(&self) {}
+}
+
 #[test]
 fn ring_filled_while_emulated_is_refused_and_the_source_runs_on() {
     if !common::kvm_available("ring_filled_while_emulated_is_refused_and_the_source_runs_on") {
         return;
+    }
+    if log::set_logger(&Warnings).is_ok() {
+        log::set_max_level(log::LevelFilter::Warn);
     }
     let cfg = VmConfig {
         mem_size: MEM,
