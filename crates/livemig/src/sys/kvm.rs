@@ -336,6 +336,10 @@ impl DirtyRing {
         };
         rel.found = true;
         rel.behind = back;
+        rel.marks = (0..n).filter(|&b| marked(b)).count() as u32;
+        rel.marks_after = (1..n)
+            .take_while(|&k| marked(back.wrapping_sub(k) % n))
+            .count() as u32;
         let start = self.fetch.wrapping_sub(back);
         let unpublished = |k: u32| {
             let b = back.wrapping_sub(k) % n;
@@ -380,6 +384,11 @@ pub(crate) struct Release {
     pub(crate) behind: u32,
     /// Resets run to find it.
     pub(crate) probes: u32,
+    /// Entries found marked for reset (harvested, not yet reset).
+    pub(crate) marks: u32,
+    /// Of those, how many followed the kernel's reset index in a row: what
+    /// a reset walks once that index is marked.
+    pub(crate) marks_after: u32,
     /// Entries the kernel reset from there.
     pub(crate) recycled: u32,
     /// Of those, entries never published: their pages are lost.
@@ -595,6 +604,7 @@ mod tests {
         let (pages, rel) = release(&mut r, &mut k);
         assert!(pages.is_empty());
         assert!(rel.found && rel.behind == 0, "{rel:?}");
+        assert_eq!((rel.marks, rel.marks_after), (0, 0));
         assert_eq!(rel.recycled, n - 576);
         assert_eq!(rel.lost, n - 576);
         assert_eq!(k.used(), 576, "never reset past the kernel's push index");
@@ -666,6 +676,9 @@ mod tests {
         );
         assert!(rel.found, "{rel:?}");
         assert_eq!(rel.behind, k.soft_limit, "{rel:?}");
+        // What the old release let the kernel walk: these and the 576
+        // after them it marked, a whole ring.
+        assert_eq!(rel.marks_after, k.soft_limit - 1, "{rel:?}");
         assert_eq!(rel.lost, 1, "only the overwritten entry was lost");
         assert!(k.runs(), "the vCPU runs again: used {}", k.used());
         assert_eq!(r.fetch, k.reset_index, "harvester and kernel agree again");
