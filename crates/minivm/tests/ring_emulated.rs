@@ -113,13 +113,16 @@ fn refused_attempt(src: &Vm, cfg: &VmConfig, attempt: u32) {
         "the tracker refused: {err:?}"
     );
     assert!(msg.contains("emulated guest code"), "{msg}");
-    let exits: u64 = src
-        .guest_status()
-        .vcpus
-        .iter()
-        .map(|v| v.ring_full_exits)
-        .sum();
-    assert!(exits > 0, "the ring did fill: {exits} ring-full exits");
+    // The ring did fill: the vCPU exited on it, or the host overfilled it
+    // within one emulated stretch and entries were lost without an exit
+    // (seen once in 25 runs).
+    let status = src.guest_status();
+    let exits: u64 = status.vcpus.iter().map(|v| v.ring_full_exits).sum();
+    assert!(
+        exits > 0 || status.dirty_ring_lost > 0,
+        "the ring did fill: {exits} ring-full exits, {} entries lost",
+        status.dirty_ring_lost
+    );
 
     // The source runs on: not paused, and it keeps incrementing.
     assert!(!src.is_paused(), "the source VM was left paused");
