@@ -86,6 +86,11 @@ fn refusals(test: &str, attempts: u32) {
 }
 
 fn refused_attempt(src: &Vm, cfg: &VmConfig, attempt: u32) {
+    let filled = |s: minivm::GuestStatus| {
+        let exits: u64 = s.vcpus.iter().map(|v| v.ring_full_exits).sum();
+        (exits, s.dirty_ring_lost)
+    };
+    let (exits0, lost0) = filled(src.guest_status());
     let (w, mut ar, dest) = common::pipe_destination(cfg);
     let handle = MigrationHandle::new(Params {
         verify: true,
@@ -116,12 +121,11 @@ fn refused_attempt(src: &Vm, cfg: &VmConfig, attempt: u32) {
     // The ring did fill: the vCPU exited on it, or the host overfilled it
     // within one emulated stretch and entries were lost without an exit
     // (seen once in 25 runs).
-    let status = src.guest_status();
-    let exits: u64 = status.vcpus.iter().map(|v| v.ring_full_exits).sum();
+    let (exits, lost) = filled(src.guest_status());
+    let (exits, lost) = (exits - exits0, lost - lost0);
     assert!(
-        exits > 0 || status.dirty_ring_lost > 0,
-        "the ring did fill: {exits} ring-full exits, {} entries lost",
-        status.dirty_ring_lost
+        exits > 0 || lost > 0,
+        "the ring did fill: {exits} ring-full exits, {lost} entries lost"
     );
 
     // The source runs on: not paused, and it keeps incrementing.

@@ -340,6 +340,13 @@ impl DirtyRing {
         rel.marks_after = (1..n)
             .take_while(|&k| marked(back.wrapping_sub(k) % n))
             .count() as u32;
+        // Until session 13 the release marked `limit` entries from `fetch`
+        // on, over the marks found: how far the kernel's reset would have
+        // walked then.
+        let old_mark = |b: u32| marked(b) || b == 0 || b > n - limit;
+        rel.old_walk = (0..n)
+            .take_while(|&k| old_mark(back.wrapping_sub(k) % n))
+            .count() as u32;
         let start = self.fetch.wrapping_sub(back);
         let unpublished = |k: u32| {
             let b = back.wrapping_sub(k) % n;
@@ -389,6 +396,10 @@ pub(crate) struct Release {
     /// Of those, how many followed the kernel's reset index in a row: what
     /// a reset walks once that index is marked.
     pub(crate) marks_after: u32,
+    /// How many entries the reset would have walked had the release marked
+    /// `limit` entries from `fetch` on, as it did before: more than `limit`
+    /// can pass the kernel's push index.
+    pub(crate) old_walk: u32,
     /// Entries the kernel reset from there.
     pub(crate) recycled: u32,
     /// Of those, entries never published: their pages are lost.
@@ -605,6 +616,7 @@ mod tests {
         assert!(pages.is_empty());
         assert!(rel.found && rel.behind == 0, "{rel:?}");
         assert_eq!((rel.marks, rel.marks_after), (0, 0));
+        assert_eq!(rel.old_walk, n - 576);
         assert_eq!(rel.recycled, n - 576);
         assert_eq!(rel.lost, n - 576);
         assert_eq!(k.used(), 576, "never reset past the kernel's push index");
@@ -679,6 +691,7 @@ mod tests {
         // What the old release let the kernel walk: these and the 576
         // after them it marked, a whole ring.
         assert_eq!(rel.marks_after, k.soft_limit - 1, "{rel:?}");
+        assert_eq!(rel.old_walk, n, "{rel:?}");
         assert_eq!(rel.lost, 1, "only the overwritten entry was lost");
         assert!(k.runs(), "the vCPU runs again: used {}", k.used());
         assert_eq!(r.fetch, k.reset_index, "harvester and kernel agree again");

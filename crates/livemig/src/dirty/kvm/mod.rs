@@ -598,13 +598,14 @@ impl KvmDirtyLog {
                     log::warn!(
                         "dirty ring of vCPU {i}: stopped full with nothing published; the \
                          kernel's reset index was {} entries before the harvester's ({} probe \
-                         resets; {} entries marked, {} in a row after it); {} entries reset \
-                         from there, {} of them never published, {} published entries found \
-                         elsewhere",
+                         resets; {} entries marked, {} in a row after it; the old release \
+                         would have reset {}); {} entries reset from there, {} of them never \
+                         published, {} published entries found elsewhere",
                         rel.behind,
                         rel.probes,
                         rel.marks,
                         rel.marks_after,
+                        rel.old_walk,
                         rel.recycled,
                         rel.lost,
                         rel.published
