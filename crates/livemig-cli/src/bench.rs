@@ -649,8 +649,17 @@ fn cpu_timed(f: impl FnOnce()) -> f64 {
     (crate::sys::thread_cpu_secs() - t).max(1e-9)
 }
 
+/// Paired passes per codec row for `runs`: at least 9. One pass over the
+/// 256 MiB set takes ~20 ms here, and within one process the ratio of a
+/// row drifts by up to 0.3 over a few seconds (the host's memory
+/// bandwidth, shared with other guests), so 3 pairs let one slow stretch
+/// decide a row.
+fn codec_pairs(runs: u32) -> u32 {
+    (3 * runs).max(9)
+}
+
 /// A codec measured against per-page memcpy in pairs: after a warm-up of
-/// each, `runs` (at least 3) times a memcpy pass over `memcpy_bytes` then
+/// each, [`codec_pairs`]`(runs)` times a memcpy pass over `memcpy_bytes` then
 /// a codec pass over `bytes`, each timed in this thread's CPU time. The
 /// ratio is the median of the pairs' ratios, so a slow stretch of the
 /// machine hits both sides of a pair; the rate is the median codec pass.
@@ -663,7 +672,7 @@ fn paired(
 ) -> (f64, f64) {
     memcpy();
     pass();
-    let (rates, ratios): (Vec<f64>, Vec<f64>) = (0..runs.max(3))
+    let (rates, ratios): (Vec<f64>, Vec<f64>) = (0..codec_pairs(runs))
         .map(|_| {
             let m = memcpy_bytes as f64 / cpu_timed(&mut *memcpy);
             let c = bytes as f64 / cpu_timed(&mut *pass);
@@ -726,7 +735,7 @@ fn codecs(c: &Config, refs: &References, json: bool) -> Result<Vec<CodecRow>> {
     let mut memcpy = || copy_all(&mut dst);
     {
         let mut bps = Vec::new();
-        for _ in 0..runs.max(3) {
+        for _ in 0..codec_pairs(runs) {
             bps.push(ws as f64 / cpu_timed(&mut memcpy));
         }
         rows.push(("memcpy (per page)".into(), median(&bps), 1.0, None));
@@ -789,6 +798,20 @@ fn codecs(c: &Config, refs: &References, json: bool) -> Result<Vec<CodecRow>> {
         drop(same);
         rows.push((
             "xbzrle encode, unchanged page (reads only)".into(),
+            bps,
+            r,
+            None,
+        ));
+        // Half of that: a page encoded against itself reads one page from
+        // memory (the second read of each line hits the cache). Twice this
+        // row's time is what reading the two pages of any encoder costs.
+        let (bps, r) = paired(ws, ws, runs, &mut memcpy, &mut || {
+            for o in old.chunks(PAGE_SIZE) {
+                let _ = black_box(xbzrle::encode(o, black_box(o), &mut out));
+            }
+        });
+        rows.push((
+            "xbzrle encode, page against itself (reads one page)".into(),
             bps,
             r,
             None,
@@ -2034,7 +2057,7 @@ fn print_tables(
         c.runs,
         c.runs.max(3),
         c.runs.max(5),
-        c.runs.max(3),
+        codec_pairs(c.runs),
     );
     println!();
     println!("References (same run)                         GB/s");
