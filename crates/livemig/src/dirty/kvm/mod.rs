@@ -161,6 +161,8 @@ pub struct KvmDirtyLog {
     /// Ring entries the host counted as pushed but never published
     /// (recycled by a harvest: their pages are lost to the log).
     lost: AtomicU64,
+    /// Releases of a vCPU stopped on a ring with nothing published.
+    stopped_releases: AtomicU64,
     /// The VMM says its guest code runs in ring 3 (native under kvm_pvm).
     native_code: AtomicBool,
     /// Set while a tracker has log-dirty enabled (one tracker at a time).
@@ -258,6 +260,7 @@ impl KvmDirtyLog {
             harvested: Condvar::new(),
             full_emulated: AtomicU64::new(0),
             lost: AtomicU64::new(0),
+            stopped_releases: AtomicU64::new(0),
             native_code: AtomicBool::new(false),
             tracking: AtomicBool::new(false),
         }))
@@ -595,32 +598,45 @@ impl KvmDirtyLog {
                 r.release_stopped(limit, &mut take, &mut || sys::reset_dirty_rings(&*self.vm));
             match rel {
                 Ok(rel) if rel.found => {
-                    log::warn!(
-                        "dirty ring of vCPU {i}: stopped full with nothing published; the \
-                         kernel's reset index was {} entries before the harvester's ({} probe \
-                         resets; {} entries marked, {} in a row after it; the old release \
-                         would have reset {}); {} entries reset from there, {} of them never \
-                         published, {} published entries found elsewhere",
-                        rel.behind,
-                        rel.probes,
-                        rel.marks,
-                        rel.marks_after,
-                        rel.old_walk,
-                        rel.recycled,
-                        rel.lost,
-                        rel.published
-                    );
-                    self.lost_entries_of(i, u64::from(rel.lost));
+                    // A ring the host overfilled can need thousands in a
+                    // row: the 1st, 2nd, 4th, ... of this VM are logged.
+                    let nth = self.stopped_releases.fetch_add(1, Ordering::Relaxed) + 1;
+                    if nth.is_power_of_two() {
+                        log::warn!(
+                            "dirty ring of vCPU {i}: stopped full with nothing published \
+                             (release {nth} of this VM); the kernel's reset index was {} \
+                             entries before the harvester's ({} probe resets; {} entries \
+                             marked, {} in a row after it; the old release would have reset \
+                             {}); {} entries reset from there, {} of them never published, {} \
+                             published entries found elsewhere",
+                            rel.behind,
+                            rel.probes,
+                            rel.marks,
+                            rel.marks_after,
+                            rel.old_walk,
+                            rel.recycled,
+                            rel.lost,
+                            rel.published
+                        );
+                    }
+                    self.full_emulated.fetch_add(1, Ordering::Relaxed);
+                    self.lost.fetch_add(u64::from(rel.lost), Ordering::Relaxed);
                     entries += rel.published;
                     if let Some(c) = self.dirtied.get().and_then(|d| d.get(i)) {
                         c.fetch_add(rel.published, Ordering::Relaxed);
                     }
                 }
-                Ok(rel) => log::error!(
-                    "dirty ring of vCPU {i}: stopped full, and no entry is at the kernel's \
-                     reset index ({} probe resets): the vCPU cannot be released",
-                    rel.probes
-                ),
+                Ok(rel) => {
+                    let nth = self.stopped_releases.fetch_add(1, Ordering::Relaxed) + 1;
+                    if nth.is_power_of_two() {
+                        log::error!(
+                            "dirty ring of vCPU {i}: stopped full, and no entry is at the \
+                             kernel's reset index ({} probe resets): the vCPU cannot be \
+                             released",
+                            rel.probes
+                        );
+                    }
+                }
                 Err(e) => reset = Err(io_os(RING, "RESET_DIRTY_RINGS")(e)),
             }
         }
