@@ -653,6 +653,10 @@ fn vcpu_thread(sh: Arc<Shared>, i: usize) {
     };
     let mut pending_io = false;
     let mut ring_full: Option<livemig::dirty::kvm::RingFull> = None;
+    // Releases of a stopped ring since the vCPU last ran: after one that
+    // did not free it, the next goes at once (a ring the host overfilled
+    // can need many, each of at most a soft limit of entries).
+    let mut releases = 0u64;
     let mut last_throttle = Instant::now();
     let mut pacer = crate::dirtylimit::Pacer::new();
     let mut fd = Some(lock(&slot.fd));
@@ -700,9 +704,16 @@ fn vcpu_thread(sh: Arc<Shared>, i: usize) {
             // harvest, one short step at a time so a pause is still served;
             // if none comes (no tracker runs any more, or the host lost the
             // ring's entries so no harvest can drain it), harvest it here.
-            if !sh.dirty.wait_harvested(t, Duration::from_millis(10)) {
-                if let Err(e) = sh.dirty.release_stuck(t) {
-                    log::warn!("vCPU {i}: releasing a full dirty ring: {e}");
+            let wait = if releases > 0 {
+                Duration::ZERO
+            } else {
+                Duration::from_millis(10)
+            };
+            if !sh.dirty.wait_harvested(t, wait) {
+                match sh.dirty.release_stuck(t) {
+                    Ok(true) => releases += 1,
+                    Ok(false) => {}
+                    Err(e) => log::warn!("vCPU {i}: releasing a full dirty ring: {e}"),
                 }
                 if sh.wants_park() {
                     continue;
@@ -732,6 +743,12 @@ fn vcpu_thread(sh: Arc<Shared>, i: usize) {
         let gen = sh.dirty.generation();
         let exit = f.run();
         pending_io = false;
+        if releases > 0 && !matches!(exit, Ok(VcpuExit::Unsupported(EXIT_DIRTY_RING_FULL))) {
+            if releases > 1 {
+                log::warn!("vCPU {i}: runs again after {releases} releases of its full dirty ring");
+            }
+            releases = 0;
+        }
         if matches!(exit, Ok(VcpuExit::IoOut(..) | VcpuExit::IoIn(..))) {
             slot.halts.ran();
         }

@@ -23,10 +23,47 @@ const MEM: u64 = 128 << 20;
 /// loaded one; the wait ends as soon as the pass does.
 const PASS_WAIT: Duration = Duration::from_secs(120);
 
+/// Prints livemig's warnings (lost ring entries, a stopped vCPU's ring
+/// released) to the test's output: what the host did in a failing run.
+struct Warnings;
+
+impl log::Log for Warnings {
+    fn enabled(&self, m: &log::Metadata) -> bool {
+        m.level() <= log::Level::Warn && m.target().starts_with("livemig")
+    }
+    fn log(&self, r: &log::Record) {
+        if self.enabled(r.metadata()) {
+            eprintln!("{}: {}", r.level(), r.args());
+        }
+    }
+    fn flush(&self) {}
+}
+
 #[test]
 fn ring_filled_while_emulated_is_refused_and_the_source_runs_on() {
-    if !common::kvm_available("ring_filled_while_emulated_is_refused_and_the_source_runs_on") {
+    // Three attempts on the same VM: the host can overfill a ring while it
+    // emulates the guest (kvm_pvm), leaving entries it never publishes; a
+    // later attempt, and the guest itself, must not be stuck on them.
+    refusals(
+        "ring_filled_while_emulated_is_refused_and_the_source_runs_on",
+        3,
+    );
+}
+
+/// The same, 40 attempts in a row: a stopped vCPU's ring is released again
+/// and again (run it with load on the host, where the flake showed).
+#[test]
+#[ignore = "a stress run: cargo test -p minivm --test ring_emulated -- --ignored"]
+fn many_refusals_leave_the_source_running() {
+    refusals("many_refusals_leave_the_source_running", 40);
+}
+
+fn refusals(test: &str, attempts: u32) {
+    if !common::kvm_available(test) {
         return;
+    }
+    if log::set_logger(&Warnings).is_ok() {
+        log::set_max_level(log::LevelFilter::Warn);
     }
     let cfg = VmConfig {
         mem_size: MEM,
@@ -39,11 +76,7 @@ fn ring_filled_while_emulated_is_refused_and_the_source_runs_on() {
         common::wait_bootinc_passes(&src, 1, PASS_WAIT) >= 1,
         "the incrementer runs"
     );
-
-    // Three attempts on the same VM: the host can overfill a ring while it
-    // emulates the guest (kvm_pvm), leaving entries it never publishes; a
-    // later attempt, and the guest itself, must not be stuck on them.
-    for attempt in 1..=3 {
+    for attempt in 1..=attempts {
         refused_attempt(&src, &cfg, attempt);
     }
     eprintln!(
@@ -58,6 +91,10 @@ fn refused_attempt(src: &Vm, cfg: &VmConfig, attempt: u32) {
         verify: true,
         // Generous limits: only the tracker's refusal may end this migration.
         downtime_limit: 3000,
+        // But the bulk stage takes about 2 s: unthrottled, it once ended in
+        // under 0.5 s on a loaded host, before the starved guest filled its
+        // ring, and the migration completed (verified) instead.
+        max_bandwidth: 64 << 20,
         auto_converge: true,
         ..Params::default()
     });
@@ -76,13 +113,17 @@ fn refused_attempt(src: &Vm, cfg: &VmConfig, attempt: u32) {
         "the tracker refused: {err:?}"
     );
     assert!(msg.contains("emulated guest code"), "{msg}");
-    let exits: u64 = src
-        .guest_status()
-        .vcpus
-        .iter()
-        .map(|v| v.ring_full_exits)
-        .sum();
-    assert!(exits > 0, "the ring did fill: {exits} ring-full exits");
+    // The ring did fill, in this attempt or an earlier one (a harvest that
+    // finds it nearly full also counts, without either of these): the vCPU
+    // exited on it, or the host overfilled it within one emulated stretch
+    // and entries were lost without an exit (seen once in 25 runs).
+    let s = src.guest_status();
+    let exits: u64 = s.vcpus.iter().map(|v| v.ring_full_exits).sum();
+    assert!(
+        exits > 0 || s.dirty_ring_lost > 0,
+        "the ring did fill: {exits} ring-full exits, {} entries lost",
+        s.dirty_ring_lost
+    );
 
     // The source runs on: not paused, and it keeps incrementing.
     assert!(!src.is_paused(), "the source VM was left paused");

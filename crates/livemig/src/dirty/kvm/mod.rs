@@ -161,6 +161,8 @@ pub struct KvmDirtyLog {
     /// Ring entries the host counted as pushed but never published
     /// (recycled by a harvest: their pages are lost to the log).
     lost: AtomicU64,
+    /// Releases of a vCPU stopped on a ring with nothing published.
+    stopped_releases: AtomicU64,
     /// The VMM says its guest code runs in ring 3 (native under kvm_pvm).
     native_code: AtomicBool,
     /// Set while a tracker has log-dirty enabled (one tracker at a time).
@@ -258,6 +260,7 @@ impl KvmDirtyLog {
             harvested: Condvar::new(),
             full_emulated: AtomicU64::new(0),
             lost: AtomicU64::new(0),
+            stopped_releases: AtomicU64::new(0),
             native_code: AtomicBool::new(false),
             tracking: AtomicBool::new(false),
         }))
@@ -525,6 +528,20 @@ impl KvmDirtyLog {
         self.harvest_locked(rings, Some(pending), None)
     }
 
+    /// Records `n` entries of vCPU `i`'s ring the host counted as pushed
+    /// but never published (it overwrote a full ring while emulating).
+    fn lost_entries_of(&self, i: usize, n: u64) {
+        if n == 0 {
+            return;
+        }
+        log::warn!(
+            "dirty ring of vCPU {i}: {n} entries were never published by the host \
+             (ring overfilled while guest code was emulated); recycled, pages lost"
+        );
+        self.full_emulated.fetch_add(1, Ordering::Relaxed);
+        self.lost.fetch_add(n, Ordering::Relaxed);
+    }
+
     /// Harvests every ring into `into` (`None`: drops the entries), resets
     /// the rings and wakes vCPUs waiting on a full ring. Returns how many
     /// pages became set in `into` (entries, when dropped).
@@ -538,35 +555,27 @@ impl KvmDirtyLog {
         let mut bad = 0u64;
         let mut entries = 0;
         let native = self.native_code.load(Ordering::Relaxed);
+        let keep = into.is_some();
+        let mut take = |slot: u32, page: u64| {
+            // The low 16 bits are the slot, the high ones the address space.
+            let slot = slot & 0xffff;
+            let Some(bms) = into.as_deref_mut() else {
+                return;
+            };
+            match self.slots.iter().position(|s| s.slot == slot) {
+                Some(b) if page < bms[b].len() => newly += u64::from(bms[b].set(page)),
+                _ => bad += 1,
+            }
+        };
+        let mut stopped = None;
         for (i, r) in rings.iter_mut().enumerate() {
-            let h = r.harvest(|slot, page| {
-                // The low 16 bits are the slot, the high ones the address space.
-                let slot = slot & 0xffff;
-                let Some(bms) = into.as_deref_mut() else {
-                    return;
-                };
-                match self.slots.iter().position(|s| s.slot == slot) {
-                    Some(b) if page < bms[b].len() => newly += u64::from(bms[b].set(page)),
-                    _ => bad += 1,
-                }
-            });
-            let mut lost = h.holes;
+            let h = r.harvest(&mut take);
             if stuck == Some(i) && h.entries == 0 && h.holes == 0 {
                 // The vCPU is stopped on a full ring with nothing published
-                // in it: every pending entry was lost by the host. Recycle
-                // as many as are surely pending (KVM stops a vCPU at
-                // `entries - 64 - PML log size (512 at most)` used).
-                let n = r.entries().saturating_sub(64 + 512);
-                lost += u64::from(r.recycle_unpublished(n));
+                // in it: released below, after the reset.
+                stopped = Some(i);
             }
-            if lost > 0 {
-                log::warn!(
-                    "dirty ring of vCPU {i}: {lost} entries were never published by the host \
-                     (ring overfilled while guest code was emulated); recycled, pages lost"
-                );
-                self.full_emulated.fetch_add(1, Ordering::Relaxed);
-                self.lost.fetch_add(lost, Ordering::Relaxed);
-            }
+            self.lost_entries_of(i, h.holes);
             let k = h.entries;
             if let Some(c) = self.dirtied.get().and_then(|d| d.get(i)) {
                 c.fetch_add(k, Ordering::Relaxed);
@@ -579,7 +588,58 @@ impl KvmDirtyLog {
                 self.full_emulated.fetch_add(1, Ordering::Relaxed);
             }
         }
-        let reset = sys::reset_dirty_rings(&*self.vm).map_err(io_os(RING, "RESET_DIRTY_RINGS"));
+        let mut reset = sys::reset_dirty_rings(&*self.vm).map_err(io_os(RING, "RESET_DIRTY_RINGS"));
+        if let (Some(i), Ok(_)) = (stopped, &reset) {
+            // KVM stops a vCPU at `entries - 64 - PML log size (512 at
+            // most)` used: that many are surely pending.
+            let r = &mut rings[i];
+            let limit = r.entries().saturating_sub(64 + 512).max(1);
+            let rel =
+                r.release_stopped(limit, &mut take, &mut || sys::reset_dirty_rings(&*self.vm));
+            match rel {
+                Ok(rel) if rel.found => {
+                    // A ring the host overfilled can need thousands in a
+                    // row: the 1st, 2nd, 4th, ... of this VM are logged.
+                    let nth = self.stopped_releases.fetch_add(1, Ordering::Relaxed) + 1;
+                    if nth.is_power_of_two() {
+                        log::warn!(
+                            "dirty ring of vCPU {i}: stopped full with nothing published \
+                             (release {nth} of this VM); the kernel's reset index was {} \
+                             entries before the harvester's ({} probe resets; {} entries \
+                             marked, {} in a row after it; the old release would have reset \
+                             {}); {} entries reset from there, {} of them never published, {} \
+                             published entries found elsewhere",
+                            rel.behind,
+                            rel.probes,
+                            rel.marks,
+                            rel.marks_after,
+                            rel.old_walk,
+                            rel.recycled,
+                            rel.lost,
+                            rel.published
+                        );
+                    }
+                    self.full_emulated.fetch_add(1, Ordering::Relaxed);
+                    self.lost.fetch_add(u64::from(rel.lost), Ordering::Relaxed);
+                    entries += rel.published;
+                    if let Some(c) = self.dirtied.get().and_then(|d| d.get(i)) {
+                        c.fetch_add(rel.published, Ordering::Relaxed);
+                    }
+                }
+                Ok(rel) => {
+                    let nth = self.stopped_releases.fetch_add(1, Ordering::Relaxed) + 1;
+                    if nth.is_power_of_two() {
+                        log::error!(
+                            "dirty ring of vCPU {i}: stopped full, and no entry is at the \
+                             kernel's reset index ({} probe resets): the vCPU cannot be \
+                             released",
+                            rel.probes
+                        );
+                    }
+                }
+                Err(e) => reset = Err(io_os(RING, "RESET_DIRTY_RINGS")(e)),
+            }
+        }
         *lock(&self.harvest_gen) += 1;
         self.harvested.notify_all();
         reset?;
@@ -589,7 +649,7 @@ impl KvmDirtyLog {
                 what: format!("{bad} ring entries outside the tracked slots"),
             });
         }
-        Ok(if into.is_some() { newly } else { entries })
+        Ok(if keep { newly } else { entries })
     }
 
     fn set_log_dirty(&self, on: bool) -> Result<(), DirtyError> {
